@@ -1,0 +1,76 @@
+//! The one error type of `dapt-corpus`. Every variant names the file (and line, where there is
+//! one) so that the user can act on it without a debugger.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CorpusError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("source `{source_name}`: pattern `{pattern}` matches no file")]
+    NoMatch { source_name: String, pattern: String },
+    #[error("source `{source_name}`: invalid glob pattern `{pattern}`: {message}")]
+    BadPattern {
+        source_name: String,
+        pattern: String,
+        message: String,
+    },
+    #[error("{path}: unsupported file type (expected .txt, .md, .rst, .jsonl, .html, optionally .gz)")]
+    UnsupportedFormat { path: PathBuf },
+    #[error("{path}: not a valid gzip stream: {source}")]
+    Gzip {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("source `{source_name}` has no non-empty documents (after removing {duplicates} duplicates and {empty} empty ones)")]
+    EmptySource {
+        source_name: String,
+        duplicates: u64,
+        empty: u64,
+    },
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("tokenizer {path} has SHA-256 {found}, but the corpus at {corpus} was tokenized with {expected}: run `dapt prepare` again")]
+    TokenizerMismatch {
+        path: PathBuf,
+        corpus: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error("{path}: {message}")]
+    Manifest { path: PathBuf, message: String },
+    #[error("{path}: size is {found} bytes, the manifest says {expected}: the file is cut short or was replaced")]
+    SizeMismatch {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+    #[error("{path}: SHA-256 is {found}, the manifest says {expected}: the file is corrupt")]
+    ChecksumMismatch {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error("source `{source_name}` has {tokens} training tokens, fewer than one sample of seq_len + 1 = {needed}")]
+    SourceTooSmall {
+        source_name: String,
+        tokens: u64,
+        needed: u64,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl CorpusError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> CorpusError {
+        let path = path.into();
+        move |source| CorpusError::Io { path, source }
+    }
+}
+
+pub type Result<T, E = CorpusError> = std::result::Result<T, E>;

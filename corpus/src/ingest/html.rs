@@ -1,0 +1,146 @@
+//! Text of an HTML page, through a real HTML5 parser (html5ever, via `scraper`).
+//!
+//! Navigation, scripts and styles are skipped; block elements become line breaks; whitespace
+//! inside running text collapses as a browser would show it, but `<pre>` keeps its layout
+//! (code blocks matter in technical documentation). DocBook's `navheader` / `navfooter`
+//! (the PostgreSQL manual's page chrome) count as navigation.
+
+use ego_tree::NodeRef;
+use scraper::{Html, Node};
+
+const SKIPPED: &[&str] = &[
+    "head", "script", "style", "noscript", "template", "nav", "svg", "iframe", "object",
+];
+const SKIPPED_CLASSES: &[&str] = &["navheader", "navfooter", "navigation"];
+const BLOCKS: &[&str] = &[
+    "p", "div", "br", "li", "ul", "ol", "dl", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "pre",
+    "table", "tr", "blockquote", "section", "article", "header", "footer", "main", "aside",
+    "figure", "figcaption", "hr", "title", "caption",
+];
+
+/// The visible text of `html`, paragraphs separated by blank lines.
+pub fn extract_text(html: &str) -> String {
+    let document = Html::parse_document(html);
+    let mut out = String::with_capacity(html.len() / 2);
+    // Explicit stack instead of recursion: a hostile page can nest elements arbitrarily deep.
+    enum Visit<'a> {
+        Enter(NodeRef<'a, Node>),
+        Leave { block: bool, pre: bool },
+    }
+    let mut stack = vec![Visit::Enter(document.tree.root())];
+    let mut pre_depth = 0usize;
+    while let Some(visit) = stack.pop() {
+        match visit {
+            Visit::Enter(node) => match node.value() {
+                Node::Text(text) => {
+                    if pre_depth > 0 {
+                        out.push_str(text);
+                    } else {
+                        push_collapsed(&mut out, text);
+                    }
+                }
+                Node::Element(element) => {
+                    let name = element.name();
+                    if SKIPPED.contains(&name)
+                        || element.classes().any(|c| SKIPPED_CLASSES.contains(&c))
+                    {
+                        continue;
+                    }
+                    let block = BLOCKS.contains(&name);
+                    let pre = name == "pre";
+                    if block {
+                        break_line(&mut out);
+                    }
+                    if pre {
+                        pre_depth += 1;
+                    }
+                    stack.push(Visit::Leave { block, pre });
+                    // Children go on the stack in reverse so they are visited in order.
+                    let children: Vec<_> = node.children().collect();
+                    stack.extend(children.into_iter().rev().map(Visit::Enter));
+                }
+                Node::Document | Node::Fragment => {
+                    let children: Vec<_> = node.children().collect();
+                    stack.extend(children.into_iter().rev().map(Visit::Enter));
+                }
+                _ => {}
+            },
+            Visit::Leave { block, pre } => {
+                if pre {
+                    pre_depth -= 1;
+                }
+                if block {
+                    break_line(&mut out);
+                }
+            }
+        }
+    }
+    tidy(&out)
+}
+
+/// Appends `text` with runs of whitespace shown as one space.
+fn push_collapsed(out: &mut String, text: &str) {
+    let mut pending_space = text.starts_with(char::is_whitespace);
+    for word in text.split_whitespace() {
+        if pending_space && !out.is_empty() && !out.ends_with(char::is_whitespace) {
+            out.push(' ');
+        }
+        out.push_str(word);
+        pending_space = true;
+    }
+    if text.ends_with(char::is_whitespace) && !text.trim().is_empty() {
+        out.push(' ');
+    }
+}
+
+fn break_line(out: &mut String) {
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+}
+
+/// Trims trailing spaces on each line and keeps at most one blank line between paragraphs.
+fn tidy(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut blank_run = 0;
+    for line in text.lines() {
+        let line = line.trim_end();
+        if line.trim().is_empty() {
+            blank_run += 1;
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(if blank_run > 0 { "\n\n" } else { "\n" });
+        }
+        blank_run = 0;
+        out.push_str(line);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::extract_text;
+
+    #[test]
+    fn skips_chrome_and_keeps_structure() {
+        let html = r#"<html><head><title>T</title><style>p{}</style></head><body>
+            <div class="navheader"><a href="x">Prev</a> Up</div>
+            <h1>Indexes</h1><p>An index   is a
+            <b>data</b> structure.</p><script>alert(1)</script>
+            <pre class="programlisting">CREATE INDEX i
+    ON t (c);</pre><div class="navfooter">Next</div></body></html>"#;
+        let text = extract_text(html);
+        assert_eq!(
+            text,
+            "Indexes\nAn index is a data structure.\nCREATE INDEX i\n    ON t (c);"
+        );
+    }
+
+    #[test]
+    fn survives_deep_nesting_and_garbage() {
+        let deep = "<div>".repeat(100_000) + "x";
+        assert_eq!(extract_text(&deep), "x");
+        assert_eq!(extract_text("<<<>>> &amp; <p"), "<<<>>> &");
+    }
+}

@@ -1,0 +1,240 @@
+//! `manifest.json`: what a prepared corpus holds, and the checksums that guard it.
+//!
+//! A job trusts a shard only after its size and SHA-256 match the manifest. Hashing a large
+//! corpus at every restart would be slow, so a verified file's (size, mtime, hash) is remembered
+//! in `.verified.json` beside the manifest; a file whose size or mtime changed is hashed again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CorpusError, Result};
+use crate::spec::Role;
+use crate::tokenizer::sha256_file;
+
+/// Bumped whenever the layout of a prepared corpus changes.
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const REPORT_FILE: &str = "report.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+const VERIFIED_FILE: &str = ".verified.json";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenDtype {
+    U16,
+    U32,
+}
+
+impl TokenDtype {
+    pub fn for_vocab(vocab_size: u32) -> Self {
+        if vocab_size <= 1 << 16 {
+            TokenDtype::U16
+        } else {
+            TokenDtype::U32
+        }
+    }
+
+    pub fn bytes(self) -> usize {
+        match self {
+            TokenDtype::U16 => 2,
+            TokenDtype::U32 => 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub created_by: String,
+    /// Hash of the corpus spec, the tokenizer and every input file's path, size and mtime.
+    pub inputs_fingerprint: String,
+    pub tokenizer: TokenizerInfo,
+    pub token_dtype: TokenDtype,
+    pub sources: Vec<SourceManifest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerInfo {
+    /// The tokenizer, copied beside the shards.
+    pub file: String,
+    pub sha256: String,
+    pub vocab_size: u32,
+    pub eos_token: String,
+    pub eos_id: u32,
+    /// Trained by `dapt prepare` rather than given.
+    pub trained: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceManifest {
+    pub name: String,
+    pub role: Role,
+    pub weight: f64,
+    pub held_out_fraction: f64,
+    pub train: StreamManifest,
+    pub held_out: StreamManifest,
+}
+
+/// One token stream (a source's training or held-out documents), as shards in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamManifest {
+    pub documents: u64,
+    pub tokens: u64,
+    pub shards: Vec<ShardManifest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardManifest {
+    pub tokens: u64,
+    pub documents: u64,
+    /// Little-endian token ids.
+    pub token_file: FileEntry,
+    /// Little-endian u64 offsets (in tokens, within the shard) where each document starts.
+    pub document_file: FileEntry,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// Path relative to the corpus directory.
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl Manifest {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(CorpusError::io(&path))?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|e| CorpusError::Manifest {
+                path: path.clone(),
+                message: format!("not a dapt corpus manifest: {e}"),
+            })?;
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(CorpusError::Manifest {
+                path,
+                message: format!(
+                    "format version {} is not the {} this dapt reads: run `dapt prepare` again",
+                    manifest.format_version, FORMAT_VERSION
+                ),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Every file the manifest vouches for, tokenizer included.
+    pub fn files(&self) -> impl Iterator<Item = (&str, Option<u64>, &str)> {
+        let tokenizer = std::iter::once((
+            self.tokenizer.file.as_str(),
+            None,
+            self.tokenizer.sha256.as_str(),
+        ));
+        let shards = self
+            .sources
+            .iter()
+            .flat_map(|s| s.train.shards.iter().chain(&s.held_out.shards))
+            .flat_map(|shard| [&shard.token_file, &shard.document_file])
+            .map(|f| (f.path.as_str(), Some(f.bytes), f.sha256.as_str()));
+        tokenizer.chain(shards)
+    }
+
+    /// Checks every file's size and SHA-256, skipping files whose size, mtime and hash were
+    /// already verified (unless `full`). The first mismatch is the error.
+    pub fn verify(&self, dir: &Path, full: bool) -> Result<VerifySummary> {
+        let cache_path = dir.join(VERIFIED_FILE);
+        let mut cache: BTreeMap<String, Verified> = if full {
+            BTreeMap::new()
+        } else {
+            std::fs::read(&cache_path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                .unwrap_or_default()
+        };
+        let mut summary = VerifySummary::default();
+        for (rel, bytes, sha256) in self.files() {
+            let path = dir.join(rel);
+            let meta = std::fs::metadata(&path).map_err(CorpusError::io(&path))?;
+            if let Some(expected) = bytes {
+                if meta.len() != expected {
+                    return Err(CorpusError::SizeMismatch {
+                        path,
+                        expected,
+                        found: meta.len(),
+                    });
+                }
+            }
+            let seen = Verified {
+                bytes: meta.len(),
+                mtime_ns: mtime_ns(&meta),
+                sha256: sha256.to_owned(),
+            };
+            if cache.get(rel) == Some(&seen) {
+                summary.cached += 1;
+                continue;
+            }
+            let found = sha256_file(&path)?;
+            if found != sha256 {
+                return Err(CorpusError::ChecksumMismatch {
+                    path,
+                    expected: sha256.to_owned(),
+                    found,
+                });
+            }
+            summary.hashed += 1;
+            summary.hashed_bytes += meta.len();
+            cache.insert(rel.to_owned(), seen);
+        }
+        if summary.hashed > 0 {
+            // Best effort: a read-only corpus directory still verifies, just every time.
+            if let Ok(json) = serde_json::to_vec(&cache) {
+                let _ = write_atomic(&cache_path, &json);
+            }
+        }
+        Ok(summary)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VerifySummary {
+    pub hashed: u64,
+    pub hashed_bytes: u64,
+    pub cached: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Verified {
+    bytes: u64,
+    mtime_ns: u128,
+    sha256: String,
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> u128 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// Writes `bytes` to a temporary file beside `path` and renames it into place.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(CorpusError::io(dir))?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(CorpusError::io(tmp.path().to_path_buf()))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(CorpusError::io(tmp.path().to_path_buf()))?;
+    tmp.persist(path).map_err(|e| CorpusError::Io {
+        path: PathBuf::from(path),
+        source: e.error,
+    })?;
+    Ok(())
+}

@@ -1,0 +1,446 @@
+//! `dapt prepare`: sources in, verified token shards, manifest and report out.
+//!
+//! Everything is written into a staging directory beside the output and renamed into place only
+//! when complete, so a failed or interrupted run leaves the previous corpus (or nothing) behind,
+//! never a half-written shard. A run whose inputs (spec, tokenizer, every file's path, size and
+//! mtime) match the existing manifest does nothing.
+
+use std::collections::HashSet;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+use unicode_normalization::UnicodeNormalization;
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64_with_seed};
+
+use crate::error::{CorpusError, Result};
+use crate::ingest::{self, Discovery, InputFile};
+use crate::manifest::{self, Manifest, SourceManifest, TokenDtype, TokenizerInfo, FORMAT_VERSION};
+use crate::report::{self, Report, SourceStats, WordCounts};
+use crate::shards::StreamWriter;
+use crate::spec::{CorpusSpec, Role, SourceSpec, TrainingPlan};
+use crate::tokenizer::{self, CorpusTokenizer};
+
+/// Raw bytes read before a chunk of documents is normalized and tokenized together.
+const CHUNK_BYTES: u64 = 8 << 20;
+/// Seed of the held-out split hash: changing it would move documents between splits.
+const SPLIT_SEED: u64 = 0x6461_7074_5f68_656c; // "dapt_hel"
+
+#[derive(Debug, Clone, Default)]
+pub struct PrepareOptions {
+    /// Rebuild even when the inputs did not change.
+    pub force: bool,
+    /// Show a progress bar (when stderr is a terminal) or periodic log lines.
+    pub progress: bool,
+}
+
+#[derive(Debug)]
+pub enum PrepareOutcome {
+    /// The corpus at `dir` was made from these very inputs; nothing was done.
+    UpToDate { dir: PathBuf, manifest: Manifest },
+    Prepared {
+        dir: PathBuf,
+        manifest: Manifest,
+        report: Report,
+        stats: RunStats,
+    },
+}
+
+/// How the run went, for throughput numbers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunStats {
+    pub elapsed: Duration,
+    pub tokenizer_training: Duration,
+    /// Raw input bytes after decompression.
+    pub input_bytes: u64,
+    pub tokens: u64,
+}
+
+/// Prepares the corpus described by `spec` (paths already resolved).
+pub fn prepare(
+    spec: &CorpusSpec,
+    plan: Option<TrainingPlan>,
+    options: &PrepareOptions,
+) -> Result<PrepareOutcome> {
+    let started = Instant::now();
+    let discoveries = spec
+        .sources()
+        .iter()
+        .map(ingest::discover)
+        .collect::<Result<Vec<_>>>()?;
+    let given_tokenizer = match &spec.tokenizer {
+        Some(path) => Some((path.clone(), tokenizer::sha256_file(path)?)),
+        None => None,
+    };
+    let fingerprint = fingerprint(spec, given_tokenizer.as_ref().map(|t| t.1.as_str()), &discoveries);
+    let out = spec.output.clone();
+    if !options.force {
+        if let Some(manifest) = up_to_date(&out, &fingerprint) {
+            return Ok(PrepareOutcome::UpToDate { dir: out, manifest });
+        }
+    }
+
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(CorpusError::io(parent))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".dapt-prepare-")
+        .tempdir_in(parent)
+        .map_err(CorpusError::io(parent))?;
+
+    // The tokenizer: given (copied beside the shards) or trained on the training documents.
+    let tokenizer_path = staging.path().join(manifest::TOKENIZER_FILE);
+    let mut tokenizer_training = Duration::ZERO;
+    let trained = given_tokenizer.is_none();
+    let tk = match &given_tokenizer {
+        Some((path, _)) => {
+            std::fs::copy(path, &tokenizer_path).map_err(CorpusError::io(path))?;
+            CorpusTokenizer::load(&tokenizer_path, spec.eos_token.as_deref())?
+        }
+        None => {
+            let t0 = Instant::now();
+            let texts = collect_training_text(spec, &discoveries, options)?;
+            tracing::info!(
+                documents = texts.len(),
+                vocab_size = spec.vocab_size.get(),
+                "training byte-level bpe tokenizer"
+            );
+            let trained = tokenizer::train_byte_level_bpe(texts.iter(), spec.vocab_size.get())?;
+            drop(texts);
+            trained
+                .save(&tokenizer_path, false)
+                .map_err(|e| CorpusError::Tokenizer {
+                    path: tokenizer_path.clone(),
+                    message: e.to_string(),
+                })?;
+            tokenizer_training = t0.elapsed();
+            CorpusTokenizer::load(&tokenizer_path, spec.eos_token.as_deref())?
+        }
+    };
+    let dtype = TokenDtype::for_vocab(tk.vocab_size);
+
+    let total_bytes: u64 = discoveries.iter().flat_map(|d| &d.files).map(|f| f.size).sum();
+    let mut progress = Progress::new(options.progress, total_bytes, "tokenizing");
+    let mut dedup = HashSet::new();
+    let mut sources = Vec::new();
+    let mut stats = Vec::new();
+    let mut words = WordCounts::default();
+    for (source, discovery) in spec.sources().iter().zip(&discoveries) {
+        std::fs::create_dir_all(staging.path().join(source.name.as_str()))
+            .map_err(CorpusError::io(staging.path()))?;
+        let mut train = StreamWriter::new(
+            staging.path(),
+            format!("{}/train", source.name),
+            dtype,
+            spec.shard_tokens.get(),
+        );
+        let mut held_out = StreamWriter::new(
+            staging.path(),
+            format!("{}/heldout", source.name),
+            dtype,
+            spec.shard_tokens.get(),
+        );
+        let mut st = SourceStats::new(source, discovery);
+        for chunk in chunks(&discovery.files) {
+            let docs = read_chunk(source, chunk, &mut dedup, &mut st)?;
+            progress.advance(chunk.iter().map(|f| f.size).sum());
+            let texts: Vec<&str> = docs.iter().map(|d| d.text.as_str()).collect();
+            let role_words = match source.role {
+                Role::Domain => &mut words.domain,
+                Role::Replay => &mut words.replay,
+            };
+            let (ids, chunk_words) = rayon::join(
+                || tk.encode_batch(texts),
+                || report::count_words(docs.iter().filter(|d| !d.held_out).map(|d| d.text.as_str())),
+            );
+            report::merge_words(role_words, chunk_words);
+            for (doc, ids) in docs.iter().zip(ids?) {
+                st.add_document(doc.text.as_str(), ids.len() as u64 + 1, doc.held_out);
+                let writer = if doc.held_out { &mut held_out } else { &mut train };
+                writer.push_document(&ids, tk.eos_id)?;
+            }
+        }
+        if st.documents() == 0 {
+            return Err(CorpusError::EmptySource {
+                source_name: source.name.to_string(),
+                duplicates: st.duplicates,
+                empty: st.empty,
+            });
+        }
+        sources.push(SourceManifest {
+            name: source.name.to_string(),
+            role: source.role,
+            weight: source.weight.get(),
+            held_out_fraction: source.held_out.get(),
+            train: train.finish()?,
+            held_out: held_out.finish()?,
+        });
+        stats.push(st);
+    }
+    progress.finish();
+
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        created_by: format!("dapt {}", env!("CARGO_PKG_VERSION")),
+        inputs_fingerprint: fingerprint,
+        tokenizer: TokenizerInfo {
+            file: manifest::TOKENIZER_FILE.to_owned(),
+            sha256: tokenizer::sha256_file(&tokenizer_path)?,
+            vocab_size: tk.vocab_size,
+            eos_token: tk.eos_token.clone(),
+            eos_id: tk.eos_id,
+            trained,
+        },
+        token_dtype: dtype,
+        sources,
+    };
+    let report = report::build(&manifest, &stats, &words, &tk, plan)?;
+    manifest::write_atomic(&staging.path().join(manifest::REPORT_FILE), &to_json(&report)?)?;
+    manifest::write_atomic(&staging.path().join(manifest::MANIFEST_FILE), &to_json(&manifest)?)?;
+    publish(staging, &out)?;
+
+    let run = RunStats {
+        elapsed: started.elapsed(),
+        tokenizer_training,
+        input_bytes: stats.iter().map(|s| s.input_bytes).sum(),
+        tokens: manifest
+            .sources
+            .iter()
+            .map(|s| s.train.tokens + s.held_out.tokens)
+            .sum(),
+    };
+    Ok(PrepareOutcome::Prepared {
+        dir: out,
+        manifest,
+        report,
+        stats: run,
+    })
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(value).map_err(|e| CorpusError::Invalid(format!("cannot serialize: {e}")))
+}
+
+/// A normalized, deduplicated document and its split.
+struct Doc {
+    text: String,
+    held_out: bool,
+}
+
+/// Consecutive files of about `CHUNK_BYTES` together.
+fn chunks(files: &[InputFile]) -> Vec<&[InputFile]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, f) in files.iter().enumerate() {
+        bytes += f.size;
+        if bytes >= CHUNK_BYTES || i + 1 - start >= 4096 {
+            out.push(&files[start..=i]);
+            start = i + 1;
+            bytes = 0;
+        }
+    }
+    if start < files.len() {
+        out.push(&files[start..]);
+    }
+    out
+}
+
+/// Reads and normalizes a chunk of files in parallel, then drops empty documents and exact
+/// duplicates (first occurrence wins, across all sources) and splits off held-out documents.
+fn read_chunk(
+    source: &SourceSpec,
+    files: &[InputFile],
+    seen: &mut HashSet<u128>,
+    stats: &mut SourceStats,
+) -> Result<Vec<Doc>> {
+    let read: Vec<(usize, ingest::FileText, Vec<(String, u128)>)> = files
+        .par_iter()
+        .enumerate()
+        .map(|(i, file)| {
+            let text = ingest::read_file(file, &source.text_field)?;
+            let docs = text
+                .documents
+                .iter()
+                .map(|d| {
+                    let normalized: String = d.trim().nfc().collect();
+                    let hash = xxh3_128(normalized.as_bytes());
+                    (normalized, hash)
+                })
+                .collect();
+            Ok((i, text, docs))
+        })
+        .collect::<Result<_>>()?;
+    let mut docs = Vec::new();
+    for (i, text, normalized) in read {
+        stats.add_file(&files[i].path, &text);
+        for (doc, hash) in normalized {
+            if doc.is_empty() {
+                stats.empty += 1;
+                continue;
+            }
+            if !seen.insert(hash) {
+                stats.duplicates += 1;
+                continue;
+            }
+            docs.push(Doc {
+                held_out: is_held_out(&doc, source.held_out.get()),
+                text: doc,
+            });
+        }
+    }
+    Ok(docs)
+}
+
+/// The held-out split depends on the document's text alone, so it never moves between runs.
+fn is_held_out(text: &str, fraction: f64) -> bool {
+    fraction > 0.0
+        && (xxh3_64_with_seed(text.as_bytes(), SPLIT_SEED) as f64) < fraction * u64::MAX as f64
+}
+
+/// All training documents (held-out excluded), for tokenizer training.
+fn collect_training_text(
+    spec: &CorpusSpec,
+    discoveries: &[Discovery],
+    options: &PrepareOptions,
+) -> Result<Vec<String>> {
+    let total: u64 = discoveries.iter().flat_map(|d| &d.files).map(|f| f.size).sum();
+    let mut progress = Progress::new(options.progress, total, "reading for tokenizer training");
+    let mut seen = HashSet::new();
+    let mut texts = Vec::new();
+    for (source, discovery) in spec.sources().iter().zip(discoveries) {
+        let mut scratch = SourceStats::new(source, discovery);
+        for chunk in chunks(&discovery.files) {
+            let docs = read_chunk(source, chunk, &mut seen, &mut scratch)?;
+            progress.advance(chunk.iter().map(|f| f.size).sum());
+            texts.extend(docs.into_iter().filter(|d| !d.held_out).map(|d| d.text));
+        }
+    }
+    progress.finish();
+    Ok(texts)
+}
+
+fn fingerprint(spec: &CorpusSpec, tokenizer_sha: Option<&str>, discoveries: &[Discovery]) -> String {
+    let mut h = Sha256::new();
+    h.update(FORMAT_VERSION.to_le_bytes());
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(serde_json::to_vec(spec).unwrap_or_default());
+    h.update(tokenizer_sha.unwrap_or("trained").as_bytes());
+    for d in discoveries {
+        for f in &d.files {
+            h.update(f.path.to_string_lossy().as_bytes());
+            h.update([0]);
+            h.update(f.size.to_le_bytes());
+            h.update(f.mtime_ns.to_le_bytes());
+        }
+        h.update([1]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// The existing manifest, when it was made from these inputs and its files still verify.
+fn up_to_date(out: &Path, fingerprint: &str) -> Option<Manifest> {
+    let manifest = Manifest::read(out).ok()?;
+    if manifest.inputs_fingerprint != fingerprint {
+        return None;
+    }
+    match manifest.verify(out, false) {
+        Ok(_) => Some(manifest),
+        Err(e) => {
+            tracing::warn!(error = %e, "existing corpus failed verification, rebuilding it");
+            None
+        }
+    }
+}
+
+/// Moves the finished staging directory to `out`, replacing an older corpus there.
+fn publish(staging: tempfile::TempDir, out: &Path) -> Result<()> {
+    let staged = staging.keep();
+    if out.exists() {
+        let old = out.with_file_name(format!(
+            ".{}.old-{}",
+            out.file_name().map_or_else(|| "corpus".into(), |n| n.to_string_lossy()),
+            std::process::id()
+        ));
+        std::fs::rename(out, &old).map_err(CorpusError::io(out))?;
+        if let Err(e) = std::fs::rename(&staged, out) {
+            let _ = std::fs::rename(&old, out);
+            let _ = std::fs::remove_dir_all(&staged);
+            return Err(CorpusError::Io {
+                path: out.to_path_buf(),
+                source: e,
+            });
+        }
+        std::fs::remove_dir_all(&old).map_err(CorpusError::io(&old))?;
+    } else if let Err(e) = std::fs::rename(&staged, out) {
+        let _ = std::fs::remove_dir_all(&staged);
+        return Err(CorpusError::Io {
+            path: out.to_path_buf(),
+            source: e,
+        });
+    }
+    Ok(())
+}
+
+/// A progress bar on a terminal, a log line every few seconds otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    enabled: bool,
+    what: &'static str,
+    total: u64,
+    done: u64,
+    started: Instant,
+    last_log: Instant,
+}
+
+impl Progress {
+    fn new(enabled: bool, total: u64, what: &'static str) -> Self {
+        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message(what);
+            bar
+        });
+        Progress {
+            bar,
+            enabled,
+            what,
+            total,
+            done: 0,
+            started: Instant::now(),
+            last_log: Instant::now(),
+        }
+    }
+
+    fn advance(&mut self, bytes: u64) {
+        self.done += bytes;
+        if let Some(bar) = &self.bar {
+            bar.set_position(self.done);
+        } else if self.enabled && self.last_log.elapsed() >= Duration::from_secs(5) {
+            self.last_log = Instant::now();
+            let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+            tracing::info!(
+                done_mb = self.done as f64 / 1e6,
+                total_mb = self.total as f64 / 1e6,
+                mb_per_s = self.done as f64 / 1e6 / secs,
+                "{}",
+                self.what
+            );
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,495 @@
+//! The corpus report: what was read, what was kept, how well the tokenizer fits the domain, and
+//! what the job's plan will make of it. Printed as tables and written as `report.json`.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+use unicode_segmentation::UnicodeSegmentation;
+
+use crate::error::Result;
+use crate::ingest::{Discovery, FileText};
+use crate::manifest::Manifest;
+use crate::order::Mixture;
+use crate::spec::{Role, SourceSpec, TrainingPlan};
+use crate::tokenizer::CorpusTokenizer;
+
+/// Below this many training tokens the domain is too small for continued pretraining to tell.
+pub const MIN_DOMAIN_TOKENS: u64 = 500_000;
+/// Below this many held-out tokens a perplexity is too noisy to compare runs by.
+pub const MIN_HELD_OUT_TOKENS: u64 = 20_000;
+/// Repeating data beyond about four epochs stops paying (Muennighoff et al., 2023).
+pub const MAX_USEFUL_EPOCHS: f64 = 4.0;
+const SATURATION_CANDIDATES: usize = 1000;
+const LISTED_WORDS: usize = 20;
+const MIN_OVER_REPRESENTED_COUNT: u64 = 20;
+const EXAMPLES_KEPT: usize = 5;
+
+pub type WordMap = HashMap<String, u64>;
+
+/// Word frequencies of the training documents, per role.
+#[derive(Debug, Default)]
+pub struct WordCounts {
+    pub domain: WordMap,
+    pub replay: WordMap,
+}
+
+/// Lowercased words (Unicode word boundaries, at least one letter) and their counts.
+pub fn count_words<'a>(texts: impl Iterator<Item = &'a str>) -> WordMap {
+    let mut counts = WordMap::new();
+    for text in texts {
+        for word in text.unicode_words() {
+            if word.chars().count() < 2 || !word.chars().any(char::is_alphabetic) {
+                continue;
+            }
+            if word.chars().all(|c| !c.is_uppercase()) {
+                if let Some(c) = counts.get_mut(word) {
+                    *c += 1;
+                    continue;
+                }
+                counts.insert(word.to_owned(), 1);
+            } else {
+                *counts.entry(word.to_lowercase()).or_default() += 1;
+            }
+        }
+    }
+    counts
+}
+
+pub fn merge_words(into: &mut WordMap, from: WordMap) {
+    for (word, count) in from {
+        *into.entry(word).or_default() += count;
+    }
+}
+
+/// What `prepare` saw of one source.
+#[derive(Debug, Clone, Default)]
+pub struct SourceStats {
+    pub name: String,
+    pub role: Option<Role>,
+    pub files: u64,
+    pub skipped_files: u64,
+    pub skipped_examples: Vec<String>,
+    pub input_bytes: u64,
+    pub invalid_utf8_files: u64,
+    pub invalid_utf8_examples: Vec<String>,
+    pub bad_jsonl_lines: u64,
+    pub bad_jsonl_examples: Vec<String>,
+    pub empty: u64,
+    pub duplicates: u64,
+    pub documents_train: u64,
+    pub documents_held_out: u64,
+    pub text_bytes: u64,
+    pub words: u64,
+    pub tokens_train: u64,
+    pub tokens_held_out: u64,
+}
+
+impl SourceStats {
+    pub fn new(source: &SourceSpec, discovery: &Discovery) -> Self {
+        SourceStats {
+            name: source.name.to_string(),
+            role: Some(source.role),
+            skipped_files: discovery.skipped.len() as u64,
+            skipped_examples: discovery
+                .skipped
+                .iter()
+                .take(EXAMPLES_KEPT)
+                .map(|p| p.display().to_string())
+                .collect(),
+            ..SourceStats::default()
+        }
+    }
+
+    pub fn add_file(&mut self, path: &Path, text: &FileText) {
+        self.files += 1;
+        self.input_bytes += text.bytes;
+        if text.invalid_utf8 {
+            self.invalid_utf8_files += 1;
+            if self.invalid_utf8_examples.len() < EXAMPLES_KEPT {
+                self.invalid_utf8_examples.push(path.display().to_string());
+            }
+        }
+        self.bad_jsonl_lines += text.bad_lines;
+        for line in &text.bad_line_numbers {
+            if self.bad_jsonl_examples.len() < EXAMPLES_KEPT {
+                self.bad_jsonl_examples
+                    .push(format!("{}:{line}", path.display()));
+            }
+        }
+    }
+
+    /// A kept document of `tokens` tokens (EOS included).
+    pub fn add_document(&mut self, text: &str, tokens: u64, held_out: bool) {
+        self.text_bytes += text.len() as u64;
+        self.words += text.split_whitespace().count() as u64;
+        if held_out {
+            self.documents_held_out += 1;
+            self.tokens_held_out += tokens;
+        } else {
+            self.documents_train += 1;
+            self.tokens_train += tokens;
+        }
+    }
+
+    pub fn documents(&self) -> u64 {
+        self.documents_train + self.documents_held_out
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub sources: Vec<SourceRow>,
+    pub tokenizer: TokenizerRow,
+    /// The domain's frequent words that the tokenizer cuts into the most pieces.
+    pub vocabulary_saturation: Vec<WordPieces>,
+    /// Mean pieces per word over the domain's most frequent words.
+    pub mean_pieces_frequent_domain_words: f64,
+    /// Words far more frequent in the domain than in the replay text.
+    pub over_represented: Vec<OverRepresented>,
+    pub plan: Option<PlanRow>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceRow {
+    pub name: String,
+    pub role: Role,
+    pub weight: f64,
+    /// Share of training samples (quantized weight / sum).
+    pub share: f64,
+    pub files: u64,
+    pub skipped_files: u64,
+    pub input_bytes: u64,
+    pub invalid_utf8_files: u64,
+    pub invalid_utf8_examples: Vec<String>,
+    pub bad_jsonl_lines: u64,
+    pub bad_jsonl_examples: Vec<String>,
+    pub empty_documents: u64,
+    pub duplicates_removed: u64,
+    pub documents_train: u64,
+    pub documents_held_out: u64,
+    pub words: u64,
+    pub tokens_train: u64,
+    pub tokens_held_out: u64,
+    /// UTF-8 bytes of normalized text per token.
+    pub bytes_per_token: f64,
+    /// Tokens per whitespace-separated word.
+    pub tokens_per_word: f64,
+    /// Epochs of this source the job's plan goes through.
+    pub epochs: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenizerRow {
+    pub vocab_size: u32,
+    pub eos_token: String,
+    pub trained: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WordPieces {
+    pub word: String,
+    pub count: u64,
+    pub pieces: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OverRepresented {
+    pub word: String,
+    pub domain_count: u64,
+    pub replay_count: u64,
+    /// log2 of the ratio of relative frequencies (add-one smoothed).
+    pub log2_ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanRow {
+    pub seq_len: u32,
+    pub global_batch: u64,
+    pub steps: u64,
+    pub training_tokens: u64,
+}
+
+pub fn build(
+    manifest: &Manifest,
+    stats: &[SourceStats],
+    words: &WordCounts,
+    tk: &CorpusTokenizer,
+    plan: Option<TrainingPlan>,
+) -> Result<Report> {
+    let weights: Vec<f64> = manifest.sources.iter().map(|s| s.weight).collect();
+    let mixture = Mixture::new(&weights)?;
+    let counts = plan.map(|p| mixture.counts(p.total_samples()));
+    let mut warnings = Vec::new();
+    let mut rows = Vec::new();
+    for (i, (source, st)) in manifest.sources.iter().zip(stats).enumerate() {
+        let tokens = (st.tokens_train + st.tokens_held_out).max(1) as f64;
+        let epochs = plan.zip(counts.as_ref()).map(|(p, c)| {
+            let windows = source.train.tokens.saturating_sub(1) / p.seq_len.max(1) as u64;
+            if windows == 0 {
+                f64::INFINITY
+            } else {
+                c[i] as f64 / windows as f64
+            }
+        });
+        rows.push(SourceRow {
+            name: source.name.clone(),
+            role: source.role,
+            weight: source.weight,
+            share: mixture.share(i),
+            files: st.files,
+            skipped_files: st.skipped_files,
+            input_bytes: st.input_bytes,
+            invalid_utf8_files: st.invalid_utf8_files,
+            invalid_utf8_examples: st.invalid_utf8_examples.clone(),
+            bad_jsonl_lines: st.bad_jsonl_lines,
+            bad_jsonl_examples: st.bad_jsonl_examples.clone(),
+            empty_documents: st.empty,
+            duplicates_removed: st.duplicates,
+            documents_train: st.documents_train,
+            documents_held_out: st.documents_held_out,
+            words: st.words,
+            tokens_train: st.tokens_train,
+            tokens_held_out: st.tokens_held_out,
+            bytes_per_token: st.text_bytes as f64 / tokens,
+            tokens_per_word: tokens / st.words.max(1) as f64,
+            epochs,
+        });
+        warnings.extend(source_warnings(rows.last().expect("pushed"), st, plan));
+    }
+    let domain_tokens: u64 = rows
+        .iter()
+        .filter(|r| r.role == Role::Domain)
+        .map(|r| r.tokens_train)
+        .sum();
+    if domain_tokens < MIN_DOMAIN_TOKENS {
+        warnings.push(format!(
+            "the domain has {domain_tokens} training tokens, fewer than {MIN_DOMAIN_TOKENS}: too little for continued pretraining to show a reliable effect"
+        ));
+    }
+    let (vocabulary_saturation, mean_pieces) = saturation(&words.domain, tk);
+    Ok(Report {
+        sources: rows,
+        tokenizer: TokenizerRow {
+            vocab_size: tk.vocab_size,
+            eos_token: tk.eos_token.clone(),
+            trained: manifest.tokenizer.trained,
+        },
+        vocabulary_saturation,
+        mean_pieces_frequent_domain_words: mean_pieces,
+        over_represented: over_represented(&words.domain, &words.replay),
+        plan: plan.map(|p| PlanRow {
+            seq_len: p.seq_len,
+            global_batch: p.global_batch,
+            steps: p.steps,
+            training_tokens: p.total_samples() * p.seq_len as u64,
+        }),
+        warnings,
+    })
+}
+
+fn source_warnings(row: &SourceRow, st: &SourceStats, plan: Option<TrainingPlan>) -> Vec<String> {
+    let mut w = Vec::new();
+    let name = &row.name;
+    let measure = match row.role {
+        Role::Domain => "domain",
+        Role::Replay => "general",
+    };
+    if row.documents_held_out == 0 {
+        w.push(format!(
+            "source `{name}` has no held-out documents: {measure} perplexity cannot be measured on it (set held_out)"
+        ));
+    } else {
+        let too_few_windows = plan.is_some_and(|p| row.tokens_held_out / (p.seq_len as u64 + 1) < 8);
+        if row.tokens_held_out < MIN_HELD_OUT_TOKENS || too_few_windows {
+            w.push(format!(
+                "source `{name}` holds out {} tokens in {} documents: too few to measure {measure} perplexity reliably (want at least {MIN_HELD_OUT_TOKENS} tokens)",
+                row.tokens_held_out, row.documents_held_out
+            ));
+        }
+    }
+    if st.invalid_utf8_files > 0 {
+        w.push(format!(
+            "source `{name}`: {} files were not valid UTF-8 and were decoded lossily, e.g. {}",
+            st.invalid_utf8_files,
+            st.invalid_utf8_examples.join(", ")
+        ));
+    }
+    if st.bad_jsonl_lines > 0 {
+        w.push(format!(
+            "source `{name}`: {} JSONL lines were not JSON objects with a string text field and were skipped, first at {}",
+            st.bad_jsonl_lines,
+            st.bad_jsonl_examples.join(", ")
+        ));
+    }
+    if st.skipped_files > 0 {
+        w.push(format!(
+            "source `{name}`: {} files of unsupported types were skipped, e.g. {}",
+            st.skipped_files,
+            st.skipped_examples.join(", ")
+        ));
+    }
+    match row.epochs {
+        Some(e) if e.is_infinite() => w.push(format!(
+            "source `{name}` has fewer than seq_len + 1 training tokens: the job cannot sample from it"
+        )),
+        Some(e) if row.role == Role::Domain && e > MAX_USEFUL_EPOCHS => w.push(format!(
+            "the plan goes through domain source `{name}` {e:.1} times: beyond about {MAX_USEFUL_EPOCHS} epochs repeated data stops paying; add data or train fewer tokens"
+        )),
+        _ => {}
+    }
+    w
+}
+
+fn saturation(domain: &WordMap, tk: &CorpusTokenizer) -> (Vec<WordPieces>, f64) {
+    let mut frequent: Vec<(&String, &u64)> = domain.iter().collect();
+    frequent.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    frequent.truncate(SATURATION_CANDIDATES);
+    // Words inside running text follow a space, which byte-level BPE folds into the token.
+    let texts: Vec<String> = frequent.iter().map(|(w, _)| format!(" {w}")).collect();
+    let pieces = tk
+        .encode_batch(texts.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    let mut rows: Vec<WordPieces> = frequent
+        .iter()
+        .zip(&pieces)
+        .map(|((word, &count), ids)| WordPieces {
+            word: (*word).clone(),
+            count,
+            pieces: ids.len(),
+        })
+        .collect();
+    let total: u64 = rows.iter().map(|r| r.count).sum();
+    let mean = rows
+        .iter()
+        .map(|r| r.pieces as f64 * r.count as f64)
+        .sum::<f64>()
+        / total.max(1) as f64;
+    rows.sort_by(|a, b| b.pieces.cmp(&a.pieces).then(b.count.cmp(&a.count)));
+    rows.truncate(LISTED_WORDS);
+    (rows, mean)
+}
+
+fn over_represented(domain: &WordMap, replay: &WordMap) -> Vec<OverRepresented> {
+    if replay.is_empty() {
+        return Vec::new();
+    }
+    let nd = domain.values().sum::<u64>() as f64 + domain.len() as f64;
+    let nr = replay.values().sum::<u64>() as f64 + replay.len() as f64;
+    let mut rows: Vec<OverRepresented> = domain
+        .iter()
+        .filter(|(_, &c)| c >= MIN_OVER_REPRESENTED_COUNT)
+        .map(|(word, &d)| {
+            let r = replay.get(word).copied().unwrap_or(0);
+            OverRepresented {
+                word: word.clone(),
+                domain_count: d,
+                replay_count: r,
+                log2_ratio: (((d + 1) as f64 / nd) / ((r + 1) as f64 / nr)).log2(),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        b.log2_ratio
+            .total_cmp(&a.log2_ratio)
+            .then(a.word.cmp(&b.word))
+    });
+    rows.truncate(LISTED_WORDS);
+    rows
+}
+
+/// The report as terminal tables.
+pub fn render(report: &Report) -> String {
+    use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+    let mut out = String::new();
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "source", "role", "share", "files", "docs train/held", "dups", "tokens train",
+        "tokens held", "bytes/tok", "tok/word", "epochs",
+    ]);
+    for r in &report.sources {
+        table.add_row(vec![
+            r.name.clone(),
+            r.role.to_string(),
+            format!("{:.3}", r.share),
+            r.files.to_string(),
+            format!("{}/{}", r.documents_train, r.documents_held_out),
+            r.duplicates_removed.to_string(),
+            r.tokens_train.to_string(),
+            r.tokens_held_out.to_string(),
+            format!("{:.2}", r.bytes_per_token),
+            format!("{:.2}", r.tokens_per_word),
+            r.epochs.map_or("-".into(), |e| format!("{e:.2}")),
+        ]);
+    }
+    let _ = writeln!(out, "{table}");
+    let t = &report.tokenizer;
+    let _ = writeln!(
+        out,
+        "tokenizer: vocabulary {}, eos {}{}; frequent domain words take {:.2} pieces on average",
+        t.vocab_size,
+        t.eos_token,
+        if t.trained { ", trained on this corpus" } else { "" },
+        report.mean_pieces_frequent_domain_words
+    );
+    if let Some(p) = &report.plan {
+        let _ = writeln!(
+            out,
+            "plan: {} steps x {} samples x {} tokens = {} training tokens",
+            p.steps, p.global_batch, p.seq_len, p.training_tokens
+        );
+    }
+    if !report.vocabulary_saturation.is_empty() {
+        let words: Vec<String> = report
+            .vocabulary_saturation
+            .iter()
+            .map(|w| format!("{} ({}x{})", w.word, w.pieces, w.count))
+            .collect();
+        let _ = writeln!(
+            out,
+            "split worst (word (pieces x count)): {}",
+            words.join(", ")
+        );
+    }
+    if !report.over_represented.is_empty() {
+        let words: Vec<String> = report
+            .over_represented
+            .iter()
+            .map(|w| format!("{} ({}/{})", w.word, w.domain_count, w.replay_count))
+            .collect();
+        let _ = writeln!(
+            out,
+            "domain vs replay (word (domain/replay count)): {}",
+            words.join(", ")
+        );
+    }
+    for w in &report.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_are_lowercased_and_need_a_letter() {
+        let counts = count_words(["SELECT select 42 a Vacuum x1"].into_iter());
+        assert_eq!(counts.get("select"), Some(&2));
+        assert_eq!(counts.get("vacuum"), Some(&1));
+        assert_eq!(counts.get("x1"), Some(&1));
+        assert!(!counts.contains_key("42") && !counts.contains_key("a"));
+    }
+
+    #[test]
+    fn over_representation_ranks_domain_terms_first() {
+        let domain = count_words(["the index the vacuum vacuum ".repeat(30).as_str()].into_iter());
+        let replay = count_words(["the nation the people ".repeat(30).as_str()].into_iter());
+        let rows = over_represented(&domain, &replay);
+        assert_eq!(rows[0].word, "vacuum");
+        assert_eq!(rows.last().map(|r| r.word.as_str()), Some("the"));
+    }
+}

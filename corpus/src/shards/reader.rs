@@ -1,0 +1,201 @@
+//! Reads samples from a prepared corpus through memory maps: O(1) per sample, no index in RAM
+//! beyond one offset per shard, and nothing of the corpus copied except the sample itself.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::error::{CorpusError, Result};
+use crate::manifest::{Manifest, StreamManifest, TokenDtype, VerifySummary};
+use crate::order::{SampleOrder, SampleRef};
+use crate::tokenizer::sha256_file;
+
+/// One source's training or held-out tokens, as the concatenation of its shards.
+pub struct TokenStream {
+    maps: Vec<Mmap>,
+    /// Token offset of each shard in the stream, plus the total at the end.
+    starts: Vec<u64>,
+    dtype: TokenDtype,
+}
+
+impl TokenStream {
+    fn open(dir: &Path, stream: &StreamManifest, dtype: TokenDtype) -> Result<Self> {
+        let mut maps = Vec::with_capacity(stream.shards.len());
+        let mut starts = vec![0u64];
+        for shard in &stream.shards {
+            let path = dir.join(&shard.token_file.path);
+            let file = File::open(&path).map_err(CorpusError::io(&path))?;
+            // SAFETY: the shard was verified against its checksum and dapt never writes to a
+            // published shard (prepare writes a new directory and renames it into place). A
+            // file truncated underneath a running job would fault the reader; that is the
+            // usual contract of memory-mapped inputs.
+            let map = unsafe { Mmap::map(&file) }.map_err(CorpusError::io(&path))?;
+            if map.len() as u64 != shard.tokens * dtype.bytes() as u64 {
+                return Err(CorpusError::SizeMismatch {
+                    path,
+                    expected: shard.tokens * dtype.bytes() as u64,
+                    found: map.len() as u64,
+                });
+            }
+            maps.push(map);
+            starts.push(starts.last().copied().unwrap_or(0) + shard.tokens);
+        }
+        Ok(TokenStream {
+            maps,
+            starts,
+            dtype,
+        })
+    }
+
+    /// Tokens in the stream.
+    pub fn len(&self) -> u64 {
+        self.starts.last().copied().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Windows of `seq_len + 1` tokens with stride `seq_len`.
+    pub fn windows(&self, seq_len: u32) -> u64 {
+        self.len().saturating_sub(1) / seq_len.max(1) as u64
+    }
+
+    /// Copies tokens `[start, start + out.len())` into `out`; the range must lie in the stream.
+    pub fn read(&self, start: u64, out: &mut [u32]) {
+        assert!(
+            start + out.len() as u64 <= self.len(),
+            "tokens {start}..{} outside a stream of {}",
+            start + out.len() as u64,
+            self.len()
+        );
+        let mut shard = self.starts.partition_point(|&s| s <= start) - 1;
+        let mut pos = start;
+        let mut filled = 0;
+        while filled < out.len() {
+            let local = (pos - self.starts[shard]) as usize;
+            let available = (self.starts[shard + 1] - pos) as usize;
+            let n = available.min(out.len() - filled);
+            decode(
+                self.dtype,
+                &self.maps[shard],
+                local,
+                &mut out[filled..filled + n],
+            );
+            filled += n;
+            pos += n as u64;
+            shard += 1;
+        }
+    }
+
+    /// Copies window `window` (tokens `[window * seq_len, window * seq_len + seq_len + 1)`).
+    pub fn read_window(&self, window: u64, seq_len: u32, out: &mut [u32]) {
+        assert_eq!(out.len(), seq_len as usize + 1, "a window is seq_len + 1 tokens");
+        self.read(window * seq_len as u64, out);
+    }
+}
+
+fn decode(dtype: TokenDtype, bytes: &[u8], first: usize, out: &mut [u32]) {
+    match dtype {
+        TokenDtype::U16 => {
+            let src = &bytes[first * 2..(first + out.len()) * 2];
+            for (o, b) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = u16::from_le_bytes([b[0], b[1]]) as u32;
+            }
+        }
+        TokenDtype::U32 => {
+            let src = &bytes[first * 4..(first + out.len()) * 4];
+            for (o, b) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+    }
+}
+
+/// A prepared corpus, verified and mapped.
+pub struct CorpusReader {
+    dir: PathBuf,
+    manifest: Manifest,
+    train: Vec<TokenStream>,
+    held_out: Vec<TokenStream>,
+    verified: VerifySummary,
+}
+
+impl CorpusReader {
+    /// Opens the corpus at `dir`, verifying every file's checksum (cached by size and mtime).
+    pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, false)
+    }
+
+    /// As [`open`](Self::open); `full_verify` re-hashes every file regardless of the cache.
+    pub fn open_with(dir: &Path, full_verify: bool) -> Result<Self> {
+        let manifest = Manifest::read(dir)?;
+        let verified = manifest.verify(dir, full_verify)?;
+        let dtype = manifest.token_dtype;
+        let mut train = Vec::new();
+        let mut held_out = Vec::new();
+        for source in &manifest.sources {
+            train.push(TokenStream::open(dir, &source.train, dtype)?);
+            held_out.push(TokenStream::open(dir, &source.held_out, dtype)?);
+        }
+        Ok(CorpusReader {
+            dir: dir.to_path_buf(),
+            manifest,
+            train,
+            held_out,
+            verified,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn verified(&self) -> VerifySummary {
+        self.verified
+    }
+
+    /// Refuses a tokenizer other than the one the corpus was made with.
+    pub fn check_tokenizer(&self, path: &Path) -> Result<()> {
+        let found = sha256_file(path)?;
+        if found != self.manifest.tokenizer.sha256 {
+            return Err(CorpusError::TokenizerMismatch {
+                path: path.to_path_buf(),
+                corpus: self.dir.clone(),
+                expected: self.manifest.tokenizer.sha256.clone(),
+                found,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn train(&self, source: usize) -> &TokenStream {
+        &self.train[source]
+    }
+
+    pub fn held_out(&self, source: usize) -> &TokenStream {
+        &self.held_out[source]
+    }
+
+    /// The global sample order of this corpus for a job's seed and sequence length.
+    pub fn sample_order(&self, seed: u64, seq_len: u32) -> Result<SampleOrder> {
+        for (source, stream) in self.manifest.sources.iter().zip(&self.train) {
+            if stream.windows(seq_len) == 0 {
+                return Err(CorpusError::SourceTooSmall {
+                    source_name: source.name.clone(),
+                    tokens: stream.len(),
+                    needed: seq_len as u64 + 1,
+                });
+            }
+        }
+        let weights: Vec<f64> = self.manifest.sources.iter().map(|s| s.weight).collect();
+        let windows = self.train.iter().map(|s| s.windows(seq_len)).collect();
+        SampleOrder::new(seed, &weights, windows)
+    }
+
+    /// Copies the tokens of `sample` into `out` (`seq_len + 1` of them).
+    pub fn read_sample(&self, sample: SampleRef, seq_len: u32, out: &mut [u32]) {
+        self.train[sample.source].read_window(sample.window, seq_len, out);
+    }
+}

@@ -1,0 +1,362 @@
+//! The `corpus:` section of a job file.
+//!
+//! Checks that can be made on one value are made while deserializing (newtypes with
+//! `try_from`), so serde_yaml reports them with the field's path, line and column, like any
+//! other malformed value. Checks across values (unique names, at least one domain source) run in
+//! the custom `Deserialize` of [`Sources`] for the same reason.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Tokens per shard file when the job does not say.
+pub const DEFAULT_SHARD_TOKENS: u64 = 64 * 1024 * 1024;
+/// Vocabulary of the byte-level BPE trained when no tokenizer is given.
+pub const DEFAULT_VOCAB_SIZE: u32 = 8192;
+/// Field of a JSONL record that holds the text.
+pub const DEFAULT_TEXT_FIELD: &str = "text";
+
+/// Where the corpus comes from and where its shards go.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CorpusSpec {
+    /// Output directory for shards, manifest, report and tokenizer (relative to the job file).
+    pub output: PathBuf,
+    /// A Hugging Face `tokenizer.json`. Without one, a byte-level BPE is trained on the corpus.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// Vocabulary size of the trained tokenizer (ignored when `tokenizer` is given).
+    #[serde(default = "default_vocab_size")]
+    pub vocab_size: VocabSize,
+    /// End-of-document token; by default the first of the usual names the tokenizer knows.
+    #[serde(default)]
+    pub eos_token: Option<String>,
+    /// Target tokens per shard file (a shard closes at the first document boundary past it).
+    #[serde(default = "default_shard_tokens")]
+    pub shard_tokens: ShardTokens,
+    /// The sources, in the order their shards and sample streams are numbered.
+    pub sources: Sources,
+}
+
+/// One named source of text.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// Lowercase letters, digits, `-` and `_`: it names the source's shard directory.
+    pub name: SourceName,
+    /// `domain` text is what the job adapts to; `replay` text guards against forgetting.
+    pub role: Role,
+    /// Files, directories (walked recursively) or glob patterns, relative to the job file.
+    pub paths: Vec<String>,
+    /// Mixture weight; shares are weight / sum of weights.
+    pub weight: Weight,
+    /// Fraction of documents held out for evaluation, chosen by document hash.
+    #[serde(default)]
+    pub held_out: Fraction,
+    /// JSONL field that holds the text.
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Domain,
+    Replay,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Domain => "domain",
+            Role::Replay => "replay",
+        })
+    }
+}
+
+/// The list of sources: non-empty, unique names, at least one domain source.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Sources(pub Vec<SourceSpec>);
+
+impl<'de> Deserialize<'de> for Sources {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // Checked inside the sequence visitor, so that serde_yaml gives the list's line.
+        struct SourcesVisitor;
+        impl<'de> serde::de::Visitor<'de> for SourcesVisitor {
+            type Value = Sources;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of sources")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Sources, A::Error> {
+                use serde::de::Error;
+                let mut sources: Vec<SourceSpec> = Vec::new();
+                while let Some(source) = seq.next_element::<SourceSpec>()? {
+                    let i = sources.len();
+                    if sources.iter().any(|s| s.name == source.name) {
+                        return Err(A::Error::custom(format!(
+                            "sources[{i}]: the name `{}` is used twice",
+                            source.name
+                        )));
+                    }
+                    if source.paths.is_empty() {
+                        return Err(A::Error::custom(format!(
+                            "sources[{i}] ({}): `paths` is empty",
+                            source.name
+                        )));
+                    }
+                    sources.push(source);
+                }
+                if sources.is_empty() {
+                    return Err(A::Error::custom("at least one source is needed"));
+                }
+                if !sources.iter().any(|s| s.role == Role::Domain) {
+                    return Err(A::Error::custom("no source has `role: domain`"));
+                }
+                Ok(Sources(sources))
+            }
+        }
+        deserializer.deserialize_seq(SourcesVisitor)
+    }
+}
+
+/// Checks a number inside the deserializer's visitor, so that serde_yaml reports a bad value with
+/// the field's own path, line and column (a `try_from` conversion would only get the enclosing
+/// mapping's position).
+struct NumberVisitor<T> {
+    expecting: &'static str,
+    check: fn(f64) -> Result<T, String>,
+}
+
+impl<'de, T> serde::de::Visitor<'de> for NumberVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<T, E> {
+        (self.check)(v).map_err(E::custom)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<T, E> {
+        self.visit_f64(v as f64)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<T, E> {
+        self.visit_f64(v as f64)
+    }
+}
+
+fn whole(v: f64, what: &str) -> Result<f64, String> {
+    if v.fract() == 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("{what} must be a whole number, got {v}"))
+    }
+}
+
+macro_rules! checked_number {
+    ($(#[$doc:meta])* $name:ident($inner:ty), $expecting:literal, $check:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, Serialize, PartialEq, PartialOrd)]
+        pub struct $name(pub $inner);
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let check: fn(f64) -> Result<$name, String> = $check;
+                deserializer.deserialize_any(NumberVisitor { expecting: $expecting, check })
+            }
+        }
+
+        impl $name {
+            pub fn get(self) -> $inner {
+                self.0
+            }
+        }
+    };
+}
+
+checked_number!(
+    /// A mixture weight: finite and greater than zero.
+    Weight(f64),
+    "a positive number",
+    |w| if w.is_finite() && w > 0.0 { Ok(Weight(w)) } else { Err(format!("weight must be a positive number, got {w}")) }
+);
+checked_number!(
+    /// A held-out fraction in [0, 1).
+    Fraction(f64),
+    "a fraction in [0, 1)",
+    |f| if (0.0..1.0).contains(&f) { Ok(Fraction(f)) } else { Err(format!("held_out must be in [0, 1), got {f}")) }
+);
+checked_number!(
+    /// A vocabulary size that a trained byte-level BPE can have (its 256-byte alphabet plus merges).
+    VocabSize(u32),
+    "a vocabulary size",
+    |v| match whole(v, "vocab_size")? {
+        v if (300.0..=1_048_576.0).contains(&v) => Ok(VocabSize(v as u32)),
+        v => Err(format!("vocab_size must be between 300 and 1048576, got {v}")),
+    }
+);
+checked_number!(
+    /// Tokens per shard: at least 1024.
+    ShardTokens(u64),
+    "a number of tokens",
+    |t| match whole(t, "shard_tokens")? {
+        t if t >= 1024.0 => Ok(ShardTokens(t as u64)),
+        t => Err(format!("shard_tokens must be at least 1024, got {t}")),
+    }
+);
+
+impl Default for Fraction {
+    fn default() -> Self {
+        Fraction(0.0)
+    }
+}
+
+/// A source name, usable as a directory name.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Hash)]
+pub struct SourceName(String);
+
+impl<'de> Deserialize<'de> for SourceName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl serde::de::Visitor<'_> for NameVisitor {
+            type Value = SourceName;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a source name")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<SourceName, E> {
+                SourceName::try_from(name.to_owned()).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(NameVisitor)
+    }
+}
+
+impl TryFrom<String> for SourceName {
+    type Error = String;
+    fn try_from(name: String) -> Result<Self, String> {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if ok {
+            Ok(SourceName(name))
+        } else {
+            Err(format!(
+                "source name `{name}` must be 1-64 characters of a-z, 0-9, `-` and `_`"
+            ))
+        }
+    }
+}
+
+impl SourceName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SourceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn default_vocab_size() -> VocabSize {
+    VocabSize(DEFAULT_VOCAB_SIZE)
+}
+fn default_shard_tokens() -> ShardTokens {
+    ShardTokens(DEFAULT_SHARD_TOKENS)
+}
+fn default_text_field() -> String {
+    DEFAULT_TEXT_FIELD.to_owned()
+}
+
+impl CorpusSpec {
+    /// Makes every relative path (output, tokenizer, source paths) relative to `base` instead,
+    /// normally the directory of the job file.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let join = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        self.output = join(&self.output);
+        self.tokenizer = self.tokenizer.as_deref().map(join);
+        for source in &mut self.sources.0 {
+            for pattern in &mut source.paths {
+                *pattern = join(Path::new(pattern.as_str())).to_string_lossy().into_owned();
+            }
+        }
+    }
+
+    pub fn sources(&self) -> &[SourceSpec] {
+        &self.sources.0
+    }
+}
+
+/// What the job will read, for the report's epoch counts and held-out checks.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TrainingPlan {
+    pub seq_len: u32,
+    /// Samples per step (the global batch).
+    pub global_batch: u64,
+    pub steps: u64,
+}
+
+impl TrainingPlan {
+    pub fn total_samples(&self) -> u64 {
+        self.global_batch * self.steps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<CorpusSpec, String> {
+        serde_yaml::from_str(yaml).map_err(|e| e.to_string())
+    }
+
+    const GOOD: &str = "output: out\nsources:\n  - name: pg\n    role: domain\n    paths: [a]\n    weight: 1\n";
+
+    #[test]
+    fn minimal_spec_gets_defaults() {
+        let spec = parse(GOOD).expect("valid");
+        assert_eq!(spec.vocab_size.get(), DEFAULT_VOCAB_SIZE);
+        assert_eq!(spec.sources()[0].text_field, "text");
+        assert_eq!(spec.sources()[0].held_out.get(), 0.0);
+    }
+
+    #[test]
+    fn non_positive_weight_names_field_and_line() {
+        let err = parse(&GOOD.replace("weight: 1", "weight: 0")).unwrap_err();
+        assert!(err.contains("sources[0].weight"), "{err}");
+        assert!(err.contains("line 6"), "{err}");
+        assert!(err.contains("positive"), "{err}");
+        let err = parse(&GOOD.replace("weight: 1", "weight: -2.5")).unwrap_err();
+        assert!(err.contains("-2.5") && err.contains("line 6"), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_its_line() {
+        let err = parse(&format!("{GOOD}    wieght: 3\n")).unwrap_err();
+        assert!(err.contains("unknown field `wieght`"), "{err}");
+        assert!(err.contains("line 7"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_names_and_missing_domain_are_refused() {
+        let two = format!("{GOOD}  - name: pg\n    role: replay\n    paths: [b]\n    weight: 1\n");
+        let err = parse(&two).unwrap_err();
+        assert!(err.contains("`pg` is used twice") && err.contains("line"), "{err}");
+        let err = parse(&GOOD.replace("domain", "replay")).unwrap_err();
+        assert!(err.contains("role: domain"), "{err}");
+    }
+
+    #[test]
+    fn bad_name_and_fraction_are_refused() {
+        let err = parse(&GOOD.replace("name: pg", "name: Pg Docs")).unwrap_err();
+        assert!(err.contains("sources[0].name") && err.contains("a-z"), "{err}");
+        let err = parse(&format!("{GOOD}    held_out: 1.5\n")).unwrap_err();
+        assert!(err.contains("held_out must be in [0, 1)"), "{err}");
+    }
+}
