@@ -12,14 +12,19 @@ pub enum CorpusError {
         source: std::io::Error,
     },
     #[error("source `{source_name}`: pattern `{pattern}` matches no file")]
-    NoMatch { source_name: String, pattern: String },
+    NoMatch {
+        source_name: String,
+        pattern: String,
+    },
     #[error("source `{source_name}`: invalid glob pattern `{pattern}`: {message}")]
     BadPattern {
         source_name: String,
         pattern: String,
         message: String,
     },
-    #[error("{path}: unsupported file type (expected .txt, .md, .rst, .jsonl, .html, optionally .gz)")]
+    #[error(
+        "{path}: unsupported file type (expected .txt, .md, .rst, .jsonl, .html, optionally .gz)"
+    )]
     UnsupportedFormat { path: PathBuf },
     #[error("{path}: not a valid gzip stream: {source}")]
     Gzip {

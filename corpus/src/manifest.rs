@@ -228,7 +228,8 @@ fn mtime_ns(meta: &std::fs::Metadata) -> u128 {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(CorpusError::io(dir))?;
-    std::io::Write::write_all(&mut tmp, bytes).map_err(CorpusError::io(tmp.path().to_path_buf()))?;
+    std::io::Write::write_all(&mut tmp, bytes)
+        .map_err(CorpusError::io(tmp.path().to_path_buf()))?;
     tmp.as_file()
         .sync_all()
         .map_err(CorpusError::io(tmp.path().to_path_buf()))?;

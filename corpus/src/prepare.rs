@@ -74,7 +74,11 @@ pub fn prepare(
         Some(path) => Some((path.clone(), tokenizer::sha256_file(path)?)),
         None => None,
     };
-    let fingerprint = fingerprint(spec, given_tokenizer.as_ref().map(|t| t.1.as_str()), &discoveries);
+    let fingerprint = fingerprint(
+        spec,
+        given_tokenizer.as_ref().map(|t| t.1.as_str()),
+        &discoveries,
+    );
     let out = spec.output.clone();
     if !options.force {
         if let Some(manifest) = up_to_date(&out, &fingerprint) {
@@ -123,7 +127,11 @@ pub fn prepare(
     };
     let dtype = TokenDtype::for_vocab(tk.vocab_size);
 
-    let total_bytes: u64 = discoveries.iter().flat_map(|d| &d.files).map(|f| f.size).sum();
+    let total_bytes: u64 = discoveries
+        .iter()
+        .flat_map(|d| &d.files)
+        .map(|f| f.size)
+        .sum();
     let mut progress = Progress::new(options.progress, total_bytes, "tokenizing");
     let mut dedup = HashSet::new();
     let mut sources = Vec::new();
@@ -155,12 +163,20 @@ pub fn prepare(
             };
             let (ids, chunk_words) = rayon::join(
                 || tk.encode_batch(texts),
-                || report::count_words(docs.iter().filter(|d| !d.held_out).map(|d| d.text.as_str())),
+                || {
+                    report::count_words(
+                        docs.iter().filter(|d| !d.held_out).map(|d| d.text.as_str()),
+                    )
+                },
             );
             report::merge_words(role_words, chunk_words);
             for (doc, ids) in docs.iter().zip(ids?) {
                 st.add_document(doc.text.as_str(), ids.len() as u64 + 1, doc.held_out);
-                let writer = if doc.held_out { &mut held_out } else { &mut train };
+                let writer = if doc.held_out {
+                    &mut held_out
+                } else {
+                    &mut train
+                };
                 writer.push_document(&ids, tk.eos_id)?;
             }
         }
@@ -199,8 +215,14 @@ pub fn prepare(
         sources,
     };
     let report = report::build(&manifest, &stats, &words, &tk, plan)?;
-    manifest::write_atomic(&staging.path().join(manifest::REPORT_FILE), &to_json(&report)?)?;
-    manifest::write_atomic(&staging.path().join(manifest::MANIFEST_FILE), &to_json(&manifest)?)?;
+    manifest::write_atomic(
+        &staging.path().join(manifest::REPORT_FILE),
+        &to_json(&report)?,
+    )?;
+    manifest::write_atomic(
+        &staging.path().join(manifest::MANIFEST_FILE),
+        &to_json(&manifest)?,
+    )?;
     publish(staging, &out)?;
 
     let run = RunStats {
@@ -222,7 +244,8 @@ pub fn prepare(
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec_pretty(value).map_err(|e| CorpusError::Invalid(format!("cannot serialize: {e}")))
+    serde_json::to_vec_pretty(value)
+        .map_err(|e| CorpusError::Invalid(format!("cannot serialize: {e}")))
 }
 
 /// A normalized, deduplicated document and its split.
@@ -307,7 +330,11 @@ fn collect_training_text(
     discoveries: &[Discovery],
     options: &PrepareOptions,
 ) -> Result<Vec<String>> {
-    let total: u64 = discoveries.iter().flat_map(|d| &d.files).map(|f| f.size).sum();
+    let total: u64 = discoveries
+        .iter()
+        .flat_map(|d| &d.files)
+        .map(|f| f.size)
+        .sum();
     let mut progress = Progress::new(options.progress, total, "reading for tokenizer training");
     let mut seen = HashSet::new();
     let mut texts = Vec::new();
@@ -323,7 +350,11 @@ fn collect_training_text(
     Ok(texts)
 }
 
-fn fingerprint(spec: &CorpusSpec, tokenizer_sha: Option<&str>, discoveries: &[Discovery]) -> String {
+fn fingerprint(
+    spec: &CorpusSpec,
+    tokenizer_sha: Option<&str>,
+    discoveries: &[Discovery],
+) -> String {
     let mut h = Sha256::new();
     h.update(FORMAT_VERSION.to_le_bytes());
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
@@ -362,7 +393,8 @@ fn publish(staging: tempfile::TempDir, out: &Path) -> Result<()> {
     if out.exists() {
         let old = out.with_file_name(format!(
             ".{}.old-{}",
-            out.file_name().map_or_else(|| "corpus".into(), |n| n.to_string_lossy()),
+            out.file_name()
+                .map_or_else(|| "corpus".into(), |n| n.to_string_lossy()),
             std::process::id()
         ));
         std::fs::rename(out, &old).map_err(CorpusError::io(out))?;

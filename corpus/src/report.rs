@@ -302,7 +302,8 @@ fn source_warnings(row: &SourceRow, st: &SourceStats, plan: Option<TrainingPlan>
             "source `{name}` has no held-out documents: {measure} perplexity cannot be measured on it (set held_out)"
         ));
     } else {
-        let too_few_windows = plan.is_some_and(|p| row.tokens_held_out / (p.seq_len as u64 + 1) < 8);
+        let too_few_windows =
+            plan.is_some_and(|p| row.tokens_held_out / (p.seq_len as u64 + 1) < 8);
         if row.tokens_held_out < MIN_HELD_OUT_TOKENS || too_few_windows {
             w.push(format!(
                 "source `{name}` holds out {} tokens in {} documents: too few to measure {measure} perplexity reliably (want at least {MIN_HELD_OUT_TOKENS} tokens)",
@@ -406,8 +407,17 @@ pub fn render(report: &Report) -> String {
     let mut out = String::new();
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
-        "source", "role", "share", "files", "docs train/held", "dups", "tokens train",
-        "tokens held", "bytes/tok", "tok/word", "epochs",
+        "source",
+        "role",
+        "share",
+        "files",
+        "docs train/held",
+        "dups",
+        "tokens train",
+        "tokens held",
+        "bytes/tok",
+        "tok/word",
+        "epochs",
     ]);
     for r in &report.sources {
         table.add_row(vec![
@@ -426,7 +436,8 @@ pub fn render(report: &Report) -> String {
     }
     let _ = writeln!(out, "{table}");
     let t = &report.tokenizer;
-    let _ = writeln!(
+    let _ =
+        writeln!(
         out,
         "tokenizer: vocabulary {}, eos {}{}; frequent domain words take {:.2} pieces on average",
         t.vocab_size,

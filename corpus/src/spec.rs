@@ -88,7 +88,10 @@ impl<'de> Deserialize<'de> for Sources {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a list of sources")
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Sources, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Sources, A::Error> {
                 use serde::de::Error;
                 let mut sources: Vec<SourceSpec> = Vec::new();
                 while let Some(source) = seq.next_element::<SourceSpec>()? {
@@ -278,12 +281,20 @@ impl CorpusSpec {
     /// Makes every relative path (output, tokenizer, source paths) relative to `base` instead,
     /// normally the directory of the job file.
     pub fn resolve_paths(&mut self, base: &Path) {
-        let join = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let join = |p: &Path| {
+            lexical_clean(&if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            })
+        };
         self.output = join(&self.output);
         self.tokenizer = self.tokenizer.as_deref().map(join);
         for source in &mut self.sources.0 {
             for pattern in &mut source.paths {
-                *pattern = join(Path::new(pattern.as_str())).to_string_lossy().into_owned();
+                *pattern = join(Path::new(pattern.as_str()))
+                    .to_string_lossy()
+                    .into_owned();
             }
         }
     }
@@ -291,6 +302,24 @@ impl CorpusSpec {
     pub fn sources(&self) -> &[SourceSpec] {
         &self.sources.0
     }
+}
+
+/// `a/b/../c` as `a/c`, without touching the file system (the path may not exist yet).
+fn lexical_clean(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// What the job will read, for the report's epoch counts and held-out checks.
@@ -316,7 +345,8 @@ mod tests {
         serde_yaml::from_str(yaml).map_err(|e| e.to_string())
     }
 
-    const GOOD: &str = "output: out\nsources:\n  - name: pg\n    role: domain\n    paths: [a]\n    weight: 1\n";
+    const GOOD: &str =
+        "output: out\nsources:\n  - name: pg\n    role: domain\n    paths: [a]\n    weight: 1\n";
 
     #[test]
     fn minimal_spec_gets_defaults() {
@@ -347,7 +377,10 @@ mod tests {
     fn duplicate_names_and_missing_domain_are_refused() {
         let two = format!("{GOOD}  - name: pg\n    role: replay\n    paths: [b]\n    weight: 1\n");
         let err = parse(&two).unwrap_err();
-        assert!(err.contains("`pg` is used twice") && err.contains("line"), "{err}");
+        assert!(
+            err.contains("`pg` is used twice") && err.contains("line"),
+            "{err}"
+        );
         let err = parse(&GOOD.replace("domain", "replay")).unwrap_err();
         assert!(err.contains("role: domain"), "{err}");
     }
@@ -355,7 +388,10 @@ mod tests {
     #[test]
     fn bad_name_and_fraction_are_refused() {
         let err = parse(&GOOD.replace("name: pg", "name: Pg Docs")).unwrap_err();
-        assert!(err.contains("sources[0].name") && err.contains("a-z"), "{err}");
+        assert!(
+            err.contains("sources[0].name") && err.contains("a-z"),
+            "{err}"
+        );
         let err = parse(&format!("{GOOD}    held_out: 1.5\n")).unwrap_err();
         assert!(err.contains("held_out must be in [0, 1)"), "{err}");
     }

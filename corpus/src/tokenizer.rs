@@ -54,7 +54,11 @@ impl CorpusTokenizer {
             },
             None => EOS_CANDIDATES
                 .iter()
-                .find_map(|name| tokenizer.token_to_id(name).map(|id| ((*name).to_owned(), id)))
+                .find_map(|name| {
+                    tokenizer
+                        .token_to_id(name)
+                        .map(|id| ((*name).to_owned(), id))
+                })
                 .ok_or_else(|| CorpusError::Tokenizer {
                     path: path.to_path_buf(),
                     message: format!(
@@ -90,7 +94,10 @@ impl CorpusTokenizer {
             .tokenizer
             .encode_batch_fast(texts, false)
             .map_err(|e| CorpusError::Invalid(format!("tokenizing failed: {e}")))?;
-        Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
+        Ok(encodings
+            .into_iter()
+            .map(|e| e.get_ids().to_vec())
+            .collect())
     }
 }
 
@@ -150,7 +157,11 @@ mod tests {
         let tokenizer = train_byte_level_bpe(texts.iter(), 400).expect("train");
         let tk = CorpusTokenizer::new(tokenizer, Path::new("t"), None).expect("eos");
         assert_eq!(tk.eos_token, TRAINED_EOS);
-        assert!(tk.vocab_size <= 400 && tk.vocab_size > 256, "{}", tk.vocab_size);
+        assert!(
+            tk.vocab_size <= 400 && tk.vocab_size > 256,
+            "{}",
+            tk.vocab_size
+        );
         let ids = tk.encode("SELECT name FROM accounts").expect("encode");
         assert!(ids.len() < 10, "{ids:?}");
         let back = tk.tokenizer.decode(&ids, false).expect("decode");

@@ -123,7 +123,10 @@ pub fn discover(source: &SourceSpec) -> Result<Discovery> {
     if found.files.is_empty() {
         return Err(CorpusError::NoMatch {
             source_name: source.name.to_string(),
-            pattern: format!("{} (no readable .txt/.md/.rst/.jsonl/.html file)", source.paths.join(", ")),
+            pattern: format!(
+                "{} (no readable .txt/.md/.rst/.jsonl/.html file)",
+                source.paths.join(", ")
+            ),
         });
     }
     Ok(found)
@@ -134,7 +137,9 @@ fn push_path(path: &Path, explicit: bool, out: &mut Vec<(PathBuf, bool)>) -> Res
         for entry in walkdir::WalkDir::new(path).follow_links(true) {
             let entry = entry.map_err(|e| CorpusError::Io {
                 path: e.path().unwrap_or(path).to_path_buf(),
-                source: e.into_io_error().unwrap_or_else(|| std::io::Error::other("file system loop")),
+                source: e
+                    .into_io_error()
+                    .unwrap_or_else(|| std::io::Error::other("file system loop")),
             })?;
             if entry.file_type().is_file() {
                 out.push((entry.into_path(), false));
@@ -237,8 +242,14 @@ mod tests {
 
     #[test]
     fn formats_by_extension() {
-        assert_eq!(format_of(Path::new("a/b.TXT")), Some((Format::Plain, false)));
-        assert_eq!(format_of(Path::new("x.jsonl.gz")), Some((Format::Jsonl, true)));
+        assert_eq!(
+            format_of(Path::new("a/b.TXT")),
+            Some((Format::Plain, false))
+        );
+        assert_eq!(
+            format_of(Path::new("x.jsonl.gz")),
+            Some((Format::Jsonl, true))
+        );
         assert_eq!(format_of(Path::new("p.html")), Some((Format::Html, false)));
         assert_eq!(format_of(Path::new("LICENSE")), None);
         assert_eq!(format_of(Path::new("a.pdf")), None);
@@ -273,6 +284,9 @@ mod tests {
         let broken = dir.path().join("broken.txt.gz");
         std::fs::write(&broken, b"\x1f\x8b\x08\x00garbage").expect("write");
         let err = read_file(&input(&broken), "text").unwrap_err().to_string();
-        assert!(err.contains("broken.txt.gz") && err.contains("gzip"), "{err}");
+        assert!(
+            err.contains("broken.txt.gz") && err.contains("gzip"),
+            "{err}"
+        );
     }
 }

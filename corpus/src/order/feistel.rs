@@ -87,8 +87,12 @@ mod tests {
 
     #[test]
     fn keys_give_different_orders_and_large_domains_work() {
-        let a: Vec<u64> = (0..100).map(|i| Permutation::new(100, 1).apply(i)).collect();
-        let b: Vec<u64> = (0..100).map(|i| Permutation::new(100, 2).apply(i)).collect();
+        let a: Vec<u64> = (0..100)
+            .map(|i| Permutation::new(100, 1).apply(i))
+            .collect();
+        let b: Vec<u64> = (0..100)
+            .map(|i| Permutation::new(100, 2).apply(i))
+            .collect();
         assert_ne!(a, b);
         let big = Permutation::new(3_000_000_000_000, 7);
         let x = big.apply(2_999_999_999_999);

@@ -91,7 +91,11 @@ impl TokenStream {
 
     /// Copies window `window` (tokens `[window * seq_len, window * seq_len + seq_len + 1)`).
     pub fn read_window(&self, window: u64, seq_len: u32, out: &mut [u32]) {
-        assert_eq!(out.len(), seq_len as usize + 1, "a window is seq_len + 1 tokens");
+        assert_eq!(
+            out.len(),
+            seq_len as usize + 1,
+            "a window is seq_len + 1 tokens"
+        );
         self.read(window * seq_len as u64, out);
     }
 }
@@ -197,5 +201,57 @@ impl CorpusReader {
     /// Copies the tokens of `sample` into `out` (`seq_len + 1` of them).
     pub fn read_sample(&self, sample: SampleRef, seq_len: u32, out: &mut [u32]) {
         self.train[sample.source].read_window(sample.window, seq_len, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shards::StreamWriter;
+
+    /// Writes documents of known ids in small shards and reads windows across shard edges.
+    fn round_trip(dtype: TokenDtype) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("s")).expect("mkdir");
+        let mut writer = StreamWriter::new(dir.path(), "s/train".into(), dtype, 1024);
+        let big = if dtype == TokenDtype::U32 { 70_000 } else { 0 };
+        let mut expected = Vec::new();
+        for doc in 0..50u32 {
+            let ids: Vec<u32> = (0..97).map(|i| big + doc * 100 + i).collect();
+            writer.push_document(&ids, 7).expect("push");
+            expected.extend(ids);
+            expected.push(7);
+        }
+        let stream_manifest = writer.finish().expect("finish");
+        assert!(
+            stream_manifest.shards.len() >= 4,
+            "{}",
+            stream_manifest.shards.len()
+        );
+        assert_eq!(stream_manifest.tokens, expected.len() as u64);
+        assert_eq!(stream_manifest.documents, 50);
+        let stream = TokenStream::open(dir.path(), &stream_manifest, dtype).expect("open");
+        let seq_len = 300;
+        let mut out = vec![0u32; seq_len as usize + 1];
+        for w in 0..stream.windows(seq_len) {
+            stream.read_window(w, seq_len, &mut out);
+            let start = (w * seq_len as u64) as usize;
+            assert_eq!(
+                out,
+                expected[start..start + seq_len as usize + 1],
+                "window {w}"
+            );
+        }
+        assert_eq!(stream.windows(seq_len), (expected.len() as u64 - 1) / 300);
+    }
+
+    #[test]
+    fn windows_cross_shards_u16() {
+        round_trip(TokenDtype::U16);
+    }
+
+    #[test]
+    fn windows_cross_shards_u32() {
+        round_trip(TokenDtype::U32);
     }
 }

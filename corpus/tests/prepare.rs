@@ -1,0 +1,355 @@
+//! `prepare` and the reader on small real-format inputs: what is kept, what is refused, and
+//! that nothing half-written is ever published.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use dapt_corpus::manifest::TOKENIZER_FILE;
+use dapt_corpus::{prepare, CorpusError, CorpusReader, CorpusSpec, PrepareOptions, PrepareOutcome};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+const SQL_DOC: &str = "CREATE INDEX ON accounts (id); An index lets the planner find rows without a sequential scan of the whole table.";
+
+impl Fixture {
+    /// A domain source in every format and a replay source, with one duplicate, one empty
+    /// document, invalid UTF-8 and two bad JSONL lines.
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("domain/nested")).expect("mkdir");
+        std::fs::create_dir_all(d.join("replay")).expect("mkdir");
+        for i in 0..40 {
+            std::fs::write(
+                d.join(format!("domain/page{i:02}.txt")),
+                format!("{SQL_DOC} Page {i}: VACUUM reclaims storage occupied by dead tuples {i}."),
+            )
+            .expect("write");
+        }
+        std::fs::write(
+            d.join("domain/copy.md"),
+            format!("{SQL_DOC} Page 3: VACUUM reclaims storage occupied by dead tuples 3."),
+        )
+        .expect("write");
+        std::fs::write(d.join("domain/empty.rst"), "  \n\t\n").expect("write");
+        std::fs::write(
+            d.join("domain/nested/page.html"),
+            "<html><head><style>x</style></head><body><div class=\"navheader\">Prev Next</div><p>Tuning <b>work_mem</b> helps sorts.</p></body></html>",
+        )
+        .expect("write");
+        std::fs::write(
+            d.join("domain/latin1.txt"),
+            b"Caf\xe9 tables are not UTF-8.",
+        )
+        .expect("write");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(b"{\"text\": \"EXPLAIN ANALYZE shows the plan.\"}\nnot json\n{\"body\": \"no text\"}\n{\"text\": \"Caf\\u0065\\u0301 is NFC-normalized.\"}\n")
+            .expect("gz");
+        std::fs::write(d.join("domain/records.jsonl.gz"), gz.finish().expect("gz")).expect("write");
+        std::fs::write(d.join("domain/README"), "not a corpus file").expect("write");
+        for i in 0..20 {
+            std::fs::write(
+                d.join(format!("replay/speech{i:02}.txt")),
+                format!("Fellow citizens, the state of the union is strong in year {i}. The people and the nation prosper."),
+            )
+            .expect("write");
+        }
+        Fixture { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn spec(&self, extra: &str) -> CorpusSpec {
+        let yaml = format!(
+            "output: out\nvocab_size: 400\nshard_tokens: 1024\n{extra}sources:\n  - name: sql\n    role: domain\n    paths: [domain]\n    weight: 3\n    held_out: 0.2\n  - name: general\n    role: replay\n    paths: [\"replay/*.txt\"]\n    weight: 1\n    held_out: 0.2\n"
+        );
+        let mut spec: CorpusSpec = serde_yaml::from_str(&yaml).expect("spec");
+        spec.resolve_paths(self.dir.path());
+        spec
+    }
+}
+
+fn run(spec: &CorpusSpec) -> Result<PrepareOutcome, CorpusError> {
+    prepare(spec, None, &PrepareOptions::default())
+}
+
+fn prepared(spec: &CorpusSpec) -> dapt_corpus::report::Report {
+    match run(spec).expect("prepare") {
+        PrepareOutcome::Prepared { report, .. } => report,
+        PrepareOutcome::UpToDate { .. } => panic!("expected a fresh prepare"),
+    }
+}
+
+#[test]
+fn prepares_every_format_and_counts_what_it_dropped() {
+    let fx = Fixture::new();
+    let spec = fx.spec("");
+    let report = prepared(&spec);
+    let sql = &report.sources[0];
+    // 40 pages + copy (duplicate) + empty + html + latin1 + 2 JSONL records.
+    assert_eq!(sql.files, 45);
+    assert_eq!(sql.duplicates_removed, 1);
+    assert_eq!(sql.empty_documents, 1);
+    assert_eq!(sql.documents_train + sql.documents_held_out, 40 + 1 + 1 + 2);
+    assert_eq!(sql.invalid_utf8_files, 1);
+    assert_eq!(sql.bad_jsonl_lines, 2);
+    assert!(
+        sql.bad_jsonl_examples[0].ends_with("records.jsonl.gz:2"),
+        "{:?}",
+        sql.bad_jsonl_examples
+    );
+    assert_eq!(sql.skipped_files, 1);
+    assert!(report
+        .warnings
+        .iter()
+        .any(|w| w.contains("not valid UTF-8") && w.contains("latin1.txt")));
+    assert!(report
+        .warnings
+        .iter()
+        .any(|w| w.contains("JSONL") && w.contains("records.jsonl.gz:2")));
+    assert!(report
+        .warnings
+        .iter()
+        .any(|w| w.contains("fewer than 500000")));
+    assert!(fx.path("out/report.json").is_file());
+
+    // Every document is followed by EOS, and the text decodes back (NFC-normalized).
+    let reader = CorpusReader::open(&fx.path("out")).expect("open");
+    let m = reader.manifest();
+    assert_eq!(m.sources[0].train.tokens, sql.tokens_train);
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(fx.path("out").join(TOKENIZER_FILE)).expect("tokenizer");
+    let mut all = Vec::new();
+    for source in 0..2 {
+        for stream in [reader.train(source), reader.held_out(source)] {
+            let mut ids = vec![0u32; stream.len() as usize];
+            stream.read(0, &mut ids);
+            all.extend(ids);
+        }
+    }
+    let eos = m.tokenizer.eos_id;
+    let docs: Vec<String> = all
+        .split(|&t| t == eos)
+        .filter(|d| !d.is_empty())
+        .map(|d| tokenizer.decode(d, false).expect("decode"))
+        .collect();
+    assert_eq!(
+        docs.len() as u64,
+        m.sources
+            .iter()
+            .map(|s| s.train.documents + s.held_out.documents)
+            .sum::<u64>()
+    );
+    assert!(
+        docs.iter().any(|d| d == "Tuning work_mem helps sorts."),
+        "html text"
+    );
+    assert!(
+        docs.iter().any(|d| d == "Caf\u{e9} is NFC-normalized."),
+        "nfc"
+    );
+    assert!(
+        docs.iter()
+            .any(|d| d == "Caf\u{fffd} tables are not UTF-8."),
+        "lossy"
+    );
+    assert!(
+        m.sources[0].train.shards.len() > 1,
+        "small shard_tokens makes several shards"
+    );
+}
+
+#[test]
+fn second_run_does_nothing_until_an_input_changes() {
+    let fx = Fixture::new();
+    let spec = fx.spec("");
+    prepared(&spec);
+    assert!(matches!(
+        run(&spec).expect("prepare"),
+        PrepareOutcome::UpToDate { .. }
+    ));
+    std::fs::write(
+        fx.path("replay/speech00.txt"),
+        "A different speech about the union and its people.",
+    )
+    .expect("write");
+    assert!(matches!(
+        run(&spec).expect("prepare"),
+        PrepareOutcome::Prepared { .. }
+    ));
+    // A damaged shard is rebuilt rather than trusted.
+    let shard = fx.path("out/sql/train-00000.tok");
+    let mut bytes = std::fs::read(&shard).expect("read");
+    bytes[3] ^= 0x40;
+    std::fs::write(&shard, bytes).expect("write");
+    assert!(matches!(
+        run(&spec).expect("prepare"),
+        PrepareOutcome::Prepared { .. }
+    ));
+    CorpusReader::open_with(&fx.path("out"), true).expect("rebuilt corpus verifies");
+}
+
+#[test]
+fn flipped_byte_and_truncation_are_refused_by_name() {
+    let fx = Fixture::new();
+    prepared(&fx.spec(""));
+    let out = fx.path("out");
+    CorpusReader::open(&out).expect("fresh corpus opens");
+    let shard = out.join("general/train-00000.tok");
+    let original = std::fs::read(&shard).expect("read");
+
+    let mut flipped = original.clone();
+    flipped[10] ^= 1;
+    std::fs::write(&shard, &flipped).expect("write");
+    for full in [false, true] {
+        let err = CorpusReader::open_with(&out, full)
+            .err()
+            .expect("corrupt shard refused");
+        assert!(matches!(err, CorpusError::ChecksumMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("general/train-00000.tok"), "{err}");
+    }
+
+    std::fs::write(&shard, &original[..original.len() - 2]).expect("write");
+    let err = CorpusReader::open(&out).err().expect("short shard refused");
+    assert!(matches!(err, CorpusError::SizeMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("cut short"), "{err}");
+
+    std::fs::write(&shard, &original).expect("write");
+    CorpusReader::open(&out).expect("restored shard opens");
+}
+
+#[test]
+fn another_tokenizer_is_refused_and_a_given_one_is_used() {
+    let fx = Fixture::new();
+    prepared(&fx.spec(""));
+    let reader = CorpusReader::open(&fx.path("out")).expect("open");
+    let trained = fx.path("trained-tokenizer.json");
+    std::fs::copy(fx.path("out").join(TOKENIZER_FILE), &trained).expect("copy");
+    reader.check_tokenizer(&trained).expect("same tokenizer");
+
+    // Retrain with another vocabulary: a different tokenizer.
+    let other_spec = fx.spec("").clone();
+    let mut other_spec = other_spec;
+    other_spec.output = fx.path("other");
+    other_spec.vocab_size = serde_yaml::from_str("350").expect("vocab");
+    prepared(&other_spec);
+    let err = reader
+        .check_tokenizer(&fx.path("other").join(TOKENIZER_FILE))
+        .err()
+        .expect("mismatch");
+    assert!(
+        matches!(err, CorpusError::TokenizerMismatch { .. }),
+        "{err}"
+    );
+
+    // A given tokenizer is copied, not retrained: same tokens as the run that trained it.
+    let mut given = fx.spec(&format!("tokenizer: {}\n", trained.display()));
+    given.output = fx.path("given");
+    prepared(&given);
+    let a = CorpusReader::open(&fx.path("out")).expect("open");
+    let b = CorpusReader::open(&fx.path("given")).expect("open");
+    assert!(!b.manifest().tokenizer.trained);
+    assert_eq!(a.manifest().sources, b.manifest().sources);
+}
+
+#[test]
+fn failures_publish_nothing_and_keep_the_previous_corpus() {
+    let fx = Fixture::new();
+    let spec = fx.spec("");
+    // A corrupt gzip file fails the run before anything is published.
+    std::fs::write(fx.path("domain/broken.txt.gz"), b"\x1f\x8b\x08\x00garbage").expect("write");
+    let err = run(&spec).err().expect("broken gzip");
+    assert!(err.to_string().contains("broken.txt.gz"), "{err}");
+    assert!(!fx.path("out").exists());
+    assert_no_staging(fx.dir.path());
+
+    std::fs::remove_file(fx.path("domain/broken.txt.gz")).expect("rm");
+    prepared(&spec);
+    let before = std::fs::read(fx.path("out/manifest.json")).expect("manifest");
+    std::fs::write(fx.path("domain/broken.txt.gz"), b"\x1f\x8b\x08\x00garbage").expect("write");
+    run(&spec).err().expect("broken gzip");
+    assert_eq!(
+        std::fs::read(fx.path("out/manifest.json")).expect("manifest"),
+        before
+    );
+    CorpusReader::open_with(&fx.path("out"), true).expect("old corpus intact");
+    assert_no_staging(fx.dir.path());
+}
+
+#[test]
+fn empty_and_missing_sources_are_named() {
+    let fx = Fixture::new();
+    std::fs::create_dir_all(fx.path("blank")).expect("mkdir");
+    std::fs::write(fx.path("blank/a.txt"), "   ").expect("write");
+    let mut spec = fx.spec("");
+    spec.sources.0[1].paths = vec![fx.path("blank").to_string_lossy().into_owned()];
+    let err = run(&spec).err().expect("empty source");
+    assert!(
+        matches!(err, CorpusError::EmptySource { .. }) && err.to_string().contains("general"),
+        "{err}"
+    );
+
+    spec.sources.0[1].paths = vec![fx.path("nothing/*.txt").to_string_lossy().into_owned()];
+    let err = run(&spec).err().expect("no match");
+    assert!(
+        err.to_string().contains("general") && err.to_string().contains("matches no file"),
+        "{err}"
+    );
+
+    spec.sources.0[1].paths = vec![fx.path("missing.txt").to_string_lossy().into_owned()];
+    let err = run(&spec).err().expect("missing file");
+    assert!(err.to_string().contains("missing.txt"), "{err}");
+}
+
+#[test]
+fn held_out_split_is_stable_when_other_documents_change() {
+    let fx = Fixture::new();
+    let spec = fx.spec("");
+    prepared(&spec);
+    let held = held_out_texts(&fx.path("out"));
+    for i in 40..60 {
+        std::fs::write(
+            fx.path(&format!("domain/page{i:02}.txt")),
+            format!("Another page {i} about WAL and checkpoints {i}."),
+        )
+        .expect("write");
+    }
+    prepared(&spec);
+    let after = held_out_texts(&fx.path("out"));
+    assert!(
+        held.iter().all(|d| after.contains(d)),
+        "held-out documents moved"
+    );
+    assert!(after.len() > held.len());
+}
+
+/// Held-out documents of the domain source, as text (the tokenizer is retrained between runs).
+fn held_out_texts(out: &Path) -> Vec<String> {
+    let reader = CorpusReader::open(out).expect("open");
+    let tokenizer = tokenizers::Tokenizer::from_file(out.join(TOKENIZER_FILE)).expect("tokenizer");
+    let eos = reader.manifest().tokenizer.eos_id;
+    let stream = reader.held_out(0);
+    let mut ids = vec![0u32; stream.len() as usize];
+    stream.read(0, &mut ids);
+    ids.split(|&t| t == eos)
+        .filter(|d| !d.is_empty())
+        .map(|d| tokenizer.decode(d, false).expect("decode"))
+        .collect()
+}
+
+fn assert_no_staging(dir: &Path) {
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".dapt-prepare-")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "staging left behind: {leftovers:?}");
+}
