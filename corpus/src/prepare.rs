@@ -171,7 +171,12 @@ pub fn prepare(
             );
             report::merge_words(role_words, chunk_words);
             for (doc, ids) in docs.iter().zip(ids?) {
-                st.add_document(doc.text.as_str(), ids.len() as u64 + 1, doc.held_out);
+                st.add_document(
+                    doc.text.len() as u64,
+                    doc.words,
+                    ids.len() as u64 + 1,
+                    doc.held_out,
+                );
                 let writer = if doc.held_out {
                     &mut held_out
                 } else {
@@ -251,6 +256,8 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
 /// A normalized, deduplicated document and its split.
 struct Doc {
     text: String,
+    /// Whitespace-separated words, for tokens per word.
+    words: u64,
     held_out: bool,
 }
 
@@ -280,7 +287,7 @@ fn read_chunk(
     seen: &mut HashSet<u128>,
     stats: &mut SourceStats,
 ) -> Result<Vec<Doc>> {
-    let read: Vec<(usize, ingest::FileText, Vec<(String, u128)>)> = files
+    let read: Vec<(usize, ingest::FileText, Vec<(String, u128, u64)>)> = files
         .par_iter()
         .enumerate()
         .map(|(i, file)| {
@@ -291,7 +298,8 @@ fn read_chunk(
                 .map(|d| {
                     let normalized: String = d.trim().nfc().collect();
                     let hash = xxh3_128(normalized.as_bytes());
-                    (normalized, hash)
+                    let words = normalized.split_whitespace().count() as u64;
+                    (normalized, hash, words)
                 })
                 .collect();
             Ok((i, text, docs))
@@ -300,7 +308,7 @@ fn read_chunk(
     let mut docs = Vec::new();
     for (i, text, normalized) in read {
         stats.add_file(&files[i].path, &text);
-        for (doc, hash) in normalized {
+        for (doc, hash, words) in normalized {
             if doc.is_empty() {
                 stats.empty += 1;
                 continue;
@@ -312,6 +320,7 @@ fn read_chunk(
             docs.push(Doc {
                 held_out: is_held_out(&doc, source.held_out.get()),
                 text: doc,
+                words,
             });
         }
     }

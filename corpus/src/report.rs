@@ -6,7 +6,6 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use serde::Serialize;
-use unicode_segmentation::UnicodeSegmentation;
 
 use crate::error::Result;
 use crate::ingest::{Discovery, FileText};
@@ -35,22 +34,43 @@ pub struct WordCounts {
     pub replay: WordMap,
 }
 
-/// Lowercased words (Unicode word boundaries, at least one letter) and their counts.
+/// Lowercased words and their counts. A word is a run of letters, digits and `_` holding at
+/// least one letter and at least two characters, so `pg_stat_activity` is one word and `t.id`
+/// two. (A plain character scan: Unicode word segmentation cost several times more and made
+/// the report a visible share of `prepare`.)
 pub fn count_words<'a>(texts: impl Iterator<Item = &'a str>) -> WordMap {
     let mut counts = WordMap::new();
+    let mut word = String::new();
     for text in texts {
-        for word in text.unicode_words() {
-            if word.chars().count() < 2 || !word.chars().any(char::is_alphabetic) {
+        let mut start = None;
+        for (i, c) in text
+            .char_indices()
+            .chain(std::iter::once((text.len(), ' ')))
+        {
+            if c.is_alphanumeric() || c == '_' {
+                start.get_or_insert(i);
                 continue;
             }
-            if word.chars().all(|c| !c.is_uppercase()) {
-                if let Some(c) = counts.get_mut(word) {
-                    *c += 1;
+            let Some(s) = start.take() else { continue };
+            let w = &text[s..i];
+            if w.len() < 2 || !w.chars().any(char::is_alphabetic) {
+                continue;
+            }
+            if w.bytes().all(|b| !b.is_ascii_uppercase()) && w.is_ascii() {
+                if let Some(n) = counts.get_mut(w) {
+                    *n += 1;
                     continue;
                 }
-                counts.insert(word.to_owned(), 1);
+                counts.insert(w.to_owned(), 1);
             } else {
-                *counts.entry(word.to_lowercase()).or_default() += 1;
+                word.clear();
+                word.extend(w.chars().flat_map(char::to_lowercase));
+                match counts.get_mut(word.as_str()) {
+                    Some(n) => *n += 1,
+                    None => {
+                        counts.insert(word.clone(), 1);
+                    }
+                }
             }
         }
     }
@@ -120,10 +140,11 @@ impl SourceStats {
         }
     }
 
-    /// A kept document of `tokens` tokens (EOS included).
-    pub fn add_document(&mut self, text: &str, tokens: u64, held_out: bool) {
-        self.text_bytes += text.len() as u64;
-        self.words += text.split_whitespace().count() as u64;
+    /// A kept document of `bytes` of text, `words` whitespace-separated words and `tokens`
+    /// tokens (EOS included).
+    pub fn add_document(&mut self, bytes: u64, words: u64, tokens: u64, held_out: bool) {
+        self.text_bytes += bytes;
+        self.words += words;
         if held_out {
             self.documents_held_out += 1;
             self.tokens_held_out += tokens;
@@ -488,11 +509,17 @@ mod tests {
 
     #[test]
     fn words_are_lowercased_and_need_a_letter() {
-        let counts = count_words(["SELECT select 42 a Vacuum x1"].into_iter());
+        let counts =
+            count_words(["SELECT select 42 a Vacuum x1 pg_stat_activity t.id ÜBER"].into_iter());
         assert_eq!(counts.get("select"), Some(&2));
         assert_eq!(counts.get("vacuum"), Some(&1));
         assert_eq!(counts.get("x1"), Some(&1));
-        assert!(!counts.contains_key("42") && !counts.contains_key("a"));
+        assert_eq!(counts.get("pg_stat_activity"), Some(&1));
+        assert_eq!(counts.get("id"), Some(&1));
+        assert_eq!(counts.get("über"), Some(&1));
+        assert!(
+            !counts.contains_key("42") && !counts.contains_key("a") && !counts.contains_key("t")
+        );
     }
 
     #[test]
