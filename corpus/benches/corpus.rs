@@ -104,7 +104,10 @@ fn main() {
     for _ in 0..repeats {
         let batch: Vec<&str> = texts.iter().map(String::as_str).collect();
         let t = Instant::now();
-        let ids = tk.tokenizer.encode_batch_fast(batch, false).expect("encode");
+        let ids = tk
+            .tokenizer
+            .encode_batch_fast(batch, false)
+            .expect("encode");
         ceiling.push(t.elapsed());
         ceiling_tokens = ids.iter().map(|e| e.get_ids().len() as u64).sum::<u64>();
         drop(ids);

@@ -107,14 +107,17 @@ pub fn prepare(
         }
         None => {
             let t0 = Instant::now();
-            let texts = collect_training_text(spec, &discoveries, options)?;
             tracing::info!(
-                documents = texts.len(),
                 vocab_size = spec.vocab_size.get(),
                 "training byte-level bpe tokenizer"
             );
-            let trained = tokenizer::train_byte_level_bpe(texts.iter(), spec.vocab_size.get())?;
-            drop(texts);
+            let mut read_error = None;
+            let texts = TrainingTexts::new(spec, &discoveries, options, &mut read_error);
+            let trained = tokenizer::train_byte_level_bpe(texts, spec.vocab_size.get());
+            if let Some(e) = read_error {
+                return Err(e);
+            }
+            let trained = trained?;
             trained
                 .save(&tokenizer_path, false)
                 .map_err(|e| CorpusError::Tokenizer {
@@ -333,30 +336,87 @@ fn is_held_out(text: &str, fraction: f64) -> bool {
         && (xxh3_64_with_seed(text.as_bytes(), SPLIT_SEED) as f64) < fraction * u64::MAX as f64
 }
 
-/// All training documents (held-out excluded), for tokenizer training.
-fn collect_training_text(
-    spec: &CorpusSpec,
-    discoveries: &[Discovery],
-    options: &PrepareOptions,
-) -> Result<Vec<String>> {
-    let total: u64 = discoveries
-        .iter()
-        .flat_map(|d| &d.files)
-        .map(|f| f.size)
-        .sum();
-    let mut progress = Progress::new(options.progress, total, "reading for tokenizer training");
-    let mut seen = HashSet::new();
-    let mut texts = Vec::new();
-    for (source, discovery) in spec.sources().iter().zip(discoveries) {
-        let mut scratch = SourceStats::new(source, discovery);
-        for chunk in chunks(&discovery.files) {
-            let docs = read_chunk(source, chunk, &mut seen, &mut scratch)?;
-            progress.advance(chunk.iter().map(|f| f.size).sum());
-            texts.extend(docs.into_iter().filter(|d| !d.held_out).map(|d| d.text));
+/// Training documents (held-out excluded) for tokenizer training, read lazily chunk by chunk so
+/// that memory holds one chunk of text, not the corpus. The first error ends the iteration and
+/// waits in `error`.
+struct TrainingTexts<'a> {
+    sources: &'a [SourceSpec],
+    chunks: Vec<(usize, &'a [InputFile])>,
+    next_chunk: usize,
+    buffered: std::vec::IntoIter<Doc>,
+    seen: HashSet<u128>,
+    stats: Vec<SourceStats>,
+    progress: Progress,
+    error: &'a mut Option<CorpusError>,
+}
+
+impl<'a> TrainingTexts<'a> {
+    fn new(
+        spec: &'a CorpusSpec,
+        discoveries: &'a [Discovery],
+        options: &PrepareOptions,
+        error: &'a mut Option<CorpusError>,
+    ) -> Self {
+        let total = discoveries
+            .iter()
+            .flat_map(|d| &d.files)
+            .map(|f| f.size)
+            .sum();
+        TrainingTexts {
+            sources: spec.sources(),
+            chunks: discoveries
+                .iter()
+                .enumerate()
+                .flat_map(|(i, d)| chunks(&d.files).into_iter().map(move |c| (i, c)))
+                .collect(),
+            next_chunk: 0,
+            buffered: Vec::new().into_iter(),
+            seen: HashSet::new(),
+            stats: spec
+                .sources()
+                .iter()
+                .zip(discoveries)
+                .map(|(s, d)| SourceStats::new(s, d))
+                .collect(),
+            progress: Progress::new(options.progress, total, "reading for tokenizer training"),
+            error,
         }
     }
-    progress.finish();
-    Ok(texts)
+}
+
+impl Iterator for TrainingTexts<'_> {
+    type Item = String;
+
+    fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(doc) = self.buffered.by_ref().find(|d| !d.held_out) {
+                return Some(doc.text);
+            }
+            let &(source, files) = self.chunks.get(self.next_chunk)?;
+            self.next_chunk += 1;
+            let read = read_chunk(
+                &self.sources[source],
+                files,
+                &mut self.seen,
+                &mut self.stats[source],
+            );
+            self.progress.advance(files.iter().map(|f| f.size).sum());
+            match read {
+                Ok(docs) => self.buffered = docs.into_iter(),
+                Err(e) => {
+                    *self.error = Some(e);
+                    self.next_chunk = self.chunks.len();
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TrainingTexts<'_> {
+    fn drop(&mut self) {
+        self.progress.finish();
+    }
 }
 
 fn fingerprint(

