@@ -1,6 +1,7 @@
 //! `dapt-coordinator`: the control plane of a dapt job and the `dapt` command line.
 //!
-//! So far it holds the job file ([`spec`]) and the `prepare` command; the gRPC control loop,
-//! membership and ledger arrive with the control-plane issue.
+//! So far it holds the `dapt` command line; the gRPC control loop, membership and ledger arrive
+//! with the control-plane issue. The job file is parsed by [`dapt_proto::job`], which the
+//! workers share.
 
-pub mod spec;
+pub use dapt_proto::job as spec;

@@ -1,0 +1,9 @@
+//! `dapt-proto`: the vocabulary the coordinator and the workers share. The worker never depends
+//! on the coordinator crate nor the coordinator on the worker crate; they meet here and in
+//! `dapt-corpus`.
+//!
+//! * [`job`] — the job file (model, corpus, training, checkpoints), parsed and checked once.
+//!
+//! The gRPC protocol (`proto/dapt/v1/*.proto`) arrives with the control plane.
+
+pub mod job;

@@ -1,0 +1,259 @@
+//! Hugging Face model directories: `config.json`, `model.safetensors` (or shards listed in
+//! `model.safetensors.index.json`) and `tokenizer.json`. Read in bf16, f16 or f32; written in
+//! the dtype the user asks for.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::error::{Result, WorkerError};
+use crate::model::{LlamaConfig, ParamLayout};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// A model read into the flat layout.
+pub struct HfWeights {
+    pub config: LlamaConfig,
+    pub layout: ParamLayout,
+    pub weights: Vec<f32>,
+}
+
+/// The dtype of exported weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl std::str::FromStr for ExportDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(ExportDtype::F32),
+            "bf16" | "bfloat16" => Ok(ExportDtype::Bf16),
+            "f16" | "float16" => Ok(ExportDtype::F16),
+            other => Err(format!("unknown dtype `{other}` (f32, bf16, f16)")),
+        }
+    }
+}
+
+/// Reads `dir`'s config and every tensor the layout needs, checking names and shapes.
+pub fn load_dir(dir: &Path) -> Result<HfWeights> {
+    let config = LlamaConfig::read(&dir.join(CONFIG_FILE))?;
+    let layout = ParamLayout::llama(&config);
+    let files = weight_files(dir)?;
+    let maps = files
+        .iter()
+        .map(|f| {
+            let file = File::open(f).map_err(WorkerError::io(f))?;
+            // SAFETY: read-only map of a file we only read; a concurrent truncation would fault,
+            // the usual contract of memory-mapped inputs.
+            unsafe { Mmap::map(&file) }.map_err(WorkerError::io(f))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let parsed = maps
+        .iter()
+        .zip(&files)
+        .map(|(m, f)| {
+            SafeTensors::deserialize(m).map_err(|e| WorkerError::Safetensors {
+                path: f.clone(),
+                message: e.to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut weights = vec![0f32; layout.total];
+    for p in &layout.params {
+        let found = parsed
+            .iter()
+            .zip(&files)
+            .find_map(|(st, f)| st.tensor(&p.name).ok().map(|t| (t, f)));
+        let Some((view, file)) = found else {
+            return Err(WorkerError::Tensor {
+                path: dir.to_path_buf(),
+                tensor: p.name.clone(),
+                message: "missing from the safetensors files".into(),
+            });
+        };
+        if view.shape() != p.shape.as_slice() {
+            return Err(WorkerError::Tensor {
+                path: file.clone(),
+                tensor: p.name.clone(),
+                message: format!(
+                    "shape {:?}, but config.json implies {:?}",
+                    view.shape(),
+                    p.shape
+                ),
+            });
+        }
+        to_f32(&view, &mut weights[p.range()]).map_err(|message| WorkerError::Tensor {
+            path: file.clone(),
+            tensor: p.name.clone(),
+            message,
+        })?;
+    }
+    Ok(HfWeights {
+        config,
+        layout,
+        weights,
+    })
+}
+
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join(WEIGHTS_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join(INDEX_FILE);
+    let text = std::fs::read_to_string(&index).map_err(|_| WorkerError::Config {
+        path: dir.to_path_buf(),
+        message: format!("neither {WEIGHTS_FILE} nor {INDEX_FILE} is here"),
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| WorkerError::Config {
+        path: index.clone(),
+        message: e.to_string(),
+    })?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| WorkerError::Config {
+            path: index.clone(),
+            message: "no `weight_map` object".into(),
+        })?;
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(|v| v.as_str())
+        .map(|f| dir.join(f))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+fn to_f32(view: &TensorView<'_>, out: &mut [f32]) -> std::result::Result<(), String> {
+    let data = view.data();
+    let width = match view.dtype() {
+        Dtype::F32 => 4,
+        Dtype::F16 | Dtype::BF16 => 2,
+        other => return Err(format!("dtype {other:?} is not supported (f32, f16, bf16)")),
+    };
+    if data.len() != out.len() * width {
+        return Err(format!("{} bytes for {} values", data.len(), out.len()));
+    }
+    match view.dtype() {
+        Dtype::F32 => {
+            for (o, b) in out.iter_mut().zip(data.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Dtype::F16 => {
+            for (o, b) in out.iter_mut().zip(data.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        _ => {
+            for (o, b) in out.iter_mut().zip(data.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes named tensors to one safetensors file in `dtype` (atomically: temp name, rename).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(&str, &[usize], &[f32])],
+    dtype: ExportDtype,
+    metadata: Option<BTreeMap<String, String>>,
+) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, values)| match dtype {
+            ExportDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ExportDtype::Bf16 => values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+            ExportDtype::F16 => values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+        })
+        .collect();
+    let st_dtype = match dtype {
+        ExportDtype::F32 => Dtype::F32,
+        ExportDtype::Bf16 => Dtype::BF16,
+        ExportDtype::F16 => Dtype::F16,
+    };
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), data)| {
+            TensorView::new(st_dtype, shape.to_vec(), data)
+                .map(|v| (name.to_string(), v))
+                .map_err(|e| WorkerError::Tensor {
+                    path: path.to_path_buf(),
+                    tensor: name.to_string(),
+                    message: e.to_string(),
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = metadata.map(|m| m.into_iter().collect());
+    let serialized =
+        safetensors::serialize(views, metadata).map_err(|e| WorkerError::Safetensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    write_atomic(path, &serialized)
+}
+
+/// Writes `config.json` and `model.safetensors` of a model in the flat layout into `dir`.
+pub fn write_dir(
+    dir: &Path,
+    config: &LlamaConfig,
+    layout: &ParamLayout,
+    weights: &[f32],
+    dtype: ExportDtype,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(WorkerError::io(dir))?;
+    let mut json = config.to_json();
+    if let Some(map) = json.as_object_mut() {
+        let name = match dtype {
+            ExportDtype::F32 => "float32",
+            ExportDtype::Bf16 => "bfloat16",
+            ExportDtype::F16 => "float16",
+        };
+        map.insert("torch_dtype".into(), name.into());
+    }
+    let text = serde_json::to_vec_pretty(&json).map_err(|e| WorkerError::Invalid(e.to_string()))?;
+    write_atomic(&dir.join(CONFIG_FILE), &text)?;
+    let tensors: Vec<(&str, &[usize], &[f32])> = layout
+        .params
+        .iter()
+        .map(|p| (p.name.as_str(), p.shape.as_slice(), &weights[p.range()]))
+        .collect();
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, dtype, Some(meta))
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it into place.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(WorkerError::io(dir))?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(WorkerError::io(path))?;
+    tmp.as_file().sync_all().map_err(WorkerError::io(path))?;
+    tmp.persist(path).map_err(|e| WorkerError::Io {
+        path: path.to_path_buf(),
+        source: e.error,
+    })?;
+    Ok(())
+}

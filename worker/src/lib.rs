@@ -1,0 +1,16 @@
+//! `dapt-worker`: the node agent's training side.
+//!
+//! * [`model`] — the Llama decoder in Burn, generic over the backend, and its flat parameter
+//!   layout (the seam for the optimizer, collectives, checkpoints and export).
+//! * [`import`] — Hugging Face directories and llama.cpp GGUF files in; Hugging Face out.
+
+pub mod error;
+pub mod import;
+pub mod model;
+
+pub use error::{Result, WorkerError};
+
+/// The CPU backend.
+pub type Cpu = burn::backend::Flex;
+/// The CPU backend with reverse-mode autodiff.
+pub type CpuAutodiff = burn::backend::Autodiff<Cpu>;

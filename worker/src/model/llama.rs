@@ -1,0 +1,263 @@
+//! The Llama decoder in Burn, generic over the backend, written from the Hugging Face
+//! definition: RMSNorm, rotary embeddings applied with `rotate_half` (the first and second
+//! halves of each head pair up, not adjacent dimensions), grouped-query attention with a causal
+//! mask, SwiGLU MLP, optional tied embeddings.
+//!
+//! Parameters are plain tensors built from the flat buffer of [`ParamLayout`]; burn's `nn`
+//! modules are not used, because Burn 0.21 has no grouped-query attention and its rotary
+//! encoding pairs adjacent dimensions.
+
+use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+use super::config::LlamaConfig;
+use super::params::ParamLayout;
+
+pub struct Llama<B: Backend> {
+    cfg: LlamaConfig,
+    embed: Tensor<B, 2>,
+    layers: Vec<Layer<B>>,
+    norm: Tensor<B, 1>,
+    /// Untied output head; `None` when it is the embedding.
+    lm_head: Option<Tensor<B, 2>>,
+    device: B::Device,
+}
+
+struct Layer<B: Backend> {
+    attn_norm: Tensor<B, 1>,
+    wq: Tensor<B, 2>,
+    wk: Tensor<B, 2>,
+    wv: Tensor<B, 2>,
+    wo: Tensor<B, 2>,
+    mlp_norm: Tensor<B, 1>,
+    w_gate: Tensor<B, 2>,
+    w_up: Tensor<B, 2>,
+    w_down: Tensor<B, 2>,
+}
+
+impl<B: Backend> Llama<B> {
+    /// The model with the weights of `flat` (laid out by `ParamLayout::llama(cfg)`).
+    /// `trainable` marks every parameter as requiring a gradient (autodiff backends only).
+    pub fn from_flat(cfg: &LlamaConfig, flat: &[f32], device: &B::Device, trainable: bool) -> Self {
+        let layout = ParamLayout::llama(cfg);
+        let mut params = layout.params.iter();
+        let mut next2 = || {
+            let p = params.next().expect("layout has every parameter");
+            // Norm gains (1-D) travel as [1, n] and are reshaped below.
+            let shape = match p.shape[..] {
+                [rows, cols] => [rows, cols],
+                _ => [1, p.len()],
+            };
+            let t =
+                Tensor::<B, 2>::from_data(TensorData::new(flat[p.range()].to_vec(), shape), device);
+            if trainable {
+                t.require_grad()
+            } else {
+                t
+            }
+        };
+        let embed = next2();
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let as1 = |t: Tensor<B, 2>| -> Tensor<B, 1> { t.reshape([-1]) };
+        for _ in 0..cfg.num_hidden_layers {
+            layers.push(Layer {
+                attn_norm: as1(next2()),
+                wq: next2(),
+                wk: next2(),
+                wv: next2(),
+                wo: next2(),
+                mlp_norm: as1(next2()),
+                w_gate: next2(),
+                w_up: next2(),
+                w_down: next2(),
+            });
+        }
+        let norm = as1(next2());
+        let lm_head = (!cfg.tie_word_embeddings).then(&mut next2);
+        Llama {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            device: device.clone(),
+        }
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [b, t] = ids.dims();
+        let (cos, sin) = self.rope_tables(t);
+        let mask = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &self.device)
+            .unsqueeze::<4>()
+            .expand([b, self.cfg.num_attention_heads, t, t]);
+        let mut x = burn::tensor::module::embedding(self.embed.clone(), ids);
+        for layer in &self.layers {
+            let h = rms_norm(x.clone(), layer.attn_norm.clone(), self.cfg.rms_norm_eps);
+            x = x + self.attention(layer, h, &cos, &sin, mask.clone());
+            let h = rms_norm(x.clone(), layer.mlp_norm.clone(), self.cfg.rms_norm_eps);
+            x = x + mlp(layer, h);
+        }
+        let x = rms_norm(x, self.norm.clone(), self.cfg.rms_norm_eps);
+        let head = self.lm_head.clone().unwrap_or_else(|| self.embed.clone());
+        let d = self.cfg.hidden_size;
+        linear(x.reshape([b * t, d]), head).reshape([b, t, self.cfg.vocab_size])
+    }
+
+    /// Sum of next-token negative log-likelihoods over `windows` (`[batch, seq + 1]` ids: the
+    /// first `seq` are the input, the last `seq` the targets), as a one-element tensor.
+    pub fn nll_sum(&self, windows: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+        let [b, t1] = windows.dims();
+        let t = t1 - 1;
+        let inputs = windows.clone().narrow(1, 0, t);
+        let targets = windows.narrow(1, 1, t).reshape([b, t, 1]);
+        let logp = log_softmax(self.forward(inputs), 2);
+        logp.gather(2, targets).sum().neg()
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer<B>,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: Tensor<B, 4, Bool>,
+    ) -> Tensor<B, 3> {
+        let [b, t, d] = x.dims();
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let x2 = x.reshape([b * t, d]);
+        let heads = |w: Tensor<B, 2>, n: usize| {
+            linear(x2.clone(), w).reshape([b, t, n, hd]).swap_dims(1, 2)
+        };
+        let q = rope(heads(layer.wq.clone(), nh), cos, sin);
+        let k = repeat_kv(rope(heads(layer.wk.clone(), nkv), cos, sin), nh / nkv);
+        let v = repeat_kv(heads(layer.wv.clone(), nkv), nh / nkv);
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (hd as f64).sqrt())
+            .mask_fill(mask, f32::NEG_INFINITY);
+        let out = softmax(scores, 3)
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([b * t, nh * hd]);
+        linear(out, layer.wo.clone()).reshape([b, t, d])
+    }
+
+    /// `cos` and `sin` of shape `[1, 1, t, head_dim]`, the frequencies repeated over both halves
+    /// as Hugging Face builds them.
+    fn rope_tables(&self, t: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let inv_freq = self.cfg.inv_freq();
+        let hd = self.cfg.head_dim;
+        let mut cos = Vec::with_capacity(t * hd);
+        let mut sin = Vec::with_capacity(t * hd);
+        for pos in 0..t {
+            // The same frequencies over both halves of the head dimension.
+            for _ in 0..2 {
+                for f in &inv_freq {
+                    // f32 like the reference implementation: the angle is rounded the same way.
+                    let angle = pos as f32 * *f as f32;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let make = |v: Vec<f32>| {
+            Tensor::<B, 2>::from_data(TensorData::new(v, [t, hd]), &self.device).unsqueeze::<4>()
+        };
+        (make(cos), make(sin))
+    }
+}
+
+impl<B: AutodiffBackend> Llama<B> {
+    /// Adds each parameter's gradient into `out`, laid out like the weights.
+    pub fn add_gradients(&self, grads: &B::Gradients, out: &mut [f32]) {
+        let layout = ParamLayout::llama(&self.cfg);
+        let mut params = layout.params.iter();
+        let mut add = |g: Option<Vec<f32>>| {
+            let p = params.next().expect("layout has every parameter");
+            if let Some(g) = g {
+                for (o, g) in out[p.range()].iter_mut().zip(g) {
+                    *o += g;
+                }
+            }
+        };
+        let g2 = |t: &Tensor<B, 2>| t.grad(grads).map(host);
+        let g1 = |t: &Tensor<B, 1>| t.grad(grads).map(host);
+        add(g2(&self.embed));
+        for l in &self.layers {
+            add(g1(&l.attn_norm));
+            add(g2(&l.wq));
+            add(g2(&l.wk));
+            add(g2(&l.wv));
+            add(g2(&l.wo));
+            add(g1(&l.mlp_norm));
+            add(g2(&l.w_gate));
+            add(g2(&l.w_up));
+            add(g2(&l.w_down));
+        }
+        add(g1(&self.norm));
+        if let Some(head) = &self.lm_head {
+            add(g2(head));
+        }
+    }
+}
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .into_vec::<f32>()
+        .expect("float tensors hold f32 on the backends dapt uses")
+}
+
+/// `x [n, in] @ w^T` for a weight in Hugging Face layout `[out, in]`.
+fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    x.matmul(w.transpose())
+}
+
+fn rms_norm<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
+    let inv_rms = x
+        .clone()
+        .powi_scalar(2)
+        .mean_dim(2)
+        .add_scalar(eps)
+        .sqrt()
+        .recip();
+    x * inv_rms * w.unsqueeze::<3>()
+}
+
+/// `x * cos + rotate_half(x) * sin`, with `rotate_half(x) = cat(-x2, x1)` over the two halves
+/// of the head dimension.
+fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let half = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+/// Key/value heads repeated for grouped-query attention: query head `h` uses kv head `h / n`.
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
+    if n == 1 {
+        return x;
+    }
+    let [b, kv, t, hd] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .repeat_dim(2, n)
+        .reshape([b, kv * n, t, hd])
+}
+
+fn mlp<B: Backend>(layer: &Layer<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, t, d] = x.dims();
+    let x2 = x.reshape([b * t, d]);
+    let gate = silu(linear(x2.clone(), layer.w_gate.clone()));
+    let up = linear(x2, layer.w_up.clone());
+    linear(gate * up, layer.w_down.clone()).reshape([b, t, d])
+}
