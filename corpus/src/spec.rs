@@ -304,6 +304,15 @@ impl CorpusSpec {
     }
 }
 
+/// `p` relative to `base` (unless absolute), with `.` and `..` folded away lexically.
+pub fn resolve_path(base: &Path, p: &Path) -> PathBuf {
+    lexical_clean(&if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    })
+}
+
 /// `a/b/../c` as `a/c`, without touching the file system (the path may not exist yet).
 fn lexical_clean(path: &Path) -> PathBuf {
     use std::path::Component;

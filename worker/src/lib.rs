@@ -3,10 +3,15 @@
 //! * [`model`] — the Llama decoder in Burn, generic over the backend, and its flat parameter
 //!   layout (the seam for the optimizer, collectives, checkpoints and export).
 //! * [`import`] — Hugging Face directories and llama.cpp GGUF files in; Hugging Face out.
+//! * [`train`] — the step (gradients, then clip + AdamW over flat buffers), LR schedule,
+//!   held-out perplexity and the single-rank loop.
+//! * [`checkpoint`] — checksummed, atomically published checkpoints that resume bitwise.
 
+pub mod checkpoint;
 pub mod error;
 pub mod import;
 pub mod model;
+pub mod train;
 
 pub use error::{Result, WorkerError};
 

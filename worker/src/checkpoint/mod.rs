@@ -1,0 +1,271 @@
+//! Checkpoints: everything needed to continue a run exactly, and nothing a later job could
+//! mistake for a finished one.
+//!
+//! A checkpoint is a directory `step-00000042/` holding `model.safetensors` (weights under their
+//! Hugging Face names, f32), `config.json` and `tokenizer.json` (so the directory is itself a
+//! Hugging Face model that `dapt eval` and `dapt export` read), `optimizer.safetensors` (AdamW
+//! moments), `trainer.json` (step, tokens, optimizer step count, seed) and `manifest.json` (size
+//! and SHA-256 of every other file). It is written under a temporary name and renamed into
+//! place; loading verifies every file first and names the one that does not match.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, WorkerError};
+use crate::import::hf::{self, ExportDtype};
+use crate::model::LlamaConfig;
+use crate::train::Trainer;
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const TRAINER_FILE: &str = "trainer.json";
+
+/// Where a run stands, besides weights and moments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerState {
+    /// Steps completed; the next step to train is this one.
+    pub step: u64,
+    /// Tokens trained on (the LR schedule's clock).
+    pub tokens: u64,
+    /// AdamW's step count (bias correction).
+    pub optimizer_steps: u64,
+    /// The job's seed: the data order of the next step is `step_range(step, B)` under it.
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    format_version: u32,
+    step: u64,
+    files: Vec<FileEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEntry {
+    path: String,
+    bytes: u64,
+    sha256: String,
+}
+
+/// A verified checkpoint, read back.
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub config: LlamaConfig,
+    pub weights: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub state: TrainerState,
+}
+
+pub fn step_dir(root: &Path, step: u64) -> PathBuf {
+    root.join(format!("step-{step:08}"))
+}
+
+/// Writes the trainer's checkpoint under `root` and returns its directory.
+pub fn save(
+    root: &Path,
+    trainer: &Trainer,
+    seed: u64,
+    tokenizer: Option<&Path>,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(root).map_err(WorkerError::io(root))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-step-")
+        .tempdir_in(root)
+        .map_err(WorkerError::io(root))?;
+    let dir = tmp.path();
+    hf::write_dir(
+        dir,
+        &trainer.config,
+        &trainer.layout,
+        &trainer.weights,
+        ExportDtype::F32,
+    )?;
+    let names: Vec<(String, String)> = trainer
+        .layout
+        .params
+        .iter()
+        .map(|p| {
+            (
+                format!("exp_avg.{}", p.name),
+                format!("exp_avg_sq.{}", p.name),
+            )
+        })
+        .collect();
+    let mut moments: Vec<(&str, &[usize], &[f32])> = Vec::new();
+    for (p, (m_name, v_name)) in trainer.layout.params.iter().zip(&names) {
+        moments.push((m_name, &p.shape, &trainer.optimizer.m[p.range()]));
+        moments.push((v_name, &p.shape, &trainer.optimizer.v[p.range()]));
+    }
+    hf::write_safetensors(&dir.join(OPTIMIZER_FILE), &moments, ExportDtype::F32, None)?;
+    let state = TrainerState {
+        step: trainer.step,
+        tokens: trainer.tokens,
+        optimizer_steps: trainer.optimizer.t,
+        seed,
+    };
+    hf::write_atomic(&dir.join(TRAINER_FILE), &to_json(&state)?)?;
+    if let Some(tokenizer) = tokenizer {
+        let to = dir.join(hf::TOKENIZER_FILE);
+        std::fs::copy(tokenizer, &to).map_err(WorkerError::io(tokenizer))?;
+    }
+    let mut files = Vec::new();
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(WorkerError::io(dir))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in names {
+        let path = dir.join(&name);
+        files.push(FileEntry {
+            bytes: std::fs::metadata(&path)
+                .map_err(WorkerError::io(&path))?
+                .len(),
+            sha256: dapt_corpus::tokenizer::sha256_file(&path)?,
+            path: name,
+        });
+    }
+    let manifest = Manifest {
+        format_version: 1,
+        step: trainer.step,
+        files,
+    };
+    hf::write_atomic(&dir.join(MANIFEST_FILE), &to_json(&manifest)?)?;
+    let target = step_dir(root, trainer.step);
+    if target.exists() {
+        // A checkpoint of this step exists already (a rerun after a crash between rename and
+        // the next step): replace it.
+        std::fs::remove_dir_all(&target).map_err(WorkerError::io(&target))?;
+    }
+    let kept = tmp.keep();
+    std::fs::rename(&kept, &target).map_err(WorkerError::io(&target))?;
+    Ok(target)
+}
+
+/// Reads and verifies the checkpoint in `dir`.
+pub fn load(dir: &Path) -> Result<Loaded> {
+    let fail = |message: String| WorkerError::Checkpoint {
+        path: dir.to_path_buf(),
+        message,
+    };
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&manifest_path)
+        .map_err(|e| fail(format!("no readable {MANIFEST_FILE}: {e}")))?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).map_err(|e| fail(format!("{MANIFEST_FILE}: {e}")))?;
+    for f in &manifest.files {
+        let path = dir.join(&f.path);
+        let bytes = std::fs::metadata(&path)
+            .map_err(|e| fail(format!("{}: {e}", f.path)))?
+            .len();
+        if bytes != f.bytes {
+            return Err(fail(format!(
+                "{} is {bytes} bytes, the manifest says {}: truncated or replaced",
+                f.path, f.bytes
+            )));
+        }
+        let sha = dapt_corpus::tokenizer::sha256_file(&path)?;
+        if sha != f.sha256 {
+            return Err(fail(format!(
+                "{} has SHA-256 {sha}, the manifest says {}: the file is corrupt",
+                f.path, f.sha256
+            )));
+        }
+    }
+    for needed in [
+        hf::WEIGHTS_FILE,
+        hf::CONFIG_FILE,
+        OPTIMIZER_FILE,
+        TRAINER_FILE,
+    ] {
+        if !manifest.files.iter().any(|f| f.path == needed) {
+            return Err(fail(format!("the manifest does not list {needed}")));
+        }
+    }
+    let model = hf::load_dir(dir)?;
+    let state: TrainerState = serde_json::from_slice(
+        &std::fs::read(dir.join(TRAINER_FILE)).map_err(WorkerError::io(dir.join(TRAINER_FILE)))?,
+    )
+    .map_err(|e| fail(format!("{TRAINER_FILE}: {e}")))?;
+    let moments = load_moments(dir, &model.layout)?;
+    Ok(Loaded {
+        dir: dir.to_path_buf(),
+        config: model.config,
+        weights: model.weights,
+        m: moments.0,
+        v: moments.1,
+        state,
+    })
+}
+
+fn load_moments(dir: &Path, layout: &crate::model::ParamLayout) -> Result<(Vec<f32>, Vec<f32>)> {
+    let path = dir.join(OPTIMIZER_FILE);
+    let bytes = std::fs::read(&path).map_err(WorkerError::io(&path))?;
+    let st =
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| WorkerError::Safetensors {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    let mut m = vec![0f32; layout.total];
+    let mut v = vec![0f32; layout.total];
+    for p in &layout.params {
+        for (prefix, out) in [("exp_avg", &mut m), ("exp_avg_sq", &mut v)] {
+            let name = format!("{prefix}.{}", p.name);
+            let view = st.tensor(&name).map_err(|_| WorkerError::Tensor {
+                path: path.clone(),
+                tensor: name.clone(),
+                message: "missing".into(),
+            })?;
+            let data = view.data();
+            if view.dtype() != safetensors::Dtype::F32 || data.len() != p.len() * 4 {
+                return Err(WorkerError::Tensor {
+                    path: path.clone(),
+                    tensor: name,
+                    message: format!("expected f32 of shape {:?}", p.shape),
+                });
+            }
+            for (o, b) in out[p.range()].iter_mut().zip(data.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+    }
+    Ok((m, v))
+}
+
+/// The committed checkpoints under `root`, oldest first (by step).
+pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(Vec::new());
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            e.path()
+                .join(MANIFEST_FILE)
+                .is_file()
+                .then(|| (step, e.path()))
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// Deletes all but the newest `keep` checkpoints.
+pub fn prune(root: &Path, keep: usize) -> Result<()> {
+    let all = list(root)?;
+    for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
+        std::fs::remove_dir_all(dir).map_err(WorkerError::io(dir))?;
+    }
+    Ok(())
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(value).map_err(|e| WorkerError::Invalid(e.to_string()))
+}

@@ -1,0 +1,67 @@
+//! Held-out perplexity: the same code for in-training evaluation and `dapt eval`.
+//!
+//! A held-out stream is cut into consecutive windows of `seq_len + 1` tokens (stride `seq_len`,
+//! so every token after the first is predicted exactly once), up to `max_tokens`; the
+//! perplexity is `exp(mean next-token NLL)`.
+
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use dapt_corpus::shards::TokenStream;
+use serde::Serialize;
+
+use crate::model::{Llama, LlamaConfig};
+use crate::Cpu;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Perplexity {
+    pub nll_sum: f64,
+    pub tokens: u64,
+}
+
+impl Perplexity {
+    pub fn mean_nll(&self) -> f64 {
+        self.nll_sum / self.tokens.max(1) as f64
+    }
+
+    pub fn perplexity(&self) -> f64 {
+        self.mean_nll().exp()
+    }
+}
+
+/// Perplexity of `stream` under the model, over at most `max_tokens` predicted tokens, in
+/// batches of `batch` windows. `None` when the stream holds no complete window.
+pub fn perplexity(
+    config: &LlamaConfig,
+    weights: &[f32],
+    stream: &TokenStream,
+    seq_len: u32,
+    max_tokens: u64,
+    batch: usize,
+) -> Option<Perplexity> {
+    let windows = stream
+        .windows(seq_len)
+        .min(max_tokens.div_ceil(seq_len as u64).max(1));
+    if windows == 0 {
+        return None;
+    }
+    let device = Default::default();
+    let model = Llama::<Cpu>::from_flat(config, weights, &device, false);
+    let width = seq_len as usize + 1;
+    let mut buf = vec![0u32; width];
+    let mut nll_sum = 0.0;
+    let mut w = 0;
+    while w < windows {
+        let n = (windows - w).min(batch.max(1) as u64) as usize;
+        let mut ids = Vec::with_capacity(n * width);
+        for j in 0..n as u64 {
+            stream.read_window(w + j, seq_len, &mut buf);
+            ids.extend(buf.iter().map(|&t| t as i64));
+        }
+        let ids = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids, [n, width]), &device);
+        nll_sum += model.nll_sum(ids).into_scalar().elem::<f64>();
+        w += n as u64;
+    }
+    Some(Perplexity {
+        nll_sum,
+        tokens: windows * seq_len as u64,
+    })
+}

@@ -1,0 +1,229 @@
+//! The single-rank training loop: the job's model on the job's corpus, step after step in the
+//! global sample order, with evaluation, checkpoints and resume. The distributed agent runs the
+//! same step with a collective between its two halves.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use dapt_corpus::{micro_batches, step_range, CorpusReader};
+use dapt_proto::job::{JobSpec, TrainingSpec};
+use serde::Serialize;
+
+use super::eval::{perplexity, Perplexity};
+use super::{MicroBatch, Trainer};
+use crate::checkpoint;
+use crate::error::{Result, WorkerError};
+use crate::import::hf;
+use crate::model::{LlamaConfig, ParamLayout};
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop (with a checkpoint) once this many steps are complete, before the job's end.
+    pub stop_after: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepLog {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalLog {
+    pub step: u64,
+    /// Per source: name and perplexity on its held-out documents.
+    pub sources: Vec<(String, Perplexity)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub resumed_from: Option<u64>,
+    pub steps: Vec<StepLog>,
+    pub evals: Vec<EvalLog>,
+    pub last_checkpoint: Option<PathBuf>,
+    pub finished: bool,
+}
+
+/// Trains `job` on one rank from its last checkpoint (or from the start).
+pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
+    let training = job
+        .training
+        .ok_or_else(|| WorkerError::Invalid("the job has no `training:` section".into()))?;
+    let reader = CorpusReader::open(&job.corpus.output)?;
+    let corpus_tokenizer = job
+        .corpus
+        .output
+        .join(dapt_corpus::manifest::TOKENIZER_FILE);
+    let order = reader.sample_order(job.seed, training.seq_len)?;
+    let root = job.checkpoint.dir.clone();
+
+    let mut resumed_from = None;
+    let mut trainer = match checkpoint::list(&root)?.pop() {
+        Some((step, dir)) => {
+            let loaded = checkpoint::load(&dir)?;
+            let mut trainer = Trainer::new(loaded.config, loaded.weights, &training);
+            trainer.optimizer.m = loaded.m;
+            trainer.optimizer.v = loaded.v;
+            trainer.optimizer.t = loaded.state.optimizer_steps;
+            trainer.step = loaded.state.step;
+            trainer.tokens = loaded.state.tokens;
+            if loaded.state.seed != job.seed {
+                return Err(WorkerError::Invalid(format!(
+                    "checkpoint {} was trained with seed {}, the job says {}",
+                    dir.display(),
+                    loaded.state.seed,
+                    job.seed
+                )));
+            }
+            resumed_from = Some(step);
+            tracing::info!(step, dir = %dir.display(), "resumed from checkpoint");
+            trainer
+        }
+        None => {
+            let (config, weights) = initial_model(job, &reader)?;
+            Trainer::new(config, weights, &training)
+        }
+    };
+    let vocab = reader.manifest().tokenizer.vocab_size as usize;
+    if vocab > trainer.config.vocab_size {
+        return Err(WorkerError::Invalid(format!(
+            "the corpus tokenizer has {vocab} tokens but the model only {}",
+            trainer.config.vocab_size
+        )));
+    }
+
+    let steps = training.steps();
+    let stop = options.stop_after.unwrap_or(steps).min(steps);
+    let mut summary = RunSummary {
+        resumed_from,
+        steps: Vec::new(),
+        evals: Vec::new(),
+        last_checkpoint: None,
+        finished: false,
+    };
+    let width = training.seq_len as usize + 1;
+    let mut window = vec![0u32; width];
+    while trainer.step < stop {
+        let started = Instant::now();
+        let step = trainer.step;
+        let micro: Vec<MicroBatch> = micro_batches(
+            step_range(step, training.global_batch),
+            training.micro_batch(),
+        )
+        .map(|range| {
+            let samples = (range.end - range.start) as usize;
+            let mut ids = Vec::with_capacity(samples * width);
+            for g in range {
+                reader.read_sample(order.sample(g), training.seq_len, &mut window);
+                ids.extend_from_slice(&window);
+            }
+            MicroBatch { ids, samples }
+        })
+        .collect();
+        let step_tokens = training.tokens_per_step();
+        let (loss, mut grads) = trainer.gradients(&micro, step_tokens);
+        let stats = trainer.apply(&mut grads, step_tokens);
+        let secs = started.elapsed().as_secs_f64();
+        let log = StepLog {
+            step,
+            loss,
+            lr: stats.lr,
+            grad_norm: stats.grad_norm,
+            tokens_per_s: step_tokens as f64 / secs,
+        };
+        tracing::info!(
+            step,
+            loss = format!("{loss:.4}"),
+            lr = format!("{:.3e}", stats.lr),
+            grad_norm = format!("{:.3}", stats.grad_norm),
+            tokens_per_s = format!("{:.0}", log.tokens_per_s),
+            eta_s = format!("{:.0}", secs * (steps - trainer.step) as f64),
+            "step"
+        );
+        summary.steps.push(log);
+        let done = trainer.step;
+        if training.eval_every > 0 && done % training.eval_every == 0 && done < steps {
+            summary
+                .evals
+                .push(evaluate(&trainer, &reader, &training, done));
+        }
+        if done % job.checkpoint.every == 0 || done == stop {
+            let tokenizer = corpus_tokenizer
+                .is_file()
+                .then_some(corpus_tokenizer.as_path());
+            let dir = checkpoint::save(&root, &trainer, job.seed, tokenizer)?;
+            checkpoint::prune(&root, job.checkpoint.keep)?;
+            tracing::info!(step = done, dir = %dir.display(), "checkpoint committed");
+            summary.last_checkpoint = Some(dir);
+        }
+    }
+    if trainer.step >= steps {
+        summary
+            .evals
+            .push(evaluate(&trainer, &reader, &training, trainer.step));
+        summary.finished = true;
+    }
+    Ok(summary)
+}
+
+/// The model a fresh run starts from: a Hugging Face directory (whose tokenizer must be the
+/// corpus's), or a preset initialised from the job's seed with the corpus tokenizer's vocabulary.
+pub fn initial_model(job: &JobSpec, reader: &CorpusReader) -> Result<(LlamaConfig, Vec<f32>)> {
+    let spec = job
+        .model
+        .as_ref()
+        .ok_or_else(|| WorkerError::Invalid("the job has no `model:` section".into()))?;
+    match (&spec.hf, spec.preset) {
+        (Some(dir), _) => {
+            let tokenizer = dir.join(hf::TOKENIZER_FILE);
+            if tokenizer.is_file() {
+                reader.check_tokenizer(&tokenizer)?;
+            }
+            let model = hf::load_dir(dir)?;
+            Ok((model.config, model.weights))
+        }
+        (None, Some(preset)) => {
+            let mut config =
+                LlamaConfig::preset(preset, reader.manifest().tokenizer.vocab_size as usize);
+            config.eos_token_id = Some(reader.manifest().tokenizer.eos_id);
+            let weights = ParamLayout::llama(&config).init(spec.init_std, job.seed);
+            Ok((config, weights))
+        }
+        (None, None) => Err(WorkerError::Invalid(
+            "model: give exactly one of `preset` and `hf`".into(),
+        )),
+    }
+}
+
+fn evaluate(
+    trainer: &Trainer,
+    reader: &CorpusReader,
+    training: &TrainingSpec,
+    step: u64,
+) -> EvalLog {
+    let mut sources = Vec::new();
+    for (i, source) in reader.manifest().sources.iter().enumerate() {
+        if let Some(p) = perplexity(
+            &trainer.config,
+            &trainer.weights,
+            reader.held_out(i),
+            training.seq_len,
+            training.eval_tokens,
+            training.micro_batch() as usize,
+        ) {
+            tracing::info!(
+                step,
+                source = %source.name,
+                role = %source.role,
+                perplexity = format!("{:.3}", p.perplexity()),
+                tokens = p.tokens,
+                "held-out evaluation"
+            );
+            sources.push((source.name.clone(), p));
+        }
+    }
+    EvalLog { step, sources }
+}

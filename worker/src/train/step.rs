@@ -1,0 +1,116 @@
+//! One training step, in two halves so that a collective fits between them:
+//! [`Trainer::gradients`] (forward and backward over the micro-batches, gradients summed into
+//! one flat f32 buffer in the parameter layout) and [`Trainer::apply`] (global-norm clipping and
+//! AdamW on the flat buffers).
+
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use dapt_proto::job::TrainingSpec;
+
+use super::optimizer::{clip_global_norm, AdamW};
+use super::schedule::LrSchedule;
+use crate::model::{Llama, LlamaConfig, ParamLayout};
+use crate::Cpu;
+
+/// Samples of one forward/backward pass: `samples` windows of `seq_len + 1` token ids.
+#[derive(Debug, Clone)]
+pub struct MicroBatch {
+    pub ids: Vec<u32>,
+    pub samples: usize,
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// Weights, optimizer state and the position in the schedule.
+pub struct Trainer {
+    pub config: LlamaConfig,
+    pub layout: ParamLayout,
+    pub weights: Vec<f32>,
+    pub optimizer: AdamW,
+    pub schedule: LrSchedule,
+    /// Steps completed.
+    pub step: u64,
+    /// Tokens trained on so far (the schedule's clock).
+    pub tokens: u64,
+    seq_len: usize,
+    activation_checkpointing: bool,
+}
+
+impl Trainer {
+    pub fn new(config: LlamaConfig, weights: Vec<f32>, training: &TrainingSpec) -> Self {
+        let layout = ParamLayout::llama(&config);
+        assert_eq!(
+            weights.len(),
+            layout.total,
+            "weights laid out for this config"
+        );
+        Trainer {
+            optimizer: AdamW::new(training.optimizer, &layout),
+            schedule: LrSchedule {
+                peak: training.optimizer.lr,
+                spec: training.schedule,
+                total_tokens: training.steps() * training.tokens_per_step(),
+            },
+            config,
+            layout,
+            weights,
+            step: 0,
+            tokens: 0,
+            seq_len: training.seq_len as usize,
+            activation_checkpointing: training.activation_checkpointing,
+        }
+    }
+
+    /// Forward and backward over `micro`. Each token's loss is divided by `step_tokens` (the
+    /// tokens of the whole step, across all ranks), so that gradients summed over micro-batches
+    /// and ranks are the gradient of the step's mean loss. Returns that share of the mean loss
+    /// and the gradients.
+    pub fn gradients(&self, micro: &[MicroBatch], step_tokens: u64) -> (f64, Vec<f32>) {
+        if self.activation_checkpointing {
+            gradients::<Autodiff<Cpu, BalancedCheckpointing>>(self, micro, step_tokens)
+        } else {
+            gradients::<Autodiff<Cpu>>(self, micro, step_tokens)
+        }
+    }
+
+    /// Clips `grads` (already reduced across ranks) and takes an AdamW step over `step_tokens`.
+    pub fn apply(&mut self, grads: &mut [f32], step_tokens: u64) -> StepStats {
+        let lr = self.schedule.lr(self.tokens);
+        let grad_norm = clip_global_norm(grads, self.optimizer.spec.grad_clip);
+        self.optimizer.step(&mut self.weights, grads, lr);
+        self.step += 1;
+        self.tokens += step_tokens;
+        StepStats { lr, grad_norm }
+    }
+}
+
+fn gradients<B: AutodiffBackend>(
+    trainer: &Trainer,
+    micro: &[MicroBatch],
+    step_tokens: u64,
+) -> (f64, Vec<f32>) {
+    let device = B::Device::default();
+    let model = Llama::<B>::from_flat(&trainer.config, &trainer.weights, &device, true);
+    let mut grads = vec![0f32; trainer.layout.total];
+    let mut loss = 0.0;
+    let width = trainer.seq_len + 1;
+    for mb in micro {
+        debug_assert_eq!(mb.ids.len(), mb.samples * width);
+        let ids: Vec<i64> = mb.ids.iter().map(|&i| i as i64).collect();
+        let ids =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [mb.samples, width]), &device);
+        let scaled = model.nll_sum(ids).div_scalar(step_tokens as f64);
+        loss += scaled.clone().into_scalar().elem::<f64>();
+        let g = scaled.backward();
+        model.add_gradients(&g, &mut grads);
+    }
+    (loss, grads)
+}
