@@ -144,12 +144,19 @@ def main():
     ap.add_argument("--batch", type=int)
     ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--config", help="a Hugging Face config.json to use instead of a preset's shape")
     a = ap.parse_args()
     load_before = os.getloadavg()[0]
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cfg = dict(PRESETS[a.preset])
     seq, batch, steps = cfg.pop("seq"), cfg.pop("batch"), cfg.pop("steps")
+    if a.config:
+        with open(a.config) as f:
+            hf = json.load(f)
+        keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size", "tie_word_embeddings", "rope_theta", "rms_norm_eps")
+        cfg = {k: hf[k] for k in keys if k in hf}
     seq, batch, steps = a.seq or seq, a.batch or batch, a.steps or steps
     model = Llama(cfg, a.attn)
     n_params = sum(p.numel() for p in model.parameters())

@@ -41,15 +41,76 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Train the job on this machine as a single rank (runs `dapt-worker train`).
+    Train {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Held-out perplexity of a model on a prepared corpus (runs `dapt-worker eval`).
+    Eval {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// A checkpoint as a Hugging Face model directory (runs `dapt-worker export`).
+    Export {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// A llama.cpp GGUF file as a Hugging Face model directory (runs `dapt-worker import-gguf`).
+    ImportGguf {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Model work lives in the worker crate, which this crate never links: hand it over.
+    let forwarded = match &cli.command {
+        Command::Train { args } => Some(("train", args)),
+        Command::Eval { args } => Some(("eval", args)),
+        Command::Export { args } => Some(("export", args)),
+        Command::ImportGguf { args } => Some(("import-gguf", args)),
+        Command::Prepare { .. } => None,
+    };
+    if let Some((sub, args)) = forwarded {
+        return forward_to_worker(sub, args, cli.log_format);
+    }
     init_logging(cli.log_format);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `dapt-worker SUB ARGS...` from beside this executable and returns its exit status.
+fn forward_to_worker(sub: &str, args: &[String], format: LogFormat) -> ExitCode {
+    let worker = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("dapt-worker")))
+        .filter(|p| p.is_file());
+    let Some(worker) = worker else {
+        eprintln!(
+            "error: `dapt {sub}` runs `dapt-worker`, which is not next to this `dapt`: build both (cargo build --workspace --bins)"
+        );
+        return ExitCode::FAILURE;
+    };
+    let format = match format {
+        LogFormat::Text => "text",
+        LogFormat::Json => "json",
+    };
+    match std::process::Command::new(&worker)
+        .args(["--log-format", format, sub])
+        .args(args)
+        .status()
+    {
+        Ok(status) if status.success() => ExitCode::SUCCESS,
+        Ok(status) => ExitCode::from(status.code().unwrap_or(1).clamp(1, 255) as u8),
+        Err(e) => {
+            eprintln!("error: running {}: {e}", worker.display());
             ExitCode::FAILURE
         }
     }
@@ -69,6 +130,9 @@ fn init_logging(format: LogFormat) {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Train { .. } | Command::Eval { .. } | Command::Export { .. } | Command::ImportGguf { .. } => {
+            unreachable!("forwarded to dapt-worker in main")
+        }
         Command::Prepare { job, force, quiet } => {
             let spec = JobSpec::load(&job)?;
             let plan = spec.training.map(|t| t.plan());

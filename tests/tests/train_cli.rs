@@ -1,0 +1,89 @@
+//! `dapt train`, `dapt export` and `dapt eval` over the real binaries: a training process
+//! stopped and started again ends bitwise where an uninterrupted one does.
+
+use std::path::Path;
+
+use dapt_tests::{dapt, repo_root, text};
+
+fn write_job(dir: &Path, name: &str, checkpoints: &str) -> String {
+    let corpus = repo_root().join("examples/quickstart/corpus");
+    let job = format!(
+        "job: {name}\nseed: 11\nmodel:\n  preset: tiny\ncorpus:\n  output: {out}\n  vocab_size: 512\n  sources:\n    - name: postgres\n      role: domain\n      paths: [\"{c}/postgres/*.html\"]\n      weight: 3\n      held_out: 0.2\n    - name: sotu\n      role: replay\n      paths: [\"{c}/sotu/*.txt\"]\n      weight: 1\n      held_out: 0.2\ntraining:\n  seq_len: 32\n  global_batch: 8\n  micro_batch: 4\n  tokens: 1536\n  optimizer:\n    lr: 0.003\ncheckpoint:\n  dir: {ck}\n  every: 2\n",
+        out = dir.join("corpus").display(),
+        c = corpus.display(),
+        ck = dir.join(checkpoints).display(),
+    );
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, job).expect("write job");
+    path.to_string_lossy().into_owned()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = dapt(args);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "dapt {args:?} failed:\n{stdout}\n{}", text(&out.stderr));
+    stdout
+}
+
+#[test]
+fn stopped_and_restarted_training_matches_an_uninterrupted_run_then_exports() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let straight = write_job(dir.path(), "straight", "ck-straight");
+    let split = write_job(dir.path(), "split", "ck-split");
+    ok(&["prepare", &straight, "--quiet"]);
+
+    let out = ok(&["train", &straight]);
+    assert!(out.contains("training finished"), "{out}");
+    let out = ok(&["train", &split, "--stop-after", "3"]);
+    assert!(out.contains("run again to resume"), "{out}");
+    let out = dapt(&["train", &split]);
+    assert!(out.status.success());
+    assert!(text(&out.stderr).contains("resumed from checkpoint"), "{}", text(&out.stderr));
+
+    let final_a = dir.path().join("ck-straight/step-00000006");
+    let final_b = dir.path().join("ck-split/step-00000006");
+    let a = std::fs::read(final_a.join("model.safetensors")).expect("a");
+    let b = std::fs::read(final_b.join("model.safetensors")).expect("b");
+    assert!(a == b, "a restarted run diverged from an uninterrupted one");
+
+    // Export in bf16; the export and the checkpoint evaluate to nearly the same perplexity.
+    let export = dir.path().join("export");
+    let out = ok(&["export", &final_b.to_string_lossy(), "--hf", &export.to_string_lossy(), "--dtype", "bf16"]);
+    assert!(out.contains("exported step 6"), "{out}");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(export.join(f).is_file(), "export lacks {f}");
+    }
+    let corpus = dir.path().join("corpus").to_string_lossy().into_owned();
+    let eval = |model: &Path| -> Vec<f64> {
+        let out = ok(&["eval", &model.to_string_lossy(), &corpus, "--seq-len", "32", "--max-tokens", "2048"]);
+        let rows: serde_json::Value = serde_json::from_str(&out).expect("eval prints JSON");
+        rows.as_array()
+            .expect("rows")
+            .iter()
+            .map(|r| r["perplexity"].as_f64().expect("perplexity"))
+            .collect()
+    };
+    let (exported, checkpoint) = (eval(&export), eval(&final_b));
+    assert_eq!(exported.len(), 2);
+    for (e, c) in exported.iter().zip(&checkpoint) {
+        assert!(e.is_finite() && (e / c - 1.0).abs() < 0.01, "bf16 export {e} vs checkpoint {c}");
+    }
+}
+
+#[test]
+fn a_damaged_checkpoint_stops_the_resume_with_its_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "job", "ck");
+    ok(&["prepare", &job, "--quiet"]);
+    ok(&["train", &job, "--stop-after", "2"]);
+    let optimizer = dir.path().join("ck/step-00000002/optimizer.safetensors");
+    let mut bytes = std::fs::read(&optimizer).expect("read");
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x10;
+    std::fs::write(&optimizer, bytes).expect("write");
+    let out = dapt(&["train", &job]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("optimizer.safetensors") && stderr.contains("corrupt"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
