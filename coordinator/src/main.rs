@@ -130,7 +130,10 @@ fn init_logging(format: LogFormat) {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Train { .. } | Command::Eval { .. } | Command::Export { .. } | Command::ImportGguf { .. } => {
+        Command::Train { .. }
+        | Command::Eval { .. }
+        | Command::Export { .. }
+        | Command::ImportGguf { .. } => {
             unreachable!("forwarded to dapt-worker in main")
         }
         Command::Prepare { job, force, quiet } => {

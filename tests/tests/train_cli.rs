@@ -21,7 +21,11 @@ fn write_job(dir: &Path, name: &str, checkpoints: &str) -> String {
 fn ok(args: &[&str]) -> String {
     let out = dapt(args);
     let stdout = text(&out.stdout);
-    assert!(out.status.success(), "dapt {args:?} failed:\n{stdout}\n{}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "dapt {args:?} failed:\n{stdout}\n{}",
+        text(&out.stderr)
+    );
     stdout
 }
 
@@ -38,7 +42,11 @@ fn stopped_and_restarted_training_matches_an_uninterrupted_run_then_exports() {
     assert!(out.contains("run again to resume"), "{out}");
     let out = dapt(&["train", &split]);
     assert!(out.status.success());
-    assert!(text(&out.stderr).contains("resumed from checkpoint"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("resumed from checkpoint"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let final_a = dir.path().join("ck-straight/step-00000006");
     let final_b = dir.path().join("ck-split/step-00000006");
@@ -48,14 +56,29 @@ fn stopped_and_restarted_training_matches_an_uninterrupted_run_then_exports() {
 
     // Export in bf16; the export and the checkpoint evaluate to nearly the same perplexity.
     let export = dir.path().join("export");
-    let out = ok(&["export", &final_b.to_string_lossy(), "--hf", &export.to_string_lossy(), "--dtype", "bf16"]);
+    let out = ok(&[
+        "export",
+        &final_b.to_string_lossy(),
+        "--hf",
+        &export.to_string_lossy(),
+        "--dtype",
+        "bf16",
+    ]);
     assert!(out.contains("exported step 6"), "{out}");
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(export.join(f).is_file(), "export lacks {f}");
     }
     let corpus = dir.path().join("corpus").to_string_lossy().into_owned();
     let eval = |model: &Path| -> Vec<f64> {
-        let out = ok(&["eval", &model.to_string_lossy(), &corpus, "--seq-len", "32", "--max-tokens", "2048"]);
+        let out = ok(&[
+            "eval",
+            &model.to_string_lossy(),
+            &corpus,
+            "--seq-len",
+            "32",
+            "--max-tokens",
+            "2048",
+        ]);
         let rows: serde_json::Value = serde_json::from_str(&out).expect("eval prints JSON");
         rows.as_array()
             .expect("rows")
@@ -66,7 +89,10 @@ fn stopped_and_restarted_training_matches_an_uninterrupted_run_then_exports() {
     let (exported, checkpoint) = (eval(&export), eval(&final_b));
     assert_eq!(exported.len(), 2);
     for (e, c) in exported.iter().zip(&checkpoint) {
-        assert!(e.is_finite() && (e / c - 1.0).abs() < 0.01, "bf16 export {e} vs checkpoint {c}");
+        assert!(
+            e.is_finite() && (e / c - 1.0).abs() < 0.01,
+            "bf16 export {e} vs checkpoint {c}"
+        );
     }
 }
 
@@ -84,6 +110,9 @@ fn a_damaged_checkpoint_stops_the_resume_with_its_name() {
     let out = dapt(&["train", &job]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("optimizer.safetensors") && stderr.contains("corrupt"), "{stderr}");
+    assert!(
+        stderr.contains("optimizer.safetensors") && stderr.contains("corrupt"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }

@@ -46,8 +46,20 @@ fn cases() -> Vec<Case> {
     tiny.intermediate_size = 256;
     tiny.tie_word_embeddings = false;
     vec![
-        Case { name: "tiny", config: tiny, seq: 64, batch: 8, steps: 20 },
-        Case { name: "d512", config: d512, seq: 256, batch: 4, steps: 5 },
+        Case {
+            name: "tiny",
+            config: tiny,
+            seq: 64,
+            batch: 8,
+            steps: 20,
+        },
+        Case {
+            name: "d512",
+            config: d512,
+            seq: 256,
+            batch: 4,
+            steps: 5,
+        },
         Case {
             name: "smollm2-135m",
             config: LlamaConfig::preset(Preset::Smollm2_135m, 49152),
@@ -59,7 +71,10 @@ fn cases() -> Vec<Case> {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     if let Some(one) = std::env::var_os("DAPT_BENCH_ONE") {
         let case = cases()
             .into_iter()
@@ -76,7 +91,9 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     println!(
         "2 threads each (RAYON_NUM_THREADS=2 for dapt, torch.set_num_threads(2)); load before: {}",
-        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
     for case in cases() {
         if !args.is_empty() && !args.iter().any(|a| a == case.name) {
@@ -100,7 +117,12 @@ fn main() {
         let out = Command::new(python)
             .arg(root.join("benches/pytorch_anchor.py"))
             .args(["--config", &config.to_string_lossy()])
-            .args(["--seq", &case.seq.to_string(), "--batch", &case.batch.to_string()])
+            .args([
+                "--seq",
+                &case.seq.to_string(),
+                "--batch",
+                &case.batch.to_string(),
+            ])
             .args(["--steps", &case.steps.to_string(), "--threads", "2"])
             .output()
             .expect("pytorch anchor");
@@ -113,7 +135,10 @@ fn main() {
             Err(_) => println!(
                 "  pytorch {}: failed: {}",
                 case.name,
-                String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
             ),
         }
     }
@@ -217,4 +242,3 @@ fn peak_rss_mib() -> u64 {
         })
         .map_or(0, |kb| kb / 1024)
 }
-
