@@ -224,3 +224,69 @@ fn missing_and_misshaped_tensors_are_named() {
         "{err}"
     );
 }
+
+#[test]
+fn sharded_safetensors_load_like_one_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dapt_worker::model::LlamaConfig::preset(dapt_proto::job::Preset::Tiny, 64);
+    let layout = dapt_worker::model::ParamLayout::llama(&cfg);
+    let weights = layout.init(0.02, 3);
+    hf::write_dir(dir.path(), &cfg, &layout, &weights, ExportDtype::Bf16).expect("write");
+    std::fs::remove_file(dir.path().join(hf::WEIGHTS_FILE)).expect("rm");
+    // Two shards in bf16 and an index, as `save_pretrained` writes them.
+    let (first, second) = layout.params.split_at(layout.params.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, params) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let tensors: Vec<(&str, &[usize], &[f32])> = params
+            .iter()
+            .map(|p| (p.name.as_str(), p.shape.as_slice(), &weights[p.range()]))
+            .collect();
+        hf::write_safetensors(&dir.path().join(file), &tensors, ExportDtype::Bf16, None)
+            .expect("shard");
+        for p in params {
+            map.insert(p.name.clone(), file.into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(dir.path().join(hf::INDEX_FILE), index.to_string()).expect("index");
+    let back = hf::load_dir(dir.path()).expect("sharded load");
+    for (a, b) in back.weights.iter().zip(&weights) {
+        assert_eq!(*a, half::bf16::from_f32(*b).to_f32());
+    }
+}
+
+#[test]
+fn activation_checkpointing_gives_the_same_gradients() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut spec = job(dir.path(), "ck", 8 * 32);
+    let reader = CorpusReader::open(&spec.corpus.output).expect("corpus");
+    let (config, weights) = initial_model(&spec, &reader).expect("model");
+    let order = reader.sample_order(spec.seed, 32).expect("order");
+    let mut ids = Vec::new();
+    let mut window = vec![0u32; 33];
+    for g in 0..4 {
+        reader.read_sample(order.sample(g), 32, &mut window);
+        ids.extend_from_slice(&window);
+    }
+    let micro = [dapt_worker::train::MicroBatch { ids, samples: 4 }];
+    let mut training = spec.training.take().expect("training");
+    let plain = dapt_worker::train::Trainer::new(config.clone(), weights.clone(), &training);
+    training.activation_checkpointing = true;
+    let recompute = dapt_worker::train::Trainer::new(config, weights, &training);
+    let (loss_a, grads_a) = plain.gradients(&micro, 128);
+    let (loss_b, grads_b) = recompute.gradients(&micro, 128);
+    assert!((loss_a - loss_b).abs() < 1e-6, "{loss_a} vs {loss_b}");
+    let worst = grads_a
+        .iter()
+        .zip(&grads_b)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let scale = grads_a.iter().fold(0f32, |m, g| m.max(g.abs()));
+    assert!(
+        worst <= 1e-5 * scale.max(1.0),
+        "gradients differ by {worst} (max {scale})"
+    );
+}

@@ -92,21 +92,32 @@ impl<B: Backend> Llama<B> {
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, t] = ids.dims();
-        let (cos, sin) = self.rope_tables(t);
+        self.logits(ids).reshape([b, t, self.cfg.vocab_size])
+    }
+
+    /// Logits as `[batch * seq, vocab]`.
+    ///
+    /// Activations stay 2-D `[batch * seq, features]` between the matmuls: burn-flex runs
+    /// element-wise ops on contiguous or 2-D operands on fast paths, but broadcasts in 3-D and
+    /// 4-D through a generic strided iterator that cost a third of the step (see
+    /// docs/benchmarks.md).
+    fn logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let [b, t] = ids.dims();
+        let d = self.cfg.hidden_size;
+        let rope = RopeTables::new(&self.cfg, b, t, &self.device);
         let mask = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &self.device)
             .unsqueeze::<4>()
             .expand([b, self.cfg.num_attention_heads, t, t]);
-        let mut x = burn::tensor::module::embedding(self.embed.clone(), ids);
+        let mut x = burn::tensor::module::embedding(self.embed.clone(), ids).reshape([b * t, d]);
         for layer in &self.layers {
             let h = rms_norm(x.clone(), layer.attn_norm.clone(), self.cfg.rms_norm_eps);
-            x = x + self.attention(layer, h, &cos, &sin, mask.clone());
+            x = x + self.attention(layer, h, b, &rope, mask.clone());
             let h = rms_norm(x.clone(), layer.mlp_norm.clone(), self.cfg.rms_norm_eps);
             x = x + mlp(layer, h);
         }
         let x = rms_norm(x, self.norm.clone(), self.cfg.rms_norm_eps);
         let head = self.lm_head.clone().unwrap_or_else(|| self.embed.clone());
-        let d = self.cfg.hidden_size;
-        linear(x.reshape([b * t, d]), head).reshape([b, t, self.cfg.vocab_size])
+        linear(x, head)
     }
 
     /// Sum of next-token negative log-likelihoods over `windows` (`[batch, seq + 1]` ids: the
@@ -115,65 +126,107 @@ impl<B: Backend> Llama<B> {
         let [b, t1] = windows.dims();
         let t = t1 - 1;
         let inputs = windows.clone().narrow(1, 0, t);
-        let targets = windows.narrow(1, 1, t).reshape([b, t, 1]);
-        let logp = log_softmax(self.forward(inputs), 2);
-        logp.gather(2, targets).sum().neg()
+        let targets = windows.narrow(1, 1, t).reshape([b * t, 1]);
+        let logp = log_softmax(self.logits(inputs), 1);
+        logp.gather(1, targets).sum().neg()
     }
 
+    /// Attention over `x` `[batch * seq, hidden]`.
     fn attention(
         &self,
         layer: &Layer<B>,
-        x: Tensor<B, 3>,
-        cos: &Tensor<B, 4>,
-        sin: &Tensor<B, 4>,
+        x: Tensor<B, 2>,
+        b: usize,
+        rope: &RopeTables<B>,
         mask: Tensor<B, 4, Bool>,
-    ) -> Tensor<B, 3> {
-        let [b, t, d] = x.dims();
+    ) -> Tensor<B, 2> {
+        let [bt, _] = x.dims();
+        let t = bt / b;
         let (nh, nkv, hd) = (
             self.cfg.num_attention_heads,
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
         );
-        let x2 = x.reshape([b * t, d]);
-        let heads = |w: Tensor<B, 2>, n: usize| {
-            linear(x2.clone(), w).reshape([b, t, n, hd]).swap_dims(1, 2)
-        };
-        let q = rope(heads(layer.wq.clone(), nh), cos, sin);
-        let k = repeat_kv(rope(heads(layer.wk.clone(), nkv), cos, sin), nh / nkv);
-        let v = repeat_kv(heads(layer.wv.clone(), nkv), nh / nkv);
+        // RoPE on the contiguous `[b * t, heads * hd]` projections, then heads to the front.
+        let heads = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
+        let q = heads(
+            rope.apply(linear(x.clone(), layer.wq.clone()), nh, hd, &rope.q),
+            nh,
+        );
+        let k = heads(
+            rope.apply(linear(x.clone(), layer.wk.clone()), nkv, hd, &rope.k),
+            nkv,
+        );
+        let v = heads(linear(x, layer.wv.clone()), nkv);
+        let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
         let scores = q
             .matmul(k.swap_dims(2, 3))
             .mul_scalar(1.0 / (hd as f64).sqrt())
-            .mask_fill(mask, f32::NEG_INFINITY);
-        let out = softmax(scores, 3)
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([b * t, nh * hd]);
-        linear(out, layer.wo.clone()).reshape([b, t, d])
+            .mask_fill(mask, f32::NEG_INFINITY)
+            .reshape([b * nh * t, t]);
+        let probs = softmax(scores, 1).reshape([b, nh, t, t]);
+        let out = probs.matmul(v).swap_dims(1, 2).reshape([b * t, nh * hd]);
+        linear(out, layer.wo.clone())
     }
+}
 
-    /// `cos` and `sin` of shape `[1, 1, t, head_dim]`, the frequencies repeated over both halves
-    /// as Hugging Face builds them.
-    fn rope_tables(&self, t: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let inv_freq = self.cfg.inv_freq();
-        let hd = self.cfg.head_dim;
-        let mut cos = Vec::with_capacity(t * hd);
-        let mut sin = Vec::with_capacity(t * hd);
-        for pos in 0..t {
-            // The same frequencies over both halves of the head dimension.
-            for _ in 0..2 {
-                for f in &inv_freq {
-                    // f32 like the reference implementation: the angle is rounded the same way.
-                    let angle = pos as f32 * *f as f32;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
+/// `cos` and `sin` for every row of a `[batch * seq, heads * head_dim]` projection, laid out
+/// like it (contiguous, so the products take burn-flex's fast path), for the query and the
+/// key-value head counts. The frequencies repeat over both halves of each head, as Hugging Face
+/// builds them.
+struct RopeTables<B: Backend> {
+    q: (Tensor<B, 2>, Tensor<B, 2>),
+    k: (Tensor<B, 2>, Tensor<B, 2>),
+}
+
+impl<B: Backend> RopeTables<B> {
+    fn new(cfg: &LlamaConfig, b: usize, t: usize, device: &B::Device) -> Self {
+        let inv_freq = cfg.inv_freq();
+        let hd = cfg.head_dim;
+        let table = |heads: usize| {
+            let mut cos = Vec::with_capacity(b * t * heads * hd);
+            let mut sin = Vec::with_capacity(b * t * heads * hd);
+            for _ in 0..b {
+                for pos in 0..t {
+                    for _ in 0..heads {
+                        for _ in 0..2 {
+                            for f in &inv_freq {
+                                // f32, as the reference rounds the angle.
+                                let angle = pos as f32 * *f as f32;
+                                cos.push(angle.cos());
+                                sin.push(angle.sin());
+                            }
+                        }
+                    }
                 }
             }
-        }
-        let make = |v: Vec<f32>| {
-            Tensor::<B, 2>::from_data(TensorData::new(v, [t, hd]), &self.device).unsqueeze::<4>()
+            let make = |v: Vec<f32>| {
+                Tensor::<B, 2>::from_data(TensorData::new(v, [b * t, heads * hd]), device)
+            };
+            (make(cos), make(sin))
         };
-        (make(cos), make(sin))
+        RopeTables {
+            q: table(cfg.num_attention_heads),
+            k: table(cfg.num_key_value_heads),
+        }
+    }
+
+    /// `x * cos + rotate_half(x) * sin`, with `rotate_half(x) = cat(-x2, x1)` over the two
+    /// halves of each head.
+    fn apply(
+        &self,
+        x: Tensor<B, 2>,
+        heads: usize,
+        hd: usize,
+        (cos, sin): &(Tensor<B, 2>, Tensor<B, 2>),
+    ) -> Tensor<B, 2> {
+        let [rows, width] = x.dims();
+        let per_head = x.clone().reshape([rows * heads, hd]);
+        let half = hd / 2;
+        let x1 = per_head.clone().narrow(1, 0, half);
+        let x2 = per_head.narrow(1, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 1).reshape([rows, width]);
+        x * cos.clone() + rotated * sin.clone()
     }
 }
 
@@ -222,25 +275,16 @@ fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
     x.matmul(w.transpose())
 }
 
-fn rms_norm<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
+/// RMSNorm over the rows of `x` `[n, hidden]`.
+fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
     let inv_rms = x
         .clone()
         .powi_scalar(2)
-        .mean_dim(2)
+        .mean_dim(1)
         .add_scalar(eps)
         .sqrt()
         .recip();
-    x * inv_rms * w.unsqueeze::<3>()
-}
-
-/// `x * cos + rotate_half(x) * sin`, with `rotate_half(x) = cat(-x2, x1)` over the two halves
-/// of the head dimension.
-fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
-    let half = x.dims()[3] / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
+    x * inv_rms * w.unsqueeze::<2>()
 }
 
 /// Key/value heads repeated for grouped-query attention: query head `h` uses kv head `h / n`.
@@ -254,10 +298,8 @@ fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
         .reshape([b, kv * n, t, hd])
 }
 
-fn mlp<B: Backend>(layer: &Layer<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    let [b, t, d] = x.dims();
-    let x2 = x.reshape([b * t, d]);
-    let gate = silu(linear(x2.clone(), layer.w_gate.clone()));
-    let up = linear(x2, layer.w_up.clone());
-    linear(gate * up, layer.w_down.clone()).reshape([b, t, d])
+fn mlp<B: Backend>(layer: &Layer<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let gate = silu(linear(x.clone(), layer.w_gate.clone()));
+    let up = linear(x, layer.w_up.clone());
+    linear(gate * up, layer.w_down.clone())
 }

@@ -1,0 +1,172 @@
+//! The tokenizer rebuilt from `tokenizer.ggml.*`.
+
+use super::*;
+
+// ---------------------------------------------------------------------------------------------
+// Tokenizer
+
+/// `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
+pub(super) const TOKEN_TYPE_CONTROL: i64 = 3;
+pub(super) const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+/// Rebuilds a byte-level BPE tokenizer (`tokenizer.ggml.model = gpt2`) the way its
+/// `tokenizer.json` would have described it.
+pub(super) fn build_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
+    const MODEL_KEY: &str = "tokenizer.ggml.model";
+    const TOKENS_KEY: &str = "tokenizer.ggml.tokens";
+    const MERGES_KEY: &str = "tokenizer.ggml.merges";
+    const TYPES_KEY: &str = "tokenizer.ggml.token_type";
+    const PRE_KEY: &str = "tokenizer.ggml.pre";
+
+    let model = file.require_str(MODEL_KEY)?;
+    if model != "gpt2" {
+        return Err(GgufError::UnsupportedModel {
+            key: MODEL_KEY.into(),
+            value: model.into(),
+            reason: "only byte-level BPE (gpt2) tokenizers are rebuilt".into(),
+        });
+    }
+    let element_str = |key: &str, i: usize, v: &Value| -> Result<String> {
+        v.as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| wrong_type(&format!("{key}[{i}]"), "a string", v))
+    };
+    let tokens = file
+        .require_array(TOKENS_KEY)?
+        .iter()
+        .enumerate()
+        .map(|(i, v)| element_str(TOKENS_KEY, i, v))
+        .collect::<Result<Vec<_>>>()?;
+    let token_types = file
+        .optional_array(TYPES_KEY)?
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.as_i64()
+                .ok_or_else(|| wrong_type(&format!("{TYPES_KEY}[{i}]"), "an integer", v))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if !token_types.is_empty() && token_types.len() != tokens.len() {
+        return Err(GgufError::Tokenizer {
+            key: TYPES_KEY.into(),
+            reason: format!(
+                "it has {} entries for {} tokens",
+                token_types.len(),
+                tokens.len()
+            ),
+        });
+    }
+    let merges = file
+        .optional_array(MERGES_KEY)?
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let merge = element_str(MERGES_KEY, i, v)?;
+            // Byte-level tokens never contain a real space (it is spelled "Ġ"), so the single
+            // space in "a b" is an unambiguous separator.
+            match merge.split_once(' ') {
+                Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => {
+                    Ok((a.to_owned(), b.to_owned()))
+                }
+                _ => Err(GgufError::Tokenizer {
+                    key: format!("{MERGES_KEY}[{i}]"),
+                    reason: format!("{merge:?} is not two tokens separated by one space"),
+                }),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    // Ids are list positions. Should a vocabulary list a string twice, the later id wins, as
+    // it would in a tokenizer.json vocab object.
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.clone(), id as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| GgufError::Tokenizer {
+            key: MERGES_KEY.into(),
+            reason: e.to_string(),
+        })?;
+    let mut tokenizer = Tokenizer::new(bpe);
+
+    let byte_level = ByteLevel::new(false, true, true);
+    let pre = file.optional_str(PRE_KEY)?.unwrap_or("default");
+    let pre_tokenizer: PreTokenizerWrapper = match pre {
+        "default" | "gpt2" => byte_level.into(),
+        // SmolLM's tokenizer.json splits every digit off before the byte-level split.
+        "smollm" => {
+            PreTokenizerSequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+        }
+        other => {
+            return Err(GgufError::UnsupportedModel {
+                key: PRE_KEY.into(),
+                value: other.into(),
+                reason: "dapt rebuilds only the default, gpt2 and smollm pre-tokenizers".into(),
+            })
+        }
+    };
+    tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+    tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+
+    // Control tokens are special (skipped when decoding with skip_special_tokens); user-defined
+    // ones are ordinary added tokens. Both must be added so that the text "<|im_start|>" maps to
+    // its single id instead of being split by BPE.
+    let mut special = Vec::new();
+    let mut user_defined = Vec::new();
+    for (token, &ty) in tokens.iter().zip(&token_types) {
+        match ty {
+            TOKEN_TYPE_CONTROL => special.push(AddedToken::from(token.clone(), true)),
+            TOKEN_TYPE_USER_DEFINED => user_defined.push(AddedToken::from(token.clone(), false)),
+            _ => {}
+        }
+    }
+    tokenizer
+        .add_special_tokens(special)
+        .map_err(|e| GgufError::Tokenizer {
+            key: TYPES_KEY.into(),
+            reason: e.to_string(),
+        })?;
+    tokenizer
+        .add_tokens(user_defined)
+        .map_err(|e| GgufError::Tokenizer {
+            key: TYPES_KEY.into(),
+            reason: e.to_string(),
+        })?;
+
+    let byte_level_post: PostProcessorWrapper = ByteLevel::new(false, false, true).into();
+    let post = match file.optional_bool("tokenizer.ggml.add_bos_token")? {
+        // llama.cpp prepends BOS when asked; HF expresses that with a template after the
+        // byte-level offset fix-up, as Llama 3's tokenizer.json does.
+        Some(true) => {
+            let bos_key = "tokenizer.ggml.bos_token_id";
+            let bos_id = file.require_u64(bos_key)?;
+            let bos = usize::try_from(bos_id)
+                .ok()
+                .and_then(|i| tokens.get(i))
+                .ok_or_else(|| GgufError::Tokenizer {
+                    key: bos_key.into(),
+                    reason: format!("id {bos_id} is not in {TOKENS_KEY}"),
+                })?;
+            let template_err = |e: String| GgufError::Tokenizer {
+                key: bos_key.into(),
+                reason: format!("cannot build the add-BOS template: {e}"),
+            };
+            let template = TemplateProcessing::builder()
+                .try_single(vec![bos.as_str(), "$A:0"])
+                .and_then(|b| b.try_pair(vec![bos.as_str(), "$A:0", &format!("{bos}:1"), "$B:1"]))
+                .map_err(template_err)?
+                .special_tokens(vec![(bos.clone(), bos_id as u32)])
+                .build()
+                .map_err(|e| template_err(e.to_string()))?;
+            ProcessorSequence::new(vec![byte_level_post, template.into()]).into()
+        }
+        _ => byte_level_post,
+    };
+    tokenizer.with_post_processor(Some(post));
+    Ok(tokenizer)
+}
