@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use dapt_coordinator::spec::JobSpec;
 use dapt_corpus::{prepare, PrepareOptions, PrepareOutcome};
+use dapt_proto::logging::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -16,16 +17,10 @@ use dapt_corpus::{prepare, PrepareOptions, PrepareOutcome};
 )]
 struct Cli {
     /// Log line format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -76,7 +71,7 @@ fn main() -> ExitCode {
     if let Some((sub, args)) = forwarded {
         return forward_to_worker(sub, args, cli.log_format);
     }
-    init_logging(cli.log_format);
+    logging::init(cli.log_format);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -98,12 +93,9 @@ fn forward_to_worker(sub: &str, args: &[String], format: LogFormat) -> ExitCode 
         );
         return ExitCode::FAILURE;
     };
-    let format = match format {
-        LogFormat::Text => "text",
-        LogFormat::Json => "json",
-    };
+    let format = format.to_string();
     match std::process::Command::new(&worker)
-        .args(["--log-format", format, sub])
+        .args(["--log-format", &format, sub])
         .args(args)
         .status()
     {
@@ -113,18 +105,6 @@ fn forward_to_worker(sub: &str, args: &[String], format: LogFormat) -> ExitCode 
             eprintln!("error: running {}: {e}", worker.display());
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 

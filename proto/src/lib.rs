@@ -3,7 +3,9 @@
 //! `dapt-corpus`.
 //!
 //! * [`job`] — the job file (model, corpus, training, checkpoints), parsed and checked once.
+//! * [`logging`] — the binaries' log output.
 //!
 //! The gRPC protocol (`proto/dapt/v1/*.proto`) arrives with the control plane.
 
 pub mod job;
+pub mod logging;

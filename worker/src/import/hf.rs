@@ -247,13 +247,5 @@ pub fn write_dir(
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it into place.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(WorkerError::io(dir))?;
-    std::io::Write::write_all(&mut tmp, bytes).map_err(WorkerError::io(path))?;
-    tmp.as_file().sync_all().map_err(WorkerError::io(path))?;
-    tmp.persist(path).map_err(|e| WorkerError::Io {
-        path: path.to_path_buf(),
-        source: e.error,
-    })?;
-    Ok(())
+    Ok(dapt_corpus::manifest::write_atomic(path, bytes)?)
 }

@@ -104,6 +104,12 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
         last_checkpoint: None,
         finished: false,
     };
+    if resumed_from.is_none() && training.eval_every > 0 {
+        // The base model's held-out perplexity: what continued pretraining is measured against.
+        summary
+            .evals
+            .push(evaluate(&trainer, &reader, &training, 0));
+    }
     let width = training.seq_len as usize + 1;
     let mut window = vec![0u32; width];
     while trainer.step < stop {
