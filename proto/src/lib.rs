@@ -4,8 +4,10 @@
 //!
 //! * [`job`] — the job file (model, corpus, training, checkpoints), parsed and checked once.
 //! * [`logging`] — the binaries' log output.
+//! * [`model`] — a Llama model's shape, from and to a Hugging Face `config.json`.
 //!
 //! The gRPC protocol (`proto/dapt/v1/*.proto`) arrives with the control plane.
 
 pub mod job;
 pub mod logging;
+pub mod model;

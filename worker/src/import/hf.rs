@@ -47,7 +47,14 @@ impl std::str::FromStr for ExportDtype {
 
 /// Reads `dir`'s config and every tensor the layout needs, checking names and shapes.
 pub fn load_dir(dir: &Path) -> Result<HfWeights> {
-    let config = LlamaConfig::read(&dir.join(CONFIG_FILE))?;
+    let config_path = dir.join(CONFIG_FILE);
+    let config = LlamaConfig::from_json(
+        &std::fs::read_to_string(&config_path).map_err(WorkerError::io(&config_path))?,
+    )
+    .map_err(|message| WorkerError::Config {
+        path: config_path,
+        message,
+    })?;
     let layout = ParamLayout::llama(&config);
     let files = weight_files(dir)?;
     let maps = files

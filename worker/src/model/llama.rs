@@ -11,8 +11,8 @@ use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
-use super::config::LlamaConfig;
 use super::params::ParamLayout;
+use dapt_proto::model::LlamaConfig;
 
 pub struct Llama<B: Backend> {
     cfg: LlamaConfig,

@@ -1,9 +1,8 @@
 //! The Llama model: its configuration, its parameter layout and its forward pass.
 
-pub mod config;
 pub mod llama;
 pub mod params;
 
-pub use config::LlamaConfig;
+pub use dapt_proto::model::{LlamaConfig, RopeScaling};
 pub use llama::Llama;
 pub use params::{ParamInfo, ParamKind, ParamLayout};

@@ -4,7 +4,7 @@
 //! gradient all-reduce (buckets are ranges of it), checkpoints and import/export all work on
 //! `(layout, &[f32])`, in the Hugging Face names and shapes, in one fixed order.
 
-use super::config::LlamaConfig;
+use dapt_proto::model::LlamaConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamKind {

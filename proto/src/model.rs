@@ -1,4 +1,4 @@
-//! The shape of a Llama-family decoder, read from (and written back as) a Hugging Face
+//! The shape of a Llama-family decoder (shared: the worker builds it, the coordinator plans with it), read from (and written back as) a Hugging Face
 //! `config.json`.
 //!
 //! Fields that change the math and that dapt does not implement are refused by name rather than
@@ -6,11 +6,10 @@
 
 use std::path::Path;
 
-use dapt_proto::job::Preset;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::error::{Result, WorkerError};
+use crate::job::Preset;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
@@ -93,12 +92,10 @@ impl LlamaConfig {
         }
     }
 
-    pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(WorkerError::io(path))?;
-        Self::from_json(&text).map_err(|message| WorkerError::Config {
-            path: path.to_path_buf(),
-            message,
-        })
+    /// Reads a `config.json`; the error names the file and the field.
+    pub fn read(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::from_json(&text).map_err(|message| format!("{}: {message}", path.display()))
     }
 
     /// Parses a Hugging Face `config.json`; the error names the field at fault.
