@@ -1,7 +1,9 @@
 //! `dapt-coordinator`: the control plane of a dapt job and the `dapt` command line.
 //!
-//! So far it holds the `dapt` command line; the gRPC control loop, membership and ledger arrive
+//! So far it holds the `dapt` command line and [`plan`] (FLOPs, memory, GPU-hours, cost); the gRPC control loop, membership and ledger arrive
 //! with the control-plane issue. The job file is parsed by [`dapt_proto::job`], which the
 //! workers share.
+
+pub mod plan;
 
 pub use dapt_proto::job as spec;

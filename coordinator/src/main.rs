@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use dapt_coordinator::plan;
 use dapt_coordinator::spec::JobSpec;
 use dapt_corpus::{prepare, PrepareOptions, PrepareOutcome};
 use dapt_proto::logging::{self, LogFormat};
@@ -36,6 +37,23 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Training FLOPs, steps, memory per GPU, GPU-hours and cost of the job, before running it.
+    Plan {
+        /// The job file.
+        job: PathBuf,
+        /// The GPU to plan for: h100, h200 or a100.
+        #[arg(long, default_value = "h100")]
+        gpu: String,
+        /// GPUs (data-parallel ranks).
+        #[arg(long, default_value_t = 8)]
+        gpus: u32,
+        /// Model FLOPs utilisation assumed for the time estimate.
+        #[arg(long, default_value_t = 0.4)]
+        mfu: f64,
+        /// Price per GPU-hour in USD (default: an assumed on-demand price, printed as such).
+        #[arg(long)]
+        price_per_gpu_hour: Option<f64>,
+    },
     /// Train the job on this machine as a single rank (runs `dapt-worker train`).
     Train {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -66,7 +84,7 @@ fn main() -> ExitCode {
         Command::Eval { args } => Some(("eval", args)),
         Command::Export { args } => Some(("export", args)),
         Command::ImportGguf { args } => Some(("import-gguf", args)),
-        Command::Prepare { .. } => None,
+        Command::Prepare { .. } | Command::Plan { .. } => None,
     };
     if let Some((sub, args)) = forwarded {
         return forward_to_worker(sub, args, cli.log_format);
@@ -115,6 +133,34 @@ fn run(command: Command) -> anyhow::Result<()> {
         | Command::Export { .. }
         | Command::ImportGguf { .. } => {
             unreachable!("forwarded to dapt-worker in main")
+        }
+        Command::Plan {
+            job,
+            gpu,
+            gpus,
+            mfu,
+            price_per_gpu_hour,
+        } => {
+            let spec = JobSpec::load(&job)?;
+            let gpu = plan::gpu(&gpu).ok_or_else(|| {
+                let known: Vec<&str> = plan::GPUS.iter().map(|g| g.name).collect();
+                anyhow::anyhow!("--gpu {gpu}: unknown GPU (known: {})", known.join(", "))
+            })?;
+            anyhow::ensure!(gpus > 0, "--gpus must be at least 1");
+            anyhow::ensure!(
+                mfu > 0.0 && mfu <= 1.0,
+                "--mfu must be in (0, 1], got {mfu}"
+            );
+            let options = plan::PlanOptions {
+                gpu,
+                gpus,
+                mfu,
+                price_per_gpu_hour,
+            };
+            let config = plan::model_config(&spec).map_err(anyhow::Error::msg)?;
+            let p = plan::plan(&spec, &config, &options).map_err(anyhow::Error::msg)?;
+            print!("{}", plan::render(&p, &options, &config));
+            Ok(())
         }
         Command::Prepare { job, force, quiet } => {
             let spec = JobSpec::load(&job)?;
