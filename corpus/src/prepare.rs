@@ -43,7 +43,7 @@ pub enum PrepareOutcome {
     Prepared {
         dir: PathBuf,
         manifest: Manifest,
-        report: Report,
+        report: Box<Report>,
         stats: RunStats,
     },
 }
@@ -246,7 +246,7 @@ pub fn prepare(
     Ok(PrepareOutcome::Prepared {
         dir: out,
         manifest,
-        report,
+        report: Box::new(report),
         stats: run,
     })
 }
@@ -262,6 +262,13 @@ struct Doc {
     /// Whitespace-separated words, for tokens per word.
     words: u64,
     held_out: bool,
+}
+
+/// A document after NFC normalization, with its content hash and word count.
+struct Normalized {
+    text: String,
+    hash: u128,
+    words: u64,
 }
 
 /// Consecutive files of about `CHUNK_BYTES` together.
@@ -290,7 +297,7 @@ fn read_chunk(
     seen: &mut HashSet<u128>,
     stats: &mut SourceStats,
 ) -> Result<Vec<Doc>> {
-    let read: Vec<(usize, ingest::FileText, Vec<(String, u128, u64)>)> = files
+    let read: Vec<(usize, ingest::FileText, Vec<Normalized>)> = files
         .par_iter()
         .enumerate()
         .map(|(i, file)| {
@@ -302,7 +309,11 @@ fn read_chunk(
                     let normalized: String = d.trim().nfc().collect();
                     let hash = xxh3_128(normalized.as_bytes());
                     let words = normalized.split_whitespace().count() as u64;
-                    (normalized, hash, words)
+                    Normalized {
+                        text: normalized,
+                        hash,
+                        words,
+                    }
                 })
                 .collect();
             Ok((i, text, docs))
@@ -311,7 +322,12 @@ fn read_chunk(
     let mut docs = Vec::new();
     for (i, text, normalized) in read {
         stats.add_file(&files[i].path, &text);
-        for (doc, hash, words) in normalized {
+        for Normalized {
+            text: doc,
+            hash,
+            words,
+        } in normalized
+        {
             if doc.is_empty() {
                 stats.empty += 1;
                 continue;

@@ -79,7 +79,7 @@ fn run(spec: &CorpusSpec) -> Result<PrepareOutcome, CorpusError> {
 
 fn prepared(spec: &CorpusSpec) -> dapt_corpus::report::Report {
     match run(spec).expect("prepare") {
-        PrepareOutcome::Prepared { report, .. } => report,
+        PrepareOutcome::Prepared { report, .. } => *report,
         PrepareOutcome::UpToDate { .. } => panic!("expected a fresh prepare"),
     }
 }
@@ -239,8 +239,7 @@ fn another_tokenizer_is_refused_and_a_given_one_is_used() {
     prepared(&other_spec);
     let err = reader
         .check_tokenizer(&fx.path("other").join(TOKENIZER_FILE))
-        .err()
-        .expect("mismatch");
+        .expect_err("mismatch");
     assert!(
         matches!(err, CorpusError::TokenizerMismatch { .. }),
         "{err}"
@@ -262,7 +261,7 @@ fn failures_publish_nothing_and_keep_the_previous_corpus() {
     let spec = fx.spec("");
     // A corrupt gzip file fails the run before anything is published.
     std::fs::write(fx.path("domain/broken.txt.gz"), b"\x1f\x8b\x08\x00garbage").expect("write");
-    let err = run(&spec).err().expect("broken gzip");
+    let err = run(&spec).expect_err("broken gzip");
     assert!(err.to_string().contains("broken.txt.gz"), "{err}");
     assert!(!fx.path("out").exists());
     assert_no_staging(fx.dir.path());
@@ -271,7 +270,7 @@ fn failures_publish_nothing_and_keep_the_previous_corpus() {
     prepared(&spec);
     let before = std::fs::read(fx.path("out/manifest.json")).expect("manifest");
     std::fs::write(fx.path("domain/broken.txt.gz"), b"\x1f\x8b\x08\x00garbage").expect("write");
-    run(&spec).err().expect("broken gzip");
+    run(&spec).expect_err("broken gzip");
     assert_eq!(
         std::fs::read(fx.path("out/manifest.json")).expect("manifest"),
         before
@@ -287,21 +286,21 @@ fn empty_and_missing_sources_are_named() {
     std::fs::write(fx.path("blank/a.txt"), "   ").expect("write");
     let mut spec = fx.spec("");
     spec.sources.0[1].paths = vec![fx.path("blank").to_string_lossy().into_owned()];
-    let err = run(&spec).err().expect("empty source");
+    let err = run(&spec).expect_err("empty source");
     assert!(
         matches!(err, CorpusError::EmptySource { .. }) && err.to_string().contains("general"),
         "{err}"
     );
 
     spec.sources.0[1].paths = vec![fx.path("nothing/*.txt").to_string_lossy().into_owned()];
-    let err = run(&spec).err().expect("no match");
+    let err = run(&spec).expect_err("no match");
     assert!(
         err.to_string().contains("general") && err.to_string().contains("matches no file"),
         "{err}"
     );
 
     spec.sources.0[1].paths = vec![fx.path("missing.txt").to_string_lossy().into_owned()];
-    let err = run(&spec).err().expect("missing file");
+    let err = run(&spec).expect_err("missing file");
     assert!(err.to_string().contains("missing.txt"), "{err}");
 }
 

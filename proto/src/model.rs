@@ -170,7 +170,7 @@ impl LlamaConfig {
         let rope_scaling = match get("rope_scaling").or(rope_parameters) {
             None => None,
             Some(v) => match parse_rope_scaling(v)? {
-                RopeScaling::Linear { factor } if factor == 1.0 => None,
+                RopeScaling::Linear { factor: 1.0 } => None,
                 scaling => Some(scaling),
             },
         };
