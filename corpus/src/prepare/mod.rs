@@ -6,7 +6,6 @@
 //! mtime) match the existing manifest does nothing.
 
 use std::collections::HashSet;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,9 @@ use crate::report::{self, Report, SourceStats, WordCounts};
 use crate::shards::StreamWriter;
 use crate::spec::{CorpusSpec, Role, SourceSpec, TrainingPlan};
 use crate::tokenizer::{self, CorpusTokenizer};
+
+mod progress;
+use progress::Progress;
 
 /// Raw bytes read before a chunk of documents is normalized and tokenized together.
 const CHUNK_BYTES: u64 = 8 << 20;
@@ -500,64 +502,4 @@ fn publish(staging: tempfile::TempDir, out: &Path) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// A progress bar on a terminal, a log line every few seconds otherwise.
-struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    enabled: bool,
-    what: &'static str,
-    total: u64,
-    done: u64,
-    started: Instant,
-    last_log: Instant,
-}
-
-impl Progress {
-    fn new(enabled: bool, total: u64, what: &'static str) -> Self {
-        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
-            let bar = indicatif::ProgressBar::new(total);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            bar.set_message(what);
-            bar
-        });
-        Progress {
-            bar,
-            enabled,
-            what,
-            total,
-            done: 0,
-            started: Instant::now(),
-            last_log: Instant::now(),
-        }
-    }
-
-    fn advance(&mut self, bytes: u64) {
-        self.done += bytes;
-        if let Some(bar) = &self.bar {
-            bar.set_position(self.done);
-        } else if self.enabled && self.last_log.elapsed() >= Duration::from_secs(5) {
-            self.last_log = Instant::now();
-            let secs = self.started.elapsed().as_secs_f64().max(1e-9);
-            tracing::info!(
-                done_mb = self.done as f64 / 1e6,
-                total_mb = self.total as f64 / 1e6,
-                mb_per_s = self.done as f64 / 1e6 / secs,
-                "{}",
-                self.what
-            );
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
-        }
-    }
 }

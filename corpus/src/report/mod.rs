@@ -2,7 +2,6 @@
 //! what the job's plan will make of it. Printed as tables and written as `report.json`.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::path::Path;
 
 use serde::Serialize;
@@ -26,6 +25,9 @@ const MIN_OVER_REPRESENTED_COUNT: u64 = 20;
 const EXAMPLES_KEPT: usize = 5;
 
 pub type WordMap = HashMap<String, u64>;
+
+mod render;
+pub use render::render;
 
 /// Word frequencies of the training documents, per role.
 #[derive(Debug, Default)]
@@ -420,87 +422,6 @@ fn over_represented(domain: &WordMap, replay: &WordMap) -> Vec<OverRepresented> 
     });
     rows.truncate(LISTED_WORDS);
     rows
-}
-
-/// The report as terminal tables.
-pub fn render(report: &Report) -> String {
-    use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-    let mut out = String::new();
-    let mut table = Table::new();
-    table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
-        "source",
-        "role",
-        "share",
-        "files",
-        "docs train/held",
-        "dups",
-        "tokens train",
-        "tokens held",
-        "bytes/tok",
-        "tok/word",
-        "epochs",
-    ]);
-    for r in &report.sources {
-        table.add_row(vec![
-            r.name.clone(),
-            r.role.to_string(),
-            format!("{:.3}", r.share),
-            r.files.to_string(),
-            format!("{}/{}", r.documents_train, r.documents_held_out),
-            r.duplicates_removed.to_string(),
-            r.tokens_train.to_string(),
-            r.tokens_held_out.to_string(),
-            format!("{:.2}", r.bytes_per_token),
-            format!("{:.2}", r.tokens_per_word),
-            r.epochs.map_or("-".into(), |e| format!("{e:.2}")),
-        ]);
-    }
-    let _ = writeln!(out, "{table}");
-    let t = &report.tokenizer;
-    let _ =
-        writeln!(
-        out,
-        "tokenizer: vocabulary {}, eos {}{}; frequent domain words take {:.2} pieces on average",
-        t.vocab_size,
-        t.eos_token,
-        if t.trained { ", trained on this corpus" } else { "" },
-        report.mean_pieces_frequent_domain_words
-    );
-    if let Some(p) = &report.plan {
-        let _ = writeln!(
-            out,
-            "plan: {} steps x {} samples x {} tokens = {} training tokens",
-            p.steps, p.global_batch, p.seq_len, p.training_tokens
-        );
-    }
-    if !report.vocabulary_saturation.is_empty() {
-        let words: Vec<String> = report
-            .vocabulary_saturation
-            .iter()
-            .map(|w| format!("{} ({}x{})", w.word, w.pieces, w.count))
-            .collect();
-        let _ = writeln!(
-            out,
-            "split worst (word (pieces x count)): {}",
-            words.join(", ")
-        );
-    }
-    if !report.over_represented.is_empty() {
-        let words: Vec<String> = report
-            .over_represented
-            .iter()
-            .map(|w| format!("{} ({}/{})", w.word, w.domain_count, w.replay_count))
-            .collect();
-        let _ = writeln!(
-            out,
-            "domain vs replay (word (domain/replay count)): {}",
-            words.join(", ")
-        );
-    }
-    for w in &report.warnings {
-        let _ = writeln!(out, "warning: {w}");
-    }
-    out
 }
 
 #[cfg(test)]
