@@ -5,9 +5,11 @@
 //! * [`import`] — Hugging Face directories and llama.cpp GGUF files in; Hugging Face out.
 //! * [`train`] — the step (gradients, then clip + AdamW over flat buffers), LR schedule,
 //!   held-out perplexity and the single-rank loop.
+//! * [`collective`] — the `Collective` trait and the CPU TCP ring all-reduce between workers.
 //! * [`checkpoint`] — checksummed, atomically published checkpoints that resume bitwise.
 
 pub mod checkpoint;
+pub mod collective;
 pub mod error;
 pub mod import;
 pub mod model;

@@ -276,8 +276,8 @@ fn activation_checkpointing_gives_the_same_gradients() {
     let plain = dapt_worker::train::Trainer::new(config.clone(), weights.clone(), &training);
     training.activation_checkpointing = true;
     let recompute = dapt_worker::train::Trainer::new(config, weights, &training);
-    let (loss_a, grads_a) = plain.gradients(&micro, 128);
-    let (loss_b, grads_b) = recompute.gradients(&micro, 128);
+    let (loss_a, grads_a) = plain.gradients(&micro, 128.0);
+    let (loss_b, grads_b) = recompute.gradients(&micro, 128.0);
     assert!((loss_a - loss_b).abs() < 1e-6, "{loss_a} vs {loss_b}");
     let worst = grads_a
         .iter()

@@ -130,7 +130,8 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
         })
         .collect();
         let step_tokens = training.tokens_per_step();
-        let (loss, mut grads) = trainer.gradients(&micro, step_tokens);
+        // One rank: the whole step's tokens are the denominator.
+        let (loss, mut grads) = trainer.gradients(&micro, step_tokens as f64);
         let stats = trainer.apply(&mut grads, step_tokens);
         let secs = started.elapsed().as_secs_f64();
         let log = StepLog {

@@ -69,15 +69,16 @@ impl Trainer {
         }
     }
 
-    /// Forward and backward over `micro`. Each token's loss is divided by `step_tokens` (the
-    /// tokens of the whole step, across all ranks), so that gradients summed over micro-batches
-    /// and ranks are the gradient of the step's mean loss. Returns that share of the mean loss
-    /// and the gradients.
-    pub fn gradients(&self, micro: &[MicroBatch], step_tokens: u64) -> (f64, Vec<f32>) {
+    /// Forward and backward over `micro`. Each token's loss is divided by `denominator`, and
+    /// the gradients are summed over the micro-batches. With `denominator` = the tokens of the
+    /// whole step / the number of ranks, the mean of the ranks' gradients (what the all-reduce
+    /// computes) is the gradient of the step's mean loss, however the step is split. Returns this
+    /// rank's share of the loss on the same scale, and the gradients.
+    pub fn gradients(&self, micro: &[MicroBatch], denominator: f64) -> (f64, Vec<f32>) {
         if self.activation_checkpointing {
-            gradients::<Autodiff<Cpu, BalancedCheckpointing>>(self, micro, step_tokens)
+            gradients::<Autodiff<Cpu, BalancedCheckpointing>>(self, micro, denominator)
         } else {
-            gradients::<Autodiff<Cpu>>(self, micro, step_tokens)
+            gradients::<Autodiff<Cpu>>(self, micro, denominator)
         }
     }
 
@@ -95,19 +96,22 @@ impl Trainer {
 fn gradients<B: AutodiffBackend>(
     trainer: &Trainer,
     micro: &[MicroBatch],
-    step_tokens: u64,
+    denominator: f64,
 ) -> (f64, Vec<f32>) {
     let device = B::Device::default();
-    let model = Llama::<B>::from_flat(&trainer.config, &trainer.weights, &device, true);
     let mut grads = vec![0f32; trainer.layout.total];
     let mut loss = 0.0;
     let width = trainer.seq_len + 1;
     for mb in micro {
+        // A fresh set of leaf tensors per micro-batch: with Burn 0.21's autodiff, reusing the
+        // leaves of a graph that was already backpropagated gives wrong gradients on the next
+        // backward pass (worker/tests/data_parallel.rs caught it: 1.2e-2 relative error).
+        let model = Llama::<B>::from_flat(&trainer.config, &trainer.weights, &device, true);
         debug_assert_eq!(mb.ids.len(), mb.samples * width);
         let ids: Vec<i64> = mb.ids.iter().map(|&i| i as i64).collect();
         let ids =
             Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [mb.samples, width]), &device);
-        let scaled = model.nll_sum(ids).div_scalar(step_tokens as f64);
+        let scaled = model.nll_sum(ids).div_scalar(denominator);
         loss += scaled.clone().into_scalar().elem::<f64>();
         let g = scaled.backward();
         model.add_gradients(&g, &mut grads);

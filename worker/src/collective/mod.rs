@@ -1,0 +1,100 @@
+//! Collectives between the ranks of one job generation: the seam between the gradient
+//! computation and the optimizer step.
+//!
+//! * [`Collective`] — what every backend offers (the TCP ring here; NCCL later).
+//! * [`ring`] — a Gloo-style ring all-reduce over TCP between worker processes, for CPU ranks.
+//!
+//! Every blocking wait is bounded twice: by the config's `timeout` (no progress for that long is
+//! an error) and by an [`AbortHandle`] that the node agent fires when the coordinator tears the
+//! generation down. Either way the call returns `Err` within ~50 ms instead of hanging, and the
+//! ring refuses further use: a stream that stopped mid-message cannot be resynchronised, so the
+//! next generation builds a new one.
+
+mod handshake;
+mod link;
+pub mod ring;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use ring::{RingConfig, RingListener, TcpRing};
+
+/// What every collective backend offers.
+pub trait Collective {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// In-place mean of `buf` across ranks (every rank passes the same length). On return every
+    /// rank holds bitwise the same values.
+    fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
+}
+
+/// A cooperative stop flag shared between the node agent and the collective: `abort()` makes
+/// every wait in progress (and every later call) return [`CollectiveError::Aborted`].
+#[derive(Clone, Debug, Default)]
+pub struct AbortHandle(Arc<AtomicBool>);
+
+impl AbortHandle {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn abort(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Why a collective failed. `peer` is the rank on the other end of the connection at fault.
+/// Every variant means the same thing to the caller: this ring is finished, and training goes
+/// on only in a new generation (new ring); [`CollectiveError::is_peer_fault`] says whether the
+/// coordinator should suspect a peer rather than this rank.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    #[error("rank {peer}: no progress for {waited:?}")]
+    Timeout { peer: usize, waited: Duration },
+    #[error("aborted")]
+    Aborted,
+    #[error("rank {peer} closed the connection")]
+    PeerClosed { peer: usize },
+    #[error("rank {peer}: {source}")]
+    Io {
+        peer: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("handshake with rank {peer}: {message}")]
+    Handshake { peer: usize, message: String },
+    #[error("ring config: {0}")]
+    Config(String),
+    #[error("an earlier collective on this ring failed mid-transfer; build a new ring")]
+    Poisoned,
+}
+
+impl CollectiveError {
+    /// Whether the failure points at another rank (dead, silent, or from another generation).
+    pub fn is_peer_fault(&self) -> bool {
+        matches!(
+            self,
+            Self::Timeout { .. }
+                | Self::PeerClosed { .. }
+                | Self::Io { .. }
+                | Self::Handshake { .. }
+        )
+    }
+
+    /// Maps an I/O error on the connection to `peer`: the peer going away is `PeerClosed`.
+    pub(crate) fn io(peer: usize, source: io::Error) -> Self {
+        use io::ErrorKind::*;
+        match source.kind() {
+            UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
+                Self::PeerClosed { peer }
+            }
+            _ => Self::Io { peer, source },
+        }
+    }
+}

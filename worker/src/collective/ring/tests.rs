@@ -1,0 +1,352 @@
+//! Ranks as threads on 127.0.0.1; every wait is bounded by the ring's own timeout.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+const TIMEOUT: Duration = Duration::from_secs(1);
+
+fn bind_all(world: usize) -> (Vec<RingListener>, Vec<SocketAddr>) {
+    let listeners: Vec<_> = (0..world)
+        .map(|_| TcpRing::bind("127.0.0.1:0".parse().expect("address")).expect("bind"))
+        .collect();
+    let peers = listeners.iter().map(RingListener::local_addr).collect();
+    (listeners, peers)
+}
+
+fn config(rank: usize, peers: &[SocketAddr], generation: u64, chunk_bytes: usize) -> RingConfig {
+    RingConfig {
+        rank,
+        world: peers.len(),
+        peers: peers.to_vec(),
+        generation,
+        timeout: TIMEOUT,
+        chunk_bytes,
+    }
+}
+
+/// Connects every rank of a ring at once; `generations[r]` is rank r's generation.
+fn connect_all(generations: &[u64], chunk_bytes: usize) -> Vec<Result<TcpRing, CollectiveError>> {
+    let (listeners, peers) = bind_all(generations.len());
+    thread::scope(|s| {
+        let joins: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
+                let cfg = config(rank, &peers, generations[rank], chunk_bytes);
+                s.spawn(move || listener.connect(cfg, AbortHandle::new()))
+            })
+            .collect();
+        joins
+            .into_iter()
+            .map(|j| j.join().expect("rank thread"))
+            .collect()
+    })
+}
+
+fn input(rank: usize, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let h = (i as u64 * 2_654_435_761 + rank as u64 * 40_503) % 100_003;
+            (h as f32 - 50_000.0) / 7.0
+        })
+        .collect()
+}
+
+/// The ring's result computed directly: chunk c summed in ring order from rank c, then scaled.
+fn expected(world: usize, len: usize) -> Vec<f32> {
+    let inputs: Vec<_> = (0..world).map(|r| input(r, len)).collect();
+    if world == 1 {
+        return inputs[0].clone();
+    }
+    let (base, extra) = (len / world, len % world);
+    let inverse = 1.0 / world as f32;
+    let mut out = Vec::with_capacity(len);
+    for c in 0..world {
+        let start = c * base + c.min(extra);
+        let range = start..start + base + usize::from(c < extra);
+        let mut acc = inputs[c][range.clone()].to_vec();
+        for k in 1..world {
+            let theirs = &inputs[(c + k) % world][range.clone()];
+            acc.iter_mut().zip(theirs).for_each(|(a, t)| *a += *t);
+        }
+        out.extend(acc.iter().map(|a| a * inverse));
+    }
+    out
+}
+
+/// Guards `expected` itself: within f32 rounding of the mean computed in f64.
+fn assert_close_to_true_mean(world: usize, got: &[f32]) {
+    let inputs: Vec<_> = (0..world).map(|r| input(r, got.len())).collect();
+    for (i, &g) in got.iter().enumerate() {
+        let sum: f64 = inputs.iter().map(|x| f64::from(x[i])).sum();
+        let scale: f64 = inputs.iter().map(|x| f64::from(x[i]).abs()).sum();
+        let error = (f64::from(g) - sum / world as f64).abs();
+        assert!(
+            error <= 1e-6 * scale,
+            "element {i}: {g} vs {}",
+            sum / world as f64
+        );
+    }
+}
+
+fn run_all_reduce(rings: Vec<TcpRing>, len: usize, calls: usize) -> Vec<Vec<f32>> {
+    thread::scope(|s| {
+        let joins: Vec<_> = rings
+            .into_iter()
+            .map(|mut ring| {
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    for _ in 0..calls {
+                        out = input(ring.rank(), len);
+                        ring.all_reduce_mean(&mut out).expect("all-reduce");
+                    }
+                    out
+                })
+            })
+            .collect();
+        joins
+            .into_iter()
+            .map(|j| j.join().expect("rank thread"))
+            .collect()
+    })
+}
+
+#[test]
+fn mean_matches_direct_sum_and_is_bitwise_equal_on_every_rank() {
+    for world in 1..=5 {
+        for len in [0, 1, 7, 1_000_003] {
+            // Tiny pieces for short buffers, so pieces and uneven chunks both get exercised.
+            let chunk_bytes = if len < 100 { 4 } else { 64 << 10 };
+            let rings: Vec<_> = connect_all(&vec![3; world], chunk_bytes)
+                .into_iter()
+                .map(|r| r.expect("connect"))
+                .collect();
+            let results = run_all_reduce(rings, len, 2);
+            let want = expected(world, len);
+            assert_close_to_true_mean(world, &want);
+            for (rank, got) in results.iter().enumerate() {
+                let same = got
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .eq(want.iter().map(|x| x.to_bits()));
+                assert!(
+                    same,
+                    "world {world}, len {len}: rank {rank} differs from the direct sum"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn lengths_that_differ_between_ranks_are_a_handshake_error() {
+    let rings: Vec<_> = connect_all(&[1, 1], 1 << 20)
+        .into_iter()
+        .map(|r| r.expect("connect"))
+        .collect();
+    let errors: Vec<_> = thread::scope(|s| {
+        let joins: Vec<_> = rings
+            .into_iter()
+            .map(|mut ring| s.spawn(move || ring.all_reduce_mean(&mut vec![1.0; 10 + ring.rank()])))
+            .collect();
+        joins
+            .into_iter()
+            .map(|j| j.join().expect("rank thread"))
+            .collect()
+    });
+    for e in errors {
+        assert!(matches!(e, Err(CollectiveError::Handshake { .. })), "{e:?}");
+    }
+}
+
+#[test]
+fn a_rank_that_never_joins_times_out_the_others() {
+    // Rank 2 binds but never connects (its peers reach its backlog only), then rank 2 is not
+    // even listening (its peers are refused and retry).
+    for keep_listener in [true, false] {
+        let (mut listeners, peers) = bind_all(3);
+        let absent = listeners.pop();
+        let absent = keep_listener.then_some(absent);
+        let started = Instant::now();
+        let results: Vec<_> = thread::scope(|s| {
+            let joins: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, l)| {
+                    let cfg = config(rank, &peers, 1, 1 << 20);
+                    s.spawn(move || l.connect(cfg, AbortHandle::new()))
+                })
+                .collect();
+            joins
+                .into_iter()
+                .map(|j| j.join().expect("rank thread"))
+                .collect()
+        });
+        let elapsed = started.elapsed();
+        drop(absent);
+        for r in results {
+            assert!(
+                matches!(r, Err(CollectiveError::Timeout { peer: 2, .. })),
+                "{r:?}"
+            );
+        }
+        assert!(
+            elapsed < TIMEOUT + Duration::from_millis(500),
+            "took {elapsed:?}"
+        );
+    }
+}
+
+#[test]
+fn a_peer_that_dies_mid_reduce_fails_the_others_promptly() {
+    let rings: Vec<_> = connect_all(&[1, 1, 1], 1 << 20)
+        .into_iter()
+        .map(|r| r.expect("connect"))
+        .collect();
+    let len = 16 << 20;
+    let started = Instant::now();
+    let results: Vec<_> = thread::scope(|s| {
+        let joins: Vec<_> = rings
+            .into_iter()
+            .map(|mut ring| {
+                s.spawn(move || {
+                    if ring.rank() == 2 {
+                        // Dies once the transfer is under way: abort, then drop the sockets.
+                        let abort = ring.abort.clone();
+                        s.spawn(move || {
+                            thread::sleep(Duration::from_millis(20));
+                            abort.abort();
+                        });
+                    }
+                    ring.all_reduce_mean(&mut vec![1.0; len])
+                })
+            })
+            .collect();
+        joins
+            .into_iter()
+            .map(|j| j.join().expect("rank thread"))
+            .collect()
+    });
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(results[2], Err(CollectiveError::Aborted)),
+        "{:?}",
+        results[2]
+    );
+    for r in &results[..2] {
+        let failed = matches!(
+            r,
+            Err(CollectiveError::PeerClosed { .. } | CollectiveError::Timeout { .. })
+        );
+        assert!(failed, "{r:?}");
+    }
+    assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
+}
+
+#[test]
+fn abort_unblocks_a_rank_waiting_on_a_silent_peer() {
+    let mut rings: Vec<_> = connect_all(&[1, 1], 1 << 20)
+        .into_iter()
+        .map(|r| r.expect("connect"))
+        .collect();
+    let _silent = rings.pop();
+    let mut ring = rings.pop().expect("rank 0");
+    let abort = ring.abort.clone();
+    let aborted_at = thread::scope(|s| {
+        let aborter = s.spawn(move || {
+            thread::sleep(Duration::from_millis(200));
+            abort.abort();
+            Instant::now()
+        });
+        let result = ring.all_reduce_mean(&mut [1.0; 1000]);
+        let returned = Instant::now();
+        assert!(
+            matches!(result, Err(CollectiveError::Aborted)),
+            "{result:?}"
+        );
+        let aborted_at = aborter.join().expect("aborter");
+        returned.saturating_duration_since(aborted_at)
+    });
+    assert!(
+        aborted_at < Duration::from_millis(150),
+        "returned {aborted_at:?} after abort"
+    );
+    let again = ring.all_reduce_mean(&mut [1.0; 4]);
+    assert!(matches!(again, Err(CollectiveError::Aborted)), "{again:?}");
+}
+
+#[test]
+fn a_failed_call_poisons_the_ring() {
+    let mut rings: Vec<_> = connect_all(&[1, 1], 1 << 20)
+        .into_iter()
+        .map(|r| r.expect("connect"))
+        .collect();
+    drop(rings.pop());
+    let mut ring = rings.pop().expect("rank 0");
+    let first = ring.all_reduce_mean(&mut [1.0; 1000]);
+    assert!(
+        matches!(first, Err(CollectiveError::PeerClosed { peer: 1 })),
+        "{first:?}"
+    );
+    let second = ring.all_reduce_mean(&mut [1.0; 1000]);
+    assert!(
+        matches!(second, Err(CollectiveError::Poisoned)),
+        "{second:?}"
+    );
+}
+
+#[test]
+fn a_wrong_generation_is_refused_at_the_handshake() {
+    let started = Instant::now();
+    for result in connect_all(&[5, 6], 1 << 20) {
+        let message = match result {
+            Err(CollectiveError::Handshake { message, .. }) => message,
+            other => panic!("expected a handshake error, got {other:?}"),
+        };
+        assert!(message.contains("generation"), "{message}");
+    }
+    assert!(
+        started.elapsed() < TIMEOUT,
+        "a refusal should not wait for the timeout"
+    );
+}
+
+#[test]
+fn a_stray_connection_is_refused_and_the_real_peer_still_joins() {
+    let (listeners, peers) = bind_all(2);
+    let mut stray = TcpStream::connect(peers[0]).expect("stray connect");
+    stray.write_all(&[7u8; 48]).expect("stray write");
+    let rings: Vec<_> = thread::scope(|s| {
+        let joins: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let cfg = config(rank, &peers, 9, 1 << 20);
+                s.spawn(move || l.connect(cfg, AbortHandle::new()))
+            })
+            .collect();
+        joins
+            .into_iter()
+            .map(|j| j.join().expect("rank thread").expect("connect"))
+            .collect()
+    });
+    let results = run_all_reduce(rings, 5, 1);
+    assert_eq!(results[0], expected(2, 5));
+}
+
+#[test]
+fn invalid_configs_name_the_field() {
+    let (mut listeners, peers) = bind_all(1);
+    let mut cfg = config(0, &peers, 1, 2);
+    let listener = listeners.pop().expect("listener");
+    let error = listener
+        .connect(cfg.clone(), AbortHandle::new())
+        .expect_err("chunk_bytes 2");
+    assert!(error.to_string().contains("chunk_bytes"), "{error}");
+    cfg.rank = 1;
+    assert!(cfg.validate().is_err());
+}
