@@ -183,27 +183,33 @@ impl<B: Backend> RopeTables<B> {
     fn new(cfg: &LlamaConfig, b: usize, t: usize, device: &B::Device) -> Self {
         let inv_freq = cfg.inv_freq();
         let hd = cfg.head_dim;
+        // One row per position (the frequencies over both halves), computed once and then
+        // repeated for every sequence of the batch and every head.
+        let mut row_cos = Vec::with_capacity(t * hd);
+        let mut row_sin = Vec::with_capacity(t * hd);
+        for pos in 0..t {
+            for _ in 0..2 {
+                for f in &inv_freq {
+                    // f32, as the reference rounds the angle.
+                    let angle = pos as f32 * *f as f32;
+                    row_cos.push(angle.cos());
+                    row_sin.push(angle.sin());
+                }
+            }
+        }
         let table = |heads: usize| {
-            let mut cos = Vec::with_capacity(b * t * heads * hd);
-            let mut sin = Vec::with_capacity(b * t * heads * hd);
-            for _ in 0..b {
-                for pos in 0..t {
-                    for _ in 0..heads {
-                        for _ in 0..2 {
-                            for f in &inv_freq {
-                                // f32, as the reference rounds the angle.
-                                let angle = pos as f32 * *f as f32;
-                                cos.push(angle.cos());
-                                sin.push(angle.sin());
-                            }
+            let expand = |rows: &[f32]| {
+                let mut out = Vec::with_capacity(b * t * heads * hd);
+                for _ in 0..b {
+                    for row in rows.chunks_exact(hd) {
+                        for _ in 0..heads {
+                            out.extend_from_slice(row);
                         }
                     }
                 }
-            }
-            let make = |v: Vec<f32>| {
-                Tensor::<B, 2>::from_data(TensorData::new(v, [b * t, heads * hd]), device)
+                Tensor::<B, 2>::from_data(TensorData::new(out, [b * t, heads * hd]), device)
             };
-            (make(cos), make(sin))
+            (expand(&row_cos), expand(&row_sin))
         };
         RopeTables {
             q: table(cfg.num_attention_heads),
