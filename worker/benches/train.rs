@@ -76,6 +76,9 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     if let Some(one) = std::env::var_os("DAPT_BENCH_ONE") {
+        if std::env::var_os("DAPT_BENCH_GLIBC_DEFAULTS").is_none() {
+            dapt_worker::memory::retain_freed_memory();
+        }
         let case = cases()
             .into_iter()
             .find(|c| c.name == one.to_string_lossy())

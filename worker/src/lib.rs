@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod collective;
 pub mod error;
 pub mod import;
+pub mod memory;
 pub mod model;
 pub mod train;
 

@@ -72,6 +72,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
+    // Before any training thread starts: see dapt_worker::memory.
+    dapt_worker::memory::retain_freed_memory();
     match run_command(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
