@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use dapt_corpus::{micro_batches, prepare, rank_slice, CorpusReader, PrepareOptions};
+use dapt_corpus::{prepare, rank_slice, CorpusReader, PrepareOptions};
 use dapt_proto::job::JobSpec;
 use dapt_worker::collective::{AbortHandle, Collective, RingConfig, TcpRing};
 use dapt_worker::train::run::initial_model;
@@ -73,22 +73,17 @@ fn rank_loop(spec: &JobSpec, ring: &mut TcpRing) -> RankResult {
     let mut trainer = Trainer::new(config, weights, &training);
     let (rank, world) = (ring.rank() as u32, ring.world() as u32);
     let step_tokens = training.tokens_per_step();
-    let mut window = vec![0u32; training.seq_len as usize + 1];
     let mut losses = Vec::new();
     let mut first_grads = Vec::new();
     for step in 0..STEPS {
         let slice = rank_slice(step, training.global_batch, rank, world);
-        let micro: Vec<MicroBatch> = micro_batches(slice, training.micro_batch())
-            .map(|range| {
-                let mut ids = Vec::new();
-                let samples = (range.end - range.start) as usize;
-                for g in range {
-                    reader.read_sample(order.sample(g), training.seq_len, &mut window);
-                    ids.extend_from_slice(&window);
-                }
-                MicroBatch { ids, samples }
-            })
-            .collect();
+        let micro = MicroBatch::split(
+            &reader,
+            &order,
+            slice,
+            training.micro_batch(),
+            training.seq_len,
+        );
         let (loss, mut grads) = trainer.gradients(&micro, step_tokens as f64 / world as f64);
         ring.all_reduce_mean(&mut grads)
             .expect("all-reduce gradients");
@@ -143,20 +138,7 @@ fn accumulating_micro_batches_gives_the_whole_batch_gradient() {
         .expect("order");
     let (config, weights) = initial_model(&spec, &reader).expect("model");
     let trainer = Trainer::new(config, weights, &training);
-    let mut window = vec![0u32; training.seq_len as usize + 1];
-    let mut batches = |size: u64| -> Vec<MicroBatch> {
-        micro_batches(0..7, size)
-            .map(|r| {
-                let samples = (r.end - r.start) as usize;
-                let mut ids = Vec::new();
-                for g in r {
-                    reader.read_sample(order.sample(g), training.seq_len, &mut window);
-                    ids.extend_from_slice(&window);
-                }
-                MicroBatch { ids, samples }
-            })
-            .collect()
-    };
+    let batches = |size: u64| MicroBatch::split(&reader, &order, 0..7, size, training.seq_len);
     let tokens = training.tokens_per_step() as f64;
     let (whole_loss, whole) = trainer.gradients(&batches(7), tokens);
     let (split_loss, split) = trainer.gradients(&batches(2), tokens);

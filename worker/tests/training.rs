@@ -265,13 +265,12 @@ fn activation_checkpointing_gives_the_same_gradients() {
     let reader = CorpusReader::open(&spec.corpus.output).expect("corpus");
     let (config, weights) = initial_model(&spec, &reader).expect("model");
     let order = reader.sample_order(spec.seed, 32).expect("order");
-    let mut ids = Vec::new();
-    let mut window = vec![0u32; 33];
-    for g in 0..4 {
-        reader.read_sample(order.sample(g), 32, &mut window);
-        ids.extend_from_slice(&window);
-    }
-    let micro = [dapt_worker::train::MicroBatch { ids, samples: 4 }];
+    let micro = [dapt_worker::train::MicroBatch::read(
+        &reader,
+        &order,
+        0..4,
+        32,
+    )];
     let mut training = spec.training.take().expect("training");
     let plain = dapt_worker::train::Trainer::new(config.clone(), weights.clone(), &training);
     training.activation_checkpointing = true;

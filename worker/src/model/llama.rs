@@ -16,6 +16,8 @@ use dapt_proto::model::LlamaConfig;
 
 pub struct Llama<B: Backend> {
     cfg: LlamaConfig,
+    /// Where each parameter sits in the flat buffer, in the order of the fields below.
+    layout: ParamLayout,
     embed: Tensor<B, 2>,
     layers: Vec<Layer<B>>,
     norm: Tensor<B, 1>,
@@ -77,6 +79,7 @@ impl<B: Backend> Llama<B> {
         let lm_head = (!cfg.tie_word_embeddings).then(&mut next2);
         Llama {
             cfg: cfg.clone(),
+            layout,
             embed,
             layers,
             norm,
@@ -239,8 +242,7 @@ impl<B: Backend> RopeTables<B> {
 impl<B: AutodiffBackend> Llama<B> {
     /// Adds each parameter's gradient into `out`, laid out like the weights.
     pub fn add_gradients(&self, grads: &B::Gradients, out: &mut [f32]) {
-        let layout = ParamLayout::llama(&self.cfg);
-        let mut params = layout.params.iter();
+        let mut params = self.layout.params.iter();
         let mut add = |g: Option<Vec<f32>>| {
             let p = params.next().expect("layout has every parameter");
             if let Some(g) = g {

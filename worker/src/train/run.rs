@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use dapt_corpus::{micro_batches, step_range, CorpusReader};
+use dapt_corpus::{step_range, CorpusReader};
 use dapt_proto::job::{JobSpec, TrainingSpec};
 use serde::Serialize;
 
@@ -110,25 +110,16 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
             .evals
             .push(evaluate(&trainer, &reader, &training, 0));
     }
-    let width = training.seq_len as usize + 1;
-    let mut window = vec![0u32; width];
     while trainer.step < stop {
         let started = Instant::now();
         let step = trainer.step;
-        let micro: Vec<MicroBatch> = micro_batches(
+        let micro = MicroBatch::split(
+            &reader,
+            &order,
             step_range(step, training.global_batch),
             training.micro_batch(),
-        )
-        .map(|range| {
-            let samples = (range.end - range.start) as usize;
-            let mut ids = Vec::with_capacity(samples * width);
-            for g in range {
-                reader.read_sample(order.sample(g), training.seq_len, &mut window);
-                ids.extend_from_slice(&window);
-            }
-            MicroBatch { ids, samples }
-        })
-        .collect();
+            training.seq_len,
+        );
         let step_tokens = training.tokens_per_step();
         // One rank: the whole step's tokens are the denominator.
         let (loss, mut grads) = trainer.gradients(&micro, step_tokens as f64);

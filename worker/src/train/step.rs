@@ -3,10 +3,13 @@
 //! one flat f32 buffer in the parameter layout) and [`Trainer::apply`] (global-norm clipping and
 //! AdamW on the flat buffers).
 
+use std::ops::Range;
+
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use dapt_corpus::{micro_batches, CorpusReader, SampleOrder};
 use dapt_proto::job::TrainingSpec;
 
 use super::optimizer::{clip_global_norm, AdamW};
@@ -19,6 +22,38 @@ use crate::Cpu;
 pub struct MicroBatch {
     pub ids: Vec<u32>,
     pub samples: usize,
+}
+
+impl MicroBatch {
+    /// Global samples `range` in `order`, read straight into one buffer.
+    pub fn read(
+        reader: &CorpusReader,
+        order: &SampleOrder,
+        range: Range<u64>,
+        seq_len: u32,
+    ) -> Self {
+        let width = seq_len as usize + 1;
+        let samples = (range.end - range.start) as usize;
+        let mut ids = vec![0u32; samples * width];
+        for (window, g) in ids.chunks_exact_mut(width).zip(range) {
+            reader.read_sample(order.sample(g), seq_len, window);
+        }
+        MicroBatch { ids, samples }
+    }
+
+    /// A rank's slice of a step (see `dapt_corpus::rank_slice`) as micro-batches of at most
+    /// `micro_batch` samples.
+    pub fn split(
+        reader: &CorpusReader,
+        order: &SampleOrder,
+        slice: Range<u64>,
+        micro_batch: u64,
+        seq_len: u32,
+    ) -> Vec<Self> {
+        micro_batches(slice, micro_batch)
+            .map(|range| Self::read(reader, order, range, seq_len))
+            .collect()
+    }
 }
 
 /// What one step did.

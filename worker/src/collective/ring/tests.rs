@@ -31,12 +31,22 @@ fn config(rank: usize, peers: &[SocketAddr], generation: u64, chunk_bytes: usize
 /// Connects every rank of a ring at once; `generations[r]` is rank r's generation.
 fn connect_all(generations: &[u64], chunk_bytes: usize) -> Vec<Result<TcpRing, CollectiveError>> {
     let (listeners, peers) = bind_all(generations.len());
+    connect(listeners, &peers, generations, chunk_bytes)
+}
+
+/// Connects `listeners` (ranks 0.., of a world of `peers.len()`) from one thread each.
+fn connect(
+    listeners: Vec<RingListener>,
+    peers: &[SocketAddr],
+    generations: &[u64],
+    chunk_bytes: usize,
+) -> Vec<Result<TcpRing, CollectiveError>> {
     thread::scope(|s| {
         let joins: Vec<_> = listeners
             .into_iter()
             .enumerate()
             .map(|(rank, listener)| {
-                let cfg = config(rank, &peers, generations[rank], chunk_bytes);
+                let cfg = config(rank, peers, generations[rank], chunk_bytes);
                 s.spawn(move || listener.connect(cfg, AbortHandle::new()))
             })
             .collect();
@@ -172,20 +182,7 @@ fn a_rank_that_never_joins_times_out_the_others() {
         let absent = listeners.pop();
         let absent = keep_listener.then_some(absent);
         let started = Instant::now();
-        let results: Vec<_> = thread::scope(|s| {
-            let joins: Vec<_> = listeners
-                .into_iter()
-                .enumerate()
-                .map(|(rank, l)| {
-                    let cfg = config(rank, &peers, 1, 1 << 20);
-                    s.spawn(move || l.connect(cfg, AbortHandle::new()))
-                })
-                .collect();
-            joins
-                .into_iter()
-                .map(|j| j.join().expect("rank thread"))
-                .collect()
-        });
+        let results = connect(listeners, &peers, &[1, 1, 1], 1 << 20);
         let elapsed = started.elapsed();
         drop(absent);
         for r in results {
@@ -320,20 +317,10 @@ fn a_stray_connection_is_refused_and_the_real_peer_still_joins() {
     let (listeners, peers) = bind_all(2);
     let mut stray = TcpStream::connect(peers[0]).expect("stray connect");
     stray.write_all(&[7u8; 48]).expect("stray write");
-    let rings: Vec<_> = thread::scope(|s| {
-        let joins: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, l)| {
-                let cfg = config(rank, &peers, 9, 1 << 20);
-                s.spawn(move || l.connect(cfg, AbortHandle::new()))
-            })
-            .collect();
-        joins
-            .into_iter()
-            .map(|j| j.join().expect("rank thread").expect("connect"))
-            .collect()
-    });
+    let rings: Vec<TcpRing> = connect(listeners, &peers, &[9, 9], 1 << 20)
+        .into_iter()
+        .map(|r| r.expect("connect"))
+        .collect();
     let results = run_all_reduce(rings, 5, 1);
     assert_eq!(results[0], expected(2, 5));
 }
