@@ -4,6 +4,7 @@
 //! with the control-plane issue. The job file is parsed by [`dapt_proto::job`], which the
 //! workers share.
 
+pub mod control;
 pub mod plan;
 
 pub use dapt_proto::job as spec;

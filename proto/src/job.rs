@@ -42,6 +42,9 @@ pub struct JobSpec {
     pub training: Option<TrainingSpec>,
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
+    /// How the coordinator forms and supervises the workers.
+    #[serde(default)]
+    pub cluster: ClusterSpec,
 }
 
 /// Where the model comes from: exactly one of `preset` (random initialisation, for tests,
@@ -188,6 +191,41 @@ impl Default for CheckpointSpec {
     }
 }
 
+/// Membership and supervision: how many workers, how lost ones are noticed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSpec {
+    /// Training starts (and resumes after a loss) once this many workers are members.
+    pub min_workers: u32,
+    /// At most this many ranks; further workers wait as standbys. Default: no limit.
+    pub max_workers: Option<u32>,
+    /// How often workers send a heartbeat, in milliseconds.
+    pub heartbeat_ms: u64,
+    /// A worker silent this long (milliseconds) is lost, even if its connection looks open.
+    pub session_timeout_ms: u64,
+    /// After the first member joins, wait this long (milliseconds) for more before forming
+    /// a generation with fewer than `max_workers`.
+    pub formation_grace_ms: u64,
+    /// Survivors have this long (milliseconds) to confirm an abort before they are dropped.
+    pub abort_timeout_ms: u64,
+    /// A collective with no progress for this long (seconds) fails on the worker.
+    pub collective_timeout_s: u64,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            min_workers: 1,
+            max_workers: None,
+            heartbeat_ms: 500,
+            session_timeout_ms: 5_000,
+            formation_grace_ms: 2_000,
+            abort_timeout_ms: 10_000,
+            collective_timeout_s: 300,
+        }
+    }
+}
+
 fn default_init_std() -> f64 {
     0.02
 }
@@ -282,6 +320,28 @@ impl JobSpec {
         }
         if self.checkpoint.keep == 0 {
             return Err(("checkpoint.keep", "must be at least 1".into()));
+        }
+        let c = &self.cluster;
+        if c.min_workers == 0 {
+            return Err(("cluster.min_workers", "must be at least 1".into()));
+        }
+        if c.max_workers.is_some_and(|m| m < c.min_workers) {
+            return Err((
+                "cluster.max_workers",
+                format!("must be at least min_workers ({})", c.min_workers),
+            ));
+        }
+        if c.heartbeat_ms == 0 || c.session_timeout_ms <= c.heartbeat_ms {
+            return Err((
+                "cluster.session_timeout_ms",
+                "heartbeat_ms must be positive and session_timeout_ms longer than it".into(),
+            ));
+        }
+        if c.collective_timeout_s == 0 || c.abort_timeout_ms == 0 {
+            return Err((
+                "cluster",
+                "collective_timeout_s and abort_timeout_ms must be positive".into(),
+            ));
         }
         if let Some(t) = &self.training {
             let o = &t.optimizer;

@@ -5,9 +5,9 @@
 //! * [`job`] — the job file (model, corpus, training, checkpoints), parsed and checked once.
 //! * [`logging`] — the binaries' log output.
 //! * [`model`] — a Llama model's shape, from and to a Hugging Face `config.json`.
-//!
-//! The gRPC protocol (`proto/dapt/v1/*.proto`) arrives with the control plane.
+//! * [`rpc`] — the gRPC protocol (`proto/dapt/v1/*.proto`), id newtypes and typed refusals.
 
 pub mod job;
 pub mod logging;
 pub mod model;
+pub mod rpc;
