@@ -5,6 +5,9 @@
 //! workers share.
 
 pub mod control;
+pub mod launch;
+pub mod ledger;
 pub mod plan;
+pub mod server;
 
 pub use dapt_proto::job as spec;

@@ -2,7 +2,7 @@
 //! global sample order, with evaluation, checkpoints and resume. The distributed agent runs the
 //! same step with a collective between its two halves.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use dapt_corpus::{step_range, CorpusReader};
@@ -63,21 +63,7 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
     let mut resumed_from = None;
     let mut trainer = match checkpoint::list(&root)?.pop() {
         Some((step, dir)) => {
-            let loaded = checkpoint::load(&dir)?;
-            let mut trainer = Trainer::new(loaded.config, loaded.weights, &training);
-            trainer.optimizer.m = loaded.m;
-            trainer.optimizer.v = loaded.v;
-            trainer.optimizer.t = loaded.state.optimizer_steps;
-            trainer.step = loaded.state.step;
-            trainer.tokens = loaded.state.tokens;
-            if loaded.state.seed != job.seed {
-                return Err(WorkerError::Invalid(format!(
-                    "checkpoint {} was trained with seed {}, the job says {}",
-                    dir.display(),
-                    loaded.state.seed,
-                    job.seed
-                )));
-            }
+            let trainer = restore(&dir, &training, job.seed)?;
             resumed_from = Some(step);
             tracing::info!(step, dir = %dir.display(), "resumed from checkpoint");
             trainer
@@ -167,6 +153,26 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
     Ok(summary)
 }
 
+/// The trainer saved in checkpoint `dir` (verified against its checksums), for a job with
+/// `training` and `seed`.
+pub fn restore(dir: &Path, training: &TrainingSpec, seed: u64) -> Result<Trainer> {
+    let loaded = checkpoint::load(dir)?;
+    if loaded.state.seed != seed {
+        return Err(WorkerError::Invalid(format!(
+            "checkpoint {} was trained with seed {}, the job says {seed}",
+            dir.display(),
+            loaded.state.seed,
+        )));
+    }
+    let mut trainer = Trainer::new(loaded.config, loaded.weights, training);
+    trainer.optimizer.m = loaded.m;
+    trainer.optimizer.v = loaded.v;
+    trainer.optimizer.t = loaded.state.optimizer_steps;
+    trainer.step = loaded.state.step;
+    trainer.tokens = loaded.state.tokens;
+    Ok(trainer)
+}
+
 /// The model a fresh run starts from: a Hugging Face directory (whose tokenizer must be the
 /// corpus's), or a preset initialised from the job's seed with the corpus tokenizer's vocabulary.
 pub fn initial_model(job: &JobSpec, reader: &CorpusReader) -> Result<(LlamaConfig, Vec<f32>)> {
@@ -196,7 +202,7 @@ pub fn initial_model(job: &JobSpec, reader: &CorpusReader) -> Result<(LlamaConfi
     }
 }
 
-fn evaluate(
+pub fn evaluate(
     trainer: &Trainer,
     reader: &CorpusReader,
     training: &TrainingSpec,
