@@ -89,6 +89,7 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupted = false;
+    let mut all_gone = false;
     let mut exited = vec![false; children.len()];
     let events = coordinator.events();
     let wait = coordinator.wait();
@@ -106,12 +107,18 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
                 events.shutdown("terminated (SIGTERM)");
                 signal_all(&children, libc::SIGTERM);
             }
-            (i, status) = any_exit(&mut children, &exited) => {
+            (i, status) = any_exit(&mut children, &exited), if !exited.iter().all(|&e| e) => {
                 exited[i] = true;
                 let (id, log, _) = &children[i];
                 if !status.success() {
                     tracing::warn!(worker = %id, %status, log = %log.display(), "worker exited");
                     print_tail(log);
+                }
+                if exited.iter().all(|&e| e) && !interrupted {
+                    // Nobody left to train: stop rather than wait for joiners that won't come.
+                    interrupted = true;
+                    all_gone = true;
+                    events.shutdown("every worker exited");
                 }
             }
         }
@@ -125,6 +132,12 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
                 let _ = child.kill().await;
             }
         }
+    }
+    if all_gone && !matches!(outcome, Outcome::Completed { .. }) {
+        anyhow::bail!(
+            "every worker exited before the job completed; their logs are in {}",
+            logs.display()
+        );
     }
     let mut export = None;
     if let Outcome::Completed { checkpoint, .. } = &outcome {

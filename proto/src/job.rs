@@ -292,13 +292,7 @@ impl JobSpec {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
-        let join = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
-        };
+        let join = |p: &Path| dapt_corpus::spec::resolve_path(base, p);
         if let Some(model) = &mut self.model {
             model.hf = model.hf.as_deref().map(join);
         }

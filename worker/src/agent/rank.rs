@@ -96,7 +96,7 @@ pub fn train(
         .is_file()
         .then_some(corpus_tokenizer.as_path());
     let eval = |trainer: &Trainer, step: u64| {
-        if a.rank != 0 || training.eval_every == 0 {
+        if a.rank != 0 {
             return;
         }
         for (source, p) in evaluate(trainer, &reader, &training, step).sources {
@@ -109,7 +109,8 @@ pub fn train(
             }));
         }
     };
-    if a.resume_step == 0 {
+    if a.resume_step == 0 && training.eval_every > 0 {
+        // The base model's held-out perplexity: what continued pretraining is measured against.
         eval(&trainer, 0);
     }
 
@@ -151,7 +152,7 @@ pub fn train(
             tokens: step_tokens,
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
         }));
-        if training.eval_every > 0 && (done % training.eval_every == 0 || done == total) {
+        if done == total || (training.eval_every > 0 && done % training.eval_every == 0) {
             eval(&trainer, done);
         }
         if done % job.checkpoint.every == 0 || done == total {
