@@ -229,7 +229,7 @@ mod tests {
 
     fn job(dir: &Path, seed: u64) -> JobSpec {
         let mut spec = JobSpec::parse(&format!(
-            "job: j\nseed: {seed}\ncorpus:\n  output: {0}/c\n  sources: []\ntraining:\n  seq_len: 8\n  global_batch: 4\n  tokens: 320\ncheckpoint:\n  dir: {0}/ckpt\n",
+            "job: j\nseed: {seed}\ncorpus:\n  output: {0}/c\n  sources:\n    - name: d\n      role: domain\n      paths: [x]\n      weight: 1\ntraining:\n  seq_len: 8\n  global_batch: 4\n  tokens: 320\ncheckpoint:\n  dir: {0}/ckpt\n",
             dir.display()
         ))
         .expect("job");
