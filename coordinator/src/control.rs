@@ -47,6 +47,9 @@ pub struct ControlConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Phase {
     Forming,
+    /// A new coordinator took over a running generation (etcd): its ranks re-attach and
+    /// keep training; nothing is re-formed unless one fails to come back in time.
+    Reattaching,
     Running,
     Recovering,
     Completed,
@@ -58,6 +61,7 @@ impl Phase {
     pub fn name(&self) -> &'static str {
         match self {
             Phase::Forming => "forming",
+            Phase::Reattaching => "re-attaching",
             Phase::Running => "running",
             Phase::Recovering => "recovering",
             Phase::Completed => "completed",
@@ -90,6 +94,16 @@ pub struct Committed {
     pub step: u64,
     pub dir: String,
     pub generation: u64,
+}
+
+/// A generation as the durable store keeps it, so that a coordinator taking over knows who
+/// should re-attach.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationRecord {
+    pub generation: u64,
+    pub ranks: Vec<String>,
+    pub peers: Vec<String>,
+    pub resume_step: u64,
 }
 
 /// One rank's samples of one committed step.
@@ -155,6 +169,10 @@ pub struct JobState {
     pub step_time: Option<f64>,
     /// Generations since the last commit that ended in a failure.
     pub failed_generations: u32,
+    /// While re-attaching: when ranks that have not come back are given up.
+    pub reattach_deadline: Option<Instant>,
+    /// When this coordinator took over (for the re-attach log line).
+    pub took_over: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -173,6 +191,8 @@ pub struct JoinRequest {
     pub devices: Vec<String>,
     pub version: String,
     pub endpoint: String,
+    /// A worker re-attaching to a new coordinator: the generation it trains in and its rank.
+    pub attach: Option<(Generation, u32)>,
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +200,10 @@ pub enum Event {
     Join {
         conn: ConnId,
         request: JoinRequest,
+    },
+    /// The worker's membership lease expired or was revoked (etcd).
+    Expired {
+        worker: WorkerId,
     },
     /// The session ended (the worker's process died, or it hung up).
     Disconnected {
@@ -274,6 +298,12 @@ pub enum Log {
         worker: WorkerId,
         members: usize,
         standby: bool,
+    },
+    /// Every rank of the running generation re-attached to this (new) coordinator.
+    Reattached {
+        generation: Generation,
+        world: u32,
+        took: Duration,
     },
     Lost {
         worker: WorkerId,
@@ -374,6 +404,8 @@ pub enum Action {
         conn: ConnId,
         worker: WorkerId,
     },
+    /// Record the generation just formed in the durable store (etcd).
+    RecordGeneration(GenerationRecord),
     /// Make `committed` durable: append `ledger`, then record the committed step.
     Commit {
         committed: Committed,
@@ -405,7 +437,27 @@ impl JobState {
             last_step: None,
             step_time: None,
             failed_generations: 0,
+            reattach_deadline: None,
+            took_over: None,
         }
+    }
+
+    /// A coordinator taking over `record`'s generation: its ranks have until `deadline` to
+    /// re-attach.
+    pub fn take_over(
+        config: ControlConfig,
+        committed: Option<Committed>,
+        record: GenerationRecord,
+        now: Instant,
+        deadline: Instant,
+    ) -> Self {
+        let mut state = JobState::new(config, committed);
+        state.phase = Phase::Reattaching;
+        state.generation = Generation(record.generation);
+        state.ranks = record.ranks.into_iter().map(WorkerId).collect();
+        state.reattach_deadline = Some(deadline);
+        state.took_over = Some(now);
+        state
     }
 
     pub fn committed_step(&self) -> u64 {
@@ -441,6 +493,10 @@ pub fn decide(mut state: JobState, event: Event, now: Instant) -> (JobState, Vec
     }
     match event {
         Event::Join { conn, request } => join(&mut state, conn, request, now, &mut out),
+        Event::Expired { worker } => {
+            let reason = "its etcd lease expired".to_string();
+            lose(&mut state, &worker, reason, now, &mut out);
+        }
         Event::Disconnected { conn, worker } => {
             if state.is_member(&worker, conn) {
                 lose(
@@ -591,6 +647,16 @@ fn join(
         out.push(Action::RefuseJoin { conn, refusal });
         return;
     }
+    // A rank of the generation this coordinator took over, coming back.
+    let rank = match (state.phase == Phase::Reattaching, request.attach) {
+        (true, Some((generation, rank)))
+            if generation == state.generation
+                && state.ranks.get(rank as usize) == Some(&request.worker) =>
+        {
+            Some(rank)
+        }
+        _ => None,
+    };
     state.members.insert(
         request.worker.clone(),
         Member {
@@ -598,7 +664,7 @@ fn join(
             endpoint: request.endpoint,
             devices: request.devices,
             last_seen: now,
-            rank: None,
+            rank,
         },
     );
     out.push(Action::Accept {
@@ -608,7 +674,11 @@ fn join(
     out.push(Action::Log(Log::Joined {
         worker: request.worker,
         members: state.members.len(),
-        standby: matches!(state.phase, Phase::Running | Phase::Recovering),
+        standby: rank.is_none()
+            && matches!(
+                state.phase,
+                Phase::Running | Phase::Recovering | Phase::Reattaching
+            ),
     }));
 }
 
@@ -622,7 +692,8 @@ fn current_rank(
     out: &mut Vec<Action>,
 ) -> Option<u32> {
     let member = state.members.get(worker).filter(|m| m.conn == conn)?;
-    let refusal = if generation != state.generation || state.phase != Phase::Running {
+    let current = matches!(state.phase, Phase::Running | Phase::Reattaching);
+    let refusal = if generation != state.generation || !current {
         Refusal::new(
             ErrorCode::StaleGeneration,
             format!(
@@ -668,7 +739,7 @@ fn lose(
     if let Some(r) = &mut state.recovery {
         r.awaiting.remove(worker);
     }
-    if member.rank.is_some() && state.phase == Phase::Running {
+    if member.rank.is_some() && matches!(state.phase, Phase::Running | Phase::Reattaching) {
         begin_recovery(state, format!("{worker} lost: {reason}"), None, now, out);
     }
 }
@@ -748,6 +819,21 @@ fn tick(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
             out,
         );
     }
+    if state.phase == Phase::Reattaching && state.reattach_deadline.is_some_and(|d| now >= d) {
+        let missing: Vec<String> = state
+            .ranks
+            .iter()
+            .filter(|w| state.members.get(*w).is_none_or(|m| m.rank.is_none()))
+            .map(|w| w.0.clone())
+            .collect();
+        begin_recovery(
+            state,
+            format!("ranks did not re-attach in time: {}", missing.join(", ")),
+            None,
+            now,
+            out,
+        );
+    }
     if let Some(r) = &mut state.recovery {
         if r.aborted.is_none() && !r.awaiting.is_empty() && now >= r.abort_deadline {
             // Survivors that cannot confirm an abort in time are as good as lost.
@@ -773,6 +859,20 @@ fn tick(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
 
 /// Moves the job forward where the state allows: forms a generation, notes an abort complete.
 fn progress(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
+    if state.phase == Phase::Reattaching
+        && state
+            .ranks
+            .iter()
+            .all(|w| state.members.get(w).is_some_and(|m| m.rank.is_some()))
+    {
+        state.phase = Phase::Running;
+        state.reattach_deadline = None;
+        out.push(Action::Log(Log::Reattached {
+            generation: state.generation,
+            world: state.world(),
+            took: now.saturating_duration_since(state.took_over.unwrap_or(now)),
+        }));
+    }
     let mut just_aborted = false;
     if state.phase == Phase::Recovering {
         let r = state.recovery.as_mut().expect("recovering has a recovery");
@@ -903,6 +1003,12 @@ fn form(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
             },
         });
     }
+    out.push(Action::RecordGeneration(GenerationRecord {
+        generation: state.generation.0,
+        ranks: chosen.iter().map(|w| w.0.clone()).collect(),
+        peers,
+        resume_step,
+    }));
     out.push(Action::Log(Log::Formed {
         generation: state.generation,
         world,
@@ -931,10 +1037,13 @@ fn step_report(
 ) {
     let c = &state.config;
     let world = state.world();
+    if info.step < state.committed_step() {
+        // A re-attaching rank replays its reports; the committed ones are in the ledger.
+        return;
+    }
     let expected = rank_slice(info.step, c.global_batch, rank, world);
     if info.rank != rank
         || (info.samples.0, info.samples.1) != (expected.start, expected.end)
-        || info.step < state.committed_step()
         || info.step >= c.total_steps
     {
         let worker = state.ranks[rank as usize].clone();
@@ -1010,6 +1119,9 @@ fn checkpoint_report(
     out: &mut Vec<Action>,
 ) {
     let world = state.world();
+    if step <= state.committed_step() {
+        return;
+    }
     let (voted, dir, digests) = {
         let votes = state.checkpoints.entry(step).or_default();
         votes.ranks.insert(rank);

@@ -170,27 +170,33 @@ impl Ledger {
     }
 
     /// Deletes checkpoint directories older than the `keep` newest at or before `committed`.
-    /// Directories past it (written, never committed) are left for the next run to replace.
     pub fn prune(&self, committed: u64, keep: usize) -> Result<Vec<PathBuf>, LedgerError> {
-        let mut steps: Vec<(u64, PathBuf)> = fs::read_dir(&self.dir)
-            .map_err(io(&self.dir))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
-                Some((step, e.path()))
-            })
-            .filter(|(step, _)| *step <= committed)
-            .collect();
-        steps.sort();
-        let remove = steps.len().saturating_sub(keep);
-        let mut removed = Vec::new();
-        for (_, path) in steps.into_iter().take(remove) {
-            fs::remove_dir_all(&path).map_err(io(&path))?;
-            removed.push(path);
-        }
-        Ok(removed)
+        prune_dir(&self.dir, committed, keep)
     }
+}
+
+/// Deletes the `step-*` directories in `dir` older than the `keep` newest at or before
+/// `committed`. Directories past it (written, never committed) are left for the next run to
+/// replace.
+pub fn prune_dir(dir: &Path, committed: u64, keep: usize) -> Result<Vec<PathBuf>, LedgerError> {
+    let mut steps: Vec<(u64, PathBuf)> = fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
+            Some((step, e.path()))
+        })
+        .filter(|(step, _)| *step <= committed)
+        .collect();
+    steps.sort();
+    let remove = steps.len().saturating_sub(keep);
+    let mut removed = Vec::new();
+    for (_, path) in steps.into_iter().take(remove) {
+        fs::remove_dir_all(&path).map_err(io(&path))?;
+        removed.push(path);
+    }
+    Ok(removed)
 }
 
 pub fn read_entries(path: &Path) -> Result<Vec<LedgerEntry>, LedgerError> {

@@ -5,6 +5,7 @@
 //! workers share.
 
 pub mod control;
+pub mod etcd;
 pub mod launch;
 pub mod ledger;
 pub mod plan;

@@ -80,6 +80,10 @@ enum Command {
         /// The job's token (shared secret); prefer the environment.
         #[arg(long, env = "DAPT_TOKEN", hide_env_values = true)]
         token: String,
+        /// The URL workers reach this coordinator at (default: http://<listen address>); with
+        /// etcd membership it is published as the leader's address.
+        #[arg(long)]
+        advertise: Option<String>,
     },
     /// What a running job is doing: phase, generation, members, step, loss, throughput and the
     /// last committed checkpoint.
@@ -187,14 +191,19 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
                 Some(&launched.logs),
             ))
         }
-        Command::Coordinator { job, listen, token } => {
+        Command::Coordinator {
+            job,
+            listen,
+            token,
+            advertise,
+        } => {
             let spec = JobSpec::load(&job)?;
             anyhow::ensure!(
                 !token.is_empty(),
                 "--token (or DAPT_TOKEN) must not be empty"
             );
             let outcome = runtime()?.block_on(async {
-                let handle = server::start(spec, token, listen).await?;
+                let handle = server::start(spec, token, listen, advertise).await?;
                 let stopper = handle.events();
                 tokio::spawn(async move {
                     let mut term =

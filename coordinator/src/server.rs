@@ -25,6 +25,7 @@ use crate::control::{
     decide, fmt_duration, Action, ConnId, ControlConfig, Event, JobState, JoinRequest, Log, Phase,
     StepInfo,
 };
+use crate::etcd::EtcdStore;
 use crate::ledger::Ledger;
 
 /// How often time-based decisions (timeouts, the formation grace) are made.
@@ -47,7 +48,6 @@ pub enum Outcome {
 /// A running coordinator.
 pub struct Handle {
     pub addr: SocketAddr,
-    pub ledger: PathBuf,
     events: mpsc::UnboundedSender<Event>,
     done: tokio::task::JoinHandle<Outcome>,
 }
@@ -81,14 +81,42 @@ impl Handle {
 type Outbound = mpsc::UnboundedSender<Result<CoordinatorMessage, Status>>;
 type Sessions = Arc<Mutex<HashMap<ConnId, Outbound>>>;
 
-/// Binds `listen`, starts serving and supervising `job`, and returns at once.
-pub async fn start(job: JobSpec, token: String, listen: SocketAddr) -> anyhow::Result<Handle> {
+/// Where the job's durable state goes.
+enum Store {
+    /// `committed.json` and `ledger.jsonl` under the checkpoint directory (embedded).
+    Files(Ledger),
+    Etcd(EtcdStore),
+}
+
+/// Binds `listen`, starts serving and supervising `job`, and returns once this coordinator
+/// leads (at once with embedded membership; with etcd, after winning the election).
+/// `advertise` is the URL workers reach it at (default: `http://<listen address>`).
+pub async fn start(
+    job: JobSpec,
+    token: String,
+    listen: SocketAddr,
+    advertise: Option<String>,
+) -> anyhow::Result<Handle> {
     let training = job
         .training
         .ok_or_else(|| anyhow::anyhow!("the job has no `training:` section"))?;
-    let (ledger, committed) = Ledger::open(&job)?;
-    let ledger_path = ledger.ledger_path();
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let url = advertise.unwrap_or_else(|| format!("http://{addr}"));
     let c = &job.cluster;
+    let mut lost = None;
+    let (mut store, committed, record) = match c.etcd() {
+        None => {
+            let (ledger, committed) = Ledger::open(&job)?;
+            (Store::Files(ledger), committed, None)
+        }
+        Some(spec) => {
+            let (mut store, lost_flag) = EtcdStore::lead(spec, &job, &url).await?;
+            lost = Some(lost_flag);
+            let (committed, record) = store.load().await?;
+            (Store::Etcd(store), committed, record)
+        }
+    };
     let config = ControlConfig {
         job: job.job.clone(),
         token,
@@ -110,10 +138,29 @@ pub async fn start(job: JobSpec, token: String, listen: SocketAddr) -> anyhow::R
             "resuming from the committed checkpoint"
         );
     }
-    let state = JobState::new(config, committed);
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let addr = listener.local_addr()?;
+    let unfinished = committed
+        .as_ref()
+        .is_none_or(|c| c.step < config.total_steps);
+    let state = match record.filter(|_| unfinished) {
+        Some(record) => {
+            // A generation was running under the previous leader: its ranks keep training and
+            // re-attach here; they have a session timeout plus a lease TTL to find this leader.
+            let now = Instant::now();
+            let patience = config.session_timeout
+                + Duration::from_secs(c.etcd.as_ref().map_or(0, |e| e.lease_ttl_s));
+            tracing::info!(
+                generation = record.generation,
+                ranks = %record.ranks.join(","),
+                "taking over the running generation; waiting for its ranks to re-attach"
+            );
+            JobState::take_over(config, committed, record, now, now + patience)
+        }
+        None => JobState::new(config, committed),
+    };
     let (events, rx) = mpsc::unbounded_channel();
+    if let Store::Etcd(store) = &mut store {
+        store.watch_members(events.clone());
+    }
     let sessions: Sessions = Arc::default();
     let (status_tx, status_rx) = watch::channel(snapshot(&state));
     let service = Service {
@@ -136,41 +183,40 @@ pub async fn start(job: JobSpec, token: String, listen: SocketAddr) -> anyhow::R
             tracing::error!("gRPC server: {e}");
         }
     });
-    tracing::info!(%addr, job = %job.job, steps = training.steps(), "coordinator listening");
+    tracing::info!(%addr, %url, job = %job.job, steps = training.steps(), "coordinator listening");
     let keep = job.checkpoint.keep;
     let done = tokio::spawn(control_loop(
         state,
         rx,
         sessions,
-        ledger,
+        store,
         keep,
         status_tx,
         stop_server,
+        lost,
     ));
-    Ok(Handle {
-        addr,
-        ledger: ledger_path,
-        events,
-        done,
-    })
+    Ok(Handle { addr, events, done })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn control_loop(
     mut state: JobState,
     mut rx: mpsc::UnboundedReceiver<Event>,
     sessions: Sessions,
-    ledger: Ledger,
+    store: Store,
     keep: usize,
     status: watch::Sender<StatusReply>,
     stop_server: oneshot::Sender<()>,
+    mut lost: Option<watch::Receiver<bool>>,
 ) -> Outcome {
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut exec = Executor {
         sessions,
-        ledger,
+        store,
         keep,
     };
+    let mut deposed = None;
     while !state.phase.is_over() {
         let event = tokio::select! {
             event = rx.recv() => match event {
@@ -178,13 +224,33 @@ async fn control_loop(
                 None => break,
             },
             _ = ticker.tick() => Event::Tick,
+            Ok(()) = async { match lost.as_mut() { Some(l) => l.changed().await, None => std::future::pending().await } } => {
+                if lost.as_ref().is_some_and(|l| *l.borrow()) {
+                    // Another coordinator may lead by now: decide nothing more, abort nobody
+                    // (the workers keep training for the next leader).
+                    tracing::error!("lost the etcd leadership: stepping down");
+                    deposed = Some("lost the etcd leadership (its lease could not be renewed)".to_string());
+                    break;
+                }
+                continue;
+            }
         };
         let (next, actions) = decide(state, event, Instant::now());
         state = next;
         for action in actions {
-            exec.run(action);
+            if let Err(reason) = exec.run(action).await {
+                deposed = Some(reason);
+            }
         }
         status.send_replace(snapshot(&state));
+        if deposed.is_some() {
+            break;
+        }
+    }
+    if let Some(reason) = deposed {
+        exec.sessions.lock().expect("sessions").clear();
+        let _ = stop_server.send(());
+        return Outcome::Failed(reason);
     }
     // Let the last orders (finish, abort) reach the workers before the server goes.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -230,7 +296,7 @@ async fn control_loop(
 
 struct Executor {
     sessions: Sessions,
-    ledger: Ledger,
+    store: Store,
     keep: usize,
 }
 
@@ -252,7 +318,9 @@ impl Executor {
         }
     }
 
-    fn run(&mut self, action: Action) {
+    /// Carries out `action`. An error means this coordinator must stop deciding (it lost the
+    /// leadership).
+    async fn run(&mut self, action: Action) -> Result<(), String> {
         match action {
             Action::Accept { .. } => {
                 // The session task sent `Joined` already; acceptance only makes it a member.
@@ -292,14 +360,34 @@ impl Executor {
                 }),
             ),
             Action::Drop { conn, .. } => self.close(conn, None),
-            Action::Commit { committed, ledger } => {
-                if let Err(e) = self.ledger.commit(&committed, &ledger) {
-                    // The step stays uncommitted on disk; a restart resumes from the one before.
-                    tracing::error!("recording the commit of step {}: {e}", committed.step);
-                } else if let Err(e) = self.ledger.prune(committed.step, self.keep) {
-                    tracing::warn!("pruning old checkpoints: {e}");
+            Action::RecordGeneration(record) => {
+                if let Store::Etcd(store) = &mut self.store {
+                    if let Err(e) = store.record_generation(&record).await {
+                        return Err(format!("recording generation {}: {e}", record.generation));
+                    }
                 }
             }
+            Action::Commit { committed, ledger } => match &mut self.store {
+                Store::Files(files) => {
+                    if let Err(e) = files.commit(&committed, &ledger) {
+                        // The step stays uncommitted on disk; a restart resumes from the one
+                        // before.
+                        tracing::error!("recording the commit of step {}: {e}", committed.step);
+                    } else if let Err(e) = files.prune(committed.step, self.keep) {
+                        tracing::warn!("pruning old checkpoints: {e}");
+                    }
+                }
+                Store::Etcd(store) => {
+                    if let Err(e) = store.commit(&committed, &ledger).await {
+                        if matches!(e, crate::etcd::StoreError::NotLeader(_)) {
+                            return Err(e.to_string());
+                        }
+                        tracing::error!("recording the commit of step {}: {e}", committed.step);
+                    } else if let Some(root) = std::path::Path::new(&committed.dir).parent() {
+                        let _ = crate::ledger::prune_dir(root, committed.step, self.keep);
+                    }
+                }
+            },
             Action::Finish {
                 conn, step, dir, ..
             } => self.send(
@@ -311,6 +399,7 @@ impl Executor {
             ),
             Action::Log(line) => log(line),
         }
+        Ok(())
     }
 }
 
@@ -322,6 +411,16 @@ fn log(line: Log) {
             standby,
         } => tracing::info!(%worker, members, standby, "worker joined"),
         Log::Lost { worker, reason } => tracing::warn!(%worker, %reason, "worker lost"),
+        Log::Reattached {
+            generation,
+            world,
+            took,
+        } => tracing::info!(
+            generation = generation.0,
+            world,
+            took_ms = took.as_millis() as u64,
+            "ranks re-attached"
+        ),
         Log::Refused { worker, refusal } => tracing::warn!(
             %worker,
             code = refusal.code.as_str_name(),
@@ -540,6 +639,8 @@ fn to_event(
                 devices: j.devices,
                 version: j.version,
                 endpoint: j.collective_endpoint,
+                attach: (j.attach_generation > 0)
+                    .then_some((Generation(j.attach_generation), j.attach_rank)),
             },
         }));
     };

@@ -210,6 +210,119 @@ pub struct ClusterSpec {
     pub abort_timeout_ms: u64,
     /// A collective with no progress for this long (seconds) fails on the worker.
     pub collective_timeout_s: u64,
+    /// Where membership and the job's durable state live: `embedded` (the coordinator's
+    /// process and files under checkpoint.dir; one machine) or `etcd` (needs `etcd:`).
+    /// Default: `etcd` when an `etcd:` section is given, else `embedded`.
+    pub membership: Option<MembershipKind>,
+    pub etcd: Option<EtcdSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MembershipKind {
+    Embedded,
+    Etcd,
+}
+
+/// The etcd cluster that holds membership leases, the leader and the job's state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSpec {
+    /// Client URLs, e.g. ["http://10.0.0.5:2379"].
+    pub endpoints: Vec<String>,
+    /// Every key of the job lives under `<prefix>/<job>/`.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// Lease TTL in seconds of each worker's membership key and of the leader key; kept alive
+    /// every third of it.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_s: u64,
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The environment variable that holds the etcd password (never the password itself).
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub tls: Option<EtcdTls>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTls {
+    /// CA certificate (PEM) that signed the etcd servers' certificates.
+    pub ca: PathBuf,
+    /// Client certificate and key (PEM), for etcd's client-certificate authentication.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The name the servers' certificates carry, when it is not the endpoint's host.
+    #[serde(default)]
+    pub domain: Option<String>,
+}
+
+fn default_etcd_prefix() -> String {
+    "/dapt".into()
+}
+
+fn default_lease_ttl() -> u64 {
+    10
+}
+
+impl ClusterSpec {
+    pub fn membership(&self) -> MembershipKind {
+        self.membership.unwrap_or(if self.etcd.is_some() {
+            MembershipKind::Etcd
+        } else {
+            MembershipKind::Embedded
+        })
+    }
+
+    /// The etcd settings when membership is etcd.
+    pub fn etcd(&self) -> Option<&EtcdSpec> {
+        match self.membership() {
+            MembershipKind::Etcd => self.etcd.as_ref(),
+            MembershipKind::Embedded => None,
+        }
+    }
+}
+
+/// The job's keys in etcd.
+pub mod keys {
+    /// `<prefix>/<job>/`
+    pub fn job(prefix: &str, job: &str) -> String {
+        format!("{}/{job}/", prefix.trim_end_matches('/'))
+    }
+
+    /// Members' lease-bound keys: `members/<worker>` -> {"endpoint", "devices"}.
+    pub fn members(prefix: &str, job: &str) -> String {
+        format!("{}members/", self::job(prefix, job))
+    }
+
+    pub fn member(prefix: &str, job: &str, worker: &str) -> String {
+        format!("{}{worker}", members(prefix, job))
+    }
+
+    /// The leading coordinator's URL, bound to its lease.
+    pub fn leader(prefix: &str, job: &str) -> String {
+        format!("{}leader", self::job(prefix, job))
+    }
+
+    /// The current generation: number, ranks and peers (JSON).
+    pub fn generation(prefix: &str, job: &str) -> String {
+        format!("{}generation", self::job(prefix, job))
+    }
+
+    /// The last committed checkpoint (JSON).
+    pub fn committed(prefix: &str, job: &str) -> String {
+        format!("{}committed", self::job(prefix, job))
+    }
+
+    /// The ledger: one key per commit, `ledger/<step, 12 digits>` -> the entries of the steps
+    /// it committed (JSON array).
+    pub fn ledger(prefix: &str, job: &str) -> String {
+        format!("{}ledger/", self::job(prefix, job))
+    }
 }
 
 impl Default for ClusterSpec {
@@ -222,6 +335,8 @@ impl Default for ClusterSpec {
             formation_grace_ms: 2_000,
             abort_timeout_ms: 10_000,
             collective_timeout_s: 300,
+            membership: None,
+            etcd: None,
         }
     }
 }
@@ -297,6 +412,11 @@ impl JobSpec {
             model.hf = model.hf.as_deref().map(join);
         }
         self.checkpoint.dir = join(&self.checkpoint.dir);
+        if let Some(tls) = self.cluster.etcd.as_mut().and_then(|e| e.tls.as_mut()) {
+            tls.ca = join(&tls.ca);
+            tls.cert = tls.cert.as_deref().map(join);
+            tls.key = tls.key.as_deref().map(join);
+        }
     }
 
     /// Checks across fields that deserialization cannot make.
@@ -330,6 +450,29 @@ impl JobSpec {
                 "cluster.session_timeout_ms",
                 "heartbeat_ms must be positive and session_timeout_ms longer than it".into(),
             ));
+        }
+        if c.membership == Some(MembershipKind::Etcd) && c.etcd.is_none() {
+            return Err((
+                "cluster.membership",
+                "`etcd` needs a `cluster.etcd:` section with its endpoints".into(),
+            ));
+        }
+        if let Some(e) = &c.etcd {
+            if e.endpoints.is_empty() {
+                return Err(("cluster.etcd.endpoints", "give at least one".into()));
+            }
+            if e.lease_ttl_s == 0 {
+                return Err(("cluster.etcd.lease_ttl_s", "must be at least 1".into()));
+            }
+            if e.tls
+                .as_ref()
+                .is_some_and(|t| t.cert.is_some() != t.key.is_some())
+            {
+                return Err((
+                    "cluster.etcd.tls",
+                    "give both `cert` and `key`, or neither".into(),
+                ));
+            }
         }
         if c.collective_timeout_s == 0 || c.abort_timeout_ms == 0 {
             return Err((

@@ -34,6 +34,7 @@ fn request(worker: &str) -> JoinRequest {
         devices: vec!["cpu".into()],
         version: "0.1.3".into(),
         endpoint: format!("127.0.0.1:{}", 4000 + worker.len()),
+        attach: None,
     }
 }
 
@@ -644,4 +645,113 @@ fn a_relaunch_of_a_completed_job_finishes_at_once() {
             .count(),
         2
     );
+}
+
+fn attach(worker: &str, generation: u64, rank: u32) -> JoinRequest {
+    JoinRequest {
+        attach: Some((Generation(generation), rank)),
+        ..request(worker)
+    }
+}
+
+fn taken_over(committed_step: u64) -> Sim {
+    let mut sim = Sim::new(config());
+    let now = sim.now;
+    let committed = Committed {
+        step: committed_step,
+        dir: format!("/ckpt/step-{committed_step:08}"),
+        generation: 4,
+    };
+    let record = GenerationRecord {
+        generation: 4,
+        ranks: vec!["a".into(), "b".into()],
+        peers: vec![request("a").endpoint, request("b").endpoint],
+        resume_step: committed_step,
+    };
+    sim.state = Some(JobState::take_over(
+        config(),
+        Some(committed),
+        record,
+        now,
+        now + Duration::from_secs(3),
+    ));
+    sim
+}
+
+#[test]
+fn a_new_coordinator_takes_the_running_generation_back_without_re_forming() {
+    let mut sim = taken_over(4);
+    let actions = sim.at(0.5).send(Event::Join {
+        conn: 1,
+        request: attach("a", 4, 0),
+    });
+    assert!(assignments(&actions).is_empty());
+    assert_eq!(sim.state().phase, Phase::Reattaching);
+    // Its replayed reports: the committed step is ignored, the rest counts.
+    assert!(sim.step("a", 3).is_empty());
+    assert!(sim.step("a", 4).is_empty());
+    let actions = sim.at(1.0).send(Event::Join {
+        conn: 2,
+        request: attach("b", 4, 1),
+    });
+    assert!(assignments(&actions).is_empty(), "no re-formation");
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Log(Log::Reattached {
+            generation: Generation(4),
+            world: 2,
+            ..
+        })
+    )));
+    assert_eq!(sim.state().phase, Phase::Running);
+    let actions = sim.step("b", 4);
+    assert!(matches!(
+        actions.first(),
+        Some(Action::Log(Log::Step { step: 4, .. }))
+    ));
+    let actions = sim.train(5, STEPS);
+    let ledger = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Commit { ledger, .. } => Some(ledger.clone()),
+            _ => None,
+        })
+        .expect("commit");
+    assert_eq!(ledger.len(), 8, "steps 4..8, two ranks, once each");
+    assert_eq!(sim.state().phase, Phase::Completed);
+}
+
+#[test]
+fn ranks_that_do_not_re_attach_in_time_are_given_up_and_the_rest_re_form() {
+    let mut sim = taken_over(4);
+    sim.at(0.5).send(Event::Join {
+        conn: 1,
+        request: attach("a", 4, 0),
+    });
+    let actions = sim.at(3.1).send(Event::Tick);
+    assert_eq!(aborts(&actions), vec![id("a")]);
+    let conn = sim.conn("a");
+    let actions = sim.send(Event::Aborted {
+        conn,
+        worker: id("a"),
+        generation: Generation(4),
+    });
+    let assigned = assignments(&actions);
+    assert_eq!(assigned.len(), 1);
+    assert_eq!(assigned[0].1.generation, Generation(5));
+    assert_eq!(assigned[0].1.resume_step, 4);
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::RecordGeneration(r) if r.generation == 5)));
+}
+
+#[test]
+fn an_expired_lease_loses_the_worker() {
+    let mut sim = formed();
+    let actions = sim.send(Event::Expired { worker: id("b") });
+    assert_eq!(aborts(&actions), vec![id("a")]);
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Log(Log::Lost { reason, .. }) if reason.contains("lease")
+    )));
 }
