@@ -2,39 +2,13 @@
 //! `dapt coordinator` with `dapt-worker` processes killed with SIGKILL, refusals, Ctrl-C and
 //! resume. Every wait is bounded.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use dapt_tests::{alive, binary, check_ledger, events, free_port, repo_root, Proc};
-
-const BATCH: u64 = 7;
-
-struct Job {
-    path: PathBuf,
-    checkpoints: PathBuf,
-    steps: u64,
-}
-
-/// A tiny-model job: `steps` steps of 7 windows of 32 tokens, a checkpoint every 5 steps.
-fn write_job(dir: &Path, name: &str, steps: u64, cluster: &str) -> Job {
-    let corpus = repo_root().join("examples/quickstart/corpus");
-    let checkpoints = dir.join(format!("ck-{name}"));
-    let job = format!(
-        "job: {name}\nseed: 5\nmodel:\n  preset: tiny\ncorpus:\n  output: {out}\n  vocab_size: 512\n  sources:\n    - name: postgres\n      role: domain\n      paths: [\"{c}/postgres/*.html\"]\n      weight: 3\n      held_out: 0.2\n    - name: sotu\n      role: replay\n      paths: [\"{c}/sotu/*.txt\"]\n      weight: 1\n      held_out: 0.2\ntraining:\n  seq_len: 32\n  global_batch: {BATCH}\n  micro_batch: 2\n  tokens: {tokens}\n  optimizer:\n    lr: 0.003\ncheckpoint:\n  dir: {ck}\n  every: 5\n  keep: 2\n{cluster}",
-        out = dir.join("corpus").display(),
-        c = corpus.display(),
-        ck = checkpoints.display(),
-        tokens = steps * BATCH * 32,
-    );
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, job).expect("write job");
-    Job {
-        path,
-        checkpoints,
-        steps,
-    }
-}
+use dapt_tests::{
+    alive, binary, check_ledger, coordinator, events, losses, random_step, serial, write_job, Job,
+    Proc, BATCH, LONG,
+};
 
 fn launch(job: &Job, workers: u32) -> Proc {
     let mut cmd = Command::new(binary("dapt"));
@@ -43,20 +17,6 @@ fn launch(job: &Job, workers: u32) -> Proc {
         .args(["--workers", &workers.to_string()]);
     Proc::spawn(cmd)
 }
-
-fn losses(lines: &[serde_json::Value]) -> Vec<(u64, f64)> {
-    events(lines, "step")
-        .iter()
-        .map(|f| {
-            (
-                f["step"].as_u64().expect("step"),
-                f["loss"].as_f64().expect("loss"),
-            )
-        })
-        .collect()
-}
-
-const LONG: Duration = Duration::from_secs(240);
 
 #[test]
 fn two_workers_train_and_commit_every_sample_once_with_equal_weights() {
@@ -117,102 +77,6 @@ fn one_and_two_workers_see_the_same_loss_at_every_step() {
         println!("step {s}: 1 worker {x:.6}, 2 workers {y:.6}");
         assert!((x - y).abs() < 1e-4 * x.abs(), "step {s}: {x} vs {y}");
     }
-}
-
-/// These tests start several processes each: one at a time, so that a loaded machine does not
-/// turn heartbeats late.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-struct Cluster {
-    coordinator: Proc,
-    url: String,
-    token: String,
-    job: Job,
-}
-
-fn coordinator(dir: &Path, name: &str, steps: u64, cluster: &str) -> Cluster {
-    let job = write_job(dir, name, steps, cluster);
-    let out = Command::new(binary("dapt"))
-        .args(["prepare", "--quiet"])
-        .arg(&job.path)
-        .output()
-        .expect("prepare");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let port = free_port();
-    let token = "t0ken".to_string();
-    let mut cmd = Command::new(binary("dapt"));
-    cmd.args(["--log-format", "json", "coordinator"])
-        .arg(&job.path)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("DAPT_TOKEN", &token);
-    let mut coordinator = Proc::spawn(cmd);
-    coordinator.wait_for("the coordinator to listen", LONG, |l| {
-        !events(l, "coordinator listening").is_empty()
-    });
-    Cluster {
-        coordinator,
-        url: format!("http://127.0.0.1:{port}"),
-        token,
-        job,
-    }
-}
-
-impl Cluster {
-    fn worker(&self, id: &str, job: &str, token: &str) -> Proc {
-        let mut cmd = Command::new(binary("dapt-worker"));
-        cmd.args([
-            "--log-format",
-            "json",
-            "--coordinator",
-            &self.url,
-            "--id",
-            id,
-        ])
-        .env("DAPT_JOB", job)
-        .env("DAPT_TOKEN", token)
-        .env("RAYON_NUM_THREADS", "1");
-        Proc::spawn(cmd)
-    }
-
-    fn member(&self, id: &str) -> Proc {
-        let name = self.job_name();
-        self.worker(id, &name, &self.token.clone())
-    }
-
-    fn job_name(&self) -> String {
-        self.job
-            .path
-            .file_stem()
-            .expect("stem")
-            .to_string_lossy()
-            .into_owned()
-    }
-}
-
-/// A tiny xorshift, so the kill step is random but replayable from the printed seed.
-fn random_step(lo: u64, hi: u64) -> u64 {
-    let seed = std::env::var("DAPT_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("clock")
-                .as_nanos() as u64
-        });
-    println!("kill schedule seed {seed} (replay with DAPT_TEST_SEED={seed})");
-    let mut x = seed | 1;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    lo + x % (hi - lo)
 }
 
 #[test]
@@ -349,6 +213,8 @@ fn stale_report(url: &str, job: &str, token: &str) -> String {
             devices: vec!["cpu".into()],
             version: rpc::VERSION.into(),
             collective_endpoint: "127.0.0.1:1".into(),
+            attach_generation: 0,
+            attach_rank: 0,
         })))
         .expect("send");
         tx.send(msg(Kind::Step(rpc::StepReport {

@@ -6,6 +6,7 @@
 //! finish ends the agent. Ctrl-C or SIGTERM aborts the step in flight and exits: the last
 //! committed checkpoint stays as it was.
 
+mod lease;
 pub mod rank;
 
 use std::net::SocketAddr;
@@ -59,6 +60,7 @@ pub fn run(options: AgentOptions) -> anyhow::Result<AgentExit> {
 
 struct Generation {
     generation: u64,
+    rank: u32,
     abort: AbortHandle,
     thread: std::thread::JoinHandle<()>,
 }
@@ -80,42 +82,40 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
         .advertise
         .clone()
         .unwrap_or_else(|| listener.local_addr().to_string());
-    let mut client = connect(&o.coordinator, o.connect_timeout).await?;
-    let (tx, rx) = mpsc::unbounded_channel::<WorkerMessage>();
-    let send = {
-        let tx = tx.clone();
-        move |kind: Kind| {
-            let _ = tx.send(WorkerMessage { kind: Some(kind) });
-        }
+    // Everything for the coordinator goes through `outbox`; the loop below forwards it to the
+    // current session, so that a new session (after a coordinator failover) picks up where the
+    // old one stopped.
+    let (outbox, mut outbox_rx) = mpsc::unbounded_channel::<Kind>();
+    let send = move |kind: Kind| {
+        let _ = outbox.send(kind);
     };
-    send(Kind::Join(rpc::Join {
+    let join = rpc::Join {
         job: o.job.clone(),
         token: o.token.clone(),
         worker_id: o.worker_id.clone(),
         devices: o.devices.clone(),
         version: rpc::VERSION.to_string(),
         collective_endpoint: endpoint.clone(),
-    }));
-    let mut inbound = client
-        .session(UnboundedReceiverStream::new(rx))
-        .await
-        .map_err(refused)?
-        .into_inner();
-    let joined = match inbound.message().await.map_err(refused)? {
-        Some(rpc::CoordinatorMessage {
-            kind: Some(coordinator_message::Kind::Joined(j)),
-        }) => j,
-        other => anyhow::bail!("the coordinator answered the join with {other:?}"),
+        attach_generation: 0,
+        attach_rank: 0,
     };
+    let mut session = Session::open(&o.coordinator, o.connect_timeout, join.clone()).await?;
     let job: JobSpec =
-        serde_json::from_str(&joined.job_json).context("the job the coordinator sent")?;
+        serde_json::from_str(&session.joined.job_json).context("the job the coordinator sent")?;
     tracing::info!(worker = %o.worker_id, job = %job.job, %endpoint, coordinator = %o.coordinator, "joined");
+    let membership = match job.cluster.etcd() {
+        Some(spec) => Some(
+            lease::Membership::register(spec, &job.job, &o.worker_id, &endpoint, &o.devices)
+                .await?,
+        ),
+        None => None,
+    };
 
     let progress = Arc::new(Progress::default());
     let heartbeat = {
         let progress = progress.clone();
         let send = send.clone();
-        let every = Duration::from_millis(u64::from(joined.heartbeat_interval_ms.max(10)));
+        let every = Duration::from_millis(u64::from(session.joined.heartbeat_interval_ms.max(10)));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
@@ -129,16 +129,50 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
     };
     let job = Arc::new(job);
     let mut current: Option<Generation> = None;
+    // Reports of the running generation, replayed to a coordinator that takes over.
+    let mut replay: Vec<Kind> = Vec::new();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let result = loop {
         let message = tokio::select! {
-            m = inbound.message() => m,
+            m = session.inbound.message() => m,
+            Some(kind) = outbox_rx.recv() => {
+                if matches!(kind, Kind::Step(_) | Kind::Checkpoint(_)) {
+                    replay.push(kind.clone());
+                }
+                session.send(kind);
+                continue;
+            }
             _ = tokio::signal::ctrl_c() => break Ok(AgentExit::Interrupted),
             _ = sigterm.recv() => break Ok(AgentExit::Interrupted),
         };
         let kind = match message {
             Ok(Some(rpc::CoordinatorMessage { kind: Some(kind) })) => kind,
             Ok(Some(_)) => continue,
+            Ok(None) | Err(_) if membership.is_some() && !refusal(&message) => {
+                // etcd membership: the coordinator went away, not this worker. Keep training
+                // and re-attach to whoever leads next.
+                let lead = membership.as_ref().expect("etcd membership");
+                let mut attach = join.clone();
+                if let Some(g) = &current {
+                    attach.attach_generation = g.generation;
+                    attach.attach_rank = g.rank;
+                }
+                tracing::warn!(
+                    generation = attach.attach_generation,
+                    "lost the coordinator; re-attaching to the next leader"
+                );
+                match reattach(lead, attach, o.connect_timeout).await {
+                    Ok(s) => {
+                        session = s;
+                        for kind in &replay {
+                            session.send(kind.clone());
+                        }
+                        tracing::info!(replayed = replay.len(), "re-attached");
+                    }
+                    Err(e) => break Err(e),
+                }
+                continue;
+            }
             Ok(None) => break Err(anyhow::anyhow!("the coordinator ended the session")),
             Err(status) => break Err(refused(status)),
         };
@@ -147,6 +181,7 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
                 if let Some(g) = current.take() {
                     g.stop().await;
                 }
+                replay.clear();
                 tracing::info!(
                     generation = a.generation,
                     rank = a.rank,
@@ -161,6 +196,7 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
                     if g.generation == a.generation {
                         tracing::warn!(generation = a.generation, reason = %a.reason, "aborting");
                         g.stop().await;
+                        replay.clear();
                     } else {
                         current = Some(g);
                     }
@@ -185,7 +221,75 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
         g.stop().await;
     }
     heartbeat.abort();
+    if let Some(m) = membership {
+        // Leave at once rather than when the lease runs out: the job re-forms without waiting.
+        m.leave().await;
+    }
     result
+}
+
+/// Whether a failed read of the session is a refusal (as opposed to a lost coordinator).
+fn refusal(message: &Result<Option<rpc::CoordinatorMessage>, tonic::Status>) -> bool {
+    matches!(message, Err(status) if Refusal::from_status(status).is_some())
+}
+
+/// One session with a coordinator.
+struct Session {
+    inbound: tonic::Streaming<rpc::CoordinatorMessage>,
+    outbound: mpsc::UnboundedSender<WorkerMessage>,
+    joined: rpc::Joined,
+}
+
+impl Session {
+    async fn open(url: &str, patience: Duration, join: rpc::Join) -> anyhow::Result<Self> {
+        let mut client = connect(url, patience).await?;
+        let (outbound, rx) = mpsc::unbounded_channel::<WorkerMessage>();
+        let _ = outbound.send(WorkerMessage {
+            kind: Some(Kind::Join(join)),
+        });
+        let mut inbound = client
+            .session(UnboundedReceiverStream::new(rx))
+            .await
+            .map_err(refused)?
+            .into_inner();
+        let joined = match inbound.message().await.map_err(refused)? {
+            Some(rpc::CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Joined(j)),
+            }) => j,
+            other => anyhow::bail!("the coordinator answered the join with {other:?}"),
+        };
+        Ok(Session {
+            inbound,
+            outbound,
+            joined,
+        })
+    }
+
+    fn send(&self, kind: Kind) {
+        let _ = self.outbound.send(WorkerMessage { kind: Some(kind) });
+    }
+}
+
+/// Finds the leading coordinator in etcd and joins it with `attach`, for as long as `patience`
+/// plus a lease TTL (the time a dead leader's key takes to expire).
+async fn reattach(
+    membership: &lease::Membership,
+    attach: rpc::Join,
+    patience: Duration,
+) -> anyhow::Result<Session> {
+    let deadline = tokio::time::Instant::now() + patience + membership.ttl();
+    let mut last_error = None;
+    while tokio::time::Instant::now() < deadline {
+        if let Some(url) = membership.leader().await {
+            match Session::open(&url, Duration::from_secs(2), attach.clone()).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no coordinator leads the job")))
+        .context("re-attaching to a coordinator")
 }
 
 fn start(
@@ -197,6 +301,7 @@ fn start(
 ) -> Generation {
     let abort = AbortHandle::new();
     let generation = a.generation;
+    let rank = a.rank;
     let (job, listener, progress, thread_abort) = (
         job.clone(),
         listener.clone(),
@@ -226,6 +331,7 @@ fn start(
         .expect("spawning the training thread");
     Generation {
         generation,
+        rank,
         abort,
         thread,
     }
