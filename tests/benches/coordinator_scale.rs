@@ -1,0 +1,192 @@
+//! Coordinator scale: N simulated workers (gRPC clients that join, heartbeat, confirm aborts and
+//! never train) against the real `dapt coordinator` binary with embedded membership. Measures
+//! the time to form a generation of N, the coordinator's CPU time and memory per member, and the
+//! time to re-form after one member is lost (from its session ending to the last survivor's new
+//! assignment).
+//!
+//! Run: `cargo build --release --bins && cargo bench -p dapt-tests --bench coordinator_scale`
+//! (sizes with DAPT_SCALE_SIZES=64,256,1024).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use dapt_proto::rpc::{self, coordinator_message, worker_message::Kind, WorkerMessage};
+use dapt_tests::{binary, events, free_port, Proc};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+fn main() {
+    let sizes: Vec<usize> = std::env::var("DAPT_SCALE_SIZES")
+        .unwrap_or_else(|_| "64,256,1024".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!("| members | form (ms) | coordinator CPU (ms) | CPU per member (µs) | RSS growth (KiB) | per member (KiB) | re-form after a loss (ms) |");
+    println!("|---|---|---|---|---|---|---|");
+    for n in sizes {
+        let r = runtime.block_on(run(n));
+        println!(
+            "| {n} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.0} |",
+            r.form.as_secs_f64() * 1e3,
+            r.cpu.as_secs_f64() * 1e3,
+            r.cpu.as_secs_f64() * 1e6 / n as f64,
+            r.rss_kib,
+            r.rss_kib as f64 / n as f64,
+            r.reform.as_secs_f64() * 1e3,
+        );
+    }
+}
+
+struct Result {
+    form: Duration,
+    cpu: Duration,
+    rss_kib: i64,
+    reform: Duration,
+}
+
+/// (utime + stime, VmRSS KiB) of process `pid`.
+fn usage(pid: u32) -> (Duration, i64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (Duration::from_millis(ticks * 1000 / hz), rss)
+}
+
+async fn run(n: usize) -> Result {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = dir.path().join("scale.yaml");
+    std::fs::write(
+        &job,
+        format!(
+            "job: scale\ncorpus:\n  output: {0}/corpus\n  sources:\n    - name: d\n      role: domain\n      paths: [x]\n      weight: 1\ntraining:\n  seq_len: 8\n  global_batch: 4096\n  tokens: 327680000\ncheckpoint:\n  dir: {0}/ck\ncluster:\n  min_workers: {n}\n  max_workers: {n}\n  heartbeat_ms: 1000\n  session_timeout_ms: 60000\n",
+            dir.path().display()
+        ),
+    )
+    .expect("job");
+    let port = free_port();
+    let mut cmd = Command::new(binary("dapt"));
+    cmd.args(["--log-format", "json", "coordinator"])
+        .arg(&job)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("DAPT_TOKEN", "t")
+        .env("RUST_LOG", "warn,dapt_coordinator::server=info");
+    let mut coordinator = Proc::spawn(cmd);
+    coordinator.wait_for("listening", Duration::from_secs(30), |l| {
+        !events(l, "coordinator listening").is_empty()
+    });
+    let pid = coordinator.child.id();
+    let url = format!("http://127.0.0.1:{port}");
+    // A few connections, each multiplexing many sessions.
+    let mut channels = Vec::new();
+    for _ in 0..n.div_ceil(128) {
+        channels.push(
+            tonic::transport::Endpoint::from_shared(url.clone())
+                .expect("url")
+                .connect()
+                .await
+                .expect("connect"),
+        );
+    }
+    let (before_cpu, before_rss) = usage(pid);
+    let (assigned_tx, mut assigned) = mpsc::unbounded_channel::<(usize, u64, Instant)>();
+    let started = Instant::now();
+    let mut leave = Vec::new();
+    for i in 0..n {
+        let channel = channels[i % channels.len()].clone();
+        let assigned_tx = assigned_tx.clone();
+        let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+        leave.push(stop_tx);
+        tokio::spawn(simulated_worker(i, channel, assigned_tx, stop));
+    }
+    let mut first_generation = 0;
+    let mut count = 0;
+    while count < n {
+        let (_, generation, _) = assigned.recv().await.expect("assignment");
+        first_generation = generation;
+        count += 1;
+    }
+    let form = started.elapsed();
+    let (after_cpu, after_rss) = usage(pid);
+    // Lose one member: its session ends.
+    let lost_at = Instant::now();
+    drop(leave.remove(0));
+    let mut reassigned = 0;
+    while reassigned < n - 1 {
+        let (_, generation, _) = assigned.recv().await.expect("assignment");
+        if generation > first_generation {
+            reassigned += 1;
+        }
+    }
+    let reform = lost_at.elapsed();
+    drop(leave);
+    coordinator.signal(libc::SIGKILL);
+    Result {
+        form,
+        cpu: after_cpu.saturating_sub(before_cpu),
+        rss_kib: after_rss - before_rss,
+        reform,
+    }
+}
+
+async fn simulated_worker(
+    i: usize,
+    channel: tonic::transport::Channel,
+    assigned: mpsc::UnboundedSender<(usize, u64, Instant)>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut client = rpc::CoordinatorClient::new(channel);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let send = move |k| {
+        let _ = tx.send(WorkerMessage { kind: Some(k) });
+    };
+    send(Kind::Join(rpc::Join {
+        job: "scale".into(),
+        token: "t".into(),
+        worker_id: format!("sim-{i:05}"),
+        devices: vec!["cpu".into()],
+        version: rpc::VERSION.into(),
+        collective_endpoint: format!("127.0.0.1:{}", 10000 + i),
+        attach_generation: 0,
+        attach_rank: 0,
+    }));
+    let Ok(response) = client.session(UnboundedReceiverStream::new(rx)).await else {
+        return;
+    };
+    let mut inbound = response.into_inner();
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = heartbeat.tick() => send(Kind::Heartbeat(rpc::Heartbeat { generation: 0, step: 0 })),
+            m = inbound.message() => match m {
+                Ok(Some(rpc::CoordinatorMessage { kind: Some(kind) })) => match kind {
+                    coordinator_message::Kind::Assign(a) => {
+                        let _ = assigned.send((i, a.generation, Instant::now()));
+                    }
+                    coordinator_message::Kind::Abort(a) => {
+                        send(Kind::Aborted(rpc::Aborted { generation: a.generation }));
+                    }
+                    _ => {}
+                },
+                Ok(Some(_)) => {}
+                _ => return,
+            },
+        }
+    }
+}
