@@ -74,7 +74,7 @@ async fn run(n: usize) -> Result {
     std::fs::write(
         &job,
         format!(
-            "job: scale\ncorpus:\n  output: {0}/corpus\n  sources:\n    - name: d\n      role: domain\n      paths: [x]\n      weight: 1\ntraining:\n  seq_len: 8\n  global_batch: 4096\n  tokens: 327680000\ncheckpoint:\n  dir: {0}/ck\ncluster:\n  min_workers: {n}\n  max_workers: {n}\n  heartbeat_ms: 1000\n  session_timeout_ms: 60000\n",
+            "job: scale\ncorpus:\n  output: {0}/corpus\n  sources:\n    - name: d\n      role: domain\n      paths: [x]\n      weight: 1\ntraining:\n  seq_len: 8\n  global_batch: 4096\n  tokens: 327680000\ncheckpoint:\n  dir: {0}/ck\ncluster:\n  min_workers: 1\n  max_workers: {n}\n  formation_grace_ms: 600000\n  heartbeat_ms: 1000\n  session_timeout_ms: 60000\n",
             dir.path().display()
         ),
     )
@@ -117,7 +117,11 @@ async fn run(n: usize) -> Result {
     let mut first_generation = 0;
     let mut count = 0;
     while count < n {
-        let (_, generation, _) = assigned.recv().await.expect("assignment");
+        let Ok(Some((_, generation, _))) =
+            tokio::time::timeout(Duration::from_secs(120), assigned.recv()).await
+        else {
+            panic!("no formation of {n} in 2 minutes:\n{}", coordinator.stderr());
+        };
         first_generation = generation;
         count += 1;
     }
@@ -128,7 +132,11 @@ async fn run(n: usize) -> Result {
     drop(leave.remove(0));
     let mut reassigned = 0;
     while reassigned < n - 1 {
-        let (_, generation, _) = assigned.recv().await.expect("assignment");
+        let Ok(Some((_, generation, _))) =
+            tokio::time::timeout(Duration::from_secs(120), assigned.recv()).await
+        else {
+            panic!("no re-formation of {} in 2 minutes:\n{}", n - 1, coordinator.stderr());
+        };
         if generation > first_generation {
             reassigned += 1;
         }
@@ -165,8 +173,12 @@ async fn simulated_worker(
         attach_generation: 0,
         attach_rank: 0,
     }));
-    let Ok(response) = client.session(UnboundedReceiverStream::new(rx)).await else {
-        return;
+    let response = match client.session(UnboundedReceiverStream::new(rx)).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("session {i}: {e}");
+            return;
+        }
     };
     let mut inbound = response.into_inner();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
