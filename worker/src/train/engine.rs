@@ -1,0 +1,121 @@
+//! One rank's training state as the loop in `run.rs` sees it, wherever it lives: the host
+//! [`Trainer`] on the CPU backend, or a [`ResidentTrainer`] on a GPU with an optional gradient
+//! reducer between the two halves of the step.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::AutodiffBackend;
+use dapt_corpus::shards::TokenStream;
+
+use super::eval::{perplexity, perplexity_of, Perplexity};
+use super::resident::{train_step, GradReducer, ResidentTrainer};
+use super::{MicroBatch, StepStats, Trainer};
+use crate::checkpoint;
+use crate::error::Result;
+use crate::model::LlamaConfig;
+
+pub trait Engine {
+    fn config(&self) -> &LlamaConfig;
+    /// Steps completed.
+    fn step(&self) -> u64;
+    /// Forward/backward over `micro` (the whole step: one rank), reduce, clip, AdamW.
+    /// Returns the step's loss and stats.
+    fn train_step(&mut self, micro: &[MicroBatch], step_tokens: u64) -> Result<(f64, StepStats)>;
+    /// Writes a checkpoint of the current state under `root`.
+    fn save(&self, root: &Path, seed: u64, tokenizer: Option<&Path>) -> Result<PathBuf>;
+    fn perplexity(
+        &self,
+        stream: &TokenStream,
+        seq_len: u32,
+        max_tokens: u64,
+        batch: usize,
+    ) -> Option<Perplexity>;
+}
+
+impl Engine for Trainer {
+    fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    fn step(&self) -> u64 {
+        self.step
+    }
+
+    fn train_step(&mut self, micro: &[MicroBatch], step_tokens: u64) -> Result<(f64, StepStats)> {
+        // One rank: the whole step's tokens are the denominator.
+        let (loss, mut grads) = self.gradients(micro, step_tokens as f64);
+        let stats = self.apply(&mut grads, step_tokens);
+        Ok((loss, stats))
+    }
+
+    fn save(&self, root: &Path, seed: u64, tokenizer: Option<&Path>) -> Result<PathBuf> {
+        checkpoint::save(root, self, seed, tokenizer)
+    }
+
+    fn perplexity(
+        &self,
+        stream: &TokenStream,
+        seq_len: u32,
+        max_tokens: u64,
+        batch: usize,
+    ) -> Option<Perplexity> {
+        perplexity(
+            &self.config,
+            &self.weights,
+            stream,
+            seq_len,
+            max_tokens,
+            batch,
+        )
+    }
+}
+
+/// A device-resident trainer and the reducer its gradients go through (none for one rank).
+pub struct ResidentEngine<B: AutodiffBackend> {
+    pub trainer: ResidentTrainer<B>,
+    pub reducer: Option<Box<dyn GradReducer<B::InnerBackend>>>,
+}
+
+impl<B: AutodiffBackend> Engine for ResidentEngine<B> {
+    fn config(&self) -> &LlamaConfig {
+        &self.trainer.config
+    }
+
+    fn step(&self) -> u64 {
+        self.trainer.step
+    }
+
+    fn train_step(&mut self, micro: &[MicroBatch], step_tokens: u64) -> Result<(f64, StepStats)> {
+        let reducer = self
+            .reducer
+            .as_deref_mut()
+            .map(|r| r as &mut dyn GradReducer<B::InnerBackend>);
+        Ok(train_step(
+            &mut self.trainer,
+            reducer,
+            micro,
+            step_tokens as f64,
+            step_tokens,
+        )?)
+    }
+
+    fn save(&self, root: &Path, seed: u64, tokenizer: Option<&Path>) -> Result<PathBuf> {
+        checkpoint::save(root, &self.trainer.to_host(), seed, tokenizer)
+    }
+
+    fn perplexity(
+        &self,
+        stream: &TokenStream,
+        seq_len: u32,
+        max_tokens: u64,
+        batch: usize,
+    ) -> Option<Perplexity> {
+        perplexity_of(
+            &self.trainer.eval_model(),
+            stream,
+            seq_len,
+            max_tokens,
+            batch,
+        )
+    }
+}
