@@ -10,24 +10,27 @@
 #   DAPT_CORPUS  a prepared corpus (`dapt prepare`; default: .gpu/corpus, then data/postgres-sotu)
 #   OUT          where logs and results.json go (default: out/gpu-check)
 #   WORK         scratch space for the generated models and jobs (default: /tmp/dapt-gpu)
-#   BUDGET       seconds for the whole script; steps that would not fit are skipped (default 400)
+#   BUDGET       seconds for the whole script; steps that would not fit are skipped (default 360)
 #   SHAPES       which model shapes, in order (default: "1b 135m")
+#   TORCH_SHAPES the shapes that also run the PyTorch anchor (default: all of SHAPES)
+#   STEPS_1B, STEPS_135M  dapt training steps per shape (default 12 and 20)
 #
 # For each shape it writes a Hugging Face directory with random weights (the same shape as
 # Llama 3.2 1B / SmolLM2-135M; no pretrained weights are needed to measure throughput), trains it
 # with `dapt-worker train --device cuda` (device-resident f32 master weights and AdamW, NCCL
-# all-reduce through a one-rank communicator) and then in bf16 compute, and trains the same shape
-# and batch with PyTorch eager (bf16 autocast, and TF32) as the anchor. tokens/s is the mean over
+# all-reduce through a one-rank communicator; then again with bf16 compute), and trains the same
+# shape and batch with PyTorch eager (bf16 autocast, and TF32) as the anchor. tokens/s is the mean over
 # the steps after the first three (kernel compilation and autotuning); MFU counts 6N + 12 L d s
 # FLOPs per token against a 790 TFLOP/s bf16 ceiling; memory is the peak of nvidia-smi's
 # memory.used during the run.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 started=$SECONDS
-BUDGET=${BUDGET:-400}
+BUDGET=${BUDGET:-360}
 OUT=${OUT:-out/gpu-check}
 WORK=${WORK:-/tmp/dapt-gpu}
 SHAPES=${SHAPES:-"1b 135m"}
+TORCH_SHAPES=${TORCH_SHAPES:-$SHAPES}
 mkdir -p "$OUT" "$WORK"
 here=$(cd "$(dirname "$0")" && pwd)
 ANCHOR=$here/gpu_anchor.py
@@ -121,22 +124,20 @@ EOF
 # --- per shape ---------------------------------------------------------------------------------
 for shape in $SHAPES; do
   case $shape in
-    1b) seq=1024 global=16 micro=4 steps=12 ;;
-    135m) seq=1024 global=16 micro=8 steps=20 ;;
+    1b) seq=1024 global=16 micro=4 steps=${STEPS_1B:-12} ;;
+    135m) seq=1024 global=16 micro=8 steps=${STEPS_135M:-20} ;;
     *) seq=128 global=8 micro=4 steps=6 ;;
   esac
   step "hf-$shape" 120 $PY "$ANCHOR" --shape "$shape" --seq-len $seq --write-hf "$WORK/hf-$shape" || continue
   jobfile=$(job "$shape" $seq $global $micro $steps)
-  step "dapt-$shape-f32" 240 "$WORKER" --log-format json train "$jobfile" --device cuda --nccl --no-checkpoints
-  step "torch-$shape-bf16" 120 $PY "$ANCHOR" --shape "$shape" --seq-len $seq --global-batch $global \
+  step "dapt-$shape-f32" 150 "$WORKER" --log-format json train "$jobfile" --device cuda --nccl --no-checkpoints
+  torch=0; [[ " $TORCH_SHAPES " == *" $shape "* ]] && torch=1
+  [ $torch = 1 ] && step "torch-$shape-bf16" 90 $PY "$ANCHOR" --shape "$shape" --seq-len $seq --global-batch $global \
     --micro-batch $micro --steps 8 --precision bf16
-  step "torch-$shape-tf32" 120 $PY "$ANCHOR" --shape "$shape" --seq-len $seq --global-batch $global \
-    --micro-batch $micro --steps 5 --precision tf32
-done
-for shape in $SHAPES; do
-  [ -f "$WORK/job-$shape.yaml" ] || continue
-  step "dapt-$shape-bf16" 150 "$WORKER" --log-format json train "$WORK/job-$shape.yaml" --device cuda \
+  step "dapt-$shape-bf16" 120 "$WORKER" --log-format json train "$jobfile" --device cuda \
     --precision bf16 --no-checkpoints
+  [ $torch = 1 ] && step "torch-$shape-tf32" 90 $PY "$ANCHOR" --shape "$shape" --seq-len $seq --global-batch $global \
+    --micro-batch $micro --steps 5 --precision tf32
 done
 
 # --- results -----------------------------------------------------------------------------------
