@@ -4,6 +4,11 @@
 //! with the control-plane issue. The job file is parsed by [`dapt_proto::job`], which the
 //! workers share.
 
+pub mod control;
+pub mod etcd;
+pub mod launch;
+pub mod ledger;
 pub mod plan;
+pub mod server;
 
 pub use dapt_proto::job as spec;

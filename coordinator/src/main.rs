@@ -5,10 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use dapt_coordinator::plan;
 use dapt_coordinator::spec::JobSpec;
+use dapt_coordinator::{launch, plan, server};
 use dapt_corpus::{prepare, PrepareOptions, PrepareOutcome};
 use dapt_proto::logging::{self, LogFormat};
+use dapt_proto::rpc;
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +55,45 @@ enum Command {
         #[arg(long)]
         price_per_gpu_hour: Option<f64>,
     },
+    /// Run the job on this machine: the corpus prepared if needed, a coordinator and N local
+    /// workers, trained to the end and exported. Ctrl-C stops; the same command resumes.
+    Launch {
+        /// The job file.
+        job: PathBuf,
+        /// Local worker processes (data-parallel ranks).
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
+        /// The coordinator's listen address (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// Do not export the final checkpoint as a Hugging Face directory.
+        #[arg(long)]
+        no_export: bool,
+    },
+    /// Run the job's coordinator for a cluster: workers join with
+    /// `dapt-worker --coordinator http://HOST:PORT --job NAME` and the same token.
+    Coordinator {
+        /// The job file.
+        job: PathBuf,
+        #[arg(long, default_value = "0.0.0.0:7070")]
+        listen: std::net::SocketAddr,
+        /// The job's token (shared secret); prefer the environment.
+        #[arg(long, env = "DAPT_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The URL workers reach this coordinator at (default: http://<listen address>); with
+        /// etcd membership it is published as the leader's address.
+        #[arg(long)]
+        advertise: Option<String>,
+    },
+    /// What a running job is doing: phase, generation, members, step, loss, throughput and the
+    /// last committed checkpoint.
+    Status {
+        /// The coordinator's URL, e.g. http://127.0.0.1:7070.
+        url: String,
+        /// Print the reply as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Train the job on this machine as a single rank (runs `dapt-worker train`).
     Train {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -84,14 +124,15 @@ fn main() -> ExitCode {
         Command::Eval { args } => Some(("eval", args)),
         Command::Export { args } => Some(("export", args)),
         Command::ImportGguf { args } => Some(("import-gguf", args)),
-        Command::Prepare { .. } | Command::Plan { .. } => None,
+        _ => None,
     };
     if let Some((sub, args)) = forwarded {
         return forward_to_worker(sub, args, cli.log_format);
     }
     logging::init(cli.log_format);
-    match run(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
+    let format = cli.log_format;
+    match run(cli.command, format) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -126,8 +167,71 @@ fn forward_to_worker(sub: &str, args: &[String], format: LogFormat) -> ExitCode 
     }
 }
 
-fn run(command: Command) -> anyhow::Result<()> {
+fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Launch {
+            job,
+            workers,
+            listen,
+            no_export,
+        } => {
+            let spec = JobSpec::load(&job)?;
+            prepare_quietly(&spec, &job)?;
+            let options = launch::LaunchOptions {
+                workers,
+                log_format,
+                listen,
+                no_export,
+            };
+            let launched = runtime()?.block_on(launch::launch(spec.clone(), options))?;
+            Ok(report_outcome(
+                &launched.outcome,
+                &job,
+                launched.export.as_deref(),
+                Some(&launched.logs),
+            ))
+        }
+        Command::Coordinator {
+            job,
+            listen,
+            token,
+            advertise,
+        } => {
+            let spec = JobSpec::load(&job)?;
+            anyhow::ensure!(
+                !token.is_empty(),
+                "--token (or DAPT_TOKEN) must not be empty"
+            );
+            let outcome = runtime()?.block_on(async {
+                let handle = server::start(spec, token, listen, advertise).await?;
+                let stopper = handle.events();
+                tokio::spawn(async move {
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => stopper.shutdown("interrupted (Ctrl-C)"),
+                        _ = term.recv() => stopper.shutdown("terminated (SIGTERM)"),
+                    }
+                    anyhow::Ok(())
+                });
+                anyhow::Ok(handle.wait().await)
+            })?;
+            Ok(report_outcome(&outcome, &job, None, None))
+        }
+        Command::Status { url, json } => {
+            let reply = runtime()?.block_on(async {
+                let mut client = rpc::CoordinatorClient::connect(url.clone())
+                    .await
+                    .with_context(|| format!("connecting to {url}"))?;
+                anyhow::Ok(client.status(rpc::StatusRequest {}).await?.into_inner())
+            })?;
+            if json {
+                println!("{}", status_json(&reply));
+            } else {
+                print!("{}", render_status(&reply));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Train { .. }
         | Command::Eval { .. }
         | Command::Export { .. }
@@ -160,7 +264,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             let config = plan::model_config(&spec).map_err(anyhow::Error::msg)?;
             let p = plan::plan(&spec, &config, &options).map_err(anyhow::Error::msg)?;
             print!("{}", plan::render(&p, &options, &config));
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Prepare { job, force, quiet } => {
             let spec = JobSpec::load(&job)?;
@@ -202,7 +306,140 @@ fn run(command: Command) -> anyhow::Result<()> {
                     );
                 }
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Brings the job's corpus up to date (a no-op when its inputs did not change).
+fn prepare_quietly(spec: &JobSpec, job: &std::path::Path) -> anyhow::Result<()> {
+    let plan = spec.training.map(|t| t.plan());
+    let options = PrepareOptions {
+        force: false,
+        progress: false,
+    };
+    match prepare(&spec.corpus, plan, &options)
+        .with_context(|| format!("preparing the corpus of {}", job.display()))?
+    {
+        PrepareOutcome::UpToDate { dir, .. } => {
+            tracing::info!(corpus = %dir.display(), "corpus up to date")
+        }
+        PrepareOutcome::Prepared { dir, stats, .. } => tracing::info!(
+            corpus = %dir.display(),
+            tokens = stats.tokens,
+            "corpus prepared (dapt prepare prints its report)"
+        ),
+    }
+    Ok(())
+}
+
+/// Prints how the job ended and returns the exit status.
+fn report_outcome(
+    outcome: &server::Outcome,
+    job: &std::path::Path,
+    export: Option<&std::path::Path>,
+    logs: Option<&std::path::Path>,
+) -> ExitCode {
+    let logs = logs
+        .map(|l| format!("\nworker logs: {}", l.display()))
+        .unwrap_or_default();
+    match outcome {
+        server::Outcome::Completed { step, checkpoint } => {
+            println!(
+                "job completed at step {step}\nfinal checkpoint: {}{}{logs}",
+                checkpoint.display(),
+                export
+                    .map(|e| format!("\nHugging Face export: {}", e.display()))
+                    .unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        server::Outcome::Stopped { reason, committed } => {
+            match committed {
+                Some((step, dir)) => println!(
+                    "stopped ({reason}); last committed checkpoint: step {step} at {}\nthe same command resumes from it: dapt launch {}{logs}",
+                    dir.display(),
+                    job.display()
+                ),
+                None => println!("stopped ({reason}) before any checkpoint was committed{logs}"),
+            }
+            ExitCode::from(130)
+        }
+        server::Outcome::Failed(reason) => {
+            eprintln!("error: the job failed: {reason}{logs}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status_json(s: &rpc::StatusReply) -> String {
+    let members: Vec<serde_json::Value> = s
+        .members
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "worker_id": m.worker_id,
+                "rank": m.rank,
+                "collective_endpoint": m.collective_endpoint,
+                "devices": m.devices,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "job": s.job,
+        "phase": s.phase,
+        "generation": s.generation,
+        "members": members,
+        "step": s.step,
+        "total_steps": s.total_steps,
+        "loss": s.loss,
+        "tokens_per_s": s.tokens_per_s,
+        "committed_step": s.committed_step,
+        "committed_checkpoint": s.committed_checkpoint,
+        "reason": s.reason,
+    })
+    .to_string()
+}
+
+fn render_status(s: &rpc::StatusReply) -> String {
+    let mut out = format!(
+        "job {}: {} (generation {})\nstep {}/{}  loss {:.4}  {:.0} tokens/s\nlast committed checkpoint: {}\n",
+        s.job,
+        s.phase,
+        s.generation,
+        s.step,
+        s.total_steps,
+        s.loss,
+        s.tokens_per_s,
+        if s.committed_checkpoint.is_empty() {
+            "none yet".to_string()
+        } else {
+            format!("step {} at {}", s.committed_step, s.committed_checkpoint)
+        }
+    );
+    if !s.reason.is_empty() {
+        out.push_str(&format!("reason: {}\n", s.reason));
+    }
+    out.push_str(&format!("members ({}):\n", s.members.len()));
+    for m in &s.members {
+        let rank = if m.rank < 0 {
+            "standby".to_string()
+        } else {
+            format!("rank {}", m.rank)
+        };
+        out.push_str(&format!(
+            "  {}  {rank}  {}  {}\n",
+            m.worker_id,
+            m.collective_endpoint,
+            m.devices.join(",")
+        ));
+    }
+    out
 }

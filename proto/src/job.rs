@@ -42,6 +42,9 @@ pub struct JobSpec {
     pub training: Option<TrainingSpec>,
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
+    /// How the coordinator forms and supervises the workers.
+    #[serde(default)]
+    pub cluster: ClusterSpec,
 }
 
 /// Where the model comes from: exactly one of `preset` (random initialisation, for tests,
@@ -188,6 +191,156 @@ impl Default for CheckpointSpec {
     }
 }
 
+/// Membership and supervision: how many workers, how lost ones are noticed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSpec {
+    /// Training starts (and resumes after a loss) once this many workers are members.
+    pub min_workers: u32,
+    /// At most this many ranks; further workers wait as standbys. Default: no limit.
+    pub max_workers: Option<u32>,
+    /// How often workers send a heartbeat, in milliseconds.
+    pub heartbeat_ms: u64,
+    /// A worker silent this long (milliseconds) is lost, even if its connection looks open.
+    pub session_timeout_ms: u64,
+    /// After the first member joins, wait this long (milliseconds) for more before forming
+    /// a generation with fewer than `max_workers`.
+    pub formation_grace_ms: u64,
+    /// Survivors have this long (milliseconds) to confirm an abort before they are dropped.
+    pub abort_timeout_ms: u64,
+    /// A collective with no progress for this long (seconds) fails on the worker.
+    pub collective_timeout_s: u64,
+    /// Where membership and the job's durable state live: `embedded` (the coordinator's
+    /// process and files under checkpoint.dir; one machine) or `etcd` (needs `etcd:`).
+    /// Default: `etcd` when an `etcd:` section is given, else `embedded`.
+    pub membership: Option<MembershipKind>,
+    pub etcd: Option<EtcdSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MembershipKind {
+    Embedded,
+    Etcd,
+}
+
+/// The etcd cluster that holds membership leases, the leader and the job's state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSpec {
+    /// Client URLs, e.g. ["http://10.0.0.5:2379"].
+    pub endpoints: Vec<String>,
+    /// Every key of the job lives under `<prefix>/<job>/`.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// Lease TTL in seconds of each worker's membership key and of the leader key; kept alive
+    /// every third of it.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_s: u64,
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The environment variable that holds the etcd password (never the password itself).
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub tls: Option<EtcdTls>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTls {
+    /// CA certificate (PEM) that signed the etcd servers' certificates.
+    pub ca: PathBuf,
+    /// Client certificate and key (PEM), for etcd's client-certificate authentication.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The name the servers' certificates carry, when it is not the endpoint's host.
+    #[serde(default)]
+    pub domain: Option<String>,
+}
+
+fn default_etcd_prefix() -> String {
+    "/dapt".into()
+}
+
+fn default_lease_ttl() -> u64 {
+    10
+}
+
+impl ClusterSpec {
+    pub fn membership(&self) -> MembershipKind {
+        self.membership.unwrap_or(if self.etcd.is_some() {
+            MembershipKind::Etcd
+        } else {
+            MembershipKind::Embedded
+        })
+    }
+
+    /// The etcd settings when membership is etcd.
+    pub fn etcd(&self) -> Option<&EtcdSpec> {
+        match self.membership() {
+            MembershipKind::Etcd => self.etcd.as_ref(),
+            MembershipKind::Embedded => None,
+        }
+    }
+}
+
+/// The job's keys in etcd.
+pub mod keys {
+    /// `<prefix>/<job>/`
+    pub fn job(prefix: &str, job: &str) -> String {
+        format!("{}/{job}/", prefix.trim_end_matches('/'))
+    }
+
+    /// Members' lease-bound keys: `members/<worker>` -> {"endpoint", "devices"}.
+    pub fn members(prefix: &str, job: &str) -> String {
+        format!("{}members/", self::job(prefix, job))
+    }
+
+    pub fn member(prefix: &str, job: &str, worker: &str) -> String {
+        format!("{}{worker}", members(prefix, job))
+    }
+
+    /// The leading coordinator's URL, bound to its lease.
+    pub fn leader(prefix: &str, job: &str) -> String {
+        format!("{}leader", self::job(prefix, job))
+    }
+
+    /// The current generation: number, ranks and peers (JSON).
+    pub fn generation(prefix: &str, job: &str) -> String {
+        format!("{}generation", self::job(prefix, job))
+    }
+
+    /// The last committed checkpoint (JSON).
+    pub fn committed(prefix: &str, job: &str) -> String {
+        format!("{}committed", self::job(prefix, job))
+    }
+
+    /// The ledger: one key per commit, `ledger/<step, 12 digits>` -> the entries of the steps
+    /// it committed (JSON array).
+    pub fn ledger(prefix: &str, job: &str) -> String {
+        format!("{}ledger/", self::job(prefix, job))
+    }
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            min_workers: 1,
+            max_workers: None,
+            heartbeat_ms: 500,
+            session_timeout_ms: 5_000,
+            formation_grace_ms: 2_000,
+            abort_timeout_ms: 10_000,
+            collective_timeout_s: 300,
+            membership: None,
+            etcd: None,
+        }
+    }
+}
+
 fn default_init_std() -> f64 {
     0.02
 }
@@ -254,17 +407,16 @@ impl JobSpec {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
-        let join = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
-        };
+        let join = |p: &Path| dapt_corpus::spec::resolve_path(base, p);
         if let Some(model) = &mut self.model {
             model.hf = model.hf.as_deref().map(join);
         }
         self.checkpoint.dir = join(&self.checkpoint.dir);
+        if let Some(tls) = self.cluster.etcd.as_mut().and_then(|e| e.tls.as_mut()) {
+            tls.ca = join(&tls.ca);
+            tls.cert = tls.cert.as_deref().map(join);
+            tls.key = tls.key.as_deref().map(join);
+        }
     }
 
     /// Checks across fields that deserialization cannot make.
@@ -282,6 +434,51 @@ impl JobSpec {
         }
         if self.checkpoint.keep == 0 {
             return Err(("checkpoint.keep", "must be at least 1".into()));
+        }
+        let c = &self.cluster;
+        if c.min_workers == 0 {
+            return Err(("cluster.min_workers", "must be at least 1".into()));
+        }
+        if c.max_workers.is_some_and(|m| m < c.min_workers) {
+            return Err((
+                "cluster.max_workers",
+                format!("must be at least min_workers ({})", c.min_workers),
+            ));
+        }
+        if c.heartbeat_ms == 0 || c.session_timeout_ms <= c.heartbeat_ms {
+            return Err((
+                "cluster.session_timeout_ms",
+                "heartbeat_ms must be positive and session_timeout_ms longer than it".into(),
+            ));
+        }
+        if c.membership == Some(MembershipKind::Etcd) && c.etcd.is_none() {
+            return Err((
+                "cluster.membership",
+                "`etcd` needs a `cluster.etcd:` section with its endpoints".into(),
+            ));
+        }
+        if let Some(e) = &c.etcd {
+            if e.endpoints.is_empty() {
+                return Err(("cluster.etcd.endpoints", "give at least one".into()));
+            }
+            if e.lease_ttl_s == 0 {
+                return Err(("cluster.etcd.lease_ttl_s", "must be at least 1".into()));
+            }
+            if e.tls
+                .as_ref()
+                .is_some_and(|t| t.cert.is_some() != t.key.is_some())
+            {
+                return Err((
+                    "cluster.etcd.tls",
+                    "give both `cert` and `key`, or neither".into(),
+                ));
+            }
+        }
+        if c.collective_timeout_s == 0 || c.abort_timeout_ms == 0 {
+            return Err((
+                "cluster",
+                "collective_timeout_s and abort_timeout_ms must be positive".into(),
+            ));
         }
         if let Some(t) = &self.training {
             let o = &t.optimizer;

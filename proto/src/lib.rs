@@ -5,9 +5,11 @@
 //! * [`job`] — the job file (model, corpus, training, checkpoints), parsed and checked once.
 //! * [`logging`] — the binaries' log output.
 //! * [`model`] — a Llama model's shape, from and to a Hugging Face `config.json`.
-//!
-//! The gRPC protocol (`proto/dapt/v1/*.proto`) arrives with the control plane.
+//! * [`etcd`] — connecting to the job's etcd (membership backend).
+//! * [`rpc`] — the gRPC protocol (`proto/dapt/v1/*.proto`), id newtypes and typed refusals.
 
+pub mod etcd;
 pub mod job;
 pub mod logging;
 pub mod model;
+pub mod rpc;

@@ -43,3 +43,439 @@ pub fn dapt(args: &[&str]) -> Output {
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// A running binary whose stderr log lines (`--log-format json`) are collected as they come.
+pub struct Proc {
+    pub child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    raw: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proc {
+    /// Starts `command` with stderr captured (it should log JSON) and stdout inherited.
+    pub fn spawn(mut command: Command) -> Self {
+        use std::io::BufRead;
+        let mut child = command
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let raw = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (l, r) = (lines.clone(), raw.clone());
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    l.lock().expect("lines").push(v);
+                }
+                let mut raw = r.lock().expect("raw");
+                raw.push_str(&line);
+                raw.push('\n');
+            }
+        });
+        Proc {
+            child,
+            lines,
+            raw,
+            reader: Some(reader),
+        }
+    }
+
+    /// The log lines so far.
+    pub fn lines(&self) -> Vec<serde_json::Value> {
+        self.lines.lock().expect("lines").clone()
+    }
+
+    /// stderr so far, as text.
+    pub fn stderr(&self) -> String {
+        self.raw.lock().expect("raw").clone()
+    }
+
+    /// Log lines whose message is `message`, as their `fields`.
+    pub fn events(&self, message: &str) -> Vec<serde_json::Value> {
+        events(&self.lines(), message)
+    }
+
+    /// Waits until some log line satisfies `pred`; panics with the log after `timeout`.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: std::time::Duration,
+        pred: impl Fn(&[serde_json::Value]) -> bool,
+    ) {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if pred(&self.lines()) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                if pred(&self.lines()) {
+                    return;
+                }
+                panic!("exited ({status}) before {what}:\n{}", self.stderr());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("timed out waiting for {what}:\n{}", self.stderr());
+    }
+
+    /// Waits for the process to exit (kills it and panics after `timeout`); returns its exit
+    /// status and stdout. `lines()` then holds every log line.
+    pub fn finish(&mut self, timeout: std::time::Duration) -> (std::process::ExitStatus, String) {
+        use std::io::Read;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                if let Some(r) = self.reader.take() {
+                    let _ = r.join();
+                }
+                let mut out = String::new();
+                if let Some(mut stdout) = self.child.stdout.take() {
+                    let _ = stdout.read_to_string(&mut out);
+                }
+                return (status, out);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("did not exit within {timeout:?}:\n{}", self.stderr());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `fields` of the log lines whose message is `message`.
+pub fn events(lines: &[serde_json::Value], message: &str) -> Vec<serde_json::Value> {
+    lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == message)
+        .map(|l| l["fields"].clone())
+        .collect()
+}
+
+/// Whether process `pid` still exists.
+pub fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The ledger's entries as (step, start, end), and a check that they cover `[0, end)` exactly
+/// once: returns an error naming the first gap or overlap.
+pub fn check_ledger(path: &Path, end: u64) -> Result<Vec<(u64, u64, u64)>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let entries: Vec<(u64, u64, u64)> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("ledger line is JSON");
+            (
+                v["step"].as_u64().expect("step"),
+                v["start"].as_u64().expect("start"),
+                v["end"].as_u64().expect("end"),
+            )
+        })
+        .collect();
+    check_entries(entries, end)
+}
+
+/// Checks that ledger entries (step, start, end) cover `[0, end)` exactly once.
+pub fn check_entries(
+    mut entries: Vec<(u64, u64, u64)>,
+    end: u64,
+) -> Result<Vec<(u64, u64, u64)>, String> {
+    let mut ranges: Vec<(u64, u64)> = entries.iter().map(|e| (e.1, e.2)).collect();
+    ranges.sort();
+    let mut next = 0;
+    for (start, stop) in ranges {
+        if start != next {
+            return Err(format!(
+                "samples {} covered {}",
+                next.min(start),
+                if start < next { "twice" } else { "never" }
+            ));
+        }
+        next = stop;
+    }
+    if next != end {
+        return Err(format!("ledger ends at sample {next}, expected {end}"));
+    }
+    entries.sort();
+    Ok(entries)
+}
+
+/// A real etcd (Debian's `etcd-server`) on free loopback ports in a temporary directory, with
+/// fast heartbeat and election settings; stopped (SIGTERM, then SIGKILL) and removed on drop.
+pub struct Etcd {
+    child: std::process::Child,
+    pub url: String,
+    _dir: TempDirGuard,
+}
+
+/// Removes a directory on drop.
+struct TempDirGuard(PathBuf);
+
+impl Drop for TempDirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers its health endpoint. Panics with a clear message
+    /// when the `etcd` binary is missing (`apt-get install etcd-server`).
+    pub fn start() -> Self {
+        let exe = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .expect("etcd is not installed: `apt-get install -y etcd-server` (.ci/run does)");
+        let dir =
+            std::env::temp_dir().join(format!("dapt-etcd-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).expect("etcd dir");
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
+        let child = Command::new(exe)
+            .args(["--name", "t", "--data-dir"])
+            .arg(dir.join("data"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("t={peer_url}")])
+            .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        let etcd = Etcd {
+            child,
+            url,
+            _dir: TempDirGuard(dir),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !etcd.healthy() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "etcd did not become healthy"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        etcd
+    }
+
+    /// GET /health answers `"health":"true"`.
+    pub fn healthy(&self) -> bool {
+        use std::io::{Read, Write};
+        let addr = self.url.trim_start_matches("http://");
+        let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(1)));
+        if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .is_err()
+        {
+            return false;
+        }
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.contains("\"health\":\"true\"")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Samples per step in the jobs `write_job` writes.
+pub const BATCH: u64 = 7;
+
+pub struct Job {
+    pub path: PathBuf,
+    pub checkpoints: PathBuf,
+    pub steps: u64,
+}
+
+/// A tiny-model job named `name` (its file is `<name>.yaml`): `steps` steps of 7 windows of 32
+/// tokens, a checkpoint every 5 steps, `cluster` appended as YAML.
+pub fn write_job(dir: &Path, name: &str, steps: u64, cluster: &str) -> Job {
+    let corpus = repo_root().join("examples/quickstart/corpus");
+    let checkpoints = dir.join(format!("ck-{name}"));
+    let job = format!(
+        "job: {name}\nseed: 5\nmodel:\n  preset: tiny\ncorpus:\n  output: {out}\n  vocab_size: 512\n  sources:\n    - name: postgres\n      role: domain\n      paths: [\"{c}/postgres/*.html\"]\n      weight: 3\n      held_out: 0.2\n    - name: sotu\n      role: replay\n      paths: [\"{c}/sotu/*.txt\"]\n      weight: 1\n      held_out: 0.2\ntraining:\n  seq_len: 32\n  global_batch: {BATCH}\n  micro_batch: 2\n  tokens: {tokens}\n  optimizer:\n    lr: 0.003\ncheckpoint:\n  dir: {ck}\n  every: 5\n  keep: 2\n{cluster}",
+        out = dir.join("corpus").display(),
+        c = corpus.display(),
+        ck = checkpoints.display(),
+        tokens = steps * BATCH * 32,
+    );
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, job).expect("write job");
+    Job {
+        path,
+        checkpoints,
+        steps,
+    }
+}
+
+/// (step, loss) of the coordinator's step lines.
+pub fn losses(lines: &[serde_json::Value]) -> Vec<(u64, f64)> {
+    events(lines, "step")
+        .iter()
+        .map(|f| {
+            (
+                f["step"].as_u64().expect("step"),
+                f["loss"].as_f64().expect("loss"),
+            )
+        })
+        .collect()
+}
+
+/// Tests that start several processes run one at a time, so that a loaded machine does not
+/// turn heartbeats late.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A number in `[lo, hi)` from a seed that is printed, so a failing schedule can be replayed
+/// with `DAPT_TEST_SEED`.
+pub fn random_step(lo: u64, hi: u64) -> u64 {
+    let seed = std::env::var("DAPT_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_nanos() as u64
+        });
+    println!("schedule seed {seed} (replay with DAPT_TEST_SEED={seed})");
+    let mut x = seed | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    lo + x % (hi - lo)
+}
+
+/// Long enough for any one wait of these tests.
+pub const LONG: std::time::Duration = std::time::Duration::from_secs(240);
+
+/// A `dapt coordinator` of a prepared job, listening on a free port.
+pub struct Cluster {
+    pub coordinator: Proc,
+    pub url: String,
+    pub token: String,
+    pub job: Job,
+}
+
+/// Prepares `write_job(dir, name, steps, cluster)` and starts its coordinator.
+pub fn coordinator(dir: &Path, name: &str, steps: u64, cluster: &str) -> Cluster {
+    let job = write_job(dir, name, steps, cluster);
+    let out = Command::new(binary("dapt"))
+        .args(["prepare", "--quiet"])
+        .arg(&job.path)
+        .output()
+        .expect("prepare");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = free_port();
+    let token = "t0ken".to_string();
+    let mut cmd = Command::new(binary("dapt"));
+    cmd.args(["--log-format", "json", "coordinator"])
+        .arg(&job.path)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("DAPT_TOKEN", &token);
+    let mut coordinator = Proc::spawn(cmd);
+    coordinator.wait_for("the coordinator to listen", LONG, |l| {
+        !events(l, "coordinator listening").is_empty()
+    });
+    Cluster {
+        coordinator,
+        url: format!("http://127.0.0.1:{port}"),
+        token,
+        job,
+    }
+}
+
+impl Cluster {
+    /// A `dapt-worker` joining with the given job name and token.
+    pub fn worker(&self, id: &str, job: &str, token: &str) -> Proc {
+        let mut cmd = Command::new(binary("dapt-worker"));
+        cmd.args([
+            "--log-format",
+            "json",
+            "--coordinator",
+            &self.url,
+            "--id",
+            id,
+        ])
+        .env("DAPT_JOB", job)
+        .env("DAPT_TOKEN", token)
+        .env("RAYON_NUM_THREADS", "1");
+        Proc::spawn(cmd)
+    }
+
+    /// A `dapt-worker` joining with the right job name and token.
+    pub fn member(&self, id: &str) -> Proc {
+        let name = self.job_name();
+        self.worker(id, &name, &self.token.clone())
+    }
+
+    pub fn job_name(&self) -> String {
+        self.job
+            .path
+            .file_stem()
+            .expect("stem")
+            .to_string_lossy()
+            .into_owned()
+    }
+}

@@ -1,5 +1,7 @@
 //! `dapt-worker`: the node agent's training side.
 //!
+//! * [`agent`] — the node agent: the session with the coordinator, one training thread per
+//!   generation.
 //! * [`model`] — the Llama decoder in Burn, generic over the backend, and its flat parameter
 //!   layout (the seam for the optimizer, collectives, checkpoints and export).
 //! * [`import`] — Hugging Face directories and llama.cpp GGUF files in; Hugging Face out.
@@ -10,6 +12,7 @@
 //! * [`device`] — `--device cpu|cuda:N`, and the checks that run before any GPU code.
 //! * [`checkpoint`] — checksummed, atomically published checkpoints that resume bitwise.
 
+pub mod agent;
 pub mod checkpoint;
 pub mod collective;
 pub mod device;

@@ -25,8 +25,40 @@ struct Cli {
     /// Log line format on stderr.
     #[arg(long, global = true, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    #[command(flatten)]
+    agent: AgentArgs,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+}
+
+/// Training under a coordinator: `dapt-worker --coordinator URL --job NAME` (no subcommand).
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// The coordinator's URL (http://HOST:PORT): join its job and train as it assigns.
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// The job's name (`job:` in its file).
+    #[arg(long, env = "DAPT_JOB")]
+    job: Option<String>,
+    /// The job's token (shared secret). Prefer the environment over the command line.
+    #[arg(long, env = "DAPT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// This worker's id, unique in the job (default: host name and process id).
+    #[arg(long)]
+    id: Option<String>,
+    /// Listen address of the collective (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: std::net::SocketAddr,
+    /// The host:port other ranks dial to reach this worker's collective (default: the listen
+    /// address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Devices to train on.
+    #[arg(long, value_delimiter = ',', default_value = "cpu")]
+    devices: Vec<String>,
+    /// Seconds to keep trying to reach the coordinator at the start.
+    #[arg(long, default_value_t = 60)]
+    connect_timeout_s: u64,
 }
 
 /// Where training runs.
@@ -97,7 +129,11 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     // Before any training thread starts: see dapt_worker::memory.
     dapt_worker::memory::retain_freed_memory();
-    match run_command(cli.command) {
+    let result = match cli.command {
+        Some(command) => run_command(command),
+        None => run_agent(cli.agent),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -266,6 +302,48 @@ fn ensure_nccl_loadable() -> anyhow::Result<()> {
 #[cfg(not(feature = "cuda"))]
 fn ensure_nccl_loadable() -> anyhow::Result<()> {
     anyhow::bail!("--nccl needs a dapt-worker built with the `cuda` feature")
+}
+
+fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    use dapt_worker::agent::{self, AgentExit, AgentOptions};
+    let Some(coordinator) = args.coordinator else {
+        anyhow::bail!(
+            "give a subcommand, or --coordinator URL to train under a coordinator (see --help)"
+        );
+    };
+    let job = args
+        .job
+        .context("--job (or DAPT_JOB): the name of the job to join")?;
+    let token = args
+        .token
+        .context("--token (or DAPT_TOKEN): the job's token")?;
+    let worker_id = args.id.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "worker".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let exit = agent::run(AgentOptions {
+        coordinator,
+        job,
+        worker_id,
+        token,
+        listen: args.listen,
+        advertise: args.advertise,
+        devices: args.devices,
+        connect_timeout: std::time::Duration::from_secs(args.connect_timeout_s),
+    })?;
+    match exit {
+        AgentExit::Finished { step, checkpoint } => {
+            tracing::info!(step, %checkpoint, "job completed");
+            Ok(())
+        }
+        AgentExit::Interrupted => {
+            tracing::warn!("interrupted: the step in flight was aborted");
+            // The conventional status of a process stopped by a signal it handled.
+            std::process::exit(130);
+        }
+    }
 }
 
 fn copy_if_present(from: &Path, to: &Path) -> anyhow::Result<()> {

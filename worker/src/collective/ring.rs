@@ -128,7 +128,9 @@ impl RingListener {
 
     /// Dials the right neighbour and accepts the left one (at once: peers start at slightly
     /// different times), each with a handshake, within `cfg.timeout`.
-    pub fn connect(self, cfg: RingConfig, abort: AbortHandle) -> Result<TcpRing, CollectiveError> {
+    /// The listener stays usable: the next generation connects through it again, and the
+    /// handshake turns away connections left over from an older one.
+    pub fn connect(&self, cfg: RingConfig, abort: AbortHandle) -> Result<TcpRing, CollectiveError> {
         cfg.validate()?;
         let links = if cfg.world == 1 {
             None

@@ -2,7 +2,7 @@
 //! global sample order, with evaluation, checkpoints and resume. The distributed agent runs the
 //! same step with a collective between its two halves.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use dapt_corpus::{step_range, CorpusReader};
@@ -70,21 +70,7 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
     let mut resumed_from = None;
     let trainer = match checkpoint::list(&root)?.pop() {
         Some((step, dir)) => {
-            let loaded = checkpoint::load(&dir)?;
-            let mut trainer = Trainer::new(loaded.config, loaded.weights, &training);
-            trainer.optimizer.m = loaded.m;
-            trainer.optimizer.v = loaded.v;
-            trainer.optimizer.t = loaded.state.optimizer_steps;
-            trainer.step = loaded.state.step;
-            trainer.tokens = loaded.state.tokens;
-            if loaded.state.seed != job.seed {
-                return Err(WorkerError::Invalid(format!(
-                    "checkpoint {} was trained with seed {}, the job says {}",
-                    dir.display(),
-                    loaded.state.seed,
-                    job.seed
-                )));
-            }
+            let trainer = restore(&dir, &training, job.seed)?;
             resumed_from = Some(step);
             tracing::info!(step, dir = %dir.display(), "resumed from checkpoint");
             trainer
@@ -254,12 +240,12 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
         );
         summary.steps.push(log);
         let done = trainer.step();
-        if training.eval_every > 0 && done % training.eval_every == 0 && done < steps {
+        if training.eval_every > 0 && done.is_multiple_of(training.eval_every) && done < steps {
             summary
                 .evals
                 .push(evaluate(trainer, reader, &training, done));
         }
-        if !options.no_checkpoints && (done % job.checkpoint.every == 0 || done == stop) {
+        if !options.no_checkpoints && (done.is_multiple_of(job.checkpoint.every) || done == stop) {
             let tokenizer = corpus_tokenizer
                 .is_file()
                 .then_some(corpus_tokenizer.as_path());
@@ -276,6 +262,26 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
         summary.finished = true;
     }
     Ok(summary)
+}
+
+/// The trainer saved in checkpoint `dir` (verified against its checksums), for a job with
+/// `training` and `seed`.
+pub fn restore(dir: &Path, training: &TrainingSpec, seed: u64) -> Result<Trainer> {
+    let loaded = checkpoint::load(dir)?;
+    if loaded.state.seed != seed {
+        return Err(WorkerError::Invalid(format!(
+            "checkpoint {} was trained with seed {}, the job says {seed}",
+            dir.display(),
+            loaded.state.seed,
+        )));
+    }
+    let mut trainer = Trainer::new(loaded.config, loaded.weights, training);
+    trainer.optimizer.m = loaded.m;
+    trainer.optimizer.v = loaded.v;
+    trainer.optimizer.t = loaded.state.optimizer_steps;
+    trainer.step = loaded.state.step;
+    trainer.tokens = loaded.state.tokens;
+    Ok(trainer)
 }
 
 /// The model a fresh run starts from: a Hugging Face directory (whose tokenizer must be the
@@ -307,7 +313,7 @@ pub fn initial_model(job: &JobSpec, reader: &CorpusReader) -> Result<(LlamaConfi
     }
 }
 
-fn evaluate(
+pub fn evaluate(
     trainer: &dyn Engine,
     reader: &CorpusReader,
     training: &TrainingSpec,

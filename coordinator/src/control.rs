@@ -1,0 +1,1228 @@
+//! The coordinator's decisions, as one pure function: [`decide`] takes the job's state, one
+//! [`Event`] (a join, a report, a lost session, a timer tick) and the time, and returns the next
+//! state and the [`Action`]s to carry out (assign, abort, commit, log...). Nothing here does I/O,
+//! so every path through formation, loss, recovery and commit is unit-tested below.
+//!
+//! Phases: `Forming` (waiting for `min_workers`) -> `Running` -> `Recovering` (a rank was lost or
+//! failed: the survivors abort the generation and confirm) -> `Running` in the next generation
+//! -> ... -> `Completed`, or `Failed` / `Stopped`.
+//!
+//! Exactly-once data: every rank reports the sample positions of each step; a checkpoint step
+//! is committed when every rank of the generation reported reaching it and every step before it
+//! was reported by every rank. Only then do those steps enter the ledger; a re-formation resumes
+//! from the committed step, so uncommitted steps are trained again and never counted twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use dapt_corpus::rank_slice;
+use dapt_proto::rpc::{compatible, ErrorCode, Generation, Refusal, WorkerId};
+use serde::{Deserialize, Serialize};
+
+/// A gRPC session, as the executor numbers them. A member's messages count only from the
+/// session it joined on.
+pub type ConnId = u64;
+
+/// Fixed for the job's life.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub job: String,
+    pub token: String,
+    pub version: String,
+    pub min_workers: usize,
+    pub max_workers: Option<usize>,
+    pub session_timeout: Duration,
+    pub formation_grace: Duration,
+    pub abort_timeout: Duration,
+    pub total_steps: u64,
+    /// Samples per step.
+    pub global_batch: u64,
+    /// Samples per forward pass, at most.
+    pub micro_batch: u64,
+    /// Consecutive generations that may fail before any progress is committed before the job
+    /// fails instead of re-forming again.
+    pub max_failed_generations: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    Forming,
+    /// A new coordinator took over a running generation (etcd): its ranks re-attach and
+    /// keep training; nothing is re-formed unless one fails to come back in time.
+    Reattaching,
+    Running,
+    Recovering,
+    Completed,
+    Failed(String),
+    Stopped(String),
+}
+
+impl Phase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Forming => "forming",
+            Phase::Reattaching => "re-attaching",
+            Phase::Running => "running",
+            Phase::Recovering => "recovering",
+            Phase::Completed => "completed",
+            Phase::Failed(_) => "failed",
+            Phase::Stopped(_) => "stopped",
+        }
+    }
+
+    pub fn is_over(&self) -> bool {
+        matches!(
+            self,
+            Phase::Completed | Phase::Failed(_) | Phase::Stopped(_)
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub conn: ConnId,
+    pub endpoint: String,
+    pub devices: Vec<String>,
+    pub last_seen: Instant,
+    /// Rank in the current generation; `None` while waiting for the next formation.
+    pub rank: Option<u32>,
+}
+
+/// The last committed checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Committed {
+    pub step: u64,
+    pub dir: String,
+    pub generation: u64,
+}
+
+/// A generation as the durable store keeps it, so that a coordinator taking over knows who
+/// should re-attach.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationRecord {
+    pub generation: u64,
+    pub ranks: Vec<String>,
+    pub peers: Vec<String>,
+    pub resume_step: u64,
+}
+
+/// One rank's samples of one committed step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub step: u64,
+    pub generation: u64,
+    pub rank: u32,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// What a rank said about one step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepInfo {
+    pub step: u64,
+    pub rank: u32,
+    pub samples: (u64, u64),
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub tokens: u64,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    pub reason: String,
+    pub detected: Instant,
+    /// The generation being torn down.
+    pub generation: Generation,
+    /// Survivors that have not confirmed the abort yet.
+    pub awaiting: BTreeSet<WorkerId>,
+    pub abort_deadline: Instant,
+    /// When every survivor confirmed (or the deadline passed).
+    pub aborted: Option<Instant>,
+    /// When the next generation was formed.
+    pub reformed: Option<Instant>,
+}
+
+/// The job as the coordinator sees it.
+#[derive(Debug, Clone)]
+pub struct JobState {
+    pub config: ControlConfig,
+    pub phase: Phase,
+    /// The current (or last) generation; 0 before the first formation.
+    pub generation: Generation,
+    pub members: BTreeMap<WorkerId, Member>,
+    /// Ranks of the current generation, by rank.
+    pub ranks: Vec<WorkerId>,
+    pub committed: Option<Committed>,
+    /// When the job first had `min_workers` members while forming.
+    pub ready_since: Option<Instant>,
+    pub recovery: Option<Recovery>,
+    /// Step reports of the current generation not yet committed: step -> rank -> report.
+    pub steps: BTreeMap<u64, BTreeMap<u32, StepInfo>>,
+    /// Checkpoint reports of the current generation: step -> (ranks, rank 0's directory, the
+    /// ranks' weight digests).
+    pub checkpoints: BTreeMap<u64, CheckpointVotes>,
+    /// The newest step every rank completed, and its figures (for logs and status).
+    pub last_step: Option<StepInfo>,
+    /// Exponential moving average of the step time, for the ETA.
+    pub step_time: Option<f64>,
+    /// Generations since the last commit that ended in a failure.
+    pub failed_generations: u32,
+    /// While re-attaching: when ranks that have not come back are given up.
+    pub reattach_deadline: Option<Instant>,
+    /// When this coordinator took over (for the re-attach log line).
+    pub took_over: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CheckpointVotes {
+    pub ranks: BTreeSet<u32>,
+    pub dir: Option<String>,
+    pub digests: BTreeMap<u32, String>,
+}
+
+/// A worker's join request.
+#[derive(Debug, Clone)]
+pub struct JoinRequest {
+    pub job: String,
+    pub token: String,
+    pub worker: WorkerId,
+    pub devices: Vec<String>,
+    pub version: String,
+    pub endpoint: String,
+    /// A worker re-attaching to a new coordinator: the generation it trains in and its rank.
+    pub attach: Option<(Generation, u32)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    Join {
+        conn: ConnId,
+        request: JoinRequest,
+    },
+    /// The worker's membership lease expired or was revoked (etcd).
+    Expired {
+        worker: WorkerId,
+    },
+    /// The session ended (the worker's process died, or it hung up).
+    Disconnected {
+        conn: ConnId,
+        worker: WorkerId,
+    },
+    Heartbeat {
+        conn: ConnId,
+        worker: WorkerId,
+    },
+    Step {
+        conn: ConnId,
+        worker: WorkerId,
+        generation: Generation,
+        info: StepInfo,
+    },
+    Checkpoint {
+        conn: ConnId,
+        worker: WorkerId,
+        generation: Generation,
+        step: u64,
+        rank: u32,
+        dir: String,
+        digest: String,
+    },
+    Aborted {
+        conn: ConnId,
+        worker: WorkerId,
+        generation: Generation,
+    },
+    Failed {
+        conn: ConnId,
+        worker: WorkerId,
+        generation: Generation,
+        reason: String,
+    },
+    Eval {
+        conn: ConnId,
+        worker: WorkerId,
+        generation: Generation,
+        step: u64,
+        source: String,
+        perplexity: f64,
+        tokens: u64,
+    },
+    /// Time passes: session timeouts, the formation grace and abort deadlines.
+    Tick,
+    /// The operator stops the job (Ctrl-C, SIGTERM).
+    Shutdown {
+        reason: String,
+    },
+}
+
+/// What one generation's rank is told to do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub generation: Generation,
+    pub rank: u32,
+    pub world: u32,
+    pub peers: Vec<String>,
+    pub resume_step: u64,
+    pub checkpoint: Option<String>,
+    pub micro_batch: u32,
+    pub accumulation: u32,
+    pub total_steps: u64,
+}
+
+/// A recovery's milestones, each with the time since the loss was detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecoveryPhase {
+    Detected,
+    Aborted,
+    Reformed,
+    Resumed,
+}
+
+impl RecoveryPhase {
+    pub fn name(self) -> &'static str {
+        match self {
+            RecoveryPhase::Detected => "detected",
+            RecoveryPhase::Aborted => "aborted",
+            RecoveryPhase::Reformed => "re-formed",
+            RecoveryPhase::Resumed => "resumed",
+        }
+    }
+}
+
+/// A line for the coordinator's log: what happened, with its figures.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Log {
+    Joined {
+        worker: WorkerId,
+        members: usize,
+        standby: bool,
+    },
+    /// Every rank of the running generation re-attached to this (new) coordinator.
+    Reattached {
+        generation: Generation,
+        world: u32,
+        took: Duration,
+    },
+    Lost {
+        worker: WorkerId,
+        reason: String,
+    },
+    Refused {
+        worker: WorkerId,
+        refusal: Refusal,
+    },
+    Formed {
+        generation: Generation,
+        world: u32,
+        resume_step: u64,
+        ranks: Vec<WorkerId>,
+    },
+    Waiting {
+        members: usize,
+        min_workers: usize,
+    },
+    Step {
+        step: u64,
+        total_steps: u64,
+        loss: f64,
+        tokens_per_s: f64,
+        lr: f64,
+        grad_norm: f64,
+        world: u32,
+        generation: Generation,
+        eta: Duration,
+    },
+    Eval {
+        step: u64,
+        source: String,
+        perplexity: f64,
+        tokens: u64,
+    },
+    Recovery {
+        phase: RecoveryPhase,
+        generation: Generation,
+        /// Time since the previous milestone.
+        took: Duration,
+        /// Time since the loss was detected.
+        since_detected: Duration,
+        reason: String,
+    },
+    Committed {
+        step: u64,
+        dir: String,
+        digest: String,
+    },
+    Diverged {
+        step: u64,
+        digests: BTreeMap<u32, String>,
+    },
+    Completed {
+        step: u64,
+        dir: String,
+    },
+    Failed {
+        reason: String,
+    },
+    Stopping {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Accept the session's join: send the job.
+    Accept {
+        conn: ConnId,
+        worker: WorkerId,
+    },
+    /// End the session with this refusal.
+    RefuseJoin {
+        conn: ConnId,
+        refusal: Refusal,
+    },
+    /// Tell a member one of its messages was refused; the session goes on.
+    Refuse {
+        worker: WorkerId,
+        conn: ConnId,
+        refusal: Refusal,
+    },
+    Assign {
+        worker: WorkerId,
+        conn: ConnId,
+        assignment: Assignment,
+    },
+    Abort {
+        worker: WorkerId,
+        conn: ConnId,
+        generation: Generation,
+        reason: String,
+    },
+    /// End a member's session (it timed out).
+    Drop {
+        conn: ConnId,
+        worker: WorkerId,
+    },
+    /// Record the generation just formed in the durable store (etcd).
+    RecordGeneration(GenerationRecord),
+    /// Make `committed` durable: append `ledger`, then record the committed step.
+    Commit {
+        committed: Committed,
+        ledger: Vec<LedgerEntry>,
+    },
+    /// The job completed: tell the worker to leave.
+    Finish {
+        worker: WorkerId,
+        conn: ConnId,
+        step: u64,
+        dir: String,
+    },
+    Log(Log),
+}
+
+impl JobState {
+    pub fn new(config: ControlConfig, committed: Option<Committed>) -> Self {
+        JobState {
+            config,
+            phase: Phase::Forming,
+            generation: Generation(committed.as_ref().map_or(0, |c| c.generation)),
+            members: BTreeMap::new(),
+            ranks: Vec::new(),
+            committed,
+            ready_since: None,
+            recovery: None,
+            steps: BTreeMap::new(),
+            checkpoints: BTreeMap::new(),
+            last_step: None,
+            step_time: None,
+            failed_generations: 0,
+            reattach_deadline: None,
+            took_over: None,
+        }
+    }
+
+    /// A coordinator taking over `record`'s generation: its ranks have until `deadline` to
+    /// re-attach.
+    pub fn take_over(
+        config: ControlConfig,
+        committed: Option<Committed>,
+        record: GenerationRecord,
+        now: Instant,
+        deadline: Instant,
+    ) -> Self {
+        let mut state = JobState::new(config, committed);
+        state.phase = Phase::Reattaching;
+        state.generation = Generation(record.generation);
+        state.ranks = record.ranks.into_iter().map(WorkerId).collect();
+        state.reattach_deadline = Some(deadline);
+        state.took_over = Some(now);
+        state
+    }
+
+    pub fn committed_step(&self) -> u64 {
+        self.committed.as_ref().map_or(0, |c| c.step)
+    }
+
+    fn world(&self) -> u32 {
+        self.ranks.len() as u32
+    }
+
+    /// Whether `conn` is the session `worker` joined on.
+    fn is_member(&self, worker: &WorkerId, conn: ConnId) -> bool {
+        self.members.get(worker).is_some_and(|m| m.conn == conn)
+    }
+}
+
+/// The coordinator's next state and actions after `event` at `now`.
+pub fn decide(mut state: JobState, event: Event, now: Instant) -> (JobState, Vec<Action>) {
+    let mut out = Vec::new();
+    // Any message from a member proves it alive.
+    match &event {
+        Event::Heartbeat { conn, worker }
+        | Event::Step { conn, worker, .. }
+        | Event::Checkpoint { conn, worker, .. }
+        | Event::Aborted { conn, worker, .. }
+        | Event::Failed { conn, worker, .. }
+        | Event::Eval { conn, worker, .. } => {
+            if let Some(m) = state.members.get_mut(worker).filter(|m| m.conn == *conn) {
+                m.last_seen = now;
+            }
+        }
+        _ => {}
+    }
+    match event {
+        Event::Join { conn, request } => join(&mut state, conn, request, now, &mut out),
+        Event::Expired { worker } => {
+            let reason = "its etcd lease expired".to_string();
+            lose(&mut state, &worker, reason, now, &mut out);
+        }
+        Event::Disconnected { conn, worker } => {
+            if state.is_member(&worker, conn) {
+                lose(
+                    &mut state,
+                    &worker,
+                    "its session ended".into(),
+                    now,
+                    &mut out,
+                );
+            }
+        }
+        Event::Heartbeat { .. } => {}
+        Event::Step {
+            conn,
+            worker,
+            generation,
+            info,
+        } => {
+            if let Some(rank) = current_rank(&state, &worker, conn, generation, &mut out) {
+                step_report(&mut state, rank, info, now, &mut out);
+            }
+        }
+        Event::Checkpoint {
+            conn,
+            worker,
+            generation,
+            step,
+            rank: _,
+            dir,
+            digest,
+        } => {
+            if let Some(rank) = current_rank(&state, &worker, conn, generation, &mut out) {
+                checkpoint_report(&mut state, rank, step, dir, digest, now, &mut out);
+            }
+        }
+        Event::Aborted {
+            conn,
+            worker,
+            generation,
+        } => {
+            if state.is_member(&worker, conn) {
+                if let Some(r) = state
+                    .recovery
+                    .as_mut()
+                    .filter(|r| r.generation == generation)
+                {
+                    r.awaiting.remove(&worker);
+                }
+            }
+        }
+        Event::Failed {
+            conn,
+            worker,
+            generation,
+            reason,
+        } => {
+            if current_rank(&state, &worker, conn, generation, &mut out).is_some() {
+                // The failed rank's training has stopped already: it needs no abort order.
+                let reason = format!("{worker} failed: {reason}");
+                begin_recovery(&mut state, reason, Some(&worker), now, &mut out);
+            }
+        }
+        Event::Eval {
+            conn,
+            worker,
+            generation,
+            step,
+            source,
+            perplexity,
+            tokens,
+        } => {
+            if current_rank(&state, &worker, conn, generation, &mut out).is_some() {
+                out.push(Action::Log(Log::Eval {
+                    step,
+                    source,
+                    perplexity,
+                    tokens,
+                }));
+            }
+        }
+        Event::Tick => tick(&mut state, now, &mut out),
+        Event::Shutdown { reason } => {
+            if !state.phase.is_over() {
+                out.push(Action::Log(Log::Stopping {
+                    reason: reason.clone(),
+                }));
+                abort_ranks(&state, &reason, None, &mut out);
+                state.phase = Phase::Stopped(reason);
+            }
+        }
+    }
+    progress(&mut state, now, &mut out);
+    (state, out)
+}
+
+fn join(
+    state: &mut JobState,
+    conn: ConnId,
+    request: JoinRequest,
+    now: Instant,
+    out: &mut Vec<Action>,
+) {
+    let c = &state.config;
+    let refusal = if request.job != c.job {
+        Some(Refusal::new(
+            ErrorCode::OtherJob,
+            format!(
+                "this coordinator runs job `{}`, not `{}`",
+                c.job, request.job
+            ),
+        ))
+    } else if request.token != c.token {
+        Some(Refusal::new(ErrorCode::WrongToken, "wrong job token"))
+    } else if !compatible(&request.version, &c.version) {
+        Some(Refusal::new(
+            ErrorCode::IncompatibleVersion,
+            format!(
+                "worker version {} cannot work with coordinator version {}",
+                request.version, c.version
+            ),
+        ))
+    } else if state.phase.is_over() {
+        Some(Refusal::new(
+            ErrorCode::JobOver,
+            format!("the job is {}", state.phase.name()),
+        ))
+    } else if state.members.contains_key(&request.worker) {
+        Some(Refusal::new(
+            ErrorCode::DuplicateWorker,
+            format!("a worker with id `{}` is already a member", request.worker),
+        ))
+    } else if request.worker.0.is_empty() || !request.endpoint.contains(':') {
+        Some(Refusal::new(
+            ErrorCode::Invalid,
+            format!(
+                "worker id must not be empty and the collective endpoint must be host:port (got `{}`)",
+                request.endpoint
+            ),
+        ))
+    } else {
+        None
+    };
+    if let Some(refusal) = refusal {
+        out.push(Action::Log(Log::Refused {
+            worker: request.worker,
+            refusal: refusal.clone(),
+        }));
+        out.push(Action::RefuseJoin { conn, refusal });
+        return;
+    }
+    // A rank of the generation this coordinator took over, coming back.
+    let rank = match (state.phase == Phase::Reattaching, request.attach) {
+        (true, Some((generation, rank)))
+            if generation == state.generation
+                && state.ranks.get(rank as usize) == Some(&request.worker) =>
+        {
+            Some(rank)
+        }
+        _ => None,
+    };
+    state.members.insert(
+        request.worker.clone(),
+        Member {
+            conn,
+            endpoint: request.endpoint,
+            devices: request.devices,
+            last_seen: now,
+            rank,
+        },
+    );
+    out.push(Action::Accept {
+        conn,
+        worker: request.worker.clone(),
+    });
+    out.push(Action::Log(Log::Joined {
+        worker: request.worker,
+        members: state.members.len(),
+        standby: rank.is_none()
+            && matches!(
+                state.phase,
+                Phase::Running | Phase::Recovering | Phase::Reattaching
+            ),
+    }));
+}
+
+/// The rank of `worker` in the current generation if the message is for it; otherwise refuses
+/// the message (stale generation, or not a member) and returns `None`.
+fn current_rank(
+    state: &JobState,
+    worker: &WorkerId,
+    conn: ConnId,
+    generation: Generation,
+    out: &mut Vec<Action>,
+) -> Option<u32> {
+    let member = state.members.get(worker).filter(|m| m.conn == conn)?;
+    let current = matches!(state.phase, Phase::Running | Phase::Reattaching);
+    let refusal = if generation != state.generation || !current {
+        Refusal::new(
+            ErrorCode::StaleGeneration,
+            format!(
+                "generation {generation} is not current (the job is {} in generation {})",
+                state.phase.name(),
+                state.generation
+            ),
+        )
+    } else if let Some(rank) = member.rank {
+        return Some(rank);
+    } else {
+        Refusal::new(
+            ErrorCode::StaleGeneration,
+            format!("`{worker}` has no rank in generation {generation}"),
+        )
+    };
+    out.push(Action::Log(Log::Refused {
+        worker: worker.clone(),
+        refusal: refusal.clone(),
+    }));
+    out.push(Action::Refuse {
+        worker: worker.clone(),
+        conn,
+        refusal,
+    });
+    None
+}
+
+fn lose(
+    state: &mut JobState,
+    worker: &WorkerId,
+    reason: String,
+    now: Instant,
+    out: &mut Vec<Action>,
+) {
+    let Some(member) = state.members.remove(worker) else {
+        return;
+    };
+    out.push(Action::Log(Log::Lost {
+        worker: worker.clone(),
+        reason: reason.clone(),
+    }));
+    if let Some(r) = &mut state.recovery {
+        r.awaiting.remove(worker);
+    }
+    if member.rank.is_some() && matches!(state.phase, Phase::Running | Phase::Reattaching) {
+        begin_recovery(state, format!("{worker} lost: {reason}"), None, now, out);
+    }
+}
+
+/// Aborts the current generation: every rank but `stopped` (whose training already ended) is
+/// told to stop and confirm.
+fn begin_recovery(
+    state: &mut JobState,
+    reason: String,
+    stopped: Option<&WorkerId>,
+    now: Instant,
+    out: &mut Vec<Action>,
+) {
+    state.failed_generations += 1;
+    let awaiting: BTreeSet<WorkerId> = state
+        .ranks
+        .iter()
+        .filter(|w| Some(*w) != stopped && state.members.contains_key(*w))
+        .cloned()
+        .collect();
+    abort_ranks(state, &reason, stopped, out);
+    out.push(Action::Log(Log::Recovery {
+        phase: RecoveryPhase::Detected,
+        generation: state.generation,
+        took: Duration::ZERO,
+        since_detected: Duration::ZERO,
+        reason: reason.clone(),
+    }));
+    state.recovery = Some(Recovery {
+        reason,
+        detected: now,
+        generation: state.generation,
+        awaiting,
+        abort_deadline: now + state.config.abort_timeout,
+        aborted: None,
+        reformed: None,
+    });
+    state.phase = Phase::Recovering;
+    state.steps.clear();
+    state.checkpoints.clear();
+}
+
+fn abort_ranks(state: &JobState, reason: &str, except: Option<&WorkerId>, out: &mut Vec<Action>) {
+    for w in &state.ranks {
+        if Some(w) == except {
+            continue;
+        }
+        if let Some(m) = state.members.get(w) {
+            out.push(Action::Abort {
+                worker: w.clone(),
+                conn: m.conn,
+                generation: state.generation,
+                reason: reason.to_string(),
+            });
+        }
+    }
+}
+
+fn tick(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
+    let timeout = state.config.session_timeout;
+    let silent: Vec<(WorkerId, ConnId)> = state
+        .members
+        .iter()
+        .filter(|(_, m)| now.saturating_duration_since(m.last_seen) > timeout)
+        .map(|(w, m)| (w.clone(), m.conn))
+        .collect();
+    for (worker, conn) in silent {
+        out.push(Action::Drop {
+            conn,
+            worker: worker.clone(),
+        });
+        lose(
+            state,
+            &worker,
+            format!("no heartbeat for {}", fmt_duration(timeout)),
+            now,
+            out,
+        );
+    }
+    if state.phase == Phase::Reattaching && state.reattach_deadline.is_some_and(|d| now >= d) {
+        let missing: Vec<String> = state
+            .ranks
+            .iter()
+            .filter(|w| state.members.get(*w).is_none_or(|m| m.rank.is_none()))
+            .map(|w| w.0.clone())
+            .collect();
+        begin_recovery(
+            state,
+            format!("ranks did not re-attach in time: {}", missing.join(", ")),
+            None,
+            now,
+            out,
+        );
+    }
+    if let Some(r) = &mut state.recovery {
+        if r.aborted.is_none() && !r.awaiting.is_empty() && now >= r.abort_deadline {
+            // Survivors that cannot confirm an abort in time are as good as lost.
+            let late: Vec<WorkerId> = r.awaiting.iter().cloned().collect();
+            for worker in late {
+                if let Some(m) = state.members.get(&worker) {
+                    out.push(Action::Drop {
+                        conn: m.conn,
+                        worker: worker.clone(),
+                    });
+                }
+                lose(
+                    state,
+                    &worker,
+                    "did not confirm the abort in time".into(),
+                    now,
+                    out,
+                );
+            }
+        }
+    }
+}
+
+/// Moves the job forward where the state allows: forms a generation, notes an abort complete.
+fn progress(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
+    if state.phase == Phase::Reattaching
+        && state
+            .ranks
+            .iter()
+            .all(|w| state.members.get(w).is_some_and(|m| m.rank.is_some()))
+    {
+        state.phase = Phase::Running;
+        state.reattach_deadline = None;
+        out.push(Action::Log(Log::Reattached {
+            generation: state.generation,
+            world: state.world(),
+            took: now.saturating_duration_since(state.took_over.unwrap_or(now)),
+        }));
+    }
+    let mut just_aborted = false;
+    if state.phase == Phase::Recovering {
+        let r = state.recovery.as_mut().expect("recovering has a recovery");
+        if r.aborted.is_none() && r.awaiting.is_empty() {
+            r.aborted = Some(now);
+            out.push(Action::Log(Log::Recovery {
+                phase: RecoveryPhase::Aborted,
+                generation: r.generation,
+                took: now - r.detected,
+                since_detected: now - r.detected,
+                reason: r.reason.clone(),
+            }));
+            state.phase = Phase::Forming;
+            state.ready_since = None;
+            for m in state.members.values_mut() {
+                m.rank = None;
+            }
+            state.ranks.clear();
+            just_aborted = true;
+        }
+    }
+    if state.phase != Phase::Forming {
+        return;
+    }
+    let c = &state.config;
+    let members = state.members.len();
+    if members < c.min_workers {
+        state.ready_since = None;
+        if just_aborted {
+            out.push(Action::Log(Log::Waiting {
+                members,
+                min_workers: c.min_workers,
+            }));
+        }
+        return;
+    }
+    let ready = *state.ready_since.get_or_insert(now);
+    let full = c.max_workers.is_some_and(|m| members >= m);
+    // After a loss, re-form with the survivors at once.
+    let recovering = state.recovery.is_some();
+    if full || recovering || now.saturating_duration_since(ready) >= c.formation_grace {
+        form(state, now, out);
+    }
+}
+
+fn form(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
+    if state.failed_generations > state.config.max_failed_generations {
+        let reason = format!(
+            "{} generations in a row failed without committing progress; last: {}",
+            state.failed_generations,
+            state.recovery.as_ref().map_or("", |r| r.reason.as_str())
+        );
+        out.push(Action::Log(Log::Failed {
+            reason: reason.clone(),
+        }));
+        for (w, m) in &state.members {
+            out.push(Action::Abort {
+                worker: w.clone(),
+                conn: m.conn,
+                generation: state.generation,
+                reason: reason.clone(),
+            });
+        }
+        state.phase = Phase::Failed(reason);
+        return;
+    }
+    if let Some(done) = state
+        .committed
+        .clone()
+        .filter(|c| c.step >= state.config.total_steps)
+    {
+        // A relaunch of a job that already completed: nothing to train.
+        state.phase = Phase::Completed;
+        out.push(Action::Log(Log::Completed {
+            step: done.step,
+            dir: done.dir.clone(),
+        }));
+        for (w, m) in &state.members {
+            out.push(Action::Finish {
+                worker: w.clone(),
+                conn: m.conn,
+                step: done.step,
+                dir: done.dir.clone(),
+            });
+        }
+        return;
+    }
+    let c = &state.config;
+    // Ranks in worker-id order; at most max_workers, and no more than samples in a step.
+    let limit = c
+        .max_workers
+        .unwrap_or(usize::MAX)
+        .min(c.global_batch as usize);
+    let chosen: Vec<WorkerId> = state.members.keys().take(limit).cloned().collect();
+    let world = chosen.len() as u32;
+    state.generation = Generation(state.generation.0 + 1);
+    state.ranks = chosen.clone();
+    state.phase = Phase::Running;
+    state.ready_since = None;
+    state.steps.clear();
+    state.checkpoints.clear();
+    let resume_step = state.committed_step();
+    let checkpoint = state.committed.as_ref().map(|c| c.dir.clone());
+    let peers: Vec<String> = chosen
+        .iter()
+        .map(|w| state.members[w].endpoint.clone())
+        .collect();
+    for (rank, worker) in chosen.iter().enumerate() {
+        let rank = rank as u32;
+        let share = rank_slice(0, c.global_batch, rank, world);
+        let share = share.end - share.start;
+        let micro = c.micro_batch.min(share).max(1);
+        let member = state.members.get_mut(worker).expect("chosen from members");
+        member.rank = Some(rank);
+        out.push(Action::Assign {
+            worker: worker.clone(),
+            conn: member.conn,
+            assignment: Assignment {
+                generation: state.generation,
+                rank,
+                world,
+                peers: peers.clone(),
+                resume_step,
+                checkpoint: checkpoint.clone(),
+                micro_batch: micro as u32,
+                accumulation: share.div_ceil(micro) as u32,
+                total_steps: c.total_steps,
+            },
+        });
+    }
+    out.push(Action::RecordGeneration(GenerationRecord {
+        generation: state.generation.0,
+        ranks: chosen.iter().map(|w| w.0.clone()).collect(),
+        peers,
+        resume_step,
+    }));
+    out.push(Action::Log(Log::Formed {
+        generation: state.generation,
+        world,
+        resume_step,
+        ranks: chosen,
+    }));
+    if let Some(r) = &mut state.recovery {
+        let aborted = r.aborted.unwrap_or(now);
+        r.reformed = Some(now);
+        out.push(Action::Log(Log::Recovery {
+            phase: RecoveryPhase::Reformed,
+            generation: state.generation,
+            took: now - aborted,
+            since_detected: now - r.detected,
+            reason: r.reason.clone(),
+        }));
+    }
+}
+
+fn step_report(
+    state: &mut JobState,
+    rank: u32,
+    info: StepInfo,
+    now: Instant,
+    out: &mut Vec<Action>,
+) {
+    let c = &state.config;
+    let world = state.world();
+    if info.step < state.committed_step() {
+        // A re-attaching rank replays its reports; the committed ones are in the ledger.
+        return;
+    }
+    let expected = rank_slice(info.step, c.global_batch, rank, world);
+    if info.rank != rank
+        || (info.samples.0, info.samples.1) != (expected.start, expected.end)
+        || info.step >= c.total_steps
+    {
+        let worker = state.ranks[rank as usize].clone();
+        let refusal = Refusal::new(
+            ErrorCode::Invalid,
+            format!(
+                "step {} report from rank {} covers samples {:?}, expected rank {rank}'s {:?}",
+                info.step, info.rank, info.samples, expected
+            ),
+        );
+        out.push(Action::Log(Log::Refused {
+            worker: worker.clone(),
+            refusal: refusal.clone(),
+        }));
+        out.push(Action::Refuse {
+            conn: state.members[&worker].conn,
+            worker,
+            refusal,
+        });
+        return;
+    }
+    let step = info.step;
+    let reports = state.steps.entry(step).or_default();
+    reports.insert(rank, info);
+    if reports.len() as u32 != world {
+        return;
+    }
+    // Every rank completed the step: its loss is the same on all (it was all-reduced).
+    let first = &reports[&0];
+    let slowest = reports
+        .values()
+        .map(|r| r.elapsed)
+        .max()
+        .unwrap_or_default()
+        .as_secs_f64()
+        .max(1e-9);
+    let ema = match state.step_time {
+        Some(t) => 0.9 * t + 0.1 * slowest,
+        None => slowest,
+    };
+    state.step_time = Some(ema);
+    let remaining = c.total_steps.saturating_sub(step + 1);
+    out.push(Action::Log(Log::Step {
+        step,
+        total_steps: c.total_steps,
+        loss: first.loss,
+        tokens_per_s: first.tokens as f64 / slowest,
+        lr: first.lr,
+        grad_norm: first.grad_norm,
+        world,
+        generation: state.generation,
+        eta: Duration::from_secs_f64(ema * remaining as f64),
+    }));
+    state.last_step = Some(first.clone());
+    if let Some(r) = state.recovery.take() {
+        out.push(Action::Log(Log::Recovery {
+            phase: RecoveryPhase::Resumed,
+            generation: state.generation,
+            took: now - r.reformed.unwrap_or(now),
+            since_detected: now - r.detected,
+            reason: r.reason,
+        }));
+    }
+}
+
+fn checkpoint_report(
+    state: &mut JobState,
+    rank: u32,
+    step: u64,
+    dir: String,
+    digest: String,
+    now: Instant,
+    out: &mut Vec<Action>,
+) {
+    let world = state.world();
+    if step <= state.committed_step() {
+        return;
+    }
+    let (voted, dir, digests) = {
+        let votes = state.checkpoints.entry(step).or_default();
+        votes.ranks.insert(rank);
+        votes.digests.insert(rank, digest);
+        if rank == 0 && !dir.is_empty() {
+            votes.dir = Some(dir);
+        }
+        (votes.ranks.len(), votes.dir.clone(), votes.digests.clone())
+    };
+    if voted as u32 != world {
+        return;
+    }
+    let Some(dir) = dir else {
+        return;
+    };
+    let committed_from = state.committed_step();
+    // Every step before the checkpoint, reported by every rank: the ledger is complete.
+    let complete = (committed_from..step)
+        .all(|s| state.steps.get(&s).is_some_and(|r| r.len() as u32 == world));
+    if !complete {
+        return;
+    }
+    let first = digests.values().next().cloned().unwrap_or_default();
+    if digests.values().any(|d| *d != first) {
+        // Ranks that should hold the same weights do not: committing would lock in garbage.
+        out.push(Action::Log(Log::Diverged { step, digests }));
+        begin_recovery(
+            state,
+            format!("ranks' weights differ at step {step}"),
+            None,
+            now,
+            out,
+        );
+        return;
+    }
+    let mut ledger = Vec::new();
+    for s in committed_from..step {
+        for (rank, r) in &state.steps[&s] {
+            ledger.push(LedgerEntry {
+                step: s,
+                generation: state.generation.0,
+                rank: *rank,
+                start: r.samples.0,
+                end: r.samples.1,
+            });
+        }
+    }
+    let committed = Committed {
+        step,
+        dir: dir.clone(),
+        generation: state.generation.0,
+    };
+    state.steps = state.steps.split_off(&step);
+    state.checkpoints = state.checkpoints.split_off(&(step + 1));
+    state.committed = Some(committed.clone());
+    state.failed_generations = 0;
+    out.push(Action::Commit { committed, ledger });
+    out.push(Action::Log(Log::Committed {
+        step,
+        dir: dir.clone(),
+        digest: first,
+    }));
+    if step >= state.config.total_steps {
+        state.phase = Phase::Completed;
+        out.push(Action::Log(Log::Completed {
+            step,
+            dir: dir.clone(),
+        }));
+        for (w, m) in &state.members {
+            out.push(Action::Finish {
+                worker: w.clone(),
+                conn: m.conn,
+                step,
+                dir: dir.clone(),
+            });
+        }
+        return;
+    }
+    // Standbys waiting and room for them: bring them in now, when no work is lost.
+    let standby = state.members.values().filter(|m| m.rank.is_none()).count();
+    let room = state
+        .config
+        .max_workers
+        .is_none_or(|m| state.ranks.len() < m)
+        && (state.ranks.len() as u64) < state.config.global_batch;
+    if standby > 0 && room {
+        begin_recovery(
+            state,
+            format!("{standby} standby worker(s) join at the committed step {step}"),
+            None,
+            now,
+            out,
+        );
+        // Growing is not a failure.
+        state.failed_generations = 0;
+    }
+}
+
+pub fn fmt_duration(d: Duration) -> String {
+    format!("{:.3}s", d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests;

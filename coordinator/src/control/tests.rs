@@ -1,0 +1,757 @@
+//! `decide` driven through joins, losses, late joiners, stale messages and timeouts.
+
+use super::*;
+
+const STEPS: u64 = 8;
+const BATCH: u64 = 5;
+
+fn config() -> ControlConfig {
+    ControlConfig {
+        job: "job".into(),
+        token: "secret".into(),
+        version: "0.1.0".into(),
+        min_workers: 1,
+        max_workers: Some(2),
+        session_timeout: Duration::from_secs(5),
+        formation_grace: Duration::from_secs(2),
+        abort_timeout: Duration::from_secs(10),
+        total_steps: STEPS,
+        global_batch: BATCH,
+        micro_batch: 2,
+        max_failed_generations: 3,
+    }
+}
+
+fn id(s: &str) -> WorkerId {
+    WorkerId(s.into())
+}
+
+fn request(worker: &str) -> JoinRequest {
+    JoinRequest {
+        job: "job".into(),
+        token: "secret".into(),
+        worker: id(worker),
+        devices: vec!["cpu".into()],
+        version: "0.1.3".into(),
+        endpoint: format!("127.0.0.1:{}", 4000 + worker.len()),
+        attach: None,
+    }
+}
+
+/// Drives events through `decide`, keeping the clock and every action.
+struct Sim {
+    state: Option<JobState>,
+    t0: Instant,
+    now: Instant,
+}
+
+impl Sim {
+    fn new(config: ControlConfig) -> Self {
+        let now = Instant::now();
+        Sim {
+            state: Some(JobState::new(config, None)),
+            t0: now,
+            now,
+        }
+    }
+
+    fn state(&self) -> &JobState {
+        self.state.as_ref().expect("state")
+    }
+
+    fn at(&mut self, secs: f64) -> &mut Self {
+        self.now = self.t0 + Duration::from_secs_f64(secs);
+        self
+    }
+
+    fn send(&mut self, event: Event) -> Vec<Action> {
+        let (state, actions) = decide(self.state.take().expect("state"), event, self.now);
+        self.state = Some(state);
+        actions
+    }
+
+    fn join(&mut self, conn: ConnId, worker: &str) -> Vec<Action> {
+        self.send(Event::Join {
+            conn,
+            request: request(worker),
+        })
+    }
+
+    fn conn(&self, worker: &str) -> ConnId {
+        self.state().members[&id(worker)].conn
+    }
+
+    fn step(&mut self, worker: &str, step: u64) -> Vec<Action> {
+        let s = self.state();
+        let rank = s.members[&id(worker)].rank.expect("ranked");
+        let slice = rank_slice(step, BATCH, rank, s.ranks.len() as u32);
+        let generation = s.generation;
+        let conn = self.conn(worker);
+        self.send(Event::Step {
+            conn,
+            worker: id(worker),
+            generation,
+            info: StepInfo {
+                step,
+                rank,
+                samples: (slice.start, slice.end),
+                loss: 5.0 - step as f64 * 0.1,
+                grad_norm: 1.0,
+                lr: 1e-3,
+                tokens: BATCH * 16,
+                elapsed: Duration::from_millis(100),
+            },
+        })
+    }
+
+    fn checkpoint(&mut self, worker: &str, step: u64, digest: &str) -> Vec<Action> {
+        let s = self.state();
+        let rank = s.members[&id(worker)].rank.expect("ranked");
+        let generation = s.generation;
+        let conn = self.conn(worker);
+        self.send(Event::Checkpoint {
+            conn,
+            worker: id(worker),
+            generation,
+            step,
+            rank,
+            dir: if rank == 0 {
+                format!("/ckpt/step-{step:08}")
+            } else {
+                String::new()
+            },
+            digest: digest.into(),
+        })
+    }
+
+    /// Every rank reports steps `from..to`, then the checkpoint at `to`.
+    fn train(&mut self, from: u64, to: u64) -> Vec<Action> {
+        let ranks = self.state().ranks.clone();
+        let mut all = Vec::new();
+        for s in from..to {
+            for w in &ranks {
+                all.extend(self.step(&w.0, s));
+            }
+        }
+        for w in &ranks {
+            all.extend(self.checkpoint(&w.0, to, "abc"));
+        }
+        all
+    }
+}
+
+fn assignments(actions: &[Action]) -> Vec<(WorkerId, Assignment)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Assign {
+                worker, assignment, ..
+            } => Some((worker.clone(), assignment.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn refusal(actions: &[Action]) -> Option<ErrorCode> {
+    actions.iter().find_map(|a| match a {
+        Action::RefuseJoin { refusal, .. } | Action::Refuse { refusal, .. } => Some(refusal.code),
+        _ => None,
+    })
+}
+
+fn recovery_phases(actions: &[Action]) -> Vec<RecoveryPhase> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Log(Log::Recovery { phase, .. }) => Some(*phase),
+            _ => None,
+        })
+        .collect()
+}
+
+fn aborts(actions: &[Action]) -> Vec<WorkerId> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Abort { worker, .. } => Some(worker.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Two workers, formed into generation 1.
+fn formed() -> Sim {
+    let mut sim = Sim::new(config());
+    sim.join(1, "a");
+    let actions = sim.join(2, "b");
+    assert_eq!(assignments(&actions).len(), 2, "{actions:?}");
+    sim
+}
+
+#[test]
+fn forms_when_full_with_ranks_in_id_order_and_the_global_batch_split() {
+    let mut sim = Sim::new(config());
+    let actions = sim.join(1, "b");
+    assert!(matches!(actions[0], Action::Accept { conn: 1, .. }));
+    assert!(assignments(&actions).is_empty(), "one of two: waits");
+    let actions = sim.join(2, "a");
+    let assigned = assignments(&actions);
+    assert_eq!(sim.state().phase, Phase::Running);
+    assert_eq!(sim.state().generation, Generation(1));
+    assert_eq!(assigned[0].0, id("a"));
+    let (a, b) = (&assigned[0].1, &assigned[1].1);
+    assert_eq!((a.rank, b.rank, a.world), (0, 1, 2));
+    // 5 samples: rank 0 takes 3 (micro 2 x 2 passes), rank 1 takes 2 (one pass).
+    assert_eq!((a.micro_batch, a.accumulation), (2, 2));
+    assert_eq!((b.micro_batch, b.accumulation), (2, 1));
+    assert_eq!(a.peers, vec![request("a").endpoint, request("b").endpoint]);
+    assert_eq!((a.resume_step, a.checkpoint.clone()), (0, None));
+}
+
+#[test]
+fn forms_below_max_after_the_grace_period() {
+    let mut sim = Sim::new(config());
+    sim.at(0.0).join(1, "a");
+    assert!(assignments(&sim.at(1.9).send(Event::Tick)).is_empty());
+    let assigned = assignments(&sim.at(2.1).send(Event::Tick));
+    assert_eq!(assigned.len(), 1);
+    assert_eq!(assigned[0].1.world, 1);
+    assert_eq!(assigned[0].1.accumulation, 3, "5 samples in passes of 2");
+}
+
+#[test]
+fn refuses_wrong_token_other_job_old_version_and_duplicate_ids() {
+    let mut sim = formed();
+    let cases = [
+        (
+            JoinRequest {
+                token: "guess".into(),
+                ..request("c")
+            },
+            ErrorCode::WrongToken,
+        ),
+        (
+            JoinRequest {
+                job: "other".into(),
+                ..request("c")
+            },
+            ErrorCode::OtherJob,
+        ),
+        (
+            JoinRequest {
+                version: "0.2.0".into(),
+                ..request("c")
+            },
+            ErrorCode::IncompatibleVersion,
+        ),
+        (request("a"), ErrorCode::DuplicateWorker),
+    ];
+    for (i, (req, code)) in cases.into_iter().enumerate() {
+        let actions = sim.send(Event::Join {
+            conn: 10 + i as u64,
+            request: req,
+        });
+        assert_eq!(refusal(&actions), Some(code));
+        assert!(assignments(&actions).is_empty());
+    }
+    // The job goes on: same generation, same members, and the impostor's session cannot act
+    // for the member whose id it tried to take.
+    assert_eq!(sim.state().generation, Generation(1));
+    assert_eq!(sim.state().members.len(), 2);
+    let actions = sim.send(Event::Disconnected {
+        conn: 13,
+        worker: id("a"),
+    });
+    assert!(actions.is_empty(), "{actions:?}");
+    assert_eq!(sim.state().phase, Phase::Running);
+}
+
+#[test]
+fn logs_a_step_once_every_rank_reported_it() {
+    let mut sim = formed();
+    assert!(sim.step("a", 0).is_empty());
+    let actions = sim.step("b", 0);
+    let Some(Action::Log(Log::Step {
+        step,
+        world,
+        tokens_per_s,
+        eta,
+        ..
+    })) = actions.first()
+    else {
+        panic!("{actions:?}")
+    };
+    assert_eq!((*step, *world), (0, 2));
+    assert!((tokens_per_s - 800.0).abs() < 1e-6);
+    assert_eq!(*eta, Duration::from_millis(700));
+}
+
+#[test]
+fn refuses_stale_generations_and_wrong_samples() {
+    let mut sim = formed();
+    let conn = sim.conn("a");
+    let actions = sim.send(Event::Step {
+        conn,
+        worker: id("a"),
+        generation: Generation(0),
+        info: StepInfo {
+            step: 0,
+            rank: 0,
+            samples: (0, 3),
+            loss: 1.0,
+            grad_norm: 1.0,
+            lr: 1.0,
+            tokens: 1,
+            elapsed: Duration::ZERO,
+        },
+    });
+    assert_eq!(refusal(&actions), Some(ErrorCode::StaleGeneration));
+    let actions = sim.send(Event::Step {
+        conn,
+        worker: id("a"),
+        generation: Generation(1),
+        info: StepInfo {
+            step: 0,
+            rank: 0,
+            samples: (0, 5),
+            loss: 1.0,
+            grad_norm: 1.0,
+            lr: 1.0,
+            tokens: 1,
+            elapsed: Duration::ZERO,
+        },
+    });
+    assert_eq!(refusal(&actions), Some(ErrorCode::Invalid));
+    assert!(sim.state().steps.is_empty());
+}
+
+#[test]
+fn commits_only_when_every_rank_reported_and_writes_the_ledger() {
+    let mut sim = formed();
+    for s in 0..4 {
+        sim.step("a", s);
+        sim.step("b", s);
+    }
+    assert!(sim
+        .checkpoint("a", 4, "abc")
+        .iter()
+        .all(|a| !matches!(a, Action::Commit { .. })));
+    let actions = sim.checkpoint("b", 4, "abc");
+    let Some(Action::Commit { committed, ledger }) = actions.first() else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(committed.step, 4);
+    assert_eq!(committed.dir, "/ckpt/step-00000004");
+    let mut covered: Vec<(u64, u64)> = ledger.iter().map(|e| (e.start, e.end)).collect();
+    covered.sort();
+    assert_eq!(covered.len(), 8);
+    assert_eq!(covered.first().map(|c| c.0), Some(0));
+    assert!(covered.windows(2).all(|w| w[0].1 == w[1].0));
+    assert_eq!(covered.last().map(|c| c.1), Some(4 * BATCH));
+    assert!(sim.state().steps.is_empty());
+}
+
+#[test]
+fn differing_weights_are_not_committed() {
+    let mut sim = formed();
+    for s in 0..4 {
+        sim.step("a", s);
+        sim.step("b", s);
+    }
+    sim.checkpoint("a", 4, "abc");
+    let actions = sim.checkpoint("b", 4, "abd");
+    assert!(actions.iter().all(|a| !matches!(a, Action::Commit { .. })));
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::Log(Log::Diverged { .. }))));
+    assert_eq!(sim.state().phase, Phase::Recovering);
+    assert_eq!(sim.state().committed, None);
+}
+
+#[test]
+fn the_last_commit_completes_the_job() {
+    let mut sim = formed();
+    sim.train(0, 4);
+    let actions = sim.train(4, STEPS);
+    assert_eq!(sim.state().phase, Phase::Completed);
+    let finished = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Finish { step: STEPS, .. }))
+        .count();
+    assert_eq!(finished, 2);
+}
+
+#[test]
+fn a_lost_rank_aborts_the_generation_and_survivors_resume_from_the_commit() {
+    let mut sim = formed();
+    sim.at(1.0).train(0, 4);
+    sim.step("a", 4);
+    sim.step("b", 4);
+    let conn = sim.conn("b");
+    let actions = sim.at(2.0).send(Event::Disconnected {
+        conn,
+        worker: id("b"),
+    });
+    assert_eq!(aborts(&actions), vec![id("a")]);
+    assert_eq!(recovery_phases(&actions), vec![RecoveryPhase::Detected]);
+    assert_eq!(sim.state().phase, Phase::Recovering);
+    // A report of the aborted generation that was already on the wire: refused.
+    assert_eq!(
+        refusal(&sim.step_stale("a", 5)),
+        Some(ErrorCode::StaleGeneration)
+    );
+    let conn = sim.conn("a");
+    let actions = sim.at(2.5).send(Event::Aborted {
+        conn,
+        worker: id("a"),
+        generation: Generation(1),
+    });
+    assert_eq!(
+        recovery_phases(&actions),
+        vec![RecoveryPhase::Aborted, RecoveryPhase::Reformed]
+    );
+    let assigned = assignments(&actions);
+    assert_eq!(assigned.len(), 1);
+    let a = &assigned[0].1;
+    assert_eq!((a.generation, a.world, a.rank), (Generation(2), 1, 0));
+    assert_eq!(a.resume_step, 4, "step 4's uncommitted work is redone");
+    assert_eq!(a.checkpoint.as_deref(), Some("/ckpt/step-00000004"));
+    assert_eq!(a.accumulation, 3, "one rank carries the whole batch");
+    let actions = sim.at(3.0).step("a", 4);
+    assert_eq!(recovery_phases(&actions), vec![RecoveryPhase::Resumed]);
+    let Some(Action::Log(Log::Recovery { since_detected, .. })) = actions.last() else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(*since_detected, Duration::from_secs(1));
+    // The ledger after the next commit: step 4 counted once, by generation 2.
+    let actions = sim.train(5, 8);
+    let ledger: Vec<LedgerEntry> = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Commit { ledger, .. } => Some(ledger.clone()),
+            _ => None,
+        })
+        .expect("commit");
+    assert_eq!(ledger.first().map(|e| (e.step, e.generation)), Some((4, 2)));
+    assert_eq!(ledger.len(), 4);
+}
+
+impl Sim {
+    fn step_stale(&mut self, worker: &str, step: u64) -> Vec<Action> {
+        let conn = self.conn(worker);
+        self.send(Event::Step {
+            conn,
+            worker: id(worker),
+            generation: Generation(1),
+            info: StepInfo {
+                step,
+                rank: 0,
+                samples: (0, 0),
+                loss: 0.0,
+                grad_norm: 0.0,
+                lr: 0.0,
+                tokens: 0,
+                elapsed: Duration::ZERO,
+            },
+        })
+    }
+}
+
+#[test]
+fn a_silent_worker_is_dropped_after_the_session_timeout() {
+    let mut sim = formed();
+    let conn = sim.conn("a");
+    sim.at(4.0).send(Event::Heartbeat {
+        conn,
+        worker: id("a"),
+    });
+    let actions = sim.at(5.5).send(Event::Tick);
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::Drop { worker, .. } if *worker == id("b"))));
+    assert_eq!(aborts(&actions), vec![id("a")]);
+    assert_eq!(sim.state().phase, Phase::Recovering);
+}
+
+#[test]
+fn a_survivor_that_does_not_confirm_the_abort_is_dropped_at_the_deadline() {
+    let mut cfg = config();
+    cfg.max_workers = Some(3);
+    cfg.min_workers = 1;
+    let mut sim = Sim::new(cfg);
+    sim.join(1, "a");
+    sim.join(2, "b");
+    sim.join(3, "c");
+    let conn = sim.conn("c");
+    sim.at(1.0).send(Event::Disconnected {
+        conn,
+        worker: id("c"),
+    });
+    let conn = sim.conn("a");
+    sim.send(Event::Aborted {
+        conn,
+        worker: id("a"),
+        generation: Generation(1),
+    });
+    assert_eq!(sim.state().phase, Phase::Recovering, "b has not confirmed");
+    // Heartbeats keep b's session alive, but it never confirms.
+    for t in [3.0, 6.0, 9.0] {
+        let conn = sim.conn("b");
+        sim.at(t).send(Event::Heartbeat {
+            conn,
+            worker: id("b"),
+        });
+        let conn = sim.conn("a");
+        sim.send(Event::Heartbeat {
+            conn,
+            worker: id("a"),
+        });
+    }
+    let actions = sim.at(11.5).send(Event::Tick);
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::Drop { worker, .. } if *worker == id("b"))));
+    let assigned = assignments(&actions);
+    assert_eq!(assigned.len(), 1);
+    assert_eq!(assigned[0].0, id("a"));
+}
+
+#[test]
+fn below_min_workers_it_waits_then_forms_when_one_joins() {
+    let mut cfg = config();
+    cfg.min_workers = 2;
+    let mut sim = Sim::new(cfg);
+    sim.join(1, "a");
+    sim.join(2, "b");
+    let conn = sim.conn("b");
+    sim.send(Event::Disconnected {
+        conn,
+        worker: id("b"),
+    });
+    let conn = sim.conn("a");
+    let actions = sim.send(Event::Aborted {
+        conn,
+        worker: id("a"),
+        generation: Generation(1),
+    });
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Log(Log::Waiting {
+            members: 1,
+            min_workers: 2
+        })
+    )));
+    assert_eq!(sim.state().phase, Phase::Forming);
+    let actions = sim.join(3, "b");
+    let assigned = assignments(&actions);
+    assert_eq!(assigned.len(), 2);
+    assert_eq!(assigned[0].1.generation, Generation(2));
+}
+
+#[test]
+fn a_late_joiner_waits_and_joins_at_the_next_commit() {
+    let mut cfg = config();
+    cfg.max_workers = None;
+    let mut sim = Sim::new(cfg);
+    sim.at(0.0).join(1, "a");
+    sim.at(3.0).send(Event::Tick);
+    assert_eq!(sim.state().ranks.len(), 1);
+    let actions = sim.join(2, "b");
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::Log(Log::Joined { standby: true, .. }))));
+    assert!(assignments(&actions).is_empty());
+    let actions = sim.train(0, 4);
+    assert!(actions.iter().any(|a| matches!(a, Action::Commit { .. })));
+    assert_eq!(aborts(&actions), vec![id("a")], "re-form to take b in");
+    let conn = sim.conn("a");
+    let actions = sim.send(Event::Aborted {
+        conn,
+        worker: id("a"),
+        generation: Generation(1),
+    });
+    let assigned = assignments(&actions);
+    assert_eq!(assigned.len(), 2);
+    assert_eq!(assigned[1].1.resume_step, 4);
+    assert_eq!(sim.state().failed_generations, 0);
+}
+
+#[test]
+fn a_rank_that_fails_is_not_aborted_and_repeated_failures_fail_the_job() {
+    let mut sim = formed();
+    for round in 1..=4u64 {
+        let generation = sim.state().generation;
+        assert_eq!(generation, Generation(round));
+        let conn = sim.conn("a");
+        let actions = sim.send(Event::Failed {
+            conn,
+            worker: id("a"),
+            generation,
+            reason: "corrupt shard".into(),
+        });
+        assert_eq!(aborts(&actions), vec![id("b")]);
+        let conn = sim.conn("b");
+        sim.send(Event::Aborted {
+            conn,
+            worker: id("b"),
+            generation,
+        });
+    }
+    assert!(
+        matches!(sim.state().phase, Phase::Failed(_)),
+        "{:?}",
+        sim.state().phase
+    );
+}
+
+#[test]
+fn shutdown_aborts_every_rank_and_stops() {
+    let mut sim = formed();
+    let actions = sim.send(Event::Shutdown {
+        reason: "interrupted".into(),
+    });
+    assert_eq!(aborts(&actions), vec![id("a"), id("b")]);
+    assert_eq!(sim.state().phase, Phase::Stopped("interrupted".into()));
+    assert_eq!(refusal(&sim.join(9, "c")), Some(ErrorCode::JobOver));
+}
+
+#[test]
+fn a_relaunch_of_a_completed_job_finishes_at_once() {
+    let committed = Committed {
+        step: STEPS,
+        dir: "/ckpt/step-00000008".into(),
+        generation: 3,
+    };
+    let mut state = Some(JobState::new(config(), Some(committed)));
+    let now = Instant::now();
+    let mut actions = Vec::new();
+    for (conn, w) in [(1, "a"), (2, "b")] {
+        let (s, a) = decide(
+            state.take().expect("state"),
+            Event::Join {
+                conn,
+                request: request(w),
+            },
+            now,
+        );
+        state = Some(s);
+        actions = a;
+    }
+    assert_eq!(state.expect("state").phase, Phase::Completed);
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::Finish { .. }))
+            .count(),
+        2
+    );
+}
+
+fn attach(worker: &str, generation: u64, rank: u32) -> JoinRequest {
+    JoinRequest {
+        attach: Some((Generation(generation), rank)),
+        ..request(worker)
+    }
+}
+
+fn taken_over(committed_step: u64) -> Sim {
+    let mut sim = Sim::new(config());
+    let now = sim.now;
+    let committed = Committed {
+        step: committed_step,
+        dir: format!("/ckpt/step-{committed_step:08}"),
+        generation: 4,
+    };
+    let record = GenerationRecord {
+        generation: 4,
+        ranks: vec!["a".into(), "b".into()],
+        peers: vec![request("a").endpoint, request("b").endpoint],
+        resume_step: committed_step,
+    };
+    sim.state = Some(JobState::take_over(
+        config(),
+        Some(committed),
+        record,
+        now,
+        now + Duration::from_secs(3),
+    ));
+    sim
+}
+
+#[test]
+fn a_new_coordinator_takes_the_running_generation_back_without_re_forming() {
+    let mut sim = taken_over(4);
+    let actions = sim.at(0.5).send(Event::Join {
+        conn: 1,
+        request: attach("a", 4, 0),
+    });
+    assert!(assignments(&actions).is_empty());
+    assert_eq!(sim.state().phase, Phase::Reattaching);
+    // Its replayed reports: the committed step is ignored, the rest counts.
+    assert!(sim.step("a", 3).is_empty());
+    assert!(sim.step("a", 4).is_empty());
+    let actions = sim.at(1.0).send(Event::Join {
+        conn: 2,
+        request: attach("b", 4, 1),
+    });
+    assert!(assignments(&actions).is_empty(), "no re-formation");
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Log(Log::Reattached {
+            generation: Generation(4),
+            world: 2,
+            ..
+        })
+    )));
+    assert_eq!(sim.state().phase, Phase::Running);
+    let actions = sim.step("b", 4);
+    assert!(matches!(
+        actions.first(),
+        Some(Action::Log(Log::Step { step: 4, .. }))
+    ));
+    let actions = sim.train(5, STEPS);
+    let ledger = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Commit { ledger, .. } => Some(ledger.clone()),
+            _ => None,
+        })
+        .expect("commit");
+    assert_eq!(ledger.len(), 8, "steps 4..8, two ranks, once each");
+    assert_eq!(sim.state().phase, Phase::Completed);
+}
+
+#[test]
+fn ranks_that_do_not_re_attach_in_time_are_given_up_and_the_rest_re_form() {
+    let mut sim = taken_over(4);
+    sim.at(0.5).send(Event::Join {
+        conn: 1,
+        request: attach("a", 4, 0),
+    });
+    let actions = sim.at(3.1).send(Event::Tick);
+    assert_eq!(aborts(&actions), vec![id("a")]);
+    let conn = sim.conn("a");
+    let actions = sim.send(Event::Aborted {
+        conn,
+        worker: id("a"),
+        generation: Generation(4),
+    });
+    let assigned = assignments(&actions);
+    assert_eq!(assigned.len(), 1);
+    assert_eq!(assigned[0].1.generation, Generation(5));
+    assert_eq!(assigned[0].1.resume_step, 4);
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::RecordGeneration(r) if r.generation == 5)));
+}
+
+#[test]
+fn an_expired_lease_loses_the_worker() {
+    let mut sim = formed();
+    let actions = sim.send(Event::Expired { worker: id("b") });
+    assert_eq!(aborts(&actions), vec![id("a")]);
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Log(Log::Lost { reason, .. }) if reason.contains("lease")
+    )));
+}

@@ -1,0 +1,230 @@
+//! `dapt launch`: one machine, the whole job. Prepares the corpus if needed, starts the
+//! coordinator in this process (embedded membership) and N `dapt-worker` processes, trains to the
+//! end and exports the final checkpoint. Ctrl-C (or SIGTERM) stops everything: the workers abort
+//! the step in flight, the last committed checkpoint stays, and the same command resumes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use dapt_proto::job::JobSpec;
+use dapt_proto::logging::LogFormat;
+use tokio::process::{Child, Command};
+
+use crate::server::{self, Outcome};
+
+pub struct LaunchOptions {
+    pub workers: u32,
+    pub log_format: LogFormat,
+    /// Where the coordinator listens (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Skip the export of the final checkpoint.
+    pub no_export: bool,
+}
+
+/// What the user is told at the end, and the exit status.
+pub struct Launched {
+    pub outcome: Outcome,
+    pub export: Option<PathBuf>,
+    pub logs: PathBuf,
+}
+
+pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<Launched> {
+    anyhow::ensure!(options.workers > 0, "--workers must be at least 1");
+    let worker_exe = sibling("dapt-worker")?;
+    // Without a limit in the job, this launch's workers are all the ranks there will be: form as
+    // soon as they are all in.
+    if job.cluster.max_workers.is_none() {
+        job.cluster.max_workers = Some(options.workers);
+    }
+    if job.cluster.min_workers > options.workers {
+        anyhow::bail!(
+            "cluster.min_workers is {} but --workers is {}",
+            job.cluster.min_workers,
+            options.workers
+        );
+    }
+    let token = random_token()?;
+    let coordinator = server::start(job.clone(), token.clone(), options.listen, None).await?;
+    let url = format!("http://{}", coordinator.addr);
+    let logs = job.checkpoint.dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    // Each worker gets its share of the cores: several rayon pools on the same cores fight.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / options.workers as usize).max(1);
+    let mut children = Vec::new();
+    for i in 0..options.workers {
+        let id = format!("worker-{i}");
+        let log_path = logs.join(format!("{id}.log"));
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let child = Command::new(&worker_exe)
+            .arg("--log-format")
+            .arg(options.log_format.to_string())
+            .args([
+                "--coordinator",
+                &url,
+                "--id",
+                &id,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .env("DAPT_JOB", &job.job)
+            .env("DAPT_TOKEN", &token)
+            .env("RAYON_NUM_THREADS", threads.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            // Its own process group: a Ctrl-C at the terminal reaches the launcher only, which
+            // then stops the workers in order.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {}", worker_exe.display()))?;
+        tracing::info!(worker = %id, pid = child.id().unwrap_or(0), log = %log_path.display(), "worker started");
+        children.push((id, log_path, child));
+    }
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupted = false;
+    let mut all_gone = false;
+    let mut exited = vec![false; children.len()];
+    let events = coordinator.events();
+    let wait = coordinator.wait();
+    tokio::pin!(wait);
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut wait => break outcome,
+            _ = tokio::signal::ctrl_c(), if !interrupted => {
+                interrupted = true;
+                events.shutdown("interrupted (Ctrl-C)");
+                signal_all(&children, libc::SIGTERM);
+            }
+            _ = sigterm.recv(), if !interrupted => {
+                interrupted = true;
+                events.shutdown("terminated (SIGTERM)");
+                signal_all(&children, libc::SIGTERM);
+            }
+            (i, status) = any_exit(&mut children, &exited), if !exited.iter().all(|&e| e) => {
+                exited[i] = true;
+                let (id, log, _) = &children[i];
+                if !status.success() {
+                    tracing::warn!(worker = %id, %status, log = %log.display(), "worker exited");
+                    print_tail(log);
+                }
+                if exited.iter().all(|&e| e) && !interrupted {
+                    // Nobody left to train: stop rather than wait for joiners that won't come.
+                    interrupted = true;
+                    all_gone = true;
+                    events.shutdown("every worker exited");
+                }
+            }
+        }
+    };
+    // The workers leave on the coordinator's finish or abort; give them a moment, then insist.
+    for (id, _, child) in &mut children {
+        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(worker = %id, "did not exit; killing it");
+                let _ = child.kill().await;
+            }
+        }
+    }
+    if all_gone && !matches!(outcome, Outcome::Completed { .. }) {
+        anyhow::bail!(
+            "every worker exited before the job completed; their logs are in {}",
+            logs.display()
+        );
+    }
+    let mut export = None;
+    if let Outcome::Completed { checkpoint, .. } = &outcome {
+        if !options.no_export && !checkpoint.as_os_str().is_empty() {
+            let out = job.checkpoint.dir.join("export");
+            let status = Command::new(&worker_exe)
+                .arg("--log-format")
+                .arg(options.log_format.to_string())
+                .arg("export")
+                .arg(checkpoint)
+                .arg("--hf")
+                .arg(&out)
+                .stdout(Stdio::null())
+                .status()
+                .await?;
+            anyhow::ensure!(
+                status.success(),
+                "exporting {} failed",
+                checkpoint.display()
+            );
+            export = Some(out);
+        }
+    }
+    Ok(Launched {
+        outcome,
+        export,
+        logs,
+    })
+}
+
+/// Waits for the first child not yet seen to exit.
+async fn any_exit(
+    children: &mut [(String, PathBuf, Child)],
+    exited: &[bool],
+) -> (usize, std::process::ExitStatus) {
+    loop {
+        for (i, (_, _, child)) in children.iter_mut().enumerate() {
+            if exited[i] {
+                continue;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return (i, status);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn signal_all(children: &[(String, PathBuf, Child)], signal: i32) {
+    for (_, _, child) in children {
+        if let Some(pid) = child.id() {
+            // SAFETY: kill(2) on a child's pid; no memory is touched.
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
+        }
+    }
+}
+
+fn print_tail(log: &Path) {
+    if let Ok(text) = std::fs::read_to_string(log) {
+        let lines: Vec<&str> = text.lines().collect();
+        for line in &lines[lines.len().saturating_sub(10)..] {
+            eprintln!("    {line}");
+        }
+    }
+}
+
+/// An executable next to this one.
+pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+        .filter(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "`{name}` is not next to this `dapt`: build both (cargo build --workspace --bins)"
+            )
+        })
+}
+
+/// 128 random bits as hex, from the kernel.
+pub fn random_token() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom for the job token")?;
+    Ok(hex::encode(bytes))
+}

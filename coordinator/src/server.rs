@@ -1,0 +1,705 @@
+//! The coordinator at run time: the gRPC service turns what workers say into [`Event`]s on one
+//! channel; one task owns the [`JobState`], feeds each event (and a timer tick) through
+//! [`decide`], and carries out the actions: messages to sessions, commits to the ledger, log lines.
+//! No lock is held across an `.await`; the sessions' senders sit in a map the task reads.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dapt_proto::job::JobSpec;
+use dapt_proto::rpc::{
+    self, coordinator_message, worker_message, CoordinatorMessage, CoordinatorServer, ErrorCode,
+    Generation, Refusal, StatusReply, StatusRequest, WorkerId, WorkerMessage,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::control::{
+    decide, fmt_duration, Action, ConnId, ControlConfig, Event, JobState, JoinRequest, Log, Phase,
+    StepInfo,
+};
+use crate::etcd::EtcdStore;
+use crate::ledger::Ledger;
+
+/// How often time-based decisions (timeouts, the formation grace) are made.
+const TICK: Duration = Duration::from_millis(100);
+
+/// How the job ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Completed {
+        step: u64,
+        checkpoint: PathBuf,
+    },
+    Failed(String),
+    Stopped {
+        reason: String,
+        committed: Option<(u64, PathBuf)>,
+    },
+}
+
+/// A running coordinator.
+pub struct Handle {
+    pub addr: SocketAddr,
+    events: mpsc::UnboundedSender<Event>,
+    done: tokio::task::JoinHandle<Outcome>,
+}
+
+/// Stops a running coordinator's job from elsewhere (a signal handler).
+#[derive(Clone)]
+pub struct Stopper(mpsc::UnboundedSender<Event>);
+
+impl Stopper {
+    /// Asks the job to stop: every rank aborts the step in flight; committed checkpoints stay.
+    pub fn shutdown(&self, reason: &str) {
+        let _ = self.0.send(Event::Shutdown {
+            reason: reason.to_string(),
+        });
+    }
+}
+
+impl Handle {
+    pub fn events(&self) -> Stopper {
+        Stopper(self.events.clone())
+    }
+
+    pub async fn wait(self) -> Outcome {
+        match self.done.await {
+            Ok(outcome) => outcome,
+            Err(e) => Outcome::Failed(format!("the control loop died: {e}")),
+        }
+    }
+}
+
+type Outbound = mpsc::UnboundedSender<Result<CoordinatorMessage, Status>>;
+type Sessions = Arc<Mutex<HashMap<ConnId, Outbound>>>;
+
+/// Where the job's durable state goes.
+enum Store {
+    /// `committed.json` and `ledger.jsonl` under the checkpoint directory (embedded).
+    Files(Ledger),
+    Etcd(EtcdStore),
+}
+
+/// Binds `listen`, starts serving and supervising `job`, and returns once this coordinator
+/// leads (at once with embedded membership; with etcd, after winning the election).
+/// `advertise` is the URL workers reach it at (default: `http://<listen address>`).
+pub async fn start(
+    job: JobSpec,
+    token: String,
+    listen: SocketAddr,
+    advertise: Option<String>,
+) -> anyhow::Result<Handle> {
+    let training = job
+        .training
+        .ok_or_else(|| anyhow::anyhow!("the job has no `training:` section"))?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let url = advertise.unwrap_or_else(|| format!("http://{addr}"));
+    let c = &job.cluster;
+    let mut lost = None;
+    let (mut store, committed, record) = match c.etcd() {
+        None => {
+            let (ledger, committed) = Ledger::open(&job)?;
+            (Store::Files(ledger), committed, None)
+        }
+        Some(spec) => {
+            let (mut store, lost_flag) = EtcdStore::lead(spec, &job, &url).await?;
+            lost = Some(lost_flag);
+            let (committed, record) = store.load().await?;
+            (Store::Etcd(store), committed, record)
+        }
+    };
+    let config = ControlConfig {
+        job: job.job.clone(),
+        token,
+        version: rpc::VERSION.to_string(),
+        min_workers: c.min_workers as usize,
+        max_workers: c.max_workers.map(|m| m as usize),
+        session_timeout: Duration::from_millis(c.session_timeout_ms),
+        formation_grace: Duration::from_millis(c.formation_grace_ms),
+        abort_timeout: Duration::from_millis(c.abort_timeout_ms),
+        total_steps: training.steps(),
+        global_batch: training.global_batch,
+        micro_batch: training.micro_batch(),
+        max_failed_generations: 3,
+    };
+    if let Some(committed) = &committed {
+        tracing::info!(
+            step = committed.step,
+            checkpoint = %committed.dir,
+            "resuming from the committed checkpoint"
+        );
+    }
+    let unfinished = committed
+        .as_ref()
+        .is_none_or(|c| c.step < config.total_steps);
+    let state = match record.filter(|_| unfinished) {
+        Some(record) => {
+            // A generation was running under the previous leader: its ranks keep training and
+            // re-attach here; they have a session timeout plus a lease TTL to find this leader.
+            let now = Instant::now();
+            let patience = config.session_timeout
+                + Duration::from_secs(c.etcd.as_ref().map_or(0, |e| e.lease_ttl_s));
+            tracing::info!(
+                generation = record.generation,
+                ranks = %record.ranks.join(","),
+                "taking over the running generation; waiting for its ranks to re-attach"
+            );
+            JobState::take_over(config, committed, record, now, now + patience)
+        }
+        None => JobState::new(config, committed),
+    };
+    let (events, rx) = mpsc::unbounded_channel();
+    if let Store::Etcd(store) = &mut store {
+        store.watch_members(events.clone());
+    }
+    let sessions: Sessions = Arc::default();
+    let (status_tx, status_rx) = watch::channel(snapshot(&state));
+    let service = Service {
+        events: events.clone(),
+        sessions: sessions.clone(),
+        next_conn: Arc::new(AtomicU64::new(1)),
+        status: status_rx,
+        joined: Arc::new(serde_json::to_string(&job).expect("a job spec serializes")),
+        heartbeat_ms: c.heartbeat_ms as u32,
+    };
+    let (stop_server, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(CoordinatorServer::new(service))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stopped.await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!("gRPC server: {e}");
+        }
+    });
+    tracing::info!(%addr, %url, job = %job.job, steps = training.steps(), "coordinator listening");
+    let keep = job.checkpoint.keep;
+    let done = tokio::spawn(control_loop(
+        state,
+        rx,
+        sessions,
+        store,
+        keep,
+        status_tx,
+        stop_server,
+        lost,
+    ));
+    Ok(Handle { addr, events, done })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn control_loop(
+    mut state: JobState,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    sessions: Sessions,
+    store: Store,
+    keep: usize,
+    status: watch::Sender<StatusReply>,
+    stop_server: oneshot::Sender<()>,
+    mut lost: Option<watch::Receiver<bool>>,
+) -> Outcome {
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut exec = Executor {
+        sessions,
+        store,
+        keep,
+    };
+    let mut deposed = None;
+    while !state.phase.is_over() {
+        let event = tokio::select! {
+            event = rx.recv() => match event {
+                Some(e) => e,
+                None => break,
+            },
+            _ = ticker.tick() => Event::Tick,
+            Ok(()) = async { match lost.as_mut() { Some(l) => l.changed().await, None => std::future::pending().await } } => {
+                if lost.as_ref().is_some_and(|l| *l.borrow()) {
+                    // Another coordinator may lead by now: decide nothing more, abort nobody
+                    // (the workers keep training for the next leader).
+                    tracing::error!("lost the etcd leadership: stepping down");
+                    deposed = Some("lost the etcd leadership (its lease could not be renewed)".to_string());
+                    break;
+                }
+                continue;
+            }
+        };
+        let (next, actions) = decide(state, event, Instant::now());
+        state = next;
+        for action in actions {
+            if let Err(reason) = exec.run(action).await {
+                deposed = Some(reason);
+            }
+        }
+        status.send_replace(snapshot(&state));
+        if deposed.is_some() {
+            break;
+        }
+    }
+    if let Some(reason) = deposed {
+        exec.sessions.lock().expect("sessions").clear();
+        let _ = stop_server.send(());
+        return Outcome::Failed(reason);
+    }
+    // Let the last orders (finish, abort) reach the workers before the server goes.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && !exec.sessions.lock().expect("sessions").is_empty() {
+        tokio::select! {
+            Some(event) = rx.recv() => {
+                // Sessions ending; nothing more to decide.
+                if let Event::Disconnected { conn, .. } = event {
+                    exec.sessions.lock().expect("sessions").remove(&conn);
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    exec.sessions.lock().expect("sessions").clear();
+    let _ = stop_server.send(());
+    match &state.phase {
+        Phase::Completed => {
+            let c = state
+                .committed
+                .clone()
+                .unwrap_or_else(|| crate::control::Committed {
+                    step: 0,
+                    dir: String::new(),
+                    generation: 0,
+                });
+            Outcome::Completed {
+                step: c.step,
+                checkpoint: PathBuf::from(c.dir),
+            }
+        }
+        Phase::Stopped(reason) => Outcome::Stopped {
+            reason: reason.clone(),
+            committed: state
+                .committed
+                .as_ref()
+                .map(|c| (c.step, PathBuf::from(&c.dir))),
+        },
+        Phase::Failed(reason) => Outcome::Failed(reason.clone()),
+        _ => Outcome::Failed("the control loop's event channel closed".into()),
+    }
+}
+
+struct Executor {
+    sessions: Sessions,
+    store: Store,
+    keep: usize,
+}
+
+impl Executor {
+    fn send(&self, conn: ConnId, message: coordinator_message::Kind) {
+        if let Some(tx) = self.sessions.lock().expect("sessions").get(&conn) {
+            let _ = tx.send(Ok(CoordinatorMessage {
+                kind: Some(message),
+            }));
+        }
+    }
+
+    /// Ends session `conn`, with `status` as its last word if given.
+    fn close(&self, conn: ConnId, status: Option<Status>) {
+        if let Some(tx) = self.sessions.lock().expect("sessions").remove(&conn) {
+            if let Some(status) = status {
+                let _ = tx.send(Err(status));
+            }
+        }
+    }
+
+    /// Carries out `action`. An error means this coordinator must stop deciding (it lost the
+    /// leadership).
+    async fn run(&mut self, action: Action) -> Result<(), String> {
+        match action {
+            Action::Accept { .. } => {
+                // The session task sent `Joined` already; acceptance only makes it a member.
+            }
+            Action::RefuseJoin { conn, refusal } => self.close(conn, Some(refusal.to_status())),
+            Action::Refuse { conn, refusal, .. } => {
+                self.send(conn, coordinator_message::Kind::Refused(refusal.into()))
+            }
+            Action::Assign {
+                conn,
+                assignment: a,
+                ..
+            } => self.send(
+                conn,
+                coordinator_message::Kind::Assign(rpc::Assignment {
+                    generation: a.generation.0,
+                    rank: a.rank,
+                    world: a.world,
+                    peers: a.peers,
+                    resume_step: a.resume_step,
+                    checkpoint: a.checkpoint.unwrap_or_default(),
+                    micro_batch: a.micro_batch,
+                    accumulation: a.accumulation,
+                    total_steps: a.total_steps,
+                }),
+            ),
+            Action::Abort {
+                conn,
+                generation,
+                reason,
+                ..
+            } => self.send(
+                conn,
+                coordinator_message::Kind::Abort(rpc::Abort {
+                    generation: generation.0,
+                    reason,
+                }),
+            ),
+            Action::Drop { conn, .. } => self.close(conn, None),
+            Action::RecordGeneration(record) => {
+                if let Store::Etcd(store) = &mut self.store {
+                    if let Err(e) = store.record_generation(&record).await {
+                        return Err(format!("recording generation {}: {e}", record.generation));
+                    }
+                }
+            }
+            Action::Commit { committed, ledger } => match &mut self.store {
+                Store::Files(files) => {
+                    if let Err(e) = files.commit(&committed, &ledger) {
+                        // The step stays uncommitted on disk; a restart resumes from the one
+                        // before.
+                        tracing::error!("recording the commit of step {}: {e}", committed.step);
+                    } else if let Err(e) = files.prune(committed.step, self.keep) {
+                        tracing::warn!("pruning old checkpoints: {e}");
+                    }
+                }
+                Store::Etcd(store) => {
+                    if let Err(e) = store.commit(&committed, &ledger).await {
+                        if matches!(e, crate::etcd::StoreError::NotLeader(_)) {
+                            return Err(e.to_string());
+                        }
+                        tracing::error!("recording the commit of step {}: {e}", committed.step);
+                    } else if let Some(root) = std::path::Path::new(&committed.dir).parent() {
+                        let _ = crate::ledger::prune_dir(root, committed.step, self.keep);
+                    }
+                }
+            },
+            Action::Finish {
+                conn, step, dir, ..
+            } => self.send(
+                conn,
+                coordinator_message::Kind::Finish(rpc::Finish {
+                    step,
+                    checkpoint: dir,
+                }),
+            ),
+            Action::Log(line) => log(line),
+        }
+        Ok(())
+    }
+}
+
+fn log(line: Log) {
+    match line {
+        Log::Joined {
+            worker,
+            members,
+            standby,
+        } => tracing::info!(%worker, members, standby, "worker joined"),
+        Log::Lost { worker, reason } => tracing::warn!(%worker, %reason, "worker lost"),
+        Log::Reattached {
+            generation,
+            world,
+            took,
+        } => tracing::info!(
+            generation = generation.0,
+            world,
+            took_ms = took.as_millis() as u64,
+            "ranks re-attached"
+        ),
+        Log::Refused { worker, refusal } => tracing::warn!(
+            %worker,
+            code = refusal.code.as_str_name(),
+            reason = %refusal.message,
+            "refused"
+        ),
+        Log::Formed {
+            generation,
+            world,
+            resume_step,
+            ranks,
+        } => {
+            let ranks: Vec<String> = ranks.iter().map(|w| w.0.clone()).collect();
+            tracing::info!(
+                generation = generation.0,
+                world,
+                resume_step,
+                ranks = %ranks.join(","),
+                "generation formed"
+            )
+        }
+        Log::Waiting {
+            members,
+            min_workers,
+        } => tracing::warn!(members, min_workers, "waiting for workers"),
+        Log::Step {
+            step,
+            total_steps,
+            loss,
+            tokens_per_s,
+            lr,
+            grad_norm,
+            world,
+            generation,
+            eta,
+        } => tracing::info!(
+            step,
+            total_steps,
+            loss,
+            tokens_per_s = tokens_per_s.round(),
+            lr,
+            grad_norm,
+            world,
+            generation = generation.0,
+            eta_s = eta.as_secs(),
+            "step"
+        ),
+        Log::Eval {
+            step,
+            source,
+            perplexity,
+            tokens,
+        } => tracing::info!(step, %source, perplexity, tokens, "held-out evaluation"),
+        Log::Recovery {
+            phase,
+            generation,
+            took,
+            since_detected,
+            reason,
+        } => tracing::warn!(
+            phase = phase.name(),
+            generation = generation.0,
+            took_ms = took.as_millis() as u64,
+            since_detected_ms = since_detected.as_millis() as u64,
+            took = %fmt_duration(took),
+            %reason,
+            "recovery"
+        ),
+        Log::Committed { step, dir, digest } => {
+            tracing::info!(step, checkpoint = %dir, weights_xxh3 = %digest, "checkpoint committed")
+        }
+        Log::Diverged { step, digests } => tracing::error!(
+            step,
+            digests = ?digests,
+            "ranks' weights differ: the checkpoint is not committed"
+        ),
+        Log::Completed { step, dir } => {
+            tracing::info!(step, checkpoint = %dir, "job completed")
+        }
+        Log::Failed { reason } => tracing::error!(%reason, "job failed"),
+        Log::Stopping { reason } => tracing::warn!(%reason, "stopping the job"),
+    }
+}
+
+fn snapshot(state: &JobState) -> StatusReply {
+    let last = state.last_step.as_ref();
+    StatusReply {
+        job: state.config.job.clone(),
+        phase: state.phase.name().to_string(),
+        generation: state.generation.0,
+        members: state
+            .members
+            .iter()
+            .map(|(w, m)| rpc::Member {
+                worker_id: w.0.clone(),
+                rank: m.rank.map_or(-1, |r| r as i32),
+                collective_endpoint: m.endpoint.clone(),
+                devices: m.devices.clone(),
+            })
+            .collect(),
+        step: last.map_or(0, |s| s.step + 1),
+        total_steps: state.config.total_steps,
+        loss: last.map_or(0.0, |s| s.loss),
+        tokens_per_s: last.map_or(0.0, |s| s.tokens as f64 / s.elapsed.as_secs_f64().max(1e-9)),
+        committed_step: state.committed_step(),
+        committed_checkpoint: state
+            .committed
+            .as_ref()
+            .map(|c| c.dir.clone())
+            .unwrap_or_default(),
+        reason: match &state.phase {
+            Phase::Failed(r) | Phase::Stopped(r) => r.clone(),
+            _ => String::new(),
+        },
+    }
+}
+
+#[derive(Clone)]
+struct Service {
+    events: mpsc::UnboundedSender<Event>,
+    sessions: Sessions,
+    next_conn: Arc<AtomicU64>,
+    status: watch::Receiver<StatusReply>,
+    joined: Arc<String>,
+    heartbeat_ms: u32,
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl rpc::Coordinator for Service {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.sessions
+            .lock()
+            .expect("sessions")
+            .insert(conn, tx.clone());
+        let events = self.events.clone();
+        let sessions = self.sessions.clone();
+        let joined = rpc::Joined {
+            job_json: self.joined.to_string(),
+            heartbeat_interval_ms: self.heartbeat_ms,
+            version: rpc::VERSION.to_string(),
+        };
+        tokio::spawn(async move {
+            let mut worker: Option<WorkerId> = None;
+            loop {
+                let message = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) | Err(_) => break,
+                };
+                match to_event(conn, &mut worker, message) {
+                    Ok(Some(event)) => {
+                        if matches!(event, Event::Join { .. }) {
+                            // `Joined` goes out first; a refusal from the control loop ends the
+                            // session with an error the worker reads instead.
+                            let _ = tx.send(Ok(CoordinatorMessage {
+                                kind: Some(coordinator_message::Kind::Joined(joined.clone())),
+                            }));
+                        }
+                        if events.send(event).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(refusal) => {
+                        let _ = tx.send(Err(refusal.to_status()));
+                        break;
+                    }
+                }
+            }
+            if let Some(worker) = worker {
+                let _ = events.send(Event::Disconnected { conn, worker });
+            }
+            sessions.lock().expect("sessions").remove(&conn);
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        Ok(Response::new(self.status.borrow().clone()))
+    }
+}
+
+/// The event a worker's message stands for. The first message must be a `Join`.
+fn to_event(
+    conn: ConnId,
+    worker: &mut Option<WorkerId>,
+    message: WorkerMessage,
+) -> Result<Option<Event>, Refusal> {
+    use worker_message::Kind;
+    let Some(kind) = message.kind else {
+        return Ok(None);
+    };
+    let Some(id) = worker.clone() else {
+        let Kind::Join(j) = kind else {
+            return Err(Refusal::new(
+                ErrorCode::NotJoined,
+                "the first message of a session must be a Join",
+            ));
+        };
+        *worker = Some(WorkerId(j.worker_id.clone()));
+        return Ok(Some(Event::Join {
+            conn,
+            request: JoinRequest {
+                job: j.job,
+                token: j.token,
+                worker: WorkerId(j.worker_id),
+                devices: j.devices,
+                version: j.version,
+                endpoint: j.collective_endpoint,
+                attach: (j.attach_generation > 0)
+                    .then_some((Generation(j.attach_generation), j.attach_rank)),
+            },
+        }));
+    };
+    let event = match kind {
+        Kind::Join(_) => return Err(Refusal::new(ErrorCode::Invalid, "a session joins once")),
+        Kind::Heartbeat(_) => Event::Heartbeat { conn, worker: id },
+        Kind::Step(s) => Event::Step {
+            conn,
+            worker: id,
+            generation: Generation(s.generation),
+            info: StepInfo {
+                step: s.step,
+                rank: s.rank,
+                samples: (s.samples_start, s.samples_end),
+                loss: s.loss,
+                grad_norm: s.grad_norm,
+                lr: s.lr,
+                tokens: s.tokens,
+                elapsed: seconds(s.elapsed_ms / 1e3),
+            },
+        },
+        Kind::Checkpoint(c) => Event::Checkpoint {
+            conn,
+            worker: id,
+            generation: Generation(c.generation),
+            step: c.step,
+            rank: c.rank,
+            dir: c.dir,
+            digest: c.weights_digest,
+        },
+        Kind::Aborted(a) => Event::Aborted {
+            conn,
+            worker: id,
+            generation: Generation(a.generation),
+        },
+        Kind::Failed(f) => Event::Failed {
+            conn,
+            worker: id,
+            generation: Generation(f.generation),
+            reason: f.reason,
+        },
+        Kind::Eval(e) => Event::Eval {
+            conn,
+            worker: id,
+            generation: Generation(e.generation),
+            step: e.step,
+            source: e.source,
+            perplexity: e.perplexity,
+            tokens: e.tokens,
+        },
+    };
+    Ok(Some(event))
+}
+
+/// A duration from a number off the wire: NaN, negative or huge values do not panic.
+fn seconds(secs: f64) -> Duration {
+    if secs.is_finite() {
+        Duration::from_secs_f64(secs.clamp(0.0, 1e9))
+    } else {
+        Duration::ZERO
+    }
+}

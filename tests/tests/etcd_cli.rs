@@ -1,0 +1,191 @@
+//! etcd membership over the real binaries and a real etcd (Debian's `etcd-server`, started per
+//! test on free ports): a hung worker is dropped when its lease expires, a worker stopped with
+//! SIGTERM leaves at once, and a standby coordinator takes over from a killed leader while the
+//! workers keep training.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use dapt_proto::job::EtcdSpec;
+use dapt_tests::{
+    binary, check_entries, coordinator, events, free_port, random_step, serial, Cluster, Etcd,
+    Proc, BATCH, LONG,
+};
+
+const TTL_S: u64 = 2;
+
+fn cluster_yaml(etcd: &Etcd, session_timeout_ms: u64) -> String {
+    format!(
+        "cluster:\n  min_workers: 1\n  max_workers: 2\n  session_timeout_ms: {session_timeout_ms}\n  etcd:\n    endpoints: [\"{}\"]\n    prefix: /dapt-test\n    lease_ttl_s: {TTL_S}\n",
+        etcd.url
+    )
+}
+
+fn spec(etcd: &Etcd) -> EtcdSpec {
+    EtcdSpec {
+        endpoints: vec![etcd.url.clone()],
+        prefix: "/dapt-test".into(),
+        lease_ttl_s: TTL_S,
+        user: None,
+        password_env: None,
+        tls: None,
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The job's ledger in etcd covers every sample of `steps` steps exactly once.
+fn check_etcd_ledger(etcd: &Etcd, job: &str, steps: u64) {
+    let entries = runtime()
+        .block_on(dapt_coordinator::etcd::ledger(&spec(etcd), job))
+        .expect("ledger");
+    let entries = entries.iter().map(|e| (e.step, e.start, e.end)).collect();
+    check_entries(entries, steps * BATCH).expect("ledger covers every sample once");
+}
+
+/// Whether worker `id`'s membership key exists.
+fn registered(etcd: &Etcd, job: &str, id: &str) -> bool {
+    runtime().block_on(async {
+        let mut client = dapt_proto::etcd::connect(&spec(etcd), Duration::from_secs(5))
+            .await
+            .expect("etcd");
+        let key = dapt_proto::job::keys::member("/dapt-test", job, id);
+        !client.get(key, None).await.expect("get").kvs().is_empty()
+    })
+}
+
+fn wait_step(c: &mut Cluster, at: u64) {
+    c.coordinator.wait_for(&format!("step {at}"), LONG, |l| {
+        events(l, "step")
+            .iter()
+            .any(|f| f["step"].as_u64() >= Some(at))
+    });
+}
+
+fn detected(lines: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    events(lines, "recovery")
+        .into_iter()
+        .filter(|f| f["phase"] == "detected")
+        .collect()
+}
+
+#[test]
+fn a_hung_worker_loses_its_lease_and_the_job_re_forms_within_the_ttl() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    // A session timeout far beyond the lease: only the lease can notice a hung worker.
+    let mut c = coordinator(dir.path(), "hung", 40, &cluster_yaml(&etcd, 120_000));
+    let _w0 = c.member("w0");
+    let w1 = c.member("w1");
+    wait_step(&mut c, random_step(3, 15));
+    assert!(registered(&etcd, "hung", "w1"));
+    w1.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    c.coordinator
+        .wait_for("the loss to be detected", LONG, |l| !detected(l).is_empty());
+    let detection = stopped.elapsed();
+    println!("hung worker detected after {detection:?} (lease TTL {TTL_S} s)");
+    assert!(
+        detection < Duration::from_millis(TTL_S * 1000 + 1500),
+        "{detection:?}"
+    );
+    let lines = c.coordinator.lines();
+    let reason = detected(&lines)[0]["reason"].to_string();
+    assert!(reason.contains("lease"), "{reason}");
+    w1.signal(libc::SIGKILL);
+    let (status, _) = c.coordinator.finish(LONG);
+    assert!(status.success(), "{}", c.coordinator.stderr());
+    let worlds: Vec<u64> = events(&c.coordinator.lines(), "generation formed")
+        .iter()
+        .map(|f| f["world"].as_u64().expect("world"))
+        .collect();
+    assert_eq!(worlds, vec![2, 1]);
+    check_etcd_ledger(&etcd, "hung", 40);
+}
+
+#[test]
+fn a_worker_stopped_with_sigterm_revokes_its_lease_at_once() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let mut c = coordinator(dir.path(), "term", 40, &cluster_yaml(&etcd, 120_000));
+    let _w0 = c.member("w0");
+    let mut w1 = c.member("w1");
+    wait_step(&mut c, 3);
+    let sent = Instant::now();
+    w1.signal(libc::SIGTERM);
+    let (status, _) = w1.finish(LONG);
+    assert_eq!(status.code(), Some(130), "{}", w1.stderr());
+    assert!(!registered(&etcd, "term", "w1"), "lease not revoked");
+    c.coordinator
+        .wait_for("the loss to be detected", LONG, |l| !detected(l).is_empty());
+    let took = sent.elapsed();
+    println!("SIGTERM to detected: {took:?}");
+    assert!(took < Duration::from_secs(TTL_S), "{took:?}");
+    let (status, _) = c.coordinator.finish(LONG);
+    assert!(status.success());
+    check_etcd_ledger(&etcd, "term", 40);
+}
+
+#[test]
+fn a_standby_takes_over_from_a_killed_leader_and_training_goes_on() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let steps = 80;
+    let mut leader = coordinator(dir.path(), "failover", steps, &cluster_yaml(&etcd, 5_000));
+    leader.coordinator.wait_for("leadership", LONG, |l| {
+        !events(l, "leading the job").is_empty()
+    });
+    let port = free_port();
+    let mut standby = {
+        let mut cmd = Command::new(binary("dapt"));
+        cmd.args(["--log-format", "json", "coordinator"])
+            .arg(&leader.job.path)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("DAPT_TOKEN", &leader.token);
+        Proc::spawn(cmd)
+    };
+    standby.wait_for("the standby to wait", LONG, |l| {
+        !events(l, "standby: another coordinator leads").is_empty()
+    });
+    let _w0 = leader.member("w0");
+    let _w1 = leader.member("w1");
+    let kill_at = random_step(3, 30);
+    wait_step(&mut leader, kill_at);
+    leader.coordinator.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    standby.wait_for("the standby to lead", LONG, |l| {
+        !events(l, "leading the job").is_empty()
+    });
+    let leads = killed.elapsed();
+    standby.wait_for("the ranks to re-attach", LONG, |l| {
+        !events(l, "ranks re-attached").is_empty()
+    });
+    let reattached = killed.elapsed();
+    println!("leader killed at step {kill_at}: standby leads after {leads:?}, ranks re-attached after {reattached:?}");
+    assert!(
+        leads < Duration::from_millis(TTL_S * 1000 + 1500),
+        "{leads:?}"
+    );
+    let (status, _) = standby.finish(LONG);
+    assert!(status.success(), "{}", standby.stderr());
+    let lines = standby.lines();
+    assert!(
+        events(&lines, "generation formed").is_empty(),
+        "the standby re-formed the job instead of taking it over"
+    );
+    assert!(events(&lines, "recovery").is_empty());
+    let steps_seen: Vec<u64> = events(&lines, "step")
+        .iter()
+        .map(|f| f["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(steps_seen.last(), Some(&(steps - 1)));
+    check_etcd_ledger(&etcd, "failover", steps);
+}

@@ -1,0 +1,292 @@
+//! The control plane end to end over the real binaries: `dapt launch` with local workers, a
+//! `dapt coordinator` with `dapt-worker` processes killed with SIGKILL, refusals, Ctrl-C and
+//! resume. Every wait is bounded.
+
+use std::process::Command;
+use std::time::Duration;
+
+use dapt_tests::{
+    alive, binary, check_ledger, coordinator, events, losses, random_step, serial, write_job, Job,
+    Proc, BATCH, LONG,
+};
+
+fn launch(job: &Job, workers: u32) -> Proc {
+    let mut cmd = Command::new(binary("dapt"));
+    cmd.args(["--log-format", "json", "launch"])
+        .arg(&job.path)
+        .args(["--workers", &workers.to_string()]);
+    Proc::spawn(cmd)
+}
+
+#[test]
+fn two_workers_train_and_commit_every_sample_once_with_equal_weights() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "two", 12, "");
+    let _serial = serial();
+    let mut proc = launch(&job, 2);
+    let (status, stdout) = proc.finish(LONG);
+    let lines = proc.lines();
+    assert!(status.success(), "{status}\n{stdout}");
+    assert!(stdout.contains("Hugging Face export"), "{stdout}");
+    assert!(job.checkpoints.join("export/model.safetensors").is_file());
+
+    let formed = events(&lines, "generation formed");
+    assert_eq!(formed.len(), 1);
+    assert_eq!(formed[0]["world"], 2);
+    let losses = losses(&lines);
+    assert_eq!(losses.len() as u64, job.steps, "one line per step");
+    let first = losses[0].1;
+    let last: f64 = losses[losses.len() - 3..].iter().map(|l| l.1).sum::<f64>() / 3.0;
+    assert!(last < first - 0.3, "loss did not fall: {losses:?}");
+    // A commit happens only when both ranks reported the same weights digest: three commits
+    // (steps 5, 10, 12) and no divergence.
+    let commits = events(&lines, "checkpoint committed");
+    assert_eq!(
+        commits
+            .iter()
+            .map(|c| c["step"].as_u64().expect("step"))
+            .collect::<Vec<_>>(),
+        vec![5, 10, 12]
+    );
+    assert!(events(
+        &lines,
+        "ranks' weights differ: the checkpoint is not committed"
+    )
+    .is_empty());
+    let ledger =
+        check_ledger(&job.checkpoints.join("ledger.jsonl"), job.steps * BATCH).expect("ledger");
+    assert_eq!(ledger.len() as u64, job.steps * 2, "two ranks per step");
+}
+
+#[test]
+fn one_and_two_workers_see_the_same_loss_at_every_step() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = write_job(dir.path(), "one", 8, "");
+    let two = write_job(dir.path(), "two", 8, "");
+    let _serial = serial();
+    let run = |job: &Job, workers| {
+        let mut proc = launch(job, workers);
+        let (status, stdout) = proc.finish(LONG);
+        assert!(status.success(), "{status}\n{stdout}\n{}", proc.stderr());
+        losses(&proc.lines())
+    };
+    let a = run(&one, 1);
+    let b = run(&two, 2);
+    assert_eq!(a.len(), 8);
+    for ((s, x), (_, y)) in a.iter().zip(&b) {
+        println!("step {s}: 1 worker {x:.6}, 2 workers {y:.6}");
+        assert!((x - y).abs() < 1e-4 * x.abs(), "step {s}: {x} vs {y}");
+    }
+}
+
+#[test]
+fn a_killed_worker_is_recovered_from_and_a_restarted_one_rejoins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let steps = 60;
+    let mut c = coordinator(
+        dir.path(),
+        "kill",
+        steps,
+        "cluster:\n  min_workers: 1\n  max_workers: 2\n  session_timeout_ms: 2000\n  formation_grace_ms: 10000\n",
+    );
+    let _w0 = c.member("w0");
+    let w1 = c.member("w1");
+    let kill_at = random_step(3, 25);
+    c.coordinator
+        .wait_for(&format!("step {kill_at}"), LONG, |l| {
+            events(l, "step")
+                .iter()
+                .any(|f| f["step"].as_u64() >= Some(kill_at))
+        });
+    w1.signal(libc::SIGKILL);
+    drop(w1);
+    c.coordinator.wait_for("the recovery to resume", LONG, |l| {
+        events(l, "recovery")
+            .iter()
+            .any(|f| f["phase"] == "resumed")
+    });
+    // Started again, it waits as a standby and joins at the next commit.
+    let _w1_again = c.member("w1");
+    c.coordinator.wait_for("the job to complete", LONG, |l| {
+        !events(l, "job completed").is_empty()
+    });
+    let (status, _) = c.coordinator.finish(LONG);
+    let lines = c.coordinator.lines();
+    assert!(status.success(), "{status}");
+
+    let recovery = events(&lines, "recovery");
+    let phases: Vec<&str> = recovery
+        .iter()
+        .map(|f| f["phase"].as_str().expect("phase"))
+        .collect();
+    println!("recovery lines: {recovery:#?}");
+    for phase in ["detected", "aborted", "re-formed", "resumed"] {
+        let line = recovery
+            .iter()
+            .find(|f| f["phase"] == phase)
+            .unwrap_or_else(|| panic!("no `{phase}` recovery line in {phases:?}"));
+        assert!(line["took_ms"].is_u64() && line["since_detected_ms"].is_u64());
+    }
+    let formed = events(&lines, "generation formed");
+    let worlds: Vec<u64> = formed
+        .iter()
+        .map(|f| f["world"].as_u64().expect("world"))
+        .collect();
+    assert_eq!(worlds[0], 2);
+    assert!(
+        worlds.contains(&1),
+        "re-formed with the survivor: {worlds:?}"
+    );
+    assert_eq!(
+        worlds.last(),
+        Some(&2),
+        "the restarted worker joined a later generation: {worlds:?}"
+    );
+    check_ledger(&c.job.checkpoints.join("ledger.jsonl"), steps * BATCH).expect("ledger");
+}
+
+#[test]
+fn wrong_token_other_job_and_duplicate_id_are_refused_and_the_job_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let mut c = coordinator(
+        dir.path(),
+        "refuse",
+        40,
+        "cluster:\n  min_workers: 2\n  max_workers: 2\n",
+    );
+    let _w0 = c.member("w0");
+    let _w1 = c.member("w1");
+    c.coordinator
+        .wait_for("a first step", LONG, |l| !events(l, "step").is_empty());
+    let name = c.job_name();
+    for (id, job, token, code) in [
+        ("w2", name.as_str(), "guess", "WRONG_TOKEN"),
+        ("w2", "other-job", c.token.as_str(), "OTHER_JOB"),
+        ("w0", name.as_str(), c.token.as_str(), "DUPLICATE_WORKER"),
+    ] {
+        let (status, _) = c.worker(id, job, token).finish(Duration::from_secs(60));
+        // The coordinator logs the refusal as it sends it; the worker may read it first.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!status.success());
+        let refused = c.coordinator.events("refused");
+        assert!(
+            refused
+                .iter()
+                .any(|f| f["code"] == format!("ERROR_CODE_{code}")),
+            "{code} not in {refused:?}"
+        );
+    }
+    // A message from a generation that is not current is refused; the session stays open.
+    let code = stale_report(&c.url, &name, &c.token);
+    assert_eq!(code, "ERROR_CODE_STALE_GENERATION");
+
+    c.coordinator.wait_for("the job to complete", LONG, |l| {
+        !events(l, "job completed").is_empty()
+    });
+    let (status, _) = c.coordinator.finish(LONG);
+    let lines = c.coordinator.lines();
+    assert!(status.success());
+    let formed = events(&lines, "generation formed");
+    assert_eq!(formed.len(), 1, "no re-formation: {formed:?}");
+    check_ledger(&c.job.checkpoints.join("ledger.jsonl"), 40 * BATCH).expect("ledger");
+}
+
+/// Joins as a standby and sends a step report of generation 0; returns the refusal's code.
+fn stale_report(url: &str, job: &str, token: &str) -> String {
+    use dapt_proto::rpc::{self, coordinator_message, worker_message::Kind, WorkerMessage};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let mut client = rpc::CoordinatorClient::connect(url.to_string())
+            .await
+            .expect("connect");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let msg = |k| WorkerMessage { kind: Some(k) };
+        tx.send(msg(Kind::Join(rpc::Join {
+            job: job.into(),
+            token: token.into(),
+            worker_id: "intruder".into(),
+            devices: vec!["cpu".into()],
+            version: rpc::VERSION.into(),
+            collective_endpoint: "127.0.0.1:1".into(),
+            attach_generation: 0,
+            attach_rank: 0,
+        })))
+        .expect("send");
+        tx.send(msg(Kind::Step(rpc::StepReport {
+            generation: 0,
+            step: 0,
+            rank: 0,
+            samples_start: 0,
+            samples_end: 4,
+            loss: 1.0,
+            grad_norm: 1.0,
+            lr: 1.0,
+            tokens: 1,
+            elapsed_ms: 1.0,
+        })))
+        .expect("send");
+        let mut inbound = client
+            .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await
+            .expect("session")
+            .into_inner();
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+                .await
+                .expect("an answer in time")
+                .expect("the session stays open")
+                .expect("a message");
+            if let Some(coordinator_message::Kind::Refused(r)) = m.kind {
+                return r.code().as_str_name().to_string();
+            }
+        }
+    })
+}
+
+#[test]
+fn ctrl_c_stops_the_workers_and_the_same_command_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "ctrlc", 40, "");
+    let _serial = serial();
+    let mut proc = launch(&job, 2);
+    proc.wait_for("a first commit", LONG, |l| {
+        !events(l, "checkpoint committed").is_empty()
+    });
+    let pids: Vec<u32> = events(&proc.lines(), "worker started")
+        .iter()
+        .map(|f| f["pid"].as_u64().expect("pid") as u32)
+        .collect();
+    assert_eq!(pids.len(), 2);
+    proc.signal(libc::SIGINT);
+    let (status, stdout) = proc.finish(LONG);
+    assert_eq!(status.code(), Some(130), "{stdout}");
+    assert!(stdout.contains("last committed checkpoint"), "{stdout}");
+    assert!(
+        pids.iter().all(|&p| !alive(p)),
+        "workers still running after Ctrl-C"
+    );
+    let committed: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(job.checkpoints.join("committed.json")).expect("committed.json"),
+    )
+    .expect("json");
+    let at = committed["step"].as_u64().expect("step");
+    assert!((5..40).contains(&at), "committed step {at}");
+
+    let mut again = launch(&job, 2);
+    again.wait_for("the job to complete", LONG, |l| {
+        !events(l, "job completed").is_empty()
+    });
+    let (status, _) = again.finish(LONG);
+    let lines = again.lines();
+    assert!(status.success());
+    let resumed = events(&lines, "resuming from the committed checkpoint");
+    assert_eq!(resumed[0]["step"].as_u64(), Some(at));
+    let first_step = losses(&lines)[0].0;
+    assert_eq!(first_step, at, "training resumed at the committed step");
+    check_ledger(&job.checkpoints.join("ledger.jsonl"), 40 * BATCH).expect("ledger");
+}

@@ -1,0 +1,366 @@
+//! The node agent: one session with the coordinator (`dapt-worker --coordinator URL`).
+//!
+//! It joins, sends heartbeats, and runs each generation's training on an OS thread
+//! ([`rank::train`]) off the async runtime. An assignment replaces the running generation; an
+//! abort order fires the ring's abort handle, waits for the thread to stop and confirms; a
+//! finish ends the agent. Ctrl-C or SIGTERM aborts the step in flight and exits: the last
+//! committed checkpoint stays as it was.
+
+mod lease;
+pub mod rank;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use dapt_proto::job::JobSpec;
+use dapt_proto::rpc::{
+    self, coordinator_message, worker_message::Kind, CoordinatorClient, Refusal, WorkerMessage,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::collective::{AbortHandle, RingListener, TcpRing};
+use rank::{Progress, RankError};
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The coordinator's URL, e.g. `http://10.0.0.1:7070`.
+    pub coordinator: String,
+    /// The job this worker is for: a coordinator of another job refuses it.
+    pub job: String,
+    pub worker_id: String,
+    pub token: String,
+    /// The collective's listen address (port 0 picks one).
+    pub listen: SocketAddr,
+    /// The collective endpoint other ranks dial, when `listen` is not reachable as it is
+    /// (e.g. it is 0.0.0.0).
+    pub advertise: Option<String>,
+    pub devices: Vec<String>,
+    /// How long to keep trying to reach the coordinator at the start.
+    pub connect_timeout: Duration,
+}
+
+/// How the agent ended, when it ended well.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentExit {
+    Finished { step: u64, checkpoint: String },
+    Interrupted,
+}
+
+/// Runs the agent to its end.
+pub fn run(options: AgentOptions) -> anyhow::Result<AgentExit> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(session(options))
+}
+
+struct Generation {
+    generation: u64,
+    rank: u32,
+    abort: AbortHandle,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Generation {
+    /// Fires the abort and waits until the training thread is gone.
+    async fn stop(self) {
+        self.abort.abort();
+        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+    }
+}
+
+async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
+    let listener = Arc::new(
+        TcpRing::bind(o.listen)
+            .with_context(|| format!("binding the collective's listen address {}", o.listen))?,
+    );
+    let endpoint = o
+        .advertise
+        .clone()
+        .unwrap_or_else(|| listener.local_addr().to_string());
+    // Everything for the coordinator goes through `outbox`; the loop below forwards it to the
+    // current session, so that a new session (after a coordinator failover) picks up where the
+    // old one stopped.
+    let (outbox, mut outbox_rx) = mpsc::unbounded_channel::<Kind>();
+    let send = move |kind: Kind| {
+        let _ = outbox.send(kind);
+    };
+    let join = rpc::Join {
+        job: o.job.clone(),
+        token: o.token.clone(),
+        worker_id: o.worker_id.clone(),
+        devices: o.devices.clone(),
+        version: rpc::VERSION.to_string(),
+        collective_endpoint: endpoint.clone(),
+        attach_generation: 0,
+        attach_rank: 0,
+    };
+    let mut session = Session::open(&o.coordinator, o.connect_timeout, join.clone()).await?;
+    let job: JobSpec =
+        serde_json::from_str(&session.joined.job_json).context("the job the coordinator sent")?;
+    tracing::info!(worker = %o.worker_id, job = %job.job, %endpoint, coordinator = %o.coordinator, "joined");
+    let membership = match job.cluster.etcd() {
+        Some(spec) => Some(
+            lease::Membership::register(spec, &job.job, &o.worker_id, &endpoint, &o.devices)
+                .await?,
+        ),
+        None => None,
+    };
+
+    let progress = Arc::new(Progress::default());
+    let heartbeat = {
+        let progress = progress.clone();
+        let send = send.clone();
+        let every = Duration::from_millis(u64::from(session.joined.heartbeat_interval_ms.max(10)));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                send(Kind::Heartbeat(rpc::Heartbeat {
+                    generation: progress.generation.load(Ordering::Relaxed),
+                    step: progress.step.load(Ordering::Relaxed),
+                }));
+            }
+        })
+    };
+    let job = Arc::new(job);
+    let mut current: Option<Generation> = None;
+    // Reports of the running generation, replayed to a coordinator that takes over.
+    let mut replay: Vec<Kind> = Vec::new();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let result = loop {
+        let message = tokio::select! {
+            m = session.inbound.message() => m,
+            Some(kind) = outbox_rx.recv() => {
+                if matches!(kind, Kind::Step(_) | Kind::Checkpoint(_)) {
+                    replay.push(kind.clone());
+                }
+                session.send(kind);
+                continue;
+            }
+            _ = tokio::signal::ctrl_c() => break Ok(AgentExit::Interrupted),
+            _ = sigterm.recv() => break Ok(AgentExit::Interrupted),
+        };
+        let kind = match message {
+            Ok(Some(rpc::CoordinatorMessage { kind: Some(kind) })) => kind,
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) if membership.is_some() && !refusal(&message) => {
+                // etcd membership: the coordinator went away, not this worker. Keep training
+                // and re-attach to whoever leads next.
+                let lead = membership.as_ref().expect("etcd membership");
+                let mut attach = join.clone();
+                if let Some(g) = &current {
+                    attach.attach_generation = g.generation;
+                    attach.attach_rank = g.rank;
+                }
+                tracing::warn!(
+                    generation = attach.attach_generation,
+                    "lost the coordinator; re-attaching to the next leader"
+                );
+                match reattach(lead, attach, o.connect_timeout).await {
+                    Ok(s) => {
+                        session = s;
+                        for kind in &replay {
+                            session.send(kind.clone());
+                        }
+                        tracing::info!(replayed = replay.len(), "re-attached");
+                    }
+                    Err(e) => break Err(e),
+                }
+                continue;
+            }
+            Ok(None) => break Err(anyhow::anyhow!("the coordinator ended the session")),
+            Err(status) => break Err(refused(status)),
+        };
+        match kind {
+            coordinator_message::Kind::Assign(a) => {
+                if let Some(g) = current.take() {
+                    g.stop().await;
+                }
+                replay.clear();
+                tracing::info!(
+                    generation = a.generation,
+                    rank = a.rank,
+                    world = a.world,
+                    resume_step = a.resume_step,
+                    "assigned"
+                );
+                current = Some(start(&job, a, &listener, &progress, send.clone()));
+            }
+            coordinator_message::Kind::Abort(a) => {
+                if let Some(g) = current.take() {
+                    if g.generation == a.generation {
+                        tracing::warn!(generation = a.generation, reason = %a.reason, "aborting");
+                        g.stop().await;
+                        replay.clear();
+                    } else {
+                        current = Some(g);
+                    }
+                }
+                send(Kind::Aborted(rpc::Aborted {
+                    generation: a.generation,
+                }));
+            }
+            coordinator_message::Kind::Finish(f) => {
+                break Ok(AgentExit::Finished {
+                    step: f.step,
+                    checkpoint: f.checkpoint,
+                })
+            }
+            coordinator_message::Kind::Refused(r) => {
+                tracing::warn!(code = r.code().as_str_name(), reason = %r.message, "coordinator refused a message");
+            }
+            coordinator_message::Kind::Joined(_) => {}
+        }
+    };
+    if let Some(g) = current.take() {
+        g.stop().await;
+    }
+    heartbeat.abort();
+    if let Some(m) = membership {
+        // Leave at once rather than when the lease runs out: the job re-forms without waiting.
+        m.leave().await;
+    }
+    result
+}
+
+/// Whether a failed read of the session is a refusal (as opposed to a lost coordinator).
+fn refusal(message: &Result<Option<rpc::CoordinatorMessage>, tonic::Status>) -> bool {
+    matches!(message, Err(status) if Refusal::from_status(status).is_some())
+}
+
+/// One session with a coordinator.
+struct Session {
+    inbound: tonic::Streaming<rpc::CoordinatorMessage>,
+    outbound: mpsc::UnboundedSender<WorkerMessage>,
+    joined: rpc::Joined,
+}
+
+impl Session {
+    async fn open(url: &str, patience: Duration, join: rpc::Join) -> anyhow::Result<Self> {
+        let mut client = connect(url, patience).await?;
+        let (outbound, rx) = mpsc::unbounded_channel::<WorkerMessage>();
+        let _ = outbound.send(WorkerMessage {
+            kind: Some(Kind::Join(join)),
+        });
+        let mut inbound = client
+            .session(UnboundedReceiverStream::new(rx))
+            .await
+            .map_err(refused)?
+            .into_inner();
+        let joined = match inbound.message().await.map_err(refused)? {
+            Some(rpc::CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Joined(j)),
+            }) => j,
+            other => anyhow::bail!("the coordinator answered the join with {other:?}"),
+        };
+        Ok(Session {
+            inbound,
+            outbound,
+            joined,
+        })
+    }
+
+    fn send(&self, kind: Kind) {
+        let _ = self.outbound.send(WorkerMessage { kind: Some(kind) });
+    }
+}
+
+/// Finds the leading coordinator in etcd and joins it with `attach`, for as long as `patience`
+/// plus a lease TTL (the time a dead leader's key takes to expire).
+async fn reattach(
+    membership: &lease::Membership,
+    attach: rpc::Join,
+    patience: Duration,
+) -> anyhow::Result<Session> {
+    let deadline = tokio::time::Instant::now() + patience + membership.ttl();
+    let mut last_error = None;
+    while tokio::time::Instant::now() < deadline {
+        if let Some(url) = membership.leader().await {
+            match Session::open(&url, Duration::from_secs(2), attach.clone()).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no coordinator leads the job")))
+        .context("re-attaching to a coordinator")
+}
+
+fn start(
+    job: &Arc<JobSpec>,
+    a: rpc::Assignment,
+    listener: &Arc<RingListener>,
+    progress: &Arc<Progress>,
+    send: impl Fn(Kind) + Send + 'static,
+) -> Generation {
+    let abort = AbortHandle::new();
+    let generation = a.generation;
+    let rank = a.rank;
+    let (job, listener, progress, thread_abort) = (
+        job.clone(),
+        listener.clone(),
+        progress.clone(),
+        abort.clone(),
+    );
+    let thread = std::thread::Builder::new()
+        .name(format!("train-g{generation}"))
+        .spawn(move || {
+            let result = rank::train(&job, &a, &listener, &thread_abort, &progress, &send);
+            match result {
+                Ok(()) => tracing::info!(generation, "generation's training done"),
+                Err(RankError::Aborted) => tracing::info!(generation, "training aborted"),
+                Err(RankError::Failed {
+                    message,
+                    peer_fault,
+                }) => {
+                    tracing::error!(generation, peer_fault, "training failed: {message}");
+                    send(Kind::Failed(rpc::Failed {
+                        generation,
+                        reason: message,
+                        peer_fault,
+                    }));
+                }
+            }
+        })
+        .expect("spawning the training thread");
+    Generation {
+        generation,
+        rank,
+        abort,
+        thread,
+    }
+}
+
+async fn connect(
+    url: &str,
+    patience: Duration,
+) -> anyhow::Result<CoordinatorClient<tonic::transport::Channel>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("coordinator URL `{url}`"))?
+        .connect_timeout(Duration::from_secs(5));
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(CoordinatorClient::new(channel)),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!("coordinator {url} not reachable yet: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => anyhow::bail!("cannot reach the coordinator at {url}: {e}"),
+        }
+    }
+}
+
+/// A gRPC status as an error; a refusal keeps its code in the message.
+fn refused(status: tonic::Status) -> anyhow::Error {
+    match Refusal::from_status(&status) {
+        Some(r) => anyhow::anyhow!("the coordinator refused this worker: {r}"),
+        None => anyhow::anyhow!("lost the coordinator: {status}"),
+    }
+}
