@@ -18,9 +18,16 @@ pub trait Engine {
     fn config(&self) -> &LlamaConfig;
     /// Steps completed.
     fn step(&self) -> u64;
-    /// Forward/backward over `micro` (the whole step: one rank), reduce, clip, AdamW.
-    /// Returns the step's loss and stats.
-    fn train_step(&mut self, micro: &[MicroBatch], step_tokens: u64) -> Result<(f64, StepStats)>;
+    /// Forward/backward over this rank's `micro`, each token's loss divided by `denominator`
+    /// (the step's tokens / the number of ranks, as in [`Trainer::gradients`]), reduce (the
+    /// engine's reducer, if any), clip, AdamW over `step_tokens`. Returns this rank's share of
+    /// the loss and the stats.
+    fn train_step(
+        &mut self,
+        micro: &[MicroBatch],
+        denominator: f64,
+        step_tokens: u64,
+    ) -> Result<(f64, StepStats)>;
     /// Writes a checkpoint of the current state under `root`.
     fn save(&self, root: &Path, seed: u64, tokenizer: Option<&Path>) -> Result<PathBuf>;
     fn perplexity(
@@ -41,9 +48,14 @@ impl Engine for Trainer {
         self.step
     }
 
-    fn train_step(&mut self, micro: &[MicroBatch], step_tokens: u64) -> Result<(f64, StepStats)> {
-        // One rank: the whole step's tokens are the denominator.
-        let (loss, mut grads) = self.gradients(micro, step_tokens as f64);
+    /// The host trainer has no reducer: one rank (the agent reduces between the halves).
+    fn train_step(
+        &mut self,
+        micro: &[MicroBatch],
+        denominator: f64,
+        step_tokens: u64,
+    ) -> Result<(f64, StepStats)> {
+        let (loss, mut grads) = self.gradients(micro, denominator);
         let stats = self.apply(&mut grads, step_tokens);
         Ok((loss, stats))
     }
@@ -85,7 +97,12 @@ impl<B: AutodiffBackend> Engine for ResidentEngine<B> {
         self.trainer.step
     }
 
-    fn train_step(&mut self, micro: &[MicroBatch], step_tokens: u64) -> Result<(f64, StepStats)> {
+    fn train_step(
+        &mut self,
+        micro: &[MicroBatch],
+        denominator: f64,
+        step_tokens: u64,
+    ) -> Result<(f64, StepStats)> {
         let reducer = self
             .reducer
             .as_deref_mut()
@@ -94,7 +111,7 @@ impl<B: AutodiffBackend> Engine for ResidentEngine<B> {
             &mut self.trainer,
             reducer,
             micro,
-            step_tokens as f64,
+            denominator,
             step_tokens,
         )?)
     }

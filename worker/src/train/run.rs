@@ -220,7 +220,8 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
             training.seq_len,
         );
         let step_tokens = training.tokens_per_step();
-        let (loss, stats) = trainer.train_step(&micro, step_tokens)?;
+        // One rank: the whole step's tokens are the denominator.
+        let (loss, stats) = trainer.train_step(&micro, step_tokens as f64, step_tokens)?;
         let secs = started.elapsed().as_secs_f64();
         let log = StepLog {
             step,

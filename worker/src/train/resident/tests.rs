@@ -128,3 +128,67 @@ fn bf16_compute_stays_close_to_f32() {
     // Master weights stay f32 either way; two AdamW steps of lr 0.01 from N(0, 0.02).
     assert!(max_rel_diff(&a.weights, &b.weights) < 0.1);
 }
+
+/// Two ranks over the real TCP ring, each with half of every step's micro-batches: bitwise the
+/// same weights on both, and the weights of one rank that trains on all of them.
+#[test]
+fn two_ranks_over_the_ring_match_one() {
+    use crate::collective::{AbortHandle, RingConfig, TcpRing};
+    use crate::train::engine::{Engine, ResidentEngine};
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    let steps = 2u64;
+    let tokens = 64u64; // 4 samples of 16 per step
+    let run = |world: usize| -> Vec<Vec<f32>> {
+        let listeners: Vec<_> = (0..world)
+            .map(|_| {
+                TcpRing::bind("127.0.0.1:0".parse::<SocketAddr>().expect("addr")).expect("bind")
+            })
+            .collect();
+        let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let peers = peers.clone();
+                    scope.spawn(move || {
+                        let cfg = RingConfig {
+                            rank,
+                            world,
+                            peers,
+                            generation: 1,
+                            timeout: Duration::from_secs(20),
+                            chunk_bytes: RingConfig::DEFAULT_CHUNK_BYTES,
+                        };
+                        let ring = listener.connect(cfg, AbortHandle::new()).expect("ring");
+                        let (_, trainer) = host_and_resident(FloatDType::F32);
+                        let mut engine = ResidentEngine::<Ad> {
+                            trainer,
+                            reducer: Some(Box::new(HostStaged(ring))),
+                        };
+                        for step in 0..steps {
+                            let micro = batches(step, 256);
+                            let share = micro.len() / world;
+                            let mine = &micro[rank * share..(rank + 1) * share];
+                            engine
+                                .train_step(mine, (tokens / world as u64) as f64, tokens)
+                                .expect("step");
+                        }
+                        engine.trainer.to_host().weights
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("rank thread"))
+                .collect()
+        })
+    };
+    let two = run(2);
+    let one = run(1);
+    assert_eq!(two[0], two[1], "ranks diverged");
+    let diff = max_rel_diff(&one[0], &two[0]);
+    assert!(diff < 1e-5, "two ranks differ from one by {diff}");
+}
