@@ -28,6 +28,11 @@ pub enum WorkerError {
     Gguf(#[from] crate::import::gguf::GgufError),
     #[error("{0}")]
     Invalid(String),
+    /// The training device is missing or unusable (no GPU, no driver, no NVRTC, no headers).
+    #[error("device: {0}")]
+    Device(String),
+    #[error("collective: {0}")]
+    Collective(#[from] crate::collective::CollectiveError),
 }
 
 impl WorkerError {

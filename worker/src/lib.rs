@@ -7,12 +7,15 @@
 //! * [`import`] — Hugging Face directories and llama.cpp GGUF files in; Hugging Face out.
 //! * [`train`] — the step (gradients, then clip + AdamW over flat buffers), LR schedule,
 //!   held-out perplexity and the single-rank loop.
-//! * [`collective`] — the `Collective` trait and the CPU TCP ring all-reduce between workers.
+//! * [`collective`] — the `Collective` trait, the CPU TCP ring all-reduce between workers, and
+//!   NCCL between GPUs (feature `cuda`).
+//! * [`device`] — `--device cpu|cuda:N`, and the checks that run before any GPU code.
 //! * [`checkpoint`] — checksummed, atomically published checkpoints that resume bitwise.
 
 pub mod agent;
 pub mod checkpoint;
 pub mod collective;
+pub mod device;
 pub mod error;
 pub mod import;
 pub mod memory;
@@ -25,3 +28,6 @@ pub use error::{Result, WorkerError};
 pub type Cpu = burn::backend::Flex;
 /// The CPU backend with reverse-mode autodiff.
 pub type CpuAutodiff = burn::backend::Autodiff<Cpu>;
+/// The CUDA backend (Burn's CubeCL kernels, no fusion), f32 by default.
+#[cfg(feature = "cuda")]
+pub type Gpu = burn::backend::Cuda<f32, i32>;

@@ -9,8 +9,9 @@ use clap::{Parser, Subcommand};
 use dapt_corpus::CorpusReader;
 use dapt_proto::job::JobSpec;
 use dapt_proto::logging::{self, LogFormat};
+use dapt_worker::device::{DeviceSpec, Precision};
 use dapt_worker::import::hf::{self, ExportDtype};
-use dapt_worker::train::eval::perplexity;
+use dapt_worker::train::eval::perplexity_on;
 use dapt_worker::train::run::{run, RunOptions};
 use dapt_worker::{checkpoint, import};
 
@@ -60,6 +61,20 @@ struct AgentArgs {
     connect_timeout_s: u64,
 }
 
+/// Where training runs.
+#[derive(clap::Args)]
+struct GpuArgs {
+    /// cpu, or cuda / cuda:N (a `cuda` build and an NVIDIA GPU).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// Compute dtype on a GPU: f32 (TF32 matmuls) or bf16 (f32 master weights and loss).
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
+    /// On a GPU, all-reduce each step's gradients through a one-rank NCCL communicator.
+    #[arg(long)]
+    nccl: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train the job on this machine as a single rank, resuming from its last checkpoint.
@@ -68,6 +83,11 @@ enum Command {
         /// Stop (with a checkpoint) once this many steps are complete.
         #[arg(long)]
         stop_after: Option<u64>,
+        #[command(flatten)]
+        gpu: GpuArgs,
+        /// Write no checkpoints (benchmarks).
+        #[arg(long)]
+        no_checkpoints: bool,
     },
     /// Perplexity of a model (Hugging Face directory or checkpoint) on a prepared corpus's
     /// held-out documents, per source.
@@ -82,6 +102,9 @@ enum Command {
         /// Windows per forward pass.
         #[arg(long, default_value_t = 8)]
         batch: usize,
+        /// cpu, or cuda / cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
     },
     /// Write a checkpoint as a Hugging Face model directory.
     Export {
@@ -121,10 +144,29 @@ fn main() -> ExitCode {
 
 fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Train { job, stop_after } => {
+        Command::Train {
+            job,
+            stop_after,
+            gpu,
+            no_checkpoints,
+        } => {
             let spec = JobSpec::load(&job)?;
-            let summary = run(&spec, &RunOptions { stop_after })
-                .with_context(|| format!("training {}", job.display()))?;
+            if let DeviceSpec::Cuda(ordinal) = gpu.device {
+                // Before any thread starts: a clear error instead of a panic without a GPU.
+                dapt_worker::device::cuda_ready(ordinal)?;
+                if gpu.nccl {
+                    ensure_nccl_loadable()?;
+                }
+            }
+            let options = RunOptions {
+                stop_after,
+                device: gpu.device,
+                precision: gpu.precision,
+                no_checkpoints,
+                nccl_single_rank: gpu.nccl,
+            };
+            let summary =
+                run(&spec, &options).with_context(|| format!("training {}", job.display()))?;
             if let Some(dir) = &summary.last_checkpoint {
                 println!("last checkpoint: {}", dir.display());
             }
@@ -154,6 +196,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             seq_len,
             max_tokens,
             batch,
+            device,
         } => {
             let reader = CorpusReader::open(&corpus)?;
             let tokenizer = model.join(hf::TOKENIZER_FILE);
@@ -163,14 +206,16 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             let weights = hf::load_dir(&model)?;
             let mut rows = Vec::new();
             for (i, source) in reader.manifest().sources.iter().enumerate() {
-                let Some(p) = perplexity(
+                let Some(p) = perplexity_on(
+                    device,
                     &weights.config,
                     &weights.weights,
                     reader.held_out(i),
                     seq_len,
                     max_tokens,
                     batch,
-                ) else {
+                )?
+                else {
                     eprintln!(
                         "source {}: no held-out window of {seq_len} tokens",
                         source.name
@@ -216,6 +261,47 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// cudarc opens `libnccl.so`; NVIDIA's PyPI wheels ship only `libnccl.so.2`, and the loader
+/// reads `LD_LIBRARY_PATH` once, at start. So when NCCL cannot be loaded as it is, link the
+/// library found (see `device::nccl_library`) as `libnccl.so` in a cache folder and re-execute
+/// this process with that folder on `LD_LIBRARY_PATH` (once: `DAPT_NCCL_REEXEC` guards it).
+#[cfg(feature = "cuda")]
+fn ensure_nccl_loadable() -> anyhow::Result<()> {
+    use dapt_worker::collective::nccl;
+    use std::os::unix::process::CommandExt;
+    if nccl::available() {
+        return Ok(());
+    }
+    let guard = "DAPT_NCCL_REEXEC";
+    let lib = dapt_worker::device::nccl_library().filter(|_| std::env::var_os(guard).is_none());
+    let Some(lib) = lib else {
+        anyhow::bail!(
+            "NCCL cannot be loaded: install it, or set DAPT_NCCL_LIB to libnccl.so.2 (the \
+             nvidia-nccl-cu12/-cu13 wheels ship it under nvidia/nccl/lib)"
+        );
+    };
+    let dir = dapt_worker::device::nccl_link_dir(&lib)
+        .with_context(|| format!("linking {} as libnccl.so", lib.display()))?;
+    let mut path = std::ffi::OsString::from(&dir);
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+        path.push(":");
+        path.push(old);
+    }
+    let exe = std::env::current_exe().context("locating this executable")?;
+    tracing::info!(nccl = %lib.display(), link = %dir.display(), "re-executing with NCCL on the library path");
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("LD_LIBRARY_PATH", path)
+        .env(guard, "1")
+        .exec();
+    Err(err).context("re-executing with NCCL on LD_LIBRARY_PATH")
+}
+
+#[cfg(not(feature = "cuda"))]
+fn ensure_nccl_loadable() -> anyhow::Result<()> {
+    anyhow::bail!("--nccl needs a dapt-worker built with the `cuda` feature")
 }
 
 fn run_agent(args: AgentArgs) -> anyhow::Result<()> {

@@ -70,6 +70,7 @@ fn resuming_from_a_checkpoint_is_bitwise_exact() {
         &split,
         &RunOptions {
             stop_after: Some(4),
+            ..RunOptions::default()
         },
     )
     .expect("first half");

@@ -1,8 +1,10 @@
 //! Collectives between the ranks of one job generation: the seam between the gradient
 //! computation and the optimizer step.
 //!
-//! * [`Collective`] — what every backend offers (the TCP ring here; NCCL later).
+//! * [`Collective`] — what every backend offers.
 //! * [`ring`] — a Gloo-style ring all-reduce over TCP between worker processes, for CPU ranks.
+//! * `nccl` (feature `cuda`) — NCCL communicators between GPU ranks, one per device thread and
+//!   generation, reducing gradients in place on the device.
 //!
 //! Every blocking wait is bounded twice: by the config's `timeout` (no progress for that long is
 //! an error) and by an [`AbortHandle`] that the node agent fires when the coordinator tears the
@@ -12,6 +14,8 @@
 
 mod handshake;
 mod link;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod ring;
 
 use std::io;
@@ -73,6 +77,12 @@ pub enum CollectiveError {
     Config(String),
     #[error("an earlier collective on this ring failed mid-transfer; build a new ring")]
     Poisoned,
+    /// An NCCL call or the CUDA work around it failed.
+    #[error("nccl: {0}")]
+    Nccl(String),
+    /// A collective that cannot say which peer it waits for (NCCL) made no progress.
+    #[error("no progress for {waited:?}")]
+    Stalled { waited: Duration },
 }
 
 impl CollectiveError {
@@ -81,6 +91,7 @@ impl CollectiveError {
         matches!(
             self,
             Self::Timeout { .. }
+                | Self::Stalled { .. }
                 | Self::PeerClosed { .. }
                 | Self::Io { .. }
                 | Self::Handshake { .. }

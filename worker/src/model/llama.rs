@@ -9,7 +9,7 @@
 
 use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
 
 use super::params::ParamLayout;
 use dapt_proto::model::LlamaConfig;
@@ -18,6 +18,8 @@ pub struct Llama<B: Backend> {
     cfg: LlamaConfig,
     /// Where each parameter sits in the flat buffer, in the order of the fields below.
     layout: ParamLayout,
+    /// The parameters' (and so the activations') dtype.
+    dtype: DType,
     embed: Tensor<B, 2>,
     layers: Vec<Layer<B>>,
     norm: Tensor<B, 1>,
@@ -43,22 +45,36 @@ impl<B: Backend> Llama<B> {
     /// `trainable` marks every parameter as requiring a gradient (autodiff backends only).
     pub fn from_flat(cfg: &LlamaConfig, flat: &[f32], device: &B::Device, trainable: bool) -> Self {
         let layout = ParamLayout::llama(cfg);
-        let mut params = layout.params.iter();
-        let mut next2 = || {
-            let p = params.next().expect("layout has every parameter");
-            // Norm gains (1-D) travel as [1, n] and are reshaped below.
-            let shape = match p.shape[..] {
-                [rows, cols] => [rows, cols],
-                _ => [1, p.len()],
-            };
-            let t =
-                Tensor::<B, 2>::from_data(TensorData::new(flat[p.range()].to_vec(), shape), device);
-            if trainable {
-                t.require_grad()
-            } else {
-                t
-            }
-        };
+        let params = layout
+            .params
+            .iter()
+            .map(|p| {
+                let t = Tensor::<B, 2>::from_data(
+                    TensorData::new(flat[p.range()].to_vec(), param_shape(&p.shape)),
+                    device,
+                );
+                if trainable {
+                    t.require_grad()
+                } else {
+                    t
+                }
+            })
+            .collect();
+        Self::from_params(cfg, params, device)
+    }
+
+    /// The model over `params`, one tensor per entry of `ParamLayout::llama(cfg)`, in its order
+    /// and in the shapes of [`param_shape`] (norm gains as `[1, n]`). The activations take the
+    /// parameters' dtype (f32, or bf16 for mixed precision); the loss is computed in f32.
+    pub fn from_params(cfg: &LlamaConfig, params: Vec<Tensor<B, 2>>, device: &B::Device) -> Self {
+        let layout = ParamLayout::llama(cfg);
+        assert_eq!(
+            params.len(),
+            layout.params.len(),
+            "one tensor per parameter"
+        );
+        let mut params = params.into_iter();
+        let mut next2 = || params.next().expect("layout has every parameter");
         let embed = next2();
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         let as1 = |t: Tensor<B, 2>| -> Tensor<B, 1> { t.reshape([-1]) };
@@ -80,6 +96,7 @@ impl<B: Backend> Llama<B> {
         Llama {
             cfg: cfg.clone(),
             layout,
+            dtype: embed.dtype(),
             embed,
             layers,
             norm,
@@ -90,6 +107,10 @@ impl<B: Backend> Llama<B> {
 
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
+    }
+
+    pub fn device(&self) -> &B::Device {
+        &self.device
     }
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
@@ -107,7 +128,7 @@ impl<B: Backend> Llama<B> {
     fn logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
         let [b, t] = ids.dims();
         let d = self.cfg.hidden_size;
-        let rope = RopeTables::new(&self.cfg, b, t, &self.device);
+        let rope = RopeTables::new(&self.cfg, b, t, self.dtype, &self.device);
         let mask = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &self.device)
             .unsqueeze::<4>()
             .expand([b, self.cfg.num_attention_heads, t, t]);
@@ -130,7 +151,9 @@ impl<B: Backend> Llama<B> {
         let t = t1 - 1;
         let inputs = windows.clone().narrow(1, 0, t);
         let targets = windows.narrow(1, 1, t).reshape([b * t, 1]);
-        let logp = log_softmax(self.logits(inputs), 1);
+        // In f32 whatever the compute dtype: a bf16 softmax over a large vocabulary, and a bf16
+        // sum of thousands of token losses, would lose the loss's low digits (a no-op in f32).
+        let logp = log_softmax(self.logits(inputs).cast(FloatDType::F32), 1);
         logp.gather(1, targets).sum().neg()
     }
 
@@ -183,7 +206,7 @@ struct RopeTables<B: Backend> {
 }
 
 impl<B: Backend> RopeTables<B> {
-    fn new(cfg: &LlamaConfig, b: usize, t: usize, device: &B::Device) -> Self {
+    fn new(cfg: &LlamaConfig, b: usize, t: usize, dtype: DType, device: &B::Device) -> Self {
         let inv_freq = cfg.inv_freq();
         let hd = cfg.head_dim;
         // One row per position (the frequencies over both halves), computed once and then
@@ -211,6 +234,7 @@ impl<B: Backend> RopeTables<B> {
                     }
                 }
                 Tensor::<B, 2>::from_data(TensorData::new(out, [b * t, heads * hd]), device)
+                    .cast(dtype)
             };
             (expand(&row_cos), expand(&row_sin))
         };
@@ -269,6 +293,47 @@ impl<B: AutodiffBackend> Llama<B> {
         if let Some(head) = &self.lm_head {
             add(g2(head));
         }
+    }
+}
+
+impl<B: AutodiffBackend> Llama<B> {
+    /// Each parameter's gradient as a flat f32 tensor on the device, in layout order (zeros for
+    /// a parameter the loss does not reach).
+    pub fn gradients_flat(&self, grads: &B::Gradients) -> Vec<Tensor<B::InnerBackend, 1>> {
+        let flat2 = |t: &Tensor<B, 2>| t.grad(grads).map(|g| g.reshape([-1]));
+        let flat1 = |t: &Tensor<B, 1>| t.grad(grads);
+        let mut out = Vec::with_capacity(self.layout.params.len());
+        out.push(flat2(&self.embed));
+        for l in &self.layers {
+            out.push(flat1(&l.attn_norm));
+            out.push(flat2(&l.wq));
+            out.push(flat2(&l.wk));
+            out.push(flat2(&l.wv));
+            out.push(flat2(&l.wo));
+            out.push(flat1(&l.mlp_norm));
+            out.push(flat2(&l.w_gate));
+            out.push(flat2(&l.w_up));
+            out.push(flat2(&l.w_down));
+        }
+        out.push(flat1(&self.norm));
+        if let Some(head) = &self.lm_head {
+            out.push(flat2(head));
+        }
+        out.into_iter()
+            .zip(&self.layout.params)
+            .map(|(g, p)| match g {
+                Some(g) => g.cast(FloatDType::F32),
+                None => Tensor::zeros([p.len()], &self.device),
+            })
+            .collect()
+    }
+}
+
+/// The shape a parameter travels in: its own for matrices, `[1, n]` for 1-D norm gains.
+pub fn param_shape(shape: &[usize]) -> [usize; 2] {
+    match shape {
+        [rows, cols] => [*rows, *cols],
+        _ => [1, shape.iter().product()],
     }
 }
 

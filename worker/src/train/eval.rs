@@ -4,10 +4,13 @@
 //! so every token after the first is predicted exactly once), up to `max_tokens`; the
 //! perplexity is `exp(mean next-token NLL)`.
 
+use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use dapt_corpus::shards::TokenStream;
 use serde::Serialize;
 
+use crate::device::DeviceSpec;
+use crate::error::Result;
 use crate::model::{Llama, LlamaConfig};
 use crate::Cpu;
 
@@ -37,14 +40,56 @@ pub fn perplexity(
     max_tokens: u64,
     batch: usize,
 ) -> Option<Perplexity> {
+    if stream.windows(seq_len) == 0 {
+        return None;
+    }
+    let model = Llama::<Cpu>::from_flat(config, weights, &Default::default(), false);
+    perplexity_of(&model, stream, seq_len, max_tokens, batch)
+}
+
+/// [`perplexity`] on `device`: the CPU, or a GPU (with the `cuda` feature, after the checks of
+/// `device::cuda_ready`).
+pub fn perplexity_on(
+    device: DeviceSpec,
+    config: &LlamaConfig,
+    weights: &[f32],
+    stream: &TokenStream,
+    seq_len: u32,
+    max_tokens: u64,
+    batch: usize,
+) -> Result<Option<Perplexity>> {
+    match device {
+        DeviceSpec::Cpu => Ok(perplexity(
+            config, weights, stream, seq_len, max_tokens, batch,
+        )),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(ordinal) => {
+            crate::device::cuda_ready(ordinal)?;
+            let device = burn::backend::cuda::CudaDevice::new(ordinal);
+            let model = Llama::<crate::Gpu>::from_flat(config, weights, &device, false);
+            Ok(perplexity_of(&model, stream, seq_len, max_tokens, batch))
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(ordinal) => crate::device::cuda_ready(ordinal).map(|_| None),
+    }
+}
+
+/// [`perplexity`] under a model already built, on any backend (the device-resident trainer
+/// evaluates where its weights live).
+pub fn perplexity_of<B: Backend>(
+    model: &Llama<B>,
+    stream: &TokenStream,
+    seq_len: u32,
+    max_tokens: u64,
+    batch: usize,
+) -> Option<Perplexity> {
     let windows = stream
         .windows(seq_len)
         .min(max_tokens.div_ceil(seq_len as u64).max(1));
     if windows == 0 {
         return None;
     }
-    let device = Default::default();
-    let model = Llama::<Cpu>::from_flat(config, weights, &device, false);
+    let device = model.device();
     let width = seq_len as usize + 1;
     let mut buf = vec![0u32; width];
     let mut nll_sum = 0.0;
@@ -56,7 +101,7 @@ pub fn perplexity(
             stream.read_window(w + j, seq_len, &mut buf);
             ids.extend(buf.iter().map(|&t| t as i64));
         }
-        let ids = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids, [n, width]), &device);
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, width]), device);
         nll_sum += model.nll_sum(ids).into_scalar().elem::<f64>();
         w += n as u64;
     }

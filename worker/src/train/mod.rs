@@ -1,8 +1,10 @@
-//! Training: the step (gradients, then clip + AdamW), the LR schedule, evaluation, and the
-//! single-rank training loop.
+//! Training: the step (gradients, then clip + AdamW) on the host or resident on a device, the LR
+//! schedule, evaluation, and the single-rank training loop.
 
+pub mod engine;
 pub mod eval;
 pub mod optimizer;
+pub mod resident;
 pub mod run;
 pub mod schedule;
 pub mod step;

@@ -9,9 +9,11 @@ use dapt_corpus::{step_range, CorpusReader};
 use dapt_proto::job::{JobSpec, TrainingSpec};
 use serde::Serialize;
 
-use super::eval::{perplexity, Perplexity};
+use super::engine::Engine;
+use super::eval::Perplexity;
 use super::{MicroBatch, Trainer};
 use crate::checkpoint;
+use crate::device::{DeviceSpec, Precision};
 use crate::error::{Result, WorkerError};
 use crate::import::hf;
 use crate::model::{LlamaConfig, ParamLayout};
@@ -20,6 +22,15 @@ use crate::model::{LlamaConfig, ParamLayout};
 pub struct RunOptions {
     /// Stop (with a checkpoint) once this many steps are complete, before the job's end.
     pub stop_after: Option<u64>,
+    /// Where the passes run: the host trainer on the CPU, or device-resident on a GPU.
+    pub device: DeviceSpec,
+    /// Compute dtype on a GPU (the CPU path is f32).
+    pub precision: Precision,
+    /// Write no checkpoints at all (benchmarks).
+    pub no_checkpoints: bool,
+    /// On a GPU, all-reduce every step's gradients through a one-rank NCCL communicator: the
+    /// multi-rank code path and its cost, on one GPU (NCCL refuses two ranks on one device).
+    pub nccl_single_rank: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -53,15 +64,11 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
         .training
         .ok_or_else(|| WorkerError::Invalid("the job has no `training:` section".into()))?;
     let reader = CorpusReader::open(&job.corpus.output)?;
-    let corpus_tokenizer = job
-        .corpus
-        .output
-        .join(dapt_corpus::manifest::TOKENIZER_FILE);
     let order = reader.sample_order(job.seed, training.seq_len)?;
     let root = job.checkpoint.dir.clone();
 
     let mut resumed_from = None;
-    let mut trainer = match checkpoint::list(&root)?.pop() {
+    let trainer = match checkpoint::list(&root)?.pop() {
         Some((step, dir)) => {
             let trainer = restore(&dir, &training, job.seed)?;
             resumed_from = Some(step);
@@ -80,6 +87,114 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
             trainer.config.vocab_size
         )));
     }
+    let ctx = LoopContext {
+        job,
+        training: &training,
+        reader: &reader,
+        order: &order,
+        options,
+        resumed_from,
+    };
+    match options.device {
+        DeviceSpec::Cpu => {
+            let mut trainer = trainer;
+            train_loop(&mut trainer, &ctx)
+        }
+        DeviceSpec::Cuda(ordinal) => on_gpu(trainer, ordinal, &ctx),
+    }
+}
+
+/// What the loop needs besides the engine.
+struct LoopContext<'a> {
+    job: &'a JobSpec,
+    training: &'a TrainingSpec,
+    reader: &'a CorpusReader,
+    order: &'a dapt_corpus::SampleOrder,
+    options: &'a RunOptions,
+    resumed_from: Option<u64>,
+}
+
+#[cfg(feature = "cuda")]
+fn on_gpu(trainer: Trainer, ordinal: usize, ctx: &LoopContext) -> Result<RunSummary> {
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    use burn::backend::Autodiff;
+    let info = crate::device::cuda_ready(ordinal)?;
+    tracing::info!(
+        device = %ctx.options.device,
+        name = %info.name,
+        precision = %ctx.options.precision,
+        cuda_path = %info.include_root.display(),
+        "training on the gpu"
+    );
+    if ctx.training.activation_checkpointing {
+        gpu_loop::<Autodiff<crate::Gpu, BalancedCheckpointing>>(trainer, ordinal, ctx)
+    } else {
+        gpu_loop::<Autodiff<crate::Gpu>>(trainer, ordinal, ctx)
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_loop<B>(trainer: Trainer, ordinal: usize, ctx: &LoopContext) -> Result<RunSummary>
+where
+    B: burn::tensor::backend::AutodiffBackend<
+        InnerBackend = crate::Gpu,
+        Device = burn::backend::cuda::CudaDevice,
+    >,
+{
+    use super::engine::ResidentEngine;
+    use super::resident::{GradReducer, ResidentTrainer};
+    use crate::collective::nccl::{unique_id, NcclCollective, NcclConfig};
+    use crate::collective::AbortHandle;
+    let compute = match ctx.options.precision {
+        Precision::F32 => burn::tensor::FloatDType::F32,
+        Precision::Bf16 => burn::tensor::FloatDType::BF16,
+    };
+    let device = burn::backend::cuda::CudaDevice::new(ordinal);
+    let started = Instant::now();
+    let resident = ResidentTrainer::<B>::from_host(trainer, compute, &device);
+    tracing::info!(
+        secs = format!("{:.1}", started.elapsed().as_secs_f64()),
+        "weights and optimizer state on the device"
+    );
+    let reducer: Option<Box<dyn GradReducer<crate::Gpu>>> = if ctx.options.nccl_single_rank {
+        let cfg = NcclConfig {
+            rank: 0,
+            world: 1,
+            id: unique_id()?,
+            ordinal,
+            timeout: std::time::Duration::from_secs(60),
+        };
+        Some(Box::new(NcclCollective::connect(cfg, AbortHandle::new())?))
+    } else {
+        None
+    };
+    let mut engine = ResidentEngine {
+        trainer: resident,
+        reducer,
+    };
+    train_loop(&mut engine, ctx)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn on_gpu(_trainer: Trainer, ordinal: usize, _ctx: &LoopContext) -> Result<RunSummary> {
+    crate::device::cuda_ready(ordinal).map(|_| unreachable!("no cuda feature"))
+}
+
+fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary> {
+    let LoopContext {
+        job,
+        training,
+        reader,
+        order,
+        options,
+        resumed_from,
+    } = *ctx;
+    let training = *training;
+    let root = job.checkpoint.dir.clone();
+    let corpus_tokenizer = job
+        .corpus
+        .output
+        .join(dapt_corpus::manifest::TOKENIZER_FILE);
 
     let steps = training.steps();
     let stop = options.stop_after.unwrap_or(steps).min(steps);
@@ -92,24 +207,21 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
     };
     if resumed_from.is_none() && training.eval_every > 0 {
         // The base model's held-out perplexity: what continued pretraining is measured against.
-        summary
-            .evals
-            .push(evaluate(&trainer, &reader, &training, 0));
+        summary.evals.push(evaluate(trainer, reader, &training, 0));
     }
-    while trainer.step < stop {
+    while trainer.step() < stop {
         let started = Instant::now();
-        let step = trainer.step;
+        let step = trainer.step();
         let micro = MicroBatch::split(
-            &reader,
-            &order,
+            reader,
+            order,
             step_range(step, training.global_batch),
             training.micro_batch(),
             training.seq_len,
         );
         let step_tokens = training.tokens_per_step();
         // One rank: the whole step's tokens are the denominator.
-        let (loss, mut grads) = trainer.gradients(&micro, step_tokens as f64);
-        let stats = trainer.apply(&mut grads, step_tokens);
+        let (loss, stats) = trainer.train_step(&micro, step_tokens as f64, step_tokens)?;
         let secs = started.elapsed().as_secs_f64();
         let log = StepLog {
             step,
@@ -124,30 +236,30 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
             lr = format!("{:.3e}", stats.lr),
             grad_norm = format!("{:.3}", stats.grad_norm),
             tokens_per_s = format!("{:.0}", log.tokens_per_s),
-            eta_s = format!("{:.0}", secs * (steps - trainer.step) as f64),
+            eta_s = format!("{:.0}", secs * (steps - trainer.step()) as f64),
             "step"
         );
         summary.steps.push(log);
-        let done = trainer.step;
-        if training.eval_every > 0 && done % training.eval_every == 0 && done < steps {
+        let done = trainer.step();
+        if training.eval_every > 0 && done.is_multiple_of(training.eval_every) && done < steps {
             summary
                 .evals
-                .push(evaluate(&trainer, &reader, &training, done));
+                .push(evaluate(trainer, reader, &training, done));
         }
-        if done % job.checkpoint.every == 0 || done == stop {
+        if !options.no_checkpoints && (done.is_multiple_of(job.checkpoint.every) || done == stop) {
             let tokenizer = corpus_tokenizer
                 .is_file()
                 .then_some(corpus_tokenizer.as_path());
-            let dir = checkpoint::save(&root, &trainer, job.seed, tokenizer)?;
+            let dir = trainer.save(&root, job.seed, tokenizer)?;
             checkpoint::prune(&root, job.checkpoint.keep)?;
             tracing::info!(step = done, dir = %dir.display(), "checkpoint committed");
             summary.last_checkpoint = Some(dir);
         }
     }
-    if trainer.step >= steps {
+    if trainer.step() >= steps {
         summary
             .evals
-            .push(evaluate(&trainer, &reader, &training, trainer.step));
+            .push(evaluate(trainer, reader, &training, trainer.step()));
         summary.finished = true;
     }
     Ok(summary)
@@ -203,16 +315,14 @@ pub fn initial_model(job: &JobSpec, reader: &CorpusReader) -> Result<(LlamaConfi
 }
 
 pub fn evaluate(
-    trainer: &Trainer,
+    trainer: &dyn Engine,
     reader: &CorpusReader,
     training: &TrainingSpec,
     step: u64,
 ) -> EvalLog {
     let mut sources = Vec::new();
     for (i, source) in reader.manifest().sources.iter().enumerate() {
-        if let Some(p) = perplexity(
-            &trainer.config,
-            &trainer.weights,
+        if let Some(p) = trainer.perplexity(
             reader.held_out(i),
             training.seq_len,
             training.eval_tokens,

@@ -65,6 +65,7 @@ pub struct StepStats {
 }
 
 /// Weights, optimizer state and the position in the schedule.
+#[derive(Clone)]
 pub struct Trainer {
     pub config: LlamaConfig,
     pub layout: ParamLayout,
@@ -75,8 +76,8 @@ pub struct Trainer {
     pub step: u64,
     /// Tokens trained on so far (the schedule's clock).
     pub tokens: u64,
-    seq_len: usize,
-    activation_checkpointing: bool,
+    /// The job's training section (the device-resident trainer starts from it).
+    pub training: TrainingSpec,
 }
 
 impl Trainer {
@@ -99,8 +100,7 @@ impl Trainer {
             weights,
             step: 0,
             tokens: 0,
-            seq_len: training.seq_len as usize,
-            activation_checkpointing: training.activation_checkpointing,
+            training: *training,
         }
     }
 
@@ -110,7 +110,7 @@ impl Trainer {
     /// computes) is the gradient of the step's mean loss, however the step is split. Returns this
     /// rank's share of the loss on the same scale, and the gradients.
     pub fn gradients(&self, micro: &[MicroBatch], denominator: f64) -> (f64, Vec<f32>) {
-        if self.activation_checkpointing {
+        if self.training.activation_checkpointing {
             gradients::<Autodiff<Cpu, BalancedCheckpointing>>(self, micro, denominator)
         } else {
             gradients::<Autodiff<Cpu>>(self, micro, denominator)
@@ -136,7 +136,7 @@ fn gradients<B: AutodiffBackend>(
     let device = B::Device::default();
     let mut grads = vec![0f32; trainer.layout.total];
     let mut loss = 0.0;
-    let width = trainer.seq_len + 1;
+    let width = trainer.training.seq_len as usize + 1;
     for mb in micro {
         // A fresh set of leaf tensors per micro-batch: with Burn 0.21's autodiff, reusing the
         // leaves of a graph that was already backpropagated gives wrong gradients on the next

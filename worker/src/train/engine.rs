@@ -1,0 +1,138 @@
+//! One rank's training state as the loop in `run.rs` sees it, wherever it lives: the host
+//! [`Trainer`] on the CPU backend, or a [`ResidentTrainer`] on a GPU with an optional gradient
+//! reducer between the two halves of the step.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::AutodiffBackend;
+use dapt_corpus::shards::TokenStream;
+
+use super::eval::{perplexity, perplexity_of, Perplexity};
+use super::resident::{train_step, GradReducer, ResidentTrainer};
+use super::{MicroBatch, StepStats, Trainer};
+use crate::checkpoint;
+use crate::error::Result;
+use crate::model::LlamaConfig;
+
+pub trait Engine {
+    fn config(&self) -> &LlamaConfig;
+    /// Steps completed.
+    fn step(&self) -> u64;
+    /// Forward/backward over this rank's `micro`, each token's loss divided by `denominator`
+    /// (the step's tokens / the number of ranks, as in [`Trainer::gradients`]), reduce (the
+    /// engine's reducer, if any), clip, AdamW over `step_tokens`. Returns this rank's share of
+    /// the loss and the stats.
+    fn train_step(
+        &mut self,
+        micro: &[MicroBatch],
+        denominator: f64,
+        step_tokens: u64,
+    ) -> Result<(f64, StepStats)>;
+    /// Writes a checkpoint of the current state under `root`.
+    fn save(&self, root: &Path, seed: u64, tokenizer: Option<&Path>) -> Result<PathBuf>;
+    fn perplexity(
+        &self,
+        stream: &TokenStream,
+        seq_len: u32,
+        max_tokens: u64,
+        batch: usize,
+    ) -> Option<Perplexity>;
+}
+
+impl Engine for Trainer {
+    fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The host trainer has no reducer: one rank (the agent reduces between the halves).
+    fn train_step(
+        &mut self,
+        micro: &[MicroBatch],
+        denominator: f64,
+        step_tokens: u64,
+    ) -> Result<(f64, StepStats)> {
+        let (loss, mut grads) = self.gradients(micro, denominator);
+        let stats = self.apply(&mut grads, step_tokens);
+        Ok((loss, stats))
+    }
+
+    fn save(&self, root: &Path, seed: u64, tokenizer: Option<&Path>) -> Result<PathBuf> {
+        checkpoint::save(root, self, seed, tokenizer)
+    }
+
+    fn perplexity(
+        &self,
+        stream: &TokenStream,
+        seq_len: u32,
+        max_tokens: u64,
+        batch: usize,
+    ) -> Option<Perplexity> {
+        perplexity(
+            &self.config,
+            &self.weights,
+            stream,
+            seq_len,
+            max_tokens,
+            batch,
+        )
+    }
+}
+
+/// A device-resident trainer and the reducer its gradients go through (none for one rank).
+pub struct ResidentEngine<B: AutodiffBackend> {
+    pub trainer: ResidentTrainer<B>,
+    pub reducer: Option<Box<dyn GradReducer<B::InnerBackend>>>,
+}
+
+impl<B: AutodiffBackend> Engine for ResidentEngine<B> {
+    fn config(&self) -> &LlamaConfig {
+        &self.trainer.config
+    }
+
+    fn step(&self) -> u64 {
+        self.trainer.step
+    }
+
+    fn train_step(
+        &mut self,
+        micro: &[MicroBatch],
+        denominator: f64,
+        step_tokens: u64,
+    ) -> Result<(f64, StepStats)> {
+        let reducer = self
+            .reducer
+            .as_deref_mut()
+            .map(|r| r as &mut dyn GradReducer<B::InnerBackend>);
+        Ok(train_step(
+            &mut self.trainer,
+            reducer,
+            micro,
+            denominator,
+            step_tokens,
+        )?)
+    }
+
+    fn save(&self, root: &Path, seed: u64, tokenizer: Option<&Path>) -> Result<PathBuf> {
+        checkpoint::save(root, &self.trainer.to_host(), seed, tokenizer)
+    }
+
+    fn perplexity(
+        &self,
+        stream: &TokenStream,
+        seq_len: u32,
+        max_tokens: u64,
+        batch: usize,
+    ) -> Option<Perplexity> {
+        perplexity_of(
+            &self.trainer.eval_model(),
+            stream,
+            seq_len,
+            max_tokens,
+            batch,
+        )
+    }
+}

@@ -1,0 +1,295 @@
+//! Device-resident training: the same step as [`Trainer`], with the master weights (f32), the
+//! AdamW moments and the gradients living on the training device as Burn tensors, so a step
+//! never copies the model between host and device.
+//!
+//! Per micro-batch the f32 master weights are sliced (views, no copy) into one tensor per
+//! parameter, cast to the compute dtype (a no-op for f32; a bf16 copy for mixed precision) and
+//! wrapped as fresh autodiff leaves: Burn 0.21's autodiff gives wrong gradients when the leaves
+//! of an already-backpropagated graph are reused (see `step.rs`), and on a device a fresh leaf
+//! costs nothing but the cast. The gradients come back in f32, are concatenated into one flat,
+//! uniquely owned buffer in the [`ParamLayout`] order (the buffer a [`GradReducer`] all-reduces
+//! in place), summed over the micro-batches, clipped by their global norm and applied by AdamW
+//! as element-wise tensor ops with the same formula, in f32, as `optimizer.rs`.
+//!
+//! Generic over the backend: CUDA in production, and the CPU backend in the tests, which check
+//! it against the host [`Trainer`].
+
+use std::time::Instant;
+
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, FloatDType, Int, Tensor, TensorData};
+use dapt_proto::job::{OptimizerSpec, TrainingSpec};
+
+use super::schedule::LrSchedule;
+use super::step::{MicroBatch, StepStats, Trainer};
+use crate::collective::{Collective, CollectiveError};
+use crate::model::llama::param_shape;
+use crate::model::{Llama, LlamaConfig, ParamKind, ParamLayout};
+
+/// Averages a flat f32 gradient buffer across ranks, on the device where it lives.
+pub trait GradReducer<B: Backend> {
+    fn all_reduce_mean(&mut self, grads: Tensor<B, 1>) -> Result<Tensor<B, 1>, CollectiveError>;
+}
+
+/// Any host [`Collective`] (the TCP ring) as a [`GradReducer`]: the buffer is downloaded,
+/// reduced on the host and uploaded again. For CPU ranks, and for tests.
+pub struct HostStaged<C>(pub C);
+
+impl<B: Backend, C: Collective> GradReducer<B> for HostStaged<C> {
+    fn all_reduce_mean(&mut self, grads: Tensor<B, 1>) -> Result<Tensor<B, 1>, CollectiveError> {
+        let device = grads.device();
+        let mut host = grads
+            .into_data()
+            .into_vec::<f32>()
+            .map_err(|e| CollectiveError::Config(format!("gradients are not f32: {e:?}")))?;
+        self.0.all_reduce_mean(&mut host)?;
+        let n = host.len();
+        Ok(Tensor::from_data(TensorData::new(host, [n]), &device))
+    }
+}
+
+/// Weights, AdamW state and the schedule's position, on `B`'s device.
+pub struct ResidentTrainer<B: AutodiffBackend> {
+    pub config: LlamaConfig,
+    pub layout: ParamLayout,
+    training: TrainingSpec,
+    /// f32 master weights, flat, in layout order.
+    weights: Tensor<B::InnerBackend, 1>,
+    m: Tensor<B::InnerBackend, 1>,
+    v: Tensor<B::InnerBackend, 1>,
+    /// 1.0 where weight decay applies, else 0.0.
+    decay_mask: Tensor<B::InnerBackend, 1>,
+    /// Optimizer steps taken (bias correction).
+    optimizer_steps: u64,
+    schedule: LrSchedule,
+    pub step: u64,
+    pub tokens: u64,
+    /// The dtype of the forward and backward passes.
+    compute: FloatDType,
+    device: B::Device,
+}
+
+impl<B: AutodiffBackend> ResidentTrainer<B> {
+    /// Moves `host` (a fresh or resumed trainer) to `device`; the passes run in `compute`
+    /// (f32, or bf16 with f32 master weights).
+    pub fn from_host(host: Trainer, compute: FloatDType, device: &B::Device) -> Self {
+        let upload = |v: Vec<f32>| {
+            let n = v.len();
+            Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(v, [n]), device)
+        };
+        let decay_mask = decay_mask::<B::InnerBackend>(&host.layout, &host.optimizer.spec, device);
+        ResidentTrainer {
+            config: host.config,
+            layout: host.layout,
+            training: host.training,
+            weights: upload(host.weights),
+            m: upload(host.optimizer.m),
+            v: upload(host.optimizer.v),
+            decay_mask,
+            optimizer_steps: host.optimizer.t,
+            schedule: host.schedule,
+            step: host.step,
+            tokens: host.tokens,
+            compute,
+            device: device.clone(),
+        }
+    }
+
+    /// A host [`Trainer`] with this state (for checkpoints): downloads weights and moments.
+    pub fn to_host(&self) -> Trainer {
+        let download = |t: &Tensor<B::InnerBackend, 1>| {
+            t.clone()
+                .into_data()
+                .into_vec::<f32>()
+                .expect("master weights and moments are f32")
+        };
+        let mut host = Trainer::new(self.config.clone(), download(&self.weights), &self.training);
+        host.optimizer.m = download(&self.m);
+        host.optimizer.v = download(&self.v);
+        host.optimizer.t = self.optimizer_steps;
+        host.step = self.step;
+        host.tokens = self.tokens;
+        host
+    }
+
+    /// Forward and backward over `micro`, with the loss scaling of [`Trainer::gradients`].
+    /// Returns this rank's share of the loss and the flat f32 gradients, both on the device
+    /// (nothing waits for the device here).
+    pub fn gradients(
+        &self,
+        micro: &[MicroBatch],
+        denominator: f64,
+    ) -> (Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>) {
+        let width = self.training.seq_len as usize + 1;
+        let mut loss: Option<Tensor<B::InnerBackend, 1>> = None;
+        let mut grads: Option<Tensor<B::InnerBackend, 1>> = None;
+        for mb in micro {
+            let model = Llama::<B>::from_params(&self.config, self.leaves(), &self.device);
+            debug_assert_eq!(mb.ids.len(), mb.samples * width);
+            let ids: Vec<i64> = mb.ids.iter().map(|&i| i as i64).collect();
+            let ids = Tensor::<B, 2, Int>::from_data(
+                TensorData::new(ids, [mb.samples, width]),
+                &self.device,
+            );
+            let scaled = model.nll_sum(ids).div_scalar(denominator);
+            let value = scaled.clone().inner();
+            loss = Some(match loss {
+                Some(l) => l + value,
+                None => value,
+            });
+            let g = scaled.backward();
+            // One flat buffer, uniquely owned: what the all-reduce writes into in place.
+            let flat = Tensor::cat(model.gradients_flat(&g), 0);
+            grads = Some(match grads {
+                Some(acc) => acc + flat,
+                None => flat,
+            });
+        }
+        let zeros = || Tensor::zeros([self.layout.total], &self.device);
+        (
+            loss.unwrap_or_else(|| Tensor::zeros([1], &self.device)),
+            grads.unwrap_or_else(zeros),
+        )
+    }
+
+    /// Clips `grads` (already reduced across ranks) by their global norm and takes an AdamW
+    /// step over `step_tokens`. Waits for the device once, to read the norm.
+    pub fn apply(&mut self, grads: Tensor<B::InnerBackend, 1>, step_tokens: u64) -> StepStats {
+        let spec: OptimizerSpec = self.training.optimizer;
+        let lr = self.schedule.lr(self.tokens);
+        let grad_norm = self.global_norm(&grads);
+        let g = if spec.grad_clip > 0.0 && grad_norm > spec.grad_clip {
+            grads.mul_scalar(spec.grad_clip / (grad_norm + 1e-6))
+        } else {
+            grads
+        };
+        self.optimizer_steps += 1;
+        let t = self.optimizer_steps as i32;
+        let (b1, b2) = spec.betas;
+        let step_size = lr / (1.0 - b1.powi(t));
+        let inv_bc2_sqrt = 1.0 / (1.0 - b2.powi(t)).sqrt();
+        let decay = lr * spec.weight_decay;
+        let m = self.m.clone().mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
+        let v = self.v.clone().mul_scalar(b2) + (g.clone() * g).mul_scalar(1.0 - b2);
+        let denom = v
+            .clone()
+            .sqrt()
+            .mul_scalar(inv_bc2_sqrt)
+            .add_scalar(spec.eps);
+        let w = self.weights.clone();
+        let w = w.clone() - w * self.decay_mask.clone().mul_scalar(decay);
+        self.weights = w - m.clone().mul_scalar(step_size) / denom;
+        self.m = m;
+        self.v = v;
+        self.step += 1;
+        self.tokens += step_tokens;
+        StepStats { lr, grad_norm }
+    }
+
+    /// The global L2 norm of the flat `grads`: f32 sums of squares per parameter on the device
+    /// (one read for all of them), added in f64 on the host. One f32 sum over a billion
+    /// elements would lose digits the host path (f64 throughout) keeps.
+    fn global_norm(&self, grads: &Tensor<B::InnerBackend, 1>) -> f64 {
+        let sums = self
+            .layout
+            .params
+            .iter()
+            .map(|p| grads.clone().slice(p.range()).powi_scalar(2).sum())
+            .collect();
+        let sums = Tensor::cat(sums, 0)
+            .into_data()
+            .into_vec::<f32>()
+            .expect("f32 gradients");
+        sums.iter().map(|&s| s as f64).sum::<f64>().sqrt()
+    }
+
+    /// The model in the compute dtype, without gradients (for evaluation).
+    pub fn eval_model(&self) -> Llama<B::InnerBackend> {
+        let params = self.param_views().collect();
+        Llama::from_params(&self.config, params, &self.device)
+    }
+
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// The master weights as one tensor per parameter (views of the flat buffer) in the
+    /// compute dtype.
+    fn param_views(&self) -> impl Iterator<Item = Tensor<B::InnerBackend, 2>> + '_ {
+        self.layout.params.iter().map(move |p| {
+            let w = self
+                .weights
+                .clone()
+                .slice(p.range())
+                .reshape(param_shape(&p.shape));
+            if self.compute == FloatDType::F32 {
+                w
+            } else {
+                w.cast(self.compute)
+            }
+        })
+    }
+
+    /// Fresh autodiff leaves over the master weights.
+    fn leaves(&self) -> Vec<Tensor<B, 2>> {
+        self.param_views()
+            .map(|w| Tensor::<B, 2>::from_inner(w).require_grad())
+            .collect()
+    }
+}
+
+/// The step's loss and gradients reduced across ranks by `reducer` (if any), then applied.
+/// Returns the loss (this rank's share, as [`Trainer::gradients`] reports it) and the stats.
+pub fn train_step<B: AutodiffBackend>(
+    trainer: &mut ResidentTrainer<B>,
+    reducer: Option<&mut dyn GradReducer<B::InnerBackend>>,
+    micro: &[MicroBatch],
+    denominator: f64,
+    step_tokens: u64,
+) -> Result<(f64, StepStats), CollectiveError> {
+    // Where the step's time goes: each phase ends with the device idle (one extra wait between
+    // the backward passes and the reduction, which the NCCL path waits for anyway).
+    let started = Instant::now();
+    let (loss, grads) = trainer.gradients(micro, denominator);
+    let _ = B::sync(trainer.device());
+    let backward = started.elapsed();
+    let grads = match reducer {
+        Some(r) => r.all_reduce_mean(grads)?,
+        None => grads,
+    };
+    let reduced = started.elapsed();
+    let stats = trainer.apply(grads, step_tokens);
+    let loss: f64 = loss.into_scalar().elem();
+    let done = started.elapsed();
+    tracing::info!(
+        step = trainer.step,
+        forward_backward_s = format!("{:.4}", backward.as_secs_f64()),
+        all_reduce_s = format!("{:.4}", (reduced - backward).as_secs_f64()),
+        clip_adamw_s = format!("{:.4}", (done - reduced).as_secs_f64()),
+        "step phases"
+    );
+    Ok((loss, stats))
+}
+
+fn decay_mask<B: Backend>(
+    layout: &ParamLayout,
+    spec: &OptimizerSpec,
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    let parts = layout
+        .params
+        .iter()
+        .map(|p| {
+            let decays = match p.kind {
+                ParamKind::Matrix => true,
+                ParamKind::Embedding => spec.decay_embeddings,
+                ParamKind::Norm => false,
+            };
+            Tensor::<B, 1>::full([p.len()], if decays { 1.0 } else { 0.0 }, device)
+        })
+        .collect();
+    Tensor::cat(parts, 0)
+}
+
+#[cfg(test)]
+mod tests;
