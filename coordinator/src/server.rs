@@ -85,7 +85,7 @@ type Sessions = Arc<Mutex<HashMap<ConnId, Outbound>>>;
 enum Store {
     /// `committed.json` and `ledger.jsonl` under the checkpoint directory (embedded).
     Files(Ledger),
-    Etcd(EtcdStore),
+    Etcd(Box<EtcdStore>),
 }
 
 /// Binds `listen`, starts serving and supervising `job`, and returns once this coordinator
@@ -114,7 +114,7 @@ pub async fn start(
             let (mut store, lost_flag) = EtcdStore::lead(spec, &job, &url).await?;
             lost = Some(lost_flag);
             let (committed, record) = store.load().await?;
-            (Store::Etcd(store), committed, record)
+            (Store::Etcd(Box::new(store)), committed, record)
         }
     };
     let config = ControlConfig {

@@ -120,7 +120,10 @@ async fn run(n: usize) -> Result {
         let Ok(Some((_, generation, _))) =
             tokio::time::timeout(Duration::from_secs(120), assigned.recv()).await
         else {
-            panic!("no formation of {n} in 2 minutes:\n{}", coordinator.stderr());
+            panic!(
+                "no formation of {n} in 2 minutes:\n{}",
+                coordinator.stderr()
+            );
         };
         first_generation = generation;
         count += 1;
@@ -135,7 +138,11 @@ async fn run(n: usize) -> Result {
         let Ok(Some((_, generation, _))) =
             tokio::time::timeout(Duration::from_secs(120), assigned.recv()).await
         else {
-            panic!("no re-formation of {} in 2 minutes:\n{}", n - 1, coordinator.stderr());
+            panic!(
+                "no re-formation of {} in 2 minutes:\n{}",
+                n - 1,
+                coordinator.stderr()
+            );
         };
         if generation > first_generation {
             reassigned += 1;
