@@ -396,7 +396,11 @@ mod tests {
         // but the domain must be trained on
         let err = parse(&GOOD.replace("weight: 1", "weight: 0")).unwrap_err();
         assert!(err.contains("every domain source has weight 0"), "{err}");
-        let err = parse(&format!("{}{replay}", GOOD.replace("weight: 1", "weight: 0"))).unwrap_err();
+        let err = parse(&format!(
+            "{}{replay}",
+            GOOD.replace("weight: 1", "weight: 0")
+        ))
+        .unwrap_err();
         assert!(err.contains("every domain source has weight 0"), "{err}");
     }
 

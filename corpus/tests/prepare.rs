@@ -339,12 +339,11 @@ fn weight_zero_source_is_evaluated_on_the_same_documents_but_never_sampled() {
         global_batch: 4,
         steps: 50,
     };
-    let report = match prepare(&only_domain, Some(plan), &PrepareOptions::default())
-        .expect("prepare")
-    {
-        PrepareOutcome::Prepared { report, .. } => *report,
-        PrepareOutcome::UpToDate { .. } => panic!("expected a fresh prepare"),
-    };
+    let report =
+        match prepare(&only_domain, Some(plan), &PrepareOptions::default()).expect("prepare") {
+            PrepareOutcome::Prepared { report, .. } => *report,
+            PrepareOutcome::UpToDate { .. } => panic!("expected a fresh prepare"),
+        };
     let row = &report.sources[1];
     assert_eq!((row.share, row.epochs), (0.0, Some(0.0)));
     assert!(row.tokens_held_out > 0);

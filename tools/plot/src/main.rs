@@ -95,9 +95,11 @@ fn parse_log(text: &str) -> BTreeMap<String, BTreeMap<u64, f64>> {
         if f["message"] != "held-out evaluation" {
             continue;
         }
-        if let (Some(source), Some(step), Some(ppl)) =
-            (f["source"].as_str(), f["step"].as_u64(), f["perplexity"].as_f64())
-        {
+        if let (Some(source), Some(step), Some(ppl)) = (
+            f["source"].as_str(),
+            f["step"].as_u64(),
+            f["perplexity"].as_f64(),
+        ) {
             evals
                 .entry(source.to_owned())
                 .or_default()
@@ -114,8 +116,8 @@ fn draw(
     guides: &BTreeMap<String, f64>,
 ) -> Result<()> {
     let panel = (560u32, 420u32);
-    let root = SVGBackend::new(&args.out, (panel.0 * sources.len() as u32, panel.1))
-        .into_drawing_area();
+    let root =
+        SVGBackend::new(&args.out, (panel.0 * sources.len() as u32, panel.1)).into_drawing_area();
     root.fill(&WHITE)?;
     let areas = root.split_evenly((1, sources.len()));
     for (area, source) in areas.iter().zip(sources) {
@@ -153,10 +155,7 @@ fn draw(
         }
         let pad = ((y_max - y_min) * 0.08).max(0.5);
         let mut chart = ChartBuilder::on(area)
-            .caption(
-                format!("held-out perplexity: {source}"),
-                ("sans-serif", 18),
-            )
+            .caption(format!("held-out perplexity: {source}"), ("sans-serif", 18))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(50)
@@ -170,16 +169,15 @@ fn draw(
         for (i, (label, points)) in series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart
-                .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))?
+                .draw_series(LineSeries::new(
+                    points.iter().copied(),
+                    color.stroke_width(2),
+                ))?
                 .label(*label)
                 .legend(move |(x, y)| {
                     PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2))
                 });
-            chart.draw_series(
-                points
-                    .iter()
-                    .map(|&p| Circle::new(p, 3, color.filled())),
-            )?;
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
         }
         if let Some((factor, g)) = guide {
             let grey = BLACK.mix(0.6);
