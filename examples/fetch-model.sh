@@ -20,7 +20,7 @@ OUT="$DIR/smollm2-135m"
 log() { printf '[fetch-model] %s\n' "$*" >&2; }
 
 mkdir -p "$OUT"
-existing="$(find "$OUT" -maxdepth 1 -name '*.gguf' -type f | head -n 1)"
+existing="$(find "$OUT/" -maxdepth 1 -name '*.gguf' -type f | head -n 1)"
 if [[ -n "$existing" ]]; then
     log "already present: $existing (delete it to fetch again)"
     basename "$existing"

@@ -49,7 +49,9 @@ pub struct SourceSpec {
     pub role: Role,
     /// Files, directories (walked recursively) or glob patterns, relative to the job file.
     pub paths: Vec<String>,
-    /// Mixture weight; shares are weight / sum of weights.
+    /// Mixture weight; shares are weight / sum of weights. 0: the source is never sampled for
+    /// training, but its held-out documents are still evaluated (a "0% replay" baseline that
+    /// measures forgetting on the same documents as the runs that do mix it in).
     pub weight: Weight,
     /// Fraction of documents held out for evaluation, chosen by document hash.
     #[serde(default)]
@@ -116,6 +118,17 @@ impl<'de> Deserialize<'de> for Sources {
                 if !sources.iter().any(|s| s.role == Role::Domain) {
                     return Err(A::Error::custom("no source has `role: domain`"));
                 }
+                // A job trains on its domain: weight 0 everywhere there would leave nothing of
+                // it to sample.
+                if !sources
+                    .iter()
+                    .any(|s| s.role == Role::Domain && s.weight.get() > 0.0)
+                {
+                    return Err(A::Error::custom(
+                        "every domain source has weight 0: at least one needs a weight above 0 \
+                         (weight 0 only evaluates a source's held-out documents)",
+                    ));
+                }
                 Ok(Sources(sources))
             }
         }
@@ -181,10 +194,10 @@ macro_rules! checked_number {
 }
 
 checked_number!(
-    /// A mixture weight: finite and greater than zero.
+    /// A mixture weight: finite and at least zero (0: evaluated, never trained on).
     Weight(f64),
-    "a positive number",
-    |w| if w.is_finite() && w > 0.0 { Ok(Weight(w)) } else { Err(format!("weight must be a positive number, got {w}")) }
+    "a number >= 0",
+    |w| if w.is_finite() && w >= 0.0 { Ok(Weight(w)) } else { Err(format!("weight must be a number >= 0, got {w}")) }
 );
 checked_number!(
     /// A held-out fraction in [0, 1).
@@ -366,13 +379,29 @@ mod tests {
     }
 
     #[test]
-    fn non_positive_weight_names_field_and_line() {
-        let err = parse(&GOOD.replace("weight: 1", "weight: 0")).unwrap_err();
-        assert!(err.contains("sources[0].weight"), "{err}");
-        assert!(err.contains("line 6"), "{err}");
-        assert!(err.contains("positive"), "{err}");
+    fn negative_weight_names_field_and_line() {
         let err = parse(&GOOD.replace("weight: 1", "weight: -2.5")).unwrap_err();
+        assert!(err.contains("sources[0].weight"), "{err}");
         assert!(err.contains("-2.5") && err.contains("line 6"), "{err}");
+        assert!(err.contains(">= 0"), "{err}");
+        let err = parse(&GOOD.replace("weight: 1", "weight: .nan")).unwrap_err();
+        assert!(err.contains("sources[0].weight"), "{err}");
+    }
+
+    #[test]
+    fn weight_zero_is_an_evaluation_only_source() {
+        let replay = "  - name: general\n    role: replay\n    paths: [b]\n    weight: 0\n";
+        let spec = parse(&format!("{GOOD}{replay}")).expect("weight 0 replay is valid");
+        assert_eq!(spec.sources()[1].weight.get(), 0.0);
+        // but the domain must be trained on
+        let err = parse(&GOOD.replace("weight: 1", "weight: 0")).unwrap_err();
+        assert!(err.contains("every domain source has weight 0"), "{err}");
+        let err = parse(&format!(
+            "{}{replay}",
+            GOOD.replace("weight: 1", "weight: 0")
+        ))
+        .unwrap_err();
+        assert!(err.contains("every domain source has weight 0"), "{err}");
     }
 
     #[test]

@@ -326,6 +326,44 @@ fn held_out_split_is_stable_when_other_documents_change() {
     assert!(after.len() > held.len());
 }
 
+#[test]
+fn weight_zero_source_is_evaluated_on_the_same_documents_but_never_sampled() {
+    let fx = Fixture::new();
+    let mixed = fx.spec("");
+    prepared(&mixed);
+    let mut only_domain = fx.spec("");
+    only_domain.output = fx.path("out-zero");
+    only_domain.sources.0[1].weight = dapt_corpus::spec::Weight(0.0);
+    let plan = dapt_corpus::TrainingPlan {
+        seq_len: 8,
+        global_batch: 4,
+        steps: 50,
+    };
+    let report =
+        match prepare(&only_domain, Some(plan), &PrepareOptions::default()).expect("prepare") {
+            PrepareOutcome::Prepared { report, .. } => *report,
+            PrepareOutcome::UpToDate { .. } => panic!("expected a fresh prepare"),
+        };
+    let row = &report.sources[1];
+    assert_eq!((row.share, row.epochs), (0.0, Some(0.0)));
+    assert!(row.tokens_held_out > 0);
+
+    let a = CorpusReader::open(&fx.path("out")).expect("open");
+    let b = CorpusReader::open(&fx.path("out-zero")).expect("open");
+    for source in 0..2 {
+        // The same held-out documents, as the same tokens: the evaluation sets match.
+        let (x, y) = (a.held_out(source), b.held_out(source));
+        let (mut xs, mut ys) = (vec![0u32; x.len() as usize], vec![0u32; y.len() as usize]);
+        x.read(0, &mut xs);
+        y.read(0, &mut ys);
+        assert!(!xs.is_empty());
+        assert_eq!(xs, ys, "held-out stream of source {source}");
+    }
+    let order = b.sample_order(5, 8).expect("order");
+    assert!((0..10_000).all(|g| order.sample(g).source == 0));
+    assert_eq!(order.mixture().counts(10_000), vec![10_000, 0]);
+}
+
 /// Held-out documents of the domain source, as text (the tokenizer is retrained between runs).
 fn held_out_texts(out: &Path) -> Vec<String> {
     let reader = CorpusReader::open(out).expect("open");

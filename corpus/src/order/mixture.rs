@@ -9,6 +9,9 @@
 //!
 //! Position `g` maps to `(source, k)` — `k` counts that source's earlier samples — in O(1) from a
 //! table of one period.
+//!
+//! A source of weight 0 has share 0: it never appears in the blend (the job still evaluates its
+//! held-out documents). The blend of the others is exactly the one they would have without it.
 
 use crate::error::{CorpusError, Result};
 
@@ -26,7 +29,7 @@ pub struct Mixture {
 }
 
 impl Mixture {
-    /// The blend of sources with these weights (positive and finite).
+    /// The blend of sources with these weights (finite, at least 0, at least one above 0).
     pub fn new(weights: &[f64]) -> Result<Self> {
         if weights.is_empty() || weights.len() > u16::MAX as usize {
             return Err(CorpusError::Invalid(format!(
@@ -34,14 +37,37 @@ impl Mixture {
                 weights.len()
             )));
         }
-        if let Some(w) = weights.iter().find(|w| !(w.is_finite() && **w > 0.0)) {
+        if let Some(w) = weights.iter().find(|w| !(w.is_finite() && **w >= 0.0)) {
             return Err(CorpusError::Invalid(format!(
-                "mixture weights must be positive numbers, got {w}"
+                "mixture weights must be numbers >= 0, got {w}"
             )));
         }
-        Ok(Self::from_shares(quantize(weights)))
+        // Tijdeman's bound depends on the number of sources taking part, so the blend is built
+        // over the sources of positive weight only and mapped back to the caller's indices.
+        let active: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] > 0.0).collect();
+        if active.is_empty() {
+            return Err(CorpusError::Invalid(
+                "at least one mixture weight must be above 0".into(),
+            ));
+        }
+        let positive: Vec<f64> = active.iter().map(|&i| weights[i]).collect();
+        let blend = Self::from_shares(quantize(&positive));
+        let mut shares = vec![0; weights.len()];
+        for (j, &i) in active.iter().enumerate() {
+            shares[i] = blend.shares[j];
+        }
+        Ok(Mixture {
+            shares,
+            source_at: blend
+                .source_at
+                .iter()
+                .map(|&j| active[j as usize] as u16)
+                .collect(),
+            rank_at: blend.rank_at,
+        })
     }
 
+    /// The blend of sources with these integer shares, all positive.
     fn from_shares(shares: Vec<u64>) -> Self {
         let period: u64 = shares.iter().sum();
         let k = shares.len();
@@ -186,16 +212,43 @@ mod tests {
         assert_eq!(m.counts(400), vec![300, 100]);
         let m = Mixture::new(&[0.8, 0.2]).expect("mixture");
         assert_eq!(m.period(), 5);
-        assert!(Mixture::new(&[1.0, 0.0]).is_err());
+        assert!(Mixture::new(&[0.0, 0.0]).is_err());
+        assert!(Mixture::new(&[1.0, -1.0]).is_err());
         assert!(Mixture::new(&[1.0, f64::NAN]).is_err());
+    }
+
+    #[test]
+    fn weight_zero_is_never_sampled_and_leaves_the_rest_unchanged() {
+        let m = Mixture::new(&[1.0, 0.0]).expect("mixture");
+        assert_eq!(m.period(), 1);
+        assert_eq!(m.share(1), 0.0);
+        assert_eq!(m.counts(1000), vec![1000, 0]);
+        assert!((0..1000).all(|g| m.locate(g) == (0, g)));
+        // [3, 0, 1] is [3, 1] with an unused source in the middle.
+        let with = Mixture::new(&[3.0, 0.0, 1.0]).expect("mixture");
+        let without = Mixture::new(&[3.0, 1.0]).expect("mixture");
+        assert_eq!(with.period(), without.period());
+        for g in 0..1000 {
+            let (s, k) = without.locate(g);
+            assert_eq!(with.locate(g), ([0, 2][s], k), "position {g}");
+        }
+        assert_eq!(with.counts(1000), vec![750, 0, 250]);
     }
 
     proptest! {
         #[test]
         fn every_prefix_is_within_one_sample(
             weights in proptest::collection::vec(0.001f64..100.0, 1..7),
+            zeros in proptest::collection::vec(any::<bool>(), 7),
             probe in 0u64..50_000,
         ) {
+            // Some sources (never all) get weight 0: they must never be sampled.
+            let mut weights = weights;
+            for (i, w) in weights.iter_mut().enumerate().skip(1) {
+                if zeros[i] {
+                    *w = 0.0;
+                }
+            }
             let m = Mixture::new(&weights).expect("mixture");
             let period = m.period();
             let mut counts = vec![0u64; m.len()];

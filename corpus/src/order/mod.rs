@@ -44,7 +44,8 @@ pub struct SampleOrder {
 }
 
 impl SampleOrder {
-    /// `windows[i]` is the number of windows of source `i`; each must be at least 1.
+    /// `windows[i]` is the number of windows of source `i`; each must be at least 1, except for
+    /// a source of weight 0, which is never sampled.
     pub fn new(seed: u64, weights: &[f64], windows: Vec<u64>) -> Result<Self> {
         if weights.len() != windows.len() {
             return Err(CorpusError::Invalid(format!(
@@ -53,7 +54,7 @@ impl SampleOrder {
                 windows.len()
             )));
         }
-        if let Some(i) = windows.iter().position(|&n| n == 0) {
+        if let Some(i) = (0..windows.len()).find(|&i| windows[i] == 0 && weights[i] > 0.0) {
             return Err(CorpusError::Invalid(format!(
                 "source {i} has no complete sample window"
             )));
@@ -92,7 +93,7 @@ impl SampleOrder {
             .counts(samples)
             .iter()
             .zip(&self.windows)
-            .map(|(&c, &n)| c as f64 / n as f64)
+            .map(|(&c, &n)| if c == 0 { 0.0 } else { c as f64 / n as f64 })
             .collect()
     }
 }
@@ -194,5 +195,15 @@ mod tests {
         assert_ne!(e0, e1);
         assert_eq!(a.epochs(900), vec![600.0 / 500.0, 300.0 / 40.0]);
         assert!(SampleOrder::new(1, &[1.0], vec![0]).is_err());
+    }
+
+    #[test]
+    fn a_weight_zero_source_is_never_sampled_and_may_have_no_windows() {
+        let order = SampleOrder::new(3, &[1.0, 0.0], vec![100, 0]).expect("order");
+        assert!((0..1000).all(|g| order.sample(g).source == 0));
+        assert_eq!(order.epochs(1000), vec![10.0, 0.0]);
+        // The domain's samples are those of a corpus without the unused source.
+        let alone = SampleOrder::new(3, &[1.0], vec![100]).expect("order");
+        assert!((0..1000).all(|g| order.sample(g) == alone.sample(g)));
     }
 }

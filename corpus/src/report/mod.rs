@@ -251,7 +251,9 @@ pub fn build(
         let tokens = (st.tokens_train + st.tokens_held_out).max(1) as f64;
         let epochs = plan.zip(counts.as_ref()).map(|(p, c)| {
             let windows = source.train.tokens.saturating_sub(1) / p.seq_len.max(1) as u64;
-            if windows == 0 {
+            if c[i] == 0 {
+                0.0
+            } else if windows == 0 {
                 f64::INFINITY
             } else {
                 c[i] as f64 / windows as f64

@@ -185,7 +185,8 @@ impl CorpusReader {
     /// The global sample order of this corpus for a job's seed and sequence length.
     pub fn sample_order(&self, seed: u64, seq_len: u32) -> Result<SampleOrder> {
         for (source, stream) in self.manifest.sources.iter().zip(&self.train) {
-            if stream.windows(seq_len) == 0 {
+            // A source of weight 0 is only evaluated: it needs no training window.
+            if source.weight > 0.0 && stream.windows(seq_len) == 0 {
                 return Err(CorpusError::SourceTooSmall {
                     source_name: source.name.clone(),
                     tokens: stream.len(),
