@@ -54,7 +54,7 @@ impl EtcdStore {
         job: &JobSpec,
         url: &str,
     ) -> Result<(Self, watch::Receiver<bool>), StoreError> {
-        let training = job.training.ok_or_else(|| StoreError::Invalid {
+        let identity = CommittedFile::identity(job).ok_or_else(|| StoreError::Invalid {
             key: String::new(),
             message: "the job has no `training:` section".into(),
         })?;
@@ -92,17 +92,7 @@ impl EtcdStore {
             prefix: spec.prefix.clone(),
             job: job.job.clone(),
             lease,
-            identity: CommittedFile {
-                job: job.job.clone(),
-                seed: job.seed,
-                seq_len: training.seq_len,
-                global_batch: training.global_batch,
-                committed: Committed {
-                    step: 0,
-                    dir: String::new(),
-                    generation: 0,
-                },
-            },
+            identity,
         };
         Ok((store, lost))
     }
@@ -114,17 +104,10 @@ impl EtcdStore {
         let key = keys::committed(&self.prefix, &self.job);
         let committed = match self.get_json::<CommittedFile>(&key).await? {
             Some(file) => {
-                let id = &self.identity;
-                if (
-                    file.job.as_str(),
-                    file.seed,
-                    file.seq_len,
-                    file.global_batch,
-                ) != (id.job.as_str(), id.seed, id.seq_len, id.global_batch)
-                {
+                if let Some(field) = file.mismatch(&self.identity) {
                     return Err(StoreError::Invalid {
                         key,
-                        message: "committed with another job, seed, seq_len or global_batch than the job file says".into(),
+                        message: format!("committed with another `{field}` than the job file says"),
                     });
                 }
                 Some(file.committed)

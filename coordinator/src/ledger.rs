@@ -29,6 +29,40 @@ pub struct CommittedFile {
     pub committed: Committed,
 }
 
+impl CommittedFile {
+    /// What `job`'s committed steps depend on, with nothing committed yet; `None` without a
+    /// `training:` section.
+    pub fn identity(job: &JobSpec) -> Option<Self> {
+        let training = job.training?;
+        Some(CommittedFile {
+            job: job.job.clone(),
+            seed: job.seed,
+            seq_len: training.seq_len,
+            global_batch: training.global_batch,
+            committed: Committed {
+                step: 0,
+                dir: String::new(),
+                generation: 0,
+            },
+        })
+    }
+
+    /// The first field in which `self` and `other` describe different samples.
+    pub fn mismatch(&self, other: &CommittedFile) -> Option<&'static str> {
+        [
+            ("job", self.job != other.job),
+            ("seed", self.seed != other.seed),
+            ("training.seq_len", self.seq_len != other.seq_len),
+            (
+                "training.global_batch",
+                self.global_batch != other.global_batch,
+            ),
+        ]
+        .into_iter()
+        .find_map(|(field, differs)| differs.then_some(field))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error("{path}: {source}")]
@@ -60,23 +94,12 @@ impl Ledger {
     /// Refuses a directory that holds another job, or the same job with another seed, sequence
     /// length or global batch: its committed steps would mean other samples.
     pub fn open(job: &JobSpec) -> Result<(Self, Option<Committed>), LedgerError> {
-        let training = job.training.ok_or_else(|| LedgerError::Invalid {
+        let identity = CommittedFile::identity(job).ok_or_else(|| LedgerError::Invalid {
             path: job.checkpoint.dir.clone(),
             message: "the job has no `training:` section".into(),
         })?;
         let dir = job.checkpoint.dir.clone();
         fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let identity = CommittedFile {
-            job: job.job.clone(),
-            seed: job.seed,
-            seq_len: training.seq_len,
-            global_batch: training.global_batch,
-            committed: Committed {
-                step: 0,
-                dir: String::new(),
-                generation: 0,
-            },
-        };
         let path = dir.join(COMMITTED_FILE);
         let committed = match fs::read(&path) {
             Ok(bytes) => {
@@ -85,18 +108,7 @@ impl Ledger {
                         path: path.clone(),
                         message: e.to_string(),
                     })?;
-                let mismatch = [
-                    ("job", file.job != identity.job),
-                    ("seed", file.seed != identity.seed),
-                    ("training.seq_len", file.seq_len != identity.seq_len),
-                    (
-                        "training.global_batch",
-                        file.global_batch != identity.global_batch,
-                    ),
-                ]
-                .into_iter()
-                .find(|(_, differs)| *differs);
-                if let Some((field, _)) = mismatch {
+                if let Some(field) = file.mismatch(&identity) {
                     return Err(LedgerError::Invalid {
                         path,
                         message: format!(

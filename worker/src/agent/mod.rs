@@ -136,7 +136,8 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
         let message = tokio::select! {
             m = session.inbound.message() => m,
             Some(kind) = outbox_rx.recv() => {
-                if matches!(kind, Kind::Step(_) | Kind::Checkpoint(_)) {
+                // Only etcd membership re-attaches, so only it needs the replay.
+                if membership.is_some() && matches!(kind, Kind::Step(_) | Kind::Checkpoint(_)) {
                     replay.push(kind.clone());
                 }
                 session.send(kind);
