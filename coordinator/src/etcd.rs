@@ -11,8 +11,16 @@
 //!   (`ledger/<step>`) and the new `committed` value, so the ledger and the committed step can
 //!   never disagree.
 //! * Membership: workers hold lease-bound `members/<worker>` keys; a delete (lease expired or
-//!   revoked) becomes an [`Event::Expired`].
+//!   revoked) becomes an [`Event::Expired`]. The watch is re-established after an etcd outage
+//!   from the revision after the last one seen, so no deletion is missed.
+//! * An etcd outage is ridden out, not fled: while etcd does not answer, the leader keeps its
+//!   workers training and queues its commits (a [`Committer`] task retries them, so the control
+//!   loop never waits on etcd). It steps down only when etcd answers that its lease is gone.
+//!   Nothing it did during the outage is durable until etcd takes the queued commit, and a
+//!   standby cannot lead without etcd either, so no two coordinators ever record the same
+//!   generation or commit.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dapt_proto::etcd::connect;
@@ -21,7 +29,7 @@ use dapt_proto::rpc::WorkerId;
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::control::{Committed, Event, GenerationRecord, LedgerEntry};
 use crate::ledger::CommittedFile;
@@ -38,17 +46,21 @@ pub enum StoreError {
     NotLeader(String),
 }
 
+#[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
     prefix: String,
     job: String,
     lease: i64,
     identity: CommittedFile,
+    /// Turns true once this coordinator knows it no longer leads.
+    lost: Arc<watch::Sender<bool>>,
 }
 
 impl EtcdStore {
     /// Connects and campaigns until this coordinator leads `job`. Returns the store and a flag
-    /// that turns true if the leadership is lost (the lease could not be kept alive).
+    /// that turns true if the leadership is lost (etcd says the lease is gone, or a fenced write
+    /// failed its comparison).
     pub async fn lead(
         spec: &EtcdSpec,
         job: &JobSpec,
@@ -86,13 +98,20 @@ impl EtcdStore {
         };
         tracing::info!(job = %job.job, %url, lease_ttl_s = ttl, "leading the job");
         let (lost_tx, lost) = watch::channel(false);
-        tokio::spawn(keep_alive(client.clone(), lease, spec.lease_ttl_s, lost_tx));
+        let lost_tx = Arc::new(lost_tx);
+        tokio::spawn(keep_alive(
+            client.clone(),
+            lease,
+            spec.lease_ttl_s,
+            lost_tx.clone(),
+        ));
         let store = EtcdStore {
             client,
             prefix: spec.prefix.clone(),
             job: job.job.clone(),
             lease,
             identity,
+            lost: lost_tx,
         };
         Ok((store, lost))
     }
@@ -188,41 +207,190 @@ impl EtcdStore {
         self.fenced(ops).await
     }
 
-    /// Turns deletions of members' keys into `Expired` events.
+    /// Turns deletions of members' keys into `Expired` events. Survives etcd outages: the watch
+    /// is opened again from the revision after the last response, so deletions that happened
+    /// meanwhile are still seen.
     pub fn watch_members(&self, events: mpsc::UnboundedSender<Event>) {
         let mut client = self.client.clone();
         let prefix = keys::members(&self.prefix, &self.job);
         tokio::spawn(async move {
-            let watch = client
-                .watch(prefix.clone(), Some(WatchOptions::new().with_prefix()))
-                .await;
-            let mut stream = match watch {
-                Ok(w) => w,
-                Err(e) => {
-                    tracing::error!("watching {prefix}: {e}");
+            let mut from = 0;
+            let mut broken_since: Option<Instant> = None;
+            loop {
+                let mut options = WatchOptions::new().with_prefix();
+                if from > 0 {
+                    options = options.with_start_revision(from);
+                }
+                match client.watch(prefix.clone(), Some(options)).await {
+                    Ok(mut stream) => {
+                        if let Some(since) = broken_since.take() {
+                            tracing::info!(
+                                after_ms = since.elapsed().as_millis() as u64,
+                                from_revision = from,
+                                "the etcd members watch is back"
+                            );
+                        }
+                        while let Ok(Some(response)) = stream.message().await {
+                            if response.canceled() {
+                                // Compacted past `from`: events in between are gone. The
+                                // members' sessions and heartbeats still catch a lost worker.
+                                tracing::warn!(
+                                    compact_revision = response.compact_revision(),
+                                    "the etcd members watch was cancelled; watching from now"
+                                );
+                                from = 0;
+                                break;
+                            }
+                            if let Some(header) = response.header() {
+                                from = header.revision() + 1;
+                            }
+                            for event in response.events() {
+                                if event.event_type() != EventType::Delete {
+                                    continue;
+                                }
+                                let Some(worker) = event
+                                    .kv()
+                                    .and_then(|kv| kv.key_str().ok())
+                                    .and_then(|k| k.strip_prefix(&prefix))
+                                else {
+                                    continue;
+                                };
+                                let worker = WorkerId(worker.to_string());
+                                if events.send(Event::Expired { worker }).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!("watching {prefix}: {e}"),
+                }
+                if events.is_closed() {
                     return;
                 }
-            };
-            while let Ok(Some(response)) = stream.message().await {
-                for event in response.events() {
-                    if event.event_type() != EventType::Delete {
-                        continue;
-                    }
-                    let Some(worker) = event
-                        .kv()
-                        .and_then(|kv| kv.key_str().ok())
-                        .and_then(|k| k.strip_prefix(&prefix))
-                    else {
-                        continue;
-                    };
-                    let worker = WorkerId(worker.to_string());
-                    if events.send(Event::Expired { worker }).is_err() {
-                        return;
-                    }
+                if broken_since.is_none() {
+                    tracing::warn!("the etcd members watch broke; opening it again");
+                    broken_since = Some(Instant::now());
                 }
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            tracing::warn!("the etcd members watch ended");
         });
+    }
+
+    /// Starts the task that records commits (see [`Committer`]); `keep` checkpoints are kept
+    /// below each recorded one.
+    pub fn committer(&self, keep: usize) -> Committer {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(commit_loop(self.clone(), rx, keep));
+        Committer { tx }
+    }
+}
+
+/// Records commits in etcd from a task of its own, so that the control loop never waits on
+/// etcd. A commit etcd did not take is kept and merged with the next one (its ledger entries
+/// travel with the later committed step, in the same transaction), and retried until etcd
+/// answers: the durable ledger never skips a committed step.
+pub struct Committer {
+    tx: mpsc::UnboundedSender<CommitRequest>,
+}
+
+enum CommitRequest {
+    Commit(Committed, Vec<LedgerEntry>),
+    /// Answers true once every queued commit is in etcd, false if the leadership is lost.
+    Flush(oneshot::Sender<bool>),
+}
+
+impl Committer {
+    pub fn commit(&self, committed: Committed, entries: Vec<LedgerEntry>) {
+        let _ = self.tx.send(CommitRequest::Commit(committed, entries));
+    }
+
+    /// Waits until every commit queued so far is in etcd. False if this coordinator lost the
+    /// leadership first (those commits are not durable; the next leader resumes before them).
+    pub async fn flush(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(CommitRequest::Flush(tx)).is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+}
+
+type Pending = Option<(Committed, Vec<LedgerEntry>)>;
+
+/// Adds `request` to what `commit_loop` has to do: a commit is merged into the pending one.
+fn queue(request: CommitRequest, pending: &mut Pending, flushes: &mut Vec<oneshot::Sender<bool>>) {
+    match request {
+        CommitRequest::Commit(committed, mut entries) => {
+            *pending = Some(match pending.take() {
+                None => (committed, entries),
+                Some((_, mut earlier)) => {
+                    earlier.append(&mut entries);
+                    (committed, earlier)
+                }
+            });
+        }
+        CommitRequest::Flush(tx) => flushes.push(tx),
+    }
+}
+
+async fn commit_loop(
+    mut store: EtcdStore,
+    mut rx: mpsc::UnboundedReceiver<CommitRequest>,
+    keep: usize,
+) {
+    let mut pending: Pending = None;
+    let mut flushes: Vec<oneshot::Sender<bool>> = Vec::new();
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        if pending.is_none() {
+            for tx in flushes.drain(..) {
+                let _ = tx.send(true);
+            }
+            match rx.recv().await {
+                Some(request) => queue(request, &mut pending, &mut flushes),
+                None => return,
+            }
+        }
+        while let Ok(request) = rx.try_recv() {
+            queue(request, &mut pending, &mut flushes);
+        }
+        let Some((committed, entries)) = &pending else {
+            continue;
+        };
+        match store.commit(committed, entries).await {
+            Ok(()) => {
+                if let Some(since) = failing_since.take() {
+                    tracing::info!(
+                        step = committed.step,
+                        after_ms = since.elapsed().as_millis() as u64,
+                        "etcd answers again: the queued commits are recorded"
+                    );
+                }
+                if let Some(root) = std::path::Path::new(&committed.dir).parent() {
+                    let _ = crate::ledger::prune_dir(root, committed.step, keep);
+                }
+                pending = None;
+            }
+            Err(StoreError::NotLeader(job)) => {
+                tracing::error!(%job, step = committed.step, "not recording the commit: this coordinator no longer leads");
+                let _ = store.lost.send(true);
+                for tx in flushes.drain(..) {
+                    let _ = tx.send(false);
+                }
+                return;
+            }
+            Err(e) => {
+                if failing_since.is_none() {
+                    failing_since = Some(Instant::now());
+                    tracing::warn!(
+                        step = committed.step,
+                        "recording the commit in etcd: {e}; retrying (training goes on; nothing \
+                         more is durable until etcd answers)"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
     }
 }
 
@@ -253,32 +421,59 @@ async fn current_leader(client: &mut Client, key: &str) -> Option<String> {
     kv.value_str().ok().map(str::to_string)
 }
 
-/// Keeps `lease` alive every third of its TTL; flags `lost` once a whole TTL passed without
-/// a successful renewal (the lease, and the leadership with it, is gone by then).
-async fn keep_alive(mut client: Client, lease: i64, ttl_s: u64, lost: watch::Sender<bool>) {
+/// Keeps `lease` alive every third of its TTL. Flags `lost` only when etcd answers that the
+/// lease is gone. While etcd does not answer at all, the leadership is kept: no other coordinator
+/// can lead without etcd either, and a restarted etcd extends every lease by its TTL.
+async fn keep_alive(mut client: Client, lease: i64, ttl_s: u64, lost: Arc<watch::Sender<bool>>) {
     let ttl = Duration::from_secs(ttl_s);
     let every = ttl / 3;
-    let mut last_ok = Instant::now();
+    let mut unreachable_since: Option<Instant> = None;
+    let mut warned = false;
     let mut keeper = None;
     loop {
         tokio::time::sleep(every).await;
+        if *lost.borrow() {
+            return;
+        }
         if keeper.is_none() {
             keeper = client.lease_keep_alive(lease).await.ok();
         }
-        let renewed = match keeper.as_mut() {
+        let answer = match keeper.as_mut() {
             Some((k, stream)) => match k.keep_alive().await {
-                Ok(()) => matches!(stream.message().await, Ok(Some(r)) if r.ttl() > 0),
-                Err(_) => false,
+                Ok(()) => match stream.message().await {
+                    Ok(Some(r)) => Some(r.ttl()),
+                    _ => None,
+                },
+                Err(_) => None,
             },
-            None => false,
+            None => None,
         };
-        if renewed {
-            last_ok = Instant::now();
-        } else {
-            keeper = None;
-            if last_ok.elapsed() >= ttl {
+        match answer {
+            Some(left) if left > 0 => {
+                if let Some(since) = unreachable_since.take() {
+                    tracing::info!(
+                        after_ms = since.elapsed().as_millis() as u64,
+                        "etcd answers again; still leading"
+                    );
+                }
+                warned = false;
+            }
+            Some(_) => {
+                tracing::error!(lease, "etcd says the leadership lease is gone");
                 let _ = lost.send(true);
                 return;
+            }
+            None => {
+                keeper = None;
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= ttl && !warned {
+                    warned = true;
+                    tracing::warn!(
+                        unreachable_ms = since.elapsed().as_millis() as u64,
+                        "etcd does not answer: still leading (the workers keep training; \
+                         membership changes and commits wait for etcd)"
+                    );
+                }
             }
         }
     }

@@ -25,7 +25,7 @@ use crate::control::{
     decide, fmt_duration, Action, ConnId, ControlConfig, Event, JobState, JoinRequest, Log, Phase,
     StepInfo,
 };
-use crate::etcd::EtcdStore;
+use crate::etcd::{Committer, EtcdStore};
 use crate::ledger::Ledger;
 
 /// How often time-based decisions (timeouts, the formation grace) are made.
@@ -85,7 +85,10 @@ type Sessions = Arc<Mutex<HashMap<ConnId, Outbound>>>;
 enum Store {
     /// `committed.json` and `ledger.jsonl` under the checkpoint directory (embedded).
     Files(Ledger),
-    Etcd(Box<EtcdStore>),
+    Etcd {
+        store: Box<EtcdStore>,
+        committer: Committer,
+    },
 }
 
 /// Binds `listen`, starts serving and supervising `job`, and returns once this coordinator
@@ -114,7 +117,12 @@ pub async fn start(
             let (mut store, lost_flag) = EtcdStore::lead(spec, &job, &url).await?;
             lost = Some(lost_flag);
             let (committed, record) = store.load().await?;
-            (Store::Etcd(Box::new(store)), committed, record)
+            let committer = store.committer(job.checkpoint.keep);
+            let store = Store::Etcd {
+                store: Box::new(store),
+                committer,
+            };
+            (store, committed, record)
         }
     };
     let config = ControlConfig {
@@ -158,7 +166,7 @@ pub async fn start(
         None => JobState::new(config, committed),
     };
     let (events, rx) = mpsc::unbounded_channel();
-    if let Store::Etcd(store) = &mut store {
+    if let Store::Etcd { store, .. } = &mut store {
         store.watch_members(events.clone());
     }
     let sessions: Sessions = Arc::default();
@@ -229,7 +237,7 @@ async fn control_loop(
                     // Another coordinator may lead by now: decide nothing more, abort nobody
                     // (the workers keep training for the next leader).
                     tracing::error!("lost the etcd leadership: stepping down");
-                    deposed = Some("lost the etcd leadership (its lease could not be renewed)".to_string());
+                    deposed = Some("lost the etcd leadership (its lease is gone)".to_string());
                     break;
                 }
                 continue;
@@ -267,6 +275,21 @@ async fn control_loop(
     }
     exec.sessions.lock().expect("sessions").clear();
     let _ = stop_server.send(());
+    if let Store::Etcd { committer, .. } = &exec.store {
+        // The job's end is only as durable as its last commit: wait for etcd to take it.
+        let flushed = tokio::select! {
+            flushed = committer.flush() => flushed,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                tracing::warn!("waiting for etcd to record the last commit");
+                committer.flush().await
+            }
+        };
+        if !flushed {
+            return Outcome::Failed(
+                "lost the etcd leadership before the last commit was recorded".into(),
+            );
+        }
+    }
     match &state.phase {
         Phase::Completed => {
             let c = state
@@ -361,7 +384,7 @@ impl Executor {
             ),
             Action::Drop { conn, .. } => self.close(conn, None),
             Action::RecordGeneration(record) => {
-                if let Store::Etcd(store) = &mut self.store {
+                if let Store::Etcd { store, .. } = &mut self.store {
                     if let Err(e) = store.record_generation(&record).await {
                         return Err(format!("recording generation {}: {e}", record.generation));
                     }
@@ -377,16 +400,9 @@ impl Executor {
                         tracing::warn!("pruning old checkpoints: {e}");
                     }
                 }
-                Store::Etcd(store) => {
-                    if let Err(e) = store.commit(&committed, &ledger).await {
-                        if matches!(e, crate::etcd::StoreError::NotLeader(_)) {
-                            return Err(e.to_string());
-                        }
-                        tracing::error!("recording the commit of step {}: {e}", committed.step);
-                    } else if let Some(root) = std::path::Path::new(&committed.dir).parent() {
-                        let _ = crate::ledger::prune_dir(root, committed.step, self.keep);
-                    }
-                }
+                // Recorded (and old checkpoints pruned) by the committer task, which retries
+                // through an etcd outage; a lost leadership reaches the loop through `lost`.
+                Store::Etcd { committer, .. } => committer.commit(committed, ledger),
             },
             Action::Finish {
                 conn, step, dir, ..
@@ -561,10 +577,11 @@ impl rpc::Coordinator for Service {
         let mut inbound = request.into_inner();
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        self.sessions
-            .lock()
-            .expect("sessions")
-            .insert(conn, tx.clone());
+        // The reader holds only a weak sender: the session's stream ends as soon as the control
+        // loop drops the one in `sessions` (a `Drop` or a refusal), even while the worker keeps
+        // sending (one cut off by a partition does not know yet).
+        let weak = tx.downgrade();
+        self.sessions.lock().expect("sessions").insert(conn, tx);
         let events = self.events.clone();
         let sessions = self.sessions.clone();
         let joined = rpc::Joined {
@@ -579,12 +596,16 @@ impl rpc::Coordinator for Service {
                     Ok(Some(m)) => m,
                     Ok(None) | Err(_) => break,
                 };
+                let Some(out) = weak.upgrade() else {
+                    // Ended by the coordinator: what still comes in belongs to nobody.
+                    break;
+                };
                 match to_event(conn, &mut worker, message) {
                     Ok(Some(event)) => {
                         if matches!(event, Event::Join { .. }) {
                             // `Joined` goes out first; a refusal from the control loop ends the
                             // session with an error the worker reads instead.
-                            let _ = tx.send(Ok(CoordinatorMessage {
+                            let _ = out.send(Ok(CoordinatorMessage {
                                 kind: Some(coordinator_message::Kind::Joined(joined.clone())),
                             }));
                         }
@@ -594,7 +615,7 @@ impl rpc::Coordinator for Service {
                     }
                     Ok(None) => {}
                     Err(refusal) => {
-                        let _ = tx.send(Err(refusal.to_status()));
+                        let _ = out.send(Err(refusal.to_status()));
                         break;
                     }
                 }

@@ -232,10 +232,13 @@ pub fn check_entries(
 
 /// A real etcd (Debian's `etcd-server`) on free loopback ports in a temporary directory, with
 /// fast heartbeat and election settings; stopped (SIGTERM, then SIGKILL) and removed on drop.
+/// [`Etcd::stop`] and [`Etcd::restart`] make an outage: the data directory and ports stay.
 pub struct Etcd {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
     pub url: String,
-    _dir: TempDirGuard,
+    peer_url: String,
+    exe: PathBuf,
+    dir: TempDirGuard,
 }
 
 /// Removes a directory on drop.
@@ -260,40 +263,67 @@ impl Etcd {
             std::env::temp_dir().join(format!("dapt-etcd-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).expect("etcd dir");
         let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
-        let child = Command::new(exe)
+        let mut etcd = Etcd {
+            child: None,
+            url: format!("http://127.0.0.1:{client}"),
+            peer_url: format!("http://127.0.0.1:{peer}"),
+            exe,
+            dir: TempDirGuard(dir),
+        };
+        etcd.restart();
+        etcd
+    }
+
+    /// Starts etcd again on the same ports and data, after [`Etcd::stop`]; waits until healthy.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "etcd is running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.0.join("etcd.log"))
+            .expect("etcd log");
+        let (url, peer_url) = (&self.url, &self.peer_url);
+        let child = Command::new(&self.exe)
             .args(["--name", "t", "--data-dir"])
-            .arg(dir.join("data"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
+            .arg(self.dir.0.join("data"))
+            .args(["--listen-client-urls", url, "--advertise-client-urls", url])
+            .args(["--listen-peer-urls", peer_url])
+            .args(["--initial-advertise-peer-urls", peer_url])
             .args(["--initial-cluster", &format!("t={peer_url}")])
             .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("start etcd");
-        let etcd = Etcd {
-            child,
-            url,
-            _dir: TempDirGuard(dir),
-        };
+        self.child = Some(child);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !etcd.healthy() {
+        while !self.healthy() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "etcd did not become healthy"
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        etcd
+    }
+
+    /// Stops etcd: SIGTERM, then SIGKILL after 5 s.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// GET /health answers `"health":"true"`.
@@ -317,19 +347,7 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
@@ -416,6 +434,11 @@ pub struct Cluster {
 
 /// Prepares `write_job(dir, name, steps, cluster)` and starts its coordinator.
 pub fn coordinator(dir: &Path, name: &str, steps: u64, cluster: &str) -> Cluster {
+    coordinator_on(dir, name, steps, cluster, "127.0.0.1")
+}
+
+/// [`coordinator`], listening on `host` (an address of this machine).
+pub fn coordinator_on(dir: &Path, name: &str, steps: u64, cluster: &str, host: &str) -> Cluster {
     let job = write_job(dir, name, steps, cluster);
     let out = Command::new(binary("dapt"))
         .args(["prepare", "--quiet"])
@@ -432,7 +455,7 @@ pub fn coordinator(dir: &Path, name: &str, steps: u64, cluster: &str) -> Cluster
     let mut cmd = Command::new(binary("dapt"));
     cmd.args(["--log-format", "json", "coordinator"])
         .arg(&job.path)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--listen", &format!("{host}:{port}")])
         .env("DAPT_TOKEN", &token);
     let mut coordinator = Proc::spawn(cmd);
     coordinator.wait_for("the coordinator to listen", LONG, |l| {
@@ -440,7 +463,7 @@ pub fn coordinator(dir: &Path, name: &str, steps: u64, cluster: &str) -> Cluster
     });
     Cluster {
         coordinator,
-        url: format!("http://127.0.0.1:{port}"),
+        url: format!("http://{host}:{port}"),
         token,
         job,
     }
@@ -478,4 +501,58 @@ impl Cluster {
             .to_string_lossy()
             .into_owned()
     }
+}
+
+/// Checks that every tensor of a safetensors file is f32 and finite; returns how many values
+/// it holds. Reads the format directly (an 8-byte header length, a JSON header, the data).
+pub fn finite_weights(path: &Path) -> Result<usize, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let len = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        .ok_or("no header length")?;
+    let header: serde_json::Map<String, serde_json::Value> = bytes
+        .get(8..8 + len)
+        .and_then(|h| serde_json::from_slice(h).ok())
+        .ok_or("unreadable header")?;
+    let data = &bytes[8 + len..];
+    let mut values = 0;
+    for (name, tensor) in header.iter().filter(|(n, _)| *n != "__metadata__") {
+        if tensor["dtype"] != "F32" {
+            return Err(format!("{name}: dtype {}", tensor["dtype"]));
+        }
+        let offsets = &tensor["data_offsets"];
+        let (start, end) = (
+            offsets[0].as_u64().ok_or("offsets")? as usize,
+            offsets[1].as_u64().ok_or("offsets")? as usize,
+        );
+        let raw = data
+            .get(start..end)
+            .ok_or(format!("{name}: out of bounds"))?;
+        for chunk in raw.chunks_exact(4) {
+            let x = f32::from_le_bytes(chunk.try_into().expect("4 bytes"));
+            if !x.is_finite() {
+                return Err(format!("{name}: {x}"));
+            }
+            values += 1;
+        }
+    }
+    Ok(values)
+}
+
+/// A `dapt coordinator` for the same job as `leader`, on a free port, and its URL: under etcd
+/// membership it waits as a standby. Returns once it says so (or leads, if nobody else does).
+pub fn standby(leader: &Cluster) -> (Proc, String) {
+    let port = free_port();
+    let mut cmd = Command::new(binary("dapt"));
+    cmd.args(["--log-format", "json", "coordinator"])
+        .arg(&leader.job.path)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("DAPT_TOKEN", &leader.token);
+    let mut standby = Proc::spawn(cmd);
+    standby.wait_for("the standby to wait", LONG, |l| {
+        !events(l, "standby: another coordinator leads").is_empty()
+            || !events(l, "leading the job").is_empty()
+    });
+    (standby, format!("http://127.0.0.1:{port}"))
 }

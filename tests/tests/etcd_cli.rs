@@ -1,15 +1,16 @@
 //! etcd membership over the real binaries and a real etcd (Debian's `etcd-server`, started per
 //! test on free ports): a hung worker is dropped when its lease expires, a worker stopped with
-//! SIGTERM leaves at once, and a standby coordinator takes over from a killed leader while the
-//! workers keep training.
+//! SIGTERM leaves at once, a standby coordinator takes over from a killed leader while the
+//! workers keep training, an etcd outage longer than the lease is ridden out without a
+//! re-formation or a second leader, and two jobs share one etcd without seeing each other.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dapt_proto::job::EtcdSpec;
 use dapt_tests::{
-    binary, check_entries, coordinator, events, free_port, random_step, serial, Cluster, Etcd,
-    Proc, BATCH, LONG,
+    binary, check_entries, coordinator, events, free_port, random_step, serial, standby, Cluster,
+    Etcd, Proc, BATCH, LONG,
 };
 
 const TTL_S: u64 = 2;
@@ -188,4 +189,101 @@ fn a_standby_takes_over_from_a_killed_leader_and_training_goes_on() {
         .collect();
     assert_eq!(steps_seen.last(), Some(&(steps - 1)));
     check_etcd_ledger(&etcd, "failover", steps);
+}
+
+fn last_step(c: &Cluster) -> Option<u64> {
+    events(&c.coordinator.lines(), "step")
+        .iter()
+        .filter_map(|f| f["step"].as_u64())
+        .max()
+}
+
+#[test]
+fn an_etcd_outage_longer_than_the_lease_is_ridden_out() {
+    let mut etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    // Steps take ~55 ms here: enough of them to outlast the outage and the wait after it.
+    let steps = 400;
+    let mut c = coordinator(dir.path(), "outage", steps, &cluster_yaml(&etcd, 5_000));
+    c.coordinator.wait_for("leadership", LONG, |l| {
+        !events(l, "leading the job").is_empty()
+    });
+    let (standby, _) = standby(&c);
+    let _w0 = c.member("w0");
+    let _w1 = c.member("w1");
+    wait_step(&mut c, random_step(3, 15));
+    etcd.stop();
+    let before = last_step(&c).expect("steps");
+    // More than twice the lease TTL, and many steps.
+    let outage = Duration::from_secs(2 * TTL_S + 1);
+    std::thread::sleep(outage);
+    let during = last_step(&c).expect("steps");
+    etcd.restart();
+    println!("etcd down for {outage:?}: steps {before} -> {during} meanwhile");
+    assert!(during > before, "training stalled while etcd was down");
+    // Past the leases' TTL after the restart: nobody lost a lease, the standby still waits.
+    std::thread::sleep(Duration::from_secs(2 * TTL_S));
+    let leader_running = last_step(&c) < Some(steps - 1);
+    if leader_running {
+        assert!(
+            standby.events("leading the job").is_empty(),
+            "a second coordinator leads while the first still does"
+        );
+    }
+    let (status, _) = c.coordinator.finish(LONG);
+    assert!(status.success(), "{}", c.coordinator.stderr());
+    let lines = c.coordinator.lines();
+    assert_eq!(
+        events(&lines, "generation formed").len(),
+        1,
+        "the outage re-formed the job"
+    );
+    assert!(events(&lines, "recovery").is_empty());
+    assert!(events(&lines, "lost the etcd leadership: stepping down").is_empty());
+    // Commits made during the outage were queued and recorded once etcd was back.
+    assert!(!events(
+        &lines,
+        "etcd answers again: the queued commits are recorded"
+    )
+    .is_empty());
+    check_etcd_ledger(&etcd, "outage", steps);
+}
+
+#[test]
+fn two_jobs_on_one_etcd_never_see_each_other() {
+    let etcd = Etcd::start();
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let steps = 20;
+    // The same prefix and worker ids: only the job name keeps them apart.
+    let mut a = coordinator(dir_a.path(), "alpha", steps, &cluster_yaml(&etcd, 5_000));
+    let mut b = coordinator(dir_b.path(), "beta", steps, &cluster_yaml(&etcd, 5_000));
+    for c in [&mut a, &mut b] {
+        c.coordinator.wait_for("leadership", LONG, |l| {
+            !events(l, "leading the job").is_empty()
+        });
+    }
+    let _a0 = a.member("w0");
+    let _b0 = b.member("w0");
+    // A worker of job beta pointed at alpha's coordinator is refused.
+    let mut stray = a.worker("w9", "beta", &a.token.clone());
+    let (status, _) = stray.finish(LONG);
+    assert!(!status.success());
+    assert!(
+        stray.stderr().contains("beta") || stray.stderr().contains("job"),
+        "{}",
+        stray.stderr()
+    );
+    for c in [&mut a, &mut b] {
+        let (status, _) = c.coordinator.finish(LONG);
+        assert!(status.success(), "{}", c.coordinator.stderr());
+        let lines = c.coordinator.lines();
+        assert!(events(&lines, "recovery").is_empty(), "{lines:?}");
+    }
+    check_etcd_ledger(&etcd, "alpha", steps);
+    check_etcd_ledger(&etcd, "beta", steps);
+    assert!(!registered(&etcd, "alpha", "w0"));
+    assert!(!registered(&etcd, "beta", "w0"));
 }

@@ -4,7 +4,9 @@
 //! ([`rank::train`]) off the async runtime. An assignment replaces the running generation; an
 //! abort order fires the ring's abort handle, waits for the thread to stop and confirms; a
 //! finish ends the agent. Ctrl-C or SIGTERM aborts the step in flight and exits: the last
-//! committed checkpoint stays as it was.
+//! committed checkpoint stays as it was. A session lost without a refusal is joined again: under
+//! etcd membership by re-attaching to the next leader, under embedded membership by joining the
+//! same coordinator anew (for `--connect-timeout-s`).
 
 mod lease;
 pub mod rank;
@@ -149,7 +151,8 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
         let kind = match message {
             Ok(Some(rpc::CoordinatorMessage { kind: Some(kind) })) => kind,
             Ok(Some(_)) => continue,
-            Ok(None) | Err(_) if membership.is_some() && !refusal(&message) => {
+            Err(status) if Refusal::from_status(&status).is_some() => break Err(refused(status)),
+            Ok(None) | Err(_) if membership.is_some() => {
                 // etcd membership: the coordinator went away, not this worker. Keep training
                 // and re-attach to whoever leads next.
                 let lead = membership.as_ref().expect("etcd membership");
@@ -174,8 +177,22 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
                 }
                 continue;
             }
-            Ok(None) => break Err(anyhow::anyhow!("the coordinator ended the session")),
-            Err(status) => break Err(refused(status)),
+            Ok(None) | Err(_) => {
+                // Embedded membership: the coordinator ended this session (it declared this
+                // worker lost: a partition, a stall) or went away (a restart). Join it again as
+                // a new member; the generation this worker was in is stale by now, and its
+                // reports until the next assignment are refused as such.
+                tracing::warn!("lost the session with the coordinator; joining it again");
+                match Session::open(&o.coordinator, o.connect_timeout, join.clone()).await {
+                    Ok(s) => {
+                        session = s;
+                        replay.clear();
+                        tracing::info!(coordinator = %o.coordinator, "joined again");
+                    }
+                    Err(e) => break Err(e),
+                }
+                continue;
+            }
         };
         match kind {
             coordinator_message::Kind::Assign(a) => {
@@ -227,11 +244,6 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
         m.leave().await;
     }
     result
-}
-
-/// Whether a failed read of the session is a refusal (as opposed to a lost coordinator).
-fn refusal(message: &Result<Option<rpc::CoordinatorMessage>, tonic::Status>) -> bool {
-    matches!(message, Err(status) if Refusal::from_status(status).is_some())
 }
 
 /// One session with a coordinator.
