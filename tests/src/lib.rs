@@ -233,12 +233,106 @@ pub fn check_entries(
 /// A real etcd (Debian's `etcd-server`) on free loopback ports in a temporary directory, with
 /// fast heartbeat and election settings; stopped (SIGTERM, then SIGKILL) and removed on drop.
 /// [`Etcd::stop`] and [`Etcd::restart`] make an outage: the data directory and ports stay.
+/// [`Etcd::start_tls`] serves clients over TLS only, with client-certificate authentication.
 pub struct Etcd {
     child: Option<std::process::Child>,
     pub url: String,
     peer_url: String,
+    /// Plain HTTP, for `/health` (the client URL may be TLS).
+    metrics_url: String,
     exe: PathBuf,
     dir: TempDirGuard,
+    pub tls: Option<EtcdCerts>,
+}
+
+/// A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, made with the
+/// `openssl` command line.
+#[derive(Debug, Clone)]
+pub struct EtcdCerts {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl EtcdCerts {
+    /// Makes them in `dir`. Panics with what openssl said if it fails.
+    pub fn make(dir: &Path) -> Self {
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl is not installed (`apt-get install openssl`; .ci/run does)");
+            assert!(
+                out.status.success(),
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=dapt-test-ca",
+        ]);
+        for (name, usage) in [("server", "serverAuth"), ("client", "clientAuth")] {
+            std::fs::write(
+                dir.join(format!("{name}.ext")),
+                format!(
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage={usage}\nbasicConstraints=CA:FALSE\n"
+                ),
+            )
+            .expect("ext file");
+            run(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN=dapt-{name}"),
+            ]);
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+            ]);
+        }
+        EtcdCerts {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        }
+    }
 }
 
 /// Removes a directory on drop.
@@ -254,6 +348,15 @@ impl Etcd {
     /// Starts etcd and waits until it answers its health endpoint. Panics with a clear message
     /// when the `etcd` binary is missing (`apt-get install etcd-server`).
     pub fn start() -> Self {
+        Self::launch(false)
+    }
+
+    /// [`Etcd::start`] with TLS on the client URL (https) and client certificates required.
+    pub fn start_tls() -> Self {
+        Self::launch(true)
+    }
+
+    fn launch(tls: bool) -> Self {
         let exe = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
             .into_iter()
             .map(PathBuf::from)
@@ -262,13 +365,17 @@ impl Etcd {
         let dir =
             std::env::temp_dir().join(format!("dapt-etcd-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).expect("etcd dir");
-        let (client, peer) = (free_port(), free_port());
+        let tls = tls.then(|| EtcdCerts::make(&dir));
+        let (client, peer, metrics) = (free_port(), free_port(), free_port());
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut etcd = Etcd {
             child: None,
-            url: format!("http://127.0.0.1:{client}"),
+            url: format!("{scheme}://127.0.0.1:{client}"),
             peer_url: format!("http://127.0.0.1:{peer}"),
+            metrics_url: format!("http://127.0.0.1:{metrics}"),
             exe,
             dir: TempDirGuard(dir),
+            tls,
         };
         etcd.restart();
         etcd
@@ -283,14 +390,25 @@ impl Etcd {
             .open(self.dir.0.join("etcd.log"))
             .expect("etcd log");
         let (url, peer_url) = (&self.url, &self.peer_url);
-        let child = Command::new(&self.exe)
-            .args(["--name", "t", "--data-dir"])
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["--name", "t", "--data-dir"])
             .arg(self.dir.0.join("data"))
             .args(["--listen-client-urls", url, "--advertise-client-urls", url])
             .args(["--listen-peer-urls", peer_url])
             .args(["--initial-advertise-peer-urls", peer_url])
             .args(["--initial-cluster", &format!("t={peer_url}")])
-            .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
+            .args(["--listen-metrics-urls", &self.metrics_url])
+            .args(["--heartbeat-interval", "10", "--election-timeout", "100"]);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.server_cert)
+                .arg("--key-file")
+                .arg(&tls.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -326,10 +444,10 @@ impl Etcd {
         let _ = child.wait();
     }
 
-    /// GET /health answers `"health":"true"`.
+    /// GET /health (on the plain metrics URL) answers `"health":"true"`.
     pub fn healthy(&self) -> bool {
         use std::io::{Read, Write};
-        let addr = self.url.trim_start_matches("http://");
+        let addr = self.metrics_url.trim_start_matches("http://");
         let Ok(mut s) = std::net::TcpStream::connect(addr) else {
             return false;
         };
@@ -430,6 +548,8 @@ pub struct Cluster {
     pub url: String,
     pub token: String,
     pub job: Job,
+    /// Set for the coordinator and every worker.
+    pub env: Vec<(String, String)>,
 }
 
 /// Prepares `write_job(dir, name, steps, cluster)` and starts its coordinator.
@@ -439,6 +559,22 @@ pub fn coordinator(dir: &Path, name: &str, steps: u64, cluster: &str) -> Cluster
 
 /// [`coordinator`], listening on `host` (an address of this machine).
 pub fn coordinator_on(dir: &Path, name: &str, steps: u64, cluster: &str, host: &str) -> Cluster {
+    coordinator_with(dir, name, steps, cluster, host, &[])
+}
+
+/// [`coordinator_on`] with `env` set for the coordinator and for every worker of the cluster.
+pub fn coordinator_with(
+    dir: &Path,
+    name: &str,
+    steps: u64,
+    cluster: &str,
+    host: &str,
+    env: &[(&str, &str)],
+) -> Cluster {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let job = write_job(dir, name, steps, cluster);
     let out = Command::new(binary("dapt"))
         .args(["prepare", "--quiet"])
@@ -456,7 +592,8 @@ pub fn coordinator_on(dir: &Path, name: &str, steps: u64, cluster: &str, host: &
     cmd.args(["--log-format", "json", "coordinator"])
         .arg(&job.path)
         .args(["--listen", &format!("{host}:{port}")])
-        .env("DAPT_TOKEN", &token);
+        .env("DAPT_TOKEN", &token)
+        .envs(env.iter().map(|(k, v)| (k, v)));
     let mut coordinator = Proc::spawn(cmd);
     coordinator.wait_for("the coordinator to listen", LONG, |l| {
         !events(l, "coordinator listening").is_empty()
@@ -466,6 +603,7 @@ pub fn coordinator_on(dir: &Path, name: &str, steps: u64, cluster: &str, host: &
         url: format!("http://{host}:{port}"),
         token,
         job,
+        env,
     }
 }
 
@@ -483,7 +621,8 @@ impl Cluster {
         ])
         .env("DAPT_JOB", job)
         .env("DAPT_TOKEN", token)
-        .env("RAYON_NUM_THREADS", "1");
+        .env("RAYON_NUM_THREADS", "1")
+        .envs(self.env.iter().map(|(k, v)| (k, v)));
         Proc::spawn(cmd)
     }
 
@@ -548,7 +687,8 @@ pub fn standby(leader: &Cluster) -> (Proc, String) {
     cmd.args(["--log-format", "json", "coordinator"])
         .arg(&leader.job.path)
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("DAPT_TOKEN", &leader.token);
+        .env("DAPT_TOKEN", &leader.token)
+        .envs(leader.env.iter().map(|(k, v)| (k, v)));
     let mut standby = Proc::spawn(cmd);
     standby.wait_for("the standby to wait", LONG, |l| {
         !events(l, "standby: another coordinator leads").is_empty()
