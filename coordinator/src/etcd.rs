@@ -42,7 +42,7 @@ pub enum StoreError {
     Etcd(#[from] etcd_client::Error),
     #[error("etcd key {key}: {message}")]
     Invalid { key: String, message: String },
-    #[error("this coordinator no longer leads job `{0}` (its lease is gone); not written")]
+    #[error("this coordinator no longer leads job `{0}` (its lease is gone, or another wrote the generation); not written")]
     NotLeader(String),
 }
 
@@ -55,6 +55,9 @@ pub struct EtcdStore {
     identity: CommittedFile,
     /// Turns true once this coordinator knows it no longer leads.
     lost: Arc<watch::Sender<bool>>,
+    /// The `generation` key's mod revision as this coordinator last read or wrote it (0: the
+    /// key did not exist): the next generation is written only if it is still that.
+    generation_revision: i64,
 }
 
 impl EtcdStore {
@@ -112,6 +115,7 @@ impl EtcdStore {
             lease,
             identity,
             lost: lost_tx,
+            generation_revision: 0,
         };
         Ok((store, lost))
     }
@@ -122,59 +126,74 @@ impl EtcdStore {
     ) -> Result<(Option<Committed>, Option<GenerationRecord>), StoreError> {
         let key = keys::committed(&self.prefix, &self.job);
         let committed = match self.get_json::<CommittedFile>(&key).await? {
-            Some(file) => {
+            Some((file, revision)) => {
                 if let Some(field) = file.mismatch(&self.identity) {
                     return Err(StoreError::Invalid {
                         key,
                         message: format!("committed with another `{field}` than the job file says"),
                     });
                 }
-                Some(file.committed)
+                Some((file.committed, revision))
             }
             None => None,
         };
-        let generation = self
-            .get_json::<GenerationRecord>(&keys::generation(&self.prefix, &self.job))
-            .await?;
-        Ok((committed, generation))
+        let key = keys::generation(&self.prefix, &self.job);
+        let (generation, revision) = match self.get_json::<GenerationRecord>(&key).await? {
+            Some((record, revision)) => (Some(record), revision),
+            None => (None, 0),
+        };
+        self.generation_revision = revision;
+        Ok((committed.map(|(c, _)| c), generation))
     }
 
+    /// The value of `key` as JSON, with its mod revision.
     async fn get_json<T: serde::de::DeserializeOwned>(
         &mut self,
         key: &str,
-    ) -> Result<Option<T>, StoreError> {
+    ) -> Result<Option<(T, i64)>, StoreError> {
         let response = self.client.get(key, None).await?;
         let Some(kv) = response.kvs().first() else {
             return Ok(None);
         };
         serde_json::from_slice(kv.value())
-            .map(Some)
+            .map(|value| Some((value, kv.mod_revision())))
             .map_err(|e| StoreError::Invalid {
                 key: key.to_string(),
                 message: e.to_string(),
             })
     }
 
-    /// Runs `ops` only while this coordinator still leads.
-    async fn fenced(&mut self, ops: Vec<TxnOp>) -> Result<(), StoreError> {
-        let txn = Txn::new()
-            .when([Compare::lease(
-                keys::leader(&self.prefix, &self.job),
-                CompareOp::Equal,
-                self.lease,
-            )])
-            .and_then(ops);
-        if self.client.txn(txn).await?.succeeded() {
-            Ok(())
+    /// Runs `ops` only while this coordinator still leads and `also` holds; returns the
+    /// revision the transaction wrote at.
+    async fn fenced(&mut self, also: Vec<Compare>, ops: Vec<TxnOp>) -> Result<i64, StoreError> {
+        let mut compares = vec![Compare::lease(
+            keys::leader(&self.prefix, &self.job),
+            CompareOp::Equal,
+            self.lease,
+        )];
+        compares.extend(also);
+        let txn = Txn::new().when(compares).and_then(ops);
+        let response = self.client.txn(txn).await?;
+        if response.succeeded() {
+            Ok(response.header().map_or(0, |h| h.revision()))
         } else {
             Err(StoreError::NotLeader(self.job.clone()))
         }
     }
 
+    /// Records a new generation: a compare-and-swap on the `generation` key (it must be as this
+    /// coordinator last saw it) inside the leadership fence, so no two coordinators can ever
+    /// both own one generation.
     pub async fn record_generation(&mut self, record: &GenerationRecord) -> Result<(), StoreError> {
         let key = keys::generation(&self.prefix, &self.job);
         let value = serde_json::to_vec(record).expect("a record serializes");
-        self.fenced(vec![TxnOp::put(key, value, None)]).await
+        let unchanged =
+            Compare::mod_revision(key.clone(), CompareOp::Equal, self.generation_revision);
+        let revision = self
+            .fenced(vec![unchanged], vec![TxnOp::put(key, value, None)])
+            .await?;
+        self.generation_revision = revision;
+        Ok(())
     }
 
     /// The ledger entries and the committed step, in one transaction.
@@ -204,7 +223,7 @@ impl EtcdStore {
                 None,
             ),
         ];
-        self.fenced(ops).await
+        self.fenced(Vec::new(), ops).await.map(|_| ())
     }
 
     /// Turns deletions of members' keys into `Expired` events. Survives etcd outages: the watch

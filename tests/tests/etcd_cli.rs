@@ -287,3 +287,37 @@ fn two_jobs_on_one_etcd_never_see_each_other() {
     assert!(!registered(&etcd, "alpha", "w0"));
     assert!(!registered(&etcd, "beta", "w0"));
 }
+
+#[test]
+fn a_generation_written_behind_the_leaders_back_makes_it_step_down() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let mut c = coordinator(dir.path(), "cas", 400, &cluster_yaml(&etcd, 5_000));
+    let _w0 = c.member("w0");
+    let w1 = c.member("w1");
+    wait_step(&mut c, 3);
+    // Another writer bumps the generation: the leader's view of it is stale from now on.
+    let key = dapt_proto::job::keys::generation("/dapt-test", "cas");
+    let forged = r#"{"generation":99,"ranks":["x"],"peers":["127.0.0.1:1"],"resume_step":0}"#;
+    runtime().block_on(async {
+        let mut client = dapt_proto::etcd::connect(&spec(&etcd), Duration::from_secs(5))
+            .await
+            .expect("etcd");
+        client.put(key.clone(), forged, None).await.expect("put");
+    });
+    // The next re-formation must not overwrite it: the leader steps down instead.
+    w1.signal(libc::SIGKILL);
+    let (status, _) = c.coordinator.finish(LONG);
+    assert!(!status.success());
+    let stderr = c.coordinator.stderr();
+    assert!(stderr.contains("no longer leads"), "{stderr}");
+    let value = runtime().block_on(async {
+        let mut client = dapt_proto::etcd::connect(&spec(&etcd), Duration::from_secs(5))
+            .await
+            .expect("etcd");
+        let response = client.get(key, None).await.expect("get");
+        response.kvs()[0].value_str().expect("utf-8").to_string()
+    });
+    assert_eq!(value, forged);
+}
