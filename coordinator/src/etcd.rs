@@ -296,10 +296,10 @@ impl EtcdStore {
     }
 
     /// Starts the task that records commits (see [`Committer`]); `keep` checkpoints are kept
-    /// below each recorded one.
-    pub fn committer(&self, keep: usize) -> Committer {
+    /// below each recorded one, and `recorded` hears of each once etcd has it.
+    pub fn committer(&self, keep: usize, recorded: Box<dyn Fn(&Committed) + Send>) -> Committer {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(commit_loop(self.clone(), rx, keep));
+        tokio::spawn(commit_loop(self.clone(), rx, keep, recorded));
         Committer { tx }
     }
 }
@@ -356,6 +356,7 @@ async fn commit_loop(
     mut store: EtcdStore,
     mut rx: mpsc::UnboundedReceiver<CommitRequest>,
     keep: usize,
+    recorded: Box<dyn Fn(&Committed) + Send>,
 ) {
     let mut pending: Pending = None;
     let mut flushes: Vec<oneshot::Sender<bool>> = Vec::new();
@@ -385,6 +386,7 @@ async fn commit_loop(
                         "etcd answers again: the queued commits are recorded"
                     );
                 }
+                recorded(committed);
                 if let Some(root) = std::path::Path::new(&committed.dir).parent() {
                     let _ = crate::ledger::prune_dir(root, committed.step, keep);
                 }

@@ -108,6 +108,7 @@ pub async fn start(
     let url = advertise.unwrap_or_else(|| format!("http://{addr}"));
     let c = &job.cluster;
     let mut lost = None;
+    let sessions: Sessions = Arc::default();
     let (mut store, committed, record) = match c.etcd() {
         None => {
             let (ledger, committed) = Ledger::open(&job)?;
@@ -117,7 +118,11 @@ pub async fn start(
             let (mut store, lost_flag) = EtcdStore::lead(spec, &job, &url).await?;
             lost = Some(lost_flag);
             let (committed, record) = store.load().await?;
-            let committer = store.committer(job.checkpoint.keep);
+            let announce = {
+                let sessions = sessions.clone();
+                move |c: &crate::control::Committed| broadcast_committed(&sessions, c)
+            };
+            let committer = store.committer(job.checkpoint.keep, Box::new(announce));
             let store = Store::Etcd {
                 store: Box::new(store),
                 committer,
@@ -169,7 +174,6 @@ pub async fn start(
     if let Store::Etcd { store, .. } = &mut store {
         store.watch_members(events.clone());
     }
-    let sessions: Sessions = Arc::default();
     let (status_tx, status_rx) = watch::channel(snapshot(&state));
     let service = Service {
         events: events.clone(),
@@ -317,6 +321,19 @@ async fn control_loop(
     }
 }
 
+/// Tells every session that `committed` is durable (the workers trim what they keep to replay).
+fn broadcast_committed(sessions: &Sessions, committed: &crate::control::Committed) {
+    let message = CoordinatorMessage {
+        kind: Some(coordinator_message::Kind::Committed(rpc::Committed {
+            generation: committed.generation,
+            step: committed.step,
+        })),
+    };
+    for tx in sessions.lock().expect("sessions").values() {
+        let _ = tx.send(Ok(message.clone()));
+    }
+}
+
 struct Executor {
     sessions: Sessions,
     store: Store,
@@ -396,8 +413,11 @@ impl Executor {
                         // The step stays uncommitted on disk; a restart resumes from the one
                         // before.
                         tracing::error!("recording the commit of step {}: {e}", committed.step);
-                    } else if let Err(e) = files.prune(committed.step, self.keep) {
-                        tracing::warn!("pruning old checkpoints: {e}");
+                    } else {
+                        broadcast_committed(&self.sessions, &committed);
+                        if let Err(e) = files.prune(committed.step, self.keep) {
+                            tracing::warn!("pruning old checkpoints: {e}");
+                        }
                     }
                 }
                 // Recorded (and old checkpoints pruned) by the committer task, which retries

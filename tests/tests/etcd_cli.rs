@@ -139,7 +139,9 @@ fn a_standby_takes_over_from_a_killed_leader_and_training_goes_on() {
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let _serial = serial();
-    let steps = 80;
+    // Steps take ~55 ms here; the kill comes late enough that a replay of every report since the
+    // generation began would be longer than the kill step.
+    let steps = 300;
     let mut leader = coordinator(dir.path(), "failover", steps, &cluster_yaml(&etcd, 5_000));
     leader.coordinator.wait_for("leadership", LONG, |l| {
         !events(l, "leading the job").is_empty()
@@ -156,9 +158,9 @@ fn a_standby_takes_over_from_a_killed_leader_and_training_goes_on() {
     standby.wait_for("the standby to wait", LONG, |l| {
         !events(l, "standby: another coordinator leads").is_empty()
     });
-    let _w0 = leader.member("w0");
-    let _w1 = leader.member("w1");
-    let kill_at = random_step(3, 30);
+    let w0 = leader.member("w0");
+    let w1 = leader.member("w1");
+    let kill_at = random_step(100, 160);
     wait_step(&mut leader, kill_at);
     leader.coordinator.signal(libc::SIGKILL);
     let killed = Instant::now();
@@ -170,6 +172,21 @@ fn a_standby_takes_over_from_a_killed_leader_and_training_goes_on() {
         !events(l, "ranks re-attached").is_empty()
     });
     let reattached = killed.elapsed();
+    // What the workers replayed is what the last durable commit did not cover, not the whole
+    // generation.
+    for w in [&w0, &w1] {
+        let replayed: Vec<u64> = w
+            .events("re-attached")
+            .iter()
+            .filter_map(|f| f["replayed"].as_u64())
+            .collect();
+        assert_eq!(replayed.len(), 1, "{}", w.stderr());
+        assert!(replayed[0] < kill_at, "replayed {} reports", replayed[0]);
+        println!(
+            "replayed {} reports (killed at step {kill_at})",
+            replayed[0]
+        );
+    }
     println!("leader killed at step {kill_at}: standby leads after {leads:?}, ranks re-attached after {reattached:?}");
     assert!(
         leads < Duration::from_millis(TTL_S * 1000 + 1500),

@@ -131,7 +131,8 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
     };
     let job = Arc::new(job);
     let mut current: Option<Generation> = None;
-    // Reports of the running generation, replayed to a coordinator that takes over.
+    // Reports of the running generation, replayed to a coordinator that takes over; trimmed
+    // to what the last durable commit does not cover.
     let mut replay: Vec<Kind> = Vec::new();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let result = loop {
@@ -231,6 +232,14 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
             }
             coordinator_message::Kind::Refused(r) => {
                 tracing::warn!(code = r.code().as_str_name(), reason = %r.message, "coordinator refused a message");
+            }
+            coordinator_message::Kind::Committed(c) => {
+                // What that commit covers, a new leader reads from etcd: no need to replay it.
+                replay.retain(|kind| match kind {
+                    Kind::Step(r) => r.step >= c.step,
+                    Kind::Checkpoint(r) => r.step > c.step,
+                    _ => true,
+                });
             }
             coordinator_message::Kind::Joined(_) => {}
         }
