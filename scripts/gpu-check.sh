@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # GPU check and benchmark for dapt, run from the repository root on a machine with an NVIDIA GPU,
 # CUDA (driver, NVRTC, headers), NCCL and PyTorch + transformers, but no Rust toolchain: bring a
-# `dapt-worker` built here with `cargo build --release --features cuda -p dapt-worker`.
+# `dapt-worker` built here with `cargo build --release --features cuda -p dapt-worker`, and
+# `dapt` (`cargo build --release -p dapt-coordinator`) for the `dapt launch` runs.
 #
 #   scripts/gpu-check.sh            # everything: probe, 1B and SmolLM2-135M shapes, dapt and PyTorch
 #
 # Environment (all optional):
 #   DAPT_WORKER  the cuda build of dapt-worker (default: .gpu/dapt-worker, then target/release/)
+#   DAPT         the dapt command, next to DAPT_WORKER (default: .gpu/dapt, then target/release/);
+#                without it the `dapt launch` runs are skipped
 #   DAPT_CORPUS  a prepared corpus (`dapt prepare`; default: .gpu/corpus, then data/postgres-sotu)
 #   OUT          where logs and results.json go (default: out/gpu-check)
 #   WORK         scratch space for the generated models and jobs (default: /tmp/dapt-gpu)
@@ -22,7 +25,8 @@
 # shape and batch with PyTorch eager (bf16 autocast, and TF32) as the anchor. tokens/s is the mean over
 # the steps after the first three (kernel compilation and autotuning); MFU counts 6N + 12 L d s
 # FLOPs per token against a 790 TFLOP/s bf16 ceiling; memory is the peak of nvidia-smi's
-# memory.used during the run.
+# memory.used during the run. Then the same job through `dapt launch --workers 1 --device cuda
+# --precision bf16` (coordinator, worker agent, one rank; its step lines are the coordinator's).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 started=$SECONDS
@@ -38,6 +42,7 @@ ANCHOR=$here/gpu_anchor.py
 pick() { for p in "$@"; do [ -e "$p" ] && { echo "$p"; return; }; done; }
 WORKER=${DAPT_WORKER:-$(pick .gpu/dapt-worker target/release/dapt-worker)}
 CORPUS=${DAPT_CORPUS:-$(pick .gpu/corpus data/postgres-sotu)}
+DAPT=${DAPT:-$(pick .gpu/dapt target/release/dapt)}
 PY=${PYTHON:-python3}
 left() { echo $((BUDGET - (SECONDS - started))); }
 log() { echo "[gpu-check +$((SECONDS - started))s] $*" | tee -a "$OUT/summary.log"; }
@@ -138,6 +143,15 @@ for shape in $SHAPES; do
     --precision bf16 --no-checkpoints
   [ $torch = 1 ] && step "torch-$shape-tf32" 90 $PY "$ANCHOR" --shape "$shape" --seq-len $seq --global-batch $global \
     --micro-batch $micro --steps 5 --precision tf32
+  # The product path: dapt launch, the worker agent, one rank (it writes one checkpoint at the end).
+  if [ -n "$DAPT" ] && [ -x "$DAPT" ] && [ "$(dirname "$(realpath "$DAPT")")" = "$(dirname "$(realpath "$WORKER")")" ]; then
+    rm -rf "$WORK/ckpt-$shape"
+    step "launch-$shape-bf16" 150 "$DAPT" --log-format json launch "$jobfile" --workers 1 --device cuda \
+      --precision bf16 --no-export
+    cp "$WORK/ckpt-$shape/logs/worker-0.log" "$OUT/launch-$shape-bf16.worker.log" 2>/dev/null
+  else
+    log "skip launch-$shape-bf16: no dapt next to $WORKER"
+  fi
 done
 
 # --- results -----------------------------------------------------------------------------------
@@ -151,7 +165,9 @@ def mem_gib(name):
     except OSError:
         return None
 rows = []
-for path in sorted(glob.glob(f"{out}/dapt-*.log")):
+for path in sorted(glob.glob(f"{out}/dapt-*.log") + glob.glob(f"{out}/launch-*-*[0-9a-z].log")):
+    if path.endswith(".worker.log"):
+        continue
     name = os.path.basename(path)[:-4]
     _, shape, prec = name.split("-")
     steps, phases = [], []
@@ -205,12 +221,12 @@ for r in rows:
 print()
 by = {r["name"]: r for r in rows if "error" not in r}
 for shape in ("1b", "135m"):
-    for dp in ("f32", "bf16"):
-        d = by.get(f"dapt-{shape}-{dp}")
+    for run, dp in (("dapt", "f32"), ("dapt", "bf16"), ("launch", "bf16")):
+        d = by.get(f"{run}-{shape}-{dp}")
         for tp in ("bf16", "tf32"):
             t = by.get(f"torch-{shape}-{tp}")
             if d and t:
-                print(f"\n{shape}: dapt {dp} / PyTorch eager {tp} = {d['tokens_per_s'] / t['tokens_per_s']:.3f}x", end="")
+                print(f"\n{shape}: {run} {dp} / PyTorch eager {tp} = {d['tokens_per_s'] / t['tokens_per_s']:.3f}x", end="")
 print()
 EOF
 log "done in $((SECONDS - started))s"

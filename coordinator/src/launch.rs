@@ -1,6 +1,6 @@
 //! `dapt launch`: one machine, the whole job. Prepares the corpus if needed, starts the
-//! coordinator in this process (embedded membership) and N `dapt-worker` processes, trains to the
-//! end and exports the final checkpoint. Ctrl-C (or SIGTERM) stops everything: the workers abort
+//! coordinator in this process (embedded membership) and N `dapt-worker` processes (on the CPU,
+//! or one per GPU with `--device cuda`), trains to the end and exports the final checkpoint. Ctrl-C (or SIGTERM) stops everything: the workers abort
 //! the step in flight, the last committed checkpoint stays, and the same command resumes.
 
 use std::net::SocketAddr;
@@ -22,6 +22,39 @@ pub struct LaunchOptions {
     pub listen: SocketAddr,
     /// Skip the export of the final checkpoint.
     pub no_export: bool,
+    pub device: LaunchDevice,
+    /// Compute dtype on GPUs (`dapt-worker --precision`).
+    pub precision: String,
+}
+
+/// Where `dapt launch`'s workers train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaunchDevice {
+    Cpu,
+    /// Worker i on GPU i.
+    Cuda,
+}
+
+impl std::str::FromStr for LaunchDevice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(LaunchDevice::Cpu),
+            "cuda" | "gpu" => Ok(LaunchDevice::Cuda),
+            _ => Err(format!("unknown device `{s}`: use cpu or cuda")),
+        }
+    }
+}
+
+impl LaunchDevice {
+    /// Worker `i`'s `--device`.
+    fn for_worker(self, i: u32) -> String {
+        match self {
+            LaunchDevice::Cpu => "cpu".into(),
+            LaunchDevice::Cuda => format!("cuda:{i}"),
+        }
+    }
 }
 
 /// What the user is told at the end, and the exit status.
@@ -33,6 +66,11 @@ pub struct Launched {
 
 pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<Launched> {
     anyhow::ensure!(options.workers > 0, "--workers must be at least 1");
+    anyhow::ensure!(
+        matches!(options.precision.as_str(), "f32" | "fp32" | "tf32" | "bf16"),
+        "--precision `{}`: use f32 or bf16",
+        options.precision
+    );
     let worker_exe = sibling("dapt-worker")?;
     // Without a limit in the job, this launch's workers are all the ranks there will be: form as
     // soon as they are all in.
@@ -70,6 +108,10 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
                 &id,
                 "--listen",
                 "127.0.0.1:0",
+                "--device",
+                &options.device.for_worker(i),
+                "--precision",
+                &options.precision,
             ])
             .env("DAPT_JOB", &job.job)
             .env("DAPT_TOKEN", &token)

@@ -69,6 +69,13 @@ enum Command {
         /// Do not export the final checkpoint as a Hugging Face directory.
         #[arg(long)]
         no_export: bool,
+        /// Where the workers train: cpu, or cuda (worker i on GPU i: `--workers` at most the
+        /// number of GPUs; needs a `cuda` build of dapt-worker).
+        #[arg(long, default_value = "cpu")]
+        device: launch::LaunchDevice,
+        /// Compute dtype on GPUs: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
     /// Run the job's coordinator for a cluster: workers join with
     /// `dapt-worker --coordinator http://HOST:PORT --job NAME` and the same token.
@@ -174,6 +181,8 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
             workers,
             listen,
             no_export,
+            device,
+            precision,
         } => {
             let spec = JobSpec::load(&job)?;
             prepare_quietly(&spec, &job)?;
@@ -182,6 +191,8 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
                 log_format,
                 listen,
                 no_export,
+                device,
+                precision,
             };
             let launched = runtime()?.block_on(launch::launch(spec.clone(), options))?;
             Ok(report_outcome(

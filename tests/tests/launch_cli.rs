@@ -290,3 +290,43 @@ fn ctrl_c_stops_the_workers_and_the_same_command_resumes() {
     assert_eq!(first_step, at, "training resumed at the committed step");
     check_ledger(&job.checkpoints.join("ledger.jsonl"), 40 * BATCH).expect("ledger");
 }
+
+#[test]
+fn launch_on_cuda_without_a_usable_gpu_fails_clearly_and_trains_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "nogpu", 10, "");
+    let _serial = serial();
+    let started = std::time::Instant::now();
+    let mut p = {
+        let mut cmd = Command::new(binary("dapt"));
+        cmd.args(["launch"]).arg(&job.path).args([
+            "--workers",
+            "1",
+            "--device",
+            "cuda",
+            "--precision",
+            "bf16",
+        ]);
+        Proc::spawn(cmd)
+    };
+    let (status, stdout) = p.finish(LONG);
+    let all = format!("{stdout}{}", p.stderr());
+    assert!(!status.success(), "{all}");
+    // The worker says why (a build without the `cuda` feature, or no driver), and the launcher
+    // says that the workers are gone.
+    assert!(
+        all.contains("cuda") && all.contains("every worker exited"),
+        "{all}"
+    );
+    assert!(!job.checkpoints.join("committed.json").exists());
+    println!("failed after {:?}", started.elapsed());
+    // A bad precision is refused before anything starts.
+    let out = Command::new(binary("dapt"))
+        .args(["launch"])
+        .arg(&job.path)
+        .args(["--precision", "fp8"])
+        .output()
+        .expect("launch");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--precision `fp8`"));
+}

@@ -53,9 +53,13 @@ struct AgentArgs {
     /// address).
     #[arg(long)]
     advertise: Option<String>,
-    /// Devices to train on.
-    #[arg(long, value_delimiter = ',', default_value = "cpu")]
-    devices: Vec<String>,
+    /// Where this worker's rank trains: cpu, or cuda / cuda:N (a `cuda` build; run one worker
+    /// per GPU).
+    #[arg(long = "device", id = "agent_device", default_value = "cpu")]
+    device: DeviceSpec,
+    /// Compute dtype on a GPU: f32 (TF32 matmuls) or bf16 (f32 master weights and loss).
+    #[arg(long = "precision", id = "agent_precision", default_value = "f32")]
+    precision: Precision,
     /// Seconds to keep trying to reach the coordinator at the start.
     #[arg(long, default_value_t = 60)]
     connect_timeout_s: u64,
@@ -330,7 +334,10 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         token,
         listen: args.listen,
         advertise: args.advertise,
-        devices: args.devices,
+        placement: dapt_worker::agent::rank::Placement {
+            device: args.device,
+            precision: args.precision,
+        },
         connect_timeout: std::time::Duration::from_secs(args.connect_timeout_s),
     })?;
     match exit {

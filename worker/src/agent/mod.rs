@@ -40,7 +40,8 @@ pub struct AgentOptions {
     /// The collective endpoint other ranks dial, when `listen` is not reachable as it is
     /// (e.g. it is 0.0.0.0).
     pub advertise: Option<String>,
-    pub devices: Vec<String>,
+    /// Where this worker's rank trains: the CPU, or one GPU (one worker per GPU).
+    pub placement: rank::Placement,
     /// How long to keep trying to reach the coordinator at the start.
     pub connect_timeout: Duration,
 }
@@ -76,6 +77,12 @@ impl Generation {
 }
 
 async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
+    if let crate::device::DeviceSpec::Cuda(ordinal) = o.placement.device {
+        // Before joining: a worker that cannot train must not become a rank.
+        let info = crate::device::cuda_ready(ordinal)?;
+        tracing::info!(device = %o.placement.device, name = %info.name, precision = %o.placement.precision, "training on the gpu");
+    }
+    let devices = vec![o.placement.device.to_string()];
     let listener = Arc::new(
         TcpRing::bind(o.listen)
             .with_context(|| format!("binding the collective's listen address {}", o.listen))?,
@@ -95,7 +102,7 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
         job: o.job.clone(),
         token: o.token.clone(),
         worker_id: o.worker_id.clone(),
-        devices: o.devices.clone(),
+        devices: devices.clone(),
         version: rpc::VERSION.to_string(),
         collective_endpoint: endpoint.clone(),
         attach_generation: 0,
@@ -107,8 +114,7 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
     tracing::info!(worker = %o.worker_id, job = %job.job, %endpoint, coordinator = %o.coordinator, "joined");
     let membership = match job.cluster.etcd() {
         Some(spec) => Some(
-            lease::Membership::register(spec, &job.job, &o.worker_id, &endpoint, &o.devices)
-                .await?,
+            lease::Membership::register(spec, &job.job, &o.worker_id, &endpoint, &devices).await?,
         ),
         None => None,
     };
@@ -208,7 +214,14 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
                     resume_step = a.resume_step,
                     "assigned"
                 );
-                current = Some(start(&job, a, &listener, &progress, send.clone()));
+                current = Some(start(
+                    &job,
+                    a,
+                    o.placement,
+                    &listener,
+                    &progress,
+                    send.clone(),
+                ));
             }
             coordinator_message::Kind::Abort(a) => {
                 if let Some(g) = current.take() {
@@ -317,6 +330,7 @@ async fn reattach(
 fn start(
     job: &Arc<JobSpec>,
     a: rpc::Assignment,
+    placement: rank::Placement,
     listener: &Arc<RingListener>,
     progress: &Arc<Progress>,
     send: impl Fn(Kind) + Send + 'static,
@@ -333,7 +347,15 @@ fn start(
     let thread = std::thread::Builder::new()
         .name(format!("train-g{generation}"))
         .spawn(move || {
-            let result = rank::train(&job, &a, &listener, &thread_abort, &progress, &send);
+            let result = rank::train(
+                &job,
+                &a,
+                placement,
+                &listener,
+                &thread_abort,
+                &progress,
+                &send,
+            );
             match result {
                 Ok(()) => tracing::info!(generation, "generation's training done"),
                 Err(RankError::Aborted) => tracing::info!(generation, "training aborted"),

@@ -2,7 +2,15 @@
 //! (or the job's initial model), connect the ring, and train the assigned steps, reporting each
 //! step's samples and figures, rank 0's evaluations and every checkpoint step. Returns when the
 //! job's last step is done, the agent fires the abort handle, or something fails.
+//!
+//! On the CPU the host trainer's gradients are all-reduced over the TCP ring between the two
+//! halves of the step. On a GPU (`--device cuda:N`, a `cuda` build) the weights, gradients and
+//! AdamW state stay on the device and the gradients go through an NCCL communicator made for
+//! this generation: rank 0 creates its unique id (it must: the id names rank 0's bootstrap
+//! socket) and the TCP ring, already connected, carries the 128 bytes to the other ranks. The
+//! ring also carries each step's loss. The coordinator's abort fires the communicator's abort.
 
+use std::borrow::Cow;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -11,10 +19,11 @@ use dapt_corpus::{rank_slice, CorpusReader};
 use dapt_proto::job::JobSpec;
 use dapt_proto::rpc::{self, worker_message::Kind, Assignment};
 
-use crate::checkpoint;
-use crate::collective::{AbortHandle, Collective, RingConfig, RingListener};
+use crate::collective::{AbortHandle, Collective, CollectiveError, RingConfig, RingListener};
+use crate::device::{DeviceSpec, Precision};
+use crate::train::engine::Engine;
 use crate::train::run::{evaluate, initial_model, restore};
-use crate::train::{MicroBatch, Trainer};
+use crate::train::{MicroBatch, StepStats, Trainer};
 
 /// Why a generation's training ended early.
 #[derive(Debug, thiserror::Error)]
@@ -41,10 +50,75 @@ pub struct Progress {
     pub step: AtomicU64,
 }
 
+/// Where this worker's rank trains.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Placement {
+    pub device: DeviceSpec,
+    /// Compute dtype on a GPU.
+    pub precision: Precision,
+}
+
+/// The rank's training state: the host trainer, whose gradients the ring all-reduces between the
+/// halves of the step, or a device engine with its own reducer.
+enum RankEngine {
+    Host(Box<Trainer>),
+    Device(Box<dyn Engine>),
+}
+
+impl RankEngine {
+    fn engine(&self) -> &dyn Engine {
+        match self {
+            RankEngine::Host(t) => t.as_ref(),
+            RankEngine::Device(e) => e.as_ref(),
+        }
+    }
+
+    fn step(&self) -> u64 {
+        self.engine().step()
+    }
+
+    /// One step over this rank's `micro`; returns this rank's share of the loss.
+    fn train_step(
+        &mut self,
+        micro: &[MicroBatch],
+        denominator: f64,
+        step_tokens: u64,
+        ring: &mut dyn Collective,
+    ) -> Result<(f64, StepStats), RankStepError> {
+        match self {
+            RankEngine::Host(trainer) => {
+                let (loss, mut grads) = trainer.gradients(micro, denominator);
+                ring.all_reduce_mean(&mut grads)?;
+                Ok((loss, trainer.apply(&mut grads, step_tokens)))
+            }
+            RankEngine::Device(engine) => engine
+                .train_step(micro, denominator, step_tokens)
+                .map_err(RankStepError::Engine),
+        }
+    }
+
+    fn weights(&self) -> Cow<'_, [f32]> {
+        self.engine().host_weights()
+    }
+}
+
+/// A step failed in the collective (the ring, or NCCL inside a device engine) or elsewhere.
+enum RankStepError {
+    Collective(CollectiveError),
+    Engine(crate::error::WorkerError),
+}
+
+impl From<CollectiveError> for RankStepError {
+    fn from(e: CollectiveError) -> Self {
+        RankStepError::Collective(e)
+    }
+}
+
 /// Trains `a` to the job's end. `report` sends a message to the coordinator.
 pub fn train(
     job: &JobSpec,
     a: &Assignment,
+    placement: Placement,
     listener: &RingListener,
     abort: &AbortHandle,
     progress: &Progress,
@@ -57,7 +131,7 @@ pub fn train(
     let order = reader
         .sample_order(job.seed, training.seq_len)
         .map_err(RankError::failed)?;
-    let mut trainer = if a.checkpoint.is_empty() {
+    let trainer = if a.checkpoint.is_empty() {
         let (config, weights) = initial_model(job, &reader).map_err(RankError::failed)?;
         Trainer::new(config, weights, &training)
     } else {
@@ -88,6 +162,19 @@ pub fn train(
     let mut ring = listener
         .connect(cfg, abort.clone())
         .map_err(|e| collective_error(e, abort))?;
+    let mut trainer = match placement.device {
+        DeviceSpec::Cpu => RankEngine::Host(Box::new(trainer)),
+        DeviceSpec::Cuda(ordinal) => RankEngine::Device(on_gpu(
+            trainer,
+            ordinal,
+            placement.precision,
+            training.activation_checkpointing,
+            a,
+            &mut ring,
+            abort,
+            Duration::from_secs(job.cluster.collective_timeout_s),
+        )?),
+    };
     let corpus_tokenizer = job
         .corpus
         .output
@@ -95,11 +182,11 @@ pub fn train(
     let tokenizer = corpus_tokenizer
         .is_file()
         .then_some(corpus_tokenizer.as_path());
-    let eval = |trainer: &Trainer, step: u64| {
+    let eval = |trainer: &RankEngine, step: u64| {
         if a.rank != 0 {
             return;
         }
-        for (source, p) in evaluate(trainer, &reader, &training, step).sources {
+        for (source, p) in evaluate(trainer.engine(), &reader, &training, step).sources {
             report(Kind::Eval(rpc::EvalReport {
                 generation: a.generation,
                 step,
@@ -117,12 +204,12 @@ pub fn train(
     let step_tokens = training.tokens_per_step();
     let total = a.total_steps.min(training.steps());
     progress.generation.store(a.generation, Ordering::Relaxed);
-    while trainer.step < total {
+    while trainer.step() < total {
         if abort.is_aborted() {
             return Err(RankError::Aborted);
         }
         let started = Instant::now();
-        let step = trainer.step;
+        let step = trainer.step();
         let slice = rank_slice(step, training.global_batch, a.rank, a.world);
         let micro = MicroBatch::split(
             &reader,
@@ -131,14 +218,25 @@ pub fn train(
             u64::from(a.micro_batch.max(1)),
             training.seq_len,
         );
-        let (loss, mut grads) = trainer.gradients(&micro, step_tokens as f64 / a.world as f64);
-        ring.all_reduce_mean(&mut grads)
-            .map_err(|e| collective_error(e, abort))?;
+        let denominator = step_tokens as f64 / a.world as f64;
+        let (loss, stats) = trainer
+            .train_step(&micro, denominator, step_tokens, &mut ring)
+            .map_err(|e| match e {
+                RankStepError::Collective(e) => collective_error(e, abort),
+                RankStepError::Engine(e) if abort.is_aborted() => {
+                    let _ = e;
+                    RankError::Aborted
+                }
+                RankStepError::Engine(e) => RankError::Failed {
+                    // NCCL errors (a peer gone) surface from the device engine's reducer.
+                    peer_fault: matches!(e, crate::error::WorkerError::Collective(ref c) if c.is_peer_fault()),
+                    message: e.to_string(),
+                },
+            })?;
         let mut loss_buf = [loss as f32];
         ring.all_reduce_mean(&mut loss_buf)
             .map_err(|e| collective_error(e, abort))?;
-        let stats = trainer.apply(&mut grads, step_tokens);
-        let done = trainer.step;
+        let done = trainer.step();
         progress.step.store(done, Ordering::Relaxed);
         report(Kind::Step(rpc::StepReport {
             generation: a.generation,
@@ -158,7 +256,9 @@ pub fn train(
         if done % job.checkpoint.every == 0 || done == total {
             let dir = if a.rank == 0 {
                 // Rank 0 writes; every rank vouches with its weights' digest.
-                let dir = checkpoint::save(&job.checkpoint.dir, &trainer, job.seed, tokenizer)
+                let dir = trainer
+                    .engine()
+                    .save(&job.checkpoint.dir, job.seed, tokenizer)
                     .map_err(RankError::failed)?;
                 dir.display().to_string()
             } else {
@@ -169,7 +269,7 @@ pub fn train(
                 step: done,
                 rank: a.rank,
                 dir,
-                weights_digest: digest(&trainer.weights),
+                weights_digest: digest(&trainer.weights()),
             }));
         }
     }
@@ -184,6 +284,98 @@ pub fn digest(weights: &[f32]) -> String {
         h.update(&bytes);
     }
     format!("{:032x}", h.digest128())
+}
+
+/// `trainer` on GPU `ordinal`, with an NCCL communicator for this generation when it has more
+/// than one rank.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn on_gpu(
+    trainer: Trainer,
+    ordinal: usize,
+    precision: Precision,
+    activation_checkpointing: bool,
+    a: &Assignment,
+    ring: &mut dyn Collective,
+    abort: &AbortHandle,
+    timeout: Duration,
+) -> Result<Box<dyn Engine>, RankError> {
+    use crate::collective::nccl::{unique_id, NcclCollective, NcclConfig, NcclId};
+    use crate::train::resident::GradReducer;
+    crate::device::cuda_ready(ordinal).map_err(RankError::failed)?;
+    let reducer: Option<Box<dyn GradReducer<crate::Gpu>>> = if a.world > 1 {
+        let mut id: NcclId = if a.rank == 0 {
+            unique_id().map_err(RankError::failed)?
+        } else {
+            [0; 128]
+        };
+        broadcast_from_rank0(ring, &mut id).map_err(|e| collective_error(e, abort))?;
+        let cfg = NcclConfig {
+            rank: a.rank as usize,
+            world: a.world as usize,
+            id,
+            ordinal,
+            timeout,
+        };
+        let nccl =
+            NcclCollective::connect(cfg, abort.clone()).map_err(|e| collective_error(e, abort))?;
+        tracing::info!(
+            generation = a.generation,
+            rank = a.rank,
+            world = a.world,
+            ordinal,
+            "nccl communicator ready"
+        );
+        Some(Box::new(nccl))
+    } else {
+        None
+    };
+    Ok(crate::train::engine::on_cuda(
+        trainer,
+        ordinal,
+        precision,
+        activation_checkpointing,
+        reducer,
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+#[allow(clippy::too_many_arguments)]
+fn on_gpu(
+    _trainer: Trainer,
+    ordinal: usize,
+    _precision: Precision,
+    _activation_checkpointing: bool,
+    _a: &Assignment,
+    _ring: &mut dyn Collective,
+    _abort: &AbortHandle,
+    _timeout: Duration,
+) -> Result<Box<dyn Engine>, RankError> {
+    Err(RankError::failed(
+        crate::device::cuda_ready(ordinal)
+            .err()
+            .map_or_else(|| "no cuda feature".to_string(), |e| e.to_string()),
+    ))
+}
+
+/// Gives every rank rank 0's `bytes`, through the one operation a [`Collective`] has (a mean):
+/// rank 0 contributes each byte as a float, the others zeros, and `world × mean` rounds back to
+/// the byte exactly (it is at most 255, far inside f32's exact integers).
+pub fn broadcast_from_rank0(
+    ring: &mut dyn Collective,
+    bytes: &mut [u8],
+) -> Result<(), CollectiveError> {
+    let world = ring.world() as f32;
+    let rank0 = ring.rank() == 0;
+    let mut buf: Vec<f32> = bytes
+        .iter()
+        .map(|&b| if rank0 { f32::from(b) } else { 0.0 })
+        .collect();
+    ring.all_reduce_mean(&mut buf)?;
+    for (b, x) in bytes.iter_mut().zip(buf) {
+        *b = (x * world).round().clamp(0.0, 255.0) as u8;
+    }
+    Ok(())
 }
 
 fn resolve(endpoint: &str) -> Result<SocketAddr, RankError> {

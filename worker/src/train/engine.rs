@@ -2,6 +2,7 @@
 //! [`Trainer`] on the CPU backend, or a [`ResidentTrainer`] on a GPU with an optional gradient
 //! reducer between the two halves of the step.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::AutodiffBackend;
@@ -30,6 +31,8 @@ pub trait Engine {
     ) -> Result<(f64, StepStats)>;
     /// Writes a checkpoint of the current state under `root`.
     fn save(&self, root: &Path, seed: u64, tokenizer: Option<&Path>) -> Result<PathBuf>;
+    /// The weights as host f32 in the checkpoint's layout (a copy, for a device engine).
+    fn host_weights(&self) -> Cow<'_, [f32]>;
     fn perplexity(
         &self,
         stream: &TokenStream,
@@ -62,6 +65,10 @@ impl Engine for Trainer {
 
     fn save(&self, root: &Path, seed: u64, tokenizer: Option<&Path>) -> Result<PathBuf> {
         checkpoint::save(root, self, seed, tokenizer)
+    }
+
+    fn host_weights(&self) -> Cow<'_, [f32]> {
+        Cow::Borrowed(&self.weights)
     }
 
     fn perplexity(
@@ -120,6 +127,10 @@ impl<B: AutodiffBackend> Engine for ResidentEngine<B> {
         checkpoint::save(root, &self.trainer.to_host(), seed, tokenizer)
     }
 
+    fn host_weights(&self) -> Cow<'_, [f32]> {
+        Cow::Owned(self.trainer.to_host().weights)
+    }
+
     fn perplexity(
         &self,
         stream: &TokenStream,
@@ -134,5 +145,39 @@ impl<B: AutodiffBackend> Engine for ResidentEngine<B> {
             max_tokens,
             batch,
         )
+    }
+}
+
+/// `trainer` moved onto GPU `ordinal` as a [`ResidentEngine`] computing in `precision`, with
+/// `reducer` between the two halves of each step (none for one rank); activation
+/// checkpointing picks Burn's autodiff strategy.
+#[cfg(feature = "cuda")]
+pub fn on_cuda(
+    trainer: Trainer,
+    ordinal: usize,
+    precision: crate::device::Precision,
+    activation_checkpointing: bool,
+    reducer: Option<Box<dyn GradReducer<crate::Gpu>>>,
+) -> Box<dyn Engine> {
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    use burn::backend::Autodiff;
+    use burn::tensor::FloatDType;
+    let compute = match precision {
+        crate::device::Precision::F32 => FloatDType::F32,
+        crate::device::Precision::Bf16 => FloatDType::BF16,
+    };
+    let device = burn::backend::cuda::CudaDevice::new(ordinal);
+    if activation_checkpointing {
+        type B = Autodiff<crate::Gpu, BalancedCheckpointing>;
+        Box::new(ResidentEngine {
+            trainer: ResidentTrainer::<B>::from_host(trainer, compute, &device),
+            reducer,
+        })
+    } else {
+        type B = Autodiff<crate::Gpu>;
+        Box::new(ResidentEngine {
+            trainer: ResidentTrainer::<B>::from_host(trainer, compute, &device),
+            reducer,
+        })
     }
 }

@@ -116,8 +116,9 @@ struct LoopContext<'a> {
 
 #[cfg(feature = "cuda")]
 fn on_gpu(trainer: Trainer, ordinal: usize, ctx: &LoopContext) -> Result<RunSummary> {
-    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
-    use burn::backend::Autodiff;
+    use super::resident::GradReducer;
+    use crate::collective::nccl::{unique_id, NcclCollective, NcclConfig};
+    use crate::collective::AbortHandle;
     let info = crate::device::cuda_ready(ordinal)?;
     tracing::info!(
         device = %ctx.options.device,
@@ -126,36 +127,7 @@ fn on_gpu(trainer: Trainer, ordinal: usize, ctx: &LoopContext) -> Result<RunSumm
         cuda_path = %info.include_root.display(),
         "training on the gpu"
     );
-    if ctx.training.activation_checkpointing {
-        gpu_loop::<Autodiff<crate::Gpu, BalancedCheckpointing>>(trainer, ordinal, ctx)
-    } else {
-        gpu_loop::<Autodiff<crate::Gpu>>(trainer, ordinal, ctx)
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn gpu_loop<B>(trainer: Trainer, ordinal: usize, ctx: &LoopContext) -> Result<RunSummary>
-where
-    B: burn::tensor::backend::AutodiffBackend<
-        InnerBackend = crate::Gpu,
-        Device = burn::backend::cuda::CudaDevice,
-    >,
-{
-    use super::engine::ResidentEngine;
-    use super::resident::{GradReducer, ResidentTrainer};
-    use crate::collective::nccl::{unique_id, NcclCollective, NcclConfig};
-    use crate::collective::AbortHandle;
-    let compute = match ctx.options.precision {
-        Precision::F32 => burn::tensor::FloatDType::F32,
-        Precision::Bf16 => burn::tensor::FloatDType::BF16,
-    };
-    let device = burn::backend::cuda::CudaDevice::new(ordinal);
     let started = Instant::now();
-    let resident = ResidentTrainer::<B>::from_host(trainer, compute, &device);
-    tracing::info!(
-        secs = format!("{:.1}", started.elapsed().as_secs_f64()),
-        "weights and optimizer state on the device"
-    );
     let reducer: Option<Box<dyn GradReducer<crate::Gpu>>> = if ctx.options.nccl_single_rank {
         let cfg = NcclConfig {
             rank: 0,
@@ -168,11 +140,18 @@ where
     } else {
         None
     };
-    let mut engine = ResidentEngine {
-        trainer: resident,
+    let mut engine = super::engine::on_cuda(
+        trainer,
+        ordinal,
+        ctx.options.precision,
+        ctx.training.activation_checkpointing,
         reducer,
-    };
-    train_loop(&mut engine, ctx)
+    );
+    tracing::info!(
+        secs = format!("{:.1}", started.elapsed().as_secs_f64()),
+        "weights and optimizer state on the device"
+    );
+    train_loop(engine.as_mut(), ctx)
 }
 
 #[cfg(not(feature = "cuda"))]

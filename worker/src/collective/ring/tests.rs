@@ -337,3 +337,39 @@ fn invalid_configs_name_the_field() {
     cfg.rank = 1;
     assert!(cfg.validate().is_err());
 }
+
+#[test]
+fn rank_0s_bytes_reach_every_rank_exactly() {
+    // The NCCL unique id travels this way: 128 arbitrary bytes, every value 0..=255 included.
+    let id: Vec<u8> = (0..128u32)
+        .map(|i| (i * 37 % 256) as u8)
+        .chain([0, 255])
+        .collect();
+    for world in 1..=7 {
+        let rings: Vec<_> = connect_all(&vec![1; world], 4 << 10)
+            .into_iter()
+            .map(|r| r.expect("connect"))
+            .collect();
+        let got: Vec<Vec<u8>> = thread::scope(|s| {
+            let joins: Vec<_> = rings
+                .into_iter()
+                .map(|mut ring| {
+                    let mut bytes = if ring.rank() == 0 {
+                        id.clone()
+                    } else {
+                        vec![0xAA; id.len()]
+                    };
+                    s.spawn(move || {
+                        crate::agent::rank::broadcast_from_rank0(&mut ring, &mut bytes)
+                            .expect("broadcast");
+                        bytes
+                    })
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().expect("rank")).collect()
+        });
+        for (rank, bytes) in got.iter().enumerate() {
+            assert_eq!(bytes, &id, "world {world}: rank {rank}");
+        }
+    }
+}
