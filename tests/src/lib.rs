@@ -519,10 +519,9 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A number in `[lo, hi)` from a seed that is printed, so a failing schedule can be replayed
-/// with `DAPT_TEST_SEED`.
-pub fn random_step(lo: u64, hi: u64) -> u64 {
-    let seed = std::env::var("DAPT_TEST_SEED")
+/// `DAPT_TEST_SEED` if set (to replay a failure), else one from the clock.
+pub fn test_seed() -> u64 {
+    std::env::var("DAPT_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| {
@@ -530,7 +529,13 @@ pub fn random_step(lo: u64, hi: u64) -> u64 {
                 .duration_since(std::time::UNIX_EPOCH)
                 .expect("clock")
                 .as_nanos() as u64
-        });
+        })
+}
+
+/// A number in `[lo, hi)` from a seed that is printed, so a failing schedule can be replayed
+/// with `DAPT_TEST_SEED`.
+pub fn random_step(lo: u64, hi: u64) -> u64 {
+    let seed = test_seed();
     println!("schedule seed {seed} (replay with DAPT_TEST_SEED={seed})");
     let mut x = seed | 1;
     x ^= x << 13;

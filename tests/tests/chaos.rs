@@ -10,25 +10,13 @@ use std::time::Duration;
 
 use dapt_proto::job::EtcdSpec;
 use dapt_tests::{
-    check_entries, coordinator, events, finite_weights, losses, serial, standby, Cluster, Etcd,
-    Proc, BATCH, LONG,
+    check_entries, coordinator, events, finite_weights, losses, serial, standby, test_seed,
+    Cluster, Etcd, Proc, BATCH, LONG,
 };
 
 const TTL_S: u64 = 2;
 const STEPS: u64 = 400;
 const EVENTS: usize = 8;
-
-fn seed() -> u64 {
-    std::env::var("DAPT_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("clock")
-                .as_nanos() as u64
-        })
-}
 
 /// xorshift64: enough for a schedule, and the same on every machine.
 struct Rng(u64);
@@ -62,7 +50,7 @@ fn top_step(coordinators: &[Proc]) -> u64 {
 
 #[test]
 fn chaos_kills_workers_and_coordinators_and_nothing_is_lost_or_repeated() {
-    let seed = seed();
+    let seed = test_seed();
     let mut rng = Rng(seed | 1);
     // Kill points spread over the run, at least 12 steps apart so that each recovery is done
     // before the next kill (overlapping failures are the recovery tests' business).
