@@ -158,8 +158,8 @@ fn a_standby_takes_over_from_a_killed_leader_and_training_goes_on() {
     standby.wait_for("the standby to wait", LONG, |l| {
         !events(l, "standby: another coordinator leads").is_empty()
     });
-    let w0 = leader.member("w0");
-    let w1 = leader.member("w1");
+    let mut w0 = leader.member("w0");
+    let mut w1 = leader.member("w1");
     let kill_at = random_step(100, 160);
     wait_step(&mut leader, kill_at);
     leader.coordinator.signal(libc::SIGKILL);
@@ -174,7 +174,11 @@ fn a_standby_takes_over_from_a_killed_leader_and_training_goes_on() {
     let reattached = killed.elapsed();
     // What the workers replayed is what the last durable commit did not cover, not the whole
     // generation.
-    for w in [&w0, &w1] {
+    for w in [&mut w0, &mut w1] {
+        // The worker logs it once its replay went out: possibly after the coordinator's line.
+        w.wait_for("the worker's re-attached line", LONG, |l| {
+            !events(l, "re-attached").is_empty()
+        });
         let replayed: Vec<u64> = w
             .events("re-attached")
             .iter()
