@@ -281,11 +281,13 @@ async fn control_loop(
     let _ = stop_server.send(());
     if let Store::Etcd { committer, .. } = &exec.store {
         // The job's end is only as durable as its last commit: wait for etcd to take it.
+        let flush = committer.flush();
+        tokio::pin!(flush);
         let flushed = tokio::select! {
-            flushed = committer.flush() => flushed,
+            flushed = &mut flush => flushed,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {
                 tracing::warn!("waiting for etcd to record the last commit");
-                committer.flush().await
+                flush.await
             }
         };
         if !flushed {

@@ -2,13 +2,12 @@
 //! Whatever the world size, a step trains on the same samples, and every rank ends each step with
 //! bitwise the same weights.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use dapt_corpus::{prepare, rank_slice, CorpusReader, PrepareOptions};
 use dapt_proto::job::JobSpec;
-use dapt_worker::collective::{AbortHandle, Collective, RingConfig, TcpRing};
+use dapt_worker::collective::{Collective, TcpRing};
 use dapt_worker::train::run::initial_model;
 use dapt_worker::train::{MicroBatch, Trainer};
 
@@ -32,29 +31,11 @@ type RankResult = (Vec<f64>, Vec<f32>, Vec<f32>);
 
 /// Trains `STEPS` steps with `world` ranks.
 fn train(spec: &JobSpec, world: usize) -> Vec<RankResult> {
-    let listeners: Vec<_> = (0..world)
-        .map(|_| TcpRing::bind("127.0.0.1:0".parse::<SocketAddr>().expect("addr")).expect("bind"))
-        .collect();
-    let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect();
+    let rings = TcpRing::loopback(world, Duration::from_secs(20)).expect("rings");
     std::thread::scope(|scope| {
-        let handles: Vec<_> = listeners
+        let handles: Vec<_> = rings
             .into_iter()
-            .enumerate()
-            .map(|(rank, listener)| {
-                let peers = peers.clone();
-                scope.spawn(move || {
-                    let cfg = RingConfig {
-                        rank,
-                        world,
-                        peers,
-                        generation: 1,
-                        timeout: Duration::from_secs(20),
-                        chunk_bytes: RingConfig::DEFAULT_CHUNK_BYTES,
-                    };
-                    let mut ring = listener.connect(cfg, AbortHandle::new()).expect("ring");
-                    rank_loop(spec, &mut ring)
-                })
-            })
+            .map(|mut ring| scope.spawn(move || rank_loop(spec, &mut ring)))
             .collect();
         handles
             .into_iter()

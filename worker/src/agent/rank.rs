@@ -10,7 +10,6 @@
 //! socket) and the TCP ring, already connected, carries the 128 bytes to the other ranks. The
 //! ring also carries each step's loss. The coordinator's abort fires the communicator's abort.
 
-use std::borrow::Cow;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -19,6 +18,7 @@ use dapt_corpus::{rank_slice, CorpusReader};
 use dapt_proto::job::JobSpec;
 use dapt_proto::rpc::{self, worker_message::Kind, Assignment};
 
+use crate::checkpoint;
 use crate::collective::{AbortHandle, Collective, CollectiveError, RingConfig, RingListener};
 use crate::device::{DeviceSpec, Precision};
 use crate::train::engine::Engine;
@@ -84,33 +84,15 @@ impl RankEngine {
         denominator: f64,
         step_tokens: u64,
         ring: &mut dyn Collective,
-    ) -> Result<(f64, StepStats), RankStepError> {
+    ) -> crate::error::Result<(f64, StepStats)> {
         match self {
             RankEngine::Host(trainer) => {
                 let (loss, mut grads) = trainer.gradients(micro, denominator);
                 ring.all_reduce_mean(&mut grads)?;
                 Ok((loss, trainer.apply(&mut grads, step_tokens)))
             }
-            RankEngine::Device(engine) => engine
-                .train_step(micro, denominator, step_tokens)
-                .map_err(RankStepError::Engine),
+            RankEngine::Device(engine) => engine.train_step(micro, denominator, step_tokens),
         }
-    }
-
-    fn weights(&self) -> Cow<'_, [f32]> {
-        self.engine().host_weights()
-    }
-}
-
-/// A step failed in the collective (the ring, or NCCL inside a device engine) or elsewhere.
-enum RankStepError {
-    Collective(CollectiveError),
-    Engine(crate::error::WorkerError),
-}
-
-impl From<CollectiveError> for RankStepError {
-    fn from(e: CollectiveError) -> Self {
-        RankStepError::Collective(e)
     }
 }
 
@@ -222,16 +204,9 @@ pub fn train(
         let (loss, stats) = trainer
             .train_step(&micro, denominator, step_tokens, &mut ring)
             .map_err(|e| match e {
-                RankStepError::Collective(e) => collective_error(e, abort),
-                RankStepError::Engine(e) if abort.is_aborted() => {
-                    let _ = e;
-                    RankError::Aborted
-                }
-                RankStepError::Engine(e) => RankError::Failed {
-                    // NCCL errors (a peer gone) surface from the device engine's reducer.
-                    peer_fault: matches!(e, crate::error::WorkerError::Collective(ref c) if c.is_peer_fault()),
-                    message: e.to_string(),
-                },
+                // The ring's, or NCCL's inside a device engine: a peer may be gone.
+                crate::error::WorkerError::Collective(e) => collective_error(e, abort),
+                e => RankError::failed(e),
             })?;
         let mut loss_buf = [loss as f32];
         ring.all_reduce_mean(&mut loss_buf)
@@ -254,11 +229,11 @@ pub fn train(
             eval(&trainer, done);
         }
         if done % job.checkpoint.every == 0 || done == total {
+            // One host copy of a device engine's state serves the checkpoint and the digest.
+            let host = trainer.engine().host();
             let dir = if a.rank == 0 {
                 // Rank 0 writes; every rank vouches with its weights' digest.
-                let dir = trainer
-                    .engine()
-                    .save(&job.checkpoint.dir, job.seed, tokenizer)
+                let dir = checkpoint::save(&job.checkpoint.dir, &host, job.seed, tokenizer)
                     .map_err(RankError::failed)?;
                 dir.display().to_string()
             } else {
@@ -269,7 +244,7 @@ pub fn train(
                 step: done,
                 rank: a.rank,
                 dir,
-                weights_digest: digest(&trainer.weights()),
+                weights_digest: digest(&host.weights),
             }));
         }
     }
@@ -302,7 +277,7 @@ fn on_gpu(
 ) -> Result<Box<dyn Engine>, RankError> {
     use crate::collective::nccl::{unique_id, NcclCollective, NcclConfig, NcclId};
     use crate::train::resident::GradReducer;
-    crate::device::cuda_ready(ordinal).map_err(RankError::failed)?;
+    // The agent checked the driver (`device::cuda_ready`) before it joined.
     let reducer: Option<Box<dyn GradReducer<crate::Gpu>>> = if a.world > 1 {
         let mut id: NcclId = if a.rank == 0 {
             unique_id().map_err(RankError::failed)?
@@ -343,7 +318,7 @@ fn on_gpu(
 #[allow(clippy::too_many_arguments)]
 fn on_gpu(
     _trainer: Trainer,
-    ordinal: usize,
+    _ordinal: usize,
     _precision: Precision,
     _activation_checkpointing: bool,
     _a: &Assignment,
@@ -351,10 +326,9 @@ fn on_gpu(
     _abort: &AbortHandle,
     _timeout: Duration,
 ) -> Result<Box<dyn Engine>, RankError> {
+    // Unreached in practice: the agent refuses `--device cuda` in such a build before joining.
     Err(RankError::failed(
-        crate::device::cuda_ready(ordinal)
-            .err()
-            .map_or_else(|| "no cuda feature".to_string(), |e| e.to_string()),
+        "this dapt-worker was built without the `cuda` feature",
     ))
 }
 

@@ -119,6 +119,38 @@ impl TcpRing {
     pub fn generation(&self) -> u64 {
         self.generation
     }
+
+    /// A whole ring of `world` ranks in this process on 127.0.0.1 (generation 1), each rank
+    /// connected from a thread of its own; element `r` is rank `r`. For tests and benchmarks
+    /// that run every rank as a thread.
+    pub fn loopback(world: usize, timeout: Duration) -> Result<Vec<TcpRing>, CollectiveError> {
+        let listeners = (0..world)
+            .map(|_| TcpRing::bind(SocketAddr::from(([127, 0, 0, 1], 0))))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| CollectiveError::Config(format!("binding on 127.0.0.1: {e}")))?;
+        let peers: Vec<SocketAddr> = listeners.iter().map(RingListener::local_addr).collect();
+        std::thread::scope(|scope| {
+            let joins: Vec<_> = listeners
+                .iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let cfg = RingConfig {
+                        rank,
+                        world,
+                        peers: peers.clone(),
+                        generation: 1,
+                        timeout,
+                        chunk_bytes: RingConfig::DEFAULT_CHUNK_BYTES,
+                    };
+                    scope.spawn(move || listener.connect(cfg, AbortHandle::new()))
+                })
+                .collect();
+            joins
+                .into_iter()
+                .map(|j| j.join().expect("a ring's connect thread"))
+                .collect()
+        })
+    }
 }
 
 impl RingListener {

@@ -29,10 +29,13 @@ pub trait Engine {
         denominator: f64,
         step_tokens: u64,
     ) -> Result<(f64, StepStats)>;
+    /// The state as a host [`Trainer`] (a copy, for a device engine): what checkpoints and
+    /// weight digests are made from.
+    fn host(&self) -> Cow<'_, Trainer>;
     /// Writes a checkpoint of the current state under `root`.
-    fn save(&self, root: &Path, seed: u64, tokenizer: Option<&Path>) -> Result<PathBuf>;
-    /// The weights as host f32 in the checkpoint's layout (a copy, for a device engine).
-    fn host_weights(&self) -> Cow<'_, [f32]>;
+    fn save(&self, root: &Path, seed: u64, tokenizer: Option<&Path>) -> Result<PathBuf> {
+        checkpoint::save(root, &self.host(), seed, tokenizer)
+    }
     fn perplexity(
         &self,
         stream: &TokenStream,
@@ -63,12 +66,8 @@ impl Engine for Trainer {
         Ok((loss, stats))
     }
 
-    fn save(&self, root: &Path, seed: u64, tokenizer: Option<&Path>) -> Result<PathBuf> {
-        checkpoint::save(root, self, seed, tokenizer)
-    }
-
-    fn host_weights(&self) -> Cow<'_, [f32]> {
-        Cow::Borrowed(&self.weights)
+    fn host(&self) -> Cow<'_, Trainer> {
+        Cow::Borrowed(self)
     }
 
     fn perplexity(
@@ -123,12 +122,8 @@ impl<B: AutodiffBackend> Engine for ResidentEngine<B> {
         )?)
     }
 
-    fn save(&self, root: &Path, seed: u64, tokenizer: Option<&Path>) -> Result<PathBuf> {
-        checkpoint::save(root, &self.trainer.to_host(), seed, tokenizer)
-    }
-
-    fn host_weights(&self) -> Cow<'_, [f32]> {
-        Cow::Owned(self.trainer.to_host().weights)
+    fn host(&self) -> Cow<'_, Trainer> {
+        Cow::Owned(self.trainer.to_host())
     }
 
     fn perplexity(

@@ -133,36 +133,20 @@ fn bf16_compute_stays_close_to_f32() {
 /// same weights on both, and the weights of one rank that trains on all of them.
 #[test]
 fn two_ranks_over_the_ring_match_one() {
-    use crate::collective::{AbortHandle, RingConfig, TcpRing};
+    use crate::collective::TcpRing;
     use crate::train::engine::{Engine, ResidentEngine};
-    use std::net::SocketAddr;
     use std::time::Duration;
 
     let steps = 2u64;
     let tokens = 64u64; // 4 samples of 16 per step
     let run = |world: usize| -> Vec<Vec<f32>> {
-        let listeners: Vec<_> = (0..world)
-            .map(|_| {
-                TcpRing::bind("127.0.0.1:0".parse::<SocketAddr>().expect("addr")).expect("bind")
-            })
-            .collect();
-        let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect();
+        let rings = TcpRing::loopback(world, Duration::from_secs(20)).expect("rings");
         std::thread::scope(|scope| {
-            let handles: Vec<_> = listeners
+            let handles: Vec<_> = rings
                 .into_iter()
                 .enumerate()
-                .map(|(rank, listener)| {
-                    let peers = peers.clone();
+                .map(|(rank, ring)| {
                     scope.spawn(move || {
-                        let cfg = RingConfig {
-                            rank,
-                            world,
-                            peers,
-                            generation: 1,
-                            timeout: Duration::from_secs(20),
-                            chunk_bytes: RingConfig::DEFAULT_CHUNK_BYTES,
-                        };
-                        let ring = listener.connect(cfg, AbortHandle::new()).expect("ring");
                         let (_, trainer) = host_and_resident(FloatDType::F32);
                         let mut engine = ResidentEngine::<Ad> {
                             trainer,
