@@ -647,9 +647,9 @@ impl Cluster {
     }
 }
 
-/// Checks that every tensor of a safetensors file is f32 and finite; returns how many values
-/// it holds. Reads the format directly (an 8-byte header length, a JSON header, the data).
-pub fn finite_weights(path: &Path) -> Result<usize, String> {
+/// Every tensor of a safetensors file, which must all be f32, by name. Reads the format
+/// directly (an 8-byte header length, a JSON header, the data).
+pub fn f32_tensors(path: &Path) -> Result<std::collections::BTreeMap<String, Vec<f32>>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let len = bytes
         .get(..8)
@@ -660,7 +660,7 @@ pub fn finite_weights(path: &Path) -> Result<usize, String> {
         .and_then(|h| serde_json::from_slice(h).ok())
         .ok_or("unreadable header")?;
     let data = &bytes[8 + len..];
-    let mut values = 0;
+    let mut tensors = std::collections::BTreeMap::new();
     for (name, tensor) in header.iter().filter(|(n, _)| *n != "__metadata__") {
         if tensor["dtype"] != "F32" {
             return Err(format!("{name}: dtype {}", tensor["dtype"]));
@@ -673,13 +673,24 @@ pub fn finite_weights(path: &Path) -> Result<usize, String> {
         let raw = data
             .get(start..end)
             .ok_or(format!("{name}: out of bounds"))?;
-        for chunk in raw.chunks_exact(4) {
-            let x = f32::from_le_bytes(chunk.try_into().expect("4 bytes"));
-            if !x.is_finite() {
-                return Err(format!("{name}: {x}"));
-            }
-            values += 1;
+        let values = raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        tensors.insert(name.clone(), values);
+    }
+    Ok(tensors)
+}
+
+/// Checks that every tensor of a safetensors file is f32 and finite; returns how many values
+/// it holds.
+pub fn finite_weights(path: &Path) -> Result<usize, String> {
+    let mut values = 0;
+    for (name, tensor) in f32_tensors(path)? {
+        if let Some(x) = tensor.iter().find(|x| !x.is_finite()) {
+            return Err(format!("{name}: {x}"));
         }
+        values += tensor.len();
     }
     Ok(values)
 }

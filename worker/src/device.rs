@@ -68,11 +68,66 @@ impl FromStr for Precision {
     }
 }
 
+impl Precision {
+    /// Burn's dtype for the passes.
+    pub fn dtype(self) -> burn::tensor::FloatDType {
+        match self {
+            Precision::F32 => burn::tensor::FloatDType::F32,
+            Precision::Bf16 => burn::tensor::FloatDType::BF16,
+        }
+    }
+}
+
 impl fmt::Display for Precision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+/// Which trainer a rank runs. A GPU rank always runs the device-resident engine; on the CPU the
+/// host trainer is the one to use, and `resident` runs the GPU's engine (device-resident
+/// weights, AdamW as tensor ops, gradients through a reducer) on the CPU backend, so that its
+/// path through the agent can be tested on a machine without a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    Host,
+    Resident,
+}
+
+impl EngineKind {
+    /// The engine for `device`, or why `asked` cannot run there.
+    pub fn resolve(asked: Option<EngineKind>, device: DeviceSpec) -> Result<EngineKind, String> {
+        match (asked, device) {
+            (None, DeviceSpec::Cpu) => Ok(EngineKind::Host),
+            (None | Some(EngineKind::Resident), DeviceSpec::Cuda(_)) => Ok(EngineKind::Resident),
+            (Some(EngineKind::Host), DeviceSpec::Cuda(_)) => Err(format!(
+                "--engine host runs on the CPU only; {device} trains with the resident engine"
+            )),
+            (Some(kind), DeviceSpec::Cpu) => Ok(kind),
+        }
+    }
+}
+
+impl FromStr for EngineKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "host" => Ok(EngineKind::Host),
+            "resident" => Ok(EngineKind::Resident),
+            _ => Err(format!("unknown engine `{s}`: use host or resident")),
+        }
+    }
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EngineKind::Host => "host",
+            EngineKind::Resident => "resident",
         })
     }
 }
@@ -258,6 +313,20 @@ mod tests {
         assert_eq!(DeviceSpec::Cuda(2).to_string(), "cuda:2");
         assert_eq!("bf16".parse(), Ok(Precision::Bf16));
         assert!("fp8".parse::<Precision>().is_err());
+    }
+
+    #[test]
+    fn the_engine_follows_the_device_unless_asked() {
+        use EngineKind::*;
+        let cpu = DeviceSpec::Cpu;
+        let gpu = DeviceSpec::Cuda(1);
+        assert_eq!(EngineKind::resolve(None, cpu), Ok(Host));
+        assert_eq!(EngineKind::resolve(Some(Resident), cpu), Ok(Resident));
+        assert_eq!(EngineKind::resolve(None, gpu), Ok(Resident));
+        let err = EngineKind::resolve(Some(Host), gpu).unwrap_err();
+        assert!(err.contains("cuda:1"), "{err}");
+        assert_eq!("resident".parse(), Ok(Resident));
+        assert!("fast".parse::<EngineKind>().is_err());
     }
 
     #[test]

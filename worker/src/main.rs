@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use dapt_corpus::CorpusReader;
 use dapt_proto::job::JobSpec;
 use dapt_proto::logging::{self, LogFormat};
-use dapt_worker::device::{DeviceSpec, Precision};
+use dapt_worker::device::{DeviceSpec, EngineKind, Precision};
 use dapt_worker::import::hf::{self, ExportDtype};
 use dapt_worker::train::eval::perplexity_on;
 use dapt_worker::train::run::{run, RunOptions};
@@ -60,6 +60,10 @@ struct AgentArgs {
     /// Compute dtype on a GPU: f32 (TF32 matmuls) or bf16 (f32 master weights and loss).
     #[arg(long = "precision", id = "agent_precision", default_value = "f32")]
     precision: Precision,
+    /// The trainer: `host` (the CPU's default) or `resident` (the GPU's device-resident engine;
+    /// on the CPU it runs the GPU path without a GPU, for tests).
+    #[arg(long, env = "DAPT_ENGINE")]
+    engine: Option<EngineKind>,
     /// Seconds to keep trying to reach the coordinator at the start.
     #[arg(long, default_value_t = 60)]
     connect_timeout_s: u64,
@@ -337,6 +341,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         placement: dapt_worker::agent::rank::Placement {
             device: args.device,
             precision: args.precision,
+            engine: EngineKind::resolve(args.engine, args.device).map_err(anyhow::Error::msg)?,
         },
         connect_timeout: std::time::Duration::from_secs(args.connect_timeout_s),
     })?;

@@ -81,6 +81,8 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
         // Before joining: a worker that cannot train must not become a rank.
         let info = crate::device::cuda_ready(ordinal)?;
         tracing::info!(device = %o.placement.device, name = %info.name, precision = %o.placement.precision, "training on the gpu");
+    } else if o.placement.engine == crate::device::EngineKind::Resident {
+        tracing::info!(precision = %o.placement.precision, "the resident (GPU) engine on the cpu");
     }
     let devices = vec![o.placement.device.to_string()];
     let listener = Arc::new(

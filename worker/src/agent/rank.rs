@@ -10,7 +10,9 @@
 //! socket) and the TCP ring, already connected, carries the 128 bytes to the other ranks. The
 //! ring also carries each step's loss. The coordinator's abort fires the communicator's abort.
 
+use std::cell::RefCell;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -19,8 +21,10 @@ use dapt_proto::job::JobSpec;
 use dapt_proto::rpc::{self, worker_message::Kind, Assignment};
 
 use crate::checkpoint;
-use crate::collective::{AbortHandle, Collective, CollectiveError, RingConfig, RingListener};
-use crate::device::{DeviceSpec, Precision};
+use crate::collective::{
+    AbortHandle, Collective, CollectiveError, RingConfig, RingListener, TcpRing,
+};
+use crate::device::{DeviceSpec, EngineKind, Precision};
 use crate::train::engine::Engine;
 use crate::train::run::{evaluate, initial_model, restore};
 use crate::train::{MicroBatch, StepStats, Trainer};
@@ -50,12 +54,24 @@ pub struct Progress {
     pub step: AtomicU64,
 }
 
-/// Where this worker's rank trains.
-#[derive(Debug, Clone, Copy, Default)]
+/// Where this worker's rank trains, and with which engine.
+#[derive(Debug, Clone, Copy)]
 pub struct Placement {
     pub device: DeviceSpec,
-    /// Compute dtype on a GPU.
+    /// Compute dtype of the resident engine.
     pub precision: Precision,
+    /// Resolved for `device` ([`EngineKind::resolve`]).
+    pub engine: EngineKind,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Placement {
+            device: DeviceSpec::Cpu,
+            precision: Precision::F32,
+            engine: EngineKind::Host,
+        }
+    }
 }
 
 /// The rank's training state: the host trainer, whose gradients the ring all-reduces between the
@@ -77,18 +93,19 @@ impl RankEngine {
         self.engine().step()
     }
 
-    /// One step over this rank's `micro`; returns this rank's share of the loss.
+    /// One step over this rank's `micro`; returns this rank's share of the loss. `ring` is
+    /// borrowed only by the host trainer (a device engine's reducer may be the ring too).
     fn train_step(
         &mut self,
         micro: &[MicroBatch],
         denominator: f64,
         step_tokens: u64,
-        ring: &mut dyn Collective,
+        ring: &RefCell<TcpRing>,
     ) -> crate::error::Result<(f64, StepStats)> {
         match self {
             RankEngine::Host(trainer) => {
                 let (loss, mut grads) = trainer.gradients(micro, denominator);
-                ring.all_reduce_mean(&mut grads)?;
+                ring.borrow_mut().all_reduce_mean(&mut grads)?;
                 Ok((loss, trainer.apply(&mut grads, step_tokens)))
             }
             RankEngine::Device(engine) => engine.train_step(micro, denominator, step_tokens),
@@ -141,18 +158,32 @@ pub fn train(
         timeout: Duration::from_secs(job.cluster.collective_timeout_s),
         chunk_bytes: RingConfig::DEFAULT_CHUNK_BYTES,
     };
-    let mut ring = listener
-        .connect(cfg, abort.clone())
-        .map_err(|e| collective_error(e, abort))?;
-    let mut trainer = match placement.device {
-        DeviceSpec::Cpu => RankEngine::Host(Box::new(trainer)),
-        DeviceSpec::Cuda(ordinal) => RankEngine::Device(on_gpu(
+    // Shared: the loss goes over it, and so do the gradients of a resident engine on the CPU.
+    let ring = Rc::new(RefCell::new(
+        listener
+            .connect(cfg, abort.clone())
+            .map_err(|e| collective_error(e, abort))?,
+    ));
+    let mut trainer = match (placement.device, placement.engine) {
+        (DeviceSpec::Cpu, EngineKind::Host) => RankEngine::Host(Box::new(trainer)),
+        (DeviceSpec::Cpu, EngineKind::Resident) => {
+            use crate::train::resident::{GradReducer, HostStaged};
+            let reducer: Option<Box<dyn GradReducer<crate::Cpu>>> =
+                (a.world > 1).then(|| Box::new(HostStaged(ring.clone())) as Box<_>);
+            RankEngine::Device(crate::train::engine::on_cpu(
+                trainer,
+                placement.precision,
+                training.activation_checkpointing,
+                reducer,
+            ))
+        }
+        (DeviceSpec::Cuda(ordinal), _) => RankEngine::Device(on_gpu(
             trainer,
             ordinal,
             placement.precision,
             training.activation_checkpointing,
             a,
-            &mut ring,
+            &mut *ring.borrow_mut(),
             abort,
             Duration::from_secs(job.cluster.collective_timeout_s),
         )?),
@@ -202,14 +233,15 @@ pub fn train(
         );
         let denominator = step_tokens as f64 / a.world as f64;
         let (loss, stats) = trainer
-            .train_step(&micro, denominator, step_tokens, &mut ring)
+            .train_step(&micro, denominator, step_tokens, &ring)
             .map_err(|e| match e {
                 // The ring's, or NCCL's inside a device engine: a peer may be gone.
                 crate::error::WorkerError::Collective(e) => collective_error(e, abort),
                 e => RankError::failed(e),
             })?;
         let mut loss_buf = [loss as f32];
-        ring.all_reduce_mean(&mut loss_buf)
+        ring.borrow_mut()
+            .all_reduce_mean(&mut loss_buf)
             .map_err(|e| collective_error(e, abort))?;
         let done = trainer.step();
         progress.step.store(done, Ordering::Relaxed);

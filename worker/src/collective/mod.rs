@@ -34,6 +34,22 @@ pub trait Collective {
     fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
 }
 
+/// One collective shared by several users on one thread: the rank's ring carries both the loss
+/// and, for a resident engine on the CPU, the gradients (never at the same time).
+impl<C: Collective> Collective for std::rc::Rc<std::cell::RefCell<C>> {
+    fn rank(&self) -> usize {
+        self.borrow().rank()
+    }
+
+    fn world(&self) -> usize {
+        self.borrow().world()
+    }
+
+    fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.borrow_mut().all_reduce_mean(buf)
+    }
+}
+
 /// A cooperative stop flag shared between the node agent and the collective: `abort()` makes
 /// every wait in progress (and every later call) return [`CollectiveError::Aborted`].
 #[derive(Clone, Debug, Default)]

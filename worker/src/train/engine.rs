@@ -143,6 +143,33 @@ impl<B: AutodiffBackend> Engine for ResidentEngine<B> {
     }
 }
 
+/// `trainer` as a [`ResidentEngine`] on the CPU backend: the GPU's engine, run where there is no
+/// GPU (`dapt-worker --engine resident`), so that the agent's device path can be tested.
+pub fn on_cpu(
+    trainer: Trainer,
+    precision: crate::device::Precision,
+    activation_checkpointing: bool,
+    reducer: Option<Box<dyn GradReducer<crate::Cpu>>>,
+) -> Box<dyn Engine> {
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    use burn::backend::Autodiff;
+    let compute = precision.dtype();
+    let device = Default::default();
+    if activation_checkpointing {
+        type B = Autodiff<crate::Cpu, BalancedCheckpointing>;
+        Box::new(ResidentEngine {
+            trainer: ResidentTrainer::<B>::from_host(trainer, compute, &device),
+            reducer,
+        })
+    } else {
+        type B = Autodiff<crate::Cpu>;
+        Box::new(ResidentEngine {
+            trainer: ResidentTrainer::<B>::from_host(trainer, compute, &device),
+            reducer,
+        })
+    }
+}
+
 /// `trainer` moved onto GPU `ordinal` as a [`ResidentEngine`] computing in `precision`, with
 /// `reducer` between the two halves of each step (none for one rank); activation
 /// checkpointing picks Burn's autodiff strategy.
@@ -156,11 +183,7 @@ pub fn on_cuda(
 ) -> Box<dyn Engine> {
     use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
     use burn::backend::Autodiff;
-    use burn::tensor::FloatDType;
-    let compute = match precision {
-        crate::device::Precision::F32 => FloatDType::F32,
-        crate::device::Precision::Bf16 => FloatDType::BF16,
-    };
+    let compute = precision.dtype();
     let device = burn::backend::cuda::CudaDevice::new(ordinal);
     if activation_checkpointing {
         type B = Autodiff<crate::Gpu, BalancedCheckpointing>;
