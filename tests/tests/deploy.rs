@@ -1,0 +1,182 @@
+//! The launchers in deploy/ over the real binaries: `deploy/dapt-node.sh` (one worker per
+//! device of a node; the node is the unit of failure), the Slurm batch script, and the
+//! Kubernetes manifests against the Kubernetes API schemas.
+
+use std::process::Command;
+use std::time::Duration;
+
+use dapt_tests::{
+    alive, binary, check_ledger, coordinator, events, free_port, repo_root, serial, Cluster, Proc,
+    BATCH, LONG,
+};
+
+const TWO: &str = "cluster:\n  min_workers: 2\n  max_workers: 2\n  session_timeout_ms: 2000\n";
+
+/// `deploy/dapt-node.sh` for `c`'s job as node `name`: `workers` CPU workers on this machine.
+fn node(c: &Cluster, name: &str, workers: u32) -> Proc {
+    let mut cmd = Command::new(repo_root().join("deploy/dapt-node.sh"));
+    cmd.env("DAPT_COORDINATOR", &c.url)
+        .env("DAPT_JOB", c.job_name())
+        .env("DAPT_TOKEN", &c.token)
+        .env("DAPT_DEVICE", "cpu")
+        .env("DAPT_NODE_WORKERS", workers.to_string())
+        .env("DAPT_HOST", "127.0.0.1")
+        .env("DAPT_PORT", free_port().to_string())
+        .env("DAPT_NODE_NAME", name)
+        .env("DAPT_WORKER_BIN", binary("dapt-worker"))
+        .env("DAPT_LOG_FORMAT", "json")
+        .env("RAYON_NUM_THREADS", "1");
+    Proc::spawn(cmd)
+}
+
+/// The worker pids `dapt-node.sh` said it started.
+fn started(node: &Proc) -> Vec<u32> {
+    node.stderr()
+        .lines()
+        .filter_map(|l| l.strip_prefix("dapt-node: started "))
+        .filter_map(|l| l.split("(pid ").nth(1)?.split(')').next()?.parse().ok())
+        .collect()
+}
+
+fn joined(lines: &[serde_json::Value]) -> Vec<String> {
+    events(lines, "worker joined")
+        .iter()
+        .map(|f| f["worker"].as_str().expect("worker").to_string())
+        .collect()
+}
+
+#[test]
+fn one_node_script_runs_a_worker_per_device_and_the_job_completes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let mut c = coordinator(dir.path(), "node", 12, TWO);
+    let mut n = node(&c, "n0", 2);
+    let (status, _) = n.finish(LONG);
+    assert!(status.success(), "{status}\n{}", n.stderr());
+    assert_eq!(started(&n).len(), 2, "{}", n.stderr());
+    let (status, _) = c.coordinator.finish(LONG);
+    assert!(status.success(), "{status}");
+    let lines = c.coordinator.lines();
+    let mut ids = joined(&lines);
+    ids.sort();
+    assert_eq!(ids, ["n0-w0", "n0-w1"]);
+    let formed = events(&lines, "generation formed");
+    assert_eq!(formed.len(), 1);
+    assert_eq!(formed[0]["world"], 2);
+    check_ledger(&c.job.checkpoints.join("ledger.jsonl"), 12 * BATCH).expect("ledger");
+}
+
+#[test]
+fn a_failed_worker_takes_its_node_down_and_the_restarted_node_rejoins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let steps = 40;
+    let cluster = "cluster:\n  min_workers: 1\n  max_workers: 3\n  session_timeout_ms: 2000\n  formation_grace_ms: 3000\n";
+    let mut c = coordinator(dir.path(), "fail", steps, cluster);
+    let mut a = node(&c, "a", 1);
+    let mut b = node(&c, "b", 2);
+    c.coordinator.wait_for("a 3-rank generation", LONG, |l| {
+        events(l, "generation formed")
+            .iter()
+            .any(|f| f["world"] == 3)
+    });
+    c.coordinator.wait_for("step 3", LONG, |l| {
+        events(l, "step")
+            .iter()
+            .any(|f| f["step"].as_u64() >= Some(3))
+    });
+    let pids = started(&b);
+    assert_eq!(pids.len(), 2, "{}", b.stderr());
+    // One of b's workers dies: b stops the other and exits with the failure.
+    unsafe { libc::kill(pids[1] as i32, libc::SIGKILL) };
+    let (status, _) = b.finish(LONG);
+    assert!(!status.success(), "the node script reports the failure");
+    assert!(b.stderr().contains("stopping the others"), "{}", b.stderr());
+    assert!(!alive(pids[0]), "the node's other worker was stopped");
+    // Restarted (as a scheduler would), the node's workers join again.
+    let mut b = node(&c, "b", 2);
+    let (status, _) = b.finish(LONG);
+    assert!(status.success(), "{status}\n{}", b.stderr());
+    let (status, _) = a.finish(LONG);
+    assert!(status.success(), "{status}\n{}", a.stderr());
+    let (status, _) = c.coordinator.finish(LONG);
+    assert!(status.success(), "{status}");
+    let lines = c.coordinator.lines();
+    let worlds: Vec<u64> = events(&lines, "generation formed")
+        .iter()
+        .map(|f| f["world"].as_u64().expect("world"))
+        .collect();
+    println!("generations: {worlds:?}");
+    assert_eq!(worlds.first(), Some(&3));
+    assert!(
+        worlds.contains(&1),
+        "re-formed with node a alone: {worlds:?}"
+    );
+    check_ledger(&c.job.checkpoints.join("ledger.jsonl"), steps * BATCH).expect("ledger");
+}
+
+#[test]
+fn sigterm_stops_the_node_and_its_workers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let mut c = coordinator(dir.path(), "term", 400, TWO);
+    let mut n = node(&c, "n0", 2);
+    c.coordinator.wait_for("step 2", LONG, |l| {
+        events(l, "step")
+            .iter()
+            .any(|f| f["step"].as_u64() >= Some(2))
+    });
+    let pids = started(&n);
+    n.signal(libc::SIGTERM);
+    let (status, _) = n.finish(Duration::from_secs(60));
+    println!(
+        "node exited with {status}:\n{}",
+        n.stderr()
+            .lines()
+            .filter(|l| l.starts_with("dapt-node"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        n.stderr().contains("stopping the workers"),
+        "{}",
+        n.stderr()
+    );
+    for pid in pids {
+        assert!(!alive(pid), "worker {pid} outlived its node script");
+    }
+    c.coordinator.signal(libc::SIGTERM);
+    c.coordinator.finish(LONG);
+}
+
+/// Runs the Kubernetes manifests through `kubernetes-validate` (the API's OpenAPI schemas,
+/// offline; `.ci/run` installs it), strictly: an unknown field is an error.
+#[test]
+fn the_kubernetes_manifests_match_the_api_schemas() {
+    let dir = repo_root().join("deploy/k8s");
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("deploy/k8s")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    assert!(!files.is_empty());
+    let Ok(out) = Command::new("kubernetes-validate")
+        .args(["--strict", "--kubernetes-version", "1.31.0"])
+        .args(&files)
+        .output()
+    else {
+        if std::env::var_os("CI").is_some() {
+            panic!("kubernetes-validate is not installed (.ci/run installs it)");
+        }
+        println!("skipped: kubernetes-validate is not installed (pip install kubernetes-validate)");
+        return;
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("WARN") && !text.contains("ERROR"), "{text}");
+}
