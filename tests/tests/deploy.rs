@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use dapt_tests::{
-    alive, binary, check_ledger, coordinator, events, free_port, repo_root, serial, Cluster, Proc,
-    BATCH, LONG,
+    alive, binary, check_ledger, coordinator, events, free_port, repo_root, serial, write_job,
+    Cluster, Proc, BATCH, LONG,
 };
 
 const TWO: &str = "cluster:\n  min_workers: 2\n  max_workers: 2\n  session_timeout_ms: 2000\n";
@@ -147,6 +147,78 @@ fn sigterm_stops_the_node_and_its_workers() {
     }
     c.coordinator.signal(libc::SIGTERM);
     c.coordinator.finish(LONG);
+}
+
+/// Stands in for Slurm's `srun` on one machine: runs the task once per simulated node
+/// (`SHIM_NODES`), with the variables Slurm sets and a port range of its own per node (on a
+/// real cluster each node has its own addresses), and passes SIGTERM on.
+const SRUN: &str = r#"#!/usr/bin/env bash
+while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do shift; done
+pids=()
+for ((i = 0; i < SHIM_NODES; i++)); do
+  SLURMD_NODENAME=node$i SLURM_NODEID=$i SLURM_PROCID=$i DAPT_PORT=$((SHIM_PORT + 10 * i)) "$@" &
+  pids+=($!)
+done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM INT
+status=0
+for p in "${pids[@]}"; do
+  while :; do wait "$p"; rc=$?; kill -0 "$p" 2>/dev/null || break; done
+  [ "$rc" -eq 0 ] || status=$rc
+done
+exit $status
+"#;
+
+/// `deploy/slurm/dapt.sbatch` as the batch step of a two-node allocation: it prepares the
+/// corpus, runs the coordinator, and `srun` (the shim above: there is no Slurm here) runs
+/// `dapt-node.sh` on each node.
+#[test]
+fn the_slurm_batch_script_runs_the_job_over_its_nodes() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shim = dir.path().join("bin");
+    std::fs::create_dir_all(&shim).expect("shim dir");
+    std::fs::write(shim.join("srun"), SRUN).expect("srun");
+    std::fs::set_permissions(shim.join("srun"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let job = write_job(dir.path(), "slurm", 12, TWO);
+    let bin_dir = binary("dapt").parent().expect("bin dir").to_path_buf();
+    let path = format!(
+        "{}:{}",
+        shim.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let _serial = serial();
+    let mut cmd = Command::new(repo_root().join("deploy/slurm/dapt.sbatch"));
+    cmd.arg(&job.path)
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .env("SHIM_NODES", "2")
+        .env("SHIM_PORT", free_port().to_string())
+        .env("SLURM_SUBMIT_DIR", repo_root())
+        .env("SLURM_JOB_NUM_NODES", "2")
+        .env("DAPT_BIN_DIR", bin_dir)
+        .env("DAPT_COORDINATOR_HOST", "127.0.0.1")
+        .env("DAPT_COORDINATOR_PORT", free_port().to_string())
+        .env("DAPT_DEVICE", "cpu")
+        .env("DAPT_HOST", "127.0.0.1")
+        .env("DAPT_LOG_FORMAT", "json")
+        .env("RAYON_NUM_THREADS", "1");
+    let mut batch = Proc::spawn(cmd);
+    let (status, _) = batch.finish(LONG);
+    assert!(status.success(), "{status}\n{}", batch.stderr());
+    let lines = batch.lines();
+    let mut ids = joined(&lines);
+    ids.sort();
+    assert_eq!(ids, ["node0-w0", "node1-w0"]);
+    assert_eq!(events(&lines, "job completed").len(), 1);
+    let formed = events(&lines, "generation formed");
+    assert_eq!(formed.len(), 1);
+    assert_eq!(formed[0]["world"], 2);
+    check_ledger(&job.checkpoints.join("ledger.jsonl"), 12 * BATCH).expect("ledger");
+    for id in ["node0-w0", "node1-w0"] {
+        let log = job.checkpoints.join(format!("logs/{id}.log"));
+        assert!(log.is_file(), "{} is missing", log.display());
+    }
 }
 
 /// Runs the Kubernetes manifests through `kubernetes-validate` (the API's OpenAPI schemas,
