@@ -17,6 +17,8 @@
 #   DAPT_NODE_NAME     worker ids are NAME-w0, NAME-w1, ... (default: SLURMD_NODENAME, the pod's
 #                      HOSTNAME, or `hostname -s`): unique per node and the same after a restart
 #   DAPT_WORKER_BIN    the dapt-worker binary (default: dapt-worker on PATH)
+#   DAPT_CONNECT_TIMEOUT_S  how long each worker keeps trying to reach the coordinator at the
+#                      start (default 600: a coordinator may still be preparing the corpus)
 #   DAPT_LOG_FORMAT    text or json (default text); each worker's lines go to this script's
 #                      stderr, or to DAPT_LOG_DIR/<id>.log when DAPT_LOG_DIR is set
 #
@@ -60,7 +62,8 @@ for ((i = 0; i < workers; i++)); do
   dev=$([ "$device" = cuda ] && echo "cuda:$i" || echo cpu)
   args=(--log-format "$format" --coordinator "$DAPT_COORDINATOR" --id "$id"
         --listen "0.0.0.0:$((port + i))" --advertise "$host:$((port + i))"
-        --device "$dev" --precision "${DAPT_PRECISION:-f32}")
+        --device "$dev" --precision "${DAPT_PRECISION:-f32}"
+        --connect-timeout-s "${DAPT_CONNECT_TIMEOUT_S:-600}")
   if [ -n "${DAPT_LOG_DIR:-}" ]; then
     mkdir -p "$DAPT_LOG_DIR"
     "$bin" "${args[@]}" >>"$DAPT_LOG_DIR/$id.log" 2>&1 &

@@ -4,7 +4,7 @@
 //! re-form without it; once healed, it joins again, what it still sends for its old generation is
 //! refused as stale, and it is taken back in at the next re-formation. Every sample is committed
 //! exactly once. Skipped, saying why, where namespaces cannot be made (not root, no `ip` or
-//! `iptables`: `.ci/run` installs iptables).
+//! `iptables`: `.ci/run` installs iptables). The lab is `deploy/lab/netns.sh`.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -13,26 +13,27 @@ use dapt_tests::{binary, check_ledger, coordinator_on, events, random_step, seri
 
 const LONG: Duration = dapt_tests::LONG;
 
-/// Runs a command; an error carries what it printed.
-fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
+/// `deploy/lab/netns.sh ARGS`; an error carries what it printed.
+fn lab(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(dapt_tests::repo_root().join("deploy/lab/netns.sh"))
+        .args(args)
         .output()
-        .map_err(|e| format!("{}: {e}", args[0]))?;
+        .map_err(|e| format!("deploy/lab/netns.sh: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "`{}`: {}",
+            "`deploy/lab/netns.sh {}`: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
 }
 
-/// A bridge with `hosts` network namespaces on it, removed on drop.
+/// The lab of `deploy/lab/netns.sh`: a bridge with `hosts` network namespaces on it, removed
+/// on drop.
 struct Net {
-    bridge: String,
+    tag: String,
     namespaces: Vec<String>,
     /// The first three octets of the subnet.
     subnet: String,
@@ -41,40 +42,12 @@ struct Net {
 impl Net {
     fn new(hosts: usize) -> Result<Net, String> {
         let tag = std::process::id() % 10_000;
-        let mut net = Net {
-            bridge: format!("dbr{tag}"),
-            namespaces: Vec::new(),
+        let net = Net {
+            tag: tag.to_string(),
+            namespaces: (0..hosts).map(|i| format!("dapt{tag}h{i}")).collect(),
             subnet: format!("10.213.{}", tag % 250),
         };
-        sh(&["ip", "link", "add", &net.bridge, "type", "bridge"])?;
-        let gateway = format!("{}.1/24", net.subnet);
-        sh(&["ip", "addr", "add", &gateway, "dev", &net.bridge])?;
-        sh(&["ip", "link", "set", &net.bridge, "up"])?;
-        for i in 0..hosts {
-            let ns = format!("dapt{tag}h{i}");
-            sh(&["ip", "netns", "add", &ns])?;
-            net.namespaces.push(ns.clone());
-            let (outer, inner) = (format!("dv{tag}h{i}"), format!("dp{tag}h{i}"));
-            sh(&[
-                "ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner,
-            ])?;
-            sh(&["ip", "link", "set", &inner, "netns", &ns])?;
-            sh(&["ip", "link", "set", &outer, "master", &net.bridge, "up"])?;
-            let addr = format!("{}/24", net.host(i));
-            sh(&["ip", "-n", &ns, "addr", "add", &addr, "dev", &inner])?;
-            sh(&["ip", "-n", &ns, "link", "set", &inner, "up"])?;
-            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-        }
-        // iptables must work in there, or the partition cannot be made.
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &net.namespaces[0],
-            "iptables",
-            "-L",
-            "-n",
-        ])?;
+        lab(&["up", &net.tag, &hosts.to_string()])?;
         Ok(net)
     }
 
@@ -88,33 +61,17 @@ impl Net {
 
     /// Drops every packet in and out of host `i`.
     fn cut(&self, i: usize) {
-        for chain in ["INPUT", "OUTPUT"] {
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &self.namespaces[i],
-                "iptables",
-                "-A",
-                chain,
-                "-j",
-                "DROP",
-            ])
-            .expect("iptables");
-        }
+        lab(&["cut", &self.tag, &i.to_string()]).expect("cut");
     }
 
     fn heal(&self, i: usize) {
-        sh(&["ip", "netns", "exec", &self.namespaces[i], "iptables", "-F"]).expect("iptables");
+        lab(&["heal", &self.tag, &i.to_string()]).expect("heal");
     }
 }
 
 impl Drop for Net {
     fn drop(&mut self) {
-        for ns in &self.namespaces {
-            let _ = sh(&["ip", "netns", "del", ns]);
-        }
-        let _ = sh(&["ip", "link", "del", &self.bridge]);
+        let _ = lab(&["down", &self.tag]);
     }
 }
 
