@@ -230,11 +230,21 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
             Ok(report_outcome(&outcome, &job, None, None))
         }
         Command::Status { url, json } => {
+            // Bounded: a standby coordinator accepts connections but answers only once it
+            // leads (Kubernetes' readiness probe relies on this failing).
+            let limit = std::time::Duration::from_secs(10);
             let reply = runtime()?.block_on(async {
-                let mut client = rpc::CoordinatorClient::connect(url.clone())
-                    .await
-                    .with_context(|| format!("connecting to {url}"))?;
-                anyhow::Ok(client.status(rpc::StatusRequest {}).await?.into_inner())
+                let ask = async {
+                    let mut client = rpc::CoordinatorClient::connect(url.clone())
+                        .await
+                        .with_context(|| format!("connecting to {url}"))?;
+                    anyhow::Ok(client.status(rpc::StatusRequest {}).await?.into_inner())
+                };
+                tokio::time::timeout(limit, ask).await.map_err(|_| {
+                    anyhow::anyhow!(
+                        "{url} did not answer within {limit:?} (a standby coordinator answers only once it leads)"
+                    )
+                })?
             })?;
             if json {
                 println!("{}", status_json(&reply));

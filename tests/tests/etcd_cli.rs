@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use dapt_proto::job::EtcdSpec;
 use dapt_tests::{
-    binary, check_entries, coordinator, events, free_port, random_step, serial, standby, Cluster,
-    Etcd, Proc, BATCH, LONG,
+    binary, check_entries, coordinator, dapt, events, free_port, random_step, serial, standby,
+    text, Cluster, Etcd, Proc, BATCH, LONG,
 };
 
 const TTL_S: u64 = 2;
@@ -158,6 +158,17 @@ fn a_standby_takes_over_from_a_killed_leader_and_training_goes_on() {
     standby.wait_for("the standby to wait", LONG, |l| {
         !events(l, "standby: another coordinator leads").is_empty()
     });
+    // A standby does not answer `dapt status` (Kubernetes' readiness probe relies on it), and
+    // the command says so instead of hanging.
+    let asked = Instant::now();
+    let out = dapt(&["status", &format!("http://127.0.0.1:{port}")]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("answers only once it leads"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(asked.elapsed() < Duration::from_secs(20));
     let mut w0 = leader.member("w0");
     let mut w1 = leader.member("w1");
     let kill_at = random_step(100, 160);
