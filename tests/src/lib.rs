@@ -637,6 +637,42 @@ impl Cluster {
         self.worker(id, &name, &self.token.clone())
     }
 
+    /// Waits until the coordinator logged step `step` or a later one.
+    pub fn wait_step(&mut self, step: u64) {
+        self.coordinator
+            .wait_for(&format!("step {step}"), LONG, |l| {
+                events(l, "step")
+                    .iter()
+                    .any(|f| f["step"].as_u64() >= Some(step))
+            });
+    }
+
+    /// SIGKILLs `victim` once step `at` is logged, waits until the coordinator has re-formed
+    /// and resumed without it, and starts a worker with id `id` again (it joins at the next
+    /// commit).
+    pub fn kill_and_restart(&mut self, victim: Proc, id: &str, at: u64) -> Proc {
+        self.wait_step(at);
+        victim.signal(libc::SIGKILL);
+        drop(victim);
+        self.coordinator
+            .wait_for("the recovery to resume", LONG, |l| {
+                events(l, "recovery")
+                    .iter()
+                    .any(|f| f["phase"] == "resumed")
+            });
+        self.member(id)
+    }
+
+    /// Waits for the job to complete and the coordinator to exit 0; returns its log lines.
+    pub fn complete(&mut self) -> Vec<serde_json::Value> {
+        self.coordinator.wait_for("the job to complete", LONG, |l| {
+            !events(l, "job completed").is_empty()
+        });
+        let (status, _) = self.coordinator.finish(LONG);
+        assert!(status.success(), "{status}");
+        self.coordinator.lines()
+    }
+
     pub fn job_name(&self) -> String {
         self.job
             .path

@@ -60,14 +60,6 @@ fn registered(etcd: &Etcd, job: &str, id: &str) -> bool {
     })
 }
 
-fn wait_step(c: &mut Cluster, at: u64) {
-    c.coordinator.wait_for(&format!("step {at}"), LONG, |l| {
-        events(l, "step")
-            .iter()
-            .any(|f| f["step"].as_u64() >= Some(at))
-    });
-}
-
 fn detected(lines: &[serde_json::Value]) -> Vec<serde_json::Value> {
     events(lines, "recovery")
         .into_iter()
@@ -84,7 +76,7 @@ fn a_hung_worker_loses_its_lease_and_the_job_re_forms_within_the_ttl() {
     let mut c = coordinator(dir.path(), "hung", 40, &cluster_yaml(&etcd, 120_000));
     let _w0 = c.member("w0");
     let w1 = c.member("w1");
-    wait_step(&mut c, random_step(3, 15));
+    c.wait_step(random_step(3, 15));
     assert!(registered(&etcd, "hung", "w1"));
     w1.signal(libc::SIGSTOP);
     let stopped = Instant::now();
@@ -118,7 +110,7 @@ fn a_worker_stopped_with_sigterm_revokes_its_lease_at_once() {
     let mut c = coordinator(dir.path(), "term", 40, &cluster_yaml(&etcd, 120_000));
     let _w0 = c.member("w0");
     let mut w1 = c.member("w1");
-    wait_step(&mut c, 3);
+    c.wait_step(3);
     let sent = Instant::now();
     w1.signal(libc::SIGTERM);
     let (status, _) = w1.finish(LONG);
@@ -172,7 +164,7 @@ fn a_standby_takes_over_from_a_killed_leader_and_training_goes_on() {
     let mut w0 = leader.member("w0");
     let mut w1 = leader.member("w1");
     let kill_at = random_step(100, 160);
-    wait_step(&mut leader, kill_at);
+    leader.wait_step(kill_at);
     leader.coordinator.signal(libc::SIGKILL);
     let killed = Instant::now();
     standby.wait_for("the standby to lead", LONG, |l| {
@@ -244,7 +236,7 @@ fn an_etcd_outage_longer_than_the_lease_is_ridden_out() {
     let (standby, _) = standby(&c);
     let _w0 = c.member("w0");
     let _w1 = c.member("w1");
-    wait_step(&mut c, random_step(3, 15));
+    c.wait_step(random_step(3, 15));
     etcd.stop();
     let before = last_step(&c).expect("steps");
     // More than twice the lease TTL, and many steps.
@@ -328,7 +320,7 @@ fn a_generation_written_behind_the_leaders_back_makes_it_step_down() {
     let mut c = coordinator(dir.path(), "cas", 400, &cluster_yaml(&etcd, 5_000));
     let _w0 = c.member("w0");
     let w1 = c.member("w1");
-    wait_step(&mut c, 3);
+    c.wait_step(3);
     // Another writer bumps the generation: the leader's view of it is stale from now on.
     let key = dapt_proto::job::keys::generation("/dapt-test", "cas");
     let forged = r#"{"generation":99,"ranks":["x"],"peers":["127.0.0.1:1"],"resume_step":0}"#;

@@ -93,27 +93,8 @@ fn a_killed_worker_is_recovered_from_and_a_restarted_one_rejoins() {
     let _w0 = c.member("w0");
     let w1 = c.member("w1");
     let kill_at = random_step(3, 25);
-    c.coordinator
-        .wait_for(&format!("step {kill_at}"), LONG, |l| {
-            events(l, "step")
-                .iter()
-                .any(|f| f["step"].as_u64() >= Some(kill_at))
-        });
-    w1.signal(libc::SIGKILL);
-    drop(w1);
-    c.coordinator.wait_for("the recovery to resume", LONG, |l| {
-        events(l, "recovery")
-            .iter()
-            .any(|f| f["phase"] == "resumed")
-    });
-    // Started again, it waits as a standby and joins at the next commit.
-    let _w1_again = c.member("w1");
-    c.coordinator.wait_for("the job to complete", LONG, |l| {
-        !events(l, "job completed").is_empty()
-    });
-    let (status, _) = c.coordinator.finish(LONG);
-    let lines = c.coordinator.lines();
-    assert!(status.success(), "{status}");
+    let _w1_again = c.kill_and_restart(w1, "w1", kill_at);
+    let lines = c.complete();
 
     let recovery = events(&lines, "recovery");
     let phases: Vec<&str> = recovery

@@ -143,6 +143,34 @@ impl<B: AutodiffBackend> Engine for ResidentEngine<B> {
     }
 }
 
+/// `trainer` moved to `device` of backend `B` as a [`ResidentEngine`] computing in
+/// `precision`, with `reducer` between the two halves of each step (none for one rank);
+/// activation checkpointing picks Burn's autodiff strategy.
+fn resident<B: burn::tensor::backend::Backend>(
+    trainer: Trainer,
+    device: &B::Device,
+    precision: crate::device::Precision,
+    activation_checkpointing: bool,
+    reducer: Option<Box<dyn GradReducer<B>>>,
+) -> Box<dyn Engine> {
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    use burn::backend::Autodiff;
+    let compute = precision.dtype();
+    if activation_checkpointing {
+        Box::new(ResidentEngine {
+            trainer: ResidentTrainer::<Autodiff<B, BalancedCheckpointing>>::from_host(
+                trainer, compute, device,
+            ),
+            reducer,
+        })
+    } else {
+        Box::new(ResidentEngine {
+            trainer: ResidentTrainer::<Autodiff<B>>::from_host(trainer, compute, device),
+            reducer,
+        })
+    }
+}
+
 /// `trainer` as a [`ResidentEngine`] on the CPU backend: the GPU's engine, run where there is no
 /// GPU (`dapt-worker --engine resident`), so that the agent's device path can be tested.
 pub fn on_cpu(
@@ -151,28 +179,17 @@ pub fn on_cpu(
     activation_checkpointing: bool,
     reducer: Option<Box<dyn GradReducer<crate::Cpu>>>,
 ) -> Box<dyn Engine> {
-    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
-    use burn::backend::Autodiff;
-    let compute = precision.dtype();
     let device = Default::default();
-    if activation_checkpointing {
-        type B = Autodiff<crate::Cpu, BalancedCheckpointing>;
-        Box::new(ResidentEngine {
-            trainer: ResidentTrainer::<B>::from_host(trainer, compute, &device),
-            reducer,
-        })
-    } else {
-        type B = Autodiff<crate::Cpu>;
-        Box::new(ResidentEngine {
-            trainer: ResidentTrainer::<B>::from_host(trainer, compute, &device),
-            reducer,
-        })
-    }
+    resident(
+        trainer,
+        &device,
+        precision,
+        activation_checkpointing,
+        reducer,
+    )
 }
 
-/// `trainer` moved onto GPU `ordinal` as a [`ResidentEngine`] computing in `precision`, with
-/// `reducer` between the two halves of each step (none for one rank); activation
-/// checkpointing picks Burn's autodiff strategy.
+/// `trainer` on GPU `ordinal` (see [`resident`]).
 #[cfg(feature = "cuda")]
 pub fn on_cuda(
     trainer: Trainer,
@@ -181,21 +198,12 @@ pub fn on_cuda(
     activation_checkpointing: bool,
     reducer: Option<Box<dyn GradReducer<crate::Gpu>>>,
 ) -> Box<dyn Engine> {
-    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
-    use burn::backend::Autodiff;
-    let compute = precision.dtype();
     let device = burn::backend::cuda::CudaDevice::new(ordinal);
-    if activation_checkpointing {
-        type B = Autodiff<crate::Gpu, BalancedCheckpointing>;
-        Box::new(ResidentEngine {
-            trainer: ResidentTrainer::<B>::from_host(trainer, compute, &device),
-            reducer,
-        })
-    } else {
-        type B = Autodiff<crate::Gpu>;
-        Box::new(ResidentEngine {
-            trainer: ResidentTrainer::<B>::from_host(trainer, compute, &device),
-            reducer,
-        })
-    }
+    resident(
+        trainer,
+        &device,
+        precision,
+        activation_checkpointing,
+        reducer,
+    )
 }
