@@ -85,7 +85,7 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
         );
     }
     let token = random_token()?;
-    let coordinator = server::start(job.clone(), token.clone(), options.listen, None).await?;
+    let coordinator = server::start(job.clone(), token.clone(), options.listen, None, None).await?;
     let url = format!("http://{}", coordinator.addr);
     let logs = job.checkpoint.dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;

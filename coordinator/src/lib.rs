@@ -8,6 +8,7 @@ pub mod control;
 pub mod etcd;
 pub mod launch;
 pub mod ledger;
+pub mod metrics;
 pub mod plan;
 pub mod server;
 

@@ -91,6 +91,10 @@ enum Command {
         /// etcd membership it is published as the leader's address.
         #[arg(long)]
         advertise: Option<String>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (step, loss, throughput, members,
+        /// recoveries, commits, held-out perplexity; docs/control-plane.md), e.g. 0.0.0.0:9090.
+        #[arg(long, env = "DAPT_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// What a running job is doing: phase, generation, members, step, loss, throughput and the
     /// last committed checkpoint.
@@ -207,6 +211,7 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
             listen,
             token,
             advertise,
+            metrics_listen,
         } => {
             let spec = JobSpec::load(&job)?;
             anyhow::ensure!(
@@ -214,7 +219,7 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
                 "--token (or DAPT_TOKEN) must not be empty"
             );
             let outcome = runtime()?.block_on(async {
-                let handle = server::start(spec, token, listen, advertise).await?;
+                let handle = server::start(spec, token, listen, advertise, metrics_listen).await?;
                 let stopper = handle.events();
                 tokio::spawn(async move {
                     let mut term =

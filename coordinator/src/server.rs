@@ -99,6 +99,7 @@ pub async fn start(
     token: String,
     listen: SocketAddr,
     advertise: Option<String>,
+    metrics_listen: Option<SocketAddr>,
 ) -> anyhow::Result<Handle> {
     let training = job
         .training
@@ -175,6 +176,20 @@ pub async fn start(
         store.watch_members(events.clone());
     }
     let (status_tx, status_rx) = watch::channel(snapshot(&state));
+    let metrics = Arc::new(crate::metrics::Metrics::new(&job.job));
+    if let Some(addr) = metrics_listen {
+        let listener = crate::metrics::bind(addr).await?;
+        let mut ended = status_rx.clone();
+        // Until the control loop is gone (it owns the status sender).
+        let stop = async move { while ended.changed().await.is_ok() {} };
+        tracing::info!(addr = %listener.local_addr()?, "serving /metrics");
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics.clone(),
+            status_rx.clone(),
+            stop,
+        ));
+    }
     let service = Service {
         events: events.clone(),
         sessions: sessions.clone(),
@@ -200,9 +215,12 @@ pub async fn start(
     let done = tokio::spawn(control_loop(
         state,
         rx,
-        sessions,
-        store,
-        keep,
+        Executor {
+            sessions,
+            store,
+            keep,
+            metrics,
+        },
         status_tx,
         stop_server,
         lost,
@@ -214,20 +232,13 @@ pub async fn start(
 async fn control_loop(
     mut state: JobState,
     mut rx: mpsc::UnboundedReceiver<Event>,
-    sessions: Sessions,
-    store: Store,
-    keep: usize,
+    mut exec: Executor,
     status: watch::Sender<StatusReply>,
     stop_server: oneshot::Sender<()>,
     mut lost: Option<watch::Receiver<bool>>,
 ) -> Outcome {
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut exec = Executor {
-        sessions,
-        store,
-        keep,
-    };
     let mut deposed = None;
     while !state.phase.is_over() {
         let event = tokio::select! {
@@ -340,6 +351,7 @@ struct Executor {
     sessions: Sessions,
     store: Store,
     keep: usize,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Executor {
@@ -435,7 +447,10 @@ impl Executor {
                     checkpoint: dir,
                 }),
             ),
-            Action::Log(line) => log(line),
+            Action::Log(line) => {
+                self.metrics.observe(&line);
+                log(line)
+            }
         }
         Ok(())
     }

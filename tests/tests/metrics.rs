@@ -1,0 +1,84 @@
+//! `dapt coordinator --metrics-listen` (here through `DAPT_METRICS_LISTEN`): its Prometheus
+//! metrics scraped over HTTP while real workers train, and again after one is killed.
+
+use std::io::{Read, Write};
+
+use dapt_tests::{coordinator_with, events, free_port, serial, LONG};
+
+/// `GET /metrics` from 127.0.0.1:`port`: the status line and the body.
+fn scrape(port: u16) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).expect("reply");
+    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// The value of the sample `series` (name and labels, as exposed).
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample `{series}` in:\n{text}"))
+}
+
+#[test]
+fn the_coordinator_serves_progress_members_and_recoveries_as_prometheus_metrics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut c = coordinator_with(
+        dir.path(),
+        "metrics",
+        60,
+        "cluster:\n  min_workers: 1\n  max_workers: 2\n  session_timeout_ms: 2000\n  formation_grace_ms: 10000\n",
+        "127.0.0.1",
+        &[("DAPT_METRICS_LISTEN", &listen)],
+    );
+    let _w0 = c.member("w0");
+    let w1 = c.member("w1");
+    c.coordinator.wait_for("a commit", LONG, |l| {
+        !events(l, "checkpoint committed").is_empty()
+    });
+    let (status, text) = scrape(port);
+    println!("{text}");
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(value(&text, r#"dapt_job{name="metrics"}"#), 1.0);
+    assert_eq!(value(&text, r#"dapt_phase{phase="running"}"#), 1.0);
+    assert_eq!(value(&text, r#"dapt_phase{phase="recovering"}"#), 0.0);
+    assert_eq!(value(&text, "dapt_members"), 2.0);
+    assert_eq!(value(&text, "dapt_ranks"), 2.0);
+    assert_eq!(value(&text, "dapt_world_size"), 2.0);
+    assert_eq!(value(&text, "dapt_total_steps"), 60.0);
+    assert!(value(&text, "dapt_step") >= 5.0);
+    assert!(value(&text, "dapt_committed_step") >= 5.0);
+    assert!(value(&text, "dapt_checkpoints_committed_total") >= 1.0);
+    let loss = value(&text, "dapt_loss");
+    assert!(loss.is_finite() && loss > 0.0, "{loss}");
+    assert!(value(&text, "dapt_tokens_per_second") > 0.0);
+    assert!(value(&text, "dapt_learning_rate") > 0.0);
+    assert_eq!(value(&text, "dapt_recoveries_total"), 0.0);
+
+    let _w1_again = c.kill_and_restart(w1, "w1", 15);
+    let (_, text) = scrape(port);
+    println!("{text}");
+    assert_eq!(value(&text, "dapt_recoveries_total"), 1.0);
+    assert_eq!(value(&text, "dapt_workers_lost_total"), 1.0);
+    assert!(value(&text, "dapt_generation") >= 2.0);
+    let resumed = value(&text, r#"dapt_recovery_seconds{phase="resumed"}"#);
+    assert!(resumed > 0.0 && resumed < 30.0, "{resumed}");
+    c.complete();
+    // The server goes with the coordinator.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}
