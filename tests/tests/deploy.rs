@@ -108,10 +108,14 @@ fn a_failed_worker_takes_its_node_down_and_the_restarted_node_rejoins() {
         .collect();
     println!("generations: {worlds:?}");
     assert_eq!(worlds.first(), Some(&3));
-    assert!(
-        worlds.contains(&1),
-        "re-formed with node a alone: {worlds:?}"
-    );
+    // Re-formed after the kill (with node a alone, or with the restarted node b already back:
+    // which one depends on how fast b comes back), and b's workers trained again.
+    assert!(worlds.len() >= 2, "no re-formation: {worlds:?}");
+    let b_joins = joined(&lines)
+        .iter()
+        .filter(|w| w.starts_with("b-"))
+        .count();
+    assert_eq!(b_joins, 4, "b's two workers joined twice each");
     check_ledger(&c.job.checkpoints.join("ledger.jsonl"), steps * BATCH).expect("ledger");
 }
 
