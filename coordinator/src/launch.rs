@@ -24,7 +24,7 @@ pub struct LaunchOptions {
     pub no_export: bool,
     pub device: LaunchDevice,
     /// Compute dtype on GPUs (`dapt-worker --precision`).
-    pub precision: String,
+    pub precision: dapt_proto::device::Precision,
 }
 
 /// Where `dapt launch`'s workers train.
@@ -66,11 +66,6 @@ pub struct Launched {
 
 pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<Launched> {
     anyhow::ensure!(options.workers > 0, "--workers must be at least 1");
-    anyhow::ensure!(
-        matches!(options.precision.as_str(), "f32" | "fp32" | "tf32" | "bf16"),
-        "--precision `{}`: use f32 or bf16",
-        options.precision
-    );
     let worker_exe = sibling("dapt-worker")?;
     // Without a limit in the job, this launch's workers are all the ranks there will be: form as
     // soon as they are all in.
@@ -111,7 +106,7 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
                 "--device",
                 &options.device.for_worker(i),
                 "--precision",
-                &options.precision,
+                &options.precision.to_string(),
             ])
             .env("DAPT_JOB", &job.job)
             .env("DAPT_TOKEN", &token)

@@ -75,7 +75,7 @@ enum Command {
         device: launch::LaunchDevice,
         /// Compute dtype on GPUs: f32 or bf16.
         #[arg(long, default_value = "f32")]
-        precision: String,
+        precision: dapt_proto::device::Precision,
     },
     /// Run the job's coordinator for a cluster: workers join with
     /// `dapt-worker --coordinator http://HOST:PORT --job NAME` and the same token.

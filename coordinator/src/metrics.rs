@@ -294,7 +294,7 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` fires.
+/// Serves `GET /metrics` on `listener` until `stop` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,

@@ -16,7 +16,7 @@ use dapt_proto::rpc::{
     self, coordinator_message, worker_message, CoordinatorMessage, CoordinatorServer, ErrorCode,
     Generation, Refusal, StatusReply, StatusRequest, WorkerId, WorkerMessage,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -176,18 +176,20 @@ pub async fn start(
         store.watch_members(events.clone());
     }
     let (status_tx, status_rx) = watch::channel(snapshot(&state));
+    // The gRPC and metrics servers run until the control loop says stop (or is gone).
+    let (stop_servers, servers_stop) = watch::channel(false);
+    let until_stopped = |mut stop: watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
     let metrics = Arc::new(crate::metrics::Metrics::new(&job.job));
     if let Some(addr) = metrics_listen {
         let listener = crate::metrics::bind(addr).await?;
-        let mut ended = status_rx.clone();
-        // Until the control loop is gone (it owns the status sender).
-        let stop = async move { while ended.changed().await.is_ok() {} };
         tracing::info!(addr = %listener.local_addr()?, "serving /metrics");
         tokio::spawn(crate::metrics::serve(
             listener,
             metrics.clone(),
             status_rx.clone(),
-            stop,
+            until_stopped(servers_stop.clone()),
         ));
     }
     let service = Service {
@@ -198,13 +200,13 @@ pub async fn start(
         joined: Arc::new(serde_json::to_string(&job).expect("a job spec serializes")),
         heartbeat_ms: c.heartbeat_ms as u32,
     };
-    let (stop_server, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(CoordinatorServer::new(service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stopped.await;
-            })
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                until_stopped(servers_stop),
+            )
             .await;
         if let Err(e) = result {
             tracing::error!("gRPC server: {e}");
@@ -222,7 +224,7 @@ pub async fn start(
             metrics,
         },
         status_tx,
-        stop_server,
+        stop_servers,
         lost,
     ));
     Ok(Handle { addr, events, done })
@@ -234,7 +236,7 @@ async fn control_loop(
     mut rx: mpsc::UnboundedReceiver<Event>,
     mut exec: Executor,
     status: watch::Sender<StatusReply>,
-    stop_server: oneshot::Sender<()>,
+    stop_servers: watch::Sender<bool>,
     mut lost: Option<watch::Receiver<bool>>,
 ) -> Outcome {
     let mut ticker = tokio::time::interval(TICK);
@@ -272,7 +274,7 @@ async fn control_loop(
     }
     if let Some(reason) = deposed {
         exec.sessions.lock().expect("sessions").clear();
-        let _ = stop_server.send(());
+        stop_servers.send_replace(true);
         return Outcome::Failed(reason);
     }
     // Let the last orders (finish, abort) reach the workers before the server goes.
@@ -289,7 +291,7 @@ async fn control_loop(
         }
     }
     exec.sessions.lock().expect("sessions").clear();
-    let _ = stop_server.send(());
+    stop_servers.send_replace(true);
     if let Store::Etcd { committer, .. } = &exec.store {
         // The job's end is only as durable as its last commit: wait for etcd to take it.
         let flush = committer.flush();

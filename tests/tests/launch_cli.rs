@@ -309,5 +309,7 @@ fn launch_on_cuda_without_a_usable_gpu_fails_clearly_and_trains_nothing() {
         .output()
         .expect("launch");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--precision `fp8`"));
+    // Named with its flag and value (clap's words, from the shared `Precision` parser).
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("'fp8' for '--precision"), "{err}");
 }

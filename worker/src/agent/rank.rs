@@ -21,13 +21,11 @@ use dapt_proto::job::JobSpec;
 use dapt_proto::rpc::{self, worker_message::Kind, Assignment};
 
 use crate::checkpoint;
-use crate::collective::{
-    AbortHandle, Collective, CollectiveError, RingConfig, RingListener, TcpRing,
-};
+use crate::collective::{AbortHandle, Collective, CollectiveError, RingConfig, RingListener};
 use crate::device::{DeviceSpec, EngineKind, Precision};
-use crate::train::engine::Engine;
+use crate::train::engine::{Engine, HostEngine};
 use crate::train::run::{evaluate, initial_model, restore};
-use crate::train::{MicroBatch, StepStats, Trainer};
+use crate::train::{MicroBatch, Trainer};
 
 /// Why a generation's training ended early.
 #[derive(Debug, thiserror::Error)]
@@ -62,55 +60,6 @@ pub struct Placement {
     pub precision: Precision,
     /// Resolved for `device` ([`EngineKind::resolve`]).
     pub engine: EngineKind,
-}
-
-impl Default for Placement {
-    fn default() -> Self {
-        Placement {
-            device: DeviceSpec::Cpu,
-            precision: Precision::F32,
-            engine: EngineKind::Host,
-        }
-    }
-}
-
-/// The rank's training state: the host trainer, whose gradients the ring all-reduces between the
-/// halves of the step, or a device engine with its own reducer.
-enum RankEngine {
-    Host(Box<Trainer>),
-    Device(Box<dyn Engine>),
-}
-
-impl RankEngine {
-    fn engine(&self) -> &dyn Engine {
-        match self {
-            RankEngine::Host(t) => t.as_ref(),
-            RankEngine::Device(e) => e.as_ref(),
-        }
-    }
-
-    fn step(&self) -> u64 {
-        self.engine().step()
-    }
-
-    /// One step over this rank's `micro`; returns this rank's share of the loss. `ring` is
-    /// borrowed only by the host trainer (a device engine's reducer may be the ring too).
-    fn train_step(
-        &mut self,
-        micro: &[MicroBatch],
-        denominator: f64,
-        step_tokens: u64,
-        ring: &RefCell<TcpRing>,
-    ) -> crate::error::Result<(f64, StepStats)> {
-        match self {
-            RankEngine::Host(trainer) => {
-                let (loss, mut grads) = trainer.gradients(micro, denominator);
-                ring.borrow_mut().all_reduce_mean(&mut grads)?;
-                Ok((loss, trainer.apply(&mut grads, step_tokens)))
-            }
-            RankEngine::Device(engine) => engine.train_step(micro, denominator, step_tokens),
-        }
-    }
 }
 
 /// Trains `a` to the job's end. `report` sends a message to the coordinator.
@@ -164,20 +113,23 @@ pub fn train(
             .connect(cfg, abort.clone())
             .map_err(|e| collective_error(e, abort))?,
     ));
-    let mut trainer = match (placement.device, placement.engine) {
-        (DeviceSpec::Cpu, EngineKind::Host) => RankEngine::Host(Box::new(trainer)),
+    let mut trainer: Box<dyn Engine> = match (placement.device, placement.engine) {
+        (DeviceSpec::Cpu, EngineKind::Host) => Box::new(HostEngine {
+            trainer,
+            reducer: (a.world > 1).then(|| Box::new(ring.clone()) as Box<_>),
+        }),
         (DeviceSpec::Cpu, EngineKind::Resident) => {
             use crate::train::resident::{GradReducer, HostStaged};
             let reducer: Option<Box<dyn GradReducer<crate::Cpu>>> =
                 (a.world > 1).then(|| Box::new(HostStaged(ring.clone())) as Box<_>);
-            RankEngine::Device(crate::train::engine::on_cpu(
+            crate::train::engine::on_cpu(
                 trainer,
                 placement.precision,
                 training.activation_checkpointing,
                 reducer,
-            ))
+            )
         }
-        (DeviceSpec::Cuda(ordinal), _) => RankEngine::Device(on_gpu(
+        (DeviceSpec::Cuda(ordinal), _) => on_gpu(
             trainer,
             ordinal,
             placement.precision,
@@ -186,7 +138,7 @@ pub fn train(
             &mut *ring.borrow_mut(),
             abort,
             Duration::from_secs(job.cluster.collective_timeout_s),
-        )?),
+        )?,
     };
     let corpus_tokenizer = job
         .corpus
@@ -195,11 +147,11 @@ pub fn train(
     let tokenizer = corpus_tokenizer
         .is_file()
         .then_some(corpus_tokenizer.as_path());
-    let eval = |trainer: &RankEngine, step: u64| {
+    let eval = |trainer: &dyn Engine, step: u64| {
         if a.rank != 0 {
             return;
         }
-        for (source, p) in evaluate(trainer.engine(), &reader, &training, step).sources {
+        for (source, p) in evaluate(trainer, &reader, &training, step).sources {
             report(Kind::Eval(rpc::EvalReport {
                 generation: a.generation,
                 step,
@@ -211,7 +163,7 @@ pub fn train(
     };
     if a.resume_step == 0 && training.eval_every > 0 {
         // The base model's held-out perplexity: what continued pretraining is measured against.
-        eval(&trainer, 0);
+        eval(trainer.as_ref(), 0);
     }
 
     let step_tokens = training.tokens_per_step();
@@ -233,7 +185,7 @@ pub fn train(
         );
         let denominator = step_tokens as f64 / a.world as f64;
         let (loss, stats) = trainer
-            .train_step(&micro, denominator, step_tokens, &ring)
+            .train_step(&micro, denominator, step_tokens)
             .map_err(|e| match e {
                 // The ring's, or NCCL's inside a device engine: a peer may be gone.
                 crate::error::WorkerError::Collective(e) => collective_error(e, abort),
@@ -257,12 +209,12 @@ pub fn train(
             tokens: step_tokens,
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
         }));
-        if done == total || (training.eval_every > 0 && done % training.eval_every == 0) {
-            eval(&trainer, done);
+        if done == total || (training.eval_every > 0 && done.is_multiple_of(training.eval_every)) {
+            eval(trainer.as_ref(), done);
         }
-        if done % job.checkpoint.every == 0 || done == total {
+        if done.is_multiple_of(job.checkpoint.every) || done == total {
             // One host copy of a device engine's state serves the checkpoint and the digest.
-            let host = trainer.engine().host();
+            let host = trainer.host();
             let dir = if a.rank == 0 {
                 // Rank 0 writes; every rank vouches with its weights' digest.
                 let dir = checkpoint::save(&job.checkpoint.dir, &host, job.seed, tokenizer)

@@ -1,5 +1,5 @@
-//! One rank's training state as the loop in `run.rs` sees it, wherever it lives: the host
-//! [`Trainer`] on the CPU backend, or a [`ResidentTrainer`] on a GPU with an optional gradient
+//! One rank's training state as the training loops see it, wherever it lives: the host
+//! [`Trainer`] on the CPU backend with an optional gradient reducer, or a [`ResidentTrainer`] on a GPU with an optional gradient
 //! reducer between the two halves of the step.
 
 use std::borrow::Cow;
@@ -12,6 +12,7 @@ use super::eval::{perplexity, perplexity_of, Perplexity};
 use super::resident::{train_step, GradReducer, ResidentTrainer};
 use super::{MicroBatch, StepStats, Trainer};
 use crate::checkpoint;
+use crate::collective::Collective;
 use crate::error::Result;
 use crate::model::LlamaConfig;
 
@@ -45,29 +46,48 @@ pub trait Engine {
     ) -> Option<Perplexity>;
 }
 
-impl Engine for Trainer {
+/// The host trainer and the reducer its gradients go through between the two halves of each
+/// step (the TCP ring across ranks; none for one rank).
+pub struct HostEngine {
+    pub trainer: Trainer,
+    pub reducer: Option<Box<dyn Collective>>,
+}
+
+impl HostEngine {
+    /// One rank on its own.
+    pub fn alone(trainer: Trainer) -> Self {
+        HostEngine {
+            trainer,
+            reducer: None,
+        }
+    }
+}
+
+impl Engine for HostEngine {
     fn config(&self) -> &LlamaConfig {
-        &self.config
+        &self.trainer.config
     }
 
     fn step(&self) -> u64 {
-        self.step
+        self.trainer.step
     }
 
-    /// The host trainer has no reducer: one rank (the agent reduces between the halves).
     fn train_step(
         &mut self,
         micro: &[MicroBatch],
         denominator: f64,
         step_tokens: u64,
     ) -> Result<(f64, StepStats)> {
-        let (loss, mut grads) = self.gradients(micro, denominator);
-        let stats = self.apply(&mut grads, step_tokens);
+        let (loss, mut grads) = self.trainer.gradients(micro, denominator);
+        if let Some(reducer) = self.reducer.as_deref_mut() {
+            reducer.all_reduce_mean(&mut grads)?;
+        }
+        let stats = self.trainer.apply(&mut grads, step_tokens);
         Ok((loss, stats))
     }
 
     fn host(&self) -> Cow<'_, Trainer> {
-        Cow::Borrowed(self)
+        Cow::Borrowed(&self.trainer)
     }
 
     fn perplexity(
@@ -77,14 +97,8 @@ impl Engine for Trainer {
         max_tokens: u64,
         batch: usize,
     ) -> Option<Perplexity> {
-        perplexity(
-            &self.config,
-            &self.weights,
-            stream,
-            seq_len,
-            max_tokens,
-            batch,
-        )
+        let t = &self.trainer;
+        perplexity(&t.config, &t.weights, stream, seq_len, max_tokens, batch)
     }
 }
 
@@ -155,7 +169,7 @@ fn resident<B: burn::tensor::backend::Backend>(
 ) -> Box<dyn Engine> {
     use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
     use burn::backend::Autodiff;
-    let compute = precision.dtype();
+    let compute = crate::device::dtype(precision);
     if activation_checkpointing {
         Box::new(ResidentEngine {
             trainer: ResidentTrainer::<Autodiff<B, BalancedCheckpointing>>::from_host(

@@ -96,10 +96,7 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
         resumed_from,
     };
     match options.device {
-        DeviceSpec::Cpu => {
-            let mut trainer = trainer;
-            train_loop(&mut trainer, &ctx)
-        }
+        DeviceSpec::Cpu => train_loop(&mut super::engine::HostEngine::alone(trainer), &ctx),
         DeviceSpec::Cuda(ordinal) => on_gpu(trainer, ordinal, &ctx),
     }
 }
