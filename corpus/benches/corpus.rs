@@ -15,7 +15,6 @@ use dapt_corpus::ingest;
 use dapt_corpus::manifest::TOKENIZER_FILE;
 use dapt_corpus::tokenizer::CorpusTokenizer;
 use dapt_corpus::{prepare, CorpusReader, CorpusSpec, PrepareOptions, PrepareOutcome};
-use unicode_normalization::UnicodeNormalization;
 
 fn main() {
     let args: Vec<String> = std::env::args()
@@ -77,17 +76,17 @@ fn main() {
 
     // 2. The ceiling: the same documents, already extracted and normalized in memory, through
     //    the tokenizers crate's parallel batch encoding.
-    let tk = CorpusTokenizer::load(&tokenizer_path, None).expect("tokenizer");
+    let tk = CorpusTokenizer::load(&tokenizer_path, &Default::default()).expect("tokenizer");
     let mut texts = Vec::new();
     let mut raw_bytes = 0u64;
     for source in first.sources() {
         for file in ingest::discover(source).expect("discover").files {
-            let text = ingest::read_file(&file, "text").expect("read");
+            let text = ingest::read_file(&file, "text", encoding_rs::UTF_8).expect("read");
             raw_bytes += text.bytes;
             texts.extend(
                 text.documents
                     .iter()
-                    .map(|d| d.trim().nfc().collect::<String>()),
+                    .map(|d| dapt_corpus::prepare::normalize(d)),
             );
         }
     }
@@ -223,6 +222,8 @@ fn synthetic_corpus(work: &Path, tokenizer: &Path, tokens: u64) -> PathBuf {
             vocab_size: 16384,
             eos_token: "<|endoftext|>".into(),
             eos_id: 0,
+            bos_token: None,
+            bos_id: None,
             trained: true,
         },
         token_dtype: TokenDtype::U16,

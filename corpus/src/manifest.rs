@@ -66,6 +66,13 @@ pub struct TokenizerInfo {
     pub vocab_size: u32,
     pub eos_token: String,
     pub eos_id: u32,
+    /// The beginning-of-sequence token that starts every document of the corpus (`None`: the
+    /// documents start with their text). A document is `[bos] text eos`; windows cut across
+    /// documents, so a window starts with BOS only where a document starts.
+    #[serde(default)]
+    pub bos_token: Option<String>,
+    #[serde(default)]
+    pub bos_id: Option<u32>,
     /// Trained by `dapt prepare` rather than given.
     pub trained: bool,
 }

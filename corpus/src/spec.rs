@@ -32,6 +32,14 @@ pub struct CorpusSpec {
     /// End-of-document token; by default the first of the usual names the tokenizer knows.
     #[serde(default)]
     pub eos_token: Option<String>,
+    /// Whether each document starts with a beginning-of-sequence token: `auto` (the default)
+    /// does what the tokenizer's post-processor template does, `true` always, `false` never.
+    #[serde(default)]
+    pub add_bos: AddBos,
+    /// The token `add_bos: true` puts first when the tokenizer's template names none; by
+    /// default the first of the usual names the tokenizer knows.
+    #[serde(default)]
+    pub bos_token: Option<String>,
     /// Target tokens per shard file (a shard closes at the first document boundary past it).
     #[serde(default = "default_shard_tokens")]
     pub shard_tokens: ShardTokens,
@@ -59,6 +67,95 @@ pub struct SourceSpec {
     /// JSONL field that holds the text.
     #[serde(default = "default_text_field")]
     pub text_field: String,
+    /// Encoding of the files that declare none (no byte order mark, and for HTML no `<meta>`
+    /// charset): any WHATWG label (`windows-1252`, `iso-8859-2`, `shift_jis`, `gbk`, ...).
+    /// Default UTF-8; bytes invalid in it are decoded lossily and the file is counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<EncodingLabel>,
+}
+
+/// A WHATWG encoding label, checked while deserializing so that a typo names its line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncodingLabel(&'static encoding_rs::Encoding);
+
+impl EncodingLabel {
+    pub fn get(self) -> &'static encoding_rs::Encoding {
+        self.0
+    }
+}
+
+impl Serialize for EncodingLabel {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.0.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for EncodingLabel {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct LabelVisitor;
+        impl serde::de::Visitor<'_> for LabelVisitor {
+            type Value = EncodingLabel;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an encoding label")
+            }
+            fn visit_str<E: serde::de::Error>(self, label: &str) -> Result<EncodingLabel, E> {
+                match encoding_rs::Encoding::for_label_no_replacement(label.as_bytes()) {
+                    Some(encoding) => Ok(EncodingLabel(encoding)),
+                    None => Err(E::custom(format!(
+                        "`{label}` is not an encoding label of the WHATWG Encoding Standard \
+                         (e.g. utf-8, windows-1252, iso-8859-2, shift_jis, gbk, utf-16le)"
+                    ))),
+                }
+            }
+        }
+        deserializer.deserialize_str(LabelVisitor)
+    }
+}
+
+/// `corpus.add_bos`: `auto`, `true` or `false`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AddBos {
+    /// As the tokenizer's post-processor template says.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl Serialize for AddBos {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AddBos::Auto => serializer.serialize_str("auto"),
+            AddBos::Always => serializer.serialize_bool(true),
+            AddBos::Never => serializer.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AddBos {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AddBosVisitor;
+        impl serde::de::Visitor<'_> for AddBosVisitor {
+            type Value = AddBos;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`auto`, `true` or `false`")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<AddBos, E> {
+                Ok(if v { AddBos::Always } else { AddBos::Never })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<AddBos, E> {
+                match v {
+                    "auto" => Ok(AddBos::Auto),
+                    "true" => Ok(AddBos::Always),
+                    "false" => Ok(AddBos::Never),
+                    other => Err(E::custom(format!(
+                        "add_bos must be `auto`, `true` or `false`, got `{other}`"
+                    ))),
+                }
+            }
+        }
+        deserializer.deserialize_any(AddBosVisitor)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
@@ -421,6 +518,31 @@ mod tests {
         );
         let err = parse(&GOOD.replace("domain", "replay")).unwrap_err();
         assert!(err.contains("role: domain"), "{err}");
+    }
+
+    #[test]
+    fn encoding_labels_and_add_bos() {
+        let spec = parse(&format!("{GOOD}    encoding: Latin1\n")).expect("valid");
+        assert_eq!(
+            spec.sources()[0].encoding.map(|e| e.get().name()),
+            Some("windows-1252")
+        );
+        let err = parse(&format!("{GOOD}    encoding: latin-9x\n")).unwrap_err();
+        assert!(
+            err.contains("sources[0].encoding") && err.contains("latin-9x"),
+            "{err}"
+        );
+        assert_eq!(parse(GOOD).expect("valid").add_bos, AddBos::Auto);
+        for (value, want) in [
+            ("auto", AddBos::Auto),
+            ("true", AddBos::Always),
+            ("false", AddBos::Never),
+        ] {
+            let spec = parse(&format!("add_bos: {value}\n{GOOD}")).expect("valid");
+            assert_eq!(spec.add_bos, want);
+        }
+        let err = parse(&format!("add_bos: maybe\n{GOOD}")).unwrap_err();
+        assert!(err.contains("add_bos") && err.contains("line 1"), "{err}");
     }
 
     #[test]

@@ -1,15 +1,24 @@
 //! The corpus tokenizer: a Hugging Face `tokenizer.json`, given or trained here.
+//!
+//! Corpus text is data. It is encoded with the tokenizer's special tokens *split* (the
+//! `tokenizers` crate's `encode_special_tokens`), so a document that spells `<|endoftext|>`,
+//! `</s>` or `<|im_end|>` gets ordinary text pieces for it, never the control id: the only
+//! special tokens in a token stream are the ones dapt puts there, the BOS before each document
+//! (when the tokenizer's post-processor template adds one, or the job says so) and the EOS
+//! after it. Documents that spell a special token are counted for the report.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use aho_corasick::AhoCorasick;
 use sha2::{Digest, Sha256};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::models::TrainerWrapper;
+use tokenizers::models::{ModelWrapper, TrainerWrapper};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::error::{CorpusError, Result};
+use crate::spec::{AddBos, CorpusSpec};
 
 /// End-of-document tokens looked up, in order, when the job names none.
 pub const EOS_CANDIDATES: &[&str] = &[
@@ -19,85 +28,325 @@ pub const EOS_CANDIDATES: &[&str] = &[
     "<eos>",
     "<|im_end|>",
 ];
+/// Beginning-of-sequence tokens looked up, in order, for `add_bos: true` when neither the
+/// tokenizer's template nor the job names one.
+pub const BOS_CANDIDATES: &[&str] = &["<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>"];
 /// The end-of-document token of a tokenizer trained by dapt.
 pub const TRAINED_EOS: &str = "<|endoftext|>";
+/// Text encoded to learn what the post-processor template adds around a sequence.
+const TEMPLATE_PROBE: &str = "probe";
+
+/// The job's tokenizer settings (`corpus.eos_token`, `corpus.add_bos`, `corpus.bos_token`).
+#[derive(Debug, Clone, Default)]
+pub struct TokenizerOptions {
+    pub eos_token: Option<String>,
+    pub add_bos: AddBos,
+    pub bos_token: Option<String>,
+}
+
+impl From<&CorpusSpec> for TokenizerOptions {
+    fn from(spec: &CorpusSpec) -> Self {
+        TokenizerOptions {
+            eos_token: spec.eos_token.clone(),
+            add_bos: spec.add_bos,
+            bos_token: spec.bos_token.clone(),
+        }
+    }
+}
+
+/// Why documents do or do not start with a BOS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BosFrom {
+    /// The tokenizer's post-processor template adds it (`add_bos: auto`).
+    Template,
+    /// `add_bos: true`.
+    Job,
+    /// The template adds none (`add_bos: auto`).
+    TemplateAddsNone,
+    /// `add_bos: false`.
+    JobSaysNo,
+}
 
 /// A loaded tokenizer and the facts the shards depend on.
 pub struct CorpusTokenizer {
     pub tokenizer: Tokenizer,
     pub eos_token: String,
     pub eos_id: u32,
+    /// The token put before each document's text, if any.
+    pub bos: Option<(String, u32)>,
+    pub bos_from: BosFrom,
+    /// What the tokenizer's post-processor template puts after a sequence (dapt puts its EOS
+    /// there instead); reported when it is not just the EOS.
+    pub template_suffix: Vec<String>,
     /// One more than the largest token id.
     pub vocab_size: u32,
+    /// The special tokens, whose text a document may spell but never produce.
+    special: Vec<String>,
+    special_text: Option<AhoCorasick>,
+    /// `control[id]`: `id` is a special token (BOS, EOS and the like, not the unknown token).
+    control: Vec<bool>,
+    /// How errors name the tokenizer: the user's file, or "trained".
+    origin: PathBuf,
 }
 
 impl CorpusTokenizer {
-    /// Loads `path` and finds its end-of-document token.
-    pub fn load(path: &Path, eos: Option<&str>) -> Result<Self> {
+    /// Loads `path` and finds its end-of-document token and its BOS template.
+    pub fn load(path: &Path, options: &TokenizerOptions) -> Result<Self> {
         let tokenizer = Tokenizer::from_file(path).map_err(|e| CorpusError::Tokenizer {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        Self::new(tokenizer, path, eos)
+        Self::new(tokenizer, path, options)
     }
 
-    pub fn new(tokenizer: Tokenizer, path: &Path, eos: Option<&str>) -> Result<Self> {
-        let (eos_token, eos_id) = match eos {
-            Some(name) => match tokenizer.token_to_id(name) {
-                Some(id) => (name.to_owned(), id),
-                None => {
-                    return Err(CorpusError::Tokenizer {
-                        path: path.to_path_buf(),
-                        message: format!("has no token `{name}` (corpus.eos_token)"),
-                    })
-                }
-            },
-            None => EOS_CANDIDATES
-                .iter()
-                .find_map(|name| {
-                    tokenizer
-                        .token_to_id(name)
-                        .map(|id| ((*name).to_owned(), id))
-                })
-                .ok_or_else(|| CorpusError::Tokenizer {
-                    path: path.to_path_buf(),
-                    message: format!(
-                        "has none of the usual end-of-document tokens ({}): set corpus.eos_token",
-                        EOS_CANDIDATES.join(", ")
-                    ),
-                })?,
+    /// `origin` names the tokenizer in errors (the user's file, not a copy).
+    pub fn new(
+        mut tokenizer: Tokenizer,
+        origin: &Path,
+        options: &TokenizerOptions,
+    ) -> Result<Self> {
+        let fail = |message: String| CorpusError::Tokenizer {
+            path: origin.to_path_buf(),
+            message,
         };
+        let (eos_token, eos_id) = match &options.eos_token {
+            Some(name) => match tokenizer.token_to_id(name) {
+                Some(id) => (name.clone(), id),
+                None => return Err(fail(format!("has no token `{name}` (corpus.eos_token)"))),
+            },
+            None => find_token(&tokenizer, EOS_CANDIDATES).ok_or_else(|| {
+                fail(format!(
+                    "has none of the usual end-of-document tokens ({}): set corpus.eos_token",
+                    EOS_CANDIDATES.join(", ")
+                ))
+            })?,
+        };
+        let (prefix, suffix) = template(&tokenizer).map_err(|e| fail(e.to_string()))?;
+        let named_bos = match &options.bos_token {
+            Some(name) => match tokenizer.token_to_id(name) {
+                Some(id) => Some((name.clone(), id)),
+                None => return Err(fail(format!("has no token `{name}` (corpus.bos_token)"))),
+            },
+            None => None,
+        };
+        let template_bos = match prefix.as_slice() {
+            [] => None,
+            [id] => Some((token_name(&tokenizer, *id), *id)),
+            more => {
+                return Err(fail(format!(
+                    "its post-processor template puts {} tokens ({}) before a sequence; dapt \
+                     supports one BOS: set corpus.add_bos (and corpus.bos_token)",
+                    more.len(),
+                    more.iter()
+                        .map(|&id| token_name(&tokenizer, id))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )))
+            }
+        };
+        let (bos, bos_from) = match options.add_bos {
+            AddBos::Never if named_bos.is_some() => {
+                return Err(CorpusError::Invalid(
+                    "corpus.bos_token is set but corpus.add_bos is false".into(),
+                ))
+            }
+            AddBos::Never => (None, BosFrom::JobSaysNo),
+            AddBos::Auto => match template_bos {
+                Some(t) => (Some(named_bos.unwrap_or(t)), BosFrom::Template),
+                None => (None, BosFrom::TemplateAddsNone),
+            },
+            AddBos::Always => {
+                let bos = named_bos
+                    .or(template_bos)
+                    .or_else(|| find_token(&tokenizer, BOS_CANDIDATES))
+                    .ok_or_else(|| {
+                        fail(format!(
+                            "has none of the usual beginning-of-sequence tokens ({}) for \
+                             corpus.add_bos: true: set corpus.bos_token",
+                            BOS_CANDIDATES.join(", ")
+                        ))
+                    })?;
+                (Some(bos), BosFrom::Job)
+            }
+        };
+        let template_suffix = if suffix == [eos_id] {
+            Vec::new()
+        } else {
+            suffix
+                .iter()
+                .map(|&id| token_name(&tokenizer, id))
+                .collect()
+        };
+
+        // Every special token, and the BOS and EOS whatever their flag in the file, is split
+        // when it appears in text.
+        let added = tokenizer.get_added_tokens_decoder();
+        let boundaries: Vec<AddedToken> = std::iter::once((&eos_token, eos_id))
+            .chain(bos.iter().map(|(name, id)| (name, *id)))
+            .filter(|(_, id)| !added.get(id).is_some_and(|t| t.special))
+            .map(|(name, _)| AddedToken::from(name.clone(), true))
+            .collect();
+        tokenizer
+            .add_special_tokens(boundaries)
+            .map_err(|e| fail(e.to_string()))?;
+        tokenizer.set_encode_special_tokens(true);
+        let unknown = unknown_token(tokenizer.get_model());
+        let mut special: Vec<(u32, String)> = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (id, t.content))
+            .collect();
+        special.sort();
         let vocab_size = tokenizer
             .get_vocab(true)
             .values()
             .max()
             .map_or(0, |&m| m + 1);
+        let mut control = vec![false; vocab_size as usize];
+        for (id, content) in &special {
+            if unknown.as_deref() != Some(content.as_str()) {
+                if let Some(c) = control.get_mut(*id as usize) {
+                    *c = true;
+                }
+            }
+        }
+        let special: Vec<String> = special.into_iter().map(|(_, content)| content).collect();
+        let special_text = if special.is_empty() {
+            None
+        } else {
+            Some(AhoCorasick::new(&special).map_err(|e| fail(e.to_string()))?)
+        };
         Ok(CorpusTokenizer {
             tokenizer,
             eos_token,
             eos_id,
+            bos,
+            bos_from,
+            template_suffix,
             vocab_size,
+            special,
+            special_text,
+            control,
+            origin: origin.to_path_buf(),
         })
     }
 
-    /// Token ids of `text`, without special tokens.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.tokenizer
-            .encode_fast(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| CorpusError::Invalid(format!("tokenizing failed: {e}")))
+    /// The first special token that `text` spells, if any (it is encoded as ordinary text).
+    pub fn special_in_text(&self, text: &str) -> Option<&str> {
+        let found = self.special_text.as_ref()?.find(text)?;
+        self.special
+            .get(found.pattern().as_usize())
+            .map(String::as_str)
     }
 
-    /// Token ids of many texts, in parallel on all cores.
+    /// Token ids of `text` as ordinary text: no BOS, no EOS, no special token.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let ids = self
+            .tokenizer
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| CorpusError::Invalid(format!("tokenizing failed: {e}")))?;
+        self.check_no_control(&ids)?;
+        Ok(ids)
+    }
+
+    /// Token ids of many texts as ordinary text, in parallel on all cores.
     pub fn encode_batch(&self, texts: Vec<&str>) -> Result<Vec<Vec<u32>>> {
         let encodings = self
             .tokenizer
             .encode_batch_fast(texts, false)
             .map_err(|e| CorpusError::Invalid(format!("tokenizing failed: {e}")))?;
-        Ok(encodings
+        encodings
             .into_iter()
-            .map(|e| e.get_ids().to_vec())
-            .collect())
+            .map(|e| {
+                let ids = e.get_ids().to_vec();
+                self.check_no_control(&ids)?;
+                Ok(ids)
+            })
+            .collect()
+    }
+
+    /// A document's text ids with the BOS (if any) put first; the shard writer appends the EOS.
+    pub fn with_bos(&self, text_ids: Vec<u32>) -> Vec<u32> {
+        match &self.bos {
+            None => text_ids,
+            Some((_, bos)) => {
+                let mut ids = Vec::with_capacity(text_ids.len() + 1);
+                ids.push(*bos);
+                ids.extend(text_ids);
+                ids
+            }
+        }
+    }
+
+    /// The tokens dapt adds to each document, in order (`<|begin_of_text|>`, `<|end_of_text|>`).
+    pub fn added_tokens(&self) -> Vec<String> {
+        self.bos
+            .iter()
+            .map(|b| b.0.clone())
+            .chain(std::iter::once(self.eos_token.clone()))
+            .collect()
+    }
+
+    /// Split special tokens can still come back if the model itself merges ordinary text into
+    /// a special token's id; a stream must never hold one, so that is refused.
+    fn check_no_control(&self, ids: &[u32]) -> Result<()> {
+        match ids
+            .iter()
+            .find(|&&id| self.control.get(id as usize).copied().unwrap_or(false))
+        {
+            None => Ok(()),
+            Some(&id) => Err(CorpusError::Tokenizer {
+                path: self.origin.clone(),
+                message: format!(
+                    "encodes ordinary text as the special token `{}` (id {id}); dapt never puts \
+                     a special token inside a document",
+                    token_name(&self.tokenizer, id)
+                ),
+            }),
+        }
+    }
+}
+
+fn find_token(tokenizer: &Tokenizer, names: &[&str]) -> Option<(String, u32)> {
+    names.iter().find_map(|name| {
+        tokenizer
+            .token_to_id(name)
+            .map(|id| ((*name).to_owned(), id))
+    })
+}
+
+fn token_name(tokenizer: &Tokenizer, id: u32) -> String {
+    tokenizer
+        .id_to_token(id)
+        .unwrap_or_else(|| format!("#{id}"))
+}
+
+/// The ids the post-processor puts before and after a single sequence, found by encoding a
+/// probe with and without them (whatever the post-processor's kind: TemplateProcessing, a
+/// Sequence holding one, Bert or Roberta processing).
+fn template(tokenizer: &Tokenizer) -> tokenizers::Result<(Vec<u32>, Vec<u32>)> {
+    let plain = tokenizer.encode_fast(TEMPLATE_PROBE, false)?;
+    let full = tokenizer.encode_fast(TEMPLATE_PROBE, true)?;
+    let (plain, full) = (plain.get_ids(), full.get_ids());
+    if plain.is_empty() || full.len() < plain.len() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let at = (0..=full.len() - plain.len()).find(|&i| full[i..i + plain.len()] == *plain);
+    Ok(match at {
+        Some(i) => (full[..i].to_vec(), full[i + plain.len()..].to_vec()),
+        None => (Vec::new(), Vec::new()),
+    })
+}
+
+/// The model's unknown token: text may legitimately produce it.
+fn unknown_token(model: &ModelWrapper) -> Option<String> {
+    match model {
+        ModelWrapper::BPE(bpe) => bpe.get_unk_token().clone(),
+        ModelWrapper::WordPiece(wp) => Some(wp.unk_token.clone()),
+        _ => None,
     }
 }
 
@@ -155,7 +404,8 @@ mod tests {
             .map(|i| format!("SELECT name FROM accounts WHERE id = {i}; -- ünïcode ok"))
             .collect();
         let tokenizer = train_byte_level_bpe(texts.iter(), 400).expect("train");
-        let tk = CorpusTokenizer::new(tokenizer, Path::new("t"), None).expect("eos");
+        let tk = CorpusTokenizer::new(tokenizer, Path::new("t"), &TokenizerOptions::default())
+            .expect("eos");
         assert_eq!(tk.eos_token, TRAINED_EOS);
         assert!(
             tk.vocab_size <= 400 && tk.vocab_size > 256,
@@ -166,7 +416,11 @@ mod tests {
         assert!(ids.len() < 10, "{ids:?}");
         let back = tk.tokenizer.decode(&ids, false).expect("decode");
         assert_eq!(back, "SELECT name FROM accounts");
-        let err = CorpusTokenizer::new(tk.tokenizer.clone(), Path::new("t.json"), Some("<nope>"))
+        let nope = TokenizerOptions {
+            eos_token: Some("<nope>".into()),
+            ..TokenizerOptions::default()
+        };
+        let err = CorpusTokenizer::new(tk.tokenizer.clone(), Path::new("t.json"), &nope)
             .err()
             .expect("missing eos");
         assert!(err.to_string().contains("t.json") && err.to_string().contains("<nope>"));

@@ -95,7 +95,7 @@ fn prepares_every_format_and_counts_what_it_dropped() {
     assert_eq!(sql.duplicates_removed, 1);
     assert_eq!(sql.empty_documents, 1);
     assert_eq!(sql.documents_train + sql.documents_held_out, 40 + 1 + 1 + 2);
-    assert_eq!(sql.invalid_utf8_files, 1);
+    assert_eq!(sql.lossy_files, 1);
     assert_eq!(sql.bad_jsonl_lines, 2);
     assert!(
         sql.bad_jsonl_examples[0].ends_with("records.jsonl.gz:2"),

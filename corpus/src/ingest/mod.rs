@@ -2,14 +2,17 @@
 //!
 //! A `.txt`/`.md`/`.rst`/`.html` file is one document; a `.jsonl` file holds one document per
 //! line. Any of them may be gzip-compressed (`.gz`). Files are read whole, so a single input
-//! file should stay well under the machine's memory (corpora are usually many files).
+//! file should stay well under the machine's memory (corpora are usually many files). Bytes
+//! become text in the encoding the file declares ([`encoding`]).
 
+pub mod encoding;
 pub mod html;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
+use encoding_rs::Encoding;
 use serde::Serialize;
 
 use crate::error::{CorpusError, Result};
@@ -152,11 +155,15 @@ fn push_path(path: &Path, explicit: bool, out: &mut Vec<(PathBuf, bool)>) -> Res
 }
 
 /// The documents of one file and what was wrong with it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FileText {
     pub documents: Vec<String>,
-    /// The bytes were not valid UTF-8 and were decoded lossily.
-    pub invalid_utf8: bool,
+    /// The 1-based line of each document of a JSONL file (empty for other formats).
+    pub lines: Vec<u64>,
+    /// The encoding the text was decoded from.
+    pub encoding: &'static Encoding,
+    /// Some bytes were not valid in that encoding and became U+FFFD.
+    pub lossy: bool,
     /// JSONL lines that were not JSON objects with a string `text_field`.
     pub bad_lines: u64,
     /// The first few of those line numbers (1-based).
@@ -165,8 +172,13 @@ pub struct FileText {
     pub bytes: u64,
 }
 
-/// Reads one file into documents (not yet normalized).
-pub fn read_file(file: &InputFile, text_field: &str) -> Result<FileText> {
+/// Reads one file into documents (not yet normalized). `fallback` is the encoding of a file
+/// that declares none (see [`encoding::decode`]).
+pub fn read_file(
+    file: &InputFile,
+    text_field: &str,
+    fallback: &'static Encoding,
+) -> Result<FileText> {
     let raw = std::fs::read(&file.path).map_err(CorpusError::io(&file.path))?;
     let raw = if file.gzip {
         let mut out = Vec::with_capacity(raw.len() * 4);
@@ -180,17 +192,18 @@ pub fn read_file(file: &InputFile, text_field: &str) -> Result<FileText> {
     } else {
         raw
     };
+    let bytes = raw.len() as u64;
+    let decoded = encoding::decode(raw, file.format, fallback);
     let mut text = FileText {
-        bytes: raw.len() as u64,
-        ..FileText::default()
+        documents: Vec::new(),
+        lines: Vec::new(),
+        encoding: decoded.encoding,
+        lossy: decoded.lossy,
+        bad_lines: 0,
+        bad_line_numbers: Vec::new(),
+        bytes,
     };
-    let content = match String::from_utf8(raw) {
-        Ok(s) => s,
-        Err(e) => {
-            text.invalid_utf8 = true;
-            String::from_utf8_lossy(e.as_bytes()).into_owned()
-        }
-    };
+    let content = decoded.text;
     match file.format {
         Format::Plain => text.documents.push(content),
         Format::Html => text.documents.push(html::extract_text(&content)),
@@ -200,7 +213,10 @@ pub fn read_file(file: &InputFile, text_field: &str) -> Result<FileText> {
                     continue;
                 }
                 match jsonl_text(line, text_field) {
-                    Some(doc) => text.documents.push(doc),
+                    Some(doc) => {
+                        text.documents.push(doc);
+                        text.lines.push(i as u64 + 1);
+                    }
                     None => {
                         text.bad_lines += 1;
                         if text.bad_line_numbers.len() < BAD_LINES_KEPT {
@@ -227,7 +243,49 @@ fn jsonl_text(line: &str, field: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use encoding_rs::UTF_8;
     use std::io::Write;
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(bytes).expect("gz");
+        gz.finish().expect("gz")
+    }
+
+    #[test]
+    fn byte_order_marks_are_not_text_in_any_format_or_under_gzip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let jsonl = b"\xEF\xBB\xBF{\"text\":\"first\"}\r\n{\"text\":\"second\"}\r\n";
+        let mut utf16 = vec![0xFF, 0xFE];
+        utf16.extend(
+            "{\"text\":\"first\"}\n{\"text\":\"second\"}\n"
+                .encode_utf16()
+                .flat_map(u16::to_le_bytes),
+        );
+        for (name, bytes) in [
+            ("a.jsonl", jsonl.to_vec()),
+            ("b.jsonl.gz", gzip(jsonl)),
+            ("c.jsonl", utf16),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).expect("write");
+            let text = read_file(&input(&path), "text", UTF_8).expect("read");
+            assert_eq!(text.documents, vec!["first", "second"], "{name}");
+            assert_eq!(text.bad_lines, 0, "{name}");
+        }
+        for name in ["d.md", "e.txt.gz", "f.rst", "g.html"] {
+            let path = dir.path().join(name);
+            let bytes = b"\xEF\xBB\xBF# Notes";
+            let bytes = if name.ends_with(".gz") {
+                gzip(bytes)
+            } else {
+                bytes.to_vec()
+            };
+            std::fs::write(&path, bytes).expect("write");
+            let text = read_file(&input(&path), "text", UTF_8).expect("read");
+            assert_eq!(text.documents, vec!["# Notes"], "{name}");
+        }
+    }
 
     fn input(path: &Path) -> InputFile {
         let (format, gzip) = format_of(path).expect("known format");
@@ -264,8 +322,9 @@ mod tests {
             "{\"text\":\"one\"}\nnot json\n\n{\"body\":\"x\"}\n{\"text\":2}\n{\"text\":\"two\"}\n",
         )
         .expect("write");
-        let text = read_file(&input(&path), "text").expect("read");
+        let text = read_file(&input(&path), "text", UTF_8).expect("read");
         assert_eq!(text.documents, vec!["one", "two"]);
+        assert_eq!(text.lines, vec![1, 6]);
         assert_eq!(text.bad_lines, 3);
         assert_eq!(text.bad_line_numbers, vec![2, 4, 5]);
     }
@@ -277,13 +336,15 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(b"caf\xe9 au lait").expect("gz");
         std::fs::write(&path, gz.finish().expect("gz")).expect("write");
-        let text = read_file(&input(&path), "text").expect("read");
-        assert!(text.invalid_utf8);
+        let text = read_file(&input(&path), "text", UTF_8).expect("read");
+        assert!(text.lossy);
         assert_eq!(text.documents, vec!["caf\u{fffd} au lait"]);
 
         let broken = dir.path().join("broken.txt.gz");
         std::fs::write(&broken, b"\x1f\x8b\x08\x00garbage").expect("write");
-        let err = read_file(&input(&broken), "text").unwrap_err().to_string();
+        let err = read_file(&input(&broken), "text", UTF_8)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("broken.txt.gz") && err.contains("gzip"),
             "{err}"

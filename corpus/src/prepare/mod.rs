@@ -20,7 +20,7 @@ use crate::manifest::{self, Manifest, SourceManifest, TokenDtype, TokenizerInfo,
 use crate::report::{self, Report, SourceStats, WordCounts};
 use crate::shards::StreamWriter;
 use crate::spec::{CorpusSpec, Role, SourceSpec, TrainingPlan};
-use crate::tokenizer::{self, CorpusTokenizer};
+use crate::tokenizer::{self, CorpusTokenizer, TokenizerOptions};
 
 mod progress;
 use progress::Progress;
@@ -29,6 +29,9 @@ use progress::Progress;
 const CHUNK_BYTES: u64 = 8 << 20;
 /// Seed of the held-out split hash: changing it would move documents between splits.
 const SPLIT_SEED: u64 = 0x6461_7074_5f68_656c; // "dapt_hel"
+/// Bumped whenever the same inputs would give other tokens (decoding, normalization, special
+/// tokens, BOS), so that a corpus prepared under older rules is rebuilt, not trusted.
+const TEXT_RULES: u32 = 2;
 
 #[derive(Debug, Clone, Default)]
 pub struct PrepareOptions {
@@ -99,13 +102,15 @@ pub fn prepare(
         .map_err(CorpusError::io(parent))?;
 
     // The tokenizer: given (copied beside the shards) or trained on the training documents.
+    // Errors name the user's file, never the staging copy (which is gone by then).
     let tokenizer_path = staging.path().join(manifest::TOKENIZER_FILE);
+    let tokenizer_options = TokenizerOptions::from(spec);
     let mut tokenizer_training = Duration::ZERO;
     let trained = given_tokenizer.is_none();
     let tk = match &given_tokenizer {
         Some((path, _)) => {
             std::fs::copy(path, &tokenizer_path).map_err(CorpusError::io(path))?;
-            CorpusTokenizer::load(&tokenizer_path, spec.eos_token.as_deref())?
+            CorpusTokenizer::load(path, &tokenizer_options)?
         }
         None => {
             let t0 = Instant::now();
@@ -127,7 +132,11 @@ pub fn prepare(
                     message: e.to_string(),
                 })?;
             tokenizer_training = t0.elapsed();
-            CorpusTokenizer::load(&tokenizer_path, spec.eos_token.as_deref())?
+            CorpusTokenizer::new(
+                trained,
+                Path::new("(trained by dapt prepare)"),
+                &tokenizer_options,
+            )?
         }
     };
     let dtype = TokenDtype::for_vocab(tk.vocab_size);
@@ -159,7 +168,7 @@ pub fn prepare(
         );
         let mut st = SourceStats::new(source, discovery);
         for chunk in chunks(&discovery.files) {
-            let docs = read_chunk(source, chunk, &mut dedup, &mut st)?;
+            let docs = read_chunk(source, chunk, Some(&tk), &mut dedup, &mut st)?;
             progress.advance(chunk.iter().map(|f| f.size).sum());
             let texts: Vec<&str> = docs.iter().map(|d| d.text.as_str()).collect();
             let role_words = match source.role {
@@ -176,6 +185,7 @@ pub fn prepare(
             );
             report::merge_words(role_words, chunk_words);
             for (doc, ids) in docs.iter().zip(ids?) {
+                let ids = tk.with_bos(ids);
                 st.add_document(
                     doc.text.len() as u64,
                     doc.words,
@@ -219,6 +229,8 @@ pub fn prepare(
             vocab_size: tk.vocab_size,
             eos_token: tk.eos_token.clone(),
             eos_id: tk.eos_id,
+            bos_token: tk.bos.as_ref().map(|b| b.0.clone()),
+            bos_id: tk.bos.as_ref().map(|b| b.1),
             trained,
         },
         token_dtype: dtype,
@@ -266,11 +278,29 @@ struct Doc {
     held_out: bool,
 }
 
-/// A document after NFC normalization, with its content hash and word count.
+/// A document after normalization, with its content hash and word count.
 struct Normalized {
     text: String,
     hash: u128,
     words: u64,
+    /// Its 1-based line in a JSONL file.
+    line: Option<u64>,
+    /// The first special token its text spells.
+    special: Option<String>,
+}
+
+/// The text a document is tokenized as: trimmed, line endings as `\n` (from `\r\n` and lone
+/// `\r`, in every format), NFC.
+pub fn normalize(text: &str) -> String {
+    let text = text.trim();
+    if text.contains('\r') {
+        text.replace("\r\n", "\n")
+            .replace('\r', "\n")
+            .nfc()
+            .collect()
+    } else {
+        text.nfc().collect()
+    }
 }
 
 /// Consecutive files of about `CHUNK_BYTES` together.
@@ -293,28 +323,37 @@ fn chunks(files: &[InputFile]) -> Vec<&[InputFile]> {
 
 /// Reads and normalizes a chunk of files in parallel, then drops empty documents and exact
 /// duplicates (first occurrence wins, across all sources) and splits off held-out documents.
+/// With a tokenizer, documents that spell one of its special tokens are counted.
 fn read_chunk(
     source: &SourceSpec,
     files: &[InputFile],
+    tokenizer: Option<&CorpusTokenizer>,
     seen: &mut HashSet<u128>,
     stats: &mut SourceStats,
 ) -> Result<Vec<Doc>> {
+    let fallback = source.encoding.map_or(encoding_rs::UTF_8, |e| e.get());
     let read: Vec<(usize, ingest::FileText, Vec<Normalized>)> = files
         .par_iter()
         .enumerate()
         .map(|(i, file)| {
-            let text = ingest::read_file(file, &source.text_field)?;
+            let text = ingest::read_file(file, &source.text_field, fallback)?;
             let docs = text
                 .documents
                 .iter()
-                .map(|d| {
-                    let normalized: String = d.trim().nfc().collect();
+                .enumerate()
+                .map(|(j, d)| {
+                    let normalized = normalize(d);
                     let hash = xxh3_128(normalized.as_bytes());
                     let words = normalized.split_whitespace().count() as u64;
+                    let special = tokenizer
+                        .and_then(|tk| tk.special_in_text(&normalized))
+                        .map(str::to_owned);
                     Normalized {
                         text: normalized,
                         hash,
                         words,
+                        line: text.lines.get(j).copied(),
+                        special,
                     }
                 })
                 .collect();
@@ -328,6 +367,8 @@ fn read_chunk(
             text: doc,
             hash,
             words,
+            line,
+            special,
         } in normalized
         {
             if doc.is_empty() {
@@ -337,6 +378,9 @@ fn read_chunk(
             if !seen.insert(hash) {
                 stats.duplicates += 1;
                 continue;
+            }
+            if let Some(token) = special {
+                stats.add_special_text(&files[i].path, line, &token);
             }
             docs.push(Doc {
                 held_out: is_held_out(&doc, source.held_out.get()),
@@ -415,6 +459,7 @@ impl Iterator for TrainingTexts<'_> {
             let read = read_chunk(
                 &self.sources[source],
                 files,
+                None,
                 &mut self.seen,
                 &mut self.stats[source],
             );
@@ -444,6 +489,7 @@ fn fingerprint(
 ) -> String {
     let mut h = Sha256::new();
     h.update(FORMAT_VERSION.to_le_bytes());
+    h.update(TEXT_RULES.to_le_bytes());
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
     h.update(serde_json::to_vec(spec).unwrap_or_default());
     h.update(tokenizer_sha.unwrap_or("trained").as_bytes());

@@ -1,7 +1,7 @@
 //! The corpus report: what was read, what was kept, how well the tokenizer fits the domain, and
 //! what the job's plan will make of it. Printed as tables and written as `report.json`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use serde::Serialize;
@@ -11,7 +11,7 @@ use crate::ingest::{Discovery, FileText};
 use crate::manifest::Manifest;
 use crate::order::Mixture;
 use crate::spec::{Role, SourceSpec, TrainingPlan};
-use crate::tokenizer::CorpusTokenizer;
+use crate::tokenizer::{BosFrom, CorpusTokenizer};
 
 /// Below this many training tokens the domain is too small for continued pretraining to tell.
 pub const MIN_DOMAIN_TOKENS: u64 = 500_000;
@@ -94,10 +94,16 @@ pub struct SourceStats {
     pub skipped_files: u64,
     pub skipped_examples: Vec<String>,
     pub input_bytes: u64,
-    pub invalid_utf8_files: u64,
-    pub invalid_utf8_examples: Vec<String>,
+    /// Files by the encoding they were decoded from (its WHATWG name).
+    pub encodings: BTreeMap<String, u64>,
+    pub lossy_files: u64,
+    pub lossy_examples: Vec<String>,
     pub bad_jsonl_lines: u64,
     pub bad_jsonl_examples: Vec<String>,
+    /// Kept documents whose text spells a special token of the tokenizer.
+    pub special_text_documents: u64,
+    /// `path[:line] (token)` of the first few.
+    pub special_text_examples: Vec<String>,
     pub empty: u64,
     pub duplicates: u64,
     pub documents_train: u64,
@@ -127,10 +133,15 @@ impl SourceStats {
     pub fn add_file(&mut self, path: &Path, text: &FileText) {
         self.files += 1;
         self.input_bytes += text.bytes;
-        if text.invalid_utf8 {
-            self.invalid_utf8_files += 1;
-            if self.invalid_utf8_examples.len() < EXAMPLES_KEPT {
-                self.invalid_utf8_examples.push(path.display().to_string());
+        *self
+            .encodings
+            .entry(text.encoding.name().to_owned())
+            .or_default() += 1;
+        if text.lossy {
+            self.lossy_files += 1;
+            if self.lossy_examples.len() < EXAMPLES_KEPT {
+                self.lossy_examples
+                    .push(format!("{} ({})", path.display(), text.encoding.name()));
             }
         }
         self.bad_jsonl_lines += text.bad_lines;
@@ -139,6 +150,17 @@ impl SourceStats {
                 self.bad_jsonl_examples
                     .push(format!("{}:{line}", path.display()));
             }
+        }
+    }
+
+    /// A kept document of the file at `path` (at `line` of a JSONL file) spells `token`.
+    pub fn add_special_text(&mut self, path: &Path, line: Option<u64>, token: &str) {
+        self.special_text_documents += 1;
+        if self.special_text_examples.len() < EXAMPLES_KEPT {
+            self.special_text_examples.push(match line {
+                Some(line) => format!("{}:{line} ({token})", path.display()),
+                None => format!("{} ({token})", path.display()),
+            });
         }
     }
 
@@ -185,10 +207,17 @@ pub struct SourceRow {
     pub files: u64,
     pub skipped_files: u64,
     pub input_bytes: u64,
-    pub invalid_utf8_files: u64,
-    pub invalid_utf8_examples: Vec<String>,
+    /// Files by the encoding they were decoded from: a byte order mark, an HTML `<meta>`, the
+    /// source's `encoding`, else UTF-8.
+    pub encodings: BTreeMap<String, u64>,
+    /// Files with bytes invalid in their encoding (decoded with U+FFFD).
+    pub lossy_files: u64,
+    pub lossy_examples: Vec<String>,
     pub bad_jsonl_lines: u64,
     pub bad_jsonl_examples: Vec<String>,
+    /// Documents whose text spells a special token (encoded as ordinary text).
+    pub special_text_documents: u64,
+    pub special_text_examples: Vec<String>,
     pub empty_documents: u64,
     pub duplicates_removed: u64,
     pub documents_train: u64,
@@ -208,6 +237,15 @@ pub struct SourceRow {
 pub struct TokenizerRow {
     pub vocab_size: u32,
     pub eos_token: String,
+    /// The token that starts every document, if any.
+    pub bos_token: Option<String>,
+    /// Why documents do or do not start with a BOS.
+    pub bos_from: BosFrom,
+    /// The special tokens dapt adds to each document, in order (`[bos,] eos`).
+    pub added_tokens: Vec<String>,
+    /// What the tokenizer's template puts after a sequence when that is not just the EOS
+    /// (dapt ends each document with its EOS alone).
+    pub template_suffix_not_applied: Vec<String>,
     pub trained: bool,
 }
 
@@ -267,10 +305,13 @@ pub fn build(
             files: st.files,
             skipped_files: st.skipped_files,
             input_bytes: st.input_bytes,
-            invalid_utf8_files: st.invalid_utf8_files,
-            invalid_utf8_examples: st.invalid_utf8_examples.clone(),
+            encodings: st.encodings.clone(),
+            lossy_files: st.lossy_files,
+            lossy_examples: st.lossy_examples.clone(),
             bad_jsonl_lines: st.bad_jsonl_lines,
             bad_jsonl_examples: st.bad_jsonl_examples.clone(),
+            special_text_documents: st.special_text_documents,
+            special_text_examples: st.special_text_examples.clone(),
             empty_documents: st.empty,
             duplicates_removed: st.duplicates,
             documents_train: st.documents_train,
@@ -300,6 +341,10 @@ pub fn build(
         tokenizer: TokenizerRow {
             vocab_size: tk.vocab_size,
             eos_token: tk.eos_token.clone(),
+            bos_token: tk.bos.as_ref().map(|b| b.0.clone()),
+            bos_from: tk.bos_from,
+            added_tokens: tk.added_tokens(),
+            template_suffix_not_applied: tk.template_suffix.clone(),
             trained: manifest.tokenizer.trained,
         },
         vocabulary_saturation,
@@ -336,11 +381,21 @@ fn source_warnings(row: &SourceRow, st: &SourceStats, plan: Option<TrainingPlan>
             ));
         }
     }
-    if st.invalid_utf8_files > 0 {
+    if st.lossy_files > 0 {
         w.push(format!(
-            "source `{name}`: {} files were not valid UTF-8 and were decoded lossily, e.g. {}",
-            st.invalid_utf8_files,
-            st.invalid_utf8_examples.join(", ")
+            "source `{name}`: {} files were not valid in their encoding and were decoded lossily \
+             (bad bytes became U+FFFD), e.g. {}; a legacy encoding that the files do not \
+             declare can be set with the source's `encoding`",
+            st.lossy_files,
+            st.lossy_examples.join(", ")
+        ));
+    }
+    if st.special_text_documents > 0 {
+        w.push(format!(
+            "source `{name}`: {} documents spell a special token of the tokenizer in their text \
+             (encoded as ordinary text, not as the token), e.g. {}",
+            st.special_text_documents,
+            st.special_text_examples.join(", ")
         ));
     }
     if st.bad_jsonl_lines > 0 {

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use super::Report;
+use crate::tokenizer::BosFrom;
 
 /// The report as terminal tables.
 pub fn render(report: &Report) -> String {
@@ -48,6 +49,26 @@ pub fn render(report: &Report) -> String {
         if t.trained { ", trained on this corpus" } else { "" },
         report.mean_pieces_frequent_domain_words
     );
+    let bos = match (&t.bos_token, t.bos_from) {
+        (Some(bos), BosFrom::Template) => format!("{bos} first (the tokenizer's template adds it)"),
+        (Some(bos), _) => format!("{bos} first (corpus.add_bos: true)"),
+        (None, BosFrom::JobSaysNo) => "no BOS (corpus.add_bos: false)".to_owned(),
+        (None, _) => "no BOS (the tokenizer's template adds none)".to_owned(),
+    };
+    let _ = writeln!(
+        out,
+        "documents: {bos}, {} last; special tokens added: {}",
+        t.eos_token,
+        t.added_tokens.join(" ")
+    );
+    if !t.template_suffix_not_applied.is_empty() {
+        let _ = writeln!(
+            out,
+            "note: the tokenizer's template ends a sequence with {}; dapt ends each document with {} alone",
+            t.template_suffix_not_applied.join(" "),
+            t.eos_token
+        );
+    }
     if let Some(p) = &report.plan {
         let _ = writeln!(
             out,
