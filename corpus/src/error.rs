@@ -1,15 +1,18 @@
 //! The one error type of `dapt-corpus`. Every variant names the file (and line, where there is
 //! one) so that the user can act on it without a debugger.
+//!
+//! A variant that shows an underlying error in its message keeps it as a plain field, not as
+//! its `source()`: a reporter that prints the whole chain (anyhow's `{:#}`) would otherwise say
+//! the cause twice ("No such file or directory (os error 2): No such file or directory").
 
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CorpusError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("source `{source_name}`: pattern `{pattern}` matches no file")]
     NoMatch {
@@ -26,11 +29,10 @@ pub enum CorpusError {
         "{path}: unsupported file type (expected .txt, .md, .rst, .jsonl, .html, optionally .gz)"
     )]
     UnsupportedFormat { path: PathBuf },
-    #[error("{path}: not a valid gzip stream: {source}")]
+    #[error("{path}: not a valid gzip stream: {error}")]
     Gzip {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("source `{source_name}` has no non-empty documents (after removing {duplicates} duplicates and {empty} empty ones)")]
     EmptySource {
@@ -74,7 +76,7 @@ pub enum CorpusError {
 impl CorpusError {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> CorpusError {
         let path = path.into();
-        move |source| CorpusError::Io { path, source }
+        move |error| CorpusError::Io { path, error }
     }
 }
 

@@ -242,7 +242,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(CorpusError::io(tmp.path().to_path_buf()))?;
     tmp.persist(path).map_err(|e| CorpusError::Io {
         path: PathBuf::from(path),
-        source: e.error,
+        error: e.error,
     })?;
     Ok(())
 }

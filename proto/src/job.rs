@@ -8,11 +8,11 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    #[error("{path}: {source}")]
+    /// The I/O error is shown in the message, not chained as `source()` (it would print twice).
+    #[error("{path}: {error}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// serde_yaml's message carries the field path, line and column.
     #[error("{path}: {message}")]
@@ -377,9 +377,9 @@ impl TrainingSpec {
 impl JobSpec {
     /// Reads and checks a job file; relative paths in it become relative to its directory.
     pub fn load(path: &Path) -> Result<Self, SpecError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| SpecError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let mut spec = Self::parse(&text).map_err(|message| SpecError::Parse {
             path: path.to_path_buf(),
@@ -403,6 +403,13 @@ impl JobSpec {
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
+        // A repeated key is found first, so that the error points at the repeat's own line
+        // (serde's `duplicate field` error would carry the enclosing mapping's line).
+        serde::de::DeserializeSeed::deserialize(
+            UniqueKeys,
+            serde_yaml::Deserializer::from_str(text),
+        )
+        .map_err(|e| e.to_string())?;
         serde_yaml::from_str(text).map_err(|e| e.to_string())
     }
 
@@ -523,6 +530,119 @@ impl JobSpec {
     }
 }
 
+/// Walks a YAML document and refuses any mapping that repeats a key. The error is raised
+/// while the repeated key itself is read, so serde_yaml gives it that key's line and column.
+struct UniqueKeys;
+
+impl<'de> serde::de::DeserializeSeed<'de> for UniqueKeys {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a YAML value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(UniqueKeys)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while map.next_key_seed(Key(&mut seen))?.is_some() {
+            map.next_value_seed(UniqueKeys)?;
+        }
+        Ok(())
+    }
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        // A tagged value (`!tag x`): the typed parse says what it makes of the tag.
+        use serde::de::VariantAccess;
+        let ((), variant) = data.variant_seed(UniqueKeys)?;
+        variant.newtype_variant_seed(UniqueKeys)
+    }
+}
+
+/// One mapping key, refused when the mapping already had it.
+struct Key<'a>(&'a mut std::collections::HashSet<String>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Key<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl Key<'_> {
+    fn insert<E: serde::de::Error>(self, key: String) -> Result<(), E> {
+        if self.0.insert(key.clone()) {
+            Ok(())
+        } else {
+            Err(E::custom(format!(
+                "duplicate key `{key}` (it was already given above in the same mapping)"
+            )))
+        }
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Key<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a mapping key")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        self.insert(v.to_owned())
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
+        self.insert(v.to_string())
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        self.insert(v.to_string())
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        self.insert(v.to_string())
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        self.insert(v.to_string())
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.insert("~".to_owned())
+    }
+    // A complex key (a mapping or list used as a key) is left to the typed parse.
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
+        UniqueKeys.visit_seq(seq)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        UniqueKeys.visit_map(map)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,6 +662,21 @@ training:
   global_batch: 16
   tokens: 100000
 ";
+
+    #[test]
+    fn a_duplicate_key_is_named_at_its_own_line() {
+        let job = "job: x\ncorpus:\n  output: out\n  sources:\n    - name: dom\n      role: domain\n      paths: [a]\n      weight: 1\n      weight: 2\n";
+        let err = JobSpec::parse(job).unwrap_err();
+        assert!(err.contains("duplicate key `weight`"), "{err}");
+        assert!(err.contains("line 9"), "{err}");
+        let err = JobSpec::parse("job: x\njob: y\n").unwrap_err();
+        assert!(
+            err.contains("duplicate key `job`") && err.contains("line 2"),
+            "{err}"
+        );
+        // the same key in two different mappings is fine
+        JobSpec::parse(JOB).expect("valid");
+    }
 
     #[test]
     fn parses_and_plans() {

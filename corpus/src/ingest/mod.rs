@@ -80,7 +80,7 @@ pub fn discover(source: &SourceSpec) -> Result<Discovery> {
             for entry in matches {
                 let path = entry.map_err(|e| CorpusError::Io {
                     path: e.path().to_path_buf(),
-                    source: std::io::Error::new(e.error().kind(), e.error().to_string()),
+                    error: std::io::Error::new(e.error().kind(), e.error().to_string()),
                 })?;
                 push_path(&path, false, &mut candidates)?;
             }
@@ -140,7 +140,7 @@ fn push_path(path: &Path, explicit: bool, out: &mut Vec<(PathBuf, bool)>) -> Res
         for entry in walkdir::WalkDir::new(path).follow_links(true) {
             let entry = entry.map_err(|e| CorpusError::Io {
                 path: e.path().unwrap_or(path).to_path_buf(),
-                source: e
+                error: e
                     .into_io_error()
                     .unwrap_or_else(|| std::io::Error::other("file system loop")),
             })?;
@@ -184,9 +184,9 @@ pub fn read_file(
         let mut out = Vec::with_capacity(raw.len() * 4);
         flate2::read::MultiGzDecoder::new(raw.as_slice())
             .read_to_end(&mut out)
-            .map_err(|source| CorpusError::Gzip {
+            .map_err(|error| CorpusError::Gzip {
                 path: file.path.clone(),
-                source,
+                error,
             })?;
         out
     } else {

@@ -536,7 +536,7 @@ fn publish(staging: tempfile::TempDir, out: &Path) -> Result<()> {
             let _ = std::fs::remove_dir_all(&staged);
             return Err(CorpusError::Io {
                 path: out.to_path_buf(),
-                source: e,
+                error: e,
             });
         }
         std::fs::remove_dir_all(&old).map_err(CorpusError::io(&old))?;
@@ -544,7 +544,7 @@ fn publish(staging: tempfile::TempDir, out: &Path) -> Result<()> {
         let _ = std::fs::remove_dir_all(&staged);
         return Err(CorpusError::Io {
             path: out.to_path_buf(),
-            source: e,
+            error: e,
         });
     }
     Ok(())

@@ -1,0 +1,465 @@
+//! Inputs that real corpora hold, through `prepare` and back out of the shards: byte order
+//! marks, declared and configured encodings, special tokens spelled in text, the tokenizer's
+//! BOS template, line endings.
+
+use std::io::Write;
+use std::path::Path;
+
+use dapt_corpus::manifest::TOKENIZER_FILE;
+use dapt_corpus::report::Report;
+use dapt_corpus::{prepare, CorpusReader, CorpusSpec, PrepareOptions, PrepareOutcome};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+
+/// `(ids, text)` of every stored document, training then held-out, split after each EOS.
+fn stored(out: &Path) -> Vec<(Vec<u32>, String)> {
+    let reader = CorpusReader::open(out).expect("open corpus");
+    let tokenizer = Tokenizer::from_file(out.join(TOKENIZER_FILE)).expect("tokenizer");
+    let eos = reader.manifest().tokenizer.eos_id;
+    let mut docs = Vec::new();
+    for source in 0..reader.manifest().sources.len() {
+        for stream in [reader.train(source), reader.held_out(source)] {
+            let mut ids = vec![0u32; stream.len() as usize];
+            stream.read(0, &mut ids);
+            for doc in ids.split_inclusive(|&t| t == eos) {
+                let text = tokenizer.decode(doc, false).expect("decode");
+                docs.push((doc.to_vec(), text));
+            }
+        }
+    }
+    docs
+}
+
+fn texts(out: &Path) -> Vec<String> {
+    let mut texts: Vec<String> = stored(out).into_iter().map(|d| d.1).collect();
+    texts.sort();
+    texts
+}
+
+fn spec(dir: &Path, head: &str, source_extra: &str) -> CorpusSpec {
+    let yaml = format!(
+        "output: out\n{head}sources:\n  - name: dom\n    role: domain\n    paths: [in]\n    weight: 1\n{source_extra}"
+    );
+    let mut spec: CorpusSpec = serde_yaml::from_str(&yaml).expect("spec");
+    spec.resolve_paths(dir);
+    spec
+}
+
+fn prepared(spec: &CorpusSpec) -> Report {
+    match prepare(spec, None, &PrepareOptions::default()).expect("prepare") {
+        PrepareOutcome::Prepared { report, .. } => *report,
+        PrepareOutcome::UpToDate { .. } => panic!("expected a fresh prepare"),
+    }
+}
+
+fn write(dir: &Path, name: &str, bytes: impl AsRef<[u8]>) {
+    let path = dir.join("in").join(name);
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, bytes).expect("write");
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(bytes).expect("gz");
+    gz.finish().expect("gz")
+}
+
+fn utf16(bom_and_bytes: fn(u16) -> [u8; 2], bom: &[u8], text: &str) -> Vec<u8> {
+    let mut out = bom.to_vec();
+    out.extend(text.encode_utf16().flat_map(bom_and_bytes));
+    out
+}
+
+#[test]
+fn byte_order_marks_are_removed_in_every_format_and_under_gzip() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let bom = b"\xEF\xBB\xBF";
+    let jsonl = [
+        &bom[..],
+        b"{\"text\": \"first record after a byte order mark\"}\n{\"text\": \"second record\"}\n",
+    ]
+    .concat();
+    write(d, "a.jsonl", &jsonl);
+    write(d, "b.md", [&bom[..], b"# Notes in markdown"].concat());
+    write(
+        d,
+        "c.txt.gz",
+        gzip(&[&bom[..], b"plain text under gzip"].concat()),
+    );
+    write(d, "d.rst", [&bom[..], b"Restructured text"].concat());
+    write(
+        d,
+        "e.jsonl.gz",
+        gzip(&[&bom[..], b"{\"text\": \"gzipped record\"}\n"].concat()),
+    );
+    write(
+        d,
+        "f.txt",
+        utf16(u16::to_le_bytes, b"\xFF\xFE", "UTF-16LE text: Größe"),
+    );
+    write(
+        d,
+        "g.jsonl",
+        utf16(
+            u16::to_be_bytes,
+            b"\xFE\xFF",
+            "{\"text\": \"UTF-16BE record: Übersicht\"}\n",
+        ),
+    );
+    write(d, "h.html", [&bom[..], b"<p>an html page</p>"].concat());
+    let report = prepared(&spec(d, "vocab_size: 300\n", ""));
+    let row = &report.sources[0];
+    assert_eq!((row.bad_jsonl_lines, row.lossy_files), (0, 0), "{report:?}");
+    assert_eq!(
+        texts(&d.join("out")),
+        [
+            "# Notes in markdown",
+            "Restructured text",
+            "UTF-16BE record: Übersicht",
+            "UTF-16LE text: Größe",
+            "an html page",
+            "first record after a byte order mark",
+            "gzipped record",
+            "plain text under gzip",
+            "second record",
+        ]
+        .map(|t| format!("{t}<|endoftext|>"))
+    );
+    assert_eq!(
+        row.encodings.get("UTF-16LE"),
+        Some(&1),
+        "{:?}",
+        row.encodings
+    );
+    assert_eq!(
+        row.encodings.get("UTF-16BE"),
+        Some(&1),
+        "{:?}",
+        row.encodings
+    );
+}
+
+#[test]
+fn html_is_decoded_in_the_encoding_it_declares_and_text_in_the_sources() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (cyrillic, _, _) = encoding_rs::WINDOWS_1251.encode("Привет, мир");
+    write(
+        d,
+        "latin1.html",
+        b"<html><head><meta charset=\"iso-8859-1\"></head><body><p>Die Gr\xF6\xDFe der Tabelle: \xDCbersicht f\xFCr Anf\xE4nger.</p></body></html>",
+    );
+    write(
+        d,
+        "equiv.html",
+        [
+            &b"<html><head><title>t</title><meta name=viewport content=\"width=device-width\">\
+               <meta http-equiv=\"Content-Type\" content=\"text/html; charset=windows-1251\"></head><body><p>"[..],
+            &cyrillic,
+            b"</p></body></html>",
+        ]
+        .concat(),
+    );
+    write(
+        d,
+        "page.xhtml",
+        b"<?xml version=\"1.0\" encoding=\"ISO-8859-15\"?><html><body><p>Prix: 5 \xA4</p></body></html>",
+    );
+    // windows-1252's euro sign at 0x80: what "iso-8859-1" means to every browser.
+    write(d, "euro.htm", b"<meta charset=latin1><p>Preis: 5 \x80</p>");
+    let report = prepared(&spec(d, "vocab_size: 300\n", ""));
+    let got = texts(&d.join("out"));
+    for want in [
+        "Die Größe der Tabelle: Übersicht für Anfänger.",
+        "Привет, мир",
+        "Prix: 5 €",
+        "Preis: 5 €",
+    ] {
+        assert!(
+            got.iter().any(|t| t.contains(want)),
+            "{want:?} not in {got:?}"
+        );
+    }
+    assert!(!got.iter().any(|t| t.contains('\u{FFFD}')), "{got:?}");
+    assert_eq!(report.sources[0].lossy_files, 0);
+    assert_eq!(report.sources[0].encodings.get("windows-1252"), Some(&2));
+}
+
+#[test]
+fn a_source_encoding_decodes_plain_text_that_declares_none() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(d, "old.txt", b"Caf\xE9 cr\xE8me, 5 \x80");
+    write(d, "bom.txt", b"\xEF\xBB\xBFa BOM still wins: \xC3\xA9");
+    // Without the setting: lossy UTF-8, counted by file.
+    let report = prepared(&spec(d, "vocab_size: 300\n", ""));
+    assert_eq!(report.sources[0].lossy_files, 1);
+    assert!(
+        report.warnings.iter().any(|w| w.contains("old.txt")),
+        "{:?}",
+        report.warnings
+    );
+    let report = prepared(&spec(
+        d,
+        "vocab_size: 300\n",
+        "    encoding: windows-1252\n",
+    ));
+    assert_eq!(report.sources[0].lossy_files, 0);
+    let got = texts(&d.join("out"));
+    assert!(
+        got.contains(&"Café crème, 5 €<|endoftext|>".to_owned()),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&"a BOM still wins: é<|endoftext|>".to_owned()),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn line_endings_are_newlines_in_every_format() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(d, "a.txt", "first line\r\nsecond line\r\n");
+    write(d, "b.md", "old mac\rline");
+    write(d, "c.jsonl", "{\"text\": \"json\\r\\nlines\"}\r\n");
+    prepared(&spec(d, "vocab_size: 300\n", ""));
+    let got = texts(&d.join("out"));
+    assert!(!got.iter().any(|t| t.contains('\r')), "{got:?}");
+    assert!(
+        got.contains(&"first line\nsecond line<|endoftext|>".to_owned()),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&"old mac\nline<|endoftext|>".to_owned()),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&"json\nlines<|endoftext|>".to_owned()),
+        "{got:?}"
+    );
+}
+
+/// The special ids inside a document (before its final EOS).
+fn inner_specials(docs: &[(Vec<u32>, String)], special: &[u32]) -> Vec<u32> {
+    docs.iter()
+        .flat_map(|(ids, _)| ids[..ids.len() - 1].iter().copied())
+        .filter(|id| special.contains(id))
+        .collect()
+}
+
+#[test]
+fn special_tokens_spelled_in_text_stay_text_with_a_trained_tokenizer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(
+        d,
+        "a.jsonl",
+        "{\"text\": \"A tutorial: GPT-2 marks document ends with the string <|endoftext|> between texts.\"}\n{\"text\": \"A second, ordinary document.\"}\n",
+    );
+    let report = prepared(&spec(d, "vocab_size: 300\n", ""));
+    let docs = stored(&d.join("out"));
+    assert_eq!(docs.len(), 2);
+    let eos = CorpusReader::open(&d.join("out"))
+        .expect("open")
+        .manifest()
+        .tokenizer
+        .eos_id;
+    assert_eq!(inner_specials(&docs, &[eos]), Vec::<u32>::new());
+    assert!(docs
+        .iter()
+        .any(|(_, t)| t.contains("string <|endoftext|> between")));
+    let row = &report.sources[0];
+    assert_eq!(row.special_text_documents, 1);
+    assert!(
+        row.special_text_examples[0].ends_with("a.jsonl:1 (<|endoftext|>)"),
+        "{row:?}"
+    );
+    assert!(report
+        .warnings
+        .iter()
+        .any(|w| w.contains("spell a special token")));
+}
+
+/// A SentencePiece-style (Llama-2) `tokenizer.json`: byte-fallback BPE over `▁`-prefixed
+/// pieces, `<unk>` 0, `<s>` 1, `</s>` 2, and a template that puts `<s>` first.
+fn llama2_style_tokenizer(path: &Path) {
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+        vocab.insert((*t).into(), i.into());
+    }
+    for b in 0..=255u32 {
+        vocab.insert(format!("<0x{b:02X}>"), (3 + b).into());
+    }
+    let pieces = "▁abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ<>/|_.,:";
+    for (i, c) in pieces.chars().enumerate() {
+        vocab.insert(c.to_string(), (259 + i).into());
+    }
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let metaspace = serde_json::json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false});
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": null,
+        "pre_tokenizer": metaspace,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}
+        },
+        "decoder": metaspace,
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+            "ignore_merges": false, "vocab": vocab, "merges": []
+        }
+    });
+    std::fs::write(path, serde_json::to_vec(&json).expect("json")).expect("write tokenizer");
+    Tokenizer::from_file(path).expect("a valid tokenizer.json");
+}
+
+#[test]
+fn a_sentencepiece_template_adds_bos_and_its_specials_in_text_stay_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    llama2_style_tokenizer(&d.join("tok.json"));
+    write(
+        d,
+        "a.jsonl",
+        "{\"text\": \"close the tag with </s> then open <s> again\"}\n{\"text\": \"plain words\"}\n",
+    );
+    let head = format!("tokenizer: {}\n", d.join("tok.json").display());
+    let report = prepared(&spec(d, &head, ""));
+    let docs = stored(&d.join("out"));
+    assert_eq!(docs.len(), 2, "{docs:?}");
+    for (ids, _) in &docs {
+        assert_eq!((ids[0], ids[ids.len() - 1]), (1, 2), "{ids:?}");
+    }
+    assert_eq!(
+        inner_specials(&docs[..], &[1, 2]).len(),
+        docs.len(),
+        "only the BOS"
+    );
+    assert!(
+        docs.iter()
+            .any(|(_, t)| t.contains("close the tag with </s> then open <s> again")),
+        "{docs:?}"
+    );
+    let t = &report.tokenizer;
+    assert_eq!(t.added_tokens, ["<s>", "</s>"]);
+    assert_eq!(t.bos_token.as_deref(), Some("<s>"));
+    assert_eq!(report.sources[0].special_text_documents, 1);
+    let manifest = CorpusReader::open(&d.join("out"))
+        .expect("open")
+        .manifest()
+        .clone();
+    assert_eq!(
+        (
+            manifest.tokenizer.bos_token.as_deref(),
+            manifest.tokenizer.bos_id
+        ),
+        (Some("<s>"), Some(1))
+    );
+
+    // add_bos: false leaves the text alone.
+    let report = prepared(&spec(d, &format!("{head}add_bos: false\n"), ""));
+    assert_eq!(report.tokenizer.added_tokens, ["</s>"]);
+    assert!(stored(&d.join("out")).iter().all(|(ids, _)| ids[0] != 1));
+}
+
+/// A byte-level tokenizer (trained here) given to prepare with chat tokens added as special
+/// and a template that adds nothing.
+#[test]
+fn any_special_token_of_a_given_tokenizer_stays_text_and_add_bos_true_needs_a_bos() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let texts_in = [
+        "user said <|im_end|> and <|im_start|> in a bug report",
+        "more text here",
+    ];
+    let mut tokenizer =
+        dapt_corpus::tokenizer::train_byte_level_bpe(texts_in.iter(), 300).expect("train");
+    tokenizer
+        .add_special_tokens([
+            AddedToken::from("<|im_start|>", true),
+            AddedToken::from("<|im_end|>", true),
+        ])
+        .expect("special");
+    let _ = tokenizer.with_post_processor(Some(ByteLevel::default()));
+    tokenizer.save(d.join("tok.json"), false).expect("save");
+    write(
+        d,
+        "a.jsonl",
+        texts_in
+            .iter()
+            .map(|t| format!("{{\"text\": \"{t}\"}}\n"))
+            .collect::<String>(),
+    );
+    let head = format!("tokenizer: {}\n", d.join("tok.json").display());
+    let report = prepared(&spec(d, &head, ""));
+    assert_eq!(report.tokenizer.added_tokens, ["<|endoftext|>"]);
+    let docs = stored(&d.join("out"));
+    let tk = Tokenizer::from_file(d.join("tok.json")).expect("tok");
+    let special: Vec<u32> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .filter_map(|t| tk.token_to_id(t))
+        .collect();
+    assert_eq!(special.len(), 3);
+    assert_eq!(inner_specials(&docs, &special), Vec::<u32>::new());
+    assert_eq!(report.sources[0].special_text_documents, 1);
+
+    // add_bos: true without any BOS in the tokenizer is refused, naming the user's file.
+    let err = prepare(
+        &spec(d, &format!("{head}add_bos: true\n"), ""),
+        None,
+        &PrepareOptions::default(),
+    )
+    .expect_err("no bos");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("tok.json") && msg.contains("corpus.bos_token"),
+        "{msg}"
+    );
+    assert!(!msg.contains(".dapt-prepare-"), "{msg}");
+    // ... and works once the job names one.
+    let report = prepared(&spec(
+        d,
+        &format!("{head}add_bos: true\nbos_token: \"<|im_start|>\"\n"),
+        "",
+    ));
+    assert_eq!(
+        report.tokenizer.added_tokens,
+        ["<|im_start|>", "<|endoftext|>"]
+    );
+    let start = tk.token_to_id("<|im_start|>").expect("id");
+    assert!(stored(&d.join("out"))
+        .iter()
+        .all(|(ids, _)| ids[0] == start));
+}
+
+#[test]
+fn a_missing_eos_names_the_users_tokenizer_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    llama2_style_tokenizer(&d.join("tok.json"));
+    write(d, "a.txt", "text");
+    let head = format!(
+        "tokenizer: {}\neos_token: \"<nope>\"\n",
+        d.join("tok.json").display()
+    );
+    let err = prepare(&spec(d, &head, ""), None, &PrepareOptions::default())
+        .expect_err("missing eos")
+        .to_string();
+    assert!(
+        err.contains(&d.join("tok.json").display().to_string()) && err.contains("<nope>"),
+        "{err}"
+    );
+}
