@@ -19,6 +19,9 @@ use dapt_corpus::rank_slice;
 use dapt_proto::rpc::{compatible, ErrorCode, Generation, Refusal, WorkerId};
 use serde::{Deserialize, Serialize};
 
+mod invariants;
+pub use invariants::{check_ledger, check_transition, decide_checked, Invariant, Violation};
+
 /// A gRPC session, as the executor numbers them. A member's messages count only from the
 /// session it joined on.
 pub type ConnId = u64;
@@ -443,7 +446,8 @@ impl JobState {
     }
 
     /// A coordinator taking over `record`'s generation: its ranks have until `deadline` to
-    /// re-attach.
+    /// re-attach. A generation that resumed from a step past `committed` cannot be taken
+    /// back: the state is then forming the next one.
     pub fn take_over(
         config: ControlConfig,
         committed: Option<Committed>,
@@ -451,13 +455,30 @@ impl JobState {
         now: Instant,
         deadline: Instant,
     ) -> Self {
-        let mut state = JobState::new(config, committed);
+        let mut state =
+            JobState::new(config, committed).after_generation(Some(Generation(record.generation)));
+        if record.resume_step > state.committed_step() {
+            // The generation resumed from a commit the store never recorded (the previous
+            // leader lost etcd before it could): its ranks trained on from there, and no report
+            // of theirs can fill the steps in between. Form a new one from what is durable.
+            return state;
+        }
         state.phase = Phase::Reattaching;
         state.generation = Generation(record.generation);
         state.ranks = record.ranks.into_iter().map(WorkerId).collect();
         state.reattach_deadline = Some(deadline);
         state.took_over = Some(now);
         state
+    }
+
+    /// A coordinator starting again where generations up to `last` were handed out before: the
+    /// next formation takes the one after, so that no generation is handed out twice (workers
+    /// of the old one may still be training and reporting under its number).
+    pub fn after_generation(mut self, last: Option<Generation>) -> Self {
+        if let Some(last) = last.filter(|last| *last > self.generation) {
+            self.generation = last;
+        }
+        self
     }
 
     pub fn committed_step(&self) -> u64 {
@@ -494,6 +515,15 @@ pub fn decide(mut state: JobState, event: Event, now: Instant) -> (JobState, Vec
     match event {
         Event::Join { conn, request } => join(&mut state, conn, request, now, &mut out),
         Event::Expired { worker } => {
+            // Its session may be alive (the lease lapsed in an etcd outage): end it, or the
+            // worker would go on talking to a coordinator that ignores it, never to be
+            // assigned again. It joins again and is taken in at the next formation.
+            if let Some(m) = state.members.get(&worker) {
+                out.push(Action::Drop {
+                    conn: m.conn,
+                    worker: worker.clone(),
+                });
+            }
             let reason = "its etcd lease expired".to_string();
             lose(&mut state, &worker, reason, now, &mut out);
         }
@@ -980,6 +1010,15 @@ fn form(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
         .iter()
         .map(|w| state.members[w].endpoint.clone())
         .collect();
+    // Recorded before anyone is told: a coordinator that cannot record it (it lost the etcd
+    // leadership) stops there, and no worker trains in a generation the next leader would
+    // hand out again.
+    out.push(Action::RecordGeneration(GenerationRecord {
+        generation: state.generation.0,
+        ranks: chosen.iter().map(|w| w.0.clone()).collect(),
+        peers: peers.clone(),
+        resume_step,
+    }));
     for (rank, worker) in chosen.iter().enumerate() {
         let rank = rank as u32;
         let share = rank_slice(0, c.global_batch, rank, world);
@@ -1003,12 +1042,6 @@ fn form(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
             },
         });
     }
-    out.push(Action::RecordGeneration(GenerationRecord {
-        generation: state.generation.0,
-        ranks: chosen.iter().map(|w| w.0.clone()).collect(),
-        peers,
-        resume_step,
-    }));
     out.push(Action::Log(Log::Formed {
         generation: state.generation,
         world,
@@ -1122,6 +1155,27 @@ fn checkpoint_report(
     if step <= state.committed_step() {
         return;
     }
+    if step > state.config.total_steps {
+        // Never committable: a vote for it would stay in the state for the job's life.
+        let worker = state.ranks[rank as usize].clone();
+        let refusal = Refusal::new(
+            ErrorCode::Invalid,
+            format!(
+                "checkpoint report for step {step}, past the job's {} steps",
+                state.config.total_steps
+            ),
+        );
+        out.push(Action::Log(Log::Refused {
+            worker: worker.clone(),
+            refusal: refusal.clone(),
+        }));
+        out.push(Action::Refuse {
+            conn: state.members[&worker].conn,
+            worker,
+            refusal,
+        });
+        return;
+    }
     let (voted, dir, digests) = {
         let votes = state.checkpoints.entry(step).or_default();
         votes.ranks.insert(rank);
@@ -1224,5 +1278,7 @@ pub fn fmt_duration(d: Duration) -> String {
     format!("{:.3}s", d.as_secs_f64())
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,8 @@
 //! The job's durable state under its checkpoint directory (embedded membership):
 //! `committed.json` (the last committed checkpoint and what the job's data order depends on) and
-//! `ledger.jsonl` (every committed step's samples, one line per rank and step).
+//! `ledger.jsonl` (every committed step's samples, one line per rank and step) and
+//! `generation.json` (the last generation formed, so that a restarted coordinator never hands
+//! out a generation number twice).
 //!
 //! Order of writes at a commit: ledger lines first, then `committed.json` by rename. A crash in
 //! between leaves ledger lines past the committed step; [`open`] cuts them off, so the ledger
@@ -13,10 +15,11 @@ use std::path::{Path, PathBuf};
 use dapt_proto::job::JobSpec;
 use serde::{Deserialize, Serialize};
 
-use crate::control::{Committed, LedgerEntry};
+use crate::control::{Committed, GenerationRecord, LedgerEntry};
 
 pub const COMMITTED_FILE: &str = "committed.json";
 pub const LEDGER_FILE: &str = "ledger.jsonl";
+pub const GENERATION_FILE: &str = "generation.json";
 
 /// `committed.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -181,6 +184,27 @@ impl Ledger {
         write_atomic(&self.dir.join(COMMITTED_FILE), &json)
     }
 
+    /// Records `record` as the last generation formed.
+    pub fn record_generation(&self, record: &GenerationRecord) -> Result<(), LedgerError> {
+        let json = serde_json::to_vec_pretty(record).expect("a generation record serializes");
+        write_atomic(&self.dir.join(GENERATION_FILE), &json)
+    }
+
+    /// The number of the last generation formed in this directory, if any.
+    pub fn last_generation(&self) -> Result<Option<u64>, LedgerError> {
+        let path = self.dir.join(GENERATION_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice::<GenerationRecord>(&bytes)
+                .map(|r| Some(r.generation))
+                .map_err(|e| LedgerError::Invalid {
+                    path,
+                    message: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
     /// Deletes checkpoint directories older than the `keep` newest at or before `committed`.
     pub fn prune(&self, committed: u64, keep: usize) -> Result<Vec<PathBuf>, LedgerError> {
         prune_dir(&self.dir, committed, keep)
@@ -263,6 +287,23 @@ mod tests {
             start: step * 4,
             end: step * 4 + 4,
         }
+    }
+
+    #[test]
+    fn remembers_the_last_generation_formed_across_a_restart() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let spec = job(tmp.path(), 1);
+        let (ledger, _) = Ledger::open(&spec).expect("open");
+        assert_eq!(ledger.last_generation().expect("read"), None);
+        let record = GenerationRecord {
+            generation: 7,
+            ranks: vec!["a".into()],
+            peers: vec!["10.0.0.1:29500".into()],
+            resume_step: 0,
+        };
+        ledger.record_generation(&record).expect("record");
+        let (ledger, _) = Ledger::open(&spec).expect("reopen");
+        assert_eq!(ledger.last_generation().expect("read"), Some(7));
     }
 
     #[test]

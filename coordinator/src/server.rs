@@ -22,8 +22,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::control::{
-    decide, fmt_duration, Action, ConnId, ControlConfig, Event, JobState, JoinRequest, Log, Phase,
-    StepInfo,
+    decide_checked, fmt_duration, Action, ConnId, ControlConfig, Event, JobState, JoinRequest, Log,
+    Phase, StepInfo,
 };
 use crate::etcd::{Committer, EtcdStore};
 use crate::ledger::Ledger;
@@ -110,10 +110,11 @@ pub async fn start(
     let c = &job.cluster;
     let mut lost = None;
     let sessions: Sessions = Arc::default();
-    let (mut store, committed, record) = match c.etcd() {
+    let (mut store, committed, record, formed) = match c.etcd() {
         None => {
             let (ledger, committed) = Ledger::open(&job)?;
-            (Store::Files(ledger), committed, None)
+            let formed = ledger.last_generation()?;
+            (Store::Files(ledger), committed, None, formed)
         }
         Some(spec) => {
             let (mut store, lost_flag) = EtcdStore::lead(spec, &job, &url).await?;
@@ -128,7 +129,8 @@ pub async fn start(
                 store: Box::new(store),
                 committer,
             };
-            (store, committed, record)
+            let formed = record.as_ref().map(|r| r.generation);
+            (store, committed, record, formed)
         }
     };
     let config = ControlConfig {
@@ -169,7 +171,7 @@ pub async fn start(
             );
             JobState::take_over(config, committed, record, now, now + patience)
         }
-        None => JobState::new(config, committed),
+        None => JobState::new(config, committed).after_generation(formed.map(Generation)),
     };
     let (events, rx) = mpsc::unbounded_channel();
     if let Store::Etcd { store, .. } = &mut store {
@@ -260,11 +262,14 @@ async fn control_loop(
                 continue;
             }
         };
-        let (next, actions) = decide(state, event, Instant::now());
+        let (next, actions) = decide_checked(state, event, Instant::now());
         state = next;
         for action in actions {
             if let Err(reason) = exec.run(action).await {
+                // Not leading any more: carry out nothing else (no assignment of a generation
+                // that could not be recorded).
                 deposed = Some(reason);
+                break;
             }
         }
         status.send_replace(snapshot(&state));
@@ -417,9 +422,20 @@ impl Executor {
             ),
             Action::Drop { conn, .. } => self.close(conn, None),
             Action::RecordGeneration(record) => {
-                if let Store::Etcd { store, .. } = &mut self.store {
-                    if let Err(e) = store.record_generation(&record).await {
-                        return Err(format!("recording generation {}: {e}", record.generation));
+                match &mut self.store {
+                    Store::Etcd { store, .. } => {
+                        if let Err(e) = store.record_generation(&record).await {
+                            return Err(format!("recording generation {}: {e}", record.generation));
+                        }
+                    }
+                    Store::Files(files) => {
+                        if let Err(e) = files.record_generation(&record) {
+                            // Only a restart's numbering depends on it: the job goes on.
+                            tracing::error!(
+                                generation = record.generation,
+                                "recording the generation: {e}"
+                            );
+                        }
                     }
                 }
             }

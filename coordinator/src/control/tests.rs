@@ -65,7 +65,7 @@ impl Sim {
     }
 
     fn send(&mut self, event: Event) -> Vec<Action> {
-        let (state, actions) = decide(self.state.take().expect("state"), event, self.now);
+        let (state, actions) = decide_checked(self.state.take().expect("state"), event, self.now);
         self.state = Some(state);
         actions
     }
@@ -626,7 +626,7 @@ fn a_relaunch_of_a_completed_job_finishes_at_once() {
     let now = Instant::now();
     let mut actions = Vec::new();
     for (conn, w) in [(1, "a"), (2, "b")] {
-        let (s, a) = decide(
+        let (s, a) = decide_checked(
             state.take().expect("state"),
             Event::Join {
                 conn,
@@ -754,4 +754,137 @@ fn an_expired_lease_loses_the_worker() {
         a,
         Action::Log(Log::Lost { reason, .. }) if reason.contains("lease")
     )));
+}
+
+// Regressions found by the property test (`control/proptests.rs`): each is the shrunk
+// sequence it reported, replayed through the same simulated workers, plus the decision that
+// was wrong.
+
+use super::proptests::{run, Membership, Op, Setup};
+
+fn setup(membership: Membership, workers: usize, global_batch: u64, total_steps: u64) -> Setup {
+    Setup {
+        membership,
+        workers,
+        min_workers: workers,
+        max_workers: Some(workers),
+        global_batch,
+        total_steps,
+        every: 1,
+        max_failed_generations: 2,
+        resumed: None,
+    }
+}
+
+fn replay(setup: Setup, ops: &[Op]) {
+    if let Err(e) = run(&setup, ops) {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn a_generation_is_recorded_before_any_rank_hears_of_it() {
+    // A leader that loses etcd while telling the ranks must not have told them of a generation
+    // the next leader would hand out again.
+    let mut sim = Sim::new(config());
+    sim.join(1, "a");
+    let actions = sim.join(2, "b");
+    let record = actions
+        .iter()
+        .position(|a| matches!(a, Action::RecordGeneration(_)));
+    let assign = actions
+        .iter()
+        .position(|a| matches!(a, Action::Assign { .. }));
+    assert!(record.is_some() && record < assign, "{actions:?}");
+}
+
+#[test]
+fn a_restarted_coordinator_never_hands_out_a_generation_twice() {
+    // Embedded: the worker keeps training generation 1 while the coordinator restarts; the new
+    // one formed generation 1 again, so the old training's reports would count as current.
+    replay(
+        setup(Membership::Embedded, 1, 1, 1),
+        &[Op::Deliver(0), Op::Deliver(0), Op::Tick(2000), Op::TakeOver],
+    );
+    let state = JobState::new(config(), None).after_generation(Some(Generation(6)));
+    assert_eq!(state.generation, Generation(6));
+}
+
+#[test]
+fn an_expired_lease_ends_the_session_so_the_worker_joins_again() {
+    // etcd: the lease of the only worker lapsed while its session was fine. It was dropped from
+    // the members but never told: it trained on, ignored, and the job never completed.
+    replay(
+        setup(Membership::Etcd, 1, 1, 1),
+        &[Op::Deliver(0), Op::Expire(0)],
+    );
+    let mut sim = formed();
+    let conn = sim.conn("b");
+    let actions = sim.send(Event::Expired { worker: id("b") });
+    assert!(
+        actions.contains(&Action::Drop {
+            conn,
+            worker: id("b")
+        }),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn a_checkpoint_report_past_the_last_step_is_refused() {
+    // A malformed checkpoint report for step 3 of 2 was counted as a vote and stayed in the
+    // state for the job's life.
+    let mut s = setup(Membership::Embedded, 2, 2, 2);
+    s.resumed = Some(1);
+    replay(
+        s,
+        &[
+            Op::Deliver(0),
+            Op::Deliver(1),
+            Op::Train(1),
+            Op::Resend(1, true),
+            Op::Deliver(1),
+            Op::Deliver(1),
+            Op::Deliver(1),
+        ],
+    );
+    let mut sim = formed();
+    let actions = sim.checkpoint("a", STEPS + 1, "abc");
+    assert_eq!(refusal(&actions), Some(ErrorCode::Invalid));
+    assert!(sim.state().checkpoints.is_empty());
+}
+
+#[test]
+fn a_generation_that_resumed_from_an_unrecorded_commit_is_formed_again() {
+    // etcd: generation 2 resumed from step 1, committed by a leader that lost etcd before it
+    // recorded it. The next leader (nothing durable) waited for the ranks to re-attach, but
+    // their reports start at step 1 and step 0 is never reported again: no commit, ever.
+    let mut s = setup(Membership::Etcd, 1, 1, 5);
+    s.max_failed_generations = 2;
+    replay(
+        s,
+        &[
+            Op::Deliver(0),
+            Op::Train(0),
+            Op::Kill(0),
+            Op::Deliver(0),
+            Op::Restart(0),
+            Op::Deliver(0),
+            Op::Deliver(0),
+            Op::Deliver(0),
+            Op::TakeOver,
+        ],
+    );
+    let now = Instant::now();
+    let record = GenerationRecord {
+        generation: 2,
+        ranks: vec!["a".into()],
+        peers: vec![request("a").endpoint],
+        resume_step: 1,
+    };
+    let state = JobState::take_over(config(), None, record, now, now);
+    assert_eq!(
+        (state.phase, state.generation),
+        (Phase::Forming, Generation(2))
+    );
 }
