@@ -284,7 +284,7 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
                     })?;
                     let mut client = rpc::CoordinatorClient::new(channel);
                     let reply = client.status(rpc::StatusRequest {}).await.map_err(|e| {
-                        anyhow::anyhow!("{url}: {}", dapt_proto::tls::explain(&e))
+                        anyhow::anyhow!("{url}: {}", dapt_proto::tls::explain_first_call(&e, &url, &tls))
                     })?;
                     anyhow::Ok(reply.into_inner())
                 };

@@ -222,6 +222,35 @@ pub fn explain(error: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
+/// [`explain`] for the first call on a new connection to `url` made with `tls`. Under TLS 1.3 a
+/// coordinator that wants a client certificate refuses one's absence after the client has
+/// finished its handshake: the client sees only the connection close under its first call, not
+/// the reason. So when that happens without a client certificate, say what is likely missing.
+pub fn explain_first_call(
+    error: &(dyn std::error::Error + 'static),
+    url: &str,
+    tls: &ClientTls,
+) -> String {
+    let text = explain(error);
+    let closed = !is_tls_failure(error)
+        && url.starts_with("https://")
+        && tls.cert.is_none()
+        && error.downcast_ref::<tonic::Status>().is_some_and(|s| {
+            matches!(
+                s.code(),
+                tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+            )
+        });
+    if closed {
+        format!(
+            "{text} (the coordinator closed the connection right after the TLS handshake: if it \
+             requires client certificates, give --client-cert and --client-key)"
+        )
+    } else {
+        text
+    }
+}
+
 /// Whether `error` (or one of its sources) is a TLS failure: a certificate refused by either
 /// side. Retrying does not help.
 pub fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
@@ -273,12 +302,16 @@ fn hint(error: &rustls::Error) -> Option<&'static str> {
     })
 }
 
-/// `error: source: source ...`, each message once.
+/// `error: source: source ...`, each message once (a gRPC status by its message: its own
+/// text repeats its source).
 fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut next = Some(error);
     while let Some(e) = next {
-        let text = e.to_string();
+        let text = match e.downcast_ref::<tonic::Status>() {
+            Some(status) => status.message().to_string(),
+            None => e.to_string(),
+        };
         if !parts.iter().any(|p| p.contains(&text)) {
             parts.push(text);
         }

@@ -313,3 +313,88 @@ fn short_tokens_clear_text_and_tokens_on_the_command_line_are_called_out() {
     c.signal(libc::SIGTERM);
     c.finish(LONG);
 }
+
+/// `deploy/k8s/make-secrets.sh --files-only` makes a token and certificates that dapt accepts:
+/// a coordinator serves with them (token from the file), and `dapt status` reaches it as
+/// `dapt-coordinator` (the name in its certificate, as the workers in the manifests do) with
+/// the client certificate.
+#[test]
+fn the_kubernetes_secrets_script_makes_a_token_and_certificates_dapt_accepts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = dir.path().join("secrets");
+    let out = Command::new(dapt_tests::repo_root().join("deploy/k8s/make-secrets.sh"))
+        .arg("--files-only")
+        .arg(&secrets)
+        .env("NAMESPACE", "dapt")
+        .output()
+        .expect("make-secrets.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = std::fs::read_to_string(secrets.join("token")).expect("token");
+    assert!(token.len() >= 32 && !token.ends_with('\n'), "{token:?}");
+    // It never overwrites: a second run into the same directory is refused.
+    let again = Command::new(dapt_tests::repo_root().join("deploy/k8s/make-secrets.sh"))
+        .arg("--files-only")
+        .arg(&secrets)
+        .output()
+        .expect("make-secrets.sh");
+    assert!(!again.status.success());
+    assert_eq!(
+        std::fs::read_to_string(secrets.join("token")).expect("token"),
+        token
+    );
+
+    let job = write_job(dir.path(), "k8s", 400, "");
+    let out = Command::new(binary("dapt"))
+        .args(["prepare", "--quiet"])
+        .arg(&job.path)
+        .output()
+        .expect("prepare");
+    assert!(out.status.success());
+    let port = free_port();
+    let file = |name: &str| secrets.join(name);
+    let mut cmd = Command::new(binary("dapt"));
+    cmd.args(["--log-format", "json", "coordinator"])
+        .arg(&job.path)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env_remove("DAPT_TOKEN")
+        .env("DAPT_TOKEN_FILE", file("token"))
+        .env("DAPT_TLS_CERT", file("coordinator.crt"))
+        .env("DAPT_TLS_KEY", file("coordinator.key"))
+        .env("DAPT_TLS_CLIENT_CA", file("ca.crt"));
+    let _serial = serial();
+    let mut c = Proc::spawn(cmd);
+    c.wait_for("the coordinator to listen", LONG, |l| {
+        !events(l, "coordinator listening").is_empty()
+    });
+    let status = |domain: &str| {
+        Command::new(binary("dapt"))
+            .args(["status", &format!("https://127.0.0.1:{port}"), "--json"])
+            .arg("--coordinator-ca")
+            .arg(file("ca.crt"))
+            .arg("--client-cert")
+            .arg(file("client.crt"))
+            .arg("--client-key")
+            .arg(file("client.key"))
+            .args(["--coordinator-domain", domain])
+            .output()
+            .expect("dapt status")
+    };
+    let out = status("dapt-coordinator");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"job\":\"k8s\""));
+    // A name the certificate does not carry: refused, and said so.
+    let out = status("dapt-etcd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("--coordinator-domain"), "{stderr}");
+    c.signal(libc::SIGTERM);
+    c.finish(LONG);
+}

@@ -293,12 +293,20 @@ impl Session {
         let _ = outbound.send(WorkerMessage {
             kind: Some(Kind::Join(join)),
         });
+        // The first call on the connection: a failure may be a refused client certificate.
+        let first_call = |status: tonic::Status| match Refusal::from_status(&status) {
+            Some(_) => refused(status),
+            None => anyhow::anyhow!(
+                "lost the coordinator: {}",
+                dapt_proto::tls::explain_first_call(&status, url, tls)
+            ),
+        };
         let mut inbound = client
             .session(UnboundedReceiverStream::new(rx))
             .await
-            .map_err(refused)?
+            .map_err(first_call)?
             .into_inner();
-        let joined = match inbound.message().await.map_err(refused)? {
+        let joined = match inbound.message().await.map_err(first_call)? {
             Some(rpc::CoordinatorMessage {
                 kind: Some(coordinator_message::Kind::Joined(j)),
             }) => j,
