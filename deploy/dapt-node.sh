@@ -6,8 +6,13 @@
 #   DAPT_COORDINATOR=http://HOST:7070 DAPT_JOB=NAME DAPT_TOKEN=... deploy/dapt-node.sh
 #
 # Environment:
-#   DAPT_COORDINATOR   the coordinator's URL (required)
-#   DAPT_JOB, DAPT_TOKEN  the job's name and token (required; dapt-worker reads them itself)
+#   DAPT_COORDINATOR   the coordinator's URL (required): http://HOST:PORT, or https://HOST:PORT
+#                      with DAPT_COORDINATOR_CA
+#   DAPT_JOB, DAPT_TOKEN  the job's name and token (required; dapt-worker reads them itself);
+#                      DAPT_TOKEN_FILE instead of DAPT_TOKEN: a file that holds the token
+#   DAPT_COORDINATOR_CA, DAPT_CLIENT_CERT, DAPT_CLIENT_KEY, DAPT_COORDINATOR_DOMAIN
+#                      TLS to the coordinator: its CA (pinned), this node's client certificate
+#                      and key, the name in its certificate (dapt-worker reads them itself)
 #   DAPT_DEVICE        cuda or cpu (default: cuda when `nvidia-smi -L` lists a GPU, else cpu)
 #   DAPT_NODE_WORKERS  workers on this node (default: one per GPU `nvidia-smi -L` lists; 1 on cpu)
 #   DAPT_PRECISION     f32 or bf16 (default f32)
@@ -33,8 +38,15 @@ set -uo pipefail
 die() { echo "dapt-node: $*" >&2; exit 2; }
 [ -n "${DAPT_COORDINATOR:-}" ] || die "set DAPT_COORDINATOR to the coordinator's URL (http://HOST:PORT)"
 [ -n "${DAPT_JOB:-}" ] || die "set DAPT_JOB to the job's name (\`job:\` in its file)"
-[ -n "${DAPT_TOKEN:-}" ] || die "set DAPT_TOKEN to the job's token"
-export DAPT_JOB DAPT_TOKEN
+if [ -n "${DAPT_TOKEN_FILE:-}" ]; then
+  [ -r "$DAPT_TOKEN_FILE" ] || die "DAPT_TOKEN_FILE: cannot read $DAPT_TOKEN_FILE"
+  export DAPT_TOKEN_FILE
+  unset DAPT_TOKEN
+else
+  [ -n "${DAPT_TOKEN:-}" ] || die "set DAPT_TOKEN to the job's token (or DAPT_TOKEN_FILE to a file with it)"
+  export DAPT_TOKEN
+fi
+export DAPT_JOB
 
 bin=${DAPT_WORKER_BIN:-$(command -v dapt-worker)}
 [ -n "$bin" ] && [ -x "$bin" ] || die "no dapt-worker: put it on PATH or set DAPT_WORKER_BIN"

@@ -79,6 +79,14 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
             options.workers
         );
     }
+    // The workers are this machine's own processes, on loopback by default: no TLS between
+    // them and the coordinator (it would need a CA the workers trust; nothing crosses a
+    // network). A non-loopback --listen gets the coordinator's clear-text warning.
+    if job.cluster.tls.take().is_some() {
+        tracing::info!(
+            "cluster.tls is for `dapt coordinator`: dapt launch serves its local workers without TLS"
+        );
+    }
     let token = random_token()?;
     let coordinator = server::start(job.clone(), token.clone(), options.listen, None, None).await?;
     let url = format!("http://{}", coordinator.addr);

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use dapt_coordinator::spec::JobSpec;
 use dapt_coordinator::{launch, plan, server};
 use dapt_corpus::{prepare, PrepareOptions, PrepareOutcome};
@@ -78,32 +79,50 @@ enum Command {
         precision: dapt_proto::device::Precision,
     },
     /// Run the job's coordinator for a cluster: workers join with
-    /// `dapt-worker --coordinator http://HOST:PORT --job NAME` and the same token.
+    /// `dapt-worker --coordinator http(s)://HOST:PORT --job NAME` and the same token.
     Coordinator {
         /// The job file.
         job: PathBuf,
         #[arg(long, default_value = "0.0.0.0:7070")]
         listen: std::net::SocketAddr,
-        /// The job's token (shared secret); prefer the environment.
+        /// The job's token (shared secret, at least 32 characters). On the command line it
+        /// shows in `ps`: prefer DAPT_TOKEN or --token-file.
         #[arg(long, env = "DAPT_TOKEN", hide_env_values = true)]
-        token: String,
-        /// The URL workers reach this coordinator at (default: http://<listen address>); with
-        /// etcd membership it is published as the leader's address.
+        token: Option<String>,
+        /// A file holding the job's token (e.g. a mounted Kubernetes Secret).
+        #[arg(long, env = "DAPT_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// The URL workers reach this coordinator at (default: http(s)://<listen address>);
+        /// with etcd membership it is published as the leader's address. https:// exactly
+        /// when the coordinator serves TLS.
         #[arg(long)]
         advertise: Option<String>,
-        /// Serve Prometheus metrics at http://ADDR/metrics (step, loss, throughput, members,
+        /// Serve Prometheus metrics at http(s)://ADDR/metrics (step, loss, throughput, members,
         /// recoveries, commits, held-out perplexity; docs/control-plane.md), e.g. 0.0.0.0:9090.
+        /// Over TLS, with the same certificates, when the coordinator serves TLS.
         #[arg(long, env = "DAPT_METRICS_LISTEN")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// The coordinator's TLS certificate (PEM); overrides `cluster.tls.cert`.
+        #[arg(long, env = "DAPT_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// Its private key (PEM); overrides `cluster.tls.key`.
+        #[arg(long, env = "DAPT_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// CA (PEM) of the clients' certificates (mutual TLS); overrides `cluster.tls.client_ca`.
+        #[arg(long, env = "DAPT_TLS_CLIENT_CA")]
+        tls_client_ca: Option<PathBuf>,
     },
     /// What a running job is doing: phase, generation, members, step, loss, throughput and the
     /// last committed checkpoint.
     Status {
-        /// The coordinator's URL, e.g. http://127.0.0.1:7070.
+        /// The coordinator's URL, e.g. http://127.0.0.1:7070 or https://HOST:7070 (with
+        /// --coordinator-ca).
         url: String,
         /// Print the reply as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        tls: dapt_proto::tls::ClientTls,
     },
     /// Train the job on this machine as a single rank (runs `dapt-worker train`).
     Train {
@@ -128,7 +147,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let token_on_command_line = matches
+        .subcommand_matches("coordinator")
+        .and_then(|m| m.value_source("token"))
+        == Some(ValueSource::CommandLine);
     // Model work lives in the worker crate, which this crate never links: hand it over.
     let forwarded = match &cli.command {
         Command::Train { args } => Some(("train", args)),
@@ -142,6 +169,12 @@ fn main() -> ExitCode {
     }
     logging::init(cli.log_format);
     let format = cli.log_format;
+    if token_on_command_line {
+        tracing::warn!(
+            "--token on the command line shows in `ps` to every user of this machine: prefer \
+             DAPT_TOKEN or --token-file"
+        );
+    }
     match run(cli.command, format) {
         Ok(code) => code,
         Err(e) => {
@@ -210,14 +243,19 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
             job,
             listen,
             token,
+            token_file,
             advertise,
             metrics_listen,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
         } => {
-            let spec = JobSpec::load(&job)?;
-            anyhow::ensure!(
-                !token.is_empty(),
-                "--token (or DAPT_TOKEN) must not be empty"
-            );
+            let mut spec = JobSpec::load(&job)?;
+            let token = dapt_proto::token::resolve(token, token_file.as_deref())
+                .and_then(|t| dapt_proto::token::check_strength(&t).map(|()| t))
+                .map_err(anyhow::Error::msg)?;
+            spec.cluster.tls =
+                tls_settings(spec.cluster.tls.take(), tls_cert, tls_key, tls_client_ca)?;
             let outcome = runtime()?.block_on(async {
                 let handle = server::start(spec, token, listen, advertise, metrics_listen).await?;
                 let stopper = handle.events();
@@ -234,16 +272,21 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
             })?;
             Ok(report_outcome(&outcome, &job, None, None))
         }
-        Command::Status { url, json } => {
+        Command::Status { url, json, tls } => {
             // Bounded: a standby coordinator accepts connections but answers only once it
             // leads (Kubernetes' readiness probe relies on this failing).
             let limit = std::time::Duration::from_secs(10);
             let reply = runtime()?.block_on(async {
+                let endpoint = dapt_proto::tls::endpoint(&url, &tls)?;
                 let ask = async {
-                    let mut client = rpc::CoordinatorClient::connect(url.clone())
-                        .await
-                        .with_context(|| format!("connecting to {url}"))?;
-                    anyhow::Ok(client.status(rpc::StatusRequest {}).await?.into_inner())
+                    let channel = endpoint.connect().await.map_err(|e| {
+                        anyhow::anyhow!("connecting to {url}: {}", dapt_proto::tls::explain(&e))
+                    })?;
+                    let mut client = rpc::CoordinatorClient::new(channel);
+                    let reply = client.status(rpc::StatusRequest {}).await.map_err(|e| {
+                        anyhow::anyhow!("{url}: {}", dapt_proto::tls::explain_first_call(&e, &url, &tls))
+                    })?;
+                    anyhow::Ok(reply.into_inner())
                 };
                 tokio::time::timeout(limit, ask).await.map_err(|_| {
                     anyhow::anyhow!(
@@ -335,6 +378,32 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The coordinator's TLS: the job file's `cluster.tls` with the flags (or their variables) over
+/// it. `--tls-cert` and `--tls-key` come together (clap checks it).
+fn tls_settings(
+    from_job: Option<dapt_proto::job::CoordinatorTls>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+) -> anyhow::Result<Option<dapt_proto::job::CoordinatorTls>> {
+    let mut tls = match (cert, key, from_job) {
+        (Some(cert), Some(key), from_job) => dapt_proto::job::CoordinatorTls {
+            cert,
+            key,
+            client_ca: from_job.and_then(|t| t.client_ca),
+        },
+        (_, _, Some(from_job)) => from_job,
+        (_, _, None) if client_ca.is_some() => anyhow::bail!(
+            "--tls-client-ca needs the coordinator's own certificate: --tls-cert and --tls-key, or cluster.tls"
+        ),
+        (_, _, None) => return Ok(None),
+    };
+    if client_ca.is_some() {
+        tls.client_ca = client_ca;
+    }
+    Ok(Some(tls))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

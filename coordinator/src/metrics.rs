@@ -294,9 +294,12 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` completes.
+/// Serves `GET /metrics` on `listener` until `stop` completes, over TLS when `tls` is given
+/// (the coordinator's `cluster.tls`: a scraper needs its CA, and a client certificate when it
+/// has a client CA).
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<dapt_proto::tls::rustls::ServerConfig>>,
     metrics: Arc<Metrics>,
     status: watch::Receiver<StatusReply>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
@@ -317,11 +320,100 @@ pub async fn serve(
             }
         }),
     );
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await
-    {
+    let served = match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+        Some(config) => match TlsListener::new(listener, config) {
+            Ok(listener) => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+            }
+            Err(e) => Err(e),
+        },
+    };
+    if let Err(e) = served {
         tracing::error!("metrics server: {e}");
+    }
+}
+
+/// A TCP listener whose connections come out of a TLS handshake. Each handshake runs in a task
+/// of its own under a deadline, so a client that connects and says nothing holds up nobody;
+/// failed handshakes are dropped (logged at debug).
+struct TlsListener {
+    handshaken: tokio::sync::mpsc::Receiver<(TlsStream, SocketAddr)>,
+    addr: SocketAddr,
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// Handshakes in flight at most: more connections wait in the kernel's accept queue.
+const MAX_HANDSHAKES: usize = 64;
+
+impl TlsListener {
+    fn new(
+        listener: tokio::net::TcpListener,
+        config: Arc<dapt_proto::tls::rustls::ServerConfig>,
+    ) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let (tx, handshaken) = tokio::sync::mpsc::channel(8);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                // Ends with the server: it drops the receiving side.
+                let (tcp, peer) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::debug!("metrics accept: {e}");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    _ = tx.closed() => return,
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let handshake = tokio::time::timeout(
+                        dapt_proto::tls::HANDSHAKE_TIMEOUT,
+                        acceptor.accept(tcp),
+                    );
+                    match handshake.await {
+                        Ok(Ok(stream)) => {
+                            drop(slot);
+                            let _ = tx.send((stream, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, "metrics tls handshake: {e}"),
+                        Err(_) => tracing::debug!(%peer, "metrics tls handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(TlsListener { handshaken, addr })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.handshaken.recv().await {
+            Some(accepted) => accepted,
+            // The acceptor task is gone only when the server is: nothing more will come.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
     }
 }
 

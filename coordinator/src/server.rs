@@ -104,9 +104,22 @@ pub async fn start(
     let training = job
         .training
         .ok_or_else(|| anyhow::anyhow!("the job has no `training:` section"))?;
+    let tls = match &job.cluster.tls {
+        Some(spec) => Some(dapt_proto::tls::server(spec)?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let url = advertise.unwrap_or_else(|| format!("http://{addr}"));
+    let url = advertised_url(advertise, addr, tls.is_some())?;
+    match &tls {
+        Some(tls) => tracing::info!(mutual = tls.mutual, "serving over TLS"),
+        None if !addr.ip().is_loopback() => tracing::warn!(
+            %addr,
+            "serving without TLS on a network address: the job's token and every message cross \
+             the network in clear text (give cluster.tls in the job, or --tls-cert and --tls-key)"
+        ),
+        None => {}
+    }
     let c = &job.cluster;
     let mut lost = None;
     let sessions: Sessions = Arc::default();
@@ -186,9 +199,11 @@ pub async fn start(
     let metrics = Arc::new(crate::metrics::Metrics::new(&job.job));
     if let Some(addr) = metrics_listen {
         let listener = crate::metrics::bind(addr).await?;
-        tracing::info!(addr = %listener.local_addr()?, "serving /metrics");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(addr = %listener.local_addr()?, scheme, "serving /metrics");
         tokio::spawn(crate::metrics::serve(
             listener,
+            tls.as_ref().map(|t| t.http.clone()),
             metrics.clone(),
             status_rx.clone(),
             until_stopped(servers_stop.clone()),
@@ -202,8 +217,12 @@ pub async fn start(
         joined: Arc::new(serde_json::to_string(&job).expect("a job spec serializes")),
         heartbeat_ms: c.heartbeat_ms as u32,
     };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls.grpc)?;
+    }
     tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
+        let result = builder
             .add_service(CoordinatorServer::new(service))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listener),
@@ -230,6 +249,31 @@ pub async fn start(
         lost,
     ));
     Ok(Handle { addr, events, done })
+}
+
+/// The URL workers reach this coordinator at: `advertise`, or `http(s)://<bound address>`. Its
+/// scheme must match whether the coordinator serves TLS: under etcd it is what workers find as
+/// the leader's address, and a worker that pins the CA joins only an `https://` one.
+fn advertised_url(
+    advertise: Option<String>,
+    addr: SocketAddr,
+    tls: bool,
+) -> anyhow::Result<String> {
+    let scheme = if tls { "https" } else { "http" };
+    let Some(url) = advertise else {
+        return Ok(format!("{scheme}://{addr}"));
+    };
+    if !url.starts_with(&format!("{scheme}://")) {
+        anyhow::bail!(
+            "--advertise {url}: this coordinator serves {}, so its URL starts with {scheme}://",
+            if tls {
+                "TLS"
+            } else {
+                "plain HTTP/2 (no cluster.tls)"
+            }
+        );
+    }
+    Ok(url)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -215,6 +215,25 @@ pub struct ClusterSpec {
     /// Default: `etcd` when an `etcd:` section is given, else `embedded`.
     pub membership: Option<MembershipKind>,
     pub etcd: Option<EtcdSpec>,
+    /// TLS for the coordinator's gRPC endpoint and its `/metrics` (`dapt coordinator`; `dapt
+    /// launch` serves its own workers on loopback without it). `dapt coordinator --tls-cert`,
+    /// `--tls-key`, `--tls-client-ca` (or their `DAPT_TLS_*` variables) override these fields.
+    pub tls: Option<CoordinatorTls>,
+}
+
+/// The coordinator's server certificate and, for mutual TLS, the CA of its clients' ones.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorTls {
+    /// Certificate chain (PEM) the coordinator presents; it must name the host in the URL the
+    /// workers use (or the name they give with `--coordinator-domain`).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// CA (PEM) that signed the clients' certificates: with it, workers, `dapt status` and
+    /// `/metrics` scrapers must present one (mutual TLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -337,6 +356,7 @@ impl Default for ClusterSpec {
             collective_timeout_s: 300,
             membership: None,
             etcd: None,
+            tls: None,
         }
     }
 }
@@ -423,6 +443,11 @@ impl JobSpec {
             tls.ca = join(&tls.ca);
             tls.cert = tls.cert.as_deref().map(join);
             tls.key = tls.key.as_deref().map(join);
+        }
+        if let Some(tls) = self.cluster.tls.as_mut() {
+            tls.cert = join(&tls.cert);
+            tls.key = join(&tls.key);
+            tls.client_ca = tls.client_ca.as_deref().map(join);
         }
     }
 

@@ -8,6 +8,8 @@
 //! * [`model`] — a Llama model's shape, from and to a Hugging Face `config.json`.
 //! * [`etcd`] — connecting to the job's etcd (membership backend).
 //! * [`rpc`] — the gRPC protocol (`proto/dapt/v1/*.proto`), id newtypes and typed refusals.
+//! * [`tls`] — TLS for the coordinator's endpoints, server and client side.
+//! * [`token`] — the job's token: token files, the least a coordinator accepts.
 
 pub mod device;
 pub mod etcd;
@@ -15,3 +17,5 @@ pub mod job;
 pub mod logging;
 pub mod model;
 pub mod rpc;
+pub mod tls;
+pub mod token;

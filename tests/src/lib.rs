@@ -246,7 +246,7 @@ pub struct Etcd {
 }
 
 /// A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, made with the
-/// `openssl` command line.
+/// `openssl` command line (for etcd, and for the coordinator's TLS).
 #[derive(Debug, Clone)]
 pub struct EtcdCerts {
     pub ca: PathBuf,
@@ -592,7 +592,8 @@ pub fn coordinator_with(
         String::from_utf8_lossy(&out.stderr)
     );
     let port = free_port();
-    let token = "t0ken".to_string();
+    // At least 32 characters: `dapt coordinator` refuses shorter tokens.
+    let token = "dapt-test-token-0123456789abcdef".to_string();
     let mut cmd = Command::new(binary("dapt"));
     cmd.args(["--log-format", "json", "coordinator"])
         .arg(&job.path)

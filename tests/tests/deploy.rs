@@ -320,3 +320,62 @@ fn the_kubernetes_job_file_is_a_valid_job_and_the_workers_name_it() {
         .expect("DAPT_JOB in workers.yaml");
     assert_eq!(job_env["value"].as_str(), Some(name));
 }
+
+/// The manifests ship no secret (deploy/k8s/make-secrets.sh makes them per deployment) and
+/// turn security on: etcd over TLS with client certificates required, the job's etcd client
+/// and the coordinator's mutual TLS, workers that pin the CA and read the token from a file.
+#[test]
+fn the_kubernetes_manifests_ship_no_secret_and_require_tls() {
+    let docs: Vec<serde_yaml::Value> = std::fs::read_dir(repo_root().join("deploy/k8s"))
+        .expect("deploy/k8s")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .flat_map(|p| {
+            let text = std::fs::read_to_string(&p).expect("manifest");
+            serde_yaml::Deserializer::from_str(&text)
+                .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
+                .collect::<Vec<serde_yaml::Value>>()
+        })
+        .collect();
+    assert!(
+        docs.iter().all(|d| d["kind"] != "Secret"),
+        "a Secret in the manifests: make-secrets.sh makes them"
+    );
+    let container = |name: &str| -> serde_yaml::Value {
+        docs.iter()
+            .filter(|d| d["metadata"]["name"] == name && d["kind"] != "Service")
+            .map(|d| d["spec"]["template"]["spec"]["containers"][0].clone())
+            .next()
+            .unwrap_or_else(|| panic!("no workload {name}"))
+    };
+    let etcd_args = format!("{:?}", container("dapt-etcd")["args"]);
+    for flag in [
+        "--client-cert-auth",
+        "--peer-client-cert-auth",
+        "https://0.0.0.0:2379",
+    ] {
+        assert!(etcd_args.contains(flag), "etcd without {flag}: {etcd_args}");
+    }
+    let env = |name: &str, var: &str| -> Option<String> {
+        container(name)["env"]
+            .as_sequence()?
+            .iter()
+            .find(|e| e["name"] == var)
+            .map(|e| format!("{:?}", e))
+    };
+    for var in ["DAPT_COORDINATOR_CA", "DAPT_CLIENT_CERT", "DAPT_TOKEN_FILE"] {
+        assert!(env("dapt-workers", var).is_some(), "workers without {var}");
+    }
+    assert!(env("dapt-workers", "DAPT_COORDINATOR").is_some_and(|v| v.contains("https://")));
+    assert!(env("dapt-workers", "DAPT_TOKEN").is_none());
+    let config = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .expect("the job ConfigMap");
+    let job = dapt_proto::job::JobSpec::parse(config["data"]["job.yaml"].as_str().expect("job"))
+        .expect("job file");
+    let etcd = job.cluster.etcd.expect("cluster.etcd");
+    assert!(etcd.endpoints.iter().all(|e| e.starts_with("https://")));
+    assert!(etcd.tls.is_some_and(|t| t.cert.is_some()));
+    assert!(job.cluster.tls.is_some_and(|t| t.client_ca.is_some()));
+}

@@ -141,7 +141,7 @@ fn a_job_runs_on_an_etcd_with_authentication_and_a_wrong_password_is_refused() {
         .arg("coordinator")
         .arg(&job.path)
         .args(["--listen", "127.0.0.1:0"])
-        .env("DAPT_TOKEN", "t")
+        .env("DAPT_TOKEN", "dapt-test-token-0123456789abcdef")
         .env("DAPT_ETCD_PASSWORD", "wrong")
         .output()
         .expect("coordinator");

@@ -34,15 +34,22 @@ struct Cli {
 /// Training under a coordinator: `dapt-worker --coordinator URL --job NAME` (no subcommand).
 #[derive(clap::Args)]
 struct AgentArgs {
-    /// The coordinator's URL (http://HOST:PORT): join its job and train as it assigns.
+    /// The coordinator's URL (http://HOST:PORT, or https://HOST:PORT with
+    /// --coordinator-ca): join its job and train as it assigns.
     #[arg(long)]
     coordinator: Option<String>,
     /// The job's name (`job:` in its file).
     #[arg(long, env = "DAPT_JOB")]
     job: Option<String>,
-    /// The job's token (shared secret). Prefer the environment over the command line.
+    /// The job's token (shared secret). On the command line it shows in `ps`: prefer
+    /// DAPT_TOKEN or --token-file.
     #[arg(long, env = "DAPT_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file holding the job's token (e.g. a mounted Kubernetes Secret).
+    #[arg(long, env = "DAPT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: dapt_proto::tls::ClientTls,
     /// This worker's id, unique in the job (default: host name and process id).
     #[arg(long)]
     id: Option<String>,
@@ -133,8 +140,19 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     logging::init(cli.log_format);
+    if matches.value_source("token") == Some(clap::parser::ValueSource::CommandLine) {
+        tracing::warn!(
+            "--token on the command line shows in `ps` to every user of this machine: prefer \
+             DAPT_TOKEN or --token-file"
+        );
+    }
     // Before any training thread starts: see dapt_worker::memory.
     dapt_worker::memory::retain_freed_memory();
     let result = match cli.command {
@@ -322,9 +340,8 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let job = args
         .job
         .context("--job (or DAPT_JOB): the name of the job to join")?;
-    let token = args
-        .token
-        .context("--token (or DAPT_TOKEN): the job's token")?;
+    let token = dapt_proto::token::resolve(args.token, args.token_file.as_deref())
+        .map_err(anyhow::Error::msg)?;
     let worker_id = args.id.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -344,6 +361,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             engine: EngineKind::resolve(args.engine, args.device).map_err(anyhow::Error::msg)?,
         },
         connect_timeout: std::time::Duration::from_secs(args.connect_timeout_s),
+        tls: args.tls,
     })?;
     match exit {
         AgentExit::Finished { step, checkpoint } => {

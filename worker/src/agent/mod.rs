@@ -44,6 +44,9 @@ pub struct AgentOptions {
     pub placement: rank::Placement,
     /// How long to keep trying to reach the coordinator at the start.
     pub connect_timeout: Duration,
+    /// TLS to the coordinator: the pinned CA, a client certificate. The same for every
+    /// coordinator this worker joins (a standby that takes over included).
+    pub tls: dapt_proto::tls::ClientTls,
 }
 
 /// How the agent ended, when it ended well.
@@ -110,7 +113,8 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
         attach_generation: 0,
         attach_rank: 0,
     };
-    let mut session = Session::open(&o.coordinator, o.connect_timeout, join.clone()).await?;
+    let mut session =
+        Session::open(&o.coordinator, &o.tls, o.connect_timeout, join.clone()).await?;
     let job: JobSpec =
         serde_json::from_str(&session.joined.job_json).context("the job the coordinator sent")?;
     tracing::info!(worker = %o.worker_id, job = %job.job, %endpoint, coordinator = %o.coordinator, "joined");
@@ -174,7 +178,7 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
                     generation = attach.attach_generation,
                     "lost the coordinator; re-attaching to the next leader"
                 );
-                match reattach(lead, attach, o.connect_timeout).await {
+                match reattach(lead, attach, &o.tls, o.connect_timeout).await {
                     Ok(s) => {
                         session = s;
                         for kind in &replay {
@@ -192,7 +196,7 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
                 // a new member; the generation this worker was in is stale by now, and its
                 // reports until the next assignment are refused as such.
                 tracing::warn!("lost the session with the coordinator; joining it again");
-                match Session::open(&o.coordinator, o.connect_timeout, join.clone()).await {
+                match Session::open(&o.coordinator, &o.tls, o.connect_timeout, join.clone()).await {
                     Ok(s) => {
                         session = s;
                         replay.clear();
@@ -278,18 +282,31 @@ struct Session {
 }
 
 impl Session {
-    async fn open(url: &str, patience: Duration, join: rpc::Join) -> anyhow::Result<Self> {
-        let mut client = connect(url, patience).await?;
+    async fn open(
+        url: &str,
+        tls: &dapt_proto::tls::ClientTls,
+        patience: Duration,
+        join: rpc::Join,
+    ) -> anyhow::Result<Self> {
+        let mut client = connect(url, tls, patience).await?;
         let (outbound, rx) = mpsc::unbounded_channel::<WorkerMessage>();
         let _ = outbound.send(WorkerMessage {
             kind: Some(Kind::Join(join)),
         });
+        // The first call on the connection: a failure may be a refused client certificate.
+        let first_call = |status: tonic::Status| match Refusal::from_status(&status) {
+            Some(_) => refused(status),
+            None => anyhow::anyhow!(
+                "lost the coordinator: {}",
+                dapt_proto::tls::explain_first_call(&status, url, tls)
+            ),
+        };
         let mut inbound = client
             .session(UnboundedReceiverStream::new(rx))
             .await
-            .map_err(refused)?
+            .map_err(first_call)?
             .into_inner();
-        let joined = match inbound.message().await.map_err(refused)? {
+        let joined = match inbound.message().await.map_err(first_call)? {
             Some(rpc::CoordinatorMessage {
                 kind: Some(coordinator_message::Kind::Joined(j)),
             }) => j,
@@ -312,13 +329,14 @@ impl Session {
 async fn reattach(
     membership: &lease::Membership,
     attach: rpc::Join,
+    tls: &dapt_proto::tls::ClientTls,
     patience: Duration,
 ) -> anyhow::Result<Session> {
     let deadline = tokio::time::Instant::now() + patience + membership.ttl();
     let mut last_error = None;
     while tokio::time::Instant::now() < deadline {
         if let Some(url) = membership.leader().await {
-            match Session::open(&url, Duration::from_secs(2), attach.clone()).await {
+            match Session::open(&url, tls, Duration::from_secs(2), attach.clone()).await {
                 Ok(s) => return Ok(s),
                 Err(e) => last_error = Some(e),
             }
@@ -383,30 +401,49 @@ fn start(
     }
 }
 
+/// A client of the coordinator at `url`, retried for `patience` while it cannot be reached; a
+/// refused certificate (either side's) ends the attempts at once: waiting does not change it.
 async fn connect(
     url: &str,
+    tls: &dapt_proto::tls::ClientTls,
     patience: Duration,
 ) -> anyhow::Result<CoordinatorClient<tonic::transport::Channel>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("coordinator URL `{url}`"))?
-        .connect_timeout(Duration::from_secs(5));
+    let endpoint = dapt_proto::tls::endpoint(url, tls)?.connect_timeout(Duration::from_secs(5));
+    if endpoint.uri().scheme_str() == Some("http") && !dapt_proto::tls::is_loopback_url(url) {
+        tracing::warn!(
+            coordinator = %url,
+            "joining without TLS: the job's token and every message cross the network in clear \
+             text (an https:// coordinator and --coordinator-ca prevent it)"
+        );
+    }
     let deadline = tokio::time::Instant::now() + patience;
     loop {
         match endpoint.connect().await {
             Ok(channel) => return Ok(CoordinatorClient::new(channel)),
+            Err(e) if dapt_proto::tls::is_tls_failure(&e) => anyhow::bail!(
+                "cannot reach the coordinator at {url}: {}",
+                dapt_proto::tls::explain(&e)
+            ),
             Err(e) if tokio::time::Instant::now() < deadline => {
                 tracing::debug!("coordinator {url} not reachable yet: {e}");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(e) => anyhow::bail!("cannot reach the coordinator at {url}: {e}"),
+            Err(e) => anyhow::bail!(
+                "cannot reach the coordinator at {url}: {}",
+                dapt_proto::tls::explain(&e)
+            ),
         }
     }
 }
 
-/// A gRPC status as an error; a refusal keeps its code in the message.
+/// A gRPC status as an error; a refusal keeps its code in the message, a TLS failure says what
+/// to check.
 fn refused(status: tonic::Status) -> anyhow::Error {
     match Refusal::from_status(&status) {
         Some(r) => anyhow::anyhow!("the coordinator refused this worker: {r}"),
-        None => anyhow::anyhow!("lost the coordinator: {status}"),
+        None => anyhow::anyhow!(
+            "lost the coordinator: {}",
+            dapt_proto::tls::explain(&status)
+        ),
     }
 }

@@ -1,0 +1,421 @@
+//! TLS for the coordinator's endpoints (its gRPC service and its `/metrics`): the server side
+//! from `cluster.tls` in the job file (or `dapt coordinator --tls-*`), the client side
+//! (`dapt-worker`, `dapt status`) from a pinned CA and an optional client certificate.
+//!
+//! One crypto provider: rustls with `ring` (the one etcd-client's `tls` feature compiles too);
+//! [`install_crypto_provider`] makes it the process default before any configuration is built,
+//! so that no other provider compiled in by a later dependency can make rustls panic at run
+//! time for want of a choice.
+//!
+//! A client trusts only the CA it is given (`--coordinator-ca`): no system roots. An `https://`
+//! URL without a CA is refused, and so is an `http://` one when a CA is given: a worker that pins
+//! the coordinator's CA never sends its Join to a plain-text address (e.g. one an intruder wrote
+//! into etcd as the leader's URL).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+
+use crate::job::CoordinatorTls;
+
+/// How long a client has to finish its TLS handshake with the coordinator.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{field}: {}: {source}", path.display())]
+    Read {
+        field: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{field}: {}: {message}", path.display())]
+    Pem {
+        field: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Makes rustls' `ring` provider the process default (a no-op when one is set already). Call
+/// it before building any TLS configuration (tonic's server builds its own from the default).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The coordinator's TLS, ready to serve: tonic's configuration for the gRPC service and
+/// rustls' for `/metrics` (HTTP/1.1), from the same files.
+pub struct ServerTls {
+    pub grpc: ServerTlsConfig,
+    pub http: Arc<rustls::ServerConfig>,
+    /// Whether clients must present a certificate signed by `client_ca`.
+    pub mutual: bool,
+}
+
+/// Reads and checks `spec`'s certificate, key and client CA. Errors name the field and file.
+pub fn server(spec: &CoordinatorTls) -> Result<ServerTls, TlsError> {
+    install_crypto_provider();
+    let cert_pem = read("cluster.tls.cert", &spec.cert)?;
+    let key_pem = read("cluster.tls.key", &spec.key)?;
+    let certs = certificates("cluster.tls.cert", &spec.cert, &cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
+        field: "cluster.tls.key",
+        path: spec.key.clone(),
+        message: format!("no PEM private key: {e}"),
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut grpc = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&cert_pem, &key_pem))
+        .timeout(HANDSHAKE_TIMEOUT);
+    let builder = match &spec.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let pem = read("cluster.tls.client_ca", path)?;
+            let roots = roots("cluster.tls.client_ca", path, &pem)?;
+            grpc = grpc.client_ca_root(Certificate::from_pem(&pem));
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .map_err(|e| TlsError::Pem {
+                        field: "cluster.tls.client_ca",
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut http = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Pem {
+            field: "cluster.tls.key",
+            path: spec.key.clone(),
+            message: format!("does not go with cluster.tls.cert: {e}"),
+        })?;
+    http.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(ServerTls {
+        grpc,
+        http: Arc::new(http),
+        mutual: spec.client_ca.is_some(),
+    })
+}
+
+/// How a client (a worker, `dapt status`) reaches the coordinator over TLS; the same flags and
+/// variables on both.
+#[derive(Debug, Clone, Default, PartialEq, clap::Args)]
+pub struct ClientTls {
+    /// The CA (PEM) that signed the coordinator's certificate, the only one trusted: needed for
+    /// an https:// coordinator URL, and with it an http:// one is refused.
+    #[arg(
+        long = "coordinator-ca",
+        id = "coordinator_ca",
+        env = "DAPT_COORDINATOR_CA"
+    )]
+    pub ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for a coordinator that requires one (mutual TLS).
+    #[arg(long = "client-cert", id = "client_cert", env = "DAPT_CLIENT_CERT")]
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM) of --client-cert.
+    #[arg(long = "client-key", id = "client_key", env = "DAPT_CLIENT_KEY")]
+    pub key: Option<PathBuf>,
+    /// The name the coordinator's certificate carries, when it is not the URL's host (e.g. a
+    /// pod IP in the URL, the Service name in the certificate).
+    #[arg(
+        long = "coordinator-domain",
+        id = "coordinator_domain",
+        env = "DAPT_COORDINATOR_DOMAIN"
+    )]
+    pub domain: Option<String>,
+}
+
+/// A gRPC endpoint for `url`: `https://` with `tls` (its CA required), or `http://` (refused
+/// when `tls` pins a CA, so that nothing goes out in clear text to a coordinator that should
+/// have proved itself).
+pub fn endpoint(url: &str, tls: &ClientTls) -> Result<Endpoint, TlsError> {
+    install_crypto_provider();
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| TlsError::Config(format!("coordinator URL `{url}`: {e}")))?;
+    if tls.cert.is_some() != tls.key.is_some() {
+        return Err(TlsError::Config(
+            "give both --client-cert and --client-key, or neither".into(),
+        ));
+    }
+    match endpoint.uri().scheme_str() {
+        Some("https") => {}
+        Some("http") if tls.ca.is_some() => {
+            return Err(TlsError::Config(format!(
+                "refusing `{url}`: a CA is pinned (--coordinator-ca) but the URL is plain http://; \
+                 a coordinator with TLS is reached at https://"
+            )))
+        }
+        Some("http") => return Ok(endpoint),
+        _ => {
+            return Err(TlsError::Config(format!(
+                "coordinator URL `{url}`: use http://HOST:PORT or https://HOST:PORT"
+            )))
+        }
+    }
+    let Some(ca) = &tls.ca else {
+        return Err(TlsError::Config(format!(
+            "`{url}` is https: give the CA that signed the coordinator's certificate \
+             (--coordinator-ca or DAPT_COORDINATOR_CA)"
+        )));
+    };
+    let ca_pem = read("--coordinator-ca", ca)?;
+    roots("--coordinator-ca", ca, &ca_pem)?;
+    let mut config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .timeout(HANDSHAKE_TIMEOUT);
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        let cert_pem = read("--client-cert", cert)?;
+        certificates("--client-cert", cert, &cert_pem)?;
+        let key_pem = read("--client-key", key)?;
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
+            field: "--client-key",
+            path: key.clone(),
+            message: format!("no PEM private key: {e}"),
+        })?;
+        config = config.identity(Identity::from_pem(cert_pem, key_pem));
+    }
+    if let Some(domain) = &tls.domain {
+        config = config.domain_name(domain.clone());
+    }
+    endpoint
+        .tls_config(config)
+        .map_err(|e| TlsError::Config(format!("TLS for `{url}`: {}", chain(&e))))
+}
+
+/// Whether `url`'s host is this machine (`localhost`, 127.0.0.0/8, ::1): traffic to it never
+/// crosses a network.
+pub fn is_loopback_url(url: &str) -> bool {
+    url.parse::<tonic::codegen::http::Uri>()
+        .ok()
+        .and_then(|u| u.host().map(is_loopback_host))
+        .unwrap_or(false)
+}
+
+/// Whether `host` (a name or an IP address, IPv6 with or without brackets) is a loopback.
+pub fn is_loopback_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `error` and its sources as one line, with what to do when a TLS check failed.
+pub fn explain(error: &(dyn std::error::Error + 'static)) -> String {
+    let text = chain(error);
+    match tls_failure(error).and_then(hint) {
+        Some(hint) => format!("{text} ({hint})"),
+        None => text,
+    }
+}
+
+/// [`explain`] for the first call on a new connection to `url` made with `tls`. Under TLS 1.3 a
+/// coordinator that wants a client certificate refuses one's absence after the client has
+/// finished its handshake: the client sees only the connection close under its first call, not
+/// the reason. So when that happens without a client certificate, say what is likely missing.
+pub fn explain_first_call(
+    error: &(dyn std::error::Error + 'static),
+    url: &str,
+    tls: &ClientTls,
+) -> String {
+    let text = explain(error);
+    let closed = !is_tls_failure(error)
+        && url.starts_with("https://")
+        && tls.cert.is_none()
+        && error.downcast_ref::<tonic::Status>().is_some_and(|s| {
+            matches!(
+                s.code(),
+                tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+            )
+        });
+    if closed {
+        format!(
+            "{text} (the coordinator closed the connection right after the TLS handshake: if it \
+             requires client certificates, give --client-cert and --client-key)"
+        )
+    } else {
+        text
+    }
+}
+
+/// Whether `error` (or one of its sources) is a TLS failure: a certificate refused by either
+/// side. Retrying does not help.
+pub fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+    tls_failure(error).is_some()
+}
+
+fn tls_failure<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(r) = e.downcast_ref::<rustls::Error>() {
+            return Some(r);
+        }
+        // io::Error's `source` skips the error it wraps: look inside.
+        if let Some(r) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(r);
+        }
+        next = e.source();
+    }
+    None
+}
+
+fn hint(error: &rustls::Error) -> Option<&'static str> {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    Some(match error {
+        E::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => {
+            "the coordinator's certificate is not signed by the CA in --coordinator-ca"
+        }
+        E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            "the coordinator's certificate does not name the URL's host: give the name it \
+             carries with --coordinator-domain"
+        }
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "the coordinator's certificate has expired"
+        }
+        E::AlertReceived(
+            A::CertificateRequired | A::BadCertificate | A::UnknownCA | A::AccessDenied,
+        ) => {
+            "the coordinator requires a client certificate signed by its client CA: give \
+             --client-cert and --client-key"
+        }
+        E::InvalidMessage(_) => {
+            "is the coordinator serving TLS? a coordinator without it is reached at http://"
+        }
+        _ => return None,
+    })
+}
+
+/// `error: source: source ...`, each message once (a gRPC status by its message: its own
+/// text repeats its source).
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let text = match e.downcast_ref::<tonic::Status>() {
+            Some(status) => status.message().to_string(),
+            None => e.to_string(),
+        };
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
+fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        field,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn certificates(
+    field: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            field,
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            field,
+            path: path.to_path_buf(),
+            message: "no PEM certificate in it".into(),
+        });
+    }
+    Ok(certs)
+}
+
+fn roots(
+    field: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Arc<rustls::RootCertStore>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certificates(field, path, pem)? {
+        roots.add(cert).map_err(|e| TlsError::Pem {
+            field,
+            path: path.to_path_buf(),
+            message: format!("not a usable CA certificate: {e}"),
+        })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for url in [
+            "http://127.0.0.1:7070",
+            "http://localhost:1",
+            "https://[::1]:7070",
+            "http://127.8.0.1:80",
+        ] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in [
+            "http://10.0.0.1:7070",
+            "http://0.0.0.0:7070",
+            "http://coord:1",
+            "nonsense",
+        ] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
+    }
+
+    #[test]
+    fn https_needs_a_ca_and_a_pinned_ca_refuses_http() {
+        let err = endpoint("https://10.0.0.1:7070", &ClientTls::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--coordinator-ca"), "{err}");
+        let pinned = ClientTls {
+            ca: Some("/nonexistent/ca.pem".into()),
+            ..ClientTls::default()
+        };
+        let err = endpoint("http://10.0.0.1:7070", &pinned)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("plain http"), "{err}");
+        let err = endpoint("https://10.0.0.1:7070", &pinned)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--coordinator-ca: /nonexistent/ca.pem"),
+            "{err}"
+        );
+        assert!(endpoint("http://10.0.0.1:7070", &ClientTls::default()).is_ok());
+        let half = ClientTls {
+            cert: Some("c.pem".into()),
+            ..ClientTls::default()
+        };
+        assert!(endpoint("http://h:1", &half).is_err());
+    }
+}
