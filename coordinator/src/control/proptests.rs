@@ -7,8 +7,8 @@
 //! worker (a session keeps its order; sessions interleave freely). A random sequence of
 //! [`Op`]s interleaves their work with faults: kills, restarts, hangs (SIGSTOP) and resumes,
 //! broken sessions, failures, diverging weights, stale and malformed reports, expired leases,
-//! lost commits, a coordinator that loses its leadership (or restarts), shutdowns, and ticks
-//! at random times. After the faults, every worker is brought back and behaves: the job must
+//! lost commits, a coordinator that loses its leadership (or restarts; or is deposed while it
+//! records a new generation), shutdowns, and ticks at random times. After the faults, every worker is brought back and behaves: the job must
 //! then complete (liveness), unless it was shut down or failed too often.
 //!
 //! Each run prints its seed; `DAPT_PROPTEST_SEED=<seed>` replays it, and
@@ -84,6 +84,9 @@ pub(super) enum Op {
     /// etcd: the coordinator loses its leadership and another takes over; embedded: the
     /// coordinator restarts. Commits not yet durable are lost.
     TakeOver,
+    /// etcd: the coordinator loses its leadership when it next records a generation, between
+    /// the decision and its last action.
+    Depose,
     Shutdown,
 }
 
@@ -109,6 +112,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (w(), any::<bool>()).prop_map(|(w, bad)| Op::Resend(w, bad)),
         1 => w().prop_map(Op::Expire),
         1 => Just(Op::TakeOver),
+        1 => Just(Op::Depose),
         // Rarer than the rest: a shut-down job has no liveness left to check.
         1 => (0usize..8).prop_map(|r| if r == 0 { Op::Shutdown } else { Op::Heartbeat(r) }),
     ]
@@ -224,6 +228,8 @@ pub(super) struct World {
     shut_down: bool,
     /// The highest generation any coordinator assigned.
     highest_assigned: u64,
+    /// etcd: the leader loses its leadership when it next records a generation.
+    depose_at_next_record: bool,
     /// What happened, for the failure message.
     trace: Vec<String>,
 }
@@ -267,6 +273,7 @@ impl World {
             record: None,
             shut_down: false,
             highest_assigned: 0,
+            depose_at_next_record: false,
             trace: Vec::new(),
         };
         for (i, name) in NAMES.iter().enumerate().take(world.setup.workers) {
@@ -322,23 +329,34 @@ impl World {
                 self.trace[self.trace.len().saturating_sub(30)..].join("\n  ")
             )));
         }
-        // Generations fence stale messages only if none is handed out twice, whichever
-        // coordinator hands it out.
-        if let Some(g) = actions.iter().find_map(|a| match a {
-            Action::Assign { assignment, .. } => Some(assignment.generation.0),
-            _ => None,
-        }) {
-            if g <= self.highest_assigned {
-                return Err(TestCaseError::fail(format!(
-                    "generation {g} assigned again (the highest so far: {})\ntrace (last 30):\n  {}",
-                    self.highest_assigned,
-                    self.trace[self.trace.len().saturating_sub(30)..].join("\n  ")
-                )));
-            }
-            self.highest_assigned = g;
-        }
         self.state = Some(next);
+        let mut batch = None;
         for action in actions {
+            if matches!(action, Action::RecordGeneration(_))
+                && std::mem::take(&mut self.depose_at_next_record)
+            {
+                // etcd refuses the record: this leader is deposed and carries out nothing more.
+                self.trace
+                    .push("the leader is deposed while recording a generation".into());
+                self.take_over();
+                return Ok(());
+            }
+            if let Action::Assign { assignment, .. } = &action {
+                // Generations fence stale messages only if none is handed out twice, whichever
+                // coordinator hands it out.
+                let g = assignment.generation.0;
+                if batch != Some(g) {
+                    if g <= self.highest_assigned {
+                        return Err(TestCaseError::fail(format!(
+                            "generation {g} assigned again (the highest so far: {})\ntrace (last 30):\n  {}",
+                            self.highest_assigned,
+                            self.trace[self.trace.len().saturating_sub(30)..].join("\n  ")
+                        )));
+                    }
+                    self.highest_assigned = g;
+                    batch = Some(g);
+                }
+            }
             self.carry_out(action)?;
         }
         Ok(())
@@ -680,6 +698,7 @@ impl World {
                 }
             }
             Op::TakeOver => self.take_over(),
+            Op::Depose => self.depose_at_next_record = etcd,
             Op::Shutdown => {
                 self.shut_down = true;
                 self.decide(Event::Shutdown {
@@ -734,6 +753,7 @@ impl World {
 
     /// After the faults: every worker comes back and behaves; the job must end.
     pub(super) fn settle(&mut self) -> Result<(), TestCaseError> {
+        self.depose_at_next_record = false;
         for i in 0..self.workers.len() {
             self.workers[i].diverge = false;
             if self.workers[i].hung {
