@@ -161,8 +161,9 @@ fn setup() -> impl Strategy<Value = Setup> {
         )
 }
 
-/// The seed of this run: `DAPT_PROPTEST_SEED`, or a fresh one, printed for a replay.
-fn runner(test: &str) -> TestRunner {
+/// The seed of this run: `DAPT_PROPTEST_SEED`, or a fresh one, printed for a replay. Runs
+/// `DAPT_PROPTEST_CASES` (or CI's number of) cases, divided by `share`.
+fn runner(test: &str, share: u32) -> TestRunner {
     let seed = std::env::var("DAPT_PROPTEST_SEED")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
@@ -174,7 +175,8 @@ fn runner(test: &str) -> TestRunner {
     let cases = std::env::var("DAPT_PROPTEST_CASES")
         .ok()
         .and_then(|s| s.parse::<u32>().ok())
-        .unwrap_or(CI_CASES);
+        .unwrap_or(CI_CASES)
+        .div_ceil(share);
     eprintln!("{test}: {cases} cases, seed {seed} (replay: DAPT_PROPTEST_SEED={seed})");
     TestRunner::new(ProptestConfig {
         cases,
@@ -190,12 +192,7 @@ fn runner(test: &str) -> TestRunner {
 /// Runs `ops` against `setup`, then lets the world settle: the invariants after every
 /// decision, and the job's end.
 pub(super) fn run(setup: &Setup, ops: &[Op]) -> Result<(), TestCaseError> {
-    let mut world = World::new(setup.clone());
-    for op in ops {
-        world.apply(op)?;
-    }
-    world.settle()?;
-    let ended = match world.state().phase {
+    let ended = match run_in(World::new(setup.clone()), ops)? {
         Phase::Completed => &ENDS[0],
         Phase::Failed(_) => &ENDS[1],
         _ => &ENDS[2],
@@ -204,12 +201,25 @@ pub(super) fn run(setup: &Setup, ops: &[Op]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Runs `ops` in `world`, then lets it settle; the phase the job ended in.
+fn run_in(mut world: World, ops: &[Op]) -> Result<Phase, TestCaseError> {
+    for op in ops {
+        world.apply(op)?;
+    }
+    world.settle()?;
+    world.check_files()?;
+    Ok(world.state().phase.clone())
+}
+
 /// How the cases ended: completed, failed (too many failed generations), stopped.
 static ENDS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
 
 #[test]
 fn invariants_hold_and_the_job_completes_under_random_events() {
-    let mut runner = runner("invariants_hold_and_the_job_completes_under_random_events");
+    let mut runner = runner(
+        "invariants_hold_and_the_job_completes_under_random_events",
+        1,
+    );
     let strategy = (setup(), prop::collection::vec(op(), 0..80));
     let result = runner.run(&strategy, |(setup, ops)| run(&setup, &ops));
     if let Err(e) = result {
@@ -217,4 +227,22 @@ fn invariants_hold_and_the_job_completes_under_random_events() {
     }
     let [completed, failed, stopped] = ENDS.each_ref().map(|n| n.load(Ordering::Relaxed));
     eprintln!("cases that ended completed: {completed}, failed: {failed}, stopped: {stopped}");
+}
+
+#[test]
+fn embedded_runs_keep_an_exact_ledger_on_disk() {
+    // The same sequences with embedded membership, through `ledger.rs` in a temporary directory
+    // (a tenth of the cases: every commit is written and synced).
+    let mut runner = runner("embedded_runs_keep_an_exact_ledger_on_disk", 10);
+    let embedded = setup().prop_map(|s| Setup {
+        membership: Membership::Embedded,
+        ..s
+    });
+    let strategy = (embedded, prop::collection::vec(op(), 0..80));
+    let result = runner.run(&strategy, |(setup, ops)| {
+        run_in(World::new(setup).with_files()?, &ops).map(|_| ())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
 }

@@ -2,9 +2,22 @@
 
 use std::collections::VecDeque;
 
+use dapt_proto::job::JobSpec;
 use proptest::test_runner::TestCaseError;
 
 use super::*;
+use crate::ledger::Ledger;
+
+/// Embedded membership through the real files of `ledger.rs`, in a directory of its own.
+struct Files {
+    _dir: tempfile::TempDir,
+    spec: JobSpec,
+    ledger: Ledger,
+}
+
+fn failed(what: &str, e: impl std::fmt::Display) -> TestCaseError {
+    TestCaseError::fail(format!("{what}: {e}"))
+}
 
 /// An order that reached a worker, or the end of its session.
 #[derive(Debug, Clone)]
@@ -52,6 +65,8 @@ pub(super) struct World {
     highest_assigned: u64,
     /// etcd: the leader loses its leadership when it next records a generation.
     depose_at_next_record: bool,
+    /// Embedded: the ledger files, when the case runs through them.
+    files: Option<Files>,
     /// What happened, for the failure message.
     trace: Vec<String>,
 }
@@ -93,6 +108,7 @@ impl World {
             durable,
             durable_ledger,
             record: None,
+            files: None,
             shut_down: false,
             highest_assigned: 0,
             depose_at_next_record: false,
@@ -118,6 +134,58 @@ impl World {
             world.workers.push(w);
         }
         world
+    }
+
+    /// The same world, its commits and generations written through a real [`Ledger`] (embedded
+    /// membership only); the restarted coordinator reads them back from there.
+    pub(super) fn with_files(mut self) -> Result<Self, TestCaseError> {
+        if self.setup.membership != Membership::Embedded {
+            return Ok(self);
+        }
+        let dir = tempfile::tempdir().map_err(|e| failed("tempdir", e))?;
+        let b = self.setup.global_batch;
+        let mut spec = JobSpec::parse(&format!(
+            "job: job\nseed: 1\ncorpus:\n  output: {0}/c\n  sources:\n    - name: d\n      role: domain\n      paths: [x]\n      weight: 1\ntraining:\n  seq_len: 8\n  global_batch: {b}\n  tokens: {1}\ncheckpoint:\n  dir: {0}/ckpt\n",
+            dir.path().display(),
+            8 * b * self.setup.total_steps,
+        ))
+        .map_err(|e| failed("job", e))?;
+        spec.checkpoint.dir = dir.path().join("ckpt");
+        let (ledger, _) = Ledger::open(&spec).map_err(|e| failed("open", e))?;
+        if let Some(c) = &self.durable {
+            // The earlier run's commit.
+            ledger
+                .commit(c, &self.durable_ledger)
+                .map_err(|e| failed("commit", e))?;
+        }
+        self.files = Some(Files {
+            _dir: dir,
+            spec,
+            ledger,
+        });
+        Ok(self)
+    }
+
+    /// Embedded: the ledger on disk holds what was committed, every sample once.
+    pub(super) fn check_files(&self) -> Result<(), TestCaseError> {
+        let Some(f) = &self.files else {
+            return Ok(());
+        };
+        let mut on_disk = f.ledger.entries().map_err(|e| failed("ledger", e))?;
+        let step = self.durable.as_ref().map_or(0, |c| c.step);
+        check_ledger(&on_disk, step, self.setup.global_batch)
+            .map_err(|v| failed("the ledger on disk", v))?;
+        let mut expected = self.durable_ledger.clone();
+        let key = |e: &LedgerEntry| (e.step, e.rank, e.generation);
+        on_disk.sort_by_key(key);
+        expected.sort_by_key(key);
+        if on_disk != expected {
+            return Err(failed(
+                "the ledger on disk",
+                format!("{on_disk:?} instead of {expected:?}"),
+            ));
+        }
+        Ok(())
     }
 
     pub(super) fn state(&self) -> &JobState {
@@ -160,8 +228,7 @@ impl World {
                 // etcd refuses the record: this leader is deposed and carries out nothing more.
                 self.trace
                     .push("the leader is deposed while recording a generation".into());
-                self.take_over();
-                return Ok(());
+                return self.take_over();
             }
             if let Action::Assign { assignment, .. } = &action {
                 // Generations fence stale messages only if none is handed out twice, whichever
@@ -193,7 +260,14 @@ impl World {
                     self.make_durable()?;
                 }
             }
-            Action::RecordGeneration(record) => self.record = Some(record),
+            Action::RecordGeneration(record) => {
+                if let Some(f) = &self.files {
+                    f.ledger
+                        .record_generation(&record)
+                        .map_err(|e| failed("record", e))?;
+                }
+                self.record = Some(record);
+            }
             Action::Assign { conn, .. }
             | Action::Abort { conn, .. }
             | Action::Finish { conn, .. }
@@ -216,7 +290,12 @@ impl World {
         let Some((last, _)) = self.pending.last().cloned() else {
             return Ok(());
         };
-        for (_, mut entries) in self.pending.drain(..) {
+        for (committed, mut entries) in self.pending.drain(..) {
+            if let Some(f) = &self.files {
+                f.ledger
+                    .commit(&committed, &entries)
+                    .map_err(|e| failed("commit", e))?;
+            }
             self.durable_ledger.append(&mut entries);
         }
         if let Err(v) = check_ledger(&self.durable_ledger, last.step, self.setup.global_batch) {
@@ -519,7 +598,7 @@ impl World {
                     self.decide(Event::Expired { worker })?;
                 }
             }
-            Op::TakeOver => self.take_over(),
+            Op::TakeOver => self.take_over()?,
             Op::Depose => self.depose_at_next_record = etcd,
             Op::Shutdown => {
                 self.shut_down = true;
@@ -533,9 +612,9 @@ impl World {
 
     /// The coordinator goes away (leadership lost, or a restart) and a new one starts from the
     /// durable store; every live worker's session ends.
-    fn take_over(&mut self) {
+    fn take_over(&mut self) -> Result<(), TestCaseError> {
         if self.state().phase.is_over() {
-            return;
+            return Ok(());
         }
         self.trace.push("coordinator taken over".into());
         self.pending.clear();
@@ -559,8 +638,25 @@ impl World {
                     self.now + patience,
                 )
             }
-            None => JobState::new(config, self.durable.clone())
-                .after_generation(self.record.as_ref().map(|r| Generation(r.generation))),
+            None => {
+                let mut formed = self.record.as_ref().map(|r| r.generation);
+                if let Some(f) = &mut self.files {
+                    // A restart reads the files back, as `server::start` does.
+                    let (ledger, committed) =
+                        Ledger::open(&f.spec).map_err(|e| failed("reopen", e))?;
+                    if committed != self.durable {
+                        return Err(failed(
+                            "committed.json",
+                            format!("{committed:?}, committed {:?}", self.durable),
+                        ));
+                    }
+                    formed = ledger
+                        .last_generation()
+                        .map_err(|e| failed("generation", e))?;
+                    f.ledger = ledger;
+                }
+                JobState::new(config, self.durable.clone()).after_generation(formed.map(Generation))
+            }
         });
         for i in 0..self.workers.len() {
             // What was in flight went to the old coordinator.
@@ -571,6 +667,7 @@ impl World {
                 self.read_orders(i);
             }
         }
+        Ok(())
     }
 
     /// After the faults: every worker comes back and behaves; the job must end.
