@@ -7,21 +7,24 @@
 //! worker (a session keeps its order; sessions interleave freely). A random sequence of
 //! [`Op`]s interleaves their work with faults: kills, restarts, hangs (SIGSTOP) and resumes,
 //! broken sessions, failures, diverging weights, stale and malformed reports, expired leases,
-//! lost commits, a coordinator that loses its leadership (or restarts), shutdowns, and ticks
-//! at random times. After the faults, every worker is brought back and behaves: the job must
-//! then complete (liveness), unless it was shut down or failed too often.
+//! lost commits, a coordinator that loses its leadership (or restarts; or is deposed while it
+//! records a new generation), shutdowns, and ticks at random times. After the faults, every
+//! worker is brought back and behaves: the job must then complete (liveness), unless it was
+//! shut down or failed too often. The simulation is in [`world`].
 //!
 //! Each run prints its seed; `DAPT_PROPTEST_SEED=<seed>` replays it, and
 //! `DAPT_PROPTEST_CASES=<n>` runs more cases than CI's default. Failing cases are also kept in
 //! `coordinator/proptest-regressions/` and replayed first.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed, TestCaseError, TestRunner};
 
 use super::*;
+
+mod world;
+use world::World;
 
 /// Cases per property in CI: a few seconds on two slow cores.
 const CI_CASES: u32 = 2_000;
@@ -84,6 +87,9 @@ pub(super) enum Op {
     /// etcd: the coordinator loses its leadership and another takes over; embedded: the
     /// coordinator restarts. Commits not yet durable are lost.
     TakeOver,
+    /// etcd: the coordinator loses its leadership when it next records a generation, between
+    /// the decision and its last action.
+    Depose,
     Shutdown,
 }
 
@@ -109,6 +115,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (w(), any::<bool>()).prop_map(|(w, bad)| Op::Resend(w, bad)),
         1 => w().prop_map(Op::Expire),
         1 => Just(Op::TakeOver),
+        1 => Just(Op::Depose),
         // Rarer than the rest: a shut-down job has no liveness left to check.
         1 => (0usize..8).prop_map(|r| if r == 0 { Op::Shutdown } else { Op::Heartbeat(r) }),
     ]
@@ -154,8 +161,9 @@ fn setup() -> impl Strategy<Value = Setup> {
         )
 }
 
-/// The seed of this run: `DAPT_PROPTEST_SEED`, or a fresh one, printed for a replay.
-fn runner(test: &str) -> TestRunner {
+/// The seed of this run: `DAPT_PROPTEST_SEED`, or a fresh one, printed for a replay. Runs
+/// `DAPT_PROPTEST_CASES` (or CI's number of) cases, divided by `share`.
+fn runner(test: &str, share: u32) -> TestRunner {
     let seed = std::env::var("DAPT_PROPTEST_SEED")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
@@ -167,7 +175,8 @@ fn runner(test: &str) -> TestRunner {
     let cases = std::env::var("DAPT_PROPTEST_CASES")
         .ok()
         .and_then(|s| s.parse::<u32>().ok())
-        .unwrap_or(CI_CASES);
+        .unwrap_or(CI_CASES)
+        .div_ceil(share);
     eprintln!("{test}: {cases} cases, seed {seed} (replay: DAPT_PROPTEST_SEED={seed})");
     TestRunner::new(ProptestConfig {
         cases,
@@ -180,677 +189,10 @@ fn runner(test: &str) -> TestRunner {
     })
 }
 
-/// An order that reached a worker, or the end of its session.
-#[derive(Debug, Clone)]
-enum Order {
-    Action(Action),
-    SessionEnded(ConnId),
-    /// A commit is durable: the worker stops keeping what it covers for a replay.
-    Committed(u64),
-}
-
-#[derive(Debug)]
-struct Worker {
-    id: WorkerId,
-    alive: bool,
-    hung: bool,
-    /// The session it talks on (the newest).
-    conn: ConnId,
-    current: Option<Assignment>,
-    next_step: u64,
-    /// Messages in flight to the coordinator, oldest first.
-    outbox: VecDeque<Event>,
-    /// Orders it has not read yet (it is hung).
-    inbox: VecDeque<Order>,
-    /// etcd: the reports of its generation that no durable commit covers.
-    replay: Vec<Event>,
-    diverge: bool,
-    last_report: Option<Event>,
-    finished: bool,
-}
-
-pub(super) struct World {
-    setup: Setup,
-    state: Option<JobState>,
-    t0: Instant,
-    now: Instant,
-    next_conn: ConnId,
-    workers: Vec<Worker>,
-    /// etcd: commits the committer has not recorded yet.
-    pending: Vec<(Committed, Vec<LedgerEntry>)>,
-    durable: Option<Committed>,
-    durable_ledger: Vec<LedgerEntry>,
-    record: Option<GenerationRecord>,
-    shut_down: bool,
-    /// The highest generation any coordinator assigned.
-    highest_assigned: u64,
-    /// What happened, for the failure message.
-    trace: Vec<String>,
-}
-
-fn endpoint(i: usize) -> String {
-    format!("10.0.0.{}:29500", i + 1)
-}
-
-impl World {
-    pub(super) fn new(setup: Setup) -> Self {
-        let now = Instant::now();
-        let config = config(&setup);
-        let durable = setup.resumed.filter(|s| *s > 0).map(|step| Committed {
-            step,
-            dir: format!("/ckpt/step-{step:08}"),
-            generation: 1,
-        });
-        // The earlier run's ledger, as it left it.
-        let durable_ledger = durable.as_ref().map_or_else(Vec::new, |c| {
-            (0..c.step)
-                .map(|step| LedgerEntry {
-                    step,
-                    generation: 1,
-                    rank: 0,
-                    start: step * setup.global_batch,
-                    end: (step + 1) * setup.global_batch,
-                })
-                .collect()
-        });
-        let state = JobState::new(config, durable.clone());
-        let mut world = World {
-            workers: Vec::new(),
-            setup,
-            state: Some(state),
-            t0: now,
-            now,
-            next_conn: 1,
-            pending: Vec::new(),
-            durable,
-            durable_ledger,
-            record: None,
-            shut_down: false,
-            highest_assigned: 0,
-            trace: Vec::new(),
-        };
-        for (i, name) in NAMES.iter().enumerate().take(world.setup.workers) {
-            let conn = world.conn();
-            let mut w = Worker {
-                id: WorkerId((*name).into()),
-                alive: true,
-                hung: false,
-                conn,
-                current: None,
-                next_step: 0,
-                outbox: VecDeque::new(),
-                inbox: VecDeque::new(),
-                replay: Vec::new(),
-                diverge: false,
-                last_report: None,
-                finished: false,
-            };
-            w.outbox.push_back(join(&w, i, None));
-            world.workers.push(w);
-        }
-        world
-    }
-
-    fn state(&self) -> &JobState {
-        self.state.as_ref().expect("a state between decisions")
-    }
-
-    fn conn(&mut self) -> ConnId {
-        self.next_conn += 1;
-        self.next_conn
-    }
-
-    fn ms(&self) -> u128 {
-        self.now.duration_since(self.t0).as_millis()
-    }
-
-    /// One decision, checked; its actions reach the workers and the store.
-    fn decide(&mut self, event: Event) -> Result<(), TestCaseError> {
-        let prev = self.state.take().expect("a state between decisions");
-        self.trace.push(format!(
-            "t={}ms {}",
-            self.ms(),
-            invariants::describe(&event)
-        ));
-        let (next, actions) = decide(prev.clone(), event.clone(), self.now);
-        if let Err(v) = check_transition(&prev, &event, &next, &actions) {
-            return Err(TestCaseError::fail(format!(
-                "{v}\nafter: {}\nphase {} -> {}\ntrace (last 30):\n  {}",
-                invariants::describe(&event),
-                prev.phase.name(),
-                next.phase.name(),
-                self.trace[self.trace.len().saturating_sub(30)..].join("\n  ")
-            )));
-        }
-        // Generations fence stale messages only if none is handed out twice, whichever
-        // coordinator hands it out.
-        if let Some(g) = actions.iter().find_map(|a| match a {
-            Action::Assign { assignment, .. } => Some(assignment.generation.0),
-            _ => None,
-        }) {
-            if g <= self.highest_assigned {
-                return Err(TestCaseError::fail(format!(
-                    "generation {g} assigned again (the highest so far: {})\ntrace (last 30):\n  {}",
-                    self.highest_assigned,
-                    self.trace[self.trace.len().saturating_sub(30)..].join("\n  ")
-                )));
-            }
-            self.highest_assigned = g;
-        }
-        self.state = Some(next);
-        for action in actions {
-            self.carry_out(action)?;
-        }
-        Ok(())
-    }
-
-    fn carry_out(&mut self, action: Action) -> Result<(), TestCaseError> {
-        match action {
-            Action::Commit { committed, ledger } => {
-                self.pending.push((committed, ledger));
-                if self.setup.membership == Membership::Embedded {
-                    // The files are written before the loop goes on.
-                    self.make_durable()?;
-                }
-            }
-            Action::RecordGeneration(record) => self.record = Some(record),
-            Action::Assign { conn, .. }
-            | Action::Abort { conn, .. }
-            | Action::Finish { conn, .. }
-            | Action::RefuseJoin { conn, .. } => self.order(conn, Order::Action(action)),
-            Action::Drop { conn, .. } => self.order(conn, Order::SessionEnded(conn)),
-            Action::Accept { .. } | Action::Refuse { .. } | Action::Log(_) => {}
-        }
-        Ok(())
-    }
-
-    /// Sends `order` down session `conn`, if a worker still listens on it.
-    fn order(&mut self, conn: ConnId, order: Order) {
-        if let Some(i) = self.workers.iter().position(|w| w.alive && w.conn == conn) {
-            self.workers[i].inbox.push_back(order);
-            self.read_orders(i);
-        }
-    }
-
-    fn make_durable(&mut self) -> Result<(), TestCaseError> {
-        let Some((last, _)) = self.pending.last().cloned() else {
-            return Ok(());
-        };
-        for (_, mut entries) in self.pending.drain(..) {
-            self.durable_ledger.append(&mut entries);
-        }
-        if let Err(v) = check_ledger(&self.durable_ledger, last.step, self.setup.global_batch) {
-            return Err(TestCaseError::fail(format!(
-                "the durable ledger at step {}: {v}\ntrace:\n  {}",
-                last.step,
-                self.trace.join("\n  ")
-            )));
-        }
-        let step = last.step;
-        self.durable = Some(last);
-        for i in 0..self.workers.len() {
-            if self.workers[i].alive {
-                self.workers[i].inbox.push_back(Order::Committed(step));
-                self.read_orders(i);
-            }
-        }
-        Ok(())
-    }
-
-    /// The worker acts on the orders it received, unless it is stopped.
-    fn read_orders(&mut self, i: usize) {
-        while !self.workers[i].hung && self.workers[i].alive {
-            let Some(order) = self.workers[i].inbox.pop_front() else {
-                return;
-            };
-            let w = &mut self.workers[i];
-            match order {
-                Order::Action(Action::Assign { assignment, .. }) => {
-                    w.next_step = assignment.resume_step;
-                    w.current = Some(assignment);
-                    w.replay.clear();
-                }
-                Order::Action(Action::Abort { generation, .. }) => {
-                    if w.current
-                        .as_ref()
-                        .is_some_and(|a| a.generation == generation)
-                    {
-                        w.current = None;
-                        w.replay.clear();
-                    }
-                    let event = Event::Aborted {
-                        conn: w.conn,
-                        worker: w.id.clone(),
-                        generation,
-                    };
-                    w.outbox.push_back(event);
-                }
-                Order::Action(Action::Finish { .. }) => {
-                    w.finished = true;
-                    w.alive = false;
-                    let event = Event::Disconnected {
-                        conn: w.conn,
-                        worker: w.id.clone(),
-                    };
-                    w.outbox.push_back(event);
-                }
-                Order::Action(Action::RefuseJoin { .. }) => {
-                    // The agent exits on a refused join.
-                    w.alive = false;
-                    w.current = None;
-                }
-                Order::Action(_) => {}
-                Order::SessionEnded(conn) => {
-                    if conn == w.conn {
-                        let event = Event::Disconnected {
-                            conn,
-                            worker: w.id.clone(),
-                        };
-                        w.outbox.push_back(event);
-                        self.reconnect(i);
-                    }
-                }
-                Order::Committed(step) => w.replay.retain(|e| match e {
-                    Event::Step { info, .. } => info.step >= step,
-                    Event::Checkpoint { step: s, .. } => *s > step,
-                    _ => true,
-                }),
-            }
-        }
-    }
-
-    /// The worker's session is gone: it joins again (embedded), or re-attaches with its
-    /// generation and replays its reports (etcd).
-    fn reconnect(&mut self, i: usize) {
-        let conn = self.conn();
-        let etcd = self.setup.membership == Membership::Etcd;
-        let w = &mut self.workers[i];
-        w.conn = conn;
-        let attach = etcd
-            .then(|| w.current.as_ref().map(|a| (a.generation, a.rank)))
-            .flatten();
-        let event = join(w, i, attach);
-        w.outbox.push_back(event);
-        if etcd {
-            for mut e in w.replay.clone() {
-                set_conn(&mut e, conn);
-                w.outbox.push_back(e);
-            }
-        } else {
-            w.replay.clear();
-        }
-    }
-
-    fn train(&mut self, i: usize) {
-        let etcd = self.setup.membership == Membership::Etcd;
-        let (batch, every) = (self.setup.global_batch, self.setup.every);
-        let w = &mut self.workers[i];
-        if !w.alive || w.hung {
-            return;
-        }
-        let Some(a) = w.current.clone() else {
-            return;
-        };
-        if w.next_step >= a.total_steps {
-            return;
-        }
-        let step = w.next_step;
-        w.next_step += 1;
-        let done = step + 1;
-        let slice = rank_slice(step, batch, a.rank, a.world);
-        let report = Event::Step {
-            conn: w.conn,
-            worker: w.id.clone(),
-            generation: a.generation,
-            info: StepInfo {
-                step,
-                rank: a.rank,
-                samples: (slice.start, slice.end),
-                loss: 5.0 / done as f64,
-                grad_norm: 1.0,
-                lr: 1e-4,
-                tokens: batch * 8,
-                elapsed: Duration::from_millis(100),
-            },
-        };
-        w.outbox.push_back(report.clone());
-        if etcd {
-            w.replay.push(report.clone());
-        }
-        w.last_report = Some(report);
-        if a.rank == 0 && done == a.total_steps {
-            w.outbox.push_back(Event::Eval {
-                conn: w.conn,
-                worker: w.id.clone(),
-                generation: a.generation,
-                step: done,
-                source: "held-out".into(),
-                perplexity: 12.5,
-                tokens: 100,
-            });
-        }
-        if done.is_multiple_of(every) || done == a.total_steps {
-            let digest = if std::mem::take(&mut w.diverge) {
-                format!("diverged-{}", w.id)
-            } else {
-                format!("weights-{done}")
-            };
-            let report = Event::Checkpoint {
-                conn: w.conn,
-                worker: w.id.clone(),
-                generation: a.generation,
-                step: done,
-                rank: a.rank,
-                dir: if a.rank == 0 {
-                    format!("/ckpt/step-{done:08}")
-                } else {
-                    String::new()
-                },
-                digest,
-            };
-            w.outbox.push_back(report.clone());
-            if etcd {
-                w.replay.push(report.clone());
-            }
-            w.last_report = Some(report);
-        }
-    }
-
-    pub(super) fn apply(&mut self, op: &Op) -> Result<(), TestCaseError> {
-        let n = self.workers.len();
-        let etcd = self.setup.membership == Membership::Etcd;
-        match *op {
-            Op::Deliver(i) => {
-                if let Some(event) = self.workers[i % n].outbox.pop_front() {
-                    self.decide(event)?;
-                }
-            }
-            Op::Train(i) => self.train(i % n),
-            Op::Heartbeat(i) => {
-                let w = &mut self.workers[i % n];
-                if w.alive && !w.hung {
-                    let event = Event::Heartbeat {
-                        conn: w.conn,
-                        worker: w.id.clone(),
-                    };
-                    w.outbox.push_back(event);
-                }
-            }
-            Op::Tick(ms) => {
-                self.now += Duration::from_millis(ms);
-                self.decide(Event::Tick)?;
-            }
-            Op::Durable => self.make_durable()?,
-            Op::Kill(i) => {
-                let w = &mut self.workers[i % n];
-                if w.alive {
-                    w.alive = false;
-                    w.current = None;
-                    w.inbox.clear();
-                    let event = Event::Disconnected {
-                        conn: w.conn,
-                        worker: w.id.clone(),
-                    };
-                    w.outbox.push_back(event);
-                    self.trace.push(format!("kill {}", w.id));
-                }
-            }
-            Op::Restart(i) => {
-                let i = i % n;
-                if !self.workers[i].alive {
-                    let conn = self.conn();
-                    let w = &mut self.workers[i];
-                    *w = Worker {
-                        id: w.id.clone(),
-                        alive: true,
-                        hung: false,
-                        conn,
-                        current: None,
-                        next_step: 0,
-                        outbox: std::mem::take(&mut w.outbox),
-                        inbox: VecDeque::new(),
-                        replay: Vec::new(),
-                        diverge: false,
-                        last_report: None,
-                        finished: false,
-                    };
-                    let event = join(w, i, None);
-                    w.outbox.push_back(event);
-                    self.trace.push(format!("restart {}", w.id));
-                }
-            }
-            Op::Hang(i) => {
-                let w = &mut self.workers[i % n];
-                if w.alive && !w.hung {
-                    w.hung = true;
-                    self.trace.push(format!("hang {}", w.id));
-                }
-            }
-            Op::Resume(i) => {
-                let i = i % n;
-                if self.workers[i].hung {
-                    self.workers[i].hung = false;
-                    self.trace.push(format!("resume {}", self.workers[i].id));
-                    self.read_orders(i);
-                }
-            }
-            Op::Blip(i) => {
-                let i = i % n;
-                let w = &self.workers[i];
-                if w.alive && !w.hung {
-                    self.trace.push(format!("session of {} breaks", w.id));
-                    let conn = w.conn;
-                    self.workers[i].inbox.push_back(Order::SessionEnded(conn));
-                    self.read_orders(i);
-                }
-            }
-            Op::Fail(i) => {
-                let w = &mut self.workers[i % n];
-                if w.alive && !w.hung {
-                    if let Some(a) = w.current.take() {
-                        let event = Event::Failed {
-                            conn: w.conn,
-                            worker: w.id.clone(),
-                            generation: a.generation,
-                            reason: "non-finite loss".into(),
-                        };
-                        w.outbox.push_back(event);
-                    }
-                }
-            }
-            Op::Diverge(i) => self.workers[i % n].diverge = true,
-            Op::Resend(i, malformed) => {
-                let w = &mut self.workers[i % n];
-                if let (true, false, Some(mut event)) = (w.alive, w.hung, w.last_report.clone()) {
-                    set_conn(&mut event, w.conn);
-                    if malformed {
-                        match &mut event {
-                            Event::Step { info, .. } => info.samples.1 += 1,
-                            Event::Checkpoint { step, .. } => *step += 1,
-                            _ => {}
-                        }
-                    }
-                    w.outbox.push_back(event);
-                }
-            }
-            Op::Expire(i) => {
-                if etcd {
-                    let worker = self.workers[i % n].id.clone();
-                    self.decide(Event::Expired { worker })?;
-                }
-            }
-            Op::TakeOver => self.take_over(),
-            Op::Shutdown => {
-                self.shut_down = true;
-                self.decide(Event::Shutdown {
-                    reason: "interrupted".into(),
-                })?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The coordinator goes away (leadership lost, or a restart) and a new one starts from the
-    /// durable store; every live worker's session ends.
-    fn take_over(&mut self) {
-        if self.state().phase.is_over() {
-            return;
-        }
-        self.trace.push("coordinator taken over".into());
-        self.pending.clear();
-        let config = config(&self.setup);
-        let unfinished = self
-            .durable
-            .as_ref()
-            .is_none_or(|c| c.step < config.total_steps);
-        let record = self
-            .record
-            .clone()
-            .filter(|_| unfinished && self.setup.membership == Membership::Etcd);
-        self.state = Some(match record {
-            Some(record) => {
-                let patience = Duration::from_millis(SESSION_TIMEOUT_MS + LEASE_TTL_MS);
-                JobState::take_over(
-                    config,
-                    self.durable.clone(),
-                    record,
-                    self.now,
-                    self.now + patience,
-                )
-            }
-            None => JobState::new(config, self.durable.clone())
-                .after_generation(self.record.as_ref().map(|r| Generation(r.generation))),
-        });
-        for i in 0..self.workers.len() {
-            // What was in flight went to the old coordinator.
-            self.workers[i].outbox.clear();
-            if self.workers[i].alive {
-                let conn = self.workers[i].conn;
-                self.workers[i].inbox.push_back(Order::SessionEnded(conn));
-                self.read_orders(i);
-            }
-        }
-    }
-
-    /// After the faults: every worker comes back and behaves; the job must end.
-    pub(super) fn settle(&mut self) -> Result<(), TestCaseError> {
-        for i in 0..self.workers.len() {
-            self.workers[i].diverge = false;
-            if self.workers[i].hung {
-                self.apply(&Op::Resume(i))?;
-            }
-            if !self.workers[i].alive && !self.workers[i].finished {
-                self.apply(&Op::Restart(i))?;
-            }
-        }
-        for _round in 0..(40 + 4 * self.setup.total_steps) {
-            if self.state().phase.is_over() {
-                break;
-            }
-            loop {
-                let mut delivered = false;
-                for i in 0..self.workers.len() {
-                    if !self.workers[i].outbox.is_empty() {
-                        self.apply(&Op::Deliver(i))?;
-                        delivered = true;
-                    }
-                }
-                if !delivered {
-                    break;
-                }
-            }
-            for i in 0..self.workers.len() {
-                self.apply(&Op::Heartbeat(i))?;
-                self.apply(&Op::Train(i))?;
-            }
-            self.make_durable()?;
-            self.apply(&Op::Tick(1_000))?;
-        }
-        self.make_durable()?;
-        let s = self.state();
-        let ended = match &s.phase {
-            Phase::Completed => {
-                s.committed_step() == self.setup.total_steps
-                    && self
-                        .durable
-                        .as_ref()
-                        .is_some_and(|d| d.step == self.setup.total_steps)
-            }
-            Phase::Stopped(_) => self.shut_down,
-            // Failing too often is a way to end (the invariants check it was too often).
-            Phase::Failed(_) => true,
-            _ => false,
-        };
-        if !ended {
-            return Err(TestCaseError::fail(format!(
-                "the job did not complete once the faults stopped: {} in generation {}, committed {}, members {:?}, ranks {:?}\ntrace (first 60):\n  {}",
-                s.phase.name(),
-                s.generation,
-                s.committed_step(),
-                s.members.iter().map(|(w, m)| (w.0.clone(), m.rank)).collect::<Vec<_>>(),
-                s.ranks,
-                self.trace[..self.trace.len().min(60)].join("\n  ")
-            )));
-        }
-        Ok(())
-    }
-}
-
-fn config(setup: &Setup) -> ControlConfig {
-    ControlConfig {
-        job: "job".into(),
-        token: "secret".into(),
-        version: "0.1.0".into(),
-        min_workers: setup.min_workers,
-        max_workers: setup.max_workers,
-        session_timeout: Duration::from_millis(SESSION_TIMEOUT_MS),
-        formation_grace: Duration::from_secs(2),
-        abort_timeout: Duration::from_secs(10),
-        total_steps: setup.total_steps,
-        global_batch: setup.global_batch,
-        micro_batch: 2,
-        max_failed_generations: setup.max_failed_generations,
-    }
-}
-
-fn join(w: &Worker, i: usize, attach: Option<(Generation, u32)>) -> Event {
-    Event::Join {
-        conn: w.conn,
-        request: JoinRequest {
-            job: "job".into(),
-            token: "secret".into(),
-            worker: w.id.clone(),
-            devices: vec!["cpu".into()],
-            version: "0.1.0".into(),
-            endpoint: endpoint(i),
-            attach,
-        },
-    }
-}
-
-fn set_conn(event: &mut Event, to: ConnId) {
-    match event {
-        Event::Join { conn, .. }
-        | Event::Disconnected { conn, .. }
-        | Event::Heartbeat { conn, .. }
-        | Event::Step { conn, .. }
-        | Event::Checkpoint { conn, .. }
-        | Event::Aborted { conn, .. }
-        | Event::Failed { conn, .. }
-        | Event::Eval { conn, .. } => *conn = to,
-        Event::Expired { .. } | Event::Tick | Event::Shutdown { .. } => {}
-    }
-}
-
 /// Runs `ops` against `setup`, then lets the world settle: the invariants after every
 /// decision, and the job's end.
 pub(super) fn run(setup: &Setup, ops: &[Op]) -> Result<(), TestCaseError> {
-    let mut world = World::new(setup.clone());
-    for op in ops {
-        world.apply(op)?;
-    }
-    world.settle()?;
-    let ended = match world.state().phase {
+    let ended = match run_in(World::new(setup.clone()), ops)? {
         Phase::Completed => &ENDS[0],
         Phase::Failed(_) => &ENDS[1],
         _ => &ENDS[2],
@@ -859,12 +201,25 @@ pub(super) fn run(setup: &Setup, ops: &[Op]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Runs `ops` in `world`, then lets it settle; the phase the job ended in.
+fn run_in(mut world: World, ops: &[Op]) -> Result<Phase, TestCaseError> {
+    for op in ops {
+        world.apply(op)?;
+    }
+    world.settle()?;
+    world.check_files()?;
+    Ok(world.state().phase.clone())
+}
+
 /// How the cases ended: completed, failed (too many failed generations), stopped.
 static ENDS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
 
 #[test]
 fn invariants_hold_and_the_job_completes_under_random_events() {
-    let mut runner = runner("invariants_hold_and_the_job_completes_under_random_events");
+    let mut runner = runner(
+        "invariants_hold_and_the_job_completes_under_random_events",
+        1,
+    );
     let strategy = (setup(), prop::collection::vec(op(), 0..80));
     let result = runner.run(&strategy, |(setup, ops)| run(&setup, &ops));
     if let Err(e) = result {
@@ -872,4 +227,22 @@ fn invariants_hold_and_the_job_completes_under_random_events() {
     }
     let [completed, failed, stopped] = ENDS.each_ref().map(|n| n.load(Ordering::Relaxed));
     eprintln!("cases that ended completed: {completed}, failed: {failed}, stopped: {stopped}");
+}
+
+#[test]
+fn embedded_runs_keep_an_exact_ledger_on_disk() {
+    // The same sequences with embedded membership, through `ledger.rs` in a temporary directory
+    // (a tenth of the cases: every commit is written and synced).
+    let mut runner = runner("embedded_runs_keep_an_exact_ledger_on_disk", 10);
+    let embedded = setup().prop_map(|s| Setup {
+        membership: Membership::Embedded,
+        ..s
+    });
+    let strategy = (embedded, prop::collection::vec(op(), 0..80));
+    let result = runner.run(&strategy, |(setup, ops)| {
+        run_in(World::new(setup).with_files()?, &ops).map(|_| ())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
 }
