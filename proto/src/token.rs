@@ -51,7 +51,7 @@ pub fn check_strength(token: &str) -> Result<(), String> {
              {MIN_TOKEN_CHARS} (128 bits as hex: `openssl rand -hex 16`)"
         ));
     }
-    if token.chars().all(|c| Some(c) == token.chars().next()) {
+    if token.chars().all(|c| token.starts_with(c)) {
         return Err("the job token repeats one character: use a random one".into());
     }
     Ok(())

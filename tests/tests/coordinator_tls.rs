@@ -15,8 +15,8 @@ use dapt_tests::{
     BATCH, LONG,
 };
 
-/// A worker of `c`'s job at `url` with exactly `env` for its TLS settings; returns its exit
-/// status and stderr once it is done (within `limit`).
+/// A worker of job `job` at `url` with exactly `env` for its TLS settings; whether it exited
+/// 0, and its stderr (within 30 s).
 fn lone_worker(url: &str, job: &str, token: &str, env: &[(&str, &Path)]) -> (bool, String) {
     let mut cmd = Command::new(binary("dapt-worker"));
     cmd.args([

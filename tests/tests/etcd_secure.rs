@@ -1,5 +1,6 @@
 //! etcd's security settings from the job file, against a real etcd: TLS with client certificates
-//! (`cluster.etcd.tls`), and user/password authentication (`user`, `password_env`) with a role
+//! (`cluster.etcd.tls`, with the coordinator itself on mutual TLS: `cluster.tls`), and
+//! user/password authentication (`user`, `password_env`) with a role
 //! that may touch only the job's prefix. A job runs to completion on each; a wrong password
 //! fails the coordinator at the start with an error that says so, and nothing is written.
 
@@ -33,17 +34,46 @@ fn a_job_runs_on_an_etcd_that_requires_tls_client_certificates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let _serial = serial();
     let steps = 30;
+    // The coordinator serves mutual TLS with the same CA (its server certificate names
+    // 127.0.0.1 too), as deploy/k8s does: the leader's URL in etcd is https, and the workers
+    // pin the CA and present the client certificate to both.
     let cluster = format!(
-        "cluster:\n  min_workers: 2\n  max_workers: 2\n  etcd:\n    endpoints: [\"{}\"]\n    prefix: /secure\n    lease_ttl_s: {TTL_S}\n    tls:\n      ca: {}\n      cert: {}\n      key: {}\n",
+        "cluster:\n  min_workers: 2\n  max_workers: 2\n  etcd:\n    endpoints: [\"{}\"]\n    prefix: /secure\n    lease_ttl_s: {TTL_S}\n    tls:\n      ca: {ca}\n      cert: {cert}\n      key: {key}\n  tls:\n    cert: {}\n    key: {}\n    client_ca: {ca}\n",
         etcd.url,
-        certs.ca.display(),
-        certs.client_cert.display(),
-        certs.client_key.display()
+        certs.server_cert.display(),
+        certs.server_key.display(),
+        ca = certs.ca.display(),
+        cert = certs.client_cert.display(),
+        key = certs.client_key.display(),
     );
-    let mut c = coordinator_with(dir.path(), "tls", steps, &cluster, "127.0.0.1", &[]);
+    let (ca, cert, key) = (
+        certs.ca.to_string_lossy().into_owned(),
+        certs.client_cert.to_string_lossy().into_owned(),
+        certs.client_key.to_string_lossy().into_owned(),
+    );
+    let mut c = coordinator_with(
+        dir.path(),
+        "tls",
+        steps,
+        &cluster,
+        "127.0.0.1",
+        &[
+            ("DAPT_COORDINATOR_CA", &ca),
+            ("DAPT_CLIENT_CERT", &cert),
+            ("DAPT_CLIENT_KEY", &key),
+        ],
+    );
+    c.url = c.url.replace("http://", "https://");
     c.coordinator.wait_for("leadership", LONG, |l| {
         !events(l, "leading the job").is_empty()
     });
+    let leading = c.coordinator.events("leading the job");
+    assert!(
+        leading[0]["url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("https://")),
+        "the leader's URL in etcd: {leading:?}"
+    );
     let mut workers = [c.member("w0"), c.member("w1")];
     let (status, _) = c.coordinator.finish(LONG);
     assert!(status.success(), "{}", c.coordinator.stderr());
