@@ -242,6 +242,9 @@ pub enum Event {
         worker: WorkerId,
         generation: Generation,
         reason: String,
+        /// The failure would recur on a retry from the last commit (a step whose loss or
+        /// gradient norm is not finite): the job fails instead of re-forming.
+        fatal: bool,
     },
     Eval {
         conn: ConnId,
@@ -582,11 +585,18 @@ pub fn decide(mut state: JobState, event: Event, now: Instant) -> (JobState, Vec
             worker,
             generation,
             reason,
+            fatal,
         } => {
             if current_rank(&state, &worker, conn, generation, &mut out).is_some() {
                 // The failed rank's training has stopped already: it needs no abort order.
                 let reason = format!("{worker} failed: {reason}");
-                begin_recovery(&mut state, reason, Some(&worker), now, &mut out);
+                if fatal {
+                    // Re-forming would replay the same steps from the same commit into the
+                    // same failure: end the job with the worker's reason.
+                    fail(&mut state, reason, Some(&worker), &mut out);
+                } else {
+                    begin_recovery(&mut state, reason, Some(&worker), now, &mut out);
+                }
             }
         }
         Event::Eval {
@@ -812,6 +822,26 @@ fn begin_recovery(
     state.checkpoints.clear();
 }
 
+/// Ends the job as failed for `reason`: every member but `stopped` (whose training already
+/// ended) is told to stop.
+fn fail(state: &mut JobState, reason: String, stopped: Option<&WorkerId>, out: &mut Vec<Action>) {
+    out.push(Action::Log(Log::Failed {
+        reason: reason.clone(),
+    }));
+    for (w, m) in &state.members {
+        if Some(w) == stopped {
+            continue;
+        }
+        out.push(Action::Abort {
+            worker: w.clone(),
+            conn: m.conn,
+            generation: state.generation,
+            reason: reason.clone(),
+        });
+    }
+    state.phase = Phase::Failed(reason);
+}
+
 fn abort_ranks(state: &JobState, reason: &str, except: Option<&WorkerId>, out: &mut Vec<Action>) {
     for w in &state.ranks {
         if Some(w) == except {
@@ -955,18 +985,7 @@ fn form(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
             state.failed_generations,
             state.recovery.as_ref().map_or("", |r| r.reason.as_str())
         );
-        out.push(Action::Log(Log::Failed {
-            reason: reason.clone(),
-        }));
-        for (w, m) in &state.members {
-            out.push(Action::Abort {
-                worker: w.clone(),
-                conn: m.conn,
-                generation: state.generation,
-                reason: reason.clone(),
-            });
-        }
-        state.phase = Phase::Failed(reason);
+        fail(state, reason, None, out);
         return;
     }
     if let Some(done) = state

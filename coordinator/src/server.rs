@@ -801,6 +801,7 @@ fn to_event(
             worker: id,
             generation: Generation(f.generation),
             reason: f.reason,
+            fatal: f.fatal,
         },
         Kind::Eval(e) => Event::Eval {
             conn,

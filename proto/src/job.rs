@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use dapt_corpus::{CorpusSpec, TrainingPlan};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -58,7 +58,7 @@ pub struct ModelSpec {
     #[serde(default)]
     pub hf: Option<PathBuf>,
     /// Standard deviation of a preset's random initialisation.
-    #[serde(default = "default_init_std")]
+    #[serde(default = "default_init_std", deserialize_with = "finite")]
     pub init_std: f64,
 }
 
@@ -104,21 +104,49 @@ pub struct TrainingSpec {
     /// At most this many tokens of each held-out set per evaluation.
     #[serde(default = "default_eval_tokens")]
     pub eval_tokens: u64,
+    /// What a step whose loss or global gradient norm is not finite (NaN, ±inf) does: `stop`
+    /// the job (the default) or `skip` the step. Such a step is never applied either way.
+    #[serde(default)]
+    pub nonfinite: NonFinite,
+    /// With `nonfinite: skip`: the job stops once more than this many steps have been skipped
+    /// (counted over the whole job, across restarts). Default 10.
+    #[serde(default)]
+    pub max_skipped_steps: Option<u64>,
 }
+
+/// What a step with a non-finite loss or gradient norm does (`training.nonfinite`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinite {
+    /// Stop the job with an error naming the step; nothing of the step is applied or committed.
+    #[default]
+    Stop,
+    /// Pass over the step (its samples are not trained on, the weights and AdamW state stay as
+    /// they were), up to `training.max_skipped_steps` times in the job.
+    Skip,
+}
+
+/// `training.max_skipped_steps` when the job does not say.
+pub const DEFAULT_MAX_SKIPPED_STEPS: u64 = 10;
 
 /// AdamW with decoupled weight decay.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimizerSpec {
     /// Peak learning rate, reached at the end of the warmup.
+    #[serde(deserialize_with = "finite")]
     pub lr: f64,
+    #[serde(deserialize_with = "finite_pair")]
     pub betas: (f64, f64),
+    #[serde(deserialize_with = "finite")]
     pub eps: f64,
     /// Decoupled weight decay, applied to weight matrices; never to norms.
+    #[serde(deserialize_with = "finite")]
     pub weight_decay: f64,
     /// Also decay the embedding (and untied output) matrices.
     pub decay_embeddings: bool,
     /// Clip the global gradient norm (over all parameters) to this; 0 disables.
+    #[serde(deserialize_with = "finite")]
     pub grad_clip: f64,
 }
 
@@ -141,10 +169,13 @@ impl Default for OptimizerSpec {
 pub struct ScheduleSpec {
     pub kind: ScheduleKind,
     /// Fraction of the token budget spent warming up.
+    #[serde(deserialize_with = "finite")]
     pub warmup: f64,
     /// The floor, as a fraction of the peak.
+    #[serde(deserialize_with = "finite")]
     pub min_lr_ratio: f64,
     /// `wsd` only: fraction of the budget, at the end, spent decaying.
+    #[serde(deserialize_with = "finite")]
     pub decay: f64,
 }
 
@@ -361,6 +392,47 @@ impl Default for ClusterSpec {
     }
 }
 
+/// A float field of the job file, refused unless finite: YAML spells NaN and the infinities
+/// `.nan`, `.inf` and `-.inf`, and none of them is a setting. Every `f64` of the job file is
+/// read through this (or [`finite_pair`]), so that serde_yaml's error names the field, the line
+/// and the column; [`JobSpec::validate`] checks the ranges (and finiteness again, for a spec
+/// built in code).
+fn finite<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    let v = f64::deserialize(deserializer)?;
+    check_finite(v).map_err(serde::de::Error::custom)
+}
+
+/// A pair of floats (`betas`), each refused unless finite (see [`finite`]).
+fn finite_pair<'de, D: Deserializer<'de>>(deserializer: D) -> Result<(f64, f64), D::Error> {
+    let (a, b) = <(f64, f64)>::deserialize(deserializer)?;
+    Ok((
+        check_finite(a).map_err(serde::de::Error::custom)?,
+        check_finite(b).map_err(serde::de::Error::custom)?,
+    ))
+}
+
+fn check_finite(v: f64) -> Result<f64, String> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("must be a finite number, got {v}"))
+    }
+}
+
+/// Checks the float `field`: finite, and `in_range` (which `expected` describes).
+fn number(
+    field: &'static str,
+    value: f64,
+    in_range: impl Fn(f64) -> bool,
+    expected: &str,
+) -> Result<(), (&'static str, String)> {
+    if value.is_finite() && in_range(value) {
+        Ok(())
+    } else {
+        Err((field, format!("must be {expected}, got {value}")))
+    }
+}
+
 fn default_init_std() -> f64 {
     0.02
 }
@@ -391,6 +463,14 @@ impl TrainingSpec {
     /// Samples per forward pass.
     pub fn micro_batch(&self) -> u64 {
         self.micro_batch.unwrap_or(self.global_batch)
+    }
+
+    /// Steps that `nonfinite: skip` may pass over in the whole job (0 with `stop`).
+    pub fn max_skipped_steps(&self) -> u64 {
+        match self.nonfinite {
+            NonFinite::Stop => 0,
+            NonFinite::Skip => self.max_skipped_steps.unwrap_or(DEFAULT_MAX_SKIPPED_STEPS),
+        }
     }
 }
 
@@ -512,29 +592,30 @@ impl JobSpec {
                 "collective_timeout_s and abort_timeout_ms must be positive".into(),
             ));
         }
+        if let Some(m) = &self.model {
+            number("model.init_std", m.init_std, |x| x >= 0.0, ">= 0")?;
+        }
         if let Some(t) = &self.training {
             let o = &t.optimizer;
-            if !(o.lr > 0.0 && o.lr.is_finite()) {
-                return Err((
-                    "training.optimizer.lr",
-                    format!("must be positive, got {}", o.lr),
-                ));
-            }
-            if !(0.0..1.0).contains(&o.betas.0) || !(0.0..1.0).contains(&o.betas.1) {
-                return Err(("training.optimizer.betas", "must be in [0, 1)".into()));
-            }
-            if o.weight_decay < 0.0 || o.grad_clip < 0.0 || o.eps <= 0.0 {
-                return Err((
-                    "training.optimizer",
-                    "weight_decay and grad_clip must be >= 0, eps > 0".into(),
-                ));
-            }
+            number("training.optimizer.lr", o.lr, |x| x > 0.0, "positive")?;
+            let beta = |x: f64| (0.0..1.0).contains(&x);
+            number("training.optimizer.betas", o.betas.0, beta, "in [0, 1)")?;
+            number("training.optimizer.betas", o.betas.1, beta, "in [0, 1)")?;
+            number("training.optimizer.eps", o.eps, |x| x > 0.0, "positive")?;
+            let at_least_0 = |x: f64| x >= 0.0;
+            let weight_decay = o.weight_decay;
+            number("training.optimizer.weight_decay", weight_decay, at_least_0, ">= 0")?;
+            number("training.optimizer.grad_clip", o.grad_clip, at_least_0, ">= 0 (0: off)")?;
             let s = &t.schedule;
             let fraction = |x: f64| (0.0..=1.0).contains(&x);
-            if !fraction(s.warmup) || !fraction(s.min_lr_ratio) || !fraction(s.decay) {
+            let in_0_1 = "a fraction in [0, 1]";
+            number("training.schedule.warmup", s.warmup, fraction, in_0_1)?;
+            number("training.schedule.min_lr_ratio", s.min_lr_ratio, fraction, in_0_1)?;
+            number("training.schedule.decay", s.decay, fraction, in_0_1)?;
+            if t.max_skipped_steps.is_some() && t.nonfinite != NonFinite::Skip {
                 return Err((
-                    "training.schedule",
-                    "warmup, min_lr_ratio and decay are fractions in [0, 1]".into(),
+                    "training.max_skipped_steps",
+                    "only applies with `nonfinite: skip`".into(),
                 ));
             }
             if t.micro_batch == Some(0) {
@@ -749,5 +830,109 @@ training:
         std::fs::write(&path, JOB.replace("global_batch: 16", "global_batch: 0")).expect("write");
         let err = JobSpec::load(&path).unwrap_err().to_string();
         assert!(err.contains("training.global_batch"), "{err}");
+    }
+
+    /// Every float of a job file, wherever it is, refused as `.nan`, `.inf` or `-.inf` with an
+    /// error naming the field: the job is serialized with every field present, and each float
+    /// in it is replaced in turn (so a float field added later is covered without a new test).
+    #[test]
+    fn every_float_field_refuses_non_finite_values() {
+        let mut spec = JobSpec::parse(&JOB.replace("job: t", "job: t\nmodel: {preset: tiny}"))
+            .expect("valid");
+        if let Some(t) = spec.training.as_mut() {
+            t.nonfinite = NonFinite::Skip;
+            t.max_skipped_steps = Some(3);
+        }
+        let full = serde_yaml::to_value(&spec).expect("serialize");
+        fn floats(v: &serde_yaml::Value, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+            match v {
+                serde_yaml::Value::Number(n) if n.is_f64() => out.push(path.clone()),
+                serde_yaml::Value::Mapping(m) => {
+                    for (k, v) in m {
+                        path.push(k.as_str().unwrap_or("?").to_string());
+                        floats(v, path, out);
+                        path.pop();
+                    }
+                }
+                serde_yaml::Value::Sequence(s) => {
+                    for (i, v) in s.iter().enumerate() {
+                        path.push(i.to_string());
+                        floats(v, path, out);
+                        path.pop();
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut paths = Vec::new();
+        floats(&full, &mut Vec::new(), &mut paths);
+        for must in [
+            "lr",
+            "weight_decay",
+            "grad_clip",
+            "eps",
+            "warmup",
+            "min_lr_ratio",
+            "decay",
+            "init_std",
+            "weight",
+        ] {
+            assert!(
+                paths.iter().any(|p| p.last().map(String::as_str) == Some(must)),
+                "{must} not among {paths:?}"
+            );
+        }
+        for path in &paths {
+            for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                let mut v = full.clone();
+                let mut at = &mut v;
+                for key in path {
+                    at = match at {
+                        serde_yaml::Value::Sequence(s) => {
+                            &mut s[key.parse::<usize>().expect("index")]
+                        }
+                        other => other.get_mut(key.as_str()).expect("key"),
+                    };
+                }
+                *at = serde_yaml::Value::from(bad);
+                let text = serde_yaml::to_string(&v).expect("yaml");
+                let field = path.last().expect("a leaf");
+                let err = match JobSpec::parse(&text) {
+                    Err(e) => e,
+                    Ok(spec) => match spec.validate() {
+                        Err((f, m)) => format!("{f}: {m}"),
+                        Ok(()) => panic!("{path:?} = {bad} accepted"),
+                    },
+                };
+                assert!(err.contains(field.as_str()), "{path:?} = {bad}: {err}");
+            }
+        }
+        // Each element of `betas` too (a pair, not a float field of its own).
+        for betas in ["[.nan, 0.95]", "[0.9, .inf]"] {
+            let err = JobSpec::parse(&JOB.replace(
+                "tokens: 100000",
+                &format!("tokens: 100000\n  optimizer:\n    betas: {betas}"),
+            ))
+            .unwrap_err();
+            assert!(err.contains("training.optimizer.betas"), "{err}");
+        }
+    }
+
+    #[test]
+    fn nonfinite_policy_and_its_bound() {
+        let with = |extra: &str| JOB.replace("tokens: 100000", &format!("tokens: 100000\n{extra}"));
+        let spec = JobSpec::parse(JOB).expect("valid");
+        let t = spec.training.expect("training");
+        assert_eq!((t.nonfinite, t.max_skipped_steps()), (NonFinite::Stop, 0));
+        let spec = JobSpec::parse(&with("  nonfinite: skip")).expect("valid");
+        assert_eq!(
+            spec.training.expect("training").max_skipped_steps(),
+            DEFAULT_MAX_SKIPPED_STEPS
+        );
+        let spec = JobSpec::parse(&with("  nonfinite: stop\n  max_skipped_steps: 4")).expect("parse");
+        let (field, _) = spec.validate().unwrap_err();
+        assert_eq!(field, "training.max_skipped_steps");
+        let err = JobSpec::parse(&with("  nonfinite: ignore")).unwrap_err();
+        assert!(err.contains("training.nonfinite"), "{err}");
     }
 }

@@ -40,7 +40,8 @@ pub enum RopeScaling {
         factor: f64,
         low_freq_factor: f64,
         high_freq_factor: f64,
-        original_max_position_embeddings: f64,
+        /// An integer, as in Hugging Face's configs (an integral float is read too).
+        original_max_position_embeddings: u64,
     },
 }
 
@@ -55,7 +56,6 @@ const IGNORED_KEYS: &[&str] = &[
     "use_cache",
     "initializer_range",
     "pad_token_id",
-    "attention_dropout",
     "pretraining_tp",
     "is_llama_config",
     "rope_interleaved",
@@ -137,6 +137,13 @@ impl LlamaConfig {
             if act.as_str() != Some("silu") {
                 return Err(format!(
                     "`hidden_act` is {act}; dapt implements `silu` (SwiGLU)"
+                ));
+            }
+        }
+        if let Some(v) = get("attention_dropout") {
+            if v.as_f64() != Some(0.0) {
+                return Err(format!(
+                    "`attention_dropout` is {v}; dapt trains without dropout"
                 ));
             }
         }
@@ -292,6 +299,7 @@ impl LlamaConfig {
                 high_freq_factor,
                 original_max_position_embeddings: old,
             }) => {
+                let old = old as f64;
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
                 base.iter()
@@ -324,21 +332,58 @@ fn parse_rope_scaling(v: &Value) -> std::result::Result<RopeScaling, String> {
             .and_then(Value::as_f64)
             .ok_or_else(|| format!("`rope_scaling.{key}` is missing or not a number"))
     };
-    match kind {
-        "default" => Ok(RopeScaling::Linear { factor: 1.0 }),
-        "linear" => Ok(RopeScaling::Linear {
-            factor: num("factor")?,
-        }),
-        "llama3" => Ok(RopeScaling::Llama3 {
-            factor: num("factor")?,
-            low_freq_factor: num("low_freq_factor")?,
-            high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: num("original_max_position_embeddings")?,
-        }),
-        other => Err(format!(
-            "`rope_scaling.rope_type` `{other}` is not supported (linear, llama3)"
-        )),
+    let int = |key: &str| {
+        v.get(key)
+            .and_then(|n| {
+                n.as_u64().or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && *f > 0.0 && *f <= u32::MAX as f64)
+                        .map(|f| f as u64)
+                })
+            })
+            .ok_or_else(|| format!("`rope_scaling.{key}` is missing or not a positive integer"))
+    };
+    // Keys each kind reads; any other key changes the scaling in a way dapt does not implement.
+    let (scaling, keys): (RopeScaling, &[&str]) = match kind {
+        "default" => (RopeScaling::Linear { factor: 1.0 }, &[]),
+        // Hugging Face's linear scaling ignores `original_max_position_embeddings`.
+        "linear" => (
+            RopeScaling::Linear {
+                factor: num("factor")?,
+            },
+            &["factor", "original_max_position_embeddings"],
+        ),
+        "llama3" => (
+            RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: int("original_max_position_embeddings")?,
+            },
+            &[
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            ],
+        ),
+        other => {
+            return Err(format!(
+                "`rope_scaling.rope_type` `{other}` is not supported (linear, llama3)"
+            ))
+        }
+    };
+    // `rope_theta` is in transformers 5's `rope_parameters`, read with the other fields.
+    let common = ["rope_type", "type", "rope_theta"];
+    if let Some(key) = v.as_object().and_then(|m| {
+        m.keys()
+            .find(|k| !common.contains(&k.as_str()) && !keys.contains(&k.as_str()))
+    }) {
+        return Err(format!(
+            "unsupported field `rope_scaling.{key}` for rope_type `{kind}`: dapt does not implement it"
+        ));
     }
+    Ok(scaling)
 }
 
 #[cfg(test)]
@@ -399,12 +444,65 @@ mod tests {
             factor: 8.0,
             low_freq_factor: 1.0,
             high_freq_factor: 4.0,
-            original_max_position_embeddings: 8192.0,
+            original_max_position_embeddings: 8192,
         });
         let scaled = c.inv_freq();
         assert_eq!(scaled[0], plain[0]);
         let last = plain.len() - 1;
         assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-15);
+    }
+
+    /// Hugging Face reads these fields as integers; a float (`8192.0`) in an exported
+    /// config.json is a different config to strict readers.
+    #[test]
+    fn exported_integer_fields_are_integers() {
+        let mut c = LlamaConfig::preset(Preset::Llama3_8b, 128_256).with_ids(1, 2);
+        c.rope_scaling = Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        });
+        let json = c.to_json();
+        for key in [
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "vocab_size",
+            "max_position_embeddings",
+            "bos_token_id",
+            "eos_token_id",
+        ] {
+            assert!(json[key].is_u64(), "{key}: {}", json[key]);
+        }
+        let scaling = &json["rope_scaling"];
+        assert!(
+            scaling["original_max_position_embeddings"].is_u64(),
+            "{scaling}"
+        );
+        assert_eq!(
+            LlamaConfig::from_json(&json.to_string()).expect("round trip"),
+            c
+        );
+        // An older export's `8192.0` still reads; an unknown scaling field does not.
+        let text = json.to_string().replace(
+            "\"original_max_position_embeddings\":8192",
+            "\"original_max_position_embeddings\":8192.0",
+        );
+        assert_eq!(LlamaConfig::from_json(&text).expect("integral float"), c);
+        let text = json
+            .to_string()
+            .replace("\"factor\":8.0", "\"factor\":8.0,\"beta_fast\":32");
+        let err = LlamaConfig::from_json(&text).unwrap_err();
+        assert!(err.contains("`rope_scaling.beta_fast`"), "{err}");
+        let err = LlamaConfig::from_json(
+            &SMOLLM2.replace("\"attention_dropout\": 0.0", "\"attention_dropout\": 0.1"),
+        )
+        .unwrap_err();
+        assert!(err.contains("attention_dropout"), "{err}");
     }
 
     impl LlamaConfig {

@@ -687,6 +687,16 @@ impl Cluster {
 /// Every tensor of a safetensors file, which must all be f32, by name. Reads the format
 /// directly (an 8-byte header length, a JSON header, the data).
 pub fn f32_tensors(path: &Path) -> Result<std::collections::BTreeMap<String, Vec<f32>>, String> {
+    Ok(f32_tensors_shaped(path)?
+        .into_iter()
+        .map(|(name, (_, values))| (name, values))
+        .collect())
+}
+
+/// [`f32_tensors`] with each tensor's shape.
+pub fn f32_tensors_shaped(
+    path: &Path,
+) -> Result<std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let len = bytes
         .get(..8)
@@ -714,7 +724,13 @@ pub fn f32_tensors(path: &Path) -> Result<std::collections::BTreeMap<String, Vec
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
             .collect();
-        tensors.insert(name.clone(), values);
+        let shape = tensor["shape"]
+            .as_array()
+            .ok_or(format!("{name}: no shape"))?
+            .iter()
+            .map(|d| d.as_u64().map(|d| d as usize).ok_or("shape"))
+            .collect::<Result<Vec<_>, _>>()?;
+        tensors.insert(name.clone(), (shape, values));
     }
     Ok(tensors)
 }
@@ -730,6 +746,31 @@ pub fn finite_weights(path: &Path) -> Result<usize, String> {
         values += tensor.len();
     }
     Ok(values)
+}
+
+/// Writes `tensors` (name -> shape, f32 values) as a safetensors file: the inverse of
+/// [`f32_tensors`], for tests that make or alter model files.
+pub fn write_f32_tensors(
+    path: &Path,
+    tensors: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+) -> Result<(), String> {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, (shape, values)) in tensors {
+        let start = data.len();
+        data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let mut json = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+    // The format aligns the data to 8 bytes by padding the header with spaces.
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(json);
+    bytes.extend(data);
+    std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// A `dapt coordinator` for the same job as `leader`, on a free port, and its URL: under etcd

@@ -158,6 +158,8 @@ fn run_dapt(case: &Case) {
         activation_checkpointing: false,
         eval_every: 0,
         eval_tokens: 0,
+        nonfinite: Default::default(),
+        max_skipped_steps: None,
     };
     let cfg = &case.config;
     let layout = ParamLayout::llama(cfg);

@@ -33,9 +33,69 @@ pub enum WorkerError {
     Device(String),
     #[error("collective: {0}")]
     Collective(#[from] crate::collective::CollectiveError),
+    /// A training step whose loss or global gradient norm is not finite, under
+    /// `training.nonfinite: stop` or past `training.max_skipped_steps`. The step was not applied.
+    #[error("step {step}: {}; the step was not applied and training stops ({})", not_finite(.loss, .grad_norm), stop_reason(.skipped, .max_skipped))]
+    NonFiniteStep {
+        /// The step's index, as the step log lines number it.
+        step: u64,
+        /// This rank's share of the step's loss.
+        loss: f64,
+        /// The global gradient norm, after the reduction.
+        grad_norm: f64,
+        /// Steps skipped before this one.
+        skipped: u64,
+        /// `training.max_skipped_steps` (0 under `nonfinite: stop`).
+        max_skipped: u64,
+    },
+    /// A tensor holding NaN or infinite values, which dapt never writes (a checkpoint, an
+    /// export) and never loads.
+    #[error("{path}: tensor `{tensor}`: {bad} of {len} values are not finite (NaN or infinite){}", more_tensors(.others))]
+    NonFiniteTensor {
+        path: PathBuf,
+        tensor: String,
+        bad: usize,
+        len: usize,
+        /// Further tensors that hold non-finite values.
+        others: usize,
+    },
+}
+
+fn not_finite(loss: &f64, grad_norm: &f64) -> String {
+    if loss.is_finite() {
+        format!("the gradient norm is {grad_norm}")
+    } else {
+        format!("the loss is {loss}")
+    }
+}
+
+fn stop_reason(skipped: &u64, max_skipped: &u64) -> String {
+    if *max_skipped == 0 {
+        "training.nonfinite: stop; a learning rate far too high is the usual cause, and every \
+         checkpoint written holds finite weights"
+            .into()
+    } else {
+        format!("{skipped} steps were skipped already, training.max_skipped_steps is {max_skipped}")
+    }
+}
+
+fn more_tensors(others: &usize) -> String {
+    match *others {
+        0 => String::new(),
+        n => format!(", and {n} more tensors hold non-finite values"),
+    }
 }
 
 impl WorkerError {
+    /// Whether the same work, retried from the same checkpoint, fails the same way: a
+    /// non-finite step or tensor is a property of the job and its data, not of a machine.
+    pub fn recurs_on_retry(&self) -> bool {
+        matches!(
+            self,
+            WorkerError::NonFiniteStep { .. } | WorkerError::NonFiniteTensor { .. }
+        )
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> WorkerError {
         let path = path.into();
         move |source| WorkerError::Io { path, source }

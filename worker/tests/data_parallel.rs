@@ -74,7 +74,9 @@ fn rank_loop(spec: &JobSpec, ring: &mut TcpRing) -> RankResult {
         if step == 0 {
             first_grads = grads.clone();
         }
-        trainer.apply(&mut grads, step_tokens);
+        trainer
+            .apply(&mut grads, loss, step_tokens)
+            .expect("finite step");
         losses.push(loss_buf[0] as f64);
     }
     (losses, first_grads, trainer.weights)

@@ -588,6 +588,7 @@ fn a_rank_that_fails_is_not_aborted_and_repeated_failures_fail_the_job() {
             worker: id("a"),
             generation,
             reason: "corrupt shard".into(),
+            fatal: false,
         });
         assert_eq!(aborts(&actions), vec![id("b")]);
         let conn = sim.conn("b");
@@ -602,6 +603,28 @@ fn a_rank_that_fails_is_not_aborted_and_repeated_failures_fail_the_job() {
         "{:?}",
         sim.state().phase
     );
+}
+
+/// A failure that a retry would meet again (a non-finite step) fails the job at once, with the
+/// worker's reason, instead of re-forming from the same commit into the same failure.
+#[test]
+fn a_fatal_failure_fails_the_job_without_reforming() {
+    let mut sim = formed();
+    let generation = sim.state().generation;
+    let conn = sim.conn("a");
+    let actions = sim.send(Event::Failed {
+        conn,
+        worker: id("a"),
+        generation,
+        reason: "step 5: the loss is NaN".into(),
+        fatal: true,
+    });
+    assert_eq!(aborts(&actions), vec![id("b")]);
+    match &sim.state().phase {
+        Phase::Failed(reason) => assert!(reason.contains("a failed: step 5: the loss is NaN"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sim.state().generation, generation, "no new generation");
 }
 
 #[test]

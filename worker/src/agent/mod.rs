@@ -382,12 +382,14 @@ fn start(
                 Err(RankError::Failed {
                     message,
                     peer_fault,
+                    fatal,
                 }) => {
-                    tracing::error!(generation, peer_fault, "training failed: {message}");
+                    tracing::error!(generation, peer_fault, fatal, "training failed: {message}");
                     send(Kind::Failed(rpc::Failed {
                         generation,
                         reason: message,
                         peer_fault,
+                        fatal,
                     }));
                 }
             }

@@ -23,6 +23,7 @@ use dapt_proto::rpc::{self, worker_message::Kind, Assignment};
 use crate::checkpoint;
 use crate::collective::{AbortHandle, Collective, CollectiveError, RingConfig, RingListener};
 use crate::device::{DeviceSpec, EngineKind, Precision};
+use crate::error::WorkerError;
 use crate::train::engine::{Engine, HostEngine};
 use crate::train::run::{evaluate, initial_model, restore};
 use crate::train::{MicroBatch, Trainer};
@@ -32,13 +33,29 @@ use crate::train::{MicroBatch, Trainer};
 pub enum RankError {
     #[error("aborted")]
     Aborted,
+    /// `fatal`: the same failure would recur on a retry from the same checkpoint (a
+    /// non-finite step), so the job should fail rather than re-form.
     #[error("{message}")]
-    Failed { message: String, peer_fault: bool },
+    Failed {
+        message: String,
+        peer_fault: bool,
+        fatal: bool,
+    },
 }
 
 impl RankError {
     fn failed(e: impl std::fmt::Display) -> Self {
         RankError::Failed {
+            message: e.to_string(),
+            peer_fault: false,
+            fatal: false,
+        }
+    }
+
+    /// A worker error, fatal when a retry cannot help ([`WorkerError::recurs_on_retry`]).
+    fn worker(e: WorkerError) -> Self {
+        RankError::Failed {
+            fatal: e.recurs_on_retry(),
             message: e.to_string(),
             peer_fault: false,
         }
@@ -80,10 +97,10 @@ pub fn train(
         .sample_order(job.seed, training.seq_len)
         .map_err(RankError::failed)?;
     let trainer = if a.checkpoint.is_empty() {
-        let (config, weights) = initial_model(job, &reader).map_err(RankError::failed)?;
+        let (config, weights) = initial_model(job, &reader).map_err(RankError::worker)?;
         Trainer::new(config, weights, &training)
     } else {
-        restore(a.checkpoint.as_ref(), &training, job.seed).map_err(RankError::failed)?
+        restore(a.checkpoint.as_ref(), &training, job.seed).map_err(RankError::worker)?
     };
     if trainer.step != a.resume_step {
         return Err(RankError::failed(format!(
@@ -188,8 +205,8 @@ pub fn train(
             .train_step(&micro, denominator, step_tokens)
             .map_err(|e| match e {
                 // The ring's, or NCCL's inside a device engine: a peer may be gone.
-                crate::error::WorkerError::Collective(e) => collective_error(e, abort),
-                e => RankError::failed(e),
+                WorkerError::Collective(e) => collective_error(e, abort),
+                e => RankError::worker(e),
             })?;
         let mut loss_buf = [loss as f32];
         ring.borrow_mut()
@@ -218,7 +235,7 @@ pub fn train(
             let dir = if a.rank == 0 {
                 // Rank 0 writes; every rank vouches with its weights' digest.
                 let dir = checkpoint::save(&job.checkpoint.dir, &host, job.seed, tokenizer)
-                    .map_err(RankError::failed)?;
+                    .map_err(RankError::worker)?;
                 dir.display().to_string()
             } else {
                 String::new()
@@ -351,5 +368,6 @@ fn collective_error(e: crate::collective::CollectiveError, abort: &AbortHandle) 
     RankError::Failed {
         peer_fault: e.is_peer_fault(),
         message: format!("collective: {e}"),
+        fatal: false,
     }
 }

@@ -33,6 +33,9 @@ pub struct TrainerState {
     pub optimizer_steps: u64,
     /// The job's seed: the data order of the next step is `step_range(step, B)` under it.
     pub seed: u64,
+    /// Steps passed over under `training.nonfinite: skip` (bounded over the whole job).
+    #[serde(default)]
+    pub skipped_steps: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,13 +68,31 @@ pub fn step_dir(root: &Path, step: u64) -> PathBuf {
     root.join(format!("step-{step:08}"))
 }
 
-/// Writes the trainer's checkpoint under `root` and returns its directory.
+/// Writes the trainer's checkpoint under `root` and returns its directory. Refuses, before
+/// writing anything, weights or AdamW moments that are not all finite
+/// ([`WorkerError::NonFiniteTensor`], naming the tensor): such a checkpoint would never be
+/// good to resume, export or keep in place of a good one.
 pub fn save(
     root: &Path,
     trainer: &Trainer,
     seed: u64,
     tokenizer: Option<&Path>,
 ) -> Result<PathBuf> {
+    let params = &trainer.layout.params;
+    let moment_names: Vec<(String, String)> = params
+        .iter()
+        .map(|p| (format!("exp_avg.{}", p.name), format!("exp_avg_sq.{}", p.name)))
+        .collect();
+    let weights = params
+        .iter()
+        .map(|p| (p.name.as_str(), &trainer.weights[p.range()]));
+    let moments = params.iter().zip(&moment_names).flat_map(|(p, (m, v))| {
+        [
+            (m.as_str(), &trainer.optimizer.m[p.range()]),
+            (v.as_str(), &trainer.optimizer.v[p.range()]),
+        ]
+    });
+    hf::check_finite(&step_dir(root, trainer.step), weights.chain(moments))?;
     std::fs::create_dir_all(root).map_err(WorkerError::io(root))?;
     let tmp = tempfile::Builder::new()
         .prefix(".tmp-step-")
@@ -85,19 +106,8 @@ pub fn save(
         &trainer.weights,
         ExportDtype::F32,
     )?;
-    let names: Vec<(String, String)> = trainer
-        .layout
-        .params
-        .iter()
-        .map(|p| {
-            (
-                format!("exp_avg.{}", p.name),
-                format!("exp_avg_sq.{}", p.name),
-            )
-        })
-        .collect();
     let mut moments: Vec<(&str, &[usize], &[f32])> = Vec::new();
-    for (p, (m_name, v_name)) in trainer.layout.params.iter().zip(&names) {
+    for (p, (m_name, v_name)) in trainer.layout.params.iter().zip(&moment_names) {
         moments.push((m_name, &p.shape, &trainer.optimizer.m[p.range()]));
         moments.push((v_name, &p.shape, &trainer.optimizer.v[p.range()]));
     }
@@ -107,6 +117,7 @@ pub fn save(
         tokens: trainer.tokens,
         optimizer_steps: trainer.optimizer.t,
         seed,
+        skipped_steps: trainer.skipped_steps,
     };
     hf::write_atomic(&dir.join(TRAINER_FILE), &to_json(&state)?)?;
     if let Some(tokenizer) = tokenizer {

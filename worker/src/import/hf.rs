@@ -45,7 +45,10 @@ impl std::str::FromStr for ExportDtype {
     }
 }
 
-/// Reads `dir`'s config and every tensor the layout needs, checking names and shapes.
+/// Reads `dir`'s config and every tensor the layout needs, checking names and shapes, and that
+/// every value is finite. A tensor in the files that the layout does not use refuses the load
+/// (see [`super::refuse_unused`] for the few that are allowed): dapt would otherwise compute a
+/// different function from the one the checkpoint defines.
 pub fn load_dir(dir: &Path) -> Result<HfWeights> {
     let config_path = dir.join(CONFIG_FILE);
     let config = LlamaConfig::from_json(
@@ -105,12 +108,106 @@ pub fn load_dir(dir: &Path) -> Result<HfWeights> {
             tensor: p.name.clone(),
             message,
         })?;
+        check_finite(file, [(p.name.as_str(), &weights[p.range()])])?;
     }
+    let mut unused: Vec<String> = parsed
+        .iter()
+        .flat_map(|st| st.names())
+        .filter(|name| layout.get(name).is_none())
+        .map(str::to_owned)
+        .collect();
+    unused.sort();
+    unused.dedup();
+    if config.tie_word_embeddings {
+        if let Some(i) = unused.iter().position(|n| n == super::TIED_HEAD) {
+            check_tied_head(dir, &parsed, &layout, &weights)?;
+            unused.remove(i);
+        }
+    }
+    super::refuse_unused(dir, &unused)?;
     Ok(HfWeights {
         config,
         layout,
         weights,
     })
+}
+
+/// A tied model's file may also hold `lm_head.weight` (some exporters write the tied matrix
+/// twice). Hugging Face ties it to the embedding and ignores the file's copy; dapt accepts the
+/// copy only when it is the embedding, value for value, because a different matrix means the
+/// file and config.json disagree about which function the model is.
+fn check_tied_head(
+    dir: &Path,
+    parsed: &[SafeTensors<'_>],
+    layout: &ParamLayout,
+    weights: &[f32],
+) -> Result<()> {
+    let embed = layout
+        .get(super::EMBEDDING)
+        .ok_or_else(|| WorkerError::Invalid("the layout has no embedding".into()))?;
+    let differs = |message: String| WorkerError::Tensor {
+        path: dir.to_path_buf(),
+        tensor: super::TIED_HEAD.into(),
+        message,
+    };
+    let Some(view) = parsed
+        .iter()
+        .find_map(|st| st.tensor(super::TIED_HEAD).ok())
+    else {
+        return Ok(());
+    };
+    if view.shape() != embed.shape.as_slice() {
+        return Err(differs(format!(
+            "present with shape {:?} in a model whose config.json ties it to the embedding {:?}",
+            view.shape(),
+            embed.shape
+        )));
+    }
+    let mut head = vec![0f32; embed.len()];
+    to_f32(&view, &mut head).map_err(differs)?;
+    let same = head
+        .iter()
+        .zip(&weights[embed.range()])
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    if !same {
+        return Err(differs(format!(
+            "differs from `{}`, but config.json says tie_word_embeddings: true (Hugging Face \
+             would use the embedding and drop this matrix): set tie_word_embeddings to false to \
+             train with it, or remove it",
+            super::EMBEDDING
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses `tensors` (name, values) unless every value is finite, naming the first tensor that
+/// is not, and how many more are not: a NaN or an infinity in a weight is never a model.
+pub fn check_finite<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, &'a [f32])>,
+) -> Result<()> {
+    let mut first: Option<(&str, usize, usize)> = None;
+    let mut others = 0;
+    for (name, values) in tensors {
+        let bad = values.iter().filter(|v| !v.is_finite()).count();
+        if bad == 0 {
+            continue;
+        }
+        match first {
+            None => first = Some((name, bad, values.len())),
+            Some(_) => others += 1,
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some((tensor, bad, len)) => Err(WorkerError::NonFiniteTensor {
+            path: path.to_path_buf(),
+            tensor: tensor.into(),
+            bad,
+            len,
+            others,
+        }),
+    }
 }
 
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -223,6 +320,8 @@ pub fn write_safetensors(
 }
 
 /// Writes `config.json` and `model.safetensors` of a model in the flat layout into `dir`.
+/// Refuses weights that are not all finite ([`WorkerError::NonFiniteTensor`]), before writing
+/// anything.
 pub fn write_dir(
     dir: &Path,
     config: &LlamaConfig,
@@ -230,6 +329,13 @@ pub fn write_dir(
     weights: &[f32],
     dtype: ExportDtype,
 ) -> Result<()> {
+    check_finite(
+        dir,
+        layout
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), &weights[p.range()])),
+    )?;
     std::fs::create_dir_all(dir).map_err(WorkerError::io(dir))?;
     let mut json = config.to_json();
     if let Some(map) = json.as_object_mut() {

@@ -9,6 +9,59 @@ use crate::error::{Result, WorkerError};
 use crate::model::{LlamaConfig, ParamLayout};
 use hf::{ExportDtype, HfWeights};
 
+/// The embedding's Hugging Face name.
+pub const EMBEDDING: &str = "model.embed_tokens.weight";
+
+/// The output matrix's Hugging Face name: in a tied model, allowed as a copy of the embedding
+/// (see `hf::load_dir`).
+pub const TIED_HEAD: &str = "lm_head.weight";
+
+/// Tensors a checkpoint may hold that dapt's Llama does not use, because they carry no
+/// information of their own: `(prefix, suffix)` of the name, with a layer number between.
+/// `rotary_emb.inv_freq` is a buffer that older transformers versions saved; it is a function
+/// of `rope_theta`, `head_dim` and `rope_scaling`, which dapt computes from config.json.
+pub const ALLOWED_UNUSED: &[(&str, &str)] = &[("model.layers.", ".self_attn.rotary_emb.inv_freq")];
+
+/// How many unused tensors an error lists by name before it only counts the rest.
+const LISTED: usize = 10;
+
+/// Refuses a checkpoint that holds tensors dapt's Llama layout does not use (`unused`, sorted),
+/// except those of [`ALLOWED_UNUSED`]: ignoring a bias, a second output matrix or a vision
+/// tower would train and evaluate a different function from the one the checkpoint defines.
+/// The error names up to ten of them and counts the rest.
+pub fn refuse_unused(path: &Path, unused: &[String]) -> Result<()> {
+    let refused: Vec<&String> = unused.iter().filter(|n| !allowed_unused(n)).collect();
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let mut listed = refused
+        .iter()
+        .take(LISTED)
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if refused.len() > LISTED {
+        listed.push_str(&format!(" and {} more", refused.len() - LISTED));
+    }
+    Err(WorkerError::Config {
+        path: path.to_path_buf(),
+        message: format!(
+            "{} tensors that dapt's Llama does not use: {listed}; ignoring them would compute a \
+             different function from the one the checkpoint defines (docs/model.md lists what \
+             dapt implements)",
+            refused.len()
+        ),
+    })
+}
+
+fn allowed_unused(name: &str) -> bool {
+    ALLOWED_UNUSED.iter().any(|(prefix, suffix)| {
+        name.strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix(suffix))
+            .is_some_and(|layer| !layer.is_empty() && layer.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
 /// Converts a Llama GGUF into a Hugging Face directory at `out` (`config.json`,
 /// `model.safetensors` in f32, `tokenizer.json`) and returns the model.
 pub fn import_gguf(file: &gguf::GgufFile, out: &Path) -> Result<HfWeights> {
@@ -20,6 +73,15 @@ pub fn import_gguf(file: &gguf::GgufFile, out: &Path) -> Result<HfWeights> {
         }
     })?;
     let layout = ParamLayout::llama(&config);
+    let mut unused: Vec<String> = converted
+        .tensors
+        .iter()
+        .map(|(name, _, _)| name)
+        .filter(|name| layout.get(name).is_none())
+        .cloned()
+        .collect();
+    unused.sort();
+    refuse_unused(file.path(), &unused)?;
     let mut weights = vec![0f32; layout.total];
     let mut filled = vec![false; layout.params.len()];
     for (name, shape, values) in converted.tensors {
@@ -34,6 +96,7 @@ pub fn import_gguf(file: &gguf::GgufFile, out: &Path) -> Result<HfWeights> {
                 message: format!("shape {shape:?}, but the metadata implies {:?}", p.shape),
             });
         }
+        hf::check_finite(file.path(), [(name.as_str(), values.as_slice())])?;
         weights[p.range()].copy_from_slice(&values);
         filled[i] = true;
     }

@@ -23,7 +23,9 @@ pub trait Engine {
     /// Forward/backward over this rank's `micro`, each token's loss divided by `denominator`
     /// (the step's tokens / the number of ranks, as in [`Trainer::gradients`]), reduce (the
     /// engine's reducer, if any), clip, AdamW over `step_tokens`. Returns this rank's share of
-    /// the loss and the stats.
+    /// the loss and the stats. A step whose loss or gradient norm is not finite is never
+    /// applied: it is skipped or fails with [`crate::error::WorkerError::NonFiniteStep`]
+    /// (see [`super::step::admit`]).
     fn train_step(
         &mut self,
         micro: &[MicroBatch],
@@ -79,10 +81,11 @@ impl Engine for HostEngine {
         step_tokens: u64,
     ) -> Result<(f64, StepStats)> {
         let (loss, mut grads) = self.trainer.gradients(micro, denominator);
+        super::step::poison(loss, &mut grads);
         if let Some(reducer) = self.reducer.as_deref_mut() {
             reducer.all_reduce_mean(&mut grads)?;
         }
-        let stats = self.trainer.apply(&mut grads, step_tokens);
+        let stats = self.trainer.apply(&mut grads, loss, step_tokens)?;
         Ok((loss, stats))
     }
 
@@ -127,13 +130,13 @@ impl<B: AutodiffBackend> Engine for ResidentEngine<B> {
             .reducer
             .as_deref_mut()
             .map(|r| r as &mut dyn GradReducer<B::InnerBackend>);
-        Ok(train_step(
+        train_step(
             &mut self.trainer,
             reducer,
             micro,
             denominator,
             step_tokens,
-        )?)
+        )
     }
 
     fn host(&self) -> Cow<'_, Trainer> {

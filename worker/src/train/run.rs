@@ -258,6 +258,7 @@ pub fn restore(dir: &Path, training: &TrainingSpec, seed: u64) -> Result<Trainer
     trainer.optimizer.t = loaded.state.optimizer_steps;
     trainer.step = loaded.state.step;
     trainer.tokens = loaded.state.tokens;
+    trainer.skipped_steps = loaded.state.skipped_steps;
     Ok(trainer)
 }
 

@@ -2,6 +2,14 @@
 //! [`Trainer::gradients`] (forward and backward over the micro-batches, gradients summed into
 //! one flat f32 buffer in the parameter layout) and [`Trainer::apply`] (global-norm clipping and
 //! AdamW on the flat buffers).
+//!
+//! Between the two halves sits the guard every engine shares ([`admit`]): a step whose loss
+//! or global gradient norm is not finite is never applied. The job's `training.nonfinite` says
+//! whether it then stops the job ([`WorkerError::NonFiniteStep`]) or passes over the step
+//! (bounded by `training.max_skipped_steps`). The norm is the one clipping computes anyway, and
+//! it is taken after the reduction, so every rank sees the same one; a rank whose own loss is
+//! not finite marks its gradients first ([`poison`]) so that the reduction carries that to every
+//! rank, and all of them decide the same.
 
 use std::ops::Range;
 
@@ -14,6 +22,7 @@ use dapt_proto::job::TrainingSpec;
 
 use super::optimizer::{clip_global_norm, AdamW};
 use super::schedule::LrSchedule;
+use crate::error::{Result, WorkerError};
 use crate::model::{Llama, LlamaConfig, ParamLayout};
 use crate::Cpu;
 
@@ -62,6 +71,54 @@ pub struct StepStats {
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// False for a step passed over under `training.nonfinite: skip`: its loss or gradient norm
+    /// was not finite, and the weights and AdamW state are as they were before it.
+    pub applied: bool,
+}
+
+/// Whether the step `step`, whose loss (this rank's share) is `loss` and whose reduced
+/// gradients have global norm `grad_norm`, may be applied: `Ok(true)` if both are finite,
+/// `Ok(false)` to skip it (`training.nonfinite: skip`, fewer than `max_skipped_steps` skipped
+/// so far), else [`WorkerError::NonFiniteStep`].
+pub fn admit(
+    training: &TrainingSpec,
+    step: u64,
+    loss: f64,
+    grad_norm: f64,
+    skipped: u64,
+) -> Result<bool> {
+    if loss.is_finite() && grad_norm.is_finite() {
+        return Ok(true);
+    }
+    let max_skipped = training.max_skipped_steps();
+    if skipped < max_skipped {
+        tracing::warn!(
+            step,
+            loss,
+            grad_norm,
+            skipped = skipped + 1,
+            max_skipped,
+            "non-finite step skipped"
+        );
+        return Ok(false);
+    }
+    Err(WorkerError::NonFiniteStep {
+        step,
+        loss,
+        grad_norm,
+        skipped,
+        max_skipped,
+    })
+}
+
+/// Marks `grads` non-finite when this rank's `loss` is not, so that the reduction carries it to
+/// every rank (each rank then sees a non-finite norm and [`admit`] decides the same on all).
+pub fn poison(loss: f64, grads: &mut [f32]) {
+    if !loss.is_finite() {
+        if let Some(g) = grads.first_mut() {
+            *g = f32::NAN;
+        }
+    }
 }
 
 /// Weights, optimizer state and the position in the schedule.
@@ -72,10 +129,12 @@ pub struct Trainer {
     pub weights: Vec<f32>,
     pub optimizer: AdamW,
     pub schedule: LrSchedule,
-    /// Steps completed.
+    /// Steps completed (applied or skipped).
     pub step: u64,
     /// Tokens trained on so far (the schedule's clock).
     pub tokens: u64,
+    /// Steps passed over under `training.nonfinite: skip`, over the whole job.
+    pub skipped_steps: u64,
     /// The job's training section (the device-resident trainer starts from it).
     pub training: TrainingSpec,
 }
@@ -100,6 +159,7 @@ impl Trainer {
             weights,
             step: 0,
             tokens: 0,
+            skipped_steps: 0,
             training: *training,
         }
     }
@@ -117,14 +177,30 @@ impl Trainer {
         }
     }
 
-    /// Clips `grads` (already reduced across ranks) and takes an AdamW step over `step_tokens`.
-    pub fn apply(&mut self, grads: &mut [f32], step_tokens: u64) -> StepStats {
+    /// Clips `grads` (already reduced across ranks) and takes an AdamW step over `step_tokens`,
+    /// unless `loss` (this rank's share) or the gradient norm is not finite: see [`admit`].
+    pub fn apply(&mut self, grads: &mut [f32], loss: f64, step_tokens: u64) -> Result<StepStats> {
         let lr = self.schedule.lr(self.tokens);
         let grad_norm = clip_global_norm(grads, self.optimizer.spec.grad_clip);
-        self.optimizer.step(&mut self.weights, grads, lr);
+        let applied = admit(
+            &self.training,
+            self.step,
+            loss,
+            grad_norm,
+            self.skipped_steps,
+        )?;
+        if applied {
+            self.optimizer.step(&mut self.weights, grads, lr);
+        } else {
+            self.skipped_steps += 1;
+        }
         self.step += 1;
         self.tokens += step_tokens;
-        StepStats { lr, grad_norm }
+        Ok(StepStats {
+            lr,
+            grad_norm,
+            applied,
+        })
     }
 }
 

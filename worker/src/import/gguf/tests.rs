@@ -775,6 +775,43 @@ fn missing_tensor_is_named() -> TestResult {
     Ok(())
 }
 
+/// A tensor that maps to a Hugging Face name the Llama layout does not use (an output or MLP
+/// bias; the config says no attention bias, as only q's bias sets it) refuses the import, by
+/// name, rather than being dropped; so does a NaN in a tensor.
+#[test]
+fn unused_and_non_finite_tensors_refuse_the_import() -> TestResult {
+    let out = tempfile::tempdir()?;
+    let w = tiny_llama(None)
+        .f32_tensor("blk.0.attn_output.bias", &[8], &[0.5; 8])
+        .f32_tensor("blk.0.ffn_up.bias", &[4], &[0.5; 4]);
+    let (_tmp, gguf) = open_writer(&w)?;
+    let msg = crate::import::import_gguf(&gguf, &out.path().join("hf"))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        msg.contains("2 tensors that dapt's Llama does not use")
+            && msg.contains("`model.layers.0.mlp.up_proj.bias`, `model.layers.0.self_attn.o_proj.bias`"),
+        "{msg}"
+    );
+    assert!(!out.path().join("hf").exists());
+
+    let mut w = tiny_llama(None);
+    let mut bad = vec![1.0f32; 32];
+    bad[5] = f32::INFINITY;
+    w.tensors.retain(|t| t.name != "blk.0.ffn_up.weight");
+    let (_tmp, gguf) = open_writer(&w.f32_tensor("blk.0.ffn_up.weight", &[8, 4], &bad))?;
+    let msg = crate::import::import_gguf(&gguf, &out.path().join("hf"))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        msg.contains("tensor `model.layers.0.mlp.up_proj.weight`: 1 of 32 values are not finite"),
+        "{msg}"
+    );
+    Ok(())
+}
+
 /// The SmolLM2-135M-Instruct GGUF another helper fetches for dapt's quickstart. Run with
 /// `cargo test real_smollm2 -- --ignored --nocapture`.
 #[test]

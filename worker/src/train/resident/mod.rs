@@ -21,8 +21,9 @@ use burn::tensor::{ElementConversion, FloatDType, Int, Tensor, TensorData};
 use dapt_proto::job::{OptimizerSpec, TrainingSpec};
 
 use super::schedule::LrSchedule;
-use super::step::{MicroBatch, StepStats, Trainer};
+use super::step::{admit, MicroBatch, StepStats, Trainer};
 use crate::collective::{Collective, CollectiveError};
+use crate::error::Result;
 use crate::model::llama::param_shape;
 use crate::model::{Llama, LlamaConfig, ParamKind, ParamLayout};
 
@@ -64,6 +65,8 @@ pub struct ResidentTrainer<B: AutodiffBackend> {
     schedule: LrSchedule,
     pub step: u64,
     pub tokens: u64,
+    /// Steps passed over under `training.nonfinite: skip`.
+    skipped_steps: u64,
     /// The dtype of the forward and backward passes.
     compute: FloatDType,
     device: B::Device,
@@ -90,6 +93,7 @@ impl<B: AutodiffBackend> ResidentTrainer<B> {
             schedule: host.schedule,
             step: host.step,
             tokens: host.tokens,
+            skipped_steps: host.skipped_steps,
             compute,
             device: device.clone(),
         }
@@ -109,6 +113,7 @@ impl<B: AutodiffBackend> ResidentTrainer<B> {
         host.optimizer.t = self.optimizer_steps;
         host.step = self.step;
         host.tokens = self.tokens;
+        host.skipped_steps = self.skipped_steps;
         host
     }
 
@@ -153,11 +158,27 @@ impl<B: AutodiffBackend> ResidentTrainer<B> {
     }
 
     /// Clips `grads` (already reduced across ranks) by their global norm and takes an AdamW
-    /// step over `step_tokens`. Waits for the device once, to read the norm.
-    pub fn apply(&mut self, grads: Tensor<B::InnerBackend, 1>, step_tokens: u64) -> StepStats {
+    /// step over `step_tokens`, unless `loss` (this rank's share) or the norm is not finite
+    /// (see [`admit`]). Waits for the device once, to read the norm.
+    pub fn apply(
+        &mut self,
+        grads: Tensor<B::InnerBackend, 1>,
+        loss: f64,
+        step_tokens: u64,
+    ) -> Result<StepStats> {
         let spec: OptimizerSpec = self.training.optimizer;
         let lr = self.schedule.lr(self.tokens);
         let grad_norm = self.global_norm(&grads);
+        if !admit(&self.training, self.step, loss, grad_norm, self.skipped_steps)? {
+            self.skipped_steps += 1;
+            self.step += 1;
+            self.tokens += step_tokens;
+            return Ok(StepStats {
+                lr,
+                grad_norm,
+                applied: false,
+            });
+        }
         let g = if spec.grad_clip > 0.0 && grad_norm > spec.grad_clip {
             grads.mul_scalar(spec.grad_clip / (grad_norm + 1e-6))
         } else {
@@ -183,7 +204,11 @@ impl<B: AutodiffBackend> ResidentTrainer<B> {
         self.v = v;
         self.step += 1;
         self.tokens += step_tokens;
-        StepStats { lr, grad_norm }
+        Ok(StepStats {
+            lr,
+            grad_norm,
+            applied: true,
+        })
     }
 
     /// The global L2 norm of the flat `grads`: f32 sums of squares per parameter on the device
@@ -246,20 +271,27 @@ pub fn train_step<B: AutodiffBackend>(
     micro: &[MicroBatch],
     denominator: f64,
     step_tokens: u64,
-) -> Result<(f64, StepStats), CollectiveError> {
+) -> Result<(f64, StepStats)> {
     // Where the step's time goes: each phase ends with the device idle (one extra wait between
     // the backward passes and the reduction, which the NCCL path waits for anyway).
     let started = Instant::now();
     let (loss, grads) = trainer.gradients(micro, denominator);
     let _ = B::sync(trainer.device());
+    // One value, from a device that is idle now.
+    let loss: f64 = loss.into_scalar().elem();
+    // As `step::poison`: a non-finite loss on this rank reaches every rank's norm.
+    let grads = if loss.is_finite() {
+        grads
+    } else {
+        grads.add_scalar(f64::NAN)
+    };
     let backward = started.elapsed();
     let grads = match reducer {
         Some(r) => r.all_reduce_mean(grads)?,
         None => grads,
     };
     let reduced = started.elapsed();
-    let stats = trainer.apply(grads, step_tokens);
-    let loss: f64 = loss.into_scalar().elem();
+    let stats = trainer.apply(grads, loss, step_tokens)?;
     let done = started.elapsed();
     tracing::info!(
         step = trainer.step,

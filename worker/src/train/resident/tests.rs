@@ -60,7 +60,7 @@ fn resident_steps_match_the_host_trainer() {
     for step in 0..3 {
         let micro = batches(step, 256);
         let (host_loss, mut g) = host.gradients(&micro, tokens as f64);
-        let host_stats = host.apply(&mut g, tokens);
+        let host_stats = host.apply(&mut g, host_loss, tokens).expect("finite step");
         let (loss, stats) =
             train_step(&mut resident, None, &micro, tokens as f64, tokens).expect("step");
         assert!(
@@ -175,4 +175,94 @@ fn two_ranks_over_the_ring_match_one() {
     assert_eq!(two[0], two[1], "ranks diverged");
     let diff = max_rel_diff(&one[0], &two[0]);
     assert!(diff < 1e-5, "two ranks differ from one by {diff}");
+}
+
+/// The tiny preset's training section with `extra` lines appended to it.
+fn training_with(extra: &str) -> TrainingSpec {
+    let mut training = training();
+    let spec = JobSpec::parse(&format!(
+        "job: t\ncorpus:\n  output: x\n  vocab_size: 512\n  sources:\n    - name: a\n      role: domain\n      paths: [\"x\"]\n      weight: 1\ntraining:\n  seq_len: 16\n  global_batch: 4\n  tokens: 640\n{extra}"
+    ))
+    .expect("job");
+    let t = spec.training.expect("training");
+    training.nonfinite = t.nonfinite;
+    training.max_skipped_steps = t.max_skipped_steps;
+    training
+}
+
+/// A step whose gradients hold a NaN is never applied, on the host and on the resident engine:
+/// under `stop` it fails naming the step; under `skip` the weights and moments stay, the step
+/// counts as done, and one skip more than `max_skipped_steps` fails.
+#[test]
+fn non_finite_steps_are_never_applied() {
+    let micro = batches(0, 256);
+    for policy in ["", "  nonfinite: skip\n  max_skipped_steps: 1\n"] {
+        let training = training_with(policy);
+        let (mut host, _) = host_and_resident(FloatDType::F32);
+        host.training = training;
+        let resident_from = host.clone();
+        let before = host.weights.clone();
+        let (loss, mut g) = host.gradients(&micro, 64.0);
+        g[3] = f32::NAN;
+        let mut resident =
+            ResidentTrainer::<Ad>::from_host(resident_from, FloatDType::F32, &Default::default());
+        let n = g.len();
+        let device_grads = |g: &[f32]| Tensor::from_data(TensorData::new(g.to_vec(), [n]), &Default::default());
+        let host_result = host.apply(&mut g.clone(), loss, 64);
+        let resident_result = resident.apply(device_grads(&g), loss, 64);
+        if policy.is_empty() {
+            for result in [host_result.map(|_| ()), resident_result.map(|_| ())] {
+                let err = result.expect_err("a NaN gradient stops the job").to_string();
+                assert!(err.starts_with("step 0: the gradient norm is NaN"), "{err}");
+            }
+            assert_eq!(host.weights, before);
+            continue;
+        }
+        for stats in [host_result.expect("skipped"), resident_result.expect("skipped")] {
+            assert!(!stats.applied && stats.grad_norm.is_nan());
+        }
+        let back = resident.to_host();
+        for t in [&host, &back] {
+            assert_eq!((t.step, t.skipped_steps, t.optimizer.t), (1, 1, 0));
+            assert_eq!(t.weights, before);
+            assert!(t.optimizer.m.iter().all(|&m| m == 0.0));
+        }
+        // A NaN loss alone is enough, and the second skip is one too many.
+        let err = host.apply(&mut vec![0.0; n], f64::NAN, 64).expect_err("bound");
+        assert!(err.to_string().contains("step 1: the loss is NaN"), "{err}");
+        let err = resident.apply(device_grads(&vec![0.0; n]), f64::NAN, 64).expect_err("bound");
+        assert!(err.to_string().contains("training.max_skipped_steps is 1"), "{err}");
+    }
+}
+
+/// A rank whose own loss is NaN marks its gradients, so that after the all-reduce every rank
+/// sees a non-finite norm and stops (or skips) the same step as the others.
+#[test]
+fn a_non_finite_loss_on_one_rank_reaches_every_rank() {
+    use crate::collective::TcpRing;
+    use crate::train::optimizer::global_norm;
+    use crate::train::step::poison;
+    use std::time::Duration;
+
+    let rings = TcpRing::loopback(2, Duration::from_secs(20)).expect("rings");
+    let norms: Vec<f64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = rings
+            .into_iter()
+            .enumerate()
+            .map(|(rank, mut ring)| {
+                scope.spawn(move || {
+                    let mut grads = vec![0.25f32; 1000];
+                    let loss = if rank == 1 { f64::NAN } else { 2.0 };
+                    poison(loss, &mut grads);
+                    ring.all_reduce_mean(&mut grads).expect("all-reduce");
+                    global_norm(&grads)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
+    });
+    assert!(norms.iter().all(|n| n.is_nan()), "{norms:?}");
 }

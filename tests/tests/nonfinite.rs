@@ -1,0 +1,226 @@
+//! Non-finite numbers over the real binaries: a job file's `.nan` refused by field, a step whose
+//! loss or gradient norm is not finite stopping `dapt train` and `dapt launch` (or skipped, a
+//! bounded number of times, when the job says so) with every committed checkpoint finite, and
+//! `dapt export` / `dapt eval` refusing a checkpoint that holds a NaN weight.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use dapt_tests::{
+    binary, dapt, events, f32_tensors_shaped, finite_weights, serial, text, write_f32_tensors,
+    write_job, Job, Proc, LONG,
+};
+
+/// A tiny-model job of `steps` steps with `lr: 3.0e4` (the case's typo for 3.0e-4) and a
+/// checkpoint after every step (two kept), plus `extra` in its training section.
+fn diverging_job(dir: &Path, name: &str, steps: u64, extra: &str) -> Job {
+    let job = write_job(dir, name, steps, "");
+    let yaml = std::fs::read_to_string(&job.path).expect("job");
+    let yaml = yaml
+        .replace("    lr: 0.003\n", &format!("    lr: 3.0e4\n{extra}"))
+        .replace("  every: 5\n", "  every: 1\n");
+    std::fs::write(&job.path, yaml).expect("job");
+    job
+}
+
+fn prepare(job: &Job) {
+    let out = dapt(&["prepare", &job.path.to_string_lossy(), "--quiet"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// The committed checkpoints under `root`: (step, directory), oldest first; each must hold
+/// finite weights.
+fn finite_checkpoints(root: &Path) -> Vec<(u64, PathBuf)> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| {
+            let step = p.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()?;
+            Some((step, p))
+        })
+        .collect();
+    found.sort();
+    for (_, dir) in &found {
+        for file in ["model.safetensors", "optimizer.safetensors"] {
+            finite_weights(&dir.join(file)).unwrap_or_else(|e| {
+                panic!("{} holds a non-finite value: {e}", dir.join(file).display())
+            });
+        }
+    }
+    found
+}
+
+/// The `step N:` the error names.
+fn failed_step(stderr: &str) -> u64 {
+    let at = stderr.find("step ").expect("the error names the step");
+    stderr[at + 5..]
+        .split(':')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no step number in {stderr}"))
+}
+
+#[test]
+fn a_non_finite_step_stops_training_and_keeps_the_good_checkpoints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = diverging_job(dir.path(), "biglr", 20, "");
+    prepare(&job);
+    let out = dapt(&["train", &job.path.to_string_lossy()]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "a diverged run exited 0:\n{stderr}");
+    assert!(!stderr.contains("training finished"), "{stderr}");
+    assert!(
+        stderr.contains("is NaN") && stderr.contains("the step was not applied"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let step = failed_step(&stderr[stderr.find("error").unwrap_or(0)..]);
+    assert!(step > 0 && step < 20, "{stderr}");
+    // A checkpoint after every step: the ones kept are the last good ones, up to the failed
+    // step (steps 0..step were applied), and finite.
+    let kept = finite_checkpoints(&job.checkpoints);
+    let steps: Vec<u64> = kept.iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps.last().copied(), Some(step), "{steps:?}\n{stderr}");
+}
+
+#[test]
+fn skipped_non_finite_steps_are_bounded_and_never_applied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = diverging_job(
+        dir.path(),
+        "skip",
+        20,
+        "  nonfinite: skip\n  max_skipped_steps: 2\n",
+    );
+    prepare(&job);
+    let out = dapt(&["--log-format", "json", "train", &job.path.to_string_lossy()]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let skipped = events(&lines, "non-finite step skipped");
+    assert_eq!(skipped.len(), 2, "{stderr}");
+    assert!(
+        stderr.contains("2 steps were skipped already, training.max_skipped_steps is 2"),
+        "{stderr}"
+    );
+    // The checkpoints after the skipped steps hold the weights of the last applied step.
+    let kept = finite_checkpoints(&job.checkpoints);
+    let [(_, a), (_, b)] = &kept[..] else {
+        panic!("{kept:?}")
+    };
+    let weights = |d: &PathBuf| std::fs::read(d.join("model.safetensors")).expect("weights");
+    assert!(weights(a) == weights(b), "a skipped step changed the weights");
+}
+
+#[test]
+fn launch_fails_the_job_at_a_non_finite_step() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = diverging_job(dir.path(), "launched", 20, "");
+    let _serial = serial();
+    let mut cmd = Command::new(binary("dapt"));
+    cmd.args(["--log-format", "json", "launch"])
+        .arg(&job.path)
+        .args(["--workers", "2"]);
+    let mut proc = Proc::spawn(cmd);
+    let (status, stdout) = proc.finish(LONG);
+    let stderr = proc.stderr();
+    assert!(!status.success(), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("job completed"), "{stdout}");
+    assert!(
+        stderr.contains("the job failed") && stderr.contains("the step was not applied"),
+        "{stderr}"
+    );
+    let reason = &stderr[stderr.find("the job failed").unwrap_or(0)..];
+    let step = failed_step(reason);
+    // Failed at once: no re-formation to replay the same steps into the same failure.
+    let lines = proc.lines();
+    assert_eq!(events(&lines, "generation formed").len(), 1, "{stderr}");
+    assert!(!job.checkpoints.join("export").exists());
+    let kept = finite_checkpoints(&job.checkpoints);
+    assert!(kept.iter().all(|(s, _)| *s <= step), "{kept:?}");
+}
+
+#[test]
+fn non_finite_numbers_in_the_job_file_are_refused_by_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "nanjob", 4, "");
+    let yaml = std::fs::read_to_string(&job.path).expect("job");
+    for (setting, field) in [
+        ("weight_decay: .nan", "training.optimizer.weight_decay"),
+        ("grad_clip: .inf", "training.optimizer.grad_clip"),
+        ("eps: .NaN", "training.optimizer.eps"),
+        ("lr: -.inf", "training.optimizer.lr"),
+        ("betas: [0.9, .nan]", "training.optimizer.betas"),
+    ] {
+        let bad = yaml.replace("    lr: 0.003\n", &format!("    lr: 0.003\n    {setting}\n"));
+        let bad = if setting.starts_with("lr") {
+            yaml.replace("lr: 0.003", setting)
+        } else {
+            bad
+        };
+        std::fs::write(&job.path, bad).expect("job");
+        let out = dapt(&["train", &job.path.to_string_lossy()]);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{setting} accepted");
+        assert!(
+            stderr.contains(field) && stderr.contains("finite") && stderr.contains("line"),
+            "{setting}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn export_and_eval_refuse_a_checkpoint_with_a_nan_weight() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "nanck", 2, "");
+    prepare(&job);
+    let out = dapt(&["train", &job.path.to_string_lossy()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ck = job.checkpoints.join("step-00000002");
+    // A NaN written into the weights (as a checkpoint of an earlier dapt could hold), with the
+    // manifest updated so that the checksums pass and only the values are wrong.
+    let weights = ck.join("model.safetensors");
+    let mut tensors = f32_tensors_shaped(&weights).expect("tensors");
+    let name = "model.layers.1.mlp.up_proj.weight";
+    tensors.get_mut(name).expect("tensor").1[17] = f32::NAN;
+    write_f32_tensors(&weights, &tensors).expect("write");
+    let manifest_path = ck.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).expect("manifest")).expect("json");
+    let bytes = std::fs::read(&weights).expect("weights");
+    for f in manifest["files"].as_array_mut().expect("files") {
+        if f["path"] == "model.safetensors" {
+            f["bytes"] = bytes.len().into();
+            f["sha256"] = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)).into();
+        }
+    }
+    std::fs::write(&manifest_path, manifest.to_string()).expect("manifest");
+
+    let export = dir.path().join("export");
+    let out = dapt(&[
+        "export",
+        &ck.to_string_lossy(),
+        "--hf",
+        &export.to_string_lossy(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "exported a NaN checkpoint");
+    assert!(
+        stderr.contains(&format!("tensor `{name}`: 1 of")) && stderr.contains("not finite"),
+        "{stderr}"
+    );
+    assert!(!export.exists(), "something was written");
+    let out = dapt(&[
+        "eval",
+        &ck.to_string_lossy(),
+        &dir.path().join("corpus").to_string_lossy(),
+        "--seq-len",
+        "32",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains(name), "{}", text(&out.stderr));
+}
