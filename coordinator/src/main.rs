@@ -104,6 +104,10 @@ enum Command {
         /// Print the reply as JSON.
         #[arg(long)]
         json: bool,
+        /// The job's token: the coordinator answers only a request that proves it (the token
+        /// itself is not sent). Prefer the environment.
+        #[arg(long, env = "DAPT_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Train the job on this machine as a single rank (runs `dapt-worker train`).
     Train {
@@ -234,7 +238,11 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
             })?;
             Ok(report_outcome(&outcome, &job, None, None))
         }
-        Command::Status { url, json } => {
+        Command::Status { url, json, token } => {
+            let Some(token) = token.filter(|t| !t.is_empty()) else {
+                anyhow::bail!("dapt status needs the job's token: set DAPT_TOKEN (or --token)");
+            };
+            let key = dapt_proto::auth::Key::control(&token);
             // Bounded: a standby coordinator accepts connections but answers only once it
             // leads (Kubernetes' readiness probe relies on this failing).
             let limit = std::time::Duration::from_secs(10);
@@ -243,7 +251,14 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
                     let mut client = rpc::CoordinatorClient::connect(url.clone())
                         .await
                         .with_context(|| format!("connecting to {url}"))?;
-                    anyhow::Ok(client.status(rpc::StatusRequest {}).await?.into_inner())
+                    let request = dapt_proto::join::status_request(&key, dapt_proto::join::unix_ms())?;
+                    match client.status(request).await {
+                        Ok(reply) => anyhow::Ok(reply.into_inner()),
+                        Err(status) => match rpc::Refusal::from_status(&status) {
+                            Some(r) => anyhow::bail!("{url} refused: {r}"),
+                            None => Err(status).with_context(|| format!("asking {url}")),
+                        },
+                    }
                 };
                 tokio::time::timeout(limit, ask).await.map_err(|_| {
                     anyhow::anyhow!(

@@ -17,12 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use dapt_proto::auth::{self, Key};
 use dapt_proto::job::JobSpec;
+use dapt_proto::join;
 use dapt_proto::rpc::{
     self, coordinator_message, worker_message::Kind, CoordinatorClient, Refusal, WorkerMessage,
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::collective::{AbortHandle, RingListener, TcpRing};
 use rank::{Progress, RankError};
@@ -85,8 +86,10 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
         tracing::info!(precision = %o.placement.precision, "the resident (GPU) engine on the cpu");
     }
     let devices = vec![o.placement.device.to_string()];
+    // The ring admits only peers that prove this key: the job's members (see `collective`).
+    let ring_key = Key::ring(&o.token, &o.job);
     let listener = Arc::new(
-        TcpRing::bind(o.listen)
+        TcpRing::bind(o.listen, ring_key)
             .with_context(|| format!("binding the collective's listen address {}", o.listen))?,
     );
     let endpoint = o
@@ -100,17 +103,18 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
     let send = move |kind: Kind| {
         let _ = outbox.send(kind);
     };
+    let key = Key::control(&o.token);
     let join = rpc::Join {
         job: o.job.clone(),
-        token: o.token.clone(),
         worker_id: o.worker_id.clone(),
         devices: devices.clone(),
         version: rpc::VERSION.to_string(),
         collective_endpoint: endpoint.clone(),
         attach_generation: 0,
         attach_rank: 0,
+        proof: Vec::new(),
     };
-    let mut session = Session::open(&o.coordinator, o.connect_timeout, join.clone()).await?;
+    let mut session = Session::open(&o.coordinator, o.connect_timeout, &key, join.clone()).await?;
     let job: JobSpec =
         serde_json::from_str(&session.joined.job_json).context("the job the coordinator sent")?;
     tracing::info!(worker = %o.worker_id, job = %job.job, %endpoint, coordinator = %o.coordinator, "joined");
@@ -174,7 +178,7 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
                     generation = attach.attach_generation,
                     "lost the coordinator; re-attaching to the next leader"
                 );
-                match reattach(lead, attach, o.connect_timeout).await {
+                match reattach(lead, &key, attach, o.connect_timeout).await {
                     Ok(s) => {
                         session = s;
                         for kind in &replay {
@@ -192,7 +196,7 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
                 // a new member; the generation this worker was in is stale by now, and its
                 // reports until the next assignment are refused as such.
                 tracing::warn!("lost the session with the coordinator; joining it again");
-                match Session::open(&o.coordinator, o.connect_timeout, join.clone()).await {
+                match Session::open(&o.coordinator, o.connect_timeout, &key, join.clone()).await {
                     Ok(s) => {
                         session = s;
                         replay.clear();
@@ -228,7 +232,7 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
             coordinator_message::Kind::Abort(a) => {
                 if let Some(g) = current.take() {
                     if g.generation == a.generation {
-                        tracing::warn!(generation = a.generation, reason = %a.reason, "aborting");
+                        tracing::warn!(generation = a.generation, reason = %auth::printable(&a.reason), "aborting");
                         g.stop().await;
                         replay.clear();
                     } else {
@@ -246,7 +250,7 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
                 })
             }
             coordinator_message::Kind::Refused(r) => {
-                tracing::warn!(code = r.code().as_str_name(), reason = %r.message, "coordinator refused a message");
+                tracing::warn!(code = r.code().as_str_name(), reason = %auth::printable(&r.message), "coordinator refused a message");
             }
             coordinator_message::Kind::Committed(c) => {
                 // What that commit covers, a new leader reads from etcd: no need to replay it.
@@ -256,7 +260,7 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
                     _ => true,
                 });
             }
-            coordinator_message::Kind::Joined(_) => {}
+            coordinator_message::Kind::Joined(_) | coordinator_message::Kind::Challenge(_) => {}
         }
     };
     if let Some(g) = current.take() {
@@ -278,28 +282,35 @@ struct Session {
 }
 
 impl Session {
-    async fn open(url: &str, patience: Duration, join: rpc::Join) -> anyhow::Result<Self> {
-        let mut client = connect(url, patience).await?;
-        let (outbound, rx) = mpsc::unbounded_channel::<WorkerMessage>();
-        let _ = outbound.send(WorkerMessage {
-            kind: Some(Kind::Join(join)),
-        });
-        let mut inbound = client
-            .session(UnboundedReceiverStream::new(rx))
-            .await
-            .map_err(refused)?
-            .into_inner();
-        let joined = match inbound.message().await.map_err(refused)? {
-            Some(rpc::CoordinatorMessage {
-                kind: Some(coordinator_message::Kind::Joined(j)),
-            }) => j,
-            other => anyhow::bail!("the coordinator answered the join with {other:?}"),
-        };
-        Ok(Session {
-            inbound,
-            outbound,
-            joined,
-        })
+    /// Connects to `url` and opens a session (for `patience`): the coordinator proves it runs
+    /// the job before this worker sends anything about itself (`dapt_proto::join`). A refusal
+    /// or a failed proof is final; a coordinator busy with other joiners is asked again.
+    async fn open(
+        url: &str,
+        patience: Duration,
+        key: &Key,
+        join: rpc::Join,
+    ) -> anyhow::Result<Self> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let mut client = connect(url, patience).await?;
+            match join::open(&mut client, key, join.clone()).await {
+                Ok(session) => {
+                    return Ok(Session {
+                        inbound: session.inbound,
+                        outbound: session.outbound,
+                        joined: session.joined,
+                    })
+                }
+                Err(e) if !e.is_final() && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(%url, error = %e, "joining again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("joining the coordinator at {url}"))
+                }
+            }
+        }
     }
 
     fn send(&self, kind: Kind) {
@@ -311,6 +322,7 @@ impl Session {
 /// plus a lease TTL (the time a dead leader's key takes to expire).
 async fn reattach(
     membership: &lease::Membership,
+    key: &Key,
     attach: rpc::Join,
     patience: Duration,
 ) -> anyhow::Result<Session> {
@@ -318,7 +330,7 @@ async fn reattach(
     let mut last_error = None;
     while tokio::time::Instant::now() < deadline {
         if let Some(url) = membership.leader().await {
-            match Session::open(&url, Duration::from_secs(2), attach.clone()).await {
+            match Session::open(&url, Duration::from_secs(2), key, attach.clone()).await {
                 Ok(s) => return Ok(s),
                 Err(e) => last_error = Some(e),
             }
