@@ -168,7 +168,7 @@ fn a_session_without_the_token_hears_nothing_about_the_job() {
     let dir = tempfile::tempdir().expect("tempdir");
     let _serial = serial();
     // No workers: the coordinator stays in `forming`, which is enough here.
-    let mut c = coordinator(dir.path(), "classified", 10, "cluster:\n  min_workers: 2\n");
+    let c = coordinator(dir.path(), "classified", 10, "cluster:\n  min_workers: 2\n");
     let name = c.job_name();
     let secrets = [
         name.clone(),
