@@ -123,6 +123,10 @@ enum Command {
         json: bool,
         #[command(flatten)]
         tls: dapt_proto::tls::ClientTls,
+        /// The job's token: the coordinator answers only a request that proves it (the token
+        /// itself is not sent). Prefer the environment.
+        #[arg(long, env = "DAPT_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Train the job on this machine as a single rank (runs `dapt-worker train`).
     Train {
@@ -272,7 +276,16 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
             })?;
             Ok(report_outcome(&outcome, &job, None, None))
         }
-        Command::Status { url, json, tls } => {
+        Command::Status {
+            url,
+            json,
+            tls,
+            token,
+        } => {
+            let Some(token) = token.filter(|t| !t.is_empty()) else {
+                anyhow::bail!("dapt status needs the job's token: set DAPT_TOKEN (or --token)");
+            };
+            let key = dapt_proto::auth::Key::control(&token);
             // Bounded: a standby coordinator accepts connections but answers only once it
             // leads (Kubernetes' readiness probe relies on this failing).
             let limit = std::time::Duration::from_secs(10);
@@ -283,10 +296,18 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
                         anyhow::anyhow!("connecting to {url}: {}", dapt_proto::tls::explain(&e))
                     })?;
                     let mut client = rpc::CoordinatorClient::new(channel);
-                    let reply = client.status(rpc::StatusRequest {}).await.map_err(|e| {
-                        anyhow::anyhow!("{url}: {}", dapt_proto::tls::explain_first_call(&e, &url, &tls))
-                    })?;
-                    anyhow::Ok(reply.into_inner())
+                    let request =
+                        dapt_proto::join::status_request(&key, dapt_proto::join::unix_ms())?;
+                    match client.status(request).await {
+                        Ok(reply) => anyhow::Ok(reply.into_inner()),
+                        Err(status) => match rpc::Refusal::from_status(&status) {
+                            Some(r) => anyhow::bail!("{url} refused: {r}"),
+                            None => anyhow::bail!(
+                                "{url}: {}",
+                                dapt_proto::tls::explain_first_call(&status, &url, &tls)
+                            ),
+                        },
+                    }
                 };
                 tokio::time::timeout(limit, ask).await.map_err(|_| {
                     anyhow::anyhow!(

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dapt_proto::auth;
 use dapt_proto::job::JobSpec;
+use dapt_proto::join;
 use dapt_proto::rpc::{
     self, coordinator_message, worker_message, CoordinatorMessage, CoordinatorServer, ErrorCode,
     Generation, Refusal, StatusReply, StatusRequest, WorkerId, WorkerMessage,
@@ -115,8 +117,9 @@ pub async fn start(
         Some(tls) => tracing::info!(mutual = tls.mutual, "serving over TLS"),
         None if !addr.ip().is_loopback() => tracing::warn!(
             %addr,
-            "serving without TLS on a network address: the job's token and every message cross \
-             the network in clear text (give cluster.tls in the job, or --tls-cert and --tls-key)"
+            "serving without TLS on a network address: every message (not the token, which is only \
+             ever proven) crosses the network in clear text and a relay in the middle could alter \
+             it (give cluster.tls in the job, or --tls-cert and --tls-key)"
         ),
         None => {}
     }
@@ -146,9 +149,12 @@ pub async fn start(
             (store, committed, record, formed)
         }
     };
+    let gate = Arc::new(Gate {
+        job: job.job.clone(),
+        key: auth::Key::control(&token),
+    });
     let config = ControlConfig {
         job: job.job.clone(),
-        token,
         version: rpc::VERSION.to_string(),
         min_workers: c.min_workers as usize,
         max_workers: c.max_workers.map(|m| m as usize),
@@ -201,6 +207,11 @@ pub async fn start(
         let listener = crate::metrics::bind(addr).await?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         tracing::info!(addr = %listener.local_addr()?, scheme, "serving /metrics");
+        if !addr.ip().is_loopback() {
+            // A deliberate choice (docs/control-plane.md#security): Prometheus scrapes without
+            // the job's token; whoever reaches this address reads the job's progress.
+            tracing::warn!(%addr, "/metrics has no authentication: bind it where only your monitoring reaches");
+        }
         tokio::spawn(crate::metrics::serve(
             listener,
             tls.as_ref().map(|t| t.http.clone()),
@@ -216,8 +227,16 @@ pub async fn start(
         status: status_rx,
         joined: Arc::new(serde_json::to_string(&job).expect("a job spec serializes")),
         heartbeat_ms: c.heartbeat_ms as u32,
+        gate,
+        unjoined: Arc::new(tokio::sync::Semaphore::new(MAX_UNJOINED)),
     };
-    let mut builder = tonic::transport::Server::builder();
+    // Bounded for strangers: dead connections are found by HTTP/2 pings, and one connection
+    // cannot open streams without end.
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize);
     if let Some(tls) = tls {
         builder = builder.tls_config(tls.grpc)?;
     }
@@ -653,6 +672,16 @@ fn snapshot(state: &JobState) -> StatusReply {
     }
 }
 
+/// How long a session may take to say `Hello`, and then to answer the challenge with `Join`:
+/// a worker answers at once; a silent stranger is cut off.
+const FIRST_MESSAGE: Duration = Duration::from_secs(10);
+/// Sessions that have not proven the token yet, at most; more are refused at once
+/// (`RESOURCE_EXHAUSTED`), so strangers cannot pile up sessions.
+const MAX_UNJOINED: usize = 64;
+/// HTTP/2 streams one connection may hold open at once (a worker needs one, `dapt status` one;
+/// a client multiplexing many simulated workers, like the scale benchmark, 128).
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
 #[derive(Clone)]
 struct Service {
     events: mpsc::UnboundedSender<Event>,
@@ -661,6 +690,15 @@ struct Service {
     status: watch::Receiver<StatusReply>,
     joined: Arc<String>,
     heartbeat_ms: u32,
+    gate: Arc<Gate>,
+    unjoined: Arc<tokio::sync::Semaphore>,
+}
+
+/// What a session must prove before it hears anything about the job.
+struct Gate {
+    job: String,
+    /// `auth::Key::control` of the job's token.
+    key: auth::Key,
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
@@ -673,99 +711,207 @@ impl rpc::Coordinator for Service {
         &self,
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
+        let peer = request.remote_addr();
+        let Ok(unjoined) = self.unjoined.clone().try_acquire_owned() else {
+            tracing::warn!("too many sessions that have not joined: refused one");
+            return Err(Status::resource_exhausted(
+                "too many sessions are joining at once; try again",
+            ));
+        };
         let mut inbound = request.into_inner();
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        // The reader holds only a weak sender: the session's stream ends as soon as the control
-        // loop drops the one in `sessions` (a `Drop` or a refusal), even while the worker keeps
-        // sending (one cut off by a partition does not know yet).
-        let weak = tx.downgrade();
-        self.sessions.lock().expect("sessions").insert(conn, tx);
         let events = self.events.clone();
         let sessions = self.sessions.clone();
+        let gate = self.gate.clone();
         let joined = rpc::Joined {
             job_json: self.joined.to_string(),
             heartbeat_interval_ms: self.heartbeat_ms,
             version: rpc::VERSION.to_string(),
         };
         tokio::spawn(async move {
-            let mut worker: Option<WorkerId> = None;
-            loop {
-                let message = match inbound.message().await {
-                    Ok(Some(m)) => m,
-                    Ok(None) | Err(_) => break,
-                };
-                let Some(out) = weak.upgrade() else {
-                    // Ended by the coordinator: what still comes in belongs to nobody.
-                    break;
-                };
-                match to_event(conn, &mut worker, message) {
-                    Ok(Some(event)) => {
-                        if matches!(event, Event::Join { .. }) {
-                            // `Joined` goes out first; a refusal from the control loop ends the
-                            // session with an error the worker reads instead.
-                            let _ = out.send(Ok(CoordinatorMessage {
-                                kind: Some(coordinator_message::Kind::Joined(joined.clone())),
-                            }));
+            // Nothing about the job, not even its name, goes out before the proof.
+            let join = match authenticate(&mut inbound, &tx, &gate).await {
+                Ok(join) => join,
+                Err(refusal) => {
+                    tracing::warn!(
+                        peer = ?peer,
+                        code = refusal.code.as_str_name(),
+                        reason = %refusal.message,
+                        "refused a session"
+                    );
+                    let _ = tx.send(Err(refusal.to_status()));
+                    return;
+                }
+            };
+            drop(unjoined);
+            let worker = WorkerId(join.worker_id.clone());
+            let _ = tx.send(Ok(CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Joined(joined)),
+            }));
+            // The reader holds only a weak sender: the session's stream ends as soon as the
+            // control loop drops the one in `sessions` (a `Drop` or a refusal), even while the
+            // worker keeps sending (one cut off by a partition does not know yet).
+            let weak = tx.downgrade();
+            sessions.lock().expect("sessions").insert(conn, tx);
+            // A refusal from the control loop (a duplicate id, another version) ends the
+            // session with an error the worker reads after `Joined`.
+            if events.send(join_event(conn, join)).is_ok() {
+                loop {
+                    let message = match inbound.message().await {
+                        Ok(Some(m)) => m,
+                        Ok(None) | Err(_) => break,
+                    };
+                    let Some(out) = weak.upgrade() else {
+                        // Ended by the coordinator: what still comes in belongs to nobody.
+                        break;
+                    };
+                    match to_event(conn, &worker, message) {
+                        Ok(Some(event)) => {
+                            if events.send(event).is_err() {
+                                break;
+                            }
                         }
-                        if events.send(event).is_err() {
+                        Ok(None) => {}
+                        Err(refusal) => {
+                            let _ = out.send(Err(refusal.to_status()));
                             break;
                         }
                     }
-                    Ok(None) => {}
-                    Err(refusal) => {
-                        let _ = out.send(Err(refusal.to_status()));
-                        break;
-                    }
                 }
             }
-            if let Some(worker) = worker {
-                let _ = events.send(Event::Disconnected { conn, worker });
-            }
+            let _ = events.send(Event::Disconnected { conn, worker });
             sessions.lock().expect("sessions").remove(&conn);
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
     }
 
-    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+    /// Answers only a request that proves the token (`dapt_proto::join::status_request`).
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
+        if !join::status_allowed(&self.gate.key, request.get_ref(), join::unix_ms()) {
+            tracing::warn!(peer = ?request.remote_addr(), "refused a status request without the token's proof");
+            return Err(Refusal::new(
+                ErrorCode::WrongToken,
+                "the request did not prove the job's token (or its clock is more than 5 minutes off)",
+            )
+            .to_status());
+        }
         Ok(Response::new(self.status.borrow().clone()))
     }
 }
 
-/// The event a worker's message stands for. The first message must be a `Join`.
+/// The coordinator's side of the challenge-response (`dapt_proto::join`): `Hello`, our
+/// `Challenge` with our proof, then a `Join` whose proof answers our nonce. Each message within
+/// [`FIRST_MESSAGE`]. A refusal tells nothing about the job.
+async fn authenticate(
+    inbound: &mut Streaming<WorkerMessage>,
+    out: &Outbound,
+    gate: &Gate,
+) -> Result<rpc::Join, Refusal> {
+    use worker_message::Kind;
+    let not_proven = || {
+        Refusal::new(
+            ErrorCode::WrongToken,
+            "the session did not prove the job's token",
+        )
+    };
+    let Kind::Hello(hello) = next_message(inbound).await? else {
+        return Err(Refusal::new(
+            ErrorCode::NotJoined,
+            "the first message of a session must be a Hello",
+        ));
+    };
+    if hello.nonce.len() != auth::NONCE_LEN {
+        return Err(Refusal::new(
+            ErrorCode::Invalid,
+            "a Hello's nonce is 32 bytes",
+        ));
+    }
+    let ours = auth::nonce().map_err(|e| Refusal::new(ErrorCode::Unspecified, e.to_string()))?;
+    let proof = gate.key.tag(
+        auth::COORDINATOR_PROOF,
+        &[gate.job.as_bytes(), &hello.nonce, &ours],
+    );
+    let _ = out.send(Ok(CoordinatorMessage {
+        kind: Some(coordinator_message::Kind::Challenge(rpc::Challenge {
+            nonce: ours.to_vec(),
+            proof: proof.to_vec(),
+        })),
+    }));
+    let Kind::Join(join) = next_message(inbound).await? else {
+        return Err(not_proven());
+    };
+    if !auth::verify_worker(&gate.key, &join, &hello.nonce, &ours) {
+        return Err(not_proven());
+    }
+    if join.worker_id.chars().any(char::is_control) {
+        return Err(Refusal::new(
+            ErrorCode::Invalid,
+            format!(
+                "worker id `{}` has control characters",
+                auth::printable(&join.worker_id)
+            ),
+        ));
+    }
+    Ok(join)
+}
+
+/// The next message of a session that has not joined, within [`FIRST_MESSAGE`].
+async fn next_message(
+    inbound: &mut Streaming<WorkerMessage>,
+) -> Result<worker_message::Kind, Refusal> {
+    let refused = |why: &str| Refusal::new(ErrorCode::NotJoined, why);
+    match tokio::time::timeout(FIRST_MESSAGE, inbound.message()).await {
+        Ok(Ok(Some(WorkerMessage { kind: Some(kind) }))) => Ok(kind),
+        Ok(Ok(Some(_))) => Err(refused("an empty message before joining")),
+        Ok(Ok(None)) | Ok(Err(_)) => Err(refused("the session ended before it joined")),
+        Err(_) => Err(refused("no Hello or Join in time")),
+    }
+}
+
+/// Text from the wire as it may enter the coordinator's state and log lines: control characters
+/// escaped (`auth::printable`). Every string of a worker's messages passes here.
+fn clean(text: String) -> String {
+    match auth::printable(&text) {
+        std::borrow::Cow::Borrowed(_) => text,
+        std::borrow::Cow::Owned(escaped) => escaped,
+    }
+}
+
+/// The event of an authenticated `Join`.
+fn join_event(conn: ConnId, j: rpc::Join) -> Event {
+    Event::Join {
+        conn,
+        request: JoinRequest {
+            job: clean(j.job),
+            worker: WorkerId(clean(j.worker_id)),
+            devices: j.devices.into_iter().map(clean).collect(),
+            version: clean(j.version),
+            endpoint: clean(j.collective_endpoint),
+            attach: (j.attach_generation > 0)
+                .then_some((Generation(j.attach_generation), j.attach_rank)),
+        },
+    }
+}
+
+/// The event a joined worker's message stands for.
 fn to_event(
     conn: ConnId,
-    worker: &mut Option<WorkerId>,
+    worker: &WorkerId,
     message: WorkerMessage,
 ) -> Result<Option<Event>, Refusal> {
     use worker_message::Kind;
     let Some(kind) = message.kind else {
         return Ok(None);
     };
-    let Some(id) = worker.clone() else {
-        let Kind::Join(j) = kind else {
-            return Err(Refusal::new(
-                ErrorCode::NotJoined,
-                "the first message of a session must be a Join",
-            ));
-        };
-        *worker = Some(WorkerId(j.worker_id.clone()));
-        return Ok(Some(Event::Join {
-            conn,
-            request: JoinRequest {
-                job: j.job,
-                token: j.token,
-                worker: WorkerId(j.worker_id),
-                devices: j.devices,
-                version: j.version,
-                endpoint: j.collective_endpoint,
-                attach: (j.attach_generation > 0)
-                    .then_some((Generation(j.attach_generation), j.attach_rank)),
-            },
-        }));
-    };
+    let id = worker.clone();
     let event = match kind {
-        Kind::Join(_) => return Err(Refusal::new(ErrorCode::Invalid, "a session joins once")),
+        Kind::Join(_) | Kind::Hello(_) => {
+            return Err(Refusal::new(ErrorCode::Invalid, "a session joins once"))
+        }
         Kind::Heartbeat(_) => Event::Heartbeat { conn, worker: id },
         Kind::Step(s) => Event::Step {
             conn,
@@ -788,8 +934,8 @@ fn to_event(
             generation: Generation(c.generation),
             step: c.step,
             rank: c.rank,
-            dir: c.dir,
-            digest: c.weights_digest,
+            dir: clean(c.dir),
+            digest: clean(c.weights_digest),
         },
         Kind::Aborted(a) => Event::Aborted {
             conn,
@@ -800,7 +946,7 @@ fn to_event(
             conn,
             worker: id,
             generation: Generation(f.generation),
-            reason: f.reason,
+            reason: clean(f.reason),
             fatal: f.fatal,
         },
         Kind::Eval(e) => Event::Eval {
@@ -808,7 +954,7 @@ fn to_event(
             worker: id,
             generation: Generation(e.generation),
             step: e.step,
-            source: e.source,
+            source: clean(e.source),
             perplexity: e.perplexity,
             tokens: e.tokens,
         },

@@ -2,7 +2,10 @@
 //! on the coordinator crate nor the coordinator on the worker crate; they meet here and in
 //! `dapt-corpus`.
 //!
+//! * [`auth`] — proof of job membership by challenge-response, keyed from the job's token.
 //! * [`device`] — the compute precision on GPUs (`--precision`).
+//! * [`join`] — a worker's side of opening a session (challenge-response, `Join`), and
+//!   `dapt status` requests that prove the token.
 //! * [`job`] — the job file (model, corpus, training, checkpoints), parsed and checked once.
 //! * [`logging`] — the binaries' log output.
 //! * [`model`] — a Llama model's shape, from and to a Hugging Face `config.json`.
@@ -11,9 +14,11 @@
 //! * [`tls`] — TLS for the coordinator's endpoints, server and client side.
 //! * [`token`] — the job's token: token files, the least a coordinator accepts.
 
+pub mod auth;
 pub mod device;
 pub mod etcd;
 pub mod job;
+pub mod join;
 pub mod logging;
 pub mod model;
 pub mod rpc;

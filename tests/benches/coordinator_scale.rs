@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use dapt_proto::rpc::{self, coordinator_message, worker_message::Kind, WorkerMessage};
 use dapt_tests::{binary, events, free_port, Proc};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
 fn main() {
     let sizes: Vec<usize> = std::env::var("DAPT_SCALE_SIZES")
@@ -166,28 +165,33 @@ async fn simulated_worker(
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let mut client = rpc::CoordinatorClient::new(channel);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let send = move |k| {
-        let _ = tx.send(WorkerMessage { kind: Some(k) });
-    };
-    send(Kind::Join(rpc::Join {
+    let join = rpc::Join {
         job: "scale".into(),
-        token: "t".into(),
         worker_id: format!("sim-{i:05}"),
         devices: vec!["cpu".into()],
         version: rpc::VERSION.into(),
         collective_endpoint: format!("127.0.0.1:{}", 10000 + i),
         attach_generation: 0,
         attach_rank: 0,
-    }));
-    let response = match client.session(UnboundedReceiverStream::new(rx)).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("session {i}: {e}");
-            return;
+        proof: Vec::new(),
+    };
+    let key = dapt_proto::auth::Key::control("t");
+    // A thousand sessions joining at once exceed the coordinator's cap on sessions that have not
+    // joined yet: those refused try again, as a real worker does.
+    let session = loop {
+        match dapt_proto::join::open(&mut client, &key, join.clone()).await {
+            Ok(session) => break session,
+            Err(e) if !e.is_final() => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => {
+                eprintln!("session {i}: {e}");
+                return;
+            }
         }
     };
-    let mut inbound = response.into_inner();
+    let send = move |k| {
+        let _ = session.outbound.send(WorkerMessage { kind: Some(k) });
+    };
+    let mut inbound = session.inbound;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {

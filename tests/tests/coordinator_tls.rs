@@ -3,7 +3,7 @@
 //! client certificates (mutual TLS); a worker that trusts another CA, or has no client
 //! certificate, is refused with an error that says which; `dapt status` and `/metrics` work over
 //! https with the CA (and the client certificate). Without TLS on a network address the
-//! coordinator warns that the token crosses it in clear text; a short token is refused, and
+//! coordinator warns that its messages cross it in clear text; a short token is refused, and
 //! `--token` on the command line warned about.
 
 use std::path::Path;

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use dapt_proto::job::EtcdSpec;
 use dapt_tests::{
-    binary, check_entries, coordinator, dapt, events, free_port, random_step, serial, standby,
-    text, Cluster, Etcd, Proc, BATCH, LONG,
+    binary, check_entries, coordinator, events, free_port, random_step, serial, standby, text,
+    Cluster, Etcd, Proc, BATCH, LONG,
 };
 
 const TTL_S: u64 = 2;
@@ -153,7 +153,11 @@ fn a_standby_takes_over_from_a_killed_leader_and_training_goes_on() {
     // A standby does not answer `dapt status` (Kubernetes' readiness probe relies on it), and
     // the command says so instead of hanging.
     let asked = Instant::now();
-    let out = dapt(&["status", &format!("http://127.0.0.1:{port}")]);
+    let out = Command::new(binary("dapt"))
+        .args(["status", &format!("http://127.0.0.1:{port}")])
+        .env("DAPT_TOKEN", &leader.token)
+        .output()
+        .expect("dapt status");
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("answers only once it leads"),

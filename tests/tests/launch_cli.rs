@@ -142,23 +142,35 @@ fn wrong_token_other_job_and_duplicate_id_are_refused_and_the_job_goes_on() {
     c.coordinator
         .wait_for("a first step", LONG, |l| !events(l, "step").is_empty());
     let name = c.job_name();
-    for (id, job, token, code) in [
-        ("w2", name.as_str(), "guess", "WRONG_TOKEN"),
-        ("w2", "other-job", c.token.as_str(), "OTHER_JOB"),
-        ("w0", name.as_str(), c.token.as_str(), "DUPLICATE_WORKER"),
+    // A wrong token or another job's name: the worker does not follow this coordinator (its
+    // proof is not for that token and job) and sends nothing about itself.
+    for (id, job, token) in [
+        ("w2", name.as_str(), "guess"),
+        ("w2", "other-job", c.token.as_str()),
     ] {
-        let (status, _) = c.worker(id, job, token).finish(Duration::from_secs(60));
-        // The coordinator logs the refusal as it sends it; the worker may read it first.
-        std::thread::sleep(Duration::from_millis(200));
+        let mut worker = c.worker(id, job, token);
+        let (status, _) = worker.finish(Duration::from_secs(60));
         assert!(!status.success());
-        let refused = c.coordinator.events("refused");
+        let said = worker.stderr();
         assert!(
-            refused
-                .iter()
-                .any(|f| f["code"] == format!("ERROR_CODE_{code}")),
-            "{code} not in {refused:?}"
+            said.contains(&format!("did not prove that it runs job `{job}`")),
+            "{said}"
         );
     }
+    // A second worker with a member's id is refused by the control loop.
+    let (status, _) = c
+        .worker("w0", name.as_str(), c.token.as_str())
+        .finish(Duration::from_secs(60));
+    // The coordinator logs the refusal as it sends it; the worker may read it first.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!status.success());
+    let refused = c.coordinator.events("refused");
+    assert!(
+        refused
+            .iter()
+            .any(|f| f["code"] == "ERROR_CODE_DUPLICATE_WORKER"),
+        "{refused:?}"
+    );
     // A message from a generation that is not current is refused; the session stays open.
     let code = stale_report(&c.url, &name, &c.token);
     assert_eq!(code, "ERROR_CODE_STALE_GENERATION");
@@ -185,39 +197,39 @@ fn stale_report(url: &str, job: &str, token: &str) -> String {
         let mut client = rpc::CoordinatorClient::connect(url.to_string())
             .await
             .expect("connect");
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let msg = |k| WorkerMessage { kind: Some(k) };
-        tx.send(msg(Kind::Join(rpc::Join {
+        let join = rpc::Join {
             job: job.into(),
-            token: token.into(),
             worker_id: "intruder".into(),
             devices: vec!["cpu".into()],
             version: rpc::VERSION.into(),
             collective_endpoint: "127.0.0.1:1".into(),
             attach_generation: 0,
             attach_rank: 0,
-        })))
-        .expect("send");
-        tx.send(msg(Kind::Step(rpc::StepReport {
-            generation: 0,
-            step: 0,
-            rank: 0,
-            samples_start: 0,
-            samples_end: 4,
-            loss: 1.0,
-            grad_norm: 1.0,
-            lr: 1.0,
-            tokens: 1,
-            elapsed_ms: 1.0,
-        })))
-        .expect("send");
-        let mut inbound = client
-            .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            proof: Vec::new(),
+        };
+        let key = dapt_proto::auth::Key::control(token);
+        let mut session = dapt_proto::join::open(&mut client, &key, join)
             .await
-            .expect("session")
-            .into_inner();
+            .expect("joined");
+        session
+            .outbound
+            .send(WorkerMessage {
+                kind: Some(Kind::Step(rpc::StepReport {
+                    generation: 0,
+                    step: 0,
+                    rank: 0,
+                    samples_start: 0,
+                    samples_end: 4,
+                    loss: 1.0,
+                    grad_norm: 1.0,
+                    lr: 1.0,
+                    tokens: 1,
+                    elapsed_ms: 1.0,
+                })),
+            })
+            .expect("send");
         loop {
-            let m = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+            let m = tokio::time::timeout(Duration::from_secs(30), session.inbound.message())
                 .await
                 .expect("an answer in time")
                 .expect("the session stays open")

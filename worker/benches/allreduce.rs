@@ -161,7 +161,9 @@ fn run_rank(rank: usize) {
         var("DAPT_ALLREDUCE_MIB"),
         var("DAPT_ALLREDUCE_CHUNK"),
     );
-    let listener = TcpRing::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    // Every rank process derives the same ring key from the same (benchmark) token.
+    let key = dapt_proto::auth::Key::ring("allreduce-bench", "bench");
+    let listener = TcpRing::bind("127.0.0.1:0".parse().expect("addr"), key).expect("bind");
     println!("{}", listener.local_addr());
     std::io::stdout().flush().expect("flush");
     let mut line = String::new();

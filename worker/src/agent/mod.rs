@@ -17,12 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use dapt_proto::auth::{self, Key};
 use dapt_proto::job::JobSpec;
+use dapt_proto::join;
 use dapt_proto::rpc::{
     self, coordinator_message, worker_message::Kind, CoordinatorClient, Refusal, WorkerMessage,
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::collective::{AbortHandle, RingListener, TcpRing};
 use rank::{Progress, RankError};
@@ -88,8 +89,10 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
         tracing::info!(precision = %o.placement.precision, "the resident (GPU) engine on the cpu");
     }
     let devices = vec![o.placement.device.to_string()];
+    // The ring admits only peers that prove this key: the job's members (see `collective`).
+    let ring_key = Key::ring(&o.token, &o.job);
     let listener = Arc::new(
-        TcpRing::bind(o.listen)
+        TcpRing::bind(o.listen, ring_key)
             .with_context(|| format!("binding the collective's listen address {}", o.listen))?,
     );
     let endpoint = o
@@ -103,18 +106,19 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
     let send = move |kind: Kind| {
         let _ = outbox.send(kind);
     };
+    let key = Key::control(&o.token);
     let join = rpc::Join {
         job: o.job.clone(),
-        token: o.token.clone(),
         worker_id: o.worker_id.clone(),
         devices: devices.clone(),
         version: rpc::VERSION.to_string(),
         collective_endpoint: endpoint.clone(),
         attach_generation: 0,
         attach_rank: 0,
+        proof: Vec::new(),
     };
     let mut session =
-        Session::open(&o.coordinator, &o.tls, o.connect_timeout, join.clone()).await?;
+        Session::open(&o.coordinator, &o.tls, o.connect_timeout, &key, join.clone()).await?;
     let job: JobSpec =
         serde_json::from_str(&session.joined.job_json).context("the job the coordinator sent")?;
     tracing::info!(worker = %o.worker_id, job = %job.job, %endpoint, coordinator = %o.coordinator, "joined");
@@ -178,7 +182,7 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
                     generation = attach.attach_generation,
                     "lost the coordinator; re-attaching to the next leader"
                 );
-                match reattach(lead, attach, &o.tls, o.connect_timeout).await {
+                match reattach(lead, &key, attach, &o.tls, o.connect_timeout).await {
                     Ok(s) => {
                         session = s;
                         for kind in &replay {
@@ -196,7 +200,9 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
                 // a new member; the generation this worker was in is stale by now, and its
                 // reports until the next assignment are refused as such.
                 tracing::warn!("lost the session with the coordinator; joining it again");
-                match Session::open(&o.coordinator, &o.tls, o.connect_timeout, join.clone()).await {
+                match Session::open(&o.coordinator, &o.tls, o.connect_timeout, &key, join.clone())
+                    .await
+                {
                     Ok(s) => {
                         session = s;
                         replay.clear();
@@ -232,7 +238,7 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
             coordinator_message::Kind::Abort(a) => {
                 if let Some(g) = current.take() {
                     if g.generation == a.generation {
-                        tracing::warn!(generation = a.generation, reason = %a.reason, "aborting");
+                        tracing::warn!(generation = a.generation, reason = %auth::printable(&a.reason), "aborting");
                         g.stop().await;
                         replay.clear();
                     } else {
@@ -250,7 +256,7 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
                 })
             }
             coordinator_message::Kind::Refused(r) => {
-                tracing::warn!(code = r.code().as_str_name(), reason = %r.message, "coordinator refused a message");
+                tracing::warn!(code = r.code().as_str_name(), reason = %auth::printable(&r.message), "coordinator refused a message");
             }
             coordinator_message::Kind::Committed(c) => {
                 // What that commit covers, a new leader reads from etcd: no need to replay it.
@@ -260,7 +266,7 @@ async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
                     _ => true,
                 });
             }
-            coordinator_message::Kind::Joined(_) => {}
+            coordinator_message::Kind::Joined(_) | coordinator_message::Kind::Challenge(_) => {}
         }
     };
     if let Some(g) = current.take() {
@@ -282,41 +288,42 @@ struct Session {
 }
 
 impl Session {
+    /// Connects to `url` and opens a session (for `patience`): the coordinator proves it runs
+    /// the job before this worker sends anything about itself (`dapt_proto::join`). A refusal
+    /// or a failed proof is final; a coordinator busy with other joiners is asked again.
     async fn open(
         url: &str,
         tls: &dapt_proto::tls::ClientTls,
         patience: Duration,
+        key: &Key,
         join: rpc::Join,
     ) -> anyhow::Result<Self> {
-        let mut client = connect(url, tls, patience).await?;
-        let (outbound, rx) = mpsc::unbounded_channel::<WorkerMessage>();
-        let _ = outbound.send(WorkerMessage {
-            kind: Some(Kind::Join(join)),
-        });
-        // The first call on the connection: a failure may be a refused client certificate.
-        let first_call = |status: tonic::Status| match Refusal::from_status(&status) {
-            Some(_) => refused(status),
-            None => anyhow::anyhow!(
-                "lost the coordinator: {}",
-                dapt_proto::tls::explain_first_call(&status, url, tls)
-            ),
-        };
-        let mut inbound = client
-            .session(UnboundedReceiverStream::new(rx))
-            .await
-            .map_err(first_call)?
-            .into_inner();
-        let joined = match inbound.message().await.map_err(first_call)? {
-            Some(rpc::CoordinatorMessage {
-                kind: Some(coordinator_message::Kind::Joined(j)),
-            }) => j,
-            other => anyhow::bail!("the coordinator answered the join with {other:?}"),
-        };
-        Ok(Session {
-            inbound,
-            outbound,
-            joined,
-        })
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let mut client = connect(url, tls, patience).await?;
+            match join::open(&mut client, key, join.clone()).await {
+                Ok(session) => {
+                    return Ok(Session {
+                        inbound: session.inbound,
+                        outbound: session.outbound,
+                        joined: session.joined,
+                    })
+                }
+                Err(e) if !e.is_final() && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(%url, error = %e, "joining again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                // The first call on the connection: a failure may be a refused client
+                // certificate.
+                Err(join::SessionError::Lost(status)) => anyhow::bail!(
+                    "joining the coordinator at {url}: lost the coordinator: {}",
+                    dapt_proto::tls::explain_first_call(&status, url, tls)
+                ),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("joining the coordinator at {url}"))
+                }
+            }
+        }
     }
 
     fn send(&self, kind: Kind) {
@@ -328,6 +335,7 @@ impl Session {
 /// plus a lease TTL (the time a dead leader's key takes to expire).
 async fn reattach(
     membership: &lease::Membership,
+    key: &Key,
     attach: rpc::Join,
     tls: &dapt_proto::tls::ClientTls,
     patience: Duration,
@@ -336,7 +344,7 @@ async fn reattach(
     let mut last_error = None;
     while tokio::time::Instant::now() < deadline {
         if let Some(url) = membership.leader().await {
-            match Session::open(&url, tls, Duration::from_secs(2), attach.clone()).await {
+            match Session::open(&url, tls, Duration::from_secs(2), key, attach.clone()).await {
                 Ok(s) => return Ok(s),
                 Err(e) => last_error = Some(e),
             }
@@ -414,8 +422,8 @@ async fn connect(
     if endpoint.uri().scheme_str() == Some("http") && !dapt_proto::tls::is_loopback_url(url) {
         tracing::warn!(
             coordinator = %url,
-            "joining without TLS: the job's token and every message cross the network in clear \
-             text (an https:// coordinator and --coordinator-ca prevent it)"
+            "joining without TLS: every message (not the token, which is only ever proven) crosses \
+             the network in clear text (an https:// coordinator and --coordinator-ca prevent it)"
         );
     }
     let deadline = tokio::time::Instant::now() + patience;

@@ -7,8 +7,10 @@
 //! halves of the step. On a GPU (`--device cuda:N`, a `cuda` build) the weights, gradients and
 //! AdamW state stay on the device and the gradients go through an NCCL communicator made for
 //! this generation: rank 0 creates its unique id (it must: the id names rank 0's bootstrap
-//! socket) and the TCP ring, already connected, carries the 128 bytes to the other ranks. The
-//! ring also carries each step's loss. The coordinator's abort fires the communicator's abort.
+//! socket) and the TCP ring, already connected, carries the 128 bytes to the other ranks: only
+//! after the ring's handshake proved every neighbour a member of the job (the ring key, derived
+//! from the job's token), so a stranger never learns the id. The ring also carries each step's
+//! loss. The coordinator's abort fires the communicator's abort.
 
 use std::cell::RefCell;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -285,6 +287,8 @@ fn on_gpu(
         } else {
             [0; 128]
         };
+        // `ring` is connected, so its handshake has authenticated both neighbours: the id goes
+        // to members of the job only.
         broadcast_from_rank0(ring, &mut id).map_err(|e| collective_error(e, abort))?;
         let cfg = NcclConfig {
             rank: a.rank as usize,

@@ -30,6 +30,9 @@ pub(super) struct Watch<'a> {
     pub(super) stop: &'a AtomicBool,
     /// How long a transfer may go without progress.
     pub(super) patience: Duration,
+    /// When the whole exchange must be done, however much progress it makes (a handshake with a
+    /// connection that trickles bytes).
+    pub(super) deadline: Option<Instant>,
 }
 
 impl Watch<'_> {
@@ -69,6 +72,7 @@ impl Link {
         let mut progress = Instant::now();
         while done < buf.len() {
             watch.check()?;
+            self.before_deadline(progress, watch)?;
             match self.stream.read(&mut buf[done..]) {
                 Ok(0) => return Err(CollectiveError::PeerClosed { peer: self.peer }),
                 Ok(n) => {
@@ -86,6 +90,7 @@ impl Link {
         let mut progress = Instant::now();
         while done < buf.len() {
             watch.check()?;
+            self.before_deadline(progress, watch)?;
             match self.stream.write(&buf[done..]) {
                 Ok(0) => return Err(CollectiveError::PeerClosed { peer: self.peer }),
                 Ok(n) => {
@@ -96,6 +101,16 @@ impl Link {
             }
         }
         Ok(())
+    }
+
+    fn before_deadline(&self, progress: Instant, watch: &Watch) -> Result<(), CollectiveError> {
+        match watch.deadline {
+            Some(deadline) if Instant::now() >= deadline => Err(CollectiveError::Timeout {
+                peer: self.peer,
+                waited: progress.elapsed(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// A read or write that returned an error: a socket timeout within patience is fine.

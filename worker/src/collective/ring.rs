@@ -1,8 +1,9 @@
 //! Ring all-reduce over TCP (the Gloo algorithm) between CPU ranks.
 //!
 //! Rank r dials its right neighbour (r+1 mod world) and accepts its left (r-1); each connection
-//! carries data one way only. A handshake (magic, generation, world, ranks) fences out
-//! connections from another generation or a misrouted rank.
+//! carries data one way only. A handshake (`handshake`) lets in only a member of the job: it
+//! proves the ring key (derived from the job's token) by challenge-response, and its generation,
+//! world and ranks fence out connections from another generation or a misrouted rank.
 //!
 //! `all_reduce_mean` cuts the buffer into `world` chunks (the first `len % world` one element
 //! longer) and runs reduce-scatter, then all-gather, `world - 1` steps each. Chunks travel in
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 use super::handshake::{accept_left, dial_right};
 use super::link::{as_bytes, as_bytes_mut, decode_words, encode_words, Link, Watch, MAGIC, POLL};
 use super::{AbortHandle, Collective, CollectiveError};
+use dapt_proto::auth::Key;
 
 /// Reduce-scatter reads up to this much into a scratch buffer, then adds it: one L2's worth
 /// (1 MiB per core here), so the scratch is still cached for the sum. 256 KiB blocks measured
@@ -78,11 +80,13 @@ impl RingConfig {
     }
 }
 
-/// A bound listen socket whose address can be published before the peers are known.
+/// A bound listen socket whose address can be published before the peers are known, and the
+/// ring key that every connection through it must prove.
 #[derive(Debug)]
 pub struct RingListener {
     listener: TcpListener,
     addr: SocketAddr,
+    key: Key,
 }
 
 /// One rank's end of a connected ring.
@@ -109,23 +113,32 @@ struct Links {
 }
 
 impl TcpRing {
-    /// Binds `listen` (port 0 picks a free port; read it back with `local_addr`).
-    pub fn bind(listen: SocketAddr) -> io::Result<RingListener> {
+    /// Binds `listen` (port 0 picks a free port; read it back with `local_addr`). Rings
+    /// connected through it dial and admit only peers that hold `key` (`Key::ring` of the job's
+    /// token and name).
+    pub fn bind(listen: SocketAddr, key: Key) -> io::Result<RingListener> {
         let listener = TcpListener::bind(listen)?;
         let addr = listener.local_addr()?;
-        Ok(RingListener { listener, addr })
+        Ok(RingListener {
+            listener,
+            addr,
+            key,
+        })
     }
 
     pub fn generation(&self) -> u64 {
         self.generation
     }
 
-    /// A whole ring of `world` ranks in this process on 127.0.0.1 (generation 1), each rank
-    /// connected from a thread of its own; element `r` is rank `r`. For tests and benchmarks
-    /// that run every rank as a thread.
+    /// A whole ring of `world` ranks in this process on 127.0.0.1 (generation 1, a key of a
+    /// fresh random token), each rank connected from a thread of its own; element `r` is rank
+    /// `r`. For tests and benchmarks that run every rank as a thread.
     pub fn loopback(world: usize, timeout: Duration) -> Result<Vec<TcpRing>, CollectiveError> {
+        let token =
+            dapt_proto::auth::nonce().map_err(|e| CollectiveError::Config(e.to_string()))?;
+        let key = Key::ring(&hex::encode(token), "loopback");
         let listeners = (0..world)
-            .map(|_| TcpRing::bind(SocketAddr::from(([127, 0, 0, 1], 0))))
+            .map(|_| TcpRing::bind(SocketAddr::from(([127, 0, 0, 1], 0)), key.clone()))
             .collect::<io::Result<Vec<_>>>()
             .map_err(|e| CollectiveError::Config(format!("binding on 127.0.0.1: {e}")))?;
         let peers: Vec<SocketAddr> = listeners.iter().map(RingListener::local_addr).collect();
@@ -177,11 +190,14 @@ impl RingListener {
                 abort: &abort,
                 stop: &never,
                 patience: cfg.timeout,
+                deadline: None,
             };
+            let key = &self.key;
             let (dialed, accepted) = thread::scope(|s| {
                 let dialer =
-                    s.spawn(|| stop_on_err(&dial_failed, dial_right(&cfg, deadline, watch)));
-                let accepted = accept_left(&self.listener, &cfg, deadline, watch, &dial_failed);
+                    s.spawn(|| stop_on_err(&dial_failed, dial_right(&cfg, key, deadline, watch)));
+                let accepted =
+                    accept_left(&self.listener, &cfg, key, deadline, watch, &dial_failed);
                 let dialed = dialer
                     .join()
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
@@ -272,6 +288,7 @@ fn all_reduce(
         abort: call.abort,
         stop: &stop,
         patience: call.patience,
+        deadline: None,
     };
     let (to_sender, outbox) = mpsc::channel();
     let (to_main, returned) = mpsc::channel();

@@ -1,17 +1,23 @@
 //! Ranks as threads on 127.0.0.1; every wait is bounded by the ring's own timeout.
 
-use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::collective::handshake::GREET;
 
 const TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The key of the tests' job; strangers use another.
+fn key() -> Key {
+    Key::ring("t0ken", "ring-tests")
+}
+
 fn bind_all(world: usize) -> (Vec<RingListener>, Vec<SocketAddr>) {
     let listeners: Vec<_> = (0..world)
-        .map(|_| TcpRing::bind("127.0.0.1:0".parse().expect("address")).expect("bind"))
+        .map(|_| TcpRing::bind("127.0.0.1:0".parse().expect("address"), key()).expect("bind"))
         .collect();
     let peers = listeners.iter().map(RingListener::local_addr).collect();
     (listeners, peers)
@@ -372,4 +378,167 @@ fn rank_0s_bytes_reach_every_rank_exactly() {
             assert_eq!(bytes, &id, "world {world}: rank {rank}");
         }
     }
+}
+
+/// The 48-byte HELLO of the ring before it was authenticated (magic, kind, generation, world,
+/// from, to): what a stranger who read the generation and ranks off `dapt status` would send.
+fn bare_hello(generation: u64, world: u64, from: u64, to: u64) -> [u8; 48] {
+    encode_words([MAGIC, 1, generation, world, from, to])
+}
+
+/// Everything `stream` receives until the other side closes it (or `wait` passes).
+fn read_all(stream: &mut TcpStream, wait: Duration) -> Vec<u8> {
+    stream.set_read_timeout(Some(wait)).expect("timeout");
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got);
+    got
+}
+
+fn assert_exact(rings: Vec<TcpRing>, world: usize) {
+    let results = run_all_reduce(rings, 1001, 2);
+    for (rank, got) in results.iter().enumerate() {
+        assert_eq!(got, &expected(world, 1001), "rank {rank}");
+    }
+}
+
+#[test]
+fn hellos_queued_before_the_generation_cannot_take_a_rank_and_hear_nothing() {
+    // The 04_ring_hijack reproduction: strangers queue the HELLO the real left neighbour would
+    // send, at every rank, before the ranks start accepting.
+    let (listeners, peers) = bind_all(2);
+    let mut strangers: Vec<TcpStream> = (0..2)
+        .flat_map(|rank| {
+            let left = (rank + 1) % 2;
+            (0..3).map(move |_| (rank, left))
+        })
+        .map(|(rank, left)| {
+            let mut s = TcpStream::connect(peers[rank]).expect("stranger connect");
+            s.write_all(&bare_hello(4, 2, left as u64, rank as u64))
+                .expect("stranger write");
+            // Then what the poison of the reproduction sent: a call header and data.
+            let _ = s.write_all(&encode_words::<3, 24>([MAGIC, 0, 1001]));
+            s
+        })
+        .collect();
+    let rings: Vec<TcpRing> = connect(listeners, &peers, &[4, 4], 1 << 20)
+        .into_iter()
+        .map(|r| r.expect("connect"))
+        .collect();
+    assert_exact(rings, 2);
+    for s in &mut strangers {
+        let heard = read_all(s, GREET + Duration::from_secs(1));
+        // At most a CHALLENGE (magic, kind, a random nonce): never a generation, world or rank.
+        assert!(heard.len() <= 48, "a stranger heard {} bytes", heard.len());
+        if heard.len() == 48 {
+            assert_eq!(&heard[8..16], &4u64.to_le_bytes(), "only a challenge");
+        }
+    }
+}
+
+#[test]
+fn a_stranger_with_a_wrong_key_is_refused_and_the_ring_forms() {
+    let (listeners, peers) = bind_all(2);
+    // The stranger dials rank 0 as its left neighbour (rank 1) would, with the real protocol
+    // and the right numbers but another job's key, before rank 0 accepts.
+    let stranger = thread::spawn({
+        let peers = peers.clone();
+        move || {
+            let cfg = config(1, &peers, 7, 1 << 20);
+            let abort = AbortHandle::new();
+            let never = AtomicBool::new(false);
+            let watch = Watch {
+                abort: &abort,
+                stop: &never,
+                patience: TIMEOUT,
+                deadline: None,
+            };
+            let wrong = Key::ring("guess", "ring-tests");
+            dial_right(&cfg, &wrong, Instant::now() + TIMEOUT, watch)
+        }
+    });
+    thread::sleep(Duration::from_millis(50));
+    let rings: Vec<TcpRing> = connect(listeners, &peers, &[7, 7], 1 << 20)
+        .into_iter()
+        .map(|r| r.expect("connect"))
+        .collect();
+    assert_exact(rings, 2);
+    let result = stranger.join().expect("stranger");
+    assert!(
+        matches!(result, Err(CollectiveError::Timeout { .. })),
+        "the stranger never got in: {result:?}"
+    );
+}
+
+#[test]
+fn silent_connections_do_not_hold_the_accept_path() {
+    // Before, each silent connection held the acceptor for a second, one after another, so a
+    // few of them timed the ring out.
+    let (listeners, peers) = bind_all(3);
+    let _silent: Vec<TcpStream> = peers
+        .iter()
+        .flat_map(|p| (0..20).map(move |_| TcpStream::connect(p).expect("silent connect")))
+        .collect();
+    let started = Instant::now();
+    let rings: Vec<TcpRing> = connect(listeners, &peers, &[2, 2, 2], 1 << 20)
+        .into_iter()
+        .map(|r| r.expect("connect"))
+        .collect();
+    let took = started.elapsed();
+    assert!(took < TIMEOUT / 2, "connecting took {took:?}");
+    assert_exact(rings, 3);
+}
+
+#[test]
+fn a_replayed_handshake_is_refused() {
+    // Record a real member's HELLO and proof, made for a challenge of the recorder's...
+    let fake = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let (listeners, peers) = bind_all(2);
+    let dial_to = vec![peers[0], fake.local_addr().expect("addr")];
+    let recorder = thread::spawn(move || {
+        let (mut s, _) = fake.accept().expect("accept");
+        let mut hello = [0u8; 80];
+        s.read_exact(&mut hello).expect("hello");
+        let mut challenge = encode_words::<2, 16>([MAGIC, 4]).to_vec();
+        challenge.extend([9u8; 32]);
+        s.write_all(&challenge).expect("challenge");
+        let mut proof = [0u8; 32];
+        s.read_exact(&mut proof).expect("proof");
+        (hello, proof)
+    });
+    let member = {
+        // Rank 0 of generation 3 dials its right neighbour: here, the recorder.
+        let cfg = config(0, &dial_to, 3, 1 << 20);
+        let abort = AbortHandle::new();
+        let never = AtomicBool::new(false);
+        let watch = Watch {
+            abort: &abort,
+            stop: &never,
+            patience: Duration::from_millis(300),
+            deadline: None,
+        };
+        dial_right(
+            &cfg,
+            &key(),
+            Instant::now() + Duration::from_millis(300),
+            watch,
+        )
+    };
+    assert!(member.is_err(), "the recorder never answered");
+    let (hello, proof) = recorder.join().expect("recorder");
+    // ...and replay them to rank 1 of a real ring of generation 3, as its left neighbour.
+    let mut replay = TcpStream::connect(peers[1]).expect("connect");
+    replay.write_all(&hello).expect("hello");
+    let rings = thread::spawn(move || connect(listeners, &peers, &[3, 3], 1 << 20));
+    let mut challenge = [0u8; 48];
+    replay.read_exact(&mut challenge).expect("a challenge");
+    replay.write_all(&proof).expect("proof");
+    let heard = read_all(&mut replay, GREET + Duration::from_secs(1));
+    assert!(heard.is_empty(), "the replay got an answer: {heard:?}");
+    let rings: Vec<TcpRing> = rings
+        .join()
+        .expect("rings")
+        .into_iter()
+        .map(|r| r.expect("connect"))
+        .collect();
+    assert_exact(rings, 2);
 }

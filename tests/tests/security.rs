@@ -1,0 +1,356 @@
+//! A stranger on the network, with no token, against the real binaries (issue 14; the
+//! reproductions `01_control_plane_auth.sh` and `04_ring_hijack.sh`): it cannot take a rank's
+//! place on the collective ring, hears nothing about the job before it proves the token (no job
+//! file, no job name, no status), and silent connections or sessions do not stall the job.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use dapt_proto::auth::Key;
+use dapt_proto::rpc::{
+    self, coordinator_message, worker_message::Kind, CoordinatorMessage, WorkerMessage,
+};
+use dapt_tests::{
+    binary, check_ledger, coordinator, events, free_port, serial, Cluster, Proc, BATCH, LONG,
+};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"dapt-rng");
+
+/// A worker of `c` whose collective listens on `127.0.0.1:port`.
+fn member_on(c: &Cluster, id: &str, port: u16) -> Proc {
+    let mut cmd = Command::new(binary("dapt-worker"));
+    cmd.args(["--log-format", "json", "--coordinator", &c.url, "--id", id])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("DAPT_JOB", c.job_name())
+        .env("DAPT_TOKEN", &c.token)
+        .env("RAYON_NUM_THREADS", "1");
+    Proc::spawn(cmd)
+}
+
+fn words(w: &[u64]) -> Vec<u8> {
+    w.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Waits until something listens on `port`.
+fn listening(port: u16) {
+    let deadline = Instant::now() + LONG;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits for the job to end and returns whether it completed, with the coordinator's lines.
+fn outcome(c: &mut Cluster) -> (bool, Vec<serde_json::Value>) {
+    c.coordinator.wait_for("the job to end", LONG, |l| {
+        !events(l, "job completed").is_empty() || !events(l, "job failed").is_empty()
+    });
+    let lines = c.coordinator.lines();
+    (!events(&lines, "job completed").is_empty(), lines)
+}
+
+#[test]
+fn strangers_on_the_collective_ports_cannot_take_a_rank_and_hear_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let steps = 12;
+    let mut c = coordinator(
+        dir.path(),
+        "hijack",
+        steps,
+        "cluster:\n  min_workers: 2\n  max_workers: 2\n  formation_grace_ms: 1500\n  collective_timeout_s: 10\n",
+    );
+    let ports = [free_port(), free_port()];
+    let _w0 = member_on(&c, "w0", ports[0]);
+    let _w1 = member_on(&c, "w1", ports[1]);
+    ports.iter().for_each(|&p| listening(p));
+    // Before the first generation forms: at each port, the HELLO a left neighbour of either
+    // rank would send for generations 1 to 6 (the ranks and generations are easy to guess),
+    // followed by a call header and poison floats; and full-length handshakes that go on with
+    // a made-up proof.
+    let mut strangers = Vec::new();
+    for &port in &ports {
+        for generation in 1..=6 {
+            for (from, to) in [(1, 0), (0, 1)] {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+                let mut hello = words(&[MAGIC, 1, generation, 2, from, to]);
+                hello.extend(words(&[MAGIC, 0, 893_568]));
+                hello.extend(1e30f32.to_le_bytes().repeat(64));
+                s.write_all(&hello).expect("hello");
+                strangers.push(s);
+            }
+        }
+    }
+    let (completed, lines) = outcome(&mut c);
+    assert!(completed, "the job failed:\n{}", c.coordinator.stderr());
+    let formed = events(&lines, "generation formed");
+    assert_eq!(formed.len(), 1, "no re-formation: {formed:?}");
+    check_ledger(&c.job.checkpoints.join("ledger.jsonl"), steps * BATCH).expect("ledger");
+    let losses: Vec<f64> = events(&lines, "step")
+        .iter()
+        .map(|f| f["loss"].as_f64().expect("loss"))
+        .collect();
+    assert!(
+        losses.iter().all(|l| l.is_finite() && *l < 20.0),
+        "{losses:?}"
+    );
+    let (status, _) = c.coordinator.finish(LONG);
+    assert!(status.success());
+    for mut s in strangers {
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut heard = Vec::new();
+        let _ = s.read_to_end(&mut heard);
+        // At most a challenge: magic, kind 4 and a random nonce. Never an ACCEPT or a REFUSE
+        // with the worker's generation, world and rank.
+        assert!(
+            heard.is_empty() || (heard.len() == 48 && heard[8..16] == 4u64.to_le_bytes()),
+            "a stranger heard {heard:?}"
+        );
+    }
+}
+
+/// Messages and the final status of a session that sends `first` and then `then(reply)`.
+async fn stranger_session(
+    url: &str,
+    first: Vec<Kind>,
+    then: impl Fn(&rpc::Challenge) -> Option<Kind>,
+) -> (Vec<CoordinatorMessage>, Option<tonic::Status>) {
+    let mut client = rpc::CoordinatorClient::connect(url.to_string())
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for kind in first {
+        tx.send(WorkerMessage { kind: Some(kind) }).expect("send");
+    }
+    let mut inbound = client
+        .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .expect("session")
+        .into_inner();
+    let mut heard = Vec::new();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+            .await
+            .expect("an answer in time");
+        match next {
+            Ok(Some(m)) => {
+                if let Some(coordinator_message::Kind::Challenge(ch)) = &m.kind {
+                    if let Some(kind) = then(ch) {
+                        tx.send(WorkerMessage { kind: Some(kind) }).expect("send");
+                    }
+                }
+                heard.push(m);
+            }
+            Ok(None) => return (heard, None),
+            Err(status) => return (heard, Some(status)),
+        }
+    }
+}
+
+fn join(job: &str, worker_id: &str) -> rpc::Join {
+    rpc::Join {
+        job: job.into(),
+        worker_id: worker_id.into(),
+        devices: vec!["cpu".into()],
+        version: rpc::VERSION.into(),
+        collective_endpoint: "127.0.0.1:9".into(),
+        attach_generation: 0,
+        attach_rank: 0,
+        proof: Vec::new(),
+    }
+}
+
+#[test]
+fn a_session_without_the_token_hears_nothing_about_the_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    // No workers: the coordinator stays in `forming`, which is enough here.
+    let c = coordinator(dir.path(), "classified", 10, "cluster:\n  min_workers: 2\n");
+    let name = c.job_name();
+    let secrets = [
+        name.clone(),
+        c.job.checkpoints.display().to_string(),
+        dir.path().display().to_string(),
+    ];
+    let told = |heard: &[CoordinatorMessage], status: &Option<tonic::Status>| {
+        let mut text = format!("{heard:?}");
+        if let Some(s) = status {
+            text.push_str(&format!("{s:?}"));
+        }
+        secrets
+            .iter()
+            .filter(|s| text.contains(s.as_str()))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        // A Join first, as workers did before (the token in clear), for the real job and for
+        // a guessed name: refused, no `Joined`, no job name.
+        for job in [name.as_str(), "guess"] {
+            let (heard, status) =
+                stranger_session(&c.url, vec![Kind::Join(join(job, "stranger"))], |_| None).await;
+            assert!(heard.is_empty(), "heard {heard:?}");
+            let status = status.expect("refused");
+            assert_eq!(
+                rpc::Refusal::from_status(&status).map(|r| r.code),
+                Some(rpc::ErrorCode::NotJoined)
+            );
+            assert!(told(&heard, &Some(status)).is_empty());
+        }
+        // The new protocol with a made-up proof: a challenge (random bytes and a tag), then a
+        // refusal that says nothing.
+        let hello = Kind::Hello(rpc::Hello { nonce: vec![7; 32] });
+        let (heard, status) = stranger_session(&c.url, vec![hello], |_| {
+            let mut j = join(&name, "stranger");
+            j.proof = vec![0; 32];
+            Some(Kind::Join(j))
+        })
+        .await;
+        assert_eq!(heard.len(), 1, "only the challenge: {heard:?}");
+        let status = status.expect("refused");
+        assert_eq!(
+            rpc::Refusal::from_status(&status).map(|r| r.code),
+            Some(rpc::ErrorCode::WrongToken)
+        );
+        assert!(told(&heard, &Some(status)).is_empty());
+        // A worker with a wrong token does not follow this coordinator: its proof is wrong.
+        let mut client = rpc::CoordinatorClient::connect(c.url.clone())
+            .await
+            .expect("connect");
+        let wrong = dapt_proto::join::open(&mut client, &Key::control("guess"), join(&name, "w9"))
+            .await
+            .err()
+            .expect("not joined");
+        assert!(
+            matches!(wrong, dapt_proto::join::SessionError::Unproven { .. }),
+            "{wrong}"
+        );
+        // A member whose id would forge a log line: refused, and logged escaped.
+        let key = Key::control(&c.token);
+        let forged = dapt_proto::join::open(&mut client, &key, join(&name, "w0\nforged line"))
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            forged.to_string().contains("control characters"),
+            "{forged}"
+        );
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let raw = c.coordinator.stderr();
+    assert!(!raw.contains("\nforged line"), "{raw}");
+    assert!(
+        c.coordinator
+            .events("refused a session")
+            .iter()
+            .any(|f| f["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("w0\\nforged line"))),
+        "{raw}"
+    );
+    // `dapt status`: without the token, with a wrong one, with the right one.
+    let status = |token: Option<&str>| {
+        let mut cmd = Command::new(binary("dapt"));
+        cmd.args(["status", &c.url]).env_remove("DAPT_TOKEN");
+        if let Some(t) = token {
+            cmd.env("DAPT_TOKEN", t);
+        }
+        let out = cmd.output().expect("dapt status");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    for token in [None, Some("guess")] {
+        let (ok, text) = status(token);
+        assert!(!ok, "{text}");
+        assert!(!text.contains(&name), "{text}");
+    }
+    assert!(status(None).1.contains("DAPT_TOKEN"));
+    assert!(status(Some("guess")).1.contains("WRONG_TOKEN"));
+    let (ok, text) = status(Some(&c.token));
+    assert!(ok && text.contains(&name), "{text}");
+    c.coordinator.signal(libc::SIGTERM);
+}
+
+#[test]
+fn silent_connections_and_sessions_do_not_stall_the_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let steps = 10;
+    let mut c = coordinator(
+        dir.path(),
+        "silent",
+        steps,
+        "cluster:\n  min_workers: 2\n  max_workers: 2\n  collective_timeout_s: 10\n",
+    );
+    let port: u16 = c
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    // Silent TCP connections to the coordinator, and more silent sessions than it lets wait
+    // to join (64): the extra ones are refused at once, the others cut off after 10 s.
+    let _tcp: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (refused, _held) = runtime.block_on(async {
+        let mut refused = 0;
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            let channel = tonic::transport::Endpoint::from_shared(c.url.clone())
+                .expect("url")
+                .connect()
+                .await
+                .expect("connect");
+            for _ in 0..10 {
+                let mut client = rpc::CoordinatorClient::new(channel.clone());
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<WorkerMessage>();
+                match client
+                    .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+                    .await
+                {
+                    Ok(r) => held.push((tx, r.into_inner())),
+                    Err(s) if s.code() == tonic::Code::ResourceExhausted => refused += 1,
+                    Err(s) => panic!("{s}"),
+                }
+            }
+        }
+        (refused, held)
+    });
+    assert!(
+        refused >= 10,
+        "{refused} of 80 silent sessions refused at once"
+    );
+    // The workers, with silent connections on their collective ports too.
+    let ports = [free_port(), free_port()];
+    let _w0 = member_on(&c, "w0", ports[0]);
+    let _w1 = member_on(&c, "w1", ports[1]);
+    ports.iter().for_each(|&p| listening(p));
+    let _ring: Vec<TcpStream> = ports
+        .iter()
+        .flat_map(|&p| (0..40).map(move |_| TcpStream::connect(("127.0.0.1", p)).expect("connect")))
+        .collect();
+    let (completed, lines) = outcome(&mut c);
+    assert!(completed, "the job failed:\n{}", c.coordinator.stderr());
+    assert_eq!(events(&lines, "generation formed").len(), 1);
+    check_ledger(&c.job.checkpoints.join("ledger.jsonl"), steps * BATCH).expect("ledger");
+    let (status, _) = c.coordinator.finish(LONG);
+    assert!(status.success());
+    drop(runtime);
+}
