@@ -378,24 +378,46 @@ impl Default for ClusterSpec {
 /// and the column; [`JobSpec::validate`] checks the ranges (and finiteness again, for a spec
 /// built in code).
 fn finite<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
-    let v = f64::deserialize(deserializer)?;
-    check_finite(v).map_err(serde::de::Error::custom)
+    Finite::deserialize(deserializer).map(|f| f.0)
 }
 
 /// A pair of floats (`betas`), each refused unless finite (see [`finite`]).
 fn finite_pair<'de, D: Deserializer<'de>>(deserializer: D) -> Result<(f64, f64), D::Error> {
-    let (a, b) = <(f64, f64)>::deserialize(deserializer)?;
-    Ok((
-        check_finite(a).map_err(serde::de::Error::custom)?,
-        check_finite(b).map_err(serde::de::Error::custom)?,
-    ))
+    <(Finite, Finite)>::deserialize(deserializer).map(|(a, b)| (a.0, b.0))
 }
 
-fn check_finite(v: f64) -> Result<f64, String> {
-    if v.is_finite() {
-        Ok(v)
-    } else {
-        Err(format!("must be a finite number, got {v}"))
+/// A finite float, checked inside the deserializer's visitor: there serde_yaml still stands on
+/// the value, so its error carries the field's own path, line and column (a check after
+/// deserializing would get the enclosing mapping's).
+struct Finite(f64);
+
+impl<'de> Deserialize<'de> for Finite {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FiniteVisitor;
+        impl serde::de::Visitor<'_> for FiniteVisitor {
+            type Value = Finite;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a finite number")
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Finite, E> {
+                if v.is_finite() {
+                    Ok(Finite(v))
+                } else {
+                    Err(E::custom(format!("must be a finite number, got {v}")))
+                }
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Finite, E> {
+                Ok(Finite(v as f64))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Finite, E> {
+                Ok(Finite(v as f64))
+            }
+        }
+        deserializer.deserialize_f64(FiniteVisitor)
     }
 }
 

@@ -32,7 +32,7 @@ fn prepare(job: &Job) {
 /// finite weights.
 fn finite_checkpoints(root: &Path) -> Vec<(u64, PathBuf)> {
     let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect::<Vec<_>>())
         .unwrap_or_default()
         .into_iter()
         .filter_map(|p| {
