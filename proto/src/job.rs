@@ -594,13 +594,28 @@ impl JobSpec {
             number("training.optimizer.eps", o.eps, |x| x > 0.0, "positive")?;
             let at_least_0 = |x: f64| x >= 0.0;
             let weight_decay = o.weight_decay;
-            number("training.optimizer.weight_decay", weight_decay, at_least_0, ">= 0")?;
-            number("training.optimizer.grad_clip", o.grad_clip, at_least_0, ">= 0 (0: off)")?;
+            number(
+                "training.optimizer.weight_decay",
+                weight_decay,
+                at_least_0,
+                ">= 0",
+            )?;
+            number(
+                "training.optimizer.grad_clip",
+                o.grad_clip,
+                at_least_0,
+                ">= 0 (0: off)",
+            )?;
             let s = &t.schedule;
             let fraction = |x: f64| (0.0..=1.0).contains(&x);
             let in_0_1 = "a fraction in [0, 1]";
             number("training.schedule.warmup", s.warmup, fraction, in_0_1)?;
-            number("training.schedule.min_lr_ratio", s.min_lr_ratio, fraction, in_0_1)?;
+            number(
+                "training.schedule.min_lr_ratio",
+                s.min_lr_ratio,
+                fraction,
+                in_0_1,
+            )?;
             number("training.schedule.decay", s.decay, fraction, in_0_1)?;
             if t.max_skipped_steps.is_some() && t.nonfinite != NonFinite::Skip {
                 return Err((
@@ -699,8 +714,8 @@ training:
     /// in it is replaced in turn (so a float field added later is covered without a new test).
     #[test]
     fn every_float_field_refuses_non_finite_values() {
-        let mut spec = JobSpec::parse(&JOB.replace("job: t", "job: t\nmodel: {preset: tiny}"))
-            .expect("valid");
+        let mut spec =
+            JobSpec::parse(&JOB.replace("job: t", "job: t\nmodel: {preset: tiny}")).expect("valid");
         if let Some(t) = spec.training.as_mut() {
             t.nonfinite = NonFinite::Skip;
             t.max_skipped_steps = Some(3);
@@ -740,7 +755,9 @@ training:
             "weight",
         ] {
             assert!(
-                paths.iter().any(|p| p.last().map(String::as_str) == Some(must)),
+                paths
+                    .iter()
+                    .any(|p| p.last().map(String::as_str) == Some(must)),
                 "{must} not among {paths:?}"
             );
         }
@@ -791,7 +808,8 @@ training:
             spec.training.expect("training").max_skipped_steps(),
             DEFAULT_MAX_SKIPPED_STEPS
         );
-        let spec = JobSpec::parse(&with("  nonfinite: stop\n  max_skipped_steps: 4")).expect("parse");
+        let spec =
+            JobSpec::parse(&with("  nonfinite: stop\n  max_skipped_steps: 4")).expect("parse");
         let (field, _) = spec.validate().unwrap_err();
         assert_eq!(field, "training.max_skipped_steps");
         let err = JobSpec::parse(&with("  nonfinite: ignore")).unwrap_err();
