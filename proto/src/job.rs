@@ -398,24 +398,46 @@ impl Default for ClusterSpec {
 /// and the column; [`JobSpec::validate`] checks the ranges (and finiteness again, for a spec
 /// built in code).
 fn finite<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
-    let v = f64::deserialize(deserializer)?;
-    check_finite(v).map_err(serde::de::Error::custom)
+    Finite::deserialize(deserializer).map(|f| f.0)
 }
 
 /// A pair of floats (`betas`), each refused unless finite (see [`finite`]).
 fn finite_pair<'de, D: Deserializer<'de>>(deserializer: D) -> Result<(f64, f64), D::Error> {
-    let (a, b) = <(f64, f64)>::deserialize(deserializer)?;
-    Ok((
-        check_finite(a).map_err(serde::de::Error::custom)?,
-        check_finite(b).map_err(serde::de::Error::custom)?,
-    ))
+    <(Finite, Finite)>::deserialize(deserializer).map(|(a, b)| (a.0, b.0))
 }
 
-fn check_finite(v: f64) -> Result<f64, String> {
-    if v.is_finite() {
-        Ok(v)
-    } else {
-        Err(format!("must be a finite number, got {v}"))
+/// A finite float, checked inside the deserializer's visitor: there serde_yaml still stands on
+/// the value, so its error carries the field's own path, line and column (a check after
+/// deserializing would get the enclosing mapping's).
+struct Finite(f64);
+
+impl<'de> Deserialize<'de> for Finite {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FiniteVisitor;
+        impl serde::de::Visitor<'_> for FiniteVisitor {
+            type Value = Finite;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a finite number")
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Finite, E> {
+                if v.is_finite() {
+                    Ok(Finite(v))
+                } else {
+                    Err(E::custom(format!("must be a finite number, got {v}")))
+                }
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Finite, E> {
+                Ok(Finite(v as f64))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Finite, E> {
+                Ok(Finite(v as f64))
+            }
+        }
+        deserializer.deserialize_f64(FiniteVisitor)
     }
 }
 
@@ -604,13 +626,28 @@ impl JobSpec {
             number("training.optimizer.eps", o.eps, |x| x > 0.0, "positive")?;
             let at_least_0 = |x: f64| x >= 0.0;
             let weight_decay = o.weight_decay;
-            number("training.optimizer.weight_decay", weight_decay, at_least_0, ">= 0")?;
-            number("training.optimizer.grad_clip", o.grad_clip, at_least_0, ">= 0 (0: off)")?;
+            number(
+                "training.optimizer.weight_decay",
+                weight_decay,
+                at_least_0,
+                ">= 0",
+            )?;
+            number(
+                "training.optimizer.grad_clip",
+                o.grad_clip,
+                at_least_0,
+                ">= 0 (0: off)",
+            )?;
             let s = &t.schedule;
             let fraction = |x: f64| (0.0..=1.0).contains(&x);
             let in_0_1 = "a fraction in [0, 1]";
             number("training.schedule.warmup", s.warmup, fraction, in_0_1)?;
-            number("training.schedule.min_lr_ratio", s.min_lr_ratio, fraction, in_0_1)?;
+            number(
+                "training.schedule.min_lr_ratio",
+                s.min_lr_ratio,
+                fraction,
+                in_0_1,
+            )?;
             number("training.schedule.decay", s.decay, fraction, in_0_1)?;
             if t.max_skipped_steps.is_some() && t.nonfinite != NonFinite::Skip {
                 return Err((
@@ -837,8 +874,8 @@ training:
     /// in it is replaced in turn (so a float field added later is covered without a new test).
     #[test]
     fn every_float_field_refuses_non_finite_values() {
-        let mut spec = JobSpec::parse(&JOB.replace("job: t", "job: t\nmodel: {preset: tiny}"))
-            .expect("valid");
+        let mut spec =
+            JobSpec::parse(&JOB.replace("job: t", "job: t\nmodel: {preset: tiny}")).expect("valid");
         if let Some(t) = spec.training.as_mut() {
             t.nonfinite = NonFinite::Skip;
             t.max_skipped_steps = Some(3);
@@ -878,7 +915,9 @@ training:
             "weight",
         ] {
             assert!(
-                paths.iter().any(|p| p.last().map(String::as_str) == Some(must)),
+                paths
+                    .iter()
+                    .any(|p| p.last().map(String::as_str) == Some(must)),
                 "{must} not among {paths:?}"
             );
         }
@@ -929,7 +968,8 @@ training:
             spec.training.expect("training").max_skipped_steps(),
             DEFAULT_MAX_SKIPPED_STEPS
         );
-        let spec = JobSpec::parse(&with("  nonfinite: stop\n  max_skipped_steps: 4")).expect("parse");
+        let spec =
+            JobSpec::parse(&with("  nonfinite: stop\n  max_skipped_steps: 4")).expect("parse");
         let (field, _) = spec.validate().unwrap_err();
         assert_eq!(field, "training.max_skipped_steps");
         let err = JobSpec::parse(&with("  nonfinite: ignore")).unwrap_err();

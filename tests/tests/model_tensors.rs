@@ -15,11 +15,13 @@ type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 fn corpus_and_model(dir: &Path) -> (Job, PathBuf, Tensors) {
     let job = write_job(dir, "base", 1, "");
     for args in [["prepare", "--quiet"].as_slice(), ["train"].as_slice()] {
-        let out = dapt(&[args[0], &job.path.to_string_lossy()][..]
-            .iter()
-            .chain(&args[1..])
-            .copied()
-            .collect::<Vec<_>>());
+        let out = dapt(
+            &[args[0], &job.path.to_string_lossy()][..]
+                .iter()
+                .chain(&args[1..])
+                .copied()
+                .collect::<Vec<_>>(),
+        );
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
     let ck = job.checkpoints.join("step-00000001");
@@ -54,11 +56,7 @@ fn model_dir(dir: &Path, name: &str, ck: &Path, tensors: &Tensors, shards: usize
         }
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
-    std::fs::write(
-        out.join("model.safetensors.index.json"),
-        index.to_string(),
-    )
-    .expect("index");
+    std::fs::write(out.join("model.safetensors.index.json"), index.to_string()).expect("index");
     out
 }
 
@@ -96,18 +94,28 @@ fn unused_tensors_are_refused_by_name_and_harmless_extras_accepted() {
     let mut biases = Vec::new();
     for layer in 0..2 {
         for (part, n) in [("q", q), ("k", kv), ("v", kv)] {
-            biases.push((format!("model.layers.{layer}.self_attn.{part}_proj.bias"), vec![n]));
+            biases.push((
+                format!("model.layers.{layer}.self_attn.{part}_proj.bias"),
+                vec![n],
+            ));
         }
     }
-    let biases: Vec<(&str, Vec<usize>)> =
-        biases.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
+    let biases: Vec<(&str, Vec<usize>)> = biases
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.clone()))
+        .collect();
     let model = model_dir(dir.path(), "biased", &ck, &with(&tensors, &biases), 0);
     let out = eval(&model, &job);
     let stderr = text(&out.stderr);
-    assert!(!out.status.success(), "evaluated a model without its biases");
+    assert!(
+        !out.status.success(),
+        "evaluated a model without its biases"
+    );
     assert!(
         stderr.contains("6 tensors that dapt's Llama does not use")
-            && biases.iter().all(|(n, _)| stderr.contains(&format!("`{n}`"))),
+            && biases
+                .iter()
+                .all(|(n, _)| stderr.contains(&format!("`{n}`"))),
         "{stderr}"
     );
     // Training from it is refused the same way.
@@ -130,12 +138,20 @@ fn unused_tensors_are_refused_by_name_and_harmless_extras_accepted() {
     // Many: ten named, the rest counted; and found in any shard.
     let mut many = Vec::new();
     for layer in 0..2 {
-        for part in ["self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] {
+        for part in [
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ] {
             many.push((format!("model.layers.{layer}.{part}.bias"), vec![hidden]));
         }
     }
     many.push(("vision_tower.patch_embed.weight".into(), vec![4, 4]));
-    many.push(("model.layers.0.self_attn.rotary_emb.inv_freq".into(), vec![4]));
+    many.push((
+        "model.layers.0.self_attn.rotary_emb.inv_freq".into(),
+        vec![4],
+    ));
     many.extend(biases.iter().map(|(n, s)| (n.to_string(), s.clone())));
     let many: Vec<(&str, Vec<usize>)> = many.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
     let model = model_dir(dir.path(), "sharded", &ck, &with(&tensors, &many), 3);

@@ -32,11 +32,20 @@ fn prepare(job: &Job) {
 /// finite weights.
 fn finite_checkpoints(root: &Path) -> Vec<(u64, PathBuf)> {
     let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default()
         .into_iter()
         .filter_map(|p| {
-            let step = p.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()?;
+            let step = p
+                .file_name()?
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse()
+                .ok()?;
             Some((step, p))
         })
         .collect();
@@ -113,7 +122,10 @@ fn skipped_non_finite_steps_are_bounded_and_never_applied() {
         panic!("{kept:?}")
     };
     let weights = |d: &PathBuf| std::fs::read(d.join("model.safetensors")).expect("weights");
-    assert!(weights(a) == weights(b), "a skipped step changed the weights");
+    assert!(
+        weights(a) == weights(b),
+        "a skipped step changed the weights"
+    );
 }
 
 #[test]
@@ -156,7 +168,10 @@ fn non_finite_numbers_in_the_job_file_are_refused_by_field() {
         ("lr: -.inf", "training.optimizer.lr"),
         ("betas: [0.9, .nan]", "training.optimizer.betas"),
     ] {
-        let bad = yaml.replace("    lr: 0.003\n", &format!("    lr: 0.003\n    {setting}\n"));
+        let bad = yaml.replace(
+            "    lr: 0.003\n",
+            &format!("    lr: 0.003\n    {setting}\n"),
+        );
         let bad = if setting.starts_with("lr") {
             yaml.replace("lr: 0.003", setting)
         } else {

@@ -613,7 +613,10 @@ fn a_fatal_failure_fails_the_job_without_reforming() {
     });
     assert_eq!(aborts(&actions), vec![id("b")]);
     match &sim.state().phase {
-        Phase::Failed(reason) => assert!(reason.contains("a failed: step 5: the loss is NaN"), "{reason}"),
+        Phase::Failed(reason) => assert!(
+            reason.contains("a failed: step 5: the loss is NaN"),
+            "{reason}"
+        ),
         other => panic!("{other:?}"),
     }
     assert_eq!(sim.state().generation, generation, "no new generation");

@@ -81,7 +81,12 @@ pub fn save(
     let params = &trainer.layout.params;
     let moment_names: Vec<(String, String)> = params
         .iter()
-        .map(|p| (format!("exp_avg.{}", p.name), format!("exp_avg_sq.{}", p.name)))
+        .map(|p| {
+            (
+                format!("exp_avg.{}", p.name),
+                format!("exp_avg_sq.{}", p.name),
+            )
+        })
         .collect();
     let weights = params
         .iter()

@@ -130,13 +130,7 @@ impl<B: AutodiffBackend> Engine for ResidentEngine<B> {
             .reducer
             .as_deref_mut()
             .map(|r| r as &mut dyn GradReducer<B::InnerBackend>);
-        train_step(
-            &mut self.trainer,
-            reducer,
-            micro,
-            denominator,
-            step_tokens,
-        )
+        train_step(&mut self.trainer, reducer, micro, denominator, step_tokens)
     }
 
     fn host(&self) -> Cow<'_, Trainer> {

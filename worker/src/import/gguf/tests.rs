@@ -791,7 +791,9 @@ fn unused_and_non_finite_tensors_refuse_the_import() -> TestResult {
         .unwrap_or_default();
     assert!(
         msg.contains("2 tensors that dapt's Llama does not use")
-            && msg.contains("`model.layers.0.mlp.up_proj.bias`, `model.layers.0.self_attn.o_proj.bias`"),
+            && msg.contains(
+                "`model.layers.0.mlp.up_proj.bias`, `model.layers.0.self_attn.o_proj.bias`"
+            ),
         "{msg}"
     );
     assert!(!out.path().join("hf").exists());

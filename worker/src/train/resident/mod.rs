@@ -169,7 +169,13 @@ impl<B: AutodiffBackend> ResidentTrainer<B> {
         let spec: OptimizerSpec = self.training.optimizer;
         let lr = self.schedule.lr(self.tokens);
         let grad_norm = self.global_norm(&grads);
-        if !admit(&self.training, self.step, loss, grad_norm, self.skipped_steps)? {
+        if !admit(
+            &self.training,
+            self.step,
+            loss,
+            grad_norm,
+            self.skipped_steps,
+        )? {
             self.skipped_steps += 1;
             self.step += 1;
             self.tokens += step_tokens;

@@ -207,18 +207,24 @@ fn non_finite_steps_are_never_applied() {
         let mut resident =
             ResidentTrainer::<Ad>::from_host(resident_from, FloatDType::F32, &Default::default());
         let n = g.len();
-        let device_grads = |g: &[f32]| Tensor::from_data(TensorData::new(g.to_vec(), [n]), &Default::default());
+        let device_grads =
+            |g: &[f32]| Tensor::from_data(TensorData::new(g.to_vec(), [n]), &Default::default());
         let host_result = host.apply(&mut g.clone(), loss, 64);
         let resident_result = resident.apply(device_grads(&g), loss, 64);
         if policy.is_empty() {
             for result in [host_result.map(|_| ()), resident_result.map(|_| ())] {
-                let err = result.expect_err("a NaN gradient stops the job").to_string();
+                let err = result
+                    .expect_err("a NaN gradient stops the job")
+                    .to_string();
                 assert!(err.starts_with("step 0: the gradient norm is NaN"), "{err}");
             }
             assert_eq!(host.weights, before);
             continue;
         }
-        for stats in [host_result.expect("skipped"), resident_result.expect("skipped")] {
+        for stats in [
+            host_result.expect("skipped"),
+            resident_result.expect("skipped"),
+        ] {
             assert!(!stats.applied && stats.grad_norm.is_nan());
         }
         let back = resident.to_host();
@@ -228,10 +234,17 @@ fn non_finite_steps_are_never_applied() {
             assert!(t.optimizer.m.iter().all(|&m| m == 0.0));
         }
         // A NaN loss alone is enough, and the second skip is one too many.
-        let err = host.apply(&mut vec![0.0; n], f64::NAN, 64).expect_err("bound");
+        let err = host
+            .apply(&mut vec![0.0; n], f64::NAN, 64)
+            .expect_err("bound");
         assert!(err.to_string().contains("step 1: the loss is NaN"), "{err}");
-        let err = resident.apply(device_grads(&vec![0.0; n]), f64::NAN, 64).expect_err("bound");
-        assert!(err.to_string().contains("training.max_skipped_steps is 1"), "{err}");
+        let err = resident
+            .apply(device_grads(&vec![0.0; n]), f64::NAN, 64)
+            .expect_err("bound");
+        assert!(
+            err.to_string().contains("training.max_skipped_steps is 1"),
+            "{err}"
+        );
     }
 }
 
