@@ -243,4 +243,14 @@ fn errors_name_the_users_file_and_say_their_cause_once() {
         1,
         "{stderr}"
     );
+
+    // A repeated key is named at the repeat (line 10), not at its mapping (line 6).
+    let (_dir, job) = case("  vocab_size: 300\n", &[("a.txt", b"text")]);
+    let yaml = std::fs::read_to_string(&job).expect("job") + "      weight: 2\n";
+    std::fs::write(&job, yaml).expect("write job");
+    let stderr = run(&job);
+    assert!(
+        stderr.contains("duplicate key `weight`") && stderr.contains("line 10"),
+        "{stderr}"
+    );
 }

@@ -180,10 +180,12 @@ fn meta_element(b: &[u8], pos: &mut usize) -> Option<Option<&'static Encoding>> 
     })
 }
 
+/// An attribute's name and value, ASCII-lowercased.
+type Attribute = (Vec<u8>, Vec<u8>);
+
 /// The HTML Standard's "get an attribute": `Some(None)` at the tag's end, `None` when the
-/// bytes run out. Names and unquoted or quoted values are ASCII-lowercased.
-#[allow(clippy::type_complexity)]
-fn attribute(b: &[u8], pos: &mut usize) -> Option<Option<(Vec<u8>, Vec<u8>)>> {
+/// bytes run out.
+fn attribute(b: &[u8], pos: &mut usize) -> Option<Option<Attribute>> {
     while is_space(*b.get(*pos)?) || b[*pos] == b'/' {
         *pos += 1;
     }
