@@ -1099,9 +1099,8 @@ fn step_report(
     }
     // Every rank completed the step: its loss is the same on all (it was all-reduced).
     let first = &reports[&0];
-    let slowest = |part: fn(&StepInfo) -> Duration| {
-        reports.values().map(part).max().unwrap_or_default()
-    };
+    let slowest =
+        |part: fn(&StepInfo) -> Duration| reports.values().map(part).max().unwrap_or_default();
     let elapsed = slowest(|r| r.elapsed);
     let times = StepTimes {
         // A worker without the split reports no training time: all of it was training.
@@ -1115,10 +1114,7 @@ fn step_report(
         eval: slowest(|r| r.times.eval),
         checkpoint: slowest(|r| r.times.checkpoint),
     };
-    let peak_flops = reports
-        .values()
-        .map(|r| r.peak_flops)
-        .sum::<Option<f64>>();
+    let peak_flops = reports.values().map(|r| r.peak_flops).sum::<Option<f64>>();
     let step_secs = elapsed.as_secs_f64().max(1e-9);
     // The ETA counts evaluations and checkpoints too: they recur, and the average absorbs them.
     let ema = match state.step_time {

@@ -230,9 +230,7 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
                 let job = spec.clone();
                 let handle = server::start(spec, token, listen, advertise, metrics_listen).await?;
                 let mut banner = progress::Banner::new(&job, workers, handle_url(&handle));
-                banner.metrics = handle
-                    .metrics_addr
-                    .map(|a| format!("http://{a}/metrics"));
+                banner.metrics = handle.metrics_addr.map(|a| format!("http://{a}/metrics"));
                 banner.announce();
                 let progress = handle.progress();
                 let stopper = handle.events();

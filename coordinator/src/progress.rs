@@ -29,6 +29,9 @@ use crate::control::{fmt_duration, Log, RecoveryPhase};
 /// about the last 10 steps.
 pub const EMA_WEIGHT: f64 = 0.1;
 
+/// A held-out perplexity and the steps done when it was measured.
+type Reading = (u64, f64);
+
 /// The job's figures as they stand, updated from each [`Log`] event.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
@@ -46,7 +49,7 @@ pub struct Progress {
     tokens_computed: u64,
     tokens_per_step: u64,
     /// Each source's first and latest held-out perplexity: (steps done, perplexity).
-    perplexity: BTreeMap<String, ((u64, f64), (u64, f64))>,
+    perplexity: BTreeMap<String, (Reading, Reading)>,
     recoveries: u32,
     /// The final checkpoint, once the job completed.
     completed: Option<(u64, String)>,
@@ -207,7 +210,11 @@ impl Summary {
             self.steps_done
         );
         if again > 0 {
-            let _ = write!(o, "; {} more trained again after recoveries", thousands(again));
+            let _ = write!(
+                o,
+                "; {} more trained again after recoveries",
+                thousands(again)
+            );
         }
         o.push('\n');
         let _ = writeln!(
@@ -347,9 +354,10 @@ impl Banner {
     pub fn render(&self) -> String {
         let mut o = String::new();
         let _ = writeln!(o, "job {}", self.job);
-        let params = self
-            .params
-            .map_or_else(|| "parameters unknown".into(), |n| format!("{} parameters", count(n)));
+        let params = self.params.map_or_else(
+            || "parameters unknown".into(),
+            |n| format!("{} parameters", count(n)),
+        );
         let _ = writeln!(o, "  model        {} ({params})", self.model);
         let _ = writeln!(
             o,
@@ -600,7 +608,7 @@ pub fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -22,12 +22,11 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::control::{
-    decide, Action, ConnId, ControlConfig, Event, JobState, JoinRequest, Phase, StepInfo,
-    StepTimes,
+    decide, Action, ConnId, ControlConfig, Event, JobState, JoinRequest, Phase, StepInfo, StepTimes,
 };
-use crate::progress::Progress;
 use crate::etcd::{Committer, EtcdStore};
 use crate::ledger::Ledger;
+use crate::progress::Progress;
 
 /// How often time-based decisions (timeouts, the formation grace) are made.
 const TICK: Duration = Duration::from_millis(100);

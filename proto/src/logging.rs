@@ -207,11 +207,7 @@ impl Visit for HumanVisitor<'_> {
         self.0.record_str(field, value)
     }
 
-    fn record_error(
-        &mut self,
-        field: &Field,
-        value: &(dyn std::error::Error + 'static),
-    ) {
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         self.0.record_error(field, value)
     }
 

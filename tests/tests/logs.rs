@@ -19,7 +19,10 @@ const ESC: u8 = 0x1b;
 fn documented_regex() -> regex::Regex {
     let doc = repo_root().join("docs/control-plane.md");
     let text = std::fs::read_to_string(&doc).expect("docs/control-plane.md");
-    let start = text.find("```regex\n").expect("a ```regex block in docs/control-plane.md") + 9;
+    let start = text
+        .find("```regex\n")
+        .expect("a ```regex block in docs/control-plane.md")
+        + 9;
     let len = text[start..].find("\n```").expect("the regex block ends");
     regex::Regex::new(text[start..start + len].trim()).expect("the documented regex compiles")
 }
@@ -98,16 +101,29 @@ fn a_launch_into_files_reads_plainly_and_its_step_lines_match_the_json_ones() {
     let (text_job, json_job) = (job(text_dir.path()), job(json_dir.path()));
     let _serial = serial();
     let (stdout, stderr) = launch_to_files(&text_job, 2, &[], text_dir.path());
-    let (_, json_stderr) = launch_to_files(&json_job, 2, &["--log-format", "json"], json_dir.path());
+    let (_, json_stderr) =
+        launch_to_files(&json_job, 2, &["--log-format", "json"], json_dir.path());
 
     // No escape byte anywhere: the coordinator's log, its summary, the workers' log files.
-    assert!(!stderr.contains(&ESC), "{}", String::from_utf8_lossy(&stderr));
-    assert!(!stdout.contains(&ESC), "{}", String::from_utf8_lossy(&stdout));
+    assert!(
+        !stderr.contains(&ESC),
+        "{}",
+        String::from_utf8_lossy(&stderr)
+    );
+    assert!(
+        !stdout.contains(&ESC),
+        "{}",
+        String::from_utf8_lossy(&stdout)
+    );
     let logs = worker_logs(&text_job);
     assert_eq!(logs.len(), 2, "{logs:?}");
     for log in &logs {
         let bytes = std::fs::read(log).expect("worker log");
-        assert!(!bytes.is_empty() && !bytes.contains(&ESC), "{}", log.display());
+        assert!(
+            !bytes.is_empty() && !bytes.contains(&ESC),
+            "{}",
+            log.display()
+        );
     }
 
     // Every text step line parses, and says what the JSON line says.
@@ -115,7 +131,10 @@ fn a_launch_into_files_reads_plainly_and_its_step_lines_match_the_json_ones() {
     let text_steps: Vec<regex::Captures> = stderr
         .lines()
         .filter(|l| l.contains("step="))
-        .map(|l| re.captures(l).unwrap_or_else(|| panic!("unparsed step line: {l}")))
+        .map(|l| {
+            re.captures(l)
+                .unwrap_or_else(|| panic!("unparsed step line: {l}"))
+        })
         .collect();
     let json_lines: Vec<serde_json::Value> = String::from_utf8_lossy(&json_stderr)
         .lines()
@@ -143,7 +162,10 @@ fn a_launch_into_files_reads_plainly_and_its_step_lines_match_the_json_ones() {
         // Steps 5 and 10 evaluated and checkpointed, and say so, with their time split.
         let split = (step + 1) % 5 == 0;
         assert_eq!(t.name("also").is_some(), split, "step {step}");
-        assert_eq!(j["checkpoint_s"].as_f64().expect("checkpoint_s") > 0.0, split);
+        assert_eq!(
+            j["checkpoint_s"].as_f64().expect("checkpoint_s") > 0.0,
+            split
+        );
         assert_eq!(j["eval_s"].as_f64().expect("eval_s") > 0.0, split);
         if split {
             assert_eq!(&t["also"], "evaluated and checkpointed");
@@ -155,7 +177,12 @@ fn a_launch_into_files_reads_plainly_and_its_step_lines_match_the_json_ones() {
     assert!(format!("{loss}").len() > 8, "{loss}");
 
     // The banner and the end summary.
-    for what in ["job logs", "parameters", "10 steps of 7 samples x 32 tokens", "2 workers on cpu"] {
+    for what in [
+        "job logs",
+        "parameters",
+        "10 steps of 7 samples x 32 tokens",
+        "2 workers on cpu",
+    ] {
         assert!(stderr.contains(what), "banner lacks {what:?}:\n{stderr}");
     }
     let stdout = String::from_utf8(stdout).expect("utf-8");
@@ -185,7 +212,11 @@ fn always_colours_even_files_including_the_workers_logs() {
     let (_, stderr) = launch_to_files(&job, 1, &["--color", "always"], dir.path());
     assert!(stderr.contains(&ESC));
     for log in worker_logs(&job) {
-        assert!(std::fs::read(&log).expect("log").contains(&ESC), "{}", log.display());
+        assert!(
+            std::fs::read(&log).expect("log").contains(&ESC),
+            "{}",
+            log.display()
+        );
     }
 }
 

@@ -315,7 +315,9 @@ fn a_step_that_checkpointed_keeps_its_training_throughput_and_says_where_the_tim
         eval: ms(0),
         checkpoint: ms(10),
     };
-    assert!(sim.step_timed("a", 0, ms(580), rank0, Some(1e12)).is_empty());
+    assert!(sim
+        .step_timed("a", 0, ms(580), rank0, Some(1e12))
+        .is_empty());
     let actions = sim.step_timed("b", 0, ms(600), rank1, None);
     let Some(Action::Log(Log::Step {
         tokens_per_s,

@@ -122,9 +122,18 @@ fn the_summary_counts_tokens_once_and_perplexity_from_the_first_evaluation() {
     assert_eq!(s.recoveries, 1);
     assert_eq!(s.perplexity[0].percent(), -25.0);
     let text = s.render(None, None);
-    assert!(text.contains("postgres  2000 -> 1500  (-25.0%, step 0 -> 4)"), "{text}");
-    assert!(text.contains("16,384 (steps 0 to 4); 8,192 more trained again"), "{text}");
-    assert!(text.contains("final checkpoint   ckpt/step-00000004"), "{text}");
+    assert!(
+        text.contains("postgres  2000 -> 1500  (-25.0%, step 0 -> 4)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("16,384 (steps 0 to 4); 8,192 more trained again"),
+        "{text}"
+    );
+    assert!(
+        text.contains("final checkpoint   ckpt/step-00000004"),
+        "{text}"
+    );
 }
 
 #[test]
