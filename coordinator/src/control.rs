@@ -128,7 +128,22 @@ pub struct StepInfo {
     pub grad_norm: f64,
     pub lr: f64,
     pub tokens: u64,
+    /// Wall time of the whole step on this rank (training, then any evaluation and checkpoint).
     pub elapsed: Duration,
+    /// The parts of `elapsed`.
+    pub times: StepTimes,
+    /// Dense bf16 peak of the rank's device, FLOP/s, when known.
+    pub peak_flops: Option<f64>,
+}
+
+/// Where a step's time went. A zero evaluation or checkpoint time means there was none; a zero
+/// training time comes from a worker that does not report the split (its whole `elapsed` is
+/// then training).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTimes {
+    pub train: Duration,
+    pub eval: Duration,
+    pub checkpoint: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -328,15 +343,26 @@ pub enum Log {
         min_workers: usize,
     },
     Step {
+        /// The step that completed, 0-based (`step + 1` steps are done).
         step: u64,
         total_steps: u64,
         loss: f64,
+        /// Training throughput of the step: its tokens over the slowest rank's training time
+        /// (evaluation and checkpoint excluded).
         tokens_per_s: f64,
         lr: f64,
         grad_norm: f64,
         world: u32,
         generation: Generation,
         eta: Duration,
+        /// Tokens in the global batch.
+        tokens: u64,
+        /// The slowest rank's wall time for the whole step.
+        elapsed: Duration,
+        /// The slowest rank's time for each part of the step.
+        times: StepTimes,
+        /// The ranks' dense bf16 peaks summed, FLOP/s, when every rank's is known.
+        peak_flops: Option<f64>,
     },
     Eval {
         step: u64,
@@ -1120,16 +1146,27 @@ fn step_report(
     }
     // Every rank completed the step: its loss is the same on all (it was all-reduced).
     let first = &reports[&0];
-    let slowest = reports
-        .values()
-        .map(|r| r.elapsed)
-        .max()
-        .unwrap_or_default()
-        .as_secs_f64()
-        .max(1e-9);
+    let slowest =
+        |part: fn(&StepInfo) -> Duration| reports.values().map(part).max().unwrap_or_default();
+    let elapsed = slowest(|r| r.elapsed);
+    let times = StepTimes {
+        // A worker without the split reports no training time: all of it was training.
+        train: slowest(|r| {
+            if r.times.train.is_zero() {
+                r.elapsed
+            } else {
+                r.times.train
+            }
+        }),
+        eval: slowest(|r| r.times.eval),
+        checkpoint: slowest(|r| r.times.checkpoint),
+    };
+    let peak_flops = reports.values().map(|r| r.peak_flops).sum::<Option<f64>>();
+    let step_secs = elapsed.as_secs_f64().max(1e-9);
+    // The ETA counts evaluations and checkpoints too: they recur, and the average absorbs them.
     let ema = match state.step_time {
-        Some(t) => 0.9 * t + 0.1 * slowest,
-        None => slowest,
+        Some(t) => 0.9 * t + 0.1 * step_secs,
+        None => step_secs,
     };
     state.step_time = Some(ema);
     let remaining = c.total_steps.saturating_sub(step + 1);
@@ -1137,12 +1174,16 @@ fn step_report(
         step,
         total_steps: c.total_steps,
         loss: first.loss,
-        tokens_per_s: first.tokens as f64 / slowest,
+        tokens_per_s: first.tokens as f64 / times.train.as_secs_f64().max(1e-9),
         lr: first.lr,
         grad_norm: first.grad_norm,
         world,
         generation: state.generation,
         eta: Duration::from_secs_f64(ema * remaining as f64),
+        tokens: first.tokens,
+        elapsed,
+        times,
+        peak_flops,
     }));
     state.last_step = Some(first.clone());
     if let Some(r) = state.recovery.take() {

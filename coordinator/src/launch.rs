@@ -10,14 +10,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use dapt_proto::job::JobSpec;
-use dapt_proto::logging::LogFormat;
+use dapt_proto::logging::LogArgs;
 use tokio::process::{Child, Command};
 
 use crate::server::{self, Outcome};
 
 pub struct LaunchOptions {
     pub workers: u32,
-    pub log_format: LogFormat,
+    /// This process's log flags; the workers get the same format, and colour in their log
+    /// files only with `--color always`.
+    pub log: LogArgs,
     /// Where the coordinator listens (port 0 picks one).
     pub listen: SocketAddr,
     /// Skip the export of the final checkpoint.
@@ -62,6 +64,8 @@ pub struct Launched {
     pub outcome: Outcome,
     pub export: Option<PathBuf>,
     pub logs: PathBuf,
+    /// What the job did, for the end summary.
+    pub summary: crate::progress::Summary,
 }
 
 pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<Launched> {
@@ -90,6 +94,21 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
     let token = random_token()?;
     let coordinator = server::start(job.clone(), token.clone(), options.listen, None, None).await?;
     let url = format!("http://{}", coordinator.addr);
+    let mut banner = crate::progress::Banner::new(
+        &job,
+        format!(
+            "{} worker{}",
+            options.workers,
+            if options.workers == 1 { "" } else { "s" }
+        ),
+        url.clone(),
+    );
+    banner.device = Some(match options.device {
+        LaunchDevice::Cpu => "cpu".to_string(),
+        LaunchDevice::Cuda => format!("cuda (worker i on GPU i), {}", options.precision),
+    });
+    banner.announce();
+    let progress = coordinator.progress();
     let logs = job.checkpoint.dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     // Each worker gets its share of the cores: several rayon pools on the same cores fight.
@@ -103,7 +122,9 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
             .with_context(|| format!("creating {}", log_path.display()))?;
         let child = Command::new(&worker_exe)
             .arg("--log-format")
-            .arg(options.log_format.to_string())
+            .arg(options.log.log_format.to_string())
+            .arg("--color")
+            .arg(options.log.color.for_file().to_string())
             .args([
                 "--coordinator",
                 &url,
@@ -188,9 +209,12 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
     if let Outcome::Completed { checkpoint, .. } = &outcome {
         if !options.no_export && !checkpoint.as_os_str().is_empty() {
             let out = job.checkpoint.dir.join("export");
+            // Its log goes to this process's stderr: the same colour choice.
             let status = Command::new(&worker_exe)
                 .arg("--log-format")
-                .arg(options.log_format.to_string())
+                .arg(options.log.log_format.to_string())
+                .arg("--color")
+                .arg(options.log.color.to_string())
                 .arg("export")
                 .arg(checkpoint)
                 .arg("--hf")
@@ -206,10 +230,15 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
             export = Some(out);
         }
     }
+    let summary = progress
+        .lock()
+        .expect("progress")
+        .summary(std::time::Instant::now());
     Ok(Launched {
         outcome,
         export,
         logs,
+        summary,
     })
 }
 

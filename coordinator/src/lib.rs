@@ -10,6 +10,7 @@ pub mod launch;
 pub mod ledger;
 pub mod metrics;
 pub mod plan;
+pub mod progress;
 pub mod server;
 
 pub use dapt_proto::job as spec;

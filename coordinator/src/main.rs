@@ -7,9 +7,9 @@ use anyhow::Context;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use dapt_coordinator::spec::JobSpec;
-use dapt_coordinator::{launch, plan, server};
+use dapt_coordinator::{launch, plan, progress, server};
 use dapt_corpus::{prepare, PrepareOptions, PrepareOutcome};
-use dapt_proto::logging::{self, LogFormat};
+use dapt_proto::logging::{self, LogArgs};
 use dapt_proto::rpc;
 
 #[derive(Parser)]
@@ -19,9 +19,8 @@ use dapt_proto::rpc;
     about = "Domain-adaptive continued pretraining of Llama-family models"
 )]
 struct Cli {
-    /// Log line format on stderr.
-    #[arg(long, global = true, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -169,17 +168,16 @@ fn main() -> ExitCode {
         _ => None,
     };
     if let Some((sub, args)) = forwarded {
-        return forward_to_worker(sub, args, cli.log_format);
+        return forward_to_worker(sub, args, cli.log);
     }
-    logging::init(cli.log_format);
-    let format = cli.log_format;
+    logging::init(cli.log);
     if token_on_command_line {
         tracing::warn!(
             "--token on the command line shows in `ps` to every user of this machine: prefer \
              DAPT_TOKEN or --token-file"
         );
     }
-    match run(cli.command, format) {
+    match run(cli.command, cli.log) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -189,7 +187,7 @@ fn main() -> ExitCode {
 }
 
 /// Runs `dapt-worker SUB ARGS...` from beside this executable and returns its exit status.
-fn forward_to_worker(sub: &str, args: &[String], format: LogFormat) -> ExitCode {
+fn forward_to_worker(sub: &str, args: &[String], log: LogArgs) -> ExitCode {
     let worker = std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|d| d.join("dapt-worker")))
@@ -200,9 +198,13 @@ fn forward_to_worker(sub: &str, args: &[String], format: LogFormat) -> ExitCode 
         );
         return ExitCode::FAILURE;
     };
-    let format = format.to_string();
+    // The worker writes to this process's stderr: the same colour choice applies.
     match std::process::Command::new(&worker)
-        .args(["--log-format", &format, sub])
+        .arg("--log-format")
+        .arg(log.log_format.to_string())
+        .arg("--color")
+        .arg(log.color.to_string())
+        .arg(sub)
         .args(args)
         .status()
     {
@@ -215,7 +217,7 @@ fn forward_to_worker(sub: &str, args: &[String], format: LogFormat) -> ExitCode 
     }
 }
 
-fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
+fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
     match command {
         Command::Launch {
             job,
@@ -229,7 +231,7 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
             prepare_quietly(&spec, &job)?;
             let options = launch::LaunchOptions {
                 workers,
-                log_format,
+                log,
                 listen,
                 no_export,
                 device,
@@ -238,6 +240,7 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
             let launched = runtime()?.block_on(launch::launch(spec.clone(), options))?;
             Ok(report_outcome(
                 &launched.outcome,
+                &launched.summary,
                 &job,
                 launched.export.as_deref(),
                 Some(&launched.logs),
@@ -260,8 +263,21 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
                 .map_err(anyhow::Error::msg)?;
             spec.cluster.tls =
                 tls_settings(spec.cluster.tls.take(), tls_cert, tls_key, tls_client_ca)?;
-            let outcome = runtime()?.block_on(async {
+            let scheme = if spec.cluster.tls.is_some() { "https" } else { "http" };
+            let (outcome, summary) = runtime()?.block_on(async {
+                let workers = match (spec.cluster.min_workers, spec.cluster.max_workers) {
+                    (min, Some(max)) if min == max => format!("{min} workers"),
+                    (min, Some(max)) => format!("{min} to {max} workers, as they join"),
+                    (min, None) => format!("{min} or more workers, as they join"),
+                };
+                let job = spec.clone();
                 let handle = server::start(spec, token, listen, advertise, metrics_listen).await?;
+                let mut banner = progress::Banner::new(&job, workers, handle_url(&handle));
+                banner.metrics = handle
+                    .metrics_addr
+                    .map(|a| format!("{scheme}://{a}/metrics"));
+                banner.announce();
+                let progress = handle.progress();
                 let stopper = handle.events();
                 tokio::spawn(async move {
                     let mut term =
@@ -272,9 +288,14 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
                     }
                     anyhow::Ok(())
                 });
-                anyhow::Ok(handle.wait().await)
+                let outcome = handle.wait().await;
+                let summary = progress
+                    .lock()
+                    .expect("progress")
+                    .summary(std::time::Instant::now());
+                anyhow::Ok((outcome, summary))
             })?;
-            Ok(report_outcome(&outcome, &job, None, None))
+            Ok(report_outcome(&outcome, &summary, &job, None, None))
         }
         Command::Status {
             url,
@@ -456,28 +477,39 @@ fn prepare_quietly(spec: &JobSpec, job: &std::path::Path) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Prints how the job ended and returns the exit status.
+/// The URL a coordinator was started at (its listen address; `--advertise` is the workers').
+fn handle_url(handle: &server::Handle) -> String {
+    format!("http://{}", handle.addr)
+}
+
+/// Prints how the job ended, with the summary of what it did, and returns the exit status. In
+/// the JSON log format the summary is also logged, for machines.
 fn report_outcome(
     outcome: &server::Outcome,
+    summary: &progress::Summary,
     job: &std::path::Path,
     export: Option<&std::path::Path>,
     logs: Option<&std::path::Path>,
 ) -> ExitCode {
-    let logs = logs
-        .map(|l| format!("\nworker logs: {}", l.display()))
-        .unwrap_or_default();
+    if logging::format() == logging::LogFormat::Json {
+        summary.log(export);
+    }
     match outcome {
         server::Outcome::Completed { step, checkpoint } => {
-            println!(
-                "job completed at step {step}\nfinal checkpoint: {}{}{logs}",
-                checkpoint.display(),
-                export
-                    .map(|e| format!("\nHugging Face export: {}", e.display()))
-                    .unwrap_or_default()
+            let mut summary = summary.clone();
+            if summary.checkpoint.is_none() && !checkpoint.as_os_str().is_empty() {
+                summary.checkpoint = Some(checkpoint.clone());
+            }
+            print!(
+                "job completed at step {step}\n{}",
+                summary.render(export, logs)
             );
             ExitCode::SUCCESS
         }
         server::Outcome::Stopped { reason, committed } => {
+            let logs = logs
+                .map(|l| format!("\nworker logs: {}", l.display()))
+                .unwrap_or_default();
             match committed {
                 Some((step, dir)) => println!(
                     "stopped ({reason}); last committed checkpoint: step {step} at {}\nthe same command resumes from it: dapt launch {}{logs}",
@@ -486,9 +518,13 @@ fn report_outcome(
                 ),
                 None => println!("stopped ({reason}) before any checkpoint was committed{logs}"),
             }
+            print!("{}", summary.render(None, None));
             ExitCode::from(130)
         }
         server::Outcome::Failed(reason) => {
+            let logs = logs
+                .map(|l| format!("\nworker logs: {}", l.display()))
+                .unwrap_or_default();
             eprintln!("error: the job failed: {reason}{logs}");
             ExitCode::FAILURE
         }

@@ -289,6 +289,18 @@ pub fn render(plan: &Plan, options: &PlanOptions, config: &LlamaConfig) -> Strin
 mod tests {
     use super::*;
 
+    #[test]
+    fn peaks_agree_with_the_table_workers_report_mfu_against() {
+        for g in GPUS {
+            assert_eq!(
+                dapt_proto::device::peak_flops(g.name),
+                Some(g.peak_flops),
+                "{}",
+                g.name
+            );
+        }
+    }
+
     fn job(extra: &str) -> JobSpec {
         JobSpec::parse(&format!(
             "job: seven\nmodel:\n  preset: llama-2-7b\ncorpus:\n  output: /nonexistent\n  sources:\n    - name: d\n      role: domain\n      paths: [x]\n      weight: 1\ntraining:\n  seq_len: 4096\n  global_batch: 256\n  micro_batch: 1\n  tokens: 1000000000\n{extra}"

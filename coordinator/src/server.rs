@@ -24,11 +24,12 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::control::{
-    decide_checked, fmt_duration, Action, ConnId, ControlConfig, Event, JobState, JoinRequest, Log,
-    Phase, StepInfo,
+    decide_checked, Action, ConnId, ControlConfig, Event, JobState, JoinRequest, Log, Phase,
+    StepInfo, StepTimes,
 };
 use crate::etcd::{Committer, EtcdStore};
 use crate::ledger::Ledger;
+use crate::progress::Progress;
 
 /// How often time-based decisions (timeouts, the formation grace) are made.
 const TICK: Duration = Duration::from_millis(100);
@@ -50,7 +51,10 @@ pub enum Outcome {
 /// A running coordinator.
 pub struct Handle {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served, when it is.
+    pub metrics_addr: Option<SocketAddr>,
     events: mpsc::UnboundedSender<Event>,
+    progress: Arc<Mutex<Progress>>,
     done: tokio::task::JoinHandle<Outcome>,
 }
 
@@ -70,6 +74,11 @@ impl Stopper {
 impl Handle {
     pub fn events(&self) -> Stopper {
         Stopper(self.events.clone())
+    }
+
+    /// The job's figures so far (for the end summary: read it after [`Handle::wait`]).
+    pub fn progress(&self) -> Arc<Mutex<Progress>> {
+        self.progress.clone()
     }
 
     pub async fn wait(self) -> Outcome {
@@ -203,8 +212,10 @@ pub async fn start(
         let _ = stop.wait_for(|stop| *stop).await;
     };
     let metrics = Arc::new(crate::metrics::Metrics::new(&job.job));
+    let mut metrics_addr = None;
     if let Some(addr) = metrics_listen {
         let listener = crate::metrics::bind(addr).await?;
+        metrics_addr = Some(listener.local_addr()?);
         let scheme = if tls.is_some() { "https" } else { "http" };
         tracing::info!(addr = %listener.local_addr()?, scheme, "serving /metrics");
         if !addr.ip().is_loopback() {
@@ -254,6 +265,7 @@ pub async fn start(
     });
     tracing::info!(%addr, %url, job = %job.job, steps = training.steps(), "coordinator listening");
     let keep = job.checkpoint.keep;
+    let progress = Arc::new(Mutex::new(Progress::new(&job)));
     let done = tokio::spawn(control_loop(
         state,
         rx,
@@ -262,12 +274,19 @@ pub async fn start(
             store,
             keep,
             metrics,
+            progress: progress.clone(),
         },
         status_tx,
         stop_servers,
         lost,
     ));
-    Ok(Handle { addr, events, done })
+    Ok(Handle {
+        addr,
+        metrics_addr,
+        events,
+        progress,
+        done,
+    })
 }
 
 /// The URL workers reach this coordinator at: `advertise`, or `http(s)://<bound address>`. Its
@@ -422,6 +441,7 @@ struct Executor {
     store: Store,
     keep: usize,
     metrics: Arc<crate::metrics::Metrics>,
+    progress: Arc<Mutex<Progress>>,
 }
 
 impl Executor {
@@ -530,112 +550,13 @@ impl Executor {
             ),
             Action::Log(line) => {
                 self.metrics.observe(&line);
-                log(line)
+                let now = Instant::now();
+                let mut progress = self.progress.lock().expect("progress");
+                progress.observe(&line, now);
+                crate::progress::emit(line, &progress, now);
             }
         }
         Ok(())
-    }
-}
-
-fn log(line: Log) {
-    match line {
-        Log::Joined {
-            worker,
-            members,
-            standby,
-        } => tracing::info!(%worker, members, standby, "worker joined"),
-        Log::Lost { worker, reason } => tracing::warn!(%worker, %reason, "worker lost"),
-        Log::Reattached {
-            generation,
-            world,
-            took,
-        } => tracing::info!(
-            generation = generation.0,
-            world,
-            took_ms = took.as_millis() as u64,
-            "ranks re-attached"
-        ),
-        Log::Refused { worker, refusal } => tracing::warn!(
-            %worker,
-            code = refusal.code.as_str_name(),
-            reason = %refusal.message,
-            "refused"
-        ),
-        Log::Formed {
-            generation,
-            world,
-            resume_step,
-            ranks,
-        } => {
-            let ranks: Vec<String> = ranks.iter().map(|w| w.0.clone()).collect();
-            tracing::info!(
-                generation = generation.0,
-                world,
-                resume_step,
-                ranks = %ranks.join(","),
-                "generation formed"
-            )
-        }
-        Log::Waiting {
-            members,
-            min_workers,
-        } => tracing::warn!(members, min_workers, "waiting for workers"),
-        Log::Step {
-            step,
-            total_steps,
-            loss,
-            tokens_per_s,
-            lr,
-            grad_norm,
-            world,
-            generation,
-            eta,
-        } => tracing::info!(
-            step,
-            total_steps,
-            loss,
-            tokens_per_s = tokens_per_s.round(),
-            lr,
-            grad_norm,
-            world,
-            generation = generation.0,
-            eta_s = eta.as_secs(),
-            "step"
-        ),
-        Log::Eval {
-            step,
-            source,
-            perplexity,
-            tokens,
-        } => tracing::info!(step, %source, perplexity, tokens, "held-out evaluation"),
-        Log::Recovery {
-            phase,
-            generation,
-            took,
-            since_detected,
-            reason,
-        } => tracing::warn!(
-            phase = phase.name(),
-            generation = generation.0,
-            took_ms = took.as_millis() as u64,
-            since_detected_ms = since_detected.as_millis() as u64,
-            took = %fmt_duration(took),
-            %reason,
-            "recovery"
-        ),
-        Log::Committed { step, dir, digest } => {
-            tracing::info!(step, checkpoint = %dir, weights_xxh3 = %digest, "checkpoint committed")
-        }
-        Log::Diverged { step, digests } => tracing::error!(
-            step,
-            digests = ?digests,
-            "ranks' weights differ: the checkpoint is not committed"
-        ),
-        Log::Completed { step, dir } => {
-            tracing::info!(step, checkpoint = %dir, "job completed")
-        }
-        Log::Failed { reason } => tracing::error!(%reason, "job failed"),
-        Log::Stopping { reason } => tracing::warn!(%reason, "stopping the job"),
     }
 }
 
@@ -658,7 +579,14 @@ fn snapshot(state: &JobState) -> StatusReply {
         step: last.map_or(0, |s| s.step + 1),
         total_steps: state.config.total_steps,
         loss: last.map_or(0.0, |s| s.loss),
-        tokens_per_s: last.map_or(0.0, |s| s.tokens as f64 / s.elapsed.as_secs_f64().max(1e-9)),
+        tokens_per_s: last.map_or(0.0, |s| {
+            let train = if s.times.train.is_zero() {
+                s.elapsed
+            } else {
+                s.times.train
+            };
+            s.tokens as f64 / train.as_secs_f64().max(1e-9)
+        }),
         committed_step: state.committed_step(),
         committed_checkpoint: state
             .committed
@@ -926,6 +854,13 @@ fn to_event(
                 lr: s.lr,
                 tokens: s.tokens,
                 elapsed: seconds(s.elapsed_ms / 1e3),
+                times: StepTimes {
+                    train: seconds(s.train_ms / 1e3),
+                    eval: seconds(s.eval_ms / 1e3),
+                    checkpoint: seconds(s.checkpoint_ms / 1e3),
+                },
+                peak_flops: (s.peak_flops.is_finite() && s.peak_flops > 0.0)
+                    .then_some(s.peak_flops),
             },
         },
         Kind::Checkpoint(c) => Event::Checkpoint {

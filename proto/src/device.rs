@@ -34,3 +34,29 @@ impl fmt::Display for Precision {
         })
     }
 }
+
+/// Dense (no sparsity) bf16 tensor-core peak, FLOP/s, of the GPUs dapt knows, by a word of the
+/// name their driver reports (`NVIDIA H100 80GB HBM3`, `NVIDIA A100-SXM4-80GB`). `dapt plan`
+/// plans with the same figures.
+pub const PEAK_FLOPS: &[(&str, f64)] = &[("h100", 989e12), ("h200", 989e12), ("a100", 312e12)];
+
+/// The dense bf16 peak of the GPU its driver calls `device_name`, if dapt knows it; the MFU in
+/// the coordinator's step line is measured against it.
+pub fn peak_flops(device_name: &str) -> Option<f64> {
+    let name = device_name.to_ascii_lowercase();
+    PEAK_FLOPS
+        .iter()
+        .find(|(gpu, _)| name.contains(gpu))
+        .map(|&(_, peak)| peak)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn peaks_by_driver_name() {
+        assert_eq!(super::peak_flops("NVIDIA H200"), Some(989e12));
+        assert_eq!(super::peak_flops("NVIDIA A100-SXM4-80GB"), Some(312e12));
+        assert_eq!(super::peak_flops("NVIDIA GeForce RTX 4090"), None);
+        assert_eq!(super::peak_flops("cpu"), None);
+    }
+}

@@ -112,8 +112,13 @@ impl Proc {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                if pred(&self.lines()) {
-                    return;
+                // The reader thread may still be taking in the last lines of a loaded machine.
+                let drained = std::time::Instant::now() + std::time::Duration::from_secs(2);
+                while std::time::Instant::now() < drained {
+                    if pred(&self.lines()) {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 panic!("exited ({status}) before {what}:\n{}", self.stderr());
             }

@@ -225,6 +225,7 @@ fn stale_report(url: &str, job: &str, token: &str) -> String {
                     lr: 1.0,
                     tokens: 1,
                     elapsed_ms: 1.0,
+                    ..Default::default()
                 })),
             })
             .expect("send");

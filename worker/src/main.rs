@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use dapt_corpus::CorpusReader;
 use dapt_proto::job::JobSpec;
-use dapt_proto::logging::{self, LogFormat};
+use dapt_proto::logging::{self, LogArgs};
 use dapt_worker::device::{DeviceSpec, EngineKind, Precision};
 use dapt_worker::import::hf::{self, ExportDtype};
 use dapt_worker::train::eval::perplexity_on;
@@ -22,9 +22,8 @@ use dapt_worker::{checkpoint, import};
     about = "The dapt worker: train, evaluate, import and export Llama models"
 )]
 struct Cli {
-    /// Log line format on stderr.
-    #[arg(long, global = true, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(flatten)]
     agent: AgentArgs,
     #[command(subcommand)]
@@ -146,7 +145,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    logging::init(cli.log_format);
+    logging::init(cli.log);
     if matches.value_source("token") == Some(clap::parser::ValueSource::CommandLine) {
         tracing::warn!(
             "--token on the command line shows in `ps` to every user of this machine: prefer \
@@ -359,6 +358,8 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             device: args.device,
             precision: args.precision,
             engine: EngineKind::resolve(args.engine, args.device).map_err(anyhow::Error::msg)?,
+            // Known once the GPU is (the agent asks its driver).
+            peak_flops: None,
         },
         connect_timeout: std::time::Duration::from_secs(args.connect_timeout_s),
         tls: args.tls,

@@ -80,6 +80,18 @@ impl Sim {
     }
 
     fn step(&mut self, worker: &str, step: u64) -> Vec<Action> {
+        let times = StepTimes::default();
+        self.step_timed(worker, step, Duration::from_millis(100), times, None)
+    }
+
+    fn step_timed(
+        &mut self,
+        worker: &str,
+        step: u64,
+        elapsed: Duration,
+        times: StepTimes,
+        peak_flops: Option<f64>,
+    ) -> Vec<Action> {
         let s = self.state();
         let rank = s.members[&id(worker)].rank.expect("ranked");
         let slice = rank_slice(step, BATCH, rank, s.ranks.len() as u32);
@@ -97,7 +109,9 @@ impl Sim {
                 grad_norm: 1.0,
                 lr: 1e-3,
                 tokens: BATCH * 16,
-                elapsed: Duration::from_millis(100),
+                elapsed,
+                times,
+                peak_flops,
             },
         })
     }
@@ -279,6 +293,65 @@ fn logs_a_step_once_every_rank_reported_it() {
 }
 
 #[test]
+fn a_step_that_checkpointed_keeps_its_training_throughput_and_says_where_the_time_went() {
+    let mut sim = formed();
+    let ms = Duration::from_millis;
+    // Rank 0 wrote the checkpoint; rank 1 hashed its weights and waited for rank 0.
+    let rank0 = StepTimes {
+        train: ms(80),
+        eval: ms(0),
+        checkpoint: ms(500),
+    };
+    let rank1 = StepTimes {
+        train: ms(100),
+        eval: ms(0),
+        checkpoint: ms(10),
+    };
+    assert!(sim
+        .step_timed("a", 0, ms(580), rank0, Some(1e12))
+        .is_empty());
+    let actions = sim.step_timed("b", 0, ms(600), rank1, None);
+    let Some(Action::Log(Log::Step {
+        tokens_per_s,
+        elapsed,
+        times,
+        peak_flops,
+        ..
+    })) = actions.first()
+    else {
+        panic!("{actions:?}")
+    };
+    // The slowest rank's training time, not the whole step: 112 tokens in 0.1 s.
+    assert!((tokens_per_s - (BATCH * 16) as f64 / 0.1).abs() < 1e-6);
+    assert_eq!(*elapsed, ms(600));
+    assert_eq!(
+        *times,
+        StepTimes {
+            train: ms(100),
+            eval: ms(0),
+            checkpoint: ms(500)
+        }
+    );
+    // One rank's device peak is unknown: no MFU.
+    assert_eq!(*peak_flops, None);
+
+    // A worker without the split (train 0): its whole step counts as training.
+    let none = StepTimes::default();
+    sim.step_timed("a", 1, ms(200), none, Some(1e12));
+    let actions = sim.step_timed("b", 1, ms(250), none, Some(1e12));
+    let Some(Action::Log(Log::Step {
+        tokens_per_s,
+        peak_flops,
+        ..
+    })) = actions.first()
+    else {
+        panic!("{actions:?}")
+    };
+    assert!((tokens_per_s - (BATCH * 16) as f64 / 0.25).abs() < 1e-6);
+    assert_eq!(*peak_flops, Some(2e12));
+}
+
+#[test]
 fn refuses_stale_generations_and_wrong_samples() {
     let mut sim = formed();
     let conn = sim.conn("a");
@@ -295,6 +368,8 @@ fn refuses_stale_generations_and_wrong_samples() {
             lr: 1.0,
             tokens: 1,
             elapsed: Duration::ZERO,
+            times: StepTimes::default(),
+            peak_flops: None,
         },
     });
     assert_eq!(refusal(&actions), Some(ErrorCode::StaleGeneration));
@@ -311,6 +386,8 @@ fn refuses_stale_generations_and_wrong_samples() {
             lr: 1.0,
             tokens: 1,
             elapsed: Duration::ZERO,
+            times: StepTimes::default(),
+            peak_flops: None,
         },
     });
     assert_eq!(refusal(&actions), Some(ErrorCode::Invalid));
@@ -444,6 +521,8 @@ impl Sim {
                 lr: 0.0,
                 tokens: 0,
                 elapsed: Duration::ZERO,
+                times: StepTimes::default(),
+                peak_flops: None,
             },
         })
     }

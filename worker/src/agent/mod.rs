@@ -80,10 +80,11 @@ impl Generation {
     }
 }
 
-async fn session(o: AgentOptions) -> anyhow::Result<AgentExit> {
+async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
     if let crate::device::DeviceSpec::Cuda(ordinal) = o.placement.device {
         // Before joining: a worker that cannot train must not become a rank.
         let info = crate::device::cuda_ready(ordinal)?;
+        o.placement.peak_flops = dapt_proto::device::peak_flops(&info.name);
         tracing::info!(device = %o.placement.device, name = %info.name, precision = %o.placement.precision, "training on the gpu");
     } else if o.placement.engine == crate::device::EngineKind::Resident {
         tracing::info!(precision = %o.placement.precision, "the resident (GPU) engine on the cpu");

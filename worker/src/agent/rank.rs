@@ -79,6 +79,9 @@ pub struct Placement {
     pub precision: Precision,
     /// Resolved for `device` ([`EngineKind::resolve`]).
     pub engine: EngineKind,
+    /// The device's dense bf16 peak, FLOP/s, when known ([`dapt_proto::device::peak_flops`]):
+    /// the coordinator's MFU.
+    pub peak_flops: Option<f64>,
 }
 
 /// Trains `a` to the job's end. `report` sends a message to the coordinator.
@@ -183,6 +186,8 @@ pub fn train(
     if a.resume_step == 0 && training.eval_every > 0 {
         // The base model's held-out perplexity: what continued pretraining is measured against.
         eval(trainer.as_ref(), 0);
+        // The other ranks wait for it here rather than inside the first step's training time.
+        barrier(&mut *ring.borrow_mut()).map_err(|e| collective_error(e, abort))?;
     }
 
     let step_tokens = training.tokens_per_step();
@@ -214,24 +219,22 @@ pub fn train(
         ring.borrow_mut()
             .all_reduce_mean(&mut loss_buf)
             .map_err(|e| collective_error(e, abort))?;
+        let train_time = started.elapsed();
         let done = trainer.step();
         progress.step.store(done, Ordering::Relaxed);
-        report(Kind::Step(rpc::StepReport {
-            generation: a.generation,
-            step,
-            rank: a.rank,
-            samples_start: slice.start,
-            samples_end: slice.end,
-            loss: f64::from(loss_buf[0]),
-            grad_norm: stats.grad_norm,
-            lr: stats.lr,
-            tokens: step_tokens,
-            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
-        }));
-        if done == total || (training.eval_every > 0 && done.is_multiple_of(training.eval_every)) {
+        let evaluate_now =
+            done == total || (training.eval_every > 0 && done.is_multiple_of(training.eval_every));
+        let checkpoint_now = done.is_multiple_of(job.checkpoint.every) || done == total;
+        let mut eval_time = Duration::ZERO;
+        if evaluate_now {
+            let t = Instant::now();
             eval(trainer.as_ref(), done);
+            eval_time = t.elapsed();
         }
-        if done.is_multiple_of(job.checkpoint.every) || done == total {
+        let mut checkpoint_time = Duration::ZERO;
+        let mut vote = None;
+        if checkpoint_now {
+            let t = Instant::now();
             // One host copy of a device engine's state serves the checkpoint and the digest.
             let host = trainer.host();
             let dir = if a.rank == 0 {
@@ -242,16 +245,52 @@ pub fn train(
             } else {
                 String::new()
             };
-            report(Kind::Checkpoint(rpc::CheckpointReport {
+            vote = Some(rpc::CheckpointReport {
                 generation: a.generation,
                 step: done,
                 rank: a.rank,
                 dir,
                 weights_digest: digest(&host.weights),
-            }));
+            });
+            checkpoint_time = t.elapsed();
+        }
+        if evaluate_now || checkpoint_now {
+            // The ranks wait here for rank 0's evaluation and checkpoint, so that the wait is
+            // this step's, not hidden in the next step's training time.
+            barrier(&mut *ring.borrow_mut()).map_err(|e| collective_error(e, abort))?;
+        }
+        // The step report goes before the checkpoint's: the coordinator commits a checkpoint
+        // only once every step before it was reported.
+        report(Kind::Step(rpc::StepReport {
+            generation: a.generation,
+            step,
+            rank: a.rank,
+            samples_start: slice.start,
+            samples_end: slice.end,
+            loss: f64::from(loss_buf[0]),
+            grad_norm: stats.grad_norm,
+            lr: stats.lr,
+            tokens: step_tokens,
+            elapsed_ms: millis(started.elapsed()),
+            train_ms: millis(train_time),
+            eval_ms: millis(eval_time),
+            checkpoint_ms: millis(checkpoint_time),
+            peak_flops: placement.peak_flops.unwrap_or(0.0),
+        }));
+        if let Some(vote) = vote {
+            report(Kind::Checkpoint(vote));
         }
     }
     Ok(())
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Returns once every rank reached it (an all-reduce of one float).
+fn barrier(ring: &mut dyn Collective) -> Result<(), CollectiveError> {
+    ring.all_reduce_mean(&mut [0.0])
 }
 
 /// XXH3-128 of `weights` as little-endian f32, in hex.
