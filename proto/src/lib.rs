@@ -2,6 +2,7 @@
 //! on the coordinator crate nor the coordinator on the worker crate; they meet here and in
 //! `dapt-corpus`.
 //!
+//! * [`checkpoint`] — what makes a directory a dapt checkpoint (its manifest), and removing one.
 //! * [`device`] — the compute precision on GPUs (`--precision`).
 //! * [`job`] — the job file (model, corpus, training, checkpoints), parsed and checked once.
 //! * [`logging`] — the binaries' log output.
@@ -9,6 +10,7 @@
 //! * [`etcd`] — connecting to the job's etcd (membership backend).
 //! * [`rpc`] — the gRPC protocol (`proto/dapt/v1/*.proto`), id newtypes and typed refusals.
 
+pub mod checkpoint;
 pub mod device;
 pub mod etcd;
 pub mod job;

@@ -85,6 +85,13 @@ pub fn train(
     } else {
         restore(a.checkpoint.as_ref(), &training, job.seed).map_err(RankError::failed)?
     };
+    let vocab = reader.manifest().tokenizer.vocab_size as usize;
+    if vocab > trainer.config.vocab_size {
+        return Err(RankError::failed(format!(
+            "the corpus tokenizer has {vocab} tokens but the model only {}",
+            trainer.config.vocab_size
+        )));
+    }
     if trainer.step != a.resume_step {
         return Err(RankError::failed(format!(
             "checkpoint `{}` is at step {}, the assignment resumes at {}",
@@ -147,11 +154,12 @@ pub fn train(
     let tokenizer = corpus_tokenizer
         .is_file()
         .then_some(corpus_tokenizer.as_path());
-    let eval = |trainer: &dyn Engine, step: u64| {
+    let eval = |trainer: &dyn Engine, step: u64| -> Result<(), RankError> {
         if a.rank != 0 {
-            return;
+            return Ok(());
         }
-        for (source, p) in evaluate(trainer, &reader, &training, step).sources {
+        let log = evaluate(trainer, &reader, &training, step).map_err(RankError::failed)?;
+        for (source, p) in log.sources {
             report(Kind::Eval(rpc::EvalReport {
                 generation: a.generation,
                 step,
@@ -160,18 +168,26 @@ pub fn train(
                 tokens: p.tokens,
             }));
         }
+        Ok(())
     };
     if a.resume_step == 0 && training.eval_every > 0 {
         // The base model's held-out perplexity: what continued pretraining is measured against.
-        eval(trainer.as_ref(), 0);
+        eval(trainer.as_ref(), 0)?;
     }
 
     let step_tokens = training.tokens_per_step();
     let total = a.total_steps.min(training.steps());
     progress.generation.store(a.generation, Ordering::Relaxed);
+    let panic_at = fault_panic_step();
     while trainer.step() < total {
         if abort.is_aborted() {
             return Err(RankError::Aborted);
+        }
+        if panic_at == Some(trainer.step()) {
+            panic!(
+                "{FAULT_PANIC_AT_STEP} asked for a panic at step {}",
+                trainer.step()
+            );
         }
         let started = Instant::now();
         let step = trainer.step();
@@ -182,7 +198,8 @@ pub fn train(
             slice.clone(),
             u64::from(a.micro_batch.max(1)),
             training.seq_len,
-        );
+        )
+        .map_err(RankError::failed)?;
         let denominator = step_tokens as f64 / a.world as f64;
         let (loss, stats) = trainer
             .train_step(&micro, denominator, step_tokens)
@@ -210,7 +227,7 @@ pub fn train(
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
         }));
         if done == total || (training.eval_every > 0 && done.is_multiple_of(training.eval_every)) {
-            eval(trainer.as_ref(), done);
+            eval(trainer.as_ref(), done)?;
         }
         if done.is_multiple_of(job.checkpoint.every) || done == total {
             // One host copy of a device engine's state serves the checkpoint and the digest.
@@ -233,6 +250,21 @@ pub fn train(
         }
     }
     Ok(())
+}
+
+/// Test hook, not a setting: a worker started with `DAPT_FAULT_PANIC_AT_STEP=N` panics on its
+/// training thread when it is about to train step N, so that the tests over the real binaries
+/// can check that a panic is reported as a failure (docs/control-plane.md). Never set it in a
+/// real job.
+pub const FAULT_PANIC_AT_STEP: &str = "DAPT_FAULT_PANIC_AT_STEP";
+
+fn fault_panic_step() -> Option<u64> {
+    let step = std::env::var(FAULT_PANIC_AT_STEP).ok()?.parse().ok()?;
+    tracing::warn!(
+        step,
+        "test hook {FAULT_PANIC_AT_STEP} is set: this worker will panic"
+    );
+    Some(step)
 }
 
 /// XXH3-128 of `weights` as little-endian f32, in hex.
