@@ -556,6 +556,11 @@ fn log(line: Log) {
             tracing::info!(step, checkpoint = %dir, "job completed")
         }
         Log::Failed { reason } => tracing::error!(%reason, "job failed"),
+        Log::Cause {
+            generation,
+            worker,
+            reason,
+        } => tracing::warn!(generation = generation.0, %worker, %reason, "recovery cause"),
         Log::Stopping { reason } => tracing::warn!(%reason, "stopping the job"),
     }
 }
@@ -741,6 +746,7 @@ fn to_event(
             worker: id,
             generation: Generation(f.generation),
             reason: f.reason,
+            peer_fault: f.peer_fault,
         },
         Kind::Eval(e) => Event::Eval {
             conn,
