@@ -159,6 +159,9 @@ pub struct Recovery {
     pub aborted: Option<Instant>,
     /// When the next generation was formed.
     pub reformed: Option<Instant>,
+    /// The reason is a rank's report that a peer failed it (a closed connection, a timeout):
+    /// the peer's own report of what went wrong, if it comes, replaces it.
+    pub blames_peer: bool,
 }
 
 /// The job as the coordinator sees it.
@@ -258,6 +261,9 @@ pub enum Event {
         /// The failure would recur on a retry from the last commit (a step whose loss or
         /// gradient norm is not finite): the job fails instead of re-forming.
         fatal: bool,
+        /// The failure was a peer's doing (it closed the ring, or went silent), as far as the
+        /// rank can tell.
+        peer_fault: bool,
     },
     Eval {
         conn: ConnId,
@@ -393,6 +399,13 @@ pub enum Log {
         dir: String,
     },
     Failed {
+        reason: String,
+    },
+    /// A rank of a generation being torn down for a peer's fault reported its own failure:
+    /// the root cause, which the recovery (and a failed job) now gives as its reason.
+    Cause {
+        generation: Generation,
+        worker: WorkerId,
         reason: String,
     },
     Stopping {
@@ -610,16 +623,42 @@ pub fn decide(mut state: JobState, event: Event, now: Instant) -> (JobState, Vec
             generation,
             reason,
             fatal,
+            peer_fault,
         } => {
-            if current_rank(&state, &worker, conn, generation, &mut out).is_some() {
+            let reason = format!("{worker} failed: {reason}");
+            let root_cause = state.is_member(&worker, conn)
+                && !peer_fault
+                && state
+                    .recovery
+                    .as_ref()
+                    .is_some_and(|r| r.generation == generation && r.blames_peer);
+            if root_cause && fatal {
+                // A peer's report began a recovery, but this rank's own failure would recur
+                // from the last commit: end the job with it.
+                fail(&mut state, reason, Some(&worker), &mut out);
+            } else if root_cause {
+                // A peer reported this rank's failure first (its ring saw the connection
+                // close); this is what actually went wrong.
+                if let Some(r) = state.recovery.as_mut() {
+                    r.reason = reason.clone();
+                    r.blames_peer = false;
+                }
+                out.push(Action::Log(Log::Cause {
+                    generation,
+                    worker,
+                    reason,
+                }));
+            } else if current_rank(&state, &worker, conn, generation, &mut out).is_some() {
                 // The failed rank's training has stopped already: it needs no abort order.
-                let reason = format!("{worker} failed: {reason}");
                 if fatal {
                     // Re-forming would replay the same steps from the same commit into the
                     // same failure: end the job with the worker's reason.
                     fail(&mut state, reason, Some(&worker), &mut out);
                 } else {
                     begin_recovery(&mut state, reason, Some(&worker), now, &mut out);
+                    if let Some(r) = state.recovery.as_mut() {
+                        r.blames_peer = peer_fault;
+                    }
                 }
             }
         }
@@ -837,6 +876,7 @@ fn begin_recovery(
         abort_deadline: now + state.config.abort_timeout,
         aborted: None,
         reformed: None,
+        blames_peer: false,
     });
     state.phase = Phase::Recovering;
     state.steps.clear();

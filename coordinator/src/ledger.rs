@@ -12,6 +12,7 @@ use std::fs;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
+use dapt_proto::checkpoint;
 use dapt_proto::job::JobSpec;
 use serde::{Deserialize, Serialize};
 
@@ -95,15 +96,31 @@ pub struct Ledger {
 impl Ledger {
     /// Opens (or starts) the state of `job`, returning the committed checkpoint to resume from.
     /// Refuses a directory that holds another job, or the same job with another seed, sequence
-    /// length or global batch: its committed steps would mean other samples.
+    /// length or global batch: its committed steps would mean other samples. Refuses a
+    /// non-empty directory without a `committed.json` that holds anything dapt does not write
+    /// there (see [`foreign_entry`]): checkpoint.dir pointed at a user's folder by mistake.
+    ///
+    /// The committed checkpoint is verified (every file's SHA-256). When it fails, the newest
+    /// earlier checkpoint that verifies takes its place (said in the log): `committed.json` is
+    /// rewritten and the ledger cut back to it, so its samples are trained again, not lost.
     pub fn open(job: &JobSpec) -> Result<(Self, Option<Committed>), LedgerError> {
         let identity = CommittedFile::identity(job).ok_or_else(|| LedgerError::Invalid {
             path: job.checkpoint.dir.clone(),
             message: "the job has no `training:` section".into(),
         })?;
         let dir = job.checkpoint.dir.clone();
-        fs::create_dir_all(&dir).map_err(io(&dir))?;
         let path = dir.join(COMMITTED_FILE);
+        if !path.exists() {
+            if let Some(name) = foreign_entry(&dir)? {
+                return Err(LedgerError::Invalid {
+                    path: dir.clone(),
+                    message: format!(
+                        "checkpoint.dir exists, has no {COMMITTED_FILE} and holds `{name}`, which dapt did not write: choose an empty or new directory for checkpoint.dir"
+                    ),
+                });
+            }
+        }
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
         let committed = match fs::read(&path) {
             Ok(bytes) => {
                 let file: CommittedFile =
@@ -125,8 +142,70 @@ impl Ledger {
             Err(e) => return Err(io(&path)(e)),
         };
         let ledger = Ledger { dir, identity };
+        let committed = match committed {
+            Some(c) => Some(ledger.verified_or_fallback(c)?),
+            None => None,
+        };
         ledger.truncate(committed.as_ref().map_or(0, |c| c.step))?;
         Ok((ledger, committed))
+    }
+
+    /// `committed` when its checkpoint verifies; otherwise the newest earlier checkpoint that
+    /// does, recorded as the committed one. A committed checkpoint this machine cannot see at
+    /// all (no checkpoint here: the workers' disks are elsewhere) is left to the workers.
+    fn verified_or_fallback(&self, committed: Committed) -> Result<Committed, LedgerError> {
+        let dir = PathBuf::from(&committed.dir);
+        let kept = checkpoint::list(&self.dir);
+        if !dir.exists() && kept.is_empty() {
+            return Ok(committed);
+        }
+        let problem = match checkpoint::CheckpointManifest::read(&dir) {
+            Ok(m) if m.step != committed.step => format!(
+                "its manifest says step {}, committed.json says {}",
+                m.step, committed.step
+            ),
+            Ok(m) => match m.verify(&dir) {
+                Ok(()) => return Ok(committed),
+                Err(e) => e.message,
+            },
+            Err(e) => e.message,
+        };
+        tracing::warn!(
+            step = committed.step,
+            checkpoint = %dir.display(),
+            problem = %problem,
+            "the committed checkpoint failed verification"
+        );
+        for (step, path, manifest) in kept.iter().rev() {
+            if *step >= committed.step {
+                continue;
+            }
+            if let Err(e) = manifest.verify(path) {
+                tracing::warn!(step, checkpoint = %path.display(), problem = %e.message, "an earlier checkpoint failed verification too");
+                continue;
+            }
+            let fallback = Committed {
+                step: *step,
+                dir: path.display().to_string(),
+                generation: committed.generation,
+            };
+            tracing::warn!(
+                step,
+                checkpoint = %path.display(),
+                corrupt_step = committed.step,
+                "falling back to the previous kept checkpoint; the steps after it are trained again"
+            );
+            self.truncate(fallback.step)?;
+            self.record(&fallback)?;
+            return Ok(fallback);
+        }
+        Err(LedgerError::Invalid {
+            path: dir,
+            message: format!(
+                "the committed checkpoint of step {} is corrupt ({problem}) and no earlier kept checkpoint verifies",
+                committed.step
+            ),
+        })
     }
 
     pub fn ledger_path(&self) -> PathBuf {
@@ -176,6 +255,11 @@ impl Ledger {
         }
         file.write_all(text.as_bytes()).map_err(io(&path))?;
         file.sync_data().map_err(io(&path))?;
+        self.record(committed)
+    }
+
+    /// Writes `committed.json`.
+    fn record(&self, committed: &Committed) -> Result<(), LedgerError> {
         let record = CommittedFile {
             committed: committed.clone(),
             ..self.identity.clone()
@@ -211,26 +295,53 @@ impl Ledger {
     }
 }
 
-/// Deletes the `step-*` directories in `dir` older than the `keep` newest at or before
-/// `committed`. Directories past it (written, never committed) are left for the next run to
-/// replace.
-pub fn prune_dir(dir: &Path, committed: u64, keep: usize) -> Result<Vec<PathBuf>, LedgerError> {
-    let mut steps: Vec<(u64, PathBuf)> = fs::read_dir(dir)
-        .map_err(io(dir))?
+/// The first entry of `dir` that dapt does not write in a checkpoint directory (its
+/// checkpoints, their staging directories, `committed.json`, the ledger, `logs/`, `export/`),
+/// if any. A missing directory has none.
+pub fn foreign_entry(dir: &Path) -> Result<Option<String>, LedgerError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    let mut names: Vec<(String, PathBuf)> = entries
         .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
-            Some((step, e.path()))
-        })
-        .filter(|(step, _)| *step <= committed)
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
         .collect();
-    steps.sort();
+    names.sort();
+    Ok(names
+        .into_iter()
+        .find(|(name, path)| {
+            let ours = matches!(
+                name.as_str(),
+                COMMITTED_FILE | LEDGER_FILE | "committed.tmp" | "ledger.tmp" | "logs" | "export"
+            ) || name.starts_with(".tmp-step-")
+                || checkpoint::identify(path).is_some();
+            !ours
+        })
+        .map(|(name, _)| name))
+}
+
+/// Deletes the dapt checkpoints in `dir` older than the `keep` newest at or before
+/// `committed`. Checkpoints past it (written, never committed) are left for the next run to
+/// replace. Only directories with a dapt checkpoint manifest of their step count, and only
+/// their listed files are deleted ([`dapt_proto::checkpoint::remove`]): a user's `step-1/` is
+/// never touched.
+pub fn prune_dir(dir: &Path, committed: u64, keep: usize) -> Result<Vec<PathBuf>, LedgerError> {
+    let steps: Vec<_> = checkpoint::list(dir)
+        .into_iter()
+        .filter(|(step, _, _)| *step <= committed)
+        .collect();
     let remove = steps.len().saturating_sub(keep);
     let mut removed = Vec::new();
-    for (_, path) in steps.into_iter().take(remove) {
-        fs::remove_dir_all(&path).map_err(io(&path))?;
-        removed.push(path);
+    for (_, path, manifest) in steps.into_iter().take(remove) {
+        match checkpoint::remove(&path, &manifest) {
+            Ok(()) => removed.push(path),
+            // Someone put a file of theirs in it: it stays, and so does the checkpoint.
+            Err(e) => {
+                tracing::warn!(checkpoint = %path.display(), error = %e, "not pruning a checkpoint")
+            }
+        }
     }
     Ok(removed)
 }
@@ -329,5 +440,77 @@ mod tests {
         assert_eq!(ledger.entries().expect("entries"), vec![entry(0), entry(1)]);
         let err = Ledger::open(&job(tmp.path(), 2)).expect_err("another seed");
         assert!(err.to_string().contains("`seed`"), "{err}");
+    }
+
+    /// A dapt checkpoint of `step` under `root` with one data file.
+    fn checkpoint_dir(root: &Path, step: u64) -> PathBuf {
+        let dir = root.join(format!("step-{step:08}"));
+        fs::create_dir_all(&dir).expect("mkdir");
+        fs::write(dir.join("model.safetensors"), format!("weights {step}")).expect("write");
+        let manifest = checkpoint::CheckpointManifest {
+            format_version: checkpoint::FORMAT_VERSION,
+            step,
+            files: vec![checkpoint::CheckpointFile {
+                path: "model.safetensors".into(),
+                bytes: fs::metadata(dir.join("model.safetensors"))
+                    .expect("meta")
+                    .len(),
+                sha256: dapt_corpus::tokenizer::sha256_file(&dir.join("model.safetensors"))
+                    .expect("sha"),
+            }],
+        };
+        fs::write(
+            dir.join(checkpoint::MANIFEST_FILE),
+            serde_json::to_vec(&manifest).expect("json"),
+        )
+        .expect("write");
+        dir
+    }
+
+    #[test]
+    fn a_corrupt_committed_checkpoint_falls_back_and_pruning_spares_the_users_folders() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let spec = job(tmp.path(), 1);
+        let root = spec.checkpoint.dir.clone();
+        // A user's folder in a fresh checkpoint.dir: refused, untouched.
+        fs::create_dir_all(root.join("step-1")).expect("mkdir");
+        fs::write(root.join("step-1/results.csv"), "mine").expect("write");
+        let err = Ledger::open(&spec).expect_err("foreign").to_string();
+        assert!(err.contains("step-1"), "{err}");
+        fs::remove_dir_all(root.join("step-1")).expect("rm");
+
+        let (ledger, _) = Ledger::open(&spec).expect("open");
+        let five = checkpoint_dir(&root, 5);
+        let ten = checkpoint_dir(&root, 10);
+        let commit = |step: u64, dir: &Path| Committed {
+            step,
+            dir: dir.display().to_string(),
+            generation: 1,
+        };
+        ledger
+            .commit(&commit(5, &five), &[entry(0), entry(4)])
+            .expect("commit");
+        ledger
+            .commit(&commit(10, &ten), &[entry(5), entry(9)])
+            .expect("commit");
+        // Now the user's folders sit among ours (the directory is the job's): never pruned.
+        fs::create_dir_all(root.join("step-1")).expect("mkdir");
+        fs::write(root.join("step-1/results.csv"), "mine").expect("write");
+        let removed = prune_dir(&root, 10, 1).expect("prune");
+        assert_eq!(removed, vec![five.clone()]);
+        assert!(root.join("step-1/results.csv").is_file());
+        let five = checkpoint_dir(&root, 5);
+
+        let (_, committed) = Ledger::open(&spec).expect("reopen");
+        assert_eq!(committed, Some(commit(10, &ten)));
+        fs::write(ten.join("model.safetensors"), "weights 1O").expect("rot");
+        let (ledger, committed) = Ledger::open(&spec).expect("falls back");
+        assert_eq!(committed, Some(commit(5, &five)));
+        assert_eq!(ledger.entries().expect("entries"), vec![entry(0), entry(4)]);
+        fs::write(five.join("model.safetensors"), "weights 6").expect("rot");
+        let err = Ledger::open(&spec)
+            .expect_err("nothing verifies")
+            .to_string();
+        assert!(err.contains("model.safetensors"), "{err}");
     }
 }

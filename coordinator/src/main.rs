@@ -8,7 +8,7 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use dapt_coordinator::spec::JobSpec;
 use dapt_coordinator::{launch, plan, progress, server};
-use dapt_corpus::{prepare, PrepareOptions, PrepareOutcome};
+use dapt_corpus::{prepare, PrepareOptions, PrepareOutcome, VerifyMode};
 use dapt_proto::logging::{self, LogArgs};
 use dapt_proto::rpc;
 
@@ -37,6 +37,11 @@ enum Command {
         /// No progress bar or progress log lines.
         #[arg(long)]
         quiet: bool,
+        /// How an existing corpus made from the same inputs is checked before it is trusted:
+        /// `full` hashes every byte (catches bit rot and files changed with their mtime kept),
+        /// `cached` trusts files whose size and mtime match the last check.
+        #[arg(long, default_value_t = VerifyMode::Full)]
+        verify: VerifyMode,
     },
     /// Training FLOPs, steps, memory per GPU, GPU-hours and cost of the job, before running it.
     Plan {
@@ -76,6 +81,10 @@ enum Command {
         /// Compute dtype on GPUs: f32 or bf16.
         #[arg(long, default_value = "f32")]
         precision: dapt_proto::device::Precision,
+        /// How the prepared corpus is checked before training: `full` (every byte hashed) or
+        /// `cached` (size and mtime trusted where a check recorded them), as `dapt prepare`.
+        #[arg(long, default_value_t = VerifyMode::Full)]
+        verify: VerifyMode,
     },
     /// Run the job's coordinator for a cluster: workers join with
     /// `dapt-worker --coordinator http(s)://HOST:PORT --job NAME` and the same token.
@@ -226,9 +235,10 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
             no_export,
             device,
             precision,
+            verify,
         } => {
             let spec = JobSpec::load(&job)?;
-            prepare_quietly(&spec, &job)?;
+            prepare_quietly(&spec, &job, verify)?;
             let options = launch::LaunchOptions {
                 workers,
                 log,
@@ -377,12 +387,18 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
             print!("{}", plan::render(&p, &options, &config));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Prepare { job, force, quiet } => {
+        Command::Prepare {
+            job,
+            force,
+            quiet,
+            verify,
+        } => {
             let spec = JobSpec::load(&job)?;
             let plan = spec.training.map(|t| t.plan());
             let options = PrepareOptions {
                 force,
                 progress: !quiet,
+                verify,
             };
             let outcome = prepare(&spec.corpus, plan, &options)
                 .with_context(|| format!("preparing the corpus of {}", job.display()))?;
@@ -456,11 +472,16 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Brings the job's corpus up to date (a no-op when its inputs did not change).
-fn prepare_quietly(spec: &JobSpec, job: &std::path::Path) -> anyhow::Result<()> {
+fn prepare_quietly(
+    spec: &JobSpec,
+    job: &std::path::Path,
+    verify: VerifyMode,
+) -> anyhow::Result<()> {
     let plan = spec.training.map(|t| t.plan());
     let options = PrepareOptions {
         force: false,
         progress: false,
+        verify,
     };
     match prepare(&spec.corpus, plan, &options)
         .with_context(|| format!("preparing the corpus of {}", job.display()))?

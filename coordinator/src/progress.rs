@@ -599,6 +599,11 @@ pub fn emit(line: Log, progress: &Progress, now: Instant) {
             tracing::info!(step, checkpoint = %dir, "job completed")
         }
         Log::Failed { reason } => tracing::error!(%reason, "job failed"),
+        Log::Cause {
+            generation,
+            worker,
+            reason,
+        } => tracing::warn!(generation = generation.0, %worker, %reason, "recovery cause"),
         Log::Stopping { reason } => tracing::warn!(%reason, "stopping the job"),
     }
 }

@@ -883,6 +883,7 @@ fn to_event(
             generation: Generation(f.generation),
             reason: clean(f.reason),
             fatal: f.fatal,
+            peer_fault: f.peer_fault,
         },
         Kind::Eval(e) => Event::Eval {
             conn,

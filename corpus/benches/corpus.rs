@@ -81,7 +81,13 @@ fn main() {
     let mut raw_bytes = 0u64;
     for source in first.sources() {
         for file in ingest::discover(source).expect("discover").files {
-            let text = ingest::read_file(&file, "text", encoding_rs::UTF_8).expect("read");
+            let text = ingest::read_file(
+                &file,
+                "text",
+                encoding_rs::UTF_8,
+                dapt_corpus::spec::DEFAULT_MAX_FILE_BYTES,
+            )
+            .expect("read");
             raw_bytes += text.bytes;
             texts.extend(
                 text.documents
@@ -114,6 +120,7 @@ fn main() {
         let options = PrepareOptions {
             force: true,
             progress: false,
+            ..PrepareOptions::default()
         };
         let PrepareOutcome::Prepared { stats, .. } =
             prepare(&spec, None, &options).expect("prepare")
@@ -174,7 +181,9 @@ fn sample_reads(what: &str, reader: &CorpusReader, repeats: usize) {
         for _ in 0..repeats.max(2) {
             let t = Instant::now();
             for g in 0..samples {
-                reader.read_sample(order.sample(g), seq_len, &mut buf);
+                reader
+                    .read_sample(order.sample(g), seq_len, &mut buf)
+                    .expect("ids in range");
                 checksum = checksum.wrapping_add(buf[0] as u64);
             }
             best = best.min(t.elapsed());

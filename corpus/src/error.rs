@@ -69,6 +69,22 @@ pub enum CorpusError {
         tokens: u64,
         needed: u64,
     },
+    #[error("{path}: token {position} has id {id}, not below the vocabulary of {vocab}: the shard is corrupt (run `dapt prepare --verify full`)")]
+    TokenOutOfRange {
+        path: PathBuf,
+        /// Index of the token within the shard.
+        position: u64,
+        id: u32,
+        vocab: u32,
+    },
+    #[error("{path}: decompresses to more than {limit} bytes (corpus.max_file_bytes): split the file or raise the limit")]
+    TooLarge { path: PathBuf, limit: u64 },
+    #[error("{link}: a symbolic link to {target}, outside the source directory {root}: dapt does not follow links out of a corpus tree (name the target in `paths` if it belongs to the corpus)")]
+    LinkOutsideTree {
+        link: PathBuf,
+        target: PathBuf,
+        root: PathBuf,
+    },
     #[error("{0}")]
     Invalid(String),
 }

@@ -18,7 +18,7 @@ pub mod spec;
 pub mod tokenizer;
 
 pub use error::{CorpusError, Result};
-pub use manifest::Manifest;
+pub use manifest::{Manifest, VerifyMode};
 pub use order::{micro_batches, rank_slice, step_range, SampleOrder, SampleRef};
 pub use prepare::{prepare, PrepareOptions, PrepareOutcome};
 pub use shards::CorpusReader;

@@ -3,6 +3,8 @@
 //! A job trusts a shard only after its size and SHA-256 match the manifest. Hashing a large
 //! corpus at every restart would be slow, so a verified file's (size, mtime, hash) is remembered
 //! in `.verified.json` beside the manifest; a file whose size or mtime changed is hashed again.
+//! That cache cannot see a byte changed with the mtime kept (bit rot, `cp -a`), so
+//! [`VerifyMode::Full`] ignores it: `dapt prepare` and `dapt launch` verify in full by default.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,42 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const REPORT_FILE: &str = "report.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
-const VERIFIED_FILE: &str = ".verified.json";
+/// The verification cache: each verified file's size, mtime and hash.
+pub const VERIFIED_FILE: &str = ".verified.json";
+
+/// How much of a corpus is hashed again before it is trusted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    /// Every byte of every file: catches bit rot and a file changed with its mtime kept
+    /// (`cp -a`, `touch -r`). What `dapt prepare` and `dapt launch` do by default.
+    #[default]
+    Full,
+    /// Files whose size and mtime match what the last verification recorded are trusted
+    /// without reading them (`.verified.json`); others are hashed.
+    Cached,
+}
+
+impl std::str::FromStr for VerifyMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "full" => Ok(VerifyMode::Full),
+            "cached" => Ok(VerifyMode::Cached),
+            _ => Err(format!("unknown verify mode `{s}`: use full or cached")),
+        }
+    }
+}
+
+impl std::fmt::Display for VerifyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VerifyMode::Full => "full",
+            VerifyMode::Cached => "cached",
+        })
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

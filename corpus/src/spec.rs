@@ -14,6 +14,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub const DEFAULT_SHARD_TOKENS: u64 = 64 * 1024 * 1024;
 /// Vocabulary of the byte-level BPE trained when no tokenizer is given.
 pub const DEFAULT_VOCAB_SIZE: u32 = 8192;
+/// The default of `corpus.max_file_bytes` (1 GiB).
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 1 << 30;
 /// Field of a JSONL record that holds the text.
 pub const DEFAULT_TEXT_FIELD: &str = "text";
 
@@ -43,6 +45,10 @@ pub struct CorpusSpec {
     /// Target tokens per shard file (a shard closes at the first document boundary past it).
     #[serde(default = "default_shard_tokens")]
     pub shard_tokens: ShardTokens,
+    /// The most bytes one input file may hold, after decompression: files are read whole, and
+    /// a `.gz` can inflate a thousandfold. A file past it is an error naming it.
+    #[serde(default = "default_max_file_bytes")]
+    pub max_file_bytes: u64,
     /// The sources, in the order their shards and sample streams are numbered.
     pub sources: Sources,
 }
@@ -382,6 +388,9 @@ fn default_vocab_size() -> VocabSize {
 }
 fn default_shard_tokens() -> ShardTokens {
     ShardTokens(DEFAULT_SHARD_TOKENS)
+}
+fn default_max_file_bytes() -> u64 {
+    DEFAULT_MAX_FILE_BYTES
 }
 fn default_text_field() -> String {
     DEFAULT_TEXT_FIELD.to_owned()

@@ -127,7 +127,7 @@ fn prepares_every_format_and_counts_what_it_dropped() {
     for source in 0..2 {
         for stream in [reader.train(source), reader.held_out(source)] {
             let mut ids = vec![0u32; stream.len() as usize];
-            stream.read(0, &mut ids);
+            stream.read(0, &mut ids).expect("read");
             all.extend(ids);
         }
     }
@@ -354,8 +354,8 @@ fn weight_zero_source_is_evaluated_on_the_same_documents_but_never_sampled() {
         // The same held-out documents, as the same tokens: the evaluation sets match.
         let (x, y) = (a.held_out(source), b.held_out(source));
         let (mut xs, mut ys) = (vec![0u32; x.len() as usize], vec![0u32; y.len() as usize]);
-        x.read(0, &mut xs);
-        y.read(0, &mut ys);
+        x.read(0, &mut xs).expect("read");
+        y.read(0, &mut ys).expect("read");
         assert!(!xs.is_empty());
         assert_eq!(xs, ys, "held-out stream of source {source}");
     }
@@ -371,7 +371,7 @@ fn held_out_texts(out: &Path) -> Vec<String> {
     let eos = reader.manifest().tokenizer.eos_id;
     let stream = reader.held_out(0);
     let mut ids = vec![0u32; stream.len() as usize];
-    stream.read(0, &mut ids);
+    stream.read(0, &mut ids).expect("read");
     ids.split(|&t| t == eos)
         .filter(|d| !d.is_empty())
         .map(|d| tokenizer.decode(d, false).expect("decode"))

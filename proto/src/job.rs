@@ -614,6 +614,31 @@ impl JobSpec {
                 "collective_timeout_s and abort_timeout_ms must be positive".into(),
             ));
         }
+        // Durations are added to clock readings: bounded, so that no deadline overflows.
+        at_most("cluster.heartbeat_ms", c.heartbeat_ms, MAX_DURATION_MS)?;
+        at_most(
+            "cluster.session_timeout_ms",
+            c.session_timeout_ms,
+            MAX_DURATION_MS,
+        )?;
+        at_most(
+            "cluster.formation_grace_ms",
+            c.formation_grace_ms,
+            MAX_DURATION_MS,
+        )?;
+        at_most(
+            "cluster.abort_timeout_ms",
+            c.abort_timeout_ms,
+            MAX_DURATION_MS,
+        )?;
+        at_most(
+            "cluster.collective_timeout_s",
+            c.collective_timeout_s,
+            MAX_DURATION_MS / 1000,
+        )?;
+        if let Some(e) = &c.etcd {
+            at_most("cluster.etcd.lease_ttl_s", e.lease_ttl_s, MAX_LEASE_TTL_S)?;
+        }
         if let Some(m) = &self.model {
             number("model.init_std", m.init_std, |x| x >= 0.0, ">= 0")?;
         }
@@ -668,6 +693,72 @@ impl JobSpec {
             if t.tokens == 0 {
                 return Err(("training.tokens", "must be at least 1".into()));
             }
+            t.check_sizes()?;
+        }
+        Ok(())
+    }
+}
+
+/// The longest `seq_len` a job may ask for (tokens per sample).
+pub const MAX_SEQ_LEN: u32 = 1 << 20;
+/// The most samples per optimizer step.
+pub const MAX_GLOBAL_BATCH: u64 = 1 << 24;
+/// The most tokens one forward pass reads on one device (`micro_batch x (seq_len + 1)`): its
+/// buffers are allocated whole, and past this no device holds the activations anyway.
+pub const MAX_MICRO_BATCH_TOKENS: u64 = 1 << 26;
+/// The largest token budget: far past any real run, and exact in the f64 arithmetic of the
+/// learning-rate schedule.
+pub const MAX_TOKENS: u64 = 1 << 52;
+/// The longest duration in `cluster:` (one week), in milliseconds.
+pub const MAX_DURATION_MS: u64 = 7 * 24 * 3600 * 1000;
+/// The longest etcd lease TTL (one day), in seconds.
+pub const MAX_LEASE_TTL_S: u64 = 24 * 3600;
+
+fn at_most(field: &'static str, value: u64, max: u64) -> Result<(), (&'static str, String)> {
+    if value > max {
+        return Err((field, format!("must be at most {max}, got {value}")));
+    }
+    Ok(())
+}
+
+impl TrainingSpec {
+    /// Bounds every size and every product of sizes the job's buffers and counters are made
+    /// of, so that none wraps around (`global_batch x seq_len` to 0 tokens per step) and no
+    /// allocation is asked for more than a device could hold.
+    fn check_sizes(&self) -> Result<(), (&'static str, String)> {
+        at_most(
+            "training.seq_len",
+            u64::from(self.seq_len),
+            u64::from(MAX_SEQ_LEN),
+        )?;
+        at_most("training.global_batch", self.global_batch, MAX_GLOBAL_BATCH)?;
+        at_most("training.tokens", self.tokens, MAX_TOKENS)?;
+        let window = u64::from(self.seq_len) + 1;
+        let micro = self.micro_batch().min(self.global_batch);
+        match micro.checked_mul(window) {
+            Some(n) if n <= MAX_MICRO_BATCH_TOKENS => {}
+            _ => {
+                let field = if self.micro_batch.is_some() {
+                    "training.micro_batch"
+                } else {
+                    "training.global_batch"
+                };
+                return Err((
+                    field,
+                    format!(
+                        "{micro} samples of seq_len + 1 = {window} tokens per forward pass is more than {MAX_MICRO_BATCH_TOKENS}: set a smaller training.micro_batch (gradients accumulate over micro-batches)"
+                    ),
+                ));
+            }
+        }
+        // Bounded above, so neither product can wrap; checked all the same.
+        let per_step = self.global_batch.checked_mul(u64::from(self.seq_len));
+        let budget = self.tokens.checked_add(per_step.unwrap_or(u64::MAX));
+        if per_step.is_none() || budget.is_none() {
+            return Err((
+                "training.global_batch",
+                "global_batch x seq_len overflows a 64-bit count of tokens".into(),
+            ));
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 //! `dapt-corpus`.
 //!
 //! * [`auth`] — proof of job membership by challenge-response, keyed from the job's token.
+//! * [`checkpoint`] — what makes a directory a dapt checkpoint (its manifest), and removing one.
 //! * [`device`] — the compute precision on GPUs (`--precision`).
 //! * [`join`] — a worker's side of opening a session (challenge-response, `Join`), and
 //!   `dapt status` requests that prove the token.
@@ -15,6 +16,7 @@
 //! * [`token`] — the job's token: token files, the least a coordinator accepts.
 
 pub mod auth;
+pub mod checkpoint;
 pub mod device;
 pub mod etcd;
 pub mod job;

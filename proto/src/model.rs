@@ -66,6 +66,10 @@ const IGNORED_KEYS: &[&str] = &[
     "output_hidden_states",
 ];
 
+/// The most parameters a model may have (2^40, about 1.1 trillion): its weights and AdamW state
+/// are counted and indexed in 64-bit arithmetic that must not wrap.
+pub const MAX_PARAMS: u64 = 1 << 40;
+
 impl LlamaConfig {
     pub fn preset(preset: Preset, vocab_size: usize) -> Self {
         let base = |hidden, inter, layers, heads, kv, tie, theta| LlamaConfig {
@@ -233,6 +237,20 @@ impl LlamaConfig {
                 "unsupported field `{key}`: dapt does not implement it, and ignoring it could train a different model"
             ));
         }
+        match config.checked_num_params() {
+            Some(n) if n <= MAX_PARAMS => {}
+            _ => {
+                return Err(format!(
+                    "the sizes (hidden_size {}, intermediate_size {}, num_hidden_layers {}, heads {} x head_dim {}, vocab_size {}) make more than {MAX_PARAMS} parameters",
+                    config.hidden_size,
+                    config.intermediate_size,
+                    config.num_hidden_layers,
+                    config.num_attention_heads,
+                    config.head_dim,
+                    config.vocab_size
+                ))
+            }
+        }
         Ok(config)
     }
 
@@ -265,6 +283,30 @@ impl LlamaConfig {
             map.insert("eos_token_id".into(), id.into());
         }
         v
+    }
+
+    /// Parameters, embeddings included, or `None` when the sizes multiply past `u64` (a
+    /// `config.json` with absurd sizes).
+    pub fn checked_num_params(&self) -> Option<u64> {
+        let (h, i, l) = (
+            self.hidden_size as u64,
+            self.intermediate_size as u64,
+            self.num_hidden_layers as u64,
+        );
+        let q = (self.num_attention_heads as u64).checked_mul(self.head_dim as u64)?;
+        let kv = (self.num_key_value_heads as u64).checked_mul(self.head_dim as u64)?;
+        let hq = h.checked_mul(q)?;
+        let per_layer = hq
+            .checked_mul(2)?
+            .checked_add(h.checked_mul(kv)?.checked_mul(2)?)?
+            .checked_add(h.checked_mul(i)?.checked_mul(3)?)?
+            .checked_add(h.checked_mul(2)?)?;
+        let embed = (self.vocab_size as u64).checked_mul(h)?;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed
+            .checked_add(head)?
+            .checked_add(l.checked_mul(per_layer)?)?
+            .checked_add(h)
     }
 
     /// Parameters, embeddings included.

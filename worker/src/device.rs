@@ -189,7 +189,10 @@ fn link_in(base: &Path, lib: &Path) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     let link = dir.join("libnccl.so");
     if std::fs::read_link(&link).ok().as_deref() != Some(lib) {
-        let _ = std::fs::remove_file(&link);
+        // Only a link of ours is replaced; anything else at that path is left to fail below.
+        if std::fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
+            let _ = std::fs::remove_file(&link);
+        }
         std::os::unix::fs::symlink(lib, &link)?;
     }
     Ok(dir)

@@ -231,6 +231,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             let weights = hf::load_dir(&model)?;
             let mut rows = Vec::new();
             for (i, source) in reader.manifest().sources.iter().enumerate() {
+                reader.held_out(i).check_eval_windows(seq_len, max_tokens)?;
                 let Some(p) = perplexity_on(
                     device,
                     &weights.config,
@@ -264,6 +265,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             dtype,
         } => {
             let loaded = checkpoint::load(&checkpoint)?;
+            hf::claim_output_dir(&out)?;
             let layout = dapt_worker::model::ParamLayout::llama(&loaded.config);
             hf::write_dir(&out, &loaded.config, &layout, &loaded.weights, dtype)?;
             copy_if_present(
@@ -275,6 +277,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         }
         Command::ImportGguf { file, out } => {
             let gguf = import::gguf::GgufFile::open(&file)?;
+            hf::claim_output_dir(&out)?;
             let model = import::import_gguf(&gguf, &out)?;
             println!(
                 "imported {} ({} parameters, {} layers) to {}",

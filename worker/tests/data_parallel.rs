@@ -64,7 +64,8 @@ fn rank_loop(spec: &JobSpec, ring: &mut TcpRing) -> RankResult {
             slice,
             training.micro_batch(),
             training.seq_len,
-        );
+        )
+        .expect("read the batch");
         let (loss, mut grads) = trainer.gradients(&micro, step_tokens as f64 / world as f64);
         ring.all_reduce_mean(&mut grads)
             .expect("all-reduce gradients");
@@ -121,7 +122,9 @@ fn accumulating_micro_batches_gives_the_whole_batch_gradient() {
         .expect("order");
     let (config, weights) = initial_model(&spec, &reader).expect("model");
     let trainer = Trainer::new(config, weights, &training);
-    let batches = |size: u64| MicroBatch::split(&reader, &order, 0..7, size, training.seq_len);
+    let batches = |size: u64| {
+        MicroBatch::split(&reader, &order, 0..7, size, training.seq_len).expect("read the batch")
+    };
     let tokens = training.tokens_per_step() as f64;
     let (whole_loss, whole) = trainer.gradients(&batches(7), tokens);
     let (split_loss, split) = trainer.gradients(&batches(2), tokens);

@@ -266,12 +266,9 @@ fn activation_checkpointing_gives_the_same_gradients() {
     let reader = CorpusReader::open(&spec.corpus.output).expect("corpus");
     let (config, weights) = initial_model(&spec, &reader).expect("model");
     let order = reader.sample_order(spec.seed, 32).expect("order");
-    let micro = [dapt_worker::train::MicroBatch::read(
-        &reader,
-        &order,
-        0..4,
-        32,
-    )];
+    let micro = [
+        dapt_worker::train::MicroBatch::read(&reader, &order, 0..4, 32).expect("read the batch"),
+    ];
     let mut training = spec.training.take().expect("training");
     let plain = dapt_worker::train::Trainer::new(config.clone(), weights.clone(), &training);
     training.activation_checkpointing = true;

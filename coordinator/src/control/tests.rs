@@ -660,6 +660,7 @@ fn a_rank_that_fails_is_not_aborted_and_repeated_failures_fail_the_job() {
             generation,
             reason: "corrupt shard".into(),
             fatal: false,
+            peer_fault: false,
         });
         assert_eq!(aborts(&actions), vec![id("b")]);
         let conn = sim.conn("b");
@@ -689,6 +690,7 @@ fn a_fatal_failure_fails_the_job_without_reforming() {
         generation,
         reason: "step 5: the loss is NaN".into(),
         fatal: true,
+        peer_fault: false,
     });
     assert_eq!(aborts(&actions), vec![id("b")]);
     match &sim.state().phase {
@@ -699,6 +701,51 @@ fn a_fatal_failure_fails_the_job_without_reforming() {
         other => panic!("{other:?}"),
     }
     assert_eq!(sim.state().generation, generation, "no new generation");
+}
+
+#[test]
+fn a_peers_own_failure_replaces_the_report_that_blamed_it() {
+    let mut sim = formed();
+    let generation = sim.state().generation;
+    let conn = sim.conn("a");
+    sim.send(Event::Failed {
+        conn,
+        worker: id("a"),
+        generation,
+        reason: "collective: rank 1 closed the connection".into(),
+        fatal: false,
+        peer_fault: true,
+    });
+    let conn = sim.conn("b");
+    let actions = sim.send(Event::Failed {
+        conn,
+        worker: id("b"),
+        generation,
+        reason: "the training thread panicked: boom".into(),
+        fatal: false,
+        peer_fault: false,
+    });
+    assert!(
+        actions.iter().any(|a| matches!(
+            a,
+            Action::Log(Log::Cause { worker, .. }) if *worker == id("b")
+        )),
+        "{actions:?}"
+    );
+    let reason = &sim.state().recovery.as_ref().expect("recovering").reason;
+    assert_eq!(reason, "b failed: the training thread panicked: boom");
+    // A second peer-blaming report, or one of another generation, changes nothing.
+    let conn = sim.conn("a");
+    sim.send(Event::Failed {
+        conn,
+        worker: id("a"),
+        generation,
+        reason: "collective: timed out".into(),
+        fatal: false,
+        peer_fault: false,
+    });
+    let reason = &sim.state().recovery.as_ref().expect("recovering").reason;
+    assert_eq!(reason, "b failed: the training thread panicked: boom");
 }
 
 #[test]

@@ -66,6 +66,12 @@ pub fn format_of(path: &Path) -> Option<(Format, bool)> {
 
 /// Expands a source's paths: files, directories (recursively) and glob patterns, sorted and
 /// without repeats, so that the order (and hence the shards) does not depend on the file system.
+///
+/// A file found by walking a directory or matching a glob must lie inside that directory (the
+/// glob's fixed leading directories) once symbolic links are resolved: a link out of the tree
+/// is [`CorpusError::LinkOutsideTree`], naming it, never followed silently (a link to a secret
+/// would be tokenized into the shards). A file named explicitly in `paths` is read wherever it
+/// points.
 pub fn discover(source: &SourceSpec) -> Result<Discovery> {
     let mut found = Discovery::default();
     let mut candidates: Vec<(PathBuf, bool)> = Vec::new(); // (path, named explicitly)
@@ -84,11 +90,13 @@ pub fn discover(source: &SourceSpec) -> Result<Discovery> {
                 })?;
                 push_path(&path, false, &mut candidates)?;
             }
+            check_inside(&glob_root(pattern), &candidates[before..])?;
         } else {
             let path = PathBuf::from(pattern);
             let meta = std::fs::metadata(&path).map_err(CorpusError::io(&path))?;
             if meta.is_dir() {
                 push_path(&path, false, &mut candidates)?;
+                check_inside(&path, &candidates[before..])?;
             } else {
                 candidates.push((path, true));
             }
@@ -135,6 +143,37 @@ pub fn discover(source: &SourceSpec) -> Result<Discovery> {
     Ok(found)
 }
 
+/// The directories of a glob pattern before its first wildcard (`/data/*/x.txt` -> `/data`).
+fn glob_root(pattern: &str) -> PathBuf {
+    let mut root = PathBuf::new();
+    for part in Path::new(pattern).components() {
+        if part.as_os_str().to_string_lossy().contains(['*', '?', '[']) {
+            break;
+        }
+        root.push(part);
+    }
+    if root.as_os_str().is_empty() {
+        root.push(".");
+    }
+    root
+}
+
+/// Refuses a found file whose real path (links resolved) is outside `root`'s.
+fn check_inside(root: &Path, found: &[(PathBuf, bool)]) -> Result<()> {
+    let real_root = root.canonicalize().map_err(CorpusError::io(root))?;
+    for (path, _) in found {
+        let real = path.canonicalize().map_err(CorpusError::io(path))?;
+        if !real.starts_with(&real_root) {
+            return Err(CorpusError::LinkOutsideTree {
+                link: path.clone(),
+                target: real,
+                root: root.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn push_path(path: &Path, explicit: bool, out: &mut Vec<(PathBuf, bool)>) -> Result<()> {
     if path.is_dir() {
         for entry in walkdir::WalkDir::new(path).follow_links(true) {
@@ -173,25 +212,15 @@ pub struct FileText {
 }
 
 /// Reads one file into documents (not yet normalized). `fallback` is the encoding of a file
-/// that declares none (see [`encoding::decode`]).
+/// that declares none (see [`encoding::decode`]); `max_bytes` bounds its size after
+/// decompression (`corpus.max_file_bytes`): past it, [`CorpusError::TooLarge`] names the file.
 pub fn read_file(
     file: &InputFile,
     text_field: &str,
     fallback: &'static Encoding,
+    max_bytes: u64,
 ) -> Result<FileText> {
-    let raw = std::fs::read(&file.path).map_err(CorpusError::io(&file.path))?;
-    let raw = if file.gzip {
-        let mut out = Vec::with_capacity(raw.len() * 4);
-        flate2::read::MultiGzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .map_err(|error| CorpusError::Gzip {
-                path: file.path.clone(),
-                error,
-            })?;
-        out
-    } else {
-        raw
-    };
+    let raw = read_bounded(file, max_bytes)?;
     let bytes = raw.len() as u64;
     let decoded = encoding::decode(raw, file.format, fallback);
     let mut text = FileText {
@@ -228,6 +257,43 @@ pub fn read_file(
         }
     }
     Ok(text)
+}
+
+/// The file's bytes, decompressed, reading at most `max_bytes + 1` of them: a gzip bomb stops
+/// at the bound instead of filling memory.
+fn read_bounded(file: &InputFile, max_bytes: u64) -> Result<Vec<u8>> {
+    let opened = std::fs::File::open(&file.path).map_err(CorpusError::io(&file.path))?;
+    let too_large = || CorpusError::TooLarge {
+        path: file.path.clone(),
+        limit: max_bytes,
+    };
+    let mut out = Vec::new();
+    if file.gzip {
+        let decoder = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(opened));
+        decoder
+            .take(max_bytes.saturating_add(1))
+            .read_to_end(&mut out)
+            .map_err(|error| CorpusError::Gzip {
+                path: file.path.clone(),
+                error,
+            })?;
+    } else {
+        let size = opened
+            .metadata()
+            .map_err(CorpusError::io(&file.path))?
+            .len();
+        if size > max_bytes {
+            return Err(too_large());
+        }
+        opened
+            .take(max_bytes.saturating_add(1))
+            .read_to_end(&mut out)
+            .map_err(CorpusError::io(&file.path))?;
+    }
+    if out.len() as u64 > max_bytes {
+        return Err(too_large());
+    }
+    Ok(out)
 }
 
 fn jsonl_text(line: &str, field: &str) -> Option<String> {
@@ -269,7 +335,7 @@ mod tests {
         ] {
             let path = dir.path().join(name);
             std::fs::write(&path, bytes).expect("write");
-            let text = read_file(&input(&path), "text", UTF_8).expect("read");
+            let text = read_file(&input(&path), "text", UTF_8, 1 << 20).expect("read");
             assert_eq!(text.documents, vec!["first", "second"], "{name}");
             assert_eq!(text.bad_lines, 0, "{name}");
         }
@@ -282,7 +348,7 @@ mod tests {
                 bytes.to_vec()
             };
             std::fs::write(&path, bytes).expect("write");
-            let text = read_file(&input(&path), "text", UTF_8).expect("read");
+            let text = read_file(&input(&path), "text", UTF_8, 1 << 20).expect("read");
             assert_eq!(text.documents, vec!["# Notes"], "{name}");
         }
     }
@@ -314,6 +380,75 @@ mod tests {
     }
 
     #[test]
+    fn a_gzip_bomb_stops_at_the_bound_and_names_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bomb.txt.gz");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![b'a'; 1 << 20];
+        for _ in 0..64 {
+            gz.write_all(&zeros).expect("gz");
+        }
+        let bytes = gz.finish().expect("gz");
+        assert!(bytes.len() < 1 << 18, "{} compressed bytes", bytes.len());
+        std::fs::write(&path, bytes).expect("write");
+        let err = read_file(&input(&path), "text", UTF_8, 1 << 20)
+            .expect_err("64 MiB past a 1 MiB bound")
+            .to_string();
+        assert!(
+            err.contains("bomb.txt.gz") && err.contains("max_file_bytes"),
+            "{err}"
+        );
+        assert_eq!(
+            read_file(&input(&path), "text", UTF_8, 64 << 20)
+                .expect("within the bound")
+                .bytes,
+            64 << 20
+        );
+        let plain = dir.path().join("big.txt");
+        std::fs::write(&plain, vec![b'b'; 2048]).expect("write");
+        let err = read_file(&input(&plain), "text", UTF_8, 1024)
+            .expect_err("plain file past the bound")
+            .to_string();
+        assert!(err.contains("big.txt"), "{err}");
+    }
+
+    #[test]
+    fn links_out_of_the_tree_are_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = dir.path().join("corpus");
+        std::fs::create_dir_all(tree.join("sub")).expect("mkdir");
+        std::fs::write(tree.join("a.txt"), "a").expect("write");
+        std::fs::write(dir.path().join("secret.txt"), "password").expect("write");
+        // A link inside the tree is fine.
+        std::os::unix::fs::symlink(tree.join("a.txt"), tree.join("sub/again.txt")).expect("ln");
+        let source = |paths: Vec<String>| SourceSpec {
+            name: crate::spec::SourceName::try_from("s".to_string()).expect("name"),
+            role: crate::spec::Role::Domain,
+            paths,
+            weight: crate::spec::Weight(1.0),
+            held_out: crate::spec::Fraction::default(),
+            text_field: "text".into(),
+        };
+        let dir_source = source(vec![tree.display().to_string()]);
+        assert_eq!(discover(&dir_source).expect("inside").files.len(), 2);
+        std::os::unix::fs::symlink(dir.path().join("secret.txt"), tree.join("sub/notes.txt"))
+            .expect("ln");
+        for s in [
+            dir_source,
+            source(vec![format!("{}/*/*.txt", tree.display())]),
+        ] {
+            let err = discover(&s).expect_err("link outside").to_string();
+            assert!(
+                err.contains("sub/notes.txt") && err.contains("secret.txt"),
+                "{err}"
+            );
+        }
+        // Named explicitly, the target is the user's choice.
+        let named = source(vec![tree.join("sub/notes.txt").display().to_string()]);
+        assert_eq!(discover(&named).expect("explicit").files.len(), 1);
+    }
+
+    #[test]
     fn jsonl_bad_lines_are_counted_with_numbers() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("d.jsonl");
@@ -322,7 +457,7 @@ mod tests {
             "{\"text\":\"one\"}\nnot json\n\n{\"body\":\"x\"}\n{\"text\":2}\n{\"text\":\"two\"}\n",
         )
         .expect("write");
-        let text = read_file(&input(&path), "text", UTF_8).expect("read");
+        let text = read_file(&input(&path), "text", UTF_8, 1 << 20).expect("read");
         assert_eq!(text.documents, vec!["one", "two"]);
         assert_eq!(text.lines, vec![1, 6]);
         assert_eq!(text.bad_lines, 3);
@@ -336,13 +471,13 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(b"caf\xe9 au lait").expect("gz");
         std::fs::write(&path, gz.finish().expect("gz")).expect("write");
-        let text = read_file(&input(&path), "text", UTF_8).expect("read");
+        let text = read_file(&input(&path), "text", UTF_8, 1 << 20).expect("read");
         assert!(text.lossy);
         assert_eq!(text.documents, vec!["caf\u{fffd} au lait"]);
 
         let broken = dir.path().join("broken.txt.gz");
         std::fs::write(&broken, b"\x1f\x8b\x08\x00garbage").expect("write");
-        let err = read_file(&input(&broken), "text", UTF_8)
+        let err = read_file(&input(&broken), "text", UTF_8, 1 << 20)
             .unwrap_err()
             .to_string();
         assert!(

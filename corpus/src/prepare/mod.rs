@@ -16,7 +16,9 @@ use xxhash_rust::xxh3::{xxh3_128, xxh3_64_with_seed};
 
 use crate::error::{CorpusError, Result};
 use crate::ingest::{self, Discovery, InputFile};
-use crate::manifest::{self, Manifest, SourceManifest, TokenDtype, TokenizerInfo, FORMAT_VERSION};
+use crate::manifest::{
+    self, Manifest, SourceManifest, TokenDtype, TokenizerInfo, VerifyMode, FORMAT_VERSION,
+};
 use crate::report::{self, Report, SourceStats, WordCounts};
 use crate::shards::StreamWriter;
 use crate::spec::{CorpusSpec, Role, SourceSpec, TrainingPlan};
@@ -39,6 +41,8 @@ pub struct PrepareOptions {
     pub force: bool,
     /// Show a progress bar (when stderr is a terminal) or periodic log lines.
     pub progress: bool,
+    /// How an existing corpus made from the same inputs is checked before it is trusted.
+    pub verify: VerifyMode,
 }
 
 #[derive(Debug)]
@@ -85,8 +89,10 @@ pub fn prepare(
         &discoveries,
     );
     let out = spec.output.clone();
+    // Before any work: an output that is not ours is refused, never replaced.
+    check_output(&out)?;
     if !options.force {
-        if let Some(manifest) = up_to_date(&out, &fingerprint) {
+        if let Some(manifest) = up_to_date(&out, &fingerprint, options.verify) {
             return Ok(PrepareOutcome::UpToDate { dir: out, manifest });
         }
     }
@@ -168,7 +174,14 @@ pub fn prepare(
         );
         let mut st = SourceStats::new(source, discovery);
         for chunk in chunks(&discovery.files) {
-            let docs = read_chunk(source, chunk, Some(&tk), &mut dedup, &mut st)?;
+            let docs = read_chunk(
+                source,
+                chunk,
+                Some(&tk),
+                spec.max_file_bytes,
+                &mut dedup,
+                &mut st,
+            )?;
             progress.advance(chunk.iter().map(|f| f.size).sum());
             let texts: Vec<&str> = docs.iter().map(|d| d.text.as_str()).collect();
             let role_words = match source.role {
@@ -328,6 +341,7 @@ fn read_chunk(
     source: &SourceSpec,
     files: &[InputFile],
     tokenizer: Option<&CorpusTokenizer>,
+    max_file_bytes: u64,
     seen: &mut HashSet<u128>,
     stats: &mut SourceStats,
 ) -> Result<Vec<Doc>> {
@@ -336,7 +350,7 @@ fn read_chunk(
         .par_iter()
         .enumerate()
         .map(|(i, file)| {
-            let text = ingest::read_file(file, &source.text_field, fallback)?;
+            let text = ingest::read_file(file, &source.text_field, fallback, max_file_bytes)?;
             let docs = text
                 .documents
                 .iter()
@@ -403,6 +417,7 @@ fn is_held_out(text: &str, fraction: f64) -> bool {
 /// waits in `error`.
 struct TrainingTexts<'a> {
     sources: &'a [SourceSpec],
+    max_file_bytes: u64,
     chunks: Vec<(usize, &'a [InputFile])>,
     next_chunk: usize,
     buffered: std::vec::IntoIter<Doc>,
@@ -426,6 +441,7 @@ impl<'a> TrainingTexts<'a> {
             .sum();
         TrainingTexts {
             sources: spec.sources(),
+            max_file_bytes: spec.max_file_bytes,
             chunks: discoveries
                 .iter()
                 .enumerate()
@@ -460,6 +476,7 @@ impl Iterator for TrainingTexts<'_> {
                 &self.sources[source],
                 files,
                 None,
+                self.max_file_bytes,
                 &mut self.seen,
                 &mut self.stats[source],
             );
@@ -505,13 +522,15 @@ fn fingerprint(
     hex::encode(h.finalize())
 }
 
-/// The existing manifest, when it was made from these inputs and its files still verify.
-fn up_to_date(out: &Path, fingerprint: &str) -> Option<Manifest> {
+/// The existing manifest, when it was made from these inputs and its files still verify
+/// (every byte hashed again with [`VerifyMode::Full`]; size and mtime trusted for files
+/// verified before with [`VerifyMode::Cached`]).
+fn up_to_date(out: &Path, fingerprint: &str, verify: VerifyMode) -> Option<Manifest> {
     let manifest = Manifest::read(out).ok()?;
     if manifest.inputs_fingerprint != fingerprint {
         return None;
     }
-    match manifest.verify(out, false) {
+    match manifest.verify(out, verify == VerifyMode::Full) {
         Ok(_) => Some(manifest),
         Err(e) => {
             tracing::warn!(error = %e, "existing corpus failed verification, rebuilding it");
@@ -520,10 +539,95 @@ fn up_to_date(out: &Path, fingerprint: &str) -> Option<Manifest> {
     }
 }
 
-/// Moves the finished staging directory to `out`, replacing an older corpus there.
+/// What is at `out` now, and whether `dapt prepare` may replace it.
+#[derive(Debug)]
+enum Existing {
+    /// Nothing, or an empty directory.
+    Nothing,
+    /// A dapt corpus holding only files dapt wrote: the manifest's, its source directories and
+    /// what a corpus directory gets besides (report, tokenizer, verification cache, temporary
+    /// files of an atomic write).
+    Corpus(Manifest),
+}
+
+/// Refuses an `out` that is not a dapt corpus: a file, a directory without a readable
+/// manifest, or a corpus directory that holds something dapt did not write (named).
+fn check_output(out: &Path) -> Result<Existing> {
+    let refuse = |why: String| {
+        Err(CorpusError::Invalid(format!(
+            "corpus.output {} {why}; dapt prepare replaces only a corpus it wrote: choose a new or empty directory for corpus.output",
+            out.display()
+        )))
+    };
+    let meta = match std::fs::symlink_metadata(out) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Existing::Nothing),
+        Err(e) => return Err(CorpusError::io(out)(e)),
+    };
+    if !meta.is_dir() {
+        return refuse("exists and is not a directory".into());
+    }
+    let mut entries = std::fs::read_dir(out)
+        .map_err(CorpusError::io(out))?
+        .peekable();
+    if entries.peek().is_none() {
+        return Ok(Existing::Nothing);
+    }
+    let manifest = match Manifest::read(out) {
+        Ok(m) => m,
+        Err(e) => return refuse(format!("exists and is not a dapt corpus ({e})")),
+    };
+    let listed: HashSet<String> = manifest.files().map(|(p, _, _)| p.to_owned()).collect();
+    let source_dirs: HashSet<&str> = manifest.sources.iter().map(|s| s.name.as_str()).collect();
+    let ours_at_top = |name: &str| {
+        matches!(
+            name,
+            manifest::MANIFEST_FILE | manifest::REPORT_FILE | manifest::VERIFIED_FILE
+        ) || listed.contains(name)
+            || name.starts_with(".tmp")
+    };
+    for entry in walkdir::WalkDir::new(out).min_depth(1).sort_by_file_name() {
+        let entry = entry.map_err(|e| CorpusError::Io {
+            path: e.path().unwrap_or(out).to_path_buf(),
+            error: e
+                .into_io_error()
+                .unwrap_or_else(|| std::io::Error::other("file system loop")),
+        })?;
+        let rel = entry
+            .path()
+            .strip_prefix(out)
+            .unwrap_or(entry.path())
+            .to_string_lossy()
+            .into_owned();
+        let ours = if entry.depth() == 1 {
+            if entry.file_type().is_dir() {
+                source_dirs.contains(rel.as_str())
+            } else {
+                entry.file_type().is_file() && ours_at_top(&rel)
+            }
+        } else {
+            entry.file_type().is_file() && listed.contains(&rel)
+        };
+        if !ours {
+            return refuse(format!(
+                "holds `{rel}`, which is not part of the dapt corpus there"
+            ));
+        }
+    }
+    Ok(Existing::Corpus(manifest))
+}
+
+/// Moves the finished staging directory to `out`, replacing the dapt corpus there (checked
+/// again here: nothing else is ever removed). The old corpus is first renamed aside, so a
+/// failure at any point leaves either it or the new one at `out`, never nothing.
 fn publish(staging: tempfile::TempDir, out: &Path) -> Result<()> {
+    let old_manifest = match check_output(out)? {
+        Existing::Corpus(manifest) => Some(manifest),
+        Existing::Nothing => None,
+    };
     let staged = staging.keep();
-    if out.exists() {
+    let exists = std::fs::symlink_metadata(out).is_ok();
+    if exists {
         let old = out.with_file_name(format!(
             ".{}.old-{}",
             out.file_name()
@@ -539,7 +643,10 @@ fn publish(staging: tempfile::TempDir, out: &Path) -> Result<()> {
                 error: e,
             });
         }
-        std::fs::remove_dir_all(&old).map_err(CorpusError::io(&old))?;
+        if let Err(e) = remove_corpus(&old, old_manifest.as_ref()) {
+            // The new corpus is in place; what is left of the old one is only clutter.
+            tracing::warn!(dir = %old.display(), error = %e, "could not remove the replaced corpus");
+        }
     } else if let Err(e) = std::fs::rename(&staged, out) {
         let _ = std::fs::remove_dir_all(&staged);
         return Err(CorpusError::Io {
@@ -548,4 +655,34 @@ fn publish(staging: tempfile::TempDir, out: &Path) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Deletes a replaced corpus directory file by file: what its manifest lists and the files a
+/// corpus directory gets besides, then the (then empty) directories. Anything else stays, and
+/// so does the directory holding it.
+fn remove_corpus(dir: &Path, manifest: Option<&Manifest>) -> Result<()> {
+    if let Some(manifest) = manifest {
+        for (rel, _, _) in manifest.files() {
+            remove_if_present(&dir.join(rel))?;
+        }
+        for name in [manifest::REPORT_FILE, manifest::VERIFIED_FILE] {
+            remove_if_present(&dir.join(name))?;
+        }
+        for source in &manifest.sources {
+            let sub = dir.join(&source.name);
+            if sub.is_dir() {
+                std::fs::remove_dir(&sub).map_err(CorpusError::io(&sub))?;
+            }
+        }
+        remove_if_present(&dir.join(manifest::MANIFEST_FILE))?;
+    }
+    std::fs::remove_dir(dir).map_err(CorpusError::io(dir))
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CorpusError::io(path)(e)),
+    }
 }

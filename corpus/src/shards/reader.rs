@@ -14,14 +14,19 @@ use crate::tokenizer::sha256_file;
 /// One source's training or held-out tokens, as the concatenation of its shards.
 pub struct TokenStream {
     maps: Vec<Mmap>,
+    /// Each shard's token file, to name it in errors.
+    paths: Vec<PathBuf>,
+    /// Token ids must be below this (the corpus tokenizer's vocabulary).
+    vocab: u32,
     /// Token offset of each shard in the stream, plus the total at the end.
     starts: Vec<u64>,
     dtype: TokenDtype,
 }
 
 impl TokenStream {
-    fn open(dir: &Path, stream: &StreamManifest, dtype: TokenDtype) -> Result<Self> {
+    fn open(dir: &Path, stream: &StreamManifest, dtype: TokenDtype, vocab: u32) -> Result<Self> {
         let mut maps = Vec::with_capacity(stream.shards.len());
+        let mut paths = Vec::with_capacity(stream.shards.len());
         let mut starts = vec![0u64];
         for shard in &stream.shards {
             let path = dir.join(&shard.token_file.path);
@@ -39,10 +44,13 @@ impl TokenStream {
                 });
             }
             maps.push(map);
+            paths.push(path);
             starts.push(starts.last().copied().unwrap_or(0) + shard.tokens);
         }
         Ok(TokenStream {
             maps,
+            paths,
+            vocab,
             starts,
             dtype,
         })
@@ -63,7 +71,13 @@ impl TokenStream {
     }
 
     /// Copies tokens `[start, start + out.len())` into `out`; the range must lie in the stream.
-    pub fn read(&self, start: u64, out: &mut [u32]) {
+    ///
+    /// # Errors
+    /// [`CorpusError::TokenOutOfRange`], naming the shard, when an id is not below the corpus
+    /// tokenizer's vocabulary: a shard damaged in a way its checksum was not asked to catch
+    /// (the verification cache trusts size and mtime). The model would index past its
+    /// embedding with it.
+    pub fn read(&self, start: u64, out: &mut [u32]) -> Result<()> {
         assert!(
             start + out.len() as u64 <= self.len(),
             "tokens {start}..{} outside a stream of {}",
@@ -77,26 +91,47 @@ impl TokenStream {
             let local = (pos - self.starts[shard]) as usize;
             let available = (self.starts[shard + 1] - pos) as usize;
             let n = available.min(out.len() - filled);
-            decode(
-                self.dtype,
-                &self.maps[shard],
-                local,
-                &mut out[filled..filled + n],
-            );
+            let part = &mut out[filled..filled + n];
+            decode(self.dtype, &self.maps[shard], local, part);
+            if let Some(i) = part.iter().position(|&id| id >= self.vocab) {
+                return Err(CorpusError::TokenOutOfRange {
+                    path: self.paths[shard].clone(),
+                    position: (local + i) as u64,
+                    id: part[i],
+                    vocab: self.vocab,
+                });
+            }
             filled += n;
             pos += n as u64;
             shard += 1;
         }
+        Ok(())
     }
 
-    /// Copies window `window` (tokens `[window * seq_len, window * seq_len + seq_len + 1)`).
-    pub fn read_window(&self, window: u64, seq_len: u32, out: &mut [u32]) {
+    /// Copies window `window` (tokens `[window * seq_len, window * seq_len + seq_len + 1)`);
+    /// errors as [`read`](Self::read).
+    pub fn read_window(&self, window: u64, seq_len: u32, out: &mut [u32]) -> Result<()> {
         assert_eq!(
             out.len(),
             seq_len as usize + 1,
             "a window is seq_len + 1 tokens"
         );
-        self.read(window * seq_len as u64, out);
+        self.read(window * seq_len as u64, out)
+    }
+}
+
+impl TokenStream {
+    /// Checks the ids of the windows an evaluation over at most `max_tokens` predicted tokens
+    /// reads (the first `ceil(max_tokens / seq_len)` windows); errors as [`read`](Self::read).
+    pub fn check_eval_windows(&self, seq_len: u32, max_tokens: u64) -> Result<()> {
+        let windows = self
+            .windows(seq_len)
+            .min(max_tokens.div_ceil(seq_len.max(1) as u64).max(1));
+        let mut buf = vec![0u32; seq_len as usize + 1];
+        for w in 0..windows {
+            self.read_window(w, seq_len, &mut buf)?;
+        }
+        Ok(())
     }
 }
 
@@ -137,11 +172,12 @@ impl CorpusReader {
         let manifest = Manifest::read(dir)?;
         let verified = manifest.verify(dir, full_verify)?;
         let dtype = manifest.token_dtype;
+        let vocab = manifest.tokenizer.vocab_size;
         let mut train = Vec::new();
         let mut held_out = Vec::new();
         for source in &manifest.sources {
-            train.push(TokenStream::open(dir, &source.train, dtype)?);
-            held_out.push(TokenStream::open(dir, &source.held_out, dtype)?);
+            train.push(TokenStream::open(dir, &source.train, dtype, vocab)?);
+            held_out.push(TokenStream::open(dir, &source.held_out, dtype, vocab)?);
         }
         Ok(CorpusReader {
             dir: dir.to_path_buf(),
@@ -199,9 +235,10 @@ impl CorpusReader {
         SampleOrder::new(seed, &weights, windows)
     }
 
-    /// Copies the tokens of `sample` into `out` (`seq_len + 1` of them).
-    pub fn read_sample(&self, sample: SampleRef, seq_len: u32, out: &mut [u32]) {
-        self.train[sample.source].read_window(sample.window, seq_len, out);
+    /// Copies the tokens of `sample` into `out` (`seq_len + 1` of them); errors as
+    /// [`TokenStream::read`].
+    pub fn read_sample(&self, sample: SampleRef, seq_len: u32, out: &mut [u32]) -> Result<()> {
+        self.train[sample.source].read_window(sample.window, seq_len, out)
     }
 }
 
@@ -231,11 +268,12 @@ mod tests {
         );
         assert_eq!(stream_manifest.tokens, expected.len() as u64);
         assert_eq!(stream_manifest.documents, 50);
-        let stream = TokenStream::open(dir.path(), &stream_manifest, dtype).expect("open");
+        let stream =
+            TokenStream::open(dir.path(), &stream_manifest, dtype, u32::MAX).expect("open");
         let seq_len = 300;
         let mut out = vec![0u32; seq_len as usize + 1];
         for w in 0..stream.windows(seq_len) {
-            stream.read_window(w, seq_len, &mut out);
+            stream.read_window(w, seq_len, &mut out).expect("read");
             let start = (w * seq_len as u64) as usize;
             assert_eq!(
                 out,
@@ -254,5 +292,25 @@ mod tests {
     #[test]
     fn windows_cross_shards_u32() {
         round_trip(TokenDtype::U32);
+    }
+
+    #[test]
+    fn an_id_past_the_vocabulary_is_an_error_naming_the_shard() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("s")).expect("mkdir");
+        let mut writer = StreamWriter::new(dir.path(), "s/train".into(), TokenDtype::U16, 1024);
+        writer.push_document(&[1, 2, 3, 900, 4], 7).expect("push");
+        let manifest = writer.finish().expect("finish");
+        let stream = TokenStream::open(dir.path(), &manifest, TokenDtype::U16, 512).expect("open");
+        let mut out = [0u32; 3];
+        stream.read(0, &mut out).expect("ids below 512");
+        let err = stream
+            .read(1, &mut out)
+            .expect_err("900 >= 512")
+            .to_string();
+        assert!(
+            err.contains("train-00000.tok") && err.contains("900") && err.contains("512"),
+            "{err}"
+        );
     }
 }

@@ -376,15 +376,28 @@ fn start(
     let thread = std::thread::Builder::new()
         .name(format!("train-g{generation}"))
         .spawn(move || {
-            let result = rank::train(
-                &job,
-                &a,
-                placement,
-                &listener,
-                &thread_abort,
-                &progress,
-                &send,
-            );
+            // A panic on this thread is a failure like any other: caught here and reported,
+            // or the coordinator would wait on a rank that heartbeats and never trains.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                rank::train(
+                    &job,
+                    &a,
+                    placement,
+                    &listener,
+                    &thread_abort,
+                    &progress,
+                    &send,
+                )
+            }))
+            .unwrap_or_else(|payload| {
+                Err(RankError::Failed {
+                    message: format!(
+                        "the training thread panicked: {}",
+                        panic_message(payload.as_ref())
+                    ),
+                    peer_fault: false,
+                })
+            });
             match result {
                 Ok(()) => tracing::info!(generation, "generation's training done"),
                 Err(RankError::Aborted) => tracing::info!(generation, "training aborted"),
@@ -411,6 +424,16 @@ fn start(
         thread,
     }
 }
+
+/// The message a panic was raised with (`panic!("...")`, `expect`, an index out of bounds).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 
 /// A client of the coordinator at `url`, retried for `patience` while it cannot be reached; a
 /// refused certificate (either side's) ends the attempts at once: waiting does not change it.

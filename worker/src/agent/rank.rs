@@ -107,6 +107,13 @@ pub fn train(
     } else {
         restore(a.checkpoint.as_ref(), &training, job.seed).map_err(RankError::worker)?
     };
+    let vocab = reader.manifest().tokenizer.vocab_size as usize;
+    if vocab > trainer.config.vocab_size {
+        return Err(RankError::failed(format!(
+            "the corpus tokenizer has {vocab} tokens but the model only {}",
+            trainer.config.vocab_size
+        )));
+    }
     if trainer.step != a.resume_step {
         return Err(RankError::failed(format!(
             "checkpoint `{}` is at step {}, the assignment resumes at {}",
@@ -169,11 +176,12 @@ pub fn train(
     let tokenizer = corpus_tokenizer
         .is_file()
         .then_some(corpus_tokenizer.as_path());
-    let eval = |trainer: &dyn Engine, step: u64| {
+    let eval = |trainer: &dyn Engine, step: u64| -> Result<(), RankError> {
         if a.rank != 0 {
-            return;
+            return Ok(());
         }
-        for (source, p) in evaluate(trainer, &reader, &training, step).sources {
+        let log = evaluate(trainer, &reader, &training, step).map_err(RankError::failed)?;
+        for (source, p) in log.sources {
             report(Kind::Eval(rpc::EvalReport {
                 generation: a.generation,
                 step,
@@ -182,10 +190,11 @@ pub fn train(
                 tokens: p.tokens,
             }));
         }
+        Ok(())
     };
     if a.resume_step == 0 && training.eval_every > 0 {
         // The base model's held-out perplexity: what continued pretraining is measured against.
-        eval(trainer.as_ref(), 0);
+        eval(trainer.as_ref(), 0)?;
         // The other ranks wait for it here rather than inside the first step's training time.
         barrier(&mut *ring.borrow_mut()).map_err(|e| collective_error(e, abort))?;
     }
@@ -193,9 +202,16 @@ pub fn train(
     let step_tokens = training.tokens_per_step();
     let total = a.total_steps.min(training.steps());
     progress.generation.store(a.generation, Ordering::Relaxed);
+    let panic_at = fault_panic_step();
     while trainer.step() < total {
         if abort.is_aborted() {
             return Err(RankError::Aborted);
+        }
+        if panic_at == Some(trainer.step()) {
+            panic!(
+                "{FAULT_PANIC_AT_STEP} asked for a panic at step {}",
+                trainer.step()
+            );
         }
         let started = Instant::now();
         let step = trainer.step();
@@ -206,7 +222,8 @@ pub fn train(
             slice.clone(),
             u64::from(a.micro_batch.max(1)),
             training.seq_len,
-        );
+        )
+        .map_err(RankError::failed)?;
         let denominator = step_tokens as f64 / a.world as f64;
         let (loss, stats) = trainer
             .train_step(&micro, denominator, step_tokens)
@@ -228,7 +245,7 @@ pub fn train(
         let mut eval_time = Duration::ZERO;
         if evaluate_now {
             let t = Instant::now();
-            eval(trainer.as_ref(), done);
+            eval(trainer.as_ref(), done)?;
             eval_time = t.elapsed();
         }
         let mut checkpoint_time = Duration::ZERO;
@@ -291,6 +308,21 @@ fn millis(d: Duration) -> f64 {
 /// Returns once every rank reached it (an all-reduce of one float).
 fn barrier(ring: &mut dyn Collective) -> Result<(), CollectiveError> {
     ring.all_reduce_mean(&mut [0.0])
+}
+
+/// Test hook, not a setting: a worker started with `DAPT_FAULT_PANIC_AT_STEP=N` panics on its
+/// training thread when it is about to train step N, so that the tests over the real binaries
+/// can check that a panic is reported as a failure (docs/control-plane.md). Never set it in a
+/// real job.
+pub const FAULT_PANIC_AT_STEP: &str = "DAPT_FAULT_PANIC_AT_STEP";
+
+fn fault_panic_step() -> Option<u64> {
+    let step = std::env::var(FAULT_PANIC_AT_STEP).ok()?.parse().ok()?;
+    tracing::warn!(
+        step,
+        "test hook {FAULT_PANIC_AT_STEP} is set: this worker will panic"
+    );
+    Some(step)
 }
 
 /// XXH3-128 of `weights` as little-endian f32, in hex.

@@ -12,12 +12,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use dapt_proto::checkpoint::{self as layout, CheckpointFile, CheckpointManifest};
+
 use crate::error::{Result, WorkerError};
 use crate::import::hf::{self, ExportDtype};
 use crate::model::LlamaConfig;
 use crate::train::Trainer;
 
-pub const MANIFEST_FILE: &str = "manifest.json";
+pub use dapt_proto::checkpoint::MANIFEST_FILE;
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const TRAINER_FILE: &str = "trainer.json";
 
@@ -36,22 +38,6 @@ pub struct TrainerState {
     /// Steps passed over under `training.nonfinite: skip` (bounded over the whole job).
     #[serde(default)]
     pub skipped_steps: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Manifest {
-    format_version: u32,
-    step: u64,
-    files: Vec<FileEntry>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileEntry {
-    path: String,
-    bytes: u64,
-    sha256: String,
 }
 
 /// A verified checkpoint, read back.
@@ -138,7 +124,7 @@ pub fn save(
     names.sort();
     for name in names {
         let path = dir.join(&name);
-        files.push(FileEntry {
+        files.push(CheckpointFile {
             bytes: std::fs::metadata(&path)
                 .map_err(WorkerError::io(&path))?
                 .len(),
@@ -146,17 +132,24 @@ pub fn save(
             path: name,
         });
     }
-    let manifest = Manifest {
-        format_version: 1,
+    let manifest = CheckpointManifest {
+        format_version: layout::FORMAT_VERSION,
         step: trainer.step,
         files,
     };
     hf::write_atomic(&dir.join(MANIFEST_FILE), &to_json(&manifest)?)?;
     let target = step_dir(root, trainer.step);
-    if target.exists() {
+    if std::fs::symlink_metadata(&target).is_ok() {
         // A checkpoint of this step exists already (a rerun after a crash between rename and
-        // the next step): replace it.
-        std::fs::remove_dir_all(&target).map_err(WorkerError::io(&target))?;
+        // the next step): replace it, but only if it is one of ours, and only its files.
+        let existing = layout::identify(&target).ok_or_else(|| WorkerError::Checkpoint {
+            path: target.clone(),
+            message: format!(
+                "exists and is not a dapt checkpoint (no {MANIFEST_FILE} of step {}): not replacing it; move it out of checkpoint.dir",
+                trainer.step
+            ),
+        })?;
+        layout::remove(&target, &existing).map_err(checkpoint_error)?;
     }
     let kept = tmp.keep();
     std::fs::rename(&kept, &target).map_err(WorkerError::io(&target))?;
@@ -169,30 +162,8 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         path: dir.to_path_buf(),
         message,
     };
-    let manifest_path = dir.join(MANIFEST_FILE);
-    let text = std::fs::read_to_string(&manifest_path)
-        .map_err(|e| fail(format!("no readable {MANIFEST_FILE}: {e}")))?;
-    let manifest: Manifest =
-        serde_json::from_str(&text).map_err(|e| fail(format!("{MANIFEST_FILE}: {e}")))?;
-    for f in &manifest.files {
-        let path = dir.join(&f.path);
-        let bytes = std::fs::metadata(&path)
-            .map_err(|e| fail(format!("{}: {e}", f.path)))?
-            .len();
-        if bytes != f.bytes {
-            return Err(fail(format!(
-                "{} is {bytes} bytes, the manifest says {}: truncated or replaced",
-                f.path, f.bytes
-            )));
-        }
-        let sha = dapt_corpus::tokenizer::sha256_file(&path)?;
-        if sha != f.sha256 {
-            return Err(fail(format!(
-                "{} has SHA-256 {sha}, the manifest says {}: the file is corrupt",
-                f.path, f.sha256
-            )));
-        }
-    }
+    let manifest = CheckpointManifest::read(dir).map_err(checkpoint_error)?;
+    manifest.verify(dir).map_err(checkpoint_error)?;
     for needed in [
         hf::WEIGHTS_FILE,
         hf::CONFIG_FILE,
@@ -253,33 +224,32 @@ fn load_moments(dir: &Path, layout: &crate::model::ParamLayout) -> Result<(Vec<f
     Ok((m, v))
 }
 
-/// The committed checkpoints under `root`, oldest first (by step).
+/// The checkpoints under `root` (directories with a dapt checkpoint manifest of their step),
+/// oldest first.
 pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return Ok(Vec::new());
-    };
-    let mut found: Vec<(u64, PathBuf)> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let step = name.strip_prefix("step-")?.parse().ok()?;
-            e.path()
-                .join(MANIFEST_FILE)
-                .is_file()
-                .then(|| (step, e.path()))
-        })
-        .collect();
-    found.sort();
-    Ok(found)
+    Ok(layout::list(root)
+        .into_iter()
+        .map(|(step, dir, _)| (step, dir))
+        .collect())
 }
 
-/// Deletes all but the newest `keep` checkpoints.
+/// Deletes all but the newest `keep` checkpoints; nothing that is not a dapt checkpoint.
 pub fn prune(root: &Path, keep: usize) -> Result<()> {
-    let all = list(root)?;
-    for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
-        std::fs::remove_dir_all(dir).map_err(WorkerError::io(dir))?;
+    let all = layout::list(root);
+    for (_, dir, manifest) in all.iter().take(all.len().saturating_sub(keep)) {
+        if let Err(e) = layout::remove(dir, manifest) {
+            // Someone put a file of theirs in it: it stays, and so does the checkpoint.
+            tracing::warn!(checkpoint = %dir.display(), error = %e, "not pruning a checkpoint");
+        }
     }
     Ok(())
+}
+
+fn checkpoint_error(e: layout::CheckpointError) -> WorkerError {
+    WorkerError::Checkpoint {
+        path: e.dir,
+        message: e.message,
+    }
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {

@@ -17,6 +17,58 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Marks a directory `dapt export` or `dapt import-gguf` wrote, so that a later run may replace
+/// its files and nothing else's.
+pub const EXPORT_MARKER: &str = "dapt-export.json";
+
+/// Makes `dir` ready to receive an exported or imported model: created when missing, kept when
+/// empty or when it holds an earlier dapt export (its [`EXPORT_MARKER`]) and only the files an
+/// export writes. Anything else is refused with an error naming what is there: a typo must not
+/// overwrite a user's own model (`config.json`, `model.safetensors`) with ours.
+pub fn claim_output_dir(dir: &Path) -> Result<()> {
+    let refuse = |why: String| {
+        Err(WorkerError::Invalid(format!(
+            "output {} {why}; dapt writes a model only into a new or empty directory or over its own earlier export: choose another output",
+            dir.display()
+        )))
+    };
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(WorkerError::io(dir)(e)),
+        Ok(meta) if !meta.is_dir() => return refuse("exists and is not a directory".into()),
+        Ok(_) => {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .map_err(WorkerError::io(dir))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            let ours = names.iter().any(|n| n == EXPORT_MARKER);
+            let written = [EXPORT_MARKER, CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE];
+            if let Some(name) = names
+                .iter()
+                .find(|n| !ours || !(written.contains(&n.as_str()) || n.starts_with(".tmp")))
+            {
+                return refuse(format!(
+                    "holds `{name}`, which {}",
+                    if ours {
+                        "is not part of a dapt export"
+                    } else {
+                        "dapt did not write (no dapt-export.json)"
+                    }
+                ));
+            }
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(WorkerError::io(dir))?;
+    let marker = serde_json::json!({ "created_by": format!("dapt {}", env!("CARGO_PKG_VERSION")) });
+    write_atomic(
+        &dir.join(EXPORT_MARKER),
+        serde_json::to_string_pretty(&marker)
+            .unwrap_or_default()
+            .as_bytes(),
+    )
+}
 
 /// A model read into the flat layout.
 pub struct HfWeights {

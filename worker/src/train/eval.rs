@@ -98,7 +98,12 @@ pub fn perplexity_of<B: Backend>(
         let n = (windows - w).min(batch.max(1) as u64) as usize;
         let mut ids = Vec::with_capacity(n * width);
         for j in 0..n as u64 {
-            stream.read_window(w + j, seq_len, &mut buf);
+            if let Err(e) = stream.read_window(w + j, seq_len, &mut buf) {
+                // Callers check the windows first (`TokenStream::check_eval_windows`) to report
+                // this as an error; here it can only end the evaluation.
+                tracing::error!(error = %e, "held-out evaluation stopped");
+                return None;
+            }
             ids.extend(buf.iter().map(|&t| t as i64));
         }
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, width]), device);

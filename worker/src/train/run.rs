@@ -68,13 +68,25 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
     let root = job.checkpoint.dir.clone();
 
     let mut resumed_from = None;
-    let trainer = match checkpoint::list(&root)?.pop() {
-        Some((step, dir)) => {
-            let trainer = restore(&dir, &training, job.seed)?;
-            resumed_from = Some(step);
-            tracing::info!(step, dir = %dir.display(), "resumed from checkpoint");
-            trainer
+    let mut kept = checkpoint::list(&root)?;
+    let mut restored = None;
+    // The newest checkpoint that verifies: a corrupt one gives way to the one before it.
+    while let Some((step, dir)) = kept.pop() {
+        match restore(&dir, &training, job.seed) {
+            Ok(trainer) => {
+                resumed_from = Some(step);
+                tracing::info!(step, dir = %dir.display(), "resumed from checkpoint");
+                restored = Some(trainer);
+                break;
+            }
+            Err(e @ WorkerError::Checkpoint { .. }) if !kept.is_empty() => {
+                tracing::warn!(step, dir = %dir.display(), error = %e, "checkpoint failed verification; falling back to the previous kept checkpoint");
+            }
+            Err(e) => return Err(e),
         }
+    }
+    let trainer = match restored {
+        Some(trainer) => trainer,
         None => {
             let (config, weights) = initial_model(job, &reader)?;
             Trainer::new(config, weights, &training)
@@ -183,7 +195,7 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
     };
     if resumed_from.is_none() && training.eval_every > 0 {
         // The base model's held-out perplexity: what continued pretraining is measured against.
-        summary.evals.push(evaluate(trainer, reader, &training, 0));
+        summary.evals.push(evaluate(trainer, reader, &training, 0)?);
     }
     while trainer.step() < stop {
         let started = Instant::now();
@@ -194,7 +206,7 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
             step_range(step, training.global_batch),
             training.micro_batch(),
             training.seq_len,
-        );
+        )?;
         let step_tokens = training.tokens_per_step();
         // One rank: the whole step's tokens are the denominator.
         let (loss, stats) = trainer.train_step(&micro, step_tokens as f64, step_tokens)?;
@@ -220,7 +232,7 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
         if training.eval_every > 0 && done.is_multiple_of(training.eval_every) && done < steps {
             summary
                 .evals
-                .push(evaluate(trainer, reader, &training, done));
+                .push(evaluate(trainer, reader, &training, done)?);
         }
         if !options.no_checkpoints && (done.is_multiple_of(job.checkpoint.every) || done == stop) {
             let tokenizer = corpus_tokenizer
@@ -235,7 +247,7 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
     if trainer.step() >= steps {
         summary
             .evals
-            .push(evaluate(trainer, reader, &training, trainer.step()));
+            .push(evaluate(trainer, reader, &training, trainer.step())?);
         summary.finished = true;
     }
     Ok(summary)
@@ -291,14 +303,21 @@ pub fn initial_model(job: &JobSpec, reader: &CorpusReader) -> Result<(LlamaConfi
     }
 }
 
+/// Held-out perplexity of every source at `step`.
+///
+/// # Errors
+/// A token id outside the vocabulary in a held-out shard, naming it.
 pub fn evaluate(
     trainer: &dyn Engine,
     reader: &CorpusReader,
     training: &TrainingSpec,
     step: u64,
-) -> EvalLog {
+) -> Result<EvalLog> {
     let mut sources = Vec::new();
     for (i, source) in reader.manifest().sources.iter().enumerate() {
+        reader
+            .held_out(i)
+            .check_eval_windows(training.seq_len, training.eval_tokens)?;
         if let Some(p) = trainer.perplexity(
             reader.held_out(i),
             training.seq_len,
@@ -316,5 +335,5 @@ pub fn evaluate(
             sources.push((source.name.clone(), p));
         }
     }
-    EvalLog { step, sources }
+    Ok(EvalLog { step, sources })
 }

@@ -35,19 +35,22 @@ pub struct MicroBatch {
 
 impl MicroBatch {
     /// Global samples `range` in `order`, read straight into one buffer.
+    ///
+    /// # Errors
+    /// A token id outside the corpus vocabulary, naming the shard.
     pub fn read(
         reader: &CorpusReader,
         order: &SampleOrder,
         range: Range<u64>,
         seq_len: u32,
-    ) -> Self {
+    ) -> Result<Self, dapt_corpus::CorpusError> {
         let width = seq_len as usize + 1;
         let samples = (range.end - range.start) as usize;
         let mut ids = vec![0u32; samples * width];
         for (window, g) in ids.chunks_exact_mut(width).zip(range) {
-            reader.read_sample(order.sample(g), seq_len, window);
+            reader.read_sample(order.sample(g), seq_len, window)?;
         }
-        MicroBatch { ids, samples }
+        Ok(MicroBatch { ids, samples })
     }
 
     /// A rank's slice of a step (see `dapt_corpus::rank_slice`) as micro-batches of at most
@@ -58,7 +61,7 @@ impl MicroBatch {
         slice: Range<u64>,
         micro_batch: u64,
         seq_len: u32,
-    ) -> Vec<Self> {
+    ) -> Result<Vec<Self>, dapt_corpus::CorpusError> {
         micro_batches(slice, micro_batch)
             .map(|range| Self::read(reader, order, range, seq_len))
             .collect()

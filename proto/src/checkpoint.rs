@@ -1,0 +1,236 @@
+//! What makes a directory a dapt checkpoint, for the worker that writes and loads checkpoints
+//! and the coordinator that prunes them and picks the one to resume from.
+//!
+//! A checkpoint is a directory `step-<n>` whose `manifest.json` names the step and the size and
+//! SHA-256 of every other file in it (plain file names, no sub-directories). Only such a
+//! directory is ever deleted or replaced by dapt, and only the files its manifest lists: a
+//! `step-1/` of the user's beside the checkpoints is never touched.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The manifest file of a checkpoint directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// The checkpoint layout this dapt writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// `manifest.json` of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointManifest {
+    pub format_version: u32,
+    /// Steps completed when it was written.
+    pub step: u64,
+    /// Every other file of the directory.
+    pub files: Vec<CheckpointFile>,
+}
+
+/// One file of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointFile {
+    /// A plain file name inside the checkpoint directory.
+    pub path: String,
+    pub bytes: u64,
+    /// Lowercase hex.
+    pub sha256: String,
+}
+
+/// Why a directory is not a usable checkpoint; the message names the file at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("checkpoint {dir}: {message}")]
+pub struct CheckpointError {
+    pub dir: PathBuf,
+    pub message: String,
+}
+
+impl CheckpointManifest {
+    /// Reads `dir/manifest.json`; an error when it is missing, unreadable, not a dapt
+    /// checkpoint manifest, or lists a path that is not a plain file name.
+    pub fn read(dir: &Path) -> Result<Self, CheckpointError> {
+        let fail = |message: String| CheckpointError {
+            dir: dir.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(dir.join(MANIFEST_FILE))
+            .map_err(|e| fail(format!("no readable {MANIFEST_FILE}: {e}")))?;
+        let manifest: CheckpointManifest =
+            serde_json::from_str(&text).map_err(|e| fail(format!("{MANIFEST_FILE}: {e}")))?;
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(fail(format!(
+                "{MANIFEST_FILE}: format version {} is not the {FORMAT_VERSION} this dapt reads",
+                manifest.format_version
+            )));
+        }
+        if let Some(f) = manifest.files.iter().find(|f| !is_plain_name(&f.path)) {
+            return Err(fail(format!(
+                "{MANIFEST_FILE} lists `{}`, which is not a file name inside the checkpoint",
+                f.path
+            )));
+        }
+        Ok(manifest)
+    }
+
+    /// Checks every listed file's size and SHA-256 (the whole content: no cache); the first
+    /// mismatch is the error, naming the file.
+    pub fn verify(&self, dir: &Path) -> Result<(), CheckpointError> {
+        let fail = |message: String| CheckpointError {
+            dir: dir.to_path_buf(),
+            message,
+        };
+        for f in &self.files {
+            let path = dir.join(&f.path);
+            let bytes = std::fs::metadata(&path)
+                .map_err(|e| fail(format!("{}: {e}", f.path)))?
+                .len();
+            if bytes != f.bytes {
+                return Err(fail(format!(
+                    "{} is {bytes} bytes, the manifest says {}: truncated or replaced",
+                    f.path, f.bytes
+                )));
+            }
+            let sha = dapt_corpus::tokenizer::sha256_file(&path)
+                .map_err(|e| fail(format!("{}: {e}", f.path)))?;
+            if sha != f.sha256 {
+                return Err(fail(format!(
+                    "{} has SHA-256 {sha}, the manifest says {}: the file is corrupt",
+                    f.path, f.sha256
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The step a checkpoint directory's name says (`step-00000042` -> 42).
+pub fn step_of_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("step-")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The manifest of `dir` when it is a dapt checkpoint: named `step-<n>`, with a manifest of
+/// this format whose step is `n`. `None` for anything else (a user's `step-1/` included).
+pub fn identify(dir: &Path) -> Option<CheckpointManifest> {
+    let step = step_of_name(dir.file_name()?.to_str()?)?;
+    if !std::fs::symlink_metadata(dir).ok()?.is_dir() {
+        return None;
+    }
+    CheckpointManifest::read(dir)
+        .ok()
+        .filter(|m| m.step == step)
+}
+
+/// The dapt checkpoints directly under `root` (see [`identify`]), oldest first. A missing
+/// `root` has none.
+pub fn list(root: &Path) -> Vec<(u64, PathBuf, CheckpointManifest)> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u64, PathBuf, CheckpointManifest)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let path = e.path();
+            identify(&path).map(|m| (m.step, path, m))
+        })
+        .collect();
+    found.sort_by_key(|(step, _, _)| *step);
+    found
+}
+
+/// Deletes checkpoint `dir`: the files its manifest lists, the manifest, then the directory,
+/// which must then be empty. A directory holding anything else is left as it is, with an error
+/// naming what dapt did not write.
+pub fn remove(dir: &Path, manifest: &CheckpointManifest) -> Result<(), CheckpointError> {
+    let fail = |message: String| CheckpointError {
+        dir: dir.to_path_buf(),
+        message,
+    };
+    let ours = |name: &str| name == MANIFEST_FILE || manifest.files.iter().any(|f| f.path == name);
+    let entries = std::fs::read_dir(dir).map_err(|e| fail(e.to_string()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| fail(e.to_string()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !ours(&name) {
+            return Err(fail(format!(
+                "holds `{name}`, which dapt did not write: not deleting it"
+            )));
+        }
+    }
+    for f in &manifest.files {
+        match std::fs::remove_file(dir.join(&f.path)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(format!("{}: {e}", f.path))),
+        }
+    }
+    std::fs::remove_file(dir.join(MANIFEST_FILE))
+        .map_err(|e| fail(format!("{MANIFEST_FILE}: {e}")))?;
+    std::fs::remove_dir(dir).map_err(|e| fail(e.to_string()))
+}
+
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\', '\0'])
+        && name != MANIFEST_FILE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_checkpoint(dir: &Path, step: u64) {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        std::fs::write(dir.join("a.bin"), b"abc").expect("write");
+        let manifest = CheckpointManifest {
+            format_version: FORMAT_VERSION,
+            step,
+            files: vec![CheckpointFile {
+                path: "a.bin".into(),
+                bytes: 3,
+                sha256: dapt_corpus::tokenizer::sha256_file(&dir.join("a.bin")).expect("sha"),
+            }],
+        };
+        std::fs::write(
+            dir.join(MANIFEST_FILE),
+            serde_json::to_vec(&manifest).expect("json"),
+        )
+        .expect("write");
+    }
+
+    #[test]
+    fn only_directories_with_our_manifest_are_checkpoints_and_removed() {
+        let root = tempfile::tempdir().expect("tmp");
+        write_checkpoint(&root.path().join("step-00000005"), 5);
+        // A user's folders: no manifest, a name that does not parse, a manifest of another step.
+        std::fs::create_dir_all(root.path().join("step-1")).expect("mkdir");
+        std::fs::write(root.path().join("step-1/results.csv"), b"1").expect("write");
+        write_checkpoint(&root.path().join("step-2-notes"), 2);
+        write_checkpoint(&root.path().join("step-7"), 3);
+        let found: Vec<u64> = list(root.path()).iter().map(|c| c.0).collect();
+        assert_eq!(found, vec![5]);
+
+        let ck = root.path().join("step-00000005");
+        let manifest = identify(&ck).expect("ours");
+        manifest.verify(&ck).expect("verifies");
+        std::fs::write(ck.join("a.bin"), b"abd").expect("flip");
+        let err = manifest.verify(&ck).expect_err("corrupt").to_string();
+        assert!(err.contains("a.bin") && err.contains("corrupt"), "{err}");
+
+        std::fs::write(ck.join("notes.txt"), b"mine").expect("write");
+        let err = remove(&ck, &manifest)
+            .expect_err("foreign file")
+            .to_string();
+        assert!(err.contains("notes.txt"), "{err}");
+        assert!(ck.join("a.bin").is_file(), "nothing deleted");
+        std::fs::remove_file(ck.join("notes.txt")).expect("rm");
+        remove(&ck, &manifest).expect("remove");
+        assert!(!ck.exists());
+        assert!(root.path().join("step-1/results.csv").is_file());
+    }
+}
