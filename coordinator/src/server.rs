@@ -24,7 +24,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::control::{
-    decide_checked, Action, ConnId, ControlConfig, Event, JobState, JoinRequest, Log, Phase,
+    decide_checked, Action, ConnId, ControlConfig, Event, JobState, JoinRequest, Phase,
     StepInfo, StepTimes,
 };
 use crate::etcd::{Committer, EtcdStore};

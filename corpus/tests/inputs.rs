@@ -20,7 +20,7 @@ fn stored(out: &Path) -> Vec<(Vec<u32>, String)> {
     for source in 0..reader.manifest().sources.len() {
         for stream in [reader.train(source), reader.held_out(source)] {
             let mut ids = vec![0u32; stream.len() as usize];
-            stream.read(0, &mut ids);
+            stream.read(0, &mut ids).expect("ids in range");
             for doc in ids.split_inclusive(|&t| t == eos) {
                 let text = tokenizer.decode(doc, false).expect("decode");
                 docs.push((doc.to_vec(), text));

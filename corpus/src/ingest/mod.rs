@@ -428,6 +428,7 @@ mod tests {
             weight: crate::spec::Weight(1.0),
             held_out: crate::spec::Fraction::default(),
             text_field: "text".into(),
+            encoding: None,
         };
         let dir_source = source(vec![tree.display().to_string()]);
         assert_eq!(discover(&dir_source).expect("inside").files.len(), 2);

@@ -396,6 +396,9 @@ fn start(
                         panic_message(payload.as_ref())
                     ),
                     peer_fault: false,
+                    // A bug, not the data: the coordinator re-forms, and fails the job once
+                    // every generation fails the same way.
+                    fatal: false,
                 })
             });
             match result {

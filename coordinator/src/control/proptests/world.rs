@@ -430,6 +430,8 @@ impl World {
                 lr: 1e-4,
                 tokens: batch * 8,
                 elapsed: Duration::from_millis(100),
+                times: StepTimes::default(),
+                peak_flops: None,
             },
         };
         w.outbox.push_back(report.clone());
@@ -571,7 +573,11 @@ impl World {
                             conn: w.conn,
                             worker: w.id.clone(),
                             generation: a.generation,
-                            reason: "non-finite loss".into(),
+                            reason: "corrupt shard".into(),
+                            // A fatal failure ends the job by design; the liveness check
+                            // wants jobs that can complete.
+                            fatal: false,
+                            peer_fault: false,
                         };
                         w.outbox.push_back(event);
                     }
@@ -738,7 +744,6 @@ impl World {
 fn config(setup: &Setup) -> ControlConfig {
     ControlConfig {
         job: "job".into(),
-        token: "secret".into(),
         version: "0.1.0".into(),
         min_workers: setup.min_workers,
         max_workers: setup.max_workers,
@@ -757,7 +762,6 @@ fn join(w: &Worker, i: usize, attach: Option<(Generation, u32)>) -> Event {
         conn: w.conn,
         request: JoinRequest {
             job: "job".into(),
-            token: "secret".into(),
             worker: w.id.clone(),
             devices: vec!["cpu".into()],
             version: "0.1.0".into(),
