@@ -698,10 +698,11 @@ pub fn f32_tensors(path: &Path) -> Result<std::collections::BTreeMap<String, Vec
         .collect())
 }
 
+/// Tensors by name: shape and f32 values.
+pub type ShapedTensors = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// [`f32_tensors`] with each tensor's shape.
-pub fn f32_tensors_shaped(
-    path: &Path,
-) -> Result<std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>, String> {
+pub fn f32_tensors_shaped(path: &Path) -> Result<ShapedTensors, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let len = bytes
         .get(..8)
@@ -755,10 +756,7 @@ pub fn finite_weights(path: &Path) -> Result<usize, String> {
 
 /// Writes `tensors` (name -> shape, f32 values) as a safetensors file: the inverse of
 /// [`f32_tensors`], for tests that make or alter model files.
-pub fn write_f32_tensors(
-    path: &Path,
-    tensors: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-) -> Result<(), String> {
+pub fn write_f32_tensors(path: &Path, tensors: &ShapedTensors) -> Result<(), String> {
     let mut header = serde_json::Map::new();
     let mut data = Vec::new();
     for (name, (shape, values)) in tensors {
