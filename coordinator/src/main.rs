@@ -273,7 +273,11 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
                 .map_err(anyhow::Error::msg)?;
             spec.cluster.tls =
                 tls_settings(spec.cluster.tls.take(), tls_cert, tls_key, tls_client_ca)?;
-            let scheme = if spec.cluster.tls.is_some() { "https" } else { "http" };
+            let scheme = if spec.cluster.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             let (outcome, summary) = runtime()?.block_on(async {
                 let workers = match (spec.cluster.min_workers, spec.cluster.max_workers) {
                     (min, Some(max)) if min == max => format!("{min} workers"),

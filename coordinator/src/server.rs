@@ -24,8 +24,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::control::{
-    decide_checked, Action, ConnId, ControlConfig, Event, JobState, JoinRequest, Phase,
-    StepInfo, StepTimes,
+    decide_checked, Action, ConnId, ControlConfig, Event, JobState, JoinRequest, Phase, StepInfo,
+    StepTimes,
 };
 use crate::etcd::{Committer, EtcdStore};
 use crate::ledger::Ledger;

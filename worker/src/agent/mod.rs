@@ -118,8 +118,14 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
         attach_rank: 0,
         proof: Vec::new(),
     };
-    let mut session =
-        Session::open(&o.coordinator, &o.tls, o.connect_timeout, &key, join.clone()).await?;
+    let mut session = Session::open(
+        &o.coordinator,
+        &o.tls,
+        o.connect_timeout,
+        &key,
+        join.clone(),
+    )
+    .await?;
     let job: JobSpec =
         serde_json::from_str(&session.joined.job_json).context("the job the coordinator sent")?;
     tracing::info!(worker = %o.worker_id, job = %job.job, %endpoint, coordinator = %o.coordinator, "joined");
@@ -201,8 +207,14 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
                 // a new member; the generation this worker was in is stale by now, and its
                 // reports until the next assignment are refused as such.
                 tracing::warn!("lost the session with the coordinator; joining it again");
-                match Session::open(&o.coordinator, &o.tls, o.connect_timeout, &key, join.clone())
-                    .await
+                match Session::open(
+                    &o.coordinator,
+                    &o.tls,
+                    o.connect_timeout,
+                    &key,
+                    join.clone(),
+                )
+                .await
                 {
                     Ok(s) => {
                         session = s;
@@ -436,7 +448,6 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".into())
 }
-
 
 /// A client of the coordinator at `url`, retried for `patience` while it cannot be reached; a
 /// refused certificate (either side's) ends the attempts at once: waiting does not change it.
