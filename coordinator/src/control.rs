@@ -189,6 +189,9 @@ pub struct JobState {
     pub step_time: Option<f64>,
     /// Generations since the last commit that ended in a failure.
     pub failed_generations: u32,
+    /// A rank reported a failure that a retry from the last commit would meet again (a
+    /// non-finite step): the job failed at once, without re-forming.
+    pub failed_fatally: bool,
     /// While re-attaching: when ranks that have not come back are given up.
     pub reattach_deadline: Option<Instant>,
     /// When this coordinator took over (for the re-attach log line).
@@ -480,6 +483,7 @@ impl JobState {
             last_step: None,
             step_time: None,
             failed_generations: 0,
+            failed_fatally: false,
             reattach_deadline: None,
             took_over: None,
         }
@@ -635,6 +639,7 @@ pub fn decide(mut state: JobState, event: Event, now: Instant) -> (JobState, Vec
             if root_cause && fatal {
                 // A peer's report began a recovery, but this rank's own failure would recur
                 // from the last commit: end the job with it.
+                state.failed_fatally = true;
                 fail(&mut state, reason, Some(&worker), &mut out);
             } else if root_cause {
                 // A peer reported this rank's failure first (its ring saw the connection
@@ -653,6 +658,7 @@ pub fn decide(mut state: JobState, event: Event, now: Instant) -> (JobState, Vec
                 if fatal {
                     // Re-forming would replay the same steps from the same commit into the
                     // same failure: end the job with the worker's reason.
+                    state.failed_fatally = true;
                     fail(&mut state, reason, Some(&worker), &mut out);
                 } else {
                     begin_recovery(&mut state, reason, Some(&worker), now, &mut out);

@@ -314,7 +314,14 @@ pub fn foreign_entry(dir: &Path) -> Result<Option<String>, LedgerError> {
         .find(|(name, path)| {
             let ours = matches!(
                 name.as_str(),
-                COMMITTED_FILE | LEDGER_FILE | "committed.tmp" | "ledger.tmp" | "logs" | "export"
+                COMMITTED_FILE
+                    | LEDGER_FILE
+                    | GENERATION_FILE
+                    | "committed.tmp"
+                    | "ledger.tmp"
+                    | "generation.tmp"
+                    | "logs"
+                    | "export"
             ) || name.starts_with(".tmp-step-")
                 || checkpoint::identify(path).is_some();
             !ours

@@ -132,9 +132,12 @@ enum Command {
         #[command(flatten)]
         tls: dapt_proto::tls::ClientTls,
         /// The job's token: the coordinator answers only a request that proves it (the token
-        /// itself is not sent). Prefer the environment.
+        /// itself is not sent). Prefer the environment or --token-file.
         #[arg(long, env = "DAPT_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// A file holding the job's token (e.g. a mounted Kubernetes Secret).
+        #[arg(long, env = "DAPT_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
     },
     /// Train the job on this machine as a single rank (runs `dapt-worker train`).
     Train {
@@ -316,10 +319,11 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
             json,
             tls,
             token,
+            token_file,
         } => {
-            let Some(token) = token.filter(|t| !t.is_empty()) else {
-                anyhow::bail!("dapt status needs the job's token: set DAPT_TOKEN (or --token)");
-            };
+            let token =
+                dapt_proto::token::resolve(token.filter(|t| !t.is_empty()), token_file.as_deref())
+                    .map_err(|e| anyhow::anyhow!("dapt status needs {e}"))?;
             let key = dapt_proto::auth::Key::control(&token);
             // Bounded: a standby coordinator accepts connections but answers only once it
             // leads (Kubernetes' readiness probe relies on this failing).

@@ -44,6 +44,12 @@ impl SessionError {
     pub fn is_final(&self) -> bool {
         matches!(self, Self::Refused(_) | Self::Unproven { .. })
     }
+
+    /// Whether the coordinator turned the session away because too many sessions were still
+    /// joining (`RESOURCE_EXHAUSTED`): asking again shortly can help.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Self::Lost(s) if s.code() == tonic::Code::ResourceExhausted)
+    }
 }
 
 fn lost(status: tonic::Status) -> SessionError {

@@ -380,6 +380,8 @@ fn the_kubernetes_secrets_script_makes_a_token_and_certificates_dapt_accepts() {
             .arg("--client-key")
             .arg(file("client.key"))
             .args(["--coordinator-domain", domain])
+            .env_remove("DAPT_TOKEN")
+            .env("DAPT_TOKEN_FILE", file("token"))
             .output()
             .expect("dapt status")
     };

@@ -101,7 +101,7 @@ impl Invariant {
             }
             Invariant::CompletedAtTotal => "a completed job committed its last step",
             Invariant::FailedOnlyAfterRepeatedFailures => {
-                "the job fails only after more than max_failed_generations generations failed in a row"
+                "the job fails only after more than max_failed_generations generations failed in a row, or at once on a failure a retry would meet again (fatal)"
             }
             Invariant::PendingReportsPastCommit => {
                 "uncommitted reports are of steps after the commit and within the total, from ranks of the generation, with their rank's samples"
@@ -250,7 +250,7 @@ impl JobState {
             Phase::Completed | Phase::Stopped(_) => {}
             Phase::Failed(reason) => {
                 ensure(
-                    self.failed_generations > c.max_failed_generations,
+                    self.failed_generations > c.max_failed_generations || self.failed_fatally,
                     Invariant::FailedOnlyAfterRepeatedFailures,
                     || {
                         format!(

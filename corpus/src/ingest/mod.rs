@@ -160,6 +160,11 @@ fn glob_root(pattern: &str) -> PathBuf {
 
 /// Refuses a found file whose real path (links resolved) is outside `root`'s.
 fn check_inside(root: &Path, found: &[(PathBuf, bool)]) -> Result<()> {
+    if found.is_empty() {
+        // Nothing to check (a glob whose leading directories do not exist matches nothing,
+        // which the caller names as such).
+        return Ok(());
+    }
     let real_root = root.canonicalize().map_err(CorpusError::io(root))?;
     for (path, _) in found {
         let real = path.canonicalize().map_err(CorpusError::io(path))?;

@@ -302,8 +302,8 @@ struct Session {
 
 impl Session {
     /// Connects to `url` and opens a session (for `patience`): the coordinator proves it runs
-    /// the job before this worker sends anything about itself (`dapt_proto::join`). A refusal
-    /// or a failed proof is final; a coordinator busy with other joiners is asked again.
+    /// the job before this worker sends anything about itself (`dapt_proto::join`). A coordinator
+    /// busy with other joiners is asked again (for `patience`); any other failure is returned.
     async fn open(
         url: &str,
         tls: &dapt_proto::tls::ClientTls,
@@ -322,7 +322,9 @@ impl Session {
                         joined: session.joined,
                     })
                 }
-                Err(e) if !e.is_final() && tokio::time::Instant::now() < deadline => {
+                // Only a busy coordinator is asked again here: any other loss (a refused client
+                // certificate shows as one) is the caller's to handle.
+                Err(e) if e.is_busy() && tokio::time::Instant::now() < deadline => {
                     tracing::debug!(%url, error = %e, "joining again");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
