@@ -183,6 +183,7 @@ fn a_job_runs_over_mutual_tls_and_strangers_to_the_ca_are_refused() {
             "--client-key",
             &key,
         ])
+        .env("DAPT_TOKEN", &c.token)
         .output()
         .expect("dapt status");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -199,6 +200,7 @@ fn a_job_runs_over_mutual_tls_and_strangers_to_the_ca_are_refused() {
             .args(["status", &c.url])
             .args(&args)
             .env_remove("DAPT_COORDINATOR_CA")
+            .env("DAPT_TOKEN", &c.token)
             .output()
             .expect("dapt status");
         let stderr = String::from_utf8_lossy(&out.stderr);
