@@ -816,16 +816,21 @@ fn current_rank(
             format!("`{worker}` has no rank in generation {generation}"),
         )
     };
+    refuse(worker.clone(), conn, refusal, out);
+    None
+}
+
+/// Refuses a worker's message on session `conn`, and logs why.
+fn refuse(worker: WorkerId, conn: ConnId, refusal: Refusal, out: &mut Vec<Action>) {
     out.push(Action::Log(Log::Refused {
         worker: worker.clone(),
         refusal: refusal.clone(),
     }));
     out.push(Action::Refuse {
-        worker: worker.clone(),
+        worker,
         conn,
         refusal,
     });
-    None
 }
 
 fn lose(
@@ -1173,15 +1178,8 @@ fn step_report(
                 info.step, info.rank, info.samples, expected
             ),
         );
-        out.push(Action::Log(Log::Refused {
-            worker: worker.clone(),
-            refusal: refusal.clone(),
-        }));
-        out.push(Action::Refuse {
-            conn: state.members[&worker].conn,
-            worker,
-            refusal,
-        });
+        let conn = state.members[&worker].conn;
+        refuse(worker, conn, refusal, out);
         return;
     }
     let step = info.step;
@@ -1266,15 +1264,8 @@ fn checkpoint_report(
                 state.config.total_steps
             ),
         );
-        out.push(Action::Log(Log::Refused {
-            worker: worker.clone(),
-            refusal: refusal.clone(),
-        }));
-        out.push(Action::Refuse {
-            conn: state.members[&worker].conn,
-            worker,
-            refusal,
-        });
+        let conn = state.members[&worker].conn;
+        refuse(worker, conn, refusal, out);
         return;
     }
     let (voted, dir, digests) = {
