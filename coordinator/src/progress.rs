@@ -114,7 +114,12 @@ impl Progress {
             Log::Recovery { phase, .. } if *phase == RecoveryPhase::Detected => {
                 self.recoveries += 1;
             }
-            Log::Completed { step, dir } => self.completed = Some((*step, dir.clone())),
+            Log::Completed { step, dir } => {
+                // A job that was complete before this run trained nothing here: its summary
+                // says "0 (steps 123 to 123)", not "steps 0 to 0".
+                self.steps_done = self.steps_done.max(*step);
+                self.completed = Some((*step, dir.clone()));
+            }
             _ => {}
         }
     }
