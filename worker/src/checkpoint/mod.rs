@@ -116,13 +116,7 @@ pub fn save(
         std::fs::copy(tokenizer, &to).map_err(WorkerError::io(tokenizer))?;
     }
     let mut files = Vec::new();
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map_err(WorkerError::io(dir))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    for name in names {
+    for name in hf::file_names(dir)? {
         let path = dir.join(&name);
         files.push(CheckpointFile {
             bytes: std::fs::metadata(&path)

@@ -37,12 +37,7 @@ pub fn claim_output_dir(dir: &Path) -> Result<()> {
         Err(e) => return Err(WorkerError::io(dir)(e)),
         Ok(meta) if !meta.is_dir() => return refuse("exists and is not a directory".into()),
         Ok(_) => {
-            let mut names: Vec<String> = std::fs::read_dir(dir)
-                .map_err(WorkerError::io(dir))?
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect();
-            names.sort();
+            let names = file_names(dir)?;
             let ours = names.iter().any(|n| n == EXPORT_MARKER);
             let written = [EXPORT_MARKER, CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE];
             if let Some(name) = names
@@ -408,6 +403,20 @@ pub fn write_dir(
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, dtype, Some(meta))
+}
+
+/// The names of the entries of `dir`, sorted (an entry that cannot be read is left out).
+///
+/// # Errors
+/// `dir` cannot be listed.
+pub fn file_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(WorkerError::io(dir))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it into place.
