@@ -98,6 +98,12 @@ pub struct TrainingSpec {
     /// Recompute activations in the backward pass instead of keeping them (less memory).
     #[serde(default)]
     pub activation_checkpointing: bool,
+    /// ZeRO stage (Rajbhandari et al., 2020, "ZeRO: Memory Optimizations Toward Training
+    /// Trillion Parameter Models"): `0` replicates the optimizer on every data-parallel rank;
+    /// `1` shards the AdamW moments and f32 master weights across the ranks; `2` also shards the
+    /// gradients (reduce-scatter instead of all-reduce). Default 0.
+    #[serde(default)]
+    pub zero_stage: u8,
     /// Held-out perplexity every this many steps (0: only at the end).
     #[serde(default)]
     pub eval_every: u64,
@@ -682,6 +688,12 @@ impl JobSpec {
             }
             if t.micro_batch == Some(0) {
                 return Err(("training.micro_batch", "must be at least 1".into()));
+            }
+            if t.zero_stage > 2 {
+                return Err((
+                    "training.zero_stage",
+                    format!("{} is not a ZeRO stage dapt has: 0, 1 or 2", t.zero_stage),
+                ));
             }
 
             if t.seq_len == 0 {

@@ -156,6 +156,7 @@ fn run_dapt(case: &Case) {
         optimizer: OptimizerSpec::default(),
         schedule: ScheduleSpec::default(),
         activation_checkpointing: false,
+        zero_stage: 0,
         eval_every: 0,
         eval_tokens: 0,
         nonfinite: Default::default(),
