@@ -47,15 +47,16 @@ enum Command {
     Plan {
         /// The job file.
         job: PathBuf,
-        /// The GPU to plan for: h100, h200 or a100.
+        /// The device to plan for: h100, h200, a100, or cpu (the CPU backend, f32).
         #[arg(long, default_value = "h100")]
         gpu: String,
         /// GPUs (data-parallel ranks).
         #[arg(long, default_value_t = 8)]
         gpus: u32,
-        /// Model FLOPs utilisation assumed for the time estimate.
-        #[arg(long, default_value_t = 0.4)]
-        mfu: f64,
+        /// Model FLOPs utilisation for the time estimate (default: dapt's own measured figure
+        /// for that GPU, or the nearest GPU it measured; the plan says which).
+        #[arg(long)]
+        mfu: Option<f64>,
         /// Price per GPU-hour in USD (default: an assumed on-demand price, printed as such).
         #[arg(long)]
         price_per_gpu_hour: Option<f64>,
@@ -380,10 +381,12 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
                 anyhow::anyhow!("--gpu {gpu}: unknown GPU (known: {})", known.join(", "))
             })?;
             anyhow::ensure!(gpus > 0, "--gpus must be at least 1");
-            anyhow::ensure!(
-                mfu > 0.0 && mfu <= 1.0,
-                "--mfu must be in (0, 1], got {mfu}"
-            );
+            if let Some(mfu) = mfu {
+                anyhow::ensure!(
+                    mfu > 0.0 && mfu <= 1.0,
+                    "--mfu must be in (0, 1], got {mfu}"
+                );
+            }
             let options = plan::PlanOptions {
                 gpu,
                 gpus,

@@ -1,30 +1,57 @@
 //! `dapt plan`: what a job will cost before it spends anything — training FLOPs, steps, memory
-//! per GPU, GPU-hours at a stated MFU, and money at a stated price.
+//! per rank, GPU-hours at dapt's own measured MFU, and money at a stated price.
 //!
-//! The formulas are the standard ones, and each is printed with the plan so it can be checked:
+//! The formulas, each printed with the plan so it can be checked:
 //! * FLOPs = 6 N D (forward and backward through N parameters for D tokens) + attention
 //!   12 L d s D (PaLM, appendix B: L layers, model width d, sequence length s).
-//! * Memory per GPU for data parallelism without sharding, as dapt trains: a bf16 compute copy
-//!   (2 bytes/parameter), f32 master weights (4), f32 gradients (4: the all-reduce buckets) and
-//!   AdamW's two f32 moments (8) = 18 bytes/parameter; activations per micro-batch after
-//!   Korthikanti et al. (2022), s b d (34 + 5 a s / d) bytes per layer with 16-bit activations
-//!   (a heads), or 2 s b d per layer plus one layer's worth with activation checkpointing; and
-//!   the logits with their gradient in f32, 8 s b V.
+//! * Memory per rank as dapt's device (resident) engine holds it, by ZeRO stage over w
+//!   data-parallel ranks (Rajbhandari et al. 2020): the weights in the compute dtype (every rank,
+//!   whole); f32 master weights (bf16 compute only: in f32 the compute weights are the master),
+//!   and AdamW's two f32 moments, 1/w of them from stage 1; the flat f32 gradient buffer, 1/w at
+//!   stage 2. Then the larger of the backward phase (the gradients the backward pass holds before
+//!   they are added into the flat buffer, the activations, the logits) and the optimizer phase
+//!   (two f32 temporaries the size of the owned slice). Activations are counted from dapt's own
+//!   graph (`worker/src/model/llama.rs` on Burn's autodiff: what each op keeps for its backward
+//!   pass), not from a fused reference implementation; see docs/plan.md.
+//! * Time at the MFU dapt measured on that GPU (docs/benchmarks.md), or the nearest one it
+//!   measured, said as such; `--mfu` overrides it and the plan says so.
 
 use std::fmt::Write as _;
 
-use dapt_proto::job::{JobSpec, Preset};
+use dapt_proto::job::{JobSpec, Preset, TrainingSpec};
 use dapt_proto::model::LlamaConfig;
 
-/// A GPU that jobs are planned for: dense bf16 peak and memory.
+/// An MFU dapt measured, and where.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MeasuredMfu {
+    pub mfu: f64,
+    /// What was measured, for the plan's text.
+    pub what: &'static str,
+}
+
+/// The H200 measurement (docs/benchmarks.md, "Training on one H200"): Llama 3.2 1B shape, bf16.
+const H200_MFU: MeasuredMfu = MeasuredMfu {
+    mfu: 0.052,
+    what: "measured by dapt on an H200: Llama-3.2-1B shape, bf16, docs/benchmarks.md",
+};
+
+/// A device that jobs are planned for: peak, memory, and what dapt computes in there.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Gpu {
     pub name: &'static str,
-    /// Dense (no sparsity) bf16 tensor-core peak, FLOP/s.
+    /// Dense (no sparsity) peak in the compute dtype, FLOP/s (bf16 tensor cores on GPUs).
     pub peak_flops: f64,
     pub memory_bytes: f64,
     /// An on-demand cloud price assumed when the user gives none, USD per GPU-hour.
     pub assumed_price: f64,
+    /// Bytes per element of the compute dtype: 2 (bf16 with f32 master weights) on GPUs, 4 (f32)
+    /// on the CPU backend.
+    pub compute_bytes: f64,
+    /// What the process holds before the model: the CUDA context and kernels (assumed), or a
+    /// CPU worker's resident size before its first step (measured).
+    pub runtime_bytes: f64,
+    /// dapt's own MFU on this device, where it has been measured.
+    pub measured_mfu: Option<MeasuredMfu>,
 }
 
 pub const GPUS: &[Gpu] = &[
@@ -33,20 +60,48 @@ pub const GPUS: &[Gpu] = &[
         peak_flops: 989e12,
         memory_bytes: 80e9,
         assumed_price: 2.50,
+        compute_bytes: 2.0,
+        runtime_bytes: 1e9,
+        measured_mfu: None,
     },
     Gpu {
         name: "h200",
         peak_flops: 989e12,
         memory_bytes: 141e9,
         assumed_price: 3.50,
+        compute_bytes: 2.0,
+        runtime_bytes: 1e9,
+        measured_mfu: Some(H200_MFU),
     },
     Gpu {
         name: "a100",
         peak_flops: 312e12,
         memory_bytes: 80e9,
         assumed_price: 1.50,
+        compute_bytes: 2.0,
+        runtime_bytes: 1e9,
+        measured_mfu: None,
+    },
+    // The CPU backend (f32), as this project's 2-core development machines run it: the fp32
+    // matmul peak with 2 threads (FACTS.md), the d512 shape's measured 25% of it
+    // (docs/benchmarks.md), and a worker's resident size before its first step.
+    Gpu {
+        name: "cpu",
+        peak_flops: 377e9,
+        memory_bytes: 24e9,
+        assumed_price: 0.0,
+        compute_bytes: 4.0,
+        runtime_bytes: CPU_RUNTIME_BYTES,
+        measured_mfu: Some(MeasuredMfu {
+            mfu: 0.25,
+            what:
+                "measured by dapt on this project's 2-core CPU: d512 shape, f32, docs/benchmarks.md",
+        }),
     },
 ];
+
+/// A CPU `dapt-worker`'s resident size before its first step (measured: docs/plan.md).
+pub const CPU_RUNTIME_BYTES: f64 = 30e6;
 
 pub fn gpu(name: &str) -> Option<Gpu> {
     GPUS.iter()
@@ -57,10 +112,22 @@ pub fn gpu(name: &str) -> Option<Gpu> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PlanOptions {
     pub gpu: Gpu,
+    /// Data-parallel ranks (one per GPU).
     pub gpus: u32,
-    /// Model FLOPs utilisation assumed for the time estimate.
-    pub mfu: f64,
+    /// Model FLOPs utilisation for the time estimate; `None`: dapt's measured figure.
+    pub mfu: Option<f64>,
     pub price_per_gpu_hour: Option<f64>,
+}
+
+/// Where the time estimate's MFU came from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MfuSource {
+    /// dapt measured it on this GPU.
+    Measured(&'static str),
+    /// dapt has not measured this GPU: the figure of the one it did measure.
+    Nearest(&'static str),
+    /// `--mfu`.
+    User,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +139,13 @@ pub struct Plan {
     pub flops_dense: f64,
     pub flops_attention: f64,
     pub memory: Memory,
+    /// The memory settings of the job.
+    pub setting: MemorySetting,
+    /// The first setting in the order of [`smallest_fit`] that fits, when the job's does not,
+    /// or when a cheaper one than the job's fits.
+    pub fits_with: Option<(MemorySetting, Memory)>,
+    pub mfu: f64,
+    pub mfu_source: MfuSource,
     pub gpu_hours: f64,
     pub wall_hours: f64,
     pub price_per_gpu_hour: f64,
@@ -79,26 +153,170 @@ pub struct Plan {
     pub warnings: Vec<String>,
 }
 
-/// Bytes per GPU.
+/// What the job's memory depends on besides the model: ZeRO stage, recompute, micro-batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemorySetting {
+    pub zero_stage: u8,
+    pub recompute: bool,
+    /// Samples per forward/backward pass on one rank.
+    pub micro_batch: u64,
+}
+
+/// Bytes per rank.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Memory {
-    pub weights_bf16: f64,
+    /// The weights as the passes read them, in the compute dtype, whole on every rank.
+    pub weights: f64,
+    /// f32 master weights (bf16 compute only), 1/w from stage 1.
     pub master_f32: f64,
-    pub gradients_f32: f64,
+    /// AdamW's two f32 moments, 1/w from stage 1.
     pub optimizer_f32: f64,
+    /// The flat f32 gradient buffer, 1/w at stage 2.
+    pub gradients_f32: f64,
+    /// Gradients the backward pass holds before they reach the flat buffer, compute dtype: all
+    /// parameters' with one graph, one block's (or the embedding's) with recompute.
+    pub gradients_in_flight: f64,
     pub activations: f64,
+    /// Logits `[tokens, vocab]` in the compute dtype and three f32 tensors of that size (the
+    /// f32 cast, log-softmax's exponentials, the gradient).
     pub logits: f64,
+    /// The optimizer step's two f32 temporaries over the owned slice (not at the same time as
+    /// the backward phase).
+    pub optimizer_temporaries: f64,
+    /// The process before the model (see [`Gpu::runtime_bytes`]).
+    pub runtime: f64,
 }
 
 impl Memory {
-    pub fn total(&self) -> f64 {
-        self.weights_bf16
-            + self.master_f32
-            + self.gradients_f32
-            + self.optimizer_f32
-            + self.activations
-            + self.logits
+    /// The states held through the whole step.
+    pub fn states(&self) -> f64 {
+        self.runtime + self.weights + self.master_f32 + self.optimizer_f32 + self.gradients_f32
     }
+
+    /// The backward phase's extra: gradients in flight, activations, logits.
+    pub fn backward_phase(&self) -> f64 {
+        self.gradients_in_flight + self.activations + self.logits
+    }
+
+    /// The peak: states plus the larger of the two phases.
+    pub fn total(&self) -> f64 {
+        self.states() + self.backward_phase().max(self.optimizer_temporaries)
+    }
+}
+
+/// Elements one decoder block keeps for its backward pass in dapt's graph, for `b` sequences
+/// of `s` tokens (`n = b s` rows): per RMSNorm the normalised rows and their product with the
+/// gain (2 n d each, two norms); the q projection, its rotated half-swap and RoPE's output
+/// (3 n d) and the same for k (3 n d_kv), v (n d_kv), k and v repeated for grouped-query
+/// attention (2 n d when kv heads < heads); the attention output and the residual sum
+/// (2 n d) and the block output (n d); the MLP's gate, SiLU, up and their product (4 n f); the
+/// softmax's exponentials and probabilities (2 b a s^2).
+pub fn block_activation_elements(config: &LlamaConfig, b: f64, s: f64) -> f64 {
+    let n = b * s;
+    let d = (config.num_attention_heads * config.head_dim) as f64;
+    let h = config.hidden_size as f64;
+    let kv = (config.num_key_value_heads * config.head_dim) as f64;
+    let f = config.intermediate_size as f64;
+    let a = config.num_attention_heads as f64;
+    let gqa = if config.num_key_value_heads < config.num_attention_heads {
+        2.0 * d
+    } else {
+        0.0
+    };
+    n * (4.0 * h + 3.0 * d + 4.0 * kv + gqa + 3.0 * h + 4.0 * f) + 2.0 * b * a * s * s
+}
+
+/// Per-rank memory for `config` trained with `training` on `gpu` over `world` ranks at
+/// `setting`.
+pub fn memory(
+    config: &LlamaConfig,
+    training: &TrainingSpec,
+    gpu: &Gpu,
+    world: u32,
+    setting: MemorySetting,
+) -> Memory {
+    let n = config.num_params() as f64;
+    let w = world.max(1) as f64;
+    let c = gpu.compute_bytes;
+    let shard = |stage: u8| {
+        if setting.zero_stage >= stage {
+            1.0 / w
+        } else {
+            1.0
+        }
+    };
+    let l = config.num_hidden_layers as f64;
+    let s = training.seq_len as f64;
+    let b = setting.micro_batch as f64;
+    let h = config.hidden_size as f64;
+    let block = block_activation_elements(config, b, s);
+    let activations = if setting.recompute {
+        // Each block's input, kept; one block's graph at a time in the backward pass.
+        c * (l * b * s * h + block)
+    } else {
+        c * l * block
+    };
+    let embedding = (config.vocab_size as f64) * h;
+    let per_block = (n - embedding * if config.tie_word_embeddings { 1.0 } else { 2.0 }) / l;
+    let in_flight = if setting.recompute {
+        c * per_block.max(embedding)
+    } else {
+        c * n
+    };
+    let owned = n * shard(1);
+    Memory {
+        weights: c * n,
+        master_f32: if c < 4.0 { 4.0 * owned } else { 0.0 },
+        optimizer_f32: 8.0 * owned,
+        gradients_f32: 4.0 * n * shard(2),
+        gradients_in_flight: in_flight,
+        activations,
+        logits: (c + 12.0) * b * s * config.vocab_size as f64,
+        optimizer_temporaries: 8.0 * owned,
+        runtime: gpu.runtime_bytes,
+    }
+}
+
+/// Samples per forward/backward pass on one rank: the job's micro-batch, or the rank's share
+/// of the global batch when that is smaller.
+pub fn rank_micro_batch(training: &TrainingSpec, world: u32) -> u64 {
+    let share = training.global_batch.div_ceil(world.max(1) as u64);
+    training.micro_batch().min(share).max(1)
+}
+
+/// The first setting that fits in 90% of `gpu`'s memory, trying the cheapest first: without
+/// recompute before with it (recompute costs a forward pass), the job's micro-batch before
+/// halves of it (smaller passes run less efficiently), and ZeRO stage 0, 1, 2 (the same bytes
+/// on the wire per step, ZeRO's cost is latency).
+pub fn smallest_fit(
+    config: &LlamaConfig,
+    training: &TrainingSpec,
+    gpu: &Gpu,
+    world: u32,
+) -> Option<(MemorySetting, Memory)> {
+    let usable = 0.9 * gpu.memory_bytes;
+    let mut micro = Vec::new();
+    let mut m = rank_micro_batch(training, world);
+    while m >= 1 {
+        micro.push(m);
+        m /= 2;
+    }
+    for recompute in [false, true] {
+        for &micro_batch in &micro {
+            for zero_stage in 0..=2 {
+                let setting = MemorySetting {
+                    zero_stage,
+                    recompute,
+                    micro_batch,
+                };
+                let mem = memory(config, training, gpu, world, setting);
+                if mem.total() <= usable {
+                    return Some((setting, mem));
+                }
+            }
+        }
+    }
+    None
 }
 
 /// The model a job trains, for planning: a Hugging Face `config.json`, or a preset with the
@@ -137,67 +355,69 @@ pub fn plan(job: &JobSpec, config: &LlamaConfig, options: &PlanOptions) -> Resul
     let flops_dense = 6.0 * n as f64 * tokens as f64;
     let flops_attention = 12.0 * l * d * s * tokens as f64;
 
-    let b = training.micro_batch() as f64;
-    let a = config.num_attention_heads as f64;
-    let per_layer_full = s * b * d * (34.0 + 5.0 * a * s / d);
-    let activations = if training.activation_checkpointing {
-        2.0 * s * b * d * l + per_layer_full
-    } else {
-        per_layer_full * l
-    };
-    let memory = Memory {
-        weights_bf16: 2.0 * n as f64,
-        master_f32: 4.0 * n as f64,
-        gradients_f32: 4.0 * n as f64,
-        optimizer_f32: 8.0 * n as f64,
-        activations,
-        logits: 8.0 * s * b * config.vocab_size as f64,
-    };
-
     let gpu = options.gpu;
-    let gpu_hours = (flops_dense + flops_attention) / (gpu.peak_flops * options.mfu) / 3600.0;
-    let mut warnings = Vec::new();
+    let world = options.gpus;
+    let setting = MemorySetting {
+        zero_stage: training.zero_stage,
+        recompute: training.activation_checkpointing,
+        micro_batch: rank_micro_batch(&training, world),
+    };
+    let memory = memory(config, &training, &gpu, world, setting);
     let usable = 0.9 * gpu.memory_bytes;
-    if memory.total() > usable {
-        let mut advice = Vec::new();
-        if !training.activation_checkpointing && activations > 0.25 * memory.total() {
-            advice.push("turn on training.activation_checkpointing".to_string());
-        }
-        if training.micro_batch() > 1 {
-            advice.push(
-                "lower training.micro_batch (gradient accumulation keeps the global batch)".into(),
-            );
-        }
-        if let Some(bigger) = GPUS
-            .iter()
-            .filter(|g| 0.9 * g.memory_bytes > memory.total())
-            .min_by(|x, y| x.memory_bytes.total_cmp(&y.memory_bytes))
-        {
-            advice.push(format!(
-                "use {} ({:.0} GB)",
-                bigger.name.to_uppercase(),
-                bigger.memory_bytes / 1e9
-            ));
-        }
-        advice.push(
-            "dapt does not shard weights or optimizer state across GPUs (ZeRO/FSDP) yet".into(),
-        );
+    let fits = memory.total() <= usable;
+    let cheapest = smallest_fit(config, &training, &gpu, world);
+    let fits_with = cheapest.filter(|(cheap, _)| *cheap != setting);
+
+    let (mfu, mfu_source) = match (options.mfu, gpu.measured_mfu) {
+        (Some(m), _) => (m, MfuSource::User),
+        (None, Some(measured)) => (measured.mfu, MfuSource::Measured(measured.what)),
+        (None, None) => (H200_MFU.mfu, MfuSource::Nearest(H200_MFU.what)),
+    };
+    let gpu_hours = (flops_dense + flops_attention) / (gpu.peak_flops * mfu) / 3600.0;
+    let mut warnings = Vec::new();
+    if !fits {
+        let advice = match &fits_with {
+            Some((cheap, mem)) => format!(
+                "it fits at {} ({} per rank)",
+                describe(cheap),
+                gb(mem.total())
+            ),
+            None => {
+                let bigger = GPUS
+                    .iter()
+                    .filter(|g| {
+                        g.compute_bytes == gpu.compute_bytes && g.memory_bytes > gpu.memory_bytes
+                    })
+                    .filter(|g| smallest_fit(config, &training, g, world).is_some())
+                    .min_by(|x, y| x.memory_bytes.total_cmp(&y.memory_bytes));
+                match bigger {
+                    Some(g) => format!(
+                        "no zero_stage, recompute or micro_batch makes it fit on {world} ranks; {} ({:.0} GB) does, or more ranks",
+                        g.name.to_uppercase(),
+                        g.memory_bytes / 1e9
+                    ),
+                    None => format!(
+                        "no zero_stage, recompute or micro_batch makes it fit on {world} ranks; more ranks (ZeRO shards the states 1/w)"
+                    ),
+                }
+            }
+        };
         warnings.push(format!(
-            "does not fit: {:.1} GB per GPU against {:.0} GB usable on {} ({:.0} GB); {}",
-            memory.total() / 1e9,
+            "does not fit: {} per rank against {:.0} GB usable on {} ({:.0} GB); {}",
+            gb(memory.total()),
             usable / 1e9,
             gpu.name.to_uppercase(),
             gpu.memory_bytes / 1e9,
-            advice.join("; ")
+            advice
         ));
     }
-    if training.global_batch % options.gpus as u64 != 0 {
+    if training.global_batch % world as u64 != 0 {
         warnings.push(format!(
             "global_batch {} does not divide over {} GPUs: ranks hold {} or {} samples per step",
             training.global_batch,
-            options.gpus,
-            training.global_batch / options.gpus as u64,
-            training.global_batch / options.gpus as u64 + 1
+            world,
+            training.global_batch / world as u64,
+            training.global_batch / world as u64 + 1
         ));
     }
     let (price, assumed) = match options.price_per_gpu_hour {
@@ -212,18 +432,38 @@ pub fn plan(job: &JobSpec, config: &LlamaConfig, options: &PlanOptions) -> Resul
         flops_dense,
         flops_attention,
         memory,
+        setting,
+        fits_with,
+        mfu,
+        mfu_source,
         gpu_hours,
-        wall_hours: gpu_hours / options.gpus as f64,
+        wall_hours: gpu_hours / world as f64,
         price_per_gpu_hour: price,
         price_assumed: assumed,
         warnings,
     })
 }
 
+/// Bytes as the plan prints them: GB with one decimal, or MB under 1 GB.
+pub fn gb(bytes: f64) -> String {
+    if bytes >= 1e9 {
+        format!("{:.1} GB", bytes / 1e9)
+    } else {
+        format!("{:.0} MB", bytes / 1e6)
+    }
+}
+
+/// A memory setting as the job file spells it.
+fn describe(s: &MemorySetting) -> String {
+    format!(
+        "zero_stage {}, activation_checkpointing {}, micro_batch {}",
+        s.zero_stage, s.recompute, s.micro_batch
+    )
+}
+
 /// The plan as the terminal shows it.
 pub fn render(plan: &Plan, options: &PlanOptions, config: &LlamaConfig) -> String {
     let mut o = String::new();
-    let gb = |x: f64| format!("{:.1} GB", x / 1e9);
     let m = &plan.memory;
     let _ = writeln!(
         o,
@@ -246,25 +486,56 @@ pub fn render(plan: &Plan, options: &PlanOptions, config: &LlamaConfig) -> Strin
         "compute: {:.3e} FLOPs = 6ND {:.3e} + attention 12LdsD {:.3e}",
         total_flops, plan.flops_dense, plan.flops_attention
     );
-    let _ = writeln!(
-        o,
-        "memory per GPU: {} = bf16 weights {} + f32 master {} + f32 gradients {} + AdamW moments {} + activations {} + logits {}",
-        gb(m.total()),
-        gb(m.weights_bf16),
-        gb(m.master_f32),
-        gb(m.gradients_f32),
-        gb(m.optimizer_f32),
-        gb(m.activations),
-        gb(m.logits)
-    );
     let gpu = options.gpu;
+    let dtype = if gpu.compute_bytes < 4.0 {
+        "bf16"
+    } else {
+        "f32"
+    };
     let _ = writeln!(
         o,
-        "time: {:.1} GPU-hours on {} ({:.0} TFLOP/s dense bf16) at {:.0}% MFU; {:.1} h wall on {} GPUs",
+        "memory per rank: {} at {} over {} rank{} = runtime {} + {dtype} weights {} + f32 master {} + AdamW moments {} + f32 gradients {} + max(backward: gradients in flight {} + activations {} + logits {}; optimizer temporaries {})",
+        gb(m.total()),
+        describe(&plan.setting),
+        options.gpus,
+        if options.gpus == 1 { "" } else { "s" },
+        gb(m.runtime),
+        gb(m.weights),
+        gb(m.master_f32),
+        gb(m.optimizer_f32),
+        gb(m.gradients_f32),
+        gb(m.gradients_in_flight),
+        gb(m.activations),
+        gb(m.logits),
+        gb(m.optimizer_temporaries)
+    );
+    if let Some((cheap, mem)) = &plan.fits_with {
+        let _ = writeln!(
+            o,
+            "smallest setting that fits {}: {} ({})",
+            gpu.name.to_uppercase(),
+            describe(cheap),
+            gb(mem.total())
+        );
+    }
+    let mfu = match plan.mfu_source {
+        MfuSource::Measured(what) => format!("{:.1}% MFU ({what})", plan.mfu * 100.0),
+        MfuSource::Nearest(what) => format!(
+            "{:.1}% MFU (none measured on {}; {what})",
+            plan.mfu * 100.0,
+            gpu.name.to_uppercase()
+        ),
+        MfuSource::User => format!(
+            "{:.1}% MFU (given with --mfu, not measured)",
+            plan.mfu * 100.0
+        ),
+    };
+    let _ = writeln!(
+        o,
+        "time: {:.1} GPU-hours on {} ({:.0} TFLOP/s dense {dtype}) at {mfu}; {:.1} h wall on {} GPUs",
         plan.gpu_hours,
         gpu.name.to_uppercase(),
         gpu.peak_flops / 1e12,
-        options.mfu * 100.0,
         plan.wall_hours,
         options.gpus
     );
@@ -291,7 +562,7 @@ mod tests {
 
     #[test]
     fn peaks_agree_with_the_table_workers_report_mfu_against() {
-        for g in GPUS {
+        for g in GPUS.iter().filter(|g| g.name != "cpu") {
             assert_eq!(
                 dapt_proto::device::peak_flops(g.name),
                 Some(g.peak_flops),
@@ -312,13 +583,13 @@ mod tests {
         PlanOptions {
             gpu: gpu(name).expect("gpu"),
             gpus: 8,
-            mfu: 0.4,
+            mfu: None,
             price_per_gpu_hour: None,
         }
     }
 
     #[test]
-    fn seven_billion_on_a_billion_tokens() {
+    fn seven_billion_on_a_billion_tokens_at_the_measured_mfu() {
         let job = job("");
         let config = model_config(&job).expect("config");
         let p = plan(&job, &config, &options("h100")).expect("plan");
@@ -330,35 +601,121 @@ mod tests {
         assert_eq!(p.steps, 954);
         // 6 N D with D = 954 steps of 2^20 tokens.
         assert!((p.flops_dense / (6.0 * 6.738_415_616e9 * 1_000_341_504.0) - 1.0).abs() < 1e-9);
-        let gpu_hours = (p.flops_dense + p.flops_attention) / (989e12 * 0.4) / 3600.0;
+        // No H100 measurement: the H200's 5.2%, said as such.
+        assert_eq!(p.mfu, 0.052);
+        assert!(matches!(p.mfu_source, MfuSource::Nearest(_)));
+        let gpu_hours = (p.flops_dense + p.flops_attention) / (989e12 * 0.052) / 3600.0;
         assert!((p.gpu_hours - gpu_hours).abs() < 1e-9);
-        assert!(p.gpu_hours > 30.0 && p.gpu_hours < 36.0, "{}", p.gpu_hours);
+        let text = render(&p, &options("h100"), &config);
+        assert!(text.contains("5.2% MFU (none measured on H100"), "{text}");
+        // 18 bytes/parameter replicated, and every layer's activations: does not fit, and the
+        // plan names what does.
         assert!((p.memory.optimizer_f32 - 8.0 * 6.738_415_616e9).abs() < 1.0);
-        // 18 bytes/parameter plus activations does not fit in 80 GB.
         assert!(
-            p.warnings
-                .iter()
-                .any(|w| w.contains("does not fit") && w.contains("H100")),
+            p.warnings.iter().any(|w| w.contains("does not fit")
+                && w.contains("H100")
+                && w.contains("it fits at zero_stage")),
             "{:?}",
             p.warnings
         );
-        assert!(p
-            .warnings
-            .iter()
-            .any(|w| w.contains("activation_checkpointing")));
     }
 
     #[test]
-    fn checkpointing_on_an_h200_fits() {
-        let job = job("  activation_checkpointing: true\n");
+    fn a_given_mfu_is_said_to_be_given() {
+        let job = job("");
         let config = model_config(&job).expect("config");
-        let p = plan(&job, &config, &options("h200")).expect("plan");
-        assert!(p.memory.total() < 0.9 * 141e9, "{}", p.memory.total());
+        let mut o = options("h200");
+        let measured = plan(&job, &config, &o).expect("plan");
+        assert!(matches!(measured.mfu_source, MfuSource::Measured(_)));
+        o.mfu = Some(0.4);
+        let given = plan(&job, &config, &o).expect("plan");
+        assert_eq!(given.mfu_source, MfuSource::User);
+        let text = render(&given, &o, &config);
+        assert!(
+            text.contains("40.0% MFU (given with --mfu, not measured)"),
+            "{text}"
+        );
+        assert!((measured.gpu_hours / given.gpu_hours - 0.4 / 0.052).abs() < 1e-9);
+    }
+
+    #[test]
+    fn zero_shards_states_one_over_w() {
+        let job = job("");
+        let config = model_config(&job).expect("config");
+        let training = job.training.expect("training");
+        let h100 = gpu("h100").expect("h100");
+        let at = |stage, world| {
+            memory(
+                &config,
+                &training,
+                &h100,
+                world,
+                MemorySetting {
+                    zero_stage: stage,
+                    recompute: true,
+                    micro_batch: 1,
+                },
+            )
+        };
+        let n = config.num_params() as f64;
+        let (s0, s1, s2) = (at(0, 8), at(1, 8), at(2, 8));
+        assert_eq!(s0.optimizer_f32, 8.0 * n);
+        assert_eq!(s1.optimizer_f32, n);
+        assert_eq!(s1.master_f32, 0.5 * n);
+        assert_eq!(s1.gradients_f32, 4.0 * n);
+        assert_eq!(s2.gradients_f32, 0.5 * n);
+        // Every rank keeps the whole bf16 weights.
+        assert_eq!(s2.weights, 2.0 * n);
+        assert!(s0.total() > s1.total() && s1.total() > s2.total());
+        // More ranks, less per rank.
+        assert!(at(2, 16).total() < s2.total());
+        // Recompute keeps one block's activations instead of all of them.
+        let full = memory(
+            &config,
+            &training,
+            &h100,
+            8,
+            MemorySetting {
+                zero_stage: 2,
+                recompute: false,
+                micro_batch: 1,
+            },
+        );
+        assert!(full.activations > 10.0 * s2.activations);
+    }
+
+    #[test]
+    fn the_seven_billion_example_fits_eight_h100s_at_zero_stage_two_with_recompute() {
+        let job = job("  activation_checkpointing: true\n  zero_stage: 2\n");
+        let config = model_config(&job).expect("config");
+        let p = plan(&job, &config, &options("h100")).expect("plan");
+        assert!(p.memory.total() < 0.9 * 80e9, "{}", p.memory.total());
         assert!(p.warnings.is_empty(), "{:?}", p.warnings);
-        let text = render(&p, &options("h200"), &config);
+        // Stage 1 fits too, and is the cheapest setting that does.
+        let (cheapest, _) = p.fits_with.expect("a cheaper setting");
+        assert_eq!(
+            cheapest,
+            MemorySetting {
+                zero_stage: 1,
+                recompute: true,
+                micro_batch: 1
+            }
+        );
+        let text = render(&p, &options("h100"), &config);
         assert!(
             text.contains("6.738 B parameters") && text.contains("assumed"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_rank_micro_batch_is_at_most_the_ranks_share() {
+        let job = job("");
+        let training = job.training.expect("training");
+        assert_eq!(rank_micro_batch(&training, 8), 1);
+        let mut t = training;
+        t.micro_batch = Some(64);
+        assert_eq!(rank_micro_batch(&t, 8), 32);
+        assert_eq!(rank_micro_batch(&t, 2), 64);
     }
 }

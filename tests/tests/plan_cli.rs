@@ -23,23 +23,40 @@ fn plans_a_seven_billion_parameter_job_and_names_bad_flags() {
         stdout.contains("954 steps x 1048576 tokens per step"),
         "{stdout}"
     );
-    assert!(stdout.contains("32.9 GPU-hours on H100"), "{stdout}");
+    // dapt's own MFU (none measured on an H100: the H200's 5.2%), said as such.
+    assert!(stdout.contains("253.3 GPU-hours on H100"), "{stdout}");
     assert!(
-        stdout.contains("cost: $66 at $2.00 per GPU-hour"),
+        stdout.contains("5.2% MFU (none measured on H100"),
         "{stdout}"
     );
     assert!(
-        stdout.contains("does not fit") && stdout.contains("H200"),
+        stdout.contains("cost: $507 at $2.00 per GPU-hour"),
+        "{stdout}"
+    );
+    // The example asks for ZeRO stage 2 with recompute: it fits 8 x 80 GB.
+    assert!(
+        stdout
+            .contains("at zero_stage 2, activation_checkpointing true, micro_batch 1 over 8 ranks"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("does not fit"), "{stdout}");
+
+    // A given MFU is the user's, and the plan says so.
+    let out = dapt(&["plan", job, "--gpu", "h100", "--mfu", "0.4"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("32.9 GPU-hours on H100")
+            && stdout.contains("40.0% MFU (given with --mfu, not measured)"),
         "{stdout}"
     );
 
-    let out = dapt(&["plan", job, "--gpu", "h200"]);
+    // One H100 holds the states only with ZeRO across ranks: the plan says it does not fit
+    // and that no stage helps with one rank.
+    let out = dapt(&["plan", job, "--gpu", "h100", "--gpus", "1"]);
+    let stdout = text(&out.stdout);
     assert!(out.status.success());
-    assert!(
-        !text(&out.stdout).contains("does not fit"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert!(stdout.contains("does not fit"), "{stdout}");
 
     let out = dapt(&["plan", job, "--gpu", "v100"]);
     assert!(!out.status.success());

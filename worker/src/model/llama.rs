@@ -22,22 +22,113 @@ pub struct Llama<B: Backend> {
     dtype: DType,
     embed: Tensor<B, 2>,
     layers: Vec<Layer<B>>,
-    norm: Tensor<B, 1>,
+    /// The final RMSNorm gain, `[1, hidden]`.
+    norm: Tensor<B, 2>,
     /// Untied output head; `None` when it is the embedding.
     lm_head: Option<Tensor<B, 2>>,
     device: B::Device,
 }
 
+/// One decoder block's parameters (RMSNorm gains as `[1, hidden]`), in layout order.
 struct Layer<B: Backend> {
-    attn_norm: Tensor<B, 1>,
+    attn_norm: Tensor<B, 2>,
     wq: Tensor<B, 2>,
     wk: Tensor<B, 2>,
     wv: Tensor<B, 2>,
     wo: Tensor<B, 2>,
-    mlp_norm: Tensor<B, 1>,
+    mlp_norm: Tensor<B, 2>,
     w_gate: Tensor<B, 2>,
     w_up: Tensor<B, 2>,
     w_down: Tensor<B, 2>,
+}
+
+/// Parameters per decoder block in [`ParamLayout`].
+const PER_LAYER: usize = 9;
+
+impl<B: Backend> Layer<B> {
+    /// The block's parameters in layout order.
+    fn params(&self) -> [&Tensor<B, 2>; PER_LAYER] {
+        [
+            &self.attn_norm,
+            &self.wq,
+            &self.wk,
+            &self.wv,
+            &self.wo,
+            &self.mlp_norm,
+            &self.w_gate,
+            &self.w_up,
+            &self.w_down,
+        ]
+    }
+
+    /// The block with `f` applied to each parameter (e.g. fresh autodiff leaves).
+    fn map<C: Backend>(&self, mut f: impl FnMut(&Tensor<B, 2>) -> Tensor<C, 2>) -> Layer<C> {
+        Layer {
+            attn_norm: f(&self.attn_norm),
+            wq: f(&self.wq),
+            wk: f(&self.wk),
+            wv: f(&self.wv),
+            wo: f(&self.wo),
+            mlp_norm: f(&self.mlp_norm),
+            w_gate: f(&self.w_gate),
+            w_up: f(&self.w_up),
+            w_down: f(&self.w_down),
+        }
+    }
+}
+
+/// What the forward pass uses besides the parameters and depends only on the shape of the
+/// batch: the RoPE tables and the causal mask. Made once per `(batch, seq)` and reused across
+/// micro-batches and steps (cloning it shares the tensors).
+#[derive(Clone)]
+pub struct Constants<B: Backend> {
+    batch: usize,
+    seq: usize,
+    rope: RopeTables<B>,
+    /// `[batch, heads, seq, seq]` (a broadcast view of one `[seq, seq]` mask).
+    mask: Tensor<B, 4, Bool>,
+}
+
+impl<B: Backend> Constants<B> {
+    /// The tables for micro-batches of `batch` sequences of `seq` tokens, in `dtype`.
+    pub fn new(
+        cfg: &LlamaConfig,
+        batch: usize,
+        seq: usize,
+        dtype: DType,
+        device: &B::Device,
+    ) -> Self {
+        let mask = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, device)
+            .unsqueeze::<4>()
+            .expand([batch, cfg.num_attention_heads, seq, seq]);
+        Constants {
+            batch,
+            seq,
+            rope: RopeTables::new(cfg, batch, seq, dtype, device),
+            mask,
+        }
+    }
+
+    /// `(batch, seq)` these tables are for.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.batch, self.seq)
+    }
+}
+
+impl<B: AutodiffBackend> Constants<B> {
+    /// `inner`'s tables as untracked constants of the autodiff backend (no copy).
+    pub fn from_inner(inner: &Constants<B::InnerBackend>) -> Self {
+        let c = |t: &Tensor<B::InnerBackend, 2>| Tensor::<B, 2>::from_inner(t.clone());
+        Constants {
+            batch: inner.batch,
+            seq: inner.seq,
+            rope: RopeTables {
+                q: (c(&inner.rope.q.0), c(&inner.rope.q.1)),
+                k: (c(&inner.rope.k.0), c(&inner.rope.k.1)),
+            },
+            mask: Tensor::from_inner(inner.mask.clone()),
+        }
+    }
 }
 
 impl<B: Backend> Llama<B> {
@@ -74,25 +165,24 @@ impl<B: Backend> Llama<B> {
             "one tensor per parameter"
         );
         let mut params = params.into_iter();
-        let mut next2 = || params.next().expect("layout has every parameter");
-        let embed = next2();
+        let mut next = || params.next().expect("layout has every parameter");
+        let embed = next();
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        let as1 = |t: Tensor<B, 2>| -> Tensor<B, 1> { t.reshape([-1]) };
         for _ in 0..cfg.num_hidden_layers {
             layers.push(Layer {
-                attn_norm: as1(next2()),
-                wq: next2(),
-                wk: next2(),
-                wv: next2(),
-                wo: next2(),
-                mlp_norm: as1(next2()),
-                w_gate: next2(),
-                w_up: next2(),
-                w_down: next2(),
+                attn_norm: next(),
+                wq: next(),
+                wk: next(),
+                wv: next(),
+                wo: next(),
+                mlp_norm: next(),
+                w_gate: next(),
+                w_up: next(),
+                w_down: next(),
             });
         }
-        let norm = as1(next2());
-        let lm_head = (!cfg.tie_word_embeddings).then(&mut next2);
+        let norm = next();
+        let lm_head = (!cfg.tie_word_embeddings).then(&mut next);
         Llama {
             cfg: cfg.clone(),
             layout,
@@ -113,10 +203,29 @@ impl<B: Backend> Llama<B> {
         &self.device
     }
 
+    /// The parameters in layout order.
+    fn params(&self) -> Vec<&Tensor<B, 2>> {
+        let mut out = Vec::with_capacity(self.layout.params.len());
+        out.push(&self.embed);
+        for l in &self.layers {
+            out.extend(l.params());
+        }
+        out.push(&self.norm);
+        out.extend(&self.lm_head);
+        out
+    }
+
+    /// The tables for a `[batch, seq]` input, in this model's dtype.
+    pub fn constants(&self, batch: usize, seq: usize) -> Constants<B> {
+        Constants::new(&self.cfg, batch, seq, self.dtype, &self.device)
+    }
+
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, t] = ids.dims();
-        self.logits(ids).reshape([b, t, self.cfg.vocab_size])
+        let consts = self.constants(b, t);
+        self.logits(ids, &consts)
+            .reshape([b, t, self.cfg.vocab_size])
     }
 
     /// Logits as `[batch * seq, vocab]`.
@@ -125,20 +234,23 @@ impl<B: Backend> Llama<B> {
     /// element-wise ops on contiguous or 2-D operands on fast paths, but broadcasts in 3-D and
     /// 4-D through a generic strided iterator that cost a third of the step (see
     /// docs/benchmarks.md).
-    fn logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
-        let [b, t] = ids.dims();
-        let d = self.cfg.hidden_size;
-        let rope = RopeTables::new(&self.cfg, b, t, self.dtype, &self.device);
-        let mask = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &self.device)
-            .unsqueeze::<4>()
-            .expand([b, self.cfg.num_attention_heads, t, t]);
-        let mut x = burn::tensor::module::embedding(self.embed.clone(), ids).reshape([b * t, d]);
+    fn logits(&self, ids: Tensor<B, 2, Int>, consts: &Constants<B>) -> Tensor<B, 2> {
+        let mut x = self.embed_tokens(ids);
         for layer in &self.layers {
-            let h = rms_norm(x.clone(), layer.attn_norm.clone(), self.cfg.rms_norm_eps);
-            x = x + self.attention(layer, h, b, &rope, mask.clone());
-            let h = rms_norm(x.clone(), layer.mlp_norm.clone(), self.cfg.rms_norm_eps);
-            x = x + mlp(layer, h);
+            x = block(&self.cfg, layer, x, consts);
         }
+        self.head(x)
+    }
+
+    /// Token embeddings `[batch * seq, hidden]` of ids `[batch, seq]`.
+    fn embed_tokens(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let [b, t] = ids.dims();
+        burn::tensor::module::embedding(self.embed.clone(), ids)
+            .reshape([b * t, self.cfg.hidden_size])
+    }
+
+    /// The final norm and the output head over the last block's output.
+    fn head(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let x = rms_norm(x, self.norm.clone(), self.cfg.rms_norm_eps);
         let head = self.lm_head.clone().unwrap_or_else(|| self.embed.clone());
         linear(x, head)
@@ -148,58 +260,90 @@ impl<B: Backend> Llama<B> {
     /// first `seq` are the input, the last `seq` the targets), as a one-element tensor.
     pub fn nll_sum(&self, windows: Tensor<B, 2, Int>) -> Tensor<B, 1> {
         let [b, t1] = windows.dims();
-        let t = t1 - 1;
-        let inputs = windows.clone().narrow(1, 0, t);
-        let targets = windows.narrow(1, 1, t).reshape([b * t, 1]);
-        // In f32 whatever the compute dtype: a bf16 softmax over a large vocabulary, and a bf16
-        // sum of thousands of token losses, would lose the loss's low digits (a no-op in f32).
-        let logp = log_softmax(self.logits(inputs).cast(FloatDType::F32), 1);
-        logp.gather(1, targets).sum().neg()
+        let consts = self.constants(b, t1 - 1);
+        self.nll_sum_with(windows, &consts)
     }
 
-    /// Attention over `x` `[batch * seq, hidden]`.
-    fn attention(
-        &self,
-        layer: &Layer<B>,
-        x: Tensor<B, 2>,
-        b: usize,
-        rope: &RopeTables<B>,
-        mask: Tensor<B, 4, Bool>,
-    ) -> Tensor<B, 2> {
-        let [bt, _] = x.dims();
-        let t = bt / b;
-        let (nh, nkv, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-        );
-        // RoPE on the contiguous `[b * t, heads * hd]` projections, then heads to the front.
-        let heads = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
-        let q = heads(
-            rope.apply(linear(x.clone(), layer.wq.clone()), nh, hd, &rope.q),
-            nh,
-        );
-        let k = heads(
-            rope.apply(linear(x.clone(), layer.wk.clone()), nkv, hd, &rope.k),
-            nkv,
-        );
-        let v = heads(linear(x, layer.wv.clone()), nkv);
-        let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (hd as f64).sqrt())
-            .mask_fill(mask, f32::NEG_INFINITY)
-            .reshape([b * nh * t, t]);
-        let probs = softmax(scores, 1).reshape([b, nh, t, t]);
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([b * t, nh * hd]);
-        linear(out, layer.wo.clone())
+    /// [`Self::nll_sum`] with tables made beforehand (for `[batch, seq]` = `windows`' batch and
+    /// its width - 1).
+    pub fn nll_sum_with(&self, windows: Tensor<B, 2, Int>, consts: &Constants<B>) -> Tensor<B, 1> {
+        let (inputs, targets) = split_windows(windows);
+        nll(self.logits(inputs, consts), targets)
     }
+}
+
+/// `windows` `[batch, seq + 1]` as the inputs `[batch, seq]` and the targets `[batch * seq, 1]`.
+fn split_windows<B: Backend>(windows: Tensor<B, 2, Int>) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+    let [b, t1] = windows.dims();
+    let t = t1 - 1;
+    let inputs = windows.clone().narrow(1, 0, t);
+    let targets = windows.narrow(1, 1, t).reshape([b * t, 1]);
+    (inputs, targets)
+}
+
+/// The summed negative log-likelihood of `targets` `[n, 1]` under `logits` `[n, vocab]`.
+fn nll<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    // In f32 whatever the compute dtype: a bf16 softmax over a large vocabulary, and a bf16
+    // sum of thousands of token losses, would lose the loss's low digits (a no-op in f32).
+    let logp = log_softmax(logits.cast(FloatDType::F32), 1);
+    logp.gather(1, targets).sum().neg()
+}
+
+/// One decoder block over `x` `[batch * seq, hidden]`: pre-norm attention and MLP, each with
+/// its residual.
+fn block<B: Backend>(
+    cfg: &LlamaConfig,
+    layer: &Layer<B>,
+    x: Tensor<B, 2>,
+    consts: &Constants<B>,
+) -> Tensor<B, 2> {
+    let h = rms_norm(x.clone(), layer.attn_norm.clone(), cfg.rms_norm_eps);
+    let x = x + attention(cfg, layer, h, consts);
+    let h = rms_norm(x.clone(), layer.mlp_norm.clone(), cfg.rms_norm_eps);
+    x + mlp(layer, h)
+}
+
+/// Attention over `x` `[batch * seq, hidden]`.
+fn attention<B: Backend>(
+    cfg: &LlamaConfig,
+    layer: &Layer<B>,
+    x: Tensor<B, 2>,
+    consts: &Constants<B>,
+) -> Tensor<B, 2> {
+    let (b, t) = consts.shape();
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let rope = &consts.rope;
+    // RoPE on the contiguous `[b * t, heads * hd]` projections, then heads to the front.
+    let heads = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
+    let q = heads(
+        rope.apply(linear(x.clone(), layer.wq.clone()), nh, hd, &rope.q),
+        nh,
+    );
+    let k = heads(
+        rope.apply(linear(x.clone(), layer.wk.clone()), nkv, hd, &rope.k),
+        nkv,
+    );
+    let v = heads(linear(x, layer.wv.clone()), nkv);
+    let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
+    let scores = q
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar(1.0 / (hd as f64).sqrt())
+        .mask_fill(consts.mask.clone(), f32::NEG_INFINITY)
+        .reshape([b * nh * t, t]);
+    let probs = softmax(scores, 1).reshape([b, nh, t, t]);
+    let out = probs.matmul(v).swap_dims(1, 2).reshape([b * t, nh * hd]);
+    linear(out, layer.wo.clone())
 }
 
 /// `cos` and `sin` for every row of a `[batch * seq, heads * head_dim]` projection, laid out
 /// like it (contiguous, so the products take burn-flex's fast path), for the query and the
 /// key-value head counts. The frequencies repeat over both halves of each head, as Hugging Face
 /// builds them.
+#[derive(Clone)]
 struct RopeTables<B: Backend> {
     q: (Tensor<B, 2>, Tensor<B, 2>),
     k: (Tensor<B, 2>, Tensor<B, 2>),
@@ -266,66 +410,122 @@ impl<B: Backend> RopeTables<B> {
 impl<B: AutodiffBackend> Llama<B> {
     /// Adds each parameter's gradient into `out`, laid out like the weights.
     pub fn add_gradients(&self, grads: &B::Gradients, out: &mut [f32]) {
-        let mut params = self.layout.params.iter();
-        let mut add = |g: Option<Vec<f32>>| {
-            let p = params.next().expect("layout has every parameter");
-            if let Some(g) = g {
+        for (t, p) in self.params().into_iter().zip(&self.layout.params) {
+            if let Some(g) = t.grad(grads).map(host) {
                 for (o, g) in out[p.range()].iter_mut().zip(g) {
                     *o += g;
                 }
             }
-        };
-        let g2 = |t: &Tensor<B, 2>| t.grad(grads).map(host);
-        let g1 = |t: &Tensor<B, 1>| t.grad(grads).map(host);
-        add(g2(&self.embed));
-        for l in &self.layers {
-            add(g1(&l.attn_norm));
-            add(g2(&l.wq));
-            add(g2(&l.wk));
-            add(g2(&l.wv));
-            add(g2(&l.wo));
-            add(g1(&l.mlp_norm));
-            add(g2(&l.w_gate));
-            add(g2(&l.w_up));
-            add(g2(&l.w_down));
         }
-        add(g1(&self.norm));
-        if let Some(head) = &self.lm_head {
-            add(g2(head));
+    }
+
+    /// Hands each parameter's gradient, flat and in the compute dtype, to `sink` with the
+    /// parameter's index in the layout, taking it out of `grads` (so that its memory goes as
+    /// soon as `sink` is done with it). A parameter the loss does not reach is skipped.
+    pub fn drain_gradients(
+        &self,
+        grads: &mut B::Gradients,
+        mut sink: impl FnMut(usize, Tensor<B::InnerBackend, 1>),
+    ) {
+        for (i, t) in self.params().into_iter().enumerate() {
+            if let Some(g) = t.grad_remove(grads) {
+                sink(i, g.reshape([-1]));
+            }
         }
     }
 }
 
-impl<B: AutodiffBackend> Llama<B> {
-    /// Each parameter's gradient as a flat f32 tensor on the device, in layout order (zeros for
-    /// a parameter the loss does not reach).
-    pub fn gradients_flat(&self, grads: &B::Gradients) -> Vec<Tensor<B::InnerBackend, 1>> {
-        let flat2 = |t: &Tensor<B, 2>| t.grad(grads).map(|g| g.reshape([-1]));
-        let flat1 = |t: &Tensor<B, 1>| t.grad(grads);
-        let mut out = Vec::with_capacity(self.layout.params.len());
-        out.push(flat2(&self.embed));
-        for l in &self.layers {
-            out.push(flat1(&l.attn_norm));
-            out.push(flat2(&l.wq));
-            out.push(flat2(&l.wk));
-            out.push(flat2(&l.wv));
-            out.push(flat2(&l.wo));
-            out.push(flat1(&l.mlp_norm));
-            out.push(flat2(&l.w_gate));
-            out.push(flat2(&l.w_up));
-            out.push(flat2(&l.w_down));
+impl<B: Backend> Llama<B> {
+    /// Forward and backward over `windows` with layer-wise activation recompute, on the
+    /// autodiff backend `A` over this model's backend: the forward pass keeps only each decoder
+    /// block's input `[batch * seq, hidden]` (no graph); the backward pass then goes block by
+    /// block from the head down, each time rebuilding that one block's graph from its kept
+    /// input and backpropagating the gradient arriving from above. At most one block's
+    /// activations (plus the head's logits) exist at a time, for one more forward pass of the
+    /// blocks.
+    ///
+    /// The loss is `nll_sum(windows) / denominator`, returned as a one-element tensor; each
+    /// parameter's gradient goes to `sink` with its index in the layout, flat, in the compute
+    /// dtype, as soon as it is known (so gradients never all exist at once either). Up to the
+    /// summation order of a tied embedding's two gradients, the same numbers as the full graph.
+    pub fn backward_recompute<A: AutodiffBackend<InnerBackend = B>>(
+        &self,
+        windows: Tensor<B, 2, Int>,
+        denominator: f64,
+        consts: &Constants<B>,
+        mut sink: impl FnMut(usize, Tensor<B, 1>),
+    ) -> Tensor<B, 1> {
+        let (inputs, targets) = split_windows(windows);
+        let cfg = &self.cfg;
+        let mut kept = Vec::with_capacity(self.layers.len());
+        let mut x = self.embed_tokens(inputs.clone());
+        for layer in &self.layers {
+            kept.push(x.clone());
+            x = block(cfg, layer, x, consts);
         }
-        out.push(flat1(&self.norm));
-        if let Some(head) = &self.lm_head {
-            out.push(flat2(head));
+        let leaf = |t: &Tensor<B, 2>| Tensor::<A, 2>::from_inner(t.clone()).require_grad();
+        let tracked = Constants::<A>::from_inner(consts);
+        let norm_index = 1 + PER_LAYER * self.layers.len();
+
+        // The head: final norm, output projection, loss.
+        let top = leaf(&x);
+        drop(x);
+        let norm = leaf(&self.norm);
+        let head = leaf(self.lm_head.as_ref().unwrap_or(&self.embed));
+        let logits = linear(
+            rms_norm(top.clone(), norm.clone(), cfg.rms_norm_eps),
+            head.clone(),
+        );
+        let loss = nll(logits, Tensor::from_inner(targets)).div_scalar(denominator);
+        let value = loss.clone().inner();
+        let mut grads = loss.backward();
+        let mut upstream = top
+            .grad_remove(&mut grads)
+            .expect("the loss depends on the top block");
+        if let Some(g) = norm.grad_remove(&mut grads) {
+            sink(norm_index, g.reshape([-1]));
         }
-        out.into_iter()
-            .zip(&self.layout.params)
-            .map(|(g, p)| match g {
-                Some(g) => g.cast(FloatDType::F32),
-                None => Tensor::zeros([p.len()], &self.device),
-            })
-            .collect()
+        let head_grad = head.grad_remove(&mut grads).map(|g| g.reshape([-1]));
+        drop(grads);
+        let tied_grad = match head_grad {
+            Some(g) if self.lm_head.is_some() => {
+                sink(norm_index + 1, g);
+                None
+            }
+            other => other,
+        };
+
+        // The blocks, from the top down: recompute, then backpropagate `upstream`.
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            let input = leaf(&kept.pop().expect("one kept input per block"));
+            let params = layer.map(leaf);
+            let out = block(cfg, &params, input.clone(), &tracked);
+            let mut grads = (out * Tensor::from_inner(upstream)).sum().backward();
+            upstream = input
+                .grad_remove(&mut grads)
+                .expect("a block's output depends on its input");
+            for (j, p) in params.params().into_iter().enumerate() {
+                if let Some(g) = p.grad_remove(&mut grads) {
+                    sink(1 + PER_LAYER * i + j, g.reshape([-1]));
+                }
+            }
+        }
+
+        // The token embedding.
+        let embed = leaf(&self.embed);
+        let [b, t] = inputs.dims();
+        let x = burn::tensor::module::embedding(embed.clone(), Tensor::from_inner(inputs))
+            .reshape([b * t, cfg.hidden_size]);
+        let mut grads = (x * Tensor::from_inner(upstream)).sum().backward();
+        let lookup = embed.grad_remove(&mut grads).map(|g| g.reshape([-1]));
+        let embed_grad = match (lookup, tied_grad) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        if let Some(g) = embed_grad {
+            sink(0, g);
+        }
+        value
     }
 }
 
@@ -349,7 +549,8 @@ fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
 }
 
 /// RMSNorm over the rows of `x` `[n, hidden]`.
-fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
+/// `w` is the gain, `[1, hidden]`.
+fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
     let inv_rms = x
         .clone()
         .powi_scalar(2)
@@ -357,7 +558,7 @@ fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f64) -> Tensor<B,
         .add_scalar(eps)
         .sqrt()
         .recip();
-    x * inv_rms * w.unsqueeze::<2>()
+    x * inv_rms * w
 }
 
 /// Key/value heads repeated for grouped-query attention: query head `h` uses kv head `h / n`.

@@ -155,31 +155,24 @@ impl<B: AutodiffBackend> Engine for ResidentEngine<B> {
 }
 
 /// `trainer` moved to `device` of backend `B` as a [`ResidentEngine`] computing in
-/// `precision`, with `reducer` between the two halves of each step (none for one rank);
-/// activation checkpointing picks Burn's autodiff strategy.
+/// `precision`, with `reducer` between the two halves of each step (none for one rank). With
+/// `activation_checkpointing` the engine recomputes each decoder block in the backward pass
+/// from its kept input (see [`crate::model::Llama::backward_recompute`]).
 fn resident<B: burn::tensor::backend::Backend>(
-    trainer: Trainer,
+    mut trainer: Trainer,
     device: &B::Device,
     precision: crate::device::Precision,
     activation_checkpointing: bool,
     reducer: Option<Box<dyn GradReducer<B>>>,
 ) -> Box<dyn Engine> {
-    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
     use burn::backend::Autodiff;
+    // The resident trainer reads the flag from its training section.
+    trainer.training.activation_checkpointing = activation_checkpointing;
     let compute = crate::device::dtype(precision);
-    if activation_checkpointing {
-        Box::new(ResidentEngine {
-            trainer: ResidentTrainer::<Autodiff<B, BalancedCheckpointing>>::from_host(
-                trainer, compute, device,
-            ),
-            reducer,
-        })
-    } else {
-        Box::new(ResidentEngine {
-            trainer: ResidentTrainer::<Autodiff<B>>::from_host(trainer, compute, device),
-            reducer,
-        })
-    }
+    Box::new(ResidentEngine {
+        trainer: ResidentTrainer::<Autodiff<B>>::from_host(trainer, compute, device),
+        reducer,
+    })
 }
 
 /// `trainer` as a [`ResidentEngine`] on the CPU backend: the GPU's engine, run where there is no

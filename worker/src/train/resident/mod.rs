@@ -6,14 +6,23 @@
 //! parameter, cast to the compute dtype (a no-op for f32; a bf16 copy for mixed precision) and
 //! wrapped as fresh autodiff leaves: Burn 0.21's autodiff gives wrong gradients when the leaves
 //! of an already-backpropagated graph are reused (see `step.rs`), and on a device a fresh leaf
-//! costs nothing but the cast. The gradients come back in f32, are concatenated into one flat,
-//! uniquely owned buffer in the [`ParamLayout`] order (the buffer a [`GradReducer`] all-reduces
-//! in place), summed over the micro-batches, clipped by their global norm and applied by AdamW
-//! as element-wise tensor ops with the same formula, in f32, as `optimizer.rs`.
+//! costs nothing but the cast. Each parameter's gradient is added, in f32, into its range of one
+//! flat, uniquely owned buffer in the [`ParamLayout`] order (the buffer a [`GradReducer`]
+//! all-reduces in place) as soon as the backward pass has it, and then dropped. The step clips
+//! that buffer by its global norm and applies AdamW as element-wise tensor ops with the same
+//! formula, in f32, as `optimizer.rs`.
+//!
+//! Memory: besides the four flat f32 buffers (weights, two moments, gradients), a step holds no
+//! full-size copy. The weight-decay mask is a list of ranges, not a buffer; the AdamW update runs
+//! on the moments and weights in place (Burn reuses a uniquely owned operand's memory), with at
+//! most two full-size temporaries; the RoPE tables and the causal mask are made once per
+//! micro-batch shape. With `training.activation_checkpointing` the backward pass recomputes each
+//! decoder block from its kept input ([`Llama::backward_recompute`]).
 //!
 //! Generic over the backend: CUDA in production, and the CPU backend in the tests, which check
 //! it against the host [`Trainer`].
 
+use std::ops::Range;
 use std::time::Instant;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -25,6 +34,7 @@ use super::step::{admit, MicroBatch, StepStats, Trainer};
 use crate::collective::{Collective, CollectiveError};
 use crate::error::Result;
 use crate::model::llama::param_shape;
+use crate::model::llama::Constants;
 use crate::model::{Llama, LlamaConfig, ParamKind, ParamLayout};
 
 /// Averages a flat f32 gradient buffer across ranks, on the device where it lives.
@@ -58,8 +68,10 @@ pub struct ResidentTrainer<B: AutodiffBackend> {
     weights: Tensor<B::InnerBackend, 1>,
     m: Tensor<B::InnerBackend, 1>,
     v: Tensor<B::InnerBackend, 1>,
-    /// 1.0 where weight decay applies, else 0.0.
-    decay_mask: Tensor<B::InnerBackend, 1>,
+    /// Where weight decay applies: ranges of the flat buffer (adjacent parameters merged).
+    decay: Vec<Range<usize>>,
+    /// The RoPE tables and mask of the last micro-batch shape.
+    constants: Option<Constants<B::InnerBackend>>,
     /// Optimizer steps taken (bias correction).
     optimizer_steps: u64,
     schedule: LrSchedule,
@@ -80,7 +92,7 @@ impl<B: AutodiffBackend> ResidentTrainer<B> {
             let n = v.len();
             Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(v, [n]), device)
         };
-        let decay_mask = decay_mask::<B::InnerBackend>(&host.layout, &host.optimizer.spec, device);
+        let decay = decay_ranges(&host.layout, &host.optimizer.spec);
         ResidentTrainer {
             config: host.config,
             layout: host.layout,
@@ -88,7 +100,8 @@ impl<B: AutodiffBackend> ResidentTrainer<B> {
             weights: upload(host.weights),
             m: upload(host.optimizer.m),
             v: upload(host.optimizer.v),
-            decay_mask,
+            decay,
+            constants: None,
             optimizer_steps: host.optimizer.t,
             schedule: host.schedule,
             step: host.step,
@@ -108,7 +121,11 @@ impl<B: AutodiffBackend> ResidentTrainer<B> {
                 .expect("master weights and moments are f32")
         };
         let mut host = Trainer::new(self.config.clone(), download(&self.weights), &self.training);
+        // The fresh trainer's zero moments go before the downloads, not after: one host copy
+        // of each at a time.
+        host.optimizer.m = Vec::new();
         host.optimizer.m = download(&self.m);
+        host.optimizer.v = Vec::new();
         host.optimizer.v = download(&self.v);
         host.optimizer.t = self.optimizer_steps;
         host.step = self.step;
@@ -121,40 +138,65 @@ impl<B: AutodiffBackend> ResidentTrainer<B> {
     /// Returns this rank's share of the loss and the flat f32 gradients, both on the device
     /// (nothing waits for the device here).
     pub fn gradients(
-        &self,
+        &mut self,
         micro: &[MicroBatch],
         denominator: f64,
     ) -> (Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>) {
         let width = self.training.seq_len as usize + 1;
         let mut loss: Option<Tensor<B::InnerBackend, 1>> = None;
-        let mut grads: Option<Tensor<B::InnerBackend, 1>> = None;
+        // One flat buffer, uniquely owned: what the all-reduce writes into in place.
+        let mut grads = Tensor::<B::InnerBackend, 1>::zeros([self.layout.total], &self.device);
         for mb in micro {
-            let model = Llama::<B>::from_params(&self.config, self.leaves(), &self.device);
             debug_assert_eq!(mb.ids.len(), mb.samples * width);
+            let consts = self.constants(mb.samples, width - 1);
             let ids: Vec<i64> = mb.ids.iter().map(|&i| i as i64).collect();
-            let ids = Tensor::<B, 2, Int>::from_data(
-                TensorData::new(ids, [mb.samples, width]),
-                &self.device,
-            );
-            let scaled = model.nll_sum(ids).div_scalar(denominator);
-            let value = scaled.clone().inner();
+            let ids = TensorData::new(ids, [mb.samples, width]);
+            let layout = &self.layout;
+            let device = &self.device;
+            let mut add = |i: usize, g: Tensor<B::InnerBackend, 1>| {
+                grads = accumulate(take(&mut grads, device), layout.params[i].range(), g);
+            };
+            let value = if self.training.activation_checkpointing {
+                let model = Llama::<B::InnerBackend>::from_params(
+                    &self.config,
+                    self.param_views().collect(),
+                    &self.device,
+                );
+                let ids = Tensor::<B::InnerBackend, 2, Int>::from_data(ids, &self.device);
+                model.backward_recompute::<B>(ids, denominator, &consts, &mut add)
+            } else {
+                let model = Llama::<B>::from_params(&self.config, self.leaves(), &self.device);
+                let ids = Tensor::<B, 2, Int>::from_data(ids, &self.device);
+                let scaled = model
+                    .nll_sum_with(ids, &Constants::from_inner(&consts))
+                    .div_scalar(denominator);
+                let value = scaled.clone().inner();
+                let mut g = scaled.backward();
+                model.drain_gradients(&mut g, &mut add);
+                value
+            };
             loss = Some(match loss {
                 Some(l) => l + value,
                 None => value,
             });
-            let g = scaled.backward();
-            // One flat buffer, uniquely owned: what the all-reduce writes into in place.
-            let flat = Tensor::cat(model.gradients_flat(&g), 0);
-            grads = Some(match grads {
-                Some(acc) => acc + flat,
-                None => flat,
-            });
         }
-        let zeros = || Tensor::zeros([self.layout.total], &self.device);
         (
             loss.unwrap_or_else(|| Tensor::zeros([1], &self.device)),
-            grads.unwrap_or_else(zeros),
+            grads,
         )
+    }
+
+    /// The RoPE tables and mask for micro-batches of `batch` x `seq`, made once per shape.
+    fn constants(&mut self, batch: usize, seq: usize) -> Constants<B::InnerBackend> {
+        match &self.constants {
+            Some(c) if c.shape() == (batch, seq) => c.clone(),
+            _ => {
+                let dtype = self.compute.into();
+                let c = Constants::new(&self.config, batch, seq, dtype, &self.device);
+                self.constants = Some(c.clone());
+                c
+            }
+        }
     }
 
     /// Clips `grads` (already reduced across ranks) by their global norm and takes an AdamW
@@ -196,16 +238,29 @@ impl<B: AutodiffBackend> ResidentTrainer<B> {
         let step_size = lr / (1.0 - b1.powi(t));
         let inv_bc2_sqrt = 1.0 / (1.0 - b2.powi(t)).sqrt();
         let decay = lr * spec.weight_decay;
-        let m = self.m.clone().mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
-        let v = self.v.clone().mul_scalar(b2) + (g.clone() * g).mul_scalar(1.0 - b2);
+        // In place where Burn can: an element-wise op writes into its first operand's memory
+        // when that operand is uniquely owned, so the moments and the weights are taken out of
+        // `self` (not cloned) and `g` is consumed. Full-size temporaries: `g * (1 - b1)` (gone
+        // before `g * g` is made), then `denom` and the update. Same formula and operation
+        // order as `optimizer.rs`.
+        let device = self.device.clone();
+        let scaled = g.clone().mul_scalar(1.0 - b1);
+        let m = take(&mut self.m, &device).mul_scalar(b1) + scaled;
+        let square = g.clone() * g;
+        let v = take(&mut self.v, &device).mul_scalar(b2) + square.mul_scalar(1.0 - b2);
         let denom = v
             .clone()
             .sqrt()
             .mul_scalar(inv_bc2_sqrt)
             .add_scalar(spec.eps);
-        let w = self.weights.clone();
-        let w = w.clone() - w * self.decay_mask.clone().mul_scalar(decay);
-        self.weights = w - m.clone().mul_scalar(step_size) / denom;
+        let mut w = take(&mut self.weights, &device);
+        for r in &self.decay {
+            let part = w.clone().slice(r.clone());
+            let decayed = part.clone() - part.mul_scalar(decay);
+            w = w.slice_assign(r.clone(), decayed);
+        }
+        let update = m.clone().mul_scalar(step_size) / denom;
+        self.weights = w - update;
         self.m = m;
         self.v = v;
         self.step += 1;
@@ -309,24 +364,46 @@ pub fn train_step<B: AutodiffBackend>(
     Ok((loss, stats))
 }
 
-fn decay_mask<B: Backend>(
-    layout: &ParamLayout,
-    spec: &OptimizerSpec,
-    device: &B::Device,
+/// The ranges of the flat buffer that weight decay applies to (as `optimizer.rs` decides per
+/// parameter), adjacent parameters merged: a few ranges per layer instead of a full-size mask.
+fn decay_ranges(layout: &ParamLayout, spec: &OptimizerSpec) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for p in &layout.params {
+        let decays = match p.kind {
+            ParamKind::Matrix => true,
+            ParamKind::Embedding => spec.decay_embeddings,
+            ParamKind::Norm => false,
+        };
+        if !decays || p.is_empty() {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.end == p.offset => last.end = p.range().end,
+            _ => out.push(p.range()),
+        }
+    }
+    out
+}
+
+/// `t`, leaving an empty tensor in its place: so that an op on it owns its memory uniquely.
+fn take<B: Backend>(t: &mut Tensor<B, 1>, device: &B::Device) -> Tensor<B, 1> {
+    std::mem::replace(t, empty(device))
+}
+
+fn empty<B: Backend>(device: &B::Device) -> Tensor<B, 1> {
+    Tensor::empty([0], device)
+}
+
+/// `grad` (one parameter's, flat, in the compute dtype) added in f32 into `range` of the flat
+/// buffer `acc`, in place: the sum is made in `grad`'s memory (or its f32 cast's), and written
+/// into `acc`, whose only owner is this function.
+fn accumulate<B: Backend>(
+    acc: Tensor<B, 1>,
+    range: Range<usize>,
+    grad: Tensor<B, 1>,
 ) -> Tensor<B, 1> {
-    let parts = layout
-        .params
-        .iter()
-        .map(|p| {
-            let decays = match p.kind {
-                ParamKind::Matrix => true,
-                ParamKind::Embedding => spec.decay_embeddings,
-                ParamKind::Norm => false,
-            };
-            Tensor::<B, 1>::full([p.len()], if decays { 1.0 } else { 0.0 }, device)
-        })
-        .collect();
-    Tensor::cat(parts, 0)
+    let sum = grad.cast(FloatDType::F32) + acc.clone().slice(range.clone());
+    acc.slice_assign(range, sum)
 }
 
 #[cfg(test)]
