@@ -209,6 +209,13 @@ def measure(bin_dir, job, world, stop_at, timeout=900):
                     peaks[pid] = max(peaks.get(pid, 0), hwm)
         time.sleep(0.05)
     reached = step[0]
+    # The workers run in sessions of their own: stop them by pid, then the launcher.
+    for pid, comm in descendants(proc.pid):
+        if comm.startswith("dapt-worker"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

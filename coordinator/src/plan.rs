@@ -10,7 +10,8 @@
 //!   and AdamW's two f32 moments, 1/w of them from stage 1; the flat f32 gradient buffer, 1/w at
 //!   stage 2. Then the larger of the backward phase (the gradients the backward pass holds before
 //!   they are added into the flat buffer, the activations, the logits) and the optimizer phase
-//!   (two f32 temporaries the size of the owned slice). Activations are counted from dapt's own
+//!   (one f32 temporary the size of the owned slice beyond the gradients: AdamW runs in place,
+//!   and the gradients are consumed before its denominator and update exist). Activations are counted from dapt's own
 //!   graph (`worker/src/model/llama.rs` on Burn's autodiff: what each op keeps for its backward
 //!   pass), not from a fused reference implementation; see docs/plan.md.
 //! * Time at the MFU dapt measured on that GPU (docs/benchmarks.md), or the nearest one it
@@ -52,6 +53,9 @@ pub struct Gpu {
     pub runtime_bytes: f64,
     /// dapt's own MFU on this device, where it has been measured.
     pub measured_mfu: Option<MeasuredMfu>,
+    /// Bytes per parameter that the process holds beyond what the model below attributes:
+    /// measured on the CPU (see [`CPU_UNATTRIBUTED_PER_PARAM`]), not known for GPUs (0).
+    pub unattributed_per_param: f64,
 }
 
 pub const GPUS: &[Gpu] = &[
@@ -63,6 +67,7 @@ pub const GPUS: &[Gpu] = &[
         compute_bytes: 2.0,
         runtime_bytes: 1e9,
         measured_mfu: None,
+        unattributed_per_param: 0.0,
     },
     Gpu {
         name: "h200",
@@ -72,6 +77,7 @@ pub const GPUS: &[Gpu] = &[
         compute_bytes: 2.0,
         runtime_bytes: 1e9,
         measured_mfu: Some(H200_MFU),
+        unattributed_per_param: 0.0,
     },
     Gpu {
         name: "a100",
@@ -81,6 +87,7 @@ pub const GPUS: &[Gpu] = &[
         compute_bytes: 2.0,
         runtime_bytes: 1e9,
         measured_mfu: None,
+        unattributed_per_param: 0.0,
     },
     // The CPU backend (f32), as this project's 2-core development machines run it: the fp32
     // matmul peak with 2 threads (FACTS.md), the d512 shape's measured 25% of it
@@ -97,11 +104,20 @@ pub const GPUS: &[Gpu] = &[
             what:
                 "measured by dapt on this project's 2-core CPU: d512 shape, f32, docs/benchmarks.md",
         }),
+        unattributed_per_param: CPU_UNATTRIBUTED_PER_PARAM,
     },
 ];
 
-/// A CPU `dapt-worker`'s resident size before its first step (measured: docs/plan.md).
-pub const CPU_RUNTIME_BYTES: f64 = 30e6;
+/// A CPU `dapt-worker`'s resident size besides the model: fitted to the tiny shape's peak at
+/// one rank (docs/plan.md), where the model's own bytes are a few MB.
+pub const CPU_RUNTIME_BYTES: f64 = 21e6;
+
+/// What a CPU worker holds per parameter beyond the parts the model attributes, fitted to the
+/// d512 shape's peak at one rank without recompute (docs/plan.md): the remainder after the
+/// states, activations and logits, about 1.5 x the f32 weights. Likely the allocator (glibc
+/// keeps each thread's freed memory in that thread's arena, and `dapt_worker::memory` tells it
+/// to keep freed memory) and the matmul's packing buffers; not traced to an owner yet.
+pub const CPU_UNATTRIBUTED_PER_PARAM: f64 = 6.0;
 
 pub fn gpu(name: &str) -> Option<Gpu> {
     GPUS.iter()
@@ -180,17 +196,25 @@ pub struct Memory {
     /// Logits `[tokens, vocab]` in the compute dtype and three f32 tensors of that size (the
     /// f32 cast, log-softmax's exponentials, the gradient).
     pub logits: f64,
-    /// The optimizer step's two f32 temporaries over the owned slice (not at the same time as
+    /// The optimizer step's f32 temporaries over the owned slice beyond the gradients, which it
+    /// consumes (two at once, by then without the gradients; not at the same time as
     /// the backward phase).
     pub optimizer_temporaries: f64,
     /// The process before the model (see [`Gpu::runtime_bytes`]).
     pub runtime: f64,
+    /// See [`Gpu::unattributed_per_param`].
+    pub unattributed: f64,
 }
 
 impl Memory {
     /// The states held through the whole step.
     pub fn states(&self) -> f64 {
-        self.runtime + self.weights + self.master_f32 + self.optimizer_f32 + self.gradients_f32
+        self.runtime
+            + self.unattributed
+            + self.weights
+            + self.master_f32
+            + self.optimizer_f32
+            + self.gradients_f32
     }
 
     /// The backward phase's extra: gradients in flight, activations, logits.
@@ -209,7 +233,8 @@ impl Memory {
 /// gain (2 n d each, two norms); the q projection, its rotated half-swap and RoPE's output
 /// (3 n d) and the same for k (3 n d_kv), v (n d_kv), k and v repeated for grouped-query
 /// attention (2 n d when kv heads < heads); the attention output and the residual sum
-/// (2 n d) and the block output (n d); the MLP's gate, SiLU, up and their product (4 n f); the
+/// (2 n d) and the block output (n d); the MLP's gate, its sigmoid, SiLU, up and their product
+/// (5 n f: Burn's SiLU is `x * sigmoid(x)`, and each keeps its operands); the
 /// softmax's exponentials and probabilities (2 b a s^2).
 pub fn block_activation_elements(config: &LlamaConfig, b: f64, s: f64) -> f64 {
     let n = b * s;
@@ -223,7 +248,7 @@ pub fn block_activation_elements(config: &LlamaConfig, b: f64, s: f64) -> f64 {
     } else {
         0.0
     };
-    n * (4.0 * h + 3.0 * d + 4.0 * kv + gqa + 3.0 * h + 4.0 * f) + 2.0 * b * a * s * s
+    n * (4.0 * h + 3.0 * d + 4.0 * kv + gqa + 3.0 * h + 5.0 * f) + 2.0 * b * a * s * s
 }
 
 /// Per-rank memory for `config` trained with `training` on `gpu` over `world` ranks at
@@ -272,8 +297,9 @@ pub fn memory(
         gradients_in_flight: in_flight,
         activations,
         logits: (c + 12.0) * b * s * config.vocab_size as f64,
-        optimizer_temporaries: 8.0 * owned,
+        optimizer_temporaries: 4.0 * owned,
         runtime: gpu.runtime_bytes,
+        unattributed: gpu.unattributed_per_param * n,
     }
 }
 
@@ -444,9 +470,9 @@ pub fn plan(job: &JobSpec, config: &LlamaConfig, options: &PlanOptions) -> Resul
     })
 }
 
-/// Bytes as the plan prints them: GB with one decimal, or MB under 1 GB.
+/// Bytes as the plan prints them: GB with one decimal, or MB under 10 GB.
 pub fn gb(bytes: f64) -> String {
-    if bytes >= 1e9 {
+    if bytes >= 10e9 {
         format!("{:.1} GB", bytes / 1e9)
     } else {
         format!("{:.0} MB", bytes / 1e6)
@@ -494,12 +520,17 @@ pub fn render(plan: &Plan, options: &PlanOptions, config: &LlamaConfig) -> Strin
     };
     let _ = writeln!(
         o,
-        "memory per rank: {} at {} over {} rank{} = runtime {} + {dtype} weights {} + f32 master {} + AdamW moments {} + f32 gradients {} + max(backward: gradients in flight {} + activations {} + logits {}; optimizer temporaries {})",
+        "memory per rank: {} at {} over {} rank{} = runtime {}{} + {dtype} weights {} + f32 master {} + AdamW moments {} + f32 gradients {} + max(backward: gradients in flight {} + activations {} + logits {}; optimizer temporaries {})",
         gb(m.total()),
         describe(&plan.setting),
         options.gpus,
         if options.gpus == 1 { "" } else { "s" },
         gb(m.runtime),
+        if m.unattributed > 0.0 {
+            format!(" + unattributed {}", gb(m.unattributed))
+        } else {
+            String::new()
+        },
         gb(m.weights),
         gb(m.master_f32),
         gb(m.optimizer_f32),
