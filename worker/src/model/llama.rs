@@ -3,6 +3,11 @@
 //! halves of each head pair up, not adjacent dimensions), grouped-query attention with a causal
 //! mask, SwiGLU MLP, optional tied embeddings.
 //!
+//! The other families are this block with their differences (`dapt_proto::model::Family`):
+//! Qwen2 adds biases to the q, k and v projections; Qwen3 RMS-normalises each head of q and k
+//! (gains of `head_dim`) before RoPE; Mistral may limit attention to a sliding window of past
+//! positions.
+//!
 //! Parameters are plain tensors built from the flat buffer of [`ParamLayout`]; burn's `nn`
 //! modules are not used, because Burn 0.21 has no grouped-query attention and its rotary
 //! encoding pairs adjacent dimensions.
@@ -22,22 +27,57 @@ pub struct Llama<B: Backend> {
     dtype: DType,
     embed: Tensor<B, 2>,
     layers: Vec<Layer<B>>,
-    norm: Tensor<B, 1>,
+    /// Final norm gain `[1, hidden]`.
+    norm: Tensor<B, 2>,
     /// Untied output head; `None` when it is the embedding.
     lm_head: Option<Tensor<B, 2>>,
     device: B::Device,
 }
 
 struct Layer<B: Backend> {
-    attn_norm: Tensor<B, 1>,
+    /// Norm gains and biases are `[1, n]`: the tensors the model was given, so that on an
+    /// autodiff backend they are the leaves whose gradients `add_gradients` reads (a reshape
+    /// would be an intermediate node, whose gradient Burn frees during the backward pass).
+    attn_norm: Tensor<B, 2>,
     wq: Tensor<B, 2>,
     wk: Tensor<B, 2>,
     wv: Tensor<B, 2>,
+    /// q, k and v biases (`Family::qkv_bias`).
+    qkv_bias: Option<[Tensor<B, 2>; 3]>,
+    /// Per-head RMSNorm gains of q and k (`Family::qk_norm`).
+    qk_norm: Option<[Tensor<B, 2>; 2]>,
     wo: Tensor<B, 2>,
-    mlp_norm: Tensor<B, 1>,
+    mlp_norm: Tensor<B, 2>,
     w_gate: Tensor<B, 2>,
     w_up: Tensor<B, 2>,
     w_down: Tensor<B, 2>,
+}
+
+/// A parameter tensor as the model holds it (a norm gain or a bias as `[1, n]`).
+type Param<'a, B> = &'a Tensor<B, 2>;
+
+impl<B: Backend> Layer<B> {
+    /// The layer's tensors in [`ParamLayout::llama`]'s order (which `from_params` reads).
+    fn params(&self) -> Vec<Param<'_, B>> {
+        let mut out: Vec<Param<'_, B>> = vec![&self.attn_norm];
+        for (i, w) in [&self.wq, &self.wk, &self.wv].into_iter().enumerate() {
+            out.push(w);
+            if let Some(bias) = &self.qkv_bias {
+                out.push(&bias[i]);
+            }
+        }
+        if let Some(norms) = &self.qk_norm {
+            out.extend(norms.iter());
+        }
+        out.extend([
+            &self.wo,
+            &self.mlp_norm,
+            &self.w_gate,
+            &self.w_up,
+            &self.w_down,
+        ]);
+        out
+    }
 }
 
 impl<B: Backend> Llama<B> {
@@ -64,8 +104,9 @@ impl<B: Backend> Llama<B> {
     }
 
     /// The model over `params`, one tensor per entry of `ParamLayout::llama(cfg)`, in its order
-    /// and in the shapes of [`param_shape`] (norm gains as `[1, n]`). The activations take the
-    /// parameters' dtype (f32, or bf16 for mixed precision); the loss is computed in f32.
+    /// and in the shapes of [`param_shape`] (norm gains and biases as `[1, n]`). The
+    /// activations take the parameters' dtype (f32, or bf16 for mixed precision); the loss is
+    /// computed in f32.
     pub fn from_params(cfg: &LlamaConfig, params: Vec<Tensor<B, 2>>, device: &B::Device) -> Self {
         let layout = ParamLayout::llama(cfg);
         assert_eq!(
@@ -77,21 +118,36 @@ impl<B: Backend> Llama<B> {
         let mut next2 = || params.next().expect("layout has every parameter");
         let embed = next2();
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        let as1 = |t: Tensor<B, 2>| -> Tensor<B, 1> { t.reshape([-1]) };
+        let (bias, qk_norm) = (cfg.family.qkv_bias(), cfg.family.qk_norm());
         for _ in 0..cfg.num_hidden_layers {
+            let attn_norm = next2();
+            // q, k and v, each followed by its bias in a family that has them.
+            let mut proj = || {
+                let w = next2();
+                let b = bias.then(&mut next2);
+                (w, b)
+            };
+            let ((wq, bq), (wk, bk), (wv, bv)) = (proj(), proj(), proj());
+            let qkv_bias = match (bq, bk, bv) {
+                (Some(q), Some(k), Some(v)) => Some([q, k, v]),
+                _ => None,
+            };
+            let qk_norm = qk_norm.then(|| [next2(), next2()]);
             layers.push(Layer {
-                attn_norm: as1(next2()),
-                wq: next2(),
-                wk: next2(),
-                wv: next2(),
+                attn_norm,
+                wq,
+                wk,
+                wv,
+                qkv_bias,
+                qk_norm,
                 wo: next2(),
-                mlp_norm: as1(next2()),
+                mlp_norm: next2(),
                 w_gate: next2(),
                 w_up: next2(),
                 w_down: next2(),
             });
         }
-        let norm = as1(next2());
+        let norm = next2();
         let lm_head = (!cfg.tie_word_embeddings).then(&mut next2);
         Llama {
             cfg: cfg.clone(),
@@ -103,6 +159,19 @@ impl<B: Backend> Llama<B> {
             lm_head,
             device: device.clone(),
         }
+    }
+
+    /// Every parameter tensor in [`ParamLayout::llama`]'s order.
+    fn params(&self) -> Vec<Param<'_, B>> {
+        let mut out: Vec<Param<'_, B>> = vec![&self.embed];
+        for l in &self.layers {
+            out.extend(l.params());
+        }
+        out.push(&self.norm);
+        if let Some(head) = &self.lm_head {
+            out.push(head);
+        }
+        out
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -129,7 +198,7 @@ impl<B: Backend> Llama<B> {
         let [b, t] = ids.dims();
         let d = self.cfg.hidden_size;
         let rope = RopeTables::new(&self.cfg, b, t, self.dtype, &self.device);
-        let mask = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &self.device)
+        let mask = attention_mask::<B>(t, self.cfg.sliding_window, &self.device)
             .unsqueeze::<4>()
             .expand([b, self.cfg.num_attention_heads, t, t]);
         let mut x = burn::tensor::module::embedding(self.embed.clone(), ids).reshape([b * t, d]);
@@ -175,15 +244,23 @@ impl<B: Backend> Llama<B> {
         );
         // RoPE on the contiguous `[b * t, heads * hd]` projections, then heads to the front.
         let heads = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
-        let q = heads(
-            rope.apply(linear(x.clone(), layer.wq.clone()), nh, hd, &rope.q),
-            nh,
+        let bias = |i: usize| layer.qkv_bias.as_ref().map(|b| b[i].clone());
+        let (mut q, mut k) = (
+            linear_bias(x.clone(), layer.wq.clone(), bias(0)),
+            linear_bias(x.clone(), layer.wk.clone(), bias(1)),
         );
-        let k = heads(
-            rope.apply(linear(x.clone(), layer.wk.clone()), nkv, hd, &rope.k),
-            nkv,
-        );
-        let v = heads(linear(x, layer.wv.clone()), nkv);
+        if let Some([q_norm, k_norm]) = &layer.qk_norm {
+            // Qwen3: RMSNorm over each head's `head_dim` values, before RoPE.
+            let per_head = |y: Tensor<B, 2>, n: usize, gain: &Tensor<B, 2>| {
+                rms_norm(y.reshape([bt * n, hd]), gain.clone(), self.cfg.rms_norm_eps)
+                    .reshape([bt, n * hd])
+            };
+            q = per_head(q, nh, q_norm);
+            k = per_head(k, nkv, k_norm);
+        }
+        let q = heads(rope.apply(q, nh, hd, &rope.q), nh);
+        let k = heads(rope.apply(k, nkv, hd, &rope.k), nkv);
+        let v = heads(linear_bias(x, layer.wv.clone(), bias(2)), nkv);
         let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
         let scores = q
             .matmul(k.swap_dims(2, 3))
@@ -275,23 +352,8 @@ impl<B: AutodiffBackend> Llama<B> {
                 }
             }
         };
-        let g2 = |t: &Tensor<B, 2>| t.grad(grads).map(host);
-        let g1 = |t: &Tensor<B, 1>| t.grad(grads).map(host);
-        add(g2(&self.embed));
-        for l in &self.layers {
-            add(g1(&l.attn_norm));
-            add(g2(&l.wq));
-            add(g2(&l.wk));
-            add(g2(&l.wv));
-            add(g2(&l.wo));
-            add(g1(&l.mlp_norm));
-            add(g2(&l.w_gate));
-            add(g2(&l.w_up));
-            add(g2(&l.w_down));
-        }
-        add(g1(&self.norm));
-        if let Some(head) = &self.lm_head {
-            add(g2(head));
+        for p in self.params() {
+            add(p.grad(grads).map(host));
         }
     }
 }
@@ -300,25 +362,11 @@ impl<B: AutodiffBackend> Llama<B> {
     /// Each parameter's gradient as a flat f32 tensor on the device, in layout order (zeros for
     /// a parameter the loss does not reach).
     pub fn gradients_flat(&self, grads: &B::Gradients) -> Vec<Tensor<B::InnerBackend, 1>> {
-        let flat2 = |t: &Tensor<B, 2>| t.grad(grads).map(|g| g.reshape([-1]));
-        let flat1 = |t: &Tensor<B, 1>| t.grad(grads);
-        let mut out = Vec::with_capacity(self.layout.params.len());
-        out.push(flat2(&self.embed));
-        for l in &self.layers {
-            out.push(flat1(&l.attn_norm));
-            out.push(flat2(&l.wq));
-            out.push(flat2(&l.wk));
-            out.push(flat2(&l.wv));
-            out.push(flat2(&l.wo));
-            out.push(flat1(&l.mlp_norm));
-            out.push(flat2(&l.w_gate));
-            out.push(flat2(&l.w_up));
-            out.push(flat2(&l.w_down));
-        }
-        out.push(flat1(&self.norm));
-        if let Some(head) = &self.lm_head {
-            out.push(flat2(head));
-        }
+        let out: Vec<_> = self
+            .params()
+            .into_iter()
+            .map(|p| p.grad(grads).map(|g| g.reshape([-1])))
+            .collect();
         out.into_iter()
             .zip(&self.layout.params)
             .map(|(g, p)| match g {
@@ -348,8 +396,40 @@ fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
     x.matmul(w.transpose())
 }
 
+/// `x [n, in] @ w^T + bias` (`bias` `[1, out]`, when the projection has one).
+fn linear_bias<B: Backend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    bias: Option<Tensor<B, 2>>,
+) -> Tensor<B, 2> {
+    let y = linear(x, w);
+    match bias {
+        Some(b) => y + b,
+        None => y,
+    }
+}
+
+/// The `[t, t]` attention mask, true where a query (row) must not see a key (column): the
+/// future, and with a sliding `window` of `w` the keys `w` or more positions back (Mistral, as
+/// transformers' `sliding_window_overlay`: key `j` is seen from query `i` iff `i - w < j <= i`).
+fn attention_mask<B: Backend>(
+    t: usize,
+    window: Option<usize>,
+    device: &B::Device,
+) -> Tensor<B, 2, Bool> {
+    match window {
+        Some(w) if w < t => {
+            let mask: Vec<bool> = (0..t)
+                .flat_map(|i| (0..t).map(move |j| j > i || i - j >= w))
+                .collect();
+            Tensor::from_data(TensorData::new(mask, [t, t]), device)
+        }
+        _ => Tensor::<B, 2, Bool>::tril_mask([t, t], 0, device),
+    }
+}
+
 /// RMSNorm over the rows of `x` `[n, hidden]`.
-fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
+fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
     let inv_rms = x
         .clone()
         .powi_scalar(2)
@@ -357,7 +437,7 @@ fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f64) -> Tensor<B,
         .add_scalar(eps)
         .sqrt()
         .recip();
-    x * inv_rms * w.unsqueeze::<2>()
+    x * inv_rms * w
 }
 
 /// Key/value heads repeated for grouped-query attention: query head `h` uses kv head `h / n`.

@@ -321,7 +321,7 @@ fn decay_mask<B: Backend>(
             let decays = match p.kind {
                 ParamKind::Matrix => true,
                 ParamKind::Embedding => spec.decay_embeddings,
-                ParamKind::Norm => false,
+                ParamKind::Norm | ParamKind::Bias => false,
             };
             Tensor::<B, 1>::full([p.len()], if decays { 1.0 } else { 0.0 }, device)
         })
