@@ -1,6 +1,10 @@
 //! The shape of a Llama-family decoder (shared: the worker builds it, the coordinator plans with it), read from (and written back as) a Hugging Face
 //! `config.json`.
 //!
+//! One config for the families that are the Llama block with small, well-defined changes
+//! ([`Family`]): Llama, Qwen2/Qwen2.5 (q/k/v biases), Qwen3 (per-head RMSNorm on q and k,
+//! explicit `head_dim`) and Mistral (an optional sliding attention window).
+//!
 //! Fields that change the math and that dapt does not implement are refused by name rather than
 //! ignored: training a model with the wrong architecture would silently waste a GPU budget.
 
@@ -11,8 +15,69 @@ use serde_json::{Map, Value};
 
 use crate::job::Preset;
 
+/// The Hugging Face model families dapt implements, all as the one Llama decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// `LlamaForCausalLM`.
+    #[default]
+    Llama,
+    /// `Qwen2ForCausalLM` (Qwen2 and Qwen2.5): biases on the q, k and v projections.
+    Qwen2,
+    /// `Qwen3ForCausalLM`: RMSNorm over each head of q and k (`q_norm`, `k_norm`) before RoPE.
+    Qwen3,
+    /// `MistralForCausalLM`: the Llama block, with an optional sliding attention window.
+    Mistral,
+}
+
+impl Family {
+    /// Every family, in the order docs/model.md lists them.
+    pub const ALL: [Family; 4] = [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Mistral];
+
+    /// Hugging Face's `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+            Family::Mistral => "mistral",
+        }
+    }
+
+    /// Hugging Face's causal-LM class, written in `architectures`.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
+        }
+    }
+
+    /// The family of a `model_type`, if dapt implements it.
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        Family::ALL
+            .into_iter()
+            .find(|f| f.model_type() == model_type)
+    }
+
+    /// Whether the q, k and v projections carry biases (`*_proj.bias`, o_proj has none).
+    pub fn qkv_bias(self) -> bool {
+        self == Family::Qwen2
+    }
+
+    /// Whether each head of q and k is RMS-normalised (gains `q_norm`, `k_norm` of `head_dim`)
+    /// before RoPE.
+    pub fn qk_norm(self) -> bool {
+        self == Family::Qwen3
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
+    /// Which Llama-family architecture: decides the extra tensors and `config.json`'s fields.
+    #[serde(default)]
+    pub family: Family,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
@@ -27,6 +92,10 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// Mistral's sliding window: a query attends to itself and the `w - 1` positions before it.
+    /// `None` is full causal attention (every other family).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
 }
 
 /// RoPE frequency scaling, as Hugging Face's `rope_scaling`.
@@ -73,6 +142,7 @@ pub const MAX_PARAMS: u64 = 1 << 40;
 impl LlamaConfig {
     pub fn preset(preset: Preset, vocab_size: usize) -> Self {
         let base = |hidden, inter, layers, heads, kv, tie, theta| LlamaConfig {
+            family: Family::Llama,
             hidden_size: hidden,
             intermediate_size: inter,
             num_hidden_layers: layers,
@@ -87,6 +157,7 @@ impl LlamaConfig {
             tie_word_embeddings: tie,
             bos_token_id: None,
             eos_token_id: None,
+            sliding_window: None,
         };
         match preset {
             Preset::Tiny => base(128, 352, 2, 4, 2, true, 10_000.0),
@@ -130,13 +201,17 @@ impl LlamaConfig {
             .transpose()
         };
 
-        if let Some(arch) = get("model_type").and_then(Value::as_str) {
-            if arch != "llama" {
-                return Err(format!(
-                    "`model_type` is `{arch}`; dapt trains `llama` models"
-                ));
-            }
-        }
+        let family = match get("model_type") {
+            None => Family::Llama,
+            Some(v) => v
+                .as_str()
+                .and_then(Family::from_model_type)
+                .ok_or_else(|| {
+                    format!(
+                        "`model_type` is {v}; dapt trains `llama`, `qwen2`, `qwen3` and `mistral` models"
+                    )
+                })?,
+        };
         if let Some(act) = get("hidden_act") {
             if act.as_str() != Some("silu") {
                 return Err(format!(
@@ -155,11 +230,18 @@ impl LlamaConfig {
             if let Some(v) = get(key) {
                 if v.as_bool() != Some(false) {
                     return Err(format!(
-                        "`{key}` is {v}; dapt implements Llama without biases"
+                        "`{key}` is {v}; dapt implements `{}` without {} biases",
+                        family.model_type(),
+                        if key == "mlp_bias" {
+                            "MLP"
+                        } else {
+                            "these attention"
+                        }
                     ));
                 }
             }
         }
+        let sliding_window = sliding_window(family, &mut get)?;
         let hidden = required(usize_of(get("hidden_size"), "hidden_size")?, "hidden_size")?;
         let heads = required(
             usize_of(get("num_attention_heads"), "num_attention_heads")?,
@@ -199,6 +281,7 @@ impl LlamaConfig {
             }
         };
         let config = LlamaConfig {
+            family,
             hidden_size: hidden,
             intermediate_size: required(
                 usize_of(get("intermediate_size"), "intermediate_size")?,
@@ -228,6 +311,7 @@ impl LlamaConfig {
             },
             bos_token_id: token_id(get("bos_token_id"), "bos_token_id")?,
             eos_token_id: token_id(get("eos_token_id"), "eos_token_id")?,
+            sliding_window,
         };
         if let Some(key) = map
             .keys()
@@ -254,14 +338,13 @@ impl LlamaConfig {
         Ok(config)
     }
 
-    /// The Hugging Face `config.json` of this model.
+    /// The Hugging Face `config.json` of this model, with its family's `model_type`,
+    /// `architectures` and fields (what `transformers` reads for that family).
     pub fn to_json(&self) -> Value {
         let mut v = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [self.family.architecture()],
+            "model_type": self.family.model_type(),
             "hidden_act": "silu",
-            "attention_bias": false,
-            "mlp_bias": false,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_hidden_layers,
@@ -274,33 +357,63 @@ impl LlamaConfig {
             "rope_scaling": self.rope_scaling,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_dropout": 0.0,
             "torch_dtype": "float32",
         });
-        if let (Some(map), Some(id)) = (v.as_object_mut(), self.bos_token_id) {
+        let Some(map) = v.as_object_mut() else {
+            return v;
+        };
+        let family_fields = match self.family {
+            Family::Llama => serde_json::json!({ "attention_bias": false, "mlp_bias": false }),
+            // Qwen's sliding window is off; its window fields are written as transformers does.
+            Family::Qwen2 => serde_json::json!({
+                "use_sliding_window": false,
+                "sliding_window": null,
+                "max_window_layers": self.num_hidden_layers,
+            }),
+            Family::Qwen3 => serde_json::json!({
+                "attention_bias": false,
+                "use_sliding_window": false,
+                "sliding_window": null,
+                "max_window_layers": self.num_hidden_layers,
+            }),
+            Family::Mistral => serde_json::json!({ "sliding_window": self.sliding_window }),
+        };
+        if let Value::Object(fields) = family_fields {
+            map.extend(fields);
+        }
+        if let Some(id) = self.bos_token_id {
             map.insert("bos_token_id".into(), id.into());
         }
-        if let (Some(map), Some(id)) = (v.as_object_mut(), self.eos_token_id) {
+        if let Some(id) = self.eos_token_id {
             map.insert("eos_token_id".into(), id.into());
         }
         v
     }
 
-    /// Parameters, embeddings included, or `None` when the sizes multiply past `u64` (a
-    /// `config.json` with absurd sizes).
+    /// Parameters, embeddings included (the family's biases and q/k norm gains too), or `None`
+    /// when the sizes multiply past `u64` (a `config.json` with absurd sizes).
     pub fn checked_num_params(&self) -> Option<u64> {
-        let (h, i, l) = (
+        let (h, i, l, hd) = (
             self.hidden_size as u64,
             self.intermediate_size as u64,
             self.num_hidden_layers as u64,
+            self.head_dim as u64,
         );
-        let q = (self.num_attention_heads as u64).checked_mul(self.head_dim as u64)?;
-        let kv = (self.num_key_value_heads as u64).checked_mul(self.head_dim as u64)?;
+        let q = (self.num_attention_heads as u64).checked_mul(hd)?;
+        let kv = (self.num_key_value_heads as u64).checked_mul(hd)?;
         let hq = h.checked_mul(q)?;
-        let per_layer = hq
+        let mut per_layer = hq
             .checked_mul(2)?
             .checked_add(h.checked_mul(kv)?.checked_mul(2)?)?
             .checked_add(h.checked_mul(i)?.checked_mul(3)?)?
             .checked_add(h.checked_mul(2)?)?;
+        if self.family.qkv_bias() {
+            per_layer = per_layer.checked_add(q)?.checked_add(kv.checked_mul(2)?)?;
+        }
+        if self.family.qk_norm() {
+            per_layer = per_layer.checked_add(hd.checked_mul(2)?)?;
+        }
         let embed = (self.vocab_size as u64).checked_mul(h)?;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         embed
@@ -309,21 +422,10 @@ impl LlamaConfig {
             .checked_add(h)
     }
 
-    /// Parameters, embeddings included.
+    /// Parameters, embeddings included: exactly the values of the weights files. Saturates at
+    /// `u64::MAX` for sizes no `config.json` that [`Self::from_json`] accepts can have.
     pub fn num_params(&self) -> u64 {
-        let (h, i, l) = (
-            self.hidden_size as u64,
-            self.intermediate_size as u64,
-            self.num_hidden_layers as u64,
-        );
-        let (q, kv) = (
-            (self.num_attention_heads * self.head_dim) as u64,
-            (self.num_key_value_heads * self.head_dim) as u64,
-        );
-        let per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
-        let embed = self.vocab_size as u64 * h;
-        let head = if self.tie_word_embeddings { 0 } else { embed };
-        embed + head + l * per_layer + h
+        self.checked_num_params().unwrap_or(u64::MAX)
     }
 
     /// RoPE inverse frequencies, as Hugging Face computes them (including `rope_scaling`).
@@ -359,6 +461,55 @@ impl LlamaConfig {
                     })
                     .collect()
             }
+        }
+    }
+}
+
+/// The attention window `config.json` asks for: Mistral's `sliding_window` (null is full
+/// attention); Qwen's `use_sliding_window: true` (a window on the layers from
+/// `max_window_layers` on) and any `layer_types` entry other than `full_attention` are refused
+/// by name. `get` reads a key and marks it as handled.
+fn sliding_window<'a>(
+    family: Family,
+    get: &mut impl FnMut(&'static str) -> Option<&'a Value>,
+) -> std::result::Result<Option<usize>, String> {
+    if let Some(types) = get("layer_types") {
+        let full = types
+            .as_array()
+            .is_some_and(|a| a.iter().all(|t| t.as_str() == Some("full_attention")));
+        if !full {
+            return Err(format!(
+                "`layer_types` is {types}; dapt implements only `full_attention` layers"
+            ));
+        }
+    }
+    match family {
+        // Llama has no window: a `sliding_window` there is refused as an unknown field.
+        Family::Llama => Ok(None),
+        Family::Mistral => match get("sliding_window") {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .filter(|&w| w > 0)
+                .map(|w| Some(w as usize))
+                .ok_or_else(|| {
+                    format!("`sliding_window` must be null or a positive integer, got {v}")
+                }),
+        },
+        Family::Qwen2 | Family::Qwen3 => {
+            match get("use_sliding_window") {
+                None => {}
+                Some(Value::Bool(false)) => {}
+                Some(v) => return Err(format!(
+                    "`use_sliding_window` is {v}; dapt does not implement Qwen's sliding-window \
+                         attention (set it to false to train with full attention, as the released \
+                         models do)"
+                )),
+            }
+            // Read by transformers only when `use_sliding_window` is true.
+            get("sliding_window");
+            get("max_window_layers");
+            Ok(None)
         }
     }
 }
@@ -545,6 +696,101 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("attention_dropout"), "{err}");
+    }
+
+    /// Configs that transformers 5.24 itself saved for tiny random models of each family, with
+    /// its own parameter count (`model.num_parameters()`, tied weights once), written by
+    /// `tests/reference/check_ref.py --fixtures`: dapt reads each as its family and counts
+    /// exactly the same parameters (what `dapt plan` prints).
+    #[test]
+    fn reads_transformers_configs_of_each_family_and_counts_their_parameters() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf-configs");
+        let mut seen = Vec::new();
+        for entry in std::fs::read_dir(&dir).expect("fixtures") {
+            let path = entry.expect("entry").path();
+            let fixture: Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+            let config = LlamaConfig::from_json(&fixture["config"].to_string())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(
+                config.family.model_type(),
+                fixture["config"]["model_type"],
+                "{}",
+                path.display()
+            );
+            assert_eq!(
+                Some(config.num_params()),
+                fixture["num_parameters"].as_u64(),
+                "{}",
+                path.display()
+            );
+            // Written back, it reads as the same model, with the family's own fields.
+            let json = config.to_json();
+            assert_eq!(json["architectures"], fixture["config"]["architectures"]);
+            assert_eq!(
+                LlamaConfig::from_json(&json.to_string()).expect("round trip"),
+                config
+            );
+            seen.push(config.family);
+        }
+        for family in [Family::Qwen2, Family::Qwen3, Family::Mistral] {
+            assert!(seen.contains(&family), "no fixture of {family:?}");
+        }
+    }
+
+    #[test]
+    fn family_fields_that_change_the_function_are_implemented_or_refused_by_name() {
+        let qwen2 = SMOLLM2
+            .replace("\"llama\"", "\"qwen2\"")
+            .replace("\"attention_bias\": false, ", "")
+            .replace("\"mlp_bias\": false,", "")
+            .replace("\"is_llama_config\": true,", "\"use_sliding_window\": false, \"sliding_window\": 4096, \"max_window_layers\": 21,");
+        let c = LlamaConfig::from_json(&qwen2).expect("qwen2");
+        assert_eq!((c.family, c.sliding_window), (Family::Qwen2, None));
+        // Q/K/V biases: 576 + 2 * 192 per layer on top of the Llama count.
+        assert_eq!(c.num_params(), 134_515_008 + 30 * (576 + 2 * 192));
+        let err = LlamaConfig::from_json(&qwen2.replace(
+            "\"use_sliding_window\": false",
+            "\"use_sliding_window\": true",
+        ))
+        .unwrap_err();
+        assert!(err.contains("`use_sliding_window`"), "{err}");
+        let err = LlamaConfig::from_json(&qwen2.replace(
+            "\"max_window_layers\": 21,",
+            "\"layer_types\": [\"sliding_attention\"],",
+        ))
+        .unwrap_err();
+        assert!(err.contains("`layer_types`"), "{err}");
+
+        let mistral = SMOLLM2
+            .replace("\"llama\"", "\"mistral\"")
+            .replace("\"attention_bias\": false, ", "")
+            .replace("\"is_llama_config\": true,", "\"sliding_window\": 4096,");
+        let c = LlamaConfig::from_json(&mistral).expect("mistral");
+        assert_eq!((c.family, c.sliding_window), (Family::Mistral, Some(4096)));
+        assert_eq!(c.to_json()["sliding_window"], 4096);
+        let c = LlamaConfig::from_json(&mistral.replace("4096", "null")).expect("null window");
+        assert_eq!(c.sliding_window, None);
+        let err = LlamaConfig::from_json(&mistral.replace("4096", "-1")).unwrap_err();
+        assert!(err.contains("`sliding_window`"), "{err}");
+
+        let qwen3 = SMOLLM2
+            .replace("\"llama\"", "\"qwen3\"")
+            .replace("\"attention_bias\": false", "\"attention_bias\": true")
+            .replace("\"is_llama_config\": true,", "\"head_dim\": 128,");
+        let err = LlamaConfig::from_json(&qwen3).unwrap_err();
+        assert!(err.contains("`attention_bias`"), "{err}");
+        let c = LlamaConfig::from_json(
+            &qwen3.replace("\"attention_bias\": true", "\"attention_bias\": false"),
+        )
+        .expect("qwen3");
+        // head_dim is its own; q/k norms add 2 * head_dim per layer.
+        assert_eq!((c.family, c.head_dim), (Family::Qwen3, 128));
+        let err = LlamaConfig::from_json(&SMOLLM2.replace("\"llama\"", "\"gemma2\"")).unwrap_err();
+        assert!(
+            err.contains("`model_type`") && err.contains("gemma2"),
+            "{err}"
+        );
     }
 
     impl LlamaConfig {

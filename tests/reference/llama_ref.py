@@ -1,19 +1,29 @@
 #!/usr/bin/env python3
-"""Independent NumPy reference of the Hugging Face Llama forward pass.
+"""Independent NumPy reference of the Hugging Face Llama-family forward pass.
 
 This is the reference that dapt's parity tests compare against. It is written
 from the `LlamaForCausalLM` definition in `transformers` (modeling_llama.py)
 and shares no code with dapt: RMSNorm, rotate-half RoPE (with linear / llama3
 rope_scaling), grouped-query causal attention, SwiGLU MLP, final norm, and
-lm_head (or the tied embedding matrix).
+lm_head (or the tied embedding matrix). The families' differences, from
+modeling_qwen2.py, modeling_qwen3.py and modeling_mistral.py:
+  qwen2    q/k/v projection biases (`*_proj.bias`), applied whenever present;
+  qwen3    RMSNorm over each head of q and k (`self_attn.q_norm` / `k_norm`,
+           eps rms_norm_eps) after the projection and before RoPE;
+  mistral  `sliding_window` w: query i sees keys j with i - w < j <= i
+           (null: full causal attention).
 
     python3 llama_ref.py MODEL_DIR --ids IDS.json [--out LOGITS.npy] [--loss]
-                         [--dtype float32|float64]
+                         [--dtype float32|float64] [--direction DIR.safetensors]
 
 MODEL_DIR holds an HF config.json and model.safetensors (or a sharded
 model.safetensors.index.json). IDS.json is a JSON list of equal-length lists
 of token ids (a batch). --out writes float32 logits [batch, seq, vocab];
 --loss prints {"loss": mean next-token cross-entropy, "tokens": n} as JSON.
+--direction (with --loss) adds "directional_derivative": the central finite
+difference (L(w + e d) - L(w - e d)) / 2e of that loss in float64 along the
+tensors d of DIR.safetensors (absent tensors: zero), e = --eps: an
+autodiff-free check of a gradient g, which must give <g, d>.
 Dependencies: numpy and safetensors only.
 """
 import argparse, json, math, os, struct
@@ -109,9 +119,20 @@ def softmax(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def sliding_window(cfg):
+    """The attention window of the config, or None (full causal attention)."""
+    mt = cfg.get("model_type", "llama")
+    if mt == "mistral":
+        return cfg.get("sliding_window")
+    if mt in ("qwen2", "qwen3"):
+        assert not cfg.get("use_sliding_window", False), "Qwen's sliding window is not modelled"
+    return None
+
+
 def forward(cfg, W, ids, dtype=np.float32):
     """ids: int array [batch, seq] -> logits [batch, seq, vocab] in `dtype`."""
     assert cfg.get("hidden_act", "silu") == "silu"
+    assert cfg.get("model_type", "llama") in ("llama", "qwen2", "qwen3", "mistral")
     B, S = ids.shape
     H, nh = cfg["hidden_size"], cfg["num_attention_heads"]
     nkv = cfg.get("num_key_value_heads") or nh
@@ -125,7 +146,10 @@ def forward(cfg, W, ids, dtype=np.float32):
     freqs = np.arange(S, dtype=np.float32)[:, None] * rope_inv_freq(cfg, hd)[None, :]
     emb = np.concatenate([freqs, freqs], axis=-1)  # [S, hd]
     cos, sin = np.cos(emb).astype(dtype), np.sin(emb).astype(dtype)
-    causal = np.triu(np.ones((S, S), dtype=bool), k=1)
+    causal = np.triu(np.ones((S, S), dtype=bool), k=1)  # True: masked
+    window = sliding_window(cfg)
+    if window is not None:
+        causal |= np.tril(np.ones((S, S), dtype=bool), k=-window)  # j <= i - window
 
     x = W["model.embed_tokens.weight"][ids]  # [B, S, H]
     for i in range(cfg["num_hidden_layers"]):
@@ -134,6 +158,9 @@ def forward(cfg, W, ids, dtype=np.float32):
         q = lin(h, p + "self_attn.q_proj").reshape(B, S, nh, hd).transpose(0, 2, 1, 3)
         k = lin(h, p + "self_attn.k_proj").reshape(B, S, nkv, hd).transpose(0, 2, 1, 3)
         v = lin(h, p + "self_attn.v_proj").reshape(B, S, nkv, hd).transpose(0, 2, 1, 3)
+        if p + "self_attn.q_norm.weight" in W:  # Qwen3: per-head RMSNorm before RoPE
+            q = rms_norm(q, W[p + "self_attn.q_norm.weight"], eps)
+            k = rms_norm(k, W[p + "self_attn.k_norm.weight"], eps)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k, v = np.repeat(k, nh // nkv, axis=1), np.repeat(v, nh // nkv, axis=1)  # repeat_kv
@@ -168,6 +195,9 @@ def main():
     ap.add_argument("--out", help="write float32 logits [batch, seq, vocab] here (.npy)")
     ap.add_argument("--loss", action="store_true", help='print {"loss": x, "tokens": n} as JSON')
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    ap.add_argument("--direction", help="safetensors of a direction d: add the finite-difference "
+                    "derivative of the loss along d to --loss's JSON")
+    ap.add_argument("--eps", type=float, default=1e-3, help="step of --direction's difference")
     a = ap.parse_args()
     if not a.out and not a.loss:
         ap.error("nothing to do: give --out and/or --loss")
@@ -182,7 +212,17 @@ def main():
         np.save(a.out, logits.astype(np.float32))
     if a.loss:
         loss, n = next_token_loss(logits, ids)
-        print(json.dumps({"loss": loss, "tokens": n}))
+        out = {"loss": loss, "tokens": n}
+        if a.direction:
+            W = load_weights(a.model_dir, np.float64)
+            d = {k: v.astype(np.float64) for k, v in _load_file(a.direction).items()}
+            unknown = sorted(set(d) - set(W))
+            assert not unknown, f"direction tensors not in the model: {unknown}"
+            moved = lambda sign: {k: w + sign * a.eps * d[k] if k in d else w for k, w in W.items()}
+            hi, _ = next_token_loss(forward(cfg, moved(1), ids, np.float64), ids)
+            lo, _ = next_token_loss(forward(cfg, moved(-1), ids, np.float64), ids)
+            out["directional_derivative"] = (hi - lo) / (2 * a.eps)
+        print(json.dumps(out))
 
 
 if __name__ == "__main__":

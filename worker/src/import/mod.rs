@@ -62,7 +62,7 @@ fn allowed_unused(name: &str) -> bool {
     })
 }
 
-/// Converts a Llama GGUF into a Hugging Face directory at `out` (`config.json`,
+/// Converts a Llama, Qwen2 or Qwen3 GGUF into a Hugging Face directory of its family at `out` (`config.json`,
 /// `model.safetensors` in f32, `tokenizer.json`) and returns the model.
 pub fn import_gguf(file: &gguf::GgufFile, out: &Path) -> Result<HfWeights> {
     let converted = gguf::to_hf(file)?;

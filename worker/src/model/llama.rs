@@ -3,6 +3,11 @@
 //! halves of each head pair up, not adjacent dimensions), grouped-query attention with a causal
 //! mask, SwiGLU MLP, optional tied embeddings.
 //!
+//! The other families are this block with their differences (`dapt_proto::model::Family`):
+//! Qwen2 adds biases to the q, k and v projections; Qwen3 RMS-normalises each head of q and k
+//! (gains of `head_dim`) before RoPE; Mistral may limit attention to a sliding window of past
+//! positions.
+//!
 //! Parameters are plain tensors built from the flat buffer of [`ParamLayout`]; burn's `nn`
 //! modules are not used, because Burn 0.21 has no grouped-query attention and its rotary
 //! encoding pairs adjacent dimensions.
@@ -29,12 +34,19 @@ pub struct Llama<B: Backend> {
     device: B::Device,
 }
 
-/// One decoder block's parameters (RMSNorm gains as `[1, hidden]`), in layout order.
+/// One decoder block's parameters, in layout order. Norm gains and biases are `[1, n]`: the
+/// tensors the model was given, so that on an autodiff backend they are the leaves whose
+/// gradients are read (a reshape would be an intermediate node, whose gradient Burn frees
+/// during the backward pass).
 struct Layer<B: Backend> {
     attn_norm: Tensor<B, 2>,
     wq: Tensor<B, 2>,
     wk: Tensor<B, 2>,
     wv: Tensor<B, 2>,
+    /// q, k and v biases (`Family::qkv_bias`).
+    qkv_bias: Option<[Tensor<B, 2>; 3]>,
+    /// Per-head RMSNorm gains of q and k, `[1, head_dim]` (`Family::qk_norm`).
+    qk_norm: Option<[Tensor<B, 2>; 2]>,
     wo: Tensor<B, 2>,
     mlp_norm: Tensor<B, 2>,
     w_gate: Tensor<B, 2>,
@@ -42,23 +54,27 @@ struct Layer<B: Backend> {
     w_down: Tensor<B, 2>,
 }
 
-/// Parameters per decoder block in [`ParamLayout`].
-const PER_LAYER: usize = 9;
-
 impl<B: Backend> Layer<B> {
-    /// The block's parameters in layout order.
-    fn params(&self) -> [&Tensor<B, 2>; PER_LAYER] {
-        [
-            &self.attn_norm,
-            &self.wq,
-            &self.wk,
-            &self.wv,
+    /// The block's parameters in [`ParamLayout::llama`]'s order (which `from_params` reads).
+    fn params(&self) -> Vec<&Tensor<B, 2>> {
+        let mut out = vec![&self.attn_norm];
+        for (i, w) in [&self.wq, &self.wk, &self.wv].into_iter().enumerate() {
+            out.push(w);
+            if let Some(bias) = &self.qkv_bias {
+                out.push(&bias[i]);
+            }
+        }
+        if let Some(norms) = &self.qk_norm {
+            out.extend(norms.iter());
+        }
+        out.extend([
             &self.wo,
             &self.mlp_norm,
             &self.w_gate,
             &self.w_up,
             &self.w_down,
-        ]
+        ]);
+        out
     }
 
     /// The block with `f` applied to each parameter (e.g. fresh autodiff leaves).
@@ -68,6 +84,8 @@ impl<B: Backend> Layer<B> {
             wq: f(&self.wq),
             wk: f(&self.wk),
             wv: f(&self.wv),
+            qkv_bias: self.qkv_bias.as_ref().map(|b| b.each_ref().map(&mut f)),
+            qk_norm: self.qk_norm.as_ref().map(|n| n.each_ref().map(&mut f)),
             wo: f(&self.wo),
             mlp_norm: f(&self.mlp_norm),
             w_gate: f(&self.w_gate),
@@ -85,7 +103,8 @@ pub struct Constants<B: Backend> {
     batch: usize,
     seq: usize,
     rope: RopeTables<B>,
-    /// `[batch, heads, seq, seq]` (a broadcast view of one `[seq, seq]` mask).
+    /// `[batch, heads, seq, seq]` (a broadcast view of one `[seq, seq]` mask: causal, and
+    /// with a sliding window where the model has one).
     mask: Tensor<B, 4, Bool>,
 }
 
@@ -98,7 +117,7 @@ impl<B: Backend> Constants<B> {
         dtype: DType,
         device: &B::Device,
     ) -> Self {
-        let mask = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, device)
+        let mask = attention_mask::<B>(seq, cfg.sliding_window, device)
             .unsqueeze::<4>()
             .expand([batch, cfg.num_attention_heads, seq, seq]);
         Constants {
@@ -155,7 +174,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// The model over `params`, one tensor per entry of `ParamLayout::llama(cfg)`, in its order
-    /// and in the shapes of [`param_shape`] (norm gains as `[1, n]`). The activations take the
+    /// and in the shapes of [`param_shape`] (norm gains and biases as `[1, n]`). The activations take the
     /// parameters' dtype (f32, or bf16 for mixed precision); the loss is computed in f32.
     pub fn from_params(cfg: &LlamaConfig, params: Vec<Tensor<B, 2>>, device: &B::Device) -> Self {
         let layout = ParamLayout::llama(cfg);
@@ -168,12 +187,28 @@ impl<B: Backend> Llama<B> {
         let mut next = || params.next().expect("layout has every parameter");
         let embed = next();
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let (bias, qk_norm) = (cfg.family.qkv_bias(), cfg.family.qk_norm());
         for _ in 0..cfg.num_hidden_layers {
+            let attn_norm = next();
+            // q, k and v, each followed by its bias in a family that has them.
+            let mut proj = || {
+                let w = next();
+                let b = bias.then(&mut next);
+                (w, b)
+            };
+            let ((wq, bq), (wk, bk), (wv, bv)) = (proj(), proj(), proj());
+            let qkv_bias = match (bq, bk, bv) {
+                (Some(q), Some(k), Some(v)) => Some([q, k, v]),
+                _ => None,
+            };
+            let qk_norm = qk_norm.then(|| [next(), next()]);
             layers.push(Layer {
-                attn_norm: next(),
-                wq: next(),
-                wk: next(),
-                wv: next(),
+                attn_norm,
+                wq,
+                wk,
+                wv,
+                qkv_bias,
+                qk_norm,
                 wo: next(),
                 mlp_norm: next(),
                 w_gate: next(),
@@ -319,15 +354,23 @@ fn attention<B: Backend>(
     let rope = &consts.rope;
     // RoPE on the contiguous `[b * t, heads * hd]` projections, then heads to the front.
     let heads = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
-    let q = heads(
-        rope.apply(linear(x.clone(), layer.wq.clone()), nh, hd, &rope.q),
-        nh,
+    let bias = |i: usize| layer.qkv_bias.as_ref().map(|b| b[i].clone());
+    let (mut q, mut k) = (
+        linear_bias(x.clone(), layer.wq.clone(), bias(0)),
+        linear_bias(x.clone(), layer.wk.clone(), bias(1)),
     );
-    let k = heads(
-        rope.apply(linear(x.clone(), layer.wk.clone()), nkv, hd, &rope.k),
-        nkv,
-    );
-    let v = heads(linear(x, layer.wv.clone()), nkv);
+    if let Some([q_norm, k_norm]) = &layer.qk_norm {
+        // Qwen3: RMSNorm over each head's `head_dim` values, before RoPE.
+        let per_head = |y: Tensor<B, 2>, n: usize, gain: &Tensor<B, 2>| {
+            rms_norm(y.reshape([b * t * n, hd]), gain.clone(), cfg.rms_norm_eps)
+                .reshape([b * t, n * hd])
+        };
+        q = per_head(q, nh, q_norm);
+        k = per_head(k, nkv, k_norm);
+    }
+    let q = heads(rope.apply(q, nh, hd, &rope.q), nh);
+    let k = heads(rope.apply(k, nkv, hd, &rope.k), nkv);
+    let v = heads(linear_bias(x, layer.wv.clone(), bias(2)), nkv);
     let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
     let scores = q
         .matmul(k.swap_dims(2, 3))
@@ -465,7 +508,8 @@ impl<B: Backend> Llama<B> {
         }
         let leaf = |t: &Tensor<B, 2>| Tensor::<A, 2>::from_inner(t.clone()).require_grad();
         let tracked = Constants::<A>::from_inner(consts);
-        let norm_index = 1 + PER_LAYER * self.layers.len();
+        let per_layer = self.layers.first().map_or(0, |l| l.params().len());
+        let norm_index = 1 + per_layer * self.layers.len();
 
         // The head: final norm, output projection, loss.
         let top = leaf(&x);
@@ -506,7 +550,7 @@ impl<B: Backend> Llama<B> {
                 .expect("a block's output depends on its input");
             for (j, p) in params.params().into_iter().enumerate() {
                 if let Some(g) = p.grad_remove(&mut grads) {
-                    sink(1 + PER_LAYER * i + j, g.reshape([-1]));
+                    sink(1 + per_layer * i + j, g.reshape([-1]));
                 }
             }
         }
@@ -546,6 +590,38 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 /// `x [n, in] @ w^T` for a weight in Hugging Face layout `[out, in]`.
 fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
     x.matmul(w.transpose())
+}
+
+/// `x [n, in] @ w^T + bias` (`bias` `[1, out]`, when the projection has one).
+fn linear_bias<B: Backend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    bias: Option<Tensor<B, 2>>,
+) -> Tensor<B, 2> {
+    let y = linear(x, w);
+    match bias {
+        Some(b) => y + b,
+        None => y,
+    }
+}
+
+/// The `[t, t]` attention mask, true where a query (row) must not see a key (column): the
+/// future, and with a sliding `window` of `w` the keys `w` or more positions back (Mistral, as
+/// transformers' `sliding_window_overlay`: key `j` is seen from query `i` iff `i - w < j <= i`).
+fn attention_mask<B: Backend>(
+    t: usize,
+    window: Option<usize>,
+    device: &B::Device,
+) -> Tensor<B, 2, Bool> {
+    match window {
+        Some(w) if w < t => {
+            let mask: Vec<bool> = (0..t)
+                .flat_map(|i| (0..t).map(move |j| j > i || i - j >= w))
+                .collect();
+            Tensor::from_data(TensorData::new(mask, [t, t]), device)
+        }
+        _ => Tensor::<B, 2, Bool>::tril_mask([t, t], 0, device),
+    }
 }
 
 /// RMSNorm over the rows of `x` `[n, hidden]`.

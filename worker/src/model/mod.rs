@@ -3,6 +3,6 @@
 pub mod llama;
 pub mod params;
 
-pub use dapt_proto::model::{LlamaConfig, RopeScaling};
+pub use dapt_proto::model::{Family, LlamaConfig, RopeScaling};
 pub use llama::Llama;
 pub use params::{ParamInfo, ParamKind, ParamLayout};

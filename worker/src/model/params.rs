@@ -14,6 +14,8 @@ pub enum ParamKind {
     Embedding,
     /// An RMSNorm gain: never decayed, initialised to one.
     Norm,
+    /// A projection's bias (Qwen2's q, k and v): never decayed, initialised to zero.
+    Bias,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,14 +50,20 @@ pub struct ParamLayout {
 }
 
 impl ParamLayout {
-    /// Embedding, then per layer: input norm, q, k, v, o, post-attention norm, gate, up, down;
-    /// then the final norm and (untied) the output head.
+    /// Embedding, then per layer: input norm, q, (q bias), k, (k bias), v, (v bias), (q norm,
+    /// k norm), o, post-attention norm, gate, up, down; then the final norm and (untied) the
+    /// output head. The parenthesised tensors are the family's ([`Family::qkv_bias`],
+    /// [`Family::qk_norm`]); `Llama::from_params` takes its tensors in this order.
+    ///
+    /// [`Family::qkv_bias`]: dapt_proto::model::Family::qkv_bias
+    /// [`Family::qk_norm`]: dapt_proto::model::Family::qk_norm
     pub fn llama(c: &LlamaConfig) -> Self {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let (q, kv) = (
             c.num_attention_heads * c.head_dim,
             c.num_key_value_heads * c.head_dim,
         );
+        let (bias, qk_norm) = (c.family.qkv_bias(), c.family.qk_norm());
         let mut entries: Vec<(String, Vec<usize>, ParamKind)> = vec![(
             "model.embed_tokens.weight".into(),
             vec![c.vocab_size, h],
@@ -63,27 +71,28 @@ impl ParamLayout {
         )];
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
+            entries.push((
+                format!("{p}.input_layernorm.weight"),
+                vec![h],
+                ParamKind::Norm,
+            ));
+            for (name, rows) in [("q", q), ("k", kv), ("v", kv)] {
+                let proj = format!("{p}.self_attn.{name}_proj");
+                entries.push((format!("{proj}.weight"), vec![rows, h], ParamKind::Matrix));
+                if bias {
+                    entries.push((format!("{proj}.bias"), vec![rows], ParamKind::Bias));
+                }
+            }
+            if qk_norm {
+                for name in ["q_norm", "k_norm"] {
+                    entries.push((
+                        format!("{p}.self_attn.{name}.weight"),
+                        vec![c.head_dim],
+                        ParamKind::Norm,
+                    ));
+                }
+            }
             entries.extend([
-                (
-                    format!("{p}.input_layernorm.weight"),
-                    vec![h],
-                    ParamKind::Norm,
-                ),
-                (
-                    format!("{p}.self_attn.q_proj.weight"),
-                    vec![q, h],
-                    ParamKind::Matrix,
-                ),
-                (
-                    format!("{p}.self_attn.k_proj.weight"),
-                    vec![kv, h],
-                    ParamKind::Matrix,
-                ),
-                (
-                    format!("{p}.self_attn.v_proj.weight"),
-                    vec![kv, h],
-                    ParamKind::Matrix,
-                ),
                 (
                     format!("{p}.self_attn.o_proj.weight"),
                     vec![h, q],
@@ -143,7 +152,8 @@ impl ParamLayout {
         self.params.iter().find(|p| p.name == name)
     }
 
-    /// A seeded random initialisation: N(0, std) matrices and embeddings, unit norm gains.
+    /// A seeded random initialisation: N(0, std) matrices and embeddings, unit norm gains, zero
+    /// biases.
     /// (A hand-rolled generator, so that the same seed gives the same model whatever crate
     /// versions are in the build.)
     pub fn init(&self, std: f64, seed: u64) -> Vec<f32> {
@@ -160,6 +170,7 @@ impl ParamLayout {
             let out = &mut weights[p.range()];
             match p.kind {
                 ParamKind::Norm => out.fill(1.0),
+                ParamKind::Bias => out.fill(0.0),
                 _ => {
                     for pair in out.chunks_mut(2) {
                         // Box-Muller: two normals from two uniforms.

@@ -31,7 +31,7 @@ impl AdamW {
             let decays = match p.kind {
                 ParamKind::Matrix => true,
                 ParamKind::Embedding => spec.decay_embeddings,
-                ParamKind::Norm => false,
+                ParamKind::Norm | ParamKind::Bias => false,
             };
             if decays {
                 decay_mask[p.range()].fill(1.0);

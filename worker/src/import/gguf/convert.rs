@@ -1,4 +1,10 @@
-//! A Llama GGUF in Hugging Face form: config, renamed tensors, q/k rows restored.
+//! A Llama, Qwen2 or Qwen3 GGUF in Hugging Face form: config, renamed tensors, and (Llama
+//! only) q/k rows restored.
+//!
+//! llama.cpp stores a `llama` model's q and k rows permuted for its adjacent-pair RoPE and
+//! un-permutes nothing else; `qwen2` and `qwen3` use its NeoX (rotate-half) RoPE and keep
+//! Hugging Face's row order, so their tensors are only renamed. Qwen2's q/k/v biases are
+//! `blk.N.attn_{q,k,v}.bias`; Qwen3's per-head norms `blk.N.attn_{q,k}_norm.weight`.
 
 use super::*;
 
@@ -26,8 +32,10 @@ impl fmt::Debug for HfModel {
     }
 }
 
-/// The `llama.*` hyperparameters a conversion needs.
+/// The `{arch}.*` hyperparameters a conversion needs.
 pub(super) struct LlamaParams {
+    /// The family of `general.architecture` (whose name prefixes the metadata keys).
+    family: Family,
     hidden: u64,
     intermediate: u64,
     layers: u64,
@@ -41,14 +49,19 @@ pub(super) struct LlamaParams {
 /// tokenizer rebuilt from `tokenizer.ggml.*`.
 pub fn to_hf(file: &GgufFile) -> Result<HfModel> {
     let arch = file.require_str("general.architecture")?;
-    if arch != "llama" {
-        return Err(GgufError::UnsupportedModel {
-            key: "general.architecture".into(),
-            value: arch.into(),
-            reason: "only llama is converted".into(),
-        });
-    }
-    let params = llama_params(file)?;
+    let family = match arch {
+        "llama" => Family::Llama,
+        "qwen2" => Family::Qwen2,
+        "qwen3" => Family::Qwen3,
+        _ => {
+            return Err(GgufError::UnsupportedModel {
+                key: "general.architecture".into(),
+                value: arch.into(),
+                reason: "llama, qwen2 and qwen3 are converted".into(),
+            })
+        }
+    };
+    let params = llama_params(file, family)?;
     let tokenizer = build_tokenizer(file)?;
     let tensors = convert_tensors(file, &params)?;
     let config = llama_config(file, &params, &tensors)?;
@@ -59,11 +72,14 @@ pub fn to_hf(file: &GgufFile) -> Result<HfModel> {
     })
 }
 
-pub(super) fn llama_params(file: &GgufFile) -> Result<LlamaParams> {
-    let hidden = file.require_u64("llama.embedding_length")?;
-    let heads = file.require_u64("llama.attention.head_count")?;
+pub(super) fn llama_params(file: &GgufFile, family: Family) -> Result<LlamaParams> {
+    // llama.cpp's architecture names are Hugging Face's model types for these families.
+    let arch = family.model_type();
+    let key = |k: &str| format!("{arch}.{k}");
+    let hidden = file.require_u64(&key("embedding_length"))?;
+    let heads = file.require_u64(&key("attention.head_count"))?;
     let kv_heads = file
-        .optional_u64("llama.attention.head_count_kv")?
+        .optional_u64(&key("attention.head_count_kv"))?
         .unwrap_or(heads);
     let unsupported = |key: &str, value: String, reason: &str| GgufError::UnsupportedModel {
         key: key.into(),
@@ -72,62 +88,74 @@ pub(super) fn llama_params(file: &GgufFile) -> Result<LlamaParams> {
     };
     if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
         return Err(unsupported(
-            "llama.attention.head_count_kv",
+            &key("attention.head_count_kv"),
             kv_heads.to_string(),
-            &format!("must be non-zero and divide llama.attention.head_count = {heads}"),
+            &format!("must be non-zero and divide {arch}.attention.head_count = {heads}"),
         ));
     }
-    let head_dim = match file.optional_u64("llama.attention.key_length")? {
+    let head_dim = match file.optional_u64(&key("attention.key_length"))? {
         Some(d) => d,
         None if hidden % heads == 0 => hidden / heads,
         None => {
             return Err(unsupported(
-                "llama.attention.head_count",
+                &key("attention.head_count"),
                 heads.to_string(),
-                &format!("does not divide llama.embedding_length = {hidden}"),
+                &format!("does not divide {arch}.embedding_length = {hidden}"),
             ))
         }
     };
     if head_dim % 2 != 0 {
         return Err(unsupported(
-            "llama.attention.key_length",
+            &key("attention.key_length"),
             head_dim.to_string(),
             "RoPE needs an even head dimension",
         ));
     }
+    if let Some(v) = file.optional_u64(&key("attention.value_length"))? {
+        if v != head_dim {
+            return Err(unsupported(
+                &key("attention.value_length"),
+                v.to_string(),
+                &format!(
+                    "Hugging Face's {arch} uses the key head dimension {head_dim} for values too"
+                ),
+            ));
+        }
+    }
     // HF Llama rotates the whole head; partial rotary and mixture-of-experts Llamas need more
     // than this converter writes, so refuse them rather than produce a subtly wrong model.
-    if let Some(rot) = file.optional_u64("llama.rope.dimension_count")? {
+    if let Some(rot) = file.optional_u64(&key("rope.dimension_count"))? {
         if rot != head_dim {
             return Err(unsupported(
-                "llama.rope.dimension_count",
+                &key("rope.dimension_count"),
                 rot.to_string(),
                 &format!("HF Llama rotates the whole head of {head_dim}"),
             ));
         }
     }
-    if let Some(experts) = file.optional_u64("llama.expert_count")? {
+    if let Some(experts) = file.optional_u64(&key("expert_count"))? {
         if experts > 0 {
             return Err(unsupported(
-                "llama.expert_count",
+                &key("expert_count"),
                 experts.to_string(),
                 "mixture-of-experts models are not converted",
             ));
         }
     }
-    if let Some(scaling) = file.optional_str("llama.rope.scaling.type")? {
+    if let Some(scaling) = file.optional_str(&key("rope.scaling.type"))? {
         if scaling != "none" {
             return Err(unsupported(
-                "llama.rope.scaling.type",
+                &key("rope.scaling.type"),
                 scaling.into(),
                 "RoPE scaling is not converted",
             ));
         }
     }
     Ok(LlamaParams {
+        family,
         hidden,
-        intermediate: file.require_u64("llama.feed_forward_length")?,
-        layers: file.require_u64("llama.block_count")?,
+        intermediate: file.require_u64(&key("feed_forward_length"))?,
+        layers: file.require_u64(&key("block_count"))?,
         heads,
         kv_heads,
         head_dim,
@@ -157,10 +185,11 @@ pub(super) fn llama_config(
             ),
         });
     }
-    let attention_bias = tensors.iter().any(|(n, _, _)| n.ends_with("q_proj.bias"));
+    let arch = p.family.model_type();
+    let key = |k: &str| format!("{arch}.{k}");
     let mut config = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [p.family.architecture()],
+        "model_type": arch,
         "hidden_act": "silu",
         "hidden_size": p.hidden,
         "intermediate_size": p.intermediate,
@@ -168,15 +197,20 @@ pub(super) fn llama_config(
         "num_attention_heads": p.heads,
         "num_key_value_heads": p.kv_heads,
         "head_dim": p.head_dim,
-        "rms_norm_eps": file.require_f64("llama.attention.layer_norm_rms_epsilon")?,
-        "rope_theta": file.optional_f64("llama.rope.freq_base")?.unwrap_or(10000.0),
-        "max_position_embeddings": file.require_u64("llama.context_length")?,
+        "rms_norm_eps": file.require_f64(&key("attention.layer_norm_rms_epsilon"))?,
+        "rope_theta": file.optional_f64(&key("rope.freq_base"))?.unwrap_or(10000.0),
+        "max_position_embeddings": file.require_u64(&key("context_length"))?,
         "vocab_size": vocab_rows,
         "tie_word_embeddings": tied,
-        "attention_bias": attention_bias,
-        "mlp_bias": false,
         "torch_dtype": "float32",
     });
+    // A Llama with q biases says so, so that the config check refuses it by name (dapt's Llama
+    // has none); Qwen2's biases are part of the family and its config has no such field.
+    if p.family == Family::Llama {
+        let attention_bias = tensors.iter().any(|(n, _, _)| n.ends_with("q_proj.bias"));
+        config["attention_bias"] = json!(attention_bias);
+        config["mlp_bias"] = json!(false);
+    }
     for (key, field) in [
         ("tokenizer.ggml.bos_token_id", "bos_token_id"),
         ("tokenizer.ggml.eos_token_id", "eos_token_id"),
@@ -189,7 +223,9 @@ pub(super) fn llama_config(
     Ok(config)
 }
 
-/// The HF name of a GGUF Llama tensor, or `None` if it has no HF Llama counterpart.
+/// The HF name of a GGUF Llama-family tensor, or `None` if it has no HF counterpart. (A name
+/// this maps that the family's layout does not use, such as an MLP bias, is refused by the
+/// import, by its HF name.)
 pub(super) fn hf_name(gguf_name: &str) -> Option<String> {
     let fixed = match gguf_name {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
@@ -217,6 +253,8 @@ pub(super) fn hf_name(gguf_name: &str) -> Option<String> {
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf_part}.{suffix}"))
@@ -243,6 +281,18 @@ pub(super) fn convert_tensors(file: &GgufFile, p: &LlamaParams) -> Result<Vec<Hf
             required.push(format!("blk.{layer}.{part}.weight"));
         }
     }
+    for layer in 0..p.layers {
+        if p.family.qkv_bias() {
+            for part in ["attn_q", "attn_k", "attn_v"] {
+                required.push(format!("blk.{layer}.{part}.bias"));
+            }
+        }
+        if p.family.qk_norm() {
+            for part in ["attn_q_norm", "attn_k_norm"] {
+                required.push(format!("blk.{layer}.{part}.weight"));
+            }
+        }
+    }
     if let Some(name) = required.iter().find(|n| file.tensor_info(n).is_none()) {
         return Err(GgufError::MissingTensor { name: name.clone() });
     }
@@ -254,7 +304,10 @@ pub(super) fn convert_tensors(file: &GgufFile, p: &LlamaParams) -> Result<Vec<Hf
             reason: "it has no Hugging Face Llama counterpart".into(),
         })?;
         let (mut values, shape) = file.tensor_f32(&info.name)?;
-        let rope_heads = if name.contains(".q_proj.") {
+        // Only llama.cpp's `llama` architecture permutes q/k rows (weights and biases).
+        let rope_heads = if p.family != Family::Llama {
+            None
+        } else if name.contains(".q_proj.") {
             Some(p.heads)
         } else if name.contains(".k_proj.") {
             Some(p.kv_heads)

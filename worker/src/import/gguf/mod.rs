@@ -14,10 +14,10 @@
 //! parses the header eagerly (so a malformed header fails at [`GgufFile::open`]) and dequantizes
 //! tensors to `f32` on demand with [`GgufFile::tensor_f32`].
 //!
-//! [`to_hf`] converts a `general.architecture = llama` file into what a Hugging Face checkpoint
-//! holds: a `config.json` value, tensors under HF names in HF (row-major) shape with llama.cpp's
-//! RoPE row permutation of `q_proj`/`k_proj` undone, and a `tokenizers::Tokenizer` rebuilt from
-//! the `tokenizer.ggml.*` metadata.
+//! [`to_hf`] converts a `general.architecture` `llama`, `qwen2` or `qwen3` file into what a
+//! Hugging Face checkpoint holds: a `config.json` value of that family, tensors under HF names in
+//! HF (row-major) shape with llama.cpp's RoPE row permutation of a Llama's `q_proj`/`k_proj`
+//! undone, and a `tokenizers::Tokenizer` rebuilt from the `tokenizer.ggml.*` metadata.
 //!
 //! Every error names the tensor or metadata key it is about; nothing in here panics on file
 //! content, because GGUF files come from the internet.
@@ -27,17 +27,22 @@ use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use dapt_proto::model::Family;
 use half::{bf16, f16};
 use memmap2::Mmap;
 use serde_json::json;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::sequence::Sequence as ProcessorSequence;
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer};
+use tokenizers::{
+    AddedToken, PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
+};
 
 /// The 4 bytes every GGUF file starts with.
 const MAGIC: &[u8; 4] = b"GGUF";

@@ -814,6 +814,140 @@ fn unused_and_non_finite_tensors_refuse_the_import() -> TestResult {
     Ok(())
 }
 
+/// A one-layer Qwen2 (`arch` `qwen2`, with q/k/v biases) or Qwen3 (`qwen3`, with per-head q/k
+/// norms and an explicit head dim): hidden 8, 2 heads of 4 (Qwen3: of 6), 1 KV head, FFN 4,
+/// untied. llama.cpp keeps Hugging Face's q/k row order for these (NeoX RoPE): values are
+/// ascending as written.
+fn tiny_qwen(arch: &str) -> Writer {
+    let hd: u64 = if arch == "qwen3" { 6 } else { 4 };
+    let mut w = Writer::new()
+        .kv("general.architecture", Value::String(arch.into()))
+        .kv(&format!("{arch}.embedding_length"), Value::U32(8))
+        .kv(&format!("{arch}.feed_forward_length"), Value::U32(4))
+        .kv(&format!("{arch}.block_count"), Value::U32(1))
+        .kv(&format!("{arch}.attention.head_count"), Value::U32(2))
+        .kv(&format!("{arch}.attention.head_count_kv"), Value::U32(1))
+        .kv(
+            &format!("{arch}.attention.key_length"),
+            Value::U32(hd as u32),
+        )
+        .kv(
+            &format!("{arch}.attention.value_length"),
+            Value::U32(hd as u32),
+        )
+        .kv(
+            &format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-6),
+        )
+        .kv(&format!("{arch}.rope.freq_base"), Value::F32(1_000_000.0))
+        .kv(&format!("{arch}.context_length"), Value::U32(4096));
+    w = tokenizer_kvs(w, "qwen2");
+    let vals = |n: u64, base: f32| (0..n).map(|i| base + i as f32).collect::<Vec<_>>();
+    let (q, kv) = (2 * hd, hd);
+    w = w
+        .f32_tensor("token_embd.weight", &[8, 11], &vals(88, 0.0))
+        .f32_tensor("output.weight", &[8, 11], &vals(88, 50.0))
+        .f32_tensor("output_norm.weight", &[8], &vals(8, 100.0))
+        .f32_tensor("blk.0.attn_norm.weight", &[8], &vals(8, 200.0))
+        .f32_tensor("blk.0.ffn_norm.weight", &[8], &vals(8, 300.0))
+        .f32_tensor("blk.0.attn_q.weight", &[8, q], &vals(8 * q, 400.0))
+        .f32_tensor("blk.0.attn_k.weight", &[8, kv], &vals(8 * kv, 500.0))
+        .f32_tensor("blk.0.attn_v.weight", &[8, kv], &vals(8 * kv, 600.0))
+        .f32_tensor("blk.0.attn_output.weight", &[q, 8], &vals(8 * q, 700.0))
+        .f32_tensor("blk.0.ffn_gate.weight", &[8, 4], &vals(32, 800.0))
+        .f32_tensor("blk.0.ffn_up.weight", &[8, 4], &vals(32, 900.0))
+        .f32_tensor("blk.0.ffn_down.weight", &[4, 8], &vals(32, 1000.0));
+    if arch == "qwen2" {
+        w = w
+            .f32_tensor("blk.0.attn_q.bias", &[q], &vals(q, 1100.0))
+            .f32_tensor("blk.0.attn_k.bias", &[kv], &vals(kv, 1200.0))
+            .f32_tensor("blk.0.attn_v.bias", &[kv], &vals(kv, 1300.0));
+    } else {
+        w = w
+            .f32_tensor("blk.0.attn_q_norm.weight", &[hd], &vals(hd, 1400.0))
+            .f32_tensor("blk.0.attn_k_norm.weight", &[hd], &vals(hd, 1500.0));
+    }
+    w
+}
+
+/// Qwen2 and Qwen3 GGUFs import as their own family: config.json with the family's
+/// model_type, every tensor (biases, q/k norms) used, q/k rows kept in order; a missing bias
+/// or norm is named; an unknown architecture is refused by name.
+#[test]
+fn converts_tiny_qwen2_and_qwen3() -> TestResult {
+    for (arch, family, extra) in [
+        (
+            "qwen2",
+            Family::Qwen2,
+            "model.layers.0.self_attn.q_proj.bias",
+        ),
+        (
+            "qwen3",
+            Family::Qwen3,
+            "model.layers.0.self_attn.q_norm.weight",
+        ),
+    ] {
+        let (_tmp, gguf) = open_writer(&tiny_qwen(arch))?;
+        let out = tempfile::tempdir()?;
+        let model = crate::import::import_gguf(&gguf, &out.path().join("hf"))?;
+        assert_eq!(model.config.family, family);
+        assert!(!model.config.tie_word_embeddings);
+        assert_eq!(model.config.rope_theta, 1_000_000.0);
+        assert_eq!(model.layout.total as u64, model.config.num_params());
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.path().join("hf/config.json"))?)?;
+        assert_eq!(written["model_type"], arch);
+        let get = |name: &str| {
+            model
+                .layout
+                .get(name)
+                .map(|p| model.weights[p.range()].to_vec())
+        };
+        for (name, base) in [
+            ("model.layers.0.self_attn.q_proj.weight", 400.0),
+            ("model.layers.0.self_attn.k_proj.weight", 500.0),
+            (extra, if arch == "qwen2" { 1100.0 } else { 1400.0 }),
+        ] {
+            let v = get(name).ok_or(name)?;
+            assert!(
+                v.iter().enumerate().all(|(i, &x)| x == base + i as f32),
+                "{arch} {name} was reordered: {v:?}"
+            );
+        }
+        let missing = if arch == "qwen2" {
+            "blk.0.attn_v.bias"
+        } else {
+            "blk.0.attn_k_norm.weight"
+        };
+        let mut w = tiny_qwen(arch);
+        w.tensors.retain(|t| t.name != missing);
+        let (_tmp, gguf) = open_writer(&w)?;
+        let msg = to_hf(&gguf)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(msg, format!("tensor {missing} is not in the file"));
+    }
+    let mut w = tiny_qwen("qwen2");
+    w.kvs[0].1 = Value::String("gemma2".into());
+    let (_tmp, gguf) = open_writer(&w)?;
+    let msg = to_hf(&gguf)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(msg.contains("general.architecture = gemma2"), "{msg}");
+    Ok(())
+}
+
+#[test]
+fn qwen2_pre_tokenizer_splits_single_digits_and_keeps_spaces() -> TestResult {
+    let tok = tokenizer_from(tokenizer_kvs(Writer::new(), "qwen2"))?;
+    assert_eq!(tok.encode("12", false)?.get_ids(), &[7, 8]);
+    assert_eq!(tok.encode("ab ab", false)?.get_ids(), &[5, 6]);
+    assert_eq!(tok.decode(&[7, 8, 6], false)?, "12 ab");
+    Ok(())
+}
+
 /// The SmolLM2-135M-Instruct GGUF another helper fetches for dapt's quickstart. Run with
 /// `cargo test real_smollm2 -- --ignored --nocapture`.
 #[test]

@@ -9,6 +9,9 @@ use super::*;
 pub(super) const TOKEN_TYPE_CONTROL: i64 = 3;
 pub(super) const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
+/// The split regex of Qwen2's (and Qwen3's) `tokenizer.json` pre-tokenizer.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// Rebuilds a byte-level BPE tokenizer (`tokenizer.ggml.model = gpt2`) the way its
 /// `tokenizer.json` would have described it.
 pub(super) fn build_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
@@ -102,11 +105,36 @@ pub(super) fn build_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
         "smollm" => {
             PreTokenizerSequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
         }
+        // Qwen2's and Qwen3's tokenizer.json: NFC, then this split (isolated pieces), then the
+        // byte-level mapping without its own regex.
+        "qwen2" => {
+            let split = Split::new(
+                SplitPattern::Regex(QWEN2_SPLIT.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| GgufError::Tokenizer {
+                key: PRE_KEY.into(),
+                reason: e.to_string(),
+            })?;
+            tokenizer
+                .with_normalizer(Some(NFC))
+                .map_err(|e| GgufError::Tokenizer {
+                    key: PRE_KEY.into(),
+                    reason: e.to_string(),
+                })?;
+            PreTokenizerSequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, false, false).into(),
+            ])
+            .into()
+        }
         other => {
             return Err(GgufError::UnsupportedModel {
                 key: PRE_KEY.into(),
                 value: other.into(),
-                reason: "dapt rebuilds only the default, gpt2 and smollm pre-tokenizers".into(),
+                reason: "dapt rebuilds only the default, gpt2, smollm and qwen2 pre-tokenizers"
+                    .into(),
             })
         }
     };

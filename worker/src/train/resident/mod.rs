@@ -372,7 +372,7 @@ fn decay_ranges(layout: &ParamLayout, spec: &OptimizerSpec) -> Vec<Range<usize>>
         let decays = match p.kind {
             ParamKind::Matrix => true,
             ParamKind::Embedding => spec.decay_embeddings,
-            ParamKind::Norm => false,
+            ParamKind::Norm | ParamKind::Bias => false,
         };
         if !decays || p.is_empty() {
             continue;
