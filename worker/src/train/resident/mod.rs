@@ -12,8 +12,8 @@
 //! that buffer by its global norm and applies AdamW as element-wise tensor ops with the same
 //! formula, in f32, as `optimizer.rs`.
 //!
-//! Memory: besides the four flat f32 buffers (weights, two moments, gradients), a step holds no
-//! full-size copy. The weight-decay mask is a list of ranges, not a buffer; the AdamW update runs
+//! Memory: besides the four flat f32 buffers (weights, two moments, gradients) and, in mixed
+//! precision, the bf16 compute copy of the weights, a step holds no full-size copy. The weight-decay mask is a list of ranges, not a buffer; the AdamW update runs
 //! on the moments and weights in place (Burn reuses a uniquely owned operand's memory), with at
 //! most two full-size temporaries; the RoPE tables and the causal mask are made once per
 //! micro-batch shape. With `training.activation_checkpointing` the backward pass recomputes each
