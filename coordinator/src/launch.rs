@@ -27,6 +27,8 @@ pub struct LaunchOptions {
     pub device: LaunchDevice,
     /// Compute dtype on GPUs (`dapt-worker --precision`).
     pub precision: dapt_proto::device::Precision,
+    /// Where the dashboard and `/metrics` are served (port 0 picks one).
+    pub metrics_listen: SocketAddr,
 }
 
 /// Where `dapt launch`'s workers train.
@@ -92,7 +94,14 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
         );
     }
     let token = random_token()?;
-    let coordinator = server::start(job.clone(), token.clone(), options.listen, None, None).await?;
+    let coordinator = server::start(
+        job.clone(),
+        token.clone(),
+        options.listen,
+        None,
+        Some(options.metrics_listen),
+    )
+    .await?;
     let url = format!("http://{}", coordinator.addr);
     let mut banner = crate::progress::Banner::new(
         &job,
@@ -107,6 +116,10 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
         LaunchDevice::Cpu => "cpu".to_string(),
         LaunchDevice::Cuda => format!("cuda (worker i on GPU i), {}", options.precision),
     });
+    if let Some(addr) = coordinator.metrics_addr {
+        banner.dashboard = Some(format!("http://{addr}/"));
+        banner.metrics = Some(format!("http://{addr}/metrics"));
+    }
     banner.announce();
     let progress = coordinator.progress();
     let logs = job.checkpoint.dir.join("logs");
