@@ -380,14 +380,14 @@ impl Dashboard {
                     tokens: step * self.tokens_per_step,
                     perplexity: *perplexity,
                 };
-                let history = self
-                    .perplexity
-                    .entry(source.clone())
-                    .or_insert_with(|| SourceHistory {
-                        base: reading,
-                        latest: reading,
-                        series: Series::new(EVAL_POINTS),
-                    });
+                let history =
+                    self.perplexity
+                        .entry(source.clone())
+                        .or_insert_with(|| SourceHistory {
+                            base: reading,
+                            latest: reading,
+                            series: Series::new(EVAL_POINTS),
+                        });
                 history.latest = reading;
                 history.series.push(reading.tokens as f64, *perplexity);
             }
@@ -449,9 +449,7 @@ impl Dashboard {
                 }
             }
             Log::Cause {
-                generation,
-                reason,
-                ..
+                generation, reason, ..
             } => {
                 if let Some(r) = self
                     .recoveries

@@ -53,7 +53,9 @@ pub fn render_panels(v: &View) -> String {
     summary(&mut o, v);
     o.push_str("<section class=\"charts\">");
     let s = &v.series;
+    let x_max = v.tokens_trained as f64;
     o.push_str(&chart(&Chart {
+        x_max,
         id: "loss",
         title: "training loss",
         lines: vec![Line {
@@ -63,6 +65,7 @@ pub fn render_panels(v: &View) -> String {
         refs: Vec::new(),
     }));
     o.push_str(&chart(&Chart {
+        x_max,
         id: "learning-rate",
         title: "learning rate",
         lines: vec![Line {
@@ -72,6 +75,7 @@ pub fn render_panels(v: &View) -> String {
         refs: Vec::new(),
     }));
     o.push_str(&chart(&Chart {
+        x_max,
         id: "throughput",
         title: "tokens/s (training time of each step)",
         lines: vec![Line {
@@ -83,6 +87,7 @@ pub fn render_panels(v: &View) -> String {
     if !s.mfu.is_empty() {
         let percent: Vec<Point> = s.mfu.iter().map(|p| p.scaled(100.0)).collect();
         o.push_str(&chart(&Chart {
+            x_max,
             id: "mfu",
             title: "MFU, % of the devices' dense bf16 peak",
             lines: vec![Line {
@@ -93,6 +98,7 @@ pub fn render_panels(v: &View) -> String {
         }));
     }
     o.push_str(&chart(&Chart {
+        x_max,
         id: "grad-norm",
         title: "gradient norm (before clipping)",
         lines: vec![Line {
@@ -103,6 +109,7 @@ pub fn render_panels(v: &View) -> String {
     }));
     if !v.perplexity.is_empty() {
         o.push_str(&chart(&Chart {
+            x_max,
             id: "perplexity",
             title: "held-out perplexity (dashed: first evaluation)",
             lines: v
@@ -116,7 +123,12 @@ pub fn render_panels(v: &View) -> String {
             refs: v
                 .perplexity
                 .iter()
-                .map(|p| (format!("{} step {}", p.source, p.base.step), p.base.perplexity))
+                .map(|p| {
+                    (
+                        format!("{} step {}", p.source, p.base.step),
+                        p.base.perplexity,
+                    )
+                })
                 .collect(),
         }));
     }
@@ -203,7 +215,9 @@ fn summary(o: &mut String, v: &View) {
     }
     o.push_str("<ul class=\"members\">");
     for m in &v.members {
-        let rank = m.rank.map_or("standby".to_string(), |r| format!("rank {r}"));
+        let rank = m
+            .rank
+            .map_or("standby".to_string(), |r| format!("rank {r}"));
         let devices = if m.devices.is_empty() {
             String::new()
         } else {
@@ -466,8 +480,10 @@ struct Line<'a> {
     points: &'a [Point],
 }
 
-/// A chart of series against tokens trained, with dashed reference lines (label, y).
+/// A chart of series against tokens trained, from 0 to at least `x_max` (every chart of the
+/// page shares its x axis), with dashed reference lines (label, y).
 struct Chart<'a> {
+    x_max: f64,
     id: &'a str,
     title: &'a str,
     lines: Vec<Line<'a>>,
@@ -506,8 +522,9 @@ fn chart(c: &Chart) -> String {
         y0 = y0.min(*y);
         y1 = y1.max(*y);
     }
+    (x0, x1) = (x0.min(0.0), x1.max(c.x_max));
     if x1 - x0 <= 0.0 {
-        (x0, x1) = (x0 - 1.0, x1 + 1.0);
+        x1 = x0 + 1.0;
     }
     let pad = if y1 - y0 > 0.0 {
         (y1 - y0) * 0.06
@@ -604,11 +621,7 @@ fn chart(c: &Chart) -> String {
     if c.lines.len() > 1 || !c.refs.is_empty() {
         o.push_str("<div class=\"legend\">");
         for (i, line) in c.lines.iter().enumerate() {
-            let _ = write!(
-                o,
-                "<span class=\"key c{i}\">{}</span>",
-                escape(line.name)
-            );
+            let _ = write!(o, "<span class=\"key c{i}\">{}</span>", escape(line.name));
         }
         o.push_str("</div>");
     }
@@ -661,8 +674,10 @@ pub(super) fn short(x: f64) -> String {
         format!("{}M", trim(format!("{:.2}", x / 1e6)))
     } else if a >= 1e4 {
         format!("{}k", trim(format!("{:.1}", x / 1e3)))
-    } else if a == 0.0 || a >= 1e-3 {
-        trim(format!("{:.3}", x))
+    } else if a == 0.0 {
+        "0".into()
+    } else if a >= 1e-3 {
+        trim(significant(x, 3))
     } else {
         format!("{x:.1e}")
     }
@@ -742,9 +757,9 @@ fn json_block(o: &mut String, value: &serde_json::Value) {
 fn scalar(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Number(n) if n.is_f64() => {
-            n.as_f64().map_or_else(|| n.to_string(), |f| significant(f, 4))
-        }
+        serde_json::Value::Number(n) if n.is_f64() => n
+            .as_f64()
+            .map_or_else(|| n.to_string(), |f| significant(f, 4)),
         serde_json::Value::Null => "–".into(),
         other => other.to_string(),
     }

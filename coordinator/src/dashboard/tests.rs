@@ -190,7 +190,10 @@ fn the_json_leaves_out_the_guard_and_the_stalls_until_there_are_some() {
 fn the_page_draws_every_point_and_the_timeline() {
     let (d, now) = a_run();
     let page = render_page(&d.view(&status("running"), now));
-    assert!(page.contains("data-series=\"loss\" data-points=\"12\""), "{page}");
+    assert!(
+        page.contains("data-series=\"loss\" data-points=\"12\""),
+        "{page}"
+    );
     let loss = page
         .split("data-series=\"loss\"")
         .nth(1)
@@ -213,7 +216,10 @@ fn the_page_draws_every_point_and_the_timeline() {
     assert!(page.contains("class=\"refusal\" data-code=\"ERROR_CODE_STALE_GENERATION\""));
     assert!(page.contains("ck/step-00000010"));
     // Nothing from elsewhere.
-    assert!(!page.contains("http://") && !page.contains("https://"), "{page}");
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "{page}"
+    );
 }
 
 #[test]
