@@ -1,6 +1,8 @@
 //! `dapt launch`: one machine, the whole job. Prepares the corpus if needed, starts the
 //! coordinator in this process (embedded membership) and N `dapt-worker` processes (on the CPU,
-//! or one per GPU with `--device cuda`), trains to the end and exports the final checkpoint. Ctrl-C (or SIGTERM) stops everything: the workers abort
+//! or one per GPU with `--device cuda`), trains to the end and exports the final checkpoint. The
+//! dashboard and `/metrics` are served on a loopback port (`--metrics-listen`), whose URL the
+//! banner prints. Ctrl-C (or SIGTERM) stops everything: the workers abort
 //! the step in flight, the last committed checkpoint stays, and the same command resumes.
 
 use std::net::SocketAddr;
