@@ -1,6 +1,8 @@
 //! `dapt launch`: one machine, the whole job. Prepares the corpus if needed, starts the
 //! coordinator in this process (embedded membership) and N `dapt-worker` processes (on the CPU,
-//! or one per GPU with `--device cuda`), trains to the end and exports the final checkpoint. Ctrl-C (or SIGTERM) stops everything: the workers abort
+//! or one per GPU with `--device cuda`), trains to the end and exports the final checkpoint. The
+//! dashboard and `/metrics` are served on a loopback port (`--metrics-listen`), whose URL the
+//! banner prints. Ctrl-C (or SIGTERM) stops everything: the workers abort
 //! the step in flight, the last committed checkpoint stays, and the same command resumes.
 
 use std::net::SocketAddr;
@@ -27,6 +29,8 @@ pub struct LaunchOptions {
     pub device: LaunchDevice,
     /// Compute dtype on GPUs (`dapt-worker --precision`).
     pub precision: dapt_proto::device::Precision,
+    /// Where the dashboard and `/metrics` are served (port 0 picks one).
+    pub metrics_listen: SocketAddr,
 }
 
 /// Where `dapt launch`'s workers train.
@@ -92,7 +96,14 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
         );
     }
     let token = random_token()?;
-    let coordinator = server::start(job.clone(), token.clone(), options.listen, None, None).await?;
+    let coordinator = server::start(
+        job.clone(),
+        token.clone(),
+        options.listen,
+        None,
+        Some(options.metrics_listen),
+    )
+    .await?;
     let url = format!("http://{}", coordinator.addr);
     let mut banner = crate::progress::Banner::new(
         &job,
@@ -107,6 +118,10 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
         LaunchDevice::Cpu => "cpu".to_string(),
         LaunchDevice::Cuda => format!("cuda (worker i on GPU i), {}", options.precision),
     });
+    if let Some(addr) = coordinator.metrics_addr {
+        banner.dashboard = Some(format!("http://{addr}/"));
+        banner.metrics = Some(format!("http://{addr}/metrics"));
+    }
     banner.announce();
     let progress = coordinator.progress();
     let logs = job.checkpoint.dir.join("logs");

@@ -5,6 +5,7 @@
 //! workers share.
 
 pub mod control;
+pub mod dashboard;
 pub mod etcd;
 pub mod launch;
 pub mod ledger;

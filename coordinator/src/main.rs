@@ -86,6 +86,11 @@ enum Command {
         /// `cached` (size and mtime trusted where a check recorded them), as `dapt prepare`.
         #[arg(long, default_value_t = VerifyMode::Full)]
         verify: VerifyMode,
+        /// Where the dashboard (http://ADDR/) and Prometheus /metrics are served (port 0 picks a
+        /// free one; the URL is printed). No authentication: keep it on loopback unless only
+        /// your people reach the address.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        metrics_listen: std::net::SocketAddr,
     },
     /// Run the job's coordinator for a cluster: workers join with
     /// `dapt-worker --coordinator http(s)://HOST:PORT --job NAME` and the same token.
@@ -107,8 +112,10 @@ enum Command {
         #[arg(long)]
         advertise: Option<String>,
         /// Serve Prometheus metrics at http(s)://ADDR/metrics (step, loss, throughput, members,
-        /// recoveries, commits, held-out perplexity; docs/control-plane.md), e.g. 0.0.0.0:9090.
-        /// Over TLS, with the same certificates, when the coordinator serves TLS.
+        /// recoveries, commits, held-out perplexity; docs/control-plane.md) and the dashboard at
+        /// http(s)://ADDR/ (docs/monitoring.md), e.g. 0.0.0.0:9090. Over TLS, with the same
+        /// certificates, when the coordinator serves TLS. No authentication: bind it where only
+        /// your monitoring and your people reach.
         #[arg(long, env = "DAPT_METRICS_LISTEN")]
         metrics_listen: Option<std::net::SocketAddr>,
         /// The coordinator's TLS certificate (PEM); overrides `cluster.tls.cert`.
@@ -240,6 +247,7 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
             device,
             precision,
             verify,
+            metrics_listen,
         } => {
             let spec = JobSpec::load(&job)?;
             prepare_quietly(&spec, &job, verify)?;
@@ -250,6 +258,7 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
                 no_export,
                 device,
                 precision,
+                metrics_listen,
             };
             let launched = runtime()?.block_on(launch::launch(spec.clone(), options))?;
             Ok(report_outcome(
@@ -294,6 +303,7 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
                 banner.metrics = handle
                     .metrics_addr
                     .map(|a| format!("{scheme}://{a}/metrics"));
+                banner.dashboard = handle.metrics_addr.map(|a| format!("{scheme}://{a}/"));
                 banner.announce();
                 let progress = handle.progress();
                 let stopper = handle.events();

@@ -294,18 +294,21 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` completes, over TLS when `tls` is given
-/// (the coordinator's `cluster.tls`: a scraper needs its CA, and a client certificate when it
-/// has a client CA).
+/// Serves `GET /metrics` and the dashboard ([`crate::dashboard::routes`]: `/`,
+/// `/api/dashboard`) on `listener` until `stop` completes, over TLS when `tls` is given (the
+/// coordinator's `cluster.tls`: a scraper needs its CA, and a client certificate when it has a
+/// client CA).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: Option<Arc<dapt_proto::tls::rustls::ServerConfig>>,
     metrics: Arc<Metrics>,
+    dashboard: Arc<std::sync::Mutex<crate::dashboard::Dashboard>>,
     status: watch::Receiver<StatusReply>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     use axum::http::header::CONTENT_TYPE;
-    let app = axum::Router::new().route(
+    let pages = crate::dashboard::routes(dashboard, status.clone());
+    let app = axum::Router::new().merge(pages).route(
         "/metrics",
         axum::routing::get(move || {
             let text = metrics.render(&status.borrow());

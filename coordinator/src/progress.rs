@@ -129,6 +129,11 @@ impl Progress {
         self.started.map_or(Duration::ZERO, |s| now - s)
     }
 
+    /// The smoothed training throughput, tokens/s, once a step completed.
+    pub fn tokens_per_s_ema(&self) -> Option<f64> {
+        self.tokens_per_s_ema
+    }
+
     /// Model FLOPs utilisation of a step that trained at `tokens_per_s` on devices whose peaks
     /// sum to `peak_flops`.
     pub fn mfu(&self, tokens_per_s: f64, peak_flops: Option<f64>) -> Option<f64> {
@@ -319,6 +324,8 @@ pub struct Banner {
     pub coordinator: String,
     /// The Prometheus `/metrics` URL, when served.
     pub metrics: Option<String>,
+    /// The dashboard's URL (served with `/metrics`).
+    pub dashboard: Option<String>,
 }
 
 impl Banner {
@@ -352,6 +359,7 @@ impl Banner {
             checkpoints: job.checkpoint.dir.clone(),
             coordinator,
             metrics: None,
+            dashboard: None,
         }
     }
 
@@ -381,6 +389,9 @@ impl Banner {
         let _ = writeln!(o, "  corpus       {}", self.corpus.display());
         let _ = writeln!(o, "  checkpoints  {}", self.checkpoints.display());
         let _ = writeln!(o, "  coordinator  {}", self.coordinator);
+        if let Some(dashboard) = &self.dashboard {
+            let _ = writeln!(o, "  dashboard    {dashboard}");
+        }
         if let Some(metrics) = &self.metrics {
             let _ = writeln!(o, "  metrics      {metrics}");
         }
@@ -405,6 +416,7 @@ impl Banner {
                 checkpoints = %self.checkpoints.display(),
                 coordinator = %self.coordinator,
                 metrics = self.metrics.as_deref(),
+                dashboard = self.dashboard.as_deref(),
                 "job starting"
             ),
         }

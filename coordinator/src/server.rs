@@ -212,6 +212,10 @@ pub async fn start(
         let _ = stop.wait_for(|stop| *stop).await;
     };
     let metrics = Arc::new(crate::metrics::Metrics::new(&job.job));
+    let dashboard = Arc::new(Mutex::new(crate::dashboard::Dashboard::for_job(
+        &job,
+        Instant::now(),
+    )));
     let mut metrics_addr = None;
     if let Some(addr) = metrics_listen {
         let listener = crate::metrics::bind(addr).await?;
@@ -221,12 +225,13 @@ pub async fn start(
         if !addr.ip().is_loopback() {
             // A deliberate choice (docs/control-plane.md#security): Prometheus scrapes without
             // the job's token; whoever reaches this address reads the job's progress.
-            tracing::warn!(%addr, "/metrics has no authentication: bind it where only your monitoring reaches");
+            tracing::warn!(%addr, "/metrics and the dashboard have no authentication: bind them where only your monitoring and your people reach");
         }
         tokio::spawn(crate::metrics::serve(
             listener,
             tls.as_ref().map(|t| t.http.clone()),
             metrics.clone(),
+            dashboard.clone(),
             status_rx.clone(),
             until_stopped(servers_stop.clone()),
         ));
@@ -275,6 +280,7 @@ pub async fn start(
             keep,
             metrics,
             progress: progress.clone(),
+            dashboard,
         },
         status_tx,
         stop_servers,
@@ -442,6 +448,7 @@ struct Executor {
     keep: usize,
     metrics: Arc<crate::metrics::Metrics>,
     progress: Arc<Mutex<Progress>>,
+    dashboard: Arc<Mutex<crate::dashboard::Dashboard>>,
 }
 
 impl Executor {
@@ -553,6 +560,10 @@ impl Executor {
                 let now = Instant::now();
                 let mut progress = self.progress.lock().expect("progress");
                 progress.observe(&line, now);
+                self.dashboard
+                    .lock()
+                    .expect("dashboard")
+                    .observe(&line, &progress, now);
                 crate::progress::emit(line, &progress, now);
             }
         }
