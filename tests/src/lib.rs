@@ -581,7 +581,9 @@ pub fn coordinator_with(
     host: &str,
     env: &[(&str, &str)],
 ) -> Cluster {
-    coordinator_edited(dir, name, steps, cluster, host, env, &|yaml| yaml.to_string())
+    coordinator_edited(dir, name, steps, cluster, host, env, &|yaml| {
+        yaml.to_string()
+    })
 }
 
 /// [`coordinator_with`] whose job file is first rewritten by `edit` (the whole YAML text in,

@@ -8,17 +8,23 @@ use std::path::Path;
 use std::process::Command;
 
 use dapt_tests::{
-    binary, check_ledger, coordinator_edited, events, f32_tensors, random_step, serial,
-    write_job, Job, Proc, BATCH, LONG,
+    binary, check_ledger, coordinator_edited, events, f32_tensors, random_step, serial, write_job,
+    Job, Proc, BATCH, LONG,
 };
 
 fn with_stage(yaml: &str, stage: u8) -> String {
-    yaml.replace("training:\n", &format!("training:\n  zero_stage: {stage}\n"))
+    yaml.replace(
+        "training:\n",
+        &format!("training:\n  zero_stage: {stage}\n"),
+    )
 }
+
+/// (step, loss, grad norm) of every step, and the exported weights by tensor name.
+type Run = (Vec<(u64, f64, f64)>, BTreeMap<String, Vec<f32>>);
 
 /// `dapt launch` of `job` at `stage` with `workers` local workers: (step, loss, grad norm) of
 /// every step, and the exported weights.
-fn launch(job: &Job, stage: u8, workers: u32) -> (Vec<(u64, f64, f64)>, BTreeMap<String, Vec<f32>>) {
+fn launch(job: &Job, stage: u8, workers: u32) -> Run {
     let yaml = std::fs::read_to_string(&job.path).expect("read job");
     std::fs::write(&job.path, with_stage(&yaml, stage)).expect("write job");
     let mut cmd = Command::new(binary("dapt"));
@@ -53,16 +59,30 @@ fn zero_stages_1_and_2_match_stage_0_through_dapt_launch_at_3_ranks() {
     let (base_steps, base_weights) = launch(&write_job(dir.path(), "z0", steps, ""), 0, 3);
     assert_eq!(base_steps.len() as u64, steps);
     for stage in [1, 2] {
-        let (got, weights) = launch(&write_job(dir.path(), &format!("z{stage}"), steps, ""), stage, 3);
+        let (got, weights) = launch(
+            &write_job(dir.path(), &format!("z{stage}"), steps, ""),
+            stage,
+            3,
+        );
         assert_eq!(got.len(), base_steps.len());
         for ((s, loss, norm), (_, loss0, norm0)) in got.iter().zip(&base_steps) {
             println!("stage {stage} step {s}: loss {loss} vs {loss0}, grad norm {norm} vs {norm0}");
-            assert!((loss - loss0).abs() < 1e-5, "stage {stage} step {s}: loss {loss} vs {loss0}");
-            assert!((norm - norm0).abs() < 1e-5, "stage {stage} step {s}: grad norm {norm} vs {norm0}");
+            assert!(
+                (loss - loss0).abs() < 1e-5,
+                "stage {stage} step {s}: loss {loss} vs {loss0}"
+            );
+            assert!(
+                (norm - norm0).abs() < 1e-5,
+                "stage {stage} step {s}: grad norm {norm} vs {norm0}"
+            );
         }
         for (name, w) in &weights {
             let w0 = &base_weights[name];
-            let d = w.iter().zip(w0).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            let d = w
+                .iter()
+                .zip(w0)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
             assert!(d < 1e-6, "stage {stage}: {name} differs by {d}");
         }
     }
@@ -77,7 +97,11 @@ fn committed_moments(ck: &Path) -> (Vec<f32>, Vec<f32>) {
         .filter(|n| n.starts_with("optimizer-") && n.ends_with(".safetensors"))
         .collect();
     shards.sort();
-    assert!(!shards.is_empty(), "no optimizer shards in {}", ck.display());
+    assert!(
+        !shards.is_empty(),
+        "no optimizer shards in {}",
+        ck.display()
+    );
     let (mut m, mut v) = (Vec::new(), Vec::new());
     for name in shards {
         let t = f32_tensors(&ck.join(&name)).expect("shard");
@@ -95,7 +119,10 @@ fn restored_moments(dumps: &Path, generation: u64, world: u64) -> (Vec<f32>, Vec
         let bytes = std::fs::read(dumps.join(format!("g{generation}-r{rank}-w{world}.bin")))
             .expect("the rank's optimizer dump");
         let offset = u64::from_le_bytes(bytes[..8].try_into().expect("offset"));
-        assert_eq!(offset, next, "generation {generation}: rank {rank}'s slice starts where the last ended");
+        assert_eq!(
+            offset, next,
+            "generation {generation}: rank {rank}'s slice starts where the last ended"
+        );
         let floats: Vec<f32> = bytes[8..]
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -128,21 +155,36 @@ fn a_killed_rank_at_zero_stage_2_reshards_exactly_and_the_world_grows_back() {
     let w1 = c.member("w1");
     let _w2 = c.member("w2");
     c.coordinator.wait_for("three ranks", LONG, |l| {
-        events(l, "generation formed").iter().any(|f| f["world"] == 3)
+        events(l, "generation formed")
+            .iter()
+            .any(|f| f["world"] == 3)
     });
     let kill_at = random_step(6, 14);
     let _w1_again = c.kill_and_restart(w1, "w1", kill_at);
     let lines = c.complete();
 
     let formed = events(&lines, "generation formed");
-    let worlds: Vec<u64> = formed.iter().map(|f| f["world"].as_u64().expect("world")).collect();
+    let worlds: Vec<u64> = formed
+        .iter()
+        .map(|f| f["world"].as_u64().expect("world"))
+        .collect();
     println!("worlds by generation: {worlds:?}");
-    assert!(worlds.contains(&2), "re-formed with the survivors: {worlds:?}");
-    assert_eq!(worlds.last(), Some(&3), "the restarted worker joined: {worlds:?}");
+    assert!(
+        worlds.contains(&2),
+        "re-formed with the survivors: {worlds:?}"
+    );
+    assert_eq!(
+        worlds.last(),
+        Some(&3),
+        "the restarted worker joined: {worlds:?}"
+    );
     check_ledger(&c.job.checkpoints.join("ledger.jsonl"), steps * BATCH).expect("ledger");
     let mut resharded = 0;
     for f in &formed {
-        let (generation, world) = (f["generation"].as_u64().expect("g"), f["world"].as_u64().expect("w"));
+        let (generation, world) = (
+            f["generation"].as_u64().expect("g"),
+            f["world"].as_u64().expect("w"),
+        );
         let resume = f["resume_step"].as_u64().expect("resume_step");
         if resume == 0 {
             continue;
@@ -150,10 +192,17 @@ fn a_killed_rank_at_zero_stage_2_reshards_exactly_and_the_world_grows_back() {
         let ck = c.job.checkpoints.join(format!("step-{resume:08}"));
         let (m, v) = committed_moments(&ck);
         let (rm, rv) = restored_moments(&dumps, generation, world);
-        assert_eq!(rm.len(), m.len(), "generation {generation}: the slices cover the buffer");
+        assert_eq!(
+            rm.len(),
+            m.len(),
+            "generation {generation}: the slices cover the buffer"
+        );
         let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
         assert!(same(&rm, &m) && same(&rv, &v), "generation {generation} (world {world}) resumed from step {resume} with other moments than committed");
         resharded += 1;
     }
-    assert!(resharded >= 2, "shrink and grow both resharded a committed state: {formed:#?}");
+    assert!(
+        resharded >= 2,
+        "shrink and grow both resharded a committed state: {formed:#?}"
+    );
 }

@@ -243,8 +243,8 @@ fn a_sharded_checkpoint_reshards_exactly_and_refuses_a_bad_shard_by_name() {
     bytes[last] ^= 0x01;
     std::fs::write(&shard1, &bytes).expect("write");
     let err = checkpoint::load_part(&ck, Some((0, 2)))
-        .err()
-        .expect("corrupt")
+        .map(|_| ())
+        .expect_err("corrupt")
         .to_string();
     assert!(
         err.contains(&shards::file_name(1, 3)) && err.contains("corrupt"),
@@ -253,8 +253,8 @@ fn a_sharded_checkpoint_reshards_exactly_and_refuses_a_bad_shard_by_name() {
     // Missing: refused by name too.
     std::fs::remove_file(&shard1).expect("rm");
     let err = checkpoint::load_part(&ck, Some((0, 2)))
-        .err()
-        .expect("missing")
+        .map(|_| ())
+        .expect_err("missing")
         .to_string();
     assert!(err.contains(&shards::file_name(1, 3)), "{err}");
     // And a rank that never wrote its shard fails the checkpoint, naming it.
@@ -271,8 +271,7 @@ fn a_sharded_checkpoint_reshards_exactly_and_refuses_a_bad_shard_by_name() {
             world: 3,
         },
     )
-    .err()
-    .expect("a shard short")
+    .expect_err("a shard short")
     .to_string();
     assert!(err.contains(&shards::file_name(1, 3)), "{err}");
 }
