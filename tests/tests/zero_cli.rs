@@ -206,3 +206,25 @@ fn a_killed_rank_at_zero_stage_2_reshards_exactly_and_the_world_grows_back() {
         "shrink and grow both resharded a committed state: {formed:#?}"
     );
 }
+
+#[test]
+fn the_resident_engine_refuses_zero_stage_2_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let job = write_job(dir.path(), "zres", 4, "");
+    let yaml = std::fs::read_to_string(&job.path).expect("read job");
+    std::fs::write(&job.path, with_stage(&yaml, 2)).expect("write job");
+    let mut cmd = Command::new(binary("dapt"));
+    cmd.args(["--log-format", "json", "launch"])
+        .arg(&job.path)
+        .args(["--workers", "2"])
+        .env("DAPT_ENGINE", "resident");
+    let mut proc = Proc::spawn(cmd);
+    let (status, stdout) = proc.finish(LONG);
+    assert!(!status.success(), "{stdout}");
+    let said = format!("{stdout}\n{}", proc.stderr());
+    assert!(
+        said.contains("training.zero_stage 2 runs on the host engine on the CPU only"),
+        "{said}"
+    );
+}
