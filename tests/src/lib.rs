@@ -581,11 +581,29 @@ pub fn coordinator_with(
     host: &str,
     env: &[(&str, &str)],
 ) -> Cluster {
+    coordinator_edited(dir, name, steps, cluster, host, env, &|yaml| {
+        yaml.to_string()
+    })
+}
+
+/// [`coordinator_with`] whose job file is first rewritten by `edit` (the whole YAML text in,
+/// the new text out): for settings `write_job` does not take, such as `training.zero_stage`.
+pub fn coordinator_edited(
+    dir: &Path,
+    name: &str,
+    steps: u64,
+    cluster: &str,
+    host: &str,
+    env: &[(&str, &str)],
+    edit: &dyn Fn(&str) -> String,
+) -> Cluster {
     let env: Vec<(String, String)> = env
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let job = write_job(dir, name, steps, cluster);
+    let yaml = std::fs::read_to_string(&job.path).expect("read job");
+    std::fs::write(&job.path, edit(&yaml)).expect("write job");
     let out = Command::new(binary("dapt"))
         .args(["prepare", "--quiet"])
         .arg(&job.path)

@@ -27,7 +27,7 @@ use crate::collective::{AbortHandle, Collective, CollectiveError, RingConfig, Ri
 use crate::device::{DeviceSpec, EngineKind, Precision};
 use crate::error::WorkerError;
 use crate::train::engine::{Engine, HostEngine};
-use crate::train::run::{evaluate, initial_model, restore};
+use crate::train::run::{evaluate, initial_model, restore_part};
 use crate::train::{MicroBatch, Trainer};
 
 /// Why a generation's training ended early.
@@ -101,12 +101,44 @@ pub fn train(
     let order = reader
         .sample_order(job.seed, training.seq_len)
         .map_err(RankError::failed)?;
+    let zero_stage = training.zero_stage;
+    if zero_stage > 0
+        && !matches!(
+            (placement.device, placement.engine),
+            (DeviceSpec::Cpu, EngineKind::Host)
+        )
+    {
+        return Err(RankError::Failed {
+            message: format!(
+                "training.zero_stage {zero_stage} runs on the host engine on the CPU only: the device-resident engine ({} on {}) does not shard its optimizer state yet; set training.zero_stage: 0 or run on the CPU",
+                placement.engine, placement.device
+            ),
+            peer_fault: false,
+            fatal: true,
+        });
+    }
+    // Under ZeRO with more than one rank this rank holds only its slice of the optimizer state.
+    let shard = (zero_stage > 0 && a.world > 1).then_some((a.rank as usize, a.world as usize));
     let trainer = if a.checkpoint.is_empty() {
         let (config, weights) = initial_model(job, &reader).map_err(RankError::worker)?;
-        Trainer::new(config, weights, &training)
+        let mut trainer = Trainer::new(config, weights, &training);
+        if let Some((rank, world)) = shard {
+            trainer.shard(rank, world);
+        }
+        trainer
     } else {
-        restore(a.checkpoint.as_ref(), &training, job.seed).map_err(RankError::worker)?
+        restore_part(a.checkpoint.as_ref(), &training, job.seed, shard)
+            .map_err(RankError::worker)?
     };
+    tracing::info!(
+        generation = a.generation,
+        rank = a.rank,
+        world = a.world,
+        zero_stage,
+        optimizer_bytes = trainer.optimizer.bytes(),
+        "optimizer state held"
+    );
+    dump_restored_optimizer(a, &trainer);
     let vocab = reader.manifest().tokenizer.vocab_size as usize;
     if vocab > trainer.config.vocab_size {
         return Err(RankError::failed(format!(
@@ -254,14 +286,39 @@ pub fn train(
             let t = Instant::now();
             // One host copy of a device engine's state serves the checkpoint and the digest.
             let host = trainer.host();
+            let root = &job.checkpoint.dir;
+            let staging = checkpoint::shards::staging_dir(root, a.generation, done);
+            let own_shard = match shard {
+                // Every rank writes its optimizer shard; rank 0 gathers the files only once all
+                // are written.
+                Some((rank, world)) => {
+                    let sha = checkpoint::shards::write(&staging, &host.optimizer, rank, world)
+                        .map_err(RankError::worker)?;
+                    barrier(&mut *ring.borrow_mut()).map_err(|e| collective_error(e, abort))?;
+                    Some((checkpoint::shards::file_name(rank, world), sha))
+                }
+                None => None,
+            };
             let dir = if a.rank == 0 {
                 // Rank 0 writes; every rank vouches with its weights' digest.
-                let dir = checkpoint::save(&job.checkpoint.dir, &host, job.seed, tokenizer)
+                let files = match shard {
+                    Some((_, world)) => checkpoint::OptimizerFiles::Shards {
+                        staging: &staging,
+                        world,
+                    },
+                    None => checkpoint::OptimizerFiles::Whole,
+                };
+                let dir = checkpoint::save_with(root, &host, job.seed, tokenizer, files)
                     .map_err(RankError::worker)?;
                 dir.display().to_string()
             } else {
                 String::new()
             };
+            if let Some((name, sha)) = own_shard {
+                // A rank vouches only for a checkpoint that holds its own shard, unchanged.
+                barrier(&mut *ring.borrow_mut()).map_err(|e| collective_error(e, abort))?;
+                check_own_shard(&checkpoint::step_dir(root, done), &name, &sha)?;
+            }
             vote = Some(rpc::CheckpointReport {
                 generation: a.generation,
                 step: done,
@@ -299,6 +356,44 @@ pub fn train(
         }
     }
     Ok(())
+}
+
+/// Whether the checkpoint in `dir` lists this rank's shard `name` with the SHA-256 it wrote.
+fn check_own_shard(dir: &std::path::Path, name: &str, sha: &str) -> Result<(), RankError> {
+    let manifest = dapt_proto::checkpoint::CheckpointManifest::read(dir)
+        .map_err(|e| RankError::failed(e.to_string()))?;
+    match manifest.files.iter().find(|f| f.path == name) {
+        Some(f) if f.sha256 == sha => Ok(()),
+        Some(f) => Err(RankError::failed(format!(
+            "checkpoint {}: {name} has SHA-256 {}, this rank wrote {sha}",
+            dir.display(),
+            f.sha256
+        ))),
+        None => Err(RankError::failed(format!(
+            "checkpoint {}: the manifest does not list this rank's shard {name}",
+            dir.display()
+        ))),
+    }
+}
+
+/// Test hook, not a setting: with `DAPT_TEST_DUMP_RESTORED_OPTIMIZER=DIR` each rank writes the
+/// optimizer state it starts a generation with to `DIR/g<generation>-r<rank>-w<world>.bin`
+/// (offset as u64, then `m` and `v` as f32, little-endian), so that the tests over the real
+/// binaries can compare a resharded state with the committed one element by element.
+pub const DUMP_RESTORED_OPTIMIZER: &str = "DAPT_TEST_DUMP_RESTORED_OPTIMIZER";
+
+fn dump_restored_optimizer(a: &Assignment, trainer: &Trainer) {
+    let Some(dir) = std::env::var_os(DUMP_RESTORED_OPTIMIZER) else {
+        return;
+    };
+    let o = &trainer.optimizer;
+    let mut bytes = (o.range.start as u64).to_le_bytes().to_vec();
+    bytes.extend(o.m.iter().chain(&o.v).flat_map(|x| x.to_le_bytes()));
+    let path =
+        std::path::Path::new(&dir).join(format!("g{}-r{}-w{}.bin", a.generation, a.rank, a.world));
+    if let Err(e) = std::fs::write(&path, bytes) {
+        tracing::warn!(path = %path.display(), error = %e, "test hook: optimizer dump not written");
+    }
 }
 
 fn millis(d: Duration) -> f64 {

@@ -7,6 +7,12 @@
 //! moments), `trainer.json` (step, tokens, optimizer step count, seed) and `manifest.json` (size
 //! and SHA-256 of every other file). It is written under a temporary name and renamed into
 //! place; loading verifies every file first and names the one that does not match.
+//!
+//! Under ZeRO (`training.zero_stage` 1 or 2, more than one rank) the moments are not one
+//! `optimizer.safetensors` but one shard file per rank, written by that rank ([`shards`]); a
+//! rank of any later world size reads its own slice back from them.
+
+pub mod shards;
 
 use std::path::{Path, PathBuf};
 
@@ -45,9 +51,20 @@ pub struct Loaded {
     pub dir: PathBuf,
     pub config: LlamaConfig,
     pub weights: Vec<f32>,
+    /// The elements of the flat buffer `m` and `v` hold: all, or one rank's ZeRO slice.
+    pub range: std::ops::Range<usize>,
     pub m: Vec<f32>,
     pub v: Vec<f32>,
     pub state: TrainerState,
+}
+
+/// Where the AdamW moments of a checkpoint come from.
+pub enum OptimizerFiles<'a> {
+    /// The trainer's own, whole (`optimizer.safetensors`).
+    Whole,
+    /// One shard per rank of `world`, written by each rank into `staging`
+    /// ([`shards::staging_dir`]) before rank 0 assembles the checkpoint.
+    Shards { staging: &'a Path, world: usize },
 }
 
 pub fn step_dir(root: &Path, step: u64) -> PathBuf {
@@ -64,8 +81,32 @@ pub fn save(
     seed: u64,
     tokenizer: Option<&Path>,
 ) -> Result<PathBuf> {
+    save_with(root, trainer, seed, tokenizer, OptimizerFiles::Whole)
+}
+
+/// [`save`] with the moments from `optimizer` (the ranks' shards under ZeRO). With
+/// [`OptimizerFiles::Whole`] the trainer's optimizer must cover the whole buffer.
+///
+/// # Errors
+/// Besides [`save`]'s: a shard that was not written ([`WorkerError::Checkpoint`], naming it).
+pub fn save_with(
+    root: &Path,
+    trainer: &Trainer,
+    seed: u64,
+    tokenizer: Option<&Path>,
+    optimizer: OptimizerFiles,
+) -> Result<PathBuf> {
+    let whole = matches!(optimizer, OptimizerFiles::Whole);
+    if whole && trainer.optimizer.range != (0..trainer.layout.total) {
+        return Err(WorkerError::Invalid(format!(
+            "a whole optimizer file from a shard ({:?} of {} elements)",
+            trainer.optimizer.range, trainer.layout.total
+        )));
+    }
     let params = &trainer.layout.params;
-    let moment_names: Vec<(String, String)> = params
+    // Shards were checked by the ranks that wrote them (`shards::write`).
+    let moment_params: &[crate::model::ParamInfo] = if whole { params } else { &[] };
+    let moment_names: Vec<(String, String)> = moment_params
         .iter()
         .map(|p| {
             (
@@ -77,12 +118,15 @@ pub fn save(
     let weights = params
         .iter()
         .map(|p| (p.name.as_str(), &trainer.weights[p.range()]));
-    let moments = params.iter().zip(&moment_names).flat_map(|(p, (m, v))| {
-        [
-            (m.as_str(), &trainer.optimizer.m[p.range()]),
-            (v.as_str(), &trainer.optimizer.v[p.range()]),
-        ]
-    });
+    let moments = moment_params
+        .iter()
+        .zip(&moment_names)
+        .flat_map(|(p, (m, v))| {
+            [
+                (m.as_str(), &trainer.optimizer.m[p.range()]),
+                (v.as_str(), &trainer.optimizer.v[p.range()]),
+            ]
+        });
     hf::check_finite(&step_dir(root, trainer.step), weights.chain(moments))?;
     std::fs::create_dir_all(root).map_err(WorkerError::io(root))?;
     let tmp = tempfile::Builder::new()
@@ -97,12 +141,17 @@ pub fn save(
         &trainer.weights,
         ExportDtype::F32,
     )?;
-    let mut moments: Vec<(&str, &[usize], &[f32])> = Vec::new();
-    for (p, (m_name, v_name)) in trainer.layout.params.iter().zip(&moment_names) {
-        moments.push((m_name, &p.shape, &trainer.optimizer.m[p.range()]));
-        moments.push((v_name, &p.shape, &trainer.optimizer.v[p.range()]));
+    match optimizer {
+        OptimizerFiles::Whole => {
+            let mut moments: Vec<(&str, &[usize], &[f32])> = Vec::new();
+            for (p, (m_name, v_name)) in moment_params.iter().zip(&moment_names) {
+                moments.push((m_name, &p.shape, &trainer.optimizer.m[p.range()]));
+                moments.push((v_name, &p.shape, &trainer.optimizer.v[p.range()]));
+            }
+            hf::write_safetensors(&dir.join(OPTIMIZER_FILE), &moments, ExportDtype::F32, None)?;
+        }
+        OptimizerFiles::Shards { staging, world } => shards::gather_files(staging, dir, world)?,
     }
-    hf::write_safetensors(&dir.join(OPTIMIZER_FILE), &moments, ExportDtype::F32, None)?;
     let state = TrainerState {
         step: trainer.step,
         tokens: trainer.tokens,
@@ -150,20 +199,23 @@ pub fn save(
     Ok(target)
 }
 
-/// Reads and verifies the checkpoint in `dir`.
+/// Reads and verifies the checkpoint in `dir`, with the whole optimizer state.
 pub fn load(dir: &Path) -> Result<Loaded> {
+    load_part(dir, None)
+}
+
+/// Reads and verifies the checkpoint in `dir`; of the optimizer state only rank `r`'s ZeRO
+/// slice of a `w`-way split when `shard` is `Some((r, w))`, whatever split wrote it (see
+/// [`shards::read_moments`]). Every file is verified against the manifest before any is used:
+/// a corrupt or missing shard is an error naming it.
+pub fn load_part(dir: &Path, shard: Option<(usize, usize)>) -> Result<Loaded> {
     let fail = |message: String| WorkerError::Checkpoint {
         path: dir.to_path_buf(),
         message,
     };
     let manifest = CheckpointManifest::read(dir).map_err(checkpoint_error)?;
     manifest.verify(dir).map_err(checkpoint_error)?;
-    for needed in [
-        hf::WEIGHTS_FILE,
-        hf::CONFIG_FILE,
-        OPTIMIZER_FILE,
-        TRAINER_FILE,
-    ] {
+    for needed in [hf::WEIGHTS_FILE, hf::CONFIG_FILE, TRAINER_FILE] {
         if !manifest.files.iter().any(|f| f.path == needed) {
             return Err(fail(format!("the manifest does not list {needed}")));
         }
@@ -173,49 +225,21 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         &std::fs::read(dir.join(TRAINER_FILE)).map_err(WorkerError::io(dir.join(TRAINER_FILE)))?,
     )
     .map_err(|e| fail(format!("{TRAINER_FILE}: {e}")))?;
-    let moments = load_moments(dir, &model.layout)?;
+    let total = model.layout.total;
+    let range = match shard {
+        Some((rank, world)) => crate::collective::shard_range(total, world, rank),
+        None => 0..total,
+    };
+    let (m, v) = shards::read_moments(dir, &manifest, &model.layout, range.clone())?;
     Ok(Loaded {
         dir: dir.to_path_buf(),
         config: model.config,
         weights: model.weights,
-        m: moments.0,
-        v: moments.1,
+        range,
+        m,
+        v,
         state,
     })
-}
-
-fn load_moments(dir: &Path, layout: &crate::model::ParamLayout) -> Result<(Vec<f32>, Vec<f32>)> {
-    let path = dir.join(OPTIMIZER_FILE);
-    let bytes = std::fs::read(&path).map_err(WorkerError::io(&path))?;
-    let st =
-        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| WorkerError::Safetensors {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-    let mut m = vec![0f32; layout.total];
-    let mut v = vec![0f32; layout.total];
-    for p in &layout.params {
-        for (prefix, out) in [("exp_avg", &mut m), ("exp_avg_sq", &mut v)] {
-            let name = format!("{prefix}.{}", p.name);
-            let view = st.tensor(&name).map_err(|_| WorkerError::Tensor {
-                path: path.clone(),
-                tensor: name.clone(),
-                message: "missing".into(),
-            })?;
-            let data = view.data();
-            if view.dtype() != safetensors::Dtype::F32 || data.len() != p.len() * 4 {
-                return Err(WorkerError::Tensor {
-                    path: path.clone(),
-                    tensor: name,
-                    message: format!("expected f32 of shape {:?}", p.shape),
-                });
-            }
-            for (o, b) in out[p.range()].iter_mut().zip(data.chunks_exact(4)) {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
-    }
-    Ok((m, v))
 }
 
 /// The checkpoints under `root` (directories with a dapt checkpoint manifest of their step),

@@ -32,6 +32,39 @@ pub trait Collective {
     /// In-place mean of `buf` across ranks (every rank passes the same length). On return every
     /// rank holds bitwise the same values.
     fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
+    /// The first half of [`Collective::all_reduce_mean`] (ZeRO stage 2): on return
+    /// `buf[shard_range(buf.len(), world, rank)]` holds the mean across ranks of that slice,
+    /// bitwise what the all-reduce leaves there; the rest of `buf` is scratch. The default
+    /// all-reduces the whole buffer, which leaves the same slice.
+    fn reduce_scatter_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.all_reduce_mean(buf)
+    }
+    /// The second half: every rank passes `buf` with its own slice
+    /// (`shard_range(buf.len(), world, rank)`) filled; on return every rank holds every rank's
+    /// slice, bitwise. A backend without it says so ([`CollectiveError::Config`]), and ZeRO
+    /// stages above 0 are refused on it.
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        if self.world() == 1 {
+            return Ok(());
+        }
+        let _ = buf;
+        Err(CollectiveError::Config(
+            "this collective has no all-gather (ZeRO needs the TCP ring)".into(),
+        ))
+    }
+}
+
+/// The slice of a flat buffer of `len` elements that `rank` of `world` owns: contiguous, in rank
+/// order, the first `len % world` ranks one element more. The ring's chunks, ZeRO's optimizer
+/// shards and the checkpoint's shard files all use this one split.
+///
+/// # Panics
+/// When `rank >= world` (a caller's bug, never input).
+pub fn shard_range(len: usize, world: usize, rank: usize) -> std::ops::Range<usize> {
+    assert!(rank < world, "rank {rank} of world {world}");
+    let (base, extra) = (len / world, len % world);
+    let start = rank * base + rank.min(extra);
+    start..start + base + usize::from(rank < extra)
 }
 
 /// One collective shared by several users on one thread: the rank's ring carries both the loss
@@ -47,6 +80,14 @@ impl<C: Collective> Collective for std::rc::Rc<std::cell::RefCell<C>> {
 
     fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
         self.borrow_mut().all_reduce_mean(buf)
+    }
+
+    fn reduce_scatter_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.borrow_mut().reduce_scatter_mean(buf)
+    }
+
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.borrow_mut().all_gather(buf)
     }
 }
 

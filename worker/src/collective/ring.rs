@@ -5,19 +5,22 @@
 //! proves the ring key (derived from the job's token) by challenge-response, and its generation,
 //! world and ranks fence out connections from another generation or a misrouted rank.
 //!
-//! `all_reduce_mean` cuts the buffer into `world` chunks (the first `len % world` one element
-//! longer) and runs reduce-scatter, then all-gather, `world - 1` steps each. Chunks travel in
+//! `all_reduce_mean` cuts the buffer into `world` chunks, rank r's being
+//! [`shard_range`]`(len, world, r)`, and runs reduce-scatter, then all-gather, `world - 1` steps
+//! each. ZeRO uses the two halves alone: [`Collective::reduce_scatter_mean`] leaves rank r
+//! holding the mean of its own chunk, [`Collective::all_gather`] hands every rank's chunk to all. Chunks travel in
 //! pieces of `chunk_bytes`: a sender thread writes pieces to the right while the calling thread
 //! reads from the left, and a piece moves on as soon as it has been reduced, so the two
 //! directions overlap within a step and across steps. Pieces change hands by moving their
 //! `&mut [f32]` over channels, so no piece is ever read and written at once.
 //!
-//! Determinism: chunk c is summed in ring order starting at rank c, and the rank that finishes it
-//! scales it by 1/world before the all-gather copies those bytes to every rank, so all ranks end
-//! bitwise equal.
+//! Determinism: chunk c is summed in ring order starting at rank c + 1 and finished by rank c,
+//! which scales it by 1/world before the all-gather copies those bytes to every rank, so all
+//! ranks end bitwise equal, and a reduce-scatter leaves rank c's chunk bitwise what the
+//! all-reduce would have (ZeRO stage 2 computes what stage 0 does).
 //!
-//! Wire: per call a 24-byte header (magic, call number, length) from each rank to its right,
-//! then the f32 data, little-endian.
+//! Wire: per call a 24-byte header (magic, call number, operation and length) from each rank to
+//! its right, then the f32 data, little-endian.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -29,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use super::handshake::{accept_left, dial_right};
 use super::link::{as_bytes, as_bytes_mut, decode_words, encode_words, Link, Watch, MAGIC, POLL};
-use super::{AbortHandle, Collective, CollectiveError};
+use super::{shard_range, AbortHandle, Collective, CollectiveError};
 use dapt_proto::auth::Key;
 
 /// Reduce-scatter reads up to this much into a scratch buffer, then adds it: one L2's worth
@@ -237,6 +240,21 @@ impl Collective for TcpRing {
     }
 
     fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.call(buf, Op::AllReduce)
+    }
+
+    fn reduce_scatter_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.call(buf, Op::ReduceScatter)
+    }
+
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.call(buf, Op::AllGather)
+    }
+}
+
+impl TcpRing {
+    /// One collective call of `op` over `buf` (see the module's overview).
+    fn call(&mut self, buf: &mut [f32], op: Op) -> Result<(), CollectiveError> {
         let Some(links) = self.links.as_mut() else {
             return Ok(());
         };
@@ -250,32 +268,52 @@ impl Collective for TcpRing {
             rank: self.rank,
             world: self.world,
             number: self.calls,
+            op,
             piece_elems: self.piece_elems,
             patience: self.timeout,
             abort: &self.abort,
         };
         self.calls += 1;
-        let result = all_reduce(links, &mut self.scratch, buf, &call);
+        let result = run(links, &mut self.scratch, buf, &call);
         if let Err(error) = &result {
             // The streams may have stopped mid-message; they cannot carry another call.
             self.poisoned = true;
-            tracing::warn!(rank = self.rank, generation = self.generation, call = call.number, %error, "all-reduce failed");
+            tracing::warn!(rank = self.rank, generation = self.generation, call = call.number, op = ?op, %error, "collective failed");
         }
         result
     }
 }
 
-/// What one all-reduce call needs besides the sockets and buffers.
+/// The ring's operations: the two halves of an all-reduce, or both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    AllReduce = 0,
+    ReduceScatter = 1,
+    AllGather = 2,
+}
+
+impl Op {
+    fn reduces(self) -> bool {
+        self != Op::AllGather
+    }
+
+    fn gathers(self) -> bool {
+        self != Op::ReduceScatter
+    }
+}
+
+/// What one collective call needs besides the sockets and buffers.
 struct Call<'a> {
     rank: usize,
     world: usize,
     number: u64,
+    op: Op,
     piece_elems: usize,
     patience: Duration,
     abort: &'a AbortHandle,
 }
 
-fn all_reduce(
+fn run(
     links: &mut Links,
     scratch: &mut [f32],
     buf: &mut [f32],
@@ -330,18 +368,35 @@ impl<'b> Pipeline<'b, '_, '_> {
         let (rank, world) = (call.rank, call.world);
         let chunk = |offset: usize| by_chunk[(rank + world - offset % world) % world].clone();
         let inverse = 1.0 / world as f32;
-        // Reduce-scatter: step s sends chunk r-s and adds the left's chunk r-s-1 into ours.
-        for id in chunk(0) {
-            let piece = self.take(id)?;
-            self.send(id, piece)?;
-        }
-        for step in 0..world - 1 {
-            let scale = (step == world - 2).then_some(inverse);
-            for id in chunk(step + 1) {
+        if call.op.reduces() {
+            // Reduce-scatter: step s sends chunk r-s and adds the left's chunk r-s-1 into ours;
+            // the last step finishes chunk r+1 (rank r's own shard: see `split_pieces`), which
+            // goes on to the right only when an all-gather follows.
+            for id in chunk(0) {
                 let piece = self.take(id)?;
-                self.recv_reduce(piece, scale)?;
                 self.send(id, piece)?;
             }
+            for step in 0..world - 1 {
+                let last = step == world - 2;
+                let scale = last.then_some(inverse);
+                for id in chunk(step + 1) {
+                    let piece = self.take(id)?;
+                    self.recv_reduce(piece, scale)?;
+                    if !last || call.op.gathers() {
+                        self.send(id, piece)?;
+                    }
+                }
+            }
+        } else {
+            // An all-gather alone starts where the reduce-scatter would have ended: sending the
+            // chunk this rank owns.
+            for id in chunk(world - 1) {
+                let piece = self.take(id)?;
+                self.send(id, piece)?;
+            }
+        }
+        if !call.op.gathers() {
+            return Ok(());
         }
         // All-gather: step s sends chunk r+1-s (first the one this rank finished) and receives
         // chunk r-s, which it forwards unless its right neighbour finished it.
@@ -411,20 +466,21 @@ fn exchange_headers(
     len: usize,
     watch: &Watch,
 ) -> Result<(), CollectiveError> {
-    let ours = encode_words([MAGIC, call.number, len as u64]);
+    let ours = encode_words([MAGIC, call.number, (len as u64) | (call.op as u64) << 56]);
     right.write_all(&ours, watch)?;
     let mut theirs = [0u8; 24];
     left.read_exact(&mut theirs, watch)?;
     if theirs == ours {
         return Ok(());
     }
-    let [magic, number, their_len] = decode_words(&theirs);
+    let [magic, number, op_len] = decode_words(&theirs);
+    let (their_op, their_len) = (op_len >> 56, op_len & ((1 << 56) - 1));
     let message = if magic != MAGIC {
         "stream out of step (bad call header)".to_string()
     } else {
         format!(
-            "it reduces {their_len} elements in call {number}, this rank {len} in call {}",
-            call.number
+            "it runs operation {their_op} over {their_len} elements in call {number}, this rank {:?} over {len} in call {}",
+            call.op, call.number
         )
     };
     Err(CollectiveError::Handshake {
@@ -449,24 +505,30 @@ fn send_pieces<'b>(
     Ok(())
 }
 
-/// Splits `buf` into `world` chunks (the first `len % world` one longer) and each chunk into
-/// pieces of at most `piece_elems`; returns the pieces and, per chunk, its range of piece ids.
+/// Splits `buf` into `world` chunks ([`shard_range`]) and each chunk into pieces of at most
+/// `piece_elems`; returns the pieces and, per ring chunk, its range of piece ids. Ring chunk c
+/// is shard c - 1 (mod world), so that rank r, which finishes ring chunk r + 1, finishes its
+/// own shard.
 fn split_pieces(
     buf: &mut [f32],
     world: usize,
     piece_elems: usize,
 ) -> (Vec<&mut [f32]>, Vec<Range<usize>>) {
-    let (base, extra) = (buf.len() / world, buf.len() % world);
+    let len = buf.len();
     let mut pieces = Vec::new();
-    let mut by_chunk = Vec::with_capacity(world);
+    let mut by_shard = Vec::with_capacity(world);
     let mut rest = buf;
-    for c in 0..world {
-        let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(base + usize::from(c < extra));
+    for s in 0..world {
+        let (chunk, tail) =
+            std::mem::take(&mut rest).split_at_mut(shard_range(len, world, s).len());
         rest = tail;
         let first = pieces.len();
         pieces.extend(chunk.chunks_mut(piece_elems));
-        by_chunk.push(first..pieces.len());
+        by_shard.push(first..pieces.len());
     }
+    let by_chunk = (0..world)
+        .map(|c| by_shard[(c + world - 1) % world].clone())
+        .collect();
     (pieces, by_chunk)
 }
 

@@ -49,7 +49,9 @@ pub trait Engine {
 }
 
 /// The host trainer and the reducer its gradients go through between the two halves of each
-/// step (the TCP ring across ranks; none for one rank).
+/// step (the TCP ring across ranks; none for one rank). Under `training.zero_stage` 1 or 2 the
+/// trainer holds only its rank's optimizer shard ([`Trainer::shard`]) and the step is
+/// [`super::zero::step`].
 pub struct HostEngine {
     pub trainer: Trainer,
     pub reducer: Option<Box<dyn Collective>>,
@@ -80,6 +82,21 @@ impl Engine for HostEngine {
         denominator: f64,
         step_tokens: u64,
     ) -> Result<(f64, StepStats)> {
+        let stage = self.trainer.training.zero_stage;
+        if stage > 0 {
+            let collective = self
+                .reducer
+                .as_deref_mut()
+                .map(|c| c as &mut dyn Collective);
+            return super::zero::step(
+                &mut self.trainer,
+                collective,
+                stage,
+                micro,
+                denominator,
+                step_tokens,
+            );
+        }
         let (loss, mut grads) = self.trainer.gradients(micro, denominator);
         super::step::poison(loss, &mut grads);
         if let Some(reducer) = self.reducer.as_deref_mut() {

@@ -8,5 +8,6 @@ pub mod resident;
 pub mod run;
 pub mod schedule;
 pub mod step;
+pub mod zero;
 
 pub use step::{MicroBatch, StepStats, Trainer};

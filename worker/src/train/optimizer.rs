@@ -2,6 +2,10 @@
 //! the parameters the job says, and global-norm gradient clipping over all parameters.
 //!
 //! Element-wise and in a fixed order, so a step is bitwise reproducible on any thread count.
+//!
+//! Under ZeRO (`training.zero_stage` 1 or 2) a rank's [`AdamW`] covers only its own slice of the
+//! flat buffer ([`AdamW::sharded`], the slice `collective::shard_range` gives): its moments and
+//! decay mask are that long, so the optimizer bytes a rank holds fall as 1/world.
 
 use dapt_proto::job::OptimizerSpec;
 use rayon::prelude::*;
@@ -14,7 +18,9 @@ const CHUNK: usize = 1 << 16;
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdamW {
     pub spec: OptimizerSpec,
-    /// First moments, laid out like the weights.
+    /// The slice of the flat parameter buffer this state covers: all of it, or a ZeRO shard.
+    pub range: std::ops::Range<usize>,
+    /// First moments of `range`, laid out like the weights.
     pub m: Vec<f32>,
     /// Second moments.
     pub v: Vec<f32>,
@@ -25,29 +31,67 @@ pub struct AdamW {
 }
 
 impl AdamW {
+    /// Fresh state over the whole buffer.
     pub fn new(spec: OptimizerSpec, layout: &ParamLayout) -> Self {
-        let mut decay_mask = vec![0f32; layout.total];
+        Self::sharded(spec, layout, 0..layout.total)
+    }
+
+    /// Fresh state over `range` of the flat buffer (a ZeRO shard).
+    pub fn sharded(
+        spec: OptimizerSpec,
+        layout: &ParamLayout,
+        range: std::ops::Range<usize>,
+    ) -> Self {
+        let mut decay_mask = vec![0f32; range.len()];
         for p in &layout.params {
             let decays = match p.kind {
                 ParamKind::Matrix => true,
                 ParamKind::Embedding => spec.decay_embeddings,
                 ParamKind::Norm | ParamKind::Bias => false,
             };
-            if decays {
-                decay_mask[p.range()].fill(1.0);
+            let (start, end) = (
+                p.offset.max(range.start),
+                (p.offset + p.len()).min(range.end),
+            );
+            if decays && start < end {
+                decay_mask[start - range.start..end - range.start].fill(1.0);
             }
         }
         AdamW {
             spec,
-            m: vec![0.0; layout.total],
-            v: vec![0.0; layout.total],
+            m: vec![0.0; range.len()],
+            v: vec![0.0; range.len()],
             t: 0,
             decay_mask,
+            range,
         }
     }
 
-    /// One update of `weights` with `grads` at learning rate `lr`.
+    /// This state cut down to `range` (inside its own): the moments of those elements, as they
+    /// are. How a rank keeps its ZeRO shard of a replicated state.
+    ///
+    /// # Panics
+    /// When `range` is not inside `self.range` (a caller's bug).
+    pub fn narrowed(&self, layout: &ParamLayout, range: std::ops::Range<usize>) -> Self {
+        assert!(self.range.start <= range.start && range.end <= self.range.end);
+        let local = range.start - self.range.start..range.end - self.range.start;
+        let mut out = Self::sharded(self.spec, layout, range);
+        out.m.copy_from_slice(&self.m[local.clone()]);
+        out.v.copy_from_slice(&self.v[local]);
+        out.t = self.t;
+        out
+    }
+
+    /// Bytes of optimizer state held: both moments and the decay mask.
+    pub fn bytes(&self) -> usize {
+        (self.m.len() + self.v.len() + self.decay_mask.len()) * std::mem::size_of::<f32>()
+    }
+
+    /// One update of `weights` (the elements of `self.range`) with `grads` (the same elements)
+    /// at learning rate `lr`.
     pub fn step(&mut self, weights: &mut [f32], grads: &[f32], lr: f64) {
+        debug_assert_eq!(weights.len(), self.m.len());
+        debug_assert_eq!(grads.len(), self.m.len());
         self.t += 1;
         let (b1, b2) = (self.spec.betas.0 as f32, self.spec.betas.1 as f32);
         let bc1 = 1.0 - self.spec.betas.0.powi(self.t as i32);
@@ -77,24 +121,36 @@ impl AdamW {
 
 /// The global L2 norm of `grads` (f64 sums of fixed chunks, added in order: deterministic).
 pub fn global_norm(grads: &[f32]) -> f64 {
+    sum_of_squares(grads).sqrt()
+}
+
+/// The sum of squares of `grads` in f64 (fixed chunks, added in order): one rank's part of the
+/// global norm under ZeRO, where each rank holds only its shard of the reduced gradients.
+pub fn sum_of_squares(grads: &[f32]) -> f64 {
     let partial: Vec<f64> = grads
         .par_chunks(CHUNK)
         .map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum())
         .collect();
-    partial.iter().sum::<f64>().sqrt()
+    partial.iter().sum::<f64>()
 }
 
 /// Scales `grads` so that their global norm is at most `max_norm` (0 disables); returns the
 /// norm before clipping.
 pub fn clip_global_norm(grads: &mut [f32], max_norm: f64) -> f64 {
     let norm = global_norm(grads);
+    clip_to(grads, norm, max_norm);
+    norm
+}
+
+/// Scales `grads`, part of a buffer whose global norm is `norm`, so that the whole buffer's norm
+/// is at most `max_norm` (0 disables). Every rank's shard gets the same factor.
+pub fn clip_to(grads: &mut [f32], norm: f64, max_norm: f64) {
     if max_norm > 0.0 && norm > max_norm {
         let scale = (max_norm / (norm + 1e-6)) as f32;
         grads
             .par_chunks_mut(CHUNK)
             .for_each(|c| c.iter_mut().for_each(|g| *g *= scale));
     }
-    norm
 }
 
 #[cfg(test)]
@@ -133,6 +189,43 @@ mod tests {
         );
         assert!((w[norm.offset] - 0.9).abs() < 1e-6);
         assert!((w[embed.offset] - 0.9).abs() < 1e-6);
+    }
+
+    #[test]
+    fn shards_step_like_the_whole_and_hold_their_share() {
+        let cfg = LlamaConfig::preset(Preset::Tiny, 64);
+        let layout = ParamLayout::llama(&cfg);
+        let spec = OptimizerSpec {
+            lr: 0.1,
+            betas: (0.9, 0.99),
+            eps: 1e-8,
+            weight_decay: 0.5,
+            decay_embeddings: false,
+            grad_clip: 0.0,
+        };
+        let g: Vec<f32> = (0..layout.total)
+            .map(|i| ((i % 13) as f32 - 6.0) * 1e-3)
+            .collect();
+        let mut whole = AdamW::new(spec, &layout);
+        let mut w = vec![1.0f32; layout.total];
+        whole.step(&mut w, &g, 0.1);
+        whole.step(&mut w, &g, 0.1);
+        for world in 1..=4 {
+            let mut joined = vec![1.0f32; layout.total];
+            for rank in 0..world {
+                let r = crate::collective::shard_range(layout.total, world, rank);
+                let mut shard = AdamW::sharded(spec, &layout, r.clone());
+                assert!(shard.bytes() <= whole.bytes() / world + 12);
+                shard.step(&mut joined[r.clone()], &g[r.clone()], 0.1);
+                shard.step(&mut joined[r.clone()], &g[r.clone()], 0.1);
+                assert_eq!(
+                    shard,
+                    whole.narrowed(&layout, r),
+                    "world {world} rank {rank}"
+                );
+            }
+            assert_eq!(joined, w, "world {world}");
+        }
     }
 
     #[test]

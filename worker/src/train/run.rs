@@ -256,7 +256,18 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
 /// The trainer saved in checkpoint `dir` (verified against its checksums), for a job with
 /// `training` and `seed`.
 pub fn restore(dir: &Path, training: &TrainingSpec, seed: u64) -> Result<Trainer> {
-    let loaded = checkpoint::load(dir)?;
+    restore_part(dir, training, seed, None)
+}
+
+/// [`restore`] holding only rank `r`'s ZeRO slice of the optimizer state of a `w`-way split when
+/// `shard` is `Some((r, w))`, read from whatever split the checkpoint was written with.
+pub fn restore_part(
+    dir: &Path,
+    training: &TrainingSpec,
+    seed: u64,
+    shard: Option<(usize, usize)>,
+) -> Result<Trainer> {
+    let loaded = checkpoint::load_part(dir, shard)?;
     if loaded.state.seed != seed {
         return Err(WorkerError::Invalid(format!(
             "checkpoint {} was trained with seed {}, the job says {seed}",
@@ -264,7 +275,7 @@ pub fn restore(dir: &Path, training: &TrainingSpec, seed: u64) -> Result<Trainer
             loaded.state.seed,
         )));
     }
-    let mut trainer = Trainer::new(loaded.config, loaded.weights, training);
+    let mut trainer = Trainer::new_sharded(loaded.config, loaded.weights, training, loaded.range);
     trainer.optimizer.m = loaded.m;
     trainer.optimizer.v = loaded.v;
     trainer.optimizer.t = loaded.state.optimizer_steps;

@@ -20,7 +20,7 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use dapt_corpus::{micro_batches, CorpusReader, SampleOrder};
 use dapt_proto::job::TrainingSpec;
 
-use super::optimizer::{clip_global_norm, AdamW};
+use super::optimizer::{clip_to, global_norm, AdamW};
 use super::schedule::LrSchedule;
 use crate::error::{Result, WorkerError};
 use crate::model::{Llama, LlamaConfig, ParamLayout};
@@ -144,6 +144,18 @@ pub struct Trainer {
 
 impl Trainer {
     pub fn new(config: LlamaConfig, weights: Vec<f32>, training: &TrainingSpec) -> Self {
+        let total = weights.len();
+        Self::new_sharded(config, weights, training, 0..total)
+    }
+
+    /// [`Trainer::new`] with fresh optimizer state for `range` of the flat buffer only (a ZeRO
+    /// shard).
+    pub fn new_sharded(
+        config: LlamaConfig,
+        weights: Vec<f32>,
+        training: &TrainingSpec,
+        range: Range<usize>,
+    ) -> Self {
         let layout = ParamLayout::llama(&config);
         assert_eq!(
             weights.len(),
@@ -151,7 +163,7 @@ impl Trainer {
             "weights laid out for this config"
         );
         Trainer {
-            optimizer: AdamW::new(training.optimizer, &layout),
+            optimizer: AdamW::sharded(training.optimizer, &layout, range),
             schedule: LrSchedule {
                 peak: training.optimizer.lr,
                 spec: training.schedule,
@@ -167,6 +179,13 @@ impl Trainer {
         }
     }
 
+    /// Keeps only `rank`'s ZeRO shard of the optimizer state (of `world`; see
+    /// [`crate::collective::shard_range`]); the weights stay whole.
+    pub fn shard(&mut self, rank: usize, world: usize) {
+        let range = crate::collective::shard_range(self.layout.total, world, rank);
+        self.optimizer = self.optimizer.narrowed(&self.layout, range);
+    }
+
     /// Forward and backward over `micro`. Each token's loss is divided by `denominator`, and
     /// the gradients are summed over the micro-batches. With `denominator` = the tokens of the
     /// whole step / the number of ranks, the mean of the ranks' gradients (what the all-reduce
@@ -180,11 +199,28 @@ impl Trainer {
         }
     }
 
-    /// Clips `grads` (already reduced across ranks) and takes an AdamW step over `step_tokens`,
-    /// unless `loss` (this rank's share) or the gradient norm is not finite: see [`admit`].
+    /// Clips `grads` (the whole buffer, already reduced across ranks) and takes an AdamW step
+    /// over `step_tokens`, unless `loss` (this rank's share) or the gradient norm is not finite:
+    /// see [`admit`]. Updates the weights of the optimizer's range (all of them unless sharded).
     pub fn apply(&mut self, grads: &mut [f32], loss: f64, step_tokens: u64) -> Result<StepStats> {
+        let grad_norm = global_norm(grads);
+        let owned = self.optimizer.range.clone();
+        self.apply_owned(&mut grads[owned], grad_norm, loss, step_tokens)
+    }
+
+    /// [`Trainer::apply`] for the optimizer's own range only (a ZeRO shard): `grads` are the
+    /// reduced gradients of that range, `grad_norm` the global norm of the whole buffer (from
+    /// every rank's [`super::optimizer::sum_of_squares`]). Only the weights of the range change;
+    /// the caller all-gathers them.
+    pub fn apply_owned(
+        &mut self,
+        grads: &mut [f32],
+        grad_norm: f64,
+        loss: f64,
+        step_tokens: u64,
+    ) -> Result<StepStats> {
         let lr = self.schedule.lr(self.tokens);
-        let grad_norm = clip_global_norm(grads, self.optimizer.spec.grad_clip);
+        clip_to(grads, grad_norm, self.optimizer.spec.grad_clip);
         let applied = admit(
             &self.training,
             self.step,
@@ -193,7 +229,8 @@ impl Trainer {
             self.skipped_steps,
         )?;
         if applied {
-            self.optimizer.step(&mut self.weights, grads, lr);
+            let owned = self.optimizer.range.clone();
+            self.optimizer.step(&mut self.weights[owned], grads, lr);
         } else {
             self.skipped_steps += 1;
         }

@@ -72,7 +72,8 @@ fn input(rank: usize, len: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The ring's result computed directly: chunk c summed in ring order from rank c, then scaled.
+/// The ring's result computed directly: chunk c summed in ring order from rank c + 1 (ending at
+/// rank c, its owner), then scaled.
 fn expected(world: usize, len: usize) -> Vec<f32> {
     let inputs: Vec<_> = (0..world).map(|r| input(r, len)).collect();
     if world == 1 {
@@ -84,8 +85,8 @@ fn expected(world: usize, len: usize) -> Vec<f32> {
     for c in 0..world {
         let start = c * base + c.min(extra);
         let range = start..start + base + usize::from(c < extra);
-        let mut acc = inputs[c][range.clone()].to_vec();
-        for k in 1..world {
+        let mut acc = inputs[(c + 1) % world][range.clone()].to_vec();
+        for k in 2..=world {
             let theirs = &inputs[(c + k) % world][range.clone()];
             acc.iter_mut().zip(theirs).for_each(|(a, t)| *a += *t);
         }
@@ -153,6 +154,74 @@ fn mean_matches_direct_sum_and_is_bitwise_equal_on_every_rank() {
                     same,
                     "world {world}, len {len}: rank {rank} differs from the direct sum"
                 );
+            }
+        }
+    }
+}
+
+#[test]
+fn reduce_scatter_and_all_gather_are_the_all_reduce_halves() {
+    for world in 1..=4 {
+        for len in [0, 1, 7, 100_003] {
+            let chunk_bytes = if len < 100 { 4 } else { 64 << 10 };
+            let rings: Vec<_> = connect_all(&vec![3; world], chunk_bytes)
+                .into_iter()
+                .map(|r| r.expect("connect"))
+                .collect();
+            let want = expected(world, len);
+            let results: Vec<(Vec<f32>, Vec<f32>)> = thread::scope(|s| {
+                let joins: Vec<_> = rings
+                    .into_iter()
+                    .map(|mut ring| {
+                        s.spawn(move || {
+                            let mut scattered = input(ring.rank(), len);
+                            ring.reduce_scatter_mean(&mut scattered)
+                                .expect("reduce-scatter");
+                            // Only the owned slice is meaningful; the gather fills the rest.
+                            let own = crate::collective::shard_range(len, world, ring.rank());
+                            let mut gathered = vec![f32::NAN; len];
+                            gathered[own.clone()].copy_from_slice(&scattered[own]);
+                            ring.all_gather(&mut gathered).expect("all-gather");
+                            // The ring still carries calls after the halves.
+                            ring.all_reduce_mean(&mut [1.0]).expect("all-reduce");
+                            (scattered, gathered)
+                        })
+                    })
+                    .collect();
+                joins
+                    .into_iter()
+                    .map(|j| j.join().expect("rank thread"))
+                    .collect()
+            });
+            for (rank, (scattered, gathered)) in results.iter().enumerate() {
+                let own = crate::collective::shard_range(len, world, rank);
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&scattered[own.clone()]),
+                    bits(&want[own]),
+                    "world {world}, len {len}: rank {rank}'s reduce-scattered shard"
+                );
+                assert_eq!(
+                    bits(gathered),
+                    bits(&want),
+                    "world {world}, len {len}: rank {rank}'s gathered buffer"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn shards_tile_the_buffer_in_rank_order() {
+    use crate::collective::shard_range;
+    for len in [0, 1, 5, 7, 1000] {
+        for world in 1..=5 {
+            let ranges: Vec<_> = (0..world).map(|r| shard_range(len, world, r)).collect();
+            assert_eq!(ranges[0].start, 0);
+            assert_eq!(ranges[world - 1].end, len);
+            for w in ranges.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+                assert!(w[0].len() >= w[1].len() && w[0].len() <= w[1].len() + 1);
             }
         }
     }

@@ -1,0 +1,230 @@
+//! ZeRO over the real binaries: `training.zero_stage` 1 and 2 against 0 through `dapt launch`,
+//! and a rank killed at stage 2: the job re-forms with fewer ranks, reshards the committed
+//! optimizer shards, completes, and grows again when the worker comes back. The per-rank maths at
+//! 1 to 4 ranks is in worker/tests/zero.rs (ranks as threads on the real ring).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use dapt_tests::{
+    binary, check_ledger, coordinator_edited, events, f32_tensors, random_step, serial, write_job,
+    Job, Proc, BATCH, LONG,
+};
+
+fn with_stage(yaml: &str, stage: u8) -> String {
+    yaml.replace(
+        "training:\n",
+        &format!("training:\n  zero_stage: {stage}\n"),
+    )
+}
+
+/// (step, loss, grad norm) of every step, and the exported weights by tensor name.
+type Run = (Vec<(u64, f64, f64)>, BTreeMap<String, Vec<f32>>);
+
+/// `dapt launch` of `job` at `stage` with `workers` local workers: (step, loss, grad norm) of
+/// every step, and the exported weights.
+fn launch(job: &Job, stage: u8, workers: u32) -> Run {
+    let yaml = std::fs::read_to_string(&job.path).expect("read job");
+    std::fs::write(&job.path, with_stage(&yaml, stage)).expect("write job");
+    let mut cmd = Command::new(binary("dapt"));
+    cmd.args(["--log-format", "json", "launch"])
+        .arg(&job.path)
+        .args(["--workers", &workers.to_string()]);
+    let mut proc = Proc::spawn(cmd);
+    let (status, stdout) = proc.finish(LONG);
+    assert!(status.success(), "{status}\n{stdout}\n{}", proc.stderr());
+    let lines = proc.lines();
+    let steps = events(&lines, "step")
+        .iter()
+        .map(|f| {
+            (
+                f["step"].as_u64().expect("step"),
+                f["loss"].as_f64().expect("loss"),
+                f["grad_norm"].as_f64().expect("grad_norm"),
+            )
+        })
+        .collect();
+    check_ledger(&job.checkpoints.join("ledger.jsonl"), job.steps * BATCH).expect("ledger");
+    let weights =
+        f32_tensors(&job.checkpoints.join("export/model.safetensors")).expect("exported weights");
+    (steps, weights)
+}
+
+#[test]
+fn zero_stages_1_and_2_match_stage_0_through_dapt_launch_at_3_ranks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let steps = 6;
+    let (base_steps, base_weights) = launch(&write_job(dir.path(), "z0", steps, ""), 0, 3);
+    assert_eq!(base_steps.len() as u64, steps);
+    for stage in [1, 2] {
+        let (got, weights) = launch(
+            &write_job(dir.path(), &format!("z{stage}"), steps, ""),
+            stage,
+            3,
+        );
+        assert_eq!(got.len(), base_steps.len());
+        for ((s, loss, norm), (_, loss0, norm0)) in got.iter().zip(&base_steps) {
+            println!("stage {stage} step {s}: loss {loss} vs {loss0}, grad norm {norm} vs {norm0}");
+            assert!(
+                (loss - loss0).abs() < 1e-5,
+                "stage {stage} step {s}: loss {loss} vs {loss0}"
+            );
+            assert!(
+                (norm - norm0).abs() < 1e-5,
+                "stage {stage} step {s}: grad norm {norm} vs {norm0}"
+            );
+        }
+        for (name, w) in &weights {
+            let w0 = &base_weights[name];
+            let d = w
+                .iter()
+                .zip(w0)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(d < 1e-6, "stage {stage}: {name} differs by {d}");
+        }
+    }
+}
+
+/// The optimizer state a checkpoint holds, whole: its shards' moments in rank order.
+fn committed_moments(ck: &Path) -> (Vec<f32>, Vec<f32>) {
+    let mut shards: Vec<_> = std::fs::read_dir(ck)
+        .expect("checkpoint")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("optimizer-") && n.ends_with(".safetensors"))
+        .collect();
+    shards.sort();
+    assert!(
+        !shards.is_empty(),
+        "no optimizer shards in {}",
+        ck.display()
+    );
+    let (mut m, mut v) = (Vec::new(), Vec::new());
+    for name in shards {
+        let t = f32_tensors(&ck.join(&name)).expect("shard");
+        m.extend_from_slice(&t["exp_avg"]);
+        v.extend_from_slice(&t["exp_avg_sq"]);
+    }
+    (m, v)
+}
+
+/// What the ranks of `generation` started with (the worker's test hook), joined in rank order.
+fn restored_moments(dumps: &Path, generation: u64, world: u64) -> (Vec<f32>, Vec<f32>) {
+    let (mut m, mut v) = (Vec::new(), Vec::new());
+    let mut next = 0u64;
+    for rank in 0..world {
+        let bytes = std::fs::read(dumps.join(format!("g{generation}-r{rank}-w{world}.bin")))
+            .expect("the rank's optimizer dump");
+        let offset = u64::from_le_bytes(bytes[..8].try_into().expect("offset"));
+        assert_eq!(
+            offset, next,
+            "generation {generation}: rank {rank}'s slice starts where the last ended"
+        );
+        let floats: Vec<f32> = bytes[8..]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let half = floats.len() / 2;
+        m.extend_from_slice(&floats[..half]);
+        v.extend_from_slice(&floats[half..]);
+        next += half as u64;
+    }
+    (m, v)
+}
+
+#[test]
+fn a_killed_rank_at_zero_stage_2_reshards_exactly_and_the_world_grows_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dumps = dir.path().join("dumps");
+    std::fs::create_dir_all(&dumps).expect("mkdir");
+    let _serial = serial();
+    let steps = 30;
+    let mut c = coordinator_edited(
+        dir.path(),
+        "zkill",
+        steps,
+        "cluster:\n  min_workers: 1\n  max_workers: 3\n  session_timeout_ms: 2000\n  formation_grace_ms: 10000\n",
+        "127.0.0.1",
+        &[("DAPT_TEST_DUMP_RESTORED_OPTIMIZER", dumps.to_str().expect("utf-8"))],
+        &|yaml| with_stage(yaml, 2).replace("keep: 2", "keep: 100"),
+    );
+    let _w0 = c.member("w0");
+    let w1 = c.member("w1");
+    let _w2 = c.member("w2");
+    c.coordinator.wait_for("three ranks", LONG, |l| {
+        events(l, "generation formed")
+            .iter()
+            .any(|f| f["world"] == 3)
+    });
+    let kill_at = random_step(6, 14);
+    let _w1_again = c.kill_and_restart(w1, "w1", kill_at);
+    let lines = c.complete();
+
+    let formed = events(&lines, "generation formed");
+    let worlds: Vec<u64> = formed
+        .iter()
+        .map(|f| f["world"].as_u64().expect("world"))
+        .collect();
+    println!("worlds by generation: {worlds:?}");
+    assert!(
+        worlds.contains(&2),
+        "re-formed with the survivors: {worlds:?}"
+    );
+    assert_eq!(
+        worlds.last(),
+        Some(&3),
+        "the restarted worker joined: {worlds:?}"
+    );
+    check_ledger(&c.job.checkpoints.join("ledger.jsonl"), steps * BATCH).expect("ledger");
+    let mut resharded = 0;
+    for f in &formed {
+        let (generation, world) = (
+            f["generation"].as_u64().expect("g"),
+            f["world"].as_u64().expect("w"),
+        );
+        let resume = f["resume_step"].as_u64().expect("resume_step");
+        if resume == 0 {
+            continue;
+        }
+        let ck = c.job.checkpoints.join(format!("step-{resume:08}"));
+        let (m, v) = committed_moments(&ck);
+        let (rm, rv) = restored_moments(&dumps, generation, world);
+        assert_eq!(
+            rm.len(),
+            m.len(),
+            "generation {generation}: the slices cover the buffer"
+        );
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same(&rm, &m) && same(&rv, &v), "generation {generation} (world {world}) resumed from step {resume} with other moments than committed");
+        resharded += 1;
+    }
+    assert!(
+        resharded >= 2,
+        "shrink and grow both resharded a committed state: {formed:#?}"
+    );
+}
+
+#[test]
+fn the_resident_engine_refuses_zero_stage_2_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let job = write_job(dir.path(), "zres", 4, "");
+    let yaml = std::fs::read_to_string(&job.path).expect("read job");
+    std::fs::write(&job.path, with_stage(&yaml, 2)).expect("write job");
+    let mut cmd = Command::new(binary("dapt"));
+    cmd.args(["--log-format", "json", "launch"])
+        .arg(&job.path)
+        .args(["--workers", "2"])
+        .env("DAPT_ENGINE", "resident");
+    let mut proc = Proc::spawn(cmd);
+    let (status, stdout) = proc.finish(LONG);
+    assert!(!status.success(), "{stdout}");
+    let said = format!("{stdout}\n{}", proc.stderr());
+    assert!(
+        said.contains("training.zero_stage 2 runs on the host engine on the CPU only"),
+        "{said}"
+    );
+}
