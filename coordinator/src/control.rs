@@ -1071,8 +1071,7 @@ fn progress(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
         return;
     }
     let c = &state.config;
-    if state.members.len() >= c.min_workers
-        && state.members.len() - benched(state) < c.min_workers
+    if state.members.len() >= c.min_workers && state.members.len() - benched(state) < c.min_workers
     {
         // Without the benched workers the job cannot train at all: better with them.
         state.benched.clear();

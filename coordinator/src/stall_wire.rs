@@ -45,7 +45,11 @@ pub fn from_heartbeat(h: &rpc::Heartbeat) -> Option<RankReport> {
 /// The stalls seen, oldest first, for the status.
 pub fn stalls(watch: &StallWatch) -> Vec<rpc::Stall> {
     let (now, wall) = (Instant::now(), SystemTime::now());
-    watch.history.iter().map(|s| to_wire(s, now, wall)).collect()
+    watch
+        .history
+        .iter()
+        .map(|s| to_wire(s, now, wall))
+        .collect()
 }
 
 fn to_wire(s: &Stall, now: Instant, wall: SystemTime) -> rpc::Stall {

@@ -83,10 +83,9 @@ fn a_cut_ring_link_is_named_and_the_job_completes_without_it() {
 
     net.cut_link(1, 2, RING_PORT);
     let cut = Instant::now();
-    c.coordinator
-        .wait_for("the stall to be named", LONG, |l| {
-            !stalls(l, "named").is_empty()
-        });
+    c.coordinator.wait_for("the stall to be named", LONG, |l| {
+        !stalls(l, "named").is_empty()
+    });
     let named_after = cut.elapsed();
     let lines = c.coordinator.lines();
     let named = stalls(&lines, "named");

@@ -145,7 +145,10 @@ mod tests {
         p.received(100);
         p.sent(40);
         let c = p.collective().expect("a call began");
-        assert_eq!((c.calls, c.bytes_received, c.bytes_sent, c.waiting_for), (1, 100, 40, 3));
+        assert_eq!(
+            (c.calls, c.bytes_received, c.bytes_sent, c.waiting_for),
+            (1, 100, 40, 3)
+        );
         p.end_call(before);
         assert_eq!(p.phase(), RankPhase::Optimizer);
         // A barrier during a checkpoint returns to it.

@@ -1095,7 +1095,10 @@ fn a_stalled_link_is_named_then_aborted_and_its_sender_benched() {
         named[0].culprit.to_string(),
         "link rank 1 (b) -> rank 2 (c) in the collective"
     );
-    assert!(matches!(named[0].culprit, Culprit::Link { from: 1, to: 2, .. }));
+    assert!(matches!(
+        named[0].culprit,
+        Culprit::Link { from: 1, to: 2, .. }
+    ));
     // Named once; nothing aborted before the timeout.
     let quiet = sim.at(2.5).send(Event::Tick);
     assert!(stalls(&quiet).is_empty() && aborts(&quiet).is_empty());

@@ -158,7 +158,10 @@ fn a_stall_is_named_once_past_the_bound_and_aborted_after_the_timeout() {
         panic!("not named past the bound");
     };
     assert_eq!(stall.step, 3);
-    assert!(matches!(stall.culprit, Culprit::Link { from: 1, to: 2, .. }));
+    assert!(matches!(
+        stall.culprit,
+        Culprit::Link { from: 1, to: 2, .. }
+    ));
     // Named once.
     assert_eq!(w.check(&config(), Generation(1), &ranks, at(2000)), None);
     let Some(Verdict::Abort(stall)) = w.check(&config(), Generation(1), &ranks, at(3700)) else {
@@ -175,14 +178,24 @@ fn a_step_that_completes_after_all_clears_the_stall() {
     let at = |ms: u64| t0 + Duration::from_millis(ms);
     let ranks = ranks(2);
     let mut w = StallWatch::default();
-    w.step_done(Duration::from_millis(100), Duration::ZERO, Duration::ZERO, at(100));
+    w.step_done(
+        Duration::from_millis(100),
+        Duration::ZERO,
+        Duration::ZERO,
+        at(100),
+    );
     w.report(0, computing(1, RankPhase::Forward, 2));
     w.report(1, waiting(1, 3, 0, 0, 0));
     let Some(Verdict::Named(_)) = w.check(&config(), Generation(1), &ranks, at(700)) else {
         panic!("not named");
     };
     let cleared = w
-        .step_done(Duration::from_millis(100), Duration::ZERO, Duration::ZERO, at(800))
+        .step_done(
+            Duration::from_millis(100),
+            Duration::ZERO,
+            Duration::ZERO,
+            at(800),
+        )
         .expect("the stall cleared");
     assert_eq!(cleared.action, StallAction::Cleared);
     // No abort after a cleared stall.
@@ -194,13 +207,23 @@ fn an_evaluation_gets_its_own_allowance_and_none_before_the_first_is_timed() {
     let t0 = Instant::now();
     let ranks = ranks(2);
     let mut w = StallWatch::default();
-    w.step_done(Duration::from_millis(100), Duration::ZERO, Duration::ZERO, t0);
+    w.step_done(
+        Duration::from_millis(100),
+        Duration::ZERO,
+        Duration::ZERO,
+        t0,
+    );
     w.report(0, computing(1, RankPhase::Evaluate, 2));
     w.report(1, waiting(1, 3, 0, 0, 0));
     // No evaluation timed yet: no bound, however long it takes.
     assert_eq!(w.bound(&config()), None);
     assert_eq!(
-        w.check(&config(), Generation(1), &ranks, t0 + Duration::from_secs(3600)),
+        w.check(
+            &config(),
+            Generation(1),
+            &ranks,
+            t0 + Duration::from_secs(3600)
+        ),
         None
     );
     w.step_done(
