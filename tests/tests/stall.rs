@@ -47,7 +47,7 @@ fn a_cut_ring_link_is_named_and_the_job_completes_without_it() {
         }
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let steps = 300;
+    let steps = 120;
     // A step is stalled past 3x the median step (~35-100 ms here), and never before 1 s; the
     // stall aborts 2 s after it was named; the ranks' own collective timeout (60 s) never fires.
     let cluster = "cluster:\n  min_workers: 2\n  max_workers: 3\n  heartbeat_ms: 100\n  session_timeout_ms: 3000\n  formation_grace_ms: 1000\n  abort_timeout_ms: 3000\n  collective_timeout_s: 60\n  stall_factor: 3\n  stall_floor_ms: 1000\n  stall_timeout_s: 2\n";
@@ -70,7 +70,7 @@ fn a_cut_ring_link_is_named_and_the_job_completes_without_it() {
     c.coordinator.wait_for("3 ranks", LONG, |l| {
         formed(l).iter().any(|(world, _)| *world == 3)
     });
-    let at = random_step(10, 30);
+    let at = random_step(10, 25);
     c.coordinator.wait_for(&format!("step {at}"), LONG, |l| {
         events(l, "step")
             .iter()
