@@ -20,7 +20,9 @@ use dapt_proto::rpc::{compatible, ErrorCode, Generation, Refusal, WorkerId};
 use serde::{Deserialize, Serialize};
 
 mod invariants;
+pub mod stall;
 pub use invariants::{check_ledger, check_transition, decide_checked, Invariant, Violation};
+pub use stall::{RankReport, Stall, StallConfig, StallWatch};
 
 /// A gRPC session, as the executor numbers them. A member's messages count only from the
 /// session it joined on.
@@ -44,6 +46,8 @@ pub struct ControlConfig {
     /// Consecutive generations that may fail before any progress is committed before the job
     /// fails instead of re-forming again.
     pub max_failed_generations: u32,
+    /// When a step counts as stalled and how long a stall may last (`stall`).
+    pub stall: StallConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -196,6 +200,12 @@ pub struct JobState {
     pub reattach_deadline: Option<Instant>,
     /// When this coordinator took over (for the re-attach log line).
     pub took_over: Option<Instant>,
+    /// The ranks' progress and the stalls seen (`stall`).
+    pub stall: StallWatch,
+    /// Workers left out of formations because a stall they held was aborted: they stay members
+    /// (and leave with the others at the end) but get no rank again, unless without them the job
+    /// would lack `min_workers`.
+    pub benched: BTreeSet<WorkerId>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -235,6 +245,12 @@ pub enum Event {
     Heartbeat {
         conn: ConnId,
         worker: WorkerId,
+    },
+    /// A heartbeat that says where the rank is (`stall`).
+    Progress {
+        conn: ConnId,
+        worker: WorkerId,
+        report: RankReport,
     },
     Step {
         conn: ConnId,
@@ -414,6 +430,8 @@ pub enum Log {
     Stopping {
         reason: String,
     },
+    /// A step passed its bound (named), was aborted, or completed after all (`stall`).
+    Stall(Stall),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -486,6 +504,8 @@ impl JobState {
             failed_fatally: false,
             reattach_deadline: None,
             took_over: None,
+            stall: StallWatch::default(),
+            benched: BTreeSet::new(),
         }
     }
 
@@ -545,6 +565,7 @@ pub fn decide(mut state: JobState, event: Event, now: Instant) -> (JobState, Vec
     // Any message from a member proves it alive.
     match &event {
         Event::Heartbeat { conn, worker }
+        | Event::Progress { conn, worker, .. }
         | Event::Step { conn, worker, .. }
         | Event::Checkpoint { conn, worker, .. }
         | Event::Aborted { conn, worker, .. }
@@ -583,6 +604,18 @@ pub fn decide(mut state: JobState, event: Event, now: Instant) -> (JobState, Vec
             }
         }
         Event::Heartbeat { .. } => {}
+        Event::Progress {
+            conn,
+            worker,
+            report,
+        } => {
+            let rank = state.members.get(&worker).filter(|m| m.conn == conn);
+            if let Some(rank) = rank.and_then(|m| m.rank) {
+                if report.generation == state.generation && state.phase == Phase::Running {
+                    state.stall.report(rank, report);
+                }
+            }
+        }
         Event::Step {
             conn,
             worker,
@@ -661,6 +694,11 @@ pub fn decide(mut state: JobState, event: Event, now: Instant) -> (JobState, Vec
                     state.failed_fatally = true;
                     fail(&mut state, reason, Some(&worker), &mut out);
                 } else {
+                    if peer_fault {
+                        // The rank's own collective timeout fired during a stall that was
+                        // named: leave its culprit out, as the stall timeout would have.
+                        bench_stalled(&mut state, &mut out);
+                    }
                     begin_recovery(&mut state, reason, Some(&worker), now, &mut out);
                     if let Some(r) = state.recovery.as_mut() {
                         r.blames_peer = peer_fault;
@@ -966,6 +1004,9 @@ fn tick(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
             out,
         );
     }
+    if state.phase == Phase::Running {
+        check_stall(state, now, out);
+    }
     if let Some(r) = &mut state.recovery {
         if r.aborted.is_none() && !r.awaiting.is_empty() && now >= r.abort_deadline {
             // Survivors that cannot confirm an abort in time are as good as lost.
@@ -1030,7 +1071,12 @@ fn progress(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
         return;
     }
     let c = &state.config;
-    let members = state.members.len();
+    if state.members.len() >= c.min_workers && state.members.len() - benched(state) < c.min_workers
+    {
+        // Without the benched workers the job cannot train at all: better with them.
+        state.benched.clear();
+    }
+    let members = state.members.len() - benched(state);
     if members < c.min_workers {
         state.ready_since = None;
         if just_aborted {
@@ -1087,7 +1133,14 @@ fn form(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
         .max_workers
         .unwrap_or(usize::MAX)
         .min(c.global_batch as usize);
-    let chosen: Vec<WorkerId> = state.members.keys().take(limit).cloned().collect();
+    let chosen: Vec<WorkerId> = state
+        .members
+        .keys()
+        .filter(|w| !state.benched.contains(*w))
+        .take(limit)
+        .cloned()
+        .collect();
+    state.stall.formed();
     let world = chosen.len() as u32;
     state.generation = Generation(state.generation.0 + 1);
     state.ranks = chosen.clone();
@@ -1230,6 +1283,12 @@ fn step_report(
         peak_flops,
     }));
     state.last_step = Some(first.clone());
+    if let Some(cleared) = state
+        .stall
+        .step_done(times.train, times.eval, times.checkpoint, now)
+    {
+        out.push(Action::Log(Log::Stall(cleared)));
+    }
     if let Some(r) = state.recovery.take() {
         out.push(Action::Log(Log::Recovery {
             phase: RecoveryPhase::Resumed,
@@ -1347,7 +1406,11 @@ fn checkpoint_report(
         return;
     }
     // Standbys waiting and room for them: bring them in now, when no work is lost.
-    let standby = state.members.values().filter(|m| m.rank.is_none()).count();
+    let standby = state
+        .members
+        .iter()
+        .filter(|(w, m)| m.rank.is_none() && !state.benched.contains(*w))
+        .count();
     let room = state
         .config
         .max_workers
@@ -1363,6 +1426,52 @@ fn checkpoint_report(
         );
         // Growing is not a failure.
         state.failed_generations = 0;
+    }
+}
+
+/// Members on the bench (`JobState::benched`).
+fn benched(state: &JobState) -> usize {
+    state
+        .members
+        .keys()
+        .filter(|w| state.benched.contains(*w))
+        .count()
+}
+
+/// Names a stalled step once, and aborts the generation when the stall outlasts its timeout:
+/// the re-formation leaves the culprit out (`stall`).
+fn check_stall(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
+    let verdict = state
+        .stall
+        .check(&state.config.stall, state.generation, &state.ranks, now);
+    match verdict {
+        None => {}
+        Some(stall::Verdict::Named(stall)) => out.push(Action::Log(Log::Stall(stall))),
+        Some(stall::Verdict::Abort(stall)) => {
+            let waited = now.saturating_duration_since(stall.since);
+            let reason = format!(
+                "step {} stalled for {}: {}",
+                stall.step,
+                fmt_duration(waited),
+                stall.culprit
+            );
+            if let Some(worker) = stall.culprit.benched() {
+                state.benched.insert(worker.clone());
+            }
+            out.push(Action::Log(Log::Stall(stall)));
+            begin_recovery(state, reason, None, now, out);
+        }
+    }
+}
+
+/// A rank's collective failed while a named stall was open: its culprit is benched and the
+/// stall recorded as aborted.
+fn bench_stalled(state: &mut JobState, out: &mut Vec<Action>) {
+    if let Some(stall) = state.stall.abort_open() {
+        if let Some(worker) = stall.culprit.benched() {
+            state.benched.insert(worker.clone());
+        }
+        out.push(Action::Log(Log::Stall(stall)));
     }
 }
 

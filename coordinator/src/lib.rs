@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod plan;
 pub mod progress;
 pub mod server;
+pub mod stall_wire;
 
 pub use dapt_proto::job as spec;

@@ -598,6 +598,7 @@ fn status_json(s: &rpc::StatusReply) -> String {
         "committed_step": s.committed_step,
         "committed_checkpoint": s.committed_checkpoint,
         "reason": s.reason,
+        "stalls": dapt_coordinator::stall_wire::stalls_json(&s.stalls),
     })
     .to_string()
 }
@@ -635,5 +636,6 @@ fn render_status(s: &rpc::StatusReply) -> String {
             m.devices.join(",")
         ));
     }
+    out.push_str(&dapt_coordinator::stall_wire::render(&s.stalls));
     out
 }

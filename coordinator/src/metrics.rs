@@ -40,6 +40,14 @@ struct CodeLabel {
     code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StallLabel {
+    /// `rank`, `link` or `unknown`.
+    culprit: String,
+    /// The culprit's phase (`collective` for a link; empty when unknown).
+    phase: String,
+}
+
 /// The phases a job can be in (`Phase::name`), each a series of `dapt_phase`.
 const PHASES: [&str; 7] = [
     "forming",
@@ -74,6 +82,8 @@ pub struct Metrics {
     workers_lost: Counter,
     refusals: Family<CodeLabel, Counter>,
     divergences: Counter,
+    stalls: Family<StallLabel, Counter>,
+    stall_aborts: Counter,
 }
 
 impl Metrics {
@@ -100,6 +110,8 @@ impl Metrics {
             workers_lost: Counter::default(),
             refusals: Family::default(),
             divergences: Counter::default(),
+            stalls: Family::default(),
+            stall_aborts: Counter::default(),
             registry: Registry::with_prefix("dapt"),
         };
         let r = &mut m.registry;
@@ -200,6 +212,16 @@ impl Metrics {
             "Checkpoint steps whose ranks reported different weights",
             m.divergences.clone(),
         );
+        r.register(
+            "stalls",
+            "Steps that took longer than their bound, by what held them (docs/control-plane.md#stall-detection)",
+            m.stalls.clone(),
+        );
+        r.register(
+            "stall_aborts",
+            "Generations aborted because a stall outlasted cluster.stall_timeout_s",
+            m.stall_aborts.clone(),
+        );
         m.info
             .get_or_create(&Label {
                 name: job.to_string(),
@@ -267,6 +289,29 @@ impl Metrics {
             }
             Log::Diverged { .. } => {
                 self.divergences.inc();
+            }
+            Log::Stall(stall) => {
+                use crate::control::stall::{Culprit, StallAction};
+                match stall.action {
+                    StallAction::Named => {
+                        let culprit = match stall.culprit {
+                            Culprit::Rank { .. } => "rank",
+                            Culprit::Link { .. } => "link",
+                            Culprit::Unknown => "unknown",
+                        };
+                        let phase = stall.culprit.phase().map_or("", |p| p.name());
+                        self.stalls
+                            .get_or_create(&StallLabel {
+                                culprit: culprit.to_string(),
+                                phase: phase.to_string(),
+                            })
+                            .inc();
+                    }
+                    StallAction::Aborted => {
+                        self.stall_aborts.inc();
+                    }
+                    StallAction::Cleared => {}
+                }
             }
             _ => {}
         }

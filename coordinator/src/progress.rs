@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use dapt_proto::job::JobSpec;
 use dapt_proto::logging::{self, clock, scientific, seconds, significant, LogFormat};
 
+use crate::control::stall::{Culprit, StallAction};
 use crate::control::{fmt_duration, Log, RecoveryPhase};
 
 /// Weight of a new step's throughput in the smoothed rate: an exponential moving average over
@@ -622,6 +623,35 @@ pub fn emit(line: Log, progress: &Progress, now: Instant) {
             reason,
         } => tracing::warn!(generation = generation.0, %worker, %reason, "recovery cause"),
         Log::Stopping { reason } => tracing::warn!(%reason, "stopping the job"),
+        Log::Stall(stall) => {
+            let waited = now.saturating_duration_since(stall.since);
+            let (rank, peer) = match &stall.culprit {
+                Culprit::Rank { rank, .. } => (i64::from(*rank), -1),
+                Culprit::Link { from, to, .. } => (i64::from(*from), i64::from(*to)),
+                Culprit::Unknown => (-1, -1),
+            };
+            let phase = stall.culprit.phase().map_or("", |p| p.name());
+            let (action, waited_text, bound) = (
+                stall.action.name(),
+                fmt_duration(waited),
+                fmt_duration(stall.bound),
+            );
+            match stall.action {
+                StallAction::Cleared => tracing::info!(
+                    %action, generation = stall.generation.0, step = stall.step,
+                    culprit = %stall.culprit, rank, peer, phase,
+                    waited = %waited_text, waited_ms = waited.as_millis() as u64, bound = %bound,
+                    "stall"
+                ),
+                StallAction::Named | StallAction::Aborted => tracing::warn!(
+                    %action, generation = stall.generation.0, step = stall.step,
+                    culprit = %stall.culprit, rank, peer, phase,
+                    waited = %waited_text, waited_ms = waited.as_millis() as u64, bound = %bound,
+                    bytes = stall.bytes.unwrap_or(0),
+                    "stall"
+                ),
+            }
+        }
     }
 }
 

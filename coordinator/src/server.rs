@@ -174,6 +174,11 @@ pub async fn start(
         global_batch: training.global_batch,
         micro_batch: training.micro_batch(),
         max_failed_generations: 3,
+        stall: crate::control::StallConfig {
+            factor: c.stall_factor,
+            floor: Duration::from_millis(c.stall_floor_ms),
+            timeout: (c.stall_timeout_s > 0).then(|| Duration::from_secs(c.stall_timeout_s)),
+        },
     };
     if let Some(committed) = &committed {
         tracing::info!(
@@ -608,6 +613,7 @@ fn snapshot(state: &JobState) -> StatusReply {
             Phase::Failed(r) | Phase::Stopped(r) => r.clone(),
             _ => String::new(),
         },
+        stalls: crate::stall_wire::stalls(&state.stall),
     }
 }
 
@@ -851,7 +857,14 @@ fn to_event(
         Kind::Join(_) | Kind::Hello(_) => {
             return Err(Refusal::new(ErrorCode::Invalid, "a session joins once"))
         }
-        Kind::Heartbeat(_) => Event::Heartbeat { conn, worker: id },
+        Kind::Heartbeat(h) => match crate::stall_wire::from_heartbeat(&h) {
+            Some(report) => Event::Progress {
+                conn,
+                worker: id,
+                report,
+            },
+            None => Event::Heartbeat { conn, worker: id },
+        },
         Kind::Step(s) => Event::Step {
             conn,
             worker: id,

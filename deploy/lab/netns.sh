@@ -8,6 +8,8 @@
 #                                      # daptTAGh0.. at 10.213.N.10, .11, ...; prints them
 #   deploy/lab/netns.sh exec TAG I CMD...  # run CMD on host I
 #   deploy/lab/netns.sh cut TAG I      # drop every packet in and out of host I
+#   deploy/lab/netns.sh cut-link TAG I PEER_IP PORT  # on host I, drop only the TCP traffic with
+#                                      # PEER_IP to or from PORT (a collective's port)
 #   deploy/lab/netns.sh heal TAG I     # remove those rules
 #   deploy/lab/netns.sh down TAG       # remove the hosts and the bridge
 #
@@ -57,6 +59,14 @@ case $cmd in
     i=${3:?netns.sh cut TAG I}
     ip netns exec "$(ns "$i")" iptables -A INPUT -j DROP
     ip netns exec "$(ns "$i")" iptables -A OUTPUT -j DROP
+    ;;
+  cut-link)
+    i=${3:?netns.sh cut-link TAG I PEER_IP PORT} peer=${4:?PEER_IP} port=${5:?PORT}
+    n=$(ns "$i")
+    ip netns exec "$n" iptables -A INPUT -s "$peer" -p tcp --sport "$port" -j DROP
+    ip netns exec "$n" iptables -A INPUT -s "$peer" -p tcp --dport "$port" -j DROP
+    ip netns exec "$n" iptables -A OUTPUT -d "$peer" -p tcp --dport "$port" -j DROP
+    ip netns exec "$n" iptables -A OUTPUT -d "$peer" -p tcp --sport "$port" -j DROP
     ;;
   heal)
     i=${3:?netns.sh heal TAG I}

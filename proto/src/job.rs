@@ -247,6 +247,15 @@ pub struct ClusterSpec {
     pub abort_timeout_ms: u64,
     /// A collective with no progress for this long (seconds) fails on the worker.
     pub collective_timeout_s: u64,
+    /// A step counts as stalled once it has taken this many times the median training time of
+    /// the recent steps (and at least `stall_floor_ms`): the coordinator then names the rank or
+    /// link that holds it (docs/control-plane.md#stall-detection).
+    pub stall_factor: f64,
+    /// The least time (milliseconds) a step may take before it counts as stalled.
+    pub stall_floor_ms: u64,
+    /// A stall that lasts this long (seconds) after it was named aborts the generation, which
+    /// re-forms without the rank (or a link's sending end) that held it. 0: only name it.
+    pub stall_timeout_s: u64,
     /// Where membership and the job's durable state live: `embedded` (the coordinator's
     /// process and files under checkpoint.dir; one machine) or `etcd` (needs `etcd:`).
     /// Default: `etcd` when an `etcd:` section is given, else `embedded`.
@@ -391,6 +400,9 @@ impl Default for ClusterSpec {
             formation_grace_ms: 2_000,
             abort_timeout_ms: 10_000,
             collective_timeout_s: 300,
+            stall_factor: 5.0,
+            stall_floor_ms: 30_000,
+            stall_timeout_s: 60,
             membership: None,
             etcd: None,
             tls: None,
@@ -645,6 +657,18 @@ impl JobSpec {
         if let Some(e) = &c.etcd {
             at_most("cluster.etcd.lease_ttl_s", e.lease_ttl_s, MAX_LEASE_TTL_S)?;
         }
+        number(
+            "cluster.stall_factor",
+            c.stall_factor,
+            |x| (1.0..=1e6).contains(&x),
+            "between 1 and 1000000",
+        )?;
+        at_most("cluster.stall_floor_ms", c.stall_floor_ms, MAX_DURATION_MS)?;
+        at_most(
+            "cluster.stall_timeout_s",
+            c.stall_timeout_s,
+            MAX_DURATION_MS / 1000,
+        )?;
         if let Some(m) = &self.model {
             number("model.init_std", m.init_std, |x| x >= 0.0, ">= 0")?;
         }

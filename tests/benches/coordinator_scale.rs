@@ -196,7 +196,7 @@ async fn simulated_worker(
     loop {
         tokio::select! {
             _ = &mut stop => return,
-            _ = heartbeat.tick() => send(Kind::Heartbeat(rpc::Heartbeat { generation: 0, step: 0 })),
+            _ = heartbeat.tick() => send(Kind::Heartbeat(rpc::Heartbeat { generation: 0, step: 0, ..Default::default() })),
             m = inbound.message() => match m {
                 Ok(Some(rpc::CoordinatorMessage { kind: Some(kind) })) => match kind {
                     coordinator_message::Kind::Assign(a) => {

@@ -11,6 +11,8 @@
 //!   NCCL between GPUs (feature `cuda`).
 //! * [`device`] — `--device cpu|cuda:N`, and the checks that run before any GPU code.
 //! * [`checkpoint`] — checksummed, atomically published checkpoints that resume bitwise.
+//! * [`progress`] — where a rank is (phase, collective bytes, the peer it waits for), for the
+//!   heartbeats.
 
 pub mod agent;
 pub mod checkpoint;
@@ -20,6 +22,7 @@ pub mod error;
 pub mod import;
 pub mod memory;
 pub mod model;
+pub mod progress;
 pub mod train;
 
 pub use error::{Result, WorkerError};

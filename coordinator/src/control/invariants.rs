@@ -404,6 +404,16 @@ pub fn describe(event: &Event) -> String {
         Event::Expired { worker } => format!("lease of {worker} expired"),
         Event::Disconnected { conn, worker } => format!("session {conn} of {worker} ended"),
         Event::Heartbeat { conn, worker } => format!("heartbeat of {worker} on session {conn}"),
+        Event::Progress {
+            conn,
+            worker,
+            report,
+        } => format!(
+            "progress of {worker} on session {conn}: generation {}, step {}, {}",
+            report.generation,
+            report.step,
+            report.phase.name()
+        ),
         Event::Step {
             conn,
             worker,

@@ -18,6 +18,7 @@ fn config() -> ControlConfig {
         global_batch: BATCH,
         micro_batch: 2,
         max_failed_generations: 3,
+        stall: StallConfig::default(),
     }
 }
 
@@ -1031,4 +1032,95 @@ fn a_generation_that_resumed_from_an_unrecorded_commit_is_formed_again() {
         (state.phase, state.generation),
         (Phase::Forming, Generation(2))
     );
+}
+
+/// Issue 16: a stalled ring is named once, aborted after the stall timeout, and re-formed
+/// without the culprit link's sending end, which no later commit takes back.
+#[test]
+fn a_stalled_link_is_named_then_aborted_and_its_sender_benched() {
+    use super::stall::{CollectiveReport, Culprit, RankPhase, StallAction};
+    let mut sim = Sim::new(ControlConfig {
+        max_workers: Some(3),
+        total_steps: 20,
+        stall: StallConfig {
+            factor: 3.0,
+            floor: Duration::from_millis(500),
+            timeout: Some(Duration::from_secs(2)),
+        },
+        ..config()
+    });
+    for (conn, w) in [(1, "a"), (2, "b"), (3, "c")] {
+        sim.join(conn, w);
+    }
+    assert_eq!(sim.state().ranks.len(), 3);
+    sim.train(0, 5);
+    sim.step("a", 5);
+    sim.step("b", 5);
+    sim.step("c", 5);
+    let generation = sim.state().generation;
+    // The ring a -> b -> c -> a with the link b -> c cut: each waits on its left; c got nothing.
+    for (w, on, received) in [("a", 2, 24), ("b", 0, 5000), ("c", 1, 0)] {
+        let conn = sim.conn(w);
+        sim.send(Event::Progress {
+            conn,
+            worker: id(w),
+            report: RankReport {
+                generation,
+                step: 6,
+                phase: RankPhase::Collective,
+                collective: Some(CollectiveReport {
+                    calls: 13,
+                    received,
+                    sent: 24,
+                    waiting_for: Some(on),
+                    waited: Duration::from_millis(300),
+                }),
+            },
+        });
+    }
+    let stalls = |actions: &[Action]| -> Vec<super::Stall> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Log(Log::Stall(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(stalls(&sim.at(0.4).send(Event::Tick)).is_empty());
+    let named = stalls(&sim.at(0.6).send(Event::Tick));
+    assert_eq!(named.len(), 1, "{named:?}");
+    assert_eq!(named[0].action, StallAction::Named);
+    assert_eq!(
+        named[0].culprit.to_string(),
+        "link rank 1 (b) -> rank 2 (c) in the collective"
+    );
+    assert!(matches!(
+        named[0].culprit,
+        Culprit::Link { from: 1, to: 2, .. }
+    ));
+    // Named once; nothing aborted before the timeout.
+    let quiet = sim.at(2.5).send(Event::Tick);
+    assert!(stalls(&quiet).is_empty() && aborts(&quiet).is_empty());
+    let actions = sim.at(2.7).send(Event::Tick);
+    assert_eq!(stalls(&actions)[0].action, StallAction::Aborted);
+    assert_eq!(recovery_phases(&actions), vec![RecoveryPhase::Detected]);
+    assert_eq!(aborts(&actions).len(), 3);
+    assert!(sim.state().benched.contains(&id("b")));
+    let mut formed = Vec::new();
+    for w in ["a", "b", "c"] {
+        let conn = sim.conn(w);
+        formed.extend(sim.at(2.8).send(Event::Aborted {
+            conn,
+            worker: id(w),
+            generation,
+        }));
+    }
+    let ranks: Vec<WorkerId> = assignments(&formed).into_iter().map(|(w, _)| w).collect();
+    assert_eq!(ranks, vec![id("a"), id("c")]);
+    // The next commit does not take the benched worker back as a standby.
+    let actions = sim.train(5, 10);
+    assert!(aborts(&actions).is_empty(), "{actions:?}");
+    assert_eq!(sim.state().ranks, vec![id("a"), id("c")]);
+    assert_eq!(sim.state().stall.history.len(), 1);
 }

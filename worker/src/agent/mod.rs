@@ -148,6 +148,8 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
                 send(Kind::Heartbeat(rpc::Heartbeat {
                     generation: progress.generation.load(Ordering::Relaxed),
                     step: progress.step.load(Ordering::Relaxed),
+                    phase: progress.phase() as i32,
+                    collective: progress.collective(),
                 }));
             }
         })

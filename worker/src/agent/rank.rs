@@ -15,12 +15,13 @@
 use std::cell::RefCell;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dapt_corpus::{rank_slice, CorpusReader};
 use dapt_proto::job::JobSpec;
-use dapt_proto::rpc::{self, worker_message::Kind, Assignment};
+use dapt_proto::rpc::{self, worker_message::Kind, Assignment, RankPhase};
 
 use crate::checkpoint;
 use crate::collective::{AbortHandle, Collective, CollectiveError, RingConfig, RingListener};
@@ -65,11 +66,7 @@ impl RankError {
 }
 
 /// Where the rank is, for the heartbeats.
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub generation: AtomicU64,
-    pub step: AtomicU64,
-}
+pub use crate::progress::Progress;
 
 /// Where this worker's rank trains, and with which engine.
 #[derive(Debug, Clone, Copy)]
@@ -91,9 +88,10 @@ pub fn train(
     placement: Placement,
     listener: &RingListener,
     abort: &AbortHandle,
-    progress: &Progress,
+    progress: &Arc<Progress>,
     report: &dyn Fn(Kind),
 ) -> Result<(), RankError> {
+    progress.begin_generation(a.generation, a.resume_step);
     let training = job
         .training
         .ok_or_else(|| RankError::failed("the job has no `training:` section"))?;
@@ -174,6 +172,7 @@ pub fn train(
             .connect(cfg, abort.clone())
             .map_err(|e| collective_error(e, abort))?,
     ));
+    ring.borrow_mut().set_progress(progress.clone());
     let mut trainer: Box<dyn Engine> = match (placement.device, placement.engine) {
         (DeviceSpec::Cpu, EngineKind::Host) => Box::new(HostEngine {
             trainer,
@@ -226,6 +225,7 @@ pub fn train(
     };
     if a.resume_step == 0 && training.eval_every > 0 {
         // The base model's held-out perplexity: what continued pretraining is measured against.
+        progress.set_phase(RankPhase::Evaluate);
         eval(trainer.as_ref(), 0)?;
         // The other ranks wait for it here rather than inside the first step's training time.
         barrier(&mut *ring.borrow_mut()).map_err(|e| collective_error(e, abort))?;
@@ -233,7 +233,6 @@ pub fn train(
 
     let step_tokens = training.tokens_per_step();
     let total = a.total_steps.min(training.steps());
-    progress.generation.store(a.generation, Ordering::Relaxed);
     let panic_at = fault_panic_step();
     while trainer.step() < total {
         if abort.is_aborted() {
@@ -248,6 +247,7 @@ pub fn train(
         let started = Instant::now();
         let step = trainer.step();
         let slice = rank_slice(step, training.global_batch, a.rank, a.world);
+        progress.set_phase(RankPhase::Data);
         let micro = MicroBatch::split(
             &reader,
             &order,
@@ -257,6 +257,8 @@ pub fn train(
         )
         .map_err(RankError::failed)?;
         let denominator = step_tokens as f64 / a.world as f64;
+        // The ring marks its all-reduce (`collective`) and the optimizer step after it.
+        progress.set_phase(RankPhase::Forward);
         let (loss, stats) = trainer
             .train_step(&micro, denominator, step_tokens)
             .map_err(|e| match e {
@@ -276,6 +278,7 @@ pub fn train(
         let checkpoint_now = done.is_multiple_of(job.checkpoint.every) || done == total;
         let mut eval_time = Duration::ZERO;
         if evaluate_now {
+            progress.set_phase(RankPhase::Evaluate);
             let t = Instant::now();
             eval(trainer.as_ref(), done)?;
             eval_time = t.elapsed();
@@ -283,6 +286,7 @@ pub fn train(
         let mut checkpoint_time = Duration::ZERO;
         let mut vote = None;
         if checkpoint_now {
+            progress.set_phase(RankPhase::Checkpoint);
             let t = Instant::now();
             // One host copy of a device engine's state serves the checkpoint and the digest.
             let host = trainer.host();

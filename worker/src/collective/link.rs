@@ -4,10 +4,12 @@
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use super::{AbortHandle, CollectiveError};
+use crate::progress::Progress;
 
 // The data goes on the wire as the buffer's own bytes (no per-element copy); that is the
 // little-endian wire format only on little-endian targets, which are all the targets dapt runs
@@ -49,6 +51,9 @@ impl Watch<'_> {
 pub(super) struct Link {
     stream: TcpStream,
     pub(super) peer: usize,
+    /// Where the bytes moved and the waits are counted, for the heartbeats (a ring's links
+    /// after `TcpRing::set_progress`).
+    pub(super) progress: Option<Arc<Progress>>,
 }
 
 impl Link {
@@ -60,7 +65,11 @@ impl Link {
             s.set_write_timeout(Some(POLL))
         };
         setup(&stream).map_err(|e| CollectiveError::io(peer, e))?;
-        Ok(Self { stream, peer })
+        Ok(Self {
+            stream,
+            peer,
+            progress: None,
+        })
     }
 
     pub(super) fn read_exact(
@@ -68,6 +77,17 @@ impl Link {
         buf: &mut [u8],
         watch: &Watch,
     ) -> Result<(), CollectiveError> {
+        if let Some(p) = &self.progress {
+            p.waiting(self.peer);
+        }
+        let result = self.read_all(buf, watch);
+        if let Some(p) = &self.progress {
+            p.not_waiting();
+        }
+        result
+    }
+
+    fn read_all(&mut self, buf: &mut [u8], watch: &Watch) -> Result<(), CollectiveError> {
         let mut done = 0;
         let mut progress = Instant::now();
         while done < buf.len() {
@@ -78,6 +98,9 @@ impl Link {
                 Ok(n) => {
                     done += n;
                     progress = Instant::now();
+                    if let Some(p) = &self.progress {
+                        p.received(n);
+                    }
                 }
                 Err(e) => self.idle(e, progress, watch)?,
             }
@@ -96,6 +119,9 @@ impl Link {
                 Ok(n) => {
                     done += n;
                     progress = Instant::now();
+                    if let Some(p) = &self.progress {
+                        p.sent(n);
+                    }
                 }
                 Err(e) => self.idle(e, progress, watch)?,
             }

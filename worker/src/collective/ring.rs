@@ -27,12 +27,14 @@ use std::net::{SocketAddr, TcpListener};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use super::handshake::{accept_left, dial_right};
 use super::link::{as_bytes, as_bytes_mut, decode_words, encode_words, Link, Watch, MAGIC, POLL};
 use super::{shard_range, AbortHandle, Collective, CollectiveError};
+use crate::progress::Progress;
 use dapt_proto::auth::Key;
 
 /// Reduce-scatter reads up to this much into a scratch buffer, then adds it: one L2's worth
@@ -107,6 +109,8 @@ pub struct TcpRing {
     /// Calls so far; travels in each call's header so ranks out of step are caught.
     calls: u64,
     poisoned: bool,
+    /// Where each call's phase, bytes and waits are counted, for the heartbeats.
+    progress: Option<Arc<Progress>>,
 }
 
 #[derive(Debug)]
@@ -131,6 +135,16 @@ impl TcpRing {
 
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Counts every call's phase, the bytes it moves and the peer it waits for in `progress`
+    /// (the rank's heartbeat reads it: docs/control-plane.md#stall-detection).
+    pub fn set_progress(&mut self, progress: Arc<Progress>) {
+        if let Some(links) = &mut self.links {
+            links.left.progress = Some(progress.clone());
+            links.right.progress = Some(progress.clone());
+        }
+        self.progress = Some(progress);
     }
 
     /// A whole ring of `world` ranks in this process on 127.0.0.1 (generation 1, a key of a
@@ -226,6 +240,7 @@ impl RingListener {
             scratch: vec![0.0; (REDUCE_BLOCK_BYTES / 4).min(cfg.chunk_bytes / 4)],
             calls: 0,
             poisoned: false,
+            progress: None,
         })
     }
 }
@@ -274,7 +289,11 @@ impl TcpRing {
             abort: &self.abort,
         };
         self.calls += 1;
+        let before = self.progress.as_ref().map(|p| p.begin_call());
         let result = run(links, &mut self.scratch, buf, &call);
+        if let (Some(p), Some(before)) = (&self.progress, before) {
+            p.end_call(before);
+        }
         if let Err(error) = &result {
             // The streams may have stopped mid-message; they cannot carry another call.
             self.poisoned = true;
@@ -331,6 +350,7 @@ fn run(
     let (to_sender, outbox) = mpsc::channel();
     let (to_main, returned) = mpsc::channel();
     let Links { right, left } = links;
+    let right_peer = right.peer;
     exchange_headers(right, left, call, buf_len, &watch)?;
     let (received, sent) = thread::scope(|s| {
         let sender = s.spawn(|| stop_on_err(&stop, send_pieces(right, outbox, to_main, watch)));
@@ -339,6 +359,7 @@ fn run(
             to_sender,
             returned,
             left,
+            right: right_peer,
             scratch,
             watch,
         };
@@ -359,6 +380,8 @@ struct Pipeline<'b, 'l, 'w> {
     to_sender: Sender<(usize, &'b mut [f32])>,
     returned: Receiver<(usize, &'b mut [f32])>,
     left: &'l mut Link,
+    /// The right neighbour's rank.
+    right: usize,
     scratch: &'l mut [f32],
     watch: Watch<'w>,
 }
@@ -420,7 +443,13 @@ impl<'b> Pipeline<'b, '_, '_> {
             }
             match self.returned.recv_timeout(POLL) {
                 Ok((back, piece)) => self.slots[back] = Some(piece),
-                Err(RecvTimeoutError::Timeout) => self.watch.check()?,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.watch.check()?;
+                    // The piece is stuck in a write to the right neighbour.
+                    if let Some(p) = &self.left.progress {
+                        p.waiting(self.right);
+                    }
+                }
                 // The sender failed; its own error says why.
                 Err(RecvTimeoutError::Disconnected) => return Err(CollectiveError::Aborted),
             }

@@ -754,6 +754,7 @@ fn config(setup: &Setup) -> ControlConfig {
         global_batch: setup.global_batch,
         micro_batch: 2,
         max_failed_generations: setup.max_failed_generations,
+        stall: StallConfig::default(),
     }
 }
 
@@ -776,6 +777,7 @@ fn set_conn(event: &mut Event, to: ConnId) {
         Event::Join { conn, .. }
         | Event::Disconnected { conn, .. }
         | Event::Heartbeat { conn, .. }
+        | Event::Progress { conn, .. }
         | Event::Step { conn, .. }
         | Event::Checkpoint { conn, .. }
         | Event::Aborted { conn, .. }
