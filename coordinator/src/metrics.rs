@@ -74,6 +74,7 @@ pub struct Metrics {
     workers_lost: Counter,
     refusals: Family<CodeLabel, Counter>,
     divergences: Counter,
+    guard: crate::guard::metrics::GuardMetrics,
 }
 
 impl Metrics {
@@ -100,6 +101,7 @@ impl Metrics {
             workers_lost: Counter::default(),
             refusals: Family::default(),
             divergences: Counter::default(),
+            guard: Default::default(),
             registry: Registry::with_prefix("dapt"),
         };
         let r = &mut m.registry;
@@ -200,6 +202,7 @@ impl Metrics {
             "Checkpoint steps whose ranks reported different weights",
             m.divergences.clone(),
         );
+        m.guard.register(&mut m.registry);
         m.info
             .get_or_create(&Label {
                 name: job.to_string(),
@@ -210,6 +213,7 @@ impl Metrics {
 
     /// Takes in what a log line says.
     pub fn observe(&self, line: &Log) {
+        self.guard.observe(line);
         match line {
             Log::Lost { .. } => {
                 self.workers_lost.inc();
@@ -287,6 +291,7 @@ impl Metrics {
             .set(status.members.iter().filter(|m| m.rank >= 0).count() as i64);
         self.total_steps.set(status.total_steps as i64);
         self.committed_step.set(status.committed_step as i64);
+        self.guard.render(&status.guard_json);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String does not fail");
