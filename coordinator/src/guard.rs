@@ -267,13 +267,17 @@ impl Guard {
         }
         let weights = reweighted(&self.current_weights(), &self.sources, target);
         self.pending = Some(weights);
-        format!("raising the replay share from {now:.4} to {target:.4} from the next committed step")
+        format!(
+            "raising the replay share from {now:.4} to {target:.4} from the next committed step"
+        )
     }
 
     /// At a commit of `step`: the change a rebalance decided, to record with it (and re-form
     /// the generation on).
     pub fn take_change(&mut self, step: u64) -> Option<MixtureChange> {
-        self.pending.take().map(|weights| MixtureChange { step, weights })
+        self.pending
+            .take()
+            .map(|weights| MixtureChange { step, weights })
     }
 }
 
@@ -293,10 +297,16 @@ pub fn status_line(guard_json: &str) -> Option<String> {
         out.push_str(&format!(
             "  {}: base {}, last {} ({} at step {}), bound {}\n",
             b["source"].as_str().unwrap_or("?"),
-            b["base"].as_f64().map_or("not measured".into(), |x| format!("{x:.4}")),
-            b["last"].as_f64().map_or("none".into(), |x| format!("{x:.4}")),
+            b["base"]
+                .as_f64()
+                .map_or("not measured".into(), |x| format!("{x:.4}")),
+            b["last"]
+                .as_f64()
+                .map_or("none".into(), |x| format!("{x:.4}")),
             pct("rise").unwrap_or_else(|| "-".into()),
-            b["last_step"].as_u64().map_or("-".into(), |s| s.to_string()),
+            b["last_step"]
+                .as_u64()
+                .map_or("-".into(), |s| s.to_string()),
             pct("max_rise").unwrap_or_else(|| "-".into()),
         ));
     }
@@ -411,9 +421,12 @@ mod tests {
             err.contains("guard.bounds[0].max_rise") && err.contains("line 9"),
             "{err}"
         );
-        let err = JobSpec::parse(&format!("{head}  bounds: []\n  action: shout\n"))
-            .expect_err("refused");
-        assert!(err.contains("guard.action") && err.contains("line 8"), "{err}");
+        let err =
+            JobSpec::parse(&format!("{head}  bounds: []\n  action: shout\n")).expect_err("refused");
+        assert!(
+            err.contains("guard.action") && err.contains("line 8"),
+            "{err}"
+        );
         // Across sections: the base needs evaluations, a stop needs every checkpoint evaluated.
         let mut spec = job("stop", "");
         spec.training.as_mut().expect("training").eval_every = 0;

@@ -187,7 +187,10 @@ pub async fn start(
         .is_none_or(|c| c.step < config.total_steps);
     let guard = crate::guard::Guard::new(
         &job,
-        &committed.as_ref().map(|c| c.guard_base.clone()).unwrap_or_default(),
+        &committed
+            .as_ref()
+            .map(|c| c.guard_base.clone())
+            .unwrap_or_default(),
         committed.as_ref().map_or(&[][..], |c| &c.schedule),
     );
     let state = match record.filter(|_| unfinished) {
@@ -404,10 +407,7 @@ async fn control_loop(
     }
     match &state.phase {
         Phase::Completed => {
-            let c = state
-                .committed
-                .clone()
-                .unwrap_or_default();
+            let c = state.committed.clone().unwrap_or_default();
             Outcome::Completed {
                 step: c.step,
                 checkpoint: PathBuf::from(c.dir),

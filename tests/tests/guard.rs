@@ -12,7 +12,7 @@ use std::process::Command;
 
 use dapt_tests::{binary, check_ledger, events, free_port, losses, repo_root, serial, Proc, LONG};
 
-const STEPS: u64 = 12;
+const STEPS: u64 = 20;
 const BATCH: u64 = 7;
 
 /// Digit strings: text the general source shares nothing with but the digits.
@@ -136,8 +136,19 @@ fn warned_run(dir: &Path) -> (Vec<(u64, f64)>, Vec<(u64, f64)>) {
         !events(l, "forgetting guard tripped").is_empty()
     });
     let text = scrape(metrics);
-    println!("{}", text.lines().filter(|l| l.contains("guard")).collect::<Vec<_>>().join("\n"));
-    assert!(value(&text, r#"dapt_guard_trips_total{source="sotu",action="warn"}"#) >= 1.0);
+    println!(
+        "{}",
+        text.lines()
+            .filter(|l| l.contains("guard"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        value(
+            &text,
+            r#"dapt_guard_trips_total{source="sotu",action="warn"}"#
+        ) >= 1.0
+    );
     let base = value(&text, r#"dapt_guard_base_perplexity{source="sotu"}"#);
     assert!(base > 1.0, "{base}");
     assert!(value(&text, r#"dapt_guard_rise{source="sotu"}"#) > 0.05);
@@ -152,34 +163,30 @@ fn warned_run(dir: &Path) -> (Vec<(u64, f64)>, Vec<(u64, f64)>) {
     let trips = events(&lines, "forgetting guard tripped");
     println!("warn trips: {trips:#?}");
     assert_eq!(trips[0]["action"], "warn");
-    assert!(trips[0]["outcome"].as_str().expect("outcome").contains("warned"));
+    assert!(trips[0]["outcome"]
+        .as_str()
+        .expect("outcome")
+        .contains("warned"));
     // A warning changes nothing: the job trains to its end.
     assert_eq!(losses(&lines).len() as u64, STEPS);
     check_ledger(&checkpoints.join("ledger.jsonl"), STEPS * BATCH).expect("ledger");
     (perplexities(&lines, "sotu"), losses(&lines))
 }
 
-/// A bound that the step-2 evaluation is within and a later one is not, from the warned run's
-/// trajectory (the runs train alike up to the trip), and the first step past it.
+/// A bound that every evaluation up to some step after 2 is within and that step's is not, from
+/// the warned run's trajectory (the runs train alike up to the trip), and that step.
 fn bound_between(trajectory: &[(u64, f64)]) -> (f64, u64) {
     let base = trajectory[0].1;
     let rise = |p: f64| p / base - 1.0;
-    let early = rise(trajectory[1].1);
-    let later = trajectory[2..]
-        .iter()
-        .map(|&(_, p)| rise(p))
-        .fold(f64::MIN, f64::max);
-    assert!(
-        later > early + 0.01,
-        "the general perplexity did not keep rising: {trajectory:?}"
-    );
-    let bound = (early + later) / 2.0;
-    let first_out = trajectory[2..]
-        .iter()
-        .find(|&&(_, p)| rise(p) > bound)
-        .expect("a step past the bound")
-        .0;
-    (bound, first_out)
+    let mut highest = rise(trajectory[1].1);
+    for &(step, p) in &trajectory[2..] {
+        if rise(p) > highest.max(0.0) + 0.02 {
+            // Positive (a bound must be), below this step's rise, above every earlier one.
+            return (((highest + rise(p)) / 2.0).max(rise(p) / 2.0), step);
+        }
+        highest = highest.max(rise(p));
+    }
+    panic!("the general perplexity did not rise: {trajectory:?}");
 }
 
 #[test]
@@ -208,13 +215,20 @@ fn a_forgetting_job_trips_the_guard_under_warn_stop_and_rebalance() {
     assert_eq!(trips[0]["action"], "stop");
     let stopped_at = first_out - 2;
     let completed = events(&lines, "job completed");
-    assert_eq!(completed[0]["step"].as_u64(), Some(stopped_at), "{completed:?}");
+    assert_eq!(
+        completed[0]["step"].as_u64(),
+        Some(stopped_at),
+        "{completed:?}"
+    );
     let committed: serde_json::Value = serde_json::from_slice(
         &std::fs::read(checkpoints.join("committed.json")).expect("committed.json"),
     )
     .expect("json");
     assert_eq!(committed["step"].as_u64(), Some(stopped_at));
-    assert!(committed["guard_base"]["sotu"].as_f64().is_some(), "{committed}");
+    assert!(
+        committed["guard_base"]["sotu"].as_f64().is_some(),
+        "{committed}"
+    );
     // The export is the checkpoint of that step.
     let kept = PathBuf::from(committed["dir"].as_str().expect("dir"));
     assert_eq!(
@@ -226,17 +240,23 @@ fn a_forgetting_job_trips_the_guard_under_warn_stop_and_rebalance() {
 
     // rebalance: from the committed step of the trip, the replay source is drawn.
     let settings = "  rebalance:\n    factor: 2\n    cap: 0.5\n    floor: 0.1\n";
-    let (job, checkpoints) = write_job(dir.path(), "rebalance", &guard("rebalance", bound, settings));
+    let (job, checkpoints) = write_job(
+        dir.path(),
+        "rebalance",
+        &guard("rebalance", bound, settings),
+    );
     let mut first = launch(&job);
     first.wait_for("the mixture change and a later commit", LONG, |l| {
         let changed = events(l, "mixture changed");
         let Some(at) = changed.first().and_then(|c| c["step"].as_u64()) else {
             return false;
         };
-        let committed_after = events(l, "checkpoint committed")
+        // A step past a commit after the change: the resume trains it again.
+        let last_commit = events(l, "checkpoint committed")
             .iter()
-            .any(|c| c["step"].as_u64() > Some(at));
-        committed_after && losses(l).iter().any(|&(s, _)| s > at + 2)
+            .filter_map(|c| c["step"].as_u64())
+            .max();
+        last_commit.is_some_and(|c| c > at && losses(l).iter().any(|&(s, _)| s >= c))
     });
     first.signal(libc::SIGINT);
     let (status, _) = first.finish(LONG);
@@ -245,7 +265,10 @@ fn a_forgetting_job_trips_the_guard_under_warn_stop_and_rebalance() {
     let change = events(&before, "mixture changed")[0].clone();
     println!("{change}");
     let at = change["step"].as_u64().expect("step");
-    assert_eq!(at, first_out, "the change is committed with the trip's step");
+    assert_eq!(
+        at, first_out,
+        "the change is committed with the trip's step"
+    );
     assert!((change["replay_share"].as_f64().expect("share") - 0.1).abs() < 1e-9);
     let formed = events(&before, "generation formed");
     assert!(
@@ -264,7 +287,11 @@ fn a_forgetting_job_trips_the_guard_under_warn_stop_and_rebalance() {
     let (status, stdout) = second.finish(LONG);
     assert!(status.success(), "{status}\n{stdout}\n{}", second.stderr());
     let after = second.lines();
-    assert_eq!(losses(&after)[0].0, resume_at, "resumed at the committed step");
+    assert_eq!(
+        losses(&after)[0].0,
+        resume_at,
+        "resumed at the committed step"
+    );
     check_ledger(&checkpoints.join("ledger.jsonl"), STEPS * BATCH).expect("ledger");
 
     // Before the change the rebalanced run trained what the warned one did; from it, not.
@@ -272,10 +299,18 @@ fn a_forgetting_job_trips_the_guard_under_warn_stop_and_rebalance() {
     for &(step, loss) in &rebalanced {
         let warned = warned_losses[step as usize].1;
         if step < at {
-            assert!((loss - warned).abs() < 1e-6, "step {step}: {loss} vs {warned}");
+            assert!(
+                (loss - warned).abs() < 1e-6,
+                "step {step}: {loss} vs {warned}"
+            );
         }
     }
-    let at_change = rebalanced.iter().rev().find(|s| s.0 == at).expect("step at the change").1;
+    let at_change = rebalanced
+        .iter()
+        .rev()
+        .find(|s| s.0 == at)
+        .expect("step at the change")
+        .1;
     assert!(
         (at_change - warned_losses[at as usize].1).abs() > 1e-6,
         "step {at} trained the same samples as without the change"
@@ -284,7 +319,10 @@ fn a_forgetting_job_trips_the_guard_under_warn_stop_and_rebalance() {
     let mut retrained = 0;
     for &(step, loss) in &losses(&after) {
         if let Some(&(_, earlier)) = rebalanced.iter().rev().find(|s| s.0 == step) {
-            assert!((loss - earlier).abs() < 1e-6, "step {step}: {loss} vs {earlier}");
+            assert!(
+                (loss - earlier).abs() < 1e-6,
+                "step {step}: {loss} vs {earlier}"
+            );
             retrained += 1;
         }
     }

@@ -174,7 +174,12 @@ impl SampleOrder {
         let segment = self.segment(samples.saturating_sub(1));
         let within = samples.saturating_sub(segment.start);
         let counts = segment.mixture.counts(within);
-        segment.before.iter().zip(counts).map(|(b, c)| b + c).collect()
+        segment
+            .before
+            .iter()
+            .zip(counts)
+            .map(|(b, c)| b + c)
+            .collect()
     }
 }
 
@@ -362,7 +367,9 @@ mod tests {
                 .to_string()
         };
         assert!(err(&[change(0, &[1.0, 0.0])]).contains("does not come after"));
-        assert!(err(&[change(5, &[1.0, 0.0]), change(5, &[1.0, 0.0])]).contains("does not come after"));
+        assert!(
+            err(&[change(5, &[1.0, 0.0]), change(5, &[1.0, 0.0])]).contains("does not come after")
+        );
         assert!(err(&[change(5, &[1.0])]).contains("1 weights for 2 sources"));
         // A change may not sample a source that has no window.
         assert!(err(&[change(5, &[1.0, 1.0])]).contains("no complete sample window"));
