@@ -395,7 +395,7 @@ mod tests {
         assert!(trip.expect("trip").outcome.contains("already waits"));
         let change = g.take_change(2).expect("change");
         assert_eq!(change.step, 2);
-        g.committed_schedule(&[change.clone()]);
+        g.committed_schedule(std::slice::from_ref(&change));
         assert!((g.replay_share - 0.1).abs() < 1e-12);
         g.observe(4, "web", 150.0, Some(4));
         let next = g.take_change(4).expect("second change");

@@ -84,8 +84,11 @@ fn value(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample `{series}` in:\n{text}"))
 }
 
+/// (step, value) pairs: evaluations or losses.
+type Series = Vec<(u64, f64)>;
+
 /// (step, perplexity) of `source`'s evaluations.
-fn perplexities(lines: &[serde_json::Value], source: &str) -> Vec<(u64, f64)> {
+fn perplexities(lines: &[serde_json::Value], source: &str) -> Series {
     events(lines, "held-out evaluation")
         .iter()
         .filter(|f| f["source"] == source)
@@ -100,7 +103,7 @@ fn perplexities(lines: &[serde_json::Value], source: &str) -> Vec<(u64, f64)> {
 
 /// The `warn` run, under a coordinator and a worker with `/metrics`: every evaluation's
 /// perplexity (the trajectory the other runs choose their bound from) and the losses.
-fn warned_run(dir: &Path) -> (Vec<(u64, f64)>, Vec<(u64, f64)>) {
+fn warned_run(dir: &Path) -> (Series, Series) {
     let (job, checkpoints) = write_job(dir, "warn", &guard("warn", 0.05, ""));
     let prepared = Command::new(binary("dapt"))
         .args(["prepare", "--quiet"])

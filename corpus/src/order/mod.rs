@@ -318,17 +318,17 @@ mod tests {
             }
             // Each source's samples are its k-th samples in turn, k = 0, 1, 2...: across
             // changes no window of an epoch is skipped or repeated.
-            for source in 0..3 {
+            let counts = order.counts(end);
+            for (source, &n) in windows.iter().enumerate() {
                 let mine: Vec<&SampleRef> = samples.iter().filter(|s| s.source == source).collect();
                 for (k, s) in mine.iter().enumerate() {
-                    let n = windows[source];
                     prop_assert_eq!(s.epoch, k as u64 / n);
                     prop_assert!(s.window < n);
                     // The same window as the source's own k-th sample under the seed.
                     let key = feistel::mix(seed ^ feistel::mix(source as u64 ^ feistel::mix(s.epoch)));
                     prop_assert_eq!(s.window, Permutation::new(n, key).apply(k as u64 % n));
                 }
-                prop_assert_eq!(order.counts(end)[source], mine.len() as u64);
+                prop_assert_eq!(counts[source], mine.len() as u64);
             }
             // Within each stretch the blend follows that stretch's weights to within one sample.
             let mut starts: Vec<u64> = vec![0];
