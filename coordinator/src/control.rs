@@ -19,6 +19,8 @@ use dapt_corpus::rank_slice;
 use dapt_proto::rpc::{compatible, ErrorCode, Generation, Refusal, WorkerId};
 use serde::{Deserialize, Serialize};
 
+use crate::guard::{Guard, MixtureChange, Trip, Verdict};
+
 mod invariants;
 pub mod stall;
 pub use invariants::{check_ledger, check_transition, decide_checked, Invariant, Violation};
@@ -95,11 +97,19 @@ pub struct Member {
 }
 
 /// The last committed checkpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Committed {
     pub step: u64,
     pub dir: String,
     pub generation: u64,
+    /// The mixture schedule (the forgetting guard's rebalances): part of what the sample order
+    /// depends on, so it is committed with the step and assigned with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedule: Vec<MixtureChange>,
+    /// The forgetting guard's step-0 (base model) perplexity per watched source: a resumed job
+    /// judges against the same base without measuring it again.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub guard_base: BTreeMap<String, f64>,
 }
 
 /// A generation as the durable store keeps it, so that a coordinator taking over knows who
@@ -206,6 +216,8 @@ pub struct JobState {
     /// (and leave with the others at the end) but get no rank again, unless without them the job
     /// would lack `min_workers`.
     pub benched: BTreeSet<WorkerId>,
+    /// The forgetting guard, when the job has one ([`JobState::with_guard`]).
+    pub guard: Option<Guard>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -313,6 +325,8 @@ pub struct Assignment {
     pub micro_batch: u32,
     pub accumulation: u32,
     pub total_steps: u64,
+    /// The committed mixture schedule.
+    pub schedule: Vec<MixtureChange>,
 }
 
 /// A recovery's milestones, each with the time since the loss was detected.
@@ -432,6 +446,14 @@ pub enum Log {
     },
     /// A step passed its bound (named), was aborted, or completed after all (`stall`).
     Stall(Stall),
+    /// The forgetting guard tripped: an evaluation rose past its bound.
+    GuardTripped(Trip),
+    /// A rebalance's new mixture was committed with `step`; the generation re-forms on it.
+    MixtureChanged {
+        step: u64,
+        weights: Vec<f64>,
+        replay_share: f64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -506,7 +528,25 @@ impl JobState {
             took_over: None,
             stall: StallWatch::default(),
             benched: BTreeSet::new(),
+            guard: None,
         }
+    }
+
+    /// This state with the forgetting guard `guard`. A generation taken over before its bases
+    /// were committed is re-formed from step 0 instead of re-attached: only a generation that
+    /// starts at step 0 measures the base model.
+    pub fn with_guard(mut self, guard: Option<Guard>) -> Self {
+        if self.phase == Phase::Reattaching
+            && guard.as_ref().is_some_and(|g| !g.has_bases())
+            && self.committed_step() == 0
+        {
+            self.phase = Phase::Forming;
+            self.ranks.clear();
+            self.reattach_deadline = None;
+            self.took_over = None;
+        }
+        self.guard = guard;
+        self
     }
 
     /// A coordinator taking over `record`'s generation: its ranks have until `deadline` to
@@ -521,7 +561,14 @@ impl JobState {
     ) -> Self {
         let mut state =
             JobState::new(config, committed).after_generation(Some(Generation(record.generation)));
-        if record.resume_step > state.committed_step() {
+        let schedule_changed = state
+            .committed
+            .as_ref()
+            .and_then(|c| c.schedule.last())
+            .is_some_and(|change| change.step > record.resume_step);
+        // A mixture change committed after the generation resumed: its ranks draw the old
+        // order, so it cannot go on either.
+        if record.resume_step > state.committed_step() || schedule_changed {
             // The generation resumed from a commit the store never recorded (the previous
             // leader lost etcd before it could): its ranks trained on from there, and no report
             // of theirs can fill the steps in between. Form a new one from what is durable.
@@ -718,10 +765,11 @@ pub fn decide(mut state: JobState, event: Event, now: Instant) -> (JobState, Vec
             if current_rank(&state, &worker, conn, generation, &mut out).is_some() {
                 out.push(Action::Log(Log::Eval {
                     step,
-                    source,
+                    source: source.clone(),
                     perplexity,
                     tokens,
                 }));
+                guard_reading(&mut state, step, &source, perplexity, &mut out);
             }
         }
         Event::Tick => tick(&mut state, now, &mut out),
@@ -1183,6 +1231,11 @@ fn form(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
                 micro_batch: micro as u32,
                 accumulation: share.div_ceil(micro) as u32,
                 total_steps: c.total_steps,
+                schedule: state
+                    .committed
+                    .as_ref()
+                    .map(|c| c.schedule.clone())
+                    .unwrap_or_default(),
             },
         });
     }
@@ -1374,11 +1427,22 @@ fn checkpoint_report(
             });
         }
     }
-    let committed = Committed {
+    let mut committed = Committed {
         step,
         dir: dir.clone(),
         generation: state.generation.0,
+        schedule: state
+            .committed
+            .as_ref()
+            .map(|c| c.schedule.clone())
+            .unwrap_or_default(),
+        guard_base: state
+            .committed
+            .as_ref()
+            .map(|c| c.guard_base.clone())
+            .unwrap_or_default(),
     };
+    let change = guard_commit(state, &mut committed);
     state.steps = state.steps.split_off(&step);
     state.checkpoints = state.checkpoints.split_off(&(step + 1));
     state.committed = Some(committed.clone());
@@ -1403,6 +1467,24 @@ fn checkpoint_report(
                 dir: dir.clone(),
             });
         }
+        return;
+    }
+    if let Some(change) = change {
+        out.push(Action::Log(Log::MixtureChanged {
+            step,
+            weights: change.weights,
+            replay_share: state.guard.as_ref().map_or(0.0, |g| g.replay_share),
+        }));
+        // Every rank must draw the new order from this step: re-form on the commit (the steps
+        // trained past it under the old mixture are not committed, and are trained again).
+        begin_recovery(
+            state,
+            format!("the forgetting guard changed the mixture from the committed step {step}"),
+            None,
+            now,
+            out,
+        );
+        state.failed_generations = 0;
         return;
     }
     // Standbys waiting and room for them: bring them in now, when no work is lost.
@@ -1473,6 +1555,76 @@ fn bench_stalled(state: &mut JobState, out: &mut Vec<Action>) {
         }
         out.push(Action::Log(Log::Stall(stall)));
     }
+}
+
+/// Takes rank 0's evaluation to the forgetting guard; a trip is logged, and a `stop` ends the
+/// job at the committed checkpoint (every rank aborted, then told to leave).
+fn guard_reading(
+    state: &mut JobState,
+    step: u64,
+    source: &str,
+    perplexity: f64,
+    out: &mut Vec<Action>,
+) {
+    let committed = state.committed.as_ref().map(|c| c.step);
+    let Some(guard) = state.guard.as_mut() else {
+        return;
+    };
+    let (verdict, trip) = guard.observe(step, source, perplexity, committed);
+    let Some(trip) = trip else {
+        return;
+    };
+    out.push(Action::Log(Log::GuardTripped(trip.clone())));
+    if verdict != Verdict::Stop {
+        return;
+    }
+    let reason = format!(
+        "the forgetting guard stopped the job: {} perplexity {:.4} at step {} is {:+.1}% over its base {:.4} (bound {:+.1}%)",
+        trip.source,
+        trip.perplexity,
+        trip.step,
+        trip.rise * 100.0,
+        trip.base,
+        trip.max_rise * 100.0
+    );
+    out.push(Action::Log(Log::Stopping {
+        reason: reason.clone(),
+    }));
+    abort_ranks(state, &reason, None, out);
+    match state.committed.clone() {
+        Some(done) => {
+            state.phase = Phase::Completed;
+            out.push(Action::Log(Log::Completed {
+                step: done.step,
+                dir: done.dir.clone(),
+            }));
+            for (w, m) in &state.members {
+                out.push(Action::Finish {
+                    worker: w.clone(),
+                    conn: m.conn,
+                    step: done.step,
+                    dir: done.dir.clone(),
+                });
+            }
+        }
+        None => state.phase = Phase::Stopped(reason),
+    }
+}
+
+/// At a commit: the guard's bases and a pending rebalance go into `committed`; returns the
+/// mixture change, if one was recorded.
+fn guard_commit(state: &mut JobState, committed: &mut Committed) -> Option<MixtureChange> {
+    let guard = state.guard.as_mut()?;
+    committed.guard_base.extend(guard.bases());
+    // A change takes effect at a step that is still to be trained: never at the job's end.
+    let change = (committed.step < state.config.total_steps)
+        .then(|| guard.take_change(committed.step))
+        .flatten();
+    if let Some(change) = &change {
+        committed.schedule.push(change.clone());
+        guard.committed_schedule(&committed.schedule);
+    }
+    change
 }
 
 pub fn fmt_duration(d: Duration) -> String {

@@ -43,11 +43,7 @@ impl CommittedFile {
             seed: job.seed,
             seq_len: training.seq_len,
             global_batch: training.global_batch,
-            committed: Committed {
-                step: 0,
-                dir: String::new(),
-                generation: 0,
-            },
+            committed: Committed::default(),
         })
     }
 
@@ -184,10 +180,12 @@ impl Ledger {
                 tracing::warn!(step, checkpoint = %path.display(), problem = %e.message, "an earlier checkpoint failed verification too");
                 continue;
             }
+            // The mixture schedule and the guard's bases stay: the order they give is the
+            // one the steps after the fallback are trained again in.
             let fallback = Committed {
                 step: *step,
                 dir: path.display().to_string(),
-                generation: committed.generation,
+                ..committed.clone()
             };
             tracing::warn!(
                 step,
@@ -434,6 +432,7 @@ mod tests {
             step: 2,
             dir: "d2".into(),
             generation: 1,
+            ..Default::default()
         };
         ledger.commit(&c, &[entry(0), entry(1)]).expect("commit");
         // A crash after the ledger lines of the next commit, before committed.json moved on.
@@ -493,6 +492,7 @@ mod tests {
             step,
             dir: dir.display().to_string(),
             generation: 1,
+            ..Default::default()
         };
         ledger
             .commit(&commit(5, &five), &[entry(0), entry(4)])

@@ -7,6 +7,7 @@
 pub mod control;
 pub mod dashboard;
 pub mod etcd;
+pub mod guard;
 pub mod launch;
 pub mod ledger;
 pub mod metrics;

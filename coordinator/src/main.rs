@@ -599,6 +599,7 @@ fn status_json(s: &rpc::StatusReply) -> String {
         "committed_checkpoint": s.committed_checkpoint,
         "reason": s.reason,
         "stalls": dapt_coordinator::stall_wire::stalls_json(&s.stalls),
+        "guard": serde_json::from_str::<serde_json::Value>(&s.guard_json).ok(),
     })
     .to_string()
 }
@@ -621,6 +622,9 @@ fn render_status(s: &rpc::StatusReply) -> String {
     );
     if !s.reason.is_empty() {
         out.push_str(&format!("reason: {}\n", s.reason));
+    }
+    if let Some(guard) = dapt_coordinator::guard::status_line(&s.guard_json) {
+        out.push_str(&guard);
     }
     out.push_str(&format!("members ({}):\n", s.members.len()));
     for m in &s.members {

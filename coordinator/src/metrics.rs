@@ -84,6 +84,7 @@ pub struct Metrics {
     divergences: Counter,
     stalls: Family<StallLabel, Counter>,
     stall_aborts: Counter,
+    guard: crate::guard::metrics::GuardMetrics,
 }
 
 impl Metrics {
@@ -112,6 +113,7 @@ impl Metrics {
             divergences: Counter::default(),
             stalls: Family::default(),
             stall_aborts: Counter::default(),
+            guard: Default::default(),
             registry: Registry::with_prefix("dapt"),
         };
         let r = &mut m.registry;
@@ -222,6 +224,7 @@ impl Metrics {
             "Generations aborted because a stall outlasted cluster.stall_timeout_s",
             m.stall_aborts.clone(),
         );
+        m.guard.register(&mut m.registry);
         m.info
             .get_or_create(&Label {
                 name: job.to_string(),
@@ -232,6 +235,7 @@ impl Metrics {
 
     /// Takes in what a log line says.
     pub fn observe(&self, line: &Log) {
+        self.guard.observe(line);
         match line {
             Log::Lost { .. } => {
                 self.workers_lost.inc();
@@ -332,6 +336,7 @@ impl Metrics {
             .set(status.members.iter().filter(|m| m.rank >= 0).count() as i64);
         self.total_steps.set(status.total_steps as i64);
         self.committed_step.set(status.committed_step as i64);
+        self.guard.render(&status.guard_json);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String does not fail");

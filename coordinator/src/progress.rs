@@ -652,6 +652,27 @@ pub fn emit(line: Log, progress: &Progress, now: Instant) {
                 ),
             }
         }
+        Log::GuardTripped(trip) => tracing::warn!(
+            step = trip.step,
+            source = %trip.source,
+            perplexity = trip.perplexity,
+            base = trip.base,
+            rise_pct = trip.rise * 100.0,
+            max_rise_pct = trip.max_rise * 100.0,
+            action = trip.action.name(),
+            outcome = %trip.outcome,
+            "forgetting guard tripped"
+        ),
+        Log::MixtureChanged {
+            step,
+            weights,
+            replay_share,
+        } => tracing::warn!(
+            step,
+            weights = ?weights,
+            replay_share,
+            "mixture changed"
+        ),
     }
 }
 

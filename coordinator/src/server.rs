@@ -190,6 +190,14 @@ pub async fn start(
     let unfinished = committed
         .as_ref()
         .is_none_or(|c| c.step < config.total_steps);
+    let guard = crate::guard::Guard::new(
+        &job,
+        &committed
+            .as_ref()
+            .map(|c| c.guard_base.clone())
+            .unwrap_or_default(),
+        committed.as_ref().map_or(&[][..], |c| &c.schedule),
+    );
     let state = match record.filter(|_| unfinished) {
         Some(record) => {
             // A generation was running under the previous leader: its ranks keep training and
@@ -205,7 +213,8 @@ pub async fn start(
             JobState::take_over(config, committed, record, now, now + patience)
         }
         None => JobState::new(config, committed).after_generation(formed.map(Generation)),
-    };
+    }
+    .with_guard(guard);
     let (events, rx) = mpsc::unbounded_channel();
     if let Store::Etcd { store, .. } = &mut store {
         store.watch_members(events.clone());
@@ -409,14 +418,7 @@ async fn control_loop(
     }
     match &state.phase {
         Phase::Completed => {
-            let c = state
-                .committed
-                .clone()
-                .unwrap_or_else(|| crate::control::Committed {
-                    step: 0,
-                    dir: String::new(),
-                    generation: 0,
-                });
+            let c = state.committed.clone().unwrap_or_default();
             Outcome::Completed {
                 step: c.step,
                 checkpoint: PathBuf::from(c.dir),
@@ -501,6 +503,14 @@ impl Executor {
                     micro_batch: a.micro_batch,
                     accumulation: a.accumulation,
                     total_steps: a.total_steps,
+                    mixture_schedule: a
+                        .schedule
+                        .into_iter()
+                        .map(|c| rpc::MixtureChange {
+                            step: c.step,
+                            weights: c.weights,
+                        })
+                        .collect(),
                 }),
             ),
             Action::Abort {
@@ -614,6 +624,11 @@ fn snapshot(state: &JobState) -> StatusReply {
             _ => String::new(),
         },
         stalls: crate::stall_wire::stalls(&state.stall),
+        guard_json: state
+            .guard
+            .as_ref()
+            .and_then(|g| serde_json::to_string(g).ok())
+            .unwrap_or_default(),
     }
 }
 

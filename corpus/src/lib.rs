@@ -19,7 +19,7 @@ pub mod tokenizer;
 
 pub use error::{CorpusError, Result};
 pub use manifest::{Manifest, VerifyMode};
-pub use order::{micro_batches, rank_slice, step_range, SampleOrder, SampleRef};
+pub use order::{micro_batches, rank_slice, step_range, MixtureChange, SampleOrder, SampleRef};
 pub use prepare::{prepare, PrepareOptions, PrepareOutcome};
 pub use shards::CorpusReader;
 pub use spec::{CorpusSpec, Role, SourceSpec, TrainingPlan};

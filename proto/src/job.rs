@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use dapt_corpus::{CorpusSpec, TrainingPlan};
 use serde::{Deserialize, Deserializer, Serialize};
 
+mod guard;
+pub use guard::{GuardAction, GuardBound, GuardSpec, RebalanceSpec};
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     /// The I/O error is shown in the message, not chained as `source()` (it would print twice).
@@ -45,6 +48,9 @@ pub struct JobSpec {
     /// How the coordinator forms and supervises the workers.
     #[serde(default)]
     pub cluster: ClusterSpec,
+    /// The forgetting guard: bounds on held-out perplexity against the base model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<GuardSpec>,
 }
 
 /// Where the model comes from: exactly one of `preset` (random initialisation, for tests,
@@ -730,6 +736,9 @@ impl JobSpec {
                 return Err(("training.tokens", "must be at least 1".into()));
             }
             t.check_sizes()?;
+        }
+        if let Some(guard) = &self.guard {
+            guard.validate(self)?;
         }
         Ok(())
     }

@@ -287,9 +287,11 @@ impl JobState {
                 },
             )?;
         }
+        // The forgetting guard's `stop` completes the job early, at its committed step.
+        let guard_stopped = self.guard.as_ref().is_some_and(|g| g.stopped_at.is_some());
         if self.phase == Phase::Completed {
             ensure(
-                committed >= c.total_steps,
+                committed >= c.total_steps || guard_stopped,
                 Invariant::CompletedAtTotal,
                 || {
                     format!(

@@ -766,6 +766,7 @@ fn a_relaunch_of_a_completed_job_finishes_at_once() {
         step: STEPS,
         dir: "/ckpt/step-00000008".into(),
         generation: 3,
+        ..Default::default()
     };
     let mut state = Some(JobState::new(config(), Some(committed)));
     let now = Instant::now();
@@ -806,6 +807,7 @@ fn taken_over(committed_step: u64) -> Sim {
         step: committed_step,
         dir: format!("/ckpt/step-{committed_step:08}"),
         generation: 4,
+        ..Default::default()
     };
     let record = GenerationRecord {
         generation: 4,

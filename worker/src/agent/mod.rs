@@ -239,6 +239,7 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
                     rank = a.rank,
                     world = a.world,
                     resume_step = a.resume_step,
+                    mixture_changes = a.mixture_schedule.len(),
                     "assigned"
                 );
                 current = Some(start(

@@ -96,8 +96,18 @@ pub fn train(
         .training
         .ok_or_else(|| RankError::failed("the job has no `training:` section"))?;
     let reader = CorpusReader::open(&job.corpus.output).map_err(RankError::failed)?;
+    // The committed mixture schedule (the forgetting guard's rebalances), from step to sample.
+    let schedule: Vec<dapt_corpus::MixtureChange> = a
+        .mixture_schedule
+        .iter()
+        .map(|c| dapt_corpus::MixtureChange {
+            start: c.step.saturating_mul(training.global_batch),
+            weights: c.weights.clone(),
+        })
+        .collect();
     let order = reader
         .sample_order(job.seed, training.seq_len)
+        .and_then(|order| order.with_schedule(&schedule))
         .map_err(RankError::failed)?;
     let zero_stage = training.zero_stage;
     if zero_stage > 0

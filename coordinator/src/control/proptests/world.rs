@@ -83,6 +83,7 @@ impl World {
             step,
             dir: format!("/ckpt/step-{step:08}"),
             generation: 1,
+            ..Default::default()
         });
         // The earlier run's ledger, as it left it.
         let durable_ledger = durable.as_ref().map_or_else(Vec::new, |c| {
