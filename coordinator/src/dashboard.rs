@@ -477,6 +477,9 @@ impl Dashboard {
                 dir: dir.clone(),
                 weights_xxh3: digest.clone(),
             }),
+            Log::Stall(stall) => self.push_stall(crate::stall_wire::stall_json(
+                &crate::stall_wire::stall_now(stall),
+            )),
             Log::Completed { .. } | Log::Failed { .. } => {
                 if let Some(g) = self.generations.last_mut() {
                     g.until_s.get_or_insert(at_s);
@@ -551,7 +554,11 @@ impl Dashboard {
             lost: (&self.lost).into(),
             refusals: (&self.refusals).into(),
             checkpoints: (&self.checkpoints).into(),
-            guard: self.guard.clone(),
+            // The guard's state lives in the control loop; the status carries it as JSON.
+            guard: self
+                .guard
+                .clone()
+                .or_else(|| serde_json::from_str(&status.guard_json).ok()),
             stalls: (self.stalls.total > 0).then(|| (&self.stalls).into()),
         }
     }

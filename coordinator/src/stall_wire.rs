@@ -103,10 +103,12 @@ pub fn describe(s: &Stall) -> String {
 
 /// The status's stalls as JSON (`dapt status --json`): one object per stall, oldest first.
 pub fn stalls_json(stalls: &[rpc::Stall]) -> serde_json::Value {
-    stalls
-        .iter()
-        .map(|s| {
-            serde_json::json!({
+    stalls.iter().map(stall_json).collect()
+}
+
+/// One stall as the JSON object of [`stalls_json`] (and of the dashboard's stalls table).
+pub fn stall_json(s: &rpc::Stall) -> serde_json::Value {
+    serde_json::json!({
                 "generation": s.generation,
                 "step": s.step,
                 "rank": s.rank,
@@ -116,10 +118,13 @@ pub fn stalls_json(stalls: &[rpc::Stall]) -> serde_json::Value {
                 "phase": s.phase,
                 "since_unix_ms": s.since_unix_ms,
                 "action": s.action,
-                "description": s.description,
-            })
-        })
-        .collect()
+        "description": s.description,
+    })
+}
+
+/// `s` as the status and the dashboard show it, at this moment.
+pub fn stall_now(s: &Stall) -> rpc::Stall {
+    to_wire(s, Instant::now(), SystemTime::now())
 }
 
 /// The status's stalls for `dapt status`: a header and one line each, or nothing when none.
