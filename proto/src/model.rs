@@ -500,11 +500,13 @@ fn sliding_window<'a>(
             match get("use_sliding_window") {
                 None => {}
                 Some(Value::Bool(false)) => {}
-                Some(v) => return Err(format!(
+                Some(v) => {
+                    return Err(format!(
                     "`use_sliding_window` is {v}; dapt does not implement Qwen's sliding-window \
                          attention (set it to false to train with full attention, as the released \
                          models do)"
-                )),
+                ))
+                }
             }
             // Read by transformers only when `use_sliding_window` is true.
             get("sliding_window");
