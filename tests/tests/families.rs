@@ -62,7 +62,7 @@ fn model_dir(dir: &Path, model_type: &str, vocab: usize, tokenizer: &Path) -> Pa
 
     let mut state = 0x2545_F491_4F6C_DD1Du64 ^ vocab as u64 ^ model_type.len() as u64;
     let mut random = |shape: Vec<usize>, std: f32| {
-        let n = shape.iter().product();
+        let n: usize = shape.iter().product();
         let values = (0..n)
             .map(|_| {
                 state ^= state << 13;

@@ -28,7 +28,7 @@ fn repo_root() -> PathBuf {
 struct Rng(u64);
 
 impl Rng {
-    fn next(&mut self) -> f64 {
+    fn uniform(&mut self) -> f64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -37,7 +37,7 @@ impl Rng {
 
     /// Roughly N(0, 1) (a sum of uniforms is enough for random test weights).
     fn normal(&mut self) -> f32 {
-        ((0..4).map(|_| self.next()).sum::<f64>() - 2.0) as f32 * 1.7
+        ((0..4).map(|_| self.uniform()).sum::<f64>() - 2.0) as f32 * 1.7
     }
 }
 
@@ -130,7 +130,7 @@ fn ids(batch: usize, seq: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
     (0..batch)
         .map(|_| {
             (0..seq)
-                .map(|_| (rng.next() * vocab as f64) as u32 % vocab as u32)
+                .map(|_| (rng.uniform() * vocab as f64) as u32 % vocab as u32)
                 .collect()
         })
         .collect()
