@@ -9,71 +9,11 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dapt_tests::{binary, check_ledger, coordinator_on, events, random_step, serial, Proc, BATCH};
+use dapt_tests::{
+    binary, check_ledger, coordinator_on, events, random_step, serial, Net, Proc, BATCH,
+};
 
 const LONG: Duration = dapt_tests::LONG;
-
-/// `deploy/lab/netns.sh ARGS`; an error carries what it printed.
-fn lab(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(dapt_tests::repo_root().join("deploy/lab/netns.sh"))
-        .args(args)
-        .output()
-        .map_err(|e| format!("deploy/lab/netns.sh: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`deploy/lab/netns.sh {}`: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// The lab of `deploy/lab/netns.sh`: a bridge with `hosts` network namespaces on it, removed
-/// on drop.
-struct Net {
-    tag: String,
-    namespaces: Vec<String>,
-    /// The first three octets of the subnet.
-    subnet: String,
-}
-
-impl Net {
-    fn new(hosts: usize) -> Result<Net, String> {
-        let tag = std::process::id() % 10_000;
-        let net = Net {
-            tag: tag.to_string(),
-            namespaces: (0..hosts).map(|i| format!("dapt{tag}h{i}")).collect(),
-            subnet: format!("10.213.{}", tag % 250),
-        };
-        lab(&["up", &net.tag, &hosts.to_string()])?;
-        Ok(net)
-    }
-
-    fn gateway(&self) -> String {
-        format!("{}.1", self.subnet)
-    }
-
-    fn host(&self, i: usize) -> String {
-        format!("{}.{}", self.subnet, 10 + i)
-    }
-
-    /// Drops every packet in and out of host `i`.
-    fn cut(&self, i: usize) {
-        lab(&["cut", &self.tag, &i.to_string()]).expect("cut");
-    }
-
-    fn heal(&self, i: usize) {
-        lab(&["heal", &self.tag, &i.to_string()]).expect("heal");
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = lab(&["down", &self.tag]);
-    }
-}
 
 fn generations(lines: &[serde_json::Value]) -> Vec<(u64, u64)> {
     events(lines, "generation formed")
