@@ -27,7 +27,8 @@ use dapt_proto::etcd::connect;
 use dapt_proto::job::{keys, EtcdSpec, JobSpec};
 use dapt_proto::rpc::WorkerId;
 use etcd_client::{
-    Client, Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -77,25 +78,33 @@ impl EtcdStore {
         let key = keys::leader(&spec.prefix, &job.job);
         let ttl = spec.lease_ttl_s as i64;
         let mut announced = false;
+        let mut outage: Option<Instant> = None;
         let lease = loop {
-            let lease = client.lease_grant(ttl, None).await?.id();
-            let txn = Txn::new()
-                .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(
-                    key.clone(),
-                    url,
-                    Some(PutOptions::new().with_lease(lease)),
-                )])
-                .or_else([TxnOp::get(key.clone(), None)]);
-            let response = client.txn(txn).await?;
-            if response.succeeded() {
-                break lease;
-            }
-            let _ = client.lease_revoke(lease).await;
-            if !announced {
-                announced = true;
-                let holder = current_leader(&mut client, &key).await.unwrap_or_default();
-                tracing::info!(leader = %holder, job = %job.job, "standby: another coordinator leads");
+            match campaign(&mut client, &key, url, ttl).await {
+                Ok(Some(lease)) => break lease,
+                Ok(None) => {
+                    if let Some(since) = outage.take() {
+                        tracing::info!(
+                            after_ms = since.elapsed().as_millis() as u64,
+                            "etcd answers again; still a standby"
+                        );
+                    }
+                    if !announced {
+                        announced = true;
+                        let holder = current_leader(&mut client, &key).await.unwrap_or_default();
+                        tracing::info!(leader = %holder, job = %job.job, "standby: another coordinator leads");
+                    }
+                }
+                // A standby rides out an etcd outage (a restart, a lost member) like the leader
+                // does: it cannot lead without etcd, and once etcd answers it may have to.
+                // Before the first answer an error is the configuration's: said at once.
+                Err(e) if announced => {
+                    if outage.is_none() {
+                        outage = Some(Instant::now());
+                        tracing::warn!("standby: etcd does not answer: {e}; trying again");
+                    }
+                }
+                Err(e) => return Err(e.into()),
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
@@ -255,7 +264,11 @@ impl EtcdStore {
         if !entries.is_empty() {
             // No key of `earlier`'s step exists then: its commit was not recorded either.
             ops.push(TxnOp::put(
-                format!("{}{:012}", keys::ledger(&self.prefix, &self.job), earlier.step),
+                format!(
+                    "{}{:012}",
+                    keys::ledger(&self.prefix, &self.job),
+                    earlier.step
+                ),
                 serde_json::to_vec(entries).expect("entries serialize"),
                 None,
             ));
@@ -344,6 +357,31 @@ impl EtcdStore {
         tokio::spawn(commit_loop(self.clone(), rx, keep, recorded));
         Committer { tx }
     }
+}
+
+/// One round of the leader election: `Some(lease)` when this coordinator now holds `key` (bound
+/// to that lease), `None` when another does.
+async fn campaign(
+    client: &mut Client,
+    key: &str,
+    url: &str,
+    ttl: i64,
+) -> Result<Option<i64>, etcd_client::Error> {
+    let lease = client.lease_grant(ttl, None).await?.id();
+    let txn = Txn::new()
+        .when([Compare::version(key, CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            key,
+            url,
+            Some(PutOptions::new().with_lease(lease)),
+        )])
+        .or_else([TxnOp::get(key, None)]);
+    let response = client.txn(txn).await?;
+    if response.succeeded() {
+        return Ok(Some(lease));
+    }
+    let _ = client.lease_revoke(lease).await;
+    Ok(None)
 }
 
 /// Records commits in etcd from a task of its own, so that the control loop never waits on
@@ -457,7 +495,10 @@ async fn commit_loop(
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(step = earlier.step, "recording the fallback in etcd: {e}; retrying");
+                    tracing::warn!(
+                        step = earlier.step,
+                        "recording the fallback in etcd: {e}; retrying"
+                    );
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
             }

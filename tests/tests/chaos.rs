@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use dapt_proto::job::EtcdSpec;
 use dapt_tests::{
-    binary, check_entries, coordinator_on, events, finite_weights, losses, serial, standby_on,
-    test_seed, Cluster, Etcd, Net, Proc, BATCH, LONG,
+    binary, check_entries, coordinator, coordinator_on, events, finite_weights, losses, serial,
+    standby, standby_on, test_seed, Cluster, Etcd, Net, Proc, BATCH, LONG,
 };
 
 const TTL_S: u64 = 2;
@@ -226,7 +226,8 @@ fn chaos_of_five_kinds_of_fault_loses_and_repeats_nothing() {
     let seed = test_seed();
     let long = std::env::var("DAPT_CHAOS_LONG").is_ok_and(|v| v == "1");
     let n = if long { 24 } else { 6 };
-    let mut rng = Rng(seed | 1);
+    // Mixed first, so that neighbouring seeds draw different schedules.
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let plan = schedule(&mut rng, n);
     // Room for every fault: the steps before it, the rollback after it, and the rejoin.
     let total = 60 + 30 * n as u64;
@@ -472,4 +473,45 @@ fn chaos_of_five_kinds_of_fault_loses_and_repeats_nothing() {
     }
     // Every step of the job was trained (and logged) at least once.
     assert_eq!(seen.len() as u64, total, "seed {seed}");
+}
+
+/// Found by the chaos run (every seed of the long one, at the first leader kill after an etcd
+/// restart): a standby coordinator exited on etcd's first refused connection ("tcp connect
+/// error"), so after an etcd restart no standby was left to take over from a leader that died
+/// next. A standby now rides the outage out and leads when the leader dies.
+#[test]
+fn a_standby_rides_out_an_etcd_restart_and_takes_over_afterwards() {
+    let _serial = serial();
+    let mut etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = format!(
+        "cluster:\n  min_workers: 1\n  max_workers: 1\n  session_timeout_ms: 2000\n  etcd:\n    endpoints: [\"{}\"]\n    prefix: {PREFIX}\n    lease_ttl_s: {TTL_S}\n",
+        etcd.url
+    );
+    let mut c = coordinator(dir.path(), "standby-outage", 60, &cluster);
+    c.coordinator.wait_for("leadership", LONG, |l| {
+        !events(l, "leading the job").is_empty()
+    });
+    let (mut second, _) = standby(&c);
+    let mut w = c.member("w0");
+    c.wait_step(5);
+    etcd.kill();
+    // Longer than the standby's 200 ms rounds and the leases' TTL.
+    std::thread::sleep(Duration::from_millis(2500));
+    etcd.restart();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        second.child.try_wait().expect("try_wait").is_none(),
+        "the standby exited in the etcd outage:\n{}",
+        second.stderr()
+    );
+    c.coordinator.signal(libc::SIGKILL);
+    second.wait_for("the standby to lead", LONG, |l| {
+        !events(l, "leading the job").is_empty()
+    });
+    let (status, stdout) = second.finish(LONG);
+    assert!(status.success(), "{}", second.stderr());
+    assert!(stdout.contains("job completed"), "{stdout}");
+    let (status, _) = w.finish(LONG);
+    assert!(status.success(), "{}", w.stderr());
 }

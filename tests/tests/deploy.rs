@@ -383,7 +383,8 @@ fn the_kubernetes_manifests_ship_no_secret_and_require_tls() {
     assert_eq!(etcd.user.as_deref(), Some("dapt"));
     let var = etcd.password_env.expect("cluster.etcd.password_env");
     for workload in ["dapt-coordinator", "dapt-workers"] {
-        let from = env(workload, &var).unwrap_or_else(|| panic!("{workload} without ${var}"));
+        let from =
+            env(workload, var.as_str()).unwrap_or_else(|| panic!("{workload} without ${var}"));
         assert!(from.contains("dapt-etcd-user"), "{workload}: {from}");
     }
     let auth = docs
@@ -416,7 +417,9 @@ fn the_shipped_etcd_auth_script_limits_dapt_to_its_job_keys() {
         .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
         .find(|d: &serde_yaml::Value| d["kind"] == "ConfigMap")
         .expect("a ConfigMap");
-    let script = config["data"]["etcd-auth.sh"].as_str().expect("etcd-auth.sh");
+    let script = config["data"]["etcd-auth.sh"]
+        .as_str()
+        .expect("etcd-auth.sh");
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("etcd-auth.sh"), script).expect("script");
     std::fs::write(dir.path().join("root"), "root-0123456789").expect("root password");
@@ -461,9 +464,11 @@ fn the_shipped_etcd_auth_script_limits_dapt_to_its_job_keys() {
             "dapt wrote {outside}"
         );
     }
-    assert!(etcdctl(Some("root:root-0123456789"), &["put", "/elsewhere", "x"])
-        .status
-        .success());
+    assert!(
+        etcdctl(Some("root:root-0123456789"), &["put", "/elsewhere", "x"])
+            .status
+            .success()
+    );
 
     // A job on it, as the manifests run one: user dapt, password from the environment.
     let cluster = format!(

@@ -147,11 +147,12 @@ pub fn check_transition(
         || format!("{fallbacks:?} on {}", describe(event)),
     )?;
     ensure(
-        fell_back || to >= from
-            && commits.len() == usize::from(changed)
-            && commits
-                .iter()
-                .all(|(cm, _)| Some(*cm) == next.committed.as_ref() && cm.step > from),
+        fell_back
+            || to >= from
+                && commits.len() == usize::from(changed)
+                && commits
+                    .iter()
+                    .all(|(cm, _)| Some(*cm) == next.committed.as_ref() && cm.step > from),
         Invariant::CommittedStepGrows,
         || {
             format!(
