@@ -230,7 +230,7 @@ fn chaos_of_five_kinds_of_fault_loses_and_repeats_nothing() {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let plan = schedule(&mut rng, n);
     // Room for every fault: the steps before it, the rollback after it, and the rejoin.
-    let total = 60 + 30 * n as u64;
+    let total = 60 + 16 * n as u64;
     println!(
         "chaos seed {seed} (replay with DAPT_TEST_SEED={seed}), {n} faults over {total} steps: {:?}",
         plan.iter().map(|p| p.fault.name()).collect::<Vec<_>>()
