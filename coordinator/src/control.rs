@@ -305,6 +305,13 @@ pub enum Event {
         perplexity: f64,
         tokens: u64,
     },
+    /// The committed checkpoint failed verification after a rank of the current generation
+    /// failed naming it (it rotted after its commit): the executor found `earlier`, the newest
+    /// earlier kept checkpoint that verifies. The job falls back to it; the steps after it are
+    /// trained again.
+    FellBack {
+        earlier: Committed,
+    },
     /// Time passes: session timeouts, the formation grace and abort deadlines.
     Tick,
     /// The operator stops the job (Ctrl-C, SIGTERM).
@@ -496,6 +503,11 @@ pub enum Action {
     Commit {
         committed: Committed,
         ledger: Vec<LedgerEntry>,
+    },
+    /// Record `committed` (an earlier commit than the store's) as the committed one and drop
+    /// the ledger of the steps after it ([`Event::FellBack`]).
+    FallBack {
+        committed: Committed,
     },
     /// The job completed: tell the worker to leave.
     Finish {
@@ -770,6 +782,20 @@ pub fn decide(mut state: JobState, event: Event, now: Instant) -> (JobState, Vec
                     tokens,
                 }));
                 guard_reading(&mut state, step, &source, perplexity, &mut out);
+            }
+        }
+        Event::FellBack { earlier } => {
+            let later = state
+                .committed
+                .as_ref()
+                .is_some_and(|c| c.step > earlier.step);
+            if later && !state.phase.is_over() {
+                // What the current generation reported since rests on the corrupt checkpoint;
+                // the failure that named it tears that generation down.
+                state.steps.clear();
+                state.checkpoints.clear();
+                state.committed = Some(earlier.clone());
+                out.push(Action::FallBack { committed: earlier });
             }
         }
         Event::Tick => tick(&mut state, now, &mut out),

@@ -27,7 +27,8 @@ use dapt_proto::etcd::connect;
 use dapt_proto::job::{keys, EtcdSpec, JobSpec};
 use dapt_proto::rpc::WorkerId;
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -77,25 +78,33 @@ impl EtcdStore {
         let key = keys::leader(&spec.prefix, &job.job);
         let ttl = spec.lease_ttl_s as i64;
         let mut announced = false;
+        let mut outage: Option<Instant> = None;
         let lease = loop {
-            let lease = client.lease_grant(ttl, None).await?.id();
-            let txn = Txn::new()
-                .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(
-                    key.clone(),
-                    url,
-                    Some(PutOptions::new().with_lease(lease)),
-                )])
-                .or_else([TxnOp::get(key.clone(), None)]);
-            let response = client.txn(txn).await?;
-            if response.succeeded() {
-                break lease;
-            }
-            let _ = client.lease_revoke(lease).await;
-            if !announced {
-                announced = true;
-                let holder = current_leader(&mut client, &key).await.unwrap_or_default();
-                tracing::info!(leader = %holder, job = %job.job, "standby: another coordinator leads");
+            match campaign(&mut client, &key, url, ttl).await {
+                Ok(Some(lease)) => break lease,
+                Ok(None) => {
+                    if let Some(since) = outage.take() {
+                        tracing::info!(
+                            after_ms = since.elapsed().as_millis() as u64,
+                            "etcd answers again; still a standby"
+                        );
+                    }
+                    if !announced {
+                        announced = true;
+                        let holder = current_leader(&mut client, &key).await.unwrap_or_default();
+                        tracing::info!(leader = %holder, job = %job.job, "standby: another coordinator leads");
+                    }
+                }
+                // A standby rides out an etcd outage (a restart, a lost member) like the leader
+                // does: it cannot lead without etcd, and once etcd answers it may have to.
+                // Before the first answer an error is the configuration's: said at once.
+                Err(e) if announced => {
+                    if outage.is_none() {
+                        outage = Some(Instant::now());
+                        tracing::warn!("standby: etcd does not answer: {e}; trying again");
+                    }
+                }
+                Err(e) => return Err(e.into()),
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
@@ -226,6 +235,52 @@ impl EtcdStore {
         self.fenced(Vec::new(), ops).await.map(|_| ())
     }
 
+    /// Falls back from a corrupt committed checkpoint to `earlier` (see
+    /// [`crate::ledger::fallback`]): in one fenced transaction, the ledger keys of the steps
+    /// after it are deleted, `entries` (of steps before it, not recorded yet: queued in an
+    /// outage) are recorded with it, and `committed` says `earlier`, so the steps after it are
+    /// trained again and counted once.
+    pub async fn fall_back(
+        &mut self,
+        earlier: &Committed,
+        entries: &[LedgerEntry],
+    ) -> Result<(), StoreError> {
+        let ledger = keys::ledger(&self.prefix, &self.job);
+        // The keys of steps after `earlier`, up to the end of the ledger's prefix (its last
+        // byte, `/`, plus one).
+        let from = format!("{ledger}{:012}", earlier.step + 1);
+        let mut end = ledger.into_bytes();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let record = CommittedFile {
+            committed: earlier.clone(),
+            ..self.identity.clone()
+        };
+        let mut ops = vec![TxnOp::delete(
+            from,
+            Some(DeleteOptions::new().with_range(end)),
+        )];
+        if !entries.is_empty() {
+            // No key of `earlier`'s step exists then: its commit was not recorded either.
+            ops.push(TxnOp::put(
+                format!(
+                    "{}{:012}",
+                    keys::ledger(&self.prefix, &self.job),
+                    earlier.step
+                ),
+                serde_json::to_vec(entries).expect("entries serialize"),
+                None,
+            ));
+        }
+        ops.push(TxnOp::put(
+            keys::committed(&self.prefix, &self.job),
+            serde_json::to_vec(&record).expect("committed serializes"),
+            None,
+        ));
+        self.fenced(Vec::new(), ops).await.map(|_| ())
+    }
+
     /// Turns deletions of members' keys into `Expired` events. Survives etcd outages: the watch
     /// is opened again from the revision after the last response, so deletions that happened
     /// meanwhile are still seen.
@@ -304,6 +359,31 @@ impl EtcdStore {
     }
 }
 
+/// One round of the leader election: `Some(lease)` when this coordinator now holds `key` (bound
+/// to that lease), `None` when another does.
+async fn campaign(
+    client: &mut Client,
+    key: &str,
+    url: &str,
+    ttl: i64,
+) -> Result<Option<i64>, etcd_client::Error> {
+    let lease = client.lease_grant(ttl, None).await?.id();
+    let txn = Txn::new()
+        .when([Compare::version(key, CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            key,
+            url,
+            Some(PutOptions::new().with_lease(lease)),
+        )])
+        .or_else([TxnOp::get(key, None)]);
+    let response = client.txn(txn).await?;
+    if response.succeeded() {
+        return Ok(Some(lease));
+    }
+    let _ = client.lease_revoke(lease).await;
+    Ok(None)
+}
+
 /// Records commits in etcd from a task of its own, so that the control loop never waits on
 /// etcd. A commit etcd did not take is kept and merged with the next one (its ledger entries
 /// travel with the later committed step, in the same transaction), and retried until etcd
@@ -314,6 +394,8 @@ pub struct Committer {
 
 enum CommitRequest {
     Commit(Committed, Vec<LedgerEntry>),
+    /// Fall back to an earlier commit (its checkpoint verifies, the committed one does not).
+    FallBack(Committed),
     /// Answers true once every queued commit is in etcd, false if the leadership is lost.
     Flush(oneshot::Sender<bool>),
 }
@@ -321,6 +403,12 @@ enum CommitRequest {
 impl Committer {
     pub fn commit(&self, committed: Committed, entries: Vec<LedgerEntry>) {
         let _ = self.tx.send(CommitRequest::Commit(committed, entries));
+    }
+
+    /// Records the fallback to `earlier` ([`EtcdStore::fall_back`]) before any commit queued
+    /// after it; queued commits after `earlier` are dropped, their entries before it kept.
+    pub fn fall_back(&self, earlier: Committed) {
+        let _ = self.tx.send(CommitRequest::FallBack(earlier));
     }
 
     /// Waits until every commit queued so far is in etcd. False if this coordinator lost the
@@ -336,9 +424,26 @@ impl Committer {
 
 type Pending = Option<(Committed, Vec<LedgerEntry>)>;
 
-/// Adds `request` to what `commit_loop` has to do: a commit is merged into the pending one.
-fn queue(request: CommitRequest, pending: &mut Pending, flushes: &mut Vec<oneshot::Sender<bool>>) {
+/// Adds `request` to what `commit_loop` has to do: a commit is merged into the pending one; a
+/// fallback takes the place of the pending commit (and of an earlier pending fallback), keeping
+/// their entries of the steps before it.
+fn queue(
+    request: CommitRequest,
+    pending: &mut Pending,
+    fallback: &mut Pending,
+    flushes: &mut Vec<oneshot::Sender<bool>>,
+) {
     match request {
+        CommitRequest::FallBack(earlier) => {
+            let entries = fallback
+                .take()
+                .into_iter()
+                .chain(pending.take())
+                .flat_map(|(_, entries)| entries)
+                .filter(|e| e.step < earlier.step)
+                .collect();
+            *fallback = Some((earlier, entries));
+        }
         CommitRequest::Commit(committed, mut entries) => {
             *pending = Some(match pending.take() {
                 None => (committed, entries),
@@ -359,20 +464,45 @@ async fn commit_loop(
     recorded: Box<dyn Fn(&Committed) + Send>,
 ) {
     let mut pending: Pending = None;
+    let mut fallback: Pending = None;
     let mut flushes: Vec<oneshot::Sender<bool>> = Vec::new();
     let mut failing_since: Option<Instant> = None;
     loop {
-        if pending.is_none() {
+        if pending.is_none() && fallback.is_none() {
             for tx in flushes.drain(..) {
                 let _ = tx.send(true);
             }
             match rx.recv().await {
-                Some(request) => queue(request, &mut pending, &mut flushes),
+                Some(request) => queue(request, &mut pending, &mut fallback, &mut flushes),
                 None => return,
             }
         }
         while let Ok(request) = rx.try_recv() {
-            queue(request, &mut pending, &mut flushes);
+            queue(request, &mut pending, &mut fallback, &mut flushes);
+        }
+        if let Some((earlier, entries)) = &fallback {
+            match store.fall_back(earlier, entries).await {
+                Ok(()) => {
+                    tracing::info!(step = earlier.step, "the fallback is recorded in etcd");
+                    fallback = None;
+                }
+                Err(StoreError::NotLeader(job)) => {
+                    tracing::error!(%job, step = earlier.step, "not recording the fallback: this coordinator no longer leads");
+                    let _ = store.lost.send(true);
+                    for tx in flushes.drain(..) {
+                        let _ = tx.send(false);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        step = earlier.step,
+                        "recording the fallback in etcd: {e}; retrying"
+                    );
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+            continue;
         }
         let Some((committed, entries)) = &pending else {
             continue;

@@ -82,6 +82,66 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LedgerError + '_ {
     }
 }
 
+/// `None` when `committed`'s checkpoint verifies (every file's SHA-256 against its manifest)
+/// or this machine cannot see it at all (no checkpoint under `root`: the workers' disks are
+/// elsewhere, and they verify what they load). Otherwise the newest earlier checkpoint under
+/// `root` that verifies, as the commit to fall back to (said in the log); an error naming the
+/// corrupt checkpoint when none does. The caller records the fallback and cuts the ledger:
+/// the steps after it are trained again, never lost. Used by both stores (files and etcd).
+pub fn fallback(root: &Path, committed: &Committed) -> Result<Option<Committed>, LedgerError> {
+    let dir = PathBuf::from(&committed.dir);
+    let kept = checkpoint::list(root);
+    if !dir.exists() && kept.is_empty() {
+        return Ok(None);
+    }
+    let problem = match checkpoint::CheckpointManifest::read(&dir) {
+        Ok(m) if m.step != committed.step => format!(
+            "its manifest says step {}, the commit says {}",
+            m.step, committed.step
+        ),
+        Ok(m) => match m.verify(&dir) {
+            Ok(()) => return Ok(None),
+            Err(e) => e.message,
+        },
+        Err(e) => e.message,
+    };
+    tracing::warn!(
+        step = committed.step,
+        checkpoint = %dir.display(),
+        problem = %problem,
+        "the committed checkpoint failed verification"
+    );
+    for (step, path, manifest) in kept.iter().rev() {
+        if *step >= committed.step {
+            continue;
+        }
+        if let Err(e) = manifest.verify(path) {
+            tracing::warn!(step, checkpoint = %path.display(), problem = %e.message, "an earlier checkpoint failed verification too");
+            continue;
+        }
+        tracing::warn!(
+            step,
+            checkpoint = %path.display(),
+            corrupt_step = committed.step,
+            "falling back to the previous kept checkpoint; the steps after it are trained again"
+        );
+        // The mixture schedule and the guard's bases stay: the order they give is the one the
+        // steps after the fallback are trained again in.
+        return Ok(Some(Committed {
+            step: *step,
+            dir: path.display().to_string(),
+            ..committed.clone()
+        }));
+    }
+    Err(LedgerError::Invalid {
+        path: dir,
+        message: format!(
+            "the committed checkpoint of step {} is corrupt ({problem}) and no earlier kept checkpoint verifies",
+            committed.step
+        ),
+    })
+}
+
 /// The job's durable state in `dir`.
 #[derive(Debug)]
 pub struct Ledger {
@@ -147,63 +207,22 @@ impl Ledger {
     }
 
     /// `committed` when its checkpoint verifies; otherwise the newest earlier checkpoint that
-    /// does, recorded as the committed one. A committed checkpoint this machine cannot see at
-    /// all (no checkpoint here: the workers' disks are elsewhere) is left to the workers.
+    /// does ([`fallback`]), recorded as the committed one, with the ledger cut back to it.
     fn verified_or_fallback(&self, committed: Committed) -> Result<Committed, LedgerError> {
-        let dir = PathBuf::from(&committed.dir);
-        let kept = checkpoint::list(&self.dir);
-        if !dir.exists() && kept.is_empty() {
-            return Ok(committed);
-        }
-        let problem = match checkpoint::CheckpointManifest::read(&dir) {
-            Ok(m) if m.step != committed.step => format!(
-                "its manifest says step {}, committed.json says {}",
-                m.step, committed.step
-            ),
-            Ok(m) => match m.verify(&dir) {
-                Ok(()) => return Ok(committed),
-                Err(e) => e.message,
-            },
-            Err(e) => e.message,
-        };
-        tracing::warn!(
-            step = committed.step,
-            checkpoint = %dir.display(),
-            problem = %problem,
-            "the committed checkpoint failed verification"
-        );
-        for (step, path, manifest) in kept.iter().rev() {
-            if *step >= committed.step {
-                continue;
+        match fallback(&self.dir, &committed)? {
+            None => Ok(committed),
+            Some(earlier) => {
+                self.fall_back(&earlier)?;
+                Ok(earlier)
             }
-            if let Err(e) = manifest.verify(path) {
-                tracing::warn!(step, checkpoint = %path.display(), problem = %e.message, "an earlier checkpoint failed verification too");
-                continue;
-            }
-            // The mixture schedule and the guard's bases stay: the order they give is the
-            // one the steps after the fallback are trained again in.
-            let fallback = Committed {
-                step: *step,
-                dir: path.display().to_string(),
-                ..committed.clone()
-            };
-            tracing::warn!(
-                step,
-                checkpoint = %path.display(),
-                corrupt_step = committed.step,
-                "falling back to the previous kept checkpoint; the steps after it are trained again"
-            );
-            self.truncate(fallback.step)?;
-            self.record(&fallback)?;
-            return Ok(fallback);
         }
-        Err(LedgerError::Invalid {
-            path: dir,
-            message: format!(
-                "the committed checkpoint of step {} is corrupt ({problem}) and no earlier kept checkpoint verifies",
-                committed.step
-            ),
-        })
+    }
+
+    /// Records `earlier` as the committed checkpoint and cuts the ledger back to it (a
+    /// fallback from a corrupt checkpoint: the steps after it are trained again).
+    pub fn fall_back(&self, earlier: &Committed) -> Result<(), LedgerError> {
+        self.truncate(earlier.step)?;
+        self.record(earlier)
     }
 
     pub fn ledger_path(&self) -> PathBuf {

@@ -144,7 +144,17 @@ pub async fn start(
         Some(spec) => {
             let (mut store, lost_flag) = EtcdStore::lead(spec, &job, &url).await?;
             lost = Some(lost_flag);
-            let (committed, record) = store.load().await?;
+            let (mut committed, mut record) = store.load().await?;
+            let formed = record.as_ref().map(|r| r.generation);
+            if let Some(c) = &committed {
+                if let Some(earlier) = crate::ledger::fallback(&job.checkpoint.dir, c)? {
+                    store.fall_back(&earlier, &[]).await?;
+                    committed = Some(earlier);
+                    // The running generation trained past the corrupt checkpoint; what it
+                    // reports cannot fill in the steps now to be trained again: form anew.
+                    record = None;
+                }
+            }
             let announce = {
                 let sessions = sessions.clone();
                 move |c: &crate::control::Committed| broadcast_committed(&sessions, c)
@@ -154,7 +164,6 @@ pub async fn start(
                 store: Box::new(store),
                 committer,
             };
-            let formed = record.as_ref().map(|r| r.generation);
             (store, committed, record, formed)
         }
     };
@@ -291,6 +300,7 @@ pub async fn start(
         Executor {
             sessions,
             store,
+            checkpoints: job.checkpoint.dir.clone(),
             keep,
             metrics,
             progress: progress.clone(),
@@ -364,13 +374,22 @@ async fn control_loop(
                 continue;
             }
         };
-        let (next, actions) = decide_checked(state, event, Instant::now());
-        state = next;
-        for action in actions {
-            if let Err(reason) = exec.run(action).await {
-                // Not leading any more: carry out nothing else (no assignment of a generation
-                // that could not be recorded).
-                deposed = Some(reason);
+        // A rank that failed on the committed checkpoint: when it is corrupt, the job falls
+        // back to an earlier one before the failure is decided on, so that the next
+        // generation resumes from that one.
+        let fallback = exec.fallback_for(&state, &event).await;
+        for event in fallback.into_iter().chain([event]) {
+            let (next, actions) = decide_checked(state, event, Instant::now());
+            state = next;
+            for action in actions {
+                if let Err(reason) = exec.run(action).await {
+                    // Not leading any more: carry out nothing else (no assignment of a
+                    // generation that could not be recorded).
+                    deposed = Some(reason);
+                    break;
+                }
+            }
+            if deposed.is_some() {
                 break;
             }
         }
@@ -452,6 +471,8 @@ fn broadcast_committed(sessions: &Sessions, committed: &crate::control::Committe
 struct Executor {
     sessions: Sessions,
     store: Store,
+    /// `checkpoint.dir`, as this machine sees it.
+    checkpoints: PathBuf,
     keep: usize,
     metrics: Arc<crate::metrics::Metrics>,
     progress: Arc<Mutex<Progress>>,
@@ -459,6 +480,38 @@ struct Executor {
 }
 
 impl Executor {
+    /// [`Event::FellBack`] when `event` is a failure of a rank of the current generation whose
+    /// reason names the committed checkpoint and that checkpoint fails verification (every
+    /// file's SHA-256; only on this rare path) while an earlier kept one passes. `None`
+    /// otherwise: the failure is then decided on as it is, and a corrupt checkpoint with no
+    /// earlier one to fall back to fails the job through its failed generations, named.
+    async fn fallback_for(&self, state: &JobState, event: &Event) -> Option<Event> {
+        let Event::Failed {
+            reason, generation, ..
+        } = event
+        else {
+            return None;
+        };
+        let committed = state.committed.clone()?;
+        if *generation != state.generation || !reason.contains(&committed.dir) {
+            return None;
+        }
+        let root = self.checkpoints.clone();
+        let found =
+            tokio::task::spawn_blocking(move || crate::ledger::fallback(&root, &committed)).await;
+        match found {
+            Ok(Ok(earlier)) => earlier.map(|earlier| Event::FellBack { earlier }),
+            Ok(Err(e)) => {
+                tracing::error!("{e}");
+                None
+            }
+            Err(e) => {
+                tracing::error!("verifying the committed checkpoint: {e}");
+                None
+            }
+        }
+    }
+
     fn send(&self, conn: ConnId, message: coordinator_message::Kind) {
         if let Some(tx) = self.sessions.lock().expect("sessions").get(&conn) {
             let _ = tx.send(Ok(CoordinatorMessage {
@@ -560,6 +613,17 @@ impl Executor {
                 // Recorded (and old checkpoints pruned) by the committer task, which retries
                 // through an etcd outage; a lost leadership reaches the loop through `lost`.
                 Store::Etcd { committer, .. } => committer.commit(committed, ledger),
+            },
+            Action::FallBack { committed } => match &mut self.store {
+                Store::Files(files) => {
+                    if let Err(e) = files.fall_back(&committed) {
+                        tracing::error!(
+                            "recording the fallback to the checkpoint of step {}: {e}",
+                            committed.step
+                        );
+                    }
+                }
+                Store::Etcd { committer, .. } => committer.fall_back(committed),
             },
             Action::Finish {
                 conn, step, dir, ..

@@ -12,8 +12,10 @@
 #   coordinator.crt/.key      the coordinator: dapt-coordinator[.NS.svc[.cluster.local]],
 #                             localhost, 127.0.0.1 (its readiness probe)
 #   client.crt, client.key    CN=dapt: what workers present to etcd and to the coordinator
+#   etcd-root-password        etcd's root user (only the etcd-auth.yaml Job reads it)
+#   etcd-dapt-password        etcd's `dapt` user, limited to the job's keys (coordinator, workers)
 # then, unless --files-only, creates the Secrets dapt-token, dapt-etcd-tls,
-# dapt-coordinator-tls and dapt-client-tls with kubectl in namespace $NAMESPACE (default: the
+# dapt-coordinator-tls, dapt-client-tls, dapt-etcd-root and dapt-etcd-user with kubectl in namespace $NAMESPACE (default: the
 # current context's). Certificates are valid for DAPT_CERT_DAYS days (default 365).
 set -euo pipefail
 
@@ -35,6 +37,8 @@ cd "$dir"
 umask 077
 
 openssl rand -hex 48 | tr -d "\n" >token
+openssl rand -hex 24 | tr -d "\n" >etcd-root-password
+openssl rand -hex 24 | tr -d "\n" >etcd-dapt-password
 openssl req -x509 -newkey rsa:3072 -nodes -keyout ca.key -out ca.crt -days "$days" \
   -subj "/CN=dapt-ca" 2>/dev/null
 
@@ -64,3 +68,5 @@ k create secret generic dapt-coordinator-tls \
   --from-file=ca.crt=ca.crt --from-file=tls.crt=coordinator.crt --from-file=tls.key=coordinator.key
 k create secret generic dapt-client-tls \
   --from-file=ca.crt=ca.crt --from-file=tls.crt=client.crt --from-file=tls.key=client.key
+k create secret generic dapt-etcd-root --from-file=password=etcd-root-password
+k create secret generic dapt-etcd-user --from-file=password=etcd-dapt-password

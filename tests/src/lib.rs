@@ -5,6 +5,8 @@ use std::process::{Command, Output};
 
 pub mod netns;
 
+pub use netns::Net;
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -35,11 +37,33 @@ pub fn binary(name: &str) -> PathBuf {
 
 /// Runs `dapt` with `args` and returns its output.
 pub fn dapt(args: &[&str]) -> Output {
-    Command::new(binary("dapt"))
+    let out = Command::new(binary("dapt"))
         .args(args)
         .env("RUST_LOG", "info")
         .output()
-        .expect("dapt runs")
+        .expect("dapt runs");
+    assert_no_invariant_violation(&format!("dapt {}", args.join(" ")), &text(&out.stderr));
+    out
+}
+
+/// What a debug build's control loop logs when a decision breaks one of its invariants
+/// (`coordinator/src/control/invariants.rs`); it logs and goes on, so the tests look for it.
+pub const INVARIANT_VIOLATED: &str = "control invariant violated";
+
+/// Panics, quoting the lines, when `log` holds [`INVARIANT_VIOLATED`]. [`dapt`] and every
+/// [`Proc`] (when it is finished or dropped) call it, so that every end-to-end test fails on a
+/// violation, whatever it asserts itself.
+pub fn assert_no_invariant_violation(what: &str, log: &str) {
+    let violations: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(INVARIANT_VIOLATED))
+        .collect();
+    assert!(
+        violations.is_empty(),
+        "{what} logged {} control invariant violation(s):\n{}",
+        violations.len(),
+        violations.join("\n")
+    );
 }
 
 pub fn text(bytes: &[u8]) -> String {
@@ -143,6 +167,7 @@ impl Proc {
                 if let Some(mut stdout) = self.child.stdout.take() {
                     let _ = stdout.read_to_string(&mut out);
                 }
+                assert_no_invariant_violation("a process of the test", &self.stderr());
                 return (status, out);
             }
             if std::time::Instant::now() > deadline {
@@ -167,6 +192,18 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            return;
+        }
+        // The reader ends when the pipe closes; a grandchild holding it open must not hang
+        // the test, so it gets 2 s.
+        if let Some(r) = self.reader.take() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while !r.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        assert_no_invariant_violation("a process of the test", &self.stderr());
     }
 }
 
@@ -355,15 +392,21 @@ impl Etcd {
     /// Starts etcd and waits until it answers its health endpoint. Panics with a clear message
     /// when the `etcd` binary is missing (`apt-get install etcd-server`).
     pub fn start() -> Self {
-        Self::launch(false)
+        Self::launch(false, "127.0.0.1")
+    }
+
+    /// [`Etcd::start`] with the client URL on `host` (an address of this machine, e.g. the
+    /// bridge of a [`Net`], so that its hosts reach etcd too).
+    pub fn start_on(host: &str) -> Self {
+        Self::launch(false, host)
     }
 
     /// [`Etcd::start`] with TLS on the client URL (https) and client certificates required.
     pub fn start_tls() -> Self {
-        Self::launch(true)
+        Self::launch(true, "127.0.0.1")
     }
 
-    fn launch(tls: bool) -> Self {
+    fn launch(tls: bool, host: &str) -> Self {
         let exe = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
             .into_iter()
             .map(PathBuf::from)
@@ -377,7 +420,7 @@ impl Etcd {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut etcd = Etcd {
             child: None,
-            url: format!("{scheme}://127.0.0.1:{client}"),
+            url: format!("{scheme}://{host}:{client}"),
             peer_url: format!("http://127.0.0.1:{peer}"),
             metrics_url: format!("http://127.0.0.1:{metrics}"),
             exe,
@@ -449,6 +492,15 @@ impl Etcd {
         }
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    /// Kills etcd with SIGKILL (a crash: nothing flushed, no goodbye to its clients); the data
+    /// directory and ports stay for [`Etcd::restart`].
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// GET /health (on the plain metrics URL) answers `"health":"true"`.
@@ -799,11 +851,16 @@ pub fn write_f32_tensors(path: &Path, tensors: &ShapedTensors) -> Result<(), Str
 /// A `dapt coordinator` for the same job as `leader`, on a free port, and its URL: under etcd
 /// membership it waits as a standby. Returns once it says so (or leads, if nobody else does).
 pub fn standby(leader: &Cluster) -> (Proc, String) {
+    standby_on(leader, "127.0.0.1")
+}
+
+/// [`standby`], listening on `host` (an address of this machine).
+pub fn standby_on(leader: &Cluster, host: &str) -> (Proc, String) {
     let port = free_port();
     let mut cmd = Command::new(binary("dapt"));
     cmd.args(["--log-format", "json", "coordinator"])
         .arg(&leader.job.path)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--listen", &format!("{host}:{port}")])
         .env("DAPT_TOKEN", &leader.token)
         .envs(leader.env.iter().map(|(k, v)| (k, v)));
     let mut standby = Proc::spawn(cmd);
@@ -811,5 +868,5 @@ pub fn standby(leader: &Cluster) -> (Proc, String) {
         !events(l, "standby: another coordinator leads").is_empty()
             || !events(l, "leading the job").is_empty()
     });
-    (standby, format!("http://127.0.0.1:{port}"))
+    (standby, format!("http://{host}:{port}"))
 }

@@ -1,22 +1,50 @@
-//! Issue 5, scenario 5: a seeded chaos run. Over a few hundred steps, workers and the leading
-//! coordinator are killed with SIGKILL at random steps (the schedule and its seed are printed;
-//! `DAPT_TEST_SEED` replays it), replacements start, and afterwards the job has completed, the
-//! etcd ledger holds every sample of every step exactly once, the final weights are finite and
-//! the loss is continuous across recoveries: a step trained twice (after a rollback to the
-//! committed checkpoint) shows the same loss both times.
+//! Issues 5 and 18: a seeded chaos run over the real binaries and a real etcd. Faults of five
+//! kinds come one after another on a schedule drawn from a seed (printed; `DAPT_TEST_SEED`
+//! replays it):
+//!
+//! - `worker-kill`: SIGKILL a worker; a replacement starts at once;
+//! - `worker-hang`: SIGSTOP a worker; it must be found out by its lease and heartbeats expiring
+//!   and the job re-formed without it; then it is sent SIGCONT (it must find its way back) or,
+//!   by the seed, killed and replaced;
+//! - `leader-kill`: SIGKILL the leading coordinator; the standby takes over, a new standby
+//!   starts;
+//! - `etcd-restart`: SIGKILL etcd, keep it down for 0.5 to 3 s (longer than the 2 s leases at
+//!   times), start it again on the same data directory and port;
+//! - `partition`: cut the worker that lives in a network namespace off the network (the
+//!   `deploy/lab/netns.sh` lab, [`dapt_tests::Net`]), heal it once the job went on without it.
+//!   Where namespaces cannot be made (not root, no iptables), a partition becomes a worker-kill
+//!   and the test says so.
+//!
+//! Each fault waits until the previous one is recovered from and the world is whole again
+//! (overlapping failures are the property tests' business, `control/proptests.rs`). Afterwards
+//! the job has completed, etcd's ledger holds every sample of every step exactly once, the
+//! final weights are finite, a step trained twice (after a rollback to the committed
+//! checkpoint) shows the same loss both times, and no coordinator logged a control invariant
+//! violation. The recovery times are printed as min / median / max per kind of fault:
+//!
+//! - a worker fault is recovered from when a generation formed after it trains a step;
+//! - a leader kill, when the new leader's job trains a step;
+//! - an etcd restart, when a commit newer than the last one before the kill is read back
+//!   from etcd.
+//!
+//! CI runs 6 faults over 156 steps (every kind at least once; under 3 minutes on a loaded 2-core
+//! machine); `DAPT_CHAOS_LONG=1` runs 24 over 444 steps.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use dapt_proto::job::EtcdSpec;
 use dapt_tests::{
-    check_entries, coordinator, events, finite_weights, losses, serial, standby, test_seed,
-    Cluster, Etcd, Proc, BATCH, LONG,
+    binary, check_entries, coordinator, coordinator_on, events, finite_weights, losses, serial,
+    standby, standby_on, test_seed, Cluster, Etcd, Net, Proc, BATCH, LONG,
 };
 
 const TTL_S: u64 = 2;
-const STEPS: u64 = 400;
-const EVENTS: usize = 8;
+const PREFIX: &str = "/dapt-chaos";
+/// How long the world may take to be whole again after a fault is recovered from: a worker
+/// that was stopped or cut off must find its way back within it.
+const REJOIN: Duration = Duration::from_secs(90);
 
 /// xorshift64: enough for a schedule, and the same on every machine.
 struct Rng(u64);
@@ -30,119 +58,340 @@ impl Rng {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Kill {
-    /// SIGKILL a worker (picked at random among the live ones) and start a new one.
-    Worker(u64),
-    /// SIGKILL the leading coordinator; the standby takes over, a new standby starts.
-    Leader,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    WorkerKill,
+    WorkerHang,
+    LeaderKill,
+    EtcdRestart,
+    Partition,
 }
 
-/// The highest step any of `coordinators` logged.
-fn top_step(coordinators: &[Proc]) -> u64 {
+impl Fault {
+    const ALL: [Fault; 5] = [
+        Fault::WorkerKill,
+        Fault::WorkerHang,
+        Fault::LeaderKill,
+        Fault::EtcdRestart,
+        Fault::Partition,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Fault::WorkerKill => "worker-kill",
+            Fault::WorkerHang => "worker-hang",
+            Fault::LeaderKill => "leader-kill",
+            Fault::EtcdRestart => "etcd-restart",
+            Fault::Partition => "partition",
+        }
+    }
+}
+
+/// One fault of the schedule: its kind, how many steps to let pass before it, and a number
+/// that picks its victim (and, for a hang, whether it is continued or killed; for an etcd
+/// restart, how long etcd stays down).
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    fault: Fault,
+    after_steps: u64,
+    pick: u64,
+}
+
+/// `n` faults, every kind `n / 5` times or more, in a seeded order.
+fn schedule(rng: &mut Rng, n: usize) -> Vec<Planned> {
+    let mut kinds: Vec<Fault> = Fault::ALL.iter().copied().cycle().take(n).collect();
+    for i in (1..kinds.len()).rev() {
+        kinds.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    kinds
+        .into_iter()
+        .map(|fault| Planned {
+            fault,
+            after_steps: 3 + rng.below(8),
+            pick: rng.below(1 << 16),
+        })
+        .collect()
+}
+
+/// The (step, generation, world) of every step line of `coordinators`, in log order.
+fn steps(coordinators: &[Proc]) -> Vec<(u64, u64, u64)> {
     coordinators
         .iter()
         .flat_map(|c| events(&c.lines(), "step"))
-        .filter_map(|f| f["step"].as_u64())
-        .max()
-        .unwrap_or(0)
+        .filter_map(|f| {
+            Some((
+                f["step"].as_u64()?,
+                f["generation"].as_u64()?,
+                f["world"].as_u64()?,
+            ))
+        })
+        .collect()
+}
+
+fn top_step(coordinators: &[Proc]) -> u64 {
+    steps(coordinators).iter().map(|s| s.0).max().unwrap_or(0)
+}
+
+fn top_generation(coordinators: &[Proc]) -> u64 {
+    steps(coordinators).iter().map(|s| s.1).max().unwrap_or(0)
+}
+
+/// Polls `done` every 100 ms until it holds; panics naming `what` after `timeout`.
+fn wait(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The workers, and where they run: every worker but one listens on the lab's bridge (or on
+/// loopback without a lab); the one in `netns`, if any, runs on the lab's host 0, which a
+/// partition cuts off.
+struct Workers<'a> {
+    live: BTreeMap<String, Proc>,
+    next_id: u32,
+    net: Option<&'a Net>,
+    /// The worker on host 0.
+    netns: Option<String>,
+    host: String,
+}
+
+impl Workers<'_> {
+    fn start(&mut self, c: &Cluster) {
+        let id = format!("w{}", self.next_id);
+        self.next_id += 1;
+        let mut cmd;
+        match self.net {
+            Some(net) if self.netns.is_none() => {
+                cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &net.namespaces[0]])
+                    .arg(binary("dapt-worker"))
+                    .args(["--listen", &format!("{}:0", net.host(0))]);
+                self.netns = Some(id.clone());
+            }
+            _ => {
+                cmd = Command::new(binary("dapt-worker"));
+                cmd.args(["--listen", &format!("{}:0", self.host)]);
+            }
+        }
+        cmd.args(["--log-format", "json", "--coordinator", &c.url, "--id", &id])
+            .env("DAPT_JOB", c.job_name())
+            .env("DAPT_TOKEN", &c.token)
+            .env("RAYON_NUM_THREADS", "1");
+        self.live.insert(id, Proc::spawn(cmd));
+    }
+
+    /// Takes the worker `pick` names out of the live ones; says whether it ran on host 0.
+    fn take(&mut self, pick: u64) -> (String, Proc, bool) {
+        let ids: Vec<String> = self.live.keys().cloned().collect();
+        let id = ids[pick as usize % ids.len()].clone();
+        let proc = self.live.remove(&id).expect("a live worker");
+        let on_host_0 = self.netns.as_deref() == Some(id.as_str());
+        if on_host_0 {
+            self.netns = None;
+        }
+        (id, proc, on_host_0)
+    }
+
+    /// Puts back a worker that [`Workers::take`] took.
+    fn put_back(&mut self, id: String, proc: Proc, on_host_0: bool) {
+        if on_host_0 {
+            self.netns = Some(id.clone());
+        }
+        self.live.insert(id, proc);
+    }
+}
+
+fn ledger_top(runtime: &tokio::runtime::Runtime, spec: &EtcdSpec) -> Option<u64> {
+    runtime
+        .block_on(dapt_coordinator::etcd::ledger(spec, "chaos"))
+        .ok()
+        .and_then(|entries| entries.iter().map(|e| e.step).max())
+}
+
+/// min / median / max of `times`, in seconds.
+fn summary(times: &[Duration]) -> (f64, f64, f64) {
+    let mut s: Vec<f64> = times.iter().map(Duration::as_secs_f64).collect();
+    s.sort_by(f64::total_cmp);
+    let median = if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    };
+    (s[0], median, s[s.len() - 1])
 }
 
 #[test]
-fn chaos_kills_workers_and_coordinators_and_nothing_is_lost_or_repeated() {
+fn chaos_of_five_kinds_of_fault_loses_and_repeats_nothing() {
     let seed = test_seed();
-    let mut rng = Rng(seed | 1);
-    // Kill points spread over the run, at least 12 steps apart so that each recovery is done
-    // before the next kill (overlapping failures are the recovery tests' business).
-    let mut at: Vec<u64> = Vec::new();
-    while at.len() < EVENTS {
-        let step = 8 + rng.below(STEPS - 30);
-        if at.iter().all(|a| a.abs_diff(step) >= 12) {
-            at.push(step);
-        }
-    }
-    at.sort_unstable();
-    let schedule: Vec<(u64, Kill)> = at
-        .into_iter()
-        .map(|step| {
-            let kill = if rng.below(3) == 0 {
-                Kill::Leader
-            } else {
-                Kill::Worker(rng.below(1 << 16))
-            };
-            (step, kill)
-        })
-        .collect();
-    println!("chaos seed {seed} (replay with DAPT_TEST_SEED={seed}); schedule {schedule:?}");
+    let long = std::env::var("DAPT_CHAOS_LONG").is_ok_and(|v| v == "1");
+    let n = if long { 24 } else { 6 };
+    // Mixed first, so that neighbouring seeds draw different schedules.
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let plan = schedule(&mut rng, n);
+    // Room for every fault: the steps before it, the rollback after it, and the rejoin.
+    let total = 60 + 16 * n as u64;
+    println!(
+        "chaos seed {seed} (replay with DAPT_TEST_SEED={seed}), {n} faults over {total} steps: {:?}",
+        plan.iter().map(|p| p.fault.name()).collect::<Vec<_>>()
+    );
 
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().expect("tempdir");
     let _serial = serial();
+    let net = match Net::new(1) {
+        Ok(net) => Some(net),
+        Err(why) => {
+            println!(
+                "partitions become worker kills: network namespaces cannot be made here: {why}"
+            );
+            None
+        }
+    };
+    let host = net.as_ref().map_or("127.0.0.1".to_string(), Net::gateway);
+    let mut etcd = Etcd::start_on(&host);
+    let spec = EtcdSpec {
+        endpoints: vec![etcd.url.clone()],
+        prefix: PREFIX.into(),
+        lease_ttl_s: TTL_S,
+        user: None,
+        password_env: None,
+        tls: None,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
     let cluster = format!(
-        "cluster:\n  min_workers: 1\n  max_workers: 3\n  session_timeout_ms: 5000\n  formation_grace_ms: 1500\n  etcd:\n    endpoints: [\"{}\"]\n    prefix: /dapt-chaos\n    lease_ttl_s: {TTL_S}\n",
+        "cluster:\n  min_workers: 1\n  max_workers: 3\n  heartbeat_ms: 200\n  session_timeout_ms: 2000\n  formation_grace_ms: 1000\n  abort_timeout_ms: 3000\n  etcd:\n    endpoints: [\"{}\"]\n    prefix: {PREFIX}\n    lease_ttl_s: {TTL_S}\n",
         etcd.url
     );
-    let mut c = coordinator(dir.path(), "chaos", STEPS, &cluster);
+    let mut c = coordinator_on(dir.path(), "chaos", total, &cluster, &host);
     c.coordinator.wait_for("leadership", LONG, |l| {
         !events(l, "leading the job").is_empty()
     });
     // Every coordinator process that ever ran, in start order; `leader` indexes the one that
-    // leads (or will, once the previous one is killed).
-    let mut coordinators: Vec<Proc> = Vec::new();
-    let first = std::mem::replace(
+    // leads, `leader + 1` the standby.
+    let mut coordinators: Vec<Proc> = vec![std::mem::replace(
         &mut c.coordinator,
-        Proc::spawn(std::process::Command::new("true")),
-    );
-    coordinators.push(first);
+        Proc::spawn(Command::new("true")),
+    )];
     let mut leader = 0;
-    // URLs of the coordinators that have not led yet: a new worker joins the current leader.
-    let mut next_urls = std::collections::VecDeque::new();
-    let (proc, url) = standby(&c);
+    let (proc, mut standby_url) = standby_on(&c, &host);
     coordinators.push(proc);
-    next_urls.push_back(url);
-    let mut workers: BTreeMap<String, Proc> = BTreeMap::new();
-    let mut next_id = 0;
-    let start_worker = |c: &Cluster, workers: &mut BTreeMap<String, Proc>, next_id: &mut u32| {
-        let id = format!("w{next_id}");
-        *next_id += 1;
-        workers.insert(id.clone(), c.member(&id));
+    let mut workers = Workers {
+        live: BTreeMap::new(),
+        next_id: 0,
+        net: net.as_ref(),
+        netns: None,
+        host: host.clone(),
     };
     for _ in 0..3 {
-        start_worker(&c, &mut workers, &mut next_id);
+        workers.start(&c);
     }
 
-    for (step, kill) in &schedule {
-        let deadline = std::time::Instant::now() + LONG;
-        while top_step(&coordinators) < *step {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "stuck before step {step}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        match kill {
-            Kill::Worker(pick) => {
-                let ids: Vec<String> = workers.keys().cloned().collect();
-                let id = ids[*pick as usize % ids.len()].clone();
-                let victim = workers.remove(&id).expect("worker");
+    let mut recoveries: BTreeMap<Fault, Vec<Duration>> = BTreeMap::new();
+    let started = Instant::now();
+    for (i, p) in plan.iter().enumerate() {
+        let fault = match p.fault {
+            Fault::Partition if workers.netns.is_none() => Fault::WorkerKill,
+            f => f,
+        };
+        // The world is whole, then `after_steps` more steps.
+        wait("a world of 3", REJOIN, || {
+            steps(&coordinators[leader..])
+                .last()
+                .is_some_and(|s| s.2 == 3)
+        });
+        let at = top_step(&coordinators) + p.after_steps;
+        assert!(
+            at + 20 < total,
+            "seed {seed}: fault {i} would come at step {at} of {total}: the run is too short for its schedule"
+        );
+        wait(&format!("step {at}"), LONG, || {
+            top_step(&coordinators) >= at
+        });
+        let generation = top_generation(&coordinators);
+        let injected = Instant::now();
+        let reformed = |coordinators: &[Proc]| top_generation(coordinators) > generation;
+        let what = match fault {
+            Fault::WorkerKill => {
+                let (id, victim, _) = workers.take(p.pick);
                 victim.signal(libc::SIGKILL);
-                println!("step {step}: killed worker {id}");
-                start_worker(&c, &mut workers, &mut next_id);
+                drop(victim);
+                workers.start(&c);
+                wait("a re-formation without the killed worker", LONG, || {
+                    reformed(&coordinators)
+                });
+                format!("SIGKILL worker {id}")
             }
-            Kill::Leader => {
+            Fault::WorkerHang => {
+                let (id, victim, on_host_0) = workers.take(p.pick);
+                victim.signal(libc::SIGSTOP);
+                wait("a re-formation without the stopped worker", LONG, || {
+                    reformed(&coordinators)
+                });
+                if p.pick % 3 == 0 {
+                    victim.signal(libc::SIGKILL);
+                    drop(victim);
+                    workers.start(&c);
+                    format!("SIGSTOP worker {id}, then SIGKILL")
+                } else {
+                    victim.signal(libc::SIGCONT);
+                    workers.put_back(id.clone(), victim, on_host_0);
+                    format!("SIGSTOP worker {id}, then SIGCONT")
+                }
+            }
+            Fault::Partition => {
+                let id = workers.netns.clone().expect("a worker on host 0");
+                let net = net.as_ref().expect("the lab");
+                net.cut(0);
+                wait("a re-formation without the cut-off worker", LONG, || {
+                    reformed(&coordinators)
+                });
+                std::thread::sleep(Duration::from_millis(200 + p.pick % 1800));
+                net.heal(0);
+                format!("cut worker {id} off the network, healed")
+            }
+            Fault::LeaderKill => {
                 coordinators[leader].signal(libc::SIGKILL);
-                println!("step {step}: killed the leading coordinator");
                 leader += 1;
-                coordinators[leader].wait_for("the standby to lead", LONG, |l| {
+                let new = &mut coordinators[leader];
+                new.wait_for("the standby to lead", LONG, |l| {
                     !events(l, "leading the job").is_empty()
                 });
-                c.url = next_urls.pop_front().expect("the standby's URL");
-                let (proc, url) = standby(&c);
+                new.wait_for("the new leader's first step", LONG, |l| {
+                    !events(l, "step").is_empty()
+                });
+                c.url = standby_url.clone();
+                let (proc, url) = standby_on(&c, &host);
                 coordinators.push(proc);
-                next_urls.push_back(url);
+                standby_url = url;
+                "SIGKILL the leading coordinator".to_string()
             }
-        }
+            Fault::EtcdRestart => {
+                let before = ledger_top(&runtime, &spec);
+                let injected = Instant::now();
+                etcd.kill();
+                let down = Duration::from_millis(500 + p.pick % 2500);
+                std::thread::sleep(down);
+                etcd.restart();
+                let back = injected.elapsed();
+                wait("a commit recorded after the etcd restart", LONG, || {
+                    ledger_top(&runtime, &spec) > before
+                });
+                format!("SIGKILL etcd, restarted after {back:.1?}")
+            }
+        };
+        let took = injected.elapsed();
+        println!(
+            "fault {}/{n} ({}) at step {at}, generation {generation}: {what}; recovered in {took:.2?}",
+            i + 1,
+            fault.name()
+        );
+        recoveries.entry(fault).or_default().push(took);
     }
+    let chaos_took = started.elapsed();
 
     let (status, stdout) = coordinators[leader].finish(LONG);
     assert!(
@@ -151,28 +400,17 @@ fn chaos_kills_workers_and_coordinators_and_nothing_is_lost_or_repeated() {
         coordinators[leader].stderr()
     );
     assert!(stdout.contains("job completed"), "{stdout}");
-    for (_, w) in workers.iter_mut() {
+    for (id, w) in workers.live.iter_mut() {
         let (status, _) = w.finish(LONG);
-        assert!(status.success(), "seed {seed}: {}", w.stderr());
+        assert!(status.success(), "seed {seed}: worker {id}: {}", w.stderr());
     }
 
     // Every sample of every step, exactly once, in etcd's ledger.
-    let spec = EtcdSpec {
-        endpoints: vec![etcd.url.clone()],
-        prefix: "/dapt-chaos".into(),
-        lease_ttl_s: TTL_S,
-        user: None,
-        password_env: None,
-        tls: None,
-    };
-    let entries = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
+    let entries = runtime
         .block_on(dapt_coordinator::etcd::ledger(&spec, "chaos"))
         .expect("ledger");
     let entries = entries.iter().map(|e| (e.step, e.start, e.end)).collect();
-    check_entries(entries, STEPS * BATCH).unwrap_or_else(|e| panic!("seed {seed}: ledger: {e}"));
+    check_entries(entries, total * BATCH).unwrap_or_else(|e| panic!("seed {seed}: ledger: {e}"));
 
     // The final weights.
     let last = std::fs::read_dir(&c.job.checkpoints)
@@ -186,7 +424,7 @@ fn chaos_kills_workers_and_coordinators_and_nothing_is_lost_or_repeated() {
         .max()
         .expect("a checkpoint");
     assert!(
-        last.ends_with(format!("step-{STEPS:08}")),
+        last.ends_with(format!("step-{total:08}")),
         "{}",
         last.display()
     );
@@ -222,10 +460,59 @@ fn chaos_kills_workers_and_coordinators_and_nothing_is_lost_or_repeated() {
         .flat_map(|c| events(&c.lines(), "generation formed"))
         .count();
     println!(
-        "chaos seed {seed}: {} steps logged ({} retrained after a rollback), {generations} generations formed, loss {first:.3} -> {end:.3}",
+        "chaos seed {seed}: {n} faults in {chaos_took:.0?}; {} steps logged ({repeated} retrained after a rollback), {generations} generations formed, loss {first:.3} -> {end:.3}",
         seen.len(),
-        repeated
     );
+    println!("recovery times (s):\n| fault | n | min | median | max |\n|---|---|---|---|---|");
+    for (fault, times) in &recoveries {
+        let (min, median, max) = summary(times);
+        println!(
+            "| {} | {} | {min:.2} | {median:.2} | {max:.2} |",
+            fault.name(),
+            times.len()
+        );
+    }
     // Every step of the job was trained (and logged) at least once.
-    assert_eq!(seen.len() as u64, STEPS, "seed {seed}");
+    assert_eq!(seen.len() as u64, total, "seed {seed}");
+}
+
+/// Found by the chaos run (every seed of the long one, at the first leader kill after an etcd
+/// restart): a standby coordinator exited on etcd's first refused connection ("tcp connect
+/// error"), so after an etcd restart no standby was left to take over from a leader that died
+/// next. A standby now rides the outage out and leads when the leader dies.
+#[test]
+fn a_standby_rides_out_an_etcd_restart_and_takes_over_afterwards() {
+    let _serial = serial();
+    let mut etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = format!(
+        "cluster:\n  min_workers: 1\n  max_workers: 1\n  session_timeout_ms: 2000\n  etcd:\n    endpoints: [\"{}\"]\n    prefix: {PREFIX}\n    lease_ttl_s: {TTL_S}\n",
+        etcd.url
+    );
+    let mut c = coordinator(dir.path(), "standby-outage", 60, &cluster);
+    c.coordinator.wait_for("leadership", LONG, |l| {
+        !events(l, "leading the job").is_empty()
+    });
+    let (mut second, _) = standby(&c);
+    let mut w = c.member("w0");
+    c.wait_step(5);
+    etcd.kill();
+    // Longer than the standby's 200 ms rounds and the leases' TTL.
+    std::thread::sleep(Duration::from_millis(2500));
+    etcd.restart();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        second.child.try_wait().expect("try_wait").is_none(),
+        "the standby exited in the etcd outage:\n{}",
+        second.stderr()
+    );
+    c.coordinator.signal(libc::SIGKILL);
+    second.wait_for("the standby to lead", LONG, |l| {
+        !events(l, "leading the job").is_empty()
+    });
+    let (status, stdout) = second.finish(LONG);
+    assert!(status.success(), "{}", second.stderr());
+    assert!(stdout.contains("job completed"), "{stdout}");
+    let (status, _) = w.finish(LONG);
+    assert!(status.success(), "{}", w.stderr());
 }

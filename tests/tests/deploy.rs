@@ -370,7 +370,7 @@ fn the_kubernetes_manifests_ship_no_secret_and_require_tls() {
     assert!(env("dapt-workers", "DAPT_TOKEN").is_none());
     let config = docs
         .iter()
-        .find(|d| d["kind"] == "ConfigMap")
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "dapt-job")
         .expect("the job ConfigMap");
     let job = dapt_proto::job::JobSpec::parse(config["data"]["job.yaml"].as_str().expect("job"))
         .expect("job file");
@@ -378,4 +378,113 @@ fn the_kubernetes_manifests_ship_no_secret_and_require_tls() {
     assert!(etcd.endpoints.iter().all(|e| e.starts_with("https://")));
     assert!(etcd.tls.is_some_and(|t| t.cert.is_some()));
     assert!(job.cluster.tls.is_some_and(|t| t.client_ca.is_some()));
+    // etcd's RBAC: the job logs in as `dapt`, with the password of the dapt-etcd-user Secret in
+    // the coordinator and in every worker; the auth Job grants exactly the job's keys.
+    assert_eq!(etcd.user.as_deref(), Some("dapt"));
+    let var = etcd.password_env.expect("cluster.etcd.password_env");
+    for workload in ["dapt-coordinator", "dapt-workers"] {
+        let from =
+            env(workload, var.as_str()).unwrap_or_else(|| panic!("{workload} without ${var}"));
+        assert!(from.contains("dapt-etcd-user"), "{workload}: {from}");
+    }
+    let auth = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "dapt-etcd-auth")
+        .expect("the etcd-auth ConfigMap");
+    assert_eq!(
+        auth["data"]["DAPT_ETCD_PREFIX"].as_str(),
+        Some(dapt_proto::job::keys::job(&etcd.prefix, &job.job).as_str()),
+        "the role must cover the job's keys, no more"
+    );
+}
+
+/// The etcd-auth Job's script (deploy/k8s/etcd-auth.yaml), run twice against a real etcd:
+/// afterwards authentication is on, a client without a user is refused, the `dapt` user may
+/// write under the job's prefix and nowhere else, and a dapt job logging in as `dapt` runs to
+/// completion. Needs etcdctl (Debian's etcd-client; `.ci/run` installs it).
+#[test]
+fn the_shipped_etcd_auth_script_limits_dapt_to_its_job_keys() {
+    if Command::new("etcdctl").arg("version").output().is_err() {
+        if std::env::var_os("CI").is_some() {
+            panic!("etcdctl is not installed (.ci/run installs etcd-client)");
+        }
+        println!("skipped: etcdctl is not installed (apt-get install etcd-client)");
+        return;
+    }
+    let text = std::fs::read_to_string(repo_root().join("deploy/k8s/etcd-auth.yaml"))
+        .expect("etcd-auth.yaml");
+    let config: serde_yaml::Value = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
+        .find(|d: &serde_yaml::Value| d["kind"] == "ConfigMap")
+        .expect("a ConfigMap");
+    let script = config["data"]["etcd-auth.sh"]
+        .as_str()
+        .expect("etcd-auth.sh");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("etcd-auth.sh"), script).expect("script");
+    std::fs::write(dir.path().join("root"), "root-0123456789").expect("root password");
+    std::fs::write(dir.path().join("dapt"), "dapt-0123456789").expect("dapt password");
+    let _serial = serial();
+    let etcd = dapt_tests::Etcd::start();
+    let name = "authjob";
+    let prefix = dapt_proto::job::keys::job("/dapt", name);
+    let etcdctl = |user: Option<&str>, args: &[&str]| {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .env("ETCDCTL_ENDPOINTS", &etcd.url)
+            .args(args);
+        if let Some(user) = user {
+            cmd.env("ETCDCTL_USER", user);
+        }
+        cmd.output().expect("etcdctl")
+    };
+    for run in 1..=2 {
+        let out = Command::new("sh")
+            .arg(dir.path().join("etcd-auth.sh"))
+            .env("ETCDCTL_ENDPOINTS", &etcd.url)
+            .env("DAPT_ETCD_PREFIX", &prefix)
+            .env("ROOT_PASSWORD_FILE", dir.path().join("root"))
+            .env("DAPT_PASSWORD_FILE", dir.path().join("dapt"))
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "run {run}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let key = format!("{prefix}probe");
+    assert!(!etcdctl(None, &["put", &key, "x"]).status.success());
+    let dapt = Some("dapt:dapt-0123456789");
+    assert!(etcdctl(dapt, &["put", &key, "x"]).status.success());
+    for outside in ["/dapt/another-job/x", "/elsewhere"] {
+        assert!(
+            !etcdctl(dapt, &["put", outside, "x"]).status.success(),
+            "dapt wrote {outside}"
+        );
+    }
+    assert!(
+        etcdctl(Some("root:root-0123456789"), &["put", "/elsewhere", "x"])
+            .status
+            .success()
+    );
+
+    // A job on it, as the manifests run one: user dapt, password from the environment.
+    let cluster = format!(
+        "cluster:\n  min_workers: 1\n  max_workers: 1\n  etcd:\n    endpoints: [\"{}\"]\n    lease_ttl_s: 2\n    user: dapt\n    password_env: DAPT_ETCD_PASSWORD\n",
+        etcd.url
+    );
+    let mut c = dapt_tests::coordinator_with(
+        dir.path(),
+        name,
+        6,
+        &cluster,
+        "127.0.0.1",
+        &[("DAPT_ETCD_PASSWORD", "dapt-0123456789")],
+    );
+    let mut w = c.member("w0");
+    c.complete();
+    let (status, _) = w.finish(LONG);
+    assert!(status.success(), "{}", w.stderr());
 }

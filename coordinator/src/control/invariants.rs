@@ -456,6 +456,10 @@ pub fn describe(event: &Event) -> String {
         } => format!("eval at step {step} of {worker} for generation {generation} on session {conn}"),
         Event::Tick => "tick".into(),
         Event::Shutdown { reason } => format!("shutdown ({reason})"),
+        Event::FellBack { earlier } => format!(
+            "fallback to the checkpoint of step {} ({})",
+            earlier.step, earlier.dir
+        ),
     }
 }
 

@@ -1126,3 +1126,63 @@ fn a_stalled_link_is_named_then_aborted_and_its_sender_benched() {
     assert_eq!(sim.state().ranks, vec![id("a"), id("c")]);
     assert_eq!(sim.state().stall.history.len(), 1);
 }
+
+/// Issue 14: the committed checkpoint rots after its commit; a rank of the next generation
+/// fails loading it. The executor finds the earlier kept checkpoint and sends `FellBack` before
+/// the failure: the job records the fallback, and the generation re-formed after the failure
+/// resumes from the earlier checkpoint (the invariant checker allows the committed step this
+/// one way back, and only with its `FallBack` action).
+#[test]
+fn a_corrupt_committed_checkpoint_falls_back_and_the_next_generation_resumes_before_it() {
+    let mut sim = formed();
+    sim.train(0, 2);
+    sim.train(2, 4);
+    assert_eq!(sim.state().committed_step(), 4);
+    let earlier = Committed {
+        step: 2,
+        dir: "/ckpt/step-00000002".into(),
+        generation: 1,
+        ..Committed::default()
+    };
+    let actions = sim.send(Event::FellBack {
+        earlier: earlier.clone(),
+    });
+    assert_eq!(
+        actions,
+        vec![Action::FallBack {
+            committed: earlier.clone()
+        }]
+    );
+    assert_eq!(sim.state().committed.as_ref(), Some(&earlier));
+    // A stale fallback (to a step not before the committed one) changes nothing.
+    assert!(sim
+        .send(Event::FellBack {
+            earlier: Committed {
+                step: 3,
+                ..earlier.clone()
+            }
+        })
+        .is_empty());
+    let generation = sim.state().generation;
+    let conn = sim.conn("a");
+    sim.send(Event::Failed {
+        conn,
+        worker: id("a"),
+        generation,
+        reason: "checkpoint /ckpt/step-00000004: model.safetensors has SHA-256 0, the manifest says 1: the file is corrupt".into(),
+        fatal: false,
+        peer_fault: false,
+    });
+    let conn = sim.conn("b");
+    let actions = sim.send(Event::Aborted {
+        conn,
+        worker: id("b"),
+        generation,
+    });
+    let assigned = assignments(&actions);
+    assert_eq!(assigned.len(), 2, "{actions:?}");
+    for (_, a) in assigned {
+        assert_eq!(a.resume_step, 2);
+        assert_eq!(a.checkpoint.as_deref(), Some("/ckpt/step-00000002"));
+    }
+}

@@ -128,12 +128,31 @@ pub fn check_transition(
         .collect();
     let (from, to) = (prev.committed_step(), next.committed_step());
     let changed = prev.committed != next.committed;
+    let fallbacks: Vec<_> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::FallBack { committed } => Some(committed),
+            _ => None,
+        })
+        .collect();
+    // The one way back: a fallback from a corrupt checkpoint to an earlier one, recorded.
+    let fell_back = matches!(event, Event::FellBack { .. })
+        && to < from
+        && commits.is_empty()
+        && fallbacks.len() == 1
+        && Some(fallbacks[0]) == next.committed.as_ref();
     ensure(
-        to >= from
-            && commits.len() == usize::from(changed)
-            && commits
-                .iter()
-                .all(|(cm, _)| Some(*cm) == next.committed.as_ref() && cm.step > from),
+        fallbacks.is_empty() || fell_back,
+        Invariant::CommittedStepGrows,
+        || format!("{fallbacks:?} on {}", describe(event)),
+    )?;
+    ensure(
+        fell_back
+            || to >= from
+                && commits.len() == usize::from(changed)
+                && commits
+                    .iter()
+                    .all(|(cm, _)| Some(*cm) == next.committed.as_ref() && cm.step > from),
         Invariant::CommittedStepGrows,
         || {
             format!(

@@ -274,7 +274,10 @@ impl World {
             | Action::Finish { conn, .. }
             | Action::RefuseJoin { conn, .. } => self.order(conn, Order::Action(action)),
             Action::Drop { conn, .. } => self.order(conn, Order::SessionEnded(conn)),
-            Action::Accept { .. } | Action::Refuse { .. } | Action::Log(_) => {}
+            Action::Accept { .. }
+            | Action::Refuse { .. }
+            | Action::Log(_)
+            | Action::FallBack { .. } => {}
         }
         Ok(())
     }
@@ -784,6 +787,6 @@ fn set_conn(event: &mut Event, to: ConnId) {
         | Event::Aborted { conn, .. }
         | Event::Failed { conn, .. }
         | Event::Eval { conn, .. } => *conn = to,
-        Event::Expired { .. } | Event::Tick | Event::Shutdown { .. } => {}
+        Event::Expired { .. } | Event::Tick | Event::Shutdown { .. } | Event::FellBack { .. } => {}
     }
 }

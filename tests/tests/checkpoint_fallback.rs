@@ -1,0 +1,174 @@
+//! Issue 14, item 7: a committed checkpoint that rots is fallen back from, under either
+//! membership, whenever it is found out: mid-run (a rank of a re-formed generation fails
+//! loading it) and under etcd when a coordinator takes over. The job goes on from the previous
+//! kept checkpoint that verifies, says so in the log, trains the steps after it again, and
+//! every sample is still committed exactly once. (At a coordinator's start with embedded
+//! membership, `files_safety.rs` tests it.)
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dapt_proto::job::EtcdSpec;
+use dapt_tests::{check_entries, coordinator, events, serial, Cluster, Etcd, Proc, BATCH, LONG};
+
+const STEPS: u64 = 30;
+
+fn cluster(etcd: Option<&Etcd>) -> String {
+    let mut c = "cluster:\n  min_workers: 1\n  max_workers: 1\n  session_timeout_ms: 2000\n  formation_grace_ms: 300\n".to_string();
+    if let Some(etcd) = etcd {
+        c.push_str(&format!(
+            "  etcd:\n    endpoints: [\"{}\"]\n    prefix: /rot\n    lease_ttl_s: 2\n",
+            etcd.url
+        ));
+    }
+    c
+}
+
+/// Waits until some coordinator line says a commit at `step` or later; returns its directory.
+fn committed(c: &mut Proc, step: u64) -> PathBuf {
+    c.wait_for(&format!("a commit at step {step}"), LONG, |l| {
+        events(l, "checkpoint committed")
+            .iter()
+            .any(|f| f["step"].as_u64() >= Some(step))
+    });
+    let last = events(&c.lines(), "checkpoint committed")
+        .last()
+        .cloned()
+        .expect("a commit");
+    PathBuf::from(last["checkpoint"].as_str().expect("checkpoint"))
+}
+
+/// Flips one byte in the middle of the checkpoint's weights (size and mtime kept: rot).
+fn rot(dir: &Path) {
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).expect("weights");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&path, bytes).expect("rewrite");
+    println!("rotted {}", path.display());
+}
+
+/// The ledger, from etcd or from the checkpoint directory, checked to be exact.
+fn exact_ledger(c: &Cluster, etcd: Option<&Etcd>) {
+    let entries: Vec<(u64, u64, u64)> = match etcd {
+        Some(etcd) => {
+            let spec = EtcdSpec {
+                endpoints: vec![etcd.url.clone()],
+                prefix: "/rot".into(),
+                lease_ttl_s: 2,
+                user: None,
+                password_env: None,
+                tls: None,
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(dapt_coordinator::etcd::ledger(&spec, &c.job_name()))
+                .expect("ledger")
+                .iter()
+                .map(|e| (e.step, e.start, e.end))
+                .collect()
+        }
+        None => {
+            dapt_tests::check_ledger(&c.job.checkpoints.join("ledger.jsonl"), STEPS * BATCH)
+                .expect("ledger");
+            return;
+        }
+    };
+    check_entries(entries, STEPS * BATCH).expect("every sample once");
+}
+
+fn said_fallback(lines: &[serde_json::Value], corrupt: &Path) {
+    let fell = events(
+        lines,
+        "falling back to the previous kept checkpoint; the steps after it are trained again",
+    );
+    assert!(
+        fell.iter().any(|f| f["corrupt_step"].as_u64().is_some()),
+        "no fallback from {} in the log",
+        corrupt.display()
+    );
+}
+
+/// Mid-run: the only worker dies after a commit, the committed checkpoint rots, and the next
+/// worker's generation fails loading it. Before the fallback the job failed after four
+/// generations in a row failed on the same file.
+fn rot_mid_run(etcd: Option<&Etcd>, name: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = coordinator(dir.path(), name, STEPS, &cluster(etcd));
+    let w0 = c.member("w0");
+    let corrupt = committed(&mut c.coordinator, 10);
+    w0.signal(libc::SIGKILL);
+    drop(w0);
+    // Give the coordinator the loss first (steps stop; the commit stays the newest).
+    std::thread::sleep(Duration::from_millis(500));
+    rot(&corrupt);
+    let mut w1 = c.member("w1");
+    let lines = c.complete();
+    said_fallback(&lines, &corrupt);
+    let (status, _) = w1.finish(LONG);
+    assert!(status.success(), "{}", w1.stderr());
+    exact_ledger(&c, etcd);
+}
+
+#[test]
+fn a_checkpoint_that_rots_mid_run_is_fallen_back_from() {
+    let _serial = serial();
+    rot_mid_run(None, "rot-files");
+}
+
+#[test]
+fn a_checkpoint_that_rots_mid_run_under_etcd_is_fallen_back_from() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    rot_mid_run(Some(&etcd), "rot-etcd");
+}
+
+/// Under etcd the committed step lives in etcd: a coordinator that takes over (here, the next
+/// one after both coordinator and worker died) verifies the committed checkpoint and falls
+/// back, recording the fallback in etcd with the ledger cut back, before any generation.
+#[test]
+fn a_corrupt_checkpoint_under_etcd_is_fallen_back_from_when_a_coordinator_takes_over() {
+    let _serial = serial();
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = coordinator(dir.path(), "rot-start", STEPS, &cluster(Some(&etcd)));
+    let w0 = c.member("w0");
+    let corrupt = committed(&mut c.coordinator, 10);
+    c.coordinator.signal(libc::SIGKILL);
+    w0.signal(libc::SIGKILL);
+    drop(w0);
+    let _ = c.coordinator.finish(LONG);
+    // The commit logged last may still have been on its way to etcd: rot the newest
+    // checkpoint that etcd recorded, which is what the next coordinator resumes from.
+    let recorded = newest_recorded(&etcd, "rot-start").unwrap_or(corrupt);
+    rot(&recorded);
+    let (proc, url) = dapt_tests::standby(&c);
+    c.coordinator = proc;
+    c.url = url;
+    let mut w1 = c.member("w1");
+    let lines = c.complete();
+    said_fallback(&lines, &recorded);
+    let (status, _) = w1.finish(LONG);
+    assert!(status.success(), "{}", w1.stderr());
+    exact_ledger(&c, Some(&etcd));
+}
+
+/// The checkpoint directory of the commit etcd holds for `job`.
+fn newest_recorded(etcd: &Etcd, job: &str) -> Option<PathBuf> {
+    let key = dapt_proto::job::keys::committed("/rot", job);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([etcd.url.as_str()], None)
+            .await
+            .ok()?;
+        let response = client.get(key, None).await.ok()?;
+        let value: serde_json::Value =
+            serde_json::from_slice(response.kvs().first()?.value()).ok()?;
+        Some(PathBuf::from(value["dir"].as_str()?))
+    })
+}
