@@ -1186,19 +1186,7 @@ fn form(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
         .filter(|c| c.step >= state.config.total_steps)
     {
         // A relaunch of a job that already completed: nothing to train.
-        state.phase = Phase::Completed;
-        out.push(Action::Log(Log::Completed {
-            step: done.step,
-            dir: done.dir.clone(),
-        }));
-        for (w, m) in &state.members {
-            out.push(Action::Finish {
-                worker: w.clone(),
-                conn: m.conn,
-                step: done.step,
-                dir: done.dir.clone(),
-            });
-        }
+        complete_at(state, done.step, &done.dir, out);
         return;
     }
     let c = &state.config;
@@ -1480,19 +1468,7 @@ fn checkpoint_report(
         digest: first,
     }));
     if step >= state.config.total_steps {
-        state.phase = Phase::Completed;
-        out.push(Action::Log(Log::Completed {
-            step,
-            dir: dir.clone(),
-        }));
-        for (w, m) in &state.members {
-            out.push(Action::Finish {
-                worker: w.clone(),
-                conn: m.conn,
-                step,
-                dir: dir.clone(),
-            });
-        }
+        complete_at(state, step, &dir, out);
         return;
     }
     if let Some(change) = change {
@@ -1583,6 +1559,24 @@ fn bench_stalled(state: &mut JobState, out: &mut Vec<Action>) {
     }
 }
 
+/// The job completes at the committed checkpoint of `step` in `dir`: logged, and every member
+/// told to leave.
+fn complete_at(state: &mut JobState, step: u64, dir: &str, out: &mut Vec<Action>) {
+    state.phase = Phase::Completed;
+    out.push(Action::Log(Log::Completed {
+        step,
+        dir: dir.to_string(),
+    }));
+    for (w, m) in &state.members {
+        out.push(Action::Finish {
+            worker: w.clone(),
+            conn: m.conn,
+            step,
+            dir: dir.to_string(),
+        });
+    }
+}
+
 /// Takes rank 0's evaluation to the forgetting guard; a trip is logged, and a `stop` ends the
 /// job at the committed checkpoint (every rank aborted, then told to leave).
 fn guard_reading(
@@ -1618,21 +1612,7 @@ fn guard_reading(
     }));
     abort_ranks(state, &reason, None, out);
     match state.committed.clone() {
-        Some(done) => {
-            state.phase = Phase::Completed;
-            out.push(Action::Log(Log::Completed {
-                step: done.step,
-                dir: done.dir.clone(),
-            }));
-            for (w, m) in &state.members {
-                out.push(Action::Finish {
-                    worker: w.clone(),
-                    conn: m.conn,
-                    step: done.step,
-                    dir: done.dir.clone(),
-                });
-            }
-        }
+        Some(done) => complete_at(state, done.step, &done.dir, out),
         None => state.phase = Phase::Stopped(reason),
     }
 }

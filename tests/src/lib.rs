@@ -693,7 +693,17 @@ pub fn coordinator_edited(
 impl Cluster {
     /// A `dapt-worker` joining with the given job name and token.
     pub fn worker(&self, id: &str, job: &str, token: &str) -> Proc {
-        let mut cmd = Command::new(binary("dapt-worker"));
+        self.spawn_worker(Command::new(binary("dapt-worker")), id, job, token)
+    }
+
+    /// `worker` (a `dapt-worker` command: e.g. [`Net::worker_command`]'s, in a lab host) joining
+    /// as `id` with the right job name and token.
+    pub fn member_from(&self, worker: Command, id: &str) -> Proc {
+        let name = self.job_name();
+        self.spawn_worker(worker, id, &name, &self.token.clone())
+    }
+
+    fn spawn_worker(&self, mut cmd: Command, id: &str, job: &str, token: &str) -> Proc {
         cmd.args([
             "--log-format",
             "json",

@@ -71,6 +71,24 @@ impl Net {
         .expect("cut-link");
     }
 
+    /// `dapt-worker` run inside host `i`'s namespace, its ring listening on `port` of the host's
+    /// address (0: any free port); [`crate::Cluster::member_from`] adds the rest.
+    pub fn worker_command(&self, i: usize, port: u16) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.namespaces[i]])
+            .arg(crate::binary("dapt-worker"))
+            .args(["--listen", &format!("{}:{port}", self.host(i))]);
+        cmd
+    }
+
+    /// The lab of `hosts` hosts, or `None` after printing why it cannot be made here (not root,
+    /// no `ip` or `iptables`): the calling test then skips.
+    pub fn or_skip(hosts: usize) -> Option<Net> {
+        Net::new(hosts)
+            .map_err(|why| println!("SKIPPED: network namespaces cannot be made here: {why}"))
+            .ok()
+    }
+
     /// Removes host `i`'s rules.
     pub fn heal(&self, i: usize) {
         lab(&["heal", &self.tag, &i.to_string()]).expect("heal");

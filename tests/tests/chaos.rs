@@ -161,25 +161,18 @@ impl Workers<'_> {
     fn start(&mut self, c: &Cluster) {
         let id = format!("w{}", self.next_id);
         self.next_id += 1;
-        let mut cmd;
-        match self.net {
+        let cmd = match self.net {
             Some(net) if self.netns.is_none() => {
-                cmd = Command::new("ip");
-                cmd.args(["netns", "exec", &net.namespaces[0]])
-                    .arg(binary("dapt-worker"))
-                    .args(["--listen", &format!("{}:0", net.host(0))]);
                 self.netns = Some(id.clone());
+                net.worker_command(0, 0)
             }
             _ => {
-                cmd = Command::new(binary("dapt-worker"));
+                let mut cmd = Command::new(binary("dapt-worker"));
                 cmd.args(["--listen", &format!("{}:0", self.host)]);
+                cmd
             }
-        }
-        cmd.args(["--log-format", "json", "--coordinator", &c.url, "--id", &id])
-            .env("DAPT_JOB", c.job_name())
-            .env("DAPT_TOKEN", &c.token)
-            .env("RAYON_NUM_THREADS", "1");
-        self.live.insert(id, Proc::spawn(cmd));
+        };
+        self.live.insert(id.clone(), c.member_from(cmd, &id));
     }
 
     /// Takes the worker `pick` names out of the live ones; says whether it ran on host 0.

@@ -62,19 +62,24 @@ fn launch(job: &Path) -> Proc {
     Proc::spawn(cmd)
 }
 
-/// `GET /metrics` from 127.0.0.1:`port`.
-fn scrape(port: u16) -> String {
+/// `GET path` from 127.0.0.1:`port`: the whole reply, headers included.
+fn get(port: u16, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .expect("timeout");
     write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     )
     .expect("request");
     let mut reply = String::new();
     s.read_to_string(&mut reply).expect("reply");
     reply
+}
+
+/// `GET /metrics` from 127.0.0.1:`port`.
+fn scrape(port: u16) -> String {
+    get(port, "/metrics")
 }
 
 fn value(text: &str, series: &str) -> f64 {
@@ -157,6 +162,14 @@ fn warned_run(dir: &Path) -> (Series, Series) {
     assert!(value(&text, r#"dapt_guard_rise{source="sotu"}"#) > 0.05);
     assert_eq!(value(&text, r#"dapt_guard_max_rise{source="sotu"}"#), 0.05);
     assert_eq!(value(&text, "dapt_guard_replay_share"), 0.0);
+    // The dashboard's JSON (the page renders the same object as its "guard" table).
+    let reply = get(metrics, "/api/dashboard");
+    let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let dashboard: serde_json::Value = serde_json::from_str(body).expect("dashboard JSON");
+    let guard = &dashboard["guard"];
+    assert_eq!(guard["action"], "warn", "{guard}");
+    assert!(guard["trips"].as_u64() >= Some(1), "{guard}");
+    assert_eq!(guard["recent"][0]["source"], "sotu", "{guard}");
     coordinator.wait_for("the job to complete", LONG, |l| {
         !events(l, "job completed").is_empty()
     });

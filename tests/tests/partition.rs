@@ -6,11 +6,10 @@
 //! exactly once. Skipped, saying why, where namespaces cannot be made (not root, no `ip` or
 //! `iptables`: `.ci/run` installs iptables). The lab is `deploy/lab/netns.sh`.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dapt_tests::netns::Net;
-use dapt_tests::{binary, check_ledger, coordinator_on, events, random_step, serial, Proc, BATCH};
+use dapt_tests::{check_ledger, coordinator_on, events, random_step, serial, Proc, BATCH};
 
 const LONG: Duration = dapt_tests::LONG;
 
@@ -36,32 +35,16 @@ fn joins(lines: &[serde_json::Value], worker: &str) -> usize {
 #[test]
 fn a_partitioned_worker_is_re_formed_around_and_taken_back_when_healed() {
     let _serial = serial();
-    let net = match Net::new(3) {
-        Ok(net) => net,
-        Err(why) => {
-            println!("SKIPPED: network namespaces cannot be made here: {why}");
-            return;
-        }
+    let Some(net) = Net::or_skip(3) else {
+        return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
     // Steps take ~35 ms here: enough of them to outlast the cut and the heal.
     let steps = 600;
     let cluster = "cluster:\n  min_workers: 1\n  max_workers: 3\n  heartbeat_ms: 200\n  session_timeout_ms: 2000\n  formation_grace_ms: 1000\n  abort_timeout_ms: 3000\n";
     let mut c = coordinator_on(dir.path(), "split", steps, cluster, &net.gateway());
-    let name = c.job_name();
     let workers: Vec<Proc> = (0..3)
-        .map(|i| {
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", &net.namespaces[i]])
-                .arg(binary("dapt-worker"))
-                .args(["--log-format", "json", "--coordinator", &c.url])
-                .args(["--id", &format!("w{i}")])
-                .args(["--listen", &format!("{}:0", net.host(i))])
-                .env("DAPT_JOB", &name)
-                .env("DAPT_TOKEN", &c.token)
-                .env("RAYON_NUM_THREADS", "1");
-            Proc::spawn(cmd)
-        })
+        .map(|i| c.member_from(net.worker_command(i, 0), &format!("w{i}")))
         .collect();
     c.coordinator.wait_for("3 ranks", LONG, |l| {
         generations(l).iter().any(|&(_, world)| world == 3)

@@ -7,11 +7,10 @@
 //! without w1 (the link's sending end), and complete the job with every sample once. Skipped,
 //! saying why, where namespaces cannot be made (not root, no `ip` or `iptables`).
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dapt_tests::netns::Net;
-use dapt_tests::{binary, check_ledger, coordinator_on, events, random_step, serial, Proc, BATCH};
+use dapt_tests::{check_ledger, coordinator_on, events, random_step, serial, Proc, BATCH};
 
 const LONG: Duration = dapt_tests::LONG;
 /// Every worker's collective listens on this port of its own host.
@@ -39,12 +38,8 @@ fn stalls(lines: &[serde_json::Value], action: &str) -> Vec<serde_json::Value> {
 #[test]
 fn a_cut_ring_link_is_named_and_the_job_completes_without_it() {
     let _serial = serial();
-    let net = match Net::new(3) {
-        Ok(net) => net,
-        Err(why) => {
-            println!("SKIPPED: network namespaces cannot be made here: {why}");
-            return;
-        }
+    let Some(net) = Net::or_skip(3) else {
+        return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let steps = 120;
@@ -52,20 +47,8 @@ fn a_cut_ring_link_is_named_and_the_job_completes_without_it() {
     // stall aborts 2 s after it was named; the ranks' own collective timeout (60 s) never fires.
     let cluster = "cluster:\n  min_workers: 2\n  max_workers: 3\n  heartbeat_ms: 100\n  session_timeout_ms: 3000\n  formation_grace_ms: 1000\n  abort_timeout_ms: 3000\n  collective_timeout_s: 60\n  stall_factor: 3\n  stall_floor_ms: 1000\n  stall_timeout_s: 2\n";
     let mut c = coordinator_on(dir.path(), "hang", steps, cluster, &net.gateway());
-    let name = c.job_name();
     let workers: Vec<Proc> = (0..3)
-        .map(|i| {
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", &net.namespaces[i]])
-                .arg(binary("dapt-worker"))
-                .args(["--log-format", "json", "--coordinator", &c.url])
-                .args(["--id", &format!("w{i}")])
-                .args(["--listen", &format!("{}:{RING_PORT}", net.host(i))])
-                .env("DAPT_JOB", &name)
-                .env("DAPT_TOKEN", &c.token)
-                .env("RAYON_NUM_THREADS", "1");
-            Proc::spawn(cmd)
-        })
+        .map(|i| c.member_from(net.worker_command(i, RING_PORT), &format!("w{i}")))
         .collect();
     c.coordinator.wait_for("3 ranks", LONG, |l| {
         formed(l).iter().any(|(world, _)| *world == 3)

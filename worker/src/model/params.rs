@@ -18,6 +18,18 @@ pub enum ParamKind {
     Bias,
 }
 
+impl ParamKind {
+    /// Whether AdamW's decoupled weight decay applies: to matrices always, to embeddings when
+    /// `optimizer.decay_embeddings` says so, never to norm gains or biases.
+    pub fn decays(self, decay_embeddings: bool) -> bool {
+        match self {
+            ParamKind::Matrix => true,
+            ParamKind::Embedding => decay_embeddings,
+            ParamKind::Norm | ParamKind::Bias => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamInfo {
     /// Hugging Face name, e.g. `model.layers.0.self_attn.q_proj.weight`.

@@ -10,7 +10,7 @@
 use dapt_proto::job::OptimizerSpec;
 use rayon::prelude::*;
 
-use crate::model::{ParamKind, ParamLayout};
+use crate::model::ParamLayout;
 
 /// Elements per parallel chunk: large enough to amortise scheduling, small enough to balance.
 const CHUNK: usize = 1 << 16;
@@ -44,11 +44,7 @@ impl AdamW {
     ) -> Self {
         let mut decay_mask = vec![0f32; range.len()];
         for p in &layout.params {
-            let decays = match p.kind {
-                ParamKind::Matrix => true,
-                ParamKind::Embedding => spec.decay_embeddings,
-                ParamKind::Norm | ParamKind::Bias => false,
-            };
+            let decays = p.kind.decays(spec.decay_embeddings);
             let (start, end) = (
                 p.offset.max(range.start),
                 (p.offset + p.len()).min(range.end),

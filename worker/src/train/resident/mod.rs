@@ -35,7 +35,7 @@ use crate::collective::{Collective, CollectiveError};
 use crate::error::Result;
 use crate::model::llama::param_shape;
 use crate::model::llama::Constants;
-use crate::model::{Llama, LlamaConfig, ParamKind, ParamLayout};
+use crate::model::{Llama, LlamaConfig, ParamLayout};
 
 /// Averages a flat f32 gradient buffer across ranks, on the device where it lives.
 pub trait GradReducer<B: Backend> {
@@ -369,11 +369,7 @@ pub fn train_step<B: AutodiffBackend>(
 fn decay_ranges(layout: &ParamLayout, spec: &OptimizerSpec) -> Vec<Range<usize>> {
     let mut out: Vec<Range<usize>> = Vec::new();
     for p in &layout.params {
-        let decays = match p.kind {
-            ParamKind::Matrix => true,
-            ParamKind::Embedding => spec.decay_embeddings,
-            ParamKind::Norm | ParamKind::Bias => false,
-        };
+        let decays = p.kind.decays(spec.decay_embeddings);
         if !decays || p.is_empty() {
             continue;
         }

@@ -6,7 +6,7 @@ use burn::tensor::FloatDType;
 use dapt_proto::job::{JobSpec, Preset};
 
 use super::*;
-use crate::model::LlamaConfig;
+use crate::model::{LlamaConfig, ParamKind};
 use crate::Cpu;
 
 type Ad = Autodiff<Cpu>;
