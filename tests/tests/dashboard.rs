@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dapt_tests::{binary, events, repo_root, serial, Proc, LONG};
+use dapt_tests::{binary, events, http_get, repo_root, serial, Proc, LONG};
 
 /// Chromium on this machine, if any.
 fn chromium() -> Option<PathBuf> {
@@ -64,22 +64,6 @@ fn browse(chromium: &Path, profile: &Path, args: &[&str], url: &str) -> String {
         std::thread::sleep(Duration::from_millis(50));
     }
     reader.join().expect("reader")
-}
-
-/// `GET path` from `addr` (host:port): the status line and the body.
-fn get(addr: &str, path: &str) -> (String, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).expect("reply");
-    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
-    (head.to_string(), body.to_string())
 }
 
 /// The value of `attr` on the first element of the DOM that has `marker` in its tag.
@@ -168,7 +152,7 @@ fn the_dashboard_of_a_launched_job_renders_its_charts_and_the_recovery_in_chromi
             .any(|f| f["generation"].as_u64() >= Some(2))
     });
 
-    let (head, json) = get(&addr, "/api/dashboard");
+    let (head, json) = http_get(&addr, "/api/dashboard");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let api: serde_json::Value = serde_json::from_str(&json).expect("json");
     assert_eq!(api["job"], "dashboard");

@@ -6,11 +6,13 @@
 //! committed step, which the losses show (the same as the warned run before it, different from
 //! it on), and a resume after Ctrl-C trains the same order again.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use dapt_tests::{binary, check_ledger, events, free_port, losses, repo_root, serial, Proc, LONG};
+use dapt_tests::{
+    binary, check_ledger, events, free_port, http_get, losses, metric as value, repo_root, serial,
+    Proc, LONG,
+};
 
 const STEPS: u64 = 20;
 const BATCH: u64 = 7;
@@ -62,31 +64,9 @@ fn launch(job: &Path) -> Proc {
     Proc::spawn(cmd)
 }
 
-/// `GET path` from 127.0.0.1:`port`: the whole reply, headers included.
-fn get(port: u16, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).expect("reply");
-    reply
-}
-
 /// `GET /metrics` from 127.0.0.1:`port`.
 fn scrape(port: u16) -> String {
-    get(port, "/metrics")
-}
-
-fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample `{series}` in:\n{text}"))
+    http_get(&format!("127.0.0.1:{port}"), "/metrics").1
 }
 
 /// (step, value) pairs: evaluations or losses.
@@ -163,9 +143,8 @@ fn warned_run(dir: &Path) -> (Series, Series) {
     assert_eq!(value(&text, r#"dapt_guard_max_rise{source="sotu"}"#), 0.05);
     assert_eq!(value(&text, "dapt_guard_replay_share"), 0.0);
     // The dashboard's JSON (the page renders the same object as its "guard" table).
-    let reply = get(metrics, "/api/dashboard");
-    let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    let dashboard: serde_json::Value = serde_json::from_str(body).expect("dashboard JSON");
+    let (_, body) = http_get(&format!("127.0.0.1:{metrics}"), "/api/dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&body).expect("dashboard JSON");
     let guard = &dashboard["guard"];
     assert_eq!(guard["action"], "warn", "{guard}");
     assert!(guard["trips"].as_u64() >= Some(1), "{guard}");

@@ -1,35 +1,12 @@
 //! `dapt coordinator --metrics-listen` (here through `DAPT_METRICS_LISTEN`): its Prometheus
 //! metrics scraped over HTTP while real workers train, and again after one is killed.
 
-use std::io::{Read, Write};
-
-use dapt_tests::{coordinator_with, events, free_port, serial, LONG};
+use dapt_tests::{coordinator_with, events, free_port, http_get, metric as value, serial, LONG};
 
 /// `GET /metrics` from 127.0.0.1:`port`: the status line and the body.
 fn scrape(port: u16) -> (String, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).expect("reply");
-    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
-    (
-        head.lines().next().unwrap_or("").to_string(),
-        body.to_string(),
-    )
-}
-
-/// The value of the sample `series` (name and labels, as exposed).
-fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample `{series}` in:\n{text}"))
+    let (head, body) = http_get(&format!("127.0.0.1:{port}"), "/metrics");
+    (head.lines().next().unwrap_or("").to_string(), body)
 }
 
 #[test]

@@ -10,7 +10,10 @@
 use std::time::{Duration, Instant};
 
 use dapt_tests::netns::Net;
-use dapt_tests::{check_ledger, coordinator_on, events, random_step, serial, Proc, BATCH};
+use dapt_tests::{
+    check_ledger, coordinator_with, events, free_port, http_get, metric, random_step, serial, Proc,
+    BATCH,
+};
 
 const LONG: Duration = dapt_tests::LONG;
 /// Every worker's collective listens on this port of its own host.
@@ -46,7 +49,16 @@ fn a_cut_ring_link_is_named_and_the_job_completes_without_it() {
     // A step is stalled past 3x the median step (~35-100 ms here), and never before 1 s; the
     // stall aborts 2 s after it was named; the ranks' own collective timeout (60 s) never fires.
     let cluster = "cluster:\n  min_workers: 2\n  max_workers: 3\n  heartbeat_ms: 100\n  session_timeout_ms: 3000\n  formation_grace_ms: 1000\n  abort_timeout_ms: 3000\n  collective_timeout_s: 60\n  stall_factor: 3\n  stall_floor_ms: 1000\n  stall_timeout_s: 2\n";
-    let mut c = coordinator_on(dir.path(), "hang", steps, cluster, &net.gateway());
+    // `/metrics` and the dashboard, on loopback in the root namespace, where the coordinator runs.
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut c = coordinator_with(
+        dir.path(),
+        "hang",
+        steps,
+        cluster,
+        &net.gateway(),
+        &[("DAPT_METRICS_LISTEN", &metrics)],
+    );
     let workers: Vec<Proc> = (0..3)
         .map(|i| c.member_from(net.worker_command(i, RING_PORT), &format!("w{i}")))
         .collect();
@@ -85,6 +97,23 @@ fn a_cut_ring_link_is_named_and_the_job_completes_without_it() {
             .as_str()
             .is_some_and(|c| c.contains("link rank 1 (w1) -> rank 2 (w2)")),
         "{stall}"
+    );
+    // The same stall, counted in /metrics and listed on the dashboard.
+    let (_, text) = http_get(&metrics, "/metrics");
+    assert!(
+        metric(
+            &text,
+            r#"dapt_stalls_total{culprit="link",phase="collective"}"#
+        ) >= 1.0
+    );
+    let (_, body) = http_get(&metrics, "/api/dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&body).expect("dashboard JSON");
+    assert!(
+        dashboard["stalls"]["items"]
+            .as_array()
+            .is_some_and(|items| items.iter().any(|s| s["rank"] == 1 && s["peer"] == 2)),
+        "the dashboard does not list the stall: {}",
+        dashboard["stalls"]
     );
     // Named once the step passed its bound (the floor here), within a few heartbeats and ticks.
     let bound_s = stall["bound"]
