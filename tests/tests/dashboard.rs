@@ -4,7 +4,7 @@
 //! `target/tmp/dashboard/`. Without Chromium it is skipped, except in CI (`.ci/run` installs
 //! Debian's `chromium`).
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
