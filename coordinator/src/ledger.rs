@@ -340,6 +340,7 @@ pub fn foreign_entry(dir: &Path) -> Result<Option<String>, LedgerError> {
                     | "logs"
                     | "export"
             ) || name.starts_with(".tmp-step-")
+                || name.starts_with(checkpoint::ZERO_STAGING_PREFIX)
                 || checkpoint::identify(path).is_some();
             !ours
         })
@@ -490,6 +491,23 @@ mod tests {
         )
         .expect("write");
         dir
+    }
+
+    /// A ZeRO checkpoint that failed before the first commit leaves its staging folder: the
+    /// next start takes the directory as dapt's (it refused it as a user's before).
+    #[test]
+    fn a_zero_staging_folder_left_by_a_failed_first_checkpoint_is_dapts() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let spec = job(tmp.path(), 1);
+        let staging = spec.checkpoint.dir.join(format!(
+            "{}g1-step-00000005",
+            checkpoint::ZERO_STAGING_PREFIX
+        ));
+        fs::create_dir_all(&staging).expect("mkdir");
+        fs::write(staging.join("optimizer-00000-of-00002.safetensors"), "x").expect("write");
+        assert_eq!(foreign_entry(&spec.checkpoint.dir).expect("read"), None);
+        Ledger::open(&spec).expect("open");
+        assert!(staging.exists(), "dapt must not delete it on open");
     }
 
     #[test]

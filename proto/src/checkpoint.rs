@@ -15,6 +15,11 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// The checkpoint layout this dapt writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// The name prefix of the hidden folders under `checkpoint.dir` where the ranks of a ZeRO job
+/// stage their optimizer shards before rank 0 moves them into the checkpoint
+/// (`.zero-shards-g<generation>-step-<step>`): dapt's, even when a failed checkpoint leaves one.
+pub const ZERO_STAGING_PREFIX: &str = ".zero-shards-";
+
 /// `manifest.json` of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

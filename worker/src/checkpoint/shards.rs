@@ -53,7 +53,10 @@ pub fn parse_name(name: &str) -> Option<(usize, usize)> {
 /// moves them into it: a hidden folder under the checkpoint root, one per generation, so that a
 /// rank of an older generation can never hand in a shard for a newer one.
 pub fn staging_dir(root: &Path, generation: u64, step: u64) -> PathBuf {
-    root.join(format!(".zero-shards-g{generation}-step-{step:08}"))
+    root.join(format!(
+        "{}g{generation}-step-{step:08}",
+        dapt_proto::checkpoint::ZERO_STAGING_PREFIX
+    ))
 }
 
 /// Writes `optimizer`'s shard (rank `rank` of `world`) into `dir` and returns its SHA-256.
