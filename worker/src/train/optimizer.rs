@@ -155,18 +155,23 @@ mod tests {
     use crate::model::LlamaConfig;
     use dapt_proto::job::Preset;
 
-    #[test]
-    fn matches_the_adamw_formula_and_spares_norms() {
-        let cfg = LlamaConfig::preset(Preset::Tiny, 64);
-        let layout = ParamLayout::llama(&cfg);
-        let spec = OptimizerSpec {
+    /// Large steps and weight decay, no clipping, embeddings not decayed.
+    fn test_spec() -> OptimizerSpec {
+        OptimizerSpec {
             lr: 0.1,
             betas: (0.9, 0.99),
             eps: 1e-8,
             weight_decay: 0.5,
             decay_embeddings: false,
             grad_clip: 0.0,
-        };
+        }
+    }
+
+    #[test]
+    fn matches_the_adamw_formula_and_spares_norms() {
+        let cfg = LlamaConfig::preset(Preset::Tiny, 64);
+        let layout = ParamLayout::llama(&cfg);
+        let spec = test_spec();
         let mut opt = AdamW::new(spec, &layout);
         let mut w = vec![1.0f32; layout.total];
         let g = vec![0.5f32; layout.total];
@@ -191,14 +196,7 @@ mod tests {
     fn shards_step_like_the_whole_and_hold_their_share() {
         let cfg = LlamaConfig::preset(Preset::Tiny, 64);
         let layout = ParamLayout::llama(&cfg);
-        let spec = OptimizerSpec {
-            lr: 0.1,
-            betas: (0.9, 0.99),
-            eps: 1e-8,
-            weight_decay: 0.5,
-            decay_embeddings: false,
-            grad_clip: 0.0,
-        };
+        let spec = test_spec();
         let g: Vec<f32> = (0..layout.total)
             .map(|i| ((i % 13) as f32 - 6.0) * 1e-3)
             .collect();

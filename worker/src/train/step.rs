@@ -220,7 +220,6 @@ impl Trainer {
         step_tokens: u64,
     ) -> Result<StepStats> {
         let lr = self.schedule.lr(self.tokens);
-        clip_to(grads, grad_norm, self.optimizer.spec.grad_clip);
         let applied = admit(
             &self.training,
             self.step,
@@ -229,6 +228,7 @@ impl Trainer {
             self.skipped_steps,
         )?;
         if applied {
+            clip_to(grads, grad_norm, self.optimizer.spec.grad_clip);
             let owned = self.optimizer.range.clone();
             self.optimizer.step(&mut self.weights[owned], grads, lr);
         } else {

@@ -47,14 +47,9 @@ pub fn step(
             c.all_reduce_mean(&mut grads)?;
         }
     }
-    let owned = trainer.optimizer.range.clone();
-    let mut grads = {
-        // Stage 2 needs only the owned slice from here on: the rest is scratch, freed now.
-        grads.truncate(owned.end);
-        grads.drain(..owned.start);
-        grads.shrink_to_fit();
-        grads
-    };
+    // Only the owned slice is needed from here on: one copy of it, and the whole-size buffer
+    // (scratch outside the slice under stage 2) is freed now.
+    let mut grads = grads[trainer.optimizer.range.clone()].to_vec();
     let partial = sum_of_squares(&grads);
     let grad_norm = match collective.as_deref_mut() {
         Some(c) => total_of(c, partial)?,
