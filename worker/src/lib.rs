@@ -19,6 +19,7 @@ pub mod checkpoint;
 pub mod collective;
 pub mod device;
 pub mod error;
+pub mod fused;
 pub mod import;
 pub mod memory;
 pub mod model;
@@ -34,3 +35,7 @@ pub type CpuAutodiff = burn::backend::Autodiff<Cpu>;
 /// The CUDA backend (Burn's CubeCL kernels, no fusion), f32 by default.
 #[cfg(feature = "cuda")]
 pub type Gpu = burn::backend::Cuda<f32, i32>;
+/// Burn's wgpu backend on Vulkan, f32: the fused ops' CubeCL kernels run on it in the tests
+/// (Mesa's lavapipe on a machine without a GPU). Not a training device.
+#[cfg(feature = "wgpu")]
+pub type Vulkan = burn::backend::Vulkan<f32, i32>;

@@ -17,6 +17,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
 
 use super::params::ParamLayout;
+use crate::fused::FusedOps;
 use dapt_proto::model::LlamaConfig;
 
 pub struct Llama<B: Backend> {
@@ -150,7 +151,7 @@ impl<B: AutodiffBackend> Constants<B> {
     }
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: FusedOps> Llama<B> {
     /// The model with the weights of `flat` (laid out by `ParamLayout::llama(cfg)`).
     /// `trainable` marks every parameter as requiring a gradient (autodiff backends only).
     pub fn from_flat(cfg: &LlamaConfig, flat: &[f32], device: &B::Device, trainable: bool) -> Self {
@@ -317,7 +318,7 @@ fn split_windows<B: Backend>(windows: Tensor<B, 2, Int>) -> (Tensor<B, 2, Int>, 
 }
 
 /// The summed negative log-likelihood of `targets` `[n, 1]` under `logits` `[n, vocab]`.
-fn nll<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+fn nll<B: FusedOps>(logits: Tensor<B, 2>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     // In f32 whatever the compute dtype: a bf16 softmax over a large vocabulary, and a bf16
     // sum of thousands of token losses, would lose the loss's low digits (a no-op in f32).
     let logp = log_softmax(logits.cast(FloatDType::F32), 1);
@@ -326,7 +327,7 @@ fn nll<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 2, Int>) -> Tensor<B
 
 /// One decoder block over `x` `[batch * seq, hidden]`: pre-norm attention and MLP, each with
 /// its residual.
-fn block<B: Backend>(
+fn block<B: FusedOps>(
     cfg: &LlamaConfig,
     layer: &Layer<B>,
     x: Tensor<B, 2>,
@@ -339,7 +340,7 @@ fn block<B: Backend>(
 }
 
 /// Attention over `x` `[batch * seq, hidden]`.
-fn attention<B: Backend>(
+fn attention<B: FusedOps>(
     cfg: &LlamaConfig,
     layer: &Layer<B>,
     x: Tensor<B, 2>,
@@ -478,7 +479,7 @@ impl<B: AutodiffBackend> Llama<B> {
     }
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: FusedOps> Llama<B> {
     /// Forward and backward over `windows` with layer-wise activation recompute, on the
     /// autodiff backend `A` over this model's backend: the forward pass keeps only each decoder
     /// block's input `[batch * seq, hidden]` (no graph); the backward pass then goes block by
@@ -491,7 +492,7 @@ impl<B: Backend> Llama<B> {
     /// parameter's gradient goes to `sink` with its index in the layout, flat, in the compute
     /// dtype, as soon as it is known (so gradients never all exist at once either). Up to the
     /// summation order of a tied embedding's two gradients, the same numbers as the full graph.
-    pub fn backward_recompute<A: AutodiffBackend<InnerBackend = B>>(
+    pub fn backward_recompute<A: AutodiffBackend<InnerBackend = B> + FusedOps>(
         &self,
         windows: Tensor<B, 2, Int>,
         denominator: f64,
@@ -626,7 +627,7 @@ fn attention_mask<B: Backend>(
 
 /// RMSNorm over the rows of `x` `[n, hidden]`.
 /// `w` is the gain, `[1, hidden]`.
-fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
+fn rms_norm<B: FusedOps>(x: Tensor<B, 2>, w: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
     let inv_rms = x
         .clone()
         .powi_scalar(2)
@@ -648,7 +649,7 @@ fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
         .reshape([b, kv * n, t, hd])
 }
 
-fn mlp<B: Backend>(layer: &Layer<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+fn mlp<B: FusedOps>(layer: &Layer<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
     let gate = silu(linear(x.clone(), layer.w_gate.clone()));
     let up = linear(x, layer.w_up.clone());
     linear(gate * up, layer.w_down.clone())

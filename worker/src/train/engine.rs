@@ -5,7 +5,6 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::AutodiffBackend;
 use dapt_corpus::shards::TokenStream;
 
 use super::eval::{perplexity, perplexity_of, Perplexity};
@@ -14,6 +13,7 @@ use super::{MicroBatch, StepStats, Trainer};
 use crate::checkpoint;
 use crate::collective::Collective;
 use crate::error::Result;
+use crate::fused::FusedAutodiff;
 use crate::model::LlamaConfig;
 
 pub trait Engine {
@@ -123,12 +123,12 @@ impl Engine for HostEngine {
 }
 
 /// A device-resident trainer and the reducer its gradients go through (none for one rank).
-pub struct ResidentEngine<B: AutodiffBackend> {
+pub struct ResidentEngine<B: FusedAutodiff> {
     pub trainer: ResidentTrainer<B>,
     pub reducer: Option<Box<dyn GradReducer<B::InnerBackend>>>,
 }
 
-impl<B: AutodiffBackend> Engine for ResidentEngine<B> {
+impl<B: FusedAutodiff> Engine for ResidentEngine<B> {
     fn config(&self) -> &LlamaConfig {
         &self.trainer.config
     }

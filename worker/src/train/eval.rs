@@ -4,13 +4,13 @@
 //! so every token after the first is predicted exactly once), up to `max_tokens`; the
 //! perplexity is `exp(mean next-token NLL)`.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use dapt_corpus::shards::TokenStream;
 use serde::Serialize;
 
 use crate::device::DeviceSpec;
 use crate::error::Result;
+use crate::fused::FusedOps;
 use crate::model::{Llama, LlamaConfig};
 use crate::Cpu;
 
@@ -76,7 +76,7 @@ pub fn perplexity_on(
 
 /// [`perplexity`] under a model already built, on any backend (the device-resident trainer
 /// evaluates where its weights live).
-pub fn perplexity_of<B: Backend>(
+pub fn perplexity_of<B: FusedOps>(
     model: &Llama<B>,
     stream: &TokenStream,
     seq_len: u32,

@@ -15,7 +15,6 @@ use std::ops::Range;
 
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use dapt_corpus::{micro_batches, CorpusReader, SampleOrder};
 use dapt_proto::job::TrainingSpec;
@@ -23,6 +22,7 @@ use dapt_proto::job::TrainingSpec;
 use super::optimizer::{clip_to, global_norm, AdamW};
 use super::schedule::LrSchedule;
 use crate::error::{Result, WorkerError};
+use crate::fused::FusedAutodiff;
 use crate::model::{Llama, LlamaConfig, ParamLayout};
 use crate::Cpu;
 
@@ -244,7 +244,7 @@ impl Trainer {
     }
 }
 
-fn gradients<B: AutodiffBackend>(
+fn gradients<B: FusedAutodiff>(
     trainer: &Trainer,
     micro: &[MicroBatch],
     denominator: f64,

@@ -25,7 +25,7 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, FloatDType, Int, Tensor, TensorData};
 use dapt_proto::job::{OptimizerSpec, TrainingSpec};
 
@@ -35,6 +35,7 @@ use crate::collective::{Collective, CollectiveError};
 use crate::error::Result;
 use crate::model::llama::param_shape;
 use crate::model::llama::Constants;
+use crate::fused::FusedAutodiff;
 use crate::model::{Llama, LlamaConfig, ParamLayout};
 
 /// Averages a flat f32 gradient buffer across ranks, on the device where it lives.
@@ -60,7 +61,7 @@ impl<B: Backend, C: Collective> GradReducer<B> for HostStaged<C> {
 }
 
 /// Weights, AdamW state and the schedule's position, on `B`'s device.
-pub struct ResidentTrainer<B: AutodiffBackend> {
+pub struct ResidentTrainer<B: FusedAutodiff> {
     pub config: LlamaConfig,
     pub layout: ParamLayout,
     training: TrainingSpec,
@@ -84,7 +85,7 @@ pub struct ResidentTrainer<B: AutodiffBackend> {
     device: B::Device,
 }
 
-impl<B: AutodiffBackend> ResidentTrainer<B> {
+impl<B: FusedAutodiff> ResidentTrainer<B> {
     /// Moves `host` (a fresh or resumed trainer) to `device`; the passes run in `compute`
     /// (f32, or bf16 with f32 master weights).
     pub fn from_host(host: Trainer, compute: FloatDType, device: &B::Device) -> Self {
@@ -326,7 +327,7 @@ impl<B: AutodiffBackend> ResidentTrainer<B> {
 
 /// The step's loss and gradients reduced across ranks by `reducer` (if any), then applied.
 /// Returns the loss (this rank's share, as [`Trainer::gradients`] reports it) and the stats.
-pub fn train_step<B: AutodiffBackend>(
+pub fn train_step<B: FusedAutodiff>(
     trainer: &mut ResidentTrainer<B>,
     reducer: Option<&mut dyn GradReducer<B::InnerBackend>>,
     micro: &[MicroBatch],

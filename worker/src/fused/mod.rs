@@ -1,0 +1,33 @@
+//! Fused operations with their own backward pass: the parts of the Llama step that Burn's
+//! decomposed ops make slow or memory-hungry on a GPU (issue 12).
+//!
+//! Each family of ops is a backend extension trait (the pattern of Burn's
+//! `examples/custom-cubecl-kernel`): a reference implementation in Burn's own tensor ops for the
+//! CPU backend, CubeCL kernels for the CubeCL backends (CUDA in production; wgpu on Mesa's
+//! lavapipe in the CPU-only tests), and an implementation for `Autodiff<B>` that records one
+//! graph node per fused op with its own backward. The model asks for all of them through
+//! [`FusedOps`].
+//!
+//! - [`norm`]: RMSNorm, RoPE and SwiGLU.
+//! - [`attention`]: causal grouped-query flash attention with its log-sum-exp.
+//! - [`loss`]: cross-entropy fused with the log-softmax, chunked over the vocabulary.
+
+pub mod attention;
+pub mod loss;
+pub mod norm;
+
+use burn::tensor::backend::{AutodiffBackend, Backend};
+
+pub use attention::AttentionOps;
+pub use loss::LossOps;
+pub use norm::NormOps;
+
+/// Every fused op dapt's model uses: the bound on the backends it runs on.
+pub trait FusedOps: Backend + NormOps + AttentionOps + LossOps {}
+
+impl<B: Backend + NormOps + AttentionOps + LossOps> FusedOps for B {}
+
+/// An autodiff backend whose inner backend has the fused ops too (the trainers' bound).
+pub trait FusedAutodiff: AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}
+
+impl<B: AutodiffBackend<InnerBackend: FusedOps> + FusedOps> FusedAutodiff for B {}
