@@ -1,0 +1,47 @@
+//! The fused ops' CubeCL kernels on a GPU backend, checked against the CPU backend's reference.
+//!
+//! - `--features wgpu`: Burn's wgpu backend on Vulkan. On a machine without a GPU, Mesa's
+//!   software driver lavapipe (Debian `mesa-vulkan-drivers`) runs the kernels: unit-level f32
+//!   kernels only (no cooperative matrix, no bf16, plane ops off on CPU adapters). In CI:
+//!   `cargo test -p dapt-worker --features wgpu --test fused_gpu`.
+//! - `--features cuda` (without `wgpu`): the same checks on CUDA, with the tensor-core and bf16
+//!   variants; scripts/gpu-check.sh runs this binary on a lent GPU.
+//!
+//! Without either feature this test binary is empty.
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
+
+mod attention;
+mod loss;
+mod norm;
+
+use burn::tensor::{Distribution, Tensor};
+use dapt_worker::Cpu;
+
+/// The GPU backend under test.
+#[cfg(feature = "wgpu")]
+pub type Gpu = dapt_worker::Vulkan;
+#[cfg(all(feature = "cuda", not(feature = "wgpu")))]
+pub type Gpu = dapt_worker::Gpu;
+
+/// `t`'s values on the GPU backend.
+pub fn to_gpu<const D: usize>(t: &Tensor<Cpu, D>) -> Tensor<Gpu, D> {
+    Tensor::from_data(t.to_data(), &Default::default())
+}
+
+/// The largest absolute difference between a GPU tensor's values and a CPU tensor's.
+pub fn max_abs_diff<const D: usize>(a: Tensor<Gpu, D>, b: Tensor<Cpu, D>) -> f32 {
+    let a = a.into_data().convert::<f32>().into_vec::<f32>().expect("f32");
+    let b = b.into_data().into_vec::<f32>().expect("f32");
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// The device answers and computes what the CPU backend does: the harness itself.
+#[test]
+fn device_matches_the_cpu_backend() {
+    let cpu = Default::default();
+    let a = Tensor::<Cpu, 2>::random([33, 70], Distribution::Normal(0.0, 1.0), &cpu);
+    let b = Tensor::<Cpu, 2>::random([70, 17], Distribution::Normal(0.0, 1.0), &cpu);
+    let diff = max_abs_diff(to_gpu(&a).matmul(to_gpu(&b)), a.matmul(b));
+    assert!(diff < 1e-4, "matmul differs by {diff}");
+}
