@@ -1,7 +1,8 @@
 //! A model directory whose files hold tensors dapt's Llama does not use, over the real binaries:
 //! `dapt eval` and `dapt train` refuse it and name the tensors (single file and sharded), and
 //! accept the documented harmless extras (a rotary `inv_freq` buffer, a tied model's copy of the
-//! embedding as `lm_head.weight`).
+//! embedding as `lm_head.weight`). The case `shared/cases/unused-bias-tensors` (a `llama` model
+//! with Qwen2-style q/k/v biases) is one member of this kind.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

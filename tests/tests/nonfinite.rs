@@ -1,7 +1,8 @@
 //! Non-finite numbers over the real binaries: a job file's `.nan` refused by field, a step whose
 //! loss or gradient norm is not finite stopping `dapt train` and `dapt launch` (or skipped, a
 //! bounded number of times, when the job says so) with every committed checkpoint finite, and
-//! `dapt export` / `dapt eval` refusing a checkpoint that holds a NaN weight.
+//! `dapt export` / `dapt eval` refusing a checkpoint that holds a NaN weight (the kind of
+//! `shared/cases/nan-training-continues`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
