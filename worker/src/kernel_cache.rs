@@ -6,23 +6,26 @@
 //! (or `burn.toml`'s `[cubecl]` table) searched upward from the working directory, and by default
 //! writes its autotune results into the nearest Cargo `target/` folder. So before the first
 //! kernel, [`install`] sets CubeCL's global configuration (`cubecl::config::CubeClRuntimeConfig`,
-//! read once per process) with both caches in one folder per GPU model and dapt build:
+//! read once per process) with both caches in one folder per GPU model:
 //!
 //! ```text
 //! $DAPT_KERNEL_CACHE (default $XDG_CACHE_HOME/dapt/kernels, or ~/.cache/dapt/kernels)
-//!   └── nvidia-h200-sm90/            GPU model and compute capability
-//!       └── 5f0c…e1/                 xxh3 of this dapt-worker executable
-//!           ├── cuda/<cubecl version>/ptx/…           PTX, keyed by kernel name and settings
-//!           └── autotune/<cubecl version>/device-0-N-cuda/*.json.log   fastest variant per key
+//!   └── nvidia-h200-sm90/                 GPU model and compute capability
+//!       ├── autotune/<cubecl version>/device-0-N-cuda/*.json.log   fastest variant per key
+//!       └── ptx-5f0c…e1/cuda/<cubecl version>/ptx/…               PTX of one dapt-worker build
 //! ```
 //!
-//! Keyed by the executable because CubeCL keys a PTX entry by the kernel's type name and launch
-//! settings, not its body: a rebuilt dapt with a changed kernel must not load the old PTX. Every
-//! rank and restart on the machine with the same build reuses the folder (CubeCL guards the
-//! autotune files with lock files; PTX is appended); point `DAPT_KERNEL_CACHE` at shared storage
-//! to share it between machines, or set it to `off` to leave CubeCL's own configuration alone.
-//! CubeCL keys autotune results by device index: [`seed_autotune`] copies another index's
-//! results to this rank's on first use, so a `dapt-worker tune` on `cuda:0` serves `cuda:1..`.
+//! PTX is kept per build (the xxh3 of the executable) because CubeCL keys a PTX entry by the
+//! kernel's type name and launch settings, not its body: a rebuilt dapt with a changed kernel
+//! must not load the old PTX. Autotune results are kept per GPU model and CubeCL version only:
+//! they name one of cubek's variants per shape key, and CubeCL checks each entry against a
+//! checksum of the tunable set, so they stay valid across dapt builds (and a tuned cache can be
+//! carried to another machine with the same GPU). Every rank and restart on the machine reuses
+//! the folder (CubeCL guards the autotune files with lock files; PTX is appended); point
+//! `DAPT_KERNEL_CACHE` at shared storage to share it between machines, or set it to `off` to
+//! leave CubeCL's own configuration alone. CubeCL keys autotune results by device index:
+//! [`seed_autotune`] copies another index's results to this rank's on first use, so a
+//! `dapt-worker tune` on `cuda:0` serves `cuda:1..`.
 
 use std::path::{Path, PathBuf};
 
@@ -48,8 +51,8 @@ pub fn base_dir() -> Option<PathBuf> {
 }
 
 /// The folder for one GPU model (`name` as the driver reports it, compute capability
-/// `major.minor`) and one build (`build`, e.g. [`build_id`]): `base/<model>-sm<major><minor>/<build>`.
-pub fn device_dir(base: &Path, name: &str, capability: (i32, i32), build: &str) -> PathBuf {
+/// `major.minor`): `base/<model>-sm<major><minor>`.
+pub fn model_dir(base: &Path, name: &str, capability: (i32, i32)) -> PathBuf {
     let mut model = String::with_capacity(name.len());
     for c in name.trim().chars() {
         if c.is_ascii_alphanumeric() {
@@ -61,7 +64,11 @@ pub fn device_dir(base: &Path, name: &str, capability: (i32, i32), build: &str) 
     let model = model.trim_matches('-');
     let model = if model.is_empty() { "gpu" } else { model };
     base.join(format!("{model}-sm{}{}", capability.0, capability.1))
-        .join(build)
+}
+
+/// The PTX folder of one build (`build`, e.g. [`build_id`]) under a [`model_dir`].
+pub fn ptx_dir(model_dir: &Path, build: &str) -> PathBuf {
+    model_dir.join(format!("ptx-{build}"))
 }
 
 /// This executable's identity: the xxh3-64 hash of its bytes, as 16 hex digits.
@@ -75,7 +82,7 @@ pub fn build_id() -> std::io::Result<String> {
 }
 
 /// Copies the autotune results of another device index to device `ordinal`'s folder under
-/// `root` (a [`device_dir`]), for each CubeCL version folder where `ordinal` has none yet.
+/// `root` (a [`model_dir`]), for each CubeCL version folder where `ordinal` has none yet.
 /// Only `*.json.log` files are copied (not CubeCL's lock files), each cut after its last
 /// complete line (another rank may be appending). The copy is made in a temporary folder and
 /// renamed into place, so a rank never reads a half-copied folder. Returns the number of files
@@ -151,16 +158,18 @@ pub fn seed_autotune(root: &Path, ordinal: usize) -> std::io::Result<usize> {
 /// Where [`install`] put the caches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelCache {
-    /// The folder holding `cuda/` (PTX) and `autotune/`.
+    /// The GPU model's folder ([`model_dir`]), holding `autotune/`.
     pub dir: PathBuf,
+    /// This build's PTX folder ([`ptx_dir`]).
+    pub ptx: PathBuf,
     /// Autotune result files copied from another device index ([`seed_autotune`]).
     pub seeded: usize,
 }
 
 /// Sets CubeCL's global configuration before the first kernel: the settings a `cubecl.toml` or
 /// `burn.toml` would give (found as CubeCL finds them, environment overrides such as
-/// `CUBECL_DEBUG_OPTION` and `CUBECL_AUTOTUNE_LEVEL` applied), with the PTX and autotune caches
-/// in [`device_dir`] for this GPU and build. Returns `None` (and changes nothing) when
+/// `CUBECL_DEBUG_OPTION` and `CUBECL_AUTOTUNE_LEVEL` applied), with the autotune cache in
+/// [`model_dir`] for this GPU and the PTX cache in its [`ptx_dir`] for this build. Returns `None` (and changes nothing) when
 /// `$DAPT_KERNEL_CACHE` is `off`, when CubeCL's configuration was already read or set in this
 /// process, or when the folder cannot be made (a warning says why: the run goes on without a
 /// cache, as CubeCL would panic on an unwritable cache folder). Only the first call in a process
@@ -187,9 +196,10 @@ fn install_once(ordinal: usize, gpu_name: &str, capability: (i32, i32)) -> Optio
             return None;
         }
     };
-    let dir = device_dir(&base, gpu_name, capability, &build);
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        tracing::warn!(dir = %dir.display(), error = %e, "kernel cache off: cannot create its folder");
+    let dir = model_dir(&base, gpu_name, capability);
+    let ptx = ptx_dir(&dir, &build);
+    if let Err(e) = std::fs::create_dir_all(&ptx) {
+        tracing::warn!(dir = %ptx.display(), error = %e, "kernel cache off: cannot create its folder");
         return None;
     }
     let seeded = seed_autotune(&dir, ordinal).unwrap_or_else(|e| {
@@ -198,7 +208,7 @@ fn install_once(ordinal: usize, gpu_name: &str, capability: (i32, i32)) -> Optio
     });
     let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
     config.autotune.cache = CacheConfig::File(dir.clone());
-    config.compilation.cache = Some(CacheConfig::File(dir.clone()));
+    config.compilation.cache = Some(CacheConfig::File(ptx.clone()));
     // `RuntimeConfig::set` panics once the configuration has been read; checking and setting
     // under CubeCL's own lock cannot race with a reader.
     let mut slot = CubeClRuntimeConfig::storage().lock();
@@ -207,7 +217,7 @@ fn install_once(ordinal: usize, gpu_name: &str, capability: (i32, i32)) -> Optio
         return None;
     }
     *slot = Some(Arc::new(config));
-    Some(KernelCache { dir, seeded })
+    Some(KernelCache { dir, ptx, seeded })
 }
 
 #[cfg(test)]
@@ -215,20 +225,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_folder_is_keyed_by_model_capability_and_build() {
+    fn the_folders_are_keyed_by_model_capability_and_build() {
         let base = Path::new("/c");
+        let h200 = model_dir(base, "NVIDIA H200", (9, 0));
+        assert_eq!(h200, Path::new("/c/nvidia-h200-sm90"));
         assert_eq!(
-            device_dir(base, "NVIDIA H200", (9, 0), "ab12"),
-            Path::new("/c/nvidia-h200-sm90/ab12")
+            ptx_dir(&h200, "ab12"),
+            Path::new("/c/nvidia-h200-sm90/ptx-ab12")
         );
         assert_eq!(
-            device_dir(base, "  NVIDIA GeForce RTX 4090 (x) ", (8, 9), "b"),
-            Path::new("/c/nvidia-geforce-rtx-4090-x-sm89/b")
+            model_dir(base, "  NVIDIA GeForce RTX 4090 (x) ", (8, 9)),
+            Path::new("/c/nvidia-geforce-rtx-4090-x-sm89")
         );
-        assert_eq!(
-            device_dir(base, "///", (7, 5), "b"),
-            Path::new("/c/gpu-sm75/b")
-        );
+        assert_eq!(model_dir(base, "///", (7, 5)), Path::new("/c/gpu-sm75"));
     }
 
     #[test]
