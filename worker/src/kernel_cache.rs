@@ -213,7 +213,10 @@ fn install_once(ordinal: usize, gpu_name: &str, capability: (i32, i32)) -> Optio
     // under CubeCL's own lock cannot race with a reader.
     let mut slot = CubeClRuntimeConfig::storage().lock();
     if slot.is_some() {
-        tracing::debug!("kernel cache: CubeCL's configuration was already set in this process");
+        tracing::warn!(
+            "kernel cache off: CubeCL's configuration was read before the device was checked \
+             (kernels compile and tune again in every run)"
+        );
         return None;
     }
     *slot = Some(Arc::new(config));
