@@ -113,9 +113,11 @@ def bench(a):
     if a.hf:
         # The same initial weights as dapt: bf16 on disk, f32 master weights here and there.
         try:
-            model = LlamaForCausalLM.from_pretrained(a.hf, config=cfg, dtype=torch.float32)
+            model = LlamaForCausalLM.from_pretrained(a.hf, config=cfg, dtype=torch.float32,
+                                                     attn_implementation=a.attn)
         except TypeError:  # transformers before 4.56 names it torch_dtype
-            model = LlamaForCausalLM.from_pretrained(a.hf, config=cfg, torch_dtype=torch.float32)
+            model = LlamaForCausalLM.from_pretrained(a.hf, config=cfg, torch_dtype=torch.float32,
+                                                     attn_implementation=a.attn)
         model = model.to(dev)
     else:
         with torch.device(dev):
@@ -217,6 +219,8 @@ def main():
         c = hf_config(a.shape, a.seq_len)
         print(json.dumps(dict(params=num_params(c), flops_per_token=flops_per_token(c, a.seq_len))))
         return
+    if (a.write_hf or a.steps) and torch is None:
+        sys.exit("PyTorch is not installed: --write-hf and --steps need it")
     if a.write_hf:
         t0 = time.perf_counter()
         n = write_hf(a.shape, a.seq_len, a.write_hf, a.seed)
