@@ -78,3 +78,45 @@ fn batches_writes_each_steps_windows_once_and_never_overwrites() {
     );
     assert_eq!(std::fs::read(&a).expect("read"), b"mine");
 }
+
+#[test]
+fn tune_needs_a_gpu_device_and_a_cuda_build() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = dir.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        format!(
+            "job: tune\nmodel:\n  preset: tiny\ncorpus:\n  output: {out}\n  vocab_size: 512\n  sources:\n    - name: postgres\n      role: domain\n      paths: [\"unused\"]\n      weight: 1\ntraining:\n  seq_len: {SEQ}\n  global_batch: {BATCH}\n  tokens: 4096\ncheckpoint:\n  dir: {ck}\n",
+            out = dir.path().join("corpus").display(),
+            ck = dir.path().join("ck").display(),
+        ),
+    )
+    .expect("write job");
+    let tune = |device: &[&str]| {
+        Command::new(binary("dapt-worker"))
+            .arg("tune")
+            .arg(&job)
+            .args(device)
+            .output()
+            .expect("run dapt-worker")
+    };
+    let out = tune(&[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("give --device cuda"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The tests' build has no `cuda` feature: the same sentence as `train --device cuda`.
+    let out = tune(&["--device", "cuda"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("without the `cuda` feature") || err.contains("no CUDA driver"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("ck").exists(),
+        "tune wrote a checkpoint folder"
+    );
+}
