@@ -1,5 +1,6 @@
-//! `dapt-worker batches` over the real binaries: the token windows a single rank trains on, as
-//! the file scripts/gpu-check.sh gives PyTorch for the loss parity on a GPU.
+//! The GPU run's helper subcommands over the real binaries: `dapt-worker batches` (the token
+//! windows a single rank trains on, the file scripts/gpu-check.sh gives PyTorch for the loss
+//! parity) and `dapt-worker tune` (where no GPU is, a clear error and nothing written).
 
 use std::process::Command;
 
