@@ -21,9 +21,10 @@
 //! they name one of cubek's variants per shape key, and CubeCL checks each entry against a
 //! checksum of the tunable set, so they stay valid across dapt builds (and a tuned cache can be
 //! carried to another machine with the same GPU). Every rank and restart on the machine reuses
-//! the folder (CubeCL guards the autotune files with lock files; PTX is appended); point
-//! `DAPT_KERNEL_CACHE` at shared storage to share it between machines, or set it to `off` to
-//! leave CubeCL's own configuration alone. CubeCL keys autotune results by device index:
+//! the folder (CubeCL guards the autotune files with lock files; PTX chunks are appended
+//! without one, safe on a local file system's `O_APPEND`, not on NFS): between machines, copy the
+//! model folder's `autotune/`, or point `DAPT_KERNEL_CACHE` at shared storage filled by one
+//! `dapt-worker tune` before the ranks start. `off` leaves CubeCL's own configuration alone. CubeCL keys autotune results by device index:
 //! [`seed_autotune`] copies another index's results to this rank's on first use, so a
 //! `dapt-worker tune` on `cuda:0` serves `cuda:1..`.
 
