@@ -35,6 +35,7 @@
 #   BUDGET                seconds for the whole script (default 480; call it with timeout_s 570)
 #   SHAPES                model shapes, in order (default "1b 135m")
 #   STEPS_1B, STEPS_135M  dapt steps per shape (default 10 and 12); PyTorch runs 3 + 7 / 3 + 9
+#   NCU=1                 after 3, Nsight Compute on 30 kernels of one 1B step (NCU_SKIP launches first)
 #   PROFILE=0             skip 3;  AUTOTUNE=0: skip 4;  F32=1: also dapt f32 (TF32);  LAUNCH=1:
 #                         also `dapt launch --workers 1` per shape (needs DAPT, the `dapt` binary)
 #   AUTOTUNE_LEVEL        CubeCL's autotune level for 4 (minimal | balanced | extensive | full; default
@@ -219,6 +220,18 @@ profile() {
     "$WORK/job-$shape.yaml" --device cuda --precision bf16 --no-checkpoints --stop-after 2)
 }
 
+# ncu SHAPE (opt-in, NCU=1): Nsight Compute's speed-of-light and compute sections for 30 kernels of
+# one step (after skipping NCU_SKIP launches: model upload and the first layers), on the machine's
+# clocks (--clock-control none: the card's settings are left alone). Which matmul kernels reach
+# the tensor cores, and how far each is from the memory or compute ceiling.
+ncu_kernels() {
+  local shape=$1
+  command -v ncu >/dev/null || { skip "ncu-$shape" "no ncu on this machine"; return; }
+  step "ncu-$shape-bf16" 120 ncu --clock-control none --launch-skip "${NCU_SKIP:-1500}" --launch-count 30 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis "$WORKER" train "$WORK/job-$shape.yaml" \
+    --device cuda --precision bf16 --no-checkpoints --stop-after 1
+}
+
 # autotune SHAPE RESERVE: the cuda-autotune build, with what is left after RESERVE seconds (at most
 # 240 s); its first step tunes, the later ones run tuned. CubeCL's autotune log (a cubecl.toml in
 # the working directory) names the variant it chose per matmul and reduction key: the fixed
@@ -240,6 +253,7 @@ while [ $# -gt 0 ]; do
   rest=$#  # shapes still to measure after this one: ~90 s each
   measure "$shape" || continue
   if [ "${PROFILE:-1}" = 1 ] && [ "$shape" = 1b ]; then profile 1b; fi
+  if [ "${NCU:-0}" = 1 ] && [ "$shape" = 1b ]; then ncu_kernels 1b; fi
   if [ "${AUTOTUNE:-1}" = 1 ] && [ -n "$WORKER_AT" ]; then
     autotune "$shape" $((30 + 90 * rest))
   fi
