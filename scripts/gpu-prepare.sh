@@ -103,7 +103,7 @@ cat <<'EOF'
 
 The device call (the `run` tool), with timeout_s 570 and carry [".gpu"]:
 
-python3 -c "import tarfile; tarfile.open('.gpu/bins.tar.xz').extractall('.gpu')" && BUDGET=480 scripts/gpu-check.sh 2>&1 | tee $OUT/console.log
+python3 -c "import tarfile; tarfile.open('.gpu/bins.tar.xz').extractall('.gpu')" && BUDGET=480 bash scripts/gpu-check.sh 2>&1 | tee $OUT/console.log
 
 Its files come back (at most 8): results.json, results.md, summary.log, logs.tgz,
 autotune-cache.tgz, console.log. Commit results.json as docs/bench/h200-latest.json; copy
