@@ -170,11 +170,12 @@ pub struct KernelCache {
 /// Sets CubeCL's global configuration before the first kernel: the settings a `cubecl.toml` or
 /// `burn.toml` would give (found as CubeCL finds them, environment overrides such as
 /// `CUBECL_DEBUG_OPTION` and `CUBECL_AUTOTUNE_LEVEL` applied), with the autotune cache in
-/// [`model_dir`] for this GPU and the PTX cache in its [`ptx_dir`] for this build. Returns `None` (and changes nothing) when
-/// `$DAPT_KERNEL_CACHE` is `off`, when CubeCL's configuration was already read or set in this
-/// process, or when the folder cannot be made (a warning says why: the run goes on without a
-/// cache, as CubeCL would panic on an unwritable cache folder). Only the first call in a process
-/// does anything; later calls return its result.
+/// [`model_dir`] for this GPU and the PTX cache in its [`ptx_dir`] for this build.
+///
+/// Returns `None` (and changes nothing) when `$DAPT_KERNEL_CACHE` is `off`, when CubeCL's
+/// configuration was already read or set in this process, or when the folder cannot be made (a
+/// warning says why: the run goes on without a cache, as CubeCL would panic on an unwritable
+/// cache folder). Only the first call in a process does anything; later calls return its result.
 #[cfg(feature = "cuda")]
 pub fn install(ordinal: usize, gpu_name: &str, capability: (i32, i32)) -> Option<KernelCache> {
     static INSTALLED: std::sync::OnceLock<Option<KernelCache>> = std::sync::OnceLock::new();
