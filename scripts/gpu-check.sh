@@ -13,7 +13,8 @@
 #   2. measure     dapt bf16 with fixed kernels (the `cuda` build) and PyTorch eager bf16 on the SAME
 #                  initial weights and the SAME token windows (`dapt-worker batches`), constant LR on
 #                  both sides: tokens/s, MFU against 790 TFLOP/s, peak memory, every step's loss on
-#                  each side (the loss parity), the first step's time (NVRTC compilation).
+#                  each side (the loss parity), the first step's time (NVRTC compilation); for
+#                  135M, a restart of the same build (the PTX cache: no compilation the second time).
 #   3. profile     (1B) 2 steps under CubeCL's profiler: per-kernel device time, summed and set
 #                  against the unprofiled step time (kernel-bound or host/launch-bound?), top kernels.
 #   4. autotune    dapt bf16 with the `cuda-autotune` build, with the time left after reserving ~90 s
@@ -35,6 +36,8 @@
 #   BUDGET                seconds for the whole script (default 480; call it with timeout_s 570)
 #   SHAPES                model shapes, in order (default "1b 135m")
 #   STEPS_1B, STEPS_135M  dapt steps per shape (default 10 and 12); PyTorch runs 3 + 7 / 3 + 9
+#   RESTART_SHAPES        shapes whose dapt run is repeated for 4 steps, to see the PTX cache spare
+#                         the restart its compilation (default "135m"; "" for none)
 #   NCU=1                 after 3, Nsight Compute on 30 kernels of one 1B step (NCU_SKIP launches first)
 #   PROFILE=0             skip 3;  AUTOTUNE=0: skip 4;  F32=1: also dapt f32 (TF32);  LAUNCH=1:
 #                         also `dapt launch --workers 1` per shape (needs DAPT, the `dapt` binary)
@@ -196,6 +199,12 @@ measure() {
   [ -f "$WORK/batches-$shape.u32" ] && same=(--hf "$WORK/hf-$shape" --batches "$WORK/batches-$shape.u32")
   step "torch-$shape-bf16" 90 $PY "$ANCHOR" --shape "$shape" --seq-len $seq --global-batch $global \
     --micro-batch $micro --warmup 3 --steps $tsteps --precision bf16 ${same[@]+"${same[@]}"}
+  # A restart of the same build: its kernels come from the PTX cache, so its first step should
+  # take no longer than the others (the cold run's first step compiled them).
+  if [[ " ${RESTART_SHAPES-135m} " == *" $shape "* ]]; then
+    step "restart-$shape-bf16" 60 "$WORKER" --log-format json train "$jobfile" --device cuda \
+      --precision bf16 --no-checkpoints --stop-after 4
+  fi
   if [ "${F32:-0}" = 1 ]; then
     step "dapt-$shape-f32" 150 "$WORKER" --log-format json train "$jobfile" --device cuda --nccl --no-checkpoints
   fi

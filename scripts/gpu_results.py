@@ -162,7 +162,8 @@ def main():
     probe = open(f"{logs}/probe.log", errors="replace").read() if os.path.exists(f"{logs}/probe.log") else ""
     gpu = re.search(r"^(NVIDIA[^,]*), ([0-9.]+), ([0-9]+ MiB)", probe, re.M)
     rows = []
-    for path in sorted(glob.glob(f"{logs}/dapt-*.log") + glob.glob(f"{logs}/launch-*-bf16.log")):
+    for path in sorted(glob.glob(f"{logs}/dapt-*.log") + glob.glob(f"{logs}/launch-*-bf16.log")
+                       + glob.glob(f"{logs}/restart-*-bf16.log")):
         rows.append(dapt_run(logs, path, a.anchor, a.peak))
     for path in sorted(glob.glob(f"{logs}/torch-*.log")):
         rows.append(torch_run(logs, path))
@@ -178,6 +179,16 @@ def main():
                                pytorch=[y for _, y in pairs],
                                max_abs_diff=max(abs(x - y) for x, y in pairs) if pairs else None,
                                first_step_abs_diff=abs(pairs[0][0] - pairs[0][1]) if pairs else None))
+    # The PTX cache: a restart's first step against the cold run's (which compiled every kernel).
+    ptx_cache = []
+    for shape in ("1b", "135m"):
+        cold, warm = by.get(f"dapt-{shape}-bf16"), by.get(f"restart-{shape}-bf16")
+        if cold and warm:
+            tokens = (16 * 1024)
+            ptx_cache.append(dict(shape=shape,
+                                  cold_first_step_s=tokens / cold["first_step_tokens_per_s"],
+                                  warm_first_step_s=tokens / warm["first_step_tokens_per_s"],
+                                  later_step_s=tokens / cold["tokens_per_s"]))
     ratios = []
     for shape in ("1b", "135m"):
         t = by.get(f"torch-{shape}-bf16")
@@ -205,7 +216,7 @@ def main():
     result = dict(date=date, commit=a.commit, gpu=gpu.group(1) if gpu else None,
                   driver=gpu.group(2) if gpu else None, gpu_memory=gpu.group(3) if gpu else None,
                   peak_flops=a.peak, budget_s=a.budget, fused_gpu=fused_tests(logs), runs=rows,
-                  loss_parity=parity, ratios=ratios, profile_1b=profile, autotune_choices=choices,
+                  loss_parity=parity, ptx_cache=ptx_cache, ratios=ratios, profile_1b=profile, autotune_choices=choices,
                   skipped=skipped,
                   carried_sizes=sizes)
     with open(f"{a.out}/results.json", "w") as f:
@@ -232,6 +243,9 @@ def main():
     for x in parity:
         md.append(f"\nloss parity {x['shape']} over {x['steps']} steps: max |dapt - pytorch| = "
                   f"{x['max_abs_diff']:.4f} (first step {x['first_step_abs_diff']:.4f})")
+    for x in ptx_cache:
+        md.append(f"\nPTX cache {x['shape']}: first step {x['cold_first_step_s']:.1f} s cold, "
+                  f"{x['warm_first_step_s']:.1f} s on restart (other steps {x['later_step_s']:.2f} s)")
     if profile:
         per = profile.get("kernel_s_per_step")
         share = profile.get("kernel_share_of_step")
