@@ -103,6 +103,14 @@ fn tune_needs_a_gpu_device_and_a_cuda_build() {
     };
     let out = tune(&[]);
     assert!(!out.status.success());
+    // `dapt tune` is the same command.
+    let via_dapt = dapt(&["tune", &job.to_string_lossy()]);
+    assert!(!via_dapt.status.success());
+    assert!(
+        text(&via_dapt.stderr).contains("give --device cuda"),
+        "{}",
+        text(&via_dapt.stderr)
+    );
     assert!(
         text(&out.stderr).contains("give --device cuda"),
         "{}",
