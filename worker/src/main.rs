@@ -296,16 +296,21 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                 .open(&out)
                 .with_context(|| format!("creating {}", out.display()))?;
             let mut file = std::io::BufWriter::new(file);
-            for step in 0..steps {
+            let written = (0..steps).try_for_each(|step| -> anyhow::Result<()> {
                 let range = dapt_corpus::step_range(step, training.global_batch);
                 let batch =
                     dapt_worker::train::MicroBatch::read(&reader, &order, range, training.seq_len)?;
                 for id in batch.ids {
                     file.write_all(&id.to_le_bytes())?;
                 }
+                Ok(())
+            });
+            if let Err(e) = written.and_then(|()| Ok(file.flush()?)) {
+                // The file is ours (created above): no half-written windows are left behind.
+                drop(file);
+                let _ = std::fs::remove_file(&out);
+                return Err(e.context(format!("writing {}", out.display())));
             }
-            file.flush()
-                .with_context(|| format!("writing {}", out.display()))?;
             println!(
                 "{steps} steps x {} windows x {} tokens -> {}",
                 training.global_batch,
