@@ -1,59 +1,87 @@
 #!/usr/bin/env bash
-# GPU check and benchmark for dapt, run from the repository root on a machine with an NVIDIA GPU,
-# CUDA (driver, NVRTC, headers), NCCL and PyTorch + transformers, but no Rust toolchain: bring a
-# `dapt-worker` built here with `cargo build --release --features cuda -p dapt-worker`, and
-# `dapt` (`cargo build --release -p dapt-coordinator`) for the `dapt launch` runs.
+# GPU check and benchmark for dapt: ONE prepared run on a machine with an NVIDIA GPU, CUDA (driver,
+# NVRTC, headers) and PyTorch + transformers, but no Rust toolchain. Everything it runs is built
+# on the development machine by scripts/gpu-prepare.sh into .gpu/ (see docs/gpu.md, "Next GPU
+# session"), and it fits one device call: steps that would overrun BUDGET are skipped, in the
+# order below, most important first.
 #
-#   scripts/gpu-check.sh            # everything: probe, 1B and SmolLM2-135M shapes, dapt and PyTorch
+#   scripts/gpu-check.sh            # from the repository root on the GPU machine
+#
+# What it answers, in order (per shape: 1B, then 135M):
+#   1. fused_gpu   the fused ops' CubeCL kernels on CUDA against the CPU reference (the test binary
+#                  worker/tests/fused_gpu, built with --features cuda): pass/fail per test.
+#   2. measure     dapt bf16 with fixed kernels (the `cuda` build) and PyTorch eager bf16 on the SAME
+#                  initial weights and the SAME token windows (`dapt-worker batches`), constant LR on
+#                  both sides: tokens/s, MFU against 790 TFLOP/s, peak memory, every step's loss on
+#                  each side (the loss parity), the first step's time (NVRTC compilation); for
+#                  135M, a restart of the same build (the PTX cache: no compilation the second time).
+#   3. profile     (1B) 2 steps under CubeCL's profiler: per-kernel device time, summed and set
+#                  against the unprofiled step time (kernel-bound or host/launch-bound?), top kernels.
+#   4. autotune    dapt bf16 with the `cuda-autotune` build, with the time left after reserving ~90 s
+#                  per shape still to measure: the first step tunes (the one-off cost), the later
+#                  steps run tuned; CubeCL's log of the variant chosen per key. The results come back
+#                  in $OUT/autotune-cache.tgz: carry it as .gpu/autotune-cache.tgz and the next run
+#                  starts tuned.
+#   5. results     $OUT/results.json (commit as docs/bench/h200-latest.json), results.md, summary.log
+#                  and logs.tgz (every log: a device call returns at most 8 files).
 #
 # Environment (all optional):
-#   DAPT_WORKER  the cuda build of dapt-worker (default: .gpu/dapt-worker, then target/release/)
-#   DAPT         the dapt command, next to DAPT_WORKER (default: .gpu/dapt, then target/release/);
-#                without it the `dapt launch` runs are skipped
-#   DAPT_CORPUS  a prepared corpus (`dapt prepare`; default: .gpu/corpus, then data/postgres-sotu)
-#   OUT          where logs and results.json go (default: out/gpu-check)
-#   WORK         scratch space for the generated models and jobs (default: /tmp/dapt-gpu)
-#   BUDGET       seconds for the whole script; steps that would not fit are skipped (default 360)
-#   SHAPES       which model shapes, in order (default: "1b 135m")
-#   TORCH_SHAPES the shapes that also run the PyTorch anchor (default: all of SHAPES)
-#   STEPS_1B, STEPS_135M  dapt training steps per shape (default 12 and 20)
+#   DAPT_WORKER           the `cuda` build (default .gpu/dapt-worker, then target/release/)
+#   DAPT_WORKER_AUTOTUNE  the `cuda-autotune` build (default .gpu/dapt-worker-autotune); absent: no 4.
+#   FUSED_GPU             the fused_gpu test executable (default .gpu/fused_gpu); absent: no 1.
+#   DAPT_CORPUS           a prepared corpus (default .gpu/corpus, then data/quickstart)
+#   OUT                   where the results go (default out/gpu-check); at most 8 files come back
+#                         from a device call, so the logs are packed into $OUT/logs.tgz
+#   WORK                  scratch: models, jobs, logs, kernel caches (default /tmp/dapt-gpu)
+#   BUDGET                seconds for the whole script (default 480; call it with timeout_s 570)
+#   SHAPES                model shapes, in order (default "1b 135m")
+#   STEPS_1B, STEPS_135M  dapt steps per shape (default 10 and 12); PyTorch runs 3 + 7 / 3 + 9
+#   RESTART_SHAPES        shapes whose dapt run is repeated for 4 steps, to see the PTX cache spare
+#                         the restart its compilation (default "135m"; "" for none)
+#   NCU=1                 after 3, Nsight Compute on 30 kernels of one 1B step (NCU_SKIP launches first)
+#   PROFILE=0             skip 3;  AUTOTUNE=0: skip 4;  F32=1: also dapt f32 (TF32);  LAUNCH=1:
+#                         also `dapt launch --workers 1` per shape (needs DAPT, the `dapt` binary)
+#   AUTOTUNE_LEVEL        CubeCL's autotune level for 4 (minimal | balanced | extensive | full; default
+#                         balanced): how coarsely shapes are bucketed into keys, not how many variants
 #
-# For each shape it writes a Hugging Face directory with random weights (the same shape as
-# Llama 3.2 1B / SmolLM2-135M; no pretrained weights are needed to measure throughput), trains it
-# with `dapt-worker train --device cuda` (device-resident f32 master weights and AdamW, NCCL
-# all-reduce through a one-rank communicator; then again with bf16 compute), and trains the same
-# shape and batch with PyTorch eager (bf16 autocast, and TF32) as the anchor. tokens/s is the mean over
-# the steps after the first three (kernel compilation and autotuning); MFU counts 6N + 12 L d s
-# FLOPs per token against a 790 TFLOP/s bf16 ceiling; memory is the peak of nvidia-smi's
-# memory.used during the run. Then the same job through `dapt launch --workers 1 --device cuda
-# --precision bf16` (coordinator, worker agent, one rank; its step lines are the coordinator's).
+# tokens/s is the mean over the steps after the first three (kernel compilation, autotuning);
+# MFU counts 6N + 12 L d s FLOPs per token against 790 TFLOP/s; memory is the peak of
+# nvidia-smi's memory.used during the run (PyTorch's own max_memory_reserved beside it).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 started=$SECONDS
-BUDGET=${BUDGET:-360}
+BUDGET=${BUDGET:-480}
 OUT=${OUT:-out/gpu-check}
 WORK=${WORK:-/tmp/dapt-gpu}
 SHAPES=${SHAPES:-"1b 135m"}
-TORCH_SHAPES=${TORCH_SHAPES:-$SHAPES}
-mkdir -p "$OUT" "$WORK"
+LOGS=$WORK/logs
+mkdir -p "$OUT" "$WORK" "$LOGS"
+OUT=$(realpath "$OUT") WORK=$(realpath "$WORK") LOGS=$(realpath "$LOGS")
 here=$(cd "$(dirname "$0")" && pwd)
 ANCHOR=$here/gpu_anchor.py
-[ -f "$ANCHOR" ] || ANCHOR=scripts/gpu_anchor.py
-pick() { for p in "$@"; do [ -e "$p" ] && { echo "$p"; return; }; done; }
+RESULTS=$here/gpu_results.py
+pick() { for p in "$@"; do [ -e "$p" ] && { realpath "$p"; return; }; done; }
 WORKER=${DAPT_WORKER:-$(pick .gpu/dapt-worker target/release/dapt-worker)}
-CORPUS=${DAPT_CORPUS:-$(pick .gpu/corpus data/postgres-sotu)}
+WORKER_AT=${DAPT_WORKER_AUTOTUNE:-$(pick .gpu/dapt-worker-autotune)}
+FUSED=${FUSED_GPU:-$(pick .gpu/fused_gpu)}
+CORPUS=${DAPT_CORPUS:-$(pick .gpu/corpus data/quickstart)}
 DAPT=${DAPT:-$(pick .gpu/dapt target/release/dapt)}
 PY=${PYTHON:-python3}
+[ -n "$CORPUS" ] && CORPUS=$(realpath "$CORPUS")
+# The kernel caches (PTX per build, autotune results per GPU model): see worker/src/kernel_cache.rs.
+export DAPT_KERNEL_CACHE=${DAPT_KERNEL_CACHE:-$WORK/kernels}
 left() { echo $((BUDGET - (SECONDS - started))); }
-log() { echo "[gpu-check +$((SECONDS - started))s] $*" | tee -a "$OUT/summary.log"; }
+log() { echo "[gpu-check +$((SECONDS - started))s] $*" | tee -a "$LOGS/summary.log"; }
+skip() { log "skip $1: $2"; echo "$1: $2" >>"$LOGS/skipped.txt"; }
 
 # --- probe -------------------------------------------------------------------------------------
 {
-  date -u
+  date -u +%Y-%m-%dT%H:%M:%SZ
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   command -v nvcc >/dev/null && nvcc --version | tail -2
-  $PY -c 'import torch; print("torch", torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'
-} 2>&1 | tee "$OUT/probe.log"
+  $PY -c 'import torch, transformers; print("torch", torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), "transformers", transformers.__version__)'
+  for t in ncu nsys compute-sanitizer; do echo "$t: $(command -v $t || echo none)"; done
+} 2>&1 | tee "$LOGS/probe.log"
 SITE=$($PY -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null)
 for d in "${CUDA_PATH:-}" /usr/local/cuda "$SITE/nvidia/cu13" "$SITE/nvidia/cuda_runtime"; do
   if [ -n "$d" ] && [ -f "$d/include/cuda_runtime.h" ]; then export CUDA_PATH=$d; break; fi
@@ -63,40 +91,48 @@ export LD_LIBRARY_PATH=${libdirs}${LD_LIBRARY_PATH:-}
 {
   echo "CUDA_PATH=${CUDA_PATH:-unset} (cccl: $(ls -d "${CUDA_PATH:-/nonexistent}"/include/cccl 2>/dev/null || echo none))"
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-  echo "nvrtc: $(ls /usr/local/cuda/lib64/libnvrtc.so* "$SITE"/nvidia/cu13/lib/libnvrtc.so* 2>/dev/null | tr '\n' ' ')"
-  echo "nccl (dapt finds it itself): $(ls "$SITE"/nvidia/nccl/lib/libnccl.so* 2>/dev/null)"
-  echo "worker: $WORKER  corpus: $CORPUS"
-} 2>&1 | tee -a "$OUT/probe.log"
+  echo "worker: ${WORKER:-none}  autotune worker: ${WORKER_AT:-none}  fused_gpu: ${FUSED:-none}"
+  echo "corpus: ${CORPUS:-none}  kernel cache: $DAPT_KERNEL_CACHE"
+  echo "commit: $(cat .gpu/COMMIT 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)"
+} 2>&1 | tee -a "$LOGS/probe.log"
 if [ -z "$WORKER" ] || [ -z "$CORPUS" ]; then
-  log "no dapt-worker cuda build or no prepared corpus: see the header of this script"; exit 2
+  log "no dapt-worker cuda build or no prepared corpus: run scripts/gpu-prepare.sh first"
+  exit 2
 fi
-chmod +x "$WORKER" 2>/dev/null
+chmod +x "$WORKER" ${WORKER_AT:+"$WORKER_AT"} ${FUSED:+"$FUSED"} 2>/dev/null
+# Autotune results of an earlier run (carried back as .gpu/autotune-cache.tgz): start tuned.
+if [ -f .gpu/autotune-cache.tgz ]; then
+  mkdir -p "$DAPT_KERNEL_CACHE" && tar -xzf .gpu/autotune-cache.tgz -C "$DAPT_KERNEL_CACHE" &&
+    log "autotune results of an earlier run unpacked into $DAPT_KERNEL_CACHE"
+fi
 
 # --- helpers -----------------------------------------------------------------------------------
-# mem_watch NAME: samples GPU memory in the background until mem_stop.
 mem_watch() {
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$OUT/mem-$1.csv" 2>/dev/null &
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$LOGS/mem-$1.csv" 2>/dev/null &
   MEM_PID=$!
 }
 mem_stop() { kill "$MEM_PID" 2>/dev/null; wait "$MEM_PID" 2>/dev/null; }
 
-# step NAME SECONDS CMD...: runs CMD under `timeout` if that many seconds are left.
+# step NAME SECONDS CMD...: runs CMD under `timeout` if at least 30 s are left (its log:
+# $LOGS/NAME.log); SECONDS is capped by what is left.
 step() {
   local name=$1 secs=$2; shift 2
   local l; l=$(left)
-  if [ "$l" -lt 30 ]; then log "skip $name: ${l}s left"; return 1; fi
+  if [ "$l" -lt 30 ]; then skip "$name" "${l}s of the budget left"; return 1; fi
   [ "$secs" -gt "$l" ] && secs=$l
   log "start $name (timeout ${secs}s)"
   mem_watch "$name"
-  timeout --kill-after=5 "$secs" "$@" >"$OUT/$name.log" 2>&1
+  timeout --kill-after=5 "$secs" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   mem_stop
   log "end $name rc=$rc"
-  tail -n 3 "$OUT/$name.log" | sed 's/^/    /'
+  echo "$rc" >"$LOGS/$name.rc"
+  tail -n 3 "$LOGS/$name.log" | cut -c1-300 | sed 's/^/    /'
   return $rc
 }
 
-# job SHAPE SEQ GLOBAL MICRO STEPS: a job file training $WORK/hf-SHAPE on the corpus.
+# job SHAPE SEQ GLOBAL MICRO STEPS: a job training $WORK/hf-SHAPE on the corpus at a constant LR
+# (no warm-up, no decay: the PyTorch anchor's schedule, for the loss parity).
 job() {
   local shape=$1 seq=$2 global=$3 micro=$4 steps=$5
   cat >"$WORK/job-$shape.yaml" <<EOF
@@ -105,7 +141,7 @@ seed: 1
 model:
   hf: $WORK/hf-$shape
 corpus:
-  output: $(realpath "$CORPUS")
+  output: $CORPUS
   sources:
     - name: postgres
       role: domain
@@ -118,6 +154,10 @@ training:
   tokens: $((seq * global * steps))
   optimizer:
     lr: 3.0e-4
+  schedule:
+    kind: linear
+    warmup: 0.0
+    min_lr_ratio: 1.0
   eval_tokens: 4096
 checkpoint:
   dir: $WORK/ckpt-$shape
@@ -126,107 +166,121 @@ EOF
   echo "$WORK/job-$shape.yaml"
 }
 
-# --- per shape ---------------------------------------------------------------------------------
-for shape in $SHAPES; do
-  case $shape in
-    1b) seq=1024 global=16 micro=4 steps=${STEPS_1B:-12} ;;
-    135m) seq=1024 global=16 micro=8 steps=${STEPS_135M:-20} ;;
-    *) seq=128 global=8 micro=4 steps=6 ;;
+shape_args() {
+  case $1 in
+    1b) seq=1024 global=16 micro=4 steps=${STEPS_1B:-10} tsteps=7 ;;
+    135m) seq=1024 global=16 micro=8 steps=${STEPS_135M:-12} tsteps=9 ;;
+    *) seq=128 global=8 micro=4 steps=6 tsteps=3 ;;
   esac
-  step "hf-$shape" 120 $PY "$ANCHOR" --shape "$shape" --seq-len $seq --write-hf "$WORK/hf-$shape" || continue
+}
+
+# --- 1. fused kernels on CUDA ------------------------------------------------------------------
+if [ -n "$FUSED" ]; then
+  step fused_gpu 75 "$FUSED" --test-threads=4
+else
+  skip fused_gpu "no .gpu/fused_gpu (scripts/gpu-prepare.sh builds it)"
+fi
+
+# --- 2-4, per shape -------------------------------------------------------------------------------
+# measure SHAPE: dapt bf16 (fixed kernels) and PyTorch eager bf16 on the same weights and data.
+measure() {
+  local shape=$1 jobfile
+  shape_args "$shape"
+  # Written once per machine (a second call on a warm machine reuses it).
+  if [ ! -f "$WORK/hf-$shape/config.json" ]; then
+    step "hf-$shape" 90 $PY "$ANCHOR" --shape "$shape" --seq-len $seq --write-hf "$WORK/hf-$shape" || return 1
+  fi
   jobfile=$(job "$shape" $seq $global $micro $steps)
-  step "dapt-$shape-f32" 150 "$WORKER" --log-format json train "$jobfile" --device cuda --nccl --no-checkpoints
-  torch=0; [[ " $TORCH_SHAPES " == *" $shape "* ]] && torch=1
-  [ $torch = 1 ] && step "torch-$shape-bf16" 90 $PY "$ANCHOR" --shape "$shape" --seq-len $seq --global-batch $global \
-    --micro-batch $micro --steps 8 --precision bf16
+  rm -f "$WORK/batches-$shape.u32"
+  step "batches-$shape" 30 "$WORKER" batches "$jobfile" --steps $((3 + tsteps)) --out "$WORK/batches-$shape.u32"
   step "dapt-$shape-bf16" 120 "$WORKER" --log-format json train "$jobfile" --device cuda \
     --precision bf16 --no-checkpoints
-  [ $torch = 1 ] && step "torch-$shape-tf32" 90 $PY "$ANCHOR" --shape "$shape" --seq-len $seq --global-batch $global \
-    --micro-batch $micro --steps 5 --precision tf32
-  # The product path: dapt launch, the worker agent, one rank (it writes one checkpoint at the end).
-  if [ -n "$DAPT" ] && [ -x "$DAPT" ] && [ "$(dirname "$(realpath "$DAPT")")" = "$(dirname "$(realpath "$WORKER")")" ]; then
+  local same=()
+  [ -f "$WORK/batches-$shape.u32" ] && same=(--hf "$WORK/hf-$shape" --batches "$WORK/batches-$shape.u32")
+  step "torch-$shape-bf16" 90 $PY "$ANCHOR" --shape "$shape" --seq-len $seq --global-batch $global \
+    --micro-batch $micro --warmup 3 --steps $tsteps --precision bf16 ${same[@]+"${same[@]}"}
+  # A restart of the same build: its kernels come from the PTX cache, so its first step should
+  # take no longer than the others (the cold run's first step compiled them).
+  if [[ " ${RESTART_SHAPES-135m} " == *" $shape "* ]]; then
+    step "restart-$shape-bf16" 60 "$WORKER" --log-format json train "$jobfile" --device cuda \
+      --precision bf16 --no-checkpoints --stop-after 4
+  fi
+  if [ "${F32:-0}" = 1 ]; then
+    step "dapt-$shape-f32" 150 "$WORKER" --log-format json train "$jobfile" --device cuda --nccl --no-checkpoints
+  fi
+  if [ "${LAUNCH:-0}" = 1 ] && [ -n "$DAPT" ] && [ "$(dirname "$DAPT")" = "$(dirname "$WORKER")" ]; then
     rm -rf "$WORK/ckpt-$shape"
     step "launch-$shape-bf16" 150 "$DAPT" --log-format json launch "$jobfile" --workers 1 --device cuda \
       --precision bf16 --no-export
-    cp "$WORK/ckpt-$shape/logs/worker-0.log" "$OUT/launch-$shape-bf16.worker.log" 2>/dev/null
-  else
-    log "skip launch-$shape-bf16: no dapt next to $WORKER"
+    cp "$WORK/ckpt-$shape/logs/worker-0.log" "$LOGS/launch-$shape-bf16.worker.log" 2>/dev/null
+  fi
+  return 0
+}
+
+# profile SHAPE: 2 steps under CubeCL's profiler (level basic: one line per kernel launch with its
+# device time), through a cubecl.toml in the working directory, which dapt-worker keeps (it sets
+# only the cache folders). The fixed build's PTX is cached by then: no compilation in the log.
+profile() {
+  local shape=$1
+  mkdir -p "$WORK/prof"
+  printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\nappend = false\n' \
+    "$LOGS/profile-$shape-bf16.kernels.log" >"$WORK/prof/cubecl.toml"
+  (cd "$WORK/prof" && step "profile-$shape-bf16" 90 "$WORKER" --log-format json train \
+    "$WORK/job-$shape.yaml" --device cuda --precision bf16 --no-checkpoints --stop-after 2)
+}
+
+# ncu SHAPE (opt-in, NCU=1): Nsight Compute's speed-of-light and compute sections for 30 kernels of
+# one step (after skipping NCU_SKIP launches: model upload and the first layers), on the machine's
+# clocks (--clock-control none: the card's settings are left alone). Which matmul kernels reach
+# the tensor cores, and how far each is from the memory or compute ceiling.
+ncu_kernels() {
+  local shape=$1
+  command -v ncu >/dev/null || { skip "ncu-$shape" "no ncu on this machine"; return; }
+  step "ncu-$shape-bf16" 120 ncu --clock-control none --launch-skip "${NCU_SKIP:-1500}" --launch-count 30 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis "$WORKER" train "$WORK/job-$shape.yaml" \
+    --device cuda --precision bf16 --no-checkpoints --stop-after 1
+}
+
+# autotune SHAPE RESERVE: the cuda-autotune build, with what is left after RESERVE seconds (at most
+# 240 s); its first step tunes, the later ones run tuned. CubeCL's autotune log (a cubecl.toml in
+# the working directory) names the variant it chose per matmul and reduction key: the fixed
+# strategies to pin if autotune itself is not kept.
+autotune() {
+  local shape=$1 reserve=$2 l secs
+  l=$(left); secs=$((l - reserve)); [ "$secs" -gt 240 ] && secs=240
+  if [ "$secs" -lt 45 ]; then skip "dapt-$shape-bf16-autotune" "${l}s left, ${reserve}s reserved"; return; fi
+  mkdir -p "$WORK/tune-$shape"
+  printf '[autotune]\nlevel = "%s"\n[autotune.logger]\nlevel = "minimal"\nfile = "%s"\nappend = false\n' \
+    "${AUTOTUNE_LEVEL:-balanced}" "$LOGS/autotune-$shape.choices.log" >"$WORK/tune-$shape/cubecl.toml"
+  (cd "$WORK/tune-$shape" && step "dapt-$shape-bf16-autotune" "$secs" "$WORKER_AT" --log-format json \
+    train "$WORK/job-$shape.yaml" --device cuda --precision bf16 --no-checkpoints)
+}
+
+set -- $SHAPES
+while [ $# -gt 0 ]; do
+  shape=$1; shift
+  rest=$#  # shapes still to measure after this one: ~90 s each
+  measure "$shape" || continue
+  if [ "${PROFILE:-1}" = 1 ] && [ "$shape" = 1b ]; then profile 1b; fi
+  if [ "${NCU:-0}" = 1 ] && [ "$shape" = 1b ]; then ncu_kernels 1b; fi
+  if [ "${AUTOTUNE:-1}" = 1 ] && [ -n "$WORKER_AT" ]; then
+    autotune "$shape" $((30 + 90 * rest))
   fi
 done
+if [ "${AUTOTUNE:-1}" = 1 ] && [ -z "$WORKER_AT" ]; then skip autotune "no .gpu/dapt-worker-autotune"; fi
+# The autotune results (small JSON logs), for the next run to start tuned.
+tuned=$(cd "$DAPT_KERNEL_CACHE" 2>/dev/null && ls -d ./*/autotune 2>/dev/null)
+if [ -n "$tuned" ]; then
+  tar -czf "$OUT/autotune-cache.tgz" -C "$DAPT_KERNEL_CACHE" $tuned &&
+    log "autotune results -> $OUT/autotune-cache.tgz (carry as .gpu/autotune-cache.tgz)"
+fi
 
-# --- results -----------------------------------------------------------------------------------
-$PY - "$OUT" "$ANCHOR" <<'EOF' | tee "$OUT/results.md"
-import glob, json, os, re, subprocess, sys
-out, anchor = sys.argv[1], sys.argv[2]
-def mem_gib(name):
-    try:
-        vals = [int(x) for x in open(f"{out}/mem-{name}.csv").read().split() if x.strip().isdigit()]
-        return max(vals) / 1024 if vals else None
-    except OSError:
-        return None
-rows = []
-for path in sorted(glob.glob(f"{out}/dapt-*.log") + glob.glob(f"{out}/launch-*-*[0-9a-z].log")):
-    if path.endswith(".worker.log"):
-        continue
-    name = os.path.basename(path)[:-4]
-    _, shape, prec = name.split("-")
-    steps, phases = [], []
-    for line in open(path, errors="replace"):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        f = rec.get("fields", rec)
-        if f.get("message") == "step" and "tokens_per_s" in f:
-            steps.append((float(f["tokens_per_s"]), float(f.get("loss", "nan"))))
-        if f.get("message") == "step phases":
-            phases.append([float(f[k]) for k in ("forward_backward_s", "all_reduce_s", "clip_adamw_s")])
-    if not steps:
-        rows.append(dict(name=name, shape=shape, precision=prec, error="no step finished"))
-        continue
-    timed = steps[3:] if len(steps) > 4 else steps[1:] or steps
-    tps = len(timed) / sum(1 / t for t, _ in timed)  # tokens/s over the timed steps' total time
-    meta = json.loads(subprocess.run([sys.executable, anchor, "--shape", shape, "--flops-per-token"],
-                                     capture_output=True, text=True).stdout)
-    tp = phases[3:] if len(phases) > 4 else phases[1:] or phases
-    split = [sum(p[i] for p in tp) / len(tp) for i in range(3)] if tp else None
-    rows.append(dict(name=name, shape=shape, precision=prec, steps=len(steps), tokens_per_s=tps,
-                     mfu=tps * meta["flops_per_token"] / 790e12, first_loss=steps[0][1],
-                     last_loss=steps[-1][1], peak_gib=mem_gib(name), first_step_tps=steps[0][0],
-                     phases_s=split))
-for path in sorted(glob.glob(f"{out}/torch-*.log")):
-    name = os.path.basename(path)[:-4]
-    recs = [json.loads(l) for l in open(path, errors="replace") if l.startswith("{")]
-    if not recs:
-        rows.append(dict(name=name, error="no result"))
-        continue
-    r = recs[-1]
-    rows.append(dict(name=name, shape=r["shape"], precision=r["precision"], steps=r["steps"],
-                     tokens_per_s=r["tokens_per_s"], mfu=r["mfu"], last_loss=r["loss"],
-                     peak_gib=mem_gib(name), torch_reserved_gib=r.get("max_reserved_gib")))
-json.dump(rows, open(f"{out}/results.json", "w"), indent=1)
-print("| run | tokens/s | MFU | peak GPU mem (GiB, nvidia-smi) | steps | loss first -> last |")
-print("|---|---:|---:|---:|---:|---|")
-for r in rows:
-    if "error" in r:
-        print(f"| {r['name']} | {r['error']} | | | | |")
-        continue
-    mem = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "?"
-    first = f"{r['first_loss']:.3f} -> " if "first_loss" in r else ""
-    print(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {mem} | {r['steps']} | {first}{r['last_loss']:.3f} |")
-for r in rows:
-    if r.get("phases_s"):
-        fb, ar, ad = r["phases_s"]
-        print(f"\n{r['name']}: per step {fb:.3f} s forward/backward, {ar:.4f} s NCCL all-reduce, {ad:.4f} s clip + AdamW; first step {r['first_step_tps']:,.0f} tokens/s", end="")
-print()
-by = {r["name"]: r for r in rows if "error" not in r}
-for shape in ("1b", "135m"):
-    for run, dp in (("dapt", "f32"), ("dapt", "bf16"), ("launch", "bf16")):
-        d = by.get(f"{run}-{shape}-{dp}")
-        for tp in ("bf16", "tf32"):
-            t = by.get(f"torch-{shape}-{tp}")
-            if d and t:
-                print(f"\n{shape}: {run} {dp} / PyTorch eager {tp} = {d['tokens_per_s'] / t['tokens_per_s']:.3f}x", end="")
-print()
-EOF
+# --- 5. results ----------------------------------------------------------------------------------
+du -sh "$DAPT_KERNEL_CACHE"/* >"$LOGS/kernel-cache.txt" 2>&1
+cp .gpu/SIZES "$LOGS/sizes.txt" 2>/dev/null
+$PY "$RESULTS" --logs "$LOGS" --out "$OUT" --anchor "$ANCHOR" --budget "$BUDGET" \
+  --commit "$(cat .gpu/COMMIT 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)"
 log "done in $((SECONDS - started))s"
+cp "$LOGS/summary.log" "$OUT/summary.log"
+tar -czf "$OUT/logs.tgz" -C "$WORK" logs
+ls -la "$OUT"

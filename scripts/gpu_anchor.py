@@ -7,7 +7,13 @@
 * `--steps N`: trains the same shape, batch and sequence length with Hugging Face
   `LlamaForCausalLM` in PyTorch eager mode (no torch.compile), AdamW, gradient accumulation over
   micro-batches, and prints one JSON line: tokens/s over the timed steps, MFU against `--peak`,
-  peak memory.
+  peak memory, and every step's loss (the mean over the step's tokens, as dapt logs it).
+* `--hf DIR --batches FILE` (loss parity with dapt): start from the weights dapt starts from
+  (the directory `--write-hf` wrote) and train on the token windows dapt trains on, in its order
+  (`dapt-worker batches JOB --steps N --out FILE`: u32, [steps, global_batch, seq_len + 1]),
+  with weight decay on the layers' matrices only (dapt's default: not on norms or the tied
+  embedding). With a constant learning rate on both sides (the job gpu-check.sh writes), the two
+  loss curves should agree to bf16's rounding; the warm-up steps count as steps here.
 
 Shapes: `1b` (Llama 3.2 1B: d 2048, 16 layers, 32/8 heads, vocab 128256, tied) and `135m`
 (SmolLM2-135M: d 576, 30 layers, 9/3 heads, vocab 49152, tied), `tiny` for a CPU smoke test.
@@ -19,7 +25,10 @@ import os
 import sys
 import time
 
-import torch
+try:
+    import torch
+except ImportError:  # --flops-per-token needs no torch (scripts/gpu_results.py on any machine)
+    torch = None
 
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -101,31 +110,64 @@ def bench(a):
     torch.backends.cuda.matmul.allow_tf32 = a.precision == "tf32"
     torch.backends.cudnn.allow_tf32 = a.precision == "tf32"
     torch.manual_seed(a.seed)
-    with torch.device(dev):
-        model = LlamaForCausalLM(cfg)  # f32 master weights
+    if a.hf:
+        # The same initial weights as dapt: bf16 on disk, f32 master weights here and there.
+        try:
+            model = LlamaForCausalLM.from_pretrained(a.hf, config=cfg, dtype=torch.float32,
+                                                     attn_implementation=a.attn)
+        except TypeError:  # transformers before 4.56 names it torch_dtype
+            model = LlamaForCausalLM.from_pretrained(a.hf, config=cfg, torch_dtype=torch.float32,
+                                                     attn_implementation=a.attn)
+        model = model.to(dev)
+    else:
+        with torch.device(dev):
+            model = LlamaForCausalLM(cfg)  # f32 master weights
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
-                            weight_decay=0.1)
+    decay = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed_tokens" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim == 2 and "embed_tokens" not in n)]
+    groups = [dict(params=decay, weight_decay=0.1), dict(params=rest, weight_decay=0.0)] \
+        if a.hf else model.parameters()
+    opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     accum = a.global_batch // a.micro_batch
     tokens_per_step = a.global_batch * a.seq_len
     g = torch.Generator(device=dev).manual_seed(a.seed)
     vocab = min(a.token_vocab, c["vocab_size"])
     autocast = torch.autocast(device_type="cuda" if dev == "cuda" else "cpu",
                               dtype=torch.bfloat16, enabled=a.precision == "bf16")
+    windows = None
+    if a.batches:
+        import numpy as np
+        raw = np.fromfile(a.batches, dtype="<u4")
+        width = a.seq_len + 1
+        n = raw.size // (a.global_batch * width)
+        if n < a.warmup + a.steps:
+            sys.exit(f"{a.batches}: {n} steps of {a.global_batch} x {width} tokens, "
+                     f"need {a.warmup + a.steps}")
+        windows = torch.from_numpy(raw[: n * a.global_batch * width].astype(np.int64))
+        windows = windows.view(n, a.global_batch, width).to(dev)
+    losses = []
 
     def step():
-        for _ in range(accum):
-            ids = torch.randint(0, vocab, (a.micro_batch, a.seq_len + 1), device=dev, generator=g)
+        i = len(losses)
+        total = torch.zeros((), device=dev)
+        for m in range(accum):
+            if windows is not None:
+                ids = windows[i, m * a.micro_batch:(m + 1) * a.micro_batch]
+            else:
+                ids = torch.randint(0, vocab, (a.micro_batch, a.seq_len + 1), device=dev,
+                                    generator=g)
             with autocast:
                 out = model(input_ids=ids[:, :-1], labels=None)
                 logits = out.logits.float()
             loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)) / accum
             loss.backward()
+            total += loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        losses.append(total)
+        return total
 
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     for _ in range(a.warmup):
@@ -143,7 +185,8 @@ def bench(a):
     r = dict(framework="pytorch", torch=torch.__version__, shape=a.shape, precision=a.precision,
              attn=a.attn, params=num_params(c), seq_len=a.seq_len, global_batch=a.global_batch,
              micro_batch=a.micro_batch, steps=a.steps, step_s=secs / a.steps,
-             tokens_per_s=tps, mfu=tps * fpt / a.peak, loss=loss.item() * accum)
+             tokens_per_s=tps, mfu=tps * fpt / a.peak, loss=loss.item(),
+             losses=[x.item() for x in losses], same_data=bool(a.batches), same_init=bool(a.hf))
     if dev == "cuda":
         r.update(max_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                  max_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
@@ -166,6 +209,9 @@ def main():
     p.add_argument("--peak", type=float, default=790e12, help="bf16 FLOP/s ceiling for MFU")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--write-hf", metavar="DIR")
+    p.add_argument("--hf", metavar="DIR", help="start from this Hugging Face directory's weights")
+    p.add_argument("--batches", metavar="FILE",
+                   help="train on these token windows (dapt-worker batches), not random ids")
     p.add_argument("--flops-per-token", action="store_true",
                    help="print 6N + 12 L d s for the shape and exit")
     a = p.parse_args()
@@ -173,6 +219,8 @@ def main():
         c = hf_config(a.shape, a.seq_len)
         print(json.dumps(dict(params=num_params(c), flops_per_token=flops_per_token(c, a.seq_len))))
         return
+    if (a.write_hf or a.steps) and torch is None:
+        sys.exit("PyTorch is not installed: --write-hf and --steps need it")
     if a.write_hf:
         t0 = time.perf_counter()
         n = write_hf(a.shape, a.seq_len, a.write_hf, a.seed)

@@ -152,6 +152,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Compile (and with a `cuda-autotune` worker, autotune) the GPU kernels of the job's step
+    /// into the kernel cache, for every later run and rank (runs `dapt-worker tune`).
+    Tune {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Held-out perplexity of a model on a prepared corpus (runs `dapt-worker eval`).
     Eval {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -182,6 +188,7 @@ fn main() -> ExitCode {
     // Model work lives in the worker crate, which this crate never links: hand it over.
     let forwarded = match &cli.command {
         Command::Train { args } => Some(("train", args)),
+        Command::Tune { args } => Some(("tune", args)),
         Command::Eval { args } => Some(("eval", args)),
         Command::Export { args } => Some(("export", args)),
         Command::ImportGguf { args } => Some(("import-gguf", args)),
@@ -373,6 +380,7 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Train { .. }
+        | Command::Tune { .. }
         | Command::Eval { .. }
         | Command::Export { .. }
         | Command::ImportGguf { .. } => {

@@ -205,10 +205,14 @@ pub struct CudaInfo {
     pub devices: usize,
     pub name: String,
     pub include_root: PathBuf,
+    /// Where compiled PTX and autotune results are kept (`kernel_cache::install`); `None` when
+    /// `DAPT_KERNEL_CACHE=off` or CubeCL was configured before.
+    pub kernel_cache: Option<PathBuf>,
 }
 
 /// Checks that CUDA device `ordinal` can run Burn's kernels, without panicking when it cannot;
-/// sets `CUDA_PATH` to the headers found when it was unset. Call before any thread starts.
+/// sets `CUDA_PATH` to the headers found when it was unset, and CubeCL's kernel caches
+/// ([`crate::kernel_cache`]). Call before any thread starts.
 #[cfg(feature = "cuda")]
 pub fn cuda_ready(ordinal: usize) -> Result<CudaInfo, WorkerError> {
     use cudarc::driver::{result, sys};
@@ -252,11 +256,29 @@ pub fn cuda_ready(ordinal: usize) -> Result<CudaInfo, WorkerError> {
         // SAFETY (edition 2021: safe fn): called before the training threads start.
         std::env::set_var("CUDA_PATH", &include_root);
     }
+    let attribute = |a| {
+        // SAFETY: `dev` is a valid device handle from `device::get`.
+        unsafe { result::device::get_attribute(dev, a) }.unwrap_or(0)
+    };
+    let capability = (
+        attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+        attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+    );
+    let kernel_cache = crate::kernel_cache::install(ordinal, &name, capability);
+    if let Some(cache) = &kernel_cache {
+        tracing::info!(
+            dir = %cache.dir.display(),
+            seeded = cache.seeded,
+            autotune = cfg!(feature = "cuda-autotune"),
+            "kernel cache"
+        );
+    }
     Ok(CudaInfo {
         ordinal,
         devices,
         name,
         include_root,
+        kernel_cache: kernel_cache.map(|c| c.dir),
     })
 }
 

@@ -10,6 +10,7 @@
 //! * [`collective`] — the `Collective` trait, the CPU TCP ring all-reduce between workers, and
 //!   NCCL between GPUs (feature `cuda`).
 //! * [`device`] — `--device cpu|cuda:N`, and the checks that run before any GPU code.
+//! * [`kernel_cache`] — where compiled PTX and autotune results are kept, per GPU model and build.
 //! * [`checkpoint`] — checksummed, atomically published checkpoints that resume bitwise.
 //! * [`progress`] — where a rank is (phase, collective bytes, the peer it waits for), for the
 //!   heartbeats.
@@ -21,6 +22,7 @@ pub mod device;
 pub mod error;
 pub mod fused;
 pub mod import;
+pub mod kernel_cache;
 pub mod memory;
 pub mod model;
 pub mod progress;

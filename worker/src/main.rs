@@ -103,6 +103,31 @@ enum Command {
         #[arg(long)]
         no_checkpoints: bool,
     },
+    /// Compile (and, in a `cuda-autotune` build, autotune) the kernels of the job's training
+    /// step into the kernel cache ($DAPT_KERNEL_CACHE, default ~/.cache/dapt/kernels), by
+    /// training `--steps` steps from the job's initial model with no checkpoint read or
+    /// written. Every later run of this build on this GPU model, every rank, reuses them.
+    Tune {
+        job: PathBuf,
+        /// Optimizer steps to run (one reaches every kernel of the step; the job's initial
+        /// held-out evaluation, if any, runs first).
+        #[arg(long, default_value_t = 1)]
+        steps: u64,
+        #[command(flatten)]
+        gpu: GpuArgs,
+    },
+    /// Write the token windows of the job's first `--steps` steps, in the order a single rank
+    /// trains them, for another trainer to train on the same data (scripts/gpu_anchor.py
+    /// --batches, the loss parity of scripts/gpu-check.sh): u32 little-endian,
+    /// [steps, global_batch, seq_len + 1]. Refuses to overwrite an existing file.
+    #[command(hide = true)]
+    Batches {
+        job: PathBuf,
+        #[arg(long)]
+        steps: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Perplexity of a model (Hugging Face directory or checkpoint) on a prepared corpus's
     /// held-out documents, per source.
     Eval {
@@ -212,6 +237,85 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                 } else {
                     "stopped before the end; run again to resume"
                 }
+            );
+            Ok(())
+        }
+        Command::Tune { job, steps, gpu } => {
+            let mut spec = JobSpec::load(&job)?;
+            let DeviceSpec::Cuda(ordinal) = gpu.device else {
+                anyhow::bail!("tune compiles GPU kernels: give --device cuda or cuda:N");
+            };
+            let info = dapt_worker::device::cuda_ready(ordinal)?;
+            if gpu.nccl {
+                ensure_nccl_loadable()?;
+            }
+            // From the initial model, whatever checkpoints the job has: an empty folder to
+            // resume from, and nothing written.
+            let scratch = tempfile::tempdir().context("making a scratch checkpoint folder")?;
+            spec.checkpoint.dir = scratch.path().to_path_buf();
+            let options = RunOptions {
+                stop_after: Some(steps),
+                device: gpu.device,
+                precision: gpu.precision,
+                no_checkpoints: true,
+                nccl_single_rank: gpu.nccl,
+            };
+            let started = std::time::Instant::now();
+            run(&spec, &options).with_context(|| format!("tuning {}", job.display()))?;
+            match info.kernel_cache {
+                Some(dir) => println!(
+                    "kernels for {} ({}) in {} after {:.0} s{}",
+                    info.name,
+                    gpu.precision,
+                    dir.display(),
+                    started.elapsed().as_secs_f64(),
+                    if cfg!(feature = "cuda-autotune") {
+                        " (autotuned)"
+                    } else {
+                        " (compiled; this build does not autotune)"
+                    }
+                ),
+                None => println!(
+                    "no kernel cache (DAPT_KERNEL_CACHE=off, or its folder could not be made): \
+                     nothing kept"
+                ),
+            }
+            Ok(())
+        }
+        Command::Batches { job, steps, out } => {
+            use std::io::Write;
+            let spec = JobSpec::load(&job)?;
+            let training = spec.training.with_context(|| {
+                format!("{}: the job has no `training:` section", job.display())
+            })?;
+            let reader = CorpusReader::open(&spec.corpus.output)?;
+            let order = reader.sample_order(spec.seed, training.seq_len)?;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&out)
+                .with_context(|| format!("creating {}", out.display()))?;
+            let mut file = std::io::BufWriter::new(file);
+            let written = (0..steps).try_for_each(|step| -> anyhow::Result<()> {
+                let range = dapt_corpus::step_range(step, training.global_batch);
+                let batch =
+                    dapt_worker::train::MicroBatch::read(&reader, &order, range, training.seq_len)?;
+                for id in batch.ids {
+                    file.write_all(&id.to_le_bytes())?;
+                }
+                Ok(())
+            });
+            if let Err(e) = written.and_then(|()| Ok(file.flush()?)) {
+                // The file is ours (created above): no half-written windows are left behind.
+                drop(file);
+                let _ = std::fs::remove_file(&out);
+                return Err(e.context(format!("writing {}", out.display())));
+            }
+            println!(
+                "{steps} steps x {} windows x {} tokens -> {}",
+                training.global_batch,
+                training.seq_len + 1,
+                out.display()
             );
             Ok(())
         }
