@@ -303,6 +303,22 @@ pub fn memory(
     }
 }
 
+/// Bytes per rank that the device-resident engine holds at `stage` beyond [`memory`]'s model,
+/// which shards the f32 master weights from stage 1 and the gradient buffer at stage 2: the
+/// engine all-gathers whole f32 weights (so its master weights stay whole) and accumulates the
+/// micro-batches' gradients into a whole flat buffer before the reduce-scatter.
+pub fn device_engine_unsharded(config: &LlamaConfig, gpu: &Gpu, world: u32, stage: u8) -> f64 {
+    let n = config.num_params() as f64;
+    let unsharded = 4.0 * n * (1.0 - 1.0 / world.max(1) as f64);
+    let master = if stage >= 1 && gpu.compute_bytes < 4.0 {
+        unsharded
+    } else {
+        0.0
+    };
+    let gradients = if stage >= 2 { unsharded } else { 0.0 };
+    master + gradients
+}
+
 /// Samples per forward/backward pass on one rank: the job's micro-batch, or the rank's share
 /// of the global batch when that is smaller.
 pub fn rank_micro_batch(training: &TrainingSpec, world: u32) -> u64 {
@@ -440,10 +456,15 @@ pub fn plan(job: &JobSpec, config: &LlamaConfig, options: &PlanOptions) -> Resul
     let needs_zero = setting.zero_stage > 0
         || (!fits && fits_with.as_ref().is_some_and(|(c, _)| c.zero_stage > 0));
     if gpu.name != "cpu" && needs_zero {
-        warnings.push(
-            "zero_stage 1 and 2 run on the CPU host engine only today: a GPU worker refuses them by name until the NCCL reduce-scatter and all-gather land (docs/model.md, ZeRO); these figures are what the sharding will save"
-                .to_string(),
-        );
+        let stage = if setting.zero_stage > 0 {
+            setting.zero_stage
+        } else {
+            fits_with.as_ref().map_or(1, |(c, _)| c.zero_stage)
+        };
+        warnings.push(format!(
+            "zero_stage {stage} on GPUs: the device engine shards the AdamW moments and the optimizer step's temporaries, but still holds whole f32 master weights and a whole f32 gradient buffer, {} per rank more than these figures at zero_stage {stage} over {world} ranks; its NCCL reduce-scatter and all-gather have not run on GPUs yet (docs/model.md, ZeRO)",
+            gb(device_engine_unsharded(config, &gpu, world, stage))
+        ));
     }
     if training.global_batch % world as u64 != 0 {
         warnings.push(format!(
@@ -729,9 +750,13 @@ mod tests {
         let config = model_config(&job).expect("config");
         let p = plan(&job, &config, &options("h100")).expect("plan");
         assert!(p.memory.total() < 0.9 * 80e9, "{}", p.memory.total());
-        // The only warning: ZeRO is not built for GPU workers yet.
+        // The only warning: what the device engine does not shard yet (master weights and
+        // gradients, 4 bytes per parameter each, 7/8 of them).
+        let extra = gb(2.0 * 4.0 * config.num_params() as f64 * 7.0 / 8.0);
         assert!(
-            p.warnings.len() == 1 && p.warnings[0].contains("CPU host engine only"),
+            p.warnings.len() == 1
+                && p.warnings[0].contains("still holds whole f32 master weights")
+                && p.warnings[0].contains(&format!("{extra} per rank more")),
             "{:?}",
             p.warnings
         );

@@ -16,8 +16,17 @@
 //!   here). cubecl's stream is private, so the order is: drain cubecl's queue
 //!   (`Backend::sync`), run NCCL on its own stream, wait for that stream; then cubecl's next
 //!   kernels read the reduced values. Two waits per step, each short when the step is long.
+//! * ZeRO (`training.zero_stage` 1 and 2): [`NcclCollective::reduce_scatter_mean_tensor`] and
+//!   [`NcclCollective::all_gather_tensor`], in place on the same flat buffers, over the split
+//!   every other path uses ([`shard_range`], so checkpoints are interchangeable). When the buffer
+//!   divides evenly by the world that is `ncclReduceScatter` / `ncclAllGather` in place; when it
+//!   does not (NCCL's collectives take equal counts per rank, and the split gives the first
+//!   `len % world` ranks one element more) it is one grouped `ncclReduce` (mean) or
+//!   `ncclBroadcast` per rank's slice, rooted at its owner, also in place: no padded copy of a
+//!   buffer the size of the model. Same polling, abort and timeout as the all-reduce. Untested on
+//!   hardware until a GPU session runs them (docs/gpu.md).
 //! * The [`Collective`] impl (host buffers) stages through one device buffer: for tests and
-//!   for callers that hold gradients on the host.
+//!   for callers that hold gradients on the host (the gradient norm's partial sums under ZeRO).
 //!
 //! cudarc panics when libnccl cannot be loaded, so every entry point checks first; cudarc looks
 //! for `libnccl.so`, which NVIDIA's PyPI wheels don't ship (see `crate::device::nccl_library`).
@@ -31,7 +40,7 @@ use burn::tensor::{DType, Tensor, TensorPrimitive};
 use cudarc::driver::{sys as cu, CudaContext, CudaStream};
 use cudarc::nccl::sys as nccl;
 
-use super::{AbortHandle, Collective, CollectiveError};
+use super::{shard_range, AbortHandle, Collective, CollectiveError};
 use crate::train::resident::GradReducer;
 use crate::Gpu;
 
@@ -182,29 +191,139 @@ impl NcclCollective {
         ptr: cu::CUdeviceptr,
         count: usize,
     ) -> Result<(), CollectiveError> {
+        let buf = ptr as *mut c_void;
+        self.run("ncclAllReduce", |comm, stream| {
+            // SAFETY: the caller vouches for the buffer; comm and stream are live.
+            check("ncclAllReduce", unsafe {
+                nccl::ncclAllReduce(
+                    buf as *const c_void,
+                    buf,
+                    count,
+                    nccl::ncclDataType_t::ncclFloat32,
+                    nccl::ncclRedOp_t::ncclAvg,
+                    comm,
+                    stream,
+                )
+            })
+        })
+    }
+
+    /// In place over the `count` f32s at `ptr`: on return this rank's slice
+    /// (`shard_range(count, world, rank)`) holds the mean across ranks of that slice; the rest
+    /// is unchanged or scratch.
+    ///
+    /// # Safety
+    /// As [`NcclCollective::all_reduce_mean_raw`].
+    pub unsafe fn reduce_scatter_mean_raw(
+        &mut self,
+        ptr: cu::CUdeviceptr,
+        count: usize,
+    ) -> Result<(), CollectiveError> {
+        let (rank, world) = (self.rank, self.world);
+        let at = move |i: usize| (ptr + 4 * i as u64) as *mut c_void;
+        self.run("reduce-scatter", |comm, stream| {
+            if count.is_multiple_of(world) {
+                let chunk = count / world;
+                // In place: NCCL reduces into `sendbuff + rank * recvcount`, this rank's slice.
+                // SAFETY: both addresses lie in the caller's buffer.
+                return check("ncclReduceScatter", unsafe {
+                    nccl::ncclReduceScatter(
+                        at(0),
+                        at(rank * chunk),
+                        chunk,
+                        nccl::ncclDataType_t::ncclFloat32,
+                        nccl::ncclRedOp_t::ncclAvg,
+                        comm,
+                        stream,
+                    )
+                });
+            }
+            group(|| {
+                (0..world).try_for_each(|root| {
+                    let r = shard_range(count, world, root);
+                    // SAFETY: the slice lies in the caller's buffer; in place on the root.
+                    check("ncclReduce", unsafe {
+                        nccl::ncclReduce(
+                            at(r.start),
+                            at(r.start),
+                            r.len(),
+                            nccl::ncclDataType_t::ncclFloat32,
+                            nccl::ncclRedOp_t::ncclAvg,
+                            root as i32,
+                            comm,
+                            stream,
+                        )
+                    })
+                })
+            })
+        })
+    }
+
+    /// In place over the `count` f32s at `ptr`, each rank's slice filled by its owner: on
+    /// return every rank holds every slice.
+    ///
+    /// # Safety
+    /// As [`NcclCollective::all_reduce_mean_raw`].
+    pub unsafe fn all_gather_raw(
+        &mut self,
+        ptr: cu::CUdeviceptr,
+        count: usize,
+    ) -> Result<(), CollectiveError> {
+        let (rank, world) = (self.rank, self.world);
+        let at = move |i: usize| (ptr + 4 * i as u64) as *mut c_void;
+        self.run("all-gather", |comm, stream| {
+            if count.is_multiple_of(world) {
+                let chunk = count / world;
+                // In place: NCCL sends from `recvbuff + rank * sendcount`, this rank's slice.
+                // SAFETY: both addresses lie in the caller's buffer.
+                return check("ncclAllGather", unsafe {
+                    nccl::ncclAllGather(
+                        at(rank * chunk),
+                        at(0),
+                        chunk,
+                        nccl::ncclDataType_t::ncclFloat32,
+                        comm,
+                        stream,
+                    )
+                });
+            }
+            group(|| {
+                (0..world).try_for_each(|root| {
+                    let r = shard_range(count, world, root);
+                    // SAFETY: the slice lies in the caller's buffer; in place everywhere.
+                    check("ncclBroadcast", unsafe {
+                        nccl::ncclBroadcast(
+                            at(r.start),
+                            at(r.start),
+                            r.len(),
+                            nccl::ncclDataType_t::ncclFloat32,
+                            root as i32,
+                            comm,
+                            stream,
+                        )
+                    })
+                })
+            })
+        })
+    }
+
+    /// Issues `call`'s NCCL operations on this communicator and its stream, then waits for them
+    /// (polling, under the abort handle and the timeout). A failure poisons the communicator.
+    fn run(
+        &mut self,
+        what: &str,
+        call: impl FnOnce(nccl::ncclComm_t, nccl::cudaStream_t) -> Result<(), CollectiveError>,
+    ) -> Result<(), CollectiveError> {
         self.usable()?;
         self.ctx
             .bind_to_thread()
             .map_err(|e| CollectiveError::Nccl(format!("bind context: {e}")))?;
-        let buf = ptr as *mut c_void;
-        // SAFETY: the caller vouches for the buffer; comm and stream are live.
-        let r = unsafe {
-            nccl::ncclAllReduce(
-                buf as *const c_void,
-                buf,
-                count,
-                nccl::ncclDataType_t::ncclFloat32,
-                nccl::ncclRedOp_t::ncclAvg,
-                self.comm,
-                self.stream.cu_stream() as _,
-            )
-        };
-        if let Err(e) = check("ncclAllReduce", r) {
+        if let Err(e) = call(self.comm, self.stream.cu_stream() as _) {
             self.poisoned = true;
             return Err(e);
         }
-        self.wait_async("ncclAllReduce")?;
-        self.wait_stream()
+        self.wait_async(what)?;
+        self.wait_stream(what)
     }
 
     /// In-place mean of a flat f32 CUDA tensor across the ranks, without leaving the device.
@@ -212,23 +331,65 @@ impl NcclCollective {
         &mut self,
         grads: Tensor<Gpu, 1>,
     ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
-        if grads.dtype() != DType::F32 {
+        self.on_device(grads, |nccl, ptr, count| {
+            // SAFETY: as `on_device` promises.
+            unsafe { nccl.all_reduce_mean_raw(ptr, count) }
+        })
+    }
+
+    /// ZeRO stage 2: the mean across ranks of this rank's slice of the flat f32 `grads`
+    /// (`shard_range(len, world, rank)`), reduced in place on the device; returns that slice (a
+    /// view: the whole buffer lives until it is dropped).
+    pub fn reduce_scatter_mean_tensor(
+        &mut self,
+        grads: Tensor<Gpu, 1>,
+    ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
+        let own = shard_range(grads.dims()[0], self.world, self.rank);
+        let whole = self.on_device(grads, |nccl, ptr, count| {
+            // SAFETY: as `on_device` promises.
+            unsafe { nccl.reduce_scatter_mean_raw(ptr, count) }
+        })?;
+        Ok(whole.slice(own))
+    }
+
+    /// ZeRO: every rank's slice of the flat f32 `buf` (each rank's own slice current) on every
+    /// rank, gathered in place on the device.
+    pub fn all_gather_tensor(
+        &mut self,
+        buf: Tensor<Gpu, 1>,
+    ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
+        self.on_device(buf, |nccl, ptr, count| {
+            // SAFETY: as `on_device` promises.
+            unsafe { nccl.all_gather_raw(ptr, count) }
+        })
+    }
+
+    /// Runs `op` on the device address and length of the flat f32 `t`, in place, and returns
+    /// the tensor. `op` gets a contiguous, uniquely owned buffer (a private copy of a view or
+    /// of a shared buffer: never written through) that cubecl has finished writing, alive until
+    /// `op` returns.
+    fn on_device(
+        &mut self,
+        t: Tensor<Gpu, 1>,
+        op: impl FnOnce(&mut Self, cu::CUdeviceptr, usize) -> Result<(), CollectiveError>,
+    ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
+        if t.dtype() != DType::F32 {
             return Err(CollectiveError::Config(format!(
-                "all-reduce of a {:?} tensor: f32 only",
-                grads.dtype()
+                "a collective over a {:?} tensor: f32 only",
+                t.dtype()
             )));
         }
-        let device = grads.device();
-        let mut prim = grads.into_primitive().tensor();
+        let device = t.device();
+        let mut prim = t.into_primitive().tensor();
         if !(prim.is_contiguous() && prim.is_contiguous_buffer() && prim.can_mut()) {
-            // Never write into a view or a shared buffer: reduce a private copy.
+            // Never write into a view or a shared buffer: work on a private copy.
             let copy = Tensor::<Gpu, 1>::from_primitive(TensorPrimitive::Float(prim.clone()))
                 .mul_scalar(1.0);
             drop(prim);
             prim = copy.into_primitive().tensor();
         }
         let count = prim.meta.shape().num_elements();
-        // Everything cubecl queued (the backward passes writing this buffer) must finish first.
+        // Everything cubecl queued (the kernels writing this buffer) must finish first.
         Gpu::sync(&device).map_err(|e| CollectiveError::Nccl(format!("device sync: {e:?}")))?;
         let resource = prim
             .client
@@ -237,12 +398,10 @@ impl NcclCollective {
         let (ptr, size) = (resource.resource().ptr, resource.resource().size);
         if (size as usize) < count * 4 {
             return Err(CollectiveError::Config(format!(
-                "gradient buffer of {size} bytes for {count} f32s"
+                "device buffer of {size} bytes for {count} f32s"
             )));
         }
-        // SAFETY: a contiguous, uniquely owned f32 buffer of `count` elements that cubecl has
-        // finished writing; `resource` keeps the allocation alive until the reduction is done.
-        unsafe { self.all_reduce_mean_raw(ptr, count)? };
+        op(self, ptr, count)?;
         drop(resource);
         Ok(Tensor::from_primitive(TensorPrimitive::Float(prim)))
     }
@@ -275,9 +434,9 @@ impl NcclCollective {
     }
 
     /// Polls until the NCCL stream is idle, watching for asynchronous NCCL errors meanwhile.
-    fn wait_stream(&mut self) -> Result<(), CollectiveError> {
+    fn wait_stream(&mut self, what: &str) -> Result<(), CollectiveError> {
         let stream = self.stream.cu_stream();
-        self.poll("all-reduce", |comm| {
+        self.poll(what, |comm| {
             // SAFETY: a live stream of the bound context.
             match unsafe { cu::cuStreamQuery(stream) } {
                 cu::CUresult::CUDA_SUCCESS => return Ok(true),
@@ -347,17 +506,25 @@ impl Drop for NcclCollective {
     }
 }
 
-impl Collective for NcclCollective {
-    fn rank(&self) -> usize {
-        self.rank
-    }
+/// Opens an NCCL group around `calls` (one launch for several operations) and closes it even
+/// when one of them failed, as NCCL requires.
+fn group(calls: impl FnOnce() -> Result<(), CollectiveError>) -> Result<(), CollectiveError> {
+    // SAFETY: no arguments; pairs with the `ncclGroupEnd` below.
+    check("ncclGroupStart", unsafe { nccl::ncclGroupStart() })?;
+    let issued = calls();
+    // SAFETY: closes the group opened above.
+    let ended = check("ncclGroupEnd", unsafe { nccl::ncclGroupEnd() });
+    issued.and(ended)
+}
 
-    fn world(&self) -> usize {
-        self.world
-    }
-
-    /// Host buffers travel through one device buffer (two copies per call).
-    fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+impl NcclCollective {
+    /// Runs `op` on a device copy of the host `buf` (one staging buffer, grown on demand) and
+    /// copies the result back.
+    fn staged(
+        &mut self,
+        buf: &mut [f32],
+        op: impl FnOnce(&mut Self, cu::CUdeviceptr, usize) -> Result<(), CollectiveError>,
+    ) -> Result<(), CollectiveError> {
         self.usable()?;
         let copy_err = |e: cudarc::driver::DriverError| CollectiveError::Nccl(format!("copy: {e}"));
         if self.staging.as_ref().is_none_or(|s| s.len() < buf.len()) {
@@ -376,8 +543,7 @@ impl Collective for NcclCollective {
             ptr
         };
         self.stream.synchronize().map_err(copy_err)?;
-        // SAFETY: `staging` holds `buf.len()` f32s on this stream's context, used by nothing else.
-        unsafe { self.all_reduce_mean_raw(ptr, buf.len())? };
+        op(self, ptr, buf.len())?;
         let staging = self.staging.as_ref().expect("allocated above");
         self.stream
             .memcpy_dtoh(&staging.slice(0..buf.len()), buf)
@@ -386,11 +552,67 @@ impl Collective for NcclCollective {
     }
 }
 
+impl Collective for NcclCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    /// Host buffers travel through one device buffer (two copies per call).
+    fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        // SAFETY: `staging` holds `buf.len()` f32s on this stream's context, used by nothing else.
+        self.staged(buf, |nccl, ptr, count| unsafe {
+            nccl.all_reduce_mean_raw(ptr, count)
+        })
+    }
+
+    fn reduce_scatter_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        // SAFETY: as in `all_reduce_mean`.
+        self.staged(buf, |nccl, ptr, count| unsafe {
+            nccl.reduce_scatter_mean_raw(ptr, count)
+        })
+    }
+
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        // SAFETY: as in `all_reduce_mean`.
+        self.staged(buf, |nccl, ptr, count| unsafe {
+            nccl.all_gather_raw(ptr, count)
+        })
+    }
+}
+
 impl GradReducer<Gpu> for NcclCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
     fn all_reduce_mean(
         &mut self,
         grads: Tensor<Gpu, 1>,
     ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
         self.all_reduce_mean_tensor(grads)
+    }
+
+    fn reduce_scatter_mean(
+        &mut self,
+        grads: Tensor<Gpu, 1>,
+    ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
+        self.reduce_scatter_mean_tensor(grads)
+    }
+
+    fn all_gather(&mut self, buf: Tensor<Gpu, 1>) -> Result<Tensor<Gpu, 1>, CollectiveError> {
+        self.all_gather_tensor(buf)
+    }
+
+    /// Through the host-staged all-gather: two f32 words per rank.
+    fn total(&mut self, partial: f64) -> Result<f64, CollectiveError> {
+        crate::train::zero::total_of(self, partial)
     }
 }
