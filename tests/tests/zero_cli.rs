@@ -1,7 +1,9 @@
 //! ZeRO over the real binaries: `training.zero_stage` 1 and 2 against 0 through `dapt launch`,
 //! and a rank killed at stage 2: the job re-forms with fewer ranks, reshards the committed
-//! optimizer shards, completes, and grows again when the worker comes back. The per-rank maths at
-//! 1 to 4 ranks is in worker/tests/zero.rs (ranks as threads on the real ring).
+//! optimizer shards, completes, and grows again when the worker comes back. The same stages on
+//! the device-resident (GPU) engine, run on the CPU backend (`DAPT_ENGINE=resident`). The per-rank
+//! maths at 1 to 4 ranks is in worker/tests/zero.rs (ranks as threads on the real ring), the
+//! resident engine's in worker/src/train/resident/zero_tests.rs.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,12 +27,19 @@ type Run = (Vec<(u64, f64, f64)>, BTreeMap<String, Vec<f32>>);
 /// `dapt launch` of `job` at `stage` with `workers` local workers: (step, loss, grad norm) of
 /// every step, and the exported weights.
 fn launch(job: &Job, stage: u8, workers: u32) -> Run {
+    launch_on(job, stage, workers, "host")
+}
+
+/// [`launch`] with the workers' `engine` (`DAPT_ENGINE`: host, or resident: the GPU's engine on
+/// the CPU backend).
+fn launch_on(job: &Job, stage: u8, workers: u32, engine: &str) -> Run {
     let yaml = std::fs::read_to_string(&job.path).expect("read job");
     std::fs::write(&job.path, with_stage(&yaml, stage)).expect("write job");
     let mut cmd = Command::new(binary("dapt"));
     cmd.args(["--log-format", "json", "launch"])
         .arg(&job.path)
-        .args(["--workers", &workers.to_string()]);
+        .args(["--workers", &workers.to_string()])
+        .env("DAPT_ENGINE", engine);
     let mut proc = Proc::spawn(cmd);
     let (status, stdout) = proc.finish(LONG);
     assert!(status.success(), "{status}\n{stdout}\n{}", proc.stderr());
@@ -207,24 +216,54 @@ fn a_killed_rank_at_zero_stage_2_reshards_exactly_and_the_world_grows_back() {
     );
 }
 
+/// The device-resident engine (what a GPU rank runs), here on the CPU backend with the ring's
+/// reduce-scatter and all-gather where a GPU has NCCL's: stages 1 and 2 against its own stage 0
+/// at 3 ranks (an uneven split), and the last checkpoint holds one optimizer shard per rank,
+/// written from the engine's sharded state.
 #[test]
-fn the_resident_engine_refuses_zero_stage_2_by_name() {
+fn the_resident_engine_at_zero_stages_1_and_2_matches_its_stage_0_at_3_ranks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let _serial = serial();
-    let job = write_job(dir.path(), "zres", 4, "");
-    let yaml = std::fs::read_to_string(&job.path).expect("read job");
-    std::fs::write(&job.path, with_stage(&yaml, 2)).expect("write job");
-    let mut cmd = Command::new(binary("dapt"));
-    cmd.args(["--log-format", "json", "launch"])
-        .arg(&job.path)
-        .args(["--workers", "2"])
-        .env("DAPT_ENGINE", "resident");
-    let mut proc = Proc::spawn(cmd);
-    let (status, stdout) = proc.finish(LONG);
-    assert!(!status.success(), "{stdout}");
-    let said = format!("{stdout}\n{}", proc.stderr());
-    assert!(
-        said.contains("training.zero_stage 2 runs on the host engine on the CPU only"),
-        "{said}"
-    );
+    let steps = 6;
+    let job = |name: &str| write_job(dir.path(), name, steps, "");
+    let (base_steps, base_weights) = launch_on(&job("r0"), 0, 3, "resident");
+    assert_eq!(base_steps.len() as u64, steps);
+    for stage in [1, 2] {
+        let run = job(&format!("r{stage}"));
+        let (got, weights) = launch_on(&run, stage, 3, "resident");
+        let logs = std::fs::read_dir(run.checkpoints.join("logs"))
+            .expect("worker logs")
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+            .filter(|log| log.contains("the resident (GPU) engine on the cpu"))
+            .count();
+        assert_eq!(logs, 3, "every worker ran the resident engine");
+        assert_eq!(got.len(), base_steps.len());
+        for ((s, loss, norm), (_, loss0, norm0)) in got.iter().zip(&base_steps) {
+            println!("resident stage {stage} step {s}: loss {loss} vs {loss0}, grad norm {norm} vs {norm0}");
+            assert!(
+                (loss - loss0).abs() < 1e-5 && (norm - norm0).abs() < 1e-5,
+                "resident stage {stage} step {s}: loss {loss} vs {loss0}, grad norm {norm} vs {norm0}"
+            );
+        }
+        for (name, w) in &weights {
+            let w0 = &base_weights[name];
+            let d = w
+                .iter()
+                .zip(w0)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(d < 1e-6, "resident stage {stage}: {name} differs by {d}");
+        }
+        let last = run.checkpoints.join(format!("step-{steps:08}"));
+        let manifest =
+            dapt_proto::checkpoint::CheckpointManifest::read(&last).expect("last checkpoint");
+        for rank in 0..3 {
+            let shard = format!("optimizer-{rank:05}-of-00003.safetensors");
+            assert!(
+                manifest.files.iter().any(|f| f.path == shard),
+                "resident stage {stage}: {} lists {shard}",
+                last.display()
+            );
+        }
+    }
 }

@@ -214,6 +214,12 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
         self.owned.clone()
     }
 
+    /// Bytes of AdamW state on the device: the two f32 moments of the owned slice (no decay
+    /// mask: ranges), 8 per owned parameter, 1/w of the whole under ZeRO.
+    pub fn optimizer_bytes(&self) -> usize {
+        (self.m.dims()[0] + self.v.dims()[0]) * std::mem::size_of::<f32>()
+    }
+
     /// Whether this rank holds one ZeRO shard of the optimizer state rather than all of it.
     fn is_shard(&self) -> bool {
         self.owned != (0..self.layout.total)
