@@ -146,6 +146,20 @@ fn restored_moments(dumps: &Path, generation: u64, world: u64) -> (Vec<f32>, Vec
 
 #[test]
 fn a_killed_rank_at_zero_stage_2_reshards_exactly_and_the_world_grows_back() {
+    killed_rank_reshards("host");
+}
+
+/// The same on the device-resident engine (the GPU's, here on the CPU backend): its ranks write
+/// their shards from the engine's sharded state, and resume a new world's slices from them.
+#[test]
+fn a_killed_resident_rank_at_zero_stage_2_reshards_exactly_and_the_world_grows_back() {
+    killed_rank_reshards("resident");
+}
+
+/// Three workers on `engine` at stage 2; one is killed at a random step and restarted: the job
+/// shrinks to 2 ranks and grows back to 3, and every re-formed generation starts with exactly
+/// the committed optimizer state.
+fn killed_rank_reshards(engine: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let dumps = dir.path().join("dumps");
     std::fs::create_dir_all(&dumps).expect("mkdir");
@@ -157,16 +171,24 @@ fn a_killed_rank_at_zero_stage_2_reshards_exactly_and_the_world_grows_back() {
         steps,
         "cluster:\n  min_workers: 1\n  max_workers: 3\n  session_timeout_ms: 2000\n  formation_grace_ms: 10000\n",
         "127.0.0.1",
-        &[("DAPT_TEST_DUMP_RESTORED_OPTIMIZER", dumps.to_str().expect("utf-8"))],
+        &[
+            ("DAPT_TEST_DUMP_RESTORED_OPTIMIZER", dumps.to_str().expect("utf-8")),
+            ("DAPT_ENGINE", engine),
+        ],
         &|yaml| with_stage(yaml, 2).replace("keep: 2", "keep: 100"),
     );
-    let _w0 = c.member("w0");
+    let mut w0 = c.member("w0");
     let w1 = c.member("w1");
     let _w2 = c.member("w2");
     c.coordinator.wait_for("three ranks", LONG, |l| {
         events(l, "generation formed")
             .iter()
             .any(|f| f["world"] == 3)
+    });
+    // Its log names the engine it trains with (the host trainer's says nothing).
+    let resident = engine == "resident";
+    w0.wait_for("the engine", LONG, |l| {
+        !resident || !events(l, "the resident (GPU) engine on the cpu").is_empty()
     });
     let kill_at = random_step(6, 14);
     let _w1_again = c.kill_and_restart(w1, "w1", kill_at);
