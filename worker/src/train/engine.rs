@@ -186,10 +186,15 @@ fn resident<B: burn::tensor::backend::Backend>(
     // The resident trainer reads the flag from its training section.
     trainer.training.activation_checkpointing = activation_checkpointing;
     let compute = crate::device::dtype(precision);
-    Box::new(ResidentEngine {
-        trainer: ResidentTrainer::<Autodiff<B>>::from_host(trainer, compute, device),
-        reducer,
-    })
+    let trainer = ResidentTrainer::<Autodiff<B>>::from_host(trainer, compute, device);
+    let owned = trainer.owned();
+    tracing::info!(
+        optimizer_bytes = trainer.optimizer_bytes(),
+        owned_start = owned.start,
+        owned_end = owned.end,
+        "optimizer state on the device"
+    );
+    Box::new(ResidentEngine { trainer, reducer })
 }
 
 /// `trainer` as a [`ResidentEngine`] on the CPU backend: the GPU's engine, run where there is no
