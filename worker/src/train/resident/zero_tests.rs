@@ -30,8 +30,13 @@ const STEP_TOKENS: u64 = (SAMPLES * SEQ) as u64;
 const VOCAB: usize = 257;
 
 fn training(stage: u8) -> TrainingSpec {
+    training_with(stage, "")
+}
+
+/// [`training`] with `extra` lines in its `training:` section.
+fn training_with(stage: u8, extra: &str) -> TrainingSpec {
     let spec = JobSpec::parse(&format!(
-        "job: t\nseed: {SEED}\nmodel:\n  preset: tiny\ncorpus:\n  output: x\n  vocab_size: 512\n  sources:\n    - name: a\n      role: domain\n      paths: [\"x\"]\n      weight: 1\ntraining:\n  seq_len: {SEQ}\n  global_batch: {SAMPLES}\n  micro_batch: 1\n  tokens: {}\n  zero_stage: {stage}\n  optimizer:\n    lr: 0.01\n    grad_clip: 0.5\n",
+        "job: t\nseed: {SEED}\nmodel:\n  preset: tiny\ncorpus:\n  output: x\n  vocab_size: 512\n  sources:\n    - name: a\n      role: domain\n      paths: [\"x\"]\n      weight: 1\ntraining:\n  seq_len: {SEQ}\n  global_batch: {SAMPLES}\n  micro_batch: 1\n  tokens: {}\n  zero_stage: {stage}\n{extra}  optimizer:\n    lr: 0.01\n    grad_clip: 0.5\n",
         STEP_TOKENS * 10
     ))
     .expect("job");
@@ -299,4 +304,70 @@ fn a_shards_decay_ranges_are_the_wholes_cut_at_its_bounds() {
         }
         assert_eq!(joined, whole, "world {world}");
     }
+}
+
+/// A non-finite loss on one rank at stage 2 reaches every rank through the reduce-scatter and the
+/// norm's exchange: under `nonfinite: skip` every rank passes over the step, and nothing is
+/// applied or gathered (a rank that applied alone would leave the others' weights behind).
+#[test]
+fn a_non_finite_loss_on_one_rank_is_skipped_by_every_rank_at_stage_2() {
+    let skip = training_with(2, "  nonfinite: skip\n  max_skipped_steps: 1\n");
+    let start = |rank: usize| {
+        let mut t = host(2, rank, 2);
+        t.training = skip;
+        if rank == 1 {
+            // Rank 1's model makes a NaN loss; rank 0's is fine.
+            t.weights[0] = f32::NAN;
+        }
+        t
+    };
+    let before = start(0).weights;
+    let rings = TcpRing::loopback(2, Duration::from_secs(20)).expect("rings");
+    let results: Vec<(StepStats, Trainer)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = rings
+            .into_iter()
+            .map(|ring| {
+                scope.spawn(move || {
+                    let rank = ring.rank();
+                    let mut trainer = ResidentTrainer::<Ad>::from_host(
+                        start(rank),
+                        FloatDType::F32,
+                        &Default::default(),
+                    );
+                    let micro = rank_batches(0, rank, 2);
+                    let (_, stats) = train_step(
+                        &mut trainer,
+                        Some(&mut HostStaged(ring)),
+                        &micro,
+                        STEP_TOKENS as f64 / 2.0,
+                        STEP_TOKENS,
+                    )
+                    .expect("a skipped step");
+                    (stats, trainer.to_host())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
+    });
+    for (rank, (stats, t)) in results.iter().enumerate() {
+        assert!(
+            !stats.applied && stats.grad_norm.is_nan(),
+            "rank {rank}: {stats:?}"
+        );
+        assert_eq!((t.step, t.skipped_steps, t.optimizer.t), (1, 1, 0));
+        assert!(
+            t.optimizer.m.iter().all(|&m| m == 0.0),
+            "rank {rank}: moments"
+        );
+    }
+    let w0 = &results[0].1.weights;
+    assert!(
+        w0.iter()
+            .zip(&before)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "rank 0's weights are as they were"
+    );
 }
