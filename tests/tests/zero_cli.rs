@@ -27,18 +27,18 @@ type Run = (Vec<(u64, f64, f64)>, BTreeMap<String, Vec<f32>>);
 /// `dapt launch` of `job` at `stage` with `workers` local workers: (step, loss, grad norm) of
 /// every step, and the exported weights.
 fn launch(job: &Job, stage: u8, workers: u32) -> Run {
-    launch_on(job, stage, workers, "host")
+    launch_on(job, stage, workers, "host", "f32")
 }
 
 /// [`launch`] with the workers' `engine` (`DAPT_ENGINE`: host, or resident: the GPU's engine on
-/// the CPU backend).
-fn launch_on(job: &Job, stage: u8, workers: u32, engine: &str) -> Run {
+/// the CPU backend) computing in `precision` (f32, or bf16 for the resident engine).
+fn launch_on(job: &Job, stage: u8, workers: u32, engine: &str, precision: &str) -> Run {
     let yaml = std::fs::read_to_string(&job.path).expect("read job");
     std::fs::write(&job.path, with_stage(&yaml, stage)).expect("write job");
     let mut cmd = Command::new(binary("dapt"));
     cmd.args(["--log-format", "json", "launch"])
         .arg(&job.path)
-        .args(["--workers", &workers.to_string()])
+        .args(["--workers", &workers.to_string(), "--precision", precision])
         .env("DAPT_ENGINE", engine);
     let mut proc = Proc::spawn(cmd);
     let (status, stdout) = proc.finish(LONG);
@@ -241,18 +241,27 @@ fn killed_rank_reshards(engine: &str) {
 /// The device-resident engine (what a GPU rank runs), here on the CPU backend with the ring's
 /// reduce-scatter and all-gather where a GPU has NCCL's: stages 1 and 2 against its own stage 0
 /// at 3 ranks (an uneven split), and the last checkpoint holds one optimizer shard per rank,
-/// written from the engine's sharded state.
+/// written from the engine's sharded state. In bf16 (stage 2 only) the f32 master weights are
+/// sharded too: the checkpoints and the export gather them.
 #[test]
 fn the_resident_engine_at_zero_stages_1_and_2_matches_its_stage_0_at_3_ranks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let _serial = serial();
     let steps = 6;
     let job = |name: &str| write_job(dir.path(), name, steps, "");
-    let (base_steps, base_weights) = launch_on(&job("r0"), 0, 3, "resident");
+    for (precision, stages) in [("f32", &[1u8, 2][..]), ("bf16", &[2][..])] {
+        resident_stages_match(&job, steps, precision, stages);
+    }
+}
+
+/// The resident engine in `precision` at each of `stages` against its stage 0 (see above).
+fn resident_stages_match(job: &dyn Fn(&str) -> Job, steps: u64, precision: &str, stages: &[u8]) {
+    let (base_steps, base_weights) =
+        launch_on(&job(&format!("r0{precision}")), 0, 3, "resident", precision);
     assert_eq!(base_steps.len() as u64, steps);
-    for stage in [1, 2] {
-        let run = job(&format!("r{stage}"));
-        let (got, weights) = launch_on(&run, stage, 3, "resident");
+    for &stage in stages {
+        let run = job(&format!("r{stage}{precision}"));
+        let (got, weights) = launch_on(&run, stage, 3, "resident", precision);
         let logs = std::fs::read_dir(run.checkpoints.join("logs"))
             .expect("worker logs")
             .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
@@ -261,10 +270,10 @@ fn the_resident_engine_at_zero_stages_1_and_2_matches_its_stage_0_at_3_ranks() {
         assert_eq!(logs, 3, "every worker ran the resident engine");
         assert_eq!(got.len(), base_steps.len());
         for ((s, loss, norm), (_, loss0, norm0)) in got.iter().zip(&base_steps) {
-            println!("resident stage {stage} step {s}: loss {loss} vs {loss0}, grad norm {norm} vs {norm0}");
+            println!("resident {precision} stage {stage} step {s}: loss {loss} vs {loss0}, grad norm {norm} vs {norm0}");
             assert!(
                 (loss - loss0).abs() < 1e-5 && (norm - norm0).abs() < 1e-5,
-                "resident stage {stage} step {s}: loss {loss} vs {loss0}, grad norm {norm} vs {norm0}"
+                "resident {precision} stage {stage} step {s}: loss {loss} vs {loss0}, grad norm {norm} vs {norm0}"
             );
         }
         for (name, w) in &weights {
@@ -274,7 +283,10 @@ fn the_resident_engine_at_zero_stages_1_and_2_matches_its_stage_0_at_3_ranks() {
                 .zip(w0)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0, f32::max);
-            assert!(d < 1e-6, "resident stage {stage}: {name} differs by {d}");
+            assert!(
+                d < 1e-6,
+                "resident {precision} stage {stage}: {name} differs by {d}"
+            );
         }
         let last = run.checkpoints.join(format!("step-{steps:08}"));
         let manifest =
@@ -283,7 +295,7 @@ fn the_resident_engine_at_zero_stages_1_and_2_matches_its_stage_0_at_3_ranks() {
             let shard = format!("optimizer-{rank:05}-of-00003.safetensors");
             assert!(
                 manifest.files.iter().any(|f| f.path == shard),
-                "resident stage {stage}: {} lists {shard}",
+                "resident {precision} stage {stage}: {} lists {shard}",
                 last.display()
             );
         }

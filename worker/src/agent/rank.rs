@@ -285,7 +285,10 @@ pub fn train(
             progress.set_phase(RankPhase::Checkpoint);
             let t = Instant::now();
             // One host copy of a device engine's state serves the checkpoint and the digest.
-            let host = trainer.host();
+            let host = trainer.host().map_err(|e| match e {
+                WorkerError::Collective(e) => collective_error(e, abort),
+                e => RankError::worker(e),
+            })?;
             let root = &job.checkpoint.dir;
             let staging = checkpoint::shards::staging_dir(root, a.generation, done);
             let own_shard = match shard {

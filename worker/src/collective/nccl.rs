@@ -93,6 +93,41 @@ pub fn unique_id() -> Result<NcclId, CollectiveError> {
     Ok(id.internal.map(|c| c as u8))
 }
 
+/// The element types the collectives move: f32 (gradients, master weights), and bf16 for the
+/// all-gather of the compute copy of sharded master weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    F32,
+    Bf16,
+}
+
+impl Wire {
+    fn of(dtype: DType) -> Option<Self> {
+        match dtype {
+            DType::F32 => Some(Wire::F32),
+            DType::BF16 => Some(Wire::Bf16),
+            _ => None,
+        }
+    }
+
+    fn nccl(self) -> nccl::ncclDataType_t {
+        match self {
+            Wire::F32 => nccl::ncclDataType_t::ncclFloat32,
+            Wire::Bf16 => nccl::ncclDataType_t::ncclBfloat16,
+        }
+    }
+
+    fn bytes(self) -> usize {
+        match self {
+            Wire::F32 => 4,
+            Wire::Bf16 => 2,
+        }
+    }
+}
+
+/// Elements per broadcast when sharded master weights are gathered to the host (64 MB of f32).
+const GATHER_CHUNK: usize = 16 << 20;
+
 /// One rank's place in a generation's communicator.
 #[derive(Debug, Clone)]
 pub struct NcclConfig {
@@ -259,32 +294,26 @@ impl NcclCollective {
         })
     }
 
-    /// In place over the `count` f32s at `ptr`, each rank's slice filled by its owner: on
-    /// return every rank holds every slice.
+    /// In place over the `count` elements of type `wire` at `ptr`, each rank's slice filled by
+    /// its owner: on return every rank holds every slice.
     ///
     /// # Safety
-    /// As [`NcclCollective::all_reduce_mean_raw`].
+    /// As [`NcclCollective::all_reduce_mean_raw`], for `count` elements of `wire`.
     pub unsafe fn all_gather_raw(
         &mut self,
         ptr: cu::CUdeviceptr,
         count: usize,
+        wire: Wire,
     ) -> Result<(), CollectiveError> {
         let (rank, world) = (self.rank, self.world);
-        let at = move |i: usize| (ptr + 4 * i as u64) as *mut c_void;
+        let at = move |i: usize| (ptr + (wire.bytes() * i) as u64) as *mut c_void;
         self.run("all-gather", |comm, stream| {
             if count.is_multiple_of(world) {
                 let chunk = count / world;
                 // In place: NCCL sends from `recvbuff + rank * sendcount`, this rank's slice.
                 // SAFETY: both addresses lie in the caller's buffer.
                 return check("ncclAllGather", unsafe {
-                    nccl::ncclAllGather(
-                        at(rank * chunk),
-                        at(0),
-                        chunk,
-                        nccl::ncclDataType_t::ncclFloat32,
-                        comm,
-                        stream,
-                    )
+                    nccl::ncclAllGather(at(rank * chunk), at(0), chunk, wire.nccl(), comm, stream)
                 });
             }
             group(|| {
@@ -296,13 +325,40 @@ impl NcclCollective {
                             at(r.start),
                             at(r.start),
                             r.len(),
-                            nccl::ncclDataType_t::ncclFloat32,
+                            wire.nccl(),
                             root as i32,
                             comm,
                             stream,
                         )
                     })
                 })
+            })
+        })
+    }
+
+    /// Rank `root`'s `count` f32s at `ptr` to every rank, in place.
+    ///
+    /// # Safety
+    /// As [`NcclCollective::all_reduce_mean_raw`].
+    pub unsafe fn broadcast_raw(
+        &mut self,
+        ptr: cu::CUdeviceptr,
+        count: usize,
+        root: usize,
+    ) -> Result<(), CollectiveError> {
+        let buf = ptr as *mut c_void;
+        self.run("broadcast", |comm, stream| {
+            // SAFETY: the caller vouches for the buffer; in place on every rank.
+            check("ncclBroadcast", unsafe {
+                nccl::ncclBroadcast(
+                    buf as *const c_void,
+                    buf,
+                    count,
+                    nccl::ncclDataType_t::ncclFloat32,
+                    root as i32,
+                    comm,
+                    stream,
+                )
             })
         })
     }
@@ -331,7 +387,8 @@ impl NcclCollective {
         &mut self,
         grads: Tensor<Gpu, 1>,
     ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
-        self.on_device(grads, |nccl, ptr, count| {
+        f32_only("all-reduce", &grads)?;
+        self.on_device(grads, |nccl, ptr, count, _| {
             // SAFETY: as `on_device` promises.
             unsafe { nccl.all_reduce_mean_raw(ptr, count) }
         })
@@ -344,41 +401,80 @@ impl NcclCollective {
         &mut self,
         grads: Tensor<Gpu, 1>,
     ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
+        f32_only("reduce-scatter", &grads)?;
         let own = shard_range(grads.dims()[0], self.world, self.rank);
-        let whole = self.on_device(grads, |nccl, ptr, count| {
+        let whole = self.on_device(grads, |nccl, ptr, count, _| {
             // SAFETY: as `on_device` promises.
             unsafe { nccl.reduce_scatter_mean_raw(ptr, count) }
         })?;
         Ok(whole.slice(own))
     }
 
-    /// ZeRO: every rank's slice of the flat f32 `buf` (each rank's own slice current) on every
-    /// rank, gathered in place on the device.
+    /// ZeRO: every rank's slice of the flat `buf` (f32, or the bf16 compute copy of sharded
+    /// master weights; each rank's own slice current) on every rank, gathered in place on the
+    /// device.
     pub fn all_gather_tensor(
         &mut self,
         buf: Tensor<Gpu, 1>,
     ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
-        self.on_device(buf, |nccl, ptr, count| {
+        self.on_device(buf, |nccl, ptr, count, wire| {
             // SAFETY: as `on_device` promises.
-            unsafe { nccl.all_gather_raw(ptr, count) }
+            unsafe { nccl.all_gather_raw(ptr, count, wire) }
         })
     }
 
-    /// Runs `op` on the device address and length of the flat f32 `t`, in place, and returns
-    /// the tensor. `op` gets a contiguous, uniquely owned buffer (a private copy of a view or
-    /// of a shared buffer: never written through) that cubecl has finished writing, alive until
-    /// `op` returns.
+    /// ZeRO with sharded f32 master weights: the whole flat buffer of `len` f32s on the host,
+    /// from every rank's slice (`own`, this rank's, on the device), broadcast by its owner in
+    /// pieces of [`GATHER_CHUNK`] through the staging buffer: never a device buffer the size of
+    /// the model.
+    pub fn gather_to_host(
+        &mut self,
+        own: Tensor<Gpu, 1>,
+        len: usize,
+    ) -> Result<Vec<f32>, CollectiveError> {
+        let mine = own
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| CollectiveError::Config(format!("master weights: {e:?}")))?;
+        let mut out = vec![0f32; len];
+        for root in 0..self.world {
+            let r = shard_range(len, self.world, root);
+            if root == self.rank {
+                if mine.len() != r.len() {
+                    return Err(CollectiveError::Config(format!(
+                        "a master slice of {} elements where rank {root} owns {r:?}",
+                        mine.len()
+                    )));
+                }
+                out[r.clone()].copy_from_slice(&mine);
+            }
+            for start in r.clone().step_by(GATHER_CHUNK) {
+                let end = (start + GATHER_CHUNK).min(r.end);
+                self.staged(&mut out[start..end], |nccl, ptr, count| {
+                    // SAFETY: the staging buffer holds `count` f32s, used by nothing else.
+                    unsafe { nccl.broadcast_raw(ptr, count, root) }
+                })?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs `op` on the device address, length and element type of the flat `t` (f32 or
+    /// bf16), in place, and returns the tensor. `op` gets a contiguous, uniquely owned buffer
+    /// (a private copy of a view or of a shared buffer: never written through) that cubecl has
+    /// finished writing, alive until `op` returns.
     fn on_device(
         &mut self,
         t: Tensor<Gpu, 1>,
-        op: impl FnOnce(&mut Self, cu::CUdeviceptr, usize) -> Result<(), CollectiveError>,
+        op: impl FnOnce(&mut Self, cu::CUdeviceptr, usize, Wire) -> Result<(), CollectiveError>,
     ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
-        if t.dtype() != DType::F32 {
-            return Err(CollectiveError::Config(format!(
-                "a collective over a {:?} tensor: f32 only",
+        let wire = Wire::of(t.dtype()).ok_or_else(|| {
+            CollectiveError::Config(format!(
+                "a collective over a {:?} tensor: f32 or bf16 only",
                 t.dtype()
-            )));
-        }
+            ))
+        })?;
         let device = t.device();
         let mut prim = t.into_primitive().tensor();
         if !(prim.is_contiguous() && prim.is_contiguous_buffer() && prim.can_mut()) {
@@ -396,12 +492,12 @@ impl NcclCollective {
             .get_resource(prim.handle.clone())
             .map_err(|e| CollectiveError::Nccl(format!("device pointer: {e:?}")))?;
         let (ptr, size) = (resource.resource().ptr, resource.resource().size);
-        if (size as usize) < count * 4 {
+        if (size as usize) < count * wire.bytes() {
             return Err(CollectiveError::Config(format!(
-                "device buffer of {size} bytes for {count} f32s"
+                "device buffer of {size} bytes for {count} {wire:?} elements"
             )));
         }
-        op(self, ptr, count)?;
+        op(self, ptr, count, wire)?;
         drop(resource);
         Ok(Tensor::from_primitive(TensorPrimitive::Float(prim)))
     }
@@ -506,6 +602,18 @@ impl Drop for NcclCollective {
     }
 }
 
+/// Refuses a reduction over anything but f32 (the gradients are f32).
+fn f32_only(what: &str, t: &Tensor<Gpu, 1>) -> Result<(), CollectiveError> {
+    if t.dtype() == DType::F32 {
+        Ok(())
+    } else {
+        Err(CollectiveError::Config(format!(
+            "{what} of a {:?} tensor: f32 only",
+            t.dtype()
+        )))
+    }
+}
+
 /// Opens an NCCL group around `calls` (one launch for several operations) and closes it even
 /// when one of them failed, as NCCL requires.
 fn group(calls: impl FnOnce() -> Result<(), CollectiveError>) -> Result<(), CollectiveError> {
@@ -579,7 +687,7 @@ impl Collective for NcclCollective {
     fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
         // SAFETY: as in `all_reduce_mean`.
         self.staged(buf, |nccl, ptr, count| unsafe {
-            nccl.all_gather_raw(ptr, count)
+            nccl.all_gather_raw(ptr, count, Wire::F32)
         })
     }
 }
@@ -609,6 +717,14 @@ impl GradReducer<Gpu> for NcclCollective {
 
     fn all_gather(&mut self, buf: Tensor<Gpu, 1>) -> Result<Tensor<Gpu, 1>, CollectiveError> {
         self.all_gather_tensor(buf)
+    }
+
+    fn gather_to_host(
+        &mut self,
+        own: Tensor<Gpu, 1>,
+        len: usize,
+    ) -> Result<Vec<f32>, CollectiveError> {
+        NcclCollective::gather_to_host(self, own, len)
     }
 
     /// Through the host-staged all-gather: two f32 words per rank.

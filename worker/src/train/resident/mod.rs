@@ -48,7 +48,7 @@ use dapt_proto::job::{OptimizerSpec, TrainingSpec};
 
 use super::schedule::LrSchedule;
 use super::step::{admit, MicroBatch, StepStats, Trainer};
-use crate::collective::shard_range;
+use crate::collective::{shard_range, CollectiveError};
 use crate::error::{Result, WorkerError};
 use crate::fused::FusedAutodiff;
 use crate::model::llama::param_shape;
@@ -60,8 +60,12 @@ pub struct ResidentTrainer<B: FusedAutodiff> {
     pub config: LlamaConfig,
     pub layout: ParamLayout,
     training: TrainingSpec,
-    /// f32 master weights, flat, in layout order, whole on every rank.
+    /// The weights the passes read, flat, in layout order, whole on every rank: the f32 master
+    /// weights, or when `master` holds them, their copy in the compute dtype.
     weights: Tensor<B::InnerBackend, 1>,
+    /// Under ZeRO with a compute dtype narrower than f32 (bf16): the f32 master weights of
+    /// `owned` only; `weights` is then the compute copy, all-gathered every step.
+    master: Option<Tensor<B::InnerBackend, 1>>,
     /// The slice of the flat buffer this rank's AdamW state covers: all of it, or under ZeRO
     /// `shard_range(total, world, rank)`.
     owned: Range<usize>,
@@ -96,11 +100,19 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
         };
         let owned = host.optimizer.range.clone();
         let decay = decay_ranges(&host.layout, &host.optimizer.spec, &owned);
+        let shard = owned != (0..host.layout.total);
+        let (weights, master) = if shard && compute != FloatDType::F32 {
+            let master = upload(host.weights[owned.clone()].to_vec());
+            (upload(host.weights).cast(compute), Some(master))
+        } else {
+            (upload(host.weights), None)
+        };
         ResidentTrainer {
             config: host.config,
             layout: host.layout,
             training: host.training,
-            weights: upload(host.weights),
+            weights,
+            master,
             owned,
             m: upload(host.optimizer.m),
             v: upload(host.optimizer.v),
@@ -118,16 +130,45 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
 
     /// A host [`Trainer`] with this state (for checkpoints): downloads the weights and the
     /// moments, which cover the same slice as here (a ZeRO shard stays one).
+    ///
+    /// # Panics
+    /// When this rank holds only its slice of the f32 master weights (ZeRO with bf16 compute):
+    /// use [`ResidentTrainer::to_host_gathered`].
     pub fn to_host(&self) -> Trainer {
-        let download = |t: &Tensor<B::InnerBackend, 1>| {
-            t.clone()
-                .into_data()
-                .into_vec::<f32>()
-                .expect("master weights and moments are f32")
-        };
+        assert!(
+            self.master.is_none(),
+            "the f32 master weights are sharded: gather them (to_host_gathered)"
+        );
+        self.host_with(download(&self.weights))
+    }
+
+    /// [`ResidentTrainer::to_host`] that also works when the f32 master weights are sharded:
+    /// every rank's slice comes to the host through `reducer` (no model-sized device buffer).
+    /// Every rank must call it at the same step.
+    ///
+    /// # Errors
+    /// The collective's, or a sharded master without a reducer.
+    pub fn to_host_gathered(
+        &self,
+        reducer: Option<&mut dyn GradReducer<B::InnerBackend>>,
+    ) -> std::result::Result<Trainer, CollectiveError> {
+        let weights =
+            match (&self.master, reducer) {
+                (None, _) => download(&self.weights),
+                (Some(master), Some(r)) => r.gather_to_host(master.clone(), self.layout.total)?,
+                (Some(_), None) => return Err(CollectiveError::Config(
+                    "the f32 master weights are sharded and there is no collective to gather them"
+                        .into(),
+                )),
+            };
+        Ok(self.host_with(weights))
+    }
+
+    /// A host trainer with `weights` (whole, f32) and this trainer's moments and position.
+    fn host_with(&self, weights: Vec<f32>) -> Trainer {
         let mut host = Trainer::new_sharded(
             self.config.clone(),
-            download(&self.weights),
+            weights,
             &self.training,
             self.owned.clone(),
         );
@@ -220,6 +261,16 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
         (self.m.dims()[0] + self.v.dims()[0]) * std::mem::size_of::<f32>()
     }
 
+    /// Bytes of f32 master weights on the device: the owned slice's when they are sharded
+    /// (ZeRO in bf16), else the whole buffer's.
+    pub fn master_bytes(&self) -> usize {
+        let elements = self
+            .master
+            .as_ref()
+            .map_or(self.layout.total, |m| m.dims()[0]);
+        elements * std::mem::size_of::<f32>()
+    }
+
     /// Whether this rank holds one ZeRO shard of the optimizer state rather than all of it.
     fn is_shard(&self) -> bool {
         self.owned != (0..self.layout.total)
@@ -297,13 +348,17 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
             .sqrt()
             .mul_scalar(inv_bc2_sqrt)
             .add_scalar(spec.eps);
-        let all = take(&mut self.weights, &device);
-        // Under ZeRO the owned slice is updated on its own and written back; every other
-        // rank's slice comes with the all-gather.
-        let (mut w, rest) = if self.is_shard() {
-            (all.clone().slice(self.owned.clone()), Some(all))
-        } else {
-            (all, None)
+        // Under ZeRO the owned slice is updated on its own (from the sharded f32 master when
+        // there is one) and written back; every other rank's slice comes with the all-gather.
+        let sharded_master = self.master.take();
+        let had_master = sharded_master.is_some();
+        let (mut w, rest) = match sharded_master {
+            Some(master) => (master, None),
+            None if self.is_shard() => {
+                let all = take(&mut self.weights, &device);
+                (all.clone().slice(self.owned.clone()), Some(all))
+            }
+            None => (take(&mut self.weights, &device), None),
         };
         for r in &self.decay {
             let part = w.clone().slice(r.clone());
@@ -312,10 +367,17 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
         }
         let update = m.clone().mul_scalar(step_size) / denom;
         let w = w - update;
-        self.weights = match rest {
-            Some(all) => all.slice_assign(self.owned.clone(), w),
-            None => w,
-        };
+        if had_master {
+            // The compute copy of the owned slice, cast once per step.
+            let all = take(&mut self.weights, &device);
+            self.weights = all.slice_assign(self.owned.clone(), w.clone().cast(self.compute));
+            self.master = Some(w);
+        } else {
+            self.weights = match rest {
+                Some(all) => all.slice_assign(self.owned.clone(), w),
+                None => w,
+            };
+        }
         self.m = m;
         self.v = v;
         self.step += 1;
@@ -379,7 +441,8 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
                 .clone()
                 .slice(p.range())
                 .reshape(param_shape(&p.shape));
-            if self.compute == FloatDType::F32 {
+            if self.compute == FloatDType::F32 || self.master.is_some() {
+                // Already in the compute dtype.
                 w
             } else {
                 w.cast(self.compute)
@@ -513,6 +576,14 @@ fn decay_ranges(
         }
     }
     out
+}
+
+/// A flat f32 tensor's values on the host.
+fn download<B: Backend>(t: &Tensor<B, 1>) -> Vec<f32> {
+    t.clone()
+        .into_data()
+        .into_vec::<f32>()
+        .expect("master weights and moments are f32")
 }
 
 /// `t`, leaving an empty tensor in its place: so that an op on it owns its memory uniquely.

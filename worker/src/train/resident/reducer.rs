@@ -4,7 +4,7 @@
 //! of every rank's partial sum of squares (the global gradient norm).
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{FloatDType, Tensor, TensorData};
 
 use crate::collective::{shard_range, Collective, CollectiveError};
 
@@ -22,9 +22,18 @@ pub trait GradReducer<B: Backend> {
     /// there.
     fn reduce_scatter_mean(&mut self, grads: Tensor<B, 1>)
         -> Result<Tensor<B, 1>, CollectiveError>;
-    /// Every rank passes the whole `buf` with its own slice current; returns the whole buffer
+    /// Every rank passes the whole `buf` (f32, or bf16: the compute copy of sharded master
+    /// weights) with its own slice current; returns the whole buffer, in the same dtype,
     /// holding every rank's slice, bitwise as its owner had it.
     fn all_gather(&mut self, buf: Tensor<B, 1>) -> Result<Tensor<B, 1>, CollectiveError>;
+    /// The whole flat f32 buffer of `len` elements on the host, from every rank's slice: `own`
+    /// is this rank's (`shard_range(len, world, rank)`, f32, on the device). For a checkpoint
+    /// of sharded f32 master weights, without a device buffer the size of the model.
+    fn gather_to_host(
+        &mut self,
+        own: Tensor<B, 1>,
+        len: usize,
+    ) -> Result<Vec<f32>, CollectiveError>;
     /// The sum over ranks of each rank's `partial`, the same bits on every rank (see
     /// [`crate::train::zero::total_of`]).
     fn total(&mut self, partial: f64) -> Result<f64, CollectiveError>;
@@ -34,10 +43,12 @@ pub trait GradReducer<B: Backend> {
 /// on the host and uploaded again. For CPU ranks, and for tests.
 pub struct HostStaged<C>(pub C);
 
+/// `t`'s values on the host as f32 (exact for bf16, which f32 holds).
 fn download<B: Backend>(t: Tensor<B, 1>) -> Result<Vec<f32>, CollectiveError> {
     t.into_data()
+        .convert::<f32>()
         .into_vec::<f32>()
-        .map_err(|e| CollectiveError::Config(format!("a reduced buffer is not f32: {e:?}")))
+        .map_err(|e| CollectiveError::Config(format!("a collective's buffer: {e:?}")))
 }
 
 fn upload<B: Backend>(host: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
@@ -76,14 +87,32 @@ impl<B: Backend, C: Collective> GradReducer<B> for HostStaged<C> {
     }
 
     fn all_gather(&mut self, buf: Tensor<B, 1>) -> Result<Tensor<B, 1>, CollectiveError> {
-        let device = buf.device();
+        let (device, dtype) = (buf.device(), buf.dtype());
         let len = buf.dims()[0];
         let own = shard_range(len, self.0.world(), self.0.rank());
-        // Only the owned slice comes down: the ring overwrites everything else.
+        // Only the owned slice comes down: the ring overwrites everything else. A bf16 slice
+        // travels as f32 and is cast back, exactly.
         let mut host = vec![0f32; len];
         host[own.clone()].copy_from_slice(&download(buf.slice(own))?);
         self.0.all_gather(&mut host)?;
-        Ok(upload(host, &device))
+        let gathered = upload::<B>(host, &device);
+        Ok(if gathered.dtype() == dtype {
+            gathered
+        } else {
+            gathered.cast(FloatDType::from(dtype))
+        })
+    }
+
+    fn gather_to_host(
+        &mut self,
+        own: Tensor<B, 1>,
+        len: usize,
+    ) -> Result<Vec<f32>, CollectiveError> {
+        let range = shard_range(len, self.0.world(), self.0.rank());
+        let mut host = vec![0f32; len];
+        host[range].copy_from_slice(&download(own)?);
+        self.0.all_gather(&mut host)?;
+        Ok(host)
     }
 
     fn total(&mut self, partial: f64) -> Result<f64, CollectiveError> {

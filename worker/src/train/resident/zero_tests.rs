@@ -79,8 +79,19 @@ fn host(stage: u8, rank: usize, world: usize) -> Trainer {
 type RankResult = (Vec<(f64, f64)>, Trainer, usize);
 
 /// Trains `steps` steps from step `first` on `world` ranks (threads over the real ring), each
-/// starting from `start(rank)`.
+/// starting from `start(rank)`, in f32.
 fn train(
+    world: usize,
+    first: u64,
+    steps: u64,
+    start: &(dyn Fn(usize) -> Trainer + Sync),
+) -> Vec<RankResult> {
+    train_in(FloatDType::F32, world, first, steps, start)
+}
+
+/// [`train`] with the passes in `compute`.
+fn train_in(
+    compute: FloatDType,
     world: usize,
     first: u64,
     steps: u64,
@@ -93,10 +104,23 @@ fn train(
             .map(|ring| {
                 scope.spawn(move || {
                     let rank = ring.rank();
-                    let mut trainer = ResidentTrainer::<Ad>::from_host(
-                        start(rank),
-                        FloatDType::F32,
-                        &Default::default(),
+                    let mut trainer =
+                        ResidentTrainer::<Ad>::from_host(start(rank), compute, &Default::default());
+                    // Under ZeRO in bf16 the f32 master weights are sharded too.
+                    let sharded_master = trainer.is_shard() && compute != FloatDType::F32;
+                    assert_eq!(
+                        trainer.master.as_ref().map(|m| m.dims()[0]),
+                        sharded_master.then(|| trainer.owned.len())
+                    );
+                    let whole = 4 * trainer.layout.total;
+                    let master = trainer.master_bytes();
+                    assert!(
+                        if sharded_master {
+                            master <= whole / world + 4
+                        } else {
+                            master == whole
+                        },
+                        "rank {rank}: {master} bytes of f32 master weights"
                     );
                     let mut reducer = HostStaged(ring);
                     let mut log = Vec::new();
@@ -113,7 +137,10 @@ fn train(
                         assert!(stats.applied);
                         log.push((loss, stats.grad_norm));
                     }
-                    (log, trainer.to_host(), trainer.optimizer_bytes())
+                    let host = trainer
+                        .to_host_gathered(Some(&mut reducer))
+                        .expect("gather");
+                    (log, host, trainer.optimizer_bytes())
                 })
             })
             .collect();
@@ -370,4 +397,33 @@ fn a_non_finite_loss_on_one_rank_is_skipped_by_every_rank_at_stage_2() {
             .all(|(a, b)| a.to_bits() == b.to_bits()),
         "rank 0's weights are as they were"
     );
+}
+
+/// In bf16 the f32 master weights are sharded as well (each rank keeps its slice, and the bf16
+/// compute copy is all-gathered): stages 1 and 2 give stage 0's steps and weights at 2 and 3
+/// ranks, and a checkpoint's host copy gathers the whole f32 master weights.
+#[test]
+fn in_bf16_the_sharded_master_weights_match_stage_0() {
+    let steps = 2;
+    for world in [2, 3] {
+        let stage0 = train_in(FloatDType::BF16, world, 0, steps, &|rank| {
+            host(0, rank, world)
+        });
+        for stage in [1u8, 2] {
+            let ranks = train_in(FloatDType::BF16, world, 0, steps, &|rank| {
+                host(stage, rank, world)
+            });
+            for (rank, ((log, t, _), (log0, t0, _))) in ranks.iter().zip(&stage0).enumerate() {
+                let at = format!("bf16, stage {stage}, world {world}, rank {rank}");
+                for ((loss, norm), (loss0, norm0)) in log.iter().zip(log0) {
+                    assert!(
+                        (loss - loss0).abs() < 1e-5 && (norm - norm0).abs() < 1e-5,
+                        "{at}: loss {loss} vs {loss0}, grad norm {norm} vs {norm0}"
+                    );
+                }
+                let d = max_abs_diff(&t.weights, &t0.weights);
+                assert!(d < 1e-6, "{at}: gathered master weights differ by {d}");
+            }
+        }
+    }
 }
