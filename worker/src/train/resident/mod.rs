@@ -13,7 +13,8 @@
 //! formula, in f32, as `optimizer.rs`.
 //!
 //! Memory: besides the four flat f32 buffers (weights, two moments, gradients) and, in mixed
-//! precision, the bf16 compute copy of the weights, a step holds no full-size copy. The weight-decay mask is a list of ranges, not a buffer; the AdamW update runs
+//! precision, the bf16 compute copy of the weights, a step holds no full-size copy. The
+//! weight-decay mask is a list of ranges, not a buffer; the AdamW update runs
 //! on the moments and weights in place (Burn reuses a uniquely owned operand's memory), with at
 //! most two full-size temporaries; the RoPE tables and the causal mask are made once per
 //! micro-batch shape. With `training.activation_checkpointing` the backward pass recomputes each
@@ -25,11 +26,14 @@
 //! ([`train_step`]) is the host path's (`train/zero.rs`) on device tensors: the gradient's mean
 //! over the ranks, all-reduced and sliced (stage 1) or reduce-scattered (stage 2) to the owned
 //! slice; the global norm from every rank's sum of squares over its slice ([`GradReducer::total`],
-//! the same bits on every rank); clip and AdamW on the slice; the updated f32 weights
-//! all-gathered. The f32 master weights stay whole on every rank (the all-gather carries f32, so
-//! a checkpoint needs no collective); what is sharded is the moments. [`ResidentTrainer::to_host`]
-//! gives a host trainer holding the same shard, which is what the sharded checkpoint writes
-//! (`checkpoint/shards.rs`), and a resumed shard of any split comes back through
+//! the same bits on every rank); clip and AdamW on the slice; the updated weights all-gathered.
+//! In f32 the weights are the master and stay whole. With a narrower compute dtype (bf16) the
+//! f32 master weights are sharded as well (`master`: the owned slice only): AdamW updates that
+//! slice, its cast goes into the whole bf16 compute copy the passes read (so the master weights
+//! are no longer cast per micro-batch), and the bf16 copy is all-gathered.
+//! [`ResidentTrainer::to_host_gathered`] gives a host trainer holding the same optimizer shard and
+//! the whole f32 master (gathered to the host when sharded), which is what the sharded checkpoint
+//! writes (`checkpoint/shards.rs`); a resumed shard of any split comes back through
 //! [`ResidentTrainer::from_host`]: checkpoints are interchangeable with the host engine's.
 //!
 //! Generic over the backend: CUDA in production, and the CPU backend in the tests, which check

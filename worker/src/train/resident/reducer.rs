@@ -35,7 +35,7 @@ pub trait GradReducer<B: Backend> {
         len: usize,
     ) -> Result<Vec<f32>, CollectiveError>;
     /// The sum over ranks of each rank's `partial`, the same bits on every rank (see
-    /// [`crate::train::zero::total_of`]).
+    /// `train::zero::total_of`: an all-gather of the f64 bits, added in rank order).
     fn total(&mut self, partial: f64) -> Result<f64, CollectiveError>;
 }
 
