@@ -16,15 +16,8 @@
 //!   here). cubecl's stream is private, so the order is: drain cubecl's queue
 //!   (`Backend::sync`), run NCCL on its own stream, wait for that stream; then cubecl's next
 //!   kernels read the reduced values. Two waits per step, each short when the step is long.
-//! * ZeRO (`training.zero_stage` 1 and 2): [`NcclCollective::reduce_scatter_mean_tensor`] and
-//!   [`NcclCollective::all_gather_tensor`], in place on the same flat buffers, over the split
-//!   every other path uses ([`shard_range`], so checkpoints are interchangeable). When the buffer
-//!   divides evenly by the world that is `ncclReduceScatter` / `ncclAllGather` in place; when it
-//!   does not (NCCL's collectives take equal counts per rank, and the split gives the first
-//!   `len % world` ranks one element more) it is one grouped `ncclReduce` (mean) or
-//!   `ncclBroadcast` per rank's slice, rooted at its owner, also in place: no padded copy of a
-//!   buffer the size of the model. Same polling, abort and timeout as the all-reduce. Untested on
-//!   hardware until a GPU session runs them (docs/gpu.md).
+//! * ZeRO (`training.zero_stage` 1 and 2): the reduce-scatter and all-gather on the same flat
+//!   buffers, in place, with the same polling, abort and timeout (`nccl/zero.rs`).
 //! * The [`Collective`] impl (host buffers) stages through one device buffer: for tests and
 //!   for callers that hold gradients on the host (the gradient norm's partial sums under ZeRO).
 //!
@@ -40,8 +33,11 @@ use burn::tensor::{DType, Tensor, TensorPrimitive};
 use cudarc::driver::{sys as cu, CudaContext, CudaStream};
 use cudarc::nccl::sys as nccl;
 
-use super::{shard_range, AbortHandle, Collective, CollectiveError};
-use crate::train::resident::GradReducer;
+mod zero;
+
+pub use zero::Wire;
+
+use super::{AbortHandle, Collective, CollectiveError};
 use crate::Gpu;
 
 /// The bytes of an `ncclUniqueId`: what the coordinator ships from rank 0 to every rank.
@@ -92,41 +88,6 @@ pub fn unique_id() -> Result<NcclId, CollectiveError> {
     let id = unsafe { id.assume_init() };
     Ok(id.internal.map(|c| c as u8))
 }
-
-/// The element types the collectives move: f32 (gradients, master weights), and bf16 for the
-/// all-gather of the compute copy of sharded master weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wire {
-    F32,
-    Bf16,
-}
-
-impl Wire {
-    fn of(dtype: DType) -> Option<Self> {
-        match dtype {
-            DType::F32 => Some(Wire::F32),
-            DType::BF16 => Some(Wire::Bf16),
-            _ => None,
-        }
-    }
-
-    fn nccl(self) -> nccl::ncclDataType_t {
-        match self {
-            Wire::F32 => nccl::ncclDataType_t::ncclFloat32,
-            Wire::Bf16 => nccl::ncclDataType_t::ncclBfloat16,
-        }
-    }
-
-    fn bytes(self) -> usize {
-        match self {
-            Wire::F32 => 4,
-            Wire::Bf16 => 2,
-        }
-    }
-}
-
-/// Elements per broadcast when sharded master weights are gathered to the host (64 MB of f32).
-const GATHER_CHUNK: usize = 16 << 20;
 
 /// One rank's place in a generation's communicator.
 #[derive(Debug, Clone)]
@@ -243,126 +204,6 @@ impl NcclCollective {
         })
     }
 
-    /// In place over the `count` f32s at `ptr`: on return this rank's slice
-    /// (`shard_range(count, world, rank)`) holds the mean across ranks of that slice; the rest
-    /// is unchanged or scratch.
-    ///
-    /// # Safety
-    /// As [`NcclCollective::all_reduce_mean_raw`].
-    pub unsafe fn reduce_scatter_mean_raw(
-        &mut self,
-        ptr: cu::CUdeviceptr,
-        count: usize,
-    ) -> Result<(), CollectiveError> {
-        let (rank, world) = (self.rank, self.world);
-        let at = move |i: usize| (ptr + 4 * i as u64) as *mut c_void;
-        self.run("reduce-scatter", |comm, stream| {
-            if count.is_multiple_of(world) {
-                let chunk = count / world;
-                // In place: NCCL reduces into `sendbuff + rank * recvcount`, this rank's slice.
-                // SAFETY: both addresses lie in the caller's buffer.
-                return check("ncclReduceScatter", unsafe {
-                    nccl::ncclReduceScatter(
-                        at(0),
-                        at(rank * chunk),
-                        chunk,
-                        nccl::ncclDataType_t::ncclFloat32,
-                        nccl::ncclRedOp_t::ncclAvg,
-                        comm,
-                        stream,
-                    )
-                });
-            }
-            group(|| {
-                (0..world).try_for_each(|root| {
-                    let r = shard_range(count, world, root);
-                    // SAFETY: the slice lies in the caller's buffer; in place on the root.
-                    check("ncclReduce", unsafe {
-                        nccl::ncclReduce(
-                            at(r.start),
-                            at(r.start),
-                            r.len(),
-                            nccl::ncclDataType_t::ncclFloat32,
-                            nccl::ncclRedOp_t::ncclAvg,
-                            root as i32,
-                            comm,
-                            stream,
-                        )
-                    })
-                })
-            })
-        })
-    }
-
-    /// In place over the `count` elements of type `wire` at `ptr`, each rank's slice filled by
-    /// its owner: on return every rank holds every slice.
-    ///
-    /// # Safety
-    /// As [`NcclCollective::all_reduce_mean_raw`], for `count` elements of `wire`.
-    pub unsafe fn all_gather_raw(
-        &mut self,
-        ptr: cu::CUdeviceptr,
-        count: usize,
-        wire: Wire,
-    ) -> Result<(), CollectiveError> {
-        let (rank, world) = (self.rank, self.world);
-        let at = move |i: usize| (ptr + (wire.bytes() * i) as u64) as *mut c_void;
-        self.run("all-gather", |comm, stream| {
-            if count.is_multiple_of(world) {
-                let chunk = count / world;
-                // In place: NCCL sends from `recvbuff + rank * sendcount`, this rank's slice.
-                // SAFETY: both addresses lie in the caller's buffer.
-                return check("ncclAllGather", unsafe {
-                    nccl::ncclAllGather(at(rank * chunk), at(0), chunk, wire.nccl(), comm, stream)
-                });
-            }
-            group(|| {
-                (0..world).try_for_each(|root| {
-                    let r = shard_range(count, world, root);
-                    // SAFETY: the slice lies in the caller's buffer; in place everywhere.
-                    check("ncclBroadcast", unsafe {
-                        nccl::ncclBroadcast(
-                            at(r.start),
-                            at(r.start),
-                            r.len(),
-                            wire.nccl(),
-                            root as i32,
-                            comm,
-                            stream,
-                        )
-                    })
-                })
-            })
-        })
-    }
-
-    /// Rank `root`'s `count` f32s at `ptr` to every rank, in place.
-    ///
-    /// # Safety
-    /// As [`NcclCollective::all_reduce_mean_raw`].
-    pub unsafe fn broadcast_raw(
-        &mut self,
-        ptr: cu::CUdeviceptr,
-        count: usize,
-        root: usize,
-    ) -> Result<(), CollectiveError> {
-        let buf = ptr as *mut c_void;
-        self.run("broadcast", |comm, stream| {
-            // SAFETY: the caller vouches for the buffer; in place on every rank.
-            check("ncclBroadcast", unsafe {
-                nccl::ncclBroadcast(
-                    buf as *const c_void,
-                    buf,
-                    count,
-                    nccl::ncclDataType_t::ncclFloat32,
-                    root as i32,
-                    comm,
-                    stream,
-                )
-            })
-        })
-    }
-
     /// Issues `call`'s NCCL operations on this communicator and its stream, then waits for them
     /// (polling, under the abort handle and the timeout). A failure poisons the communicator.
     fn run(
@@ -392,72 +233,6 @@ impl NcclCollective {
             // SAFETY: as `on_device` promises.
             unsafe { nccl.all_reduce_mean_raw(ptr, count) }
         })
-    }
-
-    /// ZeRO stage 2: the mean across ranks of this rank's slice of the flat f32 `grads`
-    /// (`shard_range(len, world, rank)`), reduced in place on the device; returns that slice (a
-    /// view: the whole buffer lives until it is dropped).
-    pub fn reduce_scatter_mean_tensor(
-        &mut self,
-        grads: Tensor<Gpu, 1>,
-    ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
-        f32_only("reduce-scatter", &grads)?;
-        let own = shard_range(grads.dims()[0], self.world, self.rank);
-        let whole = self.on_device(grads, |nccl, ptr, count, _| {
-            // SAFETY: as `on_device` promises.
-            unsafe { nccl.reduce_scatter_mean_raw(ptr, count) }
-        })?;
-        Ok(whole.slice(own))
-    }
-
-    /// ZeRO: every rank's slice of the flat `buf` (f32, or the bf16 compute copy of sharded
-    /// master weights; each rank's own slice current) on every rank, gathered in place on the
-    /// device.
-    pub fn all_gather_tensor(
-        &mut self,
-        buf: Tensor<Gpu, 1>,
-    ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
-        self.on_device(buf, |nccl, ptr, count, wire| {
-            // SAFETY: as `on_device` promises.
-            unsafe { nccl.all_gather_raw(ptr, count, wire) }
-        })
-    }
-
-    /// ZeRO with sharded f32 master weights: the whole flat buffer of `len` f32s on the host,
-    /// from every rank's slice (`own`, this rank's, on the device), broadcast by its owner in
-    /// pieces of [`GATHER_CHUNK`] through the staging buffer: never a device buffer the size of
-    /// the model.
-    pub fn gather_to_host(
-        &mut self,
-        own: Tensor<Gpu, 1>,
-        len: usize,
-    ) -> Result<Vec<f32>, CollectiveError> {
-        let mine = own
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .map_err(|e| CollectiveError::Config(format!("master weights: {e:?}")))?;
-        let mut out = vec![0f32; len];
-        for root in 0..self.world {
-            let r = shard_range(len, self.world, root);
-            if root == self.rank {
-                if mine.len() != r.len() {
-                    return Err(CollectiveError::Config(format!(
-                        "a master slice of {} elements where rank {root} owns {r:?}",
-                        mine.len()
-                    )));
-                }
-                out[r.clone()].copy_from_slice(&mine);
-            }
-            for start in r.clone().step_by(GATHER_CHUNK) {
-                let end = (start + GATHER_CHUNK).min(r.end);
-                self.staged(&mut out[start..end], |nccl, ptr, count| {
-                    // SAFETY: the staging buffer holds `count` f32s, used by nothing else.
-                    unsafe { nccl.broadcast_raw(ptr, count, root) }
-                })?;
-            }
-        }
-        Ok(out)
     }
 
     /// Runs `op` on the device address, length and element type of the flat `t` (f32 or
@@ -614,17 +389,6 @@ fn f32_only(what: &str, t: &Tensor<Gpu, 1>) -> Result<(), CollectiveError> {
     }
 }
 
-/// Opens an NCCL group around `calls` (one launch for several operations) and closes it even
-/// when one of them failed, as NCCL requires.
-fn group(calls: impl FnOnce() -> Result<(), CollectiveError>) -> Result<(), CollectiveError> {
-    // SAFETY: no arguments; pairs with the `ncclGroupEnd` below.
-    check("ncclGroupStart", unsafe { nccl::ncclGroupStart() })?;
-    let issued = calls();
-    // SAFETY: closes the group opened above.
-    let ended = check("ncclGroupEnd", unsafe { nccl::ncclGroupEnd() });
-    issued.and(ended)
-}
-
 impl NcclCollective {
     /// Runs `op` on a device copy of the host `buf` (one staging buffer, grown on demand) and
     /// copies the result back.
@@ -689,46 +453,5 @@ impl Collective for NcclCollective {
         self.staged(buf, |nccl, ptr, count| unsafe {
             nccl.all_gather_raw(ptr, count, Wire::F32)
         })
-    }
-}
-
-impl GradReducer<Gpu> for NcclCollective {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world(&self) -> usize {
-        self.world
-    }
-
-    fn all_reduce_mean(
-        &mut self,
-        grads: Tensor<Gpu, 1>,
-    ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
-        self.all_reduce_mean_tensor(grads)
-    }
-
-    fn reduce_scatter_mean(
-        &mut self,
-        grads: Tensor<Gpu, 1>,
-    ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
-        self.reduce_scatter_mean_tensor(grads)
-    }
-
-    fn all_gather(&mut self, buf: Tensor<Gpu, 1>) -> Result<Tensor<Gpu, 1>, CollectiveError> {
-        self.all_gather_tensor(buf)
-    }
-
-    fn gather_to_host(
-        &mut self,
-        own: Tensor<Gpu, 1>,
-        len: usize,
-    ) -> Result<Vec<f32>, CollectiveError> {
-        NcclCollective::gather_to_host(self, own, len)
-    }
-
-    /// Through the host-staged all-gather: two f32 words per rank.
-    fn total(&mut self, partial: f64) -> Result<f64, CollectiveError> {
-        crate::train::zero::total_of(self, partial)
     }
 }

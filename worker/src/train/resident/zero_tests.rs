@@ -14,7 +14,7 @@ use dapt_proto::job::{JobSpec, Preset};
 
 use super::*;
 use crate::checkpoint::{self, shards, OptimizerFiles};
-use crate::collective::{Collective, CollectiveError, TcpRing};
+use crate::collective::{shard_range, Collective, CollectiveError, TcpRing};
 use crate::model::LlamaConfig;
 use crate::train::run::restore_part;
 use crate::Cpu;
