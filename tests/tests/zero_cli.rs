@@ -1,7 +1,9 @@
 //! ZeRO over the real binaries: `training.zero_stage` 1 and 2 against 0 through `dapt launch`,
 //! and a rank killed at stage 2: the job re-forms with fewer ranks, reshards the committed
-//! optimizer shards, completes, and grows again when the worker comes back. The per-rank maths at
-//! 1 to 4 ranks is in worker/tests/zero.rs (ranks as threads on the real ring).
+//! optimizer shards, completes, and grows again when the worker comes back. The same stages on
+//! the device-resident (GPU) engine, run on the CPU backend (`DAPT_ENGINE=resident`). The per-rank
+//! maths at 1 to 4 ranks is in worker/tests/zero.rs (ranks as threads on the real ring), the
+//! resident engine's in worker/src/train/resident/zero_tests.rs.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,12 +27,19 @@ type Run = (Vec<(u64, f64, f64)>, BTreeMap<String, Vec<f32>>);
 /// `dapt launch` of `job` at `stage` with `workers` local workers: (step, loss, grad norm) of
 /// every step, and the exported weights.
 fn launch(job: &Job, stage: u8, workers: u32) -> Run {
+    launch_on(job, stage, workers, "host", "f32")
+}
+
+/// [`launch`] with the workers' `engine` (`DAPT_ENGINE`: host, or resident: the GPU's engine on
+/// the CPU backend) computing in `precision` (f32, or bf16 for the resident engine).
+fn launch_on(job: &Job, stage: u8, workers: u32, engine: &str, precision: &str) -> Run {
     let yaml = std::fs::read_to_string(&job.path).expect("read job");
     std::fs::write(&job.path, with_stage(&yaml, stage)).expect("write job");
     let mut cmd = Command::new(binary("dapt"));
     cmd.args(["--log-format", "json", "launch"])
         .arg(&job.path)
-        .args(["--workers", &workers.to_string()]);
+        .args(["--workers", &workers.to_string(), "--precision", precision])
+        .env("DAPT_ENGINE", engine);
     let mut proc = Proc::spawn(cmd);
     let (status, stdout) = proc.finish(LONG);
     assert!(status.success(), "{status}\n{stdout}\n{}", proc.stderr());
@@ -137,6 +146,20 @@ fn restored_moments(dumps: &Path, generation: u64, world: u64) -> (Vec<f32>, Vec
 
 #[test]
 fn a_killed_rank_at_zero_stage_2_reshards_exactly_and_the_world_grows_back() {
+    killed_rank_reshards("host");
+}
+
+/// The same on the device-resident engine (the GPU's, here on the CPU backend): its ranks write
+/// their shards from the engine's sharded state, and resume a new world's slices from them.
+#[test]
+fn a_killed_resident_rank_at_zero_stage_2_reshards_exactly_and_the_world_grows_back() {
+    killed_rank_reshards("resident");
+}
+
+/// Three workers on `engine` at stage 2; one is killed at a random step and restarted: the job
+/// shrinks to 2 ranks and grows back to 3, and every re-formed generation starts with exactly
+/// the committed optimizer state.
+fn killed_rank_reshards(engine: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let dumps = dir.path().join("dumps");
     std::fs::create_dir_all(&dumps).expect("mkdir");
@@ -148,16 +171,24 @@ fn a_killed_rank_at_zero_stage_2_reshards_exactly_and_the_world_grows_back() {
         steps,
         "cluster:\n  min_workers: 1\n  max_workers: 3\n  session_timeout_ms: 2000\n  formation_grace_ms: 10000\n",
         "127.0.0.1",
-        &[("DAPT_TEST_DUMP_RESTORED_OPTIMIZER", dumps.to_str().expect("utf-8"))],
+        &[
+            ("DAPT_TEST_DUMP_RESTORED_OPTIMIZER", dumps.to_str().expect("utf-8")),
+            ("DAPT_ENGINE", engine),
+        ],
         &|yaml| with_stage(yaml, 2).replace("keep: 2", "keep: 100"),
     );
-    let _w0 = c.member("w0");
+    let mut w0 = c.member("w0");
     let w1 = c.member("w1");
     let _w2 = c.member("w2");
     c.coordinator.wait_for("three ranks", LONG, |l| {
         events(l, "generation formed")
             .iter()
             .any(|f| f["world"] == 3)
+    });
+    // Its log names the engine it trains with (the host trainer's says nothing).
+    let resident = engine == "resident";
+    w0.wait_for("the engine", LONG, |l| {
+        !resident || !events(l, "the resident (GPU) engine on the cpu").is_empty()
     });
     let kill_at = random_step(6, 14);
     let _w1_again = c.kill_and_restart(w1, "w1", kill_at);
@@ -207,24 +238,66 @@ fn a_killed_rank_at_zero_stage_2_reshards_exactly_and_the_world_grows_back() {
     );
 }
 
+/// The device-resident engine (what a GPU rank runs), here on the CPU backend with the ring's
+/// reduce-scatter and all-gather where a GPU has NCCL's: stages 1 and 2 against its own stage 0
+/// at 3 ranks (an uneven split), and the last checkpoint holds one optimizer shard per rank,
+/// written from the engine's sharded state. In bf16 (stage 2 only) the f32 master weights are
+/// sharded too: the checkpoints and the export gather them.
 #[test]
-fn the_resident_engine_refuses_zero_stage_2_by_name() {
+fn the_resident_engine_at_zero_stages_1_and_2_matches_its_stage_0_at_3_ranks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let _serial = serial();
-    let job = write_job(dir.path(), "zres", 4, "");
-    let yaml = std::fs::read_to_string(&job.path).expect("read job");
-    std::fs::write(&job.path, with_stage(&yaml, 2)).expect("write job");
-    let mut cmd = Command::new(binary("dapt"));
-    cmd.args(["--log-format", "json", "launch"])
-        .arg(&job.path)
-        .args(["--workers", "2"])
-        .env("DAPT_ENGINE", "resident");
-    let mut proc = Proc::spawn(cmd);
-    let (status, stdout) = proc.finish(LONG);
-    assert!(!status.success(), "{stdout}");
-    let said = format!("{stdout}\n{}", proc.stderr());
-    assert!(
-        said.contains("training.zero_stage 2 runs on the host engine on the CPU only"),
-        "{said}"
-    );
+    let steps = 6;
+    let job = |name: &str| write_job(dir.path(), name, steps, "");
+    for (precision, stages) in [("f32", &[1u8, 2][..]), ("bf16", &[2][..])] {
+        resident_stages_match(&job, steps, precision, stages);
+    }
+}
+
+/// The resident engine in `precision` at each of `stages` against its stage 0 (see above).
+fn resident_stages_match(job: &dyn Fn(&str) -> Job, steps: u64, precision: &str, stages: &[u8]) {
+    let (base_steps, base_weights) =
+        launch_on(&job(&format!("r0{precision}")), 0, 3, "resident", precision);
+    assert_eq!(base_steps.len() as u64, steps);
+    for &stage in stages {
+        let run = job(&format!("r{stage}{precision}"));
+        let (got, weights) = launch_on(&run, stage, 3, "resident", precision);
+        let logs = std::fs::read_dir(run.checkpoints.join("logs"))
+            .expect("worker logs")
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+            .filter(|log| log.contains("the resident (GPU) engine on the cpu"))
+            .count();
+        assert_eq!(logs, 3, "every worker ran the resident engine");
+        assert_eq!(got.len(), base_steps.len());
+        for ((s, loss, norm), (_, loss0, norm0)) in got.iter().zip(&base_steps) {
+            println!("resident {precision} stage {stage} step {s}: loss {loss} vs {loss0}, grad norm {norm} vs {norm0}");
+            assert!(
+                (loss - loss0).abs() < 1e-5 && (norm - norm0).abs() < 1e-5,
+                "resident {precision} stage {stage} step {s}: loss {loss} vs {loss0}, grad norm {norm} vs {norm0}"
+            );
+        }
+        for (name, w) in &weights {
+            let w0 = &base_weights[name];
+            let d = w
+                .iter()
+                .zip(w0)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                d < 1e-6,
+                "resident {precision} stage {stage}: {name} differs by {d}"
+            );
+        }
+        let last = run.checkpoints.join(format!("step-{steps:08}"));
+        let manifest =
+            dapt_proto::checkpoint::CheckpointManifest::read(&last).expect("last checkpoint");
+        for rank in 0..3 {
+            let shard = format!("optimizer-{rank:05}-of-00003.safetensors");
+            assert!(
+                manifest.files.iter().any(|f| f.path == shard),
+                "resident {precision} stage {stage}: {} lists {shard}",
+                last.display()
+            );
+        }
+    }
 }

@@ -110,22 +110,8 @@ pub fn train(
         .and_then(|order| order.with_schedule(&schedule))
         .map_err(RankError::failed)?;
     let zero_stage = training.zero_stage;
-    if zero_stage > 0
-        && !matches!(
-            (placement.device, placement.engine),
-            (DeviceSpec::Cpu, EngineKind::Host)
-        )
-    {
-        return Err(RankError::Failed {
-            message: format!(
-                "training.zero_stage {zero_stage} runs on the host engine on the CPU only: the device-resident engine ({} on {}) does not shard its optimizer state yet; set training.zero_stage: 0 or run on the CPU",
-                placement.engine, placement.device
-            ),
-            peer_fault: false,
-            fatal: true,
-        });
-    }
-    // Under ZeRO with more than one rank this rank holds only its slice of the optimizer state.
+    // Under ZeRO with more than one rank this rank holds only its slice of the optimizer state,
+    // on either engine (the resident one keeps the host trainer's shard on its device).
     let shard = (zero_stage > 0 && a.world > 1).then_some((a.rank as usize, a.world as usize));
     let trainer = if a.checkpoint.is_empty() {
         let (config, weights) = initial_model(job, &reader).map_err(RankError::worker)?;
@@ -299,7 +285,10 @@ pub fn train(
             progress.set_phase(RankPhase::Checkpoint);
             let t = Instant::now();
             // One host copy of a device engine's state serves the checkpoint and the digest.
-            let host = trainer.host();
+            let host = trainer.host().map_err(|e| match e {
+                WorkerError::Collective(e) => collective_error(e, abort),
+                e => RankError::worker(e),
+            })?;
             let root = &job.checkpoint.dir;
             let staging = checkpoint::shards::staging_dir(root, a.generation, done);
             let own_shard = match shard {

@@ -16,8 +16,10 @@
 //!   here). cubecl's stream is private, so the order is: drain cubecl's queue
 //!   (`Backend::sync`), run NCCL on its own stream, wait for that stream; then cubecl's next
 //!   kernels read the reduced values. Two waits per step, each short when the step is long.
+//! * ZeRO (`training.zero_stage` 1 and 2): the reduce-scatter and all-gather on the same flat
+//!   buffers, in place, with the same polling, abort and timeout (`nccl/zero.rs`).
 //! * The [`Collective`] impl (host buffers) stages through one device buffer: for tests and
-//!   for callers that hold gradients on the host.
+//!   for callers that hold gradients on the host (the gradient norm's partial sums under ZeRO).
 //!
 //! cudarc panics when libnccl cannot be loaded, so every entry point checks first; cudarc looks
 //! for `libnccl.so`, which NVIDIA's PyPI wheels don't ship (see `crate::device::nccl_library`).
@@ -31,8 +33,11 @@ use burn::tensor::{DType, Tensor, TensorPrimitive};
 use cudarc::driver::{sys as cu, CudaContext, CudaStream};
 use cudarc::nccl::sys as nccl;
 
+mod zero;
+
+pub use zero::Wire;
+
 use super::{AbortHandle, Collective, CollectiveError};
-use crate::train::resident::GradReducer;
 use crate::Gpu;
 
 /// The bytes of an `ncclUniqueId`: what the coordinator ships from rank 0 to every rank.
@@ -182,29 +187,40 @@ impl NcclCollective {
         ptr: cu::CUdeviceptr,
         count: usize,
     ) -> Result<(), CollectiveError> {
+        let buf = ptr as *mut c_void;
+        self.run("ncclAllReduce", |comm, stream| {
+            // SAFETY: the caller vouches for the buffer; comm and stream are live.
+            check("ncclAllReduce", unsafe {
+                nccl::ncclAllReduce(
+                    buf as *const c_void,
+                    buf,
+                    count,
+                    nccl::ncclDataType_t::ncclFloat32,
+                    nccl::ncclRedOp_t::ncclAvg,
+                    comm,
+                    stream,
+                )
+            })
+        })
+    }
+
+    /// Issues `call`'s NCCL operations on this communicator and its stream, then waits for them
+    /// (polling, under the abort handle and the timeout). A failure poisons the communicator.
+    fn run(
+        &mut self,
+        what: &str,
+        call: impl FnOnce(nccl::ncclComm_t, nccl::cudaStream_t) -> Result<(), CollectiveError>,
+    ) -> Result<(), CollectiveError> {
         self.usable()?;
         self.ctx
             .bind_to_thread()
             .map_err(|e| CollectiveError::Nccl(format!("bind context: {e}")))?;
-        let buf = ptr as *mut c_void;
-        // SAFETY: the caller vouches for the buffer; comm and stream are live.
-        let r = unsafe {
-            nccl::ncclAllReduce(
-                buf as *const c_void,
-                buf,
-                count,
-                nccl::ncclDataType_t::ncclFloat32,
-                nccl::ncclRedOp_t::ncclAvg,
-                self.comm,
-                self.stream.cu_stream() as _,
-            )
-        };
-        if let Err(e) = check("ncclAllReduce", r) {
+        if let Err(e) = call(self.comm, self.stream.cu_stream() as _) {
             self.poisoned = true;
             return Err(e);
         }
-        self.wait_async("ncclAllReduce")?;
-        self.wait_stream()
+        self.wait_async(what)?;
+        self.wait_stream(what)
     }
 
     /// In-place mean of a flat f32 CUDA tensor across the ranks, without leaving the device.
@@ -212,37 +228,51 @@ impl NcclCollective {
         &mut self,
         grads: Tensor<Gpu, 1>,
     ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
-        if grads.dtype() != DType::F32 {
-            return Err(CollectiveError::Config(format!(
-                "all-reduce of a {:?} tensor: f32 only",
-                grads.dtype()
-            )));
-        }
-        let device = grads.device();
-        let mut prim = grads.into_primitive().tensor();
+        f32_only("all-reduce", &grads)?;
+        self.on_device(grads, |nccl, ptr, count, _| {
+            // SAFETY: as `on_device` promises.
+            unsafe { nccl.all_reduce_mean_raw(ptr, count) }
+        })
+    }
+
+    /// Runs `op` on the device address, length and element type of the flat `t` (f32 or
+    /// bf16), in place, and returns the tensor. `op` gets a contiguous, uniquely owned buffer
+    /// (a private copy of a view or of a shared buffer: never written through) that cubecl has
+    /// finished writing, alive until `op` returns.
+    fn on_device(
+        &mut self,
+        t: Tensor<Gpu, 1>,
+        op: impl FnOnce(&mut Self, cu::CUdeviceptr, usize, Wire) -> Result<(), CollectiveError>,
+    ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
+        let wire = Wire::of(t.dtype()).ok_or_else(|| {
+            CollectiveError::Config(format!(
+                "a collective over a {:?} tensor: f32 or bf16 only",
+                t.dtype()
+            ))
+        })?;
+        let device = t.device();
+        let mut prim = t.into_primitive().tensor();
         if !(prim.is_contiguous() && prim.is_contiguous_buffer() && prim.can_mut()) {
-            // Never write into a view or a shared buffer: reduce a private copy.
+            // Never write into a view or a shared buffer: work on a private copy.
             let copy = Tensor::<Gpu, 1>::from_primitive(TensorPrimitive::Float(prim.clone()))
                 .mul_scalar(1.0);
             drop(prim);
             prim = copy.into_primitive().tensor();
         }
         let count = prim.meta.shape().num_elements();
-        // Everything cubecl queued (the backward passes writing this buffer) must finish first.
+        // Everything cubecl queued (the kernels writing this buffer) must finish first.
         Gpu::sync(&device).map_err(|e| CollectiveError::Nccl(format!("device sync: {e:?}")))?;
         let resource = prim
             .client
             .get_resource(prim.handle.clone())
             .map_err(|e| CollectiveError::Nccl(format!("device pointer: {e:?}")))?;
         let (ptr, size) = (resource.resource().ptr, resource.resource().size);
-        if (size as usize) < count * 4 {
+        if (size as usize) < count * wire.bytes() {
             return Err(CollectiveError::Config(format!(
-                "gradient buffer of {size} bytes for {count} f32s"
+                "device buffer of {size} bytes for {count} {wire:?} elements"
             )));
         }
-        // SAFETY: a contiguous, uniquely owned f32 buffer of `count` elements that cubecl has
-        // finished writing; `resource` keeps the allocation alive until the reduction is done.
-        unsafe { self.all_reduce_mean_raw(ptr, count)? };
+        op(self, ptr, count, wire)?;
         drop(resource);
         Ok(Tensor::from_primitive(TensorPrimitive::Float(prim)))
     }
@@ -275,9 +305,9 @@ impl NcclCollective {
     }
 
     /// Polls until the NCCL stream is idle, watching for asynchronous NCCL errors meanwhile.
-    fn wait_stream(&mut self) -> Result<(), CollectiveError> {
+    fn wait_stream(&mut self, what: &str) -> Result<(), CollectiveError> {
         let stream = self.stream.cu_stream();
-        self.poll("all-reduce", |comm| {
+        self.poll(what, |comm| {
             // SAFETY: a live stream of the bound context.
             match unsafe { cu::cuStreamQuery(stream) } {
                 cu::CUresult::CUDA_SUCCESS => return Ok(true),
@@ -347,17 +377,26 @@ impl Drop for NcclCollective {
     }
 }
 
-impl Collective for NcclCollective {
-    fn rank(&self) -> usize {
-        self.rank
+/// Refuses a reduction over anything but f32 (the gradients are f32).
+fn f32_only(what: &str, t: &Tensor<Gpu, 1>) -> Result<(), CollectiveError> {
+    if t.dtype() == DType::F32 {
+        Ok(())
+    } else {
+        Err(CollectiveError::Config(format!(
+            "{what} of a {:?} tensor: f32 only",
+            t.dtype()
+        )))
     }
+}
 
-    fn world(&self) -> usize {
-        self.world
-    }
-
-    /// Host buffers travel through one device buffer (two copies per call).
-    fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+impl NcclCollective {
+    /// Runs `op` on a device copy of the host `buf` (one staging buffer, grown on demand) and
+    /// copies the result back.
+    fn staged(
+        &mut self,
+        buf: &mut [f32],
+        op: impl FnOnce(&mut Self, cu::CUdeviceptr, usize) -> Result<(), CollectiveError>,
+    ) -> Result<(), CollectiveError> {
         self.usable()?;
         let copy_err = |e: cudarc::driver::DriverError| CollectiveError::Nccl(format!("copy: {e}"));
         if self.staging.as_ref().is_none_or(|s| s.len() < buf.len()) {
@@ -376,8 +415,7 @@ impl Collective for NcclCollective {
             ptr
         };
         self.stream.synchronize().map_err(copy_err)?;
-        // SAFETY: `staging` holds `buf.len()` f32s on this stream's context, used by nothing else.
-        unsafe { self.all_reduce_mean_raw(ptr, buf.len())? };
+        op(self, ptr, buf.len())?;
         let staging = self.staging.as_ref().expect("allocated above");
         self.stream
             .memcpy_dtoh(&staging.slice(0..buf.len()), buf)
@@ -386,11 +424,34 @@ impl Collective for NcclCollective {
     }
 }
 
-impl GradReducer<Gpu> for NcclCollective {
-    fn all_reduce_mean(
-        &mut self,
-        grads: Tensor<Gpu, 1>,
-    ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
-        self.all_reduce_mean_tensor(grads)
+impl Collective for NcclCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    /// Host buffers travel through one device buffer (two copies per call).
+    fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        // SAFETY: `staging` holds `buf.len()` f32s on this stream's context, used by nothing else.
+        self.staged(buf, |nccl, ptr, count| unsafe {
+            nccl.all_reduce_mean_raw(ptr, count)
+        })
+    }
+
+    fn reduce_scatter_mean(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        // SAFETY: as in `all_reduce_mean`.
+        self.staged(buf, |nccl, ptr, count| unsafe {
+            nccl.reduce_scatter_mean_raw(ptr, count)
+        })
+    }
+
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        // SAFETY: as in `all_reduce_mean`.
+        self.staged(buf, |nccl, ptr, count| unsafe {
+            nccl.all_gather_raw(ptr, count, Wire::F32)
+        })
     }
 }

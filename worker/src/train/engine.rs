@@ -33,11 +33,17 @@ pub trait Engine {
         step_tokens: u64,
     ) -> Result<(f64, StepStats)>;
     /// The state as a host [`Trainer`] (a copy, for a device engine): what checkpoints and
-    /// weight digests are made from.
-    fn host(&self) -> Cow<'_, Trainer>;
+    /// weight digests are made from. Under ZeRO with sharded f32 master weights (a device
+    /// engine in bf16) every rank's slice is gathered over the reducer, so every rank calls it
+    /// at the same step.
+    ///
+    /// # Errors
+    /// That gather's collective failure.
+    fn host(&mut self) -> Result<Cow<'_, Trainer>>;
     /// Writes a checkpoint of the current state under `root`.
-    fn save(&self, root: &Path, seed: u64, tokenizer: Option<&Path>) -> Result<PathBuf> {
-        checkpoint::save(root, &self.host(), seed, tokenizer)
+    fn save(&mut self, root: &Path, seed: u64, tokenizer: Option<&Path>) -> Result<PathBuf> {
+        let host = self.host()?;
+        checkpoint::save(root, &host, seed, tokenizer)
     }
     fn perplexity(
         &self,
@@ -106,8 +112,8 @@ impl Engine for HostEngine {
         Ok((loss, stats))
     }
 
-    fn host(&self) -> Cow<'_, Trainer> {
-        Cow::Borrowed(&self.trainer)
+    fn host(&mut self) -> Result<Cow<'_, Trainer>> {
+        Ok(Cow::Borrowed(&self.trainer))
     }
 
     fn perplexity(
@@ -150,8 +156,12 @@ impl<B: FusedAutodiff> Engine for ResidentEngine<B> {
         train_step(&mut self.trainer, reducer, micro, denominator, step_tokens)
     }
 
-    fn host(&self) -> Cow<'_, Trainer> {
-        Cow::Owned(self.trainer.to_host())
+    fn host(&mut self) -> Result<Cow<'_, Trainer>> {
+        let reducer = self
+            .reducer
+            .as_deref_mut()
+            .map(|r| r as &mut dyn GradReducer<B::InnerBackend>);
+        Ok(Cow::Owned(self.trainer.to_host_gathered(reducer)?))
     }
 
     fn perplexity(
@@ -186,10 +196,16 @@ fn resident<B: burn::tensor::backend::Backend>(
     // The resident trainer reads the flag from its training section.
     trainer.training.activation_checkpointing = activation_checkpointing;
     let compute = crate::device::dtype(precision);
-    Box::new(ResidentEngine {
-        trainer: ResidentTrainer::<Autodiff<B>>::from_host(trainer, compute, device),
-        reducer,
-    })
+    let trainer = ResidentTrainer::<Autodiff<B>>::from_host(trainer, compute, device);
+    let owned = trainer.owned();
+    tracing::info!(
+        optimizer_bytes = trainer.optimizer_bytes(),
+        master_bytes = trainer.master_bytes(),
+        owned_start = owned.start,
+        owned_end = owned.end,
+        "optimizer state on the device"
+    );
+    Box::new(ResidentEngine { trainer, reducer })
 }
 
 /// `trainer` as a [`ResidentEngine`] on the CPU backend: the GPU's engine, run where there is no

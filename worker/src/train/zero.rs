@@ -21,7 +21,7 @@
 use super::optimizer::sum_of_squares;
 use super::step::poison;
 use super::{MicroBatch, StepStats, Trainer};
-use crate::collective::{shard_range, Collective};
+use crate::collective::{shard_range, Collective, CollectiveError};
 use crate::error::Result;
 
 /// One training step at `stage` (1 or 2) over `collective` (None: one rank). See the module's
@@ -68,8 +68,8 @@ pub fn step(
 
 /// The sum over ranks of each rank's `partial`, the same bits on every rank: the partials travel
 /// as raw f64 bits (two f32 words each) through an all-gather, which copies bytes, and every rank
-/// adds them in rank order.
-fn total_of(c: &mut dyn Collective, partial: f64) -> Result<f64> {
+/// adds them in rank order. Shared with the resident engine's ZeRO step.
+pub(crate) fn total_of(c: &mut dyn Collective, partial: f64) -> Result<f64, CollectiveError> {
     let world = c.world();
     let mut words = vec![0f32; 2 * world];
     let own = shard_range(words.len(), world, c.rank());

@@ -13,63 +13,72 @@
 //! formula, in f32, as `optimizer.rs`.
 //!
 //! Memory: besides the four flat f32 buffers (weights, two moments, gradients) and, in mixed
-//! precision, the bf16 compute copy of the weights, a step holds no full-size copy. The weight-decay mask is a list of ranges, not a buffer; the AdamW update runs
+//! precision, the bf16 compute copy of the weights, a step holds no full-size copy. The
+//! weight-decay mask is a list of ranges, not a buffer; the AdamW update runs
 //! on the moments and weights in place (Burn reuses a uniquely owned operand's memory), with at
 //! most two full-size temporaries; the RoPE tables and the causal mask are made once per
 //! micro-batch shape. With `training.activation_checkpointing` the backward pass recomputes each
 //! decoder block from its kept input ([`Llama::backward_recompute`]).
 //!
+//! ZeRO (`training.zero_stage` 1 or 2, more than one rank): the trainer comes from a host
+//! [`Trainer`] that holds only its rank's optimizer shard ([`Trainer::shard`]), and keeps the
+//! moments of that slice of the flat buffer (`owned`) only, so they fall as 1/w per rank. The step
+//! ([`train_step`]) is the host path's (`train/zero.rs`) on device tensors: the gradient's mean
+//! over the ranks, all-reduced and sliced (stage 1) or reduce-scattered (stage 2) to the owned
+//! slice; the global norm from every rank's sum of squares over its slice ([`GradReducer::total`],
+//! the same bits on every rank); clip and AdamW on the slice; the updated weights all-gathered.
+//! In f32 the weights are the master and stay whole. With a narrower compute dtype (bf16) the
+//! f32 master weights are sharded as well (`master`: the owned slice only): AdamW updates that
+//! slice, its cast goes into the whole bf16 compute copy the passes read (so the master weights
+//! are no longer cast per micro-batch), and the bf16 copy is all-gathered.
+//! [`ResidentTrainer::to_host_gathered`] gives a host trainer holding the same optimizer shard and
+//! the whole f32 master (gathered to the host when sharded), which is what the sharded checkpoint
+//! writes (`checkpoint/shards.rs`); a resumed shard of any split comes back through
+//! [`ResidentTrainer::from_host`]: checkpoints are interchangeable with the host engine's.
+//!
 //! Generic over the backend: CUDA in production, and the CPU backend in the tests, which check
 //! it against the host [`Trainer`].
 
+mod reducer;
+mod step;
+
+pub use reducer::{GradReducer, HostStaged};
+pub use step::train_step;
+
 use std::ops::Range;
-use std::time::Instant;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use dapt_proto::job::{OptimizerSpec, TrainingSpec};
 
 use super::schedule::LrSchedule;
 use super::step::{admit, MicroBatch, StepStats, Trainer};
-use crate::collective::{Collective, CollectiveError};
+use crate::collective::CollectiveError;
 use crate::error::Result;
+use crate::fused::FusedAutodiff;
 use crate::model::llama::param_shape;
 use crate::model::llama::Constants;
-use crate::fused::FusedAutodiff;
 use crate::model::{Llama, LlamaConfig, ParamLayout};
-
-/// Averages a flat f32 gradient buffer across ranks, on the device where it lives.
-pub trait GradReducer<B: Backend> {
-    fn all_reduce_mean(&mut self, grads: Tensor<B, 1>) -> Result<Tensor<B, 1>, CollectiveError>;
-}
-
-/// Any host [`Collective`] (the TCP ring) as a [`GradReducer`]: the buffer is downloaded,
-/// reduced on the host and uploaded again. For CPU ranks, and for tests.
-pub struct HostStaged<C>(pub C);
-
-impl<B: Backend, C: Collective> GradReducer<B> for HostStaged<C> {
-    fn all_reduce_mean(&mut self, grads: Tensor<B, 1>) -> Result<Tensor<B, 1>, CollectiveError> {
-        let device = grads.device();
-        let mut host = grads
-            .into_data()
-            .into_vec::<f32>()
-            .map_err(|e| CollectiveError::Config(format!("gradients are not f32: {e:?}")))?;
-        self.0.all_reduce_mean(&mut host)?;
-        let n = host.len();
-        Ok(Tensor::from_data(TensorData::new(host, [n]), &device))
-    }
-}
 
 /// Weights, AdamW state and the schedule's position, on `B`'s device.
 pub struct ResidentTrainer<B: FusedAutodiff> {
     pub config: LlamaConfig,
     pub layout: ParamLayout,
     training: TrainingSpec,
-    /// f32 master weights, flat, in layout order.
+    /// The weights the passes read, flat, in layout order, whole on every rank: the f32 master
+    /// weights, or when `master` holds them, their copy in the compute dtype.
     weights: Tensor<B::InnerBackend, 1>,
+    /// Under ZeRO with a compute dtype narrower than f32 (bf16): the f32 master weights of
+    /// `owned` only; `weights` is then the compute copy, all-gathered every step.
+    master: Option<Tensor<B::InnerBackend, 1>>,
+    /// The slice of the flat buffer this rank's AdamW state covers: all of it, or under ZeRO
+    /// `shard_range(total, world, rank)`.
+    owned: Range<usize>,
+    /// AdamW's moments of `owned`.
     m: Tensor<B::InnerBackend, 1>,
     v: Tensor<B::InnerBackend, 1>,
-    /// Where weight decay applies: ranges of the flat buffer (adjacent parameters merged).
+    /// Where weight decay applies within `owned` (offsets into the slice; adjacent parameters
+    /// merged).
     decay: Vec<Range<usize>>,
     /// The RoPE tables and mask of the last micro-batch shape.
     constants: Option<Constants<B::InnerBackend>>,
@@ -86,19 +95,30 @@ pub struct ResidentTrainer<B: FusedAutodiff> {
 }
 
 impl<B: FusedAutodiff> ResidentTrainer<B> {
-    /// Moves `host` (a fresh or resumed trainer) to `device`; the passes run in `compute`
-    /// (f32, or bf16 with f32 master weights).
+    /// Moves `host` (a fresh or resumed trainer, whole or holding one ZeRO shard of the
+    /// optimizer state) to `device`; the passes run in `compute` (f32, or bf16 with f32 master
+    /// weights).
     pub fn from_host(host: Trainer, compute: FloatDType, device: &B::Device) -> Self {
         let upload = |v: Vec<f32>| {
             let n = v.len();
             Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(v, [n]), device)
         };
-        let decay = decay_ranges(&host.layout, &host.optimizer.spec);
+        let owned = host.optimizer.range.clone();
+        let decay = decay_ranges(&host.layout, &host.optimizer.spec, &owned);
+        let shard = owned != (0..host.layout.total);
+        let (weights, master) = if shard && compute != FloatDType::F32 {
+            let master = upload(host.weights[owned.clone()].to_vec());
+            (upload(host.weights).cast(compute), Some(master))
+        } else {
+            (upload(host.weights), None)
+        };
         ResidentTrainer {
             config: host.config,
             layout: host.layout,
             training: host.training,
-            weights: upload(host.weights),
+            weights,
+            master,
+            owned,
             m: upload(host.optimizer.m),
             v: upload(host.optimizer.v),
             decay,
@@ -113,15 +133,50 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
         }
     }
 
-    /// A host [`Trainer`] with this state (for checkpoints): downloads weights and moments.
+    /// A host [`Trainer`] with this state (for checkpoints): downloads the weights and the
+    /// moments, which cover the same slice as here (a ZeRO shard stays one).
+    ///
+    /// # Panics
+    /// When this rank holds only its slice of the f32 master weights (ZeRO with bf16 compute):
+    /// use [`ResidentTrainer::to_host_gathered`].
     pub fn to_host(&self) -> Trainer {
-        let download = |t: &Tensor<B::InnerBackend, 1>| {
-            t.clone()
-                .into_data()
-                .into_vec::<f32>()
-                .expect("master weights and moments are f32")
-        };
-        let mut host = Trainer::new(self.config.clone(), download(&self.weights), &self.training);
+        assert!(
+            self.master.is_none(),
+            "the f32 master weights are sharded: gather them (to_host_gathered)"
+        );
+        self.host_with(download(&self.weights))
+    }
+
+    /// [`ResidentTrainer::to_host`] that also works when the f32 master weights are sharded:
+    /// every rank's slice comes to the host through `reducer` (no model-sized device buffer).
+    /// Every rank must call it at the same step.
+    ///
+    /// # Errors
+    /// The collective's, or a sharded master without a reducer.
+    pub fn to_host_gathered(
+        &self,
+        reducer: Option<&mut dyn GradReducer<B::InnerBackend>>,
+    ) -> std::result::Result<Trainer, CollectiveError> {
+        let weights =
+            match (&self.master, reducer) {
+                (None, _) => download(&self.weights),
+                (Some(master), Some(r)) => r.gather_to_host(master.clone(), self.layout.total)?,
+                (Some(_), None) => return Err(CollectiveError::Config(
+                    "the f32 master weights are sharded and there is no collective to gather them"
+                        .into(),
+                )),
+            };
+        Ok(self.host_with(weights))
+    }
+
+    /// A host trainer with `weights` (whole, f32) and this trainer's moments and position.
+    fn host_with(&self, weights: Vec<f32>) -> Trainer {
+        let mut host = Trainer::new_sharded(
+            self.config.clone(),
+            weights,
+            &self.training,
+            self.owned.clone(),
+        );
         // The fresh trainer's zero moments go before the downloads, not after: one host copy
         // of each at a time.
         host.optimizer.m = Vec::new();
@@ -200,18 +255,62 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
         }
     }
 
-    /// Clips `grads` (already reduced across ranks) by their global norm and takes an AdamW
-    /// step over `step_tokens`, unless `loss` (this rank's share) or the norm is not finite
-    /// (see [`admit`]). Waits for the device once, to read the norm.
+    /// The slice of the flat buffer this rank's optimizer state covers (all of it without ZeRO).
+    pub fn owned(&self) -> Range<usize> {
+        self.owned.clone()
+    }
+
+    /// Bytes of AdamW state on the device: the two f32 moments of the owned slice (no decay
+    /// mask: ranges), 8 per owned parameter, 1/w of the whole under ZeRO.
+    pub fn optimizer_bytes(&self) -> usize {
+        (self.m.dims()[0] + self.v.dims()[0]) * std::mem::size_of::<f32>()
+    }
+
+    /// Bytes of f32 master weights on the device: the owned slice's when they are sharded
+    /// (ZeRO in bf16), else the whole buffer's.
+    pub fn master_bytes(&self) -> usize {
+        let elements = self
+            .master
+            .as_ref()
+            .map_or(self.layout.total, |m| m.dims()[0]);
+        elements * std::mem::size_of::<f32>()
+    }
+
+    /// Whether this rank holds one ZeRO shard of the optimizer state rather than all of it.
+    fn is_shard(&self) -> bool {
+        self.owned != (0..self.layout.total)
+    }
+
+    /// Clips `grads` (the whole buffer, already reduced across ranks) by their global norm and
+    /// takes an AdamW step over `step_tokens`, unless `loss` (this rank's share) or the norm is
+    /// not finite (see [`admit`]). Waits for the device once, to read the norm.
     pub fn apply(
         &mut self,
         grads: Tensor<B::InnerBackend, 1>,
         loss: f64,
         step_tokens: u64,
     ) -> Result<StepStats> {
+        let grad_norm = self.sum_of_squares(&grads, 0..self.layout.total).sqrt();
+        let grads = if self.is_shard() {
+            grads.slice(self.owned.clone())
+        } else {
+            grads
+        };
+        self.apply_owned(grads, grad_norm, loss, step_tokens)
+    }
+
+    /// [`ResidentTrainer::apply`] for the owned slice: `grads` are the reduced gradients of
+    /// `owned` only, `grad_norm` the global norm of the whole buffer. Only the owned weights
+    /// change; under ZeRO the caller all-gathers them.
+    pub fn apply_owned(
+        &mut self,
+        grads: Tensor<B::InnerBackend, 1>,
+        grad_norm: f64,
+        loss: f64,
+        step_tokens: u64,
+    ) -> Result<StepStats> {
         let spec: OptimizerSpec = self.training.optimizer;
         let lr = self.schedule.lr(self.tokens);
-        let grad_norm = self.global_norm(&grads);
         if !admit(
             &self.training,
             self.step,
@@ -254,14 +353,36 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
             .sqrt()
             .mul_scalar(inv_bc2_sqrt)
             .add_scalar(spec.eps);
-        let mut w = take(&mut self.weights, &device);
+        // Under ZeRO the owned slice is updated on its own (from the sharded f32 master when
+        // there is one) and written back; every other rank's slice comes with the all-gather.
+        let sharded_master = self.master.take();
+        let had_master = sharded_master.is_some();
+        let (mut w, rest) = match sharded_master {
+            Some(master) => (master, None),
+            None if self.is_shard() => {
+                let all = take(&mut self.weights, &device);
+                (all.clone().slice(self.owned.clone()), Some(all))
+            }
+            None => (take(&mut self.weights, &device), None),
+        };
         for r in &self.decay {
             let part = w.clone().slice(r.clone());
             let decayed = part.clone() - part.mul_scalar(decay);
             w = w.slice_assign(r.clone(), decayed);
         }
         let update = m.clone().mul_scalar(step_size) / denom;
-        self.weights = w - update;
+        let w = w - update;
+        if had_master {
+            // The compute copy of the owned slice, cast once per step.
+            let all = take(&mut self.weights, &device);
+            self.weights = all.slice_assign(self.owned.clone(), w.clone().cast(self.compute));
+            self.master = Some(w);
+        } else {
+            self.weights = match rest {
+                Some(all) => all.slice_assign(self.owned.clone(), w),
+                None => w,
+            };
+        }
         self.m = m;
         self.v = v;
         self.step += 1;
@@ -273,21 +394,37 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
         })
     }
 
-    /// The global L2 norm of the flat `grads`: f32 sums of squares per parameter on the device
-    /// (one read for all of them), added in f64 on the host. One f32 sum over a billion
-    /// elements would lose digits the host path (f64 throughout) keeps.
-    fn global_norm(&self, grads: &Tensor<B::InnerBackend, 1>) -> f64 {
-        let sums = self
+    /// The sum of squares of `grads`, which hold the elements `covers` of the flat buffer: f64
+    /// sums per parameter (or per part of one inside `covers`) on the device (one read for all
+    /// of them), added on the host. In f64 like the host path, and not only for the digits one
+    /// f32 sum over a billion elements would lose: under ZeRO the sum is grouped by shard, and
+    /// in f32 that regrouping moves the norm by ~1e-7, enough to change the f32 clip factor and,
+    /// through AdamW's normalised update of near-zero gradients, weights by ~1e-6 within a few
+    /// steps; in f64 it moves by ~1e-16, and the clip factor stays the same f32. Transient
+    /// device memory: 16 bytes per element of the largest parameter (its f64 copy, squared).
+    fn sum_of_squares(&self, grads: &Tensor<B::InnerBackend, 1>, covers: Range<usize>) -> f64 {
+        let sums: Vec<_> = self
             .layout
             .params
             .iter()
-            .map(|p| grads.clone().slice(p.range()).powi_scalar(2).sum())
+            .filter_map(|p| {
+                let r = p.range();
+                let (start, end) = (r.start.max(covers.start), r.end.min(covers.end));
+                (start < end).then(|| {
+                    let part = start - covers.start..end - covers.start;
+                    let part = grads.clone().slice(part).cast(FloatDType::F64);
+                    (part.clone() * part).sum()
+                })
+            })
             .collect();
+        if sums.is_empty() {
+            return 0.0;
+        }
         let sums = Tensor::cat(sums, 0)
             .into_data()
-            .into_vec::<f32>()
-            .expect("f32 gradients");
-        sums.iter().map(|&s| s as f64).sum::<f64>().sqrt()
+            .into_vec::<f64>()
+            .expect("f64 sums");
+        sums.iter().sum::<f64>()
     }
 
     /// The model in the compute dtype, without gradients (for evaluation).
@@ -309,7 +446,8 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
                 .clone()
                 .slice(p.range())
                 .reshape(param_shape(&p.shape));
-            if self.compute == FloatDType::F32 {
+            if self.compute == FloatDType::F32 || self.master.is_some() {
+                // Already in the compute dtype.
                 w
             } else {
                 w.cast(self.compute)
@@ -325,61 +463,37 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
     }
 }
 
-/// The step's loss and gradients reduced across ranks by `reducer` (if any), then applied.
-/// Returns the loss (this rank's share, as [`Trainer::gradients`] reports it) and the stats.
-pub fn train_step<B: FusedAutodiff>(
-    trainer: &mut ResidentTrainer<B>,
-    reducer: Option<&mut dyn GradReducer<B::InnerBackend>>,
-    micro: &[MicroBatch],
-    denominator: f64,
-    step_tokens: u64,
-) -> Result<(f64, StepStats)> {
-    // Where the step's time goes: each phase ends with the device idle (one extra wait between
-    // the backward passes and the reduction, which the NCCL path waits for anyway).
-    let started = Instant::now();
-    let (loss, grads) = trainer.gradients(micro, denominator);
-    let _ = B::sync(trainer.device());
-    // One value, from a device that is idle now.
-    let loss: f64 = loss.into_scalar().elem();
-    // As `step::poison`: a non-finite loss on this rank reaches every rank's norm.
-    let grads = if loss.is_finite() {
-        grads
-    } else {
-        grads.add_scalar(f64::NAN)
-    };
-    let backward = started.elapsed();
-    let grads = match reducer {
-        Some(r) => r.all_reduce_mean(grads)?,
-        None => grads,
-    };
-    let reduced = started.elapsed();
-    let stats = trainer.apply(grads, loss, step_tokens)?;
-    let done = started.elapsed();
-    tracing::info!(
-        step = trainer.step,
-        forward_backward_s = format!("{:.4}", backward.as_secs_f64()),
-        all_reduce_s = format!("{:.4}", (reduced - backward).as_secs_f64()),
-        clip_adamw_s = format!("{:.4}", (done - reduced).as_secs_f64()),
-        "step phases"
-    );
-    Ok((loss, stats))
-}
-
-/// The ranges of the flat buffer that weight decay applies to (as `optimizer.rs` decides per
-/// parameter), adjacent parameters merged: a few ranges per layer instead of a full-size mask.
-fn decay_ranges(layout: &ParamLayout, spec: &OptimizerSpec) -> Vec<Range<usize>> {
+/// The ranges of `owned` that weight decay applies to (as `optimizer.rs` decides per
+/// parameter), as offsets into that slice, adjacent parameters merged: a few ranges per layer
+/// instead of a full-size mask.
+fn decay_ranges(
+    layout: &ParamLayout,
+    spec: &OptimizerSpec,
+    owned: &Range<usize>,
+) -> Vec<Range<usize>> {
     let mut out: Vec<Range<usize>> = Vec::new();
     for p in &layout.params {
         let decays = p.kind.decays(spec.decay_embeddings);
-        if !decays || p.is_empty() {
+        let r = p.range();
+        let (start, end) = (r.start.max(owned.start), r.end.min(owned.end));
+        if !decays || start >= end {
             continue;
         }
+        let part = start - owned.start..end - owned.start;
         match out.last_mut() {
-            Some(last) if last.end == p.offset => last.end = p.range().end,
-            _ => out.push(p.range()),
+            Some(last) if last.end == part.start => last.end = part.end,
+            _ => out.push(part),
         }
     }
     out
+}
+
+/// A flat f32 tensor's values on the host.
+fn download<B: Backend>(t: &Tensor<B, 1>) -> Vec<f32> {
+    t.clone()
+        .into_data()
+        .into_vec::<f32>()
+        .expect("master weights and moments are f32")
 }
 
 /// `t`, leaving an empty tensor in its place: so that an op on it owns its memory uniquely.
@@ -405,3 +519,5 @@ fn accumulate<B: Backend>(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod zero_tests;

@@ -6,6 +6,7 @@ use burn::tensor::FloatDType;
 use dapt_proto::job::{JobSpec, Preset};
 
 use super::*;
+use crate::collective::{Collective, CollectiveError};
 use crate::model::{LlamaConfig, ParamKind};
 use crate::Cpu;
 
@@ -342,7 +343,7 @@ fn decay_ranges_cover_the_decayed_parameters() {
     for decay_embeddings in [false, true] {
         let mut spec = training().optimizer;
         spec.decay_embeddings = decay_embeddings;
-        let ranges = decay_ranges(&layout, &spec);
+        let ranges = decay_ranges(&layout, &spec, &(0..layout.total));
         // Two runs per layer (q..o, gate..down), plus the embedding when it decays.
         assert_eq!(
             ranges.len(),

@@ -1,0 +1,108 @@
+//! One step of the resident engine: forward and backward, the reduction across ranks (the
+//! all-reduce of stage 0, or ZeRO's reduce-scatter, norm exchange and all-gather), clipping and
+//! AdamW.
+
+use std::time::Instant;
+
+use burn::tensor::ElementConversion;
+
+use super::{take, GradReducer, ResidentTrainer};
+use crate::collective::shard_range;
+use crate::error::{Result, WorkerError};
+use crate::fused::FusedAutodiff;
+use crate::train::step::{MicroBatch, StepStats};
+
+/// The step's loss and gradients reduced across ranks by `reducer` (if any), then applied.
+/// Under `training.zero_stage` 1 or 2 with a reducer the step is ZeRO's (see the module's
+/// overview in `resident/mod.rs`): the trainer must hold the reducer's shard ([`crate::train::Trainer::shard`] before
+/// [`ResidentTrainer::from_host`]). Returns the loss (this rank's share, as
+/// [`crate::train::Trainer::gradients`] reports it) and the stats.
+///
+/// # Errors
+/// A collective failure ([`WorkerError::Collective`]: the generation is over, and so is this
+/// trainer, whose weights an all-gather that failed midway leaves empty), a non-finite step
+/// ([`crate::train::step::admit`]), or a shard that is not the reducer's ([`WorkerError::Invalid`]).
+pub fn train_step<B: FusedAutodiff>(
+    trainer: &mut ResidentTrainer<B>,
+    reducer: Option<&mut dyn GradReducer<B::InnerBackend>>,
+    micro: &[MicroBatch],
+    denominator: f64,
+    step_tokens: u64,
+) -> Result<(f64, StepStats)> {
+    let stage = trainer.training.zero_stage;
+    // Which slice this rank's optimizer state must cover: the reducer's under ZeRO.
+    let split = reducer
+        .as_ref()
+        .filter(|_| stage > 0)
+        .map(|r| (r.rank(), r.world()));
+    let expected = match split {
+        Some((rank, world)) => shard_range(trainer.layout.total, world, rank),
+        None => 0..trainer.layout.total,
+    };
+    if trainer.owned != expected {
+        return Err(WorkerError::Invalid(match split {
+            Some((rank, world)) => format!(
+                "zero_stage {stage}: this trainer holds the optimizer state of {:?} of the flat buffer, rank {rank} of {world} owns {expected:?}",
+                trainer.owned
+            ),
+            None => format!(
+                "this trainer holds the optimizer state of {:?} of the flat buffer only, but the step has no ZeRO collective (zero_stage {stage})",
+                trainer.owned
+            ),
+        }));
+    }
+    // Where the step's time goes: each phase ends with the device idle (one extra wait between
+    // the backward passes and the reduction, which the NCCL path waits for anyway).
+    let started = Instant::now();
+    let (loss, grads) = trainer.gradients(micro, denominator);
+    let _ = B::sync(trainer.device());
+    // One value, from a device that is idle now.
+    let loss: f64 = loss.into_scalar().elem();
+    // As `step::poison`: a non-finite loss on this rank reaches every rank's norm.
+    let grads = if loss.is_finite() {
+        grads
+    } else {
+        grads.add_scalar(f64::NAN)
+    };
+    let backward = started.elapsed();
+    let (stats, reduced, applied) = match reducer {
+        Some(r) if stage > 0 => {
+            let owned = if stage >= 2 {
+                r.reduce_scatter_mean(grads)?
+            } else {
+                r.all_reduce_mean(grads)?.slice(expected.clone())
+            };
+            let partial = trainer.sum_of_squares(&owned, expected);
+            let grad_norm = r.total(partial)?.sqrt();
+            let reduced = started.elapsed();
+            let stats = trainer.apply_owned(owned, grad_norm, loss, step_tokens)?;
+            let applied = started.elapsed();
+            if stats.applied {
+                let device = trainer.device.clone();
+                trainer.weights = r.all_gather(take(&mut trainer.weights, &device))?;
+            }
+            (stats, reduced, applied)
+        }
+        reducer => {
+            let grads = match reducer {
+                Some(r) => r.all_reduce_mean(grads)?,
+                None => grads,
+            };
+            let reduced = started.elapsed();
+            let stats = trainer.apply(grads, loss, step_tokens)?;
+            let done = started.elapsed();
+            (stats, reduced, done)
+        }
+    };
+    let done = started.elapsed();
+    tracing::info!(
+        step = trainer.step,
+        zero_stage = stage,
+        forward_backward_s = format!("{:.4}", backward.as_secs_f64()),
+        all_reduce_s = format!("{:.4}", (reduced - backward).as_secs_f64()),
+        clip_adamw_s = format!("{:.4}", (applied - reduced).as_secs_f64()),
+        all_gather_s = format!("{:.4}", (done - applied).as_secs_f64()),
+        "step phases"
+    );
+    Ok((loss, stats))
+}
