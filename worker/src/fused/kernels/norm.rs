@@ -250,13 +250,14 @@ fn cube_row() -> usize {
     (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
 }
 
-/// The sum of `partial`'s `units` values (a power of two), written by every unit of the cube
-/// before the call; every unit gets it.
+/// The sum of `partial`'s values, one written by each unit of the cube before the call (a
+/// power of two of them); every unit gets it.
 #[cube]
-fn tree_sum(partial: &mut SharedMemory<f32>, #[comptime] units: usize) -> f32 {
+fn tree_sum(partial: &mut SharedMemory<f32>) -> f32 {
     let unit = UNIT_POS_X as usize;
     sync_cube();
-    let mut active = units / 2;
+    // A runtime value (the cube's size), not the comptime `units`: it changes in the loop.
+    let mut active = CUBE_DIM_X as usize / 2;
     while active > 0 {
         if unit < active {
             let other = partial[unit + active];
@@ -297,7 +298,7 @@ fn rms_norm_forward_kernel<F: Float>(
     }
     let mut partial = SharedMemory::<f32>::new(units);
     partial[unit] = squares;
-    let total = tree_sum(&mut partial, units);
+    let total = tree_sum(&mut partial);
     let inv = f32::new(1.0) / f32::sqrt(total / (d as f32) + eps);
     if unit == 0 {
         inv_rms[row] = inv;
@@ -340,7 +341,7 @@ fn rms_norm_backward_kernel<F: Float>(
     }
     let mut partial = SharedMemory::<f32>::new(units);
     partial[unit] = dot;
-    let mean = tree_sum(&mut partial, units) / (d as f32);
+    let mean = tree_sum(&mut partial) / (d as f32);
     let inv = inv_rms[row];
     let scale = inv * inv * mean;
 
