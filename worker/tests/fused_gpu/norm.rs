@@ -7,7 +7,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Distribution, Tensor, TensorPrimitive};
-use dapt_worker::fused::norm::{self, NormOps, RopeTables};
+use dapt_worker::fused::norm::{self, reference, NormOps, RopeTables};
 use dapt_worker::Cpu;
 
 use super::{max_abs_diff, to_gpu, Gpu};
@@ -76,7 +76,8 @@ fn rope_kernel_matches_the_reference_both_ways() {
         let shape = format!("b {b} t {t} heads {heads} hd {hd}");
         for sign in [1.0, -1.0] {
             let sin = tables.sin.clone().mul_scalar(sign);
-            let cpu = Cpu::rope(prim(&x), prim(&tables.cos), prim(&sin), heads);
+            // The tensor-op reference, not the CPU backend's own loop.
+            let cpu = reference::rope::<Cpu>(prim(&x), prim(&tables.cos), prim(&sin), heads);
             let gpu = Gpu::rope(
                 prim(&to_gpu(&x)),
                 prim(&to_gpu(&tables.cos)),
