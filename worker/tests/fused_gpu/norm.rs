@@ -147,3 +147,81 @@ fn the_ops_through_autodiff_match_the_cpu() {
         }
     }
 }
+
+/// The half-precision dtypes the device computes in: f16 on lavapipe (no bf16 there), and
+/// bf16 too on CUDA.
+fn half_dtypes() -> Vec<DType> {
+    if cfg!(feature = "wgpu") {
+        vec![DType::F16]
+    } else {
+        vec![DType::F16, DType::BF16]
+    }
+}
+
+/// Panics unless the half-precision GPU result is within `tol` of the f32 CPU one, relative to
+/// the CPU one's largest magnitude.
+fn assert_near_half<const D: usize>(
+    gpu: FloatTensor<Gpu>,
+    cpu: FloatTensor<Cpu>,
+    tol: f32,
+    what: &str,
+) {
+    let gpu = wrap::<Gpu, D>(gpu);
+    let cpu = wrap::<Cpu, D>(cpu);
+    let scale = cpu.clone().abs().max().into_scalar().max(1.0);
+    let diff = max_abs_diff(gpu.cast(DType::F32), cpu);
+    assert!(
+        diff <= tol * scale,
+        "{what}: differs by {diff} (scale {scale})"
+    );
+}
+
+#[test]
+fn the_kernels_compute_half_precision_tensors_in_their_dtype() {
+    let (b, t, heads, hd) = (3, 5, 2, 64);
+    let (n, d) = (b * t, heads * hd);
+    let (x, w, dy) = (random([n, d]), random([1, d]), random([n, d]));
+    let half = |t: &Tensor<Cpu, 2>, dtype: DType| prim(&to_gpu(t).cast(dtype));
+    let tables = RopeTables::<Cpu>::new(&[1.0; 32], t, DType::F32, &Default::default());
+    let (y_cpu, inv_cpu) = Cpu::rms_norm_forward(prim(&x), prim(&w), EPS);
+    let (dx_cpu, dw_cpu) = Cpu::rms_norm_backward(prim(&x), prim(&w), inv_cpu, prim(&dy));
+    let rope_cpu = Cpu::rope(prim(&x), prim(&tables.cos), prim(&tables.sin), heads);
+    let (dg_cpu, du_cpu) =
+        Cpu::swiglu_backward(prim(&x), prim(&dy), prim(&w.clone().expand([n, d])));
+    for dtype in half_dtypes() {
+        let what = |op: &str| format!("{dtype:?}: {op}");
+        let (y, inv) = Gpu::rms_norm_forward(half(&x, dtype), half(&w, dtype), EPS);
+        assert_eq!(
+            wrap::<Gpu, 2>(y.clone()).dtype(),
+            dtype,
+            "{}",
+            what("y's dtype")
+        );
+        assert_eq!(
+            wrap::<Gpu, 1>(inv.clone()).dtype(),
+            DType::F32,
+            "{}",
+            what("inv_rms")
+        );
+        assert_near_half::<2>(y.clone(), y_cpu.clone(), 1e-2, &what("rms_norm y"));
+        let (dx, dw) =
+            Gpu::rms_norm_backward(half(&x, dtype), half(&w, dtype), inv, half(&dy, dtype));
+        assert_near_half::<2>(dx, dx_cpu.clone(), 1e-2, &what("rms_norm dx"));
+        assert_near_half::<2>(dw, dw_cpu.clone(), 1e-2, &what("rms_norm dw"));
+
+        let gpu_tables = tables.map(|t| to_gpu(&t).cast(dtype));
+        let rope = Gpu::rope(
+            half(&x, dtype),
+            prim(&gpu_tables.cos),
+            prim(&gpu_tables.sin),
+            heads,
+        );
+        assert_near_half::<2>(rope, rope_cpu.clone(), 1e-2, &what("rope"));
+
+        let w_rows = w.clone().expand([n, d]);
+        let (dg, du) =
+            Gpu::swiglu_backward(half(&x, dtype), half(&dy, dtype), half(&w_rows, dtype));
+        assert_near_half::<2>(dg, dg_cpu.clone(), 1e-2, &what("swiglu d gate"));
+        assert_near_half::<2>(du, du_cpu.clone(), 1e-2, &what("swiglu d up"));
+    }
+}
