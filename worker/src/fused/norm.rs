@@ -2,7 +2,7 @@
 //!
 //! Each op is a method of [`NormOps`] on primitives with a default body in Burn's own tensor
 //! ops: that body is the reference, and the CPU backend's implementation. The autodiff backend
-//! records one graph node per op with its own backward ([`autodiff`]); the CubeCL backends
+//! records one graph node per op with its own backward (`norm/autodiff.rs`); the CubeCL backends
 //! override the methods with kernels (`fused::kernels::norm`). The model calls the wrappers on
 //! `Tensor`s: [`rms_norm`], [`rope`] (with [`RopeTables`]) and [`swiglu`].
 //!
