@@ -3,7 +3,8 @@
 //!
 //! Unit-level kernels (no plane ops, no tensor cores), so that they run on Mesa's lavapipe.
 //! Each is generic over the float type and launched for the tensor's runtime dtype (f32, f16,
-//! bf16); sums and the non-linear functions are computed in f32. The RMSNorm kernels give each
+//! bf16); sums and the non-linear functions are computed in f32 (RoPE's two products and sum in
+//! the tensor's dtype, as the reference and transformers round them). The RMSNorm kernels give each
 //! row to one cube, whose units stride over the row and sum through a shared-memory tree;
 //! the gain's gradient is summed over blocks of rows into an f32 `[blocks, d]` buffer, which a
 //! reduction then sums. Inputs are made contiguous first.
