@@ -12,11 +12,12 @@
 //! modules are not used, because Burn 0.21 has no grouped-query attention and its rotary
 //! encoding pairs adjacent dimensions.
 
-use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
 
 use super::params::ParamLayout;
+use crate::fused::norm::{rms_norm, rope, swiglu, RopeTables};
 use crate::fused::FusedOps;
 use dapt_proto::model::LlamaConfig;
 
@@ -103,6 +104,7 @@ impl<B: Backend> Layer<B> {
 pub struct Constants<B: Backend> {
     batch: usize,
     seq: usize,
+    /// `cos` and `sin` `[seq, head_dim]`, shared by every sequence and head.
     rope: RopeTables<B>,
     /// `[batch, heads, seq, seq]` (a broadcast view of one `[seq, seq]` mask: causal, and
     /// with a sliding window where the model has one).
@@ -124,7 +126,7 @@ impl<B: Backend> Constants<B> {
         Constants {
             batch,
             seq,
-            rope: RopeTables::new(cfg, batch, seq, dtype, device),
+            rope: RopeTables::new(&cfg.inv_freq(), seq, dtype, device),
             mask,
         }
     }
@@ -138,14 +140,10 @@ impl<B: Backend> Constants<B> {
 impl<B: AutodiffBackend> Constants<B> {
     /// `inner`'s tables as untracked constants of the autodiff backend (no copy).
     pub fn from_inner(inner: &Constants<B::InnerBackend>) -> Self {
-        let c = |t: &Tensor<B::InnerBackend, 2>| Tensor::<B, 2>::from_inner(t.clone());
         Constants {
             batch: inner.batch,
             seq: inner.seq,
-            rope: RopeTables {
-                q: (c(&inner.rope.q.0), c(&inner.rope.q.1)),
-                k: (c(&inner.rope.k.0), c(&inner.rope.k.1)),
-            },
+            rope: inner.rope.map(Tensor::from_inner),
             mask: Tensor::from_inner(inner.mask.clone()),
         }
     }
@@ -352,7 +350,6 @@ fn attention<B: FusedOps>(
         cfg.num_key_value_heads,
         cfg.head_dim,
     );
-    let rope = &consts.rope;
     // RoPE on the contiguous `[b * t, heads * hd]` projections, then heads to the front.
     let heads = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
     let bias = |i: usize| layer.qkv_bias.as_ref().map(|b| b[i].clone());
@@ -369,8 +366,8 @@ fn attention<B: FusedOps>(
         q = per_head(q, nh, q_norm);
         k = per_head(k, nkv, k_norm);
     }
-    let q = heads(rope.apply(q, nh, hd, &rope.q), nh);
-    let k = heads(rope.apply(k, nkv, hd, &rope.k), nkv);
+    let q = heads(rope(q, nh, &consts.rope), nh);
+    let k = heads(rope(k, nkv, &consts.rope), nkv);
     let v = heads(linear_bias(x, layer.wv.clone(), bias(2)), nkv);
     let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
     let scores = q
@@ -383,75 +380,7 @@ fn attention<B: FusedOps>(
     linear(out, layer.wo.clone())
 }
 
-/// `cos` and `sin` for every row of a `[batch * seq, heads * head_dim]` projection, laid out
-/// like it (contiguous, so the products take burn-flex's fast path), for the query and the
-/// key-value head counts. The frequencies repeat over both halves of each head, as Hugging Face
-/// builds them.
-#[derive(Clone)]
-struct RopeTables<B: Backend> {
-    q: (Tensor<B, 2>, Tensor<B, 2>),
-    k: (Tensor<B, 2>, Tensor<B, 2>),
-}
-
-impl<B: Backend> RopeTables<B> {
-    fn new(cfg: &LlamaConfig, b: usize, t: usize, dtype: DType, device: &B::Device) -> Self {
-        let inv_freq = cfg.inv_freq();
-        let hd = cfg.head_dim;
-        // One row per position (the frequencies over both halves), computed once and then
-        // repeated for every sequence of the batch and every head.
-        let mut row_cos = Vec::with_capacity(t * hd);
-        let mut row_sin = Vec::with_capacity(t * hd);
-        for pos in 0..t {
-            for _ in 0..2 {
-                for f in &inv_freq {
-                    // f32, as the reference rounds the angle.
-                    let angle = pos as f32 * *f as f32;
-                    row_cos.push(angle.cos());
-                    row_sin.push(angle.sin());
-                }
-            }
-        }
-        let table = |heads: usize| {
-            let expand = |rows: &[f32]| {
-                let mut out = Vec::with_capacity(b * t * heads * hd);
-                for _ in 0..b {
-                    for row in rows.chunks_exact(hd) {
-                        for _ in 0..heads {
-                            out.extend_from_slice(row);
-                        }
-                    }
-                }
-                Tensor::<B, 2>::from_data(TensorData::new(out, [b * t, heads * hd]), device)
-                    .cast(dtype)
-            };
-            (expand(&row_cos), expand(&row_sin))
-        };
-        RopeTables {
-            q: table(cfg.num_attention_heads),
-            k: table(cfg.num_key_value_heads),
-        }
-    }
-
-    /// `x * cos + rotate_half(x) * sin`, with `rotate_half(x) = cat(-x2, x1)` over the two
-    /// halves of each head.
-    fn apply(
-        &self,
-        x: Tensor<B, 2>,
-        heads: usize,
-        hd: usize,
-        (cos, sin): &(Tensor<B, 2>, Tensor<B, 2>),
-    ) -> Tensor<B, 2> {
-        let [rows, width] = x.dims();
-        let per_head = x.clone().reshape([rows * heads, hd]);
-        let half = hd / 2;
-        let x1 = per_head.clone().narrow(1, 0, half);
-        let x2 = per_head.narrow(1, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 1).reshape([rows, width]);
-        x * cos.clone() + rotated * sin.clone()
-    }
-}
-
-impl<B: AutodiffBackend> Llama<B> {
+impl<B: AutodiffBackend + FusedOps> Llama<B> {
     /// Adds each parameter's gradient into `out`, laid out like the weights.
     pub fn add_gradients(&self, grads: &B::Gradients, out: &mut [f32]) {
         for (t, p) in self.params().into_iter().zip(&self.layout.params) {
@@ -625,19 +554,6 @@ fn attention_mask<B: Backend>(
     }
 }
 
-/// RMSNorm over the rows of `x` `[n, hidden]`.
-/// `w` is the gain, `[1, hidden]`.
-fn rms_norm<B: FusedOps>(x: Tensor<B, 2>, w: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
-    let inv_rms = x
-        .clone()
-        .powi_scalar(2)
-        .mean_dim(1)
-        .add_scalar(eps)
-        .sqrt()
-        .recip();
-    x * inv_rms * w
-}
-
 /// Key/value heads repeated for grouped-query attention: query head `h` uses kv head `h / n`.
 fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
     if n == 1 {
@@ -650,7 +566,7 @@ fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
 }
 
 fn mlp<B: FusedOps>(layer: &Layer<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let gate = silu(linear(x.clone(), layer.w_gate.clone()));
+    let gate = linear(x.clone(), layer.w_gate.clone());
     let up = linear(x, layer.w_up.clone());
-    linear(gate * up, layer.w_down.clone())
+    linear(swiglu(gate, up), layer.w_down.clone())
 }
