@@ -89,22 +89,23 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
     diff / scale
 }
 
-/// Output and `(dq, dk, dv)` of `attend` on `Autodiff<Flex>` for the loss `sum(out * up)`.
-fn run(
-    s: AttentionShape,
-    seed: u64,
-    attend: fn(Tensor<Ad, 2>, Tensor<Ad, 2>, Tensor<Ad, 2>, AttentionShape) -> Tensor<Ad, 2>,
-) -> [Vec<f32>; 4] {
+type Attend = fn(Tensor<Ad, 2>, Tensor<Ad, 2>, Tensor<Ad, 2>, AttentionShape) -> Tensor<Ad, 2>;
+
+/// Random `q`, `k`, `v` and an upstream gradient for `s`.
+fn inputs(s: AttentionShape, seed: u64) -> [Tensor<Ad, 2>; 4] {
     let mut rng = Rng(seed);
     let rows = s.batch * s.seq;
-    let q = rng.tensor::<Ad>(rows, s.heads * s.head_dim).require_grad();
-    let k = rng
-        .tensor::<Ad>(rows, s.kv_heads * s.head_dim)
-        .require_grad();
-    let v = rng
-        .tensor::<Ad>(rows, s.kv_heads * s.head_dim)
-        .require_grad();
-    let up = rng.tensor::<Ad>(rows, s.heads * s.head_dim);
+    [
+        rng.tensor(rows, s.heads * s.head_dim),
+        rng.tensor(rows, s.kv_heads * s.head_dim),
+        rng.tensor(rows, s.kv_heads * s.head_dim),
+        rng.tensor(rows, s.heads * s.head_dim),
+    ]
+}
+
+/// Output and `(dq, dk, dv)` of `attend` on `Autodiff<Flex>` for the loss `sum(out * up)`.
+fn grads(s: AttentionShape, [q, k, v, up]: [Tensor<Ad, 2>; 4], attend: Attend) -> [Vec<f32>; 4] {
+    let [q, k, v] = [q, k, v].map(|t| t.require_grad());
     let out = attend(q.clone(), k.clone(), v.clone(), s);
     let grads = (out.clone() * up).sum().backward();
     let grad = |t: &Tensor<Ad, 2>| values(t.grad(&grads).expect("a gradient"));
@@ -115,8 +116,8 @@ fn run(
 fn fused_attention_matches_the_decomposed_formula_and_its_gradients() {
     for (n, s) in cases().into_iter().enumerate() {
         let seed = 0x5eed + n as u64;
-        let fused = run(s, seed, flash_attention);
-        let reference = run(s, seed, reference_attention);
+        let fused = grads(s, inputs(s, seed), flash_attention);
+        let reference = grads(s, inputs(s, seed), reference_attention);
         for (what, (a, b)) in ["out", "dq", "dk", "dv"]
             .iter()
             .zip(fused.iter().zip(&reference))
@@ -201,5 +202,42 @@ fn the_mask_is_the_causal_window_it_replaced() {
                 .collect();
             assert_eq!(mask, expected, "t {t}, window {window:?}");
         }
+    }
+}
+
+/// Forward + backward of the fused op and of the decomposed formula on `Autodiff<Flex>`, in
+/// one run, alternating, at the attention shapes of the CPU bench's `tiny` and `d512` models.
+/// Prints, asserts nothing; run by hand:
+/// `cargo test -p dapt-worker --test fused_attention -- --ignored --nocapture`.
+#[test]
+#[ignore = "a timing, run by hand"]
+fn cpu_speed_of_fused_and_decomposed_attention() {
+    use std::time::{Duration, Instant};
+    let shapes = [
+        ("tiny", shape(8, 64, 4, 2, 32, None)),
+        ("d512", shape(4, 256, 8, 4, 64, None)),
+        ("d512 window 64", shape(4, 256, 8, 4, 64, Some(64))),
+    ];
+    for (name, s) in shapes {
+        let mut times = [Duration::ZERO; 2];
+        let x = inputs(s, 7);
+        for round in 0..12 {
+            let attends: [Attend; 2] = [flash_attention, reference_attention];
+            for (which, attend) in attends.into_iter().enumerate() {
+                let x = x.clone();
+                let start = Instant::now();
+                grads(s, x, attend);
+                // The first two rounds warm up.
+                if round >= 2 {
+                    times[which] += start.elapsed();
+                }
+            }
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3 / 10.0;
+        println!(
+            "{name}: fused {:.2} ms, decomposed {:.2} ms per forward + backward",
+            ms(times[0]),
+            ms(times[1])
+        );
     }
 }

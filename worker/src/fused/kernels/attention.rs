@@ -28,10 +28,6 @@ use crate::fused::attention::{AttentionOps, AttentionShape};
 /// 16 KiB, half of the 32 KiB that lavapipe (and the smallest GPUs) give a cube.
 const TILE_VALUES: usize = 2048;
 
-/// A score that no real one is below: the running maximum's start (finite, since some
-/// backends reject an infinite literal).
-const NEG_BIG: f32 = -1.0e30;
-
 /// Rows per tile (and units per cube) for `head_dim`.
 fn block_rows(head_dim: usize) -> usize {
     (TILE_VALUES / head_dim).clamp(1, 32)
@@ -103,9 +99,12 @@ fn forward_kernel<F: Float>(
     scale: f32,
     #[comptime] hd: usize,
     #[comptime] block: usize,
+    #[comptime] unroll: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let (seq, heads, window) = (seq as usize, heads as usize, window as usize);
+    let seq = seq as usize;
+    let heads = heads as usize;
+    let window = window as usize;
     let h = CUBE_POS_Y as usize;
     let b = CUBE_POS_Z as usize;
     let q_first = CUBE_POS_X as usize * block;
@@ -120,7 +119,7 @@ fn forward_kernel<F: Float>(
     let mut qi = Array::<f32>::new(hd);
     let mut acc = Array::<f32>::new(hd);
     let mut scores = Array::<f32>::new(block);
-    #[unroll]
+    #[unroll(unroll)]
     for d in 0..hd {
         let mut x = 0.0f32;
         if valid {
@@ -129,7 +128,8 @@ fn forward_kernel<F: Float>(
         qi[d] = x;
         acc[d] = 0.0f32;
     }
-    let mut max = NEG_BIG;
+    // A score no real one is below (finite: some backends reject an infinite literal).
+    let mut max = f32::new(-1.0e30);
     let mut sum = 0.0f32;
     let lo = first_key(i, window);
 
@@ -145,10 +145,10 @@ fn forward_kernel<F: Float>(
         let mut block_max = max;
         for jj in 0..block {
             let j = kb + jj;
-            let mut s = NEG_BIG;
+            let mut s = f32::new(-1.0e30);
             if valid && j >= lo && j <= i {
                 s = 0.0f32;
-                #[unroll]
+                #[unroll(unroll)]
                 for d in 0..hd {
                     s += qi[d] * k_tile[jj * hd + d];
                 }
@@ -160,7 +160,7 @@ fn forward_kernel<F: Float>(
         }
         let correction = (max - block_max).exp();
         sum *= correction;
-        #[unroll]
+        #[unroll(unroll)]
         for d in 0..hd {
             acc[d] *= correction;
         }
@@ -169,7 +169,7 @@ fn forward_kernel<F: Float>(
             if valid && j >= lo && j <= i {
                 let p = (scores[jj] - block_max).exp();
                 sum += p;
-                #[unroll]
+                #[unroll(unroll)]
                 for d in 0..hd {
                     acc[d] += p * v_tile[jj * hd + d];
                 }
@@ -181,7 +181,7 @@ fn forward_kernel<F: Float>(
     if valid {
         // Query `i` sees key `i`: `sum >= 1`.
         let inv = 1.0f32 / sum;
-        #[unroll]
+        #[unroll(unroll)]
         for d in 0..hd {
             out[(batch_row + i) * q_width + q_col + d] = F::cast_from(acc[d] * inv);
         }
@@ -208,9 +208,12 @@ fn dq_kernel<F: Float>(
     scale: f32,
     #[comptime] hd: usize,
     #[comptime] block: usize,
+    #[comptime] unroll: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let (seq, heads, window) = (seq as usize, heads as usize, window as usize);
+    let seq = seq as usize;
+    let heads = heads as usize;
+    let window = window as usize;
     let h = CUBE_POS_Y as usize;
     let b = CUBE_POS_Z as usize;
     let q_first = CUBE_POS_X as usize * block;
@@ -230,7 +233,7 @@ fn dq_kernel<F: Float>(
     if valid {
         lse_i = lse[(b * heads + h) * seq + i];
     }
-    #[unroll]
+    #[unroll(unroll)]
     for d in 0..hd {
         let mut x = 0.0f32;
         let mut dx = 0.0f32;
@@ -259,13 +262,13 @@ fn dq_kernel<F: Float>(
             if valid && j >= lo && j <= i {
                 let mut s = 0.0f32;
                 let mut dp = 0.0f32;
-                #[unroll]
+                #[unroll(unroll)]
                 for d in 0..hd {
                     s += qi[d] * k_tile[jj * hd + d];
                     dp += doi[d] * v_tile[jj * hd + d];
                 }
                 let ds = (s - lse_i).exp() * (dp - di);
-                #[unroll]
+                #[unroll(unroll)]
                 for d in 0..hd {
                     acc[d] += ds * k_tile[jj * hd + d];
                 }
@@ -274,7 +277,7 @@ fn dq_kernel<F: Float>(
         kb += block;
     }
     if valid {
-        #[unroll]
+        #[unroll(unroll)]
         for d in 0..hd {
             dq[row + d] = F::cast_from(acc[d] * scale);
         }
@@ -302,14 +305,13 @@ fn dkv_kernel<F: Float>(
     scale: f32,
     #[comptime] hd: usize,
     #[comptime] block: usize,
+    #[comptime] unroll: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let (seq, heads, group, window) = (
-        seq as usize,
-        heads as usize,
-        group as usize,
-        window as usize,
-    );
+    let seq = seq as usize;
+    let heads = heads as usize;
+    let group = group as usize;
+    let window = window as usize;
     let g = CUBE_POS_Y as usize;
     let b = CUBE_POS_Z as usize;
     let k_first = CUBE_POS_X as usize * block;
@@ -323,7 +325,7 @@ fn dkv_kernel<F: Float>(
     let mut vj = Array::<f32>::new(hd);
     let mut dkj = Array::<f32>::new(hd);
     let mut dvj = Array::<f32>::new(hd);
-    #[unroll]
+    #[unroll(unroll)]
     for d in 0..hd {
         let mut x = 0.0f32;
         let mut y = 0.0f32;
@@ -360,14 +362,14 @@ fn dkv_kernel<F: Float>(
                 if valid && i < seq && j <= i && i < j + window {
                     let mut s = 0.0f32;
                     let mut dp = 0.0f32;
-                    #[unroll]
+                    #[unroll(unroll)]
                     for d in 0..hd {
                         s += q_tile[ii * hd + d] * kj[d];
                         dp += do_tile[ii * hd + d] * vj[d];
                     }
                     let p = (s - lse_tile[ii]).exp();
                     let ds = p * (dp - delta_tile[ii]);
-                    #[unroll]
+                    #[unroll(unroll)]
                     for d in 0..hd {
                         dvj[d] += p * do_tile[ii * hd + d];
                         dkj[d] += ds * q_tile[ii * hd + d];
@@ -378,7 +380,7 @@ fn dkv_kernel<F: Float>(
         }
     }
     if valid {
-        #[unroll]
+        #[unroll(unroll)]
         for d in 0..hd {
             dk[row + d] = F::cast_from(dkj[d] * scale);
             dv[row + d] = F::cast_from(dvj[d]);
@@ -395,6 +397,13 @@ fn cubes(shape: &AttentionShape, heads: usize, block: usize) -> (CubeCount, Cube
         shape.batch as u32,
     );
     (count, CubeDim::new_1d(block as u32))
+}
+
+/// Whether to unroll the loops over `head_dim` (the accumulators then live in registers):
+/// yes on GPUs; not on wgpu, where lavapipe's LLVM takes minutes over an unrolled kernel with
+/// barriers (it compiles them as coroutines).
+fn unroll<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
+    !R::name(client).starts_with("wgpu")
 }
 
 fn empty_like<R: CubeRuntime>(t: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
@@ -416,9 +425,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionO
         let dtype = q.dtype;
         let out = empty_like(&q, q.meta.shape().clone(), dtype);
         let lse = empty_like(&q, Shape::new([s.batch, s.heads, s.seq]), DType::F32);
+        let client = q.client.clone();
         let (count, dim) = cubes(&s, s.heads, block);
         forward_kernel::launch::<R>(
-            &q.client,
+            &client,
             count,
             dim,
             q.clone().into_tensor_arg(),
@@ -433,6 +443,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionO
             s.scale() as f32,
             s.head_dim,
             block,
+            unroll::<R>(&client),
             dtype.into(),
         );
         (out, lse)
@@ -477,6 +488,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionO
             s.scale() as f32,
             s.head_dim,
             block,
+            unroll::<R>(&client),
             dtype.into(),
         );
         let (count, dim) = cubes(&s, s.kv_heads, block);
@@ -499,6 +511,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionO
             s.scale() as f32,
             s.head_dim,
             block,
+            unroll::<R>(&client),
             dtype.into(),
         );
         (dq, dk, dv)
