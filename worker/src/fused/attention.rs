@@ -70,6 +70,12 @@ impl AttentionShape {
 /// CubeCL backends override them with kernels; `Autodiff` overrides [`Self::flash_attention`]
 /// with one graph node.
 pub trait AttentionOps: Backend {
+    /// Whether the model's attention ([`causal_attention`]) is the fused op on this backend
+    /// and on `Autodiff` over it; where it is `false` the model runs the decomposed formula
+    /// ([`reference_attention`]) in Burn's ops instead. `false` on the CPU backend, where the
+    /// fused op measured slower (its backward recomputes the scores; docs/model.md).
+    const FUSED_ATTENTION: bool = true;
+
     /// The attention output `[batch * seq, heads * head_dim]` (dtype of `q`) and the scores'
     /// log-sum-exp per query row `[batch, heads, seq]` (f32), for `q`
     /// `[batch * seq, heads * head_dim]` and `k`, `v` `[batch * seq, kv_heads * head_dim]`.
@@ -130,8 +136,8 @@ pub trait AttentionOps: Backend {
         )
     }
 
-    /// The attention output alone (see [`Self::flash_attention_forward`]); differentiable
-    /// under `Autodiff`.
+    /// The attention output alone (see [`Self::flash_attention_forward`]); under `Autodiff`
+    /// one graph node whose backward is [`Self::flash_attention_backward`].
     fn flash_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -142,9 +148,26 @@ pub trait AttentionOps: Backend {
     }
 }
 
+/// The model's causal grouped-query attention: [`flash_attention`] where the backend's
+/// [`AttentionOps::FUSED_ATTENTION`] says so, else [`reference_attention`] (same shapes and
+/// values).
+pub fn causal_attention<B: AttentionOps>(
+    q: Tensor<B, 2>,
+    k: Tensor<B, 2>,
+    v: Tensor<B, 2>,
+    shape: AttentionShape,
+) -> Tensor<B, 2> {
+    if B::FUSED_ATTENTION {
+        flash_attention(q, k, v, shape)
+    } else {
+        reference_attention(q, k, v, shape)
+    }
+}
+
 /// Causal grouped-query attention of `q` `[batch * seq, heads * head_dim]` over `k`, `v`
 /// `[batch * seq, kv_heads * head_dim]`: `[batch * seq, heads * head_dim]` (see the module
-/// docs for the formula). Panics if the tensors' shapes do not match `shape`.
+/// docs for the formula), always the fused op. Panics if the tensors' shapes do not match
+/// `shape`.
 pub fn flash_attention<B: AttentionOps>(
     q: Tensor<B, 2>,
     k: Tensor<B, 2>,
@@ -170,9 +193,9 @@ pub fn flash_attention<B: AttentionOps>(
 
 /// The decomposed formula the fused op replaces (the model's attention before issue 12):
 /// heads to the front, key/value heads repeated, scores masked and softmaxed, all in Burn's
-/// tensor ops and differentiated by them. The tests' reference. Same shapes as
+/// tensor ops and differentiated by them: the tests' reference, and the model's attention on
+/// backends where the fused op is slower (the CPU). Same shapes as
 /// [`flash_attention`].
-#[doc(hidden)]
 pub fn reference_attention<B: Backend>(
     q: Tensor<B, 2>,
     k: Tensor<B, 2>,
@@ -228,9 +251,15 @@ pub fn attention_mask<B: Backend>(
     }
 }
 
-impl AttentionOps for burn::backend::Flex {}
+/// The CPU backend: the default bodies, and the decomposed formula for the model (measured
+/// faster there: `cpu_speed_of_fused_and_decomposed_attention` in tests/fused_attention.rs).
+impl AttentionOps for burn::backend::Flex {
+    const FUSED_ATTENTION: bool = false;
+}
 
 impl<B: AttentionOps, C: CheckpointStrategy> AttentionOps for Autodiff<B, C> {
+    const FUSED_ATTENTION: bool = B::FUSED_ATTENTION;
+
     fn flash_attention_forward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

@@ -1,7 +1,7 @@
 //! The Llama decoder in Burn, generic over the backend, written from the Hugging Face
 //! definition: RMSNorm, rotary embeddings applied with `rotate_half` (the first and second
-//! halves of each head pair up, not adjacent dimensions), causal grouped-query attention (the
-//! fused op of `crate::fused::attention`), SwiGLU MLP, optional tied embeddings.
+//! halves of each head pair up, not adjacent dimensions), causal grouped-query attention
+//! (`crate::fused::attention`: flash attention on GPUs), SwiGLU MLP, optional tied embeddings.
 //!
 //! The other families are this block with their differences (`dapt_proto::model::Family`):
 //! Qwen2 adds biases to the q, k and v projections; Qwen3 RMS-normalises each head of q and k
@@ -17,7 +17,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 
 use super::params::ParamLayout;
-use crate::fused::attention::{flash_attention, AttentionShape};
+use crate::fused::attention::{causal_attention, AttentionShape};
 use crate::fused::FusedOps;
 use dapt_proto::model::LlamaConfig;
 
@@ -372,7 +372,7 @@ fn attention<B: FusedOps>(
         head_dim: hd,
         window: cfg.sliding_window,
     };
-    let out = flash_attention(q, k, v, shape);
+    let out = causal_attention(q, k, v, shape);
     linear(out, layer.wo.clone())
 }
 

@@ -154,3 +154,48 @@ fn autodiff_on_the_gpu_matches_the_decomposed_formula() {
         assert!(d < 1e-4, "{what} differs by {d} (relative)");
     }
 }
+
+/// The model's attention on the GPU is the fused op (the CPU runs the decomposed formula):
+/// a Mistral-style model with GQA 4 and a sliding window gives the CPU's logits.
+/// `cargo test -p dapt-worker --features wgpu --test fused_gpu -- --ignored`.
+#[test]
+#[ignore = "about a minute on lavapipe (Burn's own kernels compile); run by hand"]
+fn the_model_with_flash_attention_matches_the_cpu() {
+    use burn::tensor::{Int, TensorData};
+    use dapt_proto::job::Preset;
+    use dapt_worker::model::{Family, Llama, LlamaConfig, ParamLayout};
+
+    assert!(<Gpu as AttentionOps>::FUSED_ATTENTION && !<Cpu as AttentionOps>::FUSED_ATTENTION);
+    let mut cfg = LlamaConfig::preset(Preset::Tiny, 64);
+    cfg.family = Family::Mistral;
+    cfg.num_hidden_layers = 1;
+    cfg.num_attention_heads = 4;
+    cfg.num_key_value_heads = 1;
+    cfg.head_dim = 32;
+    cfg.sliding_window = Some(5);
+    let flat = ParamLayout::llama(&cfg).init(0.3, 12);
+    let (batch, seq) = (2, 19);
+    let ids: Vec<i64> = (0..batch * seq).map(|i| (i * 37 % 64) as i64).collect();
+    let ids = TensorData::new(ids, [batch, seq]);
+
+    let cpu = Llama::<Cpu>::from_flat(&cfg, &flat, &Default::default(), false).forward(Tensor::<
+        Cpu,
+        2,
+        Int,
+    >::from_data(
+        ids.clone(),
+        &Default::default(),
+    ));
+    let gpu = Llama::<Gpu>::from_flat(&cfg, &flat, &Default::default(), false).forward(Tensor::<
+        Gpu,
+        2,
+        Int,
+    >::from_data(
+        ids,
+        &Default::default(),
+    ));
+    let scale = cpu.clone().abs().max().into_scalar();
+    assert!(scale > 0.1);
+    let d = max_abs_diff(gpu, cpu) / scale;
+    assert!(d < 1e-4, "logits differ by {d} (relative)");
+}
