@@ -306,14 +306,17 @@ impl<B: AttentionOps, C: CheckpointStrategy> AttentionOps for Autodiff<B, C> {
     }
 }
 
+/// A float tensor of `Autodiff<B, C>`.
+type AdTensor<B, C> = FloatTensor<Autodiff<B, C>>;
+
 /// The forward on the inner backend as one graph node with [`FlashAttentionBackward`]; the
 /// log-sum-exp comes back untracked.
 fn tracked_forward<B: AttentionOps, C: CheckpointStrategy>(
-    q: FloatTensor<Autodiff<B, C>>,
-    k: FloatTensor<Autodiff<B, C>>,
-    v: FloatTensor<Autodiff<B, C>>,
+    q: AdTensor<B, C>,
+    k: AdTensor<B, C>,
+    v: AdTensor<B, C>,
     shape: AttentionShape,
-) -> (FloatTensor<Autodiff<B, C>>, FloatTensor<Autodiff<B, C>>) {
+) -> (AdTensor<B, C>, AdTensor<B, C>) {
     let untracked = <Autodiff<B, C> as AutodiffBackend>::from_inner;
     match (FlashAttentionBackward { shape })
         .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])

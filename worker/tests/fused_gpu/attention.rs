@@ -122,6 +122,54 @@ fn kernels_match_the_cpu_forward_and_backward() {
     }
 }
 
+/// The kernels on f16 tensors (dispatched on the runtime dtype; lavapipe has f16 but no bf16):
+/// within f16's rounding of the f32 result, the log-sum-exp still f32.
+#[test]
+fn kernels_take_f16_inputs() {
+    use burn::tensor::{DType, FloatDType};
+    let s = shape(1, 29, 4, 2, 64, Some(11));
+    let [q, k, v, up] = inputs(&s);
+    let half = |t: &Tensor<Cpu, 2>| prim(to_gpu(t).cast(FloatDType::F16));
+    let (out_c, lse_c) =
+        Cpu::flash_attention_forward(prim(q.clone()), prim(k.clone()), prim(v.clone()), s);
+    let (out_g, lse_g) = Gpu::flash_attention_forward(half(&q), half(&k), half(&v), s);
+    let (out_c, lse_c) = (wrap::<Cpu, 2>(out_c), wrap::<Cpu, 3>(lse_c));
+    let (out_g, lse_g) = (wrap::<Gpu, 2>(out_g), wrap::<Gpu, 3>(lse_g));
+    assert_eq!(out_g.dtype(), DType::F16);
+    assert_eq!(lse_g.dtype(), DType::F32);
+    let d = max_abs_diff(out_g.clone(), out_c.clone()) / largest(&out_c);
+    assert!(d < 1e-2, "out differs by {d} (relative)");
+    let d = max_abs_diff(lse_g.clone(), lse_c.clone());
+    assert!(d < 2e-2, "lse differs by {d}");
+    let (dq, dk, dv) = Gpu::flash_attention_backward(
+        half(&q),
+        half(&k),
+        half(&v),
+        prim(out_g),
+        prim(lse_g),
+        half(&up),
+        s,
+    );
+    let (cq, ck, cv) = Cpu::flash_attention_backward(
+        prim(q),
+        prim(k),
+        prim(v),
+        prim(out_c),
+        prim(lse_c),
+        prim(up),
+        s,
+    );
+    for (what, (g, c)) in ["dq", "dk", "dv"]
+        .iter()
+        .zip([dq, dk, dv].into_iter().zip([cq, ck, cv]))
+    {
+        let (g, c) = (wrap::<Gpu, 2>(g), wrap::<Cpu, 2>(c));
+        assert_eq!(g.dtype(), DType::F16);
+        let d = max_abs_diff(g, c.clone()) / largest(&c);
+        assert!(d < 2e-2, "{what} differs by {d} (relative)");
+    }
+}
+
 #[test]
 fn autodiff_on_the_gpu_matches_the_decomposed_formula() {
     let s = shape(2, 23, 4, 2, 64, Some(9));
@@ -165,7 +213,7 @@ fn the_model_with_flash_attention_matches_the_cpu() {
     use dapt_proto::job::Preset;
     use dapt_worker::model::{Family, Llama, LlamaConfig, ParamLayout};
 
-    assert!(<Gpu as AttentionOps>::FUSED_ATTENTION && !<Cpu as AttentionOps>::FUSED_ATTENTION);
+    const { assert!(<Gpu as AttentionOps>::FUSED_ATTENTION && !<Cpu as AttentionOps>::FUSED_ATTENTION) };
     let mut cfg = LlamaConfig::preset(Preset::Tiny, 64);
     cfg.family = Family::Mistral;
     cfg.num_hidden_layers = 1;
