@@ -20,6 +20,11 @@
 //! so neither the keys nor the values are repeated); the CubeCL kernels
 //! (`super::kernels::attention`) never materialise scores. Under `Autodiff` the op is one graph
 //! node that keeps `q`, `k`, `v`, the output and the log-sum-exp, never the probabilities.
+//!
+//! The model calls [`causal_attention`]: this op where the backend's
+//! [`AttentionOps::FUSED_ATTENTION`] is set (the CubeCL backends), else the decomposed formula
+//! [`reference_attention`] (the CPU backend, where the op's forward + backward measured about
+//! 1.4x the decomposed formula's time under `Autodiff`, its backward recomputing the scores).
 
 use burn::backend::autodiff::{
     checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
