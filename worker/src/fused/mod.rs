@@ -14,7 +14,7 @@
 
 pub mod attention;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
-mod kernels;
+pub mod kernels;
 pub mod loss;
 pub mod norm;
 

@@ -1,7 +1,7 @@
 //! The Llama decoder in Burn, generic over the backend, written from the Hugging Face
 //! definition: RMSNorm, rotary embeddings applied with `rotate_half` (the first and second
-//! halves of each head pair up, not adjacent dimensions), grouped-query attention with a causal
-//! mask, SwiGLU MLP, optional tied embeddings.
+//! halves of each head pair up, not adjacent dimensions), causal grouped-query attention
+//! (`crate::fused::attention`: flash attention on GPUs), SwiGLU MLP, optional tied embeddings.
 //!
 //! The other families are this block with their differences (`dapt_proto::model::Family`):
 //! Qwen2 adds biases to the q, k and v projections; Qwen3 RMS-normalises each head of q and k
@@ -12,11 +12,12 @@
 //! modules are not used, because Burn 0.21 has no grouped-query attention and its rotary
 //! encoding pairs adjacent dimensions.
 
-use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 
 use super::params::ParamLayout;
+use crate::fused::attention::{causal_attention, AttentionShape};
 use crate::fused::norm::{rms_norm, rope, swiglu, RopeTables};
 use crate::fused::FusedOps;
 use dapt_proto::model::LlamaConfig;
@@ -98,7 +99,7 @@ impl<B: Backend> Layer<B> {
 }
 
 /// What the forward pass uses besides the parameters and depends only on the shape of the
-/// batch: the RoPE tables and the causal mask. Made once per `(batch, seq)` and reused across
+/// batch: the RoPE tables. Made once per `(batch, seq)` and reused across
 /// micro-batches and steps (cloning it shares the tensors).
 #[derive(Clone)]
 pub struct Constants<B: Backend> {
@@ -106,9 +107,6 @@ pub struct Constants<B: Backend> {
     seq: usize,
     /// `cos` and `sin` `[seq, head_dim]`, shared by every sequence and head.
     rope: RopeTables<B>,
-    /// `[batch, heads, seq, seq]` (a broadcast view of one `[seq, seq]` mask: causal, and
-    /// with a sliding window where the model has one).
-    mask: Tensor<B, 4, Bool>,
 }
 
 impl<B: Backend> Constants<B> {
@@ -120,14 +118,10 @@ impl<B: Backend> Constants<B> {
         dtype: DType,
         device: &B::Device,
     ) -> Self {
-        let mask = attention_mask::<B>(seq, cfg.sliding_window, device)
-            .unsqueeze::<4>()
-            .expand([batch, cfg.num_attention_heads, seq, seq]);
         Constants {
             batch,
             seq,
             rope: RopeTables::new(&cfg.inv_freq(), seq, dtype, device),
-            mask,
         }
     }
 
@@ -144,7 +138,6 @@ impl<B: AutodiffBackend> Constants<B> {
             batch: inner.batch,
             seq: inner.seq,
             rope: inner.rope.map(Tensor::from_inner),
-            mask: Tensor::from_inner(inner.mask.clone()),
         }
     }
 }
@@ -350,8 +343,6 @@ fn attention<B: FusedOps>(
         cfg.num_key_value_heads,
         cfg.head_dim,
     );
-    // RoPE on the contiguous `[b * t, heads * hd]` projections, then heads to the front.
-    let heads = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
     let bias = |i: usize| layer.qkv_bias.as_ref().map(|b| b[i].clone());
     let (mut q, mut k) = (
         linear_bias(x.clone(), layer.wq.clone(), bias(0)),
@@ -366,17 +357,19 @@ fn attention<B: FusedOps>(
         q = per_head(q, nh, q_norm);
         k = per_head(k, nkv, k_norm);
     }
-    let q = heads(rope(q, nh, &consts.rope), nh);
-    let k = heads(rope(k, nkv, &consts.rope), nkv);
-    let v = heads(linear_bias(x, layer.wv.clone(), bias(2)), nkv);
-    let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
-    let scores = q
-        .matmul(k.swap_dims(2, 3))
-        .mul_scalar(1.0 / (hd as f64).sqrt())
-        .mask_fill(consts.mask.clone(), f32::NEG_INFINITY)
-        .reshape([b * nh * t, t]);
-    let probs = softmax(scores, 1).reshape([b, nh, t, t]);
-    let out = probs.matmul(v).swap_dims(1, 2).reshape([b * t, nh * hd]);
+    // RoPE and attention on the contiguous `[b * t, heads * hd]` projections as they are.
+    let q = rope(q, nh, &consts.rope);
+    let k = rope(k, nkv, &consts.rope);
+    let v = linear_bias(x, layer.wv.clone(), bias(2));
+    let shape = AttentionShape {
+        batch: b,
+        seq: t,
+        heads: nh,
+        kv_heads: nkv,
+        head_dim: hd,
+        window: cfg.sliding_window,
+    };
+    let out = causal_attention(q, k, v, shape);
     linear(out, layer.wo.clone())
 }
 
@@ -533,36 +526,6 @@ fn linear_bias<B: Backend>(
         Some(b) => y + b,
         None => y,
     }
-}
-
-/// The `[t, t]` attention mask, true where a query (row) must not see a key (column): the
-/// future, and with a sliding `window` of `w` the keys `w` or more positions back (Mistral, as
-/// transformers' `sliding_window_overlay`: key `j` is seen from query `i` iff `i - w < j <= i`).
-fn attention_mask<B: Backend>(
-    t: usize,
-    window: Option<usize>,
-    device: &B::Device,
-) -> Tensor<B, 2, Bool> {
-    match window {
-        Some(w) if w < t => {
-            let mask: Vec<bool> = (0..t)
-                .flat_map(|i| (0..t).map(move |j| j > i || i - j >= w))
-                .collect();
-            Tensor::from_data(TensorData::new(mask, [t, t]), device)
-        }
-        _ => Tensor::<B, 2, Bool>::tril_mask([t, t], 0, device),
-    }
-}
-
-/// Key/value heads repeated for grouped-query attention: query head `h` uses kv head `h / n`.
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
-    if n == 1 {
-        return x;
-    }
-    let [b, kv, t, hd] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .repeat_dim(2, n)
-        .reshape([b, kv * n, t, hd])
 }
 
 fn mlp<B: FusedOps>(layer: &Layer<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
