@@ -13,6 +13,8 @@
 //! - [`loss`]: cross-entropy fused with the log-softmax, chunked over the vocabulary.
 
 pub mod attention;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod kernels;
 pub mod loss;
 pub mod norm;
 

@@ -175,7 +175,7 @@ impl<B: FusedAutodiff> Engine for ResidentEngine<B> {
 /// `precision`, with `reducer` between the two halves of each step (none for one rank). With
 /// `activation_checkpointing` the engine recomputes each decoder block in the backward pass
 /// from its kept input (see [`crate::model::Llama::backward_recompute`]).
-fn resident<B: burn::tensor::backend::Backend>(
+fn resident<B: crate::fused::FusedOps>(
     mut trainer: Trainer,
     device: &B::Device,
     precision: crate::device::Precision,

@@ -30,10 +30,17 @@ pub fn to_gpu<const D: usize>(t: &Tensor<Cpu, D>) -> Tensor<Gpu, D> {
 
 /// The largest absolute difference between a GPU tensor's values and a CPU tensor's.
 pub fn max_abs_diff<const D: usize>(a: Tensor<Gpu, D>, b: Tensor<Cpu, D>) -> f32 {
-    let a = a.into_data().convert::<f32>().into_vec::<f32>().expect("f32");
+    let a = a
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32");
     let b = b.into_data().into_vec::<f32>().expect("f32");
     assert_eq!(a.len(), b.len());
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// The device answers and computes what the CPU backend does: the harness itself.

@@ -33,9 +33,9 @@ use super::schedule::LrSchedule;
 use super::step::{admit, MicroBatch, StepStats, Trainer};
 use crate::collective::{Collective, CollectiveError};
 use crate::error::Result;
+use crate::fused::FusedAutodiff;
 use crate::model::llama::param_shape;
 use crate::model::llama::Constants;
-use crate::fused::FusedAutodiff;
 use crate::model::{Llama, LlamaConfig, ParamLayout};
 
 /// Averages a flat f32 gradient buffer across ranks, on the device where it lives.
