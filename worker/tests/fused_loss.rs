@@ -399,3 +399,300 @@ fn model_loss_is_the_reference_over_its_logits() {
         assert!(rel < 2e-6, "tied {tied}: {ours} vs {theirs}");
     }
 }
+
+/// The CPU step before and after the fused loss, in one run, alternating (by hand, when the
+/// machine is quiet: `cargo test -p dapt-worker --test fused_loss -- --ignored --nocapture
+/// cpu_step`). "before" is the decomposed path the model had (`Llama::forward`'s logits, an f32
+/// log-softmax, the targets gathered), "after" is `Llama::nll_sum` (the fused op); both forward
+/// and backward on `Autodiff<Flex>`, the bench's shapes (worker/benches/train.rs) plus one
+/// whose vocabulary takes two default chunks. Prints milliseconds; asserts nothing.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn cpu_step_before_and_after() {
+    use dapt_proto::job::Preset;
+    use dapt_worker::model::{Llama, LlamaConfig, ParamLayout};
+    use std::time::Instant;
+    dapt_worker::memory::retain_freed_memory();
+    let mut tiny = LlamaConfig::preset(Preset::Tiny, 512);
+    tiny.intermediate_size = 256;
+    tiny.tie_word_embeddings = false;
+    let mut d512 = LlamaConfig::preset(Preset::Tiny, 8192);
+    (
+        d512.hidden_size,
+        d512.intermediate_size,
+        d512.num_hidden_layers,
+    ) = (512, 1376, 8);
+    (
+        d512.num_attention_heads,
+        d512.num_key_value_heads,
+        d512.head_dim,
+    ) = (8, 4, 64);
+    d512.tie_word_embeddings = false;
+    let mut two_chunks = LlamaConfig::preset(Preset::Tiny, 49152);
+    two_chunks.hidden_size = 576;
+    two_chunks.head_dim = 576 / two_chunks.num_attention_heads;
+    let smollm = LlamaConfig::preset(Preset::Smollm2_135m, 49152);
+    let cases = [
+        ("tiny", tiny, 8, 64, 12),
+        ("d512", d512, 4, 256, 6),
+        ("smollm2-135m", smollm, 1, 256, 4),
+        (
+            "vocab 49152 x 1024 tokens (2 chunks)",
+            two_chunks,
+            4,
+            256,
+            4,
+        ),
+    ];
+    let device = Default::default();
+    for (name, cfg, batch, seq, reps) in cases {
+        let weights = ParamLayout::llama(&cfg).init(0.02, 3);
+        let ids: Vec<i64> = Rng(5).targets(batch * (seq + 1), cfg.vocab_size);
+        let windows = || {
+            Tensor::<Ad, 2, Int>::from_data(TensorData::new(ids.clone(), [batch, seq + 1]), &device)
+        };
+        let step = |fused: bool| {
+            let model = Llama::<Ad>::from_flat(&cfg, &weights, &device, true);
+            let (start, cpu) = (Instant::now(), cpu_seconds());
+            let loss = if fused {
+                model.nll_sum(windows())
+            } else {
+                let w = windows();
+                let logits = model
+                    .forward(w.clone().narrow(1, 0, seq))
+                    .reshape([batch * seq, cfg.vocab_size]);
+                let targets = w.narrow(1, 1, seq).reshape([batch * seq, 1]);
+                burn::tensor::activation::log_softmax(logits, 1)
+                    .gather(1, targets)
+                    .sum()
+                    .neg()
+            };
+            let grads = loss.backward();
+            drop(grads);
+            (
+                start.elapsed().as_secs_f64() * 1e3,
+                (cpu_seconds() - cpu) * 1e3,
+            )
+        };
+        step(true);
+        step(false);
+        let (mut after, mut before) = (vec![], vec![]);
+        // ABBA order, so that neither variant always runs right after the other.
+        for i in 0..reps {
+            if i % 2 == 0 {
+                after.push(step(true));
+                before.push(step(false));
+            } else {
+                before.push(step(false));
+                after.push(step(true));
+            }
+        }
+        let median = |v: &[(f64, f64)], cpu: bool| {
+            let mut v: Vec<f64> = v.iter().map(|s| if cpu { s.1 } else { s.0 }).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        println!(
+            "{name}: forward + backward, median of {reps}: before {:.0} ms wall ({:.0} ms CPU), \
+             after {:.0} ms wall ({:.0} ms CPU)",
+            median(&before, false),
+            median(&before, true),
+            median(&after, false),
+            median(&after, true),
+        );
+    }
+}
+
+/// This process's CPU time (user and system, all threads) in seconds.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// The peak resident memory of the head and loss, forward and backward, on the CPU at a
+/// Llama-3-sized vocabulary (128,256) and 1,024 tokens: run once per variant, each in its own
+/// process (VmHWM is a process's peak):
+///
+/// ```text
+/// DAPT_LOSS_VARIANT=fused     cargo test -p dapt-worker --test fused_loss -- --ignored --nocapture peak
+/// DAPT_LOSS_VARIANT=reference cargo test -p dapt-worker --test fused_loss -- --ignored --nocapture peak
+/// ```
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn peak_memory_of_the_head_and_loss() {
+    let status = |key: &str| -> f64 {
+        let s = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        let line = s.lines().find(|l| l.starts_with(key)).expect("key");
+        let kb: f64 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .expect("kB");
+        kb / 1024.0
+    };
+    let variant = std::env::var("DAPT_LOSS_VARIANT").unwrap_or_else(|_| "fused".into());
+    dapt_worker::memory::retain_freed_memory();
+    let case = Case {
+        n: 1024,
+        d: 256,
+        vocab: 128_256,
+        chunk: 0,
+        seed: 9,
+    };
+    let inputs = case.inputs();
+    let x = tensor::<Ad>(&inputs.x, [case.n, case.d]).require_grad();
+    let w = tensor::<Ad>(&inputs.w, [case.vocab, case.d]).require_grad();
+    let t = ids::<Ad>(&inputs.targets);
+    drop(inputs);
+    let before = status("VmRSS:");
+    let start = std::time::Instant::now();
+    let loss = match variant.as_str() {
+        "fused" => cross_entropy_sum(x.clone(), w.clone(), t, None),
+        _ => reference_cross_entropy_sum(x.clone(), w.clone(), t),
+    };
+    let value = values(loss.clone())[0];
+    let grads = loss.backward();
+    let dw = values(w.grad(&grads).expect("dw"));
+    let elapsed = start.elapsed().as_secs_f64();
+    println!(
+        "{variant}: [{} x {}] @ [{} x {}]^T, loss {value:.1}, sum |dw| {:.3}: RSS before \
+         {before:.0} MiB, peak {:.0} MiB (+{:.0} MiB), {elapsed:.2} s",
+        case.n,
+        case.d,
+        case.vocab,
+        case.d,
+        dw.iter().map(|v| v.abs() as f64).sum::<f64>(),
+        status("VmHWM:"),
+        status("VmHWM:") - before,
+    );
+}
+
+#[test]
+#[ignore]
+fn tmp_profile() {
+    use burn::tensor::TensorPrimitive;
+    use dapt_worker::fused::loss::LossOps;
+    use std::time::Instant;
+    dapt_worker::memory::retain_freed_memory();
+    let case = Case {
+        n: 1024,
+        d: 512,
+        vocab: 8192,
+        chunk: 8192,
+        seed: 9,
+    };
+    let inputs = case.inputs();
+    let x = tensor::<Cpu>(&inputs.x, [case.n, case.d]);
+    let w = tensor::<Cpu>(&inputs.w, [case.vocab, case.d]);
+    let t = ids::<Cpu>(&inputs.targets);
+    let sync = |t: Tensor<Cpu, 2>| {
+        let _ = t.into_data();
+    };
+    for _ in 0..3 {
+        let s = Instant::now();
+        let logits = x.clone().matmul(w.clone().transpose());
+        let _ = logits.clone().into_data();
+        let t_mm = s.elapsed().as_secs_f64() * 1e3;
+        let s = Instant::now();
+        let st = Cpu::cross_entropy_chunk_stats(
+            logits.clone().into_primitive().tensor(),
+            t.clone().into_primitive(),
+            0,
+            None,
+        );
+        let lse: Tensor<Cpu, 1> = Tensor::from_primitive(TensorPrimitive::Float(st.lse));
+        let _ = lse.clone().into_data();
+        let t_stats = s.elapsed().as_secs_f64() * 1e3;
+        let s = Instant::now();
+        let grad = Tensor::<Cpu, 1>::from_floats([1.0], &Default::default());
+        let g: Tensor<Cpu, 2> =
+            Tensor::from_primitive(TensorPrimitive::Float(Cpu::cross_entropy_chunk_grad(
+                logits.clone().into_primitive().tensor(),
+                t.clone().into_primitive(),
+                0,
+                lse.clone().into_primitive().tensor(),
+                grad.into_primitive().tensor(),
+            )));
+        let _ = g.clone().into_data();
+        let t_grad = s.elapsed().as_secs_f64() * 1e3;
+        let s = Instant::now();
+        let dx = g.clone().matmul(w.clone());
+        sync(dx);
+        let t_dx = s.elapsed().as_secs_f64() * 1e3;
+        let s = Instant::now();
+        let dw = g.clone().transpose().matmul(x.clone());
+        sync(dw);
+        let t_dw = s.elapsed().as_secs_f64() * 1e3;
+        let s = Instant::now();
+        let r = burn::tensor::activation::log_softmax(logits.clone(), 1);
+        sync(r);
+        let t_ls = s.elapsed().as_secs_f64() * 1e3;
+        let s = Instant::now();
+        let r = burn::tensor::activation::softmax(logits.clone(), 1);
+        sync(r);
+        let t_sm = s.elapsed().as_secs_f64() * 1e3;
+        let s = Instant::now();
+        let r = (logits.clone() - lse.clone().reshape([case.n, 1])).exp();
+        sync(r);
+        let t_e = s.elapsed().as_secs_f64() * 1e3;
+        let s = Instant::now();
+        let (w2, xw) = (w.clone().transpose().into_data(), ());
+        let _ = (w2, xw);
+        let t_tr = s.elapsed().as_secs_f64() * 1e3;
+        println!("matmul {t_mm:.1} stats {t_stats:.1} grad {t_grad:.1} dx {t_dx:.1} dw {t_dw:.1} | log_softmax {t_ls:.1} softmax {t_sm:.1} exp(z-lse) {t_e:.1} wT data {t_tr:.1}");
+    }
+}
+
+#[test]
+#[ignore]
+fn tmp_head() {
+    use std::time::Instant;
+    dapt_worker::memory::retain_freed_memory();
+    for (case, reps) in [
+        (
+            Case {
+                n: 1024,
+                d: 512,
+                vocab: 8192,
+                chunk: 8192,
+                seed: 9,
+            },
+            7,
+        ),
+        (
+            Case {
+                n: 1024,
+                d: 576,
+                vocab: 49152,
+                chunk: 32768,
+                seed: 9,
+            },
+            3,
+        ),
+    ] {
+        let inputs = case.inputs();
+        let run = |fused: bool| {
+            let s = Instant::now();
+            let _ = loss_and_grads(&inputs, &case, 1.0, |x, w, t| {
+                if fused {
+                    cross_entropy_sum(x, w, t, None)
+                } else {
+                    reference_cross_entropy_sum(x, w, t)
+                }
+            });
+            s.elapsed().as_secs_f64() * 1e3
+        };
+        let (mut a, mut b) = (vec![], vec![]);
+        for _ in 0..reps {
+            a.push(run(true));
+            b.push(run(false));
+        }
+        println!("{case:?} fused {a:.0?} reference {b:.0?}");
+    }
+}

@@ -198,8 +198,8 @@ pub trait LossOps: Backend {
     }
 }
 
-/// The CPU backend runs the reference bodies: on Flex they measured as fast as the decomposed
-/// ops they replace (docs/model.md).
+/// The CPU backend runs the reference bodies: on Flex, with a small vocabulary in one chunk,
+/// the training step measured within noise of the decomposed ops they replace (docs/model.md).
 impl LossOps for burn::backend::Flex {}
 
 impl<B: LossOps, C: CheckpointStrategy> LossOps for Autodiff<B, C> {
