@@ -149,3 +149,51 @@ fn fused_loss_and_gradients_match_the_cpu_reference() {
     assert!(ex < 1e-4, "dx differs by {ex} of its scale");
     assert!(ew < 1e-4, "dw differs by {ew} of its scale");
 }
+
+/// bf16 inputs (mixed precision's compute dtype; CUDA only: lavapipe has no bf16) run the
+/// kernels' bf16 variants: an f32 loss and bf16 gradients through `Autodiff<Gpu>`, close to the
+/// f32 CPU reference on the same bf16-rounded inputs.
+#[cfg(all(feature = "cuda", not(feature = "wgpu")))]
+#[test]
+fn bf16_loss_and_gradients_match_the_cpu_reference() {
+    use burn::tensor::{DType, FloatDType};
+    type Ad = Autodiff<Gpu>;
+    type CpuAd = Autodiff<Cpu>;
+    let (n, d, vocab, chunk) = (64, 128, 1000, 256);
+    let bf16_rounded = |t: Tensor<Cpu, 2>| t.cast(FloatDType::BF16).cast(FloatDType::F32);
+    let x = bf16_rounded(normal([n, d], 1.0));
+    let w = bf16_rounded(normal([vocab, d], 0.1));
+    let leaf = |t: &Tensor<Cpu, 2>| {
+        Tensor::<Ad, 2>::from_data(t.to_data(), &Default::default())
+            .cast(FloatDType::BF16)
+            .require_grad()
+    };
+    let (xg, wg) = (leaf(&x), leaf(&w));
+    let loss = cross_entropy_sum(xg.clone(), wg.clone(), targets::<Ad>(n, vocab), Some(chunk));
+    assert_eq!(loss.dtype(), DType::F32);
+    let value = loss.clone().into_scalar();
+    let grads = loss.backward();
+    let (dx, dw) = (xg.grad(&grads).expect("dx"), wg.grad(&grads).expect("dw"));
+    assert_eq!((dx.dtype(), dw.dtype()), (DType::BF16, DType::BF16));
+
+    let xc = Tensor::<CpuAd, 2>::from_data(x.to_data(), &Default::default()).require_grad();
+    let wc = Tensor::<CpuAd, 2>::from_data(w.to_data(), &Default::default()).require_grad();
+    let reference = reference_cross_entropy_sum(xc.clone(), wc.clone(), targets::<CpuAd>(n, vocab));
+    let ref_value = reference.clone().into_scalar();
+    let ref_grads = reference.backward();
+    let (dx_ref, dw_ref) = (
+        xc.grad(&ref_grads).expect("dx"),
+        wc.grad(&ref_grads).expect("dw"),
+    );
+    let rel = (value - ref_value).abs() / ref_value.abs();
+    assert!(rel < 1e-3, "loss {value} vs {ref_value}");
+    let (sx, sw) = (
+        dx_ref.clone().abs().max().into_scalar(),
+        dw_ref.clone().abs().max().into_scalar(),
+    );
+    let (ex, ew) = (max_abs_diff(dx, dx_ref) / sx, max_abs_diff(dw, dw_ref) / sw);
+    assert!(
+        ex < 3e-2 && ew < 3e-2,
+        "bf16 gradients differ: dx {ex}, dw {ew} of their scale"
+    );
+}
