@@ -31,21 +31,15 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{FloatDType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
 
-/// The f32 logits one chunk may take, in bytes, when the caller leaves the chunk to
-/// [`default_chunk`]: 128 MiB, 8,192 vocabulary columns at 4,096 tokens (the Llama-3.2-1B
-/// vocabulary of 128,256 in 16 chunks).
-pub const CHUNK_BYTES: usize = 128 << 20;
-
-/// Chunks of [`default_chunk`] are a multiple of this many columns (tensor-core tiles).
-pub const CHUNK_ALIGN: usize = 256;
+pub use dapt_proto::model::{LOSS_CHUNK_ALIGN as CHUNK_ALIGN, LOSS_CHUNK_BYTES as CHUNK_BYTES};
 
 /// The chunk (vocabulary columns per step) for `tokens` rows over a `vocab`-entry vocabulary:
-/// as many columns as fit [`CHUNK_BYTES`] of f32 logits, a multiple of [`CHUNK_ALIGN`] (at
-/// least one multiple), and the whole vocabulary when it fits (one chunk: no extra work).
+/// as many columns as fit [`CHUNK_BYTES`] (128 MiB) of f32 logits, a multiple of
+/// [`CHUNK_ALIGN`] (at least one multiple), and the whole vocabulary when it fits (one chunk:
+/// no extra work). The Llama-3.2-1B vocabulary of 128,256 at 4,096 tokens goes in 16 chunks of
+/// 8,192. The planner counts the same (`dapt_proto::model::loss_chunk`).
 pub fn default_chunk(tokens: usize, vocab: usize) -> usize {
-    let fits = CHUNK_BYTES / (4 * tokens.max(1));
-    let aligned = (fits / CHUNK_ALIGN * CHUNK_ALIGN).max(CHUNK_ALIGN);
-    aligned.min(vocab.max(1))
+    dapt_proto::model::loss_chunk(tokens, vocab)
 }
 
 /// A chunk's running row statistics (see [`LossOps::cross_entropy_chunk_stats`]).
