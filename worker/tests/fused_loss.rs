@@ -503,6 +503,18 @@ fn cpu_step_before_and_after() {
     }
 }
 
+/// This process's `key` line of /proc/self/status (VmRSS:, VmHWM:) in MiB.
+fn status(key: &str) -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let line = s.lines().find(|l| l.starts_with(key)).expect("key");
+    let kb: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("kB");
+    kb / 1024.0
+}
+
 /// This process's CPU time (user and system, all threads) in seconds.
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage writes into the zeroed struct it is given.
@@ -520,22 +532,12 @@ fn cpu_seconds() -> f64 {
 /// process (VmHWM is a process's peak):
 ///
 /// ```text
-/// DAPT_LOSS_VARIANT=fused     cargo test -p dapt-worker --test fused_loss -- --ignored --nocapture peak
-/// DAPT_LOSS_VARIANT=reference cargo test -p dapt-worker --test fused_loss -- --ignored --nocapture peak
+/// DAPT_LOSS_VARIANT=fused     cargo test -p dapt-worker --test fused_loss -- --ignored --nocapture --exact peak_memory_of_the_head_and_loss
+/// DAPT_LOSS_VARIANT=reference cargo test -p dapt-worker --test fused_loss -- --ignored --nocapture --exact peak_memory_of_the_head_and_loss
 /// ```
 #[test]
 #[ignore = "a measurement, run by hand"]
 fn peak_memory_of_the_head_and_loss() {
-    let status = |key: &str| -> f64 {
-        let s = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-        let line = s.lines().find(|l| l.starts_with(key)).expect("key");
-        let kb: f64 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .expect("kB");
-        kb / 1024.0
-    };
     let variant = std::env::var("DAPT_LOSS_VARIANT").unwrap_or_else(|_| "fused".into());
     dapt_worker::memory::retain_freed_memory();
     let case = Case {
@@ -568,6 +570,60 @@ fn peak_memory_of_the_head_and_loss() {
         case.vocab,
         case.d,
         dw.iter().map(|v| v.abs() as f64).sum::<f64>(),
+        status("VmHWM:"),
+        status("VmHWM:") - before,
+    );
+}
+
+/// The peak resident memory of a whole training micro-step (forward and backward of the tiny
+/// preset, hidden 128, 2 layers, tied) at a Llama-3-sized vocabulary (128,256) and 1 x 1,024
+/// tokens: `Llama::nll_sum` (fused) against the decomposed path it replaced (`Llama::forward`'s
+/// logits, an f32 log-softmax, the targets gathered), each in its own process:
+///
+/// ```text
+/// DAPT_LOSS_VARIANT=fused     cargo test -p dapt-worker --test fused_loss -- --ignored --nocapture --exact peak_memory_of_a_model_step
+/// DAPT_LOSS_VARIANT=reference cargo test -p dapt-worker --test fused_loss -- --ignored --nocapture --exact peak_memory_of_a_model_step
+/// ```
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn peak_memory_of_a_model_step() {
+    use dapt_proto::job::Preset;
+    use dapt_worker::model::{Llama, LlamaConfig, ParamLayout};
+    let variant = std::env::var("DAPT_LOSS_VARIANT").unwrap_or_else(|_| "fused".into());
+    dapt_worker::memory::retain_freed_memory();
+    let cfg = LlamaConfig::preset(Preset::Tiny, 128_256);
+    let (batch, seq) = (1, 1024);
+    let device = Default::default();
+    let weights = ParamLayout::llama(&cfg).init(0.02, 3);
+    let ids: Vec<i64> = Rng(5).targets(batch * (seq + 1), cfg.vocab_size);
+    let windows = Tensor::<Ad, 2, Int>::from_data(TensorData::new(ids, [batch, seq + 1]), &device);
+    let model = Llama::<Ad>::from_flat(&cfg, &weights, &device, true);
+    let before = status("VmRSS:");
+    let loss = match variant.as_str() {
+        "fused" => model.nll_sum(windows),
+        _ => {
+            let logits = model
+                .forward(windows.clone().narrow(1, 0, seq))
+                .reshape([batch * seq, cfg.vocab_size]);
+            let targets = windows.narrow(1, 1, seq).reshape([batch * seq, 1]);
+            burn::tensor::activation::log_softmax(logits, 1)
+                .gather(1, targets)
+                .sum()
+                .neg()
+        }
+    };
+    let value = values(loss.clone())[0];
+    let mut grads = vec![0f32; weights.len()];
+    model.add_gradients(&loss.backward(), &mut grads);
+    let norm = grads
+        .iter()
+        .map(|g| (*g as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    println!(
+        "{variant}: tiny model, vocab {}, {batch} x {seq} tokens: loss {value:.3}, |grad| \
+         {norm:.4}: RSS before {before:.0} MiB, peak {:.0} MiB (+{:.0} MiB)",
+        cfg.vocab_size,
         status("VmHWM:"),
         status("VmHWM:") - before,
     );
