@@ -628,3 +628,36 @@ fn peak_memory_of_a_model_step() {
         status("VmHWM:") - before,
     );
 }
+
+/// The fused head and loss (forward + backward on `Autodiff<Flex>`) at several chunk sizes over
+/// one 49,152-entry vocabulary and 1,024 tokens (d 576), alternating, medians of process CPU
+/// time: what chunking itself costs on the CPU (`cargo test -p dapt-worker --test fused_loss --
+/// --ignored --nocapture --exact chunk_sizes_on_the_cpu`).
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn chunk_sizes_on_the_cpu() {
+    dapt_worker::memory::retain_freed_memory();
+    let case = Case {
+        n: 1024,
+        d: 576,
+        vocab: 49_152,
+        chunk: 0,
+        seed: 9,
+    };
+    let inputs = case.inputs();
+    let chunks = [case.vocab, default_chunk(case.n, case.vocab), 8192, 2048];
+    let mut cpu_ms: Vec<Vec<f64>> = vec![vec![]; chunks.len()];
+    for _ in 0..3 {
+        for (i, &chunk) in chunks.iter().enumerate() {
+            let cpu = cpu_seconds();
+            loss_and_grads(&inputs, &case, 1.0, |x, w, t| {
+                cross_entropy_sum(x, w, t, Some(chunk))
+            });
+            cpu_ms[i].push((cpu_seconds() - cpu) * 1e3);
+        }
+    }
+    for (chunk, mut ms) in chunks.iter().zip(cpu_ms) {
+        ms.sort_by(f64::total_cmp);
+        println!("chunk {chunk}: {:.0} ms CPU (samples {ms:.0?})", ms[1]);
+    }
+}
