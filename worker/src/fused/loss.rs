@@ -268,6 +268,9 @@ impl<B: LossOps> Backward<B, 2> for CrossEntropyBackward {
 ///   on an autodiff backend the two gradients add up on that one tensor);
 /// - `targets`: `[n]` or `[n, 1]` token ids in `0..vocab` (not checked: the caller's data is);
 /// - `chunk`: vocabulary columns per step, `None` for [`default_chunk`].
+///
+/// # Panics
+/// If `chunk` is `Some(0)` or the vocabulary is empty.
 pub fn cross_entropy_sum<B: LossOps, const D: usize>(
     x: Tensor<B, 2>,
     w: Tensor<B, 2>,
