@@ -193,8 +193,9 @@ pub struct Memory {
     /// parameters' with one graph, one block's (or the embedding's) with recompute.
     pub gradients_in_flight: f64,
     pub activations: f64,
-    /// Logits `[tokens, vocab]` in the compute dtype and three f32 tensors of that size (the
-    /// f32 cast, log-softmax's exponentials, the gradient).
+    /// One vocabulary chunk of the fused loss's logits `[tokens, chunk]` in the compute dtype
+    /// and three f32 tensors of that size (the f32 cast, the exponentials, the gradient); the
+    /// chunk is `dapt_proto::model::loss_chunk` (the whole vocabulary when it fits 128 MiB).
     pub logits: f64,
     /// The optimizer step's f32 temporaries over the owned slice beyond the gradients, which it
     /// consumes (two at once, by then without the gradients; not at the same time as
@@ -296,7 +297,10 @@ pub fn memory(
         gradients_f32: 4.0 * n * shard(2),
         gradients_in_flight: in_flight,
         activations,
-        logits: (c + 12.0) * b * s * config.vocab_size as f64,
+        logits: (c + 12.0)
+            * b
+            * s
+            * dapt_proto::model::loss_chunk((b * s) as usize, config.vocab_size) as f64,
         optimizer_temporaries: 4.0 * owned,
         runtime: gpu.runtime_bytes,
         unattributed: gpu.unattributed_per_param * n,

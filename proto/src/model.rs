@@ -139,6 +139,22 @@ const IGNORED_KEYS: &[&str] = &[
 /// are counted and indexed in 64-bit arithmetic that must not wrap.
 pub const MAX_PARAMS: u64 = 1 << 40;
 
+/// The f32 logits one vocabulary chunk of the fused loss may take, in bytes (the worker's
+/// `fused::loss`; the planner counts one chunk): 128 MiB, 8,192 columns at 4,096 tokens.
+pub const LOSS_CHUNK_BYTES: usize = 128 << 20;
+
+/// Loss chunks are a multiple of this many vocabulary columns (tensor-core tiles).
+pub const LOSS_CHUNK_ALIGN: usize = 256;
+
+/// The fused loss's vocabulary columns per chunk for `tokens` rows over a `vocab`-entry
+/// vocabulary: as many as fit [`LOSS_CHUNK_BYTES`] of f32 logits, a multiple of
+/// [`LOSS_CHUNK_ALIGN`] (at least one multiple), and the whole vocabulary when it fits.
+pub fn loss_chunk(tokens: usize, vocab: usize) -> usize {
+    let fits = LOSS_CHUNK_BYTES / (4 * tokens.max(1));
+    let aligned = (fits / LOSS_CHUNK_ALIGN * LOSS_CHUNK_ALIGN).max(LOSS_CHUNK_ALIGN);
+    aligned.min(vocab.max(1))
+}
+
 impl LlamaConfig {
     pub fn preset(preset: Preset, vocab_size: usize) -> Self {
         let base = |hidden, inter, layers, heads, kv, tie, theta| LlamaConfig {

@@ -12,12 +12,12 @@
 //! modules are not used, because Burn 0.21 has no grouped-query attention and its rotary
 //! encoding pairs adjacent dimensions.
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use super::params::ParamLayout;
 use crate::fused::attention::{causal_attention, AttentionShape};
+use crate::fused::loss::cross_entropy_sum;
 use crate::fused::norm::{rms_norm, rope, swiglu, RopeTables};
 use crate::fused::FusedOps;
 use dapt_proto::model::LlamaConfig;
@@ -262,11 +262,17 @@ impl<B: FusedOps> Llama<B> {
     /// 4-D through a generic strided iterator that cost a third of the step (see
     /// docs/benchmarks.md).
     fn logits(&self, ids: Tensor<B, 2, Int>, consts: &Constants<B>) -> Tensor<B, 2> {
+        linear(self.hidden(ids, consts), self.head_weight())
+    }
+
+    /// The final-normed hidden states `[batch * seq, hidden]` for ids `[batch, seq]`: what the
+    /// output head reads.
+    fn hidden(&self, ids: Tensor<B, 2, Int>, consts: &Constants<B>) -> Tensor<B, 2> {
         let mut x = self.embed_tokens(ids);
         for layer in &self.layers {
             x = block(&self.cfg, layer, x, consts);
         }
-        self.head(x)
+        rms_norm(x, self.norm.clone(), self.cfg.rms_norm_eps)
     }
 
     /// Token embeddings `[batch * seq, hidden]` of ids `[batch, seq]`.
@@ -276,15 +282,15 @@ impl<B: FusedOps> Llama<B> {
             .reshape([b * t, self.cfg.hidden_size])
     }
 
-    /// The final norm and the output head over the last block's output.
-    fn head(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let x = rms_norm(x, self.norm.clone(), self.cfg.rms_norm_eps);
-        let head = self.lm_head.clone().unwrap_or_else(|| self.embed.clone());
-        linear(x, head)
+    /// The output head `[vocab, hidden]`: its own, or the embedding when tied.
+    fn head_weight(&self) -> Tensor<B, 2> {
+        self.lm_head.clone().unwrap_or_else(|| self.embed.clone())
     }
 
     /// Sum of next-token negative log-likelihoods over `windows` (`[batch, seq + 1]` ids: the
-    /// first `seq` are the input, the last `seq` the targets), as a one-element tensor.
+    /// first `seq` are the input, the last `seq` the targets), as a one-element f32 tensor.
+    /// The output head and the loss are one fused op ([`cross_entropy_sum`]): the
+    /// `[batch * seq, vocab]` logits are never made whole.
     pub fn nll_sum(&self, windows: Tensor<B, 2, Int>) -> Tensor<B, 1> {
         let [b, t1] = windows.dims();
         let consts = self.constants(b, t1 - 1);
@@ -295,7 +301,12 @@ impl<B: FusedOps> Llama<B> {
     /// its width - 1).
     pub fn nll_sum_with(&self, windows: Tensor<B, 2, Int>, consts: &Constants<B>) -> Tensor<B, 1> {
         let (inputs, targets) = split_windows(windows);
-        nll(self.logits(inputs, consts), targets)
+        cross_entropy_sum(
+            self.hidden(inputs, consts),
+            self.head_weight(),
+            targets,
+            None,
+        )
     }
 }
 
@@ -306,14 +317,6 @@ fn split_windows<B: Backend>(windows: Tensor<B, 2, Int>) -> (Tensor<B, 2, Int>, 
     let inputs = windows.clone().narrow(1, 0, t);
     let targets = windows.narrow(1, 1, t).reshape([b * t, 1]);
     (inputs, targets)
-}
-
-/// The summed negative log-likelihood of `targets` `[n, 1]` under `logits` `[n, vocab]`.
-fn nll<B: FusedOps>(logits: Tensor<B, 2>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-    // In f32 whatever the compute dtype: a bf16 softmax over a large vocabulary, and a bf16
-    // sum of thousands of token losses, would lose the loss's low digits (a no-op in f32).
-    let logp = log_softmax(logits.cast(FloatDType::F32), 1);
-    logp.gather(1, targets).sum().neg()
 }
 
 /// One decoder block over `x` `[batch * seq, hidden]`: pre-norm attention and MLP, each with
@@ -407,8 +410,8 @@ impl<B: FusedOps> Llama<B> {
     /// block's input `[batch * seq, hidden]` (no graph); the backward pass then goes block by
     /// block from the head down, each time rebuilding that one block's graph from its kept
     /// input and backpropagating the gradient arriving from above. At most one block's
-    /// activations (plus the head's logits) exist at a time, for one more forward pass of the
-    /// blocks.
+    /// activations (plus one vocabulary chunk of the head's logits) exist at a time, for one
+    /// more forward pass of the blocks.
     ///
     /// The loss is `nll_sum(windows) / denominator`, returned as a one-element tensor; each
     /// parameter's gradient goes to `sink` with its index in the layout, flat, in the compute
@@ -439,11 +442,9 @@ impl<B: FusedOps> Llama<B> {
         drop(x);
         let norm = leaf(&self.norm);
         let head = leaf(self.lm_head.as_ref().unwrap_or(&self.embed));
-        let logits = linear(
-            rms_norm(top.clone(), norm.clone(), cfg.rms_norm_eps),
-            head.clone(),
-        );
-        let loss = nll(logits, Tensor::from_inner(targets)).div_scalar(denominator);
+        let hidden = rms_norm(top.clone(), norm.clone(), cfg.rms_norm_eps);
+        let targets = Tensor::<A, 2, Int>::from_inner(targets);
+        let loss = cross_entropy_sum(hidden, head.clone(), targets, None).div_scalar(denominator);
         let value = loss.clone().inner();
         let mut grads = loss.backward();
         let mut upstream = top

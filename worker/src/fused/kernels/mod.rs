@@ -3,4 +3,5 @@
 //! machine without a GPU) in the tests.
 
 pub mod attention;
+pub mod loss;
 pub mod norm;
