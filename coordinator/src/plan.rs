@@ -759,9 +759,9 @@ mod tests {
         let job = job("  activation_checkpointing: true\n  zero_stage: 2\n");
         let config = model_config(&job).expect("config");
         let p = plan(&job, &config, &options("h100")).expect("plan");
-        // With the whole f32 gradient buffer (27 GB) on every rank: about 58 GB of 72 usable.
+        // With the whole f32 gradient buffer (27 GB) on every rank: about 55 GB of 72 usable.
         let total = p.memory.total();
-        assert!(total < 0.9 * 80e9 && total > 55e9, "{total}");
+        assert!(total < 0.9 * 80e9 && total > 50e9, "{total}");
         assert_eq!(p.memory.gradients_f32, 4.0 * config.num_params() as f64);
         // The only warning: the NCCL collectives have not run on GPUs.
         assert!(
