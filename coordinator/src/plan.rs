@@ -9,8 +9,9 @@
 //!   whole); f32 master weights (bf16 compute only: in f32 the compute weights are the master),
 //!   and AdamW's two f32 moments, 1/w of them from stage 1; the flat f32 gradient buffer, whole
 //!   at every stage (both engines accumulate the micro-batches into it before the reduce-scatter:
-//!   stage 2 saves the gradient all-reduce's all-gather half on the wire, not this buffer). Then the larger of the backward phase (the gradients the backward pass holds before
-//!   they are added into the flat buffer, the activations, the logits) and the optimizer phase
+//!   stage 2 saves the gradient all-reduce's all-gather half on the wire, not this buffer).
+//!   Then the larger of the backward phase (the gradients the backward pass holds before they
+//!   are added into the flat buffer, the activations, the logits) and the optimizer phase
 //!   (one f32 temporary the size of the owned slice beyond the gradients: AdamW runs in place,
 //!   and the gradients are consumed before its denominator and update exist). Activations are
 //!   counted from dapt's own graph (`worker/src/model/llama.rs` with its fused ops on Burn's
