@@ -2,10 +2,11 @@
 """Peak resident memory per rank of real `dapt-worker`s, beside `dapt plan --gpu cpu`'s figure.
 
     scripts/memory_peaks.py [--bin target/debug] [--shapes tiny,d512] [--worlds 1,2,4]
-                            [--recompute off,on] [--work /tmp/dapt-memory]
+                            [--recompute off,on] [--zero 0] [--work /tmp/dapt-memory]
 
-For each shape, world size and recompute setting it writes a job (the quickstart corpus; the
-tiny preset, or a d512-shaped Hugging Face directory with generated weights), runs
+For each shape, world size, ZeRO stage (`training.zero_stage`) and recompute setting it writes
+a job (the quickstart corpus; the tiny preset, or a d512-shaped Hugging Face directory with
+generated weights), runs
 `dapt launch JOB --workers W` with `DAPT_ENGINE=resident` (the device engine on the CPU
 backend, f32), reads every worker's VmHWM from /proc/<pid>/status every 50 ms, and stops the
 run once the coordinator has logged step STOP (so the final checkpoint and export, which copy
@@ -105,14 +106,14 @@ def write_d512(dir_):
         json.dump(c, f, indent=1)
 
 
-def write_job(work, shape, world, recompute):
+def write_job(work, shape, world, recompute, zero):
     model, vocab, seq, batch, micro, steps, _ = SHAPES[shape]
     if model is None:
         hf = os.path.join(work, "d512-hf")
         write_d512(hf)
         model = f"hf: {hf}"
     corpus = os.path.join(ROOT, "examples/quickstart/corpus")
-    name = f"{shape}-w{world}-{'rc' if recompute else 'full'}"
+    name = f"{shape}-w{world}-{'rc' if recompute else 'full'}-z{zero}"
     ck = os.path.join(work, "ck-" + name)
     subprocess.run(["rm", "-rf", ck], check=True)
     job = f"""job: {name}
@@ -139,6 +140,7 @@ training:
   micro_batch: {micro}
   tokens: {steps * batch * seq}
   activation_checkpointing: {'true' if recompute else 'false'}
+  zero_stage: {zero}
   optimizer:
     lr: 0.001
 checkpoint:
@@ -245,30 +247,30 @@ def main():
     ap.add_argument("--shapes", default="tiny,d512")
     ap.add_argument("--worlds", default="1,2,4")
     ap.add_argument("--recompute", default="off,on")
+    ap.add_argument("--zero", default="0", help="ZeRO stages, comma-separated")
     ap.add_argument("--work", default="/tmp/dapt-memory")
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
-    print("| shape | ranks | recompute | peak RSS per rank (MB) | plan (MB) | plan / measured |")
-    print("|---|---|---|---|---|---|")
+    print("| shape | ranks | zero | recompute | peak RSS per rank (MB) | plan (MB) | plan / measured |")
+    print("|---|---|---|---|---|---|---|")
     for shape in a.shapes.split(","):
         for world in [int(w) for w in a.worlds.split(",")]:
-            for rc in a.recompute.split(","):
-                recompute = rc == "on"
-                job = write_job(a.work, shape, world, recompute)
-                peaks = measure(a.bin, job, world, SHAPES[shape][6])
-                planned, text = plan_mb(a.bin, job, world)
-                if a.verbose:
-                    print(text, file=sys.stderr)
-                worst = max(peaks)
-                ranks = ", ".join(f"{p:.0f}" for p in sorted(peaks))
-                if planned is None:
-                    print(f"| {shape} | {world} | {rc} | {ranks} | - | - |", flush=True)
-                else:
-                    print(
-                        f"| {shape} | {world} | {rc} | {ranks} | {planned:.0f} | {planned / worst:.2f} |",
-                        flush=True,
-                    )
+            for zero in [int(z) for z in a.zero.split(",")]:
+                for rc in a.recompute.split(","):
+                    recompute = rc == "on"
+                    job = write_job(a.work, shape, world, recompute, zero)
+                    peaks = measure(a.bin, job, world, SHAPES[shape][6])
+                    planned, text = plan_mb(a.bin, job, world)
+                    if a.verbose:
+                        print(text, file=sys.stderr)
+                    worst = max(peaks)
+                    ranks = ", ".join(f"{p:.0f}" for p in sorted(peaks))
+                    row = f"| {shape} | {world} | {zero} | {rc} | {ranks} |"
+                    if planned is None:
+                        print(f"{row} - | - |", flush=True)
+                    else:
+                        print(f"{row} {planned:.0f} | {planned / worst:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,16 @@
 //! * Memory per rank as dapt's device (resident) engine holds it, by ZeRO stage over w
 //!   data-parallel ranks (Rajbhandari et al. 2020): the weights in the compute dtype (every rank,
 //!   whole); f32 master weights (bf16 compute only: in f32 the compute weights are the master),
-//!   and AdamW's two f32 moments, 1/w of them from stage 1; the flat f32 gradient buffer, 1/w at
-//!   stage 2. Then the larger of the backward phase (the gradients the backward pass holds before
-//!   they are added into the flat buffer, the activations, the logits) and the optimizer phase
+//!   and AdamW's two f32 moments, 1/w of them from stage 1; the flat f32 gradient buffer, whole
+//!   at every stage (both engines accumulate the micro-batches into it before the reduce-scatter:
+//!   stage 2 saves the gradient all-reduce's all-gather half on the wire, not this buffer).
+//!   Then the larger of the backward phase (the gradients the backward pass holds before they
+//!   are added into the flat buffer, the activations, the logits) and the optimizer phase
 //!   (one f32 temporary the size of the owned slice beyond the gradients: AdamW runs in place,
-//!   and the gradients are consumed before its denominator and update exist). Activations are counted from dapt's own
-//!   graph (`worker/src/model/llama.rs` on Burn's autodiff: what each op keeps for its backward
-//!   pass), not from a fused reference implementation; see docs/plan.md.
+//!   and the gradients are consumed before its denominator and update exist). Activations are
+//!   counted from dapt's own graph (`worker/src/model/llama.rs` with its fused ops on Burn's
+//!   autodiff: what each op keeps for its backward pass), which differs between GPUs (flash
+//!   attention) and the CPU (the decomposed attention formula); see docs/plan.md.
 //! * Time at the MFU dapt measured on that GPU (docs/benchmarks.md), or the nearest one it
 //!   measured, said as such; `--mfu` overrides it and the plan says so.
 
@@ -56,6 +59,12 @@ pub struct Gpu {
     /// Bytes per parameter that the process holds beyond what the model below attributes:
     /// measured on the CPU (see [`CPU_UNATTRIBUTED_PER_PARAM`]), not known for GPUs (0).
     pub unattributed_per_param: f64,
+    /// Whether the model's attention is the fused flash-attention op here (the CubeCL backends:
+    /// keeps q, k, v, the output and an f32 log-sum-exp per row) or the decomposed formula (the
+    /// CPU backend, `AttentionOps::FUSED_ATTENTION` in `worker/src/fused/attention.rs`: keeps
+    /// `[batch, heads, seq, seq]` scores three times and repeats k and v for grouped-query
+    /// attention).
+    pub flash_attention: bool,
 }
 
 pub const GPUS: &[Gpu] = &[
@@ -68,6 +77,7 @@ pub const GPUS: &[Gpu] = &[
         runtime_bytes: 1e9,
         measured_mfu: None,
         unattributed_per_param: 0.0,
+        flash_attention: true,
     },
     Gpu {
         name: "h200",
@@ -78,6 +88,7 @@ pub const GPUS: &[Gpu] = &[
         runtime_bytes: 1e9,
         measured_mfu: Some(H200_MFU),
         unattributed_per_param: 0.0,
+        flash_attention: true,
     },
     Gpu {
         name: "a100",
@@ -88,6 +99,7 @@ pub const GPUS: &[Gpu] = &[
         runtime_bytes: 1e9,
         measured_mfu: None,
         unattributed_per_param: 0.0,
+        flash_attention: true,
     },
     // The CPU backend (f32), as this project's 2-core development machines run it: the fp32
     // matmul peak with 2 threads (FACTS.md), the d512 shape's measured 25% of it
@@ -105,6 +117,7 @@ pub const GPUS: &[Gpu] = &[
                 "measured by dapt on this project's 2-core CPU: d512 shape, f32, docs/benchmarks.md",
         }),
         unattributed_per_param: CPU_UNATTRIBUTED_PER_PARAM,
+        flash_attention: false,
     },
 ];
 
@@ -187,7 +200,9 @@ pub struct Memory {
     pub master_f32: f64,
     /// AdamW's two f32 moments, 1/w from stage 1.
     pub optimizer_f32: f64,
-    /// The flat f32 gradient buffer, 1/w at stage 2.
+    /// The flat f32 gradient buffer, whole at every stage: the workers accumulate each
+    /// micro-batch's gradients into all of it before the reduce-scatter (stage 2 saves traffic,
+    /// not this buffer).
     pub gradients_f32: f64,
     /// Gradients the backward pass holds before they reach the flat buffer, compute dtype: all
     /// parameters' with one graph, one block's (or the embedding's) with recompute.
@@ -229,27 +244,41 @@ impl Memory {
     }
 }
 
-/// Elements one decoder block keeps for its backward pass in dapt's graph, for `b` sequences
-/// of `s` tokens (`n = b s` rows): per RMSNorm the normalised rows and their product with the
-/// gain (2 n d each, two norms); the q projection, its rotated half-swap and RoPE's output
-/// (3 n d) and the same for k (3 n d_kv), v (n d_kv), k and v repeated for grouped-query
-/// attention (2 n d when kv heads < heads); the attention output and the residual sum
-/// (2 n d) and the block output (n d); the MLP's gate, its sigmoid, SiLU, up and their product
-/// (5 n f: Burn's SiLU is `x * sigmoid(x)`, and each keeps its operands); the
-/// softmax's exponentials and probabilities (2 b a s^2).
-pub fn block_activation_elements(config: &LlamaConfig, b: f64, s: f64) -> f64 {
+/// Bytes one decoder block keeps for its backward pass in dapt's graph, for `b` sequences of
+/// `s` tokens (`n = b s` rows), with `c` bytes per element of the compute dtype and `flash`
+/// whether attention is the fused op ([`Gpu::flash_attention`]).
+///
+/// Every backend: the two RMSNorms' outputs (each norm one autodiff node keeping its input,
+/// the gain and an f32 inverse rms `[n]`), the residual sum and the block's output (4 n h; a
+/// norm's input is the block's input or the residual sum, kept once); RoPE's rotated q and k
+/// (n d + n d_kv: its node keeps only the `[seq, head_dim]` tables, not its input), v
+/// (n d_kv), the attention output (n d); the MLP's gate, up and SwiGLU's product (3 n f: the
+/// fused SwiGLU keeps gate and up). Qwen3's per-head q/k norms add their inputs and f32
+/// inverse rms. Then attention's own: with flash attention the f32 log-sum-exp
+/// `[b, heads, s]`; with the decomposed formula (CPU) k and v repeated to the query heads when
+/// there are fewer kv heads (in place of the rotated k and v: n (d - d_kv) more each) and
+/// three `[b, heads, s, s]` score tensors (the shifted scores, their exponentials, the
+/// probabilities).
+pub fn block_activation_bytes(config: &LlamaConfig, b: f64, s: f64, c: f64, flash: bool) -> f64 {
     let n = b * s;
     let d = (config.num_attention_heads * config.head_dim) as f64;
     let h = config.hidden_size as f64;
     let kv = (config.num_key_value_heads * config.head_dim) as f64;
     let f = config.intermediate_size as f64;
     let a = config.num_attention_heads as f64;
-    let gqa = if config.num_key_value_heads < config.num_attention_heads {
-        2.0 * d
+    let norms = c * n * 4.0 * h + 4.0 * 2.0 * n;
+    let mlp = c * n * 3.0 * f;
+    let qk_norm = if config.family.qk_norm() {
+        c * n * (d + kv) + 4.0 * n * (a + config.num_key_value_heads as f64)
     } else {
         0.0
     };
-    n * (4.0 * h + 3.0 * d + 4.0 * kv + gqa + 3.0 * h + 5.0 * f) + 2.0 * b * a * s * s
+    let attention = if flash {
+        c * n * (2.0 * d + 2.0 * kv) + 4.0 * b * a * s
+    } else {
+        c * n * 4.0 * d + 3.0 * c * b * a * s * s
+    };
+    norms + mlp + qk_norm + attention
 }
 
 /// Per-rank memory for `config` trained with `training` on `gpu` over `world` ranks at
@@ -264,23 +293,16 @@ pub fn memory(
     let n = config.num_params() as f64;
     let w = world.max(1) as f64;
     let c = gpu.compute_bytes;
-    let shard = |stage: u8| {
-        if setting.zero_stage >= stage {
-            1.0 / w
-        } else {
-            1.0
-        }
-    };
     let l = config.num_hidden_layers as f64;
     let s = training.seq_len as f64;
     let b = setting.micro_batch as f64;
     let h = config.hidden_size as f64;
-    let block = block_activation_elements(config, b, s);
+    let block = block_activation_bytes(config, b, s, c, gpu.flash_attention);
     let activations = if setting.recompute {
         // Each block's input, kept; one block's graph at a time in the backward pass.
-        c * (l * b * s * h + block)
+        c * l * b * s * h + block
     } else {
-        c * l * block
+        l * block
     };
     let embedding = (config.vocab_size as f64) * h;
     let per_block = (n - embedding * if config.tie_word_embeddings { 1.0 } else { 2.0 }) / l;
@@ -289,12 +311,13 @@ pub fn memory(
     } else {
         c * n
     };
-    let owned = n * shard(1);
+    // From stage 1 a rank owns 1/w of the flat buffer's optimizer state.
+    let owned = if setting.zero_stage >= 1 { n / w } else { n };
     Memory {
         weights: c * n,
         master_f32: if c < 4.0 { 4.0 * owned } else { 0.0 },
         optimizer_f32: 8.0 * owned,
-        gradients_f32: 4.0 * n * shard(2),
+        gradients_f32: 4.0 * n,
         gradients_in_flight: in_flight,
         activations,
         logits: (c + 12.0)
@@ -304,19 +327,6 @@ pub fn memory(
         optimizer_temporaries: 4.0 * owned,
         runtime: gpu.runtime_bytes,
         unattributed: gpu.unattributed_per_param * n,
-    }
-}
-
-/// Bytes per rank that the device-resident engine holds at `stage` beyond [`memory`]'s model,
-/// which shards the gradient buffer at stage 2: the engine accumulates the micro-batches'
-/// gradients into a whole flat f32 buffer before the reduce-scatter (it does shard the moments
-/// and, in bf16, the f32 master weights, as the model says).
-pub fn device_engine_unsharded(config: &LlamaConfig, world: u32, stage: u8) -> f64 {
-    let n = config.num_params() as f64;
-    if stage >= 2 {
-        4.0 * n * (1.0 - 1.0 / world.max(1) as f64)
-    } else {
-        0.0
     }
 }
 
@@ -462,17 +472,8 @@ pub fn plan(job: &JobSpec, config: &LlamaConfig, options: &PlanOptions) -> Resul
         } else {
             fits_with.as_ref().map_or(1, |(c, _)| c.zero_stage)
         };
-        let unsharded = device_engine_unsharded(config, world, stage);
-        let gradients = if unsharded > 0.0 {
-            format!(
-                ", but it accumulates the gradients into a whole f32 buffer before the reduce-scatter: {} per rank more than these figures at zero_stage {stage} over {world} ranks",
-                gb(unsharded)
-            )
-        } else {
-            String::new()
-        };
         warnings.push(format!(
-            "zero_stage {stage} on GPUs: the device engine shards the AdamW moments, the optimizer step's temporaries and (in bf16) the f32 master weights{gradients}; its NCCL reduce-scatter and all-gather have not run on GPUs yet (docs/model.md, ZeRO)"
+            "zero_stage {stage} on GPUs: the device engine's NCCL reduce-scatter and all-gather have not run on GPUs yet (docs/model.md, ZeRO)"
         ));
     }
     if training.global_batch % world as u64 != 0 {
@@ -731,11 +732,16 @@ mod tests {
         assert_eq!(s0.optimizer_f32, 8.0 * n);
         assert_eq!(s1.optimizer_f32, n);
         assert_eq!(s1.master_f32, 0.5 * n);
-        assert_eq!(s1.gradients_f32, 4.0 * n);
-        assert_eq!(s2.gradients_f32, 0.5 * n);
+        // The gradient buffer is whole at every stage: the workers accumulate the micro-batches
+        // into all of it before the reduce-scatter, so stage 2 costs what stage 1 does.
+        for s in [&s0, &s1, &s2] {
+            assert_eq!(s.gradients_f32, 4.0 * n);
+        }
+        assert_eq!(s1.optimizer_temporaries, s2.optimizer_temporaries);
         // Every rank keeps the whole bf16 weights.
         assert_eq!(s2.weights, 2.0 * n);
-        assert!(s0.total() > s1.total() && s1.total() > s2.total());
+        assert!(s0.total() > s1.total());
+        assert_eq!(s1.total(), s2.total());
         // More ranks, less per rank.
         assert!(at(2, 16).total() < s2.total());
         // Recompute keeps one block's activations instead of all of them.
@@ -758,19 +764,17 @@ mod tests {
         let job = job("  activation_checkpointing: true\n  zero_stage: 2\n");
         let config = model_config(&job).expect("config");
         let p = plan(&job, &config, &options("h100")).expect("plan");
-        assert!(p.memory.total() < 0.9 * 80e9, "{}", p.memory.total());
-        // The only warning: what the device engine does not shard yet (the gradients, 4 bytes
-        // per parameter, 7/8 of them), which still fits.
-        let extra = 4.0 * config.num_params() as f64 * 7.0 / 8.0;
+        // With the whole f32 gradient buffer (27 GB) on every rank: about 55 GB of 72 usable.
+        let total = p.memory.total();
+        assert!(total < 0.9 * 80e9 && total > 50e9, "{total}");
+        assert_eq!(p.memory.gradients_f32, 4.0 * config.num_params() as f64);
+        // The only warning: the NCCL collectives have not run on GPUs.
         assert!(
-            p.warnings.len() == 1
-                && p.warnings[0].contains("whole f32 buffer")
-                && p.warnings[0].contains(&format!("{} per rank more", gb(extra))),
+            p.warnings.len() == 1 && p.warnings[0].contains("NCCL reduce-scatter and all-gather"),
             "{:?}",
             p.warnings
         );
-        assert!(p.memory.total() + extra < 0.9 * 80e9);
-        // Stage 1 fits too, and is the cheapest setting that does.
+        // Stage 1 fits too, for the same bytes, and is the cheapest setting that does.
         let (cheapest, _) = p.fits_with.expect("a cheaper setting");
         assert_eq!(
             cheapest,
@@ -785,6 +789,26 @@ mod tests {
             text.contains("6.738 B parameters") && text.contains("assumed"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn flash_attention_keeps_no_seq_squared_scores_and_the_cpu_formula_does() {
+        let config = model_config(&job("")).expect("config");
+        let (a, hd) = (config.num_attention_heads as f64, config.head_dim as f64);
+        let at = |s: f64, flash| block_activation_bytes(&config, 1.0, s, 2.0, flash);
+        // On a GPU the block's bytes grow linearly with the sequence (the log-sum-exp is per
+        // row); the decomposed formula adds three `[heads, s, s]` score tensors.
+        assert!((at(8192.0, true) / at(4096.0, true) - 2.0).abs() < 1e-12);
+        let scores = |s: f64| 3.0 * 2.0 * a * s * s;
+        assert_eq!(
+            at(4096.0, false) - scores(4096.0),
+            at(4096.0, true) - 4.0 * a * 4096.0
+        );
+        // Llama-2-7B at seq 4096 in bf16: 4 h + 2 d + 2 d_kv + 3 f rows of 4096 values (h = d =
+        // d_kv = 4096, f = 11008) and two f32 inverse rms, plus the f32 log-sum-exp: 540 MB.
+        let rows = 4.0 * 4096.0 + 4.0 * a * hd + 3.0 * 11008.0;
+        let expected = 2.0 * 4096.0 * rows + 8.0 * 4096.0 + 4.0 * a * 4096.0;
+        assert_eq!(at(4096.0, true), expected);
     }
 
     #[test]
