@@ -20,25 +20,11 @@ use dapt_worker::train::resident::ResidentTrainer;
 use dapt_worker::train::{MicroBatch, Trainer};
 use dapt_worker::Cpu;
 
+mod support;
+use support::Rng;
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A small generator, so the weights are the same whatever crate versions are in the build.
-struct Rng(u64);
-
-impl Rng {
-    fn uniform(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Roughly N(0, 1) (a sum of uniforms is enough for random test weights).
-    fn normal(&mut self) -> f32 {
-        ((0..4).map(|_| self.uniform()).sum::<f64>() - 2.0) as f32 * 1.7
-    }
 }
 
 /// One model of the parity tests.

@@ -7,66 +7,29 @@
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Tensor, TensorPrimitive};
 use dapt_worker::fused::attention::{
     attention_mask, flash_attention, reference_attention, AttentionShape,
 };
 use dapt_worker::fused::AttentionOps;
 use dapt_worker::Cpu;
 
+mod support;
+use support::Rng;
+
 type Ad = Autodiff<Cpu>;
-
-/// A small generator, so the inputs are the same whatever crate versions are in the build.
-struct Rng(u64);
-
-impl Rng {
-    fn uniform(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Roughly N(0, 1), never exactly zero in practice.
-    fn normal(&mut self) -> f32 {
-        ((0..4).map(|_| self.uniform()).sum::<f64>() - 2.0) as f32 * 1.7
-    }
-
-    fn tensor<B: Backend>(&mut self, rows: usize, cols: usize) -> Tensor<B, 2> {
-        let values: Vec<f32> = (0..rows * cols).map(|_| self.normal()).collect();
-        Tensor::from_data(TensorData::new(values, [rows, cols]), &Default::default())
-    }
-}
-
-fn shape(
-    batch: usize,
-    seq: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    window: Option<usize>,
-) -> AttentionShape {
-    AttentionShape {
-        batch,
-        seq,
-        heads,
-        kv_heads,
-        head_dim,
-        window,
-    }
-}
 
 /// The shapes checked: odd and even lengths, GQA ratios 1, 2 and 4, head dims 8 to 128,
 /// windows narrower than, equal to and wider than the sequence, a one-token sequence.
 fn cases() -> Vec<AttentionShape> {
     vec![
-        shape(2, 7, 2, 2, 64, None),
-        shape(1, 13, 4, 2, 128, None),
-        shape(2, 9, 8, 2, 64, Some(3)),
-        shape(1, 17, 4, 1, 8, Some(8)),
-        shape(2, 11, 6, 3, 24, Some(11)),
-        shape(1, 6, 4, 4, 32, Some(40)),
-        shape(3, 1, 2, 1, 16, None),
+        AttentionShape::new(2, 7, 2, 2, 64, None),
+        AttentionShape::new(1, 13, 4, 2, 128, None),
+        AttentionShape::new(2, 9, 8, 2, 64, Some(3)),
+        AttentionShape::new(1, 17, 4, 1, 8, Some(8)),
+        AttentionShape::new(2, 11, 6, 3, 24, Some(11)),
+        AttentionShape::new(1, 6, 4, 4, 32, Some(40)),
+        AttentionShape::new(3, 1, 2, 1, 16, None),
     ]
 }
 
@@ -214,9 +177,12 @@ fn the_mask_is_the_causal_window_it_replaced() {
 fn cpu_speed_of_fused_and_decomposed_attention() {
     use std::time::{Duration, Instant};
     let shapes = [
-        ("tiny", shape(8, 64, 4, 2, 32, None)),
-        ("d512", shape(4, 256, 8, 4, 64, None)),
-        ("d512 window 64", shape(4, 256, 8, 4, 64, Some(64))),
+        ("tiny", AttentionShape::new(8, 64, 4, 2, 32, None)),
+        ("d512", AttentionShape::new(4, 256, 8, 4, 64, None)),
+        (
+            "d512 window 64",
+            AttentionShape::new(4, 256, 8, 4, 64, Some(64)),
+        ),
     ];
     for (name, s) in shapes {
         let mut times = [Duration::ZERO; 2];

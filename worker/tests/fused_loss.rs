@@ -11,40 +11,10 @@ use dapt_worker::fused::loss::{
 };
 use dapt_worker::Cpu;
 
+mod support;
+use support::Rng;
+
 type Ad = Autodiff<Cpu>;
-
-/// A small generator, so the inputs are the same whatever crate versions are in the build.
-struct Rng(u64);
-
-impl Rng {
-    fn uniform(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Roughly N(0, 1).
-    fn normal(&mut self) -> f32 {
-        ((0..4).map(|_| self.uniform()).sum::<f64>() - 2.0) as f32 * 1.7
-    }
-
-    fn normals(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.normal() * scale).collect()
-    }
-
-    /// `n` ids in `0..vocab`, the first and last id among them.
-    fn targets(&mut self, n: usize, vocab: usize) -> Vec<i64> {
-        let mut t: Vec<i64> = (0..n)
-            .map(|_| (self.uniform() * vocab as f64) as i64 % vocab as i64)
-            .collect();
-        t[0] = vocab as i64 - 1;
-        if n > 1 {
-            t[n - 1] = 0;
-        }
-        t
-    }
-}
 
 /// One problem: `n` rows of `d` features, a `vocab`-entry head, chunks of `chunk` columns.
 #[derive(Debug, Clone, Copy)]

@@ -55,6 +55,26 @@ pub struct AttentionShape {
 }
 
 impl AttentionShape {
+    /// The shape of `batch` sequences of `seq` tokens, `heads` query heads over `kv_heads`
+    /// key/value heads of `head_dim` values, with an optional sliding `window`.
+    pub fn new(
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        window: Option<usize>,
+    ) -> Self {
+        AttentionShape {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim,
+            window,
+        }
+    }
+
     /// `1 / sqrt(head_dim)`, the scores' scale.
     pub fn scale(&self) -> f64 {
         1.0 / (self.head_dim as f64).sqrt()

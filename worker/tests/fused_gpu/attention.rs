@@ -15,31 +15,13 @@ use dapt_worker::Cpu;
 
 use super::{max_abs_diff, to_gpu, Gpu};
 
-fn shape(
-    batch: usize,
-    seq: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    window: Option<usize>,
-) -> AttentionShape {
-    AttentionShape {
-        batch,
-        seq,
-        heads,
-        kv_heads,
-        head_dim,
-        window,
-    }
-}
-
 /// Lengths that cross tile boundaries (a tile is 32 rows at head dim 64, 16 at 128).
 fn cases() -> Vec<AttentionShape> {
     vec![
-        shape(2, 37, 2, 2, 64, None),
-        shape(1, 21, 4, 2, 128, Some(5)),
-        shape(2, 19, 4, 1, 16, Some(7)),
-        shape(1, 33, 8, 2, 64, Some(33)),
+        AttentionShape::new(2, 37, 2, 2, 64, None),
+        AttentionShape::new(1, 21, 4, 2, 128, Some(5)),
+        AttentionShape::new(2, 19, 4, 1, 16, Some(7)),
+        AttentionShape::new(1, 33, 8, 2, 64, Some(33)),
     ]
 }
 
@@ -139,7 +121,7 @@ fn kernels_take_bf16_inputs() {
 /// f32 results (accumulation is f32), the log-sum-exp still f32.
 fn half_precision(dtype: burn::tensor::FloatDType) {
     use burn::tensor::DType;
-    let s = shape(1, 29, 4, 2, 64, Some(11));
+    let s = AttentionShape::new(1, 29, 4, 2, 64, Some(11));
     let [q, k, v, up] = inputs(&s);
     let half = |t: &Tensor<Cpu, 2>| prim(to_gpu(t).cast(dtype));
     let (out_c, lse_c) =
@@ -190,7 +172,7 @@ fn half_precision(dtype: burn::tensor::FloatDType) {
 
 #[test]
 fn autodiff_on_the_gpu_matches_the_decomposed_formula() {
-    let s = shape(2, 23, 4, 2, 64, Some(9));
+    let s = AttentionShape::new(2, 23, 4, 2, 64, Some(9));
     let [q, k, v, up] = inputs(&s);
 
     let leaf =
@@ -275,7 +257,7 @@ fn the_model_with_flash_attention_matches_the_cpu() {
 fn gpu_speed_of_flash_and_decomposed_attention() {
     use std::time::{Duration, Instant};
     let device = Default::default();
-    let s = shape(4, 1024, 32, 8, 64, None);
+    let s = AttentionShape::new(4, 1024, 32, 8, 64, None);
     let rows = s.batch * s.seq;
     type Ad = Autodiff<Gpu>;
     type Attend = fn(Tensor<Ad, 2>, Tensor<Ad, 2>, Tensor<Ad, 2>, AttentionShape) -> Tensor<Ad, 2>;

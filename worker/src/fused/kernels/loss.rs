@@ -14,8 +14,9 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::*;
-use cubecl::{calculate_cube_count_elemwise, CubeCount, CubeDim};
+use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
+use super::{cube_row, row_cube_count};
 use crate::fused::loss::{LossOps, RowStats};
 
 /// Units per row in [`chunk_stats_kernel`]: a power of two (the tree reduction halves it).
@@ -63,7 +64,7 @@ fn chunk_stats_kernel<F: Float, I: Numeric>(
     #[comptime] first: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
-    let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    let row = cube_row();
     let rows = logits.shape(0);
     if row >= rows {
         terminate!();
@@ -187,7 +188,7 @@ fn chunk_stats<R: CubeRuntime>(
     let (f_dtype, i_dtype) = (logits.dtype, targets.dtype);
     chunk_stats_kernel::launch::<R>(
         &client,
-        row_cubes(rows),
+        row_cube_count(rows),
         CubeDim::new_1d(ROW_UNITS),
         logits.into_tensor_arg(),
         targets.into_tensor_arg(),
@@ -211,8 +212,8 @@ fn chunk_grad<R: CubeRuntime>(
 ) -> CubeTensor<R> {
     let logits = writable(into_contiguous(logits));
     let targets = into_contiguous(targets);
-    let lse = into_contiguous(f32_tensor(lse));
-    let grad = into_contiguous(f32_tensor(grad));
+    let lse = into_contiguous(as_f32(lse));
+    let grad = into_contiguous(as_f32(grad));
     let client = logits.client.clone();
     let elements = logits.meta.num_elements();
     let cube_dim = CubeDim::new_1d(GRAD_UNITS);
@@ -231,12 +232,6 @@ fn chunk_grad<R: CubeRuntime>(
     logits
 }
 
-/// One cube per row, spread over two grid dimensions (Vulkan allows 65,535 cubes in each).
-fn row_cubes(rows: usize) -> CubeCount {
-    let x = rows.clamp(1, 65_535);
-    CubeCount::Static(x as u32, rows.div_ceil(x).max(1) as u32, 1)
-}
-
 /// `t` if nothing else holds its buffer (a kernel may write it), else a copy.
 fn writable<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
     if t.can_mut() && t.is_contiguous_buffer() {
@@ -247,7 +242,7 @@ fn writable<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
 }
 
 /// `t` as f32 (the statistics and the upstream gradient are; a cast if a caller's is not).
-fn f32_tensor<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
+fn as_f32<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
     if t.dtype == DType::F32 {
         t
     } else {

@@ -18,12 +18,11 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
 
+use super::{cube_row, row_cube_count, MAX_CUBES};
 use crate::fused::norm::NormOps;
 
 /// The most units a row kernel's cube has (a power of two).
 const ROW_UNITS: usize = 256;
-/// The most cubes along one dimension of a launch (Vulkan's guaranteed minimum).
-const MAX_CUBES: usize = 65_535;
 /// The fewest rows one cube sums for the gain's gradient.
 const DW_ROWS_PER_BLOCK: usize = 64;
 
@@ -39,7 +38,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> NormOps
         let [n, d] = x.shape().dims();
         check_gain(&x, &w, d);
         let y = empty_device_dtype(x.client.clone(), x.device.clone(), x.shape(), x.dtype);
-        let inv_rms = f32_tensor(&x, [n]);
+        let inv_rms = empty_f32(&x, [n]);
         let (cube_count, units) = row_launch(n, d);
         let dtype = x.dtype;
         rms_norm_forward_kernel::launch::<R>(
@@ -88,7 +87,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> NormOps
         // The gain's gradient: partial sums over blocks of rows, then their sum.
         let rows_per_block = DW_ROWS_PER_BLOCK.max(n.div_ceil(MAX_CUBES));
         let blocks = n.div_ceil(rows_per_block).max(1);
-        let partial = f32_tensor(&x, [blocks, d]);
+        let partial = empty_f32(&x, [blocks, d]);
         let cube_dim = CubeDim::new_1d(units as u32);
         let cube_count = CubeCount::Static(d.div_ceil(units) as u32, blocks as u32, 1);
         rms_norm_dw_kernel::launch::<R>(
@@ -219,7 +218,7 @@ fn check_gain<R: CubeRuntime>(x: &CubeTensor<R>, w: &CubeTensor<R>, d: usize) {
 }
 
 /// A new f32 tensor of `shape` on `like`'s device.
-fn f32_tensor<R: CubeRuntime, const D: usize>(
+fn empty_f32<R: CubeRuntime, const D: usize>(
     like: &CubeTensor<R>,
     shape: [usize; D],
 ) -> CubeTensor<R> {
@@ -234,21 +233,14 @@ fn f32_tensor<R: CubeRuntime, const D: usize>(
 /// One cube per row of `n` rows of `d` values: the cube count (rows spread over two dimensions
 /// beyond [`MAX_CUBES`]) and the units per cube (a power of two, at most [`ROW_UNITS`]).
 fn row_launch(n: usize, d: usize) -> (CubeCount, usize) {
-    let x = n.clamp(1, MAX_CUBES);
     let units = d.next_power_of_two().clamp(1, ROW_UNITS);
-    (CubeCount::Static(x as u32, n.div_ceil(x) as u32, 1), units)
+    (row_cube_count(n), units)
 }
 
 /// The launch of an element-wise kernel over `n` values, one unit each.
 fn elementwise_launch<R: CubeRuntime>(client: &ComputeClient<R>, n: usize) -> (CubeCount, CubeDim) {
     let cube_dim = CubeDim::new(client, n);
     (calculate_cube_count_elemwise(client, n, cube_dim), cube_dim)
-}
-
-/// The row this cube of a [`row_launch`] handles.
-#[cube]
-fn cube_row() -> usize {
-    (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
 }
 
 /// The sum of `partial`'s values, one written by each unit of the cube before the call (a
