@@ -364,14 +364,7 @@ fn attention<B: FusedOps>(
     let q = rope(q, nh, &consts.rope);
     let k = rope(k, nkv, &consts.rope);
     let v = linear_bias(x, layer.wv.clone(), bias(2));
-    let shape = AttentionShape {
-        batch: b,
-        seq: t,
-        heads: nh,
-        kv_heads: nkv,
-        head_dim: hd,
-        window: cfg.sliding_window,
-    };
+    let shape = AttentionShape::new(b, t, nh, nkv, hd, cfg.sliding_window);
     let out = causal_attention(q, k, v, shape);
     linear(out, layer.wo.clone())
 }
