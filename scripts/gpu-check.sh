@@ -38,6 +38,8 @@
 #   STEPS_1B, STEPS_135M  dapt steps per shape (default 10 and 12); PyTorch runs 3 + 7 / 3 + 9
 #   RESTART_SHAPES        shapes whose dapt run is repeated for 4 steps, to see the PTX cache spare
 #                         the restart its compilation (default "135m"; "" for none)
+#   ZERO_SHAPES           shapes run 4 steps at zero_stage 2 through a one-rank NCCL communicator
+#                         (the device engine's reduce-scatter/all-gather; default "135m"; "" for none)
 #   NCU=1                 after 3, Nsight Compute on 30 kernels of one 1B step (NCU_SKIP launches first)
 #   PROFILE=0             skip 3;  AUTOTUNE=0: skip 4;  F32=1: also dapt f32 (TF32);  LAUNCH=1:
 #                         also `dapt launch --workers 1` per shape (needs DAPT, the `dapt` binary)
@@ -206,6 +208,14 @@ measure() {
   if [[ " ${RESTART_SHAPES-135m} " == *" $shape "* ]]; then
     step "restart-$shape-bf16" 60 "$WORKER" --log-format json train "$jobfile" --device cuda \
       --precision bf16 --no-checkpoints --stop-after 4
+  fi
+  # ZeRO stage 2 through a one-rank NCCL communicator (docs/gpu.md, "ZeRO on GPUs"): the device
+  # engine's ncclReduceScatter / ncclAllGather path; its losses should equal the stage-0 run's
+  # first steps (the dapt-$shape-bf16 log).
+  if [[ " ${ZERO_SHAPES-135m} " == *" $shape "* ]]; then
+    sed 's/^training:$/training:\n  zero_stage: 2/' "$jobfile" >"$WORK/job-$shape-zero2.yaml"
+    step "zero2-$shape-bf16" 60 "$WORKER" --log-format json train "$WORK/job-$shape-zero2.yaml" \
+      --device cuda --nccl --precision bf16 --no-checkpoints --stop-after 4
   fi
   if [ "${F32:-0}" = 1 ]; then
     step "dapt-$shape-f32" 150 "$WORKER" --log-format json train "$jobfile" --device cuda --nccl --no-checkpoints

@@ -163,7 +163,8 @@ def main():
     gpu = re.search(r"^(NVIDIA[^,]*), ([0-9.]+), ([0-9]+ MiB)", probe, re.M)
     rows = []
     for path in sorted(glob.glob(f"{logs}/dapt-*.log") + glob.glob(f"{logs}/launch-*-bf16.log")
-                       + glob.glob(f"{logs}/restart-*-bf16.log")):
+                       + glob.glob(f"{logs}/restart-*-bf16.log")
+                       + glob.glob(f"{logs}/zero2-*-bf16.log")):
         rows.append(dapt_run(logs, path, a.anchor, a.peak))
     for path in sorted(glob.glob(f"{logs}/torch-*.log")):
         rows.append(torch_run(logs, path))
@@ -189,6 +190,15 @@ def main():
                                   cold_first_step_s=tokens / cold["first_step_tokens_per_s"],
                                   warm_first_step_s=tokens / warm["first_step_tokens_per_s"],
                                   later_step_s=tokens / cold["tokens_per_s"]))
+    # ZeRO stage 2 over a one-rank NCCL communicator against stage 0, step by step.
+    zero_parity = []
+    for shape in ("1b", "135m"):
+        d, z = by.get(f"dapt-{shape}-bf16"), by.get(f"zero2-{shape}-bf16")
+        if d and z and d.get("losses") and z.get("losses"):
+            pairs = list(zip(d["losses"], z["losses"]))
+            zero_parity.append(dict(shape=shape, steps=len(pairs), stage0=[x for x, _ in pairs],
+                                    stage2=[y for _, y in pairs],
+                                    max_abs_diff=max(abs(x - y) for x, y in pairs)))
     ratios = []
     for shape in ("1b", "135m"):
         t = by.get(f"torch-{shape}-bf16")
@@ -216,7 +226,7 @@ def main():
     result = dict(date=date, commit=a.commit, gpu=gpu.group(1) if gpu else None,
                   driver=gpu.group(2) if gpu else None, gpu_memory=gpu.group(3) if gpu else None,
                   peak_flops=a.peak, budget_s=a.budget, fused_gpu=fused_tests(logs), runs=rows,
-                  loss_parity=parity, ptx_cache=ptx_cache, ratios=ratios, profile_1b=profile, autotune_choices=choices,
+                  loss_parity=parity, zero_parity=zero_parity, ptx_cache=ptx_cache, ratios=ratios, profile_1b=profile, autotune_choices=choices,
                   skipped=skipped,
                   carried_sizes=sizes)
     with open(f"{a.out}/results.json", "w") as f:
