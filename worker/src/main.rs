@@ -104,9 +104,9 @@ enum Command {
         no_checkpoints: bool,
     },
     /// Compile (and, in a `cuda-autotune` build, autotune) the kernels of the job's training
-    /// step into the kernel cache ($DAPT_KERNEL_CACHE, default ~/.cache/dapt/kernels), by
-    /// training `--steps` steps from the job's initial model with no checkpoint read or
-    /// written. Every later run of this build on this GPU model, every rank, reuses them.
+    /// step into the kernel cache ($DAPT_KERNEL_CACHE, default $XDG_CACHE_HOME/dapt/kernels or
+    /// ~/.cache/dapt/kernels), by training `--steps` steps from the job's initial model with no
+    /// checkpoint read or written. Every later run of this build on this GPU model, every rank, reuses them.
     Tune {
         job: PathBuf,
         /// Optimizer steps to run (one reaches every kernel of the step; the job's initial
@@ -245,6 +245,14 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             let DeviceSpec::Cuda(ordinal) = gpu.device else {
                 anyhow::bail!("tune compiles GPU kernels: give --device cuda or cuda:N");
             };
+            if !cfg!(feature = "cuda") {
+                // Not `cuda_ready`'s sentence, which offers `--device cpu`: tune has no CPU path.
+                anyhow::bail!(
+                    "this dapt-worker was built without the `cuda` feature, and tune compiles GPU \
+                     kernels: rebuild with `cargo build --release --features cuda` (or \
+                     `--features cuda-autotune`)"
+                );
+            }
             let info = dapt_worker::device::cuda_ready(ordinal)?;
             if gpu.nccl {
                 ensure_nccl_loadable()?;
