@@ -106,7 +106,8 @@ enum Command {
     /// Compile (and, in a `cuda-autotune` build, autotune) the kernels of the job's training
     /// step into the kernel cache ($DAPT_KERNEL_CACHE, default $XDG_CACHE_HOME/dapt/kernels or
     /// ~/.cache/dapt/kernels), by training `--steps` steps from the job's initial model with no
-    /// checkpoint read or written. Every later run of this build on this GPU model, every rank, reuses them.
+    /// checkpoint read or written. Every later run of this build on this GPU model, every rank,
+    /// reuses them.
     Tune {
         job: PathBuf,
         /// Optimizer steps to run (one reaches every kernel of the step; the job's initial
