@@ -510,6 +510,15 @@ pub fn plan(job: &JobSpec, config: &LlamaConfig, options: &PlanOptions) -> Resul
 }
 
 /// Bytes as the plan prints them: GB with one decimal, or MB under 10 GB.
+/// A FLOP/s figure in TFLOP/s, or GFLOP/s below one TFLOP/s (the CPU's 377 GFLOP/s).
+fn flop_rate(flops: f64) -> String {
+    if flops >= 1e12 {
+        format!("{:.0} TFLOP/s", flops / 1e12)
+    } else {
+        format!("{:.0} GFLOP/s", flops / 1e9)
+    }
+}
+
 pub fn gb(bytes: f64) -> String {
     if bytes >= 10e9 {
         format!("{:.1} GB", bytes / 1e9)
@@ -602,10 +611,10 @@ pub fn render(plan: &Plan, options: &PlanOptions, config: &LlamaConfig) -> Strin
     };
     let _ = writeln!(
         o,
-        "time: {:.1} GPU-hours on {} ({:.0} TFLOP/s dense {dtype}) at {mfu}; {:.1} h wall on {} GPUs",
+        "time: {:.1} GPU-hours on {} ({} dense {dtype}) at {mfu}; {:.1} h wall on {} GPUs",
         plan.gpu_hours,
         gpu.name.to_uppercase(),
-        gpu.peak_flops / 1e12,
+        flop_rate(gpu.peak_flops),
         plan.wall_hours,
         options.gpus
     );
