@@ -66,6 +66,15 @@ pub fn assert_no_invariant_violation(what: &str, log: &str) {
     );
 }
 
+/// The largest absolute difference between `a` and `b` (same length).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }

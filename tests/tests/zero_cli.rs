@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::Command;
 
 use dapt_tests::{
-    binary, check_ledger, coordinator_edited, events, f32_tensors, random_step, serial, write_job,
-    Job, Proc, BATCH, LONG,
+    binary, check_ledger, coordinator_edited, events, f32_tensors, max_abs_diff, random_step,
+    serial, write_job, Job, Proc, BATCH, LONG,
 };
 
 fn with_stage(yaml: &str, stage: u8) -> String {
@@ -87,11 +87,7 @@ fn zero_stages_1_and_2_match_stage_0_through_dapt_launch_at_3_ranks() {
         }
         for (name, w) in &weights {
             let w0 = &base_weights[name];
-            let d = w
-                .iter()
-                .zip(w0)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
+            let d = max_abs_diff(w, w0);
             assert!(d < 1e-6, "stage {stage}: {name} differs by {d}");
         }
     }
@@ -278,11 +274,7 @@ fn resident_stages_match(job: &dyn Fn(&str) -> Job, steps: u64, precision: &str,
         }
         for (name, w) in &weights {
             let w0 = &base_weights[name];
-            let d = w
-                .iter()
-                .zip(w0)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
+            let d = max_abs_diff(w, w0);
             assert!(
                 d < 1e-6,
                 "resident {precision} stage {stage}: {name} differs by {d}"

@@ -11,6 +11,9 @@ use dapt_worker::import::hf::{self, ExportDtype};
 use dapt_worker::model::{Llama, LlamaConfig, ParamLayout};
 use dapt_worker::Cpu;
 
+mod support;
+use support::max_abs_diff;
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -62,14 +65,6 @@ fn read_npy_f32(path: &Path) -> Vec<f32> {
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn ids(batch: usize, seq: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {

@@ -15,6 +15,9 @@ use dapt_worker::train::engine::{Engine, HostEngine};
 use dapt_worker::train::run::initial_model;
 use dapt_worker::train::{MicroBatch, Trainer};
 
+mod support;
+use support::max_abs_diff;
+
 const STEPS: u64 = 4;
 
 fn job(dir: &Path, stage: u8) -> JobSpec {
@@ -82,14 +85,6 @@ fn rank_loop(spec: &JobSpec, ring: TcpRing) -> RankResult {
         log.push((f64::from(loss_buf[0]), stats.grad_norm));
     }
     (log, engine.trainer)
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! What several test binaries of the worker share (`mod support;`): a seeded generator.
+//! What several test binaries of the worker share (`mod support;`): a seeded generator and the
+//! largest difference between two value lists.
 #![allow(dead_code)] // each test binary uses part of it
 
 use burn::tensor::backend::Backend;
@@ -44,4 +45,13 @@ impl Rng {
         }
         t
     }
+}
+
+/// The largest absolute difference between `a` and `b` (same length).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
