@@ -244,7 +244,18 @@ fn the_resident_engine_at_zero_stages_1_and_2_matches_its_stage_0_at_3_ranks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let _serial = serial();
     let steps = 6;
-    let job = |name: &str| write_job(dir.path(), name, steps, "");
+    // AdamW's eps 1e-5 (not 1e-8): stage 2 reduces each micro-batch's gradients as the backward
+    // pass makes them, summing in another order than stage 0, and with eps 1e-8 AdamW turns the
+    // rounding of a near-zero gradient element into a move of up to lr (in bf16 a loss 1.1e-5
+    // off at step 4); see `training_with` in worker/src/train/resident/zero_tests.rs.
+    let job = |name: &str| {
+        let job = write_job(dir.path(), name, steps, "");
+        let yaml = std::fs::read_to_string(&job.path).expect("read job");
+        let yaml = yaml.replace("    lr: 0.003\n", "    lr: 0.003\n    eps: 1.0e-5\n");
+        assert!(yaml.contains("eps: 1.0e-5"), "the job sets eps");
+        std::fs::write(&job.path, yaml).expect("write job");
+        job
+    };
     for (precision, stages) in [("f32", &[1u8, 2][..]), ("bf16", &[2][..])] {
         resident_stages_match(&job, steps, precision, stages);
     }
@@ -265,18 +276,29 @@ fn resident_stages_match(job: &dyn Fn(&str) -> Job, steps: u64, precision: &str,
             .count();
         assert_eq!(logs, 3, "every worker ran the resident engine");
         assert_eq!(got.len(), base_steps.len());
+        // In f32 the bounds. In bf16 stage 2 sums the f32 gradients in another order,
+        // so the f32 master weights differ in their last bits, and a weight whose master lies
+        // at a bf16 rounding boundary gets the neighbouring bf16 value in the passes (a step of
+        // 2^-8 relative): measured 6e-6 on a loss and 5e-4 on a gradient norm by step 4. The
+        // bounds are a quarter of bf16's own relative step; a dropped micro-batch or a
+        // misplaced bucket moves the norm by several percent.
+        let (close, weights_within): (&dyn Fn(f64, f64) -> bool, f32) = match precision {
+            "bf16" => (&|a, b| (a - b).abs() <= 1e-3 * b.abs(), 2e-4),
+            _ => (&|a, b| (a - b).abs() < 1e-5, 1e-6),
+        };
         for ((s, loss, norm), (_, loss0, norm0)) in got.iter().zip(&base_steps) {
             println!("resident {precision} stage {stage} step {s}: loss {loss} vs {loss0}, grad norm {norm} vs {norm0}");
             assert!(
-                (loss - loss0).abs() < 1e-5 && (norm - norm0).abs() < 1e-5,
+                close(*loss, *loss0) && close(*norm, *norm0),
                 "resident {precision} stage {stage} step {s}: loss {loss} vs {loss0}, grad norm {norm} vs {norm0}"
             );
         }
         for (name, w) in &weights {
             let w0 = &base_weights[name];
             let d = max_abs_diff(w, w0);
+            println!("resident {precision} stage {stage}: {name} differs by {d}");
             assert!(
-                d < 1e-6,
+                d < weights_within,
                 "resident {precision} stage {stage}: {name} differs by {d}"
             );
         }

@@ -67,18 +67,26 @@ pub fn step(
 }
 
 /// The sum over ranks of each rank's `partial`, the same bits on every rank: the partials travel
-/// as raw f64 bits (two f32 words each) through an all-gather, which copies bytes, and every rank
-/// adds them in rank order. Shared with the resident engine's ZeRO step.
+/// as raw f64 bits through [`gather_u64`] and every rank adds them in rank order. Shared with the
+/// resident engine's ZeRO step.
 pub(crate) fn total_of(c: &mut dyn Collective, partial: f64) -> Result<f64, CollectiveError> {
+    Ok(gather_u64(c, partial.to_bits())?
+        .into_iter()
+        .map(f64::from_bits)
+        .sum())
+}
+
+/// Every rank's `value`, in rank order, on every rank: the values travel as two f32 words each
+/// (their bits, not their numbers) through an all-gather, which copies bytes.
+pub(crate) fn gather_u64(c: &mut dyn Collective, value: u64) -> Result<Vec<u64>, CollectiveError> {
     let world = c.world();
     let mut words = vec![0f32; 2 * world];
     let own = shard_range(words.len(), world, c.rank());
-    let bits = partial.to_bits();
-    words[own.start] = f32::from_bits(bits as u32);
-    words[own.start + 1] = f32::from_bits((bits >> 32) as u32);
+    words[own.start] = f32::from_bits(value as u32);
+    words[own.start + 1] = f32::from_bits((value >> 32) as u32);
     c.all_gather(&mut words)?;
     Ok(words
         .chunks_exact(2)
-        .map(|w| f64::from_bits(u64::from(w[0].to_bits()) | u64::from(w[1].to_bits()) << 32))
-        .sum())
+        .map(|w| u64::from(w[0].to_bits()) | u64::from(w[1].to_bits()) << 32)
+        .collect())
 }

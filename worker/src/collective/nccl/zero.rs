@@ -2,7 +2,8 @@
 //! flat device buffers, over the split every other path uses ([`shard_range`], so checkpoints are
 //! interchangeable): the reduce-scatter (mean) of the gradients, the all-gather of the updated
 //! weights (f32, or the bf16 compute copy of sharded master weights), and the gather of sharded
-//! f32 master weights to the host for a checkpoint. When the buffer divides evenly by the world
+//! f32 master weights to the host for a checkpoint, and the reduce of one bucket of stage 2's
+//! gradients to the ranks that own it. When the buffer divides evenly by the world
 //! that is `ncclReduceScatter` / `ncclAllGather` in place; when it does not (NCCL's collectives
 //! take equal counts per rank, and the split gives the first `len % world` ranks one element
 //! more) it is one grouped `ncclReduce` (mean) or `ncclBroadcast` per rank's slice, rooted at its
@@ -18,7 +19,7 @@ use cudarc::nccl::sys as nccl;
 
 use super::{check, f32_only, NcclCollective};
 use crate::collective::{shard_range, CollectiveError};
-use crate::train::resident::GradReducer;
+use crate::train::resident::{owned_part, GradReducer, OwnedPart};
 use crate::Gpu;
 
 /// The element types the collectives move: f32 (gradients, master weights), and bf16 for the
@@ -95,6 +96,47 @@ impl NcclCollective {
                         nccl::ncclReduce(
                             at(r.start),
                             at(r.start),
+                            r.len(),
+                            nccl::ncclDataType_t::ncclFloat32,
+                            nccl::ncclRedOp_t::ncclAvg,
+                            root as i32,
+                            comm,
+                            stream,
+                        )
+                    })
+                })
+            })
+        })
+    }
+
+    /// In place over the `count` f32s at `ptr`, gradients `at..at + count` of a flat buffer of
+    /// `total` elements: on return the part of them this rank owns
+    /// (`owned_part(at, count, total, world, rank)`) holds the mean across ranks; the rest is
+    /// unchanged or scratch. One grouped `ncclReduce` (mean) per rank whose slice meets the
+    /// bucket, rooted at that rank.
+    ///
+    /// # Safety
+    /// As [`NcclCollective::all_reduce_mean_raw`].
+    pub unsafe fn reduce_bucket_mean_raw(
+        &mut self,
+        ptr: cu::CUdeviceptr,
+        count: usize,
+        at: usize,
+        total: usize,
+    ) -> Result<(), CollectiveError> {
+        let world = self.world;
+        let addr = move |i: usize| (ptr + 4 * (i - at) as u64) as *mut c_void;
+        self.run("reduce (a gradient bucket)", |comm, stream| {
+            group(|| {
+                (0..world).try_for_each(|root| {
+                    let Some(r) = owned_part(at, count, total, world, root) else {
+                        return Ok(());
+                    };
+                    // SAFETY: the part lies in the caller's bucket; in place on the root.
+                    check("ncclReduce", unsafe {
+                        nccl::ncclReduce(
+                            addr(r.start),
+                            addr(r.start),
                             r.len(),
                             nccl::ncclDataType_t::ncclFloat32,
                             nccl::ncclRedOp_t::ncclAvg,
@@ -193,6 +235,24 @@ impl NcclCollective {
         Ok(whole.slice(own))
     }
 
+    /// ZeRO stage 2: see [`GradReducer::reduce_bucket_mean`]; reduced in place on the device,
+    /// the owned part returned as a view of the bucket.
+    pub fn reduce_bucket_mean_tensor(
+        &mut self,
+        piece: Tensor<Gpu, 1>,
+        at: usize,
+        total: usize,
+    ) -> Result<OwnedPart<Gpu>, CollectiveError> {
+        f32_only("a gradient bucket's reduce", &piece)?;
+        let len = piece.dims()[0];
+        let piece = self.on_device(piece, |nccl, ptr, count, _| {
+            // SAFETY: as `on_device` promises.
+            unsafe { nccl.reduce_bucket_mean_raw(ptr, count, at, total) }
+        })?;
+        Ok(owned_part(at, len, total, self.world, self.rank)
+            .map(|part| (part.clone(), piece.slice(part.start - at..part.end - at))))
+    }
+
     /// ZeRO: every rank's slice of the flat `buf` (f32, or the bf16 compute copy of sharded
     /// master weights; each rank's own slice current) on every rank, gathered in place on the
     /// device.
@@ -278,6 +338,15 @@ impl GradReducer<Gpu> for NcclCollective {
         self.reduce_scatter_mean_tensor(grads)
     }
 
+    fn reduce_bucket_mean(
+        &mut self,
+        piece: Tensor<Gpu, 1>,
+        at: usize,
+        total: usize,
+    ) -> Result<OwnedPart<Gpu>, CollectiveError> {
+        self.reduce_bucket_mean_tensor(piece, at, total)
+    }
+
     fn all_gather(&mut self, buf: Tensor<Gpu, 1>) -> Result<Tensor<Gpu, 1>, CollectiveError> {
         self.all_gather_tensor(buf)
     }
@@ -291,7 +360,7 @@ impl GradReducer<Gpu> for NcclCollective {
     }
 
     /// Through the host-staged all-gather: two f32 words per rank.
-    fn total(&mut self, partial: f64) -> Result<f64, CollectiveError> {
-        crate::train::zero::total_of(self, partial)
+    fn gather_u64(&mut self, value: u64) -> Result<Vec<u64>, CollectiveError> {
+        crate::train::zero::gather_u64(self, value)
     }
 }

@@ -39,10 +39,12 @@
 //! Generic over the backend: CUDA in production, and the CPU backend in the tests, which check
 //! it against the host [`Trainer`].
 
+mod buckets;
 mod reducer;
 mod step;
 
-pub use reducer::{GradReducer, HostStaged};
+pub use buckets::BUCKET_ELEMENTS;
+pub use reducer::{owned_part, GradReducer, HostStaged, OwnedPart};
 pub use step::train_step;
 
 use std::ops::Range;
@@ -50,6 +52,8 @@ use std::ops::Range;
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use dapt_proto::job::{OptimizerSpec, TrainingSpec};
+
+use buckets::Buckets;
 
 use super::schedule::LrSchedule;
 use super::step::{admit, MicroBatch, StepStats, Trainer};
@@ -59,6 +63,9 @@ use crate::fused::FusedAutodiff;
 use crate::model::llama::param_shape;
 use crate::model::llama::Constants;
 use crate::model::{Llama, LlamaConfig, ParamLayout};
+
+/// A rank's share of the loss (one element) and its f32 gradients (flat), on the device.
+pub type LossAndGradients<B> = (Tensor<B, 1>, Tensor<B, 1>);
 
 /// Weights, AdamW state and the schedule's position, on `B`'s device.
 pub struct ResidentTrainer<B: FusedAutodiff> {
@@ -84,6 +91,8 @@ pub struct ResidentTrainer<B: FusedAutodiff> {
     constants: Option<Constants<B::InnerBackend>>,
     /// Optimizer steps taken (bias correction).
     optimizer_steps: u64,
+    /// ZeRO stage 2: the most gradient elements reduced at once ([`BUCKET_ELEMENTS`]).
+    bucket_elements: usize,
     schedule: LrSchedule,
     pub step: u64,
     pub tokens: u64,
@@ -124,6 +133,7 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
             decay,
             constants: None,
             optimizer_steps: host.optimizer.t,
+            bucket_elements: BUCKET_ELEMENTS,
             schedule: host.schedule,
             step: host.step,
             tokens: host.tokens,
@@ -197,21 +207,81 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
         &mut self,
         micro: &[MicroBatch],
         denominator: f64,
-    ) -> (Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>) {
-        let width = self.training.seq_len as usize + 1;
-        let mut loss: Option<Tensor<B::InnerBackend, 1>> = None;
+    ) -> LossAndGradients<B::InnerBackend> {
         // One flat buffer, uniquely owned: what the all-reduce writes into in place.
         let mut grads = Tensor::<B::InnerBackend, 1>::zeros([self.layout.total], &self.device);
-        for mb in micro {
+        let device = self.device.clone();
+        let passes: Vec<_> = micro.iter().map(|mb| (mb, denominator)).collect();
+        let loss = self.passes(&passes, &mut |range, g| {
+            if let Some(g) = g {
+                grads = accumulate(take(&mut grads, &device), range, g);
+            }
+        });
+        (loss, grads)
+    }
+
+    /// ZeRO stage 2: [`ResidentTrainer::gradients`] with the gradients reduced across the ranks
+    /// bucket by bucket as the backward passes make them (`buckets.rs`), so that only this
+    /// rank's slice of them is ever held whole. Returns this rank's share of the loss and the
+    /// mean across ranks of the gradients of `owned` (f32, `owned.len()` elements).
+    ///
+    /// Every rank reduces the same buckets in the same order once per micro-batch, so every
+    /// rank makes as many passes as the rank with the most micro-batches (their counts are
+    /// exchanged first; a global batch need not divide by the world): a rank with fewer repeats
+    /// its first micro-batch (a window of token 0 if it has none) with the loss divided by
+    /// infinity, whose gradients are exact zeros, while the others make their last passes.
+    ///
+    /// # Errors
+    /// The first collective failure (the passes run to the end regardless).
+    pub fn gradients_sharded(
+        &mut self,
+        micro: &[MicroBatch],
+        denominator: f64,
+        reducer: &mut dyn GradReducer<B::InnerBackend>,
+    ) -> std::result::Result<LossAndGradients<B::InnerBackend>, CollectiveError> {
+        let counts = reducer.gather_u64(micro.len() as u64)?;
+        let rounds = counts.into_iter().max().unwrap_or(0) as usize;
+        let idle = match micro.first() {
+            Some(mb) => mb.clone(),
+            None => MicroBatch {
+                ids: vec![0; self.training.seq_len as usize + 1],
+                samples: 1,
+            },
+        };
+        let passes: Vec<_> = (0..rounds)
+            .map(|i| match micro.get(i) {
+                Some(mb) => (mb, denominator),
+                None => (&idle, f64::INFINITY),
+            })
+            .collect();
+        let (total, owned, device) = (self.layout.total, self.owned.clone(), self.device.clone());
+        let mut buckets = Buckets::new(reducer, total, owned, self.bucket_elements, &device);
+        let loss = self.passes(&passes, &mut |range, g| match g {
+            Some(g) => buckets.push(range, g),
+            None => buckets.flush(),
+        });
+        Ok((loss, buckets.finish()?))
+    }
+
+    /// Forward and backward over each micro-batch of `passes`, each token's loss divided by the
+    /// denominator beside it; every parameter's gradient goes to `sink` with its range in the
+    /// flat buffer, flat, in the compute dtype, as soon as the backward pass has it, and `None`
+    /// after each pass. Returns the sum of the scaled losses (one element, on the device).
+    fn passes(
+        &mut self,
+        passes: &[(&MicroBatch, f64)],
+        sink: &mut dyn FnMut(Range<usize>, Option<Tensor<B::InnerBackend, 1>>),
+    ) -> Tensor<B::InnerBackend, 1> {
+        let width = self.training.seq_len as usize + 1;
+        let mut loss: Option<Tensor<B::InnerBackend, 1>> = None;
+        for &(mb, denominator) in passes {
             debug_assert_eq!(mb.ids.len(), mb.samples * width);
             let consts = self.constants(mb.samples, width - 1);
             let ids: Vec<i64> = mb.ids.iter().map(|&i| i as i64).collect();
             let ids = TensorData::new(ids, [mb.samples, width]);
             let layout = &self.layout;
-            let device = &self.device;
-            let mut add = |i: usize, g: Tensor<B::InnerBackend, 1>| {
-                grads = accumulate(take(&mut grads, device), layout.params[i].range(), g);
-            };
+            let mut add =
+                |i: usize, g: Tensor<B::InnerBackend, 1>| sink(layout.params[i].range(), Some(g));
             let value = if self.training.activation_checkpointing {
                 let model = Llama::<B::InnerBackend>::from_params(
                     &self.config,
@@ -231,15 +301,13 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
                 model.drain_gradients(&mut g, &mut add);
                 value
             };
+            sink(0..0, None);
             loss = Some(match loss {
                 Some(l) => l + value,
                 None => value,
             });
         }
-        (
-            loss.unwrap_or_else(|| Tensor::zeros([1], &self.device)),
-            grads,
-        )
+        loss.unwrap_or_else(|| Tensor::zeros([1], &self.device))
     }
 
     /// The RoPE tables and mask for micro-batches of `batch` x `seq`, made once per shape.
@@ -258,6 +326,24 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
     /// The slice of the flat buffer this rank's optimizer state covers (all of it without ZeRO).
     pub fn owned(&self) -> Range<usize> {
         self.owned.clone()
+    }
+
+    /// Bytes of f32 gradients a step holds whole: this rank's slice under ZeRO stage 2 (the
+    /// rest leaves in buckets of at most [`BUCKET_ELEMENTS`]), else the whole flat buffer.
+    pub fn gradient_bytes(&self) -> usize {
+        let elements = if self.training.zero_stage >= 2 {
+            self.owned.len()
+        } else {
+            self.layout.total
+        };
+        elements * std::mem::size_of::<f32>()
+    }
+
+    /// Sets the most gradient elements ZeRO stage 2 reduces at once (tests: small buckets
+    /// that cut parameters).
+    #[cfg(test)]
+    pub(crate) fn set_bucket_elements(&mut self, elements: usize) {
+        self.bucket_elements = elements;
     }
 
     /// Bytes of AdamW state on the device: the two f32 moments of the owned slice (no decay

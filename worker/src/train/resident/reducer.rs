@@ -1,7 +1,10 @@
 //! The collectives the resident engine's step needs, on flat f32 tensors where they live: the
 //! all-reduce of stage 0 and, for ZeRO (`training.zero_stage` 1 and 2), the reduce-scatter and
-//! all-gather halves over the same split as the host path ([`shard_range`]) and the bit-exact sum
-//! of every rank's partial sum of squares (the global gradient norm).
+//! all-gather halves over the same split as the host path ([`shard_range`]), the reduction of one
+//! bucket of stage 2's gradients to the ranks that own it, and the bit-exact sum of every rank's
+//! partial sum of squares (the global gradient norm).
+
+use std::ops::Range;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Tensor, TensorData};
@@ -22,6 +25,18 @@ pub trait GradReducer<B: Backend> {
     /// there.
     fn reduce_scatter_mean(&mut self, grads: Tensor<B, 1>)
         -> Result<Tensor<B, 1>, CollectiveError>;
+    /// ZeRO stage 2, one bucket of the gradients at a time, as the backward pass makes them:
+    /// every rank passes `piece`, its f32 gradients of `at..at + piece.len()` of a flat buffer
+    /// of `total` elements (the same buckets on every rank, in the same order). Returns the mean
+    /// across ranks of the part of the bucket this rank owns ([`owned_part`]) as that part's
+    /// range in the flat buffer and its values, or None when the rank owns none of it: no rank
+    /// ever holds a reduced gradient buffer the size of the model.
+    fn reduce_bucket_mean(
+        &mut self,
+        piece: Tensor<B, 1>,
+        at: usize,
+        total: usize,
+    ) -> Result<OwnedPart<B>, CollectiveError>;
     /// Every rank passes the whole `buf` (f32, or bf16: the compute copy of sharded master
     /// weights) with its own slice current; returns the whole buffer, in the same dtype,
     /// holding every rank's slice, bitwise as its owner had it.
@@ -34,9 +49,36 @@ pub trait GradReducer<B: Backend> {
         own: Tensor<B, 1>,
         len: usize,
     ) -> Result<Vec<f32>, CollectiveError>;
-    /// The sum over ranks of each rank's `partial`, the same bits on every rank (see
-    /// `train::zero::total_of`: an all-gather of the f64 bits, added in rank order).
-    fn total(&mut self, partial: f64) -> Result<f64, CollectiveError>;
+    /// Every rank's `value`, in rank order, on every rank (bit for bit: see
+    /// `train::zero::gather_u64`).
+    fn gather_u64(&mut self, value: u64) -> Result<Vec<u64>, CollectiveError>;
+    /// The sum over ranks of each rank's `partial`, the same bits on every rank: the f64 bits
+    /// gathered, added in rank order.
+    fn total(&mut self, partial: f64) -> Result<f64, CollectiveError> {
+        Ok(self
+            .gather_u64(partial.to_bits())?
+            .into_iter()
+            .map(f64::from_bits)
+            .sum())
+    }
+}
+
+/// What [`GradReducer::reduce_bucket_mean`] leaves a rank: the range of the flat buffer it owns
+/// within the bucket and the reduced values there, or None.
+pub type OwnedPart<B> = Option<(Range<usize>, Tensor<B, 1>)>;
+
+/// The part of the bucket `at..at + len` of a flat buffer of `total` elements that `rank` of
+/// `world` owns (`shard_range(total, world, rank)`), if any.
+pub fn owned_part(
+    at: usize,
+    len: usize,
+    total: usize,
+    world: usize,
+    rank: usize,
+) -> Option<Range<usize>> {
+    let own = shard_range(total, world, rank);
+    let (start, end) = (own.start.max(at), own.end.min(at + len));
+    (start < end).then_some(start..end)
 }
 
 /// Any host [`Collective`] (the TCP ring) as a [`GradReducer`]: buffers are downloaded, reduced
@@ -86,6 +128,24 @@ impl<B: Backend, C: Collective> GradReducer<B> for HostStaged<C> {
         Ok(upload(host, &device))
     }
 
+    /// Through the ring's all-reduce of the whole bucket (the ring has no reduce to one rank):
+    /// twice the traffic of a reduce, on CPU ranks only; the host copy is one bucket's.
+    fn reduce_bucket_mean(
+        &mut self,
+        piece: Tensor<B, 1>,
+        at: usize,
+        total: usize,
+    ) -> Result<OwnedPart<B>, CollectiveError> {
+        let device = piece.device();
+        let mut host = download(piece)?;
+        self.0.all_reduce_mean(&mut host)?;
+        let (world, rank) = (self.0.world(), self.0.rank());
+        Ok(owned_part(at, host.len(), total, world, rank).map(|part| {
+            let values = host[part.start - at..part.end - at].to_vec();
+            (part, upload(values, &device))
+        }))
+    }
+
     fn all_gather(&mut self, buf: Tensor<B, 1>) -> Result<Tensor<B, 1>, CollectiveError> {
         let (device, dtype) = (buf.device(), buf.dtype());
         let len = buf.dims()[0];
@@ -115,7 +175,7 @@ impl<B: Backend, C: Collective> GradReducer<B> for HostStaged<C> {
         Ok(host)
     }
 
-    fn total(&mut self, partial: f64) -> Result<f64, CollectiveError> {
-        crate::train::zero::total_of(&mut self.0, partial)
+    fn gather_u64(&mut self, value: u64) -> Result<Vec<u64>, CollectiveError> {
+        crate::train::zero::gather_u64(&mut self.0, value)
     }
 }

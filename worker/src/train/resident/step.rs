@@ -12,6 +12,15 @@ use crate::error::{Result, WorkerError};
 use crate::fused::FusedAutodiff;
 use crate::train::step::{MicroBatch, StepStats};
 
+/// Waits for the device (so that the step's phases are timed apart) and reads the loss.
+fn settle<B: FusedAutodiff>(
+    trainer: &ResidentTrainer<B>,
+    loss: burn::tensor::Tensor<B::InnerBackend, 1>,
+) -> f64 {
+    let _ = B::sync(trainer.device());
+    loss.into_scalar().elem()
+}
+
 /// The step's loss and gradients reduced across ranks by `reducer` (if any), then applied.
 /// Under `training.zero_stage` 1 or 2 with a reducer the step is ZeRO's (see the module's
 /// overview in `resident/mod.rs`): the trainer must hold the reducer's shard ([`crate::train::Trainer::shard`] before
@@ -52,27 +61,28 @@ pub fn train_step<B: FusedAutodiff>(
         }));
     }
     // Where the step's time goes: each phase ends with the device idle (one extra wait between
-    // the backward passes and the reduction, which the NCCL path waits for anyway).
+    // the backward passes and the reduction, which the NCCL path waits for anyway). Under
+    // stage 2 the reduction runs bucket by bucket inside the backward passes, and its time
+    // counts there.
     let started = Instant::now();
-    let (loss, grads) = trainer.gradients(micro, denominator);
-    let _ = B::sync(trainer.device());
-    // One value, from a device that is idle now.
-    let loss: f64 = loss.into_scalar().elem();
-    // As `step::poison`: a non-finite loss on this rank reaches every rank's norm.
-    let grads = if loss.is_finite() {
-        grads
-    } else {
-        grads.add_scalar(f64::NAN)
-    };
-    let backward = started.elapsed();
-    let (stats, reduced, applied) = match reducer {
+    let (stats, backward, reduced, applied) = match reducer {
         Some(r) if stage > 0 => {
-            let owned = if stage >= 2 {
-                r.reduce_scatter_mean(grads)?
+            let (loss, owned, backward) = if stage >= 2 {
+                let (loss, owned) = trainer.gradients_sharded(micro, denominator, &mut *r)?;
+                (settle::<B>(trainer, loss), owned, started.elapsed())
             } else {
-                r.all_reduce_mean(grads)?.slice(expected.clone())
+                let (loss, grads) = trainer.gradients(micro, denominator);
+                let loss = settle::<B>(trainer, loss);
+                let backward = started.elapsed();
+                let owned = r.all_reduce_mean(grads)?.slice(expected.clone());
+                (loss, owned, backward)
             };
-            let partial = trainer.sum_of_squares(&owned, expected);
+            // As `step::poison`: a non-finite loss on this rank reaches every rank's norm.
+            let partial = if loss.is_finite() {
+                trainer.sum_of_squares(&owned, expected)
+            } else {
+                f64::NAN
+            };
             let grad_norm = r.total(partial)?.sqrt();
             let reduced = started.elapsed();
             let stats = trainer.apply_owned(owned, grad_norm, loss, step_tokens)?;
@@ -81,9 +91,18 @@ pub fn train_step<B: FusedAutodiff>(
                 let device = trainer.device.clone();
                 trainer.weights = r.all_gather(take(&mut trainer.weights, &device))?;
             }
-            (stats, reduced, applied)
+            ((loss, stats), backward, reduced, applied)
         }
         reducer => {
+            let (loss, grads) = trainer.gradients(micro, denominator);
+            let loss = settle::<B>(trainer, loss);
+            // As `step::poison`: a non-finite loss on this rank reaches every rank's norm.
+            let grads = if loss.is_finite() {
+                grads
+            } else {
+                grads.add_scalar(f64::NAN)
+            };
+            let backward = started.elapsed();
             let grads = match reducer {
                 Some(r) => r.all_reduce_mean(grads)?,
                 None => grads,
@@ -91,9 +110,10 @@ pub fn train_step<B: FusedAutodiff>(
             let reduced = started.elapsed();
             let stats = trainer.apply(grads, loss, step_tokens)?;
             let done = started.elapsed();
-            (stats, reduced, done)
+            ((loss, stats), backward, reduced, done)
         }
     };
+    let (loss, stats) = stats;
     let done = started.elapsed();
     tracing::info!(
         step = trainer.step,

@@ -34,9 +34,16 @@ fn training(stage: u8) -> TrainingSpec {
 }
 
 /// [`training`] with `extra` lines in its `training:` section.
+///
+/// AdamW's `eps` is 1e-5, not the default 1e-8: its first steps move each weight by about
+/// `lr * g / (|g| + eps)`, so with 1e-8 a gradient element that is near zero after the sum over
+/// ranks and micro-batches (where rounding is all there is) moves by up to `lr` on a rounding
+/// difference. Stage 2 sums in another order than stage 0 (each micro-batch's mean over the
+/// ranks, then over the micro-batches; bucket by bucket), which moved weights by 1.1e-6 to 3.9e-3
+/// (bf16) with 1e-8; with 1e-5 the weights agree within 1e-6 and any real error stays visible.
 fn training_with(stage: u8, extra: &str) -> TrainingSpec {
     let spec = JobSpec::parse(&format!(
-        "job: t\nseed: {SEED}\nmodel:\n  preset: tiny\ncorpus:\n  output: x\n  vocab_size: 512\n  sources:\n    - name: a\n      role: domain\n      paths: [\"x\"]\n      weight: 1\ntraining:\n  seq_len: {SEQ}\n  global_batch: {SAMPLES}\n  micro_batch: 1\n  tokens: {}\n  zero_stage: {stage}\n{extra}  optimizer:\n    lr: 0.01\n    grad_clip: 0.5\n",
+        "job: t\nseed: {SEED}\nmodel:\n  preset: tiny\ncorpus:\n  output: x\n  vocab_size: 512\n  sources:\n    - name: a\n      role: domain\n      paths: [\"x\"]\n      weight: 1\ntraining:\n  seq_len: {SEQ}\n  global_batch: {SAMPLES}\n  micro_batch: 1\n  tokens: {}\n  zero_stage: {stage}\n{extra}  optimizer:\n    lr: 0.01\n    grad_clip: 0.5\n    eps: 1.0e-5\n",
         STEP_TOKENS * 10
     ))
     .expect("job");
@@ -97,6 +104,19 @@ fn train_in(
     steps: u64,
     start: &(dyn Fn(usize) -> Trainer + Sync),
 ) -> Vec<RankResult> {
+    train_bucketed(compute, world, first, steps, start, None)
+}
+
+/// [`train_in`] with stage 2's gradient buckets at most `bucket` elements (default:
+/// [`BUCKET_ELEMENTS`], which holds the tiny model whole).
+fn train_bucketed(
+    compute: FloatDType,
+    world: usize,
+    first: u64,
+    steps: u64,
+    start: &(dyn Fn(usize) -> Trainer + Sync),
+    bucket: Option<usize>,
+) -> Vec<RankResult> {
     let rings = TcpRing::loopback(world, Duration::from_secs(20)).expect("rings");
     std::thread::scope(|scope| {
         let handles: Vec<_> = rings
@@ -122,6 +142,15 @@ fn train_in(
                         },
                         "rank {rank}: {master} bytes of f32 master weights"
                     );
+                    if let Some(elements) = bucket {
+                        trainer.set_bucket_elements(elements);
+                    }
+                    // Stage 2 holds the gradients of its slice only; 0 and 1 the whole buffer.
+                    let grads = match trainer.training.zero_stage {
+                        2.. => trainer.owned.len(),
+                        _ => trainer.layout.total,
+                    };
+                    assert_eq!(trainer.gradient_bytes(), 4 * grads, "rank {rank}");
                     let mut reducer = HostStaged(ring);
                     let mut log = Vec::new();
                     for step in first..first + steps {
@@ -206,6 +235,52 @@ fn zero_stages_1_and_2_match_stage_0_at_2_and_3_ranks() {
                 "stage {stage}, world {world}: moments differ by {dm} / {dv}"
             );
         }
+    }
+}
+
+/// Stage 2 reduces its gradients bucket by bucket during the backward passes: with buckets
+/// far smaller than the model (97 elements: every parameter cut into pieces, pieces that
+/// straddle two ranks' slices, a last piece shorter than the rest; 20,000: a norm gain and the
+/// matrix after it in one bucket, the MLP's matrices in three pieces), with the blocks'
+/// gradients arriving top-down under recompute, over an uneven 3-rank split, and over 4 ranks
+/// with 2, 2, 1 and 1 micro-batches (the last two make an idle pass to keep the reductions in
+/// step), every step and the final state are stage 0's.
+#[test]
+fn zero_stage_2_in_small_buckets_matches_stage_0_with_and_without_recompute() {
+    let steps = 3;
+    for (world, recompute, bucket) in [(3, false, 97), (3, true, 20_000), (4, false, 20_000)] {
+        let extra = if recompute {
+            "  activation_checkpointing: true\n"
+        } else {
+            ""
+        };
+        let start = |stage: u8| {
+            move |rank: usize| {
+                let mut t = host(stage, rank, world);
+                t.training = training_with(stage, extra);
+                t
+            }
+        };
+        let stage0 = train(world, 0, steps, &start(0));
+        let ranks = train_bucketed(FloatDType::F32, world, 0, steps, &start(2), Some(bucket));
+        let mut m = Vec::new();
+        for (rank, ((log, t, _), (log0, t0, _))) in ranks.iter().zip(&stage0).enumerate() {
+            let at = format!("world {world}, recompute {recompute}, rank {rank}");
+            for (step, ((loss, norm), (loss0, norm0))) in log.iter().zip(log0).enumerate() {
+                assert!(
+                    (loss - loss0).abs() < 1e-5 && (norm - norm0).abs() < 1e-5,
+                    "{at}, step {step}: loss {loss} vs {loss0}, grad norm {norm} vs {norm0}"
+                );
+            }
+            let d = max_abs_diff(&t.weights, &t0.weights);
+            assert!(d < 1e-6, "{at}: weights differ by {d}");
+            m.extend_from_slice(&t.optimizer.m);
+        }
+        let dm = max_abs_diff(&m, &stage0[0].1.optimizer.m);
+        assert!(
+            dm < 1e-6,
+            "world {world}, recompute {recompute}: first moments differ by {dm}"
+        );
     }
 }
 
