@@ -200,10 +200,19 @@ pub struct Memory {
     pub master_f32: f64,
     /// AdamW's two f32 moments, 1/w from stage 1.
     pub optimizer_f32: f64,
-    /// The flat f32 gradient buffer, whole at every stage: the workers accumulate each
-    /// micro-batch's gradients into all of it before the reduce-scatter (stage 2 saves traffic,
-    /// not this buffer).
+    /// The f32 gradient buffer a step accumulates into: the whole flat buffer at stages 0 and
+    /// 1, the rank's slice (1/w) at stage 2, where each micro-batch's gradients are reduced to
+    /// their owners in buckets as the backward pass makes them.
     pub gradients_f32: f64,
+    /// Stage 2 over more than one rank: one gradient bucket in flight
+    /// (`dapt_proto::model::GRADIENT_BUCKET_ELEMENTS` f32s, or the whole model when smaller),
+    /// twice: on a GPU the parameters' f32 casts and their concatenation; on the CPU (f32, where
+    /// the pieces are the gradients in flight) the concatenation and the ring's host copy.
+    pub gradient_buckets: f64,
+    /// Whether the blocks are recomputed in the backward pass: then each block's gradients
+    /// leave in buckets while the kept inputs are alive; without, they leave after the whole
+    /// backward pass, when the graph's activations are gone.
+    pub recompute: bool,
     /// Gradients the backward pass holds before they reach the flat buffer, compute dtype: all
     /// parameters' with one graph, one block's (or the embedding's) with recompute.
     pub gradients_in_flight: f64,
@@ -233,9 +242,15 @@ impl Memory {
             + self.gradients_f32
     }
 
-    /// The backward phase's extra: gradients in flight, activations, logits.
+    /// The backward phase's extra: gradients in flight, activations, logits; and stage 2's
+    /// bucket, with them under recompute, or after them (beside the gradients only) without.
     pub fn backward_phase(&self) -> f64 {
-        self.gradients_in_flight + self.activations + self.logits
+        let passes = self.gradients_in_flight + self.activations + self.logits;
+        if self.recompute {
+            passes + self.gradient_buckets
+        } else {
+            passes.max(self.gradients_in_flight + self.gradient_buckets)
+        }
     }
 
     /// The peak: states plus the larger of the two phases.
@@ -311,13 +326,22 @@ pub fn memory(
     } else {
         c * n
     };
-    // From stage 1 a rank owns 1/w of the flat buffer's optimizer state.
+    // From stage 1 a rank owns 1/w of the flat buffer's optimizer state; from stage 2 of its
+    // gradients too (one bucket at a time in flight beyond that).
     let owned = if setting.zero_stage >= 1 { n / w } else { n };
+    let sharded_gradients = setting.zero_stage >= 2 && world > 1;
+    let bucket = 4.0 * n.min(dapt_proto::model::GRADIENT_BUCKET_ELEMENTS as f64);
     Memory {
         weights: c * n,
         master_f32: if c < 4.0 { 4.0 * owned } else { 0.0 },
         optimizer_f32: 8.0 * owned,
-        gradients_f32: 4.0 * n,
+        gradients_f32: if sharded_gradients {
+            4.0 * owned
+        } else {
+            4.0 * n
+        },
+        gradient_buckets: if sharded_gradients { 2.0 * bucket } else { 0.0 },
+        recompute: setting.recompute,
         gradients_in_flight: in_flight,
         activations,
         logits: (c + 12.0)
@@ -339,8 +363,9 @@ pub fn rank_micro_batch(training: &TrainingSpec, world: u32) -> u64 {
 
 /// The first setting that fits in 90% of `gpu`'s memory, trying the cheapest first: without
 /// recompute before with it (recompute costs a forward pass), the job's micro-batch before
-/// halves of it (smaller passes run less efficiently), and ZeRO stage 0, 1, 2 (the same bytes
-/// on the wire per step, ZeRO's cost is latency).
+/// halves of it (smaller passes run less efficiently), and ZeRO stage 0, 1, 2 (stage 1 adds an
+/// all-gather of the weights to stage 0's all-reduce; stage 2 reduces once per micro-batch
+/// instead of once per step).
 pub fn smallest_fit(
     config: &LlamaConfig,
     training: &TrainingSpec,
@@ -473,7 +498,7 @@ pub fn plan(job: &JobSpec, config: &LlamaConfig, options: &PlanOptions) -> Resul
             fits_with.as_ref().map_or(1, |(c, _)| c.zero_stage)
         };
         warnings.push(format!(
-            "zero_stage {stage} on GPUs: the device engine's NCCL reduce-scatter and all-gather have not run on GPUs yet (docs/model.md, ZeRO)"
+            "zero_stage {stage} on GPUs: the device engine's NCCL reduce and all-gather have not run on GPUs yet (docs/model.md, ZeRO)"
         ));
     }
     if training.global_batch % world as u64 != 0 {
@@ -568,7 +593,7 @@ pub fn render(plan: &Plan, options: &PlanOptions, config: &LlamaConfig) -> Strin
     };
     let _ = writeln!(
         o,
-        "memory per rank: {} at {} over {} rank{} = runtime {}{} + {dtype} weights {} + f32 master {} + AdamW moments {} + f32 gradients {} + max(backward: gradients in flight {} + activations {} + logits {}; optimizer temporaries {})",
+        "memory per rank: {} at {} over {} rank{} = runtime {}{} + {dtype} weights {} + f32 master {} + AdamW moments {} + f32 gradients {} + max(backward: gradients in flight {} + activations {} + logits {}{}; optimizer temporaries {})",
         gb(m.total()),
         describe(&plan.setting),
         options.gpus,
@@ -586,6 +611,14 @@ pub fn render(plan: &Plan, options: &PlanOptions, config: &LlamaConfig) -> Strin
         gb(m.gradients_in_flight),
         gb(m.activations),
         gb(m.logits),
+        match (m.gradient_buckets > 0.0, m.recompute) {
+            (false, _) => String::new(),
+            (true, true) => format!(" + gradient buckets {}", gb(m.gradient_buckets)),
+            (true, false) => format!(
+                "; after it: gradients in flight + gradient buckets {}",
+                gb(m.gradient_buckets)
+            ),
+        },
         gb(m.optimizer_temporaries)
     );
     if let Some((cheap, mem)) = &plan.fits_with {
@@ -741,16 +774,21 @@ mod tests {
         assert_eq!(s0.optimizer_f32, 8.0 * n);
         assert_eq!(s1.optimizer_f32, n);
         assert_eq!(s1.master_f32, 0.5 * n);
-        // The gradient buffer is whole at every stage: the workers accumulate the micro-batches
-        // into all of it before the reduce-scatter, so stage 2 costs what stage 1 does.
-        for s in [&s0, &s1, &s2] {
+        // Stages 0 and 1 accumulate into the whole gradient buffer; stage 2 into the rank's
+        // slice, with one 64 MiB f32 bucket (twice: pieces and concatenation) in flight.
+        for s in [&s0, &s1] {
             assert_eq!(s.gradients_f32, 4.0 * n);
+            assert_eq!(s.gradient_buckets, 0.0);
         }
+        assert_eq!(s2.gradients_f32, 0.5 * n);
+        assert_eq!(s2.gradient_buckets, 2.0 * 4.0 * (16 << 20) as f64);
         assert_eq!(s1.optimizer_temporaries, s2.optimizer_temporaries);
         // Every rank keeps the whole bf16 weights.
         assert_eq!(s2.weights, 2.0 * n);
         assert!(s0.total() > s1.total());
-        assert_eq!(s1.total(), s2.total());
+        assert!(s1.total() > s2.total() + 3.0 * n);
+        // One rank has nobody to shard with: stage 2 holds the whole buffer there.
+        assert_eq!(at(2, 1).gradients_f32, 4.0 * n);
         // More ranks, less per rank.
         assert!(at(2, 16).total() < s2.total());
         // Recompute keeps one block's activations instead of all of them.
@@ -773,25 +811,34 @@ mod tests {
         let job = job("  activation_checkpointing: true\n  zero_stage: 2\n");
         let config = model_config(&job).expect("config");
         let p = plan(&job, &config, &options("h100")).expect("plan");
-        // With the whole f32 gradient buffer (27 GB) on every rank: about 55 GB of 72 usable.
+        // With 1/8 of the f32 gradients (3.4 GB) on every rank: about 31 GB of 72 usable.
         let total = p.memory.total();
-        assert!(total < 0.9 * 80e9 && total > 50e9, "{total}");
-        assert_eq!(p.memory.gradients_f32, 4.0 * config.num_params() as f64);
+        assert!(total < 35e9 && total > 28e9, "{total}");
+        assert_eq!(
+            p.memory.gradients_f32,
+            4.0 * config.num_params() as f64 / 8.0
+        );
         // The only warning: the NCCL collectives have not run on GPUs.
         assert!(
-            p.warnings.len() == 1 && p.warnings[0].contains("NCCL reduce-scatter and all-gather"),
+            p.warnings.len() == 1 && p.warnings[0].contains("NCCL reduce and all-gather"),
             "{:?}",
             p.warnings
         );
-        // Stage 1 fits too, for the same bytes, and is the cheapest setting that does.
-        let (cheapest, _) = p.fits_with.expect("a cheaper setting");
+        // Stage 2 fits without recompute too (every block's activations, about 59 GB): the
+        // cheaper setting, named. Stage 1 does not (the whole gradient buffer, about 83 GB).
+        let (cheapest, mem) = p.fits_with.expect("a cheaper setting");
         assert_eq!(
             cheapest,
             MemorySetting {
-                zero_stage: 1,
-                recompute: true,
+                zero_stage: 2,
+                recompute: false,
                 micro_batch: 1
             }
+        );
+        assert!(
+            mem.total() > 55e9 && mem.total() < 0.9 * 80e9,
+            "{}",
+            mem.total()
         );
         let text = render(&p, &options("h100"), &config);
         assert!(

@@ -143,6 +143,11 @@ pub const MAX_PARAMS: u64 = 1 << 40;
 /// `fused::loss`; the planner counts one chunk): 128 MiB, 8,192 columns at 4,096 tokens.
 pub const LOSS_CHUNK_BYTES: usize = 128 << 20;
 
+/// ZeRO stage 2's gradient buckets, in elements (64 MiB of f32): the most gradient elements a
+/// rank reduces at once (the worker's `train/resident/buckets.rs`; the planner counts one bucket
+/// in flight).
+pub const GRADIENT_BUCKET_ELEMENTS: usize = 16 << 20;
+
 /// Loss chunks are a multiple of this many vocabulary columns (tensor-core tiles).
 pub const LOSS_CHUNK_ALIGN: usize = 256;
 

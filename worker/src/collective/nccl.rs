@@ -16,8 +16,9 @@
 //!   here). cubecl's stream is private, so the order is: drain cubecl's queue
 //!   (`Backend::sync`), run NCCL on its own stream, wait for that stream; then cubecl's next
 //!   kernels read the reduced values. Two waits per step, each short when the step is long.
-//! * ZeRO (`training.zero_stage` 1 and 2): the reduce-scatter and all-gather on the same flat
-//!   buffers, in place, with the same polling, abort and timeout (`nccl/zero.rs`).
+//! * ZeRO (`training.zero_stage` 1 and 2): the reduce-scatter, stage 2's bucket reduce and the
+//!   all-gather on the same flat buffers, in place, with the same polling, abort and timeout
+//!   (`nccl/zero.rs`).
 //! * The [`Collective`] impl (host buffers) stages through one device buffer: for tests and
 //!   for callers that hold gradients on the host (the gradient norm's partial sums under ZeRO).
 //!

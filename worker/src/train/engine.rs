@@ -201,6 +201,7 @@ fn resident<B: crate::fused::FusedOps>(
     tracing::info!(
         optimizer_bytes = trainer.optimizer_bytes(),
         master_bytes = trainer.master_bytes(),
+        gradient_bytes = trainer.gradient_bytes(),
         owned_start = owned.start,
         owned_end = owned.end,
         "optimizer state on the device"

@@ -16,10 +16,11 @@ use burn::tensor::{FloatDType, Tensor};
 use super::{accumulate, take, GradReducer};
 use crate::collective::CollectiveError;
 
-/// Elements per bucket: 64 MiB of f32. Larger parameters go in pieces of this size, so the f32
-/// copy of a gradient in flight is at most this big (and, when a bucket is cut from adjacent
-/// parameters, once more for their concatenation).
-pub const BUCKET_ELEMENTS: usize = 16 << 20;
+/// Elements per bucket: 64 MiB of f32 (`dapt_proto::model::GRADIENT_BUCKET_ELEMENTS`, which the
+/// planner counts). Larger parameters go in pieces of this size, so the f32 copy of a gradient
+/// in flight is at most this big (and, when a bucket is made of adjacent parameters, once more
+/// for their concatenation).
+pub const BUCKET_ELEMENTS: usize = dapt_proto::model::GRADIENT_BUCKET_ELEMENTS;
 
 /// One micro-batch's (or several's) gradients on their way to this rank's slice.
 pub(super) struct Buckets<'r, B: Backend> {
