@@ -2,13 +2,15 @@
 //! AdamW moments and the gradients living on the training device as Burn tensors, so a step
 //! never copies the model between host and device.
 //!
-//! Per micro-batch the f32 master weights are sliced (views, no copy) into one tensor per
-//! parameter, cast to the compute dtype (a no-op for f32; a bf16 copy for mixed precision) and
-//! wrapped as fresh autodiff leaves: Burn 0.21's autodiff gives wrong gradients when the leaves
-//! of an already-backpropagated graph are reused (see `step.rs`), and on a device a fresh leaf
-//! costs nothing but the cast. Each parameter's gradient is added, in f32, into its range of one
-//! flat, uniquely owned buffer in the [`ParamLayout`] order (the buffer a [`GradReducer`]
-//! all-reduces in place) as soon as the backward pass has it, and then dropped. The step clips
+//! Once per step the f32 master weights are sliced (views, no copy) into one tensor per
+//! parameter and cast to the compute dtype (a no-op for f32; one bf16 copy per step for mixed
+//! precision, shared by the step's micro-batches); each micro-batch wraps them as fresh autodiff
+//! leaves: Burn 0.21's autodiff gives wrong gradients when the leaves of an already-backpropagated
+//! graph are reused (see `step.rs`), and a fresh leaf over the same tensor costs nothing. Each
+//! parameter's gradient is added, in f32, into its range of one flat, uniquely owned buffer in
+//! the [`ParamLayout`] order (the buffer a [`GradReducer`] all-reduces in place; at ZeRO stage 2
+//! into buckets instead, see below) as soon as the backward pass has it, and then dropped. The
+//! step clips
 //! that buffer by its global norm and applies AdamW as element-wise tensor ops with the same
 //! formula, in f32, as `optimizer.rs`.
 //!
@@ -274,6 +276,10 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
     ) -> Tensor<B::InnerBackend, 1> {
         let width = self.training.seq_len as usize + 1;
         let mut loss: Option<Tensor<B::InnerBackend, 1>> = None;
+        // The weights in the compute dtype, once per step rather than once per micro-batch:
+        // with bf16 compute and whole f32 master weights (stage 0 and 1) this is the step's one
+        // cast, alive while the passes run (as each pass's copy was); otherwise views.
+        let views: Vec<Tensor<B::InnerBackend, 2>> = self.param_views().collect();
         for &(mb, denominator) in passes {
             debug_assert_eq!(mb.ids.len(), mb.samples * width);
             let consts = self.constants(mb.samples, width - 1);
@@ -285,13 +291,18 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
             let value = if self.training.activation_checkpointing {
                 let model = Llama::<B::InnerBackend>::from_params(
                     &self.config,
-                    self.param_views().collect(),
+                    views.clone(),
                     &self.device,
                 );
                 let ids = Tensor::<B::InnerBackend, 2, Int>::from_data(ids, &self.device);
                 model.backward_recompute::<B>(ids, denominator, &consts, &mut add)
             } else {
-                let model = Llama::<B>::from_params(&self.config, self.leaves(), &self.device);
+                // Fresh autodiff leaves for every pass (see `step.rs`), over the same tensors.
+                let leaves = views
+                    .iter()
+                    .map(|w| Tensor::<B, 2>::from_inner(w.clone()).require_grad())
+                    .collect();
+                let model = Llama::<B>::from_params(&self.config, leaves, &self.device);
                 let ids = Tensor::<B, 2, Int>::from_data(ids, &self.device);
                 let scaled = model
                     .nll_sum_with(ids, &Constants::from_inner(&consts))
@@ -539,13 +550,6 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
                 w.cast(self.compute)
             }
         })
-    }
-
-    /// Fresh autodiff leaves over the master weights.
-    fn leaves(&self) -> Vec<Tensor<B, 2>> {
-        self.param_views()
-            .map(|w| Tensor::<B, 2>::from_inner(w).require_grad())
-            .collect()
     }
 }
 
