@@ -164,7 +164,8 @@ def main():
     rows = []
     for path in sorted(glob.glob(f"{logs}/dapt-*.log") + glob.glob(f"{logs}/launch-*-bf16.log")
                        + glob.glob(f"{logs}/restart-*-bf16.log")
-                       + glob.glob(f"{logs}/zero2-*-bf16.log")):
+                       + glob.glob(f"{logs}/zero2-*-bf16.log")
+                       + glob.glob(f"{logs}/blockwise-*-bf16.log")):
         rows.append(dapt_run(logs, path, a.anchor, a.peak))
     for path in sorted(glob.glob(f"{logs}/torch-*.log")):
         rows.append(torch_run(logs, path))
@@ -199,10 +200,22 @@ def main():
             zero_parity.append(dict(shape=shape, steps=len(pairs), stage0=[x for x, _ in pairs],
                                     stage2=[y for _, y in pairs],
                                     max_abs_diff=max(abs(x - y) for x, y in pairs)))
+    # Attention as blockwise matmuls against the kernels, step by step (the same job and data).
+    blockwise_parity = []
+    for shape in ("1b", "135m"):
+        d, b = by.get(f"dapt-{shape}-bf16"), by.get(f"blockwise-{shape}-bf16")
+        if d and b and d.get("losses") and b.get("losses"):
+            pairs = list(zip(d["losses"], b["losses"]))
+            blockwise_parity.append(dict(shape=shape, steps=len(pairs), kernels=[x for x, _ in pairs],
+                                         blockwise=[y for _, y in pairs],
+                                         max_abs_diff=max(abs(x - y) for x, y in pairs),
+                                         kernels_tokens_per_s=d.get("tokens_per_s"),
+                                         blockwise_tokens_per_s=b.get("tokens_per_s")))
     ratios = []
     for shape in ("1b", "135m"):
         t = by.get(f"torch-{shape}-bf16")
-        for run in ("dapt-{}-bf16", "dapt-{}-bf16-autotune", "dapt-{}-f32", "launch-{}-bf16"):
+        for run in ("dapt-{}-bf16", "dapt-{}-bf16-autotune", "dapt-{}-f32", "launch-{}-bf16",
+                    "blockwise-{}-bf16"):
             d = by.get(run.format(shape))
             if d and t:
                 ratios.append(dict(shape=shape, run=d["name"], vs="pytorch eager bf16",
@@ -226,7 +239,7 @@ def main():
     result = dict(date=date, commit=a.commit, gpu=gpu.group(1) if gpu else None,
                   driver=gpu.group(2) if gpu else None, gpu_memory=gpu.group(3) if gpu else None,
                   peak_flops=a.peak, budget_s=a.budget, fused_gpu=fused_tests(logs), runs=rows,
-                  loss_parity=parity, zero_parity=zero_parity, ptx_cache=ptx_cache, ratios=ratios, profile_1b=profile, autotune_choices=choices,
+                  loss_parity=parity, zero_parity=zero_parity, blockwise_parity=blockwise_parity, ptx_cache=ptx_cache, ratios=ratios, profile_1b=profile, autotune_choices=choices,
                   skipped=skipped,
                   carried_sizes=sizes)
     with open(f"{a.out}/results.json", "w") as f:

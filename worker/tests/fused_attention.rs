@@ -3,7 +3,9 @@
 //! both differentiated on `Autodiff<Flex>`: outputs and the gradients of q, k and v, on random
 //! shapes with odd sequence lengths, GQA ratios 1, 2 and 4, head dims 8 to 128 and sliding
 //! windows; the log-sum-exp against a float64 loop; the device-built mask against the
-//! host-built one it replaced.
+//! host-built one it replaced. The blockwise form of the op (`fused::blockwise`: Burn matmuls
+//! per block of query positions) against the one-block default bodies, for block sizes that do
+//! and do not divide the sequence.
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
@@ -11,7 +13,7 @@ use burn::tensor::{Tensor, TensorPrimitive};
 use dapt_worker::fused::attention::{
     attention_mask, flash_attention, reference_attention, AttentionShape,
 };
-use dapt_worker::fused::AttentionOps;
+use dapt_worker::fused::{blockwise, AttentionOps};
 use dapt_worker::Cpu;
 
 mod support;
@@ -144,6 +146,97 @@ fn the_forward_writes_each_rows_log_sum_exp() {
             .fold(0.0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
         assert!(diff < 1e-4, "lse differs by {diff} for {s:?}");
     }
+}
+
+/// Blockwise attention's output, log-sum-exp and `(dq, dk, dv)` equal the default bodies' (all
+/// query rows at once) for blocks of 1, 2, 5 and 16 positions and the whole sequence: blocks
+/// that cut a window, blocks shorter than it, a last block shorter than the rest.
+#[test]
+fn blockwise_attention_matches_the_one_block_op() {
+    let prim = |t: Tensor<Cpu, 2>| t.into_primitive().tensor();
+    let back = |p| Tensor::<Cpu, 2>::from_primitive(TensorPrimitive::Float(p));
+    for (n, s) in cases().into_iter().enumerate() {
+        let mut rng = Rng(0xb10c + n as u64);
+        let rows = s.batch * s.seq;
+        let q = rng.tensor::<Cpu>(rows, s.heads * s.head_dim);
+        let k = rng.tensor::<Cpu>(rows, s.kv_heads * s.head_dim);
+        let v = rng.tensor::<Cpu>(rows, s.kv_heads * s.head_dim);
+        let dout = rng.tensor::<Cpu>(rows, s.heads * s.head_dim);
+        let (out, lse) =
+            Cpu::flash_attention_forward(prim(q.clone()), prim(k.clone()), prim(v.clone()), s);
+        let (out, lse) = (
+            back(out),
+            Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(lse)),
+        );
+        let (dq, dk, dv) = Cpu::flash_attention_backward(
+            prim(q.clone()),
+            prim(k.clone()),
+            prim(v.clone()),
+            prim(out.clone()),
+            lse.clone().into_primitive().tensor(),
+            prim(dout.clone()),
+            s,
+        );
+        let expected = [out.clone(), back(dq), back(dk), back(dv)].map(values);
+        let expected_lse = values(lse.clone());
+        for block in [1, 2, 5, 16, s.seq] {
+            let (bout, blse) = blockwise::forward::<Cpu>(
+                prim(q.clone()),
+                prim(k.clone()),
+                prim(v.clone()),
+                s,
+                block,
+            );
+            let blse = Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(blse));
+            assert_eq!(blse.dims(), [s.batch, s.heads, s.seq]);
+            let d = rel_diff(&values(blse), &expected_lse);
+            assert!(
+                d < 1e-5,
+                "lse differs by {d} (relative) for {s:?}, block {block}"
+            );
+            let (bdq, bdk, bdv) = blockwise::backward::<Cpu>(
+                prim(q.clone()),
+                prim(k.clone()),
+                prim(v.clone()),
+                prim(out.clone()),
+                lse.clone().into_primitive().tensor(),
+                prim(dout.clone()),
+                s,
+                block,
+            );
+            let got = [back(bout), back(bdq), back(bdk), back(bdv)].map(values);
+            for (what, (a, b)) in ["out", "dq", "dk", "dv"]
+                .iter()
+                .zip(got.iter().zip(&expected))
+            {
+                if s.seq == 1 && (*what == "dq" || *what == "dk") {
+                    assert!(a.iter().all(|x| x.abs() < 1e-6), "{what} for {s:?}");
+                    continue;
+                }
+                let d = rel_diff(a, b);
+                assert!(
+                    d < 1e-5,
+                    "{what} differs by {d} (relative) for {s:?}, block {block}"
+                );
+            }
+        }
+    }
+}
+
+/// The block is sized for 128 MiB of f32 scores, in multiples of 64 positions, at most the
+/// sequence.
+#[test]
+fn blockwise_blocks_are_sized_for_the_score_budget() {
+    // Llama 3.2 1B at micro-batch 4, seq 1024: 4 * 32 * 1024 * 4 bytes per position -> 256.
+    let s = AttentionShape::new(4, 1024, 32, 8, 64, None);
+    assert_eq!(blockwise::block_positions(&s), 256);
+    assert_eq!(
+        blockwise::block_positions(&AttentionShape::new(1, 100, 4, 4, 64, None)),
+        100
+    );
+    // Never fewer than 64 positions, however large the batch.
+    let huge = AttentionShape::new(64, 8192, 64, 8, 128, None);
+    assert_eq!(blockwise::block_positions(&huge), 64);
 }
 
 #[test]

@@ -9,10 +9,12 @@
 //! [`FusedOps`].
 //!
 //! - [`norm`]: RMSNorm, RoPE and SwiGLU.
-//! - [`attention`]: causal grouped-query flash attention with its log-sum-exp.
+//! - [`attention`]: causal grouped-query flash attention with its log-sum-exp;
+//!   [`blockwise`]: the same op in blocks of Burn matmuls (tensor cores on a GPU).
 //! - [`loss`]: cross-entropy fused with the log-softmax, chunked over the vocabulary.
 
 pub mod attention;
+pub mod blockwise;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub mod kernels;
 pub mod loss;

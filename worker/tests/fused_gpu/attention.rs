@@ -104,6 +104,66 @@ fn kernels_match_the_cpu_forward_and_backward() {
     }
 }
 
+/// Blockwise attention (`fused::blockwise`, Burn's matmuls per block of query positions: the
+/// tensor-core alternative to the kernels) on the GPU backend against the CPU's one-block op,
+/// forward and backward, for blocks that do and do not divide the sequence, in f32 and f16.
+#[test]
+fn blockwise_attention_matches_the_cpu_forward_and_backward() {
+    use burn::tensor::FloatDType;
+    for s in cases() {
+        let [q, k, v, up] = inputs(&s);
+        let (out_c, lse_c) =
+            Cpu::flash_attention_forward(prim(q.clone()), prim(k.clone()), prim(v.clone()), s);
+        let (out_c, lse_c) = (wrap::<Cpu, 2>(out_c), wrap::<Cpu, 3>(lse_c));
+        let grads_c = Cpu::flash_attention_backward(
+            prim(q.clone()),
+            prim(k.clone()),
+            prim(v.clone()),
+            prim(out_c.clone()),
+            prim(lse_c.clone()),
+            prim(up.clone()),
+            s,
+        );
+        let gc = [grads_c.0, grads_c.1, grads_c.2].map(wrap::<Cpu, 2>);
+        for (dtype, tolerance) in [(FloatDType::F32, 1e-4), (FloatDType::F16, 2e-2)] {
+            for block in [5, 16] {
+                let at = format!("{s:?}, {dtype:?}, block {block}");
+                let gpu = |t: &Tensor<Cpu, 2>| prim(to_gpu(t).cast(dtype));
+                let (out_g, lse_g) = dapt_worker::fused::blockwise::forward::<Gpu>(
+                    gpu(&q),
+                    gpu(&k),
+                    gpu(&v),
+                    s,
+                    block,
+                );
+                let (out_g, lse_g) = (wrap::<Gpu, 2>(out_g), wrap::<Gpu, 3>(lse_g));
+                let d = max_abs_diff(out_g.clone(), out_c.clone()) / largest(&out_c);
+                assert!(d < tolerance, "out differs by {d} (relative) for {at}");
+                let d = max_abs_diff(lse_g.clone(), lse_c.clone());
+                assert!(d < tolerance, "lse differs by {d} for {at}");
+                let g = dapt_worker::fused::blockwise::backward::<Gpu>(
+                    gpu(&q),
+                    gpu(&k),
+                    gpu(&v),
+                    prim(out_g),
+                    prim(lse_g),
+                    gpu(&up),
+                    s,
+                    block,
+                );
+                let gg = [g.0, g.1, g.2].map(wrap::<Gpu, 2>);
+                for (what, (g, c)) in ["dq", "dk", "dv"].iter().zip(gg.into_iter().zip(gc.iter())) {
+                    let d = max_abs_diff(g, c.clone()) / largest(c);
+                    assert!(
+                        d < 2.0 * tolerance,
+                        "{what} differs by {d} (relative) for {at}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The kernels on f16 tensors (dispatched on the runtime dtype; lavapipe has f16 but no bf16).
 #[test]
 fn kernels_take_f16_inputs() {
@@ -299,6 +359,67 @@ fn gpu_speed_of_flash_and_decomposed_attention() {
             "{dtype:?}: flash {:.2} ms, decomposed {:.2} ms per forward + backward",
             ms(times[0]),
             ms(times[1])
+        );
+    }
+}
+
+/// Forward + backward of the op as the unit-level kernels and as blockwise Burn matmuls
+/// (tensor cores), untracked, alternating, at the Llama-3.2-1B attention shape (batch 4, seq
+/// 1024, 32 heads, 8 kv heads, head dim 64) in bf16 and f32. Prints, asserts nothing: which one
+/// `DAPT_ATTENTION` should default to is this measurement's (docs/gpu.md).
+#[test]
+#[ignore = "a timing for a real GPU, run by hand"]
+fn gpu_speed_of_kernel_and_blockwise_attention() {
+    use dapt_worker::fused::blockwise;
+    use std::time::{Duration, Instant};
+    let device = Default::default();
+    let s = AttentionShape::new(4, 1024, 32, 8, 64, None);
+    let rows = s.batch * s.seq;
+    let block = blockwise::block_positions(&s);
+    for dtype in [
+        burn::tensor::FloatDType::BF16,
+        burn::tensor::FloatDType::F32,
+    ] {
+        let make = |cols: usize| {
+            Tensor::<Gpu, 2>::random([rows, cols], Distribution::Normal(0.0, 1.0), &device)
+                .cast(dtype)
+        };
+        let [q, k, v, up] = [
+            make(s.heads * s.head_dim),
+            make(s.kv_heads * s.head_dim),
+            make(s.kv_heads * s.head_dim),
+            make(s.heads * s.head_dim),
+        ];
+        let mut times = [Duration::ZERO; 2];
+        for round in 0..7 {
+            for (which, time) in times.iter_mut().enumerate() {
+                Gpu::sync(&device).expect("sync");
+                let start = Instant::now();
+                let p = |t: &Tensor<Gpu, 2>| prim(t.clone());
+                let grads = if which == 0 {
+                    let (out, lse) = Gpu::flash_attention_forward(p(&q), p(&k), p(&v), s);
+                    Gpu::flash_attention_backward(p(&q), p(&k), p(&v), out, lse, p(&up), s)
+                } else {
+                    let (out, lse) = blockwise::forward::<Gpu>(p(&q), p(&k), p(&v), s, block);
+                    blockwise::backward::<Gpu>(p(&q), p(&k), p(&v), out, lse, p(&up), s, block)
+                };
+                drop(grads);
+                Gpu::sync(&device).expect("sync");
+                if round >= 2 {
+                    *time += start.elapsed();
+                }
+            }
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3 / 5.0;
+        // FLOPs of the causal op: forward 2 matmuls, backward 5 (one recomputes the scores),
+        // each 2 b h s^2 d / 2 over the lower triangle.
+        let flops = 7.0 * (s.batch * s.heads * s.seq * s.seq * s.head_dim) as f64;
+        println!(
+            "attention {dtype:?}: kernels {:.2} ms ({:.1} TFLOP/s), blockwise (block {block}) {:.2} ms ({:.1} TFLOP/s) per forward + backward",
+            ms(times[0]),
+            flops / (ms(times[0]) * 1e9),
+            ms(times[1]),
+            flops / (ms(times[1]) * 1e9),
         );
     }
 }

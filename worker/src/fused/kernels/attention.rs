@@ -9,7 +9,8 @@
 //! rows of one head of one sequence; a cube visits only the tiles its rows see (blocks above
 //! the diagonal and outside the sliding window are never loaded). Values are read in the
 //! tensors' own float type (f32, f16 or bf16, dispatched at run time) and accumulated in f32.
-//! Tensor-core (cmma) variants are not written: no GPU was at hand to tune them.
+//! Tensor-core (cmma) variants are not written: no GPU was at hand to tune them; the tensor-core
+//! alternative is `fused::blockwise` (Burn matmuls per query block, `DAPT_ATTENTION=blockwise`).
 //!
 //! Layouts (all contiguous): `q`, `out`, `dout`, `dq` `[batch * seq, heads * head_dim]`;
 //! `k`, `v`, `dk`, `dv` `[batch * seq, kv_heads * head_dim]`; `lse` and `delta`
@@ -23,6 +24,7 @@ use burn_cubecl::{
 use cubecl::prelude::*;
 
 use crate::fused::attention::{AttentionOps, AttentionShape};
+use crate::fused::blockwise;
 
 /// Shared memory per tile set, in f32 values: two `[block, head_dim]` tiles use at most
 /// 16 KiB, half of the 32 KiB that lavapipe (and the smallest GPUs) give a cube.
@@ -419,6 +421,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionO
         v: CubeTensor<R>,
         shape: AttentionShape,
     ) -> (CubeTensor<R>, CubeTensor<R>) {
+        if blockwise::use_blockwise() {
+            return blockwise::forward::<Self>(q, k, v, shape, blockwise::block_positions(&shape));
+        }
         let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
         let s = shape;
         let block = block_rows(s.head_dim);
@@ -458,6 +463,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionO
         dout: CubeTensor<R>,
         shape: AttentionShape,
     ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+        if blockwise::use_blockwise() {
+            let block = blockwise::block_positions(&shape);
+            return blockwise::backward::<Self>(q, k, v, out, lse, dout, shape, block);
+        }
         let [q, k, v, out, dout] = [q, k, v, out, dout].map(into_contiguous);
         let lse = into_contiguous(lse);
         let s = shape;

@@ -1,0 +1,244 @@
+//! Blockwise attention: the flash-attention op's forward and backward as Burn tensor ops over
+//! blocks of query positions, so that the two products per block (`Q K^T` and `P V`, and the
+//! four of the backward) run as the backend's matmul, which on a GPU is cubek's tensor-core
+//! (cmma) matmul, where the unit-level kernels of `kernels/attention.rs` run on the CUDA cores.
+//!
+//! Same op, shapes and results as [`super::attention::AttentionOps`]'s (the output and the f32
+//! log-sum-exp per row; `(dq, dk, dv)` with `dk`, `dv` summed over each kv head's query heads),
+//! FlashAttention-2's algorithm (Dao 2023, Algorithm 2) with blocks of query rows instead of
+//! register tiles: per block of `block` query positions (all query heads of a kv head stacked
+//! as rows, so a group's queries share one `K` and `V` and nothing is repeated), the keys the
+//! block can see (from the window's start to the block's last position: blocks above the
+//! diagonal are never computed), the scaled scores in f32, masked, their row max and
+//! log-sum-exp in f32; the backward recomputes `P = exp(S - lse)` per block and accumulates
+//! `dK`, `dV` in f32 over the blocks. At most one block's `[batch, heads, block, keys]` scores
+//! exist at a time (f32, with a few element-wise copies): [`block_positions`] sizes the block
+//! for 128 MiB of them. The scores are rounded to the compute dtype by the matmul (bf16 on a
+//! GPU: Burn's matmul returns its inputs' dtype), then handled in f32.
+//!
+//! Chosen at run time on the CubeCL backends by `DAPT_ATTENTION=blockwise` ([`use_blockwise`]);
+//! the default stays the kernels until a GPU run measures which is faster (docs/gpu.md).
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Bool, FloatDType, Tensor, TensorPrimitive};
+
+use super::attention::{attention_mask, AttentionShape};
+
+/// f32 score bytes one block may take (`[batch, heads, block, seq]`): 128 MiB.
+pub const BLOCK_SCORE_BYTES: usize = 128 << 20;
+
+/// Whether the CubeCL backends run attention blockwise (`DAPT_ATTENTION=blockwise`) rather
+/// than with the unit-level kernels (unset, or `kernels`). Read once per process.
+pub fn use_blockwise() -> bool {
+    static CHOICE: OnceLock<bool> = OnceLock::new();
+    *CHOICE.get_or_init(|| matches!(std::env::var("DAPT_ATTENTION").as_deref(), Ok("blockwise")))
+}
+
+/// Query positions per block for `shape`: as many as keep one block's f32 scores
+/// `[batch, heads, block, seq]` within [`BLOCK_SCORE_BYTES`], a multiple of 64 (at least 64),
+/// and the whole sequence when it fits.
+pub fn block_positions(shape: &AttentionShape) -> usize {
+    let per_position = 4 * shape.batch * shape.heads * shape.seq;
+    let fit = (BLOCK_SCORE_BYTES / per_position.max(1)) / 64 * 64;
+    fit.max(64).min(shape.seq)
+}
+
+/// The output `[batch * seq, heads * head_dim]` and the log-sum-exp `[batch, heads, seq]` (f32)
+/// of `q` `[batch * seq, heads * head_dim]` over `k`, `v` `[batch * seq, kv_heads * head_dim]`,
+/// in blocks of `block` query positions (the last block may be shorter).
+pub fn forward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    shape: AttentionShape,
+    block: usize,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let s = shape;
+    let q = queries::<B>(tensor(q), &s);
+    let (k, v) = (keys::<B>(tensor(k), &s), keys::<B>(tensor(v), &s));
+    let device = q.device();
+    let mask = attention_mask::<B>(s.seq, s.window, &device);
+    let (mut outs, mut lses) = (Vec::new(), Vec::new());
+    for (rows, cols) in blocks(&s, block) {
+        let n = rows.len();
+        let qb = block_rows(q.clone(), &s, rows.clone());
+        let scores = scaled_scores(qb, &k, &mask, &s, rows, cols.clone());
+        let max = scores.clone().max_dim(3);
+        let exp = (scores - max.clone()).exp();
+        let sum = exp.clone().sum_dim(3);
+        let probs = (exp / sum.clone()).cast(FloatDType::from(k.dtype()));
+        let vb = v
+            .clone()
+            .slice([0..s.batch, 0..s.kv_heads, cols, 0..s.head_dim]);
+        let out = probs.matmul(vb);
+        outs.push(out.reshape([s.batch, s.kv_heads, s.group(), n, s.head_dim]));
+        lses.push((max + sum.log()).reshape([s.batch, s.kv_heads, s.group(), n]));
+    }
+    let out = Tensor::cat(outs, 3);
+    let lse = Tensor::cat(lses, 3).reshape([s.batch, s.heads, s.seq]);
+    (primitive(unqueries(out, &s)), primitive(lse))
+}
+
+/// `(dq, dk, dv)` for the output's gradient `dout`, from the forward's inputs, output and
+/// log-sum-exp (shapes as in [`forward`]), in blocks of `block` query positions; `dk`, `dv`
+/// accumulate in f32.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    out: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    dout: FloatTensor<B>,
+    shape: AttentionShape,
+    block: usize,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let s = shape;
+    let q = queries::<B>(tensor(q), &s);
+    let dtype = FloatDType::from(q.dtype());
+    let (k, v) = (keys::<B>(tensor(k), &s), keys::<B>(tensor(v), &s));
+    let dout = queries::<B>(tensor(dout), &s);
+    let out = queries::<B>(tensor(out), &s);
+    let lse =
+        tensor::<B, 3>(lse)
+            .cast(FloatDType::F32)
+            .reshape([s.batch, s.kv_heads, s.group(), s.seq]);
+    let device = q.device();
+    let mask = attention_mask::<B>(s.seq, s.window, &device);
+    let kv_shape = [s.batch, s.kv_heads, s.seq, s.head_dim];
+    // Burn's default float dtype, f32 on every backend dapt runs.
+    let mut dk = Tensor::<B, 4>::zeros(kv_shape, &device).cast(FloatDType::F32);
+    let mut dv = Tensor::<B, 4>::zeros(kv_shape, &device).cast(FloatDType::F32);
+    let mut dqs = Vec::new();
+    let all = |r: Range<usize>| [0..s.batch, 0..s.kv_heads, r, 0..s.head_dim];
+    for (rows, cols) in blocks(&s, block) {
+        let n = rows.len();
+        let qb = block_rows(q.clone(), &s, rows.clone());
+        let dob = block_rows(dout.clone(), &s, rows.clone());
+        let ob = block_rows(out.clone(), &s, rows.clone());
+        let lseb = lse
+            .clone()
+            .slice([0..s.batch, 0..s.kv_heads, 0..s.group(), rows.clone()])
+            .reshape([s.batch, s.kv_heads, s.group() * n, 1]);
+        let scores = scaled_scores(qb.clone(), &k, &mask, &s, rows, cols.clone());
+        let probs = (scores - lseb).exp();
+        let (kb, vb) = (
+            k.clone().slice(all(cols.clone())),
+            v.clone().slice(all(cols.clone())),
+        );
+        // dV = P^T dO: the group's rows sum into their kv head here.
+        let dvb = probs
+            .clone()
+            .cast(dtype)
+            .swap_dims(2, 3)
+            .matmul(dob.clone());
+        let dprobs = dob.clone().matmul(vb.swap_dims(2, 3)).cast(FloatDType::F32);
+        let delta = (dob.cast(FloatDType::F32) * ob.cast(FloatDType::F32)).sum_dim(3);
+        let dscores = (probs * (dprobs - delta)).mul_scalar(s.scale()).cast(dtype);
+        dqs.push(dscores.clone().matmul(kb).reshape([
+            s.batch,
+            s.kv_heads,
+            s.group(),
+            n,
+            s.head_dim,
+        ]));
+        let dkb = dscores.swap_dims(2, 3).matmul(qb);
+        dk = add_rows(dk, cols.clone(), dkb);
+        dv = add_rows(dv, cols, dvb);
+    }
+    let dq = unqueries(Tensor::cat(dqs, 3), &s);
+    let unkeys = |x: Tensor<B, 4>| {
+        x.cast(dtype)
+            .swap_dims(1, 2)
+            .reshape([s.batch * s.seq, s.kv_heads * s.head_dim])
+    };
+    (primitive(dq), primitive(unkeys(dk)), primitive(unkeys(dv)))
+}
+
+/// The blocks: query positions `rows` and the key positions `cols` they see (from the
+/// window's start for the first row to the last row).
+fn blocks(s: &AttentionShape, block: usize) -> Vec<(Range<usize>, Range<usize>)> {
+    let block = block.max(1);
+    (0..s.seq)
+        .step_by(block)
+        .map(|start| {
+            let end = (start + block).min(s.seq);
+            let first = start + 1 - s.effective_window().min(start + 1);
+            (start..end, first..end)
+        })
+        .collect()
+}
+
+/// Query-like rows `[b * t, heads * hd]` as `[b, kv_heads, group, t, hd]`.
+fn queries<B: Backend>(x: Tensor<B, 2>, s: &AttentionShape) -> Tensor<B, 5> {
+    x.reshape([s.batch, s.seq, s.kv_heads, s.group(), s.head_dim])
+        .permute([0, 2, 3, 1, 4])
+}
+
+/// The inverse of [`queries`].
+fn unqueries<B: Backend>(x: Tensor<B, 5>, s: &AttentionShape) -> Tensor<B, 2> {
+    x.permute([0, 3, 1, 2, 4])
+        .reshape([s.batch * s.seq, s.heads * s.head_dim])
+}
+
+/// Key-like rows `[b * t, kv_heads * hd]` as `[b, kv_heads, t, hd]`.
+fn keys<B: Backend>(x: Tensor<B, 2>, s: &AttentionShape) -> Tensor<B, 4> {
+    x.reshape([s.batch, s.seq, s.kv_heads, s.head_dim])
+        .swap_dims(1, 2)
+}
+
+/// Positions `rows` of every query head, as `[b, kv_heads, group * rows, hd]` (a kv head's
+/// query heads stacked).
+fn block_rows<B: Backend>(x: Tensor<B, 5>, s: &AttentionShape, rows: Range<usize>) -> Tensor<B, 4> {
+    let n = rows.len();
+    x.slice([0..s.batch, 0..s.kv_heads, 0..s.group(), rows, 0..s.head_dim])
+        .reshape([s.batch, s.kv_heads, s.group() * n, s.head_dim])
+}
+
+/// The scaled, masked scores `[b, kv_heads, group * rows, cols]` (f32) of the block's queries
+/// `qb` over keys `cols`.
+fn scaled_scores<B: Backend>(
+    qb: Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    mask: &Tensor<B, 2, Bool>,
+    s: &AttentionShape,
+    rows: Range<usize>,
+    cols: Range<usize>,
+) -> Tensor<B, 4> {
+    let (n, m) = (rows.len(), cols.len());
+    let kb = k
+        .clone()
+        .slice([0..s.batch, 0..s.kv_heads, cols.clone(), 0..s.head_dim]);
+    let mask = mask
+        .clone()
+        .slice([rows, cols])
+        .unsqueeze::<3>()
+        .expand([s.group(), n, m])
+        .reshape([s.group() * n, m])
+        .unsqueeze::<4>()
+        .expand([s.batch, s.kv_heads, s.group() * n, m]);
+    qb.matmul(kb.swap_dims(2, 3))
+        .cast(FloatDType::F32)
+        .mul_scalar(s.scale())
+        .mask_fill(mask, f32::NEG_INFINITY)
+}
+
+/// `acc` (f32) with `part` added into positions `cols` of its third dimension.
+fn add_rows<B: Backend>(acc: Tensor<B, 4>, cols: Range<usize>, part: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, h, _, d] = acc.dims();
+    let range = [0..b, 0..h, cols, 0..d];
+    let sum = acc.clone().slice(range.clone()) + part.cast(FloatDType::F32);
+    acc.slice_assign(range, sum)
+}
+
+fn tensor<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
