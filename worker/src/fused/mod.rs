@@ -12,7 +12,9 @@
 //! - [`attention`]: causal grouped-query flash attention with its log-sum-exp;
 //!   [`blockwise`]: the same op in blocks of Burn matmuls (tensor cores on a GPU).
 //! - [`loss`]: cross-entropy fused with the log-softmax, chunked over the vocabulary.
+//! - [`accumulate`]: a gradient added in f32 into its range of the flat buffer, in place.
 
+pub mod accumulate;
 pub mod attention;
 pub mod blockwise;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
@@ -22,14 +24,15 @@ pub mod norm;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
+pub use accumulate::AccumulateOps;
 pub use attention::AttentionOps;
 pub use loss::LossOps;
 pub use norm::NormOps;
 
 /// Every fused op dapt's model uses: the bound on the backends it runs on.
-pub trait FusedOps: Backend + NormOps + AttentionOps + LossOps {}
+pub trait FusedOps: Backend + NormOps + AttentionOps + LossOps + AccumulateOps {}
 
-impl<B: Backend + NormOps + AttentionOps + LossOps> FusedOps for B {}
+impl<B: Backend + NormOps + AttentionOps + LossOps + AccumulateOps> FusedOps for B {}
 
 /// An autodiff backend whose inner backend has the fused ops too (the trainers' bound).
 pub trait FusedAutodiff: AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}

@@ -10,6 +10,7 @@
 //! Without either feature this test binary is empty.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
+mod accumulate;
 mod attention;
 mod loss;
 mod norm;

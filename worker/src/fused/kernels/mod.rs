@@ -2,6 +2,7 @@
 //! (issue 12), for every CubeCL backend: CUDA in production, wgpu (Vulkan; Mesa's lavapipe on a
 //! machine without a GPU) in the tests.
 
+pub mod accumulate;
 pub mod attention;
 pub mod loss;
 pub mod norm;

@@ -15,6 +15,7 @@ use burn::tensor::{FloatDType, Tensor};
 
 use super::{accumulate, take, GradReducer};
 use crate::collective::CollectiveError;
+use crate::fused::AccumulateOps;
 
 /// Elements per bucket: 64 MiB of f32 (`dapt_proto::model::GRADIENT_BUCKET_ELEMENTS`, which the
 /// planner counts). Larger parameters go in pieces of this size, so the f32 copy of a gradient
@@ -39,7 +40,7 @@ pub(super) struct Buckets<'r, B: Backend> {
     device: B::Device,
 }
 
-impl<'r, B: Backend> Buckets<'r, B> {
+impl<'r, B: AccumulateOps> Buckets<'r, B> {
     /// Empty buckets for the gradients of a flat buffer of `total` elements, of which this
     /// rank owns `owned`, with at most `cap` elements per bucket.
     pub(super) fn new(

@@ -61,7 +61,7 @@ use super::schedule::LrSchedule;
 use super::step::{admit, MicroBatch, StepStats, Trainer};
 use crate::collective::CollectiveError;
 use crate::error::Result;
-use crate::fused::FusedAutodiff;
+use crate::fused::{AccumulateOps, FusedAutodiff};
 use crate::model::llama::param_shape;
 use crate::model::llama::Constants;
 use crate::model::{Llama, LlamaConfig, ParamLayout};
@@ -596,15 +596,15 @@ fn empty<B: Backend>(device: &B::Device) -> Tensor<B, 1> {
 }
 
 /// `grad` (one parameter's, flat, in the compute dtype) added in f32 into `range` of the flat
-/// buffer `acc`, in place: the sum is made in `grad`'s memory (or its f32 cast's), and written
-/// into `acc`, whose only owner is this function.
-fn accumulate<B: Backend>(
+/// buffer `acc`, in place when `acc` is uniquely owned (this function's caller takes it out of
+/// its owner): the fused op of `fused::accumulate` (one kernel on a GPU).
+fn accumulate<B: AccumulateOps>(
     acc: Tensor<B, 1>,
     range: Range<usize>,
     grad: Tensor<B, 1>,
 ) -> Tensor<B, 1> {
-    let sum = grad.cast(FloatDType::F32) + acc.clone().slice(range.clone());
-    acc.slice_assign(range, sum)
+    debug_assert_eq!(range.len(), grad.dims()[0]);
+    crate::fused::accumulate::accumulate(acc, range.start, grad)
 }
 
 #[cfg(test)]

@@ -1,0 +1,85 @@
+//! The CubeCL kernel for [`AccumulateOps`]: one unit per gradient element,
+//! `acc[start + i] += f32(grad[i])`, in place on the f32 buffer, for the gradient's runtime
+//! dtype (f32, f16, bf16).
+
+use burn::tensor::{DType, TensorMetadata};
+use burn_cubecl::element::BoolElement;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
+use cubecl::{calculate_cube_count_elemwise, prelude::*};
+
+use crate::fused::accumulate::AccumulateOps;
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AccumulateOps
+    for CubeBackend<R, F, I, BT>
+{
+    fn accumulate(acc: CubeTensor<R>, start: usize, grad: CubeTensor<R>) -> CubeTensor<R> {
+        assert_eq!(acc.dtype, DType::F32, "accumulate: the buffer is f32");
+        let grad = into_contiguous(grad);
+        let n = grad.shape().num_elements();
+        assert!(start + n <= acc.shape().num_elements(), "accumulate: range");
+        let acc = private(acc);
+        if n == 0 {
+            return acc;
+        }
+        let client = acc.client.clone();
+        let cube_dim = CubeDim::new(&client, n);
+        let cube_count = calculate_cube_count_elemwise(&client, n, cube_dim);
+        let dtype = grad.dtype;
+        accumulate_kernel::launch::<R>(
+            &client,
+            cube_count,
+            cube_dim,
+            acc.clone().into_tensor_arg(),
+            grad.into_tensor_arg(),
+            start,
+            dtype.into(),
+        );
+        acc
+    }
+}
+
+/// `t` contiguous and owned by nobody else, so that a kernel may write into it: itself when it
+/// already is, else a copy.
+fn private<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
+    if t.can_mut() && t.is_contiguous() {
+        return t;
+    }
+    let n = t.shape().num_elements();
+    let copy = empty_device_dtype(t.client.clone(), t.device.clone(), t.shape(), t.dtype);
+    let cube_dim = CubeDim::new(&t.client, n.max(1));
+    let cube_count = calculate_cube_count_elemwise(&t.client, n.max(1), cube_dim);
+    copy_kernel::launch::<R>(
+        &t.client.clone(),
+        cube_count,
+        cube_dim,
+        into_contiguous(t).into_tensor_arg(),
+        copy.clone().into_tensor_arg(),
+    );
+    copy
+}
+
+#[cube(launch)]
+fn accumulate_kernel<F: Float>(
+    acc: &mut Tensor<f32>,
+    grad: &Tensor<F>,
+    start: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= grad.len() {
+        terminate!();
+    }
+    acc[start + i] += f32::cast_from(grad[i]);
+}
+
+#[cube(launch)]
+fn copy_kernel(from: &Tensor<f32>, to: &mut Tensor<f32>) {
+    let i = ABSOLUTE_POS;
+    if i >= to.len() {
+        terminate!();
+    }
+    to[i] = from[i];
+}
