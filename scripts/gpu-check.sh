@@ -39,7 +39,7 @@
 #   RESTART_SHAPES        shapes whose dapt run is repeated for 4 steps, to see the PTX cache spare
 #                         the restart its compilation (default "135m"; "" for none)
 #   ZERO_SHAPES           shapes run 4 steps at zero_stage 2 through a one-rank NCCL communicator
-#                         (the device engine's reduce-scatter/all-gather; default "135m"; "" for none)
+#                         (the device engine's bucket reduces and all-gather; default "135m"; "" for none)
 #   BLOCKWISE_SHAPES      shapes run 7 steps with DAPT_ATTENTION=blockwise (attention as Burn
 #                         matmuls per query block, on the tensor cores; default "1b"; "" for none)
 #   NCU=1                 after 3, Nsight Compute on 30 kernels of one 1B step (NCU_SKIP launches first)

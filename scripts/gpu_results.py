@@ -191,26 +191,24 @@ def main():
                                   cold_first_step_s=tokens / cold["first_step_tokens_per_s"],
                                   warm_first_step_s=tokens / warm["first_step_tokens_per_s"],
                                   later_step_s=tokens / cold["tokens_per_s"]))
+    def beside(run, base_key, other_key):
+        """Per shape, the losses of dapt-SHAPE-bf16 and of `run`-SHAPE-bf16 step by step."""
+        out = []
+        for shape in ("1b", "135m"):
+            d, o = by.get(f"dapt-{shape}-bf16"), by.get(f"{run}-{shape}-bf16")
+            if d and o and d.get("losses") and o.get("losses"):
+                pairs = list(zip(d["losses"], o["losses"]))
+                out.append({"shape": shape, "steps": len(pairs),
+                            base_key: [x for x, _ in pairs], other_key: [y for _, y in pairs],
+                            "max_abs_diff": max(abs(x - y) for x, y in pairs),
+                            f"{base_key}_tokens_per_s": d.get("tokens_per_s"),
+                            f"{other_key}_tokens_per_s": o.get("tokens_per_s")})
+        return out
+
     # ZeRO stage 2 over a one-rank NCCL communicator against stage 0, step by step.
-    zero_parity = []
-    for shape in ("1b", "135m"):
-        d, z = by.get(f"dapt-{shape}-bf16"), by.get(f"zero2-{shape}-bf16")
-        if d and z and d.get("losses") and z.get("losses"):
-            pairs = list(zip(d["losses"], z["losses"]))
-            zero_parity.append(dict(shape=shape, steps=len(pairs), stage0=[x for x, _ in pairs],
-                                    stage2=[y for _, y in pairs],
-                                    max_abs_diff=max(abs(x - y) for x, y in pairs)))
-    # Attention as blockwise matmuls against the kernels, step by step (the same job and data).
-    blockwise_parity = []
-    for shape in ("1b", "135m"):
-        d, b = by.get(f"dapt-{shape}-bf16"), by.get(f"blockwise-{shape}-bf16")
-        if d and b and d.get("losses") and b.get("losses"):
-            pairs = list(zip(d["losses"], b["losses"]))
-            blockwise_parity.append(dict(shape=shape, steps=len(pairs), kernels=[x for x, _ in pairs],
-                                         blockwise=[y for _, y in pairs],
-                                         max_abs_diff=max(abs(x - y) for x, y in pairs),
-                                         kernels_tokens_per_s=d.get("tokens_per_s"),
-                                         blockwise_tokens_per_s=b.get("tokens_per_s")))
+    zero_parity = beside("zero2", "stage0", "stage2")
+    # Attention as blockwise matmuls against the kernels (the same job and data).
+    blockwise_parity = beside("blockwise", "kernels", "blockwise")
     ratios = []
     for shape in ("1b", "135m"):
         t = by.get(f"torch-{shape}-bf16")

@@ -7,9 +7,10 @@
 //! * Memory per rank as dapt's device (resident) engine holds it, by ZeRO stage over w
 //!   data-parallel ranks (Rajbhandari et al. 2020): the weights in the compute dtype (every rank,
 //!   whole); f32 master weights (bf16 compute only: in f32 the compute weights are the master),
-//!   and AdamW's two f32 moments, 1/w of them from stage 1; the flat f32 gradient buffer, whole
-//!   at every stage (both engines accumulate the micro-batches into it before the reduce-scatter:
-//!   stage 2 saves the gradient all-reduce's all-gather half on the wire, not this buffer).
+//!   and AdamW's two f32 moments, 1/w of them from stage 1; the f32 gradient buffer, whole at
+//!   stages 0 and 1, the rank's slice (1/w) at stage 2 over more than one rank, plus one 64 MiB
+//!   gradient bucket in flight, twice (the device engine reduces each micro-batch's gradients to
+//!   their owners in buckets during the backward pass).
 //!   Then the larger of the backward phase (the gradients the backward pass holds before they
 //!   are added into the flat buffer, the activations, the logits) and the optimizer phase
 //!   (one f32 temporary the size of the owned slice beyond the gradients: AdamW runs in place,

@@ -107,7 +107,8 @@ pub struct TrainingSpec {
     /// ZeRO stage (Rajbhandari et al., 2020, "ZeRO: Memory Optimizations Toward Training
     /// Trillion Parameter Models"): `0` replicates the optimizer on every data-parallel rank;
     /// `1` shards the AdamW moments and f32 master weights across the ranks; `2` also shards the
-    /// gradients (reduce-scatter instead of all-reduce). Default 0.
+    /// gradients (the device engine reduces them to their owners in buckets during the backward
+    /// pass and keeps its slice only; the host engine reduce-scatters a whole buffer). Default 0.
     #[serde(default)]
     pub zero_stage: u8,
     /// Held-out perplexity every this many steps (0: only at the end).

@@ -235,7 +235,7 @@ fn killed_rank_reshards(engine: &str) {
 }
 
 /// The device-resident engine (what a GPU rank runs), here on the CPU backend with the ring's
-/// reduce-scatter and all-gather where a GPU has NCCL's: stages 1 and 2 against its own stage 0
+/// all-reduce (stage 1, and stage 2's gradient buckets) and all-gather where a GPU has NCCL's: stages 1 and 2 against its own stage 0
 /// at 3 ranks (an uneven split), and the last checkpoint holds one optimizer shard per rank,
 /// written from the engine's sharded state. In bf16 (stage 2 only) the f32 master weights are
 /// sharded too: the checkpoints and the export gather them.

@@ -57,7 +57,7 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
 type Attend = fn(Tensor<Ad, 2>, Tensor<Ad, 2>, Tensor<Ad, 2>, AttentionShape) -> Tensor<Ad, 2>;
 
 /// Random `q`, `k`, `v` and an upstream gradient for `s`.
-fn inputs(s: AttentionShape, seed: u64) -> [Tensor<Ad, 2>; 4] {
+fn inputs<B: Backend>(s: AttentionShape, seed: u64) -> [Tensor<B, 2>; 4] {
     let mut rng = Rng(seed);
     let rows = s.batch * s.seq;
     [
@@ -129,11 +129,7 @@ fn lse_f64(q: &[f32], k: &[f32], s: &AttentionShape) -> Vec<f64> {
 #[test]
 fn the_forward_writes_each_rows_log_sum_exp() {
     for (n, s) in cases().into_iter().enumerate() {
-        let mut rng = Rng(0x15e + n as u64);
-        let rows = s.batch * s.seq;
-        let q = rng.tensor::<Cpu>(rows, s.heads * s.head_dim);
-        let k = rng.tensor::<Cpu>(rows, s.kv_heads * s.head_dim);
-        let v = rng.tensor::<Cpu>(rows, s.kv_heads * s.head_dim);
+        let [q, k, v, _] = inputs::<Cpu>(s, 0x15e + n as u64);
         let expected = lse_f64(&values(q.clone()), &values(k.clone()), &s);
         let prim = |t: Tensor<Cpu, 2>| t.into_primitive().tensor();
         let (_, lse) = Cpu::flash_attention_forward(prim(q), prim(k), prim(v), s);
@@ -156,12 +152,7 @@ fn blockwise_attention_matches_the_one_block_op() {
     let prim = |t: Tensor<Cpu, 2>| t.into_primitive().tensor();
     let back = |p| Tensor::<Cpu, 2>::from_primitive(TensorPrimitive::Float(p));
     for (n, s) in cases().into_iter().enumerate() {
-        let mut rng = Rng(0xb10c + n as u64);
-        let rows = s.batch * s.seq;
-        let q = rng.tensor::<Cpu>(rows, s.heads * s.head_dim);
-        let k = rng.tensor::<Cpu>(rows, s.kv_heads * s.head_dim);
-        let v = rng.tensor::<Cpu>(rows, s.kv_heads * s.head_dim);
-        let dout = rng.tensor::<Cpu>(rows, s.heads * s.head_dim);
+        let [q, k, v, dout] = inputs::<Cpu>(s, 0xb10c + n as u64);
         let (out, lse) =
             Cpu::flash_attention_forward(prim(q.clone()), prim(k.clone()), prim(v.clone()), s);
         let (out, lse) = (

@@ -317,24 +317,14 @@ fn the_model_with_flash_attention_matches_the_cpu() {
 fn gpu_speed_of_flash_and_decomposed_attention() {
     use std::time::{Duration, Instant};
     let device = Default::default();
-    let s = AttentionShape::new(4, 1024, 32, 8, 64, None);
-    let rows = s.batch * s.seq;
+    let s = timing_shape();
     type Ad = Autodiff<Gpu>;
     type Attend = fn(Tensor<Ad, 2>, Tensor<Ad, 2>, Tensor<Ad, 2>, AttentionShape) -> Tensor<Ad, 2>;
     for dtype in [
         burn::tensor::FloatDType::F32,
         burn::tensor::FloatDType::BF16,
     ] {
-        let make = |cols: usize| {
-            Tensor::<Gpu, 2>::random([rows, cols], Distribution::Normal(0.0, 1.0), &device)
-                .cast(dtype)
-        };
-        let [q, k, v, up] = [
-            make(s.heads * s.head_dim),
-            make(s.kv_heads * s.head_dim),
-            make(s.kv_heads * s.head_dim),
-            make(s.heads * s.head_dim),
-        ];
+        let [q, k, v, up] = timing_inputs(&s, dtype);
         let attends: [Attend; 2] = [flash_attention, reference_attention];
         let mut times = [Duration::ZERO; 2];
         for round in 0..7 {
@@ -373,23 +363,13 @@ fn gpu_speed_of_kernel_and_blockwise_attention() {
     use dapt_worker::fused::blockwise;
     use std::time::{Duration, Instant};
     let device = Default::default();
-    let s = AttentionShape::new(4, 1024, 32, 8, 64, None);
-    let rows = s.batch * s.seq;
+    let s = timing_shape();
     let block = blockwise::block_positions(&s);
     for dtype in [
         burn::tensor::FloatDType::BF16,
         burn::tensor::FloatDType::F32,
     ] {
-        let make = |cols: usize| {
-            Tensor::<Gpu, 2>::random([rows, cols], Distribution::Normal(0.0, 1.0), &device)
-                .cast(dtype)
-        };
-        let [q, k, v, up] = [
-            make(s.heads * s.head_dim),
-            make(s.kv_heads * s.head_dim),
-            make(s.kv_heads * s.head_dim),
-            make(s.heads * s.head_dim),
-        ];
+        let [q, k, v, up] = timing_inputs(&s, dtype);
         let mut times = [Duration::ZERO; 2];
         for round in 0..7 {
             for (which, time) in times.iter_mut().enumerate() {
@@ -422,4 +402,29 @@ fn gpu_speed_of_kernel_and_blockwise_attention() {
             flops / (ms(times[1]) * 1e9),
         );
     }
+}
+
+/// The Llama-3.2-1B attention shape the timings use: batch 4, seq 1024, 32 heads, 8 kv heads,
+/// head dim 64.
+fn timing_shape() -> AttentionShape {
+    AttentionShape::new(4, 1024, 32, 8, 64, None)
+}
+
+/// Random `[q, k, v, up]` for `s` on the GPU in `dtype`.
+fn timing_inputs(s: &AttentionShape, dtype: burn::tensor::FloatDType) -> [Tensor<Gpu, 2>; 4] {
+    let rows = s.batch * s.seq;
+    let make = |cols: usize| {
+        Tensor::<Gpu, 2>::random(
+            [rows, cols],
+            Distribution::Normal(0.0, 1.0),
+            &Default::default(),
+        )
+        .cast(dtype)
+    };
+    [
+        make(s.heads * s.head_dim),
+        make(s.kv_heads * s.head_dim),
+        make(s.kv_heads * s.head_dim),
+        make(s.heads * s.head_dim),
+    ]
 }

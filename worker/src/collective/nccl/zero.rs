@@ -1,10 +1,11 @@
 //! ZeRO's collectives on NCCL (`training.zero_stage` 1 and 2), in place on the resident engine's
 //! flat device buffers, over the split every other path uses ([`shard_range`], so checkpoints are
-//! interchangeable): the reduce-scatter (mean) of the gradients, the all-gather of the updated
-//! weights (f32, or the bf16 compute copy of sharded master weights), and the gather of sharded
-//! f32 master weights to the host for a checkpoint, and the reduce of one bucket of stage 2's
-//! gradients to the ranks that own it. When the buffer divides evenly by the world
-//! that is `ncclReduceScatter` / `ncclAllGather` in place; when it does not (NCCL's collectives
+//! interchangeable): the reduce of one bucket of stage 2's gradients to the ranks that own it
+//! (one grouped `ncclReduce` (mean) per owner), the all-gather of the updated weights (f32, or
+//! the bf16 compute copy of sharded master weights), the gather of sharded f32 master weights to
+//! the host for a checkpoint, and the reduce-scatter (mean) of a whole buffer (the host-buffer
+//! `Collective` impl's). When a buffer divides evenly by the world the last two are
+//! `ncclReduceScatter` / `ncclAllGather` in place; when it does not (NCCL's collectives
 //! take equal counts per rank, and the split gives the first `len % world` ranks one element
 //! more) it is one grouped `ncclReduce` (mean) or `ncclBroadcast` per rank's slice, rooted at its
 //! owner, also in place: no padded copy of a buffer the size of the model. Every call goes
@@ -91,19 +92,8 @@ impl NcclCollective {
             group(|| {
                 (0..world).try_for_each(|root| {
                     let r = shard_range(count, world, root);
-                    // SAFETY: the slice lies in the caller's buffer; in place on the root.
-                    check("ncclReduce", unsafe {
-                        nccl::ncclReduce(
-                            at(r.start),
-                            at(r.start),
-                            r.len(),
-                            nccl::ncclDataType_t::ncclFloat32,
-                            nccl::ncclRedOp_t::ncclAvg,
-                            root as i32,
-                            comm,
-                            stream,
-                        )
-                    })
+                    // SAFETY: the slice lies in the caller's buffer.
+                    unsafe { reduce_mean_in_place(at(r.start), r.len(), root, comm, stream) }
                 })
             })
         })
@@ -132,19 +122,8 @@ impl NcclCollective {
                     let Some(r) = owned_part(at, count, total, world, root) else {
                         return Ok(());
                     };
-                    // SAFETY: the part lies in the caller's bucket; in place on the root.
-                    check("ncclReduce", unsafe {
-                        nccl::ncclReduce(
-                            addr(r.start),
-                            addr(r.start),
-                            r.len(),
-                            nccl::ncclDataType_t::ncclFloat32,
-                            nccl::ncclRedOp_t::ncclAvg,
-                            root as i32,
-                            comm,
-                            stream,
-                        )
-                    })
+                    // SAFETY: the part lies in the caller's bucket.
+                    unsafe { reduce_mean_in_place(addr(r.start), r.len(), root, comm, stream) }
                 })
             })
         })
@@ -219,22 +198,6 @@ impl NcclCollective {
         })
     }
 
-    /// ZeRO stage 2: the mean across ranks of this rank's slice of the flat f32 `grads`
-    /// (`shard_range(len, world, rank)`), reduced in place on the device; returns that slice (a
-    /// view: the whole buffer lives until it is dropped).
-    pub fn reduce_scatter_mean_tensor(
-        &mut self,
-        grads: Tensor<Gpu, 1>,
-    ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
-        f32_only("reduce-scatter", &grads)?;
-        let own = shard_range(grads.dims()[0], self.world, self.rank);
-        let whole = self.on_device(grads, |nccl, ptr, count, _| {
-            // SAFETY: as `on_device` promises.
-            unsafe { nccl.reduce_scatter_mean_raw(ptr, count) }
-        })?;
-        Ok(whole.slice(own))
-    }
-
     /// ZeRO stage 2: see [`GradReducer::reduce_bucket_mean`]; reduced in place on the device,
     /// the owned part returned as a view of the bucket.
     pub fn reduce_bucket_mean_tensor(
@@ -304,6 +267,33 @@ impl NcclCollective {
     }
 }
 
+/// `ncclReduce` (mean) of the `count` f32s at `buf` to rank `root`, in place there.
+///
+/// # Safety
+/// `buf` holds `count` f32s on this rank's device, and nothing else uses them until the stream
+/// is done.
+unsafe fn reduce_mean_in_place(
+    buf: *mut c_void,
+    count: usize,
+    root: usize,
+    comm: nccl::ncclComm_t,
+    stream: nccl::cudaStream_t,
+) -> Result<(), CollectiveError> {
+    // SAFETY: as the caller promises.
+    check("ncclReduce", unsafe {
+        nccl::ncclReduce(
+            buf,
+            buf,
+            count,
+            nccl::ncclDataType_t::ncclFloat32,
+            nccl::ncclRedOp_t::ncclAvg,
+            root as i32,
+            comm,
+            stream,
+        )
+    })
+}
+
 /// Opens an NCCL group around `calls` (one launch for several operations) and closes it even
 /// when one of them failed, as NCCL requires.
 fn group(calls: impl FnOnce() -> Result<(), CollectiveError>) -> Result<(), CollectiveError> {
@@ -329,13 +319,6 @@ impl GradReducer<Gpu> for NcclCollective {
         grads: Tensor<Gpu, 1>,
     ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
         self.all_reduce_mean_tensor(grads)
-    }
-
-    fn reduce_scatter_mean(
-        &mut self,
-        grads: Tensor<Gpu, 1>,
-    ) -> Result<Tensor<Gpu, 1>, CollectiveError> {
-        self.reduce_scatter_mean_tensor(grads)
     }
 
     fn reduce_bucket_mean(

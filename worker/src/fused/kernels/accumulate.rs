@@ -1,6 +1,6 @@
 //! The CubeCL kernel for [`AccumulateOps`]: one unit per gradient element,
 //! `acc[start + i] += f32(grad[i])`, in place on the f32 buffer, for the gradient's runtime
-//! dtype (f32, f16, bf16).
+//! dtype (f32, f16, bf16), with 64-bit addresses when the buffer has more than 2^32 elements.
 
 use burn::tensor::{DType, TensorMetadata};
 use burn_cubecl::element::BoolElement;
@@ -28,10 +28,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Accumulate
         let cube_dim = CubeDim::new(&client, n);
         let cube_count = calculate_cube_count_elemwise(&client, n, cube_dim);
         let dtype = grad.dtype;
+        // 64-bit addresses where the buffer needs them (a 7B model's flat buffer has more than
+        // 2^32 elements; cubecl's default is 32-bit).
+        let address = acc
+            .required_address_type()
+            .max(grad.required_address_type());
         accumulate_kernel::launch::<R>(
             &client,
             cube_count,
             cube_dim,
+            address,
             acc.clone().into_tensor_arg(),
             grad.into_tensor_arg(),
             start,
@@ -51,17 +57,19 @@ fn private<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
     let copy = empty_device_dtype(t.client.clone(), t.device.clone(), t.shape(), t.dtype);
     let cube_dim = CubeDim::new(&t.client, n.max(1));
     let cube_count = calculate_cube_count_elemwise(&t.client, n.max(1), cube_dim);
+    let address = t.required_address_type();
     copy_kernel::launch::<R>(
         &t.client.clone(),
         cube_count,
         cube_dim,
+        address,
         into_contiguous(t).into_tensor_arg(),
         copy.clone().into_tensor_arg(),
     );
     copy
 }
 
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 fn accumulate_kernel<F: Float>(
     acc: &mut Tensor<f32>,
     grad: &Tensor<F>,
@@ -75,7 +83,7 @@ fn accumulate_kernel<F: Float>(
     acc[start + i] += f32::cast_from(grad[i]);
 }
 
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 fn copy_kernel(from: &Tensor<f32>, to: &mut Tensor<f32>) {
     let i = ABSOLUTE_POS;
     if i >= to.len() {

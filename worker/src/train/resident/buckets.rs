@@ -65,16 +65,21 @@ impl<'r, B: AccumulateOps> Buckets<'r, B> {
 
     /// The gradient of elements `range` of the flat buffer (flat, any float dtype).
     pub(super) fn push(&mut self, range: Range<usize>, grad: Tensor<B, 1>) {
-        let grad = grad.cast(FloatDType::F32);
         if range.len() > self.cap {
             self.flush();
             for start in range.clone().step_by(self.cap) {
                 let end = (start + self.cap).min(range.end);
-                let piece = grad.clone().slice(start - range.start..end - range.start);
+                // Cast piece by piece: the f32 copy in flight is one bucket, never the whole
+                // parameter (a 128k-entry embedding's would be 2 GB).
+                let piece = grad
+                    .clone()
+                    .slice(start - range.start..end - range.start)
+                    .cast(FloatDType::F32);
                 self.reduce(piece, start);
             }
             return;
         }
+        let grad = grad.cast(FloatDType::F32);
         if !self.pending.is_empty()
             && (range.start != self.open.end || self.open.len() + range.len() > self.cap)
         {

@@ -1,8 +1,8 @@
 //! The collectives the resident engine's step needs, on flat f32 tensors where they live: the
-//! all-reduce of stage 0 and, for ZeRO (`training.zero_stage` 1 and 2), the reduce-scatter and
-//! all-gather halves over the same split as the host path ([`shard_range`]), the reduction of one
-//! bucket of stage 2's gradients to the ranks that own it, and the bit-exact sum of every rank's
-//! partial sum of squares (the global gradient norm).
+//! all-reduce of stages 0 and 1 and, for ZeRO (`training.zero_stage` 1 and 2), the all-gather
+//! over the same split as the host path ([`shard_range`]), the reduction of one bucket of stage
+//! 2's gradients to the ranks that own it, and the bit-exact sum of every rank's partial sum of
+//! squares (the global gradient norm).
 
 use std::ops::Range;
 
@@ -20,11 +20,6 @@ pub trait GradReducer<B: Backend> {
     /// The mean across ranks of `grads` (every rank passes the same length), whole, on every
     /// rank.
     fn all_reduce_mean(&mut self, grads: Tensor<B, 1>) -> Result<Tensor<B, 1>, CollectiveError>;
-    /// ZeRO stage 2: the mean across ranks of this rank's slice of `grads` only (a tensor of
-    /// `shard_range(len, world, rank).len()` elements), the values the all-reduce would leave
-    /// there.
-    fn reduce_scatter_mean(&mut self, grads: Tensor<B, 1>)
-        -> Result<Tensor<B, 1>, CollectiveError>;
     /// ZeRO stage 2, one bucket of the gradients at a time, as the backward pass makes them:
     /// every rank passes `piece`, its f32 gradients of `at..at + piece.len()` of a flat buffer
     /// of `total` elements (the same buckets on every rank, in the same order). Returns the mean
@@ -111,20 +106,6 @@ impl<B: Backend, C: Collective> GradReducer<B> for HostStaged<C> {
         let device = grads.device();
         let mut host = download(grads)?;
         self.0.all_reduce_mean(&mut host)?;
-        Ok(upload(host, &device))
-    }
-
-    fn reduce_scatter_mean(
-        &mut self,
-        grads: Tensor<B, 1>,
-    ) -> Result<Tensor<B, 1>, CollectiveError> {
-        let device = grads.device();
-        let mut host = download(grads)?;
-        self.0.reduce_scatter_mean(&mut host)?;
-        let own = shard_range(host.len(), self.0.world(), self.0.rank());
-        // Only the owned slice goes back to the device; the rest of the buffer was scratch.
-        host.truncate(own.end);
-        host.drain(..own.start);
         Ok(upload(host, &device))
     }
 

@@ -1,6 +1,6 @@
 //! One step of the resident engine: forward and backward, the reduction across ranks (the
-//! all-reduce of stage 0, or ZeRO's reduce-scatter, norm exchange and all-gather), clipping and
-//! AdamW.
+//! all-reduce of stages 0 and 1, or stage 2's bucket reduces during the backward passes; under
+//! ZeRO the norm exchange and all-gather), clipping and AdamW.
 
 use std::time::Instant;
 

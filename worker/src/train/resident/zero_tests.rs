@@ -1,6 +1,6 @@
 //! ZeRO stages 1 and 2 in the resident engine against its stage 0, on the CPU backend: ranks
-//! as threads joined by the real TCP ring (its reduce-scatter and all-gather halves through
-//! [`HostStaged`]), at 2 and 3 ranks (the tiny model's flat buffer does not divide by 3: an
+//! as threads joined by the real TCP ring (its all-reduce, for stage 1 and stage 2's gradient
+//! buckets, and its all-gather half through [`HostStaged`]), at 2 and 3 ranks (the tiny model's flat buffer does not divide by 3: an
 //! uneven split). Every step's loss and gradient norm, the final weights and the optimizer state
 //! agree with stage 0's; each rank holds 1/world of the moments. And the sharded checkpoint a
 //! resident rank writes resumes at another world size with the committed state, element for
@@ -180,6 +180,19 @@ fn train_bucketed(
     })
 }
 
+/// Every step's loss and gradient norm within 1e-5 of stage 0's, the final weights within 1e-6.
+fn assert_same_steps(at: &str, log: &[(f64, f64)], log0: &[(f64, f64)], t: &Trainer, t0: &Trainer) {
+    assert_eq!(log.len(), log0.len(), "{at}: steps");
+    for (step, ((loss, norm), (loss0, norm0))) in log.iter().zip(log0).enumerate() {
+        assert!(
+            (loss - loss0).abs() < 1e-5 && (norm - norm0).abs() < 1e-5,
+            "{at}, step {step}: loss {loss} vs {loss0}, grad norm {norm} vs {norm0}"
+        );
+    }
+    let d = max_abs_diff(&t.weights, &t0.weights);
+    assert!(d < 1e-6, "{at}: weights differ by {d}");
+}
+
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -207,14 +220,7 @@ fn zero_stages_1_and_2_match_stage_0_at_2_and_3_ranks() {
                 ranks.iter().zip(&stage0).enumerate()
             {
                 let at = format!("stage {stage}, world {world}, rank {rank}");
-                for (step, ((loss, norm), (loss0, norm0))) in log.iter().zip(log0).enumerate() {
-                    assert!(
-                        (loss - loss0).abs() < 1e-5 && (norm - norm0).abs() < 1e-5,
-                        "{at}, step {step}: loss {loss} vs {loss0}, grad norm {norm} vs {norm0}"
-                    );
-                }
-                let d = max_abs_diff(&t.weights, &t0.weights);
-                assert!(d < 1e-6, "{at}: weights differ by {d}");
+                assert_same_steps(&at, log, log0, t, t0);
                 assert_eq!(t.optimizer.range, shard_range(total, world, rank), "{at}");
                 assert_eq!(t.optimizer.t, steps, "{at}");
                 assert_eq!(*bytes0, whole_bytes, "{at}: stage 0 holds all of it");
@@ -266,14 +272,7 @@ fn zero_stage_2_in_small_buckets_matches_stage_0_with_and_without_recompute() {
         let mut m = Vec::new();
         for (rank, ((log, t, _), (log0, t0, _))) in ranks.iter().zip(&stage0).enumerate() {
             let at = format!("world {world}, recompute {recompute}, rank {rank}");
-            for (step, ((loss, norm), (loss0, norm0))) in log.iter().zip(log0).enumerate() {
-                assert!(
-                    (loss - loss0).abs() < 1e-5 && (norm - norm0).abs() < 1e-5,
-                    "{at}, step {step}: loss {loss} vs {loss0}, grad norm {norm} vs {norm0}"
-                );
-            }
-            let d = max_abs_diff(&t.weights, &t0.weights);
-            assert!(d < 1e-6, "{at}: weights differ by {d}");
+            assert_same_steps(&at, log, log0, t, t0);
             m.extend_from_slice(&t.optimizer.m);
         }
         let dm = max_abs_diff(&m, &stage0[0].1.optimizer.m);
@@ -408,8 +407,8 @@ fn a_shards_decay_ranges_are_the_wholes_cut_at_its_bounds() {
     }
 }
 
-/// A non-finite loss on one rank at stage 2 reaches every rank through the reduce-scatter and the
-/// norm's exchange: under `nonfinite: skip` every rank passes over the step, and nothing is
+/// A non-finite loss on one rank at stage 2 reaches every rank through the norm's exchange (the
+/// rank's partial sum of squares is NaN): under `nonfinite: skip` every rank passes over the step, and nothing is
 /// applied or gathered (a rank that applied alone would leave the others' weights behind).
 #[test]
 fn a_non_finite_loss_on_one_rank_is_skipped_by_every_rank_at_stage_2() {
