@@ -32,10 +32,36 @@ use super::attention::{attention_mask, AttentionShape};
 pub const BLOCK_SCORE_BYTES: usize = 128 << 20;
 
 /// Whether the CubeCL backends run attention blockwise (`DAPT_ATTENTION=blockwise`) rather
-/// than with the unit-level kernels (unset, or `kernels`). Read once per process.
+/// than with the unit-level kernels (unset, or `kernels`). Read once per process, and logged
+/// then; the worker refuses any other value at its start ([`attention_from_env`]).
 pub fn use_blockwise() -> bool {
     static CHOICE: OnceLock<bool> = OnceLock::new();
-    *CHOICE.get_or_init(|| matches!(std::env::var("DAPT_ATTENTION").as_deref(), Ok("blockwise")))
+    *CHOICE.get_or_init(|| {
+        let blockwise = attention_from_env().unwrap_or(false);
+        tracing::info!(
+            attention = if blockwise { "blockwise" } else { "kernels" },
+            "attention on the GPU (DAPT_ATTENTION)"
+        );
+        blockwise
+    })
+}
+
+/// `DAPT_ATTENTION` read: true for `blockwise`, false when unset, empty or `kernels`.
+///
+/// # Errors
+/// Any other value, named.
+pub fn attention_from_env() -> Result<bool, String> {
+    parse_attention(std::env::var("DAPT_ATTENTION").ok().as_deref())
+}
+
+fn parse_attention(value: Option<&str>) -> Result<bool, String> {
+    match value {
+        None | Some("" | "kernels") => Ok(false),
+        Some("blockwise") => Ok(true),
+        Some(other) => Err(format!(
+            "DAPT_ATTENTION={other:?}: expected `kernels` (the default) or `blockwise`"
+        )),
+    }
 }
 
 /// Query positions per block for `shape`: as many as keep one block's f32 scores
@@ -241,4 +267,22 @@ fn tensor<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
 
 fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_attention;
+
+    #[test]
+    fn dapt_attention_takes_kernels_or_blockwise_and_names_anything_else() {
+        assert_eq!(parse_attention(None), Ok(false));
+        assert_eq!(parse_attention(Some("")), Ok(false));
+        assert_eq!(parse_attention(Some("kernels")), Ok(false));
+        assert_eq!(parse_attention(Some("blockwise")), Ok(true));
+        let e = parse_attention(Some("flash")).unwrap_err();
+        assert!(
+            e.contains("DAPT_ATTENTION=\"flash\"") && e.contains("blockwise"),
+            "{e}"
+        );
+    }
 }
