@@ -9,6 +9,7 @@
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 use dapt_worker::fused::attention::{
     attention_mask, flash_attention, reference_attention, AttentionShape,
@@ -144,59 +145,63 @@ fn the_forward_writes_each_rows_log_sum_exp() {
     }
 }
 
+/// An attention op's output, log-sum-exp (checked to be `[batch, heads, seq]`), `dq`, `dk` and
+/// `dv` on the CPU for `[q, k, v, dout]` of shape `s` (the backward taking the forward's own
+/// output and log-sum-exp), as f32 values.
+fn forward_backward(
+    s: AttentionShape,
+    [q, k, v, dout]: &[Tensor<Cpu, 2>; 4],
+    forward: impl Fn(
+        FloatTensor<Cpu>,
+        FloatTensor<Cpu>,
+        FloatTensor<Cpu>,
+    ) -> (FloatTensor<Cpu>, FloatTensor<Cpu>),
+    backward: impl Fn(
+        FloatTensor<Cpu>,
+        FloatTensor<Cpu>,
+        FloatTensor<Cpu>,
+        FloatTensor<Cpu>,
+        FloatTensor<Cpu>,
+        FloatTensor<Cpu>,
+    ) -> (FloatTensor<Cpu>, FloatTensor<Cpu>, FloatTensor<Cpu>),
+) -> [Vec<f32>; 5] {
+    let prim = |t: &Tensor<Cpu, 2>| t.clone().into_primitive().tensor();
+    let (out, lse) = forward(prim(q), prim(k), prim(v));
+    let lse = Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(lse));
+    assert_eq!(lse.dims(), [s.batch, s.heads, s.seq]);
+    let (dq, dk, dv) = backward(
+        prim(q),
+        prim(k),
+        prim(v),
+        out.clone(),
+        lse.clone().into_primitive().tensor(),
+        prim(dout),
+    );
+    let back = |p| values(Tensor::<Cpu, 2>::from_primitive(TensorPrimitive::Float(p)));
+    [back(out), values(lse), back(dq), back(dk), back(dv)]
+}
+
 /// Blockwise attention's output, log-sum-exp and `(dq, dk, dv)` equal the default bodies' (all
 /// query rows at once) for blocks of 1, 2, 5 and 16 positions and the whole sequence: blocks
 /// that cut a window, blocks shorter than it, a last block shorter than the rest.
 #[test]
 fn blockwise_attention_matches_the_one_block_op() {
-    let prim = |t: Tensor<Cpu, 2>| t.into_primitive().tensor();
-    let back = |p| Tensor::<Cpu, 2>::from_primitive(TensorPrimitive::Float(p));
     for (n, s) in cases().into_iter().enumerate() {
-        let [q, k, v, dout] = inputs::<Cpu>(s, 0xb10c + n as u64);
-        let (out, lse) =
-            Cpu::flash_attention_forward(prim(q.clone()), prim(k.clone()), prim(v.clone()), s);
-        let (out, lse) = (
-            back(out),
-            Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(lse)),
-        );
-        let (dq, dk, dv) = Cpu::flash_attention_backward(
-            prim(q.clone()),
-            prim(k.clone()),
-            prim(v.clone()),
-            prim(out.clone()),
-            lse.clone().into_primitive().tensor(),
-            prim(dout.clone()),
+        let inputs = inputs::<Cpu>(s, 0xb10c + n as u64);
+        let expected = forward_backward(
             s,
+            &inputs,
+            |q, k, v| Cpu::flash_attention_forward(q, k, v, s),
+            |q, k, v, o, l, d| Cpu::flash_attention_backward(q, k, v, o, l, d, s),
         );
-        let expected = [out.clone(), back(dq), back(dk), back(dv)].map(values);
-        let expected_lse = values(lse.clone());
         for block in [1, 2, 5, 16, s.seq] {
-            let (bout, blse) = blockwise::forward::<Cpu>(
-                prim(q.clone()),
-                prim(k.clone()),
-                prim(v.clone()),
+            let got = forward_backward(
                 s,
-                block,
+                &inputs,
+                |q, k, v| blockwise::forward::<Cpu>(q, k, v, s, block),
+                |q, k, v, o, l, d| blockwise::backward::<Cpu>(q, k, v, o, l, d, s, block),
             );
-            let blse = Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(blse));
-            assert_eq!(blse.dims(), [s.batch, s.heads, s.seq]);
-            let d = rel_diff(&values(blse), &expected_lse);
-            assert!(
-                d < 1e-5,
-                "lse differs by {d} (relative) for {s:?}, block {block}"
-            );
-            let (bdq, bdk, bdv) = blockwise::backward::<Cpu>(
-                prim(q.clone()),
-                prim(k.clone()),
-                prim(v.clone()),
-                prim(out.clone()),
-                lse.clone().into_primitive().tensor(),
-                prim(dout.clone()),
-                s,
-                block,
-            );
-            let got = [back(bout), back(bdq), back(bdk), back(bdv)].map(values);
-            for (what, (a, b)) in ["out", "dq", "dk", "dv"]
+            for (what, (a, b)) in ["out", "lse", "dq", "dk", "dv"]
                 .iter()
                 .zip(got.iter().zip(&expected))
             {

@@ -252,14 +252,8 @@ impl NcclCollective {
             ))
         })?;
         let device = t.device();
-        let mut prim = t.into_primitive().tensor();
-        if !(prim.is_contiguous() && prim.is_contiguous_buffer() && prim.can_mut()) {
-            // Never write into a view or a shared buffer: work on a private copy.
-            let copy = Tensor::<Gpu, 1>::from_primitive(TensorPrimitive::Float(prim.clone()))
-                .mul_scalar(1.0);
-            drop(prim);
-            prim = copy.into_primitive().tensor();
-        }
+        // Never write into a view or a shared buffer: work on a private copy.
+        let prim = crate::fused::kernels::private(t.into_primitive().tensor());
         let count = prim.meta.shape().num_elements();
         // Everything cubecl queued (the kernels writing this buffer) must finish first.
         Gpu::sync(&device).map_err(|e| CollectiveError::Nccl(format!("device sync: {e:?}")))?;

@@ -8,7 +8,7 @@
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Distribution, Tensor, TensorPrimitive};
+use burn::tensor::{Distribution, FloatDType, Tensor, TensorPrimitive};
 use dapt_worker::fused::attention::{flash_attention, reference_attention, AttentionShape};
 use dapt_worker::fused::AttentionOps;
 use dapt_worker::Cpu;
@@ -57,45 +57,85 @@ fn largest(t: &Tensor<Cpu, 2>) -> f32 {
     t.clone().abs().max().into_scalar()
 }
 
+/// An attention op's forward (q, k, v) and backward (q, k, v, out, lse, dout) on primitives.
+type Forward<B> =
+    dyn Fn(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>);
+type Backward<B> = dyn Fn(
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+/// What an attention op gives for `[q, k, v, up]`: its output, log-sum-exp and `(dq, dk, dv)`,
+/// the backward taking the forward's own output and log-sum-exp.
+struct Run<B: Backend> {
+    out: Tensor<B, 2>,
+    lse: Tensor<B, 3>,
+    grads: [Tensor<B, 2>; 3],
+}
+
+fn run<B: Backend>(
+    [q, k, v, up]: [Tensor<B, 2>; 4],
+    forward: &Forward<B>,
+    backward: &Backward<B>,
+) -> Run<B> {
+    let (out, lse) = forward(prim(q.clone()), prim(k.clone()), prim(v.clone()));
+    let (out, lse) = (wrap::<B, 2>(out), wrap::<B, 3>(lse));
+    let (dq, dk, dv) = backward(
+        prim(q),
+        prim(k),
+        prim(v),
+        prim(out.clone()),
+        prim(lse.clone()),
+        prim(up),
+    );
+    Run {
+        out,
+        lse,
+        grads: [dq, dk, dv].map(wrap::<B, 2>),
+    }
+}
+
+/// The CPU backend's op: the reference.
+fn on_cpu(inputs: &[Tensor<Cpu, 2>; 4], s: AttentionShape) -> Run<Cpu> {
+    run(
+        inputs.clone(),
+        &move |q, k, v| Cpu::flash_attention_forward(q, k, v, s),
+        &move |q, k, v, o, l, d| Cpu::flash_attention_backward(q, k, v, o, l, d, s),
+    )
+}
+
+/// `inputs` on the GPU in `dtype`.
+fn on_gpu(inputs: &[Tensor<Cpu, 2>; 4], dtype: FloatDType) -> [Tensor<Gpu, 2>; 4] {
+    inputs.clone().map(|t| to_gpu(&t).cast(dtype))
+}
+
+/// The GPU backend's kernels on `inputs` in `dtype`.
+fn kernels(inputs: &[Tensor<Cpu, 2>; 4], s: AttentionShape, dtype: FloatDType) -> Run<Gpu> {
+    run(
+        on_gpu(inputs, dtype),
+        &move |q, k, v| Gpu::flash_attention_forward(q, k, v, s),
+        &move |q, k, v, o, l, d| Gpu::flash_attention_backward(q, k, v, o, l, d, s),
+    )
+}
+
 #[test]
 fn kernels_match_the_cpu_forward_and_backward() {
     for s in cases() {
-        let [q, k, v, up] = inputs(&s);
-        let (out_c, lse_c) =
-            Cpu::flash_attention_forward(prim(q.clone()), prim(k.clone()), prim(v.clone()), s);
-        let (out_g, lse_g) =
-            Gpu::flash_attention_forward(prim(to_gpu(&q)), prim(to_gpu(&k)), prim(to_gpu(&v)), s);
-        let (out_c, lse_c) = (wrap::<Cpu, 2>(out_c), wrap::<Cpu, 3>(lse_c));
-        let (out_g, lse_g) = (wrap::<Gpu, 2>(out_g), wrap::<Gpu, 3>(lse_g));
-        assert!(largest(&out_c) > 0.1);
-        let d = max_abs_diff(out_g.clone(), out_c.clone());
+        let inputs = inputs(&s);
+        let (c, g) = (on_cpu(&inputs, s), kernels(&inputs, s, FloatDType::F32));
+        assert!(largest(&c.out) > 0.1);
+        let d = max_abs_diff(g.out, c.out);
         assert!(d < 1e-4, "out differs by {d} for {s:?}");
-        let d = max_abs_diff(lse_g.clone(), lse_c.clone());
+        let d = max_abs_diff(g.lse, c.lse);
         assert!(d < 1e-4, "lse differs by {d} for {s:?}");
-
-        let grads_c = Cpu::flash_attention_backward(
-            prim(q.clone()),
-            prim(k.clone()),
-            prim(v.clone()),
-            prim(out_c),
-            prim(lse_c),
-            prim(up.clone()),
-            s,
-        );
-        let grads_g = Gpu::flash_attention_backward(
-            prim(to_gpu(&q)),
-            prim(to_gpu(&k)),
-            prim(to_gpu(&v)),
-            prim(out_g),
-            prim(lse_g),
-            prim(to_gpu(&up)),
-            s,
-        );
-        let (gc, gg) = (
-            [grads_c.0, grads_c.1, grads_c.2].map(wrap::<Cpu, 2>),
-            [grads_g.0, grads_g.1, grads_g.2].map(wrap::<Gpu, 2>),
-        );
-        for (what, (g, c)) in ["dq", "dk", "dv"].iter().zip(gg.into_iter().zip(gc)) {
+        for (what, (g, c)) in ["dq", "dk", "dv"]
+            .iter()
+            .zip(g.grads.into_iter().zip(c.grads))
+        {
             let scale = largest(&c);
             assert!(scale > 0.1, "{what} is near zero for {s:?}");
             let d = max_abs_diff(g, c) / scale;
@@ -109,50 +149,26 @@ fn kernels_match_the_cpu_forward_and_backward() {
 /// forward and backward, for blocks that do and do not divide the sequence, in f32 and f16.
 #[test]
 fn blockwise_attention_matches_the_cpu_forward_and_backward() {
-    use burn::tensor::FloatDType;
+    use dapt_worker::fused::blockwise;
     for s in cases() {
-        let [q, k, v, up] = inputs(&s);
-        let (out_c, lse_c) =
-            Cpu::flash_attention_forward(prim(q.clone()), prim(k.clone()), prim(v.clone()), s);
-        let (out_c, lse_c) = (wrap::<Cpu, 2>(out_c), wrap::<Cpu, 3>(lse_c));
-        let grads_c = Cpu::flash_attention_backward(
-            prim(q.clone()),
-            prim(k.clone()),
-            prim(v.clone()),
-            prim(out_c.clone()),
-            prim(lse_c.clone()),
-            prim(up.clone()),
-            s,
-        );
-        let gc = [grads_c.0, grads_c.1, grads_c.2].map(wrap::<Cpu, 2>);
+        let inputs = inputs(&s);
+        let c = on_cpu(&inputs, s);
         for (dtype, tolerance) in [(FloatDType::F32, 1e-4), (FloatDType::F16, 2e-2)] {
             for block in [5, 16] {
                 let at = format!("{s:?}, {dtype:?}, block {block}");
-                let gpu = |t: &Tensor<Cpu, 2>| prim(to_gpu(t).cast(dtype));
-                let (out_g, lse_g) = dapt_worker::fused::blockwise::forward::<Gpu>(
-                    gpu(&q),
-                    gpu(&k),
-                    gpu(&v),
-                    s,
-                    block,
+                let g = run(
+                    on_gpu(&inputs, dtype),
+                    &move |q, k, v| blockwise::forward::<Gpu>(q, k, v, s, block),
+                    &move |q, k, v, o, l, d| blockwise::backward::<Gpu>(q, k, v, o, l, d, s, block),
                 );
-                let (out_g, lse_g) = (wrap::<Gpu, 2>(out_g), wrap::<Gpu, 3>(lse_g));
-                let d = max_abs_diff(out_g.clone(), out_c.clone()) / largest(&out_c);
+                let d = max_abs_diff(g.out, c.out.clone()) / largest(&c.out);
                 assert!(d < tolerance, "out differs by {d} (relative) for {at}");
-                let d = max_abs_diff(lse_g.clone(), lse_c.clone());
+                let d = max_abs_diff(g.lse, c.lse.clone());
                 assert!(d < tolerance, "lse differs by {d} for {at}");
-                let g = dapt_worker::fused::blockwise::backward::<Gpu>(
-                    gpu(&q),
-                    gpu(&k),
-                    gpu(&v),
-                    prim(out_g),
-                    prim(lse_g),
-                    gpu(&up),
-                    s,
-                    block,
-                );
-                let gg = [g.0, g.1, g.2].map(wrap::<Gpu, 2>);
-                for (what, (g, c)) in ["dq", "dk", "dv"].iter().zip(gg.into_iter().zip(gc.iter())) {
+                for (what, (g, c)) in ["dq", "dk", "dv"]
+                    .iter()
+                    .zip(g.grads.into_iter().zip(&c.grads))
+                {
                     let d = max_abs_diff(g, c.clone()) / largest(c);
                     assert!(
                         d < 2.0 * tolerance,
@@ -167,63 +183,39 @@ fn blockwise_attention_matches_the_cpu_forward_and_backward() {
 /// The kernels on f16 tensors (dispatched on the runtime dtype; lavapipe has f16 but no bf16).
 #[test]
 fn kernels_take_f16_inputs() {
-    half_precision(burn::tensor::FloatDType::F16);
+    half_precision(FloatDType::F16);
 }
 
 /// The kernels on bf16 tensors (the GPU's mixed precision); not on lavapipe, which has no bf16.
 #[cfg(all(feature = "cuda", not(feature = "wgpu")))]
 #[test]
 fn kernels_take_bf16_inputs() {
-    half_precision(burn::tensor::FloatDType::BF16);
+    half_precision(FloatDType::BF16);
 }
 
 /// The kernels on `dtype` inputs: outputs and gradients in `dtype` within its rounding of the
 /// f32 results (accumulation is f32), the log-sum-exp still f32.
-fn half_precision(dtype: burn::tensor::FloatDType) {
+fn half_precision(dtype: FloatDType) {
     use burn::tensor::DType;
     let s = AttentionShape::new(1, 29, 4, 2, 64, Some(11));
-    let [q, k, v, up] = inputs(&s);
-    let half = |t: &Tensor<Cpu, 2>| prim(to_gpu(t).cast(dtype));
-    let (out_c, lse_c) =
-        Cpu::flash_attention_forward(prim(q.clone()), prim(k.clone()), prim(v.clone()), s);
-    let (out_g, lse_g) = Gpu::flash_attention_forward(half(&q), half(&k), half(&v), s);
-    let (out_c, lse_c) = (wrap::<Cpu, 2>(out_c), wrap::<Cpu, 3>(lse_c));
-    let (out_g, lse_g) = (wrap::<Gpu, 2>(out_g), wrap::<Gpu, 3>(lse_g));
-    assert_eq!(out_g.dtype(), DType::from(dtype));
-    assert_eq!(lse_g.dtype(), DType::F32);
+    let inputs = inputs(&s);
+    let (c, g) = (on_cpu(&inputs, s), kernels(&inputs, s, dtype));
+    assert_eq!(g.out.dtype(), DType::from(dtype));
+    assert_eq!(g.lse.dtype(), DType::F32);
     // bf16 keeps 8 bits of mantissa, f16 11.
-    let tolerance = if dtype == burn::tensor::FloatDType::BF16 {
+    let tolerance = if dtype == FloatDType::BF16 {
         8e-2
     } else {
         1e-2
     };
-    let d = max_abs_diff(out_g.clone(), out_c.clone()) / largest(&out_c);
+    let d = max_abs_diff(g.out, c.out.clone()) / largest(&c.out);
     assert!(d < tolerance, "out differs by {d} (relative)");
-    let d = max_abs_diff(lse_g.clone(), lse_c.clone());
+    let d = max_abs_diff(g.lse, c.lse);
     assert!(d < 2.0 * tolerance, "lse differs by {d}");
-    let (dq, dk, dv) = Gpu::flash_attention_backward(
-        half(&q),
-        half(&k),
-        half(&v),
-        prim(out_g),
-        prim(lse_g),
-        half(&up),
-        s,
-    );
-    let (cq, ck, cv) = Cpu::flash_attention_backward(
-        prim(q),
-        prim(k),
-        prim(v),
-        prim(out_c),
-        prim(lse_c),
-        prim(up),
-        s,
-    );
     for (what, (g, c)) in ["dq", "dk", "dv"]
         .iter()
-        .zip([dq, dk, dv].into_iter().zip([cq, ck, cv]))
+        .zip(g.grads.into_iter().zip(c.grads))
     {
-        let (g, c) = (wrap::<Gpu, 2>(g), wrap::<Cpu, 2>(c));
         assert_eq!(g.dtype(), DType::from(dtype));
         let d = max_abs_diff(g, c.clone()) / largest(&c);
         assert!(d < 2.0 * tolerance, "{what} differs by {d} (relative)");

@@ -5,11 +5,11 @@
 use burn::tensor::{DType, TensorMetadata};
 use burn_cubecl::element::BoolElement;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
 
+use super::private;
 use crate::fused::accumulate::AccumulateOps;
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AccumulateOps
@@ -47,28 +47,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Accumulate
     }
 }
 
-/// `t` contiguous and owned by nobody else, so that a kernel may write into it: itself when it
-/// already is, else a copy.
-fn private<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
-    if t.can_mut() && t.is_contiguous() {
-        return t;
-    }
-    let n = t.shape().num_elements();
-    let copy = empty_device_dtype(t.client.clone(), t.device.clone(), t.shape(), t.dtype);
-    let cube_dim = CubeDim::new(&t.client, n.max(1));
-    let cube_count = calculate_cube_count_elemwise(&t.client, n.max(1), cube_dim);
-    let address = t.required_address_type();
-    copy_kernel::launch::<R>(
-        &t.client.clone(),
-        cube_count,
-        cube_dim,
-        address,
-        into_contiguous(t).into_tensor_arg(),
-        copy.clone().into_tensor_arg(),
-    );
-    copy
-}
-
 #[cube(launch, address_type = "dynamic")]
 fn accumulate_kernel<F: Float>(
     acc: &mut Tensor<f32>,
@@ -81,13 +59,4 @@ fn accumulate_kernel<F: Float>(
         terminate!();
     }
     acc[start + i] += f32::cast_from(grad[i]);
-}
-
-#[cube(launch, address_type = "dynamic")]
-fn copy_kernel(from: &Tensor<f32>, to: &mut Tensor<f32>) {
-    let i = ABSOLUTE_POS;
-    if i >= to.len() {
-        terminate!();
-    }
-    to[i] = from[i];
 }

@@ -7,8 +7,26 @@ pub mod attention;
 pub mod loss;
 pub mod norm;
 
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 use cubecl::CubeCount;
+
+/// `t` as a tensor that a kernel or a collective may write into in place: itself when it is
+/// contiguous, spans its whole buffer and nobody else holds that buffer; else a copy (never a
+/// write through a view or under another owner).
+pub(crate) fn private<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
+    if !t.is_contiguous() {
+        // A fresh buffer of its own.
+        return into_contiguous(t);
+    }
+    if t.is_contiguous_buffer() && t.can_mut() {
+        t
+    } else {
+        t.copy()
+    }
+}
 
 /// The most cubes along one dimension of a launch (Vulkan's guaranteed minimum).
 pub(crate) const MAX_CUBES: usize = 65_535;
