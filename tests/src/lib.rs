@@ -265,6 +265,26 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// A base port `p` such that `p..p + count` are all free on every interface now (for scripts
+/// that give worker `i` port `p + i`): a run below Linux's ephemeral range (32768 and up), so
+/// that the ports other processes are handed meanwhile do not land in it, each checked by
+/// binding it.
+pub fn free_port_run(count: u16) -> u16 {
+    let mut x = test_seed() | 1;
+    loop {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let base = 20_000 + (x % 12_000) as u16;
+        let held: Vec<_> = (0..count)
+            .map_while(|i| std::net::TcpListener::bind(("0.0.0.0", base + i)).ok())
+            .collect();
+        if held.len() == usize::from(count) {
+            return base;
+        }
+    }
+}
+
 /// The ledger's entries as (step, start, end), and a check that they cover `[0, end)` exactly
 /// once: returns an error naming the first gap or overlap.
 pub fn check_ledger(path: &Path, end: u64) -> Result<Vec<(u64, u64, u64)>, String> {

@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use dapt_tests::{
-    alive, binary, check_ledger, coordinator, events, free_port, repo_root, serial, write_job,
-    Cluster, Proc, BATCH, LONG,
+    alive, binary, check_ledger, coordinator, events, free_port, free_port_run, repo_root, serial,
+    write_job, Cluster, Proc, BATCH, LONG,
 };
 
 const TWO: &str = "cluster:\n  min_workers: 2\n  max_workers: 2\n  session_timeout_ms: 2000\n";
@@ -21,7 +21,10 @@ fn node(c: &Cluster, name: &str, workers: u32) -> Proc {
         .env("DAPT_DEVICE", "cpu")
         .env("DAPT_NODE_WORKERS", workers.to_string())
         .env("DAPT_HOST", "127.0.0.1")
-        .env("DAPT_PORT", free_port().to_string())
+        .env(
+            "DAPT_PORT",
+            free_port_run(u16::try_from(workers).expect("workers")).to_string(),
+        )
         .env("DAPT_NODE_NAME", name)
         .env("DAPT_WORKER_BIN", binary("dapt-worker"))
         .env("DAPT_LOG_FORMAT", "json")
@@ -197,7 +200,8 @@ fn the_slurm_batch_script_runs_the_job_over_its_nodes() {
         .current_dir(dir.path())
         .env("PATH", path)
         .env("SHIM_NODES", "2")
-        .env("SHIM_PORT", free_port().to_string())
+        // Node i's workers listen from SHIM_PORT + 10 i.
+        .env("SHIM_PORT", free_port_run(20).to_string())
         .env("SLURM_SUBMIT_DIR", repo_root())
         .env("SLURM_JOB_NUM_NODES", "2")
         .env("DAPT_BIN_DIR", bin_dir)
