@@ -2,8 +2,10 @@
 //!
 //! - `--features wgpu`: Burn's wgpu backend on Vulkan. On a machine without a GPU, Mesa's
 //!   software driver lavapipe (Debian `mesa-vulkan-drivers`) runs the kernels: unit-level f32
-//!   kernels only (no cooperative matrix, no bf16, plane ops off on CPU adapters). In CI:
-//!   `cargo test -p dapt-worker --features wgpu --test fused_gpu`.
+//!   kernels only (no cooperative matrix, no bf16, plane ops off on CPU adapters).
+//! - `--features wgpu,cuda` (CI: `cargo test -p dapt-worker --features wgpu,cuda --test
+//!   fused_gpu`): the same on wgpu, and `cuda_codegen`: every kernel in f32, f16 and bf16
+//!   compiled for the H200 by NVRTC and ptxas, no GPU needed.
 //! - `--features cuda` (without `wgpu`): the same checks on CUDA, with the tensor-core and bf16
 //!   variants; scripts/gpu-check.sh runs this binary on a lent GPU.
 //!
@@ -12,6 +14,8 @@
 
 mod accumulate;
 mod attention;
+#[cfg(all(feature = "wgpu", feature = "cuda"))]
+mod cuda_codegen;
 mod loss;
 mod norm;
 

@@ -60,3 +60,29 @@ fn accumulate_kernel<F: Float>(
     }
     acc[start + i] += f32::cast_from(grad[i]);
 }
+
+/// This module's kernel for a `dtype` gradient, with 32- and 64-bit addresses, as CUDA compile
+/// tasks: see [`super::cuda_source`].
+#[cfg(feature = "cuda")]
+pub(super) fn cuda_tasks<R: Runtime>(
+    client: &ComputeClient<R>,
+    dtype: StorageType,
+) -> Vec<super::cuda_source::CudaTask> {
+    use super::cuda_source::{elementwise, task, tensor};
+    [AddressType::U32, AddressType::U64]
+        .into_iter()
+        .map(|address| {
+            task(
+                format!("{address:?} addresses"),
+                accumulate_kernel::AccumulateKernel::new(
+                    elementwise().address_type(address),
+                    client.clone(),
+                    tensor(),
+                    tensor(),
+                    (),
+                    dtype,
+                ),
+            )
+        })
+        .collect()
+}

@@ -526,3 +526,88 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionO
         (dq, dk, dv)
     }
 }
+
+/// This module's kernels in `dtype` as CUDA compile tasks, for head dims 64 and 128, unrolled as
+/// on a GPU: see [`super::cuda_source`].
+#[cfg(feature = "cuda")]
+pub(super) fn cuda_tasks<R: Runtime>(
+    client: &ComputeClient<R>,
+    dtype: StorageType,
+) -> Vec<super::cuda_source::CudaTask> {
+    use super::cuda_source::{settings, task, tensor};
+    let mut tasks: Vec<super::cuda_source::CudaTask> = Vec::new();
+    for hd in [64, 128] {
+        let block = block_rows(hd);
+        let c = || client.clone();
+        tasks.push(task(
+            format!("hd={hd}"),
+            forward_kernel::ForwardKernel::new(
+                settings(block),
+                c(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                (),
+                (),
+                (),
+                (),
+                (),
+                hd,
+                block,
+                true,
+                dtype,
+            ),
+        ));
+        tasks.push(task(
+            format!("hd={hd}"),
+            dq_kernel::DqKernel::new(
+                settings(block),
+                c(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                (),
+                (),
+                (),
+                (),
+                (),
+                hd,
+                block,
+                true,
+                dtype,
+            ),
+        ));
+        tasks.push(task(
+            format!("hd={hd}"),
+            dkv_kernel::DkvKernel::new(
+                settings(block),
+                c(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                (),
+                (),
+                (),
+                (),
+                (),
+                hd,
+                block,
+                true,
+                dtype,
+            ),
+        ));
+    }
+    tasks
+}

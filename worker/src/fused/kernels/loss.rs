@@ -249,3 +249,47 @@ fn as_f32<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
         burn_cubecl::kernel::cast(t, DType::F32)
     }
 }
+
+/// This module's kernels with `dtype` logits (and i32 targets, `dapt_worker::Gpu`'s int type) as CUDA
+/// compile tasks: see [`super::cuda_source`].
+#[cfg(feature = "cuda")]
+pub(super) fn cuda_tasks<R: Runtime>(
+    client: &ComputeClient<R>,
+    dtype: StorageType,
+) -> Vec<super::cuda_source::CudaTask> {
+    use super::cuda_source::{settings, task, tensor};
+    let int: StorageType = DType::I32.into();
+    let mut tasks: Vec<super::cuda_source::CudaTask> = [true, false]
+        .into_iter()
+        .map(|first| {
+            task(
+                if first { "first chunk" } else { "later chunk" },
+                chunk_stats_kernel::ChunkStatsKernel::new(
+                    settings(ROW_UNITS as usize),
+                    client.clone(),
+                    tensor(),
+                    tensor(),
+                    tensor(),
+                    tensor(),
+                    (),
+                    first,
+                    [dtype, int],
+                ),
+            )
+        })
+        .collect();
+    tasks.push(task(
+        "",
+        chunk_grad_kernel::ChunkGradKernel::new(
+            settings(GRAD_UNITS as usize),
+            client.clone(),
+            tensor(),
+            tensor(),
+            tensor(),
+            tensor(),
+            (),
+            [dtype, int],
+        ),
+    ));
+    tasks
+}

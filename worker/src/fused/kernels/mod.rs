@@ -4,6 +4,8 @@
 
 pub mod accumulate;
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda_source;
 pub mod loss;
 pub mod norm;
 

@@ -445,3 +445,94 @@ fn swiglu_backward_kernel<F: Float>(
     let slope = s * (f32::new(1.0) + g * (f32::new(1.0) - s));
     d_gate[i] = F::cast_from(dy * f32::cast_from(up[i]) * slope);
 }
+
+/// This module's kernels in `dtype` as CUDA compile tasks, with the cube sizes they are launched
+/// with at a hidden width of 2,048 (the 1B shape): see [`super::cuda_source`].
+#[cfg(feature = "cuda")]
+pub(super) fn cuda_tasks<R: Runtime>(
+    client: &ComputeClient<R>,
+    dtype: StorageType,
+) -> Vec<super::cuda_source::CudaTask> {
+    use super::cuda_source::{elementwise, settings, task, tensor};
+    let units = row_launch(1, 2048).1;
+    let c = || client.clone();
+    vec![
+        task(
+            "",
+            rms_norm_forward_kernel::RmsNormForwardKernel::new(
+                settings(units),
+                c(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                (),
+                units,
+                dtype,
+            ),
+        ),
+        task(
+            "",
+            rms_norm_backward_kernel::RmsNormBackwardKernel::new(
+                settings(units),
+                c(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                units,
+                dtype,
+            ),
+        ),
+        task(
+            "",
+            rms_norm_dw_kernel::RmsNormDwKernel::new(
+                settings(units),
+                c(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                (),
+                dtype,
+            ),
+        ),
+        task(
+            "",
+            rope_kernel::RopeKernel::new(
+                elementwise(),
+                c(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                dtype,
+            ),
+        ),
+        task(
+            "",
+            swiglu_kernel::SwigluKernel::new(
+                elementwise(),
+                c(),
+                tensor(),
+                tensor(),
+                tensor(),
+                dtype,
+            ),
+        ),
+        task(
+            "",
+            swiglu_backward_kernel::SwigluBackwardKernel::new(
+                elementwise(),
+                c(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                tensor(),
+                dtype,
+            ),
+        ),
+    ]
+}
