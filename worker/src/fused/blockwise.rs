@@ -16,8 +16,9 @@
 //! for 128 MiB of them. The scores are rounded to the compute dtype by the matmul (bf16 on a
 //! GPU: Burn's matmul returns its inputs' dtype), then handled in f32.
 //!
-//! Chosen at run time on the CubeCL backends by `DAPT_ATTENTION=blockwise` ([`use_blockwise`]);
-//! the default stays the kernels until a GPU run measures which is faster (docs/gpu.md).
+//! Chosen at run time on the CubeCL backends by `DAPT_ATTENTION` ([`AttentionChoice`]): by
+//! default (`auto`) above head dim 64, where the unit-level kernels spill (docs/gpu.md); at 64 and
+//! below the kernels stay the default until a GPU run measures which is faster.
 
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -31,35 +32,69 @@ use super::attention::{attention_mask, AttentionShape};
 /// f32 score bytes one block may take (`[batch, heads, block, seq]`): 128 MiB.
 pub const BLOCK_SCORE_BYTES: usize = 128 << 20;
 
-/// Whether the CubeCL backends run attention blockwise (`DAPT_ATTENTION=blockwise`) rather
-/// than with the unit-level kernels (unset, or `kernels`). Read once per process, and logged
-/// then; the worker refuses any other value at its start ([`attention_from_env`]).
-pub fn use_blockwise() -> bool {
-    static CHOICE: OnceLock<bool> = OnceLock::new();
-    *CHOICE.get_or_init(|| {
-        let blockwise = attention_from_env().unwrap_or(false);
-        tracing::info!(
-            attention = if blockwise { "blockwise" } else { "kernels" },
-            "attention on the GPU (DAPT_ATTENTION)"
-        );
-        blockwise
-    })
+/// How the CubeCL backends run the attention op (`DAPT_ATTENTION`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionChoice {
+    /// `auto` (the default; also unset or empty): the unit-level kernels up to
+    /// [`KERNELS_MAX_HEAD_DIM`], blockwise above it.
+    Auto,
+    /// `kernels`: the unit-level kernels at every head dim.
+    Kernels,
+    /// `blockwise`: this module at every head dim.
+    Blockwise,
 }
 
-/// `DAPT_ATTENTION` read: true for `blockwise`, false when unset, empty or `kernels`.
+/// The largest head dim at which `auto` takes the unit-level kernels. Above it their backward
+/// cannot keep a unit's rows in registers: at head dim 128, `ptxas -v` for sm_90a reports 255
+/// registers and 1.7 KB (dQ) and 3.9 KB (dK/dV) of spill stores per thread, against none and
+/// 52 bytes at 64 (`cargo test -p dapt-worker --features wgpu,cuda --test fused_gpu
+/// cuda_codegen -- --nocapture`; docs/gpu.md). Which is faster at 64 is for a GPU run to say.
+pub const KERNELS_MAX_HEAD_DIM: usize = 64;
+
+impl AttentionChoice {
+    /// Whether attention at `head_dim` runs blockwise under this choice.
+    pub fn blockwise(self, head_dim: usize) -> bool {
+        match self {
+            AttentionChoice::Auto => head_dim > KERNELS_MAX_HEAD_DIM,
+            AttentionChoice::Kernels => false,
+            AttentionChoice::Blockwise => true,
+        }
+    }
+}
+
+/// Whether the CubeCL backends run attention at `head_dim` blockwise rather than with the
+/// unit-level kernels ([`AttentionChoice`]). `DAPT_ATTENTION` is read once per process, and
+/// logged then; the worker refuses any other value at its start ([`attention_from_env`]).
+pub fn use_blockwise(head_dim: usize) -> bool {
+    static CHOICE: OnceLock<AttentionChoice> = OnceLock::new();
+    CHOICE
+        .get_or_init(|| {
+            let choice = attention_from_env().unwrap_or(AttentionChoice::Auto);
+            tracing::info!(
+                attention = ?choice,
+                kernels_max_head_dim = KERNELS_MAX_HEAD_DIM,
+                "attention on the GPU (DAPT_ATTENTION)"
+            );
+            choice
+        })
+        .blockwise(head_dim)
+}
+
+/// `DAPT_ATTENTION` read: `auto` when unset or empty.
 ///
 /// # Errors
-/// Any other value, named.
-pub fn attention_from_env() -> Result<bool, String> {
+/// Any other value than `auto`, `kernels` or `blockwise`, named.
+pub fn attention_from_env() -> Result<AttentionChoice, String> {
     parse_attention(std::env::var("DAPT_ATTENTION").ok().as_deref())
 }
 
-fn parse_attention(value: Option<&str>) -> Result<bool, String> {
+fn parse_attention(value: Option<&str>) -> Result<AttentionChoice, String> {
     match value {
-        None | Some("" | "kernels") => Ok(false),
-        Some("blockwise") => Ok(true),
+        None | Some("" | "auto") => Ok(AttentionChoice::Auto),
+        Some("kernels") => Ok(AttentionChoice::Kernels),
+        Some("blockwise") => Ok(AttentionChoice::Blockwise),
         Some(other) => Err(format!(
-            "DAPT_ATTENTION={other:?}: expected `kernels` (the default) or `blockwise`"
+            "DAPT_ATTENTION={other:?}: expected `auto` (the default), `kernels` or `blockwise`"
         )),
     }
 }
@@ -274,15 +309,25 @@ mod tests {
     use super::parse_attention;
 
     #[test]
-    fn dapt_attention_takes_kernels_or_blockwise_and_names_anything_else() {
-        assert_eq!(parse_attention(None), Ok(false));
-        assert_eq!(parse_attention(Some("")), Ok(false));
-        assert_eq!(parse_attention(Some("kernels")), Ok(false));
-        assert_eq!(parse_attention(Some("blockwise")), Ok(true));
+    fn dapt_attention_takes_auto_kernels_or_blockwise_and_names_anything_else() {
+        use super::AttentionChoice::*;
+        assert_eq!(parse_attention(None), Ok(Auto));
+        assert_eq!(parse_attention(Some("")), Ok(Auto));
+        assert_eq!(parse_attention(Some("auto")), Ok(Auto));
+        assert_eq!(parse_attention(Some("kernels")), Ok(Kernels));
+        assert_eq!(parse_attention(Some("blockwise")), Ok(Blockwise));
         let e = parse_attention(Some("flash")).unwrap_err();
         assert!(
             e.contains("DAPT_ATTENTION=\"flash\"") && e.contains("blockwise"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn auto_takes_the_kernels_up_to_head_dim_64_and_blockwise_above() {
+        use super::AttentionChoice::*;
+        assert!(!Auto.blockwise(64) && !Auto.blockwise(32));
+        assert!(Auto.blockwise(96) && Auto.blockwise(128));
+        assert!(!Kernels.blockwise(128) && Blockwise.blockwise(64));
     }
 }

@@ -10,6 +10,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Distribution, FloatDType, Tensor, TensorPrimitive};
 use dapt_worker::fused::attention::{flash_attention, reference_attention, AttentionShape};
+use dapt_worker::fused::kernels::attention as unit;
 use dapt_worker::fused::AttentionOps;
 use dapt_worker::Cpu;
 
@@ -113,12 +114,13 @@ fn on_gpu(inputs: &[Tensor<Cpu, 2>; 4], dtype: FloatDType) -> [Tensor<Gpu, 2>; 4
     inputs.clone().map(|t| to_gpu(&t).cast(dtype))
 }
 
-/// The GPU backend's kernels on `inputs` in `dtype`.
+/// The GPU backend's unit-level kernels on `inputs` in `dtype` (called directly: the op's
+/// `DAPT_ATTENTION=auto` default runs head dims above 64 blockwise).
 fn kernels(inputs: &[Tensor<Cpu, 2>; 4], s: AttentionShape, dtype: FloatDType) -> Run<Gpu> {
     run(
         on_gpu(inputs, dtype),
-        &move |q, k, v| Gpu::flash_attention_forward(q, k, v, s),
-        &move |q, k, v, o, l, d| Gpu::flash_attention_backward(q, k, v, o, l, d, s),
+        &move |q, k, v| unit::forward(q, k, v, s),
+        &move |q, k, v, o, l, d| unit::backward(q, k, v, o, l, d, s),
     )
 }
 
@@ -347,7 +349,8 @@ fn gpu_speed_of_flash_and_decomposed_attention() {
 
 /// Forward + backward of the op as the unit-level kernels and as blockwise Burn matmuls
 /// (tensor cores), untracked, alternating, at the Llama-3.2-1B attention shape (batch 4, seq
-/// 1024, 32 heads, 8 kv heads, head dim 64) in bf16 and f32. Prints, asserts nothing: which one
+/// 1024, 32 heads, 8 kv heads, head dim 64) and with Llama-2-7B's heads (32 of head dim 128),
+/// in bf16 and f32. Prints, asserts nothing: which one
 /// `DAPT_ATTENTION` should default to is this measurement's (docs/gpu.md).
 #[test]
 #[ignore = "a timing for a real GPU, run by hand"]
@@ -355,44 +358,51 @@ fn gpu_speed_of_kernel_and_blockwise_attention() {
     use dapt_worker::fused::blockwise;
     use std::time::{Duration, Instant};
     let device = Default::default();
-    let s = timing_shape();
-    let block = blockwise::block_positions(&s);
-    for dtype in [
-        burn::tensor::FloatDType::BF16,
-        burn::tensor::FloatDType::F32,
+    // The 1B shape, and Llama-2-7B's heads (32 kv heads of 128) at the same tokens, where
+    // `DAPT_ATTENTION=auto` takes blockwise.
+    for s in [
+        timing_shape(),
+        AttentionShape::new(4, 1024, 32, 32, 128, None),
     ] {
-        let [q, k, v, up] = timing_inputs(&s, dtype);
-        let mut times = [Duration::ZERO; 2];
-        for round in 0..7 {
-            for (which, time) in times.iter_mut().enumerate() {
-                Gpu::sync(&device).expect("sync");
-                let start = Instant::now();
-                let p = |t: &Tensor<Gpu, 2>| prim(t.clone());
-                let grads = if which == 0 {
-                    let (out, lse) = Gpu::flash_attention_forward(p(&q), p(&k), p(&v), s);
-                    Gpu::flash_attention_backward(p(&q), p(&k), p(&v), out, lse, p(&up), s)
-                } else {
-                    let (out, lse) = blockwise::forward::<Gpu>(p(&q), p(&k), p(&v), s, block);
-                    blockwise::backward::<Gpu>(p(&q), p(&k), p(&v), out, lse, p(&up), s, block)
-                };
-                drop(grads);
-                Gpu::sync(&device).expect("sync");
-                if round >= 2 {
-                    *time += start.elapsed();
+        let block = blockwise::block_positions(&s);
+        for dtype in [
+            burn::tensor::FloatDType::BF16,
+            burn::tensor::FloatDType::F32,
+        ] {
+            let [q, k, v, up] = timing_inputs(&s, dtype);
+            let mut times = [Duration::ZERO; 2];
+            for round in 0..7 {
+                for (which, time) in times.iter_mut().enumerate() {
+                    Gpu::sync(&device).expect("sync");
+                    let start = Instant::now();
+                    let p = |t: &Tensor<Gpu, 2>| prim(t.clone());
+                    let grads = if which == 0 {
+                        let (out, lse) = unit::forward(p(&q), p(&k), p(&v), s);
+                        unit::backward(p(&q), p(&k), p(&v), out, lse, p(&up), s)
+                    } else {
+                        let (out, lse) = blockwise::forward::<Gpu>(p(&q), p(&k), p(&v), s, block);
+                        blockwise::backward::<Gpu>(p(&q), p(&k), p(&v), out, lse, p(&up), s, block)
+                    };
+                    drop(grads);
+                    Gpu::sync(&device).expect("sync");
+                    if round >= 2 {
+                        *time += start.elapsed();
+                    }
                 }
             }
-        }
-        let ms = |d: Duration| d.as_secs_f64() * 1e3 / 5.0;
-        // FLOPs of the causal op: forward 2 matmuls, backward 5 (one recomputes the scores),
-        // each 2 b h s^2 d / 2 over the lower triangle.
-        let flops = 7.0 * (s.batch * s.heads * s.seq * s.seq * s.head_dim) as f64;
-        println!(
-            "attention {dtype:?}: kernels {:.2} ms ({:.1} TFLOP/s), blockwise (block {block}) {:.2} ms ({:.1} TFLOP/s) per forward + backward",
+            let ms = |d: Duration| d.as_secs_f64() * 1e3 / 5.0;
+            // FLOPs of the causal op: forward 2 matmuls, backward 5 (one recomputes the scores),
+            // each 2 b h s^2 d / 2 over the lower triangle.
+            let flops = 7.0 * (s.batch * s.heads * s.seq * s.seq * s.head_dim) as f64;
+            println!(
+            "attention hd {} {dtype:?}: kernels {:.2} ms ({:.1} TFLOP/s), blockwise (block {block}) {:.2} ms ({:.1} TFLOP/s) per forward + backward",
+            s.head_dim,
             ms(times[0]),
             flops / (ms(times[0]) * 1e9),
             ms(times[1]),
             flops / (ms(times[1]) * 1e9),
         );
+        }
     }
 }
 

@@ -4,13 +4,16 @@
 //!
 //! Unit level, so that they run on every CubeCL runtime including Mesa's lavapipe (no plane
 //! ops, no cooperative matrix): one unit per query row (forward, `dQ`) or key row (`dK`/`dV`),
-//! that row's `head_dim` accumulators in local arrays, and the other side's rows in shared
-//! memory tiles of `block` rows loaded by the whole cube. A cube's units are `block` consecutive
+//! that row's `head_dim` accumulators in local arrays (registers on a GPU), one of its own input
+//! rows in its own padded row of shared memory (the forward's query, `dQ`'s `dO`, `dK`/`dV`'s
+//! value: it keeps the 1B shape's kernels from spilling, `ptxas -v` in docs/gpu.md), and the
+//! other side's rows in shared memory tiles of `block` rows loaded by the whole cube. A cube's units are `block` consecutive
 //! rows of one head of one sequence; a cube visits only the tiles its rows see (blocks above
 //! the diagonal and outside the sliding window are never loaded). Values are read in the
 //! tensors' own float type (f32, f16 or bf16, dispatched at run time) and accumulated in f32.
 //! Tensor-core (cmma) variants are not written: no GPU was at hand to tune them; the tensor-core
-//! alternative is `fused::blockwise` (Burn matmuls per query block, `DAPT_ATTENTION=blockwise`).
+//! alternative is `fused::blockwise` (Burn matmuls per query block), which `DAPT_ATTENTION`'s
+//! default takes above head dim 64 (`blockwise::AttentionChoice`).
 //!
 //! Layouts (all contiguous): `q`, `out`, `dout`, `dq` `[batch * seq, heads * head_dim]`;
 //! `k`, `v`, `dk`, `dv` `[batch * seq, kv_heads * head_dim]`; `lse` and `delta`
@@ -117,8 +120,10 @@ fn forward_kernel<F: Float>(
     let kv_col = (h / group as usize) * hd;
     let q_width = q.stride(0);
 
-    // This unit's query, pre-scaled, and its running softmax state.
-    let mut qi = Array::<f32>::new(hd);
+    // This unit's query, pre-scaled, in its own row of shared memory (registers hold only the
+    // accumulators), and its running softmax state.
+    let mut qi = SharedMemory::<f32>::new(block * (hd + 1));
+    let own = UNIT_POS_X as usize * (hd + 1);
     let mut acc = Array::<f32>::new(hd);
     let mut scores = Array::<f32>::new(block);
     #[unroll(unroll)]
@@ -127,7 +132,7 @@ fn forward_kernel<F: Float>(
         if valid {
             x = f32::cast_from(q[(batch_row + i) * q_width + q_col + d]) * scale;
         }
-        qi[d] = x;
+        qi[own + d] = x;
         acc[d] = 0.0f32;
     }
     // A score no real one is below (finite: some backends reject an infinite literal).
@@ -152,7 +157,7 @@ fn forward_kernel<F: Float>(
                 s = 0.0f32;
                 #[unroll(unroll)]
                 for d in 0..hd {
-                    s += qi[d] * k_tile[jj * hd + d];
+                    s += qi[own + d] * k_tile[jj * hd + d];
                 }
                 if s > block_max {
                     block_max = s;
@@ -227,8 +232,10 @@ fn dq_kernel<F: Float>(
     let q_width = q.stride(0);
     let row = (batch_row + i) * q_width + q_col;
 
+    // The query in registers, dO in this unit's own row of shared memory.
     let mut qi = Array::<f32>::new(hd);
-    let mut doi = Array::<f32>::new(hd);
+    let mut doi = SharedMemory::<f32>::new(block * (hd + 1));
+    let own = UNIT_POS_X as usize * (hd + 1);
     let mut acc = Array::<f32>::new(hd);
     let mut di = 0.0f32;
     let mut lse_i = 0.0f32;
@@ -245,7 +252,7 @@ fn dq_kernel<F: Float>(
             di += dx * f32::cast_from(out[row + d]);
         }
         qi[d] = x;
-        doi[d] = dx;
+        doi[own + d] = dx;
         acc[d] = 0.0f32;
     }
     let lo = first_key(i, window);
@@ -267,7 +274,7 @@ fn dq_kernel<F: Float>(
                 #[unroll(unroll)]
                 for d in 0..hd {
                     s += qi[d] * k_tile[jj * hd + d];
-                    dp += doi[d] * v_tile[jj * hd + d];
+                    dp += doi[own + d] * v_tile[jj * hd + d];
                 }
                 let ds = (s - lse_i).exp() * (dp - di);
                 #[unroll(unroll)]
@@ -323,8 +330,10 @@ fn dkv_kernel<F: Float>(
     let kv_width = k.stride(0);
     let row = (batch_row + j) * kv_width + g * hd;
 
+    // The key in registers, the value in this unit's own row of shared memory.
     let mut kj = Array::<f32>::new(hd);
-    let mut vj = Array::<f32>::new(hd);
+    let mut vj = SharedMemory::<f32>::new(block * (hd + 1));
+    let own = UNIT_POS_X as usize * (hd + 1);
     let mut dkj = Array::<f32>::new(hd);
     let mut dvj = Array::<f32>::new(hd);
     #[unroll(unroll)]
@@ -336,7 +345,7 @@ fn dkv_kernel<F: Float>(
             y = f32::cast_from(v[row + d]);
         }
         kj[d] = x;
-        vj[d] = y;
+        vj[own + d] = y;
         dkj[d] = 0.0f32;
         dvj[d] = 0.0f32;
     }
@@ -367,7 +376,7 @@ fn dkv_kernel<F: Float>(
                     #[unroll(unroll)]
                     for d in 0..hd {
                         s += q_tile[ii * hd + d] * kj[d];
-                        dp += do_tile[ii * hd + d] * vj[d];
+                        dp += do_tile[ii * hd + d] * vj[own + d];
                     }
                     let p = (s - lse_tile[ii]).exp();
                     let ds = p * (dp - delta_tile[ii]);
@@ -421,37 +430,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionO
         v: CubeTensor<R>,
         shape: AttentionShape,
     ) -> (CubeTensor<R>, CubeTensor<R>) {
-        if blockwise::use_blockwise() {
+        if blockwise::use_blockwise(shape.head_dim) {
             return blockwise::forward::<Self>(q, k, v, shape, blockwise::block_positions(&shape));
         }
-        let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
-        let s = shape;
-        let block = block_rows(s.head_dim);
-        let dtype = q.dtype;
-        let out = empty_like(&q, q.meta.shape().clone(), dtype);
-        let lse = empty_like(&q, Shape::new([s.batch, s.heads, s.seq]), DType::F32);
-        let client = q.client.clone();
-        let (count, dim) = cubes(&s, s.heads, block);
-        forward_kernel::launch::<R>(
-            &client,
-            count,
-            dim,
-            q.clone().into_tensor_arg(),
-            k.into_tensor_arg(),
-            v.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            lse.clone().into_tensor_arg(),
-            s.seq as u32,
-            s.heads as u32,
-            s.group() as u32,
-            s.effective_window() as u32,
-            s.scale() as f32,
-            s.head_dim,
-            block,
-            unroll::<R>(&client),
-            dtype.into(),
-        );
-        (out, lse)
+        forward(q, k, v, shape)
     }
 
     fn flash_attention_backward(
@@ -463,68 +445,120 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionO
         dout: CubeTensor<R>,
         shape: AttentionShape,
     ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
-        if blockwise::use_blockwise() {
+        if blockwise::use_blockwise(shape.head_dim) {
             let block = blockwise::block_positions(&shape);
             return blockwise::backward::<Self>(q, k, v, out, lse, dout, shape, block);
         }
-        let [q, k, v, out, dout] = [q, k, v, out, dout].map(into_contiguous);
-        let lse = into_contiguous(lse);
-        let s = shape;
-        let block = block_rows(s.head_dim);
-        let dtype = q.dtype;
-        let dq = empty_like(&q, q.meta.shape().clone(), dtype);
-        let dk = empty_like(&k, k.meta.shape().clone(), dtype);
-        let dv = empty_like(&v, v.meta.shape().clone(), dtype);
-        let delta = empty_like(&q, Shape::new([s.batch, s.heads, s.seq]), DType::F32);
-        let client = q.client.clone();
-        let (count, dim) = cubes(&s, s.heads, block);
-        dq_kernel::launch::<R>(
-            &client,
-            count,
-            dim,
-            q.clone().into_tensor_arg(),
-            k.clone().into_tensor_arg(),
-            v.clone().into_tensor_arg(),
-            out.into_tensor_arg(),
-            dout.clone().into_tensor_arg(),
-            lse.clone().into_tensor_arg(),
-            dq.clone().into_tensor_arg(),
-            delta.clone().into_tensor_arg(),
-            s.seq as u32,
-            s.heads as u32,
-            s.group() as u32,
-            s.effective_window() as u32,
-            s.scale() as f32,
-            s.head_dim,
-            block,
-            unroll::<R>(&client),
-            dtype.into(),
-        );
-        let (count, dim) = cubes(&s, s.kv_heads, block);
-        dkv_kernel::launch::<R>(
-            &client,
-            count,
-            dim,
-            q.into_tensor_arg(),
-            k.into_tensor_arg(),
-            v.into_tensor_arg(),
-            dout.into_tensor_arg(),
-            lse.into_tensor_arg(),
-            delta.into_tensor_arg(),
-            dk.clone().into_tensor_arg(),
-            dv.clone().into_tensor_arg(),
-            s.seq as u32,
-            s.heads as u32,
-            s.group() as u32,
-            s.effective_window() as u32,
-            s.scale() as f32,
-            s.head_dim,
-            block,
-            unroll::<R>(&client),
-            dtype.into(),
-        );
-        (dq, dk, dv)
+        backward(q, k, v, out, lse, dout, shape)
     }
+}
+
+/// [`AttentionOps::flash_attention_forward`] by the unit-level kernels, whatever
+/// `DAPT_ATTENTION` says: `(out, lse)`.
+pub fn forward<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    shape: AttentionShape,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+    let s = shape;
+    let block = block_rows(s.head_dim);
+    let dtype = q.dtype;
+    let out = empty_like(&q, q.meta.shape().clone(), dtype);
+    let lse = empty_like(&q, Shape::new([s.batch, s.heads, s.seq]), DType::F32);
+    let client = q.client.clone();
+    let (count, dim) = cubes(&s, s.heads, block);
+    forward_kernel::launch::<R>(
+        &client,
+        count,
+        dim,
+        q.clone().into_tensor_arg(),
+        k.into_tensor_arg(),
+        v.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        lse.clone().into_tensor_arg(),
+        s.seq as u32,
+        s.heads as u32,
+        s.group() as u32,
+        s.effective_window() as u32,
+        s.scale() as f32,
+        s.head_dim,
+        block,
+        unroll::<R>(&client),
+        dtype.into(),
+    );
+    (out, lse)
+}
+
+/// [`AttentionOps::flash_attention_backward`] by the unit-level kernels, whatever
+/// `DAPT_ATTENTION` says: `(dq, dk, dv)`.
+pub fn backward<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    out: CubeTensor<R>,
+    lse: CubeTensor<R>,
+    dout: CubeTensor<R>,
+    shape: AttentionShape,
+) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+    let [q, k, v, out, dout] = [q, k, v, out, dout].map(into_contiguous);
+    let lse = into_contiguous(lse);
+    let s = shape;
+    let block = block_rows(s.head_dim);
+    let dtype = q.dtype;
+    let dq = empty_like(&q, q.meta.shape().clone(), dtype);
+    let dk = empty_like(&k, k.meta.shape().clone(), dtype);
+    let dv = empty_like(&v, v.meta.shape().clone(), dtype);
+    let delta = empty_like(&q, Shape::new([s.batch, s.heads, s.seq]), DType::F32);
+    let client = q.client.clone();
+    let (count, dim) = cubes(&s, s.heads, block);
+    dq_kernel::launch::<R>(
+        &client,
+        count,
+        dim,
+        q.clone().into_tensor_arg(),
+        k.clone().into_tensor_arg(),
+        v.clone().into_tensor_arg(),
+        out.into_tensor_arg(),
+        dout.clone().into_tensor_arg(),
+        lse.clone().into_tensor_arg(),
+        dq.clone().into_tensor_arg(),
+        delta.clone().into_tensor_arg(),
+        s.seq as u32,
+        s.heads as u32,
+        s.group() as u32,
+        s.effective_window() as u32,
+        s.scale() as f32,
+        s.head_dim,
+        block,
+        unroll::<R>(&client),
+        dtype.into(),
+    );
+    let (count, dim) = cubes(&s, s.kv_heads, block);
+    dkv_kernel::launch::<R>(
+        &client,
+        count,
+        dim,
+        q.into_tensor_arg(),
+        k.into_tensor_arg(),
+        v.into_tensor_arg(),
+        dout.into_tensor_arg(),
+        lse.into_tensor_arg(),
+        delta.into_tensor_arg(),
+        dk.clone().into_tensor_arg(),
+        dv.clone().into_tensor_arg(),
+        s.seq as u32,
+        s.heads as u32,
+        s.group() as u32,
+        s.effective_window() as u32,
+        s.scale() as f32,
+        s.head_dim,
+        block,
+        unroll::<R>(&client),
+        dtype.into(),
+    );
+    (dq, dk, dv)
 }
 
 /// This module's kernels in `dtype` as CUDA compile tasks, for head dims 64 and 128, unrolled as
