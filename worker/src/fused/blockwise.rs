@@ -12,9 +12,10 @@
 //! diagonal are never computed), the scaled scores in f32, masked, their row max and
 //! log-sum-exp in f32; the backward recomputes `P = exp(S - lse)` per block and accumulates
 //! `dK`, `dV` in f32 over the blocks. At most one block's `[batch, heads, block, keys]` scores
-//! exist at a time (f32, with a few element-wise copies): [`block_positions`] sizes the block
-//! for 128 MiB of them. The scores are rounded to the compute dtype by the matmul (bf16 on a
-//! GPU: Burn's matmul returns its inputs' dtype), then handled in f32.
+//! exist at a time: [`block_positions`] sizes the block for 128 MiB of them in f32. The scores
+//! are rounded to the compute dtype by the matmul (bf16 on a GPU: Burn's matmul returns its
+//! inputs' dtype), then handled in f32 by [`BlockOps`]: one kernel per block each way on the
+//! CubeCL backends, Burn's ops on the CPU.
 //!
 //! Chosen at run time on the CubeCL backends by `DAPT_ATTENTION` ([`AttentionChoice`]): by
 //! default (`auto`) above head dim 64, where the unit-level kernels spill (docs/gpu.md); at 64 and
@@ -25,9 +26,9 @@ use std::sync::OnceLock;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Bool, FloatDType, Tensor, TensorPrimitive};
+use burn::tensor::{FloatDType, Int, Tensor, TensorPrimitive};
 
-use super::attention::{attention_mask, AttentionShape};
+use super::attention::AttentionShape;
 
 /// f32 score bytes one block may take (`[batch, heads, block, seq]`): 128 MiB.
 pub const BLOCK_SCORE_BYTES: usize = 128 << 20;
@@ -108,10 +109,104 @@ pub fn block_positions(shape: &AttentionShape) -> usize {
     fit.max(64).min(shape.seq)
 }
 
+/// Where one block's scores sit in the sequence, for [`BlockOps`]. A block's scores are
+/// `[batch, kv_heads, rows, keys]`: the rows are `rows / queries` runs (one per query head of
+/// the kv head) of the query positions `first_query..first_query + queries` (row `r` is
+/// position `first_query + r % queries`), the columns the key positions
+/// `first_key..first_key + keys`. A query sees the keys at or before it and less than `window`
+/// positions back; `scale` (`1/sqrt(head_dim)`) multiplies the raw scores.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockSpan {
+    pub first_query: usize,
+    pub queries: usize,
+    pub first_key: usize,
+    pub window: usize,
+    pub scale: f32,
+}
+
+/// The per-block softmax work of blockwise attention: everything between its matmuls, in f32.
+/// The default bodies are Burn's tensor ops (the CPU backend's, and the reference); the CubeCL
+/// backends run each as one kernel (`kernels/blockwise.rs`), which never materialises an f32
+/// copy of the scores or a mask.
+pub trait BlockOps: Backend {
+    /// The softmax of one block's raw scores `scores` `[batch, kv_heads, rows, keys]` (`Q K^T`
+    /// in the compute dtype, unscaled) along the keys: scaled by `span.scale`, the keys a query
+    /// does not see masked out, in f32. Returns `(probs, lse)`: the probabilities in `scores`'
+    /// dtype and the log-sum-exp of the scaled, masked scores `[batch, kv_heads, rows]` (f32).
+    fn block_softmax(
+        scores: FloatTensor<Self>,
+        span: BlockSpan,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let scores = tensor::<Self, 4>(scores);
+        let dtype = FloatDType::from(scores.dtype());
+        let [b, h, rows, _] = scores.dims();
+        let s = masked_scores(scores, &span);
+        let max = s.clone().max_dim(3);
+        let exp = (s - max.clone()).exp();
+        let sum = exp.clone().sum_dim(3);
+        let probs = (exp / sum.clone()).cast(dtype);
+        (
+            primitive(probs),
+            primitive((max + sum.log()).reshape([b, h, rows])),
+        )
+    }
+
+    /// The backward's probabilities and score gradients for one block: `P = exp(scale S -
+    /// lse)` (0 where the key is not seen) and `dS = scale P (dP - delta)`, both in `scores`'
+    /// dtype, from the raw scores `scores` and `dprobs` (`dO V^T`) `[batch, kv_heads, rows,
+    /// keys]` (the compute dtype) and the f32 `lse` and `delta` (`rowsum(dO * O)`)
+    /// `[batch, kv_heads, rows]`. Returns `(probs, dscores)`.
+    fn block_grad(
+        scores: FloatTensor<Self>,
+        dprobs: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        delta: FloatTensor<Self>,
+        span: BlockSpan,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let scores = tensor::<Self, 4>(scores);
+        let dtype = FloatDType::from(scores.dtype());
+        let lse = tensor::<Self, 3>(lse).unsqueeze_dim::<4>(3);
+        let delta = tensor::<Self, 3>(delta).unsqueeze_dim::<4>(3);
+        let probs = (masked_scores(scores, &span) - lse).exp();
+        let dprobs = tensor::<Self, 4>(dprobs).cast(FloatDType::F32);
+        let dscores = (probs.clone() * (dprobs - delta)).mul_scalar(span.scale);
+        (primitive(probs.cast(dtype)), primitive(dscores.cast(dtype)))
+    }
+}
+
+impl BlockOps for burn::backend::Flex {}
+
+/// `scores` in f32, scaled, with the keys a query does not see at -inf.
+fn masked_scores<B: Backend>(scores: Tensor<B, 4>, span: &BlockSpan) -> Tensor<B, 4> {
+    let [b, h, rows, keys] = scores.dims();
+    let device = scores.device();
+    let position = |first: usize, n: usize| {
+        Tensor::<B, 1, Int>::arange(first as i64..(first + n) as i64, &device)
+    };
+    let query = position(span.first_query, span.queries)
+        .repeat_dim(0, rows / span.queries.max(1))
+        .reshape([rows, 1])
+        .expand([rows, keys]);
+    let key = position(span.first_key, keys)
+        .reshape([1, keys])
+        .expand([rows, keys]);
+    let hidden = key
+        .clone()
+        .greater(query.clone())
+        .bool_or(key.add_scalar(span.window as i64).lower_equal(query));
+    scores
+        .cast(FloatDType::F32)
+        .mul_scalar(span.scale)
+        .mask_fill(
+            hidden.unsqueeze::<4>().expand([b, h, rows, keys]),
+            f32::NEG_INFINITY,
+        )
+}
+
 /// The output `[batch * seq, heads * head_dim]` and the log-sum-exp `[batch, heads, seq]` (f32)
 /// of `q` `[batch * seq, heads * head_dim]` over `k`, `v` `[batch * seq, kv_heads * head_dim]`,
 /// in blocks of `block` query positions (the last block may be shorter).
-pub fn forward<B: Backend>(
+pub fn forward<B: BlockOps>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -121,23 +216,23 @@ pub fn forward<B: Backend>(
     let s = shape;
     let q = queries::<B>(tensor(q), &s);
     let (k, v) = (keys::<B>(tensor(k), &s), keys::<B>(tensor(v), &s));
-    let device = q.device();
-    let mask = attention_mask::<B>(s.seq, s.window, &device);
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for (rows, cols) in blocks(&s, block) {
         let n = rows.len();
-        let qb = block_rows(q.clone(), &s, rows.clone());
-        let scores = scaled_scores(qb, &k, &mask, &s, rows, cols.clone());
-        let max = scores.clone().max_dim(3);
-        let exp = (scores - max.clone()).exp();
-        let sum = exp.clone().sum_dim(3);
-        let probs = (exp / sum.clone()).cast(FloatDType::from(k.dtype()));
+        let span = span(&s, &rows, &cols);
+        let qb = block_rows(q.clone(), &s, rows);
+        let (probs, lse) = B::block_softmax(
+            raw_scores(qb, &k, &s, cols.clone())
+                .into_primitive()
+                .tensor(),
+            span,
+        );
         let vb = v
             .clone()
             .slice([0..s.batch, 0..s.kv_heads, cols, 0..s.head_dim]);
-        let out = probs.matmul(vb);
+        let out = tensor::<B, 4>(probs).matmul(vb);
         outs.push(out.reshape([s.batch, s.kv_heads, s.group(), n, s.head_dim]));
-        lses.push((max + sum.log()).reshape([s.batch, s.kv_heads, s.group(), n]));
+        lses.push(tensor::<B, 3>(lse).reshape([s.batch, s.kv_heads, s.group(), n]));
     }
     let out = Tensor::cat(outs, 3);
     let lse = Tensor::cat(lses, 3).reshape([s.batch, s.heads, s.seq]);
@@ -148,7 +243,7 @@ pub fn forward<B: Backend>(
 /// log-sum-exp (shapes as in [`forward`]), in blocks of `block` query positions; `dk`, `dv`
 /// accumulate in f32.
 #[allow(clippy::too_many_arguments)]
-pub fn backward<B: Backend>(
+pub fn backward<B: BlockOps>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -163,43 +258,47 @@ pub fn backward<B: Backend>(
     let dtype = FloatDType::from(q.dtype());
     let (k, v) = (keys::<B>(tensor(k), &s), keys::<B>(tensor(v), &s));
     let dout = queries::<B>(tensor(dout), &s);
-    let out = queries::<B>(tensor(out), &s);
-    let lse =
-        tensor::<B, 3>(lse)
-            .cast(FloatDType::F32)
-            .reshape([s.batch, s.kv_heads, s.group(), s.seq]);
+    let grouped = [s.batch, s.kv_heads, s.group(), s.seq];
+    let lse = tensor::<B, 3>(lse).cast(FloatDType::F32).reshape(grouped);
+    // delta = rowsum(dO * O) in f32, once for every query row.
+    let delta = (dout.clone().cast(FloatDType::F32)
+        * queries::<B>(tensor(out), &s).cast(FloatDType::F32))
+    .sum_dim(4)
+    .reshape(grouped);
     let device = q.device();
-    let mask = attention_mask::<B>(s.seq, s.window, &device);
     let kv_shape = [s.batch, s.kv_heads, s.seq, s.head_dim];
-    // Burn's default float dtype, f32 on every backend dapt runs.
     let mut dk = Tensor::<B, 4>::zeros(kv_shape, &device).cast(FloatDType::F32);
     let mut dv = Tensor::<B, 4>::zeros(kv_shape, &device).cast(FloatDType::F32);
     let mut dqs = Vec::new();
     let all = |r: Range<usize>| [0..s.batch, 0..s.kv_heads, r, 0..s.head_dim];
+    let per_row = |t: &Tensor<B, 4>, rows: Range<usize>| {
+        let n = rows.len();
+        t.clone()
+            .slice([0..s.batch, 0..s.kv_heads, 0..s.group(), rows])
+            .reshape([s.batch, s.kv_heads, s.group() * n])
+            .into_primitive()
+            .tensor()
+    };
     for (rows, cols) in blocks(&s, block) {
         let n = rows.len();
+        let span = span(&s, &rows, &cols);
         let qb = block_rows(q.clone(), &s, rows.clone());
         let dob = block_rows(dout.clone(), &s, rows.clone());
-        let ob = block_rows(out.clone(), &s, rows.clone());
-        let lseb = lse
-            .clone()
-            .slice([0..s.batch, 0..s.kv_heads, 0..s.group(), rows.clone()])
-            .reshape([s.batch, s.kv_heads, s.group() * n, 1]);
-        let scores = scaled_scores(qb.clone(), &k, &mask, &s, rows, cols.clone());
-        let probs = (scores - lseb).exp();
         let (kb, vb) = (
             k.clone().slice(all(cols.clone())),
             v.clone().slice(all(cols.clone())),
         );
-        // dV = P^T dO: the group's rows sum into their kv head here.
-        let dvb = probs
-            .clone()
-            .cast(dtype)
-            .swap_dims(2, 3)
-            .matmul(dob.clone());
-        let dprobs = dob.clone().matmul(vb.swap_dims(2, 3)).cast(FloatDType::F32);
-        let delta = (dob.cast(FloatDType::F32) * ob.cast(FloatDType::F32)).sum_dim(3);
-        let dscores = (probs * (dprobs - delta)).mul_scalar(s.scale()).cast(dtype);
+        let scores = raw_scores(qb.clone(), &k, &s, cols.clone());
+        let dprobs = dob.clone().matmul(vb.swap_dims(2, 3));
+        let (probs, dscores) = B::block_grad(
+            primitive(scores),
+            primitive(dprobs),
+            per_row(&lse, rows.clone()),
+            per_row(&delta, rows),
+            span,
+        );
+        let (probs, dscores) = (tensor::<B, 4>(probs), tensor::<B, 4>(dscores));
+        let dvb = probs.swap_dims(2, 3).matmul(dob);
         dqs.push(dscores.clone().matmul(kb).reshape([
             s.batch,
             s.kv_heads,
@@ -218,6 +317,17 @@ pub fn backward<B: Backend>(
             .reshape([s.batch * s.seq, s.kv_heads * s.head_dim])
     };
     (primitive(dq), primitive(unkeys(dk)), primitive(unkeys(dv)))
+}
+
+/// The [`BlockSpan`] of the block of query positions `rows` over the key positions `cols`.
+fn span(s: &AttentionShape, rows: &Range<usize>, cols: &Range<usize>) -> BlockSpan {
+    BlockSpan {
+        first_query: rows.start,
+        queries: rows.len(),
+        first_key: cols.start,
+        window: s.effective_window(),
+        scale: s.scale() as f32,
+    }
 }
 
 /// The blocks: query positions `rows` and the key positions `cols` they see (from the
@@ -260,32 +370,18 @@ fn block_rows<B: Backend>(x: Tensor<B, 5>, s: &AttentionShape, rows: Range<usize
         .reshape([s.batch, s.kv_heads, s.group() * n, s.head_dim])
 }
 
-/// The scaled, masked scores `[b, kv_heads, group * rows, cols]` (f32) of the block's queries
-/// `qb` over keys `cols`.
-fn scaled_scores<B: Backend>(
+/// The raw scores `Q K^T` of the block's queries `qb` `[batch, kv_heads, group * n, head_dim]`
+/// over the keys `cols` of `k`, in the compute dtype: `[batch, kv_heads, group * n, keys]`.
+fn raw_scores<B: Backend>(
     qb: Tensor<B, 4>,
     k: &Tensor<B, 4>,
-    mask: &Tensor<B, 2, Bool>,
     s: &AttentionShape,
-    rows: Range<usize>,
     cols: Range<usize>,
 ) -> Tensor<B, 4> {
-    let (n, m) = (rows.len(), cols.len());
     let kb = k
         .clone()
-        .slice([0..s.batch, 0..s.kv_heads, cols.clone(), 0..s.head_dim]);
-    let mask = mask
-        .clone()
-        .slice([rows, cols])
-        .unsqueeze::<3>()
-        .expand([s.group(), n, m])
-        .reshape([s.group() * n, m])
-        .unsqueeze::<4>()
-        .expand([s.batch, s.kv_heads, s.group() * n, m]);
+        .slice([0..s.batch, 0..s.kv_heads, cols, 0..s.head_dim]);
     qb.matmul(kb.swap_dims(2, 3))
-        .cast(FloatDType::F32)
-        .mul_scalar(s.scale())
-        .mask_fill(mask, f32::NEG_INFINITY)
 }
 
 /// `acc` (f32) with `part` added into positions `cols` of its third dimension.

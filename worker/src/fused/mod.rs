@@ -10,7 +10,8 @@
 //!
 //! - [`norm`]: RMSNorm, RoPE and SwiGLU.
 //! - [`attention`]: causal grouped-query flash attention with its log-sum-exp;
-//!   [`blockwise`]: the same op in blocks of Burn matmuls (tensor cores on a GPU).
+//!   [`blockwise`]: the same op in blocks of Burn matmuls (tensor cores on a GPU) with one
+//!   softmax kernel per block each way.
 //! - [`loss`]: cross-entropy fused with the log-softmax, chunked over the vocabulary.
 //! - [`accumulate`]: a gradient added in f32 into its range of the flat buffer, in place.
 

@@ -101,6 +101,7 @@ pub fn cuda_kernels<R: Runtime>(
         let tasks = super::norm::cuda_tasks(client, dtype)
             .into_iter()
             .chain(super::attention::cuda_tasks(client, dtype))
+            .chain(super::blockwise::cuda_tasks(client, dtype))
             .chain(super::loss::cuda_tasks(client, dtype))
             .chain(super::accumulate::cuda_tasks(client, dtype));
         for CudaTask { variant, task } in tasks {

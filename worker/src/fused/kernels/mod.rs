@@ -4,6 +4,7 @@
 
 pub mod accumulate;
 pub mod attention;
+pub mod blockwise;
 #[cfg(feature = "cuda")]
 pub mod cuda_source;
 pub mod loss;
