@@ -180,9 +180,12 @@ shape_args() {
 
 # --- 1. fused kernels on CUDA ------------------------------------------------------------------
 if [ -n "$FUSED" ]; then
-  # --include-ignored: also the whole-model check with flash attention and the fused-vs-decomposed
-  # attention timing at the 1B shape (ignored on lavapipe only because they are slow there).
-  step fused_gpu 120 "$FUSED" --test-threads=4 --include-ignored --nocapture
+  # --include-ignored: also the whole-model check with flash attention (ignored on lavapipe only
+  # because it is slow there). The timings run after, one test at a time, on an idle GPU.
+  step fused_gpu 120 "$FUSED" --test-threads=4 --include-ignored --nocapture --skip gpu_speed
+  # Kernels vs decomposed, kernels vs blockwise attention (head dims 64 and 128): which one
+  # DAPT_ATTENTION's auto default should take (docs/gpu.md).
+  step fused_gpu_timing 90 "$FUSED" --test-threads=1 --include-ignored --nocapture gpu_speed
 else
   skip fused_gpu "no .gpu/fused_gpu (scripts/gpu-prepare.sh builds it)"
 fi

@@ -135,6 +135,16 @@ def kernel_profile(logs, shape, steps, step_s):
     return out
 
 
+def attention_timing(logs):
+    """The attention timing lines of fused_gpu_timing (ms and TFLOP/s per forward + backward)."""
+    path = f"{logs}/fused_gpu_timing.log"
+    if not os.path.exists(path):
+        return []
+    text = open(path, errors="replace").read()
+    return [line.strip() for line in text.splitlines()
+            if line.startswith("attention hd ") or "decomposed" in line and " ms" in line]
+
+
 def fused_tests(logs):
     path = f"{logs}/fused_gpu.log"
     if not os.path.exists(path):
@@ -236,7 +246,8 @@ def main():
     date = probe.splitlines()[0] if probe else None
     result = dict(date=date, commit=a.commit, gpu=gpu.group(1) if gpu else None,
                   driver=gpu.group(2) if gpu else None, gpu_memory=gpu.group(3) if gpu else None,
-                  peak_flops=a.peak, budget_s=a.budget, fused_gpu=fused_tests(logs), runs=rows,
+                  peak_flops=a.peak, budget_s=a.budget, fused_gpu=fused_tests(logs),
+                  attention_timing=attention_timing(logs), runs=rows,
                   loss_parity=parity, zero_parity=zero_parity, blockwise_parity=blockwise_parity, ptx_cache=ptx_cache, ratios=ratios, profile_1b=profile, autotune_choices=choices,
                   skipped=skipped,
                   carried_sizes=sizes)
@@ -247,6 +258,7 @@ def main():
     ft = result["fused_gpu"]
     md.append(f"fused_gpu: {ft.get('result', 'not run')}; passed {ft.get('passed', 0)}, "
               f"failed {ft.get('failed', [])}" if ft["ran"] else "fused_gpu: not run")
+    md += [f"    {line}" for line in result.get("attention_timing", [])]
     md += ["", "| run | kernels | tokens/s | MFU | peak GiB | steps | first step tokens/s | loss first -> last |",
            "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
