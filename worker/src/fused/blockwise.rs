@@ -46,9 +46,10 @@ pub enum AttentionChoice {
 }
 
 /// The largest head dim at which `auto` takes the unit-level kernels. Above it their backward
-/// cannot keep a unit's accumulators in registers: at head dim 128, `ptxas -v` for sm_90a
-/// reports 255 registers and 0.6 KB (dQ) and 1.7 KB (dK/dV) of spill stores per thread, against
-/// none at 64 (`cargo test -p dapt-worker --features wgpu,cuda --test fused_gpu
+/// cannot keep a unit's rows in registers: at head dim 128 `ptxas` for sm_90a reports 255
+/// registers and 2.3 KB (dQ) and 3.9 KB (dK/dV) of spill stores per thread, and the hottest
+/// loops make about one local-memory access per FMA where the kernels at 64 make one shared or
+/// local access per four (`cargo test -p dapt-worker --features wgpu,cuda --test fused_gpu
 /// cuda_codegen -- --nocapture`; docs/gpu.md). Which is faster at 64 is for a GPU run to say.
 pub const KERNELS_MAX_HEAD_DIM: usize = 64;
 

@@ -182,28 +182,6 @@ fn blockwise_attention_matches_the_cpu_forward_and_backward() {
     }
 }
 
-/// The cases above run both layouts of the backward kernels on the test device: a unit's own
-/// query (dQ) and key (dK/dV) rows in shared memory (at the small head dims, and on CUDA at every
-/// head dim) and in registers (head dims 64 and 128 on lavapipe's 32 KiB).
-#[test]
-fn the_cases_run_both_layouts_of_the_backward_kernels() {
-    let client = Tensor::<Gpu, 1>::zeros([1], &Default::default())
-        .into_primitive()
-        .tensor()
-        .client;
-    let max_shared = client.properties().hardware.max_shared_memory_size;
-    let layouts: Vec<bool> = cases()
-        .iter()
-        .map(|s| unit::both_shared_fits(max_shared, s.head_dim))
-        .collect();
-    let on_cuda = cfg!(all(feature = "cuda", not(feature = "wgpu")));
-    assert!(
-        layouts.contains(&true) && (on_cuda || layouts.contains(&false)),
-        "layouts {layouts:?} with {max_shared} bytes of shared memory"
-    );
-    assert!(unit::both_shared_fits(227 << 10, 64) && unit::both_shared_fits(227 << 10, 128));
-}
-
 /// The kernels on f16 tensors (dispatched on the runtime dtype; lavapipe has f16 but no bf16).
 #[test]
 fn kernels_take_f16_inputs() {

@@ -1,11 +1,14 @@
 //! Every fused-op kernel compiled for the H200 (sm_90a) without a GPU: cubecl-cuda's compiler
 //! makes each kernel's CUDA C++ in f32, f16 and bf16 (through the wgpu client's runtime, see
 //! `dapt_worker::fused::kernels::cuda_source`), NVRTC compiles it to PTX with the options
-//! cubecl-cuda passes, and `ptxas -v` assembles the PTX and reports registers, spills and shared
-//! memory per kernel (printed as a table; `--nocapture` to see it).
+//! cubecl-cuda passes, `ptxas -v` assembles the PTX and reports registers and spills per kernel,
+//! and `nvdisasm` (where installed) shows the instruction mix of each kernel's hottest loop
+//! (printed as a table; `--nocapture` to see it). Shared memory is dynamic in cubecl's kernels,
+//! so ptxas does not report it.
 //!
 //! NVRTC and ptxas come from NVIDIA's PyPI wheels (`.ci/run` installs `nvidia-cuda-nvrtc` and
-//! `nvidia-cuda-nvcc` 13.0, the CUDA of the lent H200s, under /opt/dapt-cuda-tools), or from
+//! `nvidia-cuda-nvcc` 13.0, the CUDA of the lent H200s, and `nvidia-cuda-nvdisasm` 13.2, the
+//! oldest on PyPI, under /opt/dapt-cuda-tools), or from
 //! `$DAPT_CUDA_HOME`, `$CUDA_PATH` or /usr/local/cuda (a folder with `lib*/libnvrtc.so.*` and
 //! `bin/ptxas`). Without them the test says so and passes, except under `CI=1`, where it fails.
 
@@ -76,7 +79,6 @@ struct Resources {
     spill_stores: u32,
     spill_loads: u32,
     stack: u32,
-    smem: u32,
 }
 
 /// The number before `unit` in `line` (`"40 registers"`, `"0 bytes spill stores"`).
@@ -102,12 +104,71 @@ fn ptxas(home: &Path, ptx_file: &Path) -> Result<Resources, String> {
     let mut r = Resources::default();
     for line in log.lines() {
         r.registers = number_before(line, " registers").unwrap_or(r.registers);
-        r.smem = number_before(line, " bytes smem").unwrap_or(r.smem);
         r.stack = number_before(line, " bytes stack frame").unwrap_or(r.stack);
         r.spill_stores = number_before(line, " bytes spill stores").unwrap_or(r.spill_stores);
         r.spill_loads = number_before(line, " bytes spill loads").unwrap_or(r.spill_loads);
     }
     Ok(r)
+}
+
+/// What the hottest loop of a kernel's machine code does per pass: the loop (a backward branch
+/// in the SASS) with the most FFMAs, and in it the FFMAs, the shared-memory loads (`LDS*`) and
+/// the local-memory loads and stores (`LDL*`, `STL*`: register spills). A unit-level kernel
+/// whose loop has more than one shared or local load per four FFMAs is bound by the
+/// multiprocessor's shared/L1 bandwidth (one 128-byte wavefront per clock against four FFMA
+/// warp-instructions), not by its FMA units.
+#[derive(Debug, Default)]
+struct LoopMix {
+    ffma: u32,
+    shared_loads: u32,
+    local: u32,
+}
+
+/// The [`LoopMix`] of `cubin`, from `nvdisasm` (`home/bin/nvdisasm`; None without it).
+fn loop_mix(home: &Path, cubin: &Path) -> Option<LoopMix> {
+    let out = Command::new(home.join("bin/nvdisasm"))
+        .arg(cubin)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Instructions (their opcodes) in order, and where each label points.
+    let (mut ops, mut labels) = (Vec::<String>::new(), std::collections::HashMap::new());
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(label) = line.strip_suffix(':').filter(|l| l.starts_with(".L")) {
+            labels.insert(label.to_string(), ops.len());
+        } else if let Some(rest) = line.strip_prefix("/*").and_then(|l| l.split_once("*/")) {
+            let words: Vec<&str> = rest.1.split_whitespace().collect();
+            let op = words
+                .iter()
+                .find(|w| !w.starts_with('@'))
+                .copied()
+                .unwrap_or("");
+            let target = line.split("`(").nth(1).and_then(|t| t.split(')').next());
+            ops.push(match (op.starts_with("BRA"), target) {
+                (true, Some(t)) => format!("BRA {t}"),
+                _ => op.to_string(),
+            });
+        }
+    }
+    let mix = |body: &[String]| LoopMix {
+        ffma: body.iter().filter(|o| o.starts_with("FFMA")).count() as u32,
+        shared_loads: body.iter().filter(|o| o.starts_with("LDS")).count() as u32,
+        local: body
+            .iter()
+            .filter(|o| o.starts_with("LDL") || o.starts_with("STL"))
+            .count() as u32,
+    };
+    ops.iter()
+        .enumerate()
+        .filter_map(|(end, op)| {
+            let start = *labels.get(op.strip_prefix("BRA ")?)?;
+            (start <= end).then(|| mix(&ops[start..=end]))
+        })
+        .max_by_key(|m| m.ffma)
 }
 
 #[test]
@@ -145,12 +206,22 @@ fn every_kernel_compiles_for_the_h200_with_nvrtc_and_ptxas() {
     let kernels: Vec<CudaKernel> = cuda_kernels(&client, ARCH).expect("CUDA C++ of every kernel");
     assert_eq!(kernels.len(), 3 * KERNELS_PER_DTYPE, "kernels: {kernels:?}");
 
+    // This test's own folder under the build's target dir, emptied of an earlier run's files.
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-kernels");
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("a folder for the kernels");
     let mut failures = Vec::new();
     let mut table = vec![format!(
-        "{:<34} {:<18} {:>5} {:>7} {:>7} {:>6} {:>6}",
-        "kernel (sm_90a)", "variant", "regs", "spill-st", "spill-ld", "stack", "smem"
+        "{:<34} {:<18} {:>5} {:>8} {:>8} {:>6}  hottest loop: {:>5} {:>5} {:>5}",
+        "kernel (sm_90a)",
+        "variant",
+        "regs",
+        "spill-st",
+        "spill-ld",
+        "stack",
+        "FFMA",
+        "LDS",
+        "local"
     )];
     for (i, k) in kernels.iter().enumerate() {
         let stem = dir.join(format!("{i:02}-{}", k.name));
@@ -165,10 +236,15 @@ fn every_kernel_compiles_for_the_h200_with_nvrtc_and_ptxas() {
         let ptx_file = stem.with_extension("ptx");
         std::fs::write(&ptx_file, ptx).expect("write the PTX");
         match ptxas(&home, &ptx_file) {
-            Ok(r) => table.push(format!(
-                "{:<34} {:<18} {:>5} {:>7} {:>7} {:>6} {:>6}",
-                k.name, k.variant, r.registers, r.spill_stores, r.spill_loads, r.stack, r.smem
-            )),
+            Ok(r) => {
+                let hot = loop_mix(&home, &ptx_file.with_extension("cubin"))
+                    .map(|m| format!("{:>5} {:>5} {:>5}", m.ffma, m.shared_loads, m.local))
+                    .unwrap_or_else(|| "(no nvdisasm, or no loop)".into());
+                table.push(format!(
+                    "{:<34} {:<18} {:>5} {:>8} {:>8} {:>6}                {hot}",
+                    k.name, k.variant, r.registers, r.spill_stores, r.spill_loads, r.stack
+                ))
+            }
             Err(log) => failures.push(format!("ptxas rejected {} {}:\n{log}", k.name, k.variant)),
         }
     }

@@ -4,15 +4,14 @@
 //!
 //! Unit level, so that they run on every CubeCL runtime including Mesa's lavapipe (no plane
 //! ops, no cooperative matrix): one unit per query row (forward, `dQ`) or key row (`dK`/`dV`),
-//! that row's `head_dim` accumulators in local arrays (registers on a GPU), its own input rows
-//! in its own padded rows of shared memory (the forward's query; `dQ`'s `dO` and, where the cube
-//! has room, its query; `dK`/`dV`'s value and, likewise, its key: it keeps the 1B shape's
-//! kernels from spilling, `ptxas -v` in docs/gpu.md), and the other side's rows in shared
-//! memory tiles of `block` rows loaded by the whole cube. A cube's units are `block`
-//! consecutive rows of one head of one sequence; a cube visits only the tiles its rows see
-//! (blocks above the diagonal and outside the sliding window are never loaded). Values are read
-//! in the tensors' own float type (f32, f16 or bf16, dispatched at run time) and accumulated in
-//! f32.
+//! that row's `head_dim` accumulators and own input rows in local arrays (registers on a GPU),
+//! and the other side's rows in shared memory tiles of `block` rows loaded by the whole cube.
+//! (Own rows in shared memory instead were tried: fewer registers and no spills, but one
+//! shared-memory read per FMA where the tiles' broadcast reads are one per four; docs/gpu.md.)
+//! A cube's units are `block` consecutive rows of one head of one sequence; a cube visits only
+//! the tiles its rows see (blocks above the diagonal and outside the sliding window are never
+//! loaded). Values are read in the tensors' own float type (f32, f16 or bf16, dispatched at run
+//! time) and accumulated in f32.
 //! Tensor-core (cmma) variants are not written: no GPU was at hand to tune them; the tensor-core
 //! alternative is `fused::blockwise` (Burn matmuls per query block), which `DAPT_ATTENTION`'s
 //! default takes above head dim 64 (`blockwise::AttentionChoice`).
@@ -38,22 +37,6 @@ const TILE_VALUES: usize = 2048;
 /// Rows per tile (and units per cube) for `head_dim`.
 fn block_rows(head_dim: usize) -> usize {
     (TILE_VALUES / head_dim).clamp(1, 32)
-}
-
-/// Shared memory (bytes) a cube of the backward kernels takes with both of a unit's own input
-/// rows in shared memory: two `[block, hd]` tiles, two `[block, hd + 1]` own rows and two
-/// per-row values (dK/dV's log-sum-exp and delta tiles), in f32.
-fn both_shared_bytes(hd: usize, block: usize) -> usize {
-    4 * (2 * block * hd + 2 * block * (hd + 1) + 2 * block)
-}
-
-/// Whether the backward kernels at head dim `hd` keep both of a unit's own input rows in shared
-/// memory (dQ's query, dK/dV's key; else in registers) on a device with `max_shared` bytes per
-/// cube, counting
-/// at most the 48 KiB a CUDA kernel gets without opting in to more. True on CUDA at head dims 64
-/// and 128 (33 KiB); false on lavapipe's 32 KiB above head dim 32, so that the tests run both.
-pub fn both_shared_fits(max_shared: usize, hd: usize) -> bool {
-    both_shared_bytes(hd, block_rows(hd)) <= max_shared.min(48 << 10)
 }
 
 /// The first key that query `i` sees (`i + 1 - window`, at least 0).
@@ -138,10 +121,8 @@ fn forward_kernel<F: Float>(
     let kv_col = (h / group as usize) * hd;
     let q_width = q.stride(0);
 
-    // This unit's query, pre-scaled, in its own row of shared memory (registers hold only the
-    // accumulators), and its running softmax state.
-    let mut qi = SharedMemory::<f32>::new(block * (hd + 1));
-    let own = UNIT_POS_X as usize * (hd + 1);
+    // This unit's query, pre-scaled, and its running softmax state.
+    let mut qi = Array::<f32>::new(hd);
     let mut acc = Array::<f32>::new(hd);
     let mut scores = Array::<f32>::new(block);
     #[unroll(unroll)]
@@ -150,7 +131,7 @@ fn forward_kernel<F: Float>(
         if valid {
             x = f32::cast_from(q[(batch_row + i) * q_width + q_col + d]) * scale;
         }
-        qi[own + d] = x;
+        qi[d] = x;
         acc[d] = 0.0f32;
     }
     // A score no real one is below (finite: some backends reject an infinite literal).
@@ -175,7 +156,7 @@ fn forward_kernel<F: Float>(
                 s = 0.0f32;
                 #[unroll(unroll)]
                 for d in 0..hd {
-                    s += qi[own + d] * k_tile[jj * hd + d];
+                    s += qi[d] * k_tile[jj * hd + d];
                 }
                 if s > block_max {
                     block_max = s;
@@ -234,7 +215,6 @@ fn dq_kernel<F: Float>(
     #[comptime] hd: usize,
     #[comptime] block: usize,
     #[comptime] unroll: bool,
-    #[comptime] both_shared: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let seq = seq as usize;
@@ -251,13 +231,8 @@ fn dq_kernel<F: Float>(
     let q_width = q.stride(0);
     let row = (batch_row + i) * q_width + q_col;
 
-    // dO in this unit's own row of shared memory; the query too where the cube's shared memory
-    // has room for it (`both_shared`), else in registers.
-    let mut qi = Array::<f32>::new(comptime!(if both_shared { 1 } else { hd }));
-    let mut q_own =
-        SharedMemory::<f32>::new(comptime!(if both_shared { block * (hd + 1) } else { 1 }));
-    let mut doi = SharedMemory::<f32>::new(block * (hd + 1));
-    let own = UNIT_POS_X as usize * (hd + 1);
+    let mut qi = Array::<f32>::new(hd);
+    let mut doi = Array::<f32>::new(hd);
     let mut acc = Array::<f32>::new(hd);
     let mut di = 0.0f32;
     let mut lse_i = 0.0f32;
@@ -273,12 +248,8 @@ fn dq_kernel<F: Float>(
             dx = f32::cast_from(dout[row + d]);
             di += dx * f32::cast_from(out[row + d]);
         }
-        if both_shared {
-            q_own[own + d] = x;
-        } else {
-            qi[d] = x;
-        }
-        doi[own + d] = dx;
+        qi[d] = x;
+        doi[d] = dx;
         acc[d] = 0.0f32;
     }
     let lo = first_key(i, window);
@@ -299,12 +270,8 @@ fn dq_kernel<F: Float>(
                 let mut dp = 0.0f32;
                 #[unroll(unroll)]
                 for d in 0..hd {
-                    if both_shared {
-                        s += q_own[own + d] * k_tile[jj * hd + d];
-                    } else {
-                        s += qi[d] * k_tile[jj * hd + d];
-                    }
-                    dp += doi[own + d] * v_tile[jj * hd + d];
+                    s += qi[d] * k_tile[jj * hd + d];
+                    dp += doi[d] * v_tile[jj * hd + d];
                 }
                 let ds = (s - lse_i).exp() * (dp - di);
                 #[unroll(unroll)]
@@ -345,7 +312,6 @@ fn dkv_kernel<F: Float>(
     #[comptime] hd: usize,
     #[comptime] block: usize,
     #[comptime] unroll: bool,
-    #[comptime] both_shared: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let seq = seq as usize;
@@ -361,13 +327,8 @@ fn dkv_kernel<F: Float>(
     let kv_width = k.stride(0);
     let row = (batch_row + j) * kv_width + g * hd;
 
-    // The value in this unit's own row of shared memory; the key too where the cube's shared
-    // memory has room for it (`both_shared`), else in registers.
-    let mut kj = Array::<f32>::new(comptime!(if both_shared { 1 } else { hd }));
-    let mut k_own =
-        SharedMemory::<f32>::new(comptime!(if both_shared { block * (hd + 1) } else { 1 }));
-    let mut vj = SharedMemory::<f32>::new(block * (hd + 1));
-    let own = UNIT_POS_X as usize * (hd + 1);
+    let mut kj = Array::<f32>::new(hd);
+    let mut vj = Array::<f32>::new(hd);
     let mut dkj = Array::<f32>::new(hd);
     let mut dvj = Array::<f32>::new(hd);
     #[unroll(unroll)]
@@ -378,12 +339,8 @@ fn dkv_kernel<F: Float>(
             x = f32::cast_from(k[row + d]) * scale;
             y = f32::cast_from(v[row + d]);
         }
-        if both_shared {
-            k_own[own + d] = x;
-        } else {
-            kj[d] = x;
-        }
-        vj[own + d] = y;
+        kj[d] = x;
+        vj[d] = y;
         dkj[d] = 0.0f32;
         dvj[d] = 0.0f32;
     }
@@ -413,12 +370,8 @@ fn dkv_kernel<F: Float>(
                     let mut dp = 0.0f32;
                     #[unroll(unroll)]
                     for d in 0..hd {
-                        if both_shared {
-                            s += q_tile[ii * hd + d] * k_own[own + d];
-                        } else {
-                            s += q_tile[ii * hd + d] * kj[d];
-                        }
-                        dp += do_tile[ii * hd + d] * vj[own + d];
+                        s += q_tile[ii * hd + d] * kj[d];
+                        dp += do_tile[ii * hd + d] * vj[d];
                     }
                     let p = (s - lse_tile[ii]).exp();
                     let ds = p * (dp - delta_tile[ii]);
@@ -548,8 +501,6 @@ pub fn backward<R: CubeRuntime>(
     let lse = into_contiguous(lse);
     let s = shape;
     let block = block_rows(s.head_dim);
-    let max_shared = q.client.properties().hardware.max_shared_memory_size;
-    let both_shared = both_shared_fits(max_shared, s.head_dim);
     let dtype = q.dtype;
     let dq = empty_like(&q, q.meta.shape().clone(), dtype);
     let dk = empty_like(&k, k.meta.shape().clone(), dtype);
@@ -577,7 +528,6 @@ pub fn backward<R: CubeRuntime>(
         s.head_dim,
         block,
         unroll::<R>(&client),
-        both_shared,
         dtype.into(),
     );
     let (count, dim) = cubes(&s, s.kv_heads, block);
@@ -601,7 +551,6 @@ pub fn backward<R: CubeRuntime>(
         s.head_dim,
         block,
         unroll::<R>(&client),
-        both_shared,
         dtype.into(),
     );
     (dq, dk, dv)
@@ -618,8 +567,6 @@ pub(super) fn cuda_tasks<R: Runtime>(
     let mut tasks: Vec<super::cuda_source::CudaTask> = Vec::new();
     for hd in [64, 128] {
         let block = block_rows(hd);
-        // What a CUDA launch chooses (an H200 offers 227 KiB per cube; 48 KiB are counted).
-        let both_shared = both_shared_fits(227 << 10, hd);
         let c = || client.clone();
         tasks.push(task(
             format!("hd={hd}"),
@@ -663,7 +610,6 @@ pub(super) fn cuda_tasks<R: Runtime>(
                 hd,
                 block,
                 true,
-                both_shared,
                 dtype,
             ),
         ));
@@ -688,7 +634,6 @@ pub(super) fn cuda_tasks<R: Runtime>(
                 hd,
                 block,
                 true,
-                both_shared,
                 dtype,
             ),
         ));
