@@ -4,7 +4,7 @@
 //!   software driver lavapipe (Debian `mesa-vulkan-drivers`) runs the kernels: unit-level f32
 //!   kernels only (no cooperative matrix, no bf16, plane ops off on CPU adapters).
 //! - `--features wgpu,cuda` (CI: `cargo test -p dapt-worker --features wgpu,cuda --test
-//!   fused_gpu`): the same on wgpu, and `cuda_codegen`: every kernel in f32, f16 and bf16
+//!   fused_gpu`): the same on wgpu, and `cuda_codegen`: every kernel in f32 and bf16
 //!   compiled for the H200 by NVRTC and ptxas, no GPU needed.
 //! - `--features cuda` (without `wgpu`): the same checks on CUDA, with the tensor-core and bf16
 //!   variants; scripts/gpu-check.sh runs this binary on a lent GPU.

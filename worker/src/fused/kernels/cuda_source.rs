@@ -85,7 +85,8 @@ pub fn compilation_options(arch: u32) -> CompilationOptions {
     }
 }
 
-/// Every fused-op kernel in f32, f16 and bf16 as CUDA C++ for compute capability `arch`,
+/// Every fused-op kernel in f32 and bf16 (`--precision`'s two; the kernels also take f16, which
+/// training never uses) as CUDA C++ for compute capability `arch`,
 /// expanded through `client`'s runtime.
 ///
 /// # Errors
@@ -96,7 +97,7 @@ pub fn cuda_kernels<R: Runtime>(
 ) -> Result<Vec<CudaKernel>, String> {
     let options = compilation_options(arch);
     let mut out = Vec::new();
-    for dtype in [DType::F32, DType::F16, DType::BF16] {
+    for dtype in [DType::F32, DType::BF16] {
         let dtype = StorageType::from(dtype);
         let tasks = super::norm::cuda_tasks(client, dtype)
             .into_iter()
