@@ -3,8 +3,8 @@
 //! `dapt_worker::fused::kernels::cuda_source`), NVRTC compiles it to PTX with the options
 //! cubecl-cuda passes, `ptxas -v` assembles the PTX and reports registers and spills per kernel,
 //! and `nvdisasm` (where installed) shows the instruction mix of each kernel's hottest loop
-//! (printed as a table; `--nocapture` to see it). Shared memory is dynamic in cubecl's kernels,
-//! so ptxas does not report it.
+//! (printed as a table, with cubecl's count of each kernel's shared memory, which ptxas does not
+//! see: cubecl allocates it dynamically; `--nocapture` to see it).
 //!
 //! NVRTC and ptxas come from NVIDIA's PyPI wheels (`.ci/run` installs `nvidia-cuda-nvrtc` and
 //! `nvidia-cuda-nvcc` 13.0, the CUDA of the lent H200s, and `nvidia-cuda-nvdisasm` 13.2, the
@@ -212,13 +212,14 @@ fn every_kernel_compiles_for_the_h200_with_nvrtc_and_ptxas() {
     std::fs::create_dir_all(&dir).expect("a folder for the kernels");
     let mut failures = Vec::new();
     let mut table = vec![format!(
-        "{:<34} {:<18} {:>5} {:>8} {:>8} {:>6}  hottest loop: {:>5} {:>5} {:>5}",
+        "{:<34} {:<18} {:>5} {:>8} {:>8} {:>6} {:>6}  hottest loop: {:>5} {:>5} {:>5}",
         "kernel (sm_90a)",
         "variant",
         "regs",
         "spill-st",
         "spill-ld",
         "stack",
+        "smem",
         "FFMA",
         "LDS",
         "local"
@@ -241,8 +242,14 @@ fn every_kernel_compiles_for_the_h200_with_nvrtc_and_ptxas() {
                     .map(|m| format!("{:>5} {:>5} {:>5}", m.ffma, m.shared_loads, m.local))
                     .unwrap_or_else(|| "(no nvdisasm, or no loop)".into());
                 table.push(format!(
-                    "{:<34} {:<18} {:>5} {:>8} {:>8} {:>6}                {hot}",
-                    k.name, k.variant, r.registers, r.spill_stores, r.spill_loads, r.stack
+                    "{:<34} {:<18} {:>5} {:>8} {:>8} {:>6} {:>6}                {hot}",
+                    k.name,
+                    k.variant,
+                    r.registers,
+                    r.spill_stores,
+                    r.spill_loads,
+                    r.stack,
+                    k.shared_bytes
                 ))
             }
             Err(log) => failures.push(format!("ptxas rejected {} {}:\n{log}", k.name, k.variant)),

@@ -16,7 +16,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
 
-use super::{cube_row, row_cube_count};
+use super::{cube_row, merge_online, online_add, row_cube_count};
 use crate::fused::blockwise::{BlockOps, BlockSpan};
 
 /// Units per row in [`block_softmax_kernel`]: a power of two (the tree reduction halves it).
@@ -175,37 +175,13 @@ fn block_softmax_kernel<F: Float>(
     );
 
     // Lower than any score and finite: exp of it minus a score is 0.0, never a NaN.
-    let mut max = f32::new(-3.0e38);
-    let mut sum = f32::new(0.0);
+    let mut state = (f32::new(-3.0e38), f32::new(0.0));
     let mut c = lo + unit;
     while c < hi {
-        let v = f32::cast_from(scores[base + c]) * scale;
-        if v > max {
-            sum = sum * (max - v).exp() + 1.0;
-            max = v;
-        } else {
-            sum += (v - max).exp();
-        }
+        state = online_add(state.0, state.1, f32::cast_from(scores[base + c]) * scale);
         c += ROW_UNITS;
     }
-    let mut maxes = SharedMemory::<f32>::new(ROW_UNITS);
-    let mut sums = SharedMemory::<f32>::new(ROW_UNITS);
-    maxes[unit] = max;
-    sums[unit] = sum;
-    sync_cube();
-    let mut stride = (CUBE_DIM_X / 2) as usize;
-    while stride > 0 {
-        if unit < stride {
-            let (m1, m2) = (maxes[unit], maxes[unit + stride]);
-            let hi_max = select(m2 > m1, m2, m1);
-            sums[unit] =
-                sums[unit] * (m1 - hi_max).exp() + sums[unit + stride] * (m2 - hi_max).exp();
-            maxes[unit] = hi_max;
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let (max, sum) = (maxes[0], sums[0]);
+    let (max, sum) = merge_online(state.0, state.1, ROW_UNITS);
     let inv = 1.0f32 / sum;
     let mut c = unit;
     while c < keys {

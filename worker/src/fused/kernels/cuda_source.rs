@@ -1,7 +1,7 @@
 //! The fused ops' kernels as the CUDA C++ that cubecl-cuda hands NVRTC, and NVRTC's PTX of it,
 //! made without a GPU (issue 12): a kernel that NVRTC or `ptxas` rejects for Hopper is found on
-//! a CPU machine, not in a GPU session's few minutes, and `ptxas -v`'s registers, spills and
-//! shared memory per kernel can be read before any run.
+//! a CPU machine, not in a GPU session's few minutes, and `ptxas -v`'s registers and spills per
+//! kernel (and its machine code) can be read before any run.
 //!
 //! Each kernels module lists its kernels as [`CudaTask`]s (`cuda_tasks`: the kernel as its
 //! `#[cube(launch)]` launch builds it, with the comptime values and cube sizes of the 1B shape);
@@ -38,7 +38,8 @@ pub struct CudaKernel {
     pub variant: String,
     /// The CUDA C++ source NVRTC gets.
     pub source: String,
-    /// Static shared memory, bytes.
+    /// Shared memory per cube, bytes (cubecl's count; it launches the kernel with that much
+    /// dynamic shared memory, so ptxas does not see it).
     pub shared_bytes: usize,
 }
 

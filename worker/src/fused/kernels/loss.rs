@@ -16,7 +16,7 @@ use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::*;
 use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
-use super::{cube_row, row_cube_count};
+use super::{cube_row, merge_online, online_add, row_cube_count};
 use crate::fused::loss::{LossOps, RowStats};
 
 /// Units per row in [`chunk_stats_kernel`]: a power of two (the tree reduction halves it).
@@ -75,42 +75,16 @@ fn chunk_stats_kernel<F: Float, I: Numeric>(
     let units = ROW_UNITS as usize;
 
     // Lower than any logit and finite: exp of it minus a logit is 0.0, never a NaN.
-    let mut max = f32::new(-3.0e38);
-    let mut sum = f32::new(0.0);
+    let mut state = (f32::new(-3.0e38), f32::new(0.0));
     let mut j = unit;
     while j < cols {
-        let v = f32::cast_from(logits[base + j]);
-        if v > max {
-            sum = sum * (max - v).exp() + 1.0;
-            max = v;
-        } else {
-            sum += (v - max).exp();
-        }
+        state = online_add(state.0, state.1, f32::cast_from(logits[base + j]));
         j += units;
     }
-
-    let mut maxes = SharedMemory::<f32>::new(units);
-    let mut sums = SharedMemory::<f32>::new(units);
-    maxes[unit] = max;
-    sums[unit] = sum;
-    sync_cube();
-    let mut stride = (CUBE_DIM_X / 2) as usize;
-    while stride > 0 {
-        if unit < stride {
-            let (m1, m2) = (maxes[unit], maxes[unit + stride]);
-            let mut hi = m1;
-            if m2 > m1 {
-                hi = m2;
-            }
-            sums[unit] = sums[unit] * (m1 - hi).exp() + sums[unit + stride] * (m2 - hi).exp();
-            maxes[unit] = hi;
-        }
-        sync_cube();
-        stride /= 2;
-    }
+    let (max, sum) = merge_online(state.0, state.1, units);
 
     if unit == 0 {
-        let chunk_lse = maxes[0] + sums[0].ln();
+        let chunk_lse = max + sum.ln();
         let target = u32::cast_from(targets[row]) as usize;
         let start = offset as usize;
         let mut picked = f32::new(0.0);

@@ -46,3 +46,40 @@ pub(crate) fn row_cube_count(rows: usize) -> CubeCount {
 pub(crate) fn cube_row() -> usize {
     (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
 }
+
+/// One step of an online softmax's running state: `(max, sum)` with `sum = sum of exp(x - max)`
+/// over the values seen, after value `v` (Milakov and Gimelshein 2018, "Online normalizer
+/// calculation for softmax").
+#[cube]
+pub(crate) fn online_add(max: f32, sum: f32, v: f32) -> (f32, f32) {
+    let mut out = (max, sum + (v - max).exp());
+    if v > max {
+        out = (v, sum * (max - v).exp() + 1.0);
+    }
+    out
+}
+
+/// The cube's online softmax state from each unit's `(max, sum)` (see [`online_add`]), merged
+/// through shared memory of `units` values, the cube's size (a power of two); every unit gets
+/// the cube's `(max, sum)`.
+#[cube]
+pub(crate) fn merge_online(max: f32, sum: f32, #[comptime] units: usize) -> (f32, f32) {
+    let unit = UNIT_POS_X as usize;
+    let mut maxes = SharedMemory::<f32>::new(units);
+    let mut sums = SharedMemory::<f32>::new(units);
+    maxes[unit] = max;
+    sums[unit] = sum;
+    sync_cube();
+    let mut stride = (CUBE_DIM_X / 2) as usize;
+    while stride > 0 {
+        if unit < stride {
+            let (m1, m2) = (maxes[unit], maxes[unit + stride]);
+            let hi = select(m2 > m1, m2, m1);
+            sums[unit] = sums[unit] * (m1 - hi).exp() + sums[unit + stride] * (m2 - hi).exp();
+            maxes[unit] = hi;
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    (maxes[0], sums[0])
+}
