@@ -40,8 +40,9 @@
 #                         the restart its compilation (default "135m"; "" for none)
 #   ZERO_SHAPES           shapes run 4 steps at zero_stage 2 through a one-rank NCCL communicator
 #                         (the device engine's bucket reduces and all-gather; default "135m"; "" for none)
-#   BLOCKWISE_SHAPES      shapes run 7 steps with DAPT_ATTENTION=blockwise (attention as Burn
-#                         matmuls per query block, on the tensor cores; default "1b"; "" for none)
+#   KERNELS_SHAPES        shapes run 7 steps with DAPT_ATTENTION=kernels (the unit-level flash
+#                         attention kernels instead of the default, blockwise Burn matmuls on the
+#                         tensor cores; default "1b"; "" for none)
 #   NCU=1                 after 3, Nsight Compute on 30 kernels of one 1B step (NCU_SKIP launches first)
 #   PROFILE=0             skip 3;  AUTOTUNE=0: skip 4;  F32=1: also dapt f32 (TF32);  LAUNCH=1:
 #                         also `dapt launch --workers 1` per shape (needs DAPT, the `dapt` binary)
@@ -222,10 +223,11 @@ measure() {
     step "zero2-$shape-bf16" 60 "$WORKER" --log-format json train "$WORK/job-$shape-zero2.yaml" \
       --device cuda --nccl --precision bf16 --no-checkpoints --stop-after 4
   fi
-  # Attention as blockwise Burn matmuls (tensor cores) instead of the unit-level kernels
-  # (fused/blockwise.rs): the same job, whose tokens/s and losses sit beside dapt-$shape-bf16's.
-  if [[ " ${BLOCKWISE_SHAPES-1b} " == *" $shape "* ]]; then
-    step "blockwise-$shape-bf16" 90 env DAPT_ATTENTION=blockwise "$WORKER" --log-format json train \
+  # Attention by the unit-level kernels instead of the default, blockwise Burn matmuls on the
+  # tensor cores (fused/blockwise.rs): the same job, whose tokens/s and losses sit beside
+  # dapt-$shape-bf16's.
+  if [[ " ${KERNELS_SHAPES-1b} " == *" $shape "* ]]; then
+    step "kernels-$shape-bf16" 90 env DAPT_ATTENTION=kernels "$WORKER" --log-format json train \
       "$jobfile" --device cuda --precision bf16 --no-checkpoints --stop-after 7
   fi
   if [ "${F32:-0}" = 1 ]; then

@@ -175,7 +175,8 @@ def main():
     for path in sorted(glob.glob(f"{logs}/dapt-*.log") + glob.glob(f"{logs}/launch-*-bf16.log")
                        + glob.glob(f"{logs}/restart-*-bf16.log")
                        + glob.glob(f"{logs}/zero2-*-bf16.log")
-                       + glob.glob(f"{logs}/blockwise-*-bf16.log")):
+                       + glob.glob(f"{logs}/blockwise-*-bf16.log")
+                       + glob.glob(f"{logs}/kernels-*-bf16.log")):
         rows.append(dapt_run(logs, path, a.anchor, a.peak))
     for path in sorted(glob.glob(f"{logs}/torch-*.log")):
         rows.append(torch_run(logs, path))
@@ -217,13 +218,16 @@ def main():
 
     # ZeRO stage 2 over a one-rank NCCL communicator against stage 0, step by step.
     zero_parity = beside("zero2", "stage0", "stage2")
-    # Attention as blockwise matmuls against the kernels (the same job and data).
-    blockwise_parity = beside("blockwise", "kernels", "blockwise")
+    # Attention by the unit-level kernels (DAPT_ATTENTION=kernels) against the default, blockwise
+    # (the same job and data); runs of an older script named the other way round.
+    blockwise_parity = (beside("kernels", "blockwise", "kernels")
+                        or [dict(r, note="dapt run with the kernels") for r in
+                            beside("blockwise", "kernels", "blockwise")])
     ratios = []
     for shape in ("1b", "135m"):
         t = by.get(f"torch-{shape}-bf16")
         for run in ("dapt-{}-bf16", "dapt-{}-bf16-autotune", "dapt-{}-f32", "launch-{}-bf16",
-                    "blockwise-{}-bf16"):
+                    "blockwise-{}-bf16", "kernels-{}-bf16"):
             d = by.get(run.format(shape))
             if d and t:
                 ratios.append(dict(shape=shape, run=d["name"], vs="pytorch eager bf16",

@@ -17,9 +17,9 @@
 //! inputs' dtype), then handled in f32 by [`BlockOps`]: one kernel per block each way on the
 //! CubeCL backends, Burn's ops on the CPU.
 //!
-//! Chosen at run time on the CubeCL backends by `DAPT_ATTENTION` ([`AttentionChoice`]): by
-//! default (`auto`) above head dim 64, where the unit-level kernels spill (docs/gpu.md); at 64 and
-//! below the kernels stay the default until a GPU run measures which is faster.
+//! Chosen at run time on the CubeCL backends by `DAPT_ATTENTION` ([`AttentionChoice`]): the
+//! default (`auto`) since an H200 measured it faster than the unit-level kernels at head dims
+//! 64 and 128 (docs/gpu.md).
 
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -36,50 +36,36 @@ pub const BLOCK_SCORE_BYTES: usize = 128 << 20;
 /// How the CubeCL backends run the attention op (`DAPT_ATTENTION`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionChoice {
-    /// `auto` (the default; also unset or empty): the unit-level kernels up to
-    /// [`KERNELS_MAX_HEAD_DIM`], blockwise above it.
+    /// `auto` (the default; also unset or empty): blockwise, the faster of the two on an H200
+    /// at every head dim measured (2026-11-29, docs/benchmarks.md: forward + backward at the 1B
+    /// attention shape in bf16 5.6 ms blockwise against 16.8 ms for the kernels, 7.1 against
+    /// 135 ms with head dim 128; the 1B step 6,892 against 5,284 tokens/s).
     Auto,
-    /// `kernels`: the unit-level kernels at every head dim.
+    /// `kernels`: the unit-level flash-attention kernels (`kernels/attention.rs`).
     Kernels,
-    /// `blockwise`: this module at every head dim.
+    /// `blockwise`: this module.
     Blockwise,
 }
 
-/// The largest head dim at which `auto` takes the unit-level kernels. Above it their backward
-/// cannot keep a unit's rows in registers: at head dim 128 `ptxas` for sm_90a reports 255
-/// registers and 2.3 KB (dQ) and 3.9 KB (dK/dV) of spill stores per thread, and the hottest
-/// loops make about one local-memory access per FMA where the kernels at 64 make one shared or
-/// local access per four (`cargo test -p dapt-worker --features wgpu,cuda --test fused_gpu
-/// cuda_codegen -- --nocapture`; docs/gpu.md). Which is faster at 64 is for a GPU run to say.
-pub const KERNELS_MAX_HEAD_DIM: usize = 64;
-
 impl AttentionChoice {
-    /// Whether attention at `head_dim` runs blockwise under this choice.
-    pub fn blockwise(self, head_dim: usize) -> bool {
-        match self {
-            AttentionChoice::Auto => head_dim > KERNELS_MAX_HEAD_DIM,
-            AttentionChoice::Kernels => false,
-            AttentionChoice::Blockwise => true,
-        }
+    /// Whether attention runs blockwise under this choice.
+    pub fn blockwise(self) -> bool {
+        self != AttentionChoice::Kernels
     }
 }
 
-/// Whether the CubeCL backends run attention at `head_dim` blockwise rather than with the
-/// unit-level kernels ([`AttentionChoice`]). `DAPT_ATTENTION` is read once per process, and
-/// logged then; the worker refuses any other value at its start ([`attention_from_env`]).
-pub fn use_blockwise(head_dim: usize) -> bool {
+/// Whether the CubeCL backends run attention blockwise rather than with the unit-level kernels
+/// ([`AttentionChoice`]). `DAPT_ATTENTION` is read once per process, and logged then; the
+/// worker refuses any other value at its start ([`attention_from_env`]).
+pub fn use_blockwise() -> bool {
     static CHOICE: OnceLock<AttentionChoice> = OnceLock::new();
     CHOICE
         .get_or_init(|| {
             let choice = attention_from_env().unwrap_or(AttentionChoice::Auto);
-            tracing::info!(
-                attention = ?choice,
-                kernels_max_head_dim = KERNELS_MAX_HEAD_DIM,
-                "attention on the GPU (DAPT_ATTENTION)"
-            );
+            tracing::info!(attention = ?choice, "attention on the GPU (DAPT_ATTENTION)");
             choice
         })
-        .blockwise(head_dim)
+        .blockwise()
 }
 
 /// `DAPT_ATTENTION` read: `auto` when unset or empty.
@@ -421,10 +407,8 @@ mod tests {
     }
 
     #[test]
-    fn auto_takes_the_kernels_up_to_head_dim_64_and_blockwise_above() {
+    fn auto_and_blockwise_run_blockwise_and_kernels_the_kernels() {
         use super::AttentionChoice::*;
-        assert!(!Auto.blockwise(64) && !Auto.blockwise(32));
-        assert!(Auto.blockwise(96) && Auto.blockwise(128));
-        assert!(!Kernels.blockwise(128) && Blockwise.blockwise(64));
+        assert!(Auto.blockwise() && Blockwise.blockwise() && !Kernels.blockwise());
     }
 }

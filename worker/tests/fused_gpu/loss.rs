@@ -146,8 +146,10 @@ fn fused_loss_and_gradients_match_the_cpu_reference() {
     );
     let (ex, ew) = (max_abs_diff(dx, dx_ref) / sx, max_abs_diff(dw, dw_ref) / sw);
     assert!(sx > 0.0 && sw > 0.0, "zero reference gradients");
-    assert!(ex < 1e-4, "dx differs by {ex} of its scale");
-    assert!(ew < 1e-4, "dw differs by {ew} of its scale");
+    // The chunks' matmuls: TF32 on CUDA (MATMUL_RTOL).
+    let tolerance = super::MATMUL_RTOL.max(1e-4);
+    assert!(ex < tolerance, "dx differs by {ex} of its scale");
+    assert!(ew < tolerance, "dw differs by {ew} of its scale");
 }
 
 /// bf16 inputs (mixed precision's compute dtype; CUDA only: lavapipe has no bf16) run the

@@ -11,7 +11,7 @@
 use burn::tensor::{DType, Shape, TensorMetadata};
 use burn_cubecl::element::BoolElement;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
@@ -32,8 +32,14 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> BlockOps
         let scores = into_contiguous(scores);
         let [b, h, rows, keys] = scores.shape().dims();
         let (client, device, dtype) = (scores.client.clone(), scores.device.clone(), scores.dtype);
-        let probs = empty_device_dtype(client.clone(), device.clone(), scores.shape(), dtype);
-        let lse = empty_device_dtype(client.clone(), device, Shape::new([b, h, rows]), DType::F32);
+        let probs =
+            empty_device_contiguous_dtype(client.clone(), device.clone(), scores.shape(), dtype);
+        let lse = empty_device_contiguous_dtype(
+            client.clone(),
+            device,
+            Shape::new([b, h, rows]),
+            DType::F32,
+        );
         let [queries, first_query, first_key, window] = span_args(&span);
         block_softmax_kernel::launch::<R>(
             &client,
@@ -77,8 +83,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> BlockOps
         );
         let [_, _, rows, keys] = scores.shape().dims();
         let (client, device, dtype) = (scores.client.clone(), scores.device.clone(), scores.dtype);
-        let probs = empty_device_dtype(client.clone(), device.clone(), scores.shape(), dtype);
-        let dscores = empty_device_dtype(client.clone(), device, scores.shape(), dtype);
+        let probs =
+            empty_device_contiguous_dtype(client.clone(), device.clone(), scores.shape(), dtype);
+        let dscores = empty_device_contiguous_dtype(client.clone(), device, scores.shape(), dtype);
         let elements = scores.shape().num_elements();
         let cube_dim = CubeDim::new_1d(GRAD_UNITS);
         let [queries, first_query, first_key, window] = span_args(&span);

@@ -10,7 +10,7 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Shape};
 use burn_cubecl::element::BoolElement;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::*;
@@ -150,7 +150,7 @@ fn chunk_stats<R: CubeRuntime>(
         .map(|(l, t)| (writable(l), writable(t)))
         .unwrap_or_else(|| {
             let empty = || {
-                empty_device_dtype(
+                empty_device_contiguous_dtype(
                     client.clone(),
                     device.clone(),
                     Shape::new([rows]),

@@ -13,7 +13,7 @@ use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::{DType, FloatDType, Shape, TensorMetadata};
 use burn_cubecl::element::BoolElement;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
@@ -37,7 +37,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> NormOps
         let (x, w) = (into_contiguous(x), into_contiguous(w));
         let [n, d] = x.shape().dims();
         check_gain(&x, &w, d);
-        let y = empty_device_dtype(x.client.clone(), x.device.clone(), x.shape(), x.dtype);
+        let y =
+            empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), x.shape(), x.dtype);
         let inv_rms = empty_f32(&x, [n]);
         let (cube_count, units) = row_launch(n, d);
         let dtype = x.dtype;
@@ -69,7 +70,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> NormOps
         assert_eq!(dy.dtype, x.dtype, "rms_norm: dy in x's dtype");
         assert_eq!(inv_rms.dtype, DType::F32, "rms_norm: inv_rms is f32");
         let (client, dtype, w_dtype) = (x.client.clone(), x.dtype, w.dtype);
-        let dx = empty_device_dtype(client.clone(), x.device.clone(), x.shape(), dtype);
+        let dx = empty_device_contiguous_dtype(client.clone(), x.device.clone(), x.shape(), dtype);
         let (cube_count, units) = row_launch(n, d);
         rms_norm_backward_kernel::launch::<R>(
             &client,
@@ -129,7 +130,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> NormOps
             cos.dtype == x.dtype && sin.dtype == x.dtype,
             "rope: the tables are in x's dtype"
         );
-        let y = empty_device_dtype(x.client.clone(), x.device.clone(), x.shape(), x.dtype);
+        let y =
+            empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), x.shape(), x.dtype);
         let (client, dtype) = (x.client.clone(), x.dtype);
         let (cube_count, cube_dim) = elementwise_launch(&client, rows * width);
         rope_kernel::launch::<R>(
@@ -154,7 +156,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> NormOps
         );
         assert_eq!(gate.dtype, up.dtype, "swiglu: gate and up have one dtype");
         let (client, dtype) = (gate.client.clone(), gate.dtype);
-        let y = empty_device_dtype(client.clone(), gate.device.clone(), gate.shape(), dtype);
+        let y =
+            empty_device_contiguous_dtype(client.clone(), gate.device.clone(), gate.shape(), dtype);
         let (cube_count, cube_dim) = elementwise_launch(&client, gate.shape().num_elements());
         swiglu_kernel::launch::<R>(
             &client,
@@ -193,8 +196,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> NormOps
             "swiglu: one dtype"
         );
         let (client, dtype, device) = (gate.client.clone(), gate.dtype, gate.device.clone());
-        let d_gate = empty_device_dtype(client.clone(), device.clone(), gate.shape(), dtype);
-        let d_up = empty_device_dtype(client.clone(), device, gate.shape(), dtype);
+        let d_gate =
+            empty_device_contiguous_dtype(client.clone(), device.clone(), gate.shape(), dtype);
+        let d_up = empty_device_contiguous_dtype(client.clone(), device, gate.shape(), dtype);
         let (cube_count, cube_dim) = elementwise_launch(&client, gate.shape().num_elements());
         swiglu_backward_kernel::launch::<R>(
             &client,
@@ -222,7 +226,7 @@ fn empty_f32<R: CubeRuntime, const D: usize>(
     like: &CubeTensor<R>,
     shape: [usize; D],
 ) -> CubeTensor<R> {
-    empty_device_dtype(
+    empty_device_contiguous_dtype(
         like.client.clone(),
         like.device.clone(),
         Shape::new(shape),
