@@ -44,6 +44,7 @@
 #                         attention kernels instead of the default, blockwise Burn matmuls on the
 #                         tensor cores; default "1b"; "" for none)
 #   NCU=1                 after 3, Nsight Compute on 30 kernels of one 1B step (NCU_SKIP launches first)
+#   TIMING=0              skip the attention timings after 1
 #   PROFILE=0             skip 3;  AUTOTUNE=0: skip 4;  F32=1: also dapt f32 (TF32);  LAUNCH=1:
 #                         also `dapt launch --workers 1` per shape (needs DAPT, the `dapt` binary)
 #   AUTOTUNE_LEVEL        CubeCL's autotune level for 4 (minimal | balanced | extensive | full; default
@@ -186,7 +187,9 @@ if [ -n "$FUSED" ]; then
   step fused_gpu 120 "$FUSED" --test-threads=4 --include-ignored --nocapture --skip gpu_speed
   # Kernels vs decomposed, kernels vs blockwise attention (head dims 64 and 128): which one
   # DAPT_ATTENTION's auto default should take (docs/gpu.md).
-  step fused_gpu_timing 90 "$FUSED" --test-threads=1 --include-ignored --nocapture gpu_speed
+  if [ "${TIMING:-1}" = 1 ]; then
+    step fused_gpu_timing 90 "$FUSED" --test-threads=1 --include-ignored --nocapture gpu_speed
+  fi
 else
   skip fused_gpu "no .gpu/fused_gpu (scripts/gpu-prepare.sh builds it)"
 fi
