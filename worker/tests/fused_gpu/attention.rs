@@ -249,13 +249,15 @@ fn autodiff_on_the_gpu_matches_the_decomposed_formula() {
         .backward();
     let got = [&qg, &kg, &vg].map(|t| t.grad(&grads).expect("a gradient"));
 
-    let d = max_abs_diff(out_g.inner(), out_c.inner());
-    assert!(d < 1e-4, "out differs by {d}");
+    // The op's default on the GPU (blockwise) runs its products as matmuls: TF32 on CUDA.
+    let tolerance = super::MATMUL_RTOL.max(1e-4);
+    let d = max_abs_diff(out_g.inner(), out_c.clone().inner()) / largest(&out_c.inner());
+    assert!(d < tolerance, "out differs by {d} (relative)");
     for (what, (g, c)) in ["dq", "dk", "dv"].iter().zip(got.into_iter().zip(expected)) {
         let scale = largest(&c);
         assert!(scale > 0.1, "{what} is near zero");
         let d = max_abs_diff(g, c) / scale;
-        assert!(d < 1e-4, "{what} differs by {d} (relative)");
+        assert!(d < tolerance, "{what} differs by {d} (relative)");
     }
 }
 

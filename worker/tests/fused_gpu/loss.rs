@@ -119,7 +119,12 @@ fn fused_loss_and_gradients_match_the_cpu_reference() {
     let reference = reference_cross_entropy_sum(x.clone(), w.clone(), targets::<Cpu>(n, vocab));
     let scale = reference.clone().into_scalar();
     let diff = max_abs_diff(loss, reference);
-    assert!(diff / scale < 1e-5, "loss differs by {diff} of {scale}");
+    // The chunks' matmuls: TF32 on CUDA (seen 1.2e-5 of the sum on an H200).
+    let tolerance = (super::MATMUL_RTOL / 50.0).max(1e-5);
+    assert!(
+        diff / scale < tolerance,
+        "loss differs by {diff} of {scale}"
+    );
 
     // Backward.
     let xg = Tensor::<Ad, 2>::from_data(x.to_data(), &Default::default()).require_grad();
