@@ -107,31 +107,52 @@ UNIT = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 def kernel_profile(logs, shape, steps, step_s):
-    """CubeCL's profile log: one `| <duration> | <kernel>` line per launch."""
+    """CubeCL's profile log: one `| <duration> | <kernel>` line per launch, and a summary table
+    (`| Name | Duration | Num Computed | Ratio |`) at the end of each profiled step: the launches
+    before a table are that step's."""
     path = f"{logs}/profile-{shape}-bf16.kernels.log"
     if not os.path.exists(path):
         return None
-    per = {}
+    per, segments, current = {}, [], {}
     for line in open(path, errors="replace"):
+        if line.startswith("| Name") and "Duration" in line:
+            if current:
+                segments.append(current)
+            current = {}
+            continue
         m = DURATION.match(line)
         if not m:
             continue
         secs = float(m.group(1)) * UNIT[m.group(2)]
         name = m.group(3)
-        calls, total = per.get(name, (0, 0.0))
-        per[name] = (calls + 1, total + secs)
-    total = sum(t for _, t in per.values())
+        for table in (per, current):
+            calls, total = table.get(name, (0, 0.0))
+            table[name] = (calls + 1, total + secs)
+    # Launches after the last table belong to no finished step (the run's end).
+    trailing = sum(t for _, t in current.values())
+
+    def top_of(table, n):
+        total = sum(t for _, t in table.values())
+        return total, [dict(kernel=k[:300], calls=c, total_s=t, share=t / total if total else None)
+                       for k, (c, t) in sorted(table.items(), key=lambda kv: -kv[1][1])[:n]]
+
+    total, top = top_of(per, 40)
     launches = sum(c for c, _ in per.values())
-    top = sorted(per.items(), key=lambda kv: -kv[1][1])[:40]
-    out = dict(shape=shape, launches=launches, kernel_s=total, distinct_kernels=len(per),
-               top=[dict(kernel=k[:300], calls=c, total_s=t, share=t / total if total else None)
-                    for k, (c, t) in top])
+    out = dict(shape=shape, launches=launches, kernel_s=total, distinct_kernels=len(per), top=top)
+    # Per profiled step: the first carries one-off work (uploads, first-use copies); the last
+    # is the steady state.
+    out["steps_profiled"] = [dict(kernel_s=t, launches=sum(c for c, _ in seg.values()), top=tp)
+                             for seg in segments for t, tp in [top_of(seg, 8)]]
+    out["kernel_s_after_last_step"] = trailing
     # The profiled run trained `steps` steps (--stop-after 2), each launch synchronised by the
     # profiler: compare the kernel time per step with the unprofiled run's step time.
     if steps:
         out.update(steps=steps, kernel_s_per_step=total / steps)
         if step_s:
             out.update(unprofiled_step_s=step_s, kernel_share_of_step=total / steps / step_s)
+    if segments and step_s:
+        last = out["steps_profiled"][-1]["kernel_s"]
+        out.update(last_step_kernel_s=last, last_step_share_of_step=last / step_s)
     return out
 
 
@@ -291,6 +312,10 @@ def main():
                   + (f", {per:.3f} s per step" if per else "")
                   + (f" = {100 * share:.0f}% of the unprofiled step ({profile['unprofiled_step_s']:.3f} s)"
                      if share else ""))
+        for i, st in enumerate(profile.get("steps_profiled", [])):
+            md.append(f"profiled step {i + 1}: {st['kernel_s']:.3f} s of kernel time in {st['launches']} "
+                      "launches; top: " + ", ".join(f"{t['kernel'].split(' / ')[0][:40]} {t['total_s']:.3f} s"
+                                                    for t in st["top"][:4]))
         md += ["", "| kernel | calls | total s | share |", "|---|---:|---:|---:|"]
         for k in profile["top"][:15]:
             md.append(f"| {k['kernel'][:90].replace('|', '/')} | {k['calls']} | {k['total_s']:.3f} | "
