@@ -162,8 +162,13 @@ def attention_timing(logs):
     if not os.path.exists(path):
         return []
     text = open(path, errors="replace").read()
-    return [line.strip() for line in text.splitlines()
-            if line.startswith("attention hd ") or "decomposed" in line and " ms" in line]
+    # Under --nocapture a test's first line follows `test NAME ... ` on the same line.
+    lines = []
+    for line in text.splitlines():
+        line = line.split(" ... ", 1)[-1] if line.startswith("test ") else line
+        if line.startswith("attention hd ") or "decomposed" in line and " ms" in line:
+            lines.append(line.strip())
+    return lines
 
 
 def fused_tests(logs):

@@ -115,7 +115,7 @@ fn on_gpu(inputs: &[Tensor<Cpu, 2>; 4], dtype: FloatDType) -> [Tensor<Gpu, 2>; 4
 }
 
 /// The GPU backend's unit-level kernels on `inputs` in `dtype` (called directly: the op's
-/// `DAPT_ATTENTION=auto` default runs head dims above 64 blockwise).
+/// default, `DAPT_ATTENTION=auto`, runs blockwise).
 fn kernels(inputs: &[Tensor<Cpu, 2>; 4], s: AttentionShape, dtype: FloatDType) -> Run<Gpu> {
     run(
         on_gpu(inputs, dtype),
@@ -364,8 +364,7 @@ fn gpu_speed_of_kernel_and_blockwise_attention() {
     use dapt_worker::fused::blockwise;
     use std::time::{Duration, Instant};
     let device = Default::default();
-    // The 1B shape, and Llama-2-7B's heads (32 kv heads of 128) at the same tokens, where
-    // `DAPT_ATTENTION=auto` takes blockwise.
+    // The 1B shape, and Llama-2-7B's heads (32 kv heads of 128) at the same tokens.
     for s in [
         timing_shape(),
         AttentionShape::new(4, 1024, 32, 32, 128, None),

@@ -6,11 +6,12 @@
 //! (printed as a table, with cubecl's count of each kernel's shared memory, which ptxas does not
 //! see: cubecl allocates it dynamically; `--nocapture` to see it).
 //!
-//! NVRTC and ptxas come from NVIDIA's PyPI wheels (`.ci/run` installs `nvidia-cuda-nvrtc` and
-//! `nvidia-cuda-nvcc` 13.0, the CUDA of the lent H200s, and `nvidia-cuda-nvdisasm` 13.2, the
-//! oldest on PyPI, under /opt/dapt-cuda-tools), or from
+//! NVRTC, ptxas and the CUDA headers come from NVIDIA's PyPI wheels (`.ci/run` installs
+//! `nvidia-cuda-nvrtc`, `nvidia-cuda-nvcc` and `nvidia-cuda-runtime` 13.0, the CUDA of the lent
+//! H200s, and `nvidia-cuda-nvdisasm` 13.2, the oldest on PyPI, under /opt/dapt-cuda-tools), or from
 //! `$DAPT_CUDA_HOME`, `$CUDA_PATH` or /usr/local/cuda (a folder with `lib*/libnvrtc.so.*` and
-//! `bin/ptxas`). Without them the test says so and passes, except under `CI=1`, where it fails.
+//! `bin/ptxas`). Without them the test says so and passes, except where `CI` is set, where it
+//! fails.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -174,8 +175,9 @@ fn loop_mix(home: &Path, cubin: &Path) -> Option<LoopMix> {
 #[test]
 fn every_kernel_compiles_for_the_h200_with_nvrtc_and_ptxas() {
     let Some(home) = cuda_home() else {
-        let why = "no NVRTC and ptxas (install NVIDIA's nvidia-cuda-nvrtc and nvidia-cuda-nvcc \
-                   wheels under /opt/dapt-cuda-tools as .ci/run does, or set DAPT_CUDA_HOME)";
+        let why = "no NVRTC and ptxas (install NVIDIA's nvidia-cuda-nvrtc, nvidia-cuda-nvcc and \
+                   nvidia-cuda-runtime wheels under /opt/dapt-cuda-tools as .ci/run does, or set \
+                   DAPT_CUDA_HOME)";
         assert!(std::env::var_os("CI").is_none(), "{why}");
         eprintln!("skipped: {why}");
         return;

@@ -128,11 +128,12 @@ pub fn cuda_kernels<R: Runtime>(
 
 /// `source` compiled by NVRTC to PTX for compute capability `arch`, with the options
 /// cubecl-cuda passes (`--gpu-architecture=sm_<arch>[a]`, `-lineinfo`, the CUDA include folder
-/// and its `cccl/` when given). NVRTC is loaded at run time (cudarc's dynamic loading: `libnvrtc.so.<major>`
-/// from the loader's path, or one already loaded).
+/// and its `cccl/` when given). NVRTC is loaded at run time (cudarc's dynamic loading:
+/// `libnvrtc.so.<major>` from the loader's path, or one already loaded); without it cudarc
+/// panics (the test preloads it by path).
 ///
 /// # Errors
-/// NVRTC's log when it rejects the source; a message when NVRTC cannot be called.
+/// NVRTC's log when it rejects the source; cudarc's error when a call fails.
 pub fn nvrtc_ptx(
     source: &str,
     arch: u32,

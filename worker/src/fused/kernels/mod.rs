@@ -27,7 +27,8 @@ pub(crate) fn private<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
     if t.is_contiguous_buffer() && t.can_mut() {
         t
     } else {
-        t.copy()
+        // `copy` keeps the runtime's layout, which pads rows on CUDA for 2+ dimensions.
+        into_contiguous(t.copy())
     }
 }
 
