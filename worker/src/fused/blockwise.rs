@@ -26,9 +26,9 @@ use std::sync::OnceLock;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{FloatDType, Int, Tensor, TensorPrimitive};
+use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
 
-use super::attention::AttentionShape;
+use super::attention::{attention_mask, AttentionShape};
 
 /// f32 score bytes one block may take (`[batch, heads, block, seq]`): 128 MiB.
 pub const BLOCK_SCORE_BYTES: usize = 128 << 20;
@@ -166,21 +166,16 @@ impl BlockOps for burn::backend::Flex {}
 /// `scores` in f32, scaled, with the keys a query does not see at -inf.
 fn masked_scores<B: Backend>(scores: Tensor<B, 4>, span: &BlockSpan) -> Tensor<B, 4> {
     let [b, h, rows, keys] = scores.dims();
-    let device = scores.device();
-    let position = |first: usize, n: usize| {
-        Tensor::<B, 1, Int>::arange(first as i64..(first + n) as i64, &device)
-    };
-    let query = position(span.first_query, span.queries)
-        .repeat_dim(0, rows / span.queries.max(1))
-        .reshape([rows, 1])
-        .expand([rows, keys]);
-    let key = position(span.first_key, keys)
-        .reshape([1, keys])
-        .expand([rows, keys]);
-    let hidden = key
-        .clone()
-        .greater(query.clone())
-        .bool_or(key.add_scalar(span.window as i64).lower_equal(query));
+    // The model's causal + window mask over positions 0..end, cut to the block.
+    let end = span.first_key + keys;
+    let last_query = span.first_query + span.queries;
+    assert!(
+        last_query <= end,
+        "a block's keys reach its last query: {span:?}, {keys} keys"
+    );
+    let hidden = attention_mask::<B>(end, Some(span.window), &scores.device())
+        .slice([span.first_query..last_query, span.first_key..end])
+        .repeat_dim(0, rows / span.queries.max(1));
     scores
         .cast(FloatDType::F32)
         .mul_scalar(span.scale)
@@ -208,15 +203,8 @@ pub fn forward<B: BlockOps>(
         let n = rows.len();
         let span = span(&s, &rows, &cols);
         let qb = block_rows(q.clone(), &s, rows);
-        let (probs, lse) = B::block_softmax(
-            raw_scores(qb, &k, &s, cols.clone())
-                .into_primitive()
-                .tensor(),
-            span,
-        );
-        let vb = v
-            .clone()
-            .slice([0..s.batch, 0..s.kv_heads, cols, 0..s.head_dim]);
+        let (kb, vb) = (key_rows(&k, &s, cols.clone()), key_rows(&v, &s, cols));
+        let (probs, lse) = B::block_softmax(primitive(qb.matmul(kb.swap_dims(2, 3))), span);
         let out = tensor::<B, 4>(probs).matmul(vb);
         outs.push(out.reshape([s.batch, s.kv_heads, s.group(), n, s.head_dim]));
         lses.push(tensor::<B, 3>(lse).reshape([s.batch, s.kv_heads, s.group(), n]));
@@ -257,14 +245,13 @@ pub fn backward<B: BlockOps>(
     let mut dk = Tensor::<B, 4>::zeros(kv_shape, &device).cast(FloatDType::F32);
     let mut dv = Tensor::<B, 4>::zeros(kv_shape, &device).cast(FloatDType::F32);
     let mut dqs = Vec::new();
-    let all = |r: Range<usize>| [0..s.batch, 0..s.kv_heads, r, 0..s.head_dim];
     let per_row = |t: &Tensor<B, 4>, rows: Range<usize>| {
         let n = rows.len();
-        t.clone()
-            .slice([0..s.batch, 0..s.kv_heads, 0..s.group(), rows])
-            .reshape([s.batch, s.kv_heads, s.group() * n])
-            .into_primitive()
-            .tensor()
+        primitive(
+            t.clone()
+                .slice([0..s.batch, 0..s.kv_heads, 0..s.group(), rows])
+                .reshape([s.batch, s.kv_heads, s.group() * n]),
+        )
     };
     for (rows, cols) in blocks(&s, block) {
         let n = rows.len();
@@ -272,10 +259,10 @@ pub fn backward<B: BlockOps>(
         let qb = block_rows(q.clone(), &s, rows.clone());
         let dob = block_rows(dout.clone(), &s, rows.clone());
         let (kb, vb) = (
-            k.clone().slice(all(cols.clone())),
-            v.clone().slice(all(cols.clone())),
+            key_rows(&k, &s, cols.clone()),
+            key_rows(&v, &s, cols.clone()),
         );
-        let scores = raw_scores(qb.clone(), &k, &s, cols.clone());
+        let scores = qb.clone().matmul(kb.clone().swap_dims(2, 3));
         let dprobs = dob.clone().matmul(vb.swap_dims(2, 3));
         let (probs, dscores) = B::block_grad(
             primitive(scores),
@@ -357,18 +344,10 @@ fn block_rows<B: Backend>(x: Tensor<B, 5>, s: &AttentionShape, rows: Range<usize
         .reshape([s.batch, s.kv_heads, s.group() * n, s.head_dim])
 }
 
-/// The raw scores `Q K^T` of the block's queries `qb` `[batch, kv_heads, group * n, head_dim]`
-/// over the keys `cols` of `k`, in the compute dtype: `[batch, kv_heads, group * n, keys]`.
-fn raw_scores<B: Backend>(
-    qb: Tensor<B, 4>,
-    k: &Tensor<B, 4>,
-    s: &AttentionShape,
-    cols: Range<usize>,
-) -> Tensor<B, 4> {
-    let kb = k
-        .clone()
-        .slice([0..s.batch, 0..s.kv_heads, cols, 0..s.head_dim]);
-    qb.matmul(kb.swap_dims(2, 3))
+/// Key positions `cols` of `k` (or `v`) `[batch, kv_heads, seq, head_dim]` (a view).
+fn key_rows<B: Backend>(k: &Tensor<B, 4>, s: &AttentionShape, cols: Range<usize>) -> Tensor<B, 4> {
+    k.clone()
+        .slice([0..s.batch, 0..s.kv_heads, cols, 0..s.head_dim])
 }
 
 /// `acc` (f32) with `part` added into positions `cols` of its third dimension.

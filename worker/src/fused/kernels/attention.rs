@@ -22,11 +22,12 @@
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::{
-    element::BoolElement, kernel::into_contiguous, ops::numeric::empty_device_contiguous_dtype,
-    tensor::CubeTensor, CubeBackend, CubeRuntime, FloatElement, IntElement,
+    element::BoolElement, kernel::into_contiguous, tensor::CubeTensor, CubeBackend, CubeRuntime,
+    FloatElement, IntElement,
 };
 use cubecl::prelude::*;
 
+use super::output;
 use crate::fused::attention::{AttentionOps, AttentionShape};
 use crate::fused::blockwise;
 
@@ -412,10 +413,6 @@ fn unroll<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
     !R::name(client).starts_with("wgpu")
 }
 
-fn empty_like<R: CubeRuntime>(t: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
-    empty_device_contiguous_dtype::<R>(t.client.clone(), t.device.clone(), shape, dtype)
-}
-
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionOps
     for CubeBackend<R, F, I, BT>
 {
@@ -460,8 +457,8 @@ pub fn forward<R: CubeRuntime>(
     let s = shape;
     let block = block_rows(s.head_dim);
     let dtype = q.dtype;
-    let out = empty_like(&q, q.meta.shape().clone(), dtype);
-    let lse = empty_like(&q, Shape::new([s.batch, s.heads, s.seq]), DType::F32);
+    let out = output(&q, q.meta.shape().clone(), dtype);
+    let lse = output(&q, Shape::new([s.batch, s.heads, s.seq]), DType::F32);
     let client = q.client.clone();
     let (count, dim) = cubes(&s, s.heads, block);
     forward_kernel::launch::<R>(
@@ -502,10 +499,10 @@ pub fn backward<R: CubeRuntime>(
     let s = shape;
     let block = block_rows(s.head_dim);
     let dtype = q.dtype;
-    let dq = empty_like(&q, q.meta.shape().clone(), dtype);
-    let dk = empty_like(&k, k.meta.shape().clone(), dtype);
-    let dv = empty_like(&v, v.meta.shape().clone(), dtype);
-    let delta = empty_like(&q, Shape::new([s.batch, s.heads, s.seq]), DType::F32);
+    let dq = output(&q, q.meta.shape().clone(), dtype);
+    let dk = output(&k, k.meta.shape().clone(), dtype);
+    let dv = output(&v, v.meta.shape().clone(), dtype);
+    let delta = output(&q, Shape::new([s.batch, s.heads, s.seq]), DType::F32);
     let client = q.client.clone();
     let (count, dim) = cubes(&s, s.heads, block);
     dq_kernel::launch::<R>(

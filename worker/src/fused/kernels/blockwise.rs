@@ -11,12 +11,11 @@
 use burn::tensor::{DType, Shape, TensorMetadata};
 use burn_cubecl::element::BoolElement;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
 
-use super::{cube_row, merge_online, online_add, row_cube_count};
+use super::{cube_row, merge_online, online_add, output, row_cube_count};
 use crate::fused::blockwise::{BlockOps, BlockSpan};
 
 /// Units per row in [`block_softmax_kernel`]: a power of two (the tree reduction halves it).
@@ -31,15 +30,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> BlockOps
     fn block_softmax(scores: CubeTensor<R>, span: BlockSpan) -> (CubeTensor<R>, CubeTensor<R>) {
         let scores = into_contiguous(scores);
         let [b, h, rows, keys] = scores.shape().dims();
-        let (client, device, dtype) = (scores.client.clone(), scores.device.clone(), scores.dtype);
-        let probs =
-            empty_device_contiguous_dtype(client.clone(), device.clone(), scores.shape(), dtype);
-        let lse = empty_device_contiguous_dtype(
-            client.clone(),
-            device,
-            Shape::new([b, h, rows]),
-            DType::F32,
-        );
+        let (client, dtype) = (scores.client.clone(), scores.dtype);
+        let probs = output(&scores, scores.shape(), dtype);
+        let lse = output(&scores, Shape::new([b, h, rows]), DType::F32);
         let [queries, first_query, first_key, window] = span_args(&span);
         block_softmax_kernel::launch::<R>(
             &client,
@@ -82,10 +75,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> BlockOps
             "block_grad: lse and delta are f32"
         );
         let [_, _, rows, keys] = scores.shape().dims();
-        let (client, device, dtype) = (scores.client.clone(), scores.device.clone(), scores.dtype);
-        let probs =
-            empty_device_contiguous_dtype(client.clone(), device.clone(), scores.shape(), dtype);
-        let dscores = empty_device_contiguous_dtype(client.clone(), device, scores.shape(), dtype);
+        let (client, dtype) = (scores.client.clone(), scores.dtype);
+        let probs = output(&scores, scores.shape(), dtype);
+        let dscores = output(&scores, scores.shape(), dtype);
         let elements = scores.shape().num_elements();
         let cube_dim = CubeDim::new_1d(GRAD_UNITS);
         let [queries, first_query, first_key, window] = span_args(&span);

@@ -10,13 +10,12 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Shape};
 use burn_cubecl::element::BoolElement;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::*;
 use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
-use super::{cube_row, merge_online, online_add, row_cube_count};
+use super::{cube_row, merge_online, online_add, output, private, row_cube_count};
 use crate::fused::loss::{LossOps, RowStats};
 
 /// Units per row in [`chunk_stats_kernel`]: a power of two (the tree reduction halves it).
@@ -144,19 +143,12 @@ fn chunk_stats<R: CubeRuntime>(
     let logits = into_contiguous(logits);
     let targets = into_contiguous(targets);
     let [rows, _] = logits.meta.shape().dims::<2>();
-    let (client, device) = (logits.client.clone(), logits.device.clone());
+    let client = logits.client.clone();
     let first = running.is_none();
     let (lse, target_logit) = running
-        .map(|(l, t)| (writable(l), writable(t)))
+        .map(|(l, t)| (private(l), private(t)))
         .unwrap_or_else(|| {
-            let empty = || {
-                empty_device_contiguous_dtype(
-                    client.clone(),
-                    device.clone(),
-                    Shape::new([rows]),
-                    DType::F32,
-                )
-            };
+            let empty = || output(&logits, Shape::new([rows]), DType::F32);
             (empty(), empty())
         });
     let (f_dtype, i_dtype) = (logits.dtype, targets.dtype);
@@ -184,7 +176,7 @@ fn chunk_grad<R: CubeRuntime>(
     lse: CubeTensor<R>,
     grad: CubeTensor<R>,
 ) -> CubeTensor<R> {
-    let logits = writable(into_contiguous(logits));
+    let logits = private(logits);
     let targets = into_contiguous(targets);
     let lse = into_contiguous(as_f32(lse));
     let grad = into_contiguous(as_f32(grad));
@@ -204,15 +196,6 @@ fn chunk_grad<R: CubeRuntime>(
         [f_dtype.into(), i_dtype.into()],
     );
     logits
-}
-
-/// `t` if nothing else holds its buffer (a kernel may write it), else a copy.
-fn writable<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
-    if t.can_mut() && t.is_contiguous_buffer() {
-        t
-    } else {
-        into_contiguous(t.copy())
-    }
 }
 
 /// `t` as f32 (the statistics and the upstream gradient are; a cast if a caller's is not).

@@ -10,11 +10,26 @@ pub mod cuda_source;
 pub mod loss;
 pub mod norm;
 
+use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 use cubecl::CubeCount;
+
+/// A new tensor of `shape` and `dtype` on `like`'s device for a kernel to write, contiguous:
+/// the kernels write by flat index, and burn-cubecl's `empty_device_dtype` pads the rows of a
+/// tensor of 2+ dimensions to 512 bytes on CUDA (pitched; not on wgpu), which flat writes
+/// scramble (found on an H200, 2026-11-29: wrong outputs wherever a row was not a multiple of
+/// 512 bytes).
+pub(crate) fn output<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    shape: Shape,
+    dtype: DType,
+) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
+}
 
 /// `t` as a tensor that a kernel or a collective may write into in place: itself when it is
 /// contiguous, spans its whole buffer and nobody else holds that buffer; else a copy (never a

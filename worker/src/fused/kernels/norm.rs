@@ -13,12 +13,11 @@ use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::{DType, FloatDType, Shape, TensorMetadata};
 use burn_cubecl::element::BoolElement;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
 
-use super::{cube_row, row_cube_count, MAX_CUBES};
+use super::{cube_row, output, row_cube_count, MAX_CUBES};
 use crate::fused::norm::NormOps;
 
 /// The most units a row kernel's cube has (a power of two).
@@ -37,8 +36,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> NormOps
         let (x, w) = (into_contiguous(x), into_contiguous(w));
         let [n, d] = x.shape().dims();
         check_gain(&x, &w, d);
-        let y =
-            empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), x.shape(), x.dtype);
+        let y = output(&x, x.shape(), x.dtype);
         let inv_rms = empty_f32(&x, [n]);
         let (cube_count, units) = row_launch(n, d);
         let dtype = x.dtype;
@@ -70,7 +68,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> NormOps
         assert_eq!(dy.dtype, x.dtype, "rms_norm: dy in x's dtype");
         assert_eq!(inv_rms.dtype, DType::F32, "rms_norm: inv_rms is f32");
         let (client, dtype, w_dtype) = (x.client.clone(), x.dtype, w.dtype);
-        let dx = empty_device_contiguous_dtype(client.clone(), x.device.clone(), x.shape(), dtype);
+        let dx = output(&x, x.shape(), dtype);
         let (cube_count, units) = row_launch(n, d);
         rms_norm_backward_kernel::launch::<R>(
             &client,
@@ -130,8 +128,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> NormOps
             cos.dtype == x.dtype && sin.dtype == x.dtype,
             "rope: the tables are in x's dtype"
         );
-        let y =
-            empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), x.shape(), x.dtype);
+        let y = output(&x, x.shape(), x.dtype);
         let (client, dtype) = (x.client.clone(), x.dtype);
         let (cube_count, cube_dim) = elementwise_launch(&client, rows * width);
         rope_kernel::launch::<R>(
@@ -156,8 +153,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> NormOps
         );
         assert_eq!(gate.dtype, up.dtype, "swiglu: gate and up have one dtype");
         let (client, dtype) = (gate.client.clone(), gate.dtype);
-        let y =
-            empty_device_contiguous_dtype(client.clone(), gate.device.clone(), gate.shape(), dtype);
+        let y = output(&gate, gate.shape(), dtype);
         let (cube_count, cube_dim) = elementwise_launch(&client, gate.shape().num_elements());
         swiglu_kernel::launch::<R>(
             &client,
@@ -195,10 +191,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> NormOps
             up.dtype == gate.dtype && dy.dtype == gate.dtype,
             "swiglu: one dtype"
         );
-        let (client, dtype, device) = (gate.client.clone(), gate.dtype, gate.device.clone());
-        let d_gate =
-            empty_device_contiguous_dtype(client.clone(), device.clone(), gate.shape(), dtype);
-        let d_up = empty_device_contiguous_dtype(client.clone(), device, gate.shape(), dtype);
+        let (client, dtype) = (gate.client.clone(), gate.dtype);
+        let d_gate = output(&gate, gate.shape(), dtype);
+        let d_up = output(&gate, gate.shape(), dtype);
         let (cube_count, cube_dim) = elementwise_launch(&client, gate.shape().num_elements());
         swiglu_backward_kernel::launch::<R>(
             &client,
@@ -226,12 +221,7 @@ fn empty_f32<R: CubeRuntime, const D: usize>(
     like: &CubeTensor<R>,
     shape: [usize; D],
 ) -> CubeTensor<R> {
-    empty_device_contiguous_dtype(
-        like.client.clone(),
-        like.device.clone(),
-        Shape::new(shape),
-        DType::F32,
-    )
+    output(like, Shape::new(shape), DType::F32)
 }
 
 /// One cube per row of `n` rows of `d` values: the cube count (rows spread over two dimensions
