@@ -27,8 +27,9 @@
 //! moments of that slice of the flat buffer (`owned`) only, so they fall as 1/w per rank. The step
 //! ([`train_step`]) is the host path's (`train/zero.rs`) on device tensors: the gradient's mean
 //! over the ranks, all-reduced and sliced (stage 1) or, at stage 2, reduced to its owners bucket
-//! by bucket during the backward passes (`buckets.rs`) into the owned slice; the global norm from every rank's sum of squares over its slice ([`GradReducer::total`],
-//! the same bits on every rank); clip and AdamW on the slice; the updated weights all-gathered.
+//! by bucket during the backward passes (`buckets.rs`) into the owned slice; the global norm
+//! from every rank's sum of squares over its slice ([`GradReducer::total`], the same bits on
+//! every rank); clip and AdamW on the slice; the updated weights all-gathered.
 //! In f32 the weights are the master and stay whole. With a narrower compute dtype (bf16) the
 //! f32 master weights are sharded as well (`master`: the owned slice only): AdamW updates that
 //! slice, its cast goes into the whole bf16 compute copy the passes read (so the master weights
