@@ -29,6 +29,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
 
 use super::attention::{attention_mask, AttentionShape};
+use super::matmul::{matmul, MatmulOps};
 
 /// f32 score bytes one block may take (`[batch, heads, block, seq]`): 128 MiB.
 pub const BLOCK_SCORE_BYTES: usize = 128 << 20;
@@ -115,7 +116,7 @@ pub struct BlockSpan {
 /// The default bodies are Burn's tensor ops (the CPU backend's, and the reference); the CubeCL
 /// backends run each as one kernel (`kernels/blockwise.rs`), which never materialises an f32
 /// copy of the scores or a mask.
-pub trait BlockOps: Backend {
+pub trait BlockOps: MatmulOps {
     /// The softmax of one block's raw scores `scores` `[batch, kv_heads, rows, keys]` (`Q K^T`
     /// in the compute dtype, unscaled) along the keys: scaled by `span.scale`, the keys a query
     /// does not see masked out, in f32. Returns `(probs, lse)`: the probabilities in `scores`'
@@ -204,8 +205,8 @@ pub fn forward<B: BlockOps>(
         let span = span(&s, &rows, &cols);
         let qb = block_rows(q.clone(), &s, rows);
         let (kb, vb) = (key_rows(&k, &s, cols.clone()), key_rows(&v, &s, cols));
-        let (probs, lse) = B::block_softmax(primitive(qb.matmul(kb.swap_dims(2, 3))), span);
-        let out = tensor::<B, 4>(probs).matmul(vb);
+        let (probs, lse) = B::block_softmax(primitive(matmul(qb, kb.swap_dims(2, 3))), span);
+        let out = matmul(tensor::<B, 4>(probs), vb);
         outs.push(out.reshape([s.batch, s.kv_heads, s.group(), n, s.head_dim]));
         lses.push(tensor::<B, 3>(lse).reshape([s.batch, s.kv_heads, s.group(), n]));
     }
@@ -262,8 +263,8 @@ pub fn backward<B: BlockOps>(
             key_rows(&k, &s, cols.clone()),
             key_rows(&v, &s, cols.clone()),
         );
-        let scores = qb.clone().matmul(kb.clone().swap_dims(2, 3));
-        let dprobs = dob.clone().matmul(vb.swap_dims(2, 3));
+        let scores = matmul(qb.clone(), kb.clone().swap_dims(2, 3));
+        let dprobs = matmul(dob.clone(), vb.swap_dims(2, 3));
         let (probs, dscores) = B::block_grad(
             primitive(scores),
             primitive(dprobs),
@@ -272,15 +273,15 @@ pub fn backward<B: BlockOps>(
             span,
         );
         let (probs, dscores) = (tensor::<B, 4>(probs), tensor::<B, 4>(dscores));
-        let dvb = probs.swap_dims(2, 3).matmul(dob);
-        dqs.push(dscores.clone().matmul(kb).reshape([
+        let dvb = matmul(probs.swap_dims(2, 3), dob);
+        dqs.push(matmul(dscores.clone(), kb).reshape([
             s.batch,
             s.kv_heads,
             s.group(),
             n,
             s.head_dim,
         ]));
-        let dkb = dscores.swap_dims(2, 3).matmul(qb);
+        let dkb = matmul(dscores.swap_dims(2, 3), qb);
         dk = add_rows(dk, cols.clone(), dkb);
         dv = add_rows(dv, cols, dvb);
     }

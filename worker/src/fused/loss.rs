@@ -31,6 +31,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{FloatDType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
 
+use super::matmul::{matmul, MatmulOps};
+
 pub use dapt_proto::model::{LOSS_CHUNK_ALIGN as CHUNK_ALIGN, LOSS_CHUNK_BYTES as CHUNK_BYTES};
 
 /// The chunk (vocabulary columns per step) for `tokens` rows over a `vocab`-entry vocabulary:
@@ -56,7 +58,7 @@ pub struct RowStats<B: Backend> {
 /// per-chunk methods with kernels, and `Autodiff<B>` records
 /// [`cross_entropy_forward`](LossOps::cross_entropy_forward) as one graph node whose backward
 /// pass is [`cross_entropy_backward`](LossOps::cross_entropy_backward).
-pub trait LossOps: Backend {
+pub trait LossOps: MatmulOps {
     /// The summed cross-entropy of `targets` under `x W^T`, over the vocabulary in chunks of
     /// `chunk` rows of `w`.
     ///
@@ -74,7 +76,7 @@ pub trait LossOps: Backend {
         let (x, w) = (float::<Self, 2>(x), float::<Self, 2>(w));
         let mut stats: Option<RowStats<Self>> = None;
         for (offset, w_c) in chunks(&w, chunk) {
-            let logits = x.clone().matmul(w_c.transpose());
+            let logits = matmul(x.clone(), w_c.transpose());
             stats = Some(Self::cross_entropy_chunk_stats(
                 logits.into_primitive().tensor(),
                 targets.clone(),
@@ -108,7 +110,7 @@ pub trait LossOps: Backend {
         let mut dx: Option<Tensor<Self, 2>> = None;
         let mut dw: Option<Tensor<Self, 2>> = None;
         for (offset, w_c) in chunks(&w, chunk) {
-            let logits = x.clone().matmul(w_c.clone().transpose());
+            let logits = matmul(x.clone(), w_c.clone().transpose());
             let g = float::<Self, 2>(Self::cross_entropy_chunk_grad(
                 logits.into_primitive().tensor(),
                 targets.clone(),
@@ -117,12 +119,12 @@ pub trait LossOps: Backend {
                 grad.clone(),
             ));
             let c = g.dims()[1];
-            let dx_c = g.clone().matmul(w_c).cast(FloatDType::F32);
+            let dx_c = matmul(g.clone(), w_c).cast(FloatDType::F32);
             dx = Some(match dx {
                 Some(acc) => acc + dx_c,
                 None => dx_c,
             });
-            let dw_c = g.transpose().matmul(x.clone());
+            let dw_c = matmul(g.transpose(), x.clone());
             dw = Some(match dw {
                 None if c == vocab => dw_c,
                 acc => acc

@@ -14,6 +14,8 @@
 //!   softmax kernel per block each way.
 //! - [`loss`]: cross-entropy fused with the log-softmax, chunked over the vocabulary.
 //! - [`accumulate`]: a gradient added in f32 into its range of the flat buffer, in place.
+//! - [`matmul`]: the model's projections and the other ops' products, with a named cubek
+//!   strategy on the CubeCL backends (`DAPT_MATMUL`).
 
 pub mod accumulate;
 pub mod attention;
@@ -21,6 +23,7 @@ pub mod blockwise;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub mod kernels;
 pub mod loss;
+pub mod matmul;
 pub mod norm;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -28,12 +31,13 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 pub use accumulate::AccumulateOps;
 pub use attention::AttentionOps;
 pub use loss::LossOps;
+pub use matmul::MatmulOps;
 pub use norm::NormOps;
 
 /// Every fused op dapt's model uses: the bound on the backends it runs on.
-pub trait FusedOps: Backend + NormOps + AttentionOps + LossOps + AccumulateOps {}
+pub trait FusedOps: Backend + NormOps + AttentionOps + LossOps + AccumulateOps + MatmulOps {}
 
-impl<B: Backend + NormOps + AttentionOps + LossOps + AccumulateOps> FusedOps for B {}
+impl<B: Backend + NormOps + AttentionOps + LossOps + AccumulateOps + MatmulOps> FusedOps for B {}
 
 /// An autodiff backend whose inner backend has the fused ops too (the trainers' bound).
 pub trait FusedAutodiff: AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}

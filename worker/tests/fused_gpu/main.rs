@@ -17,6 +17,7 @@ mod attention;
 #[cfg(all(feature = "wgpu", feature = "cuda"))]
 mod cuda_codegen;
 mod loss;
+mod matmul;
 mod norm;
 
 use burn::tensor::{Distribution, Tensor};

@@ -8,6 +8,7 @@ pub mod blockwise;
 #[cfg(feature = "cuda")]
 pub mod cuda_source;
 pub mod loss;
+pub mod matmul;
 pub mod norm;
 
 use burn::tensor::{DType, Shape};
