@@ -9,7 +9,8 @@
 #
 # What it answers, in order (per shape: 1B, then 135M):
 #   1. fused_gpu   the fused ops' CubeCL kernels on CUDA against the CPU reference (the test binary
-#                  worker/tests/fused_gpu, built with --features cuda): pass/fail per test.
+#                  worker/tests/fused_gpu, built with --features cuda): pass/fail per test; then
+#                  each DAPT_MATMUL strategy timed against Burn's matmul on the 1B step's matmuls.
 #   2. measure     dapt bf16 with fixed kernels (the `cuda` build) and PyTorch eager bf16 on the SAME
 #                  initial weights and the SAME token windows (`dapt-worker batches`), constant LR on
 #                  both sides: tokens/s, MFU against 790 TFLOP/s, peak memory, every step's loss on
@@ -43,6 +44,9 @@
 #   KERNELS_SHAPES        shapes run 7 steps with DAPT_ATTENTION=kernels (the unit-level flash
 #                         attention kernels instead of the default, blockwise Burn matmuls on the
 #                         tensor cores; default "1b"; "" for none)
+#   MATMUL_STRATEGIES     DAPT_MATMUL strategies timed against Burn's matmul after 1 (default: the
+#                         tensor-core ones, below; "" for none), MATMUL_TIMEOUT seconds each (40)
+#   MATMUL_SHAPES         shapes run 7 steps with the fastest of them, if one beats Burn's (default "1b")
 #   NCU=1                 after 3, Nsight Compute on 30 kernels of one 1B step (NCU_SKIP launches first)
 #   TIMING=0              skip the attention timings after 1
 #   PROFILE=0             skip 3;  AUTOTUNE=0: skip 4;  F32=1: also dapt f32 (TF32);  LAUNCH=1:
@@ -60,6 +64,7 @@ BUDGET=${BUDGET:-480}
 OUT=${OUT:-out/gpu-check}
 WORK=${WORK:-/tmp/dapt-gpu}
 SHAPES=${SHAPES:-"1b 135m"}
+MATMUL_STRATEGIES=${MATMUL_STRATEGIES-"double-tma-mma specialized-tma-mma simple-tma-mma double-cyclic-mma ordered-double-mma specialized-cyclic-mma double-cyclic-mma-specialized double-cyclic-cmma simple-cyclic-mma"}
 LOGS=$WORK/logs
 mkdir -p "$OUT" "$WORK" "$LOGS"
 OUT=$(realpath "$OUT") WORK=$(realpath "$WORK") LOGS=$(realpath "$LOGS")
@@ -194,6 +199,21 @@ else
   skip fused_gpu "no .gpu/fused_gpu (scripts/gpu-prepare.sh builds it)"
 fi
 
+# --- 1b. matmul strategies -----------------------------------------------------------------------
+# Each DAPT_MATMUL strategy against Burn's own matmul on the 1B step's matmul problems, one process
+# per strategy (a kernel that fails to compile may take its process with it); the fastest one
+# with no wrong result, if it beats Burn's by 3%, trains the 1B shape below (matmul-1b-bf16).
+BEST_MATMUL=burn
+if [ -n "$FUSED" ] && [ -n "$MATMUL_STRATEGIES" ]; then
+  for s in $MATMUL_STRATEGIES; do
+    step "mmbench-$s" "${MATMUL_TIMEOUT:-40}" env DAPT_MATMUL="$s" "$FUSED" --exact \
+      matmul::gpu_speed_of_matmul_strategies --include-ignored --nocapture
+    grep -h "^matmul_step" "$LOGS/mmbench-$s.log" 2>/dev/null | sed 's/^/    /'
+  done
+  BEST_MATMUL=$($PY "$RESULTS" --logs "$LOGS" --best-matmul 2>>"$LOGS/summary.log" || echo burn)
+  log "fastest DAPT_MATMUL: $BEST_MATMUL"
+fi
+
 # --- 2-4, per shape -------------------------------------------------------------------------------
 # measure SHAPE: dapt bf16 (fixed kernels) and PyTorch eager bf16 on the same weights and data.
 measure() {
@@ -231,6 +251,11 @@ measure() {
   # dapt-$shape-bf16's.
   if [[ " ${KERNELS_SHAPES-1b} " == *" $shape "* ]]; then
     step "kernels-$shape-bf16" 90 env DAPT_ATTENTION=kernels "$WORKER" --log-format json train \
+      "$jobfile" --device cuda --precision bf16 --no-checkpoints --stop-after 7
+  fi
+  # The model with the fastest matmul strategy of 1b (the same job and data as dapt-$shape-bf16).
+  if [[ " ${MATMUL_SHAPES-1b} " == *" $shape "* ]] && [ "$BEST_MATMUL" != burn ]; then
+    step "matmul-$shape-bf16" 90 env DAPT_MATMUL="$BEST_MATMUL" "$WORKER" --log-format json train \
       "$jobfile" --device cuda --precision bf16 --no-checkpoints --stop-after 7
   fi
   if [ "${F32:-0}" = 1 ]; then

@@ -45,7 +45,7 @@ def dapt_run(logs, path, anchor, peak):
     parts = name.split("-")  # dapt-1b-bf16[-autotune], profile-1b-bf16, launch-1b-bf16
     shape, prec = parts[1], parts[2]
     kernels = "autotune" if name.endswith("-autotune") else "fixed"
-    steps, phases, cache = [], [], None
+    steps, phases, cache, matmul = [], [], None, None
     for line in open(path, errors="replace"):
         try:
             rec = json.loads(line)
@@ -61,8 +61,11 @@ def dapt_run(logs, path, anchor, peak):
                            if k in f])
         elif msg == "kernel cache":
             cache = f.get("dir")
+        elif msg == "matmul on the GPU (DAPT_MATMUL)":
+            matmul = f.get("matmul")
     row = dict(name=name, framework="dapt", shape=shape, precision=prec, kernels=kernels,
-               rc=rc_of(logs, name), peak_gib=mem_gib(logs, name), kernel_cache=cache)
+               rc=rc_of(logs, name), peak_gib=mem_gib(logs, name), kernel_cache=cache,
+               matmul=matmul)
     if not steps:
         row["error"] = "no step finished"
         return row
@@ -171,6 +174,48 @@ def attention_timing(logs):
     return lines
 
 
+def parse_fields(line):
+    """`key=value` and `key="quoted value"` pairs of one line, as a dict of strings."""
+    return {k: (q if v.startswith('"') else v) for k, v, q in
+            re.findall(r'(\w+)=("([^"]*)"|\S+)', line)}
+
+
+def matmul_bench(logs):
+    """Per DAPT_MATMUL strategy, its mmbench-STRATEGY log (the fused_gpu test
+    gpu_speed_of_matmul_strategies): every problem's line, and the step's matmul seconds by the
+    strategy and by Burn's matmul, timed alternating in the same process."""
+    out = {}
+    for path in sorted(glob.glob(f"{logs}/mmbench-*.log")):
+        strategy = os.path.basename(path)[len("mmbench-"):-4]
+        problems, step = [], None
+        for line in open(path, errors="replace"):
+            line = line.split(" ... ", 1)[-1] if line.startswith("test ") else line
+            if line.startswith("matmul_timing "):
+                problems.append(parse_fields(line))
+            elif line.startswith("matmul_step "):
+                step = parse_fields(line)
+        out[strategy] = dict(
+            rc=rc_of(logs, f"mmbench-{strategy}"), problems=problems,
+            step_s=float(step["s"]) if step else None,
+            burn_step_s=float(step["burn_s"]) if step else None,
+            wrong=[q.get("shape") for q in problems if q.get("status") == "wrong"],
+            unsupported=[q.get("shape") for q in problems if q.get("status") == "unsupported"])
+    return out
+
+
+def best_matmul(bench, margin=1.03):
+    """The strategy whose step matmul time beats Burn's (timed in the same process) by the most,
+    and by at least `margin`; only complete runs (rc 0, a matmul_step line) with no wrong
+    result count. 'burn' when none does."""
+    best, best_gain = "burn", margin
+    for strategy, r in bench.items():
+        if r["rc"] == 0 and r["step_s"] and r["burn_step_s"] and not r["wrong"]:
+            gain = r["burn_step_s"] / r["step_s"]
+            if gain > best_gain:
+                best, best_gain = strategy, gain
+    return best
+
+
 def fused_tests(logs):
     path = f"{logs}/fused_gpu.log"
     if not os.path.exists(path):
@@ -188,13 +233,20 @@ def fused_tests(logs):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--logs", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--anchor", required=True)
+    p.add_argument("--out")
+    p.add_argument("--anchor")
+    p.add_argument("--best-matmul", action="store_true",
+                   help="print the fastest DAPT_MATMUL strategy of the mmbench logs and stop")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--budget", type=int)
     p.add_argument("--peak", type=float, default=790e12)
     a = p.parse_args()
     logs = a.logs
+    if a.best_matmul:
+        print(best_matmul(matmul_bench(logs)))
+        return
+    if not a.out or not a.anchor:
+        p.error("--out and --anchor are required")
     probe = open(f"{logs}/probe.log", errors="replace").read() if os.path.exists(f"{logs}/probe.log") else ""
     gpu = re.search(r"^(NVIDIA[^,]*), ([0-9.]+), ([0-9]+ MiB)", probe, re.M)
     rows = []
@@ -202,7 +254,8 @@ def main():
                        + glob.glob(f"{logs}/restart-*-bf16.log")
                        + glob.glob(f"{logs}/zero2-*-bf16.log")
                        + glob.glob(f"{logs}/blockwise-*-bf16.log")
-                       + glob.glob(f"{logs}/kernels-*-bf16.log")):
+                       + glob.glob(f"{logs}/kernels-*-bf16.log")
+                       + glob.glob(f"{logs}/matmul-*-bf16.log")):
         rows.append(dapt_run(logs, path, a.anchor, a.peak))
     for path in sorted(glob.glob(f"{logs}/torch-*.log")):
         rows.append(torch_run(logs, path))
@@ -249,11 +302,14 @@ def main():
     blockwise_parity = (beside("kernels", "blockwise", "kernels")
                         or [dict(r, note="dapt run with the kernels") for r in
                             beside("blockwise", "kernels", "blockwise")])
+    # The model with the fastest DAPT_MATMUL strategy against Burn's matmul (the same job and data).
+    matmul_parity = beside("matmul", "burn", "strategy")
+    bench = matmul_bench(logs)
     ratios = []
     for shape in ("1b", "135m"):
         t = by.get(f"torch-{shape}-bf16")
         for run in ("dapt-{}-bf16", "dapt-{}-bf16-autotune", "dapt-{}-f32", "launch-{}-bf16",
-                    "blockwise-{}-bf16", "kernels-{}-bf16"):
+                    "blockwise-{}-bf16", "kernels-{}-bf16", "matmul-{}-bf16"):
             d = by.get(run.format(shape))
             if d and t:
                 ratios.append(dict(shape=shape, run=d["name"], vs="pytorch eager bf16",
@@ -278,7 +334,9 @@ def main():
                   driver=gpu.group(2) if gpu else None, gpu_memory=gpu.group(3) if gpu else None,
                   peak_flops=a.peak, budget_s=a.budget, fused_gpu=fused_tests(logs),
                   attention_timing=attention_timing(logs), runs=rows,
-                  loss_parity=parity, zero_parity=zero_parity, blockwise_parity=blockwise_parity, ptx_cache=ptx_cache, ratios=ratios, profile_1b=profile, autotune_choices=choices,
+                  loss_parity=parity, zero_parity=zero_parity, blockwise_parity=blockwise_parity,
+                  matmul_strategies=bench, best_matmul=best_matmul(bench) if bench else None,
+                  matmul_parity=matmul_parity, ptx_cache=ptx_cache, ratios=ratios, profile_1b=profile, autotune_choices=choices,
                   skipped=skipped,
                   carried_sizes=sizes)
     with open(f"{a.out}/results.json", "w") as f:
@@ -289,6 +347,14 @@ def main():
     md.append(f"fused_gpu: {ft.get('result', 'not run')}; passed {ft.get('passed', 0)}, "
               f"failed {ft.get('failed', [])}" if ft["ran"] else "fused_gpu: not run")
     md += [f"    {line}" for line in result.get("attention_timing", [])]
+    if bench:
+        md += ["", f"matmul strategies (1B step's matmuls, bf16; best: {result['best_matmul']}):", "",
+               "| DAPT_MATMUL | rc | step matmul s | Burn's, same process | gain | wrong | refused |",
+               "|---|---:|---:|---:|---:|---|---|"]
+        for strategy, r in bench.items():
+            gain = (f"{r['burn_step_s'] / r['step_s']:.2f}x" if r["step_s"] and r["burn_step_s"] else "")
+            md.append(f"| {strategy} | {r['rc']} | {r['step_s'] or ''} | {r['burn_step_s'] or ''} | {gain} | "
+                      f"{', '.join(r['wrong'])} | {', '.join(r['unsupported'])} |")
     md += ["", "| run | kernels | tokens/s | MFU | peak GiB | steps | first step tokens/s | loss first -> last |",
            "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -306,6 +372,10 @@ def main():
     for x in parity:
         md.append(f"\nloss parity {x['shape']} over {x['steps']} steps: max |dapt - pytorch| = "
                   f"{x['max_abs_diff']:.4f} (first step {x['first_step_abs_diff']:.4f})")
+    for x in matmul_parity:
+        md.append(f"\nmatmul strategy {x['shape']}: losses within {x['max_abs_diff']:.4f} of Burn's matmul "
+                  f"over {x['steps']} steps; {x['strategy_tokens_per_s'] or 0:,.0f} against "
+                  f"{x['burn_tokens_per_s'] or 0:,.0f} tokens/s")
     for x in ptx_cache:
         md.append(f"\nPTX cache {x['shape']}: first step {x['cold_first_step_s']:.1f} s cold, "
                   f"{x['warm_first_step_s']:.1f} s on restart (other steps {x['later_step_s']:.2f} s)")
