@@ -44,8 +44,8 @@
 #   KERNELS_SHAPES        shapes run 7 steps with DAPT_ATTENTION=kernels (the unit-level flash
 #                         attention kernels instead of the default, blockwise Burn matmuls on the
 #                         tensor cores; default "1b"; "" for none)
-#   MATMUL_STRATEGIES     DAPT_MATMUL strategies timed against Burn's matmul after 1 (default: the
-#                         tensor-core ones, below; "" for none), MATMUL_TIMEOUT seconds each (40)
+#   MATMUL_STRATEGIES     DAPT_MATMUL strategies timed against Burn's matmul after 1 (default: cuBLAS
+#                         and cubek's tensor-core ones, below; "" for none), MATMUL_TIMEOUT s each (40)
 #   MATMUL_SHAPES         shapes run 7 steps with the fastest of them, if one beats Burn's (default "1b")
 #   NCU=1                 after 3, Nsight Compute on 30 kernels of one 1B step (NCU_SKIP launches first)
 #   TIMING=0              skip the attention timings after 1
@@ -64,7 +64,7 @@ BUDGET=${BUDGET:-480}
 OUT=${OUT:-out/gpu-check}
 WORK=${WORK:-/tmp/dapt-gpu}
 SHAPES=${SHAPES:-"1b 135m"}
-MATMUL_STRATEGIES=${MATMUL_STRATEGIES-"double-tma-mma specialized-tma-mma simple-tma-mma double-cyclic-mma ordered-double-mma specialized-cyclic-mma double-cyclic-mma-specialized double-cyclic-cmma simple-cyclic-mma"}
+MATMUL_STRATEGIES=${MATMUL_STRATEGIES-"cublas double-tma-mma specialized-tma-mma simple-tma-mma double-cyclic-mma ordered-double-mma specialized-cyclic-mma double-cyclic-mma-specialized double-cyclic-cmma simple-cyclic-mma"}
 LOGS=$WORK/logs
 mkdir -p "$OUT" "$WORK" "$LOGS"
 OUT=$(realpath "$OUT") WORK=$(realpath "$WORK") LOGS=$(realpath "$LOGS")
@@ -97,11 +97,14 @@ SITE=$($PY -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null)
 for d in "${CUDA_PATH:-}" /usr/local/cuda "$SITE/nvidia/cu13" "$SITE/nvidia/cuda_runtime"; do
   if [ -n "$d" ] && [ -f "$d/include/cuda_runtime.h" ]; then export CUDA_PATH=$d; break; fi
 done
-libdirs=$(ls -d /usr/local/cuda/lib64 "$SITE"/nvidia/cu13/lib "$SITE"/nvidia/cuda_nvrtc/lib 2>/dev/null | tr '\n' ':')
+# NVRTC for cubecl; cuBLAS (DAPT_MATMUL=cublas) from PyTorch's wheels (cu13: nvidia/cu13/lib; cu12:
+# nvidia/cublas/lib).
+libdirs=$(ls -d /usr/local/cuda/lib64 "$SITE"/nvidia/cu13/lib "$SITE"/nvidia/cuda_nvrtc/lib "$SITE"/nvidia/cublas/lib 2>/dev/null | tr '\n' ':')
 export LD_LIBRARY_PATH=${libdirs}${LD_LIBRARY_PATH:-}
 {
   echo "CUDA_PATH=${CUDA_PATH:-unset} (cccl: $(ls -d "${CUDA_PATH:-/nonexistent}"/include/cccl 2>/dev/null || echo none))"
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  echo "cublas: $(ls "$SITE"/nvidia/*/lib/libcublas.so* /usr/local/cuda/lib64/libcublas.so* 2>/dev/null | tr '\n' ' ')"
   echo "worker: ${WORKER:-none}  autotune worker: ${WORKER_AT:-none}  fused_gpu: ${FUSED:-none}"
   echo "corpus: ${CORPUS:-none}  kernel cache: $DAPT_KERNEL_CACHE"
   echo "commit: $(cat .gpu/COMMIT 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)"

@@ -55,11 +55,14 @@ pub enum MatmulChoice {
     SpecializedTmaMma,
     SimpleUnit,
     DoubleUnit,
+    /// `cublas`: NVIDIA's cuBLAS (`cublasGemmStridedBatchedEx`, the library PyTorch's matmuls
+    /// run on; `fused::kernels::cublas`), CUDA only.
+    Cublas,
 }
 
 impl MatmulChoice {
     /// Every choice, with its `DAPT_MATMUL` name.
-    pub const ALL: [(MatmulChoice, &'static str); 15] = [
+    pub const ALL: [(MatmulChoice, &'static str); 16] = [
         (MatmulChoice::Burn, "burn"),
         (MatmulChoice::SimpleCyclicCmma, "simple-cyclic-cmma"),
         (MatmulChoice::SimpleCyclicMma, "simple-cyclic-mma"),
@@ -81,6 +84,7 @@ impl MatmulChoice {
         (MatmulChoice::SpecializedTmaMma, "specialized-tma-mma"),
         (MatmulChoice::SimpleUnit, "simple-unit"),
         (MatmulChoice::DoubleUnit, "double-unit"),
+        (MatmulChoice::Cublas, "cublas"),
     ];
 
     /// Its `DAPT_MATMUL` name.

@@ -20,6 +20,7 @@
 pub mod accumulate;
 pub mod attention;
 pub mod blockwise;
+pub mod gemm;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub mod kernels;
 pub mod loss;

@@ -112,13 +112,30 @@ fn relative_difference<B: burn::tensor::backend::Backend>(
     }
 }
 
+/// Why a strategy did not run a matmul.
+#[derive(Debug)]
+pub enum MatmulRefusal {
+    /// cubek's setup error: layout, alignment, size, or hardware (the tensor-core strategies
+    /// need a GPU with them).
+    Cubek(MatmulSetupError),
+    /// cuBLAS's: no library, a dtype or layout it cannot take in place, not the CUDA backend,
+    /// or a CUDA or cuBLAS error.
+    Cublas(String),
+}
+
+impl From<MatmulSetupError> for MatmulRefusal {
+    fn from(e: MatmulSetupError) -> Self {
+        MatmulRefusal::Cubek(e)
+    }
+}
+
 /// `lhs [.., m, k] @ rhs [.., k, n]` (equal batch dimensions; either side may be a transposed
-/// view) by cubek's strategy for `choice` (Burn's own matmul for [`MatmulChoice::Burn`]), into
-/// a new contiguous `[.., m, n]` tensor in `lhs`'s dtype, accumulating in f32.
+/// view) by cubek's strategy for `choice`, or cuBLAS (Burn's own matmul for
+/// [`MatmulChoice::Burn`]), into a new contiguous `[.., m, n]` tensor in `lhs`'s dtype,
+/// accumulating in f32.
 ///
 /// # Errors
-/// cubek's `MatmulSetupError` when the strategy cannot take this problem (layout, alignment,
-/// size, or hardware: the tensor-core strategies need a GPU with them).
+/// [`MatmulRefusal`]: the strategy cannot take this problem.
 ///
 /// # Panics
 /// If the ranks or the inner or batch dimensions disagree.
@@ -126,7 +143,7 @@ pub fn matmul_with<R: CubeRuntime>(
     choice: MatmulChoice,
     lhs: CubeTensor<R>,
     rhs: CubeTensor<R>,
-) -> Result<CubeTensor<R>, MatmulSetupError> {
+) -> Result<CubeTensor<R>, MatmulRefusal> {
     let (ls, rs) = (lhs.shape(), rhs.shape());
     let d = ls.num_dims();
     assert!(
@@ -143,6 +160,9 @@ pub fn matmul_with<R: CubeRuntime>(
         rs[..d - 2],
         "matmul: batch dimensions {ls:?} @ {rs:?}"
     );
+    if choice == MatmulChoice::Cublas {
+        return cublas(lhs, rhs);
+    }
     let Some(strategy) = strategy(choice) else {
         return Ok(burn_cubecl::kernel::matmul::matmul(
             lhs.clone(),
@@ -154,7 +174,7 @@ pub fn matmul_with<R: CubeRuntime>(
     };
     let mut dims = ls.clone();
     dims[d - 1] = rs[d - 1];
-    let out = output(&lhs, Shape::from(dims), lhs.dtype);
+    let out = output(&lhs, dims, lhs.dtype);
     let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
         lhs: lhs.dtype.into(),
         rhs: rhs.dtype.into(),
@@ -172,8 +192,36 @@ pub fn matmul_with<R: CubeRuntime>(
     Ok(out)
 }
 
+/// [`MatmulChoice::Cublas`] on the CUDA backend (`kernels::cublas`); refused elsewhere.
+fn cublas<R: CubeRuntime>(
+    lhs: CubeTensor<R>,
+    rhs: CubeTensor<R>,
+) -> Result<CubeTensor<R>, MatmulRefusal> {
+    #[cfg(feature = "cuda")]
+    {
+        use cubecl::cuda::CudaRuntime;
+        use std::any::Any;
+        let (l, r): (Box<dyn Any>, Box<dyn Any>) = (Box::new(lhs), Box::new(rhs));
+        if let (Ok(l), Ok(r)) = (
+            l.downcast::<CubeTensor<CudaRuntime>>(),
+            r.downcast::<CubeTensor<CudaRuntime>>(),
+        ) {
+            let out: Box<dyn Any> =
+                Box::new(super::cublas::matmul(*l, *r).map_err(MatmulRefusal::Cublas)?);
+            return Ok(*out
+                .downcast::<CubeTensor<R>>()
+                .expect("the output of the runtime of the inputs"));
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    drop((lhs, rhs));
+    Err(MatmulRefusal::Cublas(
+        "cuBLAS runs on the CUDA backend only".into(),
+    ))
+}
+
 /// cubek's strategy for `choice`, with the arguments Burn's autotune set gives it; `None` for
-/// [`MatmulChoice::Burn`].
+/// [`MatmulChoice::Burn`] and [`MatmulChoice::Cublas`].
 pub fn strategy(choice: MatmulChoice) -> Option<Strategy> {
     use BlueprintStrategy::Inferred;
     let simple = |multi_rows, tile_matmul| SimpleArgs {
@@ -192,7 +240,7 @@ pub fn strategy(choice: MatmulChoice) -> Option<Strategy> {
     };
     let (cmma, mma) = (TileMatmulKind::Cmma, TileMatmulKind::Mma);
     Some(match choice {
-        MatmulChoice::Burn => return None,
+        MatmulChoice::Burn | MatmulChoice::Cublas => return None,
         MatmulChoice::SimpleCyclicCmma => Strategy::SimpleCyclicCmma(Inferred(simple(false, cmma))),
         MatmulChoice::SimpleCyclicMma => Strategy::SimpleCyclicMma(Inferred(simple(false, mma))),
         MatmulChoice::SimpleCyclicMmaMultiRow => {

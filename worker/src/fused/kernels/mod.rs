@@ -6,6 +6,8 @@ pub mod accumulate;
 pub mod attention;
 pub mod blockwise;
 #[cfg(feature = "cuda")]
+pub mod cublas;
+#[cfg(feature = "cuda")]
 pub mod cuda_source;
 pub mod loss;
 pub mod matmul;
