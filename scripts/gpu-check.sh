@@ -196,7 +196,8 @@ if [ -n "$FUSED" ]; then
   # Kernels vs decomposed, kernels vs blockwise attention (head dims 64 and 128): which one
   # DAPT_ATTENTION's auto default should take (docs/gpu.md).
   if [ "${TIMING:-1}" = 1 ]; then
-    step fused_gpu_timing 90 "$FUSED" --test-threads=1 --include-ignored --nocapture gpu_speed
+    step fused_gpu_timing 90 "$FUSED" --test-threads=1 --include-ignored --nocapture gpu_speed \
+      --skip gpu_speed_of_matmul
   fi
 else
   skip fused_gpu "no .gpu/fused_gpu (scripts/gpu-prepare.sh builds it)"
@@ -208,7 +209,12 @@ fi
 # with no wrong result, if it beats Burn's by 3%, trains the 1B shape below (matmul-1b-bf16).
 BEST_MATMUL=burn
 if [ -n "$FUSED" ] && [ -n "$MATMUL_STRATEGIES" ]; then
+  rm -f "$LOGS"/mmbench-*  # a warm machine's earlier run
   for s in $MATMUL_STRATEGIES; do
+    # Keep ~240 s for the 1B measurements after (hf-1b, dapt, PyTorch, the chosen strategy).
+    if [ "$(left)" -lt $((240 + ${MATMUL_TIMEOUT:-40})) ]; then
+      skip "mmbench-$s" "$(left)s left, 240 s kept for the 1B runs"; continue
+    fi
     step "mmbench-$s" "${MATMUL_TIMEOUT:-40}" env DAPT_MATMUL="$s" "$FUSED" --exact \
       matmul::gpu_speed_of_matmul_strategies --include-ignored --nocapture
     grep -h "^matmul_step" "$LOGS/mmbench-$s.log" 2>/dev/null | sed 's/^/    /'

@@ -19,6 +19,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
@@ -174,14 +175,19 @@ impl MatmulOps for burn::backend::Flex {}
 /// tensors, inside the fused attention and loss ops).
 impl<B: MatmulOps, C: CheckpointStrategy> MatmulOps for Autodiff<B, C> {
     fn linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (x_tracked, w_tracked) = (x.is_tracked(), w.is_tracked());
         match LinearBackward
             .prepare::<C>([x.node.clone(), w.node.clone()])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => {
-                let y = <B as MatmulOps>::linear(x.primitive.clone(), w.primitive.clone());
-                prep.finish((x.primitive, w.primitive), y)
+            // As Burn's matmul node: each side is kept (through the checkpointer, which may
+            // recompute it instead) only when the other side's gradient needs it.
+            OpsKind::Tracked(mut prep) => {
+                let x_state = w_tracked.then(|| prep.checkpoint(&x));
+                let w_state = x_tracked.then(|| prep.checkpoint(&w));
+                let y = <B as MatmulOps>::linear(x.primitive, w.primitive);
+                prep.finish((x_state, w_state), y)
             }
             OpsKind::UnTracked(prep) => {
                 prep.finish(<B as MatmulOps>::linear(x.primitive, w.primitive))
@@ -190,23 +196,31 @@ impl<B: MatmulOps, C: CheckpointStrategy> MatmulOps for Autodiff<B, C> {
     }
 }
 
-/// The projection's node; its state is `(x, w)`.
+/// The projection's node; its state is the checkpointed `x` (when `w` needs a gradient) and
+/// `w` (when `x` does).
 #[derive(Debug)]
 struct LinearBackward;
 
 impl<B: MatmulOps> Backward<B, 2> for LinearBackward {
-    type State = (FloatTensor<B>, FloatTensor<B>);
+    type State = (Option<NodeId>, Option<NodeId>);
 
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
         let [node_x, node_w] = ops.parents;
         let dy = grads.consume::<B>(&ops.node);
         let (x, w) = ops.state;
-        if let Some(node) = node_w {
+        let x = x.map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
+        let w = w.map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
+        if let (Some(node), Some(x)) = (node_w, x) {
             // dW [out, in] = dy^T [out, n] @ x [n, in]: in W's layout, no transposed view.
             let dy_t = B::float_swap_dims(dy.clone(), 0, 1);
             grads.register::<B>(node.id, B::matmul(dy_t, x));
         }
-        if let Some(node) = node_x {
+        if let (Some(node), Some(w)) = (node_x, w) {
             // dx [n, in] = dy [n, out] @ w [out, in].
             grads.register::<B>(node.id, B::matmul(dy, w));
         }

@@ -15,14 +15,15 @@ use dapt_worker::Cpu;
 
 use super::{max_abs_diff, to_gpu, Gpu, MATMUL_RTOL};
 
-/// The strategies this backend can run: on lavapipe Burn's and the CUDA-core ones; on CUDA
-/// Burn's and `DAPT_MATMUL`'s (the others each in their own timing process).
+/// The strategies this backend can run: on lavapipe Burn's and the CUDA-core one; on CUDA
+/// Burn's, cuBLAS (no kernels to compile) and `DAPT_MATMUL`'s (cubek's others each in their
+/// own timing process).
 fn choices() -> Vec<MatmulChoice> {
     if cfg!(feature = "wgpu") {
         // Not DoubleUnit: wrong on some problems (a_wrong_strategy_is_caught_...).
         vec![MatmulChoice::Burn, MatmulChoice::SimpleUnit]
     } else {
-        vec![MatmulChoice::Burn, matmul_choice()]
+        vec![MatmulChoice::Burn, MatmulChoice::Cublas, matmul_choice()]
     }
 }
 
@@ -87,6 +88,21 @@ fn a_strategy_the_device_cannot_run_is_refused() {
         b.into_primitive().tensor(),
     );
     assert!(result.is_err(), "TMA on lavapipe");
+    let (a, b) = (to_gpu(&random([64, 64])), to_gpu(&random([64, 64])));
+    let result = matmul_with(
+        MatmulChoice::Cublas,
+        a.into_primitive().tensor(),
+        b.into_primitive().tensor(),
+    );
+    assert!(result.is_err(), "cuBLAS on Vulkan");
+    // A broadcast batch: refused (Burn's matmul takes it), not a panic.
+    let (a, b) = (to_gpu(&random([2, 8, 8])), to_gpu(&random([1, 8, 8])));
+    let result = matmul_with(
+        MatmulChoice::SimpleUnit,
+        a.into_primitive().tensor(),
+        b.into_primitive().tensor(),
+    );
+    assert!(result.is_err(), "a broadcast batch");
 }
 
 /// A strategy whose result is wrong for a problem is caught by the first-use check and Burn's

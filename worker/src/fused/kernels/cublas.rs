@@ -30,7 +30,7 @@ use crate::fused::gemm::column_major_gemm;
 struct Cublas {
     handle: cb::cublasHandle_t,
     stream: Arc<CudaStream>,
-    _ctx: Arc<CudaContext>,
+    ctx: Arc<CudaContext>,
 }
 
 impl Drop for Cublas {
@@ -122,6 +122,12 @@ pub fn matmul(
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => e.insert(Cublas::new(ordinal)?),
         };
+        // This device's context current on this thread (another device's handle may have
+        // been made since, as NCCL's calls bind theirs).
+        cublas
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| format!("CUDA context: {e:?}"))?;
         // SAFETY: live handle and stream of this device's primary context (cubecl's); the
         // three buffers hold the operands as `g` describes them (checked against their
         // shapes and strides) and stay alive until the stream is synchronised below.
@@ -183,7 +189,7 @@ impl Cublas {
         let cublas = Cublas {
             handle,
             stream,
-            _ctx: ctx,
+            ctx,
         };
         // SAFETY: live handle and stream.
         let status =

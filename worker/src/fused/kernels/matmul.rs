@@ -4,7 +4,7 @@
 //! chosen here instead of Burn's default.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{ElementConversion, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive};
@@ -33,32 +33,33 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MatmulOps
             return Self::float_matmul(lhs, rhs);
         }
         let key = problem_key(choice, &lhs, &rhs);
-        let verdict = VERDICTS.lock().ok().and_then(|v| v.get(&key).copied());
+        let verdicts = || VERDICTS.lock().unwrap_or_else(PoisonError::into_inner);
+        let verdict = verdicts().get(&key).copied();
         if verdict == Some(false) {
             return Self::float_matmul(lhs, rhs);
         }
         match matmul_with(choice, lhs.clone(), rhs.clone()) {
             Ok(out) if verdict == Some(true) => out,
-            // A problem not seen before: checked once against Burn's matmul.
+            // A problem not seen before: checked against Burn's matmul (until the check can
+            // tell: not on all-zero or non-finite values, which say nothing).
             Ok(out) => {
                 let reference = Self::float_matmul(lhs, rhs);
-                let diff = relative_difference::<Self>(out.clone(), reference.clone());
-                let right = diff <= MATMUL_CHECK_RTOL;
-                if let Ok(mut v) = VERDICTS.lock() {
-                    v.insert(key.clone(), right);
-                }
-                if right {
-                    out
-                } else {
-                    tracing::error!(problem = %key, relative_difference = diff, "DAPT_MATMUL strategy gives a wrong result for this matmul: Burn's runs it from now on");
-                    reference
+                match relative_difference::<Self>(out.clone(), reference.clone()) {
+                    Some(diff) if diff <= MATMUL_CHECK_RTOL => {
+                        verdicts().insert(key, true);
+                        out
+                    }
+                    Some(diff) => {
+                        tracing::error!(problem = %key, relative_difference = diff, "DAPT_MATMUL strategy gives a wrong result for this matmul: Burn's runs it from now on");
+                        verdicts().insert(key, false);
+                        reference
+                    }
+                    None => reference,
                 }
             }
             Err(err) => {
-                if let Ok(mut v) = VERDICTS.lock() {
-                    v.insert(key.clone(), false);
-                }
                 tracing::warn!(problem = %key, error = ?err, "DAPT_MATMUL strategy cannot take this matmul: Burn's runs it");
+                verdicts().insert(key, false);
                 Self::float_matmul(lhs, rhs)
             }
         }
@@ -92,11 +93,12 @@ fn problem_key<R: CubeRuntime>(
     )
 }
 
-/// `max |a - b| / max |b|` in f32 over two tensors of one shape (read back: synchronises).
+/// `max |a - b| / max |b|` in f32 over two tensors of one shape (read back: synchronises);
+/// `None` when `b` is all zeros or either holds a non-finite value (nothing to judge by).
 fn relative_difference<B: burn::tensor::backend::Backend>(
     a: FloatTensor<B>,
     b: FloatTensor<B>,
-) -> f32 {
+) -> Option<f32> {
     let flat = |t: FloatTensor<B>| {
         let n = t.shape().num_elements();
         Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(B::float_reshape(t, Shape::new([n]))))
@@ -105,11 +107,7 @@ fn relative_difference<B: burn::tensor::backend::Backend>(
     let (a, b) = (flat(a), flat(b));
     let scale = b.clone().abs().max().into_scalar().elem::<f32>();
     let diff = (a - b).abs().max().into_scalar().elem::<f32>();
-    if scale > 0.0 {
-        diff / scale
-    } else {
-        diff
-    }
+    (scale > 0.0 && scale.is_finite() && diff.is_finite()).then(|| diff / scale)
 }
 
 /// Why a strategy did not run a matmul.
@@ -118,6 +116,9 @@ pub enum MatmulRefusal {
     /// cubek's setup error: layout, alignment, size, or hardware (the tensor-core strategies
     /// need a GPU with them).
     Cubek(MatmulSetupError),
+    /// Batch dimensions that differ (a broadcast): Burn's matmul broadcasts, the strategies
+    /// take equal ones.
+    Broadcast(String),
     /// cuBLAS's: no library, a dtype or layout it cannot take in place, not the CUDA backend,
     /// or a CUDA or cuBLAS error.
     Cublas(String),
@@ -138,7 +139,7 @@ impl From<MatmulSetupError> for MatmulRefusal {
 /// [`MatmulRefusal`]: the strategy cannot take this problem.
 ///
 /// # Panics
-/// If the ranks or the inner or batch dimensions disagree.
+/// If the ranks or the inner dimensions disagree.
 pub fn matmul_with<R: CubeRuntime>(
     choice: MatmulChoice,
     lhs: CubeTensor<R>,
@@ -155,11 +156,9 @@ pub fn matmul_with<R: CubeRuntime>(
         rs[d - 2],
         "matmul: inner dimensions {ls:?} @ {rs:?}"
     );
-    assert_eq!(
-        ls[..d - 2],
-        rs[..d - 2],
-        "matmul: batch dimensions {ls:?} @ {rs:?}"
-    );
+    if ls[..d - 2] != rs[..d - 2] {
+        return Err(MatmulRefusal::Broadcast(format!("{ls:?} @ {rs:?}")));
+    }
     if choice == MatmulChoice::Cublas {
         return cublas(lhs, rhs);
     }
