@@ -45,7 +45,7 @@ def dapt_run(logs, path, anchor, peak):
     parts = name.split("-")  # dapt-1b-bf16[-autotune], profile-1b-bf16, launch-1b-bf16
     shape, prec = parts[1], parts[2]
     kernels = "autotune" if name.endswith("-autotune") else "fixed"
-    steps, phases, cache, matmul = [], [], None, None
+    steps, phases, cache, matmul, device = [], [], None, None, []
     for line in open(path, errors="replace"):
         try:
             rec = json.loads(line)
@@ -59,6 +59,8 @@ def dapt_run(logs, path, anchor, peak):
         elif msg == "step phases":
             phases.append([float(f[k]) for k in ("forward_backward_s", "all_reduce_s", "clip_adamw_s")
                            if k in f])
+            if "device_reserved_mib" in f:
+                device.append((float(f.get("device_in_use_mib", "nan")), float(f["device_reserved_mib"])))
         elif msg == "kernel cache":
             cache = f.get("dir")
         elif msg == "matmul on the GPU (DAPT_MATMUL)":
@@ -66,6 +68,10 @@ def dapt_run(logs, path, anchor, peak):
     row = dict(name=name, framework="dapt", shape=shape, precision=prec, kernels=kernels,
                rc=rc_of(logs, name), peak_gib=mem_gib(logs, name), kernel_cache=cache,
                matmul=matmul)
+    if device:
+        # CubeCL's allocator after each step: the tensors alive, and the pools' reservation
+        # (its largest over the run), beside nvidia-smi's peak (peak_gib).
+        row["allocator_mib"] = dict(last_in_use=device[-1][0], max_reserved=max(r for _, r in device))
     if not steps:
         row["error"] = "no step finished"
         return row
@@ -367,6 +373,11 @@ def main():
         first = f"{r['first_step_tokens_per_s']:,.0f}" if "first_step_tokens_per_s" in r else ""
         md.append(f"| {r['name']} | {r['kernels']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
                   f"{mem} | {r['steps']} | {first} | {loss} |")
+    for r in rows:
+        if r.get("allocator_mib"):
+            a_ = r["allocator_mib"]
+            md.append(f"\n{r['name']}: CubeCL allocator after the last step {a_['last_in_use']:,.0f} MiB in use, "
+                      f"at most {a_['max_reserved']:,.0f} MiB reserved (nvidia-smi peak {r.get('peak_gib') or 0:.1f} GiB)")
     for x in ratios:
         md.append(f"\n{x['shape']}: {x['run']} / PyTorch eager bf16 = {x['ratio']:.3f}x")
     for x in parity:

@@ -23,3 +23,49 @@ pub fn retain_freed_memory() -> bool {
         false
     }
 }
+
+/// A device's memory as its allocator sees it, in bytes (CubeCL's `MemoryUsage`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceMemoryUsage {
+    /// Bytes of the tensors alive now (no padding).
+    pub in_use: u64,
+    /// Bytes the allocator holds on the device: its pools' pages, used or free (what
+    /// `nvidia-smi` counts, less the CUDA context and cuBLAS/NCCL's own buffers).
+    pub reserved: u64,
+}
+
+/// What a backend's allocator holds on a device; `None` where it does not say (the CPU).
+pub trait DeviceMemory: burn::tensor::backend::Backend {
+    /// The allocator's usage on `device` now.
+    fn device_memory(device: &Self::Device) -> Option<DeviceMemoryUsage> {
+        let _ = device;
+        None
+    }
+}
+
+impl DeviceMemory for burn::backend::Flex {}
+
+impl<B: DeviceMemory, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy>
+    DeviceMemory for burn::backend::Autodiff<B, C>
+{
+    fn device_memory(device: &Self::Device) -> Option<DeviceMemoryUsage> {
+        B::device_memory(device)
+    }
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+impl<
+        R: burn_cubecl::CubeRuntime,
+        F: burn_cubecl::FloatElement,
+        I: burn_cubecl::IntElement,
+        BT: burn_cubecl::element::BoolElement,
+    > DeviceMemory for burn_cubecl::CubeBackend<R, F, I, BT>
+{
+    fn device_memory(device: &Self::Device) -> Option<DeviceMemoryUsage> {
+        let usage = R::client(device).memory_usage().ok()?;
+        Some(DeviceMemoryUsage {
+            in_use: usage.bytes_in_use,
+            reserved: usage.bytes_reserved,
+        })
+    }
+}

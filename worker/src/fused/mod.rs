@@ -29,16 +29,25 @@ pub mod norm;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
+use crate::memory::DeviceMemory;
+
 pub use accumulate::AccumulateOps;
 pub use attention::AttentionOps;
 pub use loss::LossOps;
 pub use matmul::MatmulOps;
 pub use norm::NormOps;
 
-/// Every fused op dapt's model uses: the bound on the backends it runs on.
-pub trait FusedOps: Backend + NormOps + AttentionOps + LossOps + AccumulateOps + MatmulOps {}
+/// Every fused op dapt's model uses: the bound on the backends it runs on. With them,
+/// [`DeviceMemory`] (what the device's allocator holds, for the step's log).
+pub trait FusedOps:
+    Backend + NormOps + AttentionOps + LossOps + AccumulateOps + MatmulOps + DeviceMemory
+{
+}
 
-impl<B: Backend + NormOps + AttentionOps + LossOps + AccumulateOps + MatmulOps> FusedOps for B {}
+impl<B: Backend + NormOps + AttentionOps + LossOps + AccumulateOps + MatmulOps + DeviceMemory>
+    FusedOps for B
+{
+}
 
 /// An autodiff backend whose inner backend has the fused ops too (the trainers' bound).
 pub trait FusedAutodiff: AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}

@@ -69,3 +69,21 @@ fn device_matches_the_cpu_backend() {
     let diff = max_abs_diff(to_gpu(&a).matmul(to_gpu(&b)), reference) / scale;
     assert!(diff < MATMUL_RTOL, "matmul differs by {diff} of its scale");
 }
+
+/// The allocator's figures the step logs (`DeviceMemory`): a tensor alive shows in `in_use`,
+/// within `reserved`.
+#[test]
+fn the_device_allocator_reports_what_is_alive() {
+    use dapt_worker::memory::DeviceMemory;
+    let device = Default::default();
+    let t = Tensor::<Gpu, 1>::ones([1 << 20], &device);
+    // Make sure it exists on the device, not only as a queued kernel.
+    assert_eq!(t.clone().sum().into_scalar(), (1 << 20) as f32);
+    // Other tests of this process allocate and free meanwhile: only what this one holds is
+    // certain.
+    let now = Gpu::device_memory(&device).expect("a CubeCL device reports its memory");
+    assert!(now.in_use >= 4 << 20, "{now:?}");
+    assert!(now.reserved >= now.in_use, "{now:?}");
+    assert_eq!(Cpu::device_memory(&Default::default()), None);
+    drop(t);
+}

@@ -10,6 +10,7 @@ use super::{take, GradReducer, ResidentTrainer};
 use crate::collective::shard_range;
 use crate::error::{Result, WorkerError};
 use crate::fused::FusedAutodiff;
+use crate::memory::DeviceMemory;
 use crate::train::step::{MicroBatch, StepStats};
 
 /// Waits for the device (so that the step's phases are timed apart) and reads the loss.
@@ -115,9 +116,16 @@ pub fn train_step<B: FusedAutodiff>(
     };
     let (loss, stats) = stats;
     let done = started.elapsed();
+    // The allocator's view after the step (a GPU's; none on the CPU): what the tensors alive
+    // take, and what its pools keep on the device (their high-water mark, roughly: pages are
+    // kept for reuse), beside nvidia-smi's figure.
+    let memory = <B::InnerBackend as DeviceMemory>::device_memory(&trainer.device);
+    let mib = |b: u64| format!("{:.0}", b as f64 / 1048576.0);
     tracing::info!(
         step = trainer.step,
         zero_stage = stage,
+        device_in_use_mib = memory.map(|m| mib(m.in_use)),
+        device_reserved_mib = memory.map(|m| mib(m.reserved)),
         forward_backward_s = format!("{:.4}", backward.as_secs_f64()),
         all_reduce_s = format!("{:.4}", (reduced - backward).as_secs_f64()),
         clip_adamw_s = format!("{:.4}", (applied - reduced).as_secs_f64()),
