@@ -200,8 +200,10 @@ def matmul_bench(logs):
                 problems.append(parse_fields(line))
             elif line.startswith("matmul_step "):
                 step = parse_fields(line)
+        text = open(path, errors="replace").read()
+        checks = dict(re.findall(r"^test (matmul::\S+) \.\.\. (ok|FAILED|ignored)", text, re.M))
         out[strategy] = dict(
-            rc=rc_of(logs, f"mmbench-{strategy}"), problems=problems,
+            rc=rc_of(logs, f"mmbench-{strategy}"), problems=problems, checks=checks,
             step_s=float(step["s"]) if step else None,
             burn_step_s=float(step["burn_s"]) if step else None,
             wrong=[q.get("shape") for q in problems if q.get("status") == "wrong"],

@@ -15,16 +15,21 @@ use dapt_worker::Cpu;
 
 use super::{max_abs_diff, to_gpu, Gpu, MATMUL_RTOL};
 
-/// The strategies this backend can run: on lavapipe Burn's and the CUDA-core one; on CUDA
-/// Burn's, cuBLAS (no kernels to compile) and `DAPT_MATMUL`'s (cubek's others each in their
-/// own timing process).
+/// The strategies to check: Burn's, on lavapipe the CUDA-core one, and `DAPT_MATMUL`'s:
+/// scripts/gpu-check.sh runs these tests once per strategy, each in its own process
+/// (`mmbench-*`, beside the timing), so that a strategy that crashes takes only its own
+/// process with it.
 fn choices() -> Vec<MatmulChoice> {
-    if cfg!(feature = "wgpu") {
-        // Not DoubleUnit: wrong on some problems (a_wrong_strategy_is_caught_...).
+    // Not DoubleUnit by default: wrong on some problems (a_wrong_strategy_is_caught_...).
+    let mut choices = if cfg!(feature = "wgpu") {
         vec![MatmulChoice::Burn, MatmulChoice::SimpleUnit]
     } else {
-        vec![MatmulChoice::Burn, MatmulChoice::Cublas, matmul_choice()]
+        vec![MatmulChoice::Burn]
+    };
+    if !choices.contains(&matmul_choice()) {
+        choices.push(matmul_choice());
     }
+    choices
 }
 
 fn random<const D: usize>(shape: [usize; D]) -> Tensor<Cpu, D> {
