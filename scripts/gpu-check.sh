@@ -45,7 +45,8 @@
 #                         attention kernels instead of the default, blockwise Burn matmuls on the
 #                         tensor cores; default "1b"; "" for none)
 #   MATMUL_STRATEGIES     DAPT_MATMUL strategies timed against Burn's matmul after 1 (default: cuBLAS
-#                         and cubek's tensor-core ones, below; "" for none), MATMUL_TIMEOUT s each (50)
+#                         and cubek's tensor-core ones, below; "" for none), MATMUL_TIMEOUT s each (40), then
+#                         30 s of its checks against the CPU
 #   MATMUL_SHAPES         shapes run 7 steps with the fastest of them, if one beats Burn's (default "1b")
 #   NCU=1                 after 3, Nsight Compute on 30 kernels of one 1B step (NCU_SKIP launches first)
 #   TIMING=0              skip the attention timings after 1
@@ -210,17 +211,21 @@ fi
 # Burn's by 3%, trains the 1B shape below (matmul-1b-bf16).
 BEST_MATMUL=burn
 if [ -n "$FUSED" ] && [ -n "$MATMUL_STRATEGIES" ]; then
-  rm -f "$LOGS"/mmbench-*  # a warm machine's earlier run
+  rm -f "$LOGS"/mmbench-* "$LOGS"/mmcheck-*  # a warm machine's earlier run
   for s in $MATMUL_STRATEGIES; do
     # Keep ~240 s for the 1B measurements after (hf-1b, dapt, PyTorch, the chosen strategy).
-    if [ "$(left)" -lt $((240 + ${MATMUL_TIMEOUT:-50})) ]; then
+    if [ "$(left)" -lt $((240 + ${MATMUL_TIMEOUT:-40})) ]; then
       skip "mmbench-$s" "$(left)s left, 240 s kept for the 1B runs"; continue
     fi
-    # The timing, then the strategy's checks against the CPU (odd sizes, every layout, the
-    # projection's node both ways); a failed check (rc != 0) rules the strategy out.
-    step "mmbench-$s" "${MATMUL_TIMEOUT:-50}" env DAPT_MATMUL="$s" "$FUSED" matmul:: \
-      --include-ignored --nocapture --test-threads=1
+    step "mmbench-$s" "${MATMUL_TIMEOUT:-40}" env DAPT_MATMUL="$s" "$FUSED" --exact \
+      matmul::gpu_speed_of_matmul_strategies --include-ignored --nocapture
     grep -h "^matmul_step" "$LOGS/mmbench-$s.log" 2>/dev/null | sed 's/^/    /'
+    # The strategy's checks against the CPU (odd sizes in every layout, the projection's node
+    # both ways); a failed one (rc != 0) rules it out. Only for a strategy whose timing ran.
+    if grep -q "^matmul_step" "$LOGS/mmbench-$s.log" 2>/dev/null; then
+      step "mmcheck-$s" 30 env DAPT_MATMUL="$s" "$FUSED" matmul:: --skip gpu_speed \
+        --nocapture --test-threads=1
+    fi
   done
   BEST_MATMUL=$($PY "$RESULTS" --logs "$LOGS" --best-matmul 2>>"$LOGS/summary.log" || echo burn)
   log "fastest DAPT_MATMUL: $BEST_MATMUL"

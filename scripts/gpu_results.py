@@ -200,10 +200,23 @@ def matmul_bench(logs):
                 problems.append(parse_fields(line))
             elif line.startswith("matmul_step "):
                 step = parse_fields(line)
-        text = open(path, errors="replace").read()
-        checks = dict(re.findall(r"^test (matmul::\S+) \.\.\. (ok|FAILED|ignored)", text, re.M))
+        # Its checks against the CPU (mmcheck-STRATEGY): each test run, FAILED if libtest's
+        # closing list names it (under --nocapture a test's output splits its result line).
+        checks, check_rc = {}, None
+        check_path = f"{logs}/mmcheck-{strategy}.log"
+        if os.path.exists(check_path):
+            text = open(check_path, errors="replace").read()
+            failed = set(re.findall(r"^    (matmul::\S+)$", text, re.M))
+            checks = {t: "FAILED" if t in failed else "ok"
+                      for t in re.findall(r"^test (matmul::\S+) \.\.\.", text, re.M)}
+            check_rc = rc_of(logs, f"mmcheck-{strategy}")
+            if check_rc != 0 and not failed:
+                checks = {t: "unknown (rc {})".format(check_rc) for t in checks}
+        refusals = [l.strip() for l in open(check_path, errors="replace")
+                    if " refuses " in l] if os.path.exists(check_path) else []
         out[strategy] = dict(
             rc=rc_of(logs, f"mmbench-{strategy}"), problems=problems, checks=checks,
+            check_rc=check_rc, check_refusals=refusals,
             step_s=float(step["s"]) if step else None,
             burn_step_s=float(step["burn_s"]) if step else None,
             wrong=[q.get("shape") for q in problems if q.get("status") == "wrong"],
@@ -213,11 +226,12 @@ def matmul_bench(logs):
 
 def best_matmul(bench, margin=1.03):
     """The strategy whose step matmul time beats Burn's (timed in the same process) by the most,
-    and by at least `margin`; only complete runs (rc 0, a matmul_step line) with no wrong
-    result count. 'burn' when none does."""
+    and by at least `margin`; only complete timings (rc 0, a matmul_step line) with no wrong
+    result and no failed check (mmcheck rc 0, or not run) count. 'burn' when none does."""
     best, best_gain = "burn", margin
     for strategy, r in bench.items():
-        if r["rc"] == 0 and r["step_s"] and r["burn_step_s"] and not r["wrong"]:
+        if (r["rc"] == 0 and r["check_rc"] in (0, None) and r["step_s"] and r["burn_step_s"]
+                and not r["wrong"]):
             gain = r["burn_step_s"] / r["step_s"]
             if gain > best_gain:
                 best, best_gain = strategy, gain
@@ -357,11 +371,11 @@ def main():
     md += [f"    {line}" for line in result.get("attention_timing", [])]
     if bench:
         md += ["", f"matmul strategies (1B step's matmuls, bf16; best: {result['best_matmul']}):", "",
-               "| DAPT_MATMUL | rc | step matmul s | Burn's, same process | gain | wrong | refused |",
-               "|---|---:|---:|---:|---:|---|---|"]
+               "| DAPT_MATMUL | rc | checks rc | step matmul s | Burn's, same process | gain | wrong | refused |",
+               "|---|---:|---:|---:|---:|---:|---|---|"]
         for strategy, r in bench.items():
             gain = (f"{r['burn_step_s'] / r['step_s']:.2f}x" if r["step_s"] and r["burn_step_s"] else "")
-            md.append(f"| {strategy} | {r['rc']} | {r['step_s'] or ''} | {r['burn_step_s'] or ''} | {gain} | "
+            md.append(f"| {strategy} | {r['rc']} | {r['check_rc'] if r['check_rc'] is not None else ''} | {r['step_s'] or ''} | {r['burn_step_s'] or ''} | {gain} | "
                       f"{', '.join(r['wrong'])} | {', '.join(r['unsupported'])} |")
     md += ["", "| run | kernels | tokens/s | MFU | peak GiB | steps | first step tokens/s | loss first -> last |",
            "|---|---|---:|---:|---:|---:|---:|---|"]

@@ -24,7 +24,11 @@ pub fn retain_freed_memory() -> bool {
     }
 }
 
-/// A device's memory as its allocator sees it, in bytes (CubeCL's `MemoryUsage`).
+/// A device's memory as its allocator sees it, in bytes (CubeCL's `MemoryUsage`). CubeCL 0.10
+/// keeps one memory pool per stream, and a stream per thread: these are the calling thread's
+/// stream's pools (the whole of a `dapt-worker train` run, which trains on one thread; in the
+/// agent each generation trains on a new thread, and pages an earlier generation's stream
+/// still holds are not counted).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceMemoryUsage {
     /// Bytes of the tensors alive now (no padding).
