@@ -214,7 +214,7 @@ if [ -n "$FUSED" ] && [ -n "$MATMUL_STRATEGIES" ]; then
   rm -f "$LOGS"/mmbench-* "$LOGS"/mmcheck-*  # a warm machine's earlier run
   for s in $MATMUL_STRATEGIES; do
     # Keep ~240 s for the 1B measurements after (hf-1b, dapt, PyTorch, the chosen strategy).
-    if [ "$(left)" -lt $((240 + ${MATMUL_TIMEOUT:-40})) ]; then
+    if [ "$(left)" -lt $((240 + ${MATMUL_TIMEOUT:-40} + 30)) ]; then
       skip "mmbench-$s" "$(left)s left, 240 s kept for the 1B runs"; continue
     fi
     step "mmbench-$s" "${MATMUL_TIMEOUT:-40}" env DAPT_MATMUL="$s" "$FUSED" --exact \
