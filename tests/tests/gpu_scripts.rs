@@ -78,6 +78,20 @@ fn results(logs: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The whole report of `logs` (`results.json`).
+fn report(logs: &Path) -> serde_json::Value {
+    let out = logs.join("out");
+    fs::create_dir_all(&out).expect("mkdir");
+    let anchor = repo_root().join("scripts/gpu_anchor.py");
+    let (out_arg, anchor_arg) = (
+        out.to_str().expect("utf-8"),
+        anchor.to_str().expect("utf-8"),
+    );
+    results(logs, &["--out", out_arg, "--anchor", anchor_arg]);
+    let text = fs::read_to_string(out.join("results.json")).expect("results.json");
+    serde_json::from_str(&text).expect("json")
+}
+
 #[test]
 fn gpu_check_parses() {
     let out = Command::new("bash")
@@ -118,21 +132,7 @@ fn the_fastest_right_matmul_strategy_is_picked() {
 
     // The whole report: the failed check named, the refusal and the wrong problem listed.
     checks(logs, "double-tma-mma", None);
-    let out = logs.join("out");
-    fs::create_dir(&out).expect("mkdir");
-    let anchor = repo_root().join("scripts/gpu_anchor.py");
-    results(
-        logs,
-        &[
-            "--out",
-            out.to_str().expect("utf-8"),
-            "--anchor",
-            anchor.to_str().expect("utf-8"),
-        ],
-    );
-    let json: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(out.join("results.json")).expect("results"))
-            .expect("json");
+    let json = report(logs);
     assert_eq!(json["best_matmul"], "double-tma-mma");
     let cublas = &json["matmul_strategies"]["cublas"];
     assert_eq!(
@@ -172,21 +172,7 @@ fn a_training_log_gives_the_allocators_figures_and_the_matmul() {
     }
     fs::write(logs.join("matmul-1b-bf16.log"), log).expect("write");
     fs::write(logs.join("matmul-1b-bf16.rc"), "0\n").expect("write");
-    let out = logs.join("out");
-    fs::create_dir(&out).expect("mkdir");
-    let anchor = repo_root().join("scripts/gpu_anchor.py");
-    results(
-        logs,
-        &[
-            "--out",
-            out.to_str().expect("utf-8"),
-            "--anchor",
-            anchor.to_str().expect("utf-8"),
-        ],
-    );
-    let json: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(out.join("results.json")).expect("results"))
-            .expect("json");
+    let json = report(logs);
     let run = &json["runs"][0];
     assert_eq!(run["name"], "matmul-1b-bf16");
     assert_eq!(run["matmul"], "cublas");
