@@ -202,18 +202,17 @@ def matmul_bench(logs):
                 step = parse_fields(line)
         # Its checks against the CPU (mmcheck-STRATEGY): each test run, FAILED if libtest's
         # closing list names it (under --nocapture a test's output splits its result line).
-        checks, check_rc = {}, None
+        checks, check_rc, refusals = {}, None, []
         check_path = f"{logs}/mmcheck-{strategy}.log"
         if os.path.exists(check_path):
             text = open(check_path, errors="replace").read()
+            refusals = [l.strip() for l in text.splitlines() if " refuses " in l]
             failed = set(re.findall(r"^    (matmul::\S+)$", text, re.M))
             checks = {t: "FAILED" if t in failed else "ok"
                       for t in re.findall(r"^test (matmul::\S+) \.\.\.", text, re.M)}
             check_rc = rc_of(logs, f"mmcheck-{strategy}")
             if check_rc != 0 and not failed:
                 checks = {t: "unknown (rc {})".format(check_rc) for t in checks}
-        refusals = [l.strip() for l in open(check_path, errors="replace")
-                    if " refuses " in l] if os.path.exists(check_path) else []
         out[strategy] = dict(
             rc=rc_of(logs, f"mmbench-{strategy}"), problems=problems, checks=checks,
             check_rc=check_rc, check_refusals=refusals,

@@ -18,9 +18,9 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use super::params::ParamLayout;
 use crate::fused::attention::{causal_attention, AttentionShape};
 use crate::fused::loss::cross_entropy_sum;
-use crate::fused::matmul::MatmulOps;
+use crate::fused::matmul::{linear, MatmulOps};
 use crate::fused::norm::{rms_norm, rope, swiglu, RopeTables};
-use crate::fused::{self, FusedOps};
+use crate::fused::FusedOps;
 use dapt_proto::model::LlamaConfig;
 
 pub struct Llama<B: Backend> {
@@ -503,12 +503,6 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data()
         .into_vec::<f32>()
         .expect("float tensors hold f32 on the backends dapt uses")
-}
-
-/// `x [n, in] @ w^T` for a weight in Hugging Face layout `[out, in]`: one graph node with its
-/// own backward, on the matmul `DAPT_MATMUL` names on a GPU ([`fused::matmul`](crate::fused::matmul)).
-fn linear<B: MatmulOps>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
-    fused::matmul::linear(x, w)
 }
 
 /// `x [n, in] @ w^T + bias` (`bias` `[1, out]`, when the projection has one).

@@ -3,11 +3,13 @@
 //! unquantized tensors (burn-cubecl-0.21.0 `src/kernel/matmul/base.rs`), with the strategy
 //! chosen here instead of Burn's default.
 
+use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, PoisonError};
 
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
-use burn::tensor::{ElementConversion, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive};
 use burn_cubecl::element::BoolElement;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
@@ -32,6 +34,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MatmulOps
         if choice == MatmulChoice::Burn {
             return Self::float_matmul(lhs, rhs);
         }
+        // A hash, not a formatted string: this runs on every matmul of the step.
         let key = problem_key(choice, &lhs, &rhs);
         let verdicts = || VERDICTS.lock().unwrap_or_else(PoisonError::into_inner);
         let verdict = verdicts().get(&key).copied();
@@ -43,14 +46,14 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MatmulOps
             // A problem not seen before: checked against Burn's matmul (until the check can
             // tell: not on all-zero or non-finite values, which say nothing).
             Ok(out) => {
-                let reference = Self::float_matmul(lhs, rhs);
+                let reference = Self::float_matmul(lhs.clone(), rhs.clone());
                 match relative_difference::<Self>(out.clone(), reference.clone()) {
                     Some(diff) if diff <= MATMUL_CHECK_RTOL => {
                         verdicts().insert(key, true);
                         out
                     }
                     Some(diff) => {
-                        tracing::error!(problem = %key, relative_difference = diff, "DAPT_MATMUL strategy gives a wrong result for this matmul: Burn's runs it from now on");
+                        tracing::error!(problem = %describe(choice, &lhs, &rhs), relative_difference = diff, "DAPT_MATMUL strategy gives a wrong result for this matmul: Burn's runs it from now on");
                         verdicts().insert(key, false);
                         reference
                     }
@@ -58,7 +61,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MatmulOps
                 }
             }
             Err(err) => {
-                tracing::warn!(problem = %key, error = ?err, "DAPT_MATMUL strategy cannot take this matmul: Burn's runs it");
+                tracing::warn!(problem = %describe(choice, &lhs, &rhs), error = ?err, "DAPT_MATMUL strategy cannot take this matmul: Burn's runs it");
                 verdicts().insert(key, false);
                 Self::float_matmul(lhs, rhs)
             }
@@ -74,10 +77,25 @@ pub const MATMUL_CHECK_RTOL: f32 = 1e-2;
 
 /// Each problem's verdict for the process's strategy (by [`problem_key`]): `true` checked
 /// right, `false` refused by cubek or wrong (Burn's matmul runs it).
-static VERDICTS: Mutex<BTreeMap<String, bool>> = Mutex::new(BTreeMap::new());
+static VERDICTS: Mutex<BTreeMap<u64, bool>> = Mutex::new(BTreeMap::new());
 
-/// The strategy, shapes, strides and dtype of a matmul: what a verdict holds for.
+/// The strategy, shapes, strides and dtype of a matmul, hashed: what a verdict holds for.
 fn problem_key<R: CubeRuntime>(
+    choice: MatmulChoice,
+    lhs: &CubeTensor<R>,
+    rhs: &CubeTensor<R>,
+) -> u64 {
+    let mut h = DefaultHasher::new();
+    (choice, lhs.dtype, rhs.dtype).hash(&mut h);
+    for t in [lhs, rhs] {
+        t.meta.shape().as_slice().hash(&mut h);
+        t.meta.strides()[..].hash(&mut h);
+    }
+    h.finish()
+}
+
+/// The problem [`problem_key`] hashes, for the log.
+fn describe<R: CubeRuntime>(
     choice: MatmulChoice,
     lhs: &CubeTensor<R>,
     rhs: &CubeTensor<R>,
@@ -105,8 +123,14 @@ fn relative_difference<B: burn::tensor::backend::Backend>(
             .cast(FloatDType::F32)
     };
     let (a, b) = (flat(a), flat(b));
-    let scale = b.clone().abs().max().into_scalar().elem::<f32>();
-    let diff = (a - b).abs().max().into_scalar().elem::<f32>();
+    // Both maxima in one read-back.
+    let both = Tensor::cat(vec![b.clone().abs().max(), (a - b).abs().max()], 0)
+        .into_data()
+        .into_vec::<f32>()
+        .unwrap_or_default();
+    let [scale, diff] = both[..] else {
+        return None;
+    };
     (scale > 0.0 && scale.is_finite() && diff.is_finite()).then(|| diff / scale)
 }
 
