@@ -13,9 +13,11 @@
 //! * [`NcclCollective::all_reduce_mean_tensor`] reduces a Burn CUDA tensor in place, zero-copy:
 //!   its `CubeTensor` handle resolves to the `CUdeviceptr` of the buffer (cubecl-cuda runs in
 //!   the device's primary context, the one `CudaContext::new` retains, so the pointer is valid
-//!   here). cubecl's stream is private, so the order is: drain cubecl's queue
-//!   (`Backend::sync`), run NCCL on its own stream, wait for that stream; then cubecl's next
-//!   kernels read the reduced values. Two waits per step, each short when the step is long.
+//!   here). The order is: drain cubecl's queue (`Backend::sync`), run NCCL on its own stream,
+//!   wait for that stream (polling, for the abort); then cubecl's next kernels read the reduced
+//!   values. Two host waits per step, each short when the step is long. (The patched
+//!   cubecl-cuda exposes cubecl's stream, `GpuResource::stream`, which cuBLAS queues on; NCCL
+//!   keeps its own stream so that a hung peer can be aborted without touching cubecl's.)
 //! * ZeRO (`training.zero_stage` 1 and 2): the reduce-scatter, stage 2's bucket reduce and the
 //!   all-gather on the same flat buffers, in place, with the same polling, abort and timeout
 //!   (`nccl/zero.rs`).

@@ -4,10 +4,11 @@
 //! `cublasGemmStridedBatchedEx` with f32 accumulation (`CUBLAS_COMPUTE_32F`; TF32 tensor cores
 //! for f32 inputs, as Burn's f32 matmuls) reads the operands in place, row-major or
 //! transposed views, batched ([`crate::fused::gemm`]), and writes a new contiguous output that
-//! cubecl allocated. cubecl's CUDA stream is private (see `collective::nccl`), so each call
-//! drains cubecl's queue (`Backend::sync`), runs the GEMM on this thread's own stream and
-//! waits for it: two waits per matmul, each short when the matmul is long. A problem cuBLAS
-//! cannot take in place, a missing `libcublas`, or a cuBLAS error is an `Err`, and the caller
+//! cubecl allocated. The GEMM is queued on cubecl's own CUDA stream, the one that holds the
+//! output's memory (exposed by the workspace's patched cubecl-cuda,
+//! `vendor/cubecl-cuda/PATCHED.md`), in order with cubecl's kernels before and after it: no
+//! host wait, as PyTorch queues cuBLAS on its current stream. A problem cuBLAS cannot take in
+//! place, a missing `libcublas`, or a cuBLAS error is an `Err`, and the caller
 //! (`kernels::matmul`) runs Burn's matmul instead.
 
 use std::cell::RefCell;
@@ -15,21 +16,21 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Shape, TensorMetadata};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
 use cudarc::cublas::sys as cb;
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::sys::CUstream;
+use cudarc::driver::CudaContext;
 
 use super::output;
 use crate::fused::gemm::column_major_gemm;
 
-/// One cuBLAS handle with its stream, per device, per thread (a handle is not to be shared
-/// between threads that use it at once).
+/// One cuBLAS handle per device, per thread (a handle is not to be shared between threads that
+/// use it at once), with the stream it was last set to.
 struct Cublas {
     handle: cb::cublasHandle_t,
-    stream: Arc<CudaStream>,
+    stream: CUstream,
     ctx: Arc<CudaContext>,
 }
 
@@ -97,16 +98,18 @@ pub fn matmul(
     let d = ls.num_dims();
     let mut dims = ls.as_slice().to_vec();
     dims[d - 1] = rs[d - 1];
-    // Allocated before the drain: whatever cubecl queued on this memory finishes first.
     let out = output(&lhs, Shape::from(dims), dtype);
-    crate::Gpu::sync(&lhs.device).map_err(|e| format!("device sync: {e:?}"))?;
+    // Each resource request makes this thread's cubecl stream wait (on the device) for the
+    // buffer's writers on other streams, as a cubecl kernel launch would.
     let pointer = |t: &CubeTensor<CudaRuntime>| {
         t.client
             .get_resource(t.handle.clone())
             .map_err(|e| format!("device pointer: {e:?}"))
     };
-    // Held until the GEMM is done: the bindings keep the buffers.
     let (a, b, c) = (pointer(&rhs)?, pointer(&lhs)?, pointer(&out)?);
+    // The output was just allocated on this thread's stream: the stream cubecl runs the
+    // operands' pending kernels and the output's next kernels on.
+    let stream = c.resource().stream;
     let (alpha, beta) = (1.0f32, 0.0f32);
     let op = |t: bool| {
         if t {
@@ -128,9 +131,18 @@ pub fn matmul(
             .ctx
             .bind_to_thread()
             .map_err(|e| format!("CUDA context: {e:?}"))?;
+        if cublas.stream != stream {
+            // SAFETY: a live handle; cubecl's stream lives as long as its device's server.
+            let status = unsafe { cb::cublasSetStream_v2(cublas.handle, stream as _) };
+            if status != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(format!("cublasSetStream: {status:?}"));
+            }
+            cublas.stream = stream;
+        }
         // SAFETY: live handle and stream of this device's primary context (cubecl's); the
         // three buffers hold the operands as `g` describes them (checked against their
-        // shapes and strides) and stay alive until the stream is synchronised below.
+        // shapes and strides). The GEMM runs on the stream that orders the buffers' memory:
+        // a buffer freed after this call is reused by work queued after the GEMM.
         let status = unsafe {
             cb::cublasGemmStridedBatchedEx(
                 cublas.handle,
@@ -161,42 +173,28 @@ pub fn matmul(
         if status != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
             return Err(format!("cublasGemmStridedBatchedEx: {status:?} for {g:?}"));
         }
-        cublas
-            .stream
-            .synchronize()
-            .map_err(|e| format!("cuBLAS stream: {e:?}"))
+        Ok(())
     })?;
-    drop((a, b, c));
     Ok(out)
 }
 
 impl Cublas {
-    /// A handle on a new stream of device `ordinal`'s primary context (the one cubecl-cuda
-    /// runs in), bound to this thread.
+    /// A handle in device `ordinal`'s primary context (the one cubecl-cuda runs in), bound to
+    /// this thread; its stream is set at the first GEMM.
     fn new(ordinal: usize) -> Result<Cublas, String> {
         let ctx = CudaContext::new(ordinal).map_err(|e| format!("CUDA context: {e:?}"))?;
         ctx.bind_to_thread()
             .map_err(|e| format!("CUDA context: {e:?}"))?;
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| format!("CUDA stream: {e:?}"))?;
         let mut handle: cb::cublasHandle_t = std::ptr::null_mut();
         // SAFETY: a valid out-pointer; the context is current.
         let status = unsafe { cb::cublasCreate_v2(&mut handle) };
         if status != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
             return Err(format!("cublasCreate: {status:?}"));
         }
-        let cublas = Cublas {
+        Ok(Cublas {
             handle,
-            stream,
+            stream: std::ptr::null_mut(),
             ctx,
-        };
-        // SAFETY: live handle and stream.
-        let status =
-            unsafe { cb::cublasSetStream_v2(cublas.handle, cublas.stream.cu_stream() as _) };
-        if status != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            return Err(format!("cublasSetStream: {status:?}"));
-        }
-        Ok(cublas)
+        })
     }
 }
