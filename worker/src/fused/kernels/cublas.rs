@@ -99,8 +99,10 @@ pub fn matmul(
     let mut dims = ls.as_slice().to_vec();
     dims[d - 1] = rs[d - 1];
     let out = output(&lhs, Shape::from(dims), dtype);
-    // Each resource request makes this thread's cubecl stream wait (on the device) for the
-    // buffer's writers on other streams, as a cubecl kernel launch would.
+    // A resource request is a blocking call to cubecl's device thread that first flushes this
+    // thread's queued tasks: every kernel submitted before it is on the stream when it returns.
+    // It also makes this thread's cubecl stream wait (on the device) for the buffer's writers
+    // on other streams, as a cubecl kernel launch would.
     let pointer = |t: &CubeTensor<CudaRuntime>| {
         t.client
             .get_resource(t.handle.clone())
