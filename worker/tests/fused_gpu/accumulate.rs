@@ -42,3 +42,32 @@ fn the_kernel_adds_a_gradient_into_its_range() {
         );
     }
 }
+
+/// The sum-of-squares kernel's f64 total against the host's f64 sum of the same values (as
+/// the GPU holds them) and against the CPU backend's Burn-ops body: one element, a part, a
+/// cube's worth and a few cubes with a ragged end, in f32 and f16.
+#[test]
+fn the_kernel_sums_squares_in_f64() {
+    use dapt_worker::fused::accumulate::sum_of_squares;
+    use dapt_worker::fused::kernels::accumulate::SQUARES_PER_CUBE;
+    for n in [1, 1000, SQUARES_PER_CUBE, 3 * SQUARES_PER_CUBE + 17] {
+        for dtype in [FloatDType::F32, FloatDType::F16] {
+            let x = to_gpu(&random(n)).cast(dtype);
+            let values = x
+                .clone()
+                .cast(FloatDType::F32)
+                .into_data()
+                .into_vec::<f32>()
+                .expect("f32");
+            let want: f64 = values.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+            let got = sum_of_squares(x);
+            let rel = (got - want).abs() / want;
+            assert!(rel < 1e-12, "n={n} {dtype:?}: {got} against {want}");
+            let cpu = sum_of_squares(Tensor::<Cpu, 1>::from_data(
+                values.as_slice(),
+                &Default::default(),
+            ));
+            assert!((cpu - want).abs() / want < 1e-12, "CPU body, n={n}");
+        }
+    }
+}

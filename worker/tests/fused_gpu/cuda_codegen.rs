@@ -27,8 +27,8 @@ const ARCH: u32 = 90;
 /// Kernels per float type: RMSNorm forward, backward and gain gradient, RoPE, SwiGLU forward
 /// and backward; attention forward, dQ, dK/dV at head dims 64 and 128; blockwise attention's
 /// softmax and gradient; the loss's chunk statistics (first and later chunk) and gradient;
-/// accumulate with 32- and 64-bit addresses.
-const KERNELS_PER_DTYPE: usize = 6 + 6 + 2 + 3 + 2;
+/// accumulate and the sum of squares, each with 32- and 64-bit addresses.
+const KERNELS_PER_DTYPE: usize = 6 + 6 + 2 + 3 + 4;
 
 /// A CUDA installation (or the wheels' tree): its folder.
 fn cuda_home() -> Option<PathBuf> {

@@ -492,37 +492,14 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
         })
     }
 
-    /// The sum of squares of `grads`, which hold the elements `covers` of the flat buffer: f64
-    /// sums per parameter (or per part of one inside `covers`) on the device (one read for all
-    /// of them), added on the host. In f64 like the host path, and not only for the digits one
-    /// f32 sum over a billion elements would lose: under ZeRO the sum is grouped by shard, and
-    /// in f32 that regrouping moves the norm by ~1e-7, enough to change the f32 clip factor and,
-    /// through AdamW's normalised update of near-zero gradients, weights by ~1e-6 within a few
-    /// steps; in f64 it moves by ~1e-16, and the clip factor stays the same f32. Transient
-    /// device memory: 16 bytes per element of the largest parameter (its f64 copy, squared).
+    /// The sum of squares of `grads`, which hold the elements `covers` of the flat buffer, in
+    /// f64 ([`crate::fused::accumulate::sum_of_squares`]: one read of `grads` by the CubeCL
+    /// kernel on a GPU; the parameters are laid out back to back, so no element of `covers`
+    /// lies outside a parameter).
     fn sum_of_squares(&self, grads: &Tensor<B::InnerBackend, 1>, covers: Range<usize>) -> f64 {
-        let sums: Vec<_> = self
-            .layout
-            .params
-            .iter()
-            .filter_map(|p| {
-                let r = p.range();
-                let (start, end) = (r.start.max(covers.start), r.end.min(covers.end));
-                (start < end).then(|| {
-                    let part = start - covers.start..end - covers.start;
-                    let part = grads.clone().slice(part).cast(FloatDType::F64);
-                    (part.clone() * part).sum()
-                })
-            })
-            .collect();
-        if sums.is_empty() {
-            return 0.0;
-        }
-        let sums = Tensor::cat(sums, 0)
-            .into_data()
-            .into_vec::<f64>()
-            .expect("f64 sums");
-        sums.iter().sum::<f64>()
+        debug_assert_eq!(grads.dims()[0], covers.len(), "grads hold `covers`");
+        debug_assert!(covers.end <= self.layout.total);
+        crate::fused::accumulate::sum_of_squares(grads.clone())
     }
 
     /// The model in the compute dtype, without gradients (for evaluation).
