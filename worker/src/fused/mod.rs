@@ -13,11 +13,14 @@
 //!   [`blockwise`]: the same op in blocks of Burn matmuls (tensor cores on a GPU) with one
 //!   softmax kernel per block each way.
 //! - [`loss`]: cross-entropy fused with the log-softmax, chunked over the vocabulary.
-//! - [`accumulate`]: a gradient added in f32 into its range of the flat buffer, in place.
+//! - [`accumulate`]: a gradient added in f32 into its range of the flat buffer, in place; the
+//!   buffer's sum of squares in f64.
+//! - [`adamw`]: the AdamW update of the flat buffers, in place.
 //! - [`matmul`]: the model's projections and the other ops' products, with a named cubek
 //!   strategy on the CubeCL backends (`DAPT_MATMUL`).
 
 pub mod accumulate;
+pub mod adamw;
 pub mod attention;
 pub mod blockwise;
 pub mod gemm;
@@ -32,6 +35,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use crate::memory::DeviceMemory;
 
 pub use accumulate::AccumulateOps;
+pub use adamw::AdamwOps;
 pub use attention::AttentionOps;
 pub use loss::LossOps;
 pub use matmul::MatmulOps;
@@ -40,12 +44,20 @@ pub use norm::NormOps;
 /// Every fused op dapt's model uses: the bound on the backends it runs on. With them,
 /// [`DeviceMemory`] (what the device's allocator holds, for the step's log).
 pub trait FusedOps:
-    Backend + NormOps + AttentionOps + LossOps + AccumulateOps + MatmulOps + DeviceMemory
+    Backend + NormOps + AttentionOps + LossOps + AccumulateOps + AdamwOps + MatmulOps + DeviceMemory
 {
 }
 
-impl<B: Backend + NormOps + AttentionOps + LossOps + AccumulateOps + MatmulOps + DeviceMemory>
-    FusedOps for B
+impl<
+        B: Backend
+            + NormOps
+            + AttentionOps
+            + LossOps
+            + AccumulateOps
+            + AdamwOps
+            + MatmulOps
+            + DeviceMemory,
+    > FusedOps for B
 {
 }
 

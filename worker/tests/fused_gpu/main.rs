@@ -13,6 +13,7 @@
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
 mod accumulate;
+mod adamw;
 mod attention;
 #[cfg(all(feature = "wgpu", feature = "cuda"))]
 mod cuda_codegen;

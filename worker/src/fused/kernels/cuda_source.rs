@@ -105,7 +105,13 @@ pub fn cuda_kernels<R: Runtime>(
             .chain(super::attention::cuda_tasks(client, dtype))
             .chain(super::blockwise::cuda_tasks(client, dtype))
             .chain(super::loss::cuda_tasks(client, dtype))
-            .chain(super::accumulate::cuda_tasks(client, dtype));
+            .chain(super::accumulate::cuda_tasks(client, dtype))
+            // The optimizer's buffers are f32 whatever the compute dtype: once.
+            .chain(if dtype == StorageType::from(DType::F32) {
+                super::adamw::cuda_tasks(client)
+            } else {
+                Vec::new()
+            });
         for CudaTask { variant, task } in tasks {
             let compiled = task
                 .compile(

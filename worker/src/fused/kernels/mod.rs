@@ -3,6 +3,7 @@
 //! machine without a GPU) in the tests.
 
 pub mod accumulate;
+pub mod adamw;
 pub mod attention;
 pub mod blockwise;
 #[cfg(feature = "cuda")]

@@ -11,14 +11,15 @@
 //! the [`ParamLayout`] order (the buffer a [`GradReducer`] all-reduces in place; at ZeRO stage 2
 //! into buckets instead, see below) as soon as the backward pass has it, and then dropped. The
 //! step clips
-//! that buffer by its global norm and applies AdamW as element-wise tensor ops with the same
-//! formula, in f32, as `optimizer.rs`.
+//! that buffer by its global norm (`fused::accumulate::sum_of_squares`, f64) and applies AdamW
+//! with the same formula and operation order, in f32, as `optimizer.rs` (`fused::adamw`: one
+//! kernel per run of decayed or undecayed parameters on a GPU, Burn's ops on the CPU).
 //!
 //! Memory: besides the four flat f32 buffers (weights, two moments, gradients) and, in mixed
 //! precision, the bf16 compute copy of the weights, a step holds no full-size copy. The
 //! weight-decay mask is a list of ranges, not a buffer; the AdamW update runs
-//! on the moments and weights in place (Burn reuses a uniquely owned operand's memory), with at
-//! most two full-size temporaries; the RoPE tables and the causal mask are made once per
+//! on the moments and weights in place, with no full-size temporary on a GPU (on the CPU,
+//! Burn's ops leave a few per run of parameters); the RoPE tables and the causal mask are made once per
 //! micro-batch shape. With `training.activation_checkpointing` the backward pass recomputes each
 //! decoder block from its kept input ([`Llama::backward_recompute`]).
 //!
@@ -62,6 +63,7 @@ use super::schedule::LrSchedule;
 use super::step::{admit, MicroBatch, StepStats, Trainer};
 use crate::collective::CollectiveError;
 use crate::error::Result;
+use crate::fused::adamw::{adamw, AdamwStep};
 use crate::fused::{AccumulateOps, FusedAutodiff};
 use crate::model::llama::param_shape;
 use crate::model::llama::Constants;
@@ -425,61 +427,56 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
                 applied: false,
             });
         }
-        let g = if spec.grad_clip > 0.0 && grad_norm > spec.grad_clip {
-            grads.mul_scalar(spec.grad_clip / (grad_norm + 1e-6))
+        let grad_scale = if spec.grad_clip > 0.0 && grad_norm > spec.grad_clip {
+            (spec.grad_clip / (grad_norm + 1e-6)) as f32
         } else {
-            grads
+            1.0
         };
         self.optimizer_steps += 1;
         let t = self.optimizer_steps as i32;
         let (b1, b2) = spec.betas;
-        let step_size = lr / (1.0 - b1.powi(t));
-        let inv_bc2_sqrt = 1.0 / (1.0 - b2.powi(t)).sqrt();
-        let decay = lr * spec.weight_decay;
-        // In place where Burn can: an element-wise op writes into its first operand's memory
-        // when that operand is uniquely owned, so the moments and the weights are taken out of
-        // `self` (not cloned) and `g` is consumed. Full-size temporaries: `g * (1 - b1)` (gone
-        // before `g * g` is made), then `denom` and the update. Same formula and operation
-        // order as `optimizer.rs`.
+        // The scalars made in f64, then rounded to f32 (as Burn's `mul_scalar` rounded them when
+        // this update was element-wise tensor ops: the same steps, bit for bit).
+        let step = AdamwStep {
+            grad_scale,
+            b1: b1 as f32,
+            one_minus_b1: (1.0 - b1) as f32,
+            b2: b2 as f32,
+            one_minus_b2: (1.0 - b2) as f32,
+            step_size: (lr / (1.0 - b1.powi(t))) as f32,
+            inv_bc2_sqrt: (1.0 / (1.0 - b2.powi(t)).sqrt()) as f32,
+            eps: spec.eps as f32,
+            decay: 0.0,
+        };
+        let decay = (lr * spec.weight_decay) as f32;
+        // In place (`fused::adamw`: one kernel per run of decayed or undecayed parameters on a
+        // GPU): the moments and the weights are taken out of `self`, not cloned. Under ZeRO the
+        // owned slice is updated on its own (from the sharded f32 master when there is one,
+        // else inside the whole buffer) and every other rank's slice comes with the all-gather.
         let device = self.device.clone();
-        let scaled = g.clone().mul_scalar(1.0 - b1);
-        let m = take(&mut self.m, &device).mul_scalar(b1) + scaled;
-        let square = g.clone() * g;
-        let v = take(&mut self.v, &device).mul_scalar(b2) + square.mul_scalar(1.0 - b2);
-        let denom = v
-            .clone()
-            .sqrt()
-            .mul_scalar(inv_bc2_sqrt)
-            .add_scalar(spec.eps);
-        // Under ZeRO the owned slice is updated on its own (from the sharded f32 master when
-        // there is one) and written back; every other rank's slice comes with the all-gather.
+        let (mut m, mut v) = (take(&mut self.m, &device), take(&mut self.v, &device));
         let sharded_master = self.master.take();
         let had_master = sharded_master.is_some();
-        let (mut w, rest) = match sharded_master {
-            Some(master) => (master, None),
-            None if self.is_shard() => {
-                let all = take(&mut self.weights, &device);
-                (all.clone().slice(self.owned.clone()), Some(all))
-            }
-            None => (take(&mut self.weights, &device), None),
+        let (mut w, offset) = match sharded_master {
+            Some(master) => (master, 0),
+            None if self.is_shard() => (take(&mut self.weights, &device), self.owned.start),
+            None => (take(&mut self.weights, &device), 0),
         };
-        for r in &self.decay {
-            let part = w.clone().slice(r.clone());
-            let decayed = part.clone() - part.mul_scalar(decay);
-            w = w.slice_assign(r.clone(), decayed);
+        for (range, decays) in segments(self.owned.len(), &self.decay) {
+            let step = AdamwStep {
+                decay: if decays { decay } else { 0.0 },
+                ..step
+            };
+            (w, m, v) = adamw(w, offset, m, v, &grads, range, step);
         }
-        let update = m.clone().mul_scalar(step_size) / denom;
-        let w = w - update;
+        drop(grads);
         if had_master {
             // The compute copy of the owned slice, cast once per step.
             let all = take(&mut self.weights, &device);
             self.weights = all.slice_assign(self.owned.clone(), w.clone().cast(self.compute));
             self.master = Some(w);
         } else {
-            self.weights = match rest {
-                Some(all) => all.slice_assign(self.owned.clone(), w),
-                None => w,
-            };
+            self.weights = w;
         }
         self.m = m;
         self.v = v;
@@ -529,6 +526,26 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
             }
         })
     }
+}
+
+/// `0..len` cut at the edges of `decay` (sorted, disjoint ranges within it): each piece with
+/// whether weight decay applies to it, in order.
+fn segments(len: usize, decay: &[Range<usize>]) -> Vec<(Range<usize>, bool)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for r in decay {
+        if at < r.start {
+            out.push((at..r.start, false));
+        }
+        if r.start < r.end {
+            out.push((r.clone(), true));
+        }
+        at = r.end;
+    }
+    if at < len {
+        out.push((at..len, false));
+    }
+    out
 }
 
 /// The ranges of `owned` that weight decay applies to (as `optimizer.rs` decides per
