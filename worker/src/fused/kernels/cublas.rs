@@ -20,7 +20,7 @@ use burn::tensor::{DType, Shape, TensorMetadata};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
 use cudarc::cublas::sys as cb;
-use cudarc::driver::sys::CUstream;
+use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use cudarc::driver::CudaContext;
 
 use super::output;
@@ -31,14 +31,28 @@ use crate::fused::gemm::column_major_gemm;
 struct Cublas {
     handle: cb::cublasHandle_t,
     stream: CUstream,
+    /// The handle's own workspace, [`WORKSPACE_BYTES`] of device memory.
+    workspace: CUdeviceptr,
     ctx: Arc<CudaContext>,
 }
 
+/// cuBLAS's workspace per handle: 32 MiB, PyTorch's default on Hopper
+/// (`CUBLAS_WORKSPACE_CONFIG=:4096:8`, `aten/src/ATen/cuda/CublasHandlePool.cpp`); without
+/// one cuBLAS takes its smaller default pool, which rules out some of its kernels (split-K).
+const WORKSPACE_BYTES: usize = 32 << 20;
+
 impl Drop for Cublas {
     fn drop(&mut self) {
-        // SAFETY: created by cublasCreate_v2 and used by nobody else.
+        // SAFETY: created by cublasCreate_v2 and used by nobody else; the workspace was
+        // allocated in this context, and the stream is drained before it is freed.
         unsafe {
             cb::cublasDestroy_v2(self.handle);
+            if self.ctx.bind_to_thread().is_ok() {
+                if !self.stream.is_null() {
+                    let _ = cudarc::driver::result::stream::synchronize(self.stream);
+                }
+                let _ = cudarc::driver::result::free_sync(self.workspace);
+            }
         }
     }
 }
@@ -134,12 +148,7 @@ pub fn matmul(
             .bind_to_thread()
             .map_err(|e| format!("CUDA context: {e:?}"))?;
         if cublas.stream != stream {
-            // SAFETY: a live handle; cubecl's stream lives as long as its device's server.
-            let status = unsafe { cb::cublasSetStream_v2(cublas.handle, stream as _) };
-            if status != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-                return Err(format!("cublasSetStream: {status:?}"));
-            }
-            cublas.stream = stream;
+            cublas.set_stream(stream)?;
         }
         // SAFETY: live handle and stream of this device's primary context (cubecl's); the
         // three buffers hold the operands as `g` describes them (checked against their
@@ -193,10 +202,46 @@ impl Cublas {
         if status != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
             return Err(format!("cublasCreate: {status:?}"));
         }
+        // SAFETY: the context is current; freed in `drop`.
+        let workspace = match unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) } {
+            Ok(w) => w,
+            Err(e) => {
+                // SAFETY: just created, used by nobody.
+                unsafe { cb::cublasDestroy_v2(handle) };
+                return Err(format!("cuBLAS workspace: {e:?}"));
+            }
+        };
         Ok(Cublas {
             handle,
             stream: std::ptr::null_mut(),
+            workspace,
             ctx,
         })
+    }
+
+    /// Queues the handle's work on `stream` from now on, with its workspace: cuBLAS resets a
+    /// handle's workspace to its default pool on every `cublasSetStream`, so it is set again.
+    /// Work already queued on the previous stream is waited for first, since it may still be
+    /// using the workspace (a thread's cubecl stream does not change in practice).
+    fn set_stream(&mut self, stream: CUstream) -> Result<(), String> {
+        if !self.stream.is_null() {
+            // SAFETY: a live stream of the bound context.
+            unsafe { cudarc::driver::result::stream::synchronize(self.stream) }
+                .map_err(|e| format!("previous cuBLAS stream: {e:?}"))?;
+        }
+        // SAFETY: a live handle; cubecl's stream lives as long as its device's server; the
+        // workspace is this handle's, `WORKSPACE_BYTES` long.
+        let status = unsafe { cb::cublasSetStream_v2(self.handle, stream as _) };
+        if status != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(format!("cublasSetStream: {status:?}"));
+        }
+        let status = unsafe {
+            cb::cublasSetWorkspace_v2(self.handle, self.workspace as *mut c_void, WORKSPACE_BYTES)
+        };
+        if status != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(format!("cublasSetWorkspace: {status:?}"));
+        }
+        self.stream = stream;
+        Ok(())
     }
 }
