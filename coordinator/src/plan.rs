@@ -13,8 +13,8 @@
 //!   their owners in buckets during the backward pass).
 //!   Then the larger of the backward phase (the gradients the backward pass holds before they
 //!   are added into the flat buffer, the activations, the logits) and the optimizer phase
-//!   (one f32 temporary the size of the owned slice beyond the gradients: AdamW runs in place,
-//!   and the gradients are consumed before its denominator and update exist). Activations are
+//!   (on a GPU AdamW is one in-place kernel: only a sharded f32 master's compute-dtype copy of
+//!   the owned slice; on the CPU five f32 temporaries of one chunk of the update). Activations are
 //!   counted from dapt's own graph (`worker/src/model/llama.rs` with its fused ops on Burn's
 //!   autodiff: what each op keeps for its backward pass), which differs between GPUs (flash
 //!   attention) and the CPU (the decomposed attention formula); see docs/plan.md.
@@ -223,9 +223,8 @@ pub struct Memory {
     /// and three f32 tensors of that size (the f32 cast, the exponentials, the gradient); the
     /// chunk is `dapt_proto::model::loss_chunk` (the whole vocabulary when it fits 128 MiB).
     pub logits: f64,
-    /// The optimizer step's f32 temporaries over the owned slice beyond the gradients, which it
-    /// consumes (two at once, by then without the gradients; not at the same time as
-    /// the backward phase).
+    /// The optimizer step's temporaries beyond the states (not at the same time as the
+    /// backward phase): see [`optimizer_temporaries`].
     pub optimizer_temporaries: f64,
     /// The process before the model (see [`Gpu::runtime_bytes`]).
     pub runtime: f64,
@@ -298,6 +297,22 @@ pub fn block_activation_bytes(config: &LlamaConfig, b: f64, s: f64, c: f64, flas
     norms + mlp + qk_norm + attention
 }
 
+/// The optimizer step's bytes beyond the states, for `owned` elements of the flat buffer with
+/// `c` bytes per element of the compute dtype. On a GPU AdamW is one in-place kernel
+/// (`worker/src/fused/adamw.rs`): nothing, except the compute-dtype copy of the owned slice
+/// cast from a sharded f32 master (bf16, ZeRO over more than one rank) before it goes into the
+/// compute weights. On the CPU the update runs in Burn's ops over chunks of
+/// [`dapt_proto::model::ADAMW_CHUNK_ELEMENTS`]: five f32 temporaries of a chunk at the peak.
+fn optimizer_temporaries(gpu: &Gpu, setting: MemorySetting, world: u32, c: f64, owned: f64) -> f64 {
+    if gpu.name == "cpu" {
+        5.0 * 4.0 * owned.min(dapt_proto::model::ADAMW_CHUNK_ELEMENTS as f64)
+    } else if c < 4.0 && setting.zero_stage >= 1 && world > 1 {
+        c * owned
+    } else {
+        0.0
+    }
+}
+
 /// Per-rank memory for `config` trained with `training` on `gpu` over `world` ranks at
 /// `setting`.
 pub fn memory(
@@ -350,7 +365,7 @@ pub fn memory(
             * b
             * s
             * dapt_proto::model::loss_chunk((b * s) as usize, config.vocab_size) as f64,
-        optimizer_temporaries: 4.0 * owned,
+        optimizer_temporaries: optimizer_temporaries(gpu, setting, world, c, owned),
         runtime: gpu.runtime_bytes,
         unattributed: gpu.unattributed_per_param * n,
     }

@@ -148,6 +148,12 @@ pub const LOSS_CHUNK_BYTES: usize = 128 << 20;
 /// in flight).
 pub const GRADIENT_BUCKET_ELEMENTS: usize = 16 << 20;
 
+/// Elements the CPU backend's AdamW update takes at a time (16 MiB of f32; the worker's
+/// `fused::adamw` default body): its temporaries are five f32 tensors of at most this many
+/// elements (the planner's optimizer phase on the CPU). On a GPU the update is one in-place
+/// kernel with no temporary.
+pub const ADAMW_CHUNK_ELEMENTS: usize = 4 << 20;
+
 /// Loss chunks are a multiple of this many vocabulary columns (tensor-core tiles).
 pub const LOSS_CHUNK_ALIGN: usize = 256;
 

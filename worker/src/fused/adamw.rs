@@ -23,6 +23,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
+use dapt_proto::model::ADAMW_CHUNK_ELEMENTS;
 
 /// The scalars of one AdamW update, in f32 as the kernel and the host optimizer use them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -71,27 +72,33 @@ pub trait AdamwOps: Backend {
         step: AdamwStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let t = |x| Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(x));
-        let (weights, m, v, grads) = (t(weights), t(m), t(v), t(grads));
-        let w_range = offset + range.start..offset + range.end;
-        let g = grads.slice(range.clone()).mul_scalar(step.grad_scale);
-        let m_new = m.clone().slice(range.clone()).mul_scalar(step.b1)
-            + g.clone().mul_scalar(step.one_minus_b1);
-        let v_new = v.clone().slice(range.clone()).mul_scalar(step.b2)
-            + (g.clone() * g).mul_scalar(step.one_minus_b2);
-        let denom = v_new
-            .clone()
-            .sqrt()
-            .mul_scalar(step.inv_bc2_sqrt)
-            .add_scalar(step.eps);
-        let w = weights.clone().slice(w_range.clone());
-        let w = w.clone() - w.mul_scalar(step.decay);
-        let w = w - m_new.clone().mul_scalar(step.step_size) / denom;
+        let (mut weights, mut m, mut v, grads) = (t(weights), t(m), t(v), t(grads));
+        // In chunks, so that the temporaries (five f32 tensors at the peak) stay small.
+        for start in range.clone().step_by(ADAMW_CHUNK_ELEMENTS) {
+            let part = start..(start + ADAMW_CHUNK_ELEMENTS).min(range.end);
+            let w_part = offset + part.start..offset + part.end;
+            let g = grads
+                .clone()
+                .slice(part.clone())
+                .mul_scalar(step.grad_scale);
+            let m_new = m.clone().slice(part.clone()).mul_scalar(step.b1)
+                + g.clone().mul_scalar(step.one_minus_b1);
+            let v_new = v.clone().slice(part.clone()).mul_scalar(step.b2)
+                + (g.clone() * g).mul_scalar(step.one_minus_b2);
+            let denom = v_new
+                .clone()
+                .sqrt()
+                .mul_scalar(step.inv_bc2_sqrt)
+                .add_scalar(step.eps);
+            let w = weights.clone().slice(w_part.clone());
+            let w = w.clone() - w.mul_scalar(step.decay);
+            let w = w - m_new.clone().mul_scalar(step.step_size) / denom;
+            weights = weights.slice_assign(w_part, w);
+            m = m.slice_assign(part.clone(), m_new);
+            v = v.slice_assign(part, v_new);
+        }
         let p = |x: Tensor<Self, 1>| x.into_primitive().tensor();
-        (
-            p(weights.slice_assign(w_range, w)),
-            p(m.slice_assign(range.clone(), m_new)),
-            p(v.slice_assign(range, v_new)),
-        )
+        (p(weights), p(m), p(v))
     }
 }
 
@@ -146,7 +153,8 @@ mod tests {
     /// Three steps of the op, one call per parameter (decayed or not by its kind), give
     /// `optimizer.rs`'s host AdamW within a few f32 ulps (its constants are rounded from f64
     /// here, `1.0f32 - b1` there), with and without clipping, on the whole buffer and inside a
-    /// bigger weight buffer at an offset; the lead of that buffer is untouched.
+    /// bigger weight buffer at an offset; the lead of that buffer is untouched. The last
+    /// parameter spans two of the default body's chunks.
     #[test]
     fn the_op_is_the_host_optimizer() {
         let kinds = [
@@ -158,7 +166,7 @@ mod tests {
         let mut offset = 0;
         let params: Vec<ParamInfo> = kinds
             .iter()
-            .zip([7, 45, 3, 13])
+            .zip([7, 45, 3, ADAMW_CHUNK_ELEMENTS + 13])
             .enumerate()
             .map(|(i, (&kind, len))| {
                 let p = ParamInfo {
