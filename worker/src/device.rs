@@ -12,12 +12,16 @@ use std::str::FromStr;
 
 use crate::error::WorkerError;
 
-/// Where training runs: `cpu`, or `cuda` / `cuda:N` (ordinal N, default 0).
+/// Where training runs: `cpu`, or `cuda` / `cuda:N` (ordinal N, default 0); `vulkan` (a
+/// worker built with the `wgpu` feature, `dapt-worker train` only) runs the GPU's engine and
+/// kernels through Burn's wgpu backend, in f32: on Mesa's lavapipe it checks the whole GPU step
+/// and counts its kernel launches on a machine without a GPU (docs/gpu.md). Not for training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
     #[default]
     Cpu,
     Cuda(usize),
+    Vulkan,
 }
 
 impl FromStr for DeviceSpec {
@@ -27,11 +31,14 @@ impl FromStr for DeviceSpec {
         match s {
             "cpu" => Ok(DeviceSpec::Cpu),
             "cuda" => Ok(DeviceSpec::Cuda(0)),
+            "vulkan" => Ok(DeviceSpec::Vulkan),
             _ => s
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(DeviceSpec::Cuda)
-                .ok_or_else(|| format!("unknown device `{s}`: use cpu, cuda or cuda:N")),
+                .ok_or_else(|| {
+                    format!("unknown device `{s}`: use cpu, cuda or cuda:N (or vulkan)")
+                }),
         }
     }
 }
@@ -41,11 +48,21 @@ impl fmt::Display for DeviceSpec {
         match self {
             DeviceSpec::Cpu => write!(f, "cpu"),
             DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::Vulkan => write!(f, "vulkan"),
         }
     }
 }
 
 pub use dapt_proto::device::Precision;
+
+/// Why `--device vulkan` cannot run: this worker was built without the `wgpu` feature.
+pub fn no_vulkan() -> WorkerError {
+    WorkerError::Invalid(
+        "--device vulkan needs a worker built with the `wgpu` feature \
+         (cargo build -p dapt-worker --features wgpu)"
+            .into(),
+    )
+}
 
 /// Burn's dtype for the passes in `precision`.
 pub fn dtype(precision: Precision) -> burn::tensor::FloatDType {
@@ -70,8 +87,10 @@ impl EngineKind {
     pub fn resolve(asked: Option<EngineKind>, device: DeviceSpec) -> Result<EngineKind, String> {
         match (asked, device) {
             (None, DeviceSpec::Cpu) => Ok(EngineKind::Host),
-            (None | Some(EngineKind::Resident), DeviceSpec::Cuda(_)) => Ok(EngineKind::Resident),
-            (Some(EngineKind::Host), DeviceSpec::Cuda(_)) => Err(format!(
+            (None | Some(EngineKind::Resident), DeviceSpec::Cuda(_) | DeviceSpec::Vulkan) => {
+                Ok(EngineKind::Resident)
+            }
+            (Some(EngineKind::Host), DeviceSpec::Cuda(_) | DeviceSpec::Vulkan) => Err(format!(
                 "--engine host runs on the CPU only; {device} trains with the resident engine"
             )),
             (Some(kind), DeviceSpec::Cpu) => Ok(kind),
@@ -304,6 +323,8 @@ mod tests {
         assert!("gpu".parse::<DeviceSpec>().is_err());
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
         assert_eq!(DeviceSpec::Cuda(2).to_string(), "cuda:2");
+        assert_eq!("vulkan".parse(), Ok(DeviceSpec::Vulkan));
+        assert_eq!(DeviceSpec::Vulkan.to_string(), "vulkan");
         assert_eq!("bf16".parse(), Ok(Precision::Bf16));
         assert!("fp8".parse::<Precision>().is_err());
     }
@@ -318,6 +339,8 @@ mod tests {
         assert_eq!(EngineKind::resolve(None, gpu), Ok(Resident));
         let err = EngineKind::resolve(Some(Host), gpu).unwrap_err();
         assert!(err.contains("cuda:1"), "{err}");
+        assert_eq!(EngineKind::resolve(None, DeviceSpec::Vulkan), Ok(Resident));
+        assert!(EngineKind::resolve(Some(Host), DeviceSpec::Vulkan).is_err());
         assert_eq!("resident".parse(), Ok(Resident));
         assert!("fast".parse::<EngineKind>().is_err());
     }

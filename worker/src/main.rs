@@ -78,7 +78,8 @@ struct AgentArgs {
 /// Where training runs.
 #[derive(clap::Args)]
 struct GpuArgs {
-    /// cpu, or cuda / cuda:N (a `cuda` build and an NVIDIA GPU).
+    /// cpu, or cuda / cuda:N (a `cuda` build and an NVIDIA GPU); vulkan (a `wgpu` build, f32,
+    /// `train` only): the GPU step on Burn's wgpu backend, a check where there is no GPU.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
     /// Compute dtype on a GPU: f32 (TF32 matmuls) or bf16 (f32 master weights and loss).

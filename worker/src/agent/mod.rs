@@ -81,6 +81,9 @@ impl Generation {
 }
 
 async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
+    if o.placement.device == crate::device::DeviceSpec::Vulkan {
+        anyhow::bail!(rank::VULKAN_NOT_A_RANK);
+    }
     if let crate::device::DeviceSpec::Cuda(ordinal) = o.placement.device {
         // Before joining: a worker that cannot train must not become a rank.
         let info = crate::device::cuda_ready(ordinal)?;

@@ -31,6 +31,10 @@ use crate::train::engine::{Engine, HostEngine};
 use crate::train::run::{evaluate, initial_model, restore_part};
 use crate::train::{MicroBatch, Trainer};
 
+/// Why a rank does not run on `--device vulkan`.
+pub const VULKAN_NOT_A_RANK: &str =
+    "--device vulkan is a check of the gpu step for `dapt-worker train`, not a rank's device";
+
 /// Why a generation's training ended early.
 #[derive(Debug, thiserror::Error)]
 pub enum RankError {
@@ -184,6 +188,15 @@ pub fn train(
                 training.activation_checkpointing,
                 reducer,
             )
+        }
+        (DeviceSpec::Vulkan, _) => {
+            // Refused before joining (`agent::session`); here too, as the same job would
+            // fail again.
+            return Err(RankError::Failed {
+                message: VULKAN_NOT_A_RANK.into(),
+                peer_fault: false,
+                fatal: true,
+            });
         }
         (DeviceSpec::Cuda(ordinal), _) => on_gpu(
             trainer,

@@ -209,6 +209,19 @@ fn resident<B: crate::fused::FusedOps>(
     Box::new(ResidentEngine { trainer, reducer })
 }
 
+/// `trainer` as a [`ResidentEngine`] on Burn's wgpu backend (Vulkan), f32, one rank: the GPU's
+/// engine and kernels for `dapt-worker train --device vulkan`.
+#[cfg(feature = "wgpu")]
+pub fn on_vulkan(trainer: Trainer, activation_checkpointing: bool) -> Box<dyn Engine> {
+    resident::<crate::Vulkan>(
+        trainer,
+        &Default::default(),
+        crate::device::Precision::F32,
+        activation_checkpointing,
+        None,
+    )
+}
+
 /// `trainer` as a [`ResidentEngine`] on the CPU backend: the GPU's engine, run where there is no
 /// GPU (`dapt-worker --engine resident`), so that the agent's device path can be tested.
 pub fn on_cpu(

@@ -48,7 +48,7 @@ pub fn perplexity(
 }
 
 /// [`perplexity`] on `device`: the CPU, or a GPU (with the `cuda` feature, after the checks of
-/// `device::cuda_ready`).
+/// `device::cuda_ready`; `vulkan` with the `wgpu` feature).
 pub fn perplexity_on(
     device: DeviceSpec,
     config: &LlamaConfig,
@@ -71,6 +71,14 @@ pub fn perplexity_on(
         }
         #[cfg(not(feature = "cuda"))]
         DeviceSpec::Cuda(ordinal) => crate::device::cuda_ready(ordinal).map(|_| None),
+        #[cfg(feature = "wgpu")]
+        DeviceSpec::Vulkan => {
+            let device = Default::default();
+            let model = Llama::<crate::Vulkan>::from_flat(config, weights, &device, false);
+            Ok(perplexity_of(&model, stream, seq_len, max_tokens, batch))
+        }
+        #[cfg(not(feature = "wgpu"))]
+        DeviceSpec::Vulkan => Err(crate::device::no_vulkan()),
     }
 }
 

@@ -110,7 +110,28 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
     match options.device {
         DeviceSpec::Cpu => train_loop(&mut super::engine::HostEngine::alone(trainer), &ctx),
         DeviceSpec::Cuda(ordinal) => on_gpu(trainer, ordinal, &ctx),
+        DeviceSpec::Vulkan => on_vulkan(trainer, &ctx),
     }
+}
+
+/// The GPU's engine on Burn's wgpu backend (`--device vulkan`, f32): the CUDA step's code and
+/// kernels where there is no CUDA, for checks and kernel counts on Mesa's lavapipe.
+#[cfg(feature = "wgpu")]
+fn on_vulkan(trainer: Trainer, ctx: &LoopContext) -> Result<RunSummary> {
+    if ctx.options.precision != crate::device::Precision::F32 {
+        return Err(WorkerError::Invalid(format!(
+            "--device vulkan computes in f32 (lavapipe has no bf16); got --precision {}",
+            ctx.options.precision
+        )));
+    }
+    tracing::info!(device = %ctx.options.device, "training on vulkan (a check of the gpu step, not for training)");
+    let mut engine = super::engine::on_vulkan(trainer, ctx.training.activation_checkpointing);
+    train_loop(engine.as_mut(), ctx)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn on_vulkan(_trainer: Trainer, _ctx: &LoopContext) -> Result<RunSummary> {
+    Err(crate::device::no_vulkan())
 }
 
 /// What the loop needs besides the engine.

@@ -20,6 +20,7 @@ mod cuda_codegen;
 mod loss;
 mod matmul;
 mod norm;
+mod train_vulkan;
 
 use burn::tensor::{Distribution, Tensor};
 use dapt_worker::Cpu;
