@@ -124,6 +124,20 @@ fn on_vulkan(trainer: Trainer, ctx: &LoopContext) -> Result<RunSummary> {
             ctx.options.precision
         )));
     }
+    // One buffer binding holds the flat f32 weights, moments and gradients each: a driver that
+    // binds less (lavapipe: 128 MiB) would fail on the device thread, not here.
+    let device = Default::default();
+    let client = <cubecl::wgpu::WgpuRuntime as cubecl::Runtime>::client(&device);
+    let most = client.properties().memory.max_page_size;
+    let flat = 4 * trainer.layout.total as u64;
+    if flat > most {
+        return Err(WorkerError::Invalid(format!(
+            "--device vulkan: the flat f32 buffers are {} MiB each, but this Vulkan device binds \
+             at most {} MiB per buffer: take a smaller model (the tiny preset)",
+            flat >> 20,
+            most >> 20
+        )));
+    }
     tracing::info!(device = %ctx.options.device, "training on vulkan (a check of the gpu step, not for training)");
     let mut engine = super::engine::on_vulkan(trainer, ctx.training.activation_checkpointing);
     train_loop(engine.as_mut(), ctx)
