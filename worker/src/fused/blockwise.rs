@@ -210,8 +210,8 @@ pub fn forward<B: BlockOps>(
         outs.push(out.reshape([s.batch, s.kv_heads, s.group(), n, s.head_dim]));
         lses.push(tensor::<B, 3>(lse).reshape([s.batch, s.kv_heads, s.group(), n]));
     }
-    let out = Tensor::cat(outs, 3);
-    let lse = Tensor::cat(lses, 3).reshape([s.batch, s.heads, s.seq]);
+    let out = cat(outs, 3);
+    let lse = cat(lses, 3).reshape([s.batch, s.heads, s.seq]);
     (primitive(unqueries(out, &s)), primitive(lse))
 }
 
@@ -243,8 +243,10 @@ pub fn backward<B: BlockOps>(
     .reshape(grouped);
     let device = q.device();
     let kv_shape = [s.batch, s.kv_heads, s.seq, s.head_dim];
-    let mut dk = Tensor::<B, 4>::zeros(kv_shape, &device).cast(FloatDType::F32);
-    let mut dv = Tensor::<B, 4>::zeros(kv_shape, &device).cast(FloatDType::F32);
+    // `dK`, `dV` in f32, summed over the blocks. The blocks run last first: without a window
+    // the last block sees every key, so its `dK`, `dV` start the sums (no zeros, no first
+    // add); with a window that cuts the first keys off, the sums start from zeros.
+    let (mut dk, mut dv): (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>) = (None, None);
     let mut dqs = Vec::new();
     let per_row = |t: &Tensor<B, 4>, rows: Range<usize>| {
         let n = rows.len();
@@ -254,7 +256,7 @@ pub fn backward<B: BlockOps>(
                 .reshape([s.batch, s.kv_heads, s.group() * n]),
         )
     };
-    for (rows, cols) in blocks(&s, block) {
+    for (rows, cols) in blocks(&s, block).into_iter().rev() {
         let n = rows.len();
         let span = span(&s, &rows, &cols);
         let qb = block_rows(q.clone(), &s, rows.clone());
@@ -282,10 +284,24 @@ pub fn backward<B: BlockOps>(
             s.head_dim,
         ]));
         let dkb = matmul(dscores.swap_dims(2, 3), qb);
-        dk = add_rows(dk, cols.clone(), dkb);
-        dv = add_rows(dv, cols, dvb);
+        let sum = |acc: Option<Tensor<B, 4>>, part: Tensor<B, 4>| match acc {
+            None if cols == (0..s.seq) => part.cast(FloatDType::F32),
+            None => add_rows(
+                Tensor::<B, 4>::zeros(kv_shape, &device).cast(FloatDType::F32),
+                cols.clone(),
+                part,
+            ),
+            Some(acc) => add_rows(acc, cols.clone(), part),
+        };
+        dk = Some(sum(dk, dkb));
+        dv = Some(sum(dv, dvb));
     }
-    let dq = unqueries(Tensor::cat(dqs, 3), &s);
+    let (dk, dv) = (
+        dk.expect("one block at least"),
+        dv.expect("one block at least"),
+    );
+    dqs.reverse();
+    let dq = unqueries(cat(dqs, 3), &s);
     let unkeys = |x: Tensor<B, 4>| {
         x.cast(dtype)
             .swap_dims(1, 2)
@@ -349,6 +365,14 @@ fn block_rows<B: Backend>(x: Tensor<B, 5>, s: &AttentionShape, rows: Range<usize
 fn key_rows<B: Backend>(k: &Tensor<B, 4>, s: &AttentionShape, cols: Range<usize>) -> Tensor<B, 4> {
     k.clone()
         .slice([0..s.batch, 0..s.kv_heads, cols, 0..s.head_dim])
+}
+
+/// `parts` joined along `dim`; one part is itself (Burn's `cat` copies even one).
+fn cat<B: Backend, const D: usize>(mut parts: Vec<Tensor<B, D>>, dim: usize) -> Tensor<B, D> {
+    if parts.len() == 1 {
+        return parts.pop().expect("one part");
+    }
+    Tensor::cat(parts, dim)
 }
 
 /// `acc` (f32) with `part` added into positions `cols` of its third dimension.
