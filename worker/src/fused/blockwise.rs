@@ -347,10 +347,17 @@ fn unqueries<B: Backend>(x: Tensor<B, 5>, s: &AttentionShape) -> Tensor<B, 2> {
         .reshape([s.batch * s.seq, s.heads * s.head_dim])
 }
 
-/// Key-like rows `[b * t, kv_heads * hd]` as `[b, kv_heads, t, hd]`.
+/// Key-like rows `[b * t, kv_heads * hd]` as `[b, kv_heads, t, hd]`, contiguous: one copy here,
+/// where a view of the rows (kv-head stride `hd` below the row stride `kv_heads * hd`) is one
+/// that cubek's matmul copies before every product it takes part in ("highly permuted",
+/// cubecl-std's `matrix_batch_layout`): four times a block in the backward pass. Its blocks of
+/// key positions ([`key_rows`]) are then views that the matmul reads in place.
 fn keys<B: Backend>(x: Tensor<B, 2>, s: &AttentionShape) -> Tensor<B, 4> {
     x.reshape([s.batch, s.seq, s.kv_heads, s.head_dim])
         .swap_dims(1, 2)
+        // A reshape that merges the swapped dimensions copies them into that order.
+        .reshape([s.batch * s.kv_heads, s.seq, s.head_dim])
+        .reshape([s.batch, s.kv_heads, s.seq, s.head_dim])
 }
 
 /// Positions `rows` of every query head, as `[b, kv_heads, group * rows, hd]` (a kv head's
