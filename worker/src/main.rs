@@ -181,12 +181,17 @@ fn main() -> ExitCode {
     }
     // Before any training thread starts: see dapt_worker::memory.
     dapt_worker::memory::retain_freed_memory();
-    // A misspelt attention or matmul choice is refused here, not silently taken as the default.
+    // A misspelt attention, block size or matmul choice is refused here, not silently taken as
+    // the default.
     if let Err(e) = dapt_worker::fused::blockwise::attention_from_env() {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
     if let Err(e) = dapt_worker::fused::matmul::matmul_from_env() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = dapt_worker::fused::blockwise::block_from_env() {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }

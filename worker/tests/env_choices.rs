@@ -1,5 +1,6 @@
-//! The worker binary refuses a misspelt kernel choice (`DAPT_MATMUL`, `DAPT_ATTENTION`) at its
-//! start, naming the variable and the values it takes, instead of silently running the default.
+//! The worker binary refuses a misspelt kernel choice (`DAPT_MATMUL`, `DAPT_ATTENTION`,
+//! `DAPT_ATTENTION_BLOCK`) at its start, naming the variable and the values it takes, instead of
+//! silently running the default.
 
 use std::process::Command;
 
@@ -39,4 +40,15 @@ fn a_misspelt_attention_choice_is_refused_by_name() {
         stderr.contains("DAPT_ATTENTION=\"flash\"") && stderr.contains("blockwise"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_bad_attention_block_is_refused_by_name() {
+    let (ok, stderr) = worker_with("DAPT_ATTENTION_BLOCK", "0");
+    assert!(!ok);
+    assert!(stderr.contains("DAPT_ATTENTION_BLOCK=\"0\""), "{stderr}");
+    let (ok, stderr) = worker_with("DAPT_ATTENTION_BLOCK", "256");
+    assert!(!ok);
+    assert!(!stderr.contains("DAPT_ATTENTION_BLOCK"), "{stderr}");
+    assert!(stderr.contains("no-such-job.yaml"), "{stderr}");
 }

@@ -225,14 +225,14 @@ fn blockwise_attention_matches_the_one_block_op() {
 fn blockwise_blocks_are_sized_for_the_score_budget() {
     // Llama 3.2 1B at micro-batch 4, seq 1024: 4 * 32 * 1024 * 4 bytes per position -> 256.
     let s = AttentionShape::new(4, 1024, 32, 8, 64, None);
-    assert_eq!(blockwise::block_positions(&s), 256);
+    assert_eq!(blockwise::fitted_block_positions(&s), 256);
     assert_eq!(
-        blockwise::block_positions(&AttentionShape::new(1, 100, 4, 4, 64, None)),
+        blockwise::fitted_block_positions(&AttentionShape::new(1, 100, 4, 4, 64, None)),
         100
     );
     // Never fewer than 64 positions, however large the batch.
     let huge = AttentionShape::new(64, 8192, 64, 8, 128, None);
-    assert_eq!(blockwise::block_positions(&huge), 64);
+    assert_eq!(blockwise::fitted_block_positions(&huge), 64);
 }
 
 #[test]

@@ -88,13 +88,56 @@ fn parse_attention(value: Option<&str>) -> Result<AttentionChoice, String> {
     }
 }
 
-/// Query positions per block for `shape`: as many as keep one block's f32 scores
-/// `[batch, heads, block, seq]` within [`BLOCK_SCORE_BYTES`], a multiple of 64 (at least 64),
-/// and the whole sequence when it fits.
+/// Query positions per block for `shape`: `DAPT_ATTENTION_BLOCK` when set ([`block_from_env`]),
+/// else as many as keep one block's f32 scores `[batch, heads, block, seq]` within
+/// [`BLOCK_SCORE_BYTES`], a multiple of 64 (at least 64); the whole sequence when it fits.
 pub fn block_positions(shape: &AttentionShape) -> usize {
+    static CHOICE: OnceLock<Option<usize>> = OnceLock::new();
+    let chosen = *CHOICE.get_or_init(|| {
+        let block = block_from_env().unwrap_or(None);
+        if let Some(block) = block {
+            tracing::info!(
+                block,
+                "attention blocks of query positions (DAPT_ATTENTION_BLOCK)"
+            );
+        }
+        block
+    });
+    match chosen {
+        Some(block) => block.min(shape.seq),
+        None => fitted_block_positions(shape),
+    }
+}
+
+/// [`block_positions`] by the score budget alone.
+pub fn fitted_block_positions(shape: &AttentionShape) -> usize {
     let per_position = 4 * shape.batch * shape.heads * shape.seq;
     let fit = (BLOCK_SCORE_BYTES / per_position.max(1)) / 64 * 64;
     fit.max(64).min(shape.seq)
+}
+
+/// `DAPT_ATTENTION_BLOCK` read: query positions per block of blockwise attention (a whole
+/// number, at least 1), or None when unset or empty (the score budget decides). A GPU session's
+/// knob: fewer, larger blocks mean fewer launches and copies, more of the masked upper triangle
+/// computed, and `[batch, heads, block, seq]` f32 scores per block.
+///
+/// # Errors
+/// A value that is not a whole number of at least 1, named.
+pub fn block_from_env() -> Result<Option<usize>, String> {
+    parse_block(std::env::var("DAPT_ATTENTION_BLOCK").ok().as_deref())
+}
+
+fn parse_block(value: Option<&str>) -> Result<Option<usize>, String> {
+    match value {
+        None | Some("") => Ok(None),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(Some(n)),
+            _ => Err(format!(
+                "DAPT_ATTENTION_BLOCK={v:?}: expected query positions per block, a whole number of at least 1 (unset: sized for {} MiB of scores)",
+                BLOCK_SCORE_BYTES >> 20
+            )),
+        },
+    }
 }
 
 /// Where one block's scores sit in the sequence, for [`BlockOps`]. A block's scores are
@@ -415,6 +458,18 @@ mod tests {
             e.contains("DAPT_ATTENTION=\"flash\"") && e.contains("blockwise"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn dapt_attention_block_takes_a_positive_whole_number_and_names_anything_else() {
+        use super::parse_block;
+        assert_eq!(parse_block(None), Ok(None));
+        assert_eq!(parse_block(Some("")), Ok(None));
+        assert_eq!(parse_block(Some("1024")), Ok(Some(1024)));
+        for bad in ["0", "-4", "big", "2.5"] {
+            let e = parse_block(Some(bad)).unwrap_err();
+            assert!(e.contains("DAPT_ATTENTION_BLOCK") && e.contains(bad), "{e}");
+        }
     }
 
     #[test]
