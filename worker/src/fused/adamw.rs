@@ -23,6 +23,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
+use dapt_proto::job::OptimizerSpec;
 use dapt_proto::model::ADAMW_CHUNK_ELEMENTS;
 
 /// The scalars of one AdamW update, in f32 as the kernel and the host optimizer use them.
@@ -43,6 +44,28 @@ pub struct AdamwStep {
     pub eps: f32,
     /// `lr * weight_decay` for decayed parameters, 0 for the others.
     pub decay: f32,
+}
+
+impl AdamwStep {
+    /// The scalars of optimizer step `t` (1 for the first) at learning rate `lr` under `spec`,
+    /// with the gradient's multiplier `grad_scale` and no weight decay (set `decay` per run of
+    /// decayed parameters: `lr * weight_decay`). Made in f64, then rounded to f32, as Burn's
+    /// `mul_scalar` rounded them when the resident trainer's update was element-wise tensor ops
+    /// (its steps unchanged, bit for bit); the bias corrections are PyTorch's.
+    pub fn new(spec: &OptimizerSpec, lr: f64, t: i32, grad_scale: f32) -> AdamwStep {
+        let (b1, b2) = spec.betas;
+        AdamwStep {
+            grad_scale,
+            b1: b1 as f32,
+            one_minus_b1: (1.0 - b1) as f32,
+            b2: b2 as f32,
+            one_minus_b2: (1.0 - b2) as f32,
+            step_size: (lr / (1.0 - b1.powi(t))) as f32,
+            inv_bc2_sqrt: (1.0 / (1.0 - b2.powi(t)).sqrt()) as f32,
+            eps: spec.eps as f32,
+            decay: 0.0,
+        }
+    }
 }
 
 /// The AdamW op of a backend; the default body is Burn's ops (the CPU backend's).
@@ -148,7 +171,6 @@ mod tests {
     use crate::model::params::{ParamInfo, ParamKind, ParamLayout};
     use crate::train::optimizer::AdamW;
     use burn::backend::Flex;
-    use dapt_proto::job::OptimizerSpec;
 
     /// Three steps of the op, one call per parameter (decayed or not by its kind), give
     /// `optimizer.rs`'s host AdamW within a few f32 ulps (its constants are rounded from f64
@@ -200,19 +222,7 @@ mod tests {
                 let lr = 1e-2 * t as f64;
                 let scaled: Vec<f32> = g.iter().map(|x| x * grad_scale).collect();
                 host.step(&mut w, &scaled, lr);
-                let (b1, b2) = spec.betas;
-                let ti = t as i32;
-                let step = AdamwStep {
-                    grad_scale,
-                    b1: b1 as f32,
-                    one_minus_b1: (1.0 - b1) as f32,
-                    b2: b2 as f32,
-                    one_minus_b2: (1.0 - b2) as f32,
-                    step_size: (lr / (1.0 - b1.powi(ti))) as f32,
-                    inv_bc2_sqrt: (1.0 / (1.0 - b2.powi(ti)).sqrt()) as f32,
-                    eps: spec.eps as f32,
-                    decay: 0.0,
-                };
+                let step = AdamwStep::new(&spec, lr, t as i32, grad_scale);
                 let grads = Tensor::<Flex, 1>::from_floats(g.as_slice(), &device);
                 for p in &layout.params {
                     let decay = if p.kind.decays(spec.decay_embeddings) {

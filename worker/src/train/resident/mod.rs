@@ -433,21 +433,7 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
             1.0
         };
         self.optimizer_steps += 1;
-        let t = self.optimizer_steps as i32;
-        let (b1, b2) = spec.betas;
-        // The scalars made in f64, then rounded to f32 (as Burn's `mul_scalar` rounded them when
-        // this update was element-wise tensor ops: the same steps, bit for bit).
-        let step = AdamwStep {
-            grad_scale,
-            b1: b1 as f32,
-            one_minus_b1: (1.0 - b1) as f32,
-            b2: b2 as f32,
-            one_minus_b2: (1.0 - b2) as f32,
-            step_size: (lr / (1.0 - b1.powi(t))) as f32,
-            inv_bc2_sqrt: (1.0 / (1.0 - b2.powi(t)).sqrt()) as f32,
-            eps: spec.eps as f32,
-            decay: 0.0,
-        };
+        let step = AdamwStep::new(&spec, lr, self.optimizer_steps as i32, grad_scale);
         let decay = (lr * spec.weight_decay) as f32;
         // In place (`fused::adamw`: one kernel per run of decayed or undecayed parameters on a
         // GPU): the moments and the weights are taken out of `self`, not cloned. Under ZeRO the
