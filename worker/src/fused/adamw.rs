@@ -13,8 +13,12 @@
 //! The formula is `train::optimizer::AdamW::step`'s (Loshchilov and Hutter 2019, "Decoupled
 //! Weight Decay Regularization", Algorithm 2, with PyTorch's placement of the bias corrections),
 //! in f32, with the operation order and f32 constants of the resident trainer's former
-//! element-wise update (`1 - b1` rounded from f64; `(g g) (1 - b2)`): its steps are unchanged
-//! bit for bit, and within an ulp or two of the host optimizer's.
+//! element-wise update (`1 - b1` rounded from f64; `(g g) (1 - b2)`): on the CPU (this default
+//! body) its steps are unchanged bit for bit, and within an ulp or two of the host optimizer's.
+//! On CUDA, NVRTC contracts the kernel's `m b1 + g (1 - b1)` and the like into fused
+//! multiply-adds (cubecl-cuda compiles without `--fmad=false`), so a GPU step may differ from
+//! the former element-wise one by an ulp; every rank runs the same kernel per element, so ZeRO's
+//! shards still agree with stage 0 exactly as before.
 
 use std::ops::Range;
 
@@ -51,7 +55,7 @@ impl AdamwStep {
     /// with the gradient's multiplier `grad_scale` and no weight decay (set `decay` per run of
     /// decayed parameters: `lr * weight_decay`). Made in f64, then rounded to f32, as Burn's
     /// `mul_scalar` rounded them when the resident trainer's update was element-wise tensor ops
-    /// (its steps unchanged, bit for bit); the bias corrections are PyTorch's.
+    /// (its CPU steps unchanged, bit for bit); the bias corrections are PyTorch's.
     pub fn new(spec: &OptimizerSpec, lr: f64, t: i32, grad_scale: f32) -> AdamwStep {
         let (b1, b2) = spec.betas;
         AdamwStep {

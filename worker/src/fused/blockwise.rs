@@ -390,7 +390,9 @@ fn unqueries<B: Backend>(x: Tensor<B, 5>, s: &AttentionShape) -> Tensor<B, 2> {
         .reshape([s.batch * s.seq, s.heads * s.head_dim])
 }
 
-/// Key-like rows `[b * t, kv_heads * hd]` as `[b, kv_heads, t, hd]`, contiguous: one copy here,
+/// Key-like rows `[b * t, kv_heads * hd]` as `[b, kv_heads, t, hd]`, contiguous (on CUDA a row
+/// of `hd` values whose bytes are not a power of two is pitched, and cubek copies again; the
+/// presets' head dims, 64 and 128, are not): one copy here,
 /// where a view of the rows (kv-head stride `hd` below the row stride `kv_heads * hd`) is one
 /// that cubek's matmul copies before every product it takes part in ("highly permuted",
 /// cubecl-std's `matrix_batch_layout`): four times a block in the backward pass. Its blocks of

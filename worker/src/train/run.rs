@@ -138,6 +138,17 @@ fn on_vulkan(trainer: Trainer, ctx: &LoopContext) -> Result<RunSummary> {
             most >> 20
         )));
     }
+    // The gradient norm's sum of squares is f64 (`fused::accumulate`).
+    if !client
+        .properties()
+        .supports_type(cubecl::ir::ElemType::Float(cubecl::ir::FloatKind::F64))
+    {
+        return Err(WorkerError::Invalid(
+            "--device vulkan: this Vulkan device has no f64 shaders (shaderFloat64), which the \
+             gradient norm's sum of squares needs"
+                .into(),
+        ));
+    }
     tracing::info!(device = %ctx.options.device, "training on vulkan (a check of the gpu step, not for training)");
     let mut engine = super::engine::on_vulkan(trainer, ctx.training.activation_checkpointing);
     train_loop(engine.as_mut(), ctx)

@@ -31,8 +31,9 @@ use crate::fused::gemm::column_major_gemm;
 struct Cublas {
     handle: cb::cublasHandle_t,
     stream: CUstream,
-    /// The handle's own workspace, [`WORKSPACE_BYTES`] of device memory.
-    workspace: CUdeviceptr,
+    /// The handle's own workspace, [`WORKSPACE_BYTES`] of device memory outside CubeCL's
+    /// pools; None where it could not be allocated (cuBLAS's default pool then).
+    workspace: Option<CUdeviceptr>,
     ctx: Arc<CudaContext>,
 }
 
@@ -43,22 +44,26 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 
 impl Drop for Cublas {
     fn drop(&mut self) {
-        // SAFETY: created by cublasCreate_v2 and used by nobody else; the workspace was
-        // allocated in this context, and the stream is drained before it is freed.
+        // The handle's context first: cublasDestroy synchronises the device it was made on,
+        // and the workspace is freed in it.
+        if self.ctx.bind_to_thread().is_err() {
+            return;
+        }
+        // SAFETY: created by cublasCreate_v2 and used by nobody else; its device (and so every
+        // GEMM that used the workspace) is synchronised by the destroy before the free.
         unsafe {
             cb::cublasDestroy_v2(self.handle);
-            if self.ctx.bind_to_thread().is_ok() {
-                if !self.stream.is_null() {
-                    let _ = cudarc::driver::result::stream::synchronize(self.stream);
-                }
-                let _ = cudarc::driver::result::free_sync(self.workspace);
+            if let Some(workspace) = self.workspace {
+                let _ = cudarc::driver::result::free_sync(workspace);
             }
         }
     }
 }
 
 thread_local! {
-    static HANDLES: RefCell<HashMap<usize, Cublas>> = RefCell::new(HashMap::new());
+    /// This thread's handle per device, or why it could not be made (kept: a retry per
+    /// matmul would cost a device synchronisation each).
+    static HANDLES: RefCell<HashMap<usize, Result<Cublas, String>>> = RefCell::new(HashMap::new());
 }
 
 /// `lhs [.., m, k] @ rhs [.., k, n]` by cuBLAS into a new contiguous `[.., m, n]` in `lhs`'s
@@ -116,7 +121,12 @@ pub fn matmul(
     // A resource request is a blocking call to cubecl's device thread that first flushes this
     // thread's queued tasks: every kernel submitted before it is on the stream when it returns.
     // It also makes this thread's cubecl stream wait (on the device) for the buffer's writers
-    // on other streams, as a cubecl kernel launch would.
+    // on other streams, as a kernel launch would; but the event it records for other streams
+    // precedes the GEMM, so an operand another thread's stream reuses or writes next is not
+    // ordered after the GEMM. The worker trains from one thread per device, so every operand
+    // is this thread's stream's (two threads sharing tensors on one device would need a
+    // synchronisation here).
+
     let pointer = |t: &CubeTensor<CudaRuntime>| {
         t.client
             .get_resource(t.handle.clone())
@@ -137,10 +147,11 @@ pub fn matmul(
     HANDLES.with(|handles| {
         let mut handles = handles.borrow_mut();
         let ordinal = lhs.device.index;
-        let cublas = match handles.entry(ordinal) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(Cublas::new(ordinal)?),
-        };
+        let cublas = handles
+            .entry(ordinal)
+            .or_insert_with(|| Cublas::new(ordinal))
+            .as_mut()
+            .map_err(|e| e.clone())?;
         // This device's context current on this thread (another device's handle may have
         // been made since, as NCCL's calls bind theirs).
         cublas
@@ -204,11 +215,10 @@ impl Cublas {
         }
         // SAFETY: the context is current; freed in `drop`.
         let workspace = match unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) } {
-            Ok(w) => w,
+            Ok(w) => Some(w),
             Err(e) => {
-                // SAFETY: just created, used by nobody.
-                unsafe { cb::cublasDestroy_v2(handle) };
-                return Err(format!("cuBLAS workspace: {e:?}"));
+                tracing::warn!(error = ?e, "no 32 MiB cuBLAS workspace: cuBLAS's default pool instead");
+                None
             }
         };
         Ok(Cublas {
@@ -229,17 +239,19 @@ impl Cublas {
             unsafe { cudarc::driver::result::stream::synchronize(self.stream) }
                 .map_err(|e| format!("previous cuBLAS stream: {e:?}"))?;
         }
-        // SAFETY: a live handle; cubecl's stream lives as long as its device's server; the
-        // workspace is this handle's, `WORKSPACE_BYTES` long.
+        // SAFETY: a live handle; cubecl's stream lives as long as its device's server.
         let status = unsafe { cb::cublasSetStream_v2(self.handle, stream as _) };
         if status != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
             return Err(format!("cublasSetStream: {status:?}"));
         }
-        let status = unsafe {
-            cb::cublasSetWorkspace_v2(self.handle, self.workspace as *mut c_void, WORKSPACE_BYTES)
-        };
-        if status != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            return Err(format!("cublasSetWorkspace: {status:?}"));
+        if let Some(workspace) = self.workspace {
+            // SAFETY: a live handle; the workspace is this handle's, `WORKSPACE_BYTES` long.
+            let status = unsafe {
+                cb::cublasSetWorkspace_v2(self.handle, workspace as *mut c_void, WORKSPACE_BYTES)
+            };
+            if status != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(format!("cublasSetWorkspace: {status:?}"));
+            }
         }
         self.stream = stream;
         Ok(())
