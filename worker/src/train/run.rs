@@ -203,7 +203,7 @@ fn on_gpu(trainer: Trainer, ordinal: usize, ctx: &LoopContext) -> Result<RunSumm
         reducer,
     );
     tracing::info!(
-        secs = format!("{:.1}", started.elapsed().as_secs_f64()),
+        secs = started.elapsed().as_secs_f64(),
         "weights and optimizer state on the device"
     );
     train_loop(engine.as_mut(), ctx)
@@ -264,13 +264,15 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
             grad_norm: stats.grad_norm,
             tokens_per_s: step_tokens as f64 / secs,
         };
+        // Numbers, not pre-formatted strings: the text format rounds them for people, the JSON
+        // format keeps them whole (proto::logging).
         tracing::info!(
             step,
-            loss = format!("{loss:.4}"),
-            lr = format!("{:.3e}", stats.lr),
-            grad_norm = format!("{:.3}", stats.grad_norm),
-            tokens_per_s = format!("{:.0}", log.tokens_per_s),
-            eta_s = format!("{:.0}", secs * (steps - trainer.step()) as f64),
+            loss,
+            lr = stats.lr,
+            grad_norm = stats.grad_norm,
+            tokens_per_s = log.tokens_per_s,
+            eta_s = secs * (steps - trainer.step()) as f64,
             "step"
         );
         summary.steps.push(log);
@@ -385,7 +387,7 @@ pub fn evaluate(
                 step,
                 source = %source.name,
                 role = %source.role,
-                perplexity = format!("{:.3}", p.perplexity()),
+                perplexity = p.perplexity(),
                 tokens = p.tokens,
                 "held-out evaluation"
             );

@@ -126,10 +126,10 @@ pub fn train_step<B: FusedAutodiff>(
         zero_stage = stage,
         device_in_use_mib = memory.map(|m| mib(m.in_use)),
         device_reserved_mib = memory.map(|m| mib(m.reserved)),
-        forward_backward_s = format!("{:.4}", backward.as_secs_f64()),
-        all_reduce_s = format!("{:.4}", (reduced - backward).as_secs_f64()),
-        clip_adamw_s = format!("{:.4}", (applied - reduced).as_secs_f64()),
-        all_gather_s = format!("{:.4}", (done - applied).as_secs_f64()),
+        forward_backward_s = backward.as_secs_f64(),
+        all_reduce_s = (reduced - backward).as_secs_f64(),
+        clip_adamw_s = (applied - reduced).as_secs_f64(),
+        all_gather_s = (done - applied).as_secs_f64(),
         "step phases"
     );
     Ok((loss, stats))
