@@ -223,8 +223,8 @@ pub struct Memory {
     /// and three f32 tensors of that size (the f32 cast, the exponentials, the gradient); the
     /// chunk is `dapt_proto::model::loss_chunk` (the whole vocabulary when it fits 128 MiB).
     pub logits: f64,
-    /// The optimizer step's temporaries beyond the states (not at the same time as the
-    /// backward phase): see [`optimizer_temporaries`].
+    /// The bytes beyond the states after the backward phase (the all-reduce, the norm and
+    /// AdamW; not at the same time as the backward phase): see [`optimizer_temporaries`].
     pub optimizer_temporaries: f64,
     /// The process before the model (see [`Gpu::runtime_bytes`]).
     pub runtime: f64,
@@ -297,15 +297,32 @@ pub fn block_activation_bytes(config: &LlamaConfig, b: f64, s: f64, c: f64, flas
     norms + mlp + qk_norm + attention
 }
 
-/// The optimizer step's bytes beyond the states, for `owned` elements of the flat buffer with
-/// `c` bytes per element of the compute dtype. On a GPU AdamW is one in-place kernel
-/// (`worker/src/fused/adamw.rs`): nothing, except the compute-dtype copy of the owned slice
-/// cast from a sharded f32 master (bf16, ZeRO over more than one rank) before it goes into the
-/// compute weights. On the CPU the update runs in Burn's ops over chunks of
-/// [`dapt_proto::model::ADAMW_CHUNK_ELEMENTS`]: five f32 temporaries of a chunk at the peak.
-fn optimizer_temporaries(gpu: &Gpu, setting: MemorySetting, world: u32, c: f64, owned: f64) -> f64 {
+/// The bytes beyond the states after the backward passes (the all-reduce, the norm, AdamW), for
+/// `n` parameters of which the rank owns `owned`, with `c` bytes per element of the compute
+/// dtype. On a GPU the all-reduce is NCCL's, in place, and AdamW one in-place kernel
+/// (`worker/src/fused/adamw.rs`): nothing, except the compute-dtype copy of the owned slice cast
+/// from a sharded f32 master (bf16, ZeRO over more than one rank) before it goes into the
+/// compute weights. On the CPU the larger of: the ring's host-staged all-reduce of the whole
+/// gradient at stages 0 and 1 over more than one rank (`HostStaged`: a host copy of it, 4 n,
+/// and the ring's chunk in flight, 4 n / w; fitted to the d512 rows of docs/plan.md, not derived
+/// from the ring's code), and AdamW in Burn's ops over chunks of
+/// [`dapt_proto::model::ADAMW_CHUNK_ELEMENTS`] (five f32 temporaries of a chunk at the peak).
+fn optimizer_temporaries(
+    gpu: &Gpu,
+    setting: MemorySetting,
+    world: u32,
+    c: f64,
+    n: f64,
+    owned: f64,
+) -> f64 {
     if gpu.name == "cpu" {
-        5.0 * 4.0 * owned.min(dapt_proto::model::ADAMW_CHUNK_ELEMENTS as f64)
+        let adamw = 5.0 * 4.0 * owned.min(dapt_proto::model::ADAMW_CHUNK_ELEMENTS as f64);
+        let staged = if world > 1 && setting.zero_stage < 2 {
+            4.0 * n + 4.0 * n / world as f64
+        } else {
+            0.0
+        };
+        adamw.max(staged)
     } else if c < 4.0 && setting.zero_stage >= 1 && world > 1 {
         c * owned
     } else {
@@ -365,7 +382,7 @@ pub fn memory(
             * b
             * s
             * dapt_proto::model::loss_chunk((b * s) as usize, config.vocab_size) as f64,
-        optimizer_temporaries: optimizer_temporaries(gpu, setting, world, c, owned),
+        optimizer_temporaries: optimizer_temporaries(gpu, setting, world, c, n, owned),
         runtime: gpu.runtime_bytes,
         unattributed: gpu.unattributed_per_param * n,
     }
