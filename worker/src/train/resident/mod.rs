@@ -63,6 +63,7 @@ use super::schedule::LrSchedule;
 use super::step::{admit, MicroBatch, StepStats, Trainer};
 use crate::collective::CollectiveError;
 use crate::error::Result;
+use crate::fused::accumulate::sum_of_squares;
 use crate::fused::adamw::{adamw, AdamwStep};
 use crate::fused::{AccumulateOps, FusedAutodiff};
 use crate::model::llama::param_shape;
@@ -390,7 +391,8 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
         loss: f64,
         step_tokens: u64,
     ) -> Result<StepStats> {
-        let grad_norm = self.sum_of_squares(&grads, 0..self.layout.total).sqrt();
+        // The parameters lie back to back: the buffer's squares are the parameters'.
+        let grad_norm = sum_of_squares(grads.clone()).sqrt();
         let grads = if self.is_shard() {
             grads.slice(self.owned.clone())
         } else {
@@ -473,16 +475,6 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
             grad_norm,
             applied: true,
         })
-    }
-
-    /// The sum of squares of `grads`, which hold the elements `covers` of the flat buffer, in
-    /// f64 ([`crate::fused::accumulate::sum_of_squares`]: one read of `grads` by the CubeCL
-    /// kernel on a GPU; the parameters are laid out back to back, so no element of `covers`
-    /// lies outside a parameter).
-    fn sum_of_squares(&self, grads: &Tensor<B::InnerBackend, 1>, covers: Range<usize>) -> f64 {
-        debug_assert_eq!(grads.dims()[0], covers.len(), "grads hold `covers`");
-        debug_assert!(covers.end <= self.layout.total);
-        crate::fused::accumulate::sum_of_squares(grads.clone())
     }
 
     /// The model in the compute dtype, without gradients (for evaluation).
