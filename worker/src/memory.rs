@@ -1,4 +1,4 @@
-//! Keeping freed memory in the process.
+//! Keeping freed memory in the process, and allocating model-sized device buffers exactly.
 //!
 //! A training step allocates and frees the same large buffers every time (activations,
 //! gradients, the flat copies). glibc returns allocations above its mmap threshold to the kernel
@@ -22,6 +22,36 @@ pub fn retain_freed_memory() -> bool {
     {
         false
     }
+}
+
+/// `make()`, with every device buffer it allocates given exactly its size: CubeCL's persistent
+/// memory (Burn's `Backend::memory_persistent_allocations`; elsewhere just `make()`).
+///
+/// For the few long-lived, model-sized buffers (the flat f32 weights, AdamW moments and
+/// gradients; the bf16 compute copy). CubeCL's default pools (`MemoryConfiguration::SubSlices`,
+/// cubecl-runtime 0.10 `memory_management/memory_manage.rs`) serve a request by slicing a page
+/// allocated whole and kept; pages are a quarter of the device (35 GiB on an H200, 20 GiB on an
+/// 80 GB H100) and that over powers of 4 below it, and a request above an eighth of the largest
+/// page (bar a band just under a quarter of it) gets a page of the largest size: the 1B shape's
+/// four 4.6 GiB flat buffers held a 35 GiB page, 17 GiB of it never used, and a flat buffer
+/// above the largest page (7B's 25 GiB on an H100) is refused (`BufferTooBig`). A persistent
+/// buffer is allocated at its size; a freed one is reused by the next request of the same size
+/// (the next step's gradient buffer), and any request of a size that a persistent buffer has
+/// is served from the persistent pool, so a same-sized transient is exact as well. Allocate
+/// only what lives across steps in here: a transient of another size made inside `make`
+/// stays reserved until [`release_freed_memory`].
+pub fn allocate_persistent<B: burn::tensor::backend::Backend, T: Send>(
+    device: &B::Device,
+    make: impl FnOnce() -> T + Send,
+) -> T {
+    B::memory_persistent_allocations(device, make, |make| make())
+}
+
+/// Gives the device's free pages and freed persistent buffers back to the driver (CubeCL's
+/// explicit memory cleanup of the calling thread's stream; a no-op on the CPU). For the end of
+/// a generation: its buffers are dropped, and the next one's may have other sizes.
+pub fn release_freed_memory<B: burn::tensor::backend::Backend>(device: &B::Device) {
+    B::memory_cleanup(device);
 }
 
 /// A device's memory as its allocator sees it, in bytes (CubeCL's `MemoryUsage`). CubeCL 0.10

@@ -20,6 +20,9 @@ mod cuda_codegen;
 mod loss;
 mod matmul;
 mod norm;
+// The resident trainer's allocations through the wgpu backend.
+#[cfg(feature = "wgpu")]
+mod resident;
 // The worker binary on Vulkan: a `wgpu` build's (the CUDA-only binary that gpu-check.sh runs
 // has no `--device vulkan`).
 #[cfg(feature = "wgpu")]

@@ -16,6 +16,7 @@ use burn::tensor::{FloatDType, Tensor};
 use super::{accumulate, take, GradReducer};
 use crate::collective::CollectiveError;
 use crate::fused::AccumulateOps;
+use crate::memory::allocate_persistent;
 
 /// Elements per bucket: 64 MiB of f32 (`dapt_proto::model::GRADIENT_BUCKET_ELEMENTS`, which the
 /// planner counts). Larger parameters go in pieces of this size, so the f32 copy of a gradient
@@ -50,10 +51,12 @@ impl<'r, B: AccumulateOps> Buckets<'r, B> {
         cap: usize,
         device: &B::Device,
     ) -> Self {
+        let len = owned.len();
         Buckets {
             reducer,
             total,
-            grads: Tensor::zeros([owned.len()], device),
+            // The rank's slice, alive across the passes: at its exact size.
+            grads: allocate_persistent::<B, _>(device, || Tensor::zeros([len], device)),
             owned,
             pending: Vec::new(),
             open: 0..0,

@@ -66,6 +66,7 @@ use crate::error::Result;
 use crate::fused::accumulate::sum_of_squares;
 use crate::fused::adamw::{adamw, AdamwStep};
 use crate::fused::{AccumulateOps, FusedAutodiff};
+use crate::memory::allocate_persistent;
 use crate::model::llama::param_shape;
 use crate::model::llama::Constants;
 use crate::model::{Llama, LlamaConfig, ParamLayout};
@@ -114,18 +115,16 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
     /// optimizer state) to `device`; the passes run in `compute` (f32, or bf16 with f32 master
     /// weights).
     pub fn from_host(host: Trainer, compute: FloatDType, device: &B::Device) -> Self {
-        let upload = |v: Vec<f32>| {
-            let n = v.len();
-            Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(v, [n]), device)
-        };
+        let upload = |v: Vec<f32>, dtype: FloatDType| upload_exact(v, dtype, device);
         let owned = host.optimizer.range.clone();
         let decay = decay_ranges(&host.layout, &host.optimizer.spec, &owned);
         let shard = owned != (0..host.layout.total);
-        let (weights, master) = if shard && compute != FloatDType::F32 {
-            let master = upload(host.weights[owned.clone()].to_vec());
-            (upload(host.weights).cast(compute), Some(master))
+        let f32 = FloatDType::F32;
+        let (weights, master) = if shard && compute != f32 {
+            let master = upload(host.weights[owned.clone()].to_vec(), f32);
+            (upload(host.weights, compute), Some(master))
         } else {
-            (upload(host.weights), None)
+            (upload(host.weights, f32), None)
         };
         ResidentTrainer {
             config: host.config,
@@ -134,8 +133,8 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
             weights,
             master,
             owned,
-            m: upload(host.optimizer.m),
-            v: upload(host.optimizer.v),
+            m: upload(host.optimizer.m, f32),
+            v: upload(host.optimizer.v, f32),
             decay,
             constants: None,
             optimizer_steps: host.optimizer.t,
@@ -215,8 +214,11 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
         denominator: f64,
     ) -> LossAndGradients<B::InnerBackend> {
         // One flat buffer, uniquely owned: what the all-reduce writes into in place.
-        let mut grads = Tensor::<B::InnerBackend, 1>::zeros([self.layout.total], &self.device);
         let device = self.device.clone();
+        let total = self.layout.total;
+        let mut grads = allocate_persistent::<B::InnerBackend, _>(&device, || {
+            Tensor::<B::InnerBackend, 1>::zeros([total], &device)
+        });
         let passes: Vec<_> = micro.iter().map(|mb| (mb, denominator)).collect();
         let loss = self.passes(&passes, &mut |range, g| {
             if let Some(g) = g {
@@ -506,6 +508,22 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
     }
 }
 
+/// The trainer's device buffers are freed, then every free page of the device's pools on this
+/// thread's stream goes back to the driver (`memory::release_freed_memory`): in the agent each
+/// generation trains on its own thread, whose stream's pools would otherwise keep the last
+/// generation's whole model and optimizer state while the next one allocates its own.
+impl<B: FusedAutodiff> Drop for ResidentTrainer<B> {
+    fn drop(&mut self) {
+        let device = self.device.clone();
+        for t in [&mut self.weights, &mut self.m, &mut self.v] {
+            drop(take(t, &device));
+        }
+        self.master = None;
+        self.constants = None;
+        crate::memory::release_freed_memory::<B::InnerBackend>(&device);
+    }
+}
+
 /// `0..len` cut at the edges of `decay` (sorted, disjoint ranges within it): each piece with
 /// whether weight decay applies to it, in order.
 fn segments(len: usize, decay: &[Range<usize>]) -> Vec<(Range<usize>, bool)> {
@@ -549,6 +567,31 @@ fn decay_ranges(
         }
     }
     out
+}
+
+/// `host` on the device in `dtype`, flat, allocated at its exact size (`allocate_persistent`).
+/// A narrower dtype is cast on the device (the rounding of the step's own casts) in pieces of
+/// [`dapt_proto::model::ADAMW_CHUNK_ELEMENTS`], so the f32 transient is one piece, never a
+/// whole f32 copy beside the compute copy (7B's would be 25 GiB, above an 80 GB GPU's
+/// largest allocator page).
+fn upload_exact<B: Backend>(host: Vec<f32>, dtype: FloatDType, device: &B::Device) -> Tensor<B, 1> {
+    let n = host.len();
+    if dtype == FloatDType::F32 {
+        return allocate_persistent::<B, _>(device, || {
+            Tensor::from_data(TensorData::new(host, [n]), device)
+        });
+    }
+    let pieces: Vec<Tensor<B, 1>> = host
+        .chunks(dapt_proto::model::ADAMW_CHUNK_ELEMENTS)
+        .map(|c| {
+            Tensor::<B, 1>::from_data(TensorData::new(c.to_vec(), [c.len()]), device).cast(dtype)
+        })
+        .collect();
+    drop(host);
+    if pieces.is_empty() {
+        return Tensor::<B, 1>::empty([0], device).cast(dtype);
+    }
+    allocate_persistent::<B, _>(device, || Tensor::cat(pieces, 0))
 }
 
 /// A flat f32 tensor's values on the host.
