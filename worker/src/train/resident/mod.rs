@@ -20,7 +20,10 @@
 //! weight-decay mask is a list of ranges, not a buffer; the AdamW update runs
 //! on the moments and weights in place, with no full-size temporary on a GPU (on the CPU,
 //! Burn's ops leave a few per run of parameters); the RoPE tables and the causal mask are made once per
-//! micro-batch shape. With `training.activation_checkpointing` the backward pass recomputes each
+//! micro-batch shape. The model-sized buffers (the flat f32 ones, the bf16 compute copy) are
+//! allocated at their exact size (`memory::allocate_persistent`), not in pages of CubeCL's
+//! largest pool (a quarter of the device), and dropping the trainer gives the device's free
+//! pages back (`memory::release_freed_memory`). With `training.activation_checkpointing` the backward pass recomputes each
 //! decoder block from its kept input ([`Llama::backward_recompute`]).
 //!
 //! ZeRO (`training.zero_stage` 1 or 2, more than one rank): the trainer comes from a host
@@ -461,9 +464,12 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
         }
         drop(grads);
         if had_master {
-            // The compute copy of the owned slice, cast once per step.
+            // The compute copy of the owned slice, cast once per step (at its exact size: the
+            // same size every step, so the same buffer).
             let all = take(&mut self.weights, &device);
-            self.weights = all.slice_assign(self.owned.clone(), w.clone().cast(self.compute));
+            let (master, compute) = (w.clone(), self.compute);
+            let part = allocate_persistent::<B::InnerBackend, _>(&device, || master.cast(compute));
+            self.weights = all.slice_assign(self.owned.clone(), part);
             self.master = Some(w);
         } else {
             self.weights = w;
