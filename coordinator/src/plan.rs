@@ -301,9 +301,10 @@ pub fn block_activation_bytes(config: &LlamaConfig, b: f64, s: f64, c: f64, flas
 /// The bytes beyond the states after the backward passes (the all-reduce, the norm, AdamW), for
 /// `n` parameters of which the rank owns `owned`, with `c` bytes per element of the compute
 /// dtype. On a GPU the all-reduce is NCCL's, in place, and AdamW one in-place kernel
-/// (`worker/src/fused/adamw.rs`): nothing, except the compute-dtype copy of the owned slice cast
-/// from a sharded f32 master (bf16, ZeRO over more than one rank) before it goes into the
-/// compute weights. On the CPU the larger of: the ring's host-staged all-reduce of the whole
+/// (`worker/src/fused/adamw.rs`): nothing, except one piece of the compute-dtype copy of the
+/// owned slice cast from a sharded f32 master (bf16, ZeRO over more than one rank) on its way
+/// into the compute weights, piece by piece of
+/// [`dapt_proto::model::GRADIENT_BUCKET_ELEMENTS`]. On the CPU the larger of: the ring's host-staged all-reduce of the whole
 /// gradient at stages 0 and 1 over more than one rank (`HostStaged`: a host copy of it, 4 n,
 /// and the ring's chunk in flight, 4 n / w; fitted to the d512 rows of docs/plan.md, not derived
 /// from the ring's code), and AdamW in Burn's ops over chunks of
@@ -325,7 +326,7 @@ fn optimizer_temporaries(
         };
         adamw.max(staged)
     } else if c < 4.0 && setting.zero_stage >= 1 && world > 1 {
-        c * owned
+        c * owned.min(dapt_proto::model::GRADIENT_BUCKET_ELEMENTS as f64)
     } else {
         0.0
     }

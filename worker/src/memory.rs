@@ -38,8 +38,10 @@ pub fn retain_freed_memory() -> bool {
 /// buffer is allocated at its size; a freed one is reused by the next request of the same size
 /// (the next step's gradient buffer), and any request of a size that a persistent buffer has
 /// is served from the persistent pool, so a same-sized transient is exact as well. Allocate
-/// only what lives across steps in here: a transient of another size made inside `make`
-/// stays reserved until [`release_freed_memory`].
+/// only what lives across steps in here, and launch no kernel: anything else allocated inside
+/// `make` (a transient, a kernel's metadata) is persistent too, stays reserved until
+/// [`release_freed_memory`], and draws every later request of its size into the persistent
+/// pool. (A persistent buffer may be larger than the largest page: CubeCL does not check.)
 pub fn allocate_persistent<B: burn::tensor::backend::Backend, T: Send>(
     device: &B::Device,
     make: impl FnOnce() -> T + Send,
@@ -48,10 +50,29 @@ pub fn allocate_persistent<B: burn::tensor::backend::Backend, T: Send>(
 }
 
 /// Gives the device's free pages and freed persistent buffers back to the driver (CubeCL's
-/// explicit memory cleanup of the calling thread's stream; a no-op on the CPU). For the end of
-/// a generation: its buffers are dropped, and the next one's may have other sizes.
+/// explicit memory cleanup of the calling thread's stream; a no-op on the CPU), and waits for
+/// the device: CubeCL only queues the cleanup, and its device thread runs a queue when it fills
+/// or something waits. For the end of a generation: its buffers are dropped, and the next
+/// one's may have other sizes.
 pub fn release_freed_memory<B: burn::tensor::backend::Backend>(device: &B::Device) {
     B::memory_cleanup(device);
+    let _ = B::sync(device);
+}
+
+/// `n` f32 zeros, flat, allocated at their exact size ([`allocate_persistent`]). Only the
+/// buffer is made in persistent mode; it is zeroed after (in place): a kernel launched inside
+/// would put its small metadata buffer in the persistent pool as well, and with it, by the
+/// same-size rule, every later allocation of that size.
+pub fn zeros_persistent<B: burn::tensor::backend::Backend>(
+    n: usize,
+    device: &B::Device,
+) -> burn::tensor::Tensor<B, 1> {
+    use burn::tensor::Tensor;
+    if n == 0 {
+        return Tensor::zeros([0], device);
+    }
+    let buffer = allocate_persistent::<B, _>(device, || Tensor::<B, 1>::empty([n], device));
+    buffer.slice_fill(0..n, 0.0)
 }
 
 /// A device's memory as its allocator sees it, in bytes (CubeCL's `MemoryUsage`). CubeCL 0.10

@@ -16,7 +16,7 @@ use burn::tensor::{FloatDType, Tensor};
 use super::{accumulate, take, GradReducer};
 use crate::collective::CollectiveError;
 use crate::fused::AccumulateOps;
-use crate::memory::allocate_persistent;
+use crate::memory::zeros_persistent;
 
 /// Elements per bucket: 64 MiB of f32 (`dapt_proto::model::GRADIENT_BUCKET_ELEMENTS`, which the
 /// planner counts). Larger parameters go in pieces of this size, so the f32 copy of a gradient
@@ -56,7 +56,7 @@ impl<'r, B: AccumulateOps> Buckets<'r, B> {
             reducer,
             total,
             // The rank's slice, alive across the passes: at its exact size.
-            grads: allocate_persistent::<B, _>(device, || Tensor::zeros([len], device)),
+            grads: zeros_persistent::<B>(len, device),
             owned,
             pending: Vec::new(),
             open: 0..0,

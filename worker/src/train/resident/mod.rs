@@ -69,7 +69,7 @@ use crate::error::Result;
 use crate::fused::accumulate::sum_of_squares;
 use crate::fused::adamw::{adamw, AdamwStep};
 use crate::fused::{AccumulateOps, FusedAutodiff};
-use crate::memory::allocate_persistent;
+use crate::memory::{allocate_persistent, zeros_persistent};
 use crate::model::llama::param_shape;
 use crate::model::llama::Constants;
 use crate::model::{Llama, LlamaConfig, ParamLayout};
@@ -219,9 +219,7 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
         // One flat buffer, uniquely owned: what the all-reduce writes into in place.
         let device = self.device.clone();
         let total = self.layout.total;
-        let mut grads = allocate_persistent::<B::InnerBackend, _>(&device, || {
-            Tensor::<B::InnerBackend, 1>::zeros([total], &device)
-        });
+        let mut grads = zeros_persistent::<B::InnerBackend>(total, &device);
         let passes: Vec<_> = micro.iter().map(|mb| (mb, denominator)).collect();
         let loss = self.passes(&passes, &mut |range, g| {
             if let Some(g) = g {
@@ -464,12 +462,18 @@ impl<B: FusedAutodiff> ResidentTrainer<B> {
         }
         drop(grads);
         if had_master {
-            // The compute copy of the owned slice, cast once per step (at its exact size: the
-            // same size every step, so the same buffer).
-            let all = take(&mut self.weights, &device);
-            let (master, compute) = (w.clone(), self.compute);
-            let part = allocate_persistent::<B::InnerBackend, _>(&device, || master.cast(compute));
-            self.weights = all.slice_assign(self.owned.clone(), part);
+            // The compute copy of the owned slice, cast once per step, piece by piece (of a
+            // gradient bucket's size) into the whole copy, in place: no transient the size of
+            // the slice.
+            let mut all = take(&mut self.weights, &device);
+            let (n, piece) = (w.dims()[0], self.bucket_elements);
+            for start in (0..n).step_by(piece) {
+                let end = (start + piece).min(n);
+                let at = self.owned.start + start;
+                let piece = w.clone().slice(start..end).cast(self.compute);
+                all = all.slice_assign(at..at + (end - start), piece);
+            }
+            self.weights = all;
             self.master = Some(w);
         } else {
             self.weights = w;
@@ -576,28 +580,29 @@ fn decay_ranges(
 }
 
 /// `host` on the device in `dtype`, flat, allocated at its exact size (`allocate_persistent`).
-/// A narrower dtype is cast on the device (the rounding of the step's own casts) in pieces of
-/// [`dapt_proto::model::ADAMW_CHUNK_ELEMENTS`], so the f32 transient is one piece, never a
-/// whole f32 copy beside the compute copy (7B's would be 25 GiB, above an 80 GB GPU's
-/// largest allocator page).
+/// A narrower dtype is cast on the device (the rounding of the step's own casts) piece by
+/// piece of [`dapt_proto::model::ADAMW_CHUNK_ELEMENTS`] into that buffer, so the transients
+/// are one piece in f32 and in `dtype`: never a whole f32 copy beside the compute copy (7B's
+/// would be 25 GiB, above an 80 GB GPU's largest allocator page) nor a second compute copy.
 fn upload_exact<B: Backend>(host: Vec<f32>, dtype: FloatDType, device: &B::Device) -> Tensor<B, 1> {
     let n = host.len();
     if dtype == FloatDType::F32 {
+        // A copy from the host, no kernel.
         return allocate_persistent::<B, _>(device, || {
             Tensor::from_data(TensorData::new(host, [n]), device)
         });
     }
-    let pieces: Vec<Tensor<B, 1>> = host
-        .chunks(dapt_proto::model::ADAMW_CHUNK_ELEMENTS)
-        .map(|c| {
-            Tensor::<B, 1>::from_data(TensorData::new(c.to_vec(), [c.len()]), device).cast(dtype)
-        })
-        .collect();
-    drop(host);
-    if pieces.is_empty() {
-        return Tensor::<B, 1>::empty([0], device).cast(dtype);
+    let mut out = allocate_persistent::<B, _>(device, || {
+        Tensor::<B, 1>::empty([n], (device, dtype.into()))
+    });
+    let mut at = 0;
+    for piece in host.chunks(dapt_proto::model::ADAMW_CHUNK_ELEMENTS) {
+        let len = piece.len();
+        let piece = Tensor::<B, 1>::from_data(TensorData::new(piece.to_vec(), [len]), device);
+        out = out.slice_assign(at..at + len, piece.cast(dtype));
+        at += len;
     }
-    allocate_persistent::<B, _>(device, || Tensor::cat(pieces, 0))
+    out
 }
 
 /// A flat f32 tensor's values on the host.

@@ -473,9 +473,11 @@ fn a_non_finite_loss_on_one_rank_is_skipped_by_every_rank_at_stage_2() {
     );
 }
 
-/// In bf16 the f32 master weights are sharded as well (each rank keeps its slice, and the bf16
-/// compute copy is all-gathered): stages 1 and 2 give stage 0's steps and weights at 2 and 3
-/// ranks, and a checkpoint's host copy gathers the whole f32 master weights.
+/// In bf16 the f32 master weights are sharded as well (each rank keeps its slice, cast into the
+/// bf16 compute copy piece by piece of a bucket's size, and the bf16 compute copy is
+/// all-gathered): stages 1 and 2 give stage 0's steps and weights at 2 and 3 ranks, with
+/// buckets of 1,000 elements (many pieces per slice), and a checkpoint's host copy gathers the
+/// whole f32 master weights.
 #[test]
 fn in_bf16_the_sharded_master_weights_match_stage_0() {
     let steps = 2;
@@ -484,9 +486,14 @@ fn in_bf16_the_sharded_master_weights_match_stage_0() {
             host(0, rank, world)
         });
         for stage in [1u8, 2] {
-            let ranks = train_in(FloatDType::BF16, world, 0, steps, &|rank| {
-                host(stage, rank, world)
-            });
+            let ranks = train_bucketed(
+                FloatDType::BF16,
+                world,
+                0,
+                steps,
+                &|rank| host(stage, rank, world),
+                Some(1000),
+            );
             for (rank, ((log, t, _), (log0, t0, _))) in ranks.iter().zip(&stage0).enumerate() {
                 let at = format!("bf16, stage {stage}, world {world}, rank {rank}");
                 for ((loss, norm), (loss0, norm0)) in log.iter().zip(log0) {
