@@ -48,6 +48,10 @@
 #                         and cubek's tensor-core ones, below; "" for none), MATMUL_TIMEOUT s each (40), then
 #                         30 s of its checks against the CPU
 #   MATMUL_SHAPES         shapes run 7 steps with the fastest of them, if one beats Burn's (default "1b")
+#   ONEBLOCK_SHAPES       shapes run 7 steps with blockwise attention in one block of the whole
+#                         sequence (DAPT_ATTENTION_BLOCK=SEQ; the default blocks are sized for 128
+#                         MiB of scores: 4 at 1b), with the chosen matmul; last, if time is left
+#                         (default "1b"; "" for none)
 #   NCU=1                 after 3, Nsight Compute on 30 kernels of one 1B step (NCU_SKIP launches first)
 #   TIMING=0              skip the attention timings after 1
 #   PROFILE=0             skip 3;  AUTOTUNE=0: skip 4;  F32=1: also dapt f32 (TF32);  LAUNCH=1:
@@ -274,6 +278,13 @@ measure() {
   if [[ " ${MATMUL_SHAPES-1b} " == *" $shape "* ]] && [ "$BEST_MATMUL" != burn ]; then
     step "matmul-$shape-bf16" 90 env DAPT_MATMUL="$BEST_MATMUL" "$WORKER" --log-format json train \
       "$jobfile" --device cuda --precision bf16 --no-checkpoints --stop-after 7
+  fi
+  # Blockwise attention in one block (fewer launches, copies and casts; the masked upper
+  # triangle computed): beside matmul-$shape-bf16 when a strategy was chosen, else dapt-$shape-bf16.
+  if [[ " ${ONEBLOCK_SHAPES-1b} " == *" $shape "* ]]; then
+    step "oneblock-$shape-bf16" 90 env DAPT_MATMUL="$BEST_MATMUL" DAPT_ATTENTION_BLOCK=$seq \
+      "$WORKER" --log-format json train "$jobfile" --device cuda --precision bf16 --no-checkpoints \
+      --stop-after 7
   fi
   if [ "${F32:-0}" = 1 ]; then
     step "dapt-$shape-f32" 150 "$WORKER" --log-format json train "$jobfile" --device cuda --nccl --no-checkpoints

@@ -276,7 +276,8 @@ def main():
                        + glob.glob(f"{logs}/zero2-*-bf16.log")
                        + glob.glob(f"{logs}/blockwise-*-bf16.log")
                        + glob.glob(f"{logs}/kernels-*-bf16.log")
-                       + glob.glob(f"{logs}/matmul-*-bf16.log")):
+                       + glob.glob(f"{logs}/matmul-*-bf16.log")
+                       + glob.glob(f"{logs}/oneblock-*-bf16.log")):
         rows.append(dapt_run(logs, path, a.anchor, a.peak))
     for path in sorted(glob.glob(f"{logs}/torch-*.log")):
         rows.append(torch_run(logs, path))
@@ -325,12 +326,25 @@ def main():
                             beside("blockwise", "kernels", "blockwise")])
     # The model with the fastest DAPT_MATMUL strategy against Burn's matmul (the same job and data).
     matmul_parity = beside("matmul", "burn", "strategy")
+    # Blockwise attention in one block (DAPT_ATTENTION_BLOCK=seq, with the chosen strategy)
+    # against the default blocks: the base is the matmul-SHAPE run when there is one.
+    oneblock_parity = []
+    for shape in ("1b", "135m"):
+        o = by.get(f"oneblock-{shape}-bf16")
+        base = by.get(f"matmul-{shape}-bf16") or by.get(f"dapt-{shape}-bf16")
+        if o and base and o.get("losses") and base.get("losses"):
+            pairs = list(zip(base["losses"], o["losses"]))
+            oneblock_parity.append(dict(shape=shape, base=base["name"], steps=len(pairs),
+                                        max_abs_diff=max(abs(x - y) for x, y in pairs),
+                                        base_tokens_per_s=base.get("tokens_per_s"),
+                                        oneblock_tokens_per_s=o.get("tokens_per_s")))
     bench = matmul_bench(logs)
     ratios = []
     for shape in ("1b", "135m"):
         t = by.get(f"torch-{shape}-bf16")
         for run in ("dapt-{}-bf16", "dapt-{}-bf16-autotune", "dapt-{}-f32", "launch-{}-bf16",
-                    "blockwise-{}-bf16", "kernels-{}-bf16", "matmul-{}-bf16"):
+                    "blockwise-{}-bf16", "kernels-{}-bf16", "matmul-{}-bf16",
+                    "oneblock-{}-bf16"):
             d = by.get(run.format(shape))
             if d and t:
                 ratios.append(dict(shape=shape, run=d["name"], vs="pytorch eager bf16",
@@ -357,7 +371,7 @@ def main():
                   attention_timing=attention_timing(logs), runs=rows,
                   loss_parity=parity, zero_parity=zero_parity, blockwise_parity=blockwise_parity,
                   matmul_strategies=bench, best_matmul=best_matmul(bench) if bench else None,
-                  matmul_parity=matmul_parity, ptx_cache=ptx_cache, ratios=ratios, profile_1b=profile, autotune_choices=choices,
+                  matmul_parity=matmul_parity, oneblock_parity=oneblock_parity, ptx_cache=ptx_cache, ratios=ratios, profile_1b=profile, autotune_choices=choices,
                   skipped=skipped,
                   carried_sizes=sizes)
     with open(f"{a.out}/results.json", "w") as f:
@@ -402,6 +416,10 @@ def main():
         md.append(f"\nmatmul strategy {x['shape']}: losses within {x['max_abs_diff']:.4f} of Burn's matmul "
                   f"over {x['steps']} steps; {x['strategy_tokens_per_s'] or 0:,.0f} against "
                   f"{x['burn_tokens_per_s'] or 0:,.0f} tokens/s")
+    for x in oneblock_parity:
+        md.append(f"\nattention in one block {x['shape']}: losses within {x['max_abs_diff']:.4f} of "
+                  f"{x['base']} over {x['steps']} steps; {x['oneblock_tokens_per_s'] or 0:,.0f} against "
+                  f"{x['base_tokens_per_s'] or 0:,.0f} tokens/s")
     for x in ptx_cache:
         md.append(f"\nPTX cache {x['shape']}: first step {x['cold_first_step_s']:.1f} s cold, "
                   f"{x['warm_first_step_s']:.1f} s on restart (other steps {x['later_step_s']:.2f} s)")
