@@ -172,7 +172,53 @@ impl Manifest {
                 ),
             });
         }
+        manifest
+            .check_paths()
+            .map_err(|message| CorpusError::Manifest { path, message })?;
         Ok(manifest)
+    }
+
+    /// Every path the manifest names stays inside its corpus directory, as `dapt prepare`
+    /// writes them: source names as the job allows them, the tokenizer a plain file name, each
+    /// shard file `<its source>/<a plain file name>`. `dapt prepare` deletes a replaced corpus
+    /// by these paths and readers open them, so a manifest that names `../x` or `/x` (handed
+    /// over, or damaged) is refused, naming the field, before anything is read or removed.
+    fn check_paths(&self) -> std::result::Result<(), String> {
+        fn plain(name: &str) -> bool {
+            !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
+        }
+        if !plain(&self.tokenizer.file) {
+            return Err(format!(
+                "tokenizer.file `{}` is not a file name inside the corpus directory",
+                self.tokenizer.file.escape_debug()
+            ));
+        }
+        for (i, source) in self.sources.iter().enumerate() {
+            crate::spec::SourceName::try_from(source.name.clone())
+                .map_err(|e| format!("sources[{i}].name: {e}"))?;
+            for (stream, manifest) in [("train", &source.train), ("held_out", &source.held_out)] {
+                for (j, shard) in manifest.shards.iter().enumerate() {
+                    for (field, file) in [
+                        ("token_file", &shard.token_file),
+                        ("document_file", &shard.document_file),
+                    ] {
+                        let inside = file
+                            .path
+                            .split_once('/')
+                            .is_some_and(|(dir, name)| dir == source.name && plain(name));
+                        if !inside {
+                            return Err(format!(
+                                "sources[{i}].{stream}.shards[{j}].{field}.path `{}` is not \
+                                 `{}/<file name>`",
+                                file.path.escape_debug(),
+                                source.name
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every file the manifest vouches for, tokenizer included.

@@ -193,6 +193,70 @@ fn second_run_does_nothing_until_an_input_changes() {
     CorpusReader::open_with(&fx.path("out"), true).expect("rebuilt corpus verifies");
 }
 
+/// A corpus manifest that names files outside its directory (handed over, or damaged) is
+/// refused by field before anything is read or removed: `dapt prepare` deleted a replaced
+/// corpus by its manifest's paths, `../victim.txt` and absolute ones included.
+#[test]
+fn a_manifest_naming_files_outside_the_corpus_is_refused_and_nothing_is_deleted() {
+    let fx = Fixture::new();
+    let spec = fx.spec("");
+    prepared(&spec);
+    let manifest_path = fx.path("out/manifest.json");
+    let original = std::fs::read_to_string(&manifest_path).expect("manifest");
+    let victim = fx.path("victim.txt");
+    let absolute = fx.path("absolute-victim.txt");
+    for (field, from, to) in [
+        (
+            "sources[0].train.shards[0].token_file.path",
+            "\"sql/train-00000.tok\"",
+            "\"../victim.txt\"".to_string(),
+        ),
+        (
+            "sources[0].train.shards[0].document_file.path",
+            "\"sql/train-00000.doc\"",
+            format!("\"{}\"", absolute.display()),
+        ),
+        (
+            "sources[1].train.shards[0].token_file.path",
+            "\"general/train-00000.tok\"",
+            "\"sql/train-00000.tok\"".to_string(),
+        ),
+        (
+            "tokenizer.file",
+            "\"tokenizer.json\"",
+            "\"../victim.txt\"".to_string(),
+        ),
+        (
+            "sources[0].name",
+            "\"name\": \"sql\"",
+            "\"name\": \"..\"".to_string(),
+        ),
+    ] {
+        std::fs::write(&victim, "the user's").expect("write");
+        std::fs::write(&absolute, "the user's").expect("write");
+        assert!(original.contains(from), "{from} in the manifest");
+        std::fs::write(&manifest_path, original.replacen(from, &to, 1)).expect("write");
+        let err = CorpusReader::open(&fx.path("out"))
+            .err()
+            .expect("the reader refuses it")
+            .to_string();
+        assert!(err.contains(field), "{field}: {err}");
+        // A changed input makes prepare replace the corpus: it refuses instead.
+        std::fs::write(
+            fx.path("replay/speech00.txt"),
+            format!("A new speech {field}."),
+        )
+        .expect("write");
+        let err = run(&spec).err().expect("prepare refuses").to_string();
+        assert!(err.contains(field), "{field}: {err}");
+        assert!(
+            victim.exists() && absolute.exists(),
+            "{field}: a file outside was deleted"
+        );
+        assert!(manifest_path.exists(), "{field}: the corpus is still there");
+    }
+}
+
 #[test]
 fn flipped_byte_and_truncation_are_refused_by_name() {
     let fx = Fixture::new();
