@@ -125,6 +125,12 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
     banner.announce();
     let progress = coordinator.progress();
     let logs = job.checkpoint.dir.join("logs");
+    if std::fs::symlink_metadata(&logs).is_ok_and(|m| m.file_type().is_symlink()) {
+        anyhow::bail!(
+            "{} is a symlink: dapt writes its worker logs only into a directory of its own",
+            logs.display()
+        );
+    }
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     // Each worker gets its share of the cores: several rayon pools on the same cores fight.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -133,8 +139,7 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
     for i in 0..options.workers {
         let id = format!("worker-{i}");
         let log_path = logs.join(format!("{id}.log"));
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
+        let log = open_log(&log_path)?;
         let child = Command::new(&worker_exe)
             .arg("--log-format")
             .arg(options.log.log_format.to_string())
@@ -273,6 +278,24 @@ async fn any_exit(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A worker's log file, opened for appending (a resumed launch adds to the earlier run's log;
+/// nothing in it is overwritten) and never through a symlink (`O_NOFOLLOW`): a `worker-N.log`
+/// that is a symlink is refused, so no file outside the checkpoint directory is written.
+fn open_log(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "opening {} (dapt appends its worker logs there; it does not write through a symlink)",
+                path.display()
+            )
+        })
 }
 
 fn signal_all(children: &[(String, PathBuf, Child)], signal: i32) {

@@ -313,8 +313,10 @@ impl Ledger {
 }
 
 /// The first entry of `dir` that dapt does not write in a checkpoint directory (its
-/// checkpoints, their staging directories, `committed.json`, the ledger, `logs/`, `export/`),
-/// if any. A missing directory has none.
+/// checkpoints, their staging directories, `committed.json`, the ledger, `logs/` holding only
+/// `worker-N.log` files, `export/` empty or holding a dapt export's marker), if any. A
+/// `logs` or `export` that is a symlink, or holds anything else, is foreign: `dapt launch`
+/// writes worker logs into `logs/` and the export into `export/`. A missing directory has none.
 pub fn foreign_entry(dir: &Path) -> Result<Option<String>, LedgerError> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -337,14 +339,55 @@ pub fn foreign_entry(dir: &Path) -> Result<Option<String>, LedgerError> {
                     | "committed.tmp"
                     | "ledger.tmp"
                     | "generation.tmp"
-                    | "logs"
-                    | "export"
-            ) || name.starts_with(".tmp-step-")
+            ) || (name == "logs" && holds_only_worker_logs(path))
+                || (name == "export" && is_dapt_export_dir(path))
+                || name.starts_with(".tmp-step-")
                 || name.starts_with(checkpoint::ZERO_STAGING_PREFIX)
                 || checkpoint::identify(path).is_some();
             !ours
         })
         .map(|(name, _)| name))
+}
+
+/// Whether `path` is a directory (not a symlink) whose entries are all regular files named
+/// `worker-N.log`: what `dapt launch` writes there.
+fn holds_only_worker_logs(path: &Path) -> bool {
+    let is_worker_log = |name: &str| {
+        name.strip_prefix("worker-")
+            .and_then(|rest| rest.strip_suffix(".log"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    real_dir_entries(path).is_some_and(|entries| {
+        entries
+            .iter()
+            .all(|(name, file)| *file && is_worker_log(name))
+    })
+}
+
+/// Whether `path` is a directory (not a symlink), empty or holding a dapt export's marker
+/// (`dapt-export.json`, which the worker's export writes first) among regular files only.
+fn is_dapt_export_dir(path: &Path) -> bool {
+    real_dir_entries(path).is_some_and(|entries| {
+        entries.is_empty()
+            || (entries.iter().all(|(_, file)| *file)
+                && entries.iter().any(|(name, _)| name == "dapt-export.json"))
+    })
+}
+
+/// The entries of `path` with whether each is a regular file (not following symlinks), when
+/// `path` itself is a directory and not a symlink.
+fn real_dir_entries(path: &Path) -> Option<Vec<(String, bool)>> {
+    if !fs::symlink_metadata(path).ok()?.is_dir() {
+        return None;
+    }
+    fs::read_dir(path)
+        .ok()?
+        .map(|e| {
+            let e = e.ok()?;
+            let file = e.file_type().ok()?.is_file();
+            Some((e.file_name().to_string_lossy().into_owned(), file))
+        })
+        .collect()
 }
 
 /// Deletes the dapt checkpoints in `dir` older than the `keep` newest at or before

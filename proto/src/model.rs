@@ -220,13 +220,17 @@ impl LlamaConfig {
                 .transpose()
             };
         let required = |v: Option<usize>, key: &str| v.ok_or_else(|| format!("`{key}` is missing"));
-        let f64_of = |v: Option<&Value>, key: &str| -> std::result::Result<Option<f64>, String> {
-            v.map(|v| {
-                v.as_f64()
-                    .ok_or_else(|| format!("`{key}` must be a number, got {v}"))
-            })
-            .transpose()
-        };
+        // A positive, finite number: the norm's epsilon and RoPE's base (a zero or negative one
+        // gives NaN or inf in every pass, with no word of which field).
+        let positive_f64_of =
+            |v: Option<&Value>, key: &str| -> std::result::Result<Option<f64>, String> {
+                v.map(|v| {
+                    v.as_f64()
+                        .filter(|x| x.is_finite() && *x > 0.0)
+                        .ok_or_else(|| format!("`{key}` must be a positive number, got {v}"))
+                })
+                .transpose()
+            };
 
         let family = match get("model_type") {
             None => Family::Llama,
@@ -322,8 +326,8 @@ impl LlamaConfig {
             num_key_value_heads: kv,
             head_dim,
             vocab_size: required(usize_of(get("vocab_size"), "vocab_size")?, "vocab_size")?,
-            rms_norm_eps: f64_of(get("rms_norm_eps"), "rms_norm_eps")?.unwrap_or(1e-6),
-            rope_theta: f64_of(rope_theta, "rope_theta")?.unwrap_or(10_000.0),
+            rms_norm_eps: positive_f64_of(get("rms_norm_eps"), "rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta: positive_f64_of(rope_theta, "rope_theta")?.unwrap_or(10_000.0),
             rope_scaling,
             max_position_embeddings: usize_of(
                 get("max_position_embeddings"),
@@ -552,7 +556,8 @@ fn parse_rope_scaling(v: &Value) -> std::result::Result<RopeScaling, String> {
     let num = |key: &str| {
         v.get(key)
             .and_then(Value::as_f64)
-            .ok_or_else(|| format!("`rope_scaling.{key}` is missing or not a number"))
+            .filter(|x| x.is_finite() && *x > 0.0)
+            .ok_or_else(|| format!("`rope_scaling.{key}` is missing or not a positive number"))
     };
     let int = |key: &str| {
         v.get(key)
@@ -595,6 +600,20 @@ fn parse_rope_scaling(v: &Value) -> std::result::Result<RopeScaling, String> {
             ))
         }
     };
+    // Llama 3's smoothing divides by `high_freq_factor - low_freq_factor` (transformers'
+    // `_compute_llama3_parameters`), which requires the high one to be the larger.
+    if let RopeScaling::Llama3 {
+        low_freq_factor,
+        high_freq_factor,
+        ..
+    } = scaling
+    {
+        if high_freq_factor <= low_freq_factor {
+            return Err(format!(
+                "`rope_scaling.high_freq_factor` ({high_freq_factor}) must be greater than `rope_scaling.low_freq_factor` ({low_freq_factor})"
+            ));
+        }
+    }
     // `rope_theta` is in transformers 5's `rope_parameters`, read with the other fields.
     let common = ["rope_type", "type", "rope_theta"];
     if let Some(key) = v.as_object().and_then(|m| {
@@ -656,6 +675,43 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.contains("yarn"), "{err}");
+    }
+
+    /// Numbers that would make every pass NaN or inf are refused by field, not trained on.
+    #[test]
+    fn invalid_epsilon_base_and_scaling_factors_are_named() {
+        let llama3 = |factor: &str, low: &str, high: &str| {
+            SMOLLM2.replace(
+                "\"rope_scaling\": null",
+                &format!("\"rope_scaling\": {{\"rope_type\": \"llama3\", \"factor\": {factor}, \"low_freq_factor\": {low}, \"high_freq_factor\": {high}, \"original_max_position_embeddings\": 8192}}"),
+            )
+        };
+        for (bad, field) in [
+            (SMOLLM2.replace("1e-05", "-1"), "`rms_norm_eps`"),
+            (SMOLLM2.replace("1e-05", "0"), "`rms_norm_eps`"),
+            (
+                SMOLLM2.replace("\"rope_theta\": 100000", "\"rope_theta\": 0"),
+                "`rope_theta`",
+            ),
+            (
+                SMOLLM2.replace("\"rope_theta\": 100000", "\"rope_theta\": -5"),
+                "`rope_theta`",
+            ),
+            (
+                SMOLLM2.replace(
+                    "\"rope_scaling\": null",
+                    "\"rope_scaling\": {\"rope_type\": \"linear\", \"factor\": 0}",
+                ),
+                "`rope_scaling.factor`",
+            ),
+            (llama3("8", "4", "4"), "`rope_scaling.high_freq_factor`"),
+            (llama3("8", "4", "1"), "`rope_scaling.high_freq_factor`"),
+            (llama3("8", "-1", "4"), "`rope_scaling.low_freq_factor`"),
+        ] {
+            let err = LlamaConfig::from_json(&bad).expect_err(field);
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        LlamaConfig::from_json(&llama3("8", "1", "4")).expect("Llama 3.1's scaling");
     }
 
     #[test]

@@ -290,6 +290,68 @@ fn set_steps(job: &mut Job, steps: u64) {
     job.steps = steps;
 }
 
+/// `dapt launch` writes worker logs into `checkpoint.dir/logs/` and the export into `export/`:
+/// a `logs` or `export` it did not write (a user's files there, a symlink to elsewhere) is
+/// refused before anything runs, and its own logs are appended to, never truncated or written
+/// through a symlink (it truncated `logs/worker-N.log` and followed a symlinked `logs`).
+#[test]
+fn launch_leaves_logs_and_exports_it_did_not_write() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let refused = |job: &Job, what: &str| {
+        let mut proc = launch(job, 1);
+        let (status, _) = proc.finish(LONG);
+        let err = proc.stderr();
+        assert!(!status.success(), "{what}: launched\n{err}");
+        assert!(err.contains(what), "{what}: {err}");
+    };
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).expect("mkdir");
+    std::fs::write(elsewhere.join("worker-0.log"), "precious").expect("write");
+
+    let job = write_job(tmp.path(), "logs", 2, "");
+    let logs = job.checkpoints.join("logs");
+    // A user's file among the logs, then an export folder with a user's model, then a
+    // symlinked logs folder: each refused, each left as it was.
+    std::fs::create_dir_all(&logs).expect("mkdir");
+    std::fs::write(logs.join("notes.txt"), "mine").expect("write");
+    refused(&job, "`logs`");
+    std::fs::remove_file(logs.join("notes.txt")).expect("rm");
+    std::fs::create_dir_all(job.checkpoints.join("export")).expect("mkdir");
+    std::fs::write(job.checkpoints.join("export/model.safetensors"), "mine").expect("write");
+    refused(&job, "`export`");
+    assert_eq!(
+        std::fs::read_to_string(job.checkpoints.join("export/model.safetensors")).expect("read"),
+        "mine"
+    );
+    std::fs::remove_dir_all(job.checkpoints.join("export")).expect("rm");
+    std::fs::remove_dir(&logs).expect("rm");
+    std::os::unix::fs::symlink(&elsewhere, &logs).expect("symlink");
+    refused(&job, "`logs`");
+    std::fs::remove_file(&logs).expect("rm symlink");
+
+    // An earlier log of the same name: the run appends to it.
+    std::fs::create_dir_all(&logs).expect("mkdir");
+    std::fs::write(logs.join("worker-0.log"), "the earlier run's log\n").expect("write");
+    let mut proc = launch(&job, 1);
+    let (status, out) = proc.finish(LONG);
+    assert!(status.success(), "{status}\n{out}\n{}", proc.stderr());
+    let log = std::fs::read_to_string(logs.join("worker-0.log")).expect("read");
+    assert!(
+        log.starts_with("the earlier run's log\n") && log.len() > 100,
+        "{log}"
+    );
+
+    // The job committed: a `logs` turned into a symlink since is refused all the same.
+    std::fs::remove_dir_all(&logs).expect("rm");
+    std::os::unix::fs::symlink(&elsewhere, &logs).expect("symlink");
+    refused(&job, "symlink");
+    assert_eq!(
+        std::fs::read_to_string(elsewhere.join("worker-0.log")).expect("read"),
+        "precious"
+    );
+}
+
 #[test]
 fn pruning_and_checkpoint_dir_leave_what_dapt_did_not_write() {
     let tmp = tempfile::tempdir().expect("tempdir");

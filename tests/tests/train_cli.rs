@@ -68,6 +68,33 @@ fn stopped_and_restarted_training_matches_an_uninterrupted_run_then_exports() {
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(export.join(f).is_file(), "export lacks {f}");
     }
+    // The export's tokenizer.json turned into a symlink to a user's file: exporting into it
+    // again is refused (the tokenizer was copied through the symlink), the user's file kept.
+    let users = dir.path().join("my-tokenizer.json");
+    std::fs::write(&users, "mine").expect("write");
+    std::fs::remove_file(export.join("tokenizer.json")).expect("rm");
+    std::os::unix::fs::symlink(&users, export.join("tokenizer.json")).expect("symlink");
+    let again = [
+        "export",
+        &final_b.to_string_lossy(),
+        "--hf",
+        &export.to_string_lossy(),
+        "--dtype",
+        "bf16",
+    ]
+    .map(|a| a.to_string());
+    let again: Vec<&str> = again.iter().map(String::as_str).collect();
+    let out = dapt(&again);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("tokenizer.json") && err.contains("not a regular file"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&users).expect("read"), "mine");
+    std::fs::remove_file(export.join("tokenizer.json")).expect("rm symlink");
+    ok(&again);
+    assert!(export.join("tokenizer.json").is_file());
     let corpus = dir.path().join("corpus").to_string_lossy().into_owned();
     let eval = |model: &Path| -> Vec<f64> {
         let out = ok(&[

@@ -508,9 +508,12 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     }
 }
 
+/// `from`'s bytes written to `to` through a temporary file and a rename (which replaces what is
+/// at `to` rather than writing through it), when `from` is a file.
 fn copy_if_present(from: &Path, to: &Path) -> anyhow::Result<()> {
     if from.is_file() {
-        std::fs::copy(from, to).with_context(|| format!("copying {}", from.display()))?;
+        let bytes = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
+        hf::write_atomic(to, &bytes).with_context(|| format!("writing {}", to.display()))?;
     }
     Ok(())
 }

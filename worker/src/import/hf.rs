@@ -38,6 +38,17 @@ pub fn claim_output_dir(dir: &Path) -> Result<()> {
         Ok(meta) if !meta.is_dir() => return refuse("exists and is not a directory".into()),
         Ok(_) => {
             let names = file_names(dir)?;
+            // Every entry a regular file: a symlink in an earlier export (say, `tokenizer.json`
+            // to the user's own) would be written through.
+            for name in &names {
+                let path = dir.join(name);
+                let meta = std::fs::symlink_metadata(&path).map_err(WorkerError::io(&path))?;
+                if !meta.file_type().is_file() {
+                    return refuse(format!(
+                        "holds `{name}`, which is not a regular file (a symlink or a directory)"
+                    ));
+                }
+            }
             let ours = names.iter().any(|n| n == EXPORT_MARKER);
             let written = [EXPORT_MARKER, CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE];
             if let Some(name) = names
