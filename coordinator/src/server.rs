@@ -267,7 +267,7 @@ pub async fn start(
         joined: Arc::new(serde_json::to_string(&job).expect("a job spec serializes")),
         heartbeat_ms: c.heartbeat_ms as u32,
         gate,
-        unjoined: Arc::new(tokio::sync::Semaphore::new(MAX_UNJOINED)),
+        unjoined: Unjoined::new(),
     };
     // Bounded for strangers: dead connections are found by HTTP/2 pings, and one connection
     // cannot open streams without end.
@@ -702,6 +702,68 @@ const FIRST_MESSAGE: Duration = Duration::from_secs(10);
 /// Sessions that have not proven the token yet, at most; more are refused at once
 /// (`RESOURCE_EXHAUSTED`), so strangers cannot pile up sessions.
 const MAX_UNJOINED: usize = 64;
+/// Of those, at most this many from one IP address: a stranger holding every slot with silent
+/// sessions kept the workers (from other addresses) from joining at all. A node's agents join
+/// well within it; a refused session tries again (as the workers do).
+const MAX_UNJOINED_PER_PEER: usize = 16;
+/// Refused sessions are logged at most once per this period, with their count (a stranger's
+/// flood logged a line per stream: 18 MB in 45 s).
+static REFUSED_SESSIONS: dapt_proto::logging::Throttle =
+    dapt_proto::logging::Throttle::new(Duration::from_secs(10));
+static TOO_MANY_UNJOINED: dapt_proto::logging::Throttle =
+    dapt_proto::logging::Throttle::new(Duration::from_secs(10));
+
+/// The sessions that have not joined yet: [`MAX_UNJOINED`] in all, [`MAX_UNJOINED_PER_PEER`]
+/// per IP address (a session without an address counts as one address).
+#[derive(Clone)]
+struct Unjoined {
+    total: Arc<tokio::sync::Semaphore>,
+    per_peer: Arc<std::sync::Mutex<HashMap<Option<std::net::IpAddr>, usize>>>,
+}
+
+/// One session's place among the unjoined, given back when dropped.
+struct UnjoinedSlot {
+    _total: tokio::sync::OwnedSemaphorePermit,
+    peer: Option<std::net::IpAddr>,
+    per_peer: Arc<std::sync::Mutex<HashMap<Option<std::net::IpAddr>, usize>>>,
+}
+
+impl Unjoined {
+    fn new() -> Self {
+        Unjoined {
+            total: Arc::new(tokio::sync::Semaphore::new(MAX_UNJOINED)),
+            per_peer: Arc::default(),
+        }
+    }
+
+    /// A place for a session from `peer`, if its address and the whole have one left.
+    fn take(&self, peer: Option<std::net::IpAddr>) -> Option<UnjoinedSlot> {
+        let mut per_peer = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let count = per_peer.entry(peer).or_insert(0);
+        if *count >= MAX_UNJOINED_PER_PEER {
+            return None;
+        }
+        let permit = self.total.clone().try_acquire_owned().ok()?;
+        *count += 1;
+        Some(UnjoinedSlot {
+            _total: permit,
+            peer,
+            per_peer: self.per_peer.clone(),
+        })
+    }
+}
+
+impl Drop for UnjoinedSlot {
+    fn drop(&mut self) {
+        let mut per_peer = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = per_peer.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
 /// HTTP/2 streams one connection may hold open at once (a worker needs one, `dapt status` one;
 /// a client multiplexing many simulated workers, like the scale benchmark, 128).
 const MAX_STREAMS_PER_CONNECTION: u32 = 128;
@@ -715,7 +777,7 @@ struct Service {
     joined: Arc<String>,
     heartbeat_ms: u32,
     gate: Arc<Gate>,
-    unjoined: Arc<tokio::sync::Semaphore>,
+    unjoined: Unjoined,
 }
 
 /// What a session must prove before it hears anything about the job.
@@ -736,8 +798,14 @@ impl rpc::Coordinator for Service {
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
         let peer = request.remote_addr();
-        let Ok(unjoined) = self.unjoined.clone().try_acquire_owned() else {
-            tracing::warn!("too many sessions that have not joined: refused one");
+        let Some(unjoined) = self.unjoined.take(peer.map(|p| p.ip())) else {
+            if let Some(refused) = TOO_MANY_UNJOINED.admit() {
+                tracing::warn!(
+                    peer = ?peer,
+                    refused,
+                    "too many sessions that have not joined, in all or from this address: refused sessions (at most one line per 10 s)"
+                );
+            }
             return Err(Status::resource_exhausted(
                 "too many sessions are joining at once; try again",
             ));
@@ -757,13 +825,22 @@ impl rpc::Coordinator for Service {
             // Nothing about the job, not even its name, goes out before the proof.
             let join = match authenticate(&mut inbound, &tx, &gate).await {
                 Ok(join) => join,
-                Err(refusal) => {
-                    tracing::warn!(
-                        peer = ?peer,
-                        code = refusal.code.as_str_name(),
-                        reason = %refusal.message,
-                        "refused a session"
-                    );
+                Err(Unjoinable { refusal, proven }) => {
+                    // A member's refusal is always logged; a stranger's at most once per 10 s.
+                    let refused = if proven {
+                        Some(1)
+                    } else {
+                        REFUSED_SESSIONS.admit()
+                    };
+                    if let Some(refused) = refused {
+                        tracing::warn!(
+                            peer = ?peer,
+                            code = refusal.code.as_str_name(),
+                            reason = %refusal.message,
+                            refused,
+                            "refused a session (a session without the token: at most one line per 10 s, `refused` counting them)"
+                        );
+                    }
                     let _ = tx.send(Err(refusal.to_status()));
                     return;
                 }
@@ -830,11 +907,26 @@ impl rpc::Coordinator for Service {
 /// The coordinator's side of the challenge-response (`dapt_proto::join`): `Hello`, our
 /// `Challenge` with our proof, then a `Join` whose proof answers our nonce. Each message within
 /// [`FIRST_MESSAGE`]. A refusal tells nothing about the job.
+/// Why a session did not join, and whether it had proven the job's token first.
+struct Unjoinable {
+    refusal: Refusal,
+    proven: bool,
+}
+
+impl From<Refusal> for Unjoinable {
+    fn from(refusal: Refusal) -> Self {
+        Unjoinable {
+            refusal,
+            proven: false,
+        }
+    }
+}
+
 async fn authenticate(
     inbound: &mut Streaming<WorkerMessage>,
     out: &Outbound,
     gate: &Gate,
-) -> Result<rpc::Join, Refusal> {
+) -> Result<rpc::Join, Unjoinable> {
     use worker_message::Kind;
     let not_proven = || {
         Refusal::new(
@@ -846,13 +938,11 @@ async fn authenticate(
         return Err(Refusal::new(
             ErrorCode::NotJoined,
             "the first message of a session must be a Hello",
-        ));
+        )
+        .into());
     };
     if hello.nonce.len() != auth::NONCE_LEN {
-        return Err(Refusal::new(
-            ErrorCode::Invalid,
-            "a Hello's nonce is 32 bytes",
-        ));
+        return Err(Refusal::new(ErrorCode::Invalid, "a Hello's nonce is 32 bytes").into());
     }
     let ours = auth::nonce().map_err(|e| Refusal::new(ErrorCode::Unspecified, e.to_string()))?;
     let proof = gate.key.tag(
@@ -866,19 +956,22 @@ async fn authenticate(
         })),
     }));
     let Kind::Join(join) = next_message(inbound).await? else {
-        return Err(not_proven());
+        return Err(not_proven().into());
     };
     if !auth::verify_worker(&gate.key, &join, &hello.nonce, &ours) {
-        return Err(not_proven());
+        return Err(not_proven().into());
     }
     if join.worker_id.chars().any(char::is_control) {
-        return Err(Refusal::new(
-            ErrorCode::Invalid,
-            format!(
-                "worker id `{}` has control characters",
-                auth::printable(&join.worker_id)
+        return Err(Unjoinable {
+            refusal: Refusal::new(
+                ErrorCode::Invalid,
+                format!(
+                    "worker id `{}` has control characters",
+                    auth::printable(&join.worker_id)
+                ),
             ),
-        ));
+            proven: true,
+        });
     }
     Ok(join)
 }

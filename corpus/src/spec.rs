@@ -308,13 +308,17 @@ checked_number!(
     "a fraction in [0, 1)",
     |f| if (0.0..1.0).contains(&f) { Ok(Fraction(f)) } else { Err(format!("held_out must be in [0, 1), got {f}")) }
 );
+/// The largest vocabulary dapt takes, trained or supplied (ids 0 to 2^20 - 1; the largest in
+/// use today are ~262 k).
+pub const MAX_VOCAB_SIZE: u32 = 1 << 20;
+
 checked_number!(
     /// A vocabulary size that a trained byte-level BPE can have (its 256-byte alphabet plus merges).
     VocabSize(u32),
     "a vocabulary size",
     |v| match whole(v, "vocab_size")? {
-        v if (300.0..=1_048_576.0).contains(&v) => Ok(VocabSize(v as u32)),
-        v => Err(format!("vocab_size must be between 300 and 1048576, got {v}")),
+        v if (300.0..=MAX_VOCAB_SIZE as f64).contains(&v) => Ok(VocabSize(v as u32)),
+        v => Err(format!("vocab_size must be between 300 and {MAX_VOCAB_SIZE}, got {v}")),
     }
 );
 checked_number!(

@@ -204,6 +204,15 @@ impl CorpusTokenizer {
             .values()
             .max()
             .map_or(0, |&m| m + 1);
+        // The model's embedding has a row per id up to the largest: one stray huge id would
+        // make a model of hundreds of GB (and a table here of as many entries).
+        if vocab_size > crate::spec::MAX_VOCAB_SIZE {
+            return Err(fail(format!(
+                "its largest token id is {}: dapt takes vocabularies of at most {} ids",
+                vocab_size - 1,
+                crate::spec::MAX_VOCAB_SIZE
+            )));
+        }
         let mut control = vec![false; vocab_size as usize];
         for (id, content) in &special {
             if unknown.as_deref() != Some(content.as_str()) {

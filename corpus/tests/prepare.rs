@@ -317,6 +317,25 @@ fn another_tokenizer_is_refused_and_a_given_one_is_used() {
     let b = CorpusReader::open(&fx.path("given")).expect("open");
     assert!(!b.manifest().tokenizer.trained);
     assert_eq!(a.manifest().sources, b.manifest().sources);
+
+    // A given tokenizer with one stray huge id (a model of 1e9 embedding rows) is refused by
+    // name before anything else.
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trained).expect("read")).expect("json");
+    let vocab = json["model"]["vocab"]
+        .as_object_mut()
+        .expect("a BPE vocabulary");
+    let last = vocab.keys().last().expect("a token").clone();
+    vocab.insert(last, serde_json::json!(1_000_000_000u64));
+    let huge = fx.path("huge-tokenizer.json");
+    std::fs::write(&huge, json.to_string()).expect("write");
+    let mut given = fx.spec(&format!("tokenizer: {}\n", huge.display()));
+    given.output = fx.path("huge");
+    let err = run(&given).err().expect("refused").to_string();
+    assert!(
+        err.contains("huge-tokenizer.json") && err.contains("1000000000"),
+        "{err}"
+    );
 }
 
 #[test]

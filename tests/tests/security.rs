@@ -1,7 +1,8 @@
 //! A stranger on the network, with no token, against the real binaries (issue 14; the
 //! reproductions `01_control_plane_auth.sh` and `04_ring_hijack.sh`): it cannot take a rank's
 //! place on the collective ring, hears nothing about the job before it proves the token (no job
-//! file, no job name, no status), and silent connections or sessions do not stall the job.
+//! file, no job name, no status), and silent connections or sessions do not stall the job, nor
+//! does a flood of them from another address.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -280,6 +281,114 @@ fn a_session_without_the_token_hears_nothing_about_the_job() {
     let (ok, text) = status(Some(&c.token));
     assert!(ok && text.contains(&name), "{text}");
     c.coordinator.signal(libc::SIGTERM);
+}
+
+/// A stranger at another address (127.0.0.2) that keeps opening gRPC sessions that never say
+/// Hello, as fast as the coordinator takes them, on a few HTTP/2 connections: the workers (from
+/// 127.0.0.1) still join and the job completes, and the refusals are a few log lines, not one
+/// per stream. Before, the stranger held every place for sessions that had not joined yet
+/// (64), the workers were refused until they gave up, and each refused stream was a line.
+#[test]
+fn a_session_flood_from_another_address_does_not_keep_workers_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let steps = 6;
+    let mut c = coordinator(
+        dir.path(),
+        "flood",
+        steps,
+        "cluster:\n  min_workers: 2\n  max_workers: 2\n",
+    );
+    let port: u16 = c
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for _ in 0..3 {
+        runtime.spawn(flood_sessions(port, opened.clone()));
+    }
+    // The flood holds its places before the workers come.
+    let started = Instant::now();
+    while opened.load(std::sync::atomic::Ordering::Relaxed) < 200 {
+        assert!(started.elapsed() < LONG, "the flood cannot open sessions");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ports = [free_port(), free_port()];
+    let _w0 = member_on(&c, "w0", ports[0]);
+    let _w1 = member_on(&c, "w1", ports[1]);
+    let (completed, lines) = outcome(&mut c);
+    let flooded = opened.load(std::sync::atomic::Ordering::Relaxed);
+    runtime.shutdown_background();
+    assert!(
+        completed,
+        "the job did not complete under the flood:\n{}",
+        c.coordinator.stderr()
+    );
+    check_ledger(&c.job.checkpoints.join("ledger.jsonl"), steps * BATCH).expect("ledger");
+    let refusals = events(&lines, "too many sessions that have not joined").len()
+        + events(&lines, "refused a session").len();
+    assert!(
+        refusals <= 20,
+        "{refusals} refusal lines for {flooded} stranger sessions"
+    );
+}
+
+/// Opens gRPC `Session` streams to the coordinator on `127.0.0.1:port` from 127.0.0.2 that
+/// never send a message, a new one whenever one ends, up to the connection's stream limit.
+async fn flood_sessions(port: u16, opened: std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    loop {
+        let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
+            return;
+        };
+        if socket
+            .bind("127.0.0.2:0".parse().expect("address"))
+            .is_err()
+        {
+            return;
+        }
+        let Ok(tcp) = socket.connect(([127, 0, 0, 1], port).into()).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok((client, connection)) = h2::client::handshake(tcp).await else {
+            continue;
+        };
+        tokio::spawn(connection);
+        let mut client = client;
+        loop {
+            client = match client.ready().await {
+                Ok(c) => c,
+                Err(_) => break,
+            };
+            let request = http::Request::post(format!(
+                "http://127.0.0.1:{port}/dapt.v1.Coordinator/Session"
+            ))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .expect("request");
+            let Ok((response, send)) = client.send_request(request, false) else {
+                break;
+            };
+            opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Held open (never a message) until the coordinator ends it.
+            tokio::spawn(async move {
+                let _send = send;
+                if let Ok(response) = response.await {
+                    let mut body = response.into_body();
+                    while let Some(Ok(_)) = body.data().await {}
+                    let _ = body.trailers().await;
+                }
+            });
+        }
+    }
 }
 
 #[test]

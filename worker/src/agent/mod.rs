@@ -28,7 +28,8 @@ use tokio::sync::mpsc;
 use crate::collective::{AbortHandle, RingListener, TcpRing};
 use rank::{Progress, RankError};
 
-#[derive(Debug, Clone)]
+/// `Debug` leaves the token out (a `?options` in a log line must not print it).
+#[derive(Clone)]
 pub struct AgentOptions {
     /// The coordinator's URL, e.g. `http://10.0.0.1:7070`.
     pub coordinator: String,
@@ -48,6 +49,22 @@ pub struct AgentOptions {
     /// TLS to the coordinator: the pinned CA, a client certificate. The same for every
     /// coordinator this worker joins (a standby that takes over included).
     pub tls: dapt_proto::tls::ClientTls,
+}
+
+impl std::fmt::Debug for AgentOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentOptions")
+            .field("coordinator", &self.coordinator)
+            .field("job", &self.job)
+            .field("worker_id", &self.worker_id)
+            .field("token", &"<redacted>")
+            .field("listen", &self.listen)
+            .field("advertise", &self.advertise)
+            .field("placement", &self.placement)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 /// How the agent ended, when it ended well.

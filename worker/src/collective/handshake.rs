@@ -52,8 +52,15 @@ const ANSWER_PROOF: &str = "dapt ring answer v1";
 /// a member dialing over any real network answers far sooner; a stranger's connection is closed.
 pub(super) const GREET: Duration = Duration::from_secs(2);
 /// Handshakes in progress at once on one acceptor; connections beyond it are closed at once
-/// (the real neighbour's dialer just dials again).
+/// (the real neighbour's dialer just dials again). Connections from the left neighbour's IP
+/// address have this many places of their own, so that a stranger elsewhere holding every
+/// other place with silent connections cannot keep the ring from forming (it failed the job:
+/// every generation timed out).
 pub(super) const MAX_GREETING: usize = 64;
+/// Connections closed for not proving membership are logged at most once per this period, with
+/// their count (a stranger's flood logged a line per connection).
+static STRANGERS: dapt_proto::logging::Throttle =
+    dapt_proto::logging::Throttle::new(Duration::from_secs(10));
 /// One connect attempt's limit, which is also how late a dialer notices an abort: a peer in the
 /// same network answers a SYN far sooner, and a lost SYN is simply dialled again.
 const DIAL_ATTEMPT: Duration = Duration::from_millis(250);
@@ -232,7 +239,9 @@ struct Expect {
     abort: AbortHandle,
     /// Set when `accept_left` returns: the threads still shaking hands close their connections.
     done: Arc<AtomicBool>,
+    /// Handshakes in progress from any address but the left neighbour's, and from its.
     in_flight: Arc<AtomicUsize>,
+    in_flight_left: Arc<AtomicUsize>,
 }
 
 /// Accepts connections until one from the left neighbour passes the handshake. Every
@@ -261,7 +270,9 @@ pub(super) fn accept_left(
         abort: watch.abort.clone(),
         done: Arc::default(),
         in_flight: Arc::default(),
+        in_flight_left: Arc::default(),
     };
+    let left_ip = cfg.peers.get(left).map(|a| a.ip());
     let _stop_greeters = SetOnDrop(expect.done.clone());
     let (tx, greeted) = mpsc::channel();
     let mut refused = None;
@@ -289,25 +300,30 @@ pub(super) fn accept_left(
         }
         match listener.accept() {
             Ok((stream, addr)) => {
-                if expect.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_GREETING {
-                    expect.in_flight.fetch_sub(1, Ordering::AcqRel);
+                let in_flight = if Some(addr.ip()) == left_ip {
+                    expect.in_flight_left.clone()
+                } else {
+                    expect.in_flight.clone()
+                };
+                if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_GREETING {
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
                     tracing::debug!(rank = cfg.rank, %addr, "too many ring handshakes at once: closed a connection");
                     continue;
                 }
-                let (greeter, tx) = (expect.clone(), tx.clone());
+                let (greeter, tx, held) = (expect.clone(), tx.clone(), in_flight.clone());
                 let until = Instant::now() + remaining.min(GREET);
                 let spawned = thread::Builder::new()
                     .name("ring-greet".into())
                     .spawn(move || {
                         let outcome = greet_left(stream, addr, &greeter, until);
-                        greeter.in_flight.fetch_sub(1, Ordering::AcqRel);
+                        held.fetch_sub(1, Ordering::AcqRel);
                         if let Some(g) = outcome {
                             let _ = tx.send(g);
                         }
                     });
                 if let Err(e) = spawned {
                     // The connection went with the closure; the real neighbour dials again.
-                    expect.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
                     tracing::warn!(rank = cfg.rank, error = %e, "cannot start a ring handshake thread");
                 }
             }
@@ -342,7 +358,9 @@ fn greet_left(stream: TcpStream, addr: SocketAddr, e: &Expect, until: Instant) -
         deadline: Some(until),
     };
     let stranger = |why: &str| {
-        tracing::warn!(rank = e.rank, generation = e.generation, %addr, why, "closed a ring connection that did not prove membership");
+        if let Some(closed) = STRANGERS.admit() {
+            tracing::warn!(rank = e.rank, generation = e.generation, %addr, why, closed, "closed a ring connection that did not prove membership (at most one line per 10 s, `closed` counting them)");
+        }
         None
     };
     let mut link = Link::new(stream, e.left).ok()?;

@@ -6,7 +6,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::collective::handshake::GREET;
+use crate::collective::handshake::{GREET, MAX_GREETING};
 
 const TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -536,6 +536,70 @@ fn a_stranger_with_a_wrong_key_is_refused_and_the_ring_forms() {
         matches!(result, Err(CollectiveError::Timeout { .. })),
         "the stranger never got in: {result:?}"
     );
+}
+
+/// A stranger at another address (127.0.0.2: the loopback network's other addresses are this
+/// host's too) that keeps every handshake place of the ranks' acceptors full with silent
+/// connections, opening new ones as fast as it can: the ring still forms, its members dialing
+/// from their own address (127.0.0.1), which has places of its own. Before, the flood failed
+/// every generation of a job (`cases/security`'s kind 04, found again 2026-11-30).
+#[test]
+fn a_strangers_flood_from_elsewhere_does_not_keep_the_ring_from_forming() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (listeners, peers) = bind_all(2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let flood = thread::spawn({
+        let (stop, opened, peers) = (stop.clone(), opened.clone(), peers.clone());
+        move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let mut held = std::collections::VecDeque::new();
+            while !stop.load(Ordering::Acquire) {
+                for &to in &peers {
+                    let conn = rt.block_on(async {
+                        let socket = tokio::net::TcpSocket::new_v4().ok()?;
+                        socket.bind("127.0.0.2:0".parse().expect("address")).ok()?;
+                        let connect = socket.connect(to);
+                        let stream = tokio::time::timeout(Duration::from_millis(50), connect)
+                            .await
+                            .ok()?
+                            .ok()?;
+                        stream.into_std().ok()
+                    });
+                    if let Some(conn) = conn {
+                        opened.fetch_add(1, Ordering::Relaxed);
+                        held.push_back(conn);
+                        // Each held for the acceptor's whole wait (a closed one frees its
+                        // place at once); the oldest let go past a few hundred.
+                        if held.len() > 16 * MAX_GREETING {
+                            held.pop_front();
+                        }
+                    }
+                }
+            }
+        }
+    });
+    // Every place taken, and more waiting, before the ranks start to accept.
+    let started = Instant::now();
+    while opened.load(Ordering::Relaxed) < 3 * MAX_GREETING {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the flood cannot connect"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    let rings = connect(listeners, &peers, &[5, 5], 1 << 20);
+    stop.store(true, Ordering::Release);
+    flood.join().expect("flood");
+    let rings: Vec<TcpRing> = rings
+        .into_iter()
+        .map(|r| r.expect("the ring forms under the flood"))
+        .collect();
+    assert_exact(rings, 2);
 }
 
 #[test]
