@@ -803,7 +803,7 @@ impl rpc::Coordinator for Service {
                 tracing::warn!(
                     peer = ?peer,
                     refused,
-                    "too many sessions that have not joined, in all or from this address: refused sessions (at most one line per 10 s)"
+                    "too many sessions that have not joined, in all or from this address: refused sessions"
                 );
             }
             return Err(Status::resource_exhausted(
@@ -838,7 +838,7 @@ impl rpc::Coordinator for Service {
                             code = refusal.code.as_str_name(),
                             reason = %refusal.message,
                             refused,
-                            "refused a session (a session without the token: at most one line per 10 s, `refused` counting them)"
+                            "refused a session"
                         );
                     }
                     let _ = tx.send(Err(refusal.to_status()));

@@ -359,7 +359,7 @@ fn greet_left(stream: TcpStream, addr: SocketAddr, e: &Expect, until: Instant) -
     };
     let stranger = |why: &str| {
         if let Some(closed) = STRANGERS.admit() {
-            tracing::warn!(rank = e.rank, generation = e.generation, %addr, why, closed, "closed a ring connection that did not prove membership (at most one line per 10 s, `closed` counting them)");
+            tracing::warn!(rank = e.rank, generation = e.generation, %addr, why, closed, "closed a ring connection that did not prove membership");
         }
         None
     };
