@@ -247,7 +247,7 @@ fn a_manifest_naming_files_outside_the_corpus_is_refused_and_nothing_is_deleted(
             format!("A new speech {field}."),
         )
         .expect("write");
-        let err = run(&spec).err().expect("prepare refuses").to_string();
+        let err = run(&spec).expect_err("prepare refuses").to_string();
         assert!(err.contains(field), "{field}: {err}");
         assert!(
             victim.exists() && absolute.exists(),
@@ -325,13 +325,13 @@ fn another_tokenizer_is_refused_and_a_given_one_is_used() {
     let vocab = json["model"]["vocab"]
         .as_object_mut()
         .expect("a BPE vocabulary");
-    let last = vocab.keys().last().expect("a token").clone();
+    let last = vocab.keys().next_back().expect("a token").clone();
     vocab.insert(last, serde_json::json!(1_000_000_000u64));
     let huge = fx.path("huge-tokenizer.json");
     std::fs::write(&huge, json.to_string()).expect("write");
     let mut given = fx.spec(&format!("tokenizer: {}\n", huge.display()));
     given.output = fx.path("huge");
-    let err = run(&given).err().expect("refused").to_string();
+    let err = run(&given).expect_err("refused").to_string();
     assert!(
         err.contains("huge-tokenizer.json") && err.contains("1000000000"),
         "{err}"
