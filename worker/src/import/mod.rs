@@ -108,14 +108,16 @@ pub fn import_gguf(file: &gguf::GgufFile, out: &Path) -> Result<HfWeights> {
         });
     }
     hf::write_dir(out, &config, &layout, &weights, ExportDtype::F32)?;
+    // By a rename, as the other files: never written through what is at that name.
     let tokenizer_path = out.join(hf::TOKENIZER_FILE);
-    converted
+    let json = converted
         .tokenizer
-        .save(&tokenizer_path, false)
+        .to_string(false)
         .map_err(|e| WorkerError::Config {
-            path: tokenizer_path,
+            path: tokenizer_path.clone(),
             message: e.to_string(),
         })?;
+    hf::write_atomic(&tokenizer_path, json.as_bytes())?;
     Ok(HfWeights {
         config,
         layout,
