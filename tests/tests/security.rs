@@ -43,6 +43,15 @@ fn listening(port: u16) {
     }
 }
 
+/// The coordinator's port.
+fn port_of(c: &Cluster) -> u16 {
+    c.url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port")
+}
+
 /// Waits for the job to end and returns whether it completed, with the coordinator's lines.
 fn outcome(c: &mut Cluster) -> (bool, Vec<serde_json::Value>) {
     c.coordinator.wait_for("the job to end", LONG, |l| {
@@ -299,12 +308,7 @@ fn a_session_flood_from_another_address_does_not_keep_workers_out() {
         steps,
         "cluster:\n  min_workers: 2\n  max_workers: 2\n",
     );
-    let port: u16 = c
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port");
+    let port = port_of(&c);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -436,12 +440,7 @@ fn silent_connections_and_sessions_do_not_stall_the_job() {
         steps,
         "cluster:\n  min_workers: 2\n  max_workers: 2\n  collective_timeout_s: 10\n",
     );
-    let port: u16 = c
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port");
+    let port = port_of(&c);
     // Silent TCP connections to the coordinator, and more silent sessions than it lets wait
     // to join (64): the extra ones are refused at once, the others cut off after 10 s.
     let _tcp: Vec<TcpStream> = (0..100)

@@ -56,14 +56,9 @@ fn stopped_and_restarted_training_matches_an_uninterrupted_run_then_exports() {
 
     // Export in bf16; the export and the checkpoint evaluate to nearly the same perplexity.
     let export = dir.path().join("export");
-    let out = ok(&[
-        "export",
-        &final_b.to_string_lossy(),
-        "--hf",
-        &export.to_string_lossy(),
-        "--dtype",
-        "bf16",
-    ]);
+    let (from, to) = (final_b.to_string_lossy(), export.to_string_lossy());
+    let export_args = ["export", &from, "--hf", &to, "--dtype", "bf16"];
+    let out = ok(&export_args);
     assert!(out.contains("exported step 6"), "{out}");
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(export.join(f).is_file(), "export lacks {f}");
@@ -74,17 +69,7 @@ fn stopped_and_restarted_training_matches_an_uninterrupted_run_then_exports() {
     std::fs::write(&users, "mine").expect("write");
     std::fs::remove_file(export.join("tokenizer.json")).expect("rm");
     std::os::unix::fs::symlink(&users, export.join("tokenizer.json")).expect("symlink");
-    let again = [
-        "export",
-        &final_b.to_string_lossy(),
-        "--hf",
-        &export.to_string_lossy(),
-        "--dtype",
-        "bf16",
-    ]
-    .map(|a| a.to_string());
-    let again: Vec<&str> = again.iter().map(String::as_str).collect();
-    let out = dapt(&again);
+    let out = dapt(&export_args);
     let err = text(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(
@@ -93,7 +78,7 @@ fn stopped_and_restarted_training_matches_an_uninterrupted_run_then_exports() {
     );
     assert_eq!(std::fs::read_to_string(&users).expect("read"), "mine");
     std::fs::remove_file(export.join("tokenizer.json")).expect("rm symlink");
-    ok(&again);
+    ok(&export_args);
     assert!(export.join("tokenizer.json").is_file());
     let corpus = dir.path().join("corpus").to_string_lossy().into_owned();
     let eval = |model: &Path| -> Vec<f64> {
