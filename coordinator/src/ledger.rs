@@ -314,7 +314,7 @@ impl Ledger {
 
 /// The first entry of `dir` that dapt does not write in a checkpoint directory (its
 /// checkpoints, their staging directories, `committed.json`, the ledger, `logs/` holding only
-/// `worker-N.log` files, `export/` empty or holding a dapt export's marker), if any. A
+/// `*.log` files, `export/` empty or an earlier export), if any. A
 /// `logs` or `export` that is a symlink, or holds anything else, is foreign: `dapt launch`
 /// writes worker logs into `logs/` and the export into `export/`. A missing directory has none.
 pub fn foreign_entry(dir: &Path) -> Result<Option<String>, LedgerError> {
@@ -350,27 +350,28 @@ pub fn foreign_entry(dir: &Path) -> Result<Option<String>, LedgerError> {
 }
 
 /// Whether `path` is a directory (not a symlink) whose entries are all regular files named
-/// `worker-N.log`: what `dapt launch` writes there.
+/// `*.log`: what dapt's launchers write there (`dapt launch`'s `worker-N.log`, the Slurm and
+/// Kubernetes node script's `<node>-w<i>.log`, deploy/dapt-node.sh).
 fn holds_only_worker_logs(path: &Path) -> bool {
-    let is_worker_log = |name: &str| {
-        name.strip_prefix("worker-")
-            .and_then(|rest| rest.strip_suffix(".log"))
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-    };
     real_dir_entries(path).is_some_and(|entries| {
         entries
             .iter()
-            .all(|(name, file)| *file && is_worker_log(name))
+            .all(|(name, file)| *file && name.len() > 4 && name.ends_with(".log"))
     })
 }
 
-/// Whether `path` is a directory (not a symlink), empty or holding a dapt export's marker
-/// (`dapt-export.json`, which the worker's export writes first) among regular files only.
+/// Whether `path` is a directory (not a symlink), empty or an earlier export: its marker and
+/// only the files an export writes, all regular (the rule `dapt export` itself applies before
+/// writing there, `dapt_proto::checkpoint::is_export_file`).
 fn is_dapt_export_dir(path: &Path) -> bool {
     real_dir_entries(path).is_some_and(|entries| {
         entries.is_empty()
-            || (entries.iter().all(|(_, file)| *file)
-                && entries.iter().any(|(name, _)| name == "dapt-export.json"))
+            || (entries
+                .iter()
+                .any(|(name, _)| name == checkpoint::EXPORT_MARKER)
+                && entries
+                    .iter()
+                    .all(|(name, file)| *file && checkpoint::is_export_file(name)))
     })
 }
 

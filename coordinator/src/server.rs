@@ -739,12 +739,15 @@ impl Unjoined {
     /// A place for a session from `peer`, if its address and the whole have one left.
     fn take(&self, peer: Option<std::net::IpAddr>) -> Option<UnjoinedSlot> {
         let mut per_peer = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
-        let count = per_peer.entry(peer).or_insert(0);
-        if *count >= MAX_UNJOINED_PER_PEER {
+        if per_peer
+            .get(&peer)
+            .is_some_and(|&n| n >= MAX_UNJOINED_PER_PEER)
+        {
             return None;
         }
+        // The permit first: an address refused for want of one leaves no entry behind.
         let permit = self.total.clone().try_acquire_owned().ok()?;
-        *count += 1;
+        *per_peer.entry(peer).or_insert(0) += 1;
         Some(UnjoinedSlot {
             _total: permit,
             peer,
@@ -798,7 +801,7 @@ impl rpc::Coordinator for Service {
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
         let peer = request.remote_addr();
-        let Some(unjoined) = self.unjoined.take(peer.map(|p| p.ip())) else {
+        let Some(unjoined) = self.unjoined.take(peer.map(|p| p.ip().to_canonical())) else {
             if let Some(refused) = TOO_MANY_UNJOINED.admit() {
                 tracing::warn!(
                     peer = ?peer,

@@ -199,20 +199,16 @@ impl CorpusTokenizer {
             .map(|(id, t)| (id, t.content))
             .collect();
         special.sort();
-        let vocab_size = tokenizer
-            .get_vocab(true)
-            .values()
-            .max()
-            .map_or(0, |&m| m + 1);
+        let largest = tokenizer.get_vocab(true).values().max().copied();
         // The model's embedding has a row per id up to the largest: one stray huge id would
         // make a model of hundreds of GB (and a table here of as many entries).
-        if vocab_size > crate::spec::MAX_VOCAB_SIZE {
+        if let Some(id) = largest.filter(|&id| id >= crate::spec::MAX_VOCAB_SIZE) {
             return Err(fail(format!(
-                "its largest token id is {}: dapt takes vocabularies of at most {} ids",
-                vocab_size - 1,
+                "its largest token id is {id}: dapt takes vocabularies of at most {} ids",
                 crate::spec::MAX_VOCAB_SIZE
             )));
         }
+        let vocab_size = largest.map_or(0, |m| m + 1);
         let mut control = vec![false; vocab_size as usize];
         for (id, content) in &special {
             if unknown.as_deref() != Some(content.as_str()) {

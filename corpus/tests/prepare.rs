@@ -322,20 +322,24 @@ fn another_tokenizer_is_refused_and_a_given_one_is_used() {
     // name before anything else.
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&trained).expect("read")).expect("json");
-    let vocab = json["model"]["vocab"]
-        .as_object_mut()
-        .expect("a BPE vocabulary");
-    let last = vocab.keys().next_back().expect("a token").clone();
-    vocab.insert(last, serde_json::json!(1_000_000_000u64));
-    let huge = fx.path("huge-tokenizer.json");
-    std::fs::write(&huge, json.to_string()).expect("write");
-    let mut given = fx.spec(&format!("tokenizer: {}\n", huge.display()));
-    given.output = fx.path("huge");
-    let err = run(&given).expect_err("refused").to_string();
-    assert!(
-        err.contains("huge-tokenizer.json") && err.contains("1000000000"),
-        "{err}"
-    );
+    let last = json["model"]["vocab"]
+        .as_object()
+        .and_then(|v| v.keys().next_back())
+        .expect("a BPE vocabulary")
+        .clone();
+    // The largest u32 too: `largest + 1` wrapped to 0 there.
+    for id in [1_000_000_000u64, u64::from(u32::MAX)] {
+        json["model"]["vocab"][&last] = serde_json::json!(id);
+        let huge = fx.path("huge-tokenizer.json");
+        std::fs::write(&huge, json.to_string()).expect("write");
+        let mut given = fx.spec(&format!("tokenizer: {}\n", huge.display()));
+        given.output = fx.path("huge");
+        let err = run(&given).expect_err("refused").to_string();
+        assert!(
+            err.contains("huge-tokenizer.json") && err.contains(&id.to_string()),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -20,6 +20,23 @@ pub const FORMAT_VERSION: u32 = 1;
 /// (`.zero-shards-g<generation>-step-<step>`): dapt's, even when a failed checkpoint leaves one.
 pub const ZERO_STAGING_PREFIX: &str = ".zero-shards-";
 
+/// Marks a directory `dapt export` or `dapt import-gguf` wrote, so that a later run may replace
+/// its files and nothing else's.
+pub const EXPORT_MARKER: &str = "dapt-export.json";
+/// Every file an export writes (its temporaries start with `.tmp`): what a directory marked by
+/// [`EXPORT_MARKER`] may hold.
+pub const EXPORT_FILES: [&str; 4] = [
+    EXPORT_MARKER,
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+];
+
+/// Whether `name` may be in an export directory (one of [`EXPORT_FILES`], or a temporary).
+pub fn is_export_file(name: &str) -> bool {
+    EXPORT_FILES.contains(&name) || name.starts_with(".tmp")
+}
+
 /// `manifest.json` of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

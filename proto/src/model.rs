@@ -484,6 +484,11 @@ impl LlamaConfig {
                             f / factor
                         } else if wavelen < high_wavelen {
                             f
+                        } else if high_freq_factor == low_freq_factor {
+                            // Only a wavelength exactly at the one threshold gets here; the
+                            // smoothing below would be 0 / 0 (transformers accepts such a
+                            // config with a warning).
+                            f
                         } else {
                             let smooth = (old / wavelen - low_freq_factor)
                                 / (high_freq_factor - low_freq_factor);
@@ -600,20 +605,6 @@ fn parse_rope_scaling(v: &Value) -> std::result::Result<RopeScaling, String> {
             ))
         }
     };
-    // Llama 3's smoothing divides by `high_freq_factor - low_freq_factor` (transformers'
-    // `_compute_llama3_parameters`), which requires the high one to be the larger.
-    if let RopeScaling::Llama3 {
-        low_freq_factor,
-        high_freq_factor,
-        ..
-    } = scaling
-    {
-        if high_freq_factor <= low_freq_factor {
-            return Err(format!(
-                "`rope_scaling.high_freq_factor` ({high_freq_factor}) must be greater than `rope_scaling.low_freq_factor` ({low_freq_factor})"
-            ));
-        }
-    }
     // `rope_theta` is in transformers 5's `rope_parameters`, read with the other fields.
     let common = ["rope_type", "type", "rope_theta"];
     if let Some(key) = v.as_object().and_then(|m| {
@@ -704,14 +695,19 @@ mod tests {
                 ),
                 "`rope_scaling.factor`",
             ),
-            (llama3("8", "4", "4"), "`rope_scaling.high_freq_factor`"),
-            (llama3("8", "4", "1"), "`rope_scaling.high_freq_factor`"),
             (llama3("8", "-1", "4"), "`rope_scaling.low_freq_factor`"),
+            (llama3("8", "1", "0"), "`rope_scaling.high_freq_factor`"),
         ] {
             let err = LlamaConfig::from_json(&bad).expect_err(field);
             assert!(err.contains(field), "{field}: {err}");
         }
         LlamaConfig::from_json(&llama3("8", "1", "4")).expect("Llama 3.1's scaling");
+        // Equal or swapped thresholds: transformers loads them (with a warning), and so does
+        // dapt, with finite frequencies.
+        for (low, high) in [("4", "4"), ("4", "1")] {
+            let c = LlamaConfig::from_json(&llama3("8", low, high)).expect("loads");
+            assert!(c.inv_freq().iter().all(|f| f.is_finite()), "{low} {high}");
+        }
     }
 
     #[test]

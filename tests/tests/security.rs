@@ -316,6 +316,7 @@ fn a_session_flood_from_another_address_does_not_keep_workers_out() {
         .expect("runtime");
     let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let held: Held = Default::default();
+    let flood_started = Instant::now();
     for _ in 0..3 {
         runtime.spawn(flood_sessions(port, opened.clone(), held.clone()));
     }
@@ -337,17 +338,25 @@ fn a_session_flood_from_another_address_does_not_keep_workers_out() {
         c.coordinator.stderr()
     );
     check_ledger(&c.job.checkpoints.join("ledger.jsonl"), steps * BATCH).expect("ledger");
-    // The stranger's address had at most its 16 places (before: all 64).
+    // The stranger's address had at most its 16 places (before: all 64; counted on the
+    // stranger's side, where a new session's headers may arrive before an ended one's trailers:
+    // a little slack).
     let most = held.1.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
-        (1..=16).contains(&most),
+        (1..=24).contains(&most),
         "the stranger held {most} sessions at once"
     );
-    let refusals = events(&lines, "too many sessions that have not joined").len()
+    // Each kind of refusal at most once per 10 s (and the first of each).
+    let refusals = events(
+        &lines,
+        "too many sessions that have not joined, in all or from this address: refused sessions",
+    )
+    .len()
         + events(&lines, "refused a session").len();
+    let allowed = 2 * (flood_started.elapsed().as_secs() as usize / 10 + 1) + 2;
     assert!(
-        refusals <= 20,
-        "{refusals} refusal lines for {flooded} stranger sessions"
+        (1..=allowed).contains(&refusals),
+        "{refusals} refusal lines for {flooded} stranger sessions (at most {allowed})"
     );
 }
 

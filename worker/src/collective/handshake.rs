@@ -272,7 +272,8 @@ pub(super) fn accept_left(
         in_flight: Arc::default(),
         in_flight_left: Arc::default(),
     };
-    let left_ip = cfg.peers.get(left).map(|a| a.ip());
+    // Canonical: an IPv4 neighbour accepted on a dual-stack socket shows as `::ffff:a.b.c.d`.
+    let left_ip = cfg.peers.get(left).map(|a| a.ip().to_canonical());
     let _stop_greeters = SetOnDrop(expect.done.clone());
     let (tx, greeted) = mpsc::channel();
     let mut refused = None;
@@ -300,7 +301,7 @@ pub(super) fn accept_left(
         }
         match listener.accept() {
             Ok((stream, addr)) => {
-                let in_flight = if Some(addr.ip()) == left_ip {
+                let in_flight = if Some(addr.ip().to_canonical()) == left_ip {
                     expect.in_flight_left.clone()
                 } else {
                     expect.in_flight.clone()

@@ -17,9 +17,7 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
-/// Marks a directory `dapt export` or `dapt import-gguf` wrote, so that a later run may replace
-/// its files and nothing else's.
-pub const EXPORT_MARKER: &str = "dapt-export.json";
+pub use dapt_proto::checkpoint::EXPORT_MARKER;
 
 /// Makes `dir` ready to receive an exported or imported model: created when missing, kept when
 /// empty or when it holds an earlier dapt export (its [`EXPORT_MARKER`]) and only the files an
@@ -50,10 +48,9 @@ pub fn claim_output_dir(dir: &Path) -> Result<()> {
                 }
             }
             let ours = names.iter().any(|n| n == EXPORT_MARKER);
-            let written = [EXPORT_MARKER, CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE];
             if let Some(name) = names
                 .iter()
-                .find(|n| !ours || !(written.contains(&n.as_str()) || n.starts_with(".tmp")))
+                .find(|n| !ours || !dapt_proto::checkpoint::is_export_file(n))
             {
                 return refuse(format!(
                     "holds `{name}`, which {}",
