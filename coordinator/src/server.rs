@@ -713,19 +713,22 @@ static REFUSED_SESSIONS: dapt_proto::logging::Throttle =
 static TOO_MANY_UNJOINED: dapt_proto::logging::Throttle =
     dapt_proto::logging::Throttle::new(Duration::from_secs(10));
 
+/// Unjoined sessions per IP address (a session without an address counts as one address).
+type PerPeer = Arc<std::sync::Mutex<HashMap<Option<std::net::IpAddr>, usize>>>;
+
 /// The sessions that have not joined yet: [`MAX_UNJOINED`] in all, [`MAX_UNJOINED_PER_PEER`]
-/// per IP address (a session without an address counts as one address).
+/// per IP address.
 #[derive(Clone)]
 struct Unjoined {
     total: Arc<tokio::sync::Semaphore>,
-    per_peer: Arc<std::sync::Mutex<HashMap<Option<std::net::IpAddr>, usize>>>,
+    per_peer: PerPeer,
 }
 
 /// One session's place among the unjoined, given back when dropped.
 struct UnjoinedSlot {
     _total: tokio::sync::OwnedSemaphorePermit,
     peer: Option<std::net::IpAddr>,
-    per_peer: Arc<std::sync::Mutex<HashMap<Option<std::net::IpAddr>, usize>>>,
+    per_peer: PerPeer,
 }
 
 impl Unjoined {
@@ -907,9 +910,6 @@ impl rpc::Coordinator for Service {
     }
 }
 
-/// The coordinator's side of the challenge-response (`dapt_proto::join`): `Hello`, our
-/// `Challenge` with our proof, then a `Join` whose proof answers our nonce. Each message within
-/// [`FIRST_MESSAGE`]. A refusal tells nothing about the job.
 /// Why a session did not join, and whether it had proven the job's token first.
 struct Unjoinable {
     refusal: Refusal,
@@ -925,6 +925,9 @@ impl From<Refusal> for Unjoinable {
     }
 }
 
+/// The coordinator's side of the challenge-response (`dapt_proto::join`): `Hello`, our
+/// `Challenge` with our proof, then a `Join` whose proof answers our nonce. Each message within
+/// [`FIRST_MESSAGE`]. A refusal tells nothing about the job.
 async fn authenticate(
     inbound: &mut Streaming<WorkerMessage>,
     out: &Outbound,

@@ -228,6 +228,39 @@ impl VisitFmt for HumanVisitor<'_> {
     }
 }
 
+/// At most one log line per `period` for an event a stranger can repeat at will (a refused
+/// connection, a failed handshake), so that a flood cannot fill the log's disk: [`Throttle::admit`]
+/// says when to log, and how many such events the line stands for.
+pub struct Throttle {
+    period: std::time::Duration,
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl Throttle {
+    pub const fn new(period: std::time::Duration) -> Self {
+        Throttle {
+            period,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// Counts one event; `Some(n)` when it should be logged now, `n` being the events since
+    /// the last line logged, this one included (the first event is always logged).
+    pub fn admit(&self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.1 += 1;
+        match state.0 {
+            Some(last) if now.duration_since(last) < self.period => None,
+            _ => {
+                let n = state.1;
+                *state = (Some(now), 0);
+                Some(n)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,58 +311,19 @@ mod tests {
         assert_eq!(ColorChoice::Auto.for_file(), ColorChoice::Never);
         assert_eq!(ColorChoice::Always.for_file(), ColorChoice::Always);
     }
-}
-
-/// At most one log line per `period` for an event a stranger can repeat at will (a refused
-/// connection, a failed handshake), so that a flood cannot fill the log's disk: [`Throttle::admit`]
-/// says when to log, and how many such events the line stands for.
-pub struct Throttle {
-    period: std::time::Duration,
-    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
-}
-
-impl Throttle {
-    pub const fn new(period: std::time::Duration) -> Self {
-        Throttle {
-            period,
-            state: std::sync::Mutex::new((None, 0)),
-        }
-    }
-
-    /// Counts one event; `Some(n)` when it should be logged now, `n` being the events since
-    /// the last line logged, this one included (the first event is always logged).
-    pub fn admit(&self) -> Option<u64> {
-        let now = std::time::Instant::now();
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.1 += 1;
-        match state.0 {
-            Some(last) if now.duration_since(last) < self.period => None,
-            _ => {
-                let n = state.1;
-                *state = (Some(now), 0);
-                Some(n)
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod throttle_tests {
-    use super::Throttle;
-    use std::time::Duration;
 
     #[test]
     fn one_line_per_period_counting_what_it_stands_for() {
-        let t = Throttle::new(Duration::from_secs(3600));
+        let t = super::Throttle::new(std::time::Duration::from_secs(3600));
         assert_eq!(t.admit(), Some(1));
         for _ in 0..1000 {
             assert_eq!(t.admit(), None);
         }
-        let t = Throttle::new(Duration::from_millis(100));
+        let t = super::Throttle::new(std::time::Duration::from_millis(100));
         assert_eq!(t.admit(), Some(1));
         t.admit();
         t.admit();
-        std::thread::sleep(Duration::from_millis(150));
+        std::thread::sleep(std::time::Duration::from_millis(150));
         assert_eq!(
             t.admit(),
             Some(3),

@@ -59,20 +59,22 @@ pub fn release_freed_memory<B: burn::tensor::backend::Backend>(device: &B::Devic
     let _ = B::sync(device);
 }
 
-/// `n` f32 zeros, flat, allocated at their exact size ([`allocate_persistent`]). Only the
-/// buffer is made in persistent mode; it is zeroed after (in place): a kernel launched inside
-/// would put its small metadata buffer in the persistent pool as well, and with it, by the
-/// same-size rule, every later allocation of that size.
+/// `n` f32 zeros, flat, allocated at their exact size ([`allocate_persistent`]). The exact-size
+/// buffer is reserved in persistent mode and freed at once; the zeros that follow (one fill
+/// kernel, launched outside persistent mode so its metadata stays in the ordinary pools) are
+/// served from that freed buffer, as every later request of its size is (the next step's
+/// gradient buffer included).
 pub fn zeros_persistent<B: burn::tensor::backend::Backend>(
     n: usize,
     device: &B::Device,
 ) -> burn::tensor::Tensor<B, 1> {
     use burn::tensor::Tensor;
-    if n == 0 {
-        return Tensor::zeros([0], device);
+    if n > 0 {
+        drop(allocate_persistent::<B, _>(device, || {
+            Tensor::<B, 1>::empty([n], device)
+        }));
     }
-    let buffer = allocate_persistent::<B, _>(device, || Tensor::<B, 1>::empty([n], device));
-    buffer.slice_fill(0..n, 0.0)
+    Tensor::zeros([n], device)
 }
 
 /// A device's memory as its allocator sees it, in bytes (CubeCL's `MemoryUsage`). CubeCL 0.10
