@@ -29,6 +29,9 @@ pub enum CorpusError {
         "{path}: unsupported file type (expected .txt, .md, .rst, .jsonl, .html, optionally .gz)"
     )]
     UnsupportedFormat { path: PathBuf },
+    /// The bytes are not text dapt can read ([`crate::ingest::encoding::Undecodable`]).
+    #[error("{path}: {reason}")]
+    NotText { path: PathBuf, reason: String },
     #[error("{path}: not a valid gzip stream: {error}")]
     Gzip {
         path: PathBuf,

@@ -60,6 +60,9 @@ impl From<&CorpusSpec> for TokenizerOptions {
 pub enum BosFrom {
     /// The tokenizer's post-processor template adds it (`add_bos: auto`).
     Template,
+    /// The template's BOS is the EOS itself (`add_bos: auto`), which already ends the document
+    /// before: not added again, or every boundary would be two EOS.
+    TemplateBosIsEos,
     /// `add_bos: true`.
     Job,
     /// The template adds none (`add_bos: auto`).
@@ -81,6 +84,12 @@ pub struct CorpusTokenizer {
     pub template_suffix: Vec<String>,
     /// One more than the largest token id.
     pub vocab_size: u32,
+    /// Settings of the tokenizer file that dapt does not apply to corpus documents
+    /// (`truncation`, `padding`: for batched inference; a document is encoded whole).
+    pub ignored_settings: Vec<&'static str>,
+    /// Added tokens that the file does not mark special but that are shaped like control tokens
+    /// (`<tool_call>`, `<|fim_prefix|>`, `[INST]`): split in text like the special ones.
+    pub split_added_tokens: Vec<String>,
     /// The special tokens, whose text a document may spell but never produce.
     special: Vec<String>,
     special_text: Option<AhoCorasick>,
@@ -110,19 +119,35 @@ impl CorpusTokenizer {
             path: origin.to_path_buf(),
             message,
         };
-        let (eos_token, eos_id) = match &options.eos_token {
-            Some(name) => match tokenizer.token_to_id(name) {
+        // A tokenizer.json may carry `truncation` and `padding` for batched inference: applied
+        // to a corpus they would cut documents short or put pad ids inside them (and cut the
+        // template probe below).
+        let mut ignored_settings = Vec::new();
+        if tokenizer.get_truncation().is_some() {
+            ignored_settings.push("truncation");
+            tokenizer
+                .with_truncation(None)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        if tokenizer.get_padding().is_some() {
+            ignored_settings.push("padding");
+            tokenizer.with_padding(None);
+        }
+        let (prefix, suffix) = template(&tokenizer).map_err(|e| fail(e.to_string()))?;
+        let (eos_token, eos_id) = match (&options.eos_token, suffix.as_slice()) {
+            (Some(name), _) => match tokenizer.token_to_id(name) {
                 Some(id) => (name.clone(), id),
                 None => return Err(fail(format!("has no token `{name}` (corpus.eos_token)"))),
             },
-            None => find_token(&tokenizer, EOS_CANDIDATES).ok_or_else(|| {
+            // The token the template ends a sequence with is the model's end of sequence.
+            (None, [id]) => (token_name(&tokenizer, *id), *id),
+            (None, _) => find_token(&tokenizer, EOS_CANDIDATES).ok_or_else(|| {
                 fail(format!(
                     "has none of the usual end-of-document tokens ({}): set corpus.eos_token",
                     EOS_CANDIDATES.join(", ")
                 ))
             })?,
         };
-        let (prefix, suffix) = template(&tokenizer).map_err(|e| fail(e.to_string()))?;
         let named_bos = match &options.bos_token {
             Some(name) => match tokenizer.token_to_id(name) {
                 Some(id) => Some((name.clone(), id)),
@@ -153,6 +178,9 @@ impl CorpusTokenizer {
             }
             AddBos::Never => (None, BosFrom::JobSaysNo),
             AddBos::Auto => match template_bos {
+                Some((_, id)) if id == eos_id && named_bos.is_none() => {
+                    (None, BosFrom::TemplateBosIsEos)
+                }
                 Some(t) => (Some(named_bos.unwrap_or(t)), BosFrom::Template),
                 None => (None, BosFrom::TemplateAddsNone),
             },
@@ -179,17 +207,30 @@ impl CorpusTokenizer {
                 .collect()
         };
 
-        // Every special token, and the BOS and EOS whatever their flag in the file, is split
-        // when it appears in text.
+        // Every special token, the BOS and EOS whatever their flag in the file, and added tokens
+        // shaped like control tokens are split when they appear in text.
         let added = tokenizer.get_added_tokens_decoder();
+        let mut split_added_tokens: Vec<(u32, String)> = added
+            .iter()
+            .filter(|(id, t)| !t.special && **id != eos_id && looks_like_control(&t.content))
+            .map(|(id, t)| (*id, t.content.clone()))
+            .collect();
+        split_added_tokens.sort();
         let boundaries: Vec<AddedToken> = std::iter::once((&eos_token, eos_id))
             .chain(bos.iter().map(|(name, id)| (name, *id)))
             .filter(|(_, id)| !added.get(id).is_some_and(|t| t.special))
             .map(|(name, _)| AddedToken::from(name.clone(), true))
+            .chain(
+                split_added_tokens
+                    .iter()
+                    .filter(|(id, _)| bos.as_ref().is_none_or(|b| b.1 != *id))
+                    .map(|(_, content)| AddedToken::from(content.clone(), true)),
+            )
             .collect();
         tokenizer
             .add_special_tokens(boundaries)
             .map_err(|e| fail(e.to_string()))?;
+        let split_added_tokens = split_added_tokens.into_iter().map(|t| t.1).collect();
         tokenizer.set_encode_special_tokens(true);
         let unknown = unknown_token(tokenizer.get_model());
         let mut special: Vec<(u32, String)> = tokenizer
@@ -231,6 +272,8 @@ impl CorpusTokenizer {
             bos_from,
             template_suffix,
             vocab_size,
+            ignored_settings,
+            split_added_tokens,
             special,
             special_text,
             control,
@@ -313,6 +356,16 @@ impl CorpusTokenizer {
             }),
         }
     }
+}
+
+/// `<name>` or `[NAME]` without whitespace (`<tool_call>`, `<|fim_prefix|>`, `[INST]`): the
+/// shape of a control token, not of a word or a run of spaces that a vocabulary adds.
+fn looks_like_control(content: &str) -> bool {
+    let inner = content
+        .strip_prefix('<')
+        .and_then(|r| r.strip_suffix('>'))
+        .or_else(|| content.strip_prefix('[').and_then(|r| r.strip_suffix(']')));
+    inner.is_some_and(|i| !i.is_empty() && !i.chars().any(char::is_whitespace))
 }
 
 fn find_token(tokenizer: &Tokenizer, names: &[&str]) -> Option<(String, u32)> {

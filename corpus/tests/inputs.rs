@@ -463,3 +463,306 @@ fn a_missing_eos_names_the_users_tokenizer_file() {
         "{err}"
     );
 }
+
+/// UTF-32 byte order marks, and byte order marks past the first one: a file that starts with two,
+/// each member of a gzip stream made by `cat a.gz b.gz`, a JSONL text field that starts with one.
+/// None is text, no record is lost.
+#[test]
+fn utf32_and_repeated_byte_order_marks_are_not_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let utf32 = |bom: [u8; 4], big: bool, text: &str| -> Vec<u8> {
+        let mut out = bom.to_vec();
+        out.extend(text.chars().flat_map(|c| {
+            if big {
+                (c as u32).to_be_bytes()
+            } else {
+                (c as u32).to_le_bytes()
+            }
+        }));
+        out
+    };
+    write(
+        d,
+        "le.txt",
+        utf32([0xFF, 0xFE, 0, 0], false, "Größe in UTF-32LE"),
+    );
+    write(
+        d,
+        "be.jsonl",
+        utf32(
+            [0, 0, 0xFE, 0xFF],
+            true,
+            "{\"text\": \"Größe in UTF-32BE\"}\n",
+        ),
+    );
+    let bom = "\u{FEFF}";
+    write(
+        d,
+        "joined.jsonl.gz",
+        [
+            gzip(format!("{bom}{{\"text\": \"first member\"}}\n").as_bytes()),
+            gzip(format!("{bom}{{\"text\": \"second member\"}}\n").as_bytes()),
+        ]
+        .concat(),
+    );
+    write(
+        d,
+        "joined.txt.gz",
+        [
+            gzip(format!("{bom}part one\n").as_bytes()),
+            gzip(format!("{bom}part two").as_bytes()),
+        ]
+        .concat(),
+    );
+    write(
+        d,
+        "double.jsonl",
+        format!("{bom}{bom}{{\"text\": \"after two marks\"}}\n"),
+    );
+    write(
+        d,
+        "field.jsonl",
+        format!("{{\"text\": \"{bom}a mark in the field\"}}\n"),
+    );
+    let report = prepared(&spec(d, "vocab_size: 300\n", ""));
+    let got = texts(&d.join("out"));
+    assert_eq!(
+        got,
+        [
+            "Größe in UTF-32BE<|endoftext|>",
+            "Größe in UTF-32LE<|endoftext|>",
+            "a mark in the field<|endoftext|>",
+            "after two marks<|endoftext|>",
+            "first member<|endoftext|>",
+            "part one\npart two<|endoftext|>",
+            "second member<|endoftext|>",
+        ]
+    );
+    let row = &report.sources[0];
+    assert_eq!((row.lossy_files, row.bad_jsonl_lines), (0, 0), "{row:?}");
+    assert_eq!(row.encodings.get("UTF-32LE"), Some(&1));
+    assert_eq!(row.encodings.get("UTF-32BE"), Some(&1));
+}
+
+/// UTF-16 without a byte order mark read as UTF-8 is valid UTF-8 full of NULs: refused by file
+/// name with the setting that reads it, never stored as text.
+#[test]
+fn text_full_of_nuls_is_refused_by_name_with_the_setting_that_reads_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(d, "ok.txt", "an ordinary document");
+    write(
+        d,
+        "wide.txt",
+        utf16(u16::to_le_bytes, b"", "plain utf16 text without a bom"),
+    );
+    let err = prepare(
+        &spec(d, "vocab_size: 300\n", ""),
+        None,
+        &PrepareOptions::default(),
+    )
+    .expect_err("NULs")
+    .to_string();
+    assert!(
+        err.contains("wide.txt") && err.contains("encoding: utf-16le"),
+        "{err}"
+    );
+    assert!(!d.join("out").exists(), "nothing published");
+    std::fs::remove_file(d.join("in/ok.txt")).expect("rm");
+    prepared(&spec(d, "vocab_size: 300\n", "    encoding: utf-16le\n"));
+    assert_eq!(
+        texts(&d.join("out")),
+        ["plain utf16 text without a bom<|endoftext|>"]
+    );
+}
+
+/// What an HTML page declares beyond the first 1024 bytes' `<meta>`: a `<meta>` later in the
+/// `<head>`, a UTF-16 XML declaration without a byte order mark, an encoding that decodes to
+/// U+FFFD alone (refused by its label), a label that names no encoding (named in the report);
+/// and UTF-8 files read with a legacy source encoding (named in the report).
+#[test]
+fn html_declarations_beyond_the_prescan_and_labels_that_cannot_be_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mut late = b"<html><head><style>".to_vec();
+    late.extend(b"/* a long style sheet */\n".repeat(60));
+    late.extend(
+        b"</style><meta charset=\"windows-1252\"></head><body><p>Die Gr\xF6\xDFe</p></body></html>",
+    );
+    write(d, "late.html", late);
+    let xml =
+        "<?xml version=\"1.0\" encoding=\"UTF-16\"?><html><body><p>Übersicht</p></body></html>";
+    write(d, "wide.xhtml", utf16(u16::to_le_bytes, b"", xml));
+    write(
+        d,
+        "unknown.html",
+        b"<meta charset=\"latin-1\"><p>f\xFCr</p>",
+    );
+    let report = prepared(&spec(d, "vocab_size: 300\n", ""));
+    let got = texts(&d.join("out"));
+    assert!(
+        got.contains(&"Die Größe<|endoftext|>".to_owned()),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&"Übersicht<|endoftext|>".to_owned()),
+        "{got:?}"
+    );
+    let row = &report.sources[0];
+    assert_eq!(row.unknown_label_files, 1, "{row:?}");
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("unknown.html (`latin-1`)")),
+        "{:?}",
+        report.warnings
+    );
+
+    write(d, "kr.html", b"<meta charset=\"iso-2022-kr\"><p>hello</p>");
+    let err = prepare(
+        &spec(d, "vocab_size: 300\n", ""),
+        None,
+        &PrepareOptions::default(),
+    )
+    .expect_err("replacement")
+    .to_string();
+    assert!(
+        err.contains("kr.html") && err.contains("`iso-2022-kr`"),
+        "{err}"
+    );
+    std::fs::remove_file(d.join("in/kr.html")).expect("rm");
+
+    write(d, "utf8.txt", "Größe in UTF-8");
+    let report = prepared(&spec(
+        d,
+        "vocab_size: 300\n",
+        "    encoding: windows-1252\n",
+    ));
+    assert_eq!(report.sources[0].utf8_under_legacy_files, 1);
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("utf8.txt") && w.contains("valid UTF-8")),
+        "{:?}",
+        report.warnings
+    );
+}
+
+/// Rewrites the `tokenizer.json` at `path` with `edit`.
+fn edit_tokenizer(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json");
+    edit(&mut json);
+    std::fs::write(path, serde_json::to_vec(&json).expect("json")).expect("write");
+    Tokenizer::from_file(path).expect("a valid tokenizer.json");
+}
+
+/// A template `single` of special token `first` (or none), the sequence, then `last` (or none).
+fn single_template(first: Option<(&str, u32)>, last: Option<(&str, u32)>) -> serde_json::Value {
+    let mut single = Vec::new();
+    let mut specials = serde_json::Map::new();
+    for (name, id) in first.iter().chain(last.iter()) {
+        specials.insert(
+            (*name).into(),
+            serde_json::json!({"id": name, "ids": [id], "tokens": [name]}),
+        );
+    }
+    if let Some((name, _)) = first {
+        single.push(serde_json::json!({"SpecialToken": {"id": name, "type_id": 0}}));
+    }
+    single.push(serde_json::json!({"Sequence": {"id": "A", "type_id": 0}}));
+    if let Some((name, _)) = last {
+        single.push(serde_json::json!({"SpecialToken": {"id": name, "type_id": 0}}));
+    }
+    serde_json::json!({"type": "TemplateProcessing", "single": single, "pair": single.clone(),
+        "special_tokens": specials})
+}
+
+/// What a tokenizer file says beyond its vocabulary, applied as it means for corpus documents:
+/// `truncation` and `padding` (batched inference) not at all; an added token shaped like a
+/// control token but not marked special (Qwen2.5's `<tool_call>`) split in text like the special
+/// ones; a template whose BOS is the EOS (OPT's `</s>`) not doubling every boundary; a template
+/// that ends a sequence with `</s>` giving the EOS even where `<|endoftext|>` exists too.
+#[test]
+fn a_tokenizer_files_inference_settings_control_shaped_tokens_and_template_are_honoured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let tok = d.join("tok.json");
+    let text = "call <tool_call> then the rest of a long document";
+    write(
+        d,
+        "a.jsonl",
+        format!("{{\"text\": \"{text}\"}}\n{{\"text\": \"plain words\"}}\n"),
+    );
+    let head = format!("tokenizer: {}\n", tok.display());
+
+    llama2_style_tokenizer(&tok);
+    edit_tokenizer(&tok, |t| {
+        t["truncation"] = serde_json::json!({"direction": "Right", "max_length": 4,
+            "strategy": "LongestFirst", "stride": 0});
+        t["padding"] = serde_json::json!({"strategy": {"Fixed": 64}, "direction": "Right",
+            "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "<unk>"});
+        t["added_tokens"]
+            .as_array_mut()
+            .expect("added")
+            .push(serde_json::json!({"id": 400,
+            "content": "<tool_call>", "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": false}));
+    });
+    let report = prepared(&spec(d, &head, ""));
+    let docs = stored(&d.join("out"));
+    assert!(docs.iter().any(|(_, t)| t.contains(text)), "{docs:?}");
+    for (ids, _) in &docs {
+        assert_eq!(
+            (ids[0], ids[ids.len() - 1]),
+            (1, 2),
+            "<s> first, </s> last: {ids:?}"
+        );
+        assert!(
+            !ids.contains(&0) && !ids.contains(&400),
+            "no pad, no <tool_call> id: {ids:?}"
+        );
+    }
+    let t = &report.tokenizer;
+    assert_eq!(t.ignored_settings, ["truncation", "padding"]);
+    assert_eq!(t.split_added_tokens, ["<tool_call>"]);
+    assert_eq!(report.sources[0].special_text_documents, 1);
+
+    // BOS = EOS: one `</s>` between documents.
+    llama2_style_tokenizer(&tok);
+    edit_tokenizer(&tok, |t| {
+        t["post_processor"] = single_template(Some(("</s>", 2)), None);
+    });
+    let report = prepared(&spec(d, &head, ""));
+    assert_eq!(
+        (
+            report.tokenizer.bos_token.as_deref(),
+            report.tokenizer.added_tokens.clone()
+        ),
+        (None, vec!["</s>".to_owned()])
+    );
+    for (ids, _) in stored(&d.join("out")) {
+        assert_eq!(ids.iter().filter(|&&id| id == 2).count(), 1, "{ids:?}");
+    }
+
+    // `$A </s>` with `<|endoftext|>` in the vocabulary too: the template's `</s>` ends documents.
+    llama2_style_tokenizer(&tok);
+    edit_tokenizer(&tok, |t| {
+        t["post_processor"] = single_template(None, Some(("</s>", 2)));
+        t["added_tokens"]
+            .as_array_mut()
+            .expect("added")
+            .push(serde_json::json!({"id": 401,
+            "content": "<|endoftext|>", "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": true}));
+    });
+    let report = prepared(&spec(d, &head, ""));
+    assert_eq!(report.tokenizer.eos_token, "</s>");
+    assert!(report.tokenizer.template_suffix_not_applied.is_empty());
+    for (ids, _) in stored(&d.join("out")) {
+        assert_eq!(ids[ids.len() - 1], 2, "{ids:?}");
+    }
+}

@@ -4,6 +4,12 @@
 //! time to re-form after one member is lost (from its session ending to the last survivor's new
 //! assignment).
 //!
+//! Each size runs twice: with one loopback address and one connection per member (`127.1.x.y`,
+//! as on a cluster, where each node has its own address), and with every member on
+//! 127.0.0.1, multiplexed over a connection per 128 members (as `dapt launch --workers N` on
+//! one machine; the coordinator takes at most 16 not-yet-joined sessions per address, so the
+//! members beyond that are refused and try again, as a real worker does).
+//!
 //! Run: `cargo build --release --bins && cargo bench -p dapt-tests --bench coordinator_scale`
 //! (sizes with DAPT_SCALE_SIZES=64,256,1024).
 
@@ -13,6 +19,9 @@ use std::time::{Duration, Instant};
 use dapt_proto::rpc::{self, coordinator_message, worker_message::Kind, WorkerMessage};
 use dapt_tests::{binary, events, free_port, Proc};
 use tokio::sync::mpsc;
+
+/// The job's token (a coordinator takes no fewer than 32 characters).
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 
 fn main() {
     let sizes: Vec<usize> = std::env::var("DAPT_SCALE_SIZES")
@@ -25,19 +34,26 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    println!("| members | form (ms) | coordinator CPU (ms) | CPU per member (µs) | RSS growth (KiB) | per member (KiB) | re-form after a loss (ms) |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| members | addresses | form (ms) | coordinator CPU (ms) | CPU per member (µs) | RSS growth (KiB) | per member (KiB) | re-form after a loss (ms) |");
+    println!("|---|---|---|---|---|---|---|---|");
     for n in sizes {
-        let r = runtime.block_on(run(n));
-        println!(
-            "| {n} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.0} |",
-            r.form.as_secs_f64() * 1e3,
-            r.cpu.as_secs_f64() * 1e3,
-            r.cpu.as_secs_f64() * 1e6 / n as f64,
-            r.rss_kib,
-            r.rss_kib as f64 / n as f64,
-            r.reform.as_secs_f64() * 1e3,
-        );
+        for shared in [false, true] {
+            let r = runtime.block_on(run(n, shared));
+            let addresses = if shared {
+                "1 (127.0.0.1)"
+            } else {
+                "one per member"
+            };
+            println!(
+                "| {n} | {addresses} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.0} |",
+                r.form.as_secs_f64() * 1e3,
+                r.cpu.as_secs_f64() * 1e3,
+                r.cpu.as_secs_f64() * 1e6 / n as f64,
+                r.rss_kib,
+                r.rss_kib as f64 / n as f64,
+                r.reform.as_secs_f64() * 1e3,
+            );
+        }
     }
 }
 
@@ -67,7 +83,8 @@ fn usage(pid: u32) -> (Duration, i64) {
     (Duration::from_millis(ticks * 1000 / hz), rss)
 }
 
-async fn run(n: usize) -> Result {
+/// One formation of `n` members; `shared`: all from 127.0.0.1 (else one address each).
+async fn run(n: usize, shared: bool) -> Result {
     let dir = tempfile::tempdir().expect("tempdir");
     let job = dir.path().join("scale.yaml");
     std::fs::write(
@@ -83,7 +100,7 @@ async fn run(n: usize) -> Result {
     cmd.args(["--log-format", "json", "coordinator"])
         .arg(&job)
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("DAPT_TOKEN", "t")
+        .env("DAPT_TOKEN", TOKEN)
         .env("RUST_LOG", "warn,dapt_coordinator::server=info");
     let mut coordinator = Proc::spawn(cmd);
     coordinator.wait_for("listening", Duration::from_secs(30), |l| {
@@ -91,23 +108,28 @@ async fn run(n: usize) -> Result {
     });
     let pid = coordinator.child.id();
     let url = format!("http://127.0.0.1:{port}");
-    // A few connections, each multiplexing many sessions.
+    let endpoint = tonic::transport::Endpoint::from_shared(url).expect("url");
+    // Shared: a few connections from 127.0.0.1, each multiplexing many sessions, made before
+    // the clock starts. Else each member connects from its own address once started.
     let mut channels = Vec::new();
-    for _ in 0..n.div_ceil(128) {
-        channels.push(
-            tonic::transport::Endpoint::from_shared(url.clone())
-                .expect("url")
-                .connect()
-                .await
-                .expect("connect"),
-        );
+    if shared {
+        for _ in 0..n.div_ceil(128) {
+            channels.push(endpoint.clone().connect().await.expect("connect"));
+        }
     }
     let (before_cpu, before_rss) = usage(pid);
     let (assigned_tx, mut assigned) = mpsc::unbounded_channel::<(usize, u64, Instant)>();
     let started = Instant::now();
     let mut leave = Vec::new();
     for i in 0..n {
-        let channel = channels[i % channels.len()].clone();
+        let channel = if shared {
+            channels[i % channels.len()].clone()
+        } else {
+            endpoint
+                .clone()
+                .local_address(Some(member_address(i)))
+                .connect_lazy()
+        };
         let assigned_tx = assigned_tx.clone();
         let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
         leave.push(stop_tx);
@@ -158,6 +180,11 @@ async fn run(n: usize) -> Result {
     }
 }
 
+/// Member `i`'s own loopback address: 127.1.x.y (Linux answers for all of 127.0.0.0/8).
+fn member_address(i: usize) -> std::net::IpAddr {
+    std::net::Ipv4Addr::from(0x7f01_0001_u32 + i as u32).into()
+}
+
 async fn simulated_worker(
     i: usize,
     channel: tonic::transport::Channel,
@@ -175,7 +202,7 @@ async fn simulated_worker(
         attach_rank: 0,
         proof: Vec::new(),
     };
-    let key = dapt_proto::auth::Key::control("t");
+    let key = dapt_proto::auth::Key::control(TOKEN);
     // A thousand sessions joining at once exceed the coordinator's cap on sessions that have not
     // joined yet: those refused try again, as a real worker does.
     let session = loop {

@@ -2,30 +2,41 @@
 //! (the WHATWG Encoding Standard and the HTML Standard's encoding sniffing).
 //!
 //! In order, the first that applies wins:
-//! 1. a byte order mark (UTF-8, UTF-16LE, UTF-16BE), in any format; it is removed, never text;
-//! 2. for HTML, a `<meta charset>` or `<meta http-equiv="content-type" content="...charset=">`
-//!    in the first 1024 bytes (the HTML Standard's *prescan*), or an XML declaration's
-//!    `encoding="..."`;
+//! 1. a byte order mark (UTF-8, UTF-16LE, UTF-16BE, and UTF-32LE/BE, which the Encoding
+//!    Standard leaves out and dapt decodes itself), in any format; it is removed, never text;
+//! 2. for HTML, a UTF-16 XML declaration without a byte order mark (`<?x` in UTF-16, the HTML
+//!    Standard's "prescan for UTF-16 XML declarations"); a `<meta charset>` or
+//!    `<meta http-equiv="content-type" content="...charset=">` in the first 1024 bytes (the
+//!    HTML Standard's *prescan*), or an XML declaration's `encoding="..."`; else a `<meta>`
+//!    later in the `<head>` (a browser's parser changes the encoding when it meets one there);
 //! 3. the source's `encoding:` from the job file, else UTF-8.
 //!
 //! Labels map to encodings as the Encoding Standard says (so `iso-8859-1` and `latin1` decode as
 //! windows-1252, as every browser does). The decoding itself is `encoding_rs`, Firefox's
 //! implementation. Bytes that are not valid in the chosen encoding become U+FFFD and the file
-//! is counted as decoded lossily; nothing is dropped silently.
+//! is counted as decoded lossily; nothing is dropped silently. What cannot be text is refused
+//! ([`Undecodable`]): a file that declares one of the encodings the Encoding Standard decodes as
+//! a single U+FFFD (`replacement`: ISO-2022-KR, HZ-GB-2312, ...), and text with NUL characters
+//! (UTF-16 without a byte order mark read as UTF-8, or a binary file). A declaration whose label
+//! names no encoding is ignored, as a browser does, and kept for the report.
 
-use encoding_rs::{Encoding, UTF_16BE, UTF_16LE, UTF_8, WINDOWS_1252, X_USER_DEFINED};
+use encoding_rs::{Encoding, REPLACEMENT, UTF_16BE, UTF_16LE, UTF_8, WINDOWS_1252, X_USER_DEFINED};
 
 use super::Format;
 
 /// How many leading bytes of an HTML file the prescan reads, as the HTML Standard advises.
 pub const PRESCAN_BYTES: usize = 1024;
 
+/// NUL characters in at most this share of a file's characters are dropped (and the file
+/// counted as lossy); more, and the file is refused as not text ([`Undecodable::Nul`]).
+pub const MAX_NUL_SHARE: f64 = 0.01;
+
 /// Where the encoding of a file came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Declared {
     /// A byte order mark at the start of the file.
     Bom,
-    /// An HTML `<meta>` (or XML declaration) in the first [`PRESCAN_BYTES`] bytes.
+    /// An HTML `<meta>` (or XML declaration).
     Meta,
     /// Nothing in the file: the source's configured encoding, or UTF-8.
     Fallback,
@@ -36,43 +47,244 @@ pub enum Declared {
 pub struct Decoded {
     /// The text, without the byte order mark.
     pub text: String,
-    pub encoding: &'static Encoding,
+    /// The encoding's name as the Encoding Standard spells it (`UTF-8`, `windows-1252`), or
+    /// `UTF-32LE` / `UTF-32BE`.
+    pub encoding: &'static str,
     pub declared: Declared,
-    /// Some bytes were not valid in `encoding` and became U+FFFD.
+    /// Some bytes were not valid in `encoding` and became U+FFFD (or were stray NULs, dropped).
     pub lossy: bool,
+    /// The label of a declaration that names no encoding (`<meta charset="latin-1">`), ignored.
+    pub unknown_label: Option<String>,
+    /// Decoded with the source's legacy `encoding` although the bytes are valid UTF-8 with
+    /// non-ASCII characters: likely the wrong setting for this file.
+    pub utf8_under_legacy: bool,
+}
+
+/// Why a file's bytes are not taken as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Undecodable {
+    /// The file declares `label`, an encoding the Encoding Standard maps to `replacement`.
+    Replacement { label: String },
+    /// Decoded as `encoding`, more than [`MAX_NUL_SHARE`] of its characters are NUL; `utf16` is
+    /// `Some("utf-16le")` (or `be`) when the bytes look like UTF-16 without a byte order mark.
+    Nul {
+        encoding: &'static str,
+        utf16: Option<&'static str>,
+    },
+}
+
+impl std::fmt::Display for Undecodable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Undecodable::Replacement { label } => write!(
+                f,
+                "declares the encoding `{label}`, which the Encoding Standard decodes as a single \
+                 U+FFFD (to keep it from being misread): dapt does not read it; convert the file \
+                 (e.g. to UTF-8) or leave it out"
+            ),
+            Undecodable::Nul {
+                encoding,
+                utf16: Some(utf16),
+            } => write!(
+                f,
+                "read as {encoding}, its text is full of NUL characters: it looks like \
+                 {} without a byte order mark; set the source's `encoding: {utf16}` (or add \
+                 the byte order mark)",
+                utf16.to_ascii_uppercase()
+            ),
+            Undecodable::Nul {
+                encoding,
+                utf16: None,
+            } => write!(
+                f,
+                "read as {encoding}, its text is full of NUL characters: it is not text (a \
+                 binary file?) in that encoding; leave it out or set the source's `encoding`"
+            ),
+        }
+    }
 }
 
 /// Decodes `raw` (a whole file, decompressed) of `format`; `fallback` is the encoding of a file
 /// that declares none (UTF-8 unless the job says otherwise).
-pub fn decode(raw: Vec<u8>, format: Format, fallback: &'static Encoding) -> Decoded {
+///
+/// # Errors
+/// [`Undecodable`]: a declared `replacement` encoding, or text full of NULs.
+pub fn decode(
+    raw: Vec<u8>,
+    format: Format,
+    fallback: &'static Encoding,
+) -> Result<Decoded, Undecodable> {
+    if let Some(big_endian) = utf32_bom(&raw) {
+        let (text, lossy) = decode_utf32(&raw[4..], big_endian);
+        let encoding = if big_endian { "UTF-32BE" } else { "UTF-32LE" };
+        return finish(text, encoding, Declared::Bom, lossy, None, false, &raw[4..]);
+    }
+    let mut unknown = None;
     let (encoding, declared, skip) = if let Some((enc, bom)) = Encoding::for_bom(&raw) {
         (enc, Declared::Bom, bom)
     } else if let Some(enc) = (format == Format::Html)
-        .then(|| prescan(&raw[..raw.len().min(PRESCAN_BYTES)]))
+        .then(|| html_declaration(&raw, &mut unknown))
         .flatten()
     {
         (enc, Declared::Meta, 0)
     } else {
         (fallback, Declared::Fallback, 0)
     };
-    let (text, lossy) = if encoding == UTF_8 {
+    if encoding == REPLACEMENT {
+        return Err(Undecodable::Replacement {
+            label: unknown.unwrap_or_else(|| "replacement".into()),
+        });
+    }
+    if declared == Declared::Meta {
+        unknown = None;
+    }
+    let utf8_under_legacy = declared == Declared::Fallback
+        && encoding != UTF_8
+        && !raw.is_ascii()
+        && std::str::from_utf8(&raw).is_ok();
+    if encoding == UTF_8 {
         // The common case: valid UTF-8 is taken as it is, without a copy.
         let mut raw = raw;
         raw.drain(..skip);
-        match String::from_utf8(raw) {
+        let (text, lossy) = match String::from_utf8(raw) {
             Ok(text) => (text, false),
             Err(e) => (String::from_utf8_lossy(e.as_bytes()).into_owned(), true),
-        }
+        };
+        let bytes = if text.contains('\0') {
+            text.as_bytes().to_vec()
+        } else {
+            Vec::new()
+        };
+        finish(text, UTF_8.name(), declared, lossy, unknown, false, &bytes)
     } else {
         let (text, lossy) = encoding.decode_without_bom_handling(&raw[skip..]);
-        (text.into_owned(), lossy)
-    };
-    Decoded {
+        finish(
+            text.into_owned(),
+            encoding.name(),
+            declared,
+            lossy,
+            unknown,
+            utf8_under_legacy,
+            &raw[skip..],
+        )
+    }
+}
+
+/// The [`Decoded`], after the NUL check on `text` (`raw`: the bytes it came from, for the
+/// UTF-16 guess; only read when `text` holds a NUL).
+fn finish(
+    mut text: String,
+    encoding: &'static str,
+    declared: Declared,
+    mut lossy: bool,
+    unknown_label: Option<String>,
+    utf8_under_legacy: bool,
+    raw: &[u8],
+) -> Result<Decoded, Undecodable> {
+    if text.contains('\0') {
+        let nuls = text.chars().filter(|&c| c == '\0').count();
+        if nuls as f64 > MAX_NUL_SHARE * text.chars().count() as f64 {
+            return Err(Undecodable::Nul {
+                encoding,
+                utf16: utf16_guess(raw),
+            });
+        }
+        text.retain(|c| c != '\0');
+        lossy = true;
+    }
+    Ok(Decoded {
         text,
         encoding,
         declared,
         lossy,
+        unknown_label,
+        utf8_under_legacy,
+    })
+}
+
+/// `Some(big_endian)` for a UTF-32 byte order mark (`FF FE 00 00` or `00 00 FE FF`).
+fn utf32_bom(raw: &[u8]) -> Option<bool> {
+    match raw.get(..4)? {
+        [0xFF, 0xFE, 0, 0] => Some(false),
+        [0, 0, 0xFE, 0xFF] => Some(true),
+        _ => None,
     }
+}
+
+/// UTF-32 (Unicode's definition: each 4 bytes one scalar value); a value that is none, or a
+/// cut-off last unit, becomes U+FFFD. Returns the text and whether any did.
+fn decode_utf32(bytes: &[u8], big_endian: bool) -> (String, bool) {
+    let mut lossy = !bytes.len().is_multiple_of(4);
+    let mut text = String::with_capacity(bytes.len() / 4);
+    for unit in bytes.chunks_exact(4) {
+        let unit = [unit[0], unit[1], unit[2], unit[3]];
+        let value = if big_endian {
+            u32::from_be_bytes(unit)
+        } else {
+            u32::from_le_bytes(unit)
+        };
+        text.push(char::from_u32(value).unwrap_or_else(|| {
+            lossy = true;
+            char::REPLACEMENT_CHARACTER
+        }));
+    }
+    if !bytes.len().is_multiple_of(4) {
+        text.push(char::REPLACEMENT_CHARACTER);
+    }
+    (text, lossy)
+}
+
+/// `Some("utf-16le")` (or `be`) when at least a quarter of the odd (even) bytes of `raw` are
+/// zero and almost none of the others: ASCII-heavy text in UTF-16 without a byte order mark.
+fn utf16_guess(raw: &[u8]) -> Option<&'static str> {
+    let pairs = raw.len() / 2;
+    if pairs < 2 {
+        return None;
+    }
+    let zero = |parity: usize| {
+        raw.iter()
+            .skip(parity)
+            .step_by(2)
+            .filter(|&&b| b == 0)
+            .count()
+    };
+    let (even, odd) = (zero(0), zero(1));
+    if odd * 4 >= pairs && even * 20 <= pairs {
+        Some("utf-16le")
+    } else if even * 4 >= pairs && odd * 20 <= pairs {
+        Some("utf-16be")
+    } else {
+        None
+    }
+}
+
+/// What an HTML file without a byte order mark declares: a UTF-16 XML declaration, else the
+/// prescan of the first [`PRESCAN_BYTES`], else a `<meta>` in the rest of the `<head>` (up to
+/// the first `<body`). `unknown` gets the first label that names no encoding (or the label of
+/// a `replacement` encoding, which is returned as REPLACEMENT).
+fn html_declaration(raw: &[u8], unknown: &mut Option<String>) -> Option<&'static Encoding> {
+    if raw.starts_with(&[0x3C, 0, 0x3F, 0, 0x78, 0]) {
+        return Some(UTF_16LE);
+    }
+    if raw.starts_with(&[0, 0x3C, 0, 0x3F, 0, 0x78]) {
+        return Some(UTF_16BE);
+    }
+    let first = &raw[..raw.len().min(PRESCAN_BYTES)];
+    if let Some(found) = prescan_noting(first, unknown) {
+        return Some(found);
+    }
+    if raw.len() <= PRESCAN_BYTES {
+        return None;
+    }
+    let head_end = find_ignore_case(raw, b"<body").unwrap_or(raw.len());
+    meta_scan(&raw[..head_end], unknown).map(in_page)
+}
+
+/// The position of the first `needle` (ASCII, lowercase) in `bytes`, ignoring ASCII case.
+fn find_ignore_case(bytes: &[u8], needle: &[u8]) -> Option<usize> {
+    bytes
+        .windows(needle.len())
+        .position(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// The encoding that a `<meta>` in `bytes` declares, by the HTML Standard's "prescan a byte
@@ -81,14 +293,34 @@ pub fn decode(raw: Vec<u8>, format: Format, fallback: &'static Encoding) -> Deco
 /// construct cut off at their end declares nothing. UTF-16 declared inside the page itself
 /// means UTF-8 (the page could not have been read as ASCII otherwise), as the standard says.
 pub fn prescan(bytes: &[u8]) -> Option<&'static Encoding> {
-    let found = meta_scan(bytes).or_else(|| xml_declaration(bytes))?;
-    Some(if found == UTF_16LE || found == UTF_16BE {
+    prescan_noting(bytes, &mut None)
+}
+
+/// [`prescan`], keeping the first label that names no encoding in `unknown`.
+fn prescan_noting(bytes: &[u8], unknown: &mut Option<String>) -> Option<&'static Encoding> {
+    let found = meta_scan(bytes, unknown).or_else(|| xml_declaration(bytes, unknown))?;
+    Some(in_page(found))
+}
+
+/// An encoding declared inside the page: UTF-16 means UTF-8, x-user-defined windows-1252.
+fn in_page(found: &'static Encoding) -> &'static Encoding {
+    if found == UTF_16LE || found == UTF_16BE {
         UTF_8
     } else if found == X_USER_DEFINED {
         WINDOWS_1252
     } else {
         found
-    })
+    }
+}
+
+/// The encoding `label` names; a label that names none (or `replacement`) is kept in
+/// `unknown` (the first one only).
+fn label(value: &[u8], unknown: &mut Option<String>) -> Option<&'static Encoding> {
+    let found = Encoding::for_label(value);
+    if found.is_none_or(|e| e == REPLACEMENT) && unknown.is_none() {
+        *unknown = Some(String::from_utf8_lossy(value).trim().to_owned());
+    }
+    found
 }
 
 fn is_space(b: u8) -> bool {
@@ -110,7 +342,7 @@ fn find(bytes: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
 }
 
 /// The prescan proper: `None` when it runs out of bytes without a declaration.
-fn meta_scan(b: &[u8]) -> Option<&'static Encoding> {
+fn meta_scan(b: &[u8], unknown: &mut Option<String>) -> Option<&'static Encoding> {
     let mut pos = 0;
     while pos < b.len() {
         if b[pos..].starts_with(b"<!--") {
@@ -120,7 +352,7 @@ fn meta_scan(b: &[u8]) -> Option<&'static Encoding> {
             && b.get(pos + 5).is_some_and(|&c| is_space(c) || c == b'/')
         {
             pos += 6;
-            if let Some(found) = meta_element(b, &mut pos)? {
+            if let Some(found) = meta_element(b, &mut pos, unknown)? {
                 return Some(found);
             }
         } else if b[pos] == b'<'
@@ -148,7 +380,11 @@ fn meta_scan(b: &[u8]) -> Option<&'static Encoding> {
 
 /// The attributes of one `<meta ...>`: `Some(Some(encoding))` when it declares one,
 /// `Some(None)` when it does not, `None` when the bytes end inside it.
-fn meta_element(b: &[u8], pos: &mut usize) -> Option<Option<&'static Encoding>> {
+fn meta_element(
+    b: &[u8],
+    pos: &mut usize,
+    unknown: &mut Option<String>,
+) -> Option<Option<&'static Encoding>> {
     let mut seen: Vec<Vec<u8>> = Vec::new();
     let mut got_pragma = false;
     let mut need_pragma: Option<bool> = None;
@@ -160,13 +396,13 @@ fn meta_element(b: &[u8], pos: &mut usize) -> Option<Option<&'static Encoding>> 
         match name.as_slice() {
             b"http-equiv" => got_pragma |= value == b"content-type",
             b"content" if charset.is_none() => {
-                if let Some(found) = charset_from_content(&value) {
+                if let Some(found) = charset_from_content(&value, unknown) {
                     charset = Some(found);
                     need_pragma = Some(true);
                 }
             }
             b"charset" => {
-                charset = Encoding::for_label(&value);
+                charset = label(&value, unknown);
                 need_pragma = Some(false);
             }
             _ => {}
@@ -248,7 +484,7 @@ fn attribute(b: &[u8], pos: &mut usize) -> Option<Option<Attribute>> {
 
 /// The HTML Standard's "extracting a character encoding from a meta element", on a
 /// `content` value already lowercased (`text/html; charset=iso-8859-1`).
-fn charset_from_content(s: &[u8]) -> Option<&'static Encoding> {
+fn charset_from_content(s: &[u8], unknown: &mut Option<String>) -> Option<&'static Encoding> {
     let mut pos = 0;
     loop {
         pos = find(s, pos, b"charset")? + 7;
@@ -266,21 +502,21 @@ fn charset_from_content(s: &[u8]) -> Option<&'static Encoding> {
     match *s.get(pos)? {
         q @ (b'"' | b'\'') => {
             let end = find(s, pos + 1, &[q])?;
-            Encoding::for_label(&s[pos + 1..end])
+            label(&s[pos + 1..end], unknown)
         }
         _ => {
             let end = s[pos..]
                 .iter()
                 .position(|&c| is_space(c) || c == b';')
                 .map_or(s.len(), |i| pos + i);
-            Encoding::for_label(&s[pos..end])
+            label(&s[pos..end], unknown)
         }
     }
 }
 
 /// An XML declaration's encoding (`<?xml version="1.0" encoding="ISO-8859-1"?>`), for XHTML
 /// files; the HTML Standard's "get an XML encoding".
-fn xml_declaration(b: &[u8]) -> Option<&'static Encoding> {
+fn xml_declaration(b: &[u8], unknown: &mut Option<String>) -> Option<&'static Encoding> {
     if !b.starts_with(b"<?xml") {
         return None;
     }
@@ -299,7 +535,7 @@ fn xml_declaration(b: &[u8]) -> Option<&'static Encoding> {
     }
     let quote = *decl.get(pos).filter(|&&q| q == b'"' || q == b'\'')?;
     let close = find(decl, pos + 1, &[quote])?;
-    Encoding::for_label(&decl[pos + 1..close])
+    label(&decl[pos + 1..close], unknown)
 }
 
 #[cfg(test)]
@@ -308,32 +544,32 @@ mod tests {
     use encoding_rs::{SHIFT_JIS, WINDOWS_1251};
 
     fn html(bytes: &[u8]) -> Decoded {
-        decode(bytes.to_vec(), Format::Html, UTF_8)
+        decode(bytes.to_vec(), Format::Html, UTF_8).unwrap()
     }
 
     #[test]
     fn boms_win_and_are_removed_in_every_format() {
         for format in [Format::Plain, Format::Jsonl, Format::Html] {
-            let d = decode(b"\xEF\xBB\xBFhi".to_vec(), format, WINDOWS_1252);
+            let d = decode(b"\xEF\xBB\xBFhi".to_vec(), format, WINDOWS_1252).unwrap();
             assert_eq!(
                 (d.text.as_str(), d.declared, d.lossy),
                 ("hi", Declared::Bom, false)
             );
             let mut bytes = vec![0xFF, 0xFE];
             bytes.extend("Größe".encode_utf16().flat_map(u16::to_le_bytes));
-            let d = decode(bytes, format, UTF_8);
-            assert_eq!((d.text.as_str(), d.encoding), ("Größe", UTF_16LE));
+            let d = decode(bytes, format, UTF_8).unwrap();
+            assert_eq!((d.text.as_str(), d.encoding), ("Größe", "UTF-16LE"));
             let mut bytes = vec![0xFE, 0xFF];
             bytes.extend("Größe".encode_utf16().flat_map(u16::to_be_bytes));
-            let d = decode(bytes, format, UTF_8);
-            assert_eq!((d.text.as_str(), d.encoding), ("Größe", UTF_16BE));
+            let d = decode(bytes, format, UTF_8).unwrap();
+            assert_eq!((d.text.as_str(), d.encoding), ("Größe", "UTF-16BE"));
         }
     }
 
     #[test]
     fn a_bom_beats_a_meta() {
         let d = html(b"\xEF\xBB\xBF<meta charset=iso-8859-1><p>\xC3\xA9");
-        assert_eq!(d.encoding, UTF_8);
+        assert_eq!(d.encoding, "UTF-8");
         assert!(d.text.ends_with('é'), "{}", d.text);
     }
 
@@ -398,19 +634,161 @@ mod tests {
         let d = html(b"<meta charset=\"iso-8859-1\"><p>Gr\xF6\xDFe \x80");
         assert_eq!(
             (d.encoding, d.declared, d.lossy),
-            (WINDOWS_1252, Declared::Meta, false)
+            ("windows-1252", Declared::Meta, false)
         );
         assert!(d.text.ends_with("Größe €"), "{}", d.text);
     }
 
     #[test]
     fn no_declaration_falls_back_and_counts_bad_bytes() {
-        let d = decode(b"caf\xE9".to_vec(), Format::Plain, UTF_8);
+        let d = decode(b"caf\xE9".to_vec(), Format::Plain, UTF_8).unwrap();
         assert_eq!((d.text.as_str(), d.lossy), ("caf\u{FFFD}", true));
-        let d = decode(b"caf\xE9".to_vec(), Format::Plain, WINDOWS_1252);
+        let d = decode(b"caf\xE9".to_vec(), Format::Plain, WINDOWS_1252).unwrap();
         assert_eq!((d.text.as_str(), d.lossy), ("café", false));
         // a meta in a plain text file is just text
-        let d = decode(b"<meta charset=koi8-r>\xE9".to_vec(), Format::Plain, UTF_8);
+        let d = decode(b"<meta charset=koi8-r>\xE9".to_vec(), Format::Plain, UTF_8).unwrap();
         assert!(d.lossy);
+    }
+
+    #[test]
+    fn utf32_boms_are_decoded_not_taken_for_utf16() {
+        let text = "Größe 😀 hello";
+        let mut le = vec![0xFF, 0xFE, 0, 0];
+        le.extend(text.chars().flat_map(|c| (c as u32).to_le_bytes()));
+        let mut be = vec![0, 0, 0xFE, 0xFF];
+        be.extend(text.chars().flat_map(|c| (c as u32).to_be_bytes()));
+        for (bytes, name) in [(le, "UTF-32LE"), (be, "UTF-32BE")] {
+            for format in [Format::Plain, Format::Jsonl, Format::Html] {
+                let d = decode(bytes.clone(), format, UTF_8).unwrap();
+                assert_eq!((d.text.as_str(), d.encoding, d.lossy), (text, name, false));
+            }
+        }
+        // a surrogate and a cut-off last unit become U+FFFD, counted
+        let d = decode(
+            vec![0xFF, 0xFE, 0, 0, 0x00, 0xD8, 0, 0, b'a', 0],
+            Format::Plain,
+            UTF_8,
+        )
+        .unwrap();
+        assert_eq!((d.text.as_str(), d.lossy), ("\u{FFFD}\u{FFFD}", true));
+    }
+
+    #[test]
+    fn text_full_of_nuls_is_refused_with_a_utf16_guess_and_stray_nuls_are_dropped() {
+        let le: Vec<u8> = "plain utf16 text without a bom"
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        let be: Vec<u8> = "plain utf16 text"
+            .encode_utf16()
+            .flat_map(u16::to_be_bytes)
+            .collect();
+        for format in [Format::Plain, Format::Jsonl, Format::Html] {
+            assert_eq!(
+                decode(le.clone(), format, UTF_8).unwrap_err(),
+                Undecodable::Nul {
+                    encoding: "UTF-8",
+                    utf16: Some("utf-16le")
+                }
+            );
+            assert_eq!(
+                decode(be.clone(), format, WINDOWS_1252).unwrap_err(),
+                Undecodable::Nul {
+                    encoding: "windows-1252",
+                    utf16: Some("utf-16be")
+                }
+            );
+        }
+        let e = decode(vec![0, 0, 0, 1, 2, 0, 0, 0], Format::Plain, UTF_8).unwrap_err();
+        assert_eq!(
+            e,
+            Undecodable::Nul {
+                encoding: "UTF-8",
+                utf16: None
+            }
+        );
+        assert!(e.to_string().contains("NUL"), "{e}");
+        // set as the source's encoding, the same bytes are text
+        let d = decode(le, Format::Plain, UTF_16LE).unwrap();
+        assert_eq!(d.text, "plain utf16 text without a bom");
+        // one stray NUL in a long text: dropped, the file counted as lossy
+        let mut stray = "a long enough line of ordinary text, "
+            .repeat(4)
+            .into_bytes();
+        stray.insert(10, 0);
+        let d = decode(stray, Format::Plain, UTF_8).unwrap();
+        assert!(d.lossy && !d.text.contains('\0'), "{d:?}");
+    }
+
+    #[test]
+    fn a_utf16_xml_declaration_without_a_bom_is_utf16() {
+        let page =
+            "<?xml version=\"1.0\" encoding=\"UTF-16\"?><html><body><p>Größe</p></body></html>";
+        let le: Vec<u8> = page.encode_utf16().flat_map(u16::to_le_bytes).collect();
+        let be: Vec<u8> = page.encode_utf16().flat_map(u16::to_be_bytes).collect();
+        for (bytes, name) in [(le, "UTF-16LE"), (be, "UTF-16BE")] {
+            let d = html(&bytes);
+            assert_eq!(
+                (d.text.as_str(), d.encoding, d.declared),
+                (page, name, Declared::Meta)
+            );
+        }
+    }
+
+    #[test]
+    fn a_meta_after_the_first_1024_bytes_of_the_head_counts() {
+        let mut page = b"<html><head><style>".to_vec();
+        page.extend(b"/* padding */\n".repeat(100));
+        page.extend(b"</style><meta charset=\"windows-1252\"></head><body><p>Gr\xF6\xDFe</p>");
+        assert!(page.len() > PRESCAN_BYTES);
+        let d = html(&page);
+        assert_eq!(
+            (d.encoding, d.declared, d.lossy),
+            ("windows-1252", Declared::Meta, false)
+        );
+        assert!(d.text.ends_with("Größe</p>"), "{}", d.text);
+        // not one in the body
+        let mut page = b"<html><head></head><body>".to_vec();
+        page.extend(b"<p>x</p>\n".repeat(200));
+        page.extend(b"<meta charset=\"windows-1252\"><p>Gr\xF6\xDFe</p>");
+        assert_eq!(html(&page).declared, Declared::Fallback);
+    }
+
+    #[test]
+    fn a_replacement_encoding_is_refused_by_its_label_and_unknown_labels_are_kept() {
+        for label in ["iso-2022-kr", "csiso2022kr", "hz-gb-2312", "iso-2022-cn"] {
+            let page = format!("<meta charset=\"{label}\"><p>hello</p>");
+            assert_eq!(
+                decode(page.into_bytes(), Format::Html, UTF_8).unwrap_err(),
+                Undecodable::Replacement {
+                    label: label.into()
+                }
+            );
+        }
+        let e = decode(
+            b"<meta http-equiv=content-type content='text/html; charset=hz-gb-2312'>x".to_vec(),
+            Format::Html,
+            UTF_8,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("`hz-gb-2312`"), "{e}");
+        let d = html(b"<meta charset=\"latin-1\"><p>Gr\xF6\xDFe</p>");
+        assert_eq!(
+            (d.unknown_label.as_deref(), d.lossy),
+            (Some("latin-1"), true)
+        );
+        // a known declaration after an unknown one wins, and nothing is reported
+        let d = html(b"<meta charset=\"latin-1\"><meta charset=latin1><p>Gr\xF6\xDFe</p>");
+        assert_eq!((d.unknown_label, d.encoding), (None, "windows-1252"));
+    }
+
+    #[test]
+    fn utf8_read_with_a_legacy_source_encoding_is_flagged() {
+        let d = decode("Größe".as_bytes().to_vec(), Format::Plain, WINDOWS_1252).unwrap();
+        assert!(d.utf8_under_legacy && d.text == "GrÃ¶ÃŸe", "{d:?}");
+        let d = decode(b"Gr\xF6\xDFe".to_vec(), Format::Plain, WINDOWS_1252).unwrap();
+        assert!(!d.utf8_under_legacy);
+        let d = decode(b"plain ascii".to_vec(), Format::Plain, WINDOWS_1252).unwrap();
+        assert!(!d.utf8_under_legacy);
     }
 }

@@ -204,10 +204,14 @@ pub struct FileText {
     pub documents: Vec<String>,
     /// The 1-based line of each document of a JSONL file (empty for other formats).
     pub lines: Vec<u64>,
-    /// The encoding the text was decoded from.
-    pub encoding: &'static Encoding,
+    /// The name of the encoding the text was decoded from (`UTF-8`, `windows-1252`, ...).
+    pub encoding: &'static str,
     /// Some bytes were not valid in that encoding and became U+FFFD.
     pub lossy: bool,
+    /// A declared encoding label that names none (ignored; see [`encoding::Decoded`]).
+    pub unknown_label: Option<String>,
+    /// Valid UTF-8 with non-ASCII text, decoded with the source's legacy `encoding`.
+    pub utf8_under_legacy: bool,
     /// JSONL lines that were not JSON objects with a string `text_field`.
     pub bad_lines: u64,
     /// The first few of those line numbers (1-based).
@@ -227,12 +231,18 @@ pub fn read_file(
 ) -> Result<FileText> {
     let raw = read_bounded(file, max_bytes)?;
     let bytes = raw.len() as u64;
-    let decoded = encoding::decode(raw, file.format, fallback);
+    let decoded =
+        encoding::decode(raw, file.format, fallback).map_err(|reason| CorpusError::NotText {
+            path: file.path.clone(),
+            reason: reason.to_string(),
+        })?;
     let mut text = FileText {
         documents: Vec::new(),
         lines: Vec::new(),
         encoding: decoded.encoding,
         lossy: decoded.lossy,
+        unknown_label: decoded.unknown_label,
+        utf8_under_legacy: decoded.utf8_under_legacy,
         bad_lines: 0,
         bad_line_numbers: Vec::new(),
         bytes,
@@ -243,6 +253,9 @@ pub fn read_file(
         Format::Html => text.documents.push(html::extract_text(&content)),
         Format::Jsonl => {
             for (i, line) in content.lines().enumerate() {
+                // A byte order mark at a line's start (files joined with `cat`, gzip members
+                // each with their own) is a signature, not JSON.
+                let line = line.trim_start_matches('\u{FEFF}');
                 if line.trim().is_empty() {
                     continue;
                 }

@@ -302,9 +302,18 @@ struct Normalized {
     special: Option<String>,
 }
 
-/// The text a document is tokenized as: trimmed, line endings as `\n` (from `\r\n` and lone
-/// `\r`, in every format), NFC.
+/// The text a document is tokenized as: without U+FEFF (a byte order mark that files joined
+/// with `cat` or gzip members carry inside the text, or the zero-width no-break space that
+/// Unicode deprecated for U+2060), trimmed, line endings as `\n` (from `\r\n` and lone `\r`,
+/// in every format), NFC.
 pub fn normalize(text: &str) -> String {
+    let without_bom;
+    let text = if text.contains('\u{FEFF}') {
+        without_bom = text.replace('\u{FEFF}', "");
+        without_bom.as_str()
+    } else {
+        text
+    };
     let text = text.trim();
     if text.contains('\r') {
         text.replace("\r\n", "\n")

@@ -98,6 +98,12 @@ pub struct SourceStats {
     pub encodings: BTreeMap<String, u64>,
     pub lossy_files: u64,
     pub lossy_examples: Vec<String>,
+    /// Files whose declared encoding label names none (ignored), and `path (label)` of a few.
+    pub unknown_label_files: u64,
+    pub unknown_label_examples: Vec<String>,
+    /// Valid UTF-8 files with non-ASCII text decoded with the source's legacy `encoding`.
+    pub utf8_under_legacy_files: u64,
+    pub utf8_under_legacy_examples: Vec<String>,
     pub bad_jsonl_lines: u64,
     pub bad_jsonl_examples: Vec<String>,
     /// Kept documents whose text spells a special token of the tokenizer.
@@ -133,15 +139,26 @@ impl SourceStats {
     pub fn add_file(&mut self, path: &Path, text: &FileText) {
         self.files += 1;
         self.input_bytes += text.bytes;
-        *self
-            .encodings
-            .entry(text.encoding.name().to_owned())
-            .or_default() += 1;
+        *self.encodings.entry(text.encoding.to_owned()).or_default() += 1;
         if text.lossy {
             self.lossy_files += 1;
             if self.lossy_examples.len() < EXAMPLES_KEPT {
                 self.lossy_examples
-                    .push(format!("{} ({})", path.display(), text.encoding.name()));
+                    .push(format!("{} ({})", path.display(), text.encoding));
+            }
+        }
+        if let Some(label) = &text.unknown_label {
+            self.unknown_label_files += 1;
+            if self.unknown_label_examples.len() < EXAMPLES_KEPT {
+                self.unknown_label_examples
+                    .push(format!("{} (`{label}`)", path.display()));
+            }
+        }
+        if text.utf8_under_legacy {
+            self.utf8_under_legacy_files += 1;
+            if self.utf8_under_legacy_examples.len() < EXAMPLES_KEPT {
+                self.utf8_under_legacy_examples
+                    .push(path.display().to_string());
             }
         }
         self.bad_jsonl_lines += text.bad_lines;
@@ -213,6 +230,12 @@ pub struct SourceRow {
     /// Files with bytes invalid in their encoding (decoded with U+FFFD).
     pub lossy_files: u64,
     pub lossy_examples: Vec<String>,
+    /// Files declaring an encoding label that names none (the declaration was ignored).
+    pub unknown_label_files: u64,
+    pub unknown_label_examples: Vec<String>,
+    /// Valid UTF-8 files with non-ASCII text decoded with the source's legacy `encoding`.
+    pub utf8_under_legacy_files: u64,
+    pub utf8_under_legacy_examples: Vec<String>,
     pub bad_jsonl_lines: u64,
     pub bad_jsonl_examples: Vec<String>,
     /// Documents whose text spells a special token (encoded as ordinary text).
@@ -246,6 +269,10 @@ pub struct TokenizerRow {
     /// What the tokenizer's template puts after a sequence when that is not just the EOS
     /// (dapt ends each document with its EOS alone).
     pub template_suffix_not_applied: Vec<String>,
+    /// Settings of the tokenizer file not applied to documents (`truncation`, `padding`).
+    pub ignored_settings: Vec<String>,
+    /// Added tokens not marked special but shaped like control tokens, split in text too.
+    pub split_added_tokens: Vec<String>,
     pub trained: bool,
 }
 
@@ -308,6 +335,10 @@ pub fn build(
             encodings: st.encodings.clone(),
             lossy_files: st.lossy_files,
             lossy_examples: st.lossy_examples.clone(),
+            unknown_label_files: st.unknown_label_files,
+            unknown_label_examples: st.unknown_label_examples.clone(),
+            utf8_under_legacy_files: st.utf8_under_legacy_files,
+            utf8_under_legacy_examples: st.utf8_under_legacy_examples.clone(),
             bad_jsonl_lines: st.bad_jsonl_lines,
             bad_jsonl_examples: st.bad_jsonl_examples.clone(),
             special_text_documents: st.special_text_documents,
@@ -345,6 +376,12 @@ pub fn build(
             bos_from: tk.bos_from,
             added_tokens: tk.added_tokens(),
             template_suffix_not_applied: tk.template_suffix.clone(),
+            ignored_settings: tk
+                .ignored_settings
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            split_added_tokens: tk.split_added_tokens.clone(),
             trained: manifest.tokenizer.trained,
         },
         vocabulary_saturation,
@@ -388,6 +425,24 @@ fn source_warnings(row: &SourceRow, st: &SourceStats, plan: Option<TrainingPlan>
              declare can be set with the source's `encoding`",
             st.lossy_files,
             st.lossy_examples.join(", ")
+        ));
+    }
+    if st.unknown_label_files > 0 {
+        w.push(format!(
+            "source `{name}`: {} files declare an encoding label that names no encoding the \
+             Encoding Standard knows, so the declaration was ignored (as a browser ignores it), \
+             e.g. {}; set the source's `encoding` if they are not UTF-8",
+            st.unknown_label_files,
+            st.unknown_label_examples.join(", ")
+        ));
+    }
+    if st.utf8_under_legacy_files > 0 {
+        w.push(format!(
+            "source `{name}`: {} files are valid UTF-8 with non-ASCII text but were decoded as \
+             the source's `encoding` says, e.g. {}: check that setting (a UTF-8 file read as a \
+             legacy encoding becomes mojibake such as `GrÃ¶ÃŸe`)",
+            st.utf8_under_legacy_files,
+            st.utf8_under_legacy_examples.join(", ")
         ));
     }
     if st.special_text_documents > 0 {

@@ -53,6 +53,10 @@ pub fn render(report: &Report) -> String {
         (Some(bos), BosFrom::Template) => format!("{bos} first (the tokenizer's template adds it)"),
         (Some(bos), _) => format!("{bos} first (corpus.add_bos: true)"),
         (None, BosFrom::JobSaysNo) => "no BOS (corpus.add_bos: false)".to_owned(),
+        (None, BosFrom::TemplateBosIsEos) => format!(
+            "no BOS (the tokenizer's template starts a sequence with {}, the EOS that already ends the document before)",
+            t.eos_token
+        ),
         (None, _) => "no BOS (the tokenizer's template adds none)".to_owned(),
     };
     let _ = writeln!(
@@ -67,6 +71,20 @@ pub fn render(report: &Report) -> String {
             "note: the tokenizer's template ends a sequence with {}; dapt ends each document with {} alone",
             t.template_suffix_not_applied.join(" "),
             t.eos_token
+        );
+    }
+    if !t.ignored_settings.is_empty() {
+        let _ = writeln!(
+            out,
+            "note: the tokenizer file's {} settings are for batched inference and were not applied: documents are encoded whole",
+            t.ignored_settings.join(" and ")
+        );
+    }
+    if !t.split_added_tokens.is_empty() {
+        let _ = writeln!(
+            out,
+            "note: added tokens not marked special but shaped like control tokens are split in text like the special ones: {}",
+            t.split_added_tokens.join(" ")
         );
     }
     if let Some(p) = &report.plan {
