@@ -174,8 +174,107 @@ impl Manifest {
         }
         manifest
             .check_paths()
+            .and_then(|()| manifest.check_values())
             .map_err(|message| CorpusError::Manifest { path, message })?;
         Ok(manifest)
+    }
+
+    /// The numbers agree with one another as `dapt prepare` writes them, so that nothing
+    /// downstream sizes a model or a buffer from a damaged or hand-edited field: the vocabulary
+    /// within [`crate::spec::MAX_VOCAB_SIZE`] and the token dtype it implies, the EOS and BOS
+    /// ids inside it, each source named once with a finite weight of at least 0 and a held-out
+    /// fraction in [0, 1), each shard's token file `tokens` ids long, and each stream's counts
+    /// the sums of its shards'. The error names the field.
+    fn check_values(&self) -> std::result::Result<(), String> {
+        let t = &self.tokenizer;
+        if t.vocab_size == 0 || t.vocab_size > crate::spec::MAX_VOCAB_SIZE {
+            return Err(format!(
+                "tokenizer.vocab_size {} is not between 1 and {}",
+                t.vocab_size,
+                crate::spec::MAX_VOCAB_SIZE
+            ));
+        }
+        if self.token_dtype != TokenDtype::for_vocab(t.vocab_size) {
+            return Err(format!(
+                "token_dtype {:?} does not fit tokenizer.vocab_size {}",
+                self.token_dtype, t.vocab_size
+            ));
+        }
+        if t.eos_id >= t.vocab_size {
+            return Err(format!(
+                "tokenizer.eos_id {} is not below tokenizer.vocab_size {}",
+                t.eos_id, t.vocab_size
+            ));
+        }
+        match (&t.bos_token, t.bos_id) {
+            (None, None) => {}
+            (Some(_), Some(id)) if id < t.vocab_size => {}
+            (Some(_), Some(id)) => {
+                return Err(format!(
+                    "tokenizer.bos_id {id} is not below tokenizer.vocab_size {}",
+                    t.vocab_size
+                ))
+            }
+            _ => {
+                return Err(
+                    "tokenizer.bos_token and tokenizer.bos_id: one without the other".into(),
+                )
+            }
+        }
+        let width = self.token_dtype.bytes() as u64;
+        let mut names = std::collections::HashSet::new();
+        for (i, source) in self.sources.iter().enumerate() {
+            if !names.insert(source.name.as_str()) {
+                return Err(format!(
+                    "sources[{i}].name `{}` is there twice",
+                    source.name
+                ));
+            }
+            if !(source.weight.is_finite() && source.weight >= 0.0) {
+                return Err(format!(
+                    "sources[{i}].weight {} is not a finite number of at least 0",
+                    source.weight
+                ));
+            }
+            if !(0.0..1.0).contains(&source.held_out_fraction) {
+                return Err(format!(
+                    "sources[{i}].held_out_fraction {} is not in [0, 1)",
+                    source.held_out_fraction
+                ));
+            }
+            for (stream, manifest) in [("train", &source.train), ("held_out", &source.held_out)] {
+                let (mut tokens, mut documents) = (0u64, 0u64);
+                for (j, shard) in manifest.shards.iter().enumerate() {
+                    let field = format!("sources[{i}].{stream}.shards[{j}]");
+                    if shard.tokens.checked_mul(width) != Some(shard.token_file.bytes) {
+                        return Err(format!(
+                            "{field}.tokens {} does not match its token_file's {} bytes",
+                            shard.tokens, shard.token_file.bytes
+                        ));
+                    }
+                    if shard.documents.checked_mul(8) != Some(shard.document_file.bytes) {
+                        return Err(format!(
+                            "{field}.documents {} does not match its document_file's {} bytes",
+                            shard.documents, shard.document_file.bytes
+                        ));
+                    }
+                    tokens = tokens.checked_add(shard.tokens).ok_or_else(|| {
+                        format!("sources[{i}].{stream}: the shards' tokens overflow")
+                    })?;
+                    documents = documents.checked_add(shard.documents).ok_or_else(|| {
+                        format!("sources[{i}].{stream}: the shards' documents overflow")
+                    })?;
+                }
+                if (tokens, documents) != (manifest.tokens, manifest.documents) {
+                    return Err(format!(
+                        "sources[{i}].{stream}: tokens {} and documents {} are not the sums of its \
+                         shards' ({tokens} and {documents})",
+                        manifest.tokens, manifest.documents
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every path the manifest names stays inside its corpus directory, as `dapt prepare`

@@ -133,7 +133,7 @@ impl CorpusTokenizer {
             ignored_settings.push("padding");
             tokenizer.with_padding(None);
         }
-        let (prefix, suffix) = template(&tokenizer).map_err(|e| fail(e.to_string()))?;
+        let (prefix, suffix) = template(&tokenizer).map_err(&fail)?;
         let (eos_token, eos_id) = match (&options.eos_token, suffix.as_slice()) {
             (Some(name), _) => match tokenizer.token_to_id(name) {
                 Some(id) => (name.clone(), id),
@@ -250,6 +250,14 @@ impl CorpusTokenizer {
             )));
         }
         let vocab_size = largest.map_or(0, |m| m + 1);
+        // A template may name ids that are no token of the vocabulary.
+        for (what, id) in std::iter::once(("EOS", eos_id)).chain(bos.iter().map(|b| ("BOS", b.1))) {
+            if id >= vocab_size {
+                return Err(fail(format!(
+                    "its {what} id {id} is not in its vocabulary of {vocab_size} ids"
+                )));
+            }
+        }
         let mut control = vec![false; vocab_size as usize];
         for (id, content) in &special {
             if unknown.as_deref() != Some(content.as_str()) {
@@ -385,9 +393,29 @@ fn token_name(tokenizer: &Tokenizer, id: u32) -> String {
 /// The ids the post-processor puts before and after a single sequence, found by encoding a
 /// probe with and without them (whatever the post-processor's kind: TemplateProcessing, a
 /// Sequence holding one, Bert or Roberta processing).
-fn template(tokenizer: &Tokenizer) -> tokenizers::Result<(Vec<u32>, Vec<u32>)> {
-    let plain = tokenizer.encode_fast(TEMPLATE_PROBE, false)?;
-    let full = tokenizer.encode_fast(TEMPLATE_PROBE, true)?;
+///
+/// `tokenizers` panics on a template that names a special token its `special_tokens` does not
+/// define (`processors/template.rs`); that is caught here and returned as an error.
+fn template(tokenizer: &Tokenizer) -> std::result::Result<(Vec<u32>, Vec<u32>), String> {
+    if let Some(name) = undefined_template_token(tokenizer) {
+        return Err(format!(
+            "its post-processor template names the special token `{name}`, which its \
+             `special_tokens` does not define"
+        ));
+    }
+    let encode = |with_template: bool| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tokenizer.encode_fast(TEMPLATE_PROBE, with_template)
+        }))
+        .map_err(|_| {
+            "its post-processor cannot encode a sequence (a template that names a special \
+             token its `special_tokens` does not define?)"
+                .to_owned()
+        })?
+        .map_err(|e| e.to_string())
+    };
+    let plain = encode(false)?;
+    let full = encode(true)?;
     let (plain, full) = (plain.get_ids(), full.get_ids());
     if plain.is_empty() || full.len() < plain.len() {
         return Ok((Vec::new(), Vec::new()));
@@ -397,6 +425,27 @@ fn template(tokenizer: &Tokenizer) -> tokenizers::Result<(Vec<u32>, Vec<u32>)> {
         Some(i) => (full[..i].to_vec(), full[i + plain.len()..].to_vec()),
         None => (Vec::new(), Vec::new()),
     })
+}
+
+/// A special token that a `TemplateProcessing` post-processor (alone or in a `Sequence`) puts in
+/// a sequence without defining it in its `special_tokens`, read from its JSON form.
+fn undefined_template_token(tokenizer: &Tokenizer) -> Option<String> {
+    fn walk(v: &serde_json::Value) -> Option<String> {
+        if v["type"] == "TemplateProcessing" {
+            let defined = v["special_tokens"].as_object();
+            for side in ["single", "pair"] {
+                for piece in v[side].as_array().into_iter().flatten() {
+                    if let Some(id) = piece["SpecialToken"]["id"].as_str() {
+                        if !defined.is_some_and(|d| d.contains_key(id)) {
+                            return Some(id.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+        v["processors"].as_array()?.iter().find_map(walk)
+    }
+    walk(&serde_json::to_value(tokenizer.get_post_processor()?).ok()?)
 }
 
 /// The model's unknown token: text may legitimately produce it.
@@ -409,6 +458,36 @@ fn unknown_token(model: &ModelWrapper) -> Option<String> {
 }
 
 /// Trains a GPT-2 style byte-level BPE with `vocab_size` entries (including [`TRAINED_EOS`]).
+/// Longest run of non-whitespace characters a tokenizer is trained on: BPE training's work grows
+/// with the square of a word's length (huggingface/tokenizers#497: a 500,000-character run took
+/// minutes), so longer runs are cut with spaces in the training text (only there; documents are
+/// stored as they are). A run this long is no word whose merges matter.
+pub const MAX_TRAINING_RUN: usize = 256;
+
+/// `text` with a space put after every [`MAX_TRAINING_RUN`] characters of a run of
+/// non-whitespace characters (borrowed when it has no such run).
+fn cut_long_runs(text: &str) -> std::borrow::Cow<'_, str> {
+    let mut run = 0;
+    let long = text.chars().any(|c| {
+        run = if c.is_whitespace() { 0 } else { run + 1 };
+        run > MAX_TRAINING_RUN
+    });
+    if !long {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + text.len() / MAX_TRAINING_RUN);
+    let mut run = 0;
+    for c in text.chars() {
+        run = if c.is_whitespace() { 0 } else { run + 1 };
+        if run > MAX_TRAINING_RUN {
+            out.push(' ');
+            run = 1;
+        }
+        out.push(c);
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 pub fn train_byte_level_bpe<I, S>(texts: I, vocab_size: u32) -> Result<Tokenizer>
 where
     I: Iterator<Item = S> + Send,
@@ -432,7 +511,12 @@ where
         .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
         .with_decoder(Some(ByteLevel::default()))
         .with_post_processor(Some(ByteLevel::new(false, true, true)));
-    tokenizer.train(&mut trainer, texts).map_err(fail)?;
+    tokenizer
+        .train(
+            &mut trainer,
+            texts.map(|t| cut_long_runs(t.as_ref()).into_owned()),
+        )
+        .map_err(fail)?;
     tokenizer.add_special_tokens([eos]).map_err(fail)?;
     Ok(tokenizer)
 }
@@ -455,6 +539,45 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_runs_are_cut_for_training_only() {
+        assert!(matches!(
+            cut_long_runs("short words"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        let long = "x".repeat(2 * MAX_TRAINING_RUN + 5);
+        let cut = cut_long_runs(&long);
+        let runs: Vec<usize> = cut.split(' ').map(str::len).collect();
+        assert_eq!(runs, [MAX_TRAINING_RUN, MAX_TRAINING_RUN, 5]);
+        // a 200,000-character run trains in moments (minutes before the cut)
+        let started = std::time::Instant::now();
+        let texts = ["a".repeat(200_000), "ordinary text here".to_owned()];
+        train_byte_level_bpe(texts.iter(), 300).expect("train");
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_template_naming_an_undefined_token_is_an_error_not_a_panic() {
+        let mut tokenizer =
+            train_byte_level_bpe(["some text to train on"].iter(), 300).expect("train");
+        // `<s>` is not in `special_tokens`.
+        let json = serde_json::json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+            "special_tokens": {}});
+        let processor: tokenizers::processors::PostProcessorWrapper =
+            serde_json::from_value(json).expect("processor");
+        tokenizer.with_post_processor(Some(processor));
+        let err =
+            CorpusTokenizer::new(tokenizer, Path::new("t.json"), &TokenizerOptions::default())
+                .err()
+                .expect("refused");
+        assert!(
+            err.to_string().contains("t.json") && err.to_string().contains("template"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn trains_a_byte_level_bpe_that_round_trips() {

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use dapt_corpus::manifest::TOKENIZER_FILE;
+use dapt_corpus::manifest::{MANIFEST_FILE, TOKENIZER_FILE};
 use dapt_corpus::{prepare, CorpusError, CorpusReader, CorpusSpec, PrepareOptions, PrepareOutcome};
 
 struct Fixture {
@@ -476,4 +476,55 @@ fn assert_no_staging(dir: &Path) {
         })
         .collect();
     assert!(leftovers.is_empty(), "staging left behind: {leftovers:?}");
+}
+
+/// A manifest whose numbers disagree with each other (damaged, or edited by hand) is refused
+/// by field when opened, before anything sizes a model or a buffer from it: a vocabulary of
+/// 2^32 ids (a 4 TB embedding), a shard's `tokens` near 2^64 (an overflow), ids outside the
+/// vocabulary, a held-out fraction past 1, a weight that is no number.
+#[test]
+fn a_manifest_with_inconsistent_numbers_is_refused_by_field() {
+    let fx = Fixture::new();
+    prepared(&fx.spec(""));
+    let out = fx.path("out");
+    let path = out.join(MANIFEST_FILE);
+    let original = std::fs::read_to_string(&path).expect("manifest");
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit); 9] = [
+        ("tokenizer.vocab_size", |m| {
+            m["tokenizer"]["vocab_size"] = 4_294_967_295u32.into()
+        }),
+        ("token_dtype", |m| m["token_dtype"] = "u32".into()),
+        ("tokenizer.eos_id", |m| {
+            m["tokenizer"]["eos_id"] = 65_000.into()
+        }),
+        ("tokenizer.bos_id", |m| m["tokenizer"]["bos_id"] = 3.into()),
+        ("sources[0].held_out_fraction", |m| {
+            m["sources"][0]["held_out_fraction"] = 5.into()
+        }),
+        ("sources[0].weight", |m| {
+            m["sources"][0]["weight"] = (-1).into()
+        }),
+        ("sources[1].name", |m| {
+            m["sources"][1] = m["sources"][0].clone()
+        }),
+        ("sources[0].train.shards[0].tokens", |m| {
+            m["sources"][0]["train"]["shards"][0]["tokens"] = (1u64 << 63).into()
+        }),
+        ("sources[0].train: tokens", |m| {
+            m["sources"][0]["train"]["tokens"] = 7.into()
+        }),
+    ];
+    for (field, edit) in cases {
+        let mut manifest: serde_json::Value = serde_json::from_str(&original).expect("json");
+        edit(&mut manifest);
+        std::fs::write(&path, serde_json::to_vec(&manifest).expect("json")).expect("write");
+        let err = CorpusReader::open(&out).err().expect("refused").to_string();
+        assert!(
+            err.contains(field) && err.contains(MANIFEST_FILE),
+            "{field}: {err}"
+        );
+    }
+    std::fs::write(&path, &original).expect("restore");
+    CorpusReader::open(&out).expect("the original opens");
 }

@@ -33,7 +33,9 @@ const CHUNK_BYTES: u64 = 8 << 20;
 const SPLIT_SEED: u64 = 0x6461_7074_5f68_656c; // "dapt_hel"
 /// Bumped whenever the same inputs would give other tokens (decoding, normalization, special
 /// tokens, BOS), so that a corpus prepared under older rules is rebuilt, not trusted.
-const TEXT_RULES: u32 = 2;
+/// 3: UTF-32 BOMs, U+FEFF removed from documents, a `<meta>` later in the head, tokenizer
+/// truncation/padding not applied, control-shaped added tokens split, BOS = EOS, template EOS.
+const TEXT_RULES: u32 = 3;
 
 #[derive(Debug, Clone, Default)]
 pub struct PrepareOptions {

@@ -36,10 +36,13 @@ impl TokenStream {
             // file truncated underneath a running job would fault the reader; that is the
             // usual contract of memory-mapped inputs.
             let map = unsafe { Mmap::map(&file) }.map_err(CorpusError::io(&path))?;
-            if map.len() as u64 != shard.tokens * dtype.bytes() as u64 {
+            // `Manifest::read` checked that this does not overflow; a manifest built otherwise
+            // saturates and fails the size check.
+            let expected = shard.tokens.saturating_mul(dtype.bytes() as u64);
+            if map.len() as u64 != expected {
                 return Err(CorpusError::SizeMismatch {
                     path,
-                    expected: shard.tokens * dtype.bytes() as u64,
+                    expected,
                     found: map.len() as u64,
                 });
             }
