@@ -352,9 +352,14 @@ impl EtcdStore {
 
     /// Starts the task that records commits (see [`Committer`]); `keep` checkpoints are kept
     /// below each recorded one, and `recorded` hears of each once etcd has it.
-    pub fn committer(&self, keep: usize, recorded: Box<dyn Fn(&Committed) + Send>) -> Committer {
+    pub fn committer(
+        &self,
+        root: std::path::PathBuf,
+        keep: usize,
+        recorded: Box<dyn Fn(&Committed) + Send>,
+    ) -> Committer {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(commit_loop(self.clone(), rx, keep, recorded));
+        tokio::spawn(commit_loop(self.clone(), rx, root, keep, recorded));
         Committer { tx }
     }
 }
@@ -457,9 +462,12 @@ fn queue(
     }
 }
 
+/// `root`: the job's `checkpoint.dir`, where old checkpoints are pruned (not the parent of the
+/// directory a rank reported, which a member could point elsewhere).
 async fn commit_loop(
     mut store: EtcdStore,
     mut rx: mpsc::UnboundedReceiver<CommitRequest>,
+    root: std::path::PathBuf,
     keep: usize,
     recorded: Box<dyn Fn(&Committed) + Send>,
 ) {
@@ -517,9 +525,7 @@ async fn commit_loop(
                     );
                 }
                 recorded(committed);
-                if let Some(root) = std::path::Path::new(&committed.dir).parent() {
-                    let _ = crate::ledger::prune_dir(root, committed.step, keep);
-                }
+                let _ = crate::ledger::prune_dir(&root, committed.step, keep);
                 pending = None;
             }
             Err(StoreError::NotLeader(job)) => {

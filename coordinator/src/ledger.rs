@@ -253,6 +253,20 @@ impl Ledger {
         write_atomic(&path, text.as_bytes())
     }
 
+    /// [`Self::commit`] of a commit that carries the entries of earlier ones that failed to be
+    /// recorded ([`FileCommits`]): first drops whatever of them a failed attempt left in the
+    /// ledger (entries of steps from the first of `entries` on), so none is there twice.
+    pub fn commit_again(
+        &self,
+        committed: &Committed,
+        entries: &[LedgerEntry],
+    ) -> Result<(), LedgerError> {
+        if let Some(first) = entries.iter().map(|e| e.step).min() {
+            self.truncate(first)?;
+        }
+        self.commit(committed, entries)
+    }
+
     /// Appends `entries`, then records `committed`.
     pub fn commit(
         &self,
@@ -445,6 +459,87 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LedgerError> {
     fs::rename(&tmp, path).map_err(io(path))
 }
 
+/// The file store's commits, kept until recorded: a commit that fails to be written (a full
+/// disk, no file descriptor left) stays pending, its ledger entries merged into the next
+/// commit's, and is written with it, so the ledger covers every committed step exactly once
+/// (as the etcd committer does by retrying). Until then workers are not told the step is
+/// durable, and the job does not end as completed while one is pending ([`Self::flush`]).
+#[derive(Debug, Default)]
+pub struct FileCommits {
+    pending: Option<(Committed, Vec<LedgerEntry>)>,
+}
+
+impl FileCommits {
+    /// Records `committed` with `entries` and those of the commits still pending.
+    ///
+    /// # Errors
+    /// The write's error; the commit is then pending.
+    pub fn commit(
+        &mut self,
+        ledger: &Ledger,
+        committed: Committed,
+        mut entries: Vec<LedgerEntry>,
+    ) -> Result<(), LedgerError> {
+        let again = match self.pending.take() {
+            Some((_, mut earlier)) => {
+                earlier.append(&mut entries);
+                entries = earlier;
+                true
+            }
+            None => false,
+        };
+        let written = if again {
+            ledger.commit_again(&committed, &entries)
+        } else {
+            ledger.commit(&committed, &entries)
+        };
+        if written.is_err() {
+            self.pending = Some((committed, entries));
+        }
+        written
+    }
+
+    /// Records the fallback to `earlier`: the ledger cut back to it, with the pending entries of
+    /// steps before it written first.
+    ///
+    /// # Errors
+    /// The write's error; the fallback is then pending as a commit of `earlier`.
+    pub fn fall_back(&mut self, ledger: &Ledger, earlier: Committed) -> Result<(), LedgerError> {
+        match self.pending.take() {
+            None => ledger.fall_back(&earlier),
+            Some((_, entries)) => {
+                let kept: Vec<LedgerEntry> = entries
+                    .into_iter()
+                    .filter(|e| e.step < earlier.step)
+                    .collect();
+                let written = ledger
+                    .truncate(earlier.step)
+                    .and_then(|()| ledger.commit_again(&earlier, &kept));
+                if written.is_err() {
+                    self.pending = Some((earlier, kept));
+                }
+                written
+            }
+        }
+    }
+
+    /// Writes the pending commit, if any (at the job's end).
+    ///
+    /// # Errors
+    /// The write's error: the last commit is not recorded.
+    pub fn flush(&mut self, ledger: &Ledger) -> Result<(), LedgerError> {
+        match self.pending.take() {
+            None => Ok(()),
+            Some((committed, entries)) => self.commit(ledger, committed, entries).map(|_| ()),
+        }
+    }
+
+    /// The step of the commit waiting to be recorded.
+    pub fn pending_step(&self) -> Option<u64> {
+        self.pending.as_ref().map(|(c, _)| c.step)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -600,5 +695,74 @@ mod tests {
             .expect_err("nothing verifies")
             .to_string();
         assert!(err.contains("model.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn a_commit_that_fails_to_be_written_is_written_with_the_next_and_no_entry_is_lost() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let spec = job(tmp.path(), 1);
+        let (ledger, _) = Ledger::open(&spec).expect("open");
+        let commit = |step: u64| Committed {
+            step,
+            dir: format!("d{step}"),
+            generation: 1,
+            ..Default::default()
+        };
+        let mut commits = FileCommits::default();
+        commits
+            .commit(&ledger, commit(2), vec![entry(0), entry(1)])
+            .expect("first");
+        // The ledger cannot be opened (as at EMFILE or a full disk): the commit stays pending.
+        let path = ledger.ledger_path();
+        let kept = fs::read(&path).expect("read");
+        fs::remove_file(&path).expect("rm");
+        fs::create_dir(&path).expect("a directory in its place");
+        assert!(commits
+            .commit(&ledger, commit(4), vec![entry(2), entry(3)])
+            .is_err());
+        assert_eq!(commits.pending_step(), Some(4));
+        fs::remove_dir(&path).expect("rmdir");
+        fs::write(&path, &kept).expect("restore");
+        // A failed attempt that got some entries out before failing: not written twice.
+        ledger.commit(&commit(3), &[entry(2)]).expect("partial");
+        commits
+            .commit(&ledger, commit(6), vec![entry(4), entry(5)])
+            .expect("written with the next");
+        assert_eq!(commits.pending_step(), None);
+        let steps: Vec<u64> = ledger
+            .entries()
+            .expect("entries")
+            .iter()
+            .map(|e| e.step)
+            .collect();
+        assert_eq!(steps, [0, 1, 2, 3, 4, 5]);
+        let (_, committed) = Ledger::open(&spec).expect("reopen");
+        assert_eq!(committed.map(|c| c.step), Some(6));
+
+        // Pending at a fallback: the entries before the earlier checkpoint are written with it.
+        fs::remove_file(&path).expect("rm");
+        fs::create_dir(&path).expect("a directory in its place");
+        assert!(commits
+            .commit(&ledger, commit(8), vec![entry(6), entry(7)])
+            .is_err());
+        fs::remove_dir(&path).expect("rmdir");
+        let lines: Vec<u64> = (0..6).collect();
+        let text: String = lines
+            .iter()
+            .map(|&s| serde_json::to_string(&entry(s)).expect("json") + "\n")
+            .collect();
+        fs::write(&path, text).expect("restore");
+        commits.fall_back(&ledger, commit(7)).expect("fallback");
+        let steps: Vec<u64> = ledger
+            .entries()
+            .expect("entries")
+            .iter()
+            .map(|e| e.step)
+            .collect();
+        assert_eq!(steps, [0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(
+            commits.flush(&ledger).map(|_| commits.pending_step()).ok(),
+            Some(None)
+        );
     }
 }

@@ -159,7 +159,11 @@ pub async fn start(
                 let sessions = sessions.clone();
                 move |c: &crate::control::Committed| broadcast_committed(&sessions, c)
             };
-            let committer = store.committer(job.checkpoint.keep, Box::new(announce));
+            let committer = store.committer(
+                job.checkpoint.dir.clone(),
+                job.checkpoint.keep,
+                Box::new(announce),
+            );
             let store = Store::Etcd {
                 store: Box::new(store),
                 committer,
@@ -300,6 +304,7 @@ pub async fn start(
         Executor {
             sessions,
             store,
+            file_commits: Default::default(),
             checkpoints: job.checkpoint.dir.clone(),
             keep,
             metrics,
@@ -418,6 +423,17 @@ async fn control_loop(
     }
     exec.sessions.lock().expect("sessions").clear();
     stop_servers.send_replace(true);
+    if let Store::Files(files) = &exec.store {
+        // The job's end is only as durable as its last commit: one that failed to be written
+        // is tried once more, and the job fails if it still cannot be.
+        if let Some(step) = exec.file_commits.pending_step() {
+            if let Err(e) = exec.file_commits.flush(files) {
+                return Outcome::Failed(format!(
+                    "the commit of step {step} could not be recorded: {e}"
+                ));
+            }
+        }
+    }
     if let Store::Etcd { committer, .. } = &exec.store {
         // The job's end is only as durable as its last commit: wait for etcd to take it.
         let flush = committer.flush();
@@ -471,6 +487,8 @@ fn broadcast_committed(sessions: &Sessions, committed: &crate::control::Committe
 struct Executor {
     sessions: Sessions,
     store: Store,
+    /// The file store's commits not yet written (`Store::Files` only).
+    file_commits: crate::ledger::FileCommits,
     /// `checkpoint.dir`, as this machine sees it.
     checkpoints: PathBuf,
     keep: usize,
@@ -599,10 +617,13 @@ impl Executor {
             }
             Action::Commit { committed, ledger } => match &mut self.store {
                 Store::Files(files) => {
-                    if let Err(e) = files.commit(&committed, &ledger) {
-                        // The step stays uncommitted on disk; a restart resumes from the one
-                        // before.
-                        tracing::error!("recording the commit of step {}: {e}", committed.step);
+                    let step = committed.step;
+                    if let Err(e) = self.file_commits.commit(files, committed.clone(), ledger) {
+                        // The step stays uncommitted on disk (a restart resumes from the one
+                        // before); its ledger entries go with the next commit.
+                        tracing::error!(
+                            "recording the commit of step {step}: {e}; it is written with the next commit"
+                        );
                     } else {
                         broadcast_committed(&self.sessions, &committed);
                         if let Err(e) = files.prune(committed.step, self.keep) {
@@ -616,10 +637,10 @@ impl Executor {
             },
             Action::FallBack { committed } => match &mut self.store {
                 Store::Files(files) => {
-                    if let Err(e) = files.fall_back(&committed) {
+                    let step = committed.step;
+                    if let Err(e) = self.file_commits.fall_back(files, committed) {
                         tracing::error!(
-                            "recording the fallback to the checkpoint of step {}: {e}",
-                            committed.step
+                            "recording the fallback to the checkpoint of step {step}: {e}; it is written with the next commit"
                         );
                     }
                 }

@@ -20,10 +20,12 @@ pub enum SpecError {
     /// serde_yaml's message carries the field path, line and column.
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("{path}: {field}: {message}")]
+    #[error("{path}: {field}{}: {message}", line.map(|n| format!(" (line {n})")).unwrap_or_default())]
     Invalid {
         path: PathBuf,
         field: &'static str,
+        /// The field's line in the file (1-based), when it is there ([`field_line`]).
+        line: Option<usize>,
         message: String,
     },
 }
@@ -521,6 +523,72 @@ impl TrainingSpec {
     }
 }
 
+/// The 1-based line of `field` (`checkpoint.every`, `corpus.sources[1].name`) in the YAML
+/// `text`, found by its keys' indentation (block style; a key inside a flow mapping is not
+/// found); `None` when it is not there (a default, or a check across several fields).
+pub fn field_line(text: &str, field: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let blank = |l: &str| l.trim().is_empty() || l.trim_start().starts_with('#');
+    // The block being searched: lines after `from`, deeper than `parent` (-1: the whole file).
+    let (mut from, mut parent) = (0usize, -1isize);
+    // A list item's own line: at its parent's depth, yet inside the block.
+    let mut item_line = None;
+    let mut found = None;
+    for segment in field.split('.') {
+        let (key, index) = match segment.split_once('[') {
+            Some((k, i)) => (k, i.trim_end_matches(']').parse::<usize>().ok()),
+            None => (segment, None),
+        };
+        let mut hit = None;
+        for (i, line) in lines.iter().enumerate().skip(from) {
+            if blank(line) {
+                continue;
+            }
+            let depth = indent(line) as isize;
+            if depth <= parent && item_line != Some(i) {
+                break;
+            }
+            let body = line.trim_start();
+            let (body, depth) = match body.strip_prefix("- ") {
+                Some(rest) => (
+                    rest.trim_start(),
+                    depth + (body.len() - rest.trim_start().len()) as isize,
+                ),
+                None => (body, depth),
+            };
+            if depth > parent
+                && body
+                    .strip_prefix(key)
+                    .is_some_and(|r| r.trim_start().starts_with(':'))
+            {
+                hit = Some((i, depth));
+                break;
+            }
+        }
+        let (i, depth) = hit?;
+        found = Some(i);
+        (from, parent, item_line) = (i + 1, depth, None);
+        if let Some(n) = index {
+            // The n-th `- ` item below the key (block style); a flow sequence is on its line.
+            if lines[i].contains('[') {
+                continue;
+            }
+            let item = lines
+                .iter()
+                .enumerate()
+                .skip(i + 1)
+                .filter(|(_, l)| !blank(l))
+                .take_while(|(_, l)| indent(l) as isize > depth || l.trim_start().starts_with("- "))
+                .filter(|(_, l)| l.trim_start().starts_with("- "))
+                .nth(n)?;
+            found = Some(item.0);
+            (from, parent, item_line) = (item.0, indent(item.1) as isize, Some(item.0));
+        }
+    }
+    found.map(|i| i + 1)
+}
+
 impl JobSpec {
     /// Reads and checks a job file; relative paths in it become relative to its directory.
     pub fn load(path: &Path) -> Result<Self, SpecError> {
@@ -536,6 +604,7 @@ impl JobSpec {
             .map_err(|(field, message)| SpecError::Invalid {
                 path: path.to_path_buf(),
                 field,
+                line: field_line(&text, field),
                 message,
             })?;
         let base = path
@@ -580,8 +649,21 @@ impl JobSpec {
 
     /// Checks across fields that deserialization cannot make.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        if self.job.is_empty() {
-            return Err(("job", "must not be empty".into()));
+        // The name goes into etcd keys (`/` would reach into another job's), metric labels and
+        // log lines: a plain name only.
+        let plain = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+        if self.job.is_empty()
+            || self.job.len() > 128
+            || self.job.starts_with('.')
+            || !self.job.bytes().all(plain)
+        {
+            return Err((
+                "job",
+                format!(
+                    "`{}` is not a job name: 1-128 characters of A-Z, a-z, 0-9, `-`, `_` and `.`, not starting with `.`",
+                    self.job.escape_debug()
+                ),
+            ));
         }
         if let Some(m) = &self.model {
             if m.preset.is_some() == m.hf.is_some() {
@@ -956,6 +1038,54 @@ training:
         );
         // the same key in two different mappings is fine
         JobSpec::parse(JOB).expect("valid");
+    }
+
+    #[test]
+    fn a_fields_line_is_found_by_its_keys() {
+        assert_eq!(field_line(JOB, "job"), Some(1));
+        let line = |key: &str| {
+            JOB.lines()
+                .position(|l| l.trim_start().starts_with(key))
+                .map(|i| i + 1)
+        };
+        assert_eq!(field_line(JOB, "training.seq_len"), line("seq_len:"));
+        assert_eq!(field_line(JOB, "corpus.sources[0].weight"), line("weight:"));
+        assert_eq!(field_line(JOB, "corpus.sources[0].name"), line("- name:"));
+        assert_eq!(field_line(JOB, "checkpoint.every"), None);
+        let two =
+            "a:\n  b: 1\nc:\n  xs:\n    - name: p\n      w: 1\n    - name: q\n      w: 2\n  b: 3\n";
+        assert_eq!(field_line(two, "c.b"), Some(9));
+        assert_eq!(field_line(two, "c.xs[1].w"), Some(8));
+        assert_eq!(field_line(two, "c.xs[0].w"), Some(6));
+        assert_eq!(field_line(two, "a.w"), None);
+    }
+
+    #[test]
+    fn a_job_name_is_a_plain_name() {
+        for bad in [
+            "",
+            "a/b",
+            ".hidden",
+            "x\"} 1\ndapt_phase{phase=\"failed\"} 1\n# ",
+            "a b",
+        ] {
+            let job = JOB.replacen(
+                "job: t",
+                &format!("job: {}", serde_json::to_string(bad).expect("json")),
+                1,
+            );
+            let spec = JobSpec::parse(&job).expect("parses");
+            let (field, err) = spec.validate().expect_err("refused");
+            assert!(
+                field == "job" && err.contains("not a job name"),
+                "{bad:?}: {err}"
+            );
+        }
+        for good in ["quickstart", "llama2-7b_dapt.v2", "Run.3"] {
+            let spec =
+                JobSpec::parse(&JOB.replacen("job: t", &format!("job: {good}"), 1)).expect(good);
+            spec.validate().expect(good);
+        }
     }
 
     #[test]
