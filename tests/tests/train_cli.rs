@@ -128,3 +128,59 @@ fn a_damaged_checkpoint_stops_the_resume_with_its_name() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// A newer checkpoint whose manifest cannot be read stops the resume with its name, instead of
+/// silently training again from an older one or from the start (and failing at the first save);
+/// a `trainer.json` that disagrees with its manifest is refused by field, never overflows.
+#[test]
+fn an_unreadable_newer_checkpoint_stops_the_resume_with_its_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "job", "ck");
+    ok(&["prepare", &job, "--quiet"]);
+    ok(&["train", &job, "--stop-after", "4"]);
+    let manifest = dir.path().join("ck/step-00000004/manifest.json");
+    let kept = std::fs::read(&manifest).expect("read");
+    std::fs::write(&manifest, b"{ not json").expect("write");
+    let out = dapt(&["train", &job]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("step-00000004") && stderr.contains("cannot be resumed from"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // trainer.json says another step than the manifest (checksums updated to match).
+    std::fs::write(&manifest, &kept).expect("restore");
+    let trainer = dir.path().join("ck/step-00000004/trainer.json");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&trainer).expect("read")).expect("json");
+    state["tokens"] = serde_json::json!(u64::MAX - 5);
+    let bytes = serde_json::to_vec(&state).expect("json");
+    std::fs::write(&trainer, &bytes).expect("write");
+    let mut m: serde_json::Value = serde_json::from_slice(&kept).expect("json");
+    for f in m["files"].as_array_mut().expect("files") {
+        if f["path"] == "trainer.json" {
+            f["bytes"] = bytes.len().into();
+            f["sha256"] = sha256_hex(&bytes).into();
+        }
+    }
+    std::fs::write(&manifest, serde_json::to_vec(&m).expect("json")).expect("write");
+    // Refused on load (counting on from it would overflow), and, like a checkpoint that fails
+    // its checksums, passed over for the one before it, named.
+    let out = dapt(&["train", &job, "--stop-after", "1"]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("trainer.json")
+            && stderr.contains("tokens")
+            && stderr.contains("falling back"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}

@@ -225,6 +225,7 @@ pub fn load_part(dir: &Path, shard: Option<(usize, usize)>) -> Result<Loaded> {
         &std::fs::read(dir.join(TRAINER_FILE)).map_err(WorkerError::io(dir.join(TRAINER_FILE)))?,
     )
     .map_err(|e| fail(format!("{TRAINER_FILE}: {e}")))?;
+    check_state(&state, manifest.step).map_err(|m| fail(format!("{TRAINER_FILE}: {m}")))?;
     let total = model.layout.total;
     let range = match shard {
         Some((rank, world)) => crate::collective::shard_range(total, world, rank),
@@ -240,6 +241,41 @@ pub fn load_part(dir: &Path, shard: Option<(usize, usize)>) -> Result<Loaded> {
         v,
         state,
     })
+}
+
+/// Largest step and token count a checkpoint may record: far beyond any run (2^40 steps; 2^62
+/// tokens), so that counting on from them cannot overflow.
+const MAX_STEPS: u64 = 1 << 40;
+const MAX_TOKENS: u64 = 1 << 62;
+
+/// `state` agrees with the manifest's `step` and with itself: the same step, at most `step`
+/// optimizer and skipped steps, counts within [`MAX_STEPS`] and [`MAX_TOKENS`] (a damaged or
+/// edited `trainer.json` would otherwise resume at the wrong place or overflow a counter).
+fn check_state(state: &TrainerState, step: u64) -> std::result::Result<(), String> {
+    if state.step != step {
+        return Err(format!(
+            "step {} but the manifest's step is {step}",
+            state.step
+        ));
+    }
+    if state.step > MAX_STEPS || state.tokens > MAX_TOKENS {
+        return Err(format!(
+            "step {} and tokens {} are past any run (at most {MAX_STEPS} and {MAX_TOKENS})",
+            state.step, state.tokens
+        ));
+    }
+    for (field, value) in [
+        ("optimizer_steps", state.optimizer_steps),
+        ("skipped_steps", state.skipped_steps),
+    ] {
+        if value > state.step {
+            return Err(format!(
+                "{field} {value} is more than the step {}",
+                state.step
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The checkpoints under `root` (directories with a dapt checkpoint manifest of their step),
@@ -272,4 +308,31 @@ fn checkpoint_error(e: layout::CheckpointError) -> WorkerError {
 
 fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec_pretty(value).map_err(|e| WorkerError::Invalid(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trainer_state_that_disagrees_with_its_manifest_or_itself_is_refused() {
+        let state = |step, tokens, optimizer_steps, skipped_steps| TrainerState {
+            step,
+            tokens,
+            optimizer_steps,
+            seed: 1,
+            skipped_steps,
+        };
+        check_state(&state(20, 20 * 512, 19, 1), 20).expect("a real one");
+        for (bad, field) in [
+            (state(21, 512, 20, 0), "manifest"),
+            (state(20, u64::MAX - 5, 20, 0), "tokens"),
+            (state(u64::MAX, 512, 20, 0), "manifest"),
+            (state(20, 512, u64::MAX, 0), "optimizer_steps"),
+            (state(20, 512, 20, 21), "skipped_steps"),
+        ] {
+            let err = check_state(&bad, 20).expect_err("refused");
+            assert!(err.contains(field), "{bad:?}: {err}");
+        }
+    }
 }

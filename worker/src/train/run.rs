@@ -69,6 +69,7 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
 
     let mut resumed_from = None;
     let mut kept = checkpoint::list(&root)?;
+    refuse_unreadable_newer(&root, kept.last().map(|(step, _)| *step))?;
     let mut restored = None;
     // The newest checkpoint that verifies: a corrupt one gives way to the one before it.
     while let Some((step, dir)) = kept.pop() {
@@ -299,6 +300,38 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
         summary.finished = true;
     }
     Ok(summary)
+}
+
+/// A `step-N` directory under `root` newer than the newest readable checkpoint (`newest`) whose
+/// manifest cannot be read (damaged, another format, another step) is an error naming it:
+/// resuming from an older one (or from the start) would silently throw its training away, and
+/// the first save would then fail on the directory anyway.
+fn refuse_unreadable_newer(root: &Path, newest: Option<u64>) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(step) = name.to_str().and_then(dapt_proto::checkpoint::step_of_name) else {
+            continue;
+        };
+        let dir = entry.path();
+        if newest.is_some_and(|n| step <= n) || dapt_proto::checkpoint::identify(&dir).is_some() {
+            continue;
+        }
+        let why = match dapt_proto::checkpoint::CheckpointManifest::read(&dir) {
+            Err(e) => e.to_string(),
+            Ok(m) => format!("its manifest is of step {}", m.step),
+        };
+        return Err(WorkerError::Checkpoint {
+            path: dir.clone(),
+            message: format!(
+                "is newer than every readable checkpoint but cannot be resumed from ({why}); \
+                 restore it, or move it out of checkpoint.dir to resume from the one before"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The trainer saved in checkpoint `dir` (verified against its checksums), for a job with
