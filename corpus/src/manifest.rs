@@ -320,6 +320,86 @@ impl Manifest {
         Ok(())
     }
 
+    /// What decides the token windows a job trains on, as one SHA-256 (lowercase hex): the
+    /// tokenizer's hash, the token dtype, and each source's name, weight, held-out fraction and
+    /// shards' hashes, in order. Two corpora with the same digest give the same samples for the
+    /// same seed and `seq_len`; a checkpoint records it, so that a job resumed on a corpus
+    /// prepared again differently is refused rather than trained on other samples (or other
+    /// token ids) under the same ledger.
+    pub fn content_digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.tokenizer.sha256.as_bytes());
+        h.update([self.token_dtype.bytes() as u8]);
+        for s in &self.sources {
+            h.update(b"\0source\0");
+            h.update(s.name.as_bytes());
+            h.update(s.weight.to_le_bytes());
+            h.update(s.held_out_fraction.to_le_bytes());
+            for shard in s.train.shards.iter().chain(&s.held_out.shards) {
+                h.update(shard.token_file.sha256.as_bytes());
+            }
+        }
+        hex::encode(h.finalize())
+    }
+
+    /// The job's corpus section names the sources this corpus was prepared with, with the same
+    /// roles, weights and held-out fractions (what the sample order is made of). A job file
+    /// edited after `dapt prepare` would otherwise train on the old mixture without a word.
+    ///
+    /// # Errors
+    /// The first difference, naming the job's field, and saying to run `dapt prepare` again.
+    pub fn check_spec(&self, spec: &crate::CorpusSpec) -> std::result::Result<(), String> {
+        let again = "run `dapt prepare` again";
+        let job = spec.sources();
+        for (i, source) in job.iter().enumerate() {
+            let Some(prepared) = self.sources.iter().find(|s| s.name == source.name.as_str())
+            else {
+                return Err(format!(
+                    "corpus.sources[{i}] `{}` is not in the corpus at {}: {again}",
+                    source.name,
+                    spec.output.display()
+                ));
+            };
+            for (field, job_value, was) in [
+                ("weight", source.weight.get(), prepared.weight),
+                (
+                    "held_out",
+                    source.held_out.get(),
+                    prepared.held_out_fraction,
+                ),
+            ] {
+                if job_value != was {
+                    return Err(format!(
+                        "corpus.sources[{i}].{field} is {job_value}, but the corpus at {} was \
+                         prepared with {was}: {again}",
+                        spec.output.display()
+                    ));
+                }
+            }
+            if source.role != prepared.role {
+                return Err(format!(
+                    "corpus.sources[{i}].role differs from the one the corpus at {} was \
+                     prepared with: {again}",
+                    spec.output.display()
+                ));
+            }
+        }
+        if let Some(extra) = self
+            .sources
+            .iter()
+            .find(|s| !job.iter().any(|j| j.name.as_str() == s.name))
+        {
+            return Err(format!(
+                "the corpus at {} has a source `{}` that the job's corpus.sources does not: \
+                 {again}",
+                spec.output.display(),
+                extra.name
+            ));
+        }
+        Ok(())
+    }
+
     /// Every file the manifest vouches for, tokenizer included.
     pub fn files(&self) -> impl Iterator<Item = (&str, Option<u64>, &str)> {
         let tokenizer = std::iter::once((

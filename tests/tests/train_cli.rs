@@ -184,3 +184,33 @@ fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
 }
+
+/// The corpus a checkpoint was trained on is the one it resumes on: a job file whose corpus
+/// section was edited after `dapt prepare` is refused until the corpus is prepared again, and a
+/// corpus prepared again differently is refused on resume, naming the checkpoint (it would
+/// train other samples, or other token ids, under the same steps).
+#[test]
+fn a_resume_on_a_corpus_prepared_again_differently_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "job", "ck");
+    ok(&["prepare", &job, "--quiet"]);
+    ok(&["train", &job, "--stop-after", "2"]);
+    let yaml = std::fs::read_to_string(&job).expect("read");
+    std::fs::write(&job, yaml.replacen("weight: 3", "weight: 2", 1)).expect("write");
+    let out = dapt(&["train", &job]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("corpus.sources[0].weight") && stderr.contains("dapt prepare"),
+        "{stderr}"
+    );
+    ok(&["prepare", &job, "--quiet"]);
+    let out = dapt(&["train", &job]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("step-00000002") && stderr.contains("another corpus"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -100,6 +100,10 @@ pub fn train(
         .training
         .ok_or_else(|| RankError::failed("the job has no `training:` section"))?;
     let reader = CorpusReader::open(&job.corpus.output).map_err(RankError::failed)?;
+    reader
+        .manifest()
+        .check_spec(&job.corpus)
+        .map_err(RankError::failed)?;
     // The committed mixture schedule (the forgetting guard's rebalances), from step to sample.
     let schedule: Vec<dapt_corpus::MixtureChange> = a
         .mixture_schedule
@@ -125,8 +129,10 @@ pub fn train(
         }
         trainer
     } else {
-        restore_part(a.checkpoint.as_ref(), &training, job.seed, shard)
-            .map_err(RankError::worker)?
+        let dir = std::path::Path::new(&a.checkpoint);
+        checkpoint::check_corpus(dir, &reader.manifest().content_digest())
+            .map_err(RankError::worker)?;
+        restore_part(dir, &training, job.seed, shard).map_err(RankError::worker)?
     };
     tracing::info!(
         generation = a.generation,
@@ -213,9 +219,8 @@ pub fn train(
         .corpus
         .output
         .join(dapt_corpus::manifest::TOKENIZER_FILE);
-    let tokenizer = corpus_tokenizer
-        .is_file()
-        .then_some(corpus_tokenizer.as_path());
+    let corpus_digest = reader.manifest().content_digest();
+    let corpus = checkpoint::CorpusRef::new(&corpus_tokenizer, &corpus_digest);
     let eval = |trainer: &dyn Engine, step: u64| -> Result<(), RankError> {
         if a.rank != 0 {
             return Ok(());
@@ -324,7 +329,7 @@ pub fn train(
                     },
                     None => checkpoint::OptimizerFiles::Whole,
                 };
-                let dir = checkpoint::save_with(root, &host, job.seed, tokenizer, files)
+                let dir = checkpoint::save_with(root, &host, job.seed, Some(corpus), files)
                     .map_err(RankError::worker)?;
                 dir.display().to_string()
             } else {

@@ -30,7 +30,7 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const TRAINER_FILE: &str = "trainer.json";
 
 /// Where a run stands, besides weights and moments.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainerState {
     /// Steps completed; the next step to train is this one.
@@ -44,6 +44,58 @@ pub struct TrainerState {
     /// Steps passed over under `training.nonfinite: skip` (bounded over the whole job).
     #[serde(default)]
     pub skipped_steps: u64,
+    /// The corpus trained on ([`dapt_corpus::Manifest::content_digest`]); absent in
+    /// checkpoints written without a corpus (and before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corpus: Option<String>,
+}
+
+/// The corpus a checkpoint is written from: its tokenizer (copied into the checkpoint) and its
+/// content digest (recorded in `trainer.json`, checked on resume by [`check_corpus`]).
+#[derive(Debug, Clone, Copy)]
+pub struct CorpusRef<'a> {
+    pub tokenizer: Option<&'a Path>,
+    pub digest: &'a str,
+}
+
+impl<'a> CorpusRef<'a> {
+    /// The corpus whose tokenizer file is `tokenizer` (copied when it is there) and whose
+    /// content digest is `digest`.
+    pub fn new(tokenizer: &'a Path, digest: &'a str) -> Self {
+        CorpusRef {
+            tokenizer: tokenizer.is_file().then_some(tokenizer),
+            digest,
+        }
+    }
+}
+
+/// The checkpoint in `dir` was trained on the corpus of `digest`, or says nothing of its corpus.
+///
+/// # Errors
+/// [`WorkerError::Checkpoint`] naming both digests when it was trained on another: the corpus
+/// was prepared again (other documents, weights or tokenizer) since, and resuming would train
+/// on other samples (or other token ids) under the same steps.
+pub fn check_corpus(dir: &Path, digest: &str) -> Result<()> {
+    let path = dir.join(TRAINER_FILE);
+    let state: TrainerState = serde_json::from_slice(
+        &std::fs::read(&path).map_err(WorkerError::io(&path))?,
+    )
+    .map_err(|e| WorkerError::Checkpoint {
+        path: dir.to_path_buf(),
+        message: format!("{TRAINER_FILE}: {e}"),
+    })?;
+    match state.corpus {
+        Some(was) if was != digest => Err(WorkerError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: format!(
+                "was trained on another corpus (content digest {was}) than the one at \
+                 corpus.output now ({digest}): the corpus was prepared again since (other \
+                 documents, weights or tokenizer); restore that corpus, or start the job in a \
+                 new checkpoint.dir"
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// A verified checkpoint, read back.
@@ -79,9 +131,9 @@ pub fn save(
     root: &Path,
     trainer: &Trainer,
     seed: u64,
-    tokenizer: Option<&Path>,
+    corpus: Option<CorpusRef>,
 ) -> Result<PathBuf> {
-    save_with(root, trainer, seed, tokenizer, OptimizerFiles::Whole)
+    save_with(root, trainer, seed, corpus, OptimizerFiles::Whole)
 }
 
 /// [`save`] with the moments from `optimizer` (the ranks' shards under ZeRO). With
@@ -93,9 +145,10 @@ pub fn save_with(
     root: &Path,
     trainer: &Trainer,
     seed: u64,
-    tokenizer: Option<&Path>,
+    corpus: Option<CorpusRef>,
     optimizer: OptimizerFiles,
 ) -> Result<PathBuf> {
+    let tokenizer = corpus.and_then(|c| c.tokenizer);
     let whole = matches!(optimizer, OptimizerFiles::Whole);
     if whole && trainer.optimizer.range != (0..trainer.layout.total) {
         return Err(WorkerError::Invalid(format!(
@@ -158,6 +211,7 @@ pub fn save_with(
         optimizer_steps: trainer.optimizer.t,
         seed,
         skipped_steps: trainer.skipped_steps,
+        corpus: corpus.map(|c| c.digest.to_owned()),
     };
     hf::write_atomic(&dir.join(TRAINER_FILE), &to_json(&state)?)?;
     if let Some(tokenizer) = tokenizer {
@@ -322,6 +376,7 @@ mod tests {
             optimizer_steps,
             seed: 1,
             skipped_steps,
+            corpus: None,
         };
         check_state(&state(20, 20 * 512, 19, 1), 20).expect("a real one");
         for (bad, field) in [

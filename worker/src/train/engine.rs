@@ -41,9 +41,14 @@ pub trait Engine {
     /// That gather's collective failure.
     fn host(&mut self) -> Result<Cow<'_, Trainer>>;
     /// Writes a checkpoint of the current state under `root`.
-    fn save(&mut self, root: &Path, seed: u64, tokenizer: Option<&Path>) -> Result<PathBuf> {
+    fn save(
+        &mut self,
+        root: &Path,
+        seed: u64,
+        corpus: Option<checkpoint::CorpusRef>,
+    ) -> Result<PathBuf> {
         let host = self.host()?;
-        checkpoint::save(root, &host, seed, tokenizer)
+        checkpoint::save(root, &host, seed, corpus)
     }
     fn perplexity(
         &self,

@@ -64,6 +64,10 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
         .training
         .ok_or_else(|| WorkerError::Invalid("the job has no `training:` section".into()))?;
     let reader = CorpusReader::open(&job.corpus.output)?;
+    reader
+        .manifest()
+        .check_spec(&job.corpus)
+        .map_err(WorkerError::Invalid)?;
     let order = reader.sample_order(job.seed, training.seq_len)?;
     let root = job.checkpoint.dir.clone();
 
@@ -72,8 +76,11 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
     refuse_unreadable_newer(&root, kept.last().map(|(step, _)| *step))?;
     let mut restored = None;
     // The newest checkpoint that verifies: a corrupt one gives way to the one before it.
+    let digest = reader.manifest().content_digest();
     while let Some((step, dir)) = kept.pop() {
-        match restore(&dir, &training, job.seed) {
+        match restore(&dir, &training, job.seed)
+            .and_then(|t| checkpoint::check_corpus(&dir, &digest).map(|()| t))
+        {
             Ok(trainer) => {
                 resumed_from = Some(step);
                 tracing::info!(step, dir = %dir.display(), "resumed from checkpoint");
@@ -230,6 +237,7 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
         .corpus
         .output
         .join(dapt_corpus::manifest::TOKENIZER_FILE);
+    let corpus_digest = reader.manifest().content_digest();
 
     let steps = training.steps();
     let stop = options.stop_after.unwrap_or(steps).min(steps);
@@ -284,10 +292,8 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
                 .push(evaluate(trainer, reader, &training, done)?);
         }
         if !options.no_checkpoints && (done.is_multiple_of(job.checkpoint.every) || done == stop) {
-            let tokenizer = corpus_tokenizer
-                .is_file()
-                .then_some(corpus_tokenizer.as_path());
-            let dir = trainer.save(&root, job.seed, tokenizer)?;
+            let corpus = checkpoint::CorpusRef::new(&corpus_tokenizer, &corpus_digest);
+            let dir = trainer.save(&root, job.seed, Some(corpus))?;
             checkpoint::prune(&root, job.checkpoint.keep)?;
             tracing::info!(step = done, dir = %dir.display(), "checkpoint committed");
             summary.last_checkpoint = Some(dir);
