@@ -285,6 +285,12 @@ impl LlamaConfig {
             ));
         }
         let head_dim = usize_of(get("head_dim"), "head_dim")?.unwrap_or(hidden / heads);
+        if head_dim == 0 {
+            return Err(format!(
+                "`head_dim` is 0 (hidden_size {hidden} / num_attention_heads {heads}, with no \
+                 `head_dim` of its own): a head needs at least 2 dimensions"
+            ));
+        }
         if head_dim % 2 != 0 {
             return Err(format!("`head_dim` ({head_dim}) must be even for RoPE"));
         }
@@ -724,6 +730,18 @@ mod tests {
         assert_eq!(scaled[0], plain[0]);
         let last = plain.len() - 1;
         assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn a_head_dim_of_zero_is_refused_not_a_panic_later() {
+        let json = serde_json::json!({"model_type": "llama", "hidden_size": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 8,
+            "num_hidden_layers": 1, "vocab_size": 32});
+        let err = LlamaConfig::from_json(&json.to_string()).expect_err("refused");
+        assert!(
+            err.contains("head_dim") && err.contains("hidden_size 2"),
+            "{err}"
+        );
     }
 
     /// Hugging Face reads these fields as integers; a float (`8192.0`) in an exported
