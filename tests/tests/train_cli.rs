@@ -214,3 +214,15 @@ fn a_resume_on_a_corpus_prepared_again_differently_is_refused() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Zero windows, tokens or batch for `dapt eval` are refused by clap, by flag (a zero
+/// `--seq-len` divided by zero).
+#[test]
+fn eval_refuses_zero_sizes_by_flag() {
+    for flag in ["--seq-len", "--max-tokens", "--batch"] {
+        let out = dapt(&["eval", "model", "corpus", flag, "0"]);
+        assert!(!out.status.success());
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(flag) && !stderr.contains("panicked"), "{stderr}");
+    }
+}

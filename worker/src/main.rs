@@ -135,13 +135,13 @@ enum Command {
     Eval {
         model: PathBuf,
         corpus: PathBuf,
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
         seq_len: u32,
         /// At most this many predicted tokens per source.
-        #[arg(long, default_value_t = 65_536)]
+        #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
         max_tokens: u64,
         /// Windows per forward pass.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         batch: usize,
         /// cpu, or cuda / cuda:N.
         #[arg(long, default_value = "cpu")]
