@@ -223,6 +223,30 @@ fn eval_refuses_zero_sizes_by_flag() {
         let out = dapt(&["eval", "model", "corpus", flag, "0"]);
         assert!(!out.status.success());
         let stderr = text(&out.stderr);
-        assert!(stderr.contains(flag) && !stderr.contains("panicked"), "{stderr}");
+        assert!(
+            stderr.contains(flag) && !stderr.contains("panicked"),
+            "{stderr}"
+        );
     }
+}
+
+/// A GGUF file that ends early is named in the error.
+#[test]
+fn import_gguf_names_the_file_it_cannot_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("cut.gguf");
+    // The magic, version 3, then the tensor count cut short.
+    std::fs::write(&file, b"GGUF\x03\x00\x00\x00\x01\x00").expect("write");
+    let out = dapt(&[
+        "import-gguf",
+        file.to_str().expect("utf-8"),
+        "--out",
+        dir.path().join("out").to_str().expect("utf-8"),
+    ]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("cut.gguf") && stderr.contains("ends early"),
+        "{stderr}"
+    );
 }

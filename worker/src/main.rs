@@ -404,9 +404,18 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::ImportGguf { file, out } => {
-            let gguf = import::gguf::GgufFile::open(&file)?;
+            // Every error names the file (the open and magic errors do it themselves).
+            let named = |e: import::gguf::GgufError| match e {
+                e @ (import::gguf::GgufError::Io { .. }
+                | import::gguf::GgufError::BadMagic { .. }) => {
+                    anyhow::anyhow!(e)
+                }
+                e => anyhow::anyhow!("{}: {e}", file.display()),
+            };
+            let gguf = import::gguf::GgufFile::open(&file).map_err(named)?;
             hf::claim_output_dir(&out)?;
-            let model = import::import_gguf(&gguf, &out)?;
+            let model = import::import_gguf(&gguf, &out)
+                .map_err(|e| anyhow::anyhow!("importing {}: {e}", file.display()))?;
             println!(
                 "imported {} ({} parameters, {} layers) to {}",
                 file.display(),
