@@ -357,9 +357,43 @@ pub fn write_safetensors(
     write_atomic(path, &serialized)
 }
 
+/// Refuses `tensors` (name, values) that hold a finite f32 beyond the range of `dtype`, which
+/// the conversion would write as an infinity, naming the first such tensor, the count and the
+/// dtype.
+fn check_representable<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, &'a [f32])>,
+    dtype: ExportDtype,
+) -> Result<()> {
+    let (fits, name, largest): (fn(f32) -> bool, &str, &str) = match dtype {
+        ExportDtype::F32 => return Ok(()),
+        ExportDtype::F16 => (|v| half::f16::from_f32(v).is_finite(), "f16", "65504"),
+        ExportDtype::Bf16 => (
+            |v| half::bf16::from_f32(v).is_finite(),
+            "bf16",
+            "about 3.39e38",
+        ),
+    };
+    for (tensor, values) in tensors {
+        let bad = values.iter().filter(|&&v| !fits(v)).count();
+        if bad > 0 {
+            return Err(WorkerError::Tensor {
+                path: path.to_path_buf(),
+                tensor: tensor.into(),
+                message: format!(
+                    "{bad} of {} values are beyond the range of {name} (largest finite {largest}) \
+                     and would be written as infinities: export in f32",
+                    values.len()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Writes `config.json` and `model.safetensors` of a model in the flat layout into `dir`.
-/// Refuses weights that are not all finite ([`WorkerError::NonFiniteTensor`]), before writing
-/// anything.
+/// Refuses weights that are not all finite ([`WorkerError::NonFiniteTensor`]) or that `dtype`
+/// cannot hold (they would be written as infinities), before writing anything.
 pub fn write_dir(
     dir: &Path,
     config: &LlamaConfig,
@@ -367,13 +401,14 @@ pub fn write_dir(
     weights: &[f32],
     dtype: ExportDtype,
 ) -> Result<()> {
-    check_finite(
-        dir,
+    let tensors = || {
         layout
             .params
             .iter()
-            .map(|p| (p.name.as_str(), &weights[p.range()])),
-    )?;
+            .map(|p| (p.name.as_str(), &weights[p.range()]))
+    };
+    check_finite(dir, tensors())?;
+    check_representable(dir, tensors(), dtype)?;
     std::fs::create_dir_all(dir).map_err(WorkerError::io(dir))?;
     let mut json = config.to_json();
     if let Some(map) = json.as_object_mut() {

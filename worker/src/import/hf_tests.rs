@@ -178,3 +178,37 @@ fn rotary_inv_freq_must_match_the_config() -> TestResult {
     }
     Ok(())
 }
+
+/// Finite f32 weights beyond the range of f16 (65,504) or bf16 (about 3.39e38) would be
+/// written as infinities: the export is refused, naming the tensor, the count and the dtype,
+/// before anything is written.
+#[test]
+fn export_refuses_weights_the_dtype_cannot_hold() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let (config, _) = tiny();
+    let layout = ParamLayout::llama(&config);
+    let p = &layout.params[2];
+    for (dtype, name, big) in [
+        (ExportDtype::F16, "f16", 70_000.0),
+        (ExportDtype::Bf16, "bf16", f32::MAX),
+    ] {
+        let mut weights = vec![0.5f32; layout.total];
+        weights[p.offset] = big;
+        weights[p.offset + 1] = -big;
+        let out = tmp.path().join(name);
+        let msg = hf::write_dir(&out, &config, &layout, &weights, dtype)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            msg.contains(&format!("`{}`", p.name))
+                && msg.contains(&format!("2 of {} values", p.len()))
+                && msg.contains(name),
+            "{name}: {msg}"
+        );
+        assert!(!out.join(hf::WEIGHTS_FILE).exists(), "{name}");
+        // In f32 the same weights are exact.
+        hf::write_dir(&tmp.path().join("f32"), &config, &layout, &weights, ExportDtype::F32)?;
+    }
+    Ok(())
+}
