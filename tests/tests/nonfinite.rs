@@ -240,3 +240,63 @@ fn export_and_eval_refuse_a_checkpoint_with_a_nan_weight() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains(name), "{}", text(&out.stderr));
 }
+
+/// A model whose held-out loss is not finite (finite weights whose activations overflow: the
+/// final norm's gain at f32::MAX) is refused by `dapt eval`, naming the source, instead of
+/// printing a perplexity of null with exit 0; and a training job's evaluation of it (the base
+/// model's, before the first step) stops the job with that error.
+#[test]
+fn a_non_finite_held_out_loss_is_refused_naming_the_source() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "naneval", 1, "");
+    prepare(&job);
+    let out = dapt(&["train", &job.path.to_string_lossy()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ck = job.checkpoints.join("step-00000001");
+    let model = dir.path().join("overflowing");
+    std::fs::create_dir_all(&model).expect("dir");
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(ck.join(f), model.join(f)).expect("copy");
+    }
+    let mut tensors = f32_tensors_shaped(&ck.join("model.safetensors")).expect("tensors");
+    let gain = &mut tensors.get_mut("model.norm.weight").expect("norm").1;
+    gain.iter_mut().for_each(|g| *g = f32::MAX);
+    write_f32_tensors(&model.join("model.safetensors"), &tensors).expect("write");
+
+    let out = dapt(&[
+        "eval",
+        &model.to_string_lossy(),
+        &dir.path().join("corpus").to_string_lossy(),
+        "--seq-len",
+        "32",
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "evaluated to {}",
+        text(&out.stdout)
+    );
+    assert!(
+        stderr.contains("source `postgres`") && stderr.contains("not finite"),
+        "{stderr}"
+    );
+
+    let yaml = std::fs::read_to_string(&job.path).expect("job");
+    let from_model = dir.path().join("from-model.yaml");
+    std::fs::write(
+        &from_model,
+        yaml.replace("preset: tiny", &format!("hf: {}", model.display()))
+            .replace("  seq_len: 32\n", "  seq_len: 32\n  eval_every: 1\n")
+            .replace("ck-naneval", "ck-from-model"),
+    )
+    .expect("job");
+    let out = dapt(&["train", &from_model.to_string_lossy()]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "trained on: {stderr}");
+    assert!(
+        stderr.contains("source `postgres`")
+            && stderr.contains("step 0")
+            && stderr.contains("not finite"),
+        "{stderr}"
+    );
+}

@@ -376,6 +376,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                     );
                     continue;
                 };
+                p.check_finite(&source.name, None)?;
                 rows.push(serde_json::json!({
                     "source": source.name,
                     "role": source.role,
