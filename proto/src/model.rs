@@ -317,9 +317,7 @@ impl LlamaConfig {
             // it does not take null.
             None if family == Family::Qwen3 && absent("head_dim") => QWEN3_DEFAULT_HEAD_DIM,
             None if family == Family::Qwen3 => {
-                return Err(
-                    "`head_dim` is null; transformers' Qwen3Config needs an integer".into(),
-                )
+                return Err("`head_dim` is null; transformers' Qwen3Config needs an integer".into())
             }
             None => hidden / heads,
         };
@@ -929,7 +927,10 @@ mod tests {
             .replace("\"mlp_bias\": false,", "")
             .replace("\"is_llama_config\": true,", "");
         let without_kv = base.replace("\"num_key_value_heads\": 4,", "");
-        let null_kv = base.replace("\"num_key_value_heads\": 4,", "\"num_key_value_heads\": null,");
+        let null_kv = base.replace(
+            "\"num_key_value_heads\": 4,",
+            "\"num_key_value_heads\": null,",
+        );
         let read = |text: &str, family: &str| {
             LlamaConfig::from_json(&text.replace("\"llama\"", &format!("\"{family}\"")))
                 .unwrap_or_else(|e| panic!("{family}: {e}"))
@@ -949,7 +950,11 @@ mod tests {
             (None, 32)
         );
         for family in ["qwen2", "qwen3"] {
-            assert_eq!(read(&without_kv, family).num_key_value_heads, 32, "{family}");
+            assert_eq!(
+                read(&without_kv, family).num_key_value_heads,
+                32,
+                "{family}"
+            );
             assert_eq!(read(&null_kv, family).num_key_value_heads, 32, "{family}");
         }
         assert_eq!(read(&base, "qwen2").head_dim, 64);

@@ -271,11 +271,7 @@ fn a_non_finite_held_out_loss_is_refused_naming_the_source() {
         "32",
     ]);
     let stderr = text(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "evaluated to {}",
-        text(&out.stdout)
-    );
+    assert!(!out.status.success(), "evaluated to {}", text(&out.stdout));
     assert!(
         stderr.contains("source `postgres`") && stderr.contains("not finite"),
         "{stderr}"

@@ -327,7 +327,12 @@ mod tests {
             let names: Vec<(String, String)> = layout
                 .params
                 .iter()
-                .map(|q| (format!("exp_avg.{}", q.name), format!("exp_avg_sq.{}", q.name)))
+                .map(|q| {
+                    (
+                        format!("exp_avg.{}", q.name),
+                        format!("exp_avg_sq.{}", q.name),
+                    )
+                })
                 .collect();
             let mut tensors: Vec<(&str, &[usize], &[f32])> = Vec::new();
             for (q, (m_name, v_name)) in layout.params.iter().zip(&names) {

@@ -22,7 +22,12 @@ fn tiny() -> (LlamaConfig, Tensors) {
         .params
         .iter()
         .enumerate()
-        .map(|(i, p)| (p.name.clone(), (p.shape.clone(), vec![0.01 * i as f32; p.len()])))
+        .map(|(i, p)| {
+            (
+                p.name.clone(),
+                (p.shape.clone(), vec![0.01 * i as f32; p.len()]),
+            )
+        })
         .collect();
     (config, tensors)
 }
@@ -106,7 +111,10 @@ fn sharded_weights_follow_the_index() -> TestResult {
     // The same tensor, with other values, in the first shard too: which one is the model?
     let mut stale = first.clone();
     let (shape, values) = &tensors[&moved];
-    stale.insert(moved.clone(), (shape.clone(), values.iter().map(|v| v + 1.0).collect()));
+    stale.insert(
+        moved.clone(),
+        (shape.clone(), values.iter().map(|v| v + 1.0).collect()),
+    );
     let dir = tmp.path().join("twice");
     write_model(&dir, &config, &[(A, &stale), (B, &second)], Some(&index))?;
     let msg = load_error(&dir);
@@ -119,7 +127,12 @@ fn sharded_weights_follow_the_index() -> TestResult {
     let mut second_without = second.clone();
     second_without.remove(&moved);
     let dir = tmp.path().join("misplaced");
-    write_model(&dir, &config, &[(A, &stale), (B, &second_without)], Some(&index))?;
+    write_model(
+        &dir,
+        &config,
+        &[(A, &stale), (B, &second_without)],
+        Some(&index),
+    )?;
     let msg = load_error(&dir);
     assert!(
         msg.contains(&format!("`{moved}`")) && msg.contains(B) && msg.contains("does not hold"),
@@ -158,7 +171,12 @@ fn rotary_inv_freq_must_match_the_config() -> TestResult {
     };
     let right = inv_freq(&config);
     let dir = tmp.path().join("right");
-    write_model(&dir, &config, &[(hf::WEIGHTS_FILE, &with(right.clone()))], None)?;
+    write_model(
+        &dir,
+        &config,
+        &[(hf::WEIGHTS_FILE, &with(right.clone()))],
+        None,
+    )?;
     hf::load_dir(&dir)?;
 
     let mut other_theta = config.clone();
@@ -208,7 +226,13 @@ fn export_refuses_weights_the_dtype_cannot_hold() -> TestResult {
         );
         assert!(!out.join(hf::WEIGHTS_FILE).exists(), "{name}");
         // In f32 the same weights are exact.
-        hf::write_dir(&tmp.path().join("f32"), &config, &layout, &weights, ExportDtype::F32)?;
+        hf::write_dir(
+            &tmp.path().join("f32"),
+            &config,
+            &layout,
+            &weights,
+            ExportDtype::F32,
+        )?;
     }
     Ok(())
 }

@@ -2,9 +2,9 @@
 
 pub mod gguf;
 pub mod hf;
-mod shard_index;
 #[cfg(test)]
 mod hf_tests;
+mod shard_index;
 
 use std::path::Path;
 

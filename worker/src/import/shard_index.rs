@@ -15,9 +15,12 @@ use safetensors::SafeTensors;
 use super::hf::{INDEX_FILE, WEIGHTS_FILE};
 use crate::error::{Result, WorkerError};
 
+/// The index's `weight_map`: each tensor's file (joined to the model's directory).
+pub(super) type WeightMap = BTreeMap<String, PathBuf>;
+
 /// The weights files of `dir` (sorted), and the index's tensor-to-file map when the model is
 /// sharded (`None` for one `model.safetensors`).
-pub(super) fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<BTreeMap<String, PathBuf>>)> {
+pub(super) fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<WeightMap>)> {
     let single = dir.join(WEIGHTS_FILE);
     if single.is_file() {
         return Ok((vec![single], None));
@@ -59,11 +62,13 @@ pub(super) fn tensor_owners(
     dir: &Path,
     files: &[PathBuf],
     parsed: &[SafeTensors<'_>],
-    index: Option<&BTreeMap<String, PathBuf>>,
+    index: Option<&WeightMap>,
 ) -> Result<BTreeMap<String, usize>> {
     let file_name = |path: &Path| {
-        path.file_name()
-            .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
+        path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
     };
     let refuse = |tensor: &str, message: String| WorkerError::Tensor {
         path: dir.to_path_buf(),

@@ -7,7 +7,10 @@ use super::*;
 /// The error message of converting `w`, or "" when it converts.
 fn refusal(w: &Writer) -> std::result::Result<String, super::tests::BoxError> {
     let (_tmp, gguf) = open_writer(w)?;
-    Ok(to_hf(&gguf).err().map(|e| e.to_string()).unwrap_or_default())
+    Ok(to_hf(&gguf)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default())
 }
 
 /// llama.cpp scales positions by 1 / `rope.scaling.factor` (or the older `rope.scale_linear`)
@@ -17,14 +20,23 @@ fn refusal(w: &Writer) -> std::result::Result<String, super::tests::BoxError> {
 #[test]
 fn rope_scaling_is_converted_to_linear_or_refused_by_key() -> TestResult {
     for (extra, factor) in [
-        (vec![("llama.rope.scaling.factor", Value::F32(4.0))], Some(4.0)),
-        (vec![("llama.rope.scale_linear", Value::F32(2.0))], Some(2.0)),
+        (
+            vec![("llama.rope.scaling.factor", Value::F32(4.0))],
+            Some(4.0),
+        ),
+        (
+            vec![("llama.rope.scale_linear", Value::F32(2.0))],
+            Some(2.0),
+        ),
         (
             vec![
                 ("llama.rope.scaling.type", Value::String("linear".into())),
                 ("llama.rope.scaling.factor", Value::F32(8.0)),
                 ("llama.rope.scaling.attn_factor", Value::F32(1.0)),
-                ("llama.rope.scaling.original_context_length", Value::U32(512)),
+                (
+                    "llama.rope.scaling.original_context_length",
+                    Value::U32(512),
+                ),
             ],
             Some(8.0),
         ),
@@ -80,7 +92,10 @@ fn rope_scaling_is_converted_to_linear_or_refused_by_key() -> TestResult {
             w = w.kv(k, v);
         }
         let msg = refusal(&w)?;
-        assert!(msg.contains(&format!("metadata key {key} ")), "{key}: {msg}");
+        assert!(
+            msg.contains(&format!("metadata key {key} ")),
+            "{key}: {msg}"
+        );
     }
     Ok(())
 }
@@ -100,7 +115,10 @@ fn unknown_architecture_keys_are_refused_by_key() -> TestResult {
         ("llama.vocab_size", Value::U32(12)),
     ] {
         let msg = refusal(&tiny_llama(None).kv(key, value))?;
-        assert!(msg.contains(&format!("metadata key {key} ")), "{key}: {msg}");
+        assert!(
+            msg.contains(&format!("metadata key {key} ")),
+            "{key}: {msg}"
+        );
     }
     // What real llama.cpp conversions write, with values that do not change the function.
     let w = tiny_llama(None)
@@ -126,8 +144,14 @@ fn unknown_architecture_keys_are_refused_by_key() -> TestResult {
 #[test]
 fn non_finite_float_metadata_is_named() -> TestResult {
     for (key, value) in [
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(f32::NAN)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F64(f64::NAN)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(f32::NAN),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F64(f64::NAN),
+        ),
         ("llama.rope.freq_base", Value::F32(f32::INFINITY)),
         ("llama.rope.scaling.factor", Value::F32(f32::NAN)),
     ] {

@@ -107,9 +107,9 @@ type Result<T, E = GgufError> = std::result::Result<T, E>;
 mod arch_keys;
 mod convert;
 mod dequant;
-mod parse;
 #[cfg(test)]
 mod metadata_tests;
+mod parse;
 #[cfg(test)]
 mod tests;
 mod tokenizer;
