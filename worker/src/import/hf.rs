@@ -391,12 +391,11 @@ fn check_representable<'a>(
     Ok(())
 }
 
-/// Writes `config.json` and `model.safetensors` of a model in the flat layout into `dir`.
-/// Refuses weights that are not all finite ([`WorkerError::NonFiniteTensor`]) or that `dtype`
-/// cannot hold (they would be written as infinities), before writing anything.
-pub fn write_dir(
+/// Refuses weights that [`write_dir`] would refuse: not all finite
+/// ([`WorkerError::NonFiniteTensor`]), or beyond the range of `dtype`. `dapt export` calls it
+/// before it claims the output directory, so that a refused export leaves nothing behind.
+pub fn check_writable(
     dir: &Path,
-    config: &LlamaConfig,
     layout: &ParamLayout,
     weights: &[f32],
     dtype: ExportDtype,
@@ -408,7 +407,20 @@ pub fn write_dir(
             .map(|p| (p.name.as_str(), &weights[p.range()]))
     };
     check_finite(dir, tensors())?;
-    check_representable(dir, tensors(), dtype)?;
+    check_representable(dir, tensors(), dtype)
+}
+
+/// Writes `config.json` and `model.safetensors` of a model in the flat layout into `dir`.
+/// Refuses weights that are not all finite ([`WorkerError::NonFiniteTensor`]) or that `dtype`
+/// cannot hold (they would be written as infinities), before writing anything.
+pub fn write_dir(
+    dir: &Path,
+    config: &LlamaConfig,
+    layout: &ParamLayout,
+    weights: &[f32],
+    dtype: ExportDtype,
+) -> Result<()> {
+    check_writable(dir, layout, weights, dtype)?;
     std::fs::create_dir_all(dir).map_err(WorkerError::io(dir))?;
     let mut json = config.to_json();
     if let Some(map) = json.as_object_mut() {
