@@ -66,6 +66,17 @@ impl Family {
         self == Family::Qwen2
     }
 
+    /// transformers' `num_key_value_heads` when config.json has no such key (its config
+    /// class's default; an explicit null is the attention heads in every family), or `None`
+    /// where that default is the attention heads (Llama).
+    pub fn default_kv_heads(self) -> Option<usize> {
+        match self {
+            Family::Llama => None,
+            Family::Qwen2 | Family::Qwen3 => Some(32),
+            Family::Mistral => Some(8),
+        }
+    }
+
     /// Whether each head of q and k is RMS-normalised (gains `q_norm`, `k_norm` of `head_dim`)
     /// before RoPE.
     pub fn qk_norm(self) -> bool {
@@ -113,6 +124,13 @@ pub enum RopeScaling {
         original_max_position_embeddings: u64,
     },
 }
+
+/// transformers' `Qwen3Config.head_dim` when config.json has no such key.
+pub const QWEN3_DEFAULT_HEAD_DIM: usize = 128;
+
+/// transformers' `MistralConfig.sliding_window` when config.json has no such key (null is no
+/// window).
+pub const MISTRAL_DEFAULT_SLIDING_WINDOW: usize = 4096;
 
 /// Keys of a Hugging Face Llama config that carry no math dapt has to implement.
 const IGNORED_KEYS: &[&str] = &[
@@ -272,19 +290,37 @@ impl LlamaConfig {
                 }
             }
         }
-        let sliding_window = sliding_window(family, &mut get)?;
+        // `get` treats an explicit null as absent; where transformers tells the two apart (a
+        // family's default for an absent key, `hidden / heads` or no window for a null), so
+        // does dapt.
+        let absent = |key: &str| !map.contains_key(key);
+        let sliding_window = sliding_window(family, absent("sliding_window"), &mut get)?;
         let hidden = required(usize_of(get("hidden_size"), "hidden_size")?, "hidden_size")?;
         let heads = required(
             usize_of(get("num_attention_heads"), "num_attention_heads")?,
             "num_attention_heads",
         )?;
-        let kv = usize_of(get("num_key_value_heads"), "num_key_value_heads")?.unwrap_or(heads);
+        let kv_default = if absent("num_key_value_heads") {
+            family.default_kv_heads().unwrap_or(heads)
+        } else {
+            heads
+        };
+        let kv = usize_of(get("num_key_value_heads"), "num_key_value_heads")?.unwrap_or(kv_default);
         if heads % kv != 0 {
             return Err(format!(
                 "`num_key_value_heads` ({kv}) must divide `num_attention_heads` ({heads})"
             ));
         }
-        let head_dim = usize_of(get("head_dim"), "head_dim")?.unwrap_or(hidden / heads);
+        let head_dim = match usize_of(get("head_dim"), "head_dim")? {
+            Some(d) => d,
+            // Qwen3Config's `head_dim` is an integer defaulting to 128, not `hidden / heads`;
+            // it does not take null.
+            None if family == Family::Qwen3 && absent("head_dim") => QWEN3_DEFAULT_HEAD_DIM,
+            None if family == Family::Qwen3 => {
+                return Err("`head_dim` is null; transformers' Qwen3Config needs an integer".into())
+            }
+            None => hidden / heads,
+        };
         if head_dim == 0 {
             return Err(format!(
                 "`head_dim` is 0 (hidden_size {hidden} / num_attention_heads {heads}, with no \
@@ -508,11 +544,13 @@ impl LlamaConfig {
 }
 
 /// The attention window `config.json` asks for: Mistral's `sliding_window` (null is full
-/// attention); Qwen's `use_sliding_window: true` (a window on the layers from
+/// attention; an absent key is transformers' default, [`MISTRAL_DEFAULT_SLIDING_WINDOW`], as
+/// `window_absent` says); Qwen's `use_sliding_window: true` (a window on the layers from
 /// `max_window_layers` on) and any `layer_types` entry other than `full_attention` are refused
 /// by name. `get` reads a key and marks it as handled.
 fn sliding_window<'a>(
     family: Family,
+    window_absent: bool,
     get: &mut impl FnMut(&'static str) -> Option<&'a Value>,
 ) -> std::result::Result<Option<usize>, String> {
     if let Some(types) = get("layer_types") {
@@ -529,6 +567,7 @@ fn sliding_window<'a>(
         // Llama has no window: a `sliding_window` there is refused as an unknown field.
         Family::Llama => Ok(None),
         Family::Mistral => match get("sliding_window") {
+            None if window_absent => Ok(Some(MISTRAL_DEFAULT_SLIDING_WINDOW)),
             None => Ok(None),
             Some(v) => v
                 .as_u64()
@@ -890,6 +929,63 @@ mod tests {
             err.contains("`model_type`") && err.contains("gemma2"),
             "{err}"
         );
+    }
+
+    /// An absent key is transformers' default for the family, which is not always dapt's
+    /// Llama default: MistralConfig's window 4096 and 8 KV heads, Qwen2/Qwen3Config's 32 KV
+    /// heads and Qwen3's `head_dim` 128. An explicit null is no window / the attention heads.
+    #[test]
+    fn absent_keys_take_the_family_defaults_of_transformers() {
+        // 32 heads of 64, so that 8 and 32 KV heads both divide them.
+        let base = SMOLLM2
+            .replace("\"num_attention_heads\": 9", "\"num_attention_heads\": 32")
+            .replace("\"hidden_size\": 576", "\"hidden_size\": 2048")
+            .replace("\"num_key_value_heads\": 3", "\"num_key_value_heads\": 4")
+            .replace("\"attention_bias\": false, ", "")
+            .replace("\"mlp_bias\": false,", "")
+            .replace("\"is_llama_config\": true,", "");
+        let without_kv = base.replace("\"num_key_value_heads\": 4,", "");
+        let null_kv = base.replace(
+            "\"num_key_value_heads\": 4,",
+            "\"num_key_value_heads\": null,",
+        );
+        let read = |text: &str, family: &str| {
+            LlamaConfig::from_json(&text.replace("\"llama\"", &format!("\"{family}\"")))
+                .unwrap_or_else(|e| panic!("{family}: {e}"))
+        };
+        let mistral = read(&without_kv, "mistral");
+        assert_eq!(
+            (mistral.sliding_window, mistral.num_key_value_heads),
+            (Some(4096), 8)
+        );
+        assert_eq!(mistral.to_json()["sliding_window"], 4096);
+        let mistral = read(
+            &null_kv.replace("\"use_cache\": true", "\"sliding_window\": null"),
+            "mistral",
+        );
+        assert_eq!(
+            (mistral.sliding_window, mistral.num_key_value_heads),
+            (None, 32)
+        );
+        for family in ["qwen2", "qwen3"] {
+            assert_eq!(
+                read(&without_kv, family).num_key_value_heads,
+                32,
+                "{family}"
+            );
+            assert_eq!(read(&null_kv, family).num_key_value_heads, 32, "{family}");
+        }
+        assert_eq!(read(&base, "qwen2").head_dim, 64);
+        assert_eq!(read(&base, "qwen3").head_dim, 128);
+        assert_eq!(read(&base, "llama").num_key_value_heads, 4);
+        assert_eq!(read(&without_kv, "llama").num_key_value_heads, 32);
+        let err = LlamaConfig::from_json(
+            &base
+                .replace("\"llama\"", "\"qwen3\"")
+                .replace("\"use_cache\": true", "\"head_dim\": null"),
+        )
+        .unwrap_err();
+        assert!(err.contains("`head_dim`"), "{err}");
     }
 
     impl LlamaConfig {

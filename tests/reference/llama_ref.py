@@ -123,7 +123,8 @@ def sliding_window(cfg):
     """The attention window of the config, or None (full causal attention)."""
     mt = cfg.get("model_type", "llama")
     if mt == "mistral":
-        return cfg.get("sliding_window")
+        # MistralConfig's default for an absent key is 4096; an explicit null is no window.
+        return cfg.get("sliding_window", 4096)
     if mt in ("qwen2", "qwen3"):
         assert not cfg.get("use_sliding_window", False), "Qwen's sliding window is not modelled"
     return None
@@ -135,8 +136,15 @@ def forward(cfg, W, ids, dtype=np.float32):
     assert cfg.get("model_type", "llama") in ("llama", "qwen2", "qwen3", "mistral")
     B, S = ids.shape
     H, nh = cfg["hidden_size"], cfg["num_attention_heads"]
-    nkv = cfg.get("num_key_value_heads") or nh
-    hd = cfg.get("head_dim") or H // nh
+    mt = cfg.get("model_type", "llama")
+    # transformers' defaults for an absent key (MistralConfig: 8 KV heads; Qwen2Config,
+    # Qwen3Config: 32 KV heads; Qwen3Config: head_dim 128); an explicit null is the heads.
+    nkv = cfg.get("num_key_value_heads", {"mistral": 8, "qwen2": 32, "qwen3": 32}.get(mt)) or nh
+    if mt == "qwen3":
+        hd = cfg.get("head_dim", 128)
+        assert hd is not None, "Qwen3Config's head_dim is an integer"
+    else:
+        hd = cfg.get("head_dim") or H // nh
     eps = cfg["rms_norm_eps"]
 
     def lin(x, name):

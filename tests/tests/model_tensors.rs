@@ -166,19 +166,44 @@ fn unused_tensors_are_refused_by_name_and_harmless_extras_accepted() {
         "{stderr}"
     );
 
-    // Allowed: the rotary buffer, and a tied model's exact copy of its embedding.
-    let mut fine = with(
-        &tensors,
-        &[
-            ("model.layers.0.self_attn.rotary_emb.inv_freq", vec![4]),
-            ("model.layers.1.self_attn.rotary_emb.inv_freq", vec![4]),
-        ],
-    );
+    // Allowed: the rotary buffer (the frequencies config.json implies), and a tied model's
+    // exact copy of its embedding.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("config.json")).expect("config"))
+            .expect("json");
+    let theta = config["rope_theta"].as_f64().expect("rope_theta");
+    let head_dim = config["head_dim"].as_u64().expect("head_dim") as usize;
+    let inv_freq: Vec<f32> = (0..head_dim / 2)
+        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
+        .collect();
+    let mut fine = tensors.clone();
+    for layer in 0..2 {
+        fine.insert(
+            format!("model.layers.{layer}.self_attn.rotary_emb.inv_freq"),
+            (vec![inv_freq.len()], inv_freq.clone()),
+        );
+    }
     let embed = tensors["model.embed_tokens.weight"].clone();
     fine.insert("lm_head.weight".into(), embed.clone());
     let model = model_dir(dir.path(), "fine", &ck, &fine, 2);
     let out = eval(&model, &job);
     assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // A rotary buffer of other frequencies (another rope_theta) disagrees with config.json.
+    let mut other_theta = fine.clone();
+    let buffer = "model.layers.1.self_attn.rotary_emb.inv_freq";
+    if let Some((_, values)) = other_theta.get_mut(buffer) {
+        values.iter_mut().for_each(|v| *v = v.powf(1.2));
+    }
+    let model = model_dir(dir.path(), "other-theta", &ck, &other_theta, 0);
+    let out = eval(&model, &job);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("tensor `{buffer}`"))
+            && stderr.contains("RoPE inverse frequencies"),
+        "{stderr}"
+    );
 
     // A tied model whose lm_head differs from its embedding: which one is meant is unclear.
     let mut other = embed;

@@ -240,3 +240,91 @@ fn export_and_eval_refuse_a_checkpoint_with_a_nan_weight() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains(name), "{}", text(&out.stderr));
 }
+
+/// A corpus, and a model directory whose held-out loss is not finite though its weights are:
+/// the tiny model trained one step, with the final norm's gain at f32::MAX (its activations
+/// overflow); and a job `name` that trains from it with an evaluation before the first step.
+fn overflowing_model(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let job = write_job(dir, "naneval", 1, "");
+    prepare(&job);
+    let out = dapt(&["train", &job.path.to_string_lossy()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ck = job.checkpoints.join("step-00000001");
+    let model = dir.join("overflowing");
+    std::fs::create_dir_all(&model).expect("dir");
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(ck.join(f), model.join(f)).expect("copy");
+    }
+    let mut tensors = f32_tensors_shaped(&ck.join("model.safetensors")).expect("tensors");
+    let gain = &mut tensors.get_mut("model.norm.weight").expect("norm").1;
+    gain.iter_mut().for_each(|g| *g = f32::MAX);
+    write_f32_tensors(&model.join("model.safetensors"), &tensors).expect("write");
+    let yaml = std::fs::read_to_string(&job.path).expect("job");
+    let from_model = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &from_model,
+        yaml.replace("preset: tiny", &format!("hf: {}", model.display()))
+            .replace("  seq_len: 32\n", "  seq_len: 32\n  eval_every: 1\n")
+            .replace("job: naneval", &format!("job: {name}"))
+            .replace("ck-naneval", &format!("ck-{name}")),
+    )
+    .expect("job");
+    (model, from_model)
+}
+
+/// `dapt eval` refuses a model whose held-out loss is not finite, naming the source, instead
+/// of printing a perplexity of null with exit 0; and a training job's evaluation of it (the
+/// base model's, before the first step) stops the job with that error.
+#[test]
+fn a_non_finite_held_out_loss_is_refused_naming_the_source() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (model, from_model) = overflowing_model(dir.path(), "from-model");
+    let out = dapt(&[
+        "eval",
+        &model.to_string_lossy(),
+        &dir.path().join("corpus").to_string_lossy(),
+        "--seq-len",
+        "32",
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "evaluated to {}", text(&out.stdout));
+    assert!(
+        stderr.contains("source `postgres`") && stderr.contains("not finite"),
+        "{stderr}"
+    );
+
+    let out = dapt(&["train", &from_model.to_string_lossy()]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "trained on: {stderr}");
+    assert!(
+        stderr.contains("source `postgres`")
+            && stderr.contains("step 0")
+            && stderr.contains("not finite"),
+        "{stderr}"
+    );
+}
+
+/// Under `dapt launch`, rank 0's evaluation of such a model fails the job at once (a retry
+/// would evaluate the same model again), naming the source, rather than reporting null.
+#[test]
+fn launch_fails_the_job_at_a_non_finite_evaluation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, from_model) = overflowing_model(dir.path(), "launched-eval");
+    let _serial = serial();
+    let mut cmd = Command::new(binary("dapt"));
+    cmd.args(["--log-format", "json", "launch"])
+        .arg(&from_model)
+        .args(["--workers", "2"]);
+    let mut proc = Proc::spawn(cmd);
+    let (status, stdout) = proc.finish(LONG);
+    let stderr = proc.stderr();
+    assert!(!status.success(), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("job completed"), "{stdout}");
+    assert!(
+        stderr.contains("the job failed")
+            && stderr.contains("held-out evaluation of source `postgres` at step 0"),
+        "{stderr}"
+    );
+    let lines = proc.lines();
+    assert_eq!(events(&lines, "generation formed").len(), 1, "{stderr}");
+}

@@ -48,6 +48,16 @@ pub enum WorkerError {
         /// `training.max_skipped_steps` (0 under `nonfinite: stop`).
         max_skipped: u64,
     },
+    /// A held-out evaluation whose mean NLL is not finite (weights whose activations overflow,
+    /// or a diverged model): its perplexity is not a number, so it is an error, never a report
+    /// of null. `step` is the training step (`None` for `dapt eval`).
+    #[error("held-out evaluation of source `{source_name}`{}: the mean NLL over {tokens} tokens is {mean_nll}, not finite; the model's logits overflow or are NaN on these windows", at_step(.step))]
+    NonFiniteEval {
+        source_name: String,
+        step: Option<u64>,
+        mean_nll: f64,
+        tokens: u64,
+    },
     /// A tensor holding NaN or infinite values, which dapt never writes (a checkpoint, an
     /// export) and never loads.
     #[error("{path}: tensor `{tensor}`: {bad} of {len} values are not finite (NaN or infinite){}", more_tensors(.others))]
@@ -79,6 +89,10 @@ fn stop_reason(skipped: &u64, max_skipped: &u64) -> String {
     }
 }
 
+fn at_step(step: &Option<u64>) -> String {
+    step.map(|s| format!(" at step {s}")).unwrap_or_default()
+}
+
 fn more_tensors(others: &usize) -> String {
     match *others {
         0 => String::new(),
@@ -88,11 +102,13 @@ fn more_tensors(others: &usize) -> String {
 
 impl WorkerError {
     /// Whether the same work, retried from the same checkpoint, fails the same way: a
-    /// non-finite step or tensor is a property of the job and its data, not of a machine.
+    /// non-finite step, evaluation or tensor is a property of the job and its data, not of a machine.
     pub fn recurs_on_retry(&self) -> bool {
         matches!(
             self,
-            WorkerError::NonFiniteStep { .. } | WorkerError::NonFiniteTensor { .. }
+            WorkerError::NonFiniteStep { .. }
+                | WorkerError::NonFiniteTensor { .. }
+                | WorkerError::NonFiniteEval { .. }
         )
     }
 

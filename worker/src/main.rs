@@ -376,6 +376,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                     );
                     continue;
                 };
+                p.check_finite(&source.name, None)?;
                 rows.push(serde_json::json!({
                     "source": source.name,
                     "role": source.role,
@@ -393,8 +394,9 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             dtype,
         } => {
             let loaded = checkpoint::load(&checkpoint)?;
-            hf::claim_output_dir(&out)?;
             let layout = dapt_worker::model::ParamLayout::llama(&loaded.config);
+            hf::check_writable(&out, &layout, &loaded.weights, dtype)?;
+            hf::claim_output_dir(&out)?;
             hf::write_dir(&out, &loaded.config, &layout, &loaded.weights, dtype)?;
             copy_if_present(
                 &checkpoint.join(hf::TOKENIZER_FILE),

@@ -225,7 +225,8 @@ pub fn train(
         if a.rank != 0 {
             return Ok(());
         }
-        let log = evaluate(trainer, &reader, &training, step).map_err(RankError::failed)?;
+        // A non-finite held-out loss recurs on a retry: fatal, the job stops.
+        let log = evaluate(trainer, &reader, &training, step).map_err(RankError::worker)?;
         for (source, p) in log.sources {
             report(Kind::Eval(rpc::EvalReport {
                 generation: a.generation,

@@ -220,7 +220,8 @@ fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<safetensors::SafeTensors<'a
 }
 
 /// Copies the part of f32 tensor `name` of `st` (read from `path`; the elements `slice` of the
-/// flat buffer) that falls in `range` into `out` (which holds `range`).
+/// flat buffer) that falls in `range` into `out` (which holds `range`), refusing values that
+/// are not finite and, in a second moment (`exp_avg_sq*`), negative ones.
 fn copy_tensor(
     st: &safetensors::SafeTensors,
     path: &Path,
@@ -248,5 +249,138 @@ fn copy_tensor(
     for (o, b) in to.iter_mut().zip(from.chunks_exact(4)) {
         *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     }
+    // Moments AdamW could never have written: a NaN or an infinity would make every later
+    // update of these weights NaN, and so would a negative second moment (its square root).
+    // Checked on the part this rank reads; the ranks together read all of it.
+    let bad = to.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        return Err(WorkerError::NonFiniteTensor {
+            path: path.to_path_buf(),
+            tensor: name.to_string(),
+            bad,
+            len: to.len(),
+            others: 0,
+        });
+    }
+    let second_moment = name.starts_with("exp_avg_sq");
+    let negative = to.iter().filter(|&&v| v < 0.0).count();
+    if second_moment && negative > 0 {
+        return Err(WorkerError::Tensor {
+            path: path.to_path_buf(),
+            tensor: name.to_string(),
+            message: format!(
+                "{negative} of {} values are negative; a second moment (a mean of squares) never is",
+                to.len()
+            ),
+        });
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use dapt_proto::checkpoint::CheckpointFile;
+    use dapt_proto::job::Preset;
+
+    use super::*;
+    use crate::model::LlamaConfig;
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    fn manifest(files: &[&str]) -> CheckpointManifest {
+        CheckpointManifest {
+            format_version: 1,
+            step: 1,
+            files: files
+                .iter()
+                .map(|f| CheckpointFile {
+                    path: (*f).to_owned(),
+                    bytes: 0,
+                    sha256: String::new(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Moments that AdamW could never have written (a NaN or an infinity; a negative second
+    /// moment, a mean of squares) refuse the resume, naming the tensor and the file, in a
+    /// whole `optimizer.safetensors` and in a ZeRO shard: resumed, they would turn every
+    /// later update into NaN, or the square root of a negative number.
+    #[test]
+    fn non_finite_or_negative_moments_are_refused_by_tensor_and_file() -> TestResult {
+        let layout = ParamLayout::llama(&LlamaConfig::preset(Preset::Tiny, 16));
+        let total = layout.total;
+        let dir = tempfile::tempdir()?;
+        let p = &layout.params[3];
+        let whole = super::super::OPTIMIZER_FILE;
+        for (which, bad, expect) in [
+            ("exp_avg", f32::NAN, "not finite"),
+            ("exp_avg_sq", f32::INFINITY, "not finite"),
+            ("exp_avg_sq", -1.0, "negative"),
+        ] {
+            let mut m = vec![0.1f32; total];
+            let mut v = vec![0.1f32; total];
+            match which {
+                "exp_avg" => m[p.offset + 1] = bad,
+                _ => v[p.offset + 1] = bad,
+            }
+            let names: Vec<(String, String)> = layout
+                .params
+                .iter()
+                .map(|q| {
+                    (
+                        format!("exp_avg.{}", q.name),
+                        format!("exp_avg_sq.{}", q.name),
+                    )
+                })
+                .collect();
+            let mut tensors: Vec<(&str, &[usize], &[f32])> = Vec::new();
+            for (q, (m_name, v_name)) in layout.params.iter().zip(&names) {
+                tensors.push((m_name, &q.shape, &m[q.range()]));
+                tensors.push((v_name, &q.shape, &v[q.range()]));
+            }
+            hf::write_safetensors(&dir.path().join(whole), &tensors, ExportDtype::F32, None)?;
+            let msg = read_moments(dir.path(), &manifest(&[whole]), &layout, 0..total)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                msg.contains(&format!("`{which}.{}`", p.name))
+                    && msg.contains(whole)
+                    && msg.contains(expect),
+                "{which} {bad}: {msg}"
+            );
+        }
+
+        // Rank 1's shard of a 2-way split, read by a rank whose slice overlaps it.
+        let shards = tempfile::tempdir()?;
+        for rank in 0..2 {
+            let range = shard_range(total, 2, rank);
+            let m = vec![0.1f32; range.len()];
+            let mut v = vec![0.1f32; range.len()];
+            if rank == 1 {
+                v[2] = -0.5;
+            }
+            let len = [range.len()];
+            hf::write_safetensors(
+                &shards.path().join(file_name(rank, 2)),
+                &[("exp_avg", &len, &m), ("exp_avg_sq", &len, &v)],
+                ExportDtype::F32,
+                None,
+            )?;
+        }
+        let files = [file_name(0, 2), file_name(1, 2)];
+        let listed = manifest(&[&files[0], &files[1]]);
+        let msg = read_moments(shards.path(), &listed, &layout, 0..total)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            msg.contains("`exp_avg_sq`") && msg.contains(&files[1]) && msg.contains("negative"),
+            "{msg}"
+        );
+        // A slice that does not reach the bad shard reads fine.
+        read_moments(shards.path(), &listed, &layout, shard_range(total, 3, 0))?;
+        Ok(())
+    }
 }

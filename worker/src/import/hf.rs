@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, TensorView};
@@ -114,7 +114,7 @@ pub fn load_dir(dir: &Path) -> Result<HfWeights> {
         message,
     })?;
     let layout = ParamLayout::llama(&config);
-    let files = weight_files(dir)?;
+    let (files, index) = super::shard_index::weight_files(dir)?;
     let maps = files
         .iter()
         .map(|f| {
@@ -134,12 +134,14 @@ pub fn load_dir(dir: &Path) -> Result<HfWeights> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    let owners = super::shard_index::tensor_owners(dir, &files, &parsed, index.as_ref())?;
+    let find = |name: &str| {
+        let &i = owners.get(name)?;
+        parsed[i].tensor(name).ok().map(|t| (t, &files[i]))
+    };
     let mut weights = vec![0f32; layout.total];
     for p in &layout.params {
-        let found = parsed
-            .iter()
-            .zip(&files)
-            .find_map(|(st, f)| st.tensor(&p.name).ok().map(|t| (t, f)));
+        let found = find(&p.name);
         let Some((view, file)) = found else {
             return Err(WorkerError::Tensor {
                 path: dir.to_path_buf(),
@@ -165,14 +167,12 @@ pub fn load_dir(dir: &Path) -> Result<HfWeights> {
         })?;
         check_finite(file, [(p.name.as_str(), &weights[p.range()])])?;
     }
-    let mut unused: Vec<String> = parsed
-        .iter()
-        .flat_map(|st| st.names())
+    // Sorted, each once: `owners` holds each tensor of the files exactly once.
+    let mut unused: Vec<String> = owners
+        .keys()
         .filter(|name| layout.get(name).is_none())
-        .map(str::to_owned)
+        .cloned()
         .collect();
-    unused.sort();
-    unused.dedup();
     if config.tie_word_embeddings {
         if let Some(i) = unused.iter().position(|n| n == super::TIED_HEAD) {
             check_tied_head(dir, &parsed, &layout, &weights)?;
@@ -180,6 +180,20 @@ pub fn load_dir(dir: &Path) -> Result<HfWeights> {
         }
     }
     super::refuse_unused(dir, &unused)?;
+    for name in unused.iter().filter(|n| super::is_rotary_inv_freq(n)) {
+        let Some((view, file)) = find(name) else {
+            continue;
+        };
+        let mut values = vec![0f32; view.shape().iter().product()];
+        let tensor_error = |message: String| WorkerError::Tensor {
+            path: file.clone(),
+            tensor: name.clone(),
+            message,
+        };
+        to_f32(&view, &mut values).map_err(tensor_error)?;
+        check_finite(file, [(name.as_str(), values.as_slice())])?;
+        super::check_inv_freq(&config, &values, view.dtype()).map_err(tensor_error)?;
+    }
     Ok(HfWeights {
         config,
         layout,
@@ -265,37 +279,6 @@ pub fn check_finite<'a>(
     }
 }
 
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let single = dir.join(WEIGHTS_FILE);
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join(INDEX_FILE);
-    let text = std::fs::read_to_string(&index).map_err(|_| WorkerError::Config {
-        path: dir.to_path_buf(),
-        message: format!("neither {WEIGHTS_FILE} nor {INDEX_FILE} is here"),
-    })?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| WorkerError::Config {
-        path: index.clone(),
-        message: e.to_string(),
-    })?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| WorkerError::Config {
-            path: index.clone(),
-            message: "no `weight_map` object".into(),
-        })?;
-    let mut files: Vec<PathBuf> = map
-        .values()
-        .filter_map(|v| v.as_str())
-        .map(|f| dir.join(f))
-        .collect();
-    files.sort();
-    files.dedup();
-    Ok(files)
-}
-
 fn to_f32(view: &TensorView<'_>, out: &mut [f32]) -> std::result::Result<(), String> {
     let data = view.data();
     let width = match view.dtype() {
@@ -374,9 +357,62 @@ pub fn write_safetensors(
     write_atomic(path, &serialized)
 }
 
+/// Refuses `tensors` (name, values) that hold a finite f32 beyond the range of `dtype`, which
+/// the conversion would write as an infinity, naming the first such tensor, the count and the
+/// dtype.
+fn check_representable<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, &'a [f32])>,
+    dtype: ExportDtype,
+) -> Result<()> {
+    let (fits, name, largest): (fn(f32) -> bool, &str, &str) = match dtype {
+        ExportDtype::F32 => return Ok(()),
+        ExportDtype::F16 => (|v| half::f16::from_f32(v).is_finite(), "f16", "65504"),
+        ExportDtype::Bf16 => (
+            |v| half::bf16::from_f32(v).is_finite(),
+            "bf16",
+            "about 3.39e38",
+        ),
+    };
+    for (tensor, values) in tensors {
+        let bad = values.iter().filter(|&&v| !fits(v)).count();
+        if bad > 0 {
+            return Err(WorkerError::Tensor {
+                path: path.to_path_buf(),
+                tensor: tensor.into(),
+                message: format!(
+                    "{bad} of {} values are beyond the range of {name} (largest finite {largest}) \
+                     and would be written as infinities: export in f32",
+                    values.len()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuses weights that [`write_dir`] would refuse: not all finite
+/// ([`WorkerError::NonFiniteTensor`]), or beyond the range of `dtype`. `dapt export` calls it
+/// before it claims the output directory, so that a refused export leaves nothing behind.
+pub fn check_writable(
+    dir: &Path,
+    layout: &ParamLayout,
+    weights: &[f32],
+    dtype: ExportDtype,
+) -> Result<()> {
+    let tensors = || {
+        layout
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), &weights[p.range()]))
+    };
+    check_finite(dir, tensors())?;
+    check_representable(dir, tensors(), dtype)
+}
+
 /// Writes `config.json` and `model.safetensors` of a model in the flat layout into `dir`.
-/// Refuses weights that are not all finite ([`WorkerError::NonFiniteTensor`]), before writing
-/// anything.
+/// Refuses weights that are not all finite ([`WorkerError::NonFiniteTensor`]) or that `dtype`
+/// cannot hold (they would be written as infinities), before writing anything.
 pub fn write_dir(
     dir: &Path,
     config: &LlamaConfig,
@@ -384,13 +420,7 @@ pub fn write_dir(
     weights: &[f32],
     dtype: ExportDtype,
 ) -> Result<()> {
-    check_finite(
-        dir,
-        layout
-            .params
-            .iter()
-            .map(|p| (p.name.as_str(), &weights[p.range()])),
-    )?;
+    check_writable(dir, layout, weights, dtype)?;
     std::fs::create_dir_all(dir).map_err(WorkerError::io(dir))?;
     let mut json = config.to_json();
     if let Some(map) = json.as_object_mut() {

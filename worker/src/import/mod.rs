@@ -2,11 +2,14 @@
 
 pub mod gguf;
 pub mod hf;
+#[cfg(test)]
+mod hf_tests;
+mod shard_index;
 
 use std::path::Path;
 
 use crate::error::{Result, WorkerError};
-use crate::model::{LlamaConfig, ParamLayout};
+use crate::model::{LlamaConfig, ParamLayout, RopeScaling};
 use hf::{ExportDtype, HfWeights};
 
 /// The embedding's Hugging Face name.
@@ -52,6 +55,56 @@ pub fn refuse_unused(path: &Path, unused: &[String]) -> Result<()> {
             refused.len()
         ),
     })
+}
+
+/// Whether `name` is a layer's `self_attn.rotary_emb.inv_freq` buffer.
+pub(crate) fn is_rotary_inv_freq(name: &str) -> bool {
+    name.ends_with(".self_attn.rotary_emb.inv_freq") && allowed_unused(name)
+}
+
+/// Checks a rotary `inv_freq` buffer (its `values`, stored as `dtype`) against the RoPE
+/// inverse frequencies `config` implies: a buffer that differs says the checkpoint was trained
+/// with another `rope_theta`, `head_dim` or scaling than its config.json gives, and dapt, which
+/// computes the frequencies from config.json, would train a different function. Equal means
+/// to the stored dtype's rounding (f32: 1e-5 relative, f16: 1e-3, bf16: 8e-3; transformers
+/// computes them in f32 and older versions saved them in the model's dtype). With linear
+/// scaling the unscaled frequencies pass too: the transformers versions that saved this buffer
+/// scaled the positions instead. The error says why (the caller names the tensor).
+pub(crate) fn check_inv_freq(
+    config: &LlamaConfig,
+    values: &[f32],
+    dtype: safetensors::Dtype,
+) -> std::result::Result<(), String> {
+    let tolerance = match dtype {
+        safetensors::Dtype::BF16 => 8e-3,
+        safetensors::Dtype::F16 => 1e-3,
+        _ => 1e-5,
+    };
+    let scaled = config.inv_freq();
+    let unscaled = LlamaConfig {
+        rope_scaling: None,
+        ..config.clone()
+    }
+    .inv_freq();
+    let equal = |expected: &[f64]| {
+        expected.len() == values.len()
+            && expected
+                .iter()
+                .zip(values)
+                .all(|(e, &v)| (f64::from(v) - e).abs() <= tolerance * e.abs())
+    };
+    let linear = matches!(config.rope_scaling, Some(RopeScaling::Linear { .. }));
+    if equal(&scaled) || (linear && equal(&unscaled)) {
+        return Ok(());
+    }
+    Err(format!(
+        "{} values that are not the {} RoPE inverse frequencies config.json implies          (rope_theta {}, head_dim {}, rope_scaling {}): the checkpoint and its config disagree          about the model",
+        values.len(),
+        scaled.len(),
+        config.rope_theta,
+        config.head_dim,
+        serde_json::to_string(&config.rope_scaling).unwrap_or_default()
+    ))
 }
 
 fn allowed_unused(name: &str) -> bool {

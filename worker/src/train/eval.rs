@@ -9,7 +9,7 @@ use dapt_corpus::shards::TokenStream;
 use serde::Serialize;
 
 use crate::device::DeviceSpec;
-use crate::error::Result;
+use crate::error::{Result, WorkerError};
 use crate::fused::FusedOps;
 use crate::model::{Llama, LlamaConfig};
 use crate::Cpu;
@@ -27,6 +27,22 @@ impl Perplexity {
 
     pub fn perplexity(&self) -> f64 {
         self.mean_nll().exp()
+    }
+
+    /// Refuses a mean NLL that is not finite ([`WorkerError::NonFiniteEval`], naming
+    /// `source` and the training `step`, if any): serialised, it would read as a perplexity of
+    /// null.
+    pub fn check_finite(&self, source: &str, step: Option<u64>) -> Result<()> {
+        let mean_nll = self.mean_nll();
+        if mean_nll.is_finite() {
+            return Ok(());
+        }
+        Err(WorkerError::NonFiniteEval {
+            source_name: source.to_owned(),
+            step,
+            mean_nll,
+            tokens: self.tokens,
+        })
     }
 }
 

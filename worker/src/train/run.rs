@@ -404,7 +404,8 @@ pub fn initial_model(job: &JobSpec, reader: &CorpusReader) -> Result<(LlamaConfi
 /// Held-out perplexity of every source at `step`.
 ///
 /// # Errors
-/// A token id outside the vocabulary in a held-out shard, naming it.
+/// A token id outside the vocabulary in a held-out shard, naming it; a held-out mean NLL that
+/// is not finite ([`WorkerError::NonFiniteEval`], naming the source and the step).
 pub fn evaluate(
     trainer: &dyn Engine,
     reader: &CorpusReader,
@@ -422,6 +423,9 @@ pub fn evaluate(
             training.eval_tokens,
             training.micro_batch() as usize,
         ) {
+            // A non-finite held-out loss stops the job: the model is broken, and a report of
+            // null would hide it.
+            p.check_finite(&source.name, Some(step))?;
             tracing::info!(
                 step,
                 source = %source.name,

@@ -42,6 +42,8 @@ pub(super) struct LlamaParams {
     heads: u64,
     kv_heads: u64,
     head_dim: u64,
+    /// Linear RoPE scaling's factor (`arch_keys::rope_scaling`).
+    rope_factor: Option<f64>,
 }
 
 /// Converts a Llama-architecture GGUF to Hugging Face form: `config.json` from the `llama.*`
@@ -76,6 +78,7 @@ pub(super) fn llama_params(file: &GgufFile, family: Family) -> Result<LlamaParam
     // llama.cpp's architecture names are Hugging Face's model types for these families.
     let arch = family.model_type();
     let key = |k: &str| format!("{arch}.{k}");
+    arch_keys::refuse_unknown(file, arch)?;
     let hidden = file.require_u64(&key("embedding_length"))?;
     let heads = file.require_u64(&key("attention.head_count"))?;
     let kv_heads = file
@@ -133,22 +136,15 @@ pub(super) fn llama_params(file: &GgufFile, family: Family) -> Result<LlamaParam
             ));
         }
     }
-    if let Some(experts) = file.optional_u64(&key("expert_count"))? {
-        if experts > 0 {
-            return Err(unsupported(
-                &key("expert_count"),
-                experts.to_string(),
-                "mixture-of-experts models are not converted",
-            ));
-        }
-    }
-    if let Some(scaling) = file.optional_str(&key("rope.scaling.type"))? {
-        if scaling != "none" {
-            return Err(unsupported(
-                &key("rope.scaling.type"),
-                scaling.into(),
-                "RoPE scaling is not converted",
-            ));
+    for experts_key in [key("expert_count"), key("expert_used_count")] {
+        if let Some(experts) = file.optional_u64(&experts_key)? {
+            if experts > 0 {
+                return Err(unsupported(
+                    &experts_key,
+                    experts.to_string(),
+                    "mixture-of-experts models are not converted",
+                ));
+            }
         }
     }
     Ok(LlamaParams {
@@ -159,6 +155,7 @@ pub(super) fn llama_params(file: &GgufFile, family: Family) -> Result<LlamaParam
         heads,
         kv_heads,
         head_dim,
+        rope_factor: arch_keys::rope_scaling(file, arch)?,
     })
 }
 
@@ -187,6 +184,15 @@ pub(super) fn llama_config(
     }
     let arch = p.family.model_type();
     let key = |k: &str| format!("{arch}.{k}");
+    if let Some(n) = file.optional_u64(&key("vocab_size"))? {
+        if n != vocab_rows {
+            return Err(GgufError::UnsupportedModel {
+                key: key("vocab_size"),
+                value: n.to_string(),
+                reason: format!("token_embd.weight has {vocab_rows} rows"),
+            });
+        }
+    }
     let mut config = json!({
         "architectures": [p.family.architecture()],
         "model_type": arch,
@@ -204,6 +210,9 @@ pub(super) fn llama_config(
         "tie_word_embeddings": tied,
         "torch_dtype": "float32",
     });
+    if let Some(factor) = p.rope_factor {
+        config["rope_scaling"] = json!({ "rope_type": "linear", "factor": factor });
+    }
     // A Llama with q biases says so, so that the config check refuses it by name (dapt's Llama
     // has none); Qwen2's biases are part of the family and its config has no such field.
     if p.family == Family::Llama {

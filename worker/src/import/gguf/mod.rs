@@ -104,8 +104,11 @@ pub enum GgufError {
 
 type Result<T, E = GgufError> = std::result::Result<T, E>;
 
+mod arch_keys;
 mod convert;
 mod dequant;
+#[cfg(test)]
+mod metadata_tests;
 mod parse;
 #[cfg(test)]
 mod tests;
@@ -382,7 +385,13 @@ impl GgufFile {
 
     pub(super) fn optional_f64(&self, key: &str) -> Result<Option<f64>> {
         self.metadata(key)
-            .map(|v| v.as_f64().ok_or_else(|| wrong_type(key, "a number", v)))
+            .map(|v| {
+                // A NaN or an infinity would reach config.json as null (serde_json), which
+                // reads as the field's default: named here instead.
+                v.as_f64()
+                    .filter(|x| x.is_finite())
+                    .ok_or_else(|| wrong_type(key, "a finite number", v))
+            })
             .transpose()
     }
 

@@ -4,8 +4,8 @@ use super::*;
 use std::error::Error;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-type BoxError = Box<dyn Error + Send + Sync>;
-type TestResult = std::result::Result<(), BoxError>;
+pub(super) type BoxError = Box<dyn Error + Send + Sync>;
+pub(super) type TestResult = std::result::Result<(), BoxError>;
 
 // -----------------------------------------------------------------------------------------
 // A minimal GGUF writer, so tests can build exactly the file they need.
@@ -17,7 +17,7 @@ struct TestTensor {
     data: Vec<u8>,
 }
 
-struct Writer {
+pub(super) struct Writer {
     version: u32,
     alignment: usize,
     kvs: Vec<(String, Value)>,
@@ -34,7 +34,7 @@ impl Writer {
         }
     }
 
-    fn kv(mut self, key: &str, value: Value) -> Self {
+    pub(super) fn kv(mut self, key: &str, value: Value) -> Self {
         self.kvs.push((key.to_owned(), value));
         self
     }
@@ -151,7 +151,7 @@ fn strings(items: &[&str]) -> Value {
 }
 
 /// A file in the temp dir, removed on drop.
-struct TempFile(PathBuf);
+pub(super) struct TempFile(PathBuf);
 
 impl TempFile {
     fn with(bytes: &[u8]) -> std::io::Result<Self> {
@@ -176,7 +176,7 @@ fn open_bytes(bytes: &[u8]) -> std::result::Result<(TempFile, Result<GgufFile>),
     Ok((file, gguf))
 }
 
-fn open_writer(w: &Writer) -> std::result::Result<(TempFile, GgufFile), BoxError> {
+pub(super) fn open_writer(w: &Writer) -> std::result::Result<(TempFile, GgufFile), BoxError> {
     let (file, gguf) = open_bytes(&w.bytes())?;
     Ok((file, gguf?))
 }
@@ -639,7 +639,7 @@ fn other_tokenizers_are_refused_by_key() -> TestResult {
 /// A one-layer Llama: hidden 8, 2 heads of 4, 1 KV head, FFN 4, tied embeddings; every
 /// tensor's values are its element indices plus a per-tensor offset. q and k are stored
 /// permuted, as llama.cpp's converter writes them.
-fn tiny_llama(skip_key: Option<&str>) -> Writer {
+pub(super) fn tiny_llama(skip_key: Option<&str>) -> Writer {
     let mut w = Writer::new();
     for (k, v) in [
         ("general.architecture", Value::String("llama".into())),
@@ -818,7 +818,7 @@ fn unused_and_non_finite_tensors_refuse_the_import() -> TestResult {
 /// norms and an explicit head dim): hidden 8, 2 heads of 4 (Qwen3: of 6), 1 KV head, FFN 4,
 /// untied. llama.cpp keeps Hugging Face's q/k row order for these (NeoX RoPE): values are
 /// ascending as written.
-fn tiny_qwen(arch: &str) -> Writer {
+pub(super) fn tiny_qwen(arch: &str) -> Writer {
     let hd: u64 = if arch == "qwen3" { 6 } else { 4 };
     let mut w = Writer::new()
         .kv("general.architecture", Value::String(arch.into()))
