@@ -127,6 +127,20 @@ fn a_damaged_checkpoint_stops_the_resume_with_its_name() {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // `dapt eval` of the checkpoint verifies it too, before reading its weights.
+    let out = dapt(&[
+        "eval",
+        dir.path().join("ck/step-00000002").to_str().expect("utf-8"),
+        dir.path().join("corpus").to_str().expect("utf-8"),
+        "--seq-len",
+        "16",
+    ]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("optimizer.safetensors") && stderr.contains("corrupt"),
+        "{stderr}"
+    );
 }
 
 /// A newer checkpoint whose manifest cannot be read stops the resume with its name, instead of

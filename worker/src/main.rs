@@ -352,11 +352,24 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             device,
         } => {
             let reader = CorpusReader::open(&corpus)?;
+            // A dapt checkpoint is verified against its manifest before any file is used.
+            if model.join(dapt_proto::checkpoint::MANIFEST_FILE).exists() {
+                dapt_proto::checkpoint::CheckpointManifest::read(&model)
+                    .and_then(|m| m.verify(&model))?;
+            }
             let tokenizer = model.join(hf::TOKENIZER_FILE);
             if tokenizer.is_file() {
                 reader.check_tokenizer(&tokenizer)?;
             }
             let weights = hf::load_dir(&model)?;
+            let vocab = reader.manifest().tokenizer.vocab_size as usize;
+            if vocab > weights.config.vocab_size {
+                anyhow::bail!(
+                    "{}: the corpus tokenizer has {vocab} tokens but the model only {}",
+                    model.display(),
+                    weights.config.vocab_size
+                );
+            }
             let mut rows = Vec::new();
             for (i, source) in reader.manifest().sources.iter().enumerate() {
                 reader.held_out(i).check_eval_windows(seq_len, max_tokens)?;
