@@ -139,7 +139,10 @@ pub fn load_dir(dir: &Path) -> Result<HfWeights> {
         let &i = owners.get(name)?;
         parsed[i].tensor(name).ok().map(|t| (t, &files[i]))
     };
-    let mut weights = vec![0f32; layout.total];
+    // Every tensor is found and shaped as config.json says before the flat buffer is
+    // allocated: a config whose sizes the files do not hold (a vocabulary of 2^34) is an error
+    // naming the tensor, not an allocation of terabytes.
+    let mut views = Vec::with_capacity(layout.params.len());
     for p in &layout.params {
         let found = find(&p.name);
         let Some((view, file)) = found else {
@@ -160,6 +163,10 @@ pub fn load_dir(dir: &Path) -> Result<HfWeights> {
                 ),
             });
         }
+        views.push((view, file));
+    }
+    let mut weights = vec![0f32; layout.total];
+    for (p, (view, file)) in layout.params.iter().zip(views) {
         to_f32(&view, &mut weights[p.range()]).map_err(|message| WorkerError::Tensor {
             path: file.clone(),
             tensor: p.name.clone(),

@@ -236,3 +236,20 @@ fn export_refuses_weights_the_dtype_cannot_hold() -> TestResult {
     }
     Ok(())
 }
+
+/// A config.json whose sizes the files do not hold (a vocabulary of 2^30 over a tiny model) is
+/// refused naming the tensor, before the flat buffer is allocated (it was an allocation of a
+/// terabyte, and an abort).
+#[test]
+fn a_config_larger_than_its_tensors_is_refused_before_allocating() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (config, tensors) = tiny();
+    write_model(dir.path(), &config, &[(hf::WEIGHTS_FILE, &tensors)], None)?;
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(hf::CONFIG_FILE))?)?;
+    json["vocab_size"] = (1u64 << 30).into();
+    std::fs::write(dir.path().join(hf::CONFIG_FILE), json.to_string())?;
+    let err = load_error(dir.path());
+    assert!(err.contains("embed_tokens") && err.contains("shape"), "{err}");
+    Ok(())
+}
