@@ -250,6 +250,9 @@ fn a_config_larger_than_its_tensors_is_refused_before_allocating() -> TestResult
     json["vocab_size"] = (1u64 << 30).into();
     std::fs::write(dir.path().join(hf::CONFIG_FILE), json.to_string())?;
     let err = load_error(dir.path());
-    assert!(err.contains("embed_tokens") && err.contains("shape"), "{err}");
+    assert!(
+        err.contains("embed_tokens") && err.contains("shape"),
+        "{err}"
+    );
     Ok(())
 }

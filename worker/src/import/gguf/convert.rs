@@ -147,11 +147,25 @@ pub(super) fn llama_params(file: &GgufFile, family: Family) -> Result<LlamaParam
             }
         }
     }
+    // Each block is at least nine tensors: a count the file cannot hold is refused before
+    // anything is sized from it (2^32 blocks made a list of names without end).
+    let layers_key = key("block_count");
+    let layers = file.require_u64(&layers_key)?;
+    if layers.saturating_mul(9) > file.tensors().len() as u64 {
+        return Err(unsupported(
+            &layers_key,
+            layers.to_string(),
+            &format!(
+                "the file holds {} tensors, fewer than 9 per block",
+                file.tensors().len()
+            ),
+        ));
+    }
     Ok(LlamaParams {
         family,
         hidden,
         intermediate: file.require_u64(&key("feed_forward_length"))?,
-        layers: file.require_u64(&key("block_count"))?,
+        layers,
         heads,
         kv_heads,
         head_dim,

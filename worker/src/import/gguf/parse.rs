@@ -117,6 +117,10 @@ pub(super) mod value_type {
     pub const F64: u32 = 12;
 }
 
+/// Elements a metadata array may hold (2^22; Gemma's 262,144-token vocabulary is the largest
+/// real one known).
+pub(super) const MAX_ARRAY_ELEMENTS: u64 = 1 << 22;
+
 pub(super) fn read_value(r: &mut Reader, key: &str) -> Result<Value> {
     let type_id = r
         .u32()
@@ -166,6 +170,17 @@ pub(super) fn read_typed_value(
                     needed: count,
                     file_len: r.buf.len() as u64,
                 });
+            }
+            // Each element is held as a `Value` of some 32 bytes: bounded, so that a megabyte
+            // array of bytes cannot take 32 times its size (the largest real ones, a tokenizer's
+            // tokens and merges, hold a few hundred thousand).
+            if count > MAX_ARRAY_ELEMENTS {
+                return Err(malformed(
+                    what(),
+                    format!(
+                        "an array of {count} elements; dapt reads at most {MAX_ARRAY_ELEMENTS}"
+                    ),
+                ));
             }
             let mut items = Vec::with_capacity(count as usize);
             for i in 0..count {

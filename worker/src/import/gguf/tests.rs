@@ -1001,3 +1001,32 @@ fn real_smollm2() -> TestResult {
     println!("chat ids {:?}", hf.tokenizer.encode(chat, true)?.get_ids());
     Ok(())
 }
+
+/// A block count the file's tensors cannot hold is refused by key before anything is sized
+/// from it (2^32 - 1 blocks grew a list of tensor names without end), and a metadata array
+/// longer than dapt reads is refused by key (each element was held as a 32-byte value).
+#[test]
+fn sizes_the_file_cannot_hold_are_refused_by_key() -> TestResult {
+    let w = tiny_llama(Some("llama.block_count")).kv("llama.block_count", Value::U32(u32::MAX));
+    let (_tmp, gguf) = open_writer(&w)?;
+    let msg = to_hf(&gguf)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        msg.contains("llama.block_count") && msg.contains("tensors"),
+        "{msg}"
+    );
+
+    let big = vec![Value::U8(7); super::parse::MAX_ARRAY_ELEMENTS as usize + 1];
+    let w = tiny_llama(None).kv("general.padding", Value::Array(big));
+    let msg = open_writer(&w)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        msg.contains("general.padding") && msg.contains("at most"),
+        "{msg}"
+    );
+    Ok(())
+}
