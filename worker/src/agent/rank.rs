@@ -143,6 +143,13 @@ pub fn train(
         "optimizer state held"
     );
     dump_restored_optimizer(a, &trainer);
+    if training.seq_len as usize > trainer.config.max_position_embeddings {
+        tracing::warn!(
+            seq_len = training.seq_len,
+            max_position_embeddings = trainer.config.max_position_embeddings,
+            "training.seq_len is longer than the model's max_position_embeddings: positions past it were never trained"
+        );
+    }
     let vocab = reader.manifest().tokenizer.vocab_size as usize;
     if vocab > trainer.config.vocab_size {
         return Err(RankError::failed(format!(

@@ -100,6 +100,13 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
             Trainer::new(config, weights, &training)
         }
     };
+    if training.seq_len as usize > trainer.config.max_position_embeddings {
+        tracing::warn!(
+            seq_len = training.seq_len,
+            max_position_embeddings = trainer.config.max_position_embeddings,
+            "training.seq_len is longer than the model's max_position_embeddings: positions past it were never trained"
+        );
+    }
     let vocab = reader.manifest().tokenizer.vocab_size as usize;
     if vocab > trainer.config.vocab_size {
         return Err(WorkerError::Invalid(format!(
