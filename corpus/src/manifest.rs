@@ -184,7 +184,7 @@ impl Manifest {
     /// within [`crate::spec::MAX_VOCAB_SIZE`] and the token dtype it implies, the EOS and BOS
     /// ids inside it, each source named once with a finite weight of at least 0 and a held-out
     /// fraction in [0, 1), each shard's token file `tokens` ids long, and each stream's counts
-    /// the sums of its shards'. The error names the field.
+    /// the sums of its shards', no file listed twice. The error names the field (or the file).
     fn check_values(&self) -> std::result::Result<(), String> {
         let t = &self.tokenizer;
         if t.vocab_size == 0 || t.vocab_size > crate::spec::MAX_VOCAB_SIZE {
@@ -272,6 +272,12 @@ impl Manifest {
                         manifest.tokens, manifest.documents
                     ));
                 }
+            }
+        }
+        let mut files = std::collections::HashSet::new();
+        for (path, _, _) in self.files() {
+            if !files.insert(path) {
+                return Err(format!("`{path}` is listed twice"));
             }
         }
         Ok(())

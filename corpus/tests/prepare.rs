@@ -490,7 +490,7 @@ fn a_manifest_with_inconsistent_numbers_is_refused_by_field() {
     let path = out.join(MANIFEST_FILE);
     let original = std::fs::read_to_string(&path).expect("manifest");
     type Edit = fn(&mut serde_json::Value);
-    let cases: [(&str, Edit); 9] = [
+    let cases: [(&str, Edit); 10] = [
         ("tokenizer.vocab_size", |m| {
             m["tokenizer"]["vocab_size"] = 4_294_967_295u32.into()
         }),
@@ -513,6 +513,9 @@ fn a_manifest_with_inconsistent_numbers_is_refused_by_field() {
         }),
         ("sources[0].train: tokens", |m| {
             m["sources"][0]["train"]["tokens"] = 7.into()
+        }),
+        ("listed twice", |m| {
+            m["sources"][0]["held_out"] = m["sources"][0]["train"].clone()
         }),
     ];
     for (field, edit) in cases {
