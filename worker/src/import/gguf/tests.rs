@@ -613,6 +613,22 @@ fn add_bos_token_prepends_bos() -> TestResult {
     Ok(())
 }
 
+/// `add_eos_token` appends the EOS (llama.cpp does; the template was BOS-only before), alone or
+/// after a BOS.
+#[test]
+fn add_eos_token_appends_eos() -> TestResult {
+    let w = tokenizer_kvs(Writer::new(), "gpt2")
+        .kv("tokenizer.ggml.add_eos_token", Value::Bool(true));
+    let tok = tokenizer_from(w)?;
+    assert_eq!(tok.encode("ab", true)?.get_ids(), &[5, 0]);
+    let w = tokenizer_kvs(Writer::new(), "gpt2")
+        .kv("tokenizer.ggml.add_bos_token", Value::Bool(true))
+        .kv("tokenizer.ggml.add_eos_token", Value::Bool(true));
+    let tok = tokenizer_from(w)?;
+    assert_eq!(tok.encode("ab", true)?.get_ids(), &[0, 5, 0]);
+    Ok(())
+}
+
 #[test]
 fn other_tokenizers_are_refused_by_key() -> TestResult {
     let w = tokenizer_kvs(Writer::new(), "llama-bpe");

@@ -167,33 +167,63 @@ pub(super) fn build_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
         })?;
 
     let byte_level_post: PostProcessorWrapper = ByteLevel::new(false, false, true).into();
-    let post = match file.optional_bool("tokenizer.ggml.add_bos_token")? {
-        // llama.cpp prepends BOS when asked; HF expresses that with a template after the
-        // byte-level offset fix-up, as Llama 3's tokenizer.json does.
-        Some(true) => {
-            let bos_key = "tokenizer.ggml.bos_token_id";
-            let bos_id = file.require_u64(bos_key)?;
-            let bos = usize::try_from(bos_id)
-                .ok()
-                .and_then(|i| tokens.get(i))
-                .ok_or_else(|| GgufError::Tokenizer {
-                    key: bos_key.into(),
-                    reason: format!("id {bos_id} is not in {TOKENS_KEY}"),
-                })?;
-            let template_err = |e: String| GgufError::Tokenizer {
-                key: bos_key.into(),
-                reason: format!("cannot build the add-BOS template: {e}"),
-            };
-            let template = TemplateProcessing::builder()
-                .try_single(vec![bos.as_str(), "$A:0"])
-                .and_then(|b| b.try_pair(vec![bos.as_str(), "$A:0", &format!("{bos}:1"), "$B:1"]))
-                .map_err(template_err)?
-                .special_tokens(vec![(bos.clone(), bos_id as u32)])
-                .build()
-                .map_err(|e| template_err(e.to_string()))?;
-            ProcessorSequence::new(vec![byte_level_post, template.into()]).into()
-        }
-        _ => byte_level_post,
+    // llama.cpp prepends BOS and appends EOS when the file asks; HF expresses that with a
+    // template after the byte-level offset fix-up, as Llama 3's tokenizer.json does.
+    let add = |key: &str| -> Result<bool> { Ok(file.optional_bool(key)? == Some(true)) };
+    let (add_bos, add_eos) = (
+        add("tokenizer.ggml.add_bos_token")?,
+        add("tokenizer.ggml.add_eos_token")?,
+    );
+    let special = |id_key: &str| -> Result<(String, u32)> {
+        let id = file.require_u64(id_key)?;
+        let token = usize::try_from(id)
+            .ok()
+            .and_then(|i| tokens.get(i))
+            .ok_or_else(|| GgufError::Tokenizer {
+                key: id_key.into(),
+                reason: format!("id {id} is not in {TOKENS_KEY}"),
+            })?;
+        Ok((token.clone(), id as u32))
+    };
+    let post = if add_bos || add_eos {
+        let bos = add_bos
+            .then(|| special("tokenizer.ggml.bos_token_id"))
+            .transpose()?;
+        let eos = add_eos
+            .then(|| special("tokenizer.ggml.eos_token_id"))
+            .transpose()?;
+        let key = if add_bos {
+            "tokenizer.ggml.add_bos_token"
+        } else {
+            "tokenizer.ggml.add_eos_token"
+        };
+        let template_err = |e: String| GgufError::Tokenizer {
+            key: key.into(),
+            reason: format!("cannot build the template: {e}"),
+        };
+        let side = |seq: &str, type_id: u32| -> Vec<String> {
+            let mut out = Vec::new();
+            if let Some((b, _)) = &bos {
+                out.push(format!("{b}:{type_id}"));
+            }
+            out.push(format!("${seq}:{type_id}"));
+            if let Some((e, _)) = &eos {
+                out.push(format!("{e}:{type_id}"));
+            }
+            out
+        };
+        let mut specials: Vec<(String, u32)> = bos.iter().chain(eos.iter()).cloned().collect();
+        specials.dedup();
+        let template = TemplateProcessing::builder()
+            .try_single(side("A", 0))
+            .and_then(|b| b.try_pair([side("A", 0), side("B", 1)].concat()))
+            .map_err(template_err)?
+            .special_tokens(specials)
+            .build()
+            .map_err(|e| template_err(e.to_string()))?;
+        ProcessorSequence::new(vec![byte_level_post, template.into()]).into()
+    } else {
+        byte_level_post
     };
     tokenizer.with_post_processor(Some(post));
     Ok(tokenizer)
