@@ -289,6 +289,11 @@ impl CorpusTokenizer {
         })
     }
 
+    /// How errors name the tokenizer: the user's file, or "(trained)".
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
     /// The first special token that `text` spells, if any (it is encoded as ordinary text).
     pub fn special_in_text(&self, text: &str) -> Option<&str> {
         let found = self.special_text.as_ref()?.find(text)?;

@@ -766,3 +766,27 @@ fn a_tokenizer_files_inference_settings_control_shaped_tokens_and_template_are_h
         assert_eq!(ids[ids.len() - 1], 2, "{ids:?}");
     }
 }
+
+/// A tokenizer whose vocabulary cannot represent the text (here none of its characters, and no
+/// unknown token) is refused, naming it, rather than storing empty documents.
+#[test]
+fn a_tokenizer_that_encodes_text_to_nothing_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let tok = d.join("tok.json");
+    llama2_style_tokenizer(&tok);
+    edit_tokenizer(&tok, |t| {
+        t["model"]["vocab"] = serde_json::json!({"<unk>": 0, "<s>": 1, "</s>": 2});
+        t["model"]["unk_token"] = serde_json::Value::Null;
+        t["model"]["byte_fallback"] = false.into();
+    });
+    write(d, "a.txt", "words the vocabulary does not have");
+    let head = format!("tokenizer: {}\n", tok.display());
+    let err = prepare(&spec(d, &head, ""), None, &PrepareOptions::default())
+        .expect_err("nothing to train on")
+        .to_string();
+    assert!(
+        err.contains("tok.json") && err.contains("no tokens"),
+        "{err}"
+    );
+}

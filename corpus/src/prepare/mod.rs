@@ -200,6 +200,19 @@ pub fn prepare(
             );
             report::merge_words(role_words, chunk_words);
             for (doc, ids) in docs.iter().zip(ids?) {
+                // Documents are never empty here: a text that encodes to nothing means a
+                // tokenizer whose vocabulary cannot represent it (an empty one drops all text).
+                if ids.is_empty() {
+                    return Err(CorpusError::Tokenizer {
+                        path: tk.origin().to_path_buf(),
+                        message: format!(
+                            "encodes a document of {} bytes of source `{}` to no tokens at all: \
+                             its vocabulary cannot represent the corpus's text",
+                            doc.text.len(),
+                            source.name
+                        ),
+                    });
+                }
                 let ids = tk.with_bos(ids);
                 st.add_document(
                     doc.text.len() as u64,

@@ -617,8 +617,8 @@ fn add_bos_token_prepends_bos() -> TestResult {
 /// after a BOS.
 #[test]
 fn add_eos_token_appends_eos() -> TestResult {
-    let w = tokenizer_kvs(Writer::new(), "gpt2")
-        .kv("tokenizer.ggml.add_eos_token", Value::Bool(true));
+    let w =
+        tokenizer_kvs(Writer::new(), "gpt2").kv("tokenizer.ggml.add_eos_token", Value::Bool(true));
     let tok = tokenizer_from(w)?;
     assert_eq!(tok.encode("ab", true)?.get_ids(), &[5, 0]);
     let w = tokenizer_kvs(Writer::new(), "gpt2")
