@@ -65,20 +65,20 @@ impl CommittedFile {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
-    #[error("{path}: {source}")]
+    // The OS error is a plain field, not the `source()`: anyhow's `{:#}` printed it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LedgerError + '_ {
-    move |source| LedgerError::Io {
+    move |error| LedgerError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 

@@ -9,11 +9,11 @@ use crate::job::EtcdSpec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
-    #[error("etcd at {endpoints}: {source}")]
+    // The client's error is a plain field, not the `source()`: anyhow's `{:#}` printed it twice.
+    #[error("etcd at {endpoints}: {error}")]
     Client {
         endpoints: String,
-        #[source]
-        source: etcd_client::Error,
+        error: etcd_client::Error,
     },
     #[error("cluster.etcd: {0}")]
     Config(String),
@@ -48,8 +48,8 @@ pub async fn connect(spec: &EtcdSpec, timeout: Duration) -> Result<Client, EtcdE
     }
     Client::connect(spec.endpoints.clone(), Some(options))
         .await
-        .map_err(|source| EtcdError::Client {
+        .map_err(|error| EtcdError::Client {
             endpoints: spec.endpoints.join(","),
-            source,
+            error,
         })
 }

@@ -28,12 +28,13 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{field}: {}: {source}", path.display())]
+    /// The OS error is a plain field, not the `source()`: a reporter that prints the chain
+    /// (anyhow's `{:#}`) said it twice.
+    #[error("{field}: {}: {error}", path.display())]
     Read {
         field: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{field}: {}: {message}", path.display())]
     Pem {
@@ -321,10 +322,10 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|error| TlsError::Read {
         field,
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 

@@ -4,11 +4,11 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("{path}: {source}")]
+    // The OS error is a plain field, not the `source()`: anyhow's `{:#}` printed it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
@@ -114,7 +114,7 @@ impl WorkerError {
 
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> WorkerError {
         let path = path.into();
-        move |source| WorkerError::Io { path, source }
+        move |error| WorkerError::Io { path, error }
     }
 }
 

@@ -122,12 +122,9 @@ pub enum CollectiveError {
     Aborted,
     #[error("rank {peer} closed the connection")]
     PeerClosed { peer: usize },
-    #[error("rank {peer}: {source}")]
-    Io {
-        peer: usize,
-        #[source]
-        source: io::Error,
-    },
+    // The OS error is a plain field, not the `source()`: anyhow's `{:#}` printed it twice.
+    #[error("rank {peer}: {error}")]
+    Io { peer: usize, error: io::Error },
     #[error("handshake with rank {peer}: {message}")]
     Handshake { peer: usize, message: String },
     #[error("ring config: {0}")]
@@ -162,7 +159,10 @@ impl CollectiveError {
             UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
                 Self::PeerClosed { peer }
             }
-            _ => Self::Io { peer, source },
+            _ => Self::Io {
+                peer,
+                error: source,
+            },
         }
     }
 }

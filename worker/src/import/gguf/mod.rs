@@ -59,11 +59,11 @@ const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1";
 /// Everything that can go wrong reading a GGUF file or converting it to Hugging Face form.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("cannot open GGUF file {path}: {source}")]
+    // The OS error is a plain field, not the `source()`: anyhow's `{:#}` printed it twice.
+    #[error("cannot open GGUF file {path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path} is not a GGUF file: it starts with {found:?}, not \"GGUF\"")]
     BadMagic { path: PathBuf, found: Vec<u8> },
@@ -152,9 +152,9 @@ impl GgufFile {
     /// Fails on a bad magic or version, on a header that is truncated or malformed, and on a
     /// tensor of a supported type whose data would lie outside the file.
     pub fn open(path: &Path) -> Result<Self> {
-        let io_err = |source| GgufError::Io {
+        let io_err = |error| GgufError::Io {
             path: path.to_owned(),
-            source,
+            error,
         };
         let file = File::open(path).map_err(io_err)?;
         // SAFETY: the map is read-only and private to this struct. As with every mmap, another
