@@ -242,10 +242,23 @@ pub fn explain_first_call(
                 tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
             )
         });
+    let plain_to_tls = !is_tls_failure(error)
+        && url.starts_with("http://")
+        && error.downcast_ref::<tonic::Status>().is_some_and(|s| {
+            matches!(
+                s.code(),
+                tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+            )
+        });
     if closed {
         format!(
             "{text} (the coordinator closed the connection right after the TLS handshake: if it \
              requires client certificates, give --client-cert and --client-key)"
+        )
+    } else if plain_to_tls {
+        format!(
+            "{text} (the coordinator closed the connection at the first call: if it serves TLS, \
+             its URL starts with https://)"
         )
     } else {
         text
@@ -370,6 +383,18 @@ fn roots(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plain_call_closed_at_once_hints_at_https() {
+        let status = tonic::Status::unavailable("error trying to connect: broken pipe");
+        let text = explain_first_call(&status, "http://coord:7070", &ClientTls::default());
+        assert!(text.contains("https://"), "{text}");
+        let text = explain_first_call(&status, "https://coord:7070", &ClientTls::default());
+        assert!(!text.contains("its URL starts with https://"), "{text}");
+        let refused = tonic::Status::permission_denied("no");
+        let text = explain_first_call(&refused, "http://coord:7070", &ClientTls::default());
+        assert!(!text.contains("https://"), "{text}");
+    }
 
     #[test]
     fn loopback_hosts() {
