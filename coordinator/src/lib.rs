@@ -11,6 +11,7 @@ pub mod guard;
 pub mod launch;
 pub mod ledger;
 pub mod metrics;
+pub mod net;
 pub mod plan;
 pub mod progress;
 pub mod server;

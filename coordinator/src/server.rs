@@ -19,7 +19,7 @@ use dapt_proto::rpc::{
     Generation, Refusal, StatusReply, StatusRequest, WorkerId, WorkerMessage,
 };
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -118,6 +118,16 @@ pub async fn start(
     let tls = match &job.cluster.tls {
         Some(spec) => Some(dapt_proto::tls::server(spec)?),
         None => None,
+    };
+    let fds = match crate::net::raise_fd_limit() {
+        Ok(fds) => {
+            tracing::info!(open_files = fds, "open-file limit");
+            fds
+        }
+        Err(e) => {
+            tracing::warn!("reading the open-file limit: {e}; assuming 1024");
+            1024
+        }
     };
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
@@ -251,7 +261,7 @@ pub async fn start(
             tracing::warn!(%addr, "/metrics and the dashboard have no authentication: bind them where only your monitoring and your people reach");
         }
         tokio::spawn(crate::metrics::serve(
-            listener,
+            crate::net::Incoming::new(listener, crate::net::Limits::metrics(fds), None, "metrics"),
             tls.as_ref().map(|t| t.http.clone()),
             metrics.clone(),
             dashboard.clone(),
@@ -259,6 +269,12 @@ pub async fn start(
             until_stopped(servers_stop.clone()),
         ));
     }
+    let incoming = crate::net::Incoming::new(
+        listener,
+        crate::net::Limits::grpc(fds),
+        Some(crate::net::FIRST_REQUEST),
+        "grpc",
+    );
     let service = Service {
         events: events.clone(),
         sessions: sessions.clone(),
@@ -269,8 +285,9 @@ pub async fn start(
         gate,
         unjoined: Unjoined::new(),
     };
-    // Bounded for strangers: dead connections are found by HTTP/2 pings, and one connection
-    // cannot open streams without end.
+    // Bounded for strangers: connections per address and in all, and a deadline for the first
+    // request (`incoming`); dead connections are found by HTTP/2 pings; one connection cannot
+    // open streams without end.
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -282,10 +299,7 @@ pub async fn start(
     tokio::spawn(async move {
         let result = builder
             .add_service(CoordinatorServer::new(service))
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
-                until_stopped(servers_stop),
-            )
+            .serve_with_incoming_shutdown(incoming, until_stopped(servers_stop))
             .await;
         if let Err(e) = result {
             tracing::error!("gRPC server: {e}");
@@ -803,8 +817,11 @@ impl rpc::Coordinator for Service {
         &self,
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
-        let peer = request.remote_addr();
-        let Some(unjoined) = self.unjoined.take(peer.map(|p| p.ip().to_canonical())) else {
+        let peer = crate::net::connection(request.extensions()).map(|c| {
+            c.used();
+            c.peer
+        });
+        let Some(unjoined) = self.unjoined.take(peer.as_ref().map(crate::net::canonical)) else {
             if let Some(refused) = TOO_MANY_UNJOINED.admit() {
                 tracing::warn!(
                     peer = ?peer,
@@ -898,8 +915,12 @@ impl rpc::Coordinator for Service {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusReply>, Status> {
+        let peer = crate::net::connection(request.extensions()).map(|c| {
+            c.used();
+            c.peer
+        });
         if !join::status_allowed(&self.gate.key, request.get_ref(), join::unix_ms()) {
-            tracing::warn!(peer = ?request.remote_addr(), "refused a status request without the token's proof");
+            tracing::warn!(peer = ?peer, "refused a status request without the token's proof");
             return Err(Refusal::new(
                 ErrorCode::WrongToken,
                 "the request did not prove the job's token (or its clock is more than 5 minutes off)",
