@@ -16,5 +16,6 @@ pub mod plan;
 pub mod progress;
 pub mod server;
 pub mod stall_wire;
+pub mod status_limit;
 
 pub use dapt_proto::job as spec;

@@ -287,7 +287,8 @@ pub async fn start(
     };
     // Bounded for strangers: connections per address and in all, and a deadline for the first
     // request (`incoming`); dead connections are found by HTTP/2 pings; one connection cannot
-    // open streams without end.
+    // open streams without end; no message is larger than `MAX_MESSAGE`, and `Status` requests
+    // are read a few at a time (`StatusLimit`).
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -298,7 +299,9 @@ pub async fn start(
     }
     tokio::spawn(async move {
         let result = builder
-            .add_service(CoordinatorServer::new(service))
+            .add_service(crate::status_limit::StatusLimit::new(
+                CoordinatorServer::new(service).max_decoding_message_size(MAX_MESSAGE),
+            ))
             .serve_with_incoming_shutdown(incoming, until_stopped(servers_stop))
             .await;
         if let Err(e) = result {
@@ -784,6 +787,13 @@ impl Drop for UnjoinedSlot {
         }
     }
 }
+/// The largest message the coordinator reads (tonic's default: 4 MiB). The largest a worker
+/// sends is a `Failed` report, whose reason is an error message (a few hundred bytes; a panic's
+/// message at most a few KiB); a `CheckpointReport` carries a path (at most 4 KiB on Linux) and
+/// a 32-digit digest; a `Join` a few short strings; a `StatusRequest` 80 bytes. 1 MiB is over
+/// 200 times the largest of them, and a quarter of what each of a stranger's streams could make
+/// the coordinator hold before.
+pub const MAX_MESSAGE: usize = 1024 * 1024;
 /// HTTP/2 streams one connection may hold open at once (a worker needs one, `dapt status` one;
 /// a client multiplexing many simulated workers, like the scale benchmark, 128).
 const MAX_STREAMS_PER_CONNECTION: u32 = 128;

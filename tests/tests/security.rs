@@ -694,6 +694,105 @@ fn a_connection_that_makes_no_request_is_closed_after_its_deadline() {
     c.coordinator.signal(libc::SIGTERM);
 }
 
+/// A resident set size in bytes, from /proc/PID/status.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// An HTTP/2 connection from 127.0.0.2 to the coordinator on `127.0.0.1:port`.
+async fn h2_from_stranger(port: u16) -> h2::client::SendRequest<tonic::codegen::Bytes> {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.2:0".parse().expect("address"))
+        .expect("bind");
+    let tcp = socket
+        .connect(([127, 0, 0, 1], port).into())
+        .await
+        .expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(connection);
+    client
+}
+
+/// A `Status` request's headers.
+fn status_request(port: u16) -> http::Request<()> {
+    http::Request::post(format!(
+        "http://127.0.0.1:{port}/dapt.v1.Coordinator/Status"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .expect("request")
+}
+
+/// The audit's memory flood: from 127.0.0.2, 2 connections with 100 `Status` streams each,
+/// half announcing a 4 MiB message, half one just under 1 MiB, each sending 1 MiB of it and
+/// never the rest. The coordinator refuses the oversized ones as soon as it reads their length
+/// and reads at most 4 requests from one address at once, so it holds a few MiB, not 200: its
+/// RSS grows by less than 48 MiB (before: by about 200 MiB here; 19 MB to 1,071 MB in the
+/// audit's larger flood). `dapt status` with the token still answers.
+#[test]
+fn an_oversized_status_flood_is_refused_without_the_memory_growing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let c = coordinator(dir.path(), "bigstatus", 10, "cluster:\n  min_workers: 2\n");
+    let port = port_of(&c);
+    let pid = c.coordinator.child.id();
+    let before = rss(pid);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let chunk = tonic::codegen::Bytes::from(vec![0u8; 1 << 20]);
+    let _streams = runtime.block_on(async {
+        let mut streams = Vec::new();
+        for _ in 0..2 {
+            let mut client = h2_from_stranger(port).await;
+            for i in 0..100u32 {
+                client = client.ready().await.expect("ready");
+                let (response, mut send) = client
+                    .send_request(status_request(port), false)
+                    .expect("request");
+                let announced: u32 = if i % 2 == 0 { 4 << 20 } else { (1 << 20) - 64 };
+                let mut header = vec![0u8];
+                header.extend(announced.to_be_bytes());
+                let _ = send.send_data(header.into(), false);
+                // The same buffer for every stream: the test holds 1 MiB, not 200.
+                let _ = send.send_data(chunk.clone(), false);
+                streams.push((response, send));
+            }
+        }
+        streams
+    });
+    let mut most = before;
+    let sampling = Instant::now();
+    while sampling.elapsed() < Duration::from_secs(6) {
+        most = most.max(rss(pid));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let grown = most.saturating_sub(before);
+    assert!(
+        grown < 48 << 20,
+        "the coordinator's RSS grew by {} MiB",
+        grown >> 20
+    );
+    let out = Command::new(binary("dapt"))
+        .args(["status", &c.url])
+        .env("DAPT_TOKEN", &c.token)
+        .output()
+        .expect("dapt status");
+    assert!(out.status.success(), "{}", dapt_tests::text(&out.stderr));
+    runtime.shutdown_background();
+    c.coordinator.signal(libc::SIGTERM);
+}
+
 /// The TLS metrics port: 64 silent connections from 127.0.0.2 took every handshake place for
 /// the 10 s handshake deadline, so a scraper waited that long. Now one address has 8 places and
 /// a connection that sends no ClientHello within 3 s is closed: a scrape from 127.0.0.1 is
