@@ -727,6 +727,9 @@ const MAX_UNJOINED_PER_PEER: usize = 16;
 /// flood logged a line per stream: 18 MB in 45 s).
 static REFUSED_SESSIONS: dapt_proto::logging::Throttle =
     dapt_proto::logging::Throttle::new(Duration::from_secs(10));
+/// Status requests without the token's proof, the same way.
+static REFUSED_STATUS: dapt_proto::logging::Throttle =
+    dapt_proto::logging::Throttle::new(Duration::from_secs(10));
 static TOO_MANY_UNJOINED: dapt_proto::logging::Throttle =
     dapt_proto::logging::Throttle::new(Duration::from_secs(10));
 
@@ -930,7 +933,15 @@ impl rpc::Coordinator for Service {
             c.peer
         });
         if !join::status_allowed(&self.gate.key, request.get_ref(), join::unix_ms()) {
-            tracing::warn!(peer = ?peer, "refused a status request without the token's proof");
+            // Logged at most once per 10 s, with a count: a flood logged a line per request
+            // (8,900 lines in 10 s).
+            if let Some(refused) = REFUSED_STATUS.admit() {
+                tracing::warn!(
+                    peer = ?peer,
+                    refused,
+                    "refused a status request without the token's proof"
+                );
+            }
             return Err(Refusal::new(
                 ErrorCode::WrongToken,
                 "the request did not prove the job's token (or its clock is more than 5 minutes off)",
