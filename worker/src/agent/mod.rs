@@ -449,7 +449,8 @@ fn start(
                     tracing::error!(generation, peer_fault, fatal, "training failed: {message}");
                     send(Kind::Failed(rpc::Failed {
                         generation,
-                        reason: message,
+                        // Within what the coordinator reads of one message.
+                        reason: rpc::bounded_text(message),
                         peer_fault,
                         fatal,
                     }));
