@@ -595,10 +595,11 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00
 
 /// The audit's descriptor exhaustion: a stranger at 127.0.0.2 opens 300 silent connections to a
 /// coordinator allowed 256 open files. Those beyond its address's share (64) are closed at
-/// once, the coordinator keeps descriptors for its own work, and workers from 127.0.0.1 join at
-/// once and complete the job with an exact ledger (its commits write files). Before, every
-/// connection was kept: the coordinator ran out of descriptors, tonic's accept loop spun on
-/// `EMFILE`, and the workers could not join.
+/// once, and while the stranger keeps its share full (opening new connections as the old ones
+/// reach their deadline), workers from 127.0.0.1 join and complete the job with an exact ledger
+/// (its commits write files); the refusals are a few log lines. Before, every connection was
+/// kept: the coordinator ran out of descriptors, tonic's accept loop spun on `EMFILE`, and the
+/// workers could not join.
 #[test]
 fn silent_connections_beyond_an_address_share_are_closed_and_workers_from_another_address_join() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -612,6 +613,7 @@ fn silent_connections_beyond_an_address_share_are_closed_and_workers_from_anothe
         256,
     );
     let port = port_of(&c);
+    let flood_started = Instant::now();
     let held = strangers("127.0.0.2", port, 300, b"");
     std::thread::sleep(Duration::from_secs(2));
     let open = held.iter().filter(|s| !closed(s)).count();
@@ -620,31 +622,44 @@ fn silent_connections_beyond_an_address_share_are_closed_and_workers_from_anothe
         "{open} of the stranger's {} connections still open",
         held.len()
     );
-    let started = Instant::now();
+    // The stranger tops its connections up to 80 twice a second for as long as the job runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stranger = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = held;
+            let mut most_open = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                held.retain(|s| !closed(s));
+                most_open = most_open.max(held.len());
+                let more = 80usize.saturating_sub(held.len());
+                held.extend(strangers("127.0.0.2", port, more, b""));
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            most_open
+        })
+    };
     let ports = [free_port(), free_port()];
     let _w0 = member_on(&c, "w0", ports[0]);
     let _w1 = member_on(&c, "w1", ports[1]);
-    c.coordinator.wait_for("a generation to form", LONG, |l| {
-        !events(l, "generation formed").is_empty()
-    });
-    // Well before the stranger's connections reach their 10 s deadline: the workers did not
-    // wait for places.
-    assert!(
-        started.elapsed() < Duration::from_secs(8),
-        "the workers joined after {:?}",
-        started.elapsed()
-    );
     let (completed, lines) = outcome(&mut c);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most_open = stranger.join().expect("the stranger's thread");
     assert!(completed, "the job failed:\n{}", c.coordinator.stderr());
     check_ledger(&c.job.checkpoints.join("ledger.jsonl"), steps * BATCH).expect("ledger");
+    assert!(
+        (1..=64).contains(&most_open),
+        "the stranger held {most_open} connections"
+    );
     let limit = events(&lines, "open-file limit");
     assert_eq!(limit[0]["open_files"], 256, "{limit:?}");
     let refusals = events(&lines, "refused connections");
+    let allowed = flood_started.elapsed().as_secs() as usize / 10 + 2;
     assert!(
-        (1..=3).contains(&refusals.len()),
-        "refusals logged: {refusals:?}"
+        (1..=allowed).contains(&refusals.len()),
+        "{} refusal lines (at most {allowed})",
+        refusals.len()
     );
-    drop(held);
 }
 
 /// A connection that makes no request is closed: a silent one and one that sent only the
