@@ -896,7 +896,7 @@ fn silent_connections_on_the_tls_metrics_port_do_not_lock_scrapers_out() {
     let reply = scrape_tls(metrics_port, &certs.ca);
     let took = asked.elapsed();
     assert!(reply.contains("dapt_phase"), "{reply}");
-    assert!(took < Duration::from_secs(3), "the scrape took {took:?}");
+    assert!(took < Duration::from_secs(5), "the scrape took {took:?}");
     while opened.elapsed() < Duration::from_secs(8) && !silent.iter().all(closed) {
         std::thread::sleep(Duration::from_millis(100));
     }
