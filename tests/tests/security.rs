@@ -662,6 +662,42 @@ fn silent_connections_beyond_an_address_share_are_closed_and_workers_from_anothe
     );
 }
 
+/// Workers at the same address as a stranger holding that address's whole share of connections
+/// (64 silent ones) are refused connections at first; they try again (for their connect
+/// timeout), and join once the stranger's connections reach their 10 s deadline. Before, a
+/// worker whose connection was closed before its session was answered gave up at once (`lost
+/// the coordinator: ... connection closed`).
+#[test]
+fn workers_at_a_strangers_address_join_once_its_connections_reach_their_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let steps = 4;
+    let mut c = coordinator(
+        dir.path(),
+        "sameaddr",
+        steps,
+        "cluster:\n  min_workers: 2\n  max_workers: 2\n",
+    );
+    let port = port_of(&c);
+    let held = strangers("127.0.0.1", port, 64, b"");
+    let ports = [free_port(), free_port()];
+    let w0 = member_on(&c, "w0", ports[0]);
+    let _w1 = member_on(&c, "w1", ports[1]);
+    c.coordinator
+        .wait_for("a generation to form", Duration::from_secs(60), |l| {
+            !events(l, "generation formed").is_empty()
+        });
+    let (completed, _) = outcome(&mut c);
+    assert!(
+        completed,
+        "the job failed:\n{}\n{}",
+        c.coordinator.stderr(),
+        w0.stderr()
+    );
+    check_ledger(&c.job.checkpoints.join("ledger.jsonl"), steps * BATCH).expect("ledger");
+    drop(held);
+}
+
 /// A connection that makes no request is closed: a silent one and one that sent only the
 /// HTTP/2 preface on the gRPC port after 10 s, one sending half a request header on the
 /// metrics port after 5 s. Before, none was ever closed (0 of 200 after 45 s in the audit).

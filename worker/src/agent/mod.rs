@@ -347,7 +347,10 @@ impl Session {
                 }
                 // Only a busy coordinator is asked again here: any other loss (a refused client
                 // certificate shows as one) is the caller's to handle.
-                Err(e) if e.is_busy() && tokio::time::Instant::now() < deadline => {
+                Err(e)
+                    if (e.is_busy() || closed_at_once(&e, url, tls))
+                        && tokio::time::Instant::now() < deadline =>
+                {
                     tracing::debug!(%url, error = %e, "joining again");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
@@ -473,6 +476,22 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Whether the coordinator closed the connection before it answered the session, and trying
+/// again may help: it closes a connection at once when its address, or all addresses together,
+/// hold as many as it keeps (a stranger flooding it; docs/control-plane.md#security). Not over
+/// https without a client certificate, where the same closing means that the coordinator
+/// requires one (the caller says so), nor when TLS failed.
+fn closed_at_once(e: &join::SessionError, url: &str, tls: &dapt_proto::tls::ClientTls) -> bool {
+    let join::SessionError::Lost(status) = e else {
+        return false;
+    };
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+    ) && !dapt_proto::tls::is_tls_failure(status)
+        && !(url.starts_with("https://") && tls.cert.is_none())
 }
 
 /// A client of the coordinator at `url`, retried for `patience` while it cannot be reached; a
