@@ -348,7 +348,7 @@ impl Session {
                 // Only a busy coordinator is asked again here: any other loss (a refused client
                 // certificate shows as one) is the caller's to handle.
                 Err(e)
-                    if (e.is_busy() || closed_at_once(&e, url, tls))
+                    if (e.is_busy() || closed_at_once(&e, url))
                         && tokio::time::Instant::now() < deadline =>
                 {
                     tracing::debug!(%url, error = %e, "joining again");
@@ -478,20 +478,21 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
-/// Whether the coordinator closed the connection before it answered the session, and trying
-/// again may help: it closes a connection at once when its address, or all addresses together,
-/// hold as many as it keeps (a stranger flooding it; docs/control-plane.md#security). Not over
-/// https without a client certificate, where the same closing means that the coordinator
-/// requires one (the caller says so), nor when TLS failed.
-fn closed_at_once(e: &join::SessionError, url: &str, tls: &dapt_proto::tls::ClientTls) -> bool {
+/// Whether the coordinator closed a plain-HTTP connection before it answered the session, and
+/// trying again may help: it closes a connection at once when its address, or all addresses
+/// together, hold as many as it keeps (a stranger flooding it; docs/control-plane.md#security).
+/// Over https such a connection fails its TLS handshake, which [`connect`] tries again; a
+/// connection closed after the handshake means a refused client certificate, which waiting
+/// does not change.
+fn closed_at_once(e: &join::SessionError, url: &str) -> bool {
     let join::SessionError::Lost(status) = e else {
         return false;
     };
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
-    ) && !dapt_proto::tls::is_tls_failure(status)
-        && !(url.starts_with("https://") && tls.cert.is_none())
+    url.starts_with("http://")
+        && matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+        )
 }
 
 /// A client of the coordinator at `url`, retried for `patience` while it cannot be reached; a
