@@ -11,9 +11,11 @@ pub mod guard;
 pub mod launch;
 pub mod ledger;
 pub mod metrics;
+pub mod net;
 pub mod plan;
 pub mod progress;
 pub mod server;
 pub mod stall_wire;
+pub mod status_limit;
 
 pub use dapt_proto::job as spec;

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 
 use dapt_proto::rpc::StatusReply;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -14,9 +13,11 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::sync::watch;
 
 use crate::control::Log;
+
+mod server;
+pub use server::serve;
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 
@@ -341,132 +342,6 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String does not fail");
         out
-    }
-}
-
-/// Serves `GET /metrics` and the dashboard ([`crate::dashboard::routes`]: `/`,
-/// `/api/dashboard`) on `listener` until `stop` completes, over TLS when `tls` is given (the
-/// coordinator's `cluster.tls`: a scraper needs its CA, and a client certificate when it has a
-/// client CA).
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    tls: Option<Arc<dapt_proto::tls::rustls::ServerConfig>>,
-    metrics: Arc<Metrics>,
-    dashboard: Arc<std::sync::Mutex<crate::dashboard::Dashboard>>,
-    status: watch::Receiver<StatusReply>,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) {
-    use axum::http::header::CONTENT_TYPE;
-    let pages = crate::dashboard::routes(dashboard, status.clone());
-    let app = axum::Router::new().merge(pages).route(
-        "/metrics",
-        axum::routing::get(move || {
-            let text = metrics.render(&status.borrow());
-            async move {
-                (
-                    [(
-                        CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    text,
-                )
-            }
-        }),
-    );
-    let served = match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-        }
-        Some(config) => match TlsListener::new(listener, config) {
-            Ok(listener) => {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await
-            }
-            Err(e) => Err(e),
-        },
-    };
-    if let Err(e) = served {
-        tracing::error!("metrics server: {e}");
-    }
-}
-
-/// A TCP listener whose connections come out of a TLS handshake. Each handshake runs in a task
-/// of its own under a deadline, so a client that connects and says nothing holds up nobody;
-/// failed handshakes are dropped (logged at debug).
-struct TlsListener {
-    handshaken: tokio::sync::mpsc::Receiver<(TlsStream, SocketAddr)>,
-    addr: SocketAddr,
-}
-
-type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-
-/// Handshakes in flight at most: more connections wait in the kernel's accept queue.
-const MAX_HANDSHAKES: usize = 64;
-
-impl TlsListener {
-    fn new(
-        listener: tokio::net::TcpListener,
-        config: Arc<dapt_proto::tls::rustls::ServerConfig>,
-    ) -> std::io::Result<Self> {
-        let addr = listener.local_addr()?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let (tx, handshaken) = tokio::sync::mpsc::channel(8);
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-        tokio::spawn(async move {
-            loop {
-                let Ok(slot) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                // Ends with the server: it drops the receiving side.
-                let (tcp, peer) = tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            tracing::debug!("metrics accept: {e}");
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                    _ = tx.closed() => return,
-                };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let handshake = tokio::time::timeout(
-                        dapt_proto::tls::HANDSHAKE_TIMEOUT,
-                        acceptor.accept(tcp),
-                    );
-                    match handshake.await {
-                        Ok(Ok(stream)) => {
-                            drop(slot);
-                            let _ = tx.send((stream, peer)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, "metrics tls handshake: {e}"),
-                        Err(_) => tracing::debug!(%peer, "metrics tls handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(TlsListener { handshaken, addr })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.handshaken.recv().await {
-            Some(accepted) => accepted,
-            // The acceptor task is gone only when the server is: nothing more will come.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.addr)
     }
 }
 

@@ -19,7 +19,7 @@ use dapt_proto::rpc::{
     Generation, Refusal, StatusReply, StatusRequest, WorkerId, WorkerMessage,
 };
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -118,6 +118,16 @@ pub async fn start(
     let tls = match &job.cluster.tls {
         Some(spec) => Some(dapt_proto::tls::server(spec)?),
         None => None,
+    };
+    let fds = match crate::net::raise_fd_limit() {
+        Ok(fds) => {
+            tracing::info!(open_files = fds, "open-file limit");
+            fds
+        }
+        Err(e) => {
+            tracing::warn!("reading the open-file limit: {e}; assuming 1024");
+            1024
+        }
     };
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
@@ -255,7 +265,7 @@ pub async fn start(
             tracing::warn!(%addr, "/metrics and the dashboard have no authentication: bind them where only your monitoring and your people reach");
         }
         tokio::spawn(crate::metrics::serve(
-            listener,
+            crate::net::Incoming::new(listener, crate::net::Limits::metrics(fds), None, "metrics"),
             tls.as_ref().map(|t| t.http.clone()),
             metrics.clone(),
             dashboard.clone(),
@@ -263,6 +273,12 @@ pub async fn start(
             until_stopped(servers_stop.clone()),
         ));
     }
+    let incoming = crate::net::Incoming::new(
+        listener,
+        crate::net::Limits::grpc(fds),
+        Some(crate::net::FIRST_REQUEST),
+        "grpc",
+    );
     let service = Service {
         events: events.clone(),
         sessions: sessions.clone(),
@@ -273,8 +289,10 @@ pub async fn start(
         gate,
         unjoined: Unjoined::new(),
     };
-    // Bounded for strangers: dead connections are found by HTTP/2 pings, and one connection
-    // cannot open streams without end.
+    // Bounded for strangers: connections per address and in all, and a deadline for the first
+    // request (`incoming`); dead connections are found by HTTP/2 pings; one connection cannot
+    // open streams without end; no message is larger than `MAX_MESSAGE`, and `Status` requests
+    // are read a few at a time (`StatusLimit`).
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -285,11 +303,10 @@ pub async fn start(
     }
     tokio::spawn(async move {
         let result = builder
-            .add_service(CoordinatorServer::new(service))
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
-                until_stopped(servers_stop),
-            )
+            .add_service(crate::status_limit::StatusLimit::new(
+                CoordinatorServer::new(service).max_decoding_message_size(MAX_MESSAGE),
+            ))
+            .serve_with_incoming_shutdown(incoming, until_stopped(servers_stop))
             .await;
         if let Err(e) = result {
             tracing::error!("gRPC server: {e}");
@@ -731,6 +748,9 @@ const MAX_UNJOINED_PER_PEER: usize = 16;
 /// flood logged a line per stream: 18 MB in 45 s).
 static REFUSED_SESSIONS: dapt_proto::logging::Throttle =
     dapt_proto::logging::Throttle::new(Duration::from_secs(10));
+/// Status requests without the token's proof, the same way.
+static REFUSED_STATUS: dapt_proto::logging::Throttle =
+    dapt_proto::logging::Throttle::new(Duration::from_secs(10));
 static TOO_MANY_UNJOINED: dapt_proto::logging::Throttle =
     dapt_proto::logging::Throttle::new(Duration::from_secs(10));
 
@@ -791,6 +811,13 @@ impl Drop for UnjoinedSlot {
         }
     }
 }
+/// The largest message the coordinator reads (tonic's default: 4 MiB). The largest a worker
+/// sends is a `Failed` report, whose reason is an error message (a few hundred bytes; a panic's
+/// message at most a few KiB); a `CheckpointReport` carries a path (at most 4 KiB on Linux) and
+/// a 32-digit digest; a `Join` a few short strings; a `StatusRequest` 80 bytes. 1 MiB is over
+/// 200 times the largest of them, and a quarter of what each of a stranger's streams could make
+/// the coordinator hold before.
+pub const MAX_MESSAGE: usize = 1024 * 1024;
 /// HTTP/2 streams one connection may hold open at once (a worker needs one, `dapt status` one;
 /// a client multiplexing many simulated workers, like the scale benchmark, 128).
 const MAX_STREAMS_PER_CONNECTION: u32 = 128;
@@ -824,8 +851,11 @@ impl rpc::Coordinator for Service {
         &self,
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
-        let peer = request.remote_addr();
-        let Some(unjoined) = self.unjoined.take(peer.map(|p| p.ip().to_canonical())) else {
+        let peer = crate::net::connection(request.extensions()).map(|c| {
+            c.used();
+            c.peer
+        });
+        let Some(unjoined) = self.unjoined.take(peer.as_ref().map(crate::net::canonical)) else {
             if let Some(refused) = TOO_MANY_UNJOINED.admit() {
                 tracing::warn!(
                     peer = ?peer,
@@ -919,8 +949,20 @@ impl rpc::Coordinator for Service {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusReply>, Status> {
+        let peer = crate::net::connection(request.extensions()).map(|c| {
+            c.used();
+            c.peer
+        });
         if !join::status_allowed(&self.gate.key, request.get_ref(), join::unix_ms()) {
-            tracing::warn!(peer = ?request.remote_addr(), "refused a status request without the token's proof");
+            // Logged at most once per 10 s, with a count: a flood logged a line per request
+            // (8,900 lines in 10 s).
+            if let Some(refused) = REFUSED_STATUS.admit() {
+                tracing::warn!(
+                    peer = ?peer,
+                    refused,
+                    "refused a status request without the token's proof"
+                );
+            }
             return Err(Refusal::new(
                 ErrorCode::WrongToken,
                 "the request did not prove the job's token (or its clock is more than 5 minutes off)",

@@ -28,6 +28,27 @@ pub fn compatible(a: &str, b: &str) -> bool {
     matches!((major_minor(a), major_minor(b)), (Some(x), Some(y)) if x == y)
 }
 
+/// The most bytes of free text (an error message) a worker puts in one message: the coordinator
+/// reads no message over 1 MiB (`dapt_coordinator::server::MAX_MESSAGE`), and a panic's message
+/// could in principle be anything. An error chain is a few hundred bytes.
+pub const MAX_TEXT: usize = 16 * 1024;
+
+/// `text` cut to at most [`MAX_TEXT`] bytes, at a character boundary, saying how much was cut.
+pub fn bounded_text(mut text: String) -> String {
+    if text.len() <= MAX_TEXT {
+        return text;
+    }
+    // Room for the note.
+    let mut end = MAX_TEXT - 32;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = text.len() - end;
+    text.truncate(end);
+    text.push_str(&format!(" ... ({cut} bytes cut)"));
+    text
+}
+
 /// A worker's id within its job.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct WorkerId(pub String);
@@ -121,6 +142,17 @@ mod tests {
             assert_eq!(Refusal::from_status(&status), Some(refusal));
         }
         assert_eq!(Refusal::from_status(&tonic::Status::internal("x")), None);
+    }
+
+    #[test]
+    fn long_text_is_cut_at_a_character_boundary() {
+        assert_eq!(bounded_text("short".into()), "short");
+        let long = "é".repeat(MAX_TEXT);
+        let cut = bounded_text(long.clone());
+        assert!(cut.len() <= MAX_TEXT, "{}", cut.len());
+        assert!(cut.starts_with("éé"));
+        let kept = cut.find(" ... (").expect("the note");
+        assert!(cut.ends_with(&format!("({} bytes cut)", long.len() - kept)));
     }
 
     #[test]

@@ -450,11 +450,10 @@ fn silent_connections_and_sessions_do_not_stall_the_job() {
         "cluster:\n  min_workers: 2\n  max_workers: 2\n  collective_timeout_s: 10\n",
     );
     let port = port_of(&c);
-    // Silent TCP connections to the coordinator, and more silent sessions than it lets wait
-    // to join (64): the extra ones are refused at once, the others cut off after 10 s.
-    let _tcp: Vec<TcpStream> = (0..100)
-        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
-        .collect();
+    // Silent TCP connections to the coordinator from a stranger's address (64 kept, the rest
+    // closed at once, the kept ones after 10 s), and more silent sessions than it lets wait to
+    // join (64): the extra ones are refused at once, the others cut off after 10 s.
+    let _tcp = strangers("127.0.0.2", port, 100, b"");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -504,4 +503,465 @@ fn silent_connections_and_sessions_do_not_stall_the_job() {
     let (status, _) = c.coordinator.finish(LONG);
     assert!(status.success());
     drop(runtime);
+}
+
+/// [`coordinator`] started under `ulimit -n fds` (soft and hard: it cannot raise it), so that a
+/// stranger's connections could take every file descriptor it has.
+fn coordinator_with_fds(
+    dir: &std::path::Path,
+    name: &str,
+    steps: u64,
+    cluster: &str,
+    fds: u32,
+) -> Cluster {
+    let job = dapt_tests::write_job(dir, name, steps, cluster);
+    let out = Command::new(binary("dapt"))
+        .args(["prepare", "--quiet"])
+        .arg(&job.path)
+        .output()
+        .expect("prepare");
+    assert!(out.status.success(), "{}", dapt_tests::text(&out.stderr));
+    let port = free_port();
+    let token = "dapt-test-token-0123456789abcdef".to_string();
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &format!("ulimit -n {fds} && exec \"$@\""), "sh"])
+        .arg(binary("dapt"))
+        .args(["--log-format", "json", "coordinator"])
+        .arg(&job.path)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("DAPT_TOKEN", &token);
+    let mut coordinator = Proc::spawn(cmd);
+    coordinator.wait_for("the coordinator to listen", LONG, |l| {
+        !events(l, "coordinator listening").is_empty()
+    });
+    Cluster {
+        coordinator,
+        url: format!("http://127.0.0.1:{port}"),
+        token,
+        job,
+        env: Vec::new(),
+    }
+}
+
+/// `n` TCP connections from `from` (an address of this machine, e.g. 127.0.0.2) to
+/// `127.0.0.1:port`, each sending `first` (if anything) and then nothing; paced (50 at a time,
+/// then 20 ms). Those that could not connect within 2 s are left out.
+fn strangers(from: &str, port: u16, n: usize, first: &[u8]) -> Vec<TcpStream> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let from: std::net::SocketAddr = format!("{from}:0").parse().expect("address");
+    runtime.block_on(async {
+        let mut held = Vec::new();
+        for i in 0..n {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.bind(from).expect("bind the stranger's address");
+            let connect = socket.connect(([127, 0, 0, 1], port).into());
+            let Ok(Ok(tcp)) = tokio::time::timeout(Duration::from_secs(2), connect).await else {
+                continue;
+            };
+            let mut tcp = tcp.into_std().expect("std stream");
+            tcp.set_nonblocking(false).expect("blocking");
+            if !first.is_empty() {
+                let _ = tcp.write_all(first);
+            }
+            held.push(tcp);
+            if i % 50 == 49 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        held
+    })
+}
+
+/// Whether the server closed `s` (what it sent before, such as HTTP/2 settings, is read away).
+fn closed(s: &TcpStream) -> bool {
+    let mut s = s;
+    s.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// The HTTP/2 client preface and an empty SETTINGS frame: a connection that then says nothing.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+/// The audit's descriptor exhaustion: a stranger at 127.0.0.2 opens 300 silent connections to a
+/// coordinator allowed 256 open files. Those beyond its address's share (64) are closed at
+/// once, and while the stranger keeps its share full (opening new connections as the old ones
+/// reach their deadline), workers from 127.0.0.1 join and complete the job with an exact ledger
+/// (its commits write files); the refusals are a few log lines. Before, every connection was
+/// kept: the coordinator ran out of descriptors, tonic's accept loop spun on `EMFILE`, and the
+/// workers could not join.
+#[test]
+fn silent_connections_beyond_an_address_share_are_closed_and_workers_from_another_address_join() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let steps = 6;
+    let mut c = coordinator_with_fds(
+        dir.path(),
+        "fds",
+        steps,
+        "cluster:\n  min_workers: 2\n  max_workers: 2\n",
+        256,
+    );
+    let port = port_of(&c);
+    let flood_started = Instant::now();
+    let held = strangers("127.0.0.2", port, 300, b"");
+    std::thread::sleep(Duration::from_secs(2));
+    let open = held.iter().filter(|s| !closed(s)).count();
+    assert!(
+        open <= 64,
+        "{open} of the stranger's {} connections still open",
+        held.len()
+    );
+    // The stranger tops its connections up to 80 twice a second for as long as the job runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stranger = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = held;
+            let mut most_open = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                held.retain(|s| !closed(s));
+                most_open = most_open.max(held.len());
+                let more = 80usize.saturating_sub(held.len());
+                held.extend(strangers("127.0.0.2", port, more, b""));
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            most_open
+        })
+    };
+    let ports = [free_port(), free_port()];
+    let _w0 = member_on(&c, "w0", ports[0]);
+    let _w1 = member_on(&c, "w1", ports[1]);
+    let (completed, lines) = outcome(&mut c);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most_open = stranger.join().expect("the stranger's thread");
+    assert!(completed, "the job failed:\n{}", c.coordinator.stderr());
+    check_ledger(&c.job.checkpoints.join("ledger.jsonl"), steps * BATCH).expect("ledger");
+    assert!(
+        (1..=64).contains(&most_open),
+        "the stranger held {most_open} connections"
+    );
+    let limit = events(&lines, "open-file limit");
+    assert_eq!(limit[0]["open_files"], 256, "{limit:?}");
+    let refusals = events(&lines, "refused connections");
+    let allowed = flood_started.elapsed().as_secs() as usize / 10 + 2;
+    assert!(
+        (1..=allowed).contains(&refusals.len()),
+        "{} refusal lines (at most {allowed})",
+        refusals.len()
+    );
+}
+
+/// Workers at the same address as a stranger holding that address's whole share of connections
+/// (64 silent ones) are refused connections at first; they try again (for their connect
+/// timeout), and join once the stranger's connections reach their 10 s deadline. Before, a
+/// worker whose connection was closed before its session was answered gave up at once (`lost
+/// the coordinator: ... connection closed`).
+#[test]
+fn workers_at_a_strangers_address_join_once_its_connections_reach_their_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let steps = 4;
+    let mut c = coordinator(
+        dir.path(),
+        "sameaddr",
+        steps,
+        "cluster:\n  min_workers: 2\n  max_workers: 2\n",
+    );
+    let port = port_of(&c);
+    let held = strangers("127.0.0.1", port, 64, b"");
+    let ports = [free_port(), free_port()];
+    let w0 = member_on(&c, "w0", ports[0]);
+    let _w1 = member_on(&c, "w1", ports[1]);
+    c.coordinator
+        .wait_for("a generation to form", Duration::from_secs(60), |l| {
+            !events(l, "generation formed").is_empty()
+        });
+    let (completed, _) = outcome(&mut c);
+    assert!(
+        completed,
+        "the job failed:\n{}\n{}",
+        c.coordinator.stderr(),
+        w0.stderr()
+    );
+    check_ledger(&c.job.checkpoints.join("ledger.jsonl"), steps * BATCH).expect("ledger");
+    drop(held);
+}
+
+/// A connection that makes no request is closed: a silent one and one that sent only the
+/// HTTP/2 preface on the gRPC port after 10 s, one sending half a request header on the
+/// metrics port after 5 s. Before, none was ever closed (0 of 200 after 45 s in the audit).
+#[test]
+fn a_connection_that_makes_no_request_is_closed_after_its_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let c = dapt_tests::coordinator_with(
+        dir.path(),
+        "deadline",
+        10,
+        "cluster:\n  min_workers: 2\n",
+        "127.0.0.1",
+        &[("DAPT_METRICS_LISTEN", &metrics)],
+    );
+    let port = port_of(&c);
+    let opened = Instant::now();
+    let mut grpc = strangers("127.0.0.2", port, 2, b"");
+    grpc.extend(strangers("127.0.0.2", port, 2, H2_PREFACE));
+    let slow = strangers(
+        "127.0.0.2",
+        metrics_port,
+        2,
+        b"GET / HTTP/1.1\r\nHost: x\r\n",
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(grpc.iter().all(|s| !closed(s)), "closed too soon");
+    let deadline = opened + Duration::from_secs(25);
+    let (mut grpc_at, mut metrics_at) = (None, None);
+    while Instant::now() < deadline && (grpc_at.is_none() || metrics_at.is_none()) {
+        if grpc_at.is_none() && grpc.iter().all(closed) {
+            grpc_at = Some(opened.elapsed());
+        }
+        if metrics_at.is_none() && slow.iter().all(closed) {
+            metrics_at = Some(opened.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let grpc_at = grpc_at.expect("the gRPC connections were not closed within 25 s");
+    let metrics_at = metrics_at.expect("the metrics connections were not closed within 25 s");
+    assert!(grpc_at >= Duration::from_secs(8), "{grpc_at:?}");
+    assert!(metrics_at >= Duration::from_secs(3), "{metrics_at:?}");
+    c.coordinator.signal(libc::SIGTERM);
+}
+
+/// A resident set size in bytes, from /proc/PID/status.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// An HTTP/2 connection from 127.0.0.2 to the coordinator on `127.0.0.1:port`.
+async fn h2_from_stranger(port: u16) -> h2::client::SendRequest<tonic::codegen::Bytes> {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.2:0".parse().expect("address"))
+        .expect("bind");
+    let tcp = socket
+        .connect(([127, 0, 0, 1], port).into())
+        .await
+        .expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(connection);
+    client
+}
+
+/// A `Status` request's headers.
+fn status_request(port: u16) -> http::Request<()> {
+    http::Request::post(format!(
+        "http://127.0.0.1:{port}/dapt.v1.Coordinator/Status"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .expect("request")
+}
+
+/// The audit's memory flood: from 127.0.0.2, 2 connections with 100 `Status` streams each,
+/// half announcing a 4 MiB message, half one just under 1 MiB, each sending 1 MiB of it and
+/// never the rest. The coordinator refuses the oversized ones as soon as it reads their length
+/// and reads at most 4 requests from one address at once, so it holds a few MiB, not 200: its
+/// RSS grows by less than 48 MiB (before: by about 200 MiB here; 19 MB to 1,071 MB in the
+/// audit's larger flood). `dapt status` with the token still answers.
+#[test]
+fn an_oversized_status_flood_is_refused_without_the_memory_growing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let c = coordinator(dir.path(), "bigstatus", 10, "cluster:\n  min_workers: 2\n");
+    let port = port_of(&c);
+    let pid = c.coordinator.child.id();
+    let before = rss(pid);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let chunk = tonic::codegen::Bytes::from(vec![0u8; 1 << 20]);
+    let _streams = runtime.block_on(async {
+        let mut streams = Vec::new();
+        for _ in 0..2 {
+            let mut client = h2_from_stranger(port).await;
+            for i in 0..100u32 {
+                client = client.ready().await.expect("ready");
+                let (response, mut send) = client
+                    .send_request(status_request(port), false)
+                    .expect("request");
+                let announced: u32 = if i % 2 == 0 { 4 << 20 } else { (1 << 20) - 64 };
+                let mut header = vec![0u8];
+                header.extend(announced.to_be_bytes());
+                let _ = send.send_data(header.into(), false);
+                // The same buffer for every stream: the test holds 1 MiB, not 200.
+                let _ = send.send_data(chunk.clone(), false);
+                streams.push((response, send));
+            }
+        }
+        streams
+    });
+    let mut most = before;
+    let sampling = Instant::now();
+    while sampling.elapsed() < Duration::from_secs(6) {
+        most = most.max(rss(pid));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let grown = most.saturating_sub(before);
+    assert!(
+        grown < 48 << 20,
+        "the coordinator's RSS grew by {} MiB",
+        grown >> 20
+    );
+    let out = Command::new(binary("dapt"))
+        .args(["status", &c.url])
+        .env("DAPT_TOKEN", &c.token)
+        .output()
+        .expect("dapt status");
+    assert!(out.status.success(), "{}", dapt_tests::text(&out.stderr));
+    runtime.shutdown_background();
+    c.coordinator.signal(libc::SIGTERM);
+}
+
+/// Status requests without the token's proof, 100 a second for 5 s from 127.0.0.2: refused,
+/// and logged at most once per 10 s with a count (before: a line each, 8,900 lines in 10 s in
+/// the audit).
+#[test]
+fn refused_status_requests_are_logged_a_few_times() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let c = coordinator(
+        dir.path(),
+        "statusflood",
+        10,
+        "cluster:\n  min_workers: 2\n",
+    );
+    let port = port_of(&c);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let started = Instant::now();
+    let sent = runtime.block_on(async {
+        let mut client = h2_from_stranger(port).await;
+        let mut sent = 0;
+        while started.elapsed() < Duration::from_secs(5) {
+            client = client.ready().await.expect("ready");
+            let (response, mut send) = client
+                .send_request(status_request(port), false)
+                .expect("request");
+            // An empty `StatusRequest`: no proof.
+            let _ = send.send_data(vec![0u8; 5].into(), true);
+            tokio::spawn(async move {
+                if let Ok(r) = response.await {
+                    let mut body = r.into_body();
+                    while let Some(Ok(_)) = body.data().await {}
+                    let _ = body.trailers().await;
+                }
+            });
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        sent
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let refused = c
+        .coordinator
+        .events("refused a status request without the token's proof");
+    assert!(
+        (1..=2).contains(&refused.len()),
+        "{} lines for {sent} refused requests",
+        refused.len()
+    );
+    let counted: u64 = refused.iter().filter_map(|f| f["refused"].as_u64()).sum();
+    assert!(counted >= 1, "{refused:?}");
+    c.coordinator.signal(libc::SIGTERM);
+}
+
+/// The TLS metrics port: 64 silent connections from 127.0.0.2 took every handshake place for
+/// the 10 s handshake deadline, so a scraper waited that long. Now one address has 8 places and
+/// a connection that sends no ClientHello within 3 s is closed: a scrape from 127.0.0.1 is
+/// answered at once, and the silent connections are closed within a few seconds.
+#[test]
+fn silent_connections_on_the_tls_metrics_port_do_not_lock_scrapers_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs_dir = dir.path().join("certs");
+    std::fs::create_dir_all(&certs_dir).expect("certs dir");
+    let certs = dapt_tests::EtcdCerts::make(&certs_dir);
+    let _serial = serial();
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let cluster = format!(
+        "cluster:\n  min_workers: 2\n  tls:\n    cert: {}\n    key: {}\n",
+        certs.server_cert.display(),
+        certs.server_key.display(),
+    );
+    let c = dapt_tests::coordinator_with(
+        dir.path(),
+        "tlsmetrics",
+        10,
+        &cluster,
+        "127.0.0.1",
+        &[("DAPT_METRICS_LISTEN", &metrics)],
+    );
+    let opened = Instant::now();
+    let silent = strangers("127.0.0.2", metrics_port, 64, b"");
+    std::thread::sleep(Duration::from_millis(500));
+    let asked = Instant::now();
+    let reply = scrape_tls(metrics_port, &certs.ca);
+    let took = asked.elapsed();
+    assert!(reply.contains("dapt_phase"), "{reply}");
+    assert!(took < Duration::from_secs(5), "the scrape took {took:?}");
+    while opened.elapsed() < Duration::from_secs(8) && !silent.iter().all(closed) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        silent.iter().all(closed),
+        "silent connections still open after {:?}",
+        opened.elapsed()
+    );
+    c.coordinator.signal(libc::SIGTERM);
+}
+
+/// `GET /metrics` over TLS with `openssl s_client` trusting `ca`: the whole reply.
+fn scrape_tls(port: u16, ca: &std::path::Path) -> String {
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-quiet", "-verify_return_error", "-connect"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-CAfile")
+        .arg(ca)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl s_client");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let out = child.wait_with_output().expect("s_client output");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

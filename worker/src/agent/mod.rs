@@ -347,7 +347,10 @@ impl Session {
                 }
                 // Only a busy coordinator is asked again here: any other loss (a refused client
                 // certificate shows as one) is the caller's to handle.
-                Err(e) if e.is_busy() && tokio::time::Instant::now() < deadline => {
+                Err(e)
+                    if (e.is_busy() || closed_at_once(&e, url))
+                        && tokio::time::Instant::now() < deadline =>
+                {
                     tracing::debug!(%url, error = %e, "joining again");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
@@ -449,7 +452,8 @@ fn start(
                     tracing::error!(generation, peer_fault, fatal, "training failed: {message}");
                     send(Kind::Failed(rpc::Failed {
                         generation,
-                        reason: message,
+                        // Within what the coordinator reads of one message.
+                        reason: rpc::bounded_text(message),
                         peer_fault,
                         fatal,
                     }));
@@ -472,6 +476,23 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Whether the coordinator closed a plain-HTTP connection before it answered the session, and
+/// trying again may help: it closes a connection at once when its address, or all addresses
+/// together, hold as many as it keeps (a stranger flooding it; docs/control-plane.md#security).
+/// Over https such a connection fails its TLS handshake, which [`connect`] tries again; a
+/// connection closed after the handshake means a refused client certificate, which waiting
+/// does not change.
+fn closed_at_once(e: &join::SessionError, url: &str) -> bool {
+    let join::SessionError::Lost(status) = e else {
+        return false;
+    };
+    url.starts_with("http://")
+        && matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+        )
 }
 
 /// A client of the coordinator at `url`, retried for `patience` while it cannot be reached; a

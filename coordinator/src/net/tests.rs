@@ -1,0 +1,88 @@
+//! The connection caps and the first-request deadline.
+
+use super::*;
+
+const LIMITS: Limits = Limits {
+    per_address: 2,
+    total: 3,
+};
+
+#[test]
+fn an_address_gets_its_share_and_all_together_the_total() {
+    assert_eq!(judge(LIMITS, 0, 0), Verdict::Admit);
+    assert_eq!(judge(LIMITS, 1, 2), Verdict::Admit);
+    assert_eq!(judge(LIMITS, 2, 2), Verdict::AddressFull);
+    assert_eq!(judge(LIMITS, 0, 3), Verdict::Full);
+}
+
+#[test]
+fn places_are_given_back_and_a_mapped_address_is_its_ipv4_one() {
+    let places = Places::new(LIMITS);
+    let v4: SocketAddr = "10.0.0.1:5".parse().expect("address");
+    let mapped: SocketAddr = "[::ffff:10.0.0.1]:6".parse().expect("address");
+    let other: SocketAddr = "10.0.0.2:5".parse().expect("address");
+    let a = places.take(canonical(&v4)).expect("first");
+    let b = places.take(canonical(&mapped)).expect("second");
+    assert_eq!(
+        places.take(canonical(&v4)).err(),
+        Some(Verdict::AddressFull)
+    );
+    let c = places.take(canonical(&other)).expect("another address");
+    assert_eq!(places.take(canonical(&other)).err(), Some(Verdict::Full));
+    drop((a, c));
+    assert_eq!(places.held(canonical(&v4)), (1, 1));
+    drop(b);
+    assert_eq!(places.held(canonical(&v4)), (0, 0));
+    assert!(places.counts.lock().expect("counts").per_address.is_empty());
+}
+
+#[test]
+fn the_caps_stay_below_the_descriptor_limit() {
+    assert_eq!(Limits::grpc(1024).total, 512);
+    assert_eq!(Limits::metrics(1024).total, 128);
+    assert_eq!(Limits::grpc(1 << 20).total, 4096);
+    assert_eq!(Limits::grpc(u64::MAX).total, 4096);
+    assert_eq!(Limits::metrics(64).total, 16);
+}
+
+#[tokio::test]
+async fn a_silent_connection_fails_its_read_after_the_deadline_and_a_used_one_does_not() {
+    use tokio::io::AsyncReadExt;
+    use tokio_stream::StreamExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let limits = Limits {
+        per_address: 1,
+        total: 8,
+    };
+    let mut incoming = Incoming::new(listener, limits, Some(Duration::from_millis(200)), "test");
+    let _silent = TcpStream::connect(addr).await.expect("connect");
+    let mut silent = incoming.next().await.expect("some").expect("accepted");
+    // Its address has its one place: the next connection from it is closed at once.
+    let mut refused = TcpStream::connect(addr).await.expect("connect");
+    let accept_more = tokio::time::timeout(Duration::from_millis(300), incoming.next());
+    assert!(accept_more.await.is_err(), "nothing more admitted");
+    let mut byte = [0u8; 1];
+    assert_eq!(refused.read(&mut byte).await.expect("closed"), 0);
+    let err = silent.read(&mut byte).await.expect_err("timed out");
+    assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    drop(silent);
+    let _used = TcpStream::connect(addr).await.expect("connect");
+    let mut used = incoming.next().await.expect("some").expect("accepted");
+    used.connection().used();
+    let read = tokio::time::timeout(Duration::from_millis(500), used.read(&mut byte));
+    assert!(
+        read.await.is_err(),
+        "still waiting for data after the deadline"
+    );
+}
+
+#[test]
+fn running_out_of_descriptors_is_told_from_other_accept_errors() {
+    for errno in [libc::EMFILE, libc::ENFILE] {
+        assert!(out_of_descriptors(&io::Error::from_raw_os_error(errno)));
+    }
+    for errno in [libc::ECONNABORTED, libc::EINTR] {
+        assert!(!out_of_descriptors(&io::Error::from_raw_os_error(errno)));
+    }
+}
