@@ -9,7 +9,7 @@
 //! never counts a sample that a restart will train again.
 
 use std::fs;
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use dapt_proto::checkpoint;
@@ -241,7 +241,12 @@ impl Ledger {
             return Ok(());
         }
         let entries = read_entries(&path)?;
-        if entries.iter().all(|e| e.step < step) {
+        // A last line cut short (see `read_entries`) goes too, or the next append would join it.
+        let torn = fs::read(&path)
+            .map_err(io(&path))?
+            .last()
+            .is_some_and(|&b| b != b'\n');
+        if !torn && entries.iter().all(|e| e.step < step) {
             return Ok(());
         }
         let kept: Vec<&LedgerEntry> = entries.iter().filter(|e| e.step < step).collect();
@@ -430,19 +435,24 @@ pub fn prune_dir(dir: &Path, committed: u64, keep: usize) -> Result<Vec<PathBuf>
 }
 
 pub fn read_entries(path: &Path) -> Result<Vec<LedgerEntry>, LedgerError> {
-    let file = match fs::File::open(path) {
-        Ok(f) => f,
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(io(path)(e)),
     };
+    // Every entry is written with its newline; a last line without one is an append cut short
+    // (a crash, a full disk) of a commit that was never recorded: not an entry.
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => "",
+    };
     let mut entries = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(io(path))?;
+    for (i, line) in complete.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         entries.push(
-            serde_json::from_str(&line).map_err(|e| LedgerError::Invalid {
+            serde_json::from_str(line).map_err(|e| LedgerError::Invalid {
                 path: path.to_path_buf(),
                 message: format!("line {}: {e}", i + 1),
             })?,
@@ -530,7 +540,14 @@ impl FileCommits {
     pub fn flush(&mut self, ledger: &Ledger) -> Result<(), LedgerError> {
         match self.pending.take() {
             None => Ok(()),
-            Some((committed, entries)) => self.commit(ledger, committed, entries).map(|_| ()),
+            // Written as a retry: a failed attempt may have left some of its entries.
+            Some((committed, entries)) => {
+                let written = ledger.commit_again(&committed, &entries);
+                if written.is_err() {
+                    self.pending = Some((committed, entries));
+                }
+                written
+            }
         }
     }
 
@@ -552,6 +569,16 @@ mod tests {
         .expect("job");
         spec.checkpoint.dir = dir.join("ckpt");
         spec
+    }
+
+    /// The steps of the ledger's entries, in order.
+    fn steps_of(ledger: &Ledger) -> Vec<u64> {
+        ledger
+            .entries()
+            .expect("entries")
+            .iter()
+            .map(|e| e.step)
+            .collect()
     }
 
     fn entry(step: u64) -> LedgerEntry {
@@ -729,13 +756,7 @@ mod tests {
             .commit(&ledger, commit(6), vec![entry(4), entry(5)])
             .expect("written with the next");
         assert_eq!(commits.pending_step(), None);
-        let steps: Vec<u64> = ledger
-            .entries()
-            .expect("entries")
-            .iter()
-            .map(|e| e.step)
-            .collect();
-        assert_eq!(steps, [0, 1, 2, 3, 4, 5]);
+        assert_eq!(steps_of(&ledger), [0, 1, 2, 3, 4, 5]);
         let (_, committed) = Ledger::open(&spec).expect("reopen");
         assert_eq!(committed.map(|c| c.step), Some(6));
 
@@ -753,16 +774,46 @@ mod tests {
             .collect();
         fs::write(&path, text).expect("restore");
         commits.fall_back(&ledger, commit(7)).expect("fallback");
-        let steps: Vec<u64> = ledger
-            .entries()
-            .expect("entries")
-            .iter()
-            .map(|e| e.step)
-            .collect();
-        assert_eq!(steps, [0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(steps_of(&ledger), [0, 1, 2, 3, 4, 5, 6]);
         assert_eq!(
             commits.flush(&ledger).map(|_| commits.pending_step()).ok(),
             Some(None)
         );
+    }
+
+    #[test]
+    fn a_torn_last_line_is_no_entry_and_a_flush_writes_nothing_twice() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let spec = job(tmp.path(), 1);
+        let (ledger, _) = Ledger::open(&spec).expect("open");
+        let commit = |step: u64| Committed {
+            step,
+            dir: format!("d{step}"),
+            generation: 1,
+            ..Default::default()
+        };
+        ledger
+            .commit(&commit(2), &[entry(0), entry(1)])
+            .expect("commit");
+        // An append cut short by a full disk: a line without its newline.
+        let path = ledger.ledger_path();
+        let mut text = fs::read_to_string(&path).expect("read");
+        text.push_str("{\"step\":2,\"gen");
+        fs::write(&path, &text).expect("write");
+        assert_eq!(steps_of(&ledger), [0, 1]);
+        // The commit it belonged to is pending; the job's end flushes it once, the torn line gone.
+        let mut commits = FileCommits {
+            pending: Some((commit(4), vec![entry(2), entry(3)])),
+        };
+        // As if the failed attempt had appended entry 2 whole before failing on committed.json.
+        commits.flush(&ledger).expect("flush");
+        assert_eq!(steps_of(&ledger), [0, 1, 2, 3]);
+        let mut commits = FileCommits {
+            pending: Some((commit(4), vec![entry(2), entry(3)])),
+        };
+        commits.flush(&ledger).expect("again");
+        assert_eq!(steps_of(&ledger), [0, 1, 2, 3], "not written twice");
+        let (_, committed) = Ledger::open(&spec).expect("reopen");
+        assert_eq!(committed.map(|c| c.step), Some(4));
     }
 }

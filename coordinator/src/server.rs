@@ -445,9 +445,13 @@ async fn control_loop(
         // is tried once more, and the job fails if it still cannot be.
         if let Some(step) = exec.file_commits.pending_step() {
             if let Err(e) = exec.file_commits.flush(files) {
-                return Outcome::Failed(format!(
-                    "the commit of step {step} could not be recorded: {e}"
-                ));
+                let lost = format!("the commit of step {step} could not be recorded: {e}");
+                // A job that failed or stopped keeps its own reason; the lost commit is logged.
+                if !matches!(state.phase, Phase::Completed) {
+                    tracing::error!("{lost}");
+                } else {
+                    return Outcome::Failed(lost);
+                }
             }
         }
     }
@@ -851,10 +855,10 @@ impl rpc::Coordinator for Service {
         &self,
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
-        let peer = crate::net::connection(request.extensions()).map(|c| {
-            c.used();
-            c.peer
-        });
+        // The first-request deadline stops applying only once the session has joined: a
+        // stranger's refused session does not keep its connection open.
+        let connection = crate::net::connection(request.extensions()).cloned();
+        let peer = connection.as_ref().map(|c| c.peer);
         let Some(unjoined) = self.unjoined.take(peer.as_ref().map(crate::net::canonical)) else {
             if let Some(refused) = TOO_MANY_UNJOINED.admit() {
                 tracing::warn!(
@@ -903,6 +907,9 @@ impl rpc::Coordinator for Service {
                 }
             };
             drop(unjoined);
+            if let Some(c) = &connection {
+                c.used();
+            }
             let worker = WorkerId(join.worker_id.clone());
             let _ = tx.send(Ok(CoordinatorMessage {
                 kind: Some(coordinator_message::Kind::Joined(joined)),
@@ -949,10 +956,8 @@ impl rpc::Coordinator for Service {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusReply>, Status> {
-        let peer = crate::net::connection(request.extensions()).map(|c| {
-            c.used();
-            c.peer
-        });
+        let connection = crate::net::connection(request.extensions());
+        let peer = connection.map(|c| c.peer);
         if !join::status_allowed(&self.gate.key, request.get_ref(), join::unix_ms()) {
             // Logged at most once per 10 s, with a count: a flood logged a line per request
             // (8,900 lines in 10 s).
@@ -968,6 +973,10 @@ impl rpc::Coordinator for Service {
                 "the request did not prove the job's token (or its clock is more than 5 minutes off)",
             )
             .to_status());
+        }
+        // Only a proven request lifts the connection's first-request deadline.
+        if let Some(c) = connection {
+            c.used();
         }
         Ok(Response::new(self.status.borrow().clone()))
     }

@@ -768,7 +768,8 @@ fn a_tokenizer_files_inference_settings_control_shaped_tokens_and_template_are_h
 }
 
 /// A tokenizer whose vocabulary cannot represent the text (here none of its characters, and no
-/// unknown token) is refused, naming it, rather than storing empty documents.
+/// unknown token) is refused, naming it, rather than storing empty documents; one document it
+/// cannot represent among others is skipped and counted.
 #[test]
 fn a_tokenizer_that_encodes_text_to_nothing_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -649,18 +649,20 @@ impl JobSpec {
 
     /// Checks across fields that deserialization cannot make.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        // The name goes into etcd keys (`/` would reach into another job's), metric labels and
-        // log lines: a plain name only.
-        let plain = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
-        if self.job.is_empty()
-            || self.job.len() > 128
+        // The name goes into etcd keys (`/` would reach into another job's), metric labels
+        // (a quote, a backslash or a line break would end the label and forge lines) and log
+        // lines. Anything else, spaces and non-ASCII letters included, was accepted before and
+        // names existing checkpoints (`committed.json` keeps it), so it stays accepted.
+        let forbidden = |c: char| c.is_control() || matches!(c, '/' | '\\' | '"' | '{' | '}');
+        if self.job.trim().is_empty()
+            || self.job.chars().count() > 128
             || self.job.starts_with('.')
-            || !self.job.bytes().all(plain)
+            || self.job.contains(forbidden)
         {
             return Err((
                 "job",
                 format!(
-                    "`{}` is not a job name: 1-128 characters of A-Z, a-z, 0-9, `-`, `_` and `.`, not starting with `.`",
+                    "`{}` is not a job name: 1-128 characters, not starting with `.`, without `/`, `\\`, `\"`, `{{`, `}}` or control characters",
                     self.job.escape_debug()
                 ),
             ));
@@ -1067,7 +1069,8 @@ training:
             "a/b",
             ".hidden",
             "x\"} 1\ndapt_phase{phase=\"failed\"} 1\n# ",
-            "a b",
+            "a\tb",
+            "  ",
         ] {
             let job = JOB.replacen(
                 "job: t",
@@ -1081,7 +1084,14 @@ training:
                 "{bad:?}: {err}"
             );
         }
-        for good in ["quickstart", "llama2-7b_dapt.v2", "Run.3"] {
+        for good in [
+            "quickstart",
+            "llama2-7b_dapt.v2",
+            "Run.3",
+            "llama 7b",
+            "run:1+lora",
+            "médical",
+        ] {
             let spec =
                 JobSpec::parse(&JOB.replacen("job: t", &format!("job: {good}"), 1)).expect(good);
             spec.validate().expect(good);

@@ -935,3 +935,35 @@ pub fn standby_on(leader: &Cluster, host: &str) -> (Proc, String) {
     });
     (standby, format!("http://{host}:{port}"))
 }
+
+/// `GET /metrics` over TLS with `openssl s_client`, trusting `ca`, presenting `client` (cert,
+/// key) if given; the whole reply (empty when the handshake or the request was refused).
+pub fn scrape_tls(
+    port: u16,
+    ca: &std::path::Path,
+    client: Option<(&std::path::Path, &std::path::Path)>,
+) -> String {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.args(["s_client", "-quiet", "-verify_return_error", "-connect"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-CAfile")
+        .arg(ca);
+    if let Some((cert, key)) = client {
+        cmd.arg("-cert").arg(cert).arg("-key").arg(key);
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl s_client");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let out = child.wait_with_output().expect("s_client output");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use dapt_tests::{
-    binary, check_ledger, coordinator_with, events, free_port, serial, write_job, EtcdCerts, Proc,
-    BATCH, LONG,
+    binary, check_ledger, coordinator_with, events, free_port, scrape_tls, serial, write_job,
+    EtcdCerts, Proc, BATCH, LONG,
 };
 
 /// A worker of job `job` at `url` with exactly `env` for its TLS settings; whether it exited
@@ -36,34 +36,6 @@ fn lone_worker(url: &str, job: &str, token: &str, env: &[(&str, &Path)]) -> (boo
     let mut p = Proc::spawn(cmd);
     let (status, _) = p.finish(Duration::from_secs(30));
     (status.success(), p.stderr())
-}
-
-/// `GET /metrics` over TLS with `openssl s_client`, trusting `ca`, presenting `client` (cert,
-/// key) if given; the whole reply (empty when the handshake or the request was refused).
-fn scrape_tls(port: u16, ca: &Path, client: Option<(&Path, &Path)>) -> String {
-    use std::io::Write;
-    let mut cmd = Command::new("openssl");
-    cmd.args(["s_client", "-quiet", "-verify_return_error", "-connect"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("-CAfile")
-        .arg(ca);
-    if let Some((cert, key)) = client {
-        cmd.arg("-cert").arg(cert).arg("-key").arg(key);
-    }
-    let mut child = cmd
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("openssl s_client");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .expect("request");
-    let out = child.wait_with_output().expect("s_client output");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

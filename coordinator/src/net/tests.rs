@@ -63,8 +63,11 @@ async fn a_silent_connection_fails_its_read_after_the_deadline_and_a_used_one_do
     let accept_more = tokio::time::timeout(Duration::from_millis(300), incoming.next());
     assert!(accept_more.await.is_err(), "nothing more admitted");
     let mut byte = [0u8; 1];
-    assert_eq!(refused.read(&mut byte).await.expect("closed"), 0);
-    let err = silent.read(&mut byte).await.expect_err("timed out");
+    let bound = Duration::from_secs(10);
+    let read = tokio::time::timeout(bound, refused.read(&mut byte)).await;
+    assert_eq!(read.expect("closed in time").expect("closed"), 0);
+    let read = tokio::time::timeout(bound, silent.read(&mut byte)).await;
+    let err = read.expect("in time").expect_err("timed out");
     assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     drop(silent);
     let _used = TcpStream::connect(addr).await.expect("connect");

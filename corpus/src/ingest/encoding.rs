@@ -119,11 +119,11 @@ pub fn decode(
         let encoding = if big_endian { "UTF-32BE" } else { "UTF-32LE" };
         return finish(text, encoding, Declared::Bom, lossy, None, false, &raw[4..]);
     }
-    let mut unknown = None;
+    let mut labels = Labels::default();
     let (encoding, declared, skip) = if let Some((enc, bom)) = Encoding::for_bom(&raw) {
         (enc, Declared::Bom, bom)
     } else if let Some(enc) = (format == Format::Html)
-        .then(|| html_declaration(&raw, &mut unknown))
+        .then(|| html_declaration(&raw, &mut labels))
         .flatten()
     {
         (enc, Declared::Meta, 0)
@@ -132,12 +132,15 @@ pub fn decode(
     };
     if encoding == REPLACEMENT {
         return Err(Undecodable::Replacement {
-            label: unknown.unwrap_or_else(|| "replacement".into()),
+            label: labels.replacement.unwrap_or_else(|| "replacement".into()),
         });
     }
-    if declared == Declared::Meta {
-        unknown = None;
-    }
+    // A known declaration wins; an unknown one before it is not worth a word.
+    let unknown = if declared == Declared::Meta {
+        None
+    } else {
+        labels.unknown
+    };
     let utf8_under_legacy = declared == Declared::Fallback
         && encoding != UTF_8
         && !raw.is_ascii()
@@ -259,10 +262,11 @@ fn utf16_guess(raw: &[u8]) -> Option<&'static str> {
 }
 
 /// What an HTML file without a byte order mark declares: a UTF-16 XML declaration, else the
-/// prescan of the first [`PRESCAN_BYTES`], else a `<meta>` in the rest of the `<head>` (up to
-/// the first `<body`). `unknown` gets the first label that names no encoding (or the label of
-/// a `replacement` encoding, which is returned as REPLACEMENT).
-fn html_declaration(raw: &[u8], unknown: &mut Option<String>) -> Option<&'static Encoding> {
+/// prescan of the first [`PRESCAN_BYTES`], else a `<meta>` in the rest of the `<head>`: up to
+/// the first `</head` or `<body`, and only when the page has one (without either, where the head
+/// ends is not known, and a `<meta>` in script text or sample code must not count). `labels`
+/// gets the labels worth naming (a `replacement` encoding's is returned as REPLACEMENT).
+fn html_declaration(raw: &[u8], labels: &mut Labels) -> Option<&'static Encoding> {
     if raw.starts_with(&[0x3C, 0, 0x3F, 0, 0x78, 0]) {
         return Some(UTF_16LE);
     }
@@ -270,14 +274,17 @@ fn html_declaration(raw: &[u8], unknown: &mut Option<String>) -> Option<&'static
         return Some(UTF_16BE);
     }
     let first = &raw[..raw.len().min(PRESCAN_BYTES)];
-    if let Some(found) = prescan_noting(first, unknown) {
+    if let Some(found) = prescan_noting(first, labels) {
         return Some(found);
     }
     if raw.len() <= PRESCAN_BYTES {
         return None;
     }
-    let head_end = find_ignore_case(raw, b"<body").unwrap_or(raw.len());
-    meta_scan(&raw[..head_end], unknown).map(in_page)
+    let head_end = [b"</head".as_slice(), b"<body"]
+        .iter()
+        .filter_map(|tag| find_ignore_case(raw, tag))
+        .min()?;
+    meta_scan(&raw[..head_end], labels).map(in_page)
 }
 
 /// The position of the first `needle` (ASCII, lowercase) in `bytes`, ignoring ASCII case.
@@ -293,12 +300,12 @@ fn find_ignore_case(bytes: &[u8], needle: &[u8]) -> Option<usize> {
 /// construct cut off at their end declares nothing. UTF-16 declared inside the page itself
 /// means UTF-8 (the page could not have been read as ASCII otherwise), as the standard says.
 pub fn prescan(bytes: &[u8]) -> Option<&'static Encoding> {
-    prescan_noting(bytes, &mut None)
+    prescan_noting(bytes, &mut Labels::default())
 }
 
-/// [`prescan`], keeping the first label that names no encoding in `unknown`.
-fn prescan_noting(bytes: &[u8], unknown: &mut Option<String>) -> Option<&'static Encoding> {
-    let found = meta_scan(bytes, unknown).or_else(|| xml_declaration(bytes, unknown))?;
+/// [`prescan`], keeping the labels worth naming in `labels`.
+fn prescan_noting(bytes: &[u8], labels: &mut Labels) -> Option<&'static Encoding> {
+    let found = meta_scan(bytes, labels).or_else(|| xml_declaration(bytes, labels))?;
     Some(in_page(found))
 }
 
@@ -313,12 +320,24 @@ fn in_page(found: &'static Encoding) -> &'static Encoding {
     }
 }
 
-/// The encoding `label` names; a label that names none (or `replacement`) is kept in
-/// `unknown` (the first one only).
-fn label(value: &[u8], unknown: &mut Option<String>) -> Option<&'static Encoding> {
+/// Declared labels worth naming: the first that names no encoding, and the first that names
+/// the `replacement` encoding.
+#[derive(Debug, Default)]
+struct Labels {
+    unknown: Option<String>,
+    replacement: Option<String>,
+}
+
+/// The encoding `label` names; a label that names none, or `replacement`, is kept in `labels`.
+fn label(value: &[u8], labels: &mut Labels) -> Option<&'static Encoding> {
     let found = Encoding::for_label(value);
-    if found.is_none_or(|e| e == REPLACEMENT) && unknown.is_none() {
-        *unknown = Some(String::from_utf8_lossy(value).trim().to_owned());
+    let slot = match found {
+        None => &mut labels.unknown,
+        Some(e) if e == REPLACEMENT => &mut labels.replacement,
+        Some(_) => return found,
+    };
+    if slot.is_none() {
+        *slot = Some(String::from_utf8_lossy(value).trim().to_owned());
     }
     found
 }
@@ -342,7 +361,7 @@ fn find(bytes: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
 }
 
 /// The prescan proper: `None` when it runs out of bytes without a declaration.
-fn meta_scan(b: &[u8], unknown: &mut Option<String>) -> Option<&'static Encoding> {
+fn meta_scan(b: &[u8], labels: &mut Labels) -> Option<&'static Encoding> {
     let mut pos = 0;
     while pos < b.len() {
         if b[pos..].starts_with(b"<!--") {
@@ -352,7 +371,7 @@ fn meta_scan(b: &[u8], unknown: &mut Option<String>) -> Option<&'static Encoding
             && b.get(pos + 5).is_some_and(|&c| is_space(c) || c == b'/')
         {
             pos += 6;
-            if let Some(found) = meta_element(b, &mut pos, unknown)? {
+            if let Some(found) = meta_element(b, &mut pos, labels)? {
                 return Some(found);
             }
         } else if b[pos] == b'<'
@@ -383,7 +402,7 @@ fn meta_scan(b: &[u8], unknown: &mut Option<String>) -> Option<&'static Encoding
 fn meta_element(
     b: &[u8],
     pos: &mut usize,
-    unknown: &mut Option<String>,
+    labels: &mut Labels,
 ) -> Option<Option<&'static Encoding>> {
     let mut seen: Vec<Vec<u8>> = Vec::new();
     let mut got_pragma = false;
@@ -396,13 +415,13 @@ fn meta_element(
         match name.as_slice() {
             b"http-equiv" => got_pragma |= value == b"content-type",
             b"content" if charset.is_none() => {
-                if let Some(found) = charset_from_content(&value, unknown) {
+                if let Some(found) = charset_from_content(&value, labels) {
                     charset = Some(found);
                     need_pragma = Some(true);
                 }
             }
             b"charset" => {
-                charset = label(&value, unknown);
+                charset = label(&value, labels);
                 need_pragma = Some(false);
             }
             _ => {}
@@ -484,7 +503,7 @@ fn attribute(b: &[u8], pos: &mut usize) -> Option<Option<Attribute>> {
 
 /// The HTML Standard's "extracting a character encoding from a meta element", on a
 /// `content` value already lowercased (`text/html; charset=iso-8859-1`).
-fn charset_from_content(s: &[u8], unknown: &mut Option<String>) -> Option<&'static Encoding> {
+fn charset_from_content(s: &[u8], labels: &mut Labels) -> Option<&'static Encoding> {
     let mut pos = 0;
     loop {
         pos = find(s, pos, b"charset")? + 7;
@@ -502,21 +521,21 @@ fn charset_from_content(s: &[u8], unknown: &mut Option<String>) -> Option<&'stat
     match *s.get(pos)? {
         q @ (b'"' | b'\'') => {
             let end = find(s, pos + 1, &[q])?;
-            label(&s[pos + 1..end], unknown)
+            label(&s[pos + 1..end], labels)
         }
         _ => {
             let end = s[pos..]
                 .iter()
                 .position(|&c| is_space(c) || c == b';')
                 .map_or(s.len(), |i| pos + i);
-            label(&s[pos..end], unknown)
+            label(&s[pos..end], labels)
         }
     }
 }
 
 /// An XML declaration's encoding (`<?xml version="1.0" encoding="ISO-8859-1"?>`), for XHTML
 /// files; the HTML Standard's "get an XML encoding".
-fn xml_declaration(b: &[u8], unknown: &mut Option<String>) -> Option<&'static Encoding> {
+fn xml_declaration(b: &[u8], labels: &mut Labels) -> Option<&'static Encoding> {
     if !b.starts_with(b"<?xml") {
         return None;
     }
@@ -535,7 +554,7 @@ fn xml_declaration(b: &[u8], unknown: &mut Option<String>) -> Option<&'static En
     }
     let quote = *decl.get(pos).filter(|&&q| q == b'"' || q == b'\'')?;
     let close = find(decl, pos + 1, &[quote])?;
-    label(&decl[pos + 1..close], unknown)
+    label(&decl[pos + 1..close], labels)
 }
 
 #[cfg(test)]
@@ -747,6 +766,12 @@ mod tests {
             ("windows-1252", Declared::Meta, false)
         );
         assert!(d.text.ends_with("Größe</p>"), "{}", d.text);
+        // not without a `</head` or `<body` to say where the head ends (script text, samples)
+        let mut page = b"<html><script>".to_vec();
+        page.extend(b"var x = 1;\n".repeat(100));
+        page.extend(b"document.write('<meta charset=\"windows-1252\">');</script><p>Gr\xC3\xB6\xC3\x9Fe</p>");
+        let d = html(&page);
+        assert_eq!((d.declared, d.lossy), (Declared::Fallback, false));
         // not one in the body
         let mut page = b"<html><head></head><body>".to_vec();
         page.extend(b"<p>x</p>\n".repeat(200));
@@ -776,6 +801,19 @@ mod tests {
         assert_eq!(
             (d.unknown_label.as_deref(), d.lossy),
             (Some("latin-1"), true)
+        );
+        // the replacement label is the one named, not an unknown one before it
+        let e = decode(
+            b"<meta charset=latin-1><meta charset=iso-2022-kr>x".to_vec(),
+            Format::Html,
+            UTF_8,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            Undecodable::Replacement {
+                label: "iso-2022-kr".into()
+            }
         );
         // a known declaration after an unknown one wins, and nothing is reported
         let d = html(b"<meta charset=\"latin-1\"><meta charset=latin1><p>Gr\xF6\xDFe</p>");

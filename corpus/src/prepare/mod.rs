@@ -200,18 +200,12 @@ pub fn prepare(
             );
             report::merge_words(role_words, chunk_words);
             for (doc, ids) in docs.iter().zip(ids?) {
-                // Documents are never empty here: a text that encodes to nothing means a
-                // tokenizer whose vocabulary cannot represent it (an empty one drops all text).
+                // Documents are never empty here: a text that encodes to nothing is one the
+                // tokenizer's vocabulary cannot represent (junk a normalizer strips, or every
+                // document under an empty vocabulary): skipped and counted.
                 if ids.is_empty() {
-                    return Err(CorpusError::Tokenizer {
-                        path: tk.origin().to_path_buf(),
-                        message: format!(
-                            "encodes a document of {} bytes of source `{}` to no tokens at all: \
-                             its vocabulary cannot represent the corpus's text",
-                            doc.text.len(),
-                            source.name
-                        ),
-                    });
+                    st.without_tokens += 1;
+                    continue;
                 }
                 let ids = tk.with_bos(ids);
                 st.add_document(
@@ -227,6 +221,16 @@ pub fn prepare(
                 };
                 writer.push_document(&ids, tk.eos_id)?;
             }
+        }
+        if st.documents() == 0 && st.without_tokens > 0 {
+            return Err(CorpusError::Tokenizer {
+                path: tk.origin().to_path_buf(),
+                message: format!(
+                    "encodes every document of source `{}` ({}) to no tokens at all: its \
+                     vocabulary cannot represent the corpus's text",
+                    source.name, st.without_tokens
+                ),
+            });
         }
         if st.documents() == 0 {
             return Err(CorpusError::EmptySource {

@@ -112,6 +112,8 @@ pub struct SourceStats {
     pub special_text_examples: Vec<String>,
     pub empty: u64,
     pub duplicates: u64,
+    /// Documents the tokenizer encoded to no tokens at all (skipped).
+    pub without_tokens: u64,
     pub documents_train: u64,
     pub documents_held_out: u64,
     pub text_bytes: u64,
@@ -243,6 +245,8 @@ pub struct SourceRow {
     pub special_text_examples: Vec<String>,
     pub empty_documents: u64,
     pub duplicates_removed: u64,
+    /// Documents the tokenizer encoded to no tokens at all (skipped).
+    pub documents_without_tokens: u64,
     pub documents_train: u64,
     pub documents_held_out: u64,
     pub words: u64,
@@ -345,6 +349,7 @@ pub fn build(
             special_text_examples: st.special_text_examples.clone(),
             empty_documents: st.empty,
             duplicates_removed: st.duplicates,
+            documents_without_tokens: st.without_tokens,
             documents_train: st.documents_train,
             documents_held_out: st.documents_held_out,
             words: st.words,
@@ -425,6 +430,13 @@ fn source_warnings(row: &SourceRow, st: &SourceStats, plan: Option<TrainingPlan>
              declare can be set with the source's `encoding`",
             st.lossy_files,
             st.lossy_examples.join(", ")
+        ));
+    }
+    if st.without_tokens > 0 {
+        w.push(format!(
+            "source `{name}`: {} documents encode to no tokens at all with the tokenizer and were \
+             skipped (text its vocabulary or normalizer drops entirely)",
+            st.without_tokens
         ));
     }
     if st.unknown_label_files > 0 {

@@ -59,6 +59,16 @@ impl RankError {
         }
     }
 
+    /// A failure that a retry cannot help (the corpus is not the one the job or its checkpoint
+    /// was made for): the job fails rather than re-forms until its generations run out.
+    fn fatal(e: impl std::fmt::Display) -> Self {
+        RankError::Failed {
+            message: e.to_string(),
+            peer_fault: false,
+            fatal: true,
+        }
+    }
+
     /// A worker error, fatal when a retry cannot help ([`WorkerError::recurs_on_retry`]).
     fn worker(e: WorkerError) -> Self {
         RankError::Failed {
@@ -103,7 +113,7 @@ pub fn train(
     reader
         .manifest()
         .check_spec(&job.corpus)
-        .map_err(RankError::failed)?;
+        .map_err(RankError::fatal)?;
     // The committed mixture schedule (the forgetting guard's rebalances), from step to sample.
     let schedule: Vec<dapt_corpus::MixtureChange> = a
         .mixture_schedule
@@ -130,9 +140,11 @@ pub fn train(
         trainer
     } else {
         let dir = std::path::Path::new(&a.checkpoint);
+        let trainer = restore_part(dir, &training, job.seed, shard).map_err(RankError::worker)?;
+        // After the checkpoint verified: another corpus is no corruption.
         checkpoint::check_corpus(dir, &reader.manifest().content_digest())
-            .map_err(RankError::worker)?;
-        restore_part(dir, &training, job.seed, shard).map_err(RankError::worker)?
+            .map_err(RankError::fatal)?;
+        trainer
     };
     tracing::info!(
         generation = a.generation,

@@ -78,10 +78,11 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
     // The newest checkpoint that verifies: a corrupt one gives way to the one before it.
     let digest = reader.manifest().content_digest();
     while let Some((step, dir)) = kept.pop() {
-        match restore(&dir, &training, job.seed)
-            .and_then(|t| checkpoint::check_corpus(&dir, &digest).map(|()| t))
-        {
+        match restore(&dir, &training, job.seed) {
             Ok(trainer) => {
+                // After the checkpoint verified, and never a reason to fall back to an older
+                // one (which would train on the other corpus from there): another corpus.
+                checkpoint::check_corpus(&dir, &digest)?;
                 resumed_from = Some(step);
                 tracing::info!(step, dir = %dir.display(), "resumed from checkpoint");
                 restored = Some(trainer);
