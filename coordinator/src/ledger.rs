@@ -571,6 +571,16 @@ mod tests {
         spec
     }
 
+    /// A commit of `step` in generation 1, of directory `d<step>`.
+    fn committed_at(step: u64) -> Committed {
+        Committed {
+            step,
+            dir: format!("d{step}"),
+            generation: 1,
+            ..Default::default()
+        }
+    }
+
     /// The steps of the ledger's entries, in order.
     fn steps_of(ledger: &Ledger) -> Vec<u64> {
         ledger
@@ -729,12 +739,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let spec = job(tmp.path(), 1);
         let (ledger, _) = Ledger::open(&spec).expect("open");
-        let commit = |step: u64| Committed {
-            step,
-            dir: format!("d{step}"),
-            generation: 1,
-            ..Default::default()
-        };
+        let commit = committed_at;
         let mut commits = FileCommits::default();
         commits
             .commit(&ledger, commit(2), vec![entry(0), entry(1)])
@@ -786,12 +791,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let spec = job(tmp.path(), 1);
         let (ledger, _) = Ledger::open(&spec).expect("open");
-        let commit = |step: u64| Committed {
-            step,
-            dir: format!("d{step}"),
-            generation: 1,
-            ..Default::default()
-        };
+        let commit = committed_at;
         ledger
             .commit(&commit(2), &[entry(0), entry(1)])
             .expect("commit");
