@@ -66,6 +66,7 @@ pub fn server(spec: &CoordinatorTls) -> Result<ServerTls, TlsError> {
     install_crypto_provider();
     let cert_pem = read("cluster.tls.cert", &spec.cert)?;
     let key_pem = read("cluster.tls.key", &spec.key)?;
+    warn_if_readable_by_others("cluster.tls.key", &spec.key);
     let certs = certificates("cluster.tls.cert", &spec.cert, &cert_pem)?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
         field: "cluster.tls.key",
@@ -181,6 +182,7 @@ pub fn endpoint(url: &str, tls: &ClientTls) -> Result<Endpoint, TlsError> {
         let cert_pem = read("--client-cert", cert)?;
         certificates("--client-cert", cert, &cert_pem)?;
         let key_pem = read("--client-key", key)?;
+        warn_if_readable_by_others("--client-key", key);
         PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
             field: "--client-key",
             path: key.clone(),
@@ -334,6 +336,27 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
+/// Whether a file's permission bits let users other than its owner read it (group or other).
+fn readable_by_others(mode: u32) -> bool {
+    mode & 0o044 != 0
+}
+
+/// A private key that other users of the machine can read is worth a warning (as ssh refuses
+/// such keys); a mounted Kubernetes secret is 0644 by default, so it is not refused.
+fn warn_if_readable_by_others(field: &'static str, path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if readable_by_others(meta.permissions().mode()) {
+            tracing::warn!(
+                field,
+                path = %path.display(),
+                mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                "the private key can be read by other users of this machine (chmod 600 it)"
+            );
+        }
+    }
+}
+
 fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|error| TlsError::Read {
         field,
@@ -383,6 +406,15 @@ fn roots(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_readable_by_group_or_others_are_told_apart() {
+        assert!(!readable_by_others(0o100600));
+        assert!(!readable_by_others(0o100400));
+        assert!(readable_by_others(0o100644));
+        assert!(readable_by_others(0o100640));
+        assert!(readable_by_others(0o100604));
+    }
 
     #[test]
     fn a_plain_call_closed_at_once_hints_at_https() {
