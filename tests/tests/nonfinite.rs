@@ -134,15 +134,7 @@ fn launch_fails_the_job_at_a_non_finite_step() {
     let dir = tempfile::tempdir().expect("tempdir");
     let job = diverging_job(dir.path(), "launched", 20, "");
     let _serial = serial();
-    let mut cmd = Command::new(binary("dapt"));
-    cmd.args(["--log-format", "json", "launch"])
-        .arg(&job.path)
-        .args(["--workers", "2"]);
-    let mut proc = Proc::spawn(cmd);
-    let (status, stdout) = proc.finish(LONG);
-    let stderr = proc.stderr();
-    assert!(!status.success(), "{stdout}\n{stderr}");
-    assert!(!stdout.contains("job completed"), "{stdout}");
+    let (proc, stderr) = failed_launch(&job.path);
     assert!(
         stderr.contains("the job failed") && stderr.contains("the step was not applied"),
         "{stderr}"
@@ -311,15 +303,7 @@ fn launch_fails_the_job_at_a_non_finite_evaluation() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_, from_model) = overflowing_model(dir.path(), "launched-eval");
     let _serial = serial();
-    let mut cmd = Command::new(binary("dapt"));
-    cmd.args(["--log-format", "json", "launch"])
-        .arg(&from_model)
-        .args(["--workers", "2"]);
-    let mut proc = Proc::spawn(cmd);
-    let (status, stdout) = proc.finish(LONG);
-    let stderr = proc.stderr();
-    assert!(!status.success(), "{stdout}\n{stderr}");
-    assert!(!stdout.contains("job completed"), "{stdout}");
+    let (proc, stderr) = failed_launch(&from_model);
     assert!(
         stderr.contains("the job failed")
             && stderr.contains("held-out evaluation of source `postgres` at step 0"),
@@ -327,4 +311,19 @@ fn launch_fails_the_job_at_a_non_finite_evaluation() {
     );
     let lines = proc.lines();
     assert_eq!(events(&lines, "generation formed").len(), 1, "{stderr}");
+}
+
+/// `dapt launch JOB --workers 2`, which must fail without completing: the finished process
+/// (for its log lines) and its stderr.
+fn failed_launch(job: &std::path::Path) -> (Proc, String) {
+    let mut cmd = Command::new(binary("dapt"));
+    cmd.args(["--log-format", "json", "launch"])
+        .arg(job)
+        .args(["--workers", "2"]);
+    let mut proc = Proc::spawn(cmd);
+    let (status, stdout) = proc.finish(LONG);
+    let stderr = proc.stderr();
+    assert!(!status.success(), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("job completed"), "{stdout}");
+    (proc, stderr)
 }
