@@ -114,6 +114,7 @@ pub fn train(
         .manifest()
         .check_spec(&job.corpus)
         .map_err(RankError::fatal)?;
+    let corpus_digest = reader.manifest().content_digest();
     // The committed mixture schedule (the forgetting guard's rebalances), from step to sample.
     let schedule: Vec<dapt_corpus::MixtureChange> = a
         .mixture_schedule
@@ -142,7 +143,7 @@ pub fn train(
         let dir = std::path::Path::new(&a.checkpoint);
         let trainer = restore_part(dir, &training, job.seed, shard).map_err(RankError::worker)?;
         // After the checkpoint verified: another corpus is no corruption.
-        checkpoint::check_corpus(dir, &reader.manifest().content_digest())
+        checkpoint::check_corpus(dir, &corpus_digest)
             .map_err(RankError::fatal)?;
         trainer
     };
@@ -238,7 +239,6 @@ pub fn train(
         .corpus
         .output
         .join(dapt_corpus::manifest::TOKENIZER_FILE);
-    let corpus_digest = reader.manifest().content_digest();
     let corpus = checkpoint::CorpusRef::new(&corpus_tokenizer, &corpus_digest);
     let eval = |trainer: &dyn Engine, step: u64| -> Result<(), RankError> {
         if a.rank != 0 {

@@ -119,6 +119,7 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
         job,
         training: &training,
         reader: &reader,
+        corpus_digest: &digest,
         order: &order,
         options,
         resumed_from,
@@ -180,6 +181,8 @@ struct LoopContext<'a> {
     job: &'a JobSpec,
     training: &'a TrainingSpec,
     reader: &'a CorpusReader,
+    /// The corpus's content digest, recorded in each checkpoint.
+    corpus_digest: &'a str,
     order: &'a dapt_corpus::SampleOrder,
     options: &'a RunOptions,
     resumed_from: Option<u64>,
@@ -235,6 +238,7 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
         job,
         training,
         reader,
+        corpus_digest,
         order,
         options,
         resumed_from,
@@ -245,7 +249,6 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
         .corpus
         .output
         .join(dapt_corpus::manifest::TOKENIZER_FILE);
-    let corpus_digest = reader.manifest().content_digest();
 
     let steps = training.steps();
     let stop = options.stop_after.unwrap_or(steps).min(steps);
@@ -300,7 +303,7 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
                 .push(evaluate(trainer, reader, &training, done)?);
         }
         if !options.no_checkpoints && (done.is_multiple_of(job.checkpoint.every) || done == stop) {
-            let corpus = checkpoint::CorpusRef::new(&corpus_tokenizer, &corpus_digest);
+            let corpus = checkpoint::CorpusRef::new(&corpus_tokenizer, corpus_digest);
             let dir = trainer.save(&root, job.seed, Some(corpus))?;
             checkpoint::prune(&root, job.checkpoint.keep)?;
             tracing::info!(step = done, dir = %dir.display(), "checkpoint committed");
