@@ -143,8 +143,7 @@ pub fn train(
         let dir = std::path::Path::new(&a.checkpoint);
         let trainer = restore_part(dir, &training, job.seed, shard).map_err(RankError::worker)?;
         // After the checkpoint verified: another corpus is no corruption.
-        checkpoint::check_corpus(dir, &corpus_digest)
-            .map_err(RankError::fatal)?;
+        checkpoint::check_corpus(dir, &corpus_digest).map_err(RankError::fatal)?;
         trainer
     };
     tracing::info!(
