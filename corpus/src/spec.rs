@@ -35,7 +35,8 @@ pub struct CorpusSpec {
     #[serde(default)]
     pub eos_token: Option<String>,
     /// Whether each document starts with a beginning-of-sequence token: `auto` (the default)
-    /// does what the tokenizer's post-processor template does, `true` always, `false` never.
+    /// does what the tokenizer's post-processor template does (or a `tokenizer_config.json`
+    /// beside it, as transformers reads it), `true` always, `false` never.
     #[serde(default)]
     pub add_bos: AddBos,
     /// The token `add_bos: true` puts first when the tokenizer's template names none; by
@@ -121,7 +122,7 @@ impl<'de> Deserialize<'de> for EncodingLabel {
 /// `corpus.add_bos`: `auto`, `true` or `false`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum AddBos {
-    /// As the tokenizer's post-processor template says.
+    /// As the tokenizer's post-processor template says, or a `tokenizer_config.json` beside it.
     #[default]
     Auto,
     Always,

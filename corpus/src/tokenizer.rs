@@ -69,6 +69,108 @@ pub enum BosFrom {
     TemplateAddsNone,
     /// `add_bos: false`.
     JobSaysNo,
+    /// The `tokenizer_config.json` beside the `tokenizer.json` says to add one where the
+    /// template adds none (`add_bos_token: true`, or a Llama/Gemma tokenizer class, whose
+    /// default that is), as transformers does when it loads that folder (`add_bos: auto`).
+    TokenizerConfig,
+    /// The `tokenizer_config.json` says `add_bos_token: false` where the template adds one
+    /// (`add_bos: auto`).
+    TokenizerConfigSaysNo,
+    /// The `tokenizer_config.json` says to add one, and its `bos_token` is the EOS (not added,
+    /// as [`BosFrom::TemplateBosIsEos`]).
+    TokenizerConfigBosIsEos,
+}
+
+/// The `tokenizer_config.json` that transformers reads beside a `tokenizer.json`.
+pub const HF_TOKENIZER_CONFIG: &str = "tokenizer_config.json";
+
+/// transformers' tokenizer classes that rebuild the post-processor from `add_bos_token` when
+/// they load (`update_post_processor`), with `add_bos_token` true by default: a folder of one of
+/// these adds a BOS even when its `tokenizer.json` template adds none.
+const BOS_BY_DEFAULT_CLASSES: &[&str] = &[
+    "LlamaTokenizer",
+    "LlamaTokenizerFast",
+    "CodeLlamaTokenizer",
+    "CodeLlamaTokenizerFast",
+    "GemmaTokenizer",
+    "GemmaTokenizerFast",
+];
+
+/// What a `tokenizer_config.json` says about the BOS, as transformers applies it when it loads
+/// the folder (`PreTrainedTokenizerFast` since transformers 4.42 honours an explicit
+/// `add_bos_token`; the classes of [`BOS_BY_DEFAULT_CLASSES`] default it to true).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HfBos {
+    /// Whether a BOS starts each sequence.
+    pub add: bool,
+    /// The config's `bos_token`, if it names one.
+    pub token: Option<String>,
+    /// Why, for the report: `add_bos_token: true` or `tokenizer_class LlamaTokenizerFast`.
+    pub reason: String,
+}
+
+impl HfBos {
+    /// Reads `tokenizer_config.json` beside `tokenizer_json`, if there is one. `None` when there
+    /// is none or it says nothing of the BOS (no `add_bos_token`, another tokenizer class).
+    ///
+    /// # Errors
+    /// A file that cannot be read or is not a JSON object, or whose `add_bos_token`,
+    /// `bos_token` or `tokenizer_class` has another type, naming the file and field: it could
+    /// change every document, so it is not skipped.
+    pub fn beside(tokenizer_json: &Path) -> Result<Option<HfBos>> {
+        let path = tokenizer_json.with_file_name(HF_TOKENIZER_CONFIG);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(CorpusError::io(&path)(e)),
+        };
+        let fail = |message: String| CorpusError::Tokenizer {
+            path: path.clone(),
+            message,
+        };
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| fail(format!("is not JSON: {e}")))?;
+        let Some(config) = config.as_object() else {
+            return Err(fail("is not a JSON object".into()));
+        };
+        let field = |key: &str| config.get(key).filter(|v| !v.is_null());
+        let add = match field("add_bos_token") {
+            None => None,
+            Some(serde_json::Value::Bool(b)) => Some(*b),
+            Some(v) => return Err(fail(format!("`add_bos_token` is {v}, not true or false"))),
+        };
+        // `bos_token` is a string, or an AddedToken object with its `content`.
+        let token = match field("bos_token") {
+            None => None,
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(v) => match v.get("content").and_then(|c| c.as_str()) {
+                Some(s) => Some(s.to_owned()),
+                None => {
+                    return Err(fail(format!(
+                        "`bos_token` is {v}, not a token string or an object with its `content`"
+                    )))
+                }
+            },
+        };
+        let class = match field("tokenizer_class") {
+            None => None,
+            Some(serde_json::Value::String(s)) => Some(s.as_str()),
+            Some(v) => return Err(fail(format!("`tokenizer_class` is {v}, not a class name"))),
+        };
+        Ok(match (add, class) {
+            (Some(add), _) => Some(HfBos {
+                add,
+                token,
+                reason: format!("{HF_TOKENIZER_CONFIG}: add_bos_token {add}"),
+            }),
+            (None, Some(class)) if BOS_BY_DEFAULT_CLASSES.contains(&class) => Some(HfBos {
+                add: true,
+                token,
+                reason: format!("{HF_TOKENIZER_CONFIG}: tokenizer_class {class}, which adds it by default"),
+            }),
+            (None, _) => None,
+        })
+    }
 }
 
 /// A loaded tokenizer and the facts the shards depend on.
@@ -79,6 +181,9 @@ pub struct CorpusTokenizer {
     /// The token put before each document's text, if any.
     pub bos: Option<(String, u32)>,
     pub bos_from: BosFrom,
+    /// When [`BosFrom::TokenizerConfig`] or [`BosFrom::TokenizerConfigSaysNo`]: what the
+    /// `tokenizer_config.json` said (`add_bos_token: true`, ...), for the report.
+    pub bos_reason: Option<String>,
     /// What the tokenizer's post-processor template puts after a sequence (dapt puts its EOS
     /// there instead); reported when it is not just the EOS.
     pub template_suffix: Vec<String>,
@@ -100,20 +205,29 @@ pub struct CorpusTokenizer {
 }
 
 impl CorpusTokenizer {
-    /// Loads `path` and finds its end-of-document token and its BOS template.
+    /// Loads `path` and finds its end-of-document token and its BOS: the template's, or what a
+    /// `tokenizer_config.json` beside it says ([`HfBos::beside`]).
     pub fn load(path: &Path, options: &TokenizerOptions) -> Result<Self> {
         let tokenizer = Tokenizer::from_file(path).map_err(|e| CorpusError::Tokenizer {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        Self::new(tokenizer, path, options)
+        let hf_bos = HfBos::beside(path)?;
+        Self::with_config(tokenizer, path, options, hf_bos.as_ref())
     }
 
     /// `origin` names the tokenizer in errors (the user's file, not a copy).
-    pub fn new(
+    pub fn new(tokenizer: Tokenizer, origin: &Path, options: &TokenizerOptions) -> Result<Self> {
+        Self::with_config(tokenizer, origin, options, None)
+    }
+
+    /// As [`CorpusTokenizer::new`], with what a `tokenizer_config.json` says of the BOS
+    /// (under `add_bos: auto` it decides where it differs from the template).
+    pub fn with_config(
         mut tokenizer: Tokenizer,
         origin: &Path,
         options: &TokenizerOptions,
+        hf_bos: Option<&HfBos>,
     ) -> Result<Self> {
         let fail = |message: String| CorpusError::Tokenizer {
             path: origin.to_path_buf(),
@@ -177,12 +291,44 @@ impl CorpusTokenizer {
                 ))
             }
             AddBos::Never => (None, BosFrom::JobSaysNo),
-            AddBos::Auto => match template_bos {
-                Some((_, id)) if id == eos_id && named_bos.is_none() => {
+            AddBos::Auto => match (template_bos, hf_bos) {
+                // transformers rebuilds the template from the config when it loads the folder.
+                (Some(_), Some(hf)) if !hf.add => (None, BosFrom::TokenizerConfigSaysNo),
+                (None, Some(hf)) if hf.add => {
+                    let bos = match (named_bos, &hf.token) {
+                        (Some(named), _) => named,
+                        (None, Some(name)) => match tokenizer.token_to_id(name) {
+                            Some(id) => (name.clone(), id),
+                            None => {
+                                return Err(fail(format!(
+                                    "has no token `{name}`, the bos_token of {}",
+                                    hf.reason
+                                )))
+                            }
+                        },
+                        (None, None) => {
+                            find_token(&tokenizer, BOS_CANDIDATES).ok_or_else(|| {
+                                fail(format!(
+                                    "has none of the usual beginning-of-sequence tokens ({}) \
+                                     for {}: set corpus.bos_token",
+                                    BOS_CANDIDATES.join(", "),
+                                    hf.reason
+                                ))
+                            })?
+                        }
+                    };
+                    if bos.1 == eos_id {
+                        // As with a template whose BOS is the EOS: the EOS before separates.
+                        (None, BosFrom::TokenizerConfigBosIsEos)
+                    } else {
+                        (Some(bos), BosFrom::TokenizerConfig)
+                    }
+                }
+                (Some((_, id)), _) if id == eos_id && named_bos.is_none() => {
                     (None, BosFrom::TemplateBosIsEos)
                 }
-                Some(t) => (Some(named_bos.unwrap_or(t)), BosFrom::Template),
-                None => (None, BosFrom::TemplateAddsNone),
+                (Some(t), _) => (Some(named_bos.unwrap_or(t)), BosFrom::Template),
+                (None, _) => (None, BosFrom::TemplateAddsNone),
             },
             AddBos::Always => {
                 let bos = named_bos
@@ -276,6 +422,16 @@ impl CorpusTokenizer {
             tokenizer,
             eos_token,
             eos_id,
+            bos_reason: hf_bos
+                .filter(|_| {
+                    matches!(
+                        bos_from,
+                        BosFrom::TokenizerConfig
+                            | BosFrom::TokenizerConfigSaysNo
+                            | BosFrom::TokenizerConfigBosIsEos
+                    )
+                })
+                .map(|hf| hf.reason.clone()),
             bos,
             bos_from,
             template_suffix,

@@ -791,3 +791,91 @@ fn a_tokenizer_that_encodes_text_to_nothing_is_refused() {
         "{err}"
     );
 }
+
+/// A model folder's `tokenizer_config.json` decides the BOS as transformers applies it when it
+/// loads the folder: an explicit `add_bos_token`, or a Llama/Gemma tokenizer class (BOS by
+/// default) where the `tokenizer.json` has no template (older Llama-2 and Mistral exports).
+#[test]
+fn a_tokenizer_config_beside_the_tokenizer_decides_the_bos_as_transformers_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("model")).expect("mkdir");
+    let tok = d.join("model").join("tokenizer.json");
+    let config = d.join("model").join("tokenizer_config.json");
+    llama2_style_tokenizer(&tok);
+    edit_tokenizer(&tok, |json| json["post_processor"] = serde_json::Value::Null);
+    write(d, "a.jsonl", "{\"text\": \"plain words\"}\n{\"text\": \"more words\"}\n");
+    let head = format!("tokenizer: {}\n", tok.display());
+    let first_ids = |d: &Path| -> Vec<u32> {
+        stored(&d.join("out")).iter().map(|(ids, _)| ids[0]).collect()
+    };
+
+    // No config: the template adds nothing.
+    let report = prepared(&spec(d, &head, ""));
+    assert_eq!(report.tokenizer.bos_token, None);
+    assert!(first_ids(d).iter().all(|&id| id != 1));
+
+    // add_bos_token: true with its bos_token (what LlamaTokenizerFast rebuilds the template from).
+    std::fs::write(
+        &config,
+        r#"{"tokenizer_class": "LlamaTokenizer", "add_bos_token": true, "add_eos_token": false,
+            "bos_token": "<s>", "eos_token": "</s>"}"#,
+    )
+    .expect("write config");
+    let report = prepared(&spec(d, &head, "")); // a fresh prepare: the config is an input
+    assert_eq!(report.tokenizer.bos_token.as_deref(), Some("<s>"));
+    assert_eq!(report.tokenizer.added_tokens, ["<s>", "</s>"]);
+    let reason = report.tokenizer.bos_reason.clone().expect("reason");
+    assert!(reason.contains("tokenizer_config.json") && reason.contains("add_bos_token"));
+    assert_eq!(first_ids(d), [1, 1]);
+    let rendered = dapt_corpus::report::render(&report);
+    assert!(rendered.contains("tokenizer_config.json"), "{rendered}");
+
+    // A Llama class without the key adds it by default; bos_token as an AddedToken object.
+    std::fs::write(
+        &config,
+        r#"{"tokenizer_class": "LlamaTokenizerFast",
+            "bos_token": {"__type": "AddedToken", "content": "<s>", "special": true}}"#,
+    )
+    .expect("write config");
+    prepared(&spec(d, &head, ""));
+    assert_eq!(first_ids(d), [1, 1]);
+
+    // Another class says nothing of the BOS: the template decides.
+    std::fs::write(&config, r#"{"tokenizer_class": "PreTrainedTokenizerFast"}"#).expect("write");
+    prepared(&spec(d, &head, ""));
+    assert!(first_ids(d).iter().all(|&id| id != 1));
+
+    // The job's add_bos: false still wins.
+    std::fs::write(&config, r#"{"add_bos_token": true, "bos_token": "<s>"}"#).expect("write");
+    prepared(&spec(d, &format!("{head}add_bos: false\n"), ""));
+    assert!(first_ids(d).iter().all(|&id| id != 1));
+
+    // add_bos_token: false where the template adds <s>: none, and the report says why.
+    llama2_style_tokenizer(&tok);
+    std::fs::write(&config, r#"{"add_bos_token": false}"#).expect("write config");
+    let report = prepared(&spec(d, &head, ""));
+    assert_eq!(report.tokenizer.bos_token, None);
+    assert!(first_ids(d).iter().all(|&id| id != 1));
+    assert!(dapt_corpus::report::render(&report).contains("add_bos_token false"));
+
+    // A config that cannot be read as transformers would is an error naming file and field.
+    for (bad, field) in [
+        (r#"{"add_bos_token": "yes"}"#, "add_bos_token"),
+        (r#"{"add_bos_token": true, "bos_token": 5}"#, "bos_token"),
+        (r#"{"add_bos_token": true, "bos_token": "<nope>"}"#, "<nope>"),
+        (r#"[1, 2]"#, "JSON object"),
+        ("{not json", "JSON"),
+    ] {
+        edit_tokenizer(&tok, |json| json["post_processor"] = serde_json::Value::Null);
+        std::fs::write(&config, bad).expect("write config");
+        let err = prepare(&spec(d, &head, ""), None, &PrepareOptions::default())
+            .err()
+            .expect("refused");
+        let msg = err.to_string();
+        assert!(msg.contains(field), "{bad}: {msg}");
+        if field != "<nope>" {
+            assert!(msg.contains("tokenizer_config.json"), "{bad}: {msg}");
+        }
+    }
+}

@@ -82,7 +82,15 @@ pub fn prepare(
         .map(ingest::discover)
         .collect::<Result<Vec<_>>>()?;
     let given_tokenizer = match &spec.tokenizer {
-        Some(path) => Some((path.clone(), tokenizer::sha256_file(path)?)),
+        Some(path) => {
+            // A tokenizer_config.json beside it can decide the BOS: its bytes are an input too.
+            let config = path.with_file_name(tokenizer::HF_TOKENIZER_CONFIG);
+            let mut sha = tokenizer::sha256_file(path)?;
+            if config.is_file() {
+                sha = format!("{sha}+{}", tokenizer::sha256_file(&config)?);
+            }
+            Some((path.clone(), sha))
+        }
         None => None,
     };
     let fingerprint = fingerprint(

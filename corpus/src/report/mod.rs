@@ -268,6 +268,10 @@ pub struct TokenizerRow {
     pub bos_token: Option<String>,
     /// Why documents do or do not start with a BOS.
     pub bos_from: BosFrom,
+    /// What the `tokenizer_config.json` said when it decided (`tokenizer_config.json:
+    /// add_bos_token true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bos_reason: Option<String>,
     /// The special tokens dapt adds to each document, in order (`[bos,] eos`).
     pub added_tokens: Vec<String>,
     /// What the tokenizer's template puts after a sequence when that is not just the EOS
@@ -379,6 +383,7 @@ pub fn build(
             eos_token: tk.eos_token.clone(),
             bos_token: tk.bos.as_ref().map(|b| b.0.clone()),
             bos_from: tk.bos_from,
+            bos_reason: tk.bos_reason.clone(),
             added_tokens: tk.added_tokens(),
             template_suffix_not_applied: tk.template_suffix.clone(),
             ignored_settings: tk

@@ -51,6 +51,19 @@ pub fn render(report: &Report) -> String {
     );
     let bos = match (&t.bos_token, t.bos_from) {
         (Some(bos), BosFrom::Template) => format!("{bos} first (the tokenizer's template adds it)"),
+        (Some(bos), BosFrom::TokenizerConfig) => format!(
+            "{bos} first ({}; the tokenizer.json template adds none)",
+            t.bos_reason.as_deref().unwrap_or("tokenizer_config.json")
+        ),
+        (None, BosFrom::TokenizerConfigSaysNo) => format!(
+            "no BOS ({}; the tokenizer.json template adds one)",
+            t.bos_reason.as_deref().unwrap_or("tokenizer_config.json")
+        ),
+        (None, BosFrom::TokenizerConfigBosIsEos) => format!(
+            "no BOS ({} but its bos_token is {}, the EOS that already ends the document before)",
+            t.bos_reason.as_deref().unwrap_or("tokenizer_config.json"),
+            t.eos_token
+        ),
         (Some(bos), _) => format!("{bos} first (corpus.add_bos: true)"),
         (None, BosFrom::JobSaysNo) => "no BOS (corpus.add_bos: false)".to_owned(),
         (None, BosFrom::TemplateBosIsEos) => format!(
