@@ -26,9 +26,13 @@ pub enum CorpusError {
         message: String,
     },
     #[error(
-        "{path}: unsupported file type (expected .txt, .md, .rst, .jsonl, .html, optionally .gz)"
+        "{path}: unsupported file type (expected {})",
+        crate::ingest::SUPPORTED_EXTENSIONS
     )]
     UnsupportedFormat { path: PathBuf },
+    /// A FIFO, socket or device named in a source's `paths`: its read would block or never end.
+    #[error("{path}: not a regular file (a FIFO, socket or device): dapt reads regular files")]
+    NotAFile { path: PathBuf },
     /// The bytes are not text dapt can read ([`crate::ingest::encoding::Undecodable`]).
     #[error("{path}: {reason}")]
     NotText { path: PathBuf, reason: String },
@@ -37,11 +41,13 @@ pub enum CorpusError {
         path: PathBuf,
         error: std::io::Error,
     },
-    #[error("source `{source_name}` has no non-empty documents (after removing {duplicates} duplicates and {empty} empty ones)")]
+    #[error("source `{source_name}` has no non-empty documents (after removing {duplicates} duplicates and {empty} empty ones){passed_over}")]
     EmptySource {
         source_name: String,
         duplicates: u64,
         empty: u64,
+        /// `; N JSONL lines were not ...`: what was passed over, or empty.
+        passed_over: String,
     },
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },

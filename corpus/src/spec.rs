@@ -24,6 +24,7 @@ pub const DEFAULT_TEXT_FIELD: &str = "text";
 #[serde(deny_unknown_fields)]
 pub struct CorpusSpec {
     /// Output directory for shards, manifest, report and tokenizer (relative to the job file).
+    #[serde(deserialize_with = "output_path")]
     pub output: PathBuf,
     /// A Hugging Face `tokenizer.json`. Without one, a byte-level BPE is trained on the corpus.
     #[serde(default)]
@@ -205,6 +206,13 @@ impl<'de> Deserialize<'de> for Sources {
                     if sources.iter().any(|s| s.name == source.name) {
                         return Err(A::Error::custom(format!(
                             "sources[{i}]: the name `{}` is used twice",
+                            source.name
+                        )));
+                    }
+                    if let Some(j) = source.paths.iter().position(|p| p.trim().is_empty()) {
+                        return Err(A::Error::custom(format!(
+                            "sources[{i}] ({}): paths[{j}] is empty (it would name the job's \
+                             whole folder: write `.` for that)",
                             source.name
                         )));
                     }
@@ -401,6 +409,23 @@ fn default_text_field() -> String {
     DEFAULT_TEXT_FIELD.to_owned()
 }
 
+/// `corpus.output`: YAML's `~` and `null` are no folder name, and `~/x` is not expanded (no
+/// shell reads the job file): each would make a folder literally named so.
+fn output_path<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+    use serde::de::Error;
+    let text = Option::<String>::deserialize(d)?.unwrap_or_default();
+    match text.as_str() {
+        "" | "~" | "null" | "Null" | "NULL" => Err(D::Error::custom(
+            "`output` is empty: name the folder the corpus is written to",
+        )),
+        t if t.starts_with("~/") => Err(D::Error::custom(format!(
+            "`output` {t}: `~` is not expanded in a job file: write the full path, or one \
+             relative to the job file"
+        ))),
+        _ => Ok(PathBuf::from(text)),
+    }
+}
+
 impl CorpusSpec {
     /// Makes every relative path (output, tokenizer, source paths) relative to `base` instead,
     /// normally the directory of the job file.
@@ -414,11 +439,30 @@ impl CorpusSpec {
         };
         self.output = join(&self.output);
         self.tokenizer = self.tokenizer.as_deref().map(join);
+        // A source path is a glob when the user's own text has a wildcard and no such path
+        // exists as written (`notes [draft].txt`); the job folder's characters are never
+        // wildcards (a job in `proj[v2]/` would match `projv/`), so they are escaped in a glob,
+        // and a literal path that holds them is escaped whole (a glob matching only itself).
+        let escape = |p: &Path| glob::Pattern::escape(&p.to_string_lossy());
         for source in &mut self.sources.0 {
             for pattern in &mut source.paths {
-                *pattern = join(Path::new(pattern.as_str()))
-                    .to_string_lossy()
-                    .into_owned();
+                let user = Path::new(pattern.as_str());
+                let literal = join(user);
+                *pattern = if crate::ingest::has_wildcards(pattern)
+                    && std::fs::symlink_metadata(&literal).is_err()
+                {
+                    if user.is_absolute() {
+                        pattern.clone()
+                    } else {
+                        lexical_clean(&Path::new(&escape(base)).join(user))
+                            .to_string_lossy()
+                            .into_owned()
+                    }
+                } else if crate::ingest::has_wildcards(&literal.to_string_lossy()) {
+                    escape(&literal)
+                } else {
+                    literal.to_string_lossy().into_owned()
+                };
             }
         }
     }
@@ -480,6 +524,17 @@ mod tests {
 
     const GOOD: &str =
         "output: out\nsources:\n  - name: pg\n    role: domain\n    paths: [a]\n    weight: 1\n";
+
+    #[test]
+    fn an_output_of_null_or_tilde_is_refused_not_made_a_folder_of_that_name() {
+        for output in ["~", "null", "\"\"", "~/corpora/x"] {
+            let err = parse(&GOOD.replace("output: out", &format!("output: {output}")))
+                .expect_err("refused");
+            assert!(err.contains("`output`"), "{output}: {err}");
+        }
+        let err = parse(&GOOD.replace("output: out\n", "")).expect_err("refused");
+        assert!(err.contains("output"), "{err}");
+    }
 
     #[test]
     fn minimal_spec_gets_defaults() {

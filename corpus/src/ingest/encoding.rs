@@ -141,9 +141,13 @@ pub fn decode(
     } else {
         labels.unknown
     };
+    // ASCII reads the same in every single-byte legacy encoding, but not as UTF-16 (two ASCII
+    // letters become one CJK character): there, text without a NUL byte is flagged too (UTF-16
+    // Latin text has one in every other byte).
+    let utf16 = encoding == encoding_rs::UTF_16LE || encoding == encoding_rs::UTF_16BE;
     let utf8_under_legacy = declared == Declared::Fallback
         && encoding != UTF_8
-        && !raw.is_ascii()
+        && (!raw.is_ascii() || (utf16 && !raw.is_empty() && !raw.contains(&0)))
         && std::str::from_utf8(&raw).is_ok();
     if encoding == UTF_8 {
         // The common case: valid UTF-8 is taken as it is, without a copy.
@@ -828,5 +832,13 @@ mod tests {
         assert!(!d.utf8_under_legacy);
         let d = decode(b"plain ascii".to_vec(), Format::Plain, WINDOWS_1252).unwrap();
         assert!(!d.utf8_under_legacy);
+        // ASCII under a UTF-16 setting is CJK garbage: flagged; real UTF-16 is not.
+        for utf16 in [encoding_rs::UTF_16LE, encoding_rs::UTF_16BE] {
+            let d = decode(b"plain ascii".to_vec(), Format::Plain, utf16).unwrap();
+            assert!(d.utf8_under_legacy, "{d:?}");
+        }
+        let le: Vec<u8> = "plain".encode_utf16().flat_map(u16::to_le_bytes).collect();
+        let d = decode(le, Format::Plain, encoding_rs::UTF_16LE).unwrap();
+        assert!(!d.utf8_under_legacy && d.text == "plain", "{d:?}");
     }
 }

@@ -47,6 +47,96 @@ const BLOCKS: &[&str] = &[
     "caption",
 ];
 
+/// The deepest element nesting a page may have. html5ever's tree builder searches its stack
+/// of open elements for each tag, so its time grows with depth squared (100,000 nested
+/// `<div>`s took minutes); browsers cap the tree at 512 levels (Blink), real pages stay far
+/// below, so a page past this is generated junk or hostile.
+pub const MAX_NESTING: usize = 4096;
+
+/// Elements that never hold others (`<br>`), or whose end tag is optional and implied by the
+/// next sibling (`<p>`, `<li>`): not counted as nesting.
+const NOT_NESTING: &[&str] = &[
+    "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source",
+    "track", "wbr", "p", "li", "dt", "dd", "tr", "td", "th", "option", "optgroup", "tbody",
+    "thead", "tfoot", "colgroup", "rb", "rt", "rp", "rtc", "html", "head", "body",
+];
+
+/// How deep the page's elements nest, estimated in linear time from html5ever's tokenizer
+/// alone: a start tag pushes its name, an end tag pops down to the open element of its name
+/// (as the tree builder closes what is left open inside it), an end tag with no such open
+/// element is ignored. Stops reading (in 64 KiB pieces) once past `limit`.
+pub fn nesting_depth(html: &str, limit: usize) -> usize {
+    use html5ever::tokenizer::{
+        states::RawKind, BufferQueue, TagKind, Token, TokenSink, TokenSinkResult, Tokenizer,
+        TokenizerOpts,
+    };
+    use std::cell::{Cell, RefCell};
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    struct Depth {
+        open: RefCell<Vec<String>>,
+        count: RefCell<HashMap<String, usize>>,
+        deepest: Cell<usize>,
+    }
+    impl TokenSink for Depth {
+        type Handle = ();
+        fn process_token(&self, token: Token, _line: u64) -> TokenSinkResult<()> {
+            let Token::TagToken(tag) = token else {
+                return TokenSinkResult::Continue;
+            };
+            let name: &str = &tag.name;
+            let (mut open, mut count) = (self.open.borrow_mut(), self.count.borrow_mut());
+            match tag.kind {
+                TagKind::StartTag if !tag.self_closing && !NOT_NESTING.contains(&name) => {
+                    open.push(name.to_owned());
+                    *count.entry(name.to_owned()).or_default() += 1;
+                    self.deepest.set(self.deepest.get().max(open.len()));
+                }
+                TagKind::EndTag if count.get(name).is_some_and(|&n| n > 0) => {
+                    while let Some(top) = open.pop() {
+                        if let Some(n) = count.get_mut(&top) {
+                            *n -= 1;
+                        }
+                        if top == name {
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            }
+            // The text of these is not markup: the tree builder switches the tokenizer so.
+            match (tag.kind, name) {
+                (TagKind::StartTag, "script") => TokenSinkResult::RawData(RawKind::ScriptData),
+                (TagKind::StartTag, "style" | "xmp" | "iframe" | "noembed" | "noframes") => {
+                    TokenSinkResult::RawData(RawKind::Rawtext)
+                }
+                (TagKind::StartTag, "textarea" | "title") => {
+                    TokenSinkResult::RawData(RawKind::Rcdata)
+                }
+                (TagKind::StartTag, "plaintext") => TokenSinkResult::Plaintext,
+                _ => TokenSinkResult::Continue,
+            }
+        }
+    }
+
+    let tokenizer = Tokenizer::new(Depth::default(), TokenizerOpts::default());
+    let input = BufferQueue::default();
+    // Fed in pieces so that a page past the limit stops early.
+    let mut rest = html;
+    while !rest.is_empty() && tokenizer.sink.deepest.get() <= limit {
+        let mut cut = rest.len().min(64 << 10);
+        while !rest.is_char_boundary(cut) {
+            cut += 1;
+        }
+        input.push_back(rest[..cut].into());
+        rest = &rest[cut..];
+        let _ = tokenizer.feed(&input);
+    }
+    tokenizer.end();
+    tokenizer.sink.deepest.get()
+}
+
 /// The visible text of `html`, paragraphs separated by blank lines.
 pub fn extract_text(html: &str) -> String {
     let document = Html::parse_document(html);
@@ -154,6 +244,32 @@ fn tidy(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_is_counted_as_the_tree_builder_would_close_elements() {
+        let depth = |html: &str| nesting_depth(html, MAX_NESTING);
+        assert_eq!(depth("<div><section><b>x</b></section></div>"), 3);
+        // optional end tags, void elements, end tags of what is not open: no nesting
+        let sloppy = "<ul>".to_owned() + &"<li><p>item<br><img src=x></span>".repeat(10_000);
+        assert_eq!(depth(&sloppy), 1);
+        // an end tag closes what was left open inside it
+        let unclosed = "<div><b><i>text</div>".repeat(10_000);
+        assert_eq!(depth(&unclosed), 3);
+        // markup inside a script or a style is text
+        let script = format!(
+            "<script>{}</script><style>{}</style>",
+            "<div>".repeat(9_000),
+            "<div>".repeat(9_000)
+        );
+        assert_eq!(depth(&script), 1);
+        // a hostile page stops being read at the limit, at once
+        let started = std::time::Instant::now();
+        let deep = "<div>".repeat(200_000);
+        assert!(depth(&deep) > MAX_NESTING);
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    }
+
     use super::extract_text;
 
     #[test]

@@ -18,6 +18,10 @@ use serde::Serialize;
 use crate::error::{CorpusError, Result};
 use crate::spec::SourceSpec;
 
+/// The file types dapt reads, for messages.
+pub const SUPPORTED_EXTENSIONS: &str =
+    ".txt/.text/.md/.markdown/.rst, .jsonl/.ndjson, .html/.htm/.xhtml, each optionally .gz";
+
 /// How many bad JSONL line numbers are kept per file for the report.
 pub const BAD_LINES_KEPT: usize = 5;
 
@@ -49,7 +53,8 @@ pub struct Discovery {
 
 /// Format from the file name; `None` for a type dapt does not read.
 pub fn format_of(path: &Path) -> Option<(Format, bool)> {
-    let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+    // The extension is ASCII; the rest of the name need not be UTF-8 (`caf\xe9.txt`).
+    let name = path.file_name()?.to_string_lossy().to_ascii_lowercase();
     let (stem, gzip) = match name.strip_suffix(".gz") {
         Some(stem) => (stem.to_owned(), true),
         None => (name, false),
@@ -64,8 +69,16 @@ pub fn format_of(path: &Path) -> Option<(Format, bool)> {
     Some((format, gzip))
 }
 
+/// Whether `pattern` has a glob wildcard (`*`, `?`, `[`).
+pub fn has_wildcards(pattern: &str) -> bool {
+    pattern.contains(['*', '?', '['])
+}
+
 /// Expands a source's paths: files, directories (recursively) and glob patterns, sorted and
 /// without repeats, so that the order (and hence the shards) does not depend on the file system.
+/// A path that exists as written is that path, wildcard characters or not (`notes [draft].txt`);
+/// [`CorpusSpec::resolve_paths`](crate::CorpusSpec::resolve_paths) escapes the job folder's own
+/// characters in a glob.
 ///
 /// A file found by walking a directory or matching a glob must lie inside that directory (the
 /// glob's fixed leading directories) once symbolic links are resolved: a link out of the tree
@@ -77,7 +90,7 @@ pub fn discover(source: &SourceSpec) -> Result<Discovery> {
     let mut candidates: Vec<(PathBuf, bool)> = Vec::new(); // (path, named explicitly)
     for pattern in &source.paths {
         let before = candidates.len();
-        if pattern.contains(['*', '?', '[']) {
+        if has_wildcards(pattern) && std::fs::symlink_metadata(pattern).is_err() {
             let matches = glob::glob(pattern).map_err(|e| CorpusError::BadPattern {
                 source_name: source.name.to_string(),
                 pattern: pattern.clone(),
@@ -113,7 +126,26 @@ pub fn discover(source: &SourceSpec) -> Result<Discovery> {
     for (path, explicit) in candidates {
         match format_of(&path) {
             Some((format, gzip)) => {
-                let meta = std::fs::metadata(&path).map_err(CorpusError::io(&path))?;
+                let meta = match std::fs::metadata(&path) {
+                    Ok(meta) => meta,
+                    // A dangling link found in a folder (an editor's lock file `.#notes.md`)
+                    // is passed over and counted; one named in `paths` is an error.
+                    Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
+                        found.skipped.push(path);
+                        continue;
+                    }
+                    Err(e) => return Err(CorpusError::io(&path)(e)),
+                };
+                // A FIFO or a device would block the read or never end: dapt reads regular
+                // files. Named in `paths` it is an error; found in a folder or by a glob it is
+                // passed over and counted.
+                if !meta.is_file() {
+                    if explicit {
+                        return Err(CorpusError::NotAFile { path });
+                    }
+                    found.skipped.push(path);
+                    continue;
+                }
                 let mtime_ns = meta
                     .modified()
                     .ok()
@@ -135,27 +167,56 @@ pub fn discover(source: &SourceSpec) -> Result<Discovery> {
         return Err(CorpusError::NoMatch {
             source_name: source.name.to_string(),
             pattern: format!(
-                "{} (no readable .txt/.md/.rst/.jsonl/.html file)",
-                source.paths.join(", ")
+                "{} (no readable {} file)",
+                source.paths.join(", "),
+                SUPPORTED_EXTENSIONS
             ),
         });
     }
     Ok(found)
 }
 
-/// The directories of a glob pattern before its first wildcard (`/data/*/x.txt` -> `/data`).
+/// The directories of a glob pattern before its first wildcard (`/data/*/x.txt` -> `/data`;
+/// an escaped `[[]` is no wildcard: `/a/proj[[]v2]/*.txt` -> `/a/proj[v2]`).
 fn glob_root(pattern: &str) -> PathBuf {
     let mut root = PathBuf::new();
     for part in Path::new(pattern).components() {
-        if part.as_os_str().to_string_lossy().contains(['*', '?', '[']) {
-            break;
+        match unescape(&part.as_os_str().to_string_lossy()) {
+            Some(literal) => root.push(literal),
+            None => break,
         }
-        root.push(part);
     }
     if root.as_os_str().is_empty() {
         root.push(".");
     }
     root
+}
+
+/// The text a glob component matches when it is a literal (its wildcard characters escaped
+/// as `glob::Pattern::escape` does: `[[]`, `[]]`, `[*]`, `[?]`); `None` when it has a wildcard.
+fn unescape(component: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut rest = component;
+    while let Some(c) = rest.chars().next() {
+        match c {
+            '*' | '?' => return None,
+            '[' => {
+                let mut chars = rest.chars();
+                chars.next();
+                let escaped = chars.next()?;
+                if !matches!(escaped, '[' | ']' | '*' | '?') || chars.next() != Some(']') {
+                    return None;
+                }
+                out.push(escaped);
+                rest = chars.as_str();
+            }
+            c => {
+                out.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    Some(out)
 }
 
 /// Refuses a found file whose real path (links resolved) is outside `root`'s.
@@ -167,7 +228,12 @@ fn check_inside(root: &Path, found: &[(PathBuf, bool)]) -> Result<()> {
     }
     let real_root = root.canonicalize().map_err(CorpusError::io(root))?;
     for (path, _) in found {
-        let real = path.canonicalize().map_err(CorpusError::io(path))?;
+        let real = match path.canonicalize() {
+            Ok(real) => real,
+            // A dangling link points nowhere to read: passed over later.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.is_symlink() => continue,
+            Err(e) => return Err(CorpusError::io(path)(e)),
+        };
         if !real.starts_with(&real_root) {
             return Err(CorpusError::LinkOutsideTree {
                 link: path.clone(),
@@ -182,13 +248,25 @@ fn check_inside(root: &Path, found: &[(PathBuf, bool)]) -> Result<()> {
 fn push_path(path: &Path, explicit: bool, out: &mut Vec<(PathBuf, bool)>) -> Result<()> {
     if path.is_dir() {
         for entry in walkdir::WalkDir::new(path).follow_links(true) {
+            // A dangling link: its target cannot be read (the caller passes it over).
+            if let Err(e) = &entry {
+                let dangling = e.io_error().map(std::io::Error::kind)
+                    == Some(std::io::ErrorKind::NotFound)
+                    && e.path().is_some_and(|p| p.is_symlink());
+                if let (true, Some(link)) = (dangling, e.path()) {
+                    out.push((link.to_path_buf(), false));
+                    continue;
+                }
+            }
             let entry = entry.map_err(|e| CorpusError::Io {
                 path: e.path().unwrap_or(path).to_path_buf(),
                 error: e
                     .into_io_error()
                     .unwrap_or_else(|| std::io::Error::other("file system loop")),
             })?;
-            if entry.file_type().is_file() {
+            // Regular files, and what is neither a file nor a folder (a FIFO, a socket, a
+            // device): the caller passes those over by name.
+            if !entry.file_type().is_dir() {
                 out.push((entry.into_path(), false));
             }
         }
@@ -250,7 +328,21 @@ pub fn read_file(
     let content = decoded.text;
     match file.format {
         Format::Plain => text.documents.push(content),
-        Format::Html => text.documents.push(html::extract_text(&content)),
+        Format::Html => {
+            let depth = html::nesting_depth(&content, html::MAX_NESTING);
+            if depth > html::MAX_NESTING {
+                return Err(CorpusError::NotText {
+                    path: file.path.clone(),
+                    reason: format!(
+                        "its HTML elements nest more than {} deep: the HTML parser's time grows \
+                         with the square of the depth (browsers stop at 512); fix or remove the \
+                         page",
+                        html::MAX_NESTING
+                    ),
+                });
+            }
+            text.documents.push(html::extract_text(&content))
+        }
         Format::Jsonl => {
             for (i, line) in content.lines().enumerate() {
                 // A byte order mark at a line's start (files joined with `cat`, gzip members
@@ -260,7 +352,13 @@ pub fn read_file(
                     continue;
                 }
                 match jsonl_text(line, text_field) {
-                    Some(doc) => {
+                    Some(mut doc) => {
+                        // An escaped `\u0000` is past the NUL check on the raw bytes: dropped
+                        // here as a stray NUL there is, and the file counted as lossy.
+                        if doc.contains('\0') {
+                            doc.retain(|c| c != '\0');
+                            text.lossy = true;
+                        }
                         text.documents.push(doc);
                         text.lines.push(i as u64 + 1);
                     }
@@ -468,6 +566,19 @@ mod tests {
     }
 
     #[test]
+    fn html_nested_past_the_limit_is_refused_by_name_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("deep.html");
+        std::fs::write(&path, "<p>text".to_owned() + &"<div>".repeat(200_000)).expect("write");
+        let started = std::time::Instant::now();
+        let err = read_file(&input(&path), "text", UTF_8, 1 << 30)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("deep.html") && err.contains("nest"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    }
+
+    #[test]
     fn jsonl_bad_lines_are_counted_with_numbers() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("d.jsonl");
@@ -481,6 +592,16 @@ mod tests {
         assert_eq!(text.lines, vec![1, 6]);
         assert_eq!(text.bad_lines, 3);
         assert_eq!(text.bad_line_numbers, vec![2, 4, 5]);
+        assert!(!text.lossy);
+        // Escaped NULs are dropped as raw ones are, and the file counted as lossy.
+        std::fs::write(
+            &path,
+            "{\"text\":\"a\\u0000b\"}\n{\"text\":\"\\u0000\\u0000\"}\n",
+        )
+        .expect("write");
+        let text = read_file(&input(&path), "text", UTF_8, 1 << 20).expect("read");
+        assert_eq!(text.documents, vec!["ab", ""]);
+        assert!(text.lossy);
     }
 
     #[test]

@@ -241,10 +241,24 @@ pub fn prepare(
             });
         }
         if st.documents() == 0 {
+            // Say what was passed over: a JSONL source keyed `content` instead of `text` has
+            // every line skipped.
+            let mut passed_over = String::new();
+            if st.bad_jsonl_lines > 0 {
+                passed_over = format!("; {}", st.bad_jsonl_summary());
+            }
+            if st.skipped_files > 0 {
+                passed_over += &format!(
+                    "; {} files of unsupported types were passed over, e.g. {}",
+                    st.skipped_files,
+                    st.skipped_examples.join(", ")
+                );
+            }
             return Err(CorpusError::EmptySource {
                 source_name: source.name.to_string(),
                 duplicates: st.duplicates,
                 empty: st.empty,
+                passed_over,
             });
         }
         sources.push(SourceManifest {

@@ -106,6 +106,8 @@ pub struct SourceStats {
     pub utf8_under_legacy_examples: Vec<String>,
     pub bad_jsonl_lines: u64,
     pub bad_jsonl_examples: Vec<String>,
+    /// The source's `text_field` (what a JSONL line's object must hold as a string).
+    pub text_field: String,
     /// Kept documents whose text spells a special token of the tokenizer.
     pub special_text_documents: u64,
     /// `path[:line] (token)` of the first few.
@@ -123,10 +125,22 @@ pub struct SourceStats {
 }
 
 impl SourceStats {
+    /// `N JSONL lines were not ... first at path:line, ...`, naming the `text_field` setting.
+    pub fn bad_jsonl_summary(&self) -> String {
+        format!(
+            "{} JSONL lines were not JSON objects with a string `{}` field (the source's \
+             `text_field`) and were skipped, first at {}",
+            self.bad_jsonl_lines,
+            self.text_field,
+            self.bad_jsonl_examples.join(", ")
+        )
+    }
+
     pub fn new(source: &SourceSpec, discovery: &Discovery) -> Self {
         SourceStats {
             name: source.name.to_string(),
             role: Some(source.role),
+            text_field: source.text_field.clone(),
             skipped_files: discovery.skipped.len() as u64,
             skipped_examples: discovery
                 .skipped
@@ -471,15 +485,11 @@ fn source_warnings(row: &SourceRow, st: &SourceStats, plan: Option<TrainingPlan>
         ));
     }
     if st.bad_jsonl_lines > 0 {
-        w.push(format!(
-            "source `{name}`: {} JSONL lines were not JSON objects with a string text field and were skipped, first at {}",
-            st.bad_jsonl_lines,
-            st.bad_jsonl_examples.join(", ")
-        ));
+        w.push(format!("source `{name}`: {}", st.bad_jsonl_summary()));
     }
     if st.skipped_files > 0 {
         w.push(format!(
-            "source `{name}`: {} files of unsupported types were skipped, e.g. {}",
+            "source `{name}`: {} files of unsupported types (or not regular files, or dangling links) were skipped, e.g. {}",
             st.skipped_files,
             st.skipped_examples.join(", ")
         ));
