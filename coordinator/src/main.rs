@@ -306,7 +306,8 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
                 };
                 let job = spec.clone();
                 let handle = server::start(spec, token, listen, advertise, metrics_listen).await?;
-                let mut banner = progress::Banner::new(&job, workers, handle_url(&handle));
+                let mut banner =
+                    progress::Banner::new(&job, workers, format!("{scheme}://{}", handle.addr));
                 banner.metrics = handle
                     .metrics_addr
                     .map(|a| format!("{scheme}://{a}/metrics"));
@@ -341,7 +342,7 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
         } => {
             let token =
                 dapt_proto::token::resolve(token.filter(|t| !t.is_empty()), token_file.as_deref())
-                    .map_err(|e| anyhow::anyhow!("dapt status needs {e}"))?;
+                    .map_err(|e| anyhow::anyhow!("dapt status: {e}"))?;
             let key = dapt_proto::auth::Key::control(&token);
             // Bounded: a standby coordinator accepts connections but answers only once it
             // leads (Kubernetes' readiness probe relies on this failing).
@@ -475,11 +476,16 @@ fn tls_settings(
     key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
 ) -> anyhow::Result<Option<dapt_proto::job::CoordinatorTls>> {
+    use dapt_proto::job::TlsFieldNames;
     let mut tls = match (cert, key, from_job) {
         (Some(cert), Some(key), from_job) => dapt_proto::job::CoordinatorTls {
             cert,
             key,
             client_ca: from_job.and_then(|t| t.client_ca),
+            names: TlsFieldNames {
+                client_ca: TlsFieldNames::JOB.client_ca,
+                ..TlsFieldNames::FLAGS
+            },
         },
         (_, _, Some(from_job)) => from_job,
         (_, _, None) if client_ca.is_some() => anyhow::bail!(
@@ -489,6 +495,7 @@ fn tls_settings(
     };
     if client_ca.is_some() {
         tls.client_ca = client_ca;
+        tls.names.client_ca = TlsFieldNames::FLAGS.client_ca;
     }
     Ok(Some(tls))
 }
@@ -525,11 +532,6 @@ fn prepare_quietly(
         ),
     }
     Ok(())
-}
-
-/// The URL a coordinator was started at (its listen address; `--advertise` is the workers').
-fn handle_url(handle: &server::Handle) -> String {
-    format!("http://{}", handle.addr)
 }
 
 /// Prints how the job ended, with the summary of what it did, and returns the exit status. In

@@ -184,6 +184,7 @@ pub async fn start(
     let gate = Arc::new(Gate {
         job: job.job.clone(),
         key: auth::Key::control(&token),
+        seen_status: Default::default(),
     });
     let config = ControlConfig {
         job: job.job.clone(),
@@ -843,6 +844,8 @@ struct Gate {
     job: String,
     /// `auth::Key::control` of the job's token.
     key: auth::Key,
+    /// Proven `Status` requests already answered, so that a recorded one is not answered again.
+    seen_status: std::sync::Mutex<join::SeenStatusNonces>,
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
@@ -958,7 +961,15 @@ impl rpc::Coordinator for Service {
     ) -> Result<Response<StatusReply>, Status> {
         let connection = crate::net::connection(request.extensions());
         let peer = connection.map(|c| c.peer);
-        if !join::status_allowed(&self.gate.key, request.get_ref(), join::unix_ms()) {
+        let now = join::unix_ms();
+        let fresh = join::status_allowed(&self.gate.key, request.get_ref(), now)
+            && self
+                .gate
+                .seen_status
+                .lock()
+                .expect("seen status nonces")
+                .first_use(request.get_ref(), now);
+        if !fresh {
             // Logged at most once per 10 s, with a count: a flood logged a line per request
             // (8,900 lines in 10 s).
             if let Some(refused) = REFUSED_STATUS.admit() {
@@ -970,7 +981,8 @@ impl rpc::Coordinator for Service {
             }
             return Err(Refusal::new(
                 ErrorCode::WrongToken,
-                "the request did not prove the job's token (or its clock is more than 5 minutes off)",
+                "the request did not prove the job's token (or its clock is more than 5 minutes \
+                 off, or it is a recorded request sent again)",
             )
             .to_status());
         }

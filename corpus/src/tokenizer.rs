@@ -204,6 +204,86 @@ pub struct CorpusTokenizer {
     control: Vec<bool>,
     /// How errors name the tokenizer: the user's file, or "trained".
     origin: PathBuf,
+    /// The ids of `"\n"` when a long text may be encoded in pieces cut after a line break
+    /// (each later piece encoded after a `"\n"` whose ids are dropped): `None` when the probe
+    /// found that this changes tokens ([`newline_context`]).
+    newline_context: Option<Vec<u32>>,
+}
+
+/// Most bytes of text given to `tokenizers` in one call (its memory while encoding is ~50-180
+/// times the text).
+pub const ENCODE_BATCH_BYTES: usize = 2 << 20;
+/// A text longer than this is encoded in pieces of about this size.
+pub const PIECE_BYTES: usize = 256 << 10;
+
+/// `text` cut into pieces of at least `target` bytes (the last may be shorter), each cut right
+/// after a `\n` that is followed by a character other than whitespace (a line's start: no
+/// pre-tokenizer joins across it). A text without such a place stays whole.
+fn pieces_after_line_breaks(text: &str, target: usize) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    while text.len() - start > target {
+        let mut from = start + target;
+        while !text.is_char_boundary(from) {
+            from += 1;
+        }
+        let cut = text[from..].match_indices('\n').find_map(|(i, _)| {
+            let at = from + i + 1;
+            text[at..]
+                .chars()
+                .next()
+                .filter(|c| !c.is_whitespace())
+                .map(|_| at)
+        });
+        match cut {
+            Some(cut) => {
+                pieces.push(&text[start..cut]);
+                start = cut;
+            }
+            None => break,
+        }
+    }
+    pieces.push(&text[start..]);
+    pieces
+}
+
+/// Texts cut as [`pieces_after_line_breaks`] cuts, to check that this tokenizer encodes a
+/// later piece (after a `"\n"` whose ids are dropped) as it encodes it inside the whole.
+const CUT_PROBES: &[(&str, &str)] = &[
+    ("Hello world.", "Next line here"),
+    ("x", "Y"),
+    ("end.", "(paren) text"),
+    ("a list", "1. item"),
+    ("über", "Äpfel und Birnen"),
+    ("code();", "}"),
+    ("text", "<b> more"),
+    ("  indented", "#heading"),
+    ("tab\t", "x"),
+    ("SELECT 1;", "-- comment"),
+    ("价格", "是多少"),
+];
+
+/// The ids of `"\n"`, when cutting a text after a line break and encoding the later piece
+/// after a `"\n"` (its ids then dropped) gives the tokens of the whole text on every probe
+/// (byte-level BPE such as GPT-2's and Llama 3's; SentencePiece-style ones that prepend `▁`
+/// only to a sequence's start); `None` otherwise, and long texts are then encoded whole.
+fn newline_context(tokenizer: &Tokenizer) -> Option<Vec<u32>> {
+    let ids = |text: &str| {
+        tokenizer
+            .encode_fast(text, false)
+            .ok()
+            .map(|e| e.get_ids().to_vec())
+    };
+    let context = ids("\n")?;
+    for (a, b) in CUT_PROBES {
+        let whole = ids(&format!("{a}\n{b}"))?;
+        let mut cut = ids(&format!("{a}\n"))?;
+        cut.extend_from_slice(ids(&format!("\n{b}"))?.strip_prefix(context.as_slice())?);
+        if whole != cut {
+            return None;
+        }
+    }
+    Some(context)
 }
 
 impl CorpusTokenizer {
@@ -420,6 +500,8 @@ impl CorpusTokenizer {
         } else {
             Some(AhoCorasick::new(&special).map_err(|e| fail(e.to_string()))?)
         };
+        // After the special tokens are split: the probe encodes as documents are encoded.
+        let newline_context = newline_context(&tokenizer);
         Ok(CorpusTokenizer {
             tokenizer,
             eos_token,
@@ -444,6 +526,7 @@ impl CorpusTokenizer {
             special_text,
             control,
             origin: origin.to_path_buf(),
+            newline_context,
         })
     }
 
@@ -462,29 +545,84 @@ impl CorpusTokenizer {
 
     /// Token ids of `text` as ordinary text: no BOS, no EOS, no special token.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let ids = self
-            .tokenizer
-            .encode_fast(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| CorpusError::Invalid(format!("tokenizing failed: {e}")))?;
-        self.check_no_control(&ids)?;
-        Ok(ids)
+        Ok(self.encode_batch(vec![text])?.remove(0))
     }
 
-    /// Token ids of many texts as ordinary text, in parallel on all cores.
+    /// Token ids of many texts as ordinary text, in parallel on all cores, with bounded
+    /// memory: `tokenizers` holds ~50-180 bytes per input byte while it encodes (its
+    /// `Encoding`s and normalized strings), so texts go to it in batches of at most
+    /// [`ENCODE_BATCH_BYTES`], and a text longer than [`PIECE_BYTES`] in pieces cut after a line
+    /// break (where the probe at load found such a cut changes no token; else whole).
     pub fn encode_batch(&self, texts: Vec<&str>) -> Result<Vec<Vec<u32>>> {
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); texts.len()];
+        // (text, whether it is a later piece, encoded after a line break to drop) per unit
+        let mut batch: Vec<(usize, bool, std::borrow::Cow<str>)> = Vec::new();
+        let mut batch_bytes = 0;
+        let mut cut_wrong = Vec::new();
+        for (i, text) in texts.iter().enumerate() {
+            let pieces = match &self.newline_context {
+                Some(_) if text.len() > PIECE_BYTES => pieces_after_line_breaks(text, PIECE_BYTES),
+                _ => vec![*text],
+            };
+            for (k, piece) in pieces.into_iter().enumerate() {
+                let unit = if k == 0 {
+                    std::borrow::Cow::Borrowed(piece)
+                } else {
+                    std::borrow::Cow::Owned(format!("\n{piece}"))
+                };
+                batch_bytes += unit.len();
+                batch.push((i, k > 0, unit));
+                if batch_bytes >= ENCODE_BATCH_BYTES {
+                    self.encode_units(std::mem::take(&mut batch), &mut out, &mut cut_wrong)?;
+                    batch_bytes = 0;
+                }
+            }
+        }
+        self.encode_units(batch, &mut out, &mut cut_wrong)?;
+        // A text whose cut did change its tokens (the probe missed a case) is encoded whole.
+        cut_wrong.dedup();
+        for i in cut_wrong {
+            out[i] = self.encode_whole(texts[i])?;
+        }
+        for ids in &out {
+            self.check_no_control(ids)?;
+        }
+        Ok(out)
+    }
+
+    /// Encodes a batch of units and appends each one's ids to its text's.
+    fn encode_units(
+        &self,
+        units: Vec<(usize, bool, std::borrow::Cow<str>)>,
+        out: &mut [Vec<u32>],
+        cut_wrong: &mut Vec<usize>,
+    ) -> Result<()> {
+        if units.is_empty() {
+            return Ok(());
+        }
         let encodings = self
             .tokenizer
-            .encode_batch_fast(texts, false)
+            .encode_batch_fast(units.iter().map(|u| u.2.as_ref()).collect(), false)
             .map_err(|e| CorpusError::Invalid(format!("tokenizing failed: {e}")))?;
-        encodings
-            .into_iter()
-            .map(|e| {
-                let ids = e.get_ids().to_vec();
-                self.check_no_control(&ids)?;
-                Ok(ids)
-            })
-            .collect()
+        let context = self.newline_context.as_deref().unwrap_or_default();
+        for ((i, later, _), encoding) in units.into_iter().zip(encodings) {
+            let ids = encoding.get_ids();
+            match later {
+                false => out[i].extend_from_slice(ids),
+                true => match ids.strip_prefix(context) {
+                    Some(rest) => out[i].extend_from_slice(rest),
+                    None => cut_wrong.push(i),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    fn encode_whole(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| CorpusError::Invalid(format!("tokenizing failed: {e}")))
     }
 
     /// A document's text ids with the BOS (if any) put first; the shard writer appends the EOS.
@@ -702,6 +840,61 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_are_cut_after_a_line_break_at_a_lines_start() {
+        let text = "one line\n\n  indented\nnext ünï\n\tx\nlast".repeat(50);
+        for target in [1, 7, 64, 1000, 10_000] {
+            let pieces = pieces_after_line_breaks(&text, target);
+            assert_eq!(pieces.concat(), text);
+            for (i, piece) in pieces.iter().enumerate() {
+                if i + 1 < pieces.len() {
+                    assert!(piece.len() >= target && piece.ends_with('\n'), "{piece:?}");
+                    let next = pieces[i + 1].chars().next().expect("not empty");
+                    assert!(!next.is_whitespace(), "{:?}", pieces[i + 1]);
+                }
+            }
+        }
+        assert_eq!(
+            pieces_after_line_breaks("one line only", 2),
+            ["one line only"]
+        );
+    }
+
+    /// A long text encoded in pieces (bounded memory) has the ids of the whole, for a
+    /// byte-level BPE; a tokenizer whose probe fails encodes whole.
+    #[test]
+    fn a_long_text_in_pieces_has_the_ids_of_the_whole() {
+        let lines: Vec<String> = (0..40_000)
+            .map(|i| match i % 5 {
+                0 => format!(
+                    "Section {i}: the patient's dosage was {}.{} mg",
+                    i % 97,
+                    i % 7
+                ),
+                1 => format!("  indented code_{i}();"),
+                2 => String::new(),
+                3 => format!("价格 {i} über Äpfel <b>bold</b>"),
+                _ => format!("\tSELECT * FROM t{i}; -- done"),
+            })
+            .collect();
+        let text = lines.join("\n");
+        assert!(text.len() > 4 * PIECE_BYTES);
+        let tokenizer = train_byte_level_bpe(lines.iter().take(2000), 600).expect("train");
+        let tk = CorpusTokenizer::new(tokenizer, Path::new("t"), &TokenizerOptions::default())
+            .expect("tokenizer");
+        assert!(
+            tk.newline_context.is_some(),
+            "byte-level BPE cuts after line breaks"
+        );
+        let whole = tk.encode_whole(&text).expect("whole");
+        let batch = tk
+            .encode_batch(vec![&text, "short one", &text])
+            .expect("batch");
+        assert_eq!(batch[0], whole);
+        assert_eq!(batch[2], whole);
+        assert_eq!(batch[1], tk.encode_whole("short one").expect("short"));
+    }
 
     #[test]
     fn long_runs_are_cut_for_training_only() {

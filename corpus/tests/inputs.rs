@@ -1005,3 +1005,45 @@ fn fifos_dangling_links_and_non_utf8_names_in_a_source_folder() {
         "{err}"
     );
 }
+
+/// A document far longer than one encoding piece is stored with the ids of the whole text,
+/// for a SentencePiece-style tokenizer (which prepends `▁` to a sequence's start) as for
+/// byte-level BPE (the unit tests of `tokenizer.rs`).
+#[test]
+fn a_long_document_is_stored_with_the_ids_of_the_whole_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let tok = d.join("tok.json");
+    llama2_style_tokenizer(&tok);
+    let text: String = (0..60_000)
+        .map(|i| match i % 4 {
+            0 => format!("line {i} of a long book\n"),
+            1 => "  indented, then a blank line\n\n".to_owned(),
+            2 => format!("<s> and </s> spelled in text {i}\n"),
+            _ => "Next: a_b.c,d|e/f\n".to_owned(),
+        })
+        .collect();
+    let text = text.trim().to_owned();
+    assert!(text.len() > (1 << 20));
+    write(d, "book.txt", &text);
+    prepared(&spec(
+        d,
+        &format!("tokenizer: {}\nadd_bos: false\n", tok.display()),
+        "",
+    ));
+    let stored = stored(&d.join("out"));
+    assert_eq!(stored.len(), 1);
+    let mut whole = Tokenizer::from_file(&tok).expect("tokenizer");
+    whole.set_encode_special_tokens(true);
+    let mut expected = whole
+        .encode_fast(text.as_str(), false)
+        .expect("encode")
+        .get_ids()
+        .to_vec();
+    expected.push(2); // </s>
+    assert_eq!(stored[0].0.len(), expected.len());
+    assert!(
+        stored[0].0 == expected,
+        "the stored ids differ from the whole text's"
+    );
+}

@@ -289,6 +289,39 @@ pub struct CoordinatorTls {
     /// `/metrics` scrapers must present one (mutual TLS).
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// What errors call each file: the job file's fields, or the flags that gave them.
+    #[serde(skip)]
+    pub names: TlsFieldNames,
+}
+
+/// What errors about the coordinator's TLS files call them: `cluster.tls.cert` when the job
+/// file gave the path, `--tls-cert` when the flag (or its variable) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsFieldNames {
+    pub cert: &'static str,
+    pub key: &'static str,
+    pub client_ca: &'static str,
+}
+
+impl TlsFieldNames {
+    /// The job file's fields.
+    pub const JOB: TlsFieldNames = TlsFieldNames {
+        cert: "cluster.tls.cert",
+        key: "cluster.tls.key",
+        client_ca: "cluster.tls.client_ca",
+    };
+    /// `dapt coordinator`'s flags.
+    pub const FLAGS: TlsFieldNames = TlsFieldNames {
+        cert: "--tls-cert",
+        key: "--tls-key",
+        client_ca: "--tls-client-ca",
+    };
+}
+
+impl Default for TlsFieldNames {
+    fn default() -> Self {
+        TlsFieldNames::JOB
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

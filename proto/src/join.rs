@@ -136,6 +136,34 @@ pub fn status_allowed(key: &Key, request: &StatusRequest, now_ms: u64) -> bool {
     proven && request.unix_ms.abs_diff(now_ms) <= STATUS_SKEW_MS
 }
 
+/// The nonces of the proven `Status` requests whose clock window is still open: a request
+/// recorded on the wire and sent again (by someone without the token) is refused.
+#[derive(Debug, Default)]
+pub struct SeenStatusNonces {
+    /// Nonce -> the end of its request's window (ms since the Unix epoch).
+    until: std::collections::HashMap<Vec<u8>, u64>,
+}
+
+impl SeenStatusNonces {
+    /// The most open windows kept: only token holders make proven requests, so a full set is a
+    /// token holder's flood, refused until windows close.
+    pub const MAX: usize = 1 << 16;
+
+    /// Whether `request` (already proven by [`status_allowed`]) is seen for the first time;
+    /// remembers it until its window closes.
+    pub fn first_use(&mut self, request: &StatusRequest, now_ms: u64) -> bool {
+        self.until.retain(|_, until| *until >= now_ms);
+        if self.until.contains_key(&request.nonce) || self.until.len() >= Self::MAX {
+            return false;
+        }
+        self.until.insert(
+            request.nonce.clone(),
+            request.unix_ms.saturating_add(STATUS_SKEW_MS),
+        );
+        true
+    }
+}
+
 /// Milliseconds since the Unix epoch by this machine's clock.
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -159,5 +187,18 @@ mod tests {
         altered.unix_ms += 1;
         assert!(!status_allowed(&key, &altered, now));
         assert!(!status_allowed(&key, &StatusRequest::default(), now));
+        // A proven request is answered once: sent again within its window, it is a replay.
+        let mut seen = SeenStatusNonces::default();
+        assert!(seen.first_use(&request, now));
+        assert!(!seen.first_use(&request, now + 60_000));
+        let other = status_request(&key, now).expect("request");
+        assert!(seen.first_use(&other, now + 60_000));
+        // Once its window has closed, the clock check refuses it; the set forgets it.
+        assert!(!status_allowed(&key, &request, now + 2 * STATUS_SKEW_MS));
+        seen.first_use(
+            &status_request(&key, now).expect("r"),
+            now + 2 * STATUS_SKEW_MS,
+        );
+        assert_eq!(seen.until.len(), 1);
     }
 }

@@ -64,12 +64,13 @@ pub struct ServerTls {
 /// Reads and checks `spec`'s certificate, key and client CA. Errors name the field and file.
 pub fn server(spec: &CoordinatorTls) -> Result<ServerTls, TlsError> {
     install_crypto_provider();
-    let cert_pem = read("cluster.tls.cert", &spec.cert)?;
-    let key_pem = read("cluster.tls.key", &spec.key)?;
-    warn_if_readable_by_others("cluster.tls.key", &spec.key);
-    let certs = certificates("cluster.tls.cert", &spec.cert, &cert_pem)?;
+    let names = spec.names;
+    let cert_pem = read(names.cert, &spec.cert)?;
+    let key_pem = read(names.key, &spec.key)?;
+    warn_if_readable_by_others(names.key, &spec.key);
+    let certs = certificates(names.cert, &spec.cert, &cert_pem)?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
-        field: "cluster.tls.key",
+        field: names.key,
         path: spec.key.clone(),
         message: format!("no PEM private key: {e}"),
     })?;
@@ -83,27 +84,33 @@ pub fn server(spec: &CoordinatorTls) -> Result<ServerTls, TlsError> {
     let builder = match &spec.client_ca {
         None => builder.with_no_client_auth(),
         Some(path) => {
-            let pem = read("cluster.tls.client_ca", path)?;
-            let roots = roots("cluster.tls.client_ca", path, &pem)?;
+            let pem = read(names.client_ca, path)?;
+            let roots = roots(names.client_ca, path, &pem)?;
             grpc = grpc.client_ca_root(Certificate::from_pem(&pem));
             let verifier =
                 rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
                     .build()
                     .map_err(|e| TlsError::Pem {
-                        field: "cluster.tls.client_ca",
+                        field: names.client_ca,
                         path: path.clone(),
                         message: e.to_string(),
                     })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut http = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Pem {
-            field: "cluster.tls.key",
+    let mut http = builder.with_single_cert(certs, key).map_err(|e| match e {
+        // The certificate itself cannot be read (bad DER inside good PEM).
+        rustls::Error::InvalidCertificate(_) => TlsError::Pem {
+            field: names.cert,
+            path: spec.cert.clone(),
+            message: format!("not a certificate rustls can read: {e}"),
+        },
+        e => TlsError::Pem {
+            field: names.key,
             path: spec.key.clone(),
-            message: format!("does not go with cluster.tls.cert: {e}"),
-        })?;
+            message: format!("does not go with {}: {e}", names.cert),
+        },
+    })?;
     http.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(ServerTls {
         grpc,
@@ -160,6 +167,19 @@ pub fn endpoint(url: &str, tls: &ClientTls) -> Result<Endpoint, TlsError> {
                  a coordinator with TLS is reached at https://"
             )))
         }
+        // TLS settings on a plain URL would be ignored: the user thinks the session is
+        // authenticated and encrypted.
+        Some("http") if tls.cert.is_some() || tls.domain.is_some() => {
+            return Err(TlsError::Config(format!(
+                "refusing `{url}`: {} given but the URL is plain http://, which would ignore \
+                 it; a coordinator with TLS is reached at https:// (with --coordinator-ca)",
+                if tls.cert.is_some() {
+                    "--client-cert/--client-key"
+                } else {
+                    "--coordinator-domain"
+                }
+            )))
+        }
         Some("http") => return Ok(endpoint),
         _ => {
             return Err(TlsError::Config(format!(
@@ -174,19 +194,40 @@ pub fn endpoint(url: &str, tls: &ClientTls) -> Result<Endpoint, TlsError> {
         )));
     };
     let ca_pem = read("--coordinator-ca", ca)?;
-    roots("--coordinator-ca", ca, &ca_pem)?;
+    let ca_roots = roots("--coordinator-ca", ca, &ca_pem)?;
     let mut config = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .timeout(HANDSHAKE_TIMEOUT);
     if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
         let cert_pem = read("--client-cert", cert)?;
-        certificates("--client-cert", cert, &cert_pem)?;
+        let certs = certificates("--client-cert", cert, &cert_pem)?;
         let key_pem = read("--client-key", key)?;
         warn_if_readable_by_others("--client-key", key);
-        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
+        let parsed = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
             field: "--client-key",
             path: key.clone(),
             message: format!("no PEM private key: {e}"),
+        })?;
+        // rustls checks that the key is the certificate's (tonic would say "KeyMismatch"
+        // at the first call, naming neither file).
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(ca_roots)
+        .with_client_auth_cert(certs, parsed)
+        .map_err(|e| match e {
+            rustls::Error::InvalidCertificate(_) => TlsError::Pem {
+                field: "--client-cert",
+                path: cert.clone(),
+                message: format!("not a certificate rustls can read: {e}"),
+            },
+            e => TlsError::Pem {
+                field: "--client-key",
+                path: key.clone(),
+                message: format!("does not go with --client-cert {}: {e}", cert.display()),
+            },
         })?;
         config = config.identity(Identity::from_pem(cert_pem, key_pem));
     }
@@ -244,14 +285,17 @@ pub fn explain_first_call(
                 tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
             )
         });
+    // A TLS server answers a plain HTTP/2 preface with a TLS alert record, which the HTTP/2
+    // client reads as a frame header of an impossible size.
     let plain_to_tls = !is_tls_failure(error)
         && url.starts_with("http://")
-        && error.downcast_ref::<tonic::Status>().is_some_and(|s| {
-            matches!(
-                s.code(),
-                tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
-            )
-        });
+        && (text.contains("frame with invalid size")
+            || error.downcast_ref::<tonic::Status>().is_some_and(|s| {
+                matches!(
+                    s.code(),
+                    tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+                )
+            }));
     if closed {
         format!(
             "{text} (the coordinator closed the connection right after the TLS handshake: if it \
@@ -423,6 +467,10 @@ mod tests {
         assert!(text.contains("https://"), "{text}");
         let text = explain_first_call(&status, "https://coord:7070", &ClientTls::default());
         assert!(!text.contains("its URL starts with https://"), "{text}");
+        // a TLS alert read as an HTTP/2 frame
+        let alert = tonic::Status::internal("h2 protocol error: frame with invalid size");
+        let text = explain_first_call(&alert, "http://coord:7070", &ClientTls::default());
+        assert!(text.contains("its URL starts with https://"), "{text}");
         let refused = tonic::Status::permission_denied("no");
         let text = explain_first_call(&refused, "http://coord:7070", &ClientTls::default());
         assert!(!text.contains("https://"), "{text}");
@@ -475,5 +523,22 @@ mod tests {
             ..ClientTls::default()
         };
         assert!(endpoint("http://h:1", &half).is_err());
+        // TLS settings with a plain URL would be ignored: refused by flag.
+        let client = ClientTls {
+            cert: Some("c.pem".into()),
+            key: Some("k.pem".into()),
+            ..ClientTls::default()
+        };
+        let err = endpoint("http://h:1", &client).unwrap_err().to_string();
+        assert!(
+            err.contains("--client-cert") && err.contains("plain http"),
+            "{err}"
+        );
+        let named = ClientTls {
+            domain: Some("coordinator.svc".into()),
+            ..ClientTls::default()
+        };
+        let err = endpoint("http://h:1", &named).unwrap_err().to_string();
+        assert!(err.contains("--coordinator-domain"), "{err}");
     }
 }

@@ -17,7 +17,8 @@ pub const MIN_TOKEN_CHARS: usize = 32;
 pub fn resolve(value: Option<String>, file: Option<&Path>) -> Result<String, String> {
     match (value, file) {
         (Some(_), Some(_)) => Err(
-            "give the token once: --token (or DAPT_TOKEN) or --token-file (or DAPT_TOKEN_FILE)"
+            "the token is given twice, by --token or DAPT_TOKEN (set in the environment?) and by \
+             --token-file or DAPT_TOKEN_FILE: give one of them"
                 .into(),
         ),
         (Some(token), None) => Ok(token),

@@ -136,6 +136,32 @@ fn a_job_runs_over_mutual_tls_and_strangers_to_the_ca_are_refused() {
         ],
     );
     assert!(!ok, "{err}");
+    // A client key that is not its certificate's: named before any connection.
+    let (ok, err) = lone_worker(
+        &c.url,
+        &job,
+        &c.token,
+        &[
+            ("DAPT_COORDINATOR_CA", &certs.ca),
+            ("DAPT_CLIENT_CERT", &certs.client_cert),
+            ("DAPT_CLIENT_KEY", &other.client_key),
+        ],
+    );
+    assert!(
+        !ok && err.contains("--client-key") && err.contains("does not go with"),
+        "{err}"
+    );
+    // Client certificates with a plain URL would be ignored: refused.
+    let (ok, err) = lone_worker(
+        &plain,
+        &job,
+        &c.token,
+        &[
+            ("DAPT_CLIENT_CERT", &certs.client_cert),
+            ("DAPT_CLIENT_KEY", &certs.client_key),
+        ],
+    );
+    assert!(!ok && err.contains("--client-cert/--client-key"), "{err}");
     assert!(
         c.coordinator.events("worker joined").is_empty(),
         "none of them joined"
@@ -270,6 +296,33 @@ fn short_tokens_clear_text_and_tokens_on_the_command_line_are_called_out() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("https://"), "{stderr}");
+    // Files given by flag are named by the flag; a certificate rustls cannot read is blamed,
+    // not the key that goes with it.
+    let garbled = dir.path().join("garbled.pem");
+    std::fs::write(
+        &garbled,
+        "-----BEGIN CERTIFICATE-----\nMIIBadDataAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let key = certs.server_key.to_string_lossy().into_owned();
+    for (cert, expected) in [
+        ("/nonexistent/c.pem", "--tls-cert: /nonexistent/c.pem"),
+        (garbled.to_str().expect("utf-8"), "--tls-cert: "),
+    ] {
+        let out = coordinator(
+            "127.0.0.1:0",
+            &["--tls-cert", cert, "--tls-key", &key],
+            &[("DAPT_TOKEN", long)],
+        )
+        .output()
+        .expect("coordinator");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(expected) && !stderr.contains("cluster.tls"),
+            "{stderr}"
+        );
+    }
 
     // No TLS on every address, the token on the command line: both said at the start.
     let _serial = serial();

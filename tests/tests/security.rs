@@ -252,6 +252,19 @@ fn a_session_without_the_token_hears_nothing_about_the_job() {
             forged.to_string().contains("control characters"),
             "{forged}"
         );
+        // A proven status request recorded on the wire and sent again is no proof: refused.
+        let request =
+            dapt_proto::join::status_request(&key, dapt_proto::join::unix_ms()).expect("request");
+        let first = client.status(request.clone()).await;
+        assert!(first.is_ok(), "{first:?}");
+        let replayed = client
+            .status(request)
+            .await
+            .expect_err("a replay is refused");
+        assert_eq!(
+            rpc::Refusal::from_status(&replayed).map(|r| r.code),
+            Some(rpc::ErrorCode::WrongToken)
+        );
     });
     std::thread::sleep(Duration::from_millis(200));
     let raw = c.coordinator.stderr();

@@ -375,6 +375,22 @@ pub fn read_file(
     Ok(text)
 }
 
+/// About how many bytes `file` holds once decompressed, for grouping files into batches: a
+/// gzip file's trailer gives its (last member's) size modulo 2^32; at least the file's size.
+pub fn text_bytes_estimate(file: &InputFile) -> u64 {
+    use std::io::{Seek, SeekFrom};
+    if !file.gzip || file.size < 18 {
+        return file.size;
+    }
+    let trailer = std::fs::File::open(&file.path).and_then(|mut f| {
+        f.seek(SeekFrom::End(-4))?;
+        let mut isize = [0u8; 4];
+        f.read_exact(&mut isize)?;
+        Ok(u32::from_le_bytes(isize))
+    });
+    trailer.map_or(file.size, |n| file.size.max(u64::from(n)))
+}
+
 /// The file's bytes, decompressed, reading at most `max_bytes + 1` of them: a gzip bomb stops
 /// at the bound instead of filling memory.
 fn read_bounded(file: &InputFile, max_bytes: u64) -> Result<Vec<u8>> {
@@ -475,7 +491,7 @@ mod tests {
             path: path.to_path_buf(),
             format,
             gzip,
-            size: 0,
+            size: std::fs::metadata(path).map_or(0, |m| m.len()),
             mtime_ns: 0,
         }
     }
@@ -563,6 +579,19 @@ mod tests {
         // Named explicitly, the target is the user's choice.
         let named = source(vec![tree.join("sub/notes.txt").display().to_string()]);
         assert_eq!(discover(&named).expect("explicit").files.len(), 1);
+    }
+
+    #[test]
+    fn a_gzip_files_text_size_is_estimated_from_its_trailer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("big.txt.gz");
+        std::fs::write(&path, gzip(&vec![b'a'; 3 << 20])).expect("write");
+        let file = input(&path);
+        assert!(file.size < 100 << 10, "{}", file.size);
+        assert_eq!(text_bytes_estimate(&file), 3 << 20);
+        let plain = dir.path().join("p.txt");
+        std::fs::write(&plain, "abc").expect("write");
+        assert_eq!(text_bytes_estimate(&input(&plain)), 3);
     }
 
     #[test]

@@ -366,12 +366,13 @@ pub fn normalize(text: &str) -> String {
     }
 }
 
-/// Consecutive files of about `CHUNK_BYTES` together.
+/// Consecutive files of about `CHUNK_BYTES` of text together (a `.gz` file counted by the size
+/// its trailer gives: 100 KB of gzip can hold 16 MB of text, all read at once).
 fn chunks(files: &[InputFile]) -> Vec<&[InputFile]> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, f) in files.iter().enumerate() {
-        bytes += f.size;
+        bytes += ingest::text_bytes_estimate(f);
         if bytes >= CHUNK_BYTES || i + 1 - start >= 4096 {
             out.push(&files[start..=i]);
             start = i + 1;
