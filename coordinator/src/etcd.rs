@@ -164,7 +164,12 @@ impl EtcdStore {
         };
         let key = keys::generation(&self.prefix, &self.job);
         let (generation, revision) = match self.get_json::<GenerationRecord>(&key).await? {
-            Some((record, revision)) => (Some(record), revision),
+            Some((record, revision)) => {
+                if let Some(message) = impossible_generation(&record) {
+                    return Err(StoreError::Invalid { key, message });
+                }
+                (Some(record), revision)
+            }
             None => (None, 0),
         };
         self.generation_revision = revision;
@@ -378,6 +383,28 @@ impl EtcdStore {
         tokio::spawn(commit_loop(self.clone(), rx, root, keep, recorded));
         Committer { tx }
     }
+}
+
+/// Why `record` cannot be a generation a leader wrote, if it cannot: a number no job reaches
+/// (the next one would overflow: a worker of it waited forever while the leader logged an
+/// invariant error every tick), or ranks and peers that do not pair up.
+fn impossible_generation(record: &GenerationRecord) -> Option<String> {
+    const MAX_GENERATION: u64 = 1 << 53;
+    if record.generation > MAX_GENERATION {
+        return Some(format!(
+            "generation {} is not one a leader writes (at most 2^53)",
+            record.generation
+        ));
+    }
+    if record.ranks.len() != record.peers.len() {
+        return Some(format!(
+            "generation {} has {} ranks and {} peers",
+            record.generation,
+            record.ranks.len(),
+            record.peers.len()
+        ));
+    }
+    None
 }
 
 /// The identity recorded under `prefix` for `ours.job`, with its version (0: none yet).

@@ -143,6 +143,19 @@ fn another_job_with_the_same_name_on_one_etcd_neither_stands_by_nor_leads() {
     put(&etcd, &key, &forged(5, "/elsewhere/b/step-00000005"));
     let err = refused(&a.job.path, &a.token);
     assert!(err.contains(&key) && err.contains("not under"), "{err}");
+    // A generation no leader writes (the next would overflow): refused by key at load, where
+    // a worker of it used to wait forever while the leader logged an error every 100 ms.
+    let key = dapt_proto::job::keys::generation(PREFIX, "shared");
+    let forged = format!(
+        r#"{{"generation":{},"ranks":["w0"],"peers":["127.0.0.1:1"],"resume_step":0}}"#,
+        u64::MAX
+    );
+    put(&etcd, &key, &forged);
+    let err = refused(&a.job.path, &a.token);
+    assert!(
+        err.contains(&key) && err.contains("not one a leader writes"),
+        "{err}"
+    );
 }
 
 #[test]
