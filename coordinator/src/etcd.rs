@@ -33,6 +33,7 @@ use etcd_client::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::control::{Committed, Event, GenerationRecord, LedgerEntry};
+use crate::identity::JobIdentity;
 use crate::ledger::CommittedFile;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,12 @@ pub enum StoreError {
     Etcd(#[from] etcd_client::Error),
     #[error("etcd key {key}: {message}")]
     Invalid { key: String, message: String },
+    #[error("etcd prefix {prefix} already holds the state of job `{job}`, and {reason}: this coordinator neither leads nor stands by; set cluster.etcd.prefix to a prefix of this job's own, or rename the job")]
+    OtherJob {
+        prefix: String,
+        job: String,
+        reason: String,
+    },
     #[error("this coordinator no longer leads job `{0}` (its lease is gone, or another wrote the generation); not written")]
     NotLeader(String),
 }
@@ -69,12 +76,15 @@ impl EtcdStore {
         spec: &EtcdSpec,
         job: &JobSpec,
         url: &str,
+        ours: &JobIdentity,
     ) -> Result<(Self, watch::Receiver<bool>), StoreError> {
         let identity = CommittedFile::identity(job).ok_or_else(|| StoreError::Invalid {
             key: String::new(),
             message: "the job has no `training:` section".into(),
         })?;
         let mut client = connect(spec, Duration::from_secs(5)).await?;
+        // Another job's state under this prefix and name: refused before standing by.
+        check_identity(&mut client, &spec.prefix, ours).await?;
         let key = keys::leader(&spec.prefix, &job.job);
         let ttl = spec.lease_ttl_s as i64;
         let mut announced = false;
@@ -108,6 +118,12 @@ impl EtcdStore {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
+        // Checked again under the lease (another job may have led while this one stood by),
+        // and recorded at the first lead; a refusal hands the leadership back at once.
+        if let Err(e) = claim_identity(&mut client, &spec.prefix, &key, lease, ours).await {
+            let _ = client.lease_revoke(lease).await;
+            return Err(e);
+        }
         tracing::info!(job = %job.job, %url, lease_ttl_s = ttl, "leading the job");
         let (lost_tx, lost) = watch::channel(false);
         let lost_tx = Arc::new(lost_tx);
@@ -148,7 +164,12 @@ impl EtcdStore {
         };
         let key = keys::generation(&self.prefix, &self.job);
         let (generation, revision) = match self.get_json::<GenerationRecord>(&key).await? {
-            Some((record, revision)) => (Some(record), revision),
+            Some((record, revision)) => {
+                if let Some(message) = impossible_generation(&record) {
+                    return Err(StoreError::Invalid { key, message });
+                }
+                (Some(record), revision)
+            }
             None => (None, 0),
         };
         self.generation_revision = revision;
@@ -361,6 +382,97 @@ impl EtcdStore {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(commit_loop(self.clone(), rx, root, keep, recorded));
         Committer { tx }
+    }
+}
+
+/// Why `record` cannot be a generation a leader wrote, if it cannot: a number no job reaches
+/// (the next one would overflow: a worker of it waited forever while the leader logged an
+/// invariant error every tick), or ranks and peers that do not pair up.
+fn impossible_generation(record: &GenerationRecord) -> Option<String> {
+    const MAX_GENERATION: u64 = 1 << 53;
+    if record.generation > MAX_GENERATION {
+        return Some(format!(
+            "generation {} is not one a leader writes (at most 2^53)",
+            record.generation
+        ));
+    }
+    if record.ranks.len() != record.peers.len() {
+        return Some(format!(
+            "generation {} has {} ranks and {} peers",
+            record.generation,
+            record.ranks.len(),
+            record.peers.len()
+        ));
+    }
+    None
+}
+
+/// The identity recorded under `prefix` for `ours.job`, with its version (0: none yet).
+async fn recorded_identity(
+    client: &mut Client,
+    prefix: &str,
+    ours: &JobIdentity,
+) -> Result<(Option<JobIdentity>, i64), StoreError> {
+    let key = keys::identity(prefix, &ours.job);
+    let response = client.get(key.as_str(), None).await?;
+    let Some(kv) = response.kvs().first() else {
+        return Ok((None, 0));
+    };
+    let recorded = serde_json::from_slice(kv.value()).map_err(|e| StoreError::Invalid {
+        key: key.clone(),
+        message: e.to_string(),
+    })?;
+    Ok((Some(recorded), kv.version()))
+}
+
+/// Refuses when `prefix` holds another job's identity under `ours.job`.
+async fn check_identity(
+    client: &mut Client,
+    prefix: &str,
+    ours: &JobIdentity,
+) -> Result<(), StoreError> {
+    match recorded_identity(client, prefix, ours).await? {
+        (Some(recorded), _) => match ours.differs(&recorded) {
+            Some(reason) => Err(StoreError::OtherJob {
+                prefix: prefix.to_string(),
+                job: ours.job.clone(),
+                reason,
+            }),
+            None => Ok(()),
+        },
+        (None, _) => Ok(()),
+    }
+}
+
+/// [`check_identity`] by the new leader, which records `ours` when nothing is recorded yet
+/// (or only without a token digest: `dapt launch`'s), in a transaction fenced by its lease.
+async fn claim_identity(
+    client: &mut Client,
+    prefix: &str,
+    leader: &str,
+    lease: i64,
+    ours: &JobIdentity,
+) -> Result<(), StoreError> {
+    check_identity(client, prefix, ours).await?;
+    let (recorded, version) = recorded_identity(client, prefix, ours).await?;
+    if recorded.is_some_and(|r| r.token_digest.is_some() || ours.token_digest.is_none()) {
+        return Ok(());
+    }
+    let key = keys::identity(prefix, &ours.job);
+    let txn = Txn::new()
+        .when([
+            Compare::lease(leader, CompareOp::Equal, lease),
+            Compare::version(key.as_str(), CompareOp::Equal, version),
+        ])
+        .and_then([TxnOp::put(
+            key.as_str(),
+            serde_json::to_vec(ours).expect("an identity serializes"),
+            None,
+        )]);
+    if client.txn(txn).await?.succeeded() {
+        Ok(())
+    } else {
+        Err(StoreError::NotLeader(ours.job.clone()))
     }
 }
 

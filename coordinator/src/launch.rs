@@ -98,7 +98,7 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
     let token = random_token()?;
     let coordinator = server::start(
         job.clone(),
-        token.clone(),
+        server::Token::PerRun(token.clone()),
         options.listen,
         None,
         Some(options.metrics_listen),

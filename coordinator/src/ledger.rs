@@ -17,6 +17,7 @@ use dapt_proto::job::JobSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::control::{Committed, GenerationRecord, LedgerEntry};
+use crate::identity::{self, DirLock, JobIdentity};
 
 pub const COMMITTED_FILE: &str = "committed.json";
 pub const LEDGER_FILE: &str = "ledger.jsonl";
@@ -166,16 +167,7 @@ impl Ledger {
         })?;
         let dir = job.checkpoint.dir.clone();
         let path = dir.join(COMMITTED_FILE);
-        if !path.exists() {
-            if let Some(name) = foreign_entry(&dir)? {
-                return Err(LedgerError::Invalid {
-                    path: dir.clone(),
-                    message: format!(
-                        "checkpoint.dir exists, has no {COMMITTED_FILE} and holds `{name}`, which dapt did not write: choose an empty or new directory for checkpoint.dir"
-                    ),
-                });
-            }
-        }
+        check_foreign(&dir)?;
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         let committed = match fs::read(&path) {
             Ok(bytes) => {
@@ -204,6 +196,28 @@ impl Ledger {
         };
         ledger.truncate(committed.as_ref().map_or(0, |c| c.step))?;
         Ok((ledger, committed))
+    }
+
+    /// [`Self::open`] for a coordinator that leads the job: first takes the directory's lock
+    /// and checks (or writes) its `job.json` ([`identity::claim`]), so that a second coordinator
+    /// of the same directory, or another job's, is refused before it reads or writes anything
+    /// of the state. The lock is held while the returned [`DirLock`] lives.
+    pub fn claim(
+        job: &JobSpec,
+        ours: &JobIdentity,
+    ) -> Result<(Self, Option<Committed>, DirLock), LedgerError> {
+        let dir = &job.checkpoint.dir;
+        check_foreign(dir)?;
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock = identity::claim(dir, ours).map_err(|e| LedgerError::Invalid {
+            path: dir.clone(),
+            message: match e {
+                identity::ClaimError::Io { path, error } => format!("{}: {error}", path.display()),
+                other => other.to_string(),
+            },
+        })?;
+        let (ledger, committed) = Self::open(job)?;
+        Ok((ledger, committed, lock))
     }
 
     /// `committed` when its checkpoint verifies; otherwise the newest earlier checkpoint that
@@ -331,6 +345,22 @@ impl Ledger {
     }
 }
 
+/// Refuses a directory without a `committed.json` that holds anything dapt does not write.
+fn check_foreign(dir: &Path) -> Result<(), LedgerError> {
+    if dir.join(COMMITTED_FILE).exists() {
+        return Ok(());
+    }
+    match foreign_entry(dir)? {
+        None => Ok(()),
+        Some(name) => Err(LedgerError::Invalid {
+            path: dir.to_path_buf(),
+            message: format!(
+                "checkpoint.dir exists, has no {COMMITTED_FILE} and holds `{name}`, which dapt did not write: choose an empty or new directory for checkpoint.dir"
+            ),
+        }),
+    }
+}
+
 /// The first entry of `dir` that dapt does not write in a checkpoint directory (its
 /// checkpoints, their staging directories, `committed.json`, the ledger, `logs/` holding only
 /// `*.log` files, `export/` empty or an earlier export), if any. A
@@ -358,7 +388,10 @@ pub fn foreign_entry(dir: &Path) -> Result<Option<String>, LedgerError> {
                     | "committed.tmp"
                     | "ledger.tmp"
                     | "generation.tmp"
-            ) || (name == "logs" && holds_only_worker_logs(path))
+                    | identity::JOB_FILE
+                    | identity::LOCK_FILE
+            ) || name.starts_with(identity::TEMP_PREFIX)
+                || (name == "logs" && holds_only_worker_logs(path))
                 || (name == "export" && is_dapt_export_dir(path))
                 || name.starts_with(".tmp-step-")
                 || name.starts_with(checkpoint::ZERO_STAGING_PREFIX)
@@ -461,12 +494,9 @@ pub fn read_entries(path: &Path) -> Result<Vec<LedgerEntry>, LedgerError> {
     Ok(entries)
 }
 
+/// Through a temporary file of a name of its own (two writers never share one), renamed.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LedgerError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))
+    crate::identity::write_atomic(path, bytes).map_err(io(path))
 }
 
 /// The file store's commits, kept until recorded: a commit that fails to be written (a full

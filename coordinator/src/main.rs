@@ -305,7 +305,14 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
                     (min, None) => format!("{min} or more workers, as they join"),
                 };
                 let job = spec.clone();
-                let handle = server::start(spec, token, listen, advertise, metrics_listen).await?;
+                let handle = server::start(
+                    spec,
+                    server::Token::Lasting(token),
+                    listen,
+                    advertise,
+                    metrics_listen,
+                )
+                .await?;
                 let mut banner =
                     progress::Banner::new(&job, workers, format!("{scheme}://{}", handle.addr));
                 banner.metrics = handle

@@ -102,12 +102,69 @@ enum Store {
     },
 }
 
+/// The job's token, and whether it is the same every run (which binds the job's durable state
+/// to it: [`crate::identity`]).
+#[derive(Clone)]
+pub enum Token {
+    /// `dapt coordinator`'s: given by the user, the same every run.
+    Lasting(String),
+    /// `dapt launch`'s: made anew every run.
+    PerRun(String),
+}
+
+impl Token {
+    pub fn secret(&self) -> &str {
+        match self {
+            Token::Lasting(t) | Token::PerRun(t) => t,
+        }
+    }
+
+    fn lasting(&self) -> Option<&str> {
+        match self {
+            Token::Lasting(t) => Some(t),
+            Token::PerRun(_) => None,
+        }
+    }
+}
+
+/// Refuses a committed checkpoint that cannot be this job's: a directory outside its
+/// `checkpoint.dir` (another job's state), or a step past its total (another job's, or the job
+/// file's `training.tokens` cut below what was trained). `source` names where it was read.
+fn check_committed(
+    job: &JobSpec,
+    total_steps: u64,
+    committed: &crate::control::Committed,
+    source: &str,
+) -> anyhow::Result<()> {
+    let root = &job.checkpoint.dir;
+    let dir = std::path::Path::new(&committed.dir);
+    let inside = dir.is_absolute() == root.is_absolute()
+        && dir.starts_with(root)
+        && dir != root.as_path()
+        && !dir
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir));
+    anyhow::ensure!(
+        inside,
+        "{source}: the committed checkpoint {} is not under the job's checkpoint.dir {}: that state is another job's (refusing to resume from it)",
+        committed.dir,
+        root.display()
+    );
+    anyhow::ensure!(
+        committed.step <= total_steps,
+        "{source}: the committed step {} is past the job's {total_steps} steps (training.tokens): that state is another job's, or training.tokens was cut below what was trained; restore training.tokens to at least {} tokens, or use another checkpoint.dir",
+        committed.step,
+        job.training.map_or(0, |t| t.tokens_per_step()) * committed.step
+    );
+    Ok(())
+}
+
 /// Binds `listen`, starts serving and supervising `job`, and returns once this coordinator
 /// leads (at once with embedded membership; with etcd, after winning the election).
 /// `advertise` is the URL workers reach it at (default: `http://<listen address>`).
 pub async fn start(
     job: JobSpec,
-    token: String,
+    token: Token,
     listen: SocketAddr,
     advertise: Option<String>,
     metrics_listen: Option<SocketAddr>,
@@ -145,16 +202,35 @@ pub async fn start(
     let c = &job.cluster;
     let mut lost = None;
     let sessions: Sessions = Arc::default();
+    let identity = crate::identity::JobIdentity::new(&job, token.lasting());
+    // Held while this coordinator leads (embedded membership): no second coordinator of
+    // checkpoint.dir, of this job or another.
+    let mut dir_lock = None;
     let (mut store, committed, record, formed) = match c.etcd() {
         None => {
-            let (ledger, committed) = Ledger::open(&job)?;
+            let (ledger, committed, lock) = Ledger::claim(&job, &identity)?;
+            dir_lock = Some(lock);
+            if let Some(c) = &committed {
+                let source = job.checkpoint.dir.join(crate::ledger::COMMITTED_FILE);
+                check_committed(&job, training.steps(), c, &source.display().to_string())?;
+            }
             let formed = ledger.last_generation()?;
             (Store::Files(ledger), committed, None, formed)
         }
         Some(spec) => {
-            let (mut store, lost_flag) = EtcdStore::lead(spec, &job, &url).await?;
+            let (mut store, lost_flag) = EtcdStore::lead(spec, &job, &url, &identity).await?;
             lost = Some(lost_flag);
+            // Under etcd the lease fences the leaders (a flock would outlive a deposed leader
+            // that hangs, and hold the next one off); checkpoint.dir's job.json is checked, or
+            // written, where this machine sees the directory.
+            if job.checkpoint.dir.is_dir() {
+                crate::identity::check_or_write(&job.checkpoint.dir, &identity)?;
+            }
             let (mut committed, mut record) = store.load().await?;
+            if let Some(c) = &committed {
+                let key = dapt_proto::job::keys::committed(&spec.prefix, &job.job);
+                check_committed(&job, training.steps(), c, &format!("etcd key {key}"))?;
+            }
             let formed = record.as_ref().map(|r| r.generation);
             if let Some(c) = &committed {
                 if let Some(earlier) = crate::ledger::fallback(&job.checkpoint.dir, c)? {
@@ -183,7 +259,7 @@ pub async fn start(
     };
     let gate = Arc::new(Gate {
         job: job.job.clone(),
-        key: auth::Key::control(&token),
+        key: auth::Key::control(token.secret()),
         seen_status: Default::default(),
     });
     let config = ControlConfig {
@@ -328,6 +404,7 @@ pub async fn start(
             metrics,
             progress: progress.clone(),
             dashboard,
+            _dir_lock: dir_lock,
         },
         status_tx,
         stop_servers,
@@ -517,6 +594,8 @@ struct Executor {
     metrics: Arc<crate::metrics::Metrics>,
     progress: Arc<Mutex<Progress>>,
     dashboard: Arc<Mutex<crate::dashboard::Dashboard>>,
+    /// The lock on checkpoint.dir (embedded membership), held until the control loop ends.
+    _dir_lock: Option<crate::identity::DirLock>,
 }
 
 impl Executor {

@@ -420,6 +420,12 @@ pub mod keys {
         format!("{}generation", self::job(prefix, job))
     }
 
+    /// Which job the state under `<prefix>/<job>/` belongs to: name, token digest and
+    /// checkpoint.dir (JSON; see `dapt_coordinator::identity`).
+    pub fn identity(prefix: &str, job: &str) -> String {
+        format!("{}identity", self::job(prefix, job))
+    }
+
     /// The last committed checkpoint (JSON).
     pub fn committed(prefix: &str, job: &str) -> String {
         format!("{}committed", self::job(prefix, job))
