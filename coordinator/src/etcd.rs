@@ -40,8 +40,10 @@ use crate::ledger::CommittedFile;
 pub enum StoreError {
     #[error(transparent)]
     Connect(#[from] dapt_proto::etcd::EtcdError),
+    /// The client's error is a plain field, not the `source()`: anyhow's `{:#}` printed it
+    /// twice ("etcd: grpc request error: ...: grpc request error: ...").
     #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
+    Etcd(etcd_client::Error),
     #[error("etcd key {key}: {message}")]
     Invalid { key: String, message: String },
     #[error("etcd prefix {prefix} already holds the state of job `{job}`, and {reason}: this coordinator neither leads nor stands by; set cluster.etcd.prefix to a prefix of this job's own, or rename the job")]
@@ -52,6 +54,12 @@ pub enum StoreError {
     },
     #[error("this coordinator no longer leads job `{0}` (its lease is gone, or another wrote the generation); not written")]
     NotLeader(String),
+}
+
+impl From<etcd_client::Error> for StoreError {
+    fn from(error: etcd_client::Error) -> Self {
+        StoreError::Etcd(error)
+    }
 }
 
 #[derive(Clone)]
@@ -745,5 +753,19 @@ async fn keep_alive(mut client: Client, lease: i64, ttl_s: u64, lost: Arc<watch:
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn an_etcd_error_is_said_once() {
+        let error = anyhow::Error::from(StoreError::from(etcd_client::Error::InvalidArgs(
+            "the one reason".into(),
+        )));
+        let text = format!("{error:#}");
+        assert_eq!(text.matches("the one reason").count(), 1, "{text}");
     }
 }

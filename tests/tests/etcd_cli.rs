@@ -278,6 +278,35 @@ fn an_etcd_outage_longer_than_the_lease_is_ridden_out() {
     check_etcd_ledger(&etcd, "outage", steps);
 }
 
+/// A worker that joins while etcd is briefly away (a restart) waits for it to register its
+/// membership, as the coordinator rides out the outage: before, it exited at once ("granting the
+/// membership lease: ... Connection refused"), which under `dapt-node.sh` stopped its node.
+#[test]
+fn a_worker_joining_during_a_short_etcd_outage_waits_for_etcd() {
+    let mut etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let steps = 20;
+    let mut c = coordinator(dir.path(), "late", steps, &cluster_yaml(&etcd, 5_000));
+    c.coordinator.wait_for("leadership", LONG, |l| {
+        !events(l, "leading the job").is_empty()
+    });
+    etcd.stop();
+    let mut w0 = c.member("w0");
+    std::thread::sleep(Duration::from_secs(3));
+    etcd.restart();
+    let (status, _) = c.coordinator.finish(LONG);
+    assert!(status.success(), "{}", c.coordinator.stderr());
+    let (status, _) = w0.finish(LONG);
+    assert!(status.success(), "{}", w0.stderr());
+    assert!(
+        w0.stderr().contains("etcd is not reachable yet"),
+        "the worker waited for etcd: {}",
+        w0.stderr()
+    );
+    check_etcd_ledger(&etcd, "late", steps);
+}
+
 #[test]
 fn two_jobs_on_one_etcd_never_see_each_other() {
     let etcd = Etcd::start();

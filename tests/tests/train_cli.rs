@@ -229,6 +229,36 @@ fn a_resume_on_a_corpus_prepared_again_differently_is_refused() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// A job file whose `model:` was edited after a checkpoint was written does not resume that
+/// checkpoint as if nothing changed (the banner named the new model, the old one trained on):
+/// refused, naming the checkpoint and the fields that differ.
+#[test]
+fn a_resume_with_another_model_in_the_job_file_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "job", "ck");
+    ok(&["prepare", &job, "--quiet"]);
+    ok(&["train", &job, "--stop-after", "2"]);
+    let yaml = std::fs::read_to_string(&job).expect("read");
+    std::fs::write(
+        &job,
+        yaml.replacen("preset: tiny", "preset: smollm2-135m", 1),
+    )
+    .expect("write");
+    let out = dapt(&["train", &job]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("step-00000002")
+            && stderr.contains("another model")
+            && stderr.contains("num_hidden_layers"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // Put back, it resumes.
+    std::fs::write(&job, yaml).expect("write");
+    ok(&["train", &job]);
+}
+
 /// Zero windows, tokens or batch for `dapt eval` are refused by clap, by flag (a zero
 /// `--seq-len` divided by zero).
 #[test]

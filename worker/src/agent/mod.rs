@@ -151,7 +151,15 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
     tracing::info!(worker = %o.worker_id, job = %job.job, %endpoint, coordinator = %o.coordinator, "joined");
     let membership = match job.cluster.etcd() {
         Some(spec) => Some(
-            lease::Membership::register(spec, &job.job, &o.worker_id, &endpoint, &devices).await?,
+            lease::Membership::register(
+                spec,
+                &job.job,
+                &o.worker_id,
+                &endpoint,
+                &devices,
+                o.connect_timeout,
+            )
+            .await?,
         ),
         None => None,
     };

@@ -100,19 +100,24 @@ impl std::str::FromStr for ExportDtype {
     }
 }
 
-/// Reads `dir`'s config and every tensor the layout needs, checking names and shapes, and that
-/// every value is finite. A tensor in the files that the layout does not use refuses the load
-/// (see [`super::refuse_unused`] for the few that are allowed): dapt would otherwise compute a
-/// different function from the one the checkpoint defines.
-pub fn load_dir(dir: &Path) -> Result<HfWeights> {
+/// `dir`'s `config.json`, checked ([`LlamaConfig::from_json`]); errors name the file.
+pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
     let config_path = dir.join(CONFIG_FILE);
-    let config = LlamaConfig::from_json(
+    LlamaConfig::from_json(
         &std::fs::read_to_string(&config_path).map_err(WorkerError::io(&config_path))?,
     )
     .map_err(|message| WorkerError::Config {
         path: config_path,
         message,
-    })?;
+    })
+}
+
+/// Reads `dir`'s config and every tensor the layout needs, checking names and shapes, and that
+/// every value is finite. A tensor in the files that the layout does not use refuses the load
+/// (see [`super::refuse_unused`] for the few that are allowed): dapt would otherwise compute a
+/// different function from the one the checkpoint defines.
+pub fn load_dir(dir: &Path) -> Result<HfWeights> {
+    let config = read_config(dir)?;
     let layout = ParamLayout::llama(&config);
     let (files, index) = super::shard_index::weight_files(dir)?;
     let maps = files

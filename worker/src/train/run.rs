@@ -83,6 +83,7 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
                 // After the checkpoint verified, and never a reason to fall back to an older
                 // one (which would train on the other corpus from there): another corpus.
                 checkpoint::check_corpus(&dir, &digest)?;
+                check_architecture(&dir, &trainer.config, &job_architecture(job, &reader)?)?;
                 resumed_from = Some(step);
                 tracing::info!(step, dir = %dir.display(), "resumed from checkpoint");
                 restored = Some(trainer);
@@ -381,6 +382,115 @@ pub fn restore_part(
     trainer.tokens = loaded.state.tokens;
     trainer.skipped_steps = loaded.state.skipped_steps;
     Ok(trainer)
+}
+
+/// The architecture the job's `model:` names: its preset with the corpus tokenizer's
+/// vocabulary, or its Hugging Face folder's `config.json` (the weights are not read).
+pub fn job_architecture(job: &JobSpec, reader: &CorpusReader) -> Result<LlamaConfig> {
+    let spec = job
+        .model
+        .as_ref()
+        .ok_or_else(|| WorkerError::Invalid("the job has no `model:` section".into()))?;
+    match (&spec.hf, spec.preset) {
+        (Some(dir), _) => hf::read_config(dir),
+        (None, Some(preset)) => Ok(LlamaConfig::preset(
+            preset,
+            reader.manifest().tokenizer.vocab_size as usize,
+        )),
+        (None, None) => Err(WorkerError::Invalid(
+            "model: give exactly one of `preset` and `hf`".into(),
+        )),
+    }
+}
+
+/// Refuses to resume the checkpoint at `dir` (whose model is `checkpoint`) when the job's
+/// `model:` names another architecture (`job`): the job file was edited after the checkpoint
+/// was written, and training would go on with a model the job does not describe.
+///
+/// # Errors
+/// [`WorkerError::Invalid`] naming the checkpoint and each field that differs.
+pub fn check_architecture(dir: &Path, checkpoint: &LlamaConfig, job: &LlamaConfig) -> Result<()> {
+    let mut differ = Vec::new();
+    let mut field = |name: &str, a: String, b: String| {
+        if a != b {
+            differ.push(format!("{name} {a} (the job: {b})"));
+        }
+    };
+    field(
+        "family",
+        format!("{:?}", checkpoint.family),
+        format!("{:?}", job.family),
+    );
+    field(
+        "hidden_size",
+        checkpoint.hidden_size.to_string(),
+        job.hidden_size.to_string(),
+    );
+    field(
+        "intermediate_size",
+        checkpoint.intermediate_size.to_string(),
+        job.intermediate_size.to_string(),
+    );
+    field(
+        "num_hidden_layers",
+        checkpoint.num_hidden_layers.to_string(),
+        job.num_hidden_layers.to_string(),
+    );
+    field(
+        "num_attention_heads",
+        checkpoint.num_attention_heads.to_string(),
+        job.num_attention_heads.to_string(),
+    );
+    field(
+        "num_key_value_heads",
+        checkpoint.num_key_value_heads.to_string(),
+        job.num_key_value_heads.to_string(),
+    );
+    field(
+        "head_dim",
+        checkpoint.head_dim.to_string(),
+        job.head_dim.to_string(),
+    );
+    field(
+        "vocab_size",
+        checkpoint.vocab_size.to_string(),
+        job.vocab_size.to_string(),
+    );
+    field(
+        "tie_word_embeddings",
+        checkpoint.tie_word_embeddings.to_string(),
+        job.tie_word_embeddings.to_string(),
+    );
+    field(
+        "rope_theta",
+        checkpoint.rope_theta.to_string(),
+        job.rope_theta.to_string(),
+    );
+    field(
+        "rope_scaling",
+        format!("{:?}", checkpoint.rope_scaling),
+        format!("{:?}", job.rope_scaling),
+    );
+    field(
+        "rms_norm_eps",
+        checkpoint.rms_norm_eps.to_string(),
+        job.rms_norm_eps.to_string(),
+    );
+    field(
+        "sliding_window",
+        format!("{:?}", checkpoint.sliding_window),
+        format!("{:?}", job.sliding_window),
+    );
+    if differ.is_empty() {
+        return Ok(());
+    }
+    Err(WorkerError::Invalid(format!(
+        "checkpoint {} holds another model than the job's `model:` ({}): the job file was \
+         edited after it was written; put `model:` back, or start the job afresh in a new \
+         checkpoint.dir",
+        dir.display(),
+        differ.join(", ")
+    )))
 }
 
 /// The model a fresh run starts from: a Hugging Face directory (whose tokenizer must be the
