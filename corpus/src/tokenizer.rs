@@ -128,8 +128,8 @@ impl HfBos {
             path: path.clone(),
             message,
         };
-        let config: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| fail(format!("is not JSON: {e}")))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| fail(format!("is not JSON: {e}")))?;
         let Some(config) = config.as_object() else {
             return Err(fail("is not a JSON object".into()));
         };
@@ -166,7 +166,9 @@ impl HfBos {
             (None, Some(class)) if BOS_BY_DEFAULT_CLASSES.contains(&class) => Some(HfBos {
                 add: true,
                 token,
-                reason: format!("{HF_TOKENIZER_CONFIG}: tokenizer_class {class}, which adds it by default"),
+                reason: format!(
+                    "{HF_TOKENIZER_CONFIG}: tokenizer_class {class}, which adds it by default"
+                ),
             }),
             (None, _) => None,
         })

@@ -803,11 +803,20 @@ fn a_tokenizer_config_beside_the_tokenizer_decides_the_bos_as_transformers_does(
     let tok = d.join("model").join("tokenizer.json");
     let config = d.join("model").join("tokenizer_config.json");
     llama2_style_tokenizer(&tok);
-    edit_tokenizer(&tok, |json| json["post_processor"] = serde_json::Value::Null);
-    write(d, "a.jsonl", "{\"text\": \"plain words\"}\n{\"text\": \"more words\"}\n");
+    edit_tokenizer(&tok, |json| {
+        json["post_processor"] = serde_json::Value::Null
+    });
+    write(
+        d,
+        "a.jsonl",
+        "{\"text\": \"plain words\"}\n{\"text\": \"more words\"}\n",
+    );
     let head = format!("tokenizer: {}\n", tok.display());
     let first_ids = |d: &Path| -> Vec<u32> {
-        stored(&d.join("out")).iter().map(|(ids, _)| ids[0]).collect()
+        stored(&d.join("out"))
+            .iter()
+            .map(|(ids, _)| ids[0])
+            .collect()
     };
 
     // No config: the template adds nothing.
@@ -863,15 +872,19 @@ fn a_tokenizer_config_beside_the_tokenizer_decides_the_bos_as_transformers_does(
     for (bad, field) in [
         (r#"{"add_bos_token": "yes"}"#, "add_bos_token"),
         (r#"{"add_bos_token": true, "bos_token": 5}"#, "bos_token"),
-        (r#"{"add_bos_token": true, "bos_token": "<nope>"}"#, "<nope>"),
+        (
+            r#"{"add_bos_token": true, "bos_token": "<nope>"}"#,
+            "<nope>",
+        ),
         (r#"[1, 2]"#, "JSON object"),
         ("{not json", "JSON"),
     ] {
-        edit_tokenizer(&tok, |json| json["post_processor"] = serde_json::Value::Null);
+        edit_tokenizer(&tok, |json| {
+            json["post_processor"] = serde_json::Value::Null
+        });
         std::fs::write(&config, bad).expect("write config");
-        let err = prepare(&spec(d, &head, ""), None, &PrepareOptions::default())
-            .err()
-            .expect("refused");
+        let err =
+            prepare(&spec(d, &head, ""), None, &PrepareOptions::default()).expect_err("refused");
         let msg = err.to_string();
         assert!(msg.contains(field), "{bad}: {msg}");
         if field != "<nope>" {
