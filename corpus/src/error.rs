@@ -94,6 +94,24 @@ pub enum CorpusError {
         target: PathBuf,
         root: PathBuf,
     },
+    /// Another `dapt prepare` (or `dapt launch`) holds the output's lock: retrying once it has
+    /// finished helps.
+    #[error("corpus.output {output} is being prepared by another dapt prepare ({holder}), which holds {lock}: wait for it to finish, or give this job a corpus.output of its own")]
+    OutputLocked {
+        output: PathBuf,
+        lock: PathBuf,
+        /// Who holds it, as the lock file says (`pid 1234`), or `unknown pid`.
+        holder: String,
+    },
+    /// Publishing stopped part way: the output holds no corpus until the next run, which finishes
+    /// publishing the one kept in `staged`.
+    #[error("corpus.output {output}: publishing the new corpus stopped part way ({path}: {error}); it is kept whole in {staged}, and the next dapt prepare on this output finishes publishing it")]
+    PublishInterrupted {
+        output: PathBuf,
+        staged: PathBuf,
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("{0}")]
     Invalid(String),
 }

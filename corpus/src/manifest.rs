@@ -499,10 +499,33 @@ fn mtime_ns(meta: &std::fs::Metadata) -> u128 {
         .map_or(0, |d| d.as_nanos())
 }
 
-/// Writes `bytes` to a temporary file beside `path` and renames it into place.
+/// What [`write_atomic`]'s temporary files are called: this prefix and
+/// [`ATOMIC_TEMP_RANDOM`] random letters and digits. A run interrupted mid-write leaves one; only
+/// names of exactly this shape are taken for dapt's own in a corpus directory.
+pub const ATOMIC_TEMP_PREFIX: &str = ".tmp";
+pub const ATOMIC_TEMP_RANDOM: usize = 6;
+
+/// Whether `name` is one of [`write_atomic`]'s temporary files (`.tmpAbC123`), as opposed to,
+/// say, a user's `.tmp-notes.txt`.
+pub fn is_atomic_temp(name: &str) -> bool {
+    name.strip_prefix(ATOMIC_TEMP_PREFIX).is_some_and(|rest| {
+        rest.len() == ATOMIC_TEMP_RANDOM && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+    })
+}
+
+/// Writes `bytes` to a temporary file beside `path` and renames it into place. The file gets the
+/// permissions of any file the process creates (0666 less the umask: 0644 under the usual
+/// umask), not the 0600 of a private temporary file: a corpus or a checkpoint is read by workers
+/// that may run as another user.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(CorpusError::io(dir))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(ATOMIC_TEMP_PREFIX)
+        .rand_bytes(ATOMIC_TEMP_RANDOM)
+        .permissions(std::fs::Permissions::from_mode(0o666))
+        .tempfile_in(dir)
+        .map_err(CorpusError::io(dir))?;
     std::io::Write::write_all(&mut tmp, bytes)
         .map_err(CorpusError::io(tmp.path().to_path_buf()))?;
     tmp.as_file()

@@ -465,15 +465,15 @@ fn held_out_texts(out: &Path) -> Vec<String> {
         .collect()
 }
 
+/// No staging directory beside the output `dir/out` nor (where it is staged now) inside it.
 fn assert_no_staging(dir: &Path) {
-    let leftovers: Vec<_> = std::fs::read_dir(dir)
-        .expect("read_dir")
+    let out = dir.join("out");
+    let leftovers: Vec<_> = [dir, out.as_path()]
+        .into_iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
         .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(".dapt-prepare-")
-        })
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".dapt-"))
         .collect();
     assert!(leftovers.is_empty(), "staging left behind: {leftovers:?}");
 }

@@ -1,9 +1,9 @@
 //! `dapt prepare`: sources in, verified token shards, manifest and report out.
 //!
-//! Everything is written into a staging directory beside the output and renamed into place only
-//! when complete, so a failed or interrupted run leaves the previous corpus (or nothing) behind,
-//! never a half-written shard. A run whose inputs (spec, tokenizer, every file's path, size and
-//! mtime) match the existing manifest does nothing.
+//! Everything is written into a staging directory inside the output and moved into place only
+//! when complete ([`output`]), so a failed or interrupted run leaves the previous corpus (or
+//! nothing) behind, never a half-written shard. A run whose inputs (spec, tokenizer, every
+//! file's path, size and mtime) match the existing manifest does nothing.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -24,6 +24,7 @@ use crate::shards::StreamWriter;
 use crate::spec::{CorpusSpec, Role, SourceSpec, TrainingPlan};
 use crate::tokenizer::{self, CorpusTokenizer, TokenizerOptions};
 
+mod output;
 mod progress;
 use progress::Progress;
 
@@ -99,23 +100,17 @@ pub fn prepare(
         &discoveries,
     );
     let out = spec.output.clone();
-    // Before any work: an output that is not ours is refused, never replaced.
-    check_output(&out)?;
+    // Before any work: an output that is not ours is refused, never replaced, and one that
+    // another run is preparing is refused too. Held until the end (declared before the staging
+    // directory, so dropped after it).
+    let claim = output::Claim::new(&out)?;
     if !options.force {
         if let Some(manifest) = up_to_date(&out, &fingerprint, options.verify) {
             return Ok(PrepareOutcome::UpToDate { dir: out, manifest });
         }
     }
 
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(CorpusError::io(parent))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".dapt-prepare-")
-        .tempdir_in(parent)
-        .map_err(CorpusError::io(parent))?;
+    let staging = claim.staging()?;
 
     // The tokenizer: given (copied beside the shards) or trained on the training documents.
     // Errors name the user's file, never the staging copy (which is gone by then).
@@ -125,7 +120,7 @@ pub fn prepare(
     let trained = given_tokenizer.is_none();
     let tk = match &given_tokenizer {
         Some((path, _)) => {
-            std::fs::copy(path, &tokenizer_path).map_err(CorpusError::io(path))?;
+            output::copy_file(path, &tokenizer_path).map_err(CorpusError::io(path))?;
             CorpusTokenizer::load(path, &tokenizer_options)?
         }
         None => {
@@ -299,7 +294,7 @@ pub fn prepare(
         &staging.path().join(manifest::MANIFEST_FILE),
         &to_json(&manifest)?,
     )?;
-    publish(staging, &out)?;
+    claim.publish(staging)?;
 
     let run = RunStats {
         elapsed: started.elapsed(),
@@ -587,153 +582,5 @@ fn up_to_date(out: &Path, fingerprint: &str, verify: VerifyMode) -> Option<Manif
             tracing::warn!(error = %e, "existing corpus failed verification, rebuilding it");
             None
         }
-    }
-}
-
-/// What is at `out` now, and whether `dapt prepare` may replace it.
-#[derive(Debug)]
-enum Existing {
-    /// Nothing, or an empty directory.
-    Nothing,
-    /// A dapt corpus holding only files dapt wrote: the manifest's, its source directories and
-    /// what a corpus directory gets besides (report, tokenizer, verification cache, temporary
-    /// files of an atomic write).
-    Corpus(Manifest),
-}
-
-/// Refuses an `out` that is not a dapt corpus: a file, a directory without a readable
-/// manifest, or a corpus directory that holds something dapt did not write (named).
-fn check_output(out: &Path) -> Result<Existing> {
-    let refuse = |why: String| {
-        Err(CorpusError::Invalid(format!(
-            "corpus.output {} {why}; dapt prepare replaces only a corpus it wrote: choose a new or empty directory for corpus.output",
-            out.display()
-        )))
-    };
-    let meta = match std::fs::symlink_metadata(out) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Existing::Nothing),
-        Err(e) => return Err(CorpusError::io(out)(e)),
-    };
-    if !meta.is_dir() {
-        return refuse("exists and is not a directory".into());
-    }
-    let mut entries = std::fs::read_dir(out)
-        .map_err(CorpusError::io(out))?
-        .peekable();
-    if entries.peek().is_none() {
-        return Ok(Existing::Nothing);
-    }
-    let manifest = match Manifest::read(out) {
-        Ok(m) => m,
-        Err(e) => return refuse(format!("exists and is not a dapt corpus ({e})")),
-    };
-    let listed: HashSet<String> = manifest.files().map(|(p, _, _)| p.to_owned()).collect();
-    let source_dirs: HashSet<&str> = manifest.sources.iter().map(|s| s.name.as_str()).collect();
-    let ours_at_top = |name: &str| {
-        matches!(
-            name,
-            manifest::MANIFEST_FILE | manifest::REPORT_FILE | manifest::VERIFIED_FILE
-        ) || listed.contains(name)
-            || name.starts_with(".tmp")
-    };
-    for entry in walkdir::WalkDir::new(out).min_depth(1).sort_by_file_name() {
-        let entry = entry.map_err(|e| CorpusError::Io {
-            path: e.path().unwrap_or(out).to_path_buf(),
-            error: e
-                .into_io_error()
-                .unwrap_or_else(|| std::io::Error::other("file system loop")),
-        })?;
-        let rel = entry
-            .path()
-            .strip_prefix(out)
-            .unwrap_or(entry.path())
-            .to_string_lossy()
-            .into_owned();
-        let ours = if entry.depth() == 1 {
-            if entry.file_type().is_dir() {
-                source_dirs.contains(rel.as_str())
-            } else {
-                entry.file_type().is_file() && ours_at_top(&rel)
-            }
-        } else {
-            entry.file_type().is_file() && listed.contains(&rel)
-        };
-        if !ours {
-            return refuse(format!(
-                "holds `{rel}`, which is not part of the dapt corpus there"
-            ));
-        }
-    }
-    Ok(Existing::Corpus(manifest))
-}
-
-/// Moves the finished staging directory to `out`, replacing the dapt corpus there (checked
-/// again here: nothing else is ever removed). The old corpus is first renamed aside, so a
-/// failure at any point leaves either it or the new one at `out`, never nothing.
-fn publish(staging: tempfile::TempDir, out: &Path) -> Result<()> {
-    let old_manifest = match check_output(out)? {
-        Existing::Corpus(manifest) => Some(manifest),
-        Existing::Nothing => None,
-    };
-    let staged = staging.keep();
-    let exists = std::fs::symlink_metadata(out).is_ok();
-    if exists {
-        let old = out.with_file_name(format!(
-            ".{}.old-{}",
-            out.file_name()
-                .map_or_else(|| "corpus".into(), |n| n.to_string_lossy()),
-            std::process::id()
-        ));
-        std::fs::rename(out, &old).map_err(CorpusError::io(out))?;
-        if let Err(e) = std::fs::rename(&staged, out) {
-            let _ = std::fs::rename(&old, out);
-            let _ = std::fs::remove_dir_all(&staged);
-            return Err(CorpusError::Io {
-                path: out.to_path_buf(),
-                error: e,
-            });
-        }
-        if let Err(e) = remove_corpus(&old, old_manifest.as_ref()) {
-            // The new corpus is in place; what is left of the old one is only clutter.
-            tracing::warn!(dir = %old.display(), error = %e, "could not remove the replaced corpus");
-        }
-    } else if let Err(e) = std::fs::rename(&staged, out) {
-        let _ = std::fs::remove_dir_all(&staged);
-        return Err(CorpusError::Io {
-            path: out.to_path_buf(),
-            error: e,
-        });
-    }
-    Ok(())
-}
-
-/// Deletes a replaced corpus directory file by file: what its manifest lists and the files a
-/// corpus directory gets besides, then the (then empty) directories. Anything else stays, and
-/// so does the directory holding it.
-fn remove_corpus(dir: &Path, manifest: Option<&Manifest>) -> Result<()> {
-    if let Some(manifest) = manifest {
-        for (rel, _, _) in manifest.files() {
-            remove_if_present(&dir.join(rel))?;
-        }
-        for name in [manifest::REPORT_FILE, manifest::VERIFIED_FILE] {
-            remove_if_present(&dir.join(name))?;
-        }
-        for source in &manifest.sources {
-            let sub = dir.join(&source.name);
-            if sub.is_dir() {
-                std::fs::remove_dir(&sub).map_err(CorpusError::io(&sub))?;
-            }
-        }
-        remove_if_present(&dir.join(manifest::MANIFEST_FILE))?;
-    }
-    std::fs::remove_dir(dir).map_err(CorpusError::io(dir))
-}
-
-fn remove_if_present(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(CorpusError::io(path)(e)),
     }
 }
