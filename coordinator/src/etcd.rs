@@ -71,6 +71,8 @@ pub struct EtcdStore {
     identity: CommittedFile,
     /// Turns true once this coordinator knows it no longer leads.
     lost: Arc<watch::Sender<bool>>,
+    /// The leadership lease's TTL.
+    ttl: Duration,
     /// The `generation` key's mod revision as this coordinator last read or wrote it (0: the
     /// key did not exist): the next generation is written only if it is still that.
     generation_revision: i64,
@@ -148,6 +150,7 @@ impl EtcdStore {
             lease,
             identity,
             lost: lost_tx,
+            ttl: Duration::from_secs(spec.lease_ttl_s),
             generation_revision: 0,
         };
         Ok((store, lost))
@@ -232,6 +235,63 @@ impl EtcdStore {
             .await?;
         self.generation_revision = revision;
         Ok(())
+    }
+
+    /// [`EtcdStore::record_generation`] through an etcd outage (a restart): retried with
+    /// backoff, a warning every 10 s, for up to three lease TTLs (at least 10 s) from the first
+    /// failure; no rank is assigned before its generation is recorded. A lost leadership, another
+    /// writer, or a value that cannot be one are final, and so is the deadline: by then another
+    /// coordinator may lead. An attempt whose answer was lost but that etcd carried out is
+    /// recognised by the value it left (its compare would fail the next attempt).
+    pub async fn record_generation_patiently(
+        &mut self,
+        record: &GenerationRecord,
+    ) -> Result<(), StoreError> {
+        let started = tokio::time::Instant::now();
+        let patience = (self.ttl * 3).max(Duration::from_secs(10));
+        let mut pause = Duration::from_millis(250);
+        let mut warned = None::<tokio::time::Instant>;
+        let mut failed_once = false;
+        loop {
+            if failed_once && self.recorded_already(record).await {
+                return Ok(());
+            }
+            let error = match self.record_generation(record).await {
+                Ok(()) => return Ok(()),
+                Err(e @ (StoreError::NotLeader(_) | StoreError::Invalid { .. }))
+                | Err(e @ StoreError::OtherJob { .. }) => return Err(e),
+                Err(e) if *self.lost.borrow() || started.elapsed() > patience => return Err(e),
+                Err(e) => e,
+            };
+            failed_once = true;
+            if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                tracing::warn!(
+                    generation = record.generation,
+                    "recording the generation in etcd: {error}; retrying"
+                );
+                warned = Some(tokio::time::Instant::now());
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Whether the `generation` key holds `record` already (then its revision is taken as
+    /// this coordinator's last write).
+    async fn recorded_already(&mut self, record: &GenerationRecord) -> bool {
+        let key = keys::generation(&self.prefix, &self.job);
+        let Ok(response) = self.client.get(key, None).await else {
+            return false;
+        };
+        let Some(kv) = response.kvs().first() else {
+            return false;
+        };
+        let ours = serde_json::to_vec(record).expect("a record serializes");
+        if kv.value() != ours.as_slice() || kv.lease() != 0 && kv.lease() != self.lease {
+            return false;
+        }
+        self.generation_revision = kv.mod_revision();
+        true
     }
 
     /// The ledger entries and the committed step, in one transaction.

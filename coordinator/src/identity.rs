@@ -74,7 +74,9 @@ impl JobIdentity {
         if let (Some(a), Some(b)) = (&recorded.token_digest, &self.token_digest) {
             if a != b {
                 return Some(format!(
-                    "it belongs to another job named `{}` (another token)",
+                    "it belongs to another job named `{}` (another token; if this job's token \
+                     was changed on purpose, remove job.json from checkpoint.dir and, under \
+                     etcd, the `identity` key, while no coordinator of the job runs)",
                     self.job
                 ));
             }
@@ -182,14 +184,18 @@ fn to_json(identity: &JobIdentity) -> Vec<u8> {
 }
 
 /// Writes `bytes` to `path` through a temporary file of a name no other writer uses (in the
-/// same directory, named `.dapt-tmp-*`), synced, then renamed over `path`.
+/// same directory, named `.dapt-tmp-*`), synced, then renamed over `path`. The file gets the
+/// permissions of any file the process creates (0666 less the umask), not a private temporary
+/// file's 0600: operators and tools read `committed.json` and the ledger as other users.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new()
         .prefix(TEMP_PREFIX)
+        .permissions(fs::Permissions::from_mode(0o666))
         .tempfile_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
@@ -199,6 +205,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn atomic_writes_get_the_mode_of_a_new_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fresh = dir.path().join("fresh");
+        fs::write(&fresh, b"x").expect("write");
+        let written = dir.path().join("committed.json");
+        write_atomic(&written, b"{}").expect("write_atomic");
+        let mode = |p: &Path| fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+        assert_eq!(mode(&written), mode(&fresh));
+    }
     use super::*;
 
     fn identity(job: &str, token: Option<&str>) -> JobIdentity {

@@ -154,7 +154,9 @@ fn check_committed(
         committed.step <= total_steps,
         "{source}: the committed step {} is past the job's {total_steps} steps (training.tokens): that state is another job's, or training.tokens was cut below what was trained; restore training.tokens to at least {} tokens, or use another checkpoint.dir",
         committed.step,
-        job.training.map_or(0, |t| t.tokens_per_step()) * committed.step
+        job.training
+            .map_or(0, |t| t.tokens_per_step())
+            .saturating_mul(committed.step)
     );
     Ok(())
 }
@@ -701,38 +703,10 @@ impl Executor {
             Action::RecordGeneration(record) => {
                 match &mut self.store {
                     Store::Etcd { store, .. } => {
-                        // No rank is assigned before its generation is recorded; through an
-                        // etcd outage (a restart) that means waiting, as the committer does
-                        // for commits. The lease fence still decides: a lost leadership or
-                        // another writer of the generation is final.
-                        let mut pause = Duration::from_millis(250);
-                        let mut warned = None::<Instant>;
-                        loop {
-                            match store.record_generation(&record).await {
-                                Ok(()) => break,
-                                Err(
-                                    e @ (crate::etcd::StoreError::NotLeader(_)
-                                    | crate::etcd::StoreError::Invalid { .. }
-                                    | crate::etcd::StoreError::OtherJob { .. }),
-                                ) => {
-                                    return Err(format!(
-                                        "recording generation {}: {e}",
-                                        record.generation
-                                    ))
-                                }
-                                Err(e) => {
-                                    if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10))
-                                    {
-                                        tracing::warn!(
-                                            generation = record.generation,
-                                            "recording the generation in etcd: {e}; retrying"
-                                        );
-                                        warned = Some(Instant::now());
-                                    }
-                                    tokio::time::sleep(pause).await;
-                                    pause = (pause * 2).min(Duration::from_secs(2));
-                                }
-                            }
+                        // No rank is assigned before its generation is recorded: through an
+                        // etcd outage that means waiting (`record_generation_patiently`).
+                        if let Err(e) = store.record_generation_patiently(&record).await {
+                            return Err(format!("recording generation {}: {e}", record.generation));
                         }
                     }
                     Store::Files(files) => {

@@ -80,6 +80,11 @@ pub struct SourceSpec {
     /// Default UTF-8; bytes invalid in it are decoded lossily and the file is counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoding: Option<EncodingLabel>,
+    /// Which of `paths` are literal paths, not globs, whatever characters they hold (set by
+    /// [`CorpusSpec::resolve_paths`]: a path is a glob only where the user's text has a
+    /// wildcard and names no existing file); unset, a path with a wildcard is a glob.
+    #[serde(skip)]
+    pub literal: Vec<bool>,
 }
 
 /// A WHATWG encoding label, checked while deserializing so that a typo names its line.
@@ -441,28 +446,23 @@ impl CorpusSpec {
         self.tokenizer = self.tokenizer.as_deref().map(join);
         // A source path is a glob when the user's own text has a wildcard and no such path
         // exists as written (`notes [draft].txt`); the job folder's characters are never
-        // wildcards (a job in `proj[v2]/` would match `projv/`), so they are escaped in a glob,
-        // and a literal path that holds them is escaped whole (a glob matching only itself).
+        // wildcards (a job in `proj[v2]/` would match `projv/`), so they are escaped in a glob.
         let escape = |p: &Path| glob::Pattern::escape(&p.to_string_lossy());
         for source in &mut self.sources.0 {
+            source.literal.clear();
             for pattern in &mut source.paths {
                 let user = Path::new(pattern.as_str());
                 let literal = join(user);
-                *pattern = if crate::ingest::has_wildcards(pattern)
-                    && std::fs::symlink_metadata(&literal).is_err()
-                {
-                    if user.is_absolute() {
-                        pattern.clone()
-                    } else {
-                        lexical_clean(&Path::new(&escape(base)).join(user))
-                            .to_string_lossy()
-                            .into_owned()
-                    }
-                } else if crate::ingest::has_wildcards(&literal.to_string_lossy()) {
-                    escape(&literal)
-                } else {
-                    literal.to_string_lossy().into_owned()
+                let glob = crate::ingest::has_wildcards(pattern)
+                    && std::fs::symlink_metadata(&literal).is_err();
+                *pattern = match (glob, user.is_absolute()) {
+                    (true, true) => pattern.clone(),
+                    (true, false) => lexical_clean(&Path::new(&escape(base)).join(user))
+                        .to_string_lossy()
+                        .into_owned(),
+                    (false, _) => literal.to_string_lossy().into_owned(),
                 };
+                source.literal.push(!glob);
             }
         }
     }

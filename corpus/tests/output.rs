@@ -306,6 +306,23 @@ fn an_older_releases_leftovers_beside_the_output_are_cleared_when_provably_dapts
         vec![".dapt-prepare-Xy12Zw", ".other.old-3", ".out.old-2"]
     );
     assert!(fx.path(".out.old-2/.tmp-notes.txt").is_file());
+
+    // An older release killed between its renames: no corpus at the output, the only copy
+    // aside. It is kept (and named) while the output holds none.
+    std::fs::remove_dir_all(fx.path(".out.old-2")).expect("rm");
+    copy(".out.old-4");
+    std::fs::remove_dir_all(fx.path("out")).expect("rm");
+    assert!(matches!(
+        run(&spec).expect("prepare"),
+        PrepareOutcome::Prepared { .. }
+    ));
+    assert!(
+        fx.path(".out.old-4/manifest.json").is_file(),
+        "the only copy was kept"
+    );
+    // With a corpus at the output again, the next run removes it.
+    run(&spec).expect("prepare");
+    assert!(!fx.path(".out.old-4").exists());
 }
 
 /// A run that fails before publishing leaves the output as it found it: no directory where

@@ -140,8 +140,9 @@ pub fn status_allowed(key: &Key, request: &StatusRequest, now_ms: u64) -> bool {
 /// recorded on the wire and sent again (by someone without the token) is refused.
 #[derive(Debug, Default)]
 pub struct SeenStatusNonces {
-    /// Nonce -> the end of its request's window (ms since the Unix epoch).
-    until: std::collections::HashMap<Vec<u8>, u64>,
+    /// The nonces seen, and (end of its window, nonce) in the order windows close.
+    seen: std::collections::HashSet<auth::Nonce>,
+    closing: std::collections::BTreeSet<(u64, auth::Nonce)>,
 }
 
 impl SeenStatusNonces {
@@ -150,16 +151,24 @@ impl SeenStatusNonces {
     pub const MAX: usize = 1 << 16;
 
     /// Whether `request` (already proven by [`status_allowed`]) is seen for the first time;
-    /// remembers it until its window closes.
+    /// remembers it until its window closes. A nonce of another length than
+    /// [`auth::NONCE_LEN`] is refused.
     pub fn first_use(&mut self, request: &StatusRequest, now_ms: u64) -> bool {
-        self.until.retain(|_, until| *until >= now_ms);
-        if self.until.contains_key(&request.nonce) || self.until.len() >= Self::MAX {
+        while let Some(&(until, nonce)) = self.closing.first() {
+            if until >= now_ms {
+                break;
+            }
+            self.closing.pop_first();
+            self.seen.remove(&nonce);
+        }
+        let Ok(nonce) = auth::Nonce::try_from(request.nonce.as_slice()) else {
+            return false;
+        };
+        if self.seen.len() >= Self::MAX || !self.seen.insert(nonce) {
             return false;
         }
-        self.until.insert(
-            request.nonce.clone(),
-            request.unix_ms.saturating_add(STATUS_SKEW_MS),
-        );
+        self.closing
+            .insert((request.unix_ms.saturating_add(STATUS_SKEW_MS), nonce));
         true
     }
 }
@@ -199,6 +208,10 @@ mod tests {
             &status_request(&key, now).expect("r"),
             now + 2 * STATUS_SKEW_MS,
         );
-        assert_eq!(seen.until.len(), 1);
+        assert_eq!((seen.seen.len(), seen.closing.len()), (1, 1));
+        // A nonce of another length is no proof of freshness.
+        let mut short = status_request(&key, now).expect("r");
+        short.nonce.truncate(8);
+        assert!(!seen.first_use(&short, now));
     }
 }

@@ -519,12 +519,22 @@ impl Etcd {
             .spawn()
             .expect("start etcd");
         self.child = Some(child);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        // Generous on a loaded 2-core machine; an etcd that exited (a port taken between
+        // `free_port` and its bind) or never answers is reported with its log.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while !self.healthy() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "etcd did not become healthy"
-            );
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || std::time::Instant::now() >= deadline {
+                let log = std::fs::read_to_string(self.dir.0.join("etcd.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                panic!(
+                    "etcd did not become healthy ({exited:?}); the end of its log:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }

@@ -87,8 +87,12 @@ pub fn nesting_depth(html: &str, limit: usize) -> usize {
             };
             let name: &str = &tag.name;
             let (mut open, mut count) = (self.open.borrow_mut(), self.count.borrow_mut());
+            // `/>` closes an element only in SVG and MathML: in HTML `<div/>` opens a div.
+            let foreign = count.get("svg").is_some_and(|&n| n > 0)
+                || count.get("math").is_some_and(|&n| n > 0);
+            let closes_itself = tag.self_closing && foreign;
             match tag.kind {
-                TagKind::StartTag if !tag.self_closing && !NOT_NESTING.contains(&name) => {
+                TagKind::StartTag if !closes_itself && !NOT_NESTING.contains(&name) => {
                     open.push(name.to_owned());
                     *count.entry(name.to_owned()).or_default() += 1;
                     self.deepest.set(self.deepest.get().max(open.len()));
@@ -263,6 +267,12 @@ mod tests {
             "<div>".repeat(9_000)
         );
         assert_eq!(depth(&script), 1);
+        // `/>` does not close an HTML element (it does in SVG)
+        assert!(depth(&"<div/>".repeat(10_000)) > MAX_NESTING);
+        assert_eq!(
+            depth(&format!("<svg>{}</svg>", "<path/>".repeat(10_000))),
+            1
+        );
         // a hostile page stops being read at the limit, at once
         let started = std::time::Instant::now();
         let deep = "<div>".repeat(200_000);

@@ -88,9 +88,14 @@ pub fn has_wildcards(pattern: &str) -> bool {
 pub fn discover(source: &SourceSpec) -> Result<Discovery> {
     let mut found = Discovery::default();
     let mut candidates: Vec<(PathBuf, bool)> = Vec::new(); // (path, named explicitly)
-    for pattern in &source.paths {
+    for (i, pattern) in source.paths.iter().enumerate() {
         let before = candidates.len();
-        if has_wildcards(pattern) && std::fs::symlink_metadata(pattern).is_err() {
+        let literal = source
+            .literal
+            .get(i)
+            .copied()
+            .unwrap_or_else(|| !has_wildcards(pattern));
+        if !literal {
             let matches = glob::glob(pattern).map_err(|e| CorpusError::BadPattern {
                 source_name: source.name.to_string(),
                 pattern: pattern.clone(),
@@ -561,6 +566,7 @@ mod tests {
             held_out: crate::spec::Fraction::default(),
             text_field: "text".into(),
             encoding: None,
+            literal: Vec::new(),
         };
         let dir_source = source(vec![tree.display().to_string()]);
         assert_eq!(discover(&dir_source).expect("inside").files.len(), 2);

@@ -28,9 +28,7 @@ use crate::collective::{AbortHandle, Collective, CollectiveError, RingConfig, Ri
 use crate::device::{DeviceSpec, EngineKind, Precision};
 use crate::error::WorkerError;
 use crate::train::engine::{Engine, HostEngine};
-use crate::train::run::{
-    check_architecture, evaluate, initial_model, job_architecture, restore_part,
-};
+use crate::train::run::{check_job_model, evaluate, initial_model, restore_part};
 use crate::train::{MicroBatch, Trainer};
 
 /// Why a rank does not run on `--device vulkan`.
@@ -147,8 +145,7 @@ pub fn train(
         // After the checkpoint verified: another corpus is no corruption.
         checkpoint::check_corpus(dir, &corpus_digest).map_err(RankError::fatal)?;
         // And of the job's model: a `model:` edited since is no corruption either.
-        let architecture = job_architecture(job, &reader).map_err(RankError::fatal)?;
-        check_architecture(dir, &trainer.config, &architecture).map_err(RankError::fatal)?;
+        check_job_model(dir, &trainer.config, job, &reader).map_err(RankError::fatal)?;
         trainer
     };
     tracing::info!(

@@ -83,7 +83,7 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
                 // After the checkpoint verified, and never a reason to fall back to an older
                 // one (which would train on the other corpus from there): another corpus.
                 checkpoint::check_corpus(&dir, &digest)?;
-                check_architecture(&dir, &trainer.config, &job_architecture(job, &reader)?)?;
+                check_job_model(&dir, &trainer.config, job, &reader)?;
                 resumed_from = Some(step);
                 tracing::info!(step, dir = %dir.display(), "resumed from checkpoint");
                 restored = Some(trainer);
@@ -410,77 +410,35 @@ pub fn job_architecture(job: &JobSpec, reader: &CorpusReader) -> Result<LlamaCon
 /// # Errors
 /// [`WorkerError::Invalid`] naming the checkpoint and each field that differs.
 pub fn check_architecture(dir: &Path, checkpoint: &LlamaConfig, job: &LlamaConfig) -> Result<()> {
-    let mut differ = Vec::new();
-    let mut field = |name: &str, a: String, b: String| {
-        if a != b {
-            differ.push(format!("{name} {a} (the job: {b})"));
-        }
-    };
-    field(
-        "family",
-        format!("{:?}", checkpoint.family),
-        format!("{:?}", job.family),
-    );
-    field(
-        "hidden_size",
-        checkpoint.hidden_size.to_string(),
-        job.hidden_size.to_string(),
-    );
-    field(
-        "intermediate_size",
-        checkpoint.intermediate_size.to_string(),
-        job.intermediate_size.to_string(),
-    );
-    field(
-        "num_hidden_layers",
-        checkpoint.num_hidden_layers.to_string(),
-        job.num_hidden_layers.to_string(),
-    );
-    field(
-        "num_attention_heads",
-        checkpoint.num_attention_heads.to_string(),
-        job.num_attention_heads.to_string(),
-    );
-    field(
-        "num_key_value_heads",
-        checkpoint.num_key_value_heads.to_string(),
-        job.num_key_value_heads.to_string(),
-    );
-    field(
-        "head_dim",
-        checkpoint.head_dim.to_string(),
-        job.head_dim.to_string(),
-    );
-    field(
-        "vocab_size",
-        checkpoint.vocab_size.to_string(),
-        job.vocab_size.to_string(),
-    );
-    field(
-        "tie_word_embeddings",
-        checkpoint.tie_word_embeddings.to_string(),
-        job.tie_word_embeddings.to_string(),
-    );
-    field(
-        "rope_theta",
-        checkpoint.rope_theta.to_string(),
-        job.rope_theta.to_string(),
-    );
-    field(
-        "rope_scaling",
-        format!("{:?}", checkpoint.rope_scaling),
-        format!("{:?}", job.rope_scaling),
-    );
-    field(
-        "rms_norm_eps",
-        checkpoint.rms_norm_eps.to_string(),
-        job.rms_norm_eps.to_string(),
-    );
-    field(
-        "sliding_window",
-        format!("{:?}", checkpoint.sliding_window),
-        format!("{:?}", job.sliding_window),
-    );
+    // Each field as `{:?}` prints it on both sides.
+    macro_rules! differing {
+        ($($field:ident),*) => {
+            [$((
+                stringify!($field),
+                format!("{:?}", checkpoint.$field),
+                format!("{:?}", job.$field),
+            )),*]
+        };
+    }
+    let differ: Vec<String> = differing!(
+        family,
+        hidden_size,
+        intermediate_size,
+        num_hidden_layers,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+        vocab_size,
+        tie_word_embeddings,
+        rope_theta,
+        rope_scaling,
+        rms_norm_eps,
+        sliding_window
+    )
+    .into_iter()
+    .filter(|(_, a, b)| a != b)
+    .map(|(name, a, b)| format!("{name} {a} (the job: {b})"))
+    .collect();
     if differ.is_empty() {
         return Ok(());
     }
@@ -491,6 +449,24 @@ pub fn check_architecture(dir: &Path, checkpoint: &LlamaConfig, job: &LlamaConfi
         dir.display(),
         differ.join(", ")
     )))
+}
+
+/// [`check_architecture`] against the job's `model:` ([`job_architecture`]); a Hugging Face
+/// folder that cannot be read here (not mounted on this node: a resume does not need it) is
+/// warned about and not checked.
+pub fn check_job_model(
+    dir: &Path,
+    checkpoint: &LlamaConfig,
+    job: &JobSpec,
+    reader: &CorpusReader,
+) -> Result<()> {
+    match job_architecture(job, reader) {
+        Ok(architecture) => check_architecture(dir, checkpoint, &architecture),
+        Err(e) => {
+            tracing::warn!(error = %e, "the job's model: cannot be read here; the checkpoint's model is not checked against it");
+            Ok(())
+        }
+    }
 }
 
 /// The model a fresh run starts from: a Hugging Face directory (whose tokenizer must be the

@@ -138,7 +138,8 @@ pub(crate) fn remove_if_present(path: &Path) -> std::io::Result<()> {
 }
 
 /// What releases before this one left beside the output (they staged and set aside there):
-/// `.OUT.old-<pid>` directories that hold a dapt corpus of dapt's files only are removed; the
+/// `.OUT.old-<pid>` directories that hold a dapt corpus of dapt's files only are removed while
+/// the output holds a corpus (else such a one may be the only copy, and is named); the
 /// others, and `.dapt-prepare-XXXXXX` staging directories (which cannot be told apart from those
 /// of an older dapt preparing another output in the same directory right now), are named.
 pub(crate) fn beside(out: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, String)>) {
@@ -154,6 +155,9 @@ pub(crate) fn beside(out: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, String)>) {
         return (removed, kept);
     };
     let aside = format!(".{name}.old-");
+    // An older release killed between its two renames left its only corpus aside: it is kept
+    // while the output holds none.
+    let out_has_corpus = matches!(super::check_output(out), Ok(super::Existing::Corpus(_)));
     for entry in entries.flatten() {
         let entry_name = entry.file_name().to_string_lossy().into_owned();
         if !entry.file_type().is_ok_and(|t| t.is_dir()) {
@@ -163,6 +167,17 @@ pub(crate) fn beside(out: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, String)>) {
         let pid = entry_name.strip_prefix(&aside);
         if pid.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
             let manifest = match super::check_output(&path) {
+                Ok(super::Existing::Corpus(_)) if !out_has_corpus => {
+                    kept.push((
+                        path,
+                        format!(
+                            "a corpus an older dapt set aside, and {} holds none: rename it to \
+                             {name} to keep it, or remove it",
+                            out.display()
+                        ),
+                    ));
+                    continue;
+                }
                 Ok(super::Existing::Corpus(manifest)) => manifest,
                 Ok(_) => {
                     kept.push((path, "holds no dapt corpus".to_owned()));
