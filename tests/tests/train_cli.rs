@@ -254,9 +254,20 @@ fn a_resume_with_another_model_in_the_job_file_is_refused() {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
-    // Put back, it resumes.
+    // Put back, it resumes; with the learning rate edited it says so (it still resumes: a
+    // changed schedule on resume can be meant).
+    std::fs::write(&job, yaml.replacen("lr: 0.003", "lr: 0.3", 1)).expect("write");
+    let out = dapt(&["train", &job, "--stop-after", "4"]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("other training settings") && stderr.contains("optimizer.lr 0.003 -> 0.3"),
+        "{stderr}"
+    );
     std::fs::write(&job, yaml).expect("write");
-    ok(&["train", &job]);
+    let out = dapt(&["train", &job]);
+    assert!(out.status.success());
+    assert!(text(&out.stderr).contains("optimizer.lr 0.3 -> 0.003"));
 }
 
 /// Zero windows, tokens or batch for `dapt eval` are refused by clap, by flag (a zero

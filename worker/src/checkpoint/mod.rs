@@ -30,7 +30,7 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const TRAINER_FILE: &str = "trainer.json";
 
 /// Where a run stands, besides weights and moments.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainerState {
     /// Steps completed; the next step to train is this one.
@@ -48,6 +48,50 @@ pub struct TrainerState {
     /// checkpoints written without a corpus (and before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub corpus: Option<String>,
+    /// The job's `training:` section it was trained under; absent in checkpoints written
+    /// before it was recorded. A resume under other settings says which ([`changed_training`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<dapt_proto::job::TrainingSpec>,
+}
+
+/// The `training:` settings that shape what is learned (`optimizer.*`, `schedule.*`, `tokens`,
+/// `seq_len`, `global_batch`) and differ between `recorded` (a checkpoint's) and `now` (the
+/// job's), as `field before -> now`. Engine settings (micro-batch, ZeRO stage, recompute,
+/// evaluation) are left out: changing them changes no result.
+pub fn changed_training(
+    recorded: &dapt_proto::job::TrainingSpec,
+    now: &dapt_proto::job::TrainingSpec,
+) -> Vec<String> {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v.as_object() {
+            Some(map) => {
+                for (k, v) in map {
+                    flatten(&format!("{prefix}{k}."), v, out);
+                }
+            }
+            None => out.push((prefix.trim_end_matches('.').to_owned(), v.to_string())),
+        }
+    }
+    let fields = |t: &dapt_proto::job::TrainingSpec| {
+        let mut out = Vec::new();
+        flatten("", &serde_json::to_value(t).unwrap_or_default(), &mut out);
+        out.retain(|(k, _)| {
+            ["optimizer.", "schedule."].iter().any(|p| k.starts_with(p))
+                || ["tokens", "seq_len", "global_batch"].contains(&k.as_str())
+        });
+        out
+    };
+    let before = fields(recorded);
+    fields(now)
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let old = before
+                .iter()
+                .find(|(b, _)| *b == k)
+                .map(|(_, v)| v.as_str());
+            (old != Some(v.as_str())).then(|| format!("{k} {} -> {v}", old.unwrap_or("unset")))
+        })
+        .collect()
 }
 
 /// The corpus a checkpoint is written from: its tokenizer (copied into the checkpoint) and its
@@ -212,6 +256,7 @@ pub fn save_with(
         seed,
         skipped_steps: trainer.skipped_steps,
         corpus: corpus.map(|c| c.digest.to_owned()),
+        training: Some(trainer.training),
     };
     hf::write_atomic(&dir.join(TRAINER_FILE), &to_json(&state)?)?;
     if let Some(tokenizer) = tokenizer {
@@ -377,6 +422,7 @@ mod tests {
             seed: 1,
             skipped_steps,
             corpus: None,
+            training: None,
         };
         check_state(&state(20, 20 * 512, 19, 1), 20).expect("a real one");
         for (bad, field) in [

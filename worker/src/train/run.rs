@@ -374,6 +374,16 @@ pub fn restore_part(
             loaded.state.seed,
         )));
     }
+    if let Some(recorded) = &loaded.state.training {
+        let changed = checkpoint::changed_training(recorded, training);
+        if !changed.is_empty() {
+            tracing::warn!(
+                checkpoint = %dir.display(),
+                changed = %changed.join(", "),
+                "resuming with other training settings than the checkpoint was trained under (the job file was edited)"
+            );
+        }
+    }
     let mut trainer = Trainer::new_sharded(loaded.config, loaded.weights, training, loaded.range);
     trainer.optimizer.m = loaded.m;
     trainer.optimizer.v = loaded.v;
