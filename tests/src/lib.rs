@@ -134,28 +134,42 @@ impl Proc {
         events(&self.lines(), message)
     }
 
-    /// Waits until some log line satisfies `pred`; panics with the log after `timeout`.
+    /// Waits until some log line satisfies `pred`; panics with the log after `timeout`, or
+    /// when the process exits first.
     pub fn wait_for(
         &mut self,
         what: &str,
         timeout: std::time::Duration,
         pred: impl Fn(&[serde_json::Value]) -> bool,
     ) {
+        if let Some(status) = self.wait_for_or_exit(what, timeout, pred) {
+            panic!("exited ({status}) before {what}:\n{}", self.stderr());
+        }
+    }
+
+    /// [`Proc::wait_for`], returning the exit status when the process exits before a line
+    /// satisfies `pred` (`None` once one does).
+    pub fn wait_for_or_exit(
+        &mut self,
+        what: &str,
+        timeout: std::time::Duration,
+        pred: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Option<std::process::ExitStatus> {
         let deadline = std::time::Instant::now() + timeout;
         while std::time::Instant::now() < deadline {
             if pred(&self.lines()) {
-                return;
+                return None;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 // The reader thread may still be taking in the last lines of a loaded machine.
                 let drained = std::time::Instant::now() + std::time::Duration::from_secs(2);
                 while std::time::Instant::now() < drained {
                     if pred(&self.lines()) {
-                        return;
+                        return None;
                     }
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                panic!("exited ({status}) before {what}:\n{}", self.stderr());
+                return Some(status);
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
@@ -931,19 +945,31 @@ pub fn standby(leader: &Cluster) -> (Proc, String) {
 
 /// [`standby`], listening on `host` (an address of this machine).
 pub fn standby_on(leader: &Cluster, host: &str) -> (Proc, String) {
-    let port = free_port();
-    let mut cmd = Command::new(binary("dapt"));
-    cmd.args(["--log-format", "json", "coordinator"])
-        .arg(&leader.job.path)
-        .args(["--listen", &format!("{host}:{port}")])
-        .env("DAPT_TOKEN", &leader.token)
-        .envs(leader.env.iter().map(|(k, v)| (k, v)));
-    let mut standby = Proc::spawn(cmd);
-    standby.wait_for("the standby to wait", LONG, |l| {
-        !events(l, "standby: another coordinator leads").is_empty()
-            || !events(l, "leading the job").is_empty()
-    });
-    (standby, format!("http://{host}:{port}"))
+    // The port `free_port` found can be taken by another process before the standby binds it
+    // (workers' collective listeners, etcd): then another port, a few times.
+    for _ in 0..4 {
+        let port = free_port();
+        let mut cmd = Command::new(binary("dapt"));
+        cmd.args(["--log-format", "json", "coordinator"])
+            .arg(&leader.job.path)
+            .args(["--listen", &format!("{host}:{port}")])
+            .env("DAPT_TOKEN", &leader.token)
+            .envs(leader.env.iter().map(|(k, v)| (k, v)));
+        let mut standby = Proc::spawn(cmd);
+        let exited = standby.wait_for_or_exit("the standby to wait", LONG, |l| {
+            !events(l, "standby: another coordinator leads").is_empty()
+                || !events(l, "leading the job").is_empty()
+        });
+        match exited {
+            None => return (standby, format!("http://{host}:{port}")),
+            Some(_) if standby.stderr().contains("Address already in use") => continue,
+            Some(status) => panic!(
+                "exited ({status}) before the standby to wait:\n{}",
+                standby.stderr()
+            ),
+        }
+    }
+    panic!("no free port for a standby coordinator after 4 tries");
 }
 
 /// `GET /metrics` over TLS with `openssl s_client`, trusting `ca`, presenting `client` (cert,
