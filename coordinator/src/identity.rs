@@ -13,19 +13,18 @@
 //! digest is compared only with another digest.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use dapt_proto::job::JobSpec;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::ledger::{io, write_atomic, LedgerError};
+
 /// The job's identity in its checkpoint directory.
 pub const JOB_FILE: &str = "job.json";
 /// The lock file the leading coordinator holds an exclusive `flock` on.
 pub const LOCK_FILE: &str = "job.lock";
-/// The prefix of the temporary files dapt writes in checkpoint.dir before renaming them.
-pub const TEMP_PREFIX: &str = ".dapt-tmp-";
 
 /// The domain tag of the token digest, so that it is never a digest used for anything else.
 const DIGEST_TAG: &str = "dapt job identity v1";
@@ -95,24 +94,12 @@ impl JobIdentity {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClaimError {
-    #[error("{path}: {error}")]
-    Io {
-        path: PathBuf,
-        error: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    #[error(transparent)]
+    File(#[from] LedgerError),
     #[error("checkpoint.dir {dir} is in use: another coordinator holds {LOCK_FILE} there (another job, or this one running already); give each job a checkpoint.dir of its own")]
     Locked { dir: PathBuf },
     #[error("checkpoint.dir {dir} is not this job's: {reason}; give each job a checkpoint.dir of its own")]
     OtherJob { dir: PathBuf, reason: String },
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClaimError + '_ {
-    move |error| ClaimError::Io {
-        path: path.to_path_buf(),
-        error,
-    }
 }
 
 /// The exclusive lock on a checkpoint directory, held while this value lives.
@@ -139,7 +126,7 @@ pub fn claim(dir: &Path, ours: &JobIdentity) -> Result<DirLock, ClaimError> {
                 dir: dir.to_path_buf(),
             })
         }
-        Err(e) => return Err(io(&path)(e.into())),
+        Err(e) => return Err(io(&path)(e.into()).into()),
     }
     let lock = DirLock { _file: file };
     check_or_write(dir, ours)?;
@@ -156,7 +143,7 @@ pub fn check_or_write(dir: &Path, ours: &JobIdentity) -> Result<(), ClaimError> 
     match fs::read(&path) {
         Ok(bytes) => {
             let recorded: JobIdentity =
-                serde_json::from_slice(&bytes).map_err(|e| ClaimError::Invalid {
+                serde_json::from_slice(&bytes).map_err(|e| LedgerError::Invalid {
                     path: path.clone(),
                     message: e.to_string(),
                 })?;
@@ -168,39 +155,19 @@ pub fn check_or_write(dir: &Path, ours: &JobIdentity) -> Result<(), ClaimError> 
             }
             // A digest learned later (the directory was `dapt launch`'s first).
             if recorded.token_digest.is_none() && ours.token_digest.is_some() {
-                write_atomic(&path, &to_json(&ours)).map_err(io(&path))?;
+                write_atomic(&path, &to_json(&ours))?;
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            write_atomic(&path, &to_json(&ours)).map_err(io(&path))?;
+            write_atomic(&path, &to_json(&ours))?;
         }
-        Err(e) => return Err(io(&path)(e)),
+        Err(e) => return Err(io(&path)(e).into()),
     }
     Ok(())
 }
 
 fn to_json(identity: &JobIdentity) -> Vec<u8> {
     serde_json::to_vec_pretty(identity).expect("an identity serializes")
-}
-
-/// Writes `bytes` to `path` through a temporary file of a name no other writer uses (in the
-/// same directory, named `.dapt-tmp-*`), synced, then renamed over `path`. The file gets the
-/// permissions of any file the process creates (0666 less the umask), not a private temporary
-/// file's 0600: operators and tools read `committed.json` and the ledger as other users.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .permissions(fs::Permissions::from_mode(0o666))
-        .tempfile_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -76,7 +76,7 @@ pub enum LedgerError {
     Invalid { path: PathBuf, message: String },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LedgerError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LedgerError + '_ {
     move |error| LedgerError::Io {
         path: path.to_path_buf(),
         error,
@@ -209,11 +209,11 @@ impl Ledger {
         let dir = &job.checkpoint.dir;
         check_foreign(dir)?;
         fs::create_dir_all(dir).map_err(io(dir))?;
-        let lock = identity::claim(dir, ours).map_err(|e| LedgerError::Invalid {
-            path: dir.clone(),
-            message: match e {
-                identity::ClaimError::Io { path, error } => format!("{}: {error}", path.display()),
-                other => other.to_string(),
+        let lock = identity::claim(dir, ours).map_err(|e| match e {
+            identity::ClaimError::File(e) => e,
+            other => LedgerError::Invalid {
+                path: dir.clone(),
+                message: other.to_string(),
             },
         })?;
         let (ledger, committed) = Self::open(job)?;
@@ -390,7 +390,7 @@ pub fn foreign_entry(dir: &Path) -> Result<Option<String>, LedgerError> {
                     | "generation.tmp"
                     | identity::JOB_FILE
                     | identity::LOCK_FILE
-            ) || name.starts_with(identity::TEMP_PREFIX)
+            ) || dapt_corpus::manifest::is_atomic_temp(name)
                 || (name == "logs" && holds_only_worker_logs(path))
                 || (name == "export" && is_dapt_export_dir(path))
                 || name.starts_with(".tmp-step-")
@@ -494,9 +494,16 @@ pub fn read_entries(path: &Path) -> Result<Vec<LedgerEntry>, LedgerError> {
     Ok(entries)
 }
 
-/// Through a temporary file of a name of its own (two writers never share one), renamed.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LedgerError> {
-    crate::identity::write_atomic(path, bytes).map_err(io(path))
+/// `dapt_corpus::manifest::write_atomic`: through a synced temporary file of a name of its own
+/// (two writers never share one), renamed; the mode of a new file (not a temporary's 0600).
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LedgerError> {
+    dapt_corpus::manifest::write_atomic(path, bytes).map_err(|e| match e {
+        dapt_corpus::CorpusError::Io { path, error } => LedgerError::Io { path, error },
+        other => LedgerError::Invalid {
+            path: path.to_path_buf(),
+            message: other.to_string(),
+        },
+    })
 }
 
 /// The file store's commits, kept until recorded: a commit that fails to be written (a full

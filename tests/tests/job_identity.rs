@@ -20,16 +20,8 @@ fn etcd_yaml(etcd: &Etcd) -> String {
 }
 
 fn prepare(job: &Path) {
-    let out = Command::new(binary("dapt"))
-        .args(["prepare", "--quiet"])
-        .arg(job)
-        .output()
-        .expect("prepare");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = dapt_tests::dapt(&["prepare", "--quiet", &job.to_string_lossy()]);
+    assert!(out.status.success(), "{}", dapt_tests::text(&out.stderr));
 }
 
 /// `dapt coordinator job` with `token`, on a free port.

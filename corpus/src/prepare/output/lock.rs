@@ -11,7 +11,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::error::{CorpusError, Result};
@@ -118,18 +117,15 @@ fn open(path: &Path) -> Result<Option<File>> {
     }
 }
 
-/// An exclusive `flock` without waiting: `Ok(false)` when another open file holds it.
+/// An exclusive `flock` without waiting: `Ok(false)` when another open file holds it (through
+/// `rustix`, as the coordinator's lock on `checkpoint.dir`).
 fn try_flock(file: &File) -> std::io::Result<bool> {
     loop {
-        // SAFETY: `flock` only reads the descriptor, which `file` owns and keeps open here.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(true);
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => return Ok(false),
-            Some(libc::EINTR) => continue,
-            _ => return Err(e),
+        match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(true),
+            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(false),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
