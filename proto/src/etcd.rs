@@ -37,8 +37,11 @@ pub async fn connect(spec: &EtcdSpec, timeout: Duration) -> Result<Client, EtcdE
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|e| EtcdError::Config(format!("tls: {}: {e}", p.display())))
         };
+        let checked = |e: crate::tls::TlsError| EtcdError::Config(e.to_string());
+        crate::tls::check_ca_file("tls.ca", &tls.ca, "etcd's").map_err(checked)?;
         let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
         if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+            crate::tls::check_client_certificate_file("tls.cert", cert).map_err(checked)?;
             t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
         }
         if let Some(domain) = &tls.domain {

@@ -69,6 +69,7 @@ pub fn server(spec: &CoordinatorTls) -> Result<ServerTls, TlsError> {
     let key_pem = read(names.key, &spec.key)?;
     warn_if_readable_by_others(names.key, &spec.key);
     let certs = certificates(names.cert, &spec.cert, &cert_pem)?;
+    check_leaf(names.cert, &spec.cert, &certs[0], Role::Server)?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
         field: names.key,
         path: spec.key.clone(),
@@ -85,7 +86,7 @@ pub fn server(spec: &CoordinatorTls) -> Result<ServerTls, TlsError> {
         None => builder.with_no_client_auth(),
         Some(path) => {
             let pem = read(names.client_ca, path)?;
-            let roots = roots(names.client_ca, path, &pem)?;
+            let roots = roots(names.client_ca, path, &pem, "the workers'")?;
             grpc = grpc.client_ca_root(Certificate::from_pem(&pem));
             let verifier =
                 rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
@@ -194,13 +195,14 @@ pub fn endpoint(url: &str, tls: &ClientTls) -> Result<Endpoint, TlsError> {
         )));
     };
     let ca_pem = read("--coordinator-ca", ca)?;
-    let ca_roots = roots("--coordinator-ca", ca, &ca_pem)?;
+    let ca_roots = roots("--coordinator-ca", ca, &ca_pem, "the coordinator's")?;
     let mut config = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .timeout(HANDSHAKE_TIMEOUT);
     if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
         let cert_pem = read("--client-cert", cert)?;
         let certs = certificates("--client-cert", cert, &cert_pem)?;
+        check_leaf("--client-cert", cert, &certs[0], Role::Client)?;
         let key_pem = read("--client-key", key)?;
         warn_if_readable_by_others("--client-key", key);
         let parsed = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
@@ -431,13 +433,17 @@ fn certificates(
     Ok(certs)
 }
 
+/// The trust anchors in `pem`; `signed` says whose certificates they are to have signed, for
+/// the error when one of them is a leaf rather than a CA.
 fn roots(
     field: &'static str,
     path: &Path,
     pem: &[u8],
+    signed: &str,
 ) -> Result<Arc<rustls::RootCertStore>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in certificates(field, path, pem)? {
+        check_authority(field, path, &cert, signed)?;
         roots.add(cert).map_err(|e| TlsError::Pem {
             field,
             path: path.to_path_buf(),
@@ -445,6 +451,157 @@ fn roots(
         })?;
     }
     Ok(Arc::new(roots))
+}
+
+/// Checks a PEM file of trust anchors as the coordinator and its clients check theirs: a leaf
+/// certificate in it (`basicConstraints` CA:FALSE) is refused, naming `field` and `path`;
+/// `signed` says whose certificates it is to have signed ("etcd's").
+pub fn check_ca_file(field: &'static str, path: &Path, signed: &str) -> Result<(), TlsError> {
+    let pem = read(field, path)?;
+    roots(field, path, &pem, signed).map(|_| ())
+}
+
+/// Checks the first certificate of a client's PEM file as a worker checks `--client-cert`:
+/// within its validity period, not a CA, an `extendedKeyUsage` (if any) allowing `clientAuth`.
+pub fn check_client_certificate_file(field: &'static str, path: &Path) -> Result<(), TlsError> {
+    let pem = read(field, path)?;
+    let certs = certificates(field, path, &pem)?;
+    check_leaf(field, path, &certs[0], Role::Client)
+}
+
+/// Which end of a connection a certificate identifies (its `extendedKeyUsage` must allow it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Server,
+    Client,
+}
+
+/// A certificate this close to its `notAfter` is warned about when it is loaded.
+const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn parse<'a>(
+    field: &'static str,
+    path: &Path,
+    der: &'a CertificateDer<'_>,
+) -> Result<x509_parser::certificate::X509Certificate<'a>, TlsError> {
+    use x509_parser::prelude::FromDer;
+    x509_parser::certificate::X509Certificate::from_der(der.as_ref())
+        .map(|(_, cert)| cert)
+        .map_err(|e| TlsError::Pem {
+            field,
+            path: path.to_path_buf(),
+            message: format!("not an X.509 certificate: {e}"),
+        })
+}
+
+/// Refuses, at load, a leaf certificate (the first of `path`) that every peer would refuse at
+/// the handshake, where the error names neither file nor cause on this side: outside its
+/// validity period (RFC 5280 4.1.2.5), a CA certificate used as an end entity
+/// (`basicConstraints` CA:TRUE, which webpki refuses as `CaUsedAsEndEntity`), or an
+/// `extendedKeyUsage` without `serverAuth` / `clientAuth` for its `role` (RFC 5280 4.2.1.12).
+/// Warns when it expires within [`EXPIRY_WARNING`]. Errors name `field` and `path`.
+fn check_leaf(
+    field: &'static str,
+    path: &Path,
+    der: &CertificateDer<'_>,
+    role: Role,
+) -> Result<(), TlsError> {
+    let cert = parse(field, path, der)?;
+    let fail = |message: String| TlsError::Pem {
+        field,
+        path: path.to_path_buf(),
+        message,
+    };
+    let validity = cert.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if now < validity.not_before {
+        return Err(fail(format!(
+            "the certificate for {} is not valid before {} (this machine's clock says {now}): \
+             peers would refuse it",
+            cert.subject(),
+            validity.not_before
+        )));
+    }
+    if now > validity.not_after {
+        return Err(fail(format!(
+            "the certificate for {} expired on {}: peers would refuse it; renew it",
+            cert.subject(),
+            validity.not_after
+        )));
+    }
+    if validity
+        .time_to_expiration()
+        .is_some_and(|left| left.whole_seconds() < EXPIRY_WARNING.as_secs() as i64)
+    {
+        tracing::warn!(
+            field,
+            path = %path.display(),
+            not_after = %validity.not_after,
+            "the certificate expires within 7 days: a job still running then loses its connections"
+        );
+    }
+    if cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|b| b.value.ca)
+    {
+        return Err(fail(format!(
+            "the certificate for {} is a CA certificate (basicConstraints CA:TRUE), which peers \
+             refuse as a {}'s: give the certificate the CA signed for it",
+            cert.subject(),
+            match role {
+                Role::Server => "server",
+                Role::Client => "client",
+            }
+        )));
+    }
+    if let Ok(Some(eku)) = cert.extended_key_usage() {
+        let eku = eku.value;
+        let (allowed, wanted) = match role {
+            Role::Server => (eku.any || eku.server_auth, "serverAuth"),
+            Role::Client => (eku.any || eku.client_auth, "clientAuth"),
+        };
+        if !allowed {
+            return Err(fail(format!(
+                "the certificate for {} has an extendedKeyUsage without {wanted}, so peers \
+                 refuse it for this end of the connection",
+                cert.subject()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a trust anchor that is a leaf certificate (`basicConstraints` CA:FALSE): it signed
+/// nothing, so every peer would be refused as signed by an unknown issuer (a common mix-up of
+/// `ca.pem` with a server's or client's own certificate). A certificate without the extension
+/// (an X.509 v1 root) is taken as it is. The anchor's dates are not checked: TLS libraries,
+/// rustls' webpki among them, ignore them.
+fn check_authority(
+    field: &'static str,
+    path: &Path,
+    der: &CertificateDer<'_>,
+    signed: &str,
+) -> Result<(), TlsError> {
+    let cert = parse(field, path, der)?;
+    if cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|b| !b.value.ca)
+    {
+        return Err(TlsError::Pem {
+            field,
+            path: path.to_path_buf(),
+            message: format!(
+                "the certificate for {} is not a CA (basicConstraints CA:FALSE): give the CA \
+                 that signed {signed} certificates, not a leaf certificate",
+                cert.subject()
+            ),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -540,5 +697,141 @@ mod tests {
         };
         let err = endpoint("http://h:1", &named).unwrap_err().to_string();
         assert!(err.contains("--coordinator-domain"), "{err}");
+    }
+
+    /// A self-signed certificate for 127.0.0.1 made by rcgen with `edit` applied to its
+    /// parameters: (certificate PEM, key PEM).
+    fn certificate(edit: impl FnOnce(&mut rcgen::CertificateParams)) -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "dapt-test");
+        edit(&mut params);
+        let cert = params.self_signed(&key).expect("self-signed");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn server_with(
+        dir: &Path,
+        cert: &(String, String),
+        client_ca: Option<&str>,
+    ) -> Result<ServerTls, TlsError> {
+        std::fs::write(dir.join("cert.pem"), &cert.0).expect("write");
+        std::fs::write(dir.join("key.pem"), &cert.1).expect("write");
+        let client_ca = client_ca.map(|pem| {
+            std::fs::write(dir.join("client-ca.pem"), pem).expect("write");
+            dir.join("client-ca.pem")
+        });
+        server(&CoordinatorTls {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            client_ca,
+            names: crate::job::TlsFieldNames::JOB,
+        })
+    }
+
+    fn error(result: Result<impl Sized, TlsError>) -> String {
+        match result {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// Certificates every peer would refuse at the handshake are refused when the coordinator
+    /// loads them, by field and file (found by an audit: an expired certificate started a
+    /// coordinator that no worker could reach, each worker saying only "certificate expired").
+    #[test]
+    fn certificates_peers_would_refuse_are_named_at_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let good = certificate(|p| {
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        });
+        assert!(server_with(dir.path(), &good, None).is_ok());
+        let ca = certificate(|p| {
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        });
+        assert!(server_with(dir.path(), &good, Some(&ca.0)).is_ok());
+
+        let expired = certificate(|p| {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        });
+        let err = error(server_with(dir.path(), &expired, None));
+        assert!(
+            err.starts_with("cluster.tls.cert: ")
+                && err.contains("cert.pem")
+                && err.contains("expired on"),
+            "{err}"
+        );
+        let early = certificate(|p| {
+            p.not_before = rcgen::date_time_ymd(2999, 1, 1);
+            p.not_after = rcgen::date_time_ymd(3000, 1, 1);
+        });
+        let err = error(server_with(dir.path(), &early, None));
+        assert!(
+            err.contains("not valid before") && err.contains("clock"),
+            "{err}"
+        );
+        // ca.pem given as the coordinator's own certificate
+        let err = error(server_with(dir.path(), &ca, None));
+        assert!(err.contains("is a CA certificate"), "{err}");
+        // a client certificate given as the server's
+        let client = certificate(|p| {
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        });
+        let err = error(server_with(dir.path(), &client, None));
+        assert!(err.contains("without serverAuth"), "{err}");
+        // a leaf given as the client CA
+        let leaf = certificate(|p| p.is_ca = rcgen::IsCa::ExplicitNoCa);
+        let err = error(server_with(dir.path(), &good, Some(&leaf.0)));
+        assert!(
+            err.starts_with("cluster.tls.client_ca: ")
+                && err.contains("client-ca.pem")
+                && err.contains("not a CA"),
+            "{err}"
+        );
+    }
+
+    /// The client side checks its pinned CA and its own certificate the same way.
+    #[test]
+    fn a_client_names_a_leaf_as_its_ca_and_a_server_certificate_as_its_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, pem: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).expect("write");
+            Some(path)
+        };
+        let ca = certificate(|p| {
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        });
+        let leaf = certificate(|p| p.is_ca = rcgen::IsCa::ExplicitNoCa);
+        let client = certificate(|p| {
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        });
+        let server_only = certificate(|p| {
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        });
+        let with = |ca: &str, cert: &(String, String)| ClientTls {
+            ca: write("ca.pem", ca),
+            cert: write("client.pem", &cert.0),
+            key: write("client.key", &cert.1),
+            domain: None,
+        };
+        assert!(endpoint("https://127.0.0.1:7070", &with(&ca.0, &client)).is_ok());
+        let err = error(endpoint("https://127.0.0.1:7070", &with(&leaf.0, &client)));
+        assert!(
+            err.starts_with("--coordinator-ca: ") && err.contains("not a CA"),
+            "{err}"
+        );
+        let err = error(endpoint(
+            "https://127.0.0.1:7070",
+            &with(&ca.0, &server_only),
+        ));
+        assert!(
+            err.starts_with("--client-cert: ") && err.contains("without clientAuth"),
+            "{err}"
+        );
     }
 }
