@@ -369,7 +369,8 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
                             Some(r) => anyhow::bail!("{url} refused: {r}"),
                             None => anyhow::bail!(
                                 "{url}: {}",
-                                dapt_proto::tls::explain_first_call(&status, &url, &tls)
+                                dapt_proto::tls::explain_first_call_probing(&status, &url, &tls)
+                                    .await
                             ),
                         },
                     }

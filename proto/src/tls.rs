@@ -313,6 +313,55 @@ pub fn explain_first_call(
     }
 }
 
+/// [`explain_first_call`], after asking the address itself when the call failed on a plain
+/// `http://` URL without a TLS error: an address that answers an HTTP/1.1 request is not a gRPC
+/// endpoint (most often the coordinator's `/metrics` and dashboard port given to `dapt status`
+/// or a worker), which the call alone cannot tell from a TLS server.
+pub async fn explain_first_call_probing(
+    error: &(dyn std::error::Error + 'static),
+    url: &str,
+    tls: &ClientTls,
+) -> String {
+    if url.starts_with("http://") && !is_tls_failure(error) && answers_http1(url).await {
+        return format!(
+            "{} ({url} answers HTTP/1.1, not gRPC: it looks like the coordinator's /metrics and \
+             dashboard port; give the coordinator's own address: `dapt launch` prints it as \
+             `coordinator`, `dapt coordinator` listens on its --listen)",
+            chain(error)
+        );
+    }
+    explain_first_call(error, url, tls)
+}
+
+/// Whether the server at `url` (`http://HOST:PORT`) answers `GET /` with an HTTP/1.x status
+/// line within a second.
+async fn answers_http1(url: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(uri) = url.parse::<tonic::codegen::http::Uri>() else {
+        return false;
+    };
+    let (Some(host), Some(port)) = (uri.host(), uri.port_u16()) else {
+        return false;
+    };
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let ask = async {
+        let mut stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: dapt\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut head = [0u8; 8];
+        stream.read_exact(&mut head).await?;
+        std::io::Result::Ok(head.starts_with(b"HTTP/1."))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), ask).await,
+        Ok(Ok(true))
+    )
+}
+
 /// Whether `error` (or one of its sources) is a TLS failure: a certificate refused by either
 /// side. Retrying does not help.
 pub fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
@@ -833,5 +882,43 @@ mod tests {
             err.starts_with("--client-cert: ") && err.contains("without clientAuth"),
             "{err}"
         );
+    }
+
+    /// `dapt status` given the metrics port was told to try https:// (an audit's finding):
+    /// an address that answers HTTP/1.1 is named as such.
+    #[tokio::test]
+    async fn an_http1_server_is_told_from_a_tls_one() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let http1 = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", http1.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = http1.accept().await {
+                let mut buf = [0u8; 256];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let closed_url = format!("http://{}", closed.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            while let Ok((s, _)) = closed.accept().await {
+                drop(s);
+            }
+        });
+        let status = tonic::Status::unavailable("error trying to connect: broken pipe");
+        let text = explain_first_call_probing(&status, &url, &ClientTls::default()).await;
+        assert!(
+            text.contains("answers HTTP/1.1") && text.contains("/metrics"),
+            "{text}"
+        );
+        assert!(!text.contains("https://"), "{text}");
+        let text = explain_first_call_probing(&status, &closed_url, &ClientTls::default()).await;
+        assert!(text.contains("its URL starts with https://"), "{text}");
     }
 }

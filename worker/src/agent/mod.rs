@@ -366,7 +366,7 @@ impl Session {
                 // certificate.
                 Err(join::SessionError::Lost(status)) => anyhow::bail!(
                     "joining the coordinator at {url}: lost the coordinator: {}",
-                    dapt_proto::tls::explain_first_call(&status, url, tls)
+                    dapt_proto::tls::explain_first_call_probing(&status, url, tls).await
                 ),
                 Err(e) => {
                     return Err(e).with_context(|| format!("joining the coordinator at {url}"))
