@@ -118,13 +118,13 @@ impl EtcdStore {
                 // A standby rides out an etcd outage (a restart, a lost member) like the leader
                 // does: it cannot lead without etcd, and once etcd answers it may have to.
                 // Before the first answer an error is the configuration's: said at once.
-                Err(e) if announced => {
+                Err(e @ StoreError::Etcd(_)) if announced => {
                     if outage.is_none() {
                         outage = Some(Instant::now());
                         tracing::warn!("standby: etcd does not answer: {e}; trying again");
                     }
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
@@ -545,13 +545,15 @@ async fn claim_identity(
 }
 
 /// One round of the leader election: `Some(lease)` when this coordinator now holds `key` (bound
-/// to that lease), `None` when another does.
+/// to that lease), `None` when another does. A `key` that is held without a lease was written
+/// by no coordinator (each binds it to its lease, so it goes when the lease does) and would keep
+/// every coordinator of the job a standby forever: refused, naming the key and what it holds.
 async fn campaign(
     client: &mut Client,
     key: &str,
     url: &str,
     ttl: i64,
-) -> Result<Option<i64>, etcd_client::Error> {
+) -> Result<Option<i64>, StoreError> {
     let lease = client.lease_grant(ttl, None).await?.id();
     let txn = Txn::new()
         .when([Compare::version(key, CompareOp::Equal, 0)])
@@ -566,6 +568,24 @@ async fn campaign(
         return Ok(Some(lease));
     }
     let _ = client.lease_revoke(lease).await;
+    let held = response.op_responses().into_iter().find_map(|op| match op {
+        etcd_client::TxnOpResponse::Get(get) => get
+            .kvs()
+            .first()
+            .map(|kv| (kv.lease(), String::from_utf8_lossy(kv.value()).into_owned())),
+        _ => None,
+    });
+    if let Some((0, holder)) = held {
+        return Err(StoreError::Invalid {
+            key: key.to_string(),
+            message: format!(
+                "holds `{holder}` without a lease: no dapt coordinator wrote it (a coordinator's \
+                 leader key lives on its lease and goes with it), and while it is there no \
+                 coordinator of this job can lead; if no coordinator of this job runs, remove it \
+                 (`etcdctl del {key}`)"
+            ),
+        });
+    }
     Ok(None)
 }
 

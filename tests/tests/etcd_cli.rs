@@ -378,3 +378,56 @@ fn a_generation_written_behind_the_leaders_back_makes_it_step_down() {
     });
     assert_eq!(value, forged);
 }
+
+/// A `leader` key without a lease (an `etcdctl put` by hand, or any writer other than a
+/// coordinator, which binds it to its lease) kept every coordinator of the job a standby forever,
+/// logging that "another coordinator leads". It is refused by key, and left where it is.
+#[test]
+fn a_leader_key_without_a_lease_is_named_not_waited_on() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = dapt_tests::write_job(dir.path(), "stale", 10, &cluster_yaml(&etcd, 5_000));
+    let out = Command::new(binary("dapt"))
+        .args(["prepare", "--quiet"])
+        .arg(&job.path)
+        .output()
+        .expect("prepare");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let key = dapt_proto::job::keys::leader("/dapt-test", "stale");
+    let client = || async {
+        dapt_proto::etcd::connect(&spec(&etcd), Duration::from_secs(5))
+            .await
+            .expect("etcd")
+    };
+    runtime().block_on(async {
+        let mut client = client().await;
+        client
+            .put(key.clone(), "http://10.0.0.9:7070", None)
+            .await
+            .expect("put");
+    });
+    let mut cmd = Command::new(binary("dapt"));
+    cmd.arg("coordinator")
+        .arg(&job.path)
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .env("DAPT_TOKEN", "dapt-test-token-0123456789abcdef");
+    let mut coordinator = Proc::spawn(cmd);
+    // It used to stand by for good: a deadline, not a hang.
+    let (status, _) = coordinator.finish(Duration::from_secs(30));
+    let stderr = coordinator.stderr();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&key)
+            && stderr.contains("without a lease")
+            && stderr.contains("etcdctl del"),
+        "{stderr}"
+    );
+    let value = runtime().block_on(async {
+        let response = client().await.get(key.clone(), None).await.expect("get");
+        response.kvs()[0].value_str().expect("utf-8").to_string()
+    });
+    assert_eq!(
+        value, "http://10.0.0.9:7070",
+        "dapt removed a key it did not write"
+    );
+}
