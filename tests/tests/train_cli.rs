@@ -270,6 +270,51 @@ fn a_resume_with_another_model_in_the_job_file_is_refused() {
     assert!(text(&out.stderr).contains("optimizer.lr 0.3 -> 0.003"));
 }
 
+/// `dapt train` resumed after an edit of `global_batch` or `seq_len` with a warning only, and
+/// then skipped samples (8 -> 16: a quarter of the corpus never trained) or repeated them
+/// (8 -> 4), as an audit showed; `dapt launch` refused it already. Refused by field, nothing
+/// trained.
+#[test]
+fn a_resume_with_another_batch_or_window_is_refused_by_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "job", "ck");
+    ok(&["prepare", &job, "--quiet"]);
+    ok(&["train", &job, "--stop-after", "2"]);
+    let yaml = std::fs::read_to_string(&job).expect("read");
+    for (edit, field) in [
+        (
+            "global_batch: 16",
+            "training.global_batch 8, the job says 16",
+        ),
+        ("global_batch: 4", "training.global_batch 8, the job says 4"),
+    ] {
+        std::fs::write(&job, yaml.replacen("global_batch: 8", edit, 1)).expect("write");
+        let out = dapt(&["train", &job]);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(field) && stderr.contains("step-00000002"),
+            "{stderr}"
+        );
+    }
+    std::fs::write(&job, yaml.replacen("seq_len: 32", "seq_len: 16", 1)).expect("write");
+    let out = dapt(&["train", &job]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("training.seq_len 32, the job says 16"),
+        "{stderr}"
+    );
+    let steps: Vec<_> = std::fs::read_dir(dir.path().join("ck"))
+        .expect("ck")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    assert_eq!(steps, ["step-00000002"], "nothing more was trained");
+    std::fs::write(&job, yaml).expect("write");
+    ok(&["train", &job, "--stop-after", "4"]);
+}
+
 /// Zero windows, tokens or batch for `dapt eval` are refused by clap, by flag (a zero
 /// `--seq-len` divided by zero).
 #[test]

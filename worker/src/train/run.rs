@@ -374,6 +374,35 @@ pub fn restore_part(
             loaded.state.seed,
         )));
     }
+    // A step's samples are `step_range(step, global_batch)` windows of `seq_len + 1` tokens:
+    // under other values the steps after the checkpoint would skip or repeat samples (an audit:
+    // global_batch 8 -> 16 left a quarter of the corpus untrained, 8 -> 4 trained some twice).
+    // (Checkpoints written before `training` was recorded are taken as they are.)
+    if let Some(recorded) = &loaded.state.training {
+        let shape = [
+            (
+                "training.seq_len",
+                recorded.seq_len as u64,
+                training.seq_len as u64,
+            ),
+            (
+                "training.global_batch",
+                recorded.global_batch,
+                training.global_batch,
+            ),
+        ];
+        for (field, recorded, now) in shape {
+            if recorded != now {
+                return Err(WorkerError::Invalid(format!(
+                    "checkpoint {} was trained with {field} {recorded}, the job says {now}: each \
+                     step's samples follow from seq_len and global_batch, so resuming under \
+                     another value would skip or repeat samples; restore the job file's value, \
+                     or start the job in another checkpoint.dir",
+                    dir.display()
+                )));
+            }
+        }
+    }
     if let Some(recorded) = &loaded.state.training {
         let changed = checkpoint::changed_training(recorded, training);
         if !changed.is_empty() {
