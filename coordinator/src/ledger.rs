@@ -210,7 +210,10 @@ impl Ledger {
         check_foreign(dir)?;
         fs::create_dir_all(dir).map_err(io(dir))?;
         let lock = identity::claim(dir, ours).map_err(|e| match e {
-            identity::ClaimError::File(e) => e,
+            identity::ClaimError::Io { path, error } => LedgerError::Io { path, error },
+            identity::ClaimError::Invalid { path, message } => {
+                LedgerError::Invalid { path, message }
+            }
             other => LedgerError::Invalid {
                 path: dir.clone(),
                 message: other.to_string(),

@@ -19,6 +19,7 @@ pub mod auth;
 pub mod checkpoint;
 pub mod device;
 pub mod etcd;
+pub mod identity;
 pub mod job;
 pub mod join;
 pub mod logging;

@@ -194,3 +194,59 @@ fn two_coordinators_of_one_checkpoint_dir_are_refused_at_start() {
     again.signal(libc::SIGKILL);
     let _ = again.finish(LONG);
 }
+
+/// `dapt train` (one rank, no coordinator) took neither the lock nor `job.json`: beside a
+/// running coordinator of the directory both wrote `step-*` (the committed step ended up with the
+/// single rank's weights), and another job's `dapt train` on the directory resumed the first
+/// job's checkpoint and pruned its committed one (an audit). Now it claims the directory as a
+/// coordinator does.
+#[test]
+fn dapt_train_claims_the_checkpoint_dir_as_a_coordinator_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let shared = dir.path().join("checkpoints");
+    let with_dir = |name: &str| {
+        let job = write_job(dir.path(), name, 6, "");
+        let yaml = std::fs::read_to_string(&job.path).expect("read");
+        let yaml = yaml.replace(
+            &format!("dir: {}", job.checkpoints.display()),
+            &format!("dir: {}", shared.display()),
+        );
+        std::fs::write(&job.path, yaml).expect("write");
+        job.path
+    };
+    let x = with_dir("jobx");
+    let y = with_dir("joby");
+    prepare(&x);
+    let train = |job: &Path| dapt_tests::dapt(&["train", &job.to_string_lossy()]);
+    let token = "token-of-job-X-0123456789abcdefABCDEF";
+    let mut coordinator = start(&x, token);
+    coordinator.wait_for("jobx to listen", LONG, |l| {
+        !events(l, "coordinator listening").is_empty()
+    });
+    let out = train(&x);
+    let err = dapt_tests::text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("in use") && err.contains("job.lock"), "{err}");
+    coordinator.signal(libc::SIGKILL);
+    let _ = coordinator.finish(LONG);
+    // The job trains alone; then another job's `dapt train` is refused by name.
+    let out = train(&x);
+    assert!(out.status.success(), "{}", dapt_tests::text(&out.stderr));
+    let steps = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&shared)
+            .expect("read")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("step-"))
+            .collect();
+        names.sort();
+        names
+    };
+    let before = steps();
+    assert!(!before.is_empty());
+    let out = train(&y);
+    let err = dapt_tests::text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("job `jobx`, not `joby`"), "{err}");
+    assert_eq!(steps(), before, "another job's checkpoints were touched");
+}

@@ -70,6 +70,20 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
         .map_err(WorkerError::Invalid)?;
     let order = reader.sample_order(job.seed, training.seq_len)?;
     let root = job.checkpoint.dir.clone();
+    // The directory's lock and `job.json`, as a coordinator takes them: never beside a
+    // coordinator (or another `dapt train`) of this directory, never another job's checkpoints
+    // resumed and pruned. Held until the run ends.
+    let _dir_lock = if options.no_checkpoints {
+        None
+    } else {
+        std::fs::create_dir_all(&root)
+            .map_err(|e| WorkerError::Invalid(format!("checkpoint.dir {}: {e}", root.display())))?;
+        let ours = dapt_proto::identity::JobIdentity::new(job, None);
+        Some(
+            dapt_proto::identity::claim(&root, &ours)
+                .map_err(|e| WorkerError::Invalid(e.to_string()))?,
+        )
+    };
 
     let mut resumed_from = None;
     let mut kept = checkpoint::list(&root)?;
