@@ -257,7 +257,27 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
             metrics_listen,
         } => {
             let spec = JobSpec::load(&job)?;
+            // Another coordinator (or `dapt train`, or another job) holding checkpoint.dir is
+            // refused before the corpus is touched: a second launch of an edited job prepared
+            // the corpus again under the running one before its lock refused it (an audit).
+            // (Only a directory dapt claimed before: one without job.json is checked by the
+            // coordinator, before anything is written there.)
+            if spec
+                .checkpoint
+                .dir
+                .join(dapt_coordinator::identity::JOB_FILE)
+                .is_file()
+            {
+                let ours = dapt_coordinator::identity::JobIdentity::new(&spec, None);
+                drop(dapt_coordinator::identity::claim(
+                    &spec.checkpoint.dir,
+                    &ours,
+                )?);
+            }
             prepare_quietly(&spec, &job, verify)?;
+            // Held for the whole run, across generations (each rank holds its own while it
+            // trains): no `dapt prepare` replaces the corpus under the job.
+            let _corpus_readers = dapt_corpus::readers::read_lock(&spec.corpus.output)?;
             let options = launch::LaunchOptions {
                 workers,
                 log,
@@ -437,6 +457,7 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
                 force,
                 progress: !quiet,
                 verify,
+                keep: None,
             };
             let outcome = prepare(&spec.corpus, plan, &options)
                 .with_context(|| format!("preparing the corpus of {}", job.display()))?;
@@ -515,7 +536,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Brings the job's corpus up to date (a no-op when its inputs did not change).
+/// The corpus the job's newest checkpoint in `checkpoint.dir` was trained on, if it records one.
+fn resumed_corpus(spec: &JobSpec) -> Option<dapt_corpus::prepare::KeepCorpus> {
+    let (_, dir, _) = dapt_proto::checkpoint::list(&spec.checkpoint.dir).pop()?;
+    Some(dapt_corpus::prepare::KeepCorpus {
+        digest: dapt_proto::checkpoint::trained_corpus(&dir)?,
+        checkpoint: dir,
+    })
+}
+
+/// Brings the job's corpus up to date (a no-op when its inputs did not change), never over the
+/// corpus the job's checkpoints were trained on ([`resumed_corpus`]).
 fn prepare_quietly(
     spec: &JobSpec,
     job: &std::path::Path,
@@ -526,6 +557,7 @@ fn prepare_quietly(
         force: false,
         progress: false,
         verify,
+        keep: resumed_corpus(spec),
     };
     match prepare(&spec.corpus, plan, &options)
         .with_context(|| format!("preparing the corpus of {}", job.display()))?

@@ -103,6 +103,16 @@ pub enum CorpusError {
         /// Who holds it, as the lock file says (`pid 1234`), or `unknown pid`.
         holder: String,
     },
+    /// `dapt launch` resuming: the corpus is out of date with the job file, and preparing it again
+    /// would replace the one the job's checkpoint was trained on.
+    #[error("corpus.output {output}: the job's checkpoint {checkpoint} was trained on the corpus there, and the corpus's inputs changed since (the job file's corpus: section, the tokenizer or the source files): the corpus they make now is another, and it would replace the corpus the resume needs (kept; the new one was discarded); restore the inputs, or start the job in another checkpoint.dir (`dapt prepare` replaces the corpus if that is what you want)")]
+    NeededByCheckpoint {
+        output: PathBuf,
+        checkpoint: PathBuf,
+    },
+    /// A job (or an evaluation) reads the corpus: a new one would change it under the job.
+    #[error("corpus.output {output} is in use: a training job or an evaluation reads the corpus there (a process holds {lock}), and preparing it again would change the corpus and tokenizer under it; stop it first, or give this job a corpus.output of its own")]
+    OutputInUse { output: PathBuf, lock: PathBuf },
     /// Publishing stopped part way: the output holds no corpus until the next run, which finishes
     /// publishing the one kept in `staged`.
     #[error("corpus.output {output}: publishing the new corpus stopped part way ({path}: {error}); it is kept whole in {staged}, and the next dapt prepare on this output finishes publishing it")]

@@ -12,6 +12,7 @@ pub mod ingest;
 pub mod manifest;
 pub mod order;
 pub mod prepare;
+pub mod readers;
 pub mod report;
 pub mod shards;
 pub mod spec;

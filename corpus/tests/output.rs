@@ -68,7 +68,9 @@ fn hidden(dir: &Path) -> Vec<String> {
         .expect("ls")
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.') && n != VERIFIED_FILE)
+        .filter(|n| {
+            n.starts_with('.') && n != VERIFIED_FILE && n != dapt_corpus::readers::READERS_FILE
+        })
         .collect();
     names.sort();
     names
@@ -113,6 +115,66 @@ fn a_second_prepare_on_the_same_output_is_refused_while_another_holds_it() {
         "{:?}",
         hidden(&fx.path("out"))
     );
+}
+
+/// A corpus that a job reads is not prepared again under it: the ranks kept training on the
+/// shards they had mapped while every later checkpoint took the new corpus's tokenizer (an
+/// audit: an export with a tokenizer of other ids than its model's, exit 0). Refused while a
+/// reader holds it, naming the output, with the corpus untouched; an up to date corpus is still
+/// only checked; once the reader is gone the corpus is prepared again.
+#[test]
+fn a_corpus_being_read_is_not_prepared_again_under_its_reader() {
+    let fx = Fixture::new();
+    let spec = fx.spec("out", "");
+    prepared(&spec);
+    let manifest = std::fs::read(fx.path("out").join(MANIFEST_FILE)).expect("manifest");
+    let reader = CorpusReader::open(&fx.path("out")).expect("open");
+    assert!(matches!(run(&spec), Ok(PrepareOutcome::UpToDate { .. })));
+    fx.change_input(1);
+    let err = run(&spec).expect_err("refused");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, CorpusError::OutputInUse { .. })
+            && msg.contains(&fx.path("out").display().to_string())
+            && msg.contains("in use"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(fx.path("out").join(MANIFEST_FILE)).expect("manifest"),
+        manifest,
+        "the corpus is untouched"
+    );
+    assert!(
+        hidden(&fx.path("out")).is_empty(),
+        "{:?}",
+        hidden(&fx.path("out"))
+    );
+    drop(reader);
+    prepared(&spec);
+    assert_ne!(
+        std::fs::read(fx.path("out").join(MANIFEST_FILE)).expect("manifest"),
+        manifest
+    );
+}
+
+/// What a checkpoint copies as the corpus's tokenizer is the file as the reader opened it
+/// (checked against the manifest), not as it is when the checkpoint is written; a tokenizer
+/// that is not the manifest's is refused at open.
+#[test]
+fn a_reader_keeps_the_tokenizer_it_opened_and_refuses_another() {
+    let fx = Fixture::new();
+    let spec = fx.spec("out", "");
+    prepared(&spec);
+    let path = fx.path("out").join(TOKENIZER_FILE);
+    let original = std::fs::read(&path).expect("tokenizer");
+    let reader = CorpusReader::open(&fx.path("out")).expect("open");
+    std::fs::write(&path, b"{\"model\": {}}").expect("overwrite");
+    assert_eq!(reader.tokenizer_bytes(), Some(original.as_slice()));
+    let err = match CorpusReader::open(&fx.path("out")) {
+        Ok(_) => panic!("another tokenizer was accepted"),
+        Err(e) => e,
+    };
+    assert!(err.to_string().contains(TOKENIZER_FILE), "{err}");
 }
 
 /// A temporary file of an interrupted atomic write in the corpus goes with it, and rebuilds go

@@ -12,6 +12,16 @@ use serde::{Deserialize, Serialize};
 
 /// The manifest file of a checkpoint directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// A checkpoint's trainer state (step, tokens, optimizer step count, seed, corpus digest).
+pub const TRAINER_FILE: &str = "trainer.json";
+
+/// The content digest of the corpus checkpoint `dir` was trained on, as its `trainer.json`
+/// records it; `None` when it records none or cannot be read.
+pub fn trained_corpus(dir: &Path) -> Option<String> {
+    let bytes = std::fs::read(dir.join(TRAINER_FILE)).ok()?;
+    let state: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    state.get("corpus")?.as_str().map(str::to_owned)
+}
 /// The checkpoint layout this dapt writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 

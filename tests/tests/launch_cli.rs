@@ -326,3 +326,65 @@ fn launch_on_cuda_without_a_usable_gpu_fails_clearly_and_trains_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("'fp8' for '--precision"), "{err}");
 }
+
+/// `dapt launch` of a job whose corpus inputs changed since its checkpoints were trained
+/// prepared the corpus again first (the old one gone), then failed: "trained on another
+/// corpus" (an audit). A corpus of other content is now discarded instead of published,
+/// naming the checkpoint, and the corpus the checkpoints need stays; with the inputs restored
+/// (new mtimes, same content) it resumes.
+#[test]
+fn a_launch_does_not_replace_the_corpus_its_checkpoints_were_trained_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let job = write_job(dir.path(), "keep", 6, "");
+    // Its own copy of one source, to edit.
+    let sotu = dir.path().join("sotu");
+    std::fs::create_dir_all(&sotu).expect("mkdir");
+    let examples = dapt_tests::repo_root().join("examples/quickstart/corpus/sotu");
+    for entry in std::fs::read_dir(&examples).expect("ls") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), sotu.join(entry.file_name())).expect("copy");
+    }
+    let yaml = std::fs::read_to_string(&job.path).expect("read");
+    let yaml = yaml.replace(
+        &format!("{}/*.txt", examples.display()),
+        &format!("{}/*.txt", sotu.display()),
+    );
+    assert!(yaml.contains(&sotu.display().to_string()), "{yaml}");
+    std::fs::write(&job.path, &yaml).expect("write");
+    let mut first = launch(&job, 1);
+    let (status, stdout) = first.finish(LONG);
+    assert!(status.success(), "{stdout}\n{}", first.stderr());
+    let manifest_path = dir.path().join("corpus/manifest.json");
+    let manifest = std::fs::read(&manifest_path).expect("manifest");
+    let edited = std::fs::read_dir(&sotu)
+        .expect("ls")
+        .next()
+        .expect("a file")
+        .expect("entry")
+        .path();
+    let original = std::fs::read(&edited).expect("read");
+    std::fs::write(
+        &edited,
+        [original.as_slice(), b"\nA new paragraph.\n"].concat(),
+    )
+    .expect("append");
+    let mut second = launch(&job, 1);
+    let (status, _) = second.finish(LONG);
+    let stderr = second.stderr();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("step-00000006")
+            && stderr.contains("it would replace the corpus the resume needs"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&manifest_path).expect("manifest"),
+        manifest,
+        "the corpus was replaced"
+    );
+    std::fs::write(&edited, &original).expect("restore");
+    let mut third = launch(&job, 1);
+    let (status, stdout) = third.finish(LONG);
+    assert!(status.success(), "{stdout}\n{}", third.stderr());
+}

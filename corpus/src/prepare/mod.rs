@@ -46,6 +46,20 @@ pub struct PrepareOptions {
     pub progress: bool,
     /// How an existing corpus made from the same inputs is checked before it is trusted.
     pub verify: VerifyMode,
+    /// A corpus not to replace with one of other content: a job's checkpoints were trained on
+    /// it (`dapt launch` resuming).
+    pub keep: Option<KeepCorpus>,
+}
+
+/// The corpus a job's newest checkpoint was trained on, which `dapt launch` asks prepare not to
+/// replace with another: a new corpus would make the checkpoint unresumable, and the old one
+/// can only be rebuilt from the exact old inputs. (A rebuild of the same content is published.)
+#[derive(Debug, Clone)]
+pub struct KeepCorpus {
+    /// [`Manifest::content_digest`] of that corpus, as the checkpoint records it.
+    pub digest: String,
+    /// The checkpoint, for the message.
+    pub checkpoint: PathBuf,
 }
 
 #[derive(Debug)]
@@ -110,6 +124,9 @@ pub fn prepare(
         }
     }
 
+    // A job or an evaluation reading the corpus would have it change under it: refused before
+    // any work (and again when publishing, for a reader that came meanwhile).
+    drop(crate::readers::no_readers(&out, false)?);
     let staging = claim.staging()?;
 
     // The tokenizer: given (copied beside the shards) or trained on the training documents.
@@ -294,7 +311,24 @@ pub fn prepare(
         &staging.path().join(manifest::MANIFEST_FILE),
         &to_json(&manifest)?,
     )?;
-    claim.publish(staging)?;
+    // The corpus the job's checkpoints need (`dapt launch` resuming) is replaced only by the
+    // same content (inputs restored with new mtimes, or an edit that changes no token): before,
+    // launch deleted it and then found the checkpoints unresumable on the new one (an audit).
+    // The new corpus is discarded with its staging directory.
+    if let Some(keep) = &options.keep {
+        if manifest.content_digest() != keep.digest
+            && Manifest::read(&out).is_ok_and(|m| m.content_digest() == keep.digest)
+        {
+            return Err(CorpusError::NeededByCheckpoint {
+                output: out,
+                checkpoint: keep.checkpoint.clone(),
+            });
+        }
+    }
+    {
+        let _no_readers = crate::readers::no_readers(&out, true)?;
+        claim.publish(staging)?;
+    }
 
     let run = RunStats {
         elapsed: started.elapsed(),

@@ -159,6 +159,12 @@ fn decode(dtype: TokenDtype, bytes: &[u8], first: usize, out: &mut [u32]) {
 pub struct CorpusReader {
     dir: PathBuf,
     manifest: Manifest,
+    /// The tokenizer file beside the shards as it was when the corpus was opened (its SHA-256
+    /// checked against the manifest's), `None` when there is none: what a checkpoint copies,
+    /// so that a corpus prepared again later (another tokenizer) cannot slip into it.
+    tokenizer: Option<Vec<u8>>,
+    /// Held while the reader lives: `dapt prepare` refuses to replace the corpus meanwhile.
+    _readers: Option<crate::readers::ReadLock>,
     train: Vec<TokenStream>,
     held_out: Vec<TokenStream>,
     verified: VerifySummary,
@@ -172,8 +178,29 @@ impl CorpusReader {
 
     /// As [`open`](Self::open); `full_verify` re-hashes every file regardless of the cache.
     pub fn open_with(dir: &Path, full_verify: bool) -> Result<Self> {
+        // Before anything is read: a publication in progress finishes first, and none starts
+        // while this reader lives.
+        let readers = crate::readers::read_lock(dir)?;
         let manifest = Manifest::read(dir)?;
         let verified = manifest.verify(dir, full_verify)?;
+        let tokenizer_path = dir.join(&manifest.tokenizer.file);
+        let tokenizer = match std::fs::read(&tokenizer_path) {
+            Ok(bytes) => {
+                use sha2::Digest;
+                let found = hex::encode(sha2::Sha256::digest(&bytes));
+                if found != manifest.tokenizer.sha256 {
+                    return Err(CorpusError::TokenizerMismatch {
+                        path: tokenizer_path,
+                        corpus: dir.to_path_buf(),
+                        expected: manifest.tokenizer.sha256.clone(),
+                        found,
+                    });
+                }
+                Some(bytes)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(CorpusError::io(&tokenizer_path)(e)),
+        };
         let dtype = manifest.token_dtype;
         let vocab = manifest.tokenizer.vocab_size;
         let mut train = Vec::new();
@@ -185,6 +212,8 @@ impl CorpusReader {
         Ok(CorpusReader {
             dir: dir.to_path_buf(),
             manifest,
+            tokenizer,
+            _readers: readers,
             train,
             held_out,
             verified,
@@ -193,6 +222,12 @@ impl CorpusReader {
 
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// The corpus's `tokenizer.json` as it was when the corpus was opened (checked against the
+    /// manifest's SHA-256), `None` when the corpus has none beside its shards.
+    pub fn tokenizer_bytes(&self) -> Option<&[u8]> {
+        self.tokenizer.as_deref()
     }
 
     pub fn verified(&self) -> VerifySummary {

@@ -236,11 +236,7 @@ pub fn train(
             Duration::from_secs(job.cluster.collective_timeout_s),
         )?,
     };
-    let corpus_tokenizer = job
-        .corpus
-        .output
-        .join(dapt_corpus::manifest::TOKENIZER_FILE);
-    let corpus = checkpoint::CorpusRef::new(&corpus_tokenizer, &corpus_digest);
+    let corpus = checkpoint::CorpusRef::new(&reader, &corpus_digest);
     let eval = |trainer: &dyn Engine, step: u64| -> Result<(), RankError> {
         if a.rank != 0 {
             return Ok(());

@@ -27,7 +27,7 @@ use crate::train::Trainer;
 
 pub use dapt_proto::checkpoint::MANIFEST_FILE;
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-pub const TRAINER_FILE: &str = "trainer.json";
+pub use dapt_proto::checkpoint::TRAINER_FILE;
 
 /// Where a run stands, besides weights and moments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,16 +98,19 @@ pub fn changed_training(
 /// content digest (recorded in `trainer.json`, checked on resume by [`check_corpus`]).
 #[derive(Debug, Clone, Copy)]
 pub struct CorpusRef<'a> {
-    pub tokenizer: Option<&'a Path>,
+    /// The corpus's `tokenizer.json` as the trainer opened it
+    /// ([`dapt_corpus::CorpusReader::tokenizer_bytes`]), not as the file is at save time: the
+    /// corpus may have been prepared again since (an audit: an export held a tokenizer of 1,500
+    /// tokens for a model trained on one of 1,024).
+    pub tokenizer: Option<&'a [u8]>,
     pub digest: &'a str,
 }
 
 impl<'a> CorpusRef<'a> {
-    /// The corpus whose tokenizer file is `tokenizer` (copied when it is there) and whose
-    /// content digest is `digest`.
-    pub fn new(tokenizer: &'a Path, digest: &'a str) -> Self {
+    /// The corpus `reader` opened, whose content digest is `digest`.
+    pub fn new(reader: &'a dapt_corpus::CorpusReader, digest: &'a str) -> Self {
         CorpusRef {
-            tokenizer: tokenizer.is_file().then_some(tokenizer),
+            tokenizer: reader.tokenizer_bytes(),
             digest,
         }
     }
@@ -260,8 +263,7 @@ pub fn save_with(
     };
     hf::write_atomic(&dir.join(TRAINER_FILE), &to_json(&state)?)?;
     if let Some(tokenizer) = tokenizer {
-        let to = dir.join(hf::TOKENIZER_FILE);
-        std::fs::copy(tokenizer, &to).map_err(WorkerError::io(tokenizer))?;
+        hf::write_atomic(&dir.join(hf::TOKENIZER_FILE), tokenizer)?;
     }
     let mut files = Vec::new();
     for name in hf::file_names(dir)? {

@@ -260,10 +260,6 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
     } = *ctx;
     let training = *training;
     let root = job.checkpoint.dir.clone();
-    let corpus_tokenizer = job
-        .corpus
-        .output
-        .join(dapt_corpus::manifest::TOKENIZER_FILE);
 
     let steps = training.steps();
     let stop = options.stop_after.unwrap_or(steps).min(steps);
@@ -318,7 +314,7 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
                 .push(evaluate(trainer, reader, &training, done)?);
         }
         if !options.no_checkpoints && (done.is_multiple_of(job.checkpoint.every) || done == stop) {
-            let corpus = checkpoint::CorpusRef::new(&corpus_tokenizer, corpus_digest);
+            let corpus = checkpoint::CorpusRef::new(reader, corpus_digest);
             let dir = trainer.save(&root, job.seed, Some(corpus))?;
             checkpoint::prune(&root, job.checkpoint.keep)?;
             tracing::info!(step = done, dir = %dir.display(), "checkpoint committed");

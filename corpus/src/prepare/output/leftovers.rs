@@ -20,6 +20,8 @@ pub(crate) const RANDOM: usize = 6;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RunEntry {
     Lock,
+    /// The readers' lock ([`crate::readers`]): kept, never removed.
+    Readers,
     Staging,
     Replaced,
     /// `lost+found` at the root of a file system mounted there: the file system's, left alone.
@@ -35,6 +37,7 @@ impl RunEntry {
         };
         match (name, is_dir) {
             (LOCK_FILE, false) => Some(RunEntry::Lock),
+            (crate::readers::READERS_FILE, false) => Some(RunEntry::Readers),
             ("lost+found", true) => Some(RunEntry::LostFound),
             (_, true) if random(STAGING_PREFIX) => Some(RunEntry::Staging),
             (_, true) if random(REPLACED_PREFIX) => Some(RunEntry::Replaced),
@@ -51,6 +54,7 @@ pub(crate) fn is_corpus_file(name: &str) -> bool {
             | manifest::REPORT_FILE
             | manifest::TOKENIZER_FILE
             | manifest::VERIFIED_FILE
+            | crate::readers::READERS_FILE
     ) || manifest::is_atomic_temp(name)
 }
 

@@ -77,6 +77,8 @@ fn copy_tree(from: &Path, to: &Path) {
         let target = to.join(entry.path().strip_prefix(from).expect("under"));
         if entry.file_type().is_dir() {
             std::fs::create_dir_all(&target).expect("mkdir");
+        } else if entry.file_name() == crate::readers::READERS_FILE {
+            // A reader's lock of the fixture, not part of the corpus a run stages.
         } else {
             std::fs::copy(entry.path(), &target).expect("copy");
         }
@@ -101,7 +103,8 @@ fn run_leftovers(out: &Path) -> Vec<String> {
         .expect("ls")
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".dapt-"))
+        // The readers' lock stays with the corpus (any reader of it makes it).
+        .filter(|n| n.starts_with(".dapt-") && n != crate::readers::READERS_FILE)
         .collect()
 }
 

@@ -1,0 +1,161 @@
+//! The corpus's readers' lock: every process that reads a corpus (a training rank, `dapt
+//! train`, `dapt eval`) holds a shared advisory `flock` on `OUT/.dapt-readers` for as long as it
+//! reads, and `dapt prepare` refuses to build a new corpus into `OUT` while any does, and holds
+//! the lock exclusively while it publishes.
+//!
+//! Without it (found by an audit), preparing the corpus again under a running job left the ranks
+//! training on the old shards they had mapped while every later checkpoint took the new
+//! corpus's `tokenizer.json`: the job's export then held a tokenizer of other ids than the model
+//! was trained with, and exited 0.
+//!
+//! The file stays in the output directory (it is empty; removing it under a holder would split
+//! the lock between two files). It is best effort where the corpus is read-only to the reader
+//! and the file does not exist yet: nothing can be prepared there by this user either.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::error::{CorpusError, Result};
+
+/// The readers' lock file inside a corpus directory.
+pub const READERS_FILE: &str = ".dapt-readers";
+
+/// How long a reader waits for a publication in progress (the exclusive lock is held only
+/// while the new corpus's directories are moved in).
+const PUBLISH_WAIT: Duration = Duration::from_secs(120);
+
+/// A shared lock on a corpus, held by its reader while this value lives.
+#[derive(Debug)]
+pub struct ReadLock {
+    _file: File,
+}
+
+/// An exclusive lock on a corpus's readers' file: no reader holds it, and none can take it,
+/// while this value lives.
+#[derive(Debug)]
+pub(crate) struct NoReaders {
+    _file: File,
+}
+
+/// Opens (creating when `create` and the directory is writable) `dir`'s readers' file, never
+/// through a link. `None` when it does not exist and is not made.
+fn open(dir: &Path, create: bool) -> Result<Option<(File, PathBuf)>> {
+    let path = dir.join(READERS_FILE);
+    let options = |write: bool| {
+        let write = write && create;
+        let mut options = OpenOptions::new();
+        options
+            .read(true)
+            .write(write)
+            .create(write)
+            .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW);
+        options
+    };
+    let denied = |e: &std::io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EACCES | libc::EPERM | libc::EROFS)
+        )
+    };
+    match options(true).open(&path) {
+        Ok(file) => Ok(Some((file, path))),
+        Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if denied(&e) => match options(false).open(&path) {
+            Ok(file) => Ok(Some((file, path))),
+            Err(e) if denied(&e) || e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CorpusError::io(&path)(e)),
+        },
+        Err(e) => Err(CorpusError::io(&path)(e)),
+    }
+}
+
+/// Tries `operation` without waiting: `Ok(false)` when another open file holds a conflicting
+/// lock.
+fn try_lock(file: &File, operation: rustix::fs::FlockOperation) -> std::io::Result<bool> {
+    loop {
+        match rustix::fs::flock(file, operation) {
+            Ok(()) => return Ok(true),
+            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(false),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Takes a shared lock on the corpus in `dir` for a reader, waiting up to two minutes for a
+/// publication in progress. `Ok(None)` where no lock file can be made (read-only corpus).
+pub fn read_lock(dir: &Path) -> Result<Option<ReadLock>> {
+    let Some((file, path)) = open(dir, true)? else {
+        return Ok(None);
+    };
+    let started = Instant::now();
+    while !try_lock(&file, rustix::fs::FlockOperation::NonBlockingLockShared)
+        .map_err(CorpusError::io(&path))?
+    {
+        if started.elapsed() > PUBLISH_WAIT {
+            return Err(CorpusError::Io {
+                path,
+                error: std::io::Error::other(format!(
+                    "held exclusively by a dapt prepare publishing a new corpus for over {}s",
+                    PUBLISH_WAIT.as_secs()
+                )),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(Some(ReadLock { _file: file }))
+}
+
+/// Takes the exclusive lock on the corpus in `out` for `dapt prepare`, or refuses at once with
+/// [`CorpusError::OutputInUse`] when a reader holds it. `create`: make the file if it is not
+/// there (when publishing, so that a reader that starts meanwhile waits); without, a missing
+/// file means no reader has ever opened the corpus, and `Ok(None)`, as where it cannot be made.
+pub(crate) fn no_readers(out: &Path, create: bool) -> Result<Option<NoReaders>> {
+    let Some((file, path)) = open(out, create)? else {
+        return Ok(None);
+    };
+    if !try_lock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(CorpusError::io(&path))?
+    {
+        return Err(CorpusError::OutputInUse {
+            output: out.to_path_buf(),
+            lock: path,
+        });
+    }
+    Ok(Some(NoReaders { _file: file }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepare_is_refused_while_a_reader_holds_the_corpus() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reader = read_lock(dir.path()).expect("lock").expect("made");
+        let second = read_lock(dir.path()).expect("lock").expect("made");
+        let err = no_readers(dir.path(), true)
+            .expect_err("in use")
+            .to_string();
+        assert!(
+            err.contains("in use") && err.contains(READERS_FILE),
+            "{err}"
+        );
+        drop(reader);
+        assert!(no_readers(dir.path(), false).is_err(), "one reader is left");
+        drop(second);
+        let held = no_readers(dir.path(), true).expect("free").expect("made");
+        // A reader waits for the publication, then reads.
+        let waiter = std::thread::spawn({
+            let dir = dir.path().to_path_buf();
+            move || read_lock(&dir).map(|l| l.is_some())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!waiter.is_finished(), "a reader read during a publication");
+        drop(held);
+        assert!(waiter.join().expect("join").expect("lock"));
+    }
+}
