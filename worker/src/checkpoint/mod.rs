@@ -164,7 +164,7 @@ pub enum OptimizerFiles<'a> {
 }
 
 pub fn step_dir(root: &Path, step: u64) -> PathBuf {
-    root.join(format!("step-{step:08}"))
+    root.join(layout::step_dir_name(step))
 }
 
 /// Writes the trainer's checkpoint under `root` and returns its directory. Refuses, before
