@@ -240,7 +240,7 @@ pub fn train(
         .corpus
         .output
         .join(dapt_corpus::manifest::TOKENIZER_FILE);
-    let corpus = checkpoint::CorpusRef::new(&corpus_tokenizer, &corpus_digest);
+    let origin = checkpoint::Origin::new(&corpus_tokenizer, &corpus_digest, job);
     let eval = |trainer: &dyn Engine, step: u64| -> Result<(), RankError> {
         if a.rank != 0 {
             return Ok(());
@@ -350,7 +350,7 @@ pub fn train(
                     },
                     None => checkpoint::OptimizerFiles::Whole,
                 };
-                let dir = checkpoint::save_with(root, &host, job.seed, Some(corpus), files)
+                let dir = checkpoint::save_with(root, &host, job.seed, Some(origin), files)
                     .map_err(RankError::worker)?;
                 dir.display().to_string()
             } else {
