@@ -4,6 +4,11 @@
 //! `generation.json` (the last generation formed, so that a restarted coordinator never hands
 //! out a generation number twice).
 //!
+//! `committed.json` names the committed checkpoint by its directory's name under checkpoint.dir
+//! (`step-00000010`), not by an absolute path: the project folder may be moved, or a shared file
+//! system mounted at another path, between a stop and the resume ([`resolved_dir`] reads the
+//! absolute paths written before).
+//!
 //! Order of writes at a commit: ledger lines first, then `committed.json` by rename. A crash in
 //! between leaves ledger lines past the committed step; [`open`] cuts them off, so the ledger
 //! never counts a sample that a restart will train again.
@@ -81,6 +86,41 @@ pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LedgerError + '_
         path: path.to_path_buf(),
         error,
     }
+}
+
+/// `dir` as `committed.json` records it: its name when it is directly under `root` (every
+/// checkpoint dapt writes is), else as it is.
+fn recorded_dir(root: &Path, dir: &str) -> String {
+    match Path::new(dir).strip_prefix(root) {
+        Ok(name) if name.components().count() == 1 => name.display().to_string(),
+        _ => dir.to_owned(),
+    }
+}
+
+/// The directory of the committed checkpoint of `step`, recorded as `recorded` in the
+/// `committed.json` of `root`, as this machine sees it now: a name (what [`recorded_dir`]
+/// writes) is joined to `root`. An absolute path (written before names were) outside `root` but
+/// named as dapt names that step's checkpoint (`step-00000010`) is taken as the same name under
+/// `root`: the file is `root`'s own, so the directory was moved, copied or mounted at another
+/// path since, its checkpoints with it (said in the log). Anything else stays as recorded, for
+/// the coordinator to refuse as not this job's (`server::check_committed`).
+fn resolved_dir(root: &Path, recorded: &str, step: u64) -> String {
+    let path = Path::new(recorded);
+    if path.is_relative() {
+        return root.join(path).display().to_string();
+    }
+    let name = checkpoint::step_dir_name(step);
+    if path.starts_with(root) || path.file_name() != Some(std::ffi::OsStr::new(&name)) {
+        return recorded.to_owned();
+    }
+    let moved = root.join(&name);
+    tracing::info!(
+        step,
+        recorded,
+        checkpoint = %moved.display(),
+        "the committed checkpoint was recorded at another path (checkpoint.dir moved since): resuming from its step under checkpoint.dir"
+    );
+    moved.display().to_string()
 }
 
 /// `None` when `committed`'s checkpoint verifies (every file's SHA-256 against its manifest)
@@ -184,7 +224,11 @@ impl Ledger {
                         ),
                     });
                 }
-                Some(file.committed)
+                let committed = file.committed;
+                Some(Committed {
+                    dir: resolved_dir(&dir, &committed.dir, committed.step),
+                    ..committed
+                })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io(&path)(e)),
@@ -311,10 +355,13 @@ impl Ledger {
         self.record(committed)
     }
 
-    /// Writes `committed.json`.
+    /// Writes `committed.json`, the checkpoint named relative to the directory.
     fn record(&self, committed: &Committed) -> Result<(), LedgerError> {
         let record = CommittedFile {
-            committed: committed.clone(),
+            committed: Committed {
+                dir: recorded_dir(&self.dir, &committed.dir),
+                ..committed.clone()
+            },
             ..self.identity.clone()
         };
         let json = serde_json::to_vec_pretty(&record).expect("committed serializes");
@@ -666,7 +713,12 @@ mod tests {
         assert_eq!(committed, None);
         let c = Committed {
             step: 2,
-            dir: "d2".into(),
+            dir: spec
+                .checkpoint
+                .dir
+                .join("step-00000002")
+                .display()
+                .to_string(),
             generation: 1,
             ..Default::default()
         };
@@ -707,6 +759,55 @@ mod tests {
         )
         .expect("write");
         dir
+    }
+
+    /// checkpoint.dir moved (a project folder renamed, a shared disk mounted at another path)
+    /// between a stop and the resume: the committed checkpoint is its step there, whether
+    /// `committed.json` names it (as now) or holds the absolute path it was written at (as
+    /// before, when the job refused to start with `checkpoint.keep: 1`). A path outside with
+    /// another name stays as it is, for the coordinator to refuse.
+    #[test]
+    fn a_moved_checkpoint_dir_resumes_from_its_committed_checkpoint() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (before, after) = (tmp.path().join("before"), tmp.path().join("after"));
+        let spec = job(&before, 1);
+        let (ledger, _) = Ledger::open(&spec).expect("open");
+        let ten = checkpoint_dir(&spec.checkpoint.dir, 10);
+        let commit = |dir: &Path| Committed {
+            step: 10,
+            dir: dir.display().to_string(),
+            generation: 1,
+            ..Default::default()
+        };
+        ledger.commit(&commit(&ten), &[entry(0)]).expect("commit");
+        let file = |spec: &JobSpec| spec.checkpoint.dir.join(COMMITTED_FILE);
+        let recorded: serde_json::Value =
+            serde_json::from_slice(&fs::read(file(&spec)).expect("read")).expect("json");
+        assert_eq!(recorded["dir"], "step-00000010");
+        drop(ledger);
+
+        fs::rename(&before, &after).expect("move");
+        let moved = job(&after, 1);
+        let here = moved.checkpoint.dir.join("step-00000010");
+        let (ledger, committed) = Ledger::open(&moved).expect("resume after the move");
+        assert_eq!(committed, Some(commit(&here)));
+        assert_eq!(ledger.entries().expect("entries"), vec![entry(0)]);
+
+        // A record written before: the absolute path of the step at its old place.
+        let old = serde_json::to_vec(&CommittedFile {
+            committed: commit(&ten),
+            ..CommittedFile::identity(&moved).expect("identity")
+        })
+        .expect("json");
+        fs::write(file(&moved), old).expect("write");
+        let (_, committed) = Ledger::open(&moved).expect("resume from an old record");
+        assert_eq!(committed, Some(commit(&here)));
+
+        let elsewhere = Path::new("/elsewhere/b/step-5");
+        assert_eq!(
+            resolved_dir(&moved.checkpoint.dir, &elsewhere.display().to_string(), 10),
+            elsewhere.display().to_string()
+        );
     }
 
     /// A ZeRO checkpoint that failed before the first commit leaves its staging folder: the

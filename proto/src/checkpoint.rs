@@ -135,6 +135,11 @@ impl CheckpointManifest {
     }
 }
 
+/// The name of the checkpoint directory of `step` (42 -> `step-00000042`).
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
 /// The step a checkpoint directory's name says (`step-00000042` -> 42).
 pub fn step_of_name(name: &str) -> Option<u64> {
     let digits = name.strip_prefix("step-")?;

@@ -443,3 +443,68 @@ fn a_corrupt_committed_checkpoint_falls_back_to_the_previous_one() {
     // Steps 5..10 trained again and entered the ledger once.
     check_ledger(&job.checkpoints.join("ledger.jsonl"), job.steps * BATCH).expect("ledger");
 }
+
+/// A later stage trains from an earlier stage's export (`model.hf`); exporting its checkpoint
+/// back over that folder, by its path or through a symlink to it, is refused naming both, and
+/// the base model is left as it was (`dapt export` replaced it and exited 0). Any other
+/// output still takes the export.
+#[test]
+fn export_refuses_to_write_over_the_model_its_job_started_from() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ok = |args: &[&str]| {
+        let out = dapt(args);
+        assert!(out.status.success(), "dapt {args:?}: {}", text(&out.stderr));
+    };
+    let stage1 = write_job(tmp.path(), "stage1", 5, "");
+    let stage1_path = stage1.path.to_string_lossy();
+    ok(&["prepare", "--quiet", &stage1_path]);
+    ok(&["train", &stage1_path]);
+    let base = tmp.path().join("base-model");
+    let from = stage1.checkpoints.join("step-00000005");
+    ok(&[
+        "export",
+        &from.to_string_lossy(),
+        "--hf",
+        &base.to_string_lossy(),
+    ]);
+    let weights = std::fs::read(base.join("model.safetensors")).expect("base weights");
+
+    let stage2 = write_job(tmp.path(), "stage2", 5, "");
+    let spec = std::fs::read_to_string(&stage2.path).expect("read");
+    let spec = spec.replace("  preset: tiny", &format!("  hf: \"{}\"", base.display()));
+    std::fs::write(&stage2.path, spec).expect("write");
+    ok(&["train", &stage2.path.to_string_lossy()]);
+    let checkpoint = stage2.checkpoints.join("step-00000005");
+    let link = tmp.path().join("link-to-base");
+    std::os::unix::fs::symlink(&base, &link).expect("symlink");
+    for out in [base.clone(), link, stage2.checkpoints.join("../base-model")] {
+        let args = [
+            "export",
+            &checkpoint.to_string_lossy(),
+            "--hf",
+            &out.to_string_lossy(),
+        ];
+        let done = dapt(&args);
+        let err = text(&done.stderr);
+        assert!(!done.status.success(), "{}: {err}", out.display());
+        assert!(
+            err.contains("model.hf")
+                && err.contains(&*base.canonicalize().expect("base").to_string_lossy())
+                && err.contains(&*checkpoint.to_string_lossy()),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(base.join("model.safetensors")).expect("base weights"),
+        weights,
+        "the base model was replaced"
+    );
+    let other = tmp.path().join("stage2-export");
+    ok(&[
+        "export",
+        &checkpoint.to_string_lossy(),
+        "--hf",
+        &other.to_string_lossy(),
+    ]);
+    assert!(other.join("model.safetensors").is_file());
+}

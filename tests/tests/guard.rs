@@ -225,7 +225,8 @@ fn a_forgetting_job_trips_the_guard_under_warn_stop_and_rebalance() {
         "{committed}"
     );
     // The export is the checkpoint of that step.
-    let kept = PathBuf::from(committed["dir"].as_str().expect("dir"));
+    // Named under checkpoint.dir (an absolute path before).
+    let kept = checkpoints.join(committed["dir"].as_str().expect("dir"));
     assert_eq!(
         dapt_tests::f32_tensors(&checkpoints.join("export/model.safetensors")).expect("export"),
         dapt_tests::f32_tensors(&kept.join("model.safetensors")).expect("checkpoint"),

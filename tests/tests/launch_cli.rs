@@ -285,6 +285,60 @@ fn ctrl_c_stops_the_workers_and_the_same_command_resumes() {
     check_ledger(&job.checkpoints.join("ledger.jsonl"), 40 * BATCH).expect("ledger");
 }
 
+/// The project folder moved between a Ctrl-C and the resume (or a shared disk mounted at
+/// another path), with `checkpoint.keep: 1`: the same job in its new place resumes from the
+/// committed checkpoint. `committed.json` held the checkpoint's absolute path: its intact
+/// checkpoint "failed verification" there and the job refused to start (with `keep: 2` it fell
+/// back a checkpoint and trained its steps again).
+#[test]
+fn a_moved_project_folder_resumes_from_its_committed_checkpoint() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (before, after) = (tmp.path().join("before"), tmp.path().join("after"));
+    std::fs::create_dir(&before).expect("mkdir");
+    let job = write_job(&before, "moved", 20, "");
+    let spec = std::fs::read_to_string(&job.path).expect("read");
+    std::fs::write(&job.path, spec.replace("keep: 2", "keep: 1")).expect("write");
+    let _serial = serial();
+    let mut proc = launch(&job, 1);
+    proc.wait_for("a first commit", LONG, |l| {
+        !events(l, "checkpoint committed").is_empty()
+    });
+    proc.signal(libc::SIGINT);
+    let (status, stdout) = proc.finish(LONG);
+    assert_eq!(status.code(), Some(130), "{stdout}");
+    let committed: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(job.checkpoints.join("committed.json")).expect("committed.json"),
+    )
+    .expect("json");
+    let at = committed["step"].as_u64().expect("step");
+
+    // The folder moves; its job file names the new place (written with absolute paths).
+    std::fs::rename(&before, &after).expect("move");
+    let moved = Job {
+        path: after.join("moved.yaml"),
+        checkpoints: after.join("ck-moved"),
+        steps: job.steps,
+    };
+    let spec = std::fs::read_to_string(&moved.path).expect("read");
+    let (from, to) = (before.display().to_string(), after.display().to_string());
+    std::fs::write(&moved.path, spec.replace(&from, &to)).expect("write");
+    let mut again = launch(&moved, 1);
+    again.wait_for("the job to end", LONG, |l| {
+        !events(l, "job completed").is_empty()
+    });
+    let (status, _) = again.finish(LONG);
+    let lines = again.lines();
+    assert!(status.success(), "{}", again.stderr());
+    assert!(
+        events(&lines, "the committed checkpoint failed verification").is_empty(),
+        "{}",
+        again.stderr()
+    );
+    let resumed = events(&lines, "resuming from the committed checkpoint");
+    assert_eq!(resumed[0]["step"].as_u64(), Some(at), "{resumed:?}");
+    check_ledger(&moved.checkpoints.join("ledger.jsonl"), 20 * BATCH).expect("ledger");
+}
+
 #[test]
 fn launch_on_cuda_without_a_usable_gpu_fails_clearly_and_trains_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -407,6 +407,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             dtype,
         } => {
             let loaded = checkpoint::load(&checkpoint)?;
+            checkpoint::check_export_target(&loaded, &out)?;
             let layout = dapt_worker::model::ParamLayout::llama(&loaded.config);
             hf::check_writable(&out, &layout, &loaded.weights, dtype)?;
             hf::claim_output_dir(&out)?;

@@ -236,7 +236,7 @@ pub fn train(
             Duration::from_secs(job.cluster.collective_timeout_s),
         )?,
     };
-    let corpus = checkpoint::CorpusRef::new(&reader, &corpus_digest);
+    let origin = checkpoint::Origin::new(&reader, &corpus_digest, job);
     let eval = |trainer: &dyn Engine, step: u64| -> Result<(), RankError> {
         if a.rank != 0 {
             return Ok(());
@@ -346,7 +346,7 @@ pub fn train(
                     },
                     None => checkpoint::OptimizerFiles::Whole,
                 };
-                let dir = checkpoint::save_with(root, &host, job.seed, Some(corpus), files)
+                let dir = checkpoint::save_with(root, &host, job.seed, Some(origin), files)
                     .map_err(RankError::worker)?;
                 dir.display().to_string()
             } else {

@@ -52,6 +52,11 @@ pub struct TrainerState {
     /// before it was recorded. A resume under other settings says which ([`changed_training`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<dapt_proto::job::TrainingSpec>,
+    /// The Hugging Face folder the job's model started from (its `model.hf`, canonical), absent
+    /// for a preset and in checkpoints written before it was recorded: `dapt export` refuses to
+    /// write over it ([`check_export_target`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<PathBuf>,
 }
 
 /// The `training:` settings that shape what is learned (`optimizer.*`, `schedule.*`, `tokens`,
@@ -94,25 +99,55 @@ pub fn changed_training(
         .collect()
 }
 
-/// The corpus a checkpoint is written from: its tokenizer (copied into the checkpoint) and its
-/// content digest (recorded in `trainer.json`, checked on resume by [`check_corpus`]).
+/// What a checkpoint is trained from besides its steps: the corpus, whose tokenizer is copied
+/// into the checkpoint and whose content digest is recorded in `trainer.json` (checked on resume
+/// by [`check_corpus`]), and the job's initial Hugging Face model folder, recorded there too (an
+/// export never goes over it: [`check_export_target`]).
 #[derive(Debug, Clone, Copy)]
-pub struct CorpusRef<'a> {
+pub struct Origin<'a> {
     /// The corpus's `tokenizer.json` as the trainer opened it
     /// ([`dapt_corpus::CorpusReader::tokenizer_bytes`]), not as the file is at save time: the
     /// corpus may have been prepared again since (an audit: an export held a tokenizer of 1,500
     /// tokens for a model trained on one of 1,024).
     pub tokenizer: Option<&'a [u8]>,
     pub digest: &'a str,
+    pub base_model: Option<&'a Path>,
 }
 
-impl<'a> CorpusRef<'a> {
-    /// The corpus `reader` opened, whose content digest is `digest`.
-    pub fn new(reader: &'a dapt_corpus::CorpusReader, digest: &'a str) -> Self {
-        CorpusRef {
+impl<'a> Origin<'a> {
+    /// The corpus `reader` opened, whose content digest is `digest`, and the model of `job`
+    /// (its `model.hf`, if any).
+    pub fn new(
+        reader: &'a dapt_corpus::CorpusReader,
+        digest: &'a str,
+        job: &'a dapt_proto::job::JobSpec,
+    ) -> Self {
+        Origin {
             tokenizer: reader.tokenizer_bytes(),
             digest,
+            base_model: job.model.as_ref().and_then(|m| m.hf.as_deref()),
         }
+    }
+}
+
+/// Refuses to export `loaded` into `out` when `out` is (canonically: through a symlink, `..` or
+/// a relative path) the folder its job's model started from: the export would replace the
+/// model the job trains from (a stage trained from an earlier stage's export, exported back
+/// over it) with what it made of it. Names both. A checkpoint that recorded no such folder (a
+/// preset, or written before it was recorded) has nothing to refuse.
+pub fn check_export_target(loaded: &Loaded, out: &Path) -> Result<()> {
+    let Some(base) = &loaded.state.base_model else {
+        return Ok(());
+    };
+    match (std::fs::canonicalize(out), std::fs::canonicalize(base)) {
+        (Ok(a), Ok(b)) if a == b => Err(WorkerError::Invalid(format!(
+            "output {} is the model checkpoint {} was trained from (its job's model.hf {}): \
+             exporting there would replace the job's own base model; choose another output",
+            out.display(),
+            loaded.dir.display(),
+            base.display()
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -167,20 +202,15 @@ pub enum OptimizerFiles<'a> {
 }
 
 pub fn step_dir(root: &Path, step: u64) -> PathBuf {
-    root.join(format!("step-{step:08}"))
+    root.join(layout::step_dir_name(step))
 }
 
 /// Writes the trainer's checkpoint under `root` and returns its directory. Refuses, before
 /// writing anything, weights or AdamW moments that are not all finite
 /// ([`WorkerError::NonFiniteTensor`], naming the tensor): such a checkpoint would never be
 /// good to resume, export or keep in place of a good one.
-pub fn save(
-    root: &Path,
-    trainer: &Trainer,
-    seed: u64,
-    corpus: Option<CorpusRef>,
-) -> Result<PathBuf> {
-    save_with(root, trainer, seed, corpus, OptimizerFiles::Whole)
+pub fn save(root: &Path, trainer: &Trainer, seed: u64, origin: Option<Origin>) -> Result<PathBuf> {
+    save_with(root, trainer, seed, origin, OptimizerFiles::Whole)
 }
 
 /// [`save`] with the moments from `optimizer` (the ranks' shards under ZeRO). With
@@ -192,10 +222,10 @@ pub fn save_with(
     root: &Path,
     trainer: &Trainer,
     seed: u64,
-    corpus: Option<CorpusRef>,
+    origin: Option<Origin>,
     optimizer: OptimizerFiles,
 ) -> Result<PathBuf> {
-    let tokenizer = corpus.and_then(|c| c.tokenizer);
+    let tokenizer = origin.and_then(|o| o.tokenizer);
     let whole = matches!(optimizer, OptimizerFiles::Whole);
     if whole && trainer.optimizer.range != (0..trainer.layout.total) {
         return Err(WorkerError::Invalid(format!(
@@ -258,8 +288,12 @@ pub fn save_with(
         optimizer_steps: trainer.optimizer.t,
         seed,
         skipped_steps: trainer.skipped_steps,
-        corpus: corpus.map(|c| c.digest.to_owned()),
+        corpus: origin.map(|o| o.digest.to_owned()),
         training: Some(trainer.training),
+        // Canonical, so that an export compares it with its output whatever the path given.
+        base_model: origin
+            .and_then(|o| o.base_model)
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())),
     };
     hf::write_atomic(&dir.join(TRAINER_FILE), &to_json(&state)?)?;
     if let Some(tokenizer) = tokenizer {
@@ -425,6 +459,7 @@ mod tests {
             skipped_steps,
             corpus: None,
             training: None,
+            base_model: None,
         };
         check_state(&state(20, 20 * 512, 19, 1), 20).expect("a real one");
         for (bad, field) in [

@@ -45,10 +45,10 @@ pub trait Engine {
         &mut self,
         root: &Path,
         seed: u64,
-        corpus: Option<checkpoint::CorpusRef>,
+        origin: Option<checkpoint::Origin>,
     ) -> Result<PathBuf> {
         let host = self.host()?;
-        checkpoint::save(root, &host, seed, corpus)
+        checkpoint::save(root, &host, seed, origin)
     }
     fn perplexity(
         &self,

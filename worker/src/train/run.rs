@@ -314,8 +314,8 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
                 .push(evaluate(trainer, reader, &training, done)?);
         }
         if !options.no_checkpoints && (done.is_multiple_of(job.checkpoint.every) || done == stop) {
-            let corpus = checkpoint::CorpusRef::new(reader, corpus_digest);
-            let dir = trainer.save(&root, job.seed, Some(corpus))?;
+            let origin = checkpoint::Origin::new(reader, corpus_digest, job);
+            let dir = trainer.save(&root, job.seed, Some(origin))?;
             checkpoint::prune(&root, job.checkpoint.keep)?;
             tracing::info!(step = done, dir = %dir.display(), "checkpoint committed");
             summary.last_checkpoint = Some(dir);

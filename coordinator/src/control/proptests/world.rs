@@ -654,7 +654,19 @@ impl World {
                     // A restart reads the files back, as `server::start` does.
                     let (ledger, committed) =
                         Ledger::open(&f.spec).map_err(|e| failed("reopen", e))?;
-                    if committed != self.durable {
+                    // Read back under the real checkpoint.dir, of which `/ckpt` stands in
+                    // for here (`committed.json` names the checkpoint, not its path).
+                    let durable = self.durable.clone().map(|c| Committed {
+                        dir: f
+                            .spec
+                            .checkpoint
+                            .dir
+                            .join(c.dir.trim_start_matches("/ckpt/"))
+                            .display()
+                            .to_string(),
+                        ..c
+                    });
+                    if committed != durable {
                         return Err(failed(
                             "committed.json",
                             format!("{committed:?}, committed {:?}", self.durable),

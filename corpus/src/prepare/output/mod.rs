@@ -2,8 +2,9 @@
 //! replaces the one there.
 //!
 //! The directory `OUT` itself is never renamed or replaced. It may be a mount point (a volume,
-//! which `rename` cannot move), or a directory its owner made with a group, a mode or an ACL of
-//! their choosing; readers find it by its path. Everything a run needs lives inside it, under
+//! which `rename` cannot move), a directory its owner made with a group, a mode or an ACL of
+//! their choosing, or a symlink to a directory (on another disk), which is worked through and
+//! stays a link; readers find it by its path. Everything a run needs lives inside it, under
 //! names no corpus file has:
 //!
 //! * `.dapt-lock`: an advisory `flock`, held for the whole run ([`lock`]), so that a second
@@ -199,7 +200,9 @@ pub(super) fn check_output(out: &Path) -> Result<Existing> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Existing::Absent),
         Err(e) => return Err(CorpusError::io(out)(e)),
     };
-    if !meta.is_dir() {
+    if meta.file_type().is_symlink() {
+        check_link(out)?;
+    } else if !meta.is_dir() {
         return Err(refuse("exists and is not a directory".into()));
     }
     let entries = corpus_entries(out).map_err(CorpusError::io(out))?;
@@ -274,6 +277,31 @@ pub(super) fn check_output(out: &Path) -> Result<Existing> {
         }
     }
     Ok(existing)
+}
+
+/// Accepts an output that is a symlink to a directory (a corpus kept on another disk): a run
+/// works inside the directory it points to, through the link, and never renames, replaces or
+/// removes the link itself (see the module's overview). Refuses one to anything else, or to
+/// nothing: dapt does not make a directory at the far end of a link.
+fn check_link(out: &Path) -> Result<()> {
+    let target = std::fs::read_link(out).map_err(CorpusError::io(out))?;
+    let refuse = |why: &str| {
+        Err(CorpusError::Invalid(format!(
+            "corpus.output {} is a symlink to {}, which {why}",
+            out.display(),
+            target.display()
+        )))
+    };
+    match std::fs::metadata(out) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => refuse(
+            "is not a directory: a corpus is written into a directory; give corpus.output a directory or a symlink to one",
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => refuse(
+            "does not exist (a dangling symlink): make that directory (dapt does not create one at the far end of a link), or give corpus.output another path",
+        ),
+        Err(e) => Err(CorpusError::io(out)(e)),
+    }
 }
 
 /// What [`recover`] did, for the log.

@@ -253,3 +253,66 @@ fn leftovers_of_interrupted_runs_are_removed_and_a_users_file_among_them_kept() 
         corpora.manifest("v1").content_digest()
     );
 }
+
+/// corpus.output a symlink to a directory on another disk: the corpus is written into that
+/// directory, rebuilt there, and the link stays a link (it was refused as "exists and is not a
+/// directory"). A link to a file or to nothing is refused naming its target, which is left as
+/// it was (nothing is created at the far end of a dangling link).
+#[test]
+fn a_symlink_to_a_directory_is_an_output_and_stays_a_link() {
+    let corpora = Corpora::new();
+    let base = corpora.dir.path();
+    let store = base.join("store");
+    std::fs::create_dir_all(store.join("corpus")).expect("mkdir");
+    let link = base.join("linked");
+    std::os::unix::fs::symlink(store.join("corpus"), &link).expect("symlink");
+    let is_link = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink());
+    for (second, gone) in [("general", "web"), ("web", "general")] {
+        prepare(
+            &spec(base, "linked", second),
+            None,
+            &PrepareOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("prepare through the link ({second}): {e}"));
+        assert!(is_link(&link), "the link was replaced");
+        assert!(store.join("corpus/manifest.json").is_file());
+        assert!(store.join("corpus").join(second).is_dir());
+        assert!(!store.join("corpus").join(gone).exists());
+        CorpusReader::open(&link).expect("read through the link");
+    }
+    let names: Vec<String> = std::fs::read_dir(&store)
+        .expect("read")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["corpus"], "nothing written beside the target");
+
+    std::fs::write(store.join("notes.txt"), "mine").expect("write");
+    let cases = [
+        ("to-file", store.join("notes.txt"), "is not a directory"),
+        ("dangling", store.join("missing"), "does not exist"),
+    ];
+    for (name, target, why) in cases {
+        let link = base.join(name);
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        let err = prepare(
+            &spec(base, name, "general"),
+            None,
+            &PrepareOptions::default(),
+        )
+        .expect_err("refused")
+        .to_string();
+        assert!(
+            err.contains(why) && err.contains(&*target.to_string_lossy()),
+            "{name}: {err}"
+        );
+        assert!(is_link(&link), "{name}: the link was replaced");
+    }
+    assert_eq!(
+        std::fs::read_to_string(store.join("notes.txt")).expect("read"),
+        "mine"
+    );
+    assert!(
+        !store.join("missing").exists(),
+        "made at the far end of a link"
+    );
+}
