@@ -116,14 +116,36 @@ pub fn init(args: LogArgs) {
     let ansi = args
         .color
         .colors(std::io::stderr().is_terminal(), no_color.as_deref());
+    // A log line that cannot be written (stderr a pipe whose reader exited, a full or immutable
+    // log file) is dropped, never a panic: tracing-subscriber reports a failed write with
+    // `eprintln!`, which panics when stderr itself fails, and that panic on a worker's training
+    // thread hid its failure report and hung the job; on `dapt launch` it killed the run (an
+    // audit: `dapt launch ... 2>&1 | head -30`).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
+        .log_internal_errors(false)
         .with_ansi(ansi);
     match args.log_format {
         // The module path says nothing to a person reading the job's log.
         LogFormat::Text => builder.with_target(false).fmt_fields(HumanFields).init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Standard error that reports every write as done: a log line that cannot be written is lost,
+/// and the program goes on (see [`init`]).
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
     }
 }
 

@@ -327,3 +327,46 @@ fn failed_launch(job: &std::path::Path) -> (Proc, String) {
     assert!(!stdout.contains("job completed"), "{stdout}");
     (proc, stderr)
 }
+
+/// A worker whose standard error is a pipe nobody reads (a log collector gone, `2>&1 | head`)
+/// hung the job: tracing-subscriber reported the failed log write with `eprintln!`, which
+/// panicked on the training thread before its failure was sent, and the coordinator waited on a
+/// rank that heartbeat and never trained (an audit). The failure reaches the coordinator, which
+/// fails the job with it, within a bounded time.
+#[test]
+fn a_worker_that_cannot_write_its_log_still_reports_its_failure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = dapt_tests::serial();
+    let mut cluster = dapt_tests::coordinator_edited(
+        dir.path(),
+        "mute",
+        20,
+        "cluster:\n  min_workers: 1\n  max_workers: 1\n",
+        "127.0.0.1",
+        &[],
+        &|yaml| yaml.replace("    lr: 0.003\n", "    lr: 3.0e4\n"),
+    );
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let mut worker = Command::new(dapt_tests::binary("dapt-worker"))
+        .args(["--log-format", "json", "--coordinator", &cluster.url])
+        .args(["--id", "w0"])
+        .env("DAPT_JOB", "mute")
+        .env("DAPT_TOKEN", &cluster.token)
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(writer)
+        .spawn()
+        .expect("dapt-worker");
+    let (status, _) = cluster
+        .coordinator
+        .finish(std::time::Duration::from_secs(120));
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let stderr = cluster.coordinator.stderr();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the job failed") && stderr.contains("the step was not applied"),
+        "{stderr}"
+    );
+}

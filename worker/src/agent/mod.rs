@@ -457,14 +457,16 @@ fn start(
                     peer_fault,
                     fatal,
                 }) => {
-                    tracing::error!(generation, peer_fault, fatal, "training failed: {message}");
+                    // Reported first: whatever happens to the log line (a full disk under it),
+                    // the coordinator hears of the failure.
                     send(Kind::Failed(rpc::Failed {
                         generation,
                         // Within what the coordinator reads of one message.
-                        reason: rpc::bounded_text(message),
+                        reason: rpc::bounded_text(message.clone()),
                         peer_fault,
                         fatal,
                     }));
+                    tracing::error!(generation, peer_fault, fatal, "training failed: {message}");
                 }
             }
         })
