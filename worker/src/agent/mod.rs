@@ -237,6 +237,11 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
                 // a new member; the generation this worker was in is stale by now, and its
                 // reports until the next assignment are refused as such.
                 tracing::warn!("lost the session with the coordinator; joining it again");
+                // Its generation is stale: stopped before it writes anything more (a checkpoint
+                // over the new generation's).
+                if let Some(g) = current.take() {
+                    g.stop().await;
+                }
                 match Session::open(
                     &o.coordinator,
                     &o.tls,

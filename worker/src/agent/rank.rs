@@ -335,8 +335,19 @@ pub fn train(
                     barrier(&mut *ring.borrow_mut()).map_err(|e| collective_error(e, abort))?;
                     Some((checkpoint::shards::file_name(rank, world), sha))
                 }
-                None => None,
+                // Every rank of the generation meets here before rank 0 writes: a rank 0 whose
+                // generation was replaced while it was stopped (SIGSTOP, a long pause) finds
+                // its ring gone instead of writing over the new generation's committed
+                // `step-N` (an audit: the committed checkpoint's weights were replaced by the
+                // stale rank's).
+                None => {
+                    barrier(&mut *ring.borrow_mut()).map_err(|e| collective_error(e, abort))?;
+                    None
+                }
             };
+            if abort.is_aborted() {
+                return Err(RankError::Aborted);
+            }
             let dir = if a.rank == 0 {
                 // Rank 0 writes; every rank vouches with its weights' digest.
                 let files = match shard {
