@@ -415,7 +415,11 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             copy_if_present(
                 &checkpoint.join(hf::TOKENIZER_FILE),
                 &out.join(hf::TOKENIZER_FILE),
-            )?;
+            )
+            .inspect_err(|_| {
+                // An earlier export's tokenizer must not pass for this model's.
+                let _ = std::fs::remove_file(out.join(hf::TOKENIZER_FILE));
+            })?;
             println!("exported step {} to {}", loaded.state.step, out.display());
             Ok(())
         }

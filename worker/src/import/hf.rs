@@ -444,7 +444,6 @@ pub fn write_dir(
         map.insert("torch_dtype".into(), name.into());
     }
     let text = serde_json::to_vec_pretty(&json).map_err(|e| WorkerError::Invalid(e.to_string()))?;
-    write_atomic(&dir.join(CONFIG_FILE), &text)?;
     let tensors: Vec<(&str, &[usize], &[f32])> = layout
         .params
         .iter()
@@ -452,7 +451,14 @@ pub fn write_dir(
         .collect();
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, dtype, Some(meta))
+    // The weights first (each file is written whole and renamed into place): a write that fails
+    // there (a full disk) leaves an earlier export in `dir` whole, where writing the config
+    // first left a new config beside the old weights, which loads as a model (an audit).
+    write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, dtype, Some(meta))?;
+    write_atomic(&dir.join(CONFIG_FILE), &text).inspect_err(|_| {
+        // New weights beside an old config are no model: without a config nothing loads them.
+        let _ = std::fs::remove_file(dir.join(CONFIG_FILE));
+    })
 }
 
 /// The names of the entries of `dir`, sorted (an entry that cannot be read is left out).
