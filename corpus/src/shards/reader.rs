@@ -14,6 +14,8 @@ use crate::tokenizer::sha256_file;
 /// One source's training or held-out tokens, as the concatenation of its shards.
 pub struct TokenStream {
     maps: Vec<Mmap>,
+    /// The shards' open files: their size is checked before each read of their map.
+    files: Vec<File>,
     /// Each shard's token file, to name it in errors.
     paths: Vec<PathBuf>,
     /// Token ids must be below this (the corpus tokenizer's vocabulary).
@@ -26,15 +28,20 @@ pub struct TokenStream {
 impl TokenStream {
     fn open(dir: &Path, stream: &StreamManifest, dtype: TokenDtype, vocab: u32) -> Result<Self> {
         let mut maps = Vec::with_capacity(stream.shards.len());
+        let mut files = Vec::with_capacity(stream.shards.len());
         let mut paths = Vec::with_capacity(stream.shards.len());
         let mut starts = vec![0u64];
         for shard in &stream.shards {
             let path = dir.join(&shard.token_file.path);
             let file = File::open(&path).map_err(CorpusError::io(&path))?;
             // SAFETY: the shard was verified against its checksum and dapt never writes to a
-            // published shard (prepare writes a new directory and renames it into place). A
-            // file truncated underneath a running job would fault the reader; that is the
-            // usual contract of memory-mapped inputs.
+            // published shard (prepare writes a new directory and renames it into place, and
+            // not while a reader holds the corpus: `crate::readers`). A file truncated
+            // underneath a running job by anything else would fault the reader (SIGBUS);
+            // `read` checks each shard's size before it touches its map, so that a truncation
+            // is an error naming the shard (an audit: the workers died of SIGBUS, and nothing
+            // named the file), and only a truncation in the microseconds between that check
+            // and the copy still faults.
             let map = unsafe { Mmap::map(&file) }.map_err(CorpusError::io(&path))?;
             // `Manifest::read` checked that this does not overflow; a manifest built otherwise
             // saturates and fails the size check.
@@ -47,11 +54,13 @@ impl TokenStream {
                 });
             }
             maps.push(map);
+            files.push(file);
             paths.push(path);
             starts.push(starts.last().copied().unwrap_or(0) + shard.tokens);
         }
         Ok(TokenStream {
             maps,
+            files,
             paths,
             vocab,
             starts,
@@ -95,6 +104,18 @@ impl TokenStream {
             let available = (self.starts[shard + 1] - pos) as usize;
             let n = available.min(out.len() - filled);
             let part = &mut out[filled..filled + n];
+            let expected = self.maps[shard].len() as u64;
+            let found = self.files[shard]
+                .metadata()
+                .map_err(CorpusError::io(&self.paths[shard]))?
+                .len();
+            if found < expected {
+                return Err(CorpusError::SizeMismatch {
+                    path: self.paths[shard].clone(),
+                    expected,
+                    found,
+                });
+            }
             decode(self.dtype, &self.maps[shard], local, part);
             if let Some(i) = part.iter().position(|&id| id >= self.vocab) {
                 return Err(CorpusError::TokenOutOfRange {
@@ -320,6 +341,34 @@ mod tests {
             );
         }
         assert_eq!(stream.windows(seq_len), (expected.len() as u64 - 1) / 300);
+    }
+
+    /// A shard truncated under a running reader (by something other than dapt) killed the
+    /// workers with SIGBUS, naming nothing (an audit): the read is refused naming the shard.
+    #[test]
+    fn a_shard_truncated_under_the_reader_is_named_not_a_fault() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("s")).expect("mkdir");
+        let mut writer = StreamWriter::new(dir.path(), "s/train".into(), TokenDtype::U16, 1 << 20);
+        for doc in 0..20u32 {
+            let ids: Vec<u32> = (0..5000).map(|i| (doc + i) % 1000).collect();
+            writer.push_document(&ids, 7).expect("push");
+        }
+        let manifest = writer.finish().expect("finish");
+        let stream = TokenStream::open(dir.path(), &manifest, TokenDtype::U16, 1000).expect("open");
+        let path = dir.path().join(&manifest.shards[0].token_file.path);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open")
+            .set_len(4096)
+            .expect("truncate");
+        let mut out = vec![0u32; 257];
+        let err = stream
+            .read_window(300, 256, &mut out)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
     }
 
     #[test]
