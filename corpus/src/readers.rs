@@ -43,13 +43,14 @@ pub(crate) struct NoReaders {
 /// through a link. `None` when it does not exist and is not made.
 fn open(dir: &Path, create: bool) -> Result<Option<(File, PathBuf)>> {
     let path = dir.join(READERS_FILE);
+    // Read and write whenever the file can be: an exclusive lock on NFS (where flock is a
+    // whole-file POSIX lock) needs a descriptor open for writing.
     let options = |write: bool| {
-        let write = write && create;
         let mut options = OpenOptions::new();
         options
             .read(true)
             .write(write)
-            .create(write)
+            .create(write && create)
             .truncate(false)
             .custom_flags(libc::O_NOFOLLOW);
         options
@@ -72,29 +73,64 @@ fn open(dir: &Path, create: bool) -> Result<Option<(File, PathBuf)>> {
     }
 }
 
-/// Tries `operation` without waiting: `Ok(false)` when another open file holds a conflicting
-/// lock.
-fn try_lock(file: &File, operation: rustix::fs::FlockOperation) -> std::io::Result<bool> {
+/// What a lock attempt found.
+enum Locked {
+    Yes,
+    /// Another open file holds a conflicting lock.
+    Held,
+    /// The file system cannot lock this file (an NFS without its lock service: `ENOLCK`; a
+    /// descriptor it will not lock: `EBADF`, `EINVAL`, `EOPNOTSUPP`): the readers' lock is best
+    /// effort, so this is a warning, never a reader or a run refused.
+    Unsupported(std::io::Error),
+}
+
+/// Tries `operation` without waiting.
+fn try_lock(file: &File, operation: rustix::fs::FlockOperation) -> std::io::Result<Locked> {
+    use rustix::io::Errno;
     loop {
         match rustix::fs::flock(file, operation) {
-            Ok(()) => return Ok(true),
-            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(false),
-            Err(rustix::io::Errno::INTR) => continue,
+            Ok(()) => return Ok(Locked::Yes),
+            Err(Errno::WOULDBLOCK) => return Ok(Locked::Held),
+            Err(Errno::INTR) => continue,
+            Err(e @ (Errno::NOLCK | Errno::BADF | Errno::INVAL | Errno::OPNOTSUPP)) => {
+                return Ok(Locked::Unsupported(e.into()))
+            }
             Err(e) => return Err(e.into()),
         }
     }
 }
 
+fn unsupported(path: &Path, error: &std::io::Error) {
+    tracing::warn!(
+        path = %path.display(),
+        %error,
+        "the corpus's readers' lock is not supported here: dapt prepare cannot tell whether a job reads this corpus"
+    );
+}
+
 /// Takes a shared lock on the corpus in `dir` for a reader, waiting up to two minutes for a
 /// publication in progress. `Ok(None)` where no lock file can be made (read-only corpus).
 pub fn read_lock(dir: &Path) -> Result<Option<ReadLock>> {
+    // Only beside a corpus's manifest: `dapt eval` given a wrong folder must not leave a file
+    // there (the manifest's absence is then the error the reader reports).
+    if !dir.join(crate::manifest::MANIFEST_FILE).is_file() {
+        return Ok(None);
+    }
     let Some((file, path)) = open(dir, true)? else {
         return Ok(None);
     };
     let started = Instant::now();
-    while !try_lock(&file, rustix::fs::FlockOperation::NonBlockingLockShared)
-        .map_err(CorpusError::io(&path))?
-    {
+    loop {
+        match try_lock(&file, rustix::fs::FlockOperation::NonBlockingLockShared)
+            .map_err(CorpusError::io(&path))?
+        {
+            Locked::Yes => break,
+            Locked::Unsupported(e) => {
+                unsupported(&path, &e);
+                return Ok(None);
+            }
+            Locked::Held => {}
+        }
         if started.elapsed() > PUBLISH_WAIT {
             return Err(CorpusError::Io {
                 path,
@@ -117,15 +153,19 @@ pub(crate) fn no_readers(out: &Path, create: bool) -> Result<Option<NoReaders>> 
     let Some((file, path)) = open(out, create)? else {
         return Ok(None);
     };
-    if !try_lock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+    match try_lock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
         .map_err(CorpusError::io(&path))?
     {
-        return Err(CorpusError::OutputInUse {
+        Locked::Yes => Ok(Some(NoReaders { _file: file })),
+        Locked::Held => Err(CorpusError::OutputInUse {
             output: out.to_path_buf(),
             lock: path,
-        });
+        }),
+        Locked::Unsupported(e) => {
+            unsupported(&path, &e);
+            Ok(None)
+        }
     }
-    Ok(Some(NoReaders { _file: file }))
 }
 
 #[cfg(test)]
@@ -135,6 +175,11 @@ mod tests {
     #[test]
     fn prepare_is_refused_while_a_reader_holds_the_corpus() {
         let dir = tempfile::tempdir().expect("tempdir");
+        let manifest = dir.path().join(crate::manifest::MANIFEST_FILE);
+        // Not a corpus: no lock file is made there.
+        assert!(read_lock(dir.path()).expect("lock").is_none());
+        assert!(!dir.path().join(READERS_FILE).exists());
+        std::fs::write(&manifest, "{}").expect("write");
         let reader = read_lock(dir.path()).expect("lock").expect("made");
         let second = read_lock(dir.path()).expect("lock").expect("made");
         let err = no_readers(dir.path(), true)

@@ -14,8 +14,6 @@ use crate::tokenizer::sha256_file;
 /// One source's training or held-out tokens, as the concatenation of its shards.
 pub struct TokenStream {
     maps: Vec<Mmap>,
-    /// The shards' open files: their size is checked before each read of their map.
-    files: Vec<File>,
     /// Each shard's token file, to name it in errors.
     paths: Vec<PathBuf>,
     /// Token ids must be below this (the corpus tokenizer's vocabulary).
@@ -28,7 +26,6 @@ pub struct TokenStream {
 impl TokenStream {
     fn open(dir: &Path, stream: &StreamManifest, dtype: TokenDtype, vocab: u32) -> Result<Self> {
         let mut maps = Vec::with_capacity(stream.shards.len());
-        let mut files = Vec::with_capacity(stream.shards.len());
         let mut paths = Vec::with_capacity(stream.shards.len());
         let mut starts = vec![0u64];
         for shard in &stream.shards {
@@ -54,13 +51,11 @@ impl TokenStream {
                 });
             }
             maps.push(map);
-            files.push(file);
             paths.push(path);
             starts.push(starts.last().copied().unwrap_or(0) + shard.tokens);
         }
         Ok(TokenStream {
             maps,
-            files,
             paths,
             vocab,
             starts,
@@ -105,8 +100,10 @@ impl TokenStream {
             let n = available.min(out.len() - filled);
             let part = &mut out[filled..filled + n];
             let expected = self.maps[shard].len() as u64;
-            let found = self.files[shard]
-                .metadata()
+            // By path, not through an open file: a corpus of a thousand shards would need a
+            // thousand descriptors. A shard replaced by a rename leaves the mapped file whole;
+            // only one cut short in place is caught here (and needs catching).
+            let found = std::fs::metadata(&self.paths[shard])
                 .map_err(CorpusError::io(&self.paths[shard]))?
                 .len();
             if found < expected {
