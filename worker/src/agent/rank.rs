@@ -236,7 +236,7 @@ pub fn train(
             Duration::from_secs(job.cluster.collective_timeout_s),
         )?,
     };
-    let origin = checkpoint::Origin::new(&reader, &corpus_digest, job);
+    let origin = checkpoint::Origin::new(&reader, &corpus_digest, job).in_generation(a.generation);
     let eval = |trainer: &dyn Engine, step: u64| -> Result<(), RankError> {
         if a.rank != 0 {
             return Ok(());

@@ -57,6 +57,10 @@ pub struct TrainerState {
     /// write over it ([`check_export_target`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_model: Option<PathBuf>,
+    /// The generation whose rank 0 wrote it (absent for `dapt train` and in checkpoints
+    /// written before it was recorded): a rank of an older generation never replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 /// The `training:` settings that shape what is learned (`optimizer.*`, `schedule.*`, `tokens`,
@@ -112,6 +116,9 @@ pub struct Origin<'a> {
     pub tokenizer: Option<&'a [u8]>,
     pub digest: &'a str,
     pub base_model: Option<&'a Path>,
+    /// The generation of the rank that writes (`None` for `dapt train`): the fencing token that
+    /// keeps a stale rank 0 from replacing a newer generation's `step-N`.
+    pub generation: Option<u64>,
 }
 
 impl<'a> Origin<'a> {
@@ -126,6 +133,15 @@ impl<'a> Origin<'a> {
             tokenizer: reader.tokenizer_bytes(),
             digest,
             base_model: job.model.as_ref().and_then(|m| m.hf.as_deref()),
+            generation: None,
+        }
+    }
+
+    /// Written by a rank of `generation`.
+    pub fn in_generation(self, generation: u64) -> Self {
+        Origin {
+            generation: Some(generation),
+            ..self
         }
     }
 }
@@ -294,6 +310,7 @@ pub fn save_with(
         base_model: origin
             .and_then(|o| o.base_model)
             .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())),
+        generation: origin.and_then(|o| o.generation),
     };
     hf::write_atomic(&dir.join(TRAINER_FILE), &to_json(&state)?)?;
     if let Some(tokenizer) = tokenizer {
@@ -327,6 +344,23 @@ pub fn save_with(
                 trainer.step
             ),
         })?;
+        // A rank of a generation that was replaced (stopped, then woken) must not replace what
+        // the newer generation wrote, and may have committed (an audit).
+        let written_by = std::fs::read(target.join(TRAINER_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<TrainerState>(&b).ok())
+            .and_then(|s| s.generation);
+        if let (Some(theirs), Some(ours)) = (written_by, state.generation) {
+            if theirs > ours {
+                return Err(WorkerError::Checkpoint {
+                    path: target.clone(),
+                    message: format!(
+                        "was written by generation {theirs}, newer than this rank's {ours}: a \
+                         stale rank does not replace it"
+                    ),
+                });
+            }
+        }
         layout::remove(&target, &existing).map_err(checkpoint_error)?;
     }
     let kept = tmp.keep();
@@ -449,6 +483,49 @@ fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 mod tests {
     use super::*;
 
+    /// A rank 0 of a generation that was replaced while it was stopped wrote its stale
+    /// `step-N` over the newer generation's committed one when it woke (an audit): the
+    /// generation recorded in `trainer.json` fences it; the same or a newer one replaces.
+    #[test]
+    fn a_stale_generation_does_not_replace_a_newer_ones_checkpoint() {
+        let spec = dapt_proto::job::JobSpec::parse(
+            "job: t\nseed: 1\nmodel:\n  preset: tiny\ncorpus:\n  output: x\n  vocab_size: 512\n  sources:\n    - name: a\n      role: domain\n      paths: [\"x\"]\n      weight: 1\ntraining:\n  seq_len: 16\n  global_batch: 2\n  micro_batch: 1\n  tokens: 320\n  optimizer:\n    lr: 0.01\n",
+        )
+        .expect("job");
+        let training = spec.training.expect("training");
+        let config = crate::model::LlamaConfig::preset(dapt_proto::job::Preset::Tiny, 64);
+        let weights = crate::model::ParamLayout::llama(&config).init(0.02, 7);
+        let mut trainer = crate::train::Trainer::new(config, weights, &training);
+        trainer.step = 10;
+        let root = tempfile::tempdir().expect("tempdir");
+        let origin = |g: u64| Origin {
+            tokenizer: None,
+            digest: "d",
+            base_model: None,
+            generation: Some(g),
+        };
+        let dir = save(root.path(), &trainer, 1, Some(origin(3))).expect("generation 3");
+        let written = std::fs::read(dir.join(hf::WEIGHTS_FILE)).expect("weights");
+        let mut stale = trainer.clone();
+        stale.weights[0] += 1.0;
+        let err = save(root.path(), &stale, 1, Some(origin(2)))
+            .expect_err("a stale generation")
+            .to_string();
+        assert!(
+            err.contains("generation 3, newer than this rank's 2"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(dir.join(hf::WEIGHTS_FILE)).expect("weights"),
+            written
+        );
+        save(root.path(), &stale, 1, Some(origin(4))).expect("a newer generation replaces");
+        assert_ne!(
+            std::fs::read(dir.join(hf::WEIGHTS_FILE)).expect("weights"),
+            written
+        );
+    }
+
     #[test]
     fn a_trainer_state_that_disagrees_with_its_manifest_or_itself_is_refused() {
         let state = |step, tokens, optimizer_steps, skipped_steps| TrainerState {
@@ -460,6 +537,7 @@ mod tests {
             corpus: None,
             training: None,
             base_model: None,
+            generation: None,
         };
         check_state(&state(20, 20 * 512, 19, 1), 20).expect("a real one");
         for (bad, field) in [
