@@ -515,7 +515,7 @@ pub fn check_ca_file(field: &'static str, path: &Path, signed: &str) -> Result<(
 pub fn check_client_certificate_file(field: &'static str, path: &Path) -> Result<(), TlsError> {
     let pem = read(field, path)?;
     let certs = certificates(field, path, &pem)?;
-    check_leaf(field, path, &certs[0], Role::Client)
+    check_leaf(field, path, &certs[0], Role::EtcdClient)
 }
 
 /// Which end of a connection a certificate identifies (its `extendedKeyUsage` must allow it).
@@ -523,7 +523,13 @@ pub fn check_client_certificate_file(field: &'static str, path: &Path) -> Result
 enum Role {
     Server,
     Client,
+    /// A client of etcd, whose Go server does not refuse a CA certificate as a client's.
+    EtcdClient,
 }
+
+/// How far ahead of this machine's clock a certificate's `notBefore` may be (a certificate made
+/// a moment ago on a machine whose clock runs ahead) before it is refused rather than warned of.
+const CLOCK_SKEW: i64 = 300;
 
 /// A certificate this close to its `notAfter` is warned about when it is loaded.
 const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -564,6 +570,17 @@ fn check_leaf(
     let validity = cert.validity();
     let now = x509_parser::time::ASN1Time::now();
     if now < validity.not_before {
+        let ahead = validity.not_before.timestamp() - now.timestamp();
+        if ahead <= CLOCK_SKEW {
+            tracing::warn!(
+                field,
+                path = %path.display(),
+                not_before = %validity.not_before,
+                "the certificate is valid only from {ahead} s from now by this machine's clock: peers with a clock behind it refuse it until then"
+            );
+        }
+    }
+    if validity.not_before.timestamp() - now.timestamp() > CLOCK_SKEW {
         return Err(fail(format!(
             "the certificate for {} is not valid before {} (this machine's clock says {now}): \
              peers would refuse it",
@@ -589,11 +606,12 @@ fn check_leaf(
             "the certificate expires within 7 days: a job still running then loses its connections"
         );
     }
-    if cert
-        .basic_constraints()
-        .ok()
-        .flatten()
-        .is_some_and(|b| b.value.ca)
+    if role != Role::EtcdClient
+        && cert
+            .basic_constraints()
+            .ok()
+            .flatten()
+            .is_some_and(|b| b.value.ca)
     {
         return Err(fail(format!(
             "the certificate for {} is a CA certificate (basicConstraints CA:TRUE), which peers \
@@ -601,7 +619,7 @@ fn check_leaf(
             cert.subject(),
             match role {
                 Role::Server => "server",
-                Role::Client => "client",
+                Role::Client | Role::EtcdClient => "client",
             }
         )));
     }
@@ -609,7 +627,7 @@ fn check_leaf(
         let eku = eku.value;
         let (allowed, wanted) = match role {
             Role::Server => (eku.any || eku.server_auth, "serverAuth"),
-            Role::Client => (eku.any || eku.client_auth, "clientAuth"),
+            Role::Client | Role::EtcdClient => (eku.any || eku.client_auth, "clientAuth"),
         };
         if !allowed {
             return Err(fail(format!(
@@ -639,6 +657,9 @@ fn check_authority(
         .ok()
         .flatten()
         .is_some_and(|b| !b.value.ca)
+        // A self-issued leaf pinned as its own anchor (a self-signed server certificate) is
+        // one webpki accepts: only a leaf another CA issued signs nothing a peer presents.
+        && cert.issuer() != cert.subject()
     {
         return Err(TlsError::Pem {
             field,
@@ -762,6 +783,23 @@ mod tests {
         (cert.pem(), key.serialize_pem())
     }
 
+    /// A leaf certificate issued by a throwaway CA (so not self-issued): its PEM.
+    fn issued_leaf() -> String {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "dapt-test-ca");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut leaf =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+        leaf.distinguished_name
+            .push(rcgen::DnType::CommonName, "dapt-leaf");
+        leaf.is_ca = rcgen::IsCa::ExplicitNoCa;
+        leaf.signed_by(&key, &issuer).expect("signed").pem()
+    }
+
     fn server_with(
         dir: &Path,
         cert: &(String, String),
@@ -832,9 +870,8 @@ mod tests {
         });
         let err = error(server_with(dir.path(), &client, None));
         assert!(err.contains("without serverAuth"), "{err}");
-        // a leaf given as the client CA
-        let leaf = certificate(|p| p.is_ca = rcgen::IsCa::ExplicitNoCa);
-        let err = error(server_with(dir.path(), &good, Some(&leaf.0)));
+        // a leaf (another CA's) given as the client CA
+        let err = error(server_with(dir.path(), &good, Some(&issued_leaf())));
         assert!(
             err.starts_with("cluster.tls.client_ca: ")
                 && err.contains("client-ca.pem")
@@ -855,7 +892,9 @@ mod tests {
         let ca = certificate(|p| {
             p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         });
-        let leaf = certificate(|p| p.is_ca = rcgen::IsCa::ExplicitNoCa);
+        let leaf = issued_leaf();
+        // A self-signed leaf pinned as its own anchor is one rustls accepts.
+        let self_signed = certificate(|p| p.is_ca = rcgen::IsCa::ExplicitNoCa);
         let client = certificate(|p| {
             p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         });
@@ -869,7 +908,8 @@ mod tests {
             domain: None,
         };
         assert!(endpoint("https://127.0.0.1:7070", &with(&ca.0, &client)).is_ok());
-        let err = error(endpoint("https://127.0.0.1:7070", &with(&leaf.0, &client)));
+        assert!(endpoint("https://127.0.0.1:7070", &with(&self_signed.0, &client)).is_ok());
+        let err = error(endpoint("https://127.0.0.1:7070", &with(&leaf, &client)));
         assert!(
             err.starts_with("--coordinator-ca: ") && err.contains("not a CA"),
             "{err}"
