@@ -197,6 +197,19 @@ fn main() -> ExitCode {
     if let Some((sub, args)) = forwarded {
         return forward_to_worker(sub, args, cli.log);
     }
+    if matches!(
+        cli.command,
+        Command::Status { .. } | Command::Plan { .. } | Command::Prepare { .. }
+    ) {
+        // A command that prints and exits ends quietly when its reader does (`dapt plan ... |
+        // head`), as Unix tools do, instead of panicking on the broken pipe; the long-running
+        // `launch` and `coordinator` keep Rust's default (a failed write is an error there, and
+        // their log writer drops it).
+        // SAFETY: at the start of main, before any thread: restoring the default disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     logging::init(cli.log);
     if token_on_command_line {
         tracing::warn!(

@@ -195,6 +195,16 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
+    if cli.command.is_some() {
+        // A command (train, eval, export ...) ends quietly when the reader of its output does
+        // (`dapt-worker train JOB | head -1`), as Unix tools do, instead of panicking on the
+        // broken pipe; the agent (no command) keeps Rust's default, and its log writer drops a
+        // line it cannot write.
+        // SAFETY: at the start of main, before any thread: restoring the default disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Some(command) => run_command(command),
         None => run_agent(cli.agent),
