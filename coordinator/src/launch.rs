@@ -310,10 +310,12 @@ fn signal_all(children: &[(String, PathBuf, Child)], signal: i32) {
 }
 
 fn print_tail(log: &Path) {
+    use std::io::Write;
     if let Ok(text) = std::fs::read_to_string(log) {
         let lines: Vec<&str> = text.lines().collect();
         for line in &lines[lines.len().saturating_sub(10)..] {
-            eprintln!("    {line}");
+            // Never a panic on a closed stderr: the launcher is stopping its workers.
+            let _ = writeln!(std::io::stderr(), "    {line}");
         }
     }
 }

@@ -605,10 +605,10 @@ fn report_outcome(
             if summary.checkpoint.is_none() && !checkpoint.as_os_str().is_empty() {
                 summary.checkpoint = Some(checkpoint.clone());
             }
-            print!(
+            say_out(&format!(
                 "job completed at step {step}\n{}",
                 summary.render(export, logs)
-            );
+            ));
             ExitCode::SUCCESS
         }
         server::Outcome::Stopped { reason, committed } => {
@@ -616,24 +616,40 @@ fn report_outcome(
                 .map(|l| format!("\nworker logs: {}", l.display()))
                 .unwrap_or_default();
             match committed {
-                Some((step, dir)) => println!(
-                    "stopped ({reason}); last committed checkpoint: step {step} at {}\nthe same command resumes from it: dapt launch {}{logs}",
+                Some((step, dir)) => say_out(&format!(
+                    "stopped ({reason}); last committed checkpoint: step {step} at {}\nthe same command resumes from it: dapt launch {}{logs}\n",
                     dir.display(),
                     job.display()
-                ),
-                None => println!("stopped ({reason}) before any checkpoint was committed{logs}"),
+                )),
+                None => say_out(&format!(
+                    "stopped ({reason}) before any checkpoint was committed{logs}\n"
+                )),
             }
-            print!("{}", summary.render(None, None));
+            say_out(&summary.render(None, None));
             ExitCode::from(130)
         }
         server::Outcome::Failed(reason) => {
             let logs = logs
                 .map(|l| format!("\nworker logs: {}", l.display()))
                 .unwrap_or_default();
-            eprintln!("error: the job failed: {reason}{logs}");
+            say_err(&format!("error: the job failed: {reason}{logs}\n"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes `text` to standard output; a reader that went away (`dapt launch ... | head`) loses it,
+/// and the run's exit status stands (print! panicked there, exit 101, after a finished job).
+fn say_out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(text.as_bytes());
+    let _ = std::io::stdout().flush();
+}
+
+/// [`say_out`] on standard error.
+pub(crate) fn say_err(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(text.as_bytes());
 }
 
 fn status_json(s: &rpc::StatusReply) -> String {

@@ -402,7 +402,11 @@ impl Banner {
     /// Says the banner: a block on stderr in the text format, a `job starting` event in JSON.
     pub fn announce(&self) {
         match logging::format() {
-            LogFormat::Text => eprint!("{}", self.render()),
+            LogFormat::Text => {
+                use std::io::Write;
+                // A closed stderr loses the banner, not the job.
+                let _ = std::io::stderr().write_all(self.render().as_bytes());
+            }
             LogFormat::Json => tracing::info!(
                 job = %self.job,
                 model = %self.model,
