@@ -127,6 +127,39 @@ impl Token {
     }
 }
 
+/// Refuses to start over `dapt train`'s checkpoints: a `step-N` past the committed step (or any,
+/// with nothing committed) whose `trainer.json` records no generation was written by a single
+/// rank without a coordinator (or by a dapt from before generations were recorded). The job would
+/// start from its own committed state and prune them; before, `dapt launch` after `dapt train`
+/// started at step 0 and deleted them without a word (an audit).
+fn refuse_single_rank_checkpoints(job: &JobSpec, committed: Option<u64>) -> anyhow::Result<()> {
+    let ahead: Vec<(u64, std::path::PathBuf)> = dapt_proto::checkpoint::list(&job.checkpoint.dir)
+        .into_iter()
+        .filter(|(step, _, _)| committed.is_none_or(|c| *step > c))
+        .filter(|(_, dir, _)| {
+            std::fs::read(dir.join(dapt_proto::checkpoint::TRAINER_FILE))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .is_some_and(|state| state.get("generation").is_none())
+        })
+        .map(|(step, dir, _)| (step, dir))
+        .collect();
+    if let Some((_, dir)) = ahead.last() {
+        anyhow::bail!(
+            "{}: checkpoint.dir holds {} (and {} more) past the last committed step ({}), \
+             written without a coordinator (`dapt train`): a coordinator starts from its own \
+             committed checkpoint and would prune them; go on with `dapt train`, or move the \
+             step-* directories past it out of checkpoint.dir to run the job under a coordinator \
+             from its last commit",
+            job.checkpoint.dir.display(),
+            dir.display(),
+            ahead.len() - 1,
+            committed.map_or("none".to_string(), |c| c.to_string()),
+        );
+    }
+    Ok(())
+}
+
 /// Refuses a committed checkpoint that cannot be this job's: a directory outside its
 /// `checkpoint.dir` (another job's state), or a step past its total (another job's, or the job
 /// file's `training.tokens` cut below what was trained). `source` names where it was read.
@@ -216,6 +249,7 @@ pub async fn start(
                 let source = job.checkpoint.dir.join(crate::ledger::COMMITTED_FILE);
                 check_committed(&job, training.steps(), c, &source.display().to_string())?;
             }
+            refuse_single_rank_checkpoints(&job, committed.as_ref().map(|c| c.step))?;
             let formed = ledger.last_generation()?;
             (Store::Files(ledger), committed, None, formed)
         }

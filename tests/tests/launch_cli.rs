@@ -442,3 +442,35 @@ fn a_launch_does_not_replace_the_corpus_its_checkpoints_were_trained_on() {
     let (status, stdout) = third.finish(LONG);
     assert!(status.success(), "{stdout}\n{}", third.stderr());
 }
+
+/// `dapt launch` after `dapt train` of the same job started at step 0 and its pruning deleted
+/// train's checkpoints, without a word (an audit). A coordinator now refuses to start over
+/// checkpoints past its last commit that no coordinator wrote, naming them; `dapt train` goes on.
+#[test]
+fn a_launch_over_dapt_trains_checkpoints_names_them_and_deletes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let job = write_job(dir.path(), "single", 12, "");
+    let path = job.path.to_string_lossy().into_owned();
+    let out = dapt_tests::dapt(&["prepare", "--quiet", &path]);
+    assert!(out.status.success(), "{}", dapt_tests::text(&out.stderr));
+    let out = dapt_tests::dapt(&["train", &path, "--stop-after", "5"]);
+    assert!(out.status.success(), "{}", dapt_tests::text(&out.stderr));
+    let step5 = job.checkpoints.join("step-00000005");
+    assert!(step5.is_dir());
+    let mut launched = launch(&job, 1);
+    let (status, _) = launched.finish(LONG);
+    let stderr = launched.stderr();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("step-00000005") && stderr.contains("written without a coordinator"),
+        "{stderr}"
+    );
+    assert!(
+        step5.join("model.safetensors").is_file(),
+        "train's checkpoint was touched"
+    );
+    let out = dapt_tests::dapt(&["train", &path]);
+    assert!(out.status.success(), "{}", dapt_tests::text(&out.stderr));
+    assert!(job.checkpoints.join("step-00000012").is_dir());
+}
