@@ -33,8 +33,8 @@ use etcd_client::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::control::{Committed, Event, GenerationRecord, LedgerEntry};
-use crate::identity::JobIdentity;
 use crate::ledger::CommittedFile;
+use dapt_proto::identity::JobIdentity;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -22,7 +22,7 @@ use dapt_proto::job::JobSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::control::{Committed, GenerationRecord, LedgerEntry};
-use crate::identity::{self, DirLock, JobIdentity};
+use dapt_proto::identity::{self, DirLock, JobIdentity};
 
 pub const COMMITTED_FILE: &str = "committed.json";
 pub const LEDGER_FILE: &str = "ledger.jsonl";

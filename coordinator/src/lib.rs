@@ -8,7 +8,6 @@ pub mod control;
 pub mod dashboard;
 pub mod etcd;
 pub mod guard;
-pub mod identity;
 pub mod launch;
 pub mod ledger;
 pub mod metrics;

@@ -278,14 +278,11 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
             if spec
                 .checkpoint
                 .dir
-                .join(dapt_coordinator::identity::JOB_FILE)
+                .join(dapt_proto::identity::JOB_FILE)
                 .is_file()
             {
-                let ours = dapt_coordinator::identity::JobIdentity::new(&spec, None);
-                drop(dapt_coordinator::identity::claim(
-                    &spec.checkpoint.dir,
-                    &ours,
-                )?);
+                let ours = dapt_proto::identity::JobIdentity::new(&spec, None);
+                drop(dapt_proto::identity::claim(&spec.checkpoint.dir, &ours)?);
             }
             prepare_quietly(&spec, &job, verify)?;
             // Held for the whole run, across generations (each rank holds its own while it

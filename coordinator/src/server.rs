@@ -103,7 +103,7 @@ enum Store {
 }
 
 /// The job's token, and whether it is the same every run (which binds the job's durable state
-/// to it: [`crate::identity`]).
+/// to it: [`dapt_proto::identity`]).
 #[derive(Clone)]
 pub enum Token {
     /// `dapt coordinator`'s: given by the user, the same every run.
@@ -137,9 +137,7 @@ fn refuse_single_rank_checkpoints(job: &JobSpec, committed: Option<u64>) -> anyh
         .into_iter()
         .filter(|(step, _, _)| committed.is_none_or(|c| *step > c))
         .filter(|(_, dir, _)| {
-            std::fs::read(dir.join(dapt_proto::checkpoint::TRAINER_FILE))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            dapt_proto::checkpoint::trainer_state(dir)
                 .is_some_and(|state| state.get("generation").is_none())
         })
         .map(|(step, dir, _)| (step, dir))
@@ -237,7 +235,7 @@ pub async fn start(
     let c = &job.cluster;
     let mut lost = None;
     let sessions: Sessions = Arc::default();
-    let identity = crate::identity::JobIdentity::new(&job, token.lasting());
+    let identity = dapt_proto::identity::JobIdentity::new(&job, token.lasting());
     // Held while this coordinator leads (embedded membership): no second coordinator of
     // checkpoint.dir, of this job or another.
     let mut dir_lock = None;
@@ -260,7 +258,7 @@ pub async fn start(
             // that hangs, and hold the next one off); checkpoint.dir's job.json is checked, or
             // written, where this machine sees the directory.
             if job.checkpoint.dir.is_dir() {
-                crate::identity::check_or_write(&job.checkpoint.dir, &identity)?;
+                dapt_proto::identity::check_or_write(&job.checkpoint.dir, &identity)?;
             }
             let (mut committed, mut record) = store.load().await?;
             if let Some(c) = &committed {
@@ -631,7 +629,7 @@ struct Executor {
     progress: Arc<Mutex<Progress>>,
     dashboard: Arc<Mutex<crate::dashboard::Dashboard>>,
     /// The lock on checkpoint.dir (embedded membership), held until the control loop ends.
-    _dir_lock: Option<crate::identity::DirLock>,
+    _dir_lock: Option<dapt_proto::identity::DirLock>,
 }
 
 impl Executor {

@@ -14,7 +14,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::error::{CorpusError, Result};
@@ -39,12 +39,12 @@ pub(crate) struct NoReaders {
     _file: File,
 }
 
-/// Opens (creating when `create` and the directory is writable) `dir`'s readers' file, never
-/// through a link. `None` when it does not exist and is not made.
-fn open(dir: &Path, create: bool) -> Result<Option<(File, PathBuf)>> {
-    let path = dir.join(READERS_FILE);
-    // Read and write whenever the file can be: an exclusive lock on NFS (where flock is a
-    // whole-file POSIX lock) needs a descriptor open for writing.
+/// Opens the lock file `path` for locking (creating it when `create` and its directory is
+/// writable), never through a link: read and write whenever it can be (an exclusive lock on NFS,
+/// where flock is a whole-file POSIX lock, needs a descriptor open for writing), read-only when
+/// it exists but is not writable to this process (flock needs no write access). `None` when it
+/// does not exist and is not made. Shared by this lock and the output's (`prepare::output`).
+pub(crate) fn open_lock_file(path: &Path, create: bool) -> Result<Option<File>> {
     let options = |write: bool| {
         let mut options = OpenOptions::new();
         options
@@ -61,20 +61,20 @@ fn open(dir: &Path, create: bool) -> Result<Option<(File, PathBuf)>> {
             Some(libc::EACCES | libc::EPERM | libc::EROFS)
         )
     };
-    match options(true).open(&path) {
-        Ok(file) => Ok(Some((file, path))),
+    match options(true).open(path) {
+        Ok(file) => Ok(Some(file)),
         Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) if denied(&e) => match options(false).open(&path) {
-            Ok(file) => Ok(Some((file, path))),
+        Err(e) if denied(&e) => match options(false).open(path) {
+            Ok(file) => Ok(Some(file)),
             Err(e) if denied(&e) || e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(CorpusError::io(&path)(e)),
+            Err(e) => Err(CorpusError::io(path)(e)),
         },
-        Err(e) => Err(CorpusError::io(&path)(e)),
+        Err(e) => Err(CorpusError::io(path)(e)),
     }
 }
 
 /// What a lock attempt found.
-enum Locked {
+pub(crate) enum Locked {
     Yes,
     /// Another open file holds a conflicting lock.
     Held,
@@ -84,8 +84,12 @@ enum Locked {
     Unsupported(std::io::Error),
 }
 
-/// Tries `operation` without waiting.
-fn try_lock(file: &File, operation: rustix::fs::FlockOperation) -> std::io::Result<Locked> {
+/// Tries `operation` without waiting (through `rustix`, as the coordinator's lock on
+/// `checkpoint.dir`).
+pub(crate) fn try_lock(
+    file: &File,
+    operation: rustix::fs::FlockOperation,
+) -> std::io::Result<Locked> {
     use rustix::io::Errno;
     loop {
         match rustix::fs::flock(file, operation) {
@@ -116,7 +120,8 @@ pub fn read_lock(dir: &Path) -> Result<Option<ReadLock>> {
     if !dir.join(crate::manifest::MANIFEST_FILE).is_file() {
         return Ok(None);
     }
-    let Some((file, path)) = open(dir, true)? else {
+    let path = dir.join(READERS_FILE);
+    let Some(file) = open_lock_file(&path, true)? else {
         return Ok(None);
     };
     let started = Instant::now();
@@ -150,7 +155,8 @@ pub fn read_lock(dir: &Path) -> Result<Option<ReadLock>> {
 /// there (when publishing, so that a reader that starts meanwhile waits); without, a missing
 /// file means no reader has ever opened the corpus, and `Ok(None)`, as where it cannot be made.
 pub(crate) fn no_readers(out: &Path, create: bool) -> Result<Option<NoReaders>> {
-    let Some((file, path)) = open(out, create)? else {
+    let path = out.join(READERS_FILE);
+    let Some(file) = open_lock_file(&path, create)? else {
         return Ok(None);
     };
     match try_lock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)

@@ -15,12 +15,20 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// A checkpoint's trainer state (step, tokens, optimizer step count, seed, corpus digest).
 pub const TRAINER_FILE: &str = "trainer.json";
 
+/// Checkpoint `dir`'s `trainer.json` as JSON (its schema is the worker's `TrainerState`), for
+/// the coordinator, which does not link the worker; `None` when it cannot be read.
+pub fn trainer_state(dir: &Path) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(dir.join(TRAINER_FILE)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// The content digest of the corpus checkpoint `dir` was trained on, as its `trainer.json`
 /// records it; `None` when it records none or cannot be read.
 pub fn trained_corpus(dir: &Path) -> Option<String> {
-    let bytes = std::fs::read(dir.join(TRAINER_FILE)).ok()?;
-    let state: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    state.get("corpus")?.as_str().map(str::to_owned)
+    trainer_state(dir)?
+        .get("corpus")?
+        .as_str()
+        .map(str::to_owned)
 }
 /// The checkpoint layout this dapt writes and reads.
 pub const FORMAT_VERSION: u32 = 1;

@@ -8,9 +8,9 @@
 //! before it was removed and lock the removed file; it checks that the path still names the
 //! file it locked, and starts again if not.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{CorpusError, Result};
@@ -86,47 +86,20 @@ impl Drop for OutputLock {
     }
 }
 
-/// Opens (creating) the lock file for locking; read-only when it exists but is not writable to
-/// us (flock needs no write access). `None` when the directory is not writable.
+/// Opens (creating) the lock file for locking, never through a link: the lock is the output's
+/// own file ([`crate::readers::open_lock_file`]). `None` when the directory is not writable.
 fn open(path: &Path) -> Result<Option<File>> {
-    let not_writable = |e: &std::io::Error| {
-        matches!(
-            e.raw_os_error(),
-            Some(libc::EACCES | libc::EPERM | libc::EROFS)
-        )
-    };
-    // Never through a link: the lock is the output's own file.
-    let options = |write: bool| {
-        let mut options = OpenOptions::new();
-        options
-            .read(true)
-            .write(write)
-            .create(write)
-            .truncate(false)
-            .custom_flags(libc::O_NOFOLLOW);
-        options
-    };
-    match options(true).open(path) {
-        Ok(file) => Ok(Some(file)),
-        Err(e) if not_writable(&e) => match options(false).open(path) {
-            Ok(file) => Ok(Some(file)),
-            Err(e) if not_writable(&e) || e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(CorpusError::io(path)(e)),
-        },
-        Err(e) => Err(CorpusError::io(path)(e)),
-    }
+    crate::readers::open_lock_file(path, true)
 }
 
-/// An exclusive `flock` without waiting: `Ok(false)` when another open file holds it (through
-/// `rustix`, as the coordinator's lock on `checkpoint.dir`).
+/// An exclusive `flock` without waiting: `Ok(false)` when another open file holds it. A file
+/// system that cannot lock is an error here: two runs publishing at once is what this prevents.
 fn try_flock(file: &File) -> std::io::Result<bool> {
-    loop {
-        match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => return Ok(true),
-            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(false),
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
+    use crate::readers::{try_lock, Locked};
+    match try_lock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive)? {
+        Locked::Yes => Ok(true),
+        Locked::Held => Ok(false),
+        Locked::Unsupported(e) => Err(e),
     }
 }
 
