@@ -374,19 +374,29 @@ impl Ledger {
         write_atomic(&self.dir.join(GENERATION_FILE), &json)
     }
 
-    /// The number of the last generation formed in this directory, if any.
+    /// The number of the last generation formed in this directory, if any: `generation.json`'s,
+    /// or the newest generation a checkpoint here records (`trainer.json`'s `generation`, which
+    /// its rank 0 wrote) when that is higher. `generation.json` may have failed to be written
+    /// (the job goes on without it), and the generation is the fencing token of the checkpoints
+    /// (`save_with` refuses to replace a step written by a newer one): a restarted coordinator
+    /// must not hand out again a number whose ranks wrote a checkpoint.
     pub fn last_generation(&self) -> Result<Option<u64>, LedgerError> {
         let path = self.dir.join(GENERATION_FILE);
-        match fs::read(&path) {
+        let recorded = match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice::<GenerationRecord>(&bytes)
                 .map(|r| Some(r.generation))
                 .map_err(|e| LedgerError::Invalid {
                     path,
                     message: e.to_string(),
-                }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io(&path)(e)),
-        }
+                })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let written = checkpoint::list(&self.dir)
+            .iter()
+            .filter_map(|(_, dir, _)| checkpoint::trainer_state(dir)?.get("generation")?.as_u64())
+            .max();
+        Ok(recorded.max(written))
     }
 
     /// Deletes checkpoint directories older than the `keep` newest at or before `committed`.
@@ -703,6 +713,30 @@ mod tests {
         ledger.record_generation(&record).expect("record");
         let (ledger, _) = Ledger::open(&spec).expect("reopen");
         assert_eq!(ledger.last_generation().expect("read"), Some(7));
+    }
+
+    /// `generation.json` could not be written (a full disk) while generation 9's rank 0 wrote a
+    /// checkpoint: a restart must not form generation 8 or 9 again (the generation fences the
+    /// checkpoints against a stale rank 0).
+    #[test]
+    fn a_checkpoint_written_by_a_later_generation_than_recorded_counts_as_formed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let spec = job(tmp.path(), 1);
+        let (ledger, _) = Ledger::open(&spec).expect("open");
+        let record = GenerationRecord {
+            generation: 7,
+            ranks: vec!["a".into()],
+            peers: vec!["10.0.0.1:29500".into()],
+            resume_step: 0,
+        };
+        ledger.record_generation(&record).expect("record");
+        for (step, generation) in [(10, 8), (20, 9)] {
+            let dir = checkpoint_dir(&spec.checkpoint.dir, step);
+            let trainer = format!(r#"{{"step": {step}, "generation": {generation}}}"#);
+            fs::write(dir.join(checkpoint::TRAINER_FILE), &trainer).expect("trainer");
+        }
+        let (ledger, _) = Ledger::open(&spec).expect("reopen");
+        assert_eq!(ledger.last_generation().expect("read"), Some(9));
     }
 
     #[test]

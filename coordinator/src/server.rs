@@ -743,7 +743,9 @@ impl Executor {
                     }
                     Store::Files(files) => {
                         if let Err(e) = files.record_generation(&record) {
-                            // Only a restart's numbering depends on it: the job goes on.
+                            // Only a restart's numbering depends on it, and a restart also
+                            // counts the generations its checkpoints record
+                            // (`Ledger::last_generation`): the job goes on.
                             tracing::error!(
                                 generation = record.generation,
                                 "recording the generation: {e}"
