@@ -67,6 +67,8 @@ impl LaunchDevice {
 pub struct Launched {
     pub outcome: Outcome,
     pub export: Option<PathBuf>,
+    /// Why the export of the final checkpoint failed, when it did: the job itself completed.
+    pub export_failed: Option<String>,
     pub logs: PathBuf,
     /// What the job did, for the end summary.
     pub summary: crate::progress::Summary,
@@ -209,9 +211,11 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
             }
         }
     };
-    // The workers leave on the coordinator's finish or abort; give them a moment, then insist.
+    // The workers leave on the coordinator's finish or abort; give them a moment (10 s for all of
+    // them, not each), then insist.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     for (id, _, child) in &mut children {
-        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+        match tokio::time::timeout_at(deadline, child.wait()).await {
             Ok(_) => {}
             Err(_) => {
                 tracing::warn!(worker = %id, "did not exit; killing it");
@@ -226,6 +230,7 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
         );
     }
     let mut export = None;
+    let mut export_failed = None;
     if let Outcome::Completed { checkpoint, .. } = &outcome {
         if !options.no_export && !checkpoint.as_os_str().is_empty() {
             let out = job.checkpoint.dir.join("export");
@@ -241,13 +246,25 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
                 .arg(&out)
                 .stdout(Stdio::null())
                 .status()
-                .await?;
-            anyhow::ensure!(
-                status.success(),
-                "exporting {} failed",
-                checkpoint.display()
-            );
-            export = Some(out);
+                .await;
+            // A failed export does not hide that the job completed: the caller says both.
+            match status {
+                Ok(status) if status.success() => export = Some(out),
+                Ok(status) => {
+                    export_failed = Some(format!(
+                        "exporting {} to {} failed ({status}; its error is above)",
+                        checkpoint.display(),
+                        out.display()
+                    ))
+                }
+                Err(e) => {
+                    export_failed = Some(format!(
+                        "exporting {}: starting {}: {e}",
+                        checkpoint.display(),
+                        worker_exe.display()
+                    ))
+                }
+            }
         }
     }
     let summary = progress
@@ -257,6 +274,7 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
     Ok(Launched {
         outcome,
         export,
+        export_failed,
         logs,
         summary,
     })

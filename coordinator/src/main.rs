@@ -303,6 +303,7 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
                 &launched.summary,
                 &job,
                 launched.export.as_deref(),
+                launched.export_failed.as_deref(),
                 Some(&launched.logs),
             ))
         }
@@ -368,7 +369,7 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
                     .summary(std::time::Instant::now());
                 anyhow::Ok((outcome, summary))
             })?;
-            Ok(report_outcome(&outcome, &summary, &job, None, None))
+            Ok(report_outcome(&outcome, &summary, &job, None, None, None))
         }
         Command::Status {
             url,
@@ -585,12 +586,15 @@ fn prepare_quietly(
 }
 
 /// Prints how the job ended, with the summary of what it did, and returns the exit status. In
-/// the JSON log format the summary is also logged, for machines.
+/// the JSON log format the summary is also logged, for machines. A completed job whose final
+/// export failed (`export_failed`) is said to have completed, then the export's failure, and
+/// exits 1.
 fn report_outcome(
     outcome: &server::Outcome,
     summary: &progress::Summary,
     job: &std::path::Path,
     export: Option<&std::path::Path>,
+    export_failed: Option<&str>,
     logs: Option<&std::path::Path>,
 ) -> ExitCode {
     if logging::format() == logging::LogFormat::Json {
@@ -606,7 +610,16 @@ fn report_outcome(
                 "job completed at step {step}\n{}",
                 summary.render(export, logs)
             ));
-            ExitCode::SUCCESS
+            match export_failed {
+                None => ExitCode::SUCCESS,
+                Some(failure) => {
+                    say_err(&format!(
+                        "error: {failure}\nthe job's final checkpoint is committed; the same command exports it again: dapt launch {}\n",
+                        job.display()
+                    ));
+                    ExitCode::FAILURE
+                }
+            }
         }
         server::Outcome::Stopped { reason, committed } => {
             let logs = logs

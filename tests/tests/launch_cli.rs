@@ -474,3 +474,50 @@ fn a_launch_over_dapt_trains_checkpoints_names_them_and_deletes_nothing() {
     assert!(out.status.success(), "{}", dapt_tests::text(&out.stderr));
     assert!(job.checkpoints.join("step-00000012").is_dir());
 }
+
+/// A completed job whose final export fails (here: `export/` holds a file of the user's, which
+/// the export never writes over) is still said to have completed, with the export's failure
+/// after it and exit status 1; the same command, once the way is clear, exports the committed
+/// checkpoint without training again. Before, the launch ended with only "exporting ... failed".
+#[test]
+fn a_failed_final_export_still_says_the_job_completed_and_the_same_command_exports_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "export-fails", 6, "");
+    let _serial = serial();
+    let mut cmd = Command::new(binary("dapt"));
+    cmd.args(["--log-format", "json", "launch", "--no-export"])
+        .arg(&job.path)
+        .args(["--workers", "1"]);
+    let mut first = Proc::spawn(cmd);
+    let (status, stdout) = first.finish(LONG);
+    assert!(status.success(), "{status}\n{stdout}\n{}", first.stderr());
+
+    let export = job.checkpoints.join("export");
+    std::fs::create_dir(&export).expect("mkdir");
+    std::fs::write(export.join("notes.txt"), "mine").expect("write");
+    let mut blocked = launch(&job, 1);
+    let (status, stdout) = blocked.finish(LONG);
+    let stderr = blocked.stderr();
+    assert_eq!(status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("job completed at step 6"), "{stdout}");
+    assert!(stderr.contains("error: exporting"), "{stderr}");
+    assert!(
+        stderr.contains("the same command exports it again"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(export.join("notes.txt")).expect("the user's file"),
+        "mine"
+    );
+
+    std::fs::remove_file(export.join("notes.txt")).expect("remove");
+    let mut again = launch(&job, 1);
+    let (status, stdout) = again.finish(LONG);
+    assert!(status.success(), "{status}\n{stdout}\n{}", again.stderr());
+    assert!(stdout.contains("job completed at step 6"), "{stdout}");
+    assert!(export.join("model.safetensors").is_file());
+    assert!(
+        losses(&again.lines()).is_empty(),
+        "a completed job trains no step again"
+    );
+}
