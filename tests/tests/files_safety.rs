@@ -508,3 +508,62 @@ fn export_refuses_to_write_over_the_model_its_job_started_from() {
     ]);
     assert!(other.join("model.safetensors").is_file());
 }
+
+/// `dapt export --hf LINK` where LINK is a symlink to a directory (a models folder on another
+/// volume) exports into that directory; a link to a file or to nothing is refused naming its
+/// target, and the file stays. Before, every symlink was refused as "not a directory".
+#[test]
+fn export_writes_through_a_symlink_to_a_directory_and_refuses_other_links() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = write_job(tmp.path(), "linked", 3, "");
+    let job_path = job.path.to_string_lossy();
+    for args in [
+        &["prepare", "--quiet", &job_path][..],
+        &["train", &job_path],
+    ] {
+        let out = dapt(args);
+        assert!(out.status.success(), "dapt {args:?}: {}", text(&out.stderr));
+    }
+    let checkpoint = job.checkpoints.join("step-00000003");
+    let export = |out: &std::path::Path| {
+        dapt(&[
+            "export",
+            &checkpoint.to_string_lossy(),
+            "--hf",
+            &out.to_string_lossy(),
+        ])
+    };
+
+    let volume = tmp.path().join("volume/model");
+    std::fs::create_dir_all(&volume).expect("mkdir");
+    let link = tmp.path().join("model-link");
+    std::os::unix::fs::symlink(&volume, &link).expect("symlink");
+    let out = export(&link);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(volume.join("model.safetensors").is_file());
+    assert!(std::fs::symlink_metadata(&link)
+        .expect("link")
+        .file_type()
+        .is_symlink());
+    // Again over its own earlier export, through the link.
+    let out = export(&link);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let file = tmp.path().join("notes.txt");
+    std::fs::write(&file, "mine").expect("write");
+    let to_file = tmp.path().join("file-link");
+    std::os::unix::fs::symlink(&file, &to_file).expect("symlink");
+    let dangling = tmp.path().join("dangling-link");
+    std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).expect("symlink");
+    for (out, target) in [(&to_file, &file), (&dangling, &tmp.path().join("nowhere"))] {
+        let done = export(out);
+        let err = text(&done.stderr);
+        assert!(!done.status.success(), "{}: {err}", out.display());
+        assert!(
+            err.contains("is a symlink to") && err.contains(&*target.to_string_lossy()),
+            "{err}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&file).expect("file"), "mine");
+    assert!(!tmp.path().join("nowhere").exists());
+}

@@ -30,7 +30,23 @@ pub fn claim_output_dir(dir: &Path) -> Result<()> {
             dir.display()
         )))
     };
-    match std::fs::symlink_metadata(dir) {
+    // A symlink to a directory (a model folder on another volume) is an output like the
+    // directory it names, written into through the link; a link to anything else, or to nothing,
+    // is refused naming its target.
+    let link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+    if link && !dir.is_dir() {
+        let target = std::fs::read_link(dir).map_err(WorkerError::io(dir))?;
+        return refuse(format!(
+            "is a symlink to {}, which is not a directory{}",
+            target.display(),
+            if dir.exists() {
+                ""
+            } else {
+                " (it does not exist)"
+            }
+        ));
+    }
+    match std::fs::metadata(dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(WorkerError::io(dir)(e)),
         Ok(meta) if !meta.is_dir() => return refuse("exists and is not a directory".into()),
