@@ -320,6 +320,19 @@ pub async fn start(
             checkpoint = %committed.dir,
             "resuming from the committed checkpoint"
         );
+        // The ranks say it too, but under `dapt launch` only into their own logs.
+        if let Some(recorded) =
+            dapt_proto::checkpoint::recorded_training(std::path::Path::new(&committed.dir))
+        {
+            let changed = dapt_proto::checkpoint::changed_training(&recorded, &training);
+            if !changed.is_empty() {
+                tracing::warn!(
+                    checkpoint = %committed.dir,
+                    changed = %changed.join(", "),
+                    "resuming with other training settings than the checkpoint was trained under (the job file was edited)"
+                );
+            }
+        }
     }
     let unfinished = committed
         .as_ref()

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::job::TrainingSpec;
+
 /// The manifest file of a checkpoint directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// A checkpoint's trainer state (step, tokens, optimizer step count, seed, corpus digest).
@@ -20,6 +22,49 @@ pub const TRAINER_FILE: &str = "trainer.json";
 pub fn trainer_state(dir: &Path) -> Option<serde_json::Value> {
     let bytes = std::fs::read(dir.join(TRAINER_FILE)).ok()?;
     serde_json::from_slice(&bytes).ok()
+}
+
+/// The job's `training:` section checkpoint `dir` was trained under, as its `trainer.json`
+/// records it; `None` when it records none (written before it was recorded) or cannot be read.
+pub fn recorded_training(dir: &Path) -> Option<TrainingSpec> {
+    serde_json::from_value(trainer_state(dir)?.get("training")?.clone()).ok()
+}
+
+/// The `training:` settings that shape what is learned (`optimizer.*`, `schedule.*`, `tokens`,
+/// `seq_len`, `global_batch`) and differ between `recorded` (a checkpoint's) and `now` (the
+/// job's), as `field before -> now`. Engine settings (micro-batch, ZeRO stage, recompute,
+/// evaluation) are left out: changing them changes no result.
+pub fn changed_training(recorded: &TrainingSpec, now: &TrainingSpec) -> Vec<String> {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v.as_object() {
+            Some(map) => {
+                for (k, v) in map {
+                    flatten(&format!("{prefix}{k}."), v, out);
+                }
+            }
+            None => out.push((prefix.trim_end_matches('.').to_owned(), v.to_string())),
+        }
+    }
+    let fields = |t: &TrainingSpec| {
+        let mut out = Vec::new();
+        flatten("", &serde_json::to_value(t).unwrap_or_default(), &mut out);
+        out.retain(|(k, _)| {
+            ["optimizer.", "schedule."].iter().any(|p| k.starts_with(p))
+                || ["tokens", "seq_len", "global_batch"].contains(&k.as_str())
+        });
+        out
+    };
+    let before = fields(recorded);
+    fields(now)
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let old = before
+                .iter()
+                .find(|(b, _)| *b == k)
+                .map(|(_, v)| v.as_str());
+            (old != Some(v.as_str())).then(|| format!("{k} {} -> {v}", old.unwrap_or("unset")))
+        })
+        .collect()
 }
 
 /// The content digest of the corpus checkpoint `dir` was trained on, as its `trainer.json`

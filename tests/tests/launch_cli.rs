@@ -271,6 +271,10 @@ fn ctrl_c_stops_the_workers_and_the_same_command_resumes() {
     let at = committed["step"].as_u64().expect("step");
     assert!((5..40).contains(&at), "committed step {at}");
 
+    // The job file is edited before the resume (a lower peak LR): `dapt launch` itself says so,
+    // not only the workers' logs.
+    let spec = std::fs::read_to_string(&job.path).expect("read");
+    std::fs::write(&job.path, spec.replace("lr: 0.003", "lr: 0.002")).expect("write");
     let mut again = launch(&job, 2);
     again.wait_for("the job to complete", LONG, |l| {
         !events(l, "job completed").is_empty()
@@ -280,6 +284,12 @@ fn ctrl_c_stops_the_workers_and_the_same_command_resumes() {
     assert!(status.success());
     let resumed = events(&lines, "resuming from the committed checkpoint");
     assert_eq!(resumed[0]["step"].as_u64(), Some(at));
+    let edited = events(
+        &lines,
+        "resuming with other training settings than the checkpoint was trained under (the job file was edited)",
+    );
+    assert_eq!(edited.len(), 1, "{}", again.stderr());
+    assert_eq!(edited[0]["changed"], "optimizer.lr 0.003 -> 0.002");
     let first_step = losses(&lines)[0].0;
     assert_eq!(first_step, at, "training resumed at the committed step");
     check_ledger(&job.checkpoints.join("ledger.jsonl"), 40 * BATCH).expect("ledger");

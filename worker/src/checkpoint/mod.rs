@@ -49,7 +49,8 @@ pub struct TrainerState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub corpus: Option<String>,
     /// The job's `training:` section it was trained under; absent in checkpoints written
-    /// before it was recorded. A resume under other settings says which ([`changed_training`]).
+    /// before it was recorded. A resume under other settings says which
+    /// ([`dapt_proto::checkpoint::changed_training`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<dapt_proto::job::TrainingSpec>,
     /// The Hugging Face folder the job's model started from (its `model.hf`, canonical), absent
@@ -61,46 +62,6 @@ pub struct TrainerState {
     /// written before it was recorded): a rank of an older generation never replaces it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
-}
-
-/// The `training:` settings that shape what is learned (`optimizer.*`, `schedule.*`, `tokens`,
-/// `seq_len`, `global_batch`) and differ between `recorded` (a checkpoint's) and `now` (the
-/// job's), as `field before -> now`. Engine settings (micro-batch, ZeRO stage, recompute,
-/// evaluation) are left out: changing them changes no result.
-pub fn changed_training(
-    recorded: &dapt_proto::job::TrainingSpec,
-    now: &dapt_proto::job::TrainingSpec,
-) -> Vec<String> {
-    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
-        match v.as_object() {
-            Some(map) => {
-                for (k, v) in map {
-                    flatten(&format!("{prefix}{k}."), v, out);
-                }
-            }
-            None => out.push((prefix.trim_end_matches('.').to_owned(), v.to_string())),
-        }
-    }
-    let fields = |t: &dapt_proto::job::TrainingSpec| {
-        let mut out = Vec::new();
-        flatten("", &serde_json::to_value(t).unwrap_or_default(), &mut out);
-        out.retain(|(k, _)| {
-            ["optimizer.", "schedule."].iter().any(|p| k.starts_with(p))
-                || ["tokens", "seq_len", "global_batch"].contains(&k.as_str())
-        });
-        out
-    };
-    let before = fields(recorded);
-    fields(now)
-        .into_iter()
-        .filter_map(|(k, v)| {
-            let old = before
-                .iter()
-                .find(|(b, _)| *b == k)
-                .map(|(_, v)| v.as_str());
-            (old != Some(v.as_str())).then(|| format!("{k} {} -> {v}", old.unwrap_or("unset")))
-        })
-        .collect()
 }
 
 /// What a checkpoint is trained from besides its steps: the corpus, whose tokenizer is copied

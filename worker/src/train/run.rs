@@ -414,7 +414,7 @@ pub fn restore_part(
         }
     }
     if let Some(recorded) = &loaded.state.training {
-        let changed = checkpoint::changed_training(recorded, training);
+        let changed = dapt_proto::checkpoint::changed_training(recorded, training);
         if !changed.is_empty() {
             tracing::warn!(
                 checkpoint = %dir.display(),
