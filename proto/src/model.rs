@@ -66,6 +66,18 @@ impl Family {
         self == Family::Qwen2
     }
 
+    /// transformers' `max_position_embeddings` of this family's config class when config.json
+    /// has no such key (`LlamaConfig` 2048, `Qwen2Config`/`Qwen3Config` 32768,
+    /// `MistralConfig` 4096 x 32). An export writes the value back, and serving stacks take a
+    /// model's context length from it.
+    pub fn default_max_position_embeddings(self) -> usize {
+        match self {
+            Family::Llama => 2048,
+            Family::Qwen2 | Family::Qwen3 => 32_768,
+            Family::Mistral => 131_072,
+        }
+    }
+
     /// transformers' `num_key_value_heads` when config.json has no such key (its config
     /// class's default; an explicit null is the attention heads in every family), or `None`
     /// where that default is the attention heads (Llama).
@@ -102,7 +114,16 @@ pub struct LlamaConfig {
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
+    /// The document-end token: config.json's `eos_token_id`, or the first of its list.
     pub eos_token_id: Option<u32>,
+    /// config.json's `eos_token_id` when it is a list (Llama 3.x Instruct's
+    /// `[128001, 128008, 128009]`: generation stops at any of them), written back as a list by
+    /// an export; `None` for a single id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_ids: Option<Vec<u32>>,
+    /// config.json's `pad_token_id`, carried into an export (no math depends on it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<u32>,
     /// Mistral's sliding window: a query attends to itself and the `w - 1` positions before it.
     /// `None` is full causal attention (every other family).
     #[serde(default)]
@@ -142,7 +163,6 @@ const IGNORED_KEYS: &[&str] = &[
     "transformers_version",
     "use_cache",
     "initializer_range",
-    "pad_token_id",
     "pretraining_tp",
     "is_llama_config",
     "rope_interleaved",
@@ -202,6 +222,8 @@ impl LlamaConfig {
             tie_word_embeddings: tie,
             bos_token_id: None,
             eos_token_id: None,
+            eos_token_ids: None,
+            pad_token_id: None,
             sliding_window: None,
         };
         match preset {
@@ -340,19 +362,67 @@ impl LlamaConfig {
                 scaling => Some(scaling),
             },
         };
-        let rope_theta = match get("rope_theta") {
-            Some(v) => Some(v),
-            None => rope_parameters.and_then(|p| p.get("rope_theta")),
+        // transformers 5 takes the base from the dict that gives the rope type (`rope_scaling`,
+        // else `rope_parameters`) and the top-level `rope_theta` only where that dict has
+        // none; transformers 4 reads only the top-level key. Both present and different would
+        // be two models, one per version: refused by field.
+        let nested = match (get("rope_scaling"), rope_parameters) {
+            (Some(v), _) => Some(("rope_scaling", v)),
+            (None, Some(v)) => Some(("rope_parameters", v)),
+            (None, None) => None,
+        }
+        .and_then(|(key, v)| v.get("rope_theta").map(|theta| (key, theta)));
+        let rope_theta = match (get("rope_theta"), nested) {
+            (Some(top), Some((key, theta))) => {
+                let (a, b) = (
+                    positive_f64_of(Some(top), "rope_theta")?,
+                    positive_f64_of(Some(theta), &format!("{key}.rope_theta"))?,
+                );
+                if a != b {
+                    return Err(format!(
+                        "`rope_theta` ({top}) and `{key}.rope_theta` ({theta}) differ: \
+                         transformers 5 uses the second, transformers 4 the first; keep one"
+                    ));
+                }
+                Some(theta)
+            }
+            (top, nested) => nested.map(|(_, theta)| theta).or(top),
+        };
+        let one_id = |v: &Value, key: &str| -> std::result::Result<Option<u32>, String> {
+            match v {
+                Value::Null => Ok(None),
+                Value::Number(n) => n
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .map(Some)
+                    .ok_or_else(|| {
+                        format!("`{key}` must be a token id (0 to {}), got {n}", u32::MAX)
+                    }),
+                other => Err(format!("`{key}` must be a token id, got {other}")),
+            }
         };
         let token_id = |v: Option<&Value>, key: &str| -> std::result::Result<Option<u32>, String> {
             match v {
                 None => Ok(None),
-                Some(Value::Number(n)) => Ok(n.as_u64().map(|n| n as u32)),
                 // Some configs list several end tokens; the first is the document end.
-                Some(Value::Array(a)) => Ok(a.first().and_then(Value::as_u64).map(|n| n as u32)),
-                Some(other) => Err(format!("`{key}` must be a token id, got {other}")),
+                Some(Value::Array(a)) => match a.first() {
+                    None => Ok(None),
+                    Some(first) => one_id(first, key),
+                },
+                Some(v) => one_id(v, key),
             }
         };
+        let token_ids =
+            |v: Option<&Value>, key: &str| -> std::result::Result<Option<Vec<u32>>, String> {
+                match v {
+                    Some(Value::Array(a)) => a
+                        .iter()
+                        .map(|id| one_id(id, key)?.ok_or_else(|| format!("`{key}` lists null")))
+                        .collect::<std::result::Result<Vec<u32>, String>>()
+                        .map(Some),
+                    _ => Ok(None),
+                }
+            };
         let config = LlamaConfig {
             family,
             hidden_size: hidden,
@@ -375,7 +445,7 @@ impl LlamaConfig {
                 get("max_position_embeddings"),
                 "max_position_embeddings",
             )?
-            .unwrap_or(2048),
+            .unwrap_or(family.default_max_position_embeddings()),
             tie_word_embeddings: match get("tie_word_embeddings") {
                 None => false,
                 Some(v) => v.as_bool().ok_or_else(|| {
@@ -384,6 +454,8 @@ impl LlamaConfig {
             },
             bos_token_id: token_id(get("bos_token_id"), "bos_token_id")?,
             eos_token_id: token_id(get("eos_token_id"), "eos_token_id")?,
+            eos_token_ids: token_ids(get("eos_token_id"), "eos_token_id")?,
+            pad_token_id: token_id(get("pad_token_id"), "pad_token_id")?,
             sliding_window,
         };
         if let Some(key) = map
@@ -458,8 +530,17 @@ impl LlamaConfig {
         if let Some(id) = self.bos_token_id {
             map.insert("bos_token_id".into(), id.into());
         }
-        if let Some(id) = self.eos_token_id {
-            map.insert("eos_token_id".into(), id.into());
+        match (&self.eos_token_ids, self.eos_token_id) {
+            (Some(ids), _) => {
+                map.insert("eos_token_id".into(), ids.clone().into());
+            }
+            (None, Some(id)) => {
+                map.insert("eos_token_id".into(), id.into());
+            }
+            (None, None) => {}
+        }
+        if let Some(id) = self.pad_token_id {
+            map.insert("pad_token_id".into(), id.into());
         }
         v
     }
@@ -769,6 +850,86 @@ mod tests {
         assert_eq!(scaled[0], plain[0]);
         let last = plain.len() - 1;
         assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-15);
+    }
+
+    /// transformers 5 reads RoPE's base from the dict that gives the rope type; dapt read only
+    /// the top-level key (an audit: `rope_parameters.rope_theta` 500 under a top-level 10000,
+    /// and `rope_scaling.rope_theta` 500 alone, both trained with base 10000, exit 0).
+    #[test]
+    fn the_rope_base_is_read_where_transformers_5_reads_it_and_a_conflict_is_refused() {
+        let no_top = SMOLLM2.replace("\"rope_theta\": 100000", "\"dtype\": \"bfloat16\"");
+        let scaling = no_top.replace(
+            "\"rope_scaling\": null",
+            r#""rope_scaling": {"rope_type": "linear", "factor": 2, "rope_theta": 500}"#,
+        );
+        let c = LlamaConfig::from_json(&scaling).expect("config");
+        assert_eq!(c.rope_theta, 500.0);
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
+        let parameters = no_top.replace(
+            "\"rope_scaling\": null",
+            r#""rope_parameters": {"rope_type": "default", "rope_theta": 500}"#,
+        );
+        assert_eq!(
+            LlamaConfig::from_json(&parameters)
+                .expect("config")
+                .rope_theta,
+            500.0
+        );
+        let same = SMOLLM2.replace(
+            "\"rope_scaling\": null",
+            r#""rope_parameters": {"rope_type": "default", "rope_theta": 100000}"#,
+        );
+        assert_eq!(
+            LlamaConfig::from_json(&same).expect("config").rope_theta,
+            100_000.0
+        );
+        let both = SMOLLM2.replace(
+            "\"rope_scaling\": null",
+            r#""rope_parameters": {"rope_type": "default", "rope_theta": 500}"#,
+        );
+        let err = LlamaConfig::from_json(&both).unwrap_err();
+        assert!(
+            err.contains("`rope_theta` (100000)")
+                && err.contains("`rope_parameters.rope_theta` (500)"),
+            "{err}"
+        );
+    }
+
+    /// An export writes back the end-token list, the padding id and the family's context length
+    /// as transformers reads them (an audit: `[1, 2, 3]` became `1`, `pad_token_id` was dropped,
+    /// 4294967298 wrapped to 2, a Qwen2 config without the key was exported with 2048).
+    #[test]
+    fn token_ids_and_the_context_length_survive_an_export_as_given() {
+        let listed = SMOLLM2.replace(
+            "\"eos_token_id\": 0",
+            "\"eos_token_id\": [128001, 128008, 128009], \"pad_token_id\": 5",
+        );
+        let c = LlamaConfig::from_json(&listed).expect("config");
+        assert_eq!(c.eos_token_id, Some(128_001));
+        let out = c.to_json();
+        assert_eq!(
+            out["eos_token_id"],
+            serde_json::json!([128001, 128008, 128009])
+        );
+        assert_eq!(out["pad_token_id"], 5);
+        let again = LlamaConfig::from_json(&out.to_string()).expect("export reads back");
+        assert_eq!(again.eos_token_ids, c.eos_token_ids);
+        let single = LlamaConfig::from_json(SMOLLM2).expect("config");
+        assert_eq!(single.to_json()["eos_token_id"], 0);
+        for bad in ["4294967298", "-1", "[2, 4294967298]"] {
+            let json = SMOLLM2.replace("\"eos_token_id\": 0", &format!("\"eos_token_id\": {bad}"));
+            let err = LlamaConfig::from_json(&json).unwrap_err();
+            assert!(
+                err.contains("`eos_token_id` must be a token id"),
+                "{bad}: {err}"
+            );
+        }
+        let qwen2 = serde_json::json!({"model_type": "qwen2", "hidden_size": 64,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+            "num_hidden_layers": 2, "vocab_size": 256, "tie_word_embeddings": true});
+        let c = LlamaConfig::from_json(&qwen2.to_string()).expect("config");
+        assert_eq!(c.max_position_embeddings, 32_768);
+        assert_eq!(c.to_json()["max_position_embeddings"], 32_768);
     }
 
     #[test]

@@ -77,7 +77,9 @@ def load_weights(model_dir, dtype):
 def rope_inv_freq(cfg, head_dim):
     """inv_freq as HF's rope init functions compute it (default, linear, llama3)."""
     rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}  # transformers>=5 writes rope_parameters
-    theta = cfg.get("rope_theta", rs.get("rope_theta", 10000.0))
+    # transformers 5: the base in the dict that gives the rope type wins over the top-level key
+    # (dapt refuses a config where both are given and differ).
+    theta = rs.get("rope_theta", cfg.get("rope_theta", 10000.0))
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "linear":
