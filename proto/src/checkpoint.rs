@@ -88,11 +88,15 @@ pub const ZERO_STAGING_PREFIX: &str = ".zero-shards-";
 pub const EXPORT_MARKER: &str = "dapt-export.json";
 /// Every file an export writes (its temporaries start with `.tmp`): what a directory marked by
 /// [`EXPORT_MARKER`] may hold.
-pub const EXPORT_FILES: [&str; 4] = [
+pub const EXPORT_FILES: [&str; 7] = [
     EXPORT_MARKER,
     "config.json",
     "model.safetensors",
     "tokenizer.json",
+    // The base model's files carried through checkpoints (the worker's `BASE_FILES`).
+    "generation_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
 ];
 
 /// Whether `name` may be in an export directory (one of [`EXPORT_FILES`], or a temporary).

@@ -567,3 +567,85 @@ fn export_writes_through_a_symlink_to_a_directory_and_refuses_other_links() {
     assert_eq!(std::fs::read_to_string(&file).expect("file"), "mine");
     assert!(!tmp.path().join("nowhere").exists());
 }
+
+/// A continued model keeps what its base model's folder says about its use: the base's
+/// `generation_config.json` (stop tokens), and, with the base's own tokenizer, its
+/// `tokenizer_config.json` (chat template) and `special_tokens_map.json` go into every
+/// checkpoint (in its manifest) and into the export, byte for byte. A file that is not JSON is
+/// left out with a warning naming it. Before, an export held only config.json, the weights and
+/// tokenizer.json (an audit: a continued Llama-3.x-Instruct lost its chat template and stop
+/// tokens).
+#[test]
+fn the_base_models_generation_and_tokenizer_settings_reach_the_export() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ok = |args: &[&str]| {
+        let out = dapt(args);
+        assert!(out.status.success(), "dapt {args:?}: {}", text(&out.stderr));
+        out
+    };
+    let stage1 = write_job(tmp.path(), "stage1", 3, "");
+    let stage1_path = stage1.path.to_string_lossy();
+    ok(&["prepare", "--quiet", &stage1_path]);
+    ok(&["train", &stage1_path]);
+    let base = tmp.path().join("base-model");
+    let from = stage1.checkpoints.join("step-00000003");
+    ok(&[
+        "export",
+        &from.to_string_lossy(),
+        "--hf",
+        &base.to_string_lossy(),
+    ]);
+    let carried = [
+        (
+            "generation_config.json",
+            r#"{"bos_token_id": 1, "eos_token_id": [2, 3], "temperature": 0.6}"#,
+        ),
+        (
+            "tokenizer_config.json",
+            r#"{"chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}"#,
+        ),
+    ];
+    for (name, content) in carried {
+        std::fs::write(base.join(name), content).expect("write");
+    }
+    std::fs::write(base.join("special_tokens_map.json"), "{not json").expect("write");
+
+    let stage2 = write_job(tmp.path(), "stage2", 3, "");
+    let spec = std::fs::read_to_string(&stage2.path).expect("read");
+    let spec = spec.replace("  preset: tiny", &format!("  hf: \"{}\"", base.display()));
+    std::fs::write(&stage2.path, spec).expect("write");
+    let trained = ok(&["train", &stage2.path.to_string_lossy()]);
+    let log = text(&trained.stderr);
+    assert!(
+        log.contains("special_tokens_map.json") && log.contains("not JSON"),
+        "{log}"
+    );
+    let checkpoint = stage2.checkpoints.join("step-00000003");
+    let manifest = std::fs::read_to_string(checkpoint.join("manifest.json")).expect("manifest");
+    let out = tmp.path().join("stage2-export");
+    ok(&[
+        "export",
+        &checkpoint.to_string_lossy(),
+        "--hf",
+        &out.to_string_lossy(),
+    ]);
+    for (name, content) in carried {
+        assert!(manifest.contains(name), "{name} not in {manifest}");
+        assert_eq!(
+            std::fs::read_to_string(out.join(name)).expect(name),
+            content
+        );
+    }
+    assert!(!checkpoint.join("special_tokens_map.json").exists());
+    assert!(!out.join("special_tokens_map.json").exists());
+
+    // Exported again over that export from a checkpoint without them (stage 1's): they go.
+    ok(&[
+        "export",
+        &from.to_string_lossy(),
+        "--hf",
+        &out.to_string_lossy(),
+    ]);
+    assert!(!out.join("generation_config.json").exists());
+    assert!(!out.join("tokenizer_config.json").exists());
+}

@@ -430,6 +430,20 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                 // An earlier export's tokenizer must not pass for this model's.
                 let _ = std::fs::remove_file(out.join(hf::TOKENIZER_FILE));
             })?;
+            // The base model's generation and tokenizer settings, as the checkpoint carries
+            // them; an earlier export's copy that this checkpoint lacks goes (it described
+            // another model).
+            for name in checkpoint::BASE_FILES {
+                let (from, to) = (checkpoint.join(name), out.join(name));
+                if from.is_file() {
+                    copy_if_present(&from, &to).inspect_err(|_| {
+                        let _ = std::fs::remove_file(&to);
+                    })?;
+                } else if to.is_file() {
+                    std::fs::remove_file(&to)
+                        .with_context(|| format!("removing {}", to.display()))?;
+                }
+            }
             println!("exported step {} to {}", loaded.state.step, out.display());
             Ok(())
         }

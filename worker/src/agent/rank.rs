@@ -236,7 +236,9 @@ pub fn train(
             Duration::from_secs(job.cluster.collective_timeout_s),
         )?,
     };
-    let origin = checkpoint::Origin::new(&reader, &corpus_digest, job).in_generation(a.generation);
+    let base_files = checkpoint::BaseFiles::read(job, reader.tokenizer_bytes());
+    let origin = checkpoint::Origin::new(&reader, &corpus_digest, job, &base_files)
+        .in_generation(a.generation);
     let eval = |trainer: &dyn Engine, step: u64| -> Result<(), RankError> {
         if a.rank != 0 {
             return Ok(());

@@ -68,6 +68,89 @@ pub struct TrainerState {
 /// into the checkpoint and whose content digest is recorded in `trainer.json` (checked on resume
 /// by [`check_corpus`]), and the job's initial Hugging Face model folder, recorded there too (an
 /// export never goes over it: [`check_export_target`]).
+/// The base model's files that describe how it is used rather than what it computes, carried
+/// from its Hugging Face folder into every checkpoint (listed and checksummed in the manifest)
+/// and into an export: `generation_config.json` (the end tokens generation stops at, sampling
+/// defaults), and, when the corpus's tokenizer is the base model's own (`tokenizer.json` byte for
+/// byte), `tokenizer_config.json` (the chat template, the special tokens) and
+/// `special_tokens_map.json`. Before, an export of a continued Llama-3.x-Instruct had neither its
+/// chat template nor its stop tokens (an audit).
+pub const BASE_FILES: [&str; 3] = [
+    "generation_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// The largest [`BASE_FILES`] file carried, in bytes (a chat template is tens of KiB).
+pub const MAX_BASE_FILE_BYTES: u64 = 4 << 20;
+
+/// The [`BASE_FILES`] of a job's base model, read once when a run starts (as the tokenizer is:
+/// what the run trained with, not what the folder holds at save time).
+#[derive(Debug, Clone, Default)]
+pub struct BaseFiles {
+    files: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl BaseFiles {
+    /// `job`'s `model.hf` folder's [`BASE_FILES`] that exist there; the tokenizer's two only
+    /// when `tokenizer` (the corpus's, as the reader opened it) is the folder's `tokenizer.json`.
+    /// A file that is not a JSON object, or is larger than [`MAX_BASE_FILE_BYTES`], is left out
+    /// with a warning naming it: it changes nothing dapt computes.
+    pub fn read(job: &dapt_proto::job::JobSpec, tokenizer: Option<&[u8]>) -> Self {
+        let Some(dir) = job.model.as_ref().and_then(|m| m.hf.as_deref()) else {
+            return BaseFiles::default();
+        };
+        let same_tokenizer = tokenizer
+            .is_some_and(|t| std::fs::read(dir.join(hf::TOKENIZER_FILE)).is_ok_and(|b| b == t));
+        let mut files = Vec::new();
+        for name in BASE_FILES {
+            let path = dir.join(name);
+            if !path.is_file() {
+                continue;
+            }
+            if name != "generation_config.json" && !same_tokenizer {
+                tracing::info!(
+                    file = %path.display(),
+                    "not carried into checkpoints and exports: the corpus's tokenizer is not this model folder's tokenizer.json"
+                );
+                continue;
+            }
+            let read = std::fs::metadata(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|m| {
+                    if m.len() > MAX_BASE_FILE_BYTES {
+                        Err(format!(
+                            "{} bytes, more than {MAX_BASE_FILE_BYTES}",
+                            m.len()
+                        ))
+                    } else {
+                        std::fs::read(&path).map_err(|e| e.to_string())
+                    }
+                })
+                .and_then(
+                    |bytes| match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                        Ok(serde_json::Value::Object(_)) => Ok(bytes),
+                        Ok(_) => Err("not a JSON object".into()),
+                        Err(e) => Err(format!("not JSON: {e}")),
+                    },
+                );
+            match read {
+                Ok(bytes) => files.push((name, bytes)),
+                Err(e) => tracing::warn!(
+                    file = %path.display(),
+                    "not carried into checkpoints and exports: {e}"
+                ),
+            }
+        }
+        BaseFiles { files }
+    }
+
+    /// The files, by name.
+    pub fn files(&self) -> &[(&'static str, Vec<u8>)] {
+        &self.files
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Origin<'a> {
     /// The corpus's `tokenizer.json` as the trainer opened it
@@ -77,6 +160,8 @@ pub struct Origin<'a> {
     pub tokenizer: Option<&'a [u8]>,
     pub digest: &'a str,
     pub base_model: Option<&'a Path>,
+    /// The base model's [`BASE_FILES`], written into the checkpoint beside its tokenizer.
+    pub base_files: &'a [(&'static str, Vec<u8>)],
     /// The generation of the rank that writes (`None` for `dapt train`): the fencing token that
     /// keeps a stale rank 0 from replacing a newer generation's `step-N`.
     pub generation: Option<u64>,
@@ -89,11 +174,13 @@ impl<'a> Origin<'a> {
         reader: &'a dapt_corpus::CorpusReader,
         digest: &'a str,
         job: &'a dapt_proto::job::JobSpec,
+        base_files: &'a BaseFiles,
     ) -> Self {
         Origin {
             tokenizer: reader.tokenizer_bytes(),
             digest,
             base_model: job.model.as_ref().and_then(|m| m.hf.as_deref()),
+            base_files: base_files.files(),
             generation: None,
         }
     }
@@ -276,6 +363,9 @@ pub fn save_with(
     hf::write_atomic(&dir.join(TRAINER_FILE), &to_json(&state)?)?;
     if let Some(tokenizer) = tokenizer {
         hf::write_atomic(&dir.join(hf::TOKENIZER_FILE), tokenizer)?;
+    }
+    for (name, bytes) in origin.map_or(&[][..], |o| o.base_files) {
+        hf::write_atomic(&dir.join(name), bytes)?;
     }
     let mut files = Vec::new();
     for name in hf::file_names(dir)? {
@@ -463,6 +553,7 @@ mod tests {
             tokenizer: None,
             digest: "d",
             base_model: None,
+            base_files: &[],
             generation: Some(g),
         };
         let dir = save(root.path(), &trainer, 1, Some(origin(3))).expect("generation 3");

@@ -260,6 +260,7 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
     } = *ctx;
     let training = *training;
     let root = job.checkpoint.dir.clone();
+    let base_files = checkpoint::BaseFiles::read(job, reader.tokenizer_bytes());
 
     let steps = training.steps();
     let stop = options.stop_after.unwrap_or(steps).min(steps);
@@ -314,7 +315,7 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
                 .push(evaluate(trainer, reader, &training, done)?);
         }
         if !options.no_checkpoints && (done.is_multiple_of(job.checkpoint.every) || done == stop) {
-            let origin = checkpoint::Origin::new(reader, corpus_digest, job);
+            let origin = checkpoint::Origin::new(reader, corpus_digest, job, &base_files);
             let dir = trainer.save(&root, job.seed, Some(origin))?;
             checkpoint::prune(&root, job.checkpoint.keep)?;
             tracing::info!(step = done, dir = %dir.display(), "checkpoint committed");
