@@ -194,9 +194,11 @@ impl Guard {
             return (Verdict::Continue, None);
         };
         let bound = &mut self.bounds[i];
-        if step == 0 {
+        if step == 0 && perplexity.is_finite() && perplexity > 0.0 {
             // The base model's. A generation re-formed before the first commit measures it
-            // again: the same weights give the same value; the first stays.
+            // again: the same weights give the same value; the first stays. (Ranks refuse a
+            // non-finite evaluation; one off the wire is never a baseline: every rise against
+            // it would be NaN.)
             bound.base.get_or_insert(perplexity);
         }
         let Some(base) = bound.base else {

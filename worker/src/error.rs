@@ -48,10 +48,12 @@ pub enum WorkerError {
         /// `training.max_skipped_steps` (0 under `nonfinite: stop`).
         max_skipped: u64,
     },
-    /// A held-out evaluation whose mean NLL is not finite (weights whose activations overflow,
-    /// or a diverged model): its perplexity is not a number, so it is an error, never a report
-    /// of null. `step` is the training step (`None` for `dapt eval`).
-    #[error("held-out evaluation of source `{source_name}`{}: the mean NLL over {tokens} tokens is {mean_nll}, not finite; the model's logits overflow or are NaN on these windows", at_step(.step))]
+    /// A held-out evaluation whose perplexity is not finite: a mean NLL that is not (weights
+    /// whose activations overflow, or a diverged model), or one above ln(f64::MAX) = 709.78
+    /// nats, whose `exp` overflows (a model far worse than a uniform guess, ln V nats). It is an
+    /// error, never a report of null (JSON has no infinity) nor a forgetting-guard baseline of
+    /// infinity. `step` is the training step (`None` for `dapt eval`).
+    #[error("held-out evaluation of source `{source_name}`{}: the mean NLL over {tokens} tokens is {mean_nll}, so its perplexity (exp of it) is not a finite number (NaN, or a mean NLL above 709.78 nats, where exp overflows); the model's logits overflow or are NaN on these windows, or it predicts them far worse than a uniform guess", at_step(.step))]
     NonFiniteEval {
         source_name: String,
         step: Option<u64>,

@@ -21,6 +21,7 @@ pub struct Perplexity {
 }
 
 impl Perplexity {
+    /// Nats per predicted token.
     pub fn mean_nll(&self) -> f64 {
         self.nll_sum / self.tokens.max(1) as f64
     }
@@ -29,12 +30,14 @@ impl Perplexity {
         self.mean_nll().exp()
     }
 
-    /// Refuses a mean NLL that is not finite ([`WorkerError::NonFiniteEval`], naming
-    /// `source` and the training `step`, if any): serialised, it would read as a perplexity of
-    /// null.
+    /// Refuses a perplexity that is not finite ([`WorkerError::NonFiniteEval`], naming
+    /// `source` and the training `step`, if any): a mean NLL that is not, or one whose `exp`
+    /// overflows (above 709.78). Serialised, it would read as a perplexity of null (an audit:
+    /// `dapt eval` printed `"perplexity": null` for a finite mean NLL of 1229.67, exit 0), and
+    /// the forgetting guard would compare against infinity.
     pub fn check_finite(&self, source: &str, step: Option<u64>) -> Result<()> {
         let mean_nll = self.mean_nll();
-        if mean_nll.is_finite() {
+        if mean_nll.is_finite() && self.perplexity().is_finite() {
             return Ok(());
         }
         Err(WorkerError::NonFiniteEval {
@@ -138,4 +141,40 @@ pub fn perplexity_of<B: FusedOps>(
         nll_sum,
         tokens: windows * seq_len as u64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A finite mean NLL whose `exp` overflows (1229.67 nats per token, from an audit's model
+    /// with a scaled-up output head) is refused like a NaN one, not reported as a perplexity of
+    /// null.
+    #[test]
+    fn a_perplexity_that_overflows_is_refused_like_a_nan_one() {
+        let fine = Perplexity {
+            nll_sum: 700.0 * 10.0,
+            tokens: 10,
+        };
+        fine.check_finite("domain", None)
+            .expect("exp(700) is finite");
+        let overflowing = Perplexity {
+            nll_sum: 1229.67 * 10.0,
+            tokens: 10,
+        };
+        assert!(overflowing.mean_nll().is_finite());
+        let err = overflowing
+            .check_finite("domain", Some(40))
+            .expect_err("an infinite perplexity")
+            .to_string();
+        assert!(
+            err.contains("`domain`") && err.contains("1229.67") && err.contains("709.78"),
+            "{err}"
+        );
+        let nan = Perplexity {
+            nll_sum: f64::NAN,
+            tokens: 10,
+        };
+        assert!(nan.check_finite("domain", None).is_err());
+    }
 }
