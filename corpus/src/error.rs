@@ -51,6 +51,14 @@ pub enum CorpusError {
     },
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
+    /// [`CorpusError::Tokenizer`] on the `text`-th text of a batch given to
+    /// `CorpusTokenizer::encode_batch`, for the caller to name the document.
+    #[error("tokenizer {path}: {message} (text {text} of the batch)")]
+    TokenizerOnText {
+        path: PathBuf,
+        text: usize,
+        message: String,
+    },
     #[error("tokenizer {path} has SHA-256 {found}, but the corpus at {corpus} was tokenized with {expected}: run `dapt prepare` again")]
     TokenizerMismatch {
         path: PathBuf,

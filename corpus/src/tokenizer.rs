@@ -490,8 +490,15 @@ impl CorpusTokenizer {
             }
         }
         let mut control = vec![false; vocab_size as usize];
+        // A byte-fallback model (Llama 2's SentencePiece BPE) encodes a character outside its
+        // vocabulary as its UTF-8 bytes, `<0x00>`..`<0xFF>`: ordinary text, even where a
+        // training recipe flagged those pieces special (an audit: one rare character refused
+        // the whole corpus).
+        let byte_fallback = byte_fallback(tokenizer.get_model());
         for (id, content) in &special {
-            if unknown.as_deref() != Some(content.as_str()) {
+            if unknown.as_deref() != Some(content.as_str())
+                && !(byte_fallback && is_byte_piece(content))
+            {
                 if let Some(c) = control.get_mut(*id as usize) {
                     *c = true;
                 }
@@ -548,7 +555,13 @@ impl CorpusTokenizer {
 
     /// Token ids of `text` as ordinary text: no BOS, no EOS, no special token.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.encode_batch(vec![text])?.remove(0))
+        match self.encode_batch(vec![text]) {
+            Ok(mut ids) => Ok(ids.remove(0)),
+            Err(CorpusError::TokenizerOnText { path, message, .. }) => {
+                Err(CorpusError::Tokenizer { path, message })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Token ids of many texts as ordinary text, in parallel on all cores, with bounded
@@ -556,6 +569,10 @@ impl CorpusTokenizer {
     /// `Encoding`s and normalized strings), so texts go to it in batches of at most
     /// [`ENCODE_BATCH_BYTES`], and a text longer than [`PIECE_BYTES`] in pieces cut after a line
     /// break (where the probe at load found such a cut changes no token; else whole).
+    ///
+    /// # Errors
+    /// [`CorpusError::TokenizerOnText`] naming the first text that encodes to a control token
+    /// (the caller names its document); [`CorpusError::Invalid`] when `tokenizers` fails.
     pub fn encode_batch(&self, texts: Vec<&str>) -> Result<Vec<Vec<u32>>> {
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); texts.len()];
         // (text, whether it is a later piece, encoded after a line break to drop) per unit
@@ -587,8 +604,15 @@ impl CorpusTokenizer {
         for i in cut_wrong {
             out[i] = self.encode_whole(texts[i])?;
         }
-        for ids in &out {
-            self.check_no_control(ids)?;
+        for (i, ids) in out.iter().enumerate() {
+            self.check_no_control(ids).map_err(|e| match e {
+                CorpusError::Tokenizer { path, message } => CorpusError::TokenizerOnText {
+                    path,
+                    text: i,
+                    message,
+                },
+                e => e,
+            })?;
         }
         Ok(out)
     }
@@ -753,6 +777,23 @@ fn undefined_template_token(tokenizer: &Tokenizer) -> Option<String> {
 }
 
 /// The model's unknown token: text may legitimately produce it.
+/// Whether `model` encodes what its vocabulary lacks as byte pieces `<0xNN>`.
+fn byte_fallback(model: &ModelWrapper) -> bool {
+    match model {
+        ModelWrapper::BPE(bpe) => bpe.byte_fallback,
+        ModelWrapper::Unigram(unigram) => unigram.byte_fallback(),
+        _ => false,
+    }
+}
+
+/// `<0xNN>` with two upper-case hex digits: a byte-fallback piece.
+fn is_byte_piece(content: &str) -> bool {
+    content
+        .strip_prefix("<0x")
+        .and_then(|r| r.strip_suffix('>'))
+        .is_some_and(|hex| hex.len() == 2 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 fn unknown_token(model: &ModelWrapper) -> Option<String> {
     match model {
         ModelWrapper::BPE(bpe) => bpe.get_unk_token().clone(),

@@ -1047,3 +1047,65 @@ fn a_long_document_is_stored_with_the_ids_of_the_whole_text() {
         "the stored ids differ from the whole text's"
     );
 }
+
+/// A byte-fallback tokenizer whose `<0xNN>` pieces are flagged special (the common `tokenizers`
+/// training recipe that lists them in `special_tokens`) encodes a character outside its
+/// vocabulary as those pieces: ordinary text, stored and decoded back. Before, one such
+/// character refused the whole corpus ("encodes ordinary text as the special token <0xC3>"),
+/// naming no document. A tokenizer that really does turn text into a control token is still
+/// refused, now naming the document's file and line.
+#[test]
+fn byte_fallback_pieces_flagged_special_are_text_and_a_real_control_token_names_its_document() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let tok = d.join("tok.json");
+    llama2_style_tokenizer(&tok);
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    edit_tokenizer(&tok, |t| {
+        let added = t["added_tokens"].as_array_mut().expect("added tokens");
+        added.extend((0..=255u32).map(|b| special(3 + b, &format!("<0x{b:02X}>"))));
+    });
+    write(
+        d,
+        "a.jsonl",
+        "{\"text\": \"plain words\"}\n{\"text\": \"caf\\u00e9 and sun \\ud83c\\udf1e, quite\"}\n",
+    );
+    let head = format!("tokenizer: {}\n", tok.display());
+    prepared(&spec(d, &head, ""));
+    let docs = stored(&d.join("out"));
+    let cafe = docs
+        .iter()
+        .find(|(_, t)| t.contains("caf"))
+        .expect("the document with bytes outside the vocabulary");
+    // This tokenizer's decoder shows byte pieces as they are (it has no ByteFallback step).
+    assert!(
+        cafe.1
+            .contains("caf<0xC3><0xA9> and sun <0xF0><0x9F><0x8C><0x9E>, quite"),
+        "{:?}",
+        cafe.1
+    );
+
+    // `q` made a special token of its own id: the model itself emits it for ordinary text.
+    let tok2 = d.join("tok2.json");
+    llama2_style_tokenizer(&tok2);
+    edit_tokenizer(&tok2, |t| {
+        let q = t["model"]["vocab"]["q"].as_u64().expect("q") as u32;
+        t["added_tokens"]
+            .as_array_mut()
+            .expect("added tokens")
+            .push(special(q, "q"));
+    });
+    let out2 = d.join("out2");
+    let mut spec2 = spec(d, &format!("tokenizer: {}\n", tok2.display()), "");
+    spec2.output = out2;
+    let err = prepare(&spec2, None, &PrepareOptions::default())
+        .expect_err("a control token inside a document")
+        .to_string();
+    assert!(
+        err.contains("tok2.json") && err.contains("`q`") && err.contains("a.jsonl:2"),
+        "{err}"
+    );
+}

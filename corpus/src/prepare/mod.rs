@@ -219,7 +219,27 @@ pub fn prepare(
                 },
             );
             report::merge_words(role_words, chunk_words);
-            for (doc, ids) in docs.iter().zip(ids?) {
+            let ids = ids.map_err(|e| match e {
+                CorpusError::TokenizerOnText {
+                    path,
+                    text,
+                    message,
+                } => CorpusError::Tokenizer {
+                    path,
+                    message: format!(
+                        "{message}; in document {}",
+                        docs.get(text).map_or_else(String::new, |d| {
+                            let file = chunk[d.file].path.display();
+                            match d.line {
+                                Some(line) => format!("{file}:{line}"),
+                                None => file.to_string(),
+                            }
+                        })
+                    ),
+                },
+                e => e,
+            })?;
+            for (doc, ids) in docs.iter().zip(ids) {
                 // Documents are never empty here: a text that encodes to nothing is one the
                 // tokenizer's vocabulary cannot represent (junk a normalizer strips, or every
                 // document under an empty vocabulary): skipped and counted.
@@ -359,6 +379,10 @@ struct Doc {
     /// Whitespace-separated words, for tokens per word.
     words: u64,
     held_out: bool,
+    /// Its file's index in the chunk it was read from, and its 1-based line in a JSONL file:
+    /// what an error about it names.
+    file: usize,
+    line: Option<u64>,
 }
 
 /// A document after normalization, with its content hash and word count.
@@ -480,6 +504,8 @@ fn read_chunk(
                 held_out: is_held_out(&doc, source.held_out.get()),
                 text: doc,
                 words,
+                file: i,
+                line,
             });
         }
     }
