@@ -115,6 +115,7 @@ pub struct Committed {
 /// A generation as the durable store keeps it, so that a coordinator taking over knows who
 /// should re-attach.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GenerationRecord {
     pub generation: u64,
     pub ranks: Vec<String>,
@@ -124,6 +125,7 @@ pub struct GenerationRecord {
 
 /// One rank's samples of one committed step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LedgerEntry {
     pub step: u64,
     pub generation: u64,

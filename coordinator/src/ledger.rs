@@ -405,8 +405,9 @@ impl Ledger {
     }
 }
 
-/// Refuses a directory without a `committed.json` that holds anything dapt does not write.
-fn check_foreign(dir: &Path) -> Result<(), LedgerError> {
+/// Refuses a directory without a `committed.json` that holds anything dapt does not write
+/// ([`foreign_entry`]); `dapt launch` calls it before it writes anything there.
+pub fn check_foreign(dir: &Path) -> Result<(), LedgerError> {
     if dir.join(COMMITTED_FILE).exists() {
         return Ok(());
     }
@@ -440,17 +441,17 @@ pub fn foreign_entry(dir: &Path) -> Result<Option<String>, LedgerError> {
     Ok(names
         .into_iter()
         .find(|(name, path)| {
-            let ours = matches!(
-                name.as_str(),
-                COMMITTED_FILE
-                    | LEDGER_FILE
-                    | GENERATION_FILE
-                    | "committed.tmp"
-                    | "ledger.tmp"
-                    | "generation.tmp"
-                    | identity::JOB_FILE
-                    | identity::LOCK_FILE
-            ) || dapt_corpus::manifest::is_atomic_temp(name)
+            // A file of dapt's name is dapt's only if it holds what dapt writes there: a user's
+            // own `ledger.jsonl` or `job.json` was cut back or rewritten (an audit).
+            let ours = match name.as_str() {
+                COMMITTED_FILE | identity::LOCK_FILE => true,
+                LEDGER_FILE => regular_file(path) && is_ledger(path),
+                GENERATION_FILE => {
+                    regular_file(path) && parses_as::<crate::control::GenerationRecord>(path)
+                }
+                identity::JOB_FILE => regular_file(path) && parses_as::<JobIdentity>(path),
+                _ => false,
+            } || dapt_corpus::manifest::is_atomic_temp(name)
                 || (name == "logs" && holds_only_worker_logs(path))
                 || (name == "export" && is_dapt_export_dir(path))
                 || name.starts_with(".tmp-step-")
@@ -459,6 +460,31 @@ pub fn foreign_entry(dir: &Path) -> Result<Option<String>, LedgerError> {
             !ours
         })
         .map(|(name, _)| name))
+}
+
+fn regular_file(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
+}
+
+fn parses_as<T: serde::de::DeserializeOwned>(path: &Path) -> bool {
+    fs::read(path).is_ok_and(|bytes| serde_json::from_slice::<T>(&bytes).is_ok())
+}
+
+/// Whether `path` is a ledger dapt wrote: empty, or complete lines that are all ledger entries,
+/// perhaps followed by one append cut short (a crash before the first commit was recorded).
+fn is_ledger(path: &Path) -> bool {
+    let Ok(text) = fs::read_to_string(path) else {
+        return false;
+    };
+    if text.is_empty() {
+        return true;
+    }
+    let Some(end) = text.rfind('\n') else {
+        return false;
+    };
+    text[..end]
+        .lines()
+        .all(|line| serde_json::from_str::<LedgerEntry>(line).is_ok())
 }
 
 /// Whether `path` is a directory (not a symlink) whose entries are all regular files named

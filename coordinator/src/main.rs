@@ -270,6 +270,9 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
             metrics_listen,
         } => {
             let spec = JobSpec::load(&job)?;
+            // A checkpoint.dir that is a user's folder is refused before anything (job.lock,
+            // logs/) is written into it.
+            dapt_coordinator::ledger::check_foreign(&spec.checkpoint.dir)?;
             // Another coordinator (or `dapt train`, or another job) holding checkpoint.dir is
             // refused before the corpus is touched: a second launch of an edited job prepared
             // the corpus again under the running one before its lock refused it (an audit).

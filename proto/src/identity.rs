@@ -43,7 +43,10 @@ pub fn digest(job: &str, token: &str) -> String {
 }
 
 /// A job's identity: in etcd's `identity` key and (without the directory) in `job.json`.
+/// Unknown fields are refused: a user's own `job.json` whose `job` happens to name the job is
+/// not taken for ours (an audit: a coordinator rewrote one, dropping its other fields).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct JobIdentity {
     pub job: String,
     /// [`digest`] of the job's name and token; absent for `dapt launch` (a token per run).
@@ -149,12 +152,23 @@ pub fn check_or_write(dir: &Path, ours: &JobIdentity) -> Result<(), ClaimError> 
         ..ours.clone()
     };
     let path = dir.join(JOB_FILE);
+    if fs::symlink_metadata(&path).is_ok_and(|m| !m.file_type().is_file()) {
+        return Err(ClaimError::Invalid {
+            path,
+            message: "is not a regular file (a symlink?): not the job identity dapt writes; \
+                      move it or choose another checkpoint.dir"
+                .into(),
+        });
+    }
     match fs::read(&path) {
         Ok(bytes) => {
             let recorded: JobIdentity =
                 serde_json::from_slice(&bytes).map_err(|e| ClaimError::Invalid {
                     path: path.clone(),
-                    message: e.to_string(),
+                    message: format!(
+                        "not the job identity dapt writes ({e}): dapt did not write it; move it \
+                         or choose another checkpoint.dir"
+                    ),
                 })?;
             if let Some(reason) = ours.differs(&recorded) {
                 return Err(ClaimError::OtherJob {

@@ -649,3 +649,51 @@ fn the_base_models_generation_and_tokenizer_settings_reach_the_export() {
     assert!(!out.join("generation_config.json").exists());
     assert!(!out.join("tokenizer_config.json").exists());
 }
+
+/// A `checkpoint.dir` holding a user's own files under the names of dapt's state files
+/// (`ledger.jsonl`, `job.json`, `generation.json`) is a user's folder: `dapt launch` refuses it
+/// naming the file, before writing anything there, and the file stays as it was. Before, a
+/// `ledger.jsonl` of one line without a newline was cut to nothing and replaced by dapt's
+/// entries, and a `job.json` whose `job` named the job was rewritten without its other fields.
+#[test]
+fn state_file_names_in_a_users_folder_are_not_taken_for_dapts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = write_job(tmp.path(), "names", 3, "");
+    let users = [
+        (
+            "ledger.jsonl",
+            r#"{"run": "baseline", "notes": "three weeks of results"}"#,
+        ),
+        (
+            "job.json",
+            r#"{"job": "names", "owner": "alice", "results": "s3://bucket/run7"}"#,
+        ),
+        ("generation.json", r#"{"generation": 3, "by": "alice"}"#),
+    ];
+    let _serial = serial();
+    for (name, content) in users {
+        std::fs::create_dir_all(&job.checkpoints).expect("mkdir");
+        std::fs::write(job.checkpoints.join(name), content).expect("write");
+        let out = Command::new(binary("dapt"))
+            .args(["launch", "--no-export", "--workers", "1"])
+            .arg(&job.path)
+            .output()
+            .expect("dapt launch");
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(
+            err.contains(name) && err.contains("dapt did not write"),
+            "{name}: {err}"
+        );
+        assert_eq!(
+            files(&job.checkpoints),
+            vec![name.to_string()],
+            "{name}: something was written beside it"
+        );
+        assert_eq!(
+            std::fs::read_to_string(job.checkpoints.join(name)).expect("read"),
+            content
+        );
+        std::fs::remove_dir_all(&job.checkpoints).expect("clean");
+    }
+}
