@@ -421,7 +421,10 @@ pub async fn start(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize);
+        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
+        // hyper's guard against a client that makes the server reset stream after stream
+        // ("MadeYouReset"): a GOAWAY after 1,024 (tonic's default leaves it off).
+        .http2_max_local_error_reset_streams(Some(1024));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls.grpc)?;
     }

@@ -958,3 +958,90 @@ fn silent_connections_on_the_tls_metrics_port_do_not_lock_scrapers_out() {
     );
     c.coordinator.signal(libc::SIGTERM);
 }
+
+/// A metrics client that pipelines requests and never reads their answers is closed once the
+/// server's write to it has waited `WRITE_STALL` (10 s), while a scraper from another address
+/// is answered throughout. Before, such connections were held for ever (an audit: 256 of them
+/// from 16 addresses, ~718 MB of unsent answers in the kernel, locked every scraper out).
+#[test]
+fn a_metrics_client_that_never_reads_its_answers_is_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let c = dapt_tests::coordinator_with(
+        dir.path(),
+        "nonreader",
+        10,
+        "cluster:\n  min_workers: 2\n",
+        "127.0.0.1",
+        &[("DAPT_METRICS_LISTEN", &metrics)],
+    );
+    let _ = port_of(&c);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(64);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let tcp = runtime.block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .set_recv_buffer_size(4096)
+                .expect("small receive buffer");
+            socket
+                .bind("127.0.0.3:0".parse().expect("address"))
+                .expect("bind");
+            socket
+                .connect(([127, 0, 0, 1], metrics_port).into())
+                .await
+                .expect("connect")
+                .into_std()
+                .expect("std stream")
+        });
+        tcp.set_nonblocking(true).expect("nonblocking");
+        held.push(tcp);
+    }
+    // Requests until neither side's buffers take more: the server is blocked writing answers.
+    let flooded = Instant::now();
+    let mut blocked = vec![false; held.len()];
+    while blocked.iter().any(|b| !b) && flooded.elapsed() < Duration::from_secs(20) {
+        for (s, blocked) in held.iter_mut().zip(&mut blocked) {
+            match s.write(&request) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => *blocked = true,
+                Err(e) => panic!("the server closed a reader that had read nothing: {e}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        blocked.iter().all(|&b| b),
+        "the server kept reading requests"
+    );
+    let stalled = Instant::now();
+    // A scraper from elsewhere is answered meanwhile.
+    let (head, _) = dapt_tests::http_get(&metrics, "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Then, without reading before: 10 s of a blocked write, and the margin of a loaded machine.
+    std::thread::sleep(Duration::from_secs(20));
+    let all_closed = held.iter().all(|s| {
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            if Instant::now() > until {
+                return false;
+            }
+            if closed(s) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    assert!(
+        all_closed,
+        "a non-reading metrics client was still connected {:?} after the server's writes blocked",
+        stalled.elapsed()
+    );
+    c.coordinator.signal(libc::SIGTERM);
+}

@@ -4,7 +4,8 @@
 //! held its connection for ever), and over TLS a share of the handshakes per address
 //! ([`HANDSHAKE_LIMITS`]) with a short deadline for the ClientHello ([`CLIENT_HELLO`]): 64 silent
 //! connections held every handshake place for the whole 10 s handshake timeout, and scrapers
-//! were locked out.
+//! were locked out. A write that waits on a client that does not read for [`WRITE_STALL`] ends
+//! its connection, and no connection lives past [`MAX_CONNECTION_AGE`].
 
 use std::io;
 use std::sync::Arc;
@@ -21,6 +22,14 @@ use crate::net::{Admitted, Incoming, Limits, Places};
 
 /// How long a client may take to send a request's header.
 pub const HEADER_READ: Duration = Duration::from_secs(5);
+/// How long an answer's write may wait on a client that does not read it: then the connection
+/// is closed. A client that pipelined thousands of requests and never read held its connection
+/// (and the kernel's buffers of its answers, ~45 MB each) for ever (an audit: 256 such
+/// connections from 16 addresses locked scrapers out).
+pub const WRITE_STALL: Duration = Duration::from_secs(10);
+/// How long a connection is kept: then it is closed after the request in progress (a scraper
+/// connects again); a client that reads a byte at a time cannot hold a place for good.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(120);
 /// TLS handshakes in progress: 8 from one address, 64 in all. More are closed at once.
 pub const HANDSHAKE_LIMITS: Limits = Limits {
     per_address: 8,
@@ -135,7 +144,9 @@ async fn handshake(
 }
 
 /// Serves HTTP/1 requests on `io` until the client closes, a header does not arrive within
-/// [`HEADER_READ`], or the server stops (`closing`: the request in progress is answered first).
+/// [`HEADER_READ`], a write waits on the client for [`WRITE_STALL`], the connection is
+/// [`MAX_CONNECTION_AGE`] old, or the server stops (`closing`); in the last two the request in
+/// progress is answered first.
 async fn serve_http<IO>(io: IO, app: axum::Router, mut closing: watch::Receiver<bool>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -145,7 +156,7 @@ where
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ);
     let conn = builder.serve_connection(
-        hyper_util::rt::TokioIo::new(io),
+        hyper_util::rt::TokioIo::new(WriteDeadline::new(io, WRITE_STALL)),
         hyper_util::service::TowerToHyperService::new(app),
     );
     tokio::pin!(conn);
@@ -157,7 +168,108 @@ where
             return;
         }
         _ = closing.wait_for(|closing| *closing) => {}
+        _ = tokio::time::sleep(MAX_CONNECTION_AGE) => {}
     }
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
+}
+
+/// `io` whose writes must make progress: a write or flush that stays blocked for `stall` (the
+/// peer stopped reading and the socket's buffers are full) fails with `TimedOut`, which ends
+/// the connection. Reads are `io`'s own (hyper bounds the header's wait).
+struct WriteDeadline<IO> {
+    io: IO,
+    stall: Duration,
+    /// Armed when a write first blocks; cleared when one makes progress.
+    blocked: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<IO> WriteDeadline<IO> {
+    fn new(io: IO, stall: Duration) -> Self {
+        WriteDeadline {
+            io,
+            stall,
+            blocked: None,
+        }
+    }
+
+    /// After `io` answered `Pending`: `Pending` again, or `TimedOut` once blocked for `stall`.
+    fn blocked<T>(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<T>> {
+        use std::future::Future;
+        let stall = self.stall;
+        let timer = self
+            .blocked
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        match timer.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client read nothing for {stall:?}"),
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    fn progressed<T>(
+        &mut self,
+        poll: std::task::Poll<io::Result<T>>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<T>> {
+        match poll {
+            std::task::Poll::Pending => self.blocked(cx),
+            ready => {
+                self.blocked = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for WriteDeadline<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.progressed(poll, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.progressed(poll, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let poll = std::pin::Pin::new(&mut self.io).poll_flush(cx);
+        self.progressed(poll, cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let poll = std::pin::Pin::new(&mut self.io).poll_shutdown(cx);
+        self.progressed(poll, cx)
+    }
 }
