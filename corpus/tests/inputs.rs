@@ -224,8 +224,18 @@ fn line_endings_are_newlines_in_every_format() {
     write(d, "a.txt", "first line\r\nsecond line\r\n");
     write(d, "b.md", "old mac\rline");
     write(d, "c.jsonl", "{\"text\": \"json\\r\\nlines\"}\r\n");
-    prepared(&spec(d, "vocab_size: 300\n", ""));
+    // Records on lone `\r` line ends (a classic Mac file): before, one bad line, all lost.
+    write(
+        d,
+        "d.jsonl",
+        "{\"text\": \"mac one\"}\r{\"text\": \"mac two\"}\r",
+    );
+    let report = prepared(&spec(d, "vocab_size: 300\n", ""));
+    assert_eq!(report.sources[0].bad_jsonl_lines, 0, "{report:?}");
     let got = texts(&d.join("out"));
+    for mac in ["mac one<|endoftext|>", "mac two<|endoftext|>"] {
+        assert!(got.contains(&mac.to_owned()), "{got:?}");
+    }
     assert!(!got.iter().any(|t| t.contains('\r')), "{got:?}");
     assert!(
         got.contains(&"first line\nsecond line<|endoftext|>".to_owned()),
@@ -1108,4 +1118,35 @@ fn byte_fallback_pieces_flagged_special_are_text_and_a_real_control_token_names_
         err.contains("tok2.json") && err.contains("`q`") && err.contains("a.jsonl:2"),
         "{err}"
     );
+}
+
+/// A JSONL record whose text holds half of a surrogate pair as an escape (`\ud83d` alone: an
+/// emoji cut before `json.dumps`, common in scraped data) keeps its text with U+FFFD there, and
+/// its file counts as lossy; a valid pair and an escaped backslash before `u` stay as they
+/// are. Before, serde_json refused the line and the whole record was dropped as "not a JSON
+/// object with a string `text` field".
+#[test]
+fn a_lone_surrogate_escape_is_a_replacement_character_not_a_lost_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(
+        d,
+        "a.jsonl",
+        concat!(
+            "{\"text\": \"whole emoji \\ud83c\\udf1e here\"}\n",
+            "{\"text\": \"half emoji \\ud83d then more text\", \"id\": 2}\n",
+            "{\"text\": \"a low half \\udc00 and a path C:\\\\ud83d\"}\n",
+        ),
+    );
+    let report = prepared(&spec(d, "vocab_size: 300\n", ""));
+    let row = &report.sources[0];
+    assert_eq!((row.bad_jsonl_lines, row.lossy_files), (0, 1), "{report:?}");
+    let got = texts(&d.join("out"));
+    for text in [
+        "whole emoji 🌞 here<|endoftext|>",
+        "half emoji \u{FFFD} then more text<|endoftext|>",
+        "a low half \u{FFFD} and a path C:\\ud83d<|endoftext|>",
+    ] {
+        assert!(got.contains(&text.to_owned()), "{text:?} not in {got:?}");
+    }
 }

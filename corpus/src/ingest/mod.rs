@@ -349,14 +349,33 @@ pub fn read_file(
             text.documents.push(html::extract_text(&content))
         }
         Format::Jsonl => {
-            for (i, line) in content.lines().enumerate() {
+            // Lines end in `\n` (`\r\n` too); a file with none but lone `\r`s (classic Mac
+            // line endings) has its records on those: read as one bad line, it lost them all.
+            let lines: Box<dyn Iterator<Item = &str>> =
+                if !content.contains('\n') && content.contains('\r') {
+                    Box::new(content.split('\r'))
+                } else {
+                    Box::new(content.lines())
+                };
+            for (i, line) in lines.enumerate() {
                 // A byte order mark at a line's start (files joined with `cat`, gzip members
                 // each with their own) is a signature, not JSON.
                 let line = line.trim_start_matches('\u{FEFF}');
                 if line.trim().is_empty() {
                     continue;
                 }
-                match jsonl_text(line, text_field) {
+                // A `\uD83D` without its pair (an emoji cut in half before `json.dumps`) is
+                // no JSON to serde_json: U+FFFD takes its place and the file counts as lossy,
+                // as for an invalid byte. Before, the record was dropped as "not a JSON object".
+                let parsed = match jsonl_text(line, text_field) {
+                    Some(doc) => Some(doc),
+                    None => lone_surrogates_replaced(line).and_then(|fixed| {
+                        let doc = jsonl_text(&fixed, text_field)?;
+                        text.lossy = true;
+                        Some(doc)
+                    }),
+                };
+                match parsed {
                     Some(mut doc) => {
                         // An escaped `\u0000` is past the NUL check on the raw bytes: dropped
                         // here as a stray NUL there is, and the file counted as lossy.
@@ -431,6 +450,43 @@ fn read_bounded(file: &InputFile, max_bytes: u64) -> Result<Vec<u8>> {
         return Err(too_large());
     }
     Ok(out)
+}
+
+/// `line` with each `\uXXXX` escape of a UTF-16 surrogate that is not half of a pair replaced
+/// by `\uFFFD`; `None` when it has none (nothing to retry).
+fn lone_surrogates_replaced(line: &str) -> Option<String> {
+    fn unit(escape: &[u8]) -> Option<u16> {
+        let hex = escape.strip_prefix(b"\\u")?.get(..4)?;
+        u16::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+    }
+    let bytes = line.as_bytes();
+    let mut out = String::with_capacity(line.len());
+    let (mut i, mut start, mut changed) = (0, 0, false);
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        match unit(&bytes[i..]) {
+            // (`unit` read six bytes: `i + 6` is in range.)
+            Some(0xD800..=0xDBFF)
+                if unit(&bytes[i + 6..]).is_some_and(|low| (0xDC00..=0xDFFF).contains(&low)) =>
+            {
+                i += 12;
+            }
+            Some(0xD800..=0xDFFF) => {
+                out.push_str(&line[start..i]);
+                out.push_str("\\uFFFD");
+                i += 6;
+                start = i;
+                changed = true;
+            }
+            // Any other escape, `\\` included, is two characters at least: skip both.
+            _ => i += 2,
+        }
+    }
+    out.push_str(&line[start.min(line.len())..]);
+    changed.then_some(out)
 }
 
 fn jsonl_text(line: &str, field: &str) -> Option<String> {
