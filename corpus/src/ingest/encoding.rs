@@ -58,6 +58,10 @@ pub struct Decoded {
     /// Decoded with the source's legacy `encoding` although the bytes are valid UTF-8 with
     /// non-ASCII characters: likely the wrong setting for this file.
     pub utf8_under_legacy: bool,
+    /// The single-byte legacy encoding the file declares (`<meta charset>`, an XML declaration)
+    /// when its bytes are valid UTF-8 with non-ASCII text: read as UTF-8 instead (a page saved
+    /// as UTF-8 under a stale `iso-8859-1` declaration, common on the web, became mojibake).
+    pub utf8_over_declared: Option<&'static str>,
 }
 
 /// Why a file's bytes are not taken as text.
@@ -117,7 +121,12 @@ pub fn decode(
     if let Some(big_endian) = utf32_bom(&raw) {
         let (text, lossy) = decode_utf32(&raw[4..], big_endian);
         let encoding = if big_endian { "UTF-32BE" } else { "UTF-32LE" };
-        return finish(text, encoding, Declared::Bom, lossy, None, false, &raw[4..]);
+        return finish(text, encoding, Declared::Bom, lossy, None, false, &raw[4..]).map(|d| {
+            Decoded {
+                utf8_over_declared: None,
+                ..d
+            }
+        });
     }
     let mut labels = Labels::default();
     let (encoding, declared, skip) = if let Some((enc, bom)) = Encoding::for_bom(&raw) {
@@ -129,6 +138,20 @@ pub fn decode(
         (enc, Declared::Meta, 0)
     } else {
         (fallback, Declared::Fallback, 0)
+    };
+    // A declared single-byte legacy encoding over bytes that are valid UTF-8 with non-ASCII
+    // text: real legacy text almost never is (it would take `Ã` + symbol pairs throughout), a
+    // page re-saved as UTF-8 under its old declaration is common. Read as UTF-8, and said.
+    let utf8_over_declared = (declared == Declared::Meta
+        && encoding != UTF_8
+        && encoding.is_single_byte()
+        && !raw.is_ascii()
+        && std::str::from_utf8(&raw).is_ok())
+    .then(|| encoding.name());
+    let encoding = if utf8_over_declared.is_some() {
+        UTF_8
+    } else {
+        encoding
     };
     if encoding == REPLACEMENT {
         return Err(Undecodable::Replacement {
@@ -162,7 +185,10 @@ pub fn decode(
         } else {
             Vec::new()
         };
-        finish(text, UTF_8.name(), declared, lossy, unknown, false, &bytes)
+        finish(text, UTF_8.name(), declared, lossy, unknown, false, &bytes).map(|d| Decoded {
+            utf8_over_declared,
+            ..d
+        })
     } else {
         let (text, lossy) = encoding.decode_without_bom_handling(&raw[skip..]);
         finish(
@@ -206,6 +232,7 @@ fn finish(
         lossy,
         unknown_label,
         utf8_under_legacy,
+        utf8_over_declared: None,
     })
 }
 
@@ -822,6 +849,34 @@ mod tests {
         // a known declaration after an unknown one wins, and nothing is reported
         let d = html(b"<meta charset=\"latin-1\"><meta charset=latin1><p>Gr\xF6\xDFe</p>");
         assert_eq!((d.unknown_label, d.encoding), (None, "windows-1252"));
+    }
+
+    /// A page declaring `iso-8859-1` whose bytes are UTF-8 (re-saved under a stale
+    /// declaration) is read as UTF-8 and said to be; real Latin-1 bytes, a multi-byte legacy
+    /// declaration and pure ASCII are read as declared. Before: `GrÃ¶ÃŸe`, no word (an audit).
+    #[test]
+    fn a_declared_single_byte_encoding_over_utf8_bytes_is_read_as_utf8() {
+        let html = |bytes: &[u8]| decode(bytes.to_vec(), Format::Html, UTF_8).unwrap();
+        let d = html("<meta charset=\"iso-8859-1\"><p>Die Größe – “quoted”</p>".as_bytes());
+        assert_eq!(
+            d.text,
+            "<meta charset=\"iso-8859-1\"><p>Die Größe – “quoted”</p>"
+        );
+        assert_eq!(
+            (d.encoding, d.utf8_over_declared),
+            ("UTF-8", Some("windows-1252"))
+        );
+        let d = html(b"<?xml version=\"1.0\" encoding=\"ISO-8859-2\"?><p>\xE8\xE9</p>");
+        assert_eq!((d.encoding, d.utf8_over_declared), ("ISO-8859-2", None));
+        let d = html(b"<meta charset=iso-8859-1><p>Gr\xF6\xDFe</p>");
+        assert_eq!(
+            (d.text.as_str(), d.utf8_over_declared),
+            ("<meta charset=iso-8859-1><p>Größe</p>", None)
+        );
+        let d = html(b"<meta charset=iso-8859-1><p>plain</p>");
+        assert_eq!((d.encoding, d.utf8_over_declared), ("windows-1252", None));
+        let d = html("<meta charset=shift_jis><p>日本</p>".as_bytes());
+        assert_eq!((d.encoding, d.utf8_over_declared), ("Shift_JIS", None));
     }
 
     #[test]

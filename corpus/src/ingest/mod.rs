@@ -295,6 +295,9 @@ pub struct FileText {
     pub unknown_label: Option<String>,
     /// Valid UTF-8 with non-ASCII text, decoded with the source's legacy `encoding`.
     pub utf8_under_legacy: bool,
+    /// The legacy encoding the file declares, when it was read as UTF-8 instead
+    /// ([`encoding::Decoded::utf8_over_declared`]).
+    pub utf8_over_declared: Option<&'static str>,
     /// JSONL lines that were not JSON objects with a string `text_field`.
     pub bad_lines: u64,
     /// The first few of those line numbers (1-based).
@@ -326,6 +329,7 @@ pub fn read_file(
         lossy: decoded.lossy,
         unknown_label: decoded.unknown_label,
         utf8_under_legacy: decoded.utf8_under_legacy,
+        utf8_over_declared: decoded.utf8_over_declared,
         bad_lines: 0,
         bad_line_numbers: Vec::new(),
         bytes,

@@ -104,6 +104,10 @@ pub struct SourceStats {
     /// Valid UTF-8 files with non-ASCII text decoded with the source's legacy `encoding`.
     pub utf8_under_legacy_files: u64,
     pub utf8_under_legacy_examples: Vec<String>,
+    /// Files declaring a single-byte legacy encoding whose bytes are valid UTF-8 with
+    /// non-ASCII text, read as UTF-8, and `path (declared)` of a few.
+    pub utf8_over_declared_files: u64,
+    pub utf8_over_declared_examples: Vec<String>,
     pub bad_jsonl_lines: u64,
     pub bad_jsonl_examples: Vec<String>,
     /// The source's `text_field` (what a JSONL line's object must hold as a string).
@@ -168,6 +172,13 @@ impl SourceStats {
             if self.unknown_label_examples.len() < EXAMPLES_KEPT {
                 self.unknown_label_examples
                     .push(format!("{} (`{label}`)", path.display()));
+            }
+        }
+        if let Some(declared) = text.utf8_over_declared {
+            self.utf8_over_declared_files += 1;
+            if self.utf8_over_declared_examples.len() < EXAMPLES_KEPT {
+                self.utf8_over_declared_examples
+                    .push(format!("{} (declares {declared})", path.display()));
             }
         }
         if text.utf8_under_legacy {
@@ -252,6 +263,10 @@ pub struct SourceRow {
     /// Valid UTF-8 files with non-ASCII text decoded with the source's legacy `encoding`.
     pub utf8_under_legacy_files: u64,
     pub utf8_under_legacy_examples: Vec<String>,
+    /// Files declaring a single-byte legacy encoding whose bytes are valid UTF-8 with
+    /// non-ASCII text: read as UTF-8.
+    pub utf8_over_declared_files: u64,
+    pub utf8_over_declared_examples: Vec<String>,
     pub bad_jsonl_lines: u64,
     pub bad_jsonl_examples: Vec<String>,
     /// Documents whose text spells a special token (encoded as ordinary text).
@@ -361,6 +376,8 @@ pub fn build(
             unknown_label_examples: st.unknown_label_examples.clone(),
             utf8_under_legacy_files: st.utf8_under_legacy_files,
             utf8_under_legacy_examples: st.utf8_under_legacy_examples.clone(),
+            utf8_over_declared_files: st.utf8_over_declared_files,
+            utf8_over_declared_examples: st.utf8_over_declared_examples.clone(),
             bad_jsonl_lines: st.bad_jsonl_lines,
             bad_jsonl_examples: st.bad_jsonl_examples.clone(),
             special_text_documents: st.special_text_documents,
@@ -465,6 +482,15 @@ fn source_warnings(row: &SourceRow, st: &SourceStats, plan: Option<TrainingPlan>
              e.g. {}; set the source's `encoding` if they are not UTF-8",
             st.unknown_label_files,
             st.unknown_label_examples.join(", ")
+        ));
+    }
+    if st.utf8_over_declared_files > 0 {
+        w.push(format!(
+            "source `{name}`: {} files declare a single-byte legacy encoding but are valid UTF-8 \
+             with non-ASCII text, so they were read as UTF-8 (read as declared they would be \
+             mojibake such as `GrÃ¶ÃŸe`), e.g. {}",
+            st.utf8_over_declared_files,
+            st.utf8_over_declared_examples.join(", ")
         ));
     }
     if st.utf8_under_legacy_files > 0 {
