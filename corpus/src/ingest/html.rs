@@ -144,55 +144,187 @@ pub fn nesting_depth(html: &str, limit: usize) -> usize {
 /// The visible text of `html`, paragraphs separated by blank lines.
 pub fn extract_text(html: &str) -> String {
     let document = Html::parse_document(html);
-    let mut out = String::with_capacity(html.len() / 2);
+    visible_text(document.tree.root(), html.len() / 2)
+}
+
+/// Whether a page is XHTML, to be read as XML: a `.xhtml` file, or one that opens with an XML
+/// declaration and names the XHTML namespace. Read as HTML5, its `<title/>`, `<script/>` or
+/// `<iframe/>` open an element that swallows the rest of the page, and CDATA becomes a comment
+/// (an audit: EPUB chapters lost all their text, without a word).
+pub fn is_xhtml(path: &std::path::Path, text: &str) -> bool {
+    let head = text.get(..text.len().min(4096)).unwrap_or(text);
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("xhtml"))
+        || (text.trim_start().starts_with("<?xml") && head.contains("http://www.w3.org/1999/xhtml"))
+}
+
+/// The visible text of an XHTML page read as XML, by the rules of [`extract_text`]; `None` when
+/// it is not well-formed XML (the caller reads it as HTML, as a lenient reader would). HTML's
+/// named character references that XML does not define (`&nbsp;`, `&mdash;`: an XHTML DTD
+/// defines them, and no DTD is fetched) are read as HTML reads them.
+pub fn extract_xhtml_text(text: &str) -> Option<String> {
+    let text = html_entities_as_numbers(text);
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..roxmltree::ParsingOptions::default()
+    };
+    let document = roxmltree::Document::parse_with_options(&text, options).ok()?;
+    Some(visible_text(document.root(), text.len() / 2))
+}
+
+/// `text` with each `&name;` that HTML defines and XML does not (all but `lt`, `gt`, `amp`,
+/// `apos`, `quot`) as numeric references, outside CDATA sections.
+fn html_entities_as_numbers(text: &str) -> std::borrow::Cow<'_, str> {
+    use html5ever::data::NAMED_ENTITIES;
+    if !text.contains('&') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(['&', '<']) {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        if let Some(cdata) = rest.strip_prefix("<![CDATA[") {
+            let end = cdata
+                .find("]]>")
+                .map_or(rest.len(), |e| "<![CDATA[".len() + e + 3);
+            out.push_str(&rest[..end]);
+            rest = &rest[end..];
+            continue;
+        }
+        // Names are short: look for the `;` in the next 33 bytes only (a page of `&`s
+        // without one must not cost a scan to its end each).
+        let name = rest.as_bytes()[1..]
+            .iter()
+            .take(33)
+            .position(|&b| b == b';')
+            .map(|n| &rest[1..=n + 1])
+            .filter(|name| {
+                name.len() > 1
+                    && name[..name.len() - 1]
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric())
+            });
+        match name.filter(|n| !matches!(*n, "lt;" | "gt;" | "amp;" | "apos;" | "quot;")) {
+            Some(name) if rest.starts_with('&') && NAMED_ENTITIES.get(name).is_some() => {
+                let (first, second) = NAMED_ENTITIES.get(name).copied().unwrap_or((0, 0));
+                out.push_str(&format!("&#{first};"));
+                if second != 0 {
+                    out.push_str(&format!("&#{second};"));
+                }
+                rest = &rest[1 + name.len()..];
+            }
+            _ => {
+                out.push_str(&rest[..1]);
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
+}
+
+/// A node of a parsed page, as [`visible_text`] walks it: scraper's HTML5 tree or roxmltree's
+/// XML one.
+trait PageNode<'a>: Copy {
+    /// A text node's text (CDATA included).
+    fn text(self) -> Option<&'a str>;
+    /// An element's local name and whether a class of it marks page chrome.
+    fn element(self) -> Option<(&'a str, bool)>;
+    /// An element's, the document's or a fragment's children.
+    fn children(self) -> Vec<Self>;
+}
+
+impl<'a> PageNode<'a> for NodeRef<'a, Node> {
+    fn text(self) -> Option<&'a str> {
+        match self.value() {
+            Node::Text(text) => Some(text),
+            _ => None,
+        }
+    }
+    fn element(self) -> Option<(&'a str, bool)> {
+        match self.value() {
+            Node::Element(e) => Some((e.name(), e.classes().any(|c| SKIPPED_CLASSES.contains(&c)))),
+            _ => None,
+        }
+    }
+    fn children(self) -> Vec<Self> {
+        match self.value() {
+            Node::Element(_) | Node::Document | Node::Fragment => {
+                NodeRef::children(&self).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl<'a, 'input> PageNode<'a> for roxmltree::Node<'a, 'input> {
+    fn text(self) -> Option<&'a str> {
+        self.is_text()
+            .then(|| roxmltree::Node::text(&self))
+            .flatten()
+    }
+    fn element(self) -> Option<(&'a str, bool)> {
+        self.is_element().then(|| {
+            let chrome = self
+                .attribute("class")
+                .is_some_and(|c| c.split_whitespace().any(|c| SKIPPED_CLASSES.contains(&c)));
+            (self.tag_name().name(), chrome)
+        })
+    }
+    fn children(self) -> Vec<Self> {
+        roxmltree::Node::children(&self).collect()
+    }
+}
+
+/// The visible text under `root`: chrome skipped, blocks on lines of their own, `<pre>` as
+/// laid out, whitespace elsewhere collapsed; paragraphs separated by blank lines.
+fn visible_text<'a, N: PageNode<'a>>(root: N, capacity: usize) -> String {
+    let mut out = String::with_capacity(capacity);
     // Explicit stack instead of recursion: a hostile page can nest elements arbitrarily deep.
-    enum Visit<'a> {
-        Enter(NodeRef<'a, Node>),
+    enum Visit<N> {
+        Enter(N),
         Leave { block: bool, pre: bool },
     }
-    let mut stack = vec![Visit::Enter(document.tree.root())];
+    let mut stack = vec![Visit::Enter(root)];
     let mut pre_depth = 0usize;
     while let Some(visit) = stack.pop() {
         match visit {
-            Visit::Enter(node) => match node.value() {
-                Node::Text(text) => {
+            Visit::Enter(node) => {
+                if let Some(text) = node.text() {
                     if pre_depth > 0 {
                         out.push_str(text);
                     } else {
                         push_collapsed(&mut out, text);
                     }
+                    continue;
                 }
-                Node::Element(element) => {
-                    let name = element.name();
-                    if SKIPPED.contains(&name)
-                        || element.classes().any(|c| SKIPPED_CLASSES.contains(&c))
-                    {
-                        continue;
+                let (block, pre) = match node.element() {
+                    Some((name, chrome)) => {
+                        if chrome || SKIPPED.contains(&name) {
+                            continue;
+                        }
+                        let block = BLOCKS.contains(&name);
+                        if block {
+                            break_line(&mut out);
+                        } else if CELLS.contains(&name)
+                            && !out.is_empty()
+                            && !out.ends_with(char::is_whitespace)
+                        {
+                            out.push('\t');
+                        }
+                        (block, name == "pre")
                     }
-                    let block = BLOCKS.contains(&name);
-                    let pre = name == "pre";
-                    if block {
-                        break_line(&mut out);
-                    } else if CELLS.contains(&name)
-                        && !out.is_empty()
-                        && !out.ends_with(char::is_whitespace)
-                    {
-                        out.push('\t');
-                    }
-                    if pre {
-                        pre_depth += 1;
-                    }
-                    stack.push(Visit::Leave { block, pre });
-                    // Children go on the stack in reverse so they are visited in order.
-                    let children: Vec<_> = node.children().collect();
-                    stack.extend(children.into_iter().rev().map(Visit::Enter));
+                    None => (false, false),
+                };
+                if pre {
+                    pre_depth += 1;
                 }
-                Node::Document | Node::Fragment => {
-                    let children: Vec<_> = node.children().collect();
-                    stack.extend(children.into_iter().rev().map(Visit::Enter));
-                }
-                _ => {}
-            },
+                stack.push(Visit::Leave { block, pre });
+                // Children go on the stack in reverse so they are visited in order.
+                stack.extend(node.children().into_iter().rev().map(Visit::Enter));
+            }
             Visit::Leave { block, pre } => {
                 if pre {
                     pre_depth -= 1;
@@ -301,6 +433,49 @@ mod tests {
     fn table_cells_stay_apart() {
         let html = "<table><tr><td>reserved</td><td>non-reserved</td></tr><tr><th>a</th><th>b</th></tr></table>";
         assert_eq!(extract_text(html), "reserved\tnon-reserved\na\tb");
+    }
+
+    /// XHTML read as XML: self-closing raw-text elements close, CDATA is text, HTML's named
+    /// references read as HTML reads them (CDATA keeps its `&name;` as written), chrome and
+    /// blocks as in HTML. Read as HTML5, the first chapter below lost every word after
+    /// `<title/>`, the second everything after `<iframe/>` (an audit).
+    #[test]
+    fn xhtml_is_read_as_xml() {
+        let page = |body: &str| {
+            format!(
+                "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<!DOCTYPE html PUBLIC \
+                 \"-//W3C//DTD XHTML 1.1//EN\" \"http://www.w3.org/TR/xhtml11/DTD/xhtml11.dtd\">\n\
+                 <html xmlns=\"http://www.w3.org/1999/xhtml\"><head><title/><script \
+                 src=\"x.js\"/></head><body>{body}</body></html>"
+            )
+        };
+        let one =
+            page("<h1>Chapter One</h1><p>It was a bright&nbsp;cold day &mdash; in April.</p>");
+        assert!(is_xhtml(std::path::Path::new("ch1.html"), &one));
+        assert_eq!(
+            extract_xhtml_text(&one).as_deref(),
+            Some("Chapter One\nIt was a bright cold day \u{2014} in April.")
+        );
+        let two = page(
+            "<p>Before the embed.</p><iframe src=\"a.html\"/><textarea/><p>After: \
+             <![CDATA[a < b && b > c &nbsp;]]> in code.</p><div class=\"navfooter\">Next</div>",
+        );
+        assert_eq!(
+            extract_xhtml_text(&two).as_deref(),
+            Some("Before the embed.\nAfter: a < b && b > c &nbsp; in code.")
+        );
+        // Not well-formed: the caller reads it as HTML.
+        assert_eq!(extract_xhtml_text("<p>unclosed <b>bold</p>"), None);
+        assert!(is_xhtml(std::path::Path::new("c.XHTML"), "<p>x</p>"));
+        assert!(!is_xhtml(
+            std::path::Path::new("c.html"),
+            "<html><p>x</p></html>"
+        ));
+        // `&` without a name, unknown names and XML's own five pass through to the parser.
+        assert_eq!(
+            html_entities_as_numbers("a & b &unknown; &lt; &copy;&nbsp"),
+            "a & b &unknown; &lt; &#169;&nbsp"
+        );
     }
 
     #[test]

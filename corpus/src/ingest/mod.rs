@@ -350,7 +350,11 @@ pub fn read_file(
                     ),
                 });
             }
-            text.documents.push(html::extract_text(&content))
+            let xhtml = html::is_xhtml(&file.path, &content)
+                .then(|| html::extract_xhtml_text(&content))
+                .flatten();
+            text.documents
+                .push(xhtml.unwrap_or_else(|| html::extract_text(&content)))
         }
         Format::Jsonl => {
             // Lines end in `\n` (`\r\n` too); a file with none but lone `\r`s (classic Mac
