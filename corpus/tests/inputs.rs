@@ -1150,3 +1150,33 @@ fn a_lone_surrogate_escape_is_a_replacement_character_not_a_lost_record() {
         assert!(got.contains(&text.to_owned()), "{text:?} not in {got:?}");
     }
 }
+
+/// Documents with no text once extracted are left out and named in a warning (before: a count
+/// in report.json only, so a page whose text the extractor lost went unseen).
+#[test]
+fn empty_documents_are_named_in_a_warning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(
+        d,
+        "a.jsonl",
+        "{\"text\": \"words\"}\n{\"text\": \"  \"}\n{\"text\": \"more words\"}\n",
+    );
+    write(
+        d,
+        "b.html",
+        "<html><head><title>T</title></head><body><nav>x</nav></body></html>",
+    );
+    let report = prepared(&spec(d, "vocab_size: 300\n", ""));
+    let row = &report.sources[0];
+    assert_eq!(row.empty_documents, 2, "{report:?}");
+    let warning = report
+        .warnings
+        .iter()
+        .find(|w| w.contains("no text once extracted"))
+        .expect("a warning");
+    assert!(
+        warning.contains("a.jsonl:2") && warning.contains("b.html"),
+        "{warning}"
+    );
+}

@@ -490,7 +490,7 @@ fn read_chunk(
         } in normalized
         {
             if doc.is_empty() {
-                stats.empty += 1;
+                stats.add_empty(&files[i].path, line);
                 continue;
             }
             if !seen.insert(hash) {

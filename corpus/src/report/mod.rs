@@ -117,6 +117,8 @@ pub struct SourceStats {
     /// `path[:line] (token)` of the first few.
     pub special_text_examples: Vec<String>,
     pub empty: u64,
+    /// `path[:line]` of the first few empty documents.
+    pub empty_examples: Vec<String>,
     pub duplicates: u64,
     /// Documents the tokenizer encoded to no tokens at all (skipped).
     pub without_tokens: u64,
@@ -198,6 +200,18 @@ impl SourceStats {
     }
 
     /// A kept document of the file at `path` (at `line` of a JSONL file) spells `token`.
+    /// A document with no text once extracted and trimmed (an empty record, a page of chrome
+    /// only), left out.
+    pub fn add_empty(&mut self, path: &Path, line: Option<u64>) {
+        self.empty += 1;
+        if self.empty_examples.len() < EXAMPLES_KEPT {
+            self.empty_examples.push(match line {
+                Some(line) => format!("{}:{line}", path.display()),
+                None => path.display().to_string(),
+            });
+        }
+    }
+
     pub fn add_special_text(&mut self, path: &Path, line: Option<u64>, token: &str) {
         self.special_text_documents += 1;
         if self.special_text_examples.len() < EXAMPLES_KEPT {
@@ -273,6 +287,8 @@ pub struct SourceRow {
     pub special_text_documents: u64,
     pub special_text_examples: Vec<String>,
     pub empty_documents: u64,
+    /// `path[:line]` of the first few empty documents.
+    pub empty_examples: Vec<String>,
     pub duplicates_removed: u64,
     /// Documents the tokenizer encoded to no tokens at all (skipped).
     pub documents_without_tokens: u64,
@@ -383,6 +399,7 @@ pub fn build(
             special_text_documents: st.special_text_documents,
             special_text_examples: st.special_text_examples.clone(),
             empty_documents: st.empty,
+            empty_examples: st.empty_examples.clone(),
             duplicates_removed: st.duplicates,
             documents_without_tokens: st.without_tokens,
             documents_train: st.documents_train,
@@ -482,6 +499,14 @@ fn source_warnings(row: &SourceRow, st: &SourceStats, plan: Option<TrainingPlan>
              e.g. {}; set the source's `encoding` if they are not UTF-8",
             st.unknown_label_files,
             st.unknown_label_examples.join(", ")
+        ));
+    }
+    if st.empty > 0 {
+        w.push(format!(
+            "source `{name}`: {} documents have no text once extracted (an empty record, a page \
+             of navigation only) and were left out, e.g. {}",
+            st.empty,
+            st.empty_examples.join(", ")
         ));
     }
     if st.utf8_over_declared_files > 0 {
