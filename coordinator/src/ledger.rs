@@ -395,6 +395,9 @@ impl Ledger {
         let written = checkpoint::list(&self.dir)
             .iter()
             .filter_map(|(_, dir, _)| checkpoint::trainer_state(dir)?.get("generation")?.as_u64())
+            // Not a generation any coordinator formed (an edited or corrupt trainer.json):
+            // counting from it would wrap the numbering.
+            .filter(|&g| g < 1 << 48)
             .max();
         Ok(recorded.max(written))
     }
@@ -444,7 +447,12 @@ pub fn foreign_entry(dir: &Path) -> Result<Option<String>, LedgerError> {
             // A file of dapt's name is dapt's only if it holds what dapt writes there: a user's
             // own `ledger.jsonl` or `job.json` was cut back or rewritten (an audit).
             let ours = match name.as_str() {
-                COMMITTED_FILE | identity::LOCK_FILE => true,
+                // (The `.tmp` names: temporaries of dapt versions before random names.)
+                COMMITTED_FILE
+                | identity::LOCK_FILE
+                | "committed.tmp"
+                | "ledger.tmp"
+                | "generation.tmp" => true,
                 LEDGER_FILE => regular_file(path) && is_ledger(path),
                 GENERATION_FILE => {
                     regular_file(path) && parses_as::<crate::control::GenerationRecord>(path)
@@ -471,20 +479,22 @@ fn parses_as<T: serde::de::DeserializeOwned>(path: &Path) -> bool {
 }
 
 /// Whether `path` is a ledger dapt wrote: empty, or complete lines that are all ledger entries,
-/// perhaps followed by one append cut short (a crash before the first commit was recorded).
+/// perhaps followed by one append cut short (a crash before the first commit was recorded),
+/// which begins as an entry does (`{"step":`).
 fn is_ledger(path: &Path) -> bool {
     let Ok(text) = fs::read_to_string(path) else {
         return false;
     };
-    if text.is_empty() {
-        return true;
-    }
-    let Some(end) = text.rfind('\n') else {
-        return false;
+    // The part after the last newline is an append cut short, if anything: it begins as every
+    // entry does.
+    let (complete, torn) = match text.rfind('\n') {
+        Some(end) => (&text[..end], &text[end + 1..]),
+        None => ("", text.as_str()),
     };
-    text[..end]
-        .lines()
-        .all(|line| serde_json::from_str::<LedgerEntry>(line).is_ok())
+    (torn.is_empty() || torn.starts_with(r#"{"step":"#))
+        && complete
+            .lines()
+            .all(|line| serde_json::from_str::<LedgerEntry>(line).is_ok())
 }
 
 /// Whether `path` is a directory (not a symlink) whose entries are all regular files named
@@ -500,7 +510,7 @@ fn holds_only_worker_logs(path: &Path) -> bool {
 
 /// Whether `path` is a directory (not a symlink), empty or an earlier export: its marker and
 /// only the files an export writes, all regular (the rule `dapt export` itself applies before
-/// writing there, `dapt_proto::checkpoint::is_export_file`).
+/// writing there, `dapt_proto::checkpoint::is_export_entry`).
 fn is_dapt_export_dir(path: &Path) -> bool {
     real_dir_entries(path).is_some_and(|entries| {
         entries.is_empty()
@@ -509,7 +519,7 @@ fn is_dapt_export_dir(path: &Path) -> bool {
                 .any(|(name, _)| name == checkpoint::EXPORT_MARKER)
                 && entries
                     .iter()
-                    .all(|(name, file)| *file && checkpoint::is_export_file(name)))
+                    .all(|(name, file)| *file && checkpoint::is_export_entry(path, name)))
     })
 }
 
@@ -739,6 +749,32 @@ mod tests {
         ledger.record_generation(&record).expect("record");
         let (ledger, _) = Ledger::open(&spec).expect("reopen");
         assert_eq!(ledger.last_generation().expect("read"), Some(7));
+    }
+
+    /// A user's file under the name of dapt's ledger is not dapt's; dapt's own, cut short by a
+    /// crash before its first commit was recorded, is.
+    #[test]
+    fn a_ledger_is_dapts_by_its_content_not_its_name() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let ledger = tmp.path().join(LEDGER_FILE);
+        for (content, ours) in [
+            ("", true),
+            ("{\"step\":4,\"gen", true),
+            (
+                "{\"step\":4,\"generation\":1,\"rank\":0,\"start\":0,\"end\":4}\n{\"step\":8,",
+                true,
+            ),
+            ("{\"run\": \"baseline\", \"notes\": \"three weeks\"}", false),
+            ("{\"run\": \"baseline\"}\n", false),
+            ("{\"step\": 4, \"notes\": \"mine\"}\n", false),
+        ] {
+            fs::write(&ledger, content).expect("write");
+            assert_eq!(
+                foreign_entry(tmp.path()).expect("read").is_none(),
+                ours,
+                "{content:?}"
+            );
+        }
     }
 
     /// `generation.json` could not be written (a full disk) while generation 9's rank 0 wrote a

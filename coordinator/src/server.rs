@@ -258,6 +258,7 @@ pub async fn start(
             // that hangs, and hold the next one off); checkpoint.dir's job.json is checked, or
             // written, where this machine sees the directory.
             if job.checkpoint.dir.is_dir() {
+                crate::ledger::check_foreign(&job.checkpoint.dir)?;
                 dapt_proto::identity::check_or_write(&job.checkpoint.dir, &identity)?;
             }
             let (mut committed, mut record) = store.load().await?;

@@ -776,7 +776,6 @@ fn undefined_template_token(tokenizer: &Tokenizer) -> Option<String> {
     walk(&serde_json::to_value(tokenizer.get_post_processor()?).ok()?)
 }
 
-/// The model's unknown token: text may legitimately produce it.
 /// Whether `model` encodes what its vocabulary lacks as byte pieces `<0xNN>`.
 fn byte_fallback(model: &ModelWrapper) -> bool {
     match model {
@@ -786,7 +785,7 @@ fn byte_fallback(model: &ModelWrapper) -> bool {
     }
 }
 
-/// `<0xNN>` with two upper-case hex digits: a byte-fallback piece.
+/// `<0xNN>` with two hex digits: a byte-fallback piece.
 fn is_byte_piece(content: &str) -> bool {
     content
         .strip_prefix("<0x")
@@ -794,6 +793,7 @@ fn is_byte_piece(content: &str) -> bool {
         .is_some_and(|hex| hex.len() == 2 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// The model's unknown token: text may legitimately produce it.
 fn unknown_token(model: &ModelWrapper) -> Option<String> {
     match model {
         ModelWrapper::BPE(bpe) => bpe.get_unk_token().clone(),

@@ -88,12 +88,18 @@ pub const ZERO_STAGING_PREFIX: &str = ".zero-shards-";
 pub const EXPORT_MARKER: &str = "dapt-export.json";
 /// Every file an export writes (its temporaries start with `.tmp`): what a directory marked by
 /// [`EXPORT_MARKER`] may hold.
-pub const EXPORT_FILES: [&str; 7] = [
+pub const EXPORT_FILES: [&str; 4] = [
     EXPORT_MARKER,
     "config.json",
     "model.safetensors",
     "tokenizer.json",
-    // The base model's files carried through checkpoints (the worker's `BASE_FILES`).
+];
+
+/// The base model's files a checkpoint carries into an export (`generation_config.json`,
+/// `tokenizer_config.json`, `special_tokens_map.json`: the worker's `BASE_FILES`). An export
+/// directory's copy is dapt's only when its [`EXPORT_MARKER`] lists it (`files`): one a user
+/// put into an earlier export (the chat template dapt did not carry before) is theirs.
+pub const CARRIED_FILES: [&str; 3] = [
     "generation_config.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -102,6 +108,32 @@ pub const EXPORT_FILES: [&str; 7] = [
 /// Whether `name` may be in an export directory (one of [`EXPORT_FILES`], or a temporary).
 pub fn is_export_file(name: &str) -> bool {
     EXPORT_FILES.contains(&name) || name.starts_with(".tmp")
+}
+
+/// The [`CARRIED_FILES`] that export directory `dir`'s marker says dapt wrote (none when it
+/// lists none or cannot be read).
+pub fn carried_files_written(dir: &Path) -> Vec<String> {
+    std::fs::read(dir.join(EXPORT_MARKER))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .and_then(|marker| {
+            marker.get("files")?.as_array().map(|files| {
+                files
+                    .iter()
+                    .filter_map(|f| f.as_str())
+                    .filter(|f| CARRIED_FILES.contains(f))
+                    .map(str::to_owned)
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `name` in export directory `dir` is dapt's: [`is_export_file`], or one of the
+/// [`CARRIED_FILES`] its marker lists ([`carried_files_written`]).
+pub fn is_export_entry(dir: &Path, name: &str) -> bool {
+    is_export_file(name)
+        || (CARRIED_FILES.contains(&name) && carried_files_written(dir).iter().any(|f| f == name))
 }
 
 /// `manifest.json` of a checkpoint.

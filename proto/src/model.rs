@@ -388,9 +388,12 @@ impl LlamaConfig {
             }
             (top, nested) => nested.map(|(_, theta)| theta).or(top),
         };
+        // A negative id is "none" (older Llama conversions ship `pad_token_id: -1`, and dapt
+        // read a negative one as absent before); one past 32 bits is refused (it wrapped).
         let one_id = |v: &Value, key: &str| -> std::result::Result<Option<u32>, String> {
             match v {
                 Value::Null => Ok(None),
+                Value::Number(n) if n.as_i64().is_some_and(|n| n < 0) => Ok(None),
                 Value::Number(n) => n
                     .as_u64()
                     .and_then(|n| u32::try_from(n).ok())
@@ -916,7 +919,14 @@ mod tests {
         assert_eq!(again.eos_token_ids, c.eos_token_ids);
         let single = LlamaConfig::from_json(SMOLLM2).expect("config");
         assert_eq!(single.to_json()["eos_token_id"], 0);
-        for bad in ["4294967298", "-1", "[2, 4294967298]"] {
+        for none in ["-1", "null"] {
+            let json = SMOLLM2.replace("\"eos_token_id\": 0", &format!("\"pad_token_id\": {none}"));
+            assert_eq!(
+                LlamaConfig::from_json(&json).expect("config").pad_token_id,
+                None
+            );
+        }
+        for bad in ["4294967298", "2.5", "[2, 4294967298]"] {
             let json = SMOLLM2.replace("\"eos_token_id\": 0", &format!("\"eos_token_id\": {bad}"));
             let err = LlamaConfig::from_json(&json).unwrap_err();
             assert!(

@@ -648,6 +648,41 @@ fn the_base_models_generation_and_tokenizer_settings_reach_the_export() {
     ]);
     assert!(!out.join("generation_config.json").exists());
     assert!(!out.join("tokenizer_config.json").exists());
+    // A user's own copy in an export (the chat template an earlier dapt did not carry) is not
+    // dapt's to replace or remove: the export refuses the directory and the file stays.
+    std::fs::write(out.join("tokenizer_config.json"), "{\"mine\": true}").expect("write");
+    let refused = dapt(&[
+        "export",
+        &from.to_string_lossy(),
+        "--hf",
+        &out.to_string_lossy(),
+    ]);
+    let err = text(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(err.contains("tokenizer_config.json"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("tokenizer_config.json")).expect("the user's file"),
+        "{\"mine\": true}"
+    );
+
+    // A resumed run carries what the run started with (from its checkpoint), not the base
+    // folder's files as they are now.
+    let spec = std::fs::read_to_string(&stage2.path).expect("read");
+    let from_tokens = format!("tokens: {}", 3 * BATCH * 32);
+    assert!(spec.contains(&from_tokens));
+    let spec = spec.replace(&from_tokens, &format!("tokens: {}", 6 * BATCH * 32));
+    std::fs::write(&stage2.path, spec).expect("write");
+    std::fs::write(base.join("generation_config.json"), r#"{"edited": true}"#).expect("write");
+    ok(&["train", &stage2.path.to_string_lossy()]);
+    assert_eq!(
+        std::fs::read_to_string(
+            stage2
+                .checkpoints
+                .join("step-00000006/generation_config.json")
+        )
+        .expect("carried on resume"),
+        carried[0].1
+    );
 }
 
 /// A `checkpoint.dir` holding a user's own files under the names of dapt's state files

@@ -53,7 +53,7 @@ pub enum WorkerError {
     /// nats, whose `exp` overflows (a model far worse than a uniform guess, ln V nats). It is an
     /// error, never a report of null (JSON has no infinity) nor a forgetting-guard baseline of
     /// infinity. `step` is the training step (`None` for `dapt eval`).
-    #[error("held-out evaluation of source `{source_name}`{}: the mean NLL over {tokens} tokens is {mean_nll}, so its perplexity (exp of it) is not a finite number (NaN, or a mean NLL above 709.78 nats, where exp overflows); the model's logits overflow or are NaN on these windows, or it predicts them far worse than a uniform guess", at_step(.step))]
+    #[error("held-out evaluation of source `{source_name}`{}: the mean NLL over {tokens} tokens is {mean_nll}, so its perplexity (exp of it) is not finite (NaN, or a mean NLL above 709.78 nats, where exp overflows); the model's logits overflow or are NaN on these windows, or it predicts them far worse than a uniform guess", at_step(.step))]
     NonFiniteEval {
         source_name: String,
         step: Option<u64>,

@@ -432,18 +432,21 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             })?;
             // The base model's generation and tokenizer settings, as the checkpoint carries
             // them; an earlier export's copy that this checkpoint lacks goes (it described
-            // another model).
+            // another model; `claim_output_dir` let only copies dapt wrote through).
+            let mut carried = Vec::new();
             for name in checkpoint::BASE_FILES {
                 let (from, to) = (checkpoint.join(name), out.join(name));
                 if from.is_file() {
                     copy_if_present(&from, &to).inspect_err(|_| {
                         let _ = std::fs::remove_file(&to);
                     })?;
+                    carried.push(name.to_owned());
                 } else if to.is_file() {
                     std::fs::remove_file(&to)
                         .with_context(|| format!("removing {}", to.display()))?;
                 }
             }
+            hf::record_export(&out, &carried)?;
             println!("exported step {} to {}", loaded.state.step, out.display());
             Ok(())
         }

@@ -163,14 +163,33 @@ pub fn is_xhtml(path: &std::path::Path, text: &str) -> bool {
 /// it is not well-formed XML (the caller reads it as HTML, as a lenient reader would). HTML's
 /// named character references that XML does not define (`&nbsp;`, `&mdash;`: an XHTML DTD
 /// defines them, and no DTD is fetched) are read as HTML reads them.
+///
+/// A document type declaration is dropped unread; one with an internal subset (`[...]`, where
+/// entities are declared) sends the page to the HTML reader, which ignores them: expanded, a
+/// few kilobytes of entity references can ask for terabytes of text.
 pub fn extract_xhtml_text(text: &str) -> Option<String> {
-    let text = html_entities_as_numbers(text);
-    let options = roxmltree::ParsingOptions {
-        allow_dtd: true,
-        ..roxmltree::ParsingOptions::default()
-    };
-    let document = roxmltree::Document::parse_with_options(&text, options).ok()?;
+    let text = without_doctype(text)?;
+    let text = html_entities_as_numbers(&text);
+    let document = roxmltree::Document::parse(&text).ok()?;
     Some(visible_text(document.root(), text.len() / 2))
+}
+
+/// `text` without its `<!DOCTYPE ...>` (XML's case); `None` when the declaration has an internal
+/// subset or does not end.
+fn without_doctype(text: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let Some(start) = text.find("<!DOCTYPE") else {
+        return Some(std::borrow::Cow::Borrowed(text));
+    };
+    let length = text[start..].find('>')?;
+    let declaration = &text[start..start + length];
+    if declaration.contains('[') {
+        return None;
+    }
+    Some(std::borrow::Cow::Owned(format!(
+        "{}{}",
+        &text[..start],
+        &text[start + length + 1..]
+    )))
 }
 
 /// `text` with each `&name;` that HTML defines and XML does not (all but `lt`, `gt`, `amp`,
@@ -466,6 +485,14 @@ mod tests {
         );
         // Not well-formed: the caller reads it as HTML.
         assert_eq!(extract_xhtml_text("<p>unclosed <b>bold</p>"), None);
+        // Entities declared in the page are never expanded: the page goes to the HTML reader.
+        let bomb = format!(
+            "<?xml version=\"1.0\"?><!DOCTYPE html [<!ENTITY b \"{}\">]><html \
+             xmlns=\"http://www.w3.org/1999/xhtml\"><body><p>{}</p></body></html>",
+            "x".repeat(1000),
+            "&b;".repeat(1000)
+        );
+        assert_eq!(extract_xhtml_text(&bomb), None);
         assert!(is_xhtml(std::path::Path::new("c.XHTML"), "<p>x</p>"));
         assert!(!is_xhtml(
             std::path::Path::new("c.html"),

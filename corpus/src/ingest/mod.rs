@@ -338,23 +338,28 @@ pub fn read_file(
     match file.format {
         Format::Plain => text.documents.push(content),
         Format::Html => {
-            let depth = html::nesting_depth(&content, html::MAX_NESTING);
-            if depth > html::MAX_NESTING {
-                return Err(CorpusError::NotText {
-                    path: file.path.clone(),
-                    reason: format!(
-                        "its HTML elements nest more than {} deep: the HTML parser's time grows \
-                         with the square of the depth (browsers stop at 512); fix or remove the \
-                         page",
-                        html::MAX_NESTING
-                    ),
-                });
-            }
+            // XHTML read as XML needs no HTML nesting bound (its parser and the walk keep no
+            // recursion, and `<span/>` opens nothing there).
             let xhtml = html::is_xhtml(&file.path, &content)
                 .then(|| html::extract_xhtml_text(&content))
                 .flatten();
-            text.documents
-                .push(xhtml.unwrap_or_else(|| html::extract_text(&content)))
+            if let Some(xhtml) = xhtml {
+                text.documents.push(xhtml);
+            } else {
+                let depth = html::nesting_depth(&content, html::MAX_NESTING);
+                if depth > html::MAX_NESTING {
+                    return Err(CorpusError::NotText {
+                        path: file.path.clone(),
+                        reason: format!(
+                            "its HTML elements nest more than {} deep: the HTML parser's time grows \
+                             with the square of the depth (browsers stop at 512); fix or remove the \
+                             page",
+                            html::MAX_NESTING
+                        ),
+                    });
+                }
+                text.documents.push(html::extract_text(&content))
+            }
         }
         Format::Jsonl => {
             // Lines end in `\n` (`\r\n` too); a file with none but lone `\r`s (classic Mac

@@ -199,7 +199,6 @@ impl SourceStats {
         }
     }
 
-    /// A kept document of the file at `path` (at `line` of a JSONL file) spells `token`.
     /// A document with no text once extracted and trimmed (an empty record, a page of chrome
     /// only), left out.
     pub fn add_empty(&mut self, path: &Path, line: Option<u64>) {
@@ -212,6 +211,7 @@ impl SourceStats {
         }
     }
 
+    /// A kept document of the file at `path` (at `line` of a JSONL file) spells `token`.
     pub fn add_special_text(&mut self, path: &Path, line: Option<u64>, token: &str) {
         self.special_text_documents += 1;
         if self.special_text_examples.len() < EXAMPLES_KEPT {

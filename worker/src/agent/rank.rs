@@ -236,7 +236,11 @@ pub fn train(
             Duration::from_secs(job.cluster.collective_timeout_s),
         )?,
     };
-    let base_files = checkpoint::BaseFiles::read(job, reader.tokenizer_bytes());
+    let base_files = checkpoint::BaseFiles::read(
+        job,
+        reader.tokenizer_bytes(),
+        (!a.checkpoint.is_empty()).then(|| std::path::Path::new(&a.checkpoint)),
+    );
     let origin = checkpoint::Origin::new(&reader, &corpus_digest, job, &base_files)
         .in_generation(a.generation);
     let eval = |trainer: &dyn Engine, step: u64| -> Result<(), RankError> {

@@ -64,10 +64,6 @@ pub struct TrainerState {
     pub generation: Option<u64>,
 }
 
-/// What a checkpoint is trained from besides its steps: the corpus, whose tokenizer is copied
-/// into the checkpoint and whose content digest is recorded in `trainer.json` (checked on resume
-/// by [`check_corpus`]), and the job's initial Hugging Face model folder, recorded there too (an
-/// export never goes over it: [`check_export_target`]).
 /// The base model's files that describe how it is used rather than what it computes, carried
 /// from its Hugging Face folder into every checkpoint (listed and checksummed in the manifest)
 /// and into an export: `generation_config.json` (the end tokens generation stops at, sampling
@@ -75,11 +71,7 @@ pub struct TrainerState {
 /// byte), `tokenizer_config.json` (the chat template, the special tokens) and
 /// `special_tokens_map.json`. Before, an export of a continued Llama-3.x-Instruct had neither its
 /// chat template nor its stop tokens (an audit).
-pub const BASE_FILES: [&str; 3] = [
-    "generation_config.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-];
+pub const BASE_FILES: [&str; 3] = dapt_proto::checkpoint::CARRIED_FILES;
 
 /// The largest [`BASE_FILES`] file carried, in bytes (a chat template is tens of KiB).
 pub const MAX_BASE_FILE_BYTES: u64 = 4 << 20;
@@ -92,14 +84,37 @@ pub struct BaseFiles {
 }
 
 impl BaseFiles {
-    /// `job`'s `model.hf` folder's [`BASE_FILES`] that exist there; the tokenizer's two only
-    /// when `tokenizer` (the corpus's, as the reader opened it) is the folder's `tokenizer.json`.
-    /// A file that is not a JSON object, or is larger than [`MAX_BASE_FILE_BYTES`], is left out
-    /// with a warning naming it: it changes nothing dapt computes.
-    pub fn read(job: &dapt_proto::job::JobSpec, tokenizer: Option<&[u8]>) -> Self {
+    /// The files a run carries: those of the checkpoint it resumes from (`resumed`: verified
+    /// with it, what the run started with), else `job`'s `model.hf` folder's that exist there,
+    /// the tokenizer's two only when `tokenizer` (the corpus's, as the reader opened it) is the
+    /// folder's `tokenizer.json`. A file that is not a JSON object, or is larger than
+    /// [`MAX_BASE_FILE_BYTES`], is left out with a warning naming it: it changes nothing dapt
+    /// computes.
+    pub fn read(
+        job: &dapt_proto::job::JobSpec,
+        tokenizer: Option<&[u8]>,
+        resumed: Option<&Path>,
+    ) -> Self {
+        if let Some(dir) = resumed {
+            let files: Vec<(&'static str, Vec<u8>)> = BASE_FILES
+                .iter()
+                .filter_map(|&name| Some((name, std::fs::read(dir.join(name)).ok()?)))
+                .collect();
+            // A checkpoint written before they were carried has none: the folder's, if any.
+            if !files.is_empty() {
+                return BaseFiles { files };
+            }
+        }
         let Some(dir) = job.model.as_ref().and_then(|m| m.hf.as_deref()) else {
             return BaseFiles::default();
         };
+        if !dir.is_dir() {
+            tracing::warn!(
+                model = %dir.display(),
+                "the base model's folder cannot be read here: its generation_config.json and tokenizer_config.json are not carried into checkpoints and exports"
+            );
+            return BaseFiles::default();
+        }
         let same_tokenizer = tokenizer
             .is_some_and(|t| std::fs::read(dir.join(hf::TOKENIZER_FILE)).is_ok_and(|b| b == t));
         let mut files = Vec::new();
@@ -151,6 +166,10 @@ impl BaseFiles {
     }
 }
 
+/// What a checkpoint is trained from besides its steps: the corpus, whose tokenizer is copied
+/// into the checkpoint and whose content digest is recorded in `trainer.json` (checked on resume
+/// by [`check_corpus`]), and the job's initial Hugging Face model folder, recorded there too (an
+/// export never goes over it: [`check_export_target`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Origin<'a> {
     /// The corpus's `tokenizer.json` as the trainer opened it

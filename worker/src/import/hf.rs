@@ -66,7 +66,7 @@ pub fn claim_output_dir(dir: &Path) -> Result<()> {
             let ours = names.iter().any(|n| n == EXPORT_MARKER);
             if let Some(name) = names
                 .iter()
-                .find(|n| !ours || !dapt_proto::checkpoint::is_export_file(n))
+                .find(|n| !ours || !dapt_proto::checkpoint::is_export_entry(dir, n))
             {
                 return refuse(format!(
                     "holds `{name}`, which {}",
@@ -80,7 +80,19 @@ pub fn claim_output_dir(dir: &Path) -> Result<()> {
         }
     }
     std::fs::create_dir_all(dir).map_err(WorkerError::io(dir))?;
-    let marker = serde_json::json!({ "created_by": format!("dapt {}", env!("CARGO_PKG_VERSION")) });
+    // The carried files an earlier export wrote stay listed until this one says what it wrote.
+    let earlier = dapt_proto::checkpoint::carried_files_written(dir);
+    record_export(dir, &earlier)
+}
+
+/// Writes export directory `dir`'s marker ([`EXPORT_MARKER`]), listing `carried`: the base
+/// model's files dapt wrote there (`dapt_proto::checkpoint::CARRIED_FILES`), which a later
+/// export may then replace or remove.
+pub fn record_export(dir: &Path, carried: &[String]) -> Result<()> {
+    let marker = serde_json::json!({
+        "created_by": format!("dapt {}", env!("CARGO_PKG_VERSION")),
+        "files": carried,
+    });
     write_atomic(
         &dir.join(EXPORT_MARKER),
         serde_json::to_string_pretty(&marker)

@@ -260,7 +260,9 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
     } = *ctx;
     let training = *training;
     let root = job.checkpoint.dir.clone();
-    let base_files = checkpoint::BaseFiles::read(job, reader.tokenizer_bytes());
+    let resumed_dir = resumed_from.map(|step| checkpoint::step_dir(&root, step));
+    let base_files =
+        checkpoint::BaseFiles::read(job, reader.tokenizer_bytes(), resumed_dir.as_deref());
 
     let steps = training.steps();
     let stop = options.stop_after.unwrap_or(steps).min(steps);
