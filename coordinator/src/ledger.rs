@@ -740,6 +740,12 @@ mod tests {
         let spec = job(tmp.path(), 1);
         let (ledger, _) = Ledger::open(&spec).expect("open");
         assert_eq!(ledger.last_generation().expect("read"), None);
+        record_generation_7(&ledger);
+        let (ledger, _) = Ledger::open(&spec).expect("reopen");
+        assert_eq!(ledger.last_generation().expect("read"), Some(7));
+    }
+
+    fn record_generation_7(ledger: &Ledger) {
         let record = GenerationRecord {
             generation: 7,
             ranks: vec!["a".into()],
@@ -747,8 +753,6 @@ mod tests {
             resume_step: 0,
         };
         ledger.record_generation(&record).expect("record");
-        let (ledger, _) = Ledger::open(&spec).expect("reopen");
-        assert_eq!(ledger.last_generation().expect("read"), Some(7));
     }
 
     /// A user's file under the name of dapt's ledger is not dapt's; dapt's own, cut short by a
@@ -785,13 +789,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let spec = job(tmp.path(), 1);
         let (ledger, _) = Ledger::open(&spec).expect("open");
-        let record = GenerationRecord {
-            generation: 7,
-            ranks: vec!["a".into()],
-            peers: vec!["10.0.0.1:29500".into()],
-            resume_step: 0,
-        };
-        ledger.record_generation(&record).expect("record");
+        record_generation_7(&ledger);
         for (step, generation) in [(10, 8), (20, 9)] {
             let dir = checkpoint_dir(&spec.checkpoint.dir, step);
             let trainer = format!(r#"{{"step": {step}, "generation": {generation}}}"#);

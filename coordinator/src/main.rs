@@ -197,14 +197,14 @@ fn main() -> ExitCode {
     if let Some((sub, args)) = forwarded {
         return forward_to_worker(sub, args, cli.log);
     }
-    if matches!(
-        cli.command,
-        Command::Status { .. } | Command::Plan { .. } | Command::Prepare { .. }
-    ) {
+    if matches!(cli.command, Command::Plan { .. } | Command::Prepare { .. }) {
         // A command that prints and exits ends quietly when its reader does (`dapt plan ... |
         // head`), as Unix tools do, instead of panicking on the broken pipe; the long-running
         // `launch` and `coordinator` keep Rust's default (a failed write is an error there, and
-        // their log writer drops it).
+        // their log writer drops it). Not `status`: it talks over a socket, and with SIGPIPE's
+        // default a server that closed the connection (a TLS handshake refused for want of a
+        // client certificate) killed it silently, no error printed (a flaky test showed it); it
+        // writes its output without panicking instead.
         // SAFETY: at the start of main, before any thread: restoring the default disposition.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
@@ -415,10 +415,12 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
                     )
                 })?
             })?;
+            // Written without panicking on a closed pipe (`dapt status URL | head -1`): this
+            // command keeps SIGPIPE ignored (see `main`).
             if json {
-                println!("{}", status_json(&reply));
+                say_out(&format!("{}\n", status_json(&reply)));
             } else {
-                print!("{}", render_status(&reply));
+                say_out(&render_status(&reply));
             }
             Ok(ExitCode::SUCCESS)
         }
