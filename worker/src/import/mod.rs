@@ -171,6 +171,20 @@ pub fn import_gguf(file: &gguf::GgufFile, out: &Path) -> Result<HfWeights> {
             message: e.to_string(),
         })?;
     hf::write_atomic(&tokenizer_path, json.as_bytes())?;
+    // An earlier dapt export here may have carried its base model's generation and tokenizer
+    // settings: they described another model (its marker lists them, so they are dapt's).
+    if out.join(hf::EXPORT_MARKER).is_file() {
+        for name in dapt_proto::checkpoint::carried_files_written(out) {
+            let path = out.join(&name);
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(WorkerError::io(&path)(e))
+                }
+                _ => {}
+            }
+        }
+        hf::record_export(out, &[])?;
+    }
     Ok(HfWeights {
         config,
         layout,

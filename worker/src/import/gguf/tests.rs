@@ -1046,3 +1046,28 @@ fn sizes_the_file_cannot_hold_are_refused_by_key() -> TestResult {
     );
     Ok(())
 }
+
+/// A GGUF imported into an earlier dapt export whose checkpoint carried its base model's
+/// `generation_config.json` (listed in the export's marker) does not keep that file beside the
+/// imported model: it described another model. A file the marker does not list stays.
+#[test]
+fn an_import_over_an_export_drops_the_files_it_carried() -> TestResult {
+    let out = tempfile::tempdir()?;
+    let marker = serde_json::json!({"created_by": "dapt", "files": ["generation_config.json"]});
+    std::fs::write(
+        out.path().join(crate::import::hf::EXPORT_MARKER),
+        marker.to_string(),
+    )?;
+    std::fs::write(out.path().join("generation_config.json"), "{}")?;
+    std::fs::write(out.path().join("notes.txt"), "mine")?;
+    let (_tmp, gguf) = open_writer(&tiny_llama(None))?;
+    crate::import::import_gguf(&gguf, out.path())?;
+    assert!(out.path().join("model.safetensors").is_file());
+    assert!(!out.path().join("generation_config.json").exists());
+    assert!(dapt_proto::checkpoint::carried_files_written(out.path()).is_empty());
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("notes.txt"))?,
+        "mine"
+    );
+    Ok(())
+}
