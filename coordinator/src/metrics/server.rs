@@ -156,7 +156,7 @@ where
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ);
     let conn = builder.serve_connection(
-        hyper_util::rt::TokioIo::new(WriteDeadline::new(io, WRITE_STALL)),
+        hyper_util::rt::TokioIo::new(write_deadline(io)),
         hyper_util::service::TowerToHyperService::new(app),
     );
     tokio::pin!(conn);
@@ -174,102 +174,14 @@ where
     let _ = conn.await;
 }
 
-/// `io` whose writes must make progress: a write or flush that stays blocked for `stall` (the
-/// peer stopped reading and the socket's buffers are full) fails with `TimedOut`, which ends
-/// the connection. Reads are `io`'s own (hyper bounds the header's wait).
-struct WriteDeadline<IO> {
+/// `io` whose writes must make progress: a write or flush that stays blocked for
+/// [`WRITE_STALL`] (the peer stopped reading and the socket's buffers are full) fails with
+/// `TimedOut`, which ends the connection (`tokio-io-timeout`; the timer restarts whenever a
+/// write completes). Reads are `io`'s own (hyper bounds the header's wait).
+fn write_deadline<IO: AsyncRead + AsyncWrite>(
     io: IO,
-    stall: Duration,
-    /// Armed when a write first blocks; cleared when one makes progress.
-    blocked: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl<IO> WriteDeadline<IO> {
-    fn new(io: IO, stall: Duration) -> Self {
-        WriteDeadline {
-            io,
-            stall,
-            blocked: None,
-        }
-    }
-
-    /// After `io` answered `Pending`: `Pending` again, or `TimedOut` once blocked for `stall`.
-    fn blocked<T>(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<T>> {
-        use std::future::Future;
-        let stall = self.stall;
-        let timer = self
-            .blocked
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
-        match timer.as_mut().poll(cx) {
-            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the client read nothing for {stall:?}"),
-            ))),
-            std::task::Poll::Pending => std::task::Poll::Pending,
-        }
-    }
-
-    fn progressed<T>(
-        &mut self,
-        poll: std::task::Poll<io::Result<T>>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<T>> {
-        match poll {
-            std::task::Poll::Pending => self.blocked(cx),
-            ready => {
-                self.blocked = None;
-                ready
-            }
-        }
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for WriteDeadline<IO> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<IO> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        let poll = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
-        self.progressed(poll, cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> std::task::Poll<io::Result<usize>> {
-        let poll = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.progressed(poll, cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        let poll = std::pin::Pin::new(&mut self.io).poll_flush(cx);
-        self.progressed(poll, cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        let poll = std::pin::Pin::new(&mut self.io).poll_shutdown(cx);
-        self.progressed(poll, cx)
-    }
+) -> std::pin::Pin<Box<tokio_io_timeout::TimeoutStream<IO>>> {
+    let mut stream = tokio_io_timeout::TimeoutStream::new(io);
+    stream.set_write_timeout(Some(WRITE_STALL));
+    Box::pin(stream)
 }
