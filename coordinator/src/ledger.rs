@@ -408,6 +408,15 @@ impl Ledger {
     }
 }
 
+/// The step `dir`'s `committed.json` records, read without taking the directory or touching
+/// its ledger; `None` when there is none or it does not parse (the coordinator refuses that
+/// one by name when it opens the ledger).
+pub fn committed_step(dir: &Path) -> Option<u64> {
+    let bytes = fs::read(dir.join(COMMITTED_FILE)).ok()?;
+    let file: CommittedFile = serde_json::from_slice(&bytes).ok()?;
+    Some(file.committed.step)
+}
+
 /// Refuses a directory without a `committed.json` that holds anything dapt does not write
 /// ([`foreign_entry`]); `dapt launch` calls it before it writes anything there.
 pub fn check_foreign(dir: &Path) -> Result<(), LedgerError> {

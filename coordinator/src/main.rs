@@ -552,9 +552,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// The corpus the job's newest checkpoint in `checkpoint.dir` was trained on, if it records one.
+/// The corpus the job resumes on, if its checkpoint records one: the committed checkpoint's
+/// (`committed.json`), else the newest in `checkpoint.dir` (a single rank's `dapt train`
+/// commits none, and the committed one may be on another machine's disk). A newer checkpoint
+/// that was never committed is dropped on resume, so its corpus is not the one to keep.
 fn resumed_corpus(spec: &JobSpec) -> Option<dapt_corpus::prepare::KeepCorpus> {
-    let (_, dir, _) = dapt_proto::checkpoint::list(&spec.checkpoint.dir).pop()?;
+    let mut checkpoints = dapt_proto::checkpoint::list(&spec.checkpoint.dir);
+    let committed = dapt_coordinator::ledger::committed_step(&spec.checkpoint.dir);
+    let at = committed.and_then(|step| checkpoints.iter().position(|(s, _, _)| *s == step));
+    let (_, dir, _) = match at {
+        Some(at) => checkpoints.swap_remove(at),
+        None => checkpoints.pop()?,
+    };
     Some(dapt_corpus::prepare::KeepCorpus {
         digest: dapt_proto::checkpoint::trained_corpus(&dir)?,
         checkpoint: dir,

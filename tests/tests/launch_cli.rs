@@ -2,6 +2,7 @@
 //! `dapt coordinator` with `dapt-worker` processes killed with SIGKILL, refusals, Ctrl-C and
 //! resume. Every wait is bounded.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -433,6 +434,22 @@ fn a_launch_does_not_replace_the_corpus_its_checkpoints_were_trained_on() {
         [original.as_slice(), b"\nA new paragraph.\n"].concat(),
     )
     .expect("append");
+    // A newer checkpoint that was never committed (a crash between its write and the commit),
+    // recording another corpus: the corpus to keep is the committed checkpoint's, not the
+    // newest's (it was the newest's: the corpus was replaced).
+    let uncommitted = job.checkpoints.join("step-00000007");
+    copy_dir(&job.checkpoints.join("step-00000006"), &uncommitted);
+    let trainer = uncommitted.join("trainer.json");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&trainer).expect("trainer.json")).expect("json");
+    state["corpus"] = serde_json::json!("0".repeat(64));
+    state["step"] = serde_json::json!(7);
+    std::fs::write(&trainer, state.to_string()).expect("write");
+    let manifest_of_7 = uncommitted.join("manifest.json");
+    let mut listing: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_of_7).expect("manifest")).expect("json");
+    listing["step"] = serde_json::json!(7);
+    std::fs::write(&manifest_of_7, listing.to_string()).expect("write");
     let mut second = launch(&job, 1);
     let (status, _) = second.finish(LONG);
     let stderr = second.stderr();
@@ -447,6 +464,7 @@ fn a_launch_does_not_replace_the_corpus_its_checkpoints_were_trained_on() {
         manifest,
         "the corpus was replaced"
     );
+    std::fs::remove_dir_all(&uncommitted).expect("rm");
     std::fs::write(&edited, &original).expect("restore");
     let mut third = launch(&job, 1);
     let (status, stdout) = third.finish(LONG);
@@ -530,4 +548,13 @@ fn a_failed_final_export_still_says_the_job_completed_and_the_same_command_expor
         losses(&again.lines()).is_empty(),
         "a completed job trains no step again"
     );
+}
+
+/// Copies the files of directory `from` into a new directory `to` (one level: a checkpoint).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("ls") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+    }
 }

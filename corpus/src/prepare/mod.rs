@@ -51,7 +51,7 @@ pub struct PrepareOptions {
     pub keep: Option<KeepCorpus>,
 }
 
-/// The corpus a job's newest checkpoint was trained on, which `dapt launch` asks prepare not to
+/// The corpus a job's committed checkpoint (else its newest) was trained on, which `dapt launch` asks prepare not to
 /// replace with another: a new corpus would make the checkpoint unresumable, and the old one
 /// can only be rebuilt from the exact old inputs. (A rebuild of the same content is published.)
 #[derive(Debug, Clone)]
