@@ -51,9 +51,10 @@ pub struct PrepareOptions {
     pub keep: Option<KeepCorpus>,
 }
 
-/// The corpus a job's committed checkpoint (else its newest) was trained on, which `dapt launch` asks prepare not to
-/// replace with another: a new corpus would make the checkpoint unresumable, and the old one
-/// can only be rebuilt from the exact old inputs. (A rebuild of the same content is published.)
+/// The corpus a job's committed checkpoint (else its newest) was trained on, which `dapt launch`
+/// asks prepare not to replace with another: a new corpus would make the checkpoint
+/// unresumable, and the old one can only be rebuilt from the exact old inputs. (A rebuild of
+/// the same content is published.)
 #[derive(Debug, Clone)]
 pub struct KeepCorpus {
     /// [`Manifest::content_digest`] of that corpus, as the checkpoint records it.
