@@ -800,15 +800,32 @@ impl JobSpec {
             MAX_DURATION_MS / 1000,
         )?;
         if let Some(m) = &self.model {
-            number("model.init_std", m.init_std, |x| x >= 0.0, ">= 0")?;
+            // 0 makes every weight 0, and then every gradient: a model that never trains.
+            number("model.init_std", m.init_std, |x| x > 0.0, "positive")?;
         }
         if let Some(t) = &self.training {
             let o = &t.optimizer;
-            number("training.optimizer.lr", o.lr, |x| x > 0.0, "positive")?;
-            let beta = |x: f64| (0.0..1.0).contains(&x);
-            number("training.optimizer.betas", o.betas.0, beta, "in [0, 1)")?;
-            number("training.optimizer.betas", o.betas.1, beta, "in [0, 1)")?;
-            number("training.optimizer.eps", o.eps, |x| x > 0.0, "positive")?;
+            // The optimizer computes in f32: a value that is in range as written but not once
+            // rounded to f32 (a beta of 1 - 1e-8 is 1.0, an eps of 1e-46 is 0, an lr of 1e39
+            // is infinite) is refused, not trained with (a beta of 1 froze a moment at 0: the
+            // loss went to 4e7 and the run exited 0; an audit).
+            let f32_too = |x: f64| (x as f32).is_finite();
+            number(
+                "training.optimizer.lr",
+                o.lr,
+                |x| x > 0.0 && f32_too(x),
+                "positive and finite in f32 (below 3.4e38)",
+            )?;
+            let beta = |x: f64| (0.0..1.0).contains(&x) && (x as f32) < 1.0;
+            let in_0_1 = "in [0, 1), also once rounded to f32 (at most 0.99999994)";
+            number("training.optimizer.betas", o.betas.0, beta, in_0_1)?;
+            number("training.optimizer.betas", o.betas.1, beta, in_0_1)?;
+            number(
+                "training.optimizer.eps",
+                o.eps,
+                |x| (x as f32) > 0.0 && f32_too(x),
+                "positive, also once rounded to f32 (at least 1.4e-45)",
+            )?;
             let at_least_0 = |x: f64| x >= 0.0;
             let weight_decay = o.weight_decay;
             number(
@@ -1271,6 +1288,37 @@ training:
             .unwrap_err();
             assert!(err.contains("training.optimizer.betas"), "{err}");
         }
+    }
+
+    /// The optimizer computes in f32: values in range as written but not once rounded to f32
+    /// (a beta of 1 - 1e-8 is 1.0: the second moment stayed 0 and the loss went to 4e7, exit 0;
+    /// an audit) are refused by field, and so is an `init_std` of 0 (no gradient ever).
+    #[test]
+    fn optimizer_values_are_checked_as_the_optimizer_holds_them() {
+        let optimizer = |body: &str| {
+            let spec = JobSpec::parse(&JOB.replace(
+                "tokens: 100000",
+                &format!("tokens: 100000\n  optimizer:\n    {body}"),
+            ))
+            .expect("parses");
+            spec.validate()
+                .map_err(|(field, message)| format!("{field}: {message}"))
+        };
+        for (body, field) in [
+            ("betas: [0.9, 0.99999999]", "training.optimizer.betas"),
+            ("betas: [0.99999999, 0.95]", "training.optimizer.betas"),
+            ("eps: 1.0e-46", "training.optimizer.eps"),
+            ("lr: 1.0e+39", "training.optimizer.lr"),
+        ] {
+            let err = optimizer(body).expect_err(body);
+            assert!(err.starts_with(field), "{body}: {err}");
+        }
+        // The largest f32 below 1, and the smallest positive f32, are the optimizer's own.
+        optimizer("betas: [0.9, 0.99999994]").expect("a beta f32 holds below 1");
+        optimizer("eps: 1.5e-45").expect("a positive f32 eps");
+        let spec = JobSpec::parse(&format!("{JOB}\nmodel:\n  preset: tiny\n  init_std: 0\n"))
+            .expect("parses");
+        assert_eq!(spec.validate().expect_err("init_std 0").0, "model.init_std");
     }
 
     #[test]

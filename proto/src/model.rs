@@ -341,6 +341,14 @@ impl LlamaConfig {
             None if family == Family::Qwen3 => {
                 return Err("`head_dim` is null; transformers' Qwen3Config needs an integer".into())
             }
+            // transformers' LlamaConfig refuses a hidden size that heads do not divide (its
+            // Mistral and Qwen2 configs floor it): an export of it would not load.
+            None if family == Family::Llama && hidden % heads != 0 => {
+                return Err(format!(
+                    "`hidden_size` ({hidden}) is not a multiple of `num_attention_heads` \
+                     ({heads}) and there is no `head_dim`: transformers' LlamaConfig refuses it"
+                ))
+            }
             None => hidden / heads,
         };
         if head_dim == 0 {
@@ -944,7 +952,8 @@ mod tests {
 
     #[test]
     fn a_head_dim_of_zero_is_refused_not_a_panic_later() {
-        let json = serde_json::json!({"model_type": "llama", "hidden_size": 2,
+        // (Mistral floors `hidden / heads`, as transformers' MistralConfig does.)
+        let json = serde_json::json!({"model_type": "mistral", "hidden_size": 2,
             "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 8,
             "num_hidden_layers": 1, "vocab_size": 32});
         let err = LlamaConfig::from_json(&json.to_string()).expect_err("refused");
@@ -952,6 +961,30 @@ mod tests {
             err.contains("head_dim") && err.contains("hidden_size 2"),
             "{err}"
         );
+    }
+
+    /// transformers' LlamaConfig refuses a hidden size the heads do not divide (without a
+    /// `head_dim`); dapt took `40 / 6 = 6`, trained and exported a config transformers cannot
+    /// load (an audit). Mistral and Qwen2 floor it, as transformers does.
+    #[test]
+    fn a_llama_hidden_size_the_heads_do_not_divide_is_refused() {
+        let config = |model_type: &str, head_dim: Option<u64>| {
+            let mut json = serde_json::json!({"model_type": model_type, "hidden_size": 40,
+                "num_attention_heads": 6, "num_key_value_heads": 6, "intermediate_size": 64,
+                "num_hidden_layers": 1, "vocab_size": 32});
+            if let Some(d) = head_dim {
+                json["head_dim"] = d.into();
+            }
+            LlamaConfig::from_json(&json.to_string())
+        };
+        let err = config("llama", None).expect_err("refused");
+        assert!(
+            err.contains("`hidden_size` (40)") && err.contains("`num_attention_heads` (6)"),
+            "{err}"
+        );
+        assert_eq!(config("llama", Some(8)).expect("explicit").head_dim, 8);
+        assert_eq!(config("mistral", None).expect("floored").head_dim, 6);
+        assert_eq!(config("qwen2", None).expect("floored").head_dim, 6);
     }
 
     /// Hugging Face reads these fields as integers; a float (`8192.0`) in an exported
