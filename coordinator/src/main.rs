@@ -708,10 +708,15 @@ fn status_json(s: &rpc::StatusReply) -> String {
 }
 
 fn render_status(s: &rpc::StatusReply) -> String {
+    // Every string of the reply is the server's: one posing as the coordinator (over plain
+    // http:// nothing proves it is not) wrote terminal escapes (screen clears, a window title,
+    // OSC 52 to the clipboard) and newlines that forged lines (an audit). Escaped, each field
+    // by itself (the guard's line: each of its lines).
+    use dapt_proto::auth::printable as p;
     let mut out = format!(
         "job {}: {} (generation {})\nstep {}/{}  loss {:.4}  {:.0} tokens/s\nlast committed checkpoint: {}\n",
-        s.job,
-        s.phase,
+        p(&s.job),
+        p(&s.phase),
         s.generation,
         s.step,
         s.total_steps,
@@ -720,14 +725,14 @@ fn render_status(s: &rpc::StatusReply) -> String {
         if s.committed_checkpoint.is_empty() {
             "none yet".to_string()
         } else {
-            format!("step {} at {}", s.committed_step, s.committed_checkpoint)
+            format!("step {} at {}", s.committed_step, p(&s.committed_checkpoint))
         }
     );
     if !s.reason.is_empty() {
-        out.push_str(&format!("reason: {}\n", s.reason));
+        out.push_str(&format!("reason: {}\n", p(&s.reason)));
     }
     if let Some(guard) = dapt_coordinator::guard::status_line(&s.guard_json) {
-        out.push_str(&guard);
+        out.push_str(&printable_lines(&guard));
     }
     out.push_str(&format!("members ({}):\n", s.members.len()));
     for m in &s.members {
@@ -738,11 +743,78 @@ fn render_status(s: &rpc::StatusReply) -> String {
         };
         out.push_str(&format!(
             "  {}  {rank}  {}  {}\n",
-            m.worker_id,
-            m.collective_endpoint,
-            m.devices.join(",")
+            p(&m.worker_id),
+            p(&m.collective_endpoint),
+            p(&m.devices.join(","))
         ));
     }
-    out.push_str(&dapt_coordinator::stall_wire::render(&s.stalls));
+    let stalls: Vec<rpc::Stall> = s
+        .stalls
+        .iter()
+        .map(|stall| rpc::Stall {
+            action: p(&stall.action).into_owned(),
+            description: p(&stall.description).into_owned(),
+            ..stall.clone()
+        })
+        .collect();
+    out.push_str(&dapt_coordinator::stall_wire::render(&stalls));
     out
+}
+
+/// `text` with the control characters of each line escaped ([`dapt_proto::auth::printable`]),
+/// its line breaks kept.
+fn printable_lines(text: &str) -> String {
+    text.split('\n')
+        .map(|line| dapt_proto::auth::printable(line).into_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server posing as the coordinator wrote terminal escapes (a screen clear, OSC 52 to
+    /// the clipboard) and newlines that forged lines into every string of its reply, and
+    /// `dapt status` printed them raw (an audit).
+    #[test]
+    fn a_status_reply_cannot_control_the_terminal_or_forge_lines() {
+        let hostile = "x\x1b[2J\x1b]52;c;cm0gLXJmIH4=\x07\nstep 10/10 completed";
+        let reply = rpc::StatusReply {
+            job: hostile.into(),
+            phase: hostile.into(),
+            reason: hostile.into(),
+            committed_checkpoint: hostile.into(),
+            committed_step: 3,
+            members: vec![rpc::Member {
+                worker_id: hostile.into(),
+                collective_endpoint: hostile.into(),
+                devices: vec![hostile.into()],
+                ..Default::default()
+            }],
+            stalls: vec![rpc::Stall {
+                action: hostile.into(),
+                description: hostile.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = render_status(&reply);
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text}");
+        // The lines dapt writes, and no more: each forged line stayed inside its field.
+        let honest = render_status(&rpc::StatusReply {
+            committed_checkpoint: "c".into(),
+            committed_step: 3,
+            reason: "r".into(),
+            members: reply
+                .members
+                .iter()
+                .map(|_| rpc::Member::default())
+                .collect(),
+            stalls: reply.stalls.iter().map(|_| rpc::Stall::default()).collect(),
+            ..Default::default()
+        });
+        assert_eq!(text.lines().count(), honest.lines().count(), "{text}");
+        assert!(text.contains(r"\u{1b}[2J"), "{text}");
+    }
 }

@@ -105,12 +105,14 @@ impl Refusal {
         status
     }
 
-    /// The refusal in `status`, if it is one.
+    /// The refusal in `status`, if it is one. Its message comes from the network: control
+    /// characters are escaped ([`crate::auth::printable`]), so that printing it forges no log
+    /// line and sends no terminal escape.
     pub fn from_status(status: &tonic::Status) -> Option<Self> {
         let code = status.metadata().get(ERROR_CODE_KEY)?.to_str().ok()?;
         Some(Refusal {
             code: ErrorCode::from_str_name(code)?,
-            message: status.message().to_string(),
+            message: crate::auth::printable(status.message()).into_owned(),
         })
     }
 }

@@ -419,9 +419,12 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut next = Some(error);
     while let Some(e) = next {
+        // A status's message is the server's text: a stranger posing as the coordinator put
+        // terminal escapes and forged log lines in it (an audit). Escaped, as every string
+        // from the network is before it is printed.
         let text = match e.downcast_ref::<tonic::Status>() {
-            Some(status) => status.message().to_string(),
-            None => e.to_string(),
+            Some(status) => crate::auth::printable(status.message()).into_owned(),
+            None => crate::auth::printable(&e.to_string()).into_owned(),
         };
         if !parts.iter().any(|p| p.contains(&text)) {
             parts.push(text);
@@ -676,6 +679,29 @@ fn check_authority(
 
 #[cfg(test)]
 mod tests {
+
+    /// A server's error text is printed by the worker and `dapt status`: its terminal escapes
+    /// and newlines (a forged "job completed" log line, an audit) come out escaped, and so does
+    /// a refusal's message.
+    #[test]
+    fn a_servers_error_text_is_escaped_before_it_is_printed() {
+        let hostile = "no\x1b]0;owned\x07\n{\"level\":\"INFO\",\"message\":\"job completed\"}";
+        let text = explain(&tonic::Status::internal(hostile));
+        assert!(!text.contains(['\x1b', '\x07', '\n']), "{text}");
+        assert!(text.contains(r"\u{1b}]0;owned"), "{text}");
+        let mut status = tonic::Status::failed_precondition(hostile);
+        status.metadata_mut().insert(
+            crate::rpc::ERROR_CODE_KEY,
+            "ERROR_CODE_OTHER_JOB".parse().expect("ascii"),
+        );
+        let refusal = crate::rpc::Refusal::from_status(&status).expect("a refusal");
+        assert!(
+            !refusal.message.contains(['\x1b', '\n']),
+            "{}",
+            refusal.message
+        );
+    }
+
     use super::*;
 
     #[test]
