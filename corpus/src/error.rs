@@ -30,8 +30,9 @@ pub enum CorpusError {
         crate::ingest::SUPPORTED_EXTENSIONS
     )]
     UnsupportedFormat { path: PathBuf },
-    /// A FIFO, socket or device named in a source's `paths`: its read would block or never end.
-    #[error("{path}: not a regular file (a FIFO, socket or device): dapt reads regular files")]
+    /// A FIFO, socket or device named in a source's `paths` (or a tokenizer that is not a file):
+    /// its read would block or never end.
+    #[error("{path}: not a regular file (a directory, FIFO, socket or device): dapt reads regular files")]
     NotAFile { path: PathBuf },
     /// The bytes are not text dapt can read ([`crate::ingest::encoding::Undecodable`]).
     #[error("{path}: {reason}")]

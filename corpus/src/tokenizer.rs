@@ -868,6 +868,16 @@ where
 
 /// SHA-256 of a file, as lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
+    // A FIFO would block the open, a device never end the read (`tokenizer: /dev/zero` hashed
+    // for ever; an audit).
+    if !std::fs::metadata(path)
+        .map_err(CorpusError::io(path))?
+        .is_file()
+    {
+        return Err(CorpusError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
     let mut file = std::fs::File::open(path).map_err(CorpusError::io(path))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -884,6 +894,22 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `corpus.tokenizer: /dev/zero` was hashed for ever, a FIFO blocked (an audit).
+    #[test]
+    fn only_a_regular_file_is_hashed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("tokenizer.json");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        for path in [fifo.as_path(), Path::new("/dev/zero"), dir.path()] {
+            let err = sha256_file(path).expect_err("refused");
+            assert!(matches!(err, CorpusError::NotAFile { .. }), "{err}");
+        }
+    }
 
     #[test]
     fn pieces_are_cut_after_a_line_break_at_a_lines_start() {

@@ -628,13 +628,43 @@ pub fn field_line(text: &str, field: &str) -> Option<usize> {
     found.map(|i| i + 1)
 }
 
+/// The largest job file read, in bytes: a job is a page of YAML.
+pub const MAX_JOB_FILE_BYTES: u64 = 4 << 20;
+
+/// The text of `path`, which must be a regular file (after symlinks) of at most `limit` bytes
+/// and UTF-8: a FIFO would block the read, a device never end it. Errors say which.
+pub fn read_small_file(path: &Path, limit: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other(
+            "not a regular file (a directory, FIFO, socket or device)",
+        ));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB: not a file of this kind",
+            limit >> 20
+        )));
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()))
+}
+
 impl JobSpec {
     /// Reads and checks a job file; relative paths in it become relative to its directory.
+    /// A job file that is not a regular file (a FIFO hung the read, `/dev/zero` filled memory;
+    /// an audit) or past [`MAX_JOB_FILE_BYTES`] is refused before it is read.
     pub fn load(path: &Path) -> Result<Self, SpecError> {
-        let text = std::fs::read_to_string(path).map_err(|error| SpecError::Read {
+        let read_error = |error| SpecError::Read {
             path: path.to_path_buf(),
             error,
-        })?;
+        };
+        let text = read_small_file(path, MAX_JOB_FILE_BYTES).map_err(read_error)?;
         let mut spec = Self::parse(&text).map_err(|message| SpecError::Parse {
             path: path.to_path_buf(),
             message,
@@ -1319,6 +1349,27 @@ training:
         let spec = JobSpec::parse(&format!("{JOB}\nmodel:\n  preset: tiny\n  init_std: 0\n"))
             .expect("parses");
         assert_eq!(spec.validate().expect_err("init_std 0").0, "model.init_std");
+    }
+
+    /// A job file that is a FIFO hung `dapt prepare`, `/dev/zero` filled memory (an audit):
+    /// both refused at once, as is a file past the bound.
+    #[test]
+    fn a_job_file_that_is_not_a_regular_small_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("job.yaml");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        for path in [fifo.as_path(), Path::new("/dev/zero"), dir.path()] {
+            let err = JobSpec::load(path).expect_err("refused").to_string();
+            assert!(err.contains("not a regular file"), "{err}");
+        }
+        let big = dir.path().join("big.yaml");
+        std::fs::write(&big, vec![b'#'; MAX_JOB_FILE_BYTES as usize + 1]).expect("write");
+        let err = JobSpec::load(&big).expect_err("refused").to_string();
+        assert!(err.contains("larger than 4 MiB"), "{err}");
     }
 
     #[test]
