@@ -68,6 +68,18 @@ port=${DAPT_PORT:-29500}
 name=${DAPT_NODE_NAME:-${SLURMD_NODENAME:-${HOSTNAME:-$(hostname -s)}}}
 format=${DAPT_LOG_FORMAT:-text}
 
+# A log is appended to only when it is a regular file (or absent), checked before any worker
+# starts: never through a symlink (a link to a user's ~/.bashrc got a worker's output) or into
+# anything else.
+if [ -n "${DAPT_LOG_DIR:-}" ]; then
+  for ((i = 0; i < workers; i++)); do
+    log="$DAPT_LOG_DIR/$name-w$i.log"
+    if [ -L "$log" ] || { [ -e "$log" ] && [ ! -f "$log" ]; }; then
+      die "$log is a symlink or not a regular file: dapt writes its logs only to files of its own"
+    fi
+  done
+fi
+
 pids=()
 for ((i = 0; i < workers; i++)); do
   id="$name-w$i"

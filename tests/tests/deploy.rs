@@ -188,6 +188,15 @@ fn the_slurm_batch_script_runs_the_job_over_its_nodes() {
     std::fs::set_permissions(shim.join("srun"), std::fs::Permissions::from_mode(0o755))
         .expect("chmod");
     let job = write_job(dir.path(), "slurm", 12, TWO);
+    // checkpoint.dir relative to the job file, with a comment, submitted from another folder:
+    // the script put the logs in `<submit dir>/ck-slurm   # beside the job/logs` (an audit).
+    let yaml = std::fs::read_to_string(&job.path).expect("job");
+    let absolute = format!("dir: {}\n", job.checkpoints.display());
+    assert!(yaml.contains(&absolute), "{yaml}");
+    let yaml = yaml.replace(&absolute, "dir: \"ck-slurm\"   # beside the job\n");
+    std::fs::write(&job.path, yaml).expect("job");
+    let submit = dir.path().join("submit");
+    std::fs::create_dir_all(&submit).expect("submit dir");
     let bin_dir = binary("dapt").parent().expect("bin dir").to_path_buf();
     let path = format!(
         "{}:{}",
@@ -197,7 +206,7 @@ fn the_slurm_batch_script_runs_the_job_over_its_nodes() {
     let _serial = serial();
     let mut cmd = Command::new(repo_root().join("deploy/slurm/dapt.sbatch"));
     cmd.arg(&job.path)
-        .current_dir(dir.path())
+        .current_dir(&submit)
         .env("PATH", path)
         .env("SHIM_NODES", "2")
         // Node i's workers listen from SHIM_PORT + 10 i.
@@ -227,6 +236,44 @@ fn the_slurm_batch_script_runs_the_job_over_its_nodes() {
         let log = job.checkpoints.join(format!("logs/{id}.log"));
         assert!(log.is_file(), "{} is missing", log.display());
     }
+    let strays: Vec<_> = std::fs::read_dir(&submit).expect("ls").collect();
+    assert!(
+        strays.is_empty(),
+        "written in the submit folder: {strays:?}"
+    );
+}
+
+/// `dapt-node.sh` appended a worker's output through a log that was a symlink (to a user's
+/// `~/.bashrc`; an audit): it refuses before starting any worker, and the file is untouched.
+#[test]
+fn the_node_script_never_writes_a_log_through_a_symlink() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).expect("logs");
+    let users = dir.path().join("bashrc");
+    std::fs::write(&users, "export PATH=~/bin:$PATH\n").expect("write");
+    std::os::unix::fs::symlink(&users, logs.join("n1-w0.log")).expect("symlink");
+    let out = Command::new(repo_root().join("deploy/dapt-node.sh"))
+        .env("DAPT_COORDINATOR", "http://127.0.0.1:9")
+        .env("DAPT_JOB", "j")
+        .env("DAPT_TOKEN", "t")
+        .env("DAPT_DEVICE", "cpu")
+        .env("DAPT_HOST", "127.0.0.1")
+        .env("DAPT_NODE_NAME", "n1")
+        .env("DAPT_WORKER_BIN", binary("dapt-worker"))
+        .env("DAPT_LOG_DIR", &logs)
+        // (A worker started by mistake gives up on the absent coordinator at once.)
+        .env("DAPT_CONNECT_TIMEOUT_S", "1")
+        .output()
+        .expect("dapt-node.sh");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("n1-w0.log is a symlink"), "{stderr}");
+    assert!(!stderr.contains("started"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&users).expect("read"),
+        "export PATH=~/bin:$PATH\n"
+    );
 }
 
 /// Runs the Kubernetes manifests through `kubernetes-validate` (the API's OpenAPI schemas,
