@@ -8,9 +8,14 @@
 use ego_tree::NodeRef;
 use scraper::{Html, Node};
 
+/// Never shown, or shown only where something else is not (`noframes`, `noembed`: old Javadoc's
+/// `index.html` held raw markup there, which html5ever reads as raw text).
 const SKIPPED: &[&str] = &[
     "head", "script", "style", "noscript", "template", "nav", "svg", "iframe", "object",
+    "noframes", "noembed", "datalist",
 ];
+/// Elements whose text keeps its layout (browsers' `white-space: pre`).
+const PREFORMATTED: &[&str] = &["pre", "listing", "xmp", "plaintext", "textarea"];
 /// Table cells: a tab between them, so that neighbouring cells' words never run together.
 const CELLS: &[&str] = &["td", "th"];
 const SKIPPED_CLASSES: &[&str] = &["navheader", "navfooter", "navigation"];
@@ -45,6 +50,26 @@ const BLOCKS: &[&str] = &[
     "hr",
     "title",
     "caption",
+    // Also shown as blocks by browsers (their default style sheet): their text ran together
+    // with the next element's before (an audit: "Show the answerThe index is used.").
+    "address",
+    "center",
+    "details",
+    "summary",
+    "dialog",
+    "dir",
+    "menu",
+    "fieldset",
+    "legend",
+    "form",
+    "hgroup",
+    "search",
+    "optgroup",
+    "option",
+    "listing",
+    "xmp",
+    "plaintext",
+    "textarea",
 ];
 
 /// The deepest element nesting a page may have. html5ever's tree builder searches its stack
@@ -249,7 +274,8 @@ fn html_entities_as_numbers(text: &str) -> std::borrow::Cow<'_, str> {
 trait PageNode<'a>: Copy {
     /// A text node's text (CDATA included).
     fn text(self) -> Option<&'a str>;
-    /// An element's local name and whether a class of it marks page chrome.
+    /// An element's local name and whether it is not shown: a class of it marks page chrome,
+    /// or it is `hidden` or styled `display: none` ([`hidden`]).
     fn element(self) -> Option<(&'a str, bool)>;
     /// An element's, the document's or a fragment's children.
     fn children(self) -> Vec<Self>;
@@ -264,7 +290,11 @@ impl<'a> PageNode<'a> for NodeRef<'a, Node> {
     }
     fn element(self) -> Option<(&'a str, bool)> {
         match self.value() {
-            Node::Element(e) => Some((e.name(), e.classes().any(|c| SKIPPED_CLASSES.contains(&c)))),
+            Node::Element(e) => Some((
+                e.name(),
+                e.classes().any(|c| SKIPPED_CLASSES.contains(&c))
+                    || hidden(e.attr("hidden"), e.attr("style")),
+            )),
             _ => None,
         }
     }
@@ -300,7 +330,8 @@ impl<'a, 'input> PageNode<'a> for roxmltree::Node<'a, 'input> {
             let chrome = self
                 .attribute("class")
                 .is_some_and(|c| c.split_whitespace().any(|c| SKIPPED_CLASSES.contains(&c)));
-            (self.tag_name().name(), chrome)
+            let hidden = hidden(self.attribute("hidden"), self.attribute("style"));
+            (self.tag_name().name(), chrome || hidden)
         })
     }
     fn children(self) -> Vec<Self> {
@@ -308,10 +339,135 @@ impl<'a, 'input> PageNode<'a> for roxmltree::Node<'a, 'input> {
     }
 }
 
-/// The visible text under `root`: chrome skipped, blocks on lines of their own, `<pre>` as
-/// laid out, whitespace elsewhere collapsed; paragraphs separated by blank lines.
+/// Whether an element with these `hidden` and `style` attributes is not shown: `hidden`
+/// (but `hidden="until-found"`, text a reader can find and open), `display: none` or
+/// `visibility: hidden` (cookie banners, collapsed mobile menus: stored beside the article
+/// before; an audit).
+fn hidden(hidden: Option<&str>, style: Option<&str>) -> bool {
+    if hidden.is_some_and(|h| !h.trim().eq_ignore_ascii_case("until-found")) {
+        return true;
+    }
+    style.is_some_and(|style| {
+        let style: String = style
+            .chars()
+            .filter(|c| !c.is_ascii_whitespace())
+            .flat_map(char::to_lowercase)
+            .collect();
+        style.split(';').any(|d| {
+            let d = d.trim_end_matches("!important");
+            d == "display:none" || d == "visibility:hidden"
+        })
+    })
+}
+
+/// HTML's whitespace (the only characters its layout collapses): a no-break space, a thin
+/// space or an ideographic space is text.
+fn html_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0C')
+}
+
+/// The text of a page as [`visible_text`] builds it: whitespace outside preformatted text
+/// collapsed as a browser lays it out (a space between two inline elements is one space, at
+/// most one between words, none at a line's start or end), blocks on lines of their own, `<br>`
+/// a line break, preformatted text exactly as written.
+#[derive(Default)]
+struct Layout {
+    out: String,
+    /// Collapsible whitespace seen since the last text: one space, if text follows on the line.
+    space: bool,
+    /// Where preformatted text last ended in `out`: trailing spaces before it are its own.
+    kept: usize,
+}
+
+impl Layout {
+    fn at_line_start(&self) -> bool {
+        self.out.is_empty() || self.out.ends_with('\n') || self.out.ends_with('\t')
+    }
+
+    /// Running text: its whitespace runs collapse into the pending space.
+    fn text(&mut self, text: &str) {
+        for (i, word) in text.split(html_space).enumerate() {
+            if i > 0 {
+                self.space = true;
+            }
+            if !word.is_empty() {
+                self.word(word);
+            }
+        }
+    }
+
+    fn word(&mut self, word: &str) {
+        if std::mem::take(&mut self.space) && !self.at_line_start() {
+            self.out.push(' ');
+        }
+        self.out.push_str(word);
+    }
+
+    /// Preformatted text, as written.
+    fn preformatted(&mut self, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        if std::mem::take(&mut self.space) && !self.at_line_start() {
+            self.out.push(' ');
+        }
+        self.out.push_str(text);
+        self.kept = self.out.len();
+    }
+
+    /// Ends the line unless it is empty (a block's edge).
+    fn block_edge(&mut self) {
+        self.trim_line_end();
+        if !self.at_line_start() || self.out.ends_with('\t') {
+            self.out.push('\n');
+        }
+        self.space = false;
+    }
+
+    /// `<br>`: a line break, even on an empty line (two make a blank line), at most one blank
+    /// line in a row outside preformatted text.
+    fn line_break(&mut self, in_pre: bool) {
+        self.trim_line_end();
+        if in_pre || !self.out.ends_with("\n\n") {
+            self.out.push('\n');
+        }
+        self.space = false;
+        if in_pre {
+            self.kept = self.out.len();
+        }
+    }
+
+    /// A table cell's start: a tab from the cell before, so that their words never run
+    /// together.
+    fn cell(&mut self) {
+        self.trim_line_end();
+        if !self.at_line_start() {
+            self.out.push('\t');
+        }
+        self.space = false;
+    }
+
+    /// Drops the collapsed spaces at the end of the line (never preformatted text's own).
+    fn trim_line_end(&mut self) {
+        let trimmed = self.out.trim_end_matches([' ', '\t']).len().max(self.kept);
+        self.out.truncate(trimmed.min(self.out.len()));
+    }
+
+    fn finish(mut self) -> String {
+        self.kept = 0;
+        self.trim_line_end();
+        let text = self.out.trim_end_matches(html_space);
+        text.trim_start_matches('\n').to_owned()
+    }
+}
+
+/// The visible text under `root`: chrome and hidden elements skipped, blocks on lines of their
+/// own, preformatted text as laid out, whitespace elsewhere collapsed as a browser shows it.
 fn visible_text<'a, N: PageNode<'a>>(root: N, capacity: usize) -> String {
-    let mut out = String::with_capacity(capacity);
+    let mut layout = Layout {
+        out: String::with_capacity(capacity),
+        ..Layout::default()
+    };
     // Explicit stack instead of recursion: a hostile page can nest elements arbitrarily deep.
     enum Visit<N> {
         Enter(N),
@@ -324,27 +480,28 @@ fn visible_text<'a, N: PageNode<'a>>(root: N, capacity: usize) -> String {
             Visit::Enter(node) => {
                 if let Some(text) = node.text() {
                     if pre_depth > 0 {
-                        out.push_str(text);
+                        layout.preformatted(text);
                     } else {
-                        push_collapsed(&mut out, text);
+                        layout.text(text);
                     }
                     continue;
                 }
                 let (block, pre) = match node.element() {
-                    Some((name, chrome)) => {
-                        if chrome || SKIPPED.contains(&name) {
+                    Some((name, not_shown)) => {
+                        if not_shown || SKIPPED.contains(&name) {
+                            continue;
+                        }
+                        if name == "br" {
+                            layout.line_break(pre_depth > 0);
                             continue;
                         }
                         let block = BLOCKS.contains(&name);
                         if block {
-                            break_line(&mut out);
-                        } else if CELLS.contains(&name)
-                            && !out.is_empty()
-                            && !out.ends_with(char::is_whitespace)
-                        {
-                            out.push('\t');
+                            layout.block_edge();
+                        } else if CELLS.contains(&name) {
+                            layout.cell();
                         }
-                        (block, name == "pre")
+                        (block, PREFORMATTED.contains(&name))
                     }
                     None => (false, false),
                 };
@@ -360,52 +517,12 @@ fn visible_text<'a, N: PageNode<'a>>(root: N, capacity: usize) -> String {
                     pre_depth -= 1;
                 }
                 if block {
-                    break_line(&mut out);
+                    layout.block_edge();
                 }
             }
         }
     }
-    tidy(&out)
-}
-
-/// Appends `text` with runs of whitespace shown as one space.
-fn push_collapsed(out: &mut String, text: &str) {
-    let mut pending_space = text.starts_with(char::is_whitespace);
-    for word in text.split_whitespace() {
-        if pending_space && !out.is_empty() && !out.ends_with(char::is_whitespace) {
-            out.push(' ');
-        }
-        out.push_str(word);
-        pending_space = true;
-    }
-    if text.ends_with(char::is_whitespace) && !text.trim().is_empty() {
-        out.push(' ');
-    }
-}
-
-fn break_line(out: &mut String) {
-    if !out.is_empty() && !out.ends_with('\n') {
-        out.push('\n');
-    }
-}
-
-/// Trims trailing spaces on each line and keeps at most one blank line between paragraphs.
-fn tidy(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut blank_run = 0;
-    for line in text.lines() {
-        let line = line.trim_end();
-        if line.trim().is_empty() {
-            blank_run += 1;
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(if blank_run > 0 { "\n\n" } else { "\n" });
-        }
-        blank_run = 0;
-        out.push_str(line);
-    }
-    out
+    layout.finish()
 }
 
 #[cfg(test)]
@@ -459,6 +576,68 @@ mod tests {
         );
     }
 
+    /// What a browser shows, from an audit's pages: a space between two inline elements is a
+    /// space ("Helloworld", "datatypeBETWEENdatatype" in the quickstart's manual before);
+    /// block elements of browsers' style sheet on their own lines; `noframes`, `noembed` and
+    /// hidden elements not shown; preformatted text as written (blank lines, trailing spaces,
+    /// `<br><br>`); no-break, thin and ideographic spaces are text, not layout. The same
+    /// through the XHTML reader.
+    #[test]
+    fn text_is_laid_out_as_a_browser_shows_it() {
+        let cases = [
+            ("<p><b>Hello</b> <i>world</i></p>", "Hello world"),
+            (
+                "<p><code>datatype</code> <code>BETWEEN</code>\n  <code>x</code></p>",
+                "datatype BETWEEN x",
+            ),
+            ("<p>a <b> b </b> c</p>", "a b c"),
+            (
+                "<details><summary>Show the answer</summary>The index is used.</details>\
+                 <address>Jane Doe</address><fieldset><legend>Options</legend>x</fieldset>\
+                 <center>c</center><select><option>16.2</option><option>15.6</option></select>",
+                "Show the answer\nThe index is used.\nJane Doe\nOptions\nx\nc\n16.2\n15.6",
+            ),
+            (
+                "<noframes><h2>Frame Alert</h2></noframes><noembed>e</noembed><p>kept</p>",
+                "kept",
+            ),
+            (
+                "<p>article</p><div hidden>cookie banner</div><div style=\"Display : None\">menu\
+                 </div><span style=\"color:red;visibility:hidden\">x</span>\
+                 <div hidden=\"until-found\">found</div>",
+                "article\nfound",
+            ),
+            (
+                "<pre>def f():  \n\tpass\n\n\ndef g():\n    pass</pre><p>after</p>",
+                "def f():  \n\tpass\n\n\ndef g():\n    pass\nafter",
+            ),
+            ("<pre>a<br><br>b</pre>", "a\n\nb"),
+            (
+                "<p>one<br><br>two<br><br><br><br>three</p>",
+                "one\n\ntwo\n\nthree",
+            ),
+            (
+                "<p>10&thinsp;000&nbsp;&euro; &nbsp; x</p><p>\u{3000}\u{672c}\u{6587}</p>",
+                "10\u{2009}000\u{a0}\u{20ac} \u{a0} x\n\u{3000}\u{672c}\u{6587}",
+            ),
+        ];
+        for (body, shown) in cases {
+            let html = format!("<html><body>{body}</body></html>");
+            assert_eq!(extract_text(&html), shown, "{body}");
+            let xhtml = format!(
+                "<?xml version=\"1.0\"?><html xmlns=\"http://www.w3.org/1999/xhtml\"><body>{}\
+                 </body></html>",
+                body.replace("<br>", "<br/>")
+                    .replace(" hidden>", " hidden=\"\">")
+            );
+            assert_eq!(
+                extract_xhtml_text(&xhtml).as_deref(),
+                Some(shown),
+                "xhtml: {body}"
+            );
+        }
+    }
+
     #[test]
     fn table_cells_stay_apart() {
         let html = "<table><tr><td>reserved</td><td>non-reserved</td></tr><tr><th>a</th><th>b</th></tr></table>";
@@ -484,7 +663,7 @@ mod tests {
         assert!(is_xhtml(std::path::Path::new("ch1.html"), &one));
         assert_eq!(
             extract_xhtml_text(&one).as_deref(),
-            Some("Chapter One\nIt was a bright cold day \u{2014} in April.")
+            Some("Chapter One\nIt was a bright\u{a0}cold day \u{2014} in April.")
         );
         let two = page(
             "<p>Before the embed.</p><iframe src=\"a.html\"/><textarea/><p>After: \
