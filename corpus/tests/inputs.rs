@@ -230,10 +230,25 @@ fn line_endings_are_newlines_in_every_format() {
         "d.jsonl",
         "{\"text\": \"mac one\"}\r{\"text\": \"mac two\"}\r",
     );
+    // Both kinds in one file (files joined): before, the `\r` records and the first `\n` one
+    // were one bad line.
+    write(
+        d,
+        "e.jsonl",
+        "{\"text\": \"mixed one\"}\r{\"text\": \"mixed two\"}\r{\"text\": \"mixed three\"}\n\
+         {\"text\": \"mixed four\"}\r\n",
+    );
     let report = prepared(&spec(d, "vocab_size: 300\n", ""));
     assert_eq!(report.sources[0].bad_jsonl_lines, 0, "{report:?}");
     let got = texts(&d.join("out"));
-    for mac in ["mac one<|endoftext|>", "mac two<|endoftext|>"] {
+    for mac in [
+        "mac one<|endoftext|>",
+        "mac two<|endoftext|>",
+        "mixed one<|endoftext|>",
+        "mixed two<|endoftext|>",
+        "mixed three<|endoftext|>",
+        "mixed four<|endoftext|>",
+    ] {
         assert!(got.contains(&mac.to_owned()), "{got:?}");
     }
     assert!(!got.iter().any(|t| t.contains('\r')), "{got:?}");
@@ -1146,6 +1161,37 @@ fn a_lone_surrogate_escape_is_a_replacement_character_not_a_lost_record() {
         "whole emoji 🌞 here<|endoftext|>",
         "half emoji \u{FFFD} then more text<|endoftext|>",
         "a low half \u{FFFD} and a path C:\\ud83d<|endoftext|>",
+    ] {
+        assert!(got.contains(&text.to_owned()), "{text:?} not in {got:?}");
+    }
+}
+
+/// Python's `json.dumps` writes `NaN`, `Infinity` and `-Infinity` for such floats (a crawl's
+/// score field): the record's text is kept (before, 6 of 12 records were dropped as "not a
+/// JSON object with a string `text` field"); the same words inside a string stay as written,
+/// and a record whose text is itself NaN is still a bad line.
+#[test]
+fn python_json_constants_in_other_fields_keep_the_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(
+        d,
+        "a.jsonl",
+        concat!(
+            "{\"text\": \"scored NaN times\", \"score\": NaN}\n",
+            "{\"score\": -Infinity, \"text\": \"Infinity and \\\"NaN\\\" in text\"}\n",
+            "{\"text\": \"plain\", \"s\": [Infinity, 1.5]}\n",
+            "{\"text\": NaN}\n",
+        ),
+    );
+    let report = prepared(&spec(d, "vocab_size: 300\n", ""));
+    let row = &report.sources[0];
+    assert_eq!((row.bad_jsonl_lines, row.lossy_files), (1, 0), "{report:?}");
+    let got = texts(&d.join("out"));
+    for text in [
+        "scored NaN times<|endoftext|>",
+        "Infinity and \"NaN\" in text<|endoftext|>",
+        "plain<|endoftext|>",
     ] {
         assert!(got.contains(&text.to_owned()), "{text:?} not in {got:?}");
     }

@@ -362,14 +362,12 @@ pub fn read_file(
             }
         }
         Format::Jsonl => {
-            // Lines end in `\n` (`\r\n` too); a file with none but lone `\r`s (classic Mac
-            // line endings) has its records on those: read as one bad line, it lost them all.
-            let lines: Box<dyn Iterator<Item = &str>> =
-                if !content.contains('\n') && content.contains('\r') {
-                    Box::new(content.split('\r'))
-                } else {
-                    Box::new(content.lines())
-                };
+            // Records end at `\n`, `\r\n` or a lone `\r` (classic Mac line endings, or files of
+            // both joined): JSON has no raw line break inside a record, so each is a record's
+            // end. Read as one bad line, three `\r` records and a `\n` one were all lost.
+            let lines = content
+                .split('\n')
+                .flat_map(|line| line.strip_suffix('\r').unwrap_or(line).split('\r'));
             for (i, line) in lines.enumerate() {
                 // A byte order mark at a line's start (files joined with `cat`, gzip members
                 // each with their own) is a signature, not JSON.
@@ -380,13 +378,23 @@ pub fn read_file(
                 // A `\uD83D` without its pair (an emoji cut in half before `json.dumps`) is
                 // no JSON to serde_json: U+FFFD takes its place and the file counts as lossy,
                 // as for an invalid byte. Before, the record was dropped as "not a JSON object".
+                // Python's `json.dumps` writes `NaN` and `Infinity` (a score field of a crawl):
+                // read as null, as they are no text (the record was dropped as "not a JSON
+                // object with a string text field", its text fine; an audit).
                 let parsed = match jsonl_text(line, text_field) {
                     Some(doc) => Some(doc),
-                    None => lone_surrogates_replaced(line).and_then(|fixed| {
-                        let doc = jsonl_text(&fixed, text_field)?;
-                        text.lossy = true;
-                        Some(doc)
-                    }),
+                    None => {
+                        let constants = python_constants_as_null(line);
+                        let line = constants.as_deref().unwrap_or(line);
+                        match constants.as_deref().and_then(|l| jsonl_text(l, text_field)) {
+                            Some(doc) => Some(doc),
+                            None => lone_surrogates_replaced(line).and_then(|fixed| {
+                                let doc = jsonl_text(&fixed, text_field)?;
+                                text.lossy = true;
+                                Some(doc)
+                            }),
+                        }
+                    }
                 };
                 match parsed {
                     Some(mut doc) => {
@@ -496,6 +504,49 @@ fn lone_surrogates_replaced(line: &str) -> Option<String> {
             }
             // Any other escape, `\\` included, is two characters at least: skip both.
             _ => i += 2,
+        }
+    }
+    out.push_str(&line[start.min(line.len())..]);
+    changed.then_some(out)
+}
+
+/// `line` with each `NaN`, `Infinity` and `-Infinity` outside a string (Python's JSON,
+/// which no JSON parser reads) as `null`; `None` when it has none (nothing to retry).
+fn python_constants_as_null(line: &str) -> Option<String> {
+    const CONSTANTS: [&str; 3] = ["-Infinity", "Infinity", "NaN"];
+    let bytes = line.as_bytes();
+    let mut out = String::with_capacity(line.len());
+    let (mut i, mut start, mut in_string, mut changed) = (0, 0, false, false);
+    while i < bytes.len() {
+        if in_string {
+            match bytes[i] {
+                b'\\' => i += 2,
+                b'"' => {
+                    in_string = false;
+                    i += 1;
+                }
+                _ => i += 1,
+            }
+            continue;
+        }
+        if bytes[i] == b'"' {
+            in_string = true;
+            i += 1;
+            continue;
+        }
+        // (Byte comparisons: `i` may be inside a character of a line that is no JSON.)
+        match CONSTANTS
+            .iter()
+            .find(|c| bytes[i..].starts_with(c.as_bytes()))
+        {
+            Some(constant) => {
+                out.push_str(&line[start..i]);
+                out.push_str("null");
+                i += constant.len();
+                start = i;
+                changed = true;
+            }
+            None => i += 1,
         }
     }
     out.push_str(&line[start.min(line.len())..]);
