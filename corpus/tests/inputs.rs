@@ -1197,6 +1197,36 @@ fn python_json_constants_in_other_fields_keep_the_record() {
     }
 }
 
+/// An XHTML chapter with one bare `&` is not XML: read as HTML (its `<iframe/>` no longer
+/// swallowing the rest), and named in a warning with the XML error (before: two of three
+/// paragraphs lost, nothing said; an audit).
+#[test]
+fn xhtml_that_is_not_xml_is_read_whole_and_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(
+        d,
+        "ch1.xhtml",
+        "<?xml version=\"1.0\" encoding=\"utf-8\"?><html xmlns=\"http://www.w3.org/1999/xhtml\">\
+         <body><p>Chapter one: AT&T history.</p><iframe src=\"a.html\"/><p>Second \
+         paragraph.</p><p>Third paragraph.</p></body></html>",
+    );
+    let report = prepared(&spec(d, "vocab_size: 300\n", ""));
+    let got = texts(&d.join("out"));
+    assert_eq!(
+        got,
+        ["Chapter one: AT&T history.\nSecond paragraph.\nThird paragraph.<|endoftext|>"],
+        "{report:?}"
+    );
+    let warning = report
+        .warnings
+        .iter()
+        .find(|w| w.contains("not well-formed XML"))
+        .expect("a warning");
+    assert!(warning.contains("ch1.xhtml ("), "{warning}");
+    assert_eq!(report.sources[0].not_xml_files, 1);
+}
+
 /// Documents with no text once extracted are left out and named in a warning (before: a count
 /// in report.json only, so a page whose text the extractor lost went unseen).
 #[test]

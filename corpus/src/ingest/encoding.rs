@@ -325,9 +325,11 @@ fn find_ignore_case(bytes: &[u8], needle: &[u8]) -> Option<usize> {
         .position(|w| w.eq_ignore_ascii_case(needle))
 }
 
-/// The encoding that a `<meta>` in `bytes` declares, by the HTML Standard's "prescan a byte
-/// stream to determine its encoding" (with its "get an attribute" and "extracting a character
-/// encoding from a meta element"), or else an XML declaration's. Only `bytes` are read: a
+/// The encoding that an XML declaration at the start of `bytes` names (the page is XHTML,
+/// which dapt reads as XML, and XML readers take the declaration: a stale `<meta>` of an EPUB
+/// chapter won over it before, an audit), else the one a `<meta>` declares, by the HTML
+/// Standard's "prescan a byte stream to determine its encoding" (with its "get an attribute"
+/// and "extracting a character encoding from a meta element"). Only `bytes` are read: a
 /// construct cut off at their end declares nothing. UTF-16 declared inside the page itself
 /// means UTF-8 (the page could not have been read as ASCII otherwise), as the standard says.
 pub fn prescan(bytes: &[u8]) -> Option<&'static Encoding> {
@@ -336,7 +338,7 @@ pub fn prescan(bytes: &[u8]) -> Option<&'static Encoding> {
 
 /// [`prescan`], keeping the labels worth naming in `labels`.
 fn prescan_noting(bytes: &[u8], labels: &mut Labels) -> Option<&'static Encoding> {
-    let found = meta_scan(bytes, labels).or_else(|| xml_declaration(bytes, labels))?;
+    let found = xml_declaration(bytes, labels).or_else(|| meta_scan(bytes, labels))?;
     Some(in_page(found))
 }
 
@@ -676,6 +678,14 @@ mod tests {
             prescan(b"<?xml version=\"1.0\" encoding=\"ISO-8859-1\"?><html>"),
             Some(WINDOWS_1252)
         );
+        // The declaration wins over a `<meta>` of another encoding.
+        let page = b"<?xml version=\"1.0\" encoding=\"windows-1251\"?><html><head><meta \
+            http-equiv=\"Content-Type\" content=\"text/html; charset=iso-8859-1\"/></head>\
+            <body><p>\xcf\xf0\xe8\xe2\xe5\xf2</p></body></html>";
+        assert_eq!(prescan(page), Some(WINDOWS_1251));
+        assert!(html(page)
+            .text
+            .contains("\u{41f}\u{440}\u{438}\u{432}\u{435}\u{442}"));
     }
 
     #[test]

@@ -184,19 +184,93 @@ pub fn is_xhtml(path: &std::path::Path, text: &str) -> bool {
         || (text.trim_start().starts_with("<?xml") && head.contains("http://www.w3.org/1999/xhtml"))
 }
 
-/// The visible text of an XHTML page read as XML, by the rules of [`extract_text`]; `None` when
-/// it is not well-formed XML (the caller reads it as HTML, as a lenient reader would). HTML's
+/// The visible text of an XHTML page read as XML, by the rules of [`extract_text`]; when it is
+/// not well-formed XML, why not (the XML parser's error and its line:column; the caller reads
+/// it as HTML, as a lenient reader would, [`self_closing_expanded`] first). HTML's
 /// named character references that XML does not define (`&nbsp;`, `&mdash;`: an XHTML DTD
 /// defines them, and no DTD is fetched) are read as HTML reads them.
 ///
 /// A document type declaration is dropped unread; one with an internal subset (`[...]`, where
 /// entities are declared) sends the page to the HTML reader, which ignores them: expanded, a
 /// few kilobytes of entity references can ask for terabytes of text.
-pub fn extract_xhtml_text(text: &str) -> Option<String> {
-    let text = without_doctype(text)?;
+pub fn extract_xhtml_text(text: &str) -> Result<String, String> {
+    let text = without_doctype(text).ok_or_else(|| {
+        "its DOCTYPE declares entities (an internal subset), which dapt does not expand".to_owned()
+    })?;
     let text = html_entities_as_numbers(&text);
-    let document = roxmltree::Document::parse(&text).ok()?;
-    Some(visible_text(document.root(), text.len() / 2))
+    let document = roxmltree::Document::parse(&text).map_err(|e| e.to_string())?;
+    Ok(visible_text(document.root(), text.len() / 2))
+}
+
+/// HTML's void elements: a `/>` on one of these closes nothing in HTML either.
+const VOID: &[&str] = &[
+    "area", "base", "basefont", "bgsound", "br", "col", "embed", "frame", "hr", "img", "input",
+    "keygen", "link", "meta", "param", "source", "track", "wbr",
+];
+
+/// `text` (XHTML that is not well-formed XML) with each self-closing tag of an element that is
+/// not void written as a start and an end tag (`<iframe src="a"/>` as `<iframe
+/// src="a"></iframe>`), outside comments and CDATA: read as HTML5, `<iframe/>`, `<textarea/>`
+/// or `<title/>` opens an element that swallows the rest of the page (an audit: a bare `&` in
+/// one paragraph sent a chapter to the HTML reader, which lost the two paragraphs after an
+/// `<iframe/>`).
+pub fn self_closing_expanded(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("/>") {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len() + 64);
+    let (mut i, mut copied) = (0, 0);
+    while let Some(at) = text[i..].find('<').map(|at| i + at) {
+        i = at + 1;
+        let rest = &text[at..];
+        if let Some(end) = ["<!--", "<![CDATA["]
+            .iter()
+            .zip(["-->", "]]>"])
+            .find(|(open, _)| rest.starts_with(**open))
+            .map(|(_, close)| {
+                rest.find(close)
+                    .map_or(text.len(), |e| at + e + close.len())
+            })
+        {
+            i = end;
+            continue;
+        }
+        let name_len = rest[1..]
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'-' | b'_' | b'.'))
+            .count();
+        if name_len == 0 || !bytes[at + 1].is_ascii_alphabetic() {
+            continue;
+        }
+        // The tag's end: the first `>` outside a quoted attribute value.
+        let mut quote = None;
+        let mut j = at + 1 + name_len;
+        while j < bytes.len() {
+            match (quote, bytes[j]) {
+                (None, b'"' | b'\'') => quote = Some(bytes[j]),
+                (Some(q), c) if c == q => quote = None,
+                (None, b'>') => break,
+                _ => {}
+            }
+            j += 1;
+        }
+        if j >= bytes.len() {
+            break;
+        }
+        let name = &rest[1..1 + name_len];
+        let local = name.rsplit(':').next().unwrap_or(name);
+        if bytes[j - 1] == b'/' && !VOID.iter().any(|v| v.eq_ignore_ascii_case(local)) {
+            out.push_str(&text[copied..j - 1]);
+            out.push_str("></");
+            out.push_str(name);
+            out.push('>');
+            copied = j + 1;
+        }
+        i = j + 1;
+    }
+    out.push_str(&text[copied..]);
+    std::borrow::Cow::Owned(out)
 }
 
 /// `text` without its `<!DOCTYPE ...>` (XML's case); `None` when the declaration has an internal
@@ -631,11 +705,37 @@ mod tests {
                     .replace(" hidden>", " hidden=\"\">")
             );
             assert_eq!(
-                extract_xhtml_text(&xhtml).as_deref(),
+                extract_xhtml_text(&xhtml).ok().as_deref(),
                 Some(shown),
                 "xhtml: {body}"
             );
         }
+    }
+
+    /// XHTML that is not well-formed (a bare `&`, an undeclared `epub:` prefix) goes to the HTML
+    /// reader with its self-closing tags expanded: read as HTML5, `<iframe/>` and
+    /// `<textarea/>` swallowed the rest of the chapter (an audit).
+    #[test]
+    fn xhtml_that_is_not_xml_loses_nothing_to_self_closing_tags() {
+        let page = "<?xml version=\"1.0\"?><html xmlns=\"http://www.w3.org/1999/xhtml\"><head>\
+            <title/></head><body><section epub:type=\"chapter\"><p>Chapter one: AT&T history.\
+            </p><iframe src=\"a.html\"/><p>Second <br/>paragraph.</p><textarea/><!-- <b/> -->\
+            <p title=\"a/>b\">Third.</p></section></body></html>";
+        let err = extract_xhtml_text(page).expect_err("not well-formed");
+        assert!(err.contains(':'), "{err}");
+        let expanded = self_closing_expanded(page);
+        assert!(
+            expanded.contains("<iframe src=\"a.html\"></iframe>")
+                && expanded.contains("<br/>")
+                && expanded.contains("<textarea></textarea>")
+                && expanded.contains("<!-- <b/> -->")
+                && expanded.contains("<p title=\"a/>b\">"),
+            "{expanded}"
+        );
+        assert_eq!(
+            extract_text(&expanded),
+            "Chapter one: AT&T history.\nSecond\nparagraph.\nThird."
+        );
     }
 
     #[test]
@@ -662,7 +762,7 @@ mod tests {
             page("<h1>Chapter One</h1><p>It was a bright&nbsp;cold day &mdash; in April.</p>");
         assert!(is_xhtml(std::path::Path::new("ch1.html"), &one));
         assert_eq!(
-            extract_xhtml_text(&one).as_deref(),
+            extract_xhtml_text(&one).ok().as_deref(),
             Some("Chapter One\nIt was a bright\u{a0}cold day \u{2014} in April.")
         );
         let two = page(
@@ -670,11 +770,11 @@ mod tests {
              <![CDATA[a < b && b > c &nbsp;]]> in code.</p><div class=\"navfooter\">Next</div>",
         );
         assert_eq!(
-            extract_xhtml_text(&two).as_deref(),
+            extract_xhtml_text(&two).ok().as_deref(),
             Some("Before the embed.\nAfter: a < b && b > c &nbsp; in code.")
         );
         // Not well-formed: the caller reads it as HTML.
-        assert_eq!(extract_xhtml_text("<p>unclosed <b>bold</p>"), None);
+        assert!(extract_xhtml_text("<p>unclosed <b>bold</p>").is_err());
         // Entities declared in the page are never expanded: the page goes to the HTML reader.
         let bomb = format!(
             "<?xml version=\"1.0\"?><!DOCTYPE html [<!ENTITY b \"{}\">]><html \
@@ -682,7 +782,7 @@ mod tests {
             "x".repeat(1000),
             "&b;".repeat(1000)
         );
-        assert_eq!(extract_xhtml_text(&bomb), None);
+        assert!(extract_xhtml_text(&bomb).is_err());
         assert!(is_xhtml(std::path::Path::new("c.XHTML"), "<p>x</p>"));
         assert!(!is_xhtml(
             std::path::Path::new("c.html"),
@@ -711,7 +811,7 @@ mod tests {
             let page = std::fs::read_to_string(&path).expect("utf-8 page");
             assert!(is_xhtml(&path, &page), "{}", path.display());
             assert_eq!(
-                extract_xhtml_text(&page).as_deref(),
+                extract_xhtml_text(&page).ok().as_deref(),
                 Some(extract_text(&page).as_str()),
                 "{}",
                 path.display()

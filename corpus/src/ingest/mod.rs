@@ -298,6 +298,8 @@ pub struct FileText {
     /// The legacy encoding the file declares, when it was read as UTF-8 instead
     /// ([`encoding::Decoded::utf8_over_declared`]).
     pub utf8_over_declared: Option<&'static str>,
+    /// Why an XHTML page could not be read as XML (it was read as HTML instead).
+    pub not_xml: Option<String>,
     /// JSONL lines that were not JSON objects with a string `text_field`.
     pub bad_lines: u64,
     /// The first few of those line numbers (1-based).
@@ -330,6 +332,7 @@ pub fn read_file(
         unknown_label: decoded.unknown_label,
         utf8_under_legacy: decoded.utf8_under_legacy,
         utf8_over_declared: decoded.utf8_over_declared,
+        not_xml: None,
         bad_lines: 0,
         bad_line_numbers: Vec::new(),
         bytes,
@@ -340,12 +343,20 @@ pub fn read_file(
         Format::Html => {
             // XHTML read as XML needs no HTML nesting bound (its parser and the walk keep no
             // recursion, and `<span/>` opens nothing there).
-            let xhtml = html::is_xhtml(&file.path, &content)
-                .then(|| html::extract_xhtml_text(&content))
-                .flatten();
-            if let Some(xhtml) = xhtml {
+            let xhtml =
+                html::is_xhtml(&file.path, &content).then(|| html::extract_xhtml_text(&content));
+            if let Some(Ok(xhtml)) = xhtml {
                 text.documents.push(xhtml);
             } else {
+                // XHTML that is not XML is read as HTML, said in the report, with its
+                // self-closing tags expanded (`<iframe/>` would swallow the rest of the page).
+                let content = match xhtml {
+                    Some(Err(why)) => {
+                        text.not_xml = Some(why);
+                        html::self_closing_expanded(&content)
+                    }
+                    _ => std::borrow::Cow::Borrowed(content.as_str()),
+                };
                 let depth = html::nesting_depth(&content, html::MAX_NESTING);
                 if depth > html::MAX_NESTING {
                     return Err(CorpusError::NotText {

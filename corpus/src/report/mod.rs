@@ -108,6 +108,9 @@ pub struct SourceStats {
     /// non-ASCII text, read as UTF-8, and `path (declared)` of a few.
     pub utf8_over_declared_files: u64,
     pub utf8_over_declared_examples: Vec<String>,
+    /// XHTML files that are not well-formed XML, read as HTML, and `path (why)` of a few.
+    pub not_xml_files: u64,
+    pub not_xml_examples: Vec<String>,
     pub bad_jsonl_lines: u64,
     pub bad_jsonl_examples: Vec<String>,
     /// The source's `text_field` (what a JSONL line's object must hold as a string).
@@ -174,6 +177,13 @@ impl SourceStats {
             if self.unknown_label_examples.len() < EXAMPLES_KEPT {
                 self.unknown_label_examples
                     .push(format!("{} (`{label}`)", path.display()));
+            }
+        }
+        if let Some(why) = &text.not_xml {
+            self.not_xml_files += 1;
+            if self.not_xml_examples.len() < EXAMPLES_KEPT {
+                self.not_xml_examples
+                    .push(format!("{} ({why})", path.display()));
             }
         }
         if let Some(declared) = text.utf8_over_declared {
@@ -281,6 +291,11 @@ pub struct SourceRow {
     /// non-ASCII text: read as UTF-8.
     pub utf8_over_declared_files: u64,
     pub utf8_over_declared_examples: Vec<String>,
+    /// XHTML files that are not well-formed XML: read as HTML.
+    #[serde(default)]
+    pub not_xml_files: u64,
+    #[serde(default)]
+    pub not_xml_examples: Vec<String>,
     pub bad_jsonl_lines: u64,
     pub bad_jsonl_examples: Vec<String>,
     /// Documents whose text spells a special token (encoded as ordinary text).
@@ -394,6 +409,8 @@ pub fn build(
             utf8_under_legacy_examples: st.utf8_under_legacy_examples.clone(),
             utf8_over_declared_files: st.utf8_over_declared_files,
             utf8_over_declared_examples: st.utf8_over_declared_examples.clone(),
+            not_xml_files: st.not_xml_files,
+            not_xml_examples: st.not_xml_examples.clone(),
             bad_jsonl_lines: st.bad_jsonl_lines,
             bad_jsonl_examples: st.bad_jsonl_examples.clone(),
             special_text_documents: st.special_text_documents,
@@ -507,6 +524,13 @@ fn source_warnings(row: &SourceRow, st: &SourceStats, plan: Option<TrainingPlan>
              of navigation only) and were left out, e.g. {}",
             st.empty,
             st.empty_examples.join(", ")
+        ));
+    }
+    if st.not_xml_files > 0 {
+        w.push(format!(
+            "source `{name}`: {} XHTML files are not well-formed XML and were read as HTML              (a browser showing them as XHTML would stop at the error; check their text), e.g. {}",
+            st.not_xml_files,
+            st.not_xml_examples.join(", ")
         ));
     }
     if st.utf8_over_declared_files > 0 {
