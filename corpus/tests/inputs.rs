@@ -1227,6 +1227,36 @@ fn xhtml_that_is_not_xml_is_read_whole_and_named() {
     assert_eq!(report.sources[0].not_xml_files, 1);
 }
 
+/// A glob matches only UTF-8 names: `in/*.txt` passed over `caf\xe9.txt` (a Latin-1 file name
+/// from an old archive) with `skipped_files: 0` (an audit). Now counted and named with the
+/// skipped files; a folder in `paths` reads it.
+#[test]
+fn a_name_a_glob_cannot_match_is_named_not_passed_over() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(d, "plain.txt", "an ordinary file");
+    let odd = d
+        .join("in")
+        .join(std::ffi::OsStr::from_bytes(b"caf\xe9.txt"));
+    std::fs::write(&odd, "a Latin-1 name").expect("write");
+    let mut spec = spec(d, "vocab_size: 300\n", "");
+    spec.sources.0[0].paths = vec![format!("{}/in/*.txt", d.display())];
+    spec.sources.0[0].literal.clear();
+    let report = prepared(&spec);
+    assert_eq!(report.sources[0].skipped_files, 1, "{report:?}");
+    let warning = report
+        .warnings
+        .iter()
+        .find(|w| w.contains("not UTF-8"))
+        .expect("a warning");
+    assert!(warning.contains("caf\u{FFFD}.txt"), "{warning}");
+    // Named by its folder, it is read.
+    let report = prepared(&self::spec(d, "vocab_size: 301\n", ""));
+    assert_eq!(report.sources[0].skipped_files, 0, "{report:?}");
+    assert!(texts(&d.join("out")).contains(&"a Latin-1 name<|endoftext|>".to_owned()));
+}
+
 /// Documents with no text once extracted are left out and named in a warning (before: a count
 /// in report.json only, so a page whose text the extractor lost went unseen).
 #[test]

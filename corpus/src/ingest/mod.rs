@@ -109,6 +109,7 @@ pub fn discover(source: &SourceSpec) -> Result<Discovery> {
                 push_path(&path, false, &mut candidates)?;
             }
             check_inside(&glob_root(pattern), &candidates[before..])?;
+            found.skipped.extend(unmatchable_names(pattern));
         } else {
             let path = PathBuf::from(pattern);
             let meta = std::fs::metadata(&path).map_err(CorpusError::io(&path))?;
@@ -179,6 +180,40 @@ pub fn discover(source: &SourceSpec) -> Result<Discovery> {
         });
     }
     Ok(found)
+}
+
+/// Files of a supported type in the folder of `pattern` (a glob whose wildcards are in its
+/// last component only) that it would match but cannot: the `glob` crate matches only UTF-8
+/// names, so `in/*.txt` passed over `caf\xe9.txt` without a word (an audit). Counted with the
+/// skipped files, so the report names them; a directory in `paths` reads them.
+fn unmatchable_names(pattern: &str) -> Vec<PathBuf> {
+    let path = Path::new(pattern);
+    let (Some(folder), Some(last)) = (path.parent(), path.file_name()) else {
+        return Vec::new();
+    };
+    let folder = if folder.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        folder
+    };
+    let Ok(matcher) = glob::Pattern::new(&last.to_string_lossy()) else {
+        return Vec::new();
+    };
+    if glob_root(pattern) != folder {
+        return Vec::new();
+    }
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_str().is_none())
+        .filter(|e| matcher.matches(&e.file_name().to_string_lossy()))
+        .map(|e| e.path())
+        .filter(|p| format_of(p).is_some())
+        .collect();
+    found.sort();
+    found
 }
 
 /// The directories of a glob pattern before its first wildcard (`/data/*/x.txt` -> `/data`;

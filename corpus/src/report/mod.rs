@@ -564,7 +564,7 @@ fn source_warnings(row: &SourceRow, st: &SourceStats, plan: Option<TrainingPlan>
     }
     if st.skipped_files > 0 {
         w.push(format!(
-            "source `{name}`: {} files of unsupported types (or not regular files, or dangling links) were skipped, e.g. {}",
+            "source `{name}`: {} files of unsupported types (or not regular files, dangling links, or names that are not UTF-8, which a glob cannot match: name their folder instead) were skipped, e.g. {}",
             st.skipped_files,
             st.skipped_examples.join(", ")
         ));
