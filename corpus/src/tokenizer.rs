@@ -101,17 +101,23 @@ const BOS_BY_DEFAULT_CLASSES: &[&str] = &[
 /// `add_bos_token`; the classes of [`BOS_BY_DEFAULT_CLASSES`] default it to true).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HfBos {
-    /// Whether a BOS starts each sequence.
-    pub add: bool,
+    /// Whether a BOS starts each sequence (`None`: the config says nothing of it).
+    pub add: Option<bool>,
     /// The config's `bos_token`, if it names one.
     pub token: Option<String>,
     /// Why, for the report: `add_bos_token: true` or `tokenizer_class LlamaTokenizerFast`.
     pub reason: String,
+    /// The config's `eos_token` and `pad_token`, if it names them: a pad token is no
+    /// document end, even when it is one of [`EOS_CANDIDATES`] (a Llama 2 fine-tune that added
+    /// `<|endoftext|>` as its pad had its documents end with it; an audit).
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
 }
 
 impl HfBos {
     /// Reads `tokenizer_config.json` beside `tokenizer_json`, if there is one. `None` when there
-    /// is none or it says nothing of the BOS (no `add_bos_token`, another tokenizer class).
+    /// is none or it says nothing of the BOS (no `add_bos_token`, another tokenizer class) and
+    /// names no pad token.
     ///
     /// # Errors
     /// A file that cannot be read or is not a JSON object, or whose `add_bos_token`,
@@ -139,39 +145,43 @@ impl HfBos {
             Some(serde_json::Value::Bool(b)) => Some(*b),
             Some(v) => return Err(fail(format!("`add_bos_token` is {v}, not true or false"))),
         };
-        // `bos_token` is a string, or an AddedToken object with its `content`.
-        let token = match field("bos_token") {
-            None => None,
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
+        // A token is a string, or an AddedToken object with its `content`.
+        let token_field = |key: &str| match field(key) {
+            None => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
             Some(v) => match v.get("content").and_then(|c| c.as_str()) {
-                Some(s) => Some(s.to_owned()),
-                None => {
-                    return Err(fail(format!(
-                        "`bos_token` is {v}, not a token string or an object with its `content`"
-                    )))
-                }
+                Some(s) => Ok(Some(s.to_owned())),
+                None => Err(fail(format!(
+                    "`{key}` is {v}, not a token string or an object with its `content`"
+                ))),
             },
         };
+        let token = token_field("bos_token")?;
+        let eos_token = token_field("eos_token")?;
+        let pad_token = token_field("pad_token")?;
         let class = match field("tokenizer_class") {
             None => None,
             Some(serde_json::Value::String(s)) => Some(s.as_str()),
             Some(v) => return Err(fail(format!("`tokenizer_class` is {v}, not a class name"))),
         };
-        Ok(match (add, class) {
-            (Some(add), _) => Some(HfBos {
-                add,
-                token,
-                reason: format!("{HF_TOKENIZER_CONFIG}: add_bos_token {add}"),
-            }),
-            (None, Some(class)) if BOS_BY_DEFAULT_CLASSES.contains(&class) => Some(HfBos {
-                add: true,
-                token,
-                reason: format!(
-                    "{HF_TOKENIZER_CONFIG}: tokenizer_class {class}, which adds it by default"
-                ),
-            }),
-            (None, _) => None,
-        })
+        let (add, reason) = match (add, class) {
+            (Some(add), _) => (
+                Some(add),
+                format!("{HF_TOKENIZER_CONFIG}: add_bos_token {add}"),
+            ),
+            (None, Some(class)) if BOS_BY_DEFAULT_CLASSES.contains(&class) => (
+                Some(true),
+                format!("{HF_TOKENIZER_CONFIG}: tokenizer_class {class}, which adds it by default"),
+            ),
+            (None, _) => (None, String::new()),
+        };
+        Ok((add.is_some() || pad_token.is_some()).then_some(HfBos {
+            add,
+            token,
+            reason,
+            eos_token,
+            pad_token,
+        }))
     }
 }
 
@@ -340,12 +350,27 @@ impl CorpusTokenizer {
             },
             // The token the template ends a sequence with is the model's end of sequence.
             (None, [id]) => (token_name(&tokenizer, *id), *id),
-            (None, _) => find_token(&tokenizer, EOS_CANDIDATES).ok_or_else(|| {
-                fail(format!(
-                    "has none of the usual end-of-document tokens ({}): set corpus.eos_token",
-                    EOS_CANDIDATES.join(", ")
-                ))
-            })?,
+            // The first of the usual names, but never the config's pad token (unless it is
+            // also its EOS, as GPT-2's `<|endoftext|>` is).
+            (None, _) => {
+                let pad = hf_bos
+                    .and_then(|hf| hf.pad_token.as_deref())
+                    .filter(|pad| hf_bos.and_then(|hf| hf.eos_token.as_deref()) != Some(*pad));
+                let candidates: Vec<&str> = EOS_CANDIDATES
+                    .iter()
+                    .copied()
+                    .filter(|name| Some(*name) != pad)
+                    .collect();
+                find_token(&tokenizer, &candidates).ok_or_else(|| {
+                    fail(format!(
+                        "has none of the usual end-of-document tokens ({}){}: set \
+                         corpus.eos_token",
+                        candidates.join(", "),
+                        pad.map(|p| format!(" but the pad token `{p}`"))
+                            .unwrap_or_default()
+                    ))
+                })?
+            }
         };
         let named_bos = match &options.bos_token {
             Some(name) => match tokenizer.token_to_id(name) {
@@ -378,8 +403,13 @@ impl CorpusTokenizer {
             AddBos::Never => (None, BosFrom::JobSaysNo),
             AddBos::Auto => match (template_bos, hf_bos) {
                 // transformers rebuilds the template from the config when it loads the folder.
-                (Some(_), Some(hf)) if !hf.add => (None, BosFrom::TokenizerConfigSaysNo),
-                (None, Some(hf)) if hf.add => {
+                (Some(_), Some(hf)) if hf.add == Some(false) => {
+                    if let Some((name, _)) = named_bos {
+                        return Err(named_but_not_added(&name, &hf.reason));
+                    }
+                    (None, BosFrom::TokenizerConfigSaysNo)
+                }
+                (None, Some(hf)) if hf.add == Some(true) => {
                     let bos = match (named_bos, &hf.token) {
                         (Some(named), _) => named,
                         (None, Some(name)) => match tokenizer.token_to_id(name) {
@@ -413,7 +443,17 @@ impl CorpusTokenizer {
                     (None, BosFrom::TemplateBosIsEos)
                 }
                 (Some(t), _) => (Some(named_bos.unwrap_or(t)), BosFrom::Template),
-                (None, _) => (None, BosFrom::TemplateAddsNone),
+                // A BOS the job names but nothing adds was ignored without a word (an audit).
+                (None, hf) => {
+                    if let Some((name, _)) = named_bos {
+                        let reason = match hf.filter(|hf| hf.add == Some(false)) {
+                            Some(hf) => hf.reason.clone(),
+                            None => "its post-processor template adds none".to_owned(),
+                        };
+                        return Err(named_but_not_added(&name, &reason));
+                    }
+                    (None, BosFrom::TemplateAddsNone)
+                }
             },
             AddBos::Always => {
                 let bos = named_bos
@@ -702,6 +742,15 @@ fn looks_like_control(content: &str) -> bool {
         .and_then(|r| r.strip_suffix('>'))
         .or_else(|| content.strip_prefix('[').and_then(|r| r.strip_suffix(']')));
     inner.is_some_and(|i| !i.is_empty() && !i.chars().any(char::is_whitespace))
+}
+
+/// `corpus.bos_token` set under `add_bos: auto` for a tokenizer that adds no BOS (`why`).
+fn named_but_not_added(name: &str, why: &str) -> CorpusError {
+    CorpusError::Invalid(format!(
+        "corpus.bos_token is `{name}`, but under corpus.add_bos: auto the tokenizer adds no BOS \
+         ({why}): set corpus.add_bos: true to start each document with `{name}`, or leave \
+         corpus.bos_token out"
+    ))
 }
 
 fn find_token(tokenizer: &Tokenizer, names: &[&str]) -> Option<(String, u32)> {
