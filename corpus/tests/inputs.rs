@@ -817,6 +817,73 @@ fn a_tokenizer_that_encodes_text_to_nothing_is_refused() {
     );
 }
 
+/// A Llama 2 fine-tune that added `<|endoftext|>` as its pad token: its documents ended with
+/// the pad (the first of the usual EOS names) instead of `</s>`, the EOS its config names (an
+/// audit). A pad token is never taken for the EOS unless it is also the config's EOS (GPT-2).
+/// And a `corpus.bos_token` that nothing adds under `add_bos: auto` was ignored without a word:
+/// refused, saying how to add it.
+#[test]
+fn the_pad_token_never_ends_documents_and_a_named_bos_is_never_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("model")).expect("mkdir");
+    let tok = d.join("model").join("tokenizer.json");
+    let config = d.join("model").join("tokenizer_config.json");
+    llama2_style_tokenizer(&tok);
+    edit_tokenizer(&tok, |t| {
+        t["post_processor"] = serde_json::Value::Null;
+        t["added_tokens"].as_array_mut().expect("added").push(
+            serde_json::json!({"id": 400, "content": "<|endoftext|>",
+                "single_word": false, "lstrip": false, "rstrip": false, "normalized": false,
+                "special": true}),
+        );
+    });
+    write(d, "a.jsonl", "{\"text\": \"plain words\"}\n");
+    let head = format!("tokenizer: {}\n", tok.display());
+    std::fs::write(
+        &config,
+        r#"{"add_bos_token": false, "eos_token": "</s>", "pad_token": "<|endoftext|>"}"#,
+    )
+    .expect("write config");
+    let report = prepared(&spec(d, &head, ""));
+    assert_eq!(report.tokenizer.eos_token, "</s>");
+    for (ids, _) in stored(&d.join("out")) {
+        assert_eq!(ids[ids.len() - 1], 2, "{ids:?}");
+        assert!(!ids.contains(&400), "{ids:?}");
+    }
+    // The pad that is also the EOS (GPT-2's `<|endoftext|>`) ends documents.
+    std::fs::write(
+        &config,
+        r#"{"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}"#,
+    )
+    .expect("write config");
+    let report = prepared(&spec(d, &head, ""));
+    assert_eq!(report.tokenizer.eos_token, "<|endoftext|>");
+
+    // `bos_token` named, but nothing adds a BOS under `add_bos: auto`.
+    for config_text in [r#"{"add_bos_token": false}"#, r#"{}"#] {
+        std::fs::write(&config, config_text).expect("write config");
+        let err = prepare(
+            &spec(d, &format!("{head}bos_token: \"<s>\"\n"), ""),
+            None,
+            &PrepareOptions::default(),
+        )
+        .expect_err("a named BOS nothing adds")
+        .to_string();
+        assert!(
+            err.contains("corpus.bos_token is `<s>`") && err.contains("add_bos: true"),
+            "{config_text}: {err}"
+        );
+    }
+    // With add_bos: true it is added.
+    prepared(&spec(
+        d,
+        &format!("{head}bos_token: \"<s>\"\nadd_bos: true\n"),
+        "",
+    ));
+    assert!(stored(&d.join("out")).iter().all(|(ids, _)| ids[0] == 1));
+}
+
 /// A model folder's `tokenizer_config.json` decides the BOS as transformers applies it when it
 /// loads the folder: an explicit `add_bos_token`, or a Llama/Gemma tokenizer class (BOS by
 /// default) where the `tokenizer.json` has no template (older Llama-2 and Mistral exports).
