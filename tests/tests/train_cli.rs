@@ -350,3 +350,103 @@ fn import_gguf_names_the_file_it_cannot_read() {
         "{stderr}"
     );
 }
+
+/// A word-level tokenizer.json with `<s>` and `</s>` and no template: what adds the BOS is a
+/// `tokenizer_config.json` beside it (a Llama class), as in older Llama 2 and Mistral folders.
+fn word_tokenizer(path: &Path, words: &[&str]) {
+    let mut vocab = serde_json::json!({"<unk>": 0, "<s>": 1, "</s>": 2});
+    for (i, w) in words.iter().enumerate() {
+        vocab[*w] = (3 + i).into();
+    }
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(path, json.to_string()).expect("tokenizer");
+}
+
+/// `corpus.tokenizer` a copy of the base model's `tokenizer.json` without the folder's
+/// `tokenizer_config.json` (whose Llama class adds `<s>`): the corpus was prepared without the
+/// BOS the model's folder asks for, trained without a word, and the export carried that config
+/// (an audit). Training now refuses, naming both; with the folder's own file it trains, and
+/// says that the base config.json ends sequences with another id than the corpus's EOS.
+#[test]
+fn a_corpus_tokenized_otherwise_than_the_base_models_folder_says_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let stage1 = write_job(d, "stage1", "ck1");
+    ok(&["prepare", "--quiet", &stage1]);
+    ok(&["train", &stage1, "--stop-after", "2"]);
+    let base = d.join("base");
+    ok(&[
+        "export",
+        &d.join("ck1/step-00000002").to_string_lossy(),
+        "--hf",
+        &base.to_string_lossy(),
+    ]);
+    let words = ["alpha", "beta", "gamma", "delta"];
+    word_tokenizer(&base.join("tokenizer.json"), &words);
+    std::fs::write(
+        base.join("tokenizer_config.json"),
+        r#"{"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}"#,
+    )
+    .expect("config");
+    let copy = d.join("tokenizer-copy.json");
+    std::fs::copy(base.join("tokenizer.json"), &copy).expect("copy");
+    std::fs::create_dir_all(d.join("words")).expect("mkdir");
+    let records: String = (0..60)
+        .map(|i: usize| {
+            let text: Vec<&str> = (0..30)
+                .map(|j| words[(i * 7 + j * (i % 5 + 1)) % 4])
+                .collect();
+            format!("{{\"text\": \"{}\"}}\n", text.join(" "))
+        })
+        .collect();
+    std::fs::write(d.join("words/a.jsonl"), records).expect("corpus");
+    let job = |tokenizer: &Path| {
+        let path = d.join("stage2.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "job: stage2\nseed: 11\nmodel:\n  hf: {base}\ncorpus:\n  output: {out}\n  \
+                 tokenizer: {tokenizer}\n  sources:\n    - name: words\n      role: domain\n      \
+                 paths: [\"{words}\"]\n      weight: 1\n      held_out: 0.1\ntraining:\n  \
+                 seq_len: 32\n  global_batch: 8\n  micro_batch: 4\n  tokens: 512\ncheckpoint:\n  \
+                 dir: {ck}\n  every: 2\n",
+                base = base.display(),
+                out = d.join("corpus2").display(),
+                tokenizer = tokenizer.display(),
+                words = d.join("words").display(),
+                ck = d.join("ck2").display(),
+            ),
+        )
+        .expect("job");
+        path.to_string_lossy().into_owned()
+    };
+    let stage2 = job(&copy);
+    ok(&["prepare", "--quiet", &stage2]);
+    let refused = dapt(&["train", &stage2, "--stop-after", "2"]);
+    let err = text(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains("tokenizer_config.json")
+            && err.contains("starts a document with `<s>`")
+            && err.contains("prepared with no BOS"),
+        "{err}"
+    );
+    assert!(!d.join("ck2/step-00000002").exists());
+    // The folder's own file: documents start with `<s>`, and training goes on.
+    let stage2 = job(&base.join("tokenizer.json"));
+    ok(&["prepare", "--quiet", &stage2]);
+    let trained = dapt(&["train", &stage2, "--stop-after", "2"]);
+    let log = text(&trained.stderr);
+    assert!(trained.status.success(), "{log}");
+    assert!(log.contains("ends sequences with other ids"), "{log}");
+}

@@ -370,8 +370,11 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             let tokenizer = model.join(hf::TOKENIZER_FILE);
             if tokenizer.is_file() {
                 reader.check_tokenizer(&tokenizer)?;
+            } else {
+                dapt_worker::train::run::warn_no_base_tokenizer(&model, &reader);
             }
             let weights = hf::load_dir(&model)?;
+            dapt_worker::train::run::warn_on_another_eos(&model, &weights.config, &reader);
             let vocab = reader.manifest().tokenizer.vocab_size as usize;
             if vocab > weights.config.vocab_size {
                 anyhow::bail!(

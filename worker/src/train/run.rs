@@ -533,8 +533,12 @@ pub fn initial_model(job: &JobSpec, reader: &CorpusReader) -> Result<(LlamaConfi
             let tokenizer = dir.join(hf::TOKENIZER_FILE);
             if tokenizer.is_file() {
                 reader.check_tokenizer(&tokenizer)?;
+                check_base_tokenization(&tokenizer, reader, job)?;
+            } else {
+                warn_no_base_tokenizer(dir, reader);
             }
             let model = hf::load_dir(dir)?;
+            warn_on_another_eos(dir, &model.config, reader);
             Ok((model.config, model.weights))
         }
         (None, Some(preset)) => {
@@ -547,6 +551,79 @@ pub fn initial_model(job: &JobSpec, reader: &CorpusReader) -> Result<(LlamaConfi
         (None, None) => Err(WorkerError::Invalid(
             "model: give exactly one of `preset` and `hf`".into(),
         )),
+    }
+}
+
+/// Refuses a corpus whose documents start or end otherwise than the base model's folder says:
+/// its `tokenizer.json` is the corpus's (checked before), but read with the folder's
+/// `tokenizer_config.json` (which can decide the BOS, as transformers applies it) it adds
+/// another BOS or ends with another EOS. That happens when `corpus.tokenizer` is a copy of the
+/// file without the config beside it (an audit: a Mistral folder's `LlamaTokenizerFast` adds
+/// `<s>`, the copy did not, and the export carried the folder's config asking for it).
+///
+/// # Errors
+/// [`WorkerError::Invalid`] naming both decisions and what to do; the base tokenizer's own
+/// errors.
+pub fn check_base_tokenization(
+    base_tokenizer: &Path,
+    reader: &CorpusReader,
+    job: &JobSpec,
+) -> Result<()> {
+    use dapt_corpus::tokenizer::{CorpusTokenizer, TokenizerOptions};
+    let base = CorpusTokenizer::load(base_tokenizer, &TokenizerOptions::from(&job.corpus))?;
+    let corpus = &reader.manifest().tokenizer;
+    if base.bos.as_ref().map(|b| b.1) == corpus.bos_id && base.eos_id == corpus.eos_id {
+        return Ok(());
+    }
+    let bos = |token: Option<&str>| token.map_or("no BOS".to_owned(), |t| format!("`{t}`"));
+    Err(WorkerError::Invalid(format!(
+        "{}: read in the base model's folder (with its tokenizer_config.json, as transformers \
+         reads it), this tokenizer starts a document with {} and ends it with `{}`; the corpus \
+         was prepared with {} and `{}` (was corpus.tokenizer a copy of this file without the \
+         folder's tokenizer_config.json?): set corpus.tokenizer to this file and run dapt \
+         prepare again, or say which in corpus.add_bos / corpus.bos_token / corpus.eos_token",
+        base_tokenizer.display(),
+        bos(base.bos.as_ref().map(|b| b.0.as_str())),
+        base.eos_token,
+        bos(corpus.bos_token.as_deref()),
+        corpus.eos_token,
+    )))
+}
+
+/// Says that a base model folder without `tokenizer.json` leaves the corpus's tokenizer
+/// unchecked: another model's tokenizer with no more ids than the embedding has rows trains
+/// without an error, every id meaning another token (an audit).
+pub fn warn_no_base_tokenizer(dir: &Path, reader: &CorpusReader) {
+    tracing::warn!(
+        model = %dir.display(),
+        corpus_vocab = reader.manifest().tokenizer.vocab_size,
+        "the base model's folder has no tokenizer.json: dapt cannot check that the corpus's \
+         tokenizer is the model's (with another, every id means another token); put the \
+         model's tokenizer.json there"
+    );
+}
+
+/// Says when the base model's `config.json` ends sequences with other ids than the corpus's
+/// EOS: the model would learn a document end it does not stop at (a pad token taken for the
+/// EOS; an Instruct model, whose turn end is not its document end, is a deliberate case).
+pub fn warn_on_another_eos(dir: &Path, config: &LlamaConfig, reader: &CorpusReader) {
+    let corpus = &reader.manifest().tokenizer;
+    let ids = match (&config.eos_token_ids, config.eos_token_id) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(id)) => vec![id],
+        (None, None) => return,
+    };
+    if !ids.contains(&corpus.eos_id) {
+        tracing::warn!(
+            model = %dir.display(),
+            config_eos_token_id = ?ids,
+            corpus_eos = %corpus.eos_token,
+            corpus_eos_id = corpus.eos_id,
+            "the base model's config.json ends sequences with other ids than the corpus's \
+             document end: the model learns an end it does not stop at; set corpus.eos_token \
+             to the model's if that is not meant (an Instruct model's turn end is not its \
+             document end)"
+        );
     }
 }
 
