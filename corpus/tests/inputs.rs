@@ -1211,27 +1211,37 @@ fn byte_fallback_pieces_flagged_special_are_text_and_a_real_control_token_names_
 /// object with a string `text` field".
 #[test]
 fn a_lone_surrogate_escape_is_a_replacement_character_not_a_lost_record() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    write(
-        d,
-        "a.jsonl",
+    jsonl_read_as(
         concat!(
             "{\"text\": \"whole emoji \\ud83c\\udf1e here\"}\n",
             "{\"text\": \"half emoji \\ud83d then more text\", \"id\": 2}\n",
             "{\"text\": \"a low half \\udc00 and a path C:\\\\ud83d\"}\n",
         ),
+        (0, 1),
+        &[
+            "whole emoji 🌞 here<|endoftext|>",
+            "half emoji \u{FFFD} then more text<|endoftext|>",
+            "a low half \u{FFFD} and a path C:\\ud83d<|endoftext|>",
+        ],
     );
+}
+
+/// Prepares one JSONL file of `records` and checks the source's `(bad_jsonl_lines,
+/// lossy_files)` and that every one of `kept` is a stored document.
+fn jsonl_read_as(records: &str, bad_and_lossy: (u64, u64), kept: &[&str]) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write(d, "a.jsonl", records);
     let report = prepared(&spec(d, "vocab_size: 300\n", ""));
     let row = &report.sources[0];
-    assert_eq!((row.bad_jsonl_lines, row.lossy_files), (0, 1), "{report:?}");
+    assert_eq!(
+        (row.bad_jsonl_lines, row.lossy_files),
+        bad_and_lossy,
+        "{report:?}"
+    );
     let got = texts(&d.join("out"));
-    for text in [
-        "whole emoji 🌞 here<|endoftext|>",
-        "half emoji \u{FFFD} then more text<|endoftext|>",
-        "a low half \u{FFFD} and a path C:\\ud83d<|endoftext|>",
-    ] {
-        assert!(got.contains(&text.to_owned()), "{text:?} not in {got:?}");
+    for text in kept {
+        assert!(got.contains(&(*text).to_owned()), "{text:?} not in {got:?}");
     }
 }
 
@@ -1241,29 +1251,20 @@ fn a_lone_surrogate_escape_is_a_replacement_character_not_a_lost_record() {
 /// and a record whose text is itself NaN is still a bad line.
 #[test]
 fn python_json_constants_in_other_fields_keep_the_record() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    write(
-        d,
-        "a.jsonl",
+    jsonl_read_as(
         concat!(
             "{\"text\": \"scored NaN times\", \"score\": NaN}\n",
             "{\"score\": -Infinity, \"text\": \"Infinity and \\\"NaN\\\" in text\"}\n",
             "{\"text\": \"plain\", \"s\": [Infinity, 1.5]}\n",
             "{\"text\": NaN}\n",
         ),
+        (1, 0),
+        &[
+            "scored NaN times<|endoftext|>",
+            "Infinity and \"NaN\" in text<|endoftext|>",
+            "plain<|endoftext|>",
+        ],
     );
-    let report = prepared(&spec(d, "vocab_size: 300\n", ""));
-    let row = &report.sources[0];
-    assert_eq!((row.bad_jsonl_lines, row.lossy_files), (1, 0), "{report:?}");
-    let got = texts(&d.join("out"));
-    for text in [
-        "scored NaN times<|endoftext|>",
-        "Infinity and \"NaN\" in text<|endoftext|>",
-        "plain<|endoftext|>",
-    ] {
-        assert!(got.contains(&text.to_owned()), "{text:?} not in {got:?}");
-    }
 }
 
 /// An XHTML chapter with one bare `&` is not XML: read as HTML (its `<iframe/>` no longer
