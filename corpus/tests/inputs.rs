@@ -3,7 +3,7 @@
 //! BOS template, line endings.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use dapt_corpus::manifest::TOKENIZER_FILE;
 use dapt_corpus::report::Report;
@@ -817,6 +817,19 @@ fn a_tokenizer_that_encodes_text_to_nothing_is_refused() {
     );
 }
 
+/// `d/model/tokenizer.json`, a Llama-2 style tokenizer without a post-processor template (as
+/// older Llama-2 and Mistral folders ship it), and the path of its `tokenizer_config.json`
+/// (not written).
+fn model_folder_without_template(d: &Path) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(d.join("model")).expect("mkdir");
+    let tok = d.join("model").join("tokenizer.json");
+    llama2_style_tokenizer(&tok);
+    edit_tokenizer(&tok, |json| {
+        json["post_processor"] = serde_json::Value::Null
+    });
+    (tok, d.join("model").join("tokenizer_config.json"))
+}
+
 /// A Llama 2 fine-tune that added `<|endoftext|>` as its pad token: its documents ended with
 /// the pad (the first of the usual EOS names) instead of `</s>`, the EOS its config names (an
 /// audit). A pad token is never taken for the EOS unless it is also the config's EOS (GPT-2).
@@ -826,12 +839,8 @@ fn a_tokenizer_that_encodes_text_to_nothing_is_refused() {
 fn the_pad_token_never_ends_documents_and_a_named_bos_is_never_ignored() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    std::fs::create_dir_all(d.join("model")).expect("mkdir");
-    let tok = d.join("model").join("tokenizer.json");
-    let config = d.join("model").join("tokenizer_config.json");
-    llama2_style_tokenizer(&tok);
+    let (tok, config) = model_folder_without_template(d);
     edit_tokenizer(&tok, |t| {
-        t["post_processor"] = serde_json::Value::Null;
         t["added_tokens"].as_array_mut().expect("added").push(
             serde_json::json!({"id": 400, "content": "<|endoftext|>",
                 "single_word": false, "lstrip": false, "rstrip": false, "normalized": false,
@@ -891,13 +900,7 @@ fn the_pad_token_never_ends_documents_and_a_named_bos_is_never_ignored() {
 fn a_tokenizer_config_beside_the_tokenizer_decides_the_bos_as_transformers_does() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    std::fs::create_dir_all(d.join("model")).expect("mkdir");
-    let tok = d.join("model").join("tokenizer.json");
-    let config = d.join("model").join("tokenizer_config.json");
-    llama2_style_tokenizer(&tok);
-    edit_tokenizer(&tok, |json| {
-        json["post_processor"] = serde_json::Value::Null
-    });
+    let (tok, config) = model_folder_without_template(d);
     write(
         d,
         "a.jsonl",
