@@ -7,8 +7,10 @@
 //! 2. for HTML, a UTF-16 XML declaration without a byte order mark (`<?x` in UTF-16, the HTML
 //!    Standard's "prescan for UTF-16 XML declarations"); a `<meta charset>` or
 //!    `<meta http-equiv="content-type" content="...charset=">` in the first 1024 bytes (the
-//!    HTML Standard's *prescan*), or an XML declaration's `encoding="..."`; else a `<meta>`
-//!    later in the `<head>` (a browser's parser changes the encoding when it meets one there);
+//!    HTML Standard's *prescan*), or an XML declaration's `encoding="..."` (first, before a
+//!    `<meta>`, in XHTML: a page that opens with one and names the XHTML namespace, which dapt
+//!    reads as XML); else a `<meta>` later in the `<head>` (a browser's parser changes the
+//!    encoding when it meets one there);
 //! 3. the source's `encoding:` from the job file, else UTF-8.
 //!
 //! Labels map to encodings as the Encoding Standard says (so `iso-8859-1` and `latin1` decode as
@@ -16,8 +18,9 @@
 //! implementation. Bytes that are not valid in the chosen encoding become U+FFFD and the file
 //! is counted as decoded lossily; nothing is dropped silently. What cannot be text is refused
 //! ([`Undecodable`]): a file that declares one of the encodings the Encoding Standard decodes as
-//! a single U+FFFD (`replacement`: ISO-2022-KR, HZ-GB-2312, ...), and text with NUL characters
-//! (UTF-16 without a byte order mark read as UTF-8, or a binary file). A declaration whose label
+//! a single U+FFFD (`replacement`: ISO-2022-KR, HZ-GB-2312, ...), text with NUL characters
+//! (UTF-16 without a byte order mark read as UTF-8, or a binary file), and a known binary format
+//! under a text name ([`Undecodable::Binary`]). A declaration whose label
 //! names no encoding is ignored, as a browser does, and kept for the report.
 
 use encoding_rs::{Encoding, REPLACEMENT, UTF_16BE, UTF_16LE, UTF_8, WINDOWS_1252, X_USER_DEFINED};
@@ -141,10 +144,24 @@ pub fn decode(
     fallback: &'static Encoding,
 ) -> Result<Decoded, Undecodable> {
     // A compressed or binary file under a text name (gzip data named `.txt`: under the NUL
-    // bound, it was tokenized as 44,000 characters of junk, one generic warning; an audit).
-    if let Some(binary) = binary_format(&raw) {
-        return Err(binary);
+    // bound, it was tokenized as 44,000 characters of junk, one generic warning; an audit):
+    // refused as what its magic bytes say when it is also no text in the encoding it is read
+    // in (bytes invalid there, NULs, or other control bytes). A windows-1252 text that begins
+    // `BMW-H\xe4ndler` is text.
+    let binary = binary_format(&raw);
+    match (binary, decode_text(raw, format, fallback)) {
+        (Some((refusal, _)), Err(Undecodable::Nul { .. })) => Err(refusal),
+        (Some((refusal, controls)), Ok(decoded)) if decoded.lossy || controls => Err(refusal),
+        (_, decoded) => decoded,
     }
+}
+
+/// [`decode`] without the check for binary formats.
+fn decode_text(
+    raw: Vec<u8>,
+    format: Format,
+    fallback: &'static Encoding,
+) -> Result<Decoded, Undecodable> {
     if let Some(big_endian) = utf32_bom(&raw) {
         let (text, lossy) = decode_utf32(&raw[4..], big_endian);
         let encoding = if big_endian { "UTF-32BE" } else { "UTF-32LE" };
@@ -263,21 +280,19 @@ fn finish(
     })
 }
 
-/// The binary format `raw` is in ([`Undecodable::Binary`]): its magic bytes name one that is
-/// not text, and its first 8 KiB are not UTF-8 or hold a C0 control byte that text does not use
-/// (not a tab, line feed, form feed, carriage return or escape).
-fn binary_format(raw: &[u8]) -> Option<Undecodable> {
+/// The binary format `raw`'s magic bytes name (by the `infer` crate; one it counts as text,
+/// HTML or XML, is none), as its refusal, and whether its first 8 KiB hold a C0 control byte
+/// that text does not use (not a tab, line feed, form feed, carriage return or escape).
+fn binary_format(raw: &[u8]) -> Option<(Undecodable, bool)> {
     let kind = infer::get(raw).filter(|k| k.matcher_type() != infer::MatcherType::Text)?;
-    let head = &raw[..raw.len().min(8192)];
-    // (A character cut at the end of the 8 KiB is no fault: no `error_len`.)
-    let not_utf8 = std::str::from_utf8(head).is_err_and(|e| e.error_len().is_some());
-    let controls = head
+    let controls = raw[..raw.len().min(8192)]
         .iter()
         .any(|&b| b < 0x20 && !matches!(b, b'\t' | b'\n' | 0x0C | b'\r' | 0x1B));
-    (not_utf8 || controls).then(|| Undecodable::Binary {
+    let refusal = Undecodable::Binary {
         mime: kind.mime_type(),
         extension: kind.extension(),
-    })
+    };
+    Some((refusal, controls))
 }
 
 /// `Some(big_endian)` for a UTF-32 byte order mark (`FF FE 00 00` or `00 00 FE FF`).
@@ -348,6 +363,15 @@ fn html_declaration(raw: &[u8], labels: &mut Labels) -> Option<&'static Encoding
     if raw.starts_with(&[0, 0x3C, 0, 0x3F, 0, 0x78]) {
         return Some(UTF_16BE);
     }
+    // XHTML (an XML declaration, the XHTML namespace near the top), which dapt reads as XML:
+    // the declaration's encoding wins over a `<meta>`, as in XML readers (a stale `<meta>` of
+    // an EPUB chapter won over it; an audit).
+    let head = &raw[..raw.len().min(4096)];
+    if find(head, 0, b"http://www.w3.org/1999/xhtml").is_some() {
+        if let Some(found) = xml_declaration(raw, labels) {
+            return Some(in_page(found));
+        }
+    }
     let first = &raw[..raw.len().min(PRESCAN_BYTES)];
     if let Some(found) = prescan_noting(first, labels) {
         return Some(found);
@@ -369,11 +393,9 @@ fn find_ignore_case(bytes: &[u8], needle: &[u8]) -> Option<usize> {
         .position(|w| w.eq_ignore_ascii_case(needle))
 }
 
-/// The encoding that an XML declaration at the start of `bytes` names (the page is XHTML,
-/// which dapt reads as XML, and XML readers take the declaration: a stale `<meta>` of an EPUB
-/// chapter won over it before, an audit), else the one a `<meta>` declares, by the HTML
-/// Standard's "prescan a byte stream to determine its encoding" (with its "get an attribute"
-/// and "extracting a character encoding from a meta element"). Only `bytes` are read: a
+/// The encoding that a `<meta>` in `bytes` declares, by the HTML Standard's "prescan a byte
+/// stream to determine its encoding" (with its "get an attribute" and "extracting a character
+/// encoding from a meta element"), or else an XML declaration's. Only `bytes` are read: a
 /// construct cut off at their end declares nothing. UTF-16 declared inside the page itself
 /// means UTF-8 (the page could not have been read as ASCII otherwise), as the standard says.
 pub fn prescan(bytes: &[u8]) -> Option<&'static Encoding> {
@@ -382,7 +404,7 @@ pub fn prescan(bytes: &[u8]) -> Option<&'static Encoding> {
 
 /// [`prescan`], keeping the labels worth naming in `labels`.
 fn prescan_noting(bytes: &[u8], labels: &mut Labels) -> Option<&'static Encoding> {
-    let found = xml_declaration(bytes, labels).or_else(|| meta_scan(bytes, labels))?;
+    let found = meta_scan(bytes, labels).or_else(|| xml_declaration(bytes, labels))?;
     Some(in_page(found))
 }
 
@@ -722,14 +744,24 @@ mod tests {
             prescan(b"<?xml version=\"1.0\" encoding=\"ISO-8859-1\"?><html>"),
             Some(WINDOWS_1252)
         );
-        // The declaration wins over a `<meta>` of another encoding.
-        let page = b"<?xml version=\"1.0\" encoding=\"windows-1251\"?><html><head><meta \
-            http-equiv=\"Content-Type\" content=\"text/html; charset=iso-8859-1\"/></head>\
-            <body><p>\xcf\xf0\xe8\xe2\xe5\xf2</p></body></html>";
-        assert_eq!(prescan(page), Some(WINDOWS_1251));
-        assert!(html(page)
+        // In XHTML (the namespace named) the declaration wins over a `<meta>` of another
+        // encoding, as in XML readers; in a page read as HTML the `<meta>` does, as browsers do.
+        let page = |html: &[u8]| {
+            [
+                &b"<?xml version=\"1.0\" encoding=\"windows-1251\"?>"[..],
+                html,
+                b"<head><meta http-equiv=\"Content-Type\" content=\"text/html; \
+                  charset=iso-8859-1\"/></head><body><p>\xcf\xf0\xe8\xe2\xe5\xf2</p></body>\
+                  </html>",
+            ]
+            .concat()
+        };
+        let xhtml = html(&page(b"<html xmlns=\"http://www.w3.org/1999/xhtml\">"));
+        assert_eq!(xhtml.encoding, "windows-1251");
+        assert!(xhtml
             .text
             .contains("\u{41f}\u{440}\u{438}\u{432}\u{435}\u{442}"));
+        assert_eq!(html(&page(b"<html>")).encoding, "windows-1252");
     }
 
     /// gzip data named `.txt` (0.3% NULs, under the NUL bound) was stored as 44,000
@@ -764,6 +796,11 @@ mod tests {
         ] {
             decode(text.to_vec(), Format::Plain, UTF_8).expect("text");
         }
+        // Legacy text that begins as a magic number is text in its encoding (it was refused as
+        // image/bmp: it is not UTF-8).
+        let legacy = b"BMW-H\xe4ndler in M\xfcnchen".to_vec();
+        let d = decode(legacy, Format::Plain, encoding_rs::WINDOWS_1252).expect("text");
+        assert_eq!(d.text, "BMW-H\u{e4}ndler in M\u{fc}nchen");
     }
 
     #[test]
