@@ -125,11 +125,14 @@ impl HfBos {
     /// change every document, so it is not skipped.
     pub fn beside(tokenizer_json: &Path) -> Result<Option<HfBos>> {
         let path = tokenizer_json.with_file_name(HF_TOKENIZER_CONFIG);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
+        match std::fs::metadata(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(CorpusError::io(&path)(e)),
-        };
+            // A FIFO would block the read, a device never end it.
+            Ok(meta) if !meta.is_file() => return Err(CorpusError::NotAFile { path }),
+            Ok(_) => {}
+        }
+        let text = std::fs::read_to_string(&path).map_err(CorpusError::io(&path))?;
         let fail = |message: String| CorpusError::Tokenizer {
             path: path.clone(),
             message,

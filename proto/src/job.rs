@@ -831,7 +831,12 @@ impl JobSpec {
         )?;
         if let Some(m) = &self.model {
             // 0 makes every weight 0, and then every gradient: a model that never trains.
-            number("model.init_std", m.init_std, |x| x > 0.0, "positive")?;
+            number(
+                "model.init_std",
+                m.init_std,
+                |x| (x as f32) > 0.0 && (x as f32).is_finite(),
+                "positive, also once rounded to f32 (at least 1.4e-45)",
+            )?;
         }
         if let Some(t) = &self.training {
             let o = &t.optimizer;
@@ -843,8 +848,8 @@ impl JobSpec {
             number(
                 "training.optimizer.lr",
                 o.lr,
-                |x| x > 0.0 && f32_too(x),
-                "positive and finite in f32 (below 3.4e38)",
+                |x| (x as f32) > 0.0 && f32_too(x),
+                "positive and finite, also once rounded to f32 (1.4e-45 to 3.4e38)",
             )?;
             let beta = |x: f64| (0.0..1.0).contains(&x) && (x as f32) < 1.0;
             let in_0_1 = "in [0, 1), also once rounded to f32 (at most 0.99999994)";
@@ -858,11 +863,12 @@ impl JobSpec {
             )?;
             let at_least_0 = |x: f64| x >= 0.0;
             let weight_decay = o.weight_decay;
+            // The optimizer applies `lr * weight_decay` in f32.
             number(
                 "training.optimizer.weight_decay",
                 weight_decay,
-                at_least_0,
-                ">= 0",
+                |x| at_least_0(x) && f32_too(x * o.lr),
+                ">= 0, and times lr finite in f32",
             )?;
             number(
                 "training.optimizer.grad_clip",
@@ -1339,6 +1345,11 @@ training:
             ("betas: [0.99999999, 0.95]", "training.optimizer.betas"),
             ("eps: 1.0e-46", "training.optimizer.eps"),
             ("lr: 1.0e+39", "training.optimizer.lr"),
+            ("lr: 1.0e-46", "training.optimizer.lr"),
+            (
+                "weight_decay: 1.0e+38\n    lr: 10.0",
+                "training.optimizer.weight_decay",
+            ),
         ] {
             let err = optimizer(body).expect_err(body);
             assert!(err.starts_with(field), "{body}: {err}");
@@ -1349,6 +1360,11 @@ training:
         let spec = JobSpec::parse(&format!("{JOB}\nmodel:\n  preset: tiny\n  init_std: 0\n"))
             .expect("parses");
         assert_eq!(spec.validate().expect_err("init_std 0").0, "model.init_std");
+        let spec = JobSpec::parse(&format!(
+            "{JOB}\nmodel:\n  preset: tiny\n  init_std: 1.0e-50\n"
+        ))
+        .expect("parses");
+        assert_eq!(spec.validate().expect_err("0 in f32").0, "model.init_std");
     }
 
     /// A job file that is a FIFO hung `dapt prepare`, `/dev/zero` filled memory (an audit):

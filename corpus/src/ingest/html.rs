@@ -166,7 +166,8 @@ pub fn nesting_depth(html: &str, limit: usize) -> usize {
     tokenizer.sink.deepest.get()
 }
 
-/// The visible text of `html`, paragraphs separated by blank lines.
+/// The visible text of `html`: a line per block, a blank line only where the page makes one
+/// (`<br><br>`, preformatted text).
 pub fn extract_text(html: &str) -> String {
     let document = Html::parse_document(html);
     visible_text(document.tree.root(), html.len() / 2)

@@ -102,7 +102,9 @@ pub fn prepare(
             // A tokenizer_config.json beside it can decide the BOS: its bytes are an input too.
             let config = path.with_file_name(tokenizer::HF_TOKENIZER_CONFIG);
             let mut sha = tokenizer::sha256_file(path)?;
-            if config.is_file() {
+            // (`exists`: a FIFO or a device there is refused by the hash, not passed over to
+            // block or fill memory when the config is read.)
+            if config.exists() {
                 sha = format!("{sha}+{}", tokenizer::sha256_file(&config)?);
             }
             Some((path.clone(), sha))

@@ -528,7 +528,7 @@ fn source_warnings(row: &SourceRow, st: &SourceStats, plan: Option<TrainingPlan>
     }
     if st.not_xml_files > 0 {
         w.push(format!(
-            "source `{name}`: {} XHTML files are not well-formed XML and were read as HTML              (a browser showing them as XHTML would stop at the error; check their text), e.g. {}",
+            "source `{name}`: {} XHTML files are not well-formed XML and were read as HTML (a browser showing them as XHTML would stop at the error; check their text), e.g. {}",
             st.not_xml_files,
             st.not_xml_examples.join(", ")
         ));
