@@ -961,6 +961,15 @@ mod tests {
             let err = sha256_file(path).expect_err("refused");
             assert!(matches!(err, CorpusError::NotAFile { .. }), "{err}");
         }
+        // A `tokenizer_config.json` that is a FIFO beside the tokenizer blocked the read too.
+        let config = dir.path().join(HF_TOKENIZER_CONFIG);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&config)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        let err = HfBos::beside(&fifo).expect_err("refused");
+        assert!(matches!(err, CorpusError::NotAFile { .. }), "{err}");
     }
 
     #[test]
