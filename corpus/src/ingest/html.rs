@@ -244,15 +244,20 @@ pub fn self_closing_expanded(text: &str) -> std::borrow::Cow<'_, str> {
         if name_len == 0 || !bytes[at + 1].is_ascii_alphabetic() {
             continue;
         }
-        // The tag's end: the first `>` outside a quoted attribute value.
+        // The tag's end: the first `>` outside a quoted attribute value (a quote opens one
+        // only after `=`: in `x<y don't` the apostrophe is text).
         let mut quote = None;
+        let mut after_equals = false;
         let mut j = at + 1 + name_len;
         while j < bytes.len() {
             match (quote, bytes[j]) {
-                (None, b'"' | b'\'') => quote = Some(bytes[j]),
+                (None, b'"' | b'\'') if after_equals => quote = Some(bytes[j]),
                 (Some(q), c) if c == q => quote = None,
                 (None, b'>') => break,
                 _ => {}
+            }
+            if quote.is_none() && !bytes[j].is_ascii_whitespace() {
+                after_equals = bytes[j] == b'=';
             }
             j += 1;
         }
@@ -522,16 +527,22 @@ impl Layout {
         self.space = false;
     }
 
-    /// Drops the collapsed spaces at the end of the line (never preformatted text's own).
+    /// Drops the spaces at the end of the line (never preformatted text's own): collapsed
+    /// ones, and no-break and other spaces a browser shows as nothing there (`<p>&nbsp;</p>`, a
+    /// spacer paragraph of word processors, is no line).
     fn trim_line_end(&mut self) {
-        let trimmed = self.out.trim_end_matches([' ', '\t']).len().max(self.kept);
+        let trimmed = self
+            .out
+            .trim_end_matches(|c: char| c.is_whitespace() && c != '\n')
+            .len()
+            .max(self.kept);
         self.out.truncate(trimmed.min(self.out.len()));
     }
 
     fn finish(mut self) -> String {
         self.kept = 0;
         self.trim_line_end();
-        let text = self.out.trim_end_matches(html_space);
+        let text = self.out.trim_end_matches(char::is_whitespace);
         text.trim_start_matches('\n').to_owned()
     }
 }
@@ -563,7 +574,10 @@ fn visible_text<'a, N: PageNode<'a>>(root: N, capacity: usize) -> String {
                 }
                 let (block, pre) = match node.element() {
                     Some((name, not_shown)) => {
-                        if not_shown || SKIPPED.contains(&name) {
+                        // A page hidden whole until its script runs (`<body
+                        // style="display:none">`) is still its text.
+                        let whole_page = matches!(name, "html" | "body");
+                        if (not_shown && !whole_page) || SKIPPED.contains(&name) {
                             continue;
                         }
                         if name == "br" {
@@ -691,6 +705,11 @@ mod tests {
                 "<p>one<br><br>two<br><br><br><br>three</p>",
                 "one\n\ntwo\n\nthree",
             ),
+            // Spacer paragraphs and trailing no-break spaces are nothing a browser shows.
+            (
+                "<p>Intro</p><p>&nbsp;</p><p>Body&nbsp;</p><div>&#160;</div><p>a&nbsp;b</p>",
+                "Intro\nBody\na\u{a0}b",
+            ),
             (
                 "<p>10&thinsp;000&nbsp;&euro; &nbsp; x</p><p>\u{3000}\u{672c}\u{6587}</p>",
                 "10\u{2009}000\u{a0}\u{20ac} \u{a0} x\n\u{3000}\u{672c}\u{6587}",
@@ -710,6 +729,18 @@ mod tests {
                 Some(shown),
                 "xhtml: {body}"
             );
+        }
+    }
+
+    /// A page hidden whole until its script runs (`<body style="display:none">`, `<html
+    /// style="visibility:hidden">`) is still its text (it became empty).
+    #[test]
+    fn a_page_hidden_whole_is_still_its_text() {
+        for page in [
+            "<html><body style=\"display:none\"><p>text</p><div hidden>no</div></body></html>",
+            "<html style=\"visibility:hidden\"><body><p>text</p></body></html>",
+        ] {
+            assert_eq!(extract_text(page), "text", "{page}");
         }
     }
 
@@ -736,6 +767,12 @@ mod tests {
         assert_eq!(
             extract_text(&expanded),
             "Chapter one: AT&T history.\nSecond\nparagraph.\nThird."
+        );
+        // A quote outside an attribute value is text: the tags after it are still expanded.
+        let text = "<p>x<y don't</p><iframe/><p>after</p>";
+        assert_eq!(
+            self_closing_expanded(text),
+            "<p>x<y don't</p><iframe></iframe><p>after</p>"
         );
     }
 
