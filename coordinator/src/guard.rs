@@ -286,11 +286,15 @@ impl Guard {
 /// `dapt status`'s lines about the guard, from the status reply's `guard_json` (`None` when
 /// the job has no guard): the action, trips and replay share, then each watched source's last
 /// perplexity against its base and bound.
+///
+/// Its strings come from the server: escaped ([`dapt_proto::auth::printable`]), so that one
+/// posing as the coordinator forges no line and sends no terminal escape.
 pub fn status_line(guard_json: &str) -> Option<String> {
+    use dapt_proto::auth::printable;
     let g: serde_json::Value = serde_json::from_str(guard_json).ok()?;
     let mut out = format!(
         "forgetting guard: {}, {} trip(s), replay share {:.4}\n",
-        g["action"].as_str().unwrap_or("?"),
+        printable(g["action"].as_str().unwrap_or("?")),
         g["trips"].as_u64().unwrap_or(0),
         g["replay_share"].as_f64().unwrap_or(0.0)
     );
@@ -298,7 +302,7 @@ pub fn status_line(guard_json: &str) -> Option<String> {
         let pct = |key: &str| b[key].as_f64().map(|x| format!("{:+.1}%", x * 100.0));
         out.push_str(&format!(
             "  {}: base {}, last {} ({} at step {}), bound {}\n",
-            b["source"].as_str().unwrap_or("?"),
+            printable(b["source"].as_str().unwrap_or("?")),
             b["base"]
                 .as_f64()
                 .map_or("not measured".into(), |x| format!("{x:.4}")),

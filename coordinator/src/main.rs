@@ -711,7 +711,7 @@ fn render_status(s: &rpc::StatusReply) -> String {
     // Every string of the reply is the server's: one posing as the coordinator (over plain
     // http:// nothing proves it is not) wrote terminal escapes (screen clears, a window title,
     // OSC 52 to the clipboard) and newlines that forged lines (an audit). Escaped, each field
-    // by itself (the guard's line: each of its lines).
+    // by itself (the guard's lines escape theirs).
     use dapt_proto::auth::printable as p;
     let mut out = format!(
         "job {}: {} (generation {})\nstep {}/{}  loss {:.4}  {:.0} tokens/s\nlast committed checkpoint: {}\n",
@@ -732,7 +732,7 @@ fn render_status(s: &rpc::StatusReply) -> String {
         out.push_str(&format!("reason: {}\n", p(&s.reason)));
     }
     if let Some(guard) = dapt_coordinator::guard::status_line(&s.guard_json) {
-        out.push_str(&printable_lines(&guard));
+        out.push_str(&guard);
     }
     out.push_str(&format!("members ({}):\n", s.members.len()));
     for m in &s.members {
@@ -759,15 +759,6 @@ fn render_status(s: &rpc::StatusReply) -> String {
         .collect();
     out.push_str(&dapt_coordinator::stall_wire::render(&stalls));
     out
-}
-
-/// `text` with the control characters of each line escaped ([`dapt_proto::auth::printable`]),
-/// its line breaks kept.
-fn printable_lines(text: &str) -> String {
-    text.split('\n')
-        .map(|line| dapt_proto::auth::printable(line).into_owned())
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 #[cfg(test)]
@@ -797,6 +788,9 @@ mod tests {
                 description: hostile.into(),
                 ..Default::default()
             }],
+            guard_json: serde_json::json!({"action": hostile, "trips": 1, "replay_share": 0.5,
+                "bounds": [{"source": hostile, "base": 3.0}]})
+            .to_string(),
             ..Default::default()
         };
         let text = render_status(&reply);
@@ -812,6 +806,8 @@ mod tests {
                 .map(|_| rpc::Member::default())
                 .collect(),
             stalls: reply.stalls.iter().map(|_| rpc::Stall::default()).collect(),
+            guard_json: serde_json::json!({"action": "warn", "bounds": [{"source": "s"}]})
+                .to_string(),
             ..Default::default()
         });
         assert_eq!(text.lines().count(), honest.lines().count(), "{text}");
