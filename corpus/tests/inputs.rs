@@ -1328,6 +1328,25 @@ fn a_name_a_glob_cannot_match_is_named_not_passed_over() {
     let report = prepared(&self::spec(d, "vocab_size: 301\n", ""));
     assert_eq!(report.sources[0].skipped_files, 0, "{report:?}");
     assert!(texts(&d.join("out")).contains(&"a Latin-1 name<|endoftext|>".to_owned()));
+    // A glob that matches only such names says so (it said "matches no file"), also in a job
+    // folder whose name has glob characters (escaped in the pattern).
+    let odd_folder = d.join("p[v2]").join("in");
+    std::fs::create_dir_all(&odd_folder).expect("mkdir");
+    std::fs::write(
+        odd_folder.join(std::ffi::OsStr::from_bytes(b"caf\xe9.txt")),
+        "x",
+    )
+    .expect("write");
+    let mut spec = self::spec(&d.join("p[v2]"), "vocab_size: 300\n", "");
+    spec.sources.0[0].paths = vec![format!(
+        "{}/in/*.txt",
+        glob::Pattern::escape(&d.join("p[v2]").display().to_string())
+    )];
+    spec.sources.0[0].literal.clear();
+    let err = prepare(&spec, None, &PrepareOptions::default())
+        .expect_err("only unmatchable names")
+        .to_string();
+    assert!(err.contains("not UTF-8") && err.contains("caf"), "{err}");
 }
 
 /// Documents with no text once extracted are left out and named in a warning (before: a count

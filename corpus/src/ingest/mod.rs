@@ -109,7 +109,19 @@ pub fn discover(source: &SourceSpec) -> Result<Discovery> {
                 push_path(&path, false, &mut candidates)?;
             }
             check_inside(&glob_root(pattern), &candidates[before..])?;
-            found.skipped.extend(unmatchable_names(pattern));
+            let unmatchable = unmatchable_names(pattern);
+            if candidates.len() == before && !unmatchable.is_empty() {
+                return Err(CorpusError::NoMatch {
+                    source_name: source.name.to_string(),
+                    pattern: format!(
+                        "{pattern} (but {} files there have names that are not UTF-8, which a \
+                         glob cannot match, e.g. {}: name their folder instead)",
+                        unmatchable.len(),
+                        unmatchable[0].display()
+                    ),
+                });
+            }
+            found.skipped.extend(unmatchable);
         } else {
             let path = PathBuf::from(pattern);
             let meta = std::fs::metadata(&path).map_err(CorpusError::io(&path))?;
@@ -188,21 +200,19 @@ pub fn discover(source: &SourceSpec) -> Result<Discovery> {
 /// skipped files, so the report names them; a directory in `paths` reads them.
 fn unmatchable_names(pattern: &str) -> Vec<PathBuf> {
     let path = Path::new(pattern);
-    let (Some(folder), Some(last)) = (path.parent(), path.file_name()) else {
+    let (Some(parent), Some(last)) = (path.parent(), path.file_name()) else {
         return Vec::new();
-    };
-    let folder = if folder.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        folder
     };
     let Ok(matcher) = glob::Pattern::new(&last.to_string_lossy()) else {
         return Vec::new();
     };
+    // The folder as the file system names it (the job folder's own characters are escaped in
+    // the pattern: `p[[]v2]`), and only when the wildcards are in the last component.
+    let folder = glob_root(&parent.to_string_lossy());
     if glob_root(pattern) != folder {
         return Vec::new();
     }
-    let Ok(entries) = std::fs::read_dir(folder) else {
+    let Ok(entries) = std::fs::read_dir(&folder) else {
         return Vec::new();
     };
     let mut found: Vec<PathBuf> = entries
