@@ -28,6 +28,9 @@ pub const EOS_CANDIDATES: &[&str] = &[
     "<eos>",
     "<|im_end|>",
 ];
+/// The [`EOS_CANDIDATES`] that end a document (the others end a chat turn): a
+/// `tokenizer_config.json`'s `eos_token` among these is taken first.
+const DOCUMENT_ENDS: &[&str] = &["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>"];
 /// Beginning-of-sequence tokens looked up, in order, for `add_bos: true` when neither the
 /// tokenizer's template nor the job names one.
 pub const BOS_CANDIDATES: &[&str] = &["<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>"];
@@ -117,7 +120,7 @@ pub struct HfBos {
 impl HfBos {
     /// Reads `tokenizer_config.json` beside `tokenizer_json`, if there is one. `None` when there
     /// is none or it says nothing of the BOS (no `add_bos_token`, another tokenizer class) and
-    /// names no pad token.
+    /// names no EOS or pad token.
     ///
     /// # Errors
     /// A file that cannot be read or is not a JSON object, or whose `add_bos_token`,
@@ -178,13 +181,15 @@ impl HfBos {
             ),
             (None, _) => (None, String::new()),
         };
-        Ok((add.is_some() || pad_token.is_some()).then_some(HfBos {
-            add,
-            token,
-            reason,
-            eos_token,
-            pad_token,
-        }))
+        Ok(
+            (add.is_some() || pad_token.is_some() || eos_token.is_some()).then_some(HfBos {
+                add,
+                token,
+                reason,
+                eos_token,
+                pad_token,
+            }),
+        )
     }
 }
 
@@ -353,15 +358,19 @@ impl CorpusTokenizer {
             },
             // The token the template ends a sequence with is the model's end of sequence.
             (None, [id]) => (token_name(&tokenizer, *id), *id),
-            // The first of the usual names, but never the config's pad token (unless it is
-            // also its EOS, as GPT-2's `<|endoftext|>` is).
+            // The config's `eos_token` when it is a document end (not a chat turn's end, as an
+            // Instruct model's `<|eot_id|>` or `<|im_end|>` is), else the first of the usual
+            // names, but never the config's pad token (unless it is also its EOS, as GPT-2's
+            // `<|endoftext|>` is).
             (None, _) => {
+                let config_eos = hf_bos.and_then(|hf| hf.eos_token.as_deref());
                 let pad = hf_bos
                     .and_then(|hf| hf.pad_token.as_deref())
-                    .filter(|pad| hf_bos.and_then(|hf| hf.eos_token.as_deref()) != Some(*pad));
-                let candidates: Vec<&str> = EOS_CANDIDATES
-                    .iter()
-                    .copied()
+                    .filter(|pad| config_eos != Some(*pad));
+                let candidates: Vec<&str> = config_eos
+                    .filter(|eos| DOCUMENT_ENDS.contains(eos))
+                    .into_iter()
+                    .chain(EOS_CANDIDATES.iter().copied())
                     .filter(|name| Some(*name) != pad)
                     .collect();
                 find_token(&tokenizer, &candidates).ok_or_else(|| {

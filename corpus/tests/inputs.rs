@@ -860,6 +860,15 @@ fn the_pad_token_never_ends_documents_and_a_named_bos_is_never_ignored() {
         assert_eq!(ids[ids.len() - 1], 2, "{ids:?}");
         assert!(!ids.contains(&400), "{ids:?}");
     }
+    // The config's EOS, a document end, comes before the usual names (`<|endoftext|>` added
+    // for another use is not the EOS of a `</s>` model).
+    std::fs::write(&config, r#"{"eos_token": "</s>"}"#).expect("write config");
+    let report = prepared(&spec(d, &head, ""));
+    assert_eq!(report.tokenizer.eos_token, "</s>");
+    // A chat turn's end named there is not taken for the document end.
+    std::fs::write(&config, r#"{"eos_token": "<|im_end|>"}"#).expect("write config");
+    let report = prepared(&spec(d, &head, ""));
+    assert_eq!(report.tokenizer.eos_token, "<|endoftext|>");
     // The pad that is also the EOS (GPT-2's `<|endoftext|>`) ends documents.
     std::fs::write(
         &config,
