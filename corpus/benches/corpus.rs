@@ -225,6 +225,7 @@ fn synthetic_corpus(work: &Path, tokenizer: &Path, tokens: u64) -> PathBuf {
         format_version: manifest::FORMAT_VERSION,
         created_by: "corpus bench".into(),
         inputs_fingerprint: "synthetic".into(),
+        text_rules: dapt_corpus::prepare::TEXT_RULES,
         tokenizer: TokenizerInfo {
             file: TOKENIZER_FILE.into(),
             sha256: dapt_corpus::tokenizer::sha256_file(&dir.join(TOKENIZER_FILE)).expect("sha"),

@@ -87,8 +87,13 @@ impl TokenDtype {
 pub struct Manifest {
     pub format_version: u32,
     pub created_by: String,
-    /// Hash of the corpus spec, the tokenizer and every input file's path, size and mtime.
+    /// Hash of the corpus spec, the tokenizer and every input file's path, size and mtime, and
+    /// of the text rules it was prepared under.
     pub inputs_fingerprint: String,
+    /// The version of dapt's text rules (decoding, extraction, tokenization) it was prepared
+    /// under ([`crate::prepare::TEXT_RULES`]; 3 for corpora from before it was recorded).
+    #[serde(default = "rules_before_recorded")]
+    pub text_rules: u32,
     pub tokenizer: TokenizerInfo,
     pub token_dtype: TokenDtype,
     pub sources: Vec<SourceManifest>,
@@ -152,6 +157,10 @@ pub struct FileEntry {
     pub path: String,
     pub bytes: u64,
     pub sha256: String,
+}
+
+fn rules_before_recorded() -> u32 {
+    3
 }
 
 impl Manifest {

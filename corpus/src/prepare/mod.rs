@@ -36,7 +36,10 @@ const SPLIT_SEED: u64 = 0x6461_7074_5f68_656c; // "dapt_hel"
 /// tokens, BOS), so that a corpus prepared under older rules is rebuilt, not trusted.
 /// 3: UTF-32 BOMs, U+FEFF removed from documents, a `<meta>` later in the head, tokenizer
 /// truncation/padding not applied, control-shaped added tokens split, BOS = EOS, template EOS.
-const TEXT_RULES: u32 = 3;
+/// 4: HTML laid out as browsers show it (spaces between inline elements, hidden elements,
+/// preformatted text), XHTML read as XML, JSONL line ends and Python's constants, a config's
+/// EOS and pad token.
+pub const TEXT_RULES: u32 = 4;
 
 #[derive(Debug, Clone, Default)]
 pub struct PrepareOptions {
@@ -111,11 +114,8 @@ pub fn prepare(
         }
         None => None,
     };
-    let fingerprint = fingerprint(
-        spec,
-        given_tokenizer.as_ref().map(|t| t.1.as_str()),
-        &discoveries,
-    );
+    let tokenizer_sha = given_tokenizer.as_ref().map(|t| t.1.as_str());
+    let fingerprint = fingerprint(spec, tokenizer_sha, &discoveries, TEXT_RULES);
     let out = spec.output.clone();
     // Before any work: an output that is not ours is refused, never replaced, and one that
     // another run is preparing is refused too. Held until the end (declared before the staging
@@ -124,6 +124,31 @@ pub fn prepare(
     if !options.force {
         if let Some(manifest) = up_to_date(&out, &fingerprint, options.verify) {
             return Ok(PrepareOutcome::UpToDate { dir: out, manifest });
+        }
+        // Resuming on a corpus made from these very inputs under older text rules: kept (a new
+        // one would hold other tokens, and the checkpoints need this one), and said.
+        if let Some(keep) = &options.keep {
+            let older = Manifest::read(&out).ok().filter(|m| {
+                m.text_rules != TEXT_RULES
+                    && m.content_digest() == keep.digest
+                    && m.inputs_fingerprint
+                        == self::fingerprint(spec, tokenizer_sha, &discoveries, m.text_rules)
+            });
+            if let Some(older) = older {
+                if let Some(manifest) = up_to_date(&out, &older.inputs_fingerprint, options.verify)
+                {
+                    tracing::warn!(
+                        corpus = %out.display(),
+                        checkpoint = %keep.checkpoint.display(),
+                        rules = manifest.text_rules,
+                        current = TEXT_RULES,
+                        "the corpus was prepared by an older dapt, under older text rules; kept, \
+                         as the job's checkpoints were trained on it (`dapt prepare` makes it \
+                         again under the current rules, for a new job)"
+                    );
+                    return Ok(PrepareOutcome::UpToDate { dir: out, manifest });
+                }
+            }
         }
     }
 
@@ -312,6 +337,7 @@ pub fn prepare(
         format_version: FORMAT_VERSION,
         created_by: format!("dapt {}", env!("CARGO_PKG_VERSION")),
         inputs_fingerprint: fingerprint,
+        text_rules: TEXT_RULES,
         tokenizer: TokenizerInfo {
             file: manifest::TOKENIZER_FILE.to_owned(),
             sha256: tokenizer::sha256_file(&tokenizer_path)?,
@@ -612,10 +638,11 @@ fn fingerprint(
     spec: &CorpusSpec,
     tokenizer_sha: Option<&str>,
     discoveries: &[Discovery],
+    text_rules: u32,
 ) -> String {
     let mut h = Sha256::new();
     h.update(FORMAT_VERSION.to_le_bytes());
-    h.update(TEXT_RULES.to_le_bytes());
+    h.update(text_rules.to_le_bytes());
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
     h.update(serde_json::to_vec(spec).unwrap_or_default());
     h.update(tokenizer_sha.unwrap_or("trained").as_bytes());
@@ -644,6 +671,66 @@ fn up_to_date(out: &Path, fingerprint: &str, verify: VerifyMode) -> Option<Manif
         Err(e) => {
             tracing::warn!(error = %e, "existing corpus failed verification, rebuilding it");
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A corpus prepared by an older dapt (older text rules) from the same inputs is kept when a
+    /// job resumes on it (its checkpoints were trained on it: a rebuild would hold other tokens
+    /// and refuse the resume as if the inputs had changed), and rebuilt otherwise.
+    #[test]
+    fn a_corpus_under_older_text_rules_is_kept_for_a_resume_and_rebuilt_otherwise() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("in")).expect("mkdir");
+        for (name, text) in [("a.txt", "first document words"), ("b.md", "second text")] {
+            std::fs::write(d.join("in").join(name), text).expect("write");
+        }
+        let yaml = "output: out\nvocab_size: 300\nsources:\n  - name: dom\n    role: domain\n    \
+                    paths: [in]\n    weight: 1\n";
+        let mut spec: CorpusSpec = serde_yaml::from_str(yaml).expect("spec");
+        spec.resolve_paths(d);
+        let out = d.join("out");
+        let options = PrepareOptions::default();
+        assert!(matches!(
+            prepare(&spec, None, &options).expect("prepare"),
+            PrepareOutcome::Prepared { .. }
+        ));
+        // As an older dapt would have written it: rules 3 in the manifest and its fingerprint.
+        let mut manifest = Manifest::read(&out).expect("manifest");
+        let discoveries: Vec<_> = spec
+            .sources()
+            .iter()
+            .map(|s| ingest::discover(s).expect("discover"))
+            .collect();
+        manifest.text_rules = 3;
+        manifest.inputs_fingerprint = fingerprint(&spec, None, &discoveries, 3);
+        manifest::write_atomic(
+            &out.join(manifest::MANIFEST_FILE),
+            &to_json(&manifest).expect("json"),
+        )
+        .expect("write");
+        let keep = KeepCorpus {
+            digest: manifest.content_digest(),
+            checkpoint: d.join("ck/step-00000002"),
+        };
+        let resuming = PrepareOptions {
+            keep: Some(keep),
+            ..PrepareOptions::default()
+        };
+        match prepare(&spec, None, &resuming).expect("resume") {
+            PrepareOutcome::UpToDate { manifest, .. } => assert_eq!(manifest.text_rules, 3),
+            PrepareOutcome::Prepared { .. } => panic!("replaced the corpus a resume needs"),
+        }
+        match prepare(&spec, None, &options).expect("prepare") {
+            PrepareOutcome::Prepared { manifest, .. } => {
+                assert_eq!(manifest.text_rules, TEXT_RULES)
+            }
+            PrepareOutcome::UpToDate { .. } => panic!("kept a corpus of older rules"),
         }
     }
 }
