@@ -68,15 +68,19 @@ port=${DAPT_PORT:-29500}
 name=${DAPT_NODE_NAME:-${SLURMD_NODENAME:-${HOSTNAME:-$(hostname -s)}}}
 format=${DAPT_LOG_FORMAT:-text}
 
-# A log is appended to only when it is a regular file (or absent), checked before any worker
-# starts: never through a symlink (a link to a user's ~/.bashrc got a worker's output) or into
-# anything else.
+# A log is appended to only when it is a regular file (or absent), checked and opened before
+# any worker starts (and checked again once open): never through a symlink (a link to a user's
+# ~/.bashrc got a worker's output) or into anything else.
+logs=()
 if [ -n "${DAPT_LOG_DIR:-}" ]; then
+  mkdir -p "$DAPT_LOG_DIR" || die "cannot make DAPT_LOG_DIR $DAPT_LOG_DIR"
+  not_ours() { [ -L "$1" ] || { [ -e "$1" ] && [ ! -f "$1" ]; }; }
   for ((i = 0; i < workers; i++)); do
     log="$DAPT_LOG_DIR/$name-w$i.log"
-    if [ -L "$log" ] || { [ -e "$log" ] && [ ! -f "$log" ]; }; then
-      die "$log is a symlink or not a regular file: dapt writes its logs only to files of its own"
-    fi
+    not_ours "$log" && die "$log is a symlink or not a regular file: dapt writes its logs only to files of its own"
+    exec {fd}>>"$log" || die "cannot open $log"
+    not_ours "$log" && die "$log became a symlink or not a regular file while it was opened"
+    logs+=("$fd")
   done
 fi
 
@@ -89,8 +93,7 @@ for ((i = 0; i < workers; i++)); do
         --device "$dev" --precision "${DAPT_PRECISION:-f32}"
         --connect-timeout-s "${DAPT_CONNECT_TIMEOUT_S:-600}")
   if [ -n "${DAPT_LOG_DIR:-}" ]; then
-    mkdir -p "$DAPT_LOG_DIR"
-    "$bin" "${args[@]}" >>"$DAPT_LOG_DIR/$id.log" 2>&1 &
+    "$bin" "${args[@]}" >&"${logs[i]}" 2>&1 &
   else
     "$bin" "${args[@]}" &
   fi
