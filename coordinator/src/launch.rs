@@ -107,6 +107,10 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
     )
     .await?;
     let url = format!("http://{}", coordinator.addr);
+    // The run's token in a file only this user reads, so that `dapt status` can watch the job
+    // (it could not: the token was made here and never shown; a new user's walk-through).
+    let token_file = job.checkpoint.dir.join(LAUNCH_TOKEN_FILE);
+    write_token_file(&token_file, &token)?;
     let mut banner = crate::progress::Banner::new(
         &job,
         format!(
@@ -124,6 +128,10 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
         banner.dashboard = Some(format!("http://{addr}/"));
         banner.metrics = Some(format!("http://{addr}/metrics"));
     }
+    banner.status = Some(format!(
+        "dapt status {url} --token-file {}",
+        token_file.display()
+    ));
     banner.announce();
     let progress = coordinator.progress();
     let logs = job.checkpoint.dir.join("logs");
@@ -352,6 +360,39 @@ pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// 128 random bits as hex, from the kernel.
+/// Where `dapt launch` keeps its run's token, in `checkpoint.dir`, for `dapt status`.
+pub const LAUNCH_TOKEN_FILE: &str = "launch.token";
+
+/// Writes `token` to `path`, readable by this user only (0600), never through a symlink: a
+/// `dapt launch` run's token, for `dapt status --token-file`.
+fn write_token_file(path: &Path, token: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("writing the run's token to {}", path.display()))?;
+    // (An existing file keeps its mode: made 0600 here.)
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| writeln!(file, "{token}"))
+        .with_context(|| format!("writing the run's token to {}", path.display()))
+}
+
+/// Whether `path` is a token file `dapt launch` wrote: a regular file holding one token of
+/// [`random_token`]'s form.
+pub fn is_launch_token_file(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
+        && std::fs::read_to_string(path).is_ok_and(|text| {
+            let token = text.trim_end_matches('\n');
+            token.len() == 32 && token.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+}
+
 pub fn random_token() -> anyhow::Result<String> {
     use std::io::Read;
     let mut bytes = [0u8; 16];

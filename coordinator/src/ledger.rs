@@ -467,6 +467,7 @@ pub fn foreign_entry(dir: &Path) -> Result<Option<String>, LedgerError> {
                     regular_file(path) && parses_as::<crate::control::GenerationRecord>(path)
                 }
                 identity::JOB_FILE => regular_file(path) && parses_as::<JobIdentity>(path),
+                crate::launch::LAUNCH_TOKEN_FILE => crate::launch::is_launch_token_file(path),
                 _ => false,
             } || dapt_corpus::manifest::is_atomic_temp(name)
                 || (name == "logs" && holds_only_worker_logs(path))

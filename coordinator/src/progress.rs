@@ -327,6 +327,8 @@ pub struct Banner {
     pub metrics: Option<String>,
     /// The dashboard's URL (served with `/metrics`).
     pub dashboard: Option<String>,
+    /// The `dapt status` command that watches this job, when its token is in a file.
+    pub status: Option<String>,
 }
 
 impl Banner {
@@ -361,6 +363,7 @@ impl Banner {
             coordinator,
             metrics: None,
             dashboard: None,
+            status: None,
         }
     }
 
@@ -396,6 +399,9 @@ impl Banner {
         if let Some(metrics) = &self.metrics {
             let _ = writeln!(o, "  metrics      {metrics}");
         }
+        if let Some(status) = &self.status {
+            let _ = writeln!(o, "  status       {status}");
+        }
         o
     }
 
@@ -422,6 +428,7 @@ impl Banner {
                 coordinator = %self.coordinator,
                 metrics = self.metrics.as_deref(),
                 dashboard = self.dashboard.as_deref(),
+                status = self.status.as_deref(),
                 "job starting"
             ),
         }

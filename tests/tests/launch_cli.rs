@@ -558,3 +558,44 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
     }
 }
+
+/// `dapt status` could not watch a `dapt launch` job: the run's token was made by the launch
+/// and never shown (a new user's walk-through). The banner now names the command, with the
+/// token in a file of checkpoint.dir that only this user reads; it works while the job runs.
+#[test]
+fn dapt_status_watches_a_launched_job_with_the_command_its_banner_gives() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "watched", 60, "");
+    let _serial = serial();
+    let mut proc = launch(&job, 1);
+    proc.wait_for("a step", LONG, |lines| !losses(lines).is_empty());
+    let starting = proc.events("job starting");
+    let command = starting[0]["status"].as_str().expect("the status command");
+    let args: Vec<&str> = command.split_whitespace().collect();
+    assert_eq!(&args[..2], ["dapt", "status"], "{command}");
+    let token_file = std::path::PathBuf::from(args[args.len() - 1]);
+    assert_eq!(token_file, job.checkpoints.join("launch.token"));
+    let mode = std::fs::metadata(&token_file)
+        .expect("token file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+    let out = Command::new(binary("dapt"))
+        .args(&args[1..])
+        .env_remove("DAPT_TOKEN")
+        .output()
+        .expect("dapt status");
+    let stdout = dapt_tests::text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        dapt_tests::text(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("job watched: ") && stdout.contains("members (1)"),
+        "{stdout}"
+    );
+    let (status, stdout) = proc.finish(LONG);
+    assert!(status.success(), "{stdout}\n{}", proc.stderr());
+}
