@@ -110,6 +110,11 @@ pub struct Committed {
     /// judges against the same base without measuring it again.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub guard_base: BTreeMap<String, f64>,
+    /// Every source's held-out perplexity at step 0 (the base model's), once measured: a
+    /// resumed job's log, summary and dashboard compare with it, not with their first
+    /// evaluation after the resume (they said "since step 60").
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub base_perplexity: BTreeMap<String, f64>,
 }
 
 /// A generation as the durable store keeps it, so that a coordinator taking over knows who
@@ -220,6 +225,9 @@ pub struct JobState {
     pub benched: BTreeSet<WorkerId>,
     /// The forgetting guard, when the job has one ([`JobState::with_guard`]).
     pub guard: Option<Guard>,
+    /// Held-out perplexities the ranks reported at step 0, for the next commit's
+    /// [`Committed::base_perplexity`].
+    pub base_evals: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -543,6 +551,7 @@ impl JobState {
             stall: StallWatch::default(),
             benched: BTreeSet::new(),
             guard: None,
+            base_evals: BTreeMap::new(),
         }
     }
 
@@ -783,6 +792,9 @@ pub fn decide(mut state: JobState, event: Event, now: Instant) -> (JobState, Vec
                     perplexity,
                     tokens,
                 }));
+                if step == 0 {
+                    state.base_evals.entry(source.clone()).or_insert(perplexity);
+                }
                 guard_reading(&mut state, step, &source, perplexity, &mut out);
             }
         }
@@ -1457,7 +1469,18 @@ fn checkpoint_report(
             .as_ref()
             .map(|c| c.guard_base.clone())
             .unwrap_or_default(),
+        base_perplexity: state
+            .committed
+            .as_ref()
+            .map(|c| c.base_perplexity.clone())
+            .unwrap_or_default(),
     };
+    for (source, perplexity) in &state.base_evals {
+        committed
+            .base_perplexity
+            .entry(source.clone())
+            .or_insert(*perplexity);
+    }
     let change = guard_commit(state, &mut committed);
     state.steps = state.steps.split_off(&step);
     state.checkpoints = state.checkpoints.split_off(&(step + 1));

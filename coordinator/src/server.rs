@@ -443,6 +443,25 @@ pub async fn start(
     tracing::info!(%addr, %url, job = %job.job, steps = training.steps(), "coordinator listening");
     let keep = job.checkpoint.keep;
     let progress = Arc::new(Mutex::new(Progress::new(&job)));
+    // A resumed job compares its evaluations with the base model's, recorded at a commit (its
+    // log, summary and dashboard took their first evaluation after the resume for the base).
+    if let Some(committed) = &state.committed {
+        let now = Instant::now();
+        let mut seeded = progress.lock().expect("progress");
+        for (source, &perplexity) in &committed.base_perplexity {
+            let line = crate::control::Log::Eval {
+                step: 0,
+                source: source.clone(),
+                perplexity,
+                tokens: 0,
+            };
+            seeded.observe(&line, now);
+            dashboard
+                .lock()
+                .expect("dashboard")
+                .observe(&line, &seeded, now);
+        }
+    }
     let done = tokio::spawn(control_loop(
         state,
         rx,

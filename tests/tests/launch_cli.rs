@@ -247,6 +247,13 @@ fn stale_report(url: &str, job: &str, token: &str) -> String {
 fn ctrl_c_stops_the_workers_and_the_same_command_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let job = write_job(dir.path(), "ctrlc", 40, "");
+    // Evaluated at step 0 (the base model) and every 5 steps.
+    let spec = std::fs::read_to_string(&job.path).expect("read");
+    let spec = spec.replace(
+        "  micro_batch: 2\n",
+        "  micro_batch: 2\n  eval_every: 5\n  eval_tokens: 256\n",
+    );
+    std::fs::write(&job.path, spec).expect("write");
     let _serial = serial();
     let mut proc = launch(&job, 2);
     proc.wait_for("a first commit", LONG, |l| {
@@ -271,6 +278,11 @@ fn ctrl_c_stops_the_workers_and_the_same_command_resumes() {
     .expect("json");
     let at = committed["step"].as_u64().expect("step");
     assert!((5..40).contains(&at), "committed step {at}");
+    // The base model's perplexities are committed with the step.
+    let base = committed["base_perplexity"]
+        .as_object()
+        .expect("base_perplexity");
+    assert_eq!(base.len(), 2, "{committed}");
 
     // The job file is edited before the resume (a lower peak LR): `dapt launch` itself says so,
     // not only the workers' logs.
@@ -280,9 +292,18 @@ fn ctrl_c_stops_the_workers_and_the_same_command_resumes() {
     again.wait_for("the job to complete", LONG, |l| {
         !events(l, "job completed").is_empty()
     });
-    let (status, _) = again.finish(LONG);
+    let (status, stdout) = again.finish(LONG);
     let lines = again.lines();
     assert!(status.success());
+    // The resumed run's summary compares with the base model (step 0), not with its own first
+    // evaluation ("step 10 -> 40" before).
+    for source in ["postgres", "sotu"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(source))
+            .unwrap_or_else(|| panic!("no {source} line in {stdout}"));
+        assert!(line.contains("step 0 -> 40"), "{stdout}");
+    }
     let resumed = events(&lines, "resuming from the committed checkpoint");
     assert_eq!(resumed[0]["step"].as_u64(), Some(at));
     let edited = events(
