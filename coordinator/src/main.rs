@@ -304,7 +304,6 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
             Ok(report_outcome(
                 &launched.outcome,
                 &launched.summary,
-                &job,
                 launched.export.as_deref(),
                 launched.export_failed.as_deref(),
                 Some(&launched.logs),
@@ -372,7 +371,7 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
                     .summary(std::time::Instant::now());
                 anyhow::Ok((outcome, summary))
             })?;
-            Ok(report_outcome(&outcome, &summary, &job, None, None, None))
+            Ok(report_outcome(&outcome, &summary, None, None, None))
         }
         Command::Status {
             url,
@@ -599,6 +598,15 @@ fn prepare_quietly(
     Ok(())
 }
 
+/// This process's command line, quoted for a shell, as it was typed (with its flags: the
+/// printed "same command" dropped `--workers 1 --no-export`, a new user's walk-through).
+fn this_command() -> String {
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    shlex::try_join(args.iter().map(String::as_str)).unwrap_or_else(|_| args.join(" "))
+}
+
 /// Prints how the job ended, with the summary of what it did, and returns the exit status. In
 /// the JSON log format the summary is also logged, for machines. A completed job whose final
 /// export failed (`export_failed`) is said to have completed, then the export's failure, and
@@ -606,7 +614,6 @@ fn prepare_quietly(
 fn report_outcome(
     outcome: &server::Outcome,
     summary: &progress::Summary,
-    job: &std::path::Path,
     export: Option<&std::path::Path>,
     export_failed: Option<&str>,
     logs: Option<&std::path::Path>,
@@ -628,8 +635,8 @@ fn report_outcome(
                 None => ExitCode::SUCCESS,
                 Some(failure) => {
                     say_err(&format!(
-                        "error: {failure}\nthe job's final checkpoint is committed; the same command exports it again: dapt launch {}\n",
-                        job.display()
+                        "error: {failure}\nthe job's final checkpoint is committed; the same command exports it again: {}\n",
+                        this_command()
                     ));
                     ExitCode::FAILURE
                 }
@@ -641,9 +648,9 @@ fn report_outcome(
                 .unwrap_or_default();
             match committed {
                 Some((step, dir)) => say_out(&format!(
-                    "stopped ({reason}); last committed checkpoint: step {step} at {}\nthe same command resumes from it: dapt launch {}{logs}\n",
+                    "stopped ({reason}); last committed checkpoint: step {step} at {}\nthe same command resumes from it: {}{logs}\n",
                     dir.display(),
-                    job.display()
+                    this_command()
                 )),
                 None => say_out(&format!(
                     "stopped ({reason}) before any checkpoint was committed{logs}\n"

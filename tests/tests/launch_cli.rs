@@ -268,6 +268,15 @@ fn ctrl_c_stops_the_workers_and_the_same_command_resumes() {
     let (status, stdout) = proc.finish(LONG);
     assert_eq!(status.code(), Some(130), "{stdout}");
     assert!(stdout.contains("last committed checkpoint"), "{stdout}");
+    // "The same command" is this one, with its flags (it said `dapt launch JOB`, without them).
+    let same = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("the same command resumes from it: "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        same.ends_with(&format!("launch {} --workers 2", job.path.display())),
+        "{same}"
+    );
     assert!(
         pids.iter().all(|&p| !alive(p)),
         "workers still running after Ctrl-C"

@@ -329,7 +329,7 @@ pub fn train(
             // theirs, not this rank's checkpoint: with 2 workers the step line said "eval
             // 1.05s, checkpoint 1.05s" for a 1.16 s step (a new user's walk-through).
             let mut waited = Duration::ZERO;
-            let mut wait = |waited: &mut Duration| {
+            let wait = |waited: &mut Duration| {
                 let w = Instant::now();
                 let met = barrier(&mut *ring.borrow_mut()).map_err(|e| collective_error(e, abort));
                 *waited += w.elapsed();
