@@ -823,13 +823,37 @@ impl Executor {
             },
             Action::Finish {
                 conn, step, dir, ..
-            } => self.send(
-                conn,
-                coordinator_message::Kind::Finish(rpc::Finish {
-                    step,
-                    checkpoint: dir,
-                }),
-            ),
+            } => {
+                // The workers leave only once the last commit is durable: told to finish while
+                // etcd was down, they exited 0, and a leader lost before etcd took the commit
+                // left a job its next leader waited on for ever (an audit).
+                if let Store::Etcd { committer, .. } = &self.store {
+                    let flush = committer.flush();
+                    tokio::pin!(flush);
+                    let flushed = tokio::select! {
+                        flushed = &mut flush => flushed,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                            tracing::warn!(
+                                step,
+                                "waiting for etcd to record the last commit before the workers finish"
+                            );
+                            flush.await
+                        }
+                    };
+                    if !flushed {
+                        return Err(
+                            "lost the etcd leadership before the last commit was recorded".into(),
+                        );
+                    }
+                }
+                self.send(
+                    conn,
+                    coordinator_message::Kind::Finish(rpc::Finish {
+                        step,
+                        checkpoint: dir,
+                    }),
+                )
+            }
             Action::Log(line) => {
                 self.metrics.observe(&line);
                 let now = Instant::now();

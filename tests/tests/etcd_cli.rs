@@ -431,3 +431,35 @@ fn a_leader_key_without_a_lease_is_named_not_waited_on() {
         "dapt removed a key it did not write"
     );
 }
+
+/// The job completes while etcd is down: its workers are told to finish only once etcd holds
+/// the last commit. Before, they exited 0 at once, and a leader lost before etcd came back left
+/// a job whose next leader waited for workers that would never come (an audit).
+#[test]
+fn the_workers_finish_only_once_etcd_holds_the_last_commit() {
+    let mut etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let steps = 60;
+    let mut c = coordinator(dir.path(), "durable", steps, &cluster_yaml(&etcd, 5_000));
+    c.coordinator.wait_for("leadership", LONG, |l| {
+        !events(l, "leading the job").is_empty()
+    });
+    let mut w0 = c.member("w0");
+    c.wait_step(steps - 25);
+    etcd.stop();
+    c.coordinator.wait_for("the job to complete", LONG, |l| {
+        !events(l, "job completed").is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        w0.child.try_wait().expect("try_wait").is_none(),
+        "the worker left before etcd held the last commit"
+    );
+    etcd.restart();
+    let (status, _) = c.coordinator.finish(LONG);
+    assert!(status.success(), "{}", c.coordinator.stderr());
+    let (status, _) = w0.finish(LONG);
+    assert!(status.success(), "{status}");
+    check_etcd_ledger(&etcd, "durable", steps);
+}
