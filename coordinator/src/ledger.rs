@@ -263,6 +263,9 @@ impl Ledger {
                 message: other.to_string(),
             },
         })?;
+        // No generation of this directory runs while its lock is ours: what an interrupted
+        // checkpoint left in staging is gone for good.
+        checkpoint::remove_stale_staging(dir);
         let (ledger, committed) = Self::open(job)?;
         Ok((ledger, committed, lock))
     }

@@ -298,6 +298,63 @@ pub fn remove(dir: &Path, manifest: &CheckpointManifest) -> Result<(), Checkpoin
     std::fs::remove_dir(dir).map_err(|e| fail(e.to_string()))
 }
 
+/// Removes the staging directories an interrupted checkpoint left in `root` (`.tmp-step-*`, the
+/// rank's files before the rename into `step-N`; `.zero-shards-*`, the ranks' optimizer
+/// shards): a process killed while writing left a whole checkpoint's size there for good (an
+/// audit: ~84 GB for a 7B model). Only when nothing else writes there: a caller holding the
+/// directory's lock, with no generation that could still be running (not a coordinator taking
+/// over under etcd, whose ranks keep training). A staging directory holding anything but regular
+/// files of the names a checkpoint has is left as it is. Each is named in the log. Returns the
+/// directories removed and those left.
+pub fn remove_stale_staging(root: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let (mut removed, mut left) = (Vec::new(), Vec::new());
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return (removed, left);
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with(".tmp-step-") || name.starts_with(ZERO_STAGING_PREFIX)) {
+            continue;
+        }
+        let dir = entry.path();
+        if !std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        let files: Option<Vec<PathBuf>> = std::fs::read_dir(&dir).ok().and_then(|entries| {
+            entries
+                .map(|e| {
+                    let e = e.ok()?;
+                    let name = e.file_name().to_str()?.to_owned();
+                    let regular = e.file_type().ok()?.is_file();
+                    (regular && is_checkpoint_file(&name)).then(|| e.path())
+                })
+                .collect()
+        });
+        let done = files.is_some_and(|files| {
+            files.iter().all(|f| std::fs::remove_file(f).is_ok())
+                && std::fs::remove_dir(&dir).is_ok()
+        });
+        if done {
+            tracing::info!(dir = %dir.display(), "removed the staging directory of an interrupted checkpoint");
+            removed.push(dir);
+        } else {
+            tracing::warn!(dir = %dir.display(), "a checkpoint staging directory holds what dapt did not write there: left as it is");
+            left.push(dir);
+        }
+    }
+    (removed, left)
+}
+
+/// Whether `name` is a file a checkpoint (or its staging) holds: the weights, config,
+/// tokenizer, optimizer state (whole or a rank's shard), trainer state, manifest, the carried
+/// base files, or a temporary of an atomic write.
+fn is_checkpoint_file(name: &str) -> bool {
+    is_export_file(name)
+        || CARRIED_FILES.contains(&name)
+        || [MANIFEST_FILE, TRAINER_FILE, "optimizer.safetensors"].contains(&name)
+        || (name.starts_with("optimizer-") && name.ends_with(".safetensors"))
+}
+
 fn is_plain_name(name: &str) -> bool {
     !name.is_empty()
         && name != "."
@@ -309,6 +366,45 @@ fn is_plain_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A checkpoint interrupted by a kill left its staging directory (a whole checkpoint) for
+    /// good (an audit): removed, with the ZeRO shards' staging; one holding a user's file, and
+    /// a symlink, stay.
+    #[test]
+    fn interrupted_checkpoints_staging_is_removed_and_nothing_else() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let r = root.path();
+        let write = |rel: &str| {
+            let path = r.join(rel);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, b"x").expect("write");
+        };
+        write(".tmp-step-a1b2c3/model.safetensors");
+        write(".tmp-step-a1b2c3/trainer.json");
+        write(".tmp-step-a1b2c3/.tmpQwErTy");
+        write(".zero-shards-g2-step-00000005/optimizer-00001-of-00002.safetensors");
+        write(".tmp-step-zzzzzz/model.safetensors");
+        write(".tmp-step-zzzzzz/notes.txt");
+        write("elsewhere/model.safetensors");
+        std::os::unix::fs::symlink(r.join("elsewhere"), r.join(".tmp-step-link")).expect("link");
+        let (removed, left) = remove_stale_staging(r);
+        let names = |dirs: &[PathBuf]| {
+            let mut names: Vec<String> = dirs
+                .iter()
+                .map(|d| d.file_name().expect("name").to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(
+            names(&removed),
+            [".tmp-step-a1b2c3", ".zero-shards-g2-step-00000005"]
+        );
+        assert_eq!(names(&left), [".tmp-step-zzzzzz"]);
+        assert!(r.join(".tmp-step-zzzzzz/notes.txt").is_file());
+        assert!(r.join(".tmp-step-zzzzzz/model.safetensors").is_file());
+        assert!(r.join("elsewhere/model.safetensors").is_file());
+    }
 
     fn write_checkpoint(dir: &Path, step: u64) {
         std::fs::create_dir_all(dir).expect("mkdir");

@@ -79,10 +79,12 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
         std::fs::create_dir_all(&root)
             .map_err(|e| WorkerError::Invalid(format!("checkpoint.dir {}: {e}", root.display())))?;
         let ours = dapt_proto::identity::JobIdentity::new(job, None);
-        Some(
-            dapt_proto::identity::claim(&root, &ours)
-                .map_err(|e| WorkerError::Invalid(e.to_string()))?,
-        )
+        let lock = dapt_proto::identity::claim(&root, &ours)
+            .map_err(|e| WorkerError::Invalid(e.to_string()))?;
+        // Nothing else writes here while the lock is ours: what an interrupted checkpoint left
+        // in staging (a whole checkpoint's size) goes.
+        dapt_proto::checkpoint::remove_stale_staging(&root);
+        Some(lock)
     };
 
     let mut resumed_from = None;
