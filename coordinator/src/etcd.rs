@@ -92,9 +92,7 @@ impl EtcdStore {
             key: String::new(),
             message: "the job has no `training:` section".into(),
         })?;
-        let mut client = connect(spec, Duration::from_secs(5)).await?;
-        // Another job's state under this prefix and name: refused before standing by.
-        check_identity(&mut client, &spec.prefix, ours).await?;
+        let mut client = reach(spec, ours, STARTUP_PATIENCE).await?;
         let key = keys::leader(&spec.prefix, &job.job);
         let ttl = spec.lease_ttl_s as i64;
         let mut announced = false;
@@ -494,6 +492,57 @@ async fn recorded_identity(
 }
 
 /// Refuses when `prefix` holds another job's identity under `ours.job`.
+/// How long a coordinator starting while etcd is unreachable (a restart, an election) waits
+/// for it, as workers do: before, it exited at once, and no leader could start until etcd was
+/// back (an audit).
+const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
+
+/// A client of `spec` that has checked the job's identity there ([`check_identity`]): another
+/// job's state under this prefix and name is refused before standing by. etcd unreachable is
+/// waited out for up to `patience`; a refusal (credentials, permissions) fails at once.
+async fn reach(
+    spec: &EtcdSpec,
+    ours: &JobIdentity,
+    patience: Duration,
+) -> Result<Client, StoreError> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut pause = Duration::from_millis(250);
+    loop {
+        let attempt = async {
+            let mut client = connect(spec, Duration::from_secs(5)).await?;
+            check_identity(&mut client, &spec.prefix, ours).await?;
+            Ok::<_, StoreError>(client)
+        };
+        match attempt.await {
+            Ok(client) => return Ok(client),
+            Err(e) if unreachable(&e) && tokio::time::Instant::now() + pause < deadline => {
+                tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "etcd is not reachable yet");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether `error` says etcd could not be reached (no answer, a connection refused or cut, an
+/// election in progress), as opposed to a refusal or a bad setting.
+fn unreachable(error: &StoreError) -> bool {
+    let client = match error {
+        StoreError::Connect(dapt_proto::etcd::EtcdError::Client { error, .. }) => error,
+        StoreError::Etcd(error) => error,
+        _ => return false,
+    };
+    match client {
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+        ),
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
+
 async fn check_identity(
     client: &mut Client,
     prefix: &str,

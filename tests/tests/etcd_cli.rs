@@ -307,6 +307,38 @@ fn a_worker_joining_during_a_short_etcd_outage_waits_for_etcd() {
     check_etcd_ledger(&etcd, "late", steps);
 }
 
+/// A coordinator started while etcd is briefly away waits for it, as workers do: it exited 1
+/// at once, so no leader could start until etcd was back (an audit).
+#[test]
+fn a_coordinator_starting_during_a_short_etcd_outage_waits_for_etcd() {
+    let mut etcd = Etcd::start();
+    etcd.stop();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let steps = 12;
+    let yaml = cluster_yaml(&etcd, 5_000);
+    // etcd comes back 2 s after the coordinator starts (which returns once it listens, after
+    // reaching etcd).
+    let mut c = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_secs(2));
+            etcd.restart();
+        });
+        coordinator(dir.path(), "early", steps, &yaml)
+    });
+    c.coordinator.wait_for("leadership", LONG, |l| {
+        !events(l, "leading the job").is_empty()
+    });
+    let _w0 = c.member("w0");
+    c.complete();
+    assert!(
+        c.coordinator.stderr().contains("etcd is not reachable yet"),
+        "{}",
+        c.coordinator.stderr()
+    );
+    check_etcd_ledger(&etcd, "early", steps);
+}
+
 #[test]
 fn two_jobs_on_one_etcd_never_see_each_other() {
     let etcd = Etcd::start();
