@@ -67,6 +67,16 @@ pub enum CorpusError {
         expected: String,
         found: String,
     },
+    /// A model's tokenizer that is not the corpus's (`dapt eval`, `dapt train` from a base
+    /// model): preparing the corpus again would not help (it said so), the model belongs to
+    /// another tokenizer.
+    #[error("{path}: this model's tokenizer (SHA-256 {found}) is not the one the corpus at {corpus} was tokenized with ({expected}): every id would mean another token; use the corpus prepared with this model's tokenizer, or prepare one with `corpus.tokenizer: {path}`")]
+    ModelTokenizer {
+        path: PathBuf,
+        corpus: PathBuf,
+        expected: String,
+        found: String,
+    },
     #[error("{path}: {message}")]
     Manifest { path: PathBuf, message: String },
     #[error("{path}: size is {found} bytes, the manifest says {expected}: the file is cut short or was replaced")]

@@ -256,7 +256,7 @@ impl CorpusReader {
     pub fn check_tokenizer(&self, path: &Path) -> Result<()> {
         let found = sha256_file(path)?;
         if found != self.manifest.tokenizer.sha256 {
-            return Err(CorpusError::TokenizerMismatch {
+            return Err(CorpusError::ModelTokenizer {
                 path: path.to_path_buf(),
                 corpus: self.dir.clone(),
                 expected: self.manifest.tokenizer.sha256.clone(),

@@ -134,7 +134,12 @@ pub fn matmul_choice() -> MatmulChoice {
     static CHOICE: OnceLock<MatmulChoice> = OnceLock::new();
     *CHOICE.get_or_init(|| {
         let choice = matmul_from_env().unwrap_or(MatmulChoice::Burn);
-        tracing::info!(matmul = choice.name(), "matmul on the GPU (DAPT_MATMUL)");
+        // (Asked on the CPU too, where it changes nothing: said only when it would.)
+        if std::env::var_os("DAPT_MATMUL").is_some() {
+            tracing::info!(matmul = choice.name(), "matmul on the GPU (DAPT_MATMUL)");
+        } else {
+            tracing::debug!(matmul = choice.name(), "matmul on the GPU (DAPT_MATMUL)");
+        }
         choice
     })
 }
