@@ -19,6 +19,14 @@ pub enum CorpusError {
         source_name: String,
         pattern: String,
     },
+    /// A literal path in a source's `paths` that cannot be read (missing, no permission).
+    #[error("source `{source_name}`: paths[{index}] {path}: {error}")]
+    MissingPath {
+        source_name: String,
+        index: usize,
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("source `{source_name}`: invalid glob pattern `{pattern}`: {message}")]
     BadPattern {
         source_name: String,

@@ -389,8 +389,14 @@ fn empty_and_missing_sources_are_named() {
     );
 
     spec.sources.0[1].paths = vec![fx.path("missing.txt").to_string_lossy().into_owned()];
+    spec.sources.0[1].literal = vec![true];
     let err = run(&spec).expect_err("missing file");
-    assert!(err.to_string().contains("missing.txt"), "{err}");
+    // Named with its source and place in `paths` (it named only the path).
+    assert!(
+        err.to_string().contains("missing.txt")
+            && err.to_string().starts_with("source `general`: paths[0]"),
+        "{err}"
+    );
 }
 
 #[test]

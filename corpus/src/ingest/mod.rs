@@ -124,7 +124,14 @@ pub fn discover(source: &SourceSpec) -> Result<Discovery> {
             found.skipped.extend(unmatchable);
         } else {
             let path = PathBuf::from(pattern);
-            let meta = std::fs::metadata(&path).map_err(CorpusError::io(&path))?;
+            // A path that is not there names its source and place in the job file (it named
+            // only the path: "No such file or directory").
+            let meta = std::fs::metadata(&path).map_err(|error| CorpusError::MissingPath {
+                source_name: source.name.to_string(),
+                index: i,
+                path: path.clone(),
+                error,
+            })?;
             if meta.is_dir() {
                 push_path(&path, false, &mut candidates)?;
                 check_inside(&path, &candidates[before..])?;
