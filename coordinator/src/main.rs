@@ -479,8 +479,9 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
             match outcome {
                 PrepareOutcome::UpToDate { dir, .. } => {
                     println!(
-                        "corpus at {} is up to date: its inputs have not changed since it was prepared; nothing to do (--force rebuilds)",
-                        dir.display()
+                        "corpus at {} is up to date: its inputs have not changed since it was prepared; nothing to do (its report: {}; --force rebuilds)",
+                        dir.display(),
+                        dir.join(dapt_corpus::manifest::REPORT_FILE).display()
                     );
                 }
                 PrepareOutcome::Prepared {
@@ -592,7 +593,8 @@ fn prepare_quietly(
         PrepareOutcome::Prepared { dir, stats, .. } => tracing::info!(
             corpus = %dir.display(),
             tokens = stats.tokens,
-            "corpus prepared (dapt prepare prints its report)"
+            report = %dir.join(dapt_corpus::manifest::REPORT_FILE).display(),
+            "corpus prepared (its report: report.json there)"
         ),
     }
     Ok(())
