@@ -81,13 +81,13 @@ fn stopped_and_restarted_training_matches_an_uninterrupted_run_then_exports() {
     ok(&export_args);
     assert!(export.join("tokenizer.json").is_file());
     let corpus = dir.path().join("corpus").to_string_lossy().into_owned();
+    // Without --seq-len, at the length the model was trained at (32 here; it was 256 whatever
+    // the model), which the checkpoint and the export both record.
     let eval = |model: &Path| -> Vec<f64> {
         let out = ok(&[
             "eval",
             &model.to_string_lossy(),
             &corpus,
-            "--seq-len",
-            "32",
             "--max-tokens",
             "2048",
         ]);
@@ -95,7 +95,10 @@ fn stopped_and_restarted_training_matches_an_uninterrupted_run_then_exports() {
         rows.as_array()
             .expect("rows")
             .iter()
-            .map(|r| r["perplexity"].as_f64().expect("perplexity"))
+            .map(|r| {
+                assert_eq!(r["seq_len"], 32, "{r}");
+                r["perplexity"].as_f64().expect("perplexity")
+            })
             .collect()
     };
     let (exported, checkpoint) = (eval(&export), eval(&final_b));

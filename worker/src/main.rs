@@ -135,8 +135,10 @@ enum Command {
     Eval {
         model: PathBuf,
         corpus: PathBuf,
-        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
-        seq_len: u32,
+        /// Window length in tokens [default: the sequence length the model was trained at, as a
+        /// dapt checkpoint or export records it; else 256].
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        seq_len: Option<u32>,
         /// At most this many predicted tokens per source.
         #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
         max_tokens: u64,
@@ -362,6 +364,26 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             device,
         } => {
             let reader = CorpusReader::open(&corpus)?;
+            // The model's own training length by default: a fixed 256 gave another perplexity
+            // than the training log's for a model trained at 128 (a new user's walk-through).
+            let seq_len = seq_len.unwrap_or_else(|| {
+                let trained = dapt_proto::checkpoint::recorded_training(&model)
+                    .map(|t| t.seq_len)
+                    .or_else(|| {
+                        let marker = model.join(dapt_proto::checkpoint::EXPORT_MARKER);
+                        let marker: serde_json::Value =
+                            serde_json::from_slice(&std::fs::read(marker).ok()?).ok()?;
+                        u32::try_from(marker.get("seq_len")?.as_u64()?).ok()
+                    })
+                    .filter(|&n| n > 0);
+                match trained {
+                    Some(n) => {
+                        eprintln!("evaluating at seq_len {n}, the model's training length (--seq-len sets another)");
+                        n
+                    }
+                    None => 256,
+                }
+            });
             // A dapt checkpoint is verified against its manifest before any file is used.
             if model.join(dapt_proto::checkpoint::MANIFEST_FILE).exists() {
                 dapt_proto::checkpoint::CheckpointManifest::read(&model)
@@ -406,6 +428,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                 rows.push(serde_json::json!({
                     "source": source.name,
                     "role": source.role,
+                    "seq_len": seq_len,
                     "perplexity": p.perplexity(),
                     "mean_nll": p.mean_nll(),
                     "tokens": p.tokens,
@@ -449,7 +472,8 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                         .with_context(|| format!("removing {}", to.display()))?;
                 }
             }
-            hf::record_export(&out, &carried)?;
+            let trained_at = loaded.state.training.map(|t| t.seq_len);
+            hf::record_export(&out, &carried, trained_at)?;
             println!("exported step {} to {}", loaded.state.step, out.display());
             Ok(())
         }

@@ -82,17 +82,21 @@ pub fn claim_output_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(WorkerError::io(dir))?;
     // The carried files an earlier export wrote stay listed until this one says what it wrote.
     let earlier = dapt_proto::checkpoint::carried_files_written(dir);
-    record_export(dir, &earlier)
+    record_export(dir, &earlier, None)
 }
 
 /// Writes export directory `dir`'s marker ([`EXPORT_MARKER`]), listing `carried`: the base
 /// model's files dapt wrote there (`dapt_proto::checkpoint::CARRIED_FILES`), which a later
-/// export may then replace or remove.
-pub fn record_export(dir: &Path, carried: &[String]) -> Result<()> {
-    let marker = serde_json::json!({
+/// export may then replace or remove; and `seq_len`, the sequence length the model was trained
+/// at (`dapt eval` evaluates at it by default), when known.
+pub fn record_export(dir: &Path, carried: &[String], seq_len: Option<u32>) -> Result<()> {
+    let mut marker = serde_json::json!({
         "created_by": format!("dapt {}", env!("CARGO_PKG_VERSION")),
         "files": carried,
     });
+    if let Some(seq_len) = seq_len {
+        marker["seq_len"] = seq_len.into();
+    }
     write_atomic(
         &dir.join(EXPORT_MARKER),
         serde_json::to_string_pretty(&marker)

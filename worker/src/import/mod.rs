@@ -183,7 +183,7 @@ pub fn import_gguf(file: &gguf::GgufFile, out: &Path) -> Result<HfWeights> {
                 _ => {}
             }
         }
-        hf::record_export(out, &[])?;
+        hf::record_export(out, &[], None)?;
     }
     Ok(HfWeights {
         config,
