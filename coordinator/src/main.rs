@@ -239,21 +239,57 @@ fn forward_to_worker(sub: &str, args: &[String], log: LogArgs) -> ExitCode {
         return ExitCode::FAILURE;
     };
     // The worker writes to this process's stderr: the same colour choice applies.
-    match std::process::Command::new(&worker)
+    let child = std::process::Command::new(&worker)
         .arg("--log-format")
         .arg(log.log_format.to_string())
         .arg("--color")
         .arg(log.color.to_string())
         .arg(sub)
         .args(args)
-        .status()
-    {
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("error: running {}: {e}", worker.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    // The worker decides what a Ctrl-C or a SIGTERM does (`dapt train` finishes its step and
+    // checkpoints it): this process waits for it instead of dying first and handing the
+    // terminal back while it still writes (a Ctrl-C reaches both; a SIGTERM to this one is
+    // passed on).
+    forward_signals_to(child.id());
+    match child.wait() {
         Ok(status) if status.success() => ExitCode::SUCCESS,
         Ok(status) => ExitCode::from(status.code().unwrap_or(1).clamp(1, 255) as u8),
         Err(e) => {
             eprintln!("error: running {}: {e}", worker.display());
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The forwarded worker's pid, for [`pass_on`].
+static FORWARDED_TO: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn pass_on(signal: libc::c_int) {
+    let pid = FORWARDED_TO.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: `kill` is async-signal-safe (POSIX).
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
+/// SIGINT is left to the worker (the terminal sends it to both), SIGTERM passed on to it.
+fn forward_signals_to(pid: u32) {
+    FORWARDED_TO.store(pid as i32, std::sync::atomic::Ordering::SeqCst);
+    let handler = pass_on as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: setting dispositions; the handler only reads an atomic and calls `kill`.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGTERM, handler);
     }
 }
 

@@ -453,3 +453,57 @@ fn a_corpus_tokenized_otherwise_than_the_base_models_folder_says_is_refused() {
     assert!(trained.status.success(), "{log}");
     assert!(log.contains("ends sequences with other ids"), "{log}");
 }
+
+/// Ctrl-C on `dapt train` killed it between checkpoints without a word (the steps since the
+/// last one lost; a new user's walk-through): the terminal's SIGINT (to the whole process
+/// group, `dapt` and its `dapt-worker`) now stops it after the step in progress, with a
+/// checkpoint of that step, says so, and exits 130; the same command resumes there.
+#[test]
+fn ctrl_c_on_dapt_train_checkpoints_the_step_and_says_how_to_resume() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "interrupted", "ck");
+    let yaml = std::fs::read_to_string(&job).expect("job");
+    std::fs::write(
+        &job,
+        yaml.replace("tokens: 1536", "tokens: 2000000")
+            .replace("every: 2", "every: 1000"),
+    )
+    .expect("job");
+    ok(&["prepare", "--quiet", &job]);
+    let mut cmd = std::process::Command::new(dapt_tests::binary("dapt"));
+    cmd.args(["--log-format", "json", "train", &job])
+        .process_group(0);
+    let mut train = dapt_tests::Proc::spawn(cmd);
+    train.wait_for("a few steps", dapt_tests::LONG, |lines| {
+        dapt_tests::events(lines, "step").len() >= 3
+    });
+    let group = train.child.id() as i32;
+    // SAFETY: signalling the process group this test started.
+    unsafe {
+        libc::kill(-group, libc::SIGINT);
+    }
+    let (status, _) = train.finish(dapt_tests::LONG);
+    let stderr = train.stderr();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    let said = stderr
+        .lines()
+        .find(|l| l.starts_with("stopped at step "))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let step: u64 = said["stopped at step ".len()..]
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("a step");
+    assert!(said.contains("the same command resumes"), "{said}");
+    let checkpoint = dir.path().join(format!("ck/step-{step:08}"));
+    assert!(checkpoint.join("model.safetensors").is_file(), "{said}");
+    // Resumed there.
+    let out = dapt(&["train", &job, "--stop-after", &(step + 1).to_string()]);
+    let log = text(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains(&format!("resumed from checkpoint step={step}")),
+        "{log}"
+    );
+}

@@ -213,12 +213,19 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Said already; 130, as a shell reports a process ended by SIGINT.
+        Err(e) if e.is::<Interrupted>() => ExitCode::from(130),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
+
+/// `dapt train` stopped by SIGINT or SIGTERM after a step (said, with its checkpoint).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+struct Interrupted;
 
 fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
@@ -243,6 +250,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                 no_checkpoints,
                 nccl_single_rank: gpu.nccl,
             };
+            dapt_worker::train::run::stop_on_interrupt();
             let summary =
                 run(&spec, &options).with_context(|| format!("training {}", job.display()))?;
             if let Some(dir) = &summary.last_checkpoint {
@@ -257,6 +265,18 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                         p.tokens
                     );
                 }
+            }
+            if summary.interrupted {
+                let step = summary.steps.last().map_or(0, |s| s.step + 1);
+                eprintln!(
+                    "stopped at step {step} (interrupted){}; the same command resumes from it",
+                    summary
+                        .last_checkpoint
+                        .as_ref()
+                        .map(|d| format!(", checkpoint {}", d.display()))
+                        .unwrap_or_default(),
+                );
+                return Err(Interrupted.into());
             }
             println!(
                 "{}",

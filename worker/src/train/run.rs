@@ -56,6 +56,33 @@ pub struct RunSummary {
     pub evals: Vec<EvalLog>,
     pub last_checkpoint: Option<PathBuf>,
     pub finished: bool,
+    /// Stopped by SIGINT or SIGTERM ([`stop_on_interrupt`]) after a step, with a checkpoint of
+    /// it.
+    pub interrupted: bool,
+}
+
+/// Set by the first SIGINT or SIGTERM once [`stop_on_interrupt`] is called.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_interrupt(signal: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    // A second one ends the process as it would have without this handler.
+    // SAFETY: `signal` is async-signal-safe (POSIX), restoring the default disposition.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+    }
+}
+
+/// Makes the first SIGINT (Ctrl-C) or SIGTERM stop `dapt train` after the step in progress,
+/// with a checkpoint of it, instead of killing it between checkpoints without a word (the steps
+/// since the last checkpoint were lost; a new user's walk-through); a second one kills it.
+pub fn stop_on_interrupt() {
+    let handler = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic and restores the default disposition.
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
 }
 
 /// Trains `job` on one rank from its last checkpoint (or from the start).
@@ -274,6 +301,7 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
         evals: Vec::new(),
         last_checkpoint: None,
         finished: false,
+        interrupted: false,
     };
     if resumed_from.is_none() && training.eval_every > 0 {
         // The base model's held-out perplexity: what continued pretraining is measured against.
@@ -313,17 +341,24 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
         );
         summary.steps.push(log);
         let done = trainer.step();
+        let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
         if training.eval_every > 0 && done.is_multiple_of(training.eval_every) && done < steps {
             summary
                 .evals
                 .push(evaluate(trainer, reader, &training, done)?);
         }
-        if !options.no_checkpoints && (done.is_multiple_of(job.checkpoint.every) || done == stop) {
+        if !options.no_checkpoints
+            && (done.is_multiple_of(job.checkpoint.every) || done == stop || interrupted)
+        {
             let origin = checkpoint::Origin::new(reader, corpus_digest, job, &base_files);
             let dir = trainer.save(&root, job.seed, Some(origin))?;
             checkpoint::prune(&root, job.checkpoint.keep)?;
             tracing::info!(step = done, dir = %dir.display(), "checkpoint committed");
             summary.last_checkpoint = Some(dir);
+        }
+        if interrupted && done < stop {
+            summary.interrupted = true;
+            return Ok(summary);
         }
     }
     if trainer.step() >= steps {
