@@ -148,27 +148,37 @@ enum Command {
         token_file: Option<PathBuf>,
     },
     /// Train the job on this machine as a single rank (runs `dapt-worker train`).
+    // `-h`/`--help` go to the worker, whose help lists the arguments (here: only `[ARGS]...`).
+    #[command(disable_help_flag = true)]
     Train {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Compile (and with a `cuda-autotune` worker, autotune) the GPU kernels of the job's step
     /// into the kernel cache, for every later run and rank (runs `dapt-worker tune`).
+    // `-h`/`--help` go to the worker, whose help lists the arguments (here: only `[ARGS]...`).
+    #[command(disable_help_flag = true)]
     Tune {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Held-out perplexity of a model on a prepared corpus (runs `dapt-worker eval`).
+    // `-h`/`--help` go to the worker, whose help lists the arguments (here: only `[ARGS]...`).
+    #[command(disable_help_flag = true)]
     Eval {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// A checkpoint as a Hugging Face model directory (runs `dapt-worker export`).
+    // `-h`/`--help` go to the worker, whose help lists the arguments (here: only `[ARGS]...`).
+    #[command(disable_help_flag = true)]
     Export {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// A llama.cpp GGUF file as a Hugging Face model directory (runs `dapt-worker import-gguf`).
+    // `-h`/`--help` go to the worker, whose help lists the arguments (here: only `[ARGS]...`).
+    #[command(disable_help_flag = true)]
     ImportGguf {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
