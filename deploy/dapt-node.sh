@@ -79,7 +79,10 @@ if [ -n "${DAPT_LOG_DIR:-}" ]; then
     log="$DAPT_LOG_DIR/$name-w$i.log"
     not_ours "$log" && die "$log is a symlink or not a regular file: dapt writes its logs only to files of its own"
     exec {fd}>>"$log" || die "cannot open $log"
-    not_ours "$log" && die "$log became a symlink or not a regular file while it was opened"
+    # The file opened is the one checked (a link swapped in and out meanwhile is not).
+    if not_ours "$log" || [ "$(stat -Lc %d:%i "/dev/fd/$fd")" != "$(stat -c %d:%i "$log")" ]; then
+      die "$log changed while it was opened: dapt writes its logs only to files of its own"
+    fi
     logs+=("$fd")
   done
 fi

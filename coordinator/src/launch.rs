@@ -128,9 +128,10 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
         banner.dashboard = Some(format!("http://{addr}/"));
         banner.metrics = Some(format!("http://{addr}/metrics"));
     }
+    let token_path = token_file.to_string_lossy();
     banner.status = Some(format!(
         "dapt status {url} --token-file {}",
-        token_file.display()
+        shlex::try_quote(&token_path).unwrap_or(token_path.clone())
     ));
     banner.announce();
     let progress = coordinator.progress();

@@ -265,13 +265,23 @@ fn forward_to_worker(sub: &str, args: &[String], log: LogArgs) -> ExitCode {
         }
     };
     // The worker decides what a Ctrl-C or a SIGTERM does (`dapt train` finishes its step and
-    // checkpoints it): this process waits for it instead of dying first and handing the
-    // terminal back while it still writes (a Ctrl-C reaches both; a SIGTERM to this one is
-    // passed on).
+    // checkpoints it): this process passes them on and waits for it, instead of dying first and
+    // handing the terminal back while it still writes. (A signal to the whole group reaches the
+    // worker twice, directly and passed on: it takes copies within 2 s for one.)
     forward_signals_to(child.id());
-    match child.wait() {
+    let waited = child.wait();
+    FORWARDED_TO.store(0, std::sync::atomic::Ordering::SeqCst);
+    match waited {
         Ok(status) if status.success() => ExitCode::SUCCESS,
-        Ok(status) => ExitCode::from(status.code().unwrap_or(1).clamp(1, 255) as u8),
+        Ok(status) => {
+            use std::os::unix::process::ExitStatusExt;
+            // Ended by a signal: 128 + its number, as a shell reports it.
+            let code = status
+                .code()
+                .or_else(|| status.signal().map(|s| 128 + s))
+                .unwrap_or(1);
+            ExitCode::from(code.clamp(1, 255) as u8)
+        }
         Err(e) => {
             eprintln!("error: running {}: {e}", worker.display());
             ExitCode::FAILURE
@@ -292,13 +302,13 @@ extern "C" fn pass_on(signal: libc::c_int) {
     }
 }
 
-/// SIGINT is left to the worker (the terminal sends it to both), SIGTERM passed on to it.
+/// SIGINT and SIGTERM passed on to the worker `pid`.
 fn forward_signals_to(pid: u32) {
     FORWARDED_TO.store(pid as i32, std::sync::atomic::Ordering::SeqCst);
     let handler = pass_on as extern "C" fn(libc::c_int) as libc::sighandler_t;
     // SAFETY: setting dispositions; the handler only reads an atomic and calls `kill`.
     unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGINT, handler);
         libc::signal(libc::SIGTERM, handler);
     }
 }
@@ -649,9 +659,17 @@ fn prepare_quietly(
 /// This process's command line, quoted for a shell, as it was typed (with its flags: the
 /// printed "same command" dropped `--workers 1 --no-export`, a new user's walk-through).
 fn this_command() -> String {
-    let args: Vec<String> = std::env::args_os()
+    let mut args: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
+    // A token given on the command line is not printed (logs keep stdout).
+    for i in 0..args.len() {
+        if args[i] == "--token" && i + 1 < args.len() {
+            args[i + 1] = "<token>".into();
+        } else if args[i].starts_with("--token=") {
+            args[i] = "--token=<token>".into();
+        }
+    }
     shlex::try_join(args.iter().map(String::as_str)).unwrap_or_else(|_| args.join(" "))
 }
 

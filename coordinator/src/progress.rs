@@ -51,6 +51,8 @@ pub struct Progress {
     tokens_per_step: u64,
     /// Each source's first and latest held-out perplexity: (steps done, perplexity).
     perplexity: BTreeMap<String, (Reading, Reading)>,
+    /// The sources evaluated in this run (not only known from the committed base).
+    evaluated: std::collections::BTreeSet<String>,
     recoveries: u32,
     /// The final checkpoint, once the job completed.
     completed: Option<(u64, String)>,
@@ -111,6 +113,7 @@ impl Progress {
                     .entry(source.clone())
                     .and_modify(|(_, latest)| *latest = reading)
                     .or_insert((reading, reading));
+                self.evaluated.insert(source.clone());
             }
             Log::Recovery { phase, .. } if *phase == RecoveryPhase::Detected => {
                 self.recoveries += 1;
@@ -123,6 +126,15 @@ impl Progress {
             }
             _ => {}
         }
+    }
+
+    /// Takes in a source's base-model perplexity (step 0) as a resumed job's commit records it:
+    /// the first reading its later evaluations compare with, not an evaluation of this run.
+    pub fn seed_base(&mut self, source: &str, perplexity: f64) {
+        let reading = (0, perplexity);
+        self.perplexity
+            .entry(source.to_owned())
+            .or_insert((reading, reading));
     }
 
     /// Time since training started here.
@@ -156,9 +168,11 @@ impl Progress {
             tokens_computed: self.tokens_computed,
             wall,
             tokens_per_s: self.tokens_computed as f64 / wall.as_secs_f64().max(1e-9),
+            // (A source only known from the committed base was not evaluated in this run.)
             perplexity: self
                 .perplexity
                 .iter()
+                .filter(|(source, _)| self.evaluated.contains(*source))
                 .map(|(source, &(before, after))| PerplexityChange {
                     source: source.clone(),
                     before,

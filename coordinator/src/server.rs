@@ -455,7 +455,7 @@ pub async fn start(
                 perplexity,
                 tokens: 0,
             };
-            seeded.observe(&line, now);
+            seeded.seed_base(source, perplexity);
             dashboard
                 .lock()
                 .expect("dashboard")

@@ -226,6 +226,7 @@ fn synthetic_corpus(work: &Path, tokenizer: &Path, tokens: u64) -> PathBuf {
         created_by: "corpus bench".into(),
         inputs_fingerprint: "synthetic".into(),
         text_rules: dapt_corpus::prepare::TEXT_RULES,
+        inputs_only_fingerprint: None,
         tokenizer: TokenizerInfo {
             file: TOKENIZER_FILE.into(),
             sha256: dapt_corpus::tokenizer::sha256_file(&dir.join(TOKENIZER_FILE)).expect("sha"),

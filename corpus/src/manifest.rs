@@ -94,6 +94,11 @@ pub struct Manifest {
     /// under ([`crate::prepare::TEXT_RULES`]; 3 for corpora from before it was recorded).
     #[serde(default = "rules_before_recorded")]
     pub text_rules: u32,
+    /// Hash of the inputs alone (the corpus spec, the tokenizer, every input file's path, size
+    /// and mtime), without dapt's version or text rules: a corpus of older rules from the same
+    /// inputs is told by it (absent in corpora from before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs_only_fingerprint: Option<String>,
     pub tokenizer: TokenizerInfo,
     pub token_dtype: TokenDtype,
     pub sources: Vec<SourceManifest>,

@@ -301,11 +301,12 @@ pub fn remove(dir: &Path, manifest: &CheckpointManifest) -> Result<(), Checkpoin
 /// Removes the staging directories an interrupted checkpoint left in `root` (`.tmp-step-*`, the
 /// rank's files before the rename into `step-N`; `.zero-shards-*`, the ranks' optimizer
 /// shards): a process killed while writing left a whole checkpoint's size there for good (an
-/// audit: ~84 GB for a 7B model). Only when nothing else writes there: a caller holding the
-/// directory's lock, with no generation that could still be running (not a coordinator taking
-/// over under etcd, whose ranks keep training). A staging directory holding anything but regular
-/// files of the names a checkpoint has is left as it is. Each is named in the log. Returns the
-/// directories removed and those left.
+/// audit: ~84 GB for a 7B model). Only by a caller holding the directory's lock, with no
+/// generation of its own that could be running (not a coordinator taking over under etcd, whose
+/// ranks keep training), and only staging untouched for [`STALE_STAGING`]: a rank of a killed
+/// coordinator may outlive it and still be writing (a writer touches its files as it goes). A
+/// staging directory holding anything but regular files of the names a checkpoint has is left
+/// as it is. Each is named in the log. Returns the directories removed and those left.
 pub fn remove_stale_staging(root: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
     let (mut removed, mut left) = (Vec::new(), Vec::new());
     let Ok(entries) = std::fs::read_dir(root) else {
@@ -318,6 +319,9 @@ pub fn remove_stale_staging(root: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
         }
         let dir = entry.path();
         if !std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        if !untouched_for(&dir, STALE_STAGING) {
             continue;
         }
         let files: Option<Vec<PathBuf>> = std::fs::read_dir(&dir).ok().and_then(|entries| {
@@ -343,6 +347,31 @@ pub fn remove_stale_staging(root: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
         }
     }
     (removed, left)
+}
+
+/// How long a checkpoint's staging directory must have been untouched to count as left by an
+/// interrupted write ([`remove_stale_staging`]).
+pub const STALE_STAGING: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Whether neither `dir` nor anything directly in it was modified in the last `age`.
+fn untouched_for(dir: &Path, age: std::time::Duration) -> bool {
+    let recent = |meta: std::fs::Metadata| {
+        meta.modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|elapsed| elapsed < age)
+    };
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return false;
+    };
+    if recent(meta) {
+        return false;
+    }
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .filter_map(|e| e.ok())
+            .all(|e| e.metadata().is_ok_and(|m| !recent(m)))
+    })
 }
 
 /// Whether `name` is a file a checkpoint (or its staging) holds: the weights, config,
@@ -387,6 +416,31 @@ mod tests {
         write(".tmp-step-zzzzzz/notes.txt");
         write("elsewhere/model.safetensors");
         std::os::unix::fs::symlink(r.join("elsewhere"), r.join(".tmp-step-link")).expect("link");
+        // A staging directory written to a moment ago may be a live rank's: left alone.
+        write(".tmp-step-fresh1/model.safetensors");
+        let (removed, left) = remove_stale_staging(r);
+        assert!(
+            removed.is_empty() && left.is_empty(),
+            "{removed:?} {left:?}"
+        );
+        // Untouched for longer than STALE_STAGING: an interrupted write's.
+        let old = std::time::SystemTime::now() - STALE_STAGING * 2;
+        for dir in [
+            ".tmp-step-a1b2c3",
+            ".zero-shards-g2-step-00000005",
+            ".tmp-step-zzzzzz",
+        ] {
+            for entry in std::fs::read_dir(r.join(dir)).expect("ls") {
+                let file = std::fs::File::options()
+                    .write(true)
+                    .open(entry.expect("entry").path())
+                    .expect("open");
+                file.set_modified(old).expect("age");
+            }
+            std::fs::File::open(r.join(dir))
+                .and_then(|d| d.set_modified(old))
+                .expect("age the directory");
+        }
         let (removed, left) = remove_stale_staging(r);
         let names = |dirs: &[PathBuf]| {
             let mut names: Vec<String> = dirs
@@ -401,6 +455,7 @@ mod tests {
             [".tmp-step-a1b2c3", ".zero-shards-g2-step-00000005"]
         );
         assert_eq!(names(&left), [".tmp-step-zzzzzz"]);
+        assert!(r.join(".tmp-step-fresh1/model.safetensors").is_file());
         assert!(r.join(".tmp-step-zzzzzz/notes.txt").is_file());
         assert!(r.join(".tmp-step-zzzzzz/model.safetensors").is_file());
         assert!(r.join("elsewhere/model.safetensors").is_file());

@@ -142,9 +142,10 @@ enum Command {
         /// At most this many predicted tokens per source.
         #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
         max_tokens: u64,
-        /// Windows per forward pass.
-        #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
-        batch: usize,
+        /// Windows per forward pass [default: the micro-batch the model was trained with, when a
+        /// dapt checkpoint or export records it and --seq-len is not given; else 8].
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        batch: Option<usize>,
         /// cpu, or cuda / cuda:N.
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
@@ -222,6 +223,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// The sequence length and micro-batch the model in `dir` was trained with, as a dapt
+/// checkpoint's `trainer.json` or an export's marker records them.
+fn trained_shape(dir: &std::path::Path) -> Option<(u32, usize)> {
+    if let Some(t) = dapt_proto::checkpoint::recorded_training(dir) {
+        return Some((t.seq_len, t.micro_batch() as usize)).filter(|s| s.0 > 0 && s.1 > 0);
+    }
+    let marker = dir.join(dapt_proto::checkpoint::EXPORT_MARKER);
+    let marker: serde_json::Value = serde_json::from_slice(&std::fs::read(marker).ok()?).ok()?;
+    let seq_len = u32::try_from(marker.get("seq_len")?.as_u64()?).ok()?;
+    let micro_batch = marker
+        .get("micro_batch")
+        .and_then(|m| m.as_u64())
+        .map_or(8, |m| m as usize);
+    Some((seq_len, micro_batch)).filter(|s| s.0 > 0 && s.1 > 0)
+}
+
 /// `dapt train` stopped by SIGINT or SIGTERM after a step (said, with its checkpoint).
 #[derive(Debug, thiserror::Error)]
 #[error("interrupted")]
@@ -268,14 +285,16 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             }
             if summary.interrupted {
                 let step = summary.steps.last().map_or(0, |s| s.step + 1);
-                eprintln!(
-                    "stopped at step {step} (interrupted){}; the same command resumes from it",
-                    summary
-                        .last_checkpoint
-                        .as_ref()
-                        .map(|d| format!(", checkpoint {}", d.display()))
-                        .unwrap_or_default(),
-                );
+                match &summary.last_checkpoint {
+                    Some(dir) => eprintln!(
+                        "stopped at step {step} (interrupted), checkpoint {}; the same command \
+                         resumes from it",
+                        dir.display()
+                    ),
+                    None => {
+                        eprintln!("stopped at step {step} (interrupted); no checkpoint written")
+                    }
+                }
                 return Err(Interrupted.into());
             }
             println!(
@@ -386,24 +405,16 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             let reader = CorpusReader::open(&corpus)?;
             // The model's own training length by default: a fixed 256 gave another perplexity
             // than the training log's for a model trained at 128 (a new user's walk-through).
-            let seq_len = seq_len.unwrap_or_else(|| {
-                let trained = dapt_proto::checkpoint::recorded_training(&model)
-                    .map(|t| t.seq_len)
-                    .or_else(|| {
-                        let marker = model.join(dapt_proto::checkpoint::EXPORT_MARKER);
-                        let marker: serde_json::Value =
-                            serde_json::from_slice(&std::fs::read(marker).ok()?).ok()?;
-                        u32::try_from(marker.get("seq_len")?.as_u64()?).ok()
-                    })
-                    .filter(|&n| n > 0);
-                match trained {
-                    Some(n) => {
-                        eprintln!("evaluating at seq_len {n}, the model's training length (--seq-len sets another)");
-                        n
-                    }
-                    None => 256,
-                }
-            });
+            // ... and its micro-batch with it (8 windows of a 4096-token training length were 8
+            // times the memory of training's own evaluation).
+            let trained = trained_shape(&model).filter(|_| seq_len.is_none());
+            if let Some((n, _)) = trained {
+                eprintln!(
+                    "evaluating at seq_len {n}, the model's training length (--seq-len sets another)"
+                );
+            }
+            let seq_len = seq_len.or(trained.map(|t| t.0)).unwrap_or(256);
+            let batch = batch.or(trained.map(|t| t.1)).unwrap_or(8);
             // A dapt checkpoint is verified against its manifest before any file is used.
             if model.join(dapt_proto::checkpoint::MANIFEST_FILE).exists() {
                 dapt_proto::checkpoint::CheckpointManifest::read(&model)
@@ -439,7 +450,8 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                 )?
                 else {
                     eprintln!(
-                        "source {}: no held-out window of {seq_len} tokens",
+                        "source {}: no held-out window of {seq_len} tokens (--seq-len sets a \
+                         shorter one)",
                         source.name
                     );
                     continue;
@@ -492,7 +504,10 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                         .with_context(|| format!("removing {}", to.display()))?;
                 }
             }
-            let trained_at = loaded.state.training.map(|t| t.seq_len);
+            let trained_at = loaded
+                .state
+                .training
+                .map(|t| (t.seq_len, t.micro_batch() as usize));
             hf::record_export(&out, &carried, trained_at)?;
             println!("exported step {} to {}", loaded.state.step, out.display());
             Ok(())

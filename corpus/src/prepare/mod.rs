@@ -128,11 +128,18 @@ pub fn prepare(
         // Resuming on a corpus made from these very inputs under older text rules: kept (a new
         // one would hold other tokens, and the checkpoints need this one), and said.
         if let Some(keep) = &options.keep {
+            let inputs_only = inputs_fingerprint(spec, tokenizer_sha, &discoveries);
             let older = Manifest::read(&out).ok().filter(|m| {
-                m.text_rules != TEXT_RULES
-                    && m.content_digest() == keep.digest
-                    && m.inputs_fingerprint
-                        == self::fingerprint(spec, tokenizer_sha, &discoveries, m.text_rules)
+                let same_inputs = match &m.inputs_only_fingerprint {
+                    Some(recorded) => *recorded == inputs_only,
+                    // (Recorded since rules 4: older corpora by the whole fingerprint, as that
+                    // dapt made it.)
+                    None => {
+                        m.inputs_fingerprint
+                            == self::fingerprint(spec, tokenizer_sha, &discoveries, m.text_rules)
+                    }
+                };
+                m.text_rules != TEXT_RULES && m.content_digest() == keep.digest && same_inputs
             });
             if let Some(older) = older {
                 if let Some(manifest) = up_to_date(&out, &older.inputs_fingerprint, options.verify)
@@ -338,6 +345,11 @@ pub fn prepare(
         created_by: format!("dapt {}", env!("CARGO_PKG_VERSION")),
         inputs_fingerprint: fingerprint,
         text_rules: TEXT_RULES,
+        inputs_only_fingerprint: Some(inputs_fingerprint(
+            spec,
+            given_tokenizer.as_ref().map(|t| t.1.as_str()),
+            &discoveries,
+        )),
         tokenizer: TokenizerInfo {
             file: manifest::TOKENIZER_FILE.to_owned(),
             sha256: tokenizer::sha256_file(&tokenizer_path)?,
@@ -644,6 +656,27 @@ fn fingerprint(
     h.update(FORMAT_VERSION.to_le_bytes());
     h.update(text_rules.to_le_bytes());
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    hash_inputs(&mut h, spec, tokenizer_sha, discoveries);
+    hex::encode(h.finalize())
+}
+
+/// The inputs' part of [`fingerprint`] alone ([`Manifest::inputs_only_fingerprint`]).
+fn inputs_fingerprint(
+    spec: &CorpusSpec,
+    tokenizer_sha: Option<&str>,
+    discoveries: &[Discovery],
+) -> String {
+    let mut h = Sha256::new();
+    hash_inputs(&mut h, spec, tokenizer_sha, discoveries);
+    hex::encode(h.finalize())
+}
+
+fn hash_inputs(
+    h: &mut Sha256,
+    spec: &CorpusSpec,
+    tokenizer_sha: Option<&str>,
+    discoveries: &[Discovery],
+) {
     h.update(serde_json::to_vec(spec).unwrap_or_default());
     h.update(tokenizer_sha.unwrap_or("trained").as_bytes());
     for d in discoveries {
@@ -655,7 +688,6 @@ fn fingerprint(
         }
         h.update([1]);
     }
-    hex::encode(h.finalize())
 }
 
 /// The existing manifest, when it was made from these inputs and its files still verify
@@ -709,6 +741,11 @@ mod tests {
             .collect();
         manifest.text_rules = 3;
         manifest.inputs_fingerprint = fingerprint(&spec, None, &discoveries, 3);
+        let recorded = manifest.inputs_only_fingerprint.take();
+        assert_eq!(
+            recorded.as_deref(),
+            Some(inputs_fingerprint(&spec, None, &discoveries).as_str())
+        );
         manifest::write_atomic(
             &out.join(manifest::MANIFEST_FILE),
             &to_json(&manifest).expect("json"),

@@ -87,15 +87,16 @@ pub fn claim_output_dir(dir: &Path) -> Result<()> {
 
 /// Writes export directory `dir`'s marker ([`EXPORT_MARKER`]), listing `carried`: the base
 /// model's files dapt wrote there (`dapt_proto::checkpoint::CARRIED_FILES`), which a later
-/// export may then replace or remove; and `seq_len`, the sequence length the model was trained
-/// at (`dapt eval` evaluates at it by default), when known.
-pub fn record_export(dir: &Path, carried: &[String], seq_len: Option<u32>) -> Result<()> {
+/// export may then replace or remove; and `seq_len` and `micro_batch`, the sequence length and
+/// micro-batch the model was trained with (`dapt eval`'s defaults), when known.
+pub fn record_export(dir: &Path, carried: &[String], trained: Option<(u32, usize)>) -> Result<()> {
     let mut marker = serde_json::json!({
         "created_by": format!("dapt {}", env!("CARGO_PKG_VERSION")),
         "files": carried,
     });
-    if let Some(seq_len) = seq_len {
+    if let Some((seq_len, micro_batch)) = trained {
         marker["seq_len"] = seq_len.into();
+        marker["micro_batch"] = micro_batch.into();
     }
     write_atomic(
         &dir.join(EXPORT_MARKER),

@@ -63,22 +63,50 @@ pub struct RunSummary {
 
 /// Set by the first SIGINT or SIGTERM once [`stop_on_interrupt`] is called.
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// When the first one came, in `CLOCK_MONOTONIC` milliseconds.
+static FIRST_SIGNAL_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// A signal this soon after the first is the same stop, delivered twice: a group-wide SIGTERM
+/// (`timeout`, systemd, `scancel`) reaches this process directly and through the `dapt` that
+/// started it, and a terminal's Ctrl-C reaches both.
+const SAME_STOP_MS: u64 = 2_000;
+
+fn monotonic_ms() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `clock_gettime` is async-signal-safe (POSIX) and writes only `now`.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now);
+    }
+    now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000 + 1
+}
 
 extern "C" fn on_interrupt(signal: libc::c_int) {
-    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-    // A second one ends the process as it would have without this handler.
-    // SAFETY: `signal` is async-signal-safe (POSIX), restoring the default disposition.
-    unsafe {
-        libc::signal(signal, libc::SIG_DFL);
+    use std::sync::atomic::Ordering::SeqCst;
+    let now = monotonic_ms();
+    match FIRST_SIGNAL_MS.compare_exchange(0, now, SeqCst, SeqCst) {
+        Ok(_) => INTERRUPTED.store(true, SeqCst),
+        // A later one, past the same stop's copies, ends the process as it would have without
+        // this handler.
+        Err(first) if now.saturating_sub(first) > SAME_STOP_MS => {
+            // SAFETY: `signal` and `raise` are async-signal-safe (POSIX).
+            unsafe {
+                libc::signal(signal, libc::SIG_DFL);
+                libc::raise(signal);
+            }
+        }
+        Err(_) => {}
     }
 }
 
 /// Makes the first SIGINT (Ctrl-C) or SIGTERM stop `dapt train` after the step in progress,
 /// with a checkpoint of it, instead of killing it between checkpoints without a word (the steps
-/// since the last checkpoint were lost; a new user's walk-through); a second one kills it.
+/// since the last checkpoint were lost; a new user's walk-through). Another one more than 2 s
+/// later kills it (copies of the first within 2 s are the same stop).
 pub fn stop_on_interrupt() {
     let handler = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: the handler only stores to an atomic and restores the default disposition.
+    // SAFETY: the handler uses only atomics and async-signal-safe calls.
     unsafe {
         libc::signal(libc::SIGINT, handler);
         libc::signal(libc::SIGTERM, handler);

@@ -46,7 +46,7 @@ pub(super) enum Existing {
     /// A dapt corpus holding only files dapt wrote: the manifest's, its source directories and
     /// what a corpus directory gets besides (report, tokenizer, verification cache, temporary
     /// files of an atomic write).
-    Corpus(Manifest),
+    Corpus(Box<Manifest>),
     /// A publication that a run began and did not finish: its finished corpus waits in
     /// `staged`; the output holds part of it and part of the corpus it replaces, nothing else.
     Interrupted { staged: PathBuf },
@@ -214,7 +214,7 @@ pub(super) fn check_output(out: &Path) -> Result<Existing> {
         let manifest = Manifest::read(out)
             .map_err(|e| refuse(format!("exists and is not a dapt corpus ({e})")))?;
         layout.add(&manifest);
-        Existing::Corpus(manifest)
+        Existing::Corpus(Box::new(manifest))
     } else {
         // No manifest: a publication stopped between its first and last rename, if a finished
         // staging directory waits (its manifest is the last file a run writes).
