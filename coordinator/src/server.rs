@@ -605,16 +605,7 @@ async fn control_loop(
     }
     if let Store::Etcd { committer, .. } = &exec.store {
         // The job's end is only as durable as its last commit: wait for etcd to take it.
-        let flush = committer.flush();
-        tokio::pin!(flush);
-        let flushed = tokio::select! {
-            flushed = &mut flush => flushed,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                tracing::warn!("waiting for etcd to record the last commit");
-                flush.await
-            }
-        };
-        if !flushed {
+        if !flushed(committer, "waiting for etcd to record the last commit").await {
             return Outcome::Failed(
                 "lost the etcd leadership before the last commit was recorded".into(),
             );
@@ -637,6 +628,20 @@ async fn control_loop(
         },
         Phase::Failed(reason) => Outcome::Failed(reason.clone()),
         _ => Outcome::Failed("the control loop's event channel closed".into()),
+    }
+}
+
+/// Waits until etcd holds every commit `committer` was given (saying `waiting` once it takes
+/// more than a second); false when this coordinator lost the leadership first.
+async fn flushed(committer: &Committer, waiting: &str) -> bool {
+    let flush = committer.flush();
+    tokio::pin!(flush);
+    tokio::select! {
+        flushed = &mut flush => flushed,
+        _ = tokio::time::sleep(Duration::from_secs(1)) => {
+            tracing::warn!("{waiting}");
+            flush.await
+        }
     }
 }
 
@@ -828,19 +833,9 @@ impl Executor {
                 // etcd was down, they exited 0, and a leader lost before etcd took the commit
                 // left a job its next leader waited on for ever (an audit).
                 if let Store::Etcd { committer, .. } = &self.store {
-                    let flush = committer.flush();
-                    tokio::pin!(flush);
-                    let flushed = tokio::select! {
-                        flushed = &mut flush => flushed,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                            tracing::warn!(
-                                step,
-                                "waiting for etcd to record the last commit before the workers finish"
-                            );
-                            flush.await
-                        }
-                    };
-                    if !flushed {
+                    let waiting =
+                        "waiting for etcd to record the last commit before the workers finish";
+                    if !flushed(committer, waiting).await {
                         return Err(
                             "lost the etcd leadership before the last commit was recorded".into(),
                         );
