@@ -732,6 +732,16 @@ fn report_outcome(
             say_err(&format!("error: the job failed: {reason}{logs}\n"));
             ExitCode::FAILURE
         }
+        // Not the job's failure (it said "the job failed" while the job completed under the
+        // next leader; an audit): this process's end, non-zero so that a supervisor starts it
+        // again, as a standby.
+        server::Outcome::SteppedDown(reason) => {
+            say_err(&format!(
+                "error: this coordinator stepped down ({reason}); the job goes on under the \
+                 coordinator that leads it now\n"
+            ));
+            ExitCode::FAILURE
+        }
     }
 }
 

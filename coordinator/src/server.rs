@@ -42,6 +42,9 @@ pub enum Outcome {
         checkpoint: PathBuf,
     },
     Failed(String),
+    /// This coordinator stopped leading (etcd: its lease gone, or another wrote the
+    /// generation); the job goes on under the one that leads now.
+    SteppedDown(String),
     Stopped {
         reason: String,
         committed: Option<(u64, PathBuf)>,
@@ -571,7 +574,7 @@ async fn control_loop(
     if let Some(reason) = deposed {
         exec.sessions.lock().expect("sessions").clear();
         stop_servers.send_replace(true);
-        return Outcome::Failed(reason);
+        return Outcome::SteppedDown(reason);
     }
     // Let the last orders (finish, abort) reach the workers before the server goes.
     let deadline = Instant::now() + Duration::from_secs(5);

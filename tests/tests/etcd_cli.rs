@@ -401,6 +401,11 @@ fn a_generation_written_behind_the_leaders_back_makes_it_step_down() {
     assert!(!status.success());
     let stderr = c.coordinator.stderr();
     assert!(stderr.contains("no longer leads"), "{stderr}");
+    // Said as this coordinator's end, not the job's failure.
+    assert!(
+        stderr.contains("this coordinator stepped down") && !stderr.contains("the job failed"),
+        "{stderr}"
+    );
     let value = runtime().block_on(async {
         let mut client = dapt_proto::etcd::connect(&spec(&etcd), Duration::from_secs(5))
             .await
