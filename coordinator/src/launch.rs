@@ -369,6 +369,13 @@ pub const LAUNCH_TOKEN_FILE: &str = "launch.token";
 fn write_token_file(path: &Path, token: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    // Only an earlier run's token is replaced: a file of this name that is not one is a user's.
+    if std::fs::symlink_metadata(path).is_ok() && !is_launch_token_file(path) {
+        anyhow::bail!(
+            "{} exists and is not a token an earlier `dapt launch` wrote: not replacing it (move it away)",
+            path.display()
+        );
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
