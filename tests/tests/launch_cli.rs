@@ -628,4 +628,18 @@ fn dapt_status_watches_a_launched_job_with_the_command_its_banner_gives() {
     );
     let (status, stdout) = proc.finish(LONG);
     assert!(status.success(), "{stdout}\n{}", proc.stderr());
+    // A file of that name that is not a run's token is a user's: never replaced.
+    std::fs::write(&token_file, "my notes\n").expect("write");
+    let mut again = launch(&job, 1);
+    let (status, _) = again.finish(LONG);
+    let stderr = again.stderr();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("launch.token exists and is not a token"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&token_file).expect("read"),
+        "my notes\n"
+    );
 }
