@@ -678,19 +678,39 @@ pub fn render(plan: &Plan, options: &PlanOptions, config: &LlamaConfig) -> Strin
             plan.mfu * 100.0
         ),
     };
+    // The CPU's units are machines (ranks), and a small job's time is minutes, not "0.0 h"
+    // (a new user's walk-through).
+    let unit = if gpu.name == "cpu" { "CPU" } else { "GPU" };
+    let hours = |h: f64| {
+        if h < 0.1 {
+            format!("{:.1} {unit}-minutes", h * 60.0)
+        } else {
+            format!("{h:.1} {unit}-hours")
+        }
+    };
+    let wall = if plan.wall_hours < 0.1 {
+        format!("{:.1} min", plan.wall_hours * 60.0)
+    } else {
+        format!("{:.1} h", plan.wall_hours)
+    };
     let _ = writeln!(
         o,
-        "time: {:.1} GPU-hours on {} ({} dense {dtype}) at {mfu}; {:.1} h wall on {} GPUs",
-        plan.gpu_hours,
+        "time: {} on {} ({} dense {dtype}) at {mfu}; {wall} wall on {} {}",
+        hours(plan.gpu_hours),
         gpu.name.to_uppercase(),
         flop_rate(gpu.peak_flops),
-        plan.wall_hours,
-        options.gpus
+        options.gpus,
+        if gpu.name == "cpu" { "ranks" } else { "GPUs" }
     );
+    let cost = plan.gpu_hours * plan.price_per_gpu_hour;
     let _ = writeln!(
         o,
-        "cost: ${:.0} at ${:.2} per GPU-hour{}",
-        plan.gpu_hours * plan.price_per_gpu_hour,
+        "cost: ${} at ${:.2} per {unit}-hour{}",
+        if cost < 10.0 {
+            format!("{cost:.2}")
+        } else {
+            format!("{cost:.0}")
+        },
         plan.price_per_gpu_hour,
         if plan.price_assumed {
             " (an assumed on-demand price: pass --price-per-gpu-hour)"

@@ -41,6 +41,24 @@ fn plans_a_seven_billion_parameter_job_and_names_bad_flags() {
     );
     assert!(!stdout.contains("does not fit"), "{stdout}");
 
+    // A small job on the CPU in the CPU's units and minutes (it said "0.0 GPU-hours on CPU ...
+    // 0.0 h wall on 2 GPUs", "$0"; a new user's walk-through).
+    let quickstart = repo_root().join("examples/quickstart/job.yaml");
+    let out = dapt(&[
+        "plan",
+        quickstart.to_str().expect("utf-8"),
+        "--gpu",
+        "cpu",
+        "--gpus",
+        "2",
+    ]);
+    let cpu = text(&out.stdout);
+    assert!(out.status.success(), "{cpu}");
+    assert!(
+        cpu.contains(" CPU-minutes on CPU") && cpu.contains(" min wall on 2 ranks"),
+        "{cpu}"
+    );
+
     // A given MFU is the user's, and the plan says so.
     let out = dapt(&["plan", job, "--gpu", "h100", "--mfu", "0.4"]);
     let stdout = text(&out.stdout);
