@@ -79,9 +79,10 @@ impl JobIdentity {
         if let (Some(a), Some(b)) = (&recorded.token_digest, &self.token_digest) {
             if a != b {
                 return Some(format!(
-                    "it belongs to another job named `{}` (another token; if this job's token \
-                     was changed on purpose, remove job.json from checkpoint.dir and, under \
-                     etcd, the `identity` key, while no coordinator of the job runs)",
+                    "it was made by a job named `{}` with another token: the same job with a \
+                     new token, or another job of the same name (if this job's token was \
+                     changed on purpose, remove job.json from checkpoint.dir and, under etcd, \
+                     the `identity` key, while no coordinator of the job runs)",
                     self.job
                 ));
             }

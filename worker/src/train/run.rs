@@ -86,7 +86,16 @@ extern "C" fn on_interrupt(signal: libc::c_int) {
     use std::sync::atomic::Ordering::SeqCst;
     let now = monotonic_ms();
     match FIRST_SIGNAL_MS.compare_exchange(0, now, SeqCst, SeqCst) {
-        Ok(_) => INTERRUPTED.store(true, SeqCst),
+        Ok(_) => {
+            INTERRUPTED.store(true, SeqCst);
+            // Said at once (a step, or loading a large model, can take a while).
+            const SAID: &[u8] =
+                b"stopping after the step in progress, with a checkpoint (again after 2 s: at once)\n";
+            // SAFETY: `write` is async-signal-safe (POSIX); a failed write is of no matter.
+            unsafe {
+                libc::write(2, SAID.as_ptr().cast(), SAID.len());
+            }
+        }
         // A later one, past the same stop's copies, ends the process as it would have without
         // this handler.
         Err(first) if now.saturating_sub(first) > SAME_STOP_MS => {
