@@ -379,7 +379,12 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
         summary.steps.push(log);
         let done = trainer.step();
         let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
-        if training.eval_every > 0 && done.is_multiple_of(training.eval_every) && done < steps {
+        // (Stopping: the checkpoint, not an evaluation that can take a while.)
+        if training.eval_every > 0
+            && done.is_multiple_of(training.eval_every)
+            && done < steps
+            && !interrupted
+        {
             summary
                 .evals
                 .push(evaluate(trainer, reader, &training, done)?);
