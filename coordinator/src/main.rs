@@ -187,10 +187,25 @@ enum Command {
 
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
+    let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    // `dapt status ... --token-file F` (the command `dapt launch` prints) with a DAPT_TOKEN
+    // exported for another job: the file given on the command line wins (it refused, "the token
+    // is given twice").
+    let status_token_from_env = matches
+        .subcommand_matches("status")
+        .and_then(|m| m.value_source("token"))
+        == Some(ValueSource::EnvVariable);
+    if let Command::Status {
+        token, token_file, ..
+    } = &mut cli.command
+    {
+        if status_token_from_env && token_file.is_some() {
+            *token = None;
+        }
+    }
     let token_on_command_line = matches
         .subcommand_matches("coordinator")
         .and_then(|m| m.value_source("token"))
@@ -250,6 +265,7 @@ fn forward_to_worker(sub: &str, args: &[String], log: LogArgs) -> ExitCode {
     };
     // The worker writes to this process's stderr: the same colour choice applies.
     let child = std::process::Command::new(&worker)
+        .env("DAPT_FORWARDED_BY", "dapt")
         .arg("--log-format")
         .arg(log.log_format.to_string())
         .arg("--color")

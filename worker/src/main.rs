@@ -170,7 +170,13 @@ enum Command {
 
 fn main() -> ExitCode {
     use clap::{CommandFactory, FromArgMatches};
-    let matches = Cli::command().get_matches();
+    // Run by `dapt train` (and the other forwarded commands): its help names `dapt`, the
+    // program the user typed.
+    let mut command = Cli::command();
+    if std::env::var_os("DAPT_FORWARDED_BY").is_some_and(|name| name == "dapt") {
+        command = command.bin_name("dapt");
+    }
+    let matches = command.get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
@@ -408,9 +414,10 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             // ... and its micro-batch with it (8 windows of a 4096-token training length were 8
             // times the memory of training's own evaluation).
             let trained = trained_shape(&model).filter(|_| seq_len.is_none());
-            if let Some((n, _)) = trained {
+            if let Some((n, b)) = trained {
                 eprintln!(
-                    "evaluating at seq_len {n}, the model's training length (--seq-len sets another)"
+                    "evaluating at seq_len {n} in batches of {b}, the model's training length and \
+                     micro-batch (--seq-len and --batch set others)"
                 );
             }
             let seq_len = seq_len.or(trained.map(|t| t.0)).unwrap_or(256);
@@ -449,11 +456,15 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                     batch,
                 )?
                 else {
-                    eprintln!(
-                        "source {}: no held-out window of {seq_len} tokens (--seq-len sets a \
-                         shorter one)",
-                        source.name
-                    );
+                    if reader.held_out(i).is_empty() {
+                        eprintln!("source {}: no held-out documents", source.name);
+                    } else {
+                        eprintln!(
+                            "source {}: no held-out window of {seq_len} tokens (--seq-len sets \
+                             a shorter one)",
+                            source.name
+                        );
+                    }
                     continue;
                 };
                 p.check_finite(&source.name, None)?;

@@ -99,8 +99,11 @@ extern "C" fn on_interrupt(signal: libc::c_int) {
         // A later one, past the same stop's copies, ends the process as it would have without
         // this handler.
         Err(first) if now.saturating_sub(first) > SAME_STOP_MS => {
-            // SAFETY: `signal` and `raise` are async-signal-safe (POSIX).
+            const SAID: &[u8] = b"stopped at once: the step in progress is not checkpointed; the \
+                same command resumes from the last checkpoint\n";
+            // SAFETY: `write`, `signal` and `raise` are async-signal-safe (POSIX).
             unsafe {
+                libc::write(2, SAID.as_ptr().cast(), SAID.len());
                 libc::signal(signal, libc::SIG_DFL);
                 libc::raise(signal);
             }
@@ -389,6 +392,8 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
                 .evals
                 .push(evaluate(trainer, reader, &training, done)?);
         }
+        // Again: a signal during the evaluation stops here too, not after another step.
+        let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
         if !options.no_checkpoints
             && (done.is_multiple_of(job.checkpoint.every) || done == stop || interrupted)
         {
