@@ -113,9 +113,7 @@ pub fn is_export_file(name: &str) -> bool {
 /// The [`CARRIED_FILES`] that export directory `dir`'s marker says dapt wrote (none when it
 /// lists none or cannot be read).
 pub fn carried_files_written(dir: &Path) -> Vec<String> {
-    std::fs::read(dir.join(EXPORT_MARKER))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+    export_marker(dir)
         .and_then(|marker| {
             marker.get("files")?.as_array().map(|files| {
                 files
@@ -127,6 +125,12 @@ pub fn carried_files_written(dir: &Path) -> Vec<String> {
             })
         })
         .unwrap_or_default()
+}
+
+/// Export directory `dir`'s [`EXPORT_MARKER`] as JSON (its `files`, and `seq_len` and
+/// `micro_batch` when the export knew how the model was trained); `None` when it cannot be read.
+pub fn export_marker(dir: &Path) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(dir.join(EXPORT_MARKER)).ok()?).ok()
 }
 
 /// Whether `name` in export directory `dir` is dapt's: [`is_export_file`], or one of the

@@ -235,8 +235,7 @@ fn trained_shape(dir: &std::path::Path) -> Option<(u32, usize)> {
     if let Some(t) = dapt_proto::checkpoint::recorded_training(dir) {
         return Some((t.seq_len, t.micro_batch() as usize)).filter(|s| s.0 > 0 && s.1 > 0);
     }
-    let marker = dir.join(dapt_proto::checkpoint::EXPORT_MARKER);
-    let marker: serde_json::Value = serde_json::from_slice(&std::fs::read(marker).ok()?).ok()?;
+    let marker = dapt_proto::checkpoint::export_marker(dir)?;
     let seq_len = u32::try_from(marker.get("seq_len")?.as_u64()?).ok()?;
     let micro_batch = marker
         .get("micro_batch")
