@@ -109,6 +109,21 @@ fn stopped_and_restarted_training_matches_an_uninterrupted_run_then_exports() {
             "bf16 export {e} vs checkpoint {c}"
         );
     }
+    // A window longer than every held-out stream measures nothing: an error naming the
+    // corpus, not `[]` and exit 0.
+    let out = dapt(&[
+        "eval",
+        &export.to_string_lossy(),
+        &corpus,
+        "--seq-len",
+        "1000000",
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        stderr.contains("no held-out window of 1000000 tokens") && stderr.contains(&corpus),
+        "{stderr}"
+    );
 }
 
 #[test]

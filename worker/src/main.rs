@@ -476,6 +476,15 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                     "tokens": p.tokens,
                 }));
             }
+            // Nothing measured is no result: an empty list with exit 0 read as success to a
+            // script waiting for a perplexity (the lines above say why for each source).
+            if rows.is_empty() {
+                anyhow::bail!(
+                    "{}: no source of the corpus has a held-out window of {seq_len} tokens to \
+                     evaluate on (see above)",
+                    corpus.display()
+                );
+            }
             println!("{}", serde_json::to_string_pretty(&rows)?);
             Ok(())
         }
