@@ -596,14 +596,26 @@ fn describe(s: &MemorySetting) -> String {
     )
 }
 
+/// A parameter count as people say it: `6.738 B` from a billion up, `1.2 M` below (a tiny
+/// model was `0.001 B`).
+fn parameter_count(params: u64) -> String {
+    if params >= 1_000_000_000 {
+        format!("{:.3} B", params as f64 / 1e9)
+    } else if params >= 1_000_000 {
+        format!("{:.1} M", params as f64 / 1e6)
+    } else {
+        format!("{params}")
+    }
+}
+
 /// The plan as the terminal shows it.
 pub fn render(plan: &Plan, options: &PlanOptions, config: &LlamaConfig) -> String {
     let mut o = String::new();
     let m = &plan.memory;
     let _ = writeln!(
         o,
-        "model: {:.3} B parameters ({} layers, hidden {}, {}/{} heads, vocabulary {})",
-        plan.params as f64 / 1e9,
+        "model: {} parameters ({} layers, hidden {}, {}/{} heads, vocabulary {})",
+        parameter_count(plan.params),
         config.num_hidden_layers,
         config.hidden_size,
         config.num_attention_heads,
@@ -712,7 +724,9 @@ pub fn render(plan: &Plan, options: &PlanOptions, config: &LlamaConfig) -> Strin
             format!("{cost:.0}")
         },
         plan.price_per_gpu_hour,
-        if plan.price_assumed {
+        if plan.price_assumed && plan.price_per_gpu_hour == 0.0 {
+            " (no price assumed for this machine: pass --price-per-gpu-hour with its hourly price)"
+        } else if plan.price_assumed {
             " (an assumed on-demand price: pass --price-per-gpu-hour)"
         } else {
             ""
@@ -786,6 +800,22 @@ mod tests {
             "{:?}",
             p.warnings
         );
+    }
+
+    /// A small model's size in millions (the quickstart's was "0.001 B"), and the CPU, which
+    /// has no assumed price, asks for one instead of calling $0.00 an assumed price.
+    #[test]
+    fn a_small_model_on_the_cpu_is_counted_in_millions_and_priced_by_the_user() {
+        assert_eq!(parameter_count(6_738_415_616), "6.738 B");
+        assert_eq!(parameter_count(1_234_567), "1.2 M");
+        assert_eq!(parameter_count(999), "999");
+        let job = job("");
+        let config = model_config(&job).expect("config");
+        let o = options("cpu");
+        let p = plan(&job, &config, &o).expect("plan");
+        let text = render(&p, &o, &config);
+        assert!(text.contains("no price assumed for this machine"), "{text}");
+        assert!(!text.contains("an assumed on-demand price"), "{text}");
     }
 
     #[test]
