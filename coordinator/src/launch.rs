@@ -147,11 +147,14 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / options.workers as usize).max(1);
     let mut children = Vec::new();
+    // The write ends of the workers' stdin, held until the workers have exited (tokio's
+    // `Child::wait` would close them first, and a worker ends at their end-of-file).
+    let mut launcher_pipes = Vec::new();
     for i in 0..options.workers {
         let id = format!("worker-{i}");
         let log_path = logs.join(format!("{id}.log"));
         let log = open_log(&log_path)?;
-        let child = Command::new(&worker_exe)
+        let mut child = Command::new(&worker_exe)
             .arg("--log-format")
             .arg(options.log.log_format.to_string())
             .arg("--color")
@@ -171,7 +174,11 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
             .env("DAPT_JOB", &job.job)
             .env("DAPT_TOKEN", &token)
             .env("RAYON_NUM_THREADS", threads.to_string())
-            .stdin(Stdio::null())
+            // Its stdin a pipe whose write end only this process holds: a worker ends when it
+            // reads end-of-file, however this process ended (SIGKILL included), instead of
+            // training on, orphaned, for a minute (dapt-worker's `exit_with_launcher`).
+            .env("DAPT_LAUNCHER_PIPE", "stdin")
+            .stdin(Stdio::piped())
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true)
@@ -180,6 +187,7 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting {}", worker_exe.display()))?;
+        launcher_pipes.push(child.stdin.take());
         tracing::info!(worker = %id, pid = child.id().unwrap_or(0), log = %log_path.display(), "worker started");
         children.push((id, log_path, child));
     }
@@ -232,6 +240,7 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
             }
         }
     }
+    drop(launcher_pipes);
     if all_gone && !matches!(outcome, Outcome::Completed { .. }) {
         anyhow::bail!(
             "every worker exited before the job completed; their logs are in {}",

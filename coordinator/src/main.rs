@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use dapt_coordinator::spec::JobSpec;
-use dapt_coordinator::{launch, plan, progress, server};
+use dapt_coordinator::{launch, ledger, plan, progress, server};
 use dapt_corpus::{prepare, PrepareOptions, PrepareOutcome, VerifyMode};
 use dapt_proto::logging::{self, LogArgs};
 use dapt_proto::rpc;
@@ -463,7 +463,11 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
                 let endpoint = dapt_proto::tls::endpoint(&url, &tls)?;
                 let ask = async {
                     let channel = endpoint.connect().await.map_err(|e| {
-                        anyhow::anyhow!("connecting to {url}: {}", dapt_proto::tls::explain(&e))
+                        anyhow::anyhow!(
+                            "connecting to {url}: {}{}",
+                            dapt_proto::tls::explain(&e),
+                            no_coordinator_hint(token_file.as_deref())
+                        )
                     })?;
                     let mut client = rpc::CoordinatorClient::new(channel);
                     let request =
@@ -773,6 +777,26 @@ fn say_out(text: &str) {
 pub(crate) fn say_err(text: &str) {
     use std::io::Write;
     let _ = std::io::stderr().write_all(text.as_bytes());
+}
+
+/// What `dapt status` adds when no coordinator answers and its token is a `dapt launch` job's
+/// (`checkpoint.dir/launch.token`): the job's last committed step, from that directory (a
+/// finished job's status said only "connection refused").
+fn no_coordinator_hint(token_file: Option<&std::path::Path>) -> String {
+    let Some(dir) = token_file
+        .filter(|f| f.file_name() == Some(std::ffi::OsStr::new(launch::LAUNCH_TOKEN_FILE)))
+        .and_then(|f| f.parent())
+    else {
+        return String::new();
+    };
+    match ledger::committed_step(dir) {
+        Some(step) => format!(
+            "\n(no coordinator serves the job of {} now: its last committed checkpoint is step \
+             {step}; `dapt launch` of its job file resumes it, or exports it when it completed)",
+            dapt_proto::auth::printable(&dir.display().to_string())
+        ),
+        None => String::new(),
+    }
 }
 
 fn status_json(s: &rpc::StatusReply) -> String {

@@ -242,7 +242,14 @@ pub fn events(lines: &[serde_json::Value], message: &str) -> Vec<serde_json::Val
 /// Whether process `pid` still exists.
 pub fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence.
-    unsafe { libc::kill(pid as i32, 0) == 0 }
+    let exists = unsafe { libc::kill(pid as i32, 0) == 0 };
+    // An orphan that exited stays a zombie until its new parent reaps it (a container's init
+    // may never): it is not running.
+    exists
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
 }
 
 /// `GET path` over plain HTTP/1.1 from `addr` (`host:port`): the reply's head (status line and

@@ -326,6 +326,48 @@ fn ctrl_c_stops_the_workers_and_the_same_command_resumes() {
     check_ledger(&job.checkpoints.join("ledger.jsonl"), 40 * BATCH).expect("ledger");
 }
 
+/// A `dapt launch` killed outright (SIGKILL: no handler runs) takes its workers with it: they
+/// read the end of the stdin pipe it held. They trained on, orphaned, for about a minute before
+/// (an audit), holding the cores and the checkpoint directory's lock.
+#[test]
+fn a_killed_launcher_takes_its_workers_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "sigkill", 400, "");
+    let _serial = serial();
+    let mut proc = launch(&job, 2);
+    proc.wait_for("a first commit", LONG, |l| {
+        !events(l, "checkpoint committed").is_empty()
+    });
+    let pids: Vec<u32> = events(&proc.lines(), "worker started")
+        .iter()
+        .map(|f| f["pid"].as_u64().expect("pid") as u32)
+        .collect();
+    assert_eq!(pids.len(), 2);
+    proc.signal(libc::SIGKILL);
+    let (status, _) = proc.finish(LONG);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while pids.iter().any(|&p| alive(p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left: Vec<_> = pids.iter().filter(|&&p| alive(p)).collect();
+    for &&p in &left {
+        // SAFETY: kill(2) on a worker this test started; the test fails below anyway.
+        unsafe {
+            libc::kill(p as i32, libc::SIGKILL);
+        }
+    }
+    assert!(left.is_empty(), "workers {left:?} outlived their launcher");
+    let log = std::fs::read_to_string(job.checkpoints.join("logs/worker-0.log")).expect("log");
+    assert!(
+        log.contains("the dapt launch that started this worker is gone"),
+        "{log}"
+    );
+}
+
 /// The project folder moved between a Ctrl-C and the resume (or a shared disk mounted at
 /// another path), with `checkpoint.keep: 1`: the same job in its new place resumes from the
 /// committed checkpoint. `committed.json` held the checkpoint's absolute path: its intact
@@ -629,6 +671,18 @@ fn dapt_status_watches_a_launched_job_with_the_command_its_banner_gives() {
     );
     let (status, stdout) = proc.finish(LONG);
     assert!(status.success(), "{stdout}\n{}", proc.stderr());
+    // The same command once the job has ended says where the job stands, not only that the
+    // connection was refused.
+    let out = Command::new(binary("dapt"))
+        .args(&args[1..])
+        .output()
+        .expect("dapt status");
+    let stderr = dapt_tests::text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("its last committed checkpoint is step 60"),
+        "{stderr}"
+    );
     // A file of that name that is not a run's token is a user's: never replaced.
     std::fs::write(&token_file, "my notes\n").expect("write");
     let mut again = launch(&job, 1);

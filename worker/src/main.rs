@@ -597,6 +597,48 @@ fn ensure_nccl_loadable() -> anyhow::Result<()> {
     anyhow::bail!("--nccl needs a dapt-worker built with the `cuda` feature")
 }
 
+/// The environment variable `dapt launch` sets on the workers it starts: their stdin is a pipe
+/// whose write end only the launcher holds.
+const LAUNCHER_PIPE_ENV: &str = "DAPT_LAUNCHER_PIPE";
+
+/// Under `dapt launch` (`DAPT_LAUNCHER_PIPE=stdin`), ends this worker when its launcher is gone:
+/// the launcher holds the only write end of the worker's stdin, so a read sees end-of-file
+/// however it ended, SIGKILL included (its coordinator, in the same process, went with it;
+/// nothing this worker trains from here on can be committed). A worker left behind had trained
+/// on for ~60 s until it gave up on the coordinator, holding the cores, the ring ports and the
+/// checkpoint directory (an audit). `PR_SET_PDEATHSIG` is no substitute: it fires when the
+/// *thread* that forked exits, and the launcher forks from tokio's threads, which come and go.
+fn exit_with_launcher() {
+    if std::env::var_os(LAUNCHER_PIPE_ENV).is_none_or(|v| v != "stdin") {
+        return;
+    }
+    let watch = std::thread::Builder::new()
+        .name("launcher-watch".into())
+        .spawn(|| {
+            use std::io::Read;
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 64];
+            // Nothing is ever written: anything read is ignored; only the end counts.
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            tracing::error!(
+                "the dapt launch that started this worker is gone (its coordinator with it): \
+                 stopping; run the same `dapt launch` again to resume from the last committed \
+                 checkpoint"
+            );
+            std::process::exit(1);
+        });
+    if let Err(e) = watch {
+        tracing::warn!(error = %e, "cannot watch for the launcher's exit");
+    }
+}
+
 fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     use dapt_worker::agent::{self, AgentExit, AgentOptions};
     let Some(coordinator) = args.coordinator else {
@@ -609,6 +651,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         .context("--job (or DAPT_JOB): the name of the job to join")?;
     let token = dapt_proto::token::resolve(args.token, args.token_file.as_deref())
         .map_err(anyhow::Error::msg)?;
+    exit_with_launcher();
     let worker_id = args.id.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
