@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::control::{Committed, GenerationRecord, LedgerEntry};
 use dapt_proto::identity::{self, DirLock, JobIdentity};
 
-pub const COMMITTED_FILE: &str = "committed.json";
+pub const COMMITTED_FILE: &str = dapt_proto::checkpoint::COMMITTED_FILE;
 pub const LEDGER_FILE: &str = "ledger.jsonl";
 pub const GENERATION_FILE: &str = "generation.json";
 
@@ -437,50 +437,27 @@ pub fn check_foreign(dir: &Path) -> Result<(), LedgerError> {
     }
 }
 
-/// The first entry of `dir` that dapt does not write in a checkpoint directory (its
-/// checkpoints, their staging directories, `committed.json`, the ledger, `logs/` holding only
-/// `*.log` files, `export/` empty or an earlier export), if any. A
-/// `logs` or `export` that is a symlink, or holds anything else, is foreign: `dapt launch`
-/// writes worker logs into `logs/` and the export into `export/`. A missing directory has none.
+/// The first entry of `dir` that dapt does not write in a checkpoint directory, if any:
+/// [`checkpoint::foreign_entry`] (checkpoints, their staging, the lock and `job.json`, `logs/`,
+/// `export/`) and the coordinator's own files (`committed.json`, the ledger, the generation,
+/// `launch.token`), each only when it holds what dapt writes there. A missing directory has
+/// none.
 pub fn foreign_entry(dir: &Path) -> Result<Option<String>, LedgerError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io(dir)(e)),
-    };
-    let mut names: Vec<(String, PathBuf)> = entries
-        .filter_map(|e| e.ok())
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
-        .collect();
-    names.sort();
-    Ok(names
-        .into_iter()
-        .find(|(name, path)| {
-            // A file of dapt's name is dapt's only if it holds what dapt writes there: a user's
-            // own `ledger.jsonl` or `job.json` was cut back or rewritten (an audit).
-            let ours = match name.as_str() {
-                // (The `.tmp` names: temporaries of dapt versions before random names.)
-                COMMITTED_FILE
-                | identity::LOCK_FILE
-                | "committed.tmp"
-                | "ledger.tmp"
-                | "generation.tmp" => true,
-                LEDGER_FILE => regular_file(path) && is_ledger(path),
-                GENERATION_FILE => {
-                    regular_file(path) && parses_as::<crate::control::GenerationRecord>(path)
-                }
-                identity::JOB_FILE => regular_file(path) && parses_as::<JobIdentity>(path),
-                crate::launch::LAUNCH_TOKEN_FILE => crate::launch::is_launch_token_file(path),
-                _ => false,
-            } || dapt_corpus::manifest::is_atomic_temp(name)
-                || (name == "logs" && holds_only_worker_logs(path))
-                || (name == "export" && is_dapt_export_dir(path))
-                || name.starts_with(".tmp-step-")
-                || name.starts_with(checkpoint::ZERO_STAGING_PREFIX)
-                || checkpoint::identify(path).is_some();
-            !ours
-        })
-        .map(|(name, _)| name))
+    checkpoint::foreign_entry(dir, |name, path| {
+        // A file of dapt's name is dapt's only if it holds what dapt writes there: a user's
+        // own `ledger.jsonl` was cut back or rewritten (an audit).
+        match name {
+            // (The `.tmp` names: temporaries of dapt versions before random names.)
+            COMMITTED_FILE | "committed.tmp" | "ledger.tmp" | "generation.tmp" => true,
+            LEDGER_FILE => regular_file(path) && is_ledger(path),
+            GENERATION_FILE => {
+                regular_file(path) && parses_as::<crate::control::GenerationRecord>(path)
+            }
+            crate::launch::LAUNCH_TOKEN_FILE => crate::launch::is_launch_token_file(path),
+            _ => false,
+        }
+    })
+    .map_err(io(dir))
 }
 
 fn regular_file(path: &Path) -> bool {
@@ -508,48 +485,6 @@ fn is_ledger(path: &Path) -> bool {
         && complete
             .lines()
             .all(|line| serde_json::from_str::<LedgerEntry>(line).is_ok())
-}
-
-/// Whether `path` is a directory (not a symlink) whose entries are all regular files named
-/// `*.log`: what dapt's launchers write there (`dapt launch`'s `worker-N.log`, the Slurm and
-/// Kubernetes node script's `<node>-w<i>.log`, deploy/dapt-node.sh).
-fn holds_only_worker_logs(path: &Path) -> bool {
-    real_dir_entries(path).is_some_and(|entries| {
-        entries
-            .iter()
-            .all(|(name, file)| *file && name.len() > 4 && name.ends_with(".log"))
-    })
-}
-
-/// Whether `path` is a directory (not a symlink), empty or an earlier export: its marker and
-/// only the files an export writes, all regular (the rule `dapt export` itself applies before
-/// writing there, `dapt_proto::checkpoint::is_export_entry`).
-fn is_dapt_export_dir(path: &Path) -> bool {
-    real_dir_entries(path).is_some_and(|entries| {
-        entries.is_empty()
-            || (entries
-                .iter()
-                .any(|(name, _)| name == checkpoint::EXPORT_MARKER)
-                && entries
-                    .iter()
-                    .all(|(name, file)| *file && checkpoint::is_export_entry(path, name)))
-    })
-}
-
-/// The entries of `path` with whether each is a regular file (not following symlinks), when
-/// `path` itself is a directory and not a symlink.
-fn real_dir_entries(path: &Path) -> Option<Vec<(String, bool)>> {
-    if !fs::symlink_metadata(path).ok()?.is_dir() {
-        return None;
-    }
-    fs::read_dir(path)
-        .ok()?
-        .map(|e| {
-            let e = e.ok()?;
-            let file = e.file_type().ok()?.is_file();
-            Some((e.file_name().to_string_lossy().into_owned(), file))
-        })
-        .collect()
 }
 
 /// Deletes the dapt checkpoints in `dir` older than the `keep` newest at or before

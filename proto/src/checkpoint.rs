@@ -254,6 +254,98 @@ pub fn identify(dir: &Path) -> Option<CheckpointManifest> {
         .filter(|m| m.step == step)
 }
 
+/// The coordinator's record of a checkpoint directory's committed step (`ledger::CommittedFile`
+/// in dapt-coordinator): a directory holding one is a coordinator's.
+pub const COMMITTED_FILE: &str = "committed.json";
+
+/// The first entry of checkpoint directory `dir` that dapt does not write there, if any; `None`
+/// for a missing directory. Dapt's: its checkpoints ([`identify`]) and their staging
+/// directories, the directory's lock and `job.json` (when it parses as a job identity), atomic
+/// writes' temporaries, `logs/` holding only `*.log` files (what `dapt launch` and
+/// deploy/dapt-node.sh write there) and `export/` empty or an earlier export (a symlink or
+/// anything else in them is foreign), and what `also_ours(name, path)` accepts (the
+/// coordinator's ledger files). Used to refuse a checkpoint.dir that points at a user's folder.
+///
+/// # Errors
+/// Reading `dir` (other than its absence).
+pub fn foreign_entry(
+    dir: &Path,
+    also_ours: impl Fn(&str, &Path) -> bool,
+) -> std::io::Result<Option<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut names: Vec<(String, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect();
+    names.sort();
+    Ok(names
+        .into_iter()
+        .find(|(name, path)| {
+            let ours = match name.as_str() {
+                crate::identity::LOCK_FILE => true,
+                crate::identity::JOB_FILE => {
+                    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
+                        && std::fs::read(path).is_ok_and(|bytes| {
+                            serde_json::from_slice::<crate::identity::JobIdentity>(&bytes).is_ok()
+                        })
+                }
+                _ => false,
+            } || also_ours(name, path)
+                || dapt_corpus::manifest::is_atomic_temp(name)
+                || (name == "logs" && holds_only_worker_logs(path))
+                || (name == "export" && is_dapt_export_dir(path))
+                || name.starts_with(".tmp-step-")
+                || name.starts_with(ZERO_STAGING_PREFIX)
+                || identify(path).is_some();
+            !ours
+        })
+        .map(|(name, _)| name))
+}
+
+/// Whether `path` is a directory (not a symlink) whose entries are all regular files named
+/// `*.log`: what dapt's launchers write there (`dapt launch`'s `worker-N.log`, the Slurm and
+/// Kubernetes node script's `<node>-w<i>.log`, deploy/dapt-node.sh).
+fn holds_only_worker_logs(path: &Path) -> bool {
+    real_dir_entries(path).is_some_and(|entries| {
+        entries
+            .iter()
+            .all(|(name, file)| *file && name.len() > 4 && name.ends_with(".log"))
+    })
+}
+
+/// Whether `path` is a directory (not a symlink), empty or an earlier export: its marker and
+/// only the files an export writes, all regular (the rule `dapt export` itself applies before
+/// writing there, `dapt_proto::is_export_entry`).
+fn is_dapt_export_dir(path: &Path) -> bool {
+    real_dir_entries(path).is_some_and(|entries| {
+        entries.is_empty()
+            || (entries.iter().any(|(name, _)| name == EXPORT_MARKER)
+                && entries
+                    .iter()
+                    .all(|(name, file)| *file && is_export_entry(path, name)))
+    })
+}
+
+/// The entries of `path` with whether each is a regular file (not following symlinks), when
+/// `path` itself is a directory and not a symlink.
+fn real_dir_entries(path: &Path) -> Option<Vec<(String, bool)>> {
+    if !std::fs::symlink_metadata(path).ok()?.is_dir() {
+        return None;
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .map(|e| {
+            let e = e.ok()?;
+            let file = e.file_type().ok()?.is_file();
+            Some((e.file_name().to_string_lossy().into_owned(), file))
+        })
+        .collect()
+}
+
 /// The dapt checkpoints directly under `root` (see [`identify`]), oldest first. A missing
 /// `root` has none.
 pub fn list(root: &Path) -> Vec<(u64, PathBuf, CheckpointManifest)> {

@@ -333,6 +333,39 @@ fn a_resume_with_another_batch_or_window_is_refused_by_field() {
     ok(&["train", &job, "--stop-after", "4"]);
 }
 
+/// `checkpoint.dir` naming a user's folder: `dapt train` refuses it by the entry dapt did not
+/// write, before writing its lock or `job.json` there, as `dapt launch` does (it trained into
+/// it beside the user's files).
+#[test]
+fn dapt_train_refuses_a_checkpoint_dir_holding_a_users_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "job", "mine");
+    let mine = dir.path().join("mine");
+    std::fs::create_dir(&mine).expect("mkdir");
+    std::fs::write(mine.join("notes.txt"), "mine").expect("write");
+    ok(&["prepare", &job, "--quiet"]);
+    let out = dapt(&["train", &job, "--stop-after", "2"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("holds `notes.txt`, which dapt did not write"),
+        "{stderr}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&mine)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(
+        left,
+        ["notes.txt"],
+        "nothing written beside the user's file"
+    );
+    // dapt's own directory, with its checkpoints, resumes as before.
+    std::fs::remove_file(mine.join("notes.txt")).expect("rm");
+    ok(&["train", &job, "--stop-after", "2"]);
+    ok(&["train", &job, "--stop-after", "4"]);
+}
+
 /// Zero windows, tokens or batch for `dapt eval` are refused by clap, by flag (a zero
 /// `--seq-len` divided by zero).
 #[test]

@@ -143,6 +143,25 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
     let _dir_lock = if options.no_checkpoints {
         None
     } else {
+        // A user's folder named as checkpoint.dir by mistake is refused before anything is
+        // written there, as `dapt launch` refuses it. One that dapt claimed (its `job.json`,
+        // checked against this job below) or a coordinator's (`committed.json`) is dapt's: a
+        // damaged checkpoint there is named by the resume, not called a user's.
+        let claimed = std::fs::read(root.join(dapt_proto::identity::JOB_FILE))
+            .is_ok_and(|b| serde_json::from_slice::<dapt_proto::identity::JobIdentity>(&b).is_ok());
+        if !claimed && !root.join(dapt_proto::checkpoint::COMMITTED_FILE).exists() {
+            let foreign =
+                dapt_proto::checkpoint::foreign_entry(&root, |_, _| false).map_err(|e| {
+                    WorkerError::Invalid(format!("checkpoint.dir {}: {e}", root.display()))
+                })?;
+            if let Some(name) = foreign {
+                return Err(WorkerError::Invalid(format!(
+                    "checkpoint.dir {} exists and holds `{name}`, which dapt did not write: \
+                     choose an empty or new directory for checkpoint.dir",
+                    root.display()
+                )));
+            }
+        }
         std::fs::create_dir_all(&root)
             .map_err(|e| WorkerError::Invalid(format!("checkpoint.dir {}: {e}", root.display())))?;
         let ours = dapt_proto::identity::JobIdentity::new(job, None);
