@@ -373,31 +373,55 @@ pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
 /// Where `dapt launch` keeps its run's token, in `checkpoint.dir`, for `dapt status`.
 pub const LAUNCH_TOKEN_FILE: &str = "launch.token";
 
-/// Writes `token` to `path`, readable by this user only (0600), never through a symlink: a
-/// `dapt launch` run's token, for `dapt status --token-file`.
+/// Writes `token` to `path`, readable by this user only (0600), as a new file renamed into
+/// place: a `dapt launch` run's token, for `dapt status --token-file`. An existing file was
+/// opened and rewritten before, so a token file another user had planted (a `checkpoint.dir`
+/// under /tmp) kept its owner, who read the token (an audit): only an earlier run's token file
+/// of this user is replaced.
 fn write_token_file(path: &Path, token: &str) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    // Only an earlier run's token is replaced: a file of this name that is not one is a user's.
-    if std::fs::symlink_metadata(path).is_ok() && !is_launch_token_file(path) {
-        anyhow::bail!(
-            "{} exists and is not a token an earlier `dapt launch` wrote: not replacing it (move it away)",
-            path.display()
-        );
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !is_launch_token_file(path) {
+            anyhow::bail!(
+                "{} exists and is not a token an earlier `dapt launch` wrote: not replacing it (move it away)",
+                path.display()
+            );
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        if meta.uid() != euid {
+            anyhow::bail!(
+                "{} belongs to another user (uid {}), not to this one: not replacing it (another \
+                 user may write in checkpoint.dir; choose a directory of your own)",
+                path.display(),
+                meta.uid()
+            );
+        }
     }
-    let mut file = std::fs::OpenOptions::new()
+    let dir = path.parent().unwrap_or(Path::new("."));
+    // A temporary's name of dapt's form, so one left by a kill is known as dapt's.
+    let temp = dir.join(format!(
+        "{}{}",
+        dapt_corpus::manifest::ATOMIC_TEMP_PREFIX,
+        &random_token()?[..dapt_corpus::manifest::ATOMIC_TEMP_RANDOM]
+    ));
+    let written = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .with_context(|| format!("writing the run's token to {}", path.display()))?;
-    // (An existing file keeps its mode: made 0600 here.)
-    use std::os::unix::fs::PermissionsExt;
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| writeln!(file, "{token}"))
-        .with_context(|| format!("writing the run's token to {}", path.display()))
+        .open(&temp)
+        .and_then(|mut file| {
+            writeln!(file, "{token}")?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&temp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e).with_context(|| format!("writing the run's token to {}", path.display()));
+    }
+    Ok(())
 }
 
 /// Whether `path` is a token file `dapt launch` wrote: a regular file holding one token of
@@ -417,4 +441,48 @@ pub fn random_token() -> anyhow::Result<String> {
         .and_then(|mut f| f.read_exact(&mut bytes))
         .context("reading /dev/urandom for the job token")?;
     Ok(hex::encode(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    /// The run's token goes into a new file of this user's, 0600, renamed into place: a token
+    /// file another user planted was rewritten in place and kept its owner, who read the token
+    /// (an audit); another user's is refused and left as it is.
+    #[test]
+    fn the_token_file_is_a_new_private_file_and_another_users_is_left_alone() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(LAUNCH_TOKEN_FILE);
+        let old = "0123456789abcdef0123456789abcdef\n";
+        fs::write(&path, old).expect("write");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).expect("chmod");
+        let inode = fs::metadata(&path).expect("meta").ino();
+        let token = random_token().expect("token");
+        write_token_file(&path, &token).expect("write");
+        let meta = fs::metadata(&path).expect("meta");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_ne!(meta.ino(), inode, "a new file, not the old one rewritten");
+        assert_eq!(
+            fs::read_to_string(&path).expect("read"),
+            format!("{token}\n")
+        );
+        assert!(
+            crate::ledger::foreign_entry(dir.path())
+                .expect("ls")
+                .is_none(),
+            "no temporary left"
+        );
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            fs::write(&path, old).expect("write");
+            std::os::unix::fs::chown(&path, Some(4242), Some(4242)).expect("chown");
+            let err = write_token_file(&path, &token).expect_err("another user's");
+            assert!(err.to_string().contains("uid 4242"), "{err}");
+            assert_eq!(fs::read_to_string(&path).expect("read"), old);
+            assert_eq!(fs::metadata(&path).expect("meta").uid(), 4242);
+        }
+    }
 }

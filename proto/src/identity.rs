@@ -124,14 +124,41 @@ pub struct DirLock {
 /// Takes the lock on `dir` (which must exist), then checks its `job.json` against `ours`, or
 /// writes it when there is none. Refuses at once when another process holds the lock.
 pub fn claim(dir: &Path, ours: &JobIdentity) -> Result<DirLock, ClaimError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
     let path = dir.join(LOCK_FILE);
-    // Never truncated: only its lock matters, and it may be someone's open file.
+    // Never truncated: only its lock matters, and it may be someone's open file. Never through
+    // a symlink (it made a file outside the directory), and readable by this user only: flock
+    // needs no write access, so another user who could open it held it and kept the job from
+    // starting (an audit).
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
-        .map_err(io(&path))?;
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => ClaimError::Invalid {
+                path: path.clone(),
+                message: "is a symlink: dapt locks only a file of its own there; remove it".into(),
+            },
+            _ => io(&path)(e),
+        })?;
+    let meta = file.metadata().map_err(io(&path))?;
+    if !meta.is_file() {
+        return Err(ClaimError::Invalid {
+            path,
+            message: "is not a regular file: dapt locks only a file of its own there; remove it"
+                .into(),
+        });
+    }
+    // A lock file from before (0644 under the usual umask) is closed to other users now.
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() == euid && meta.mode() & 0o077 != 0 {
+        file.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(io(&path))?;
+    }
     match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => {}
         Err(rustix::io::Errno::WOULDBLOCK) => {
@@ -225,6 +252,36 @@ mod tests {
             token_digest: token.map(|t| digest(job, t)),
             checkpoint_dir: None,
         }
+    }
+
+    /// The lock file is this user's only (another user who could open it held it and kept the
+    /// job from starting), an older 0644 one is closed, and a symlink in its place is refused
+    /// without creating its target (it made a file outside the directory).
+    #[test]
+    fn the_lock_is_a_private_file_never_a_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ours = identity("a", None);
+        let lock = claim(dir.path(), &ours).expect("claim");
+        assert_eq!(mode(&dir.path().join(LOCK_FILE)), 0o600);
+        drop(lock);
+        fs::set_permissions(
+            dir.path().join(LOCK_FILE),
+            fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod");
+        let lock = claim(dir.path(), &ours).expect("claim");
+        assert_eq!(mode(&dir.path().join(LOCK_FILE)), 0o600);
+        drop(lock);
+
+        let other = tempfile::tempdir().expect("tempdir");
+        let target = other.path().join("elsewhere");
+        let linked = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink(&target, linked.path().join(LOCK_FILE)).expect("symlink");
+        let err = claim(linked.path(), &ours).expect_err("a symlink");
+        assert!(err.to_string().contains("is a symlink"), "{err}");
+        assert!(!target.exists(), "nothing made outside the directory");
     }
 
     #[test]
