@@ -88,20 +88,26 @@ pub enum BosFrom {
 pub const HF_TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 
 /// transformers' tokenizer classes that rebuild the post-processor from `add_bos_token` when
-/// they load (`update_post_processor`), with `add_bos_token` true by default: a folder of one of
-/// these adds a BOS even when its `tokenizer.json` template adds none.
-const BOS_BY_DEFAULT_CLASSES: &[&str] = &[
-    "LlamaTokenizer",
-    "LlamaTokenizerFast",
-    "CodeLlamaTokenizer",
-    "CodeLlamaTokenizerFast",
-    "GemmaTokenizer",
-    "GemmaTokenizerFast",
+/// they load (`update_post_processor`), with the default each gives it: a folder of one of these
+/// adds a BOS even when its `tokenizer.json` template adds none (Llama, CodeLlama, Gemma,
+/// Cohere), or drops the template's (GPT-NeoX). Every other class (`PreTrainedTokenizerFast`,
+/// `GPT2TokenizerFast`, `Qwen2TokenizerFast` ...) ignores `add_bos_token`: the template decides
+/// (read in transformers 4.42.4 and 4.57.6, `models/*/tokenization_*_fast.py`; dapt applied
+/// the key for every class, an audit).
+const BOS_REBUILDING_CLASSES: &[(&str, bool)] = &[
+    ("LlamaTokenizer", true),
+    ("LlamaTokenizerFast", true),
+    ("CodeLlamaTokenizer", true),
+    ("CodeLlamaTokenizerFast", true),
+    ("GemmaTokenizer", true),
+    ("GemmaTokenizerFast", true),
+    ("CohereTokenizerFast", true),
+    ("GPTNeoXTokenizerFast", false),
 ];
 
 /// What a `tokenizer_config.json` says about the BOS, as transformers applies it when it loads
-/// the folder (`PreTrainedTokenizerFast` since transformers 4.42 honours an explicit
-/// `add_bos_token`; the classes of [`BOS_BY_DEFAULT_CLASSES`] default it to true).
+/// the folder: `add_bos_token`, or its default, only for the classes of
+/// [`BOS_REBUILDING_CLASSES`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HfBos {
     /// Whether a BOS starts each sequence (`None`: the config says nothing of it).
@@ -115,6 +121,9 @@ pub struct HfBos {
     /// `<|endoftext|>` as its pad had its documents end with it; an audit).
     pub eos_token: Option<String>,
     pub pad_token: Option<String>,
+    /// An `add_bos_token` that transformers does not apply for the config's class, said in the
+    /// report (`tokenizer_config.json: add_bos_token false is not applied ...`).
+    pub ignored: Option<String>,
 }
 
 impl HfBos {
@@ -170,25 +179,48 @@ impl HfBos {
             Some(serde_json::Value::String(s)) => Some(s.as_str()),
             Some(v) => return Err(fail(format!("`tokenizer_class` is {v}, not a class name"))),
         };
-        let (add, reason) = match (add, class) {
-            (Some(add), _) => (
+        let rebuilds = class.and_then(|class| {
+            BOS_REBUILDING_CLASSES
+                .iter()
+                .find(|(name, _)| *name == class)
+        });
+        let (add, reason, ignored) = match (add, rebuilds) {
+            (Some(add), Some(_)) => (
                 Some(add),
                 format!("{HF_TOKENIZER_CONFIG}: add_bos_token {add}"),
+                None,
             ),
-            (None, Some(class)) if BOS_BY_DEFAULT_CLASSES.contains(&class) => (
-                Some(true),
-                format!("{HF_TOKENIZER_CONFIG}: tokenizer_class {class}, which adds it by default"),
+            (None, Some((class, default))) => (
+                Some(*default),
+                format!(
+                    "{HF_TOKENIZER_CONFIG}: tokenizer_class {class}, which {} by default",
+                    if *default { "adds it" } else { "adds none" }
+                ),
+                None,
             ),
-            (None, _) => (None, String::new()),
+            (Some(add), None) => (
+                None,
+                String::new(),
+                Some(format!(
+                    "{HF_TOKENIZER_CONFIG}: add_bos_token {add} is not applied, as transformers \
+                     does not apply it for {}",
+                    class.map_or("a config without tokenizer_class".to_owned(), |c| format!(
+                        "tokenizer_class {c}"
+                    ))
+                )),
+            ),
+            (None, None) => (None, String::new(), None),
         };
         Ok(
-            (add.is_some() || pad_token.is_some() || eos_token.is_some()).then_some(HfBos {
-                add,
-                token,
-                reason,
-                eos_token,
-                pad_token,
-            }),
+            (add.is_some() || pad_token.is_some() || eos_token.is_some() || ignored.is_some())
+                .then_some(HfBos {
+                    add,
+                    token,
+                    reason,
+                    eos_token,
+                    pad_token,
+                    ignored,
+                }),
         )
     }
 }
@@ -350,6 +382,16 @@ impl CorpusTokenizer {
             ignored_settings.push("padding");
             tokenizer.with_padding(None);
         }
+        // BPE dropout (a training-time regulariser) splits words at random: the same text gave
+        // other ids on each prepare (an audit).
+        if let ModelWrapper::BPE(bpe) = tokenizer.get_model() {
+            if bpe.dropout.is_some_and(|p| p > 0.0) {
+                let mut bpe = bpe.clone();
+                bpe.dropout = None;
+                tokenizer.with_model(bpe);
+                ignored_settings.push("dropout");
+            }
+        }
         let (prefix, suffix) = template(&tokenizer).map_err(&fail)?;
         let (eos_token, eos_id) = match (&options.eos_token, suffix.as_slice()) {
             (Some(name), _) => match tokenizer.token_to_id(name) {
@@ -360,8 +402,10 @@ impl CorpusTokenizer {
             (None, [id]) => (token_name(&tokenizer, *id), *id),
             // The config's `eos_token` when it is a document end (not a chat turn's end, as an
             // Instruct model's `<|eot_id|>` or `<|im_end|>` is), else the first of the usual
-            // names, but never the config's pad token (unless it is also its EOS, as GPT-2's
-            // `<|endoftext|>` is).
+            // document ends that is not the config's pad token (a Llama 2 fine-tune that added
+            // `<|endoftext|>` as its pad keeps `</s>`), else one that is (Qwen2.5-Instruct pads
+            // with `<|endoftext|>`, its document separator, and ends turns with `<|im_end|>`,
+            // which ended every document before; an audit). Never a chat turn's end.
             (None, _) => {
                 let config_eos = hf_bos.and_then(|hf| hf.eos_token.as_deref());
                 let pad = hf_bos
@@ -370,15 +414,19 @@ impl CorpusTokenizer {
                 let candidates: Vec<&str> = config_eos
                     .filter(|eos| DOCUMENT_ENDS.contains(eos))
                     .into_iter()
-                    .chain(EOS_CANDIDATES.iter().copied())
-                    .filter(|name| Some(*name) != pad)
+                    .chain(DOCUMENT_ENDS.iter().copied().filter(|n| Some(*n) != pad))
+                    .chain(DOCUMENT_ENDS.iter().copied().filter(|n| Some(*n) == pad))
                     .collect();
                 find_token(&tokenizer, &candidates).ok_or_else(|| {
+                    let turn_end = EOS_CANDIDATES
+                        .iter()
+                        .find(|n| !DOCUMENT_ENDS.contains(n) && tokenizer.token_to_id(n).is_some());
                     fail(format!(
                         "has none of the usual end-of-document tokens ({}){}: set \
                          corpus.eos_token",
-                        candidates.join(", "),
-                        pad.map(|p| format!(" but the pad token `{p}`"))
+                        DOCUMENT_ENDS.join(", "),
+                        turn_end
+                            .map(|t| format!(" (`{t}` ends a chat turn, not a document)"))
                             .unwrap_or_default()
                     ))
                 })?
@@ -568,16 +616,16 @@ impl CorpusTokenizer {
             tokenizer,
             eos_token,
             eos_id,
-            bos_reason: hf_bos
-                .filter(|_| {
-                    matches!(
-                        bos_from,
-                        BosFrom::TokenizerConfig
-                            | BosFrom::TokenizerConfigSaysNo
-                            | BosFrom::TokenizerConfigBosIsEos
-                    )
-                })
-                .map(|hf| hf.reason.clone()),
+            bos_reason: hf_bos.and_then(|hf| match bos_from {
+                BosFrom::TokenizerConfig
+                | BosFrom::TokenizerConfigSaysNo
+                | BosFrom::TokenizerConfigBosIsEos => Some(hf.reason.clone()),
+                // The template decided; a key transformers does not apply is said beside it.
+                BosFrom::Template | BosFrom::TemplateAddsNone | BosFrom::TemplateBosIsEos => {
+                    hf.ignored.clone()
+                }
+                _ => None,
+            }),
             bos,
             bos_from,
             template_suffix,
@@ -859,7 +907,18 @@ fn unknown_token(model: &ModelWrapper) -> Option<String> {
     match model {
         ModelWrapper::BPE(bpe) => bpe.get_unk_token().clone(),
         ModelWrapper::WordPiece(wp) => Some(wp.unk_token.clone()),
-        _ => None,
+        // Their unknown token is not public but is in their serialized form (a Unigram model's
+        // `<unk>` was taken for a control token and refused the whole corpus at the first
+        // character outside its vocabulary; an audit).
+        ModelWrapper::Unigram(_) => {
+            let json = serde_json::to_value(model).ok()?;
+            let id = usize::try_from(json.get("unk_id")?.as_u64()?).ok()?;
+            Some(json.get("vocab")?.get(id)?.get(0)?.as_str()?.to_owned())
+        }
+        ModelWrapper::WordLevel(_) => {
+            let json = serde_json::to_value(model).ok()?;
+            Some(json.get("unk_token")?.as_str()?.to_owned())
+        }
     }
 }
 

@@ -756,6 +756,28 @@ fn a_tokenizer_files_inference_settings_control_shaped_tokens_and_template_are_h
     assert_eq!(t.split_added_tokens, ["<tool_call>"]);
     assert_eq!(report.sources[0].special_text_documents, 1);
 
+    // BPE dropout (a training-time regulariser; at 1.0 it drops every merge) is not applied:
+    // the same text gave other ids on each prepare (an audit).
+    llama2_style_tokenizer(&tok);
+    edit_tokenizer(&tok, |t| {
+        let vocab = t["model"]["vocab"].as_object_mut().expect("vocab");
+        vocab.insert("▁p".into(), 500.into());
+        vocab.insert("▁pl".into(), 501.into());
+        t["model"]["merges"] = serde_json::json!(["▁ p", "▁p l"]);
+        t["model"]["dropout"] = serde_json::json!(1.0);
+    });
+    let report = prepared(&spec(d, &head, ""));
+    assert_eq!(report.tokenizer.ignored_settings, ["dropout"]);
+    let plain = stored(&d.join("out"))
+        .into_iter()
+        .find(|(_, t)| t.contains("plain words"))
+        .unwrap_or_else(|| panic!("{:?}", stored(&d.join("out"))));
+    assert!(
+        plain.0.contains(&501),
+        "merged as without dropout: {plain:?}"
+    );
+    assert!(dapt_corpus::report::render(&report).contains("BPE dropout"));
+
     // BOS = EOS: one `</s>` between documents.
     llama2_style_tokenizer(&tok);
     edit_tokenizer(&tok, |t| {
@@ -790,6 +812,52 @@ fn a_tokenizer_files_inference_settings_control_shaped_tokens_and_template_are_h
     for (ids, _) in stored(&d.join("out")) {
         assert_eq!(ids[ids.len() - 1], 2, "{ids:?}");
     }
+}
+
+/// A Unigram model's unknown token (T5, ALBERT, mT5 style `tokenizer.json`) is text, as a BPE's
+/// is: the first character outside its vocabulary refused the whole corpus, calling `<unk>` a
+/// control token (an audit).
+#[test]
+fn a_unigram_models_unknown_token_is_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let tok = d.join("unigram.json");
+    let mut vocab = vec![
+        serde_json::json!(["<unk>", 0.0]),
+        serde_json::json!(["</s>", 0.0]),
+        serde_json::json!(["▁", -2.0]),
+    ];
+    for c in "abcdefghijklmnopqrstuvwxyz".chars() {
+        vocab.push(serde_json::json!([c.to_string(), -3.0]));
+    }
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let metaspace = serde_json::json!({"type": "Metaspace", "replacement": "▁",
+        "prepend_scheme": "always", "split": true});
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "</s>")],
+        "normalizer": null, "pre_tokenizer": metaspace, "post_processor": null,
+        "decoder": metaspace,
+        "model": {"type": "Unigram", "unk_id": 0, "vocab": vocab, "byte_fallback": false}
+    });
+    std::fs::write(&tok, serde_json::to_vec(&json).expect("json")).expect("write");
+    write(
+        d,
+        "a.jsonl",
+        "{\"text\": \"plain words\"}\n{\"text\": \"a Zebra here\"}\n",
+    );
+    let report = prepared(&spec(d, &format!("tokenizer: {}\n", tok.display()), ""));
+    assert_eq!(report.tokenizer.eos_token, "</s>");
+    let docs = stored(&d.join("out"));
+    assert_eq!(docs.len(), 2, "{docs:?}");
+    assert!(
+        docs.iter()
+            .any(|(ids, _)| ids[..ids.len() - 1].contains(&0)),
+        "the unknown character is stored as <unk>: {docs:?}"
+    );
 }
 
 /// A tokenizer whose vocabulary cannot represent the text (here none of its characters, and no
@@ -869,6 +937,39 @@ fn the_pad_token_never_ends_documents_and_a_named_bos_is_never_ignored() {
     std::fs::write(&config, r#"{"eos_token": "<|im_end|>"}"#).expect("write config");
     let report = prepared(&spec(d, &head, ""));
     assert_eq!(report.tokenizer.eos_token, "<|endoftext|>");
+    // Qwen2.5-Instruct: the config's EOS ends a chat turn and its pad is the document
+    // separator; with no other document end, the pad's document end ends documents, never the
+    // turn's end (every document ended with `<|im_end|>`: an audit).
+    let qwen = d.join("qwen");
+    std::fs::create_dir_all(&qwen).expect("mkdir");
+    let qwen_tok = qwen.join("tokenizer.json");
+    std::fs::copy(&tok, &qwen_tok).expect("copy");
+    edit_tokenizer(&qwen_tok, |t| {
+        let vocab = t["model"]["vocab"].as_object_mut().expect("vocab");
+        vocab.remove("</s>");
+        vocab.insert("<|im_end|>".into(), 2.into());
+        t["added_tokens"][2]["content"] = "<|im_end|>".into();
+    });
+    std::fs::write(
+        qwen.join("tokenizer_config.json"),
+        r#"{"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}"#,
+    )
+    .expect("write config");
+    let qwen_head = format!("tokenizer: {}\n", qwen_tok.display());
+    let report = prepared(&spec(d, &qwen_head, ""));
+    assert_eq!(report.tokenizer.eos_token, "<|endoftext|>");
+    // Without any document end it is refused, naming the turn's end, not taken.
+    edit_tokenizer(&qwen_tok, |t| {
+        t["added_tokens"].as_array_mut().expect("added").pop();
+    });
+    let err = prepare(&spec(d, &qwen_head, ""), None, &PrepareOptions::default())
+        .expect_err("no document end")
+        .to_string();
+    assert!(
+        err.contains("`<|im_end|>` ends a chat turn, not a document")
+            && err.contains("corpus.eos_token"),
+        "{err}"
+    );
     // The pad that is also the EOS (GPT-2's `<|endoftext|>`) ends documents.
     std::fs::write(
         &config,
@@ -964,20 +1065,58 @@ fn a_tokenizer_config_beside_the_tokenizer_decides_the_bos_as_transformers_does(
     prepared(&spec(d, &format!("{head}add_bos: false\n"), ""));
     assert!(first_ids(d).iter().all(|&id| id != 1));
 
-    // add_bos_token: false where the template adds <s>: none, and the report says why.
-    llama2_style_tokenizer(&tok);
-    std::fs::write(&config, r#"{"add_bos_token": false}"#).expect("write config");
+    // For a class that does not rebuild the template (or none), transformers does not apply
+    // `add_bos_token` and neither does dapt (it did, for every class: an audit): the template
+    // decides, and the report says the key was not applied.
+    std::fs::write(&config, r#"{"add_bos_token": true, "bos_token": "<s>"}"#).expect("write");
     let report = prepared(&spec(d, &head, ""));
     assert_eq!(report.tokenizer.bos_token, None);
     assert!(first_ids(d).iter().all(|&id| id != 1));
-    assert!(dapt_corpus::report::render(&report).contains("add_bos_token false"));
+    let rendered = dapt_corpus::report::render(&report);
+    assert!(
+        rendered.contains("add_bos_token true is not applied")
+            && rendered.contains("a config without tokenizer_class"),
+        "{rendered}"
+    );
+    llama2_style_tokenizer(&tok);
+    std::fs::write(
+        &config,
+        r#"{"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": false}"#,
+    )
+    .expect("write");
+    let report = prepared(&spec(d, &head, ""));
+    assert_eq!(report.tokenizer.bos_token.as_deref(), Some("<s>"));
+    assert_eq!(first_ids(d), [1, 1]);
+    let rendered = dapt_corpus::report::render(&report);
+    assert!(
+        rendered.contains("the tokenizer's template adds it; tokenizer_config.json: add_bos_token false is not applied")
+            && rendered.contains("tokenizer_class PreTrainedTokenizerFast"),
+        "{rendered}"
+    );
+
+    // add_bos_token: false of a Llama class where the template adds <s>: none, and the report
+    // says why; GPT-NeoX's class drops the template's by default.
+    for config_text in [
+        r#"{"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": false}"#,
+        r#"{"tokenizer_class": "GPTNeoXTokenizerFast"}"#,
+    ] {
+        std::fs::write(&config, config_text).expect("write config");
+        let report = prepared(&spec(d, &head, ""));
+        assert_eq!(report.tokenizer.bos_token, None, "{config_text}");
+        assert!(first_ids(d).iter().all(|&id| id != 1), "{config_text}");
+        let rendered = dapt_corpus::report::render(&report);
+        assert!(
+            rendered.contains("add_bos_token false") || rendered.contains("adds none by default"),
+            "{rendered}"
+        );
+    }
 
     // A config that cannot be read as transformers would is an error naming file and field.
     for (bad, field) in [
         (r#"{"add_bos_token": "yes"}"#, "add_bos_token"),
         (r#"{"add_bos_token": true, "bos_token": 5}"#, "bos_token"),
         (
-            r#"{"add_bos_token": true, "bos_token": "<nope>"}"#,
+            r#"{"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": true, "bos_token": "<nope>"}"#,
             "<nope>",
         ),
         (r#"[1, 2]"#, "JSON object"),

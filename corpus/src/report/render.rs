@@ -49,8 +49,17 @@ pub fn render(report: &Report) -> String {
         if t.trained { ", trained on this corpus" } else { "" },
         report.mean_pieces_frequent_domain_words
     );
+    // A tokenizer_config.json key that transformers does not apply, beside the template's word.
+    let ignored = match (t.bos_from, &t.bos_reason) {
+        (BosFrom::Template | BosFrom::TemplateAddsNone | BosFrom::TemplateBosIsEos, Some(r)) => {
+            format!("; {r}")
+        }
+        _ => String::new(),
+    };
     let bos = match (&t.bos_token, t.bos_from) {
-        (Some(bos), BosFrom::Template) => format!("{bos} first (the tokenizer's template adds it)"),
+        (Some(bos), BosFrom::Template) => {
+            format!("{bos} first (the tokenizer's template adds it{ignored})")
+        }
         (Some(bos), BosFrom::TokenizerConfig) => format!(
             "{bos} first ({}; the tokenizer.json template adds none)",
             t.bos_reason.as_deref().unwrap_or("tokenizer_config.json")
@@ -67,10 +76,10 @@ pub fn render(report: &Report) -> String {
         (Some(bos), _) => format!("{bos} first (corpus.add_bos: true)"),
         (None, BosFrom::JobSaysNo) => "no BOS (corpus.add_bos: false)".to_owned(),
         (None, BosFrom::TemplateBosIsEos) => format!(
-            "no BOS (the tokenizer's template starts a sequence with {}, the EOS that already ends the document before)",
+            "no BOS (the tokenizer's template starts a sequence with {}, the EOS that already ends the document before{ignored})",
             t.eos_token
         ),
-        (None, _) => "no BOS (the tokenizer's template adds none)".to_owned(),
+        (None, _) => format!("no BOS (the tokenizer's template adds none{ignored})"),
     };
     let _ = writeln!(
         out,
@@ -89,7 +98,7 @@ pub fn render(report: &Report) -> String {
     if !t.ignored_settings.is_empty() {
         let _ = writeln!(
             out,
-            "note: the tokenizer file's {} settings are for batched inference and were not applied: documents are encoded whole",
+            "note: the tokenizer file's {} settings were not applied (truncation and padding are for batched inference, BPE dropout for training a tokenizer): documents are encoded whole, the same way every time",
             t.ignored_settings.join(" and ")
         );
     }
