@@ -493,6 +493,21 @@ fn a_corpus_tokenized_otherwise_than_the_base_models_folder_says_is_refused() {
         "{err}"
     );
     assert!(!d.join("ck2/step-00000002").exists());
+    // `dapt eval` of the base folder on that corpus says so too (it measured the base model
+    // on documents without the folder's BOS without a word): a warning, as it knows no job.
+    let eval = dapt(&[
+        "eval",
+        &base.to_string_lossy(),
+        &d.join("corpus2").to_string_lossy(),
+        "--seq-len",
+        "8",
+    ]);
+    let err = text(&eval.stderr);
+    assert!(eval.status.success(), "{err}");
+    assert!(
+        err.contains("starts a document with `<s>`") && err.contains("another form"),
+        "{err}"
+    );
     // The folder's own file: documents start with `<s>`, and training goes on.
     let stage2 = job(&base.join("tokenizer.json"));
     ok(&["prepare", "--quiet", &stage2]);

@@ -429,6 +429,18 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             let tokenizer = model.join(hf::TOKENIZER_FILE);
             if tokenizer.is_file() {
                 reader.check_tokenizer(&tokenizer)?;
+                // The corpus's BOS/EOS against the folder's own reading of that file (its
+                // tokenizer_config.json): a warning, since the job's corpus options are not
+                // known here.
+                let options = dapt_corpus::tokenizer::TokenizerOptions::default();
+                if let Some(message) = dapt_worker::train::run::base_tokenization_differs(
+                    &tokenizer, &reader, &options,
+                )? {
+                    tracing::warn!(
+                        "{message}; the perplexity below is of documents in another form than \
+                         the model's folder gives it"
+                    );
+                }
             } else {
                 dapt_worker::train::run::warn_no_base_tokenizer(&model, &reader);
             }

@@ -672,14 +672,33 @@ pub fn check_base_tokenization(
     reader: &CorpusReader,
     job: &JobSpec,
 ) -> Result<()> {
-    use dapt_corpus::tokenizer::{CorpusTokenizer, TokenizerOptions};
-    let base = CorpusTokenizer::load(base_tokenizer, &TokenizerOptions::from(&job.corpus))?;
+    use dapt_corpus::tokenizer::TokenizerOptions;
+    match base_tokenization_differs(base_tokenizer, reader, &TokenizerOptions::from(&job.corpus))? {
+        None => Ok(()),
+        Some(message) => Err(WorkerError::Invalid(message)),
+    }
+}
+
+/// What [`check_base_tokenization`] refuses, as a message (`None` when the corpus's documents
+/// start and end as the base folder's tokenizer, read with `options`, says). `dapt eval`, which
+/// has no job file, says it in a warning (it measured the base model's perplexity on documents
+/// without the BOS its folder adds, without a word; an audit).
+///
+/// # Errors
+/// The base tokenizer's own errors.
+pub fn base_tokenization_differs(
+    base_tokenizer: &Path,
+    reader: &CorpusReader,
+    options: &dapt_corpus::tokenizer::TokenizerOptions,
+) -> Result<Option<String>> {
+    use dapt_corpus::tokenizer::CorpusTokenizer;
+    let base = CorpusTokenizer::load(base_tokenizer, options)?;
     let corpus = &reader.manifest().tokenizer;
     if base.bos.as_ref().map(|b| b.1) == corpus.bos_id && base.eos_id == corpus.eos_id {
-        return Ok(());
+        return Ok(None);
     }
     let bos = |token: Option<&str>| token.map_or("no BOS".to_owned(), |t| format!("`{t}`"));
-    Err(WorkerError::Invalid(format!(
+    Ok(Some(format!(
         "{}: read in the base model's folder (with its tokenizer_config.json, as transformers \
          reads it), this tokenizer starts a document with {} and ends it with `{}`; the corpus \
          was prepared with {} and `{}` (was corpus.tokenizer a copy of this file without the \
