@@ -333,6 +333,21 @@ impl LlamaConfig {
                 "`num_key_value_heads` ({kv}) must divide `num_attention_heads` ({heads})"
             ));
         }
+        // transformers' LlamaConfig (5.x, `validate_architecture`) refuses a hidden size that
+        // heads do not divide whatever `head_dim` says (its Mistral and Qwen2 configs floor it):
+        // an export of it would not load (with `head_dim` given, dapt trained and exported one;
+        // an audit).
+        if family == Family::Llama && hidden % heads != 0 {
+            return Err(format!(
+                "`hidden_size` ({hidden}) is not a multiple of `num_attention_heads` ({heads}): \
+                 transformers' LlamaConfig refuses it{}",
+                if absent("head_dim") {
+                    " (and there is no `head_dim`)"
+                } else {
+                    ", even with a `head_dim`"
+                }
+            ));
+        }
         let head_dim = match usize_of(get("head_dim"), "head_dim")? {
             Some(d) => d,
             // Qwen3Config's `head_dim` is an integer defaulting to 128, not `hidden / heads`;
@@ -340,14 +355,6 @@ impl LlamaConfig {
             None if family == Family::Qwen3 && absent("head_dim") => QWEN3_DEFAULT_HEAD_DIM,
             None if family == Family::Qwen3 => {
                 return Err("`head_dim` is null; transformers' Qwen3Config needs an integer".into())
-            }
-            // transformers' LlamaConfig refuses a hidden size that heads do not divide (its
-            // Mistral and Qwen2 configs floor it): an export of it would not load.
-            None if family == Family::Llama && hidden % heads != 0 => {
-                return Err(format!(
-                    "`hidden_size` ({hidden}) is not a multiple of `num_attention_heads` \
-                     ({heads}) and there is no `head_dim`: transformers' LlamaConfig refuses it"
-                ))
             }
             None => hidden / heads,
         };
@@ -963,9 +970,10 @@ mod tests {
         );
     }
 
-    /// transformers' LlamaConfig refuses a hidden size the heads do not divide (without a
-    /// `head_dim`); dapt took `40 / 6 = 6`, trained and exported a config transformers cannot
-    /// load (an audit). Mistral and Qwen2 floor it, as transformers does.
+    /// transformers' LlamaConfig refuses a hidden size the heads do not divide, with a
+    /// `head_dim` or without (5.24's `validate_architecture`); dapt took `40 / 6 = 6`, or the
+    /// `head_dim` given, trained and exported a config transformers cannot load (two audits).
+    /// Mistral and Qwen2 floor it, as transformers does.
     #[test]
     fn a_llama_hidden_size_the_heads_do_not_divide_is_refused() {
         let config = |model_type: &str, head_dim: Option<u64>| {
@@ -982,7 +990,8 @@ mod tests {
             err.contains("`hidden_size` (40)") && err.contains("`num_attention_heads` (6)"),
             "{err}"
         );
-        assert_eq!(config("llama", Some(8)).expect("explicit").head_dim, 8);
+        let err = config("llama", Some(8)).expect_err("refused with a head_dim too");
+        assert!(err.contains("even with a `head_dim`"), "{err}");
         assert_eq!(config("mistral", None).expect("floored").head_dim, 6);
         assert_eq!(config("qwen2", None).expect("floored").head_dim, 6);
     }
