@@ -366,6 +366,30 @@ fn dapt_train_refuses_a_checkpoint_dir_holding_a_users_files() {
     ok(&["train", &job, "--stop-after", "4"]);
 }
 
+/// A job with a forgetting guard: `dapt train` (no coordinator) trained on past a tripped
+/// bound of `action: stop` without a word (an audit); it is refused, naming `dapt launch`.
+#[test]
+fn dapt_train_refuses_a_guard_it_cannot_apply() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "guarded", "ck");
+    let yaml = std::fs::read_to_string(&job).expect("read");
+    std::fs::write(
+        &job,
+        yaml.replace("  micro_batch: 4\n", "  micro_batch: 4\n  eval_every: 2\n")
+            + "guard:\n  bounds:\n    - source: sotu\n      max_rise: 0.01\n  action: stop\n",
+    )
+    .expect("write");
+    ok(&["prepare", &job, "--quiet"]);
+    let out = dapt(&["train", &job, "--stop-after", "2"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("`guard:` is applied by the coordinator") && stderr.contains("--workers 1"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("ck").exists(), "nothing trained");
+}
+
 /// Zero windows, tokens or batch for `dapt eval` are refused by clap, by flag (a zero
 /// `--seq-len` divided by zero).
 #[test]

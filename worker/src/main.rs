@@ -258,6 +258,18 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             no_checkpoints,
         } => {
             let spec = JobSpec::load(&job)?;
+            // The forgetting guard is the coordinator's (it compares every rank's evaluations
+            // and changes the mixture); `dapt train` trained on past a tripped bound without a
+            // word (an audit): refused, by field, saying how to run the job with it.
+            if spec.guard.is_some() {
+                anyhow::bail!(
+                    "{}: `guard:` is applied by the coordinator, which `dapt train` does not run: \
+                     run this job with `dapt launch {} --workers 1` to train one rank under its \
+                     forgetting guard, or remove `guard:` to train without one",
+                    job.display(),
+                    job.display()
+                );
+            }
             if let DeviceSpec::Cuda(ordinal) = gpu.device {
                 // Before any thread starts: a clear error instead of a panic without a GPU.
                 dapt_worker::device::cuda_ready(ordinal)?;
