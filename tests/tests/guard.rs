@@ -328,3 +328,33 @@ fn a_forgetting_job_trips_the_guard_under_warn_stop_and_rebalance() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// A bound on a source whose held-out stream holds no evaluation window is never measured: the
+/// guard was off without a word (an audit). The job is refused at its start, naming the bound,
+/// the source and the window, before a step is trained.
+#[test]
+fn a_guard_on_a_source_with_no_evaluation_window_is_refused_at_the_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_digits(dir.path());
+    let (job, checkpoints) = write_job(dir.path(), "blind", &guard("stop", 0.05, ""));
+    let yaml = std::fs::read_to_string(&job).expect("read");
+    // The sotu source's held-out share, small enough to hold no document.
+    let at = yaml.rfind("held_out: 0.2").expect("sotu's held_out");
+    let yaml = format!("{}held_out: 0.0001{}", &yaml[..at], &yaml[at + 13..]);
+    std::fs::write(&job, yaml).expect("write");
+    let _serial = serial();
+    let mut proc = launch(&job);
+    let (status, stdout) = proc.finish(LONG);
+    let stderr = proc.stderr();
+    assert!(!status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("guard.bounds[0]: source `sotu` holds 0 held-out tokens")
+            || stdout.contains("guard.bounds[0]: source `sotu` holds 0 held-out tokens"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(
+        losses(&proc.lines()).is_empty(),
+        "no step trained: {}",
+        checkpoints.display()
+    );
+}

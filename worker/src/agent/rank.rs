@@ -114,6 +114,8 @@ pub fn train(
         .manifest()
         .check_spec(&job.corpus)
         .map_err(RankError::fatal)?;
+    crate::train::run::check_guard_windows(job, &reader, training.seq_len)
+        .map_err(RankError::fatal)?;
     let corpus_digest = reader.manifest().content_digest();
     // The committed mixture schedule (the forgetting guard's rebalances), from step to sample.
     let schedule: Vec<dapt_corpus::MixtureChange> = a

@@ -135,6 +135,7 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
         .manifest()
         .check_spec(&job.corpus)
         .map_err(WorkerError::Invalid)?;
+    check_guard_windows(job, &reader, training.seq_len)?;
     let order = reader.sample_order(job.seed, training.seq_len)?;
     let root = job.checkpoint.dir.clone();
     // The directory's lock and `job.json`, as a coordinator takes them: never beside a
@@ -749,6 +750,48 @@ pub fn warn_on_another_eos(dir: &Path, config: &LlamaConfig, reader: &CorpusRead
     }
 }
 
+/// Refuses a forgetting guard that could never trip: a bound on a source whose held-out stream
+/// holds no evaluation window of `seq_len + 1` tokens is never measured, so the guard was off
+/// without a word (an audit: a 5% held-out share of a small replay source left 121 tokens).
+///
+/// # Errors
+/// [`WorkerError::Invalid`] naming the bound's source, its held-out tokens and the window.
+pub fn check_guard_windows(job: &JobSpec, reader: &CorpusReader, seq_len: u32) -> Result<()> {
+    let Some(guard) = &job.guard else {
+        return Ok(());
+    };
+    let sources = &reader.manifest().sources;
+    for (b, bound) in guard.bounds.iter().enumerate() {
+        let Some(i) = sources.iter().position(|s| s.name == bound.source) else {
+            continue;
+        };
+        let held_out = reader.held_out(i);
+        if held_out.windows(seq_len) == 0 {
+            return Err(WorkerError::Invalid(format!(
+                "guard.bounds[{b}]: source `{}` holds {} held-out tokens, fewer than one \
+                 evaluation window of training.seq_len + 1 = {}: its perplexity can never be \
+                 measured, so the guard could never trip; raise its held_out (and prepare \
+                 again) or lower training.seq_len",
+                bound.source,
+                held_out.len(),
+                u64::from(seq_len) + 1
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `source` is named here for the first time in this process.
+fn warn_once_unmeasured(source: &str) -> bool {
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if said.iter().any(|s| s == source) {
+        return false;
+    }
+    said.push(source.to_owned());
+    true
+}
+
 /// Held-out perplexity of every source at `step`.
 ///
 /// # Errors
@@ -783,6 +826,14 @@ pub fn evaluate(
                 "held-out evaluation"
             );
             sources.push((source.name.clone(), p));
+        } else if warn_once_unmeasured(&source.name) {
+            // Said once per source and process (it was passed over without a word).
+            tracing::warn!(
+                source = %source.name,
+                held_out_tokens = reader.held_out(i).len(),
+                seq_len = training.seq_len,
+                "a source's held-out stream holds no evaluation window of seq_len + 1 tokens: its perplexity is not measured"
+            );
         }
     }
     Ok(EvalLog { step, sources })
