@@ -86,6 +86,11 @@ fn stop_reason(skipped: &u64, max_skipped: &u64) -> String {
         "training.nonfinite: stop; a learning rate far too high is the usual cause, and every \
          checkpoint written holds finite weights"
             .into()
+    } else if skipped < max_skipped {
+        format!(
+            "the {skipped} steps before it were all skipped too: a job that trained nothing does \
+             not end as finished"
+        )
     } else {
         format!("{skipped} steps were skipped already, training.max_skipped_steps is {max_skipped}")
     }

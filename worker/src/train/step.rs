@@ -94,7 +94,11 @@ pub fn admit(
         return Ok(true);
     }
     let max_skipped = training.max_skipped_steps();
-    if skipped < max_skipped {
+    // The job's last step with every step before it skipped too: a job that applied no step
+    // ended "training finished", exit 0, its base model committed and exported as the result
+    // (an audit, with max_skipped_steps at least the job's steps).
+    let nothing_trained = step + 1 == training.steps() && skipped == step;
+    if skipped < max_skipped && !nothing_trained {
         tracing::warn!(
             step,
             loss,
@@ -268,4 +272,30 @@ fn gradients<B: FusedAutodiff>(
         model.add_gradients(&g, &mut grads);
     }
     (loss, grads)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With `max_skipped_steps` at least the job's steps, every step could be skipped: the job
+    /// ended "training finished", exit 0, its base model committed (an audit). The last step of
+    /// a job whose every earlier step was skipped fails instead; one applied step before it is
+    /// enough to end as usual.
+    #[test]
+    fn a_job_whose_every_step_was_skipped_fails_at_its_last() {
+        let spec = dapt_proto::job::JobSpec::parse(
+            "job: t\ncorpus:\n  output: x\n  vocab_size: 512\n  sources:\n    - name: a\n      role: domain\n      paths: [\"x\"]\n      weight: 1\ntraining:\n  seq_len: 16\n  global_batch: 4\n  tokens: 256\n  nonfinite: skip\n  max_skipped_steps: 100\n",
+        )
+        .expect("job");
+        let training = spec.training.expect("training");
+        assert_eq!(training.steps(), 4);
+        for step in 0..3 {
+            assert!(!admit(&training, step, f64::NAN, f64::NAN, step).expect("skipped"));
+        }
+        let err = admit(&training, 3, f64::INFINITY, f64::NAN, 3).expect_err("nothing trained");
+        assert!(err.to_string().contains("were all skipped too"), "{err}");
+        assert!(!admit(&training, 3, f64::NAN, f64::NAN, 2).expect("one step was applied"));
+        assert!(admit(&training, 3, 1.0, 1.0, 3).expect("a finite last step"));
+    }
 }
