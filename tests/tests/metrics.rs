@@ -46,6 +46,35 @@ fn the_coordinator_serves_progress_members_and_recoveries_as_prometheus_metrics(
     assert!(value(&text, "dapt_tokens_per_second") > 0.0);
     assert!(value(&text, "dapt_learning_rate") > 0.0);
     assert_eq!(value(&text, "dapt_recoveries_total"), 0.0);
+    // Bound to loopback, the port answers only requests addressed to loopback: a web page's own
+    // name pointed at 127.0.0.1 (DNS rebinding) read the dashboard (an audit).
+    for (host, answered) in [
+        ("attacker.example:80", false),
+        (listen.as_str(), true),
+        ("localhost", true),
+    ] {
+        for path in ["/api/dashboard", "/metrics", "/"] {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(&listen).expect("connect");
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+            )
+            .expect("write");
+            let mut reply = String::new();
+            let _ = s.read_to_string(&mut reply);
+            let status = reply.lines().next().unwrap_or("");
+            assert_eq!(
+                status.contains(" 200 "),
+                answered,
+                "{host} {path}: {status}"
+            );
+            if !answered {
+                assert!(status.contains(" 421 "), "{status}");
+                assert!(!reply.contains("metrics"), "{reply}");
+            }
+        }
+    }
 
     let _w1_again = c.kill_and_restart(w1, "w1", 15);
     let (_, text) = scrape(port);

@@ -39,6 +39,45 @@ pub const HANDSHAKE_LIMITS: Limits = Limits {
 /// connecting); the rest of the handshake has [`dapt_proto::tls::HANDSHAKE_TIMEOUT`].
 pub const CLIENT_HELLO: Duration = Duration::from_secs(3);
 
+/// Whether a request's `Host` names loopback: `localhost`, or a loopback IP literal
+/// (`127.0.0.1:PORT`, `[::1]:PORT`). A request without one (HTTP/1.0) is let through: a browser
+/// always sends it.
+fn loopback_host(host: Option<&str>) -> bool {
+    let Some(host) = host else {
+        return true;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Answers 421 Misdirected Request to a request whose `Host` is not loopback
+/// ([`loopback_host`]).
+async fn loopback_host_only(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let host = request
+        .headers()
+        .get(axum::http::header::HOST)
+        .map(|h| h.to_str().unwrap_or(""));
+    if loopback_host(host) {
+        next.run(request).await
+    } else {
+        (
+            axum::http::StatusCode::MISDIRECTED_REQUEST,
+            "this port answers requests to localhost or a loopback address only\n",
+        )
+            .into_response()
+    }
+}
+
 /// Handshakes refused for want of a place, logged at most once per 10 s with a count.
 static TOO_MANY_HANDSHAKES: Throttle = Throttle::new(Duration::from_secs(10));
 
@@ -73,6 +112,15 @@ pub async fn serve(
             }
         }),
     );
+    // Bound to loopback (`dapt launch`'s default), the port answers only requests addressed to
+    // loopback: a web page the operator opens could otherwise point a name of its own at
+    // 127.0.0.1 (DNS rebinding) and read the dashboard, which the browser takes for the page's
+    // own origin (an audit).
+    let app = if incoming.local_addr().is_ok_and(|a| a.ip().is_loopback()) {
+        app.layer(axum::middleware::from_fn(loopback_host_only))
+    } else {
+        app
+    };
     let handshakes = Places::new(HANDSHAKE_LIMITS);
     let (closing, closed) = watch::channel(false);
     tokio::pin!(stop);
@@ -184,4 +232,33 @@ fn write_deadline<IO: AsyncRead + AsyncWrite>(
     let mut stream = tokio_io_timeout::TimeoutStream::new(io);
     stream.set_write_timeout(Some(WRITE_STALL));
     Box::pin(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loopback_host;
+
+    #[test]
+    fn only_loopback_hosts_are_loopback() {
+        for host in [
+            "127.0.0.1:9090",
+            "localhost",
+            "LOCALHOST:80",
+            "[::1]:9090",
+            "127.1.2.3",
+        ] {
+            assert!(loopback_host(Some(host)), "{host}");
+        }
+        for host in [
+            "attacker.example",
+            "evil:9090",
+            "10.0.0.1:9090",
+            "[::2]:1",
+            "",
+            "localhost.evil",
+        ] {
+            assert!(!loopback_host(Some(host)), "{host}");
+        }
+        assert!(loopback_host(None));
+    }
 }
