@@ -40,7 +40,8 @@ const SPLIT_SEED: u64 = 0x6461_7074_5f68_656c; // "dapt_hel"
 /// preformatted text), XHTML read as XML, JSONL line ends and Python's constants, a config's
 /// EOS and pad token.
 /// 5: the first line's indentation kept (only leading blank lines trimmed); what browsers'
-/// default style sheet hides skipped (a closed `dialog`, `title`, `rp`, MathML annotations).
+/// default style sheet hides skipped (a closed `dialog`, `title`, `rp`, MathML annotations);
+/// binary data without magic bytes refused.
 pub const TEXT_RULES: u32 = 5;
 
 #[derive(Debug, Clone, Default)]
