@@ -41,7 +41,7 @@ const SPLIT_SEED: u64 = 0x6461_7074_5f68_656c; // "dapt_hel"
 /// EOS and pad token.
 /// 5: the first line's indentation kept (only leading blank lines trimmed); what browsers'
 /// default style sheet hides skipped (a closed `dialog`, `title`, `rp`, MathML annotations);
-/// binary data without magic bytes refused.
+/// binary data without magic bytes refused; JSONL records read past serde_json's `Value` limits.
 pub const TEXT_RULES: u32 = 5;
 
 #[derive(Debug, Clone, Default)]
