@@ -254,10 +254,10 @@ pub struct CorpusTokenizer {
     control: Vec<bool>,
     /// How errors name the tokenizer: the user's file, or "trained".
     origin: PathBuf,
-    /// The ids of `"\n"` when a long text may be encoded in pieces cut after a line break
-    /// (each later piece encoded after a `"\n"` whose ids are dropped): `None` when the probe
-    /// found that this changes tokens ([`newline_context`]).
-    newline_context: Option<Vec<u32>>,
+    /// The ids of `"\n"` and the places where a long text may be cut into pieces (each later
+    /// piece encoded after a `"\n"` whose ids are dropped): `None` when the probe found that
+    /// every kind of cut changes tokens ([`safe_cuts`]).
+    safe_cuts: Option<(Vec<u32>, Vec<Cut>)>,
 }
 
 /// Most bytes of text given to `tokenizers` in one call (its memory while encoding is ~50-180
@@ -265,11 +265,96 @@ pub struct CorpusTokenizer {
 pub const ENCODE_BATCH_BYTES: usize = 2 << 20;
 /// A text longer than this is encoded in pieces of about this size.
 pub const PIECE_BYTES: usize = 256 << 10;
+/// Longest text encoded whole when it cannot be cut into pieces (no place where the tokenizer's
+/// probe allows a cut, or a cut whose ids did not line up): at ~50-200 bytes per byte, up to
+/// ~1.7 GB while it encodes. A longer one is refused, naming the document, rather than take
+/// memory without bound (a 16 MiB document took 3.4 GB).
+pub const MAX_WHOLE_BYTES: usize = 8 << 20;
 
-/// `text` cut into pieces of at least `target` bytes (the last may be shorter), each cut right
-/// after a lone `\n`: one with a character other than whitespace on both sides (no
-/// pre-tokenizer joins across it). A text without such a place stays whole.
-fn pieces_after_line_breaks(text: &str, target: usize) -> Vec<&str> {
+/// A place where a long text may be cut, each later piece then encoded after a `"\n"` whose ids
+/// are dropped. Each is used only for a tokenizer whose probe at load ([`safe_cuts`]) finds that
+/// it changes no token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Right after a lone `\n` between two characters that are not whitespace.
+    AfterLineBreak,
+    /// Right after a run of two or more `\n` (blank lines, the usual paragraph break) between
+    /// two characters that are not whitespace: for tokenizers that keep such a run whole
+    /// (Llama 3's `\s*[\r\n]+`).
+    AfterBlankLines,
+    /// Right before the last `\n` of such a run: for tokenizers that split it before the
+    /// text that follows (GPT-2's `\s+(?!\S)` leaves the last `\n` alone).
+    BeforeLastLineBreak,
+    /// Right before a lone space between two characters that are not whitespace (a word
+    /// boundary): the last resort, for a text without line breaks.
+    BeforeSpace,
+}
+
+/// The whitespace between the two sides of each [`CUT_PROBES`] pair for a cut, and where in it
+/// the cut falls.
+fn cut_separators(cut: Cut) -> Vec<(String, usize)> {
+    match cut {
+        Cut::AfterLineBreak => vec![("\n".into(), 1)],
+        Cut::AfterBlankLines => (2..=8).map(|n| ("\n".repeat(n), n)).collect(),
+        Cut::BeforeLastLineBreak => (2..=8).map(|n| ("\n".repeat(n), n - 1)).collect(),
+        Cut::BeforeSpace => vec![(" ".into(), 0)],
+    }
+}
+
+/// Where the whitespace run `text[s..e]` (all `\n` or all spaces) may be cut under `cuts`, if
+/// anywhere: only a run between two characters that are not whitespace, the shapes the probes
+/// check.
+fn cut_in_run(text: &str, s: usize, e: usize, cuts: &[Cut]) -> Option<usize> {
+    let before = text[..s].chars().next_back()?;
+    let after = text[e..].chars().next()?;
+    if before.is_whitespace() || after.is_whitespace() {
+        return None;
+    }
+    let has = |cut| cuts.contains(&cut);
+    match (text.as_bytes()[s], e - s) {
+        (b'\n', 1) if has(Cut::AfterLineBreak) => Some(e),
+        (b'\n', n) if n > 1 && has(Cut::AfterBlankLines) => Some(e),
+        (b'\n', n) if n > 1 && has(Cut::BeforeLastLineBreak) => Some(e - 1),
+        (b' ', 1) if has(Cut::BeforeSpace) => Some(s),
+        _ => None,
+    }
+}
+
+/// The first place at or after byte `from` (a char boundary) where `text` may be cut under
+/// `cuts`, looking at the whitespace runs that start before `to`.
+fn first_cut(text: &str, from: usize, to: usize, cuts: &[Cut]) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let to = to.min(bytes.len());
+    let mut i = from;
+    while i < to {
+        // `\n` and ` ` are ASCII, never part of a multi-byte character: byte positions are
+        // char boundaries.
+        let s = i + bytes[i..to].iter().position(|&b| b == b'\n' || b == b' ')?;
+        let e = s + bytes[s..].iter().take_while(|&&b| b == bytes[s]).count();
+        if let Some(at) = cut_in_run(text, s, e, cuts).filter(|&at| at >= from) {
+            return Some(at);
+        }
+        i = e;
+    }
+    None
+}
+
+/// `text` cut into pieces of at least `target` bytes (the last may be shorter), at the places
+/// `cuts` allows: a line or paragraph break within the next `target` bytes if there is one,
+/// else a word boundary there, else the first place further on. A text without such a place
+/// stays whole.
+fn pieces_at<'a>(text: &'a str, target: usize, cuts: &[Cut]) -> Vec<&'a str> {
+    let lines: Vec<Cut> = cuts
+        .iter()
+        .copied()
+        .filter(|&c| c != Cut::BeforeSpace)
+        .collect();
+    let words = [Cut::BeforeSpace];
+    let words: &[Cut] = if cuts.contains(&Cut::BeforeSpace) {
+        &words
+    } else {
+        &[]
+    };
     let mut pieces = Vec::new();
     let mut start = 0;
     while text.len() - start > target {
@@ -277,17 +362,10 @@ fn pieces_after_line_breaks(text: &str, target: usize) -> Vec<&str> {
         while !text.is_char_boundary(from) {
             from += 1;
         }
-        // A lone line break between two characters that are not whitespace: a run such as
-        // `\n\n` or ` \n` is one pre-token (GPT-2's `\s+(?!\S)`), which a cut inside splits.
-        let cut = text[from..].match_indices('\n').find_map(|(i, _)| {
-            let at = from + i + 1;
-            let before = text[..at - 1].chars().next_back();
-            let after = text[at..].chars().next();
-            match (before, after) {
-                (Some(b), Some(a)) if !b.is_whitespace() && !a.is_whitespace() => Some(at),
-                _ => None,
-            }
-        });
+        let window = from.saturating_add(target);
+        let cut = first_cut(text, from, window, &lines)
+            .or_else(|| first_cut(text, from, window, words))
+            .or_else(|| first_cut(text, window, text.len(), cuts));
         match cut {
             Some(cut) => {
                 pieces.push(&text[start..cut]);
@@ -300,9 +378,9 @@ fn pieces_after_line_breaks(text: &str, target: usize) -> Vec<&str> {
     pieces
 }
 
-/// Texts cut as [`pieces_after_line_breaks`] cuts (a lone `\n` between characters that are
-/// not whitespace), to check that this tokenizer encodes a later piece (after a `"\n"` whose ids
-/// are dropped) as it encodes it inside the whole.
+/// Texts on both sides of a cut (each side's end at the cut is not whitespace), joined by each
+/// [`cut_separators`] of a [`Cut`] to check that this tokenizer encodes a later piece (after a
+/// `"\n"` whose ids are dropped) as it encodes it inside the whole.
 const CUT_PROBES: &[(&str, &str)] = &[
     ("Hello world.", "Next line here"),
     ("x", "Y"),
@@ -314,13 +392,18 @@ const CUT_PROBES: &[(&str, &str)] = &[
     ("  indented", "#heading"),
     ("SELECT 1;", "-- comment"),
     ("价格", "是多少"),
+    ("word", "'s"),
+    ("dosage", "12.5 mg"),
+    ("x", "\u{2014}dash"),
 ];
 
-/// The ids of `"\n"`, when cutting a text after a line break and encoding the later piece
+/// The ids of `"\n"` and the [`Cut`]s at which cutting a text and encoding the later piece
 /// after a `"\n"` (its ids then dropped) gives the tokens of the whole text on every probe
-/// (byte-level BPE such as GPT-2's and Llama 3's; SentencePiece-style ones that prepend `▁`
-/// only to a sequence's start); `None` otherwise, and long texts are then encoded whole.
-fn newline_context(tokenizer: &Tokenizer) -> Option<Vec<u32>> {
+/// (a line break for byte-level BPE such as GPT-2's and Llama 3's, and SentencePiece-style
+/// ones that prepend `▁` only to a sequence's start; a blank line, one side or the other of
+/// its last `\n`, as their pre-tokenizers split it; a word boundary). `None` when there is none,
+/// and long texts are then encoded whole up to [`MAX_WHOLE_BYTES`].
+fn safe_cuts(tokenizer: &Tokenizer) -> Option<(Vec<u32>, Vec<Cut>)> {
     let ids = |text: &str| {
         tokenizer
             .encode_fast(text, false)
@@ -328,15 +411,37 @@ fn newline_context(tokenizer: &Tokenizer) -> Option<Vec<u32>> {
             .map(|e| e.get_ids().to_vec())
     };
     let context = ids("\n")?;
-    for (a, b) in CUT_PROBES {
-        let whole = ids(&format!("{a}\n{b}"))?;
-        let mut cut = ids(&format!("{a}\n"))?;
-        cut.extend_from_slice(ids(&format!("\n{b}"))?.strip_prefix(context.as_slice())?);
-        if whole != cut {
-            return None;
-        }
-    }
-    Some(context)
+    let passes = |cut: Cut| {
+        cut_separators(cut).iter().all(|(sep, at)| {
+            CUT_PROBES.iter().all(|(a, b)| {
+                let whole = ids(&format!("{a}{sep}{b}"));
+                let first = ids(&format!("{a}{}", &sep[..*at]));
+                let later = ids(&format!("\n{}{b}", &sep[*at..]));
+                match (whole, first, later) {
+                    (Some(whole), Some(mut cut), Some(later)) => {
+                        match later.strip_prefix(context.as_slice()) {
+                            Some(rest) => {
+                                cut.extend_from_slice(rest);
+                                whole == cut
+                            }
+                            None => false,
+                        }
+                    }
+                    _ => false,
+                }
+            })
+        })
+    };
+    let cuts: Vec<Cut> = [
+        Cut::AfterLineBreak,
+        Cut::AfterBlankLines,
+        Cut::BeforeLastLineBreak,
+        Cut::BeforeSpace,
+    ]
+    .into_iter()
+    .filter(|&cut| passes(cut))
+    .collect();
+    (!cuts.is_empty()).then_some((context, cuts))
 }
 
 impl CorpusTokenizer {
@@ -611,7 +716,7 @@ impl CorpusTokenizer {
             Some(AhoCorasick::new(&special).map_err(|e| fail(e.to_string()))?)
         };
         // After the special tokens are split: the probe encodes as documents are encoded.
-        let newline_context = newline_context(&tokenizer);
+        let safe_cuts = safe_cuts(&tokenizer);
         Ok(CorpusTokenizer {
             tokenizer,
             eos_token,
@@ -636,7 +741,7 @@ impl CorpusTokenizer {
             special_text,
             control,
             origin: origin.to_path_buf(),
-            newline_context,
+            safe_cuts,
         })
     }
 
@@ -668,11 +773,13 @@ impl CorpusTokenizer {
     /// memory: `tokenizers` holds ~50-180 bytes per input byte while it encodes (its
     /// `Encoding`s and normalized strings), so texts go to it in batches of at most
     /// [`ENCODE_BATCH_BYTES`], and a text longer than [`PIECE_BYTES`] in pieces cut after a line
-    /// break (where the probe at load found such a cut changes no token; else whole).
+    /// break, at a blank line or, as a last resort, at a space between words (the kinds of cut
+    /// that the probe at load found change no token; else whole, up to [`MAX_WHOLE_BYTES`]).
     ///
     /// # Errors
-    /// [`CorpusError::TokenizerOnText`] naming the first text that encodes to a control token
-    /// (the caller names its document); [`CorpusError::Invalid`] when `tokenizers` fails.
+    /// [`CorpusError::TokenizerOnText`] naming the first text that encodes to a control token,
+    /// or that is longer than [`MAX_WHOLE_BYTES`] and cannot be cut (the caller names its
+    /// document); [`CorpusError::Invalid`] when `tokenizers` fails.
     pub fn encode_batch(&self, texts: Vec<&str>) -> Result<Vec<Vec<u32>>> {
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); texts.len()];
         // (text, whether it is a later piece, encoded after a line break to drop) per unit
@@ -680,10 +787,13 @@ impl CorpusTokenizer {
         let mut batch_bytes = 0;
         let mut cut_wrong = Vec::new();
         for (i, text) in texts.iter().enumerate() {
-            let pieces = match &self.newline_context {
-                Some(_) if text.len() > PIECE_BYTES => pieces_after_line_breaks(text, PIECE_BYTES),
+            let pieces = match &self.safe_cuts {
+                Some((_, cuts)) if text.len() > PIECE_BYTES => pieces_at(text, PIECE_BYTES, cuts),
                 _ => vec![*text],
             };
+            if pieces.len() == 1 {
+                self.check_whole_bound(i, text)?;
+            }
             for (k, piece) in pieces.into_iter().enumerate() {
                 let unit = if k == 0 {
                     std::borrow::Cow::Borrowed(piece)
@@ -699,9 +809,11 @@ impl CorpusTokenizer {
             }
         }
         self.encode_units(batch, &mut out, &mut cut_wrong)?;
-        // A text whose cut did change its tokens (the probe missed a case) is encoded whole.
+        // A text whose cut did change its tokens (the probe missed a case) is encoded whole,
+        // up to the bound.
         cut_wrong.dedup();
         for i in cut_wrong {
+            self.check_whole_bound(i, texts[i])?;
             out[i] = self.encode_whole(texts[i])?;
         }
         for (i, ids) in out.iter().enumerate() {
@@ -715,6 +827,41 @@ impl CorpusTokenizer {
             })?;
         }
         Ok(out)
+    }
+
+    /// Refuses to encode the `i`-th text whole when it is longer than [`MAX_WHOLE_BYTES`].
+    fn check_whole_bound(&self, i: usize, text: &str) -> Result<()> {
+        if text.len() <= MAX_WHOLE_BYTES {
+            return Ok(());
+        }
+        let places = match &self.safe_cuts {
+            None => "this tokenizer changes tokens at every kind of cut dapt tries (after a line \
+                     break, at a blank line, at a space between words)"
+                .to_owned(),
+            Some((_, cuts)) => format!(
+                "it has no place where this tokenizer's text can be cut without changing its \
+                 tokens ({})",
+                cuts.iter()
+                    .map(|c| match c {
+                        Cut::AfterLineBreak => "a lone line break",
+                        Cut::AfterBlankLines | Cut::BeforeLastLineBreak => "a blank line",
+                        Cut::BeforeSpace => "a space between words",
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        Err(CorpusError::TokenizerOnText {
+            path: self.origin.clone(),
+            text: i,
+            message: format!(
+                "a document of {:.1} MiB cannot be encoded in pieces: {places}; encoded whole it \
+                 would take ~200 bytes of memory per byte, so dapt refuses a document over {} \
+                 MiB that cannot be cut: split it",
+                text.len() as f64 / f64::from(1 << 20),
+                MAX_WHOLE_BYTES >> 20
+            ),
+        })
     }
 
     /// Encodes a batch of units and appends each one's ids to its text's.
@@ -731,7 +878,11 @@ impl CorpusTokenizer {
             .tokenizer
             .encode_batch_fast(units.iter().map(|u| u.2.as_ref()).collect(), false)
             .map_err(|e| CorpusError::Invalid(format!("tokenizing failed: {e}")))?;
-        let context = self.newline_context.as_deref().unwrap_or_default();
+        let context = self
+            .safe_cuts
+            .as_ref()
+            .map(|(context, _)| context.as_slice())
+            .unwrap_or_default();
         for ((i, later, _), encoding) in units.into_iter().zip(encodings) {
             let ids = encoding.get_ids();
             match later {
@@ -1044,7 +1195,7 @@ mod tests {
     fn pieces_are_cut_after_a_line_break_at_a_lines_start() {
         let text = "one line\n\n  indented\nnext ünï\n\tx\nlast".repeat(50);
         for target in [1, 7, 64, 1000, 10_000] {
-            let pieces = pieces_after_line_breaks(&text, target);
+            let pieces = pieces_at(&text, target, &[Cut::AfterLineBreak]);
             assert_eq!(pieces.concat(), text);
             for (i, piece) in pieces.iter().enumerate() {
                 if i + 1 < pieces.len() {
@@ -1057,9 +1208,48 @@ mod tests {
             }
         }
         assert_eq!(
-            pieces_after_line_breaks("one line only", 2),
+            pieces_at("one line only", 2, &[Cut::AfterLineBreak]),
             ["one line only"]
         );
+    }
+
+    /// Paragraphs separated by blank lines (the usual JSONL layout) and text without a line
+    /// break were never cut: a 16 MiB document took 3.4 GB (an audit).
+    #[test]
+    fn pieces_are_cut_at_blank_lines_and_as_a_last_resort_between_words() {
+        let text = "First paragraph ends.\n\nSecond one\n\n\nthird, ünï.".repeat(40);
+        let after = pieces_at(&text, 30, &[Cut::AfterBlankLines]);
+        let before = pieces_at(&text, 30, &[Cut::BeforeLastLineBreak]);
+        for pieces in [&after, &before] {
+            assert!(pieces.len() > 20, "{pieces:?}");
+            assert_eq!(pieces.concat(), text);
+        }
+        for piece in &after[1..] {
+            assert!(!piece.starts_with(char::is_whitespace), "{piece:?}");
+        }
+        for (i, piece) in before.iter().enumerate().skip(1) {
+            assert!(piece.starts_with('\n') && !piece[1..].starts_with('\n'));
+            assert!(before[i - 1].ends_with('\n'), "the run's other line breaks");
+        }
+        // A line break is preferred to a space within reach; without one, a space.
+        let all = [Cut::AfterLineBreak, Cut::BeforeSpace];
+        let lines = "some words here\nmore words".repeat(20);
+        for piece in &pieces_at(&lines, 40, &all)[1..] {
+            assert!(piece.starts_with("more"), "{piece:?}");
+        }
+        let words = "no line break in this text at all ".repeat(20);
+        let words = words.trim_end();
+        let pieces = pieces_at(words, 40, &all);
+        assert!(pieces.len() > 10, "{pieces:?}");
+        assert_eq!(pieces.concat(), words);
+        for piece in &pieces[1..] {
+            assert!(
+                piece.starts_with(' ') && !piece[1..].starts_with(' '),
+                "{piece:?}"
+            );
+        }
+        // Runs of spaces and whitespace at either side are never cut.
+        assert_eq!(pieces_at("a  b \nc\n d", 1, &all), ["a  b \nc\n d"]);
     }
 
     /// A long text encoded in pieces (bounded memory) has the ids of the whole, for a
@@ -1097,9 +1287,15 @@ mod tests {
             tk.tokenizer.token_to_id("ĊĊ").is_some(),
             "a blank line is one token"
         );
-        assert!(
-            tk.newline_context.is_some(),
-            "byte-level BPE cuts after line breaks"
+        let cuts = &tk.safe_cuts.as_ref().expect("byte-level BPE cuts").1;
+        assert_eq!(
+            cuts,
+            &[
+                Cut::AfterLineBreak,
+                Cut::BeforeLastLineBreak,
+                Cut::BeforeSpace
+            ],
+            "GPT-2's pre-tokenizer leaves a blank line's last line break alone"
         );
         let whole = tk.encode_whole(&text).expect("whole");
         let batch = tk
@@ -1115,6 +1311,117 @@ mod tests {
             "the pieces' ids differ from the whole text's"
         );
         assert_eq!(batch[1], tk.encode_whole("short one").expect("short"));
+
+        // Paragraphs between blank lines, and one paragraph without a line break, are cut too
+        // (they were encoded whole: ~200 bytes of memory per byte) and keep their ids.
+        let paragraphs: Vec<String> = (0..12_000)
+            .map(|i| {
+                format!(
+                    "Section {i}: the patient's dosage was {}.{} mg; 价格 über <b>bold</b>.",
+                    i % 97,
+                    i % 7
+                )
+            })
+            .collect();
+        for sep in ["\n\n", "\n\n\n", " "] {
+            let text = paragraphs.join(sep);
+            assert!(text.len() > 2 * PIECE_BYTES);
+            assert!(pieces_at(&text, PIECE_BYTES, cuts).len() > 2, "{sep:?}");
+            let batch = tk.encode_batch(vec![&text]).expect("batch");
+            assert!(
+                batch[0] == tk.encode_whole(&text).expect("whole"),
+                "{sep:?}"
+            );
+        }
+    }
+
+    /// A Metaspace (SentencePiece-style) tokenizer: `▁` for spaces, put before a sequence's
+    /// first piece only; its pieces keep their ids too.
+    #[test]
+    fn a_metaspace_tokenizer_cuts_at_blank_lines_with_the_ids_of_the_whole() {
+        let mut vocab = serde_json::Map::new();
+        for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+            vocab.insert((*t).into(), i.into());
+        }
+        for b in 0..=255u32 {
+            vocab.insert(format!("<0x{b:02X}>"), (3 + b).into());
+        }
+        let mut next = 259;
+        let mut add = |piece: String| {
+            if !vocab.contains_key(&piece) {
+                vocab.insert(piece, next.into());
+                next += 1;
+            }
+        };
+        for c in "▁abcdefghijklmnopqrstuvwxyzST.:;0123456789".chars() {
+            add(c.to_string());
+        }
+        let merges = [
+            ("▁", "t"),
+            ("▁t", "h"),
+            ("▁th", "e"),
+            ("e", "."),
+            ("▁", "S"),
+        ];
+        for (a, b) in merges {
+            add(format!("{a}{b}"));
+        }
+        let metaspace = serde_json::json!({"type": "Metaspace", "replacement": "▁",
+            "prepend_scheme": "first", "split": true});
+        let special = |id: u32, content: &str| {
+            serde_json::json!({"id": id, "content": content, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+        };
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+            "normalizer": null, "pre_tokenizer": metaspace, "post_processor": null,
+            "decoder": metaspace,
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+                "byte_fallback": true, "ignore_merges": false, "vocab": vocab,
+                "merges": merges.iter().map(|(a, b)| format!("{a} {b}")).collect::<Vec<_>>()}
+        });
+        let tokenizer: Tokenizer = serde_json::from_value(json).expect("a tokenizer");
+        let tk = CorpusTokenizer::new(tokenizer, Path::new("t"), &TokenizerOptions::default())
+            .expect("tokenizer");
+        let cuts = tk.safe_cuts.as_ref().expect("metaspace cuts").1.clone();
+        assert!(
+            cuts.contains(&Cut::AfterBlankLines) || cuts.contains(&Cut::BeforeLastLineBreak),
+            "{cuts:?}"
+        );
+        // 3 MiB of paragraphs between blank lines: cut, and the ids of the whole.
+        let paragraph = "Section 12: the dose was 5.5 mg; the end.";
+        let mut text = String::new();
+        let mut i = 0;
+        while text.len() < 3 << 20 {
+            text.push_str(&format!("{paragraph} {i}"));
+            text.push_str(if i % 3 == 0 { "\n\n\n" } else { "\n\n" });
+            i += 1;
+        }
+        let text = text.trim_end();
+        assert!(pieces_at(text, PIECE_BYTES, &cuts).len() > 8);
+        let batch = tk.encode_batch(vec![text]).expect("batch");
+        assert!(batch[0] == tk.encode_whole(text).expect("whole"));
+    }
+
+    /// A document longer than [`MAX_WHOLE_BYTES`] with no place to cut is refused before it is
+    /// encoded (it would take ~200 bytes of memory per byte), naming the text for the caller.
+    #[test]
+    fn a_long_text_that_cannot_be_cut_is_refused() {
+        let tokenizer = train_byte_level_bpe(["some text to train on"].iter(), 300).expect("train");
+        let tk = CorpusTokenizer::new(tokenizer, Path::new("t.json"), &TokenizerOptions::default())
+            .expect("tokenizer");
+        let long = "x".repeat(MAX_WHOLE_BYTES + 1);
+        let err = tk.encode_batch(vec!["short", &long]).expect_err("refused");
+        match err {
+            CorpusError::TokenizerOnText { text, message, .. } => {
+                assert_eq!(text, 1);
+                assert!(message.contains("cannot be encoded in pieces"), "{message}");
+                assert!(message.contains("split it"), "{message}");
+            }
+            e => panic!("{e}"),
+        }
     }
 
     #[test]

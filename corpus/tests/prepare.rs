@@ -97,8 +97,15 @@ fn prepares_every_format_and_counts_what_it_dropped() {
     assert_eq!(sql.documents_train + sql.documents_held_out, 40 + 1 + 1 + 2);
     assert_eq!(sql.lossy_files, 1);
     assert_eq!(sql.bad_jsonl_lines, 2);
+    // The first bad line says why, in serde_json's words (`not json`: `n` starts `null`).
     assert!(
-        sql.bad_jsonl_examples[0].ends_with("records.jsonl.gz:2"),
+        sql.bad_jsonl_examples[0]
+            .ends_with("records.jsonl.gz:2 (expected ident at line 1 column 2)"),
+        "{:?}",
+        sql.bad_jsonl_examples
+    );
+    assert!(
+        sql.bad_jsonl_examples[1].ends_with("records.jsonl.gz:3"),
         "{:?}",
         sql.bad_jsonl_examples
     );

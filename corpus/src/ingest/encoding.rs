@@ -19,8 +19,9 @@
 //! is counted as decoded lossily; nothing is dropped silently. What cannot be text is refused
 //! ([`Undecodable`]): a file that declares one of the encodings the Encoding Standard decodes as
 //! a single U+FFFD (`replacement`: ISO-2022-KR, HZ-GB-2312, ...), text with NUL characters
-//! (UTF-16 without a byte order mark read as UTF-8, or a binary file), and a known binary format
-//! under a text name ([`Undecodable::Binary`]). A declaration whose label
+//! (UTF-16 without a byte order mark read as UTF-8, or a binary file), a known binary format
+//! under a text name ([`Undecodable::Binary`]), and bytes of which a large share decode to
+//! U+FFFD or control characters ([`Undecodable::NotText`]: binary data without magic bytes). A declaration whose label
 //! names no encoding is ignored, as a browser does, and kept for the report.
 
 use encoding_rs::{Encoding, REPLACEMENT, UTF_16BE, UTF_16LE, UTF_8, WINDOWS_1252, X_USER_DEFINED};
@@ -86,6 +87,51 @@ pub enum Undecodable {
         mime: &'static str,
         extension: &'static str,
     },
+    /// Decoded as `encoding`, more than [`MAX_NOT_TEXT_SHARE`] of its characters are U+FFFD or
+    /// control characters text does not use ([`not_text_share`]): binary data without a magic
+    /// number (zlib or raw deflate, encrypted or random bytes). `percent` is that share.
+    NotText {
+        encoding: &'static str,
+        percent: u32,
+    },
+}
+
+/// Decoded characters that are U+FFFD or controls text does not use ([`not_text`]) in more than
+/// this share of a file's characters, and the file is refused as not text
+/// ([`Undecodable::NotText`]). Binary data is far past it: compressed or random bytes read as
+/// UTF-8 are mostly U+FFFD (over half their bytes are not valid there), and read in a
+/// single-byte encoding 25 of every 256 bytes are such C0 controls (10%) and the C1 ones
+/// (U+0080-U+009F, 5 to 32 bytes of 256) come on top. Text in a Latin script read in the wrong
+/// encoding (windows-1252 as UTF-8: each accented letter one U+FFFD) stays under it, at 1-5%,
+/// and is read lossily and named, as before; text whose every letter is lost (Cyrillic
+/// windows-1251 read as UTF-8) is refused, and the error names the `encoding` setting.
+pub const MAX_NOT_TEXT_SHARE: f64 = 0.10;
+/// Fewer [`not_text`] characters than this never refuse a file, whatever their share: a short
+/// text with one bad byte (`caf\xE9` read as UTF-8) is text with an error.
+pub const MIN_NOT_TEXT_CHARS: usize = 64;
+
+/// Whether a decoded character is no text: U+FFFD (bytes not valid in the encoding), a C0
+/// control other than tab, line feed, vertical tab, form feed, carriage return and escape
+/// (ANSI colour codes in logs), or a C1 control (U+0080-U+009F: no encoding's text decodes to
+/// one, windows-1252's five undefined bytes and ISO-8859's 0x80-0x9F do).
+fn not_text(c: char) -> bool {
+    match c {
+        '\u{FFFD}' | '\u{80}'..='\u{9F}' => true,
+        '\t' | '\n' | '\u{0B}' | '\u{0C}' | '\r' | '\u{1B}' => false,
+        c => c < ' ',
+    }
+}
+
+/// The share of `text`'s characters that are [`not_text`], when it is more than
+/// [`MAX_NOT_TEXT_SHARE`] and they are at least [`MIN_NOT_TEXT_CHARS`].
+fn not_text_share(text: &str) -> Option<f64> {
+    let (mut all, mut not) = (0usize, 0usize);
+    for c in text.chars() {
+        all += 1;
+        not += usize::from(not_text(c));
+    }
+    let share = not as f64 / all.max(1) as f64;
+    (not >= MIN_NOT_TEXT_CHARS && share > MAX_NOT_TEXT_SHARE).then_some(share)
 }
 
 impl std::fmt::Display for Undecodable {
@@ -129,6 +175,14 @@ impl std::fmt::Display for Undecodable {
                 "read as {encoding}, its text is full of NUL characters: it is not text (a \
                  binary file?) in that encoding; leave it out or set the source's `encoding`"
             ),
+            Undecodable::NotText { encoding, percent } => write!(
+                f,
+                "is not text: read as {encoding}, {percent}% of its characters are bytes not \
+                 valid there (U+FFFD) or control characters, which is binary data (compressed, \
+                 such as zlib or deflate, encrypted or random bytes); leave it out of the \
+                 source's paths, or, if it is text in another encoding, set the source's \
+                 `encoding`"
+            ),
         }
     }
 }
@@ -149,11 +203,22 @@ pub fn decode(
     // in (bytes invalid there, NULs, or other control bytes). A windows-1252 text that begins
     // `BMW-H\xe4ndler` is text.
     let binary = binary_format(&raw);
-    match (binary, decode_text(raw, format, fallback)) {
-        (Some((refusal, _)), Err(Undecodable::Nul { .. })) => Err(refusal),
-        (Some((refusal, controls)), Ok(decoded)) if decoded.lossy || controls => Err(refusal),
-        (_, decoded) => decoded,
+    let decoded = match (binary, decode_text(raw, format, fallback)) {
+        (Some((refusal, _)), Err(Undecodable::Nul { .. })) => return Err(refusal),
+        (Some((refusal, controls)), Ok(decoded)) if decoded.lossy || controls => {
+            return Err(refusal)
+        }
+        (_, decoded) => decoded?,
+    };
+    // Binary data without a magic number (zlib, raw deflate, random bytes under `.txt`) was
+    // tokenized as junk with one warning about lossy decoding (an audit).
+    if let Some(share) = not_text_share(&decoded.text) {
+        return Err(Undecodable::NotText {
+            encoding: decoded.encoding,
+            percent: (share * 100.0).round() as u32,
+        });
     }
+    Ok(decoded)
 }
 
 /// [`decode`] without the check for binary formats.
@@ -801,6 +866,80 @@ mod tests {
         let legacy = b"BMW-H\xe4ndler in M\xfcnchen".to_vec();
         let d = decode(legacy, Format::Plain, encoding_rs::WINDOWS_1252).expect("text");
         assert_eq!(d.text, "BMW-H\u{e4}ndler in M\u{fc}nchen");
+    }
+
+    /// zlib or raw deflate data, or random bytes, under a text name have no magic number: they
+    /// were tokenized as junk with one warning about lossy decoding (an audit). Refused as not
+    /// text in any encoding; legacy text read with a few errors is still text.
+    #[test]
+    fn binary_data_without_magic_bytes_is_refused_and_text_with_errors_is_not() {
+        use std::io::Write;
+        let text: String = (0..2000)
+            .map(|i| {
+                format!(
+                    "line {i}: the dose was {} mg, patient {}\n",
+                    i % 37,
+                    i * 7919
+                )
+            })
+            .collect();
+        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+        zlib.write_all(text.as_bytes()).expect("zlib");
+        let mut deflate =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        deflate.write_all(text.as_bytes()).expect("deflate");
+        // deterministic pseudo-random bytes (xorshift)
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let random: Vec<u8> = (0..65_536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 56) as u8
+            })
+            .collect();
+        for (what, bytes) in [
+            ("zlib", zlib.finish().expect("zlib")),
+            ("deflate", deflate.finish().expect("deflate")),
+            ("random", random),
+        ] {
+            assert!(infer::get(&bytes).is_none(), "{what} has no magic number");
+            for fallback in [UTF_8, WINDOWS_1252, encoding_rs::ISO_8859_2] {
+                for format in [Format::Plain, Format::Html] {
+                    let err = decode(bytes.clone(), format, fallback).expect_err(what);
+                    assert!(
+                        matches!(err, Undecodable::NotText { percent, .. } if percent >= 10),
+                        "{what} as {}: {err}",
+                        fallback.name()
+                    );
+                    assert!(err.to_string().starts_with("is not text"), "{err}");
+                }
+            }
+        }
+        // windows-1252 German and French read as UTF-8 (each accented letter a U+FFFD), a
+        // UTF-8 file with a few stray bytes, a log with ANSI colours and form feeds: text.
+        let german = "Die Bundesregierung hat am Dienstag einen neuen Plan f\u{fc}r den \
+            \u{f6}ffentlichen Nahverkehr vorgestellt, der zus\u{e4}tzliche Mittel f\u{fc}r Busse \
+            und Bahnen vorsieht. "
+            .repeat(300);
+        let french = "Le gouvernement a pr\u{e9}sent\u{e9} mardi un nouveau plan pour les \
+            transports publics dans la r\u{e9}gion parisienne, avec des investissements pour les \
+            lignes de bus et de m\u{e9}tro. "
+            .repeat(300);
+        let mut stray = text.clone().into_bytes();
+        for i in (100..stray.len()).step_by(997) {
+            stray[i] = 0x92;
+        }
+        let log = "\x1b[31merror\x1b[0m: page\x0c\tdone\x0b\r\n".repeat(500);
+        for bytes in [
+            german.chars().map(|c| c as u8).collect::<Vec<u8>>(),
+            french.chars().map(|c| c as u8).collect(),
+            stray,
+            log.into_bytes(),
+        ] {
+            let d = decode(bytes, Format::Plain, UTF_8).expect("text with errors is text");
+            assert!(d.text.len() > 1000);
+        }
     }
 
     #[test]

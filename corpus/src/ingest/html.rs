@@ -9,10 +9,27 @@ use ego_tree::NodeRef;
 use scraper::{Html, Node};
 
 /// Never shown, or shown only where something else is not (`noframes`, `noembed`: old Javadoc's
-/// `index.html` held raw markup there, which html5ever reads as raw text).
+/// `index.html` held raw markup there, which html5ever reads as raw text). `title`, `rp` and
+/// MathML's `annotation`/`annotation-xml` (the TeX source beside a rendered formula) are
+/// `display: none` in browsers' default style sheet, wherever they are (an audit: a `<title>`
+/// in the body, `x^{2}+1` beside `x2+1`, ruby's fallback parentheses were stored as text).
 const SKIPPED: &[&str] = &[
-    "head", "script", "style", "noscript", "template", "nav", "svg", "iframe", "object",
-    "noframes", "noembed", "datalist",
+    "head",
+    "script",
+    "style",
+    "noscript",
+    "template",
+    "nav",
+    "svg",
+    "iframe",
+    "object",
+    "noframes",
+    "noembed",
+    "datalist",
+    "title",
+    "rp",
+    "annotation",
+    "annotation-xml",
 ];
 /// Elements whose text keeps its layout (browsers' `white-space: pre`).
 const PREFORMATTED: &[&str] = &["pre", "listing", "xmp", "plaintext", "textarea"];
@@ -48,7 +65,6 @@ const BLOCKS: &[&str] = &[
     "figure",
     "figcaption",
     "hr",
-    "title",
     "caption",
     // Also shown as blocks by browsers (their default style sheet): their text ran together
     // with the next element's before (an audit: "Show the answerThe index is used.").
@@ -373,7 +389,8 @@ impl<'a> PageNode<'a> for NodeRef<'a, Node> {
             Node::Element(e) => Some((
                 e.name(),
                 e.classes().any(|c| SKIPPED_CLASSES.contains(&c))
-                    || hidden(e.attr("hidden"), e.attr("style")),
+                    || hidden(e.attr("hidden"), e.attr("style"))
+                    || closed_dialog(e.name(), e.attr("open")),
             )),
             _ => None,
         }
@@ -410,8 +427,10 @@ impl<'a, 'input> PageNode<'a> for roxmltree::Node<'a, 'input> {
             let chrome = self
                 .attribute("class")
                 .is_some_and(|c| c.split_whitespace().any(|c| SKIPPED_CLASSES.contains(&c)));
-            let hidden = hidden(self.attribute("hidden"), self.attribute("style"));
-            (self.tag_name().name(), chrome || hidden)
+            let name = self.tag_name().name();
+            let hidden = hidden(self.attribute("hidden"), self.attribute("style"))
+                || closed_dialog(name, self.attribute("open"));
+            (name, chrome || hidden)
         })
     }
     fn children(self) -> Vec<Self> {
@@ -438,6 +457,12 @@ fn hidden(hidden: Option<&str>, style: Option<&str>) -> bool {
             d == "display:none" || d == "visibility:hidden"
         })
     })
+}
+
+/// Whether an element is a `<dialog>` without `open`: not shown until a script opens it (cookie,
+/// newsletter and login modals; an audit found them stored beside the article).
+fn closed_dialog(name: &str, open: Option<&str>) -> bool {
+    name == "dialog" && open.is_none()
 }
 
 /// HTML's whitespace (the only characters its layout collapses): a no-break space, a thin
@@ -701,6 +726,26 @@ mod tests {
                 "def f():  \n\tpass\n\n\ndef g():\n    pass\nafter",
             ),
             ("<pre>a<br><br>b</pre>", "a\n\nb"),
+            // Hidden by browsers' default style sheet (an audit): a dialog not opened, MathML's
+            // TeX annotation, ruby's fallback parentheses, a `<title>` in the body.
+            (
+                "<p>Article text.</p><dialog id=\"consent\"><p>We use cookies.</p>\
+                 <button>Accept all</button></dialog><dialog open=\"\">Shown</dialog>\
+                 <p>More article.</p>",
+                "Article text.\nShown\nMore article.",
+            ),
+            (
+                "<p>Let <math><semantics><mrow><msup><mi>x</mi><mn>2</mn></msup><mo>+</mo>\
+                 <mn>1</mn></mrow><annotation encoding=\"application/x-tex\">x^{2}+1\
+                 </annotation><annotation-xml encoding=\"MathML-Content\"><ci>x</ci>\
+                 </annotation-xml></semantics></math> be positive.</p>",
+                "Let x2+1 be positive.",
+            ),
+            (
+                "<p>one</p><title>stray title</title><p>two <ruby>漢<rp>(</rp><rt>kan</rt>\
+                 <rp>)</rp></ruby></p>",
+                "one\ntwo 漢kan",
+            ),
             (
                 "<p>one<br><br>two<br><br><br><br>three</p>",
                 "one\n\ntwo\n\nthree",

@@ -7,6 +7,7 @@
 
 pub mod encoding;
 pub mod html;
+mod jsonl;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -356,6 +357,9 @@ pub struct FileText {
     pub bad_lines: u64,
     /// The first few of those line numbers (1-based).
     pub bad_line_numbers: Vec<u64>,
+    /// Why the first of those was not read (serde_json's error: `expected value at line 1
+    /// column 1`; or no object, no such field, not a string).
+    pub first_bad_reason: Option<String>,
     /// Raw bytes read (after decompression).
     pub bytes: u64,
 }
@@ -387,6 +391,7 @@ pub fn read_file(
         not_xml: None,
         bad_lines: 0,
         bad_line_numbers: Vec::new(),
+        first_bad_reason: None,
         bytes,
     };
     let content = decoded.text;
@@ -425,6 +430,12 @@ pub fn read_file(
             }
         }
         Format::Jsonl => {
+            // A JSON array of records (`json.dump(records)`, on one line or pretty-printed) is
+            // no JSON Lines: its records were all lost, counted as one bad line (an audit).
+            let start = content.trim_start_matches(|c: char| c == '\u{FEFF}' || c.is_whitespace());
+            if start.starts_with('[') && jsonl::is_array_of_records(start) {
+                return Err(array_of_records(&file.path, None));
+            }
             // Records end at `\n`, `\r\n` or a lone `\r` (classic Mac line endings, or files of
             // both joined): JSON has no raw line break inside a record, so each is a record's
             // end. Read as one bad line, three `\r` records and a `\n` one were all lost.
@@ -444,15 +455,25 @@ pub fn read_file(
                 // Python's `json.dumps` writes `NaN` and `Infinity` (a score field of a crawl):
                 // read as null, as they are no text (the record was dropped as "not a JSON
                 // object with a string text field", its text fine; an audit).
-                let parsed = match jsonl_text(line, text_field) {
-                    Some(doc) => Some(doc),
-                    None => {
+                // A record that is no JSON object with a string text field: serde_json's
+                // reason for the first, for the report.
+                let mut why = None;
+                let parsed = match jsonl::record_text(line, text_field) {
+                    Ok(doc) => Some(doc),
+                    Err(reason) => {
+                        if line.trim_start().starts_with('[') && jsonl::is_array_of_records(line) {
+                            return Err(array_of_records(&file.path, Some(i as u64 + 1)));
+                        }
+                        why = Some(reason);
                         let constants = python_constants_as_null(line);
                         let line = constants.as_deref().unwrap_or(line);
-                        match constants.as_deref().and_then(|l| jsonl_text(l, text_field)) {
+                        match constants
+                            .as_deref()
+                            .and_then(|l| jsonl::record_text(l, text_field).ok())
+                        {
                             Some(doc) => Some(doc),
                             None => lone_surrogates_replaced(line).and_then(|fixed| {
-                                let doc = jsonl_text(&fixed, text_field)?;
+                                let doc = jsonl::record_text(&fixed, text_field).ok()?;
                                 text.lossy = true;
                                 Some(doc)
                             }),
@@ -471,6 +492,9 @@ pub fn read_file(
                         text.lines.push(i as u64 + 1);
                     }
                     None => {
+                        if text.bad_lines == 0 {
+                            text.first_bad_reason = why;
+                        }
                         text.bad_lines += 1;
                         if text.bad_line_numbers.len() < BAD_LINES_KEPT {
                             text.bad_line_numbers.push(i as u64 + 1);
@@ -616,13 +640,16 @@ fn python_constants_as_null(line: &str) -> Option<String> {
     changed.then_some(out)
 }
 
-fn jsonl_text(line: &str, field: &str) -> Option<String> {
-    match serde_json::from_str::<serde_json::Value>(line).ok()? {
-        serde_json::Value::Object(mut map) => match map.remove(field)? {
-            serde_json::Value::String(s) => Some(s),
-            _ => None,
-        },
-        _ => None,
+/// A JSONL file (or its line `line`) that is one JSON array of records.
+fn array_of_records(path: &Path, line: Option<u64>) -> CorpusError {
+    let on_line = line.map(|l| format!(" on line {l}")).unwrap_or_default();
+    CorpusError::NotText {
+        path: path.to_path_buf(),
+        reason: format!(
+            "holds a JSON array of records{on_line}, not JSON Lines (one JSON object per \
+             line): convert it, e.g. `jq -c '.[]' {} > records.jsonl`",
+            path.display()
+        ),
     }
 }
 
@@ -820,6 +847,45 @@ mod tests {
         let text = read_file(&input(&path), "text", UTF_8, 1 << 20).expect("read");
         assert_eq!(text.documents, vec!["ab", ""]);
         assert!(text.lossy);
+    }
+
+    /// A JSONL file that is one JSON array of records lost every record, counted as "1 line";
+    /// records Python's `json` reads (nesting past 128, `1e400`) were dropped as not objects
+    /// with a string text field (an audit).
+    #[test]
+    fn a_json_array_is_refused_and_records_python_reads_are_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("part-1.jsonl");
+        let records = "[{\"text\": \"one\"}, {\"text\": \"two\"}]";
+        let pretty = "\u{FEFF}[\n  {\n    \"text\": \"one\"\n  }\n]\n";
+        let later = "{\"text\": \"zero\"}\n[{\"text\": \"one\"}]\n";
+        for (content, line) in [(records, ""), (pretty, ""), (later, " on line 2")] {
+            std::fs::write(&path, content).expect("write");
+            let err = read_file(&input(&path), "text", UTF_8, 1 << 20)
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                err.contains("part-1.jsonl")
+                    && err.contains(&format!("a JSON array of records{line}, not JSON Lines"))
+                    && err.contains("jq -c '.[]'"),
+                "{err}"
+            );
+        }
+        // An array of numbers, like any other line that is no record, is a bad line.
+        let deep = format!("{}1{}", "{\"child\": ".repeat(200), "}".repeat(200));
+        std::fs::write(
+            &path,
+            format!(
+                "[1, 2]\n{{\"text\": \"deep AST\", \"ast\": {deep}}}\n\
+                 {{\"text\": \"huge score\", \"score\": 1e400}}\n{{\"text\": 1e400}}\n"
+            ),
+        )
+        .expect("write");
+        let text = read_file(&input(&path), "text", UTF_8, 1 << 20).expect("read");
+        assert_eq!(text.documents, ["deep AST", "huge score"]);
+        assert_eq!(text.bad_line_numbers, [1, 4]);
+        let why = text.first_bad_reason.expect("a reason");
+        assert!(why.contains("expected a JSON object"), "{why}");
     }
 
     #[test]

@@ -39,7 +39,10 @@ const SPLIT_SEED: u64 = 0x6461_7074_5f68_656c; // "dapt_hel"
 /// 4: HTML laid out as browsers show it (spaces between inline elements, hidden elements,
 /// preformatted text), XHTML read as XML, JSONL line ends and Python's constants, a config's
 /// EOS and pad token.
-pub const TEXT_RULES: u32 = 4;
+/// 5: the first line's indentation kept (only leading blank lines trimmed); what browsers'
+/// default style sheet hides skipped (a closed `dialog`, `title`, `rp`, MathML annotations);
+/// binary data without magic bytes refused; JSONL records read past serde_json's `Value` limits.
+pub const TEXT_RULES: u32 = 5;
 
 #[derive(Debug, Clone, Default)]
 pub struct PrepareOptions {
@@ -439,8 +442,9 @@ struct Normalized {
 
 /// The text a document is tokenized as: without U+FEFF (a byte order mark that files joined
 /// with `cat` or gzip members carry inside the text, or the zero-width no-break space that
-/// Unicode deprecated for U+2060), trimmed, line endings as `\n` (from `\r\n` and lone `\r`,
-/// in every format), NFC.
+/// Unicode deprecated for U+2060), without its leading blank lines and trailing whitespace
+/// ([`trim_blank_lines`]), line endings as `\n` (from `\r\n` and lone `\r`, in every format),
+/// NFC.
 pub fn normalize(text: &str) -> String {
     let without_bom;
     let text = if text.contains('\u{FEFF}') {
@@ -449,7 +453,7 @@ pub fn normalize(text: &str) -> String {
     } else {
         text
     };
-    let text = text.trim();
+    let text = trim_blank_lines(text);
     if text.contains('\r') {
         text.replace("\r\n", "\n")
             .replace('\r', "\n")
@@ -458,6 +462,18 @@ pub fn normalize(text: &str) -> String {
     } else {
         text.nfc().collect()
     }
+}
+
+/// `text` without its leading lines of whitespace only and its trailing whitespace: the first
+/// line's indentation is text (a `<pre>` listing, YAML, COBOL columns; `trim` took it off the
+/// first line only). A text of whitespace only becomes empty.
+fn trim_blank_lines(text: &str) -> &str {
+    let text = text.trim_end();
+    let first = text
+        .find(|c: char| !c.is_whitespace())
+        .unwrap_or(text.len());
+    let line_start = text[..first].rfind(['\n', '\r']).map_or(0, |i| i + 1);
+    &text[line_start..]
 }
 
 /// Consecutive files of about `CHUNK_BYTES` of text together (a `.gz` file counted by the size
@@ -710,6 +726,24 @@ fn up_to_date(out: &Path, fingerprint: &str, verify: VerifyMode) -> Option<Manif
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `trim` took the first line's indentation off a `<pre>` listing, YAML or COBOL (an audit):
+    /// only blank lines before the text and whitespace after it go.
+    #[test]
+    fn the_first_lines_indentation_is_kept() {
+        assert_eq!(
+            normalize("    key: 1\n  other: 2\n"),
+            "    key: 1\n  other: 2"
+        );
+        assert_eq!(
+            normalize("\n \t\r\n\n   IDENTIFICATION DIVISION.\r\n"),
+            "   IDENTIFICATION DIVISION."
+        );
+        assert_eq!(normalize("\u{FEFF}  \n\tcode();\n\n"), "\tcode();");
+        assert_eq!(normalize("\u{3000}全角 text  \t\n"), "\u{3000}全角 text");
+        assert_eq!(normalize(" \n\t \n"), "");
+        assert_eq!(normalize("plain"), "plain");
+    }
 
     /// A corpus prepared by an older dapt (older text rules) from the same inputs is kept when a
     /// job resumes on it (its checkpoints were trained on it: a rebuild would hold other tokens

@@ -203,8 +203,14 @@ impl SourceStats {
         self.bad_jsonl_lines += text.bad_lines;
         for line in &text.bad_line_numbers {
             if self.bad_jsonl_examples.len() < EXAMPLES_KEPT {
+                // The source's first bad line says why (serde_json's error: "recursion limit
+                // exceeded", "expected value"), not only that it was passed over.
+                let why = match (&text.first_bad_reason, self.bad_jsonl_examples.is_empty()) {
+                    (Some(why), true) => format!(" ({why})"),
+                    _ => String::new(),
+                };
                 self.bad_jsonl_examples
-                    .push(format!("{}:{line}", path.display()));
+                    .push(format!("{}:{line}{why}", path.display()));
             }
         }
     }
