@@ -41,7 +41,9 @@ const SPLIT_SEED: u64 = 0x6461_7074_5f68_656c; // "dapt_hel"
 /// EOS and pad token.
 /// 5: the first line's indentation kept (only leading blank lines trimmed); what browsers'
 /// default style sheet hides skipped (a closed `dialog`, `title`, `rp`, MathML annotations);
-/// binary data without magic bytes refused; JSONL records read past serde_json's `Value` limits.
+/// binary data without magic bytes refused; JSONL records read past serde_json's `Value` limits;
+/// `add_bos_token` applied only for the tokenizer classes transformers applies it for, a chat
+/// turn's end never a document end, BPE dropout not applied.
 pub const TEXT_RULES: u32 = 5;
 
 #[derive(Debug, Clone, Default)]
