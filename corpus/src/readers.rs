@@ -44,6 +44,12 @@ pub(crate) struct NoReaders {
 /// where flock is a whole-file POSIX lock, needs a descriptor open for writing), read-only when
 /// it exists but is not writable to this process (flock needs no write access). `None` when it
 /// does not exist and is not made. Shared by this lock and the output's (`prepare::output`).
+///
+/// The file is made 0640 (less the umask), and one of this user's that others may open is made
+/// so: flock needs no write access, so any user who could open it could hold it and keep jobs
+/// from reading the corpus (two minutes, then failing) or `dapt prepare` from building it (an
+/// audit). The corpus's group (a team sharing it) keeps its place in the lock; other users
+/// read without one, as where the file cannot be made.
 pub(crate) fn open_lock_file(path: &Path, create: bool) -> Result<Option<File>> {
     let options = |write: bool| {
         let mut options = OpenOptions::new();
@@ -52,9 +58,35 @@ pub(crate) fn open_lock_file(path: &Path, create: bool) -> Result<Option<File>> 
             .write(write)
             .create(write && create)
             .truncate(false)
+            .mode(0o640)
             .custom_flags(libc::O_NOFOLLOW);
         options
     };
+    let file = open_lock_file_as(path, create, options)?;
+    if let Some(file) = &file {
+        close_to_others(file);
+    }
+    Ok(file)
+}
+
+/// Takes the permissions of others from `file` when it is this user's (an older dapt made it
+/// 0644); best effort.
+fn close_to_others(file: &File) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if let Ok(meta) = file.metadata() {
+        if meta.uid() == euid && meta.mode() & 0o007 != 0 {
+            let _ = file.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o770));
+        }
+    }
+}
+
+fn open_lock_file_as(
+    path: &Path,
+    create: bool,
+    options: impl Fn(bool) -> OpenOptions,
+) -> Result<Option<File>> {
     let denied = |e: &std::io::Error| {
         matches!(
             e.raw_os_error(),
@@ -177,6 +209,24 @@ pub(crate) fn no_readers(out: &Path, create: bool) -> Result<Option<NoReaders>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lock file is closed to users outside the corpus's owner and group: flock needs no
+    /// write access, so any user who could open it held it and kept jobs from reading the
+    /// corpus (two minutes, then failing) or prepare from building it (an audit). An older
+    /// 0644 one of this user's is closed too.
+    #[test]
+    fn other_users_cannot_open_the_lock_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(crate::manifest::MANIFEST_FILE), "{}").expect("write");
+        let lock = dir.path().join(READERS_FILE);
+        drop(read_lock(dir.path()).expect("lock").expect("made"));
+        assert_eq!(mode(&lock) & 0o007, 0, "{:o}", mode(&lock));
+        std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        drop(read_lock(dir.path()).expect("lock").expect("made"));
+        assert_eq!(mode(&lock), 0o640);
+    }
 
     #[test]
     fn prepare_is_refused_while_a_reader_holds_the_corpus() {
