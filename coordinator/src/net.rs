@@ -112,9 +112,82 @@ pub fn canonical(peer: &SocketAddr) -> IpAddr {
     peer.ip().to_canonical()
 }
 
+/// What a connection is counted under: its [`canonical`] address and, from loopback, the user
+/// that owns the peer's socket. Every process of a host dials from 127.0.0.1: a local user
+/// holding its 64 connections locked `dapt launch`'s workers and `dapt status` out of the
+/// coordinator (an audit); counted per user, a stranger holds only their own places.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    pub ip: IpAddr,
+    /// The owner of the peer's socket, for a loopback peer whose socket was found
+    /// ([`loopback_peer_uid`]).
+    pub uid: Option<u32>,
+}
+
+impl From<IpAddr> for PeerKey {
+    fn from(ip: IpAddr) -> Self {
+        PeerKey { ip, uid: None }
+    }
+}
+
+impl PeerKey {
+    /// The key of an accepted connection from `peer` to this host's `local` address.
+    pub fn of(peer: &SocketAddr, local: Option<SocketAddr>) -> Self {
+        let ip = canonical(peer);
+        let uid = if ip.is_loopback() {
+            local.and_then(|local| loopback_peer_uid(peer, &local))
+        } else {
+            None
+        };
+        PeerKey { ip, uid }
+    }
+}
+
+/// The user owning the socket at `peer` (this host) that is connected to `local`, from the
+/// kernel's socket table (`/proc/net/tcp` or `tcp6`: a line whose local address is `peer` and
+/// whose remote address is `local`; its 8th field is the owner's uid). `None` where it is not
+/// found (another network namespace, no /proc).
+pub fn loopback_peer_uid(peer: &SocketAddr, local: &SocketAddr) -> Option<u32> {
+    // Both sockets of a loopback connection are in the table of their family: a dual-stack
+    // listener's IPv4 peer (`::ffff:127.0.0.1`) is an IPv6 socket to the kernel only when the
+    // peer dialled over IPv6, so both tables are looked at.
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        let (p, l) = (proc_addr(peer, table), proc_addr(local, table));
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() > 7 && fields[1] == p && fields[2] == l {
+                return fields[7].parse().ok();
+            }
+        }
+    }
+    None
+}
+
+/// `addr` as `/proc/net/tcp` (IPv4: the address's 4 bytes as a native-endian u32) or `tcp6`
+/// (four native-endian u32 words; an IPv4 address mapped) writes it, with the port in hex.
+fn proc_addr(addr: &SocketAddr, table: &str) -> String {
+    let words: Vec<u32> = match (addr.ip().to_canonical(), table.ends_with('6')) {
+        (IpAddr::V4(v4), false) => vec![u32::from_ne_bytes(v4.octets())],
+        (IpAddr::V4(v4), true) => octet_words(&v4.to_ipv6_mapped().octets()),
+        (IpAddr::V6(v6), _) => octet_words(&v6.octets()),
+    };
+    let hex: String = words.iter().map(|w| format!("{w:08X}")).collect();
+    format!("{hex}:{:04X}", addr.port())
+}
+
+fn octet_words(octets: &[u8; 16]) -> Vec<u32> {
+    octets
+        .chunks_exact(4)
+        .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 #[derive(Default, Debug)]
 struct Counts {
-    per_address: HashMap<IpAddr, usize>,
+    per_address: HashMap<PeerKey, usize>,
     total: usize,
 }
 
@@ -128,7 +201,7 @@ pub struct Places {
 /// One connection's place, given back when dropped.
 #[derive(Debug)]
 pub struct Place {
-    ip: IpAddr,
+    key: PeerKey,
     counts: Arc<Mutex<Counts>>,
 }
 
@@ -140,27 +213,30 @@ impl Places {
         }
     }
 
-    /// A place for a connection from `ip` (already [`canonical`]), or why there is none.
-    pub fn take(&self, ip: IpAddr) -> Result<Place, Verdict> {
+    /// A place for a connection from `key` (an address already [`canonical`], and a loopback
+    /// peer's user), or why there is none.
+    pub fn take(&self, key: impl Into<PeerKey>) -> Result<Place, Verdict> {
+        let key = key.into();
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let held = counts.per_address.get(&ip).copied().unwrap_or(0);
+        let held = counts.per_address.get(&key).copied().unwrap_or(0);
         match judge(self.limits, held, counts.total) {
             Verdict::Admit => {}
             refused => return Err(refused),
         }
-        *counts.per_address.entry(ip).or_insert(0) += 1;
+        *counts.per_address.entry(key).or_insert(0) += 1;
         counts.total += 1;
         Ok(Place {
-            ip,
+            key,
             counts: self.counts.clone(),
         })
     }
 
-    /// Places held: by `ip`, and in all.
-    pub fn held(&self, ip: IpAddr) -> (usize, usize) {
+    /// Places held: by `key`, and in all.
+    pub fn held(&self, key: impl Into<PeerKey>) -> (usize, usize) {
+        let key = key.into();
         let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         (
-            counts.per_address.get(&ip).copied().unwrap_or(0),
+            counts.per_address.get(&key).copied().unwrap_or(0),
             counts.total,
         )
     }
@@ -170,10 +246,10 @@ impl Drop for Place {
     fn drop(&mut self) {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         counts.total = counts.total.saturating_sub(1);
-        if let Some(n) = counts.per_address.get_mut(&self.ip) {
+        if let Some(n) = counts.per_address.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                counts.per_address.remove(&self.ip);
+                counts.per_address.remove(&self.key);
             }
         }
     }
@@ -238,28 +314,30 @@ impl Stream for Incoming {
                 this.backoff = None;
             }
             match ready!(this.listener.poll_accept(cx)) {
-                Ok((tcp, peer)) => match this.places.take(canonical(&peer)) {
-                    Ok(place) => {
-                        return Poll::Ready(Some(Ok(Admitted::new(
-                            tcp,
-                            peer,
-                            place,
-                            this.first_request,
-                        ))))
-                    }
-                    Err(verdict) => {
-                        if let Some(refused) = this.refused.admit() {
-                            tracing::warn!(
-                                port = this.port,
-                                peer = %peer,
-                                refused,
-                                reason = verdict.reason(),
-                                "refused connections"
-                            );
+                Ok((tcp, peer)) => {
+                    match this.places.take(PeerKey::of(&peer, tcp.local_addr().ok())) {
+                        Ok(place) => {
+                            return Poll::Ready(Some(Ok(Admitted::new(
+                                tcp,
+                                peer,
+                                place,
+                                this.first_request,
+                            ))))
                         }
-                        drop(tcp);
+                        Err(verdict) => {
+                            if let Some(refused) = this.refused.admit() {
+                                tracing::warn!(
+                                    port = this.port,
+                                    peer = %peer,
+                                    refused,
+                                    reason = verdict.reason(),
+                                    "refused connections"
+                                );
+                            }
+                            drop(tcp);
+                        }
                     }
-                },
+                }
                 Err(e) if out_of_descriptors(&e) => {
                     if let Some(times) = this.exhausted.admit() {
                         tracing::error!(
@@ -286,6 +364,8 @@ impl Stream for Incoming {
 #[derive(Debug, Clone)]
 pub struct Connection {
     pub peer: SocketAddr,
+    /// What it is counted under ([`PeerKey`]).
+    pub key: PeerKey,
     used: Arc<AtomicBool>,
 }
 
@@ -330,6 +410,7 @@ impl Admitted {
             tcp,
             info: Connection {
                 peer,
+                key: place.key,
                 used: Arc::default(),
             },
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep(d))),

@@ -935,7 +935,7 @@ static TOO_MANY_UNJOINED: dapt_proto::logging::Throttle =
     dapt_proto::logging::Throttle::new(Duration::from_secs(10));
 
 /// Unjoined sessions per IP address (a session without an address counts as one address).
-type PerPeer = Arc<std::sync::Mutex<HashMap<Option<std::net::IpAddr>, usize>>>;
+type PerPeer = Arc<std::sync::Mutex<HashMap<Option<crate::net::PeerKey>, usize>>>;
 
 /// The sessions that have not joined yet: [`MAX_UNJOINED`] in all, [`MAX_UNJOINED_PER_PEER`]
 /// per IP address.
@@ -948,7 +948,7 @@ struct Unjoined {
 /// One session's place among the unjoined, given back when dropped.
 struct UnjoinedSlot {
     _total: tokio::sync::OwnedSemaphorePermit,
-    peer: Option<std::net::IpAddr>,
+    peer: Option<crate::net::PeerKey>,
     per_peer: PerPeer,
 }
 
@@ -961,7 +961,7 @@ impl Unjoined {
     }
 
     /// A place for a session from `peer`, if its address and the whole have one left.
-    fn take(&self, peer: Option<std::net::IpAddr>) -> Option<UnjoinedSlot> {
+    fn take(&self, peer: Option<crate::net::PeerKey>) -> Option<UnjoinedSlot> {
         let mut per_peer = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
         if per_peer
             .get(&peer)
@@ -1037,7 +1037,7 @@ impl rpc::Coordinator for Service {
         // stranger's refused session does not keep its connection open.
         let connection = crate::net::connection(request.extensions()).cloned();
         let peer = connection.as_ref().map(|c| c.peer);
-        let Some(unjoined) = self.unjoined.take(peer.as_ref().map(crate::net::canonical)) else {
+        let Some(unjoined) = self.unjoined.take(connection.as_ref().map(|c| c.key)) else {
             if let Some(refused) = TOO_MANY_UNJOINED.admit() {
                 tracing::warn!(
                     peer = ?peer,

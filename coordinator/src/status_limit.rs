@@ -68,9 +68,12 @@ where
             return Box::pin(self.inner.call(request));
         }
         // A request from no known connection (none in tests) counts under one address.
-        let ip =
-            connection(request.extensions()).map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.ip());
-        let place = match self.places.take(ip) {
+        let key = connection(request.extensions()).map_or(
+            crate::net::PeerKey::from(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            |c| c.key,
+        );
+        let ip = key.ip;
+        let place = match self.places.take(key) {
             Ok(place) => place,
             Err(verdict) => {
                 if let Some(refused) = TOO_MANY.admit() {

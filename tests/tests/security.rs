@@ -713,6 +713,92 @@ fn workers_at_a_strangers_address_join_once_its_connections_reach_their_deadline
     drop(held);
 }
 
+/// Another user of this machine holding more connections than an address's share from
+/// 127.0.0.1, topping them up as they reach their deadline: every process of a host dials from
+/// there, so it locked the workers and `dapt status` out of the coordinator (an audit: the job
+/// never formed). Loopback peers are counted per user, so this user's workers join at once and
+/// complete the job, and its status answers. Needs root, to run the stranger as another user.
+#[test]
+fn another_local_user_flooding_loopback_does_not_lock_this_users_workers_out() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: running the stranger as another user needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let steps = 4;
+    let mut c = coordinator(
+        dir.path(),
+        "localuser",
+        steps,
+        "cluster:\n  min_workers: 2\n  max_workers: 2\n",
+    );
+    let port = port_of(&c);
+    // Keeps 80 silent connections open, opening new ones as the coordinator closes them.
+    let flood = r#"
+import socket, sys, time
+port = int(sys.argv[1])
+held = []
+def gone(s):
+    try:
+        return s.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+while True:
+    held = [s for s in held if not gone(s)]
+    while len(held) < 80:
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2)
+        except OSError:
+            break
+        s.setblocking(False)
+        held.append(s)
+    time.sleep(0.2)
+"#;
+    let mut stranger = {
+        use std::os::unix::process::CommandExt;
+        Command::new("python3")
+            .args(["-c", flood, &port.to_string()])
+            .uid(4242)
+            .gid(4242)
+            .spawn()
+            .expect("python3 as uid 4242")
+    };
+    // The stranger holds its share before the workers come.
+    c.coordinator
+        .wait_for("the stranger's refusals", LONG, |l| {
+            !events(l, "refused connections").is_empty()
+        });
+    let started = Instant::now();
+    let ports = [free_port(), free_port()];
+    let _w0 = member_on(&c, "w0", ports[0]);
+    let _w1 = member_on(&c, "w1", ports[1]);
+    c.coordinator.wait_for("a generation to form", LONG, |l| {
+        !events(l, "generation formed").is_empty()
+    });
+    let formed = started.elapsed();
+    let status = Command::new(binary("dapt"))
+        .args(["status", &c.url])
+        .env("DAPT_TOKEN", &c.token)
+        .output()
+        .expect("dapt status");
+    let (completed, _) = outcome(&mut c);
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    assert!(
+        status.status.success(),
+        "{}",
+        dapt_tests::text(&status.stderr)
+    );
+    assert!(completed, "the job failed:\n{}", c.coordinator.stderr());
+    // Not after the stranger's connections reached their 10 s deadline: at once.
+    assert!(formed < Duration::from_secs(8), "formed after {formed:?}");
+    check_ledger(&c.job.checkpoints.join("ledger.jsonl"), steps * BATCH).expect("ledger");
+}
+
 /// A connection that makes no request is closed: a silent one and one that sent only the
 /// HTTP/2 preface on the gRPC port after 10 s, one sending half a request header on the
 /// metrics port after 5 s. Before, none was ever closed (0 of 200 after 45 s in the audit).

@@ -140,7 +140,7 @@ pub async fn serve(
             continue;
         };
         let peer = conn.connection().peer;
-        let slot = match handshakes.take(conn.connection().ip()) {
+        let slot = match handshakes.take(conn.connection().key) {
             Ok(slot) => slot,
             Err(verdict) => {
                 if let Some(refused) = TOO_MANY_HANDSHAKES.admit() {

@@ -89,3 +89,53 @@ fn running_out_of_descriptors_is_told_from_other_accept_errors() {
         assert!(!out_of_descriptors(&io::Error::from_raw_os_error(errno)));
     }
 }
+
+/// A loopback peer is counted under the user that owns its socket, found in the kernel's table:
+/// every process of a host dials from 127.0.0.1, and a local user's 64 connections locked the
+/// workers out (an audit).
+#[test]
+fn a_loopback_peer_is_counted_under_its_user() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let client = std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("dial");
+    let (server, peer) = listener.accept().expect("accept");
+    assert_eq!(peer, client.local_addr().expect("client addr"));
+    let local = server.local_addr().expect("server addr");
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(loopback_peer_uid(&peer, &local), Some(euid));
+    let key = PeerKey::of(&peer, Some(local));
+    assert_eq!(key.uid, Some(euid));
+    // Over IPv6, and an IPv4 client of a dual-stack listener, where the host has IPv6.
+    for (listen, dial) in [("[::1]:0", "::1"), ("[::]:0", "127.0.0.1")] {
+        let Ok(listener) = std::net::TcpListener::bind(listen) else {
+            continue;
+        };
+        let port = listener.local_addr().expect("addr").port();
+        let Ok(client) = std::net::TcpStream::connect((dial, port)) else {
+            continue;
+        };
+        let (server, peer) = listener.accept().expect("accept");
+        let local = server.local_addr().expect("server addr");
+        assert_eq!(
+            loopback_peer_uid(&peer, &local),
+            Some(euid),
+            "{listen} {dial}: {peer} -> {local}"
+        );
+        drop(client);
+    }
+    // A remote address is not looked up.
+    let remote: SocketAddr = "10.1.2.3:4000".parse().expect("addr");
+    assert_eq!(PeerKey::of(&remote, Some(local)).uid, None);
+
+    // Two users of one address hold places of their own.
+    let places = Places::new(LIMITS);
+    let ip = canonical(&peer);
+    let mallory = PeerKey {
+        ip,
+        uid: Some(4242),
+    };
+    let _a = places.take(mallory).expect("first");
+    let _b = places.take(mallory).expect("second");
+    assert_eq!(places.take(mallory).err(), Some(Verdict::AddressFull));
+    let _ours = places.take(key).expect("this user's own place");
+}
