@@ -98,7 +98,9 @@ pub(crate) fn check_inv_freq(
         return Ok(());
     }
     Err(format!(
-        "{} values that are not the {} RoPE inverse frequencies config.json implies          (rope_theta {}, head_dim {}, rope_scaling {}): the checkpoint and its config disagree          about the model",
+        "{} values that are not the {} RoPE inverse frequencies config.json implies \
+         (rope_theta {}, head_dim {}, rope_scaling {}): the checkpoint and its config disagree \
+         about the model",
         values.len(),
         scaled.len(),
         config.rope_theta,
