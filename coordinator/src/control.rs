@@ -1635,10 +1635,23 @@ fn guard_reading(
     out.push(Action::Log(Log::Stopping {
         reason: reason.clone(),
     }));
-    abort_ranks(state, &reason, None, out);
     match state.committed.clone() {
-        Some(done) => complete_at(state, done.step, &done.dir, out),
-        None => state.phase = Phase::Stopped(reason),
+        Some(done) => {
+            abort_ranks(state, &reason, None, out);
+            complete_at(state, done.step, &done.dir, out)
+        }
+        // No checkpoint within bounds to end at: the job failed (it was reported as stopped,
+        // exit 130 as for a Ctrl-C, with nothing to resume from but another trip; an audit).
+        // A retry cannot help: it trains into the same trip.
+        None => {
+            state.failed_fatally = true;
+            fail(
+                state,
+                format!("{reason}, before any checkpoint was committed"),
+                None,
+                out,
+            )
+        }
     }
 }
 

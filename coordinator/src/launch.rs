@@ -228,6 +228,12 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
             }
         }
     };
+    // A job that ended otherwise than completed, not by a signal here (failed; every worker
+    // exited): the workers still running are told to stop now, as a Ctrl-C tells them, rather
+    // than waiting to be killed (they waited 10 s for a coordinator that had ended; an audit).
+    if !interrupted && !matches!(outcome, Outcome::Completed { .. }) {
+        signal_all(&children, libc::SIGTERM);
+    }
     // The workers leave on the coordinator's finish or abort; give them a moment (10 s for all of
     // them, not each), then insist.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

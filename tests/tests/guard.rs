@@ -358,3 +358,35 @@ fn a_guard_on_a_source_with_no_evaluation_window_is_refused_at_the_start() {
         checkpoints.display()
     );
 }
+
+/// A `stop` guard that trips before any checkpoint was committed has no checkpoint within
+/// bounds to end at: the job failed, exit 1, naming it. It was reported as stopped, exit 130
+/// as for a Ctrl-C, and the workers, told nothing, were killed 10 s later (an audit).
+#[test]
+fn a_stop_before_any_commit_fails_the_job_and_its_workers_leave() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_digits(dir.path());
+    let (job, _) = write_job(dir.path(), "early", &guard("stop", 1e-6, ""));
+    // Checkpoints every 10 steps: the sotu perplexity first rises at step 8, before any commit.
+    let yaml = std::fs::read_to_string(&job).expect("read");
+    std::fs::write(&job, yaml.replace("  every: 2\n", "  every: 10\n")).expect("write");
+    let _serial = serial();
+    let mut proc = launch(&job);
+    let (status, stdout) = proc.finish(LONG);
+    let stderr = proc.stderr();
+    let lines = proc.lines();
+    let trips = events(&lines, "forgetting guard tripped");
+    assert_eq!(trips.len(), 1, "{stdout}\n{stderr}");
+    let step = trips[0]["step"].as_u64().expect("step");
+    assert!(step < 10, "{trips:?}");
+    assert_eq!(status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("the forgetting guard stopped the job")
+            && stderr.contains("before any checkpoint was committed"),
+        "{stderr}"
+    );
+    assert!(
+        events(&lines, "did not exit; killing it").is_empty(),
+        "the workers were told to stop: {stderr}"
+    );
+}
