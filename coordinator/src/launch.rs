@@ -193,6 +193,11 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
     }
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Ctrl-Z stopped this process (and the coordinator in it) but not the workers, in their own
+    // process group: they gave up on it, and `fg` found the job failed. A job is not paused:
+    // Ctrl-C stops it with a checkpoint, and the same command resumes it.
+    let mut sigtstp =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(libc::SIGTSTP))?;
     let mut interrupted = false;
     let mut all_gone = false;
     let mut exited = vec![false; children.len()];
@@ -211,6 +216,13 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
                 interrupted = true;
                 events.shutdown("terminated (SIGTERM)");
                 signal_all(&children, libc::SIGTERM);
+            }
+            _ = sigtstp.recv() => {
+                tracing::warn!(
+                    "Ctrl-Z does not pause a dapt launch job (its workers would lose the \
+                     coordinator): it goes on; Ctrl-C stops it with a checkpoint, and the same \
+                     command resumes it"
+                );
             }
             (i, status) = any_exit(&mut children, &exited), if !exited.iter().all(|&e| e) => {
                 exited[i] = true;

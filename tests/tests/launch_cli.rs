@@ -368,6 +368,32 @@ fn a_killed_launcher_takes_its_workers_with_it() {
     );
 }
 
+/// Ctrl-Z (SIGTSTP) stopped the launcher and the coordinator in it, not the workers: they gave
+/// up on it and `fg` found the job failed. It is said not to pause the job, which goes on.
+#[test]
+fn ctrl_z_does_not_stop_the_launcher_and_the_job_completes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "ctrlz", 12, "");
+    let _serial = serial();
+    let mut proc = launch(&job, 2);
+    proc.wait_for("a first commit", LONG, |l| {
+        !events(l, "checkpoint committed").is_empty()
+    });
+    proc.signal(libc::SIGTSTP);
+    proc.wait_for("the job to complete", LONG, |l| {
+        !events(l, "job completed").is_empty()
+    });
+    let (status, stdout) = proc.finish(LONG);
+    assert!(status.success(), "{stdout}\n{}", proc.stderr());
+    assert!(
+        proc.stderr()
+            .contains("Ctrl-Z does not pause a dapt launch job"),
+        "{}",
+        proc.stderr()
+    );
+    check_ledger(&job.checkpoints.join("ledger.jsonl"), 12 * BATCH).expect("ledger");
+}
+
 /// The project folder moved between a Ctrl-C and the resume (or a shared disk mounted at
 /// another path), with `checkpoint.keep: 1`: the same job in its new place resumes from the
 /// committed checkpoint. `committed.json` held the checkpoint's absolute path: its intact
