@@ -6,6 +6,7 @@
 //! become text in the encoding the file declares ([`encoding`]).
 
 pub mod encoding;
+mod gzip;
 pub mod html;
 mod jsonl;
 
@@ -378,7 +379,7 @@ pub fn read_file(
     let decoded =
         encoding::decode(raw, file.format, fallback).map_err(|reason| CorpusError::NotText {
             path: file.path.clone(),
-            reason: reason.to_string(),
+            reason: reason.after_decompression(file.gzip).to_string(),
         })?;
     let mut text = FileText {
         documents: Vec::new(),
@@ -532,7 +533,7 @@ fn read_bounded(file: &InputFile, max_bytes: u64) -> Result<Vec<u8>> {
     };
     let mut out = Vec::new();
     if file.gzip {
-        let decoder = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(opened));
+        let decoder = gzip::GzipMembers::new(std::io::BufReader::new(opened));
         decoder
             .take(max_bytes.saturating_add(1))
             .read_to_end(&mut out)
@@ -918,6 +919,34 @@ mod tests {
         assert_eq!(text.bad_line_numbers, [1, 4]);
         let why = text.first_bad_reason.expect("a reason");
         assert!(why.contains("expected a JSON object"), "{why}");
+    }
+
+    /// Gzip faults named for what they are (an audit): a `.txt.gz` of gzip data again was told
+    /// to "rename it to `*.gz`"; zero padding after the stream (read by `zcat` and Python's
+    /// `gzip`) failed the run as "invalid gzip header"; other bytes after a complete stream
+    /// were called "unexpected end of file".
+    #[test]
+    fn gzip_compressed_twice_padded_or_with_trailing_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = b"The quick brown fox jumps over the lazy dog.\n".repeat(100);
+        let once = gzip(&text);
+        let path = dir.path().join("a.txt.gz");
+        let read = |bytes: &[u8]| {
+            std::fs::write(&path, bytes).expect("write");
+            read_file(&input(&path), "text", UTF_8, 1 << 20).map_err(|e| e.to_string())
+        };
+        let err = read(&gzip(&once)).expect_err("compressed twice");
+        assert!(
+            err.contains("a.txt.gz") && err.contains("compressed twice") && !err.contains("rename"),
+            "{err}"
+        );
+        let padded = read(&[once.clone(), vec![0; 512]].concat()).expect("zero padding");
+        assert_eq!(padded.documents, vec![String::from_utf8_lossy(&text)]);
+        let err = read(&[once, b"GARBAGE\n".to_vec()].concat()).expect_err("trailing data");
+        assert!(
+            err.contains("a.txt.gz") && err.contains("trailing data after the gzip stream"),
+            "{err}"
+        );
     }
 
     #[test]
