@@ -247,6 +247,10 @@ pub struct CorpusTokenizer {
     /// Added tokens that the file does not mark special but that are shaped like control tokens
     /// (`<tool_call>`, `<|fim_prefix|>`, `[INST]`): split in text like the special ones.
     pub split_added_tokens: Vec<String>,
+    /// The model's unknown token and its id (BPE, WordPiece, Unigram, WordLevel): what a
+    /// character outside the vocabulary becomes when the model has no byte fallback. Text
+    /// produces it, so it is counted per source in the report.
+    pub unknown: Option<(String, u32)>,
     /// The special tokens, whose text a document may spell but never produce.
     special: Vec<String>,
     special_text: Option<AhoCorasick>,
@@ -709,6 +713,8 @@ impl CorpusTokenizer {
                 }
             }
         }
+        let unknown_id = unknown.as_deref().and_then(|u| tokenizer.token_to_id(u));
+        let unknown = unknown.zip(unknown_id);
         let special: Vec<String> = special.into_iter().map(|(_, content)| content).collect();
         let special_text = if special.is_empty() {
             None
@@ -737,11 +743,19 @@ impl CorpusTokenizer {
             vocab_size,
             ignored_settings,
             split_added_tokens,
+            unknown,
             special,
             special_text,
             control,
             origin: origin.to_path_buf(),
             safe_cuts,
+        })
+    }
+
+    /// How many of `ids` are the model's unknown token.
+    pub fn unknown_count(&self, ids: &[u32]) -> u64 {
+        self.unknown.as_ref().map_or(0, |(_, unknown)| {
+            ids.iter().filter(|&id| id == unknown).count() as u64
         })
     }
 

@@ -549,3 +549,89 @@ fn a_manifest_with_inconsistent_numbers_is_refused_by_field() {
     std::fs::write(&path, &original).expect("restore");
     CorpusReader::open(&out).expect("the original opens");
 }
+
+/// A tokenizer with an unknown token and no byte fallback turns characters outside its
+/// vocabulary into it, and those ids are stored as training targets: each source counts them,
+/// with the first documents holding them, in `report.json` and the printed report, and a
+/// warning names a source past 0.1% of its tokens (an audit: nothing was said).
+#[test]
+fn unknown_tokens_are_counted_per_source_and_warned_about() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mut vocab = serde_json::Map::new();
+    for word in ["<unk>", "</s>", "the", "quick", "fox"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain((0..600).map(|i| i.to_string()))
+    {
+        let id = vocab.len();
+        vocab.insert(word, id.into());
+    }
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+    };
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "</s>")],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(d.join("tokenizer.json"), tokenizer.to_string()).expect("write");
+    std::fs::create_dir_all(d.join("greek")).expect("mkdir");
+    std::fs::create_dir_all(d.join("english")).expect("mkdir");
+    // 4 + 4 unknown of 3 + 8 + 8 tokens (each document's EOS included)
+    std::fs::write(
+        d.join("greek/docs.jsonl"),
+        "{\"text\": \"the fox\"}\n{\"text\": \"Ζ = ∑ αβγ the quick fox\"}\n\
+         {\"text\": \"Δ δ ε ζ the quick fox\"}\n",
+    )
+    .expect("write");
+    // one document, 1 unknown of its 2,402 tokens: counted, under the warning's 0.1%
+    let english: String = (0..600)
+        .map(|i| format!("the quick fox {i}\n\n"))
+        .collect::<String>()
+        + "Ω";
+    std::fs::write(d.join("english/book.txt"), english).expect("write");
+    let yaml = "output: out\ntokenizer: tokenizer.json\nshard_tokens: 1024\nsources:\n  - name: \
+                greek\n    role: domain\n    paths: [greek]\n    weight: 1\n  - name: english\n    \
+                role: replay\n    paths: [english]\n    weight: 1\n";
+    let mut spec: CorpusSpec = serde_yaml::from_str(yaml).expect("spec");
+    spec.resolve_paths(d);
+    let report = prepared(&spec);
+    assert_eq!(report.tokenizer.unknown_token.as_deref(), Some("<unk>"));
+    let (greek, english) = (&report.sources[0], &report.sources[1]);
+    assert_eq!(greek.unknown_tokens, 8);
+    let docs = d.join("greek/docs.jsonl").display().to_string();
+    assert_eq!(
+        greek.unknown_token_examples,
+        [format!("{docs}:2 (4)"), format!("{docs}:3 (4)")]
+    );
+    assert_eq!(english.unknown_tokens, 1);
+    let unknown_warnings: Vec<&String> = report
+        .warnings
+        .iter()
+        .filter(|w| w.contains("unknown token"))
+        .collect();
+    assert_eq!(unknown_warnings.len(), 1, "{unknown_warnings:?}");
+    assert!(
+        unknown_warnings[0].contains("source `greek`: 8 of its 19 tokens (42.11%)")
+            && unknown_warnings[0].contains(&format!("{docs}:2 (4)")),
+        "{}",
+        unknown_warnings[0]
+    );
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("out/report.json")).expect("report.json"),
+    )
+    .expect("json");
+    assert_eq!(json["sources"][0]["unknown_tokens"], 8);
+    assert_eq!(json["sources"][1]["unknown_tokens"], 1);
+    let printed = dapt_corpus::report::render(&report);
+    assert!(
+        printed.contains("unknown token <unk>")
+            && printed.contains("`greek` 8 of 19 (42.105%)")
+            && printed.contains("`english` 1 of 2402 (0.042%)"),
+        "{printed}"
+    );
+}

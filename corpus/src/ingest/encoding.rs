@@ -87,6 +87,10 @@ pub enum Undecodable {
         mime: &'static str,
         extension: &'static str,
     },
+    /// A `*.gz` file whose decompressed bytes are gzip data again: compressed twice (named
+    /// [`Undecodable::Binary`], it was told to "rename it to `*.gz`", which it already was; an
+    /// audit).
+    GzipTwice,
     /// Decoded as `encoding`, more than [`MAX_NOT_TEXT_SHARE`] of its characters are U+FFFD or
     /// control characters text does not use ([`not_text_share`]): binary data without a magic
     /// number (zlib or raw deflate, encrypted or random bytes). `percent` is that share.
@@ -134,6 +138,19 @@ fn not_text_share(text: &str) -> Option<f64> {
     (not >= MIN_NOT_TEXT_CHARS && share > MAX_NOT_TEXT_SHARE).then_some(share)
 }
 
+impl Undecodable {
+    /// This refusal of a file's bytes after gzip decompression (`gzip`: the file is a `*.gz`):
+    /// gzip data there is gzip data compressed twice, which renaming does not mend.
+    pub fn after_decompression(self, gzip: bool) -> Self {
+        match self {
+            Undecodable::Binary {
+                extension: "gz", ..
+            } if gzip => Undecodable::GzipTwice,
+            other => other,
+        }
+    }
+}
+
 impl std::fmt::Display for Undecodable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -167,6 +184,12 @@ impl std::fmt::Display for Undecodable {
                     ),
                 }
             }
+            Undecodable::GzipTwice => write!(
+                f,
+                "is compressed twice: decompressed, it is gzip data again, and dapt decompresses \
+                 a `*.gz` file once; compress its text once (`zcat FILE | zcat | gzip > \
+                 NEW.txt.gz`)"
+            ),
             Undecodable::Nul {
                 encoding,
                 utf16: None,

@@ -287,6 +287,10 @@ pub fn prepare(
                     st.without_tokens += 1;
                     continue;
                 }
+                let unknown = tk.unknown_count(&ids);
+                if unknown > 0 {
+                    st.add_unknown(&chunk[doc.file].path, doc.line, unknown);
+                }
                 let ids = tk.with_bos(ids);
                 st.add_document(
                     doc.text.len() as u64,

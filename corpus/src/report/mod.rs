@@ -23,6 +23,9 @@ const SATURATION_CANDIDATES: usize = 1000;
 const LISTED_WORDS: usize = 20;
 const MIN_OVER_REPRESENTED_COUNT: u64 = 20;
 const EXAMPLES_KEPT: usize = 5;
+/// More of a source's tokens than this share being the tokenizer's unknown token is warned
+/// about: each is a character the model learns to predict as "unknown".
+pub const MAX_UNKNOWN_SHARE: f64 = 0.001;
 
 pub type WordMap = HashMap<String, u64>;
 
@@ -125,6 +128,11 @@ pub struct SourceStats {
     pub duplicates: u64,
     /// Documents the tokenizer encoded to no tokens at all (skipped).
     pub without_tokens: u64,
+    /// Occurrences of the tokenizer's unknown token in the kept documents (characters outside
+    /// its vocabulary, without byte fallback), and `path[:line] (count)` of the first few
+    /// documents holding it.
+    pub unknown_tokens: u64,
+    pub unknown_examples: Vec<String>,
     pub documents_train: u64,
     pub documents_held_out: u64,
     pub text_bytes: u64,
@@ -238,6 +246,18 @@ impl SourceStats {
         }
     }
 
+    /// A kept document of the file at `path` (at `line` of a JSONL file) holds `count`
+    /// unknown tokens.
+    pub fn add_unknown(&mut self, path: &Path, line: Option<u64>, count: u64) {
+        self.unknown_tokens += count;
+        if self.unknown_examples.len() < EXAMPLES_KEPT {
+            self.unknown_examples.push(match line {
+                Some(line) => format!("{}:{line} ({count})", path.display()),
+                None => format!("{} ({count})", path.display()),
+            });
+        }
+    }
+
     /// A kept document of `bytes` of text, `words` whitespace-separated words and `tokens`
     /// tokens (EOS included).
     pub fn add_document(&mut self, bytes: u64, words: u64, tokens: u64, held_out: bool) {
@@ -313,6 +333,11 @@ pub struct SourceRow {
     pub duplicates_removed: u64,
     /// Documents the tokenizer encoded to no tokens at all (skipped).
     pub documents_without_tokens: u64,
+    /// Occurrences of the tokenizer's unknown token (characters outside its vocabulary, where
+    /// it has no byte fallback), stored as training targets like any token.
+    pub unknown_tokens: u64,
+    /// `path[:line] (count)` of the first few documents holding it.
+    pub unknown_token_examples: Vec<String>,
     pub documents_train: u64,
     pub documents_held_out: u64,
     pub words: u64,
@@ -347,6 +372,8 @@ pub struct TokenizerRow {
     pub ignored_settings: Vec<String>,
     /// Added tokens not marked special but shaped like control tokens, split in text too.
     pub split_added_tokens: Vec<String>,
+    /// The model's unknown token, whose occurrences each source counts.
+    pub unknown_token: Option<String>,
     pub trained: bool,
 }
 
@@ -425,6 +452,8 @@ pub fn build(
             empty_examples: st.empty_examples.clone(),
             duplicates_removed: st.duplicates,
             documents_without_tokens: st.without_tokens,
+            unknown_tokens: st.unknown_tokens,
+            unknown_token_examples: st.unknown_examples.clone(),
             documents_train: st.documents_train,
             documents_held_out: st.documents_held_out,
             words: st.words,
@@ -435,6 +464,9 @@ pub fn build(
             epochs,
         });
         warnings.extend(source_warnings(rows.last().expect("pushed"), st, plan));
+        if let Some(warning) = unknown_warning(rows.last().expect("pushed"), tk) {
+            warnings.push(warning);
+        }
     }
     let domain_tokens: u64 = rows
         .iter()
@@ -463,6 +495,7 @@ pub fn build(
                 .map(|s| (*s).to_owned())
                 .collect(),
             split_added_tokens: tk.split_added_tokens.clone(),
+            unknown_token: tk.unknown.as_ref().map(|u| u.0.clone()),
             trained: manifest.tokenizer.trained,
         },
         vocabulary_saturation,
@@ -585,6 +618,24 @@ fn source_warnings(row: &SourceRow, st: &SourceStats, plan: Option<TrainingPlan>
         _ => {}
     }
     w
+}
+
+/// A source more than [`MAX_UNKNOWN_SHARE`] of whose tokens are the unknown token: characters
+/// the vocabulary lacks (a script it was not trained on, symbols), each stored as `<unk>` and
+/// trained on as a target, said nowhere before (an audit).
+fn unknown_warning(row: &SourceRow, tk: &CorpusTokenizer) -> Option<String> {
+    let (unknown, _) = tk.unknown.as_ref()?;
+    let tokens = row.tokens_train + row.tokens_held_out;
+    let share = row.unknown_tokens as f64 / tokens.max(1) as f64;
+    (share > MAX_UNKNOWN_SHARE).then(|| {
+        format!(
+            "source `{}`: {} of its {tokens} tokens ({:.2}%) are the tokenizer's unknown token              {unknown} (characters outside its vocabulary, which it has no byte fallback for),              stored as training targets, e.g. in {}: use a tokenizer that covers the text              (byte-level or with byte fallback), or clean the text",
+            row.name,
+            row.unknown_tokens,
+            share * 100.0,
+            row.unknown_token_examples.join(", ")
+        )
+    })
 }
 
 fn saturation(domain: &WordMap, tk: &CorpusTokenizer) -> (Vec<WordPieces>, f64) {

@@ -109,6 +109,32 @@ pub fn render(report: &Report) -> String {
             t.split_added_tokens.join(" ")
         );
     }
+    // Each source's unknown tokens, when any: characters its vocabulary lacks, trained on as
+    // the unknown token (a warning says so past 0.1% of a source's tokens).
+    if let Some(unknown) = &t.unknown_token {
+        let counts: Vec<String> = report
+            .sources
+            .iter()
+            .filter(|r| r.unknown_tokens > 0)
+            .map(|r| {
+                let tokens = (r.tokens_train + r.tokens_held_out).max(1);
+                format!(
+                    "`{}` {} of {tokens} ({:.3}%), first in {}",
+                    r.name,
+                    r.unknown_tokens,
+                    r.unknown_tokens as f64 * 100.0 / tokens as f64,
+                    r.unknown_token_examples.join(", ")
+                )
+            })
+            .collect();
+        if !counts.is_empty() {
+            let _ = writeln!(
+                out,
+                "unknown token {unknown} (characters outside the vocabulary): {}",
+                counts.join("; ")
+            );
+        }
+    }
     if let Some(p) = &report.plan {
         let _ = writeln!(
             out,
