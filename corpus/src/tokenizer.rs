@@ -805,8 +805,10 @@ impl CorpusTokenizer {
                 Some((_, cuts)) if text.len() > PIECE_BYTES => pieces_at(text, PIECE_BYTES, cuts),
                 _ => vec![*text],
             };
-            if pieces.len() == 1 {
-                self.check_whole_bound(i, text)?;
+            // Each piece, not only a text left whole: a cut far on (the last resort) left a
+            // piece of any size after a short first one (a review).
+            for piece in &pieces {
+                self.check_whole_bound(i, piece)?;
             }
             for (k, piece) in pieces.into_iter().enumerate() {
                 let unit = if k == 0 {
@@ -843,7 +845,8 @@ impl CorpusTokenizer {
         Ok(out)
     }
 
-    /// Refuses to encode the `i`-th text whole when it is longer than [`MAX_WHOLE_BYTES`].
+    /// Refuses to encode `text` (the `i`-th text, or a piece of it between two cut places) in
+    /// one call when it is longer than [`MAX_WHOLE_BYTES`].
     fn check_whole_bound(&self, i: usize, text: &str) -> Result<()> {
         if text.len() <= MAX_WHOLE_BYTES {
             return Ok(());
@@ -869,9 +872,9 @@ impl CorpusTokenizer {
             path: self.origin.clone(),
             text: i,
             message: format!(
-                "a document of {:.1} MiB cannot be encoded in pieces: {places}; encoded whole it \
-                 would take ~200 bytes of memory per byte, so dapt refuses a document over {} \
-                 MiB that cannot be cut: split it",
+                "{:.1} MiB of a document cannot be encoded in smaller pieces: {places}; encoded \
+                 in one piece it would take ~200 bytes of memory per byte, so dapt refuses a \
+                 stretch of text over {} MiB that cannot be cut: split it",
                 text.len() as f64 / f64::from(1 << 20),
                 MAX_WHOLE_BYTES >> 20
             ),
@@ -1431,11 +1434,22 @@ mod tests {
         match err {
             CorpusError::TokenizerOnText { text, message, .. } => {
                 assert_eq!(text, 1);
-                assert!(message.contains("cannot be encoded in pieces"), "{message}");
+                assert!(
+                    message.contains("cannot be encoded in smaller pieces"),
+                    "{message}"
+                );
                 assert!(message.contains("split it"), "{message}");
             }
             e => panic!("{e}"),
         }
+        // A short paragraph, a line break, then the long run: the cut after the paragraph
+        // left the run as one piece of any size (a review).
+        let behind = format!("A first paragraph.\n{long}");
+        let err = tk.encode_batch(vec![&behind]).expect_err("refused");
+        assert!(
+            matches!(err, CorpusError::TokenizerOnText { text: 0, .. }),
+            "{err}"
+        );
     }
 
     #[test]
