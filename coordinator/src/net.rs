@@ -112,14 +112,14 @@ pub fn canonical(peer: &SocketAddr) -> IpAddr {
     peer.ip().to_canonical()
 }
 
-/// What a connection is counted under: its [`canonical`] address and, from loopback, the user
+/// What a connection is counted under: its [`canonical`] address and, from this host, the user
 /// that owns the peer's socket. Every process of a host dials from 127.0.0.1: a local user
 /// holding its 64 connections locked `dapt launch`'s workers and `dapt status` out of the
 /// coordinator (an audit); counted per user, a stranger holds only their own places.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerKey {
     pub ip: IpAddr,
-    /// The owner of the peer's socket, for a loopback peer whose socket was found
+    /// The owner of the peer's socket, for a peer on this host whose socket was found
     /// ([`loopback_peer_uid`]).
     pub uid: Option<u32>,
 }
@@ -131,13 +131,19 @@ impl From<IpAddr> for PeerKey {
 }
 
 impl PeerKey {
-    /// The key of an accepted connection from `peer` to this host's `local` address.
+    /// The key of an accepted connection from `peer` to this host's `local` address: a peer on
+    /// this host (loopback, or this host's own address, which a process dialling the host's IP
+    /// comes from: `--listen 0.0.0.0` with workers on the same node; a review) is looked up.
     pub fn of(peer: &SocketAddr, local: Option<SocketAddr>) -> Self {
         let ip = canonical(peer);
-        let uid = if ip.is_loopback() {
-            local.and_then(|local| loopback_peer_uid(peer, &local))
-        } else {
-            None
+        let on_this_host = ip.is_loopback() || local.is_some_and(|l| canonical(&l) == ip);
+        let uid = match local {
+            // The table is read while it changes (other sockets open and close): once more
+            // when the line was not found.
+            Some(local) if on_this_host => {
+                loopback_peer_uid(peer, &local).or_else(|| loopback_peer_uid(peer, &local))
+            }
+            _ => None,
         };
         PeerKey { ip, uid }
     }

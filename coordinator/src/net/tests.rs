@@ -123,6 +123,27 @@ fn a_loopback_peer_is_counted_under_its_user() {
         );
         drop(client);
     }
+    // A process dialling this host's own address (a listener on 0.0.0.0, workers on the same
+    // node) is on this host too.
+    let own = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|u| u.connect("10.255.255.254:9").map(|()| u))
+        .and_then(|u| u.local_addr())
+        .map(|a| a.ip())
+        .ok()
+        .filter(|ip| !ip.is_unspecified() && !ip.is_loopback());
+    if let Some(own) = own {
+        let listener = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let client = std::net::TcpStream::connect((own, port)).expect("dial");
+        let (server, peer) = listener.accept().expect("accept");
+        let local = server.local_addr().expect("server addr");
+        assert_eq!(
+            PeerKey::of(&peer, Some(local)).uid,
+            Some(euid),
+            "{peer} -> {local}"
+        );
+        drop(client);
+    }
     // A remote address is not looked up.
     let remote: SocketAddr = "10.1.2.3:4000".parse().expect("addr");
     assert_eq!(PeerKey::of(&remote, Some(local)).uid, None);
