@@ -539,6 +539,52 @@ fn a_corpus_tokenized_otherwise_than_the_base_models_folder_says_is_refused() {
     let log = text(&trained.stderr);
     assert!(trained.status.success(), "{log}");
     assert!(log.contains("ends sequences with other ids"), "{log}");
+
+    // A folder whose tokenizer cannot be read without the job's corpus settings (its only end
+    // token ends a chat turn: `corpus.eos_token` names it): `dapt eval`, which has no job file,
+    // says the comparison was skipped instead of failing (a review).
+    let base2 = d.join("base2");
+    std::fs::create_dir_all(&base2).expect("mkdir");
+    for entry in std::fs::read_dir(&base).expect("ls") {
+        let entry = entry.expect("entry");
+        let name = entry.file_name();
+        if name != "tokenizer_config.json" {
+            std::fs::copy(entry.path(), base2.join(&name)).expect("copy");
+        }
+    }
+    let tok = std::fs::read_to_string(base2.join("tokenizer.json")).expect("read");
+    std::fs::write(
+        base2.join("tokenizer.json"),
+        tok.replace("</s>", "<|im_end|>"),
+    )
+    .expect("write");
+    let stage3 = d.join("stage3.yaml");
+    std::fs::write(
+        &stage3,
+        format!(
+            "job: stage3\nseed: 11\ncorpus:\n  output: {out}\n  tokenizer: {tok}\n  \
+             eos_token: \"<|im_end|>\"\n  sources:\n    - name: words\n      role: domain\n      \
+             paths: [\"{words}\"]\n      weight: 1\n      held_out: 0.1\n",
+            out = d.join("corpus3").display(),
+            tok = base2.join("tokenizer.json").display(),
+            words = d.join("words").display(),
+        ),
+    )
+    .expect("job");
+    ok(&["prepare", "--quiet", &stage3.to_string_lossy()]);
+    let eval = dapt(&[
+        "eval",
+        &base2.to_string_lossy(),
+        &d.join("corpus3").to_string_lossy(),
+        "--seq-len",
+        "8",
+    ]);
+    let err = text(&eval.stderr);
+    assert!(eval.status.success(), "{err}");
+    assert!(
+        err.contains("could not be read without the job's corpus settings"),
+        "{err}"
+    );
 }
 
 /// Ctrl-C on `dapt train` killed it between checkpoints without a word (the steps since the

@@ -445,13 +445,21 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                 // tokenizer_config.json): a warning, since the job's corpus options are not
                 // known here.
                 let options = dapt_corpus::tokenizer::TokenizerOptions::default();
-                if let Some(message) = dapt_worker::train::run::base_tokenization_differs(
+                match dapt_worker::train::run::base_tokenization_differs(
                     &tokenizer, &reader, &options,
-                )? {
-                    tracing::warn!(
+                ) {
+                    Ok(None) => {}
+                    Ok(Some(message)) => tracing::warn!(
                         "{message}; the perplexity below is of documents in another form than \
                          the model's folder gives it"
-                    );
+                    ),
+                    // A tokenizer that needs the job's corpus options to be read (two template
+                    // tokens, no document end): nothing to compare without a job file (it failed
+                    // the evaluation; a review).
+                    Err(e) => tracing::warn!(
+                        "the model folder's tokenizer could not be read without the job's corpus \
+                         settings ({e}): its BOS/EOS were not compared with the corpus's"
+                    ),
                 }
             } else {
                 dapt_worker::train::run::warn_no_base_tokenizer(&model, &reader);
