@@ -138,6 +138,10 @@ impl HfBos {
     pub fn beside(tokenizer_json: &Path) -> Result<Option<HfBos>> {
         let path = tokenizer_json.with_file_name(HF_TOKENIZER_CONFIG);
         match std::fs::metadata(&path) {
+            // (transformers then takes the model's class, whose default would decide for
+            // Llama and Gemma; dapt's own exports have a Llama config.json and a tokenizer
+            // without `<s>`, for which transformers adds a token the model does not have: the
+            // template decides, as it always did here.)
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(CorpusError::io(&path)(e)),
             // A FIFO would block the read, a device never end it.
@@ -176,14 +180,16 @@ impl HfBos {
         let pad_token = token_field("pad_token")?;
         let class = match field("tokenizer_class") {
             None => None,
-            Some(serde_json::Value::String(s)) => Some(s.as_str()),
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
             Some(v) => return Err(fail(format!("`tokenizer_class` is {v}, not a class name"))),
         };
-        let rebuilds = class.and_then(|class| {
-            BOS_REBUILDING_CLASSES
-                .iter()
-                .find(|(name, _)| *name == class)
-        });
+        // Without a class of its own, transformers takes the model's (`config.json` beside:
+        // its `tokenizer_class`, else its `model_type`'s tokenizer).
+        let class = class.or_else(|| class_of_model(&tokenizer_json.with_file_name("config.json")));
+        let class = class.as_deref();
+        // transformers loads the Fast class of a name without "Fast" when there is one
+        // (`GPTNeoXTokenizer` is `GPTNeoXTokenizerFast`; a review).
+        let rebuilds = class.and_then(rebuilding_class);
         let (add, reason, ignored) = match (add, rebuilds) {
             (Some(add), Some(_)) => (
                 Some(add),
@@ -191,10 +197,10 @@ impl HfBos {
                 None,
             ),
             (None, Some((class, default))) => (
-                Some(*default),
+                Some(default),
                 format!(
                     "{HF_TOKENIZER_CONFIG}: tokenizer_class {class}, which {} by default",
-                    if *default { "adds it" } else { "adds none" }
+                    if default { "adds it" } else { "adds none" }
                 ),
                 None,
             ),
@@ -223,6 +229,42 @@ impl HfBos {
                 }),
         )
     }
+}
+
+/// The class of [`BOS_REBUILDING_CLASSES`] transformers loads for `class`, with its default:
+/// the class itself, or its Fast class for a name without "Fast" (transformers tries that
+/// first: `GPTNeoXTokenizer` loads `GPTNeoXTokenizerFast`; a review).
+fn rebuilding_class(class: &str) -> Option<(&'static str, bool)> {
+    BOS_REBUILDING_CLASSES
+        .iter()
+        .find(|(name, _)| *name == class || *name == format!("{class}Fast"))
+        .copied()
+}
+
+/// The tokenizer class transformers gives a model folder whose `tokenizer_config.json` names
+/// none: `config.json`'s `tokenizer_class`, else its `model_type`'s, for the model types whose
+/// tokenizer class rebuilds the template (`TOKENIZER_MAPPING` in transformers 4.57's
+/// `models/auto/tokenization_auto.py`); `None` for any other, or without a readable
+/// `config.json` (a small file; a FIFO or a directory there is passed over).
+pub(crate) fn class_of_model(config_json: &Path) -> Option<String> {
+    if !std::fs::metadata(config_json).is_ok_and(|m| m.is_file() && m.len() < 1 << 20) {
+        return None;
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(config_json).ok()?).ok()?;
+    if let Some(class) = config.get("tokenizer_class").and_then(|c| c.as_str()) {
+        return Some(class.to_owned());
+    }
+    let class = match config.get("model_type")?.as_str()? {
+        "llama" | "mistral" | "mistral3" | "mixtral" => "LlamaTokenizerFast",
+        "gemma" | "gemma2" | "gemma3" | "gemma3_text" | "gemma3n" | "gemma3n_text" => {
+            "GemmaTokenizerFast"
+        }
+        "cohere" | "cohere2" => "CohereTokenizerFast",
+        "gpt_neox" => "GPTNeoXTokenizerFast",
+        _ => return None,
+    };
+    Some(class.to_owned())
 }
 
 /// A loaded tokenizer and the facts the shards depend on.

@@ -1095,10 +1095,13 @@ fn a_tokenizer_config_beside_the_tokenizer_decides_the_bos_as_transformers_does(
     );
 
     // add_bos_token: false of a Llama class where the template adds <s>: none, and the report
-    // says why; GPT-NeoX's class drops the template's by default.
+    // says why; GPT-NeoX's class drops the template's by default, named with or without "Fast"
+    // (transformers loads the Fast class of a name without it; a review).
     for config_text in [
         r#"{"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": false}"#,
+        r#"{"tokenizer_class": "LlamaTokenizer", "add_bos_token": false}"#,
         r#"{"tokenizer_class": "GPTNeoXTokenizerFast"}"#,
+        r#"{"tokenizer_class": "GPTNeoXTokenizer"}"#,
     ] {
         std::fs::write(&config, config_text).expect("write config");
         let report = prepared(&spec(d, &head, ""));
@@ -1110,6 +1113,18 @@ fn a_tokenizer_config_beside_the_tokenizer_decides_the_bos_as_transformers_does(
             "{rendered}"
         );
     }
+
+    // A tokenizer_config.json without a class takes the model's, from config.json beside it,
+    // as transformers does: a Llama model's applies add_bos_token.
+    let model_config = tok.with_file_name("config.json");
+    std::fs::write(&model_config, r#"{"model_type": "llama"}"#).expect("write");
+    std::fs::write(&config, r#"{"add_bos_token": false}"#).expect("write config");
+    let report = prepared(&spec(d, &head, ""));
+    assert_eq!(report.tokenizer.bos_token, None);
+    std::fs::write(&model_config, r#"{"model_type": "qwen2"}"#).expect("write");
+    let report = prepared(&spec(d, &head, ""));
+    assert_eq!(report.tokenizer.bos_token.as_deref(), Some("<s>"));
+    std::fs::remove_file(&model_config).expect("rm");
 
     // A config that cannot be read as transformers would is an error naming file and field.
     for (bad, field) in [

@@ -114,6 +114,12 @@ pub fn prepare(
             // block or fill memory when the config is read.)
             if config.exists() {
                 sha = format!("{sha}+{}", tokenizer::sha256_file(&config)?);
+                // ... and so can the model's tokenizer class, from config.json beside it, when
+                // the tokenizer config names none.
+                if let Some(class) = tokenizer::class_of_model(&path.with_file_name("config.json"))
+                {
+                    sha = format!("{sha}+{class}");
+                }
             }
             Some((path.clone(), sha))
         }
