@@ -463,10 +463,25 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
                 let endpoint = dapt_proto::tls::endpoint(&url, &tls)?;
                 let ask = async {
                     let channel = endpoint.connect().await.map_err(|e| {
+                        // Only where nothing listens: a typo'd host or a TLS failure is no
+                        // ended job (a review).
+                        let refused = std::iter::successors(
+                            Some(&e as &(dyn std::error::Error + 'static)),
+                            |e| e.source(),
+                        )
+                        .any(|e| {
+                            e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                                io.kind() == std::io::ErrorKind::ConnectionRefused
+                            })
+                        });
                         anyhow::anyhow!(
                             "connecting to {url}: {}{}",
                             dapt_proto::tls::explain(&e),
-                            no_coordinator_hint(token_file.as_deref())
+                            if refused {
+                                no_coordinator_hint(token_file.as_deref())
+                            } else {
+                                String::new()
+                            }
                         )
                     })?;
                     let mut client = rpc::CoordinatorClient::new(channel);

@@ -130,17 +130,25 @@ pub fn claim(dir: &Path, ours: &JobIdentity) -> Result<DirLock, ClaimError> {
     // a symlink (it made a file outside the directory), and readable by this user only: flock
     // needs no write access, so another user who could open it held it and kept the job from
     // starting (an audit).
+    // O_NONBLOCK: a FIFO of that name would block the open for ever (refused below).
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(&path)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP) => ClaimError::Invalid {
                 path: path.clone(),
                 message: "is a symlink: dapt locks only a file of its own there; remove it".into(),
+            },
+            // A FIFO without a reader.
+            Some(libc::ENXIO) => ClaimError::Invalid {
+                path: path.clone(),
+                message:
+                    "is not a regular file: dapt locks only a file of its own there; remove it"
+                        .into(),
             },
             _ => io(&path)(e),
         })?;
@@ -152,10 +160,22 @@ pub fn claim(dir: &Path, ours: &JobIdentity) -> Result<DirLock, ClaimError> {
                 .into(),
         });
     }
-    // A lock file from before (0644 under the usual umask) is closed to other users now.
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
-    if meta.uid() == euid && meta.mode() & 0o077 != 0 {
+    // Another user's (planted where others may write): they could hold it and keep the job
+    // from starting (a review).
+    if meta.uid() != euid {
+        return Err(ClaimError::Invalid {
+            path,
+            message: format!(
+                "belongs to another user (uid {}): dapt locks only a file of its own there; \
+                 remove it, or choose a checkpoint.dir of your own",
+                meta.uid()
+            ),
+        });
+    }
+    // A lock file from before (0644 under the usual umask) is closed to other users now.
+    if meta.mode() & 0o077 != 0 {
         file.set_permissions(fs::Permissions::from_mode(0o600))
             .map_err(io(&path))?;
     }
@@ -282,6 +302,30 @@ mod tests {
         let err = claim(linked.path(), &ours).expect_err("a symlink");
         assert!(err.to_string().contains("is a symlink"), "{err}");
         assert!(!target.exists(), "nothing made outside the directory");
+
+        // A FIFO is refused at once (the open waited for a reader for ever), and another
+        // user's file is not taken (they could hold it; a review).
+        let fifo = tempfile::tempdir().expect("tempdir");
+        let name = std::ffi::CString::new(
+            fifo.path()
+                .join(LOCK_FILE)
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .expect("path");
+        // SAFETY: mkfifo on a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        let err = claim(fifo.path(), &ours).expect_err("a FIFO");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = tempfile::tempdir().expect("tempdir");
+            let file = theirs.path().join(LOCK_FILE);
+            fs::write(&file, "").expect("write");
+            std::os::unix::fs::chown(&file, Some(4242), Some(4242)).expect("chown");
+            let err = claim(theirs.path(), &ours).expect_err("another user's");
+            assert!(err.to_string().contains("uid 4242"), "{err}");
+        }
     }
 
     #[test]

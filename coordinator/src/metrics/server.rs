@@ -112,15 +112,13 @@ pub async fn serve(
             }
         }),
     );
-    // Bound to loopback (`dapt launch`'s default), the port answers only requests addressed to
-    // loopback: a web page the operator opens could otherwise point a name of its own at
-    // 127.0.0.1 (DNS rebinding) and read the dashboard, which the browser takes for the page's
-    // own origin (an audit).
-    let app = if incoming.local_addr().is_ok_and(|a| a.ip().is_loopback()) {
-        app.layer(axum::middleware::from_fn(loopback_host_only))
-    } else {
-        app
-    };
+    // A connection over loopback (`dapt launch`'s default address, or a wildcard one reached
+    // at 127.0.0.1; a review) is answered only for requests addressed to loopback: a web page
+    // the operator opens could otherwise point a name of its own at 127.0.0.1 (DNS rebinding)
+    // and read the dashboard, which the browser takes for the page's own origin (an audit).
+    let guarded = app
+        .clone()
+        .layer(axum::middleware::from_fn(loopback_host_only));
     let handshakes = Places::new(HANDSHAKE_LIMITS);
     let (closing, closed) = watch::channel(false);
     tokio::pin!(stop);
@@ -134,7 +132,13 @@ pub async fn serve(
                 None => break,
             },
         };
-        let (app, closed) = (app.clone(), closed.clone());
+        let over_loopback = conn.connection().ip().is_loopback();
+        let app = if over_loopback {
+            guarded.clone()
+        } else {
+            app.clone()
+        };
+        let closed = closed.clone();
         let Some(config) = &tls else {
             tokio::spawn(serve_http(conn, app, closed));
             continue;
