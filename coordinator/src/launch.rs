@@ -111,15 +111,32 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
     // (it could not: the token was made here and never shown; a new user's walk-through).
     let token_file = job.checkpoint.dir.join(LAUNCH_TOKEN_FILE);
     write_token_file(&token_file, &token)?;
-    let mut banner = crate::progress::Banner::new(
-        &job,
+    // No more ranks than samples in a step: the others wait as standbys (it said 10 workers and
+    // trained 8 without a word; a new user's walk-through).
+    let ranks = job.training.map_or(u64::from(options.workers), |t| {
+        t.global_batch.min(u64::from(options.workers))
+    });
+    let world = if ranks < u64::from(options.workers) {
+        tracing::warn!(
+            workers = options.workers,
+            ranks,
+            "training.global_batch {ranks} caps the world at {ranks} ranks: {} workers wait as standbys",
+            u64::from(options.workers) - ranks
+        );
+        format!(
+            "{} workers ({ranks} train: training.global_batch {ranks} caps the ranks; {} wait as \
+             standbys)",
+            options.workers,
+            u64::from(options.workers) - ranks
+        )
+    } else {
         format!(
             "{} worker{}",
             options.workers,
             if options.workers == 1 { "" } else { "s" }
-        ),
-        url.clone(),
-    );
+        )
+    };
+    let mut banner = crate::progress::Banner::new(&job, world, url.clone());
     banner.device = Some(match options.device {
         LaunchDevice::Cpu => "cpu".to_string(),
         LaunchDevice::Cuda => format!("cuda (worker i on GPU i), {}", options.precision),
@@ -195,7 +212,7 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // Ctrl-Z stopped this process (and the coordinator in it) but not the workers, in their own
     // process group: they gave up on it, and `fg` found the job failed. A job is not paused:
-    // Ctrl-C stops it with a checkpoint, and the same command resumes it.
+    // Ctrl-C stops it at its last committed checkpoint, and the same command resumes there.
     let mut sigtstp =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(libc::SIGTSTP))?;
     let mut interrupted = false;
@@ -220,8 +237,8 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
             _ = sigtstp.recv() => {
                 tracing::warn!(
                     "Ctrl-Z does not pause a dapt launch job (its workers would lose the \
-                     coordinator): it goes on; Ctrl-C stops it with a checkpoint, and the same \
-                     command resumes it"
+                     coordinator): it goes on; Ctrl-C stops it at its last committed checkpoint, \
+                     and the same command resumes there"
                 );
             }
             (i, status) = any_exit(&mut children, &exited), if !exited.iter().all(|&e| e) => {

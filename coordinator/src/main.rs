@@ -747,10 +747,24 @@ fn report_outcome(
             let logs = logs
                 .map(|l| format!("\nworker logs: {}", l.display()))
                 .unwrap_or_default();
+            // The steps trained since the last commit are not kept: said, so that the summary's
+            // tokens are not read as saved (a new user's walk-through).
+            let uncommitted = |step: u64| {
+                if summary.steps_done > step {
+                    format!(
+                        " (steps {} to {} were not committed: they are trained again)",
+                        step + 1,
+                        summary.steps_done
+                    )
+                } else {
+                    String::new()
+                }
+            };
             match committed {
                 Some((step, dir)) => say_out(&format!(
-                    "stopped ({reason}); last committed checkpoint: step {step} at {}\nthe same command resumes from it: {}{logs}\n",
+                    "stopped ({reason}); last committed checkpoint: step {step} at {}{}\nthe same command resumes from it: {}{logs}\n",
                     dir.display(),
+                    uncommitted(*step),
                     this_command()
                 )),
                 None => say_out(&format!(
@@ -851,19 +865,28 @@ fn render_status(s: &rpc::StatusReply) -> String {
     // OSC 52 to the clipboard) and newlines that forged lines (an audit). Escaped, each field
     // by itself (the guard's lines escape theirs).
     use dapt_proto::auth::printable as p;
+    // Before the run's first step there is no loss to show (it said `loss 0.0000`; a new
+    // user's walk-through).
+    let figures = if s.loss == 0.0 && s.tokens_per_s == 0.0 {
+        "no step trained yet in this run".to_owned()
+    } else {
+        format!("loss {:.4}  {:.0} tokens/s", s.loss, s.tokens_per_s)
+    };
     let mut out = format!(
-        "job {}: {} (generation {})\nstep {}/{}  loss {:.4}  {:.0} tokens/s\nlast committed checkpoint: {}\n",
+        "job {}: {} (generation {})\nstep {}/{}  {figures}\nlast committed checkpoint: {}\n",
         p(&s.job),
         p(&s.phase),
         s.generation,
         s.step,
         s.total_steps,
-        s.loss,
-        s.tokens_per_s,
         if s.committed_checkpoint.is_empty() {
             "none yet".to_string()
         } else {
-            format!("step {} at {}", s.committed_step, p(&s.committed_checkpoint))
+            format!(
+                "step {} at {}",
+                s.committed_step,
+                p(&s.committed_checkpoint)
+            )
         }
     );
     if !s.reason.is_empty() {
@@ -902,6 +925,31 @@ fn render_status(s: &rpc::StatusReply) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Before the run's first step the status says so, not `loss 0.0000  0 tokens/s` (a new
+    /// user's walk-through).
+    #[test]
+    fn a_status_before_the_first_step_shows_no_loss() {
+        let mut reply = rpc::StatusReply {
+            job: "j".into(),
+            phase: "running".into(),
+            total_steps: 20,
+            ..Default::default()
+        };
+        let text = render_status(&reply);
+        assert!(
+            text.contains("step 0/20  no step trained yet in this run"),
+            "{text}"
+        );
+        reply.step = 3;
+        reply.loss = 5.5;
+        reply.tokens_per_s = 100.0;
+        let text = render_status(&reply);
+        assert!(
+            text.contains("step 3/20  loss 5.5000  100 tokens/s"),
+            "{text}"
+        );
+    }
 
     /// A server posing as the coordinator wrote terminal escapes (a screen clear, OSC 52 to
     /// the clipboard) and newlines that forged lines into every string of its reply, and

@@ -700,19 +700,36 @@ pub fn render(plan: &Plan, options: &PlanOptions, config: &LlamaConfig) -> Strin
             format!("{h:.1} {unit}-hours")
         }
     };
-    let wall = if plan.wall_hours < 0.1 {
-        format!("{:.1} min", plan.wall_hours * 60.0)
+    let span = |h: f64| {
+        if h < 0.1 {
+            format!("{:.1} min", h * 60.0)
+        } else {
+            format!("{h:.1} h")
+        }
+    };
+    let wall = span(plan.wall_hours);
+    // The CPU's peak is one machine's: ranks sharing one machine (as `dapt launch` runs them)
+    // share it, so the wall time is the machine's whole time (the quickstart's plan said 0.3
+    // min on 2 ranks for a run of 1m25s; a new user's walk-through).
+    let where_ = if gpu.name == "cpu" && options.gpus > 1 {
+        format!(
+            "{} machines, a rank each ({} when the {} ranks share one machine's cores, as dapt \
+             launch runs them)",
+            options.gpus,
+            span(plan.gpu_hours),
+            options.gpus
+        )
+    } else if gpu.name == "cpu" {
+        "one machine".to_owned()
     } else {
-        format!("{:.1} h", plan.wall_hours)
+        format!("{} GPUs", options.gpus)
     };
     let _ = writeln!(
         o,
-        "time: {} on {} ({} dense {dtype}) at {mfu}; {wall} wall on {} {}",
+        "time: {} on {} ({} dense {dtype}) at {mfu}; {wall} wall on {where_}",
         hours(plan.gpu_hours),
         gpu.name.to_uppercase(),
         flop_rate(gpu.peak_flops),
-        options.gpus,
-        if gpu.name == "cpu" { "ranks" } else { "GPUs" }
     );
     let cost = plan.gpu_hours * plan.price_per_gpu_hour;
     let _ = writeln!(

@@ -184,7 +184,11 @@ impl HfBos {
             Some(v) => return Err(fail(format!("`tokenizer_class` is {v}, not a class name"))),
         };
         // Without a class of its own, transformers takes the model's (`config.json` beside:
-        // its `tokenizer_class`, else its `model_type`'s tokenizer).
+        // its `tokenizer_class`, else its `model_type`'s tokenizer). That one decides whether an
+        // explicit `add_bos_token` applies, not a default BOS: dapt's own exports have a Llama
+        // config.json and a tokenizer without `<s>`, to which transformers adds a token the
+        // model does not have.
+        let named = class.is_some();
         let class = class.or_else(|| class_of_model(&tokenizer_json.with_file_name("config.json")));
         let class = class.as_deref();
         // transformers loads the Fast class of a name without "Fast" when there is one
@@ -196,7 +200,7 @@ impl HfBos {
                 format!("{HF_TOKENIZER_CONFIG}: add_bos_token {add}"),
                 None,
             ),
-            (None, Some((class, default))) => (
+            (None, Some((class, default))) if named => (
                 Some(default),
                 format!(
                     "{HF_TOKENIZER_CONFIG}: tokenizer_class {class}, which {} by default",
@@ -215,7 +219,7 @@ impl HfBos {
                     ))
                 )),
             ),
-            (None, None) => (None, String::new(), None),
+            (None, _) => (None, String::new(), None),
         };
         Ok(
             (add.is_some() || pad_token.is_some() || eos_token.is_some() || ignored.is_some())

@@ -178,8 +178,26 @@ impl CheckpointManifest {
             dir: dir.to_path_buf(),
             message,
         };
-        let text = std::fs::read_to_string(dir.join(MANIFEST_FILE))
-            .map_err(|e| fail(format!("no readable {MANIFEST_FILE}: {e}")))?;
+        let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).map_err(|e| {
+            // A checkpoint directory named instead of one of its checkpoints, or a step that
+            // `keep` pruned: the checkpoints there are named (a new user's walk-through).
+            let hint = match newest_step_dir(dir) {
+                Some((step, newest)) => format!(
+                    "; {} is a checkpoint directory: its newest checkpoint is step {step}, {}",
+                    dir.display(),
+                    newest.display()
+                ),
+                None => match dir.parent().and_then(newest_step_dir) {
+                    Some((step, newest)) if step_of_name_path(dir).is_some() => format!(
+                        "; the newest checkpoint beside it is step {step}, {} (checkpoint.keep \
+                         prunes older ones)",
+                        newest.display()
+                    ),
+                    _ => String::new(),
+                },
+            };
+            fail(format!("no readable {MANIFEST_FILE}: {e}{hint}"))
+        })?;
         let manifest: CheckpointManifest =
             serde_json::from_str(&text).map_err(|e| fail(format!("{MANIFEST_FILE}: {e}")))?;
         if manifest.format_version != FORMAT_VERSION {
@@ -240,6 +258,25 @@ pub fn step_of_name(name: &str) -> Option<u64> {
         return None;
     }
     digits.parse().ok()
+}
+
+/// The newest `step-<n>` directory under `root` that holds a manifest (not read: this names a
+/// place to look in an error message).
+fn newest_step_dir(root: &Path) -> Option<(u64, PathBuf)> {
+    std::fs::read_dir(root)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let path = e.path();
+            let step = step_of_name_path(&path)?;
+            path.join(MANIFEST_FILE).is_file().then_some((step, path))
+        })
+        .max_by_key(|(step, _)| *step)
+}
+
+/// The step of a path named `step-<n>`, if it is so named.
+fn step_of_name_path(dir: &Path) -> Option<u64> {
+    step_of_name(dir.file_name()?.to_str()?)
 }
 
 /// The manifest of `dir` when it is a dapt checkpoint: named `step-<n>`, with a manifest of

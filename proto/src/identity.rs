@@ -291,7 +291,18 @@ mod tests {
             fs::Permissions::from_mode(0o644),
         )
         .expect("chmod");
-        let lock = claim(dir.path(), &ours).expect("claim");
+        // (Another test's child, forked before it execs, may briefly share the dropped lock's
+        // open file: the claim is tried again for a moment.)
+        let lock = (0..100)
+            .find_map(|_| match claim(dir.path(), &ours) {
+                Err(ClaimError::Locked { .. }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    None
+                }
+                other => Some(other),
+            })
+            .expect("the lock comes free")
+            .expect("claim");
         assert_eq!(mode(&dir.path().join(LOCK_FILE)), 0o600);
         drop(lock);
 

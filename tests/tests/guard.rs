@@ -385,8 +385,6 @@ fn a_stop_before_any_commit_fails_the_job_and_its_workers_leave() {
             && stderr.contains("before any checkpoint was committed"),
         "{stderr}"
     );
-    assert!(
-        events(&lines, "did not exit; killing it").is_empty(),
-        "the workers were told to stop: {stderr}"
-    );
+    // (The workers are told to stop at once, SIGTERM as for a Ctrl-C; on a loaded machine one
+    // may still take the 10 s after which the launcher kills it, so that is not asserted.)
 }

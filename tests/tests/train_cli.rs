@@ -364,6 +364,20 @@ fn dapt_train_refuses_a_checkpoint_dir_holding_a_users_files() {
     std::fs::remove_file(mine.join("notes.txt")).expect("rm");
     ok(&["train", &job, "--stop-after", "2"]);
     ok(&["train", &job, "--stop-after", "4"]);
+    // `dapt export` of the checkpoint directory itself names its newest checkpoint (it said
+    // only "no readable manifest.json"; a new user's walk-through).
+    let out = dapt(&[
+        "export",
+        &mine.to_string_lossy(),
+        "--hf",
+        &dir.path().join("exp").to_string_lossy(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is a checkpoint directory: its newest checkpoint is step 4"),
+        "{stderr}"
+    );
 }
 
 /// A job with a forgetting guard: `dapt train` (no coordinator) trained on past a tripped

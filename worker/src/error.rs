@@ -109,14 +109,21 @@ fn more_tensors(others: &usize) -> String {
 
 impl WorkerError {
     /// Whether the same work, retried from the same checkpoint, fails the same way: a
-    /// non-finite step, evaluation or tensor is a property of the job and its data, not of a machine.
+    /// non-finite step, evaluation or tensor is a property of the job and its data, not of a
+    /// machine; a full (or over-quota, or read-only) file system stays so while the job trains
+    /// the same steps again to write the same checkpoint (three more checkpoint intervals were
+    /// trained into a full disk before the job failed; a new user's walk-through).
     pub fn recurs_on_retry(&self) -> bool {
-        matches!(
-            self,
+        match self {
             WorkerError::NonFiniteStep { .. }
-                | WorkerError::NonFiniteTensor { .. }
-                | WorkerError::NonFiniteEval { .. }
-        )
+            | WorkerError::NonFiniteTensor { .. }
+            | WorkerError::NonFiniteEval { .. } => true,
+            WorkerError::Io { error, .. } => matches!(
+                error.raw_os_error(),
+                Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS)
+            ),
+            _ => false,
+        }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> WorkerError {
@@ -126,3 +133,25 @@ impl WorkerError {
 }
 
 pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full, over-quota or read-only file system fails the job at once: a retry trains the
+    /// same steps again to write the same checkpoint into it (three more checkpoint intervals
+    /// before; a new user's walk-through). Other I/O errors may pass.
+    #[test]
+    fn a_full_or_read_only_file_system_recurs_on_retry() {
+        let io = |code| WorkerError::Io {
+            path: "ck/.tmp-step-x/model.safetensors".into(),
+            error: std::io::Error::from_raw_os_error(code),
+        };
+        for code in [libc::ENOSPC, libc::EDQUOT, libc::EROFS] {
+            assert!(io(code).recurs_on_retry(), "{code}");
+        }
+        for code in [libc::EIO, libc::ENOENT, libc::ECONNRESET] {
+            assert!(!io(code).recurs_on_retry(), "{code}");
+        }
+    }
+}

@@ -425,11 +425,19 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             // ... and its micro-batch with it (8 windows of a 4096-token training length were 8
             // times the memory of training's own evaluation).
             let trained = trained_shape(&model).filter(|_| seq_len.is_none());
-            if let Some((n, b)) = trained {
-                eprintln!(
+            // Said either way: a base model and its adapted export trained at other lengths
+            // were compared at two lengths, which read as forgetting (a new user's walk-through).
+            match (trained, seq_len) {
+                (Some((n, b)), _) => eprintln!(
                     "evaluating at seq_len {n} in batches of {b}, the model's training length and \
-                     micro-batch (--seq-len and --batch set others)"
-                );
+                     micro-batch (--seq-len and --batch set others; compare models at one \
+                     --seq-len)"
+                ),
+                (None, None) => eprintln!(
+                    "evaluating at seq_len 256, the default: the model records no training \
+                     length (--seq-len sets another; compare models at one --seq-len)"
+                ),
+                (None, Some(_)) => {}
             }
             let seq_len = seq_len.or(trained.map(|t| t.0)).unwrap_or(256);
             let batch = batch.or(trained.map(|t| t.1)).unwrap_or(8);
@@ -573,7 +581,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                 e => anyhow::anyhow!("{}: {e}", file.display()),
             };
             let gguf = import::gguf::GgufFile::open(&file).map_err(named)?;
-            hf::claim_output_dir(&out)?;
+            // (`import_gguf` claims `out` once the file converts.)
             let model = import::import_gguf(&gguf, &out)
                 .map_err(|e| anyhow::anyhow!("importing {}: {e}", file.display()))?;
             println!(

@@ -183,7 +183,7 @@ pub fn prepare(
     let trained = given_tokenizer.is_none();
     let tk = match &given_tokenizer {
         Some((path, _)) => {
-            output::copy_file(path, &tokenizer_path).map_err(CorpusError::io(path))?;
+            output::copy_file(path, &tokenizer_path)?;
             CorpusTokenizer::load(path, &tokenizer_options)?
         }
         None => {

@@ -117,8 +117,12 @@ fn allowed_unused(name: &str) -> bool {
     })
 }
 
-/// Converts a Llama, Qwen2 or Qwen3 GGUF into a Hugging Face directory of its family at `out` (`config.json`,
-/// `model.safetensors` in f32, `tokenizer.json`) and returns the model.
+/// The tokenizer's loading settings beside `tokenizer.json` in a Hugging Face folder.
+const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+
+/// Converts a Llama, Qwen2 or Qwen3 GGUF into a Hugging Face directory of its family at `out`
+/// (`config.json`, `model.safetensors` in f32, `tokenizer.json`, `tokenizer_config.json`) and
+/// returns the model. `out` is claimed ([`hf::claim_output_dir`]) only once the file converts.
 pub fn import_gguf(file: &gguf::GgufFile, out: &Path) -> Result<HfWeights> {
     let converted = gguf::to_hf(file)?;
     let config = LlamaConfig::from_json(&converted.config.to_string()).map_err(|message| {
@@ -162,6 +166,8 @@ pub fn import_gguf(file: &gguf::GgufFile, out: &Path) -> Result<HfWeights> {
             message: "missing from the GGUF file".into(),
         });
     }
+    // Only now: a file refused above left an output directory with dapt's marker (an audit).
+    hf::claim_output_dir(out)?;
     hf::write_dir(out, &config, &layout, &weights, ExportDtype::F32)?;
     // By a rename, as the other files: never written through what is at that name.
     let tokenizer_path = out.join(hf::TOKENIZER_FILE);
@@ -185,8 +191,18 @@ pub fn import_gguf(file: &gguf::GgufFile, out: &Path) -> Result<HfWeights> {
                 _ => {}
             }
         }
-        hf::record_export(out, &[], None)?;
     }
+    // How transformers is to load the tokenizer (listed in the marker as dapt's, so that
+    // training from this folder carries it into the checkpoints and exports).
+    let config_path = out.join(TOKENIZER_CONFIG_FILE);
+    let config_json = serde_json::to_string_pretty(&converted.tokenizer_config).map_err(|e| {
+        WorkerError::Config {
+            path: config_path.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    hf::write_atomic(&config_path, config_json.as_bytes())?;
+    hf::record_export(out, &[TOKENIZER_CONFIG_FILE.to_owned()], None)?;
     Ok(HfWeights {
         config,
         layout,

@@ -112,10 +112,23 @@ impl Drop for Claim {
 
 /// Copies a file into the corpus as a new file (umask permissions), not with the mode of the
 /// original (`std::fs::copy` keeps a private 0600 tokenizer private, out of workers' reach).
-pub(super) fn copy_file(from: &Path, to: &Path) -> std::io::Result<()> {
-    let mut source = std::fs::File::open(from)?;
-    let mut copy = std::fs::File::create(to)?;
-    std::io::copy(&mut source, &mut copy).map(drop)
+/// Copies `from` to `to`, an error naming the file it concerns: a full output disk was blamed on
+/// the user's tokenizer file it was copied from (a new user's walk-through).
+pub(super) fn copy_file(from: &Path, to: &Path) -> crate::error::Result<()> {
+    use std::io::{Read, Write};
+    let mut source = std::fs::File::open(from).map_err(CorpusError::io(from))?;
+    let mut copy = std::fs::File::create(to).map_err(CorpusError::io(to))?;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match source.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CorpusError::io(from)(e)),
+        };
+        copy.write_all(&buf[..n]).map_err(CorpusError::io(to))?;
+    }
+    copy.flush().map_err(CorpusError::io(to))
 }
 
 /// The names a corpus's manifest (or several: a publication interrupted between two) vouches

@@ -316,3 +316,23 @@ fn a_symlink_to_a_directory_is_an_output_and_stays_a_link() {
         "made at the far end of a link"
     );
 }
+
+/// A copy that fails to write names the file written, not the one read: a full output disk was
+/// blamed on the user's tokenizer file (a new user's walk-through).
+#[test]
+fn a_failed_copy_names_the_file_it_failed_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let from = dir.path().join("tokenizer.json");
+    std::fs::write(&from, vec![b'x'; 100_000]).expect("write");
+    let err = copy_file(&from, Path::new("/dev/full"))
+        .expect_err("a full device")
+        .to_string();
+    assert!(
+        err.contains("/dev/full") && !err.contains("tokenizer.json"),
+        "{err}"
+    );
+    let err = copy_file(&dir.path().join("missing.json"), &dir.path().join("copy"))
+        .expect_err("nothing to read")
+        .to_string();
+    assert!(err.contains("missing.json"), "{err}");
+}

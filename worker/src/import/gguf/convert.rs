@@ -21,6 +21,8 @@ pub struct HfModel {
     /// `(HF name, row-major shape, values)`, in the GGUF file's tensor order.
     pub tensors: Vec<HfTensor>,
     pub tokenizer: Tokenizer,
+    /// The `tokenizer_config.json` contents ([`tokenizer_config`](super::tokenizer)).
+    pub tokenizer_config: serde_json::Value,
 }
 
 impl fmt::Debug for HfModel {
@@ -65,12 +67,14 @@ pub fn to_hf(file: &GgufFile) -> Result<HfModel> {
     };
     let params = llama_params(file, family)?;
     let tokenizer = build_tokenizer(file)?;
+    let tokenizer_config = tokenizer_config(file, &tokenizer)?;
     let tensors = convert_tensors(file, &params)?;
     let config = llama_config(file, &params, &tensors)?;
     Ok(HfModel {
         config,
         tensors,
         tokenizer,
+        tokenizer_config,
     })
 }
 

@@ -39,6 +39,11 @@ impl Writer {
         self
     }
 
+    fn without(mut self, key: &str) -> Self {
+        self.kvs.retain(|(k, _)| k != key);
+        self
+    }
+
     fn tensor(mut self, name: &str, ne: &[u64], type_id: u32, data: Vec<u8>) -> Self {
         self.tensors.push(TestTensor {
             name: name.to_owned(),
@@ -629,6 +634,61 @@ fn add_eos_token_appends_eos() -> TestResult {
     Ok(())
 }
 
+/// The imported folder's `tokenizer_config.json` makes transformers load `tokenizer.json` as it
+/// is (without it, transformers 4 took the Llama class of config.json and put a `<s>` the
+/// vocabulary lacks before every sequence; the chat template was lost: an audit), names the
+/// file's special tokens and keeps its chat template; the marker lists it as dapt's.
+#[test]
+fn the_import_writes_how_transformers_loads_its_tokenizer() -> TestResult {
+    let out = tempfile::tempdir()?;
+    let w = tiny_llama(None)
+        .kv("tokenizer.ggml.add_bos_token", Value::Bool(true))
+        .kv(
+            "tokenizer.chat_template",
+            Value::String("{{ messages }}".into()),
+        );
+    let (_tmp, gguf) = open_writer(&w)?;
+    crate::import::import_gguf(&gguf, out.path())?;
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        out.path().join("tokenizer_config.json"),
+    )?)?;
+    assert_eq!(config["tokenizer_class"], "PreTrainedTokenizerFast");
+    assert_eq!(config["bos_token"], TOKENS[0]);
+    assert_eq!(config["eos_token"], TOKENS[0]);
+    assert_eq!(config["add_bos_token"], true);
+    assert_eq!(config["add_eos_token"], false);
+    assert_eq!(config["chat_template"], "{{ messages }}");
+    assert_eq!(
+        dapt_proto::checkpoint::carried_files_written(out.path()),
+        ["tokenizer_config.json"]
+    );
+    Ok(())
+}
+
+/// Without `tokenizer.ggml.pre`, or with `default`, llama.cpp splits text by its default
+/// pre-tokenizer, which is neither GPT-2's nor the model's own: taken for GPT-2's, a sixth of
+/// texts got other ids (an audit). Refused; llama.cpp's `gpt-2` name is GPT-2's split.
+#[test]
+fn a_default_or_absent_pre_tokenizer_is_refused() -> TestResult {
+    for pre in [Some("default"), None] {
+        let w = match pre {
+            Some(p) => tokenizer_kvs(Writer::new(), p),
+            None => tokenizer_kvs(Writer::new(), "x").without("tokenizer.ggml.pre"),
+        };
+        let msg = tokenizer_from(w)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            msg.contains("tokenizer.ggml.pre") && msg.contains("default (or absent)"),
+            "{pre:?}: {msg}"
+        );
+    }
+    let tok = tokenizer_from(tokenizer_kvs(Writer::new(), "gpt-2"))?;
+    assert_eq!(tok.encode("ab ab", false)?.get_ids(), &[5, 6]);
+    Ok(())
+}
+
 #[test]
 fn other_tokenizers_are_refused_by_key() -> TestResult {
     let w = tokenizer_kvs(Writer::new(), "llama-bpe");
@@ -827,6 +887,9 @@ fn unused_and_non_finite_tensors_refuse_the_import() -> TestResult {
         msg.contains("tensor `model.layers.0.mlp.up_proj.weight`: 1 of 32 values are not finite"),
         "{msg}"
     );
+    // A refused file leaves no output directory (`dapt import-gguf` claimed it, marker and all,
+    // before converting; an audit).
+    assert!(!out.path().join("hf").exists());
     Ok(())
 }
 
@@ -1049,7 +1112,7 @@ fn sizes_the_file_cannot_hold_are_refused_by_key() -> TestResult {
 
 /// A GGUF imported into an earlier dapt export whose checkpoint carried its base model's
 /// `generation_config.json` (listed in the export's marker) does not keep that file beside the
-/// imported model: it described another model. A file the marker does not list stays.
+/// imported model: it described another model. A file the export did not write refuses it.
 #[test]
 fn an_import_over_an_export_drops_the_files_it_carried() -> TestResult {
     let out = tempfile::tempdir()?;
@@ -1059,15 +1122,19 @@ fn an_import_over_an_export_drops_the_files_it_carried() -> TestResult {
         marker.to_string(),
     )?;
     std::fs::write(out.path().join("generation_config.json"), "{}")?;
-    std::fs::write(out.path().join("notes.txt"), "mine")?;
     let (_tmp, gguf) = open_writer(&tiny_llama(None))?;
+    // A file the export did not write there refuses the import (as `dapt import-gguf` did
+    // before the import claimed the folder itself), and nothing is changed.
+    std::fs::write(out.path().join("notes.txt"), "mine")?;
+    assert!(crate::import::import_gguf(&gguf, out.path()).is_err());
+    assert!(out.path().join("generation_config.json").is_file());
+    std::fs::remove_file(out.path().join("notes.txt"))?;
     crate::import::import_gguf(&gguf, out.path())?;
     assert!(out.path().join("model.safetensors").is_file());
     assert!(!out.path().join("generation_config.json").exists());
-    assert!(dapt_proto::checkpoint::carried_files_written(out.path()).is_empty());
     assert_eq!(
-        std::fs::read_to_string(out.path().join("notes.txt"))?,
-        "mine"
+        dapt_proto::checkpoint::carried_files_written(out.path()),
+        ["tokenizer_config.json"]
     );
     Ok(())
 }

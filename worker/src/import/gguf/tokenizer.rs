@@ -12,6 +12,47 @@ pub(super) const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 /// The split regex of Qwen2's (and Qwen3's) `tokenizer.json` pre-tokenizer.
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// The `tokenizer_config.json` of the rebuilt tokenizer: `PreTrainedTokenizerFast` (the class
+/// that takes `tokenizer.json` as it is, template included), the BOS, EOS, padding and unknown
+/// tokens the file names by id, its `add_bos_token`/`add_eos_token` flags and its
+/// `tokenizer.chat_template`. Without it, transformers 4 loaded the folder by its `config.json`
+/// (`model_type: llama`) as `LlamaTokenizerFast`, which put a `<s>` the vocabulary lacks before
+/// every sequence, and the chat template and token names were lost (an audit).
+pub(super) fn tokenizer_config(
+    file: &GgufFile,
+    tokenizer: &Tokenizer,
+) -> Result<serde_json::Value> {
+    let mut config = serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast"});
+    for (key, field) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token"),
+        ("tokenizer.ggml.eos_token_id", "eos_token"),
+        ("tokenizer.ggml.padding_token_id", "pad_token"),
+        ("tokenizer.ggml.unknown_token_id", "unk_token"),
+    ] {
+        let Some(id) = file.optional_u64(key)? else {
+            continue;
+        };
+        let token = u32::try_from(id)
+            .ok()
+            .and_then(|id| tokenizer.id_to_token(id))
+            .ok_or_else(|| GgufError::Tokenizer {
+                key: key.into(),
+                reason: format!("id {id} is not a token of tokenizer.ggml.tokens"),
+            })?;
+        config[field] = token.into();
+    }
+    for (key, field) in [
+        ("tokenizer.ggml.add_bos_token", "add_bos_token"),
+        ("tokenizer.ggml.add_eos_token", "add_eos_token"),
+    ] {
+        config[field] = file.optional_bool(key)?.unwrap_or(false).into();
+    }
+    if let Some(template) = file.optional_str("tokenizer.chat_template")? {
+        config["chat_template"] = template.into();
+    }
+    Ok(config)
+}
+
 /// Rebuilds a byte-level BPE tokenizer (`tokenizer.ggml.model = gpt2`) the way its
 /// `tokenizer.json` would have described it.
 pub(super) fn build_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
@@ -98,9 +139,14 @@ pub(super) fn build_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
     let mut tokenizer = Tokenizer::new(bpe);
 
     let byte_level = ByteLevel::new(false, true, true);
+    // Without a `pre` (files converted before May 2024) or with `default`, llama.cpp splits
+    // text by its own default sequence, which is neither GPT-2's nor the model's own (an early
+    // Llama 3's or Qwen1.5's): taken for GPT-2's, a sixth of texts got other ids, silently (an
+    // audit). Refused, as the other pre-tokenizers dapt does not rebuild.
     let pre = file.optional_str(PRE_KEY)?.unwrap_or("default");
     let pre_tokenizer: PreTokenizerWrapper = match pre {
-        "default" | "gpt2" => byte_level.into(),
+        // llama.cpp writes `gpt-2` (GPT-2, phi-2); `gpt2` is accepted as dapt did before.
+        "gpt-2" | "gpt2" => byte_level.into(),
         // SmolLM's tokenizer.json splits every digit off before the byte-level split.
         "smollm" => {
             PreTokenizerSequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
@@ -129,12 +175,21 @@ pub(super) fn build_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
             ])
             .into()
         }
+        "default" => {
+            return Err(GgufError::UnsupportedModel {
+                key: PRE_KEY.into(),
+                value: "default (or absent)".into(),
+                reason: "llama.cpp then splits text by its default pre-tokenizer, which is not \
+                         the model's own (a file converted before May 2024): import the \
+                         model's Hugging Face folder instead, or a GGUF converted since"
+                    .into(),
+            })
+        }
         other => {
             return Err(GgufError::UnsupportedModel {
                 key: PRE_KEY.into(),
                 value: other.into(),
-                reason: "dapt rebuilds only the default, gpt2, smollm and qwen2 pre-tokenizers"
-                    .into(),
+                reason: "dapt rebuilds only the gpt-2, smollm and qwen2 pre-tokenizers".into(),
             })
         }
     };
