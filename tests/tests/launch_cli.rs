@@ -19,6 +19,21 @@ fn launch(job: &Job, workers: u32) -> Proc {
     Proc::spawn(cmd)
 }
 
+/// `dapt launch` of `job` with 2 workers, once its first checkpoint is committed, with the
+/// workers' pids.
+fn launch_to_first_commit(job: &Job) -> (Proc, Vec<u32>) {
+    let mut proc = launch(job, 2);
+    proc.wait_for("a first commit", LONG, |l| {
+        !events(l, "checkpoint committed").is_empty()
+    });
+    let pids: Vec<u32> = events(&proc.lines(), "worker started")
+        .iter()
+        .map(|f| f["pid"].as_u64().expect("pid") as u32)
+        .collect();
+    assert_eq!(pids.len(), 2);
+    (proc, pids)
+}
+
 #[test]
 fn two_workers_train_and_commit_every_sample_once_with_equal_weights() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -255,15 +270,7 @@ fn ctrl_c_stops_the_workers_and_the_same_command_resumes() {
     );
     std::fs::write(&job.path, spec).expect("write");
     let _serial = serial();
-    let mut proc = launch(&job, 2);
-    proc.wait_for("a first commit", LONG, |l| {
-        !events(l, "checkpoint committed").is_empty()
-    });
-    let pids: Vec<u32> = events(&proc.lines(), "worker started")
-        .iter()
-        .map(|f| f["pid"].as_u64().expect("pid") as u32)
-        .collect();
-    assert_eq!(pids.len(), 2);
+    let (mut proc, pids) = launch_to_first_commit(&job);
     proc.signal(libc::SIGINT);
     let (status, stdout) = proc.finish(LONG);
     assert_eq!(status.code(), Some(130), "{stdout}");
@@ -334,15 +341,7 @@ fn a_killed_launcher_takes_its_workers_with_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let job = write_job(dir.path(), "sigkill", 400, "");
     let _serial = serial();
-    let mut proc = launch(&job, 2);
-    proc.wait_for("a first commit", LONG, |l| {
-        !events(l, "checkpoint committed").is_empty()
-    });
-    let pids: Vec<u32> = events(&proc.lines(), "worker started")
-        .iter()
-        .map(|f| f["pid"].as_u64().expect("pid") as u32)
-        .collect();
-    assert_eq!(pids.len(), 2);
+    let (mut proc, pids) = launch_to_first_commit(&job);
     proc.signal(libc::SIGKILL);
     let (status, _) = proc.finish(LONG);
     assert_eq!(

@@ -70,11 +70,12 @@ fn another_member_follows(rest: &mut impl BufRead) -> io::Result<bool> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::io::Write;
 
-    fn gzip(bytes: &[u8]) -> Vec<u8> {
+    /// `bytes` gzip-compressed (one member).
+    pub(in crate::ingest) fn gzip(bytes: &[u8]) -> Vec<u8> {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(bytes).expect("gz");
         gz.finish().expect("gz")

@@ -655,15 +655,10 @@ fn array_of_records(path: &Path, line: Option<u64>) -> CorpusError {
 
 #[cfg(test)]
 mod tests {
+    use super::gzip::tests::gzip;
     use super::*;
     use encoding_rs::UTF_8;
     use std::io::Write;
-
-    fn gzip(bytes: &[u8]) -> Vec<u8> {
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(bytes).expect("gz");
-        gz.finish().expect("gz")
-    }
 
     #[test]
     fn byte_order_marks_are_not_text_in_any_format_or_under_gzip() {
