@@ -183,6 +183,8 @@ pub struct Recovery {
     /// The reason is a rank's report that a peer failed it (a closed connection, a timeout):
     /// the peer's own report of what went wrong, if it comes, replaces it.
     pub blames_peer: bool,
+    /// A re-formation the job chose ([`Log::Recovery`]'s `planned`).
+    pub planned: bool,
 }
 
 /// The job as the coordinator sees it.
@@ -434,6 +436,9 @@ pub enum Log {
         /// Time since the loss was detected.
         since_detected: Duration,
         reason: String,
+        /// A re-formation the job chose (standbys joining, the forgetting guard's mixture
+        /// change), not a recovery from a loss: not counted as a recovery.
+        planned: bool,
     },
     Committed {
         step: u64,
@@ -990,6 +995,21 @@ fn begin_recovery(
     now: Instant,
     out: &mut Vec<Action>,
 ) {
+    start_reformation(state, reason, stopped, now, out, false);
+}
+
+/// Tears the generation down to form the next one from the committed step: after a loss
+/// ([`begin_recovery`]), or `planned` by the job (standbys joining, a mixture change), which a
+/// summary does not count as a recovery (a new user's walk-through: three guard rebalances read
+/// "recoveries 3").
+fn start_reformation(
+    state: &mut JobState,
+    reason: String,
+    stopped: Option<&WorkerId>,
+    now: Instant,
+    out: &mut Vec<Action>,
+    planned: bool,
+) {
     state.failed_generations += 1;
     let awaiting: BTreeSet<WorkerId> = state
         .ranks
@@ -1004,8 +1024,10 @@ fn begin_recovery(
         took: Duration::ZERO,
         since_detected: Duration::ZERO,
         reason: reason.clone(),
+        planned,
     }));
     state.recovery = Some(Recovery {
+        planned,
         reason,
         detected: now,
         generation: state.generation,
@@ -1145,6 +1167,7 @@ fn progress(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
                 took: now - r.detected,
                 since_detected: now - r.detected,
                 reason: r.reason.clone(),
+                planned: r.planned,
             }));
             state.phase = Phase::Forming;
             state.ready_since = None;
@@ -1282,6 +1305,7 @@ fn form(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
             took: now - aborted,
             since_detected: now - r.detected,
             reason: r.reason.clone(),
+            planned: r.planned,
         }));
     }
 }
@@ -1377,6 +1401,7 @@ fn step_report(
             took: now - r.reformed.unwrap_or(now),
             since_detected: now - r.detected,
             reason: r.reason,
+            planned: r.planned,
         }));
     }
 }
@@ -1504,12 +1529,13 @@ fn checkpoint_report(
         }));
         // Every rank must draw the new order from this step: re-form on the commit (the steps
         // trained past it under the old mixture are not committed, and are trained again).
-        begin_recovery(
+        start_reformation(
             state,
             format!("the forgetting guard changed the mixture from the committed step {step}"),
             None,
             now,
             out,
+            true,
         );
         state.failed_generations = 0;
         return;
@@ -1526,12 +1552,13 @@ fn checkpoint_report(
         .is_none_or(|m| state.ranks.len() < m)
         && (state.ranks.len() as u64) < state.config.global_batch;
     if standby > 0 && room {
-        begin_recovery(
+        start_reformation(
             state,
             format!("{standby} standby worker(s) join at the committed step {step}"),
             None,
             now,
             out,
+            true,
         );
         // Growing is not a failure.
         state.failed_generations = 0;

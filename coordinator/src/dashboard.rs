@@ -422,6 +422,7 @@ impl Dashboard {
                 took,
                 since_detected,
                 reason,
+                ..
             } => {
                 let view = PhaseView {
                     phase: phase.name().to_string(),

@@ -278,9 +278,10 @@ impl Metrics {
             Log::Recovery {
                 phase,
                 since_detected,
+                planned,
                 ..
             } => {
-                if *phase == crate::control::RecoveryPhase::Detected {
+                if *phase == crate::control::RecoveryPhase::Detected && !planned {
                     self.recoveries.inc();
                 }
                 self.recovery_seconds

@@ -115,7 +115,11 @@ impl Progress {
                     .or_insert((reading, reading));
                 self.evaluated.insert(source.clone());
             }
-            Log::Recovery { phase, .. } if *phase == RecoveryPhase::Detected => {
+            Log::Recovery {
+                phase,
+                planned: false,
+                ..
+            } if *phase == RecoveryPhase::Detected => {
                 self.recoveries += 1;
             }
             Log::Completed { step, dir } => {
@@ -621,6 +625,7 @@ pub fn emit(line: Log, progress: &Progress, now: Instant) {
             took,
             since_detected,
             reason,
+            planned: false,
         } => tracing::warn!(
             phase = phase.name(),
             generation = generation.0,
@@ -629,6 +634,23 @@ pub fn emit(line: Log, progress: &Progress, now: Instant) {
             took = %fmt_duration(took),
             %reason,
             "recovery"
+        ),
+        // Chosen by the job: no warning (guard rebalances read as recoveries).
+        Log::Recovery {
+            phase,
+            generation,
+            took,
+            since_detected,
+            reason,
+            planned: true,
+        } => tracing::info!(
+            phase = phase.name(),
+            generation = generation.0,
+            took_ms = took.as_millis() as u64,
+            since_detected_ms = since_detected.as_millis() as u64,
+            took = %fmt_duration(took),
+            %reason,
+            "re-formation"
         ),
         Log::Committed { step, dir, digest } => {
             tracing::info!(step, checkpoint = %dir, weights_xxh3 = %digest, "checkpoint committed")

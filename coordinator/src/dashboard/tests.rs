@@ -42,6 +42,7 @@ fn recovery(phase: RecoveryPhase, since_ms: u64) -> Log {
         took: Duration::from_millis(100),
         since_detected: Duration::from_millis(since_ms),
         reason: "worker-1 lost: session timed out".into(),
+        planned: false,
     }
 }
 

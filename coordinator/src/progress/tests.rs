@@ -100,6 +100,20 @@ fn the_summary_counts_tokens_once_and_perplexity_from_the_first_evaluation() {
             took: Duration::ZERO,
             since_detected: Duration::ZERO,
             reason: "worker-1 lost".into(),
+            planned: false,
+        },
+        t0,
+    );
+    // A re-formation the job chose (standbys joining, a guard's mixture change) is no
+    // recovery: three guard rebalances read "recoveries 3" (a new user's walk-through).
+    p.observe(
+        &Log::Recovery {
+            phase: RecoveryPhase::Detected,
+            generation: Generation(2),
+            took: Duration::ZERO,
+            since_detected: Duration::ZERO,
+            reason: "the forgetting guard changed the mixture".into(),
+            planned: true,
         },
         t0,
     );
