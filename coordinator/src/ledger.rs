@@ -449,23 +449,16 @@ pub fn foreign_entry(dir: &Path) -> Result<Option<String>, LedgerError> {
         match name {
             // (The `.tmp` names: temporaries of dapt versions before random names.)
             COMMITTED_FILE | "committed.tmp" | "ledger.tmp" | "generation.tmp" => true,
-            LEDGER_FILE => regular_file(path) && is_ledger(path),
+            LEDGER_FILE => checkpoint::regular_file(path) && is_ledger(path),
             GENERATION_FILE => {
-                regular_file(path) && parses_as::<crate::control::GenerationRecord>(path)
+                checkpoint::regular_file(path)
+                    && checkpoint::parses_as::<crate::control::GenerationRecord>(path)
             }
             crate::launch::LAUNCH_TOKEN_FILE => crate::launch::is_launch_token_file(path),
             _ => false,
         }
     })
     .map_err(io(dir))
-}
-
-fn regular_file(path: &Path) -> bool {
-    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
-}
-
-fn parses_as<T: serde::de::DeserializeOwned>(path: &Path) -> bool {
-    fs::read(path).is_ok_and(|bytes| serde_json::from_slice::<T>(&bytes).is_ok())
 }
 
 /// Whether `path` is a ledger dapt wrote: empty, or complete lines that are all ledger entries,

@@ -625,33 +625,29 @@ pub fn emit(line: Log, progress: &Progress, now: Instant) {
             took,
             since_detected,
             reason,
-            planned: false,
-        } => tracing::warn!(
-            phase = phase.name(),
-            generation = generation.0,
-            took_ms = took.as_millis() as u64,
-            since_detected_ms = since_detected.as_millis() as u64,
-            took = %fmt_duration(took),
-            %reason,
-            "recovery"
-        ),
-        // Chosen by the job: no warning (guard rebalances read as recoveries).
-        Log::Recovery {
-            phase,
-            generation,
-            took,
-            since_detected,
-            reason,
-            planned: true,
-        } => tracing::info!(
-            phase = phase.name(),
-            generation = generation.0,
-            took_ms = took.as_millis() as u64,
-            since_detected_ms = since_detected.as_millis() as u64,
-            took = %fmt_duration(took),
-            %reason,
-            "re-formation"
-        ),
+            planned,
+        } => {
+            // One line, at two levels (tracing's level is part of the call site): a
+            // re-formation the job chose is no warning (guard rebalances read as recoveries).
+            macro_rules! line {
+                ($level:ident, $message:literal) => {
+                    tracing::$level!(
+                        phase = phase.name(),
+                        generation = generation.0,
+                        took_ms = took.as_millis() as u64,
+                        since_detected_ms = since_detected.as_millis() as u64,
+                        took = %fmt_duration(took),
+                        %reason,
+                        $message
+                    )
+                };
+            }
+            if planned {
+                line!(info, "re-formation");
+            } else {
+                line!(warn, "recovery");
+            }
+        }
         Log::Committed { step, dir, digest } => {
             tracing::info!(step, checkpoint = %dir, weights_xxh3 = %digest, "checkpoint committed")
         }

@@ -62,11 +62,24 @@ pub(crate) fn open_lock_file(path: &Path, create: bool) -> Result<Option<File>> 
             .custom_flags(libc::O_NOFOLLOW);
         options
     };
-    let file = open_lock_file_as(path, create, options)?;
-    if let Some(file) = &file {
-        close_to_others(file);
-    }
-    Ok(file)
+    let denied = |e: &std::io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EACCES | libc::EPERM | libc::EROFS)
+        )
+    };
+    let file = match options(true).open(path) {
+        Ok(file) => file,
+        Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if denied(&e) => match options(false).open(path) {
+            Ok(file) => file,
+            Err(e) if denied(&e) || e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(CorpusError::io(path)(e)),
+        },
+        Err(e) => return Err(CorpusError::io(path)(e)),
+    };
+    close_to_others(&file);
+    Ok(Some(file))
 }
 
 /// Takes the permissions of others from `file` when it is this user's (an older dapt made it
@@ -79,29 +92,6 @@ fn close_to_others(file: &File) {
         if meta.uid() == euid && meta.mode() & 0o007 != 0 {
             let _ = file.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o770));
         }
-    }
-}
-
-fn open_lock_file_as(
-    path: &Path,
-    create: bool,
-    options: impl Fn(bool) -> OpenOptions,
-) -> Result<Option<File>> {
-    let denied = |e: &std::io::Error| {
-        matches!(
-            e.raw_os_error(),
-            Some(libc::EACCES | libc::EPERM | libc::EROFS)
-        )
-    };
-    match options(true).open(path) {
-        Ok(file) => Ok(Some(file)),
-        Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) if denied(&e) => match options(false).open(path) {
-            Ok(file) => Ok(Some(file)),
-            Err(e) if denied(&e) || e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(CorpusError::io(path)(e)),
-        },
-        Err(e) => Err(CorpusError::io(path)(e)),
     }
 }
 

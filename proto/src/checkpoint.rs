@@ -291,6 +291,16 @@ pub fn identify(dir: &Path) -> Option<CheckpointManifest> {
         .filter(|m| m.step == step)
 }
 
+/// Whether `path` is a regular file (not following a symlink).
+pub fn regular_file(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
+}
+
+/// Whether the file at `path` reads as JSON of `T`.
+pub fn parses_as<T: serde::de::DeserializeOwned>(path: &Path) -> bool {
+    std::fs::read(path).is_ok_and(|bytes| serde_json::from_slice::<T>(&bytes).is_ok())
+}
+
 /// The coordinator's record of a checkpoint directory's committed step (`ledger::CommittedFile`
 /// in dapt-coordinator): a directory holding one is a coordinator's.
 pub const COMMITTED_FILE: &str = "committed.json";
@@ -325,10 +335,7 @@ pub fn foreign_entry(
             let ours = match name.as_str() {
                 crate::identity::LOCK_FILE => true,
                 crate::identity::JOB_FILE => {
-                    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
-                        && std::fs::read(path).is_ok_and(|bytes| {
-                            serde_json::from_slice::<crate::identity::JobIdentity>(&bytes).is_ok()
-                        })
+                    regular_file(path) && parses_as::<crate::identity::JobIdentity>(path)
                 }
                 _ => false,
             } || also_ours(name, path)

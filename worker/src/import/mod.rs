@@ -117,9 +117,6 @@ fn allowed_unused(name: &str) -> bool {
     })
 }
 
-/// The tokenizer's loading settings beside `tokenizer.json` in a Hugging Face folder.
-const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
-
 /// Converts a Llama, Qwen2 or Qwen3 GGUF into a Hugging Face directory of its family at `out`
 /// (`config.json`, `model.safetensors` in f32, `tokenizer.json`, `tokenizer_config.json`) and
 /// returns the model. `out` is claimed ([`hf::claim_output_dir`]) only once the file converts.
@@ -194,7 +191,7 @@ pub fn import_gguf(file: &gguf::GgufFile, out: &Path) -> Result<HfWeights> {
     }
     // How transformers is to load the tokenizer (listed in the marker as dapt's, so that
     // training from this folder carries it into the checkpoints and exports).
-    let config_path = out.join(TOKENIZER_CONFIG_FILE);
+    let config_path = out.join(dapt_corpus::tokenizer::HF_TOKENIZER_CONFIG);
     let config_json = serde_json::to_string_pretty(&converted.tokenizer_config).map_err(|e| {
         WorkerError::Config {
             path: config_path.clone(),
@@ -202,7 +199,11 @@ pub fn import_gguf(file: &gguf::GgufFile, out: &Path) -> Result<HfWeights> {
         }
     })?;
     hf::write_atomic(&config_path, config_json.as_bytes())?;
-    hf::record_export(out, &[TOKENIZER_CONFIG_FILE.to_owned()], None)?;
+    hf::record_export(
+        out,
+        &[dapt_corpus::tokenizer::HF_TOKENIZER_CONFIG.to_owned()],
+        None,
+    )?;
     Ok(HfWeights {
         config,
         layout,
