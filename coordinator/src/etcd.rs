@@ -7,9 +7,9 @@
 //! * Fencing: every write of job state (generation, commit) is a transaction that succeeds only
 //!   while the leader key is still bound to this coordinator's lease, so a deposed coordinator
 //!   can never record a generation or a commit.
-//! * A commit is one transaction: the ledger entries of the committed steps
-//!   (`ledger/<step>`) and the new `committed` value, so the ledger and the committed step can
-//!   never disagree.
+//! * A commit is one transaction: the ledger entries of the committed steps (one key per
+//!   step, `ledger/<step + 1>`) and the new `committed` value, so the ledger and the committed
+//!   step can never disagree, and a commit sent again (its answer was lost) writes the same keys.
 //! * Membership: workers hold lease-bound `members/<worker>` keys; a delete (lease expired or
 //!   revoked) becomes an [`Event::Expired`]. The watch is re-established after an etcd outage
 //!   from the revision after the last one seen, so no deletion is missed.
@@ -20,6 +20,7 @@
 //!   standby cannot lead without etcd either, so no two coordinators ever record the same
 //!   generation or commit.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -292,34 +293,50 @@ impl EtcdStore {
         true
     }
 
-    /// The ledger entries and the committed step, in one transaction.
+    /// The ledger entries and the committed step, in one transaction. Each step's entries go
+    /// under that step's own key (`ledger/<step>`), so sending a commit again is idempotent: a
+    /// commit etcd applied but whose answer was lost (a restart, a broken connection) travels
+    /// again with the next one ([`Committer`]), and its steps' keys are written again with the
+    /// same entries instead of a second copy under the later commit's key.
     pub async fn commit(
         &mut self,
         committed: &Committed,
         entries: &[LedgerEntry],
     ) -> Result<(), StoreError> {
-        let ledger = format!(
-            "{}{:012}",
-            keys::ledger(&self.prefix, &self.job),
-            committed.step
-        );
         let record = CommittedFile {
             committed: committed.clone(),
             ..self.identity.clone()
         };
-        let ops = vec![
-            TxnOp::put(
-                ledger,
-                serde_json::to_vec(entries).expect("entries serialize"),
-                None,
-            ),
-            TxnOp::put(
-                keys::committed(&self.prefix, &self.job),
-                serde_json::to_vec(&record).expect("committed serializes"),
-                None,
-            ),
-        ];
+        let mut ops = self.ledger_puts(entries);
+        ops.push(TxnOp::put(
+            keys::committed(&self.prefix, &self.job),
+            serde_json::to_vec(&record).expect("committed serializes"),
+            None,
+        ));
         self.fenced(Vec::new(), ops).await.map(|_| ())
+    }
+
+    /// One put per step of `entries`: key `ledger/<step + 1, 12 digits>` (the number of steps
+    /// done once it is, as `committed.step` counts them), value the JSON array of that step's
+    /// entries (every rank's; a step is always committed whole). Key `ledger/<n>` holds steps
+    /// before `n` both here and in the one key per commit that earlier versions wrote (a
+    /// commit's steps under its step), so [`EtcdStore::fall_back`]'s deletion of the keys after `earlier` fits either.
+    fn ledger_puts(&self, entries: &[LedgerEntry]) -> Vec<TxnOp> {
+        let mut steps: BTreeMap<u64, Vec<LedgerEntry>> = BTreeMap::new();
+        for entry in entries {
+            steps.entry(entry.step).or_default().push(*entry);
+        }
+        let ledger = keys::ledger(&self.prefix, &self.job);
+        steps
+            .into_iter()
+            .map(|(step, entries)| {
+                TxnOp::put(
+                    format!("{ledger}{:012}", step + 1),
+                    serde_json::to_vec(&entries).expect("entries serialize"),
+                    None,
+                )
+            })
+            .collect()
     }
 
     /// Falls back from a corrupt committed checkpoint to `earlier` (see
@@ -348,18 +365,8 @@ impl EtcdStore {
             from,
             Some(DeleteOptions::new().with_range(end)),
         )];
-        if !entries.is_empty() {
-            // No key of `earlier`'s step exists then: its commit was not recorded either.
-            ops.push(TxnOp::put(
-                format!(
-                    "{}{:012}",
-                    keys::ledger(&self.prefix, &self.job),
-                    earlier.step
-                ),
-                serde_json::to_vec(entries).expect("entries serialize"),
-                None,
-            ));
-        }
+        // Steps before `earlier`: keys up to `earlier.step`, before the deleted range.
+        ops.extend(self.ledger_puts(entries));
         ops.push(TxnOp::put(
             keys::committed(&self.prefix, &self.job),
             serde_json::to_vec(&record).expect("committed serializes"),

@@ -7,10 +7,13 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dapt_proto::job::EtcdSpec;
+use dapt_coordinator::control::{Committed, LedgerEntry};
+use dapt_coordinator::etcd::EtcdStore;
+use dapt_proto::identity::JobIdentity;
+use dapt_proto::job::{keys, EtcdSpec, JobSpec};
 use dapt_tests::{
     binary, check_entries, coordinator, events, free_port, random_step, serial, standby, text,
-    Cluster, Etcd, Proc, BATCH, LONG,
+    write_job, Cluster, Etcd, Proc, BATCH, LONG,
 };
 
 const TTL_S: u64 = 2;
@@ -276,6 +279,94 @@ fn an_etcd_outage_longer_than_the_lease_is_ridden_out() {
     )
     .is_empty());
     check_etcd_ledger(&etcd, "outage", steps);
+}
+
+/// One rank's samples of `step` in a two-rank job ([`BATCH`] samples a step, ranks' halves).
+fn entry(step: u64, rank: u32) -> LedgerEntry {
+    let half = BATCH / 2;
+    let start = step * BATCH + u64::from(rank) * half;
+    LedgerEntry {
+        step,
+        generation: 1,
+        rank,
+        start,
+        end: if rank == 0 { start + half } else { (step + 1) * BATCH },
+    }
+}
+
+fn entries(steps: std::ops::Range<u64>) -> Vec<LedgerEntry> {
+    steps.flat_map(|s| [entry(s, 0), entry(s, 1)]).collect()
+}
+
+fn committed(step: u64) -> Committed {
+    Committed {
+        step,
+        dir: format!("step-{step:08}"),
+        generation: 1,
+        ..Committed::default()
+    }
+}
+
+/// A commit etcd applied but whose answer was lost (etcd restarting under it) is sent again
+/// merged with the next one, as the committer does: each step stays in the ledger once. The
+/// ledger kept each commit's entries under the commit's step, so the resent steps were recorded
+/// under two keys ("samples 0 covered twice": a flake of the outage test above). A fallback then
+/// drops exactly the steps after the checkpoint it falls back to.
+#[test]
+fn a_commit_sent_again_after_a_lost_answer_records_each_step_once() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "resent", 20, &cluster_yaml(&etcd, 5_000));
+    let job = JobSpec::load(&job.path).expect("job");
+    let identity = JobIdentity::new(&job, None);
+    let spec = spec(&etcd);
+    let ledger = |job: &str| {
+        let entries = runtime()
+            .block_on(dapt_coordinator::etcd::ledger(&spec, job))
+            .expect("ledger");
+        entries.iter().map(|e| (e.step, e.start, e.end)).collect()
+    };
+    runtime().block_on(async {
+        let (mut store, _lost) = EtcdStore::lead(&spec, &job, "http://127.0.0.1:9", &identity)
+            .await
+            .expect("lead");
+        store.commit(&committed(5), &entries(0..5)).await.expect("commit 5");
+        // Its answer lost: sent again with the commit of step 10.
+        store
+            .commit(&committed(10), &entries(0..10))
+            .await
+            .expect("commit 10 with 5's again");
+    });
+    check_entries(ledger("resent"), 10 * BATCH).expect("each step once after a resent commit");
+    runtime().block_on(async {
+        let (mut store, _lost) = EtcdStore::lead(&spec, &job, "http://127.0.0.1:9", &identity)
+            .await
+            .expect("lead again");
+        // The checkpoint of step 10 does not verify: back to step 5.
+        store.fall_back(&committed(5), &[]).await.expect("fall back");
+    });
+    check_entries(ledger("resent"), 5 * BATCH).expect("the steps after the fallback dropped");
+
+    // A job whose first commit an earlier version recorded (one key per commit, under the
+    // commit's step), resumed, committed and fallen back by this one.
+    let job = write_job(dir.path(), "upgraded", 20, &cluster_yaml(&etcd, 5_000));
+    let job = JobSpec::load(&job.path).expect("job");
+    let identity = JobIdentity::new(&job, None);
+    runtime().block_on(async {
+        let (mut store, _lost) = EtcdStore::lead(&spec, &job, "http://127.0.0.1:9", &identity)
+            .await
+            .expect("lead");
+        let mut client = dapt_proto::etcd::connect(&spec, Duration::from_secs(5))
+            .await
+            .expect("etcd");
+        let old = format!("{}{:012}", keys::ledger("/dapt-test", "upgraded"), 5);
+        let value = serde_json::to_vec(&entries(0..5)).expect("json");
+        client.put(old, value, None).await.expect("put");
+        store.commit(&committed(10), &entries(5..10)).await.expect("commit 10");
+        store.commit(&committed(15), &entries(10..15)).await.expect("commit 15");
+        store.fall_back(&committed(10), &[]).await.expect("fall back");
+    });
+    check_entries(ledger("upgraded"), 10 * BATCH).expect("an earlier version's key kept");
 }
 
 /// A worker that joins while etcd is briefly away (a restart) waits for it to register its
