@@ -290,7 +290,11 @@ fn entry(step: u64, rank: u32) -> LedgerEntry {
         generation: 1,
         rank,
         start,
-        end: if rank == 0 { start + half } else { (step + 1) * BATCH },
+        end: if rank == 0 {
+            start + half
+        } else {
+            (step + 1) * BATCH
+        },
     }
 }
 
@@ -330,7 +334,10 @@ fn a_commit_sent_again_after_a_lost_answer_records_each_step_once() {
         let (mut store, _lost) = EtcdStore::lead(&spec, &job, "http://127.0.0.1:9", &identity)
             .await
             .expect("lead");
-        store.commit(&committed(5), &entries(0..5)).await.expect("commit 5");
+        store
+            .commit(&committed(5), &entries(0..5))
+            .await
+            .expect("commit 5");
         // Its answer lost: sent again with the commit of step 10.
         store
             .commit(&committed(10), &entries(0..10))
@@ -343,7 +350,10 @@ fn a_commit_sent_again_after_a_lost_answer_records_each_step_once() {
             .await
             .expect("lead again");
         // The checkpoint of step 10 does not verify: back to step 5.
-        store.fall_back(&committed(5), &[]).await.expect("fall back");
+        store
+            .fall_back(&committed(5), &[])
+            .await
+            .expect("fall back");
     });
     check_entries(ledger("resent"), 5 * BATCH).expect("the steps after the fallback dropped");
 
@@ -362,9 +372,18 @@ fn a_commit_sent_again_after_a_lost_answer_records_each_step_once() {
         let old = format!("{}{:012}", keys::ledger("/dapt-test", "upgraded"), 5);
         let value = serde_json::to_vec(&entries(0..5)).expect("json");
         client.put(old, value, None).await.expect("put");
-        store.commit(&committed(10), &entries(5..10)).await.expect("commit 10");
-        store.commit(&committed(15), &entries(10..15)).await.expect("commit 15");
-        store.fall_back(&committed(10), &[]).await.expect("fall back");
+        store
+            .commit(&committed(10), &entries(5..10))
+            .await
+            .expect("commit 10");
+        store
+            .commit(&committed(15), &entries(10..15))
+            .await
+            .expect("commit 15");
+        store
+            .fall_back(&committed(10), &[])
+            .await
+            .expect("fall back");
     });
     check_entries(ledger("upgraded"), 10 * BATCH).expect("an earlier version's key kept");
 }
