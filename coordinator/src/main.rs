@@ -728,10 +728,17 @@ fn report_outcome(
             if summary.checkpoint.is_none() && !checkpoint.as_os_str().is_empty() {
                 summary.checkpoint = Some(checkpoint.clone());
             }
-            say_out(&format!(
-                "job completed at step {step}\n{}",
-                summary.render(export, logs)
-            ));
+            // Launched again after it completed (to export again, or by mistake): said so, not
+            // "tokens trained 0" under a headline that reads as this run's work.
+            let headline = if summary.tokens_computed == 0 && summary.resumed_at >= *step {
+                format!(
+                    "job completed at step {step}, before this run: nothing was trained (the \
+                     steps come from training.tokens; raise it to train further)"
+                )
+            } else {
+                format!("job completed at step {step}")
+            };
+            say_out(&format!("{headline}\n{}", summary.render(export, logs)));
             match export_failed {
                 None => ExitCode::SUCCESS,
                 Some(failure) => {

@@ -603,7 +603,8 @@ fn a_launch_over_dapt_trains_checkpoints_names_them_and_deletes_nothing() {
 /// A completed job whose final export fails (here: `export/` holds a file of the user's, which
 /// the export never writes over) is still said to have completed, with the export's failure
 /// after it and exit status 1; the same command, once the way is clear, exports the committed
-/// checkpoint without training again. Before, the launch ended with only "exporting ... failed".
+/// checkpoint without training again, and says the job had completed before it. Before, the
+/// launch ended with only "exporting ... failed".
 #[test]
 fn a_failed_final_export_still_says_the_job_completed_and_the_same_command_exports_it() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -616,6 +617,7 @@ fn a_failed_final_export_still_says_the_job_completed_and_the_same_command_expor
     let mut first = Proc::spawn(cmd);
     let (status, stdout) = first.finish(LONG);
     assert!(status.success(), "{status}\n{stdout}\n{}", first.stderr());
+    assert!(!stdout.contains("before this run"), "{stdout}");
 
     let export = job.checkpoints.join("export");
     std::fs::create_dir(&export).expect("mkdir");
@@ -640,6 +642,11 @@ fn a_failed_final_export_still_says_the_job_completed_and_the_same_command_expor
     let (status, stdout) = again.finish(LONG);
     assert!(status.success(), "{status}\n{stdout}\n{}", again.stderr());
     assert!(stdout.contains("job completed at step 6"), "{stdout}");
+    // Said to have completed before this run, not "tokens trained 0" as if this run's.
+    assert!(
+        stdout.contains("before this run: nothing was trained"),
+        "{stdout}"
+    );
     assert!(export.join("model.safetensors").is_file());
     assert!(
         losses(&again.lines()).is_empty(),
