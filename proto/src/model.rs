@@ -284,9 +284,10 @@ impl LlamaConfig {
                 })?,
         };
         if let Some(act) = get("hidden_act") {
-            if act.as_str() != Some("silu") {
+            // transformers' ACT2FN maps "swish" to the same nn.SiLU.
+            if !matches!(act.as_str(), Some("silu" | "swish")) {
                 return Err(format!(
-                    "`hidden_act` is {act}; dapt implements `silu` (SwiGLU)"
+                    "`hidden_act` is {act}; dapt implements `silu` (SwiGLU; `swish` is the same)"
                 ));
             }
         }
@@ -794,6 +795,8 @@ mod tests {
         let bad = SMOLLM2.replace("\"use_cache\": true", "\"sliding_window\": 4096");
         let err = LlamaConfig::from_json(&bad).unwrap_err();
         assert!(err.contains("`sliding_window`"), "{err}");
+        LlamaConfig::from_json(&SMOLLM2.replace("\"silu\"", "\"swish\""))
+            .expect("swish is transformers' name for SiLU too");
         let err = LlamaConfig::from_json(&SMOLLM2.replace("\"silu\"", "\"gelu\"")).unwrap_err();
         assert!(err.contains("hidden_act"), "{err}");
         let err = LlamaConfig::from_json(

@@ -124,6 +124,11 @@ fn stopped_and_restarted_training_matches_an_uninterrupted_run_then_exports() {
         stderr.contains("no held-out window of 1000000 tokens") && stderr.contains(&corpus),
         "{stderr}"
     );
+    // Past the model's max_position_embeddings: said, as `dapt train` says it (an audit).
+    assert!(
+        stderr.contains("longer than the model's max_position_embeddings"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -474,6 +474,11 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             }
             let weights = hf::load_dir(&model)?;
             dapt_worker::train::run::warn_on_another_eos(&model, &weights.config, &reader);
+            dapt_worker::train::run::warn_past_max_positions(
+                seq_len,
+                &weights.config,
+                "the evaluation's seq_len",
+            );
             let vocab = reader.manifest().tokenizer.vocab_size as usize;
             if vocab > weights.config.vocab_size {
                 anyhow::bail!(

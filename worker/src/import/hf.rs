@@ -237,7 +237,7 @@ pub fn load_dir(dir: &Path) -> Result<HfWeights> {
         };
         to_f32(&view, &mut values).map_err(tensor_error)?;
         check_finite(file, [(name.as_str(), values.as_slice())])?;
-        super::check_inv_freq(&config, &values, view.dtype()).map_err(tensor_error)?;
+        super::check_inv_freq(&config, &values).map_err(tensor_error)?;
     }
     Ok(HfWeights {
         config,

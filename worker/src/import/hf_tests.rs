@@ -151,6 +151,54 @@ fn sharded_weights_follow_the_index() -> TestResult {
     Ok(())
 }
 
+/// A directory is the model transformers would load from it, or it is refused: a PEFT
+/// adapter saved beside the weights (transformers loads base plus adapter; dapt loaded the base
+/// alone, silently) and a `model.safetensors` beside an index of other shards (two sets of
+/// weights; the single file was taken silently) are refused by name, an audit's two finds. An
+/// index that names `model.safetensors` itself (some repositories ship one) is the same model.
+#[test]
+fn a_directory_with_an_adapter_or_two_weight_sets_is_refused() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let (config, tensors) = tiny();
+    let (first, second) = halves(&tensors);
+    let index = index_of(&first, &second);
+
+    let dir = tmp.path().join("adapter");
+    write_model(&dir, &config, &[(hf::WEIGHTS_FILE, &tensors)], None)?;
+    hf::load_dir(&dir)?;
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8}"#,
+    )?;
+    let msg = load_error(&dir);
+    assert!(
+        msg.contains("PEFT adapter (adapter_config.json)") && msg.contains("merge_and_unload"),
+        "{msg}"
+    );
+
+    let dir = tmp.path().join("both");
+    write_model(
+        &dir,
+        &config,
+        &[(hf::WEIGHTS_FILE, &tensors), (A, &first), (B, &second)],
+        Some(&index),
+    )?;
+    let msg = load_error(&dir);
+    assert!(
+        msg.contains("two sets of weights") && msg.contains("the 2 shards"),
+        "{msg}"
+    );
+
+    let dir = tmp.path().join("self-index");
+    let all: Vec<(&str, &str)> = tensors
+        .keys()
+        .map(|n| (n.as_str(), hf::WEIGHTS_FILE))
+        .collect();
+    write_model(&dir, &config, &[(hf::WEIGHTS_FILE, &tensors)], Some(&all))?;
+    hf::load_dir(&dir)?;
+    Ok(())
+}
+
 /// The inv_freq f32 values of `config` (what dapt computes), as transformers saved them.
 fn inv_freq(config: &LlamaConfig) -> Vec<f32> {
     config.inv_freq().iter().map(|&f| f as f32).collect()
@@ -194,6 +242,66 @@ fn rotary_inv_freq_must_match_the_config() -> TestResult {
         let msg = load_error(&dir);
         assert!(msg.contains(&format!("`{name}`")), "{case}: {msg}");
     }
+    Ok(())
+}
+
+/// A buffer that went through half precision is still the frequencies config.json implies:
+/// saved as f16 at rope_theta 1e6 (its smallest frequencies are f16 subnormals, off by up to
+/// 1.3%), or held as f32 after a trip through f16 or bf16. These were refused as "the checkpoint
+/// and its config disagree" (an audit, with a legitimate older checkpoint); another rope_theta
+/// is still refused when stored as f16.
+#[test]
+fn rotary_inv_freq_through_half_precision_is_accepted() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let (mut config, tensors) = tiny();
+    config.rope_theta = 1e6;
+    let name = "model.layers.0.self_attn.rotary_emb.inv_freq";
+    let with = |values: Vec<f32>| {
+        let mut t = tensors.clone();
+        t.insert(name.into(), (vec![values.len()], values));
+        t
+    };
+    let write = |case: &str, values: Vec<f32>, dtype: ExportDtype| -> TestResult {
+        let dir = tmp.path().join(case);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(hf::CONFIG_FILE), config.to_json().to_string())?;
+        let t = with(values);
+        let list: Vec<(&str, &[usize], &[f32])> = t
+            .iter()
+            .map(|(n, (s, v))| (n.as_str(), s.as_slice(), v.as_slice()))
+            .collect();
+        hf::write_safetensors(&dir.join(hf::WEIGHTS_FILE), &list, dtype, None)?;
+        Ok(())
+    };
+    let right = inv_freq(&config);
+    assert!(
+        right.iter().any(|&f| f < 6.1e-5),
+        "the test wants f16 subnormals"
+    );
+    let through_f16: Vec<f32> = right
+        .iter()
+        .map(|&f| half::f16::from_f32(f).to_f32())
+        .collect();
+    let through_bf16: Vec<f32> = right
+        .iter()
+        .map(|&f| half::bf16::from_f32(f).to_f32())
+        .collect();
+    for (case, values, dtype) in [
+        ("f16", right.clone(), ExportDtype::F16),
+        ("bf16", right.clone(), ExportDtype::Bf16),
+        ("f32-through-f16", through_f16, ExportDtype::F32),
+        ("f32-through-bf16", through_bf16, ExportDtype::F32),
+    ] {
+        write(case, values, dtype)?;
+        if let Err(e) = hf::load_dir(&tmp.path().join(case)) {
+            panic!("{case}: {e}");
+        }
+    }
+    let mut other_theta = config.clone();
+    other_theta.rope_theta = 500_000.0;
+    write("f16-theta", inv_freq(&other_theta), ExportDtype::F16)?;
+    let msg = load_error(&tmp.path().join("f16-theta"));
+    assert!(msg.contains("RoPE inverse frequencies"), "{msg}");
     Ok(())
 }
 

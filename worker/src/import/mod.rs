@@ -62,24 +62,23 @@ pub(crate) fn is_rotary_inv_freq(name: &str) -> bool {
     name.ends_with(".self_attn.rotary_emb.inv_freq") && allowed_unused(name)
 }
 
-/// Checks a rotary `inv_freq` buffer (its `values`, stored as `dtype`) against the RoPE
-/// inverse frequencies `config` implies: a buffer that differs says the checkpoint was trained
-/// with another `rope_theta`, `head_dim` or scaling than its config.json gives, and dapt, which
-/// computes the frequencies from config.json, would train a different function. Equal means
-/// to the stored dtype's rounding (f32: 1e-5 relative, f16: 1e-3, bf16: 8e-3; transformers
-/// computes them in f32 and older versions saved them in the model's dtype). With linear
-/// scaling the unscaled frequencies pass too: the transformers versions that saved this buffer
-/// scaled the positions instead. The error says why (the caller names the tensor).
+/// Checks a rotary `inv_freq` buffer (its `values`) against the RoPE inverse frequencies
+/// `config` implies: a buffer that differs says the checkpoint was trained with another
+/// `rope_theta`, `head_dim` or scaling than its config.json gives, and dapt, which computes the
+/// frequencies from config.json, would train a different function. Equal means up to the
+/// rounding the buffer may have gone through, whatever dtype holds it now: 1e-5 relative (f32
+/// arithmetic), or one step of f16 or bf16 at the value's magnitude (f16's subnormal step 2^-24
+/// below 2^-14), since transformers computes the frequencies in f32 and older versions saved
+/// them in the model's dtype, or cast a model to half precision and back (a buffer through f16
+/// at rope_theta 1e6 is off by up to 1.3% relative in its subnormals; refused before, "the
+/// checkpoint and its config disagree"). Another `rope_theta` or a scaling factor moves every
+/// frequency but the first by far more. With linear scaling the unscaled frequencies pass too:
+/// the transformers versions that saved this buffer scaled the positions instead. The error
+/// says why (the caller names the tensor).
 pub(crate) fn check_inv_freq(
     config: &LlamaConfig,
     values: &[f32],
-    dtype: safetensors::Dtype,
 ) -> std::result::Result<(), String> {
-    let tolerance = match dtype {
-        safetensors::Dtype::BF16 => 8e-3,
-        safetensors::Dtype::F16 => 1e-3,
-        _ => 1e-5,
-    };
     let scaled = config.inv_freq();
     let unscaled = LlamaConfig {
         rope_scaling: None,
@@ -91,7 +90,7 @@ pub(crate) fn check_inv_freq(
             && expected
                 .iter()
                 .zip(values)
-                .all(|(e, &v)| (f64::from(v) - e).abs() <= tolerance * e.abs())
+                .all(|(e, &v)| (f64::from(v) - e).abs() <= rounding(*e))
     };
     let linear = matches!(config.rope_scaling, Some(RopeScaling::Linear { .. }));
     if equal(&scaled) || (linear && equal(&unscaled)) {
@@ -107,6 +106,16 @@ pub(crate) fn check_inv_freq(
         config.head_dim,
         serde_json::to_string(&config.rope_scaling).unwrap_or_default()
     ))
+}
+
+/// How far a value `e` may move through f32 arithmetic and a trip through f16 or bf16: the
+/// largest of 1e-5 relative, one bf16 step (8 significand bits) and one f16 step (11 bits, and
+/// 2^-24 among f16's subnormals) at `e`'s binade.
+fn rounding(e: f64) -> f64 {
+    let binade = e.abs().log2().floor();
+    let bf16_step = (binade - 7.0).exp2();
+    let f16_step = (binade - 10.0).max(-24.0).exp2();
+    (1e-5 * e.abs()).max(bf16_step).max(f16_step)
 }
 
 fn allowed_unused(name: &str) -> bool {

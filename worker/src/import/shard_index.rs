@@ -18,14 +18,43 @@ use crate::error::{Result, WorkerError};
 /// The index's `weight_map`: each tensor's file (joined to the model's directory).
 pub(super) type WeightMap = BTreeMap<String, PathBuf>;
 
+/// The files of a PEFT adapter saved into a model's directory: transformers (with peft
+/// installed) loads the directory as the base model plus the adapter.
+pub(super) const ADAPTER_FILES: [&str; 3] = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+];
+
 /// The weights files of `dir` (sorted), and the index's tensor-to-file map when the model is
 /// sharded (`None` for one `model.safetensors`).
+///
+/// Errors: a PEFT adapter in `dir` (the weights alone are not the model transformers loads
+/// from it: merge the adapter first); both `model.safetensors` and an index that names other
+/// files (two sets of weights: which is the model is a guess); no weights; an unreadable index.
 pub(super) fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<WeightMap>)> {
+    let adapter: Vec<&str> = ADAPTER_FILES
+        .into_iter()
+        .filter(|f| dir.join(f).exists())
+        .collect();
+    if !adapter.is_empty() {
+        return Err(WorkerError::Config {
+            path: dir.to_path_buf(),
+            message: format!(
+                "holds a PEFT adapter ({}) beside the model's weights: transformers loads this \
+                 directory as the base model plus the adapter, and dapt would load the base \
+                 alone, a different model; merge the adapter into the weights first (peft: \
+                 `model.merge_and_unload()`, then `save_pretrained`), or move its files out if \
+                 the base model is meant",
+                adapter.join(", ")
+            ),
+        });
+    }
     let single = dir.join(WEIGHTS_FILE);
-    if single.is_file() {
+    let index = dir.join(INDEX_FILE);
+    if single.is_file() && !index.exists() {
         return Ok((vec![single], None));
     }
-    let index = dir.join(INDEX_FILE);
     let text = std::fs::read_to_string(&index).map_err(|_| WorkerError::Config {
         path: dir.to_path_buf(),
         message: format!("neither {WEIGHTS_FILE} nor {INDEX_FILE} is here"),
@@ -52,6 +81,19 @@ pub(super) fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<WeightMap
     let mut files: Vec<PathBuf> = owners.values().cloned().collect();
     files.sort();
     files.dedup();
+    if single.is_file() && files != [single.clone()] {
+        // transformers takes `model.safetensors` and never reads the index: a stale single
+        // file beside a newer sharded save (or the reverse) would be trained on by a guess.
+        return Err(WorkerError::Config {
+            path: dir.to_path_buf(),
+            message: format!(
+                "holds two sets of weights: {WEIGHTS_FILE} and the {} shards {INDEX_FILE} \
+                 names; which one is the model is not said (transformers would load \
+                 {WEIGHTS_FILE}); remove the set that is not the model",
+                files.len()
+            ),
+        });
+    }
     Ok((files, Some(owners)))
 }
 

@@ -205,13 +205,7 @@ pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
             Trainer::new(config, weights, &training)
         }
     };
-    if training.seq_len as usize > trainer.config.max_position_embeddings {
-        tracing::warn!(
-            seq_len = training.seq_len,
-            max_position_embeddings = trainer.config.max_position_embeddings,
-            "training.seq_len is longer than the model's max_position_embeddings: positions past it were never trained"
-        );
-    }
+    warn_past_max_positions(training.seq_len, &trainer.config, "training.seq_len");
     let vocab = reader.manifest().tokenizer.vocab_size as usize;
     if vocab > trainer.config.vocab_size {
         return Err(WorkerError::Invalid(format!(
@@ -711,6 +705,19 @@ pub fn base_tokenization_differs(
         bos(corpus.bos_token.as_deref()),
         corpus.eos_token,
     )))
+}
+
+/// Warns when windows of `seq_len` tokens reach past the model's `max_position_embeddings`
+/// (`what` names the setting: `training.seq_len`, `--seq-len`): the positions past it were
+/// never trained, so losses and perplexities there are not the model's usual ones.
+pub fn warn_past_max_positions(seq_len: u32, config: &LlamaConfig, what: &str) {
+    if seq_len as usize > config.max_position_embeddings {
+        tracing::warn!(
+            seq_len,
+            max_position_embeddings = config.max_position_embeddings,
+            "{what} is longer than the model's max_position_embeddings: positions past it were never trained"
+        );
+    }
 }
 
 /// Says that a base model folder without `tokenizer.json` leaves the corpus's tokenizer
