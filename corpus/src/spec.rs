@@ -26,7 +26,8 @@ pub struct CorpusSpec {
     /// Output directory for shards, manifest, report and tokenizer (relative to the job file).
     #[serde(deserialize_with = "output_path")]
     pub output: PathBuf,
-    /// A Hugging Face `tokenizer.json`. Without one, a byte-level BPE is trained on the corpus.
+    /// A Hugging Face `tokenizer.json`, or a directory holding one (a model's folder). Without
+    /// one, a byte-level BPE is trained on the corpus.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
     /// Vocabulary size of the trained tokenizer (ignored when `tokenizer` is given).
@@ -443,7 +444,15 @@ impl CorpusSpec {
             })
         };
         self.output = join(&self.output);
-        self.tokenizer = self.tokenizer.as_deref().map(join);
+        // A model's directory stands for its tokenizer.json, as transformers' from_pretrained
+        // takes it (it was "not a regular file").
+        self.tokenizer = self.tokenizer.as_deref().map(join).map(|p| {
+            if p.is_dir() {
+                p.join(crate::manifest::TOKENIZER_FILE)
+            } else {
+                p
+            }
+        });
         // A source path is a glob when the user's own text has a wildcard and no such path
         // exists as written (`notes [draft].txt`); the job folder's characters are never
         // wildcards (a job in `proj[v2]/` would match `projv/`), so they are escaped in a glob.
@@ -534,6 +543,23 @@ mod tests {
         }
         let err = parse(&GOOD.replace("output: out\n", "")).expect_err("refused");
         assert!(err.contains("output"), "{err}");
+    }
+
+    /// `tokenizer:` naming a model's folder is its tokenizer.json (it was refused as "not a
+    /// regular file"); a file is kept as named.
+    #[test]
+    fn a_tokenizer_directory_is_its_tokenizer_json() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("model")).expect("mkdir");
+        for (given, expected) in [
+            ("model", "model/tokenizer.json"),
+            ("model/", "model/tokenizer.json"),
+            ("other.json", "other.json"),
+        ] {
+            let mut spec = parse(&format!("{GOOD}tokenizer: {given}\n")).expect("valid");
+            spec.resolve_paths(dir.path());
+            assert_eq!(spec.tokenizer, Some(dir.path().join(expected)), "{given}");
+        }
     }
 
     #[test]

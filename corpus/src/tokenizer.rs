@@ -494,13 +494,42 @@ fn safe_cuts(tokenizer: &Tokenizer) -> Option<(Vec<u32>, Vec<Cut>)> {
     (!cuts.is_empty()).then_some((context, cuts))
 }
 
+/// `error` (the tokenizers crate's, reading `path`), with what the file is when it is not JSON
+/// at all: a SentencePiece `tokenizer.model` (a protobuf) got "expected value at line 2 column
+/// 1", which did not say that dapt reads a Hugging Face `tokenizer.json` (an audit).
+fn not_tokenizer_json(path: &Path, error: &str) -> String {
+    use std::io::Read;
+    let mut head = [0u8; 64];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .unwrap_or(0);
+    let json = head[..n]
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_none_or(|&b| b == b'{');
+    if json {
+        return error.to_string();
+    }
+    let sentencepiece = path.extension().is_some_and(|e| e == "model");
+    format!(
+        "is not a Hugging Face tokenizer.json ({error}){}; dapt reads tokenizer.json: \
+         transformers writes one beside the model's files with \
+         `AutoTokenizer.from_pretrained(MODEL_DIR).save_pretrained(OUT_DIR)`",
+        if sentencepiece {
+            ": it looks like a SentencePiece model"
+        } else {
+            ""
+        }
+    )
+}
+
 impl CorpusTokenizer {
     /// Loads `path` and finds its end-of-document token and its BOS: the template's, or what a
     /// `tokenizer_config.json` beside it says ([`HfBos::beside`]).
     pub fn load(path: &Path, options: &TokenizerOptions) -> Result<Self> {
         let tokenizer = Tokenizer::from_file(path).map_err(|e| CorpusError::Tokenizer {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            message: not_tokenizer_json(path, &e.to_string()),
         })?;
         let hf_bos = HfBos::beside(path)?;
         Self::with_config(tokenizer, path, options, hf_bos.as_ref())
@@ -1252,6 +1281,36 @@ mod tests {
         assert!(made.success());
         let err = HfBos::beside(&fifo).expect_err("refused");
         assert!(matches!(err, CorpusError::NotAFile { .. }), "{err}");
+    }
+
+    /// A SentencePiece `tokenizer.model` given as `corpus.tokenizer` is named for what it is,
+    /// with how to get a tokenizer.json (it said "expected value at line 2 column 1").
+    #[test]
+    fn a_sentencepiece_model_is_named_not_parsed_as_json() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tokenizer.model");
+        std::fs::write(
+            &path,
+            b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02\n\x0b",
+        )
+        .expect("write");
+        let err = CorpusTokenizer::load(&path, &TokenizerOptions::default())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("tokenizer.model")
+                && err.contains("SentencePiece")
+                && err.contains("save_pretrained"),
+            "{err}"
+        );
+        // A JSON file that is not a tokenizer keeps the parser's own message.
+        std::fs::write(dir.path().join("t.json"), "{\"a\": 1}").expect("write");
+        let err = CorpusTokenizer::load(&dir.path().join("t.json"), &TokenizerOptions::default())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(!err.contains("SentencePiece"), "{err}");
     }
 
     #[test]
