@@ -24,6 +24,7 @@ pub mod job;
 pub mod join;
 pub mod logging;
 pub mod model;
+pub mod peer;
 pub mod rpc;
 pub mod tls;
 pub mod token;

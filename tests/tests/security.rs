@@ -713,6 +713,84 @@ fn workers_at_a_strangers_address_join_once_its_connections_reach_their_deadline
     drop(held);
 }
 
+/// Runs python `script` with `args` as another user of this machine (uid 4242; needs root).
+fn as_stranger(script: &str, args: &[String]) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    Command::new("python3")
+        .args(["-c", script])
+        .args(args)
+        .uid(4242)
+        .gid(4242)
+        .spawn()
+        .expect("python3 as uid 4242")
+}
+
+/// Keeps `argv[1]` silent connections open to port `argv[2]` of 127.0.0.1, opening new ones as
+/// the other side closes them.
+const HOLD_AND_REFILL: &str = r#"
+import socket, sys, time
+port = int(sys.argv[2])
+held = []
+def gone(s):
+    try:
+        return s.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+while True:
+    held = [s for s in held if not gone(s)]
+    while len(held) < int(sys.argv[1]):
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2)
+        except OSError:
+            break
+        s.setblocking(False)
+        held.append(s)
+    time.sleep(0.2)
+"#;
+
+/// `argv[1]` threads per port of `argv[2:]` (of 127.0.0.1), each holding a silent connection
+/// until the other side closes it, then dialling again (at once, or after 30 ms when it was
+/// closed within a second; every 10 ms while nothing listens).
+const HOLD_PER_THREAD: &str = r#"
+import socket, sys, threading, time
+per_port, ports = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
+def hold(port):
+    while True:
+        s = socket.socket()
+        s.settimeout(5)
+        try:
+            s.connect(("127.0.0.1", port))
+        except OSError:
+            s.close()
+            time.sleep(0.01)
+            continue
+        opened = time.time()
+        try:
+            s.recv(1)
+        except OSError:
+            pass
+        s.close()
+        if time.time() - opened < 1:
+            time.sleep(0.03)
+for port in ports:
+    for _ in range(per_port):
+        threading.Thread(target=hold, args=(port,), daemon=True).start()
+while True:
+    time.sleep(1)
+"#;
+
+/// Whether this test process may act as another user (root; CI runs as root).
+fn can_be_another_user() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("skipped: running the stranger as another user needs root");
+    }
+    root
+}
+
 /// Another user of this machine holding more connections than an address's share from
 /// 127.0.0.1, topping them up as they reach their deadline: every process of a host dials from
 /// there, so it locked the workers and `dapt status` out of the coordinator (an audit: the job
@@ -720,9 +798,7 @@ fn workers_at_a_strangers_address_join_once_its_connections_reach_their_deadline
 /// complete the job, and its status answers. Needs root, to run the stranger as another user.
 #[test]
 fn another_local_user_flooding_loopback_does_not_lock_this_users_workers_out() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: running the stranger as another user needs root");
+    if !can_be_another_user() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -735,38 +811,7 @@ fn another_local_user_flooding_loopback_does_not_lock_this_users_workers_out() {
         "cluster:\n  min_workers: 2\n  max_workers: 2\n",
     );
     let port = port_of(&c);
-    // Keeps 80 silent connections open, opening new ones as the coordinator closes them.
-    let flood = r#"
-import socket, sys, time
-port = int(sys.argv[1])
-held = []
-def gone(s):
-    try:
-        return s.recv(4096) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-while True:
-    held = [s for s in held if not gone(s)]
-    while len(held) < 80:
-        try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=2)
-        except OSError:
-            break
-        s.setblocking(False)
-        held.append(s)
-    time.sleep(0.2)
-"#;
-    let mut stranger = {
-        use std::os::unix::process::CommandExt;
-        Command::new("python3")
-            .args(["-c", flood, &port.to_string()])
-            .uid(4242)
-            .gid(4242)
-            .spawn()
-            .expect("python3 as uid 4242")
-    };
+    let mut stranger = as_stranger(HOLD_AND_REFILL, &["80".into(), port.to_string()]);
     // The stranger holds its share before the workers come.
     c.coordinator
         .wait_for("the stranger's refusals", LONG, |l| {
@@ -796,6 +841,41 @@ while True:
     assert!(completed, "the job failed:\n{}", c.coordinator.stderr());
     // Not after the stranger's connections reached their 10 s deadline: at once.
     assert!(formed < Duration::from_secs(8), "formed after {formed:?}");
+    check_ledger(&c.job.checkpoints.join("ledger.jsonl"), steps * BATCH).expect("ledger");
+}
+
+/// Another user of this machine holding 160 silent connections on each worker's ring port
+/// cannot keep the ring from forming: the left neighbour's places are for this user's sockets.
+/// They were for its address, 127.0.0.1, which every local process dials from: four generations
+/// in a row failed ("no progress for 10s") and the job with them (an audit).
+#[test]
+fn another_local_user_flooding_the_ring_ports_does_not_keep_the_ring_from_forming() {
+    if !can_be_another_user() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _serial = serial();
+    let steps = 4;
+    let mut c = coordinator(
+        dir.path(),
+        "ringflood",
+        steps,
+        "cluster:\n  min_workers: 2\n  max_workers: 2\n  formation_grace_ms: 500\n  collective_timeout_s: 10\n",
+    );
+    let ports = [free_port(), free_port()];
+    // Dialling the ports before the workers listen, as the audit's stranger did.
+    let mut args = vec!["160".to_string()];
+    args.extend(ports.map(|p| p.to_string()));
+    let mut stranger = as_stranger(HOLD_PER_THREAD, &args);
+    std::thread::sleep(Duration::from_secs(2));
+    let _w0 = member_on(&c, "w0", ports[0]);
+    let _w1 = member_on(&c, "w1", ports[1]);
+    let (completed, lines) = outcome(&mut c);
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    assert!(completed, "the job failed:\n{}", c.coordinator.stderr());
+    let formed = events(&lines, "generation formed");
+    assert_eq!(formed.len(), 1, "no generation lost: {formed:?}");
     check_ledger(&c.job.checkpoints.join("ledger.jsonl"), steps * BATCH).expect("ledger");
 }
 

@@ -102,7 +102,7 @@ fn a_loopback_peer_is_counted_under_its_user() {
     let local = server.local_addr().expect("server addr");
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(loopback_peer_uid(&peer, &local), Some(euid));
+    assert_eq!(local_peer_uid(&peer, &local), Some(euid));
     let key = PeerKey::of(&peer, Some(local));
     assert_eq!(key.uid, Some(euid));
     // Over IPv6, and an IPv4 client of a dual-stack listener, where the host has IPv6.
@@ -117,7 +117,7 @@ fn a_loopback_peer_is_counted_under_its_user() {
         let (server, peer) = listener.accept().expect("accept");
         let local = server.local_addr().expect("server addr");
         assert_eq!(
-            loopback_peer_uid(&peer, &local),
+            local_peer_uid(&peer, &local),
             Some(euid),
             "{listen} {dial}: {peer} -> {local}"
         );

@@ -55,8 +55,27 @@ pub(super) const GREET: Duration = Duration::from_secs(2);
 /// (the real neighbour's dialer just dials again). Connections from the left neighbour's IP
 /// address have this many places of their own, so that a stranger elsewhere holding every
 /// other place with silent connections cannot keep the ring from forming (it failed the job:
-/// every generation timed out).
+/// every generation timed out); from this host, only the connections of this user's sockets
+/// ([`neighbours_user`]). A stranger on the neighbour's own host, another machine, dials from
+/// the neighbour's address and is not told apart.
 pub(super) const MAX_GREETING: usize = 64;
+/// Whether a connection from the left neighbour's address may take the neighbour's places: from
+/// another host, yes (its users cannot be told apart here); from this host, only when the
+/// peer's socket is this user's, as `dapt launch`'s and a node's workers are (or when the kernel
+/// no longer knows it). Another local user dialling from 127.0.0.1 held all 64 of the
+/// neighbour's places with silent connections, and four generations in a row failed (an audit).
+fn neighbours_user(stream: &TcpStream, peer: &SocketAddr) -> bool {
+    let Ok(local) = stream.local_addr() else {
+        return true;
+    };
+    if !dapt_proto::peer::on_this_host(peer, &local) {
+        return true;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let ours = unsafe { libc::geteuid() };
+    dapt_proto::peer::local_peer_uid(peer, &local).is_none_or(|uid| uid == ours)
+}
+
 /// Connections closed for not proving membership are logged at most once per this period, with
 /// their count (a stranger's flood logged a line per connection).
 static STRANGERS: dapt_proto::logging::Throttle =
@@ -301,7 +320,9 @@ pub(super) fn accept_left(
         }
         match listener.accept() {
             Ok((stream, addr)) => {
-                let in_flight = if Some(addr.ip().to_canonical()) == left_ip {
+                let in_flight = if Some(addr.ip().to_canonical()) == left_ip
+                    && neighbours_user(&stream, &addr)
+                {
                     expect.in_flight_left.clone()
                 } else {
                     expect.in_flight.clone()
