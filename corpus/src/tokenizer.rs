@@ -340,6 +340,24 @@ enum Cut {
     BeforeSpace,
 }
 
+/// The places `cuts` are made at, for a message: `a lone line break, a blank line`. Two kinds of
+/// cut are both at a blank line (after the run, before its last `\n`): named once (a message
+/// read "a blank line, a blank line").
+fn cut_places(cuts: &[Cut]) -> String {
+    let mut places: Vec<&str> = Vec::new();
+    for cut in cuts {
+        let place = match cut {
+            Cut::AfterLineBreak => "a lone line break",
+            Cut::AfterBlankLines | Cut::BeforeLastLineBreak => "a blank line",
+            Cut::BeforeSpace => "a space between words",
+        };
+        if !places.contains(&place) {
+            places.push(place);
+        }
+    }
+    places.join(", ")
+}
+
 /// The whitespace between the two sides of each [`CUT_PROBES`] pair for a cut, and where in it
 /// the cut falls.
 fn cut_separators(cut: Cut) -> Vec<(String, usize)> {
@@ -933,14 +951,7 @@ impl CorpusTokenizer {
             Some((_, cuts)) => format!(
                 "it has no place where this tokenizer's text can be cut without changing its \
                  tokens ({})",
-                cuts.iter()
-                    .map(|c| match c {
-                        Cut::AfterLineBreak => "a lone line break",
-                        Cut::AfterBlankLines | Cut::BeforeLastLineBreak => "a blank line",
-                        Cut::BeforeSpace => "a space between words",
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                cut_places(cuts)
             ),
         };
         Err(CorpusError::TokenizerOnText {
@@ -1259,6 +1270,22 @@ mod tests {
     use super::*;
 
     /// `corpus.tokenizer: /dev/zero` was hashed for ever, a FIFO blocked (an audit).
+    /// A tokenizer safe to cut at a blank line either way (after the run of `\n`, before its
+    /// last one) was named with "a blank line, a blank line" (an audit).
+    #[test]
+    fn each_place_a_text_can_be_cut_is_named_once() {
+        assert_eq!(
+            cut_places(&[
+                Cut::AfterLineBreak,
+                Cut::AfterBlankLines,
+                Cut::BeforeLastLineBreak,
+                Cut::BeforeSpace
+            ]),
+            "a lone line break, a blank line, a space between words"
+        );
+        assert_eq!(cut_places(&[Cut::BeforeLastLineBreak]), "a blank line");
+    }
+
     #[test]
     fn only_a_regular_file_is_hashed() {
         let dir = tempfile::tempdir().expect("tempdir");
