@@ -26,7 +26,7 @@
 
 use encoding_rs::{Encoding, REPLACEMENT, UTF_16BE, UTF_16LE, UTF_8, WINDOWS_1252, X_USER_DEFINED};
 
-use super::Format;
+use super::{xml_prolog, Format};
 
 /// How many leading bytes of an HTML file the prescan reads, as the HTML Standard advises.
 pub const PRESCAN_BYTES: usize = 1024;
@@ -451,11 +451,10 @@ fn html_declaration(raw: &[u8], labels: &mut Labels) -> Option<&'static Encoding
     if raw.starts_with(&[0, 0x3C, 0, 0x3F, 0, 0x78]) {
         return Some(UTF_16BE);
     }
-    // XHTML (an XML declaration, the XHTML namespace near the top), which dapt reads as XML:
-    // the declaration's encoding wins over a `<meta>`, as in XML readers (a stale `<meta>` of
-    // an EPUB chapter won over it; an audit).
-    let head = &raw[..raw.len().min(4096)];
-    if find(head, 0, b"http://www.w3.org/1999/xhtml").is_some() {
+    // XHTML (an XML declaration, a root element in the XHTML namespace, however far down),
+    // which dapt reads as XML: the declaration's encoding wins over a `<meta>`, as in XML
+    // readers (a stale `<meta>` of an EPUB chapter won over it; an audit).
+    if xml_prolog::root_is_xhtml(raw) {
         if let Some(found) = xml_declaration(raw, labels) {
             return Some(in_page(found));
         }
@@ -721,8 +720,11 @@ fn charset_from_content(s: &[u8], labels: &mut Labels) -> Option<&'static Encodi
 }
 
 /// An XML declaration's encoding (`<?xml version="1.0" encoding="ISO-8859-1"?>`), for XHTML
-/// files; the HTML Standard's "get an XML encoding".
+/// files; the HTML Standard's "get an XML encoding", but after any leading whitespace, as
+/// [`super::html::is_xhtml`] takes an XML declaration there (a `.xhtml` file that opened with a
+/// line break was read as XHTML, its declared encoding ignored; an audit).
 fn xml_declaration(b: &[u8], labels: &mut Labels) -> Option<&'static Encoding> {
+    let b = &b[xml_prolog::leading_space(b)..];
     if !b.starts_with(b"<?xml") {
         return None;
     }
@@ -850,6 +852,28 @@ mod tests {
             .text
             .contains("\u{41f}\u{440}\u{438}\u{432}\u{435}\u{442}"));
         assert_eq!(html(&page(b"<html>")).encoding, "windows-1252");
+    }
+
+    /// A `.xhtml` page that opens with a line break before its XML declaration was read as
+    /// XHTML, but its declared encoding was ignored (taken only at byte 0): windows-1252 read
+    /// as UTF-8, lossily (an audit). The declaration counts after whitespace, as XHTML does.
+    #[test]
+    fn an_xml_declaration_after_leading_whitespace_counts() {
+        for space in ["\n", "\r\n  ", "\t"] {
+            let page = [
+                space.as_bytes(),
+                b"<?xml version=\"1.0\" encoding=\"windows-1252\"?>\n<html \
+                  xmlns=\"http://www.w3.org/1999/xhtml\"><body><p>Gr\xF6\xDFe \x93q\x94</p>\
+                  </body></html>",
+            ]
+            .concat();
+            let d = html(&page);
+            assert_eq!(
+                (d.encoding, d.declared, d.lossy),
+                ("windows-1252", Declared::Meta, false)
+            );
+            assert!(d.text.contains("<p>Größe “q”</p>"), "{}", d.text);
+        }
     }
 
     /// gzip data named `.txt` (0.3% NULs, under the NUL bound) was stored as 44,000

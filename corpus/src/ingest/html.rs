@@ -8,6 +8,8 @@
 use ego_tree::NodeRef;
 use scraper::{Html, Node};
 
+use super::xml_prolog;
+
 /// Never shown, or shown only where something else is not (`noframes`, `noembed`: old Javadoc's
 /// `index.html` held raw markup there, which html5ever reads as raw text). `title`, `rp` and
 /// MathML's `annotation`/`annotation-xml` (the TeX source beside a rendered formula) are
@@ -216,15 +218,16 @@ pub fn extract_text(html: &str) -> String {
 }
 
 /// Whether a page is XHTML, to be read as XML: a `.xhtml` file, or one that opens with an XML
-/// declaration and names the XHTML namespace. Read as HTML5, its `<title/>`, `<script/>` or
-/// `<iframe/>` open an element that swallows the rest of the page, and CDATA becomes a comment
-/// (an audit: EPUB chapters lost all their text, without a word).
+/// declaration and whose root element is in the XHTML namespace, however long the comments
+/// and declarations before it. Read as HTML5, its `<title/>`, `<script/>` or `<iframe/>` open
+/// an element that swallows the rest of the page, and CDATA becomes a comment (an audit: EPUB
+/// chapters lost all their text, without a word).
 pub fn is_xhtml(path: &std::path::Path, text: &str) -> bool {
-    let head = text.get(..text.len().min(4096)).unwrap_or(text);
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("xhtml"))
-        || (text.trim_start().starts_with("<?xml") && head.contains("http://www.w3.org/1999/xhtml"))
+        || (xml_prolog::opens_with_xml_declaration(text.as_bytes())
+            && xml_prolog::root_is_xhtml(text.as_bytes()))
 }
 
 /// The visible text of an XHTML page read as XML, by the rules of [`extract_text`]; when it is
@@ -237,6 +240,9 @@ pub fn is_xhtml(path: &std::path::Path, text: &str) -> bool {
 /// entities are declared) sends the page to the HTML reader, which ignores them: expanded, a
 /// few kilobytes of entity references can ask for terabytes of text.
 pub fn extract_xhtml_text(text: &str) -> Result<String, String> {
+    // XML allows nothing before its declaration; whitespace there (a template's stray line
+    // break) made the page "not XML" to the parser, and [`is_xhtml`] ignores it too.
+    let text = &text[xml_prolog::leading_space(text.as_bytes())..];
     let text = without_doctype(text).ok_or_else(|| {
         "its DOCTYPE declares entities (an internal subset), which dapt does not expand".to_owned()
     })?;
@@ -946,6 +952,43 @@ mod tests {
             html_entities_as_numbers("a & b &unknown; &lt; &copy;&nbsp"),
             "a & b &unknown; &lt; &#169;&nbsp"
         );
+    }
+
+    /// An EPUB chapter whose licence comment pushed the XHTML namespace past the first 4 KiB
+    /// was read as HTML5: its `<script/>` and `<title/>` swallowed the rest of the page, without
+    /// a word (an audit). The root element decides, however far down it is; the namespace named
+    /// only in a comment does not.
+    #[test]
+    fn xhtml_after_a_long_prolog_is_xhtml() {
+        let page = format!(
+            "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<!-- {} -->\n<html \
+             xmlns=\"http://www.w3.org/1999/xhtml\"><head><title>t</title></head><body>\
+             <p>one</p><script/><p>two</p><title/><p>three</p></body></html>",
+            "licence text ".repeat(400)
+        );
+        let path = std::path::Path::new("ch1.html");
+        assert!(is_xhtml(path, &page));
+        assert_eq!(
+            extract_xhtml_text(&page).ok().as_deref(),
+            Some("one\ntwo\nthree")
+        );
+        assert!(!is_xhtml(
+            path,
+            "<?xml version=\"1.0\"?><!-- http://www.w3.org/1999/xhtml --><html><p>x</p></html>"
+        ));
+    }
+
+    /// A page that opens with a line break before its XML declaration was taken for XHTML but
+    /// was "not XML" to the parser (`unexpected XML declaration at 2:1`) and read as HTML with
+    /// a warning (an audit): the whitespace is ignored here too.
+    #[test]
+    fn whitespace_before_the_xml_declaration_is_ignored() {
+        let page = "\r\n\n<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<html \
+                    xmlns=\"http://www.w3.org/1999/xhtml\"><head><title>t</title></head><body>\
+                    <p>one</p><title/><p>two</p></body></html>";
+        assert!(is_xhtml(std::path::Path::new("a.xhtml"), page));
+        assert!(is_xhtml(std::path::Path::new("a.html"), page));
+        assert_eq!(extract_xhtml_text(page).ok().as_deref(), Some("one\ntwo"));
     }
 
     /// Well-formed XHTML without the constructs HTML5 reads otherwise reads the same through

@@ -9,6 +9,7 @@ pub mod encoding;
 mod gzip;
 pub mod html;
 mod jsonl;
+mod xml_prolog;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
