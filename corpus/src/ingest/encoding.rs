@@ -440,10 +440,9 @@ fn utf16_guess(raw: &[u8]) -> Option<&'static str> {
 }
 
 /// What an HTML file without a byte order mark declares: a UTF-16 XML declaration, else the
-/// prescan of the first [`PRESCAN_BYTES`], else a `<meta>` in the rest of the `<head>`: up to
-/// the first `</head` or `<body`, and only when the page has one (without either, where the head
-/// ends is not known, and a `<meta>` in script text or sample code must not count). `labels`
-/// gets the labels worth naming (a `replacement` encoding's is returned as REPLACEMENT).
+/// prescan of the first [`PRESCAN_BYTES`], else a `<meta>` in the rest of the `<head>`
+/// ([`head_meta`]). `labels` gets the labels worth naming (a `replacement` encoding's is
+/// returned as REPLACEMENT).
 fn html_declaration(raw: &[u8], labels: &mut Labels) -> Option<&'static Encoding> {
     if raw.starts_with(&[0x3C, 0, 0x3F, 0, 0x78, 0]) {
         return Some(UTF_16LE);
@@ -466,18 +465,100 @@ fn html_declaration(raw: &[u8], labels: &mut Labels) -> Option<&'static Encoding
     if raw.len() <= PRESCAN_BYTES {
         return None;
     }
-    let head_end = [b"</head".as_slice(), b"<body"]
-        .iter()
-        .filter_map(|tag| find_ignore_case(raw, tag))
-        .min()?;
-    meta_scan(&raw[..head_end], labels).map(in_page)
+    head_meta(raw, labels).map(in_page)
 }
 
-/// The position of the first `needle` (ASCII, lowercase) in `bytes`, ignoring ASCII case.
-fn find_ignore_case(bytes: &[u8], needle: &[u8]) -> Option<usize> {
+/// The position of the first `needle` (ASCII, lowercase) in `bytes` at or after `from`,
+/// ignoring ASCII case.
+fn find_ignore_case(bytes: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
     bytes
+        .get(from..)?
         .windows(needle.len())
         .position(|w| w.eq_ignore_ascii_case(needle))
+        .map(|i| from + i)
+}
+
+/// Elements that belong in a `<head>`: any other start tag ends it (and opens the body, when
+/// a page leaves both implied), as in the HTML parser's "in head" insertion mode.
+const HEAD_ELEMENTS: &[&[u8]] = &[
+    b"html",
+    b"head",
+    b"base",
+    b"basefont",
+    b"bgsound",
+    b"link",
+    b"meta",
+    b"title",
+    b"style",
+    b"script",
+    b"noscript",
+    b"noframes",
+    b"template",
+];
+
+/// Head elements whose content is not markup to a browser (raw text, RCDATA, a template's
+/// inert content): a `<meta>` written there by a script, or shown as a title, is none.
+const HEAD_TEXT_ELEMENTS: &[&[u8]] = &[
+    b"title",
+    b"style",
+    b"script",
+    b"noscript",
+    b"noframes",
+    b"template",
+];
+
+/// The first `<meta>` that declares an encoding in the page's `<head>`, explicit or implied,
+/// read past the prescan's bytes as a browser's parser meets it there (and changes the
+/// encoding): the head ends at `</head`, `<body`, `</body`, `</html`, the first start tag of
+/// an element that does not belong in a head ([`HEAD_ELEMENTS`]: `<p>`, `<div>`), or text that
+/// is not whitespace. The content of [`HEAD_TEXT_ELEMENTS`] is skipped. A page without
+/// `<head>` or `<body>` tags has its `<meta>` taken too (before, only one with either was; an
+/// audit), and a `<meta>` in sample code or a script is not.
+fn head_meta(b: &[u8], labels: &mut Labels) -> Option<&'static Encoding> {
+    let tag_name = |from: usize| {
+        let len = b[from..]
+            .iter()
+            .take_while(|&&c| !is_space(c) && c != b'>' && c != b'/')
+            .count();
+        (b[from..from + len].to_ascii_lowercase(), from + len)
+    };
+    let mut pos = 0;
+    while pos < b.len() {
+        if b[pos..].starts_with(b"<!--") {
+            // To the `>` of the first `-->` after the `<` (`<!-->` closes itself).
+            pos = find(b, pos + 2, b"-->")? + 2;
+        } else if b[pos] == b'<' && b.get(pos + 1).is_some_and(u8::is_ascii_alphabetic) {
+            let (name, end) = tag_name(pos + 1);
+            if !HEAD_ELEMENTS.contains(&name.as_slice()) {
+                return None;
+            }
+            pos = end;
+            if name == b"meta" {
+                if let Some(found) = meta_element(b, &mut pos, labels)? {
+                    return Some(found);
+                }
+            } else {
+                while attribute(b, &mut pos)?.is_some() {}
+            }
+            if HEAD_TEXT_ELEMENTS.contains(&name.as_slice()) {
+                pos = find_ignore_case(b, pos, &[b"</".as_slice(), &name].concat())?;
+                continue;
+            }
+        } else if b[pos..].starts_with(b"</") && b.get(pos + 2).is_some_and(u8::is_ascii_alphabetic)
+        {
+            let (name, _) = tag_name(pos + 2);
+            if matches!(name.as_slice(), b"head" | b"body" | b"html" | b"br") {
+                return None;
+            }
+            pos = find(b, pos, b">")?;
+        } else if b[pos..].starts_with(b"<!") || b[pos..].starts_with(b"<?") {
+            pos = find(b, pos + 1, b">")?;
+        } else if !is_space(b[pos]) {
+            return None;
+        }
+        pos += 1;
+    }
+    None
 }
 
 /// The encoding that a `<meta>` in `bytes` declares, by the HTML Standard's "prescan a byte
@@ -799,6 +880,16 @@ mod tests {
             prescan(b"<meta content=\"text/html; charset=koi8-r\">"),
             None
         );
+        // One `<meta>` with both: its `charset` attribute wins wherever it stands; `content`
+        // counts only while no `charset` is set (the HTML Standard's prescan, and Firefox's).
+        for meta in [
+            &b"<meta http-equiv=Content-Type content=\"text/html; charset=windows-1252\" \
+               charset=\"utf-8\">"[..],
+            b"<meta charset=\"utf-8\" http-equiv=Content-Type \
+              content=\"text/html; charset=windows-1252\">",
+        ] {
+            assert_eq!(prescan(meta), Some(UTF_8));
+        }
         // attributes in either order, quotes of either kind
         assert_eq!(
             prescan(b"<meta content='text/html;charset=\"windows-1251\"' http-equiv=content-type>"),
@@ -1108,7 +1199,7 @@ mod tests {
             ("windows-1252", Declared::Meta, false)
         );
         assert!(d.text.ends_with("Größe</p>"), "{}", d.text);
-        // not without a `</head` or `<body` to say where the head ends (script text, samples)
+        // not in a script, where the `<p>` after it ends the implied head
         let mut page = b"<html><script>".to_vec();
         page.extend(b"var x = 1;\n".repeat(100));
         page.extend(b"document.write('<meta charset=\"windows-1252\">');</script><p>Gr\xC3\xB6\xC3\x9Fe</p>");
@@ -1188,6 +1279,46 @@ mod tests {
         assert_eq!((d.encoding, d.utf8_over_declared), ("windows-1252", None));
         let d = html("<meta charset=shift_jis><p>日本</p>".as_bytes());
         assert_eq!((d.encoding, d.utf8_over_declared), ("Shift_JIS", None));
+    }
+
+    /// A `<meta>` past the first 1024 bytes counted only when the page had a `</head` or a
+    /// `<body` tag (an audit: a page with a long comment and no head or body tags, whose head
+    /// a browser implies, was read as UTF-8, lossily). The head ends where a browser's parser
+    /// ends it: at an element that does not belong there, or text; a script's or a title's
+    /// content is not markup.
+    #[test]
+    fn a_late_meta_in_an_implied_head_counts() {
+        let comment = format!("<!-- {} -->", "x".repeat(1200));
+        let page = |head: &str, body: &[u8]| {
+            [format!("<!DOCTYPE html>{comment}{head}").as_bytes(), body].concat()
+        };
+        let body = b"<p>Gr\xF6\xDFe</p>";
+        for head in [
+            "<meta charset=\"windows-1252\"><title>t</title>",
+            "<title>a <meta> in a title</title>\n<link rel=stylesheet href=a.css>\n\
+             <meta http-equiv=Content-Type content=\"text/html; charset=windows-1252\">",
+            "<html><script>document.write('<p>')</script><meta charset=windows-1252>",
+        ] {
+            let d = html(&page(head, body));
+            assert_eq!(
+                (d.encoding, d.declared, d.lossy),
+                ("windows-1252", Declared::Meta, false),
+                "{head}"
+            );
+        }
+        // Past the head: after text, after a body element, after `</head>`; in a script.
+        for head in [
+            "A sample: <meta charset=\"windows-1252\">",
+            "<div><meta charset=\"windows-1252\"></div>",
+            "<head></head><meta charset=\"windows-1252\">",
+            "<head><script>var m = '<meta charset=\"windows-1252\">';</script></head>",
+        ] {
+            assert_eq!(
+                html(&page(head, body)).declared,
+                Declared::Fallback,
+                "{head}"
+            );
+        }
     }
 
     #[test]
