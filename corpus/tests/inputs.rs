@@ -676,6 +676,123 @@ fn html_declarations_beyond_the_prescan_and_labels_that_cannot_be_read() {
     );
 }
 
+/// What an audit found decoded wrong, without a word, through `prepare`: a UTF-8 page under a
+/// stale `iso-8859-1` cut mid-character, and one under a stale `Shift_JIS` (both mojibake); an
+/// XHTML page whose namespace came after a long comment (read as HTML5, `<title/>` swallowed
+/// its end); a `.xhtml` with a line break before its declaration (declared encoding ignored);
+/// a late `<meta>` in a page without head or body tags (ignored). The lossy warning does not
+/// tell the user to set `encoding` for a page whose own declaration wins over it.
+#[test]
+fn stale_declarations_long_prologs_and_implied_heads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let cut = "<meta charset=\"iso-8859-1\"><p>Die Größe der Tabelle: Übersicht für Anfänger.</p>\
+               <p>Ende: Grüße</p>";
+    write(
+        d,
+        "cut.html",
+        &cut.as_bytes()[..cut.find("üße").expect("in page") + 1],
+    );
+    write(
+        d,
+        "sjis.html",
+        "<meta charset=\"Shift_JIS\"><p>東京の天気は晴れ。</p>",
+    );
+    let comment = format!("<!-- {} -->", "licence text ".repeat(400));
+    write(
+        d,
+        "long.html",
+        format!(
+            "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n{comment}\n<html \
+             xmlns=\"http://www.w3.org/1999/xhtml\"><head><title>t</title></head><body>\
+             <p>one</p><script/><p>two</p><title/><p>three</p></body></html>"
+        ),
+    );
+    write(
+        d,
+        "ws.xhtml",
+        b"\n<?xml version=\"1.0\" encoding=\"windows-1252\"?>\n<html \
+          xmlns=\"http://www.w3.org/1999/xhtml\"><body><p>Gr\xF6\xDFe</p><title/><p>after</p>\
+          </body></html>",
+    );
+    write(
+        d,
+        "late.html",
+        [
+            format!("<!DOCTYPE html>{comment}<meta charset=\"windows-1252\"><title>t</title>")
+                .as_bytes(),
+            b"<p>Sch\xF6n</p>",
+        ]
+        .concat(),
+    );
+    let report = prepared(&spec(d, "vocab_size: 300\n", ""));
+    let got = texts(&d.join("out"));
+    for want in [
+        "Die Größe der Tabelle: Übersicht für Anfänger.\nEnde: Gr\u{FFFD}<|endoftext|>",
+        "東京の天気は晴れ。<|endoftext|>",
+        "one\ntwo\nthree<|endoftext|>",
+        "Größe\nafter<|endoftext|>",
+        "Schön<|endoftext|>",
+    ] {
+        assert!(got.contains(&want.to_owned()), "{want:?} in {got:?}");
+    }
+    let row = &report.sources[0];
+    assert_eq!(
+        (
+            row.utf8_over_declared_files,
+            row.lossy_files,
+            row.not_xml_files
+        ),
+        (2, 1, 0),
+        "{row:?}"
+    );
+    let lossy = report
+        .warnings
+        .iter()
+        .find(|w| w.contains("decoded lossily"))
+        .expect("a lossy warning");
+    assert!(
+        lossy.contains("cut.html (UTF-8, declares windows-1252)")
+            && lossy.contains("is read as it declares")
+            && !lossy.contains("can be set with the source's `encoding`"),
+        "{lossy}"
+    );
+}
+
+/// windows-1252 text under a source `encoding: utf-16le` has no NUL byte and was stored as
+/// CJK characters without a word (an audit): named in a warning; real UTF-16 without a byte
+/// order mark, with NULs (Latin script) or without (Japanese), is not.
+#[test]
+fn eight_bit_text_under_a_utf16_setting_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let german = "Der Käse und die Brötchen vom Müller im Café kosten wenig Geld.\n".repeat(10);
+    write(d, "latin1.txt", encoding_rs::WINDOWS_1252.encode(&german).0);
+    write(
+        d,
+        "wide.txt",
+        utf16(u16::to_le_bytes, b"", "Ein zweites Dokument: äöü\n"),
+    );
+    write(
+        d,
+        "ja.txt",
+        utf16(u16::to_le_bytes, b"", "東京の天気は晴れ。"),
+    );
+    let report = prepared(&spec(d, "vocab_size: 300\n", "    encoding: utf-16le\n"));
+    assert_eq!(report.sources[0].not_utf16_files, 1, "{report:?}");
+    let warning = report
+        .warnings
+        .iter()
+        .find(|w| w.contains("8-bit text"))
+        .expect("a warning");
+    assert!(
+        warning.contains("latin1.txt")
+            && !warning.contains("wide.txt")
+            && !warning.contains("ja.txt"),
+        "{warning}"
+    );
+}
+
 /// Rewrites the `tokenizer.json` at `path` with `edit`.
 fn edit_tokenizer(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let mut json: serde_json::Value =

@@ -8,10 +8,15 @@
 //!    Standard's "prescan for UTF-16 XML declarations"); a `<meta charset>` or
 //!    `<meta http-equiv="content-type" content="...charset=">` in the first 1024 bytes (the
 //!    HTML Standard's *prescan*), or an XML declaration's `encoding="..."` (first, before a
-//!    `<meta>`, in XHTML: a page that opens with one and names the XHTML namespace, which dapt
-//!    reads as XML); else a `<meta>` later in the `<head>` (a browser's parser changes the
-//!    encoding when it meets one there);
+//!    `<meta>`, in XHTML: a page that opens with one, after any whitespace, and whose root
+//!    element is in the XHTML namespace, which dapt reads as XML); else a `<meta>` later in the
+//!    `<head>`, explicit or implied (a browser's parser changes the encoding when it meets one
+//!    there);
 //! 3. the source's `encoding:` from the job file, else UTF-8.
+//!
+//! A declared legacy encoding over bytes that are UTF-8 with non-ASCII text (but for a few
+//! bad bytes) is read as UTF-8 ([`Decoded::utf8_over_declared`]); the source's legacy
+//! `encoding` over such bytes, or its UTF-16 over 8-bit text, is flagged.
 //!
 //! Labels map to encodings as the Encoding Standard says (so `iso-8859-1` and `latin1` decode as
 //! windows-1252, as every browser does). The decoding itself is `encoding_rs`, Firefox's
@@ -59,13 +64,17 @@ pub struct Decoded {
     pub lossy: bool,
     /// The label of a declaration that names no encoding (`<meta charset="latin-1">`), ignored.
     pub unknown_label: Option<String>,
-    /// Decoded with the source's legacy `encoding` although the bytes are valid UTF-8 with
-    /// non-ASCII characters: likely the wrong setting for this file.
+    /// Decoded with the source's legacy `encoding` although the bytes are UTF-8 with non-ASCII
+    /// characters (valid, or but for a few bad bytes): likely the wrong setting for this file.
     pub utf8_under_legacy: bool,
-    /// The single-byte legacy encoding the file declares (`<meta charset>`, an XML declaration)
-    /// when its bytes are valid UTF-8 with non-ASCII text: read as UTF-8 instead (a page saved
-    /// as UTF-8 under a stale `iso-8859-1` declaration, common on the web, became mojibake).
+    /// The legacy encoding the file declares (`<meta charset>`, an XML declaration), single-
+    /// or multi-byte, when its bytes are UTF-8 with non-ASCII text (valid, or but for a few bad
+    /// bytes, which make it `lossy`): read as UTF-8 instead (a page saved as UTF-8 under a
+    /// stale `iso-8859-1` or `Shift_JIS` declaration, common on the web, became mojibake).
     pub utf8_over_declared: Option<&'static str>,
+    /// Decoded as UTF-16 by the source's `encoding`, but 8-bit text ([`eight_bit_as_utf16`]):
+    /// every two bytes became one CJK (or private-use) character.
+    pub not_utf16: bool,
 }
 
 /// Why a file's bytes are not taken as text.
@@ -271,14 +280,17 @@ fn decode_text(
     } else {
         (fallback, Declared::Fallback, 0)
     };
-    // A declared single-byte legacy encoding over bytes that are valid UTF-8 with non-ASCII
-    // text: real legacy text almost never is (it would take `Ã` + symbol pairs throughout), a
-    // page re-saved as UTF-8 under its old declaration is common. Read as UTF-8, and said.
+    // A declared legacy encoding over bytes that are UTF-8 with non-ASCII text (but for a few
+    // bad bytes: a page cut mid-character, one stray byte): real legacy text almost never is
+    // (single-byte text would take `Ã` + symbol pairs throughout, CJK double-byte text lead and
+    // trail bytes that fall into UTF-8's patterns character after character), a page re-saved
+    // as UTF-8 under its old declaration is common. Read as UTF-8 (lossily, if so), and said.
     let utf8_over_declared = (declared == Declared::Meta
         && encoding != UTF_8
-        && encoding.is_single_byte()
-        && !raw.is_ascii()
-        && std::str::from_utf8(&raw).is_ok())
+        && encoding != UTF_16LE
+        && encoding != UTF_16BE
+        && encoding != REPLACEMENT
+        && Utf8Shape::of(&raw).reads_as_utf8())
     .then(|| encoding.name());
     let encoding = if utf8_over_declared.is_some() {
         UTF_8
@@ -296,14 +308,8 @@ fn decode_text(
     } else {
         labels.unknown
     };
-    // ASCII reads the same in every single-byte legacy encoding, but not as UTF-16 (two ASCII
-    // letters become one CJK character): there, text without a NUL byte is flagged too (UTF-16
-    // Latin text has one in every other byte).
-    let utf16 = encoding == encoding_rs::UTF_16LE || encoding == encoding_rs::UTF_16BE;
-    let utf8_under_legacy = declared == Declared::Fallback
-        && encoding != UTF_8
-        && (!raw.is_ascii() || (utf16 && !raw.is_empty() && !raw.contains(&0)))
-        && std::str::from_utf8(&raw).is_ok();
+    let utf8_under_legacy =
+        declared == Declared::Fallback && encoding != UTF_8 && Utf8Shape::of(&raw).reads_as_utf8();
     if encoding == UTF_8 {
         // The common case: valid UTF-8 is taken as it is, without a copy.
         let mut raw = raw;
@@ -323,6 +329,12 @@ fn decode_text(
         })
     } else {
         let (text, lossy) = encoding.decode_without_bom_handling(&raw[skip..]);
+        // ASCII reads the same in every single-byte legacy encoding, but not as UTF-16 (two
+        // ASCII letters become one CJK character).
+        let not_utf16 = declared == Declared::Fallback
+            && (encoding == UTF_16LE || encoding == UTF_16BE)
+            && !utf8_under_legacy
+            && eight_bit_as_utf16(&raw, &text);
         finish(
             text.into_owned(),
             encoding.name(),
@@ -332,6 +344,100 @@ fn decode_text(
             utf8_under_legacy,
             &raw[skip..],
         )
+        .map(|d| Decoded { not_utf16, ..d })
+    }
+}
+
+/// Both the bytes at even offsets and those at odd ones at least this ASCII, and bytes read as
+/// UTF-16 without a NUL byte are 8-bit text ([`eight_bit_as_utf16`]).
+const EIGHT_BIT_ASCII_SHARE: f64 = 0.8;
+/// At least this share of characters (and two) private-use or U+FFFD (a lone surrogate, which
+/// real UTF-16 does not hold), and bytes read as UTF-16 without a NUL byte are 8-bit text
+/// ([`eight_bit_as_utf16`]). KOI8-R Russian read so is 10-15% U+FFFD.
+const EIGHT_BIT_PRIVATE_USE_SHARE: f64 = 0.05;
+
+/// Whether `raw`, decoded as UTF-16 into `text`, is 8-bit text instead. UTF-16 gives every
+/// ASCII character (a space, a line break, a digit) a zero byte, so real UTF-16 without one is
+/// text in a script beyond ASCII alone: CJK, where the low byte of a character is anything
+/// (ASCII about half the time) and the high byte is `0x30`, `0x4E`-`0x9F`, `0xAC`-`0xD7` ...
+/// 8-bit text without a NUL is instead either mostly ASCII at both byte offsets (a Latin script:
+/// windows-1252 German read as UTF-16LE became CJK, without a word; an audit), or text whose
+/// letters, read as high bytes, fall into the private-use area or are lone surrogates
+/// (windows-1251 lowercase Cyrillic is `0xE0`-`0xFF`, KOI8-R's has `0xD8`-`0xDF`).
+fn eight_bit_as_utf16(raw: &[u8], text: &str) -> bool {
+    if raw.is_empty() || raw.contains(&0) {
+        return false;
+    }
+    let ascii_share = |parity: usize| {
+        let (mut all, mut ascii) = (0usize, 0usize);
+        for &b in raw.iter().skip(parity).step_by(2) {
+            all += 1;
+            ascii += usize::from(b.is_ascii());
+        }
+        // A one-byte file has no odd bytes: nothing there speaks against ASCII.
+        if all == 0 {
+            1.0
+        } else {
+            ascii as f64 / all as f64
+        }
+    };
+    let (mut all, mut private, mut kana) = (0usize, 0usize, 0usize);
+    for c in text.chars() {
+        all += 1;
+        private += usize::from(matches!(c, '\u{E000}'..='\u{F8FF}' | '\u{FFFD}'));
+        kana += usize::from(matches!(c, '\u{3000}'..='\u{30FF}'));
+    }
+    // Kana (and CJK punctuation) are the one real UTF-16 text both of whose bytes can be
+    // ASCII (`U+3042` is `42 30`, "B0"): mostly kana, it is not 8-bit text.
+    (ascii_share(0).min(ascii_share(1)) >= EIGHT_BIT_ASCII_SHARE && kana * 2 < all)
+        || (private >= 2 && private as f64 >= EIGHT_BIT_PRIVATE_USE_SHARE * all as f64)
+}
+
+/// How bytes read as UTF-8: how many of their sequences are valid multi-byte characters and
+/// how many are not valid (a sequence cut off by the end of the bytes not counted: a file cut
+/// mid-character, as crawls and `head -c` leave them).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Utf8Shape {
+    multibyte: usize,
+    invalid: usize,
+}
+
+/// At most one invalid sequence for this many valid multi-byte characters, and bytes are
+/// UTF-8 with errors ([`Utf8Shape::reads_as_utf8`]). Legacy text read as UTF-8 has it the other
+/// way round: each accented letter (`f\xFCr`), or most CJK characters, an invalid sequence,
+/// and a valid one only by chance (`\xC3\xA9`, `Ã©`, is rare in real windows-1252 text).
+const MULTIBYTE_PER_INVALID: usize = 4;
+
+impl Utf8Shape {
+    fn of(mut bytes: &[u8]) -> Self {
+        // In valid UTF-8, the bytes from 0xC0 up are exactly the lead bytes of multi-byte
+        // characters.
+        let leads = |valid: &[u8]| valid.iter().filter(|&&b| b >= 0xC0).count();
+        let mut shape = Utf8Shape::default();
+        loop {
+            match std::str::from_utf8(bytes) {
+                Ok(_) => {
+                    return Utf8Shape {
+                        multibyte: shape.multibyte + leads(bytes),
+                        ..shape
+                    }
+                }
+                Err(e) => {
+                    shape.multibyte += leads(&bytes[..e.valid_up_to()]);
+                    let Some(bad) = e.error_len() else {
+                        return shape;
+                    };
+                    shape.invalid += 1;
+                    bytes = &bytes[e.valid_up_to() + bad..];
+                }
+            }
+        }
+    }
+
+    /// UTF-8 text with non-ASCII characters, whole or with a few errors
+    /// ([`MULTIBYTE_PER_INVALID`]).
+    fn reads_as_utf8(self) -> bool {
+        self.multibyte > 0 && self.invalid * MULTIBYTE_PER_INVALID <= self.multibyte
     }
 }
 
@@ -365,6 +471,7 @@ fn finish(
         unknown_label,
         utf8_under_legacy,
         utf8_over_declared: None,
+        not_utf16: false,
     })
 }
 
@@ -1212,6 +1319,46 @@ mod tests {
         assert_eq!(html(&page).declared, Declared::Fallback);
     }
 
+    /// A `<meta>` past the first 1024 bytes counted only when the page had a `</head` or a
+    /// `<body` tag (an audit: a page with a long comment and no head or body tags, whose head
+    /// a browser implies, was read as UTF-8, lossily). The head ends where a browser's parser
+    /// ends it: at an element that does not belong there, or text; a script's or a title's
+    /// content is not markup.
+    #[test]
+    fn a_late_meta_in_an_implied_head_counts() {
+        let comment = format!("<!-- {} -->", "x".repeat(1200));
+        let page = |head: &str, body: &[u8]| {
+            [format!("<!DOCTYPE html>{comment}{head}").as_bytes(), body].concat()
+        };
+        let body = b"<p>Gr\xF6\xDFe</p>";
+        for head in [
+            "<meta charset=\"windows-1252\"><title>t</title>",
+            "<title>a <meta> in a title</title>\n<link rel=stylesheet href=a.css>\n\
+             <meta http-equiv=Content-Type content=\"text/html; charset=windows-1252\">",
+            "<html><script>document.write('<p>')</script><meta charset=windows-1252>",
+        ] {
+            let d = html(&page(head, body));
+            assert_eq!(
+                (d.encoding, d.declared, d.lossy),
+                ("windows-1252", Declared::Meta, false),
+                "{head}"
+            );
+        }
+        // Past the head: after text, after a body element, after `</head>`; in a script.
+        for head in [
+            "A sample: <meta charset=\"windows-1252\">",
+            "<div><meta charset=\"windows-1252\"></div>",
+            "<head></head><meta charset=\"windows-1252\">",
+            "<head><script>var m = '<meta charset=\"windows-1252\">';</script></head>",
+        ] {
+            assert_eq!(
+                html(&page(head, body)).declared,
+                Declared::Fallback,
+                "{head}"
+            );
+        }
+    }
+
     #[test]
     fn a_replacement_encoding_is_refused_by_its_label_and_unknown_labels_are_kept() {
         for label in ["iso-2022-kr", "csiso2022kr", "hz-gb-2312", "iso-2022-cn"] {
@@ -1254,8 +1401,8 @@ mod tests {
     }
 
     /// A page declaring `iso-8859-1` whose bytes are UTF-8 (re-saved under a stale
-    /// declaration) is read as UTF-8 and said to be; real Latin-1 bytes, a multi-byte legacy
-    /// declaration and pure ASCII are read as declared. Before: `GrÃ¶ÃŸe`, no word (an audit).
+    /// declaration) is read as UTF-8 and said to be; real Latin-1 bytes and pure ASCII are read
+    /// as declared. Before: `GrÃ¶ÃŸe`, no word (an audit).
     #[test]
     fn a_declared_single_byte_encoding_over_utf8_bytes_is_read_as_utf8() {
         let html = |bytes: &[u8]| decode(bytes.to_vec(), Format::Html, UTF_8).unwrap();
@@ -1277,48 +1424,97 @@ mod tests {
         );
         let d = html(b"<meta charset=iso-8859-1><p>plain</p>");
         assert_eq!((d.encoding, d.utf8_over_declared), ("windows-1252", None));
-        let d = html("<meta charset=shift_jis><p>日本</p>".as_bytes());
-        assert_eq!((d.encoding, d.utf8_over_declared), ("Shift_JIS", None));
     }
 
-    /// A `<meta>` past the first 1024 bytes counted only when the page had a `</head` or a
-    /// `<body` tag (an audit: a page with a long comment and no head or body tags, whose head
-    /// a browser implies, was read as UTF-8, lossily). The head ends where a browser's parser
-    /// ends it: at an element that does not belong there, or text; a script's or a title's
-    /// content is not markup.
+    /// A UTF-8 page under a stale `iso-8859-1` was read as UTF-8 only when every one of its
+    /// bytes was valid: cut mid-character (crawl output) or with one stray byte, it became
+    /// `GrÃ¶ÃŸe`, without a word (an audit). UTF-8 but for a few bad bytes is UTF-8, read
+    /// lossily; legacy text with one accidental UTF-8 pair (`\xC3\xA9`) is legacy text.
     #[test]
-    fn a_late_meta_in_an_implied_head_counts() {
-        let comment = format!("<!-- {} -->", "x".repeat(1200));
-        let page = |head: &str, body: &[u8]| {
-            [format!("<!DOCTYPE html>{comment}{head}").as_bytes(), body].concat()
-        };
-        let body = b"<p>Gr\xF6\xDFe</p>";
-        for head in [
-            "<meta charset=\"windows-1252\"><title>t</title>",
-            "<title>a <meta> in a title</title>\n<link rel=stylesheet href=a.css>\n\
-             <meta http-equiv=Content-Type content=\"text/html; charset=windows-1252\">",
-            "<html><script>document.write('<p>')</script><meta charset=windows-1252>",
+    fn utf8_with_a_few_bad_bytes_under_a_stale_declaration_is_read_as_utf8() {
+        let page = "<meta charset=\"iso-8859-1\"><p>Die Größe der Tabelle: Übersicht für \
+                    Anfänger – “Zitat”.</p><p>Ende: Grüße</p>";
+        let cut = &page.as_bytes()[..page.find("üße").expect("in page") + 1];
+        let d = html(cut);
+        assert_eq!(
+            (d.encoding, d.utf8_over_declared, d.lossy),
+            ("UTF-8", Some("windows-1252"), true)
+        );
+        assert!(d.text.contains("Die Größe") && d.text.ends_with("Ende: Gr\u{FFFD}"));
+        let mut stray = page.as_bytes().to_vec();
+        let at = page.find(": Grüße").expect("in page");
+        stray.insert(at, 0xA0);
+        let d = html(&stray);
+        assert_eq!(
+            (d.encoding, d.utf8_over_declared, d.lossy),
+            ("UTF-8", Some("windows-1252"), true)
+        );
+        assert!(d.text.ends_with("Ende\u{FFFD}: Grüße</p>"), "{}", d.text);
+        let legacy = html(b"<meta charset=iso-8859-1><p>Gr\xF6\xDFe f\xFCr M\xFCller \xC3\xA9</p>");
+        assert_eq!(
+            (
+                legacy.text.as_str(),
+                legacy.utf8_over_declared,
+                legacy.lossy
+            ),
+            (
+                "<meta charset=iso-8859-1><p>Größe für Müller Ã©</p>",
+                None,
+                false
+            )
+        );
+        // The same test flags UTF-8 read with a legacy source `encoding`.
+        let d = decode(
+            cut[page.find("<p>").expect("p")..].to_vec(),
+            Format::Plain,
+            WINDOWS_1252,
+        )
+        .expect("text");
+        assert!(d.utf8_under_legacy, "{d:?}");
+    }
+
+    /// UTF-8 text under a stale multi-byte declaration (`Shift_JIS`, `gbk`, `euc-kr`, `big5`,
+    /// `euc-jp`, an XHTML page's XML declaration) was stored as garbled CJK: the rule for
+    /// stale declarations held for single-byte ones only (an audit). UTF-8 with multi-byte
+    /// characters is practically never real double-byte text; the real thing is read as
+    /// declared.
+    #[test]
+    fn utf8_under_a_stale_multibyte_declaration_is_read_as_utf8() {
+        let japanese = "東京の天気は晴れ。これは文書です。";
+        for (label, text) in [
+            ("Shift_JIS", japanese),
+            ("euc-jp", japanese),
+            ("gbk", "北京今天天气很好。这是一个文件。"),
+            ("gb2312", "北京今天天气很好。这是一个文件。"),
+            ("big5", "台北今天天氣很好。這是一個文件。"),
+            ("euc-kr", "서울의 날씨는 맑습니다. 이것은 문서입니다."),
         ] {
-            let d = html(&page(head, body));
+            let encoding = Encoding::for_label(label.as_bytes()).expect("a label");
+            let page = format!("<meta charset=\"{label}\"><p>{text}</p>");
+            let d = html(page.as_bytes());
             assert_eq!(
-                (d.encoding, d.declared, d.lossy),
-                ("windows-1252", Declared::Meta, false),
-                "{head}"
+                (d.text.as_str(), d.utf8_over_declared, d.lossy),
+                (page.as_str(), Some(encoding.name()), false),
+                "{label}"
+            );
+            let (legacy, _, unmappable) = encoding.encode(&page);
+            assert!(!unmappable, "{label}");
+            let d = html(&legacy);
+            assert_eq!(
+                (d.text.as_str(), d.encoding, d.utf8_over_declared),
+                (page.as_str(), encoding.name(), None),
+                "{label}"
             );
         }
-        // Past the head: after text, after a body element, after `</head>`; in a script.
-        for head in [
-            "A sample: <meta charset=\"windows-1252\">",
-            "<div><meta charset=\"windows-1252\"></div>",
-            "<head></head><meta charset=\"windows-1252\">",
-            "<head><script>var m = '<meta charset=\"windows-1252\">';</script></head>",
-        ] {
-            assert_eq!(
-                html(&page(head, body)).declared,
-                Declared::Fallback,
-                "{head}"
-            );
-        }
+        let xhtml = format!(
+            "<?xml version=\"1.0\" encoding=\"Shift_JIS\"?><html \
+             xmlns=\"http://www.w3.org/1999/xhtml\"><body><p>{japanese}</p></body></html>"
+        );
+        let d = html(xhtml.as_bytes());
+        assert_eq!(
+            (d.text.as_str(), d.utf8_over_declared),
+            (xhtml.as_str(), Some("Shift_JIS"))
+        );
     }
 
     #[test]
@@ -1332,10 +1528,71 @@ mod tests {
         // ASCII under a UTF-16 setting is CJK garbage: flagged; real UTF-16 is not.
         for utf16 in [encoding_rs::UTF_16LE, encoding_rs::UTF_16BE] {
             let d = decode(b"plain ascii".to_vec(), Format::Plain, utf16).unwrap();
-            assert!(d.utf8_under_legacy, "{d:?}");
+            assert!(d.not_utf16 && !d.utf8_under_legacy, "{d:?}");
         }
         let le: Vec<u8> = "plain".encode_utf16().flat_map(u16::to_le_bytes).collect();
         let d = decode(le, Format::Plain, encoding_rs::UTF_16LE).unwrap();
-        assert!(!d.utf8_under_legacy && d.text == "plain", "{d:?}");
+        assert!(
+            !d.utf8_under_legacy && !d.not_utf16 && d.text == "plain",
+            "{d:?}"
+        );
+    }
+
+    /// windows-1252 German under a source `encoding: utf-16le` has no NUL byte (the NUL check
+    /// never fires) and is not UTF-8: it was stored as CJK characters without a word (an
+    /// audit). 8-bit text read as UTF-16 is flagged; real UTF-16 is not, CJK text without a
+    /// single NUL byte (no ASCII character in it) included.
+    #[test]
+    fn eight_bit_text_read_as_utf16_is_flagged() {
+        let german = "Der Käse und die Brötchen vom Müller im Café kosten wenig Geld.\n".repeat(20);
+        let russian = "Съешь же ещё этих мягких французских булок, да выпей чаю.\n".repeat(20);
+        for (bytes, utf16) in [
+            (WINDOWS_1252.encode(&german).0, UTF_16LE),
+            (WINDOWS_1252.encode(&german).0, UTF_16BE),
+            (
+                encoding_rs::ISO_8859_2
+                    .encode("Příliš žluťoučký kůň úpěl ďábelské ódy.")
+                    .0,
+                UTF_16LE,
+            ),
+            (WINDOWS_1251.encode(&russian).0, UTF_16LE),
+            (encoding_rs::KOI8_R.encode(&russian).0, UTF_16BE),
+        ] {
+            let d = decode(bytes.into_owned(), Format::Plain, utf16).expect("text");
+            assert!(d.not_utf16, "{d:?}");
+        }
+        for text in [
+            "東京の天気は晴れ。これは文書です。ひらがなとカタカナと漢字。",
+            "北京今天天气很好。这是两个文件，“引号”……",
+            "서울의날씨는맑습니다。이것은문서입니다。",
+            "ぁあぃいぅうぇえぉおかがきぎくぐけげこごさざしじすず",
+            "日本",
+        ] {
+            for (utf16, bytes) in [
+                (
+                    UTF_16LE,
+                    text.encode_utf16()
+                        .flat_map(u16::to_le_bytes)
+                        .collect::<Vec<_>>(),
+                ),
+                (
+                    UTF_16BE,
+                    text.encode_utf16().flat_map(u16::to_be_bytes).collect(),
+                ),
+            ] {
+                assert!(!bytes.contains(&0), "{text}");
+                let d = decode(bytes, Format::Plain, utf16).expect("text");
+                assert_eq!(
+                    (d.text.as_str(), d.not_utf16),
+                    (text, false),
+                    "{}",
+                    utf16.name()
+                );
+            }
+        }
+        // A byte order mark decides, whatever the bytes after it.
+        let mut bom = vec![0xFF, 0xFE];
+        bom.extend(b"ab");
+        assert!(!decode(bom, Format::Plain, UTF_8).expect("text").not_utf16);
     }
 }

@@ -346,6 +346,9 @@ pub struct FileText {
     pub encoding: &'static str,
     /// Some bytes were not valid in that encoding and became U+FFFD.
     pub lossy: bool,
+    /// Where the encoding came from: the file itself (its byte order mark, a `<meta>`, an XML
+    /// declaration) or the source's setting.
+    pub declared: encoding::Declared,
     /// A declared encoding label that names none (ignored; see [`encoding::Decoded`]).
     pub unknown_label: Option<String>,
     /// Valid UTF-8 with non-ASCII text, decoded with the source's legacy `encoding`.
@@ -353,6 +356,9 @@ pub struct FileText {
     /// The legacy encoding the file declares, when it was read as UTF-8 instead
     /// ([`encoding::Decoded::utf8_over_declared`]).
     pub utf8_over_declared: Option<&'static str>,
+    /// 8-bit text decoded as UTF-16 by the source's `encoding`
+    /// ([`encoding::Decoded::not_utf16`]).
+    pub not_utf16: bool,
     /// Why an XHTML page could not be read as XML (it was read as HTML instead).
     pub not_xml: Option<String>,
     /// JSONL lines that were not JSON objects with a string `text_field`.
@@ -387,9 +393,11 @@ pub fn read_file(
         lines: Vec::new(),
         encoding: decoded.encoding,
         lossy: decoded.lossy,
+        declared: decoded.declared,
         unknown_label: decoded.unknown_label,
         utf8_under_legacy: decoded.utf8_under_legacy,
         utf8_over_declared: decoded.utf8_over_declared,
+        not_utf16: decoded.not_utf16,
         not_xml: None,
         bad_lines: 0,
         bad_line_numbers: Vec::new(),

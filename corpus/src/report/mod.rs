@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::ingest::encoding::Declared;
 use crate::ingest::{Discovery, FileText};
 use crate::manifest::Manifest;
 use crate::order::Mixture;
@@ -100,17 +101,23 @@ pub struct SourceStats {
     /// Files by the encoding they were decoded from (its WHATWG name).
     pub encodings: BTreeMap<String, u64>,
     pub lossy_files: u64,
+    /// Of those, files read in the encoding they declare (a byte order mark, a `<meta>`, an
+    /// XML declaration), which the source's `encoding` does not change.
+    pub lossy_declared_files: u64,
     pub lossy_examples: Vec<String>,
     /// Files whose declared encoding label names none (ignored), and `path (label)` of a few.
     pub unknown_label_files: u64,
     pub unknown_label_examples: Vec<String>,
-    /// Valid UTF-8 files with non-ASCII text decoded with the source's legacy `encoding`.
+    /// UTF-8 files with non-ASCII text decoded with the source's legacy `encoding`.
     pub utf8_under_legacy_files: u64,
     pub utf8_under_legacy_examples: Vec<String>,
-    /// Files declaring a single-byte legacy encoding whose bytes are valid UTF-8 with
-    /// non-ASCII text, read as UTF-8, and `path (declared)` of a few.
+    /// Files declaring a legacy encoding whose bytes are UTF-8 with non-ASCII text (valid, or
+    /// but for a few bad bytes), read as UTF-8, and `path (declared)` of a few.
     pub utf8_over_declared_files: u64,
     pub utf8_over_declared_examples: Vec<String>,
+    /// 8-bit text files decoded as UTF-16 by the source's `encoding`.
+    pub not_utf16_files: u64,
+    pub not_utf16_examples: Vec<String>,
     /// XHTML files that are not well-formed XML, read as HTML, and `path (why)` of a few.
     pub not_xml_files: u64,
     pub not_xml_examples: Vec<String>,
@@ -175,9 +182,16 @@ impl SourceStats {
         *self.encodings.entry(text.encoding.to_owned()).or_default() += 1;
         if text.lossy {
             self.lossy_files += 1;
+            let declared = text.declared != Declared::Fallback;
+            self.lossy_declared_files += u64::from(declared);
             if self.lossy_examples.len() < EXAMPLES_KEPT {
+                let how = match text.utf8_over_declared {
+                    Some(over) => format!("{}, declares {over}", text.encoding),
+                    None if declared => format!("{}, as it declares", text.encoding),
+                    None => text.encoding.to_owned(),
+                };
                 self.lossy_examples
-                    .push(format!("{} ({})", path.display(), text.encoding));
+                    .push(format!("{} ({how})", path.display()));
             }
         }
         if let Some(label) = &text.unknown_label {
@@ -199,6 +213,12 @@ impl SourceStats {
             if self.utf8_over_declared_examples.len() < EXAMPLES_KEPT {
                 self.utf8_over_declared_examples
                     .push(format!("{} (declares {declared})", path.display()));
+            }
+        }
+        if text.not_utf16 {
+            self.not_utf16_files += 1;
+            if self.not_utf16_examples.len() < EXAMPLES_KEPT {
+                self.not_utf16_examples.push(path.display().to_string());
             }
         }
         if text.utf8_under_legacy {
@@ -310,13 +330,19 @@ pub struct SourceRow {
     /// Files declaring an encoding label that names none (the declaration was ignored).
     pub unknown_label_files: u64,
     pub unknown_label_examples: Vec<String>,
-    /// Valid UTF-8 files with non-ASCII text decoded with the source's legacy `encoding`.
+    /// UTF-8 files with non-ASCII text decoded with the source's legacy `encoding`.
     pub utf8_under_legacy_files: u64,
     pub utf8_under_legacy_examples: Vec<String>,
-    /// Files declaring a single-byte legacy encoding whose bytes are valid UTF-8 with
-    /// non-ASCII text: read as UTF-8.
+    /// Files declaring a legacy encoding whose bytes are UTF-8 with non-ASCII text (valid, or
+    /// but for a few bad bytes): read as UTF-8.
     pub utf8_over_declared_files: u64,
     pub utf8_over_declared_examples: Vec<String>,
+    /// Files of 8-bit text (no NUL byte, mostly ASCII bytes) decoded as UTF-16 by the
+    /// source's `encoding`.
+    #[serde(default)]
+    pub not_utf16_files: u64,
+    #[serde(default)]
+    pub not_utf16_examples: Vec<String>,
     /// XHTML files that are not well-formed XML: read as HTML.
     #[serde(default)]
     pub not_xml_files: u64,
@@ -442,6 +468,8 @@ pub fn build(
             utf8_under_legacy_examples: st.utf8_under_legacy_examples.clone(),
             utf8_over_declared_files: st.utf8_over_declared_files,
             utf8_over_declared_examples: st.utf8_over_declared_examples.clone(),
+            not_utf16_files: st.not_utf16_files,
+            not_utf16_examples: st.not_utf16_examples.clone(),
             not_xml_files: st.not_xml_files,
             not_xml_examples: st.not_xml_examples.clone(),
             bad_jsonl_lines: st.bad_jsonl_lines,
@@ -533,12 +561,29 @@ fn source_warnings(row: &SourceRow, st: &SourceStats, plan: Option<TrainingPlan>
         }
     }
     if st.lossy_files > 0 {
+        // The source's `encoding` reads only the files that declare none: advice to set it is
+        // no help for a page whose own `<meta>` wins over it.
+        let mut advice = Vec::new();
+        if st.lossy_declared_files < st.lossy_files {
+            advice.push(
+                "a legacy encoding that the files do not declare can be set with the source's \
+                 `encoding`",
+            );
+        }
+        if st.lossy_declared_files > 0 {
+            advice.push(
+                "a file that declares its encoding (a byte order mark, a `<meta charset>`, an \
+                 XML declaration) is read as it declares whatever the source's `encoding` says: \
+                 its bad bytes are damage (a file cut short, bytes of another encoding pasted \
+                 in)",
+            );
+        }
         w.push(format!(
             "source `{name}`: {} files were not valid in their encoding and were decoded lossily \
-             (bad bytes became U+FFFD), e.g. {}; a legacy encoding that the files do not \
-             declare can be set with the source's `encoding`",
+             (bad bytes became U+FFFD), e.g. {}; {}",
             st.lossy_files,
-            st.lossy_examples.join(", ")
+            st.lossy_examples.join(", "),
+            advice.join("; ")
         ));
     }
     if st.without_tokens > 0 {
@@ -574,20 +619,32 @@ fn source_warnings(row: &SourceRow, st: &SourceStats, plan: Option<TrainingPlan>
     }
     if st.utf8_over_declared_files > 0 {
         w.push(format!(
-            "source `{name}`: {} files declare a single-byte legacy encoding but are valid UTF-8 \
-             with non-ASCII text, so they were read as UTF-8 (read as declared they would be \
-             mojibake such as `GrÃ¶ÃŸe`), e.g. {}",
+            "source `{name}`: {} files declare a legacy encoding but are UTF-8 with non-ASCII \
+             text (valid, or but for a few bad bytes), so they were read as UTF-8 (read as \
+             declared they would be mojibake such as `GrÃ¶ÃŸe`), e.g. {}",
             st.utf8_over_declared_files,
             st.utf8_over_declared_examples.join(", ")
         ));
     }
     if st.utf8_under_legacy_files > 0 {
         w.push(format!(
-            "source `{name}`: {} files are valid UTF-8 with non-ASCII text but were decoded as \
+            "source `{name}`: {} files are valid UTF-8 (or but for a few bad bytes) with non-ASCII \
+             text but were decoded as \
              the source's `encoding` says, e.g. {}: check that setting (a UTF-8 file read as a \
              legacy encoding becomes mojibake such as `GrÃ¶ÃŸe`)",
             st.utf8_under_legacy_files,
             st.utf8_under_legacy_examples.join(", ")
+        ));
+    }
+    if st.not_utf16_files > 0 {
+        w.push(format!(
+            "source `{name}`: {} files were decoded as UTF-16 as the source's `encoding` says but \
+             are 8-bit text (no NUL byte, which UTF-16 gives every ASCII character such as a \
+             space or a line break, and bytes mostly ASCII, or private-use characters read as \
+             UTF-16), e.g. {}: every two of their bytes became one CJK character; check that \
+             setting (such files belong in a source of their own)",
+            st.not_utf16_files,
+            st.not_utf16_examples.join(", ")
         ));
     }
     if st.special_text_documents > 0 {
