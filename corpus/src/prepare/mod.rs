@@ -44,7 +44,10 @@ const SPLIT_SEED: u64 = 0x6461_7074_5f68_656c; // "dapt_hel"
 /// binary data without magic bytes refused; JSONL records read past serde_json's `Value` limits;
 /// `add_bos_token` applied only for the tokenizer classes transformers applies it for, a chat
 /// turn's end never a document end, BPE dropout not applied.
-pub const TEXT_RULES: u32 = 5;
+/// 6: UTF-8 under a stale legacy declaration read as UTF-8 with a few bad bytes too, and under
+/// multi-byte declarations (Shift_JIS, GBK, Big5, EUC-KR, EUC-JP); XHTML found past a prolog of
+/// any length, its XML declaration after leading whitespace; a late `<meta>` in an implied head.
+pub const TEXT_RULES: u32 = 6;
 
 #[derive(Debug, Clone, Default)]
 pub struct PrepareOptions {
