@@ -11,7 +11,7 @@
 //! perplexity, e.g. a goal. It also prints the points as Markdown tables on stdout.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -116,90 +116,134 @@ fn draw(
     guides: &BTreeMap<String, f64>,
 ) -> Result<()> {
     let panel = (560u32, 420u32);
-    let root =
-        SVGBackend::new(&args.out, (panel.0 * sources.len() as u32, panel.1)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let areas = root.split_evenly((1, sources.len()));
-    for (area, source) in areas.iter().zip(sources) {
-        let series: Vec<(&str, Vec<(f64, f64)>)> = runs
-            .iter()
-            .map(|run| {
-                let points = run
-                    .evals
-                    .get(source)
-                    .map(|by_step| {
-                        by_step
-                            .iter()
-                            .map(|(&step, &ppl)| {
-                                ((step * args.tokens_per_step) as f64 / 1000.0, ppl)
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                (run.label.as_str(), points)
-            })
-            .collect();
-        let base = series
-            .iter()
-            .find_map(|(_, pts)| pts.iter().find(|p| p.0 == 0.0).map(|p| p.1));
-        let guide = guides.get(source).zip(base).map(|(f, b)| (*f, f * b));
-        let all = series.iter().flat_map(|(_, p)| p.iter());
-        let x_max = all.clone().map(|p| p.0).fold(1.0, f64::max);
-        let (mut y_min, mut y_max) = all
-            .map(|p| p.1)
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| {
-                (lo.min(y), hi.max(y))
-            });
-        if let Some((_, g)) = guide {
-            (y_min, y_max) = (y_min.min(g), y_max.max(g));
-        }
-        let pad = ((y_max - y_min) * 0.08).max(0.5);
-        let mut chart = ChartBuilder::on(area)
-            .caption(format!("held-out perplexity: {source}"), ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(50)
-            .build_cartesian_2d(0.0..x_max * 1.02, (y_min - pad)..(y_max + pad))?;
-        chart
-            .configure_mesh()
-            .x_desc("tokens trained (thousands)")
-            .y_desc("perplexity")
-            .light_line_style(WHITE.mix(0.0))
-            .draw()?;
-        for (i, (label, points)) in series.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            chart
-                .draw_series(LineSeries::new(
-                    points.iter().copied(),
-                    color.stroke_width(2),
-                ))?
-                .label(*label)
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2))
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (panel.0 * sources.len() as u32, panel.1))
+            .into_drawing_area();
+        root.fill(&WHITE)?;
+        let areas = root.split_evenly((1, sources.len()));
+        for (area, source) in areas.iter().zip(sources) {
+            let series: Vec<(&str, Vec<(f64, f64)>)> = runs
+                .iter()
+                .map(|run| {
+                    let points = run
+                        .evals
+                        .get(source)
+                        .map(|by_step| {
+                            by_step
+                                .iter()
+                                .map(|(&step, &ppl)| {
+                                    ((step * args.tokens_per_step) as f64 / 1000.0, ppl)
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (run.label.as_str(), points)
+                })
+                .collect();
+            let base = series
+                .iter()
+                .find_map(|(_, pts)| pts.iter().find(|p| p.0 == 0.0).map(|p| p.1));
+            let guide = guides.get(source).zip(base).map(|(f, b)| (*f, f * b));
+            let all = series.iter().flat_map(|(_, p)| p.iter());
+            let x_max = all.clone().map(|p| p.0).fold(1.0, f64::max);
+            let (mut y_min, mut y_max) = all
+                .map(|p| p.1)
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| {
+                    (lo.min(y), hi.max(y))
                 });
-            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
-        }
-        if let Some((factor, g)) = guide {
-            let grey = BLACK.mix(0.6);
+            if let Some((_, g)) = guide {
+                (y_min, y_max) = (y_min.min(g), y_max.max(g));
+            }
+            let pad = ((y_max - y_min) * 0.08).max(0.5);
+            let mut chart = ChartBuilder::on(area)
+                .caption(format!("held-out perplexity: {source}"), ("sans-serif", 18))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(50)
+                .build_cartesian_2d(0.0..x_max * 1.02, (y_min - pad)..(y_max + pad))?;
             chart
-                .draw_series(DashedLineSeries::new(
-                    [(0.0, g), (x_max * 1.02, g)],
-                    6,
-                    4,
-                    grey.stroke_width(1),
-                ))?
-                .label(format!("{factor} x base"))
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], grey));
+                .configure_mesh()
+                .x_desc("tokens trained (thousands)")
+                .y_desc("perplexity")
+                .light_line_style(WHITE.mix(0.0))
+                .draw()?;
+            for (i, (label, points)) in series.iter().enumerate() {
+                let color = Palette99::pick(i).to_rgba();
+                chart
+                    .draw_series(LineSeries::new(
+                        points.iter().copied(),
+                        color.stroke_width(2),
+                    ))?
+                    .label(*label)
+                    .legend(move |(x, y)| {
+                        PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2))
+                    });
+                chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+            }
+            if let Some((factor, g)) = guide {
+                let grey = BLACK.mix(0.6);
+                chart
+                    .draw_series(DashedLineSeries::new(
+                        [(0.0, g), (x_max * 1.02, g)],
+                        6,
+                        4,
+                        grey.stroke_width(1),
+                    ))?
+                    .label(format!("{factor} x base"))
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], grey));
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK.mix(0.3))
+                .position(SeriesLabelPosition::UpperRight)
+                .draw()?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()?;
+        root.present().context("drawing the SVG")?;
     }
-    root.present()
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    write_output(&args.out, svg.as_bytes())
+}
+
+/// Writes `bytes` to `out` by renaming a new file into place, after checking that `out` is a
+/// new file or an SVG (an earlier plot): never a symlink (its target, a user's file, was
+/// rewritten) and never another file (`--out run.log` with `a=run.log` overwrote the run's only
+/// log; an audit). Errors name the path.
+fn write_output(out: &Path, bytes: &[u8]) -> Result<()> {
+    match std::fs::symlink_metadata(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("--out {}", out.display())),
+        Ok(meta) if !meta.is_file() => {
+            bail!("--out {}: not a regular file (a symlink, directory or device); dapt-plot writes only new files or its own SVGs", out.display())
+        }
+        Ok(_) => {
+            let mut head = [0u8; 256];
+            let n = std::fs::File::open(out)
+                .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+                .with_context(|| format!("--out {}", out.display()))?;
+            let text = String::from_utf8_lossy(&head[..n]);
+            if !text.trim_start().starts_with("<svg") {
+                bail!("--out {}: exists and is not an SVG: dapt-plot writes only new files or its own SVGs (is it one of the logs?)", out.display())
+            }
+        }
+    }
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut file = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a file in {}", dir.display()))?;
+    std::io::Write::write_all(&mut file, bytes)
+        .with_context(|| format!("writing {}", out.display()))?;
+    // (A temporary file is 0600: a plot is read by others as any file written with the usual
+    // umask would be.)
+    std::fs::set_permissions(
+        file.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .with_context(|| format!("writing {}", out.display()))?;
+    file.persist(out)
+        .with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }
 
