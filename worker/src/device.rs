@@ -192,15 +192,12 @@ pub fn nccl_library() -> Option<PathBuf> {
 }
 
 /// A folder holding a `libnccl.so` link to `lib`, made in `$XDG_CACHE_HOME/dapt/nccl` (or
-/// `~/.cache/...`, or the temp folder): cudarc opens `libnccl.so`, never `libnccl.so.2`, the
-/// only name the PyPI wheels ship. The loader reads `LD_LIBRARY_PATH` once, at process start,
-/// so the caller re-executes itself with this folder on it (see `main.rs`).
+/// `~/.cache/...`, or this user's private temp folder: [`crate::cache_dir`]): cudarc opens
+/// `libnccl.so`, never `libnccl.so.2`, the only name the PyPI wheels ship. The loader reads
+/// `LD_LIBRARY_PATH` once, at process start, so the caller re-executes itself with this folder
+/// on it (see `main.rs`).
 pub fn nccl_link_dir(lib: &Path) -> std::io::Result<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    link_in(&base, lib)
+    link_in(&crate::cache_dir::user_cache_dir()?, lib)
 }
 
 fn link_in(base: &Path, lib: &Path) -> std::io::Result<PathBuf> {

@@ -34,20 +34,20 @@ use std::path::{Path, PathBuf};
 pub const ENV: &str = "DAPT_KERNEL_CACHE";
 
 /// The base folder of the kernel caches: `$DAPT_KERNEL_CACHE`, else `$XDG_CACHE_HOME/dapt/kernels`,
-/// `~/.cache/dapt/kernels` or the temp folder's `dapt/kernels`; `None` when `$DAPT_KERNEL_CACHE`
-/// is `off`.
+/// `~/.cache/dapt/kernels` or this user's private temp folder's `dapt/kernels`
+/// ([`crate::cache_dir`]; a shared `/tmp/dapt` another user made first was read from); `None`
+/// when `$DAPT_KERNEL_CACHE` is `off`, or when that private folder is not this user's (warned).
 pub fn base_dir() -> Option<PathBuf> {
     match std::env::var_os(ENV) {
         Some(v) if v == "off" => None,
         Some(v) if !v.is_empty() => Some(PathBuf::from(v)),
-        _ => {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .unwrap_or_else(std::env::temp_dir);
-            Some(cache.join("dapt").join("kernels"))
-        }
+        _ => match crate::cache_dir::user_cache_dir() {
+            Ok(cache) => Some(cache.join("dapt").join("kernels")),
+            Err(e) => {
+                tracing::warn!(error = %e, "kernel cache off");
+                None
+            }
+        },
     }
 }
 

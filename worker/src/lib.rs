@@ -16,6 +16,7 @@
 //!   heartbeats.
 
 pub mod agent;
+pub mod cache_dir;
 pub mod checkpoint;
 pub mod collective;
 pub mod device;
