@@ -29,8 +29,17 @@ pub fn resolve(value: Option<String>, file: Option<&Path>) -> Result<String, Str
     }
 }
 
-/// Reads a token file: its content without the trailing newline; an empty file is an error.
+/// Reads a token file: its content without the trailing newline; an empty file is an error. A
+/// file every user of the machine can read is warned about (as ssh does of a private key): any
+/// of them is then a member of the job (`launch.token` is 0600, the deploy/ Secrets 0400).
 pub fn read_file(path: &Path) -> Result<String, String> {
+    if let Some(mode) = readable_by_others(path) {
+        tracing::warn!(
+            "--token-file {}: every user of this machine can read it (mode {mode:o}), and whoever \
+             reads it can join the job and hear its data: `chmod 600` it",
+            path.display()
+        );
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
     let token = text.trim_end_matches(['\n', '\r']).to_string();
@@ -41,6 +50,13 @@ pub fn read_file(path: &Path) -> Result<String, String> {
         ));
     }
     Ok(token)
+}
+
+/// The permission bits of `path` when users other than its owner and group can read it.
+fn readable_by_others(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o004 != 0).then_some(mode)
 }
 
 /// Checks that `token` is long enough for a coordinator to accept it.
@@ -68,6 +84,19 @@ mod tests {
         assert!(check_strength("replace-me-with-a-random-secret").is_err()); // 31
         assert!(check_strength(&"a".repeat(64)).is_err());
         assert!(check_strength("0123456789abcdef0123456789abcdef").is_ok());
+    }
+
+    /// A token file others can read is noticed (it was accepted silently; an audit).
+    #[test]
+    fn a_token_file_others_can_read_is_noticed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "abc\n").expect("write");
+        for (mode, noticed) in [(0o644, Some(0o644)), (0o640, None), (0o600, None)] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            assert_eq!(readable_by_others(&path), noticed, "{mode:o}");
+        }
     }
 
     #[test]
