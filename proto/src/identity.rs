@@ -125,6 +125,22 @@ pub struct DirLock {
 /// writes it when there is none. Refuses at once when another process holds the lock.
 pub fn claim(dir: &Path, ours: &JobIdentity) -> Result<DirLock, ClaimError> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    // A folder every user can write into (a careless `/tmp/...` path another user made first
+    // with mode 0777): any of them could replace the committed checkpoints, manifests and all,
+    // or plant the next step's folder (an audit). A group-writable folder is a team's choice.
+    let dir_meta = fs::metadata(dir).map_err(io(dir))?;
+    if dir_meta.permissions().mode() & 0o002 != 0 {
+        return Err(ClaimError::Invalid {
+            path: dir.to_path_buf(),
+            message: format!(
+                "every user of this machine can write into this checkpoint.dir (mode {:o}, owner \
+                 uid {}): any of them could replace its checkpoints; use a folder that only you \
+                 (or your group) can write",
+                dir_meta.permissions().mode() & 0o7777,
+                dir_meta.uid()
+            ),
+        });
+    }
     let path = dir.join(LOCK_FILE);
     // Never truncated: only its lock matters, and it may be someone's open file. Never through
     // a symlink (it made a file outside the directory), and readable by this user only: flock
@@ -336,6 +352,26 @@ mod tests {
             std::os::unix::fs::chown(&file, Some(4242), Some(4242)).expect("chown");
             let err = claim(theirs.path(), &ours).expect_err("another user's");
             assert!(err.to_string().contains("uid 4242"), "{err}");
+        }
+    }
+
+    /// A checkpoint.dir every user can write into is refused (another user's 0777 folder was
+    /// used as is; an audit); a group-writable one is not.
+    #[test]
+    fn a_checkpoint_dir_everyone_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ours = identity("a", None);
+        for (mode, refused) in [(0o777, true), (0o1777, true), (0o775, false)] {
+            fs::set_permissions(dir.path(), fs::Permissions::from_mode(mode)).expect("chmod");
+            let claimed = claim(dir.path(), &ours);
+            match claimed {
+                Err(ClaimError::Invalid { message, .. }) if refused => {
+                    assert!(message.contains("every user"), "{message}")
+                }
+                Ok(_) if !refused => {}
+                other => panic!("mode {mode:o}: {other:?}"),
+            }
         }
     }
 
