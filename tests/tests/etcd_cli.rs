@@ -320,71 +320,58 @@ fn committed(step: u64) -> Committed {
 fn a_commit_sent_again_after_a_lost_answer_records_each_step_once() {
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let job = write_job(dir.path(), "resent", 20, &cluster_yaml(&etcd, 5_000));
-    let job = JobSpec::load(&job.path).expect("job");
-    let identity = JobIdentity::new(&job, None);
     let spec = spec(&etcd);
+    // Leads job `name` (a fresh runtime each time: the leadership's keep-alive ends with it).
+    let lead = |name: &str| {
+        let job = write_job(dir.path(), name, 20, &cluster_yaml(&etcd, 5_000));
+        let job = JobSpec::load(&job.path).expect("job");
+        let identity = JobIdentity::new(&job, None);
+        let rt = runtime();
+        let (store, _lost) = rt
+            .block_on(EtcdStore::lead(
+                &spec,
+                &job,
+                "http://127.0.0.1:9",
+                &identity,
+            ))
+            .expect("lead");
+        (rt, store)
+    };
     let ledger = |job: &str| {
         let entries = runtime()
             .block_on(dapt_coordinator::etcd::ledger(&spec, job))
             .expect("ledger");
         entries.iter().map(|e| (e.step, e.start, e.end)).collect()
     };
-    runtime().block_on(async {
-        let (mut store, _lost) = EtcdStore::lead(&spec, &job, "http://127.0.0.1:9", &identity)
-            .await
-            .expect("lead");
-        store
-            .commit(&committed(5), &entries(0..5))
-            .await
-            .expect("commit 5");
-        // Its answer lost: sent again with the commit of step 10.
-        store
-            .commit(&committed(10), &entries(0..10))
-            .await
-            .expect("commit 10 with 5's again");
-    });
+    let (rt, mut store) = lead("resent");
+    rt.block_on(store.commit(&committed(5), &entries(0..5)))
+        .expect("commit 5");
+    // Its answer lost: sent again with the commit of step 10.
+    rt.block_on(store.commit(&committed(10), &entries(0..10)))
+        .expect("commit 10 with 5's again");
     check_entries(ledger("resent"), 10 * BATCH).expect("each step once after a resent commit");
-    runtime().block_on(async {
-        let (mut store, _lost) = EtcdStore::lead(&spec, &job, "http://127.0.0.1:9", &identity)
-            .await
-            .expect("lead again");
-        // The checkpoint of step 10 does not verify: back to step 5.
-        store
-            .fall_back(&committed(5), &[])
-            .await
-            .expect("fall back");
-    });
+    // The checkpoint of step 10 does not verify: back to step 5.
+    rt.block_on(store.fall_back(&committed(5), &[]))
+        .expect("fall back");
     check_entries(ledger("resent"), 5 * BATCH).expect("the steps after the fallback dropped");
 
     // A job whose first commit an earlier version recorded (one key per commit, under the
     // commit's step), resumed, committed and fallen back by this one.
-    let job = write_job(dir.path(), "upgraded", 20, &cluster_yaml(&etcd, 5_000));
-    let job = JobSpec::load(&job.path).expect("job");
-    let identity = JobIdentity::new(&job, None);
-    runtime().block_on(async {
-        let (mut store, _lost) = EtcdStore::lead(&spec, &job, "http://127.0.0.1:9", &identity)
-            .await
-            .expect("lead");
+    let (rt, mut store) = lead("upgraded");
+    rt.block_on(async {
         let mut client = dapt_proto::etcd::connect(&spec, Duration::from_secs(5))
             .await
             .expect("etcd");
         let old = format!("{}{:012}", keys::ledger("/dapt-test", "upgraded"), 5);
         let value = serde_json::to_vec(&entries(0..5)).expect("json");
         client.put(old, value, None).await.expect("put");
-        store
-            .commit(&committed(10), &entries(5..10))
-            .await
-            .expect("commit 10");
-        store
-            .commit(&committed(15), &entries(10..15))
-            .await
-            .expect("commit 15");
-        store
-            .fall_back(&committed(10), &[])
-            .await
-            .expect("fall back");
     });
+    rt.block_on(store.commit(&committed(10), &entries(5..10)))
+        .expect("commit 10");
+    rt.block_on(store.commit(&committed(15), &entries(10..15)))
+        .expect("commit 15");
+    rt.block_on(store.fall_back(&committed(10), &[]))
+        .expect("fall back");
     check_entries(ledger("upgraded"), 10 * BATCH).expect("an earlier version's key kept");
 }
 

@@ -713,16 +713,29 @@ fn workers_at_a_strangers_address_join_once_its_connections_reach_their_deadline
     drop(held);
 }
 
+/// Another user's process, killed when dropped (also when a test fails: a flooder left running
+/// would hold the machine's ports for every later test).
+struct Stranger(std::process::Child);
+
+impl Drop for Stranger {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs python `script` with `args` as another user of this machine (uid 4242; needs root).
-fn as_stranger(script: &str, args: &[String]) -> std::process::Child {
+fn as_stranger(script: &str, args: &[String]) -> Stranger {
     use std::os::unix::process::CommandExt;
-    Command::new("python3")
-        .args(["-c", script])
-        .args(args)
-        .uid(4242)
-        .gid(4242)
-        .spawn()
-        .expect("python3 as uid 4242")
+    Stranger(
+        Command::new("python3")
+            .args(["-c", script])
+            .args(args)
+            .uid(4242)
+            .gid(4242)
+            .spawn()
+            .expect("python3 as uid 4242"),
+    )
 }
 
 /// Keeps `argv[1]` silent connections open to port `argv[2]` of 127.0.0.1, opening new ones as
@@ -811,7 +824,7 @@ fn another_local_user_flooding_loopback_does_not_lock_this_users_workers_out() {
         "cluster:\n  min_workers: 2\n  max_workers: 2\n",
     );
     let port = port_of(&c);
-    let mut stranger = as_stranger(HOLD_AND_REFILL, &["80".into(), port.to_string()]);
+    let stranger = as_stranger(HOLD_AND_REFILL, &["80".into(), port.to_string()]);
     // The stranger holds its share before the workers come.
     c.coordinator
         .wait_for("the stranger's refusals", LONG, |l| {
@@ -831,8 +844,7 @@ fn another_local_user_flooding_loopback_does_not_lock_this_users_workers_out() {
         .output()
         .expect("dapt status");
     let (completed, _) = outcome(&mut c);
-    let _ = stranger.kill();
-    let _ = stranger.wait();
+    drop(stranger);
     assert!(
         status.status.success(),
         "{}",
@@ -866,13 +878,12 @@ fn another_local_user_flooding_the_ring_ports_does_not_keep_the_ring_from_formin
     // Dialling the ports before the workers listen, as the audit's stranger did.
     let mut args = vec!["160".to_string()];
     args.extend(ports.map(|p| p.to_string()));
-    let mut stranger = as_stranger(HOLD_PER_THREAD, &args);
+    let stranger = as_stranger(HOLD_PER_THREAD, &args);
     std::thread::sleep(Duration::from_secs(2));
     let _w0 = member_on(&c, "w0", ports[0]);
     let _w1 = member_on(&c, "w1", ports[1]);
     let (completed, lines) = outcome(&mut c);
-    let _ = stranger.kill();
-    let _ = stranger.wait();
+    drop(stranger);
     assert!(completed, "the job failed:\n{}", c.coordinator.stderr());
     let formed = events(&lines, "generation formed");
     assert_eq!(formed.len(), 1, "no generation lost: {formed:?}");

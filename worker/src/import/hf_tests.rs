@@ -40,6 +40,17 @@ fn write_model(
     shards: &[(&str, &Tensors)],
     index: Option<&[(&str, &str)]>,
 ) -> TestResult {
+    write_model_as(dir, config, shards, index, ExportDtype::F32)
+}
+
+/// [`write_model`], the tensors stored as `dtype`.
+fn write_model_as(
+    dir: &Path,
+    config: &LlamaConfig,
+    shards: &[(&str, &Tensors)],
+    index: Option<&[(&str, &str)]>,
+    dtype: ExportDtype,
+) -> TestResult {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join(hf::CONFIG_FILE), config.to_json().to_string())?;
     for (file, tensors) in shards {
@@ -47,7 +58,7 @@ fn write_model(
             .iter()
             .map(|(n, (s, v))| (n.as_str(), s.as_slice(), v.as_slice()))
             .collect();
-        hf::write_safetensors(&dir.join(file), &list, ExportDtype::F32, None)?;
+        hf::write_safetensors(&dir.join(file), &list, dtype, None)?;
     }
     if let Some(index) = index {
         let map: serde_json::Map<String, serde_json::Value> = index
@@ -261,17 +272,10 @@ fn rotary_inv_freq_through_half_precision_is_accepted() -> TestResult {
         t.insert(name.into(), (vec![values.len()], values));
         t
     };
-    let write = |case: &str, values: Vec<f32>, dtype: ExportDtype| -> TestResult {
-        let dir = tmp.path().join(case);
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join(hf::CONFIG_FILE), config.to_json().to_string())?;
+    let write = |case: &str, values: Vec<f32>, dtype: ExportDtype| {
         let t = with(values);
-        let list: Vec<(&str, &[usize], &[f32])> = t
-            .iter()
-            .map(|(n, (s, v))| (n.as_str(), s.as_slice(), v.as_slice()))
-            .collect();
-        hf::write_safetensors(&dir.join(hf::WEIGHTS_FILE), &list, dtype, None)?;
-        Ok(())
+        let dir = tmp.path().join(case);
+        write_model_as(&dir, &config, &[(hf::WEIGHTS_FILE, &t)], None, dtype)
     };
     let right = inv_freq(&config);
     assert!(
