@@ -1319,8 +1319,9 @@ fn wildcard_characters_in_the_job_folder_or_a_file_name_are_not_wildcards() {
 }
 
 /// What a source folder may hold besides text files: a FIFO (whose read blocks forever), a
-/// dangling link (an editor's lock file), a file name that is not UTF-8. The first two are
-/// passed over and counted, the third read; a FIFO named in `paths` is refused by name.
+/// dangling link (an editor's lock file), a file name that is not UTF-8, a link to a folder
+/// above it. The first two are passed over and counted, the third read, the loop not followed
+/// again; a FIFO named in `paths` is refused by name.
 #[test]
 fn fifos_dangling_links_and_non_utf8_names_in_a_source_folder() {
     use std::os::unix::ffi::OsStrExt;
@@ -1335,6 +1336,10 @@ fn fifos_dangling_links_and_non_utf8_names_in_a_source_folder() {
     assert!(made.success());
     std::os::unix::fs::symlink(d.join("in").join("gone.md"), d.join("in").join(".#lock.md"))
         .expect("symlink");
+    // A link back up the tree (its folder's files are read once; the run failed with a bare
+    // "file system loop").
+    std::fs::create_dir(d.join("in").join("sub")).expect("mkdir");
+    std::os::unix::fs::symlink("..", d.join("in").join("sub").join("up")).expect("symlink");
     let latin1 = std::ffi::OsStr::from_bytes(b"caf\xe9.txt");
     std::fs::write(d.join("in").join(latin1), "a file whose name is Latin-1").expect("write");
 

@@ -318,6 +318,17 @@ fn push_path(path: &Path, explicit: bool, out: &mut Vec<(PathBuf, bool)>) -> Res
                     continue;
                 }
             }
+            // A link to a folder above it (`sub/up -> ..`): that folder's files are read
+            // already, so nothing is lost by not following it again (the run failed with a
+            // bare "file system loop"; an audit).
+            if entry
+                .as_ref()
+                .err()
+                .and_then(walkdir::Error::loop_ancestor)
+                .is_some()
+            {
+                continue;
+            }
             let entry = entry.map_err(|e| CorpusError::Io {
                 path: e.path().unwrap_or(path).to_path_buf(),
                 error: e
@@ -541,7 +552,11 @@ fn read_bounded(file: &InputFile, max_bytes: u64) -> Result<Vec<u8>> {
         limit: max_bytes,
     };
     let mut out = Vec::new();
-    if file.gzip {
+    if file.gzip && file.size == 0 {
+        // An empty file: no document, as Python's `gzip` reads it (zcat calls it cut short);
+        // it failed the whole run, "not a valid gzip stream: unexpected end of file" (an
+        // audit). A crawler's empty output is no damage.
+    } else if file.gzip {
         let decoder = gzip::GzipMembers::new(std::io::BufReader::new(opened));
         decoder
             .take(max_bytes.saturating_add(1))
@@ -925,7 +940,7 @@ mod tests {
         assert!(why.contains("expected a JSON object"), "{why}");
     }
 
-    /// Gzip faults named for what they are (an audit): a `.txt.gz` of gzip data again was told
+    /// Gzip faults named for what they are (audits): a `.txt.gz` of gzip data again was told
     /// to "rename it to `*.gz`"; zero padding after the stream (read by `zcat` and Python's
     /// `gzip`) failed the run as "invalid gzip header"; other bytes after a complete stream
     /// were called "unexpected end of file".
@@ -951,6 +966,9 @@ mod tests {
             err.contains("a.txt.gz") && err.contains("trailing data after the gzip stream"),
             "{err}"
         );
+        // An empty file is no document, as Python's gzip reads it (it failed the run).
+        let empty = read(&[]).expect("an empty .gz");
+        assert!(empty.documents.iter().all(String::is_empty), "{empty:?}");
     }
 
     #[test]
