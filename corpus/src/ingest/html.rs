@@ -346,7 +346,10 @@ fn without_doctype(text: &str) -> Option<std::borrow::Cow<'_, str>> {
 }
 
 /// `text` with each `&name;` that HTML defines and XML does not (all but `lt`, `gt`, `amp`,
-/// `apos`, `quot`) as numeric references, outside CDATA sections.
+/// `apos`, `quot`) as numeric references, outside CDATA sections; and each numeric reference to
+/// a C1 control (`&#128;` to `&#159;`, `&#x80;` to `&#x9F;`) as the character HTML reads it as,
+/// windows-1252's (`&#150;` is `–`): XML's reading, the control itself, put U+0096 in the
+/// training text (an audit).
 fn html_entities_as_numbers(text: &str) -> std::borrow::Cow<'_, str> {
     use html5ever::data::NAMED_ENTITIES;
     if !text.contains('&') {
@@ -387,14 +390,39 @@ fn html_entities_as_numbers(text: &str) -> std::borrow::Cow<'_, str> {
                 }
                 rest = &rest[1 + name.len()..];
             }
-            _ => {
-                out.push_str(&rest[..1]);
-                rest = &rest[1..];
-            }
+            _ => match c1_reference(rest) {
+                Some((len, c)) => {
+                    out.push_str(&format!("&#{};", u32::from(c)));
+                    rest = &rest[len..];
+                }
+                None => {
+                    out.push_str(&rest[..1]);
+                    rest = &rest[1..];
+                }
+            },
         }
     }
     out.push_str(rest);
     std::borrow::Cow::Owned(out)
+}
+
+/// At the start of `text`, a numeric character reference to a C1 control (U+0080 to U+009F):
+/// its length and the character the HTML Standard reads it as (windows-1252's for that byte;
+/// the five bytes windows-1252 leaves undefined stay the control, as in HTML).
+fn c1_reference(text: &str) -> Option<(usize, char)> {
+    let body = text.strip_prefix("&#")?;
+    let end = body.bytes().take(8).position(|b| b == b';')?;
+    let number = &body[..end];
+    let value = match number.strip_prefix(['x', 'X']) {
+        Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+        None => number.parse().ok()?,
+    };
+    let byte = u8::try_from(value)
+        .ok()
+        .filter(|b| (0x80..=0x9f).contains(b))?;
+    let bytes = [byte];
+    let (decoded, _) = encoding_rs::WINDOWS_1252.decode_without_bom_handling(&bytes);
+    Some((2 + end + 1, decoded.chars().next()?))
 }
 
 /// A node of a parsed page, as [`visible_text`] walks it: scraper's HTML5 tree or roxmltree's
@@ -951,6 +979,11 @@ mod tests {
         assert_eq!(
             html_entities_as_numbers("a & b &unknown; &lt; &copy;&nbsp"),
             "a & b &unknown; &lt; &#169;&nbsp"
+        );
+        // C1 controls by number are windows-1252's characters, as HTML reads them.
+        assert_eq!(
+            html_entities_as_numbers("&#150;&#x80;&#X9f;&#129;&#160;&#x7f;"),
+            "&#8211;&#8364;&#376;&#129;&#160;&#x7f;"
         );
     }
 

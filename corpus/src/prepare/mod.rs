@@ -46,7 +46,8 @@ const SPLIT_SEED: u64 = 0x6461_7074_5f68_656c; // "dapt_hel"
 /// turn's end never a document end, BPE dropout not applied.
 /// 6: UTF-8 under a stale legacy declaration read as UTF-8 with a few bad bytes too, and under
 /// multi-byte declarations (Shift_JIS, GBK, Big5, EUC-KR, EUC-JP); XHTML found past a prolog of
-/// any length, its XML declaration after leading whitespace; a late `<meta>` in an implied head.
+/// any length, its XML declaration after leading whitespace; a late `<meta>` in an implied head;
+/// XHTML's numeric references to C1 controls read as HTML reads them.
 pub const TEXT_RULES: u32 = 6;
 
 #[derive(Debug, Clone, Default)]
