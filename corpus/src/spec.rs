@@ -114,6 +114,14 @@ impl<'de> Deserialize<'de> for EncodingLabel {
             }
             fn visit_str<E: serde::de::Error>(self, label: &str) -> Result<EncodingLabel, E> {
                 match encoding_rs::Encoding::for_label_no_replacement(label.as_bytes()) {
+                    // The browsers' private-use mapping of bytes above 0x7F, not a text
+                    // encoding: `caf\xe9` was stored as `caf\u{f7e9}`, without a word (an audit).
+                    Some(encoding) if encoding == encoding_rs::X_USER_DEFINED => {
+                        Err(E::custom(format!(
+                            "`{label}` maps every byte above 0x7F to a private-use character, \
+                             not to text: name the files' real encoding (e.g. windows-1252)"
+                        )))
+                    }
                     Some(encoding) => Ok(EncodingLabel(encoding)),
                     None => Err(E::custom(format!(
                         "`{label}` is not an encoding label of the WHATWG Encoding Standard \
@@ -621,6 +629,11 @@ mod tests {
         assert_eq!(
             spec.sources()[0].encoding.map(|e| e.get().name()),
             Some("windows-1252")
+        );
+        let err = parse(&format!("{GOOD}    encoding: x-user-defined\n")).unwrap_err();
+        assert!(
+            err.contains("sources[0].encoding") && err.contains("private-use"),
+            "{err}"
         );
         let err = parse(&format!("{GOOD}    encoding: latin-9x\n")).unwrap_err();
         assert!(
