@@ -558,6 +558,7 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
             verify,
         } => {
             let spec = JobSpec::load(&job)?;
+            check_model_tokenizer(&spec, false)?;
             let plan = spec.training.map(|t| t.plan());
             let options = PrepareOptions {
                 force,
@@ -661,6 +662,49 @@ fn resumed_corpus(spec: &JobSpec) -> Option<dapt_corpus::prepare::KeepCorpus> {
     })
 }
 
+/// Refuses a job whose base model (`model.hf`) has a tokenizer other than the one its corpus is
+/// tokenized with, before any worker starts: every worker refused it, and `dapt launch` went
+/// through four generations of "recovery" and 15 s before it failed (a new user's
+/// walk-through). Before the corpus is prepared (`prepared: false`) a given `corpus.tokenizer`
+/// file is compared; after, the corpus's own (a BPE trained on the corpus is the model's only
+/// when the model was trained from scratch on it, as a first stage).
+fn check_model_tokenizer(spec: &JobSpec, prepared: bool) -> anyhow::Result<()> {
+    let Some(dir) = spec.model.as_ref().and_then(|m| m.hf.as_ref()) else {
+        return Ok(());
+    };
+    let model_tokenizer = dir.join(dapt_corpus::manifest::TOKENIZER_FILE);
+    if !model_tokenizer.is_file() {
+        return Ok(());
+    }
+    let (corpus_sha, what) = match (&spec.corpus.tokenizer, prepared) {
+        (Some(given), false) => (
+            dapt_corpus::tokenizer::sha256_file(given)?,
+            format!("corpus.tokenizer {}", given.display()),
+        ),
+        (_, true) => (
+            dapt_corpus::manifest::Manifest::read(&spec.corpus.output)?
+                .tokenizer
+                .sha256,
+            format!(
+                "the tokenizer of the corpus at {}",
+                spec.corpus.output.display()
+            ),
+        ),
+        (None, false) => return Ok(()),
+    };
+    let model_sha = dapt_corpus::tokenizer::sha256_file(&model_tokenizer)?;
+    if model_sha != corpus_sha {
+        anyhow::bail!(
+            "{what} (SHA-256 {corpus_sha}) is not model.hf's tokenizer {} ({model_sha}): the \
+             corpus's ids would mean other tokens to the model; set corpus.tokenizer: {} and \
+             prepare the corpus again",
+            model_tokenizer.display(),
+            model_tokenizer.display()
+        );
+    }
+    Ok(())
+}
+
 /// Brings the job's corpus up to date (a no-op when its inputs did not change), never over the
 /// corpus the job's checkpoints were trained on ([`resumed_corpus`]).
 fn prepare_quietly(
@@ -668,6 +712,7 @@ fn prepare_quietly(
     job: &std::path::Path,
     verify: VerifyMode,
 ) -> anyhow::Result<()> {
+    check_model_tokenizer(spec, false)?;
     let plan = spec.training.map(|t| t.plan());
     let options = PrepareOptions {
         force: false,
@@ -688,7 +733,7 @@ fn prepare_quietly(
             "corpus prepared (its report: report.json there)"
         ),
     }
-    Ok(())
+    check_model_tokenizer(spec, true)
 }
 
 /// This process's command line, quoted for a shell, as it was typed (with its flags: the

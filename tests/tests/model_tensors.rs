@@ -218,3 +218,58 @@ fn unused_tensors_are_refused_by_name_and_harmless_extras_accepted() {
         "{stderr}"
     );
 }
+
+/// A base model (`model.hf`) whose tokenizer is not the corpus's is refused by `dapt prepare`
+/// and `dapt launch` before any worker starts, naming both: every worker refused it, and the
+/// launch went through four generations of "recovery" and 15 s before it failed (a new user's
+/// walk-through). The same tokenizer passes.
+#[test]
+fn a_base_model_with_another_tokenizer_is_refused_before_any_worker_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (job, ck, tensors) = corpus_and_model(dir.path());
+    let model = model_dir(dir.path(), "model", &ck, &tensors, 0);
+    // Another tokenizer file: the same JSON, other bytes (so another SHA-256).
+    let other = dir.path().join("other-tokenizer.json");
+    let json = std::fs::read_to_string(model.join("tokenizer.json")).expect("tokenizer");
+    std::fs::write(&other, format!("{json}\n")).expect("write");
+    let yaml = std::fs::read_to_string(&job.path).expect("job");
+    let from_model = |name: &str, extra: &str| {
+        let path = dir.path().join(format!("{name}.yaml"));
+        let text = yaml
+            .replace("preset: tiny", &format!("hf: {}", model.display()))
+            .replace("ck-base", &format!("ck-{name}"))
+            .replace("corpus:\n", &format!("corpus:\n{extra}"));
+        std::fs::write(&path, text).expect("job");
+        path.to_string_lossy().into_owned()
+    };
+    // corpus.tokenizer names another file: refused before the corpus is touched.
+    let given = from_model("given", &format!("  tokenizer: {}\n", other.display()));
+    for args in [
+        vec!["prepare", &given],
+        vec!["launch", &given, "--workers", "2"],
+    ] {
+        let out = dapt(&args);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            stderr.contains("is not model.hf's tokenizer")
+                && stderr.contains("corpus.tokenizer")
+                && !stderr.contains("recovery"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // The corpus's own BPE (no corpus.tokenizer) against a model whose tokenizer differs.
+    std::fs::write(model.join("tokenizer.json"), format!("{json}\n")).expect("write");
+    let trained = from_model("trained", "");
+    let out = dapt(&["launch", &trained, "--workers", "2"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("the tokenizer of the corpus") && !stderr.contains("recovery"),
+        "{stderr}"
+    );
+    // The model's own tokenizer: prepared and trained.
+    std::fs::write(model.join("tokenizer.json"), &json).expect("write");
+    let out = dapt(&["launch", &trained, "--workers", "1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

@@ -118,6 +118,9 @@ impl WorkerError {
             WorkerError::NonFiniteStep { .. }
             | WorkerError::NonFiniteTensor { .. }
             | WorkerError::NonFiniteEval { .. } => true,
+            // The job's model and its corpus disagree: every generation met it again, four
+            // "recoveries" and 15 s before the job failed (a new user's walk-through).
+            WorkerError::Corpus(dapt_corpus::CorpusError::ModelTokenizer { .. }) => true,
             WorkerError::Io { error, .. } => matches!(
                 error.raw_os_error(),
                 Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS)

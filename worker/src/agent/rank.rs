@@ -159,16 +159,15 @@ pub fn train(
         "optimizer state held"
     );
     dump_restored_optimizer(a, &trainer);
-    if training.seq_len as usize > trainer.config.max_position_embeddings {
-        tracing::warn!(
-            seq_len = training.seq_len,
-            max_position_embeddings = trainer.config.max_position_embeddings,
-            "training.seq_len is longer than the model's max_position_embeddings: positions past it were never trained"
-        );
-    }
+    crate::train::run::warn_past_max_positions(
+        training.seq_len,
+        &trainer.config,
+        "training.seq_len",
+    );
     let vocab = reader.manifest().tokenizer.vocab_size as usize;
     if vocab > trainer.config.vocab_size {
-        return Err(RankError::failed(format!(
+        // As the job's model and corpus stand, every retry meets it again.
+        return Err(RankError::fatal(format!(
             "the corpus tokenizer has {vocab} tokens but the model only {}",
             trainer.config.vocab_size
         )));
