@@ -863,13 +863,33 @@ impl JobSpec {
             )?;
             let at_least_0 = |x: f64| x >= 0.0;
             let weight_decay = o.weight_decay;
-            // The optimizer applies `lr * weight_decay` in f32.
+            // The optimizer applies `lr * weight_decay` in f32, as `w -= lr * wd * w` (AdamW's
+            // decoupled decay): at 1 or more every step zeroes or flips each weight. A typo of
+            // 1.0e4 for 1.0e-4 trained 60 steps into a model of uniform output, exit 0 (an audit).
             number(
                 "training.optimizer.weight_decay",
                 weight_decay,
                 |x| at_least_0(x) && f32_too(x * o.lr),
                 ">= 0, and times lr finite in f32",
             )?;
+            let decay = weight_decay * o.lr;
+            if decay >= 1.0 {
+                // The typo is the larger of the two, as a rule (lr 3.0e4 for 3.0e-4).
+                let field = if o.lr >= 1.0 {
+                    "training.optimizer.lr"
+                } else {
+                    "training.optimizer.weight_decay"
+                };
+                return Err((
+                    field,
+                    format!(
+                        "lr {} times weight_decay {weight_decay} is {decay}: each step would \
+                         multiply every decayed weight by 1 - {decay} (AdamW's decoupled decay); \
+                         it must be below 1 (the usual is around 1e-5: lr 3e-4, weight_decay 0.1)",
+                        o.lr
+                    ),
+                ));
+            }
             number(
                 "training.optimizer.grad_clip",
                 o.grad_clip,
@@ -1350,6 +1370,13 @@ training:
                 "weight_decay: 1.0e+38\n    lr: 10.0",
                 "training.optimizer.weight_decay",
             ),
+            // A typo of 1.0e4 for 1.0e-4: each step multiplied every weight by 1 - 3 = -2.
+            (
+                "weight_decay: 1.0e4\n    lr: 3.0e-4",
+                "training.optimizer.weight_decay",
+            ),
+            // The case's lr typo, 3.0e4 for 3.0e-4, under the default weight_decay 0.1.
+            ("lr: 3.0e4", "training.optimizer.lr"),
         ] {
             let err = optimizer(body).expect_err(body);
             assert!(err.starts_with(field), "{body}: {err}");
@@ -1357,6 +1384,7 @@ training:
         // The largest f32 below 1, and the smallest positive f32, are the optimizer's own.
         optimizer("betas: [0.9, 0.99999994]").expect("a beta f32 holds below 1");
         optimizer("eps: 1.5e-45").expect("a positive f32 eps");
+        optimizer("weight_decay: 0.1\n    lr: 3.0e-4").expect("AdamW's usual");
         let spec = JobSpec::parse(&format!("{JOB}\nmodel:\n  preset: tiny\n  init_std: 0\n"))
             .expect("parses");
         assert_eq!(spec.validate().expect_err("init_std 0").0, "model.init_std");

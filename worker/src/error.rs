@@ -60,6 +60,14 @@ pub enum WorkerError {
         mean_nll: f64,
         tokens: u64,
     },
+    /// The model after step `step` gives a mean NLL (nats per token) on a training window that
+    /// is not finite or is above 709.78 (where `exp` overflows; a uniform guess is ln V): the
+    /// step diverged into weights that are finite but broken (1e14 after an lr typo). Checked
+    /// before that step's checkpoint is written, so it is never committed and the earlier ones
+    /// are not pruned for it; a finite-weights check alone let such a checkpoint push out the
+    /// last good one (an audit).
+    #[error("the model after step {step} gives a mean NLL of {mean_nll} nats per token on a training window (not finite, or above 709.78, where its perplexity overflows): training diverged (a learning rate or weight decay far too large?); its checkpoint is not written, and the earlier ones are kept")]
+    Diverged { step: u64, mean_nll: f64 },
     /// A tensor holding NaN or infinite values, which dapt never writes (a checkpoint, an
     /// export) and never loads.
     #[error("{path}: tensor `{tensor}`: {bad} of {len} values are not finite (NaN or infinite){}", more_tensors(.others))]
@@ -117,7 +125,8 @@ impl WorkerError {
         match self {
             WorkerError::NonFiniteStep { .. }
             | WorkerError::NonFiniteTensor { .. }
-            | WorkerError::NonFiniteEval { .. } => true,
+            | WorkerError::NonFiniteEval { .. }
+            | WorkerError::Diverged { .. } => true,
             // The job's model and its corpus disagree: every generation met it again, four
             // "recoveries" and 15 s before the job failed (a new user's walk-through).
             WorkerError::Corpus(dapt_corpus::CorpusError::ModelTokenizer { .. }) => true,

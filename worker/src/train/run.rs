@@ -396,10 +396,10 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
         summary.steps.push(log);
         let done = trainer.step();
         let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
-        // (Stopping: the checkpoint, not an evaluation that can take a while.)
-        if training.eval_every > 0
-            && done.is_multiple_of(training.eval_every)
-            && done < steps
+        // (Stopping: the checkpoint, not an evaluation that can take a while.) The last step's
+        // evaluation too comes before its checkpoint: a model whose held-out loss is not finite
+        // was committed first, and the earlier checkpoints pruned (an audit).
+        if (done >= steps || training.eval_every > 0 && done.is_multiple_of(training.eval_every))
             && !interrupted
         {
             summary
@@ -411,6 +411,7 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
         if !options.no_checkpoints
             && (done.is_multiple_of(job.checkpoint.every) || done == stop || interrupted)
         {
+            check_before_checkpoint(trainer, reader, training.seq_len, done)?;
             let origin = checkpoint::Origin::new(reader, corpus_digest, job, &base_files);
             let dir = trainer.save(&root, job.seed, Some(origin))?;
             checkpoint::prune(&root, job.checkpoint.keep)?;
@@ -423,9 +424,12 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
         }
     }
     if trainer.step() >= steps {
-        summary
-            .evals
-            .push(evaluate(trainer, reader, &training, trainer.step())?);
+        // (Evaluated in the loop, before the last checkpoint; not when the run started done.)
+        if summary.evals.last().map(|e| e.step) != Some(trainer.step()) {
+            summary
+                .evals
+                .push(evaluate(trainer, reader, &training, trainer.step())?);
+        }
         summary.finished = true;
     }
     Ok(summary)
@@ -804,6 +808,28 @@ fn warn_once_unmeasured(source: &str) -> bool {
 /// # Errors
 /// A token id outside the vocabulary in a held-out shard, naming it; a held-out mean NLL that
 /// is not finite ([`WorkerError::NonFiniteEval`], naming the source and the step).
+/// Before the checkpoint of step `step` is written (and older ones pruned): the model it would
+/// hold gives a usable loss on one training window of `seq_len` tokens (the first source with
+/// one), or [`WorkerError::Diverged`]. One window's forward pass, against a step's many.
+pub fn check_before_checkpoint(
+    trainer: &dyn Engine,
+    reader: &CorpusReader,
+    seq_len: u32,
+    step: u64,
+) -> Result<()> {
+    let probe = (0..reader.manifest().sources.len())
+        .find_map(|i| trainer.perplexity(reader.train(i), seq_len, u64::from(seq_len), 1));
+    match probe {
+        Some(p) if !(p.mean_nll().is_finite() && p.perplexity().is_finite()) => {
+            Err(WorkerError::Diverged {
+                step,
+                mean_nll: p.mean_nll(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 pub fn evaluate(
     trainer: &dyn Engine,
     reader: &CorpusReader,
