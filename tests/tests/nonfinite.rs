@@ -28,6 +28,23 @@ fn diverging_job(dir: &Path, name: &str, steps: u64, every: u64, extra: &str) ->
     job
 }
 
+/// A job of 20 steps training from [`overflowing_model`] (its loss NaN at every step, which
+/// never changes it) without evaluations, plus `extra` in its training section.
+fn nan_job(dir: &Path, name: &str, extra: &str) -> Job {
+    let (_, path) = overflowing_model(dir, name);
+    let yaml = std::fs::read_to_string(&path).expect("job");
+    let tokens = |steps: u64| format!("tokens: {}\n", steps * dapt_tests::BATCH * 32);
+    let yaml = yaml
+        .replace("  eval_every: 1\n", &format!("  eval_every: 0\n{extra}"))
+        .replace(&tokens(1), &tokens(20));
+    std::fs::write(&path, yaml).expect("job");
+    Job {
+        path,
+        checkpoints: dir.join(format!("ck-{name}")),
+        steps: 20,
+    }
+}
+
 fn prepare(job: &Job) {
     let out = dapt(&["prepare", &job.path.to_string_lossy(), "--quiet"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -75,24 +92,39 @@ fn failed_step(stderr: &str) -> u64 {
         .unwrap_or_else(|| panic!("no step number in {stderr}"))
 }
 
-/// A step whose loss is NaN stops `dapt train`, unapplied, naming the step (no checkpoint on
-/// the way: the one before it would already be refused as diverged, below).
+/// A step whose loss is NaN stops `dapt train`, unapplied, naming the step.
 #[test]
 fn a_non_finite_step_stops_training() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let job = diverging_job(dir.path(), "biglr", 20, 100, "");
-    prepare(&job);
+    let job = nan_job(dir.path(), "nanstep", "");
     let out = dapt(&["train", &job.path.to_string_lossy()]);
     let stderr = text(&out.stderr);
     assert!(!out.status.success(), "a diverged run exited 0:\n{stderr}");
     assert!(!stderr.contains("training finished"), "{stderr}");
     assert!(
-        stderr.contains("is NaN") && stderr.contains("the step was not applied"),
+        stderr.contains("step 0: the loss is NaN") && stderr.contains("the step was not applied"),
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
-    let step = failed_step(&stderr[stderr.find("error").unwrap_or(0)..]);
-    assert!(step > 0 && step < 20, "{stderr}");
+    assert!(finite_checkpoints(&job.checkpoints).is_empty());
+}
+
+/// The case's lr typo (without weight decay, which would refuse it by field) blows the model
+/// up at once: a step whose gradient is exactly zero at a positive loss (saturated outputs, the
+/// uniform loss ln V) stops the job, where it trained on to a NaN, or to the end at ln V with
+/// exit 0 under a weight_decay typo (an audit).
+#[test]
+fn a_model_that_no_longer_learns_stops_training() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = diverging_job(dir.path(), "biglr", 20, 100, "");
+    prepare(&job);
+    let out = dapt(&["train", &job.path.to_string_lossy()]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the gradient is exactly zero") && !stderr.contains("training finished"),
+        "{stderr}"
+    );
     assert!(finite_checkpoints(&job.checkpoints).is_empty());
 }
 
@@ -146,14 +178,11 @@ fn a_diverged_model_is_never_committed_and_the_last_good_checkpoint_is_kept() {
 #[test]
 fn skipped_non_finite_steps_are_bounded_and_never_applied() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let job = diverging_job(
+    let job = nan_job(
         dir.path(),
         "skip",
-        20,
-        100,
         "  nonfinite: skip\n  max_skipped_steps: 2\n",
     );
-    prepare(&job);
     let out = dapt(&["--log-format", "json", "train", &job.path.to_string_lossy()]);
     let stderr = text(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
@@ -167,16 +196,16 @@ fn skipped_non_finite_steps_are_bounded_and_never_applied() {
         stderr.contains("2 steps were skipped already, training.max_skipped_steps is 2"),
         "{stderr}"
     );
-    // (A skipped step leaves the weights as they were: `admit` and the step's unit tests. A
-    // checkpoint on the way would hold this diverged model and is refused before it is written:
-    // `a_diverged_model_is_never_committed_and_the_last_good_checkpoint_is_kept`.)
+    // (A skipped step leaves the weights as they were: `admit` and the step's unit tests; a
+    // checkpoint on the way would hold this model, whose loss is NaN, and is refused before
+    // it is written.)
     assert!(finite_checkpoints(&job.checkpoints).is_empty());
 }
 
 #[test]
 fn launch_fails_the_job_at_a_non_finite_step() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let job = diverging_job(dir.path(), "launched", 20, 100, "");
+    let job = nan_job(dir.path(), "launched", "");
     let _serial = serial();
     let (proc, stderr) = failed_launch(&job.path);
     assert!(

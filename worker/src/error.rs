@@ -60,6 +60,10 @@ pub enum WorkerError {
         mean_nll: f64,
         tokens: u64,
     },
+    /// A step whose global gradient norm is exactly zero at a positive loss: the model no longer
+    /// learns (saturated outputs, weights decayed away). Fatal, never skipped.
+    #[error("step {step}: the gradient is exactly zero at a loss of {loss}: the model no longer learns (its outputs saturated or its weights decayed away: a learning rate or weight decay far too large?); the step was not applied and training stops")]
+    ZeroGradient { step: u64, loss: f64 },
     /// The model after step `step` gives a mean NLL (nats per token) on a training window that
     /// is not finite or is above 709.78 (where `exp` overflows; a uniform guess is ln V): the
     /// step diverged into weights that are finite but broken (1e14 after an lr typo). Checked
@@ -126,7 +130,8 @@ impl WorkerError {
             WorkerError::NonFiniteStep { .. }
             | WorkerError::NonFiniteTensor { .. }
             | WorkerError::NonFiniteEval { .. }
-            | WorkerError::Diverged { .. } => true,
+            | WorkerError::Diverged { .. }
+            | WorkerError::ZeroGradient { .. } => true,
             // The job's model and its corpus disagree: every generation met it again, four
             // "recoveries" and 15 s before the job failed (a new user's walk-through).
             WorkerError::Corpus(dapt_corpus::CorpusError::ModelTokenizer { .. }) => true,

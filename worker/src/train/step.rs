@@ -90,6 +90,12 @@ pub fn admit(
     grad_norm: f64,
     skipped: u64,
 ) -> Result<bool> {
+    // Exactly zero gradients at a positive loss: the model no longer learns (its outputs
+    // saturated, every weight decayed away); a run trained 40 such steps at the uniform loss
+    // ln V and ended "training finished", exit 0 (an audit). Never skipped: it recurs.
+    if grad_norm == 0.0 && loss > 0.0 {
+        return Err(WorkerError::ZeroGradient { step, loss });
+    }
     if loss.is_finite() && grad_norm.is_finite() {
         return Ok(true);
     }
@@ -297,5 +303,8 @@ mod tests {
         assert!(err.to_string().contains("were all skipped too"), "{err}");
         assert!(!admit(&training, 3, f64::NAN, f64::NAN, 2).expect("one step was applied"));
         assert!(admit(&training, 3, 1.0, 1.0, 3).expect("a finite last step"));
+        let err = admit(&training, 1, 6.238, 0.0, 0).expect_err("a model that no longer learns");
+        assert!(err.to_string().contains("exactly zero"), "{err}");
+        assert!(err.recurs_on_retry());
     }
 }
