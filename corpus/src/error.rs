@@ -132,7 +132,7 @@ pub enum CorpusError {
     },
     /// `dapt launch` resuming: the corpus is out of date with the job file, and preparing it again
     /// would replace the one the job's checkpoint was trained on.
-    #[error("corpus.output {output}: the job's checkpoint {checkpoint} was trained on the corpus there, and the corpus's inputs changed since (the job file's corpus: section, the tokenizer or the source files): the corpus they make now is another, and it would replace the corpus the resume needs (kept; the new one was discarded); restore the inputs, or start the job in another checkpoint.dir (`dapt prepare` replaces the corpus if that is what you want)")]
+    #[error("corpus.output {output}: the job's checkpoint {checkpoint} was trained on the corpus there, and the corpus's inputs changed since (the job file's corpus: section, the tokenizer or the source files): the corpus they make now is another, and it would replace the corpus the resume needs (kept; the new one was discarded); restore the inputs to resume; or, to go on training the adapted model on the new inputs, start a new job from its weights (model.hf: the checkpoint's export, `dapt export`; another checkpoint.dir: its schedule starts again); `dapt prepare` replaces the corpus here, after which this checkpoint.dir cannot resume")]
     NeededByCheckpoint {
         output: PathBuf,
         checkpoint: PathBuf,

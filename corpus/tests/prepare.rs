@@ -293,6 +293,25 @@ fn flipped_byte_and_truncation_are_refused_by_name() {
     CorpusReader::open(&out).expect("restored shard opens");
 }
 
+/// A `corpus.tokenizer` that does not exist is named as the job's field (it said only "No such
+/// file or directory" after the path; a new user's walk-through).
+#[test]
+fn a_missing_tokenizer_names_the_field() {
+    let fx = Fixture::new();
+    let err = prepare(
+        &fx.spec("tokenizer: nomodel\n"),
+        None,
+        &PrepareOptions::default(),
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(
+        err.contains("nomodel") && err.contains("corpus.tokenizer"),
+        "{err}"
+    );
+}
+
 #[test]
 fn another_tokenizer_is_refused_and_a_given_one_is_used() {
     let fx = Fixture::new();

@@ -110,6 +110,16 @@ pub fn prepare(
         .map(ingest::discover)
         .collect::<Result<Vec<_>>>()?;
     let given_tokenizer = match &spec.tokenizer {
+        // Named as the job's field (a bare "No such file or directory" named only the path; a
+        // new user's walk-through).
+        Some(path) if !path.exists() => {
+            return Err(CorpusError::Tokenizer {
+                path: path.clone(),
+                message: "no such file (corpus.tokenizer): name a Hugging Face tokenizer.json, \
+                          or a model's folder holding one"
+                    .into(),
+            })
+        }
         Some(path) => {
             // A tokenizer_config.json beside it can decide the BOS: its bytes are an input too.
             let config = path.with_file_name(tokenizer::HF_TOKENIZER_CONFIG);

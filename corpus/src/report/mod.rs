@@ -548,7 +548,8 @@ fn source_warnings(row: &SourceRow, st: &SourceStats, plan: Option<TrainingPlan>
     };
     if row.documents_held_out == 0 {
         w.push(format!(
-            "source `{name}` has no held-out documents: {measure} perplexity cannot be measured on it (set held_out)"
+            "source `{name}` holds out none of its {} documents: {measure} perplexity cannot be measured on it (held_out is 0, or its fraction picked none: each document is held out by a hash of its text, so a few documents may give none; set or raise held_out, or add documents)",
+            row.documents_train
         ));
     } else {
         let too_few_windows =
