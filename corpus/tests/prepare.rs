@@ -303,8 +303,7 @@ fn a_missing_tokenizer_names_the_field() {
         None,
         &PrepareOptions::default(),
     )
-    .err()
-    .expect("refused")
+    .expect_err("refused")
     .to_string();
     assert!(
         err.contains("nomodel") && err.contains("corpus.tokenizer"),
