@@ -263,9 +263,14 @@ fn forward_to_worker(sub: &str, args: &[String], log: LogArgs) -> ExitCode {
         );
         return ExitCode::FAILURE;
     };
-    // The worker writes to this process's stderr: the same colour choice applies.
+    // The worker writes to this process's stderr: the same colour choice applies. Its stdin is
+    // a pipe only this process holds: when it ends (this process killed, even by SIGKILL),
+    // `dapt train`'s worker stops after its step with a checkpoint instead of training on alone
+    // (an audit); the other subcommands read no stdin and finish what they do.
     let child = std::process::Command::new(&worker)
         .env("DAPT_FORWARDED_BY", "dapt")
+        .env("DAPT_PARENT_PIPE", "stdin")
+        .stdin(std::process::Stdio::piped())
         .arg("--log-format")
         .arg(log.log_format.to_string())
         .arg("--color")
@@ -285,6 +290,8 @@ fn forward_to_worker(sub: &str, args: &[String], log: LogArgs) -> ExitCode {
     // handing the terminal back while it still writes. (A signal to the whole group reaches the
     // worker twice, directly and passed on: it takes copies within 2 s for one.)
     forward_signals_to(child.id());
+    // Held until the worker ends (dropped with this process otherwise).
+    let _parent_pipe = child.stdin.take();
     let waited = child.wait();
     FORWARDED_TO.store(0, std::sync::atomic::Ordering::SeqCst);
     match waited {

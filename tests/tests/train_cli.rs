@@ -659,3 +659,72 @@ fn ctrl_c_on_dapt_train_checkpoints_the_step_and_says_how_to_resume() {
         "{log}"
     );
 }
+
+/// `dapt train` killed alone (SIGKILL to its pid: no handler runs) left its `dapt-worker`
+/// training to the end, unsupervised, holding checkpoint.dir's lock (an audit). The worker now
+/// sees the end of the pipe the `dapt` held and stops after its step with a checkpoint, as for
+/// a Ctrl-C; the same command resumes there.
+#[test]
+fn a_killed_dapt_train_stops_its_worker_with_a_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "orphan", "ck");
+    let yaml = std::fs::read_to_string(&job).expect("job");
+    std::fs::write(
+        &job,
+        yaml.replace("tokens: 1536", "tokens: 2000000")
+            .replace("every: 2", "every: 1000"),
+    )
+    .expect("job");
+    ok(&["prepare", "--quiet", &job]);
+    let mut cmd = std::process::Command::new(dapt_tests::binary("dapt"));
+    cmd.args(["--log-format", "json", "train", &job]);
+    let mut train = dapt_tests::Proc::spawn(cmd);
+    train.wait_for("a few steps", dapt_tests::LONG, |lines| {
+        dapt_tests::events(lines, "step").len() >= 3
+    });
+    train.child.kill().expect("SIGKILL dapt");
+    let _ = train.child.wait();
+    // The worker's checkpoint of the step it was in, long before the job's first (step 1000).
+    let deadline = std::time::Instant::now() + dapt_tests::LONG;
+    let step = loop {
+        let found = std::fs::read_dir(dir.path().join("ck"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("step-")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max();
+        if let Some(step) = found {
+            break step;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker trained on without a checkpoint:\n{}",
+            train.stderr()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(step < 1000, "{step}");
+    // Its lock is given back once it exits: the same command resumes there.
+    let log = loop {
+        let out = dapt(&["train", &job, "--stop-after", &(step + 1).to_string()]);
+        let log = text(&out.stderr);
+        if out.status.success() {
+            break log;
+        }
+        assert!(
+            log.contains("is in use") && std::time::Instant::now() < deadline,
+            "{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert!(
+        log.contains(&format!("resumed from checkpoint step={step}")),
+        "{log}"
+    );
+}

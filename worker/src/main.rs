@@ -285,6 +285,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                 nccl_single_rank: gpu.nccl,
             };
             dapt_worker::train::run::stop_on_interrupt();
+            dapt_worker::train::run::stop_when_parent_gone();
             let summary =
                 run(&spec, &options).with_context(|| format!("training {}", job.display()))?;
             if let Some(dir) = &summary.last_checkpoint {

@@ -125,6 +125,49 @@ pub fn stop_on_interrupt() {
     }
 }
 
+/// The environment variable `dapt train` sets on the `dapt-worker` it runs: the worker's stdin
+/// is a pipe whose write end only that `dapt` holds.
+pub const PARENT_PIPE_ENV: &str = "DAPT_PARENT_PIPE";
+
+/// Under `dapt train` (`DAPT_PARENT_PIPE=stdin`), stops this run after the step in progress, with
+/// a checkpoint, as a Ctrl-C does, once the `dapt` that started it is gone (its stdin ends,
+/// however it ended, SIGKILL included): a `dapt train` killed alone left its worker training to
+/// the end, unsupervised, holding checkpoint.dir's lock against the next run (an audit).
+pub fn stop_when_parent_gone() {
+    if std::env::var_os(PARENT_PIPE_ENV).is_none_or(|v| v != "stdin") {
+        return;
+    }
+    let watch = std::thread::Builder::new()
+        .name("parent-watch".into())
+        .spawn(|| {
+            use std::io::Read;
+            use std::sync::atomic::Ordering::SeqCst;
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 64];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            if FIRST_SIGNAL_MS
+                .compare_exchange(0, monotonic_ms(), SeqCst, SeqCst)
+                .is_ok()
+            {
+                INTERRUPTED.store(true, SeqCst);
+                tracing::warn!(
+                    "the dapt train that started this worker is gone: stopping after the step in \
+                     progress, with a checkpoint (the same dapt train resumes there)"
+                );
+            }
+        });
+    if let Err(e) = watch {
+        tracing::warn!(error = %e, "cannot watch for the exit of the dapt that started this worker");
+    }
+}
+
 /// Trains `job` on one rank from its last checkpoint (or from the start).
 pub fn run(job: &JobSpec, options: &RunOptions) -> Result<RunSummary> {
     let training = job
