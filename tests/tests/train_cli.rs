@@ -18,6 +18,21 @@ fn write_job(dir: &Path, name: &str, checkpoints: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// A prepared job `name` of 7,812 steps with checkpoints every 1,000 (into `ck`): one that is
+/// stopped long before its first checkpoint.
+fn long_job(dir: &Path, name: &str) -> String {
+    let job = write_job(dir, name, "ck");
+    let yaml = std::fs::read_to_string(&job).expect("job");
+    std::fs::write(
+        &job,
+        yaml.replace("tokens: 1536", "tokens: 2000000")
+            .replace("every: 2", "every: 1000"),
+    )
+    .expect("job");
+    ok(&["prepare", "--quiet", &job]);
+    job
+}
+
 fn ok(args: &[&str]) -> String {
     let out = dapt(args);
     let stdout = text(&out.stdout);
@@ -614,15 +629,7 @@ fn a_corpus_tokenized_otherwise_than_the_base_models_folder_says_is_refused() {
 fn ctrl_c_on_dapt_train_checkpoints_the_step_and_says_how_to_resume() {
     use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().expect("tempdir");
-    let job = write_job(dir.path(), "interrupted", "ck");
-    let yaml = std::fs::read_to_string(&job).expect("job");
-    std::fs::write(
-        &job,
-        yaml.replace("tokens: 1536", "tokens: 2000000")
-            .replace("every: 2", "every: 1000"),
-    )
-    .expect("job");
-    ok(&["prepare", "--quiet", &job]);
+    let job = long_job(dir.path(), "interrupted");
     let mut cmd = std::process::Command::new(dapt_tests::binary("dapt"));
     cmd.args(["--log-format", "json", "train", &job])
         .process_group(0);
@@ -667,15 +674,7 @@ fn ctrl_c_on_dapt_train_checkpoints_the_step_and_says_how_to_resume() {
 #[test]
 fn a_killed_dapt_train_stops_its_worker_with_a_checkpoint() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let job = write_job(dir.path(), "orphan", "ck");
-    let yaml = std::fs::read_to_string(&job).expect("job");
-    std::fs::write(
-        &job,
-        yaml.replace("tokens: 1536", "tokens: 2000000")
-            .replace("every: 2", "every: 1000"),
-    )
-    .expect("job");
-    ok(&["prepare", "--quiet", &job]);
+    let job = long_job(dir.path(), "orphan");
     let mut cmd = std::process::Command::new(dapt_tests::binary("dapt"));
     cmd.args(["--log-format", "json", "train", &job]);
     let mut train = dapt_tests::Proc::spawn(cmd);

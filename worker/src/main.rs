@@ -661,18 +661,8 @@ fn exit_with_launcher() {
     let watch = std::thread::Builder::new()
         .name("launcher-watch".into())
         .spawn(|| {
-            use std::io::Read;
-            let mut stdin = std::io::stdin().lock();
-            let mut buf = [0u8; 64];
-            // Nothing is ever written: anything read is ignored; only the end counts.
-            loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
+            // Nothing is ever written: only the end counts.
+            dapt_worker::train::run::wait_for_end_of_stdin();
             tracing::error!(
                 "the dapt launch that started this worker is gone (its coordinator with it): \
                  stopping; run the same `dapt launch` again to resume from the last committed \

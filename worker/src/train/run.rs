@@ -125,6 +125,22 @@ pub fn stop_on_interrupt() {
     }
 }
 
+/// Returns when this process's stdin ends (or fails): a pipe whose write end only the parent
+/// holds ends when the parent does, however it ended. Anything read is ignored.
+pub fn wait_for_end_of_stdin() {
+    use std::io::Read;
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = [0u8; 64];
+    loop {
+        match stdin.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
 /// The environment variable `dapt train` sets on the `dapt-worker` it runs: the worker's stdin
 /// is a pipe whose write end only that `dapt` holds.
 pub const PARENT_PIPE_ENV: &str = "DAPT_PARENT_PIPE";
@@ -140,18 +156,8 @@ pub fn stop_when_parent_gone() {
     let watch = std::thread::Builder::new()
         .name("parent-watch".into())
         .spawn(|| {
-            use std::io::Read;
             use std::sync::atomic::Ordering::SeqCst;
-            let mut stdin = std::io::stdin().lock();
-            let mut buf = [0u8; 64];
-            loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
+            wait_for_end_of_stdin();
             if FIRST_SIGNAL_MS
                 .compare_exchange(0, monotonic_ms(), SeqCst, SeqCst)
                 .is_ok()
