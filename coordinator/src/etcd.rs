@@ -294,7 +294,7 @@ impl EtcdStore {
     }
 
     /// The ledger entries and the committed step, in one transaction. Each step's entries go
-    /// under that step's own key (`ledger/<step>`), so sending a commit again is idempotent: a
+    /// under that step's own key ([`EtcdStore::ledger_puts`]), so sending a commit again is idempotent: a
     /// commit etcd applied but whose answer was lost (a restart, a broken connection) travels
     /// again with the next one ([`Committer`]), and its steps' keys are written again with the
     /// same entries instead of a second copy under the later commit's key.
@@ -320,7 +320,8 @@ impl EtcdStore {
     /// done once it is, as `committed.step` counts them), value the JSON array of that step's
     /// entries (every rank's; a step is always committed whole). Key `ledger/<n>` holds steps
     /// before `n` both here and in the one key per commit that earlier versions wrote (a
-    /// commit's steps under its step), so [`EtcdStore::fall_back`]'s deletion of the keys after `earlier` fits either.
+    /// commit's steps under its step), so [`EtcdStore::fall_back`]'s deletion of the keys
+    /// after `earlier` fits either.
     fn ledger_puts(&self, entries: &[LedgerEntry]) -> Vec<TxnOp> {
         let mut steps: BTreeMap<u64, Vec<LedgerEntry>> = BTreeMap::new();
         for entry in entries {

@@ -585,8 +585,9 @@ fn find_ignore_case(bytes: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
         .map(|i| from + i)
 }
 
-/// Elements that belong in a `<head>`: any other start tag ends it (and opens the body, when
-/// a page leaves both implied), as in the HTML parser's "in head" insertion mode.
+/// Elements that belong in a `<head>`, with [`HEAD_TEXT_ELEMENTS`]: any other start tag ends it
+/// (and opens the body, when a page leaves both implied), as in the HTML parser's "in head"
+/// insertion mode.
 const HEAD_ELEMENTS: &[&[u8]] = &[
     b"html",
     b"head",
@@ -595,12 +596,6 @@ const HEAD_ELEMENTS: &[&[u8]] = &[
     b"bgsound",
     b"link",
     b"meta",
-    b"title",
-    b"style",
-    b"script",
-    b"noscript",
-    b"noframes",
-    b"template",
 ];
 
 /// Head elements whose content is not markup to a browser (raw text, RCDATA, a template's
@@ -617,7 +612,8 @@ const HEAD_TEXT_ELEMENTS: &[&[u8]] = &[
 /// The first `<meta>` that declares an encoding in the page's `<head>`, explicit or implied,
 /// read past the prescan's bytes as a browser's parser meets it there (and changes the
 /// encoding): the head ends at `</head`, `<body`, `</body`, `</html`, the first start tag of
-/// an element that does not belong in a head ([`HEAD_ELEMENTS`]: `<p>`, `<div>`), or text that
+/// an element that does not belong in a head (neither [`HEAD_ELEMENTS`] nor
+/// [`HEAD_TEXT_ELEMENTS`]: `<p>`, `<div>`), or text that
 /// is not whitespace. The content of [`HEAD_TEXT_ELEMENTS`] is skipped. A page without
 /// `<head>` or `<body>` tags has its `<meta>` taken too (before, only one with either was; an
 /// audit), and a `<meta>` in sample code or a script is not.
@@ -636,7 +632,8 @@ fn head_meta(b: &[u8], labels: &mut Labels) -> Option<&'static Encoding> {
             pos = find(b, pos + 2, b"-->")? + 2;
         } else if b[pos] == b'<' && b.get(pos + 1).is_some_and(u8::is_ascii_alphabetic) {
             let (name, end) = tag_name(pos + 1);
-            if !HEAD_ELEMENTS.contains(&name.as_slice()) {
+            let text = HEAD_TEXT_ELEMENTS.contains(&name.as_slice());
+            if !text && !HEAD_ELEMENTS.contains(&name.as_slice()) {
                 return None;
             }
             pos = end;
@@ -647,7 +644,7 @@ fn head_meta(b: &[u8], labels: &mut Labels) -> Option<&'static Encoding> {
             } else {
                 while attribute(b, &mut pos)?.is_some() {}
             }
-            if HEAD_TEXT_ELEMENTS.contains(&name.as_slice()) {
+            if text {
                 pos = find_ignore_case(b, pos, &[b"</".as_slice(), &name].concat())?;
                 continue;
             }

@@ -326,14 +326,17 @@ pub fn train(
         if checkpoint_now {
             progress.set_phase(RankPhase::Checkpoint);
             let t = Instant::now();
-            // Every rank, before it writes its part: no rank's vote commits a diverged model.
-            crate::train::run::check_before_checkpoint(
-                trainer.as_ref(),
-                &reader,
-                training.seq_len,
-                done,
-            )
-            .map_err(RankError::worker)?;
+            // Rank 0, as for its evaluations (every rank holds the same weights): a commit needs
+            // every rank's vote, so its failure keeps a diverged model from being committed.
+            if a.rank == 0 {
+                crate::train::run::check_before_checkpoint(
+                    trainer.as_ref(),
+                    &reader,
+                    training.seq_len,
+                    done,
+                )
+                .map_err(RankError::worker)?;
+            }
             // The time spent waiting for the other ranks (rank 0's evaluation, their shards) is
             // theirs, not this rank's checkpoint: with 2 workers the step line said "eval
             // 1.05s, checkpoint 1.05s" for a 1.16 s step (a new user's walk-through).

@@ -20,7 +20,7 @@ pub(super) type WeightMap = BTreeMap<String, PathBuf>;
 
 /// The files of a PEFT adapter saved into a model's directory: transformers (with peft
 /// installed) loads the directory as the base model plus the adapter.
-pub(super) const ADAPTER_FILES: [&str; 3] = [
+const ADAPTER_FILES: [&str; 3] = [
     "adapter_config.json",
     "adapter_model.safetensors",
     "adapter_model.bin",

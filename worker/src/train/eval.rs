@@ -30,16 +30,22 @@ impl Perplexity {
         self.mean_nll().exp()
     }
 
+    /// Whether the mean NLL and the perplexity (its `exp`, which overflows above 709.78) are
+    /// both finite.
+    pub fn is_finite(&self) -> bool {
+        self.mean_nll().is_finite() && self.perplexity().is_finite()
+    }
+
     /// Refuses a perplexity that is not finite ([`WorkerError::NonFiniteEval`], naming
     /// `source` and the training `step`, if any): a mean NLL that is not, or one whose `exp`
     /// overflows (above 709.78). Serialised, it would read as a perplexity of null (an audit:
     /// `dapt eval` printed `"perplexity": null` for a finite mean NLL of 1229.67, exit 0), and
     /// the forgetting guard would compare against infinity.
     pub fn check_finite(&self, source: &str, step: Option<u64>) -> Result<()> {
-        let mean_nll = self.mean_nll();
-        if mean_nll.is_finite() && self.perplexity().is_finite() {
+        if self.is_finite() {
             return Ok(());
         }
+        let mean_nll = self.mean_nll();
         Err(WorkerError::NonFiniteEval {
             source_name: source.to_owned(),
             step,

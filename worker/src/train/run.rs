@@ -852,11 +852,6 @@ fn warn_once_unmeasured(source: &str) -> bool {
     true
 }
 
-/// Held-out perplexity of every source at `step`.
-///
-/// # Errors
-/// A token id outside the vocabulary in a held-out shard, naming it; a held-out mean NLL that
-/// is not finite ([`WorkerError::NonFiniteEval`], naming the source and the step).
 /// Before the checkpoint of step `step` is written (and older ones pruned): the model it would
 /// hold gives a usable loss on one training window of `seq_len` tokens (the first source with
 /// one), or [`WorkerError::Diverged`]. One window's forward pass, against a step's many.
@@ -869,16 +864,19 @@ pub fn check_before_checkpoint(
     let probe = (0..reader.manifest().sources.len())
         .find_map(|i| trainer.perplexity(reader.train(i), seq_len, u64::from(seq_len), 1));
     match probe {
-        Some(p) if !(p.mean_nll().is_finite() && p.perplexity().is_finite()) => {
-            Err(WorkerError::Diverged {
-                step,
-                mean_nll: p.mean_nll(),
-            })
-        }
+        Some(p) if !p.is_finite() => Err(WorkerError::Diverged {
+            step,
+            mean_nll: p.mean_nll(),
+        }),
         _ => Ok(()),
     }
 }
 
+/// Held-out perplexity of every source at `step`.
+///
+/// # Errors
+/// A token id outside the vocabulary in a held-out shard, naming it; a held-out mean NLL that
+/// is not finite ([`WorkerError::NonFiniteEval`], naming the source and the step).
 pub fn evaluate(
     trainer: &dyn Engine,
     reader: &CorpusReader,
