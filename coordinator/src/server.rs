@@ -337,6 +337,14 @@ pub async fn start(
                 );
             }
         }
+        // The ranks re-warm the rate when the edit would make it jump; said here too.
+        if let Some((recorded, tokens)) =
+            dapt_proto::checkpoint::recorded_schedule(std::path::Path::new(&committed.dir))
+        {
+            dapt_proto::schedule::LrSchedule::of(&training)
+                .resumed(Some(&recorded), tokens)
+                .log_rewarm(Some(&recorded), training.tokens_per_step());
+        }
     }
     let unfinished = committed
         .as_ref()

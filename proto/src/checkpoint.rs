@@ -30,6 +30,25 @@ pub fn recorded_training(dir: &Path) -> Option<TrainingSpec> {
     serde_json::from_value(trainer_state(dir)?.get("training")?.clone()).ok()
 }
 
+/// The learning-rate schedule checkpoint `dir` was trained under (its `training:` settings and
+/// the re-warm it was in) and the tokens it trained, as its `trainer.json` records them; `None`
+/// when it records no settings or cannot be read.
+pub fn recorded_schedule(dir: &Path) -> Option<(crate::schedule::LrSchedule, u64)> {
+    let state = trainer_state(dir)?;
+    let training: TrainingSpec = serde_json::from_value(state.get("training")?.clone()).ok()?;
+    let rewarm = state
+        .get("rewarm")
+        .and_then(|r| serde_json::from_value(r.clone()).ok());
+    let tokens = state.get("tokens")?.as_u64()?;
+    Some((
+        crate::schedule::LrSchedule {
+            rewarm,
+            ..crate::schedule::LrSchedule::of(&training)
+        },
+        tokens,
+    ))
+}
+
 /// The `training:` settings that shape what is learned (`optimizer.*`, `schedule.*`, `tokens`,
 /// `seq_len`, `global_batch`) and differ between `recorded` (a checkpoint's) and `now` (the
 /// job's), as `field before -> now`. Engine settings (micro-batch, ZeRO stage, recompute,

@@ -11,6 +11,7 @@
 //! * [`logging`] — the binaries' log output.
 //! * [`model`] — a Llama model's shape, from and to a Hugging Face `config.json`.
 //! * [`etcd`] — connecting to the job's etcd (membership backend).
+//! * [`schedule`] — the learning rate over a job's tokens, and the re-warm of an edited resume.
 //! * [`rpc`] — the gRPC protocol (`proto/dapt/v1/*.proto`), id newtypes and typed refusals.
 //! * [`tls`] — TLS for the coordinator's endpoints, server and client side.
 //! * [`token`] — the job's token: token files, the least a coordinator accepts.
@@ -26,5 +27,6 @@ pub mod logging;
 pub mod model;
 pub mod peer;
 pub mod rpc;
+pub mod schedule;
 pub mod tls;
 pub mod token;

@@ -308,6 +308,61 @@ fn a_resume_with_another_model_in_the_job_file_is_refused() {
     assert!(text(&out.stderr).contains("optimizer.lr 0.3 -> 0.003"));
 }
 
+/// The learning rates of the steps `dapt train` logged (JSON log lines), in order.
+fn step_lrs(stderr: &str) -> Vec<f64> {
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    dapt_tests::events(&lines, "step")
+        .iter()
+        .map(|f| f["lr"].as_f64().expect("lr"))
+        .collect()
+}
+
+/// A finished job trained further by raising `training.tokens` (what a relaunch of a completed
+/// job says to do) went on at once at the rate the edited cosine gives there: ten times the
+/// floor it had decayed to, in one step, with no re-warm. It re-warms from the floor to the
+/// edited schedule over `schedule.warmup` of the tokens left, and a restart inside the ramp goes
+/// on with it.
+#[test]
+fn a_finished_job_trained_further_rewarms_its_learning_rate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = write_job(dir.path(), "job", "ck");
+    let yaml = std::fs::read_to_string(&job)
+        .expect("read")
+        .replace("tokens: 1536", "tokens: 1536\n  schedule:\n    warmup: 0.2");
+    std::fs::write(&job, &yaml).expect("write");
+    ok(&["prepare", &job, "--quiet"]);
+    ok(&["train", &job]);
+    // 6 steps of 256 tokens trained, the rate at its floor (0.1 of 0.003); 60 steps now, the
+    // cosine at 0.1 of them gives ~0.0029. The ramp: 0.2 of the 13,824 tokens left, ~11 steps.
+    std::fs::write(&job, yaml.replace("tokens: 1536", "tokens: 15360")).expect("write");
+    let out = dapt(&["--log-format", "json", "train", &job, "--stop-after", "9"]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("re-warming the learning rate"), "{stderr}");
+    let first = step_lrs(&stderr);
+    assert_eq!(first.len(), 3, "{stderr}");
+    assert!((first[0] - 3e-4).abs() < 1e-9, "from the floor: {first:?}");
+    assert!(
+        first.windows(2).all(|w| w[1] > w[0]) && first[2] < 1.5e-3,
+        "{first:?}"
+    );
+    // Restarted inside the ramp: it goes on, not from the floor again, and says nothing new.
+    let out = dapt(&["--log-format", "json", "train", &job, "--stop-after", "20"]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("re-warming the learning rate"), "{stderr}");
+    let second = step_lrs(&stderr);
+    assert!(second[0] > first[2], "{first:?} then {second:?}");
+    let top = second.iter().copied().fold(0.0, f64::max);
+    assert!(
+        top > 2.5e-3 && top < 3e-3,
+        "the edited cosine reached: {second:?}"
+    );
+}
+
 /// `dapt train` resumed after an edit of `global_batch` or `seq_len` with a warning only, and
 /// then skipped samples (8 -> 16: a quarter of the corpus never trained) or repeated them
 /// (8 -> 4), as an audit showed; `dapt launch` refused it already. Refused by field, nothing

@@ -62,6 +62,10 @@ pub struct TrainerState {
     /// written before it was recorded): a rank of an older generation never replaces it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
+    /// The learning-rate re-warm the run is in, begun when it resumed under edited settings
+    /// ([`dapt_proto::schedule::LrSchedule::resumed`]); absent outside one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewarm: Option<dapt_proto::schedule::Rewarm>,
 }
 
 /// The base model's files that describe how it is used rather than what it computes, carried
@@ -378,6 +382,7 @@ pub fn save_with(
             .and_then(|o| o.base_model)
             .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())),
         generation: origin.and_then(|o| o.generation),
+        rewarm: trainer.schedule.rewarm,
     };
     hf::write_atomic(&dir.join(TRAINER_FILE), &to_json(&state)?)?;
     if let Some(tokenizer) = tokenizer {
@@ -514,6 +519,15 @@ fn check_state(state: &TrainerState, step: u64) -> std::result::Result<(), Strin
             ));
         }
     }
+    if let Some(r) = &state.rewarm {
+        if !(r.from_lr.is_finite() && r.from_lr >= 0.0) || r.start > state.tokens {
+            return Err(format!(
+                "rewarm {r:?} is no re-warm of this run (a rate that is not a finite \
+                 non-negative number, or a start past its {} tokens)",
+                state.tokens
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -609,14 +623,27 @@ mod tests {
             training: None,
             base_model: None,
             generation: None,
+            rewarm: None,
+        };
+        let with_rewarm = |from_lr, start| TrainerState {
+            rewarm: Some(dapt_proto::schedule::Rewarm {
+                start,
+                from_lr,
+                tokens: 512,
+            }),
+            ..state(20, 20 * 512, 19, 1)
         };
         check_state(&state(20, 20 * 512, 19, 1), 20).expect("a real one");
+        check_state(&with_rewarm(1e-4, 10 * 512), 20).expect("a real re-warm");
         for (bad, field) in [
             (state(21, 512, 20, 0), "manifest"),
             (state(20, u64::MAX - 5, 20, 0), "tokens"),
             (state(u64::MAX, 512, 20, 0), "manifest"),
             (state(20, 512, u64::MAX, 0), "optimizer_steps"),
             (state(20, 512, 20, 21), "skipped_steps"),
+            (with_rewarm(f64::NAN, 0), "rewarm"),
+            (with_rewarm(-1e-3, 0), "rewarm"),
+            (with_rewarm(1e-4, 20 * 512 + 1), "rewarm"),
         ] {
             let err = check_state(&bad, 20).expect_err("refused");
             assert!(err.contains(field), "{bad:?}: {err}");

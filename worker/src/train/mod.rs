@@ -6,7 +6,7 @@ pub mod eval;
 pub mod optimizer;
 pub mod resident;
 pub mod run;
-pub mod schedule;
+pub use dapt_proto::schedule;
 pub mod step;
 pub mod zero;
 

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use dapt_corpus::{step_range, CorpusReader};
 use dapt_proto::job::{JobSpec, TrainingSpec};
+use dapt_proto::schedule::LrSchedule;
 use serde::Serialize;
 
 use super::engine::Engine;
@@ -584,6 +585,18 @@ pub fn restore_part(
     trainer.step = loaded.state.step;
     trainer.tokens = loaded.state.tokens;
     trainer.skipped_steps = loaded.state.skipped_steps;
+    // Settings edited so that the rate would jump up (a finished job's budget raised): a
+    // re-warm to the edited schedule, kept in the checkpoints until it ends.
+    let recorded = loaded.state.training.as_ref().map(|t| LrSchedule {
+        rewarm: loaded.state.rewarm,
+        ..LrSchedule::of(t)
+    });
+    trainer.schedule = trainer
+        .schedule
+        .resumed(recorded.as_ref(), loaded.state.tokens);
+    trainer
+        .schedule
+        .log_rewarm(recorded.as_ref(), training.tokens_per_step());
     Ok(trainer)
 }
 

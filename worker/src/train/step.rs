@@ -174,11 +174,7 @@ impl Trainer {
         );
         Trainer {
             optimizer: AdamW::sharded(training.optimizer, &layout, range),
-            schedule: LrSchedule {
-                peak: training.optimizer.lr,
-                spec: training.schedule,
-                total_tokens: training.steps() * training.tokens_per_step(),
-            },
+            schedule: LrSchedule::of(training),
             config,
             layout,
             weights,
