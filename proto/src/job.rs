@@ -116,7 +116,8 @@ pub struct TrainingSpec {
     /// Held-out perplexity every this many steps (0: only at the end).
     #[serde(default)]
     pub eval_every: u64,
-    /// At most this many tokens of each held-out set per evaluation.
+    /// At most this many tokens of each held-out set per evaluation, in whole windows of
+    /// `seq_len` (at least one).
     #[serde(default = "default_eval_tokens")]
     pub eval_tokens: u64,
     /// What a step whose loss or global gradient norm is not finite (NaN, ±inf) does: `stop`

@@ -139,7 +139,8 @@ enum Command {
         /// dapt checkpoint or export records it; else 256].
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         seq_len: Option<u32>,
-        /// At most this many predicted tokens per source.
+        /// At most this many predicted tokens per source, in whole windows of --seq-len (at
+        /// least one).
         #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
         max_tokens: u64,
         /// Windows per forward pass [default: the micro-batch the model was trained with, when a

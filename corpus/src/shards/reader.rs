@@ -77,6 +77,15 @@ impl TokenStream {
         self.len().saturating_sub(1) / seq_len.max(1) as u64
     }
 
+    /// The windows an evaluation of at most `max_tokens` predicted tokens reads: whole windows
+    /// of `seq_len` that fit in `max_tokens`, and at least one (a budget under one window
+    /// evaluates one), never more than the stream holds. Before, the budget was rounded up: an
+    /// `eval_tokens` of 33 at `seq_len` 32 evaluated 64 tokens.
+    pub fn eval_windows(&self, seq_len: u32, max_tokens: u64) -> u64 {
+        self.windows(seq_len)
+            .min((max_tokens / seq_len.max(1) as u64).max(1))
+    }
+
     /// Copies tokens `[start, start + out.len())` into `out`; the range must lie in the stream.
     ///
     /// # Errors
@@ -145,9 +154,7 @@ impl TokenStream {
     /// Checks the ids of the windows an evaluation over at most `max_tokens` predicted tokens
     /// reads (the first `ceil(max_tokens / seq_len)` windows); errors as [`read`](Self::read).
     pub fn check_eval_windows(&self, seq_len: u32, max_tokens: u64) -> Result<()> {
-        let windows = self
-            .windows(seq_len)
-            .min(max_tokens.div_ceil(seq_len.max(1) as u64).max(1));
+        let windows = self.eval_windows(seq_len, max_tokens);
         let mut buf = vec![0u32; seq_len as usize + 1];
         for w in 0..windows {
             self.read_window(w, seq_len, &mut buf)?;
@@ -338,6 +345,11 @@ mod tests {
             );
         }
         assert_eq!(stream.windows(seq_len), (expected.len() as u64 - 1) / 300);
+        // An evaluation's budget in whole windows, at most the budget (601 tokens evaluated
+        // 900 before), at least one, at most the stream.
+        for (budget, windows) in [(601, 2), (600, 2), (599, 1), (1, 1), (u64::MAX, 16)] {
+            assert_eq!(stream.eval_windows(seq_len, budget), windows, "{budget}");
+        }
     }
 
     /// A shard truncated under a running reader (by something other than dapt) killed the

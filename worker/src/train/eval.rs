@@ -1,8 +1,8 @@
 //! Held-out perplexity: the same code for in-training evaluation and `dapt eval`.
 //!
 //! A held-out stream is cut into consecutive windows of `seq_len + 1` tokens (stride `seq_len`,
-//! so every token after the first is predicted exactly once), up to `max_tokens`; the
-//! perplexity is `exp(mean next-token NLL)`.
+//! so every token after the first is predicted exactly once), as many whole windows as fit in
+//! `max_tokens` (at least one); the perplexity is `exp(mean next-token NLL)`.
 
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use dapt_corpus::shards::TokenStream;
@@ -116,9 +116,7 @@ pub fn perplexity_of<B: FusedOps>(
     max_tokens: u64,
     batch: usize,
 ) -> Option<Perplexity> {
-    let windows = stream
-        .windows(seq_len)
-        .min(max_tokens.div_ceil(seq_len as u64).max(1));
+    let windows = stream.eval_windows(seq_len, max_tokens);
     if windows == 0 {
         return None;
     }
