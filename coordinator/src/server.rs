@@ -558,8 +558,8 @@ async fn control_loop(
         // A rank that failed on the committed checkpoint: when it is corrupt, the job falls
         // back to an earlier one before the failure is decided on, so that the next
         // generation resumes from that one.
-        let fallback = exec.fallback_for(&state, &event).await;
-        for event in fallback.into_iter().chain([event]) {
+        let decide = exec.fallback_for(&state, event).await;
+        for event in decide {
             let (next, actions) = decide_checked(state, event, Instant::now());
             state = next;
             for action in actions {
@@ -685,34 +685,47 @@ struct Executor {
 }
 
 impl Executor {
-    /// [`Event::FellBack`] when `event` is a failure of a rank of the current generation whose
-    /// reason names the committed checkpoint and that checkpoint fails verification (every
-    /// file's SHA-256; only on this rare path) while an earlier kept one passes. `None`
-    /// otherwise: the failure is then decided on as it is, and a corrupt checkpoint with no
-    /// earlier one to fall back to fails the job through its failed generations, named.
-    async fn fallback_for(&self, state: &JobState, event: &Event) -> Option<Event> {
+    /// The events to decide on for `event`. When it is a failure of a rank of the current
+    /// generation whose reason names the committed checkpoint, and that checkpoint fails
+    /// verification (every file's SHA-256; only on this rare path): [`Event::FellBack`] to the
+    /// newest earlier kept checkpoint that verifies, then the failure; or, when none does, the
+    /// failure made fatal with the verification's finding (every generation would meet the same
+    /// corrupt files: four failed generations and their recoveries went by before the job
+    /// failed; an audit). Otherwise `event` alone.
+    async fn fallback_for(&self, state: &JobState, event: Event) -> Vec<Event> {
         let Event::Failed {
             reason, generation, ..
-        } = event
+        } = &event
         else {
-            return None;
+            return vec![event];
         };
-        let committed = state.committed.clone()?;
+        let Some(committed) = state.committed.clone() else {
+            return vec![event];
+        };
         if *generation != state.generation || !reason.contains(&committed.dir) {
-            return None;
+            return vec![event];
         }
         let root = self.checkpoints.clone();
         let found =
             tokio::task::spawn_blocking(move || crate::ledger::fallback(&root, &committed)).await;
         match found {
-            Ok(Ok(earlier)) => earlier.map(|earlier| Event::FellBack { earlier }),
+            Ok(Ok(earlier)) => earlier
+                .map(|earlier| Event::FellBack { earlier })
+                .into_iter()
+                .chain([event])
+                .collect(),
             Ok(Err(e)) => {
                 tracing::error!("{e}");
-                None
+                let mut event = event;
+                if let Event::Failed { reason, fatal, .. } = &mut event {
+                    *reason = format!("{reason}; {e}");
+                    *fatal = true;
+                }
+                vec![event]
             }
             Err(e) => {
                 tracing::error!("verifying the committed checkpoint: {e}");
-                None
+                vec![event]
             }
         }
     }

@@ -125,6 +125,88 @@ fn a_checkpoint_that_rots_mid_run_under_etcd_is_fallen_back_from() {
     rot_mid_run(Some(&etcd), "rot-etcd");
 }
 
+/// Every kept checkpoint rots: nothing to fall back to. The job fails at once, naming the
+/// corrupt checkpoint, on the first generation that meets it; before, four generations in a
+/// row failed on the same verified-corrupt files before the job did.
+#[test]
+fn a_rotten_checkpoint_with_nothing_to_fall_back_to_fails_the_job_at_once() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = coordinator(dir.path(), "rot-all", STEPS, &cluster(None));
+    let w0 = c.member("w0");
+    let corrupt = committed(&mut c.coordinator, 10);
+    w0.signal(libc::SIGKILL);
+    drop(w0);
+    std::thread::sleep(Duration::from_millis(500));
+    let kept: Vec<PathBuf> = std::fs::read_dir(&c.job.checkpoints)
+        .expect("checkpoints")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("manifest.json").is_file())
+        .collect();
+    assert!(kept.contains(&corrupt), "{kept:?}");
+    for dir in &kept {
+        rot(dir);
+    }
+    let _w1 = c.member("w1");
+    c.coordinator.wait_for("the job to fail", LONG, |l| {
+        !events(l, "job failed").is_empty()
+    });
+    let lines = c.coordinator.lines();
+    let failed = &events(&lines, "job failed")[0];
+    let reason = failed["reason"].as_str().expect("reason");
+    assert!(
+        reason.contains("no earlier kept checkpoint verifies")
+            && reason.contains(&corrupt.display().to_string()),
+        "{reason}"
+    );
+    let resumed = events(&lines, "generation formed")
+        .iter()
+        .filter(|f| f["resume_step"].as_u64() >= Some(10))
+        .count();
+    assert_eq!(resumed, 1, "generations formed on the corrupt checkpoint");
+}
+
+/// A ZeRO job's optimizer shard rots: the ranks of the next generation fail loading it, and the
+/// job falls back to the previous kept checkpoint as for the weights.
+#[test]
+fn a_zero_shard_that_rots_mid_run_is_fallen_back_from() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let two = cluster(None)
+        .replace("max_workers: 1", "max_workers: 2")
+        .replace("min_workers: 1", "min_workers: 2");
+    let mut c = dapt_tests::coordinator_edited(
+        dir.path(),
+        "rot-zero",
+        STEPS,
+        &two,
+        "127.0.0.1",
+        &[],
+        &|y| y.replacen("training:\n", "training:\n  zero_stage: 1\n", 1),
+    );
+    let w0 = c.member("w0");
+    let w1 = c.member("w1");
+    let corrupt = committed(&mut c.coordinator, 10);
+    w0.signal(libc::SIGKILL);
+    w1.signal(libc::SIGKILL);
+    drop((w0, w1));
+    std::thread::sleep(Duration::from_millis(500));
+    let path = corrupt.join("optimizer-00001-of-00002.safetensors");
+    let mut bytes = std::fs::read(&path).expect("shard");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&path, bytes).expect("rewrite");
+    let mut w2 = c.member("w2");
+    let mut w3 = c.member("w3");
+    let lines = c.complete();
+    said_fallback(&lines, &corrupt);
+    for w in [&mut w2, &mut w3] {
+        let (status, _) = w.finish(LONG);
+        assert!(status.success(), "{}", w.stderr());
+    }
+    exact_ledger(&c, None);
+}
+
 /// Under etcd the committed step lives in etcd: a coordinator that takes over (here, the next
 /// one after both coordinator and worker died) verifies the committed checkpoint and falls
 /// back, recording the fallback in etcd with the ledger cut back, before any generation.
