@@ -308,16 +308,21 @@ fn a_resume_with_another_model_in_the_job_file_is_refused() {
     assert!(text(&out.stderr).contains("optimizer.lr 0.3 -> 0.003"));
 }
 
-/// The learning rates of the steps `dapt train` logged (JSON log lines), in order.
-fn step_lrs(stderr: &str) -> Vec<f64> {
+/// The steps `dapt train` logged (JSON log lines), in order: their numbers and learning rates.
+fn step_lines(stderr: &str) -> (Vec<u64>, Vec<f64>) {
     let lines: Vec<serde_json::Value> = stderr
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     dapt_tests::events(&lines, "step")
         .iter()
-        .map(|f| f["lr"].as_f64().expect("lr"))
-        .collect()
+        .map(|f| {
+            (
+                f["step"].as_u64().expect("step"),
+                f["lr"].as_f64().expect("lr"),
+            )
+        })
+        .unzip()
 }
 
 /// A finished job trained further by raising `training.tokens` (what a relaunch of a completed
@@ -342,8 +347,9 @@ fn a_finished_job_trained_further_rewarms_its_learning_rate() {
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("re-warming the learning rate"), "{stderr}");
-    let first = step_lrs(&stderr);
-    assert_eq!(first.len(), 3, "{stderr}");
+    let (steps, first) = step_lines(&stderr);
+    // Numbered by steps completed, as `dapt launch`'s coordinator does (6, 7, 8 before).
+    assert_eq!(steps, [7, 8, 9], "{stderr}");
     assert!((first[0] - 3e-4).abs() < 1e-9, "from the floor: {first:?}");
     assert!(
         first.windows(2).all(|w| w[1] > w[0]) && first[2] < 1.5e-3,
@@ -354,7 +360,7 @@ fn a_finished_job_trained_further_rewarms_its_learning_rate() {
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("re-warming the learning rate"), "{stderr}");
-    let second = step_lrs(&stderr);
+    let (_, second) = step_lines(&stderr);
     assert!(second[0] > first[2], "{first:?} then {second:?}");
     let top = second.iter().copied().fold(0.0, f64::max);
     assert!(

@@ -303,7 +303,10 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                 }
             }
             if summary.interrupted {
-                let step = summary.steps.last().map_or(0, |s| s.step + 1);
+                let step = summary
+                    .steps
+                    .last()
+                    .map_or(summary.resumed_from.unwrap_or(0), |s| s.step);
                 match &summary.last_checkpoint {
                     Some(dir) => eprintln!(
                         "stopped at step {step} (interrupted), checkpoint {}; the same command \

@@ -36,6 +36,7 @@ pub struct RunOptions {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StepLog {
+    /// Steps completed with this one (1 for a job's first step).
     pub step: u64,
     pub loss: f64,
     pub lr: f64,
@@ -425,8 +426,10 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
         // One rank: the whole step's tokens are the denominator.
         let (loss, stats) = trainer.train_step(&micro, step_tokens as f64, step_tokens)?;
         let secs = started.elapsed().as_secs_f64();
+        // Numbered by steps completed, as the coordinator's step lines and the evaluation and
+        // checkpoint of the step are (dapt train's first step was "step 0" before).
         let log = StepLog {
-            step,
+            step: step + 1,
             loss,
             lr: stats.lr,
             grad_norm: stats.grad_norm,
@@ -435,7 +438,7 @@ fn train_loop(trainer: &mut dyn Engine, ctx: &LoopContext) -> Result<RunSummary>
         // Numbers, not pre-formatted strings: the text format rounds them for people, the JSON
         // format keeps them whole (proto::logging).
         tracing::info!(
-            step,
+            step = log.step,
             loss,
             lr = stats.lr,
             grad_norm = stats.grad_norm,
