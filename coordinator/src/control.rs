@@ -50,6 +50,11 @@ pub struct ControlConfig {
     pub max_failed_generations: u32,
     /// When a step counts as stalled and how long a stall may last (`stall`).
     pub stall: StallConfig,
+    /// A held-out evaluation every this many steps and at the last (`training.eval_every`; 0:
+    /// none), for the ETA.
+    pub eval_every: u64,
+    /// A checkpoint every this many steps and at the last (`checkpoint.every`), for the ETA.
+    pub checkpoint_every: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -208,8 +213,14 @@ pub struct JobState {
     pub checkpoints: BTreeMap<u64, CheckpointVotes>,
     /// The newest step every rank completed, and its figures (for logs and status).
     pub last_step: Option<StepInfo>,
-    /// Exponential moving average of the step time, for the ETA.
+    /// Exponential moving average of a step's training time (seconds), for the ETA.
     pub step_time: Option<f64>,
+    /// The time (seconds) of the held-out evaluations seen, and how many, for the ETA: the
+    /// evaluations left at their mean, rather than in an average of step times that each
+    /// evaluation spiked (the ETA rose by a tenth of an evaluation at each, then sank back).
+    pub eval_time: (f64, u64),
+    /// The same for checkpoints.
+    pub checkpoint_time: (f64, u64),
     /// Generations since the last commit that ended in a failure.
     pub failed_generations: u32,
     /// A rank reported a failure that a retry from the last commit would meet again (a
@@ -549,6 +560,8 @@ impl JobState {
             checkpoints: BTreeMap::new(),
             last_step: None,
             step_time: None,
+            eval_time: (0.0, 0),
+            checkpoint_time: (0.0, 0),
             failed_generations: 0,
             failed_fatally: false,
             reattach_deadline: None,
@@ -1310,6 +1323,16 @@ fn form(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
     }
 }
 
+/// How many of the steps after `done` up to `total` evaluate or checkpoint on a schedule of
+/// every `every` steps and at the last (the ranks' schedule: `worker/src/agent/rank.rs`); 0 for
+/// `every` 0 (`eval_every: 0`, no evaluations).
+fn events_left(every: u64, done: u64, total: u64) -> u64 {
+    if every == 0 || done >= total {
+        return 0;
+    }
+    total / every - done / every + u64::from(!total.is_multiple_of(every))
+}
+
 fn step_report(
     state: &mut JobState,
     rank: u32,
@@ -1364,14 +1387,29 @@ fn step_report(
         checkpoint: slowest(|r| r.times.checkpoint),
     };
     let peak_flops = reports.values().map(|r| r.peak_flops).sum::<Option<f64>>();
-    let step_secs = elapsed.as_secs_f64().max(1e-9);
-    // The ETA counts evaluations and checkpoints too: they recur, and the average absorbs them.
+    // The ETA: the steps left at the recent training time per step, and the evaluations and
+    // checkpoints left (the ranks' schedule) at their mean time so far.
+    let train_secs = times.train.min(elapsed).as_secs_f64();
     let ema = match state.step_time {
-        Some(t) => 0.9 * t + 0.1 * step_secs,
-        None => step_secs,
+        Some(t) => 0.9 * t + 0.1 * train_secs,
+        None => train_secs,
     };
     state.step_time = Some(ema);
+    for (spent, seen) in [
+        (times.eval, &mut state.eval_time),
+        (times.checkpoint, &mut state.checkpoint_time),
+    ] {
+        if !spent.is_zero() {
+            seen.0 += spent.as_secs_f64();
+            seen.1 += 1;
+        }
+    }
     let remaining = c.total_steps.saturating_sub(step + 1);
+    let mean = |(secs, n): (f64, u64)| if n == 0 { 0.0 } else { secs / n as f64 };
+    let eta = ema * remaining as f64
+        + mean(state.eval_time) * events_left(c.eval_every, step + 1, c.total_steps) as f64
+        + mean(state.checkpoint_time)
+            * events_left(c.checkpoint_every, step + 1, c.total_steps) as f64;
     out.push(Action::Log(Log::Step {
         step,
         total_steps: c.total_steps,
@@ -1381,7 +1419,7 @@ fn step_report(
         grad_norm: first.grad_norm,
         world,
         generation: state.generation,
-        eta: Duration::from_secs_f64(ema * remaining as f64),
+        eta: Duration::from_secs_f64(eta),
         tokens: first.tokens,
         elapsed,
         times,

@@ -317,6 +317,8 @@ pub async fn start(
             floor: Duration::from_millis(c.stall_floor_ms),
             timeout: (c.stall_timeout_s > 0).then(|| Duration::from_secs(c.stall_timeout_s)),
         },
+        eval_every: training.eval_every,
+        checkpoint_every: job.checkpoint.every,
     };
     if let Some(committed) = &committed {
         tracing::info!(

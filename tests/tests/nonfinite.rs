@@ -154,7 +154,9 @@ fn a_diverged_model_is_never_committed_and_the_last_good_checkpoint_is_kept() {
         let _serial = serial();
         let out = run();
         assert!(out.status.success(), "{}", text(&out.stderr));
-        // Resumed for five more steps with a typo'd learning rate.
+        // Resumed for five more steps with a typo'd learning rate. The raised rate re-warms:
+        // step 6 still trains at the rate the checkpoint's settings gave (a good step,
+        // committed), step 7 at the typo.
         let typo = good
             .replace(&tokens(5), &tokens(10))
             .replace("    lr: 0.003\n", "    lr: 3.0e15\n    weight_decay: 0\n");
@@ -163,12 +165,12 @@ fn a_diverged_model_is_never_committed_and_the_last_good_checkpoint_is_kept() {
         let stderr = text(&out.stderr);
         assert!(!out.status.success(), "{command}: {stderr}");
         assert!(
-            stderr.contains("the model after step 6") && stderr.contains("training diverged"),
+            stderr.contains("the model after step 7") && stderr.contains("training diverged"),
             "{command}: {stderr}"
         );
         let kept = finite_checkpoints(&job.checkpoints);
         let steps: Vec<u64> = kept.iter().map(|(s, _)| *s).collect();
-        assert_eq!(steps, [5], "{command}: {stderr}");
+        assert_eq!(steps, [6], "{command}: {stderr}");
         let checkpoint = kept[0].1.to_string_lossy().into_owned();
         let eval = dapt(&["eval", &checkpoint, &corpus, "--max-tokens", "64"]);
         assert!(eval.status.success(), "{}", text(&eval.stderr));

@@ -19,6 +19,8 @@ fn config() -> ControlConfig {
         micro_batch: 2,
         max_failed_generations: 3,
         stall: StallConfig::default(),
+        eval_every: 0,
+        checkpoint_every: 5,
     }
 }
 
@@ -291,6 +293,60 @@ fn logs_a_step_once_every_rank_reported_it() {
     assert_eq!((*step, *world), (0, 2));
     assert!((tokens_per_s - 800.0).abs() < 1e-6);
     assert_eq!(*eta, Duration::from_millis(700));
+}
+
+/// The ETA rose by a tenth of an evaluation at each one and sank back over the steps after
+/// (an average of step times that each evaluation spiked): a sawtooth. Now the steps left are
+/// counted at their training time and the evaluations and checkpoints left at their mean, so
+/// steady steps give an ETA that only falls, by a step's time a step, across evaluations.
+#[test]
+fn the_eta_counts_the_evaluations_and_checkpoints_left_and_has_no_sawtooth() {
+    let mut sim = Sim::new(ControlConfig {
+        max_workers: Some(1),
+        total_steps: 40,
+        eval_every: 10,
+        checkpoint_every: 20,
+        ..config()
+    });
+    sim.join(1, "a");
+    let ms = Duration::from_millis;
+    let mut etas = Vec::new();
+    for step in 0..39 {
+        let done = step + 1;
+        let eval = if done % 10 == 0 { ms(1000) } else { ms(0) };
+        let checkpoint = if done % 20 == 0 { ms(500) } else { ms(0) };
+        let times = StepTimes {
+            train: ms(100),
+            eval,
+            checkpoint,
+        };
+        let actions = sim.step_timed("a", step, ms(100) + eval + checkpoint, times, None);
+        let Some(Action::Log(Log::Step { eta, .. })) = actions
+            .iter()
+            .find(|a| matches!(a, Action::Log(Log::Step { .. })))
+        else {
+            panic!("{actions:?}")
+        };
+        etas.push(eta.as_secs_f64());
+    }
+    // After the first evaluation and checkpoint, the ETA is exactly the steps, evaluations and
+    // checkpoints left, and falls at every step.
+    for (step, eta) in etas.iter().enumerate().skip(19) {
+        let done = step as u64 + 1;
+        let left = 40 - done;
+        let evals = 4 - done / 10;
+        let checkpoints = 2 - done / 20;
+        let want = 0.1 * left as f64 + 1.0 * evals as f64 + 0.5 * checkpoints as f64;
+        assert!(
+            (eta - want).abs() < 1e-6,
+            "step {done}: eta {eta}, want {want}"
+        );
+    }
+    assert!(etas[19..].windows(2).all(|w| w[1] < w[0]), "{etas:?}");
+    assert_eq!(super::events_left(10, 39, 40), 1);
+    assert_eq!(super::events_left(10, 40, 40), 0);
+    assert_eq!(super::events_left(15, 0, 40), 3, "15, 30 and the last");
+    assert_eq!(super::events_left(0, 0, 40), 0);
 }
 
 #[test]

@@ -771,6 +771,8 @@ fn config(setup: &Setup) -> ControlConfig {
         micro_batch: 2,
         max_failed_generations: setup.max_failed_generations,
         stall: StallConfig::default(),
+        eval_every: 0,
+        checkpoint_every: 5,
     }
 }
 
