@@ -343,9 +343,11 @@ pub async fn start(
         if let Some((recorded, tokens)) =
             dapt_proto::checkpoint::recorded_schedule(std::path::Path::new(&committed.dir))
         {
-            dapt_proto::schedule::LrSchedule::of(&training)
-                .resumed(Some(&recorded), tokens)
-                .log_rewarm(Some(&recorded), training.tokens_per_step());
+            dapt_proto::schedule::LrSchedule::of(&training).resume(
+                Some(&recorded),
+                tokens,
+                training.tokens_per_step(),
+            );
         }
     }
     let unfinished = committed

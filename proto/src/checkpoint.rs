@@ -27,7 +27,12 @@ pub fn trainer_state(dir: &Path) -> Option<serde_json::Value> {
 /// The job's `training:` section checkpoint `dir` was trained under, as its `trainer.json`
 /// records it; `None` when it records none (written before it was recorded) or cannot be read.
 pub fn recorded_training(dir: &Path) -> Option<TrainingSpec> {
-    serde_json::from_value(trainer_state(dir)?.get("training")?.clone()).ok()
+    training_in(&trainer_state(dir)?)
+}
+
+/// The `training:` section a `trainer.json` records.
+fn training_in(state: &serde_json::Value) -> Option<TrainingSpec> {
+    serde_json::from_value(state.get("training")?.clone()).ok()
 }
 
 /// The learning-rate schedule checkpoint `dir` was trained under (its `training:` settings and
@@ -35,18 +40,11 @@ pub fn recorded_training(dir: &Path) -> Option<TrainingSpec> {
 /// when it records no settings or cannot be read.
 pub fn recorded_schedule(dir: &Path) -> Option<(crate::schedule::LrSchedule, u64)> {
     let state = trainer_state(dir)?;
-    let training: TrainingSpec = serde_json::from_value(state.get("training")?.clone()).ok()?;
     let rewarm = state
         .get("rewarm")
         .and_then(|r| serde_json::from_value(r.clone()).ok());
-    let tokens = state.get("tokens")?.as_u64()?;
-    Some((
-        crate::schedule::LrSchedule {
-            rewarm,
-            ..crate::schedule::LrSchedule::of(&training)
-        },
-        tokens,
-    ))
+    let schedule = crate::schedule::LrSchedule::of(&training_in(&state)?).with_rewarm(rewarm);
+    Some((schedule, state.get("tokens")?.as_u64()?))
 }
 
 /// The `training:` settings that shape what is learned (`optimizer.*`, `schedule.*`, `tokens`,

@@ -18,7 +18,7 @@ pub struct LrSchedule {
     pub spec: ScheduleSpec,
     /// The budget the schedule spans: `steps() * tokens_per_step()` of the job's `training:`.
     pub total_tokens: u64,
-    /// A re-warm begun by a resume under edited settings ([`LrSchedule::resumed`]); `None`
+    /// A re-warm begun by a resume under edited settings ([`LrSchedule::resume`]); `None`
     /// otherwise.
     pub rewarm: Option<Rewarm>,
 }
@@ -48,6 +48,11 @@ impl LrSchedule {
         }
     }
 
+    /// This schedule in the re-warm `rewarm` (a checkpoint's, as its `trainer.json` records it).
+    pub fn with_rewarm(self, rewarm: Option<Rewarm>) -> Self {
+        LrSchedule { rewarm, ..self }
+    }
+
     /// The learning rate for the step that starts after `tokens` trained tokens.
     pub fn lr(&self, tokens: u64) -> f64 {
         let lr = self.planned(tokens);
@@ -73,7 +78,7 @@ impl LrSchedule {
     /// your model?"; Ibrahim et al. 2024, "Simple and Scalable Strategies to Continually
     /// Pre-train Large Language Models"). A lower rate, `warmup: 0`, or no tokens left: applied
     /// at once.
-    pub fn resumed(self, recorded: Option<&LrSchedule>, tokens: u64) -> LrSchedule {
+    fn resumed(self, recorded: Option<&LrSchedule>, tokens: u64) -> LrSchedule {
         let fresh = LrSchedule {
             rewarm: None,
             ..self
@@ -109,28 +114,31 @@ impl LrSchedule {
         }
     }
 
-    /// The re-warm [`LrSchedule::resumed`] began, when it began one (not one it went on
-    /// with): what a resume says it does.
-    pub fn rewarm_begun(&self, recorded: Option<&LrSchedule>) -> Option<Rewarm> {
-        self.rewarm
+    /// The schedule a resume goes on with (`resumed`, below), saying so in the log when it
+    /// begins a re-warm (the rate it starts from, the edited schedule's rate it reaches, and
+    /// how many steps of `tokens_per_step` it takes). The worker trains with the result; the
+    /// coordinator only says what its ranks will do.
+    pub fn resume(
+        self,
+        recorded: Option<&LrSchedule>,
+        tokens: u64,
+        tokens_per_step: u64,
+    ) -> LrSchedule {
+        let resumed = self.resumed(recorded, tokens);
+        if let Some(r) = resumed
+            .rewarm
             .filter(|r| recorded.and_then(|s| s.rewarm) != Some(*r))
-    }
-
-    /// Logs a re-warm this resume began ([`LrSchedule::rewarm_begun`]), with the rate it starts
-    /// from, the edited schedule's rate it reaches, and how many steps of `tokens_per_step` it
-    /// takes.
-    pub fn log_rewarm(&self, recorded: Option<&LrSchedule>, tokens_per_step: u64) {
-        if let Some(r) = self.rewarm_begun(recorded) {
-            let end = r.start + r.tokens;
+        {
             tracing::info!(
                 from_lr = r.from_lr,
-                to_lr = self.planned(end),
+                to_lr = resumed.planned(r.start + r.tokens),
                 steps = r.tokens.div_ceil(tokens_per_step.max(1)),
                 tokens = r.tokens,
                 "re-warming the learning rate to the edited schedule's over schedule.warmup of \
                  the tokens left, rather than jumping to it"
             );
         }
+        resumed
     }
 
     /// The rate the settings alone give after `tokens` (no re-warm).

@@ -40,11 +40,15 @@ fn committed(c: &mut Proc, step: u64) -> PathBuf {
 
 /// Flips one byte in the middle of the checkpoint's weights (size and mtime kept: rot).
 fn rot(dir: &Path) {
-    let path = dir.join("model.safetensors");
-    let mut bytes = std::fs::read(&path).expect("weights");
+    rot_file(&dir.join("model.safetensors"));
+}
+
+/// Flips one byte in the middle of `path`.
+fn rot_file(path: &Path) {
+    let mut bytes = std::fs::read(path).expect("weights");
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x5a;
-    std::fs::write(&path, bytes).expect("rewrite");
+    std::fs::write(path, bytes).expect("rewrite");
     println!("rotted {}", path.display());
 }
 
@@ -191,11 +195,7 @@ fn a_zero_shard_that_rots_mid_run_is_fallen_back_from() {
     w1.signal(libc::SIGKILL);
     drop((w0, w1));
     std::thread::sleep(Duration::from_millis(500));
-    let path = corrupt.join("optimizer-00001-of-00002.safetensors");
-    let mut bytes = std::fs::read(&path).expect("shard");
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x5a;
-    std::fs::write(&path, bytes).expect("rewrite");
+    rot_file(&corrupt.join("optimizer-00001-of-00002.safetensors"));
     let mut w2 = c.member("w2");
     let mut w3 = c.member("w3");
     let lines = c.complete();

@@ -152,7 +152,7 @@ impl TokenStream {
 
 impl TokenStream {
     /// Checks the ids of the windows an evaluation over at most `max_tokens` predicted tokens
-    /// reads (the first `ceil(max_tokens / seq_len)` windows); errors as [`read`](Self::read).
+    /// reads ([`eval_windows`](Self::eval_windows)); errors as [`read`](Self::read).
     pub fn check_eval_windows(&self, seq_len: u32, max_tokens: u64) -> Result<()> {
         let windows = self.eval_windows(seq_len, max_tokens);
         let mut buf = vec![0u32; seq_len as usize + 1];

@@ -63,7 +63,7 @@ pub struct TrainerState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
     /// The learning-rate re-warm the run is in, begun when it resumed under edited settings
-    /// ([`dapt_proto::schedule::LrSchedule::resumed`]); absent outside one.
+    /// ([`dapt_proto::schedule::LrSchedule::resume`]); absent outside one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewarm: Option<dapt_proto::schedule::Rewarm>,
 }

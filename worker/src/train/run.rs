@@ -590,16 +590,13 @@ pub fn restore_part(
     trainer.skipped_steps = loaded.state.skipped_steps;
     // Settings edited so that the rate would jump up (a finished job's budget raised): a
     // re-warm to the edited schedule, kept in the checkpoints until it ends.
-    let recorded = loaded.state.training.as_ref().map(|t| LrSchedule {
-        rewarm: loaded.state.rewarm,
-        ..LrSchedule::of(t)
-    });
-    trainer.schedule = trainer
-        .schedule
-        .resumed(recorded.as_ref(), loaded.state.tokens);
-    trainer
-        .schedule
-        .log_rewarm(recorded.as_ref(), training.tokens_per_step());
+    let recorded = (loaded.state.training.as_ref())
+        .map(|t| LrSchedule::of(t).with_rewarm(loaded.state.rewarm));
+    trainer.schedule = trainer.schedule.resume(
+        recorded.as_ref(),
+        loaded.state.tokens,
+        training.tokens_per_step(),
+    );
     Ok(trainer)
 }
 
