@@ -5,7 +5,8 @@
 //!
 //! Phases: `Forming` (waiting for `min_workers`) -> `Running` -> `Recovering` (a rank was lost or
 //! failed: the survivors abort the generation and confirm) -> `Running` in the next generation
-//! -> ... -> `Completed`, or `Failed` / `Stopped`.
+//! -> ... -> `Completed`, or `Failed` / `Stopped`. The operator's stop ([`Event::Stop`]) lets
+//! a running generation checkpoint the step in progress first: `Stopped` follows its commit.
 //!
 //! Exactly-once data: every rank reports the sample positions of each step; a checkpoint step
 //! is committed when every rank of the generation reported reaching it and every step before it
@@ -241,6 +242,9 @@ pub struct JobState {
     /// Held-out perplexities the ranks reported at step 0, for the next commit's
     /// [`Committed::base_perplexity`].
     pub base_evals: BTreeMap<String, f64>,
+    /// The operator asked the job to stop ([`Event::Stop`]): the ranks checkpoint the step in
+    /// progress, and its commit stops the job.
+    pub stopping: Option<Stopping>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -248,6 +252,8 @@ pub struct CheckpointVotes {
     pub ranks: BTreeSet<u32>,
     pub dir: Option<String>,
     pub digests: BTreeMap<u32, String>,
+    /// A vote said the ranks stop after this checkpoint ([`Event::Checkpoint`]'s `stop`).
+    pub stop: bool,
 }
 
 /// A worker's join request.
@@ -301,6 +307,8 @@ pub enum Event {
         rank: u32,
         dir: String,
         digest: String,
+        /// The ranks stop after this checkpoint, as [`Action::Stop`] asked.
+        stop: bool,
     },
     Aborted {
         conn: ConnId,
@@ -337,10 +345,28 @@ pub enum Event {
     },
     /// Time passes: session timeouts, the formation grace and abort deadlines.
     Tick,
-    /// The operator stops the job (Ctrl-C, SIGTERM).
+    /// The operator stops the job now (a second Ctrl-C): every rank aborts the step in flight,
+    /// and the job stops at its last commit.
     Shutdown {
         reason: String,
     },
+    /// The operator stops the job (Ctrl-C, SIGTERM): a running generation checkpoints the step in
+    /// progress and the job stops once that is committed ([`Action::Stop`]); one that is not
+    /// committed within [`stop_grace`], a job not running (forming, recovering), or a second
+    /// stop, stops at once as [`Event::Shutdown`] does.
+    Stop {
+        reason: String,
+    },
+}
+
+/// The operator's stop, waiting for the checkpoint of the step in progress.
+#[derive(Debug, Clone)]
+pub struct Stopping {
+    pub reason: String,
+    /// When the job stops at its last commit if that checkpoint is not committed by then.
+    pub deadline: Instant,
+    /// `deadline` less the request's time.
+    pub grace: Duration,
 }
 
 /// What one generation's rank is told to do.
@@ -477,6 +503,12 @@ pub enum Log {
     Stopping {
         reason: String,
     },
+    /// The operator asked the job to stop: the ranks checkpoint the step in progress first, for
+    /// at most `grace`.
+    StopRequested {
+        reason: String,
+        grace: Duration,
+    },
     /// A step passed its bound (named), was aborted, or completed after all (`stall`).
     Stall(Stall),
     /// The forgetting guard tripped: an evaluation rose past its bound.
@@ -535,6 +567,14 @@ pub enum Action {
     FallBack {
         committed: Committed,
     },
+    /// Checkpoint the step in progress and end the generation's training (the operator's
+    /// [`Event::Stop`]).
+    Stop {
+        worker: WorkerId,
+        conn: ConnId,
+        generation: Generation,
+        reason: String,
+    },
     /// The job completed: tell the worker to leave.
     Finish {
         worker: WorkerId,
@@ -570,6 +610,7 @@ impl JobState {
             benched: BTreeSet::new(),
             guard: None,
             base_evals: BTreeMap::new(),
+            stopping: None,
         }
     }
 
@@ -722,9 +763,11 @@ pub fn decide(mut state: JobState, event: Event, now: Instant) -> (JobState, Vec
             rank: _,
             dir,
             digest,
+            stop,
         } => {
             if let Some(rank) = current_rank(&state, &worker, conn, generation, &mut out) {
-                checkpoint_report(&mut state, rank, step, dir, digest, now, &mut out);
+                let vote = Vote { dir, digest, stop };
+                checkpoint_report(&mut state, rank, step, vote, now, &mut out);
             }
         }
         Event::Aborted {
@@ -831,18 +874,68 @@ pub fn decide(mut state: JobState, event: Event, now: Instant) -> (JobState, Vec
             }
         }
         Event::Tick => tick(&mut state, now, &mut out),
-        Event::Shutdown { reason } => {
-            if !state.phase.is_over() {
-                out.push(Action::Log(Log::Stopping {
-                    reason: reason.clone(),
-                }));
-                abort_ranks(&state, &reason, None, &mut out);
-                state.phase = Phase::Stopped(reason);
-            }
-        }
+        Event::Shutdown { reason } => stop_now(&mut state, reason, &mut out),
+        Event::Stop { reason } => request_stop(&mut state, reason, now, &mut out),
     }
     progress(&mut state, now, &mut out);
     (state, out)
+}
+
+/// Stops the job at its last commit: every rank aborts the step in flight.
+fn stop_now(state: &mut JobState, reason: String, out: &mut Vec<Action>) {
+    if state.phase.is_over() {
+        return;
+    }
+    out.push(Action::Log(Log::Stopping {
+        reason: reason.clone(),
+    }));
+    abort_ranks(state, &reason, None, out);
+    state.phase = Phase::Stopped(reason);
+    state.stopping = None;
+}
+
+/// The operator's stop ([`Event::Stop`]): a running generation is told to checkpoint the step in
+/// progress; anything else stops at once.
+fn request_stop(state: &mut JobState, reason: String, now: Instant, out: &mut Vec<Action>) {
+    if state.phase.is_over() {
+        return;
+    }
+    if state.stopping.is_some() || state.phase != Phase::Running {
+        // Asked again (the operator will not wait), or no generation trains: nothing to
+        // checkpoint.
+        stop_now(state, reason, out);
+        return;
+    }
+    let grace = stop_grace(state);
+    out.push(Action::Log(Log::StopRequested {
+        reason: reason.clone(),
+        grace,
+    }));
+    for w in &state.ranks {
+        if let Some(m) = state.members.get(w) {
+            out.push(Action::Stop {
+                worker: w.clone(),
+                conn: m.conn,
+                generation: state.generation,
+                reason: reason.clone(),
+            });
+        }
+    }
+    state.stopping = Some(Stopping {
+        reason,
+        deadline: now + grace,
+        grace,
+    });
+}
+
+/// How long the ranks get to checkpoint the step in progress after a stop: 30 s, plus twice a
+/// step's training time and a checkpoint's time as seen so far (30 s for a checkpoint while
+/// none was seen). A rank that takes longer (a hung peer) stops at the last commit.
+pub fn stop_grace(state: &JobState) -> Duration {
+    let step = state.step_time.unwrap_or(0.0);
+    let (total, n) = state.checkpoint_time;
+    let checkpoint = if n > 0 { total / n as f64 } else { 30.0 };
+    Duration::from_secs_f64(30.0 + 2.0 * (step + checkpoint))
 }
 
 fn join(
@@ -1127,6 +1220,14 @@ fn tick(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
             out,
         );
     }
+    if let Some(s) = state.stopping.as_ref().filter(|s| now >= s.deadline) {
+        let reason = format!(
+            "{}; the step in progress was not checkpointed within {}",
+            s.reason,
+            fmt_duration(s.grace)
+        );
+        stop_now(state, reason, out);
+    }
     if state.phase == Phase::Running {
         check_stall(state, now, out);
     }
@@ -1168,6 +1269,19 @@ fn progress(state: &mut JobState, now: Instant, out: &mut Vec<Action>) {
             world: state.world(),
             took: now.saturating_duration_since(state.took_over.unwrap_or(now)),
         }));
+    }
+    if state.phase == Phase::Recovering {
+        if let Some(s) = state.stopping.take() {
+            // A rank lost or failed while the job was stopping: no new generation to checkpoint
+            // the step; the job stops at its last commit (the ranks were told to abort).
+            let reason = format!(
+                "{}; the step in progress was not checkpointed: {}",
+                s.reason,
+                state.recovery.as_ref().map_or("", |r| r.reason.as_str())
+            );
+            stop_now(state, reason, out);
+            return;
+        }
     }
     let mut just_aborted = false;
     if state.phase == Phase::Recovering {
@@ -1444,15 +1558,23 @@ fn step_report(
     }
 }
 
+/// One rank's checkpoint report ([`Event::Checkpoint`]).
+struct Vote {
+    /// Rank 0's checkpoint directory; empty for the others.
+    dir: String,
+    digest: String,
+    stop: bool,
+}
+
 fn checkpoint_report(
     state: &mut JobState,
     rank: u32,
     step: u64,
-    dir: String,
-    digest: String,
+    vote: Vote,
     now: Instant,
     out: &mut Vec<Action>,
 ) {
+    let Vote { dir, digest, stop } = vote;
     let world = state.world();
     if step <= state.committed_step() {
         return;
@@ -1471,14 +1593,20 @@ fn checkpoint_report(
         refuse(worker, conn, refusal, out);
         return;
     }
-    let (voted, dir, digests) = {
+    let (voted, dir, digests, stop) = {
         let votes = state.checkpoints.entry(step).or_default();
         votes.ranks.insert(rank);
         votes.digests.insert(rank, digest);
+        votes.stop |= stop;
         if rank == 0 && !dir.is_empty() {
             votes.dir = Some(dir);
         }
-        (votes.ranks.len(), votes.dir.clone(), votes.digests.clone())
+        (
+            votes.ranks.len(),
+            votes.dir.clone(),
+            votes.digests.clone(),
+            votes.stop,
+        )
     };
     if voted as u32 != world {
         return;
@@ -1557,6 +1685,18 @@ fn checkpoint_report(
     }));
     if step >= state.config.total_steps {
         complete_at(state, step, &dir, out);
+        return;
+    }
+    if stop {
+        // The ranks checkpointed the step in progress and ended their training, as the
+        // operator's stop asked (a coordinator that took over since did not hear the request:
+        // the ranks stopped all the same). A mixture change committed with the step holds from
+        // it when the job is resumed.
+        let reason = state.stopping.take().map_or_else(
+            || format!("the ranks stopped at step {step} as a coordinator asked"),
+            |s| s.reason,
+        );
+        stop_now(state, reason, out);
         return;
     }
     if let Some(change) = change {

@@ -212,39 +212,48 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // Ctrl-Z stopped this process (and the coordinator in it) but not the workers, in their own
     // process group: they gave up on it, and `fg` found the job failed. A job is not paused:
-    // Ctrl-C stops it at its last committed checkpoint, and the same command resumes there.
+    // Ctrl-C stops it after the step in progress, with its checkpoint, and the same command
+    // resumes there.
     let mut sigtstp =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(libc::SIGTSTP))?;
+    // The first Ctrl-C (or SIGTERM) asks the ranks to checkpoint the step in progress and stop
+    // (the coordinator's `Stop`); a second one stops them at once, at the last commit.
+    let mut asked = false;
     let mut interrupted = false;
     let mut all_gone = false;
     let mut exited = vec![false; children.len()];
     let events = coordinator.events();
+    let mut status = coordinator.status();
     let wait = coordinator.wait();
     tokio::pin!(wait);
     let outcome = loop {
         tokio::select! {
             outcome = &mut wait => break outcome,
             _ = tokio::signal::ctrl_c(), if !interrupted => {
-                interrupted = true;
-                events.shutdown("interrupted (Ctrl-C)");
-                signal_all(&children, libc::SIGTERM);
+                stop_on_signal(&events, &children, "interrupted (Ctrl-C)", &mut asked, &mut interrupted);
             }
             _ = sigterm.recv(), if !interrupted => {
+                stop_on_signal(&events, &children, "terminated (SIGTERM)", &mut asked, &mut interrupted);
+            }
+            // Stopped after the checkpoint of the step in progress (or given up on it): the
+            // workers' training has ended, and they leave now, as at a second Ctrl-C, rather
+            // than after the coordinator's wait for their sessions to end.
+            _ = status.wait_for(|s| s.phase == "stopped" || s.phase == "failed"), if asked && !interrupted => {
                 interrupted = true;
-                events.shutdown("terminated (SIGTERM)");
                 signal_all(&children, libc::SIGTERM);
             }
             _ = sigtstp.recv() => {
                 tracing::warn!(
                     "Ctrl-Z does not pause a dapt launch job (its workers would lose the \
-                     coordinator): it goes on; Ctrl-C stops it at its last committed checkpoint, \
-                     and the same command resumes there"
+                     coordinator): it goes on; Ctrl-C stops it after the step in progress, with \
+                     its checkpoint, and the same command resumes there"
                 );
             }
             (i, status) = any_exit(&mut children, &exited), if !exited.iter().all(|&e| e) => {
                 exited[i] = true;
                 let (id, log, _) = &children[i];
-                if !status.success() {
+                // 130: it stopped on the SIGTERM sent here (a stop), as it should.
+                if !status.success() && !(interrupted && status.code() == Some(130)) {
                     tracing::warn!(worker = %id, %status, log = %log.display(), "worker exited");
                     print_tail(log);
                 }
@@ -257,9 +266,10 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
             }
         }
     };
-    // A job that ended otherwise than completed, not by a signal here (failed; every worker
-    // exited): the workers still running are told to stop now, as a Ctrl-C tells them, rather
-    // than waiting to be killed (they waited 10 s for a coordinator that had ended; an audit).
+    // A job that ended otherwise than completed and whose workers were not signalled yet
+    // (failed; every worker exited; stopped after a checkpoint of the step in progress): the
+    // workers still running are told to stop now rather than waiting to be killed (they waited
+    // 10 s for a coordinator that had ended; an audit).
     if !interrupted && !matches!(outcome, Outcome::Completed { .. }) {
         signal_all(&children, libc::SIGTERM);
     }
@@ -369,6 +379,27 @@ fn open_log(path: &Path) -> anyhow::Result<std::fs::File> {
         })
 }
 
+/// The operator's signal: the first asks the job to stop after the step in progress, with its
+/// checkpoint (the workers go on until the coordinator has committed it); the second stops the
+/// job at once, at its last commit, and passes SIGTERM on to the workers.
+fn stop_on_signal(
+    events: &server::Stopper,
+    children: &[(String, PathBuf, Child)],
+    reason: &str,
+    asked: &mut bool,
+    interrupted: &mut bool,
+) {
+    if *asked {
+        *interrupted = true;
+        events.shutdown(reason);
+        signal_all(children, libc::SIGTERM);
+    } else {
+        *asked = true;
+        events.stop(reason);
+    }
+}
+
+/// SIGTERM to every worker still running.
 fn signal_all(children: &[(String, PathBuf, Child)], signal: i32) {
     for (_, _, child) in children {
         if let Some(pid) = child.id() {

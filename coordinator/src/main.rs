@@ -437,9 +437,18 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
                 tokio::spawn(async move {
                     let mut term =
                         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => stopper.shutdown("interrupted (Ctrl-C)"),
-                        _ = term.recv() => stopper.shutdown("terminated (SIGTERM)"),
+                    // The first signal: the ranks checkpoint the step in progress, then the job
+                    // stops; the second: at once, at the last commit.
+                    for first in [true, false] {
+                        let reason = tokio::select! {
+                            _ = tokio::signal::ctrl_c() => "interrupted (Ctrl-C)",
+                            _ = term.recv() => "terminated (SIGTERM)",
+                        };
+                        if first {
+                            stopper.stop(reason);
+                        } else {
+                            stopper.shutdown(reason);
+                        }
                     }
                     anyhow::Ok(())
                 });

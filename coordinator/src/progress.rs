@@ -666,6 +666,12 @@ pub fn emit(line: Log, progress: &Progress, now: Instant) {
             reason,
         } => tracing::warn!(generation = generation.0, %worker, %reason, "recovery cause"),
         Log::Stopping { reason } => tracing::warn!(%reason, "stopping the job"),
+        Log::StopRequested { reason, grace } => tracing::warn!(
+            %reason,
+            grace = %crate::control::fmt_duration(grace),
+            "stopping the job after the step in progress, with its checkpoint (asked again: at \
+             once, at the last committed checkpoint)"
+        ),
         Log::Stall(stall) => {
             let waited = now.saturating_duration_since(stall.since);
             let (rank, peer) = match &stall.culprit {

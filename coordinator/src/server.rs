@@ -58,6 +58,7 @@ pub struct Handle {
     pub metrics_addr: Option<SocketAddr>,
     events: mpsc::UnboundedSender<Event>,
     progress: Arc<Mutex<Progress>>,
+    status: watch::Receiver<StatusReply>,
     done: tokio::task::JoinHandle<Outcome>,
 }
 
@@ -66,9 +67,17 @@ pub struct Handle {
 pub struct Stopper(mpsc::UnboundedSender<Event>);
 
 impl Stopper {
-    /// Asks the job to stop: every rank aborts the step in flight; committed checkpoints stay.
+    /// Stops the job now: every rank aborts the step in flight; committed checkpoints stay.
     pub fn shutdown(&self, reason: &str) {
         let _ = self.0.send(Event::Shutdown {
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Asks the job to stop after the step in progress, with its checkpoint committed
+    /// ([`Event::Stop`]); asked a second time, it stops at once.
+    pub fn stop(&self, reason: &str) {
+        let _ = self.0.send(Event::Stop {
             reason: reason.to_string(),
         });
     }
@@ -77,6 +86,12 @@ impl Stopper {
 impl Handle {
     pub fn events(&self) -> Stopper {
         Stopper(self.events.clone())
+    }
+
+    /// The job's status as `dapt status` reads it, as it changes (its `phase` is
+    /// [`Phase::name`]'s).
+    pub fn status(&self) -> watch::Receiver<StatusReply> {
+        self.status.clone()
     }
 
     /// The job's figures so far (for the end summary: read it after [`Handle::wait`]).
@@ -423,7 +438,7 @@ pub async fn start(
         events: events.clone(),
         sessions: sessions.clone(),
         next_conn: Arc::new(AtomicU64::new(1)),
-        status: status_rx,
+        status: status_rx.clone(),
         joined: Arc::new(serde_json::to_string(&job).expect("a job spec serializes")),
         heartbeat_ms: c.heartbeat_ms as u32,
         gate,
@@ -500,6 +515,7 @@ pub async fn start(
         metrics_addr,
         events,
         progress,
+        status: status_rx,
         done,
     })
 }
@@ -796,6 +812,18 @@ impl Executor {
             } => self.send(
                 conn,
                 coordinator_message::Kind::Abort(rpc::Abort {
+                    generation: generation.0,
+                    reason,
+                }),
+            ),
+            Action::Stop {
+                conn,
+                generation,
+                reason,
+                ..
+            } => self.send(
+                conn,
+                coordinator_message::Kind::Stop(rpc::Stop {
                     generation: generation.0,
                     reason,
                 }),
@@ -1357,6 +1385,7 @@ fn to_event(
             rank: c.rank,
             dir: clean(c.dir),
             digest: clean(c.weights_digest),
+            stop: c.stop,
         },
         Kind::Aborted(a) => Event::Aborted {
             conn,

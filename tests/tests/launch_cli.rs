@@ -271,10 +271,31 @@ fn ctrl_c_stops_the_workers_and_the_same_command_resumes() {
     std::fs::write(&job.path, spec).expect("write");
     let _serial = serial();
     let (mut proc, pids) = launch_to_first_commit(&job);
+    // A step trained past the commit: the stop checkpoints it (before, Ctrl-C stopped at the
+    // last commit and the steps since were trained again).
+    proc.wait_for("a step past the first commit", LONG, |l| {
+        let commit = events(l, "checkpoint committed")[0]["step"].as_u64();
+        commit.is_some_and(|c| losses(l).iter().any(|&(s, _)| s >= c))
+    });
     proc.signal(libc::SIGINT);
     let (status, stdout) = proc.finish(LONG);
     assert_eq!(status.code(), Some(130), "{stdout}");
     assert!(stdout.contains("last committed checkpoint"), "{stdout}");
+    let lines = proc.lines();
+    assert_eq!(
+        events(
+            &lines,
+            "stopping the job after the step in progress, with its checkpoint (asked again: at \
+             once, at the last committed checkpoint)"
+        )
+        .len(),
+        1,
+        "{}",
+        proc.stderr()
+    );
+    // Every step trained is committed: the one in progress at the Ctrl-C included.
+    let trained = losses(&lines).iter().map(|&(s, _)| s + 1).max();
+    assert!(!stdout.contains("were not committed"), "{stdout}");
     // "The same command" is this one, with its flags (it said `dapt launch JOB`, without them).
     let same = stdout
         .lines()
@@ -293,7 +314,8 @@ fn ctrl_c_stops_the_workers_and_the_same_command_resumes() {
     )
     .expect("json");
     let at = committed["step"].as_u64().expect("step");
-    assert!((5..40).contains(&at), "committed step {at}");
+    assert!((6..40).contains(&at), "committed step {at}");
+    assert_eq!(Some(at), trained, "{stdout}");
     // The base model's perplexities are committed with the step.
     let base = committed["base_perplexity"]
         .as_object()

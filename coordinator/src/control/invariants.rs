@@ -456,6 +456,7 @@ pub fn describe(event: &Event) -> String {
         } => format!("eval at step {step} of {worker} for generation {generation} on session {conn}"),
         Event::Tick => "tick".into(),
         Event::Shutdown { reason } => format!("shutdown ({reason})"),
+        Event::Stop { reason } => format!("stop after the step in progress ({reason})"),
         Event::FellBack { earlier } => format!(
             "fallback to the checkpoint of step {} ({})",
             earlier.step, earlier.dir

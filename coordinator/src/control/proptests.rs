@@ -91,6 +91,8 @@ pub(super) enum Op {
     /// the decision and its last action.
     Depose,
     Shutdown,
+    /// The operator's stop after the step in progress (Ctrl-C on `dapt launch`).
+    Stop,
 }
 
 fn worker_op(max: usize) -> impl Strategy<Value = usize> {
@@ -118,6 +120,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Depose),
         // Rarer than the rest: a shut-down job has no liveness left to check.
         1 => (0usize..8).prop_map(|r| if r == 0 { Op::Shutdown } else { Op::Heartbeat(r) }),
+        1 => (0usize..8).prop_map(|r| if r == 0 { Op::Stop } else { Op::Heartbeat(r) }),
     ]
 }
 

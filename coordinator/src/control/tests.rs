@@ -120,6 +120,11 @@ impl Sim {
     }
 
     fn checkpoint(&mut self, worker: &str, step: u64, digest: &str) -> Vec<Action> {
+        self.vote(worker, step, digest, false)
+    }
+
+    /// A checkpoint report, `stop` as the ranks agreed after an operator's stop.
+    fn vote(&mut self, worker: &str, step: u64, digest: &str, stop: bool) -> Vec<Action> {
         let s = self.state();
         let rank = s.members[&id(worker)].rank.expect("ranked");
         let generation = s.generation;
@@ -136,7 +141,21 @@ impl Sim {
                 String::new()
             },
             digest: digest.into(),
+            stop,
         })
+    }
+
+    /// Every member says it is alive.
+    fn heartbeats(&mut self) {
+        let members: Vec<(WorkerId, ConnId)> = self
+            .state()
+            .members
+            .iter()
+            .map(|(w, m)| (w.clone(), m.conn))
+            .collect();
+        for (worker, conn) in members {
+            self.send(Event::Heartbeat { conn, worker });
+        }
     }
 
     /// Every rank reports steps `from..to`, then the checkpoint at `to`.
@@ -814,6 +833,127 @@ fn shutdown_aborts_every_rank_and_stops() {
     assert_eq!(aborts(&actions), vec![id("a"), id("b")]);
     assert_eq!(sim.state().phase, Phase::Stopped("interrupted".into()));
     assert_eq!(refusal(&sim.join(9, "c")), Some(ErrorCode::JobOver));
+}
+
+fn stops(actions: &[Action]) -> Vec<WorkerId> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Stop { worker, .. } => Some(worker.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn stop(sim: &mut Sim) -> Vec<Action> {
+    sim.send(Event::Stop {
+        reason: "interrupted (Ctrl-C)".into(),
+    })
+}
+
+/// Ctrl-C on `dapt launch`: the ranks checkpoint the step in progress (they agree on it through
+/// its loss all-reduce) and the job stops once that checkpoint is committed, with the ledger of
+/// every step up to it; before, it stopped at the last commit and lost the steps since.
+#[test]
+fn a_stop_commits_the_step_in_progress_then_stops_the_job() {
+    let mut sim = formed();
+    sim.train(0, 4);
+    for s in 4..6 {
+        sim.step("a", s);
+        sim.step("b", s);
+    }
+    let actions = stop(&mut sim);
+    assert_eq!(stops(&actions), vec![id("a"), id("b")]);
+    assert!(aborts(&actions).is_empty(), "{actions:?}");
+    assert_eq!(sim.state().phase, Phase::Running);
+    for w in ["a", "b"] {
+        sim.step(w, 6);
+    }
+    let first = sim.vote("a", 7, "abc", true);
+    assert!(first.iter().all(|a| !matches!(a, Action::Commit { .. })));
+    assert_eq!(sim.state().phase, Phase::Running);
+    let actions = sim.vote("b", 7, "abc", true);
+    let Some(Action::Commit { committed, ledger }) = actions.first() else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(committed.step, 7);
+    assert_eq!(ledger.iter().map(|e| e.step).min(), Some(4));
+    assert_eq!(ledger.len(), 6, "steps 4, 5 and 6 of both ranks");
+    assert_eq!(
+        sim.state().phase,
+        Phase::Stopped("interrupted (Ctrl-C)".into())
+    );
+    assert!(sim.state().stopping.is_none());
+    assert!(assignments(&actions).is_empty(), "{actions:?}");
+    assert_eq!(refusal(&sim.join(9, "c")), Some(ErrorCode::JobOver));
+}
+
+#[test]
+fn a_second_stop_or_one_while_no_generation_trains_stops_at_once() {
+    let mut sim = formed();
+    sim.train(0, 4);
+    stop(&mut sim);
+    let actions = stop(&mut sim);
+    assert_eq!(aborts(&actions), vec![id("a"), id("b")]);
+    assert!(matches!(sim.state().phase, Phase::Stopped(_)));
+    assert_eq!(sim.state().committed_step(), 4);
+
+    // Forming (one worker of min 1 joined, inside the formation grace): nothing to checkpoint.
+    let mut sim = Sim::new(config());
+    sim.join(1, "a");
+    assert_eq!(sim.state().phase, Phase::Forming);
+    let actions = stop(&mut sim);
+    assert!(stops(&actions).is_empty(), "{actions:?}");
+    assert!(matches!(sim.state().phase, Phase::Stopped(_)));
+}
+
+#[test]
+fn a_stop_whose_checkpoint_does_not_come_stops_at_the_last_commit_after_its_grace() {
+    let mut sim = formed();
+    sim.train(0, 4);
+    sim.at(1.0);
+    stop(&mut sim);
+    let grace = sim.state().stopping.as_ref().expect("stopping").grace;
+    assert_eq!(grace, stop_grace(sim.state()));
+    assert!(grace >= Duration::from_secs(30), "{grace:?}");
+    // The ranks heartbeat (alive) but never report the checkpoint (a hung peer).
+    let mut t = 1.0;
+    while t < 1.0 + grace.as_secs_f64() - 1.0 {
+        t += 1.0;
+        sim.at(t).heartbeats();
+        sim.send(Event::Tick);
+    }
+    assert_eq!(sim.state().phase, Phase::Running);
+    sim.at(t + 2.0).heartbeats();
+    let actions = sim.send(Event::Tick);
+    assert_eq!(aborts(&actions), vec![id("a"), id("b")]);
+    let Phase::Stopped(reason) = &sim.state().phase else {
+        panic!("{:?}", sim.state().phase)
+    };
+    assert!(
+        reason
+            .starts_with("interrupted (Ctrl-C); the step in progress was not checkpointed within"),
+        "{reason}"
+    );
+    assert_eq!(sim.state().committed_step(), 4);
+}
+
+#[test]
+fn a_rank_lost_while_stopping_stops_the_job_at_the_last_commit_without_re_forming() {
+    let mut sim = formed();
+    sim.train(0, 4);
+    stop(&mut sim);
+    let conn = sim.conn("b");
+    let actions = sim.send(Event::Disconnected {
+        conn,
+        worker: id("b"),
+    });
+    assert!(assignments(&actions).is_empty(), "{actions:?}");
+    let Phase::Stopped(reason) = &sim.state().phase else {
+        panic!("{:?}", sim.state().phase)
+    };
+    assert!(reason.contains("b lost"), "{reason}");
+    assert_eq!(sim.state().committed_step(), 4);
 }
 
 #[test]

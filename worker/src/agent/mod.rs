@@ -3,8 +3,10 @@
 //! It joins, sends heartbeats, and runs each generation's training on an OS thread
 //! ([`rank::train`]) off the async runtime. An assignment replaces the running generation; an
 //! abort order fires the ring's abort handle, waits for the thread to stop and confirms; a
-//! finish ends the agent. Ctrl-C or SIGTERM aborts the step in flight and exits: the last
-//! committed checkpoint stays as it was. A session lost without a refusal is joined again: under
+//! finish ends the agent. A stop order (the operator stopping the job at the coordinator) sets
+//! the generation's stop flag: its ranks checkpoint the step in progress and end their training
+//! ([`rank::train`]). Ctrl-C or SIGTERM on the worker itself aborts the step in flight and exits:
+//! the last committed checkpoint stays as it was. A session lost without a refusal is joined again: under
 //! etcd membership by re-attaching to the next leader, under embedded membership by joining the
 //! same coordinator anew (for `--connect-timeout-s`).
 
@@ -12,7 +14,7 @@ mod lease;
 pub mod rank;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,6 +88,8 @@ struct Generation {
     generation: u64,
     rank: u32,
     abort: AbortHandle,
+    /// Set by the coordinator's `Stop`: read by the training thread at each step.
+    stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -298,6 +302,14 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
                     generation: a.generation,
                 }));
             }
+            coordinator_message::Kind::Stop(s) => match &current {
+                Some(g) if g.generation == s.generation => {
+                    tracing::warn!(generation = s.generation, reason = %auth::printable(&s.reason), "stopping after the step in progress, with its checkpoint");
+                    g.stop.store(true, Ordering::SeqCst);
+                }
+                // Another generation's: its abort, or the next assignment, follows.
+                _ => {}
+            },
             coordinator_message::Kind::Finish(f) => {
                 break Ok(AgentExit::Finished {
                     step: f.step,
@@ -418,13 +430,15 @@ fn start(
     send: impl Fn(Kind) + Send + 'static,
 ) -> Generation {
     let abort = AbortHandle::new();
+    let stop = Arc::new(AtomicBool::new(false));
     let generation = a.generation;
     let rank = a.rank;
-    let (job, listener, progress, thread_abort) = (
+    let (job, listener, progress, thread_abort, thread_stop) = (
         job.clone(),
         listener.clone(),
         progress.clone(),
         abort.clone(),
+        stop.clone(),
     );
     let thread = std::thread::Builder::new()
         .name(format!("train-g{generation}"))
@@ -438,6 +452,7 @@ fn start(
                     placement,
                     &listener,
                     &thread_abort,
+                    &thread_stop,
                     &progress,
                     &send,
                 )
@@ -455,7 +470,14 @@ fn start(
                 })
             });
             match result {
-                Ok(()) => tracing::info!(generation, "generation's training done"),
+                Ok(rank::RankEnd::Done) => tracing::info!(generation, "generation's training done"),
+                Ok(rank::RankEnd::Stopped { step }) => {
+                    tracing::info!(
+                        generation,
+                        step,
+                        "stopped as the coordinator asked, with this step's checkpoint"
+                    )
+                }
                 Err(RankError::Aborted) => tracing::info!(generation, "training aborted"),
                 Err(RankError::Failed {
                     message,
@@ -480,6 +502,7 @@ fn start(
         generation,
         rank,
         abort,
+        stop,
         thread,
     }
 }

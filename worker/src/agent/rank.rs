@@ -10,12 +10,14 @@
 //! socket) and the TCP ring, already connected, carries the 128 bytes to the other ranks: only
 //! after the ring's handshake proved every neighbour a member of the job (the ring key, derived
 //! from the job's token), so a stranger never learns the id. The ring also carries each step's
-//! loss. The coordinator's abort fires the communicator's abort.
+//! loss, and with it whether the coordinator asked this rank to stop (`Stop`): a rank told so
+//! contributes a 1 beside its loss, so every rank learns of it in the same step, checkpoints that
+//! step and ends its training. The coordinator's abort fires the communicator's abort.
 
 use std::cell::RefCell;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -95,16 +97,30 @@ pub struct Placement {
     pub peak_flops: Option<f64>,
 }
 
-/// Trains `a` to the job's end. `report` sends a message to the coordinator.
+/// How a generation's training ended well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RankEnd {
+    /// The job's last step is trained (and its checkpoint written).
+    Done,
+    /// The coordinator asked the ranks to stop (`stop`): this step's checkpoint is written and
+    /// voted with `CheckpointReport.stop`.
+    Stopped { step: u64 },
+}
+
+/// Trains `a` to the job's end, or until `stop` is set (the coordinator's `Stop`): then the
+/// ranks agree on the step through its loss all-reduce, checkpoint it and end. `report` sends a
+/// message to the coordinator.
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     job: &JobSpec,
     a: &Assignment,
     placement: Placement,
     listener: &RingListener,
     abort: &AbortHandle,
+    stop: &AtomicBool,
     progress: &Arc<Progress>,
     report: &dyn Fn(Kind),
-) -> Result<(), RankError> {
+) -> Result<RankEnd, RankError> {
     progress.begin_generation(a.generation, a.resume_step);
     let training = job
         .training
@@ -304,16 +320,24 @@ pub fn train(
                 WorkerError::Collective(e) => collective_error(e, abort),
                 e => RankError::worker(e),
             })?;
-        let mut loss_buf = [loss as f32];
+        // The loss's mean, and beside it whether any rank was asked to stop (a mean above 0):
+        // every rank reads the same pair, so all of them stop after the same step.
+        let asked = if stop.load(Ordering::SeqCst) {
+            1.0
+        } else {
+            0.0
+        };
+        let mut loss_buf = [loss as f32, asked];
         ring.borrow_mut()
             .all_reduce_mean(&mut loss_buf)
             .map_err(|e| collective_error(e, abort))?;
         let train_time = started.elapsed();
         let done = trainer.step();
         progress.step.store(done, Ordering::Relaxed);
+        let stopping = loss_buf[1] > 0.0 && done < total;
         let evaluate_now =
             done == total || (training.eval_every > 0 && done.is_multiple_of(training.eval_every));
-        let checkpoint_now = done.is_multiple_of(job.checkpoint.every) || done == total;
+        let checkpoint_now = done.is_multiple_of(job.checkpoint.every) || done == total || stopping;
         let mut eval_time = Duration::ZERO;
         if evaluate_now {
             progress.set_phase(RankPhase::Evaluate);
@@ -402,6 +426,7 @@ pub fn train(
                 rank: a.rank,
                 dir,
                 weights_digest: digest(&host.weights),
+                stop: stopping,
             });
             checkpoint_time = t.elapsed().saturating_sub(waited);
         }
@@ -431,8 +456,11 @@ pub fn train(
         if let Some(vote) = vote {
             report(Kind::Checkpoint(vote));
         }
+        if stopping {
+            return Ok(RankEnd::Stopped { step: done });
+        }
     }
-    Ok(())
+    Ok(RankEnd::Done)
 }
 
 /// Whether the checkpoint in `dir` lists this rank's shard `name` with the SHA-256 it wrote.

@@ -46,6 +46,8 @@ struct Worker {
     diverge: bool,
     last_report: Option<Event>,
     finished: bool,
+    /// Its generation's training ended at the operator's stop (`World::stop_at`).
+    stopped: bool,
 }
 
 pub(super) struct World {
@@ -61,6 +63,10 @@ pub(super) struct World {
     durable_ledger: Vec<LedgerEntry>,
     record: Option<GenerationRecord>,
     shut_down: bool,
+    /// Per generation, the steps done at which its ranks stop (`Action::Stop`): the first step
+    /// every rank of it begins after the first order arrived, as the real ranks agree on it
+    /// through the step's loss all-reduce.
+    stop_at: BTreeMap<u64, u64>,
     /// The highest generation any coordinator assigned.
     highest_assigned: u64,
     /// etcd: the leader loses its leadership when it next records a generation.
@@ -111,6 +117,7 @@ impl World {
             record: None,
             files: None,
             shut_down: false,
+            stop_at: BTreeMap::new(),
             highest_assigned: 0,
             depose_at_next_record: false,
             trace: Vec::new(),
@@ -130,6 +137,7 @@ impl World {
                 diverge: false,
                 last_report: None,
                 finished: false,
+                stopped: false,
             };
             w.outbox.push_back(join(&w, i, None));
             world.workers.push(w);
@@ -272,6 +280,7 @@ impl World {
             Action::Assign { conn, .. }
             | Action::Abort { conn, .. }
             | Action::Finish { conn, .. }
+            | Action::Stop { conn, .. }
             | Action::RefuseJoin { conn, .. } => self.order(conn, Order::Action(action)),
             Action::Drop { conn, .. } => self.order(conn, Order::SessionEnded(conn)),
             Action::Accept { .. }
@@ -329,6 +338,7 @@ impl World {
             let w = &mut self.workers[i];
             match order {
                 Order::Action(Action::Assign { assignment, .. }) => {
+                    w.stopped = false;
                     w.next_step = assignment.resume_step;
                     w.current = Some(assignment);
                     w.replay.clear();
@@ -356,6 +366,25 @@ impl World {
                         worker: w.id.clone(),
                     };
                     w.outbox.push_back(event);
+                }
+                Order::Action(Action::Stop { generation, .. }) => {
+                    if w.current
+                        .as_ref()
+                        .is_some_and(|a| a.generation == generation)
+                    {
+                        let done = 1 + self
+                            .workers
+                            .iter()
+                            .filter(|o| {
+                                o.current
+                                    .as_ref()
+                                    .is_some_and(|a| a.generation == generation)
+                            })
+                            .map(|o| o.next_step)
+                            .max()
+                            .unwrap_or(0);
+                        self.stop_at.entry(generation.0).or_insert(done);
+                    }
                 }
                 Order::Action(Action::RefuseJoin { .. }) => {
                     // The agent exits on a refused join.
@@ -407,8 +436,12 @@ impl World {
     fn train(&mut self, i: usize) {
         let etcd = self.setup.membership == Membership::Etcd;
         let (batch, every) = (self.setup.global_batch, self.setup.every);
+        let stop_at = self.workers[i]
+            .current
+            .as_ref()
+            .and_then(|a| self.stop_at.get(&a.generation.0).copied());
         let w = &mut self.workers[i];
-        if !w.alive || w.hung {
+        if !w.alive || w.hung || w.stopped {
             return;
         }
         let Some(a) = w.current.clone() else {
@@ -454,7 +487,8 @@ impl World {
                 tokens: 100,
             });
         }
-        if done.is_multiple_of(every) || done == a.total_steps {
+        let stop = stop_at == Some(done) && done < a.total_steps;
+        if done.is_multiple_of(every) || done == a.total_steps || stop {
             let digest = if std::mem::take(&mut w.diverge) {
                 format!("diverged-{}", w.id)
             } else {
@@ -472,12 +506,15 @@ impl World {
                     String::new()
                 },
                 digest,
+                stop,
             };
             w.outbox.push_back(report.clone());
             if etcd {
                 w.replay.push(report.clone());
             }
             w.last_report = Some(report);
+            // Its training ends with the stop's checkpoint.
+            w.stopped = stop;
         }
     }
 
@@ -538,6 +575,7 @@ impl World {
                         diverge: false,
                         last_report: None,
                         finished: false,
+                        stopped: false,
                     };
                     let event = join(w, i, None);
                     w.outbox.push_back(event);
@@ -613,6 +651,12 @@ impl World {
             Op::Shutdown => {
                 self.shut_down = true;
                 self.decide(Event::Shutdown {
+                    reason: "interrupted".into(),
+                })?;
+            }
+            Op::Stop => {
+                self.shut_down = true;
+                self.decide(Event::Stop {
                     reason: "interrupted".into(),
                 })?;
             }
@@ -704,7 +748,8 @@ impl World {
                 self.apply(&Op::Restart(i))?;
             }
         }
-        for _round in 0..(40 + 4 * self.setup.total_steps) {
+        // (+100: an operator's stop waits up to its grace, ~90 s here, for a checkpoint.)
+        for _round in 0..(140 + 4 * self.setup.total_steps) {
             if self.state().phase.is_over() {
                 break;
             }
@@ -801,6 +846,10 @@ fn set_conn(event: &mut Event, to: ConnId) {
         | Event::Aborted { conn, .. }
         | Event::Failed { conn, .. }
         | Event::Eval { conn, .. } => *conn = to,
-        Event::Expired { .. } | Event::Tick | Event::Shutdown { .. } | Event::FellBack { .. } => {}
+        Event::Expired { .. }
+        | Event::Tick
+        | Event::Shutdown { .. }
+        | Event::Stop { .. }
+        | Event::FellBack { .. } => {}
     }
 }
