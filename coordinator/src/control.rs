@@ -56,6 +56,9 @@ pub struct ControlConfig {
     pub eval_every: u64,
     /// A checkpoint every this many steps and at the last (`checkpoint.every`), for the ETA.
     pub checkpoint_every: u64,
+    /// The job's corpus sources by name: a held-out evaluation of any other is refused (its name
+    /// becomes a `/metrics` label, a dashboard series and a guard reading).
+    pub sources: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -678,6 +681,17 @@ impl JobState {
         self.committed.as_ref().map_or(0, |c| c.step)
     }
 
+    /// [`Phase::name`], or `stopping` while a running generation checkpoints the step in
+    /// progress for the operator's stop ([`Event::Stop`]): what `dapt status`, the dashboard and
+    /// `/metrics` show.
+    pub fn phase_name(&self) -> &'static str {
+        if self.phase == Phase::Running && self.stopping.is_some() {
+            "stopping"
+        } else {
+            self.phase.name()
+        }
+    }
+
     fn world(&self) -> u32 {
         self.ranks.len() as u32
     }
@@ -846,7 +860,26 @@ pub fn decide(mut state: JobState, event: Event, now: Instant) -> (JobState, Vec
             perplexity,
             tokens,
         } => {
-            if current_rank(&state, &worker, conn, generation, &mut out).is_some() {
+            let rank = current_rank(&state, &worker, conn, generation, &mut out);
+            if rank.is_some() && !state.config.sources.contains(&source) {
+                // A member holds the token, but a name that is not the job's is no evaluation:
+                // `/metrics` wrote it into a label as it came (quotes and newlines included, a
+                // forged metric), and every new name grew the registry for the job's life.
+                let refusal = Refusal::new(
+                    ErrorCode::Invalid,
+                    format!(
+                        "evaluation of `{source}`, which is not a source of the job ({})",
+                        state
+                            .config
+                            .sources
+                            .iter()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+                refuse(worker, conn, refusal, &mut out);
+            } else if rank.is_some() {
                 out.push(Action::Log(Log::Eval {
                     step,
                     source: source.clone(),

@@ -94,6 +94,10 @@ pub struct Guard {
     pub schedule: Vec<MixtureChange>,
     /// The step of the checkpoint a `stop` ended the job at.
     pub stopped_at: Option<u64>,
+    /// The job's last step (`training.tokens`), when it has a `training:` section: a trip there
+    /// leaves no step to train under a new mixture.
+    #[serde(skip)]
+    final_step: Option<u64>,
 }
 
 impl Guard {
@@ -133,6 +137,7 @@ impl Guard {
             replay_share: 0.0,
             schedule: Vec::new(),
             stopped_at: None,
+            final_step: job.training.map(|t| t.steps()),
         };
         guard.committed_schedule(schedule);
         Some(guard)
@@ -228,7 +233,7 @@ impl Guard {
                         .to_string(),
                 ),
             },
-            GuardAction::Rebalance => (Verdict::Continue, self.rebalance()),
+            GuardAction::Rebalance => (Verdict::Continue, self.rebalance(step)),
         };
         let trip = Trip {
             step,
@@ -248,11 +253,20 @@ impl Guard {
         (verdict, Some(trip))
     }
 
-    /// Decides new weights (kept in `pending` for the next commit) and says what it did.
-    fn rebalance(&mut self) -> String {
+    /// Decides new weights (kept in `pending` for the next commit) and says what it did, after
+    /// a trip at `step`.
+    fn rebalance(&mut self, step: u64) -> String {
         let Some(r) = self.rebalance else {
             return "no rebalance settings".into();
         };
+        if self.final_step.is_some_and(|last| step >= last) {
+            // It said "raising the replay share ... from the next committed step", and that
+            // commit was the job's last: nothing trained under it.
+            return format!(
+                "step {step} is the job's last: no step is left to train under a raised replay \
+                 share (raise training.tokens to train further; the same trip raises it then)"
+            );
+        }
         if let Some(pending) = &self.pending {
             let share = self.share_of_replay(pending);
             return format!(
@@ -374,6 +388,22 @@ mod tests {
         // A second step-0 reading (a re-formation before the first commit) keeps the first base.
         g.observe(0, "web", 120.0, None);
         assert_eq!(g.bases()["web"], 100.0);
+    }
+
+    /// A trip at the job's last step changes no mixture: nothing would train under it (it said
+    /// "raising the replay share ... from the next committed step", and that was the last).
+    #[test]
+    fn a_rebalance_trip_at_the_last_step_changes_nothing() {
+        let settings = "  rebalance:\n    factor: 2\n    cap: 0.3\n    floor: 0.1\n";
+        let job = job("rebalance", settings);
+        let last = job.training.expect("training").steps();
+        let mut g = Guard::new(&job, &BTreeMap::new(), &[]).expect("guard");
+        g.observe(0, "web", 100.0, None);
+        let (_, trip) = g.observe(last, "web", 150.0, Some(last - 1));
+        let outcome = trip.expect("a trip").outcome;
+        assert!(outcome.contains("the job's last"), "{outcome}");
+        assert_eq!(g.pending, None);
+        assert_eq!(g.take_change(last), None);
     }
 
     #[test]

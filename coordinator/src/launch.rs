@@ -253,7 +253,8 @@ pub async fn launch(mut job: JobSpec, options: LaunchOptions) -> anyhow::Result<
                 exited[i] = true;
                 let (id, log, _) = &children[i];
                 // 130: it stopped on the SIGTERM sent here (a stop), as it should.
-                if !status.success() && !(interrupted && status.code() == Some(130)) {
+                let stopped_as_asked = interrupted && status.code() == Some(130);
+                if !(status.success() || stopped_as_asked) {
                     tracing::warn!(worker = %id, %status, log = %log.display(), "worker exited");
                     print_tail(log);
                 }

@@ -50,10 +50,11 @@ struct StallLabel {
 }
 
 /// The phases a job can be in (`Phase::name`), each a series of `dapt_phase`.
-const PHASES: [&str; 7] = [
+const PHASES: [&str; 8] = [
     "forming",
     "re-attaching",
     "running",
+    "stopping",
     "recovering",
     "completed",
     "failed",

@@ -334,6 +334,13 @@ pub async fn start(
         },
         eval_every: training.eval_every,
         checkpoint_every: job.checkpoint.every,
+        sources: job
+            .corpus
+            .sources
+            .0
+            .iter()
+            .map(|s| s.name.to_string())
+            .collect(),
     };
     if let Some(committed) = &committed {
         tracing::info!(
@@ -925,7 +932,7 @@ fn snapshot(state: &JobState) -> StatusReply {
     let last = state.last_step.as_ref();
     StatusReply {
         job: state.config.job.clone(),
-        phase: state.phase.name().to_string(),
+        phase: state.phase_name().to_string(),
         generation: state.generation.0,
         members: state
             .members

@@ -2,12 +2,13 @@
 //! device of a node; the node is the unit of failure), the Slurm batch script, and the
 //! Kubernetes manifests against the Kubernetes API schemas.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use dapt_tests::{
     alive, binary, check_ledger, coordinator, events, free_port, free_port_run, repo_root, serial,
-    write_job, Cluster, Proc, BATCH, LONG,
+    write_job, Cluster, Job, Proc, BATCH, LONG,
 };
 
 const TWO: &str = "cluster:\n  min_workers: 2\n  max_workers: 2\n  session_timeout_ms: 2000\n";
@@ -175,27 +176,27 @@ done
 exit $status
 "#;
 
-/// `deploy/slurm/dapt.sbatch` as the batch step of a two-node allocation: it prepares the
-/// corpus, runs the coordinator, and `srun` (the shim above: there is no Slurm here) runs
-/// `dapt-node.sh` on each node.
-#[test]
-fn the_slurm_batch_script_runs_the_job_over_its_nodes() {
+/// `deploy/slurm/dapt.sbatch` of job `name` (`steps` steps) as the batch step of a two-node
+/// allocation, run from a submit folder (`dir/submit`), with `srun` the shim above.
+fn slurm_batch(dir: &Path, name: &str, steps: u64) -> (Command, Job) {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let shim = dir.path().join("bin");
+    let shim = dir.join("bin");
     std::fs::create_dir_all(&shim).expect("shim dir");
     std::fs::write(shim.join("srun"), SRUN).expect("srun");
     std::fs::set_permissions(shim.join("srun"), std::fs::Permissions::from_mode(0o755))
         .expect("chmod");
-    let job = write_job(dir.path(), "slurm", 12, TWO);
+    let job = write_job(dir, name, steps, TWO);
     // checkpoint.dir relative to the job file, with a comment, submitted from another folder:
     // the script put the logs in `<submit dir>/ck-slurm   # beside the job/logs` (an audit).
     let yaml = std::fs::read_to_string(&job.path).expect("job");
     let absolute = format!("dir: {}\n", job.checkpoints.display());
     assert!(yaml.contains(&absolute), "{yaml}");
-    let yaml = yaml.replace(&absolute, "dir: \"ck-slurm\"   # beside the job\n");
+    let yaml = yaml.replace(
+        &absolute,
+        &format!("dir: \"ck-{name}\"   # beside the job\n"),
+    );
     std::fs::write(&job.path, yaml).expect("job");
-    let submit = dir.path().join("submit");
+    let submit = dir.join("submit");
     std::fs::create_dir_all(&submit).expect("submit dir");
     let bin_dir = binary("dapt").parent().expect("bin dir").to_path_buf();
     let path = format!(
@@ -203,7 +204,6 @@ fn the_slurm_batch_script_runs_the_job_over_its_nodes() {
         shim.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let _serial = serial();
     let mut cmd = Command::new(repo_root().join("deploy/slurm/dapt.sbatch"));
     cmd.arg(&job.path)
         .current_dir(&submit)
@@ -220,6 +220,18 @@ fn the_slurm_batch_script_runs_the_job_over_its_nodes() {
         .env("DAPT_HOST", "127.0.0.1")
         .env("DAPT_LOG_FORMAT", "json")
         .env("RAYON_NUM_THREADS", "1");
+    (cmd, job)
+}
+
+/// `deploy/slurm/dapt.sbatch` as the batch step of a two-node allocation: it prepares the
+/// corpus, runs the coordinator, and `srun` (the shim above: there is no Slurm here) runs
+/// `dapt-node.sh` on each node.
+#[test]
+fn the_slurm_batch_script_runs_the_job_over_its_nodes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cmd, job) = slurm_batch(dir.path(), "slurm", 12);
+    let submit = dir.path().join("submit");
+    let _serial = serial();
     let mut batch = Proc::spawn(cmd);
     let (status, _) = batch.finish(LONG);
     assert!(status.success(), "{status}\n{}", batch.stderr());
@@ -240,6 +252,59 @@ fn the_slurm_batch_script_runs_the_job_over_its_nodes() {
     assert!(
         strays.is_empty(),
         "written in the submit folder: {strays:?}"
+    );
+}
+
+/// SIGTERM to the batch script alone (`scancel --batch`, or the header's `--signal=B:TERM@300`
+/// before the time limit): the coordinator checkpoints the step in progress, commits it and
+/// stops, then the nodes are stopped; every step trained is committed. Before, the script
+/// signalled the coordinator and the nodes together and the job stopped at its last commit.
+#[test]
+fn sigterm_to_the_slurm_batch_script_commits_the_step_in_progress() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cmd, job) = slurm_batch(dir.path(), "slurmstop", 400);
+    let _serial = serial();
+    let mut batch = Proc::spawn(cmd);
+    batch.wait_for("a step past the first commit", LONG, |l| {
+        let commit = events(l, "checkpoint committed")
+            .first()
+            .and_then(|c| c["step"].as_u64());
+        commit.is_some_and(|c| {
+            events(l, "step")
+                .iter()
+                .any(|f| f["step"].as_u64().is_some_and(|s| s >= c))
+        })
+    });
+    let started = std::time::Instant::now();
+    batch.signal(libc::SIGTERM);
+    let (status, _) = batch.finish(LONG);
+    println!("stopped in {:?}", started.elapsed());
+    assert_eq!(status.code(), Some(130), "{}", batch.stderr());
+    let lines = batch.lines();
+    let trained = events(&lines, "step")
+        .iter()
+        .filter_map(|f| f["step"].as_u64())
+        .max()
+        .expect("steps")
+        + 1;
+    let committed: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(job.checkpoints.join("committed.json")).expect("committed.json"),
+    )
+    .expect("json");
+    assert_eq!(
+        committed["step"].as_u64(),
+        Some(trained),
+        "{}",
+        batch.stderr()
+    );
+    assert!(trained < 400);
+    check_ledger(&job.checkpoints.join("ledger.jsonl"), trained * BATCH).expect("ledger");
+    assert!(
+        batch
+            .stderr()
+            .contains("dapt.sbatch: coordinator exited with status 130"),
+        "{}",
+        batch.stderr()
     );
 }
 

@@ -21,6 +21,7 @@ fn config() -> ControlConfig {
         stall: StallConfig::default(),
         eval_every: 0,
         checkpoint_every: 5,
+        sources: ["held-out".to_string(), "legal".to_string()].into(),
     }
 }
 
@@ -866,6 +867,7 @@ fn a_stop_commits_the_step_in_progress_then_stops_the_job() {
     assert_eq!(stops(&actions), vec![id("a"), id("b")]);
     assert!(aborts(&actions).is_empty(), "{actions:?}");
     assert_eq!(sim.state().phase, Phase::Running);
+    assert_eq!(sim.state().phase_name(), "stopping");
     for w in ["a", "b"] {
         sim.step(w, 6);
     }
@@ -954,6 +956,37 @@ fn a_rank_lost_while_stopping_stops_the_job_at_the_last_commit_without_re_formin
     };
     assert!(reason.contains("b lost"), "{reason}");
     assert_eq!(sim.state().committed_step(), 4);
+}
+
+/// A member's evaluation of a source the job does not have is refused: its name went into a
+/// `/metrics` label as it came (a quote and a newline forged a metric), and each new name grew
+/// the registry.
+#[test]
+fn an_evaluation_of_a_source_that_is_not_the_jobs_is_refused() {
+    let mut sim = formed();
+    let conn = sim.conn("a");
+    let eval = |sim: &mut Sim, source: &str| {
+        sim.send(Event::Eval {
+            conn,
+            worker: id("a"),
+            generation: Generation(1),
+            step: 0,
+            source: source.into(),
+            perplexity: 12.0,
+            tokens: 100,
+        })
+    };
+    let logged = |actions: &[Action]| {
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Log(Log::Eval { .. })))
+    };
+    let actions = eval(&mut sim, "legal");
+    assert!(logged(&actions), "{actions:?}");
+    let actions = eval(&mut sim, "x\"} 1\ndapt_forged 9\n#");
+    assert!(!logged(&actions), "{actions:?}");
+    assert_eq!(refusal(&actions), Some(ErrorCode::Invalid));
+    assert!(!sim.state().base_evals.keys().any(|k| k.starts_with('x')));
 }
 
 #[test]

@@ -818,6 +818,7 @@ fn config(setup: &Setup) -> ControlConfig {
         stall: StallConfig::default(),
         eval_every: 0,
         checkpoint_every: 5,
+        sources: ["held-out".to_string()].into(),
     }
 }
 
