@@ -1,6 +1,6 @@
 //! etcd membership over the real binaries and a real etcd (Debian's `etcd-server`, started per
 //! test on free ports): a hung worker is dropped when its lease expires, a worker stopped with
-//! SIGTERM leaves at once, a standby coordinator takes over from a killed leader while the
+//! SIGTERM leaves at once (also while it joins a lost coordinator again), a standby coordinator takes over from a killed leader while the
 //! workers keep training, an etcd outage longer than the lease is ridden out without a
 //! re-formation or a second leader, and two jobs share one etcd without seeing each other.
 
@@ -596,4 +596,41 @@ fn the_workers_finish_only_once_etcd_holds_the_last_commit() {
     let (status, _) = w0.finish(LONG);
     assert!(status.success(), "{status}");
     check_etcd_ledger(&etcd, "durable", steps);
+}
+
+/// A worker whose coordinator is gone (SIGKILLed, and nobody else leads) keeps trying to join
+/// again for `--connect-timeout-s`; SIGTERM then ends it at once with status 130, under embedded
+/// membership (joining the same coordinator again) and etcd membership (re-attaching to the
+/// next leader) alike. It used to ignore the signal until the timeout ran out: a stopped Slurm
+/// job's batch script waited ten minutes on its nodes.
+#[test]
+fn a_worker_joining_a_lost_coordinator_again_stops_at_once_on_sigterm() {
+    let etcd = Etcd::start();
+    for membership in ["embedded", "etcd"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _serial = serial();
+        let cluster = match membership {
+            "etcd" => cluster_yaml(&etcd, 120_000),
+            _ => "cluster:\n  min_workers: 1\n".to_string(),
+        };
+        let mut c = coordinator(dir.path(), &format!("rejoin-{membership}"), 400, &cluster);
+        let mut worker = Command::new(binary("dapt-worker"));
+        worker.args(["--connect-timeout-s", "600"]);
+        let mut w = c.member_from(worker, "w0");
+        c.wait_step(2);
+        c.coordinator.signal(libc::SIGKILL);
+        w.wait_for("the worker to lose its coordinator", LONG, |l| {
+            !events(l, "lost the session with the coordinator; joining it again").is_empty()
+                || !events(l, "lost the coordinator; re-attaching to the next leader").is_empty()
+        });
+        // Well into its retries.
+        std::thread::sleep(Duration::from_secs(1));
+        let sent = Instant::now();
+        w.signal(libc::SIGTERM);
+        let (status, _) = w.finish(Duration::from_secs(30));
+        let took = sent.elapsed();
+        println!("{membership}: SIGTERM to exit while joining again: {took:?}");
+        assert_eq!(status.code(), Some(130), "{membership}: {}", w.stderr());
+        assert!(took < Duration::from_secs(10), "{membership}: {took:?}");
+    }
 }

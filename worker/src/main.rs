@@ -721,7 +721,9 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             Ok(())
         }
         AgentExit::Interrupted => {
-            tracing::warn!("interrupted: the step in flight was aborted");
+            tracing::warn!(
+                "interrupted: a step in flight was aborted; the last committed checkpoint stands"
+            );
             // The conventional status of a process stopped by a signal it handled.
             std::process::exit(130);
         }

@@ -5,10 +5,11 @@
 //! abort order fires the ring's abort handle, waits for the thread to stop and confirms; a
 //! finish ends the agent. A stop order (the operator stopping the job at the coordinator) sets
 //! the generation's stop flag: its ranks checkpoint the step in progress and end their training
-//! ([`rank::train`]). Ctrl-C or SIGTERM on the worker itself aborts the step in flight and exits:
-//! the last committed checkpoint stays as it was. A session lost without a refusal is joined again: under
-//! etcd membership by re-attaching to the next leader, under embedded membership by joining the
-//! same coordinator anew (for `--connect-timeout-s`).
+//! ([`rank::train`]). Ctrl-C or SIGTERM on the worker itself aborts the step in flight and exits
+//! (status 130), whatever the agent is waiting on, joining again included: the last committed
+//! checkpoint stays as it was. A session lost without a refusal is joined again: under etcd
+//! membership by re-attaching to the next leader, under embedded membership by joining the same
+//! coordinator anew (for `--connect-timeout-s`).
 
 mod lease;
 pub mod rank;
@@ -93,6 +94,40 @@ struct Generation {
     thread: std::thread::JoinHandle<()>,
 }
 
+/// SIGINT (Ctrl-C) and SIGTERM, caught from the start of the session: whatever the agent is
+/// waiting on (the coordinator, a re-join, a generation's end), either one ends it.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Errors: the runtime could not install the handlers.
+    fn catch() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// Resolves at the next SIGINT or SIGTERM.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+
+    /// `work`'s output, or `None` when a signal comes first (`work` is dropped).
+    async fn unless<T>(&mut self, work: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            out = work => Some(out),
+            _ = self.recv() => None,
+        }
+    }
+}
+
 impl Generation {
     /// Fires the abort and waits until the training thread is gone.
     async fn stop(self) {
@@ -142,29 +177,38 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
         attach_rank: 0,
         proof: Vec::new(),
     };
-    let mut session = Session::open(
-        &o.coordinator,
-        &o.tls,
-        o.connect_timeout,
-        &key,
-        join.clone(),
-    )
-    .await?;
+    let mut signals = Signals::catch()?;
+    let Some(session) = signals
+        .unless(Session::open(
+            &o.coordinator,
+            &o.tls,
+            o.connect_timeout,
+            &key,
+            join.clone(),
+        ))
+        .await
+    else {
+        return Ok(AgentExit::Interrupted);
+    };
+    let mut session = session?;
     let job: JobSpec =
         serde_json::from_str(&session.joined.job_json).context("the job the coordinator sent")?;
     tracing::info!(worker = %o.worker_id, job = %job.job, %endpoint, coordinator = %o.coordinator, "joined");
     let membership = match job.cluster.etcd() {
-        Some(spec) => Some(
-            lease::Membership::register(
+        Some(spec) => {
+            let register = lease::Membership::register(
                 spec,
                 &job.job,
                 &o.worker_id,
                 &endpoint,
                 &devices,
                 o.connect_timeout,
-            )
-            .await?,
-        ),
+            );
+            match signals.unless(register).await {
+                Some(m) => Some(m?),
+                None => return Ok(AgentExit::Interrupted),
+            }
+        }
         None => None,
     };
 
@@ -191,7 +235,6 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
     // Reports of the running generation, replayed to a coordinator that takes over; trimmed
     // to what the last durable commit does not cover.
     let mut replay: Vec<Kind> = Vec::new();
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let result = loop {
         let message = tokio::select! {
             m = session.inbound.message() => m,
@@ -203,8 +246,7 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
                 session.send(kind);
                 continue;
             }
-            _ = tokio::signal::ctrl_c() => break Ok(AgentExit::Interrupted),
-            _ = sigterm.recv() => break Ok(AgentExit::Interrupted),
+            _ = signals.recv() => break Ok(AgentExit::Interrupted),
         };
         let kind = match message {
             Ok(Some(rpc::CoordinatorMessage { kind: Some(kind) })) => kind,
@@ -223,15 +265,17 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
                     generation = attach.attach_generation,
                     "lost the coordinator; re-attaching to the next leader"
                 );
-                match reattach(lead, &key, attach, &o.tls, o.connect_timeout).await {
-                    Ok(s) => {
+                let reattach = reattach(lead, &key, attach, &o.tls, o.connect_timeout);
+                match signals.unless(reattach).await {
+                    None => break Ok(AgentExit::Interrupted),
+                    Some(Ok(s)) => {
                         session = s;
                         for kind in &replay {
                             session.send(kind.clone());
                         }
                         tracing::info!(replayed = replay.len(), "re-attached");
                     }
-                    Err(e) => break Err(e),
+                    Some(Err(e)) => break Err(e),
                 }
                 continue;
             }
@@ -246,21 +290,21 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
                 if let Some(g) = current.take() {
                     g.stop().await;
                 }
-                match Session::open(
+                let open = Session::open(
                     &o.coordinator,
                     &o.tls,
                     o.connect_timeout,
                     &key,
                     join.clone(),
-                )
-                .await
-                {
-                    Ok(s) => {
+                );
+                match signals.unless(open).await {
+                    None => break Ok(AgentExit::Interrupted),
+                    Some(Ok(s)) => {
                         session = s;
                         replay.clear();
                         tracing::info!(coordinator = %o.coordinator, "joined again");
                     }
-                    Err(e) => break Err(e),
+                    Some(Err(e)) => break Err(e),
                 }
                 continue;
             }
