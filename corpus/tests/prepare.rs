@@ -653,3 +653,50 @@ fn unknown_tokens_are_counted_per_source_and_warned_about() {
         "{printed}"
     );
 }
+
+/// NFC turned CJK compatibility ideographs into their unified forms (an audit): a Korean
+/// record with 樂 of one reading (U+F914) became the record with the unified 樂 (U+6A02), was
+/// dropped as its duplicate, and the tokens never held the character the writer chose. Both
+/// records are kept, and each decodes back to its own text; a true copy is still a duplicate.
+#[test]
+fn cjk_compatibility_ideographs_survive_normalization_and_deduplication() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("records")).expect("mkdir");
+    let record = |c: char| format!("진료 기록: 音{c} 치료 (환자 1047), 처방 유지.");
+    let (compatibility, unified) = (record('\u{F914}'), record('\u{6A02}'));
+    for (name, text) in [
+        ("a.txt", &compatibility),
+        ("b.txt", &unified),
+        ("c.txt", &compatibility),
+    ] {
+        std::fs::write(d.join("records").join(name), text).expect("write");
+    }
+    let yaml = "output: out\nvocab_size: 300\nsources:\n  - name: records\n    role: domain\n    \
+                paths: [records]\n    weight: 1\n";
+    let mut spec: CorpusSpec = serde_yaml::from_str(yaml).expect("spec");
+    spec.resolve_paths(d);
+    let report = prepared(&spec);
+    let source = &report.sources[0];
+    assert_eq!(source.duplicates_removed, 1);
+    assert_eq!(source.documents_train + source.documents_held_out, 2);
+    let reader = CorpusReader::open(&d.join("out")).expect("open");
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(d.join("out").join(TOKENIZER_FILE)).expect("tokenizer");
+    let mut ids = Vec::new();
+    for stream in [reader.train(0), reader.held_out(0)] {
+        let mut part = vec![0u32; stream.len() as usize];
+        stream.read(0, &mut part).expect("read");
+        ids.extend(part);
+    }
+    let eos = reader.manifest().tokenizer.eos_id;
+    let mut docs: Vec<String> = ids
+        .split(|&t| t == eos)
+        .filter(|d| !d.is_empty())
+        .map(|d| tokenizer.decode(d, false).expect("decode"))
+        .collect();
+    docs.sort();
+    let mut expected = vec![compatibility, unified];
+    expected.sort();
+    assert_eq!(docs, expected);
+}

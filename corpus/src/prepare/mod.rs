@@ -48,7 +48,8 @@ const SPLIT_SEED: u64 = 0x6461_7074_5f68_656c; // "dapt_hel"
 /// multi-byte declarations (Shift_JIS, GBK, Big5, EUC-KR, EUC-JP); XHTML found past a prolog of
 /// any length, its XML declaration after leading whitespace; a late `<meta>` in an implied head;
 /// XHTML's numeric references to C1 controls read as HTML reads them.
-pub const TEXT_RULES: u32 = 6;
+/// 7: CJK compatibility ideographs kept as written ([`normalize`]).
+pub const TEXT_RULES: u32 = 7;
 
 #[derive(Debug, Clone, Default)]
 pub struct PrepareOptions {
@@ -470,7 +471,7 @@ struct Normalized {
 /// with `cat` or gzip members carry inside the text, or the zero-width no-break space that
 /// Unicode deprecated for U+2060), without its leading blank lines and trailing whitespace
 /// ([`trim_blank_lines`]), line endings as `\n` (from `\r\n` and lone `\r`, in every format),
-/// NFC.
+/// NFC except for CJK compatibility ideographs ([`nfc_keeping_cjk_compatibility`]).
 pub fn normalize(text: &str) -> String {
     let without_bom;
     let text = if text.contains('\u{FEFF}') {
@@ -481,13 +482,41 @@ pub fn normalize(text: &str) -> String {
     };
     let text = trim_blank_lines(text);
     if text.contains('\r') {
-        text.replace("\r\n", "\n")
-            .replace('\r', "\n")
-            .nfc()
-            .collect()
+        nfc_keeping_cjk_compatibility(&text.replace("\r\n", "\n").replace('\r', "\n"))
     } else {
-        text.nfc().collect()
+        nfc_keeping_cjk_compatibility(text)
     }
+}
+
+/// A CJK compatibility ideograph: U+F900..U+FAFF or U+2F800..U+2FA1F (Unicode 16, ch. 18.1).
+fn is_cjk_compatibility_ideograph(c: char) -> bool {
+    matches!(c, '\u{F900}'..='\u{FAFF}' | '\u{2F800}'..='\u{2FA1F}')
+}
+
+/// `text` in NFC, but for its CJK compatibility ideographs, kept as written. NFC replaces most
+/// of them by their unified ideograph (singleton decompositions: U+F900 豈 becomes U+8C48 豈),
+/// which erases what the writer chose: Korean hanja encoded once per reading (KS X 1001) and
+/// the variant forms of names in Japanese registers (JIS X 0213), in the very legal and
+/// medical records a domain corpus is made of; the tokenizer would then never see, in
+/// training, the characters that it meets at inference. (W3C's Character Model for the World
+/// Wide Web: String Matching names these singletons as why NFC is not applied to content.)
+///
+/// The text between two such ideographs is normalized on its own: an ideograph is a starter
+/// that nothing composes with, so every other character comes out as whole-text NFC gives it.
+fn nfc_keeping_cjk_compatibility(text: &str) -> String {
+    if !text.chars().any(is_cjk_compatibility_ideograph) {
+        return text.nfc().collect();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(is_cjk_compatibility_ideograph) {
+        out.extend(rest[..at].nfc());
+        let kept = rest[at..].chars().next().expect("a char at a found index");
+        out.push(kept);
+        rest = &rest[at + kept.len_utf8()..];
+    }
+    out.extend(rest.nfc());
+    out
 }
 
 /// `text` without its leading lines of whitespace only and its trailing whitespace: the first
@@ -769,6 +798,35 @@ mod tests {
         assert_eq!(normalize("\u{3000}全角 text  \t\n"), "\u{3000}全角 text");
         assert_eq!(normalize(" \n\t \n"), "");
         assert_eq!(normalize("plain"), "plain");
+    }
+
+    /// NFC replaced CJK compatibility ideographs by their unified forms (an audit): a Korean
+    /// record's 樂 of one reading (U+F914) became the unified 樂 (U+6A02), and a document
+    /// differing from another only there was dropped as its duplicate. They are kept; the rest
+    /// of the text is NFC as before, combining marks next to them included.
+    #[test]
+    fn cjk_compatibility_ideographs_are_kept_and_the_rest_is_nfc() {
+        // U+F900, U+F914, U+2F800: each NFC-decomposes to a unified ideograph.
+        for kept in ['\u{F900}', '\u{F914}', '\u{FA5C}', '\u{2F800}'] {
+            assert_ne!(kept.to_string().nfc().collect::<String>(), kept.to_string());
+            let text = format!("e\u{301} {kept}\u{301} A\u{30A}{kept}{kept}\r\ncafe\u{301}");
+            assert_eq!(
+                normalize(&text),
+                format!("\u{E9} {kept}\u{301} \u{C5}{kept}{kept}\ncaf\u{E9}"),
+                "{kept:?}"
+            );
+        }
+        // Marks after a kept ideograph are put in canonical order as NFC puts them.
+        assert_eq!(
+            normalize("\u{F900}\u{301}\u{316}x"),
+            "\u{F900}\u{316}\u{301}x"
+        );
+        // A text without any is whole-text NFC.
+        let hangul = "\u{1112}\u{1161}\u{11AB} \u{212B}";
+        assert_eq!(normalize(hangul), hangul.nfc().collect::<String>());
+        assert_eq!(normalize(hangul), "\u{D55C} \u{C5}");
+        // Two documents that differ only there stay two.
+        assert_ne!(normalize("\u{F914}"), normalize("\u{6A02}"));
     }
 
     /// A corpus prepared by an older dapt (older text rules) from the same inputs is kept when a
