@@ -392,7 +392,7 @@ fn stop_on_signal(
 ) {
     if *asked {
         *interrupted = true;
-        events.shutdown(reason);
+        events.shutdown(&format!("{reason}, a second time"));
         signal_all(children, libc::SIGTERM);
     } else {
         *asked = true;

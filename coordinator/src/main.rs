@@ -447,7 +447,7 @@ fn run(command: Command, log: LogArgs) -> anyhow::Result<ExitCode> {
                         if first {
                             stopper.stop(reason);
                         } else {
-                            stopper.shutdown(reason);
+                            stopper.shutdown(&format!("{reason}, a second time"));
                         }
                     }
                     anyhow::Ok(())

@@ -669,8 +669,8 @@ pub fn emit(line: Log, progress: &Progress, now: Instant) {
         Log::StopRequested { reason, grace } => tracing::warn!(
             %reason,
             grace = %crate::control::fmt_duration(grace),
-            "stopping the job after the step in progress, with its checkpoint (asked again: at \
-             once, at the last committed checkpoint)"
+            "stopping the job after the step in progress, with its checkpoint (a second Ctrl-C \
+             or SIGTERM stops it at once, at the last committed checkpoint)"
         ),
         Log::Stall(stall) => {
             let waited = now.saturating_duration_since(stall.since);

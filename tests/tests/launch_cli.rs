@@ -285,8 +285,8 @@ fn ctrl_c_stops_the_workers_and_the_same_command_resumes() {
     assert_eq!(
         events(
             &lines,
-            "stopping the job after the step in progress, with its checkpoint (asked again: at \
-             once, at the last committed checkpoint)"
+            "stopping the job after the step in progress, with its checkpoint (a second Ctrl-C \
+             or SIGTERM stops it at once, at the last committed checkpoint)"
         )
         .len(),
         1,
@@ -309,6 +309,18 @@ fn ctrl_c_stops_the_workers_and_the_same_command_resumes() {
         pids.iter().all(|&p| !alive(p)),
         "workers still running after Ctrl-C"
     );
+    // Each worker says the job stopped with its checkpoint, not that a step was aborted (a new
+    // user's walk-through: every clean stop ended the workers' logs with that warning).
+    for id in ["worker-0", "worker-1"] {
+        let path = job.checkpoints.join(format!("logs/{id}.log"));
+        let log =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            log.contains("the job stopped at the coordinator's request")
+                && !log.contains("a step in flight was aborted"),
+            "{id}:\n{log}"
+        );
+    }
     let committed: serde_json::Value = serde_json::from_slice(
         &std::fs::read(job.checkpoints.join("committed.json")).expect("committed.json"),
     )

@@ -720,7 +720,17 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             tracing::info!(step, %checkpoint, "job completed");
             Ok(())
         }
-        AgentExit::Interrupted => {
+        AgentExit::Interrupted {
+            stopped_at: Some(step),
+        } => {
+            tracing::info!(
+                step,
+                "the job stopped at the coordinator's request, with the checkpoint of this step; \
+                 the worker exits on the signal that followed"
+            );
+            std::process::exit(130);
+        }
+        AgentExit::Interrupted { stopped_at: None } => {
             tracing::warn!(
                 "interrupted: a step in flight was aborted; the last committed checkpoint stands"
             );

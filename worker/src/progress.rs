@@ -27,6 +27,9 @@ pub struct Progress {
     /// When the rank last moved a byte in its collective, in milliseconds since `epoch`.
     moved_ms: AtomicU64,
     epoch: Instant,
+    /// The step the last generation stopped at with its checkpoint, on the coordinator's
+    /// `Stop`, plus one (0: it did not, or an assignment came since).
+    stopped_at: AtomicU64,
 }
 
 impl Default for Progress {
@@ -41,6 +44,7 @@ impl Default for Progress {
             waiting_for: AtomicU32::new(0),
             moved_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            stopped_at: AtomicU64::new(0),
         }
     }
 }
@@ -55,6 +59,23 @@ impl Progress {
         self.sent.store(0, Ordering::Relaxed);
         self.waiting_for.store(0, Ordering::Relaxed);
         self.set_phase(RankPhase::Setup);
+    }
+
+    /// The generation's ranks stopped at `step` (steps completed), with its checkpoint, as the
+    /// coordinator asked.
+    pub fn stopped(&self, step: u64) {
+        self.stopped_at
+            .store(step.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// A new assignment: the last stop no longer says where this worker is.
+    pub fn forget_stop(&self) {
+        self.stopped_at.store(0, Ordering::Relaxed);
+    }
+
+    /// The step of [`Progress::stopped`], unless an assignment came since.
+    pub fn stopped_at(&self) -> Option<u64> {
+        self.stopped_at.load(Ordering::Relaxed).checked_sub(1)
     }
 
     pub fn set_phase(&self, phase: RankPhase) {

@@ -7,7 +7,8 @@
 //! the generation's stop flag: its ranks checkpoint the step in progress and end their training
 //! ([`rank::train`]). Ctrl-C or SIGTERM on the worker itself aborts the step in flight and exits
 //! (status 130), whatever the agent is waiting on, joining again included: the last committed
-//! checkpoint stays as it was. A session lost without a refusal is joined again: under etcd
+//! checkpoint stays as it was (after a stop the coordinator asked for, it says so instead: the
+//! launcher signals its workers once the job stopped). A session lost without a refusal is joined again: under etcd
 //! membership by re-attaching to the next leader, under embedded membership by joining the same
 //! coordinator anew (for `--connect-timeout-s`).
 
@@ -73,8 +74,16 @@ impl std::fmt::Debug for AgentOptions {
 /// How the agent ended, when it ended well.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentExit {
-    Finished { step: u64, checkpoint: String },
-    Interrupted,
+    Finished {
+        step: u64,
+        checkpoint: String,
+    },
+    /// Ended by SIGINT or SIGTERM; `stopped_at`: the step whose checkpoint the job had stopped
+    /// at, as the coordinator asked, when that was the last thing this worker did (the launcher
+    /// or a node script then signals its workers).
+    Interrupted {
+        stopped_at: Option<u64>,
+    },
 }
 
 /// Runs the agent to its end.
@@ -188,7 +197,7 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
         ))
         .await
     else {
-        return Ok(AgentExit::Interrupted);
+        return Ok(AgentExit::Interrupted { stopped_at: None });
     };
     let mut session = session?;
     let job: JobSpec =
@@ -206,7 +215,7 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
             );
             match signals.unless(register).await {
                 Some(m) => Some(m?),
-                None => return Ok(AgentExit::Interrupted),
+                None => return Ok(AgentExit::Interrupted { stopped_at: None }),
             }
         }
         None => None,
@@ -246,7 +255,7 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
                 session.send(kind);
                 continue;
             }
-            _ = signals.recv() => break Ok(AgentExit::Interrupted),
+            _ = signals.recv() => break Ok(interrupted(&progress)),
         };
         let kind = match message {
             Ok(Some(rpc::CoordinatorMessage { kind: Some(kind) })) => kind,
@@ -267,7 +276,7 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
                 );
                 let reattach = reattach(lead, &key, attach, &o.tls, o.connect_timeout);
                 match signals.unless(reattach).await {
-                    None => break Ok(AgentExit::Interrupted),
+                    None => break Ok(interrupted(&progress)),
                     Some(Ok(s)) => {
                         session = s;
                         for kind in &replay {
@@ -298,7 +307,7 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
                     join.clone(),
                 );
                 match signals.unless(open).await {
-                    None => break Ok(AgentExit::Interrupted),
+                    None => break Ok(interrupted(&progress)),
                     Some(Ok(s)) => {
                         session = s;
                         replay.clear();
@@ -315,6 +324,7 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
                     g.stop().await;
                 }
                 replay.clear();
+                progress.forget_stop();
                 tracing::info!(
                     generation = a.generation,
                     rank = a.rank,
@@ -377,12 +387,24 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
     if let Some(g) = current.take() {
         g.stop().await;
     }
+    // Read once the training thread is gone: a stop it finished as the signal came counts.
+    let result = match result {
+        Ok(AgentExit::Interrupted { .. }) => Ok(interrupted(&progress)),
+        other => other,
+    };
     heartbeat.abort();
     if let Some(m) = membership {
         // Leave at once rather than when the lease runs out: the job re-forms without waiting.
         m.leave().await;
     }
     result
+}
+
+/// The agent's end on a signal, saying where a stop the coordinator asked for left it.
+fn interrupted(progress: &Progress) -> AgentExit {
+    AgentExit::Interrupted {
+        stopped_at: progress.stopped_at(),
+    }
 }
 
 /// One session with a coordinator.
@@ -516,6 +538,7 @@ fn start(
             match result {
                 Ok(rank::RankEnd::Done) => tracing::info!(generation, "generation's training done"),
                 Ok(rank::RankEnd::Stopped { step }) => {
+                    progress.stopped(step);
                     tracing::info!(
                         generation,
                         step,
