@@ -6,7 +6,7 @@
 //! membership, `files_safety.rs` tests it.)
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dapt_proto::job::EtcdSpec;
 use dapt_tests::{check_entries, coordinator, events, serial, Cluster, Etcd, Proc, BATCH, LONG};
@@ -217,14 +217,25 @@ fn a_corrupt_checkpoint_under_etcd_is_fallen_back_from_when_a_coordinator_takes_
     let dir = tempfile::tempdir().expect("tempdir");
     let mut c = coordinator(dir.path(), "rot-start", STEPS, &cluster(Some(&etcd)));
     let w0 = c.member("w0");
-    let corrupt = committed(&mut c.coordinator, 10);
+    committed(&mut c.coordinator, 10);
+    // The log says a commit before the committer task has recorded it in etcd: wait until etcd
+    // holds one past the first kept checkpoint, or the one to rot would have no earlier one to
+    // fall back to (it failed so on a loaded machine: etcd still held step 5).
+    let deadline = Instant::now() + LONG;
+    while newest_recorded(&etcd, "rot-start").is_none_or(|d| d.ends_with("step-00000005")) {
+        assert!(
+            Instant::now() < deadline,
+            "etcd never recorded a commit past step 5"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     c.coordinator.signal(libc::SIGKILL);
     w0.signal(libc::SIGKILL);
     drop(w0);
     let _ = c.coordinator.finish(LONG);
-    // The commit logged last may still have been on its way to etcd: rot the newest
-    // checkpoint that etcd recorded, which is what the next coordinator resumes from.
-    let recorded = newest_recorded(&etcd, "rot-start").unwrap_or(corrupt);
+    // What the next coordinator resumes from: the newest commit etcd recorded (the one logged
+    // last may still have been on its way to etcd when the coordinator was killed).
+    let recorded = newest_recorded(&etcd, "rot-start").expect("a commit recorded in etcd");
     rot(&recorded);
     let (proc, url) = dapt_tests::standby(&c);
     c.coordinator = proc;
