@@ -860,26 +860,21 @@ pub fn decide(mut state: JobState, event: Event, now: Instant) -> (JobState, Vec
             perplexity,
             tokens,
         } => {
-            let rank = current_rank(&state, &worker, conn, generation, &mut out);
-            if rank.is_some() && !state.config.sources.contains(&source) {
+            let member = current_rank(&state, &worker, conn, generation, &mut out).is_some();
+            if member && !state.config.sources.contains(&source) {
                 // A member holds the token, but a name that is not the job's is no evaluation:
                 // `/metrics` wrote it into a label as it came (quotes and newlines included, a
                 // forged metric), and every new name grew the registry for the job's life.
+                let known: Vec<&str> = state.config.sources.iter().map(String::as_str).collect();
                 let refusal = Refusal::new(
                     ErrorCode::Invalid,
                     format!(
                         "evaluation of `{source}`, which is not a source of the job ({})",
-                        state
-                            .config
-                            .sources
-                            .iter()
-                            .cloned()
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        known.join(", ")
                     ),
                 );
                 refuse(worker, conn, refusal, &mut out);
-            } else if rank.is_some() {
+            } else if member {
                 out.push(Action::Log(Log::Eval {
                     step,
                     source: source.clone(),

@@ -504,9 +504,6 @@ fn is_cjk_compatibility_ideograph(c: char) -> bool {
 /// The text between two such ideographs is normalized on its own: an ideograph is a starter
 /// that nothing composes with, so every other character comes out as whole-text NFC gives it.
 fn nfc_keeping_cjk_compatibility(text: &str) -> String {
-    if !text.chars().any(is_cjk_compatibility_ideograph) {
-        return text.nfc().collect();
-    }
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find(is_cjk_compatibility_ideograph) {

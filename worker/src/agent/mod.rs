@@ -8,9 +8,9 @@
 //! ([`rank::train`]). Ctrl-C or SIGTERM on the worker itself aborts the step in flight and exits
 //! (status 130), whatever the agent is waiting on, joining again included: the last committed
 //! checkpoint stays as it was (after a stop the coordinator asked for, it says so instead: the
-//! launcher signals its workers once the job stopped). A session lost without a refusal is joined again: under etcd
-//! membership by re-attaching to the next leader, under embedded membership by joining the same
-//! coordinator anew (for `--connect-timeout-s`).
+//! launcher signals its workers once the job stopped). A session lost without a refusal is
+//! joined again: under etcd membership by re-attaching to the next leader, under embedded
+//! membership by joining the same coordinator anew (for `--connect-timeout-s`).
 
 mod lease;
 pub mod rank;
@@ -85,6 +85,9 @@ pub enum AgentExit {
         stopped_at: Option<u64>,
     },
 }
+
+/// The end on a signal, before the agent says where a stop left it (at its end).
+const SIGNALLED: AgentExit = AgentExit::Interrupted { stopped_at: None };
 
 /// Runs the agent to its end.
 pub fn run(options: AgentOptions) -> anyhow::Result<AgentExit> {
@@ -197,7 +200,7 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
         ))
         .await
     else {
-        return Ok(AgentExit::Interrupted { stopped_at: None });
+        return Ok(SIGNALLED);
     };
     let mut session = session?;
     let job: JobSpec =
@@ -215,7 +218,7 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
             );
             match signals.unless(register).await {
                 Some(m) => Some(m?),
-                None => return Ok(AgentExit::Interrupted { stopped_at: None }),
+                None => return Ok(SIGNALLED),
             }
         }
         None => None,
@@ -255,7 +258,7 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
                 session.send(kind);
                 continue;
             }
-            _ = signals.recv() => break Ok(interrupted(&progress)),
+            _ = signals.recv() => break Ok(SIGNALLED),
         };
         let kind = match message {
             Ok(Some(rpc::CoordinatorMessage { kind: Some(kind) })) => kind,
@@ -276,7 +279,7 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
                 );
                 let reattach = reattach(lead, &key, attach, &o.tls, o.connect_timeout);
                 match signals.unless(reattach).await {
-                    None => break Ok(interrupted(&progress)),
+                    None => break Ok(SIGNALLED),
                     Some(Ok(s)) => {
                         session = s;
                         for kind in &replay {
@@ -307,7 +310,7 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
                     join.clone(),
                 );
                 match signals.unless(open).await {
-                    None => break Ok(interrupted(&progress)),
+                    None => break Ok(SIGNALLED),
                     Some(Ok(s)) => {
                         session = s;
                         replay.clear();
@@ -387,9 +390,12 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
     if let Some(g) = current.take() {
         g.stop().await;
     }
-    // Read once the training thread is gone: a stop it finished as the signal came counts.
+    // Where a stop the coordinator asked for left this worker, read once the training thread
+    // is gone: a stop it finished as the signal came counts.
     let result = match result {
-        Ok(AgentExit::Interrupted { .. }) => Ok(interrupted(&progress)),
+        Ok(AgentExit::Interrupted { .. }) => Ok(AgentExit::Interrupted {
+            stopped_at: progress.stopped_at(),
+        }),
         other => other,
     };
     heartbeat.abort();
@@ -398,13 +404,6 @@ async fn session(mut o: AgentOptions) -> anyhow::Result<AgentExit> {
         m.leave().await;
     }
     result
-}
-
-/// The agent's end on a signal, saying where a stop the coordinator asked for left it.
-fn interrupted(progress: &Progress) -> AgentExit {
-    AgentExit::Interrupted {
-        stopped_at: progress.stopped_at(),
-    }
 }
 
 /// One session with a coordinator.
